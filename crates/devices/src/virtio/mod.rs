@@ -1,0 +1,153 @@
+//! Virtio: the device trait every virtio device implements, the interrupt it raises, and
+//! the MMIO transport that presents it to the guest.
+//!
+//! Life of a virtio device:
+//! 1. The VMM builds the device and wraps it in an `MmioTransport` registered on the MMIO
+//!    bus. The transport owns one kick `EventFd` per queue (the VMM registers each as a KVM
+//!    ioeventfd on the transport's `QueueNotify` register, datamatch = queue index) and the
+//!    [`Interrupt`] (whose `EventFd` the VMM registers as a KVM irqfd on the device's GSI).
+//! 2. The device is also added to the VMM's `event_manager::EventManager` as a
+//!    `MutEventSubscriber`. In `init` it registers only its `activate_evt`.
+//! 3. When the driver sets DRIVER_OK, the transport calls [`VirtioDevice::activate`] with
+//!    the guest memory, the configured queues and their kick fds. The device stores them and
+//!    writes its `activate_evt`; on that event (on the event-loop thread) it registers the
+//!    kick fds and its backend fds (TAP, Unix socket, ...) with the event manager.
+//! 4. Kicks and backend readiness arrive as events; the device processes its queues and
+//!    calls [`Interrupt::signal_used_queue`] when it has put buffers in a used ring.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::GuestMemory;
+
+/// `InterruptStatus` bit: the device has used buffers in a queue.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
+/// `InterruptStatus` bit: the device's configuration space changed.
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
+
+/// Virtio device IDs (virtio spec 1.2, section 5).
+pub mod device_type {
+    /// Network card.
+    pub const NET: u32 = 1;
+    /// Block device.
+    pub const BLOCK: u32 = 2;
+    /// Entropy source.
+    pub const RNG: u32 = 4;
+    /// Socket device.
+    pub const VSOCK: u32 = 19;
+}
+
+/// The interrupt line of one virtio-mmio device: the `InterruptStatus` register the guest
+/// reads and acknowledges, and the irqfd that injects the interrupt.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irq_evt: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt that signals through `irq_evt` (registered by the VMM as an irqfd).
+    pub fn new(irq_evt: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irq_evt,
+        }
+    }
+
+    /// The eventfd the VMM registers as the device's irqfd.
+    pub fn irq_evt(&self) -> &EventFd {
+        &self.irq_evt
+    }
+
+    /// Current value of the `InterruptStatus` register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// Restores the `InterruptStatus` register (snapshot restore).
+    pub fn set_status(&self, status: u32) {
+        self.status.store(status, Ordering::SeqCst);
+    }
+
+    /// The guest wrote `InterruptACK`: clear the acknowledged bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Tells the guest a queue has new used buffers.
+    pub fn signal_used_queue(&self) -> std::io::Result<()> {
+        self.signal(VIRTIO_MMIO_INT_VRING)
+    }
+
+    /// Tells the guest the configuration space changed.
+    pub fn signal_config_change(&self) -> std::io::Result<()> {
+        self.signal(VIRTIO_MMIO_INT_CONFIG)
+    }
+
+    fn signal(&self, bit: u32) -> std::io::Result<()> {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.irq_evt.write(1)
+    }
+}
+
+/// Why a device could not be activated.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver configured a queue the device cannot use.
+    #[error("queue {index} is not usable: {reason}")]
+    BadQueue {
+        /// Queue index.
+        index: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The driver configured a different number of queues than the device needs.
+    #[error("expected {expected} queues, the driver configured {actual}")]
+    QueueCount {
+        /// Queues the device needs.
+        expected: usize,
+        /// Queues the driver made ready.
+        actual: usize,
+    },
+    /// Signalling the event loop failed.
+    #[error("cannot signal the activation event: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+/// One queue as handed to a device at activation: the queue and the eventfd the guest
+/// kicks it through.
+#[derive(Debug)]
+pub struct ActiveQueue {
+    /// The configured virtqueue.
+    pub queue: virtio_queue::Queue,
+    /// Written (through KVM's ioeventfd) when the guest notifies this queue.
+    pub kick: EventFd,
+}
+
+/// Behaviour every virtio device implements; the transport calls it.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (see [`device_type`]).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (`VIRTIO_F_VERSION_1` included).
+    fn avail_features(&self) -> u64;
+    /// Feature bits the driver accepted.
+    fn acked_features(&self) -> u64;
+    /// Records the feature bits the driver accepted (a subset of `avail_features`).
+    fn set_acked_features(&mut self, features: u64);
+    /// The guest reads the device configuration space at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The guest writes the device configuration space at `offset`.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// DRIVER_OK: start processing the queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: std::sync::Arc<Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError>;
+    /// Whether [`VirtioDevice::activate`] has run.
+    fn is_activated(&self) -> bool;
+}

@@ -1,0 +1,1 @@
+//! OCI runtime: the runc-compatible command line and the containerd shim, each container a forkvm VM.

@@ -1,0 +1,5 @@
+//! `cargo xtask`: project automation entry points.
+
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}

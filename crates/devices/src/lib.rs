@@ -7,6 +7,7 @@
 //! registered on them; virtio devices run their queues on the VMM's event loop.
 
 pub mod bus;
+pub mod legacy;
 pub mod virtio;
 
 pub use bus::BusDevice;

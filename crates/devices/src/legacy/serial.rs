@@ -1,0 +1,192 @@
+//! The 16550 UART at 0x3f8 (the guest console), built on `vm_superio::Serial`.
+
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+
+use super::EventFdTrigger;
+use crate::BusDevice;
+
+/// The console UART: guest output goes to `out`, host input is queued with
+/// [`Serial::enqueue_input`], and the interrupt is raised through an irqfd on IRQ 4.
+pub struct Serial {
+    inner: vm_superio::Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+}
+
+/// What of the UART survives a snapshot or fork: its registers and pending input.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    /// Divisor latch, low and high byte.
+    pub baud_divisor: [u8; 2],
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes received from the host and not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+impl Serial {
+    /// A UART in its power-on state.
+    pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            inner: vm_superio::Serial::new(irq, out),
+        }
+    }
+
+    /// A UART with the registers of `state` (snapshot restore, fork child).
+    pub fn restore(
+        state: &SerialState,
+        irq: EventFdTrigger,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, vm_superio::serial::Error<std::io::Error>> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor[0],
+            baud_divisor_high: state.baud_divisor[1],
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let inner = vm_superio::Serial::from_state(&s, irq, vm_superio::serial::NoEvents, out)?;
+        Ok(Self { inner })
+    }
+
+    /// The UART's registers and pending input.
+    pub fn save(&self) -> SerialState {
+        let s = self.inner.state();
+        SerialState {
+            baud_divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit in the FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        match self.inner.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!("serial input dropped: {e:?}");
+                0
+            }
+        }
+    }
+
+    /// Free space in the receive FIFO.
+    pub fn input_capacity(&self) -> usize {
+        self.inner.fifo_capacity()
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Ok(off), 1) = (u8::try_from(offset), data.len()) {
+            data[0] = self.inner.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(off), &[value]) = (u8::try_from(offset), data) {
+            if let Err(e) = self.inner.write(off, value) {
+                tracing::debug!("serial write failed: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn irq() -> EventFdTrigger {
+        EventFdTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())
+    }
+
+    #[test]
+    fn guest_bytes_reach_the_host_writer() {
+        let out = Shared::default();
+        let mut s = Serial::new(irq(), Box::new(out.clone()));
+        for b in b"boot" {
+            s.write(0, &[*b]);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"boot");
+    }
+
+    #[test]
+    fn state_round_trips_with_pending_input() {
+        let mut s = Serial::new(irq(), Box::new(std::io::sink()));
+        s.write(3, &[0x80]); // DLAB on
+        s.write(0, &[0x0c]); // divisor low
+        s.write(3, &[0x03]); // 8N1, DLAB off
+        s.write(7, &[0x5a]); // scratch
+        assert_eq!(s.enqueue_input(b"hi"), 2);
+        let saved = s.save();
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: SerialState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+        let mut r = Serial::restore(&back, irq(), Box::new(std::io::sink())).unwrap();
+        assert_eq!(r.save(), saved);
+        let mut b = [0u8];
+        r.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        r.read(0, &mut b);
+        assert_eq!(b[0], b'h');
+    }
+
+    #[test]
+    fn oversized_fifo_in_state_is_refused() {
+        let state = SerialState {
+            in_buffer: vec![0; 4096],
+            ..Default::default()
+        };
+        assert!(Serial::restore(&state, irq(), Box::new(std::io::sink())).is_err());
+    }
+
+    #[test]
+    fn odd_sized_accesses_are_ignored() {
+        let mut s = Serial::new(irq(), Box::new(std::io::sink()));
+        let mut wide = [0xffu8; 4];
+        s.read(0, &mut wide);
+        assert_eq!(wide, [0; 4]);
+        s.write(0, &[1, 2]);
+        s.write(u64::MAX, &[1]);
+    }
+}

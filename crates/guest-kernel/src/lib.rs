@@ -1,1 +1,102 @@
-//! Guest kernels: Debian kernel packages fetched into the cache, their module dependencies, and busybox initramfs images built from them.
+//! Owns guest kernels for forkvm: Debian kernel packages fetched into the local
+//! cache ([`ensure_kernel`]), module dependency resolution ([`resolve_modules`]),
+//! and busybox initramfs images ([`InitramfsBuilder`], [`cpio::CpioWriter`]).
+//!
+//! ```no_run
+//! use forkvm_guest_kernel::{ensure_kernel, resolve_modules, Flavour, InitramfsBuilder};
+//!
+//! # fn main() -> Result<(), forkvm_guest_kernel::Error> {
+//! let tree = ensure_kernel(Flavour::CloudAmd64)?;
+//! let modules = resolve_modules(&tree, &["virtio_mmio", "virtio_blk"])?;
+//! let mut b = InitramfsBuilder::new();
+//! b.busybox_from_host()?;
+//! b.modules(&modules)?;
+//! b.init_script(&format!("#!/bin/sh\n{}exec sh\n", b.insmod_script()));
+//! let image: Vec<u8> = b.build()?;
+//! # let _ = image; Ok(()) }
+//! ```
+
+pub mod cpio;
+mod initramfs;
+mod kernel;
+mod modules;
+
+use std::io;
+use std::path::PathBuf;
+
+pub use initramfs::InitramfsBuilder;
+pub use kernel::{cache_dir, ensure_kernel, ensure_kernel_in, Flavour, KernelTree};
+pub use modules::{
+    generate_modules_dep, normalize_module_name, read_modinfo, resolve_modules, ModuleDeps,
+};
+
+/// Errors from fetching kernels, resolving modules and building initramfs images.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No cache directory could be determined.
+    #[error("cannot determine the cache directory: set FORKVM_CACHE, XDG_CACHE_HOME or HOME")]
+    NoCacheDir,
+    /// A filesystem operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path being accessed.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// An external command could not be started.
+    #[error("fetching {package}: cannot run `{command}`: {source}")]
+    Spawn {
+        /// The package being fetched.
+        package: String,
+        /// The command line.
+        command: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// An external command exited unsuccessfully.
+    #[error("fetching {package}: `{command}` failed ({status}): {stderr}")]
+    CommandFailed {
+        /// The package being fetched.
+        package: String,
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// The package layout is not what was expected.
+    #[error("package {package}: {what}")]
+    BadPackage {
+        /// The package.
+        package: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// A module is not listed in `modules.dep`.
+    #[error("unknown kernel module `{0}`")]
+    UnknownModule(String),
+    /// Module dependencies form a cycle.
+    #[error("kernel module dependency cycle through `{0}`")]
+    ModuleCycle(String),
+    /// `modules.dep` has a line without `:`.
+    #[error("modules.dep line {line}: cannot parse {text:?}")]
+    ModulesDepSyntax {
+        /// 1-based line number.
+        line: usize,
+        /// The offending line.
+        text: String,
+    },
+    /// Writing the cpio archive failed.
+    #[error("building initramfs entry {entry}: {source}")]
+    Cpio {
+        /// The archive entry being written.
+        entry: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}

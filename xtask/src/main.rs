@@ -1,5 +1,103 @@
-//! `cargo xtask`: project automation entry points.
+//! `cargo xtask`: project automation entry points (`vhost`, `caps`).
 
-fn main() -> anyhow::Result<()> {
-    Ok(())
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use forkvm_vhost::{run_in_kvm_host, Capabilities, HostChoice, VhostOptions};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "forkvm project automation")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a command where hardware KVM exists: directly, or in the virtual KVM host
+    /// (QEMU/TCG with nested SVM). Exits with the command's exit code.
+    Vhost {
+        /// Timeout in seconds (boot included).
+        #[arg(long, default_value_t = 1800)]
+        timeout: u64,
+        /// Virtual host memory in MiB.
+        #[arg(long, default_value_t = 4096)]
+        mem: u32,
+        /// Virtual host vCPUs.
+        #[arg(long, default_value_t = 2)]
+        smp: u32,
+        /// Always use the virtual host, even with hardware KVM.
+        #[arg(long)]
+        force: bool,
+        /// Host directory the command may write to (repeatable; `/` is read-only otherwise).
+        #[arg(long = "rw", value_name = "DIR")]
+        writable: Vec<PathBuf>,
+        /// Extra environment variable KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_env)]
+        envs: Vec<(String, String)>,
+        /// The command and its arguments.
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+    /// Print what this machine offers for running KVM guests.
+    Caps,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+fn main() -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Caps => {
+            println!("{}", Capabilities::detect());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Vhost {
+            timeout,
+            mem,
+            smp,
+            force,
+            writable,
+            envs,
+            command,
+        } => {
+            let opts = VhostOptions {
+                timeout: Duration::from_secs(timeout),
+                mem_mib: mem,
+                smp,
+                envs,
+                stream: true,
+                host: if force {
+                    HostChoice::Virtual
+                } else {
+                    HostChoice::Auto
+                },
+                writable,
+                ..VhostOptions::default()
+            };
+            let out = run_in_kvm_host(&command, &opts)
+                .with_context(|| format!("running {command:?} in the KVM host"))?;
+            eprintln!(
+                "xtask vhost: exit code {} ({:?} mode, {:.1?}); log: {}",
+                out.exit_code,
+                out.mode,
+                out.wall,
+                out.log_path.display()
+            );
+            Ok(ExitCode::from(u8::try_from(out.exit_code).unwrap_or(1)))
+        }
+    }
 }

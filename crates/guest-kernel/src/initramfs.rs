@@ -25,7 +25,7 @@ enum Node {
 /// the same bytes, so the image can be cached by a hash of its contents.
 ///
 /// A fresh builder already contains the usual empty directories (`/bin`,
-/// `/sbin`, `/dev`, `/proc`, `/sys`, `/tmp`, `/run`, `/mnt`, `/etc`, `/root`,
+/// `/sbin`, `/usr/bin`, `/usr/sbin` (for `busybox --install -s`), `/dev`, `/proc`, `/sys`, `/tmp`, `/run`, `/mnt`, `/etc`, `/root`,
 /// `/lib/modules`) and the `/dev/console` and `/dev/null` device nodes, so that
 /// the kernel can give `/init` a console before devtmpfs is mounted.
 #[derive(Debug, Clone)]

@@ -1,1 +1,184 @@
-//! Virtual KVM test host: runs a command where a real KVM exists, directly or inside a TCG-emulated QEMU with nested SVM.
+//! Owns the virtual KVM test host: run a command where a hardware-accelerated
+//! `/dev/kvm` exists — directly when this machine has one, otherwise inside a
+//! QEMU/TCG machine emulating an AMD EPYC with SVM, booting Debian's kernel,
+//! in which `/dev/kvm` is a genuine (nested) SVM KVM.
+//!
+//! # Virtual host
+//!
+//! The L1 kernel is Debian's `linux-image-amd64` (fetched into the forkvm cache
+//! by [`forkvm_guest_kernel::ensure_kernel`]); a busybox initramfs (cached by
+//! content hash) loads the virtio-pci, 9p and `kvm_amd` module chains, mounts the
+//! host's `/` read-only over 9p, mounts `proc`, `sys`, `dev`, and tmpfs on
+//! `/tmp` and `/run` in it, mounts a per-run host scratch directory read-write
+//! at the same absolute path, chroots, `cd`s to the working directory and runs
+//! the command with this process's environment plus `FORKVM_IN_VHOST=1` and the
+//! requested variables. Output goes to files in the scratch directory, which
+//! the host reads (and tails live with [`VhostOptions::stream`]); the kernel
+//! console goes to a per-run log under `<cache>/vhost/logs/`.
+//! Only one virtual host runs at a time (an flock on `<cache>/vhost/lock`).
+//!
+//! `FORKVM_VHOST=force` forces the virtual host even with hardware KVM;
+//! `FORKVM_VHOST=never` always runs directly.
+//!
+//! # Integration tests that need KVM
+//!
+//! In another crate, add `forkvm-vhost = { workspace = true }` under
+//! `[dev-dependencies]`, then wrap the test body:
+//!
+//! ```no_run
+//! #[test]
+//! fn boots_a_guest() {
+//!     forkvm_vhost::on_kvm_host(forkvm_vhost::test_path!(), || {
+//!         let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+//!         // ... the real test, with a hardware-accelerated KVM ...
+//!         # let _ = kvm;
+//!     });
+//! }
+//! ```
+//!
+//! On a machine with hardware KVM (or inside the virtual host) the body runs
+//! right away. Otherwise the test executable re-runs itself in the virtual
+//! host with `<test path> --exact --nocapture --test-threads=1`; the outer
+//! test prints the inner output and fails if the inner test failed or did not
+//! run at all. The inner run sees `/` read-only except `/tmp`, `/run`, `/dev/shm`
+//! (guest tmpfs); use `tempfile` for scratch files. [`test_path!`] names the
+//! enclosing test function as libtest does; a literal like `"my_test"` or
+//! `"module::my_test"` works too.
+
+mod caps;
+mod run;
+mod virt;
+
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+pub use caps::{in_vhost, parse_cpu_flags, Capabilities, CpuFlags};
+pub use run::{decide_mode, run_in_kvm_host, HostChoice, Mode, Outcome, VhostOptions};
+pub use virt::{prepare_initramfs, VHOST_MODULES};
+
+/// Errors from [`run_in_kvm_host`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No command was given.
+    #[error("empty command")]
+    EmptyCommand,
+    /// Fetching the kernel or building the initramfs failed.
+    #[error(transparent)]
+    Kernel(#[from] forkvm_guest_kernel::Error),
+    /// A program could not be started.
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A filesystem or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The command (and the virtual host) was killed after the timeout.
+    #[error("timed out after {timeout:?}; log: {}", log_path.display())]
+    TimedOut {
+        /// The timeout that expired.
+        timeout: Duration,
+        /// The run log.
+        log_path: PathBuf,
+    },
+    /// The virtual host stopped without reporting the command's exit code.
+    #[error("the virtual host stopped ({qemu_status}) without reporting an exit code; log: {}", log_path.display())]
+    NoExitCode {
+        /// How QEMU exited.
+        qemu_status: ExitStatus,
+        /// The run log (kernel console).
+        log_path: PathBuf,
+    },
+}
+
+/// Names the enclosing test function the way libtest does (`module::test`,
+/// without the crate name), for [`on_kvm_host`].
+#[macro_export]
+macro_rules! test_path {
+    () => {{
+        fn __forkvm_here() {}
+        fn __forkvm_name_of<T>(_: T) -> &'static str {
+            ::std::any::type_name::<T>()
+        }
+        let full = __forkvm_name_of(__forkvm_here);
+        let full = full.strip_suffix("::__forkvm_here").unwrap_or(full);
+        match full.split_once("::") {
+            Some((_crate, rest)) => rest,
+            None => full,
+        }
+    }};
+}
+
+/// Runs a test body where hardware KVM exists (see the crate docs).
+///
+/// `test_path` is the libtest name of the calling test (use [`test_path!`]).
+/// The virtual run's timeout is 600 s unless `FORKVM_VHOST_TIMEOUT` (seconds)
+/// says otherwise.
+///
+/// # Panics
+///
+/// When the inner run cannot start, times out, exits non-zero, or does not
+/// report exactly one passed test.
+pub fn on_kvm_host(test_path: &str, body: impl FnOnce()) {
+    if decide_mode(HostChoice::Auto) == Mode::Direct {
+        body();
+        return;
+    }
+    let exe = std::env::current_exe().expect("cannot locate the current test executable");
+    let timeout = std::env::var("FORKVM_VHOST_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Duration::from_secs(600), Duration::from_secs);
+    let opts = VhostOptions {
+        timeout,
+        ..VhostOptions::default()
+    };
+    let cmd = [
+        exe.into_os_string(),
+        test_path.into(),
+        "--exact".into(),
+        "--nocapture".into(),
+        "--test-threads=1".into(),
+    ];
+    println!("forkvm-vhost: running `{test_path}` in the virtual KVM host");
+    let out = match run_in_kvm_host(&cmd, &opts) {
+        Ok(out) => out,
+        Err(e) => panic!("forkvm-vhost: virtual host run of `{test_path}` failed: {e}"),
+    };
+    print!("{}", out.stdout);
+    eprint!("{}", out.stderr);
+    println!(
+        "forkvm-vhost: `{test_path}` exited {} in the virtual host after {:.1?}; log: {}",
+        out.exit_code,
+        out.wall,
+        out.log_path.display()
+    );
+    assert!(
+        out.exit_code == 0,
+        "forkvm-vhost: `{test_path}` failed in the virtual host (exit code {})\n\
+         --- stdout ---\n{}\n--- stderr ---\n{}\n--- log: {}",
+        out.exit_code,
+        out.stdout,
+        out.stderr,
+        out.log_path.display()
+    );
+    assert!(
+        out.stdout.contains("test result: ok. 1 passed;"),
+        "forkvm-vhost: `{test_path}` did not run in the virtual host (no test matched the filter?)\n\
+         --- stdout ---\n{}\n--- stderr ---\n{}\n--- log: {}",
+        out.stdout,
+        out.stderr,
+        out.log_path.display()
+    );
+}

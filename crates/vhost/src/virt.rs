@@ -1,0 +1,445 @@
+//! Owns the virtual host: a QEMU/TCG machine (AMD EPYC with SVM) booting
+//! Debian's generic kernel from a cached busybox initramfs, with the host root
+//! exported read-only over 9p and a per-run scratch directory exported
+//! read-write at the same absolute path. Runs are serialized across processes
+//! with an flock in the cache directory.
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::hash::{Hash, Hasher};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use forkvm_guest_kernel::{
+    ensure_kernel_in, resolve_modules, Flavour, InitramfsBuilder, KernelTree,
+};
+
+use crate::run::{harden, new_log_path, open_log, ChildGuard, Mode, Outcome, VhostOptions};
+use crate::Error;
+
+/// The QEMU binary.
+pub(crate) const QEMU: &str = "qemu-system-x86_64";
+
+/// Modules the virtual host loads, in request order (dependencies are added).
+pub const VHOST_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "kvm_amd"];
+
+/// msize for the 9p mounts: larger is faster under TCG.
+const MSIZE: u32 = 512_000;
+
+/// The `/init` of the virtual host. `@INSMOD@` is replaced by the module lines.
+const INIT: &str = r#"#!/bin/sh
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+log() { echo "forkvm-init: $*"; }
+off() {
+    sync
+    poweroff -f
+    echo o > /proc/sysrq-trigger
+    sleep 10
+}
+die() { log "FATAL: $*"; off; }
+@INSMOD@
+SCRATCH=
+NRW=0
+for x in $(cat /proc/cmdline); do
+    case "$x" in
+        forkvm_scratch=*) SCRATCH="${x#forkvm_scratch=}" ;;
+        forkvm_rw=*) NRW="${x#forkvm_rw=}" ;;
+    esac
+done
+[ -n "$SCRATCH" ] || die "no forkvm_scratch= on the kernel command line"
+R=/mnt/root
+mkdir -p $R
+O="trans=virtio,version=9p2000.L,msize=@MSIZE@"
+mount -t 9p -o "$O,ro,cache=loose" hostroot $R || die "cannot mount the host root over 9p"
+mount -t proc proc $R/proc || die "mount proc"
+mount -t sysfs sysfs $R/sys || die "mount sysfs"
+mount -t devtmpfs devtmpfs $R/dev || die "mount devtmpfs"
+mkdir -p $R/dev/pts $R/dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts
+mount -t tmpfs tmpfs $R/dev/shm
+mount -t tmpfs -o mode=1777 tmpfs $R/tmp || die "mount /tmp"
+mount -t tmpfs -o mode=755 tmpfs $R/run || die "mount /run"
+mkdir -p "$R$SCRATCH" 2>/dev/null
+mount -t 9p -o "$O,rw,cache=none" scratch "$R$SCRATCH" || die "cannot mount the scratch dir $SCRATCH"
+i=0
+while [ "$i" -lt "$NRW" ]; do
+    p=$(sed -n "$((i + 1))p" "$R$SCRATCH/rw_paths")
+    mkdir -p "$R$p" 2>/dev/null
+    mount -t 9p -o "$O,rw,cache=none" "rw$i" "$R$p" || die "cannot mount writable share $p"
+    i=$((i + 1))
+done
+[ -e /dev/kvm ] || log "warning: no /dev/kvm in the virtual host"
+log "running command"
+chroot $R /bin/sh "$SCRATCH/run.sh"
+echo $? > "$R$SCRATCH/exit_code.tmp"
+mv "$R$SCRATCH/exit_code.tmp" "$R$SCRATCH/exit_code"
+log "command exited with $(cat "$R$SCRATCH/exit_code")"
+umount "$R$SCRATCH"
+off
+"#;
+
+fn io(what: impl Into<String>, source: io::Error) -> Error {
+    Error::Io {
+        what: what.into(),
+        source,
+    }
+}
+
+/// Builds the virtual host's initramfs and stores it in `<cache>/vhost/`
+/// under a hash of its contents; returns its path.
+pub fn prepare_initramfs(cache: &Path, kernel: &KernelTree) -> Result<PathBuf, Error> {
+    let modules = resolve_modules(kernel, VHOST_MODULES)?;
+    let mut b = InitramfsBuilder::new();
+    b.busybox_from_host()?;
+    b.modules(&modules)?;
+    let init = INIT
+        .replace("@INSMOD@", &b.insmod_script())
+        .replace("@MSIZE@", &MSIZE.to_string());
+    b.init_script(&init);
+    let bytes = b.build()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    let dir = cache.join("vhost");
+    fs::create_dir_all(&dir).map_err(|e| io(format!("creating {}", dir.display()), e))?;
+    let path = dir.join(format!(
+        "initramfs-{}-{:016x}.cpio",
+        kernel.version,
+        h.finish()
+    ));
+    if !path.is_file() {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        fs::write(&tmp, &bytes).map_err(|e| io(format!("writing {}", tmp.display()), e))?;
+        fs::rename(&tmp, &path).map_err(|e| io(format!("renaming to {}", path.display()), e))?;
+        tracing::info!(path = %path.display(), "built virtual host initramfs");
+    }
+    Ok(path)
+}
+
+/// An exclusive flock held until dropped.
+struct HostLock {
+    _file: File,
+}
+
+impl HostLock {
+    fn acquire(path: &Path) -> Result<Self, Error> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| io(format!("opening lock {}", path.display()), e))?;
+        let fd = file.as_raw_fd();
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        let busy = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0;
+        if busy {
+            tracing::info!(lock = %path.display(), "waiting for another virtual host run");
+            loop {
+                // SAFETY: as above; blocking variant.
+                if unsafe { libc::flock(fd, libc::LOCK_EX) } == 0 {
+                    break;
+                }
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(io(format!("locking {}", path.display()), err));
+                }
+            }
+        }
+        Ok(Self { _file: file })
+    }
+}
+
+/// Single-quotes a string for sh.
+fn sh_quote(s: &[u8]) -> String {
+    let s = String::from_utf8_lossy(s);
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn valid_env_name(k: &[u8]) -> bool {
+    !k.is_empty()
+        && !k[0].is_ascii_digit()
+        && k.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+}
+
+/// The script the guest runs inside the chroot.
+fn run_script(cmd: &[OsString], opts: &VhostOptions, scratch: &Path) -> String {
+    let s = |p: &str| sh_quote(scratch.join(p).as_os_str().as_bytes());
+    let mut env: Vec<(Vec<u8>, Vec<u8>)> = std::env::vars_os()
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .filter(|(k, _)| k != b"FORKVM_IN_VHOST")
+        .collect();
+    env.push((b"FORKVM_IN_VHOST".to_vec(), b"1".to_vec()));
+    for (k, v) in &opts.envs {
+        env.retain(|(ek, _)| ek != k.as_bytes());
+        env.push((k.as_bytes().to_vec(), v.as_bytes().to_vec()));
+    }
+    let mut out = String::from("# generated by forkvm-vhost\n");
+    out += &format!("exec </dev/null >{} 2>{}\n", s("stdout"), s("stderr"));
+    out += &format!(
+        "cd {} || exit 125\n",
+        sh_quote(opts.cwd.as_os_str().as_bytes())
+    );
+    out += "exec env -i";
+    for (k, v) in env.iter().filter(|(k, _)| valid_env_name(k)) {
+        let mut kv = k.clone();
+        kv.push(b'=');
+        kv.extend_from_slice(v);
+        out += " \\\n  ";
+        out += &sh_quote(&kv);
+    }
+    for arg in cmd {
+        out += " \\\n  ";
+        out += &sh_quote(arg.as_bytes());
+    }
+    out.push('\n');
+    out
+}
+
+/// Follows a file that another machine appends to.
+struct Tail {
+    path: PathBuf,
+    offset: u64,
+    to_stderr: bool,
+}
+
+impl Tail {
+    fn pump(&mut self) {
+        let Ok(mut f) = File::open(&self.path) else {
+            return;
+        };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut buf = Vec::new();
+        if f.read_to_end(&mut buf).is_ok() && !buf.is_empty() {
+            self.offset += buf.len() as u64;
+            let _ = if self.to_stderr {
+                let mut e = io::stderr().lock();
+                e.write_all(&buf).and_then(|()| e.flush())
+            } else {
+                let mut o = io::stdout().lock();
+                o.write_all(&buf).and_then(|()| o.flush())
+            };
+        }
+    }
+}
+
+fn virtfs(path: &Path, tag: &str, readonly: bool) -> OsString {
+    let mut a = OsString::from("local,path=");
+    // QEMU option syntax: a comma in a value is written as two commas.
+    a.push(path.as_os_str().to_string_lossy().replace(',', ",,"));
+    a.push(format!(
+        ",mount_tag={tag},security_model=none,multidevs=remap{}",
+        if readonly { ",readonly=on" } else { "" }
+    ));
+    a
+}
+
+pub(crate) fn run_virtual(cmd: &[OsString], opts: &VhostOptions) -> Result<Outcome, Error> {
+    let cache = forkvm_guest_kernel::cache_dir()?;
+    let kernel = ensure_kernel_in(&cache, Flavour::Amd64)?;
+    let initramfs = prepare_initramfs(&cache, &kernel)?;
+    let qemu = crate::caps::find_in_path(QEMU).ok_or_else(|| Error::Spawn {
+        program: QEMU.into(),
+        source: io::Error::new(
+            io::ErrorKind::NotFound,
+            "not on PATH (apt-get install qemu-system-x86)",
+        ),
+    })?;
+
+    let _lock = HostLock::acquire(&cache.join("vhost/lock"))?;
+    let start = Instant::now();
+    let log_path = new_log_path("vhost");
+    let log = open_log(&log_path)?;
+
+    let scratch_dir = tempfile::Builder::new()
+        .prefix("forkvm-vhost-")
+        .tempdir()
+        .map_err(|e| io("creating the scratch directory", e))?;
+    let scratch = scratch_dir.path().to_owned();
+    let script = run_script(cmd, opts, &scratch);
+    fs::write(scratch.join("run.sh"), &script).map_err(|e| io("writing run.sh", e))?;
+    let mut rw_list = String::new();
+    for p in &opts.writable {
+        let p = p
+            .canonicalize()
+            .map_err(|e| io(format!("writable path {}", p.display()), e))?;
+        rw_list += &p.to_string_lossy();
+        rw_list.push('\n');
+    }
+    fs::write(scratch.join("rw_paths"), &rw_list).map_err(|e| io("writing rw_paths", e))?;
+
+    let append = format!(
+        "console=ttyS0 earlyprintk=serial,ttyS0 loglevel=4 panic=-1 mitigations=off \
+         rdinit=/init forkvm_scratch={} forkvm_rw={}",
+        scratch.display(),
+        opts.writable.len()
+    );
+    let mut qcmd = Command::new(&qemu);
+    qcmd.args(["-accel", "tcg", "-cpu", "EPYC,+svm", "-machine", "pc"])
+        .args([
+            "-smp",
+            &opts.smp.to_string(),
+            "-m",
+            &opts.mem_mib.to_string(),
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-serial", "stdio", "-monitor", "none"])
+        .arg("-kernel")
+        .arg(kernel.vmlinuz())
+        .arg("-initrd")
+        .arg(&initramfs)
+        .arg("-append")
+        .arg(&append)
+        .arg("-virtfs")
+        .arg(virtfs(Path::new("/"), "hostroot", true))
+        .arg("-virtfs")
+        .arg(virtfs(&scratch, "scratch", false));
+    for (i, p) in rw_list.lines().enumerate() {
+        qcmd.arg("-virtfs")
+            .arg(virtfs(Path::new(p), &format!("rw{i}"), false));
+    }
+    let log_err = log
+        .try_clone()
+        .map_err(|e| io("duplicating the log fd", e))?;
+    qcmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
+    harden(&mut qcmd);
+    {
+        let mut l = open_log(&log_path)?;
+        let _ = writeln!(l, "forkvm-vhost: {qcmd:?}\nforkvm-vhost: run.sh:\n{script}");
+    }
+    tracing::debug!(log = %log_path.display(), "starting virtual host");
+    let child = qcmd.spawn().map_err(|source| Error::Spawn {
+        program: qemu.display().to_string(),
+        source,
+    })?;
+    let mut guard = ChildGuard::new(child);
+    tracing::debug!(pid = guard.pid(), "qemu started");
+
+    let mut tails = [
+        Tail {
+            path: scratch.join("stdout"),
+            offset: 0,
+            to_stderr: false,
+        },
+        Tail {
+            path: scratch.join("stderr"),
+            offset: 0,
+            to_stderr: true,
+        },
+    ];
+    let deadline = start + opts.timeout;
+    let status = loop {
+        match guard.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => return Err(io("waiting for qemu", e)),
+        }
+        if opts.stream {
+            tails.iter_mut().for_each(Tail::pump);
+        }
+        if Instant::now() >= deadline {
+            guard.kill();
+            let mut l = open_log(&log_path)?;
+            let _ = writeln!(
+                l,
+                "\nforkvm-vhost: timed out after {:?}, qemu killed",
+                opts.timeout
+            );
+            return Err(Error::TimedOut {
+                timeout: opts.timeout,
+                log_path,
+            });
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    if opts.stream {
+        tails.iter_mut().for_each(Tail::pump);
+    }
+    let wall = start.elapsed();
+    let read = |name: &str| fs::read(scratch.join(name)).unwrap_or_default();
+    let (stdout, stderr) = (read("stdout"), read("stderr"));
+    let code = String::from_utf8_lossy(&read("exit_code"))
+        .trim()
+        .parse::<i32>();
+    {
+        let mut l = open_log(&log_path)?;
+        let _ = l.write_all(b"\n--- command stdout ---\n");
+        let _ = l.write_all(&stdout);
+        let _ = l.write_all(b"\n--- command stderr ---\n");
+        let _ = l.write_all(&stderr);
+        let _ = writeln!(
+            l,
+            "\n--- qemu {status}, exit code {code:?}, wall {wall:?} ---"
+        );
+    }
+    let exit_code = code.map_err(|_| Error::NoExitCode {
+        qemu_status: status,
+        log_path: log_path.clone(),
+    })?;
+    Ok(Outcome {
+        exit_code,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        log_path,
+        wall,
+        mode: Mode::Virtual,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_and_script() {
+        assert_eq!(sh_quote(b"it's"), r"'it'\''s'");
+        assert!(valid_env_name(b"RUST_LOG") && !valid_env_name(b"1X") && !valid_env_name(b"A-B"));
+        let opts = VhostOptions {
+            envs: vec![("FOO".into(), "a b".into())],
+            cwd: "/work dir".into(),
+            ..VhostOptions::default()
+        };
+        let s = run_script(
+            &["sh".into(), "-c".into(), "echo $FOO".into()],
+            &opts,
+            Path::new("/tmp/x"),
+        );
+        assert!(
+            s.contains("exec </dev/null >'/tmp/x/stdout' 2>'/tmp/x/stderr'"),
+            "{s}"
+        );
+        assert!(s.contains("cd '/work dir' || exit 125"), "{s}");
+        assert!(
+            s.contains("'FOO=a b'") && s.contains("'FORKVM_IN_VHOST=1'"),
+            "{s}"
+        );
+        assert!(
+            s.trim_end().ends_with("'sh' \\\n  '-c' \\\n  'echo $FOO'"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn virtfs_escapes_commas() {
+        let a = virtfs(Path::new("/a,b"), "t", true);
+        assert_eq!(
+            a.to_string_lossy(),
+            "local,path=/a,,b,mount_tag=t,security_model=none,multidevs=remap,readonly=on"
+        );
+    }
+}

@@ -1,0 +1,742 @@
+//! Tests for virtio-vsock: a mock driver (`MockSplitQueue`-laid-out rings in a
+//! `GuestMemoryMmap`) drives the activated device directly, without a transport or KVM.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use event_manager::{EventManager, SubscriberOps};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::packet::*;
+use super::*;
+use crate::virtio::VIRTIO_MMIO_INT_VRING;
+
+const MEM_SIZE: usize = 16 << 20;
+const BUF_BASE: u64 = 0x10_0000;
+const RX_BUF_LEN: u32 = (HDR_SIZE + 4096) as u32;
+const GUEST_CID: u64 = 3;
+
+/// The driver's side of one split virtqueue laid out as `MockSplitQueue` lays it out.
+struct DriverQueue {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    size: u16,
+    next_desc: u16,
+    last_used: u16,
+    /// Head descriptor index to the buffers of its chain.
+    chains: HashMap<u16, Vec<(u64, u32)>>,
+}
+
+impl DriverQueue {
+    fn new(mem: &GuestMemory, base: u64, size: u16) -> (Self, Queue) {
+        let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
+        let queue: Queue = mock.create_queue().expect("queue");
+        let dq = DriverQueue {
+            desc: mock.desc_table_addr().0,
+            avail: mock.avail_addr().0,
+            used: mock.used_addr().0,
+            size,
+            next_desc: 0,
+            last_used: 0,
+            chains: HashMap::new(),
+        };
+        (dq, queue)
+    }
+
+    /// Makes a chain of `(addr, len, device_writable)` buffers available.
+    fn add_chain(&mut self, mem: &GuestMemory, bufs: &[(u64, u32, bool)]) -> u16 {
+        let head = self.next_desc;
+        for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
+            let idx = (self.next_desc + i as u16) % self.size;
+            let last = i == bufs.len() - 1;
+            let mut flags = if writable { 2u16 } else { 0 };
+            if !last {
+                flags |= 1;
+            }
+            let next = (idx + 1) % self.size;
+            let at = self.desc + 16 * u64::from(idx);
+            mem.write_obj(addr, GuestAddress(at)).unwrap();
+            mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+            mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+        }
+        self.next_desc = (self.next_desc + bufs.len() as u16) % self.size;
+        let avail_idx: u16 = mem.read_obj(GuestAddress(self.avail + 2)).unwrap();
+        let slot = self.avail + 4 + 2 * u64::from(avail_idx % self.size);
+        mem.write_obj(head, GuestAddress(slot)).unwrap();
+        mem.write_obj(avail_idx.wrapping_add(1), GuestAddress(self.avail + 2))
+            .unwrap();
+        self.chains
+            .insert(head, bufs.iter().map(|&(a, l, _)| (a, l)).collect());
+        head
+    }
+
+    /// The next used element: the bytes the device reported, read back from the chain.
+    fn pop_used(&mut self, mem: &GuestMemory) -> Option<Vec<u8>> {
+        let used_idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
+        if used_idx == self.last_used {
+            return None;
+        }
+        let at = self.used + 4 + 8 * u64::from(self.last_used % self.size);
+        let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
+        self.last_used = self.last_used.wrapping_add(1);
+        let bufs = self.chains.remove(&(id as u16)).expect("known chain");
+        let mut out = Vec::new();
+        let mut left = len as usize;
+        for (addr, blen) in bufs {
+            let n = left.min(blen as usize);
+            let mut b = vec![0u8; n];
+            mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+            out.extend(b);
+            left -= n;
+        }
+        Some(out)
+    }
+}
+
+/// A guest driver for an activated vsock device.
+struct Guest {
+    mem: GuestMemory,
+    rx: DriverQueue,
+    tx: DriverQueue,
+    ev: DriverQueue,
+    irq: Arc<Interrupt>,
+    kicks: Vec<EventFd>,
+    bump: u64,
+}
+
+impl Guest {
+    /// Activates `dev` with three fresh queues.
+    fn activate(dev: &mut Vsock) -> Guest {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let (rx, rxq) = DriverQueue::new(&mem, 0, QUEUE_SIZE);
+        let (tx, txq) = DriverQueue::new(&mem, 0x1_0000, QUEUE_SIZE);
+        let (ev, evq) = DriverQueue::new(&mem, 0x2_0000, QUEUE_SIZE);
+        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let mut kicks = Vec::new();
+        let queues = [rxq, txq, evq]
+            .into_iter()
+            .map(|queue| {
+                let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+                kicks.push(kick.try_clone().unwrap());
+                ActiveQueue { queue, kick }
+            })
+            .collect();
+        dev.set_acked_features(dev.avail_features());
+        dev.activate(mem.clone(), irq.clone(), queues).unwrap();
+        assert!(dev.is_activated());
+        Guest {
+            mem,
+            rx,
+            tx,
+            ev,
+            irq,
+            kicks,
+            bump: BUF_BASE,
+        }
+    }
+
+    fn alloc(&mut self, len: u32) -> u64 {
+        let addr = self.bump;
+        self.bump += u64::from(len).next_multiple_of(16);
+        assert!(self.bump < MEM_SIZE as u64, "test ran out of guest memory");
+        addr
+    }
+
+    fn post_rx_buffers(&mut self, n: usize) {
+        for _ in 0..n {
+            let addr = self.alloc(RX_BUF_LEN);
+            self.rx.add_chain(&self.mem, &[(addr, RX_BUF_LEN, true)]);
+        }
+    }
+
+    fn post_event_buffer(&mut self) {
+        let addr = self.alloc(EVENT_SIZE as u32);
+        self.ev
+            .add_chain(&self.mem, &[(addr, EVENT_SIZE as u32, true)]);
+    }
+
+    /// Queues a packet on tx (header and payload in separate descriptors, as Linux does).
+    fn queue_tx(&mut self, hdr: Header, data: &[u8]) {
+        let hdr = Header {
+            len: data.len() as u32,
+            ..hdr
+        };
+        let haddr = self.alloc(HDR_SIZE as u32);
+        self.mem
+            .write_slice(&hdr.to_bytes(), GuestAddress(haddr))
+            .unwrap();
+        let mut bufs = vec![(haddr, HDR_SIZE as u32, false)];
+        if !data.is_empty() {
+            let daddr = self.alloc(data.len() as u32);
+            self.mem.write_slice(data, GuestAddress(daddr)).unwrap();
+            bufs.push((daddr, data.len() as u32, false));
+        }
+        self.tx.add_chain(&self.mem, &bufs);
+    }
+
+    /// Posts a packet on tx and lets the device run its queues.
+    fn send(&mut self, dev: &mut Vsock, hdr: Header, data: &[u8]) {
+        self.queue_tx(hdr, data);
+        dev.process_queues();
+        assert!(
+            self.tx.pop_used(&self.mem).is_some(),
+            "tx buffer not returned"
+        );
+    }
+
+    /// The next packet the device put in an rx buffer.
+    fn recv(&mut self) -> Option<(Header, Vec<u8>)> {
+        let bytes = self.rx.pop_used(&self.mem)?;
+        let hdr = Header::from_bytes(bytes[..HDR_SIZE].try_into().unwrap());
+        assert_eq!(bytes.len(), HDR_SIZE + hdr.len as usize);
+        Some((hdr, bytes[HDR_SIZE..].to_vec()))
+    }
+}
+
+/// A packet from guest port `src_port` to host port `dst_port`.
+fn from_guest(op: u16, src_port: u32, dst_port: u32) -> Header {
+    Header {
+        src_cid: GUEST_CID,
+        dst_cid: HOST_CID,
+        src_port,
+        dst_port,
+        len: 0,
+        type_: TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc: 64 * 1024,
+        fwd_cnt: 0,
+    }
+}
+
+fn new_device(dir: &tempfile::TempDir) -> Vsock {
+    Vsock::new(VsockConfig {
+        guest_cid: GUEST_CID,
+        uds_path: dir.path().join("v.sock"),
+    })
+    .unwrap()
+}
+
+fn client(dir: &tempfile::TempDir) -> UnixStream {
+    let s = UnixStream::connect(dir.path().join("v.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+fn read_line(s: &mut UnixStream) -> String {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).unwrap() == 1 {
+        line.push(b[0]);
+        if b[0] == b'\n' {
+            break;
+        }
+    }
+    String::from_utf8(line).unwrap()
+}
+
+fn read_exactly(s: &mut UnixStream, n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    s.read_exact(&mut b).unwrap();
+    b
+}
+
+/// Host client connects to guest port 1234 and the guest accepts; returns the client and
+/// the host port the device picked.
+fn host_connect(dev: &mut Vsock, g: &mut Guest, dir: &tempfile::TempDir) -> (UnixStream, u32) {
+    let mut c = client(dir);
+    c.write_all(b"CONNECT 1234\n").unwrap();
+    dev.muxer.accept_clients();
+    dev.poll_streams();
+    let (req, _) = g.recv().expect("OP_REQUEST");
+    assert_eq!(req.op, OP_REQUEST);
+    let mut resp = from_guest(OP_RESPONSE, 1234, req.src_port);
+    resp.buf_alloc = 64 * 1024;
+    g.send(dev, resp, &[]);
+    assert_eq!(read_line(&mut c), format!("OK {}\n", req.src_port));
+    (c, req.src_port)
+}
+
+#[test]
+fn config_space_holds_the_cid() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = Vsock::new(VsockConfig {
+        guest_cid: 0x1_0000_0042 & 0xffff_ffff,
+        uds_path: dir.path().join("v.sock"),
+    })
+    .unwrap();
+    assert_eq!(dev.device_type(), device_type::VSOCK);
+    assert_eq!(dev.queue_max_sizes().len(), 3);
+    assert_ne!(dev.avail_features() & (1 << VIRTIO_F_VERSION_1), 0);
+    let mut cid = [0xffu8; 8];
+    dev.read_config(0, &mut cid);
+    assert_eq!(u64::from_le_bytes(cid), 0x42);
+    let mut hi = [0xffu8; 4];
+    dev.read_config(4, &mut hi);
+    assert_eq!(hi, [0; 4]);
+    let mut past = [0xffu8; 4];
+    dev.read_config(8, &mut past);
+    assert_eq!(past, [0; 4]);
+    dev.write_config(0, &[9]);
+    assert_eq!(dev.guest_cid(), 0x42);
+    dev.set_guest_cid(77).unwrap();
+    dev.read_config(0, &mut cid);
+    assert_eq!(u64::from_le_bytes(cid), 77);
+    assert!(matches!(
+        dev.set_guest_cid(2),
+        Err(VsockError::InvalidCid(2))
+    ));
+    assert!(Vsock::new(VsockConfig {
+        guest_cid: 1,
+        uds_path: dir.path().join("w.sock"),
+    })
+    .is_err());
+}
+
+#[test]
+fn host_initiated_connection_carries_bytes_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(8);
+
+    let mut c = client(&dir);
+    c.write_all(b"CONNECT 1234\n").unwrap();
+    dev.muxer.accept_clients();
+    dev.poll_streams();
+    let (req, data) = g.recv().expect("OP_REQUEST in an rx buffer");
+    assert!(data.is_empty());
+    assert_eq!(req.op, OP_REQUEST);
+    assert_eq!(req.type_, TYPE_STREAM);
+    assert_eq!((req.src_cid, req.dst_cid), (HOST_CID, GUEST_CID));
+    assert_eq!(req.dst_port, 1234);
+    assert!(req.src_port >= FIRST_LOCAL_PORT);
+    assert_eq!(req.buf_alloc, CONN_BUF_ALLOC);
+    assert_ne!(g.irq.status() & VIRTIO_MMIO_INT_VRING, 0);
+
+    g.send(&mut dev, from_guest(OP_RESPONSE, 1234, req.src_port), &[]);
+    assert_eq!(read_line(&mut c), format!("OK {}\n", req.src_port));
+
+    // Host to guest.
+    c.write_all(b"hello guest").unwrap();
+    dev.poll_streams();
+    let (rw, data) = g.recv().expect("OP_RW");
+    assert_eq!(rw.op, OP_RW);
+    assert_eq!((rw.src_port, rw.dst_port), (req.src_port, 1234));
+    assert_eq!(data, b"hello guest");
+    assert!(g.recv().is_none());
+
+    // Guest to host.
+    g.send(
+        &mut dev,
+        from_guest(OP_RW, 1234, req.src_port),
+        b"hello host",
+    );
+    assert_eq!(read_exactly(&mut c, 10), b"hello host");
+
+    // Guest closes: the client sees end of file.
+    g.send(&mut dev, from_guest(OP_RST, 1234, req.src_port), &[]);
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert!(dev.muxer.conns.is_empty());
+}
+
+#[test]
+fn refused_host_connection_closes_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(2);
+    let mut c = client(&dir);
+    c.write_all(b"CONNECT 9\n").unwrap();
+    dev.muxer.accept_clients();
+    dev.poll_streams();
+    let (req, _) = g.recv().unwrap();
+    g.send(&mut dev, from_guest(OP_RST, 9, req.src_port), &[]);
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "no OK for a refused connection");
+}
+
+#[test]
+fn malformed_handshake_closes_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(2);
+    let mut c = client(&dir);
+    c.write_all(b"HELLO 9\n").unwrap();
+    dev.muxer.accept_clients();
+    dev.poll_streams();
+    assert!(g.recv().is_none());
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
+    assert_eq!(parse_connect(b"CONNECT x"), None);
+}
+
+#[test]
+fn host_client_leaving_before_the_guest_answers_resets_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(2);
+    let mut c = client(&dir);
+    c.write_all(b"CONNECT 7\n").unwrap();
+    dev.muxer.accept_clients();
+    dev.poll_streams();
+    let (req, _) = g.recv().unwrap();
+    drop(c);
+    let fd = *dev.muxer.conns.keys().next().unwrap();
+    dev.muxer.on_stream_event(fd, EventSet::HANG_UP);
+    dev.process_queues();
+    let (rst, _) = g.recv().unwrap();
+    assert_eq!(rst.op, OP_RST);
+    assert_eq!((rst.src_port, rst.dst_port), (req.src_port, 7));
+}
+
+#[test]
+fn guest_connects_to_a_listening_host_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(8);
+    let listener = UnixListener::bind(dir.path().join("v.sock_52")).unwrap();
+
+    g.send(&mut dev, from_guest(OP_REQUEST, 5000, 52), &[]);
+    let (resp, _) = g.recv().expect("OP_RESPONSE");
+    assert_eq!(resp.op, OP_RESPONSE);
+    assert_eq!((resp.src_cid, resp.dst_cid), (HOST_CID, GUEST_CID));
+    assert_eq!((resp.src_port, resp.dst_port), (52, 5000));
+    let (mut host, _) = listener.accept().unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+
+    g.send(&mut dev, from_guest(OP_RW, 5000, 52), b"ping");
+    assert_eq!(read_exactly(&mut host, 4), b"ping");
+    host.write_all(b"pong").unwrap();
+    dev.poll_streams();
+    let (rw, data) = g.recv().unwrap();
+    assert_eq!((rw.op, rw.src_port, rw.dst_port), (OP_RW, 52, 5000));
+    assert_eq!(rw.fwd_cnt, 4, "fwd_cnt counts bytes forwarded to the host");
+    assert_eq!(data, b"pong");
+
+    // The host closes: the guest gets SHUTDOWN(SEND); the guest closes: RST ends it.
+    drop(host);
+    dev.poll_streams();
+    let (shut, _) = g.recv().unwrap();
+    assert_eq!((shut.op, shut.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
+    let mut bye = from_guest(OP_SHUTDOWN, 5000, 52);
+    bye.flags = SHUTDOWN_BOTH;
+    g.send(&mut dev, bye, &[]);
+    let (rst, _) = g.recv().unwrap();
+    assert_eq!(rst.op, OP_RST);
+    assert!(dev.muxer.conns.is_empty());
+}
+
+#[test]
+fn guest_shutdown_half_closes_the_host_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(8);
+    let (mut c, port) = host_connect(&mut dev, &mut g, &dir);
+    g.send(&mut dev, from_guest(OP_RW, 1234, port), b"last words");
+    let mut shut = from_guest(OP_SHUTDOWN, 1234, port);
+    shut.flags = SHUTDOWN_SEND;
+    g.send(&mut dev, shut, &[]);
+    let mut all = Vec::new();
+    c.read_to_end(&mut all).unwrap();
+    assert_eq!(all, b"last words");
+    // The other direction still works.
+    c.write_all(b"reply").unwrap();
+    dev.poll_streams();
+    let (rw, data) = g.recv().unwrap();
+    assert_eq!((rw.op, data.as_slice()), (OP_RW, &b"reply"[..]));
+}
+
+#[test]
+fn guest_connect_without_listener_gets_rst() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(2);
+    g.send(&mut dev, from_guest(OP_REQUEST, 5001, 53), &[]);
+    let (rst, _) = g.recv().expect("OP_RST");
+    assert_eq!(rst.op, OP_RST);
+    assert_eq!((rst.src_port, rst.dst_port), (53, 5001));
+    // A packet for an unknown connection is reset too, an RST is not answered.
+    g.send(&mut dev, from_guest(OP_RW, 5001, 53), b"x");
+    assert_eq!(g.recv().unwrap().0.op, OP_RST);
+    g.send(&mut dev, from_guest(OP_RST, 5001, 53), &[]);
+    assert!(g.recv().is_none());
+}
+
+#[test]
+fn packets_with_a_stale_cid_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(2);
+    let mut hdr = from_guest(OP_REQUEST, 5001, 53);
+    hdr.src_cid = 99;
+    g.send(&mut dev, hdr, &[]);
+    assert!(g.recv().is_none());
+}
+
+#[test]
+fn host_to_guest_respects_guest_credit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(8);
+    let mut c = client(&dir);
+    c.write_all(b"CONNECT 1234\n").unwrap();
+    dev.muxer.accept_clients();
+    dev.poll_streams();
+    let (req, _) = g.recv().unwrap();
+    let mut resp = from_guest(OP_RESPONSE, 1234, req.src_port);
+    resp.buf_alloc = 8;
+    g.send(&mut dev, resp, &[]);
+    assert!(read_line(&mut c).starts_with("OK "));
+
+    c.write_all(b"0123456789abcdefghij").unwrap();
+    dev.poll_streams();
+    let (rw, data) = g.recv().unwrap();
+    assert_eq!((rw.op, data.as_slice()), (OP_RW, &b"01234567"[..]));
+    // Out of credit: the device asks for more instead of reading.
+    let (creq, _) = g.recv().unwrap();
+    assert_eq!(creq.op, OP_CREDIT_REQUEST);
+    dev.poll_streams();
+    assert!(g.recv().is_none());
+
+    let mut upd = from_guest(OP_CREDIT_UPDATE, 1234, req.src_port);
+    upd.buf_alloc = 8;
+    upd.fwd_cnt = 8;
+    g.send(&mut dev, upd, &[]);
+    dev.poll_streams();
+    let (rw, data) = g.recv().unwrap();
+    assert_eq!((rw.op, data.as_slice()), (OP_RW, &b"89abcdef"[..]));
+}
+
+#[test]
+fn guest_to_host_gets_credit_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(8);
+    let (mut c, port) = host_connect(&mut dev, &mut g, &dir);
+
+    let chunk = vec![0xabu8; 32 * 1024];
+    for _ in 0..2 {
+        g.send(&mut dev, from_guest(OP_RW, 1234, port), &chunk);
+    }
+    assert_eq!(read_exactly(&mut c, 64 * 1024), [0xab; 64 * 1024]);
+    let (upd, _) = g.recv().expect("OP_CREDIT_UPDATE");
+    assert_eq!(upd.op, OP_CREDIT_UPDATE);
+    assert_eq!(upd.fwd_cnt, 64 * 1024);
+    assert_eq!(upd.buf_alloc, CONN_BUF_ALLOC);
+
+    // Asked for credit, the device answers.
+    g.send(&mut dev, from_guest(OP_CREDIT_REQUEST, 1234, port), &[]);
+    let (upd, _) = g.recv().unwrap();
+    assert_eq!((upd.op, upd.fwd_cnt), (OP_CREDIT_UPDATE, 64 * 1024));
+}
+
+#[test]
+fn guest_overrunning_its_credit_is_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(8);
+    let (_c, port) = host_connect(&mut dev, &mut g, &dir);
+    // The client never reads: after the socket buffer and CONN_BUF_ALLOC bytes, reset.
+    let chunk = vec![1u8; 64 * 1024];
+    let mut reset = false;
+    for _ in 0..64 {
+        g.send(&mut dev, from_guest(OP_RW, 1234, port), &chunk);
+        if let Some((hdr, _)) = g.recv() {
+            if hdr.op == OP_RST {
+                reset = true;
+                break;
+            }
+        }
+    }
+    assert!(reset);
+}
+
+#[test]
+fn no_rx_buffers_holds_packets_until_the_guest_posts_some() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    let mut c = client(&dir);
+    c.write_all(b"CONNECT 1234\n").unwrap();
+    dev.muxer.accept_clients();
+    dev.poll_streams();
+    assert!(g.recv().is_none());
+    g.post_rx_buffers(1);
+    dev.process_queues();
+    assert_eq!(g.recv().unwrap().0.op, OP_REQUEST);
+}
+
+#[test]
+fn reset_transport_changes_the_cid_and_tells_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(8);
+    g.post_event_buffer();
+    let (mut c, _) = host_connect(&mut dev, &mut g, &dir);
+    g.irq.ack(VIRTIO_MMIO_INT_VRING);
+
+    dev.reset_transport(42).unwrap();
+    let mut cid = [0u8; 8];
+    dev.read_config(0, &mut cid);
+    assert_eq!(u64::from_le_bytes(cid), 42);
+    let event = g.ev.pop_used(&g.mem).expect("transport reset event");
+    assert_eq!(event, EVENT_TRANSPORT_RESET.to_le_bytes());
+    assert_ne!(g.irq.status() & VIRTIO_MMIO_INT_VRING, 0);
+    // Connections are gone: the host client sees end of file.
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert!(dev.muxer.conns.is_empty());
+    // The listener survives: new connections use the new CID.
+    let mut c2 = client(&dir);
+    c2.write_all(b"CONNECT 1\n").unwrap();
+    dev.muxer.accept_clients();
+    dev.poll_streams();
+    let (req, _) = g.recv().unwrap();
+    assert_eq!((req.op, req.dst_cid), (OP_REQUEST, 42));
+}
+
+#[test]
+fn reset_transport_before_activation_waits_for_the_driver() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    dev.reset_transport(10).unwrap();
+    let mut g = Guest::activate(&mut dev);
+    dev.process_queues();
+    assert!(g.ev.pop_used(&g.mem).is_none(), "no event buffer yet");
+    g.post_event_buffer();
+    dev.process_queues();
+    assert_eq!(
+        g.ev.pop_used(&g.mem).unwrap(),
+        EVENT_TRANSPORT_RESET.to_le_bytes()
+    );
+}
+
+#[test]
+fn state_round_trips_and_restore_resets_the_transport() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    dev.set_acked_features(dev.avail_features());
+    let state = dev.state();
+    assert_eq!(state.cid, GUEST_CID);
+    let json = serde_json::to_string(&state).unwrap();
+    let back: VsockState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, state);
+    drop(dev);
+
+    // A fork child: same snapshot, new CID, its own socket.
+    let mut child = Vsock::restore(
+        VsockConfig {
+            guest_cid: 8,
+            uds_path: dir.path().join("child.sock"),
+        },
+        &back,
+    )
+    .unwrap();
+    assert_eq!(child.acked_features(), state.acked_features);
+    assert_eq!(child.guest_cid(), 8);
+    let mut g = Guest::activate(&mut child);
+    g.post_event_buffer();
+    child.process_queues();
+    assert_eq!(
+        g.ev.pop_used(&g.mem).unwrap(),
+        EVENT_TRANSPORT_RESET.to_le_bytes()
+    );
+    assert_eq!(child.queue_states().len(), 3);
+    assert!(child.reset());
+    assert!(!child.is_activated());
+    assert_eq!(child.acked_features(), 0);
+}
+
+#[test]
+fn stale_socket_file_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let stale = UnixListener::bind(&path).unwrap();
+    drop(stale);
+    assert!(path.exists());
+    new_device(&dir);
+    std::fs::write(dir.path().join("file"), b"not a socket").unwrap();
+    let err = Vsock::new(VsockConfig {
+        guest_cid: 3,
+        uds_path: dir.path().join("file"),
+    })
+    .unwrap_err();
+    assert!(matches!(err, VsockError::Bind { .. }));
+}
+
+/// The whole life cycle through a real `EventManager`: activation event, listener, stream
+/// and queue kick registrations.
+#[test]
+fn event_manager_drives_a_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(8);
+    let mut em = EventManager::<Vsock>::new().unwrap();
+    let id = em.add_subscriber(dev);
+    let run = |em: &mut EventManager<Vsock>| {
+        // Run until idle.
+        while em.run_with_timeout(50).unwrap() > 0 {}
+    };
+    run(&mut em);
+
+    let mut c = client(&dir);
+    c.write_all(b"CONNECT 1234\n").unwrap();
+    run(&mut em);
+    let (req, _) = g.recv().expect("OP_REQUEST through the event loop");
+    assert_eq!(req.op, OP_REQUEST);
+
+    g.queue_tx(from_guest(OP_RESPONSE, 1234, req.src_port), &[]);
+    g.kicks[TX_QUEUE].write(1).unwrap();
+    run(&mut em);
+    assert_eq!(read_line(&mut c), format!("OK {}\n", req.src_port));
+
+    c.write_all(b"through epoll").unwrap();
+    run(&mut em);
+    let (rw, data) = g.recv().unwrap();
+    assert_eq!((rw.op, data.as_slice()), (OP_RW, &b"through epoll"[..]));
+
+    // The host hangs up: SHUTDOWN reaches the guest, its RST closes the connection and the
+    // stream is deregistered without the loop spinning.
+    drop(c);
+    run(&mut em);
+    assert_eq!(g.recv().unwrap().0.op, OP_SHUTDOWN);
+    g.queue_tx(from_guest(OP_RST, 1234, req.src_port), &[]);
+    g.kicks[TX_QUEUE].write(1).unwrap();
+    run(&mut em);
+    let dev = em.subscriber_mut(id).unwrap();
+    assert!(dev.muxer.conns.is_empty());
+    assert!(dev.muxer.closing.is_empty());
+
+    // A transport reset from outside the loop (the fork path).
+    g.post_event_buffer();
+    dev.reset_transport(11).unwrap();
+    run(&mut em);
+    assert!(g.ev.pop_used(&g.mem).is_some());
+}

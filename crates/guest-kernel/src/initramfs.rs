@@ -91,6 +91,8 @@ impl InitramfsBuilder {
         for d in [
             "bin",
             "sbin",
+            "usr/bin",
+            "usr/sbin",
             "dev",
             "proc",
             "sys",
@@ -316,6 +318,18 @@ mod tests {
         assert_eq!(find(&e, "etc/deep/nested/conf").mode, S_IFREG | 0o600);
         assert_eq!(find(&e, "sbin/init").mode & S_IFMT, S_IFLNK);
         assert_eq!(find(&e, "tmp").mode, S_IFDIR | 0o1777);
+        for d in [
+            "bin",
+            "sbin",
+            "usr/bin",
+            "usr/sbin",
+            "proc",
+            "sys",
+            "dev",
+            "lib/modules",
+        ] {
+            assert_eq!(find(&e, d).mode, S_IFDIR | 0o755, "{d}");
+        }
         let console = find(&e, "dev/console");
         assert_eq!((console.mode & S_IFMT, console.rdev), (S_IFCHR, (5, 1)));
         if have_busybox {

@@ -21,6 +21,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemory;
 
+pub mod block;
+pub mod mmio;
+pub mod rng;
+
 /// `InterruptStatus` bit: the device has used buffers in a queue.
 pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
 /// `InterruptStatus` bit: the device's configuration space changed.
@@ -150,4 +154,19 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Whether [`VirtioDevice::activate`] has run.
     fn is_activated(&self) -> bool;
+    /// The queues handed to [`VirtioDevice::activate`], in the same order, as they stand
+    /// now (`next_avail`/`next_used` included); empty before activation. The transport saves
+    /// them in its snapshot, so an activated device that does not report them cannot be
+    /// snapshotted (the transport's `save` fails).
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        Vec::new()
+    }
+    /// The driver reset an activated device (wrote 0 to `Status`): drop the queues, go back
+    /// to the state before [`VirtioDevice::activate`] (acked features cleared) and be ready
+    /// to be activated again. Kick fds the event loop still watches must stay open until the
+    /// device deregisters them there (e.g. on its `activate_evt`). Returns `false` if the
+    /// device cannot be reset; the transport then leaves it FAILED.
+    fn reset(&mut self) -> bool {
+        false
+    }
 }

@@ -1,0 +1,424 @@
+//! virtio-blk (virtio 1.2 §5.2) over a raw image file: one request queue, requests run
+//! synchronously (pread/pwrite/fsync) on the event-loop thread.
+//!
+//! Follows the life cycle in [`crate::virtio`]: `activate` stores the queue and writes the
+//! `activate_evt`; on that event the event loop registers the kick fd; each kick drains the
+//! queue.
+
+mod request;
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
+use tracing::{error, warn};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_queue::{Queue, QueueState, QueueT};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use request::SECTOR_SIZE;
+
+use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use crate::GuestMemory;
+
+/// Size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// `seg_max`: data segments per request; the header and status take two descriptors.
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Length of the configuration space this device implements: `capacity`, `size_max`,
+/// `seg_max`. Reads past it return zeros.
+const CONFIG_LEN: usize = 16;
+
+/// Why a block device could not be built or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image cannot be opened.
+    #[error("cannot open disk image {}: {source}", path.display())]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image's size cannot be determined.
+    #[error("cannot determine the size of disk image {}: {source}", path.display())]
+    Size {
+        /// The image.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image is a directory.
+    #[error("disk image {} is a directory", path.display())]
+    IsDirectory {
+        /// The image.
+        path: PathBuf,
+    },
+    /// Creating the activation eventfd failed.
+    #[error("cannot create the activation eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// A saved state acknowledges features the device does not offer.
+    #[error("saved acked features {acked:#x} are not offered ({avail:#x})")]
+    BadFeatures {
+        /// Saved acked features.
+        acked: u64,
+        /// Features the device offers.
+        avail: u64,
+    },
+    /// The image changed size since the state was saved; the guest would see a different
+    /// disk than the one it probed.
+    #[error("disk image {} has {actual} sectors, the saved state {saved}", path.display())]
+    CapacityChanged {
+        /// The image.
+        path: PathBuf,
+        /// Capacity in the saved state, in 512-byte sectors.
+        saved: u64,
+        /// Capacity of the image now.
+        actual: u64,
+    },
+}
+
+/// How to build a block device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockConfig {
+    /// Raw disk image (a regular file or a block device).
+    pub path: PathBuf,
+    /// Open the image read-only and offer VIRTIO_BLK_F_RO.
+    pub read_only: bool,
+}
+
+/// What of a [`Block`] survives a snapshot; its queue is saved by the transport.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// The backend configuration.
+    pub config: BlockConfig,
+    /// The feature bits the driver accepted.
+    pub acked_features: u64,
+    /// The capacity the guest saw, in 512-byte sectors.
+    pub capacity: u64,
+}
+
+/// The device's run-time half, present between activation and reset.
+#[derive(Debug)]
+struct Active {
+    mem: GuestMemory,
+    interrupt: Arc<Interrupt>,
+    queue: Queue,
+    kick: EventFd,
+}
+
+/// A virtio block device backed by a raw image.
+#[derive(Debug)]
+pub struct Block {
+    config: BlockConfig,
+    file: File,
+    capacity: u64,
+    avail_features: u64,
+    acked_features: u64,
+    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    config_space: [u8; CONFIG_LEN],
+    activate_evt: EventFd,
+    active: Option<Active>,
+    /// Whether the active kick fd is registered with the event loop.
+    kick_registered: bool,
+    /// Kick fds of a reset activation, kept open until the event loop deregisters them.
+    retired_kicks: Vec<EventFd>,
+    buf: Vec<u8>,
+}
+
+/// The device ID (`GET_ID`): the image's file name, truncated to 20 bytes, NUL-padded.
+fn disk_id(path: &Path) -> [u8; VIRTIO_BLK_ID_BYTES as usize] {
+    let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+    let name = path
+        .file_name()
+        .map(|n| n.as_encoded_bytes())
+        .unwrap_or(b"forkvm-blk");
+    let n = name.len().min(id.len());
+    id[..n].copy_from_slice(&name[..n]);
+    id
+}
+
+impl Block {
+    /// Opens the image in `config` (read-only if asked).
+    pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+        let path = &config.path;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(path)
+            .map_err(|source| BlockError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let is_dir = file
+            .metadata()
+            .map_err(|source| BlockError::Size {
+                path: path.clone(),
+                source,
+            })?
+            .is_dir();
+        if is_dir {
+            return Err(BlockError::IsDirectory { path: path.clone() });
+        }
+        // Seeking to the end sizes block devices too, where metadata reports 0.
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| BlockError::Size {
+                path: path.clone(),
+                source,
+            })?;
+        let capacity = size / SECTOR_SIZE;
+        if size % SECTOR_SIZE != 0 {
+            warn!(
+                path = %path.display(),
+                size,
+                "virtio-blk: image size is not a multiple of 512; the tail is not visible"
+            );
+        }
+
+        let mut avail_features =
+            (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_SEG_MAX);
+        if config.read_only {
+            avail_features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        let mut config_space = [0u8; CONFIG_LEN];
+        config_space[0..8].copy_from_slice(&capacity.to_le_bytes());
+        config_space[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+
+        Ok(Self {
+            id: disk_id(path),
+            config,
+            file,
+            capacity,
+            avail_features,
+            acked_features: 0,
+            config_space,
+            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
+            active: None,
+            kick_registered: false,
+            retired_kicks: Vec::new(),
+            buf: Vec::new(),
+        })
+    }
+
+    /// Reopens the image of `state` and checks it still has the size the guest saw; the
+    /// transport's restore activates the device.
+    pub fn restore(state: &BlockState) -> Result<Self, BlockError> {
+        let mut block = Self::new(state.config.clone())?;
+        if block.capacity != state.capacity {
+            return Err(BlockError::CapacityChanged {
+                path: state.config.path.clone(),
+                saved: state.capacity,
+                actual: block.capacity,
+            });
+        }
+        if state.acked_features & !block.avail_features != 0 {
+            return Err(BlockError::BadFeatures {
+                acked: state.acked_features,
+                avail: block.avail_features,
+            });
+        }
+        block.acked_features = state.acked_features;
+        Ok(block)
+    }
+
+    /// The device's state.
+    pub fn save(&self) -> BlockState {
+        BlockState {
+            config: self.config.clone(),
+            acked_features: self.acked_features,
+            capacity: self.capacity,
+        }
+    }
+
+    /// The backend configuration.
+    pub fn config(&self) -> &BlockConfig {
+        &self.config
+    }
+
+    /// The disk's size in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// The eventfd the device writes on activation (registered in `init`).
+    pub fn activate_evt(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    /// Runs every available request and signals the guest if it asked.
+    fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let disk = request::Disk {
+            file: &self.file,
+            read_only: self.config.read_only,
+            capacity_sectors: self.capacity,
+            id: &self.id,
+        };
+        let mem = &active.mem;
+        let mut used_any = false;
+        while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let descs: Vec<_> = chain.collect();
+            let used_len = request::execute(mem, &disk, &descs, &mut self.buf);
+            if let Err(e) = active.queue.add_used(mem, head, used_len) {
+                error!(error = %e, "virtio-blk: cannot add a used buffer");
+                continue;
+            }
+            used_any = true;
+        }
+        if !used_any {
+            return;
+        }
+        match active.queue.needs_notification(mem) {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Err(e) = active.interrupt.signal_used_queue() {
+                    error!(error = %e, "virtio-blk: cannot signal the guest");
+                }
+            }
+            Err(e) => error!(error = %e, "virtio-blk: cannot read the queue's event index"),
+        }
+    }
+
+    /// On `activate_evt`: drop the kicks of a reset activation, register the current one.
+    fn on_activate_evt(&mut self, ops: &mut EventOps) {
+        let _ = self.activate_evt.read();
+        for kick in self.retired_kicks.drain(..) {
+            if let Err(e) = ops.remove(Events::empty(&kick)) {
+                warn!(error = ?e, "virtio-blk: cannot deregister a retired kick fd");
+            }
+        }
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        if !self.kick_registered {
+            match ops.add(Events::new(&active.kick, EventSet::IN)) {
+                Ok(()) => self.kick_registered = true,
+                Err(e) => error!(error = ?e, "virtio-blk: cannot register the kick fd"),
+            }
+        }
+        // The driver may have queued requests before the kick fd was watched.
+        self.process_queue();
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(src) = self.config_space.get(start..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        // Only `writeback` is writable, and only with VIRTIO_BLK_F_CONFIG_WCE (not offered).
+        warn!(offset, "virtio-blk: config write ignored");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        let actual = queues.len();
+        let Ok([ActiveQueue { queue, kick }]) = <[ActiveQueue; 1]>::try_from(queues) else {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                actual,
+            });
+        };
+        self.activate_evt.write(1).map_err(ActivateError::Signal)?;
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queue,
+            kick,
+        });
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active.iter().map(|a| a.queue.state()).collect()
+    }
+
+    fn reset(&mut self) -> bool {
+        if let Some(active) = self.active.take() {
+            if self.kick_registered {
+                self.kick_registered = false;
+                self.retired_kicks.push(active.kick);
+                if let Err(e) = self.activate_evt.write(1) {
+                    error!(error = %e, "virtio-blk: cannot wake the event loop on reset");
+                }
+            }
+        }
+        self.acked_features = 0;
+        true
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.activate_evt.as_raw_fd() {
+            self.on_activate_evt(ops);
+        } else if let Some(active) = self.active.as_ref().filter(|a| a.kick.as_raw_fd() == fd) {
+            let _ = active.kick.read();
+            self.process_queue();
+        } else if let Some(kick) = self.retired_kicks.iter().find(|k| k.as_raw_fd() == fd) {
+            // Reset, awaiting deregistration on the pending activate_evt.
+            let _ = kick.read();
+        } else {
+            warn!(fd, "virtio-blk: event on an unknown fd");
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
+            error!(error = ?e, "virtio-blk: cannot register the activation eventfd");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

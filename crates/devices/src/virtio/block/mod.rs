@@ -292,6 +292,20 @@ impl Block {
         }
     }
 
+    /// Drops the run-time half. A registered kick fd stays open until the event loop,
+    /// woken through `activate_evt`, deregisters it.
+    fn deactivate(&mut self) {
+        if let Some(active) = self.active.take() {
+            if self.kick_registered {
+                self.kick_registered = false;
+                self.retired_kicks.push(active.kick);
+                if let Err(e) = self.activate_evt.write(1) {
+                    error!(error = %e, "virtio-blk: cannot wake the event loop");
+                }
+            }
+        }
+    }
+
     /// On `activate_evt`: drop the kicks of a reset activation, register the current one.
     fn on_activate_evt(&mut self, ops: &mut EventOps) {
         let _ = self.activate_evt.read();
@@ -364,6 +378,10 @@ impl VirtioDevice for Block {
                 actual,
             });
         };
+        if self.active.is_some() {
+            warn!("virtio-blk: activated twice without a reset");
+            self.deactivate();
+        }
         self.activate_evt.write(1).map_err(ActivateError::Signal)?;
         self.active = Some(Active {
             mem,
@@ -383,15 +401,7 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(active) = self.active.take() {
-            if self.kick_registered {
-                self.kick_registered = false;
-                self.retired_kicks.push(active.kick);
-                if let Err(e) = self.activate_evt.write(1) {
-                    error!(error = %e, "virtio-blk: cannot wake the event loop on reset");
-                }
-            }
-        }
+        self.deactivate();
         self.acked_features = 0;
         true
     }

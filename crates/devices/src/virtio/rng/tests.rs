@@ -212,3 +212,39 @@ fn snapshot_and_restore_a_running_device() {
     assert_eq!(used_idx(&vq), 2);
     assert_eq!(used_elem(&vq, 1), (1, 24));
 }
+
+#[test]
+fn second_activation_without_reset_replaces_the_kick() {
+    let mem = guest_memory();
+    let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+    let mut em = event_manager(rng.clone());
+    let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    let vq = mock_queue(&mem, 0);
+    let activate = |kick: &EventFd| {
+        let queue = vq.create_queue().unwrap();
+        let queues = vec![ActiveQueue {
+            queue,
+            kick: kick.try_clone().unwrap(),
+        }];
+        rng.lock()
+            .unwrap()
+            .activate(mem.clone(), interrupt.clone(), queues)
+            .unwrap();
+    };
+    let first = EventFd::new(EFD_NONBLOCK).unwrap();
+    activate(&first);
+    run_until_idle(&mut em);
+    let second = EventFd::new(EFD_NONBLOCK).unwrap();
+    activate(&second);
+    run_until_idle(&mut em);
+
+    add_chain(&vq, 0, &[(DATA_BASE, 8, true)]);
+    second.write(1).unwrap();
+    run_until_idle(&mut em);
+    assert_eq!(used_idx(&vq), 1);
+    assert_eq!(interrupt.irq_evt().read().unwrap(), 1);
+    // The first kick is no longer watched.
+    first.write(1).unwrap();
+    run_until_idle(&mut em);
+    assert_eq!(first.read().unwrap(), 1);
+}

@@ -23,7 +23,9 @@ use crate::GuestMemory;
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
+pub mod vsock;
 
 /// `InterruptStatus` bit: the device has used buffers in a queue.
 pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;

@@ -38,7 +38,7 @@
 mod connection;
 pub mod packet;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};

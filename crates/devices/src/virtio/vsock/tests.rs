@@ -22,8 +22,9 @@ const BUF_BASE: u64 = 0x10_0000;
 const RX_BUF_LEN: u32 = (HDR_SIZE + 4096) as u32;
 const GUEST_CID: u64 = 3;
 
-/// The driver's side of one split virtqueue laid out as `MockSplitQueue` lays it out.
-struct DriverQueue {
+/// The driver's side of one split virtqueue laid out as `MockSplitQueue` lays it out
+/// (the net tests use it too).
+pub(crate) struct DriverQueue {
     desc: u64,
     avail: u64,
     used: u64,
@@ -35,7 +36,7 @@ struct DriverQueue {
 }
 
 impl DriverQueue {
-    fn new(mem: &GuestMemory, base: u64, size: u16) -> (Self, Queue) {
+    pub(crate) fn new(mem: &GuestMemory, base: u64, size: u16) -> (Self, Queue) {
         let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
         let queue: Queue = mock.create_queue().expect("queue");
         let dq = DriverQueue {
@@ -51,7 +52,7 @@ impl DriverQueue {
     }
 
     /// Makes a chain of `(addr, len, device_writable)` buffers available.
-    fn add_chain(&mut self, mem: &GuestMemory, bufs: &[(u64, u32, bool)]) -> u16 {
+    pub(crate) fn add_chain(&mut self, mem: &GuestMemory, bufs: &[(u64, u32, bool)]) -> u16 {
         let head = self.next_desc;
         for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
             let idx = (self.next_desc + i as u16) % self.size;
@@ -79,7 +80,7 @@ impl DriverQueue {
     }
 
     /// The next used element: the bytes the device reported, read back from the chain.
-    fn pop_used(&mut self, mem: &GuestMemory) -> Option<Vec<u8>> {
+    pub(crate) fn pop_used(&mut self, mem: &GuestMemory) -> Option<Vec<u8>> {
         let used_idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
         if used_idx == self.last_used {
             return None;

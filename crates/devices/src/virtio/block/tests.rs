@@ -432,3 +432,42 @@ fn reset_drops_the_queue() {
     assert!(blk.queue_states().is_empty());
     assert_eq!(blk.acked_features(), 0);
 }
+
+/// Snapshot a running disk and bring it up again on the same guest memory (a fork): the
+/// restored device continues the ring and sees the same image.
+#[test]
+fn snapshot_and_restore_a_running_disk() {
+    let file = image();
+    let mem = guest_memory();
+    let mut h = Harness::new(&mem, &file, false);
+    let vq = mock_queue(&mem, 0);
+    h.start(&vq);
+    let (_, status) = h.request(&vq, VIRTIO_BLK_T_IN, 1, 512, true);
+    assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+
+    let transport_json = serde_json::to_string(&h.transport.save().unwrap()).unwrap();
+    let blk_json = serde_json::to_string(&h.blk.lock().unwrap().save()).unwrap();
+    drop(h);
+
+    let blk_state: BlockState = serde_json::from_str(&blk_json).unwrap();
+    let blk = Arc::new(Mutex::new(Block::restore(&blk_state).unwrap()));
+    let mut h = Harness {
+        mem: &mem,
+        blk: blk.clone(),
+        transport: MmioTransport::restore(
+            mem.clone(),
+            blk.clone(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            &serde_json::from_str(&transport_json).unwrap(),
+        )
+        .unwrap(),
+        em: event_manager(blk),
+    };
+    run_until_idle(&mut h.em);
+    assert_eq!(used_idx(&vq), 1, "nothing replayed");
+
+    let (len, status) = h.request(&vq, VIRTIO_BLK_T_IN, 7, 512, true);
+    assert_eq!((len, status), (513, VIRTIO_BLK_S_OK as u8));
+    assert_eq!(used_idx(&vq), 2);
+    assert_eq!(h.guest(DATA, 512), file_bytes(&file, 7 * 512, 512));
+}

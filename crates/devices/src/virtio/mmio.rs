@@ -89,15 +89,6 @@ pub enum MmioError {
         #[source]
         source: std::io::Error,
     },
-    /// Duplicating a queue's kick eventfd for the device failed.
-    #[error("cannot duplicate the kick eventfd of queue {index}: {source}")]
-    CloneKick {
-        /// Queue index.
-        index: usize,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
     /// The device offers a queue size virtio-queue rejects, or a saved queue is invalid.
     #[error("queue {index} is invalid: {source}")]
     Queue {

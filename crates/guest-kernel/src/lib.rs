@@ -17,6 +17,7 @@
 //! ```
 
 pub mod cpio;
+mod guest_image;
 mod initramfs;
 mod kernel;
 mod modules;
@@ -24,6 +25,7 @@ mod modules;
 use std::io;
 use std::path::PathBuf;
 
+pub use guest_image::{default_guest, init_script, GuestImage, GUEST_MODULES, READY_MARKER};
 pub use initramfs::InitramfsBuilder;
 pub use kernel::{cache_dir, ensure_kernel, ensure_kernel_in, Flavour, KernelTree};
 pub use modules::{

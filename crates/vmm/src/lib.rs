@@ -1,1 +1,21 @@
-//! VMM core: the KVM virtual machine, its vCPUs, memfd-backed guest memory, kernel loading and the run loop.
+//! VMM core: the KVM virtual machine, its vCPUs, memfd-backed guest memory, kernel
+//! loading and the run loop.
+//!
+//! [`Vmm::boot`] turns a [`VmConfig`] into a running guest: it creates the memfd-backed
+//! RAM, the KVM VM with its in-kernel irqchip and PIT, loads the kernel and initrd,
+//! writes the ACPI tables, attaches the devices (serial, i8042, power port, virtio-mmio
+//! block / net / vsock / rng) and starts one thread per vCPU. [`Vmm::run`] drives the
+//! device event loop until the guest powers off or reboots.
+
+pub mod bus;
+pub mod config;
+pub mod console;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+pub mod vmm;
+pub mod x86;
+
+pub use config::{BlockSpec, NetSpec, VmConfig, VsockSpec};
+pub use vmm::{ExitReason, Vmm, VmmError};

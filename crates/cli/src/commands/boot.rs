@@ -1,0 +1,197 @@
+//! `forkvm boot`: boot a guest in this process with its console on stdout.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use forkvm_vmm::config::DEFAULT_CMDLINE;
+use forkvm_vmm::{BlockSpec, ExitReason, NetSpec, VmConfig, Vmm, VsockSpec};
+
+use crate::cli::BootArgs;
+
+/// Parses `FILE[,ro]`.
+pub fn parse_disk(spec: &str) -> Result<BlockSpec> {
+    let (path, opts) = match spec.split_once(',') {
+        Some((p, o)) => (p, Some(o)),
+        None => (spec, None),
+    };
+    if path.is_empty() {
+        bail!("--disk {spec:?}: no file given");
+    }
+    let read_only = match opts {
+        None => false,
+        Some("ro") => true,
+        Some("rw") => false,
+        Some(other) => bail!("--disk {spec:?}: unknown option {other:?} (expected ro or rw)"),
+    };
+    Ok(BlockSpec {
+        path: PathBuf::from(path),
+        read_only,
+    })
+}
+
+fn key_values<'a>(flag: &str, spec: &'a str) -> Result<Vec<(&'a str, &'a str)>> {
+    spec.split(',')
+        .map(|kv| {
+            kv.split_once('=')
+                .with_context(|| format!("{flag} {spec:?}: expected key=value, got {kv:?}"))
+        })
+        .collect()
+}
+
+/// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        bail!("{s:?} is not a MAC address (expected six hex bytes separated by ':')");
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).with_context(|| format!("{s:?} is not a MAC address"))?;
+    }
+    if mac[0] & 1 != 0 {
+        bail!("{s:?} is a multicast address; a NIC needs a unicast MAC");
+    }
+    Ok(mac)
+}
+
+/// Parses `tap=NAME[,mac=MAC]`.
+pub fn parse_net(spec: &str) -> Result<NetSpec> {
+    let mut tap = None;
+    let mut mac = None;
+    for (k, v) in key_values("--net", spec)? {
+        match k {
+            "tap" => tap = Some(v.to_owned()),
+            "mac" => mac = Some(parse_mac(v)?),
+            other => bail!("--net {spec:?}: unknown key {other:?} (expected tap or mac)"),
+        }
+    }
+    let tap = tap.with_context(|| format!("--net {spec:?}: tap=NAME is required"))?;
+    if tap.is_empty() || tap.len() > 15 {
+        bail!("--net {spec:?}: a TAP name has 1 to 15 characters");
+    }
+    Ok(NetSpec { tap, mac })
+}
+
+/// Parses `cid=N[,uds=PATH]`; the socket defaults to `/tmp/forkvm-<cid>.vsock`.
+pub fn parse_vsock(spec: &str) -> Result<VsockSpec> {
+    let mut cid = None;
+    let mut uds = None;
+    for (k, v) in key_values("--vsock", spec)? {
+        match k {
+            "cid" => {
+                cid = Some(
+                    v.parse::<u64>()
+                        .with_context(|| format!("--vsock {spec:?}: cid {v:?} is not a number"))?,
+                )
+            }
+            "uds" => uds = Some(PathBuf::from(v)),
+            other => bail!("--vsock {spec:?}: unknown key {other:?} (expected cid or uds)"),
+        }
+    }
+    let cid = cid.with_context(|| format!("--vsock {spec:?}: cid=N is required"))?;
+    if cid < 3 || cid > u64::from(u32::MAX - 1) {
+        bail!(
+            "--vsock {spec:?}: cid must be between 3 and {} (0-2 are reserved)",
+            u32::MAX - 1
+        );
+    }
+    let uds = uds.unwrap_or_else(|| PathBuf::from(format!("/tmp/forkvm-{cid}.vsock")));
+    Ok(VsockSpec { cid, uds })
+}
+
+/// Builds the VM configuration from the command line.
+pub fn config(args: &BootArgs) -> Result<VmConfig> {
+    let (kernel, initrd) = match &args.kernel {
+        Some(k) => (k.clone(), args.initrd.clone()),
+        None => {
+            let guest = forkvm_guest_kernel::default_guest()
+                .context("cannot prepare the default guest kernel and initramfs")?;
+            (
+                guest.kernel,
+                Some(args.initrd.clone().unwrap_or(guest.initrd)),
+            )
+        }
+    };
+    let mut cfg = VmConfig::new(kernel);
+    cfg.initrd = initrd;
+    cfg.vcpus = args.vcpus;
+    cfg.mem_mib = args.mem;
+    cfg.cmdline = args
+        .cmdline
+        .clone()
+        .unwrap_or_else(|| DEFAULT_CMDLINE.to_owned());
+    cfg.disks = args
+        .disks
+        .iter()
+        .map(|d| parse_disk(d))
+        .collect::<Result<_>>()?;
+    cfg.nets = args
+        .nets
+        .iter()
+        .map(|n| parse_net(n))
+        .collect::<Result<_>>()?;
+    cfg.vsock = args.vsock.as_deref().map(parse_vsock).transpose()?;
+    cfg.rng = !args.no_rng;
+    Ok(cfg)
+}
+
+/// Runs `forkvm boot`; returns the process exit code.
+pub fn run(args: BootArgs) -> Result<i32> {
+    let cfg = config(&args)?;
+    let mut vmm = Vmm::boot(&cfg, Box::new(std::io::stdout())).context("cannot boot the VM")?;
+    match vmm.run().context("the VM failed while running")? {
+        ExitReason::PowerOff => {
+            tracing::info!("guest powered off");
+            Ok(0)
+        }
+        ExitReason::Reset => {
+            tracing::info!("guest rebooted; the VM is stopped");
+            Ok(0)
+        }
+        ExitReason::Failed(why) => bail!("the guest stopped abnormally: {why}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_specs() {
+        assert!(parse_disk("a.img,ro").unwrap().read_only);
+        assert!(!parse_disk("a.img").unwrap().read_only);
+        assert!(parse_disk("a.img,rx")
+            .unwrap_err()
+            .to_string()
+            .contains("rx"));
+        assert!(parse_disk(",ro").is_err());
+    }
+
+    #[test]
+    fn net_specs() {
+        let n = parse_net("tap=tap0,mac=02:00:00:00:00:01").unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 1]));
+        assert!(parse_net("mac=02:00:00:00:00:01").is_err());
+        assert!(parse_net("tap=t,mac=01:00:00:00:00:01")
+            .unwrap_err()
+            .to_string()
+            .contains("multicast"));
+        assert!(parse_net("tap=t,mac=zz").is_err());
+        assert!(parse_net("tap=waytoolongtapname0").is_err());
+    }
+
+    #[test]
+    fn vsock_specs() {
+        let v = parse_vsock("cid=7").unwrap();
+        assert_eq!(v.cid, 7);
+        assert_eq!(v.uds, PathBuf::from("/tmp/forkvm-7.vsock"));
+        assert_eq!(
+            parse_vsock("cid=9,uds=/x").unwrap().uds,
+            PathBuf::from("/x")
+        );
+        assert!(parse_vsock("cid=2").is_err());
+        assert!(parse_vsock("cid=x").is_err());
+        assert!(parse_vsock("port=3").is_err());
+    }
+}

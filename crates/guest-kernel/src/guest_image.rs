@@ -1,0 +1,126 @@
+//! The default guest that `forkvm boot` runs when no kernel is given: Debian's cloud
+//! kernel and a busybox initramfs whose `/init` loads the virtio drivers, prints a
+//! ready marker with the guest uptime, runs the command given after ` -- ` on the kernel
+//! command line (or a shell), and powers the VM off.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+
+use crate::{cache_dir, ensure_kernel, resolve_modules, Error, Flavour, InitramfsBuilder};
+
+/// Modules the default guest loads (dependencies are added in load order).
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_rng",
+    "vmw_vsock_virtio_transport",
+];
+
+/// What `/init` prints once the drivers are loaded, followed by the guest uptime.
+pub const READY_MARKER: &str = "forkvm-init: ready uptime=";
+
+/// A bootable kernel and initramfs pair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestImage {
+    /// The kernel (bzImage).
+    pub kernel: PathBuf,
+    /// The initramfs.
+    pub initrd: PathBuf,
+}
+
+/// The default guest's `/init`, given the image paths of its modules in load order.
+pub fn init_script(modules: &[PathBuf]) -> String {
+    let mut s = String::from(
+        r#"#!/bin/sh
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+for w in $(cat /proc/cmdline); do
+  case "$w" in
+    forkvm.hostname=*) hostname "${w#forkvm.hostname=}" ;;
+  esac
+done
+"#,
+    );
+    // The VMM announces its virtio-mmio devices through ACPI; virtio_mmio binds to them.
+    for m in modules {
+        let m = m.display();
+        s.push_str(&format!(
+            "insmod {m} || echo \"forkvm-init: insmod {m} failed\"\n"
+        ));
+    }
+    s.push_str(&format!(
+        r#"ip link set lo up 2>/dev/null
+echo "{READY_MARKER}$(cut -d' ' -f1 /proc/uptime)"
+if [ "$#" -gt 0 ]; then
+  "$@"
+  echo "forkvm-init: exit $?"
+else
+  setsid cttyhack sh
+fi
+sync
+poweroff -f
+"#
+    ));
+    s
+}
+
+/// Ensures the default guest (cloud kernel + initramfs) is in the cache and returns it.
+/// The initramfs is rebuilt only when its contents would change.
+pub fn default_guest() -> Result<GuestImage, Error> {
+    let tree = ensure_kernel(Flavour::CloudAmd64)?;
+    let modules = resolve_modules(&tree, GUEST_MODULES)?;
+    let mut b = InitramfsBuilder::new();
+    b.busybox_from_host()?;
+    b.modules(&modules)?;
+    let script = init_script(&b.module_paths());
+    b.init_script(&script);
+    let bytes = b.build()?;
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    let dir = cache_dir()?.join("guest");
+    let initrd = dir.join(format!(
+        "initramfs-{}-{:016x}.cpio",
+        tree.version(),
+        h.finish()
+    ));
+    if !initrd.is_file() {
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        b.write_to(&initrd)?;
+    }
+    Ok(GuestImage {
+        kernel: tree.vmlinuz(),
+        initrd,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_loads_modules_in_order_and_powers_off() {
+        let s = init_script(&[
+            PathBuf::from("/lib/modules/virtio_mmio.ko"),
+            PathBuf::from("/lib/modules/virtio_blk.ko"),
+        ]);
+        assert!(s.contains("insmod /lib/modules/virtio_mmio.ko ||"), "{s}");
+        assert!(s.contains("insmod /lib/modules/virtio_blk.ko ||"), "{s}");
+        assert!(s.contains(READY_MARKER));
+        assert!(s.trim_end().ends_with("poweroff -f"));
+        let mmio = s.find("virtio_mmio.ko").unwrap();
+        let blk = s.find("virtio_blk.ko").unwrap();
+        assert!(mmio < blk, "load order kept");
+    }
+}

@@ -1,0 +1,142 @@
+//! The KVM VM: opening /dev/kvm, the in-kernel irqchip and PIT, guest memory slots, and
+//! the irqfd / ioeventfd wiring that lets devices interrupt and be kicked without the
+//! vCPU threads.
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use crate::memory::GuestMemory;
+
+/// Errors while creating or configuring the KVM VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm ({0}); is KVM available and are you allowed to use it?")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// The KVM API version is not the stable one.
+    #[error("unsupported KVM API version {0} (need 12)")]
+    ApiVersion(i32),
+    /// A capability the VMM needs is missing.
+    #[error("KVM lacks the {0:?} capability")]
+    MissingCap(Cap),
+    /// A KVM VM ioctl failed.
+    #[error("KVM {what} failed: {source}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// A KVM VM with an in-kernel irqchip and PIT.
+#[derive(Debug)]
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+}
+
+impl Vm {
+    /// Opens /dev/kvm and creates a VM with its irqchip and PIT.
+    pub fn new() -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(VmError::ApiVersion(version));
+        }
+        for cap in [
+            Cap::Irqchip,
+            Cap::Ioeventfd,
+            Cap::Irqfd,
+            Cap::UserMemory,
+            Cap::SetTssAddr,
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(cap));
+            }
+        }
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.set_tss_address(KVM_TSS_START as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        Ok(Self { kvm, fd })
+    }
+
+    /// The VM file descriptor.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// The /dev/kvm handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// CPUID entries KVM supports on this host.
+    pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
+        self.kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
+    }
+
+    /// Whether the LAPIC timer supports TSC-deadline mode.
+    pub fn has_tsc_deadline(&self) -> bool {
+        self.kvm.check_extension(Cap::TscDeadlineTimer)
+    }
+
+    /// Hands every region of `mem` to KVM as a memory slot.
+    pub fn register_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping of `region.len()` bytes owned by `mem`,
+            // which the VMM keeps alive as long as the VM exists.
+            unsafe { self.fd.set_user_memory_region(r) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+
+    /// Injects interrupt `gsi` whenever `evt` is written.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(kvm_err("KVM_IRQFD"))
+    }
+
+    /// Signals `evt` (without a vCPU exit) when the guest writes `datamatch` at `addr`.
+    pub fn register_mmio_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
+            .map_err(kvm_err("KVM_IOEVENTFD"))
+    }
+}

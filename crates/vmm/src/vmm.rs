@@ -11,7 +11,9 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use forkvm_devices::legacy::{AcpiPowerPort, EventFdTrigger, Serial, I8042};
 use forkvm_devices::virtio::block::{Block, BlockConfig};
 use forkvm_devices::virtio::mmio::MmioTransport;
+use forkvm_devices::virtio::net::{Net, NetConfig};
 use forkvm_devices::virtio::rng::Rng;
+use forkvm_devices::virtio::vsock::{Vsock, VsockConfig};
 use forkvm_devices::virtio::VirtioDevice;
 use libc::EFD_NONBLOCK;
 use vmm_sys_util::epoll::EventSet;
@@ -269,6 +271,24 @@ impl Vmm {
             })
             .map_err(|e| device_err(&what)(Box::new(e)))?;
             tracing::debug!(index = i, "attaching disk {}", disk.path.display());
+            setup.attach_virtio(&what, dev)?;
+        }
+        for net in &cfg.nets {
+            let what = format!("net (tap {})", net.tap);
+            let dev = Net::new(NetConfig {
+                tap_name: net.tap.clone(),
+                mac: net.mac,
+            })
+            .map_err(|e| device_err(&what)(Box::new(e)))?;
+            setup.attach_virtio(&what, dev)?;
+        }
+        if let Some(vsock) = &cfg.vsock {
+            let what = format!("vsock (cid {}, {})", vsock.cid, vsock.uds.display());
+            let dev = Vsock::new(VsockConfig {
+                guest_cid: vsock.cid,
+                uds_path: vsock.uds.clone(),
+            })
+            .map_err(|e| device_err(&what)(Box::new(e)))?;
             setup.attach_virtio(&what, dev)?;
         }
         if cfg.rng {

@@ -44,6 +44,9 @@ enum Cmd {
     },
     /// Print what this machine offers for running KVM guests.
     Caps,
+    /// Fetch the default guest kernel and build its initramfs into the cache (the cache
+    /// is read-only inside the virtual host, so do this before entering it).
+    PrepareGuest,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -63,6 +66,13 @@ fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().cmd {
         Cmd::Caps => {
             println!("{}", Capabilities::detect());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::PrepareGuest => {
+            let guest = forkvm_guest_kernel::default_guest()
+                .context("preparing the default guest kernel and initramfs")?;
+            println!("kernel: {}", guest.kernel.display());
+            println!("initrd: {}", guest.initrd.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Vhost {

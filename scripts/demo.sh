@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The main job: show forkvm's headline as far as it works today. Boots a stock Debian
+# kernel under forkvm with 2 vCPUs and its devices, on a real KVM: directly where this
+# machine has hardware virtualization, otherwise inside the virtual KVM test host.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo build --release --locked -p forkvm -p xtask
+echo "== host capabilities"
+cargo xtask caps
+cargo xtask prepare-guest
+echo "== booting a forkvm guest (2 vCPUs, 256 MiB, virtio blk + rng + vsock)"
+cargo xtask vhost --timeout 900 -- bash scripts/demo-inside.sh

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs everything forkvm needs on a fresh Debian/Ubuntu x86_64 machine. Idempotent:
+# a second run installs nothing. Called by scripts/demo.sh and scripts/test.sh.
+set -euo pipefail
+
+# qemu-system-x86: the virtual KVM test host (and the QEMU side of the benchmarks).
+# busybox-static: guest and test-host initramfs images. e2fsprogs: disk images.
+# iproute2: TAP devices for virtio-net. gcc: static guest test helpers.
+# apt/dpkg (base system) fetch Debian's guest kernels into the cache.
+PACKAGES=(qemu-system-x86 busybox-static e2fsprogs iproute2 gcc libc6-dev)
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# Guest kernels are fetched with `apt-get download`, which needs package lists.
+lists_empty=0
+if ! compgen -G "/var/lib/apt/lists/*Packages*" >/dev/null; then lists_empty=1; fi
+if [ ${#missing[@]} -gt 0 ] || [ "$lists_empty" -eq 1 ]; then
+  echo "setup: apt-get update" >&2
+  $SUDO apt-get update -q >/dev/null
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found; install Rust with rustup (https://rustup.rs) first" >&2
+  exit 1
+fi
+# rust-toolchain.toml pins the toolchain and its components; this makes rustup fetch
+# them now rather than halfway through a build.
+cd "$(dirname "$0")/.."
+rustup show active-toolchain >/dev/null

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit tests and the end-to-end tests (which
+# run inside the virtual KVM host when this machine has no hardware virtualization).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== host capabilities"
+cargo xtask caps
+cargo xtask prepare-guest
+echo "== cargo test"
+cargo test --workspace --locked -- --nocapture 2>&1

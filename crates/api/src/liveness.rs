@@ -1,0 +1,107 @@
+//! Is a VMM process still alive? A pid plus the process's start time (field 22 of
+//! `/proc/<pid>/stat`, clock ticks since boot), so a pid the kernel reused for another
+//! process does not count; zombies count as dead.
+
+use serde::{Deserialize, Serialize};
+
+/// A process, identified across pid reuse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    /// Its pid.
+    pub pid: u32,
+    /// Its start time in clock ticks since boot.
+    pub start_ticks: u64,
+}
+
+/// (state character, start time) from the text of `/proc/<pid>/stat`.
+pub fn parse_stat(text: &str) -> Option<(char, u64)> {
+    // The command name (field 2) is in parentheses and may contain anything, ')' too.
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // `rest` starts at field 3 (state); the start time is field 22.
+    let start = fields.nth(22 - 4)?.parse().ok()?;
+    Some((state, start))
+}
+
+impl ProcessIdentity {
+    /// The identity of process `pid`, if it exists and is not a zombie.
+    pub fn of(pid: u32) -> Option<Self> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (state, start_ticks) = parse_stat(&text)?;
+        if matches!(state, 'Z' | 'X' | 'x') {
+            return None;
+        }
+        Some(Self { pid, start_ticks })
+    }
+
+    /// This process.
+    pub fn current() -> Self {
+        Self::of(std::process::id()).unwrap_or(Self {
+            pid: std::process::id(),
+            start_ticks: 0,
+        })
+    }
+
+    /// Whether this very process still runs.
+    pub fn is_alive(&self) -> bool {
+        Self::of(self.pid).is_some_and(|now| now.start_ticks == self.start_ticks)
+    }
+
+    /// Sends `signal` if the process is still this one; returns whether it was sent.
+    pub fn signal(&self, signal: i32) -> bool {
+        if !self.is_alive() {
+            return false;
+        }
+        let Ok(pid) = i32::try_from(self.pid) else {
+            return false;
+        };
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours; the pid was
+        // checked to be this process (same start time) just above.
+        unsafe { libc::kill(pid, signal) == 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_odd_names() {
+        let line = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
+        assert_eq!(parse_stat(line), Some(('S', 98765)));
+        assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(parse_stat("1 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn this_process_is_alive_and_a_fake_one_is_not() {
+        let me = ProcessIdentity::current();
+        assert!(me.start_ticks > 0);
+        assert!(me.is_alive());
+        let reused = ProcessIdentity {
+            start_ticks: me.start_ticks + 1,
+            ..me
+        };
+        assert!(!reused.is_alive(), "a different start time means another process");
+        assert!(!ProcessIdentity { pid: u32::MAX - 1, start_ticks: 1 }.is_alive());
+    }
+
+    #[test]
+    fn a_reaped_child_is_dead_and_a_zombie_too() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let id = ProcessIdentity::of(child.id());
+        // Wait until it is a zombie (exited, not reaped): then it already reads as dead.
+        for _ in 0..200 {
+            if ProcessIdentity::of(child.id()).is_none() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(ProcessIdentity::of(child.id()).is_none());
+        child.wait().unwrap();
+        if let Some(id) = id {
+            assert!(!id.is_alive());
+        }
+    }
+}

@@ -1,0 +1,674 @@
+//! The per-VM HTTP API: hyper (HTTP/1.1) on the VM's Unix socket, served by a
+//! current-thread tokio runtime on its own thread inside the VMM process.
+//!
+//! Requests that change the VM (pause, resume, shutdown, fork) go one at a time: one
+//! that arrives while another is in progress gets 409. Every error is a 4xx/5xx with a
+//! JSON body `{"error": KIND, "message": TEXT}`; request bodies are capped at
+//! [`MAX_BODY`] bytes (413 beyond).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use forkvm_vmm::control::{
+    ChildSpec, ControlError, ControlHandle, DeviceInfo, ForkRequest, Request, Response, RunState,
+};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Bytes, Frame};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, watch};
+
+use crate::metrics::Histogram;
+use crate::state::{ExitRecord, Status};
+use crate::{Error, ProcessIdentity, VmHome};
+
+/// Largest request body accepted, in bytes.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Every route: (method, path). `docs/api/openapi.yaml` documents exactly these.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/vm"),
+    ("POST", "/v1/vm/pause"),
+    ("POST", "/v1/vm/resume"),
+    ("POST", "/v1/vm/shutdown"),
+    ("POST", "/v1/vm/fork"),
+    ("GET", "/v1/vm/console"),
+    ("GET", "/metrics"),
+];
+
+/// What the API serves requests with: the VMM's [`ControlHandle`], or a stand-in in tests.
+pub trait Control: Send + Sync + 'static {
+    /// Sends a request to the VMM and waits for the answer.
+    fn call(&self, req: Request) -> Result<Response, ControlError>;
+}
+
+impl Control for ControlHandle {
+    fn call(&self, req: Request) -> Result<Response, ControlError> {
+        ControlHandle::call(self, req)
+    }
+}
+
+/// `GET /v1/vm`: the VM as the API describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDescription {
+    /// Its ID.
+    pub id: String,
+    /// Its name.
+    pub name: Option<String>,
+    /// Running or paused.
+    pub state: RunState,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest memory, MiB.
+    pub mem_mib: u64,
+    /// virtio devices.
+    pub devices: Vec<DeviceInfo>,
+    /// The VM it was forked from.
+    pub parent: Option<String>,
+    /// VMs forked from it.
+    pub children: Vec<String>,
+    /// Creation time, RFC 3339 UTC.
+    pub created: String,
+    /// Milliseconds since boot began.
+    pub uptime_ms: u64,
+    /// The VMM's pid.
+    pub pid: u32,
+    /// vCPU exits by reason.
+    pub exits: BTreeMap<String, u64>,
+    /// VMM resident memory, bytes.
+    pub rss_bytes: u64,
+    /// VMM private memory, bytes.
+    pub private_bytes: u64,
+}
+
+/// The body of every error response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// `bad_request`, `not_found`, `method_not_allowed`, `payload_too_large`,
+    /// `conflict`, `internal` or `unavailable`.
+    pub error: String,
+    /// What was wrong.
+    pub message: String,
+}
+
+/// Response bodies.
+pub type ApiBody = BoxBody<Bytes, std::io::Error>;
+type Reply = hyper::Response<ApiBody>;
+
+pub(crate) struct Shared {
+    home: VmHome,
+    control: Arc<dyn Control>,
+    busy: AtomicBool,
+    stop_requested: AtomicBool,
+    forks: Mutex<Histogram>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    pub(crate) fn new(home: VmHome, control: Arc<dyn Control>) -> Arc<Self> {
+        Arc::new(Self {
+            home,
+            control,
+            busy: AtomicBool::new(false),
+            stop_requested: AtomicBool::new(false),
+            forks: Mutex::new(Histogram::default()),
+            shutdown: watch::channel(false).0,
+        })
+    }
+}
+
+/// Held while a state-changing request is carried out.
+struct Busy<'a>(&'a AtomicBool);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+fn full(bytes: impl Into<Bytes>) -> ApiBody {
+    Full::new(bytes.into()).map_err(|n: Infallible| match n {}).boxed()
+}
+
+fn json_reply(status: StatusCode, value: &impl Serialize) -> Reply {
+    let mut r = hyper::Response::new(full(
+        serde_json::to_vec(value).expect("API values serialize"),
+    ));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error_reply(status: StatusCode, kind: &str, message: impl Into<String>) -> Reply {
+    json_reply(
+        status,
+        &ApiError {
+            error: kind.into(),
+            message: message.into(),
+        },
+    )
+}
+
+fn control_error(e: ControlError) -> Reply {
+    let (status, kind) = match &e {
+        ControlError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+        ControlError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        ControlError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        ControlError::Gone => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    };
+    error_reply(status, kind, e.to_string())
+}
+
+async fn call(shared: &Arc<Shared>, req: Request) -> Result<Response, Reply> {
+    let control = shared.control.clone();
+    match tokio::task::spawn_blocking(move || control.call(req)).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(control_error(e)),
+        Err(e) => Err(error_reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the request handler failed: {e}"),
+        )),
+    }
+}
+
+fn unexpected(r: &Response) -> Reply {
+    error_reply(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("the VMM answered unexpectedly: {r:?}"),
+    )
+}
+
+/// Reads the whole body, at most [`MAX_BODY`] bytes.
+async fn read_body<B>(body: B, declared: Option<u64>) -> Result<Bytes, Reply>
+where
+    B: Body,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let too_large = || {
+        error_reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body is larger than {MAX_BODY} bytes"),
+        )
+    };
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, MAX_BODY).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) => Err(error_reply(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("cannot read the request body: {e}"),
+        )),
+    }
+}
+
+/// Parses a fork request; absent fields take their defaults, unknown ones are refused.
+pub fn parse_fork_request(body: &[u8]) -> Result<ForkRequest, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err("the body must be a JSON ForkRequest object, e.g. {\"count\": 1}".into());
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
+    fn overlay<T: Default + Serialize>(
+        what: &str,
+        v: serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        let serde_json::Value::Object(given) = v else {
+            return Err(format!("{what} must be a JSON object"));
+        };
+        let mut base = serde_json::to_value(T::default()).expect("defaults serialize");
+        let obj = base.as_object_mut().expect("a struct serializes to an object");
+        for (k, val) in given {
+            if !obj.contains_key(&k) {
+                let known: Vec<&String> = obj.keys().collect();
+                return Err(format!("unknown field {k:?} in {what} (known: {known:?})"));
+            }
+            obj.insert(k, val);
+        }
+        Ok(base)
+    }
+    let mut v = overlay::<ForkRequest>("the fork request", v)?;
+    if let Some(children) = v.get_mut("children").and_then(|c| c.as_array_mut()) {
+        for c in children.iter_mut() {
+            *c = overlay::<ChildSpec>("a child spec", c.take())?;
+        }
+    }
+    let req: ForkRequest =
+        serde_json::from_value(v).map_err(|e| format!("invalid fork request: {e}"))?;
+    if req.count == 0 {
+        return Err("count must be at least 1".into());
+    }
+    Ok(req)
+}
+
+fn parse_follow(query: Option<&str>) -> Result<bool, String> {
+    let mut follow = false;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
+        match (k, v) {
+            ("follow", "true" | "1") => follow = true,
+            ("follow", "false" | "0") => follow = false,
+            ("follow", other) => return Err(format!("follow={other:?}: expected true or false")),
+            (other, _) => return Err(format!("unknown query parameter {other:?}")),
+        }
+    }
+    Ok(follow)
+}
+
+/// A response body fed from a channel (the console stream).
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn console_stream(shared: &Arc<Shared>, follow: bool) -> Reply {
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
+    let path = shared.home.console_path();
+    let mut shutdown = shared.shutdown.subscribe();
+    tokio::spawn(async move {
+        let Ok(mut f) = tokio::fs::File::open(&path).await else {
+            return;
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match f.read(&mut buf).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Err(_) => return,
+            }
+            if !follow || *shutdown.borrow() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = shutdown.changed() => {}
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    let mut r = hyper::Response::new(ChannelBody(rx).boxed());
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Answers one request.
+pub(crate) async fn handle<B>(shared: Arc<Shared>, req: hyper::Request<B>) -> Reply
+where
+    B: Body,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let allowed: Vec<&str> = ROUTES
+        .iter()
+        .filter(|(_, p)| *p == path)
+        .map(|(m, _)| *m)
+        .collect();
+    if allowed.is_empty() {
+        return error_reply(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route {method} {path}"),
+        );
+    }
+    if !allowed.contains(&method.as_str()) {
+        let mut r = error_reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{path} accepts {}, not {method}", allowed.join(", ")),
+        );
+        if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+            r.headers_mut().insert(ALLOW, v);
+        }
+        return r;
+    }
+    let query = req.uri().query().map(str::to_owned);
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let body = match read_body(req.into_body(), declared).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if method == Method::GET && !body.is_empty() {
+        return error_reply(StatusCode::BAD_REQUEST, "bad_request", "a GET request takes no body");
+    }
+    if query.is_some() && path != "/v1/vm/console" {
+        return error_reply(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{path} takes no query parameters"),
+        );
+    }
+    match path.as_str() {
+        "/v1/vm" => info(&shared).await,
+        "/metrics" => metrics(&shared).await,
+        "/v1/vm/console" => match parse_follow(query.as_deref()) {
+            Ok(follow) => console_stream(&shared, follow),
+            Err(e) => error_reply(StatusCode::BAD_REQUEST, "bad_request", e),
+        },
+        _ => change(&shared, &path, &body).await,
+    }
+}
+
+async fn describe(shared: &Arc<Shared>) -> Result<VmDescription, Reply> {
+    let info = match call(shared, Request::Info).await? {
+        Response::Info(i) => i,
+        other => return Err(unexpected(&other)),
+    };
+    let home = &shared.home;
+    let state = home.state().map_err(|e| {
+        error_reply(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    })?;
+    Ok(VmDescription {
+        id: state.id.clone(),
+        name: state.name,
+        state: info.state,
+        vcpus: info.vcpus,
+        mem_mib: info.mem_mib,
+        devices: info.devices,
+        parent: state.parent,
+        children: home.children(),
+        created: crate::time::rfc3339(state.created_ms),
+        uptime_ms: info.uptime_ms,
+        pid: std::process::id(),
+        exits: info.exits,
+        rss_bytes: info.rss_bytes,
+        private_bytes: info.private_bytes,
+    })
+}
+
+async fn info(shared: &Arc<Shared>) -> Reply {
+    match describe(shared).await {
+        Ok(d) => json_reply(StatusCode::OK, &d),
+        Err(r) => r,
+    }
+}
+
+async fn metrics(shared: &Arc<Shared>) -> Reply {
+    let info = match call(shared, Request::Info).await {
+        Ok(Response::Info(i)) => i,
+        Ok(other) => return unexpected(&other),
+        Err(r) => return r,
+    };
+    let text = {
+        let h = shared.forks.lock().unwrap_or_else(|p| p.into_inner());
+        crate::metrics::render(&info, &h)
+    };
+    let mut r = hyper::Response::new(full(text));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}
+
+/// Pause, resume, shutdown, fork: one at a time.
+async fn change(shared: &Arc<Shared>, path: &str, body: &[u8]) -> Reply {
+    if shared.stop_requested.load(Ordering::SeqCst) {
+        return error_reply(StatusCode::CONFLICT, "conflict", "the VM is shutting down");
+    }
+    if shared.busy.swap(true, Ordering::SeqCst) {
+        return error_reply(
+            StatusCode::CONFLICT,
+            "conflict",
+            "another operation on this VM is in progress",
+        );
+    }
+    let _busy = Busy(&shared.busy);
+    let id = shared.home.id().to_owned();
+    let set_status = |status: Status| {
+        if let Err(e) = shared.home.update(|s| s.status = status) {
+            tracing::warn!(error = %e, "cannot record the VM's status");
+        }
+    };
+    match path {
+        "/v1/vm/pause" | "/v1/vm/resume" => {
+            let (req, status, state) = if path == "/v1/vm/pause" {
+                (Request::Pause, Status::Paused, "paused")
+            } else {
+                (Request::Resume, Status::Running, "running")
+            };
+            match call(shared, req).await {
+                Ok(Response::Done) => {
+                    set_status(status);
+                    json_reply(StatusCode::OK, &serde_json::json!({"id": id, "state": state}))
+                }
+                Ok(other) => unexpected(&other),
+                Err(r) => r,
+            }
+        }
+        "/v1/vm/shutdown" => {
+            // Set before the VMM can act on it, so the exit is recorded as a stop.
+            shared.stop_requested.store(true, Ordering::SeqCst);
+            match call(shared, Request::Stop).await {
+                Ok(Response::Done) => json_reply(
+                    StatusCode::ACCEPTED,
+                    &serde_json::json!({"id": id, "state": "stopping"}),
+                ),
+                Ok(other) => {
+                    shared.stop_requested.store(false, Ordering::SeqCst);
+                    unexpected(&other)
+                }
+                Err(r) => {
+                    shared.stop_requested.store(false, Ordering::SeqCst);
+                    r
+                }
+            }
+        }
+        "/v1/vm/fork" => {
+            let req = match parse_fork_request(body) {
+                Ok(r) => r,
+                Err(e) => return error_reply(StatusCode::BAD_REQUEST, "bad_request", e),
+            };
+            match call(shared, Request::Fork(req)).await {
+                Ok(Response::Forked(outcome)) => {
+                    let mut h = shared.forks.lock().unwrap_or_else(|p| p.into_inner());
+                    for c in &outcome.children {
+                        h.observe_us(c.running_after_us);
+                    }
+                    drop(h);
+                    json_reply(StatusCode::OK, &outcome)
+                }
+                Ok(other) => unexpected(&other),
+                Err(r) => r,
+            }
+        }
+        _ => error_reply(StatusCode::NOT_FOUND, "not_found", format!("no route POST {path}")),
+    }
+}
+
+/// Serves HTTP/1.1 on one connection until it closes.
+pub(crate) async fn serve_connection<IO>(shared: Arc<Shared>, io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+    });
+    let result = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .half_close(true)
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(MAX_BODY.max(8192))
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "API connection ended with an error");
+    }
+}
+
+/// The running API server of one VM; see [`serve`].
+pub struct ApiServer {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer")
+            .field("id", &self.shared.home.id())
+            .finish()
+    }
+}
+
+/// Serves the API of the VM registered at `home` on its socket: binds `api.sock` (mode
+/// 0600), records this process as the VM's VMM with status `running`, and starts the
+/// server thread. Call it in the VMM process after [`forkvm_vmm::Vmm::boot`] and before
+/// [`forkvm_vmm::Vmm::run`]; when `run` returns, hand its result to [`ApiServer::finish`].
+pub fn serve(home: VmHome, control: impl Control) -> Result<ApiServer, Error> {
+    let sock = home.socket_path();
+    let _ = std::fs::remove_file(&sock);
+    let listener = std::os::unix::net::UnixListener::bind(&sock)
+        .map_err(Error::io(format!("cannot bind {}", sock.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+        .map_err(Error::io(format!("cannot chmod {}", sock.display())))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(Error::io("cannot make the API socket non-blocking"))?;
+    home.update(|s| {
+        s.status = Status::Running;
+        s.process = Some(ProcessIdentity::current());
+    })?;
+    let shared = Shared::new(home, Arc::new(control));
+    let inner = shared.clone();
+    let thread = std::thread::Builder::new()
+        .name("forkvm-api".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the API runtime");
+                    return;
+                }
+            };
+            rt.block_on(accept_loop(inner, listener));
+        })
+        .map_err(Error::io("cannot start the API thread"))?;
+    tracing::info!(id = %shared.home.id(), socket = %sock.display(), "API listening");
+    Ok(ApiServer {
+        shared,
+        thread: Some(thread),
+    })
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: std::os::unix::net::UnixListener) {
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot use the API socket");
+            return;
+        }
+    };
+    let mut shutdown = shared.shutdown.subscribe();
+    let active = Arc::new(AtomicUsize::new(0));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let shared = shared.clone();
+                    let active = active.clone();
+                    active.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        serve_connection(shared, stream).await;
+                        active.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    // Let console followers drain and in-flight answers go out.
+    for _ in 0..40 {
+        if active.load(Ordering::SeqCst) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl ApiServer {
+    /// Whether a shutdown was requested through the API (tells a stop on request from a
+    /// failure when [`forkvm_vmm::Vmm::run`] returns `Failed`).
+    pub fn stop_requested(&self) -> bool {
+        self.shared.stop_requested.load(Ordering::SeqCst)
+    }
+
+    /// The VM's home.
+    pub fn home(&self) -> &VmHome {
+        &self.shared.home
+    }
+
+    /// Records how the VM ended, ends console streams and stops serving.
+    pub fn finish(mut self, exit: ExitRecord) {
+        if let Err(e) = self.shared.home.record_exit(exit) {
+            tracing::warn!(error = %e, "cannot record the VM's exit");
+        }
+        self.stop_serving();
+    }
+
+    /// [`ApiServer::finish`] with the record for what [`forkvm_vmm::Vmm::run`] returned.
+    pub fn finish_run<E: std::fmt::Display>(self, exit: &Result<forkvm_vmm::ExitReason, E>) {
+        let record = ExitRecord::from_run(exit, self.stop_requested());
+        self.finish(record);
+    }
+
+    fn stop_serving(&mut self) {
+        self.shared.shutdown.send_replace(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(self.shared.home.socket_path());
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop_serving();
+    }
+}
+
+#[cfg(test)]
+mod tests;

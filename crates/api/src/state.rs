@@ -1,0 +1,272 @@
+//! The state file of one VM: what it is, which process runs it, how it ended.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::liveness::ProcessIdentity;
+use crate::Error;
+
+/// The state file schema this forkvm writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What the VMM last recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Registered; the VMM is starting.
+    Creating,
+    /// vCPUs running.
+    Running,
+    /// vCPUs paused.
+    Paused,
+    /// The VMM ended and recorded how.
+    Exited,
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    /// The exit status of the VMM (0: powered off, rebooted or stopped on request).
+    pub code: i32,
+    /// `poweroff`, `reboot`, `stopped`, `killed` or what failed.
+    pub reason: String,
+    /// When, in Unix milliseconds.
+    pub at_ms: u64,
+}
+
+impl ExitRecord {
+    /// A record stamped now.
+    pub fn new(code: i32, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+            at_ms: crate::time::now_ms(),
+        }
+    }
+
+    /// The record for what [`forkvm_vmm::Vmm::run`] returned; `stop_requested` tells a
+    /// stop through the API apart from a failure.
+    pub fn from_run<E: std::fmt::Display>(
+        exit: &Result<forkvm_vmm::ExitReason, E>,
+        stop_requested: bool,
+    ) -> Self {
+        use forkvm_vmm::ExitReason;
+        match exit {
+            Ok(ExitReason::PowerOff) => Self::new(0, "poweroff"),
+            Ok(ExitReason::Reset) => Self::new(0, "reboot"),
+            Ok(ExitReason::Stopped) => Self::new(0, "stopped"),
+            Ok(ExitReason::Failed(_)) if stop_requested => Self::new(0, "stopped"),
+            Ok(ExitReason::Failed(why)) => Self::new(1, format!("failed: {why}")),
+            Err(e) => Self::new(1, format!("failed: {e}")),
+        }
+    }
+}
+
+/// The contents of `state.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmState {
+    /// [`SCHEMA_VERSION`] when written.
+    pub schema: u32,
+    /// The VM's ID (32 hex digits).
+    pub id: String,
+    /// Its name, if it was given one.
+    pub name: Option<String>,
+    /// The VMM process, once known.
+    pub process: Option<ProcessIdentity>,
+    /// What the VMM last recorded.
+    pub status: Status,
+    /// vCPUs (0 until the VMM records the machine).
+    pub vcpus: u8,
+    /// Guest memory in MiB (0 until recorded).
+    pub mem_mib: u64,
+    /// The VM it was forked from.
+    pub parent: Option<String>,
+    /// When it was registered, Unix milliseconds.
+    pub created_ms: u64,
+    /// How it ended, once it has.
+    pub exit: Option<ExitRecord>,
+}
+
+/// What a VM is, as `ps` shows it: the recorded status checked against the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Observed {
+    /// Starting.
+    Creating,
+    /// Running.
+    Running,
+    /// Paused.
+    Paused,
+    /// Ended and recorded how.
+    Exited,
+    /// Its VMM is gone without recording an exit (killed, crashed).
+    Dead,
+}
+
+impl std::fmt::Display for Observed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Observed::Creating => "creating",
+            Observed::Running => "running",
+            Observed::Paused => "paused",
+            Observed::Exited => "exited",
+            Observed::Dead => "dead",
+        })
+    }
+}
+
+impl VmState {
+    /// A fresh state for a VM being registered.
+    pub fn new(id: String, name: Option<String>, parent: Option<String>) -> Self {
+        Self {
+            schema: SCHEMA_VERSION,
+            id,
+            name,
+            process: None,
+            status: Status::Creating,
+            vcpus: 0,
+            mem_mib: 0,
+            parent,
+            created_ms: crate::time::now_ms(),
+            exit: None,
+        }
+    }
+
+    /// Whether its VMM process still runs.
+    pub fn is_alive(&self) -> bool {
+        self.status != Status::Exited && self.process.is_some_and(|p| p.is_alive())
+    }
+
+    /// The recorded status checked against the process.
+    pub fn observe(&self) -> Observed {
+        match self.status {
+            Status::Exited => Observed::Exited,
+            _ if !self.is_alive() => Observed::Dead,
+            Status::Creating => Observed::Creating,
+            Status::Running => Observed::Running,
+            Status::Paused => Observed::Paused,
+        }
+    }
+
+    /// Reads and checks a state file.
+    pub fn read(path: &Path) -> Result<Self, Error> {
+        let bytes = std::fs::read(path).map_err(Error::io(format!("cannot read {}", path.display())))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|source| Error::Corrupt {
+                path: path.to_owned(),
+                source,
+            })?;
+        let found = value.get("schema").and_then(|s| s.as_u64()).unwrap_or(0);
+        if found != u64::from(SCHEMA_VERSION) {
+            return Err(Error::Schema {
+                path: path.to_owned(),
+                found: found as u32,
+            });
+        }
+        serde_json::from_value(value).map_err(|source| Error::Corrupt {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Writes it atomically (temp file, fsync, rename, fsync of the directory), mode 0600.
+    pub fn write(&self, path: &Path) -> Result<(), Error> {
+        let json = serde_json::to_vec_pretty(self).expect("a VmState always serializes");
+        write_atomic(path, &json)
+    }
+}
+
+/// Replaces `path` with `data` so readers see the old or the new file, never a part.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+    let tmp = dir.join(format!(
+        ".{name}.tmp.{}.{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let what = || format!("cannot write {}", path.display());
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(Error::io(what()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let mut s = VmState::new("ab".repeat(16), Some("web".into()), None);
+        s.vcpus = 2;
+        s.mem_mib = 512;
+        s.process = Some(ProcessIdentity::current());
+        s.status = Status::Running;
+        s.write(&path).unwrap();
+        assert_eq!(VmState::read(&path).unwrap(), s);
+        assert_eq!(s.observe(), Observed::Running);
+        s.exit = Some(ExitRecord::new(0, "poweroff"));
+        s.status = Status::Exited;
+        s.write(&path).unwrap();
+        assert_eq!(VmState::read(&path).unwrap(), s);
+        assert_eq!(s.observe(), Observed::Exited);
+        // No temp files left behind; the file is private.
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn corrupt_and_foreign_files_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, b"{\"schema\": 1, \"id\": ").unwrap();
+        assert!(matches!(VmState::read(&path), Err(Error::Corrupt { .. })));
+        std::fs::write(&path, b"{\"schema\": 1, \"id\": 5}").unwrap();
+        assert!(matches!(VmState::read(&path), Err(Error::Corrupt { .. })));
+        std::fs::write(&path, b"{\"schema\": 99}").unwrap();
+        let e = VmState::read(&path).unwrap_err();
+        assert!(matches!(e, Error::Schema { found: 99, .. }), "{e}");
+        assert!(matches!(VmState::read(&dir.path().join("nope")), Err(Error::Io { .. })));
+    }
+
+    #[test]
+    fn a_live_status_with_a_gone_process_is_dead() {
+        let mut s = VmState::new("cd".repeat(16), None, None);
+        s.status = Status::Running;
+        assert_eq!(s.observe(), Observed::Dead, "no process recorded");
+        s.process = Some(ProcessIdentity { pid: u32::MAX - 1, start_ticks: 5 });
+        assert_eq!(s.observe(), Observed::Dead);
+        assert!(!s.is_alive());
+    }
+
+    #[test]
+    fn exit_records_from_run() {
+        use forkvm_vmm::ExitReason;
+        let r: Result<ExitReason, String> = Ok(ExitReason::Failed("stopped by request".into()));
+        assert_eq!(ExitRecord::from_run(&r, true).reason, "stopped");
+        assert_eq!(ExitRecord::from_run(&r, false).code, 1);
+        assert_eq!(ExitRecord::from_run(&Ok::<_, String>(ExitReason::PowerOff), false).code, 0);
+        assert_eq!(ExitRecord::from_run(&Err::<ExitReason, _>("boom"), false).reason, "failed: boom");
+    }
+}

@@ -224,7 +224,7 @@ impl Net {
     }
 
     /// What must be saved of the device.
-    pub fn state(&self) -> NetState {
+    pub fn save(&self) -> NetState {
         NetState {
             mac: self.mac,
             acked_features: self.acked_features,

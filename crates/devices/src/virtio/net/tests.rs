@@ -242,13 +242,13 @@ fn set_mac_changes_the_config_and_interrupts() {
 fn state_round_trips() {
     let (mut dev, _wire) = device(false);
     dev.set_acked_features(dev.avail_features());
-    let state = dev.state();
+    let state = dev.save();
     assert_eq!(state.mac, MAC);
     let back: NetState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
     assert_eq!(back, state);
     let (ours, _wire2) = seqpacket_pair();
     let mut restored = Net::restore_with_backend(ours, false, &back).unwrap();
-    assert_eq!(restored.state(), state);
+    assert_eq!(restored.save(), state);
     let _g = Guest::activate(&mut restored);
     assert_eq!(restored.queue_states().len(), 2);
     assert!(restored.reset());

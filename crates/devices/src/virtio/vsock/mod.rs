@@ -265,7 +265,7 @@ impl Vsock {
     }
 
     /// What must be saved of the device.
-    pub fn state(&self) -> VsockState {
+    pub fn save(&self) -> VsockState {
         VsockState {
             cid: self.muxer.cid,
             acked_features: self.acked_features,

@@ -643,7 +643,7 @@ fn state_round_trips_and_restore_resets_the_transport() {
     let dir = tempfile::tempdir().unwrap();
     let mut dev = new_device(&dir);
     dev.set_acked_features(dev.avail_features());
-    let state = dev.state();
+    let state = dev.save();
     assert_eq!(state.cid, GUEST_CID);
     let json = serde_json::to_string(&state).unwrap();
     let back: VsockState = serde_json::from_str(&json).unwrap();

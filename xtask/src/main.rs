@@ -49,6 +49,29 @@ enum Cmd {
     PrepareGuest,
 }
 
+/// The guest agent's target: static, so it runs in any guest.
+const AGENT_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// Builds the guest agent (static, release) and returns its path.
+fn build_agent() -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "--package", "forkvm-agent", "--target", AGENT_TARGET])
+        .status()
+        .context("running cargo to build the guest agent")?;
+    anyhow::ensure!(status.success(), "building the guest agent failed ({status})");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask lives in the workspace")?
+        .to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let agent = target.join(AGENT_TARGET).join("release").join("forkvm-agent");
+    anyhow::ensure!(agent.is_file(), "the guest agent was built but {} is missing", agent.display());
+    Ok(agent)
+}
+
 fn parse_env(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -69,8 +92,10 @@ fn main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::PrepareGuest => {
-            let guest = forkvm_guest_kernel::default_guest()
+            let agent = build_agent()?;
+            let guest = forkvm_guest_kernel::default_guest_with(Some(&agent))
                 .context("preparing the default guest kernel and initramfs")?;
+            println!("agent:  {}", agent.display());
             println!("kernel: {}", guest.kernel.display());
             println!("initrd: {}", guest.initrd.display());
             Ok(ExitCode::SUCCESS)

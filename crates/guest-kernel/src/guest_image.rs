@@ -1,11 +1,12 @@
 //! The default guest that `forkvm boot` runs when no kernel is given: Debian's cloud
-//! kernel and a busybox initramfs whose `/init` loads the virtio drivers, prints a
-//! ready marker with the guest uptime, runs the command given after ` -- ` on the kernel
-//! command line (or a shell), and powers the VM off.
+//! kernel and a busybox initramfs whose `/init` loads the virtio drivers, starts the
+//! guest agent (when one was built), prints a ready marker with the guest uptime, runs
+//! the command given after ` -- ` on the kernel command line (or a shell), and powers
+//! the VM off.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::{cache_dir, ensure_kernel, resolve_modules, Error, Flavour, InitramfsBuilder};
 
@@ -59,6 +60,8 @@ done
     }
     s.push_str(&format!(
         r#"ip link set lo up 2>/dev/null
+# The agent binds its vsock port, then detaches: once it returns, the host can reach it.
+[ -x /bin/forkvm-agent ] && /bin/forkvm-agent
 echo "{READY_MARKER}$(cut -d' ' -f1 /proc/uptime)"
 if [ "$#" -gt 0 ]; then
   "$@"
@@ -73,14 +76,42 @@ poweroff -f
     s
 }
 
-/// Ensures the default guest (cloud kernel + initramfs) is in the cache and returns it.
-/// The initramfs is rebuilt only when its contents would change.
+/// Where the guest agent binary was built: `$FORKVM_AGENT`, else the static (musl)
+/// build in the `target` directory that holds the running executable.
+pub fn find_agent() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("FORKVM_AGENT").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors().skip(1).find_map(|dir| {
+        ["release", "debug"]
+            .iter()
+            .map(|p| {
+                dir.join("x86_64-unknown-linux-musl")
+                    .join(p)
+                    .join("forkvm-agent")
+            })
+            .find(|p| p.is_file())
+    })
+}
+
+/// Ensures the default guest (cloud kernel + initramfs with the agent from
+/// [`find_agent`], if built) is in the cache and returns it. The initramfs is rebuilt
+/// only when its contents would change.
 pub fn default_guest() -> Result<GuestImage, Error> {
+    default_guest_with(find_agent().as_deref())
+}
+
+/// [`default_guest`] with an explicit agent binary (or none).
+pub fn default_guest_with(agent: Option<&Path>) -> Result<GuestImage, Error> {
     let tree = ensure_kernel(Flavour::CloudAmd64)?;
     let modules = resolve_modules(&tree, GUEST_MODULES)?;
     let mut b = InitramfsBuilder::new();
     b.busybox_from_host()?;
     b.modules(&modules)?;
+    if let Some(agent) = agent {
+        b.file_from_host("bin/forkvm-agent", agent, 0o755)?;
+    }
     let script = init_script(&b.module_paths());
     b.init_script(&script);
     let bytes = b.build()?;
@@ -118,6 +149,11 @@ mod tests {
         assert!(s.contains("insmod /lib/modules/virtio_mmio.ko ||"), "{s}");
         assert!(s.contains("insmod /lib/modules/virtio_blk.ko ||"), "{s}");
         assert!(s.contains(READY_MARKER));
+        let agent = s.find("/bin/forkvm-agent").unwrap();
+        assert!(
+            agent < s.find(READY_MARKER).unwrap(),
+            "agent reachable before ready"
+        );
         assert!(s.trim_end().ends_with("poweroff -f"));
         let mmio = s.find("virtio_mmio.ko").unwrap();
         let blk = s.find("virtio_blk.ko").unwrap();

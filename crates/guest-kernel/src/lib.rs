@@ -25,7 +25,10 @@ mod modules;
 use std::io;
 use std::path::PathBuf;
 
-pub use guest_image::{default_guest, init_script, GuestImage, GUEST_MODULES, READY_MARKER};
+pub use guest_image::{
+    default_guest, default_guest_with, find_agent, init_script, GuestImage, GUEST_MODULES,
+    READY_MARKER,
+};
 pub use initramfs::InitramfsBuilder;
 pub use kernel::{cache_dir, ensure_kernel, ensure_kernel_in, Flavour, KernelTree};
 pub use modules::{

@@ -7,7 +7,7 @@ pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 quiet reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 /// A virtio-blk disk.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlockSpec {
     /// Raw image file.
     pub path: PathBuf,
@@ -16,7 +16,7 @@ pub struct BlockSpec {
 }
 
 /// A virtio-net card on a TAP device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetSpec {
     /// TAP interface name.
     pub tap: String,
@@ -25,7 +25,7 @@ pub struct NetSpec {
 }
 
 /// The virtio-vsock device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockSpec {
     /// The guest's context ID (3 or more).
     pub cid: u64,
@@ -34,7 +34,7 @@ pub struct VsockSpec {
 }
 
 /// A VM to boot.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// Number of vCPUs (1..=254).
     pub vcpus: u8,

@@ -10,8 +10,11 @@
 pub mod bus;
 pub mod config;
 pub mod console;
+pub mod control;
+pub mod fork;
 pub mod layout;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

@@ -1,13 +1,29 @@
 //! Guest RAM: one memfd holds all of it, mapped into the VMM and handed to KVM.
 //!
-//! The memfd is what fork shares: a child maps the same file `MAP_PRIVATE` and the kernel
-//! does copy-on-write. Above 3 GiB, RAM is split around the 32-bit MMIO hole; both parts
-//! live in the one memfd at consecutive offsets.
+//! The memfd is what fork shares. Until the first fork the VM maps it `MAP_SHARED` and
+//! owns it. At a fork the memfd is *frozen*: the parent remaps it `MAP_PRIVATE` in place
+//! (same addresses, so KVM's memory slots and the devices' views stay valid) and seals
+//! it against writes; parent and children then share it copy-on-write through the
+//! kernel, and each pays only for the pages it writes.
+//!
+//! A VM that has run privately since its last freeze (a forked parent, or a child)
+//! forks again by adding a layer: its private pages (found in /proc/self/pagemap) are
+//! written into a new sparse memfd, an *overlay*, which is sealed and which the VM
+//! remaps over those pages. A child maps the base and then each overlay's extents, in
+//! order, all `MAP_PRIVATE`. Nothing is copied but the pages written since the last
+//! fork.
+//!
+//! Above 3 GiB, RAM is split around the 32-bit MMIO hole; both parts live in the one
+//! memfd at consecutive offsets.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+};
 
 use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 
@@ -46,6 +62,151 @@ pub enum MemoryError {
     /// The regions do not form a valid guest memory.
     #[error("invalid guest memory layout: {0}")]
     Layout(#[source] vm_memory::GuestRegionCollectionError),
+    /// Remapping, sealing or scanning guest memory failed.
+    #[error("cannot {what} guest memory: {source}")]
+    Os {
+        /// The operation.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A memory layout received from elsewhere does not fit the memory files.
+    #[error("invalid memory layout: {0}")]
+    BadLayout(String),
+}
+
+fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> MemoryError {
+    move |source| MemoryError::Os { what, source }
+}
+
+const PAGE: u64 = 4096;
+
+/// A run of pages, by offset in the memory files (the same offsets in every layer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Extent {
+    /// Byte offset of the first page.
+    pub offset: u64,
+    /// Length in bytes (a multiple of the page size).
+    pub len: u64,
+}
+
+/// A layer above the base: a sparse memfd holding the pages a VM wrote between two
+/// forks, at their offsets.
+#[derive(Debug)]
+pub struct Overlay {
+    /// The sealed memfd.
+    pub file: File,
+    /// Which pages it holds.
+    pub extents: Vec<Extent>,
+}
+
+/// How a VM's memory is built from its files: the ranges and, per overlay, its extents.
+/// The files themselves travel separately (base first, then overlays in order).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemoryLayout {
+    /// Guest RAM ranges.
+    pub ranges: Vec<RamRange>,
+    /// Extents of each overlay, bottom to top.
+    pub overlays: Vec<Vec<Extent>>,
+}
+
+fn create_memfd(name: &std::ffi::CStr) -> Result<File, MemoryError> {
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Seals a memfd so that nobody can write, grow or shrink it any more.
+fn seal(file: &File) -> Result<(), MemoryError> {
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on an fd we own; the kernel checks the fd and the seals.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    if r < 0 {
+        return Err(MemoryError::Os {
+            what: "seal",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Maps `len` bytes of `file` at `offset` over the existing mapping at `addr`,
+/// `MAP_PRIVATE`.
+///
+/// # Safety
+/// `[addr, addr + len)` must be a mapping this process owns whose contents nobody
+/// relies on keeping (they are replaced by the file's).
+unsafe fn map_fixed_private(
+    addr: *mut u8,
+    len: u64,
+    file: &File,
+    offset: u64,
+) -> Result<(), MemoryError> {
+    // SAFETY: the caller guarantees the range is ours to replace; MAP_FIXED replaces it
+    // atomically with a private mapping of the file.
+    let p = unsafe {
+        libc::mmap(
+            addr.cast(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(MemoryError::Os {
+            what: "remap",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Pages of `[addr, addr + len)` that are private to this process (written since the
+/// mapping was made): present and anonymous, or swapped out. From /proc/self/pagemap.
+pub fn private_pages(addr: u64, len: u64) -> Result<Vec<u64>, MemoryError> {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_OR_SHARED: u64 = 1 << 61;
+    let mut f = File::open("/proc/self/pagemap").map_err(os("scan"))?;
+    f.seek(SeekFrom::Start(addr / PAGE * 8))
+        .map_err(os("scan"))?;
+    let pages = len / PAGE;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 8 * 4096];
+    let mut done = 0u64;
+    while done < pages {
+        let n = ((pages - done) as usize).min(4096);
+        f.read_exact(&mut buf[..n * 8]).map_err(os("scan"))?;
+        for (i, e) in buf[..n * 8].chunks_exact(8).enumerate() {
+            let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+            if (e & PRESENT != 0 && e & FILE_OR_SHARED == 0) || e & SWAPPED != 0 {
+                out.push(done + i as u64);
+            }
+        }
+        done += n as u64;
+    }
+    Ok(out)
+}
+
+/// Coalesces sorted page indices into byte extents starting at `base_offset`.
+pub fn pages_to_extents(pages: &[u64], base_offset: u64) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::new();
+    for &p in pages {
+        let offset = base_offset + p * PAGE;
+        match out.last_mut() {
+            Some(last) if last.offset + last.len == offset => last.len += PAGE,
+            _ => out.push(Extent { offset, len: PAGE }),
+        }
+    }
+    out
 }
 
 /// One contiguous piece of guest RAM: where it sits in the guest and in the memfd.
@@ -82,10 +243,13 @@ pub fn ram_ranges(bytes: u64) -> Vec<RamRange> {
     ]
 }
 
-/// Guest RAM backed by one memfd.
+/// Guest RAM backed by one memfd (plus overlays once it has forked from a fork).
 #[derive(Debug)]
 pub struct GuestRam {
     memfd: File,
+    overlays: Vec<Overlay>,
+    /// Whether the memfd is frozen and mapped privately.
+    frozen: bool,
     ranges: Vec<RamRange>,
     memory: GuestMemory,
 }
@@ -97,13 +261,7 @@ impl GuestRam {
             return Err(MemoryError::BadSize { mib });
         }
         let bytes = mib << 20;
-        // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
-        let fd = unsafe { libc::memfd_create(c"forkvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-        let memfd = unsafe { File::from_raw_fd(fd) };
+        let memfd = create_memfd(c"forkvm-guest-ram")?;
         memfd
             .set_len(bytes)
             .map_err(|source| MemoryError::Truncate { bytes, source })?;
@@ -111,9 +269,126 @@ impl GuestRam {
         let memory = map_ranges(&memfd, &ranges, libc::MAP_SHARED | libc::MAP_NORESERVE)?;
         Ok(Self {
             memfd,
+            overlays: Vec::new(),
+            frozen: false,
             ranges,
             memory,
         })
+    }
+
+    /// Maps a forked VM's memory from its files (base, then overlays in `layout`
+    /// order), all copy-on-write.
+    pub fn from_layers(
+        base: File,
+        overlays: Vec<File>,
+        layout: &MemoryLayout,
+    ) -> Result<Self, MemoryError> {
+        if overlays.len() != layout.overlays.len() {
+            return Err(MemoryError::BadLayout(format!(
+                "{} overlay files for {} overlays",
+                overlays.len(),
+                layout.overlays.len()
+            )));
+        }
+        let total: u64 = layout.ranges.iter().map(|r| r.len).sum();
+        let size = base.metadata().map_err(os("inspect"))?.len();
+        if layout.ranges.is_empty() || total > size || layout.ranges != ram_ranges(total) {
+            return Err(MemoryError::BadLayout(format!(
+                "ranges {:?} do not fit a {size}-byte memory file",
+                layout.ranges
+            )));
+        }
+        let memory = map_ranges(
+            &base,
+            &layout.ranges,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )?;
+        let mut layered = Vec::with_capacity(overlays.len());
+        for (file, extents) in overlays.into_iter().zip(&layout.overlays) {
+            for e in extents {
+                let (addr, len) = host_range(&memory, &layout.ranges, *e)?;
+                // SAFETY: `addr..addr+len` lies inside a mapping `memory` just created and
+                // nothing has read it yet; the overlay's pages replace the base's there.
+                unsafe { map_fixed_private(addr, len, &file, e.offset) }?;
+            }
+            layered.push(Overlay {
+                file,
+                extents: extents.clone(),
+            });
+        }
+        Ok(Self {
+            memfd: base,
+            overlays: layered,
+            frozen: true,
+            ranges: layout.ranges.clone(),
+            memory,
+        })
+    }
+
+    /// Prepares the memory for a fork and returns what children map: the files (base
+    /// first) and the layout. The VM's vCPUs and devices must be paused.
+    ///
+    /// First fork: the memfd is remapped privately in place and sealed (no copy). Later
+    /// forks: the pages written since the last one become a new sealed overlay, which
+    /// this VM also remaps over them, so the next fork again finds only new writes.
+    pub fn freeze_for_fork(&mut self) -> Result<(Vec<&File>, MemoryLayout), MemoryError> {
+        if !self.frozen {
+            for (region, r) in self.memory.iter().zip(&self.ranges) {
+                // SAFETY: the region is our own MAP_SHARED mapping of exactly this range of
+                // the memfd; remapping the same file range privately keeps its contents.
+                unsafe { map_fixed_private(region.as_ptr(), r.len, &self.memfd, r.file_offset) }?;
+            }
+            seal(&self.memfd)?;
+            self.frozen = true;
+        } else {
+            self.add_overlay()?;
+        }
+        let mut files = vec![&self.memfd];
+        files.extend(self.overlays.iter().map(|o| &o.file));
+        let layout = MemoryLayout {
+            ranges: self.ranges.clone(),
+            overlays: self.overlays.iter().map(|o| o.extents.clone()).collect(),
+        };
+        Ok((files, layout))
+    }
+
+    /// Captures the pages written since the last freeze into a new overlay.
+    fn add_overlay(&mut self) -> Result<(), MemoryError> {
+        let mut extents = Vec::new();
+        for (region, r) in self.memory.iter().zip(&self.ranges) {
+            let pages = private_pages(region.as_ptr() as u64, r.len)?;
+            extents.extend(pages_to_extents(&pages, r.file_offset));
+        }
+        if extents.is_empty() {
+            return Ok(());
+        }
+        let file = create_memfd(c"forkvm-guest-ram-overlay")?;
+        file.set_len(self.size())
+            .map_err(|source| MemoryError::Truncate {
+                bytes: self.size(),
+                source,
+            })?;
+        for e in &extents {
+            let (addr, len) = host_range(&self.memory, &self.ranges, *e)?;
+            // SAFETY: `addr..addr+len` is inside our guest mapping (host_range checked);
+            // the vCPUs and devices are paused, so nothing writes it while we read.
+            let bytes = unsafe { std::slice::from_raw_parts(addr, len as usize) };
+            file.write_all_at(bytes, e.offset).map_err(os("copy"))?;
+        }
+        seal(&file)?;
+        for e in &extents {
+            let (addr, len) = host_range(&self.memory, &self.ranges, *e)?;
+            // SAFETY: the overlay now holds exactly these pages' contents, so mapping it
+            // over them changes nothing the guest can see and frees the private copies.
+            unsafe { map_fixed_private(addr, len, &file, e.offset) }?;
+        }
+        self.overlays.push(Overlay { file, extents });
+        Ok(())
+    }
+
+    /// Whether the memory is frozen (shared copy-on-write with forks).
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
     }
 
     /// The guest memory mapping.
@@ -135,6 +410,31 @@ impl GuestRam {
     pub fn size(&self) -> u64 {
         self.ranges.iter().map(|r| r.len).sum()
     }
+}
+
+/// The host address and length of extent `e` (offsets in the memory files).
+fn host_range(
+    mem: &GuestMemory,
+    ranges: &[RamRange],
+    e: Extent,
+) -> Result<(*mut u8, u64), MemoryError> {
+    for (region, r) in mem.iter().zip(ranges) {
+        if e.offset >= r.file_offset
+            && e.offset
+                .checked_add(e.len)
+                .is_some_and(|end| end <= r.file_offset + r.len)
+            && e.offset % PAGE == 0
+            && e.len % PAGE == 0
+        {
+            // SAFETY: the offset is inside this region's mapping (checked above).
+            let addr = unsafe { region.as_ptr().add((e.offset - r.file_offset) as usize) };
+            return Ok((addr, e.len));
+        }
+    }
+    Err(MemoryError::BadLayout(format!(
+        "extent {:#x}+{:#x} is not page-aligned inside guest RAM",
+        e.offset, e.len
+    )))
 }
 
 /// Maps each range of `file` with the given mmap flags.
@@ -200,6 +500,120 @@ mod tests {
         assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
         assert_eq!(ram.memory().num_regions(), 1);
         assert_eq!(ram.size(), 16 << 20);
+    }
+
+    #[test]
+    fn fork_layers_give_children_a_private_copy_on_write_view() {
+        let mut parent = GuestRam::new(16).unwrap();
+        let mem = parent.memory().clone();
+        mem.write_obj(0x1111u32, GuestAddress(0x2000)).unwrap();
+        let layout = {
+            let (files, layout) = parent.freeze_for_fork().unwrap();
+            assert_eq!(files.len(), 1);
+            layout
+        };
+        // The parent keeps its view, and its later writes stay private.
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 0x1111);
+        mem.write_obj(0x2222u32, GuestAddress(0x2000)).unwrap();
+        mem.write_obj(0x3333u32, GuestAddress(0x5000)).unwrap();
+        let child =
+            GuestRam::from_layers(parent.memfd().try_clone().unwrap(), vec![], &layout).unwrap();
+        assert_eq!(
+            child
+                .memory()
+                .read_obj::<u32>(GuestAddress(0x2000))
+                .unwrap(),
+            0x1111
+        );
+        assert_eq!(
+            child
+                .memory()
+                .read_obj::<u32>(GuestAddress(0x5000))
+                .unwrap(),
+            0
+        );
+        child
+            .memory()
+            .write_obj(0x4444u32, GuestAddress(0x2000))
+            .unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 0x2222);
+        // The frozen base is sealed: nobody can write it any more.
+        assert!(parent.memfd().write_all_at(b"x", 0).is_err());
+
+        // A nested fork captures only what the parent wrote since: one overlay.
+        let (files, layout2) = parent.freeze_for_fork().unwrap();
+        assert_eq!(files.len(), 2);
+        assert_eq!(layout2.overlays.len(), 1);
+        let captured: u64 = layout2.overlays[0].iter().map(|e| e.len).sum();
+        assert!(
+            captured >= 2 * PAGE && captured < (16 << 20) / 4,
+            "{captured} bytes captured"
+        );
+        let base = files[0].try_clone().unwrap();
+        let over = files[1].try_clone().unwrap();
+        let grandchild = GuestRam::from_layers(base, vec![over], &layout2).unwrap();
+        assert_eq!(
+            grandchild
+                .memory()
+                .read_obj::<u32>(GuestAddress(0x2000))
+                .unwrap(),
+            0x2222
+        );
+        assert_eq!(
+            grandchild
+                .memory()
+                .read_obj::<u32>(GuestAddress(0x5000))
+                .unwrap(),
+            0x3333
+        );
+        // The parent still reads its own values after remapping its pages to the overlay.
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 0x3333);
+        // And a third fork with no writes in between adds no overlay.
+        let (files, _) = parent.freeze_for_fork().unwrap();
+        assert_eq!(files.len(), 2);
+    }
+
+    #[test]
+    fn extents_coalesce_runs_of_pages() {
+        let e = pages_to_extents(&[0, 1, 2, 5, 7, 8], 0x1000_0000);
+        assert_eq!(
+            e,
+            vec![
+                Extent {
+                    offset: 0x1000_0000,
+                    len: 3 * PAGE
+                },
+                Extent {
+                    offset: 0x1000_0000 + 5 * PAGE,
+                    len: PAGE
+                },
+                Extent {
+                    offset: 0x1000_0000 + 7 * PAGE,
+                    len: 2 * PAGE
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn layouts_that_do_not_fit_their_files_are_refused() {
+        let ram = GuestRam::new(16).unwrap();
+        let bad = MemoryLayout {
+            ranges: ram_ranges(32 << 20),
+            overlays: vec![],
+        };
+        let e = GuestRam::from_layers(ram.memfd().try_clone().unwrap(), vec![], &bad).unwrap_err();
+        assert!(matches!(e, MemoryError::BadLayout(_)), "{e}");
+        let bad = MemoryLayout {
+            ranges: ram_ranges(16 << 20),
+            overlays: vec![vec![Extent {
+                offset: 1,
+                len: PAGE,
+            }]],
+        };
+        let f = ram.memfd().try_clone().unwrap();
+        let e = GuestRam::from_layers(f, vec![ram.memfd().try_clone().unwrap()], &bad).unwrap_err();
+        assert!(matches!(e, MemoryError::BadLayout(_)), "{e}");
     }
 
     #[test]

@@ -1,15 +1,59 @@
 //! vCPU threads: each runs `KVM_RUN` in a loop, sends port and MMIO exits to the buses,
-//! and reports why the guest stopped.
+//! reports why the guest stopped, and obeys pause / resume / save-state commands.
+//!
+//! A command is sent on the thread's channel and the thread is kicked out of `KVM_RUN`
+//! with a signal (re-sent until the thread answers, so a kick that lands just before
+//! `KVM_RUN` cannot be lost). While paused the thread blocks on its channel; the vCPU's
+//! state is read on the vCPU's own thread, never while it runs.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::Bus;
+
+/// Names of the exit reasons counted by [`exit_counts`].
+const EXIT_NAMES: [&str; 8] = [
+    "io_in",
+    "io_out",
+    "mmio_read",
+    "mmio_write",
+    "hlt",
+    "intr",
+    "system_event",
+    "other",
+];
+static EXIT_COUNTS: [std::sync::atomic::AtomicU64; 8] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 8];
+
+fn count_exit(i: usize) {
+    EXIT_COUNTS[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// vCPU exits of this process by reason, summed over vCPUs.
+pub fn exit_counts() -> std::collections::BTreeMap<String, u64> {
+    EXIT_NAMES
+        .iter()
+        .zip(&EXIT_COUNTS)
+        .map(|(n, c)| {
+            (
+                (*n).to_owned(),
+                c.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        })
+        .collect()
+}
 
 /// Why a vCPU stopped running the guest.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +99,201 @@ impl StopSink {
     }
 }
 
+/// Everything KVM keeps about one vCPU, as plain data.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// Multiprocessing state (running, halted, waiting for SIPI).
+    pub mp_state: kvm_mp_state,
+    /// General-purpose registers.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers.
+    pub sregs: kvm_sregs,
+    /// FPU, SSE and AVX state.
+    pub xsave: kvm_xsave,
+    /// Extended control registers.
+    pub xcrs: kvm_xcrs,
+    /// Local APIC registers.
+    pub lapic: kvm_lapic_state,
+    /// Model-specific registers (every one KVM lets us read).
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Pending exceptions, interrupts and NMIs.
+    pub events: kvm_vcpu_events,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// TSC frequency in kHz (to move the TSC on by the time spent saved).
+    pub tsc_khz: u32,
+}
+
+/// The IA32_TIME_STAMP_COUNTER MSR.
+const MSR_IA32_TSC: u32 = 0x10;
+
+/// Errors while reading or writing a vCPU's state.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuStateError {
+    /// A KVM vCPU ioctl failed.
+    #[error("KVM {what} failed: {source}")]
+    Kvm {
+        /// The ioctl.
+        what: &'static str,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM accepted only part of the MSRs.
+    #[error("KVM restored only {set} of {wanted} MSRs")]
+    PartialMsrs {
+        /// MSRs written.
+        set: usize,
+        /// MSRs in the state.
+        wanted: usize,
+    },
+    /// Building a KVM MSR list failed.
+    #[error("cannot build the MSR list: {0:?}")]
+    MsrList(vmm_sys_util::fam::Error),
+    /// The vCPU thread is gone.
+    #[error("vCPU thread {0} does not answer")]
+    ThreadGone(u8),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStateError {
+    move |source| VcpuStateError::Kvm { what, source }
+}
+
+/// The MSRs this host's KVM lets us both read and write, found once per process.
+static SAVEABLE_MSRS: OnceLock<Vec<u32>> = OnceLock::new();
+
+fn saveable_msrs(vcpu: &VcpuFd, candidates: &[u32]) -> Result<Vec<u32>, VcpuStateError> {
+    if let Some(list) = SAVEABLE_MSRS.get() {
+        return Ok(list.clone());
+    }
+    // KVM_GET_MSRS stops at the first MSR it cannot read: drop that one and retry.
+    let mut list: Vec<u32> = candidates.to_vec();
+    let mut start = 0;
+    while start < list.len() {
+        let entries: Vec<kvm_msr_entry> = list[start..]
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(VcpuStateError::MsrList)?;
+        let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+        if start + n == list.len() {
+            break;
+        }
+        list.remove(start + n);
+        start += n;
+    }
+    Ok(SAVEABLE_MSRS.get_or_init(|| list).clone())
+}
+
+impl VcpuState {
+    /// Reads the state of a vCPU that is not running.
+    pub fn save(vcpu: &VcpuFd, msr_candidates: &[u32]) -> Result<Self, VcpuStateError> {
+        let indices = saveable_msrs(vcpu, msr_candidates)?;
+        let entries: Vec<kvm_msr_entry> = indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(VcpuStateError::MsrList)?;
+        let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+        Ok(Self {
+            mp_state: vcpu.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?,
+            regs: vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
+            sregs: vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
+            xsave: vcpu.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?,
+            xcrs: vcpu.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?,
+            lapic: vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?,
+            msrs: msrs.as_slice()[..n].to_vec(),
+            events: vcpu
+                .get_vcpu_events()
+                .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
+            debugregs: vcpu
+                .get_debug_regs()
+                .map_err(kvm_err("KVM_GET_DEBUGREGS"))?,
+            tsc_khz: vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?,
+        })
+    }
+
+    /// Writes this state into a fresh vCPU whose CPUID is already set, with the TSC
+    /// moved on by `advance_ns` (the time the state spent saved), so guest time agrees
+    /// with kvmclock, which the VM restore moves on by the same amount. The order
+    /// matters: the LAPIC before the MSRs (the TSC-deadline MSR lives in the LAPIC), the
+    /// MSRs before the pending events.
+    pub fn restore(&self, vcpu: &VcpuFd, advance_ns: u64) -> Result<(), VcpuStateError> {
+        vcpu.set_mp_state(self.mp_state)
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        vcpu.set_sregs(&self.sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        // SAFETY: `self.xsave` is a complete kvm_xsave read from KVM by `save`; KVM reads
+        // no more than the struct's size.
+        unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+        vcpu.set_xcrs(&self.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
+        vcpu.set_debug_regs(&self.debugregs)
+            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+        vcpu.set_lapic(&self.lapic)
+            .map_err(kvm_err("KVM_SET_LAPIC"))?;
+        let cycles = (u128::from(advance_ns) * u128::from(self.tsc_khz) / 1_000_000) as u64;
+        let entries: Vec<kvm_msr_entry> = self
+            .msrs
+            .iter()
+            .map(|e| match e.index {
+                MSR_IA32_TSC => kvm_msr_entry {
+                    data: e.data.wrapping_add(cycles),
+                    ..*e
+                },
+                _ => *e,
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(VcpuStateError::MsrList)?;
+        let set = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+        if set != self.msrs.len() {
+            return Err(VcpuStateError::PartialMsrs {
+                set,
+                wanted: self.msrs.len(),
+            });
+        }
+        vcpu.set_vcpu_events(&self.events)
+            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+}
+
+/// What a vCPU thread is told to do.
+enum Command {
+    Pause,
+    Resume,
+    Save,
+    Exit,
+}
+
+/// What a vCPU thread answers.
+enum Answer {
+    Paused,
+    Resumed,
+    State(Box<Result<VcpuState, VcpuStateError>>),
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+/// Installs the (empty) kick signal handler; KVM_RUN then returns EINTR on a kick.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.errno()))
+        .map_err(vmm_sys_util::errno::Error::new)
+}
+
 /// What a vCPU thread needs to run.
 pub struct VcpuRunner {
     /// vCPU index.
@@ -67,39 +306,55 @@ pub struct VcpuRunner {
     pub mmio: Arc<Bus>,
     /// Where to report a stop.
     pub stop: Arc<StopSink>,
-    /// Set to make the thread leave its loop at the next exit.
-    pub exit_flag: Arc<AtomicBool>,
+    /// MSRs to try when saving state (KVM's index list).
+    pub msr_candidates: Arc<Vec<u32>>,
+    /// Start paused (a restored vCPU waits for the VMM's go).
+    pub start_paused: bool,
+}
+
+/// The VMM's handle on a running vCPU thread.
+pub struct VcpuHandle {
+    index: u8,
+    thread: Option<JoinHandle<()>>,
+    commands: Sender<Command>,
+    answers: Receiver<Answer>,
 }
 
 impl VcpuRunner {
-    /// Handles one exit; `Some` ends the loop.
+    /// Handles one exit; `Some` ends the guest.
     fn handle(exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Option<VcpuStop> {
         match exit {
             VcpuExit::IoIn(port, data) => {
+                count_exit(0);
                 pio.read(u64::from(port), data);
             }
             VcpuExit::IoOut(port, data) => {
+                count_exit(1);
                 pio.write(u64::from(port), data);
             }
             VcpuExit::MmioRead(addr, data) => {
+                count_exit(2);
                 if !mmio.read(addr, data) {
                     tracing::trace!("unhandled MMIO read at {addr:#x}");
                 }
             }
             VcpuExit::MmioWrite(addr, data) => {
+                count_exit(3);
                 if !mmio.write(addr, data) {
                     tracing::trace!("unhandled MMIO write at {addr:#x}");
                 }
             }
-            VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
+            VcpuExit::Hlt => count_exit(4),
+            VcpuExit::Intr | VcpuExit::IrqWindowOpen => count_exit(5),
             VcpuExit::Shutdown => return Some(VcpuStop::Reset),
             VcpuExit::SystemEvent(kind, _) => {
+                count_exit(6);
                 return Some(match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => VcpuStop::PowerOff,
                     KVM_SYSTEM_EVENT_RESET => VcpuStop::Reset,
                     KVM_SYSTEM_EVENT_CRASH => VcpuStop::Failed("guest crashed".into()),
                     other => VcpuStop::Failed(format!("unknown system event {other}")),
-                })
+                });
             }
             VcpuExit::FailEntry(reason, cpu) => {
                 return Some(VcpuStop::Failed(format!(
@@ -107,32 +362,163 @@ impl VcpuRunner {
                 )))
             }
             VcpuExit::InternalError => return Some(VcpuStop::Failed("KVM internal error".into())),
-            other => tracing::debug!("unexpected vCPU exit {other:?}"),
+            other => {
+                count_exit(7);
+                tracing::debug!("unexpected vCPU exit {other:?}");
+            }
         }
         None
     }
 
-    /// Runs the vCPU on a new thread named `vcpu<N>`.
-    pub fn spawn(mut self) -> std::io::Result<JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name(format!("vcpu{}", self.index))
-            .spawn(move || {
-                let stop = loop {
-                    if self.exit_flag.load(Ordering::Acquire) {
-                        return;
-                    }
-                    match self.fd.run() {
-                        Ok(exit) => {
-                            if let Some(stop) = Self::handle(exit, &self.pio, &self.mmio) {
-                                break stop;
-                            }
+    /// Serves commands while paused; returns false when told to exit.
+    fn paused_loop(&self, commands: &Receiver<Command>, answers: &Sender<Answer>) -> bool {
+        loop {
+            match commands.recv() {
+                Ok(Command::Resume) => {
+                    let _ = answers.send(Answer::Resumed);
+                    return true;
+                }
+                Ok(Command::Pause) => {
+                    let _ = answers.send(Answer::Paused);
+                }
+                Ok(Command::Save) => {
+                    let state = VcpuState::save(&self.fd, &self.msr_candidates);
+                    let _ = answers.send(Answer::State(Box::new(state)));
+                }
+                Ok(Command::Exit) | Err(_) => return false,
+            }
+        }
+    }
+
+    fn run_loop(mut self, commands: Receiver<Command>, answers: Sender<Answer>) {
+        if self.start_paused && !self.paused_loop(&commands, &answers) {
+            return;
+        }
+        let stop = 'run: loop {
+            // Commands first: a pause request always wins over running the guest.
+            while let Ok(cmd) = commands.try_recv() {
+                match cmd {
+                    Command::Pause => {
+                        let _ = answers.send(Answer::Paused);
+                        if !self.paused_loop(&commands, &answers) {
+                            return;
                         }
-                        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-                        Err(e) => break VcpuStop::Failed(format!("KVM_RUN failed: {e}")),
                     }
-                };
-                tracing::debug!(vcpu = self.index, ?stop, "vCPU stopped");
-                self.stop.report(stop);
-            })
+                    Command::Resume => {
+                        let _ = answers.send(Answer::Resumed);
+                    }
+                    Command::Save => {
+                        // Only a paused vCPU's state is consistent.
+                        let _ = answers.send(Answer::State(Box::new(Err(
+                            VcpuStateError::ThreadGone(self.index),
+                        ))));
+                    }
+                    Command::Exit => return,
+                }
+            }
+            match self.fd.run() {
+                Ok(exit) => {
+                    if let Some(stop) = Self::handle(exit, &self.pio, &self.mmio) {
+                        break 'run stop;
+                    }
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => break 'run VcpuStop::Failed(format!("KVM_RUN failed: {e}")),
+            }
+        };
+        tracing::debug!(vcpu = self.index, ?stop, "vCPU stopped");
+        self.stop.report(stop);
+        // Keep answering (a stopped vCPU counts as paused) until told to exit.
+        self.paused_loop(&commands, &answers);
+    }
+
+    /// Runs the vCPU on a new thread named `vcpu<N>`.
+    pub fn spawn(self) -> std::io::Result<VcpuHandle> {
+        let (cmd_tx, cmd_rx) = channel();
+        let (ans_tx, ans_rx) = channel();
+        let index = self.index;
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.run_loop(cmd_rx, ans_tx))?;
+        Ok(VcpuHandle {
+            index,
+            thread: Some(thread),
+            commands: cmd_tx,
+            answers: ans_rx,
+        })
+    }
+}
+
+/// How long to wait for a vCPU's answer before kicking it again.
+const KICK_INTERVAL: Duration = Duration::from_millis(1);
+/// How long a vCPU may take to answer at all.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl VcpuHandle {
+    /// vCPU index.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    fn kick(&self) {
+        if let Some(t) = &self.thread {
+            if let Err(e) = t.kill(kick_signal()) {
+                tracing::debug!(vcpu = self.index, "kick failed: {e}");
+            }
+        }
+    }
+
+    fn ask(&self, cmd: Command, kick: bool) -> Result<Answer, VcpuStateError> {
+        let gone = || VcpuStateError::ThreadGone(self.index);
+        self.commands.send(cmd).map_err(|_| gone())?;
+        let deadline = std::time::Instant::now() + ANSWER_TIMEOUT;
+        loop {
+            if kick {
+                self.kick();
+            }
+            match self.answers.recv_timeout(KICK_INTERVAL) {
+                Ok(a) => return Ok(a),
+                Err(RecvTimeoutError::Timeout) if std::time::Instant::now() < deadline => {}
+                Err(_) => return Err(gone()),
+            }
+        }
+    }
+
+    /// Stops the vCPU at its next exit and waits until it is out of `KVM_RUN`.
+    pub fn pause(&self) -> Result<(), VcpuStateError> {
+        match self.ask(Command::Pause, true)? {
+            Answer::Paused => Ok(()),
+            _ => Err(VcpuStateError::ThreadGone(self.index)),
+        }
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) -> Result<(), VcpuStateError> {
+        match self.ask(Command::Resume, false)? {
+            Answer::Resumed => Ok(()),
+            _ => Err(VcpuStateError::ThreadGone(self.index)),
+        }
+    }
+
+    /// Reads the state of a paused vCPU.
+    pub fn save(&self) -> Result<VcpuState, VcpuStateError> {
+        match self.ask(Command::Save, false)? {
+            Answer::State(s) => *s,
+            _ => Err(VcpuStateError::ThreadGone(self.index)),
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Exit);
+        self.kick();
+        // A vCPU blocked in KVM_RUN leaves at the kick; don't wait forever for one that
+        // does not (the process is exiting anyway).
+        if let Some(t) = self.thread.take() {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
     }
 }

@@ -3,10 +3,12 @@
 //! vCPU threads.
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -38,6 +40,21 @@ pub enum VmError {
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
+}
+
+/// The VM-wide state KVM keeps: interrupt controllers, PIT and kvmclock.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmArchState {
+    /// Master 8259 PIC.
+    pub pic_master: kvm_irqchip,
+    /// Slave 8259 PIC.
+    pub pic_slave: kvm_irqchip,
+    /// IOAPIC redirection table and registers.
+    pub ioapic: kvm_irqchip,
+    /// i8254 PIT.
+    pub pit: kvm_pit_state2,
+    /// kvmclock (guest nanoseconds since boot).
+    pub clock: kvm_clock_data,
 }
 
 /// A KVM VM with an in-kernel irqchip and PIT.
@@ -89,6 +106,56 @@ impl Vm {
     /// The /dev/kvm handle.
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
+    }
+
+    /// Reads the interrupt controllers, PIT and clock.
+    pub fn save_arch(&self) -> Result<VmArchState, VmError> {
+        let chip = |id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+            Ok(c)
+        };
+        Ok(VmArchState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+            clock: self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+        })
+    }
+
+    /// Writes saved interrupt-controller and PIT state into this (fresh) VM and sets the
+    /// kvmclock `advance_ns` past the saved value, so guest time moves on by the time
+    /// the state spent saved.
+    pub fn restore_arch(&self, state: &VmArchState, advance_ns: u64) -> Result<(), VmError> {
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(kvm_err("KVM_SET_PIT2"))?;
+        let clock = kvm_clock_data {
+            clock: state.clock.clock.saturating_add(advance_ns),
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))
+    }
+
+    /// MSR indices KVM reports for this host (candidates for saving).
+    pub fn msr_index_list(&self) -> Result<Vec<u32>, VmError> {
+        Ok(self
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec())
     }
 
     /// CPUID entries KVM supports on this host.

@@ -89,7 +89,8 @@ impl Client {
                 path: self.socket.clone(),
                 source,
             })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -135,7 +136,10 @@ impl Client {
         }
         let (kind, message) = match serde_json::from_slice::<ApiError>(&bytes) {
             Ok(e) => (e.error, e.message),
-            Err(_) => ("unknown".into(), String::from_utf8_lossy(&bytes).into_owned()),
+            Err(_) => (
+                "unknown".into(),
+                String::from_utf8_lossy(&bytes).into_owned(),
+            ),
         };
         Err(ClientError::Api {
             status: status.as_u16(),
@@ -144,7 +148,12 @@ impl Client {
         })
     }
 
-    fn json<T: DeserializeOwned>(&self, method: Method, path: &str, body: Vec<u8>) -> Result<T, ClientError> {
+    fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<T, ClientError> {
         let bytes = self.request(method, path, body)?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
     }
@@ -156,17 +165,20 @@ impl Client {
 
     /// `POST /v1/vm/pause`.
     pub fn pause(&self) -> Result<(), ClientError> {
-        self.request(Method::POST, "/v1/vm/pause", Vec::new()).map(drop)
+        self.request(Method::POST, "/v1/vm/pause", Vec::new())
+            .map(drop)
     }
 
     /// `POST /v1/vm/resume`.
     pub fn resume(&self) -> Result<(), ClientError> {
-        self.request(Method::POST, "/v1/vm/resume", Vec::new()).map(drop)
+        self.request(Method::POST, "/v1/vm/resume", Vec::new())
+            .map(drop)
     }
 
     /// `POST /v1/vm/shutdown`.
     pub fn shutdown(&self) -> Result<(), ClientError> {
-        self.request(Method::POST, "/v1/vm/shutdown", Vec::new()).map(drop)
+        self.request(Method::POST, "/v1/vm/shutdown", Vec::new())
+            .map(drop)
     }
 
     /// `POST /v1/vm/fork`.
@@ -191,7 +203,11 @@ impl Client {
         follow: bool,
         mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<(), ClientError> {
-        let path = if follow { "/v1/vm/console?follow=true" } else { "/v1/vm/console" };
+        let path = if follow {
+            "/v1/vm/console?follow=true"
+        } else {
+            "/v1/vm/console"
+        };
         let rt = Self::runtime();
         rt.block_on(async {
             let resp = tokio::time::timeout(self.timeout, self.send(Method::GET, path, Vec::new()))

@@ -67,7 +67,10 @@ fn ensure_root(root: &Path) -> Result<(), Error> {
         .recursive(true)
         .mode(0o700)
         .create(root)
-        .map_err(Error::io(format!("cannot create the state root {}", root.display())))
+        .map_err(Error::io(format!(
+            "cannot create the state root {}",
+            root.display()
+        )))
 }
 
 /// A VM's home directory and its files.
@@ -224,7 +227,10 @@ impl VmHome {
             .append(true)
             .mode(0o600)
             .open(self.console_path())
-            .map_err(Error::io(format!("cannot open {}", self.console_path().display())))
+            .map_err(Error::io(format!(
+                "cannot open {}",
+                self.console_path().display()
+            )))
     }
 
     /// IDs of the VMs registered with this one as parent.
@@ -268,7 +274,12 @@ pub fn list(root: &Path) -> Result<Vec<Entry>, Error> {
             Some(Entry { id, dir, state })
         })
         .collect();
-    out.sort_by_key(|e| (e.state.as_ref().map_or(u64::MAX, |s| s.created_ms), e.id.clone()));
+    out.sort_by_key(|e| {
+        (
+            e.state.as_ref().map_or(u64::MAX, |s| s.created_ms),
+            e.id.clone(),
+        )
+    });
     Ok(out)
 }
 
@@ -323,7 +334,16 @@ mod tests {
         for ok in ["web", "a", "web-1.prod_2", "0abc"] {
             validate_name(ok).unwrap();
         }
-        for bad in ["", "-x", ".x", "a b", "a/b", "é", &"x".repeat(65), &new_id()] {
+        for bad in [
+            "",
+            "-x",
+            ".x",
+            "a b",
+            "a/b",
+            "é",
+            &"x".repeat(65),
+            &new_id(),
+        ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
     }
@@ -338,7 +358,10 @@ mod tests {
         let s = home.state().unwrap();
         assert_eq!(s.name.as_deref(), Some("web"));
         assert_eq!(s.status, Status::Creating);
-        assert_eq!(s.parent.as_deref(), Some("abababababababababababababababab"));
+        assert_eq!(
+            s.parent.as_deref(),
+            Some("abababababababababababababababab")
+        );
         let mut c = home.console_writer().unwrap();
         std::io::Write::write_all(&mut c, b"hi").unwrap();
         assert_eq!(mode(&home.console_path()), 0o600);
@@ -384,7 +407,10 @@ mod tests {
         }
         assert!(matches!(resolve(r, "zzz"), Err(Error::NotFound(_))));
         assert!(matches!(resolve(r, ""), Err(Error::NotFound(_))));
-        assert!(matches!(resolve(&r.join("absent"), "a"), Err(Error::NotFound(_))));
+        assert!(matches!(
+            resolve(&r.join("absent"), "a"),
+            Err(Error::NotFound(_))
+        ));
         // A corrupt VM is still listed (so `rm -f` can remove it) and found by ID.
         std::fs::write(r.join(&c).join(STATE_FILE), b"not json").unwrap();
         let entries = list(r).unwrap();

@@ -68,7 +68,8 @@ mod tests {
 
     #[test]
     fn parses_stat_with_odd_names() {
-        let line = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
+        let line =
+            "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
         assert_eq!(parse_stat(line), Some(('S', 98765)));
         assert_eq!(parse_stat("garbage"), None);
         assert_eq!(parse_stat("1 (x) S 1 2"), None);
@@ -83,8 +84,15 @@ mod tests {
             start_ticks: me.start_ticks + 1,
             ..me
         };
-        assert!(!reused.is_alive(), "a different start time means another process");
-        assert!(!ProcessIdentity { pid: u32::MAX - 1, start_ticks: 1 }.is_alive());
+        assert!(
+            !reused.is_alive(),
+            "a different start time means another process"
+        );
+        assert!(!ProcessIdentity {
+            pid: u32::MAX - 1,
+            start_ticks: 1
+        }
+        .is_alive());
     }
 
     #[test]

@@ -48,29 +48,84 @@ pub fn render(info: &VmInfo, forks: &Histogram) -> String {
     fn metric(o: &mut String, name: &str, kind: &str, help: &str) {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
-    metric(&mut o, "forkvm_vm_exits_total", "counter", "vCPU exits to the VMM by reason, summed over vCPUs.");
+    metric(
+        &mut o,
+        "forkvm_vm_exits_total",
+        "counter",
+        "vCPU exits to the VMM by reason, summed over vCPUs.",
+    );
     for (reason, n) in &info.exits {
-        let _ = writeln!(o, "forkvm_vm_exits_total{{reason=\"{}\"}} {n}", escape_label(reason));
+        let _ = writeln!(
+            o,
+            "forkvm_vm_exits_total{{reason=\"{}\"}} {n}",
+            escape_label(reason)
+        );
     }
-    metric(&mut o, "forkvm_fork_latency_seconds", "histogram", "Time from a fork request until a child's vCPUs were running.");
+    metric(
+        &mut o,
+        "forkvm_fork_latency_seconds",
+        "histogram",
+        "Time from a fork request until a child's vCPUs were running.",
+    );
     for (c, le) in forks.counts.iter().zip(FORK_BUCKETS) {
         let _ = writeln!(o, "forkvm_fork_latency_seconds_bucket{{le=\"{le}\"}} {c}");
     }
-    let _ = writeln!(o, "forkvm_fork_latency_seconds_bucket{{le=\"+Inf\"}} {}", forks.count);
+    let _ = writeln!(
+        o,
+        "forkvm_fork_latency_seconds_bucket{{le=\"+Inf\"}} {}",
+        forks.count
+    );
     let _ = writeln!(o, "forkvm_fork_latency_seconds_sum {}", forks.sum_seconds);
     let _ = writeln!(o, "forkvm_fork_latency_seconds_count {}", forks.count);
-    metric(&mut o, "forkvm_resident_memory_bytes", "gauge", "Resident memory of the VMM process.");
+    metric(
+        &mut o,
+        "forkvm_resident_memory_bytes",
+        "gauge",
+        "Resident memory of the VMM process.",
+    );
     let _ = writeln!(o, "forkvm_resident_memory_bytes {}", info.rss_bytes);
-    metric(&mut o, "forkvm_private_memory_bytes", "gauge", "Memory of the VMM process not shared with other processes.");
+    metric(
+        &mut o,
+        "forkvm_private_memory_bytes",
+        "gauge",
+        "Memory of the VMM process not shared with other processes.",
+    );
     let _ = writeln!(o, "forkvm_private_memory_bytes {}", info.private_bytes);
     metric(&mut o, "forkvm_vcpus", "gauge", "Number of vCPUs.");
     let _ = writeln!(o, "forkvm_vcpus {}", info.vcpus);
-    metric(&mut o, "forkvm_guest_memory_bytes", "gauge", "Guest memory size.");
-    let _ = writeln!(o, "forkvm_guest_memory_bytes {}", info.mem_mib * 1024 * 1024);
-    metric(&mut o, "forkvm_paused", "gauge", "1 while the vCPUs are paused.");
-    let _ = writeln!(o, "forkvm_paused {}", u8::from(info.state == RunState::Paused));
-    metric(&mut o, "forkvm_uptime_seconds", "gauge", "Seconds since the VM was created.");
-    let _ = writeln!(o, "forkvm_uptime_seconds {}", info.uptime_ms as f64 / 1000.0);
+    metric(
+        &mut o,
+        "forkvm_guest_memory_bytes",
+        "gauge",
+        "Guest memory size.",
+    );
+    let _ = writeln!(
+        o,
+        "forkvm_guest_memory_bytes {}",
+        info.mem_mib * 1024 * 1024
+    );
+    metric(
+        &mut o,
+        "forkvm_paused",
+        "gauge",
+        "1 while the vCPUs are paused.",
+    );
+    let _ = writeln!(
+        o,
+        "forkvm_paused {}",
+        u8::from(info.state == RunState::Paused)
+    );
+    metric(
+        &mut o,
+        "forkvm_uptime_seconds",
+        "gauge",
+        "Seconds since the VM was created.",
+    );
+    let _ = writeln!(
+        o,
+        "forkvm_uptime_seconds {}",
+        info.uptime_ms as f64 / 1000.0
+    );
     o
 }
 
@@ -94,7 +149,10 @@ mod tests {
             private_bytes: 1024,
         };
         let t = render(&info, &h);
-        assert!(t.contains("forkvm_vm_exits_total{reason=\"io\"} 7\n"), "{t}");
+        assert!(
+            t.contains("forkvm_vm_exits_total{reason=\"io\"} 7\n"),
+            "{t}"
+        );
         assert!(t.contains("reason=\"we\\\"ird\""), "{t}");
         assert!(t.contains("forkvm_fork_latency_seconds_bucket{le=\"0.0005\"} 0\n"));
         assert!(t.contains("forkvm_fork_latency_seconds_bucket{le=\"0.001\"} 1\n"));

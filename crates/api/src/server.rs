@@ -136,7 +136,9 @@ impl Drop for Busy<'_> {
 }
 
 fn full(bytes: impl Into<Bytes>) -> ApiBody {
-    Full::new(bytes.into()).map_err(|n: Infallible| match n {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|n: Infallible| match n {})
+        .boxed()
 }
 
 fn json_reply(status: StatusCode, value: &impl Serialize) -> Reply {
@@ -232,7 +234,9 @@ pub fn parse_fork_request(body: &[u8]) -> Result<ForkRequest, String> {
             return Err(format!("{what} must be a JSON object"));
         };
         let mut base = serde_json::to_value(T::default()).expect("defaults serialize");
-        let obj = base.as_object_mut().expect("a struct serializes to an object");
+        let obj = base
+            .as_object_mut()
+            .expect("a struct serializes to an object");
         for (k, val) in given {
             if !obj.contains_key(&k) {
                 let known: Vec<&String> = obj.keys().collect();
@@ -364,7 +368,11 @@ where
         Err(r) => return r,
     };
     if method == Method::GET && !body.is_empty() {
-        return error_reply(StatusCode::BAD_REQUEST, "bad_request", "a GET request takes no body");
+        return error_reply(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "a GET request takes no body",
+        );
     }
     if query.is_some() && path != "/v1/vm/console" {
         return error_reply(
@@ -390,9 +398,9 @@ async fn describe(shared: &Arc<Shared>) -> Result<VmDescription, Reply> {
         other => return Err(unexpected(&other)),
     };
     let home = &shared.home;
-    let state = home.state().map_err(|e| {
-        error_reply(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-    })?;
+    let state = home
+        .state()
+        .map_err(|e| error_reply(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     Ok(VmDescription {
         id: state.id.clone(),
         name: state.name,
@@ -465,7 +473,10 @@ async fn change(shared: &Arc<Shared>, path: &str, body: &[u8]) -> Reply {
             match call(shared, req).await {
                 Ok(Response::Done) => {
                     set_status(status);
-                    json_reply(StatusCode::OK, &serde_json::json!({"id": id, "state": state}))
+                    json_reply(
+                        StatusCode::OK,
+                        &serde_json::json!({"id": id, "state": state}),
+                    )
                 }
                 Ok(other) => unexpected(&other),
                 Err(r) => r,
@@ -507,7 +518,11 @@ async fn change(shared: &Arc<Shared>, path: &str, body: &[u8]) -> Reply {
                 Err(r) => r,
             }
         }
-        _ => error_reply(StatusCode::NOT_FOUND, "not_found", format!("no route POST {path}")),
+        _ => error_reply(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route POST {path}"),
+        ),
     }
 }
 

@@ -154,7 +154,8 @@ impl VmState {
 
     /// Reads and checks a state file.
     pub fn read(path: &Path) -> Result<Self, Error> {
-        let bytes = std::fs::read(path).map_err(Error::io(format!("cannot read {}", path.display())))?;
+        let bytes =
+            std::fs::read(path).map_err(Error::io(format!("cannot read {}", path.display())))?;
         let value: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|source| Error::Corrupt {
                 path: path.to_owned(),
@@ -230,10 +231,16 @@ mod tests {
         assert_eq!(VmState::read(&path).unwrap(), s);
         assert_eq!(s.observe(), Observed::Exited);
         // No temp files left behind; the file is private.
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]
@@ -247,7 +254,10 @@ mod tests {
         std::fs::write(&path, b"{\"schema\": 99}").unwrap();
         let e = VmState::read(&path).unwrap_err();
         assert!(matches!(e, Error::Schema { found: 99, .. }), "{e}");
-        assert!(matches!(VmState::read(&dir.path().join("nope")), Err(Error::Io { .. })));
+        assert!(matches!(
+            VmState::read(&dir.path().join("nope")),
+            Err(Error::Io { .. })
+        ));
     }
 
     #[test]
@@ -255,7 +265,10 @@ mod tests {
         let mut s = VmState::new("cd".repeat(16), None, None);
         s.status = Status::Running;
         assert_eq!(s.observe(), Observed::Dead, "no process recorded");
-        s.process = Some(ProcessIdentity { pid: u32::MAX - 1, start_ticks: 5 });
+        s.process = Some(ProcessIdentity {
+            pid: u32::MAX - 1,
+            start_ticks: 5,
+        });
         assert_eq!(s.observe(), Observed::Dead);
         assert!(!s.is_alive());
     }
@@ -266,7 +279,13 @@ mod tests {
         let r: Result<ExitReason, String> = Ok(ExitReason::Failed("stopped by request".into()));
         assert_eq!(ExitRecord::from_run(&r, true).reason, "stopped");
         assert_eq!(ExitRecord::from_run(&r, false).code, 1);
-        assert_eq!(ExitRecord::from_run(&Ok::<_, String>(ExitReason::PowerOff), false).code, 0);
-        assert_eq!(ExitRecord::from_run(&Err::<ExitReason, _>("boom"), false).reason, "failed: boom");
+        assert_eq!(
+            ExitRecord::from_run(&Ok::<_, String>(ExitReason::PowerOff), false).code,
+            0
+        );
+        assert_eq!(
+            ExitRecord::from_run(&Err::<ExitReason, _>("boom"), false).reason,
+            "failed: boom"
+        );
     }
 }

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeSet;
 
-const METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
+const METHODS: [&str; 8] = [
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
 
 fn documented() -> (serde_yaml::Value, BTreeSet<(String, String)>) {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/api/openapi.yaml");
@@ -33,8 +35,14 @@ fn every_route_is_documented_and_the_reverse() {
         .collect();
     let undocumented: Vec<_> = served.difference(&documented).collect();
     let unserved: Vec<_> = documented.difference(&served).collect();
-    assert!(undocumented.is_empty(), "routes missing from openapi.yaml: {undocumented:?}");
-    assert!(unserved.is_empty(), "documented but not served: {unserved:?}");
+    assert!(
+        undocumented.is_empty(),
+        "routes missing from openapi.yaml: {undocumented:?}"
+    );
+    assert!(
+        unserved.is_empty(),
+        "documented but not served: {unserved:?}"
+    );
 }
 
 #[test]

@@ -11,6 +11,10 @@ pub struct Cli {
     /// Log filter (e.g. `debug`, `forkvm_vmm=trace`); also read from RUST_LOG.
     #[arg(long, global = true)]
     pub log: Option<String>,
+    /// Where VM state lives (default: $FORKVM_ROOT, else /run/forkvm as root, else
+    /// $XDG_RUNTIME_DIR/forkvm or /tmp/forkvm-UID).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub root: Option<PathBuf>,
     /// The verb.
     #[command(subcommand)]
     pub command: Command,
@@ -21,6 +25,20 @@ pub struct Cli {
 pub enum Command {
     /// Boot a Linux guest with its serial console on this terminal.
     Boot(BootArgs),
+    /// List VMs (running, paused, exited and dead).
+    Ps(PsArgs),
+    /// Show everything about a VM as JSON.
+    Inspect(VmArg),
+    /// Print a VM's console output.
+    Logs(LogsArgs),
+    /// Pause a VM's vCPUs.
+    Pause(VmArg),
+    /// Resume a paused VM.
+    Resume(VmArg),
+    /// Stop a VM: ask its VMM to stop, kill it after a timeout.
+    Stop(StopArgs),
+    /// Remove stopped or dead VMs' state.
+    Rm(RmArgs),
 }
 
 /// `forkvm boot`.
@@ -54,4 +72,75 @@ pub struct BootArgs {
     /// Leave out the virtio-rng device.
     #[arg(long)]
     pub no_rng: bool,
+    /// Run in the background: print the VM's ID once its API answers.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// A name for the VM, usable wherever an ID is.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Remove the VM's state when it stops.
+    #[arg(long)]
+    pub rm: bool,
+}
+
+/// A VM: its name, full ID or a unique ID prefix.
+#[derive(Debug, Args)]
+pub struct VmArg {
+    /// Name, ID or unique ID prefix.
+    pub vm: String,
+}
+
+/// Output format of `forkvm ps`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PsFormat {
+    /// A table.
+    Table,
+    /// A JSON array.
+    Json,
+}
+
+/// `forkvm ps`.
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = PsFormat::Table)]
+    pub format: PsFormat,
+    /// Print full IDs.
+    #[arg(long)]
+    pub no_trunc: bool,
+    /// Print only IDs.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// `forkvm logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Name, ID or unique ID prefix.
+    pub vm: String,
+    /// Keep printing new output until the VM stops.
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+/// `forkvm stop`.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Names, IDs or unique ID prefixes.
+    #[arg(required = true)]
+    pub vms: Vec<String>,
+    /// Seconds to wait for the VMM to stop before killing it.
+    #[arg(short = 't', long = "time", default_value_t = 10)]
+    pub time: u64,
+}
+
+/// `forkvm rm`.
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Names, IDs or unique ID prefixes.
+    #[arg(required = true)]
+    pub vms: Vec<String>,
+    /// Stop (kill) running VMs first.
+    #[arg(short, long)]
+    pub force: bool,
 }

@@ -17,8 +17,16 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    let root = cli.root.clone().unwrap_or_else(forkvm_api::default_root);
     let result = match cli.command {
-        Command::Boot(args) => commands::boot::run(args),
+        Command::Boot(args) => commands::boot::run(args, &root),
+        Command::Ps(args) => commands::ps::run(args, &root),
+        Command::Inspect(args) => commands::inspect::run(args, &root),
+        Command::Logs(args) => commands::logs::run(args, &root),
+        Command::Pause(args) => commands::pause::run(args, &root),
+        Command::Resume(args) => commands::resume::run(args, &root),
+        Command::Stop(args) => commands::stop::run(args, &root),
+        Command::Rm(args) => commands::rm::run(args, &root),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -26,7 +26,11 @@ impl Control for Fake {
         let mut paused = self.paused.lock().unwrap();
         match req {
             Request::Info => Ok(Response::Info(VmInfo {
-                state: if *paused { RunState::Paused } else { RunState::Running },
+                state: if *paused {
+                    RunState::Paused
+                } else {
+                    RunState::Running
+                },
                 vcpus: 2,
                 mem_mib: 128,
                 devices: vec![],
@@ -113,7 +117,10 @@ async fn send(shared: &Arc<Shared>, method: &str, path: &str, body: &[u8]) -> (S
 
 fn error_kind(body: &Bytes) -> String {
     let e: ApiError = serde_json::from_slice(body).unwrap_or_else(|e| {
-        panic!("error body is not JSON ({e}): {}", String::from_utf8_lossy(body))
+        panic!(
+            "error body is not JSON ({e}): {}",
+            String::from_utf8_lossy(body)
+        )
     });
     assert!(!e.message.is_empty());
     e.error
@@ -129,11 +136,20 @@ fn documented_requests_succeed() {
         assert_eq!((d.vcpus, d.mem_mib, d.name.as_deref()), (2, 128, Some("t")));
         assert_eq!(d.id, s.shared.home.id());
 
-        assert_eq!(send(&s.shared, "POST", "/v1/vm/pause", b"").await.0, StatusCode::OK);
+        assert_eq!(
+            send(&s.shared, "POST", "/v1/vm/pause", b"").await.0,
+            StatusCode::OK
+        );
         assert_eq!(s.shared.home.state().unwrap().status, Status::Paused);
         let (st, b) = send(&s.shared, "POST", "/v1/vm/pause", b"").await;
-        assert_eq!((st, error_kind(&b).as_str()), (StatusCode::CONFLICT, "conflict"));
-        assert_eq!(send(&s.shared, "POST", "/v1/vm/resume", b"").await.0, StatusCode::OK);
+        assert_eq!(
+            (st, error_kind(&b).as_str()),
+            (StatusCode::CONFLICT, "conflict")
+        );
+        assert_eq!(
+            send(&s.shared, "POST", "/v1/vm/resume", b"").await.0,
+            StatusCode::OK
+        );
         assert_eq!(s.shared.home.state().unwrap().status, Status::Running);
 
         let (st, b) = send(&s.shared, "POST", "/v1/vm/fork", br#"{"count": 2}"#).await;
@@ -144,8 +160,14 @@ fn documented_requests_succeed() {
         let (st, b) = send(&s.shared, "GET", "/metrics", b"").await;
         assert_eq!(st, StatusCode::OK);
         let text = String::from_utf8(b.to_vec()).unwrap();
-        assert!(text.contains("forkvm_fork_latency_seconds_count 2"), "{text}");
-        assert!(text.contains("forkvm_vm_exits_total{reason=\"io\"} 3"), "{text}");
+        assert!(
+            text.contains("forkvm_fork_latency_seconds_count 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("forkvm_vm_exits_total{reason=\"io\"} 3"),
+            "{text}"
+        );
 
         std::fs::write(s.shared.home.console_path(), b"hello console\n").unwrap();
         let (st, b) = send(&s.shared, "GET", "/v1/vm/console", b"").await;
@@ -154,7 +176,10 @@ fn documented_requests_succeed() {
         let (st, b) = send(&s.shared, "POST", "/v1/vm/shutdown", b"").await;
         assert_eq!(st, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&b));
         let (st, b) = send(&s.shared, "POST", "/v1/vm/pause", b"").await;
-        assert_eq!((st, error_kind(&b).as_str()), (StatusCode::CONFLICT, "conflict"));
+        assert_eq!(
+            (st, error_kind(&b).as_str()),
+            (StatusCode::CONFLICT, "conflict")
+        );
     });
 }
 
@@ -165,19 +190,97 @@ fn bad_requests_get_json_4xx_and_change_nothing() {
         let cases: &[(&str, &str, &[u8], StatusCode, &str)] = &[
             ("GET", "/nope", b"", StatusCode::NOT_FOUND, "not_found"),
             ("GET", "/v1/vm/", b"", StatusCode::NOT_FOUND, "not_found"),
-            ("DELETE", "/v1/vm", b"", StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            ("GET", "/v1/vm/pause", b"", StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            ("POST", "/v1/vm/fork", b"{not json", StatusCode::BAD_REQUEST, "bad_request"),
-            ("POST", "/v1/vm/fork", b"", StatusCode::BAD_REQUEST, "bad_request"),
-            ("POST", "/v1/vm/fork", b"[1,2]", StatusCode::BAD_REQUEST, "bad_request"),
-            ("POST", "/v1/vm/fork", br#"{"count":1,"bogus":1}"#, StatusCode::BAD_REQUEST, "bad_request"),
-            ("POST", "/v1/vm/fork", br#"{"count":"x"}"#, StatusCode::BAD_REQUEST, "bad_request"),
-            ("POST", "/v1/vm/fork", br#"{"count":0}"#, StatusCode::BAD_REQUEST, "bad_request"),
-            ("POST", "/v1/vm/fork", br#"{"count":1,"children":[{"cid":"x"}]}"#, StatusCode::BAD_REQUEST, "bad_request"),
-            ("GET", "/v1/vm", b"x", StatusCode::BAD_REQUEST, "bad_request"),
-            ("GET", "/v1/vm?x=1", b"", StatusCode::BAD_REQUEST, "bad_request"),
-            ("GET", "/v1/vm/console?follow=maybe", b"", StatusCode::BAD_REQUEST, "bad_request"),
-            ("GET", "/v1/vm/console?tail=3", b"", StatusCode::BAD_REQUEST, "bad_request"),
+            (
+                "DELETE",
+                "/v1/vm",
+                b"",
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+            ),
+            (
+                "GET",
+                "/v1/vm/pause",
+                b"",
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+            ),
+            (
+                "POST",
+                "/v1/vm/fork",
+                b"{not json",
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/vm/fork",
+                b"",
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/vm/fork",
+                b"[1,2]",
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/vm/fork",
+                br#"{"count":1,"bogus":1}"#,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/vm/fork",
+                br#"{"count":"x"}"#,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/vm/fork",
+                br#"{"count":0}"#,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/vm/fork",
+                br#"{"count":1,"children":[{"cid":"x"}]}"#,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                "GET",
+                "/v1/vm",
+                b"x",
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                "GET",
+                "/v1/vm?x=1",
+                b"",
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                "GET",
+                "/v1/vm/console?follow=maybe",
+                b"",
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                "GET",
+                "/v1/vm/console?tail=3",
+                b"",
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
         ];
         for (m, p, body, want, kind) in cases {
             let (st, b) = send(&s.shared, m, p, body).await;
@@ -186,12 +289,18 @@ fn bad_requests_get_json_4xx_and_change_nothing() {
         }
         let big = vec![b' '; MAX_BODY + 1];
         let (st, b) = send(&s.shared, "POST", "/v1/vm/fork", &big).await;
-        assert_eq!((st, error_kind(&b).as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"));
+        assert_eq!(
+            (st, error_kind(&b).as_str()),
+            (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+        );
         // Nothing changed: not paused, no fork, still answering.
         assert_eq!(s.fake.forks.load(Ordering::SeqCst), 0);
         assert!(!*s.fake.paused.lock().unwrap());
         assert_eq!(s.shared.home.state().unwrap().status, Status::Creating);
-        assert_eq!(send(&s.shared, "GET", "/v1/vm", b"").await.0, StatusCode::OK);
+        assert_eq!(
+            send(&s.shared, "GET", "/v1/vm", b"").await.0,
+            StatusCode::OK
+        );
     });
 }
 
@@ -214,7 +323,10 @@ fn control_errors_map_to_statuses() {
     for (e, want) in [
         (ControlError::Conflict("x".into()), StatusCode::CONFLICT),
         (ControlError::Invalid("x".into()), StatusCode::BAD_REQUEST),
-        (ControlError::Failed("x".into()), StatusCode::INTERNAL_SERVER_ERROR),
+        (
+            ControlError::Failed("x".into()),
+            StatusCode::INTERNAL_SERVER_ERROR,
+        ),
         (ControlError::Gone, StatusCode::SERVICE_UNAVAILABLE),
     ] {
         assert_eq!(control_error(e).status(), want);
@@ -222,7 +334,10 @@ fn control_errors_map_to_statuses() {
     let s = setup();
     s.fake.gone.store(true, Ordering::SeqCst);
     let (st, b) = rt().block_on(send(&s.shared, "GET", "/v1/vm", b""));
-    assert_eq!((st, error_kind(&b).as_str()), (StatusCode::SERVICE_UNAVAILABLE, "unavailable"));
+    assert_eq!(
+        (st, error_kind(&b).as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    );
 }
 
 #[test]
@@ -232,12 +347,20 @@ fn a_change_during_another_is_a_conflict() {
     *s.fake.fork_gate.lock().unwrap() = Some(rx);
     rt().block_on(async {
         let shared = s.shared.clone();
-        let fork = tokio::spawn(async move { send(&shared, "POST", "/v1/vm/fork", br#"{"count":1}"#).await });
+        let fork =
+            tokio::spawn(
+                async move { send(&shared, "POST", "/v1/vm/fork", br#"{"count":1}"#).await },
+            );
         // Wait until the fork holds the VM.
         while !s.shared.busy.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        for p in ["/v1/vm/pause", "/v1/vm/resume", "/v1/vm/shutdown", "/v1/vm/fork"] {
+        for p in [
+            "/v1/vm/pause",
+            "/v1/vm/resume",
+            "/v1/vm/shutdown",
+            "/v1/vm/fork",
+        ] {
             let (st, b) = send(&s.shared, "POST", p, br#"{"count":1}"#).await;
             assert_eq!(st, StatusCode::CONFLICT, "{p}");
             assert!(String::from_utf8_lossy(&b).contains("in progress"));
@@ -245,7 +368,10 @@ fn a_change_during_another_is_a_conflict() {
         tx.send(()).unwrap();
         assert_eq!(fork.await.unwrap().0, StatusCode::OK);
         assert!(!s.shared.stop_requested.load(Ordering::SeqCst));
-        assert_eq!(send(&s.shared, "POST", "/v1/vm/pause", b"").await.0, StatusCode::OK);
+        assert_eq!(
+            send(&s.shared, "POST", "/v1/vm/pause", b"").await.0,
+            StatusCode::OK
+        );
     });
 }
 
@@ -270,14 +396,30 @@ fn raw_exchange(shared: &Arc<Shared>, input: &[u8]) -> Vec<u8> {
 fn raw_http_answers() {
     let s = setup();
     let out = raw_exchange(&s.shared, b"GET /v1/vm HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert!(out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
     let out = raw_exchange(
         &s.shared,
-        format!("POST /v1/vm/fork HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1).as_bytes(),
+        format!(
+            "POST /v1/vm/fork HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        )
+        .as_bytes(),
     );
-    assert!(out.starts_with(b"HTTP/1.1 413"), "{}", String::from_utf8_lossy(&out));
+    assert!(
+        out.starts_with(b"HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
     let out = raw_exchange(&s.shared, b"GARBAGE\r\n\r\n");
-    assert!(out.is_empty() || out.starts_with(b"HTTP/1.1 4"), "{}", String::from_utf8_lossy(&out));
+    assert!(
+        out.is_empty() || out.starts_with(b"HTTP/1.1 4"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
 }
 
 proptest! {
@@ -329,7 +471,10 @@ fn serves_on_its_socket_and_finishes() {
     let console = home.console_path();
     let state = home.state_path();
     let server = serve(home, FakeRef(Arc::new(Fake::default()))).unwrap();
-    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let st = crate::VmState::read(&state).unwrap();
     assert_eq!(st.status, Status::Running);
     assert!(st.is_alive());
@@ -337,7 +482,9 @@ fn serves_on_its_socket_and_finishes() {
     assert_eq!(c.info().unwrap().vcpus, 2);
     c.pause().unwrap();
     match c.pause() {
-        Err(crate::ClientError::Api { status: 409, kind, .. }) => assert_eq!(kind, "conflict"),
+        Err(crate::ClientError::Api {
+            status: 409, kind, ..
+        }) => assert_eq!(kind, "conflict"),
         other => panic!("{other:?}"),
     }
     std::fs::write(&console, b"line 1\n").unwrap();
@@ -356,7 +503,12 @@ fn serves_on_its_socket_and_finishes() {
     });
     std::thread::sleep(Duration::from_millis(300));
     use std::io::Write;
-    std::fs::OpenOptions::new().append(true).open(&console).unwrap().write_all(b"line 2\n").unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&console)
+        .unwrap()
+        .write_all(b"line 2\n")
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     c.shutdown().unwrap();
     assert!(server.stop_requested());

@@ -1,3 +1,11 @@
 //! One module per verb, each a thin layer over the library that owns the work.
 
 pub mod boot;
+pub mod inspect;
+pub mod logs;
+pub mod pause;
+pub mod ps;
+pub mod resume;
+pub mod rm;
+pub mod stop;
+pub mod vm;

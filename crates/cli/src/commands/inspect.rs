@@ -1,0 +1,46 @@
+//! `forkvm inspect`: the state file, paths and, while it runs, what the VM's API says.
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::vm::find;
+use crate::cli::VmArg;
+
+/// Runs `forkvm inspect`.
+pub fn run(args: VmArg, root: &Path) -> Result<i32> {
+    let home = find(root, &args.vm)?;
+    let state = home.state()?;
+    let mut out = json!({
+        "id": state.id,
+        "name": state.name,
+        "status": state.observe(),
+        "vcpus": state.vcpus,
+        "mem_mib": state.mem_mib,
+        "pid": state.process.map(|p| p.pid),
+        "parent": state.parent,
+        "children": home.children(),
+        "created": forkvm_api::time::rfc3339(state.created_ms),
+        "exit": state.exit,
+        "dir": home.dir(),
+        "socket": home.socket_path(),
+        "console_log": home.console_path(),
+    });
+    if state.is_alive() {
+        match forkvm_api::Client::new(home.socket_path()).info() {
+            Ok(info) => {
+                let serde_json::Value::Object(info) = serde_json::to_value(info)? else {
+                    unreachable!("a struct serializes to an object")
+                };
+                let obj = out.as_object_mut().expect("an object");
+                for (k, v) in info {
+                    obj.insert(k, v);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "the VM's API did not answer"),
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(0)
+}

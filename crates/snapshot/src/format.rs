@@ -1,0 +1,239 @@
+//! The state-file format: `FORKVMST` magic, format version, payload length, CRC-64 of
+//! the payload, then the payload (bincode of the VMM's state). Every field is checked
+//! before the payload is decoded: a truncated, tampered or foreign file is refused with
+//! an error that says which check failed.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// First eight bytes of every state file.
+pub const MAGIC: [u8; 8] = *b"FORKVMST";
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Largest payload accepted (a VM's state is kilobytes; this bounds a hostile file).
+pub const MAX_PAYLOAD: u64 = 64 << 20;
+const HEADER_LEN: usize = 8 + 4 + 8 + 8;
+const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_ECMA_182);
+
+/// Why a state blob or file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// Shorter than its header or its declared length.
+    #[error("truncated: {0} bytes, expected {1}")]
+    Truncated(usize, u64),
+    /// Not a forkvm state file.
+    #[error("bad magic: not a forkvm state file")]
+    BadMagic,
+    /// Written by an incompatible forkvm.
+    #[error("unsupported format version {0} (this forkvm reads version {FORMAT_VERSION})")]
+    Version(u32),
+    /// Declared payload larger than allowed.
+    #[error("payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(u64),
+    /// Checksum mismatch: the payload was modified or corrupted.
+    #[error(
+        "checksum mismatch (stored {stored:#018x}, computed {computed:#018x}): the file is corrupt"
+    )]
+    Checksum {
+        /// CRC in the header.
+        stored: u64,
+        /// CRC of the payload.
+        computed: u64,
+    },
+    /// The payload does not decode as the expected state.
+    #[error("cannot decode the state: {0}")]
+    Decode(#[source] bincode::error::DecodeError),
+    /// The state cannot be encoded.
+    #[error("cannot encode the state: {0}")]
+    Encode(#[source] bincode::error::EncodeError),
+    /// Reading or writing the file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ MAX_PAYLOAD as usize }>()
+}
+
+/// Frames `value` as a state blob (header + bincode payload).
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, FormatError> {
+    let payload = bincode::serde::encode_to_vec(value, config()).map_err(FormatError::Encode)?;
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&CRC.checksum(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Validates the header and checksum of `blob`, then decodes its payload.
+pub fn decode<T: DeserializeOwned>(blob: &[u8]) -> Result<T, FormatError> {
+    if blob.len() < HEADER_LEN {
+        return Err(FormatError::Truncated(blob.len(), HEADER_LEN as u64));
+    }
+    if blob[..8] != MAGIC {
+        return Err(FormatError::BadMagic);
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(blob[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_le_bytes(blob[o..o + 8].try_into().expect("8 bytes"));
+    let version = u32_at(8);
+    if version != FORMAT_VERSION {
+        return Err(FormatError::Version(version));
+    }
+    let len = u64_at(12);
+    if len > MAX_PAYLOAD {
+        return Err(FormatError::TooLarge(len));
+    }
+    let payload = &blob[HEADER_LEN..];
+    if (payload.len() as u64) < len {
+        return Err(FormatError::Truncated(blob.len(), HEADER_LEN as u64 + len));
+    }
+    let payload = &payload[..len as usize];
+    let stored = u64_at(20);
+    let computed = CRC.checksum(payload);
+    if stored != computed {
+        return Err(FormatError::Checksum { stored, computed });
+    }
+    let (value, _) =
+        bincode::serde::decode_from_slice(payload, config()).map_err(FormatError::Decode)?;
+    Ok(value)
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync,
+/// rename, fsync of the directory. Readers see the old file or the new one, never half.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FormatError> {
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |source| FormatError::Io { path: p, source }
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    Ok(())
+}
+
+/// Reads and validates a state file written with [`encode`] + [`write_atomic`].
+pub fn read_state_file<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
+    let bytes = std::fs::read(path).map_err(|source| FormatError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    decode(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct State {
+        regs: Vec<u64>,
+        name: String,
+    }
+
+    fn sample() -> State {
+        State {
+            regs: (0..64).collect(),
+            name: "vm".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let blob = encode(&sample()).unwrap();
+        assert_eq!(&blob[..8], b"FORKVMST");
+        assert_eq!(decode::<State>(&blob).unwrap(), sample());
+    }
+
+    #[test]
+    fn bad_magic_is_refused() {
+        let mut blob = encode(&sample()).unwrap();
+        blob[0] = b'X';
+        assert!(matches!(decode::<State>(&blob), Err(FormatError::BadMagic)));
+    }
+
+    #[test]
+    fn other_version_is_refused() {
+        let mut blob = encode(&sample()).unwrap();
+        blob[8] = 99;
+        assert!(matches!(
+            decode::<State>(&blob),
+            Err(FormatError::Version(99))
+        ));
+    }
+
+    #[test]
+    fn truncation_is_refused() {
+        let blob = encode(&sample()).unwrap();
+        for cut in [0, 7, HEADER_LEN - 1, blob.len() - 1] {
+            let e = decode::<State>(&blob[..cut]).unwrap_err();
+            assert!(matches!(e, FormatError::Truncated(..)), "cut at {cut}: {e}");
+        }
+    }
+
+    #[test]
+    fn tampered_payload_fails_the_checksum() {
+        let mut blob = encode(&sample()).unwrap();
+        let last = blob.len() - 1;
+        blob[last] ^= 0x01;
+        let e = decode::<State>(&blob).unwrap_err();
+        assert!(matches!(e, FormatError::Checksum { .. }), "{e}");
+        assert!(e.to_string().contains("corrupt"));
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocation() {
+        let mut blob = encode(&sample()).unwrap();
+        blob[12..20].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+        assert!(matches!(
+            decode::<State>(&blob),
+            Err(FormatError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn valid_frame_of_the_wrong_type_fails_to_decode() {
+        let blob = encode(&"just a string").unwrap();
+        assert!(matches!(
+            decode::<State>(&blob),
+            Err(FormatError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn atomic_write_then_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.bin");
+        write_atomic(&path, &encode(&sample()).unwrap()).unwrap();
+        assert_eq!(read_state_file::<State>(&path).unwrap(), sample());
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file left behind");
+        let e = read_state_file::<State>(&dir.path().join("missing")).unwrap_err();
+        assert!(e.to_string().contains("missing"));
+    }
+}

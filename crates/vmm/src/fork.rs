@@ -1,0 +1,436 @@
+//! Forking a running VM into child VMs, each in its own VMM process.
+//!
+//! The parent pauses its vCPUs, captures its state ([`VmSnapshot`]), freezes its memory
+//! (see [`crate::memory`]: nothing is copied on a first fork, only pages written since
+//! the last fork on later ones) and resumes: that is the whole parent pause, and it does
+//! not grow with guest memory. Then it starts each child as `<forkvm> __fork-child` with
+//! a socket on fd 3 over which it sends the snapshot, the child's identity and the
+//! memory files. The child maps the files copy-on-write, builds a new KVM VM, restores
+//! every vCPU and device, resumes and reports that it runs.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::{ChildInfo, ChildSpec, ControlError, ForkOutcome, ForkRequest};
+use crate::memory::{GuestRam, MemoryLayout};
+use crate::snapshot::{ChildIdentity, VmSnapshot};
+use crate::vmm::{ExitReason, Origin, Vmm, VmmError};
+
+/// The hidden CLI verb a fork child runs.
+pub const CHILD_VERB: &str = "__fork-child";
+/// The descriptor on which a fork child finds its parent's socket.
+pub const CHILD_FD: i32 = 3;
+/// Most children one fork request may create.
+pub const MAX_CHILDREN: u32 = 1024;
+/// How long a child may take to report that it runs.
+const CHILD_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest payload a child accepts.
+const MAX_CHILD_PAYLOAD: u64 = 64 << 20;
+
+/// What a fork child receives (its memory files travel beside it).
+#[derive(Debug, Serialize, Deserialize)]
+struct ChildPayload {
+    snapshot: VmSnapshot,
+    layout: MemoryLayout,
+    identity: ChildIdentity,
+    console: Option<PathBuf>,
+}
+
+/// Errors in a fork child before its VM runs.
+#[derive(Debug, thiserror::Error)]
+pub enum ForkChildError {
+    /// Receiving the payload failed.
+    #[error("cannot receive the fork payload: {0}")]
+    Transfer(#[from] forkvm_snapshot::TransferError),
+    /// The payload is invalid.
+    #[error("invalid fork payload: {0}")]
+    Format(#[from] forkvm_snapshot::FormatError),
+    /// No memory file came with the payload.
+    #[error("the fork payload carried no guest memory")]
+    NoMemory,
+    /// Guest memory could not be mapped.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// The VM could not be restored.
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    /// Resuming or reporting failed.
+    #[error("cannot start the restored VM: {0}")]
+    Start(String),
+    /// The console file cannot be created.
+    #[error("cannot open the console file {path}: {source}")]
+    Console {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    let mut filled = 0;
+    while filled < n {
+        // SAFETY: getrandom writes at most `n - filled` bytes into the buffer's tail.
+        let r = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), n - filled, 0) };
+        if r > 0 {
+            filled += r as usize;
+        }
+    }
+    buf
+}
+
+fn random_u32() -> u32 {
+    u32::from_le_bytes(random_bytes(4).try_into().expect("4 bytes"))
+}
+
+/// A fresh CID: any value from 3 to 2^32-2 (0-2 are reserved, -1 is "any").
+fn random_cid() -> u64 {
+    3 + u64::from(random_u32()) % (u64::from(u32::MAX) - 4)
+}
+
+impl Vmm {
+    fn child_identity(&mut self, spec: &ChildSpec) -> Result<ChildIdentity, ControlError> {
+        self.fork_seq += 1;
+        let seq = self.fork_seq;
+        let (cid, vsock_uds) = match &self.cfg.vsock {
+            Some(v) => (
+                Some(spec.cid.unwrap_or_else(random_cid)),
+                Some(spec.vsock_uds.clone().unwrap_or_else(|| {
+                    PathBuf::from(format!("{}.{}-{seq}", v.uds.display(), std::process::id()))
+                })),
+            ),
+            None => (None, None),
+        };
+        if let Some(c) = cid {
+            if !(3..u64::from(u32::MAX)).contains(&c) {
+                return Err(ControlError::Invalid(format!(
+                    "CID {c} is reserved or out of range"
+                )));
+            }
+        }
+        let nics = self.cfg.nets.len();
+        if !spec.taps.is_empty() && spec.taps.len() != nics {
+            return Err(ControlError::Invalid(format!(
+                "{} TAP names given for {nics} NICs",
+                spec.taps.len()
+            )));
+        }
+        let taps = if spec.taps.is_empty() {
+            (0..nics)
+                .map(|i| format!("fk{}c{seq}n{i}", std::process::id() % 100_000))
+                .collect()
+        } else {
+            spec.taps.clone()
+        };
+        let macs = (0..nics)
+            .map(|_| {
+                forkvm_devices::virtio::net::random_mac()
+                    .map_err(|e| ControlError::Failed(format!("cannot make a MAC: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(ChildIdentity {
+            cid,
+            vsock_uds,
+            taps,
+            macs,
+            hostname: format!("fork-{:08x}", random_u32()),
+            seed: random_bytes(64),
+        })
+    }
+
+    /// Forks this VM into `req.count` children (see the module documentation).
+    pub fn fork(&mut self, req: &ForkRequest) -> Result<ForkOutcome, ControlError> {
+        let t0 = Instant::now();
+        if req.count == 0 || req.count > MAX_CHILDREN {
+            return Err(ControlError::Invalid(format!(
+                "count must be 1 to {MAX_CHILDREN}, got {}",
+                req.count
+            )));
+        }
+        if req.children.len() > req.count as usize {
+            return Err(ControlError::Invalid(format!(
+                "{} child specs for {} children",
+                req.children.len(),
+                req.count
+            )));
+        }
+        if let Some(d) = self.cfg.disks.iter().find(|d| !d.read_only) {
+            return Err(ControlError::Invalid(format!(
+                "the VM has a writable disk ({}); parent and children would write the same image: attach it read-only to fork",
+                d.path.display()
+            )));
+        }
+        let exe = match &req.child_exe {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().map_err(|e| {
+                ControlError::Failed(format!("cannot find the forkvm executable: {e}"))
+            })?,
+        };
+        let identities = (0..req.count as usize)
+            .map(|i| self.child_identity(req.children.get(i).unwrap_or(&ChildSpec::default())))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        // The parent pause: pause, capture, freeze memory, resume.
+        let was_paused = self.is_paused();
+        let pause_start = Instant::now();
+        if !was_paused {
+            self.pause()?;
+        }
+        let captured = self.capture().and_then(|snap| {
+            let (files, layout) = self
+                .ram
+                .freeze_for_fork()
+                .map_err(|e| ControlError::Failed(format!("cannot share guest memory: {e}")))?;
+            let files = files
+                .into_iter()
+                .map(|f| f.try_clone())
+                .collect::<Result<Vec<File>, _>>()
+                .map_err(|e| ControlError::Failed(format!("cannot share guest memory: {e}")))?;
+            Ok((snap, files, layout))
+        });
+        let frozen_at = pause_start.elapsed();
+        if !was_paused && !req.freeze {
+            self.resume()?;
+        }
+        let parent_pause_us = pause_start.elapsed().as_micros() as u64;
+        tracing::debug!(?frozen_at, parent_pause_us, "parent paused, captured and froze");
+        let (snapshot, files, layout) = captured?;
+
+        // Children: start them all, then collect their reports.
+        let mut started = Vec::with_capacity(identities.len());
+        let mut snapshot = Some(snapshot);
+        for (i, identity) in identities.into_iter().enumerate() {
+            let console = req.children.get(i).and_then(|c| c.console.clone());
+            // Every child gets the same snapshot; encode it with each identity.
+            let snap = snapshot.take().expect("snapshot present");
+            let payload = ChildPayload {
+                snapshot: snap,
+                layout: layout.clone(),
+                identity,
+                console,
+            };
+            let blob = forkvm_snapshot::encode(&payload).map_err(|e| {
+                ControlError::Failed(format!("cannot encode the fork payload: {e}"))
+            })?;
+            let ChildPayload {
+                snapshot: snap,
+                identity,
+                ..
+            } = payload;
+            snapshot = Some(snap);
+            let (pid, sock) = spawn_child(&exe, &blob, &files)
+                .map_err(|e| ControlError::Failed(format!("cannot start fork child {i}: {e}")))?;
+            started.push((pid, sock, identity));
+        }
+        let mut children = Vec::with_capacity(started.len());
+        for (pid, sock, identity) in started {
+            wait_running(&sock).map_err(|e| {
+                ControlError::Failed(format!("fork child {pid} did not start: {e}"))
+            })?;
+            children.push(ChildInfo {
+                pid,
+                cid: identity.cid,
+                vsock_uds: identity.vsock_uds,
+                running_after_us: t0.elapsed().as_micros() as u64,
+            });
+        }
+        tracing::info!(children = children.len(), parent_pause_us, "forked");
+        Ok(ForkOutcome {
+            children,
+            parent_pause_us,
+        })
+    }
+}
+
+/// Starts `exe __fork-child` with a socket on fd 3 and sends it `blob` and `files`.
+fn spawn_child(
+    exe: &std::path::Path,
+    blob: &[u8],
+    files: &[File],
+) -> std::io::Result<(u32, UnixStream)> {
+    let (ours, theirs) = UnixStream::pair()?;
+    let fd = theirs.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.arg(CHILD_VERB)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    // SAFETY: only async-signal-safe calls between fork and exec: setsid and dup2.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The child is a VM of its own: not in the parent's session or process
+            // group, so a Ctrl-C meant for the parent does not kill it.
+            libc::setsid();
+            if libc::dup2(fd, CHILD_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    drop(theirs);
+    let pid = child.id();
+    // Reap the child when it ends; its lifetime is its own.
+    std::thread::Builder::new()
+        .name(format!("reap-{pid}"))
+        .spawn(move || {
+            let _ = child.wait();
+        })?;
+    let raw: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+    forkvm_snapshot::send_blob(&ours, blob, &raw).map_err(std::io::Error::other)?;
+    Ok((pid, ours))
+}
+
+fn wait_running(sock: &UnixStream) -> std::io::Result<()> {
+    sock.set_read_timeout(Some(CHILD_START_TIMEOUT))?;
+    let mut b = [0u8; 8];
+    (&*sock).read_exact(&mut b)?;
+    match u64::from_le_bytes(b) {
+        1 => Ok(()),
+        other => Err(std::io::Error::other(format!("unexpected report {other}"))),
+    }
+}
+
+/// The fork child's side: receive, restore, resume, report, run. Called by the hidden
+/// `__fork-child` verb with the parent's socket on fd 3.
+pub fn run_fork_child() -> Result<ExitReason, ForkChildError> {
+    // SAFETY: the parent set up fd 3 as our end of a Unix stream socket before exec and
+    // nothing else in this process uses it.
+    let sock = unsafe { UnixStream::from_raw_fd(CHILD_FD) };
+    let (blob, mut files) = forkvm_snapshot::recv_blob(&sock, MAX_CHILD_PAYLOAD)?;
+    let mut payload: ChildPayload = forkvm_snapshot::decode(&blob)?;
+    if files.is_empty() {
+        return Err(ForkChildError::NoMemory);
+    }
+    let base = files.remove(0);
+    let ram = GuestRam::from_layers(base, files, &payload.layout)?;
+    let console: Box<dyn Write + Send> = match &payload.console {
+        Some(path) => Box::new(
+            File::create(path).map_err(|source| ForkChildError::Console {
+                path: path.clone(),
+                source,
+            })?,
+        ),
+        None => Box::new(std::io::sink()),
+    };
+    // The child's configuration carries its own identity.
+    let id = &payload.identity;
+    if let (Some(v), Some(cid), Some(uds)) =
+        (&mut payload.snapshot.config.vsock, id.cid, &id.vsock_uds)
+    {
+        v.cid = cid;
+        v.uds = uds.clone();
+    }
+    for (i, net) in payload.snapshot.config.nets.iter_mut().enumerate() {
+        if let Some(tap) = id.taps.get(i) {
+            net.tap = tap.clone();
+        }
+        net.mac = id.macs.get(i).copied();
+    }
+    let config = payload.snapshot.config.clone();
+    let mut vmm = Vmm::build(
+        &config,
+        ram,
+        console,
+        Origin::Restore {
+            snapshot: &payload.snapshot,
+            identity: &payload.identity,
+        },
+    )?;
+    vmm.resume()
+        .map_err(|e| ForkChildError::Start(e.to_string()))?;
+    (&sock)
+        .write_all(&1u64.to_le_bytes())
+        .map_err(|e| ForkChildError::Start(format!("cannot report to the parent: {e}")))?;
+    if let Some(uds) = payload.identity.vsock_uds.clone() {
+        let identity = payload.identity.clone();
+        std::thread::Builder::new()
+            .name("identity".into())
+            .spawn(move || match apply_identity(&uds, &identity) {
+                Ok(took) => tracing::info!(?took, "guest agent applied the child identity"),
+                Err(e) => tracing::warn!("guest agent did not apply the child identity: {e}"),
+            })
+            .map_err(|e| ForkChildError::Start(format!("cannot start the identity thread: {e}")))?;
+    }
+    Ok(vmm.run()?)
+}
+
+/// How long a child keeps trying to reach its guest's agent.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to the guest agent through the vsock device's host socket (the
+/// `CONNECT <port>` convention) and sends the child's identity: entropy, hostname, MACs.
+pub fn apply_identity(uds: &std::path::Path, id: &ChildIdentity) -> Result<Duration, String> {
+    let start = Instant::now();
+    let req = forkvm_agent::Request::Identity {
+        hostname: id.hostname.clone(),
+        seed: id.seed.clone(),
+        macs: id
+            .macs
+            .iter()
+            .map(forkvm_devices::virtio::net::format_mac)
+            .collect(),
+    };
+    let mut last_err = String::from("no attempt");
+    while start.elapsed() < AGENT_TIMEOUT {
+        // A connection made before the guest has taken its new CID is dropped by the
+        // guest: give up on an attempt quickly and try again.
+        match agent_call_timeout(uds, &req, Duration::from_millis(250)) {
+            Ok(forkvm_agent::Response::Ok) => return Ok(start.elapsed()),
+            Ok(other) => return Err(format!("agent answered {other:?}")),
+            Err(e) => last_err = e,
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Err(last_err)
+}
+
+/// One request to the guest agent over the vsock device's host socket.
+pub fn agent_call(
+    uds: &std::path::Path,
+    req: &forkvm_agent::Request,
+) -> Result<forkvm_agent::Response, String> {
+    agent_call_timeout(uds, req, Duration::from_secs(5))
+}
+
+/// [`agent_call`], giving up when the guest takes longer than `timeout` to answer.
+pub fn agent_call_timeout(
+    uds: &std::path::Path,
+    req: &forkvm_agent::Request,
+    timeout: Duration,
+) -> Result<forkvm_agent::Response, String> {
+    use std::io::BufRead;
+    let mut conn =
+        UnixStream::connect(uds).map_err(|e| format!("connect {}: {e}", uds.display()))?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    conn.write_all(format!("CONNECT {}\n", forkvm_agent::AGENT_PORT).as_bytes())
+        .map_err(|e| format!("handshake: {e}"))?;
+    let mut reader = std::io::BufReader::new(conn.try_clone().map_err(|e| e.to_string())?);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .map_err(|e| format!("handshake: {e}"))?;
+    if !line.starts_with("OK ") {
+        return Err(format!(
+            "the guest did not accept the connection ({line:?})"
+        ));
+    }
+    conn.write_all(forkvm_agent::protocol::to_line(req).as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
+    line.clear();
+    reader
+        .read_line(&mut line)
+        .map_err(|e| format!("receive: {e}"))?;
+    serde_json::from_str(line.trim()).map_err(|e| format!("bad answer {line:?}: {e}"))
+}

@@ -1,0 +1,133 @@
+//! What a VM's complete state is, and capturing it from a paused VM: every vCPU, the
+//! VM-wide KVM state (PICs, IOAPIC, PIT, kvmclock), the UART, and every virtio device
+//! with its transport. Plain data (serde), so one path serves fork and templates.
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use forkvm_devices::legacy::SerialState;
+use forkvm_devices::virtio::block::BlockState;
+use forkvm_devices::virtio::mmio::MmioTransportState;
+use forkvm_devices::virtio::net::NetState;
+use forkvm_devices::virtio::rng::RngState;
+use forkvm_devices::virtio::vsock::VsockState;
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+use crate::control::ControlError;
+use crate::vcpu::VcpuState;
+use crate::vm::VmArchState;
+use crate::vmm::Vmm;
+
+/// One device's saved state.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum VirtioDeviceState {
+    /// virtio-blk.
+    Block(BlockState),
+    /// virtio-net, with the TAP it was attached to.
+    Net(NetState, String),
+    /// virtio-vsock.
+    Vsock(VsockState),
+    /// virtio-rng.
+    Rng(RngState),
+}
+
+/// A virtio device and its transport registers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VirtioSnapshot {
+    /// The device.
+    pub device: VirtioDeviceState,
+    /// Its virtio-mmio transport.
+    pub transport: MmioTransportState,
+}
+
+/// The complete state of a paused VM, guest memory aside.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    /// What the VM was built from.
+    pub config: VmConfig,
+    /// Every vCPU, by index.
+    pub vcpus: Vec<VcpuState>,
+    /// PICs, IOAPIC, PIT and kvmclock.
+    pub arch: VmArchState,
+    /// The console UART.
+    pub serial: SerialState,
+    /// Virtio devices in MMIO order.
+    pub virtio: Vec<VirtioSnapshot>,
+    /// Host wall-clock time of the capture, nanoseconds since the epoch.
+    pub captured_realtime_ns: u64,
+}
+
+/// Host wall-clock time in nanoseconds since the epoch.
+pub fn realtime_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl VmSnapshot {
+    /// Nanoseconds since the capture: how far the restored guest's clock must move on.
+    pub fn elapsed_ns(&self) -> u64 {
+        realtime_ns().saturating_sub(self.captured_realtime_ns)
+    }
+}
+
+/// Who a fork child is: its own vsock CID and socket, TAPs and MACs, and the fresh
+/// randomness its guest agent reseeds the guest's entropy pool with.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildIdentity {
+    /// vsock CID.
+    pub cid: Option<u64>,
+    /// vsock host socket.
+    pub vsock_uds: Option<PathBuf>,
+    /// TAP per NIC.
+    pub taps: Vec<String>,
+    /// MAC per NIC.
+    pub macs: Vec<[u8; 6]>,
+    /// Guest hostname.
+    pub hostname: String,
+    /// 64 bytes from the host's CSPRNG for the guest's entropy pool.
+    pub seed: Vec<u8>,
+}
+
+impl Vmm {
+    /// Captures the complete state of this VM, which must be paused.
+    pub fn capture(&self) -> Result<VmSnapshot, ControlError> {
+        if !self.is_paused() {
+            return Err(ControlError::Conflict("capture needs a paused VM".into()));
+        }
+        let fail =
+            |what: &str, e: &dyn std::fmt::Display| ControlError::Failed(format!("{what}: {e}"));
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            vcpus.push(
+                v.save()
+                    .map_err(|e| fail(&format!("vCPU {}", v.index()), &e))?,
+            );
+        }
+        let arch = self.vm.save_arch().map_err(|e| fail("VM state", &e))?;
+        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
+        let mut virtio = Vec::with_capacity(self.virtio.len());
+        for d in &self.virtio {
+            let transport = d
+                .transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .save()
+                .map_err(|e| fail(&format!("device {}", d.detail), &e))?;
+            virtio.push(VirtioSnapshot {
+                device: d.kind.save(),
+                transport,
+            });
+        }
+        Ok(VmSnapshot {
+            config: self.cfg.clone(),
+            vcpus,
+            arch,
+            serial,
+            virtio,
+            captured_realtime_ns: realtime_ns(),
+        })
+    }
+}

@@ -39,6 +39,9 @@ pub enum Command {
     Stop(StopArgs),
     /// Remove stopped or dead VMs' state.
     Rm(RmArgs),
+    /// Internal: run a fork child (started by a forking VMM with its socket on fd 3).
+    #[command(name = "__fork-child", hide = true)]
+    ForkChild,
 }
 
 /// `forkvm boot`.
@@ -60,7 +63,8 @@ pub struct BootArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     pub mem: u64,
-    /// Kernel command line (virtio devices are appended); text after ` -- ` goes to init.
+    /// Kernel command line (devices are announced through ACPI); text after ` -- ` goes
+    /// to init.
     #[arg(long)]
     pub cmdline: Option<String>,
     /// A virtio-net card on a TAP device: `tap=NAME[,mac=52:54:00:12:34:56]`.
@@ -143,4 +147,73 @@ pub struct RmArgs {
     /// Stop (kill) running VMs first.
     #[arg(short, long)]
     pub force: bool,
+}
+
+/// `forkvm bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[command(subcommand)]
+    pub what: BenchCommand,
+}
+
+/// The benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Boot the same guest with forkvm and QEMU microvm, alternating, and compare
+    /// boot-to-init time, time to exit and VMM memory.
+    Boot(BenchBootArgs),
+}
+
+/// Output format of `forkvm bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchFormat {
+    /// A human-readable table.
+    Table,
+    /// One JSON document with the environment, every sample and the summaries.
+    Json,
+}
+
+/// `forkvm bench boot`.
+#[derive(Debug, Args)]
+pub struct BenchBootArgs {
+    /// Measured runs per VMM (after the warm-up runs).
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    /// Unmeasured warm-up runs per VMM (page cache, CPU frequency).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub mem: u64,
+    /// Guest kernel (bzImage). Default: forkvm's default guest kernel.
+    #[arg(long, requires = "initrd")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs whose init prints the ready marker and powers off. Default: forkvm's
+    /// busybox initramfs.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for both VMMs (the same `console=ttyS0 ...` for both;
+    /// ` -- true` is appended when it has no ` -- `).
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Leave out the virtio-rng device (in both VMMs).
+    #[arg(long)]
+    pub no_rng: bool,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Per-run limit in seconds, from spawn to exit.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
+    pub format: BenchFormat,
+    /// Save each run's console here as `<vmm>-<run>.log`, every line prefixed with the
+    /// host time since spawn (in the virtual host, export the directory with `--rw`).
+    #[arg(long, value_name = "DIR")]
+    pub console_dir: Option<PathBuf>,
 }

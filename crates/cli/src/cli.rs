@@ -39,6 +39,8 @@ pub enum Command {
     Stop(StopArgs),
     /// Remove stopped or dead VMs' state.
     Rm(RmArgs),
+    /// Fork a running VM into children that resume from its exact state.
+    Fork(ForkArgs),
     /// Internal: run a fork child (started by a forking VMM with its socket on fd 3).
     #[command(name = "__fork-child", hide = true)]
     ForkChild,
@@ -92,6 +94,22 @@ pub struct BootArgs {
 pub struct VmArg {
     /// Name, ID or unique ID prefix.
     pub vm: String,
+}
+
+/// `forkvm fork`.
+#[derive(Debug, Args)]
+pub struct ForkArgs {
+    /// Name, ID or unique ID prefix of the VM to fork.
+    pub vm: String,
+    /// Number of children.
+    #[arg(long, short = 'n', default_value_t = 1)]
+    pub count: u32,
+    /// Leave the parent paused afterwards: it becomes a template to fork again.
+    #[arg(long)]
+    pub freeze: bool,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Output format of `forkvm ps`.
@@ -209,6 +227,10 @@ pub struct BenchBootArgs {
     /// Per-run limit in seconds, from spawn to exit.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// Re-run a boot that failed or timed out up to this many times (each retry is
+    /// listed in the report); 0 stops at the first failure.
+    #[arg(long, default_value_t = 0)]
+    pub retries: usize,
     /// Output format.
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     pub format: BenchFormat,

@@ -27,6 +27,7 @@ fn main() {
         Command::Resume(args) => commands::resume::run(args, &root),
         Command::Stop(args) => commands::stop::run(args, &root),
         Command::Rm(args) => commands::rm::run(args, &root),
+        Command::Fork(args) => commands::fork::run(args, &root),
         Command::ForkChild => commands::fork_child::run(),
     };
     match result {

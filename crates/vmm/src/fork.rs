@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use crate::control::{ChildInfo, ChildSpec, ControlError, ForkOutcome, ForkRequest};
 use crate::memory::{GuestRam, MemoryLayout};
 use crate::snapshot::{ChildIdentity, VmSnapshot};
-use crate::vmm::{ExitReason, Origin, Vmm, VmmError};
+use crate::config::VmConfig;
+use crate::vmm::{Origin, Vmm, VmmError};
 
 /// The hidden CLI verb a fork child runs.
 pub const CHILD_VERB: &str = "__fork-child";
@@ -65,15 +66,6 @@ pub enum ForkChildError {
     /// Resuming or reporting failed.
     #[error("cannot start the restored VM: {0}")]
     Start(String),
-    /// The console file cannot be created.
-    #[error("cannot open the console file {path}: {source}")]
-    Console {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 fn random_bytes(n: usize) -> Vec<u8> {
@@ -301,68 +293,90 @@ fn wait_running(sock: &UnixStream) -> std::io::Result<()> {
     }
 }
 
-/// The fork child's side: receive, restore, resume, report, run. Called by the hidden
-/// `__fork-child` verb with the parent's socket on fd 3.
-pub fn run_fork_child() -> Result<ExitReason, ForkChildError> {
-    // SAFETY: the parent set up fd 3 as our end of a Unix stream socket before exec and
-    // nothing else in this process uses it.
-    let sock = unsafe { UnixStream::from_raw_fd(CHILD_FD) };
-    let (blob, mut files) = forkvm_snapshot::recv_blob(&sock, MAX_CHILD_PAYLOAD)?;
-    let mut payload: ChildPayload = forkvm_snapshot::decode(&blob)?;
-    if files.is_empty() {
-        return Err(ForkChildError::NoMemory);
-    }
-    let base = files.remove(0);
-    let ram = GuestRam::from_layers(base, files, &payload.layout)?;
-    let console: Box<dyn Write + Send> = match &payload.console {
-        Some(path) => Box::new(
-            File::create(path).map_err(|source| ForkChildError::Console {
-                path: path.clone(),
-                source,
-            })?,
-        ),
-        None => Box::new(std::io::sink()),
-    };
-    // The child's configuration carries its own identity.
-    let id = &payload.identity;
-    if let (Some(v), Some(cid), Some(uds)) =
-        (&mut payload.snapshot.config.vsock, id.cid, &id.vsock_uds)
-    {
-        v.cid = cid;
-        v.uds = uds.clone();
-    }
-    for (i, net) in payload.snapshot.config.nets.iter_mut().enumerate() {
-        if let Some(tap) = id.taps.get(i) {
-            net.tap = tap.clone();
+/// A fork child's payload, received from its parent, not yet restored.
+pub struct ReceivedChild {
+    sock: UnixStream,
+    payload: ChildPayload,
+    files: Vec<File>,
+}
+
+impl ReceivedChild {
+    /// Receives the snapshot, identity and memory files on fd 3 (set up by the parent
+    /// before exec; see [`spawn_child`]).
+    pub fn receive() -> Result<Self, ForkChildError> {
+        // SAFETY: the parent set up fd 3 as our end of a Unix stream socket before exec
+        // and nothing else in this process uses it.
+        let sock = unsafe { UnixStream::from_raw_fd(CHILD_FD) };
+        let (blob, files) = forkvm_snapshot::recv_blob(&sock, MAX_CHILD_PAYLOAD)?;
+        let mut payload: ChildPayload = forkvm_snapshot::decode(&blob)?;
+        if files.is_empty() {
+            return Err(ForkChildError::NoMemory);
         }
-        net.mac = id.macs.get(i).copied();
+        // The child's configuration carries its own identity.
+        let id = &payload.identity;
+        let cfg = &mut payload.snapshot.config;
+        if let (Some(v), Some(cid), Some(uds)) = (&mut cfg.vsock, id.cid, &id.vsock_uds) {
+            v.cid = cid;
+            v.uds = uds.clone();
+        }
+        for (i, net) in cfg.nets.iter_mut().enumerate() {
+            if let Some(tap) = id.taps.get(i) {
+                net.tap = tap.clone();
+            }
+            net.mac = id.macs.get(i).copied();
+        }
+        Ok(Self {
+            sock,
+            payload,
+            files,
+        })
     }
-    let config = payload.snapshot.config.clone();
-    let mut vmm = Vmm::build(
-        &config,
-        ram,
-        console,
-        Origin::Restore {
-            snapshot: &payload.snapshot,
-            identity: &payload.identity,
-        },
-    )?;
-    vmm.resume()
-        .map_err(|e| ForkChildError::Start(e.to_string()))?;
-    (&sock)
-        .write_all(&1u64.to_le_bytes())
-        .map_err(|e| ForkChildError::Start(format!("cannot report to the parent: {e}")))?;
-    if let Some(uds) = payload.identity.vsock_uds.clone() {
-        let identity = payload.identity.clone();
-        std::thread::Builder::new()
-            .name("identity".into())
-            .spawn(move || match apply_identity(&uds, &identity) {
-                Ok(took) => tracing::info!(?took, "guest agent applied the child identity"),
-                Err(e) => tracing::warn!("guest agent did not apply the child identity: {e}"),
-            })
-            .map_err(|e| ForkChildError::Start(format!("cannot start the identity thread: {e}")))?;
+
+    /// The child's configuration (with its own identity).
+    pub fn config(&self) -> &VmConfig {
+        &self.payload.snapshot.config
     }
-    Ok(vmm.run()?)
+
+    /// Where the parent asked this child's console to go, if anywhere.
+    pub fn console_path(&self) -> Option<&std::path::Path> {
+        self.payload.console.as_deref()
+    }
+
+    /// Restores the VM with its console on `console`, resumes it, tells the parent it
+    /// runs, and has the guest agent apply the child's identity (in the background).
+    pub fn start(self, console: Box<dyn Write + Send>) -> Result<Vmm, ForkChildError> {
+        let Self {
+            sock,
+            payload,
+            mut files,
+        } = self;
+        let base = files.remove(0);
+        let ram = GuestRam::from_layers(base, files, &payload.layout)?;
+        let mut vmm = Vmm::build(
+            &payload.snapshot.config,
+            ram,
+            console,
+            Origin::Restore {
+                snapshot: &payload.snapshot,
+                identity: &payload.identity,
+            },
+        )?;
+        vmm.resume().map_err(|e| ForkChildError::Start(e.to_string()))?;
+        (&sock)
+            .write_all(&1u64.to_le_bytes())
+            .map_err(|e| ForkChildError::Start(format!("cannot report to the parent: {e}")))?;
+        if let Some(uds) = payload.identity.vsock_uds.clone() {
+            let identity = payload.identity.clone();
+            std::thread::Builder::new()
+                .name("identity".into())
+                .spawn(move || match apply_identity(&uds, &identity) {
+                    Ok(took) => tracing::info!(?took, "guest agent applied the child identity"),
+                    Err(e) => tracing::warn!("guest agent did not apply the child identity: {e}"),
+                })
+                .map_err(|e| ForkChildError::Start(format!("cannot start the identity thread: {e}")))?;
+        }
+        Ok(vmm)
+    }
 }
 
 /// How long a child keeps trying to reach its guest's agent.

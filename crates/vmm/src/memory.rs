@@ -423,8 +423,8 @@ fn host_range(
             && e.offset
                 .checked_add(e.len)
                 .is_some_and(|end| end <= r.file_offset + r.len)
-            && e.offset % PAGE == 0
-            && e.len % PAGE == 0
+            && e.offset.is_multiple_of(PAGE)
+            && e.len.is_multiple_of(PAGE)
         {
             // SAFETY: the offset is inside this region's mapping (checked above).
             let addr = unsafe { region.as_ptr().add((e.offset - r.file_offset) as usize) };
@@ -546,7 +546,7 @@ mod tests {
         assert_eq!(layout2.overlays.len(), 1);
         let captured: u64 = layout2.overlays[0].iter().map(|e| e.len).sum();
         assert!(
-            captured >= 2 * PAGE && captured < (16 << 20) / 4,
+            (2 * PAGE..(16 << 20) / 4).contains(&captured),
             "{captured} bytes captured"
         );
         let base = files[0].try_clone().unwrap();

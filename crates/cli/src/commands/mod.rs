@@ -1,6 +1,7 @@
 //! One module per verb, each a thin layer over the library that owns the work.
 
 pub mod boot;
+pub mod fork;
 pub mod fork_child;
 pub mod inspect;
 pub mod logs;

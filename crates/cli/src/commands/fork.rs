@@ -1,0 +1,47 @@
+//! `forkvm fork VM [-n N] [--freeze]`: fork a running VM through its API; children are
+//! VMs of their own (`forkvm ps` lists them with their parent).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use forkvm_vmm::control::ForkRequest;
+
+use super::vm::{find, live};
+use crate::cli::ForkArgs;
+
+/// Runs `forkvm fork`.
+pub fn run(args: ForkArgs, root: &Path) -> Result<i32> {
+    let home = find(root, &args.vm)?;
+    let (_, client) = live(&home)?;
+    let req = ForkRequest {
+        count: args.count,
+        freeze: args.freeze,
+        ..ForkRequest::default()
+    };
+    // Starting many children takes a while on a loaded host.
+    let client = client.with_timeout(Duration::from_secs(300));
+    let out = client
+        .fork(&req)
+        .with_context(|| format!("cannot fork VM {}", home.id()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(0);
+    }
+    println!(
+        "forked {} into {} children; parent paused {:.3} ms",
+        home.id(),
+        out.children.len(),
+        out.parent_pause_us as f64 / 1000.0
+    );
+    for c in &out.children {
+        let cid = c.cid.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "  pid {:>7}  cid {:>10}  running after {:.3} ms",
+            c.pid,
+            cid,
+            c.running_after_us as f64 / 1000.0
+        );
+    }
+    Ok(0)
+}

@@ -41,6 +41,8 @@ pub enum Command {
     Rm(RmArgs),
     /// Fork a running VM into children that resume from its exact state.
     Fork(ForkArgs),
+    /// Measure forkvm against a reference VMM (QEMU microvm), side by side.
+    Bench(BenchArgs),
     /// Internal: run a fork child (started by a forking VMM with its socket on fd 3).
     #[command(name = "__fork-child", hide = true)]
     ForkChild,

@@ -28,6 +28,7 @@ fn main() {
         Command::Stop(args) => commands::stop::run(args, &root),
         Command::Rm(args) => commands::rm::run(args, &root),
         Command::Fork(args) => commands::fork::run(args, &root),
+        Command::Bench(args) => commands::bench::run(args),
         Command::ForkChild => commands::fork_child::run(),
     };
     match result {

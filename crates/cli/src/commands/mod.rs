@@ -1,5 +1,6 @@
 //! One module per verb, each a thin layer over the library that owns the work.
 
+pub mod bench;
 pub mod boot;
 pub mod fork;
 pub mod fork_child;

@@ -34,19 +34,6 @@ pub fn guest_cmdline(script: &str) -> String {
     )
 }
 
-/// A state root (`FORKVM_ROOT`) private to this test process, so that the VMs the tests
-/// start are not registered among the machine's own.
-fn state_root() -> &'static std::path::Path {
-    static ROOT: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    ROOT.get_or_init(|| {
-        tempfile::Builder::new()
-            .prefix("forkvm-test-root")
-            .tempdir()
-            .expect("cannot create a state root")
-    })
-    .path()
-}
-
 /// Output captured from a running process, shared with its reader thread.
 #[derive(Default)]
 struct Captured {
@@ -85,6 +72,7 @@ pub struct Forkvm {
     stderr: Arc<Captured>,
     readers: Vec<JoinHandle<()>>,
     deadline: Instant,
+    _root: tempfile::TempDir,
 }
 
 /// How a `forkvm` run ended.
@@ -118,9 +106,14 @@ impl Forkvm {
             .iter()
             .map(|a| a.as_ref().to_string_lossy().into_owned())
             .collect();
+        // A state root of its own, so test VMs are not registered among the machine's.
+        let root = tempfile::Builder::new()
+            .prefix("forkvm-test-root")
+            .tempdir()
+            .expect("cannot create a state root");
         let mut child = Command::new(FORKVM)
             .args(args)
-            .env("FORKVM_ROOT", state_root())
+            .env("FORKVM_ROOT", root.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -140,6 +133,7 @@ impl Forkvm {
             stderr,
             readers,
             deadline: Instant::now() + timeout,
+            _root: root,
         }
     }
 

@@ -25,6 +25,11 @@ const OEM_REVISION: u32 = 1;
 const FADT_HW_REDUCED_ACPI: u32 = 1 << 20;
 /// FADT flag: the reset register is supported.
 const FADT_RESET_REG_SUP: u32 = 1 << 10;
+/// IAPC_BOOT_ARCH: no VGA.
+const BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+/// IAPC_BOOT_ARCH: no CMOS RTC. Without it Linux probes for one (seconds under nested
+/// virtualization); guest wall time comes from kvmclock.
+const BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 /// ACPI reset value the guest writes to the reset register.
 pub const RESET_VALUE: u8 = forkvm_devices::legacy::POWER_PORT_RESET_VALUE;
 /// Where the tables must end: the start of the EBDA... past 1 MiB is kernel territory.
@@ -34,7 +39,7 @@ const ACPI_LIMIT: u64 = 0x10_0000;
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
     /// Writing to guest memory failed.
-    #[error("cannot write ACPI table {table}: {source}")]
+    #[error("cannot write ACPI table {table}")]
     Write {
         /// The table signature.
         table: &'static str,
@@ -49,6 +54,12 @@ pub enum AcpiError {
 
 fn fadt(dsdt_addr: u64) -> Sdt {
     let mut fadt = Sdt::new(*b"FACP", 276, 6, OEM_ID, *b"FORKFADT", OEM_REVISION);
+    // IAPC_BOOT_ARCH leaves bit 1 (8042 present) clear: Linux then skips probing a PS/2
+    // controller (the i8042 is there only for the reset line).
+    fadt.write_u16(
+        109,
+        BOOT_ARCH_VGA_NOT_PRESENT | BOOT_ARCH_CMOS_RTC_NOT_PRESENT,
+    );
     fadt.write_u32(112, FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP);
     fadt.write(116, GenericAddress::io_port_address::<u8>(ACPI_POWER_PORT));
     fadt.write_u8(128, RESET_VALUE);
@@ -213,6 +224,9 @@ mod tests {
         assert!(checksum_ok(&fadt));
         let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
         assert_ne!(flags & FADT_HW_REDUCED_ACPI, 0);
+        let boot_arch = u16::from_le_bytes(fadt[109..111].try_into().unwrap());
+        assert_eq!(boot_arch & 0x2, 0, "no 8042 announced");
+        assert_ne!(boot_arch & BOOT_ARCH_CMOS_RTC_NOT_PRESENT, 0);
         // Sleep control register: I/O space, the power port.
         assert_eq!(fadt[244], 1);
         let port = u64::from_le_bytes(fadt[248..256].try_into().unwrap());

@@ -8,8 +8,27 @@ use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Command};
 
+/// Parses the command line. Help and version print as usual; a usage error becomes the
+/// same one-line `forkvm: ...` error as every other failure, with exit status 2.
+fn parse() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("forkvm: {}", usage_error_line(&e.to_string()));
+            std::process::exit(2);
+        }
+    }
+}
+
+/// The first line of clap's error message, without its `error: ` prefix.
+fn usage_error_line(rendered: &str) -> String {
+    let first = rendered.lines().next().unwrap_or("invalid command line");
+    first.strip_prefix("error: ").unwrap_or(first).to_owned()
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse();
     let filter = cli.log.as_deref().map(EnvFilter::new).unwrap_or_else(|| {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"))
     });
@@ -28,6 +47,7 @@ fn main() {
         Command::Stop(args) => commands::stop::run(args, &root),
         Command::Rm(args) => commands::rm::run(args, &root),
         Command::Fork(args) => commands::fork::run(args, &root),
+        Command::Template(cmd) => commands::template::run(cmd, &root),
         Command::Bench(args) => commands::bench::run(args),
         Command::ForkChild => commands::fork_child::run(),
     };
@@ -37,5 +57,20 @@ fn main() {
             eprintln!("forkvm: {e:#}");
             std::process::exit(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_errors_become_one_line() {
+        let e = Cli::try_parse_from(["forkvm", "boot", "--frobnicate"]).unwrap_err();
+        let line = usage_error_line(&e.to_string());
+        assert!(line.contains("--frobnicate"), "{line}");
+        assert!(!line.contains('\n') && !line.starts_with("error"), "{line}");
+        let e = Cli::try_parse_from(["forkvm", "boot", "--vcpus", "300"]).unwrap_err();
+        assert!(usage_error_line(&e.to_string()).contains("300"));
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A filesystem or socket operation failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
@@ -15,7 +15,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A state file is not valid JSON of the expected shape.
-    #[error("state file {} is corrupt: {source}", path.display())]
+    #[error("state file {} is corrupt", path.display())]
     Corrupt {
         /// The state file.
         path: PathBuf,

@@ -42,7 +42,7 @@ pub enum Error {
     #[error("cannot determine the cache directory: set FORKVM_CACHE, XDG_CACHE_HOME or HOME")]
     NoCacheDir,
     /// A filesystem operation failed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         /// The path being accessed.
         path: PathBuf,
@@ -51,7 +51,7 @@ pub enum Error {
         source: io::Error,
     },
     /// An external command could not be started.
-    #[error("fetching {package}: cannot run `{command}`: {source}")]
+    #[error("fetching {package}: cannot run `{command}`")]
     Spawn {
         /// The package being fetched.
         package: String,
@@ -96,7 +96,7 @@ pub enum Error {
         text: String,
     },
     /// Writing the cpio archive failed.
-    #[error("building initramfs entry {entry}: {source}")]
+    #[error("building initramfs entry {entry}")]
     Cpio {
         /// The archive entry being written.
         entry: String,

@@ -16,10 +16,10 @@ pub const MAX_FDS: usize = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
     /// The socket failed.
-    #[error("socket error: {0}")]
+    #[error("socket error")]
     Io(#[from] std::io::Error),
     /// `sendmsg`/`recvmsg` failed.
-    #[error("cannot pass file descriptors: {0}")]
+    #[error("cannot pass file descriptors")]
     Scm(#[source] vmm_sys_util::errno::Error),
     /// The peer closed before sending everything.
     #[error("the peer closed the connection early")]

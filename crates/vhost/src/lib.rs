@@ -67,7 +67,7 @@ pub enum Error {
     #[error(transparent)]
     Kernel(#[from] forkvm_guest_kernel::Error),
     /// A program could not be started.
-    #[error("cannot start {program}: {source}")]
+    #[error("cannot start {program}")]
     Spawn {
         /// The program.
         program: String,
@@ -76,7 +76,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A filesystem or process operation failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
@@ -154,7 +154,15 @@ pub fn on_kvm_host(test_path: &str, body: impl FnOnce()) {
     println!("forkvm-vhost: running `{test_path}` in the virtual KVM host");
     let out = match run_in_kvm_host(&cmd, &opts) {
         Ok(out) => out,
-        Err(e) => panic!("forkvm-vhost: virtual host run of `{test_path}` failed: {e}"),
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                msg = format!("{msg}: {c}");
+                cause = c.source();
+            }
+            panic!("forkvm-vhost: virtual host run of `{test_path}` failed: {msg}")
+        }
     };
     print!("{}", out.stdout);
     eprint!("{}", out.stderr);

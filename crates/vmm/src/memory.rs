@@ -45,10 +45,10 @@ pub enum MemoryError {
         mib: u64,
     },
     /// memfd_create failed.
-    #[error("cannot create the guest memory memfd: {0}")]
+    #[error("cannot create the guest memory memfd")]
     Memfd(#[source] std::io::Error),
     /// ftruncate of the memfd failed.
-    #[error("cannot size the guest memory memfd to {bytes} bytes: {source}")]
+    #[error("cannot size the guest memory memfd to {bytes} bytes")]
     Truncate {
         /// Size asked for.
         bytes: u64,
@@ -57,13 +57,13 @@ pub enum MemoryError {
         source: std::io::Error,
     },
     /// mmap of the memfd failed.
-    #[error("cannot map guest memory: {0}")]
+    #[error("cannot map guest memory")]
     Mmap(#[source] vm_memory::mmap::MmapRegionError),
     /// The regions do not form a valid guest memory.
-    #[error("invalid guest memory layout: {0}")]
+    #[error("invalid guest memory layout")]
     Layout(#[source] vm_memory::GuestRegionCollectionError),
     /// Remapping, sealing or scanning guest memory failed.
-    #[error("cannot {what} guest memory: {source}")]
+    #[error("cannot {what} guest memory")]
     Os {
         /// The operation.
         what: &'static str,

@@ -131,7 +131,7 @@ const MSR_IA32_TSC: u32 = 0x10;
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuStateError {
     /// A KVM vCPU ioctl failed.
-    #[error("KVM {what} failed: {source}")]
+    #[error("KVM {what} failed")]
     Kvm {
         /// The ioctl.
         what: &'static str,

@@ -19,7 +19,7 @@ use crate::memory::GuestMemory;
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     /// /dev/kvm cannot be opened.
-    #[error("cannot open /dev/kvm ({0}); is KVM available and are you allowed to use it?")]
+    #[error("cannot open /dev/kvm; is KVM available and are you allowed to use it?")]
     OpenKvm(#[source] kvm_ioctls::Error),
     /// The KVM API version is not the stable one.
     #[error("unsupported KVM API version {0} (need 12)")]
@@ -28,7 +28,7 @@ pub enum VmError {
     #[error("KVM lacks the {0:?} capability")]
     MissingCap(Cap),
     /// A KVM VM ioctl failed.
-    #[error("KVM {what} failed: {source}")]
+    #[error("KVM {what} failed")]
     Kvm {
         /// The operation.
         what: &'static str,

@@ -81,7 +81,7 @@ const ALL_STATUS_BITS: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
     /// Creating a queue's kick eventfd failed.
-    #[error("cannot create the kick eventfd of queue {index}: {source}")]
+    #[error("cannot create the kick eventfd of queue {index}")]
     KickEventFd {
         /// Queue index.
         index: usize,
@@ -90,7 +90,7 @@ pub enum MmioError {
         source: std::io::Error,
     },
     /// The device offers a queue size virtio-queue rejects, or a saved queue is invalid.
-    #[error("queue {index} is invalid: {source}")]
+    #[error("queue {index} is invalid")]
     Queue {
         /// Queue index.
         index: usize,
@@ -102,7 +102,7 @@ pub enum MmioError {
     #[error("invalid transport state: {0}")]
     InvalidState(String),
     /// Re-activating the device of a restored, running transport failed.
-    #[error("cannot activate the restored device: {0}")]
+    #[error("cannot activate the restored device")]
     Activate(#[source] ActivateError),
     /// An activated device did not report the state of its queues (see
     /// [`VirtioDevice::queue_states`]).

@@ -117,7 +117,7 @@ pub enum ActivateError {
         actual: usize,
     },
     /// Signalling the event loop failed.
-    #[error("cannot signal the activation event: {0}")]
+    #[error("cannot signal the activation event")]
     Signal(#[source] std::io::Error),
 }
 

@@ -31,7 +31,7 @@ const PAGE_SIZE: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// The kernel file cannot be opened.
-    #[error("cannot open kernel {path}: {source}")]
+    #[error("cannot open kernel {path}")]
     OpenKernel {
         /// The kernel path.
         path: PathBuf,
@@ -52,7 +52,7 @@ pub enum BootError {
         elf: linux_loader::loader::Error,
     },
     /// The initrd file cannot be opened or read.
-    #[error("cannot read initrd {path}: {source}")]
+    #[error("cannot read initrd {path}")]
     ReadInitrd {
         /// The initrd path.
         path: PathBuf,
@@ -71,16 +71,16 @@ pub enum BootError {
         limit: u64,
     },
     /// Copying the initrd into guest memory failed.
-    #[error("cannot copy the initrd into guest memory: {0}")]
+    #[error("cannot copy the initrd into guest memory")]
     CopyInitrd(#[source] vm_memory::GuestMemoryError),
     /// The kernel command line is invalid or too long.
-    #[error("invalid kernel command line: {0}")]
+    #[error("invalid kernel command line")]
     Cmdline(#[source] linux_loader::cmdline::Error),
     /// Writing the command line into guest memory failed.
-    #[error("cannot write the kernel command line: {0}")]
+    #[error("cannot write the kernel command line")]
     WriteCmdline(#[source] linux_loader::loader::Error),
     /// Writing the zero page failed.
-    #[error("cannot write the boot parameters: {0}")]
+    #[error("cannot write the boot parameters")]
     ZeroPage(#[source] linux_loader::configurator::Error),
     /// Too many e820 entries.
     #[error("the e820 map is full")]

@@ -17,7 +17,7 @@ use crate::memory::GuestMemory;
 #[derive(Debug, thiserror::Error)]
 pub enum CpuSetupError {
     /// A KVM vCPU ioctl failed.
-    #[error("KVM {what} failed: {source}")]
+    #[error("KVM {what} failed")]
     Kvm {
         /// The operation.
         what: &'static str,
@@ -26,7 +26,7 @@ pub enum CpuSetupError {
         source: kvm_ioctls::Error,
     },
     /// Writing boot structures to guest memory failed.
-    #[error("cannot write {what} to guest memory: {source}")]
+    #[error("cannot write {what} to guest memory")]
     Memory {
         /// The structure.
         what: &'static str,

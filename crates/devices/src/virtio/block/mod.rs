@@ -40,7 +40,7 @@ const CONFIG_LEN: usize = 16;
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     /// The image cannot be opened.
-    #[error("cannot open disk image {}: {source}", path.display())]
+    #[error("cannot open disk image {}", path.display())]
     Open {
         /// The image.
         path: PathBuf,
@@ -49,7 +49,7 @@ pub enum BlockError {
         source: std::io::Error,
     },
     /// The image's size cannot be determined.
-    #[error("cannot determine the size of disk image {}: {source}", path.display())]
+    #[error("cannot determine the size of disk image {}", path.display())]
     Size {
         /// The image.
         path: PathBuf,
@@ -64,7 +64,7 @@ pub enum BlockError {
         path: PathBuf,
     },
     /// Creating the activation eventfd failed.
-    #[error("cannot create the activation eventfd: {0}")]
+    #[error("cannot create the activation eventfd")]
     EventFd(#[source] std::io::Error),
     /// A saved state acknowledges features the device does not offer.
     #[error("saved acked features {acked:#x} are not offered ({avail:#x})")]

@@ -30,7 +30,7 @@ const AVAIL_FEATURES: u64 = 1 << VIRTIO_F_VERSION_1;
 #[derive(Debug, thiserror::Error)]
 pub enum RngError {
     /// Creating the activation eventfd failed.
-    #[error("cannot create the activation eventfd: {0}")]
+    #[error("cannot create the activation eventfd")]
     EventFd(#[source] std::io::Error),
     /// A saved state acknowledges features the device does not offer.
     #[error("saved acked features {acked:#x} are not offered ({avail:#x})")]

@@ -56,10 +56,20 @@ const AGENT_TARGET: &str = "x86_64-unknown-linux-musl";
 fn build_agent() -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = std::process::Command::new(cargo)
-        .args(["build", "--release", "--package", "forkvm-agent", "--target", AGENT_TARGET])
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "forkvm-agent",
+            "--target",
+            AGENT_TARGET,
+        ])
         .status()
         .context("running cargo to build the guest agent")?;
-    anyhow::ensure!(status.success(), "building the guest agent failed ({status})");
+    anyhow::ensure!(
+        status.success(),
+        "building the guest agent failed ({status})"
+    );
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("xtask lives in the workspace")?
@@ -67,8 +77,15 @@ fn build_agent() -> anyhow::Result<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    let agent = target.join(AGENT_TARGET).join("release").join("forkvm-agent");
-    anyhow::ensure!(agent.is_file(), "the guest agent was built but {} is missing", agent.display());
+    let agent = target
+        .join(AGENT_TARGET)
+        .join("release")
+        .join("forkvm-agent");
+    anyhow::ensure!(
+        agent.is_file(),
+        "the guest agent was built but {} is missing",
+        agent.display()
+    );
     Ok(agent)
 }
 

@@ -16,7 +16,7 @@ use crate::server::{ApiError, VmDescription};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing answers on the socket.
-    #[error("cannot connect to {}: {source}", path.display())]
+    #[error("cannot connect to {}", path.display())]
     Connect {
         /// The socket.
         path: PathBuf,
@@ -25,7 +25,7 @@ pub enum ClientError {
         source: std::io::Error,
     },
     /// The HTTP exchange failed.
-    #[error("HTTP request to the VM failed: {0}")]
+    #[error("HTTP request to the VM failed")]
     Http(#[from] hyper::Error),
     /// The VM did not answer in time.
     #[error("the VM did not answer within {0:?}")]
@@ -44,7 +44,7 @@ pub enum ClientError {
     #[error("unexpected answer from the VM: {0}")]
     Decode(String),
     /// Writing streamed output failed.
-    #[error("cannot write the output: {0}")]
+    #[error("cannot write the output")]
     Output(#[source] std::io::Error),
 }
 
@@ -188,6 +188,16 @@ impl Client {
     ) -> Result<forkvm_vmm::control::ForkOutcome, ClientError> {
         let body = serde_json::to_vec(req).expect("a ForkRequest serializes");
         self.json(Method::POST, "/v1/vm/fork", body)
+    }
+
+    /// `POST /v1/vm/template`: save the VM as a template in `dir` (absolute).
+    pub fn save_template(
+        &self,
+        dir: &Path,
+    ) -> Result<forkvm_vmm::control::TemplateInfo, ClientError> {
+        let body =
+            serde_json::to_vec(&serde_json::json!({ "dir": dir })).expect("a path serializes");
+        self.json(Method::POST, "/v1/vm/template", body)
     }
 
     /// `GET /metrics`.

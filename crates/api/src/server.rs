@@ -41,6 +41,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/vm/resume"),
     ("POST", "/v1/vm/shutdown"),
     ("POST", "/v1/vm/fork"),
+    ("POST", "/v1/vm/template"),
     ("GET", "/v1/vm/console"),
     ("GET", "/metrics"),
 ];
@@ -217,6 +218,21 @@ where
             format!("cannot read the request body: {e}"),
         )),
     }
+}
+
+/// Parses a template request, `{"dir": "/absolute/path"}`.
+pub fn parse_template_request(body: &[u8]) -> Result<std::path::PathBuf, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct TemplateRequest {
+        dir: std::path::PathBuf,
+    }
+    let req: TemplateRequest = serde_json::from_slice(body)
+        .map_err(|e| format!("the body must be {{\"dir\": \"/absolute/path\"}}: {e}"))?;
+    if !req.dir.is_absolute() {
+        return Err(format!("dir {:?} must be an absolute path", req.dir));
+    }
+    Ok(req.dir)
 }
 
 /// Parses a fork request; absent fields take their defaults, unknown ones are refused.
@@ -514,6 +530,17 @@ async fn change(shared: &Arc<Shared>, path: &str, body: &[u8]) -> Reply {
                     drop(h);
                     json_reply(StatusCode::OK, &outcome)
                 }
+                Ok(other) => unexpected(&other),
+                Err(r) => r,
+            }
+        }
+        "/v1/vm/template" => {
+            let dir = match parse_template_request(body) {
+                Ok(d) => d,
+                Err(e) => return error_reply(StatusCode::BAD_REQUEST, "bad_request", e),
+            };
+            match call(shared, Request::SaveTemplate(dir)).await {
+                Ok(Response::TemplateSaved(info)) => json_reply(StatusCode::OK, &info),
                 Ok(other) => unexpected(&other),
                 Err(r) => r,
             }

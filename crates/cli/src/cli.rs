@@ -41,6 +41,9 @@ pub enum Command {
     Rm(RmArgs),
     /// Fork a running VM into children that resume from its exact state.
     Fork(ForkArgs),
+    /// Save a VM as a template directory, and fork children from one (after a restart).
+    #[command(subcommand)]
+    Template(TemplateCommand),
     /// Measure forkvm against a reference VMM (QEMU microvm), side by side.
     Bench(BenchArgs),
     /// Internal: run a fork child (started by a forking VMM with its socket on fd 3).
@@ -112,6 +115,29 @@ pub struct ForkArgs {
     /// Print the outcome as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `forkvm template ...`.
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// Save a running VM's memory and complete state into DIR; the VM runs on.
+    Save {
+        /// Name, ID or unique ID prefix of the VM.
+        vm: String,
+        /// Template directory (created if needed).
+        dir: PathBuf,
+    },
+    /// Start children from a template directory, in new VMM processes.
+    Fork {
+        /// Template directory written by `forkvm template save`.
+        dir: PathBuf,
+        /// Number of children.
+        #[arg(long, short = 'n', default_value_t = 1)]
+        count: u32,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Output format of `forkvm ps`.

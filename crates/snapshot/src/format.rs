@@ -17,7 +17,8 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Largest payload accepted (a VM's state is kilobytes; this bounds a hostile file).
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8;
-const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_ECMA_182);
+const CRC: crc::Crc<u64, crc::Table<16>> =
+    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_ECMA_182);
 
 /// Why a state blob or file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -45,13 +46,13 @@ pub enum FormatError {
         computed: u64,
     },
     /// The payload does not decode as the expected state.
-    #[error("cannot decode the state: {0}")]
+    #[error("cannot decode the state")]
     Decode(#[source] bincode::error::DecodeError),
     /// The state cannot be encoded.
-    #[error("cannot encode the state: {0}")]
+    #[error("cannot encode the state")]
     Encode(#[source] bincode::error::EncodeError),
     /// Reading or writing the file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: String,

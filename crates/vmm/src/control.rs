@@ -101,6 +101,19 @@ pub struct ForkOutcome {
     pub parent_pause_us: u64,
 }
 
+/// What saving a template did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateInfo {
+    /// The template directory.
+    pub dir: PathBuf,
+    /// Guest memory size, bytes.
+    pub memory_bytes: u64,
+    /// Bytes written (pages that are not all zeros).
+    pub stored_bytes: u64,
+    /// Microseconds the VM was paused.
+    pub pause_us: u64,
+}
+
 /// A request to the VMM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -114,6 +127,8 @@ pub enum Request {
     Stop,
     /// Fork the VM.
     Fork(ForkRequest),
+    /// Save the VM as a template in a directory.
+    SaveTemplate(PathBuf),
 }
 
 /// The VMM's answer.
@@ -125,6 +140,8 @@ pub enum Response {
     Done,
     /// Answer to [`Request::Fork`].
     Forked(ForkOutcome),
+    /// Answer to [`Request::SaveTemplate`].
+    TemplateSaved(TemplateInfo),
 }
 
 /// Why a request failed.
@@ -142,6 +159,19 @@ pub enum ControlError {
     /// The VMM is gone.
     #[error("the VMM is not running")]
     Gone,
+}
+
+/// `err` and its causes on one line, `outer: inner: innermost`, for errors that travel
+/// as text (API answers, logs).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 pub(crate) type Envelope = (Request, Sender<Result<Response, ControlError>>);

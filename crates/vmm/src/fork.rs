@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::control::{ChildInfo, ChildSpec, ControlError, ForkOutcome, ForkRequest};
+use crate::config::VmConfig;
+use crate::control::{error_chain, ChildInfo, ChildSpec, ControlError, ForkOutcome, ForkRequest};
 use crate::memory::{GuestRam, MemoryLayout};
 use crate::snapshot::{ChildIdentity, VmSnapshot};
-use crate::config::VmConfig;
 use crate::vmm::{Origin, Vmm, VmmError};
 
 /// The hidden CLI verb a fork child runs.
@@ -49,10 +49,10 @@ struct ChildPayload {
 #[derive(Debug, thiserror::Error)]
 pub enum ForkChildError {
     /// Receiving the payload failed.
-    #[error("cannot receive the fork payload: {0}")]
+    #[error("cannot receive the fork payload")]
     Transfer(#[from] forkvm_snapshot::TransferError),
     /// The payload is invalid.
-    #[error("invalid fork payload: {0}")]
+    #[error("invalid fork payload")]
     Format(#[from] forkvm_snapshot::FormatError),
     /// No memory file came with the payload.
     #[error("the fork payload carried no guest memory")]
@@ -90,87 +90,156 @@ fn random_cid() -> u64 {
     3 + u64::from(random_u32()) % (u64::from(u32::MAX) - 4)
 }
 
-impl Vmm {
-    fn child_identity(&mut self, spec: &ChildSpec) -> Result<ChildIdentity, ControlError> {
-        self.fork_seq += 1;
-        let seq = self.fork_seq;
-        let (cid, vsock_uds) = match &self.cfg.vsock {
-            Some(v) => (
-                Some(spec.cid.unwrap_or_else(random_cid)),
-                Some(spec.vsock_uds.clone().unwrap_or_else(|| {
-                    PathBuf::from(format!("{}.{}-{seq}", v.uds.display(), std::process::id()))
-                })),
-            ),
-            None => (None, None),
-        };
-        if let Some(c) = cid {
-            if !(3..u64::from(u32::MAX)).contains(&c) {
-                return Err(ControlError::Invalid(format!(
-                    "CID {c} is reserved or out of range"
-                )));
-            }
-        }
-        let nics = self.cfg.nets.len();
-        if !spec.taps.is_empty() && spec.taps.len() != nics {
+/// Who child number `seq` of a VM configured as `cfg` is, with `spec`'s overrides.
+fn child_identity(
+    cfg: &VmConfig,
+    seq: u32,
+    spec: &ChildSpec,
+) -> Result<ChildIdentity, ControlError> {
+    let (cid, vsock_uds) = match &cfg.vsock {
+        Some(v) => (
+            Some(spec.cid.unwrap_or_else(random_cid)),
+            Some(spec.vsock_uds.clone().unwrap_or_else(|| {
+                PathBuf::from(format!("{}.{}-{seq}", v.uds.display(), std::process::id()))
+            })),
+        ),
+        None => (None, None),
+    };
+    if let Some(c) = cid {
+        if !(3..u64::from(u32::MAX)).contains(&c) {
             return Err(ControlError::Invalid(format!(
-                "{} TAP names given for {nics} NICs",
-                spec.taps.len()
+                "CID {c} is reserved or out of range"
             )));
         }
-        let taps = if spec.taps.is_empty() {
-            (0..nics)
-                .map(|i| format!("fk{}c{seq}n{i}", std::process::id() % 100_000))
-                .collect()
-        } else {
-            spec.taps.clone()
-        };
-        let macs = (0..nics)
-            .map(|_| {
-                forkvm_devices::virtio::net::random_mac()
-                    .map_err(|e| ControlError::Failed(format!("cannot make a MAC: {e}")))
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(ChildIdentity {
-            cid,
-            vsock_uds,
-            taps,
-            macs,
-            hostname: format!("fork-{:08x}", random_u32()),
-            seed: random_bytes(64),
-        })
     }
+    let nics = cfg.nets.len();
+    if !spec.taps.is_empty() && spec.taps.len() != nics {
+        return Err(ControlError::Invalid(format!(
+            "{} TAP names given for {nics} NICs",
+            spec.taps.len()
+        )));
+    }
+    let taps = if spec.taps.is_empty() {
+        (0..nics)
+            .map(|i| format!("fk{}c{seq}n{i}", std::process::id() % 100_000))
+            .collect()
+    } else {
+        spec.taps.clone()
+    };
+    let macs = (0..nics)
+        .map(|_| {
+            forkvm_devices::virtio::net::random_mac()
+                .map_err(|e| ControlError::Failed(format!("cannot make a MAC: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(ChildIdentity {
+        cid,
+        vsock_uds,
+        taps,
+        macs,
+        hostname: format!("fork-{:08x}", random_u32()),
+        seed: random_bytes(64),
+    })
+}
 
+/// Checks a fork request against the VM it forks; returns the executable children run.
+pub(crate) fn check_request(cfg: &VmConfig, req: &ForkRequest) -> Result<PathBuf, ControlError> {
+    if req.count == 0 || req.count > MAX_CHILDREN {
+        return Err(ControlError::Invalid(format!(
+            "count must be 1 to {MAX_CHILDREN}, got {}",
+            req.count
+        )));
+    }
+    if req.children.len() > req.count as usize {
+        return Err(ControlError::Invalid(format!(
+            "{} child specs for {} children",
+            req.children.len(),
+            req.count
+        )));
+    }
+    if let Some(d) = cfg.disks.iter().find(|d| !d.read_only) {
+        return Err(ControlError::Invalid(format!(
+            "the VM has a writable disk ({}); parent and children would write the same image: attach it read-only to fork",
+            d.path.display()
+        )));
+    }
+    match &req.child_exe {
+        Some(p) => Ok(p.clone()),
+        None => std::env::current_exe()
+            .map_err(|e| ControlError::Failed(format!("cannot find the forkvm executable: {e}"))),
+    }
+}
+
+/// Identities for every child of `req`, numbered from `*seq + 1`.
+pub(crate) fn identities(
+    cfg: &VmConfig,
+    req: &ForkRequest,
+    seq: &mut u32,
+) -> Result<Vec<ChildIdentity>, ControlError> {
+    (0..req.count as usize)
+        .map(|i| {
+            *seq += 1;
+            child_identity(
+                cfg,
+                *seq,
+                req.children.get(i).unwrap_or(&ChildSpec::default()),
+            )
+        })
+        .collect()
+}
+
+/// Starts one child per identity from `snapshot` and the memory `files`, then waits
+/// until each reports that it runs; times are measured from `t0`.
+pub(crate) fn start_children(
+    exe: &std::path::Path,
+    snapshot: VmSnapshot,
+    layout: &MemoryLayout,
+    files: &[File],
+    identities: Vec<ChildIdentity>,
+    req: &ForkRequest,
+    t0: Instant,
+) -> Result<Vec<ChildInfo>, ControlError> {
+    let mut started = Vec::with_capacity(identities.len());
+    let mut payload = ChildPayload {
+        snapshot,
+        layout: layout.clone(),
+        identity: ChildIdentity::default(),
+        console: None,
+    };
+    for (i, identity) in identities.into_iter().enumerate() {
+        // One snapshot, encoded with each child's identity.
+        payload.identity = identity;
+        payload.console = req.children.get(i).and_then(|c| c.console.clone());
+        let blob = forkvm_snapshot::encode(&payload).map_err(|e| {
+            ControlError::Failed(format!(
+                "cannot encode the fork payload: {}",
+                error_chain(&e)
+            ))
+        })?;
+        let (pid, sock) = spawn_child(exe, &blob, files)
+            .map_err(|e| ControlError::Failed(format!("cannot start fork child {i}: {e}")))?;
+        started.push((pid, sock, payload.identity.clone()));
+    }
+    let mut children = Vec::with_capacity(started.len());
+    for (pid, sock, identity) in started {
+        wait_running(&sock)
+            .map_err(|e| ControlError::Failed(format!("fork child {pid} did not start: {e}")))?;
+        children.push(ChildInfo {
+            pid,
+            cid: identity.cid,
+            vsock_uds: identity.vsock_uds,
+            running_after_us: t0.elapsed().as_micros() as u64,
+        });
+    }
+    Ok(children)
+}
+
+impl Vmm {
     /// Forks this VM into `req.count` children (see the module documentation).
     pub fn fork(&mut self, req: &ForkRequest) -> Result<ForkOutcome, ControlError> {
         let t0 = Instant::now();
-        if req.count == 0 || req.count > MAX_CHILDREN {
-            return Err(ControlError::Invalid(format!(
-                "count must be 1 to {MAX_CHILDREN}, got {}",
-                req.count
-            )));
-        }
-        if req.children.len() > req.count as usize {
-            return Err(ControlError::Invalid(format!(
-                "{} child specs for {} children",
-                req.children.len(),
-                req.count
-            )));
-        }
-        if let Some(d) = self.cfg.disks.iter().find(|d| !d.read_only) {
-            return Err(ControlError::Invalid(format!(
-                "the VM has a writable disk ({}); parent and children would write the same image: attach it read-only to fork",
-                d.path.display()
-            )));
-        }
-        let exe = match &req.child_exe {
-            Some(p) => p.clone(),
-            None => std::env::current_exe().map_err(|e| {
-                ControlError::Failed(format!("cannot find the forkvm executable: {e}"))
-            })?,
-        };
-        let identities = (0..req.count as usize)
-            .map(|i| self.child_identity(req.children.get(i).unwrap_or(&ChildSpec::default())))
-            .collect::<Result<Vec<_>, _>>()?;
+        let exe = check_request(&self.cfg, req)?;
+        let identities = identities(&self.cfg, req, &mut self.fork_seq)?;
 
         // The parent pause: pause, capture, freeze memory, resume.
         let was_paused = self.is_paused();
@@ -179,10 +248,9 @@ impl Vmm {
             self.pause()?;
         }
         let captured = self.capture().and_then(|snap| {
-            let (files, layout) = self
-                .ram
-                .freeze_for_fork()
-                .map_err(|e| ControlError::Failed(format!("cannot share guest memory: {e}")))?;
+            let (files, layout) = self.ram.freeze_for_fork().map_err(|e| {
+                ControlError::Failed(format!("cannot share guest memory: {}", error_chain(&e)))
+            })?;
             let files = files
                 .into_iter()
                 .map(|f| f.try_clone())
@@ -195,47 +263,13 @@ impl Vmm {
             self.resume()?;
         }
         let parent_pause_us = pause_start.elapsed().as_micros() as u64;
-        tracing::debug!(?frozen_at, parent_pause_us, "parent paused, captured and froze");
+        tracing::debug!(
+            ?frozen_at,
+            parent_pause_us,
+            "parent paused, captured and froze"
+        );
         let (snapshot, files, layout) = captured?;
-
-        // Children: start them all, then collect their reports.
-        let mut started = Vec::with_capacity(identities.len());
-        let mut snapshot = Some(snapshot);
-        for (i, identity) in identities.into_iter().enumerate() {
-            let console = req.children.get(i).and_then(|c| c.console.clone());
-            // Every child gets the same snapshot; encode it with each identity.
-            let snap = snapshot.take().expect("snapshot present");
-            let payload = ChildPayload {
-                snapshot: snap,
-                layout: layout.clone(),
-                identity,
-                console,
-            };
-            let blob = forkvm_snapshot::encode(&payload).map_err(|e| {
-                ControlError::Failed(format!("cannot encode the fork payload: {e}"))
-            })?;
-            let ChildPayload {
-                snapshot: snap,
-                identity,
-                ..
-            } = payload;
-            snapshot = Some(snap);
-            let (pid, sock) = spawn_child(&exe, &blob, &files)
-                .map_err(|e| ControlError::Failed(format!("cannot start fork child {i}: {e}")))?;
-            started.push((pid, sock, identity));
-        }
-        let mut children = Vec::with_capacity(started.len());
-        for (pid, sock, identity) in started {
-            wait_running(&sock).map_err(|e| {
-                ControlError::Failed(format!("fork child {pid} did not start: {e}"))
-            })?;
-            children.push(ChildInfo {
-                pid,
-                cid: identity.cid,
-                vsock_uds: identity.vsock_uds,
-                running_after_us: t0.elapsed().as_micros() as u64,
-            });
-        }
+        let children = start_children(&exe, snapshot, &layout, &files, identities, req, t0)?;
         tracing::info!(children = children.len(), parent_pause_us, "forked");
         Ok(ForkOutcome {
             children,
@@ -361,7 +395,8 @@ impl ReceivedChild {
                 identity: &payload.identity,
             },
         )?;
-        vmm.resume().map_err(|e| ForkChildError::Start(e.to_string()))?;
+        vmm.resume()
+            .map_err(|e| ForkChildError::Start(e.to_string()))?;
         (&sock)
             .write_all(&1u64.to_le_bytes())
             .map_err(|e| ForkChildError::Start(format!("cannot report to the parent: {e}")))?;
@@ -373,7 +408,9 @@ impl ReceivedChild {
                     Ok(took) => tracing::info!(?took, "guest agent applied the child identity"),
                     Err(e) => tracing::warn!("guest agent did not apply the child identity: {e}"),
                 })
-                .map_err(|e| ForkChildError::Start(format!("cannot start the identity thread: {e}")))?;
+                .map_err(|e| {
+                    ForkChildError::Start(format!("cannot start the identity thread: {e}"))
+                })?;
         }
         Ok(vmm)
     }

@@ -15,6 +15,7 @@ pub mod fork;
 pub mod layout;
 pub mod memory;
 pub mod snapshot;
+pub mod template;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

@@ -14,7 +14,7 @@ use forkvm_devices::virtio::vsock::VsockState;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
-use crate::control::ControlError;
+use crate::control::{error_chain, ControlError};
 use crate::vcpu::VcpuState;
 use crate::vm::VmArchState;
 use crate::vmm::Vmm;
@@ -97,8 +97,9 @@ impl Vmm {
         if !self.is_paused() {
             return Err(ControlError::Conflict("capture needs a paused VM".into()));
         }
-        let fail =
-            |what: &str, e: &dyn std::fmt::Display| ControlError::Failed(format!("{what}: {e}"));
+        let fail = |what: &str, e: &dyn std::error::Error| {
+            ControlError::Failed(format!("{what}: {}", error_chain(e)))
+        };
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {
             vcpus.push(

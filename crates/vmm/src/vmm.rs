@@ -23,8 +23,8 @@ use crate::bus::{Bus, BusError};
 use crate::config::VmConfig;
 use crate::console::ConsoleInput;
 use crate::control::{
-    control_channel, ControlError, ControlHandle, ControlInbox, DeviceInfo, Request, Response,
-    RunState, VmInfo,
+    control_channel, error_chain, ControlError, ControlHandle, ControlInbox, DeviceInfo, Request,
+    Response, RunState, VmInfo,
 };
 use crate::layout::{
     ACPI_POWER_PORT, I8042_PORT, IRQ_MAX, SERIAL_IRQ, SERIAL_PORT, VIRTIO_IRQ_BASE,
@@ -67,7 +67,7 @@ pub enum VmmError {
     #[error(transparent)]
     Acpi(#[from] AcpiError),
     /// A vCPU could not be configured.
-    #[error("vCPU {index}: {source}")]
+    #[error("vCPU {index}")]
     Vcpu {
         /// vCPU index.
         index: u8,
@@ -76,7 +76,7 @@ pub enum VmmError {
         source: CpuSetupError,
     },
     /// A vCPU's saved state could not be restored.
-    #[error("vCPU {index}: {source}")]
+    #[error("vCPU {index}")]
     VcpuState {
         /// vCPU index.
         index: u8,
@@ -85,7 +85,7 @@ pub enum VmmError {
         source: VcpuStateError,
     },
     /// A device could not be created.
-    #[error("cannot create the {what} device: {source}")]
+    #[error("cannot create the {what} device")]
     Device {
         /// The device.
         what: String,
@@ -103,10 +103,10 @@ pub enum VmmError {
     #[error(transparent)]
     Bus(#[from] BusError),
     /// An eventfd could not be created.
-    #[error("cannot create an eventfd: {0}")]
+    #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
     /// A vCPU thread could not be started.
-    #[error("cannot start a vCPU thread: {0}")]
+    #[error("cannot start a vCPU thread")]
     Thread(#[source] std::io::Error),
     /// The event loop failed.
     #[error("the device event loop failed: {0:?}")]
@@ -677,7 +677,8 @@ impl Vmm {
     /// Pauses every vCPU (idempotent).
     pub fn pause(&mut self) -> Result<(), ControlError> {
         for v in &self.vcpus {
-            v.pause().map_err(|e| ControlError::Failed(e.to_string()))?;
+            v.pause()
+                .map_err(|e| ControlError::Failed(error_chain(&e)))?;
         }
         self.paused = true;
         Ok(())
@@ -687,7 +688,7 @@ impl Vmm {
     pub fn resume(&mut self) -> Result<(), ControlError> {
         for v in &self.vcpus {
             v.resume()
-                .map_err(|e| ControlError::Failed(e.to_string()))?;
+                .map_err(|e| ControlError::Failed(error_chain(&e)))?;
         }
         self.paused = false;
         Ok(())
@@ -707,6 +708,7 @@ impl Vmm {
             Request::Resume => self.resume().map(|()| Response::Done),
             Request::Stop => Ok(Response::Done),
             Request::Fork(req) => self.fork(&req).map(Response::Forked),
+            Request::SaveTemplate(dir) => self.save_template(&dir).map(Response::TemplateSaved),
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::sync::mpsc;
 
-use forkvm_vmm::control::{ChildInfo, ForkOutcome, VmInfo};
+use forkvm_vmm::control::{ChildInfo, ForkOutcome, TemplateInfo, VmInfo};
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -50,6 +50,12 @@ impl Control for Fake {
                 Ok(Response::Done)
             }
             Request::Stop => Ok(Response::Done),
+            Request::SaveTemplate(dir) => Ok(Response::TemplateSaved(TemplateInfo {
+                dir,
+                memory_bytes: 128 << 20,
+                stored_bytes: 4096,
+                pause_us: 7,
+            })),
             Request::Fork(f) => {
                 drop(paused);
                 if let Some(gate) = self.fork_gate.lock().unwrap().as_ref() {
@@ -156,6 +162,31 @@ fn documented_requests_succeed() {
         assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
         let o: ForkOutcome = serde_json::from_slice(&b).unwrap();
         assert_eq!(o.children.len(), 2);
+
+        let (st, b) = send(
+            &s.shared,
+            "POST",
+            "/v1/vm/template",
+            br#"{"dir": "/var/tpl"}"#,
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+        let t: TemplateInfo = serde_json::from_slice(&b).unwrap();
+        assert_eq!(t.dir, std::path::PathBuf::from("/var/tpl"));
+        for bad in [
+            &br#"{"dir": "relative"}"#[..],
+            br#"{"dir": "/x", "y": 1}"#,
+            b"{}",
+            b"[]",
+        ] {
+            let (st, b) = send(&s.shared, "POST", "/v1/vm/template", bad).await;
+            assert_eq!(
+                (st, error_kind(&b).as_str()),
+                (StatusCode::BAD_REQUEST, "bad_request"),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
 
         let (st, b) = send(&s.shared, "GET", "/metrics", b"").await;
         assert_eq!(st, StatusCode::OK);

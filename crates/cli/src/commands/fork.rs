@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use forkvm_vmm::control::ForkRequest;
+use forkvm_vmm::control::{ForkOutcome, ForkRequest};
 
 use super::vm::{find, live};
 use crate::cli::ForkArgs;
@@ -24,13 +24,18 @@ pub fn run(args: ForkArgs, root: &Path) -> Result<i32> {
     let out = client
         .fork(&req)
         .with_context(|| format!("cannot fork VM {}", home.id()))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(0);
+    print_outcome(home.id(), &out, args.json)?;
+    Ok(0)
+}
+
+/// Prints a fork's children (and the parent's pause), as a table or JSON.
+pub fn print_outcome(from: &str, out: &ForkOutcome, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(out)?);
+        return Ok(());
     }
     println!(
-        "forked {} into {} children; parent paused {:.3} ms",
-        home.id(),
+        "forked {from} into {} children; parent paused {:.3} ms",
         out.children.len(),
         out.parent_pause_us as f64 / 1000.0
     );
@@ -43,5 +48,5 @@ pub fn run(args: ForkArgs, root: &Path) -> Result<i32> {
             c.running_after_us as f64 / 1000.0
         );
     }
-    Ok(0)
+    Ok(())
 }

@@ -11,4 +11,5 @@ pub mod ps;
 pub mod resume;
 pub mod rm;
 pub mod stop;
+pub mod template;
 pub mod vm;

@@ -1,0 +1,53 @@
+//! `forkvm template save VM DIR` (through the VM's API) and `forkvm template fork DIR`
+//! (in this process: it loads and checks the template, then starts the children).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use forkvm_vmm::control::ForkRequest;
+use forkvm_vmm::template::Template;
+
+use super::fork::print_outcome;
+use super::vm::{find, live};
+use crate::cli::TemplateCommand;
+
+/// Runs `forkvm template ...`.
+pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
+    match cmd {
+        TemplateCommand::Save { vm, dir } => {
+            let dir = std::path::absolute(&dir)
+                .with_context(|| format!("bad template directory {}", dir.display()))?;
+            let home = find(root, &vm)?;
+            let (_, client) = live(&home)?;
+            let info = client
+                .with_timeout(std::time::Duration::from_secs(600))
+                .save_template(&dir)
+                .with_context(|| format!("cannot save VM {} as a template", home.id()))?;
+            println!(
+                "saved {} to {}: {} MiB of memory ({} MiB stored), paused {:.1} ms",
+                home.id(),
+                info.dir.display(),
+                info.memory_bytes >> 20,
+                info.stored_bytes >> 20,
+                info.pause_us as f64 / 1000.0
+            );
+            Ok(0)
+        }
+        TemplateCommand::Fork { dir, count, json } => {
+            let template = Template::load(&dir)
+                .with_context(|| format!("cannot use the template in {}", dir.display()))?;
+            // Children register under this root, with no parent VM.
+            std::env::set_var(forkvm_api::ENV_ROOT, std::path::absolute(root)?);
+            std::env::remove_var(forkvm_api::ENV_ID);
+            let req = ForkRequest {
+                count,
+                ..ForkRequest::default()
+            };
+            let out = template
+                .fork(&req)
+                .with_context(|| format!("cannot fork the template in {}", dir.display()))?;
+            print_outcome(&dir.display().to_string(), &out, json)?;
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! VM fork, end to end on a real KVM: a running 2-vCPU guest forks into children that
+//! continue from the parent's exact state, keep their memory private, get their own
+//! identity (vsock CID, hostname, fresh entropy), and fork again.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use forkvm_vmm::control::{ChildSpec, ControlHandle, ForkOutcome, ForkRequest, Request, Response};
+use forkvm_vmm::{VmConfig, Vmm, VsockSpec};
+
+/// The guest's program: a marker on tmpfs, a counter, fresh random numbers each tick, a
+/// process pinned to vCPU 1 proving that vCPU runs, and a check that what this VM wrote
+/// to tmpfs last tick is still there (memory private per VM).
+const GUEST_LOOP: &str = "echo original-marker > /tmp/marker; \
+taskset -c 1 sh -c 'while true; do read u x < /proc/uptime; echo $u > /tmp/cpu1; sleep 0.2; done' & \
+i=0; p=none; echo none > /tmp/mine; \
+while true; do \
+read m < /tmp/mine; if [ $m = $p ]; then s=ok; else s=BAD; fi; \
+set -- $(od -An -N8 -tx8 /dev/urandom); read h < /proc/sys/kernel/hostname; \
+read k < /tmp/marker; read c < /tmp/cpu1; \
+echo tick=$i host=$h marker=$k rand=$1 priv=$s cpu1=$c; \
+echo $1 > /tmp/mine; p=$1; i=$((i+1)); sleep 0.3; done";
+
+/// One parsed `tick=` line of a guest's console.
+#[derive(Clone, Debug)]
+struct Tick {
+    n: u64,
+    fields: BTreeMap<String, String>,
+}
+
+fn ticks(log: &Path) -> Vec<Tick> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("tick=") && l.contains(" cpu1="))
+        .filter_map(|l| {
+            let fields: BTreeMap<String, String> = l
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            Some(Tick {
+                n: fields.get("tick")?.parse().ok()?,
+                fields,
+            })
+        })
+        .collect()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Kills fork children when the test ends, however it ends.
+struct Children(Vec<u32>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+fn fork(handle: &ControlHandle, consoles: &[PathBuf]) -> ForkOutcome {
+    let req = ForkRequest {
+        count: consoles.len() as u32,
+        freeze: false,
+        children: consoles
+            .iter()
+            .map(|c| ChildSpec {
+                console: Some(c.clone()),
+                ..ChildSpec::default()
+            })
+            .collect(),
+        child_exe: Some(PathBuf::from(common::FORKVM)),
+    };
+    match handle.call(Request::Fork(req)) {
+        Ok(Response::Forked(out)) => out,
+        other => panic!("fork failed: {other:?}"),
+    }
+}
+
+/// Checks one VM's console after the fork: it kept counting from `from`, its memory
+/// stayed private, both vCPUs ran, and it still has the parent's marker.
+fn check_continues(name: &str, log: &Path, from: u64) -> Vec<Tick> {
+    let t = ticks(log);
+    assert!(t.len() >= 3, "{name}: too few ticks after the fork:\n{t:?}");
+    assert!(
+        t[0].n >= from,
+        "{name} restarted its counter ({} < {from}): not the parent's state",
+        t[0].n
+    );
+    for w in t.windows(2) {
+        assert_eq!(w[1].n, w[0].n + 1, "{name}: counter skipped: {w:?}");
+    }
+    for tick in &t[1..] {
+        assert_eq!(
+            tick.fields["priv"], "ok",
+            "{name}: another VM's write leaked in: {tick:?}"
+        );
+        assert_eq!(tick.fields["marker"], "original-marker", "{name}: {tick:?}");
+    }
+    let cpu1: BTreeSet<&String> = t.iter().map(|x| &x.fields["cpu1"]).collect();
+    assert!(
+        cpu1.len() >= 2,
+        "{name}: nothing ran on vCPU 1 after the fork: {t:?}"
+    );
+    t
+}
+
+#[test]
+fn running_vm_forks_into_private_children_with_their_own_identity() {
+    let guest = forkvm_guest_kernel::default_guest().expect("default guest");
+    assert!(
+        forkvm_guest_kernel::find_agent().is_some(),
+        "the guest agent is not built: run `cargo xtask prepare-guest`"
+    );
+    forkvm_vhost::on_kvm_host(forkvm_vhost::test_path!(), || {
+        let dir = tempfile::tempdir().unwrap();
+        let parent_log = dir.path().join("parent.log");
+        let mut cfg = VmConfig::new(&guest.kernel);
+        cfg.initrd = Some(guest.initrd.clone());
+        cfg.vcpus = 2;
+        cfg.mem_mib = 256;
+        cfg.vsock = Some(VsockSpec {
+            cid: 3,
+            uds: dir.path().join("parent.vsock"),
+        });
+        cfg.cmdline = common::guest_cmdline(GUEST_LOOP);
+        let console = File::create(&parent_log).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let vmm_thread = std::thread::spawn(move || {
+            let mut vmm = Vmm::boot(&cfg, Box::new(console)).expect("boot");
+            tx.send(vmm.control_handle()).unwrap();
+            vmm.run()
+        });
+        let handle = rx.recv().expect("the VMM booted");
+        wait_for("the parent to count", Duration::from_secs(120), || {
+            ticks(&parent_log).len() >= 4
+        });
+
+        // First fork: three children.
+        let before = ticks(&parent_log).last().unwrap().n;
+        let consoles: Vec<PathBuf> = (0..3)
+            .map(|i| dir.path().join(format!("child{i}.log")))
+            .collect();
+        let out = fork(&handle, &consoles);
+        let mut kids = Children(out.children.iter().map(|c| c.pid).collect());
+        assert_eq!(out.children.len(), 3);
+        let cids: BTreeSet<u64> = out.children.iter().map(|c| c.cid.expect("a CID")).collect();
+        assert_eq!(cids.len(), 3, "children share a vsock CID: {out:?}");
+        assert!(!cids.contains(&3), "a child kept the parent's CID");
+        eprintln!(
+            "fork of 3: parent paused {} us; children running after {:?} us",
+            out.parent_pause_us,
+            out.children
+                .iter()
+                .map(|c| c.running_after_us)
+                .collect::<Vec<_>>()
+        );
+
+        // Each child's agent answers over the child's own vsock socket (so the guest took
+        // its new CID), and has applied the child's identity.
+        for c in &out.children {
+            let uds = c.vsock_uds.as_ref().unwrap();
+            let mut last = None;
+            wait_for(
+                "a child's agent to apply its identity",
+                Duration::from_secs(60),
+                || {
+                    last = forkvm_vmm::fork::agent_call(uds, &forkvm_agent::Request::Ping).ok();
+                    matches!(&last, Some(forkvm_agent::Response::Pong { hostname, .. }) if hostname.starts_with("fork-"))
+                },
+            );
+        }
+        let all_counting = || consoles.iter().all(|c| ticks(c).len() >= 6);
+        wait_for(
+            "the children to count",
+            Duration::from_secs(120),
+            all_counting,
+        );
+
+        // Every VM continued privately from the parent's state.
+        let parent_after: Vec<Tick> = ticks(&parent_log)
+            .into_iter()
+            .filter(|t| t.n > before)
+            .collect();
+        assert!(parent_after.len() >= 2, "the parent stopped after the fork");
+        let mut per_child = Vec::new();
+        for (i, c) in consoles.iter().enumerate() {
+            let t = check_continues(&format!("child {i}"), c, before);
+            per_child.push(t);
+        }
+        // Own hostname per child, and no two VMs draw the same random numbers once the
+        // agent has reseeded (the first tick may run before the reseed).
+        let hosts: BTreeSet<&String> = per_child
+            .iter()
+            .map(|t| &t.last().unwrap().fields["host"])
+            .collect();
+        assert_eq!(hosts.len(), 3, "children share a hostname: {hosts:?}");
+        let mut seen: BTreeMap<&String, usize> = BTreeMap::new();
+        for (i, t) in per_child.iter().enumerate() {
+            for tick in t.iter().skip(2) {
+                if let Some(other) = seen.insert(&tick.fields["rand"], i) {
+                    assert_eq!(
+                        other, i,
+                        "children {other} and {i} drew the same random number"
+                    );
+                }
+            }
+        }
+
+        // Fork again: the parent has run (and written) since; a new child starts from
+        // the parent's *current* state, which now includes a memory overlay.
+        let before2 = ticks(&parent_log).last().unwrap().n;
+        let late = dir.path().join("late.log");
+        let out2 = fork(&handle, std::slice::from_ref(&late));
+        kids.0.extend(out2.children.iter().map(|c| c.pid));
+        wait_for(
+            "the second-generation child to count",
+            Duration::from_secs(120),
+            || ticks(&late).len() >= 4,
+        );
+        check_continues("late child", &late, before2);
+
+        handle.call(Request::Stop).expect("stop the parent");
+        let _ = vmm_thread.join();
+        drop(kids);
+    });
+}
+
+/// Runs `forkvm --root ROOT ARGS`, requires success, returns stdout.
+fn forkvm_ok(root: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(common::FORKVM)
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()
+        .expect("cannot run forkvm");
+    assert!(
+        out.status.success(),
+        "forkvm {args:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn counts(root: &Path, vm: &str) -> Vec<u64> {
+    forkvm_ok(root, &["logs", vm])
+        .lines()
+        .filter_map(|l| l.strip_prefix("count="))
+        .filter_map(|n| n.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+fn vms(root: &Path) -> Vec<serde_json::Value> {
+    serde_json::from_str(&forkvm_ok(root, &["ps", "--format", "json"])).expect("ps JSON")
+}
+
+fn children_of(root: &Path, parent: &str) -> Vec<String> {
+    vms(root)
+        .iter()
+        .filter(|v| v["parent"].as_str() == Some(parent))
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn forked_children_are_vms_of_their_own_and_fork_again() {
+    forkvm_guest_kernel::default_guest().expect("default guest");
+    forkvm_vhost::on_kvm_host(forkvm_vhost::test_path!(), || {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let uds = dir.path().join("p.vsock");
+        let script = "i=0; while true; do echo count=$i; i=$((i+1)); sleep 0.5; done";
+        let parent = forkvm_ok(
+            &root,
+            &[
+                "boot",
+                "-d",
+                "--name",
+                "origin",
+                "--vsock",
+                &format!("cid=3,uds={}", uds.display()),
+                "--cmdline",
+                &common::guest_cmdline(script),
+            ],
+        )
+        .trim()
+        .to_owned();
+        wait_for("the parent to count", Duration::from_secs(120), || {
+            counts(&root, "origin").len() >= 3
+        });
+
+        // Fork through the CLI: the children register as VMs with the parent recorded.
+        let at_fork = *counts(&root, "origin").last().unwrap();
+        let out: ForkOutcome =
+            serde_json::from_str(&forkvm_ok(&root, &["fork", "origin", "-n", "2", "--json"]))
+                .unwrap();
+        let _kids = Children(out.children.iter().map(|c| c.pid).collect());
+        wait_for("the children to register", Duration::from_secs(60), || {
+            children_of(&root, &parent).len() == 2
+        });
+        let kids = children_of(&root, &parent);
+        for k in &kids {
+            wait_for("a child to count", Duration::from_secs(60), || {
+                counts(&root, k).len() >= 2
+            });
+            let c = counts(&root, k);
+            assert!(
+                c[0] >= at_fork,
+                "child {k} restarted at {} (parent was at {at_fork})",
+                c[0]
+            );
+        }
+
+        // Nested fork: a child forks in turn; the grandchild continues from the child.
+        let child = &kids[0];
+        let child_at = *counts(&root, child).last().unwrap();
+        forkvm_ok(&root, &["fork", child, "-n", "1"]);
+        wait_for(
+            "the grandchild to register",
+            Duration::from_secs(60),
+            || children_of(&root, child).len() == 1,
+        );
+        let grandchild = children_of(&root, child).remove(0);
+        wait_for("the grandchild to count", Duration::from_secs(60), || {
+            counts(&root, &grandchild).len() >= 2
+        });
+        let g = counts(&root, &grandchild);
+        assert!(
+            g[0] >= child_at,
+            "grandchild restarted at {} (child was at {child_at})",
+            g[0]
+        );
+        for w in g.windows(2) {
+            assert_eq!(w[1], w[0] + 1, "grandchild counter skipped: {g:?}");
+        }
+        // The parent kept running through both forks.
+        assert!(*counts(&root, "origin").last().unwrap() > at_fork);
+
+        for vm in [grandchild.as_str(), child, &kids[1], "origin"] {
+            forkvm_ok(&root, &["stop", "-t", "2", vm]);
+        }
+    });
+}
+
+/// Runs `forkvm --root ROOT ARGS`, requires failure, returns stderr.
+fn forkvm_err(root: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(common::FORKVM)
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()
+        .expect("cannot run forkvm");
+    assert!(!out.status.success(), "forkvm {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[test]
+fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
+    forkvm_guest_kernel::default_guest().expect("default guest");
+    forkvm_vhost::on_kvm_host(forkvm_vhost::test_path!(), || {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let tpl = dir.path().join("tpl");
+        let uds = dir.path().join("t.vsock");
+        let script =
+            "i=0; while true; do echo count=$i clock=$(date +%s); i=$((i+1)); sleep 0.5; done";
+        forkvm_ok(
+            &root,
+            &[
+                "boot",
+                "-d",
+                "--name",
+                "base",
+                "--vcpus",
+                "2",
+                "--mem",
+                "128",
+                "--vsock",
+                &format!("cid=3,uds={}", uds.display()),
+                "--cmdline",
+                &common::guest_cmdline(script),
+            ],
+        );
+        wait_for("the VM to count", Duration::from_secs(120), || {
+            counts(&root, "base").len() >= 3
+        });
+        forkvm_ok(&root, &["template", "save", "base", tpl.to_str().unwrap()]);
+        let saved_at = *counts(&root, "base").last().unwrap();
+        // The original VM goes away; only the files remain.
+        forkvm_ok(&root, &["stop", "-t", "2", "base"]);
+        forkvm_ok(&root, &["rm", "base"]);
+        std::thread::sleep(Duration::from_secs(8));
+
+        let out: ForkOutcome = serde_json::from_str(&forkvm_ok(
+            &root,
+            &[
+                "template",
+                "fork",
+                tpl.to_str().unwrap(),
+                "-n",
+                "2",
+                "--json",
+            ],
+        ))
+        .unwrap();
+        let _kids = Children(out.children.iter().map(|c| c.pid).collect());
+        assert_eq!(out.children.len(), 2);
+        wait_for("both children to register", Duration::from_secs(60), || {
+            vms(&root).len() == 2
+        });
+        for vm in vms(&root) {
+            let id = vm["id"].as_str().unwrap().to_owned();
+            wait_for("a child to count", Duration::from_secs(60), || {
+                counts(&root, &id).len() >= 3
+            });
+            let c = counts(&root, &id);
+            assert!(
+                c[0] + 3 >= saved_at && c[0] <= saved_at + 3,
+                "child {id} did not resume the saved VM (first count {}, saved at {saved_at})",
+                c[0]
+            );
+            // The guest clock moved on with real time: not stuck at the save.
+            let log = forkvm_ok(&root, &["logs", &id]);
+            let clock: i64 = log
+                .lines()
+                .rev()
+                .filter_map(|l| l.split("clock=").nth(1))
+                .find_map(|t| t.trim().parse().ok())
+                .expect("a clock reading");
+            let skew = (clock - now_s()).abs();
+            assert!(skew <= 3, "child {id}'s clock is {skew} s off the host's");
+        }
+        for c in &out.children {
+            let uds = c.vsock_uds.as_ref().unwrap();
+            wait_for(
+                "a child's agent to apply its identity",
+                Duration::from_secs(60),
+                || {
+                    matches!(
+                        forkvm_vmm::fork::agent_call(uds, &forkvm_agent::Request::Ping),
+                        Ok(forkvm_agent::Response::Pong { hostname, .. }) if hostname.starts_with("fork-")
+                    )
+                },
+            );
+        }
+
+        // Broken templates are refused, naming the problem, and start nothing.
+        let broken = |name: &str, damage: &dyn Fn(&Path)| {
+            let copy = dir.path().join(name);
+            std::fs::create_dir_all(&copy).unwrap();
+            for f in [
+                forkvm_vmm::template::STATE_FILE,
+                forkvm_vmm::template::MEMORY_FILE,
+            ] {
+                std::fs::copy(tpl.join(f), copy.join(f)).unwrap();
+            }
+            damage(&copy);
+            let before = vms(&root).len();
+            let err = forkvm_err(&root, &["template", "fork", copy.to_str().unwrap()]);
+            assert_eq!(vms(&root).len(), before, "a broken template started a VM");
+            err
+        };
+        let mem = |d: &Path| d.join(forkvm_vmm::template::MEMORY_FILE);
+        let e = broken("truncated", &|d| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(mem(d))
+                .unwrap()
+                .set_len(4096)
+                .unwrap()
+        });
+        assert!(e.contains("truncated"), "{e}");
+        let e = broken("flipped", &|d| {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(mem(d))
+                .unwrap();
+            f.write_all_at(b"\x5a", 0x12345).unwrap();
+        });
+        assert!(e.contains("modified"), "{e}");
+        let e = broken("state", &|d| {
+            let p = d.join(forkvm_vmm::template::STATE_FILE);
+            let mut b = std::fs::read(&p).unwrap();
+            let n = b.len();
+            b[n / 2] ^= 1;
+            std::fs::write(&p, b).unwrap();
+        });
+        assert!(e.contains("checksum mismatch"), "{e}");
+
+        for vm in vms(&root) {
+            forkvm_ok(&root, &["stop", "-t", "2", vm["id"].as_str().unwrap()]);
+        }
+    });
+}

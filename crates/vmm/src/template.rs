@@ -1,0 +1,363 @@
+//! Templates: a VM's complete state saved to a directory, from which a new forkvm
+//! process (after a restart, on another day) forks children exactly as from the
+//! running VM.
+//!
+//! A template directory holds `memory.raw`, guest RAM in memfd order (pages that are
+//! all zeros are left as holes, so the file is as sparse as the guest), and
+//! `state.forkvm`, the [`VmSnapshot`] with the memory's length and CRC-64 in forkvm's
+//! checked state format. Loading checks the state file's frame (magic, version, size,
+//! checksum) and the memory file's length and checksum before anything is used: a
+//! truncated or tampered template is refused with an error that says what is wrong.
+//! Children map `memory.raw` copy-on-write, so it must not change while they live;
+//! it is saved read-only.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::control::{error_chain, ControlError, ForkOutcome, ForkRequest, TemplateInfo};
+use crate::fork::{check_request, identities, start_children};
+use crate::memory::{MemoryLayout, RamRange};
+use crate::snapshot::VmSnapshot;
+use crate::vmm::Vmm;
+
+/// The state file of a template directory.
+pub const STATE_FILE: &str = "state.forkvm";
+/// The memory file of a template directory.
+pub const MEMORY_FILE: &str = "memory.raw";
+const PAGE: usize = 4096;
+const CRC: crc::Crc<u64, crc::Table<16>> =
+    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_ECMA_182);
+
+/// What `state.forkvm` holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct TemplateState {
+    snapshot: VmSnapshot,
+    ranges: Vec<RamRange>,
+    memory_len: u64,
+    memory_crc: u64,
+}
+
+/// Why a template could not be saved or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// A file of the template cannot be read or written.
+    #[error("{path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file is not a valid forkvm template state.
+    #[error("{path} is not a usable template state")]
+    State {
+        /// The state file.
+        path: PathBuf,
+        /// What check failed.
+        #[source]
+        source: forkvm_snapshot::FormatError,
+    },
+    /// The memory file does not match the state.
+    #[error("{path}: {problem}")]
+    Memory {
+        /// The memory file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The saved machine cannot be forked.
+    #[error("cannot fork the template")]
+    Fork(#[from] ControlError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError + '_ {
+    move |source| TemplateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Vmm {
+    /// Saves this VM as a template in `dir` (created if needed; existing template files
+    /// are replaced). The VM is paused while its memory is written and resumed after,
+    /// unless it was paused already.
+    pub fn save_template(&mut self, dir: &Path) -> Result<TemplateInfo, ControlError> {
+        let t0 = Instant::now();
+        let fail = |e: TemplateError| ControlError::Failed(error_chain(&e));
+        std::fs::create_dir_all(dir)
+            .map_err(io(dir))
+            .map_err(fail)?;
+        let was_paused = self.is_paused();
+        if !was_paused {
+            self.pause()?;
+        }
+        let saved = self.capture().and_then(|snapshot| {
+            write_template(dir, snapshot, self.ram().memory(), self.ram().ranges()).map_err(fail)
+        });
+        if !was_paused {
+            self.resume()?;
+        }
+        let (memory_bytes, stored_bytes) = saved?;
+        Ok(TemplateInfo {
+            dir: dir.to_owned(),
+            memory_bytes,
+            stored_bytes,
+            pause_us: t0.elapsed().as_micros() as u64,
+        })
+    }
+}
+
+/// Writes memory and state; returns (guest memory bytes, bytes actually stored).
+fn write_template(
+    dir: &Path,
+    snapshot: VmSnapshot,
+    mem: &crate::memory::GuestMemory,
+    ranges: &[RamRange],
+) -> Result<(u64, u64), TemplateError> {
+    let mem_path = dir.join(MEMORY_FILE);
+    let tmp = dir.join(format!(".{MEMORY_FILE}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let file = File::create(&tmp).map_err(io(&tmp))?;
+    let total: u64 = ranges.iter().map(|r| r.len).sum();
+    file.set_len(total).map_err(io(&tmp))?;
+    let mut digest = CRC.digest();
+    let mut stored = 0u64;
+    let zero = [0u8; PAGE];
+    for (region, r) in mem.iter().zip(ranges) {
+        let len = region.len() as usize;
+        // SAFETY: the region is a live mapping of `len` bytes; the VM is paused, so
+        // nothing writes it while we read.
+        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr() as *const u8, len) };
+        for (i, page) in bytes.chunks(PAGE).enumerate() {
+            digest.update(page);
+            if page != &zero[..page.len()] {
+                file.write_all_at(page, r.file_offset + (i * PAGE) as u64)
+                    .map_err(io(&tmp))?;
+                stored += page.len() as u64;
+            }
+        }
+    }
+    file.sync_all().map_err(io(&tmp))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444)).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &mem_path).map_err(io(&mem_path))?;
+    let state = TemplateState {
+        snapshot,
+        ranges: ranges.to_vec(),
+        memory_len: total,
+        memory_crc: digest.finalize(),
+    };
+    let state_path = dir.join(STATE_FILE);
+    let blob = forkvm_snapshot::encode(&state).map_err(|source| TemplateError::State {
+        path: state_path.clone(),
+        source,
+    })?;
+    forkvm_snapshot::write_atomic(&state_path, &blob).map_err(|source| TemplateError::State {
+        path: state_path.clone(),
+        source,
+    })?;
+    Ok((total, stored))
+}
+
+/// A validated template, ready to fork.
+pub struct Template {
+    state: TemplateState,
+    memory: File,
+}
+
+impl Template {
+    /// Opens and checks the template in `dir`.
+    pub fn load(dir: &Path) -> Result<Self, TemplateError> {
+        let state_path = dir.join(STATE_FILE);
+        let state: TemplateState =
+            forkvm_snapshot::read_state_file(&state_path).map_err(|source| {
+                TemplateError::State {
+                    path: state_path.clone(),
+                    source,
+                }
+            })?;
+        let mem_path = dir.join(MEMORY_FILE);
+        let memory = File::open(&mem_path).map_err(io(&mem_path))?;
+        let bad = |problem: String| TemplateError::Memory {
+            path: mem_path.clone(),
+            problem,
+        };
+        let len = memory.metadata().map_err(io(&mem_path))?.len();
+        if len != state.memory_len {
+            return Err(bad(format!(
+                "is {len} bytes, the template's state expects {} (truncated or replaced)",
+                state.memory_len
+            )));
+        }
+        let ranges_len: u64 = state.ranges.iter().map(|r| r.len).sum();
+        if ranges_len != state.memory_len {
+            return Err(bad(
+                "the template's memory ranges do not add up to its size".into(),
+            ));
+        }
+        let mut digest = CRC.digest();
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, &memory);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = reader.read(&mut buf).map_err(io(&mem_path))?;
+            if n == 0 {
+                break;
+            }
+            digest.update(&buf[..n]);
+        }
+        let crc = digest.finalize();
+        if crc != state.memory_crc {
+            return Err(bad(format!(
+                "checksum {crc:#018x} does not match the template's {:#018x}: the memory was modified",
+                state.memory_crc
+            )));
+        }
+        Ok(Self { state, memory })
+    }
+
+    /// vCPUs and memory of the saved VM.
+    pub fn machine(&self) -> (u8, u64) {
+        (
+            self.state.snapshot.config.vcpus,
+            self.state.snapshot.config.mem_mib,
+        )
+    }
+
+    /// Starts `req.count` children from this template.
+    pub fn fork(self, req: &ForkRequest) -> Result<ForkOutcome, TemplateError> {
+        let t0 = Instant::now();
+        let cfg = self.state.snapshot.config.clone();
+        let exe = check_request(&cfg, req)?;
+        let mut seq = 0;
+        let ids = identities(&cfg, req, &mut seq)?;
+        let layout = MemoryLayout {
+            ranges: self.state.ranges,
+            overlays: Vec::new(),
+        };
+        let children = start_children(
+            &exe,
+            self.state.snapshot,
+            &layout,
+            std::slice::from_ref(&self.memory),
+            ids,
+            req,
+            t0,
+        )?;
+        Ok(ForkOutcome {
+            children,
+            parent_pause_us: 0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::config::VmConfig;
+    use crate::memory::{ram_ranges, GuestMemory};
+    use crate::vm::VmArchState;
+
+    fn snapshot() -> VmSnapshot {
+        VmSnapshot {
+            config: VmConfig::new("/nonexistent/kernel"),
+            vcpus: Vec::new(),
+            arch: VmArchState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                pit: Default::default(),
+                clock: Default::default(),
+            },
+            serial: Default::default(),
+            virtio: Vec::new(),
+            captured_realtime_ns: 1,
+        }
+    }
+
+    fn saved() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let ranges = ram_ranges(1 << 20);
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        mem.write_slice(b"template page", GuestAddress(0x3000))
+            .unwrap();
+        let (total, stored) = write_template(dir.path(), snapshot(), &mem, &ranges).unwrap();
+        assert_eq!(total, 1 << 20);
+        assert_eq!(stored, PAGE as u64, "only the one non-zero page is stored");
+        dir
+    }
+
+    fn expect_err(dir: &Path, needle: &str) {
+        let e = Template::load(dir)
+            .err()
+            .expect("the template must be refused");
+        let msg = error_chain(&e);
+        assert!(msg.contains(needle), "{msg}");
+    }
+
+    #[test]
+    fn saved_template_loads_with_its_contents() {
+        let dir = saved();
+        let t = Template::load(dir.path()).unwrap();
+        let mut b = [0u8; 13];
+        t.memory.read_exact_at(&mut b, 0x3000).unwrap();
+        assert_eq!(&b, b"template page");
+        assert_eq!(t.machine(), (1, 256));
+        let mode = std::fs::metadata(dir.path().join(MEMORY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o222, 0, "memory file is read-only");
+    }
+
+    #[test]
+    fn truncated_memory_is_refused() {
+        let dir = saved();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(MEMORY_FILE))
+            .unwrap();
+        f.set_len(4096).unwrap();
+        expect_err(dir.path(), "truncated");
+    }
+
+    #[test]
+    fn modified_memory_is_refused() {
+        let dir = saved();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(MEMORY_FILE))
+            .unwrap();
+        f.write_all_at(b"X", 0x3000).unwrap();
+        expect_err(dir.path(), "modified");
+    }
+
+    #[test]
+    fn tampered_state_is_refused() {
+        let dir = saved();
+        let p = dir.path().join(STATE_FILE);
+        let mut bytes = std::fs::read(&p).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&p, bytes).unwrap();
+        expect_err(dir.path(), "checksum mismatch");
+        std::fs::write(&p, b"not a template").unwrap();
+        expect_err(dir.path(), STATE_FILE);
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let dir = saved();
+        std::fs::remove_file(dir.path().join(MEMORY_FILE)).unwrap();
+        expect_err(dir.path(), MEMORY_FILE);
+        let empty = tempfile::tempdir().unwrap();
+        expect_err(empty.path(), STATE_FILE);
+    }
+}

@@ -209,6 +209,10 @@ pub enum BenchCommand {
     /// Boot the same guest with forkvm and QEMU microvm, alternating, and compare
     /// boot-to-init time, time to exit and VMM memory.
     Boot(BenchBootArgs),
+    /// Fork a running guest into children and measure time to running, time to the
+    /// guest agent answering, the parent's pause and each idle child's private memory,
+    /// beside a cold boot of the same guest.
+    Fork(BenchForkArgs),
 }
 
 /// Output format of `forkvm bench`.
@@ -266,4 +270,42 @@ pub struct BenchBootArgs {
     /// host time since spawn (in the virtual host, export the directory with `--rw`).
     #[arg(long, value_name = "DIR")]
     pub console_dir: Option<PathBuf>,
+}
+
+/// `forkvm bench fork`.
+#[derive(Debug, Args)]
+pub struct BenchForkArgs {
+    /// Children per fork, comma-separated: one measured series per count (the largest
+    /// count is the limit on how many children run at once).
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    pub children: Vec<u32>,
+    /// Measured forks per count; counts above 10 get fewer (about `rounds x 10`
+    /// children per count, at least one fork).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Unmeasured warm-up forks of one child before the measured ones.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Cold boots of the same guest to compare with (0: none).
+    #[arg(long, default_value_t = 5)]
+    pub cold_runs: usize,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub mem: u64,
+    /// How long the children idle, after all answered, before their memory is read (ms).
+    #[arg(long, default_value_t = 2000)]
+    pub idle_ms: u64,
+    /// Pause between one child's agent pings while waiting for its answer (us).
+    #[arg(long, default_value_t = 1000)]
+    pub poll_us: u64,
+    /// Limit in seconds for the parent or a cold boot to answer, and for a round's
+    /// children to answer.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
+    pub format: BenchFormat,
 }

@@ -6,7 +6,12 @@
 //! the guest init's ready marker on the console, the guest's own uptime printed in
 //! that marker, the time until the VMM exits after the guest powers off, and the VMM's
 //! RSS at the moment the marker appeared.
+//!
+//! `forkvm bench fork` forks a running guest into children and measures how soon they
+//! run and answer, how long the parent pauses and what each idle child costs in private
+//! memory, beside a cold boot of the same guest (see [`fork`]).
 
+mod fork;
 mod probe;
 mod report;
 mod stats;
@@ -28,6 +33,7 @@ use report::{Environment, Guest, Report, VmmSetup};
 pub fn run(args: BenchArgs) -> Result<i32> {
     match args.what {
         BenchCommand::Boot(a) => boot(a),
+        BenchCommand::Fork(a) => fork::run(a),
     }
 }
 
@@ -89,7 +95,8 @@ pub fn iso8601_utc(secs: u64) -> String {
     )
 }
 
-fn environment(qemu: &Path) -> Result<Environment> {
+/// The host: KVM kind, CPU, kernel (no QEMU version).
+fn host_environment() -> Environment {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let flags = forkvm_vhost::parse_cpu_flags(&cpuinfo);
     let (kvm, kvm_detail) = if forkvm_vhost::in_vhost() {
@@ -112,6 +119,20 @@ fn environment(qemu: &Path) -> Result<Environment> {
             (k.trim() == "model name").then(|| v.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".to_owned());
+    Environment {
+        kvm: kvm.to_owned(),
+        kvm_detail: kvm_detail.to_owned(),
+        cpu_model,
+        host_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        host_kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default(),
+        qemu_version: String::new(),
+        forkvm_version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}
+
+fn environment(qemu: &Path) -> Result<Environment> {
     let out = Command::new(qemu)
         .arg("--version")
         .output()
@@ -125,20 +146,13 @@ fn environment(qemu: &Path) -> Result<Environment> {
         bail!("{} --version failed: {}", qemu.display(), out.status);
     }
     Ok(Environment {
-        kvm: kvm.to_owned(),
-        kvm_detail: kvm_detail.to_owned(),
-        cpu_model,
-        host_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        host_kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_default(),
         qemu_version: String::from_utf8_lossy(&out.stdout)
             .lines()
             .next()
             .unwrap_or("QEMU")
             .trim()
             .to_owned(),
-        forkvm_version: env!("CARGO_PKG_VERSION").to_owned(),
+        ..host_environment()
     })
 }
 

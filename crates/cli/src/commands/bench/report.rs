@@ -139,7 +139,8 @@ pub fn summarise(samples: &[Sample]) -> Vec<Metric> {
         .collect()
 }
 
-fn num(v: f64) -> String {
+/// A number for a table: no decimals from 100 up, one below, `-` for NaN.
+pub fn num(v: f64) -> String {
     if v.is_nan() {
         "-".to_owned()
     } else if v.abs() >= 100.0 {
@@ -149,7 +150,8 @@ fn num(v: f64) -> String {
     }
 }
 
-fn ratio(v: f64) -> String {
+/// A ratio for a table, `0.43x`; `-` for NaN.
+pub fn ratio(v: f64) -> String {
     if v.is_nan() {
         "-".to_owned()
     } else {

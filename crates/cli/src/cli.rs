@@ -305,6 +305,10 @@ pub struct BenchForkArgs {
     /// children to answer.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Write the parent's and every fork child's console here (`parent.log`,
+    /// `fork<N>-<child>.log`; in the virtual host, export the directory with `--rw`).
+    #[arg(long, value_name = "DIR")]
+    pub console_dir: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     pub format: BenchFormat,

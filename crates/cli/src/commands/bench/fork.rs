@@ -642,22 +642,24 @@ fn wait_agent(
     }
 }
 
-/// One thread per child socket, each waiting for its start time, then pinging.
+/// One thread per child socket, each waiting for its start time, then pinging until
+/// the child answers, the time limit passes or its stop flag is raised.
 struct Pollers {
     start: Vec<mpsc::Sender<Instant>>,
     threads: Vec<JoinHandle<Option<u64>>>,
-    stop: Arc<AtomicBool>,
+    stop: Vec<Arc<AtomicBool>>,
 }
 
 impl Pollers {
     fn new(socks: &[PathBuf], poll: Duration, limit: Duration) -> Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let mut stops = Vec::new();
         let mut start = Vec::new();
         let mut threads = Vec::new();
         for (i, uds) in socks.iter().enumerate() {
             let (tx, rx) = mpsc::channel::<Instant>();
             let uds = uds.clone();
-            let stop = stop.clone();
+            let stop = Arc::new(AtomicBool::new(false));
+            stops.push(stop.clone());
             let t = std::thread::Builder::new()
                 .name(format!("ping-{i}"))
                 .stack_size(256 << 10)
@@ -673,7 +675,7 @@ impl Pollers {
         Ok(Self {
             start,
             threads,
-            stop,
+            stop: stops,
         })
     }
 
@@ -684,14 +686,31 @@ impl Pollers {
     }
 
     fn abandon(self) {
-        self.stop.store(true, Ordering::Relaxed);
+        for s in &self.stop {
+            s.store(true, Ordering::Relaxed);
+        }
         drop(self.start);
         for t in self.threads {
             let _ = t.join();
         }
     }
 
-    fn join(self) -> Vec<Option<u64>> {
+    /// Waits for every poller; one whose child process (`pids[i]`, when known) is gone
+    /// stops at once instead of pinging a dead socket until the time limit.
+    fn join(self, pids: &[Option<u32>]) -> Vec<Option<u64>> {
+        while self.threads.iter().any(|t| !t.is_finished()) {
+            for (i, t) in self.threads.iter().enumerate() {
+                let gone = pids
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+                if !t.is_finished() && gone {
+                    self.stop[i].store(true, Ordering::Relaxed);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.threads
             .into_iter()
             .map(|t| t.join().ok().flatten())
@@ -724,8 +743,14 @@ impl Bench<'_> {
             freeze: false,
             children: socks
                 .iter()
-                .map(|s| ChildSpec {
+                .enumerate()
+                .map(|(i, s)| ChildSpec {
                     vsock_uds: Some(s.clone()),
+                    console: self
+                        .args
+                        .console_dir
+                        .as_ref()
+                        .map(|d| d.join(format!("fork{}-{i}.log", self.seq))),
                     ..ChildSpec::default()
                 })
                 .collect(),
@@ -743,7 +768,16 @@ impl Bench<'_> {
             }
         };
         let mut kids = Kids(out.children.iter().map(|c| c.pid).collect());
-        let t2 = pollers.join();
+        let pids: Vec<Option<u32>> = socks
+            .iter()
+            .map(|s| {
+                out.children
+                    .iter()
+                    .find(|c| c.vsock_uds.as_ref() == Some(s))
+                    .map(|c| c.pid)
+            })
+            .collect();
+        let t2 = pollers.join(&pids);
         std::thread::sleep(Duration::from_millis(self.args.idle_ms));
         let children = out
             .children
@@ -920,8 +954,15 @@ pub fn run(args: BenchForkArgs) -> Result<i32> {
         cid: 3,
         uds: parent_uds.clone(),
     });
-    let console = std::fs::File::create(dir.join("parent.console"))
-        .context("cannot create the parent's console file")?;
+    let console_path = match &args.console_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+            d.join("parent.log")
+        }
+        None => dir.join("parent.console"),
+    };
+    let console =
+        std::fs::File::create(&console_path).context("cannot create the parent's console file")?;
 
     let booted = Instant::now();
     let (tx, rx) = mpsc::channel();
@@ -950,7 +991,7 @@ pub fn run(args: BenchForkArgs) -> Result<i32> {
         &never,
     )
     .ok_or_else(|| {
-        let console = std::fs::read_to_string(dir.join("parent.console")).unwrap_or_default();
+        let console = std::fs::read_to_string(&console_path).unwrap_or_default();
         anyhow!(
             "the parent's agent did not answer within {} s; its console:\n{console}",
             args.timeout

@@ -868,11 +868,21 @@ impl Bench<'_> {
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .ok();
         if agent.is_none() {
+            // Recorded as a boot without answer (the summary counts what answered);
+            // one hung boot should not cost the whole benchmark.
             let log = std::fs::read_to_string(&err_log).unwrap_or_default();
-            bail!(
+            eprintln!(
                 "cold boot {run}: the agent did not answer within {} s; forkvm boot's stderr:\n{log}",
                 self.args.timeout
             );
+            let us = |t: Option<Instant>| t.map(|t| t.duration_since(t0).as_micros() as u64);
+            return Ok(ColdSample {
+                run,
+                pid,
+                ready_us: us(ready),
+                agent_us: None,
+                mem: None,
+            });
         }
         std::thread::sleep(Duration::from_millis(self.args.idle_ms));
         let mem = read_mem(pid).ok();

@@ -51,6 +51,7 @@ fn ticks(log: &Path) -> Vec<Tick> {
 }
 
 fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    eprintln!("[fork_e2e] waiting for {what}");
     let deadline = Instant::now() + timeout;
     while !ok() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");

@@ -287,10 +287,13 @@ fn spawn_child(
     let (ours, theirs) = UnixStream::pair()?;
     let fd = theirs.as_raw_fd();
     let mut cmd = Command::new(exe);
+    // A child is a daemon: it must not hold the caller's pipes open (a caller reading
+    // `forkvm template fork`'s output to EOF would wait for every child to end). It
+    // reports a failure to start on its socket, and logs to its console afterwards.
     cmd.arg(CHILD_VERB)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        .stderr(Stdio::null());
     // SAFETY: only async-signal-safe calls between fork and exec: setsid and dup2.
     unsafe {
         cmd.pre_exec(move || {
@@ -317,14 +320,47 @@ fn spawn_child(
     Ok((pid, ours))
 }
 
+/// Sends this process's stderr (its own log messages, a panic) to `file`: a fork child
+/// is a daemon started with stderr on /dev/null. Call it before starting threads.
+pub fn redirect_stderr(file: &File) -> std::io::Result<()> {
+    // SAFETY: dup2 onto fd 2 of a descriptor `file` keeps open for the call.
+    if unsafe { libc::dup2(file.as_raw_fd(), libc::STDERR_FILENO) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A child's report on its socket: it runs.
+const REPORT_RUNNING: u64 = 1;
+/// A child's report on its socket: it failed; a length-prefixed message follows.
+const REPORT_FAILED: u64 = 2;
+
 fn wait_running(sock: &UnixStream) -> std::io::Result<()> {
     sock.set_read_timeout(Some(CHILD_START_TIMEOUT))?;
     let mut b = [0u8; 8];
-    (&*sock).read_exact(&mut b)?;
+    (&*sock)
+        .read_exact(&mut b)
+        .map_err(|e| std::io::Error::other(format!("it exited or hung before reporting ({e})")))?;
     match u64::from_le_bytes(b) {
-        1 => Ok(()),
+        REPORT_RUNNING => Ok(()),
+        REPORT_FAILED => {
+            let mut len = [0u8; 4];
+            (&*sock).read_exact(&mut len)?;
+            let mut msg = vec![0u8; (u32::from_le_bytes(len) as usize).min(64 * 1024)];
+            (&*sock).read_exact(&mut msg)?;
+            Err(std::io::Error::other(
+                String::from_utf8_lossy(&msg).into_owned(),
+            ))
+        }
         other => Err(std::io::Error::other(format!("unexpected report {other}"))),
     }
+}
+
+fn report_failure(sock: &UnixStream, msg: &str) {
+    let mut out = REPORT_FAILED.to_le_bytes().to_vec();
+    out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+    out.extend_from_slice(msg.as_bytes());
+    let _ = (&*sock).write_all(&out);
 }
 
 /// A fork child's payload, received from its parent, not yet restored.
@@ -376,9 +412,27 @@ impl ReceivedChild {
         self.payload.console.as_deref()
     }
 
+    /// Tells the parent this child cannot start, and why (before [`ReceivedChild::start`]).
+    pub fn fail(self, why: &str) {
+        report_failure(&self.sock, why);
+    }
+
     /// Restores the VM with its console on `console`, resumes it, tells the parent it
     /// runs, and has the guest agent apply the child's identity (in the background).
+    /// A failure is reported to the parent as well as returned.
     pub fn start(self, console: Box<dyn Write + Send>) -> Result<Vmm, ForkChildError> {
+        let sock = self
+            .sock
+            .try_clone()
+            .map_err(|e| ForkChildError::Start(e.to_string()))?;
+        let result = self.start_inner(console);
+        if let Err(e) = &result {
+            report_failure(&sock, &error_chain(e));
+        }
+        result
+    }
+
+    fn start_inner(self, console: Box<dyn Write + Send>) -> Result<Vmm, ForkChildError> {
         let Self {
             sock,
             payload,
@@ -398,7 +452,7 @@ impl ReceivedChild {
         vmm.resume()
             .map_err(|e| ForkChildError::Start(e.to_string()))?;
         (&sock)
-            .write_all(&1u64.to_le_bytes())
+            .write_all(&REPORT_RUNNING.to_le_bytes())
             .map_err(|e| ForkChildError::Start(format!("cannot report to the parent: {e}")))?;
         if let Some(uds) = payload.identity.vsock_uds.clone() {
             let identity = payload.identity.clone();

@@ -12,17 +12,30 @@ use forkvm_vmm::ExitReason;
 /// Restores the VM the parent sent on fd 3 and runs it; returns the exit code.
 pub fn run() -> Result<i32> {
     let child = ReceivedChild::receive().context("cannot receive the fork")?;
-    let home = VmHome::create_fork_child(None).context("cannot register the fork child")?;
-    home.record_process(ProcessIdentity::current())
-        .context("cannot record the VMM process")?;
-    let cfg = child.config().clone();
-    home.record_machine(cfg.vcpus, cfg.mem_mib)?;
-    let console: Box<dyn Write + Send> = match child.console_path() {
-        Some(path) => Box::new(
-            std::fs::File::create(path)
-                .with_context(|| format!("cannot create the console file {}", path.display()))?,
-        ),
-        None => Box::new(home.console_writer()?),
+    let registered = (|| -> Result<(VmHome, Box<dyn Write + Send>)> {
+        let home = VmHome::create_fork_child(None).context("cannot register the fork child")?;
+        home.record_process(ProcessIdentity::current())
+            .context("cannot record the VMM process")?;
+        let cfg = child.config();
+        home.record_machine(cfg.vcpus, cfg.mem_mib)?;
+        // From here on this daemon's own messages go to its console log.
+        let log = home.console_writer()?;
+        forkvm_vmm::fork::redirect_stderr(&log).context("cannot log to the console file")?;
+        let console: Box<dyn Write + Send> =
+            match child.console_path() {
+                Some(path) => Box::new(std::fs::File::create(path).with_context(|| {
+                    format!("cannot create the console file {}", path.display())
+                })?),
+                None => Box::new(log),
+            };
+        Ok((home, console))
+    })();
+    let (home, console) = match registered {
+        Ok(r) => r,
+        Err(e) => {
+            child.fail(&format!("{e:#}"));
+            return Err(e);
+        }
     };
     // Grandchildren record this VM as their parent (set before any thread starts).
     std::env::set_var(forkvm_api::ENV_ID, home.id());

@@ -9,5 +9,5 @@ cargo build --release --locked -p forkvm -p xtask
 echo "== host capabilities"
 cargo xtask caps
 cargo xtask prepare-guest
-echo "== booting a forkvm guest (2 vCPUs, 256 MiB, virtio blk + rng + vsock)"
+echo "== boot a guest (2 vCPUs, 256 MiB, vsock + rng) and fork it"
 cargo xtask vhost --timeout 900 -- bash scripts/demo-inside.sh

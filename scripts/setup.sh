@@ -5,9 +5,10 @@ set -euo pipefail
 
 # qemu-system-x86: the virtual KVM test host (and the QEMU side of the benchmarks).
 # busybox-static: guest and test-host initramfs images. e2fsprogs: disk images.
-# iproute2: TAP devices for virtio-net. gcc: static guest test helpers.
+# iproute2: TAP devices for virtio-net. gcc, libc6-dev, linux-libc-dev: static guest
+# test helpers (vsock). curl: the API tests talk to a VM's Unix socket with it.
 # apt/dpkg (base system) fetch Debian's guest kernels into the cache.
-PACKAGES=(qemu-system-x86 busybox-static e2fsprogs iproute2 gcc libc6-dev)
+PACKAGES=(qemu-system-x86 busybox-static e2fsprogs iproute2 gcc libc6-dev linux-libc-dev curl)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
@@ -36,3 +37,7 @@ fi
 # them now rather than halfway through a build.
 cd "$(dirname "$0")/.."
 rustup show active-toolchain >/dev/null
+# The guest agent is a static binary; the target is also listed in rust-toolchain.toml.
+if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+  rustup target add x86_64-unknown-linux-musl
+fi

@@ -470,8 +470,9 @@ impl ReceivedChild {
     }
 }
 
-/// How long a child keeps trying to reach its guest's agent.
-const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a child keeps trying to reach its guest's agent. Generous: a child that
+/// gives up keeps its parent's entropy and hostname, and a loaded host is slow.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Connects to the guest agent through the vsock device's host socket (the
 /// `CONNECT <port>` convention) and sends the child's identity: entropy, hostname, MACs.

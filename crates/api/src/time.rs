@@ -11,9 +11,30 @@ pub fn now_ms() -> u64 {
 
 /// `2024-05-01T12:34:56.789Z` for Unix milliseconds.
 pub fn rfc3339(ms: u64) -> String {
-    let secs = ms / 1000;
+    let (y, m, d, rem) = civil(ms / 1000);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch.
+pub fn rfc3339_secs(secs: u64) -> String {
+    let (y, m, d, rem) = civil(secs);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// (year, month, day, seconds into the day) of `secs` since the Unix epoch, UTC.
+fn civil(secs: u64) -> (i64, i64, i64, u64) {
     let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
     // Howard Hinnant's civil_from_days.
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -24,13 +45,7 @@ pub fn rfc3339(ms: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        ms % 1000
-    )
+    (y, m, d, secs % 86_400)
 }
 
 /// `5 seconds ago`, `3 minutes ago`, ... as `ps` shows ages.
@@ -54,6 +69,9 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
         assert_eq!(rfc3339(1_714_566_896_789), "2024-05-01T12:34:56.789Z");
+        assert_eq!(rfc3339_secs(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_secs(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_secs(1_767_225_599), "2025-12-31T23:59:59Z");
     }
 
     #[test]

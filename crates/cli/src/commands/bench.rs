@@ -73,27 +73,7 @@ fn kernel_version(path: &Path) -> Option<String> {
     bzimage_version(&head)
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch.
-pub fn iso8601_utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+pub use forkvm_api::time::rfc3339_secs as iso8601_utc;
 
 /// The host: KVM kind, CPU, kernel (no QEMU version).
 fn host_environment() -> Environment {
@@ -416,12 +396,5 @@ mod tests {
         img[0x202] = b'X';
         assert_eq!(bzimage_version(&img), None);
         assert_eq!(bzimage_version(&[0u8; 16]), None);
-    }
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(iso8601_utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(iso8601_utc(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(iso8601_utc(1_767_225_599), "2025-12-31T23:59:59Z");
     }
 }

@@ -20,18 +20,15 @@ impl I8042 {
 
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        if let (Ok(off), 1) = (u8::try_from(offset), data.len()) {
-            data[0] = self.inner.read(off);
-        }
+        super::byte_read(offset, data, |reg| self.inner.read(reg));
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let (Ok(off), &[value]) = (u8::try_from(offset), data) {
-            if let Err(e) = self.inner.write(off, value) {
+        super::byte_write(offset, data, |reg, value| {
+            if let Err(e) = self.inner.write(reg, value) {
                 tracing::warn!("i8042 reset trigger failed: {e}");
             }
-        }
+        });
     }
 }
 

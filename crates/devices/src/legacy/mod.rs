@@ -35,6 +35,23 @@ impl vm_superio::Trigger for EventFdTrigger {
     }
 }
 
+/// A one-byte port read at `offset`: `read(register)` fills `data` when the access is a
+/// single byte at a byte-sized offset; anything else reads as zeros.
+pub(crate) fn byte_read(offset: u64, data: &mut [u8], read: impl FnOnce(u8) -> u8) {
+    data.fill(0);
+    if let (Ok(off), 1) = (u8::try_from(offset), data.len()) {
+        data[0] = read(off);
+    }
+}
+
+/// A one-byte port write at `offset`: `write(register, value)` runs when the access is a
+/// single byte at a byte-sized offset; anything else is ignored.
+pub(crate) fn byte_write(offset: u64, data: &[u8], write: impl FnOnce(u8, u8)) {
+    if let (Ok(off), &[value]) = (u8::try_from(offset), data) {
+        write(off, value);
+    }
+}
+
 /// Why the guest asked the VMM to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum GuestStop {

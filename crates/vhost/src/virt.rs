@@ -243,6 +243,36 @@ fn virtfs(path: &Path, tag: &str, readonly: bool) -> OsString {
     a
 }
 
+/// Directories the virtual host hides behind its own tmpfs mounts.
+const MASKED: [&str; 3] = ["/tmp", "/run", "/dev/shm"];
+
+/// For each absolute path under a masked directory, the masked directory's child that
+/// holds it (e.g. `/tmp/ci` for `/tmp/ci/crates/cli`), to export read-write at the same
+/// path. The scratch directories of the virtual host itself are never among them.
+pub(crate) fn masked_exports<'a>(paths: impl Iterator<Item = &'a Path>) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for p in paths {
+        let Ok(p) = p.canonicalize() else { continue };
+        for m in MASKED {
+            let Ok(rest) = p.strip_prefix(m) else {
+                continue;
+            };
+            let Some(first) = rest.components().next() else {
+                continue;
+            };
+            let top = Path::new(m).join(first);
+            let name = top
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if !name.starts_with("forkvm-vhost-") && !out.contains(&top) {
+                out.push(top);
+            }
+        }
+    }
+    out
+}
+
 pub(crate) fn run_virtual(cmd: &[OsString], opts: &VhostOptions) -> Result<Outcome, Error> {
     let cache = forkvm_guest_kernel::cache_dir()?;
     let kernel = ensure_kernel_in(&cache, Flavour::Amd64)?;
@@ -267,11 +297,23 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &VhostOptions) -> Result<Outco
     let scratch = scratch_dir.path().to_owned();
     let script = run_script(cmd, opts, &scratch);
     fs::write(scratch.join("run.sh"), &script).map_err(|e| io("writing run.sh", e))?;
-    let mut rw_list = String::new();
+    let mut rw_paths = Vec::new();
     for p in &opts.writable {
         let p = p
             .canonicalize()
             .map_err(|e| io(format!("writable path {}", p.display()), e))?;
+        rw_paths.push(p);
+    }
+    // The virtual host puts fresh tmpfs on /tmp, /run and /dev/shm; a checkout (or a
+    // program) living there on this machine must be exported to be seen at all.
+    let program = cmd.first().map(PathBuf::from);
+    for p in masked_exports([opts.cwd.as_path()].into_iter().chain(program.as_deref())) {
+        if !rw_paths.iter().any(|w| p.starts_with(w)) {
+            rw_paths.push(p);
+        }
+    }
+    let mut rw_list = String::new();
+    for p in &rw_paths {
         rw_list += &p.to_string_lossy();
         rw_list.push('\n');
     }
@@ -281,7 +323,7 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &VhostOptions) -> Result<Outco
         "console=ttyS0 earlyprintk=serial,ttyS0 loglevel=4 panic=-1 mitigations=off \
          rdinit=/init forkvm_scratch={} forkvm_rw={}",
         scratch.display(),
-        opts.writable.len()
+        rw_paths.len()
     );
     let mut qcmd = Command::new(&qemu);
     qcmd.args(["-accel", "tcg", "-cpu", "EPYC,+svm", "-machine", "pc"])
@@ -399,6 +441,28 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &VhostOptions) -> Result<Outco
         wall,
         mode: Mode::Virtual,
     })
+}
+
+#[cfg(test)]
+mod masked_tests {
+    use super::*;
+
+    #[test]
+    fn checkouts_under_tmp_are_exported_by_their_top_directory() {
+        let dir = tempfile::Builder::new()
+            .prefix("ci-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let deep = dir.path().join("crates/cli");
+        std::fs::create_dir_all(&deep).unwrap();
+        let exe = dir.path().join("target/debug/t");
+        std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+        std::fs::write(&exe, b"").unwrap();
+        let got = masked_exports([deep.as_path(), exe.as_path()].into_iter());
+        assert_eq!(got, vec![dir.path().canonicalize().unwrap()]);
+        assert!(masked_exports([Path::new("/usr/bin")].into_iter()).is_empty());
+        assert!(masked_exports([Path::new("/nonexistent/x")].into_iter()).is_empty());
+    }
 }
 
 #[cfg(test)]

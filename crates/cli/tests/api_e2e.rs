@@ -194,24 +194,26 @@ fn detached_vm_lifecycle_through_the_api() {
         let (st, body) = curl(&sock, "POST", "/v1/vm/resume", None);
         assert_eq!(st, 200, "{body}");
         let (st, body) = curl(&sock, "POST", "/v1/vm/fork", Some(br#"{"count": 1}"#));
-        match st {
-            200 => {
-                let o: serde_json::Value = serde_json::from_str(&body).unwrap();
-                for c in o["children"].as_array().unwrap() {
-                    let pid = c["pid"].as_i64().unwrap() as i32;
-                    // SAFETY: kill(2) with plain integers; the pid is the fork child
-                    // this test just made.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-                let (_, m) = curl(&sock, "GET", "/metrics", None);
-                assert!(m.contains("forkvm_fork_latency_seconds_count 1"), "{m}");
-            }
-            // Fork not available on this build: still a JSON error, VM still up.
-            _ => {
-                assert!(st >= 400, "{st} {body}");
-                json_error(&body);
-            }
+        assert_eq!(st, 200, "{body}");
+        let o: serde_json::Value = serde_json::from_str(&body).unwrap();
+        // The child is a VM of its own, registered with this VM as its parent.
+        let kids: Vec<String> = ps(root)
+            .iter()
+            .filter(|v| v["parent"].as_str() == Some(id.as_str()))
+            .map(|v| v["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(kids.len(), 1, "the fork child registers under its parent");
+        for c in o["children"].as_array().unwrap() {
+            let pid = c["pid"].as_i64().unwrap() as i32;
+            // SAFETY: kill(2) with plain integers; the pid is the fork child this test
+            // just made.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        for k in &kids {
+            ok(root, &["rm", "-f", k]);
+        }
+        let (_, m) = curl(&sock, "GET", "/metrics", None);
+        assert!(m.contains("forkvm_fork_latency_seconds_count 1"), "{m}");
 
         // Bad requests: 4xx with a JSON error, and the VM keeps running.
         let big = vec![b'x'; 70_000];
@@ -298,7 +300,8 @@ fn detached_vm_lifecycle_through_the_api() {
         // rm removes its state.
         assert_eq!(ok(root, &["rm", "ctr"]).trim(), id);
         assert!(!home.exists());
-        assert!(ps(root).is_empty());
+        let left = ps(root);
+        assert!(left.is_empty(), "VMs left after rm: {left:?}");
         eprintln!("first VM done at {:?}", t0.elapsed());
 
         // A VMM killed with SIGKILL is dead, not running; rm cleans it up.

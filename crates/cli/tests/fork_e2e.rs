@@ -239,14 +239,19 @@ fn running_vm_forks_into_private_children_with_their_own_identity() {
     });
 }
 
-/// Runs `forkvm --root ROOT ARGS`, requires success, returns stdout.
-fn forkvm_ok(root: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(common::FORKVM)
+/// Runs `forkvm --root ROOT ARGS` to completion.
+fn run_forkvm(root: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::FORKVM)
         .arg("--root")
         .arg(root)
         .args(args)
         .output()
-        .expect("cannot run forkvm");
+        .expect("cannot run forkvm")
+}
+
+/// Runs `forkvm --root ROOT ARGS`, requires success, returns stdout.
+fn forkvm_ok(root: &Path, args: &[&str]) -> String {
+    let out = run_forkvm(root, args);
     assert!(
         out.status.success(),
         "forkvm {args:?} failed ({}):\n{}{}",
@@ -359,12 +364,7 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
 
 /// Runs `forkvm --root ROOT ARGS`, requires failure, returns stderr.
 fn forkvm_err(root: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(common::FORKVM)
-        .arg("--root")
-        .arg(root)
-        .args(args)
-        .output()
-        .expect("cannot run forkvm");
+    let out = run_forkvm(root, args);
     assert!(!out.status.success(), "forkvm {args:?} should have failed");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

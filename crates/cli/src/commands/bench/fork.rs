@@ -234,11 +234,7 @@ pub struct Dist {
 impl Dist {
     /// The distribution of `values`; `None` when empty.
     pub fn of(values: &[f64]) -> Option<Self> {
-        let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
+        let v = super::stats::sorted_finite(values)?;
         Some(Self {
             n: v.len(),
             p50: percentile(&v, 50.0),

@@ -112,9 +112,12 @@ fn main() -> anyhow::Result<ExitCode> {
             let agent = build_agent()?;
             let guest = forkvm_guest_kernel::default_guest_with(Some(&agent))
                 .context("preparing the default guest kernel and initramfs")?;
+            let container = forkvm_guest_kernel::container_guest(&agent)
+                .context("preparing the container guest initramfs")?;
             println!("agent:  {}", agent.display());
             println!("kernel: {}", guest.kernel.display());
             println!("initrd: {}", guest.initrd.display());
+            println!("container initrd: {}", container.initrd.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Vhost {

@@ -19,6 +19,14 @@ pub const GUEST_MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport",
 ];
 
+/// Modules the container guest loads besides [`GUEST_MODULES`]: overlayfs assembles the
+/// image's read-only root with a private writable layer (ext4 is built into the kernel).
+pub const CONTAINER_MODULES: &[&str] = &["overlay"];
+
+/// Where the container guest's agent (PID 1) finds the modules to load, one absolute
+/// path per line in load order.
+pub const MODULE_LIST: &str = "etc/forkvm/modules";
+
 /// What `/init` prints once the drivers are loaded, followed by the guest uptime.
 pub const READY_MARKER: &str = "forkvm-init: ready uptime=";
 
@@ -114,12 +122,47 @@ pub fn default_guest_with(agent: Option<&Path>) -> Result<GuestImage, Error> {
     }
     let script = init_script(&b.module_paths());
     b.init_script(&script);
+    cached_initramfs(&tree, "initramfs", &b)
+}
+
+/// Ensures the container guest is in the cache and returns it: Debian's cloud kernel and
+/// an initramfs holding only the modules and the guest agent as `/init` (PID 1). The
+/// agent loads the modules listed in [`MODULE_LIST`], assembles the container's root
+/// from the disk named by `forkvm.rootfs=` and runs the processes the host asks for.
+pub fn container_guest(agent: &Path) -> Result<GuestImage, Error> {
+    let tree = ensure_kernel(Flavour::CloudAmd64)?;
+    let names: Vec<&str> = GUEST_MODULES
+        .iter()
+        .chain(CONTAINER_MODULES)
+        .copied()
+        .collect();
+    let modules = resolve_modules(&tree, &names)?;
+    let mut b = InitramfsBuilder::new();
+    b.modules(&modules)?;
+    b.file_from_host("init", agent, 0o755)?;
+    b.file(MODULE_LIST, module_list(&b.module_paths()), 0o644);
+    b.dir("rootfs", 0o755);
+    cached_initramfs(&tree, "container", &b)
+}
+
+/// The contents of [`MODULE_LIST`]: one absolute path per line, in load order.
+pub fn module_list(paths: &[PathBuf]) -> String {
+    paths.iter().map(|p| format!("{}\n", p.display())).collect()
+}
+
+/// Writes `b` into the cache under a name derived from its contents (so an unchanged
+/// image is never rebuilt) and returns the kernel + initramfs pair.
+fn cached_initramfs(
+    tree: &crate::KernelTree,
+    kind: &str,
+    b: &InitramfsBuilder,
+) -> Result<GuestImage, Error> {
     let bytes = b.build()?;
     let mut h = DefaultHasher::new();
     bytes.hash(&mut h);
     let dir = cache_dir()?.join("guest");
     let initrd = dir.join(format!(
-        "initramfs-{}-{:016x}.cpio",
+        "{kind}-{}-{:016x}.cpio",
         tree.version(),
         h.finish()
     ));
@@ -158,5 +201,14 @@ mod tests {
         let mmio = s.find("virtio_mmio.ko").unwrap();
         let blk = s.find("virtio_blk.ko").unwrap();
         assert!(mmio < blk, "load order kept");
+    }
+
+    #[test]
+    fn module_list_is_one_absolute_path_per_line_in_order() {
+        let l = module_list(&[
+            PathBuf::from("/lib/modules/virtio_mmio.ko"),
+            PathBuf::from("/lib/modules/overlay.ko"),
+        ]);
+        assert_eq!(l, "/lib/modules/virtio_mmio.ko\n/lib/modules/overlay.ko\n");
     }
 }

@@ -1,13 +1,19 @@
-//! The host↔agent protocol: newline-delimited JSON, one request then one response.
+//! The host↔agent control protocol: newline-delimited JSON, one request then one
+//! response. An [`Request::Exec`] answered with [`Response::Started`] switches its
+//! connection to the binary frames of [`crate::frame`]. The full contract, with
+//! examples, is `docs/agent-protocol.md`.
 
 use serde::{Deserialize, Serialize};
 
 /// vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
-/// Version of this protocol; sent in every [`Response::Pong`].
-pub const PROTOCOL_VERSION: u32 = 1;
-/// Longest request line the agent reads.
+/// Version of this protocol; sent in every [`Response::Pong`]. Bumped when a message
+/// changes meaning or a request the host may rely on is added.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
+/// `PATH` used for the executable search when [`ProcessSpec::env`] has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What the host asks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +30,103 @@ pub enum Request {
         /// New MAC per NIC (eth0, eth1, ...), as `aa:bb:cc:dd:ee:ff`.
         macs: Vec<String>,
     },
+    /// Start a process. Answered with [`Response::Started`] (the connection then carries
+    /// frames), [`Response::ExecFailed`] or [`Response::Error`].
+    Exec {
+        /// What to run and how.
+        process: ProcessSpec,
+    },
+    /// Send `signal` to `pid`, a process this agent started and has not yet seen exit.
+    Signal {
+        /// Process id in the guest, as in [`Response::Started`].
+        pid: i32,
+        /// Signal number (15 = SIGTERM, 9 = SIGKILL, ...).
+        signal: i32,
+    },
+    /// Stop every process and power the VM off (PID-1 mode only).
+    Shutdown,
+}
+
+/// A process to start: the subset of an OCI runtime spec's `process` the agent applies.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    /// Program and arguments; `args[0]` is searched in `PATH` unless it contains a `/`.
+    pub args: Vec<String>,
+    /// The complete environment, as `KEY=VALUE`; nothing is inherited from the agent.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory inside the container root; it must exist.
+    #[serde(default = "default_cwd")]
+    pub cwd: String,
+    /// Who the process runs as.
+    #[serde(default)]
+    pub user: User,
+    /// Give the process a pseudo-terminal as stdin, stdout, stderr and controlling tty.
+    #[serde(default)]
+    pub tty: bool,
+    /// Forward the host's stdin frames; when false the process reads `/dev/null`.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Resource limits applied before the process starts.
+    #[serde(default)]
+    pub rlimits: Vec<Rlimit>,
+    /// The container's main process: the VM powers off when it exits (PID-1 mode only).
+    #[serde(default)]
+    pub init: bool,
+}
+
+fn default_cwd() -> String {
+    "/".to_owned()
+}
+
+impl ProcessSpec {
+    /// `args` as root in `/`, no environment, no tty, no stdin.
+    pub fn new<I, S>(args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            args: args.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            cwd: default_cwd(),
+            user: User::default(),
+            tty: false,
+            stdin: false,
+            rlimits: Vec::new(),
+            init: false,
+        }
+    }
+}
+
+/// The identity a process runs as.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// User id (ignored when `name` is given).
+    #[serde(default)]
+    pub uid: u32,
+    /// Group id (ignored when `name` is given).
+    #[serde(default)]
+    pub gid: u32,
+    /// Supplementary groups.
+    #[serde(default)]
+    pub additional_gids: Vec<u32>,
+    /// `user[:group]`, each part a name or a number, resolved against the container's
+    /// `/etc/passwd` and `/etc/group` (like an image's `USER`). Overrides `uid`/`gid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// One resource limit, named as in `setrlimit(2)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// `RLIMIT_NOFILE`, `RLIMIT_NPROC`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Soft limit.
+    pub soft: u64,
+    /// Hard limit.
+    pub hard: u64,
 }
 
 /// What the agent answers.
@@ -43,6 +146,19 @@ pub enum Response {
     Error {
         /// What went wrong.
         message: String,
+    },
+    /// [`Request::Exec`] started the process; binary frames follow on this connection.
+    Started {
+        /// Its process id in the guest.
+        pid: i32,
+    },
+    /// [`Request::Exec`] found the process could not be executed: a shell would exit
+    /// with `exit_code` (127: not found, 126: not executable).
+    ExecFailed {
+        /// What went wrong, e.g. `exec "x": executable file not found in $PATH`.
+        message: String,
+        /// 127 or 126.
+        exit_code: i32,
     },
 }
 
@@ -83,6 +199,42 @@ mod tests {
     }
 
     #[test]
+    fn exec_round_trips_and_defaults_apply() {
+        let mut spec = ProcessSpec::new(["sh", "-c", "echo hi"]);
+        spec.env = vec!["A=1".into()];
+        spec.user.name = Some("www:www".into());
+        spec.rlimits.push(Rlimit {
+            kind: "RLIMIT_NOFILE".into(),
+            soft: 1024,
+            hard: 4096,
+        });
+        spec.tty = true;
+        let r = Request::Exec { process: spec };
+        let line = to_line(&r);
+        assert!(line.contains("\"type\":\"RLIMIT_NOFILE\""), "{line}");
+        assert_eq!(parse_request(&line).unwrap(), r);
+
+        let minimal = parse_request(r#"{"op":"exec","process":{"args":["true"]}}"#).unwrap();
+        assert_eq!(
+            minimal,
+            Request::Exec {
+                process: ProcessSpec::new(["true"])
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"signal","pid":42,"signal":15}"#).unwrap(),
+            Request::Signal {
+                pid: 42,
+                signal: 15
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"shutdown"}"#).unwrap(),
+            Request::Shutdown
+        );
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         for bad in [
             "",
@@ -91,6 +243,11 @@ mod tests {
             "{\"op\":\"format_disk\"}",
             "\u{0}\u{1}",
             "[1,2]",
+            "{\"op\":\"exec\"}",
+            "{\"op\":\"exec\",\"process\":{}}",
+            "{\"op\":\"exec\",\"process\":{\"args\":\"sh\"}}",
+            "{\"op\":\"signal\",\"pid\":\"1\",\"signal\":9}",
+            "{\"op\":\"exec\",\"process\":{\"args\":[],\"user\":{\"uid\":-1}}}",
         ] {
             assert!(parse_request(bad).is_err(), "{bad:?}");
         }
@@ -99,16 +256,26 @@ mod tests {
 
     #[test]
     fn responses_serialize_with_a_status_tag() {
-        let s = to_line(&Response::Error {
-            message: "no".into(),
-        });
-        assert!(s.contains("\"status\":\"error\""));
-        let back: Response = serde_json::from_str(s.trim()).unwrap();
-        assert_eq!(
-            back,
+        for resp in [
             Response::Error {
-                message: "no".into()
-            }
-        );
+                message: "no".into(),
+            },
+            Response::Started { pid: 7 },
+            Response::ExecFailed {
+                message: "exec \"x\": executable file not found in $PATH".into(),
+                exit_code: 127,
+            },
+        ] {
+            let s = to_line(&resp);
+            assert!(s.contains("\"status\":\""), "{s}");
+            let back: Response = serde_json::from_str(s.trim()).unwrap();
+            assert_eq!(back, resp);
+        }
+        assert!(to_line(&Response::Started { pid: 7 }).contains("\"status\":\"started\""));
+        assert!(to_line(&Response::ExecFailed {
+            message: String::new(),
+            exit_code: 127
+        })
+        .contains("\"status\":\"exec_failed\""));
     }
 }

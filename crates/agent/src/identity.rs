@@ -1,0 +1,228 @@
+//! [`crate::Request::Identity`] inside the guest: what makes a fork child distinct from
+//! its parent (fresh kernel entropy, hostname, NIC MACs).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Why an identity could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// Less randomness than a CRNG reseed needs.
+    #[error("seed of {0} bytes is too short (need 32)")]
+    ShortSeed(usize),
+    /// Not `aa:bb:cc:dd:ee:ff`.
+    #[error("{0:?} is not a MAC")]
+    BadMac(String),
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Os {
+        /// The call and its object.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn os(what: impl Into<String>) -> IdentityError {
+    IdentityError::Os {
+        what: what.into(),
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+/// Adds `seed` to the kernel's input pool, credited as entropy, and reseeds the CRNG.
+pub fn reseed(seed: &[u8]) -> Result<(), IdentityError> {
+    if seed.len() < 32 {
+        return Err(IdentityError::ShortSeed(seed.len()));
+    }
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + seed.len());
+    info.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(seed.len() as i32).to_ne_bytes());
+    info.extend_from_slice(seed);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(|source| IdentityError::Os {
+            what: "/dev/urandom".into(),
+            source,
+        })?;
+    let fd = f.as_raw_fd();
+    // SAFETY: RNDADDENTROPY reads a rand_pool_info whose buf_size bytes follow its header;
+    // `info` holds exactly that.
+    if unsafe { libc::ioctl(fd, RNDADDENTROPY as _, info.as_ptr()) } < 0 {
+        return Err(os("RNDADDENTROPY"));
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(fd, RNDRESEEDCRNG as _) } < 0 {
+        return Err(os("RNDRESEEDCRNG"));
+    }
+    Ok(())
+}
+
+/// Sets the kernel's hostname.
+pub fn set_hostname(name: &str) -> Result<(), IdentityError> {
+    // SAFETY: sethostname reads `len` bytes from the pointer.
+    if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } < 0 {
+        return Err(os(format!("sethostname {name:?}")));
+    }
+    Ok(())
+}
+
+/// The kernel's current hostname.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], IdentityError> {
+    let bad = || IdentityError::BadMac(s.to_owned());
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| {
+            if p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()) {
+                u8::from_str_radix(p, 16).map_err(|_| bad())
+            } else {
+                Err(bad())
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    parts.try_into().map_err(|_| bad())
+}
+
+/// A datagram socket for interface ioctls.
+fn ioctl_socket() -> Result<OwnedFd, IdentityError> {
+    // SAFETY: creating a socket has no memory-safety preconditions.
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return Err(os("socket"));
+    }
+    // SAFETY: `s` is a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(s) })
+}
+
+fn ifreq(ifname: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, b) in ifr
+        .ifr_name
+        .iter_mut()
+        .zip(ifname.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = b as libc::c_char;
+    }
+    ifr
+}
+
+fn get_flags(
+    s: &OwnedFd,
+    ifr: &mut libc::ifreq,
+    ifname: &str,
+) -> Result<libc::c_short, IdentityError> {
+    // SAFETY: SIOCGIFFLAGS fills ifr_ifru.ifru_flags of a valid ifreq.
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut *ifr) } < 0 {
+        return Err(os(format!("{ifname}: SIOCGIFFLAGS")));
+    }
+    // SAFETY: the union member SIOCGIFFLAGS just set.
+    Ok(unsafe { ifr.ifr_ifru.ifru_flags })
+}
+
+fn set_flags(
+    s: &OwnedFd,
+    ifr: &mut libc::ifreq,
+    ifname: &str,
+    flags: libc::c_short,
+) -> Result<(), IdentityError> {
+    ifr.ifr_ifru.ifru_flags = flags;
+    // SAFETY: SIOCSIFFLAGS reads the flags of a valid ifreq.
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS as _, &*ifr) } < 0 {
+        return Err(os(format!("{ifname}: SIOCSIFFLAGS")));
+    }
+    Ok(())
+}
+
+/// Brings `ifname` up (used for `lo` at boot).
+pub fn link_up(ifname: &str) -> Result<(), IdentityError> {
+    let s = ioctl_socket()?;
+    let mut ifr = ifreq(ifname);
+    let flags = get_flags(&s, &mut ifr, ifname)?;
+    set_flags(&s, &mut ifr, ifname, flags | libc::IFF_UP as libc::c_short)
+}
+
+/// Sets the MAC of `ifname` (down, set, up: virtio-net without a control queue only
+/// takes a new address while down).
+pub fn set_mac(ifname: &str, mac: [u8; 6]) -> Result<(), IdentityError> {
+    let s = ioctl_socket()?;
+    let mut ifr = ifreq(ifname);
+    let flags = get_flags(&s, &mut ifr, ifname)?;
+    let up = flags & libc::IFF_UP as libc::c_short != 0;
+    if up {
+        set_flags(
+            &s,
+            &mut ifr,
+            ifname,
+            flags & !(libc::IFF_UP as libc::c_short),
+        )?;
+    }
+    // SAFETY: writing the hardware-address member of the union.
+    unsafe {
+        ifr.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        for (d, b) in ifr.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(mac) {
+            *d = b as libc::c_char;
+        }
+    }
+    // SAFETY: SIOCSIFHWADDR reads the hardware address of a valid ifreq.
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFHWADDR as _, &ifr) } < 0 {
+        return Err(os(format!("{ifname}: SIOCSIFHWADDR")));
+    }
+    if up {
+        set_flags(&s, &mut ifr, ifname, flags)?;
+    }
+    Ok(())
+}
+
+/// Applies a whole identity: entropy first (so nothing after it shares the parent's
+/// random state), then hostname, then MACs of eth0, eth1, ... in order.
+pub fn apply(hostname: &str, seed: &[u8], macs: &[String]) -> Result<(), IdentityError> {
+    reseed(seed)?;
+    set_hostname(hostname)?;
+    for (i, m) in macs.iter().enumerate() {
+        set_mac(&format!("eth{i}"), parse_mac(m)?)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_strictly() {
+        assert_eq!(
+            parse_mac("02:00:0a:ff:00:01").unwrap(),
+            [2, 0, 0x0a, 0xff, 0, 1]
+        );
+        for bad in [
+            "",
+            "02:00:00:00:00",
+            "02:00:00:00:00:00:00",
+            "2:0:0:0:0:1",
+            "zz:00:00:00:00:00",
+            "+1:00:00:00:00:00",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_short_seed_is_refused_before_touching_the_kernel() {
+        assert!(matches!(
+            reseed(&[0; 31]),
+            Err(IdentityError::ShortSeed(31))
+        ));
+    }
+}

@@ -1,0 +1,521 @@
+//! PID-1 mode: the agent as the guest's init in an initramfs without a shell. Boot
+//! (mounts, console, modules, `lo`, hostname, the container root), the ready line, and
+//! power-off. Everything that needs a real VM lives here, kept small; the pure parts
+//! (kernel command line, module list, hosts file) are unit-tested.
+//!
+//! Reads: `/proc/cmdline` (`forkvm.hostname=`, `forkvm.rootfs=`, `forkvm.rootfstype=`)
+//! and `/etc/forkvm/modules` (one absolute module path per line, loaded in order).
+
+use std::convert::Infallible;
+use std::ffi::CString;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::identity;
+use crate::protocol::AGENT_PORT;
+use crate::reaper::Reaper;
+use crate::server::{self, Agent, AgentConfig, Mode};
+
+/// Modules to load at boot, one absolute path per line.
+pub const MODULES_FILE: &str = "/etc/forkvm/modules";
+/// Where the container root is assembled.
+pub const ROOTFS: &str = "/rootfs";
+/// Read-only mount of the rootfs device.
+pub const LOWER: &str = "/run/forkvm/lower";
+/// tmpfs holding the overlay's upper and work directories.
+pub const RW: &str = "/run/forkvm/rw";
+/// Prefix of the line printed once the agent can be reached (the boot benchmark greps it).
+pub const READY_PREFIX: &str = "forkvm-init: ready uptime=";
+/// How long [`crate::Request::Shutdown`] lets processes handle SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How long boot waits for the rootfs block device to appear.
+const DEVICE_WAIT: Duration = Duration::from_secs(5);
+/// `finit_module` flag: the kernel decompresses the module itself.
+const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
+
+/// A fatal boot error.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// A system call on a path failed.
+    #[error("{what} {path}: {source}")]
+    Os {
+        /// The operation.
+        what: &'static str,
+        /// Its object.
+        path: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The rootfs device never appeared.
+    #[error("rootfs device {0} did not appear within {DEVICE_WAIT:?}")]
+    NoDevice(String),
+}
+
+/// What the kernel command line asks of PID 1.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BootConfig {
+    /// `forkvm.hostname=NAME`.
+    pub hostname: Option<String>,
+    /// `forkvm.rootfs=/dev/vdX`: the container's root filesystem.
+    pub rootfs: Option<String>,
+    /// `forkvm.rootfstype=TYPE` (default `ext4`).
+    pub rootfstype: String,
+}
+
+impl BootConfig {
+    /// Parses `/proc/cmdline`; unknown words are ignored, the last of a repeated key wins.
+    pub fn parse(cmdline: &str) -> BootConfig {
+        let mut cfg = BootConfig {
+            rootfstype: "ext4".into(),
+            ..BootConfig::default()
+        };
+        for word in cmdline.split_whitespace() {
+            if word == "--" {
+                break;
+            }
+            let Some((key, value)) = word.split_once('=') else {
+                continue;
+            };
+            let value = value.trim_matches('"');
+            match key {
+                "forkvm.hostname" if !value.is_empty() => cfg.hostname = Some(value.into()),
+                "forkvm.rootfs" if !value.is_empty() => cfg.rootfs = Some(value.into()),
+                "forkvm.rootfstype" if !value.is_empty() => cfg.rootfstype = value.into(),
+                _ => {}
+            }
+        }
+        cfg
+    }
+}
+
+/// Module paths of a modules file: one per line, blank lines and `#` comments skipped.
+pub fn parse_modules(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// `/etc/hosts` with `127.0.0.1 localhost` present and `hostname` on forkvm's own line
+/// (tagged `# forkvm`, replaced on the next call).
+pub fn hosts_with(existing: &str, hostname: Option<&str>) -> String {
+    let mut out = String::new();
+    let mut has_localhost = false;
+    for line in existing.lines() {
+        if line.trim_end().ends_with("# forkvm") {
+            continue;
+        }
+        let mut words = line.split('#').next().unwrap_or("").split_whitespace();
+        if words.next() == Some("127.0.0.1") && words.any(|w| w == "localhost") {
+            has_localhost = true;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    if !has_localhost {
+        out.insert_str(0, "127.0.0.1\tlocalhost\n");
+    }
+    if let Some(h) = hostname {
+        out.push_str(&format!("127.0.1.1\t{h}\t# forkvm\n"));
+    }
+    out
+}
+
+/// Writes `<root>/etc/hostname` and makes `<root>/etc/hosts` resolve it and `localhost`.
+pub fn write_hostname_files(root: &Path, hostname: &str) -> io::Result<()> {
+    let etc = root.join("etc");
+    std::fs::create_dir_all(&etc)?;
+    std::fs::write(etc.join("hostname"), format!("{hostname}\n"))?;
+    let hosts = etc.join("hosts");
+    let existing = match std::fs::read_to_string(&hosts) {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e),
+    };
+    // A symlink (to a file outside the container) is replaced, not followed.
+    let _ = std::fs::remove_file(&hosts);
+    std::fs::write(&hosts, hosts_with(&existing, Some(hostname)))
+}
+
+/// Prints a line on the console; a console error is not worth dying for.
+fn console(msg: &str) {
+    let _ = writeln!(io::stderr(), "{msg}");
+}
+
+fn cstr(s: &str) -> CString {
+    CString::new(s).unwrap_or_default()
+}
+
+fn os_err(what: &'static str, path: &str) -> InitError {
+    InitError::Os {
+        what,
+        path: path.to_owned(),
+        source: io::Error::last_os_error(),
+    }
+}
+
+/// `mkdir -p target`, then mount; an already-mounted target (EBUSY) is fine.
+fn mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), InitError> {
+    std::fs::create_dir_all(target).map_err(|source| InitError::Os {
+        what: "mkdir",
+        path: target.to_owned(),
+        source,
+    })?;
+    let (src, tgt, fs, dat) = (cstr(source), cstr(target), cstr(fstype), cstr(data));
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            fs.as_ptr(),
+            flags,
+            dat.as_ptr().cast(),
+        )
+    };
+    if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EBUSY) {
+        return Err(os_err("mount", target));
+    }
+    Ok(())
+}
+
+const NOSUID: libc::c_ulong = libc::MS_NOSUID;
+const NODEV: libc::c_ulong = libc::MS_NODEV;
+const NOEXEC: libc::c_ulong = libc::MS_NOEXEC;
+
+/// The initramfs's own mounts.
+fn mount_base() -> Result<(), InitError> {
+    mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC, "")?;
+    mount("sysfs", "/sys", "sysfs", NOSUID | NODEV | NOEXEC, "")?;
+    mount("devtmpfs", "/dev", "devtmpfs", NOSUID, "mode=0755")?;
+    open_console();
+    mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        NOSUID | NOEXEC,
+        "mode=0620,ptmxmode=0666",
+    )?;
+    mount("tmpfs", "/dev/shm", "tmpfs", NOSUID | NODEV, "mode=1777")?;
+    mount("tmpfs", "/run", "tmpfs", NOSUID | NODEV, "mode=0755")?;
+    mount("tmpfs", "/tmp", "tmpfs", NOSUID | NODEV, "mode=1777")?;
+    Ok(())
+}
+
+/// Points any closed fd among 0, 1, 2 at `/dev/console`.
+fn open_console() {
+    let closed = |fd| {
+        // SAFETY: F_GETFD only queries the descriptor table.
+        unsafe { libc::fcntl(fd, libc::F_GETFD) < 0 }
+    };
+    if !(0..3).any(closed) {
+        return;
+    }
+    let c = cstr("/dev/console");
+    // SAFETY: a valid path; the new descriptor is ours.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };
+    if fd < 0 {
+        return;
+    }
+    for target in 0..3 {
+        if target != fd && closed(target) {
+            // SAFETY: dup2 onto a closed standard descriptor.
+            unsafe { libc::dup2(fd, target) };
+        }
+    }
+    if fd > 2 {
+        // SAFETY: closing the descriptor opened above.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Loads each module of [`MODULES_FILE`] in order; failures (other than "already
+/// loaded") are printed and boot continues.
+fn load_modules() {
+    let Ok(text) = std::fs::read_to_string(MODULES_FILE) else {
+        return;
+    };
+    for path in parse_modules(&text) {
+        if let Err(e) = load_module(&path) {
+            console(&format!("forkvm-agent: module {}: {e}", path.display()));
+        }
+    }
+}
+
+fn load_module(path: &Path) -> io::Result<()> {
+    let file = std::fs::File::open(path)?;
+    let compressed = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("xz" | "zst" | "gz")
+    );
+    let flags = if compressed {
+        MODULE_INIT_COMPRESSED_FILE
+    } else {
+        0
+    };
+    // SAFETY: finit_module reads the open file and a valid empty parameter string.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Mounts `device` read-only under an overlay with a tmpfs upper at [`ROOTFS`], with
+/// `/proc`, `/sys`, `/dev`, `/dev/pts` and `/dev/shm` inside.
+fn assemble_rootfs(device: &str, fstype: &str) -> Result<(), InitError> {
+    let start = Instant::now();
+    while !Path::new(device).exists() {
+        if start.elapsed() > DEVICE_WAIT {
+            return Err(InitError::NoDevice(device.to_owned()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let data = if fstype == "ext4" { "noload" } else { "" };
+    mount(device, LOWER, fstype, libc::MS_RDONLY, data)?;
+    mount("tmpfs", RW, "tmpfs", NOSUID | NODEV, "mode=0755")?;
+    for dir in ["upper", "work"] {
+        let path = format!("{RW}/{dir}");
+        std::fs::create_dir_all(&path).map_err(|source| InitError::Os {
+            what: "mkdir",
+            path,
+            source,
+        })?;
+    }
+    mount(
+        "overlay",
+        ROOTFS,
+        "overlay",
+        0,
+        &format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work"),
+    )?;
+    mount(
+        "proc",
+        &format!("{ROOTFS}/proc"),
+        "proc",
+        NOSUID | NODEV | NOEXEC,
+        "",
+    )?;
+    mount(
+        "sysfs",
+        &format!("{ROOTFS}/sys"),
+        "sysfs",
+        NOSUID | NODEV | NOEXEC | libc::MS_RDONLY,
+        "",
+    )?;
+    mount(
+        "devtmpfs",
+        &format!("{ROOTFS}/dev"),
+        "devtmpfs",
+        NOSUID,
+        "mode=0755",
+    )?;
+    mount(
+        "/dev/pts",
+        &format!("{ROOTFS}/dev/pts"),
+        "",
+        libc::MS_BIND,
+        "",
+    )?;
+    mount(
+        "tmpfs",
+        &format!("{ROOTFS}/dev/shm"),
+        "tmpfs",
+        NOSUID | NODEV,
+        "mode=1777",
+    )?;
+    Ok(())
+}
+
+fn uptime() -> String {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn boot() -> Result<Infallible, InitError> {
+    mount_base()?;
+    load_modules();
+    if let Err(e) = identity::link_up("lo") {
+        console(&format!("forkvm-agent: lo: {e}"));
+    }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let cfg = BootConfig::parse(&cmdline);
+    if let Some(h) = &cfg.hostname {
+        if let Err(e) = identity::set_hostname(h) {
+            console(&format!("forkvm-agent: {e}"));
+        }
+    }
+    let root = match &cfg.rootfs {
+        Some(device) => {
+            assemble_rootfs(device, &cfg.rootfstype)?;
+            let name = cfg.hostname.clone().unwrap_or_else(identity::hostname);
+            if let Err(e) = write_hostname_files(Path::new(ROOTFS), &name) {
+                console(&format!("forkvm-agent: {ROOTFS}/etc: {e}"));
+            }
+            PathBuf::from(ROOTFS)
+        }
+        None => PathBuf::from("/"),
+    };
+    let listener = server::listen_vsock(AGENT_PORT).map_err(|source| InitError::Os {
+        what: "listen on vsock port",
+        path: AGENT_PORT.to_string(),
+        source,
+    })?;
+    let _ = writeln!(io::stdout(), "{READY_PREFIX}{}", uptime());
+    let agent = Agent::new(AgentConfig {
+        root,
+        mode: Mode::Init,
+    });
+    agent.serve_listener(listener)
+}
+
+/// PID 1's main: boots, then serves forever; a fatal error powers the VM off.
+pub fn run() -> ! {
+    let message = match std::panic::catch_unwind(boot) {
+        Ok(Ok(never)) => match never {},
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "panic".to_owned(),
+    };
+    console(&format!("forkvm-agent: fatal: {message}"));
+    halt()
+}
+
+/// Unmounts the container root's mounts, deepest first; failures are ignored.
+fn unmount_container() {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut targets: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|t| t.starts_with(ROOTFS) || t.starts_with("/run/forkvm"))
+        .collect();
+    targets.reverse();
+    for t in targets {
+        let c = cstr(t);
+        // SAFETY: a valid path string.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Syncs and powers off; never returns (PID 1 must not exit).
+fn halt() -> ! {
+    // SAFETY: sync and reboot have no memory preconditions.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    loop {
+        // SAFETY: pause has no preconditions; the VM is going down.
+        unsafe { libc::pause() };
+    }
+}
+
+/// Ends the VM: with a `grace`, SIGTERM to every process and up to `grace` for them to
+/// exit; then SIGKILL to the rest, sync, unmount, power off.
+pub fn power_off(reaper: &Reaper, grace: Option<Duration>) -> ! {
+    if let Some(grace) = grace {
+        // SAFETY: kill(-1) signals every process but PID 1; no memory preconditions.
+        unsafe { libc::kill(-1, libc::SIGTERM) };
+        reaper.wait_idle(grace);
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    reaper.wait_idle(Duration::from_secs(1));
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    unmount_container();
+    halt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_keys_are_read_and_the_rest_ignored() {
+        let c = BootConfig::parse(
+            "console=ttyS0 quiet forkvm.hostname=web-1 forkvm.rootfs=/dev/vdb panic=-1\n",
+        );
+        assert_eq!(
+            c,
+            BootConfig {
+                hostname: Some("web-1".into()),
+                rootfs: Some("/dev/vdb".into()),
+                rootfstype: "ext4".into(),
+            }
+        );
+        let c = BootConfig::parse("forkvm.rootfs=/dev/vda forkvm.rootfstype=xfs forkvm.hostname=");
+        assert_eq!(c.rootfstype, "xfs");
+        assert_eq!(c.hostname, None);
+        let c = BootConfig::parse("forkvm.rootfs forkvm.rootfs= -- forkvm.hostname=x");
+        assert_eq!(c, BootConfig::parse(""));
+        assert_eq!(BootConfig::parse("").rootfstype, "ext4");
+    }
+
+    #[test]
+    fn module_list_keeps_order_and_skips_comments() {
+        let m = parse_modules("# net\n/lib/modules/a.ko\n\n  /lib/modules/b.ko.xz  \n#x\n");
+        assert_eq!(
+            m,
+            [
+                PathBuf::from("/lib/modules/a.ko"),
+                PathBuf::from("/lib/modules/b.ko.xz")
+            ]
+        );
+    }
+
+    #[test]
+    fn hosts_gets_localhost_and_the_hostname_once() {
+        let h = hosts_with("", Some("web"));
+        assert_eq!(h, "127.0.0.1\tlocalhost\n127.0.1.1\tweb\t# forkvm\n");
+        // Existing content is kept; the previous forkvm line is replaced.
+        let h2 = hosts_with(&h, Some("fork-1"));
+        assert_eq!(h2, "127.0.0.1\tlocalhost\n127.0.1.1\tfork-1\t# forkvm\n");
+        let debian = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n";
+        assert_eq!(
+            hosts_with(debian, None),
+            debian,
+            "nothing added when localhost is there"
+        );
+        assert!(
+            hosts_with("127.0.0.1 other # localhost\n", None).starts_with("127.0.0.1\tlocalhost\n")
+        );
+    }
+
+    #[test]
+    fn hostname_files_are_written_into_the_root() {
+        let dir = std::env::temp_dir().join(format!("forkvm-agent-init-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("etc")).unwrap();
+        std::fs::write(dir.join("etc/hosts"), "10.0.0.1 db\n").unwrap();
+        write_hostname_files(&dir, "web-1").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("etc/hostname")).unwrap(),
+            "web-1\n"
+        );
+        let hosts = std::fs::read_to_string(dir.join("etc/hosts")).unwrap();
+        assert_eq!(
+            hosts,
+            "127.0.0.1\tlocalhost\n10.0.0.1 db\n127.0.1.1\tweb-1\t# forkvm\n"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,298 @@
+//! The agent's request handling, independent of how it was started: the vsock
+//! listener, one thread per connection, JSON requests dispatched to their actions, and
+//! the hand-over of an `exec` connection to [`crate::session`]. The binary runs it on
+//! vsock; tests run it in-process over a `UnixStream::pair()` with the root `/`.
+
+use std::collections::HashSet;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::identity;
+use crate::protocol::{
+    parse_request, to_line, ProcessSpec, Request, Response, MAX_LINE, PROTOCOL_VERSION,
+};
+use crate::reaper::Reaper;
+use crate::session;
+use crate::spawn::{self, Spawned};
+
+/// How the agent was started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A daemon started by another init (the default guest's busybox): no init
+    /// processes, no shutdown.
+    Daemon,
+    /// The guest's PID 1: init processes and shutdown power the VM off.
+    Init,
+}
+
+/// How an [`Agent`] runs processes.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Root directory of started processes (`/rootfs` with a container rootfs, else `/`).
+    pub root: PathBuf,
+    /// Daemon or PID 1.
+    pub mode: Mode,
+}
+
+/// Why a signal could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SignalError {
+    /// Not a running process of this agent.
+    #[error("pid {0} is not a running process started by this agent")]
+    UnknownPid(i32),
+    /// `kill(2)` failed.
+    #[error("kill {pid} with signal {signal}: {source}")]
+    Kill {
+        /// Target.
+        pid: i32,
+        /// Signal number.
+        signal: i32,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// The agent: configuration and the processes it started.
+pub struct Agent {
+    config: AgentConfig,
+    reaper: &'static Reaper,
+    live: Mutex<HashSet<libc::pid_t>>,
+    init_started: AtomicBool,
+}
+
+impl Agent {
+    /// A new agent; starts the process-wide reaper if it is not running yet.
+    pub fn new(config: AgentConfig) -> Arc<Agent> {
+        Arc::new(Agent {
+            config,
+            reaper: Reaper::global(),
+            live: Mutex::new(HashSet::new()),
+            init_started: AtomicBool::new(false),
+        })
+    }
+
+    /// The root directory processes run in.
+    pub fn root(&self) -> &Path {
+        &self.config.root
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashSet<libc::pid_t>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends `signal` to `pid` if this agent started it and it has not exited.
+    pub fn signal(&self, pid: i32, signal: i32) -> Result<(), SignalError> {
+        let live = self.live();
+        if !live.contains(&pid) {
+            return Err(SignalError::UnknownPid(pid));
+        }
+        // SAFETY: kill has no memory preconditions; holding `live` keeps the pid from
+        // being reported exited (and so reused) while we signal it.
+        if unsafe { libc::kill(pid, signal) } < 0 {
+            return Err(SignalError::Kill {
+                pid,
+                signal,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Marks `pid` as exited: no more signals go to it.
+    pub(crate) fn forget(&self, pid: libc::pid_t) {
+        self.live().remove(&pid);
+    }
+
+    /// Accepts connections on `listener` forever, serving each in its own thread.
+    pub fn serve_listener(self: &Arc<Self>, listener: OwnedFd) -> ! {
+        loop {
+            // SAFETY: accept on our listening socket; null address pointers are allowed.
+            let c = unsafe {
+                libc::accept4(
+                    listener.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if c < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE)
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                continue;
+            }
+            // SAFETY: accept4 returned a new connected stream socket we own; a vsock
+            // stream behaves like any stream socket for reads and writes.
+            let conn = unsafe { UnixStream::from_raw_fd(c) };
+            let agent = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("conn".into())
+                .spawn(move || agent.serve(conn));
+            if let Err(e) = spawned {
+                eprintln!("forkvm-agent: connection thread: {e}");
+            }
+        }
+    }
+
+    /// Serves one connection until the host closes it or it becomes a process's
+    /// connection and that process has exited.
+    pub fn serve(self: &Arc<Self>, conn: UnixStream) {
+        let Ok(read_half) = conn.try_clone() else {
+            return;
+        };
+        let mut reader = BufReader::new(read_half);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match (&mut reader)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut line)
+            {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let req = match std::str::from_utf8(&line) {
+                Ok(text) => parse_request(text),
+                Err(_) => Err("bad request: not UTF-8".to_owned()),
+            };
+            let resp = match req {
+                Err(message) => Response::Error { message },
+                Ok(Request::Exec { process }) => match self.start(&process) {
+                    Ok(spawned) => {
+                        let pid = spawned.child.pid();
+                        if (&conn)
+                            .write_all(to_line(&Response::Started { pid }).as_bytes())
+                            .is_err()
+                        {
+                            // Nobody to talk to: let the process run detached.
+                            eprintln!("forkvm-agent: pid {pid}: host left before Started");
+                        }
+                        let end = session::run(self.clone(), conn, reader, spawned);
+                        if process.init {
+                            end.wait_host(session::INIT_LINGER);
+                            crate::init::power_off(self.reaper, None);
+                        }
+                        return;
+                    }
+                    Err(resp) => resp,
+                },
+                Ok(Request::Shutdown) if self.config.mode == Mode::Init => {
+                    let _ = (&conn).write_all(to_line(&Response::Ok).as_bytes());
+                    crate::init::power_off(self.reaper, Some(crate::init::SHUTDOWN_GRACE));
+                }
+                Ok(req) => self.handle(req),
+            };
+            if (&conn).write_all(to_line(&resp).as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Answers a request that does not take over the connection.
+    fn handle(&self, req: Request) -> Response {
+        let result = match req {
+            Request::Ping => {
+                return Response::Pong {
+                    version: PROTOCOL_VERSION,
+                    hostname: identity::hostname(),
+                }
+            }
+            Request::Identity {
+                hostname,
+                seed,
+                macs,
+            } => identity::apply(&hostname, &seed, &macs)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    if self.config.mode == Mode::Init && self.config.root != Path::new("/") {
+                        crate::init::write_hostname_files(&self.config.root, &hostname)
+                            .map_err(|e| e.to_string())
+                    } else {
+                        Ok(())
+                    }
+                }),
+            Request::Signal { pid, signal } => self.signal(pid, signal).map_err(|e| e.to_string()),
+            Request::Shutdown => {
+                Err("shutdown needs the agent to run as the guest's PID 1".to_owned())
+            }
+            Request::Exec { .. } => unreachable!("exec takes over the connection"),
+        };
+        match result {
+            Ok(()) => Response::Ok,
+            Err(message) => Response::Error { message },
+        }
+    }
+
+    /// Starts `process`, or says why not as the response to send.
+    fn start(&self, process: &ProcessSpec) -> Result<Spawned, Response> {
+        let error = |message: String| Response::Error { message };
+        if process.init {
+            if self.config.mode != Mode::Init {
+                return Err(error(
+                    "an init process needs the agent to run as the guest's PID 1".into(),
+                ));
+            }
+            if self.init_started.swap(true, Ordering::SeqCst) {
+                return Err(error("an init process was already started".into()));
+            }
+        }
+        // Held across the spawn so a Signal request never sees a started pid missing.
+        let mut live = self.live();
+        match spawn::spawn(&self.config.root, process, self.reaper) {
+            Ok(spawned) => {
+                live.insert(spawned.child.pid());
+                Ok(spawned)
+            }
+            Err(e) => {
+                if process.init {
+                    self.init_started.store(false, Ordering::SeqCst);
+                }
+                Err(match e.exit_code() {
+                    Some(exit_code) => Response::ExecFailed {
+                        message: e.to_string(),
+                        exit_code,
+                    },
+                    None => error(e.to_string()),
+                })
+            }
+        }
+    }
+}
+
+/// A vsock stream socket listening on `port` for any CID.
+pub fn listen_vsock(port: u32) -> io::Result<OwnedFd> {
+    // SAFETY: creating a socket has no memory-safety preconditions.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data; all-zero is valid.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = libc::VMADDR_CID_ANY;
+    addr.svm_port = port;
+    // SAFETY: `addr` is a valid sockaddr_vm of the size we pass.
+    let r = unsafe {
+        libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: listen on a bound socket we own.
+    if unsafe { libc::listen(fd, 64) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sock)
+}

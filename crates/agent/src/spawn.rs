@@ -1,0 +1,585 @@
+//! Starting a [`ProcessSpec`]: everything is resolved and allocated in the parent
+//! (user ids, `PATH` candidates, argv/envp, rlimits, pipes or a pty), then the child of
+//! [`Reaper::fork`] makes only async-signal-safe calls, in this order:
+//!
+//! 1. signal mask emptied, every disposition back to default (the agent ignores SIGPIPE);
+//! 2. `setsid`; stdio dup'ed onto 0, 1, 2; for a tty `TIOCSCTTY` on the slave;
+//! 3. `chroot(root)` (skipped when the root is `/`), `chdir(cwd)`;
+//! 4. `setrlimit` for each limit; `setgroups`, `setgid`, `setuid`;
+//! 5. `execve` of each `PATH` candidate in turn, with exactly the spec's environment.
+//!
+//! A failing step writes `[step: u32 BE][errno: i32 BE]` to a close-on-exec pipe and
+//! exits 127; the parent turns that into a [`SpawnError`]. The fork is ours rather than
+//! `std::process::Command`'s because std waits for a child whose exec failed, which
+//! would race the reaper.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use crate::protocol::{ProcessSpec, DEFAULT_PATH};
+use crate::reaper::{ChildHandle, Reaper};
+use crate::user::{self, UserError};
+
+/// Terminal size a new pty starts with.
+pub const DEFAULT_WINSIZE: (u16, u16) = (24, 80);
+
+/// Why a process could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// `args` was empty.
+    #[error("process.args is empty")]
+    NoArgs,
+    /// A string that cannot be passed to the kernel.
+    #[error("{0} contains a NUL byte")]
+    Nul(&'static str),
+    /// An rlimit name `setrlimit(2)` does not know.
+    #[error("unknown rlimit {0:?}")]
+    UnknownRlimit(String),
+    /// The user could not be resolved.
+    #[error(transparent)]
+    User(#[from] UserError),
+    /// `args[0]` (no `/`) is in no `PATH` directory.
+    #[error("exec {0:?}: executable file not found in $PATH")]
+    NotFound(String),
+    /// `args[0]` (a path) does not exist.
+    #[error("exec {0:?}: no such file or directory")]
+    NoSuchFile(String),
+    /// The program exists but cannot be executed.
+    #[error("exec {program:?}: {source}")]
+    NotExecutable {
+        /// `args[0]`.
+        program: String,
+        /// Why (permission denied, exec format error, ...).
+        source: io::Error,
+    },
+    /// The working directory is missing in the container.
+    #[error("cwd {0:?} does not exist")]
+    NoCwd(String),
+    /// The working directory is not a directory.
+    #[error("cwd {0:?} is not a directory")]
+    CwdNotDir(String),
+    /// Another step of starting the process failed.
+    #[error("{step}: {source}")]
+    Os {
+        /// What was being done.
+        step: &'static str,
+        /// Why it failed.
+        source: io::Error,
+    },
+}
+
+impl SpawnError {
+    /// The exit code a shell would report for this failure, where it is an exec failure
+    /// (127 not found, 126 not executable).
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            SpawnError::NotFound(_) | SpawnError::NoSuchFile(_) => Some(127),
+            SpawnError::NotExecutable { .. } => Some(126),
+            _ => None,
+        }
+    }
+}
+
+fn os_err(step: &'static str) -> SpawnError {
+    SpawnError::Os {
+        step,
+        source: io::Error::last_os_error(),
+    }
+}
+
+/// The agent's ends of a started process's stdio.
+pub enum ProcessIo {
+    /// Separate pipes.
+    Pipes {
+        /// Write end of the process's stdin, when it reads the host's stdin.
+        stdin: Option<File>,
+        /// Read end of its stdout.
+        stdout: File,
+        /// Read end of its stderr.
+        stderr: File,
+    },
+    /// A pseudo-terminal: the master carries input, merged output and resizes.
+    Pty {
+        /// The pty master.
+        master: File,
+    },
+}
+
+/// A started process.
+pub struct Spawned {
+    /// Its exit status, from the reaper.
+    pub child: ChildHandle,
+    /// The agent's ends of its stdio.
+    pub io: ProcessIo,
+}
+
+// Steps of the child, reported with the errno of a failure.
+const STEP_SETSID: u32 = 1;
+const STEP_STDIO: u32 = 2;
+const STEP_CTTY: u32 = 3;
+const STEP_CHROOT: u32 = 4;
+const STEP_CWD: u32 = 5;
+const STEP_RLIMIT: u32 = 6;
+const STEP_SETGROUPS: u32 = 7;
+const STEP_SETGID: u32 = 8;
+const STEP_SETUID: u32 = 9;
+const STEP_EXEC: u32 = 10;
+
+fn step_name(step: u32) -> &'static str {
+    match step {
+        STEP_SETSID => "setsid",
+        STEP_STDIO => "dup2 stdio",
+        STEP_CTTY => "TIOCSCTTY",
+        STEP_CHROOT => "chroot",
+        STEP_CWD => "chdir",
+        STEP_RLIMIT => "setrlimit",
+        STEP_SETGROUPS => "setgroups",
+        STEP_SETGID => "setgid",
+        STEP_SETUID => "setuid",
+        STEP_EXEC => "exec",
+        _ => "start process",
+    }
+}
+
+/// Everything the child needs, prepared before the fork.
+struct ChildPlan {
+    stdio: [RawFd; 3],
+    ctty: bool,
+    root: Option<CString>,
+    cwd: CString,
+    rlimits: Vec<(libc::c_int, libc::rlimit)>,
+    set_groups: bool,
+    groups: Vec<libc::gid_t>,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    candidates: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    err_fd: RawFd,
+}
+
+/// The `setrlimit(2)` resource for `RLIMIT_*` names.
+pub fn rlimit_resource(name: &str) -> Option<libc::c_int> {
+    Some(match name {
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        _ => return None,
+    } as libc::c_int)
+}
+
+/// Paths `execve` tries for `program`, as `execvp` would: the program itself when it
+/// contains a `/`, else each directory of `path` (an empty entry meaning `.`).
+pub fn exec_candidates(program: &str, path: &str) -> Vec<String> {
+    if program.contains('/') {
+        return vec![program.to_owned()];
+    }
+    path.split(':')
+        .map(|dir| {
+            let dir = if dir.is_empty() { "." } else { dir };
+            format!("{}/{program}", dir.trim_end_matches('/'))
+        })
+        .collect()
+}
+
+/// `PATH` from an environment list (the last one wins), else [`DEFAULT_PATH`].
+pub fn path_of(env: &[String]) -> &str {
+    env.iter()
+        .rev()
+        .find_map(|kv| kv.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH)
+}
+
+fn cstring(s: &str, what: &'static str) -> Result<CString, SpawnError> {
+    CString::new(s).map_err(|_| SpawnError::Nul(what))
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(os_err("pipe"));
+    }
+    // SAFETY: both descriptors are new and ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn open_cloexec(path: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let c = CString::new(path).expect("static paths have no NUL");
+    // SAFETY: a valid NUL-terminated path.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets the terminal size of a pty (either end).
+pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize.
+    if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ as _, &ws) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A new pty pair: the master and the slave, both close-on-exec.
+pub fn open_pty() -> io::Result<(File, OwnedFd)> {
+    let master = open_cloexec("/dev/ptmx", libc::O_RDWR | libc::O_NOCTTY)?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK as _, &unlock) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TIOCGPTPEER opens the slave with the given flags and returns it.
+    let peer = unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER as _,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    let slave = if peer >= 0 {
+        // SAFETY: a new descriptor we own.
+        unsafe { OwnedFd::from_raw_fd(peer) }
+    } else {
+        // Kernels before 4.13: open the slave by name.
+        let mut n: libc::c_uint = 0;
+        // SAFETY: TIOCGPTN writes an unsigned int.
+        if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN as _, &mut n) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        open_cloexec(&format!("/dev/pts/{n}"), libc::O_RDWR | libc::O_NOCTTY)?
+    };
+    let (rows, cols) = DEFAULT_WINSIZE;
+    set_winsize(master.as_raw_fd(), rows, cols)?;
+    Ok((File::from(master), slave))
+}
+
+/// Starts `spec` with `root` as its root directory (no chroot when it is `/`).
+pub fn spawn(root: &Path, spec: &ProcessSpec, reaper: &Reaper) -> Result<Spawned, SpawnError> {
+    let program = spec.args.first().ok_or(SpawnError::NoArgs)?.clone();
+    let ids = user::resolve(root, &spec.user)?;
+    let rlimits = spec
+        .rlimits
+        .iter()
+        .map(|r| {
+            let res = rlimit_resource(&r.kind)
+                .ok_or_else(|| SpawnError::UnknownRlimit(r.kind.clone()))?;
+            Ok((
+                res,
+                libc::rlimit {
+                    rlim_cur: r.soft as libc::rlim_t,
+                    rlim_max: r.hard as libc::rlim_t,
+                },
+            ))
+        })
+        .collect::<Result<Vec<_>, SpawnError>>()?;
+    let argv_owned = spec
+        .args
+        .iter()
+        .map(|a| cstring(a, "process.args"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let env_owned = spec
+        .env
+        .iter()
+        .map(|e| cstring(e, "process.env"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let candidates = exec_candidates(&program, path_of(&spec.env))
+        .iter()
+        .map(|c| cstring(c, "process.args"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cwd_str = if spec.cwd.starts_with('/') {
+        spec.cwd.clone()
+    } else {
+        format!("/{}", spec.cwd)
+    };
+    let cwd = cstring(&cwd_str, "process.cwd")?;
+    let root_c = if root == Path::new("/") {
+        None
+    } else {
+        let s = root.to_str().ok_or(SpawnError::Nul("root"))?;
+        Some(cstring(s, "root")?)
+    };
+
+    // The agent's ends are kept; the child's are dropped once it has them.
+    let (io, child_fds): (ProcessIo, Vec<OwnedFd>) = if spec.tty {
+        let (master, slave) = open_pty().map_err(|source| SpawnError::Os {
+            step: "open pty",
+            source,
+        })?;
+        (ProcessIo::Pty { master }, vec![slave])
+    } else {
+        let (stdin_child, stdin_ours) = if spec.stdin {
+            let (r, w) = pipe()?;
+            (r, Some(File::from(w)))
+        } else {
+            let null =
+                open_cloexec("/dev/null", libc::O_RDONLY).map_err(|source| SpawnError::Os {
+                    step: "open /dev/null",
+                    source,
+                })?;
+            (null, None)
+        };
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        (
+            ProcessIo::Pipes {
+                stdin: stdin_ours,
+                stdout: File::from(out_r),
+                stderr: File::from(err_r),
+            },
+            vec![stdin_child, out_w, err_w],
+        )
+    };
+    let stdio = if spec.tty {
+        [child_fds[0].as_raw_fd(); 3]
+    } else {
+        [
+            child_fds[0].as_raw_fd(),
+            child_fds[1].as_raw_fd(),
+            child_fds[2].as_raw_fd(),
+        ]
+    };
+    let (err_r, err_w) = pipe()?;
+    let null_terminated = |v: &[CString]| {
+        v.iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect::<Vec<_>>()
+    };
+    let plan = ChildPlan {
+        stdio,
+        ctty: spec.tty,
+        root: root_c,
+        cwd,
+        rlimits,
+        // SAFETY: geteuid has no preconditions.
+        set_groups: unsafe { libc::geteuid() } == 0,
+        groups: ids.groups.clone(),
+        uid: ids.uid,
+        gid: ids.gid,
+        candidates,
+        argv: null_terminated(&argv_owned),
+        envp: null_terminated(&env_owned),
+        err_fd: err_w.as_raw_fd(),
+    };
+
+    // SAFETY: `child_main` only makes async-signal-safe calls on `plan`, which was fully
+    // allocated above and outlives the fork.
+    let child = unsafe { reaper.fork(|| child_main(&plan)) }.map_err(|source| SpawnError::Os {
+        step: "fork",
+        source,
+    })?;
+    drop(child_fds);
+    drop(err_w);
+    drop(plan);
+
+    let mut report = [0u8; 8];
+    let mut got = 0;
+    let mut err_file = File::from(err_r);
+    while got < report.len() {
+        match err_file.read(&mut report[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    if got < report.len() {
+        // The pipe closed on a successful exec.
+        return Ok(Spawned { child, io });
+    }
+    // The child reported a failure and exits; collect it so it leaves no zombie.
+    child.wait();
+    let step = u32::from_be_bytes([report[0], report[1], report[2], report[3]]);
+    let errno = i32::from_be_bytes([report[4], report[5], report[6], report[7]]);
+    Err(child_error(step, errno, &program, &cwd_str))
+}
+
+fn child_error(step: u32, errno: i32, program: &str, cwd: &str) -> SpawnError {
+    let source = io::Error::from_raw_os_error(errno);
+    match (step, errno) {
+        (STEP_EXEC, libc::ENOENT | libc::ENOTDIR) if program.contains('/') => {
+            SpawnError::NoSuchFile(program.to_owned())
+        }
+        (STEP_EXEC, libc::ENOENT | libc::ENOTDIR) => SpawnError::NotFound(program.to_owned()),
+        (STEP_EXEC, libc::EACCES | libc::EPERM | libc::ENOEXEC | libc::EISDIR | libc::ETXTBSY) => {
+            SpawnError::NotExecutable {
+                program: program.to_owned(),
+                source,
+            }
+        }
+        (STEP_CWD, libc::ENOENT) => SpawnError::NoCwd(cwd.to_owned()),
+        (STEP_CWD, libc::ENOTDIR) => SpawnError::CwdNotDir(cwd.to_owned()),
+        _ => SpawnError::Os {
+            step: step_name(step),
+            source,
+        },
+    }
+}
+
+fn errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// Reports `step`'s failure with `err` and exits. Async-signal-safe.
+fn fail_with(err_fd: RawFd, step: u32, err: i32) -> ! {
+    let mut buf = [0u8; 8];
+    buf[..4].copy_from_slice(&step.to_be_bytes());
+    buf[4..].copy_from_slice(&err.to_be_bytes());
+    // SAFETY: write and _exit are async-signal-safe; `buf` is valid for 8 bytes.
+    unsafe {
+        libc::write(err_fd, buf.as_ptr().cast(), buf.len());
+        libc::_exit(127)
+    }
+}
+
+fn fail(err_fd: RawFd, step: u32) -> ! {
+    fail_with(err_fd, step, errno())
+}
+
+/// The child side of [`spawn`]: async-signal-safe calls only, on pre-allocated data.
+fn child_main(p: &ChildPlan) -> ! {
+    // SAFETY: every call below is async-signal-safe and only reads memory in `p`, which
+    // the parent allocated before forking and which this copy of the address space keeps.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        for sig in 1..65 {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+        if libc::setsid() < 0 {
+            fail(p.err_fd, STEP_SETSID);
+        }
+        // Copies above 2 first, so no source is overwritten by an earlier dup2.
+        let mut high = [0; 3];
+        for (h, &fd) in high.iter_mut().zip(&p.stdio) {
+            *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3);
+            if *h < 0 {
+                fail(p.err_fd, STEP_STDIO);
+            }
+        }
+        for (target, &fd) in high.iter().enumerate() {
+            if libc::dup2(fd, target as RawFd) < 0 {
+                fail(p.err_fd, STEP_STDIO);
+            }
+        }
+        if p.ctty && libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+            fail(p.err_fd, STEP_CTTY);
+        }
+        if let Some(root) = &p.root {
+            if libc::chroot(root.as_ptr()) < 0 || libc::chdir(c"/".as_ptr()) < 0 {
+                fail(p.err_fd, STEP_CHROOT);
+            }
+        }
+        if libc::chdir(p.cwd.as_ptr()) < 0 {
+            fail(p.err_fd, STEP_CWD);
+        }
+        for (res, lim) in &p.rlimits {
+            if libc::setrlimit(*res as _, lim) < 0 {
+                fail(p.err_fd, STEP_RLIMIT);
+            }
+        }
+        if p.set_groups && libc::setgroups(p.groups.len(), p.groups.as_ptr()) < 0 {
+            fail(p.err_fd, STEP_SETGROUPS);
+        }
+        if libc::setgid(p.gid) < 0 {
+            fail(p.err_fd, STEP_SETGID);
+        }
+        if libc::setuid(p.uid) < 0 {
+            fail(p.err_fd, STEP_SETUID);
+        }
+        let mut denied = false;
+        for c in &p.candidates {
+            libc::execve(c.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr());
+            match errno() {
+                libc::EACCES => denied = true,
+                libc::ENOENT | libc::ENOTDIR => {}
+                other => fail_with(p.err_fd, STEP_EXEC, other),
+            }
+        }
+        fail_with(
+            p.err_fd,
+            STEP_EXEC,
+            if denied { libc::EACCES } else { libc::ENOENT },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_search_follows_execvp() {
+        assert_eq!(
+            exec_candidates("sh", "/usr/bin:/bin/:"),
+            ["/usr/bin/sh", "/bin/sh", "./sh"]
+        );
+        assert_eq!(exec_candidates("./x", "/bin"), ["./x"]);
+        assert_eq!(exec_candidates("/bin/sh", "/usr/bin"), ["/bin/sh"]);
+        assert_eq!(path_of(&[]), DEFAULT_PATH);
+        assert_eq!(
+            path_of(&["PATH=/a".into(), "X=1".into(), "PATH=/b".into()]),
+            "/b"
+        );
+        assert_eq!(path_of(&["MYPATH=/a".into()]), DEFAULT_PATH);
+    }
+
+    #[test]
+    fn rlimit_names_map_to_resources() {
+        assert_eq!(
+            rlimit_resource("RLIMIT_NOFILE"),
+            Some(libc::RLIMIT_NOFILE as libc::c_int)
+        );
+        assert_eq!(rlimit_resource("NOFILE"), None);
+    }
+
+    #[test]
+    fn child_failures_map_to_shell_exit_codes() {
+        let e = child_error(STEP_EXEC, libc::ENOENT, "nosuchcmd", "/");
+        assert_eq!(
+            e.to_string(),
+            "exec \"nosuchcmd\": executable file not found in $PATH"
+        );
+        assert_eq!(e.exit_code(), Some(127));
+        assert_eq!(
+            child_error(STEP_EXEC, libc::ENOENT, "/no/such", "/").exit_code(),
+            Some(127)
+        );
+        assert_eq!(
+            child_error(STEP_EXEC, libc::EACCES, "x", "/").exit_code(),
+            Some(126)
+        );
+        let e = child_error(STEP_CWD, libc::ENOENT, "x", "/x");
+        assert_eq!(e.to_string(), "cwd \"/x\" does not exist");
+        assert_eq!(e.exit_code(), None);
+        let e = child_error(STEP_SETUID, libc::EPERM, "x", "/");
+        assert!(e.to_string().starts_with("setuid: "), "{e}");
+    }
+}

@@ -1,0 +1,473 @@
+//! The agent's serving code in-process (daemon mode, root `/`) over `UnixStream::pair()`,
+//! driven by the host client: exec, stdio, env, cwd, signals, tty, users, failures.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use forkvm_agent::client::{self, ExecError, ExecSession};
+use forkvm_agent::server::{Agent, AgentConfig, Mode};
+use forkvm_agent::{ProcessSpec, Request, Response, Rlimit, PROTOCOL_VERSION};
+
+/// A host connection to a fresh in-process agent.
+fn agent() -> (Arc<Agent>, UnixStream) {
+    let agent = Agent::new(AgentConfig {
+        root: "/".into(),
+        mode: Mode::Daemon,
+    });
+    (agent.clone(), connect(&agent))
+}
+
+fn connect(agent: &Arc<Agent>) -> UnixStream {
+    let (host, guest) = UnixStream::pair().unwrap();
+    let agent = agent.clone();
+    std::thread::spawn(move || agent.serve(guest));
+    host
+}
+
+/// A `Write` whose bytes the test can read afterwards.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A `Write` that reports each chunk on a channel.
+struct Notify(mpsc::Sender<Vec<u8>>);
+
+impl Write for Notify {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = self.0.send(buf.to_vec());
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Outcome {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn pump(session: ExecSession, stdin: Option<Vec<u8>>) -> Outcome {
+    let (out, err) = (Captured::default(), Captured::default());
+    let stdin = stdin.map(|d| Box::new(std::io::Cursor::new(d)) as Box<dyn Read + Send>);
+    let code = session
+        .pump(stdin, Box::new(out.clone()), Box::new(err.clone()))
+        .unwrap();
+    Outcome {
+        code,
+        stdout: out.text(),
+        stderr: err.text(),
+    }
+}
+
+fn run(spec: ProcessSpec) -> Outcome {
+    let (_agent, conn) = agent();
+    pump(client::exec(conn, &spec).unwrap(), None)
+}
+
+fn sh(script: &str) -> ProcessSpec {
+    let mut spec = ProcessSpec::new(["sh", "-c", script]);
+    spec.env = vec!["PATH=/usr/bin:/bin".into()];
+    spec
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "forkvm-agent-exec-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn stdout_stderr_and_exit_code_are_separate() {
+    let o = run(sh("echo out; echo err >&2; exit 3"));
+    assert_eq!(o.stdout, "out\n");
+    assert_eq!(o.stderr, "err\n");
+    assert_eq!(o.code, 3);
+}
+
+#[test]
+fn ping_answers_protocol_version_2() {
+    let (_agent, mut conn) = agent();
+    match client::call(&mut conn, &Request::Ping).unwrap() {
+        Response::Pong { version, .. } => assert_eq!(version, PROTOCOL_VERSION),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(PROTOCOL_VERSION, 2);
+    // The same connection keeps serving JSON requests; garbage is answered, not fatal.
+    conn.write_all(b"{\"op\":\"format_disk\"}\n").unwrap();
+    let mut buf = [0u8; 256];
+    let n = conn.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("\"status\":\"error\""));
+    assert!(matches!(
+        client::call(&mut conn, &Request::Ping).unwrap(),
+        Response::Pong { .. }
+    ));
+}
+
+#[test]
+fn env_is_exactly_the_spec_and_cwd_applies() {
+    let dir = TempDir::new("cwd");
+    let mut spec = sh("pwd; echo $FOO; echo ${HOME-unset}");
+    spec.env.push("FOO=bar baz".into());
+    spec.cwd = dir.0.to_str().unwrap().into();
+    let o = run(spec);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let want = format!(
+        "{}\nbar baz\nunset\n",
+        dir.0.canonicalize().unwrap().display()
+    );
+    assert_eq!(o.stdout, want);
+}
+
+#[test]
+fn path_search_uses_the_spec_path() {
+    let dir = TempDir::new("path");
+    std::os::unix::fs::symlink("/bin/echo", dir.0.join("my-echo")).unwrap();
+    let mut spec = ProcessSpec::new(["my-echo", "found"]);
+    spec.env = vec![format!("PATH=/nonexistent:{}", dir.0.display())];
+    let o = run(spec);
+    assert_eq!((o.code, o.stdout.as_str()), (0, "found\n"));
+    // Without PATH in env, the default PATH is searched (not the agent's own).
+    let o = run(ProcessSpec::new(["sh", "-c", "echo default"]));
+    assert_eq!(o.stdout, "default\n");
+}
+
+#[test]
+fn stdin_is_piped_intact() {
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 7 + i / 251) as u8).collect();
+    let (_agent, conn) = agent();
+    let mut spec = ProcessSpec::new(["cat"]);
+    spec.stdin = true;
+    let session = client::exec(conn, &spec).unwrap();
+    let out = Captured::default();
+    let code = session
+        .pump(
+            Some(Box::new(std::io::Cursor::new(data.clone()))),
+            Box::new(out.clone()),
+            Box::new(std::io::sink()),
+        )
+        .unwrap();
+    assert_eq!(code, 0);
+    let got = out.0.lock().unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(*got == data, "cat echoed different bytes");
+}
+
+#[test]
+fn without_stdin_the_process_reads_dev_null() {
+    // `cat` would wait forever on a pipe the host never closes.
+    let (_agent, conn) = agent();
+    let mut spec = ProcessSpec::new(["cat"]);
+    spec.stdin = false;
+    let session = client::exec(conn, &spec).unwrap();
+    // Keep stdin open on the host side: a reader that never ends.
+    let (_keep, never) = UnixStream::pair().unwrap();
+    let out = Captured::default();
+    let code = session
+        .pump(
+            Some(Box::new(never)),
+            Box::new(out.clone()),
+            Box::new(std::io::sink()),
+        )
+        .unwrap();
+    assert_eq!((code, out.text()), (0, String::new()));
+}
+
+#[test]
+fn a_trapped_sigterm_runs_the_handler() {
+    let (_agent, conn) = agent();
+    let session = client::exec(
+        conn,
+        &sh("trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.05; done"),
+    )
+    .unwrap();
+    let ctl = session.controller();
+    let (tx, rx) = mpsc::channel();
+    let pumping = std::thread::spawn(move || {
+        session.pump(None, Box::new(Notify(tx)), Box::new(std::io::sink()))
+    });
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        seen.extend(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+    }
+    ctl.signal(libc::SIGTERM).unwrap();
+    let code = pumping.join().unwrap().unwrap();
+    while let Ok(chunk) = rx.try_recv() {
+        seen.extend(chunk);
+    }
+    assert_eq!(code, 7);
+    assert!(String::from_utf8_lossy(&seen).contains("got TERM"));
+}
+
+#[test]
+fn sigkill_gives_137() {
+    let (_agent, conn) = agent();
+    let session = client::exec(conn, &ProcessSpec::new(["sleep", "30"])).unwrap();
+    session.controller().signal(libc::SIGKILL).unwrap();
+    let start = Instant::now();
+    assert_eq!(pump(session, None).code, 137);
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn signal_request_reaches_a_process_from_another_connection() {
+    let (agent, conn) = agent();
+    let session = client::exec(conn, &ProcessSpec::new(["sleep", "30"])).unwrap();
+    let pid = session.pid();
+    let mut other = connect(&agent);
+    assert_eq!(
+        client::call(
+            &mut other,
+            &Request::Signal {
+                pid,
+                signal: libc::SIGTERM
+            }
+        )
+        .unwrap(),
+        Response::Ok
+    );
+    assert_eq!(pump(session, None).code, 128 + libc::SIGTERM);
+    // Exited, or never ours: refused.
+    for pid in [pid, 1] {
+        match client::call(&mut other, &Request::Signal { pid, signal: 0 }).unwrap() {
+            Response::Error { message } => {
+                assert!(message.contains("not a running process"), "{message}")
+            }
+            resp => panic!("{resp:?}"),
+        }
+    }
+}
+
+#[test]
+fn not_found_is_exec_failed_127() {
+    let (_agent, conn) = agent();
+    let spec = ProcessSpec::new(["nosuchcmd-forkvm"]);
+    match client::exec(conn, &spec) {
+        Err(ExecError::Failed { message, exit_code }) => {
+            assert_eq!(exit_code, 127);
+            assert_eq!(
+                message,
+                "exec \"nosuchcmd-forkvm\": executable file not found in $PATH"
+            );
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("started"),
+    }
+}
+
+#[test]
+fn not_executable_is_exec_failed_126() {
+    let dir = TempDir::new("noexec");
+    let file = dir.0.join("data.txt");
+    std::fs::write(&file, "not a program\n").unwrap();
+    let (_agent, conn) = agent();
+    match client::exec(conn, &ProcessSpec::new([file.to_str().unwrap()])) {
+        Err(ExecError::Failed { exit_code, message }) => {
+            assert_eq!(exit_code, 126, "{message}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("started"),
+    }
+}
+
+#[test]
+fn a_missing_cwd_is_a_clear_error() {
+    let (_agent, conn) = agent();
+    let mut spec = ProcessSpec::new(["true"]);
+    spec.cwd = "/nonexistent-forkvm-cwd".into();
+    match client::exec(conn, &spec) {
+        Err(ExecError::Rejected { message }) => {
+            assert_eq!(message, "cwd \"/nonexistent-forkvm-cwd\" does not exist")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("started"),
+    }
+}
+
+#[test]
+fn bad_specs_are_rejected_and_the_connection_stays_usable() {
+    let (_agent, mut conn) = agent();
+    let mut spec = ProcessSpec::new(["true"]);
+    spec.rlimits.push(Rlimit {
+        kind: "RLIMIT_BOGUS".into(),
+        soft: 1,
+        hard: 1,
+    });
+    for (spec, want) in [
+        (
+            ProcessSpec::new(Vec::<String>::new()),
+            "process.args is empty",
+        ),
+        (spec, "unknown rlimit \"RLIMIT_BOGUS\""),
+    ] {
+        let resp = client::call(&mut conn, &Request::Exec { process: spec }).unwrap();
+        assert_eq!(
+            resp,
+            Response::Error {
+                message: want.into()
+            }
+        );
+    }
+    let mut init = ProcessSpec::new(["true"]);
+    init.init = true;
+    match client::call(&mut conn, &Request::Exec { process: init }).unwrap() {
+        Response::Error { message } => assert!(message.contains("PID 1"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    match client::call(&mut conn, &Request::Shutdown).unwrap() {
+        Response::Error { message } => assert!(message.contains("PID 1"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn rlimits_apply() {
+    let mut spec = sh("ulimit -n; ulimit -Hn");
+    spec.rlimits.push(Rlimit {
+        kind: "RLIMIT_NOFILE".into(),
+        soft: 100,
+        hard: 200,
+    });
+    let o = run(spec);
+    assert_eq!(o.stdout, "100\n200\n");
+}
+
+#[test]
+fn numeric_user_and_groups_apply() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: changing user needs root");
+        return;
+    }
+    let mut spec = sh("id -u; id -g; id -G");
+    spec.user.uid = 1234;
+    spec.user.gid = 2345;
+    spec.user.additional_gids = vec![3456];
+    let o = run(spec);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines[..2], ["1234", "2345"]);
+    let mut groups: Vec<&str> = lines[2].split_whitespace().collect();
+    groups.sort();
+    assert_eq!(groups, ["2345", "3456"]);
+}
+
+#[test]
+fn an_unknown_user_name_is_refused() {
+    let (_agent, conn) = agent();
+    let mut spec = ProcessSpec::new(["true"]);
+    spec.user.name = Some("no-such-user-forkvm".into());
+    match client::exec(conn, &spec) {
+        Err(ExecError::Rejected { message }) => {
+            assert_eq!(message, "user no-such-user-forkvm not found in /etc/passwd")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("started"),
+    }
+}
+
+#[test]
+fn tty_mode_gives_a_controlling_terminal() {
+    let mut spec = sh("tty; test -t 0 && test -t 1 && test -t 2 && echo is-a-tty; echo to-err >&2");
+    spec.tty = true;
+    let o = run(spec);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    assert!(o.stdout.starts_with("/dev/pts/"), "{:?}", o.stdout);
+    assert!(o.stdout.contains("is-a-tty"), "{:?}", o.stdout);
+    // The pty merges stderr into the one output stream.
+    assert!(o.stdout.contains("to-err"), "{:?}", o.stdout);
+    assert_eq!(o.stderr, "");
+}
+
+#[test]
+fn tty_resize_and_stdin_reach_the_terminal() {
+    let (_agent, conn) = agent();
+    let mut spec = sh("stty size; read line; stty size; echo \"got $line\"");
+    spec.tty = true;
+    spec.stdin = true;
+    let session = client::exec(conn, &spec).unwrap();
+    // Frames are applied in order: the resize lands before the line is typed.
+    session.controller().resize(50, 132).unwrap();
+    let o = pump(session, Some(b"hello\n".to_vec()));
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    let lines: Vec<&str> = o.stdout.lines().map(str::trim_end).collect();
+    assert!(lines.contains(&"got hello"), "{lines:?}");
+    assert!(lines.contains(&"50 132"), "{lines:?}");
+}
+
+#[test]
+fn a_background_grandchild_does_not_hold_up_the_exit_frame() {
+    let start = Instant::now();
+    let o = run(sh("sleep 5 & echo hi; exit 4"));
+    assert_eq!((o.code, o.stdout.as_str()), (4, "hi\n"));
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn output_written_just_before_exit_is_not_lost() {
+    // 4 MiB in one go, then exit: far more than a pipe holds when the process exits.
+    let o = run(sh("head -c 4194304 /dev/zero | tr '\\0' x"));
+    assert_eq!(o.code, 0);
+    assert_eq!(o.stdout.len(), 4 << 20);
+}
+
+#[test]
+fn a_process_keeps_running_after_the_host_disconnects() {
+    let dir = TempDir::new("detach");
+    let marker = dir.0.join("done");
+    let (_agent, conn) = agent();
+    let script = format!(
+        "i=0; while [ $i -lt 3000 ]; do echo line $i line $i line $i line $i line $i; i=$((i+1)); done; echo ok > {}",
+        marker.display()
+    );
+    let session = client::exec(conn, &sh(&script)).unwrap();
+    drop(session);
+    let start = Instant::now();
+    while std::fs::read_to_string(&marker).unwrap_or_default() != "ok\n" {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the process blocked on output nobody reads"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

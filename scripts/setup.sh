@@ -8,7 +8,8 @@ set -euo pipefail
 # iproute2: TAP devices for virtio-net. gcc, libc6-dev, linux-libc-dev: static guest
 # test helpers (vsock). curl: the API tests talk to a VM's Unix socket with it.
 # apt/dpkg (base system) fetch Debian's guest kernels into the cache.
-PACKAGES=(qemu-system-x86 busybox-static e2fsprogs iproute2 gcc libc6-dev linux-libc-dev curl)
+# docker-registry: a local OCI registry the image store's pull tests push to and pull from.
+PACKAGES=(qemu-system-x86 busybox-static e2fsprogs iproute2 gcc libc6-dev linux-libc-dev curl docker-registry)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

@@ -471,3 +471,75 @@ fn a_process_keeps_running_after_the_host_disconnects() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_container_root_is_chrooted_with_path_and_users_resolved_inside() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: chroot needs root");
+        return;
+    }
+    let Some(busybox) = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+    else {
+        eprintln!("skipped: no static busybox to populate a root with");
+        return;
+    };
+    let root = TempDir::new("root");
+    for dir in ["bin", "only-here", "etc", "work"] {
+        std::fs::create_dir_all(root.0.join(dir)).unwrap();
+    }
+    // A hard link where possible: a fresh copy could be briefly busy for exec.
+    if std::fs::hard_link(&busybox, root.0.join("bin/busybox")).is_err() {
+        std::fs::copy(&busybox, root.0.join("bin/busybox")).unwrap();
+    }
+    // `sh` is found only through PATH inside the new root.
+    std::os::unix::fs::symlink("/bin/busybox", root.0.join("only-here/sh")).unwrap();
+    std::fs::write(
+        root.0.join("etc/passwd"),
+        "root:x:0:0::/:/bin/sh\napp:x:1000:1001::/work:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(root.0.join("etc/group"), "app:x:1001:\nextra:x:2000:app\n").unwrap();
+
+    let agent = Agent::new(AgentConfig {
+        root: root.0.clone(),
+        mode: Mode::Daemon,
+    });
+    let mut spec = ProcessSpec::new([
+        "sh",
+        "-c",
+        "busybox id -u; busybox id -g; busybox id -G; pwd; busybox ls /",
+    ]);
+    spec.env = vec!["PATH=/only-here:/bin".into()];
+    spec.cwd = "/work".into();
+    spec.user.name = Some("app".into());
+    let o = pump(client::exec(connect(&agent), &spec).unwrap(), None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines[..4], ["1000", "1001", "1001 2000", "/work"], "{o:?}", o = o.stdout);
+    let mut listing: Vec<&str> = lines[4..].to_vec();
+    listing.sort();
+    assert_eq!(listing, ["bin", "etc", "only-here", "work"]);
+
+    // The host's PATH entries do not exist in this root.
+    let mut spec = ProcessSpec::new(["true"]);
+    spec.env = vec!["PATH=/usr/bin".into()];
+    assert!(matches!(
+        client::exec(connect(&agent), &spec),
+        Err(ExecError::Failed { exit_code: 127, .. })
+    ));
+    // Names resolve against the root's /etc/passwd, not the host's.
+    let mut spec = ProcessSpec::new(["sh", "-c", "true"]);
+    spec.env = vec!["PATH=/only-here".into()];
+    spec.user.name = Some("nobody".into());
+    match client::exec(connect(&agent), &spec) {
+        Err(ExecError::Rejected { message }) => {
+            assert_eq!(message, "user nobody not found in /etc/passwd")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("started"),
+    }
+}

@@ -157,6 +157,18 @@ impl Agent {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
+            if line.len() > MAX_LINE && line.last() != Some(&b'\n') {
+                // One answer for an overlong line: drop the rest of it.
+                let mut rest = Vec::new();
+                loop {
+                    rest.clear();
+                    match (&mut reader).take(64 * 1024).read_until(b'\n', &mut rest) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) if rest.last() == Some(&b'\n') => break,
+                        Ok(_) => {}
+                    }
+                }
+            }
             let req = match std::str::from_utf8(&line) {
                 Ok(text) => parse_request(text),
                 Err(_) => Err("bad request: not UTF-8".to_owned()),

@@ -218,12 +218,13 @@ pub(crate) fn run(
             start_output(stderr, Frame::Stderr);
             (stdin, None)
         }
-        ProcessIo::Pty { master } => {
+        ProcessIo::Pty { master, stdin } => {
             match master.try_clone() {
                 Ok(m) => start_output(m, Frame::Stdout),
                 Err(e) => eprintln!("forkvm-agent: pid {pid}: dup pty master: {e}"),
             }
-            (master.try_clone().ok(), Some(Arc::new(master)))
+            let input = if stdin { master.try_clone().ok() } else { None };
+            (input, Some(Arc::new(master)))
         }
     };
     drop(done_tx);

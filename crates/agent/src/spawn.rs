@@ -105,6 +105,8 @@ pub enum ProcessIo {
     Pty {
         /// The pty master.
         master: File,
+        /// Whether the host's stdin is forwarded to the terminal.
+        stdin: bool,
     },
 }
 
@@ -331,7 +333,13 @@ pub fn spawn(root: &Path, spec: &ProcessSpec, reaper: &Reaper) -> Result<Spawned
             step: "open pty",
             source,
         })?;
-        (ProcessIo::Pty { master }, vec![slave])
+        (
+            ProcessIo::Pty {
+                master,
+                stdin: spec.stdin,
+            },
+            vec![slave],
+        )
     } else {
         let (stdin_child, stdin_ours) = if spec.stdin {
             let (r, w) = pipe()?;

@@ -138,6 +138,17 @@ fn ping_answers_protocol_version_2() {
         client::call(&mut conn, &Request::Ping).unwrap(),
         Response::Pong { .. }
     ));
+    // An overlong line gets one error, then the connection serves the next request.
+    let mut long = vec![b'x'; forkvm_agent::protocol::MAX_LINE * 3];
+    long.push(b'\n');
+    conn.write_all(&long).unwrap();
+    match client::call(&mut conn, &Request::Ping).unwrap() {
+        Response::Error { message } => assert!(message.contains("exceeds"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    let mut buf = [0u8; 256];
+    let n = conn.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("\"status\":\"pong\""));
 }
 
 #[test]
@@ -519,7 +530,12 @@ fn a_container_root_is_chrooted_with_path_and_users_resolved_inside() {
     let o = pump(client::exec(connect(&agent), &spec).unwrap(), None);
     assert_eq!(o.code, 0, "{}", o.stderr);
     let lines: Vec<&str> = o.stdout.lines().collect();
-    assert_eq!(lines[..4], ["1000", "1001", "1001 2000", "/work"], "{o:?}", o = o.stdout);
+    assert_eq!(
+        lines[..4],
+        ["1000", "1001", "1001 2000", "/work"],
+        "{o:?}",
+        o = o.stdout
+    );
     let mut listing: Vec<&str> = lines[4..].to_vec();
     listing.sort();
     assert_eq!(listing, ["bin", "etc", "only-here", "work"]);

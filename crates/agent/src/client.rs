@@ -78,7 +78,7 @@ pub enum ExecError {
     /// The program could not be executed; a shell would exit with `exit_code`
     /// (127 not found, 126 not executable).
     #[error("{message}")]
-    Failed {
+    ExecFailed {
         /// What went wrong.
         message: String,
         /// 127 or 126.
@@ -202,7 +202,7 @@ pub fn exec<C: Connection>(mut conn: C, spec: &ProcessSpec) -> Result<ExecSessio
     let pid = match resp {
         Response::Started { pid } => pid,
         Response::ExecFailed { message, exit_code } => {
-            return Err(ExecError::Failed { message, exit_code })
+            return Err(ExecError::ExecFailed { message, exit_code })
         }
         Response::Error { message } => return Err(ExecError::Rejected { message }),
         other => return Err(ExecError::Unexpected(other)),

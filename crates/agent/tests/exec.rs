@@ -290,7 +290,7 @@ fn not_found_is_exec_failed_127() {
     let (_agent, conn) = agent();
     let spec = ProcessSpec::new(["nosuchcmd-forkvm"]);
     match client::exec(conn, &spec) {
-        Err(ExecError::Failed { message, exit_code }) => {
+        Err(ExecError::ExecFailed { message, exit_code }) => {
             assert_eq!(exit_code, 127);
             assert_eq!(
                 message,
@@ -309,7 +309,7 @@ fn not_executable_is_exec_failed_126() {
     std::fs::write(&file, "not a program\n").unwrap();
     let (_agent, conn) = agent();
     match client::exec(conn, &ProcessSpec::new([file.to_str().unwrap()])) {
-        Err(ExecError::Failed { exit_code, message }) => {
+        Err(ExecError::ExecFailed { exit_code, message }) => {
             assert_eq!(exit_code, 126, "{message}");
         }
         Err(e) => panic!("{e}"),
@@ -545,7 +545,7 @@ fn a_container_root_is_chrooted_with_path_and_users_resolved_inside() {
     spec.env = vec!["PATH=/usr/bin".into()];
     assert!(matches!(
         client::exec(connect(&agent), &spec),
-        Err(ExecError::Failed { exit_code: 127, .. })
+        Err(ExecError::ExecFailed { exit_code: 127, .. })
     ));
     // Names resolve against the root's /etc/passwd, not the host's.
     let mut spec = ProcessSpec::new(["sh", "-c", "true"]);

@@ -331,6 +331,24 @@ fn busybox_gz() -> io::Result<Arc<Vec<Vec<u8>>>> {
     Ok(gz)
 }
 
+/// The blobs of the busybox image as a registry holds them.
+#[derive(Clone, Debug)]
+pub struct FixtureBlobs {
+    /// The image config JSON ([`FixtureConfig::default`]).
+    pub config: Vec<u8>,
+    /// The layers, gzipped (media type `application/vnd.oci.image.layer.v1.tar+gzip`).
+    pub layers: Vec<Vec<u8>>,
+}
+
+/// The busybox image's config and gzipped layers, e.g. to push to a test registry.
+pub fn busybox_blobs(config: &FixtureConfig) -> io::Result<FixtureBlobs> {
+    let diff_ids: Vec<String> = busybox_layer_tars()?.iter().map(|l| sha256_of(l)).collect();
+    Ok(FixtureBlobs {
+        config: config.to_json(&diff_ids),
+        layers: busybox_gz()?.to_vec(),
+    })
+}
+
 /// Writes the busybox image as an OCI image layout in `dir` (gzip layers,
 /// `index.json` with an `org.opencontainers.image.ref.name` of `name_tag`).
 pub fn write_oci_layout(dir: &Path, name_tag: &str) -> io::Result<()> {

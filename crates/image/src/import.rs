@@ -29,6 +29,16 @@ pub(crate) struct Staging {
     next: usize,
 }
 
+/// The staged parts of one image, for [`Staging::finish_image`].
+pub(crate) struct ImageParts<'a> {
+    pub(crate) manifest_digest: String,
+    pub(crate) config_digest: &'a str,
+    pub(crate) layers: &'a [Descriptor],
+    /// How the source names the layers when not by digest (docker archive members).
+    pub(crate) members: Option<&'a [String]>,
+    pub(crate) names: Vec<String>,
+}
+
 /// A blob being written chunk by chunk (registry downloads).
 pub(crate) struct BlobWriter {
     file: File,
@@ -167,12 +177,16 @@ impl Staging {
     pub(crate) fn finish_image(
         &self,
         source: &str,
-        manifest_digest: String,
-        config_digest: &str,
-        layers: &[Descriptor],
-        names: Vec<String>,
+        parts: ImageParts<'_>,
         progress: &dyn Progress,
     ) -> Result<Image, Error> {
+        let ImageParts {
+            manifest_digest,
+            config_digest,
+            layers,
+            members,
+            names,
+        } = parts;
         let config_what = format!("config {config_digest} of {source}");
         let config_path = self.staged(config_digest)?;
         let bytes = fs::read(config_path).map_err(io_err("reading", config_path))?;
@@ -192,7 +206,8 @@ impl Staging {
         let mut records = Vec::with_capacity(n);
         let mut size = 0;
         for (i, (desc, diff_id)) in layers.iter().zip(diff_ids).enumerate() {
-            let what = format!("layer {}/{n} ({}) of {source}", i + 1, desc.digest);
+            let label = members.and_then(|m| m.get(i)).unwrap_or(&desc.digest);
+            let what = format!("layer {}/{n} ({label}) of {source}", i + 1);
             check_layer_media_type(&desc.media_type, &what)?;
             digest_hex(diff_id, &format!("rootfs.diff_ids[{i}] of {config_what}"))?;
             progress.step(&format!(
@@ -346,5 +361,59 @@ pub(crate) mod failpoint {
 
     thread_local! {
         pub(crate) static FAIL_BEFORE_INDEX: Cell<bool> = const { Cell::new(false) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::NoProgress;
+
+    fn blob_names(store: &Store) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(store.root().join("blobs/sha256"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A crash after the blobs are moved into place but before the index is written:
+    /// the index does not know the image, and the next open removes the orphans.
+    #[test]
+    fn a_crash_before_the_index_write_leaves_only_garbage_that_open_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let first = dir.path().join("first");
+        crate::fixtures::write_oci_layout(&first, "first:1").unwrap();
+        let before = store.load(&first, None, &NoProgress).unwrap();
+        let blobs_before = blob_names(&store);
+
+        let second = dir.path().join("second");
+        let config = crate::fixtures::FixtureConfig {
+            cmd: vec!["true".into()],
+            ..Default::default()
+        };
+        let layers = crate::fixtures::busybox_layer_tars().unwrap();
+        crate::fixtures::write_oci_layout_with(&second, Some("second:1"), &layers, &config)
+            .unwrap();
+        failpoint::FAIL_BEFORE_INDEX.set(true);
+        let result = store.load(&second, None, &NoProgress);
+        failpoint::FAIL_BEFORE_INDEX.set(false);
+        assert!(result.unwrap_err().to_string().contains("simulated crash"));
+
+        assert_eq!(store.list().unwrap(), before);
+        assert!(matches!(store.get("second:1"), Err(Error::NotFound { .. })));
+        assert_eq!(
+            blob_names(&store).len(),
+            blobs_before.len() + 2,
+            "config and manifest orphans"
+        );
+
+        let reopened = Store::open(store.root()).unwrap();
+        assert_eq!(blob_names(&reopened), blobs_before);
+        assert_eq!(reopened.list().unwrap(), before);
+        let again = reopened.load(&second, None, &NoProgress).unwrap();
+        assert_eq!(reopened.get("second:1").unwrap().id, again[0].id);
     }
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 use crate::digest::{digest_hex, is_hex};
 use crate::error::Error;
 use crate::image::Image;
-use crate::import::{short, Staging, MAX_JSON};
+use crate::import::{short, ImageParts, Staging, MAX_JSON};
 use crate::progress::Progress;
 use crate::reference::normalize_name;
 use crate::source::Source;
@@ -156,14 +156,14 @@ fn load_oci_manifest(
         crate::spec::check_layer_media_type(&layer.media_type, &layer_what)?;
         copy_blob(src, staging, layer, &layer_what, progress)?;
     }
-    staging.finish_image(
-        &src.origin().display().to_string(),
+    let parts = ImageParts {
         manifest_digest,
-        &manifest.config.digest,
-        &manifest.layers,
+        config_digest: &manifest.config.digest,
+        layers: &manifest.layers,
+        members: None,
         names,
-        progress,
-    )
+    };
+    staging.finish_image(&src.origin().display().to_string(), parts, progress)
 }
 
 /// Stages the blob `desc` from the layout's `blobs/` after checking its digest.
@@ -313,14 +313,14 @@ fn load_docker_archive(
                 .collect::<Result<_, _>>()?,
             _ => Vec::new(),
         };
-        images.push(staging.finish_image(
-            &src.origin().display().to_string(),
+        let parts = ImageParts {
             manifest_digest,
-            &config_digest,
-            &manifest.layers,
+            config_digest: &config_digest,
+            layers: &manifest.layers,
+            members: Some(&entry.layers),
             names,
-            progress,
-        )?);
+        };
+        images.push(staging.finish_image(&src.origin().display().to_string(), parts, progress)?);
     }
     Ok(images)
 }

@@ -14,7 +14,7 @@ use oci_client::{Client, Reference};
 use crate::digest::{self, sha256_of};
 use crate::error::{io_err, Error};
 use crate::image::Image;
-use crate::import::{short, Staging};
+use crate::import::{short, ImageParts, Staging};
 use crate::progress::Progress;
 use crate::reference::{DefaultRegistry, ImageRef};
 use crate::spec::{
@@ -191,14 +191,15 @@ impl Puller<'_> {
             check_layer_media_type(&layer.media_type, &layer_what)?;
             self.fetch_blob(layer, layer_what).await?;
         }
-        self.staging.finish_image(
-            self.reference,
-            digest,
-            &manifest.config.digest,
-            &manifest.layers,
-            Vec::new(),
-            self.progress,
-        )
+        let parts = ImageParts {
+            manifest_digest: digest,
+            config_digest: &manifest.config.digest,
+            layers: &manifest.layers,
+            members: None,
+            names: Vec::new(),
+        };
+        self.staging
+            .finish_image(self.reference, parts, self.progress)
     }
 
     /// A manifest's bytes and their digest (computed here, not taken from headers).

@@ -56,22 +56,53 @@ pub enum SignalError {
     },
 }
 
+/// Why PID-1 mode ends the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerOffReason {
+    /// The init process exited and its exit frame was delivered.
+    InitExited,
+    /// The host sent [`Request::Shutdown`].
+    Shutdown,
+}
+
+/// What ends the VM: [`crate::init::power_off`] in the guest, a recorder in tests.
+pub type PowerOff = Box<dyn Fn(&Reaper, PowerOffReason) + Send + Sync>;
+
+/// The guest's power-off: SIGKILL everything at once after an init exit, SIGTERM with
+/// a grace period for a shutdown.
+fn real_power_off(reaper: &Reaper, reason: PowerOffReason) {
+    match reason {
+        PowerOffReason::InitExited => crate::init::power_off(reaper, None),
+        PowerOffReason::Shutdown => {
+            crate::init::power_off(reaper, Some(crate::init::SHUTDOWN_GRACE))
+        }
+    }
+}
+
 /// The agent: configuration and the processes it started.
 pub struct Agent {
     config: AgentConfig,
     reaper: &'static Reaper,
     live: Mutex<HashSet<libc::pid_t>>,
     init_started: AtomicBool,
+    power_off: PowerOff,
 }
 
 impl Agent {
     /// A new agent; starts the process-wide reaper if it is not running yet.
     pub fn new(config: AgentConfig) -> Arc<Agent> {
+        Self::with_power_off(config, Box::new(real_power_off))
+    }
+
+    /// [`Agent::new`] with another way to end the VM in [`Mode::Init`] (tests: the real
+    /// one signals every process and powers off).
+    pub fn with_power_off(config: AgentConfig, power_off: PowerOff) -> Arc<Agent> {
         Arc::new(Agent {
             config,
             reaper: Reaper::global(),
             live: Mutex::new(HashSet::new()),
             init_started: AtomicBool::new(false),
+            power_off,
         })
     }
 
@@ -188,7 +219,7 @@ impl Agent {
                         let end = session::run(self.clone(), conn, reader, spawned);
                         if process.init {
                             end.wait_host(session::INIT_LINGER);
-                            crate::init::power_off(self.reaper, None);
+                            (self.power_off)(self.reaper, PowerOffReason::InitExited);
                         }
                         return;
                     }
@@ -196,7 +227,8 @@ impl Agent {
                 },
                 Ok(Request::Shutdown) if self.config.mode == Mode::Init => {
                     let _ = (&conn).write_all(to_line(&Response::Ok).as_bytes());
-                    crate::init::power_off(self.reaper, Some(crate::init::SHUTDOWN_GRACE));
+                    (self.power_off)(self.reaper, PowerOffReason::Shutdown);
+                    return;
                 }
                 Ok(req) => self.handle(req),
             };

@@ -1,0 +1,142 @@
+//! PID-1 mode's process rules in-process, with power-off recorded instead of done:
+//! one init process, the VM ends after its exit frame, `shutdown` ends it too.
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use forkvm_agent::client;
+use forkvm_agent::frame::Frame;
+use forkvm_agent::server::{Agent, AgentConfig, Mode, PowerOffReason};
+use forkvm_agent::{ProcessSpec, Request, Response};
+
+fn init_agent() -> (Arc<Agent>, mpsc::Receiver<PowerOffReason>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let agent = Agent::with_power_off(
+        AgentConfig {
+            root: "/".into(),
+            mode: Mode::Init,
+        },
+        Box::new(move |_, reason| {
+            let _ = tx.lock().unwrap().send(reason);
+        }),
+    );
+    (agent, rx)
+}
+
+fn connect(agent: &Arc<Agent>) -> UnixStream {
+    let (host, guest) = UnixStream::pair().unwrap();
+    let agent = agent.clone();
+    std::thread::spawn(move || agent.serve(guest));
+    host
+}
+
+fn init_spec(script: &str) -> ProcessSpec {
+    let mut spec = ProcessSpec::new(["sh", "-c", script]);
+    spec.env = vec!["PATH=/usr/bin:/bin".into()];
+    spec.init = true;
+    spec
+}
+
+#[test]
+fn the_vm_ends_once_the_init_process_exit_was_delivered() {
+    let (agent, powered_off) = init_agent();
+    let session = client::exec(connect(&agent), &init_spec("echo main; exit 5")).unwrap();
+    let mut other = connect(&agent);
+    match client::call(
+        &mut other,
+        &Request::Exec {
+            process: init_spec("true"),
+        },
+    )
+    .unwrap()
+    {
+        Response::Error { message } => assert_eq!(message, "an init process was already started"),
+        resp => panic!("{resp:?}"),
+    }
+    let out = std::sync::Arc::new(Mutex::new(Vec::new()));
+    struct W(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for W {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    assert!(
+        powered_off.try_recv().is_err(),
+        "powered off before the exit frame"
+    );
+    let code = session
+        .pump(None, Box::new(W(out.clone())), Box::new(std::io::sink()))
+        .unwrap();
+    assert_eq!(code, 5);
+    assert_eq!(*out.lock().unwrap(), b"main\n");
+    // pump closed the connection: no need to wait out the linger.
+    assert_eq!(
+        powered_off
+            .recv_timeout(Duration::from_millis(900))
+            .unwrap(),
+        PowerOffReason::InitExited
+    );
+}
+
+#[test]
+fn a_host_that_keeps_the_connection_open_delays_power_off_by_at_most_a_second() {
+    let (agent, powered_off) = init_agent();
+    let mut conn = connect(&agent);
+    let resp = client::call(
+        &mut conn,
+        &Request::Exec {
+            process: init_spec("exit 0"),
+        },
+    )
+    .unwrap();
+    assert!(matches!(resp, Response::Started { .. }), "{resp:?}");
+    let mut frames = Vec::new();
+    loop {
+        match Frame::read_from(&mut conn).unwrap() {
+            Some(Frame::Exit(code)) => {
+                frames.push(code);
+                break;
+            }
+            Some(_) => {}
+            None => panic!("no exit frame"),
+        }
+    }
+    let exit_seen = Instant::now();
+    assert_eq!(frames, [0]);
+    // The agent closes its side after the exit frame.
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(
+        powered_off.recv_timeout(Duration::from_secs(5)).unwrap(),
+        PowerOffReason::InitExited
+    );
+    let waited = exit_seen.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    drop(conn);
+}
+
+#[test]
+fn shutdown_is_answered_then_powers_off() {
+    let (agent, powered_off) = init_agent();
+    let mut conn = connect(&agent);
+    assert_eq!(
+        client::call(&mut conn, &Request::Shutdown).unwrap(),
+        Response::Ok
+    );
+    assert_eq!(
+        powered_off.recv_timeout(Duration::from_secs(5)).unwrap(),
+        PowerOffReason::Shutdown
+    );
+}

@@ -502,21 +502,37 @@ fn write_tar(path: &Path, members: &[(String, Vec<u8>)]) -> io::Result<()> {
     tar.into_inner()?.sync_all()
 }
 
+/// Corrupts the last layer of the first image in the OCI layout `dir` (see
+/// [`corrupt_oci_layer`]) and returns that layer's digest, which a load must name.
+pub fn corrupt_layer(dir: &Path) -> io::Result<String> {
+    let count = first_manifest(dir)?["layers"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let last = count
+        .checked_sub(1)
+        .ok_or_else(|| io::Error::other("the image has no layers"))?;
+    corrupt_oci_layer(dir, last)
+}
+
 /// Flips the last byte of layer `layer` (0-based) of the first image in the OCI
-/// layout `dir`, so that it no longer matches its digest.
+/// layout `dir`, so that it no longer matches its digest; returns that digest.
 pub fn corrupt_oci_layer(dir: &Path, layer: usize) -> io::Result<String> {
+    let manifest = first_manifest(dir)?;
+    let digest = manifest["layers"][layer]["digest"]
+        .as_str()
+        .ok_or_else(|| io::Error::other(format!("no layer {layer}")))?;
+    flip_last_byte(&dir.join("blobs/sha256").join(hex_of(digest)))?;
+    Ok(digest.to_string())
+}
+
+/// The manifest of the first image of an OCI layout.
+fn first_manifest(dir: &Path) -> io::Result<serde_json::Value> {
     let index: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("index.json"))?)?;
-    let blob = |digest: &serde_json::Value| -> io::Result<PathBuf> {
-        let digest = digest
-            .as_str()
-            .ok_or_else(|| io::Error::other("digest is not a string"))?;
-        Ok(dir.join("blobs/sha256").join(hex_of(digest)))
-    };
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&fs::read(blob(&index["manifests"][0]["digest"])?)?)?;
-    let digest = &manifest["layers"][layer]["digest"];
-    flip_last_byte(&blob(digest)?)?;
-    Ok(digest.as_str().unwrap_or_default().to_string())
+    let digest = index["manifests"][0]["digest"]
+        .as_str()
+        .ok_or_else(|| io::Error::other("index.json lists no manifest"))?;
+    let blob = dir.join("blobs/sha256").join(hex_of(digest));
+    Ok(serde_json::from_slice(&fs::read(blob)?)?)
 }
 
 /// Flips the last byte of layer `layer` (0-based) of the first image in the docker

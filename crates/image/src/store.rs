@@ -84,20 +84,10 @@ impl Store {
     /// `$FORKVM_STORE` if set; else `/var/lib/forkvm/images` when running as root;
     /// else `$XDG_DATA_HOME/forkvm/images` (default `~/.local/share/forkvm/images`).
     pub fn default_root() -> PathBuf {
-        if let Some(dir) = std::env::var_os("FORKVM_STORE").filter(|d| !d.is_empty()) {
-            return PathBuf::from(dir);
-        }
-        if rustix::process::geteuid().is_root() {
-            return PathBuf::from("/var/lib/forkvm/images");
-        }
-        let data = std::env::var_os("XDG_DATA_HOME")
-            .filter(|d| !d.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                let home = std::env::var_os("HOME").unwrap_or_else(|| "/".into());
-                PathBuf::from(home).join(".local/share")
-            });
-        data.join("forkvm/images")
+        default_root_from(
+            |name| std::env::var_os(name).filter(|v| !v.is_empty()),
+            rustix::process::geteuid().is_root(),
+        )
     }
 
     /// The store's root directory.
@@ -293,6 +283,20 @@ impl Store {
     }
 }
 
+/// [`Store::default_root`] from an environment lookup (empty values count as unset).
+fn default_root_from(env: impl Fn(&str) -> Option<std::ffi::OsString>, is_root: bool) -> PathBuf {
+    if let Some(dir) = env("FORKVM_STORE") {
+        return PathBuf::from(dir);
+    }
+    if is_root {
+        return PathBuf::from("/var/lib/forkvm/images");
+    }
+    let data = env("XDG_DATA_HOME").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env("HOME").unwrap_or_else(|| "/".into())).join(".local/share")
+    });
+    data.join("forkvm/images")
+}
+
 /// Removes a file, symlink or directory tree; an absent path is fine.
 pub(crate) fn remove_any(path: &Path) -> Result<(), Error> {
     let result = match fs::symlink_metadata(path) {
@@ -385,6 +389,30 @@ mod tests {
             size: 0,
             created: None,
         }
+    }
+
+    #[test]
+    fn the_default_root_follows_the_environment_and_privileges() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.into())
+        };
+        let at = |p: &str| PathBuf::from(p);
+        assert_eq!(
+            default_root_from(env(&[("FORKVM_STORE", "/s")]), true),
+            at("/s")
+        );
+        assert_eq!(
+            default_root_from(env(&[("HOME", "/h")]), true),
+            at("/var/lib/forkvm/images")
+        );
+        assert_eq!(
+            default_root_from(env(&[("HOME", "/h")]), false),
+            at("/h/.local/share/forkvm/images")
+        );
+        assert_eq!(
+            default_root_from(env(&[("HOME", "/h"), ("XDG_DATA_HOME", "/x")]), false),
+            at("/x/forkvm/images")
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! OCI whiteouts: `.wh.NAME` deletes NAME as left by the lower layers, and
 //! `.wh..wh..opq` drops the lower layers' contents of its directory while keeping this
 //! layer's; whiteout entries themselves never appear. Modes (setuid, setgid, sticky),
-//! owners, mtimes, symlinks, hard links, device nodes and fifos are kept.
+//! owners, mtimes, symlinks, hard links, device nodes and fifos are kept; extended
+//! attributes (file capabilities, SELinux labels) are not.
 //!
 //! Nothing is written outside the root: entry paths are cleaned (`..` may not climb
 //! out), and every parent directory is resolved component by component inside the

@@ -220,7 +220,8 @@ fn an_interrupted_import_leaves_the_store_as_it_was() {
     let layers = fixtures::busybox_layer_tars().unwrap();
     let bad = dir.path().join("bad");
     fixtures::write_oci_layout_with(&bad, Some("other:1"), &layers, &other).unwrap();
-    fixtures::corrupt_oci_layer(&bad, 1).unwrap();
+    let corrupt = fixtures::corrupt_layer(&bad).unwrap();
+    assert_eq!(corrupt, layers_digest_of_last(&bad));
     let err = store.load(&bad, None, &NoProgress).unwrap_err();
     assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
 
@@ -400,4 +401,74 @@ fn reimporting_a_name_moves_it_to_the_new_image() {
     // The old image lost its only name, so it is gone (with its own blobs).
     assert_eq!(store.list().unwrap(), [new]);
     assert!(!files(&store, "blobs/sha256").contains(&old.id[7..].to_string()));
+}
+
+#[test]
+fn a_docker_archive_with_gzipped_layers_in_podman_style_loads() {
+    // podman save: <hex>.tar layers (here gzipped) and <hex>.json config at the top.
+    let (dir, store) = store();
+    let tars = fixtures::busybox_layer_tars().unwrap();
+    let diff_ids: Vec<String> = tars.iter().map(|t| sha256(t)).collect();
+    let config = FixtureConfig::default().to_json(&diff_ids);
+    let config_name = format!("{}.json", &sha256(&config)[7..]);
+    let mut members = vec![(config_name.clone(), config)];
+    let mut layer_names = Vec::new();
+    for tar in tars.iter() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let name = format!("{}.tar", &sha256(&gz)[7..]);
+        layer_names.push(name.clone());
+        members.push((name, gz));
+    }
+    let manifest = serde_json::json!([{"Config": config_name, "RepoTags": ["localhost/podman:1"], "Layers": layer_names}]);
+    members.push((
+        "manifest.json".into(),
+        serde_json::to_vec(&manifest).unwrap(),
+    ));
+    let archive = dir.path().join("podman.tar");
+    let mut tar = tar::Builder::new(fs::File::create(&archive).unwrap());
+    for (name, data) in &members {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        tar.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    tar.finish().unwrap();
+    drop(tar);
+
+    let image = store.load(&archive, None, &NoProgress).unwrap().remove(0);
+    assert_eq!(image.names, ["localhost/podman:1"]);
+    for (layer, diff_id) in image.layers.iter().zip(&diff_ids) {
+        assert_eq!(
+            layer.media_type,
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        );
+        assert_eq!(&layer.diff_id, diff_id);
+        assert_ne!(&layer.digest, diff_id);
+    }
+}
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    let hex: String = sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
+}
+
+/// The digest of the last layer listed in an OCI layout's first manifest.
+fn layers_digest_of_last(layout: &std::path::Path) -> String {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest_digest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fs::read(layout.join("blobs/sha256").join(&manifest_digest[7..])).unwrap(),
+    )
+    .unwrap();
+    manifest["layers"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }

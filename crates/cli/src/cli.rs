@@ -23,6 +23,17 @@ pub struct Cli {
 /// The verbs.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a command from an OCI image in a new VM, like `podman run`.
+    Run(RunArgs),
+    /// List the images in the image store.
+    Images(ImagesArgs),
+    /// Remove images from the image store.
+    Rmi(RmiArgs),
+    /// Pull an image from a registry into the image store.
+    Pull(PullArgs),
+    /// Import images from an OCI layout directory, an OCI archive or a `docker save`
+    /// archive.
+    Load(LoadArgs),
     /// Boot a Linux guest with its serial console on this terminal.
     Boot(BootArgs),
     /// List VMs (running, paused, exited and dead).
@@ -92,6 +103,98 @@ pub struct BootArgs {
     /// Remove the VM's state when it stops.
     #[arg(long)]
     pub rm: bool,
+}
+
+/// `forkvm run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Remove the VM's state when it stops.
+    #[arg(long)]
+    pub rm: bool,
+    /// Keep stdin open and pass it to the container's process.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Give the process a terminal (the guest's pty, this terminal in raw mode).
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Set an environment variable (`K=V`, or `K` to pass this process's value).
+    #[arg(short, long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// vCPUs; a fraction rounds up (`--cpus 1.5` gives 2).
+    #[arg(long, default_value = "1")]
+    pub cpus: String,
+    /// Guest memory, with a unit: `512m`, `1g` (b, k, m, g).
+    #[arg(short, long, default_value = "512m")]
+    pub memory: String,
+    /// A name for the VM, usable wherever an ID is.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The guest's hostname (default: the VM's short ID).
+    #[arg(long, short = 'H')]
+    pub hostname: Option<String>,
+    /// Run as this user: `NAME`, `UID` or `UID:GID` (default: the image's user).
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// Working directory (default: the image's).
+    #[arg(short, long)]
+    pub workdir: Option<String>,
+    /// Replace the image's entrypoint (an empty string clears it).
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// Image: a name from `forkvm images`, or an ID (prefix).
+    pub image: String,
+    /// Command and arguments (default: the image's Cmd).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+/// `forkvm images`.
+#[derive(Debug, Args)]
+pub struct ImagesArgs {
+    /// Print only image IDs.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Print full IDs.
+    #[arg(long)]
+    pub no_trunc: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = PsFormat::Table)]
+    pub format: PsFormat,
+}
+
+/// `forkvm rmi`.
+#[derive(Debug, Args)]
+pub struct RmiArgs {
+    /// Image names or IDs.
+    #[arg(required = true)]
+    pub images: Vec<String>,
+}
+
+/// `forkvm pull`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Reference: `[REGISTRY/]NAME[:TAG|@DIGEST]`.
+    pub reference: String,
+    /// Speak plain HTTP to the registry (loopback registries always do).
+    #[arg(long)]
+    pub plain_http: bool,
+    /// Print nothing but the image ID.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// `forkvm load`.
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// The OCI layout directory, OCI archive or `docker save` archive.
+    #[arg(short, long, value_name = "PATH")]
+    pub input: PathBuf,
+    /// Name the image (when the source holds exactly one).
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Print nothing but the image IDs.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 /// A VM: its name, full ID or a unique ID prefix.

@@ -37,7 +37,18 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let root = cli.root.clone().unwrap_or_else(forkvm_api::default_root);
+    // `run` reserves its exit codes for the container's process; its own failures use
+    // 125, as `podman run` and `docker run` do.
+    let failure_code = match cli.command {
+        Command::Run(_) => commands::run::EXIT_RUNTIME_ERROR,
+        _ => 1,
+    };
     let result = match cli.command {
+        Command::Run(args) => commands::run::run(args, &root),
+        Command::Images(args) => commands::images::list(args),
+        Command::Rmi(args) => commands::images::remove(args),
+        Command::Pull(args) => commands::images::pull(args),
+        Command::Load(args) => commands::images::load(args),
         Command::Boot(args) => commands::boot::run(args, &root),
         Command::Ps(args) => commands::ps::run(args, &root),
         Command::Inspect(args) => commands::inspect::run(args, &root),
@@ -55,7 +66,7 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("forkvm: {e:#}");
-            std::process::exit(1);
+            std::process::exit(failure_code);
         }
     }
 }

@@ -56,6 +56,14 @@ pub struct VmConfig {
     pub vsock: Option<VsockSpec>,
     /// Whether to add a virtio-rng device.
     pub rng: bool,
+    /// Whether host stdin feeds the serial console (off when stdin belongs to something
+    /// else, e.g. the container process of `forkvm run`).
+    #[serde(default = "console_input_default")]
+    pub console_input: bool,
+}
+
+fn console_input_default() -> bool {
+    true
 }
 
 impl VmConfig {
@@ -71,6 +79,7 @@ impl VmConfig {
             nets: Vec::new(),
             vsock: None,
             rng: true,
+            console_input: true,
         }
     }
 }

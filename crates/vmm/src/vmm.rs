@@ -487,7 +487,7 @@ impl Vmm {
             u64::from(ACPI_POWER_PORT),
             1,
         )?;
-        if matches!(origin, Origin::Boot) {
+        if matches!(origin, Origin::Boot) && cfg.console_input {
             events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(serial.clone()))));
         }
         let (control_handle, control) = control_channel().map_err(VmmError::EventFd)?;

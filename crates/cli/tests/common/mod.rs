@@ -102,6 +102,17 @@ impl Forkvm {
     /// Starts `forkvm ARGS` in a process group of its own, with stdin closed; it must have
     /// exited within `timeout`.
     pub fn spawn<S: AsRef<OsStr>>(args: &[S], timeout: Duration) -> Self {
+        Self::spawn_with(args, timeout, &[], None)
+    }
+
+    /// [`Forkvm::spawn`] with extra environment variables and, if given, `stdin` written
+    /// to its standard input (then closed).
+    pub fn spawn_with<S: AsRef<OsStr>>(
+        args: &[S],
+        timeout: Duration,
+        env: &[(&str, &OsStr)],
+        stdin: Option<Vec<u8>>,
+    ) -> Self {
         let args_s: Vec<String> = args
             .iter()
             .map(|a| a.as_ref().to_string_lossy().into_owned())
@@ -114,12 +125,24 @@ impl Forkvm {
         let mut child = Command::new(FORKVM)
             .args(args)
             .env("FORKVM_ROOT", root.path())
-            .stdin(Stdio::null())
+            .envs(env.iter().copied())
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {FORKVM}: {e}"));
+        if let Some(data) = stdin {
+            let mut pipe = child.stdin.take().unwrap();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let _ = pipe.write_all(&data);
+            });
+        }
         let stdout = Arc::new(Captured::default());
         let stderr = Arc::new(Captured::default());
         let readers = vec![
@@ -135,6 +158,11 @@ impl Forkvm {
             deadline: Instant::now() + timeout,
             _root: root,
         }
+    }
+
+    /// The process ID of the `forkvm` process.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("not yet collected").id()
     }
 
     /// What the process has written to stdout so far.
@@ -264,5 +292,15 @@ pub fn sh(program: &str, args: &[&str]) -> String {
 pub fn warm_default_guest() {
     if !forkvm_vhost::in_vhost() {
         forkvm_guest_kernel::default_guest().expect("cannot prepare the default guest");
+    }
+}
+
+/// Makes sure the container guest (kernel and the agent-as-init initramfs) is in the
+/// forkvm cache; like [`warm_default_guest`], call it before entering the virtual host.
+pub fn warm_container_guest() {
+    if !forkvm_vhost::in_vhost() {
+        let agent = forkvm_guest_kernel::find_agent()
+            .expect("the guest agent is not built: run `cargo xtask prepare-guest`");
+        forkvm_guest_kernel::container_guest(&agent).expect("cannot prepare the container guest");
     }
 }

@@ -1,0 +1,622 @@
+//! `forkvm run`: runs a command from an OCI image in a new VM, the way `podman run`
+//! runs it in a container.
+//!
+//! The image's root filesystem (a read-only ext4 file from the image store, built once
+//! per image) becomes the VM's first disk; the container guest's agent (PID 1) lays a
+//! private writable overlay over it. This process is the VMM: it boots the VM, waits
+//! for the agent, asks it to start the process and relays stdin, stdout and stderr over
+//! vsock. Signals this process gets (Ctrl-C) go to the container's process; its exit
+//! code becomes ours. The agent powers the VM off when the process exits.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use forkvm_agent::client::{self, Controller, ExecError};
+use forkvm_agent::{ProcessSpec, User};
+use forkvm_api::{ProcessIdentity, VmHome};
+use forkvm_image::{ImageConfig, Store};
+use forkvm_vmm::config::DEFAULT_CMDLINE;
+use forkvm_vmm::{BlockSpec, ExitReason, VmConfig, Vmm, VsockSpec};
+
+use crate::cli::RunArgs;
+
+/// The PATH a process gets when neither the image nor `-e` sets one (Docker's default).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How long the guest has to boot and answer: generous, as a nested, emulated host
+/// boots a kernel in seconds, not milliseconds.
+const AGENT_DEADLINE: Duration = Duration::from_secs(180);
+
+/// How long the agent has to power the VM off after the container's process exited.
+const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+
+/// How a session ended.
+enum Outcome {
+    /// The process ran and exited with this code.
+    Exited(i32),
+    /// The process could not be started (exec failed): this exit code.
+    NotStarted(i32),
+}
+
+impl Outcome {
+    fn code(self) -> i32 {
+        match self {
+            Outcome::Exited(c) | Outcome::NotStarted(c) => c,
+        }
+    }
+}
+
+/// Exit code when forkvm itself fails before the process ran (as `podman run` does).
+pub const EXIT_RUNTIME_ERROR: i32 = 125;
+
+/// Parses `--memory`: a number with a unit (`b`, `k`, `m`, `g`, case-insensitive,
+/// optionally followed by `b`/`ib`), in MiB. At least 64 MiB.
+pub fn parse_memory(s: &str) -> Result<u64> {
+    let lower = s.trim().to_ascii_lowercase();
+    let digits_end = lower
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(lower.len());
+    let (num, unit) = lower.split_at(digits_end);
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("--memory {s:?}: expected a size such as 512m or 2g"))?;
+    let unit = unit.trim_end_matches("ib").trim_end_matches('b');
+    let bytes = match unit {
+        "" if lower.ends_with('b') => n,
+        "" => bail!("--memory {s:?}: give a unit (512m, 2g); a bare number would be bytes"),
+        "k" => n << 10,
+        "m" => n << 20,
+        "g" => n << 30,
+        other => bail!("--memory {s:?}: unknown unit {other:?} (use b, k, m or g)"),
+    };
+    let mib = bytes >> 20;
+    if mib < 64 {
+        bail!("--memory {s:?}: a VM needs at least 64m");
+    }
+    Ok(mib)
+}
+
+/// Parses `--cpus` (a positive number; fractions round up to whole vCPUs).
+pub fn parse_cpus(s: &str) -> Result<u8> {
+    let f: f64 = s
+        .trim()
+        .parse()
+        .with_context(|| format!("--cpus {s:?}: expected a number such as 2 or 1.5"))?;
+    if !(f > 0.0 && f <= 254.0) {
+        bail!("--cpus {s:?}: must be more than 0 and at most 254");
+    }
+    Ok(f.ceil() as u8)
+}
+
+/// Splits a shell-free `--entrypoint` value the way Docker does: one program, no
+/// arguments; an empty string clears the entrypoint.
+fn entrypoint(image: &ImageConfig, flag: Option<&str>) -> Vec<String> {
+    match flag {
+        Some("") => Vec::new(),
+        Some(e) => vec![e.to_owned()],
+        None => image.entrypoint.clone(),
+    }
+}
+
+/// The environment: the image's, then PATH/HOSTNAME/TERM defaults, then `-e` (which
+/// replaces a variable of the same name). `-e K` takes K from this process.
+fn environment(
+    image: &ImageConfig,
+    flags: &[String],
+    hostname: &str,
+    tty: bool,
+) -> Result<Vec<String>> {
+    let mut env: Vec<String> = Vec::new();
+    let mut set = |kv: String| {
+        let key = kv.split('=').next().unwrap_or_default().to_owned();
+        env.retain(|e| e.split('=').next() != Some(key.as_str()));
+        env.push(kv);
+    };
+    set(format!("PATH={DEFAULT_PATH}"));
+    for kv in &image.env {
+        set(kv.clone());
+    }
+    set(format!("HOSTNAME={hostname}"));
+    if tty {
+        set("TERM=xterm".to_owned());
+    }
+    for f in flags {
+        match f.split_once('=') {
+            Some(("", _)) => bail!("-e {f:?}: the variable has no name"),
+            Some(_) => set(f.clone()),
+            None if f.is_empty() => bail!("-e: empty variable name"),
+            None => {
+                if let Ok(v) = std::env::var(f) {
+                    set(format!("{f}={v}"));
+                }
+            }
+        }
+    }
+    Ok(env)
+}
+
+/// `UID`, `UID:GID` become numeric ids; anything else is a name the agent resolves in
+/// the image's /etc/passwd and /etc/group.
+fn user(spec: &str) -> User {
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    match (u.parse::<u32>(), g.map(str::parse::<u32>)) {
+        (Ok(uid), None) => User {
+            uid,
+            gid: uid,
+            additional_gids: Vec::new(),
+            name: Some(spec.to_owned()),
+        },
+        (Ok(uid), Some(Ok(gid))) => User {
+            uid,
+            gid,
+            additional_gids: Vec::new(),
+            name: None,
+        },
+        _ => User {
+            uid: 0,
+            gid: 0,
+            additional_gids: Vec::new(),
+            name: Some(spec.to_owned()),
+        },
+    }
+}
+
+/// The container's main process from the image config and the command line.
+pub fn process_spec(image: &ImageConfig, args: &RunArgs, hostname: &str) -> Result<ProcessSpec> {
+    let mut argv = entrypoint(image, args.entrypoint.as_deref());
+    if args.command.is_empty() {
+        argv.extend(image.cmd.iter().cloned());
+    } else {
+        argv.extend(args.command.iter().cloned());
+    }
+    if argv.is_empty() {
+        bail!(
+            "no command given and image {:?} has no Cmd or Entrypoint",
+            args.image
+        );
+    }
+    let cwd = args
+        .workdir
+        .clone()
+        .filter(|w| !w.is_empty())
+        .or_else(|| Some(image.working_dir.clone()).filter(|w| !w.is_empty()))
+        .unwrap_or_else(|| "/".to_owned());
+    if !cwd.starts_with('/') {
+        bail!("working directory {cwd:?} is not absolute");
+    }
+    let user_spec = args
+        .user
+        .clone()
+        .or_else(|| Some(image.user.clone()).filter(|u| !u.is_empty()));
+    Ok(ProcessSpec {
+        args: argv,
+        env: environment(image, &args.env, hostname, args.tty)?,
+        cwd,
+        user: user_spec.as_deref().map(user).unwrap_or_default(),
+        tty: args.tty,
+        stdin: args.interactive,
+        rlimits: Vec::new(),
+        init: true,
+    })
+}
+
+/// Runs `forkvm run`; returns the container process's exit code.
+pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
+    // Signals for the container are taken by one thread with sigwait: block them before
+    // any thread exists, so every thread (vCPUs included) inherits the mask.
+    let signals = ForwardedSignals::block()?;
+    let vcpus = parse_cpus(&args.cpus)?;
+    let mem_mib = parse_memory(&args.memory)?;
+    let store = Store::open(&Store::default_root()).context("cannot open the image store")?;
+    let image = store.get(&args.image)?;
+    let progress = forkvm_image::TermProgress::new();
+    let rootfs = store
+        .rootfs(&image, &progress)
+        .with_context(|| format!("cannot build the root filesystem of {:?}", args.image))?;
+    let agent = forkvm_guest_kernel::find_agent().context(
+        "the guest agent is not built (run `cargo xtask prepare-guest`, or set FORKVM_AGENT)",
+    )?;
+    let guest = forkvm_guest_kernel::container_guest(&agent)
+        .context("cannot prepare the container guest kernel and initramfs")?;
+
+    let home =
+        VmHome::create(root, args.name.as_deref(), None).context("cannot register the VM")?;
+    home.record_process(ProcessIdentity::current())
+        .context("cannot record the VMM process")?;
+    std::env::set_var(forkvm_api::ENV_ROOT, std::path::absolute(root)?);
+    std::env::set_var(forkvm_api::ENV_ID, home.id());
+    let hostname = args
+        .hostname
+        .clone()
+        .unwrap_or_else(|| home.id().chars().take(12).collect());
+    let dir = home.dir().to_owned();
+    let result = (|| {
+        let spec = process_spec(&image.config, &args, &hostname)?;
+        let uds = dir.join("vsock.sock");
+        let cfg = vm_config(&guest, &rootfs.path, vcpus, mem_mib, &hostname, &uds)?;
+        home.record_machine(cfg.vcpus, cfg.mem_mib)?;
+        run_vm(home, &cfg, spec, &uds, signals, args.tty)
+    })();
+    if args.rm {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+/// The VM: container guest, the image's root as a read-only vda, vsock for the agent.
+fn vm_config(
+    guest: &forkvm_guest_kernel::GuestImage,
+    rootfs: &Path,
+    vcpus: u8,
+    mem_mib: u64,
+    hostname: &str,
+    uds: &Path,
+) -> Result<VmConfig> {
+    if hostname.is_empty()
+        || hostname.len() > 64
+        || !hostname
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        bail!("hostname {hostname:?}: use 1 to 64 letters, digits, '-' and '.'");
+    }
+    let mut cfg = VmConfig::new(&guest.kernel);
+    cfg.initrd = Some(guest.initrd.clone());
+    cfg.vcpus = vcpus;
+    cfg.mem_mib = mem_mib;
+    cfg.cmdline = format!("{DEFAULT_CMDLINE} forkvm.rootfs=/dev/vda forkvm.hostname={hostname}");
+    cfg.disks = vec![BlockSpec {
+        path: rootfs.to_owned(),
+        read_only: true,
+    }];
+    cfg.vsock = Some(VsockSpec {
+        cid: 3,
+        uds: uds.to_owned(),
+    });
+    cfg.rng = true;
+    // stdin is the container process's, relayed over vsock.
+    cfg.console_input = false;
+    Ok(cfg)
+}
+
+fn run_vm(
+    home: VmHome,
+    cfg: &VmConfig,
+    spec: ProcessSpec,
+    uds: &Path,
+    signals: ForwardedSignals,
+    tty: bool,
+) -> Result<i32> {
+    let console = home.console_writer()?;
+    let console_path = home.console_path();
+    let mut vmm = Vmm::boot(cfg, Box::new(console)).context("cannot boot the VM")?;
+    let server =
+        forkvm_api::serve(home, vmm.control_handle()).context("cannot serve the VM's API")?;
+    let control = vmm.control_handle();
+    let vm_done = Arc::new(AtomicBool::new(false));
+    let session = {
+        let uds = uds.to_owned();
+        let vm_done = vm_done.clone();
+        std::thread::Builder::new()
+            .name("container-stdio".into())
+            .spawn(move || {
+                let code = session(&uds, spec, &vm_done, signals, tty);
+                // After its init process exits the agent powers the VM off; when the
+                // process never started (or the session broke), nothing will: stop it.
+                let grace = match code {
+                    Ok(Outcome::Exited(_)) => POWEROFF_GRACE,
+                    _ => Duration::ZERO,
+                };
+                let deadline = Instant::now() + grace;
+                while !vm_done.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if !vm_done.load(Ordering::SeqCst) {
+                    let _ = control.call(forkvm_vmm::control::Request::Stop);
+                }
+                code.map(Outcome::code)
+            })
+            .context("cannot start the stdio thread")?
+    };
+    let exit = vmm.run();
+    vm_done.store(true, Ordering::SeqCst);
+    server.finish_run(&exit);
+    let code = session
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the stdio thread panicked")));
+    match (code, exit.context("the VM failed while running")?) {
+        (Ok(code), _) => Ok(code),
+        (Err(e), ExitReason::Failed(why)) => Err(e.context(format!("the guest failed: {why}"))),
+        (Err(e), _) => Err(e.context(format!(
+            "the VM stopped; its console:\n{}",
+            super::boot::tail(&console_path, 20)
+        ))),
+    }
+}
+
+/// Waits for the agent, starts the process and relays its stdio until it exits.
+fn session(
+    uds: &Path,
+    spec: ProcessSpec,
+    vm_done: &AtomicBool,
+    signals: ForwardedSignals,
+    tty: bool,
+) -> Result<Outcome> {
+    let deadline = Instant::now() + AGENT_DEADLINE;
+    let stream = loop {
+        if vm_done.load(Ordering::SeqCst) {
+            bail!("the VM stopped before its agent answered");
+        }
+        if Instant::now() > deadline {
+            bail!("the guest agent did not answer within {AGENT_DEADLINE:?}");
+        }
+        match client::connect_vsock(uds, forkvm_agent::AGENT_PORT, Duration::from_secs(2)) {
+            Ok(s) => break s,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let session = match client::exec(stream, &spec) {
+        Ok(s) => s,
+        Err(ExecError::ExecFailed { message, exit_code }) => {
+            eprintln!("forkvm: {message}");
+            return Ok(Outcome::NotStarted(exit_code));
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("cannot start the process")),
+    };
+    let controller = session.controller();
+    let _raw = if tty {
+        RawTerminal::enter(&controller)
+    } else {
+        None
+    };
+    signals.forward(controller, tty);
+    let stdin: Option<Box<dyn std::io::Read + Send>> = if spec.stdin {
+        Some(Box::new(std::io::stdin()))
+    } else {
+        None
+    };
+    let code = session
+        .pump(
+            stdin,
+            Box::new(std::io::stdout()),
+            Box::new(std::io::stderr()),
+        )
+        .context("lost the connection to the container's process")?;
+    let _ = std::io::stdout().flush();
+    Ok(Outcome::Exited(code))
+}
+
+/// SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2 and SIGWINCH, blocked in every thread
+/// and taken by one forwarding thread.
+struct ForwardedSignals {
+    set: libc::sigset_t,
+}
+
+impl ForwardedSignals {
+    const SIGNALS: [libc::c_int; 7] = [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGWINCH,
+    ];
+
+    fn block() -> Result<Self> {
+        // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            for s in Self::SIGNALS {
+                libc::sigaddset(&mut set, s);
+            }
+        }
+        // SAFETY: changes only this thread's mask (threads spawned later inherit it).
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            bail!(
+                "cannot block signals: {}",
+                std::io::Error::from_raw_os_error(rc)
+            );
+        }
+        Ok(Self { set })
+    }
+
+    /// Starts the thread that hands each signal to the process (a terminal's size
+    /// change becomes a resize). With a terminal, Ctrl-C arrives as a byte, not here.
+    fn forward(self, controller: Controller, tty: bool) {
+        let set = self.set;
+        let spawned = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: `set` is a valid, initialised sigset_t; `sig` is written.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    continue;
+                }
+                let result = if sig == libc::SIGWINCH {
+                    match (tty, terminal_size()) {
+                        (true, Some((rows, cols))) => controller.resize(rows, cols),
+                        _ => Ok(()),
+                    }
+                } else {
+                    controller.signal(sig)
+                };
+                if result.is_err() {
+                    return;
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the signal thread: {e}");
+        }
+    }
+}
+
+/// This terminal's size as (rows, columns).
+fn terminal_size() -> Option<(u16, u16)> {
+    // SAFETY: winsize is plain data.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes a winsize.
+    let rc = unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// This terminal in raw mode for `-t` (keys, Ctrl-C included, go to the guest's pty),
+/// restored when dropped.
+struct RawTerminal {
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    /// Enters raw mode and tells the guest the terminal's size; `None` when stdin is
+    /// not a terminal (`-t` with piped input still gives the process a pty).
+    fn enter(controller: &Controller) -> Option<Self> {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+            return None;
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: stdin is a terminal; `saved` is a valid termios.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw edits the termios in place.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // SAFETY: sets the attributes of our own terminal from a valid termios.
+        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        if let Some((rows, cols)) = terminal_size() {
+            let _ = controller.resize(rows, cols);
+        }
+        Some(Self { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the attributes saved in `enter`.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.saved) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> RunArgs {
+        let mut v = vec!["forkvm", "run"];
+        v.extend_from_slice(extra);
+        match crate::cli::Cli::parse_from(v).command {
+            crate::cli::Command::Run(a) => a,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    fn image() -> ImageConfig {
+        ImageConfig {
+            entrypoint: vec![],
+            cmd: vec!["sh".into()],
+            env: vec!["PATH=/bin".into(), "A=1".into()],
+            working_dir: "/work".into(),
+            user: String::new(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory("512m").unwrap(), 512);
+        assert_eq!(parse_memory("2G").unwrap(), 2048);
+        assert_eq!(parse_memory("1gib").unwrap(), 1024);
+        assert_eq!(parse_memory("131072k").unwrap(), 128);
+        assert!(parse_memory("512")
+            .unwrap_err()
+            .to_string()
+            .contains("unit"));
+        assert!(parse_memory("32m").unwrap_err().to_string().contains("64m"));
+        assert!(parse_memory("lots").is_err());
+        assert!(parse_memory("5x").unwrap_err().to_string().contains("unit"));
+    }
+
+    #[test]
+    fn cpus_round_up() {
+        assert_eq!(parse_cpus("1").unwrap(), 1);
+        assert_eq!(parse_cpus("1.5").unwrap(), 2);
+        assert!(parse_cpus("0").is_err());
+        assert!(parse_cpus("-1").is_err());
+        assert!(parse_cpus("300").is_err());
+        assert!(parse_cpus("two").is_err());
+    }
+
+    #[test]
+    fn command_line_overrides_image() {
+        let a = args(&[
+            "-e", "A=2", "-e", "B=3", "-w", "/tmp", "img", "echo", "-n", "hi",
+        ]);
+        let p = process_spec(&image(), &a, "h1").unwrap();
+        assert_eq!(p.args, ["echo", "-n", "hi"]);
+        assert_eq!(p.cwd, "/tmp");
+        assert!(p.env.contains(&"A=2".to_owned()), "{:?}", p.env);
+        assert!(!p.env.contains(&"A=1".to_owned()));
+        assert!(p.env.contains(&"B=3".to_owned()));
+        assert!(p.env.contains(&"PATH=/bin".to_owned()), "image PATH kept");
+        assert!(p.env.contains(&"HOSTNAME=h1".to_owned()));
+        assert!(p.init && !p.tty && !p.stdin);
+    }
+
+    #[test]
+    fn image_defaults_apply() {
+        let p = process_spec(&image(), &args(&["-it", "img"]), "h").unwrap();
+        assert_eq!(p.args, ["sh"]);
+        assert_eq!(p.cwd, "/work");
+        assert!(p.tty && p.stdin);
+        assert!(p.env.contains(&"TERM=xterm".to_owned()));
+        let mut bare = image();
+        bare.env.clear();
+        bare.working_dir.clear();
+        let p = process_spec(&bare, &args(&["img"]), "h").unwrap();
+        assert_eq!(p.cwd, "/");
+        assert!(p.env.contains(&format!("PATH={DEFAULT_PATH}")));
+    }
+
+    #[test]
+    fn entrypoint_and_errors() {
+        let mut img = image();
+        img.entrypoint = vec!["/bin/tini".into(), "--".into()];
+        let p = process_spec(&img, &args(&["img", "x"]), "h").unwrap();
+        assert_eq!(p.args, ["/bin/tini", "--", "x"]);
+        let p = process_spec(&img, &args(&["--entrypoint", "", "img", "x"]), "h").unwrap();
+        assert_eq!(p.args, ["x"]);
+        img.cmd.clear();
+        img.entrypoint.clear();
+        let e = process_spec(&img, &args(&["img"]), "h").unwrap_err();
+        assert!(e.to_string().contains("no command"), "{e}");
+        let e = process_spec(&image(), &args(&["-w", "rel", "img"]), "h").unwrap_err();
+        assert!(e.to_string().contains("not absolute"), "{e}");
+        let e = process_spec(&image(), &args(&["-e", "=x", "img"]), "h").unwrap_err();
+        assert!(e.to_string().contains("no name"), "{e}");
+    }
+
+    #[test]
+    fn users() {
+        let u = user("1000:100");
+        assert_eq!((u.uid, u.gid, u.name), (1000, 100, None));
+        assert_eq!(user("nobody").name.as_deref(), Some("nobody"));
+        assert_eq!(user("www:www").name.as_deref(), Some("www:www"));
+        // A bare UID still goes through the passwd lookup for its primary group.
+        assert_eq!(user("65534").uid, 65534);
+    }
+}

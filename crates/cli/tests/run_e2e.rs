@@ -1,0 +1,249 @@
+//! End to end, in a KVM host: OCI images imported into the store run as VMs with
+//! `forkvm run`, the way `podman run` runs them: the process's output on our stdout and
+//! stderr, its exit code as ours, env, cwd, user and stdin applied, whiteouts honoured,
+//! Ctrl-C delivered, and the image's root filesystem built once.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{warm_container_guest, Finished, Forkvm, GUEST_TIMEOUT};
+use forkvm_image::fixtures;
+
+/// `forkvm ARGS` with the store at `store`, stdin fed from `stdin` (else closed).
+fn forkvm(store: &Path, args: &[&str], stdin: Option<Vec<u8>>) -> Finished {
+    Forkvm::spawn_with(
+        args,
+        GUEST_TIMEOUT,
+        &[("FORKVM_STORE", store.as_os_str())],
+        stdin,
+    )
+    .finish()
+}
+
+fn assert_code(out: &Finished, code: i32) {
+    assert_eq!(out.status.code(), Some(code), "exit status\n{out}");
+}
+
+/// The one `.ext4` root filesystem in the store, with its inode and mtime.
+fn rootfs_identity(store: &Path) -> Vec<(String, u64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = Vec::new();
+    for e in walk(store) {
+        if e.extension() == Some(OsStr::new("ext4")) {
+            let m = std::fs::metadata(&e).unwrap();
+            found.push((e.display().to_string(), m.ino(), m.mtime()));
+        }
+    }
+    found
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Both import formats, then the `podman run` behaviours, all in one virtual-host
+/// session (each guest boots in seconds there).
+#[test]
+fn images_run_as_vms_like_podman_run() {
+    warm_container_guest();
+    forkvm_vhost::on_kvm_host(forkvm_vhost::test_path!(), || {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("store");
+        let layout = tmp.path().join("layout");
+        let archive = tmp.path().join("docker.tar");
+        fixtures::write_oci_layout(&layout, "fixture:1").unwrap();
+        fixtures::write_docker_archive(&archive, "fixture-docker:latest").unwrap();
+
+        let out = forkvm(&store, &["load", "-i", layout.to_str().unwrap()], None);
+        assert_code(&out, 0);
+        assert!(out.stdout.contains("fixture:1"), "{out}");
+        let out = forkvm(&store, &["load", "-i", archive.to_str().unwrap()], None);
+        assert_code(&out, 0);
+        let out = forkvm(&store, &["images"], None);
+        assert!(out.stdout.contains("localhost/fixture"), "{out}");
+        assert!(out.stdout.contains("fixture-docker"), "{out}");
+
+        // Output and exit code 0; the guest console stays out of our stdout.
+        let out = forkvm(
+            &store,
+            &["run", "--rm", "fixture:1", "echo", "hello from a VM"],
+            None,
+        );
+        assert_code(&out, 0);
+        assert_eq!(out.stdout, "hello from a VM\n", "{out}");
+        let built = rootfs_identity(&store);
+        assert_eq!(built.len(), 1, "one root filesystem built: {built:?}");
+
+        // Exit code 3, stderr apart from stdout; the second run of the image reuses
+        // its root filesystem (same file, untouched).
+        let out = forkvm(
+            &store,
+            &[
+                "run",
+                "--rm",
+                "fixture:1",
+                "sh",
+                "-c",
+                "echo to-out; echo to-err >&2; exit 3",
+            ],
+            None,
+        );
+        assert_code(&out, 3);
+        assert_eq!(out.stdout, "to-out\n", "{out}");
+        assert!(out.stderr.contains("to-err"), "{out}");
+        assert_eq!(rootfs_identity(&store), built, "the rootfs was rebuilt");
+
+        // Env (image's, -e, -e from our environment), cwd, hostname, user.
+        let out = forkvm(
+            &store,
+            &[
+                "run",
+                "--rm",
+                "-e",
+                "FOO=bar",
+                "-w",
+                "/work",
+                "--hostname",
+                "box1",
+                "fixture:1",
+                "sh",
+                "-c",
+                "echo foo=$FOO fixture=$FIXTURE; pwd; hostname; id -u",
+            ],
+            None,
+        );
+        assert_code(&out, 0);
+        assert_eq!(out.stdout, "foo=bar fixture=1\n/work\nbox1\n0\n", "{out}");
+        let out = forkvm(
+            &store,
+            &["run", "--rm", "-u", "nobody", "fixture:1", "id", "-u"],
+            None,
+        );
+        assert_eq!(out.stdout, "65534\n", "{out}");
+
+        // The docker archive's image: whiteout and opaque directory from layer 2;
+        // the root is writable (a private layer) and the image's own file is there.
+        let out = forkvm(
+            &store,
+            &[
+                "run",
+                "--rm",
+                "fixture-docker",
+                "sh",
+                "-c",
+                "test -e /etc/removed-by-whiteout && echo present || echo absent; \
+                 ls /opaque; cat /hello.txt; echo w > /written && cat /written",
+            ],
+            None,
+        );
+        assert_code(&out, 0);
+        assert_eq!(
+            out.stdout, "absent\nnew.txt\nhello from layer 2\nw\n",
+            "{out}"
+        );
+
+        // stdin: 1 MiB piped through the VM intact.
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        let want = format!("{}\n", data.len());
+        let out = forkvm(
+            &store,
+            &["run", "--rm", "-i", "fixture:1", "wc", "-c"],
+            Some(data),
+        );
+        assert_code(&out, 0);
+        assert_eq!(out.stdout.trim_start(), want, "{out}");
+
+        // A terminal: the process's stdio is a pty.
+        let out = forkvm(
+            &store,
+            &[
+                "run",
+                "--rm",
+                "-t",
+                "fixture:1",
+                "sh",
+                "-c",
+                "test -t 1 && echo tty-yes",
+            ],
+            None,
+        );
+        assert_code(&out, 0);
+        assert!(out.stdout.contains("tty-yes"), "{out}");
+
+        // Ctrl-C (SIGINT to forkvm) reaches the process, which traps it.
+        let mut run = Forkvm::spawn_with(
+            &[
+                "run",
+                "--rm",
+                "fixture:1",
+                "sh",
+                "-c",
+                "trap 'echo got-int; exit 5' INT; echo ready; while true; do sleep 0.2; done",
+            ],
+            GUEST_TIMEOUT,
+            &[("FORKVM_STORE", store.as_os_str())],
+            None,
+        );
+        run.wait_for_stdout("ready");
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: kill(2) only sends a signal to the forkvm process.
+        unsafe { libc::kill(run.pid() as i32, libc::SIGINT) };
+        let out = run.finish();
+        assert_code(&out, 5);
+        assert!(out.stdout.contains("got-int"), "{out}");
+
+        // A command the image does not have: a clear error and 127, like podman.
+        let out = forkvm(&store, &["run", "--rm", "fixture:1", "nosuchcmd"], None);
+        assert_code(&out, 127);
+        assert!(
+            out.stderr.contains("nosuchcmd") && out.stderr.contains("not found"),
+            "{out}"
+        );
+    });
+}
+
+/// Bad input that needs no VM: a missing image and a corrupt layer, each a clear error,
+/// with the store unchanged.
+#[test]
+fn missing_images_and_corrupt_layers_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let out = forkvm(&store, &["run", "--rm", "no-such-image", "true"], None);
+    assert_code(&out, 125);
+    assert!(out.stderr.contains("no-such-image"), "{out}");
+    assert_eq!(out.stderr.trim().lines().count(), 1, "one line\n{out}");
+
+    let good = tmp.path().join("good");
+    fixtures::write_oci_layout(&good, "good:1").unwrap();
+    assert_code(
+        &forkvm(&store, &["load", "-i", good.to_str().unwrap()], None),
+        0,
+    );
+    let before = forkvm(&store, &["images", "-q", "--no-trunc"], None).stdout;
+
+    let bad = tmp.path().join("bad");
+    fixtures::write_oci_layout(&bad, "bad:1").unwrap();
+    let layer = fixtures::corrupt_layer(&bad).unwrap();
+    let out = forkvm(&store, &["load", "-i", bad.to_str().unwrap()], None);
+    assert_code(&out, 1);
+    assert!(
+        out.stderr.contains("digest") && out.stderr.contains(&layer),
+        "the error names the corrupt layer {layer}\n{out}"
+    );
+    let after = forkvm(&store, &["images", "-q", "--no-trunc"], None);
+    assert_eq!(after.stdout, before, "the store changed\n{after}");
+    let out = forkvm(&store, &["run", "bad:1", "true"], None);
+    assert_code(&out, 125);
+}

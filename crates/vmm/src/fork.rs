@@ -515,28 +515,10 @@ pub fn agent_call_timeout(
     req: &forkvm_agent::Request,
     timeout: Duration,
 ) -> Result<forkvm_agent::Response, String> {
-    use std::io::BufRead;
-    let mut conn =
-        UnixStream::connect(uds).map_err(|e| format!("connect {}: {e}", uds.display()))?;
+    use forkvm_agent::client;
+    let mut conn = client::connect_vsock(uds, forkvm_agent::AGENT_PORT, timeout)
+        .map_err(|e| format!("connect {}: {e}", uds.display()))?;
     conn.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    conn.write_all(format!("CONNECT {}\n", forkvm_agent::AGENT_PORT).as_bytes())
-        .map_err(|e| format!("handshake: {e}"))?;
-    let mut reader = std::io::BufReader::new(conn.try_clone().map_err(|e| e.to_string())?);
-    let mut line = String::new();
-    reader
-        .read_line(&mut line)
-        .map_err(|e| format!("handshake: {e}"))?;
-    if !line.starts_with("OK ") {
-        return Err(format!(
-            "the guest did not accept the connection ({line:?})"
-        ));
-    }
-    conn.write_all(forkvm_agent::protocol::to_line(req).as_bytes())
-        .map_err(|e| format!("send: {e}"))?;
-    line.clear();
-    reader
-        .read_line(&mut line)
-        .map_err(|e| format!("receive: {e}"))?;
-    serde_json::from_str(line.trim()).map_err(|e| format!("bad answer {line:?}: {e}"))
+    client::call(&mut conn, req).map_err(|e| format!("agent call: {e}"))
 }

@@ -147,12 +147,7 @@ fn load_oci_manifest(
     )?;
     let n = manifest.layers.len();
     for (i, layer) in manifest.layers.iter().enumerate() {
-        let layer_what = format!(
-            "layer {}/{n} ({}) of {}",
-            i + 1,
-            layer.digest,
-            src.origin().display()
-        );
+        let layer_what = crate::spec::layer_label(i, n, &layer.digest, src.origin().display());
         crate::spec::check_layer_media_type(&layer.media_type, &layer_what)?;
         copy_blob(src, staging, layer, &layer_what, progress)?;
     }
@@ -267,7 +262,7 @@ fn load_docker_archive(
         let n = entry.layers.len();
         let mut layers = Vec::with_capacity(n);
         for (i, name) in entry.layers.iter().enumerate() {
-            let layer_what = format!("layer {}/{n} ({name}) of {}", i + 1, src.origin().display());
+            let layer_what = crate::spec::layer_label(i, n, name, src.origin().display());
             let (reader, size) = src.open_member(name)?;
             let label = format!("Copying layer {}/{n}", i + 1);
             progress.step(&label);

@@ -182,12 +182,7 @@ impl Puller<'_> {
             .await?;
         let n = manifest.layers.len();
         for (i, layer) in manifest.layers.iter().enumerate() {
-            let layer_what = format!(
-                "layer {}/{n} ({}) of {}",
-                i + 1,
-                layer.digest,
-                self.reference
-            );
+            let layer_what = crate::spec::layer_label(i, n, &layer.digest, self.reference);
             check_layer_media_type(&layer.media_type, &layer_what)?;
             self.fetch_blob(layer, layer_what).await?;
         }

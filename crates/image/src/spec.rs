@@ -234,6 +234,11 @@ pub(crate) fn pick_platform(index: &Index) -> Option<&Descriptor> {
     }
 }
 
+/// How errors and progress name layer `i` (0-based) of `n`: `layer 2/3 (sha256:...) of SOURCE`.
+pub(crate) fn layer_label(i: usize, n: usize, id: &str, origin: impl std::fmt::Display) -> String {
+    format!("layer {}/{n} ({id}) of {origin}", i + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,963 @@
+//! OCI runtime bundles: reads `<bundle>/config.json` (runtime spec 1.x) and turns it into a
+//! [`ContainerPlan`], the part of the spec a forkvm VM can honour, or an error naming the
+//! file and field that it cannot.
+//!
+//! A container here is a whole VM, so the VM is the isolation boundary. Fields that only
+//! harden a process inside a shared kernel are safe to ignore (with a warning); fields
+//! that would make the container see or touch something on the host cannot be honoured
+//! and are refused.
+//!
+//! | Field | Handling | Why |
+//! |---|---|---|
+//! | `ociVersion` | must start with `1.` | the only major version this parser knows |
+//! | `root.path` | resolved against the bundle; must be a directory | the VM's root filesystem |
+//! | `root.readonly` | [`ContainerPlan::rootfs_readonly`] | |
+//! | `process.args`/`env`/`cwd`/`user`/`terminal`/`rlimits` | mapped to [`ProcessSpec`] | `cwd` must be absolute, `args` non-empty |
+//! | `process.user.umask`, `username` | warning | the guest agent applies neither |
+//! | `process.capabilities` beyond runc's default set | warning | the VM is the boundary; the guest agent grants its own set |
+//! | `process.apparmorProfile`, `selinuxLabel`, `linux.seccomp` | warning | host LSM/seccomp confinement does not apply inside a VM; the VM is the boundary |
+//! | `process.noNewPrivileges`, `oomScoreAdj`, `scheduler`, `ioPriority`, `execCPUAffinity` | ignored | per-process tuning inside the guest |
+//! | `hostname` | [`ContainerPlan::hostname`] | |
+//! | `mounts`: `/proc`, `/dev`, `/dev/pts`, `/dev/shm`, `/dev/mqueue`, `/sys`, `/sys/fs/cgroup`, any `tmpfs` | accepted silently | the guest agent mounts these itself |
+//! | `mounts`: bind of `/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf` | warning | the guest writes its own |
+//! | `mounts`: any other bind mount | **error** | host directories are not shared into the VM yet |
+//! | `mounts`: any other filesystem type | **error** | the guest cannot mount it |
+//! | `linux.namespaces` without `path` | warning | the VM gives every container all of its own namespaces |
+//! | `linux.namespaces` with `path` | **error** | joining a host namespace from inside a VM is impossible |
+//! | `linux.devices` | **error** | host device nodes cannot be passed into the VM |
+//! | `linux.uidMappings`/`gidMappings`, `sysctl` | warning | not applied in the guest |
+//! | `linux.resources.memory.limit` | [`ContainerPlan::mem_mib`] | rounded up to MiB, at least 128; absent or not positive (`-1`: unlimited) → 512 |
+//! | `linux.resources.cpu.quota`/`period` | [`ContainerPlan::vcpus`] | `ceil(quota / period)` (period defaults to 100 000 µs) |
+//! | `linux.resources.cpu.cpus` | [`ContainerPlan::vcpus`] | when there is no quota: the number of CPUs in the cpuset; else 1 |
+//! | other `linux.resources`, `cgroupsPath`, `maskedPaths`, `readonlyPaths`, `rootfsPropagation`, `mountLabel`, `annotations` | ignored | host cgroup/kernel details with no meaning inside the VM |
+//! | `hooks` (any) | **error** | hooks run host binaries against a container namespace that does not exist |
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use forkvm_agent::{ProcessSpec, Rlimit, User};
+use oci_spec::runtime::{Capability, Hooks, Linux, LinuxCapabilities, Mount, Process, Spec};
+
+/// The bundle's configuration file name, per the runtime spec.
+pub const CONFIG_FILE: &str = "config.json";
+/// Guest memory when the spec sets no (or an unlimited) memory limit.
+pub const DEFAULT_MEM_MIB: u64 = 512;
+/// The smallest guest memory a plan asks for; lower limits are raised to it.
+pub const MIN_MEM_MIB: u64 = 128;
+/// The CFS period the kernel uses when a spec sets a quota without one.
+const DEFAULT_CPU_PERIOD_US: u64 = 100_000;
+
+/// Mount destinations the guest agent sets up itself.
+const GUEST_MOUNTS: &[&str] = &[
+    "/proc",
+    "/dev",
+    "/dev/pts",
+    "/dev/shm",
+    "/dev/mqueue",
+    "/sys",
+    "/sys/fs/cgroup",
+];
+/// Bind-mounted files the guest writes its own version of.
+const GUEST_WRITTEN_FILES: &[&str] = &["/etc/hosts", "/etc/hostname", "/etc/resolv.conf"];
+
+/// What a forkvm VM runs for one OCI container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerPlan {
+    /// The container's root filesystem: absolute, resolved against the bundle.
+    pub rootfs: PathBuf,
+    /// `root.readonly`.
+    pub rootfs_readonly: bool,
+    /// The container's main process (`init` and `stdin` set).
+    pub process: ProcessSpec,
+    /// `hostname`, when set and non-empty.
+    pub hostname: Option<String>,
+    /// Virtual CPUs, from the CPU quota or cpuset.
+    pub vcpus: u8,
+    /// Guest memory in MiB, from the memory limit.
+    pub mem_mib: u64,
+    /// Parts of the spec that were ignored, one human-readable line each.
+    pub warnings: Vec<String>,
+}
+
+/// Why a bundle cannot run as a forkvm VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// The bundle directory or its `config.json` could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// `config.json` is not valid JSON or not a runtime spec.
+    #[error("{} is not a valid OCI runtime config: {source}", path.display())]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The cause.
+        source: serde_json::Error,
+    },
+    /// `ociVersion` is not a 1.x version.
+    #[error("{}: ociVersion {version:?} is not supported (expected 1.x)", path.display())]
+    UnsupportedVersion {
+        /// The config file.
+        path: PathBuf,
+        /// The version found.
+        version: String,
+    },
+    /// A required field is absent.
+    #[error("{}: {field} is missing", path.display())]
+    Missing {
+        /// The config file.
+        path: PathBuf,
+        /// The field, as a JSON path (`process.args`).
+        field: &'static str,
+    },
+    /// A field holds a value the spec or forkvm does not allow.
+    #[error("{}: {field}: {reason}", path.display())]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// The field, as a JSON path.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `root.path` is not a directory.
+    #[error("{}: root.path {}: not a directory", config.display(), rootfs.display())]
+    RootfsMissing {
+        /// The config file.
+        config: PathBuf,
+        /// The resolved root filesystem path.
+        rootfs: PathBuf,
+    },
+    /// A bind mount from the host.
+    #[error("mount {}: bind mounts from the host are not supported yet (source {})", destination.display(), host_path.display())]
+    BindMount {
+        /// Where the container would see it.
+        destination: PathBuf,
+        /// The host path (the mount's `source`).
+        host_path: PathBuf,
+    },
+    /// A mount of a filesystem type the guest cannot provide.
+    #[error("mount {}: filesystem type {fs_type:?} is not supported", destination.display())]
+    MountType {
+        /// Where the container would see it.
+        destination: PathBuf,
+        /// The `type` field (empty when absent).
+        fs_type: String,
+    },
+    /// A spec feature that cannot be honoured inside a VM.
+    #[error("{}: {field}: {reason}", path.display())]
+    Unsupported {
+        /// The config file.
+        path: PathBuf,
+        /// The field, as a JSON path.
+        field: String,
+        /// Why forkvm cannot honour it.
+        reason: &'static str,
+    },
+}
+
+/// Reads `<bundle>/config.json` and plans the VM for it.
+pub fn load(bundle: &Path) -> Result<ContainerPlan, BundleError> {
+    let bundle = bundle.canonicalize().map_err(|source| BundleError::Read {
+        path: bundle.to_owned(),
+        source,
+    })?;
+    let config = bundle.join(CONFIG_FILE);
+    let bytes = std::fs::read(&config).map_err(|source| BundleError::Read {
+        path: config.clone(),
+        source,
+    })?;
+    let spec: Spec = serde_json::from_slice(&bytes).map_err(|source| BundleError::Parse {
+        path: config.clone(),
+        source,
+    })?;
+    plan(&spec, &bundle, &config)
+}
+
+/// Plans the VM for an already parsed spec. `bundle` must be absolute; `config` names the
+/// file in errors.
+pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, BundleError> {
+    let mut planner = Planner {
+        config,
+        warnings: Vec::new(),
+    };
+    planner.check_version(spec.version())?;
+    let (rootfs, rootfs_readonly) = planner.rootfs(spec, bundle)?;
+    let process = planner.process(spec.process().as_ref())?;
+    if let Some(mounts) = spec.mounts() {
+        for mount in mounts {
+            planner.mount(mount)?;
+        }
+    }
+    if let Some(hooks) = spec.hooks() {
+        planner.hooks(hooks)?;
+    }
+    let (vcpus, mem_mib) = match spec.linux() {
+        Some(linux) => planner.linux(linux)?,
+        None => (1, DEFAULT_MEM_MIB),
+    };
+    let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
+    Ok(ContainerPlan {
+        rootfs,
+        rootfs_readonly,
+        process,
+        hostname,
+        vcpus,
+        mem_mib,
+        warnings: planner.warnings,
+    })
+}
+
+struct Planner<'a> {
+    config: &'a Path,
+    warnings: Vec<String>,
+}
+
+impl Planner<'_> {
+    fn missing(&self, field: &'static str) -> BundleError {
+        BundleError::Missing {
+            path: self.config.to_owned(),
+            field,
+        }
+    }
+
+    fn invalid(&self, field: impl Into<String>, reason: impl Into<String>) -> BundleError {
+        BundleError::Invalid {
+            path: self.config.to_owned(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn unsupported(&self, field: impl Into<String>, reason: &'static str) -> BundleError {
+        BundleError::Unsupported {
+            path: self.config.to_owned(),
+            field: field.into(),
+            reason,
+        }
+    }
+
+    fn check_version(&self, version: &str) -> Result<(), BundleError> {
+        if version.starts_with("1.") {
+            Ok(())
+        } else {
+            Err(BundleError::UnsupportedVersion {
+                path: self.config.to_owned(),
+                version: version.to_owned(),
+            })
+        }
+    }
+
+    fn rootfs(&self, spec: &Spec, bundle: &Path) -> Result<(PathBuf, bool), BundleError> {
+        let root = spec.root().as_ref().ok_or_else(|| self.missing("root"))?;
+        if root.path().as_os_str().is_empty() {
+            return Err(self.missing("root.path"));
+        }
+        let joined = bundle.join(root.path());
+        let rootfs = match joined.canonicalize() {
+            Ok(path) if path.is_dir() => path,
+            _ => {
+                return Err(BundleError::RootfsMissing {
+                    config: self.config.to_owned(),
+                    rootfs: joined,
+                });
+            }
+        };
+        Ok((rootfs, root.readonly().unwrap_or(false)))
+    }
+
+    fn process(&mut self, process: Option<&Process>) -> Result<ProcessSpec, BundleError> {
+        let process = process.ok_or_else(|| self.missing("process"))?;
+        let args = process
+            .args()
+            .clone()
+            .ok_or_else(|| self.missing("process.args"))?;
+        if args.is_empty() || args[0].is_empty() {
+            return Err(self.invalid("process.args", "must name a program"));
+        }
+        let cwd = process.cwd();
+        if !cwd.is_absolute() {
+            return Err(self.invalid(
+                "process.cwd",
+                format!("{} is not an absolute path", cwd.display()),
+            ));
+        }
+        let cwd = cwd
+            .to_str()
+            .ok_or_else(|| self.invalid("process.cwd", "is not valid UTF-8"))?
+            .to_owned();
+        let oci_user = process.user();
+        if oci_user.umask().is_some() {
+            self.warn("process.user.umask is not applied; the guest's default umask is used");
+        }
+        if oci_user.username().is_some() {
+            self.warn("process.user.username is ignored (it is for Windows); uid and gid are used");
+        }
+        let user = User {
+            uid: oci_user.uid(),
+            gid: oci_user.gid(),
+            additional_gids: oci_user.additional_gids().clone().unwrap_or_default(),
+            name: None,
+        };
+        let rlimits = process
+            .rlimits()
+            .iter()
+            .flatten()
+            .map(|r| Rlimit {
+                kind: r.typ().to_string(),
+                soft: r.soft(),
+                hard: r.hard(),
+            })
+            .collect();
+        if let Some(caps) = process.capabilities() {
+            self.capabilities(caps);
+        }
+        if process
+            .apparmor_profile()
+            .as_deref()
+            .is_some_and(|p| !p.is_empty())
+        {
+            self.warn("process.apparmorProfile is ignored: the VM, not an AppArmor profile, confines the container");
+        }
+        if process
+            .selinux_label()
+            .as_deref()
+            .is_some_and(|l| !l.is_empty())
+        {
+            self.warn("process.selinuxLabel is ignored: the VM, not an SELinux label, confines the container");
+        }
+        Ok(ProcessSpec {
+            args,
+            env: process.env().clone().unwrap_or_default(),
+            cwd,
+            user,
+            tty: process.terminal().unwrap_or(false),
+            stdin: true,
+            rlimits,
+            init: true,
+        })
+    }
+
+    fn capabilities(&mut self, caps: &LinuxCapabilities) {
+        let default: HashSet<Capability> = RUNC_DEFAULT_CAPABILITIES.iter().copied().collect();
+        let mut extra: Vec<String> = [
+            caps.bounding(),
+            caps.effective(),
+            caps.inheritable(),
+            caps.permitted(),
+            caps.ambient(),
+        ]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|cap| !default.contains(cap))
+        .map(|cap| format!("CAP_{cap}"))
+        .collect();
+        extra.sort();
+        extra.dedup();
+        if !extra.is_empty() {
+            self.warn(format!(
+                "process.capabilities beyond the default set are not applied ({}): the VM is the isolation boundary",
+                extra.join(", ")
+            ));
+        }
+    }
+
+    fn mount(&mut self, mount: &Mount) -> Result<(), BundleError> {
+        let destination = mount.destination();
+        let fs_type = mount.typ().as_deref().unwrap_or("");
+        let is_bind = fs_type == "bind"
+            || mount
+                .options()
+                .iter()
+                .flatten()
+                .any(|o| o == "bind" || o == "rbind");
+        if is_bind {
+            if GUEST_WRITTEN_FILES
+                .iter()
+                .any(|f| destination == Path::new(f))
+            {
+                self.warn(format!(
+                    "mount {}: the host's file is not used; the guest writes its own",
+                    destination.display()
+                ));
+                return Ok(());
+            }
+            return Err(BundleError::BindMount {
+                destination: destination.clone(),
+                host_path: mount.source().clone().unwrap_or_default(),
+            });
+        }
+        if fs_type == "tmpfs" || GUEST_MOUNTS.iter().any(|m| destination == Path::new(m)) {
+            return Ok(());
+        }
+        Err(BundleError::MountType {
+            destination: destination.clone(),
+            fs_type: fs_type.to_owned(),
+        })
+    }
+
+    #[allow(deprecated)] // `prestart` is deprecated in the spec, yet still honoured by runc.
+    fn hooks(&self, hooks: &Hooks) -> Result<(), BundleError> {
+        let kinds = [
+            ("hooks.prestart", hooks.prestart()),
+            ("hooks.createRuntime", hooks.create_runtime()),
+            ("hooks.createContainer", hooks.create_container()),
+            ("hooks.startContainer", hooks.start_container()),
+            ("hooks.poststart", hooks.poststart()),
+            ("hooks.poststop", hooks.poststop()),
+        ];
+        for (field, list) in kinds {
+            if list.as_ref().is_some_and(|l| !l.is_empty()) {
+                return Err(self.unsupported(
+                    field,
+                    "hooks are not supported: they run host programs against container namespaces that live inside the VM",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn linux(&mut self, linux: &Linux) -> Result<(u8, u64), BundleError> {
+        let mut kinds = Vec::new();
+        for ns in linux.namespaces().iter().flatten() {
+            if let Some(path) = ns.path() {
+                return Err(self.unsupported(
+                    format!("linux.namespaces[{}].path ({})", ns.typ(), path.display()),
+                    "joining an existing namespace is impossible from inside a VM",
+                ));
+            }
+            kinds.push(ns.typ().to_string());
+        }
+        if !kinds.is_empty() {
+            self.warn(format!(
+                "linux.namespaces ({}) are not created: the VM gives the container its own kernel",
+                kinds.join(", ")
+            ));
+        }
+        if linux.devices().as_ref().is_some_and(|d| !d.is_empty()) {
+            return Err(self.unsupported(
+                "linux.devices",
+                "host device nodes cannot be passed into the VM",
+            ));
+        }
+        if linux.seccomp().is_some() {
+            self.warn(
+                "linux.seccomp is ignored: the VM, not a seccomp filter, confines the container",
+            );
+        }
+        if linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty())
+            || linux.gid_mappings().as_ref().is_some_and(|m| !m.is_empty())
+        {
+            self.warn("linux.uidMappings/gidMappings are ignored: ids are the guest's own");
+        }
+        if linux.sysctl().as_ref().is_some_and(|s| !s.is_empty()) {
+            self.warn("linux.sysctl is not applied in the guest");
+        }
+        let resources = linux.resources().as_ref();
+        let mem_mib = self.mem_mib(
+            resources
+                .and_then(|r| r.memory().as_ref())
+                .and_then(|m| m.limit()),
+        );
+        let vcpus = match resources.and_then(|r| r.cpu().as_ref()) {
+            Some(cpu) => self.vcpus(cpu.quota(), cpu.period(), cpu.cpus().as_deref())?,
+            None => 1,
+        };
+        Ok((vcpus, mem_mib))
+    }
+
+    fn mem_mib(&mut self, limit: Option<i64>) -> u64 {
+        let Some(bytes) = limit.and_then(|l| u64::try_from(l).ok()).filter(|&l| l > 0) else {
+            return DEFAULT_MEM_MIB;
+        };
+        let mib = bytes.div_ceil(1 << 20);
+        if mib < MIN_MEM_MIB {
+            self.warn(format!(
+                "linux.resources.memory.limit ({bytes} bytes) raised to the minimum of {MIN_MEM_MIB} MiB"
+            ));
+            return MIN_MEM_MIB;
+        }
+        mib
+    }
+
+    fn vcpus(
+        &mut self,
+        quota: Option<i64>,
+        period: Option<u64>,
+        cpus: Option<&str>,
+    ) -> Result<u8, BundleError> {
+        let count = match quota.and_then(|q| u64::try_from(q).ok()).filter(|&q| q > 0) {
+            Some(quota) => {
+                let period = period.filter(|&p| p > 0).unwrap_or(DEFAULT_CPU_PERIOD_US);
+                quota.div_ceil(period)
+            }
+            None => match cpus.filter(|c| !c.trim().is_empty()) {
+                Some(set) => cpuset_count(set)
+                    .map_err(|reason| self.invalid("linux.resources.cpu.cpus", reason))?,
+                None => 1,
+            },
+        };
+        match u8::try_from(count) {
+            Ok(n) => Ok(n),
+            Err(_) => {
+                self.warn(format!(
+                    "linux.resources.cpu asks for {count} CPUs; capped at {} vCPUs",
+                    u8::MAX
+                ));
+                Ok(u8::MAX)
+            }
+        }
+    }
+
+    fn warn(&mut self, warning: impl Into<String>) {
+        self.warnings.push(warning.into());
+    }
+}
+
+/// The capabilities runc (and Docker, containerd) grant a container by default.
+const RUNC_DEFAULT_CAPABILITIES: &[Capability] = &[
+    Capability::AuditWrite,
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fowner,
+    Capability::Fsetid,
+    Capability::Kill,
+    Capability::Mknod,
+    Capability::NetBindService,
+    Capability::NetRaw,
+    Capability::Setfcap,
+    Capability::Setgid,
+    Capability::Setpcap,
+    Capability::Setuid,
+    Capability::SysChroot,
+];
+
+/// The number of distinct CPUs in a cpuset list such as `0-3,6`.
+fn cpuset_count(set: &str) -> Result<u64, String> {
+    let parse = |s: &str| {
+        s.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{set:?} is not a CPU list (like 0-3,6)"))
+    };
+    let mut cpus = HashSet::new();
+    for part in set.split(',') {
+        match part.split_once('-') {
+            Some((first, last)) => {
+                let (first, last) = (parse(first)?, parse(last)?);
+                if first > last {
+                    return Err(format!("{set:?}: range {first}-{last} is backwards"));
+                }
+                if last - first > 4096 {
+                    return Err(format!("{set:?}: range {first}-{last} is too large"));
+                }
+                cpus.extend(first..=last);
+            }
+            None => {
+                cpus.insert(parse(part)?);
+            }
+        }
+    }
+    Ok(cpus.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// A config as `runc spec` writes it, trimmed to what the tests touch.
+    fn runc_config() -> Value {
+        json!({
+            "ociVersion": "1.0.2-dev",
+            "process": {
+                "terminal": true,
+                "user": {"uid": 0, "gid": 0},
+                "args": ["sh"],
+                "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+                "cwd": "/",
+                "capabilities": {
+                    "bounding": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
+                    "effective": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
+                    "permitted": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
+                    "ambient": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+                },
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+                "noNewPrivileges": true
+            },
+            "root": {"path": "rootfs", "readonly": true},
+            "hostname": "runc",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+                {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+                {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+                {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
+            ],
+            "linux": {
+                "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+                "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}],
+                "maskedPaths": ["/proc/acpi", "/proc/kcore"],
+                "readonlyPaths": ["/proc/bus", "/proc/sys"]
+            }
+        })
+    }
+
+    struct Bundle {
+        dir: tempfile::TempDir,
+    }
+
+    impl Bundle {
+        fn new(config: &Value) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir(dir.path().join("rootfs")).unwrap();
+            std::fs::write(
+                dir.path().join(CONFIG_FILE),
+                serde_json::to_vec(config).unwrap(),
+            )
+            .unwrap();
+            Self { dir }
+        }
+
+        fn path(&self) -> &Path {
+            self.dir.path()
+        }
+
+        fn load(&self) -> Result<ContainerPlan, BundleError> {
+            load(self.path())
+        }
+    }
+
+    fn load_with(edit: impl FnOnce(&mut Value)) -> Result<ContainerPlan, BundleError> {
+        let mut config = runc_config();
+        edit(&mut config);
+        Bundle::new(&config).load()
+    }
+
+    fn err_with(edit: impl FnOnce(&mut Value)) -> String {
+        load_with(edit).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn runc_spec_default_plans() {
+        let bundle = Bundle::new(&runc_config());
+        let plan = bundle.load().unwrap();
+        assert_eq!(
+            plan.rootfs,
+            bundle.path().canonicalize().unwrap().join("rootfs")
+        );
+        assert!(plan.rootfs.is_absolute());
+        assert!(plan.rootfs_readonly);
+        assert_eq!(plan.hostname.as_deref(), Some("runc"));
+        assert_eq!(plan.vcpus, 1);
+        assert_eq!(plan.mem_mib, DEFAULT_MEM_MIB);
+        let p = &plan.process;
+        assert_eq!(p.args, ["sh"]);
+        assert_eq!(p.env.len(), 2);
+        assert_eq!(p.cwd, "/");
+        assert!(p.tty && p.stdin && p.init);
+        assert_eq!(p.user, User::default());
+        assert_eq!(
+            p.rlimits,
+            [Rlimit {
+                kind: "RLIMIT_NOFILE".into(),
+                soft: 1024,
+                hard: 1024
+            }]
+        );
+        // Only the namespaces line: default capabilities and standard mounts are silent.
+        assert_eq!(plan.warnings.len(), 1, "{:?}", plan.warnings);
+        assert!(plan.warnings[0].contains("linux.namespaces (pid, net, ipc, uts, mnt, cgroup)"));
+    }
+
+    #[test]
+    fn user_and_process_fields_map() {
+        let plan = load_with(|c| {
+            c["process"]["user"] =
+                json!({"uid": 1000, "gid": 100, "additionalGids": [10, 20], "umask": 18});
+            c["process"]["args"] = json!(["/bin/app", "--flag"]);
+            c["process"]["cwd"] = json!("/srv");
+            c["process"]["terminal"] = json!(false);
+            c["process"]["rlimits"] = json!([{"type": "RLIMIT_NPROC", "hard": 20, "soft": 10}]);
+        })
+        .unwrap();
+        let p = plan.process;
+        assert_eq!(p.args, ["/bin/app", "--flag"]);
+        assert_eq!(p.cwd, "/srv");
+        assert!(!p.tty);
+        assert_eq!(
+            p.user,
+            User {
+                uid: 1000,
+                gid: 100,
+                additional_gids: vec![10, 20],
+                name: None
+            }
+        );
+        assert_eq!(p.rlimits[0].kind, "RLIMIT_NPROC");
+        assert_eq!((p.rlimits[0].soft, p.rlimits[0].hard), (10, 20));
+        assert!(plan.warnings.iter().any(|w| w.contains("umask")));
+    }
+
+    #[test]
+    fn absolute_root_path_and_writable_root() {
+        let rootfs = tempfile::tempdir().unwrap();
+        let abs = rootfs.path().to_str().unwrap().to_owned();
+        let plan = load_with(|c| c["root"] = json!({"path": abs})).unwrap();
+        assert_eq!(plan.rootfs, rootfs.path().canonicalize().unwrap());
+        assert!(!plan.rootfs_readonly);
+    }
+
+    #[test]
+    fn empty_hostname_is_none() {
+        let plan = load_with(|c| c["hostname"] = json!("")).unwrap();
+        assert_eq!(plan.hostname, None);
+        let plan = load_with(|c| {
+            c.as_object_mut()
+                .unwrap()
+                .remove("hostname")
+                .map(drop)
+                .unwrap()
+        })
+        .unwrap();
+        assert_eq!(plan.hostname, None);
+    }
+
+    #[test]
+    fn memory_limit() {
+        let mem = |limit: Value| {
+            load_with(|c| c["linux"]["resources"]["memory"] = json!({"limit": limit}))
+                .unwrap()
+                .mem_mib
+        };
+        assert_eq!(mem(json!(1024 * 1024 * 1024)), 1024);
+        assert_eq!(mem(json!(256 * 1024 * 1024 + 1)), 257, "rounds up");
+        assert_eq!(mem(json!(64 * 1024 * 1024)), MIN_MEM_MIB);
+        assert_eq!(mem(json!(1)), MIN_MEM_MIB);
+        assert_eq!(mem(json!(-1)), DEFAULT_MEM_MIB);
+        assert_eq!(mem(json!(0)), DEFAULT_MEM_MIB);
+        let plan =
+            load_with(|c| c["linux"]["resources"]["memory"] = json!({"limit": 1 << 20})).unwrap();
+        assert!(plan
+            .warnings
+            .iter()
+            .any(|w| w.contains("minimum of 128 MiB")));
+    }
+
+    #[test]
+    fn no_linux_section_defaults() {
+        let plan = load_with(|c| drop(c.as_object_mut().unwrap().remove("linux"))).unwrap();
+        assert_eq!((plan.vcpus, plan.mem_mib), (1, DEFAULT_MEM_MIB));
+        assert!(plan.warnings.is_empty());
+    }
+
+    #[test]
+    fn vcpus_from_quota_and_cpuset() {
+        let vcpus = |cpu: Value| {
+            load_with(|c| c["linux"]["resources"]["cpu"] = cpu)
+                .unwrap()
+                .vcpus
+        };
+        assert_eq!(vcpus(json!({"quota": 200000, "period": 100000})), 2);
+        assert_eq!(
+            vcpus(json!({"quota": 150000, "period": 100000})),
+            2,
+            "rounds up"
+        );
+        assert_eq!(vcpus(json!({"quota": 50000, "period": 100000})), 1);
+        assert_eq!(vcpus(json!({"quota": 300000})), 3, "default period");
+        assert_eq!(vcpus(json!({"quota": -1, "cpus": "0-3"})), 4);
+        assert_eq!(vcpus(json!({"cpus": "0-3,6,8-9"})), 7);
+        assert_eq!(
+            vcpus(json!({"cpus": "1,1,1-2"})),
+            2,
+            "duplicates count once"
+        );
+        assert_eq!(
+            vcpus(json!({"quota": 100000, "period": 100000, "cpus": "0-7"})),
+            1,
+            "quota wins"
+        );
+        assert_eq!(vcpus(json!({"shares": 1024})), 1);
+        assert_eq!(
+            vcpus(json!({"quota": 1000 * 100000, "period": 100000})),
+            255
+        );
+        let e = err_with(|c| c["linux"]["resources"]["cpu"] = json!({"cpus": "0-x"}));
+        assert!(e.contains("linux.resources.cpu.cpus"), "{e}");
+        let e = err_with(|c| c["linux"]["resources"]["cpu"] = json!({"cpus": "3-1"}));
+        assert!(e.contains("backwards"), "{e}");
+    }
+
+    #[test]
+    fn mounts() {
+        let add = |m: Value| move |c: &mut Value| c["mounts"].as_array_mut().unwrap().push(m);
+        // tmpfs anywhere: silent.
+        let plan = load_with(add(
+            json!({"destination": "/run", "type": "tmpfs", "source": "tmpfs"}),
+        ))
+        .unwrap();
+        assert_eq!(plan.warnings.len(), 1);
+        // Files the guest writes itself: a warning each.
+        for file in GUEST_WRITTEN_FILES {
+            let plan = load_with(add(json!({"destination": file, "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind", "rprivate"]}))).unwrap();
+            assert!(
+                plan.warnings
+                    .iter()
+                    .any(|w| w.contains(file) && w.contains("guest writes its own")),
+                "{:?}",
+                plan.warnings
+            );
+        }
+        // Other binds, spelled as a type or as an option: refused.
+        let e = err_with(add(
+            json!({"destination": "/data", "type": "bind", "source": "/srv/data"}),
+        ));
+        assert_eq!(
+            e,
+            "mount /data: bind mounts from the host are not supported yet (source /srv/data)"
+        );
+        let e = err_with(add(
+            json!({"destination": "/data", "type": "none", "source": "/srv/data", "options": ["rbind", "ro"]}),
+        ));
+        assert!(e.contains("bind mounts from the host"), "{e}");
+        let e = err_with(add(
+            json!({"destination": "/mnt", "type": "nfs", "source": "server:/x"}),
+        ));
+        assert_eq!(e, r#"mount /mnt: filesystem type "nfs" is not supported"#);
+    }
+
+    #[test]
+    fn hardening_fields_warn() {
+        let plan = load_with(|c| {
+            c["process"]["apparmorProfile"] = json!("docker-default");
+            c["process"]["selinuxLabel"] = json!("system_u:system_r:container_t:s0");
+            c["process"]["capabilities"]["bounding"] =
+                json!(["CAP_CHOWN", "CAP_SYS_ADMIN", "CAP_NET_ADMIN"]);
+            c["process"]["capabilities"]["effective"] = json!(["CAP_SYS_ADMIN"]);
+            c["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": []});
+            c["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1"});
+            c["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 1000, "size": 1}]);
+        })
+        .unwrap();
+        let w = plan.warnings.join("\n");
+        for needle in [
+            "apparmorProfile",
+            "selinuxLabel",
+            "linux.seccomp",
+            "linux.sysctl",
+            "uidMappings",
+            "(CAP_NET_ADMIN, CAP_SYS_ADMIN)",
+        ] {
+            assert!(w.contains(needle), "{needle} not in {w}");
+        }
+        assert!(!w.contains("CAP_CHOWN"));
+    }
+
+    #[test]
+    fn unsupported_fields_are_errors() {
+        let e = err_with(|c| c["hooks"] = json!({"prestart": [{"path": "/usr/bin/netns-hook"}]}));
+        assert!(
+            e.contains("hooks.prestart") && e.contains("not supported"),
+            "{e}"
+        );
+        let e = err_with(|c| c["hooks"] = json!({"poststop": [{"path": "/bin/true"}]}));
+        assert!(e.contains("hooks.poststop"), "{e}");
+        // Empty hook lists are harmless.
+        load_with(|c| c["hooks"] = json!({"prestart": []})).unwrap();
+        let e = err_with(|c| {
+            c["linux"]["namespaces"] = json!([{"type": "network", "path": "/var/run/netns/x"}])
+        });
+        assert!(
+            e.contains("linux.namespaces[net].path (/var/run/netns/x)"),
+            "{e}"
+        );
+        let e = err_with(|c| {
+            c["linux"]["devices"] =
+                json!([{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}])
+        });
+        assert!(e.contains("linux.devices"), "{e}");
+        load_with(|c| c["linux"]["devices"] = json!([])).unwrap();
+    }
+
+    #[test]
+    fn bad_process() {
+        let e = err_with(|c| drop(c.as_object_mut().unwrap().remove("process")));
+        assert!(e.ends_with("config.json: process is missing"), "{e}");
+        let e = err_with(|c| drop(c["process"].as_object_mut().unwrap().remove("args")));
+        assert!(e.ends_with("process.args is missing"), "{e}");
+        let e = err_with(|c| c["process"]["args"] = json!([]));
+        assert!(e.contains("process.args: must name a program"), "{e}");
+        let e = err_with(|c| c["process"]["cwd"] = json!("srv"));
+        assert!(
+            e.contains("process.cwd: srv is not an absolute path"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_root() {
+        let e = err_with(|c| drop(c.as_object_mut().unwrap().remove("root")));
+        assert!(e.ends_with("config.json: root is missing"), "{e}");
+        let e = err_with(|c| c["root"]["path"] = json!("nope"));
+        assert!(
+            e.contains("root.path") && e.contains("nope: not a directory"),
+            "{e}"
+        );
+        // A file is not a root filesystem.
+        let bundle = Bundle::new(&{
+            let mut c = runc_config();
+            c["root"]["path"] = json!("config.json");
+            c
+        });
+        assert!(matches!(
+            bundle.load(),
+            Err(BundleError::RootfsMissing { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_version() {
+        for version in ["0.1.0", "2.0.0", ""] {
+            let e = err_with(|c| c["ociVersion"] = json!(version));
+            assert!(e.contains("is not supported (expected 1.x)"), "{e}");
+        }
+        load_with(|c| c["ociVersion"] = json!("1.2.0")).unwrap();
+    }
+
+    #[test]
+    fn bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = load(dir.path()).unwrap_err();
+        assert!(matches!(e, BundleError::Read { .. }));
+        assert!(e.to_string().contains("config.json"), "{e}");
+        let e = load(&dir.path().join("missing-bundle")).unwrap_err();
+        assert!(e.to_string().contains("missing-bundle"), "{e}");
+        std::fs::write(dir.path().join(CONFIG_FILE), "{not json").unwrap();
+        let e = load(dir.path()).unwrap_err();
+        assert!(matches!(e, BundleError::Parse { .. }));
+        assert!(
+            e.to_string()
+                .contains("config.json is not a valid OCI runtime config"),
+            "{e}"
+        );
+        // Valid JSON, wrong shape.
+        std::fs::write(dir.path().join(CONFIG_FILE), r#"{"ociVersion": 1}"#).unwrap();
+        assert!(matches!(load(dir.path()), Err(BundleError::Parse { .. })));
+    }
+
+    #[test]
+    fn cpuset_parsing() {
+        assert_eq!(cpuset_count("0"), Ok(1));
+        assert_eq!(cpuset_count(" 0 - 1 , 4 "), Ok(3));
+        assert!(cpuset_count("").is_err());
+        assert!(cpuset_count("0-100000").is_err());
+        assert!(cpuset_count("a").is_err());
+    }
+}

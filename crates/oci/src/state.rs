@@ -1,0 +1,1 @@
+//! Per-container runtime state (in progress).

@@ -1,1 +1,833 @@
-//! Per-container runtime state (in progress).
+//! The runtime's per-container state: one directory per container under a root
+//! (`--root`, default [`DEFAULT_ROOT`]) holding `state.json` (a [`ContainerState`]) and a
+//! lock file.
+//!
+//! * Every write goes to a temporary file in the container's directory, is fsynced and
+//!   renamed over `state.json`, so a reader sees the old state or the new one, never half.
+//! * Read-modify-write ([`StateStore::update`], [`StateStore::remove`]) holds an exclusive
+//!   `flock` on `<root>/<id>/lock` (see [`StateStore::lock`]), so two runtime invocations
+//!   on one container serialize.
+//! * [`StateStore::create`] creates the directory with `mkdir`, which fails when the id is
+//!   taken: two concurrent `create`s of one id cannot both succeed.
+//! * The status follows the runtime spec's lifecycle, `creating → created → running →
+//!   stopped`, enforced by [`ContainerState::transition`].
+//! * A container's `pid` is the host process whose lifetime is the container's. It is
+//!   recorded with its start time from `/proc/<pid>/stat`; when that process is gone, a
+//!   zombie, or the pid now names another process (pid reuse: the start time differs), the
+//!   container counts as stopped ([`ContainerState::refresh`], applied by `load`/`list`).
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the runtime keeps its state when `--root` is not given.
+pub const DEFAULT_ROOT: &str = "/run/forkvm-runtime";
+/// The runtime spec version reported in [`ContainerState::to_runtime_spec_json`].
+pub const OCI_VERSION: &str = "1.2.0";
+/// The longest container id: it names a directory, so it must fit in `NAME_MAX`.
+pub const MAX_ID_LEN: usize = 255;
+
+const STATE_FILE: &str = "state.json";
+const LOCK_FILE: &str = "lock";
+
+/// A container's lifecycle status, as the runtime spec names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Being created: `create` has not finished.
+    Creating,
+    /// Created, the user's program not started yet.
+    Created,
+    /// The user's program runs.
+    Running,
+    /// The container's process has exited (or never will run).
+    Stopped,
+}
+
+impl Status {
+    /// The spec's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Creating => "creating",
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the runtime records about one container (`<root>/<id>/state.json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerState {
+    /// The container id, unique under the root.
+    pub id: String,
+    /// The bundle directory (absolute).
+    pub bundle: PathBuf,
+    /// The host process whose lifetime is the container's (the VM's monitor process).
+    pub pid: Option<i32>,
+    /// `pid`'s start time in clock ticks since boot (`/proc/<pid>/stat` field 22), to tell
+    /// it from a later process that reuses the pid.
+    pub pid_start_time: Option<u64>,
+    /// Lifecycle status.
+    pub status: Status,
+    /// When `create` began.
+    pub created: SystemTime,
+    /// The bundle's `annotations`.
+    pub annotations: BTreeMap<String, String>,
+    /// The forkvm VM running the container, once there is one.
+    pub vm_id: Option<String>,
+    /// The container process's exit code, once stopped and known.
+    pub exit_code: Option<i32>,
+    /// For a container forked from another: the parent container's id.
+    pub parent: Option<String>,
+}
+
+impl ContainerState {
+    /// A container being created now, with no process yet.
+    pub fn new(id: impl Into<String>, bundle: impl Into<PathBuf>) -> Self {
+        Self {
+            id: id.into(),
+            bundle: bundle.into(),
+            pid: None,
+            pid_start_time: None,
+            status: Status::Creating,
+            created: SystemTime::now(),
+            annotations: BTreeMap::new(),
+            vm_id: None,
+            exit_code: None,
+            parent: None,
+        }
+    }
+
+    /// Records `pid` as the container's process, with its current start time.
+    pub fn record_pid(&mut self, pid: i32) -> Result<(), StateError> {
+        let stat = ProcStat::read(pid).ok_or(StateError::NoSuchProcess { pid })?;
+        self.pid = Some(pid);
+        self.pid_start_time = Some(stat.start_time);
+        Ok(())
+    }
+
+    /// Moves to `to` along the runtime spec's lifecycle: `creating → created → running`,
+    /// and to `stopped` from any other status.
+    pub fn transition(&mut self, to: Status) -> Result<(), StateError> {
+        use Status::*;
+        let allowed = matches!(
+            (self.status, to),
+            (Creating, Created) | (Created, Running) | (Creating | Created | Running, Stopped)
+        );
+        if !allowed {
+            return Err(StateError::InvalidTransition {
+                id: self.id.clone(),
+                from: self.status,
+                to,
+            });
+        }
+        self.status = to;
+        Ok(())
+    }
+
+    /// Whether the recorded process still runs: it exists, is not a zombie, and (when a
+    /// start time was recorded) started when the recorded one did.
+    pub fn process_alive(&self) -> bool {
+        let Some(pid) = self.pid else { return false };
+        match ProcStat::read(pid) {
+            Some(stat) => {
+                !stat.is_zombie() && self.pid_start_time.is_none_or(|t| t == stat.start_time)
+            }
+            None => false,
+        }
+    }
+
+    /// Marks the container stopped when its recorded process is gone. A container still
+    /// `creating` without a pid is left alone. Returns whether the status changed.
+    pub fn refresh(&mut self) -> bool {
+        let live_status = matches!(
+            self.status,
+            Status::Creating | Status::Created | Status::Running
+        );
+        if live_status && self.pid.is_some() && !self.process_alive() {
+            self.status = Status::Stopped;
+            return true;
+        }
+        false
+    }
+
+    /// The runtime spec's state object, as `runc state` prints it: `ociVersion`, `id`,
+    /// `status`, `pid` (omitted when stopped or not yet known), `bundle`, `annotations`.
+    pub fn to_runtime_spec_json(&self) -> serde_json::Value {
+        let mut state = serde_json::json!({
+            "ociVersion": OCI_VERSION,
+            "id": self.id,
+            "status": self.status.as_str(),
+            "bundle": self.bundle,
+            "annotations": self.annotations,
+        });
+        if let Some(pid) = self.pid.filter(|_| self.status != Status::Stopped) {
+            state["pid"] = pid.into();
+        }
+        state
+    }
+
+    /// `created` as RFC 3339 in UTC (`2024-01-31T12:00:00.123456789Z`), the form `runc
+    /// state` and containerd use.
+    pub fn created_rfc3339(&self) -> String {
+        rfc3339(self.created)
+    }
+}
+
+/// Why a state operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The id does not match runc's `^[\w+-\.]+$` (or is `.`, `..`, or too long).
+    #[error(
+        "invalid container id {id:?}: use 1 to {MAX_ID_LEN} letters, digits, '_', '+', ',', '-' or '.'"
+    )]
+    InvalidId {
+        /// The rejected id.
+        id: String,
+    },
+    /// `create` of an id already in use.
+    #[error("container {id:?} already exists")]
+    AlreadyExists {
+        /// The id.
+        id: String,
+    },
+    /// No container with that id.
+    #[error("container {id:?} does not exist")]
+    NotFound {
+        /// The id.
+        id: String,
+    },
+    /// A status change the lifecycle does not allow.
+    #[error("container {id:?} is {from}; it cannot become {to}")]
+    InvalidTransition {
+        /// The container.
+        id: String,
+        /// Its status.
+        from: Status,
+        /// The refused status.
+        to: Status,
+    },
+    /// `record_pid` of a process that does not exist.
+    #[error("process {pid} does not exist")]
+    NoSuchProcess {
+        /// The pid.
+        pid: i32,
+    },
+    /// A file system operation on the state directory failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// `state.json` is not a valid state.
+    #[error("{} is corrupt: {source}", path.display())]
+    Corrupt {
+        /// The state file.
+        path: PathBuf,
+        /// The cause.
+        source: serde_json::Error,
+    },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Checks a container id the way runc does: `^[\w+-\.]+$` (letters, digits, `_`, and the
+/// range `+`..`.`, that is `+ , - .`), not `.` or `..`, at most [`MAX_ID_LEN`] bytes.
+pub fn validate_id(id: &str) -> Result<(), StateError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'+' | b',' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StateError::InvalidId { id: id.to_owned() })
+    }
+}
+
+/// The state directory: one subdirectory per container.
+#[derive(Clone, Debug)]
+pub struct StateStore {
+    root: PathBuf,
+}
+
+/// An exclusive lock on one container's state; released on drop.
+#[derive(Debug)]
+pub struct ContainerLock {
+    _file: File,
+}
+
+impl StateStore {
+    /// Opens the state root, creating it (mode 0700) when absent.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StateError> {
+        let root = root.into();
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode_0700()
+            .create(&root)
+            .map_err(io_error(&root))?;
+        Ok(Self { root })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory holding container `id`'s files.
+    pub fn container_dir(&self, id: &str) -> Result<PathBuf, StateError> {
+        validate_id(id)?;
+        Ok(self.root.join(id))
+    }
+
+    /// Records a new container. Fails with [`StateError::AlreadyExists`] when the id is in
+    /// use, even by a `create` racing this one.
+    pub fn create(&self, state: &ContainerState) -> Result<(), StateError> {
+        let dir = self.container_dir(&state.id)?;
+        match fs::DirBuilder::new().mode_0700().create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(StateError::AlreadyExists {
+                    id: state.id.clone(),
+                });
+            }
+            Err(e) => return Err(io_error(&dir)(e)),
+        }
+        let _lock = self.lock(&state.id)?;
+        write_atomically(&dir, state)
+    }
+
+    /// Takes the exclusive lock on container `id`, blocking until it is free.
+    pub fn lock(&self, id: &str) -> Result<ContainerLock, StateError> {
+        let dir = self.container_dir(id)?;
+        let path = dir.join(LOCK_FILE);
+        let file = match OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StateError::NotFound { id: id.to_owned() });
+            }
+            Err(e) => return Err(io_error(&path)(e)),
+        };
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io_error(&path)(e.into()))?;
+        Ok(ContainerLock { _file: file })
+    }
+
+    /// Container `id`'s state, with [`ContainerState::refresh`] applied (not written back).
+    pub fn load(&self, id: &str) -> Result<ContainerState, StateError> {
+        let mut state = self.load_raw(id)?;
+        state.refresh();
+        Ok(state)
+    }
+
+    fn load_raw(&self, id: &str) -> Result<ContainerState, StateError> {
+        let path = self.container_dir(id)?.join(STATE_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StateError::NotFound { id: id.to_owned() });
+            }
+            Err(e) => return Err(io_error(&path)(e)),
+        };
+        serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt { path, source })
+    }
+
+    /// Read-modify-write under the container's lock: loads (refreshed), applies `change`,
+    /// and writes the result atomically. When `change` fails nothing is written.
+    pub fn update<T>(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut ContainerState) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        let _lock = self.lock(id)?;
+        let mut state = self.load(id)?;
+        let out = change(&mut state)?;
+        write_atomically(&self.root.join(id), &state)?;
+        Ok(out)
+    }
+
+    /// Every container under the root, by id, each refreshed. Directories that are not
+    /// (yet) containers, such as one whose `create` is half done, are skipped.
+    pub fn list(&self) -> Result<Vec<ContainerState>, StateError> {
+        let mut states = Vec::new();
+        for entry in fs::read_dir(&self.root).map_err(io_error(&self.root))? {
+            let entry = entry.map_err(io_error(&self.root))?;
+            let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if validate_id(&id).is_err() || !entry.path().join(STATE_FILE).is_file() {
+                continue;
+            }
+            match self.load(&id) {
+                Ok(state) => states.push(state),
+                // Removed between read_dir and load.
+                Err(StateError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        states.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(states)
+    }
+
+    /// Deletes container `id`'s state, under its lock.
+    pub fn remove(&self, id: &str) -> Result<(), StateError> {
+        let dir = self.container_dir(id)?;
+        let _lock = self.lock(id)?;
+        if !dir.join(STATE_FILE).exists() {
+            return Err(StateError::NotFound { id: id.to_owned() });
+        }
+        fs::remove_dir_all(&dir).map_err(io_error(&dir))
+    }
+}
+
+/// `DirBuilder::mode` without importing the Unix extension trait at every call.
+trait DirBuilderExt {
+    fn mode_0700(&mut self) -> &mut Self;
+}
+
+impl DirBuilderExt for fs::DirBuilder {
+    fn mode_0700(&mut self) -> &mut Self {
+        std::os::unix::fs::DirBuilderExt::mode(self, 0o700)
+    }
+}
+
+/// Writes `state` to `<dir>/state.json`: temporary file, fsync, rename, fsync the directory.
+fn write_atomically(dir: &Path, state: &ContainerState) -> Result<(), StateError> {
+    let path = dir.join(STATE_FILE);
+    let mut json = serde_json::to_vec_pretty(state).map_err(|source| StateError::Corrupt {
+        path: path.clone(),
+        source,
+    })?;
+    json.push(b'\n');
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".state.json.")
+        .tempfile_in(dir)
+        .map_err(io_error(dir))?;
+    tmp.write_all(&json).map_err(io_error(tmp.path()))?;
+    tmp.as_file().sync_all().map_err(io_error(tmp.path()))?;
+    tmp.persist(&path).map_err(|e| io_error(&path)(e.error))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))
+}
+
+/// The fields of `/proc/<pid>/stat` liveness needs.
+struct ProcStat {
+    state: u8,
+    start_time: u64,
+}
+
+impl ProcStat {
+    fn read(pid: i32) -> Option<Self> {
+        if pid <= 0 {
+            return None;
+        }
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        Self::parse(&stat)
+    }
+
+    /// `pid (comm) state ppid ...`: `comm` may hold spaces and parentheses, so fields are
+    /// counted from the last `)`. `state` is field 3, `starttime` field 22.
+    fn parse(stat: &str) -> Option<Self> {
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let mut fields = rest.split_ascii_whitespace();
+        let state = *fields.next()?.as_bytes().first()?;
+        let start_time = fields.nth(22 - 4)?.parse().ok()?;
+        Some(Self { state, start_time })
+    }
+
+    fn is_zombie(&self) -> bool {
+        matches!(self.state, b'Z' | b'X' | b'x')
+    }
+}
+
+/// Formats a time as RFC 3339 in UTC with nanoseconds.
+fn rfc3339(time: SystemTime) -> String {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_nanos()
+    )
+}
+
+/// Days since 1970-01-01 to a (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc};
+    use std::time::Duration;
+
+    fn store() -> (tempfile::TempDir, StateStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path().join("root")).unwrap();
+        (dir, store)
+    }
+
+    fn full_state(id: &str) -> ContainerState {
+        let mut state = ContainerState::new(id, "/srv/bundles/web");
+        state
+            .annotations
+            .insert("io.kubernetes.cri.sandbox-id".into(), "abc".into());
+        state.vm_id = Some("vm-1234".into());
+        state.exit_code = Some(3);
+        state.parent = Some("parent-ctr".into());
+        state.record_pid(std::process::id() as i32).unwrap();
+        state
+    }
+
+    #[test]
+    fn ids_like_runc() {
+        for id in [
+            "a",
+            "web-1",
+            "a.b_c+d,e-f",
+            &"f".repeat(64),
+            &"x".repeat(MAX_ID_LEN),
+        ] {
+            validate_id(id).unwrap();
+        }
+        for id in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "../x",
+            "a b",
+            "ü",
+            "a:b",
+            "a\0",
+            &"x".repeat(MAX_ID_LEN + 1),
+        ] {
+            let e = validate_id(id).unwrap_err();
+            assert!(matches!(e, StateError::InvalidId { .. }), "{id:?}");
+        }
+        let (_dir, store) = store();
+        assert!(matches!(
+            store.create(&ContainerState::new("a/b", "/b")),
+            Err(StateError::InvalidId { .. })
+        ));
+        assert!(matches!(
+            store.load("../etc"),
+            Err(StateError::InvalidId { .. })
+        ));
+    }
+
+    #[test]
+    fn create_load_round_trip() {
+        let (_dir, store) = store();
+        let state = full_state("web");
+        store.create(&state).unwrap();
+        assert_eq!(store.load("web").unwrap(), state);
+        let dir = store.container_dir("web").unwrap();
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["lock", "state.json"],
+            "no temporary files left behind"
+        );
+    }
+
+    #[test]
+    fn create_refuses_existing_id() {
+        let (_dir, store) = store();
+        store.create(&ContainerState::new("x", "/b")).unwrap();
+        let e = store
+            .create(&ContainerState::new("x", "/other"))
+            .unwrap_err();
+        assert_eq!(e.to_string(), r#"container "x" already exists"#);
+        assert_eq!(store.load("x").unwrap().bundle, Path::new("/b"));
+    }
+
+    #[test]
+    fn missing_container_is_not_found() {
+        let (_dir, store) = store();
+        let e = store.load("ghost").unwrap_err();
+        assert_eq!(e.to_string(), r#"container "ghost" does not exist"#);
+        assert!(matches!(
+            store.remove("ghost"),
+            Err(StateError::NotFound { .. })
+        ));
+        assert!(matches!(
+            store.update("ghost", |_| Ok(())),
+            Err(StateError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn corrupt_state_is_reported() {
+        let (_dir, store) = store();
+        store.create(&ContainerState::new("c", "/b")).unwrap();
+        let path = store.container_dir("c").unwrap().join(STATE_FILE);
+        fs::write(&path, "{\"id\": ").unwrap();
+        let e = store.load("c").unwrap_err();
+        assert!(matches!(e, StateError::Corrupt { .. }));
+        assert!(e.to_string().contains("state.json is corrupt"), "{e}");
+        assert!(store.list().is_err());
+    }
+
+    #[test]
+    fn update_writes_and_failed_update_does_not() {
+        let (_dir, store) = store();
+        store.create(&ContainerState::new("u", "/b")).unwrap();
+        let got = store
+            .update("u", |s| {
+                s.transition(Status::Created)?;
+                s.vm_id = Some("vm-9".into());
+                Ok(7)
+            })
+            .unwrap();
+        assert_eq!(got, 7);
+        let state = store.load("u").unwrap();
+        assert_eq!(state.status, Status::Created);
+        assert_eq!(state.vm_id.as_deref(), Some("vm-9"));
+        let e = store
+            .update("u", |s| {
+                s.vm_id = None;
+                s.transition(Status::Creating)
+            })
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"container "u" is created; it cannot become creating"#
+        );
+        assert_eq!(store.load("u").unwrap().vm_id.as_deref(), Some("vm-9"));
+    }
+
+    #[test]
+    fn list_and_remove() {
+        let (_dir, store) = store();
+        for id in ["b", "a", "c"] {
+            store.create(&ContainerState::new(id, "/b")).unwrap();
+        }
+        // Not containers: a stray file, a half-created directory, a bad name.
+        fs::write(store.root().join("stray"), "").unwrap();
+        fs::create_dir(store.root().join("half")).unwrap();
+        fs::create_dir(store.root().join("bad name")).unwrap();
+        let ids: Vec<_> = store.list().unwrap().into_iter().map(|s| s.id).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        store.remove("b").unwrap();
+        assert!(!store.root().join("b").exists());
+        assert!(matches!(store.load("b"), Err(StateError::NotFound { .. })));
+        let ids: Vec<_> = store.list().unwrap().into_iter().map(|s| s.id).collect();
+        assert_eq!(ids, ["a", "c"]);
+        // The id is free again.
+        store.create(&ContainerState::new("b", "/b2")).unwrap();
+    }
+
+    #[test]
+    fn lock_serializes_read_modify_write() {
+        let (_dir, store) = store();
+        store.create(&ContainerState::new("l", "/b")).unwrap();
+        let guard = store.lock("l").unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let (started_tx, started_rx) = mpsc::channel();
+        let worker = {
+            let (store, done) = (store.clone(), Arc::clone(&done));
+            std::thread::spawn(move || {
+                started_tx.send(()).unwrap();
+                store
+                    .update("l", |s| s.transition(Status::Created))
+                    .unwrap();
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        started_rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "update ran while the lock was held"
+        );
+        drop(guard);
+        worker.join().unwrap();
+        assert!(done.load(Ordering::SeqCst));
+        assert_eq!(store.load("l").unwrap().status, Status::Created);
+    }
+
+    #[test]
+    fn lifecycle_transitions() {
+        use Status::*;
+        let all = [Creating, Created, Running, Stopped];
+        let allowed = [
+            (Creating, Created),
+            (Created, Running),
+            (Creating, Stopped),
+            (Created, Stopped),
+            (Running, Stopped),
+        ];
+        for from in all {
+            for to in all {
+                let mut s = ContainerState::new("t", "/b");
+                s.status = from;
+                let r = s.transition(to);
+                assert_eq!(r.is_ok(), allowed.contains(&(from, to)), "{from} -> {to}");
+                assert_eq!(s.status, if r.is_ok() { to } else { from });
+            }
+        }
+    }
+
+    #[test]
+    fn runtime_spec_state_object() {
+        let mut state = full_state("web");
+        state.status = Status::Running;
+        let json = state.to_runtime_spec_json();
+        let obj = json.as_object().unwrap();
+        let mut keys: Vec<_> = obj.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["annotations", "bundle", "id", "ociVersion", "pid", "status"]
+        );
+        assert_eq!(json["ociVersion"], OCI_VERSION);
+        assert_eq!(json["id"], "web");
+        assert_eq!(json["status"], "running");
+        assert_eq!(json["pid"], std::process::id());
+        assert_eq!(json["bundle"], "/srv/bundles/web");
+        assert_eq!(json["annotations"]["io.kubernetes.cri.sandbox-id"], "abc");
+        // The spec's own type reads it back.
+        let spec: oci_spec::runtime::State = serde_json::from_value(json).unwrap();
+        assert_eq!(spec.id(), "web");
+        assert_eq!(*spec.status(), oci_spec::runtime::ContainerState::Running);
+        assert_eq!(*spec.pid(), Some(std::process::id() as i32));
+
+        for (status, name) in [(Status::Creating, "creating"), (Status::Created, "created")] {
+            state.status = status;
+            assert_eq!(state.to_runtime_spec_json()["status"], name);
+        }
+        state.status = Status::Stopped;
+        let json = state.to_runtime_spec_json();
+        assert_eq!(json["status"], "stopped");
+        assert!(json.get("pid").is_none(), "no pid once stopped");
+        let fresh = ContainerState::new("new", "/b").to_runtime_spec_json();
+        assert!(fresh.get("pid").is_none());
+        assert_eq!(fresh["annotations"], serde_json::json!({}));
+    }
+
+    #[test]
+    fn liveness_detects_exit_and_pid_reuse() {
+        let me = std::process::id() as i32;
+        let mut state = ContainerState::new("p", "/b");
+        state.status = Status::Running;
+        state.record_pid(me).unwrap();
+        assert!(state.process_alive());
+        assert!(!state.refresh());
+        assert_eq!(state.status, Status::Running);
+
+        // Same pid, different start time: another process reused the pid.
+        state.pid_start_time = state.pid_start_time.map(|t| t + 1);
+        assert!(!state.process_alive());
+        assert!(state.refresh());
+        assert_eq!(state.status, Status::Stopped);
+
+        // An exited (zombie, then reaped) child.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let mut state = ContainerState::new("q", "/b");
+        state.status = Status::Created;
+        state.record_pid(pid).unwrap();
+        // Not reaped yet: a zombie once it has exited.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while state.process_alive() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!state.process_alive(), "a zombie is not alive");
+        child.wait().unwrap();
+        assert!(state.refresh());
+        assert_eq!(state.status, Status::Stopped);
+
+        assert!(matches!(
+            ContainerState::new("r", "/b").record_pid(pid),
+            Err(StateError::NoSuchProcess { .. })
+        ));
+        // No pid yet: still creating.
+        let mut creating = ContainerState::new("s", "/b");
+        assert!(!creating.refresh());
+        assert_eq!(creating.status, Status::Creating);
+    }
+
+    #[test]
+    fn load_and_list_apply_liveness() {
+        let (_dir, store) = store();
+        let mut state = full_state("gone");
+        state.status = Status::Running;
+        state.pid_start_time = Some(0);
+        store.create(&state).unwrap();
+        assert_eq!(store.load("gone").unwrap().status, Status::Stopped);
+        assert_eq!(store.list().unwrap()[0].status, Status::Stopped);
+    }
+
+    #[test]
+    fn proc_stat_parsing() {
+        let line =
+            "1234 (a (weird) name) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 987654 20 21";
+        let stat = ProcStat::parse(line).unwrap();
+        assert_eq!(stat.state, b'S');
+        assert_eq!(stat.start_time, 987654);
+        assert!(ProcStat::parse("garbage").is_none());
+        assert!(ProcStat::parse("1 (x) Z 1 2").is_none());
+        assert!(ProcStat::read(-1).is_none());
+    }
+
+    #[test]
+    fn created_as_rfc3339() {
+        let at = |secs: u64, nanos: u32| {
+            let mut s = ContainerState::new("t", "/b");
+            s.created = UNIX_EPOCH + Duration::new(secs, nanos);
+            s.created_rfc3339()
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(at(951_782_400, 5), "2000-02-29T00:00:00.000000005Z");
+        assert_eq!(at(1_700_000_000, 0), "2023-11-14T22:13:20.000000000Z");
+        assert_eq!(at(4_102_444_799, 0), "2099-12-31T23:59:59.000000000Z");
+    }
+}

@@ -20,6 +20,7 @@
 //! | `hostname` | [`ContainerPlan::hostname`] | |
 //! | `mounts`: `/proc`, `/dev`, `/dev/pts`, `/dev/shm`, `/dev/mqueue`, `/sys`, `/sys/fs/cgroup`, any `tmpfs` | accepted silently | the guest agent mounts these itself |
 //! | `mounts`: bind of `/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf` | warning | the guest writes its own |
+//! | `mounts`: bind onto one of the guest's own mounts above (CRI's `/dev/shm`) | warning | the guest mounts its own |
 //! | `mounts`: any other bind mount | **error** | host directories are not shared into the VM yet |
 //! | `mounts`: any other filesystem type | **error** | the guest cannot mount it |
 //! | `linux.namespaces` without `path` | warning | the VM gives every container all of its own namespaces |
@@ -376,7 +377,16 @@ impl Planner<'_> {
                 .iter()
                 .flatten()
                 .any(|o| o == "bind" || o == "rbind");
+        let guest_mount = GUEST_MOUNTS.iter().any(|m| destination == Path::new(m));
         if is_bind {
+            if guest_mount {
+                // containerd's CRI binds the sandbox's /dev/shm, for one.
+                self.warn(format!(
+                    "mount {}: the host's directory is not used; the guest mounts its own",
+                    destination.display()
+                ));
+                return Ok(());
+            }
             if GUEST_WRITTEN_FILES
                 .iter()
                 .any(|f| destination == Path::new(f))
@@ -392,7 +402,7 @@ impl Planner<'_> {
                 host_path: mount.source().clone().unwrap_or_default(),
             });
         }
-        if fs_type == "tmpfs" || GUEST_MOUNTS.iter().any(|m| destination == Path::new(m)) {
+        if fs_type == "tmpfs" || guest_mount {
             return Ok(());
         }
         Err(BundleError::MountType {
@@ -815,6 +825,12 @@ mod tests {
                 plan.warnings
             );
         }
+        // A bind onto a mount the guest makes itself (containerd CRI's sandbox /dev/shm).
+        let plan = load_with(add(json!({"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/sandbox/shm", "options": ["rbind", "ro"]}))).unwrap();
+        assert!(plan
+            .warnings
+            .iter()
+            .any(|w| w.contains("/dev/shm") && w.contains("guest mounts its own")));
         // Other binds, spelled as a type or as an option: refused.
         let e = err_with(add(
             json!({"destination": "/data", "type": "bind", "source": "/srv/data"}),

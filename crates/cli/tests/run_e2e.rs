@@ -9,14 +9,18 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{warm_container_guest, Finished, Forkvm, GUEST_TIMEOUT};
+use common::{warm_container_guest, Finished, Forkvm};
+
+/// Limit for one `forkvm` command: a run boots in seconds in the virtual host, and the
+/// whole session must end within the virtual host's own limit, with diagnostics.
+const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 use forkvm_image::fixtures;
 
 /// `forkvm ARGS` with the store at `store`, stdin fed from `stdin` (else closed).
 fn forkvm(store: &Path, args: &[&str], stdin: Option<Vec<u8>>) -> Finished {
     Forkvm::spawn_with(
         args,
-        GUEST_TIMEOUT,
+        RUN_TIMEOUT,
         &[("FORKVM_STORE", store.as_os_str())],
         stdin,
     )
@@ -192,7 +196,7 @@ fn images_run_as_vms_like_podman_run() {
                 "-c",
                 "trap 'echo got-int; exit 5' INT; echo ready; while true; do sleep 0.2; done",
             ],
-            GUEST_TIMEOUT,
+            RUN_TIMEOUT,
             &[("FORKVM_STORE", store.as_os_str())],
             None,
         );

@@ -194,7 +194,45 @@ impl Forkvm {
         }
     }
 
+    /// What a stuck run leaves to look at: each thread's state and kernel wait channel,
+    /// and the console log of every VM registered under this run's state root.
+    fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        if let Some(child) = &self.child {
+            let tasks = format!("/proc/{}/task", child.id());
+            for t in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
+                let p = t.path();
+                let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+                let state = read("stat");
+                let state = state.rsplit(") ").next().unwrap_or("").split(' ').next();
+                out.push_str(&format!(
+                    "thread {} {:?} state {} wchan {}\n",
+                    t.file_name().to_string_lossy(),
+                    read("comm").trim(),
+                    state.unwrap_or("?"),
+                    read("wchan")
+                ));
+            }
+        }
+        for vm in std::fs::read_dir(self._root.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let log = vm.path().join("console.log");
+            if let Ok(text) = std::fs::read_to_string(&log) {
+                out.push_str(&format!("--- {} ---\n{text}\n", log.display()));
+            }
+        }
+        out
+    }
+
     fn kill_and_collect(&mut self) -> Finished {
+        let diagnostics = self.diagnostics();
+        eprintln!(
+            "forkvm {:?}: its state before it is killed:\n{diagnostics}",
+            self.args
+        );
         let mut child = self.child.take().expect("not yet collected");
         // SAFETY: kill(2) with a negative pid signals the process group the child leads;
         // it touches no memory of ours.

@@ -120,11 +120,15 @@ macro_rules! test_path {
     }};
 }
 
+/// How many times [`on_kvm_host`] starts the virtual host for one test when a run times
+/// out.
+const VHOST_ATTEMPTS: u32 = 2;
+
 /// Runs a test body where hardware KVM exists (see the crate docs).
 ///
 /// `test_path` is the libtest name of the calling test (use [`test_path!`]).
-/// The virtual run's timeout is 600 s unless `FORKVM_VHOST_TIMEOUT` (seconds)
-/// says otherwise.
+/// The virtual run's timeout is 300 s unless `FORKVM_VHOST_TIMEOUT` (seconds)
+/// says otherwise; a run that times out is started once more (and reported).
 ///
 /// # Panics
 ///
@@ -139,7 +143,7 @@ pub fn on_kvm_host(test_path: &str, body: impl FnOnce()) {
     let timeout = std::env::var("FORKVM_VHOST_TIMEOUT")
         .ok()
         .and_then(|s| s.parse().ok())
-        .map_or(Duration::from_secs(600), Duration::from_secs);
+        .map_or(Duration::from_secs(300), Duration::from_secs);
     let opts = VhostOptions {
         timeout,
         ..VhostOptions::default()
@@ -152,16 +156,29 @@ pub fn on_kvm_host(test_path: &str, body: impl FnOnce()) {
         "--test-threads=1".into(),
     ];
     println!("forkvm-vhost: running `{test_path}` in the virtual KVM host");
-    let out = match run_in_kvm_host(&cmd, &opts) {
-        Ok(out) => out,
-        Err(e) => {
-            let mut msg = e.to_string();
-            let mut cause = std::error::Error::source(&e);
-            while let Some(c) = cause {
-                msg = format!("{msg}: {c}");
-                cause = c.source();
+    let mut attempt = 1;
+    let out = loop {
+        match run_in_kvm_host(&cmd, &opts) {
+            Ok(out) => break out,
+            // The nested, emulated host occasionally stalls as a whole (no guest output,
+            // no progress); a second run, said out loud, tells that apart from a test
+            // that hangs, which hangs again and fails.
+            Err(e @ Error::TimedOut { .. }) if attempt < VHOST_ATTEMPTS => {
+                println!(
+                    "forkvm-vhost: `{test_path}` attempt {attempt} {e}; the virtual host \
+                     stalled or the test hung: running it once more"
+                );
+                attempt += 1;
             }
-            panic!("forkvm-vhost: virtual host run of `{test_path}` failed: {msg}")
+            Err(e) => {
+                let mut msg = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    msg = format!("{msg}: {c}");
+                    cause = c.source();
+                }
+                panic!("forkvm-vhost: virtual host run of `{test_path}` failed: {msg}")
+            }
         }
     };
     print!("{}", out.stdout);

@@ -72,9 +72,15 @@ mkdir -p "$R$SCRATCH" 2>/dev/null
 mount -t 9p -o "$O,rw,cache=none" scratch "$R$SCRATCH" || die "cannot mount the scratch dir $SCRATCH"
 i=0
 while [ "$i" -lt "$NRW" ]; do
-    p=$(sed -n "$((i + 1))p" "$R$SCRATCH/rw_paths")
+    line=$(sed -n "$((i + 1))p" "$R$SCRATCH/rw_paths")
+    mode=${line%% *}
+    p=${line#* }
     mkdir -p "$R$p" 2>/dev/null
-    mount -t 9p -o "$O,rw,cache=none" "rw$i" "$R$p" || die "cannot mount writable share $p"
+    # Writable shares skip the guest page cache so the host sees every write at once;
+    # read-only ones (checkouts hidden under /tmp) are cached like the host root, as
+    # paging executables in uncached over 9p crashed this kernel under load.
+    if [ "$mode" = ro ]; then c="ro,cache=loose"; else c="rw,cache=none"; fi
+    mount -t 9p -o "$O,$c" "rw$i" "$R$p" || die "cannot mount share $p"
     i=$((i + 1))
 done
 [ -e /dev/kvm ] || log "warning: no /dev/kvm in the virtual host"
@@ -297,23 +303,26 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &VhostOptions) -> Result<Outco
     let scratch = scratch_dir.path().to_owned();
     let script = run_script(cmd, opts, &scratch);
     fs::write(scratch.join("run.sh"), &script).map_err(|e| io("writing run.sh", e))?;
-    let mut rw_paths = Vec::new();
+    // (path, writable)
+    let mut shares: Vec<(PathBuf, bool)> = Vec::new();
     for p in &opts.writable {
         let p = p
             .canonicalize()
             .map_err(|e| io(format!("writable path {}", p.display()), e))?;
-        rw_paths.push(p);
+        shares.push((p, true));
     }
     // The virtual host puts fresh tmpfs on /tmp, /run and /dev/shm; a checkout (or a
-    // program) living there on this machine must be exported to be seen at all.
+    // program) living there on this machine must be exported to be seen at all. Like
+    // the rest of the host, it is read-only there.
     let program = cmd.first().map(PathBuf::from);
     for p in masked_exports([opts.cwd.as_path()].into_iter().chain(program.as_deref())) {
-        if !rw_paths.iter().any(|w| p.starts_with(w)) {
-            rw_paths.push(p);
+        if !shares.iter().any(|(w, _)| p.starts_with(w)) {
+            shares.push((p, false));
         }
     }
     let mut rw_list = String::new();
-    for p in &rw_paths {
+    for (p, writable) in &shares {
+        rw_list += if *writable { "rw " } else { "ro " };
         rw_list += &p.to_string_lossy();
         rw_list.push('\n');
     }
@@ -323,7 +332,7 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &VhostOptions) -> Result<Outco
         "console=ttyS0 earlyprintk=serial,ttyS0 loglevel=4 panic=-1 mitigations=off \
          rdinit=/init forkvm_scratch={} forkvm_rw={}",
         scratch.display(),
-        rw_paths.len()
+        shares.len()
     );
     let mut qcmd = Command::new(&qemu);
     qcmd.args(["-accel", "tcg", "-cpu", "EPYC,+svm", "-machine", "pc"])
@@ -351,9 +360,9 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &VhostOptions) -> Result<Outco
         .arg(virtfs(Path::new("/"), "hostroot", true))
         .arg("-virtfs")
         .arg(virtfs(&scratch, "scratch", false));
-    for (i, p) in rw_list.lines().enumerate() {
+    for (i, (p, writable)) in shares.iter().enumerate() {
         qcmd.arg("-virtfs")
-            .arg(virtfs(Path::new(p), &format!("rw{i}"), false));
+            .arg(virtfs(p, &format!("rw{i}"), !writable));
     }
     let log_err = log
         .try_clone()

@@ -21,6 +21,19 @@ pub fn rfc3339(ms: u64) -> String {
     )
 }
 
+/// `2024-05-01T12:34:56.123456789Z` for a time since the Unix epoch (the runtime spec's
+/// RFC 3339 with nanoseconds).
+pub fn rfc3339_nanos(since_epoch: std::time::Duration) -> String {
+    let (y, m, d, rem) = civil(since_epoch.as_secs());
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        since_epoch.subsec_nanos()
+    )
+}
+
 /// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch.
 pub fn rfc3339_secs(secs: u64) -> String {
     let (y, m, d, rem) = civil(secs);

@@ -111,9 +111,9 @@ impl ContainerState {
 
     /// Records `pid` as the container's process, with its current start time.
     pub fn record_pid(&mut self, pid: i32) -> Result<(), StateError> {
-        let stat = ProcStat::read(pid).ok_or(StateError::NoSuchProcess { pid })?;
+        let (_, start_time) = proc_stat(pid).ok_or(StateError::NoSuchProcess { pid })?;
         self.pid = Some(pid);
-        self.pid_start_time = Some(stat.start_time);
+        self.pid_start_time = Some(start_time);
         Ok(())
     }
 
@@ -140,9 +140,10 @@ impl ContainerState {
     /// start time was recorded) started when the recorded one did.
     pub fn process_alive(&self) -> bool {
         let Some(pid) = self.pid else { return false };
-        match ProcStat::read(pid) {
-            Some(stat) => {
-                !stat.is_zombie() && self.pid_start_time.is_none_or(|t| t == stat.start_time)
+        match proc_stat(pid) {
+            Some((state, start_time)) => {
+                !matches!(state, 'Z' | 'X' | 'x')
+                    && self.pid_start_time.is_none_or(|t| t == start_time)
             }
             None => false,
         }
@@ -181,7 +182,7 @@ impl ContainerState {
     /// `created` as RFC 3339 in UTC (`2024-01-31T12:00:00.123456789Z`), the form `runc
     /// state` and containerd use.
     pub fn created_rfc3339(&self) -> String {
-        rfc3339(self.created)
+        forkvm_api::time::rfc3339_nanos(self.created.duration_since(UNIX_EPOCH).unwrap_or_default())
     }
 }
 
@@ -437,64 +438,13 @@ fn write_atomically(dir: &Path, state: &ContainerState) -> Result<(), StateError
         .map_err(io_error(dir))
 }
 
-/// The fields of `/proc/<pid>/stat` liveness needs.
-struct ProcStat {
-    state: u8,
-    start_time: u64,
-}
-
-impl ProcStat {
-    fn read(pid: i32) -> Option<Self> {
-        if pid <= 0 {
-            return None;
-        }
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        Self::parse(&stat)
+/// (state character, start time) of process `pid`, from `/proc/<pid>/stat`.
+fn proc_stat(pid: i32) -> Option<(char, u64)> {
+    if pid <= 0 {
+        return None;
     }
-
-    /// `pid (comm) state ppid ...`: `comm` may hold spaces and parentheses, so fields are
-    /// counted from the last `)`. `state` is field 3, `starttime` field 22.
-    fn parse(stat: &str) -> Option<Self> {
-        let rest = &stat[stat.rfind(')')? + 1..];
-        let mut fields = rest.split_ascii_whitespace();
-        let state = *fields.next()?.as_bytes().first()?;
-        let start_time = fields.nth(22 - 4)?.parse().ok()?;
-        Some(Self { state, start_time })
-    }
-
-    fn is_zombie(&self) -> bool {
-        matches!(self.state, b'Z' | b'X' | b'x')
-    }
-}
-
-/// Formats a time as RFC 3339 in UTC with nanoseconds.
-fn rfc3339(time: SystemTime) -> String {
-    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_nanos()
-    )
-}
-
-/// Days since 1970-01-01 to a (year, month, day) in the proleptic Gregorian calendar
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    forkvm_api::liveness::parse_stat(&stat)
 }
 
 #[cfg(test)]
@@ -810,12 +760,11 @@ mod tests {
     fn proc_stat_parsing() {
         let line =
             "1234 (a (weird) name) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 987654 20 21";
-        let stat = ProcStat::parse(line).unwrap();
-        assert_eq!(stat.state, b'S');
-        assert_eq!(stat.start_time, 987654);
-        assert!(ProcStat::parse("garbage").is_none());
-        assert!(ProcStat::parse("1 (x) Z 1 2").is_none());
-        assert!(ProcStat::read(-1).is_none());
+        let parse = forkvm_api::liveness::parse_stat;
+        assert_eq!(parse(line), Some(('S', 987654)));
+        assert!(parse("garbage").is_none());
+        assert!(parse("1 (x) Z 1 2").is_none());
+        assert!(proc_stat(-1).is_none());
     }
 
     #[test]

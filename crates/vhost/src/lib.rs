@@ -128,7 +128,8 @@ const VHOST_ATTEMPTS: u32 = 2;
 ///
 /// `test_path` is the libtest name of the calling test (use [`test_path!`]).
 /// The virtual run's timeout is 300 s unless `FORKVM_VHOST_TIMEOUT` (seconds)
-/// says otherwise; a run that times out is started once more (and reported).
+/// says otherwise; a run that times out, or whose virtual host dies without the test's
+/// exit code, is started once more (and reported).
 ///
 /// # Panics
 ///
@@ -160,13 +161,16 @@ pub fn on_kvm_host(test_path: &str, body: impl FnOnce()) {
     let out = loop {
         match run_in_kvm_host(&cmd, &opts) {
             Ok(out) => break out,
-            // The nested, emulated host occasionally stalls as a whole (no guest output,
-            // no progress); a second run, said out loud, tells that apart from a test
-            // that hangs, which hangs again and fails.
-            Err(e @ Error::TimedOut { .. }) if attempt < VHOST_ATTEMPTS => {
+            // The nested, emulated host occasionally stalls or its kernel crashes (seen:
+            // kernel stack overflows in page-fault and 9p paths) with no test outcome; a
+            // second run, said out loud, tells that apart from a test that hangs or
+            // takes the host down, which does it again and fails.
+            Err(e @ (Error::TimedOut { .. } | Error::NoExitCode { .. }))
+                if attempt < VHOST_ATTEMPTS =>
+            {
                 println!(
-                    "forkvm-vhost: `{test_path}` attempt {attempt} {e}; the virtual host \
-                     stalled or the test hung: running it once more"
+                    "forkvm-vhost: `{test_path}` attempt {attempt}: {e}; the virtual host \
+                     stalled or crashed, or the test hung: running it once more"
                 );
                 attempt += 1;
             }

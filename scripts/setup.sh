@@ -9,7 +9,10 @@ set -euo pipefail
 # test helpers (vsock). curl: the API tests talk to a VM's Unix socket with it.
 # apt/dpkg (base system) fetch Debian's guest kernels into the cache.
 # docker-registry: a local OCI registry the image store's pull tests push to and pull from.
-PACKAGES=(qemu-system-x86 busybox-static e2fsprogs iproute2 gcc libc6-dev linux-libc-dev curl docker-registry)
+# docker.io, podman, containerd (with runc, conmon): the container engines the OCI runtime
+# and the containerd shim are tested under, inside the virtual host.
+PACKAGES=(qemu-system-x86 busybox-static e2fsprogs iproute2 gcc libc6-dev linux-libc-dev curl docker-registry
+  docker.io podman containerd runc conmon)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

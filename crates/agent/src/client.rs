@@ -156,8 +156,24 @@ pub fn connect_vsock(uds: &Path, port: u32, timeout: Duration) -> io::Result<Uni
 /// connections, failed handshakes and unanswered Pings until `deadline`. Returns the
 /// connection the Ping succeeded on (no timeouts set), ready for the next request.
 pub fn wait_for_agent(uds: &Path, deadline: Instant) -> io::Result<UnixStream> {
+    wait_for_agent_unless(uds, deadline, &|| false)
+}
+
+/// [`wait_for_agent`] that gives up early, with [`io::ErrorKind::Interrupted`], once
+/// `cancelled` says so (checked before every attempt: the VM stopped, say).
+pub fn wait_for_agent_unless(
+    uds: &Path,
+    deadline: Instant,
+    cancelled: &dyn Fn() -> bool,
+) -> io::Result<UnixStream> {
     let mut last = io::Error::new(io::ErrorKind::TimedOut, "no attempt before the deadline");
     loop {
+        if cancelled() {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                format!("cancelled while waiting for the agent: {last}"),
+            ));
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::Error::new(

@@ -318,6 +318,15 @@ pub fn resolve(root: &Path, query: &str) -> Result<VmHome, Error> {
     VmHome::open(root, &id)
 }
 
+/// The last `n` lines of a file (a VM's console log), for error messages; empty when it
+/// cannot be read.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

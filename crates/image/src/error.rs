@@ -148,9 +148,9 @@ pub enum Error {
         uid: u32,
     },
     /// `mkfs.ext4` could not be run or failed.
-    #[error("mkfs.ext4 for image {image} failed ({status}): {stderr}")]
+    #[error("mkfs.ext4 for {image} failed ({status}): {stderr}")]
     Mkfs {
-        /// The image ID.
+        /// What was being built: an image ID, or a directory.
         image: String,
         /// Its exit status, or why it could not start.
         status: String,

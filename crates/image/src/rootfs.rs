@@ -102,9 +102,8 @@ impl Store {
         unpacker.finish()?;
 
         progress.step("Building ext4 root filesystem");
-        let usage = DiskUsage::measure(&dir)?;
         let img = staging.path().join("rootfs.ext4");
-        mkfs(&image.id, &dir, &img, &usage)?;
+        make_ext4(&format!("image {}", image.id), &dir, &img)?;
         let file = File::open(&img).map_err(io_err("opening", &img))?;
         file.sync_all().map_err(io_err("syncing", &img))?;
         let size = file.metadata().map_err(io_err("reading", &img))?.len();
@@ -187,6 +186,14 @@ impl DiskUsage {
     fn inode_count(&self) -> u64 {
         self.inodes + self.inodes / 4 + 256
     }
+}
+
+/// Makes the ext4 file `img` from the directory tree `dir` with `mkfs.ext4 -d`, sized
+/// from what the tree occupies plus headroom (the way image root filesystems are built).
+/// `what` names the tree in errors. Owners and device nodes are kept only as root.
+pub fn make_ext4(what: &str, dir: &Path, img: &Path) -> Result<(), Error> {
+    let usage = DiskUsage::measure(dir)?;
+    mkfs(what, dir, img, &usage)
 }
 
 /// Runs `mkfs.ext4 -d` to make `img` from `dir`.

@@ -19,9 +19,9 @@
 //! | `process.noNewPrivileges`, `oomScoreAdj`, `scheduler`, `ioPriority`, `execCPUAffinity` | ignored | per-process tuning inside the guest |
 //! | `hostname` | [`ContainerPlan::hostname`] | |
 //! | `mounts`: `/proc`, `/dev`, `/dev/pts`, `/dev/shm`, `/dev/mqueue`, `/sys`, `/sys/fs/cgroup`, any `tmpfs` | accepted silently | the guest agent mounts these itself |
-//! | `mounts`: bind of `/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf` | warning | the guest writes its own |
-//! | `mounts`: bind onto one of the guest's own mounts above (CRI's `/dev/shm`) | warning | the guest mounts its own |
-//! | `mounts`: any other bind mount | **error** | host directories are not shared into the VM yet |
+//! | `mounts`: bind of a regular file (Docker's and podman's `/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf`, podman's `/run/.containerenv`) | copied in ([`ContainerPlan::files`]), with a warning | the file is copied into the VM's root when the container is created; later changes on either side are not shared. The guest adds its hostname to `/etc/hosts` and writes `/etc/hostname` itself |
+//! | `mounts`: bind onto one of the guest's own mounts above (Docker's and podman's `/dev/shm`) | warning | the guest mounts its own |
+//! | `mounts`: any other bind mount (a directory: volumes, `-v`) | **error** | host directories are not shared into the VM yet |
 //! | `mounts`: any other filesystem type | **error** | the guest cannot mount it |
 //! | `linux.namespaces` without `path` | warning | the VM gives every container all of its own namespaces |
 //! | `linux.namespaces` with `path` | **error** | joining a host namespace from inside a VM is impossible |
@@ -30,7 +30,8 @@
 //! | `linux.resources.memory.limit` | [`ContainerPlan::mem_mib`] | rounded up to MiB, at least 128; absent or not positive (`-1`: unlimited) → 512 |
 //! | `linux.resources.cpu.quota`/`period` | [`ContainerPlan::vcpus`] | `ceil(quota / period)` (period defaults to 100 000 µs) |
 //! | `linux.resources.cpu.cpus` | [`ContainerPlan::vcpus`] | when there is no quota: the number of CPUs in the cpuset; else 1 |
-//! | other `linux.resources`, `cgroupsPath`, `maskedPaths`, `readonlyPaths`, `rootfsPropagation`, `mountLabel`, `annotations` | ignored | host cgroup/kernel details with no meaning inside the VM |
+//! | other `linux.resources`, `cgroupsPath`, `maskedPaths`, `readonlyPaths`, `rootfsPropagation`, `mountLabel` | ignored | host cgroup/kernel details with no meaning inside the VM |
+//! | `annotations` | [`ContainerPlan::annotations`] | reported by `state` |
 //! | `hooks` (any) | **error** | hooks run host binaries against a container namespace that does not exist |
 
 use std::collections::HashSet;
@@ -58,8 +59,14 @@ const GUEST_MOUNTS: &[&str] = &[
     "/sys",
     "/sys/fs/cgroup",
 ];
-/// Bind-mounted files the guest writes its own version of.
-const GUEST_WRITTEN_FILES: &[&str] = &["/etc/hosts", "/etc/hostname", "/etc/resolv.conf"];
+/// A host file bind-mounted into the container, copied into the VM's root instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileCopy {
+    /// The host file (the mount's `source`), absolute.
+    pub source: PathBuf,
+    /// Where the container sees it (absolute).
+    pub destination: PathBuf,
+}
 
 /// What a forkvm VM runs for one OCI container.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +83,10 @@ pub struct ContainerPlan {
     pub vcpus: u8,
     /// Guest memory in MiB, from the memory limit.
     pub mem_mib: u64,
+    /// Bind-mounted host files, to copy into the VM's root.
+    pub files: Vec<FileCopy>,
+    /// The spec's `annotations`.
+    pub annotations: std::collections::BTreeMap<String, String>,
     /// Parts of the spec that were ignored, one human-readable line each.
     pub warnings: Vec<String>,
 }
@@ -179,12 +190,35 @@ pub fn load(bundle: &Path) -> Result<ContainerPlan, BundleError> {
     plan(&spec, &bundle, &config)
 }
 
+/// Reads an `exec --process` file (a runtime spec `process` object) into the spec of an
+/// extra process in a running container. Warnings are dropped: the fields they are about
+/// were already reported for the container.
+pub fn exec_process(path: &Path) -> Result<ProcessSpec, BundleError> {
+    let bytes = std::fs::read(path).map_err(|source| BundleError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let process: Process = serde_json::from_slice(&bytes).map_err(|source| BundleError::Parse {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut planner = Planner {
+        config: path,
+        warnings: Vec::new(),
+        files: Vec::new(),
+    };
+    let mut spec = planner.process(Some(&process))?;
+    spec.init = false;
+    Ok(spec)
+}
+
 /// Plans the VM for an already parsed spec. `bundle` must be absolute; `config` names the
 /// file in errors.
 pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, BundleError> {
     let mut planner = Planner {
         config,
         warnings: Vec::new(),
+        files: Vec::new(),
     };
     planner.check_version(spec.version())?;
     let (rootfs, rootfs_readonly) = planner.rootfs(spec, bundle)?;
@@ -209,6 +243,13 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         hostname,
         vcpus,
         mem_mib,
+        files: planner.files,
+        annotations: spec
+            .annotations()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
         warnings: planner.warnings,
     })
 }
@@ -216,6 +257,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
 struct Planner<'a> {
     config: &'a Path,
     warnings: Vec<String>,
+    files: Vec<FileCopy>,
 }
 
 impl Planner<'_> {
@@ -387,14 +429,17 @@ impl Planner<'_> {
                 ));
                 return Ok(());
             }
-            if GUEST_WRITTEN_FILES
-                .iter()
-                .any(|f| destination == Path::new(f))
-            {
+            let source = mount.source().clone().unwrap_or_default();
+            if source.is_absolute() && destination.is_absolute() && source.is_file() {
                 self.warn(format!(
-                    "mount {}: the host's file is not used; the guest writes its own",
-                    destination.display()
+                    "mount {}: the host file {} is copied into the VM; later changes are not shared",
+                    destination.display(),
+                    source.display()
                 ));
+                self.files.push(FileCopy {
+                    source,
+                    destination: destination.clone(),
+                });
                 return Ok(());
             }
             return Err(BundleError::BindMount {
@@ -814,17 +859,32 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(plan.warnings.len(), 1);
-        // Files the guest writes itself: a warning each.
-        for file in GUEST_WRITTEN_FILES {
-            let plan = load_with(add(json!({"destination": file, "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind", "rprivate"]}))).unwrap();
+        // Bound host files (Docker's /etc/hosts and friends): copied in, with a warning.
+        let host = tempfile::tempdir().unwrap();
+        for file in ["/etc/hosts", "/etc/resolv.conf", "/run/.containerenv"] {
+            let source = host.path().join(file.rsplit('/').next().unwrap());
+            std::fs::write(&source, "x").unwrap();
+            let plan = load_with(add(json!({"destination": file, "type": "bind", "source": source, "options": ["rbind", "rprivate"]}))).unwrap();
             assert!(
                 plan.warnings
                     .iter()
-                    .any(|w| w.contains(file) && w.contains("guest writes its own")),
+                    .any(|w| w.contains(file) && w.contains("copied into the VM")),
                 "{:?}",
                 plan.warnings
             );
+            assert_eq!(
+                plan.files,
+                [FileCopy {
+                    source,
+                    destination: file.into()
+                }]
+            );
         }
+        // A file that is not there is not a file to copy.
+        let e = err_with(add(
+            json!({"destination": "/etc/hosts", "type": "bind", "source": "/nonexistent/hosts"}),
+        ));
+        assert!(e.contains("bind mounts from the host"), "{e}");
         // A bind onto a mount the guest makes itself (containerd CRI's sandbox /dev/shm).
         let plan = load_with(add(json!({"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/sandbox/shm", "options": ["rbind", "ro"]}))).unwrap();
         assert!(plan

@@ -1,14 +1,17 @@
-//! OCI runtime groundwork: each OCI container becomes a forkvm VM.
-//!
-//! What exists now is the library the runtime will stand on:
+//! forkvm's OCI runtime: each OCI container is a forkvm VM.
 //!
 //! | Module | Owns |
 //! |---|---|
-//! | [`bundle`] | reading an OCI bundle's `config.json` into a [`bundle::ContainerPlan`] (rootfs, process, vCPUs, memory), refusing what a VM cannot honour |
+//! | [`bundle`] | reading an OCI bundle's `config.json` into a [`bundle::ContainerPlan`] (rootfs, process, vCPUs, memory, files to copy in), refusing what a VM cannot honour |
 //! | [`state`] | the per-container state directory under `--root`: atomic JSON state files, per-container locks, liveness, the runtime spec's `state` output |
-//!
-//! Still to come: the runc-compatible command-line binary (`create`, `start`, `state`,
-//! `kill`, `delete`, ...) and the containerd shim, both built on these modules.
+//! | [`rootfs`] | the VM's root disk made from a bundle's root directory |
+//! | [`vm`] | booting a container VM in this process and running a session with its agent (shared with `forkvm run`) |
+//! | [`term`] | signal forwarding, raw terminals, host ptys and `--console-socket` |
+//! | [`runtime`] | the runc-compatible command line (`forkvm-runtime`): `create`, `start`, `state`, `kill`, `delete`, `exec`, `ps`, `list`, `features`, ... and the per-container monitor process |
 
 pub mod bundle;
+pub mod rootfs;
+pub mod runtime;
 pub mod state;
+pub mod term;
+pub mod vm;

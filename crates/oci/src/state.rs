@@ -90,6 +90,12 @@ pub struct ContainerState {
     pub exit_code: Option<i32>,
     /// For a container forked from another: the parent container's id.
     pub parent: Option<String>,
+    /// The container process's pid inside the guest, once started.
+    #[serde(default)]
+    pub guest_pid: Option<i32>,
+    /// The VM's vsock Unix socket, where its agent answers.
+    #[serde(default)]
+    pub vsock: Option<PathBuf>,
 }
 
 impl ContainerState {
@@ -106,6 +112,8 @@ impl ContainerState {
             vm_id: None,
             exit_code: None,
             parent: None,
+            guest_pid: None,
+            vsock: None,
         }
     }
 
@@ -164,13 +172,17 @@ impl ContainerState {
     }
 
     /// The runtime spec's state object, as `runc state` prints it: `ociVersion`, `id`,
-    /// `status`, `pid` (omitted when stopped or not yet known), `bundle`, `annotations`.
+    /// `status`, `pid` (omitted when stopped or not yet known), `bundle`, `annotations`,
+    /// and runc's extras that go-runc reads (`rootfs`, `created`, `owner`).
     pub fn to_runtime_spec_json(&self) -> serde_json::Value {
         let mut state = serde_json::json!({
             "ociVersion": OCI_VERSION,
             "id": self.id,
             "status": self.status.as_str(),
             "bundle": self.bundle,
+            "rootfs": self.bundle.join("rootfs"),
+            "created": self.created_rfc3339(),
+            "owner": "",
             "annotations": self.annotations,
         });
         if let Some(pid) = self.pid.filter(|_| self.status != Status::Stopped) {
@@ -676,8 +688,20 @@ mod tests {
         keys.sort();
         assert_eq!(
             keys,
-            ["annotations", "bundle", "id", "ociVersion", "pid", "status"]
+            [
+                "annotations",
+                "bundle",
+                "created",
+                "id",
+                "ociVersion",
+                "owner",
+                "pid",
+                "rootfs",
+                "status"
+            ]
         );
+        assert_eq!(json["created"], state.created_rfc3339());
+        assert_eq!(json["rootfs"], "/srv/bundles/web/rootfs");
         assert_eq!(json["ociVersion"], OCI_VERSION);
         assert_eq!(json["id"], "web");
         assert_eq!(json["status"], "running");

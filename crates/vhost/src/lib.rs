@@ -136,6 +136,22 @@ const VHOST_ATTEMPTS: u32 = 2;
 /// When the inner run cannot start, times out, exits non-zero, or does not
 /// report exactly one passed test.
 pub fn on_kvm_host(test_path: &str, body: impl FnOnce()) {
+    on_kvm_host_with(test_path, Duration::from_secs(300), None, body)
+}
+
+/// [`on_kvm_host`] for a long session: `timeout` for each virtual run (still overridden
+/// by `FORKVM_VHOST_TIMEOUT`) and, when given, `mem_mib` of virtual host memory (a
+/// container engine and the VMs it starts need more than the default).
+///
+/// # Panics
+///
+/// As [`on_kvm_host`].
+pub fn on_kvm_host_with(
+    test_path: &str,
+    timeout: Duration,
+    mem_mib: Option<u32>,
+    body: impl FnOnce(),
+) {
     if decide_mode(HostChoice::Auto) == Mode::Direct {
         body();
         return;
@@ -144,11 +160,14 @@ pub fn on_kvm_host(test_path: &str, body: impl FnOnce()) {
     let timeout = std::env::var("FORKVM_VHOST_TIMEOUT")
         .ok()
         .and_then(|s| s.parse().ok())
-        .map_or(Duration::from_secs(300), Duration::from_secs);
-    let opts = VhostOptions {
+        .map_or(timeout, Duration::from_secs);
+    let mut opts = VhostOptions {
         timeout,
         ..VhostOptions::default()
     };
+    if let Some(mem) = mem_mib {
+        opts.mem_mib = mem;
+    }
     let cmd = [
         exe.into_os_string(),
         test_path.into(),

@@ -247,12 +247,7 @@ fn run_registered(args: &BootArgs, home: VmHome, detached: bool) -> Result<i32> 
 }
 
 /// The last `n` lines of a file, for error messages.
-pub fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
+pub use forkvm_api::home::tail;
 
 /// `forkvm boot -d`: start the VMM in its own session, wait for its API, print the ID.
 fn detach(args: &BootArgs, root: &Path) -> Result<i32> {

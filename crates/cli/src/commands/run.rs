@@ -10,45 +10,19 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use forkvm_agent::client::{self, Controller, ExecError};
+use forkvm_agent::client::{self, ExecError};
 use forkvm_agent::{ProcessSpec, User};
 use forkvm_api::{ProcessIdentity, VmHome};
 use forkvm_image::{ImageConfig, Store};
-use forkvm_vmm::config::DEFAULT_CMDLINE;
-use forkvm_vmm::{BlockSpec, ExitReason, VmConfig, Vmm, VsockSpec};
+use forkvm_oci::term::{ForwardedSignals, RawTerminal, SignalRelay};
+use forkvm_oci::vm::{self, Outcome};
 
 use crate::cli::RunArgs;
 
 /// The PATH a process gets when neither the image nor `-e` sets one (Docker's default).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// How long the guest has to boot and answer: generous, as a nested, emulated host
-/// boots a kernel in seconds, not milliseconds.
-const AGENT_DEADLINE: Duration = Duration::from_secs(180);
-
-/// How long the agent has to power the VM off after the container's process exited.
-const POWEROFF_GRACE: Duration = Duration::from_secs(10);
-
-/// How a session ended.
-enum Outcome {
-    /// The process ran and exited with this code.
-    Exited(i32),
-    /// The process could not be started (exec failed): this exit code.
-    NotStarted(i32),
-}
-
-impl Outcome {
-    fn code(self) -> i32 {
-        match self {
-            Outcome::Exited(c) | Outcome::NotStarted(c) => c,
-        }
-    }
-}
 
 /// Exit code when forkvm itself fails before the process ran (as `podman run` does).
 pub const EXIT_RUNTIME_ERROR: i32 = 125;
@@ -211,7 +185,7 @@ pub fn process_spec(image: &ImageConfig, args: &RunArgs, hostname: &str) -> Resu
 pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
     // Signals for the container are taken by one thread with sigwait: block them before
     // any thread exists, so every thread (vCPUs included) inherits the mask.
-    let signals = ForwardedSignals::block()?;
+    let signals = ForwardedSignals::block().context("cannot block signals")?;
     let vcpus = parse_cpus(&args.cpus)?;
     let mem_mib = parse_memory(&args.memory)?;
     let store = Store::open(&Store::default_root()).context("cannot open the image store")?;
@@ -220,11 +194,7 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
     let rootfs = store
         .rootfs(&image, &progress)
         .with_context(|| format!("cannot build the root filesystem of {:?}", args.image))?;
-    let agent = forkvm_guest_kernel::find_agent().context(
-        "the guest agent is not built (run `cargo xtask prepare-guest`, or set FORKVM_AGENT)",
-    )?;
-    let guest = forkvm_guest_kernel::container_guest(&agent)
-        .context("cannot prepare the container guest kernel and initramfs")?;
+    let guest = vm::container_guest()?;
 
     let home =
         VmHome::create(root, args.name.as_deref(), None).context("cannot register the VM")?;
@@ -239,10 +209,14 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
     let dir = home.dir().to_owned();
     let result = (|| {
         let spec = process_spec(&image.config, &args, &hostname)?;
-        let uds = dir.join("vsock.sock");
-        let cfg = vm_config(&guest, &rootfs.path, vcpus, mem_mib, &hostname, &uds)?;
+        let uds = dir.join(vm::VSOCK_SOCKET);
+        let cfg = vm::config(&guest, &rootfs.path, vcpus, mem_mib, &hostname, &uds)?;
         home.record_machine(cfg.vcpus, cfg.mem_mib)?;
-        run_vm(home, &cfg, spec, &uds, signals, args.tty)
+        let relay = signals
+            .spawn(args.tty)
+            .context("cannot start the signal thread")?;
+        let tty = args.tty;
+        vm::run(home, &cfg, move |s| session(s, spec, relay, tty))
     })();
     if args.rm {
         let _ = std::fs::remove_dir_all(&dir);
@@ -250,118 +224,9 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
     result
 }
 
-/// The VM: container guest, the image's root as a read-only vda, vsock for the agent.
-fn vm_config(
-    guest: &forkvm_guest_kernel::GuestImage,
-    rootfs: &Path,
-    vcpus: u8,
-    mem_mib: u64,
-    hostname: &str,
-    uds: &Path,
-) -> Result<VmConfig> {
-    if hostname.is_empty()
-        || hostname.len() > 64
-        || !hostname
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-    {
-        bail!("hostname {hostname:?}: use 1 to 64 letters, digits, '-' and '.'");
-    }
-    let mut cfg = VmConfig::new(&guest.kernel);
-    cfg.initrd = Some(guest.initrd.clone());
-    cfg.vcpus = vcpus;
-    cfg.mem_mib = mem_mib;
-    cfg.cmdline = format!("{DEFAULT_CMDLINE} forkvm.rootfs=/dev/vda forkvm.hostname={hostname}");
-    cfg.disks = vec![BlockSpec {
-        path: rootfs.to_owned(),
-        read_only: true,
-    }];
-    cfg.vsock = Some(VsockSpec {
-        cid: 3,
-        uds: uds.to_owned(),
-    });
-    cfg.rng = true;
-    // stdin is the container process's, relayed over vsock.
-    cfg.console_input = false;
-    Ok(cfg)
-}
-
-fn run_vm(
-    home: VmHome,
-    cfg: &VmConfig,
-    spec: ProcessSpec,
-    uds: &Path,
-    signals: ForwardedSignals,
-    tty: bool,
-) -> Result<i32> {
-    let console = home.console_writer()?;
-    let console_path = home.console_path();
-    let mut vmm = Vmm::boot(cfg, Box::new(console)).context("cannot boot the VM")?;
-    let server =
-        forkvm_api::serve(home, vmm.control_handle()).context("cannot serve the VM's API")?;
-    let control = vmm.control_handle();
-    let vm_done = Arc::new(AtomicBool::new(false));
-    let session = {
-        let uds = uds.to_owned();
-        let vm_done = vm_done.clone();
-        std::thread::Builder::new()
-            .name("container-stdio".into())
-            .spawn(move || {
-                let code = session(&uds, spec, &vm_done, signals, tty);
-                // After its init process exits the agent powers the VM off; when the
-                // process never started (or the session broke), nothing will: stop it.
-                let grace = match code {
-                    Ok(Outcome::Exited(_)) => POWEROFF_GRACE,
-                    _ => Duration::ZERO,
-                };
-                let deadline = Instant::now() + grace;
-                while !vm_done.load(Ordering::SeqCst) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                if !vm_done.load(Ordering::SeqCst) {
-                    let _ = control.call(forkvm_vmm::control::Request::Stop);
-                }
-                code.map(Outcome::code)
-            })
-            .context("cannot start the stdio thread")?
-    };
-    let exit = vmm.run();
-    vm_done.store(true, Ordering::SeqCst);
-    server.finish_run(&exit);
-    let code = session
-        .join()
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("the stdio thread panicked")));
-    match (code, exit.context("the VM failed while running")?) {
-        (Ok(code), _) => Ok(code),
-        (Err(e), ExitReason::Failed(why)) => Err(e.context(format!("the guest failed: {why}"))),
-        (Err(e), _) => Err(e.context(format!(
-            "the VM stopped; its console:\n{}",
-            super::boot::tail(&console_path, 20)
-        ))),
-    }
-}
-
 /// Waits for the agent, starts the process and relays its stdio until it exits.
-fn session(
-    uds: &Path,
-    spec: ProcessSpec,
-    vm_done: &AtomicBool,
-    signals: ForwardedSignals,
-    tty: bool,
-) -> Result<Outcome> {
-    let deadline = Instant::now() + AGENT_DEADLINE;
-    let stream = loop {
-        if vm_done.load(Ordering::SeqCst) {
-            bail!("the VM stopped before its agent answered");
-        }
-        if Instant::now() > deadline {
-            bail!("the guest agent did not answer within {AGENT_DEADLINE:?}");
-        }
-        match client::connect_vsock(uds, forkvm_agent::AGENT_PORT, Duration::from_secs(2)) {
-            Ok(s) => break s,
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
+fn session(s: &vm::Session, spec: ProcessSpec, relay: SignalRelay, tty: bool) -> Result<Outcome> {
+    let stream = s.connect_agent()?;
     let session = match client::exec(stream, &spec) {
         Ok(s) => s,
         Err(ExecError::ExecFailed { message, exit_code }) => {
@@ -376,7 +241,10 @@ fn session(
     } else {
         None
     };
-    signals.forward(controller, tty);
+    if let Some(sig) = relay.early() {
+        let _ = controller.signal(sig);
+    }
+    relay.attach(controller);
     let stdin: Option<Box<dyn std::io::Read + Send>> = if spec.stdin {
         Some(Box::new(std::io::stdin()))
     } else {
@@ -391,124 +259,6 @@ fn session(
         .context("lost the connection to the container's process")?;
     let _ = std::io::stdout().flush();
     Ok(Outcome::Exited(code))
-}
-
-/// SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2 and SIGWINCH, blocked in every thread
-/// and taken by one forwarding thread.
-struct ForwardedSignals {
-    set: libc::sigset_t,
-}
-
-impl ForwardedSignals {
-    const SIGNALS: [libc::c_int; 7] = [
-        libc::SIGINT,
-        libc::SIGTERM,
-        libc::SIGHUP,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-        libc::SIGWINCH,
-    ];
-
-    fn block() -> Result<Self> {
-        // SAFETY: sigset_t is plain data; sigemptyset initialises it.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
-        unsafe {
-            libc::sigemptyset(&mut set);
-            for s in Self::SIGNALS {
-                libc::sigaddset(&mut set, s);
-            }
-        }
-        // SAFETY: changes only this thread's mask (threads spawned later inherit it).
-        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-        if rc != 0 {
-            bail!(
-                "cannot block signals: {}",
-                std::io::Error::from_raw_os_error(rc)
-            );
-        }
-        Ok(Self { set })
-    }
-
-    /// Starts the thread that hands each signal to the process (a terminal's size
-    /// change becomes a resize). With a terminal, Ctrl-C arrives as a byte, not here.
-    fn forward(self, controller: Controller, tty: bool) {
-        let set = self.set;
-        let spawned = std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || loop {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: `set` is a valid, initialised sigset_t; `sig` is written.
-                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                    continue;
-                }
-                let result = if sig == libc::SIGWINCH {
-                    match (tty, terminal_size()) {
-                        (true, Some((rows, cols))) => controller.resize(rows, cols),
-                        _ => Ok(()),
-                    }
-                } else {
-                    controller.signal(sig)
-                };
-                if result.is_err() {
-                    return;
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!("cannot start the signal thread: {e}");
-        }
-    }
-}
-
-/// This terminal's size as (rows, columns).
-fn terminal_size() -> Option<(u16, u16)> {
-    // SAFETY: winsize is plain data.
-    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-    // SAFETY: TIOCGWINSZ writes a winsize.
-    let rc = unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) };
-    (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
-}
-
-/// This terminal in raw mode for `-t` (keys, Ctrl-C included, go to the guest's pty),
-/// restored when dropped.
-struct RawTerminal {
-    saved: libc::termios,
-}
-
-impl RawTerminal {
-    /// Enters raw mode and tells the guest the terminal's size; `None` when stdin is
-    /// not a terminal (`-t` with piped input still gives the process a pty).
-    fn enter(controller: &Controller) -> Option<Self> {
-        // SAFETY: isatty only inspects the descriptor.
-        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
-            return None;
-        }
-        // SAFETY: termios is plain data; tcgetattr fills it.
-        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: stdin is a terminal; `saved` is a valid termios.
-        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
-            return None;
-        }
-        let mut raw = saved;
-        // SAFETY: cfmakeraw edits the termios in place.
-        unsafe { libc::cfmakeraw(&mut raw) };
-        // SAFETY: sets the attributes of our own terminal from a valid termios.
-        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
-            return None;
-        }
-        if let Some((rows, cols)) = terminal_size() {
-            let _ = controller.resize(rows, cols);
-        }
-        Some(Self { saved })
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        // SAFETY: restores the attributes saved in `enter`.
-        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.saved) };
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,222 @@
+//! A container VM's root disk: the bundle's root directory turned into an ext4 file with
+//! `mkfs.ext4 -d` (as image root filesystems are), then the bind-mounted host files of
+//! the plan ([`ContainerPlan::files`]) written into it with `debugfs`.
+//!
+//! The disk is the VM's read-only `vda`; the guest agent lays a private writable overlay
+//! over it, so the container's writes stay in its VM and never reach the bundle.
+
+use std::fmt::Write as _;
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+
+use crate::bundle::{ContainerPlan, FileCopy};
+
+/// Why the root disk could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    /// `mkfs.ext4 -d` failed.
+    #[error("cannot make the root disk from {}: {source}", rootfs.display())]
+    Mkfs {
+        /// The bundle's root directory.
+        rootfs: PathBuf,
+        /// The cause.
+        source: forkvm_image::Error,
+    },
+    /// A destination is not an absolute path of plain names.
+    #[error("mount {}: the destination must be an absolute path without `..`", .0.display())]
+    Destination(PathBuf),
+    /// `debugfs` could not write a file in.
+    #[error("cannot copy {} into the root disk as {}: {reason}", file.source.display(), file.destination.display())]
+    Copy {
+        /// The file.
+        file: FileCopy,
+        /// What debugfs said.
+        reason: String,
+    },
+}
+
+/// Builds `img` (which must not exist) for `plan`.
+pub fn build(plan: &ContainerPlan, img: &Path) -> Result<(), RootfsError> {
+    forkvm_image::make_ext4(&plan.rootfs.display().to_string(), &plan.rootfs, img).map_err(
+        |source| RootfsError::Mkfs {
+            rootfs: plan.rootfs.clone(),
+            source,
+        },
+    )?;
+    for file in &plan.files {
+        copy_in(img, file)?;
+    }
+    Ok(())
+}
+
+/// The debugfs commands that put `file` at its destination: make the parent
+/// directories (an existing one just fails to be made), replace what is there.
+fn script(file: &FileCopy) -> Result<String, RootfsError> {
+    let bad = || RootfsError::Destination(file.destination.clone());
+    let mut names = Vec::new();
+    for c in file.destination.components() {
+        match c {
+            Component::RootDir => {}
+            Component::Normal(n) => names.push(n.to_str().ok_or_else(bad)?),
+            _ => return Err(bad()),
+        }
+    }
+    let (name, parents) = names.split_last().ok_or_else(bad)?;
+    if !file.destination.is_absolute() || names.iter().any(|n| n.contains(['"', '\n', ' '])) {
+        return Err(bad());
+    }
+    let mut s = String::from("cd /\n");
+    for dir in parents {
+        let _ = writeln!(s, "mkdir {dir}\ncd {dir}");
+    }
+    let _ = writeln!(s, "rm {name}");
+    let _ = writeln!(s, "write {} {name}", file.source.display());
+    Ok(s)
+}
+
+fn copy_in(img: &Path, file: &FileCopy) -> Result<(), RootfsError> {
+    let fail = |reason: String| RootfsError::Copy {
+        file: file.clone(),
+        reason,
+    };
+    if file
+        .source
+        .to_str()
+        .is_none_or(|s| s.contains([' ', '\n', '"']))
+    {
+        return Err(fail(
+            "the host path has spaces or quotes debugfs cannot take".into(),
+        ));
+    }
+    let cmds = tempfile::NamedTempFile::new().map_err(|e| fail(e.to_string()))?;
+    std::fs::write(cmds.path(), script(file)?).map_err(|e| fail(e.to_string()))?;
+    let out = Command::new(sbin("debugfs"))
+        .arg("-w")
+        .arg("-f")
+        .arg(cmds.path())
+        .arg(img)
+        .output()
+        .map_err(|e| fail(format!("cannot run debugfs: {e}")))?;
+    // debugfs exits 0 whatever its commands did; what matters is that the file is there.
+    let check = Command::new(sbin("debugfs"))
+        .arg("-R")
+        .arg(format!("stat {}", file.destination.display()))
+        .arg(img)
+        .output()
+        .map_err(|e| fail(format!("cannot run debugfs: {e}")))?;
+    let stat = String::from_utf8_lossy(&check.stdout);
+    if !out.status.success() || !stat.contains("Type: regular") {
+        return Err(fail(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&check.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// A tool from PATH, else from the sbin directories (not in a user's PATH).
+fn sbin(tool: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(tool))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn debugfs_cat(img: &Path, path: &str) -> String {
+        let out = Command::new(sbin("debugfs"))
+            .args(["-R", &format!("cat {path}")])
+            .arg(img)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn bundle_tree_and_bound_files_land_in_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs");
+        std::fs::create_dir_all(rootfs.join("etc")).unwrap();
+        std::fs::write(rootfs.join("etc/hosts"), "image's hosts\n").unwrap();
+        std::fs::write(rootfs.join("hello"), "world\n").unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 engine's hosts\n").unwrap();
+        let env = dir.path().join("containerenv");
+        std::fs::write(&env, "engine=\"podman\"\n").unwrap();
+        let plan = ContainerPlan {
+            rootfs: rootfs.clone(),
+            rootfs_readonly: false,
+            process: serde_json::from_value(serde_json::json!({"args": ["true"]})).unwrap(),
+            hostname: None,
+            vcpus: 1,
+            mem_mib: 128,
+            files: vec![
+                FileCopy {
+                    source: hosts,
+                    destination: "/etc/hosts".into(),
+                },
+                FileCopy {
+                    source: env,
+                    destination: "/run/deep/.containerenv".into(),
+                },
+            ],
+            annotations: Default::default(),
+            warnings: vec![],
+        };
+        let img = dir.path().join("root.ext4");
+        build(&plan, &img).unwrap();
+        assert_eq!(debugfs_cat(&img, "/hello"), "world\n");
+        assert_eq!(
+            debugfs_cat(&img, "/etc/hosts"),
+            "127.0.0.1 engine's hosts\n"
+        );
+        assert_eq!(
+            debugfs_cat(&img, "/run/deep/.containerenv"),
+            "engine=\"podman\"\n"
+        );
+        // The bundle itself is untouched.
+        assert_eq!(
+            std::fs::read_to_string(rootfs.join("etc/hosts")).unwrap(),
+            "image's hosts\n"
+        );
+    }
+
+    #[test]
+    fn bad_destinations_are_refused() {
+        for d in ["/", "/etc/../x", "/a b"] {
+            let f = FileCopy {
+                source: "/etc/hostname".into(),
+                destination: d.into(),
+            };
+            assert!(
+                matches!(script(&f), Err(RootfsError::Destination(_))),
+                "{d}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_tree_names_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = ContainerPlan {
+            rootfs: dir.path().join("nope"),
+            rootfs_readonly: false,
+            process: serde_json::from_value(serde_json::json!({"args": ["true"]})).unwrap(),
+            hostname: None,
+            vcpus: 1,
+            mem_mib: 128,
+            files: vec![],
+            annotations: Default::default(),
+            warnings: vec![],
+        };
+        let e = build(&plan, &dir.path().join("x.ext4")).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+}

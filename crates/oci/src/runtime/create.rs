@@ -1,0 +1,414 @@
+//! `create` and the container's monitor process.
+//!
+//! `create` checks the bundle, builds the root disk, and spawns the monitor (this binary,
+//! `__monitor ID`) with the caller's stdio (or a pty's slave, the master sent to
+//! `--console-socket`). The monitor starts its own session, boots the VM, waits for the
+//! agent, then binds `start.sock` in the container's directory and reports on
+//! [`READY_FILE`]; `create` waits for that report, writes `--pid-file` and returns. On
+//! `start` the monitor has the agent run the process and relays its stdio until it
+//! exits, then exits with its exit code: the monitor is the container's process on the
+//! host. A create that fails leaves no state, VM or process behind.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use forkvm_agent::client::{self, ExecError};
+use forkvm_agent::ProcessSpec;
+use forkvm_api::{ProcessIdentity, VmHome};
+use serde::{Deserialize, Serialize};
+
+use super::{CreateArgs, Global, Log};
+use crate::bundle;
+use crate::state::{validate_id, ContainerState, StateStore, Status};
+use crate::term::{ForwardedSignals, Pty, RawTerminal, SignalRelay};
+use crate::vm::{self, Outcome};
+
+/// The monitor's report to `create`, in the container's directory.
+pub const READY_FILE: &str = "ready.json";
+/// The socket `start` connects to, in the container's directory.
+pub const START_SOCKET: &str = "start.sock";
+/// The container's root disk, in the container's directory.
+pub const ROOT_DISK: &str = "rootfs.ext4";
+/// The monitor's own log when the runtime has no `--log`.
+pub const MONITOR_LOG: &str = "monitor.log";
+/// Exit code of a monitor whose VM failed (the process's code is unknown).
+pub const EXIT_VM_FAILED: i32 = 255;
+
+/// What the monitor reports once the VM's agent answers (or it failed).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Ready {
+    /// The forkvm VM's id.
+    pub vm_id: Option<String>,
+    /// The VM's vsock socket.
+    pub vsock: Option<PathBuf>,
+    /// Why the monitor failed, when it did.
+    pub error: Option<String>,
+}
+
+impl Ready {
+    fn write(&self, dir: &Path) {
+        let tmp = dir.join(format!("{READY_FILE}.tmp"));
+        let ok = std::fs::write(&tmp, serde_json::to_vec(self).unwrap_or_default()).is_ok();
+        if ok {
+            let _ = std::fs::rename(&tmp, dir.join(READY_FILE));
+        }
+    }
+}
+
+/// `create`.
+pub fn create(g: &Global, log: &Log, a: CreateArgs) -> Result<()> {
+    validate_id(&a.id)?;
+    if a.preserve_fds > 0 {
+        bail!("--preserve-fds is not supported: host descriptors cannot be passed into a VM");
+    }
+    let bundle = std::path::absolute(a.bundle.clone().unwrap_or_else(|| ".".into()))?;
+    // Everything that can be refused is refused before anything exists.
+    let plan = bundle::load(&bundle)?;
+    for w in &plan.warnings {
+        log.warn(w);
+    }
+    if plan.process.tty && a.console_socket.is_none() {
+        bail!("process.terminal is true but no --console-socket was given");
+    }
+    let store = StateStore::open(&g.root)?;
+    let mut state = ContainerState::new(&a.id, &bundle);
+    state.annotations = plan.annotations.clone();
+    store.create(&state)?;
+    let dir = store.container_dir(&a.id)?;
+    let mut monitor = None;
+    let result = create_in(g, &a, &plan, &dir, &store, &mut monitor);
+    if result.is_err() {
+        if let Some(mut child) = monitor {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        remove_vm_of(&dir);
+        let _ = store.remove(&a.id);
+    }
+    result
+}
+
+fn create_in(
+    g: &Global,
+    a: &CreateArgs,
+    plan: &bundle::ContainerPlan,
+    dir: &Path,
+    store: &StateStore,
+    monitor: &mut Option<Child>,
+) -> Result<()> {
+    crate::rootfs::build(plan, &dir.join(ROOT_DISK))?;
+    let mut cmd = Command::new(std::env::current_exe().context("cannot find this executable")?);
+    cmd.arg("--root").arg(&g.root);
+    if let Some(log) = &g.log {
+        cmd.arg("--log").arg(log);
+    }
+    cmd.args(["--log-format", &g.log_format]);
+    if g.debug {
+        cmd.arg("--debug");
+    }
+    cmd.args(["__monitor", &a.id]);
+    if plan.process.tty {
+        let socket = a.console_socket.as_deref().context("no --console-socket")?;
+        let pty = Pty::open().context("cannot open a pseudo-terminal")?;
+        crate::term::send_console(socket, &pty.master)
+            .with_context(|| format!("cannot send the terminal to {}", socket.display()))?;
+        cmd.stdin(Stdio::from(pty.slave.try_clone()?))
+            .stdout(Stdio::from(pty.slave.try_clone()?))
+            .stderr(Stdio::from(pty.slave));
+    }
+    let child = monitor.insert(
+        cmd.spawn()
+            .context("cannot start the container's monitor")?,
+    );
+    let pid = child.id() as i32;
+    let ready = wait_ready(dir, child)?;
+    if let Some(pid_file) = &a.pid_file {
+        write_pid_file(pid_file, pid)?;
+    }
+    store.update(&a.id, |s| {
+        s.record_pid(pid)?;
+        s.vm_id = ready.vm_id.clone();
+        s.vsock = ready.vsock.clone();
+        s.transition(Status::Created)
+    })?;
+    Ok(())
+}
+
+/// Waits for the monitor's report; a monitor that dies first fails the create.
+fn wait_ready(dir: &Path, child: &mut Child) -> Result<Ready> {
+    let deadline = Instant::now() + vm::AGENT_DEADLINE + Duration::from_secs(30);
+    let path = dir.join(READY_FILE);
+    loop {
+        if let Ok(bytes) = std::fs::read(&path) {
+            let ready: Ready = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is corrupt", path.display()))?;
+            if let Some(e) = ready.error {
+                bail!("{e}");
+            }
+            return Ok(ready);
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = forkvm_api::home::tail(&dir.join(MONITOR_LOG), 10);
+            bail!("the container's monitor exited ({status}) before the VM was ready\n{log}");
+        }
+        if Instant::now() > deadline {
+            bail!("the VM was not ready within {:?}", deadline.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Writes `pid` to `path` atomically (a reader never sees an empty file).
+pub fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write the pid file in {}", dir.display()))?;
+    write!(tmp, "{pid}")?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write the pid file {}", path.display()))?;
+    Ok(())
+}
+
+/// Removes the VM home of the container in `dir` (read from its ready report), once its
+/// VMM is gone.
+pub fn remove_vm_of(dir: &Path) {
+    let Ok(bytes) = std::fs::read(dir.join(READY_FILE)) else {
+        return;
+    };
+    if let Ok(Ready {
+        vm_id: Some(id), ..
+    }) = serde_json::from_slice(&bytes)
+    {
+        remove_vm(&id);
+    }
+}
+
+/// Removes forkvm VM `id`'s home directory (its VMM must be gone).
+pub fn remove_vm(id: &str) {
+    if let Ok(home) = VmHome::open(&forkvm_api::default_root(), id) {
+        let _ = std::fs::remove_dir_all(home.dir());
+    }
+}
+
+/// The monitor: returns its exit code (the container process's).
+pub fn monitor(g: &Global, log: &Log, id: &str) -> i32 {
+    // Its own session: the caller's terminal signals are not the container's, and with a
+    // pty the slave becomes this session's controlling terminal (for SIGWINCH).
+    let _ = rustix::process::setsid();
+    let store = match StateStore::open(&g.root) {
+        Ok(s) => s,
+        Err(e) => {
+            log.error(&format!("monitor {id}: {e}"));
+            return EXIT_VM_FAILED;
+        }
+    };
+    let Ok(dir) = store.container_dir(id) else {
+        return EXIT_VM_FAILED;
+    };
+    log.install_tracing(&dir.join(MONITOR_LOG));
+    let mut reported = false;
+    let result = run_monitor(&store, &dir, id, &mut reported);
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            log.error(&format!("container {id}: {msg}"));
+            tracing::error!("container {id}: {msg}");
+            if !reported {
+                Ready {
+                    vm_id: None,
+                    vsock: None,
+                    error: Some(msg),
+                }
+                .write(&dir);
+            }
+            EXIT_VM_FAILED
+        }
+    }
+}
+
+fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) -> Result<i32> {
+    let signals = ForwardedSignals::block().context("cannot block signals")?;
+    let state = store.load(id)?;
+    let plan = bundle::load(&state.bundle)?;
+    let tty = plan.process.tty;
+    if tty {
+        rustix::process::ioctl_tiocsctty(std::io::stdin())
+            .context("cannot make the pty the monitor's terminal")?;
+    }
+    let guest = vm::container_guest()?;
+    let home = VmHome::create(&forkvm_api::default_root(), None, None)
+        .context("cannot register the container's VM")?;
+    home.record_process(ProcessIdentity::current())?;
+    // Fork children of this VM find their way home through these.
+    std::env::set_var(forkvm_api::ENV_ROOT, forkvm_api::default_root());
+    std::env::set_var(forkvm_api::ENV_ID, home.id());
+    let hostname = plan.hostname.clone().unwrap_or_else(|| short_hostname(id));
+    let uds = home.dir().join(vm::VSOCK_SOCKET);
+    let cfg = vm::config(
+        &guest,
+        &dir.join(ROOT_DISK),
+        plan.vcpus,
+        plan.mem_mib,
+        &hostname,
+        &uds,
+    )?;
+    home.record_machine(cfg.vcpus, cfg.mem_mib)?;
+    let relay = signals.spawn(tty)?;
+    let ready = Ready {
+        vm_id: Some(home.id().to_owned()),
+        vsock: Some(uds.clone()),
+        error: None,
+    };
+    let dir_owned = dir.to_owned();
+    let spec = plan.process;
+    // Reported from the session once the agent answers; errors before that are
+    // reported by `monitor`.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let result = vm::run(home, &cfg, move |s| {
+        monitor_session(s, &dir_owned, ready, spec, relay, tty, tx)
+    });
+    *reported = rx.try_recv().is_ok();
+    result
+}
+
+/// A hostname from a container id: its first 12 characters, as Docker does.
+fn short_hostname(id: &str) -> String {
+    let h: String = id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .take(12)
+        .collect();
+    if h.is_empty() {
+        "container".into()
+    } else {
+        h
+    }
+}
+
+fn monitor_session(
+    s: &vm::Session,
+    dir: &Path,
+    ready: Ready,
+    spec: ProcessSpec,
+    relay: SignalRelay,
+    tty: bool,
+    reported: std::sync::mpsc::Sender<()>,
+) -> Result<Outcome> {
+    let stream = s.connect_agent()?;
+    std::env::set_current_dir(dir)?;
+    let _ = std::fs::remove_file(START_SOCKET);
+    // Bound by a relative name: engines' state paths can be longer than a socket
+    // address may be.
+    let listener = UnixListener::bind(START_SOCKET)
+        .with_context(|| format!("cannot listen on {}", dir.join(START_SOCKET).display()))?;
+    listener.set_nonblocking(true)?;
+    ready.write(dir);
+    let _ = reported.send(());
+    let mut conn = loop {
+        if s.vm_stopped() {
+            bail!("the VM stopped before the container was started");
+        }
+        if let Some(sig) = relay.early() {
+            // Killed while created: the process never runs.
+            return Ok(Outcome::NotStarted(128 + sig));
+        }
+        match listener.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e).context("cannot accept on the start socket"),
+        }
+    };
+    conn.set_nonblocking(false)?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    if line.trim() != "start" {
+        bail!("unexpected request on the start socket: {line:?}");
+    }
+    let session = match client::exec(stream, &spec) {
+        Ok(session) => {
+            writeln!(conn, "ok {}", session.pid())?;
+            session
+        }
+        Err(ExecError::ExecFailed { message, exit_code }) => {
+            let _ = writeln!(conn, "error {}", message.replace('\n', " "));
+            return Ok(Outcome::NotStarted(exit_code));
+        }
+        Err(e) => {
+            let _ = writeln!(conn, "error cannot start the process: {e}");
+            return Err(anyhow::Error::new(e).context("cannot start the process"));
+        }
+    };
+    drop(conn);
+    let controller = session.controller();
+    let _raw = if tty {
+        RawTerminal::enter(&controller)
+    } else {
+        None
+    };
+    relay.attach(controller);
+    let code = session
+        .pump(
+            Some(Box::new(std::io::stdin())),
+            Box::new(std::io::stdout()),
+            Box::new(std::io::stderr()),
+        )
+        .context("lost the connection to the container's process")?;
+    Ok(Outcome::Exited(code))
+}
+
+/// Asks the monitor of the created container in `dir` to start its process; returns
+/// the process's pid in the guest.
+pub fn request_start(dir: &Path) -> Result<i32> {
+    std::env::set_current_dir(dir)?;
+    let mut conn = std::os::unix::net::UnixStream::connect(START_SOCKET)
+        .context("the container's monitor is not listening")?;
+    conn.set_read_timeout(Some(Duration::from_secs(120)))?;
+    conn.write_all(b"start\n")?;
+    let mut line = String::new();
+    BufReader::new(&conn)
+        .read_line(&mut line)
+        .context("no answer from the container's monitor")?;
+    let line = line.trim();
+    if let Some(pid) = line.strip_prefix("ok ") {
+        return pid.parse().context("bad answer from the monitor");
+    }
+    match line.strip_prefix("error ") {
+        Some(msg) => bail!("{msg}"),
+        None => bail!("the container's monitor ended before starting the process"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostnames_from_ids() {
+        assert_eq!(
+            short_hostname("0123456789abcdef0123456789abcdef"),
+            "0123456789ab"
+        );
+        assert_eq!(short_hostname("my_ctr"), "myctr");
+        assert_eq!(short_hostname("___"), "container");
+    }
+
+    #[test]
+    fn pid_files_are_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pid");
+        write_pid_file(&p, 4242).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "4242");
+        write_pid_file(&p, 7).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "7");
+    }
+}

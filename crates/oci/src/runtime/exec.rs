@@ -1,0 +1,222 @@
+//! `exec`: another process in a running container, run by the guest agent.
+//!
+//! In the foreground this process relays the new process's stdio and exits with its
+//! code. With `--detach` it starts a copy of itself in the foreground role (with a
+//! pty's slave as stdio when the process has a terminal, the master sent to
+//! `--console-socket`), waits until the process runs, writes that copy's pid to
+//! `--pid-file` and returns: the copy stands for the process on the host, as the
+//! monitor stands for the container's.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use forkvm_agent::client::{self, ExecError};
+use forkvm_agent::{ProcessSpec, User};
+
+use super::create::write_pid_file;
+use super::{ExecArgs, Global, Log};
+use crate::state::StateStore;
+use crate::term::{ForwardedSignals, Pty, RawTerminal};
+
+/// Set on the foreground copy that a `--detach` exec starts: where it reports.
+const ENV_READY: &str = "FORKVM_RUNTIME_EXEC_READY";
+
+/// `exec`; returns the exit code.
+pub fn exec(g: &Global, log: &Log, a: ExecArgs) -> Result<i32> {
+    let mut spec = process(&a)?;
+    let state = StateStore::open(&g.root)?.load(&a.id)?;
+    if !state.process_alive() {
+        bail!("cannot exec in a stopped container {}", a.id);
+    }
+    let uds = state.vsock.clone().context("the container has no VM")?;
+    if a.preserve_fds > 0 {
+        bail!("--preserve-fds is not supported: host descriptors cannot be passed into a VM");
+    }
+    if a.detach {
+        return detach(g, log, &a, &spec).map(|()| 0);
+    }
+    let report = std::env::var_os(ENV_READY).map(PathBuf::from);
+    if report.is_some() {
+        let _ = rustix::process::setsid();
+        if spec.tty {
+            rustix::process::ioctl_tiocsctty(std::io::stdin())
+                .context("cannot make the pty the exec process's terminal")?;
+        }
+    }
+    spec.stdin = true;
+    foreground(&uds, &spec, report.as_deref())
+}
+
+/// The process to run: `--process` (a runtime spec `process` object), else the command
+/// and flags.
+fn process(a: &ExecArgs) -> Result<ProcessSpec> {
+    if let Some(path) = &a.process {
+        let mut spec = crate::bundle::exec_process(path)?;
+        spec.tty |= a.tty;
+        return Ok(spec);
+    }
+    if a.command.is_empty() {
+        bail!("exec needs a command or --process");
+    }
+    let user = match &a.user {
+        None => User::default(),
+        Some(u) => {
+            let (uid, gid) = match u.split_once(':') {
+                Some((u, g)) => (u.parse()?, g.parse()?),
+                None => (u.parse()?, 0),
+            };
+            User {
+                uid,
+                gid,
+                additional_gids: a.additional_gids.clone(),
+                name: None,
+            }
+        }
+    };
+    Ok(ProcessSpec {
+        args: a.command.clone(),
+        env: a.env.clone(),
+        cwd: a.cwd.clone().unwrap_or_else(|| "/".into()),
+        user,
+        tty: a.tty,
+        stdin: true,
+        rlimits: Vec::new(),
+        init: false,
+    })
+}
+
+fn foreground(uds: &Path, spec: &ProcessSpec, report: Option<&Path>) -> Result<i32> {
+    let signals = ForwardedSignals::block().context("cannot block signals")?;
+    let stream = client::connect_vsock(uds, forkvm_agent::AGENT_PORT, Duration::from_secs(10))
+        .with_context(|| format!("cannot reach the container's agent at {}", uds.display()))?;
+    let session = match client::exec(stream, spec) {
+        Ok(s) => s,
+        Err(ExecError::ExecFailed { message, exit_code }) => {
+            if let Some(path) = report {
+                let _ = std::fs::write(path, format!("error {message}"));
+            } else {
+                eprintln!("forkvm-runtime: {message}");
+            }
+            return Ok(exit_code);
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("cannot start the process")),
+    };
+    if let Some(path) = report {
+        std::fs::write(path, format!("ok {}", session.pid()))?;
+    }
+    let controller = session.controller();
+    let _raw = if spec.tty {
+        RawTerminal::enter(&controller)
+    } else {
+        None
+    };
+    let relay = signals.spawn(spec.tty)?;
+    relay.attach(controller);
+    let code = session
+        .pump(
+            Some(Box::new(std::io::stdin())),
+            Box::new(std::io::stdout()),
+            Box::new(std::io::stderr()),
+        )
+        .context("lost the connection to the process")?;
+    Ok(code)
+}
+
+fn detach(g: &Global, log: &Log, a: &ExecArgs, spec: &ProcessSpec) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let report = dir.path().join("ready");
+    let spec_file = dir.path().join("process.json");
+    std::fs::write(&spec_file, serde_json::to_vec(&to_oci_process(spec))?)?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("--root").arg(&g.root);
+    if let Some(l) = log.path() {
+        cmd.arg("--log").arg(l);
+    }
+    cmd.args(["--log-format", &g.log_format, "exec", "--process"])
+        .arg(&spec_file)
+        .arg(&a.id)
+        .env(ENV_READY, &report);
+    if spec.tty {
+        let socket = a
+            .console_socket
+            .as_deref()
+            .context("a terminal process needs --console-socket with --detach")?;
+        let pty = Pty::open()?;
+        crate::term::send_console(socket, &pty.master)
+            .with_context(|| format!("cannot send the terminal to {}", socket.display()))?;
+        cmd.stdin(Stdio::from(pty.slave.try_clone()?))
+            .stdout(Stdio::from(pty.slave.try_clone()?))
+            .stderr(Stdio::from(pty.slave));
+    }
+    let mut child = cmd.spawn().context("cannot start the exec process")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&report) {
+            if let Some(msg) = text.strip_prefix("error ") {
+                let _ = child.wait();
+                bail!("{msg}");
+            }
+            if text.starts_with("ok ") {
+                break;
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the exec process exited ({status}) before the process started");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the process did not start within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if let Some(p) = &a.pid_file {
+        write_pid_file(p, child.id() as i32)?;
+    }
+    Ok(())
+}
+
+/// `spec` as a runtime spec `process` object, for the foreground copy's `--process`.
+fn to_oci_process(spec: &ProcessSpec) -> serde_json::Value {
+    serde_json::json!({
+        "terminal": spec.tty,
+        "user": {"uid": spec.user.uid, "gid": spec.user.gid, "additionalGids": spec.user.additional_gids},
+        "args": spec.args,
+        "env": spec.env,
+        "cwd": spec.cwd,
+        "rlimits": spec.rlimits.iter().map(|r| serde_json::json!({"type": r.kind, "soft": r.soft, "hard": r.hard})).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_survives_the_trip_through_a_process_file() {
+        let spec = ProcessSpec {
+            args: vec!["sh".into(), "-c".into(), "echo hi".into()],
+            env: vec!["A=1".into()],
+            cwd: "/tmp".into(),
+            user: User {
+                uid: 1000,
+                gid: 100,
+                additional_gids: vec![5],
+                name: None,
+            },
+            tty: true,
+            stdin: true,
+            rlimits: vec![forkvm_agent::Rlimit {
+                kind: "RLIMIT_NOFILE".into(),
+                soft: 10,
+                hard: 20,
+            }],
+            init: false,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.json");
+        std::fs::write(&f, to_oci_process(&spec).to_string()).unwrap();
+        assert_eq!(crate::bundle::exec_process(&f).unwrap(), spec);
+    }
+}

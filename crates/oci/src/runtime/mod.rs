@@ -1,0 +1,268 @@
+//! `forkvm-runtime`: runc's command-line contract, each container a forkvm VM.
+//!
+//! Engines (containerd's runc shim under Docker, conmon under podman, forkvm's own
+//! containerd shim) call it exactly as they call runc:
+//!
+//! | Verb | What it does here |
+//! |---|---|
+//! | `create` | reads the bundle (refusing what a VM cannot honour, before anything exists), builds the VM's root disk from the bundle's rootfs, and starts the container's **monitor**: a process (this binary, `__monitor`) that boots the VM, waits for its agent and holds the container's stdio. Its pid goes to `--pid-file`: it lives as long as the container and exits with the container's exit code. |
+//! | `start` | tells the monitor to start the process (over `start.sock` in the container's directory) |
+//! | `state`, `list`, `ps` | from the state directory (`--root`), with liveness checked by pid and start time |
+//! | `kill` | signals the monitor, which forwards the signal to the process in the guest (SIGKILL ends the VM at once) |
+//! | `delete` | removes a stopped container (`--force`: kills a running one first) and everything it left |
+//! | `exec` | runs another process in the container through the guest agent; `--detach` leaves a host process standing for it, as `create` does |
+//! | `pause`, `resume` | pause and resume the whole VM |
+//! | `features` | what this runtime supports, per the runtime spec's features document |
+//!
+//! Errors go to stderr and, as runc does, to `--log` (one JSON object a line with
+//! `--log-format json`, which go-runc reads back for the engine's error message).
+
+mod create;
+mod exec;
+mod log;
+mod ops;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use log::Log;
+
+/// The version `--version` prints, with the runtime spec version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The runtime's command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "forkvm-runtime",
+    about = "OCI runtime with runc's command line: every container is a forkvm microVM",
+    version = VERSION,
+    long_version = concat!(env!("CARGO_PKG_VERSION"), "\nspec: 1.2.0"),
+)]
+pub struct Cli {
+    /// Global options.
+    #[command(flatten)]
+    pub global: Global,
+    /// The verb.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every verb takes (runc's global flags).
+#[derive(Clone, Debug, Args)]
+pub struct Global {
+    /// Directory for the containers' state.
+    #[arg(long, global = true, default_value = crate::state::DEFAULT_ROOT)]
+    pub root: PathBuf,
+    /// File the runtime logs to (default: stderr only).
+    #[arg(long, global = true)]
+    pub log: Option<PathBuf>,
+    /// `text` or `json`.
+    #[arg(long, global = true, default_value = "text")]
+    pub log_format: String,
+    /// Log debug messages.
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// Accepted for compatibility; a VM has no host cgroup of its own to manage.
+    #[arg(long, global = true)]
+    pub systemd_cgroup: bool,
+    /// Accepted for compatibility.
+    #[arg(long, global = true, default_missing_value = "true", num_args = 0..=1)]
+    pub rootless: Option<String>,
+    /// Accepted for compatibility (checkpointing is not supported).
+    #[arg(long, global = true, hide = true)]
+    pub criu: Option<String>,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a container (its VM boots; the process waits for `start`).
+    Create(CreateArgs),
+    /// Start the process of a created container.
+    Start(IdArg),
+    /// Print a container's state as JSON.
+    State(IdArg),
+    /// Send a signal to a container's process.
+    Kill(KillArgs),
+    /// Delete a container and what it left behind.
+    Delete(DeleteArgs),
+    /// Run another process in a running container.
+    Exec(ExecArgs),
+    /// List a container's host processes.
+    Ps(PsArgs),
+    /// List containers.
+    List(ListArgs),
+    /// Pause a container's VM.
+    Pause(IdArg),
+    /// Resume a paused container's VM.
+    Resume(IdArg),
+    /// Print what this runtime supports (JSON).
+    Features,
+    /// The container's monitor process (started by `create`).
+    #[command(name = "__monitor", hide = true)]
+    Monitor(IdArg),
+}
+
+/// A container id.
+#[derive(Debug, Args)]
+pub struct IdArg {
+    /// The container id.
+    pub id: String,
+}
+
+/// `create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The bundle directory (default: the current directory).
+    #[arg(short, long)]
+    pub bundle: Option<PathBuf>,
+    /// Unix socket to send the pseudo-terminal's master to (terminal containers).
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// File to write the container's process id to.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Accepted for compatibility.
+    #[arg(long)]
+    pub no_pivot: bool,
+    /// Accepted for compatibility.
+    #[arg(long)]
+    pub no_new_keyring: bool,
+    /// Extra file descriptors to pass (only 0 is supported).
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    /// The container id.
+    pub id: String,
+}
+
+/// `kill`.
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    /// Signal every process of the container.
+    #[arg(short, long)]
+    pub all: bool,
+    /// The container id.
+    pub id: String,
+    /// The signal: a number or a name, with or without `SIG` (default SIGTERM).
+    #[arg(default_value = "SIGTERM")]
+    pub signal: String,
+}
+
+/// `delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Kill the container first if it still runs.
+    #[arg(short, long)]
+    pub force: bool,
+    /// The container id.
+    pub id: String,
+}
+
+/// `exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Unix socket to send the pseudo-terminal's master to.
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// Working directory.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Environment variables (`KEY=VALUE`).
+    #[arg(short, long)]
+    pub env: Vec<String>,
+    /// Give the process a terminal.
+    #[arg(short, long)]
+    pub tty: bool,
+    /// `UID[:GID]`.
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// Additional group ids.
+    #[arg(short = 'g', long = "additional-gids")]
+    pub additional_gids: Vec<u32>,
+    /// A JSON file with the process (a runtime spec `process` object).
+    #[arg(short, long)]
+    pub process: Option<PathBuf>,
+    /// Leave the process running and return at once.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// File to write the process id to.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Accepted for compatibility (ignored: the VM is the boundary).
+    #[arg(long)]
+    pub process_label: Option<String>,
+    /// Accepted for compatibility (ignored: the VM is the boundary).
+    #[arg(long)]
+    pub apparmor: Option<String>,
+    /// Accepted for compatibility.
+    #[arg(long)]
+    pub no_new_privs: bool,
+    /// Accepted for compatibility (ignored: the VM is the boundary).
+    #[arg(short, long)]
+    pub cap: Vec<String>,
+    /// Extra file descriptors to pass (only 0 is supported).
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    /// Accepted for compatibility.
+    #[arg(long)]
+    pub ignore_paused: bool,
+    /// The container id.
+    pub id: String,
+    /// The command, when there is no `--process`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+/// `ps`.
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// `table` or `json`.
+    #[arg(short, long, default_value = "table")]
+    pub format: String,
+    /// The container id.
+    pub id: String,
+    /// `ps` options (accepted; the table lists the container's host processes).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub ps_args: Vec<String>,
+}
+
+/// `list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// `table` or `json`.
+    #[arg(short, long, default_value = "table")]
+    pub format: String,
+    /// Print only the ids.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// Runs the command line; returns the process's exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let log = Log::new(&cli.global);
+    let result = match cli.command {
+        Command::Create(a) => create::create(&cli.global, &log, a).map(|()| 0),
+        Command::Monitor(a) => return create::monitor(&cli.global, &log, &a.id),
+        Command::Start(a) => ops::start(&cli.global, &a.id).map(|()| 0),
+        Command::State(a) => ops::state(&cli.global, &a.id).map(|()| 0),
+        Command::Kill(a) => ops::kill(&cli.global, &a).map(|()| 0),
+        Command::Delete(a) => ops::delete(&cli.global, &log, &a).map(|()| 0),
+        Command::Exec(a) => exec::exec(&cli.global, &log, a),
+        Command::Ps(a) => ops::ps(&cli.global, &a).map(|()| 0),
+        Command::List(a) => ops::list(&cli.global, &a).map(|()| 0),
+        Command::Pause(a) => ops::pause(&cli.global, &a.id, true).map(|()| 0),
+        Command::Resume(a) => ops::pause(&cli.global, &a.id, false).map(|()| 0),
+        Command::Features => ops::features().map(|()| 0),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            log.error(&msg);
+            eprintln!("forkvm-runtime: {msg}");
+            1
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! The short verbs: `start`, `state`, `kill`, `delete`, `ps`, `list`, `pause`,
+//! `resume`, `features`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use forkvm_agent::{Request, Response};
+
+use super::create::{remove_vm, remove_vm_of, request_start};
+use super::{DeleteArgs, Global, KillArgs, ListArgs, Log, PsArgs};
+use crate::state::{ContainerState, StateStore, Status};
+
+/// How long `delete --force` waits for a killed container to be gone.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+fn store(g: &Global) -> Result<StateStore> {
+    Ok(StateStore::open(&g.root)?)
+}
+
+/// `start`.
+pub fn start(g: &Global, id: &str) -> Result<()> {
+    let store = store(g)?;
+    let state = store.load(id)?;
+    match state.status {
+        Status::Created => {}
+        Status::Running => bail!("container {id} is already running"),
+        other => bail!("cannot start a container that is {other}"),
+    }
+    let dir = store.container_dir(id)?;
+    let guest_pid = request_start(&dir)?;
+    store.update(id, |s| {
+        s.guest_pid = Some(guest_pid);
+        // A process that is already done leaves the container stopped, not running.
+        if s.status == Status::Created {
+            s.transition(Status::Running)?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// `state`.
+pub fn state(g: &Global, id: &str) -> Result<()> {
+    let state = store(g)?.load(id)?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&state.to_runtime_spec_json())?
+    );
+    Ok(())
+}
+
+/// A signal from its number or name (`9`, `KILL`, `SIGKILL`, case-insensitive).
+pub fn parse_signal(s: &str) -> Result<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+        bail!("signal {n} is out of range");
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    let n = match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "ILL" => libc::SIGILL,
+        "TRAP" => libc::SIGTRAP,
+        "ABRT" | "IOT" => libc::SIGABRT,
+        "BUS" => libc::SIGBUS,
+        "FPE" => libc::SIGFPE,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "SEGV" => libc::SIGSEGV,
+        "USR2" => libc::SIGUSR2,
+        "PIPE" => libc::SIGPIPE,
+        "ALRM" => libc::SIGALRM,
+        "TERM" => libc::SIGTERM,
+        "STKFLT" => libc::SIGSTKFLT,
+        "CHLD" => libc::SIGCHLD,
+        "CONT" => libc::SIGCONT,
+        "STOP" => libc::SIGSTOP,
+        "TSTP" => libc::SIGTSTP,
+        "TTIN" => libc::SIGTTIN,
+        "TTOU" => libc::SIGTTOU,
+        "URG" => libc::SIGURG,
+        "XCPU" => libc::SIGXCPU,
+        "XFSZ" => libc::SIGXFSZ,
+        "VTALRM" => libc::SIGVTALRM,
+        "PROF" => libc::SIGPROF,
+        "WINCH" => libc::SIGWINCH,
+        "IO" | "POLL" => libc::SIGIO,
+        "PWR" => libc::SIGPWR,
+        "SYS" => libc::SIGSYS,
+        _ => bail!("unknown signal {s:?}"),
+    };
+    Ok(n)
+}
+
+/// Sends `sig` to the host process `pid`.
+fn signal_host(pid: i32, sig: i32) -> std::io::Result<()> {
+    let pid = rustix::process::Pid::from_raw(pid).ok_or(std::io::ErrorKind::InvalidInput)?;
+    let sig =
+        rustix::process::Signal::from_named_raw(sig).ok_or(std::io::ErrorKind::InvalidInput)?;
+    rustix::process::kill_process(pid, sig)?;
+    Ok(())
+}
+
+/// Sends `sig` to the container's process. A container with a monitor gets it through
+/// the monitor, which forwards it into the guest; a forked container (its host process
+/// is a VMM) gets it through its agent. SIGKILL ends the VM at once.
+pub fn signal_container(state: &ContainerState, sig: i32) -> Result<()> {
+    let pid = match state.pid {
+        Some(pid) if state.status != Status::Stopped && state.process_alive() => pid,
+        _ => bail!("container {} not running", state.id),
+    };
+    if sig == libc::SIGKILL || state.parent.is_none() {
+        return signal_host(pid, sig)
+            .with_context(|| format!("cannot signal the container's process {pid}"));
+    }
+    let (Some(uds), Some(guest_pid)) = (&state.vsock, state.guest_pid) else {
+        bail!("container {} has no agent to signal", state.id);
+    };
+    let mut conn =
+        forkvm_agent::client::connect_vsock(uds, forkvm_agent::AGENT_PORT, Duration::from_secs(5))
+            .with_context(|| format!("cannot reach the agent of container {}", state.id))?;
+    match forkvm_agent::client::call(
+        &mut conn,
+        &Request::Signal {
+            pid: guest_pid,
+            signal: sig,
+        },
+    )? {
+        Response::Error { message } => bail!("the agent refused the signal: {message}"),
+        _ => Ok(()),
+    }
+}
+
+/// `kill`.
+pub fn kill(g: &Global, a: &KillArgs) -> Result<()> {
+    let sig = parse_signal(&a.signal)?;
+    let state = store(g)?.load(&a.id)?;
+    // `--all`: every process of the container lives in its VM, which the container's
+    // process holds; signalling it reaches them all when it is fatal.
+    signal_container(&state, sig)
+}
+
+/// Waits until the container's host process is gone.
+fn wait_gone(state: &ContainerState, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while state.process_alive() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// `delete`.
+pub fn delete(g: &Global, log: &Log, a: &DeleteArgs) -> Result<()> {
+    let store = store(g)?;
+    let state = store.load(&a.id)?;
+    if state.process_alive() {
+        match state.status {
+            Status::Running if !a.force => bail!(
+                "cannot delete container {} that is not stopped: running",
+                a.id
+            ),
+            _ => {
+                signal_container(&state, libc::SIGKILL)?;
+                if !wait_gone(&state, KILL_WAIT) {
+                    bail!("container {} did not stop within {KILL_WAIT:?}", a.id);
+                }
+            }
+        }
+    }
+    match &state.vm_id {
+        Some(vm) => remove_vm(vm),
+        None => remove_vm_of(&store.container_dir(&a.id)?),
+    }
+    if let Err(e) = store.remove(&a.id) {
+        log.warn(&format!("removing container {}: {e}", a.id));
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// `ps`.
+pub fn ps(g: &Global, a: &PsArgs) -> Result<()> {
+    let state = store(g)?.load(&a.id)?;
+    let pids: Vec<i32> = state
+        .pid
+        .filter(|_| state.process_alive())
+        .into_iter()
+        .collect();
+    match a.format.as_str() {
+        "json" => println!("{}", serde_json::to_string(&pids)?),
+        "table" => {
+            println!("PID\tCMD");
+            for pid in pids {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                println!("{pid}\t{}", cmd.trim());
+            }
+        }
+        other => bail!("invalid format {other:?} (table or json)"),
+    }
+    Ok(())
+}
+
+/// `list`.
+pub fn list(g: &Global, a: &ListArgs) -> Result<()> {
+    let states = store(g)?.list()?;
+    if a.quiet {
+        for s in &states {
+            println!("{}", s.id);
+        }
+        return Ok(());
+    }
+    match a.format.as_str() {
+        "json" => {
+            let all: Vec<_> = states.iter().map(|s| s.to_runtime_spec_json()).collect();
+            println!("{}", serde_json::to_string(&all)?);
+        }
+        "table" => {
+            println!(
+                "{:<24} {:<8} {:<10} {:<40} {:<32} PARENT",
+                "ID", "PID", "STATUS", "BUNDLE", "CREATED"
+            );
+            for s in &states {
+                let pid = match s.status {
+                    Status::Stopped => 0,
+                    _ => s.pid.unwrap_or(0),
+                };
+                println!(
+                    "{:<24} {:<8} {:<10} {:<40} {:<32} {}",
+                    s.id,
+                    pid,
+                    s.status,
+                    s.bundle.display(),
+                    s.created_rfc3339(),
+                    s.parent.as_deref().unwrap_or("")
+                );
+            }
+        }
+        other => bail!("invalid format {other:?} (table or json)"),
+    }
+    Ok(())
+}
+
+/// `pause` (`pause` true) and `resume`: the whole VM, through its forkvm API.
+pub fn pause(g: &Global, id: &str, pause: bool) -> Result<()> {
+    let state = store(g)?.load(id)?;
+    if !state.process_alive() {
+        bail!("container {id} not running");
+    }
+    let vm = state.vm_id.context("the container has no VM")?;
+    let home = forkvm_api::VmHome::open(&forkvm_api::default_root(), &vm)?;
+    let client = forkvm_api::Client::new(home.socket_path());
+    if pause {
+        client.pause()?;
+    } else {
+        client.resume()?;
+    }
+    Ok(())
+}
+
+/// `features`: the runtime spec's features document.
+pub fn features() -> Result<()> {
+    let doc = serde_json::json!({
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": crate::state::OCI_VERSION,
+        "hooks": [],
+        "mountOptions": ["bind", "rbind", "ro", "rw", "nosuid", "nodev", "noexec", "private", "rprivate"],
+        "linux": {
+            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
+            "capabilities": [],
+            "cgroup": {"v1": false, "v2": false, "systemd": false, "systemdUser": false},
+            "seccomp": {"enabled": false},
+            "apparmor": {"enabled": false},
+            "selinux": {"enabled": false},
+            "intelRdt": {"enabled": false}
+        },
+        "annotations": {
+            "org.opencontainers.runtime-spec.features.vm": "true",
+            "io.forkvm.runtime.version": super::VERSION
+        }
+    });
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_by_number_and_name() {
+        assert_eq!(parse_signal("9").unwrap(), libc::SIGKILL);
+        assert_eq!(parse_signal("KILL").unwrap(), libc::SIGKILL);
+        assert_eq!(parse_signal("sigterm").unwrap(), libc::SIGTERM);
+        assert_eq!(parse_signal("SIGUSR1").unwrap(), libc::SIGUSR1);
+        assert!(parse_signal("0").is_err());
+        assert!(parse_signal("65").is_err());
+        assert!(parse_signal("SIGNOPE")
+            .unwrap_err()
+            .to_string()
+            .contains("SIGNOPE"));
+    }
+}

@@ -1,0 +1,231 @@
+//! Exit statuses of this process's children, collected by one reaper and claimed by pid.
+//!
+//! The shim is a child subreaper: the runtime's `create` and `exec` leave a process
+//! behind (the container's, or an exec's, pid-file pid) that reparents to the shim when
+//! the runtime exits, and the shim must collect its exit status. Exactly one thread may
+//! call `waitpid(-1)` (the containerd-shim crate's SIGCHLD handler), so every other
+//! wait in the shim, including for the runtime commands the shim itself spawns, goes
+//! through an [`Exits`] table that the reaper feeds: [`Exits::mark`] before spawning,
+//! [`Exits::wait`] for that pid after. An exit that arrives before anyone asks for it
+//! is kept, and marks keep a recycled pid from matching an older exit.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// How many unclaimed exits are kept (children nobody waits for: a runtime's helpers
+/// that reparent to the shim). The oldest go first.
+const MAX_UNCLAIMED: usize = 1024;
+
+/// One child's exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exit {
+    /// The child's pid.
+    pub pid: i32,
+    /// Its exit code, or 128 + the signal that killed it.
+    pub code: i32,
+    /// When it was reaped.
+    pub at: SystemTime,
+    seq: u64,
+}
+
+/// A point in the exit history: [`Exits::wait`] only returns exits recorded after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark(u64);
+
+#[derive(Default)]
+struct Table {
+    seq: u64,
+    exits: Vec<Exit>,
+}
+
+/// The table of reaped children (see the module docs).
+#[derive(Default)]
+pub struct Exits {
+    table: Mutex<Table>,
+    changed: Condvar,
+}
+
+impl Exits {
+    /// An empty table, shared between the reaper and the waiters.
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// The current point in the history; take it before spawning the child to wait for.
+    pub fn mark(&self) -> Mark {
+        Mark(self.lock().seq)
+    }
+
+    /// Records that `pid` exited with `code` (called by the reaper).
+    pub fn record(&self, pid: i32, code: i32) {
+        let mut t = self.lock();
+        t.seq += 1;
+        let seq = t.seq;
+        t.exits.push(Exit {
+            pid,
+            code,
+            at: SystemTime::now(),
+            seq,
+        });
+        if t.exits.len() > MAX_UNCLAIMED {
+            let extra = t.exits.len() - MAX_UNCLAIMED;
+            t.exits.drain(..extra);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Takes the exit of `pid` recorded after `since`, waiting for it up to `timeout`
+    /// (forever when `None`). `None` when it did not exit in time.
+    pub fn wait(&self, pid: i32, since: Mark, timeout: Option<Duration>) -> Option<Exit> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut t = self.lock();
+        loop {
+            if let Some(i) = t.exits.iter().position(|e| e.pid == pid && e.seq > since.0) {
+                return Some(t.exits.remove(i));
+            }
+            match deadline {
+                None => t = self.changed.wait(t).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.checked_duration_since(Instant::now())?;
+                    t = self
+                        .changed
+                        .wait_timeout(t, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The exit code containerd reports for a raw `waitpid` status: the code for a normal
+/// exit, 128 + the signal number for a process killed by a signal (as a shell does).
+pub fn exit_code(wait_status: i32) -> i32 {
+    if libc::WIFEXITED(wait_status) {
+        libc::WEXITSTATUS(wait_status)
+    } else if libc::WIFSIGNALED(wait_status) {
+        128 + libc::WTERMSIG(wait_status)
+    } else {
+        // Stopped or continued: not an exit; callers only pass exits.
+        128
+    }
+}
+
+/// Feeds `exits` from the containerd-shim crate's reaper (its SIGCHLD handler, which
+/// already maps a signal death to 128 + signo). Call once, before spawning children.
+pub fn follow_crate_reaper(exits: Arc<Exits>) -> Result<(), containerd_shim::Error> {
+    use containerd_shim::monitor::{monitor_subscribe, ExitEvent, Subject, Topic};
+    let sub = monitor_subscribe(Topic::Pid)?;
+    std::thread::Builder::new()
+        .name("exits".into())
+        .spawn(move || {
+            while let Ok(ExitEvent {
+                subject: Subject::Pid(pid),
+                exit_code,
+            }) = sub.rx.recv()
+            {
+                tracing::debug!(pid, exit_code, "child exited");
+                exits.record(pid, exit_code);
+            }
+        })
+        .map_err(|e| containerd_shim::Error::IoError {
+            context: "spawn the exits thread".into(),
+            err: e,
+        })?;
+    Ok(())
+}
+
+/// A reaper of its own for processes that run without the containerd-shim crate's
+/// (tests, tools): reaps every child of this process into `exits`, forever, on a thread.
+/// Nothing else in the process may wait for children.
+pub fn reap_children(exits: Arc<Exits>) {
+    std::thread::Builder::new()
+        .name("reaper".into())
+        .spawn(move || loop {
+            let mut status = 0;
+            // SAFETY: waitpid with a valid pointer to a local int; no other memory is
+            // touched.
+            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+            if pid > 0 {
+                exits.record(pid, exit_code(status));
+            } else {
+                // ECHILD (no children yet) or EINTR: look again shortly.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+        .expect("cannot spawn the reaper thread");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_shell_convention() {
+        // Raw wait statuses: exit code in bits 8..16, terminating signal in bits 0..7.
+        assert_eq!(exit_code(0), 0);
+        assert_eq!(exit_code(3 << 8), 3);
+        assert_eq!(exit_code(255 << 8), 255);
+        assert_eq!(exit_code(libc::SIGKILL), 137);
+        assert_eq!(exit_code(libc::SIGTERM), 143);
+        // Killed by a signal with a core dump (0x80) is still 128 + signo.
+        assert_eq!(exit_code(libc::SIGSEGV | 0x80), 128 + libc::SIGSEGV);
+    }
+
+    #[test]
+    fn an_exit_recorded_before_the_wait_is_kept() {
+        let exits = Exits::new();
+        let mark = exits.mark();
+        exits.record(42, 3);
+        let e = exits.wait(42, mark, Some(Duration::ZERO)).unwrap();
+        assert_eq!((e.pid, e.code), (42, 3));
+        // Claimed once only.
+        assert_eq!(exits.wait(42, mark, Some(Duration::ZERO)), None);
+    }
+
+    #[test]
+    fn a_recycled_pid_does_not_match_an_older_exit() {
+        let exits = Exits::new();
+        exits.record(7, 1); // an earlier process with pid 7, never claimed
+        let mark = exits.mark();
+        assert_eq!(exits.wait(7, mark, Some(Duration::from_millis(10))), None);
+        exits.record(7, 0);
+        assert_eq!(exits.wait(7, mark, None).unwrap().code, 0);
+    }
+
+    #[test]
+    fn a_waiter_wakes_when_its_pid_exits() {
+        let exits = Exits::new();
+        let mark = exits.mark();
+        let e2 = exits.clone();
+        let t = std::thread::spawn(move || e2.wait(9, mark, Some(Duration::from_secs(10))));
+        std::thread::sleep(Duration::from_millis(20));
+        exits.record(8, 1);
+        exits.record(9, 2);
+        assert_eq!(t.join().unwrap().unwrap().code, 2);
+        // The other exit is still there for its own waiter.
+        assert_eq!(exits.wait(8, mark, Some(Duration::ZERO)).unwrap().code, 1);
+    }
+
+    #[test]
+    fn unclaimed_exits_are_bounded() {
+        let exits = Exits::new();
+        let mark = exits.mark();
+        for pid in 0..(MAX_UNCLAIMED as i32 + 10) {
+            exits.record(pid, 0);
+        }
+        assert_eq!(exits.lock().exits.len(), MAX_UNCLAIMED);
+        assert_eq!(
+            exits.wait(0, mark, Some(Duration::ZERO)),
+            None,
+            "oldest dropped"
+        );
+        assert!(exits
+            .wait(MAX_UNCLAIMED as i32 + 9, mark, Some(Duration::ZERO))
+            .is_some());
+    }
+}

@@ -1,0 +1,1068 @@
+//! The shim v2 `Task` service: containers and their exec'd processes, each backed by
+//! the OCI runtime binary, with the lifecycle events containerd expects.
+//!
+//! One shim serves one container, or every container of a Kubernetes pod (containerd
+//! groups them by the `io.kubernetes.cri.sandbox-id` annotation, as with runc-v2).
+//! Per container the shim keeps the init process and the execs: their pids (the
+//! runtime's pid files), statuses and exit statuses, and their stdio. Each started
+//! process has a watcher thread that waits for its exit in [`Exits`], records it,
+//! wakes `Wait`ers and publishes `TaskExit`. Every event goes through one publisher
+//! thread, in order; `TaskStart`/`TaskExecStarted` are queued while the container's
+//! lock is held, so a process's exit is always published after its start.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use containerd_shim::api;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskResumed, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{Message, MessageDyn};
+use containerd_shim::protos::shim::oci::{Options, ProcessDetails};
+use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc;
+use containerd_shim::protos::types::mount::Mount;
+use containerd_shim::protos::types::task::{ProcessInfo, Status};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::exits::{Exits, Mark};
+use crate::runtime::{self, CreateOpts, ExecOpts, Runtime};
+use crate::stdio::{self, ProcessIo, StdioPaths};
+
+/// How long the runtime may take to send a pty master once its command returned.
+const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a process's terminal output may keep flowing after it exited.
+const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `Delete` waits for a force-deleted container's process to be reaped.
+const DELETE_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The file in a container's bundle that records which runtime serves it, for the
+/// shim's `delete` action (cleanup after the shim is gone).
+pub const RUNTIME_RECORD: &str = "forkvm-shim.json";
+
+/// Which runtime binary and root serve a container (the bundle's [`RUNTIME_RECORD`]).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct RuntimeRecord {
+    /// The runtime binary.
+    pub binary: PathBuf,
+    /// Its `--root`.
+    pub root: PathBuf,
+}
+
+impl RuntimeRecord {
+    /// Reads `bundle`'s record.
+    pub fn load(bundle: &Path) -> Result<Self> {
+        let path = bundle.join(RUNTIME_RECORD);
+        let text = std::fs::read(&path).map_err(Error::io(format!("read {}", path.display())))?;
+        serde_json::from_slice(&text)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))
+    }
+
+    fn save(&self, bundle: &Path) -> Result<()> {
+        let path = bundle.join(RUNTIME_RECORD);
+        let text = serde_json::to_vec(self).expect("a record serializes");
+        std::fs::write(&path, text).map_err(Error::io(format!("write {}", path.display())))
+    }
+}
+
+/// The runtime options containerd passes with a task (`containerd.runc.v1.Options`,
+/// as for runc-v2: `BinaryName`, `Root`, `NoPivotRoot`, ...). ctr's `--no-pivot` for a
+/// non-runc runtime sends the old `containerd.linux.runc.CreateOptions`, whose only
+/// field the shim honours is the same field 1, `no_pivot_root`. Other types are
+/// ignored (with a log line).
+pub fn runtime_options(any: Option<&Any>) -> Result<Options> {
+    let Some(any) = any.filter(|a| !a.type_url.is_empty()) else {
+        return Ok(Options::default());
+    };
+    let name = any.type_url.rsplit('/').next().unwrap_or_default();
+    let parse = || {
+        Options::parse_from_bytes(&any.value)
+            .map_err(|e| Error::InvalidArgument(format!("runtime options {name}: {e}")))
+    };
+    match name {
+        "containerd.runc.v1.Options" => parse(),
+        "containerd.linux.runc.CreateOptions" => Ok(Options {
+            no_pivot_root: parse()?.no_pivot_root,
+            ..Options::default()
+        }),
+        other => {
+            tracing::warn!(
+                type_url = other,
+                "ignoring runtime options of an unknown type"
+            );
+            Ok(Options::default())
+        }
+    }
+}
+
+/// What a process is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Created,
+    Running,
+    Stopped,
+}
+
+/// One process: the container's init, or an exec.
+struct Process {
+    pid: u32,
+    phase: Phase,
+    exit: Option<(u32, SystemTime)>,
+    paths: StdioPaths,
+    io: Option<ProcessIo>,
+    /// An exec's process spec (JSON), until it starts.
+    spec: Vec<u8>,
+}
+
+impl Process {
+    fn new(paths: StdioPaths) -> Self {
+        Process {
+            pid: 0,
+            phase: Phase::Created,
+            exit: None,
+            paths,
+            io: None,
+            spec: Vec::new(),
+        }
+    }
+}
+
+struct Procs {
+    init: Process,
+    execs: HashMap<String, Process>,
+    paused: bool,
+}
+
+impl Procs {
+    fn get(&self, cid: &str, exec_id: &str) -> Result<&Process> {
+        if exec_id.is_empty() {
+            return Ok(&self.init);
+        }
+        self.execs
+            .get(exec_id)
+            .ok_or_else(|| Error::NotFound(format!("exec {exec_id} in container {cid}")))
+    }
+
+    fn get_mut(&mut self, cid: &str, exec_id: &str) -> Result<&mut Process> {
+        if exec_id.is_empty() {
+            return Ok(&mut self.init);
+        }
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| Error::NotFound(format!("exec {exec_id} in container {cid}")))
+    }
+}
+
+struct Container {
+    id: String,
+    bundle: PathBuf,
+    rootfs: Vec<Mount>,
+    rootfs_mounted: bool,
+    runtime: Runtime,
+    procs: Mutex<Procs>,
+    changed: Condvar,
+}
+
+impl Container {
+    fn lock(&self) -> MutexGuard<'_, Procs> {
+        self.procs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// An event for containerd, in publishing order.
+enum Event {
+    Create(TaskCreate),
+    Start(TaskStart),
+    Exit(TaskExit),
+    Delete(TaskDelete),
+    ExecAdded(TaskExecAdded),
+    ExecStarted(TaskExecStarted),
+    Paused(TaskPaused),
+    Resumed(TaskResumed),
+}
+
+impl Event {
+    fn split(self) -> (&'static str, Box<dyn MessageDyn>) {
+        match self {
+            Event::Create(e) => (topics::TASK_CREATE_EVENT_TOPIC, Box::new(e)),
+            Event::Start(e) => (topics::TASK_START_EVENT_TOPIC, Box::new(e)),
+            Event::Exit(e) => (topics::TASK_EXIT_EVENT_TOPIC, Box::new(e)),
+            Event::Delete(e) => (topics::TASK_DELETE_EVENT_TOPIC, Box::new(e)),
+            Event::ExecAdded(e) => (topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(e)),
+            Event::ExecStarted(e) => (topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(e)),
+            Event::Paused(e) => (topics::TASK_PAUSED_EVENT_TOPIC, Box::new(e)),
+            Event::Resumed(e) => (topics::TASK_RESUMED_EVENT_TOPIC, Box::new(e)),
+        }
+    }
+}
+
+struct Inner {
+    namespace: String,
+    exits: Arc<Exits>,
+    events: Mutex<mpsc::Sender<Event>>,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    exit_signal: Arc<ExitSignal>,
+}
+
+/// The Task service (see the module docs).
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+        ..Default::default()
+    }
+}
+
+fn read_pid(path: &Path) -> Result<u32> {
+    let text =
+        std::fs::read_to_string(path).map_err(Error::io(format!("read {}", path.display())))?;
+    text.trim()
+        .parse()
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| Error::RuntimeOutput {
+            verb: "pid file".into(),
+            reason: format!("{}: {text:?} is not a pid", path.display()),
+        })
+}
+
+/// Mounts containerd's rootfs mounts onto `target` in order (as runc-v2 does); whether
+/// anything was mounted.
+fn mount_rootfs(mounts: &[Mount], target: &Path) -> Result<bool> {
+    if mounts.is_empty() {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(target).map_err(Error::io(format!("create {}", target.display())))?;
+    for m in mounts {
+        if let Err(e) = containerd_shim::mount::mount_rootfs(
+            Some(m.type_.as_str()),
+            Some(m.source.as_str()),
+            &m.options,
+            target,
+        ) {
+            unmount_rootfs(target);
+            return Err(e.into());
+        }
+    }
+    Ok(true)
+}
+
+fn unmount_rootfs(target: &Path) {
+    if let Err(e) = containerd_shim::mount::umount_recursive(target.to_str(), libc::MNT_DETACH) {
+        tracing::warn!(target = %target.display(), error = %e, "cannot unmount the rootfs");
+    }
+}
+
+/// Cleans up after a shim that is gone (the shim binary's `delete` action, run by
+/// containerd in the bundle): force-deletes the container in the runtime recorded in
+/// the bundle and unmounts its rootfs. The exit status is SIGKILL's, as with runc-v2.
+pub fn cleanup(bundle: &Path, namespace: &str, id: &str, exits: Arc<Exits>) -> api::DeleteResponse {
+    let record = RuntimeRecord::load(bundle).or_else(|_| {
+        let exe = std::env::current_exe().ok();
+        runtime::select_binary(
+            "",
+            std::env::var_os(runtime::RUNTIME_ENV).as_deref(),
+            exe.as_deref(),
+            std::env::var_os("PATH").as_deref(),
+        )
+        .map(|binary| RuntimeRecord {
+            binary,
+            root: runtime::runtime_root("", namespace),
+        })
+    });
+    match record {
+        Ok(r) => {
+            let rt = Runtime::new(r.binary, r.root, bundle.join("log.json"), exits);
+            match rt.delete(id, true) {
+                Err(e) if !e.is_runtime_not_found() => {
+                    tracing::warn!(id, error = %e, "cannot delete the container");
+                    eprintln!("forkvm shim cleanup: {e}");
+                }
+                _ => {}
+            }
+        }
+        Err(e) => eprintln!("forkvm shim cleanup: {e}"),
+    }
+    unmount_rootfs(&bundle.join("rootfs"));
+    api::DeleteResponse {
+        pid: read_pid(&bundle.join("init.pid")).unwrap_or(0),
+        exit_status: 128 + libc::SIGKILL as u32,
+        exited_at: Some(timestamp(SystemTime::now())).into(),
+        ..Default::default()
+    }
+}
+
+impl Service {
+    /// A service for containerd namespace `namespace`, publishing through `publisher`
+    /// (`None`: events are dropped) and waiting for children through `exits`;
+    /// `exit_signal` ends the shim after `Shutdown` once no container is left.
+    pub fn new(
+        namespace: String,
+        publisher: Option<RemotePublisher>,
+        exits: Arc<Exits>,
+        exit_signal: Arc<ExitSignal>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel::<Event>();
+        let ns = namespace.clone();
+        std::thread::Builder::new()
+            .name("events".into())
+            .spawn(move || {
+                for event in rx {
+                    let (topic, msg) = event.split();
+                    let Some(publisher) = &publisher else {
+                        continue;
+                    };
+                    if let Err(e) = publisher.publish(Context::default(), topic, &ns, msg) {
+                        tracing::error!(topic, error = %e, "cannot publish an event");
+                    }
+                }
+            })
+            .expect("cannot spawn the events thread");
+        Service {
+            inner: Arc::new(Inner {
+                namespace,
+                exits,
+                events: Mutex::new(tx),
+                containers: Mutex::new(HashMap::new()),
+                exit_signal,
+            }),
+        }
+    }
+
+    fn publish(&self, event: Event) {
+        let _ = self
+            .inner
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(event);
+    }
+
+    fn containers(&self) -> MutexGuard<'_, HashMap<String, Arc<Container>>> {
+        self.inner
+            .containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>> {
+        self.containers()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("container {id}")))
+    }
+
+    /// Waits in a thread for `pid` (exited after `mark`), then records the exit and
+    /// publishes `TaskExit`.
+    fn watch(&self, c: Arc<Container>, exec_id: String, pid: u32, mark: Mark) {
+        let svc = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("wait-{pid}"))
+            .spawn(move || {
+                let exit = svc
+                    .inner
+                    .exits
+                    .wait(pid as i32, mark, None)
+                    .expect("an untimed wait returns an exit");
+                tracing::info!(container = %c.id, exec = %exec_id, pid, code = exit.code, "process exited");
+                // Let a terminal's last output reach the client before the exit does.
+                let mut io = c.lock().get_mut(&c.id, &exec_id).ok().and_then(|p| p.io.take());
+                if let Some(io) = io.as_mut() {
+                    io.wait_output(OUTPUT_DRAIN_TIMEOUT);
+                }
+                let mut procs = c.lock();
+                let Ok(p) = procs.get_mut(&c.id, &exec_id) else {
+                    return; // deleted meanwhile
+                };
+                if p.io.is_none() {
+                    p.io = io;
+                }
+                p.phase = Phase::Stopped;
+                p.exit = Some((exit.code as u32, exit.at));
+                c.changed.notify_all();
+                svc.publish(Event::Exit(TaskExit {
+                    container_id: c.id.clone(),
+                    id: if exec_id.is_empty() { c.id.clone() } else { exec_id.clone() },
+                    pid,
+                    exit_status: exit.code as u32,
+                    exited_at: Some(timestamp(exit.at)).into(),
+                    ..Default::default()
+                }));
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot spawn a process watcher");
+        }
+    }
+
+    /// `Create`: mounts the rootfs, runs `RUNTIME create`, watches the container's pid.
+    pub fn create_task(&self, req: &api::CreateTaskRequest) -> Result<u32> {
+        let id = req.id.clone();
+        if id.is_empty() || id.contains('/') {
+            return Err(Error::InvalidArgument(format!(
+                "invalid container id {id:?}"
+            )));
+        }
+        if self.containers().contains_key(&id) {
+            return Err(Error::AlreadyExists(format!("container {id}")));
+        }
+        let opts = runtime_options(req.options.as_ref())?;
+        let exe = std::env::current_exe().ok();
+        let binary = runtime::select_binary(
+            &opts.binary_name,
+            std::env::var_os(runtime::RUNTIME_ENV).as_deref(),
+            exe.as_deref(),
+            std::env::var_os("PATH").as_deref(),
+        )?;
+        let root = runtime::runtime_root(&opts.root, &self.inner.namespace);
+        let bundle = PathBuf::from(&req.bundle);
+        RuntimeRecord {
+            binary: binary.clone(),
+            root: root.clone(),
+        }
+        .save(&bundle)?;
+        let rt = Runtime::new(
+            binary,
+            root,
+            bundle.join("log.json"),
+            self.inner.exits.clone(),
+        );
+        tracing::info!(id, binary = %rt.binary.display(), root = %rt.root.display(), "creating a container");
+
+        let rootfs = bundle.join("rootfs");
+        let mounted = mount_rootfs(&req.rootfs, &rootfs)?;
+        let paths = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let undo = |e: Error| {
+            if mounted {
+                unmount_rootfs(&rootfs);
+            }
+            e
+        };
+        let prepared = stdio::prepare(&paths).map_err(undo)?;
+        let pid_file = bundle.join("init.pid");
+        let socket = prepared.console.as_ref().map(|c| c.path());
+        let mark = self.inner.exits.mark();
+        rt.create(
+            &id,
+            &bundle,
+            &CreateOpts {
+                pid_file: &pid_file,
+                console_socket: socket.as_deref(),
+                no_pivot: opts.no_pivot_root,
+            },
+            prepared.stdio,
+        )
+        .map_err(undo)?;
+        let io = read_pid(&pid_file).and_then(|pid| {
+            let io = match prepared.console {
+                Some(console) => ProcessIo::with_console(console.master(CONSOLE_TIMEOUT)?, &paths)?,
+                None => prepared.io,
+            };
+            Ok((pid, io))
+        });
+        let (pid, io) = match io {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = rt.delete(&id, true);
+                return Err(undo(e));
+            }
+        };
+        let mut init = Process::new(paths.clone());
+        init.pid = pid;
+        init.io = Some(io);
+        let c = Arc::new(Container {
+            id: id.clone(),
+            bundle: bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            rootfs_mounted: mounted,
+            runtime: rt,
+            procs: Mutex::new(Procs {
+                init,
+                execs: HashMap::new(),
+                paused: false,
+            }),
+            changed: Condvar::new(),
+        });
+        self.containers().insert(id.clone(), c.clone());
+        self.watch(c.clone(), String::new(), pid, mark);
+        self.publish(Event::Create(TaskCreate {
+            container_id: id,
+            bundle: req.bundle.clone(),
+            rootfs: c.rootfs.clone(),
+            io: Some(TaskIO {
+                stdin: paths.stdin,
+                stdout: paths.stdout,
+                stderr: paths.stderr,
+                terminal: paths.terminal,
+                ..Default::default()
+            })
+            .into(),
+            checkpoint: req.checkpoint.clone(),
+            pid,
+            ..Default::default()
+        }));
+        Ok(pid)
+    }
+
+    /// `Start`: `RUNTIME start` for the container, `RUNTIME exec` for an exec.
+    pub fn start_process(&self, id: &str, exec_id: &str) -> Result<u32> {
+        let c = self.container(id)?;
+        let mut procs = c.lock();
+        if exec_id.is_empty() {
+            if procs.init.phase != Phase::Created {
+                return Err(Error::FailedPrecondition(format!(
+                    "container {id} was started already"
+                )));
+            }
+            c.runtime.start(id)?;
+            procs.init.phase = Phase::Running;
+            let pid = procs.init.pid;
+            self.publish(Event::Start(TaskStart {
+                container_id: id.into(),
+                pid,
+                ..Default::default()
+            }));
+            return Ok(pid);
+        }
+        if procs.init.phase != Phase::Running {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        let p = procs.get_mut(id, exec_id)?;
+        if p.phase != Phase::Created {
+            return Err(Error::FailedPrecondition(format!(
+                "exec {exec_id} was started already"
+            )));
+        }
+        let spec_file = c.bundle.join(format!("{exec_id}.process.json"));
+        let pid_file = c.bundle.join(format!("{exec_id}.pid"));
+        std::fs::write(&spec_file, &p.spec)
+            .map_err(Error::io(format!("write {}", spec_file.display())))?;
+        let prepared = stdio::prepare(&p.paths)?;
+        let socket = prepared.console.as_ref().map(|s| s.path());
+        let mark = self.inner.exits.mark();
+        let ran = c.runtime.exec(
+            id,
+            &ExecOpts {
+                process: &spec_file,
+                pid_file: &pid_file,
+                console_socket: socket.as_deref(),
+            },
+            prepared.stdio,
+        );
+        let _ = std::fs::remove_file(&spec_file);
+        ran?;
+        let pid = read_pid(&pid_file)?;
+        let io = match prepared.console {
+            Some(console) => ProcessIo::with_console(console.master(CONSOLE_TIMEOUT)?, &p.paths)?,
+            None => prepared.io,
+        };
+        p.pid = pid;
+        p.phase = Phase::Running;
+        p.io = Some(io);
+        self.watch(c.clone(), exec_id.into(), pid, mark);
+        self.publish(Event::ExecStarted(TaskExecStarted {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            pid,
+            ..Default::default()
+        }));
+        Ok(pid)
+    }
+
+    /// `Exec`: records an exec (started by `Start`).
+    pub fn add_exec(&self, req: &api::ExecProcessRequest) -> Result<()> {
+        let c = self.container(&req.id)?;
+        let exec_id = &req.exec_id;
+        if exec_id.is_empty() || exec_id.contains('/') {
+            return Err(Error::InvalidArgument(format!(
+                "invalid exec id {exec_id:?}"
+            )));
+        }
+        let Some(spec) = req.spec.as_ref() else {
+            return Err(Error::InvalidArgument("exec without a process spec".into()));
+        };
+        let mut procs = c.lock();
+        if procs.execs.contains_key(exec_id) {
+            return Err(Error::AlreadyExists(format!("exec {exec_id}")));
+        }
+        let mut p = Process::new(StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        });
+        p.spec = spec.value.clone();
+        procs.execs.insert(exec_id.clone(), p);
+        self.publish(Event::ExecAdded(TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: exec_id.clone(),
+            ..Default::default()
+        }));
+        Ok(())
+    }
+
+    /// `Kill`: `RUNTIME kill` for the container, a signal to the pid for an exec.
+    pub fn kill_process(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let c = self.container(id)?;
+        let finished = || Error::NotFound(format!("process {id}/{exec_id} already finished"));
+        if exec_id.is_empty() {
+            if c.lock().init.phase == Phase::Stopped {
+                return Err(finished());
+            }
+            return c.runtime.kill(id, signal, all).map_err(|e| {
+                if c.lock().init.phase == Phase::Stopped {
+                    finished()
+                } else {
+                    e
+                }
+            });
+        }
+        let procs = c.lock();
+        let p = procs.get(id, exec_id)?;
+        if p.phase != Phase::Running {
+            return Err(finished());
+        }
+        let sig = rustix::process::Signal::from_named_raw(signal as i32)
+            .ok_or_else(|| Error::InvalidArgument(format!("invalid signal {signal}")))?;
+        let pid = rustix::process::Pid::from_raw(p.pid as i32)
+            .ok_or_else(|| Error::FailedPrecondition(format!("exec {exec_id} has no pid")))?;
+        rustix::process::kill_process(pid, sig)
+            .map_err(|e| Error::io(format!("signal exec {exec_id}"))(e.into()))
+    }
+
+    /// `Delete`: an exec is forgotten; the container is deleted in the runtime
+    /// (`--force` unless its process exited), its rootfs unmounted.
+    pub fn delete_process(&self, id: &str, exec_id: &str) -> Result<api::DeleteResponse> {
+        let c = self.container(id)?;
+        let response = |p: &Process| api::DeleteResponse {
+            pid: p.pid,
+            exit_status: p.exit.map_or(0, |e| e.0),
+            exited_at: p.exit.map(|e| timestamp(e.1)).into(),
+            ..Default::default()
+        };
+        if !exec_id.is_empty() {
+            let mut procs = c.lock();
+            let p = procs.get(id, exec_id)?;
+            if p.phase == Phase::Running {
+                return Err(Error::FailedPrecondition(format!(
+                    "exec {exec_id} is still running"
+                )));
+            }
+            let r = response(p);
+            procs.execs.remove(exec_id);
+            return Ok(r);
+        }
+        let stopped = c.lock().init.phase == Phase::Stopped;
+        match c.runtime.delete(id, !stopped) {
+            Err(e) if !e.is_runtime_not_found() => return Err(e),
+            _ => {}
+        }
+        {
+            // A force-deleted process exits now; wait for its status.
+            let procs = c.lock();
+            let (procs, _) = c
+                .changed
+                .wait_timeout_while(procs, DELETE_EXIT_TIMEOUT, |p| {
+                    p.init.phase != Phase::Stopped && p.init.pid != 0
+                })
+                .unwrap_or_else(|e| e.into_inner());
+            drop(procs);
+        }
+        if c.rootfs_mounted {
+            unmount_rootfs(&c.bundle.join("rootfs"));
+        }
+        self.containers().remove(id);
+        let r = response(&c.lock().init);
+        self.publish(Event::Delete(TaskDelete {
+            container_id: id.into(),
+            pid: r.pid,
+            exit_status: r.exit_status,
+            exited_at: r.exited_at.clone(),
+            id: id.into(),
+            ..Default::default()
+        }));
+        Ok(r)
+    }
+
+    /// `Wait`: blocks until the process exited; its status and time.
+    pub fn wait_process(&self, id: &str, exec_id: &str) -> Result<(u32, SystemTime)> {
+        let c = self.container(id)?;
+        let mut procs = c.lock();
+        loop {
+            if let Some(exit) = procs.get(id, exec_id)?.exit {
+                return Ok(exit);
+            }
+            procs = c.changed.wait(procs).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// `State`.
+    pub fn process_state(&self, id: &str, exec_id: &str) -> Result<api::StateResponse> {
+        let c = self.container(id)?;
+        let procs = c.lock();
+        let p = procs.get(id, exec_id)?;
+        let status = match p.phase {
+            Phase::Created => Status::CREATED,
+            Phase::Running if exec_id.is_empty() && procs.paused => Status::PAUSED,
+            Phase::Running => Status::RUNNING,
+            Phase::Stopped => Status::STOPPED,
+        };
+        Ok(api::StateResponse {
+            id: if exec_id.is_empty() {
+                id.into()
+            } else {
+                exec_id.into()
+            },
+            bundle: c.bundle.display().to_string(),
+            pid: p.pid,
+            status: status.into(),
+            stdin: p.paths.stdin.clone(),
+            stdout: p.paths.stdout.clone(),
+            stderr: p.paths.stderr.clone(),
+            terminal: p.paths.terminal,
+            exit_status: p.exit.map_or(0, |e| e.0),
+            exited_at: p.exit.map(|e| timestamp(e.1)).into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        })
+    }
+
+    /// `Pids`: `RUNTIME ps`, execs marked with their ids.
+    pub fn list_pids(&self, id: &str) -> Result<Vec<ProcessInfo>> {
+        let c = self.container(id)?;
+        let pids = c.runtime.ps(id)?;
+        let procs = c.lock();
+        Ok(pids
+            .into_iter()
+            .map(|pid| {
+                let exec = procs
+                    .execs
+                    .iter()
+                    .find(|(_, p)| p.pid == pid && p.phase == Phase::Running);
+                let info = exec.map(|(exec_id, _)| {
+                    let details = ProcessDetails {
+                        exec_id: exec_id.clone(),
+                        ..Default::default()
+                    };
+                    Any {
+                        type_url: "containerd.runc.v1.ProcessDetails".into(),
+                        value: details.write_to_bytes().unwrap_or_default(),
+                        ..Default::default()
+                    }
+                });
+                ProcessInfo {
+                    pid,
+                    info: info.into(),
+                    ..Default::default()
+                }
+            })
+            .collect())
+    }
+
+    /// `Pause` / `Resume`.
+    pub fn set_paused(&self, id: &str, paused: bool) -> Result<()> {
+        let c = self.container(id)?;
+        let mut procs = c.lock();
+        if paused {
+            c.runtime.pause(id)?;
+            procs.paused = true;
+            self.publish(Event::Paused(TaskPaused {
+                container_id: id.into(),
+                ..Default::default()
+            }));
+        } else {
+            c.runtime.resume(id)?;
+            procs.paused = false;
+            self.publish(Event::Resumed(TaskResumed {
+                container_id: id.into(),
+                ..Default::default()
+            }));
+        }
+        Ok(())
+    }
+
+    /// `CloseIO`.
+    pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        let c = self.container(id)?;
+        let procs = c.lock();
+        if let Some(io) = &procs.get(id, exec_id)?.io {
+            io.close_stdin();
+        }
+        Ok(())
+    }
+
+    /// `ResizePty`.
+    pub fn resize_terminal(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<()> {
+        let c = self.container(id)?;
+        let procs = c.lock();
+        match &procs.get(id, exec_id)?.io {
+            Some(io) => io.resize(width, height),
+            None => Err(Error::FailedPrecondition(format!(
+                "process {id}/{exec_id} has no terminal"
+            ))),
+        }
+    }
+
+    /// The container's pid (`Connect`), 0 when unknown.
+    pub fn task_pid(&self, id: &str) -> u32 {
+        self.container(id).map_or(0, |c| c.lock().init.pid)
+    }
+
+    /// `Shutdown`: ends the shim once it serves no container.
+    pub fn shutdown_if_idle(&self) {
+        if self.containers().is_empty() {
+            tracing::info!("no containers left: shutting down");
+            self.inner.exit_signal.signal();
+        }
+    }
+}
+
+fn ok<T>(r: Result<T>) -> TtrpcResult<T> {
+    r.map_err(|e| {
+        tracing::debug!(error = %e, "request failed");
+        e.into()
+    })
+}
+
+impl containerd_shim::Task for Service {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let pid = ok(self.create_task(&req))?;
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let pid = ok(self.start_process(&req.id, &req.exec_id))?;
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        ok(self.add_exec(&req))?;
+        Ok(api::Empty::new())
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        ok(self.kill_process(&req.id, &req.exec_id, req.signal, req.all))?;
+        Ok(api::Empty::new())
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        ok(self.delete_process(&req.id, &req.exec_id))
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let (status, at) = ok(self.wait_process(&req.id, &req.exec_id))?;
+        Ok(api::WaitResponse {
+            exit_status: status,
+            exited_at: Some(timestamp(at)).into(),
+            ..Default::default()
+        })
+    }
+
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        ok(self.process_state(&req.id, &req.exec_id))
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        Ok(api::PidsResponse {
+            processes: ok(self.list_pids(&req.id))?,
+            ..Default::default()
+        })
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        ok(self.set_paused(&req.id, true))?;
+        Ok(api::Empty::new())
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        ok(self.set_paused(&req.id, false))?;
+        Ok(api::Empty::new())
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        if req.stdin {
+            ok(self.close_stdin(&req.id, &req.exec_id))?;
+        }
+        Ok(api::Empty::new())
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        ok(self.resize_terminal(&req.id, &req.exec_id, req.width, req.height))?;
+        Ok(api::Empty::new())
+    }
+
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: self.task_pid(&req.id),
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        self.shutdown_if_idle();
+        Ok(api::Empty::new())
+    }
+
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        // A VM's resource use is not a host cgroup's; no metrics yet.
+        self.container(&req.id).map_err(ttrpc::Error::from)?;
+        Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+            ttrpc::Code::UNIMPLEMENTED,
+            "forkvm shim: stats are not implemented",
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn any(type_url: &str, msg: &Options) -> Any {
+        Any {
+            type_url: type_url.into(),
+            value: msg.write_to_bytes().unwrap(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn runc_options_are_read() {
+        let opts = Options {
+            binary_name: "/usr/sbin/runc".into(),
+            root: "/srv/rt".into(),
+            no_pivot_root: true,
+            ..Default::default()
+        };
+        let got = runtime_options(Some(&any("containerd.runc.v1.Options", &opts))).unwrap();
+        assert_eq!(got.binary_name, "/usr/sbin/runc");
+        assert_eq!(got.root, "/srv/rt");
+        assert!(got.no_pivot_root);
+        // A host-prefixed type URL (protobuf's Any::pack) reads the same.
+        let got = runtime_options(Some(&any(
+            "type.googleapis.com/containerd.runc.v1.Options",
+            &opts,
+        )))
+        .unwrap();
+        assert_eq!(got.binary_name, "/usr/sbin/runc");
+    }
+
+    #[test]
+    fn legacy_create_options_only_give_no_pivot() {
+        // Field 1 is no_pivot_root in both messages; field 6 is a string in both but
+        // means something else in CreateOptions, and must not become the binary.
+        let opts = Options {
+            no_pivot_root: true,
+            binary_name: "empty-namespace".into(),
+            ..Default::default()
+        };
+        let got =
+            runtime_options(Some(&any("containerd.linux.runc.CreateOptions", &opts))).unwrap();
+        assert!(got.no_pivot_root);
+        assert_eq!(got.binary_name, "");
+    }
+
+    #[test]
+    fn no_or_unknown_options_are_the_defaults() {
+        assert_eq!(runtime_options(None).unwrap(), Options::default());
+        let other = Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value: vec![10, 3, b'a', b'b', b'c'],
+            ..Default::default()
+        };
+        assert_eq!(runtime_options(Some(&other)).unwrap(), Options::default());
+        let broken = Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            value: vec![0xff, 0xff],
+            ..Default::default()
+        };
+        assert!(runtime_options(Some(&broken)).is_err());
+    }
+
+    #[test]
+    fn pid_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("init.pid");
+        std::fs::write(&p, "1234").unwrap();
+        assert_eq!(read_pid(&p).unwrap(), 1234);
+        std::fs::write(&p, "1234\n").unwrap();
+        assert_eq!(read_pid(&p).unwrap(), 1234);
+        std::fs::write(&p, "x").unwrap();
+        assert!(read_pid(&p).is_err());
+        std::fs::write(&p, "0").unwrap();
+        assert!(read_pid(&p).is_err());
+        assert!(read_pid(&tmp.path().join("none")).is_err());
+    }
+
+    #[test]
+    fn runtime_records_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = RuntimeRecord {
+            binary: "/usr/sbin/runc".into(),
+            root: "/run/containerd/forkvm/default".into(),
+        };
+        r.save(tmp.path()).unwrap();
+        assert_eq!(RuntimeRecord::load(tmp.path()).unwrap(), r);
+    }
+
+    #[test]
+    fn timestamps() {
+        let t = SystemTime::UNIX_EPOCH + Duration::new(5, 7);
+        let ts = timestamp(t);
+        assert_eq!((ts.seconds, ts.nanos), (5, 7));
+    }
+}

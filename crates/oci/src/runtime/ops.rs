@@ -236,7 +236,7 @@ pub fn list(g: &Global, a: &ListArgs) -> Result<()> {
                     "{:<24} {:<8} {:<10} {:<40} {:<32} {}",
                     s.id,
                     pid,
-                    s.status,
+                    s.status.as_str(),
                     s.bundle.display(),
                     s.created_rfc3339(),
                     s.parent.as_deref().unwrap_or("")

@@ -1,0 +1,490 @@
+//! End to end, in a KVM host: `forkvm-runtime` driven the way runc shims and conmon
+//! drive runc. This test process is the child subreaper, as a shim is, so it reaps the
+//! monitor processes and sees the exit codes an engine would see.
+//!
+//! One virtual-host session covers: the lifecycle and the runtime spec's `state` object,
+//! stdio and the exit code, `kill` reaching a trap, `exec` in the foreground and
+//! detached, `ps`/`list`/`features`, a bad `config.json` leaving nothing behind, and
+//! `delete --force` of a running container leaving nothing behind.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const RUNTIME: &str = env!("CARGO_BIN_EXE_forkvm-runtime");
+/// Limit for one runtime command (create boots a VM: seconds in the virtual host).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A bundle: busybox as the rootfs (from the host's busybox-static) and `config`.
+fn bundle(dir: &Path, args: &[&str], edit: impl FnOnce(&mut Value)) -> PathBuf {
+    let rootfs = dir.join("rootfs");
+    for d in ["bin", "etc", "tmp", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox is not installed (scripts/setup.sh installs busybox-static)");
+    std::fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
+    for applet in [
+        "sh", "echo", "cat", "sleep", "hostname", "wc", "id", "true", "kill", "ps",
+    ] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
+    let mut config = json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/bin", "GREETING=hello"],
+            "cwd": "/",
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}]
+        },
+        "root": {"path": "rootfs"},
+        "hostname": "rt-e2e",
+        "annotations": {"org.example.test": "yes"},
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs"}
+        ],
+        "linux": {
+            "resources": {"memory": {"limit": 268435456}},
+            "namespaces": [{"type": "pid"}, {"type": "mount"}]
+        }
+    });
+    edit(&mut config);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir.to_owned()
+}
+
+struct Env {
+    tmp: tempfile::TempDir,
+}
+
+struct Out {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Display for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Env {
+    fn root(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+    fn vm_root(&self) -> PathBuf {
+        self.tmp.path().join("vms")
+    }
+    fn log(&self) -> PathBuf {
+        self.tmp.path().join("runtime.log")
+    }
+
+    /// Runs the runtime with stdout/stderr in files named after `tag` (a monitor keeps
+    /// them open after `create` returns, so they cannot be pipes we wait on).
+    fn rt(&self, tag: &str, args: &[&str], stdin: Option<&Path>) -> Out {
+        let out_path = self.tmp.path().join(format!("{tag}.out"));
+        let err_path = self.tmp.path().join(format!("{tag}.err"));
+        let mut cmd = Command::new(RUNTIME);
+        cmd.arg("--root")
+            .arg(self.root())
+            .arg("--log")
+            .arg(self.log())
+            .args(["--log-format", "json"])
+            .args(args)
+            .env("FORKVM_ROOT", self.vm_root())
+            .stdout(File::create(&out_path).unwrap())
+            .stderr(File::create(&err_path).unwrap())
+            .stdin(match stdin {
+                Some(p) => Stdio::from(File::open(p).unwrap()),
+                None => Stdio::null(),
+            });
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("forkvm-runtime {args:?} did not finish within {COMMAND_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Out {
+            code: status.code(),
+            stdout: std::fs::read_to_string(&out_path).unwrap(),
+            stderr: std::fs::read_to_string(&err_path).unwrap(),
+        }
+    }
+
+    fn ok(&self, tag: &str, args: &[&str]) -> Out {
+        let out = self.rt(tag, args, None);
+        assert_eq!(
+            out.code,
+            Some(0),
+            "forkvm-runtime {args:?}\n{out}\n{}",
+            self.diagnostics()
+        );
+        out
+    }
+
+    fn state(&self, id: &str) -> Value {
+        serde_json::from_str(&self.ok("state", &["state", id]).stdout).unwrap()
+    }
+
+    fn read(&self, tag: &str) -> String {
+        std::fs::read_to_string(self.tmp.path().join(tag)).unwrap_or_default()
+    }
+
+    /// The runtime log and every VM console, for failure messages.
+    fn diagnostics(&self) -> String {
+        let mut s = format!("--- runtime log\n{}", self.read("runtime.log"));
+        for e in std::fs::read_dir(self.vm_root())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let console = e.path().join("console.log");
+            s += &format!(
+                "\n--- {}\n{}",
+                console.display(),
+                forkvm_api::home::tail(&console, 30)
+            );
+        }
+        s
+    }
+
+    fn vm_homes(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.vm_root())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect()
+    }
+}
+
+/// Waits for our (reparented) child `pid` and returns its exit code.
+fn reap(pid: i32, limit: Duration) -> i32 {
+    let pid = rustix::process::Pid::from_raw(pid).unwrap();
+    let deadline = Instant::now() + limit;
+    loop {
+        match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG) {
+            Ok(Some((_, status))) => {
+                return status
+                    .exit_status()
+                    .or(status.terminating_signal().map(|s| 128 + s))
+                    .unwrap();
+            }
+            Ok(None) => {}
+            Err(e) => panic!("waitpid({pid:?}): {e}"),
+        }
+        assert!(Instant::now() < deadline, "process {pid:?} did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn pid_of(state: &Value) -> i32 {
+    state["pid"].as_i64().expect("state has a pid") as i32
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// Processes of this binary still running (monitors, detached execs).
+fn runtime_processes() -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let zombie = std::fs::read_to_string(e.path().join("stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true);
+        if cmd.contains("forkvm-runtime") && !zombie {
+            found.push(cmd);
+        }
+    }
+    found
+}
+
+#[test]
+fn runtime_drives_vms_like_runc() {
+    if !forkvm_vhost::in_vhost() {
+        forkvm_oci::vm::container_guest().expect("cannot prepare the container guest");
+    }
+    forkvm_vhost::on_kvm_host_with(
+        forkvm_vhost::test_path!(),
+        Duration::from_secs(600),
+        None,
+        body,
+    );
+}
+
+fn body() {
+    rustix::process::set_child_subreaper(Some(rustix::process::getpid())).unwrap();
+    let env = Env {
+        tmp: tempfile::tempdir().unwrap(),
+    };
+    let t = env.tmp.path();
+
+    // --- lifecycle, state, stdio, exit code
+    let b1 = bundle(
+        &t.join("b1"),
+        &[
+            "sh",
+            "-c",
+            "echo $GREETING from $(hostname); echo oops >&2; read line; echo got $line; exit 3",
+        ],
+        |_| {},
+    );
+    let input = t.join("input");
+    std::fs::write(&input, "typed\n").unwrap();
+    let pid_file = t.join("c1.pid");
+    let started = Instant::now();
+    let out = env.rt(
+        "c1-create",
+        &[
+            "create",
+            "--bundle",
+            b1.to_str().unwrap(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "c1",
+        ],
+        Some(&input),
+    );
+    assert_eq!(out.code, Some(0), "{out}\n{}", env.diagnostics());
+    println!(
+        "create (VM booted, agent answering): {:?}",
+        started.elapsed()
+    );
+    let state = env.state("c1");
+    for field in ["ociVersion", "id", "status", "pid", "bundle"] {
+        assert!(state.get(field).is_some(), "state lacks {field}: {state}");
+    }
+    assert_eq!(state["id"], "c1");
+    assert_eq!(state["status"], "created");
+    assert_eq!(state["bundle"], b1.to_str().unwrap());
+    assert_eq!(state["annotations"]["org.example.test"], "yes");
+    let spec_state: oci_spec::runtime::State = serde_json::from_value(state.clone()).unwrap();
+    assert_eq!(
+        *spec_state.status(),
+        oci_spec::runtime::ContainerState::Created
+    );
+    let pid = pid_of(&state);
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        pid.to_string()
+    );
+    assert!(alive(pid));
+    assert_eq!(env.vm_homes().len(), 1, "one VM registered");
+    let out = env.rt("c1-start-again", &["state", "nope"], None);
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("does not exist"), "{out}");
+
+    env.ok("c1-start", &["start", "c1"]);
+    let code = reap(pid, Duration::from_secs(60));
+    assert_eq!(code, 3, "the container's exit code\n{}", env.diagnostics());
+    assert_eq!(
+        env.read("c1-create.out"),
+        "hello from rt-e2e\ngot typed\n",
+        "{}",
+        env.diagnostics()
+    );
+    assert_eq!(env.read("c1-create.err"), "oops\n");
+    assert_eq!(env.state("c1")["status"], "stopped");
+    assert!(env.state("c1").get("pid").is_none());
+    let out = env.rt("c1-kill-stopped", &["kill", "c1", "TERM"], None);
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("not running"), "{out}");
+    env.ok("c1-delete", &["delete", "c1"]);
+    assert!(!env.root().join("c1").exists());
+    assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
+
+    // --- a long-running container: exec, ps, list, kill reaching a trap
+    let b2 = bundle(
+        &t.join("b2"),
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got TERM; exit 7' TERM; echo ready; while true; do sleep 0.2; done",
+        ],
+        |_| {},
+    );
+    let pid_file = t.join("c2.pid");
+    let out = env.rt(
+        "c2-create",
+        &[
+            "create",
+            "-b",
+            b2.to_str().unwrap(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "c2",
+        ],
+        None,
+    );
+    assert_eq!(out.code, Some(0), "{out}\n{}", env.diagnostics());
+    let pid = pid_of(&env.state("c2"));
+    env.ok("c2-start", &["start", "c2"]);
+    assert_eq!(env.state("c2")["status"], "running");
+    let out = env.rt("c2-start-twice", &["start", "c2"], None);
+    assert_eq!(out.code, Some(1), "{out}");
+
+    let out = env.rt(
+        "c2-exec",
+        &["exec", "c2", "sh", "-c", "echo in $(hostname); exit 4"],
+        None,
+    );
+    assert_eq!(out.code, Some(4), "{out}\n{}", env.diagnostics());
+    assert_eq!(out.stdout, "in rt-e2e\n");
+    let process = t.join("process.json");
+    std::fs::write(
+        &process,
+        json!({"args": ["sh", "-c", "sleep 1; echo detached $X"], "env": ["PATH=/bin", "X=yes"], "cwd": "/tmp", "user": {"uid": 0, "gid": 0}}).to_string(),
+    )
+    .unwrap();
+    let exec_pid_file = t.join("exec.pid");
+    let out = env.rt(
+        "c2-exec-detached",
+        &[
+            "exec",
+            "--process",
+            process.to_str().unwrap(),
+            "--detach",
+            "--pid-file",
+            exec_pid_file.to_str().unwrap(),
+            "c2",
+        ],
+        None,
+    );
+    assert_eq!(out.code, Some(0), "{out}");
+    let exec_pid: i32 = std::fs::read_to_string(&exec_pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(reap(exec_pid, Duration::from_secs(30)), 0);
+    assert_eq!(env.read("c2-exec-detached.out"), "detached yes\n");
+    let out = env.rt("c2-exec-missing", &["exec", "c2", "no-such-command"], None);
+    assert_eq!(out.code, Some(127), "{out}");
+
+    let ps: Vec<i32> =
+        serde_json::from_str(&env.ok("c2-ps", &["ps", "--format", "json", "c2"]).stdout).unwrap();
+    assert_eq!(ps, [pid]);
+    let list: Vec<Value> =
+        serde_json::from_str(&env.ok("list", &["list", "--format", "json"]).stdout).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["id"], "c2");
+    assert_eq!(list[0]["status"], "running");
+    let features: Value = serde_json::from_str(&env.ok("features", &["features"]).stdout).unwrap();
+    assert!(features["ociVersionMax"]
+        .as_str()
+        .unwrap()
+        .starts_with("1."));
+
+    let out = env.rt("c2-delete-running", &["delete", "c2"], None);
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("not stopped"), "{out}");
+    env.ok("c2-kill", &["kill", "c2", "15"]);
+    assert_eq!(
+        reap(pid, Duration::from_secs(30)),
+        7,
+        "{}",
+        env.diagnostics()
+    );
+    assert!(
+        env.read("c2-create.out").ends_with("got TERM\n"),
+        "{}",
+        env.read("c2-create.out")
+    );
+    env.ok("c2-delete", &["delete", "c2"]);
+
+    // --- delete --force of a running container leaves nothing behind
+    let b3 = bundle(&t.join("b3"), &["sleep", "1000"], |_| {});
+    let out = env.rt(
+        "c3-create",
+        &["create", "--bundle", b3.to_str().unwrap(), "c3"],
+        None,
+    );
+    assert_eq!(out.code, Some(0), "{out}\n{}", env.diagnostics());
+    let pid = pid_of(&env.state("c3"));
+    env.ok("c3-start", &["start", "c3"]);
+    env.ok("c3-delete", &["delete", "--force", "c3"]);
+    assert_eq!(reap(pid, Duration::from_secs(10)), 128 + libc::SIGKILL);
+    assert!(!env.root().join("c3").exists());
+    assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
+    let out = env.rt("c3-state", &["state", "c3"], None);
+    assert!(out.stderr.contains("does not exist"), "{out}");
+
+    // --- bad bundles: a clear error naming the problem, nothing left behind
+    let b4 = t.join("b4");
+    bundle(&b4, &["true"], |_| {});
+    std::fs::write(
+        b4.join("config.json"),
+        "{\"ociVersion\": \"1.0.2\", \"process\": ",
+    )
+    .unwrap();
+    let out = env.rt(
+        "c4-create",
+        &["create", "--bundle", b4.to_str().unwrap(), "c4"],
+        None,
+    );
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("config.json"), "{out}");
+    assert!(
+        out.stderr.contains("not a valid OCI runtime config"),
+        "{out}"
+    );
+    let b5 = bundle(&t.join("b5"), &["true"], |c| {
+        c["mounts"].as_array_mut().unwrap().push(
+            json!({"destination": "/data", "type": "bind", "source": "/tmp", "options": ["rbind"]}),
+        );
+    });
+    let out = env.rt(
+        "c5-create",
+        &["create", "--bundle", b5.to_str().unwrap(), "c5"],
+        None,
+    );
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("mount /data"), "{out}");
+    let last_error = env
+        .read("runtime.log")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["level"] == "error")
+        .last()
+        .expect("an error line in the JSON log");
+    assert!(last_error["msg"].as_str().unwrap().contains("mount /data"));
+    for id in ["c4", "c5"] {
+        assert!(!env.root().join(id).exists(), "{id} left state behind");
+    }
+    assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
+    let list = env.ok("list-empty", &["list", "-q"]);
+    assert_eq!(list.stdout, "");
+    assert!(
+        runtime_processes().is_empty(),
+        "left running: {:?}",
+        runtime_processes()
+    );
+}

@@ -472,8 +472,7 @@ fn body() {
         .read("runtime.log")
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["level"] == "error")
-        .last()
+        .rfind(|l| l["level"] == "error")
         .expect("an error line in the JSON log");
     assert!(last_error["msg"].as_str().unwrap().contains("mount /data"));
     for id in ["c4", "c5"] {

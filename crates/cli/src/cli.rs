@@ -207,7 +207,8 @@ pub struct VmArg {
 /// `forkvm fork`.
 #[derive(Debug, Args)]
 pub struct ForkArgs {
-    /// Name, ID or unique ID prefix of the VM to fork.
+    /// Name, ID or unique ID prefix of the VM to fork, or the id of a running container
+    /// of forkvm-runtime (its children become containers too).
     pub vm: String,
     /// Number of children.
     #[arg(long, short = 'n', default_value_t = 1)]
@@ -218,6 +219,9 @@ pub struct ForkArgs {
     /// Print the outcome as JSON.
     #[arg(long)]
     pub json: bool,
+    /// forkvm-runtime's state root, where containers are looked up (its `--root`).
+    #[arg(long, default_value = forkvm_oci::state::DEFAULT_ROOT)]
+    pub runtime_root: PathBuf,
 }
 
 /// `forkvm template ...`.

@@ -76,6 +76,19 @@ impl ForwardedSignals {
         Ok(Self { set })
     }
 
+    /// Unblocks the signals in this thread: a process started by one that blocked them
+    /// (a fork child of a container's VMM) inherits the mask across `exec`.
+    pub fn unblock_inherited() -> io::Result<()> {
+        let this = Self::block()?;
+        // SAFETY: changes only this thread's mask; `this.set` is initialised.
+        let rc =
+            unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &this.set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(())
+    }
+
     /// Starts the thread that hands each signal to the attached process (a terminal's
     /// size change becomes a resize when `tty`). With a terminal in raw mode, Ctrl-C
     /// arrives as a byte, not here.

@@ -7,6 +7,10 @@
 //! thread runs the vCPUs. When the session ends the agent powers the VM off (the
 //! container's process exited); if it does not within [`POWEROFF_GRACE`], or the process
 //! never ran, the VM is stopped.
+//!
+//! [`fork_child`] is the other way a VM runs in a process: a child of a fork, in the
+//! process the forking VMM starts as `<its own executable> __fork-child` (`forkvm` and
+//! `forkvm-runtime` both have that verb, since either may be the VMM that forks).
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -15,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use forkvm_api::VmHome;
+use forkvm_api::{ProcessIdentity, VmHome};
 use forkvm_guest_kernel::GuestImage;
 use forkvm_vmm::config::DEFAULT_CMDLINE;
 use forkvm_vmm::{BlockSpec, ExitReason, VmConfig, Vmm, VsockSpec};
@@ -186,5 +190,52 @@ where
             "the VM stopped; its console:\n{}",
             forkvm_api::home::tail(&console_path, 20)
         ))),
+    }
+}
+
+/// Runs a fork child: restores the VM its parent sent on fd 3, registers it as a VM of
+/// its own (parent recorded) and serves its API, like a booted VM; returns the exit code.
+pub fn fork_child() -> Result<i32> {
+    use forkvm_vmm::fork::ReceivedChild;
+    use std::io::Write;
+    crate::term::ForwardedSignals::unblock_inherited().context("cannot unblock signals")?;
+    let child = ReceivedChild::receive().context("cannot receive the fork")?;
+    let registered = (|| -> Result<(VmHome, Box<dyn Write + Send>)> {
+        let home = VmHome::create_fork_child(None).context("cannot register the fork child")?;
+        home.record_process(ProcessIdentity::current())
+            .context("cannot record the VMM process")?;
+        let cfg = child.config();
+        home.record_machine(cfg.vcpus, cfg.mem_mib)?;
+        // From here on this daemon's own messages go to its console log.
+        let log = home.console_writer()?;
+        forkvm_vmm::fork::redirect_stderr(&log).context("cannot log to the console file")?;
+        let console: Box<dyn Write + Send> =
+            match child.console_path() {
+                Some(path) => Box::new(std::fs::File::create(path).with_context(|| {
+                    format!("cannot create the console file {}", path.display())
+                })?),
+                None => Box::new(log),
+            };
+        Ok((home, console))
+    })();
+    let (home, console) = match registered {
+        Ok(r) => r,
+        Err(e) => {
+            child.fail(&format!("{e:#}"));
+            return Err(e);
+        }
+    };
+    // Grandchildren record this VM as their parent (set before any thread starts).
+    std::env::set_var(forkvm_api::ENV_ID, home.id());
+    let mut vmm = child
+        .start(console)
+        .context("cannot restore the forked VM")?;
+    let server =
+        forkvm_api::serve(home, vmm.control_handle()).context("cannot serve the VM's API")?;
+    let exit = vmm.run();
+    server.finish_run(&exit);
+    match exit.context("the forked VM failed while running")? {
+        ExitReason::PowerOff | ExitReason::Reset | ExitReason::Stopped => Ok(0),
+        ExitReason::Failed(why) => bail!("the forked guest stopped abnormally: {why}"),
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! One virtual-host session covers: the lifecycle and the runtime spec's `state` object,
 //! stdio and the exit code, `kill` reaching a trap, `exec` in the foreground and
-//! detached, `ps`/`list`/`features`, a bad `config.json` leaving nothing behind, and
+//! detached, `fork` into new containers, `ps`/`list`/`features`, a bad `config.json` leaving nothing behind, and
 //! `delete --force` of a running container leaving nothing behind.
 
 use std::fs::File;
@@ -402,6 +402,55 @@ fn body() {
         .as_str()
         .unwrap()
         .starts_with("1."));
+
+    // Fork: two new containers resume from c2's exact state, its process included.
+    let fork: Value =
+        serde_json::from_str(&env.ok("c2-fork", &["fork", "--count", "2", "c2"]).stdout).unwrap();
+    let children = fork["children"].as_array().unwrap();
+    assert_eq!(children.len(), 2, "{fork}");
+    assert_eq!(children[0]["id"], "c2-fork-1");
+    assert_eq!(children[1]["id"], "c2-fork-2");
+    let child = env.state("c2-fork-1");
+    assert_eq!(child["status"], "running");
+    assert_eq!(child["bundle"], b2.to_str().unwrap());
+    assert_eq!(pid_of(&child) as i64, children[0]["pid"].as_i64().unwrap());
+    let list = env.ok("list-forks", &["list"]);
+    assert_eq!(
+        list.stdout.lines().filter(|l| l.contains(" c2")).count(),
+        2,
+        "{list}"
+    );
+    let out = env.rt("c2-fork-1-exec", &["exec", "c2-fork-1", "ps"], None);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{out}
+{}",
+        env.diagnostics()
+    );
+    assert!(
+        out.stdout.contains("got TERM"),
+        "the forked process runs on: {out}"
+    );
+    env.ok("c2-fork-1-kill", &["kill", "c2-fork-1", "TERM"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.state("c2-fork-1")["status"] != "stopped" {
+        assert!(
+            Instant::now() < deadline,
+            "c2-fork-1 did not stop after TERM\n{}",
+            env.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(env.state("c2")["status"], "running", "the parent runs on");
+    env.ok("c2-fork-1-delete", &["delete", "c2-fork-1"]);
+    env.ok("c2-fork-2-delete", &["delete", "--force", "c2-fork-2"]);
+    assert_eq!(
+        env.vm_homes().len(),
+        1,
+        "only c2's VM is left: {:?}",
+        env.vm_homes()
+    );
 
     let out = env.rt("c2-delete-running", &["delete", "c2"], None);
     assert_eq!(out.code, Some(1));

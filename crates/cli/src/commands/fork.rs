@@ -1,5 +1,7 @@
 //! `forkvm fork VM [-n N] [--freeze]`: fork a running VM through its API; children are
-//! VMs of their own (`forkvm ps` lists them with their parent).
+//! VMs of their own (`forkvm ps` lists them with their parent). `forkvm fork CONTAINER`
+//! forks a container of forkvm-runtime into new containers (see
+//! [`forkvm_oci::runtime::fork`]).
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,7 +14,21 @@ use crate::cli::ForkArgs;
 
 /// Runs `forkvm fork`.
 pub fn run(args: ForkArgs, root: &Path) -> Result<i32> {
-    let home = find(root, &args.vm)?;
+    let home = match find(root, &args.vm) {
+        Ok(home) => home,
+        Err(e) => {
+            let store = forkvm_oci::state::StateStore::open(&args.runtime_root)?;
+            if forkvm_oci::state::validate_id(&args.vm).is_err() || store.load(&args.vm).is_err()
+            {
+                return Err(e.context(format!(
+                    "no VM, and no container under {}, is named {:?}",
+                    args.runtime_root.display(),
+                    args.vm
+                )));
+            }
+            return fork_container(&args);
+        }
+    };
     let (_, client) = live(&home)?;
     let req = ForkRequest {
         count: args.count,
@@ -49,4 +65,31 @@ pub fn print_outcome(from: &str, out: &ForkOutcome, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `forkvm fork CONTAINER`: the container's children become containers.
+fn fork_container(args: &ForkArgs) -> Result<i32> {
+    if args.freeze {
+        anyhow::bail!("--freeze does not apply to containers: their engine owns the parent");
+    }
+    let out = forkvm_oci::runtime::fork::fork_container(&args.runtime_root, &args.vm, args.count)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(0);
+    }
+    println!(
+        "forked container {} into {} containers; parent paused {:.3} ms",
+        out.parent,
+        out.children.len(),
+        out.parent_pause_us as f64 / 1000.0
+    );
+    for c in &out.children {
+        println!(
+            "  {}  pid {:>7}  running after {:.3} ms",
+            c.id,
+            c.pid,
+            c.running_after_us as f64 / 1000.0
+        );
+    }
+    Ok(0)
 }

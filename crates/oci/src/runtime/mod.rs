@@ -13,12 +13,14 @@
 //! | `exec` | runs another process in the container through the guest agent; `--detach` leaves a host process standing for it, as `create` does |
 //! | `pause`, `resume` | pause and resume the whole VM |
 //! | `features` | what this runtime supports, per the runtime spec's features document |
+//! | `fork` | (forkvm's own) forks a running container's VM into new containers, see [`fork`] |
 //!
 //! Errors go to stderr and, as runc does, to `--log` (one JSON object a line with
 //! `--log-format json`, which go-runc reads back for the engine's error message).
 
 mod create;
 mod exec;
+pub mod fork;
 mod log;
 mod ops;
 
@@ -99,9 +101,24 @@ pub enum Command {
     Resume(IdArg),
     /// Print what this runtime supports (JSON).
     Features,
+    /// Fork a running container into new containers (`<id>-fork-<n>`).
+    Fork(ForkArgs),
     /// The container's monitor process (started by `create`).
     #[command(name = "__monitor", hide = true)]
     Monitor(IdArg),
+    /// A fork child's VMM process (started by a forking VMM).
+    #[command(name = "__fork-child", hide = true)]
+    ForkChild,
+}
+
+/// `fork`.
+#[derive(Debug, Args)]
+pub struct ForkArgs {
+    /// Number of new containers.
+    #[arg(short = 'n', long, default_value_t = 1)]
+    pub count: u32,
+    /// The running container to fork.
+    pub id: String,
 }
 
 /// A container id.
@@ -255,6 +272,11 @@ pub fn main() -> i32 {
         Command::Pause(a) => ops::pause(&cli.global, &a.id, true).map(|()| 0),
         Command::Resume(a) => ops::pause(&cli.global, &a.id, false).map(|()| 0),
         Command::Features => ops::features().map(|()| 0),
+        Command::Fork(a) => fork::fork_container(&cli.global.root, &a.id, a.count).and_then(|f| {
+            println!("{}", serde_json::to_string_pretty(&f)?);
+            Ok(0)
+        }),
+        Command::ForkChild => crate::vm::fork_child(),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,126 @@
+//! `fork`: a running container forked into new containers (an extension of runc's
+//! command line; `forkvm fork CONTAINER` calls the same code).
+//!
+//! The container's VM forks through its forkvm API: each child is a VM of its own, in
+//! its own VMM process, resuming from the parent's exact state (the container's process
+//! included) with a fresh identity. Each becomes a container under the same root, named
+//! `<parent>-fork-<n>`, `running`, with the child's VMM as its process and the parent
+//! recorded, so `state`, `list`, `kill`, `exec` and `delete` work on it. The process in
+//! a child has no stdio on the host (the parent's engine holds the parent's), and its
+//! host process exits with 0 when its VM powers off.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use forkvm_vmm::control::ForkRequest;
+use serde::Serialize;
+
+use crate::state::{ContainerState, StateError, StateStore, Status};
+
+/// One forked container.
+#[derive(Clone, Debug, Serialize)]
+pub struct ForkedContainer {
+    /// Its container id.
+    pub id: String,
+    /// Its host process (the child's VMM).
+    pub pid: i32,
+    /// Its forkvm VM id, when found.
+    pub vm_id: Option<String>,
+    /// Microseconds from the fork request until its vCPUs ran.
+    pub running_after_us: u64,
+}
+
+/// What a container fork did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ContainerFork {
+    /// The forked container.
+    pub parent: String,
+    /// Microseconds the parent's vCPUs were paused.
+    pub parent_pause_us: u64,
+    /// The new containers.
+    pub children: Vec<ForkedContainer>,
+}
+
+/// Forks running container `id` under state root `root` into `count` containers.
+pub fn fork_container(root: &Path, id: &str, count: u32) -> Result<ContainerFork> {
+    if count == 0 {
+        bail!("--count must be at least 1");
+    }
+    let store = StateStore::open(root)?;
+    let parent = store.load(id)?;
+    if parent.status != Status::Running || !parent.process_alive() {
+        bail!("container {id} is {}, not running", parent.status);
+    }
+    let vm = parent
+        .vm_id
+        .clone()
+        .context("the container has no VM recorded")?;
+    let vm_root = forkvm_api::default_root();
+    let home = forkvm_api::VmHome::open(&vm_root, &vm)
+        .with_context(|| format!("cannot find container {id}'s VM {vm}"))?;
+    let client = forkvm_api::Client::new(home.socket_path()).with_timeout(Duration::from_secs(300));
+    let out = client
+        .fork(&ForkRequest {
+            count,
+            ..ForkRequest::default()
+        })
+        .with_context(|| format!("cannot fork container {id}"))?;
+    let mut children = Vec::new();
+    for child in &out.children {
+        let pid = child.pid as i32;
+        let mut state = ContainerState::new(next_child_id(&store, id)?, &parent.bundle);
+        state.annotations = parent.annotations.clone();
+        state.parent = Some(id.to_owned());
+        state.guest_pid = parent.guest_pid;
+        state.vsock = child.vsock_uds.clone();
+        state.vm_id = find_vm(&vm_root, child.pid);
+        state.record_pid(pid)?;
+        state.transition(Status::Created)?;
+        state.transition(Status::Running)?;
+        store.create(&state)?;
+        children.push(ForkedContainer {
+            id: state.id,
+            pid,
+            vm_id: state.vm_id,
+            running_after_us: child.running_after_us,
+        });
+    }
+    Ok(ContainerFork {
+        parent: id.to_owned(),
+        parent_pause_us: out.parent_pause_us,
+        children,
+    })
+}
+
+/// `<parent>-fork-<n>` with the first `n` not taken.
+fn next_child_id(store: &StateStore, parent: &str) -> Result<String> {
+    for n in 1.. {
+        let id = format!("{parent}-fork-{n}");
+        match store.load(&id) {
+            Err(StateError::NotFound { .. }) => return Ok(id),
+            Ok(_) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    unreachable!("an unbounded range ends")
+}
+
+/// The VM whose VMM process is `pid` (a fork child registers itself as it starts).
+fn find_vm(vm_root: &Path, pid: u32) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = forkvm_api::list(vm_root).ok()?.into_iter().find(|e| {
+            e.state
+                .as_ref()
+                .is_ok_and(|s| s.process.as_ref().is_some_and(|p| p.pid == pid))
+        });
+        if let Some(e) = found {
+            return Some(e.id);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -32,7 +32,8 @@
 //! | `linux.resources.cpu.cpus` | [`ContainerPlan::vcpus`] | when there is no quota: the number of CPUs in the cpuset; else 1 |
 //! | other `linux.resources`, `cgroupsPath`, `maskedPaths`, `readonlyPaths`, `rootfsPropagation`, `mountLabel` | ignored | host cgroup/kernel details with no meaning inside the VM |
 //! | `annotations` | [`ContainerPlan::annotations`] | reported by `state` |
-//! | `hooks` (any) | **error** | hooks run host binaries against a container namespace that does not exist |
+//! | `hooks`: Docker's `libnetwork-setkey` prestart hook | warning, not run | it configures the network namespace of the container's process; the VM has its own network stack |
+//! | `hooks` (any other) | **error** | hooks run host binaries against a container namespace that does not exist |
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -59,6 +60,9 @@ const GUEST_MOUNTS: &[&str] = &[
     "/sys",
     "/sys/fs/cgroup",
 ];
+/// The argument that marks Docker's (libnetwork's) prestart hook.
+const DOCKER_NETWORK_HOOK: &str = "libnetwork-setkey";
+
 /// A host file bind-mounted into the container, copied into the VM's root instead.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileCopy {
@@ -457,7 +461,7 @@ impl Planner<'_> {
     }
 
     #[allow(deprecated)] // `prestart` is deprecated in the spec, yet still honoured by runc.
-    fn hooks(&self, hooks: &Hooks) -> Result<(), BundleError> {
+    fn hooks(&mut self, hooks: &Hooks) -> Result<(), BundleError> {
         let kinds = [
             ("hooks.prestart", hooks.prestart()),
             ("hooks.createRuntime", hooks.create_runtime()),
@@ -467,7 +471,20 @@ impl Planner<'_> {
             ("hooks.poststop", hooks.poststop()),
         ];
         for (field, list) in kinds {
-            if list.as_ref().is_some_and(|l| !l.is_empty()) {
+            for hook in list.iter().flatten() {
+                // Docker's network hook configures the network namespace of the
+                // container's process; a VM has its own network stack.
+                if hook
+                    .args()
+                    .iter()
+                    .flatten()
+                    .any(|a| a == DOCKER_NETWORK_HOOK)
+                {
+                    self.warn(format!(
+                        "{field}: Docker's {DOCKER_NETWORK_HOOK} hook is not run: the VM has its own network stack"
+                    ));
+                    continue;
+                }
                 return Err(self.unsupported(
                     field,
                     "hooks are not supported: they run host programs against container namespaces that live inside the VM",
@@ -947,6 +964,19 @@ mod tests {
         assert!(e.contains("hooks.poststop"), "{e}");
         // Empty hook lists are harmless.
         load_with(|c| c["hooks"] = json!({"prestart": []})).unwrap();
+        // Docker's network hook: skipped with a warning; anything beside it still fails.
+        let docker = json!({"path": "/proc/123/exe", "args": ["libnetwork-setkey", "-exec-root=/var/run/docker", "abc", "def"]});
+        let plan = load_with(|c| c["hooks"] = json!({"prestart": [docker.clone()]})).unwrap();
+        assert!(
+            plan.warnings
+                .iter()
+                .any(|w| w.contains("libnetwork-setkey")),
+            "{:?}",
+            plan.warnings
+        );
+        let e =
+            err_with(|c| c["hooks"] = json!({"prestart": [docker, {"path": "/usr/bin/other"}]}));
+        assert!(e.contains("hooks.prestart"), "{e}");
         let e = err_with(|c| {
             c["linux"]["namespaces"] = json!([{"type": "network", "path": "/var/run/netns/x"}])
         });

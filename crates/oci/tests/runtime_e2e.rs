@@ -4,7 +4,7 @@
 //!
 //! One virtual-host session covers: the lifecycle and the runtime spec's `state` object,
 //! stdio and the exit code, `kill` reaching a trap, `exec` in the foreground and
-//! detached, `fork` into new containers, `ps`/`list`/`features`, a bad `config.json` leaving nothing behind, and
+//! detached, `fork` into new containers, a terminal through `--console-socket`, `ps`/`list`/`features`, a bad `config.json` leaving nothing behind, and
 //! `delete --force` of a running container leaving nothing behind.
 
 use std::fs::File;
@@ -197,6 +197,28 @@ fn reap(pid: i32, limit: Duration) -> i32 {
         assert!(Instant::now() < deadline, "process {pid:?} did not exit");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Receives one descriptor sent with SCM_RIGHTS (an OCI console socket's pty master).
+fn receive_fd(stream: &std::os::unix::net::UnixStream) -> std::os::fd::OwnedFd {
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    use std::mem::MaybeUninit;
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut data = [0u8; 256];
+    recvmsg(
+        stream,
+        &mut [std::io::IoSliceMut::new(&mut data)],
+        &mut control,
+        RecvFlags::empty(),
+    )
+    .unwrap();
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = msg {
+            return fds.next().expect("one descriptor");
+        }
+    }
+    panic!("no descriptor on the console socket");
 }
 
 fn pid_of(state: &Value) -> i32 {
@@ -485,6 +507,58 @@ fn body() {
     assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
     let out = env.rt("c3-state", &["state", "c3"], None);
     assert!(out.stderr.contains("does not exist"), "{out}");
+
+    // --- a terminal: the pty's master arrives on --console-socket, its size reaches the
+    // guest, and the process sees a terminal
+    let b6 = bundle(
+        &t.join("b6"),
+        &[
+            "sh",
+            "-c",
+            "test -t 0 && test -t 1 && echo on-a-tty; stty size",
+        ],
+        |c| c["process"]["terminal"] = json!(true),
+    );
+    let socket = t.join("console.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let receiver = std::thread::spawn(move || receive_fd(&listener.accept().unwrap().0));
+    let out = env.rt(
+        "c6-create",
+        &[
+            "create",
+            "--bundle",
+            b6.to_str().unwrap(),
+            "--console-socket",
+            socket.to_str().unwrap(),
+            "c6",
+        ],
+        None,
+    );
+    assert_eq!(out.code, Some(0), "{out}\n{}", env.diagnostics());
+    let master = receiver.join().unwrap();
+    let mut size = rustix::termios::tcgetwinsize(&master).unwrap();
+    size.ws_row = 40;
+    size.ws_col = 100;
+    rustix::termios::tcsetwinsize(&master, size).unwrap();
+    let pid = pid_of(&env.state("c6"));
+    env.ok("c6-start", &["start", "c6"]);
+    let mut screen = Vec::new();
+    let mut master = File::from(master);
+    // Until the monitor, the slave's only holder, exits (EIO).
+    let _ = std::io::Read::read_to_end(&mut master, &mut screen);
+    assert_eq!(
+        reap(pid, Duration::from_secs(30)),
+        0,
+        "{}",
+        env.diagnostics()
+    );
+    let screen = String::from_utf8_lossy(&screen);
+    assert!(screen.contains("on-a-tty"), "{screen:?}");
+    assert!(
+        screen.contains("40 100"),
+        "the terminal size reached the guest: {screen:?}"
+    );
+    env.ok("c6-delete", &["delete", "c6"]);
 
     // --- bad bundles: a clear error naming the problem, nothing left behind
     let b4 = t.join("b4");

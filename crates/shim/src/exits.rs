@@ -3,10 +3,10 @@
 //! The shim is a child subreaper: the runtime's `create` and `exec` leave a process
 //! behind (the container's, or an exec's, pid-file pid) that reparents to the shim when
 //! the runtime exits, and the shim must collect its exit status. Exactly one thread may
-//! call `waitpid(-1)` (the containerd-shim crate's SIGCHLD handler), so every other
+//! call `waitpid(-1)`, so every other
 //! wait in the shim, including for the runtime commands the shim itself spawns, goes
-//! through an [`Exits`] table that the reaper feeds: [`Exits::mark`] before spawning,
-//! [`Exits::wait`] for that pid after. An exit that arrives before anyone asks for it
+//! through an [`Exits`] table that the reaper ([`reap_children`]) feeds: [`Exits::mark`]
+//! before spawning, [`Exits::spawned`] after, [`Exits::wait`] for that pid. An exit that arrives before anyone asks for it
 //! is kept, and marks keep a recycled pid from matching an older exit.
 
 use std::sync::{Arc, Condvar, Mutex};
@@ -36,6 +36,8 @@ pub struct Mark(u64);
 struct Table {
     seq: u64,
     exits: Vec<Exit>,
+    /// Bumped by [`Exits::spawned`].
+    spawns: u64,
 }
 
 /// The table of reaped children (see the module docs).
@@ -97,6 +99,25 @@ impl Exits {
         }
     }
 
+    /// Says that a child was just spawned, waking a reaper that found none.
+    pub fn spawned(&self) {
+        self.lock().spawns += 1;
+        self.changed.notify_all();
+    }
+
+    fn generation(&self) -> u64 {
+        self.lock().spawns
+    }
+
+    /// Sleeps until a spawn after generation `seen` (at most 100 ms, for children
+    /// spawned by code that does not call [`Exits::spawned`]).
+    fn wait_for_spawn(&self, seen: u64) {
+        let t = self.lock();
+        let _ = self
+            .changed
+            .wait_timeout_while(t, Duration::from_millis(100), |t| t.spawns == seen);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -115,49 +136,34 @@ pub fn exit_code(wait_status: i32) -> i32 {
     }
 }
 
-/// Feeds `exits` from the containerd-shim crate's reaper (its SIGCHLD handler, which
-/// already maps a signal death to 128 + signo). Call once, before spawning children.
-pub fn follow_crate_reaper(exits: Arc<Exits>) -> Result<(), containerd_shim::Error> {
-    use containerd_shim::monitor::{monitor_subscribe, ExitEvent, Subject, Topic};
-    let sub = monitor_subscribe(Topic::Pid)?;
-    std::thread::Builder::new()
-        .name("exits".into())
-        .spawn(move || {
-            while let Ok(ExitEvent {
-                subject: Subject::Pid(pid),
-                exit_code,
-            }) = sub.rx.recv()
-            {
-                tracing::debug!(pid, exit_code, "child exited");
-                exits.record(pid, exit_code);
-            }
-        })
-        .map_err(|e| containerd_shim::Error::IoError {
-            context: "spawn the exits thread".into(),
-            err: e,
-        })?;
-    Ok(())
-}
-
-/// A reaper of its own for processes that run without the containerd-shim crate's
-/// (tests, tools): reaps every child of this process into `exits`, forever, on a thread.
-/// Nothing else in the process may wait for children.
-pub fn reap_children(exits: Arc<Exits>) {
+/// Reaps every child of this process into `exits`, forever, on a thread of its own:
+/// the shim's one reaper. Nothing else in the process may wait for children; exits are
+/// also passed to the containerd-shim crate's exit monitor, through which its own
+/// helpers wait. When the process has no children it sleeps until [`Exits::spawned`]
+/// says one may exist.
+pub fn reap_children(exits: Arc<Exits>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("reaper".into())
         .spawn(move || loop {
-            let mut status = 0;
-            // SAFETY: waitpid with a valid pointer to a local int; no other memory is
-            // touched.
-            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-            if pid > 0 {
-                exits.record(pid, exit_code(status));
-            } else {
-                // ECHILD (no children yet) or EINTR: look again shortly.
-                std::thread::sleep(Duration::from_millis(5));
+            let seen = exits.generation();
+            match rustix::process::wait(rustix::process::WaitOptions::empty()) {
+                Ok(Some((pid, status))) => {
+                    let code = exit_code(status.as_raw());
+                    tracing::debug!(pid = pid.as_raw_nonzero().get(), code, "child exited");
+                    exits.record(pid.as_raw_nonzero().get(), code);
+                    // The containerd-shim crate's helpers (its rootfs mount forks a
+                    // child) wait through its own exit monitor.
+                    let _ = containerd_shim::monitor::monitor_notify_by_pid(
+                        pid.as_raw_nonzero().get(),
+                        code,
+                    );
+                }
+                Err(rustix::io::Errno::CHILD) => exits.wait_for_spawn(seen),
+                // EINTR, or a status that is not an exit.
+                _ => {}
             }
         })
-        .expect("cannot spawn the reaper thread");
+        .map(drop)
 }
 
 #[cfg(test)]

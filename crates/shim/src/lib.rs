@@ -6,7 +6,7 @@
 //!
 //! | Module | Owns |
 //! |---|---|
-//! | [`shim`] | the binary's actions (`start`, the server, `delete`) and the shim's lifetime |
+//! | [`shim`] | the binary's actions (`start`, the ttrpc server, `delete`) and the shim's lifetime |
 //! | [`service`] | the Task service: containers, execs, their states, exit statuses and events |
 //! | [`runtime`] | the runtime binary: which one, its command lines, running them, their errors |
 //! | [`stdio`] | containerd's stdio FIFOs, console sockets and ptys |
@@ -32,4 +32,4 @@ pub mod stdio;
 
 pub use error::{Error, Result};
 pub use service::Service;
-pub use shim::{ForkvmShim, RUNTIME_ID};
+pub use shim::RUNTIME_ID;

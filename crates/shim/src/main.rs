@@ -3,8 +3,5 @@
 
 fn main() {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if let Some(code) = forkvm_shim::shim::run_action(&args) {
-        std::process::exit(code);
-    }
-    containerd_shim::run::<forkvm_shim::ForkvmShim>(forkvm_shim::RUNTIME_ID, None);
+    std::process::exit(forkvm_shim::shim::main(&args));
 }

@@ -354,6 +354,7 @@ impl Runtime {
             binary: self.binary.clone(),
             source,
         })?;
+        self.exits.spawned();
         // The command's own stdio ends go with `cmd`.
         drop(cmd);
         let pid = child.id() as i32;

@@ -1,0 +1,367 @@
+//! End to end, in a KVM host: containerd 1.6 runs containers through
+//! `containerd-shim-forkvm-v1` (runtime `io.containerd.forkvm.v1`), driven with `ctr`.
+//!
+//! One virtual-host session: a private containerd (root, state and sockets in a temporary
+//! directory, CRI off, the shim's directory first on its `PATH`, the `native`
+//! snapshotter, as the virtual host has no overlayfs), the busybox fixture
+//! imported as a docker archive, then `ctr run --rm` with output and exit codes 0 and 3,
+//! a detached container with `ctr task exec` (exit 5), `ctr task kill -s SIGKILL` (137)
+//! and `ctr task delete`, and finally no shim left running.
+//!
+//! The OCI runtime behind the shim is `$FORKVM_TEST_RUNTIME` when set (`/usr/sbin/runc`
+//! checks the shim and this harness without VMs), else `forkvm-runtime` from the same
+//! target directory (built by `cargo build -p forkvm-oci`; the test fails, saying so,
+//! when it is missing).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-forkvm-v1");
+const RUNTIME_NAME: &str = "io.containerd.forkvm.v1";
+const NAMESPACE: &str = "forkvm-e2e";
+const IMAGE: &str = "docker.io/library/fixture:latest";
+/// Limit for one `ctr` command (a forkvm container boots a VM: seconds in the virtual
+/// host).
+const CTR_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The runtime binary the shim is to drive (see the module docs).
+fn runtime_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("FORKVM_TEST_RUNTIME").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let rt = Path::new(SHIM)
+        .parent()
+        .expect("the shim binary has a directory")
+        .join("forkvm-runtime");
+    assert!(
+        rt.exists(),
+        "{} does not exist: build it with `cargo build -p forkvm-oci`, or set \
+         FORKVM_TEST_RUNTIME=/usr/sbin/runc to test the shim with runc",
+        rt.display()
+    );
+    rt
+}
+
+/// A `ctr` run's outcome.
+struct Out {
+    args: Vec<String>,
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+impl std::fmt::Display for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ctr {:?}: exit {:?} after {:.1?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.args, self.code, self.took, self.stdout, self.stderr
+        )
+    }
+}
+
+/// A private containerd for the test's lifetime.
+struct Containerd {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Containerd {
+    fn start(runtime: &Path) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("ctd")
+            .tempdir()
+            .expect("a temporary directory");
+        let d = dir.path();
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = d.join("containerd.sock").display(),
+            opt = d.join("opt").display(),
+        );
+        std::fs::write(d.join("config.toml"), config).unwrap();
+        let shim_dir = Path::new(SHIM).parent().unwrap();
+        let path = std::env::join_paths(std::iter::once(shim_dir.to_path_buf()).chain(
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+        ))
+        .unwrap();
+        let log = File::create(d.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .args(["--log-level", "debug"])
+            .env("PATH", path)
+            .env("FORKVM_RUNTIME", runtime)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start containerd (Debian package `containerd`)");
+        let ctd = Containerd { dir, child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ctd.socket().exists() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not listen within 30 s\n{}",
+                ctd.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ctd
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    fn log(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(60)..];
+        format!("--- containerd log (last lines)\n{}", tail.join("\n"))
+    }
+
+    /// Runs `ctr -a SOCK -n NAMESPACE ARGS` with stdin closed, within [`CTR_TIMEOUT`].
+    fn ctr(&self, args: &[&str]) -> Out {
+        let started = Instant::now();
+        let mut child = Command::new("ctr")
+            .arg("-a")
+            .arg(self.socket())
+            .args(["-n", NAMESPACE])
+            .args(args)
+            // The virtual host's kernel has no overlayfs: snapshots are plain copies,
+            // mounted with bind mounts.
+            .env("CONTAINERD_SNAPSHOTTER", "native")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run ctr");
+        let mut pipes = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let readers = (
+            std::thread::spawn(move || read_all(&mut pipes.0)),
+            std::thread::spawn(move || read_all(&mut pipes.1)),
+        );
+        let code = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status.code();
+            }
+            if started.elapsed() > CTR_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let out = Out {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            code,
+            stdout: readers.0.join().unwrap(),
+            stderr: readers.1.join().unwrap(),
+            took: started.elapsed(),
+        };
+        println!(
+            "ctr {:?}: exit {:?} in {:.1?}",
+            out.args, out.code, out.took
+        );
+        out
+    }
+
+    /// [`Containerd::ctr`], which must exit with `code`.
+    fn ctr_ok(&self, args: &[&str], code: i32) -> Out {
+        let out = self.ctr(args);
+        assert_eq!(out.code, Some(code), "{out}\n{}", self.log());
+        out
+    }
+
+    /// The status `ctr task ls` shows for `id`.
+    fn task_status(&self, id: &str) -> Option<String> {
+        let out = self.ctr_ok(&["task", "ls"], 0);
+        out.stdout.lines().find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.first() == Some(&id)).then(|| cols.last().unwrap().to_string())
+        })
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_all(r: &mut impl std::io::Read) -> String {
+    let mut v = Vec::new();
+    let _ = r.read_to_end(&mut v);
+    String::from_utf8_lossy(&v).into_owned()
+}
+
+/// Pids and command lines of live processes whose command line contains `needle`.
+fn processes(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .unwrap_or_default();
+        let zombie = std::fs::read_to_string(e.path().join("stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true);
+        if cmd.contains(needle) && !zombie {
+            found.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+#[test]
+fn ctr_runs_containers_through_the_forkvm_shim() {
+    let runtime = runtime_binary();
+    let is_forkvm = runtime.file_name().is_some_and(|n| n == "forkvm-runtime");
+    if is_forkvm && !forkvm_vhost::in_vhost() {
+        // The guest kernel cache is read-only inside the virtual host: prepare it here.
+        let agent = forkvm_guest_kernel::find_agent()
+            .expect("the guest agent is not built: run `cargo xtask prepare-guest`");
+        forkvm_guest_kernel::container_guest(&agent).expect("cannot prepare the container guest");
+    }
+    forkvm_vhost::on_kvm_host_with(
+        forkvm_vhost::test_path!(),
+        Duration::from_secs(600),
+        Some(6144),
+        || body(&runtime),
+    );
+}
+
+fn body(runtime: &Path) {
+    let session = Instant::now();
+    println!("runtime under the shim: {}", runtime.display());
+    // runc needs the cgroup v2 hierarchy; the virtual host does not mount it.
+    if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        let status = Command::new("mount")
+            .args(["-t", "cgroup2", "none", "/sys/fs/cgroup"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot mount cgroup2");
+    }
+    let ctd = Containerd::start(runtime);
+
+    // The fixture image, as `docker save` writes it.
+    let archive = ctd.dir.path().join("fixture.tar");
+    forkvm_image::fixtures::write_docker_archive(&archive, "fixture:latest").unwrap();
+    ctd.ctr_ok(&["images", "import", archive.to_str().unwrap()], 0);
+    let images = ctd.ctr_ok(&["images", "ls", "-q"], 0);
+    assert!(images.stdout.lines().any(|l| l == IMAGE), "{images}");
+
+    let run = |extra: &[&str], id: &str, cmd: &[&str]| -> Out {
+        let mut args = vec!["run", "--runtime", RUNTIME_NAME];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[IMAGE, id]);
+        args.extend_from_slice(cmd);
+        ctd.ctr(&args)
+    };
+
+    // Output, exit code 0.
+    let out = run(&["--rm"], "hello", &["echo", "hello from the shim"]);
+    assert_eq!(out.code, Some(0), "{out}\n{}", ctd.log());
+    assert_eq!(out.stdout, "hello from the shim\n", "{out}");
+
+    // Exit code 3, stderr apart from stdout, the image's files and environment.
+    let out = run(
+        &["--rm"],
+        "three",
+        &[
+            "sh",
+            "-c",
+            "cat /hello.txt; echo \"FIXTURE=$FIXTURE\"; echo to-err >&2; exit 3",
+        ],
+    );
+    assert_eq!(out.code, Some(3), "{out}\n{}", ctd.log());
+    assert_eq!(
+        out.stdout,
+        format!("{}FIXTURE=1\n", forkvm_image::fixtures::HELLO),
+        "{out}"
+    );
+    assert!(out.stderr.contains("to-err"), "{out}");
+
+    // A detached container: exec, kill, delete.
+    let out = run(&["-d"], "long", &["sleep", "600"]);
+    assert_eq!(out.code, Some(0), "{out}\n{}", ctd.log());
+    assert_eq!(ctd.task_status("long").as_deref(), Some("RUNNING"));
+    let out = ctd.ctr_ok(
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "long",
+            "sh",
+            "-c",
+            "echo in-exec; exit 5",
+        ],
+        5,
+    );
+    assert_eq!(out.stdout, "in-exec\n", "{out}");
+    ctd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "long"], 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = ctd.task_status("long");
+        if status.as_deref() == Some("STOPPED") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the killed task is {status:?}, not STOPPED, after 60 s\n{}",
+            ctd.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = ctd.ctr_ok(&["task", "delete", "long"], 0);
+    assert!(
+        out.stderr.contains("137"),
+        "SIGKILL is exit status 137: {out}"
+    );
+    ctd.ctr_ok(&["containers", "rm", "long"], 0);
+    assert_eq!(ctd.task_status("long"), None);
+
+    // Every container is gone, so is every shim (and whatever the runtime ran).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: Vec<String> = processes("containerd-shim-forkvm-v1")
+            .into_iter()
+            .chain(processes("forkvm-runtime"))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running 30 s after the last container was removed: {left:#?}\n{}",
+            ctd.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("session took {:.1?}", session.elapsed());
+}

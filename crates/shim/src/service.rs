@@ -203,6 +203,19 @@ impl Event {
     }
 }
 
+/// Where the service's events go, one at a time in publishing order: a topic
+/// (`/tasks/exit`, ...) and the event message.
+pub type EventSink = Box<dyn FnMut(&'static str, Box<dyn MessageDyn>) + Send>;
+
+/// An [`EventSink`] that forwards to containerd (`$TTRPC_ADDRESS`) for `namespace`.
+pub fn publisher_sink(publisher: RemotePublisher, namespace: String) -> EventSink {
+    Box::new(move |topic, msg| {
+        if let Err(e) = publisher.publish(Context::default(), topic, &namespace, msg) {
+            tracing::error!(topic, error = %e, "cannot publish an event");
+        }
+    })
+}
+
 struct Inner {
     namespace: String,
     exits: Arc<Exits>,
@@ -306,28 +319,23 @@ pub fn cleanup(bundle: &Path, namespace: &str, id: &str, exits: Arc<Exits>) -> a
 }
 
 impl Service {
-    /// A service for containerd namespace `namespace`, publishing through `publisher`
-    /// (`None`: events are dropped) and waiting for children through `exits`;
-    /// `exit_signal` ends the shim after `Shutdown` once no container is left.
+    /// A service for containerd namespace `namespace`, giving its events to `events` (in
+    /// order, on a thread of its own; see [`publisher_sink`]) and waiting for children
+    /// through `exits`; `exit_signal` ends the shim after `Shutdown` once no container is
+    /// left.
     pub fn new(
         namespace: String,
-        publisher: Option<RemotePublisher>,
+        mut events: EventSink,
         exits: Arc<Exits>,
         exit_signal: Arc<ExitSignal>,
     ) -> Self {
         let (tx, rx) = mpsc::channel::<Event>();
-        let ns = namespace.clone();
         std::thread::Builder::new()
             .name("events".into())
             .spawn(move || {
                 for event in rx {
                     let (topic, msg) = event.split();
-                    let Some(publisher) = &publisher else {
-                        continue;
-                    };
-                    if let Err(e) = publisher.publish(Context::default(), topic, &ns, msg) {
-                        tracing::error!(topic, error = %e, "cannot publish an event");
-                    }
+                    events(topic, msg);
                 }
             })
             .expect("cannot spawn the events thread");
@@ -746,11 +754,20 @@ impl Service {
         })
     }
 
-    /// `Pids`: `RUNTIME ps`, execs marked with their ids.
+    /// `Pids`: `RUNTIME ps`, plus the pids of running execs it did not list (a VM
+    /// runtime's host processes are not all in one cgroup), execs marked with their ids.
     pub fn list_pids(&self, id: &str) -> Result<Vec<ProcessInfo>> {
         let c = self.container(id)?;
-        let pids = c.runtime.ps(id)?;
+        let mut pids = c.runtime.ps(id)?;
         let procs = c.lock();
+        let mut execs: Vec<u32> = procs
+            .execs
+            .values()
+            .filter(|p| p.phase == Phase::Running && !pids.contains(&p.pid))
+            .map(|p| p.pid)
+            .collect();
+        execs.sort_unstable();
+        pids.extend(execs);
         Ok(pids
             .into_iter()
             .map(|pid| {

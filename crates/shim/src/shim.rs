@@ -163,7 +163,7 @@ pub fn serve(flags: &Flags) -> Result<()> {
     let exit = Arc::new(ExitSignal::default());
     let service = Service::new(
         flags.namespace.clone(),
-        Some(publisher),
+        service::publisher_sink(publisher, flags.namespace.clone()),
         exits,
         exit.clone(),
     );

@@ -5,8 +5,10 @@
 //! directory, CRI off, the shim's directory first on its `PATH`, the `native`
 //! snapshotter, as the virtual host has no overlayfs), the busybox fixture
 //! imported as a docker archive, then `ctr run --rm` with output and exit codes 0 and 3,
-//! a detached container with `ctr task exec` (exit 5), `ctr task kill -s SIGKILL` (137)
-//! and `ctr task delete`, and finally no shim left running.
+//! `ctr run -t` on a terminal (exit 4), a detached container with `ctr task exec`
+//! (exit 5), a detached exec found by `ctr task ps` and killed, `pause`/`resume`,
+//! `ctr task kill -s SIGKILL` (137) and `ctr task delete`; then the events `ctr events`
+//! saw, and no shim left running.
 //!
 //! The OCI runtime behind the shim is `$FORKVM_TEST_RUNTIME` when set (`/usr/sbin/runc`
 //! checks the shim and this harness without VMs), else `forkvm-runtime` from the same
@@ -182,6 +184,62 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         out
     }
 
+    /// `ctr events` for the whole session, into a file ([`Containerd::events`]).
+    fn collect_events(&self) -> Child {
+        let out = File::create(self.dir.path().join("events.txt")).unwrap();
+        Command::new("ctr")
+            .arg("-a")
+            .arg(self.socket())
+            .arg("events")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot run ctr events")
+    }
+
+    /// What `ctr events` printed: one line per event, `TIME NAMESPACE TOPIC JSON`.
+    fn events(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("events.txt")).unwrap_or_default()
+    }
+
+    /// `ctr ARGS` on a terminal: `script` gives it a pty as stdin/stdout, as `ctr -t`
+    /// needs; `script -e` exits with ctr's code.
+    fn ctr_on_terminal(&self, args: &[&str]) -> Out {
+        let quote = |a: &str| format!("'{}'", a.replace('\'', "'\\''"));
+        let line = [
+            "ctr",
+            "-a",
+            self.socket().to_str().unwrap(),
+            "-n",
+            NAMESPACE,
+        ]
+        .iter()
+        .chain(args)
+        .map(|a| quote(a))
+        .collect::<Vec<_>>()
+        .join(" ");
+        let started = Instant::now();
+        let out = Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env("CONTAINERD_SNAPSHOTTER", "native")
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run script (util-linux)");
+        let out = Out {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            took: started.elapsed(),
+        };
+        println!(
+            "ctr {:?} (terminal): exit {:?} in {:.1?}",
+            out.args, out.code, out.took
+        );
+        out
+    }
+
     /// [`Containerd::ctr`], which must exit with `code`.
     fn ctr_ok(&self, args: &[&str], code: i32) -> Out {
         let out = self.ctr(args);
@@ -267,6 +325,7 @@ fn body(runtime: &Path) {
         assert!(status.success(), "cannot mount cgroup2");
     }
     let ctd = Containerd::start(runtime);
+    let mut events = ctd.collect_events();
 
     // The fixture image, as `docker save` writes it.
     let archive = ctd.dir.path().join("fixture.tar");
@@ -306,7 +365,23 @@ fn body(runtime: &Path) {
     );
     assert!(out.stderr.contains("to-err"), "{out}");
 
-    // A detached container: exec, kill, delete.
+    // A terminal: the pty master comes back over the console socket.
+    let out = ctd.ctr_on_terminal(&[
+        "run",
+        "--rm",
+        "-t",
+        "--runtime",
+        RUNTIME_NAME,
+        IMAGE,
+        "tty",
+        "sh",
+        "-c",
+        "test -t 0 && test -t 1 && echo on-a-tty; exit 4",
+    ]);
+    assert_eq!(out.code, Some(4), "{out}\n{}", ctd.log());
+    assert!(out.stdout.contains("on-a-tty"), "{out}");
+
+    // A detached container: execs, ps, pause and resume, kill, delete.
     let out = run(&["-d"], "long", &["sleep", "600"]);
     assert_eq!(out.code, Some(0), "{out}\n{}", ctd.log());
     assert_eq!(ctd.task_status("long").as_deref(), Some("RUNNING"));
@@ -324,6 +399,32 @@ fn body(runtime: &Path) {
         5,
     );
     assert_eq!(out.stdout, "in-exec\n", "{out}");
+    ctd.ctr_ok(
+        &[
+            "task",
+            "exec",
+            "-d",
+            "--exec-id",
+            "e2",
+            "long",
+            "sleep",
+            "600",
+        ],
+        0,
+    );
+    let ps = ctd.ctr_ok(&["task", "ps", "long"], 0);
+    assert!(
+        ps.stdout.contains("ExecID:e2"),
+        "the exec is among the pids: {ps}"
+    );
+    ctd.ctr_ok(
+        &["task", "kill", "--exec-id", "e2", "-s", "SIGKILL", "long"],
+        0,
+    );
+    ctd.ctr_ok(&["task", "pause", "long"], 0);
+    assert_eq!(ctd.task_status("long").as_deref(), Some("PAUSED"));
+    ctd.ctr_ok(&["task", "resume", "long"], 0);
+    assert_eq!(ctd.task_status("long").as_deref(), Some("RUNNING"));
     ctd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "long"], 0);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -345,6 +446,39 @@ fn body(runtime: &Path) {
     );
     ctd.ctr_ok(&["containers", "rm", "long"], 0);
     assert_eq!(ctd.task_status("long"), None);
+
+    // The shim published the lifecycle, exits with their statuses.
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = events.kill();
+    let _ = events.wait();
+    let log = ctd.events();
+    let ours: Vec<&str> = log.lines().filter(|l| l.contains(NAMESPACE)).collect();
+    for topic in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exit",
+        "/tasks/delete",
+        "/tasks/exec-added",
+        "/tasks/exec-started",
+        "/tasks/paused",
+        "/tasks/resumed",
+    ] {
+        assert!(
+            ours.iter().any(|l| l.contains(&format!(" {topic} "))),
+            "no {topic} event:\n{log}"
+        );
+    }
+    let exit_of = |id: &str, status: u32| {
+        ours.iter().any(|l| {
+            l.contains(" /tasks/exit ")
+                && l.contains(&format!("\"id\":\"{id}\""))
+                && l.contains(&format!("\"exit_status\":{status}"))
+        })
+    };
+    assert!(exit_of("three", 3), "no exit 3 for `three`:\n{log}");
+    assert!(exit_of("e1", 5), "no exit 5 for exec e1:\n{log}");
+    assert!(exit_of("e2", 137), "no exit 137 for exec e2:\n{log}");
+    assert!(exit_of("long", 137), "no exit 137 for `long`:\n{log}");
 
     // Every container is gone, so is every shim (and whatever the runtime ran).
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -62,6 +62,19 @@ impl ProcessIdentity {
     }
 }
 
+/// Polls `alive` until it is false or `limit` passes; returns whether it became false
+/// (a process that was asked or made to end is gone).
+pub fn wait_gone(limit: std::time::Duration, alive: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while alive() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -134,6 +134,41 @@ impl Session {
     }
 }
 
+/// Relays a started process's stdio through this process's own stdin, stdout and
+/// stderr until it exits, and returns its exit code. With `tty`, stdin's terminal is put
+/// in raw mode (and its size sent); signals taken by `relay` go to the process from now
+/// on, the first one that came before included. `stdin` false closes the process's
+/// stdin at once.
+pub fn relay_stdio(
+    session: forkvm_agent::client::ExecSession,
+    relay: &crate::term::SignalRelay,
+    tty: bool,
+    stdin: bool,
+) -> std::io::Result<i32> {
+    let controller = session.controller();
+    let _raw = if tty {
+        crate::term::RawTerminal::enter(&controller)
+    } else {
+        None
+    };
+    if let Some(sig) = relay.early() {
+        let _ = controller.signal(sig);
+    }
+    relay.attach(controller);
+    let input: Option<Box<dyn std::io::Read + Send>> = if stdin {
+        Some(Box::new(std::io::stdin()))
+    } else {
+        None
+    };
+    let code = session.pump(
+        input,
+        Box::new(std::io::stdout()),
+        Box::new(std::io::stderr()),
+    );
+    std::io::Write::flush(&mut std::io::stdout())?;
+    code
+}
+
 /// Boots `cfg` with its console in `home`'s log, serves the VM's API, runs `session`
 /// on its own thread and the vCPUs on this one; returns the session's exit code once
 /// the VM is gone.

@@ -18,8 +18,7 @@ pub fn run(args: ForkArgs, root: &Path) -> Result<i32> {
         Ok(home) => home,
         Err(e) => {
             let store = forkvm_oci::state::StateStore::open(&args.runtime_root)?;
-            if forkvm_oci::state::validate_id(&args.vm).is_err() || store.load(&args.vm).is_err()
-            {
+            if forkvm_oci::state::validate_id(&args.vm).is_err() || store.load(&args.vm).is_err() {
                 return Err(e.context(format!(
                     "no VM, and no container under {}, is named {:?}",
                     args.runtime_root.display(),

@@ -8,7 +8,6 @@
 //! vsock. Signals this process gets (Ctrl-C) go to the container's process; its exit
 //! code becomes ours. The agent powers the VM off when the process exits.
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -16,7 +15,7 @@ use forkvm_agent::client::{self, ExecError};
 use forkvm_agent::{ProcessSpec, User};
 use forkvm_api::{ProcessIdentity, VmHome};
 use forkvm_image::{ImageConfig, Store};
-use forkvm_oci::term::{ForwardedSignals, RawTerminal, SignalRelay};
+use forkvm_oci::term::{ForwardedSignals, SignalRelay};
 use forkvm_oci::vm::{self, Outcome};
 
 use crate::cli::RunArgs;
@@ -235,29 +234,8 @@ fn session(s: &vm::Session, spec: ProcessSpec, relay: SignalRelay, tty: bool) ->
         }
         Err(e) => return Err(anyhow::Error::new(e).context("cannot start the process")),
     };
-    let controller = session.controller();
-    let _raw = if tty {
-        RawTerminal::enter(&controller)
-    } else {
-        None
-    };
-    if let Some(sig) = relay.early() {
-        let _ = controller.signal(sig);
-    }
-    relay.attach(controller);
-    let stdin: Option<Box<dyn std::io::Read + Send>> = if spec.stdin {
-        Some(Box::new(std::io::stdin()))
-    } else {
-        None
-    };
-    let code = session
-        .pump(
-            stdin,
-            Box::new(std::io::stdout()),
-            Box::new(std::io::stderr()),
-        )
+    let code = vm::relay_stdio(session, &relay, tty, spec.stdin)
         .context("lost the connection to the container's process")?;
-    let _ = std::io::stdout().flush();
     Ok(Outcome::Exited(code))
 }
 

@@ -1,7 +1,7 @@
 //! What the VM-management verbs share: finding a VM, reaching its API, stopping it.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use forkvm_api::{Client, ExitRecord, Status, VmHome, VmState};
@@ -30,14 +30,7 @@ pub fn live(home: &VmHome) -> Result<(VmState, Client)> {
 }
 
 fn wait_gone(state: &VmState, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while state.is_alive() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    true
+    forkvm_api::liveness::wait_gone(limit, || state.is_alive())
 }
 
 /// Asks the VMM to stop, kills it when it has not stopped within `timeout`, and makes

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::{CreateArgs, Global, Log};
 use crate::bundle;
 use crate::state::{validate_id, ContainerState, StateStore, Status};
-use crate::term::{ForwardedSignals, Pty, RawTerminal, SignalRelay};
+use crate::term::{ForwardedSignals, Pty, SignalRelay};
 use crate::vm::{self, Outcome};
 
 /// The monitor's report to `create`, in the container's directory.
@@ -349,19 +349,7 @@ fn monitor_session(
         }
     };
     drop(conn);
-    let controller = session.controller();
-    let _raw = if tty {
-        RawTerminal::enter(&controller)
-    } else {
-        None
-    };
-    relay.attach(controller);
-    let code = session
-        .pump(
-            Some(Box::new(std::io::stdin())),
-            Box::new(std::io::stdout()),
-            Box::new(std::io::stderr()),
-        )
+    let code = vm::relay_stdio(session, &relay, tty, true)
         .context("lost the connection to the container's process")?;
     Ok(Outcome::Exited(code))
 }

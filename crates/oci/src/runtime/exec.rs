@@ -18,7 +18,7 @@ use forkvm_agent::{ProcessSpec, User};
 use super::create::write_pid_file;
 use super::{ExecArgs, Global, Log};
 use crate::state::StateStore;
-use crate::term::{ForwardedSignals, Pty, RawTerminal};
+use crate::term::{ForwardedSignals, Pty};
 
 /// Set on the foreground copy that a `--detach` exec starts: where it reports.
 const ENV_READY: &str = "FORKVM_RUNTIME_EXEC_READY";
@@ -106,20 +106,8 @@ fn foreground(uds: &Path, spec: &ProcessSpec, report: Option<&Path>) -> Result<i
     if let Some(path) = report {
         std::fs::write(path, format!("ok {}", session.pid()))?;
     }
-    let controller = session.controller();
-    let _raw = if spec.tty {
-        RawTerminal::enter(&controller)
-    } else {
-        None
-    };
     let relay = signals.spawn(spec.tty)?;
-    relay.attach(controller);
-    let code = session
-        .pump(
-            Some(Box::new(std::io::stdin())),
-            Box::new(std::io::stdout()),
-            Box::new(std::io::stderr()),
-        )
+    let code = crate::vm::relay_stdio(session, &relay, spec.tty, true)
         .context("lost the connection to the process")?;
     Ok(code)
 }

@@ -1,7 +1,7 @@
 //! The short verbs: `start`, `state`, `kill`, `delete`, `ps`, `list`, `pause`,
 //! `resume`, `features`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use forkvm_agent::{Request, Response};
@@ -144,18 +144,6 @@ pub fn kill(g: &Global, a: &KillArgs) -> Result<()> {
     signal_container(&state, sig)
 }
 
-/// Waits until the container's host process is gone.
-fn wait_gone(state: &ContainerState, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while state.process_alive() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    true
-}
-
 /// `delete`.
 pub fn delete(g: &Global, log: &Log, a: &DeleteArgs) -> Result<()> {
     let store = store(g)?;
@@ -168,7 +156,7 @@ pub fn delete(g: &Global, log: &Log, a: &DeleteArgs) -> Result<()> {
             ),
             _ => {
                 signal_container(&state, libc::SIGKILL)?;
-                if !wait_gone(&state, KILL_WAIT) {
+                if !forkvm_api::liveness::wait_gone(KILL_WAIT, || state.process_alive()) {
                     bail!("container {} did not stop within {KILL_WAIT:?}", a.id);
                 }
             }

@@ -72,11 +72,18 @@ impl RuntimeRecord {
     }
 }
 
-/// The runtime options containerd passes with a task (`containerd.runc.v1.Options`,
-/// as for runc-v2: `BinaryName`, `Root`, `NoPivotRoot`, ...). ctr's `--no-pivot` for a
-/// non-runc runtime sends the old `containerd.linux.runc.CreateOptions`, whose only
-/// field the shim honours is the same field 1, `no_pivot_root`. Other types are
-/// ignored (with a log line).
+/// The runtime options containerd passes with a task:
+///
+/// - `containerd.runc.v1.Options`, as for runc-v2 (`BinaryName`, `Root`, `NoPivotRoot`,
+///   ...): what a client that sets runc options sends;
+/// - `runtimeoptions.v1.Options`, what containerd's CRI sends for a runtime type other
+///   than runc's: its `ConfigPath` names a JSON file (see [`ConfigFile`]) with the same
+///   keys;
+/// - `containerd.linux.runc.CreateOptions`, what ctr's `--no-pivot` sends for a
+///   non-runc runtime: only its field 1, `no_pivot_root`, is honoured (field 1 in both
+///   messages).
+///
+/// Other types are ignored, with a log line.
 pub fn runtime_options(any: Option<&Any>) -> Result<Options> {
     let Some(any) = any.filter(|a| !a.type_url.is_empty()) else {
         return Ok(Options::default());
@@ -92,6 +99,14 @@ pub fn runtime_options(any: Option<&Any>) -> Result<Options> {
             no_pivot_root: parse()?.no_pivot_root,
             ..Options::default()
         }),
+        "runtimeoptions.v1.Options" => {
+            let path = config_path(&any.value)
+                .map_err(|e| Error::InvalidArgument(format!("runtime options {name}: {e}")))?;
+            if path.is_empty() {
+                return Ok(Options::default());
+            }
+            ConfigFile::load(Path::new(&path))
+        }
         other => {
             tracing::warn!(
                 type_url = other,
@@ -99,6 +114,58 @@ pub fn runtime_options(any: Option<&Any>) -> Result<Options> {
             );
             Ok(Options::default())
         }
+    }
+}
+
+/// `ConfigPath` (field 2) of an encoded `runtimeoptions.v1.Options`.
+fn config_path(
+    bytes: &[u8],
+) -> std::result::Result<String, containerd_shim::protos::protobuf::Error> {
+    use containerd_shim::protos::protobuf::rt::WireType;
+    let mut input = containerd_shim::protos::protobuf::CodedInputStream::from_bytes(bytes);
+    let mut path = String::new();
+    while let Some(tag) = input.read_raw_tag_or_eof()? {
+        let wire_type = WireType::new(tag & 7).ok_or_else(|| {
+            containerd_shim::protos::protobuf::Error::from(std::io::Error::other(format!(
+                "bad wire type in tag {tag}"
+            )))
+        })?;
+        if tag >> 3 == 2 && wire_type == WireType::LengthDelimited {
+            path = input.read_string()?;
+        } else {
+            input.skip_field(wire_type)?;
+        }
+    }
+    Ok(path)
+}
+
+/// The JSON file a CRI runtime's `ConfigPath` option names: the runc options the shim
+/// uses, by their runc names.
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// The runtime binary (as `BinaryName`).
+    #[serde(rename = "BinaryName", default)]
+    pub binary_name: String,
+    /// The runtime's root (as `Root`); the namespace is appended.
+    #[serde(rename = "Root", default)]
+    pub root: String,
+    /// runc's `--no-pivot` (as `NoPivotRoot`).
+    #[serde(rename = "NoPivotRoot", default)]
+    pub no_pivot_root: bool,
+}
+
+impl ConfigFile {
+    fn load(path: &Path) -> Result<Options> {
+        let text = std::fs::read(path).map_err(Error::io(format!("read {}", path.display())))?;
+        let c: ConfigFile = serde_json::from_slice(&text)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+        Ok(Options {
+            binary_name: c.binary_name,
+            root: c.root,
+            no_pivot_root: c.no_pivot_root,
+            ..Options::default()
+        })
     }
 }
 
@@ -1037,7 +1104,7 @@ mod tests {
     fn no_or_unknown_options_are_the_defaults() {
         assert_eq!(runtime_options(None).unwrap(), Options::default());
         let other = Any {
-            type_url: "runtimeoptions.v1.Options".into(),
+            type_url: "io.containerd.other.v1.Options".into(),
             value: vec![10, 3, b'a', b'b', b'c'],
             ..Default::default()
         };
@@ -1048,6 +1115,44 @@ mod tests {
             ..Default::default()
         };
         assert!(runtime_options(Some(&broken)).is_err());
+    }
+
+    #[test]
+    fn cri_config_path_options_name_a_json_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("shim.json");
+        std::fs::write(
+            &file,
+            r#"{"BinaryName": "/usr/local/bin/forkvm-runtime", "Root": "/srv/forkvm"}"#,
+        )
+        .unwrap();
+        // runtimeoptions.v1.Options { type_url = 1, config_path = 2 }, hand-encoded.
+        let encode = |path: &str| {
+            let mut v = vec![0x0a, 3, b'x', b'y', b'z', 0x12, path.len() as u8];
+            v.extend_from_slice(path.as_bytes());
+            Any {
+                type_url: "runtimeoptions.v1.Options".into(),
+                value: v,
+                ..Default::default()
+            }
+        };
+        let got = runtime_options(Some(&encode(file.to_str().unwrap()))).unwrap();
+        assert_eq!(got.binary_name, "/usr/local/bin/forkvm-runtime");
+        assert_eq!(got.root, "/srv/forkvm");
+        assert!(!got.no_pivot_root);
+        // No ConfigPath: the defaults.
+        let none = Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value: vec![0x0a, 1, b'x'],
+            ..Default::default()
+        };
+        assert_eq!(runtime_options(Some(&none)).unwrap(), Options::default());
+        // A misspelt key is an error, not a silent default.
+        std::fs::write(&file, r#"{"Binary": "x"}"#).unwrap();
+        let err = runtime_options(Some(&encode(file.to_str().unwrap()))).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let err = runtime_options(Some(&encode("/nonexistent.json"))).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent.json"), "{err}");
     }
 
     #[test]

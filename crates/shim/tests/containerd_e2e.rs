@@ -6,7 +6,8 @@
 //! snapshotter, as the virtual host has no overlayfs), the busybox fixture
 //! imported as a docker archive, then `ctr run --rm` with output and exit codes 0 and 3,
 //! `ctr run -t` on a terminal (exit 4), a detached container with `ctr task exec`
-//! (exit 5), a detached exec found by `ctr task ps` and killed, `pause`/`resume`,
+//! (exit 5), a detached exec found by `ctr task ps` and killed (gone from the
+//! container's `ps`), `pause`/`resume`,
 //! `ctr task kill -s SIGKILL` (137) and `ctr task delete`; then the events `ctr events`
 //! saw, and no shim left running.
 //!
@@ -408,7 +409,7 @@ fn body(runtime: &Path) {
             "e2",
             "long",
             "sleep",
-            "600",
+            "601",
         ],
         0,
     );
@@ -421,6 +422,19 @@ fn body(runtime: &Path) {
         &["task", "kill", "--exec-id", "e2", "-s", "SIGKILL", "long"],
         0,
     );
+    // The killed exec's process is gone from the container, not just its host pid.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ps = ctd.ctr_ok(&["task", "exec", "--exec-id", "ps", "long", "ps"], 0);
+        if !ps.stdout.contains("sleep 601") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the exec killed with SIGKILL still runs in the container after 30 s: {ps}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     ctd.ctr_ok(&["task", "pause", "long"], 0);
     assert_eq!(ctd.task_status("long").as_deref(), Some("PAUSED"));
     ctd.ctr_ok(&["task", "resume", "long"], 0);

@@ -4,8 +4,8 @@
 //! One virtual-host session: a private containerd (root, state and sockets in a temporary
 //! directory, CRI off, the shim's directory first on its `PATH`, the `native`
 //! snapshotter, as the virtual host has no overlayfs), the busybox fixture
-//! imported as a docker archive, then `ctr run --rm` with output and exit codes 0 and 3,
-//! `ctr run -t` on a terminal (exit 4), a detached container with `ctr task exec`
+//! imported as a docker archive, then `ctr run --rm` with output and exit codes 0 (with
+//! `--no-pivot`) and 3, `ctr run -t` on a terminal (its size, exit 4), a detached container with `ctr task exec`
 //! (exit 5), a detached exec found by `ctr task ps` and killed (gone from the
 //! container's `ps`), `pause`/`resume`,
 //! `ctr task kill -s SIGKILL` (137) and `ctr task delete`; then the events `ctr events`
@@ -204,8 +204,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         std::fs::read_to_string(self.dir.path().join("events.txt")).unwrap_or_default()
     }
 
-    /// `ctr ARGS` on a terminal: `script` gives it a pty as stdin/stdout, as `ctr -t`
-    /// needs; `script -e` exits with ctr's code.
+    /// `ctr ARGS` on a terminal of 22x77: `script` gives it a pty as stdin/stdout, as
+    /// `ctr -t` needs; `script -e` exits with ctr's code.
     fn ctr_on_terminal(&self, args: &[&str]) -> Out {
         let quote = |a: &str| format!("'{}'", a.replace('\'', "'\\''"));
         let line = [
@@ -218,8 +218,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         .iter()
         .chain(args)
         .map(|a| quote(a))
-        .collect::<Vec<_>>()
-        .join(" ");
+        // A terminal of 22 rows and 77 columns, which ctr passes on.
+        .fold("stty rows 22 cols 77;".to_string(), |line, a| {
+            line + " " + &a
+        });
         let started = Instant::now();
         let out = Command::new("script")
             .args(["-qec", &line, "/dev/null"])
@@ -344,9 +346,21 @@ fn body(runtime: &Path) {
     };
 
     // Output, exit code 0.
-    let out = run(&["--rm"], "hello", &["echo", "hello from the shim"]);
+    // ctr's --no-pivot reaches the runtime (the shim logs its command lines at debug).
+    let out = run(
+        &["--rm", "--no-pivot"],
+        "hello",
+        &["echo", "hello from the shim"],
+    );
     assert_eq!(out.code, Some(0), "{out}\n{}", ctd.log());
     assert_eq!(out.stdout, "hello from the shim\n", "{out}");
+    let log = std::fs::read_to_string(ctd.dir.path().join("containerd.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("running the OCI runtime") && l.contains("--no-pivot")),
+        "the runtime's create had no --no-pivot\n{}",
+        ctd.log()
+    );
 
     // Exit code 3, stderr apart from stdout, the image's files and environment.
     let out = run(
@@ -377,10 +391,12 @@ fn body(runtime: &Path) {
         "tty",
         "sh",
         "-c",
-        "test -t 0 && test -t 1 && echo on-a-tty; exit 4",
+        "test -t 0 && test -t 1 && echo on-a-tty; stty size; exit 4",
     ]);
     assert_eq!(out.code, Some(4), "{out}\n{}", ctd.log());
     assert!(out.stdout.contains("on-a-tty"), "{out}");
+    // ctr sized the container's terminal like its own (ResizePty).
+    assert!(out.stdout.contains("22 77"), "{out}");
 
     // A detached container: execs, ps, pause and resume, kill, delete.
     let out = run(&["-d"], "long", &["sleep", "600"]);

@@ -86,6 +86,10 @@ pub struct ContainerState {
     pub annotations: BTreeMap<String, String>,
     /// The forkvm VM running the container, once there is one.
     pub vm_id: Option<String>,
+    /// The forkvm VM root `vm_id` is registered under (the monitor's `FORKVM_ROOT`,
+    /// which the engine may not pass to later runtime calls).
+    #[serde(default)]
+    pub vm_root: Option<PathBuf>,
     /// The container process's exit code, once stopped and known.
     pub exit_code: Option<i32>,
     /// For a container forked from another: the parent container's id.
@@ -110,6 +114,7 @@ impl ContainerState {
             created: SystemTime::now(),
             annotations: BTreeMap::new(),
             vm_id: None,
+            vm_root: None,
             exit_code: None,
             parent: None,
             guest_pid: None,
@@ -189,6 +194,16 @@ impl ContainerState {
             state["pid"] = pid.into();
         }
         state
+    }
+
+    /// The container's VM home directory: `vm_root/vm_id` (forkvm's default root for
+    /// state written before `vm_root` was recorded).
+    pub fn vm_dir(&self) -> Option<PathBuf> {
+        let root = self
+            .vm_root
+            .clone()
+            .unwrap_or_else(forkvm_api::default_root);
+        Some(root.join(self.vm_id.as_ref()?))
     }
 
     /// `created` as RFC 3339 in UTC (`2024-01-31T12:00:00.123456789Z`), the form `runc

@@ -43,6 +43,9 @@ pub const EXIT_VM_FAILED: i32 = 255;
 pub struct Ready {
     /// The forkvm VM's id.
     pub vm_id: Option<String>,
+    /// The forkvm VM root it is registered under.
+    #[serde(default)]
+    pub vm_root: Option<PathBuf>,
     /// The VM's vsock socket.
     pub vsock: Option<PathBuf>,
     /// Why the monitor failed, when it did.
@@ -132,6 +135,7 @@ fn create_in(
     store.update(&a.id, |s| {
         s.record_pid(pid)?;
         s.vm_id = ready.vm_id.clone();
+        s.vm_root = ready.vm_root.clone();
         s.vsock = ready.vsock.clone();
         s.transition(Status::Created)
     })?;
@@ -183,17 +187,19 @@ pub fn remove_vm_of(dir: &Path) {
         return;
     };
     if let Ok(Ready {
-        vm_id: Some(id), ..
+        vm_id: Some(id),
+        vm_root,
+        ..
     }) = serde_json::from_slice(&bytes)
     {
-        remove_vm(&id);
+        remove_vm(&vm_root.unwrap_or_else(forkvm_api::default_root).join(id));
     }
 }
 
-/// Removes forkvm VM `id`'s home directory (its VMM must be gone).
-pub fn remove_vm(id: &str) {
-    if let Ok(home) = VmHome::open(&forkvm_api::default_root(), id) {
-        let _ = std::fs::remove_dir_all(home.dir());
+/// Removes a VM's home directory `dir` (its VMM must be gone), when it is one.
+pub fn remove_vm(dir: &Path) {
+    if dir.join("state.json").is_file() {
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -224,6 +230,7 @@ pub fn monitor(g: &Global, log: &Log, id: &str) -> i32 {
             if !reported {
                 Ready {
                     vm_id: None,
+                    vm_root: None,
                     vsock: None,
                     error: Some(msg),
                 }
@@ -244,11 +251,12 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
             .context("cannot make the pty the monitor's terminal")?;
     }
     let guest = vm::container_guest()?;
-    let home = VmHome::create(&forkvm_api::default_root(), None, None)
-        .context("cannot register the container's VM")?;
+    let vm_root = std::path::absolute(forkvm_api::default_root())?;
+    let home =
+        VmHome::create(&vm_root, None, None).context("cannot register the container's VM")?;
     home.record_process(ProcessIdentity::current())?;
     // Fork children of this VM find their way home through these.
-    std::env::set_var(forkvm_api::ENV_ROOT, forkvm_api::default_root());
+    std::env::set_var(forkvm_api::ENV_ROOT, &vm_root);
     std::env::set_var(forkvm_api::ENV_ID, home.id());
     let hostname = plan.hostname.clone().unwrap_or_else(|| short_hostname(id));
     let uds = home.dir().join(vm::VSOCK_SOCKET);
@@ -264,6 +272,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     let relay = signals.spawn(tty)?;
     let ready = Ready {
         vm_id: Some(home.id().to_owned()),
+        vm_root: Some(vm_root),
         vsock: Some(uds.clone()),
         error: None,
     };

@@ -52,13 +52,13 @@ pub fn fork_container(root: &Path, id: &str, count: u32) -> Result<ContainerFork
     if parent.status != Status::Running || !parent.process_alive() {
         bail!("container {id} is {}, not running", parent.status);
     }
-    let vm = parent
-        .vm_id
-        .clone()
-        .context("the container has no VM recorded")?;
-    let vm_root = forkvm_api::default_root();
-    let home = forkvm_api::VmHome::open(&vm_root, &vm)
-        .with_context(|| format!("cannot find container {id}'s VM {vm}"))?;
+    let home = super::ops::vm_home(&parent)?;
+    // Children register next to their parent (under the monitor's FORKVM_ROOT).
+    let vm_root = home
+        .dir()
+        .parent()
+        .context("a VM home has a parent")?
+        .to_owned();
     let client = forkvm_api::Client::new(home.socket_path()).with_timeout(Duration::from_secs(300));
     let out = client
         .fork(&ForkRequest {
@@ -75,6 +75,7 @@ pub fn fork_container(root: &Path, id: &str, count: u32) -> Result<ContainerFork
         state.guest_pid = parent.guest_pid;
         state.vsock = child.vsock_uds.clone();
         state.vm_id = find_vm(&vm_root, child.pid);
+        state.vm_root = Some(vm_root.clone());
         state.record_pid(pid)?;
         state.transition(Status::Created)?;
         state.transition(Status::Running)?;

@@ -22,7 +22,7 @@ mod create;
 mod exec;
 pub mod fork;
 mod log;
-mod ops;
+pub(crate) mod ops;
 
 use std::path::PathBuf;
 

@@ -162,8 +162,8 @@ pub fn delete(g: &Global, log: &Log, a: &DeleteArgs) -> Result<()> {
             }
         }
     }
-    match &state.vm_id {
-        Some(vm) => remove_vm(vm),
+    match state.vm_dir() {
+        Some(vm) => remove_vm(&vm),
         None => remove_vm_of(&store.container_dir(&a.id)?),
     }
     if let Err(e) = store.remove(&a.id) {
@@ -242,8 +242,7 @@ pub fn pause(g: &Global, id: &str, pause: bool) -> Result<()> {
     if !state.process_alive() {
         bail!("container {id} not running");
     }
-    let vm = state.vm_id.context("the container has no VM")?;
-    let home = forkvm_api::VmHome::open(&forkvm_api::default_root(), &vm)?;
+    let home = vm_home(&state)?;
     let client = forkvm_api::Client::new(home.socket_path());
     if pause {
         client.pause()?;
@@ -251,6 +250,21 @@ pub fn pause(g: &Global, id: &str, pause: bool) -> Result<()> {
         client.resume()?;
     }
     Ok(())
+}
+
+/// The container's VM home.
+pub fn vm_home(state: &ContainerState) -> Result<forkvm_api::VmHome> {
+    let dir = state.vm_dir().context("the container has no VM recorded")?;
+    let (Some(root), Some(id)) = (dir.parent(), dir.file_name().and_then(|n| n.to_str())) else {
+        bail!("{} is not a VM home", dir.display());
+    };
+    forkvm_api::VmHome::open(root, id).with_context(|| {
+        format!(
+            "cannot find container {}'s VM at {}",
+            state.id,
+            dir.display()
+        )
+    })
 }
 
 /// `features`: the runtime spec's features document.

@@ -216,7 +216,7 @@ impl Agent {
                             // Nobody to talk to: let the process run detached.
                             eprintln!("forkvm-agent: pid {pid}: host left before Started");
                         }
-                        let end = session::run(self.clone(), conn, reader, spawned);
+                        let end = session::run(self.clone(), conn, reader, spawned, !process.init);
                         if process.init {
                             end.wait_host(session::INIT_LINGER);
                             (self.power_off)(self.reaper, PowerOffReason::InitExited);

@@ -180,11 +180,16 @@ fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) {
 /// Serves a started process on `conn` until its exit frame is sent. `reader` holds
 /// whatever the host sent after the `exec` line. Returns when the host may read the exit
 /// frame (and, for an init process, once the host closed or [`INIT_LINGER`] passed).
+///
+/// With `kill_on_hangup`, a host that goes away while the process runs takes the
+/// process with it (SIGKILL): the host side of an `exec` stands for the process on the
+/// host, so killing it there (an engine's SIGKILL of the exec's pid) must end it here.
 pub(crate) fn run(
     agent: Arc<Agent>,
     conn: UnixStream,
     reader: BufReader<UnixStream>,
     spawned: Spawned,
+    kill_on_hangup: bool,
 ) -> SessionEnd {
     let Spawned { child, io } = spawned;
     let pid = child.pid();
@@ -237,7 +242,13 @@ pub(crate) fn run(
     {
         let agent = agent.clone();
         spawn_thread("input", move || {
-            pump_input(reader, agent, pid, stdin_tx, master);
+            pump_input(reader, agent.clone(), pid, stdin_tx, master);
+            if kill_on_hangup {
+                // Fails harmlessly once the process has exited (the agent forgot it).
+                if agent.signal(pid, libc::SIGKILL).is_ok() {
+                    eprintln!("forkvm-agent: pid {pid}: the host went away; killed");
+                }
+            }
             let _ = gone_tx.send(());
         });
     }

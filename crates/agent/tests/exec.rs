@@ -463,15 +463,25 @@ fn output_written_just_before_exit_is_not_lost() {
 }
 
 #[test]
-fn a_process_keeps_running_after_the_host_disconnects() {
+fn an_init_process_keeps_running_after_the_host_disconnects() {
     let dir = TempDir::new("detach");
     let marker = dir.0.join("done");
-    let (_agent, conn) = agent();
+    // Init mode, with a power-off that does nothing: the test process is not a VM.
+    let agent = Agent::with_power_off(
+        AgentConfig {
+            root: "/".into(),
+            mode: Mode::Init,
+        },
+        Box::new(|_, _| {}),
+    );
+    let conn = connect(&agent);
     let script = format!(
         "i=0; while [ $i -lt 3000 ]; do echo line $i line $i line $i line $i line $i; i=$((i+1)); done; echo ok > {}",
         marker.display()
     );
-    let session = client::exec(conn, &sh(&script)).unwrap();
+    let mut spec = sh(&script);
+    spec.init = true;
+    let session = client::exec(conn, &spec).unwrap();
     drop(session);
     let start = Instant::now();
     while std::fs::read_to_string(&marker).unwrap_or_default() != "ok\n" {
@@ -481,6 +491,35 @@ fn a_process_keeps_running_after_the_host_disconnects() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn an_exec_process_dies_with_its_host_connection() {
+    let dir = TempDir::new("hangup");
+    let marker = dir.0.join("late");
+    let (agent, conn) = agent();
+    let session = client::exec(
+        conn,
+        &sh(&format!("sleep 3; echo late > {}", marker.display())),
+    )
+    .unwrap();
+    let pid = session.pid();
+    // The host side goes away (an engine SIGKILLed the process standing for it).
+    drop(session);
+    let start = Instant::now();
+    let mut other = connect(&agent);
+    loop {
+        match client::call(&mut other, &Request::Signal { pid, signal: 0 }).unwrap() {
+            Response::Error { .. } => break,
+            _ => assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "pid {pid} still runs after its host left"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(!marker.exists(), "the process ran on after its host left");
 }
 
 #[test]

@@ -138,12 +138,13 @@ impl Session {
 /// stderr until it exits, and returns its exit code. With `tty`, stdin's terminal is put
 /// in raw mode (and its size sent); signals taken by `relay` go to the process from now
 /// on, the first one that came before included. `stdin` false closes the process's
-/// stdin at once.
+/// stdin at once. `ready` runs once all that is in place, before stdio flows.
 pub fn relay_stdio(
     session: forkvm_agent::client::ExecSession,
     relay: &crate::term::SignalRelay,
     tty: bool,
     stdin: bool,
+    ready: impl FnOnce(),
 ) -> std::io::Result<i32> {
     let controller = session.controller();
     let _raw = if tty {
@@ -154,7 +155,14 @@ pub fn relay_stdio(
     if let Some(sig) = relay.early() {
         let _ = controller.signal(sig);
     }
-    relay.attach(controller);
+    relay.attach(controller.clone());
+    if tty {
+        // A resize between entering raw mode and attaching found nobody to tell.
+        if let Some((rows, cols)) = crate::term::terminal_size(std::io::stdin()) {
+            let _ = controller.resize(rows, cols);
+        }
+    }
+    ready();
     let input: Option<Box<dyn std::io::Read + Send>> = if stdin {
         Some(Box::new(std::io::stdin()))
     } else {

@@ -234,7 +234,7 @@ fn session(s: &vm::Session, spec: ProcessSpec, relay: SignalRelay, tty: bool) ->
         }
         Err(e) => return Err(anyhow::Error::new(e).context("cannot start the process")),
     };
-    let code = vm::relay_stdio(session, &relay, tty, spec.stdin)
+    let code = vm::relay_stdio(session, &relay, tty, spec.stdin, || ())
         .context("lost the connection to the container's process")?;
     Ok(Outcome::Exited(code))
 }

@@ -358,7 +358,7 @@ fn monitor_session(
         }
     };
     drop(conn);
-    let code = vm::relay_stdio(session, &relay, tty, true)
+    let code = vm::relay_stdio(session, &relay, tty, true, || ())
         .context("lost the connection to the container's process")?;
     Ok(Outcome::Exited(code))
 }

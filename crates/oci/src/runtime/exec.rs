@@ -103,12 +103,18 @@ fn foreground(uds: &Path, spec: &ProcessSpec, report: Option<&Path>) -> Result<i
         }
         Err(e) => return Err(anyhow::Error::new(e).context("cannot start the process")),
     };
-    if let Some(path) = report {
-        std::fs::write(path, format!("ok {}", session.pid()))?;
-    }
     let relay = signals.spawn(spec.tty)?;
-    let code = crate::vm::relay_stdio(session, &relay, spec.tty, true)
-        .context("lost the connection to the process")?;
+    let pid = session.pid();
+    // The engine resizes the terminal once `exec --detach` returns: report only when
+    // the resize has somewhere to go.
+    let mut reported = Ok(());
+    let code = crate::vm::relay_stdio(session, &relay, spec.tty, true, || {
+        if let Some(path) = report {
+            reported = std::fs::write(path, format!("ok {pid}"));
+        }
+    })
+    .context("lost the connection to the process")?;
+    reported?;
     Ok(code)
 }
 

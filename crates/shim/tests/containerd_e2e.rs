@@ -428,7 +428,9 @@ fn body(runtime: &Path) {
         "long",
         "sh",
         "-c",
-        "test -t 0 && echo exec-on-a-tty; stty size; exit 6",
+        // ctr resizes an exec's terminal only after starting it (the pty exists from
+        // then on): wait a moment so the size checked is the one ResizePty set.
+        "test -t 0 && echo exec-on-a-tty; sleep 1; stty size; exit 6",
     ]);
     let runc_in_chroot = runtime.file_name().is_some_and(|n| n == "runc")
         && forkvm_vhost::in_vhost()

@@ -73,6 +73,10 @@ pub struct ProcessSpec {
     /// The container's main process: the VM powers off when it exits (PID-1 mode only).
     #[serde(default)]
     pub init: bool,
+    /// The terminal's initial size as `[rows, columns]` (with `tty`; the OCI
+    /// `process.consoleSize`), before the process starts. Absent: 24×80.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_size: Option<[u16; 2]>,
 }
 
 fn default_cwd() -> String {
@@ -95,6 +99,7 @@ impl ProcessSpec {
             stdin: false,
             rlimits: Vec::new(),
             init: false,
+            console_size: None,
         }
     }
 }

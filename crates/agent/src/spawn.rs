@@ -333,6 +333,12 @@ pub fn spawn(root: &Path, spec: &ProcessSpec, reaper: &Reaper) -> Result<Spawned
             step: "open pty",
             source,
         })?;
+        if let Some([rows, cols]) = spec.console_size.filter(|[r, c]| *r > 0 && *c > 0) {
+            set_winsize(master.as_raw_fd(), rows, cols).map_err(|source| SpawnError::Os {
+                step: "set the terminal size",
+                source,
+            })?;
+        }
         (
             ProcessIo::Pty {
                 master,

@@ -443,6 +443,20 @@ fn tty_resize_and_stdin_reach_the_terminal() {
 }
 
 #[test]
+fn a_console_size_applies_before_the_process_starts() {
+    let mut spec = sh("stty size");
+    spec.tty = true;
+    spec.console_size = Some([33, 99]);
+    let o = run(spec);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    assert_eq!(o.stdout.trim_end(), "33 99");
+    // Without one, the agent's default.
+    let mut spec = sh("stty size");
+    spec.tty = true;
+    assert_eq!(run(spec).stdout.trim_end(), "24 80");
+}
+
+#[test]
 fn a_background_grandchild_does_not_hold_up_the_exit_frame() {
     let start = Instant::now();
     let o = run(sh("sleep 5 & echo hi; exit 4"));

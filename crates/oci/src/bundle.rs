@@ -13,6 +13,7 @@
 //! | `root.path` | resolved against the bundle; must be a directory | the VM's root filesystem |
 //! | `root.readonly` | [`ContainerPlan::rootfs_readonly`] | |
 //! | `process.args`/`env`/`cwd`/`user`/`terminal`/`rlimits` | mapped to [`ProcessSpec`] | `cwd` must be absolute, `args` non-empty |
+//! | `process.consoleSize` | [`ProcessSpec::console_size`] | the guest pty's size before the process starts |
 //! | `process.user.umask`, `username` | warning | the guest agent applies neither |
 //! | `process.capabilities` beyond runc's default set | warning | the VM is the boundary; the guest agent grants its own set |
 //! | `process.apparmorProfile`, `selinuxLabel`, `linux.seccomp` | warning | host LSM/seccomp confinement does not apply inside a VM; the VM is the boundary |
@@ -62,6 +63,10 @@ const GUEST_MOUNTS: &[&str] = &[
 ];
 /// The argument that marks Docker's (libnetwork's) prestart hook.
 const DOCKER_NETWORK_HOOK: &str = "libnetwork-setkey";
+
+fn clamp_u16(n: u64) -> u16 {
+    n.min(u64::from(u16::MAX)) as u16
+}
 
 /// A host file bind-mounted into the container, copied into the VM's root instead.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -386,6 +391,9 @@ impl Planner<'_> {
             stdin: true,
             rlimits,
             init: true,
+            console_size: process
+                .console_size()
+                .map(|b| [clamp_u16(b.height()), clamp_u16(b.width())]),
         })
     }
 
@@ -757,9 +765,11 @@ mod tests {
             c["process"]["cwd"] = json!("/srv");
             c["process"]["terminal"] = json!(false);
             c["process"]["rlimits"] = json!([{"type": "RLIMIT_NPROC", "hard": 20, "soft": 10}]);
+            c["process"]["consoleSize"] = json!({"height": 22, "width": 77});
         })
         .unwrap();
         let p = plan.process;
+        assert_eq!(p.console_size, Some([22, 77]));
         assert_eq!(p.args, ["/bin/app", "--flag"]);
         assert_eq!(p.cwd, "/srv");
         assert!(!p.tty);

@@ -177,6 +177,7 @@ pub fn process_spec(image: &ImageConfig, args: &RunArgs, hostname: &str) -> Resu
         stdin: args.interactive,
         rlimits: Vec::new(),
         init: true,
+        console_size: None,
     })
 }
 

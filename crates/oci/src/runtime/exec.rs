@@ -84,6 +84,7 @@ fn process(a: &ExecArgs) -> Result<ProcessSpec> {
         stdin: true,
         rlimits: Vec::new(),
         init: false,
+        console_size: None,
     })
 }
 
@@ -179,6 +180,7 @@ fn to_oci_process(spec: &ProcessSpec) -> serde_json::Value {
         "args": spec.args,
         "env": spec.env,
         "cwd": spec.cwd,
+        "consoleSize": spec.console_size.map(|[h, w]| serde_json::json!({"height": h, "width": w})),
         "rlimits": spec.rlimits.iter().map(|r| serde_json::json!({"type": r.kind, "soft": r.soft, "hard": r.hard})).collect::<Vec<_>>(),
     })
 }
@@ -207,6 +209,7 @@ mod tests {
                 hard: 20,
             }],
             init: false,
+            console_size: Some([22, 77]),
         };
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("p.json");

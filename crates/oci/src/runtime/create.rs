@@ -12,8 +12,8 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use forkvm_agent::client::{self, ExecError};
@@ -21,10 +21,11 @@ use forkvm_agent::ProcessSpec;
 use forkvm_api::{ProcessIdentity, VmHome};
 use serde::{Deserialize, Serialize};
 
+use super::helper::{self, Report};
 use super::{CreateArgs, Global, Log};
 use crate::bundle;
 use crate::state::{validate_id, ContainerState, StateStore, Status};
-use crate::term::{ForwardedSignals, Pty, SignalRelay};
+use crate::term::{ForwardedSignals, SignalRelay};
 use crate::vm::{self, Outcome};
 
 /// The monitor's report to `create`, in the container's directory.
@@ -38,28 +39,15 @@ pub const MONITOR_LOG: &str = "monitor.log";
 /// Exit code of a monitor whose VM failed (the process's code is unknown).
 pub const EXIT_VM_FAILED: i32 = 255;
 
-/// What the monitor reports once the VM's agent answers (or it failed).
+/// What the monitor reports once the VM's agent answers.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Ready {
     /// The forkvm VM's id.
-    pub vm_id: Option<String>,
+    pub vm_id: String,
     /// The forkvm VM root it is registered under.
-    #[serde(default)]
-    pub vm_root: Option<PathBuf>,
+    pub vm_root: PathBuf,
     /// The VM's vsock socket.
-    pub vsock: Option<PathBuf>,
-    /// Why the monitor failed, when it did.
-    pub error: Option<String>,
-}
-
-impl Ready {
-    fn write(&self, dir: &Path) {
-        let tmp = dir.join(format!("{READY_FILE}.tmp"));
-        let ok = std::fs::write(&tmp, serde_json::to_vec(self).unwrap_or_default()).is_ok();
-        if ok {
-            let _ = std::fs::rename(&tmp, dir.join(READY_FILE));
-        }
-    }
+    pub vsock: PathBuf,
 }
 
 /// `create`.
@@ -104,66 +92,34 @@ fn create_in(
     monitor: &mut Option<Child>,
 ) -> Result<()> {
     crate::rootfs::build(plan, &dir.join(ROOT_DISK))?;
-    let mut cmd = Command::new(std::env::current_exe().context("cannot find this executable")?);
-    cmd.arg("--root").arg(&g.root);
-    if let Some(log) = &g.log {
-        cmd.arg("--log").arg(log);
-    }
-    cmd.args(["--log-format", &g.log_format]);
-    if g.debug {
-        cmd.arg("--debug");
-    }
-    cmd.args(["__monitor", &a.id]);
+    let mut cmd = helper::command(g, &["__monitor", &a.id])?;
     if plan.process.tty {
         let socket = a.console_socket.as_deref().context("no --console-socket")?;
-        let pty = Pty::open().context("cannot open a pseudo-terminal")?;
-        crate::term::send_console(socket, &pty.master)
-            .with_context(|| format!("cannot send the terminal to {}", socket.display()))?;
-        cmd.stdin(Stdio::from(pty.slave.try_clone()?))
-            .stdout(Stdio::from(pty.slave.try_clone()?))
-            .stderr(Stdio::from(pty.slave));
+        helper::give_terminal(&mut cmd, socket)?;
     }
     let child = monitor.insert(
         cmd.spawn()
             .context("cannot start the container's monitor")?,
     );
     let pid = child.id() as i32;
-    let ready = wait_ready(dir, child)?;
+    let ready: Ready = helper::wait_report(
+        &dir.join(READY_FILE),
+        child,
+        vm::AGENT_DEADLINE + Duration::from_secs(30),
+        ("the container's monitor", "the VM was ready"),
+        || forkvm_api::home::tail(&dir.join(MONITOR_LOG), 10),
+    )?;
     if let Some(pid_file) = &a.pid_file {
         write_pid_file(pid_file, pid)?;
     }
     store.update(&a.id, |s| {
         s.record_pid(pid)?;
-        s.vm_id = ready.vm_id.clone();
-        s.vm_root = ready.vm_root.clone();
-        s.vsock = ready.vsock.clone();
+        s.vm_id = Some(ready.vm_id.clone());
+        s.vm_root = Some(ready.vm_root.clone());
+        s.vsock = Some(ready.vsock.clone());
         s.transition(Status::Created)
     })?;
     Ok(())
-}
-
-/// Waits for the monitor's report; a monitor that dies first fails the create.
-fn wait_ready(dir: &Path, child: &mut Child) -> Result<Ready> {
-    let deadline = Instant::now() + vm::AGENT_DEADLINE + Duration::from_secs(30);
-    let path = dir.join(READY_FILE);
-    loop {
-        if let Ok(bytes) = std::fs::read(&path) {
-            let ready: Ready = serde_json::from_slice(&bytes)
-                .with_context(|| format!("{} is corrupt", path.display()))?;
-            if let Some(e) = ready.error {
-                bail!("{e}");
-            }
-            return Ok(ready);
-        }
-        if let Some(status) = child.try_wait()? {
-            let log = forkvm_api::home::tail(&dir.join(MONITOR_LOG), 10);
-            bail!("the container's monitor exited ({status}) before the VM was ready\n{log}");
-        }
-        if Instant::now() > deadline {
-            bail!("the VM was not ready within {:?}", deadline.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Writes `pid` to `path` atomically (a reader never sees an empty file).
@@ -186,13 +142,8 @@ pub fn remove_vm_of(dir: &Path) {
     let Ok(bytes) = std::fs::read(dir.join(READY_FILE)) else {
         return;
     };
-    if let Ok(Ready {
-        vm_id: Some(id),
-        vm_root,
-        ..
-    }) = serde_json::from_slice(&bytes)
-    {
-        remove_vm(&vm_root.unwrap_or_else(forkvm_api::default_root).join(id));
+    if let Ok(Report::Ok(Ready { vm_id, vm_root, .. })) = serde_json::from_slice(&bytes) {
+        remove_vm(&vm_root.join(vm_id));
     }
 }
 
@@ -205,9 +156,6 @@ pub fn remove_vm(dir: &Path) {
 
 /// The monitor: returns its exit code (the container process's).
 pub fn monitor(g: &Global, log: &Log, id: &str) -> i32 {
-    // Its own session: the caller's terminal signals are not the container's, and with a
-    // pty the slave becomes this session's controlling terminal (for SIGWINCH).
-    let _ = rustix::process::setsid();
     let store = match StateStore::open(&g.root) {
         Ok(s) => s,
         Err(e) => {
@@ -228,13 +176,7 @@ pub fn monitor(g: &Global, log: &Log, id: &str) -> i32 {
             log.error(&format!("container {id}: {msg}"));
             tracing::error!("container {id}: {msg}");
             if !reported {
-                Ready {
-                    vm_id: None,
-                    vm_root: None,
-                    vsock: None,
-                    error: Some(msg),
-                }
-                .write(&dir);
+                let _ = helper::write_report::<Ready>(&dir.join(READY_FILE), &Report::Error(msg));
             }
             EXIT_VM_FAILED
         }
@@ -246,10 +188,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     let state = store.load(id)?;
     let plan = bundle::load(&state.bundle)?;
     let tty = plan.process.tty;
-    if tty {
-        rustix::process::ioctl_tiocsctty(std::io::stdin())
-            .context("cannot make the pty the monitor's terminal")?;
-    }
+    helper::own_session(tty)?;
     let guest = vm::container_guest()?;
     let vm_root = std::path::absolute(forkvm_api::default_root())?;
     let home =
@@ -271,10 +210,9 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     home.record_machine(cfg.vcpus, cfg.mem_mib)?;
     let relay = signals.spawn(tty)?;
     let ready = Ready {
-        vm_id: Some(home.id().to_owned()),
-        vm_root: Some(vm_root),
-        vsock: Some(uds.clone()),
-        error: None,
+        vm_id: home.id().to_owned(),
+        vm_root,
+        vsock: uds.clone(),
     };
     let dir_owned = dir.to_owned();
     let spec = plan.process;
@@ -319,7 +257,8 @@ fn monitor_session(
     let listener = UnixListener::bind(START_SOCKET)
         .with_context(|| format!("cannot listen on {}", dir.join(START_SOCKET).display()))?;
     listener.set_nonblocking(true)?;
-    ready.write(dir);
+    helper::write_report(&dir.join(READY_FILE), &Report::Ok(ready))
+        .context("cannot report the VM ready")?;
     let _ = reported.send(());
     let mut conn = loop {
         if s.vm_stopped() {

@@ -8,23 +8,23 @@
 //! monitor stands for the container's.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use forkvm_agent::client::{self, ExecError};
 use forkvm_agent::{ProcessSpec, User};
 
 use super::create::write_pid_file;
-use super::{ExecArgs, Global, Log};
+use super::helper::{self, Report};
+use super::{ExecArgs, Global};
 use crate::state::StateStore;
-use crate::term::{ForwardedSignals, Pty};
+use crate::term::ForwardedSignals;
 
 /// Set on the foreground copy that a `--detach` exec starts: where it reports.
 const ENV_READY: &str = "FORKVM_RUNTIME_EXEC_READY";
 
 /// `exec`; returns the exit code.
-pub fn exec(g: &Global, log: &Log, a: ExecArgs) -> Result<i32> {
+pub fn exec(g: &Global, a: ExecArgs) -> Result<i32> {
     let mut spec = process(&a)?;
     let state = StateStore::open(&g.root)?.load(&a.id)?;
     if !state.process_alive() {
@@ -35,15 +35,11 @@ pub fn exec(g: &Global, log: &Log, a: ExecArgs) -> Result<i32> {
         bail!("--preserve-fds is not supported: host descriptors cannot be passed into a VM");
     }
     if a.detach {
-        return detach(g, log, &a, &spec).map(|()| 0);
+        return detach(g, &a, &spec).map(|()| 0);
     }
     let report = std::env::var_os(ENV_READY).map(PathBuf::from);
     if report.is_some() {
-        let _ = rustix::process::setsid();
-        if spec.tty {
-            rustix::process::ioctl_tiocsctty(std::io::stdin())
-                .context("cannot make the pty the exec process's terminal")?;
-        }
+        helper::own_session(spec.tty)?;
     }
     spec.stdin = true;
     foreground(&uds, &spec, report.as_deref())
@@ -96,7 +92,7 @@ fn foreground(uds: &Path, spec: &ProcessSpec, report: Option<&Path>) -> Result<i
         Ok(s) => s,
         Err(ExecError::ExecFailed { message, exit_code }) => {
             if let Some(path) = report {
-                let _ = std::fs::write(path, format!("error {message}"));
+                let _ = helper::write_report::<i32>(path, &Report::Error(message));
             } else {
                 eprintln!("forkvm-runtime: {message}");
             }
@@ -111,7 +107,7 @@ fn foreground(uds: &Path, spec: &ProcessSpec, report: Option<&Path>) -> Result<i
     let mut reported = Ok(());
     let code = crate::vm::relay_stdio(session, &relay, spec.tty, true, || {
         if let Some(path) = report {
-            reported = std::fs::write(path, format!("ok {pid}"));
+            reported = helper::write_report(path, &Report::Ok(pid));
         }
     })
     .context("lost the connection to the process")?;
@@ -119,52 +115,33 @@ fn foreground(uds: &Path, spec: &ProcessSpec, report: Option<&Path>) -> Result<i
     Ok(code)
 }
 
-fn detach(g: &Global, log: &Log, a: &ExecArgs, spec: &ProcessSpec) -> Result<()> {
+fn detach(g: &Global, a: &ExecArgs, spec: &ProcessSpec) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let report = dir.path().join("ready");
     let spec_file = dir.path().join("process.json");
     std::fs::write(&spec_file, serde_json::to_vec(&to_oci_process(spec))?)?;
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg("--root").arg(&g.root);
-    if let Some(l) = log.path() {
-        cmd.arg("--log").arg(l);
-    }
-    cmd.args(["--log-format", &g.log_format, "exec", "--process"])
-        .arg(&spec_file)
-        .arg(&a.id)
-        .env(ENV_READY, &report);
+    let spec_arg = spec_file.to_str().context("a temporary path is UTF-8")?;
+    let mut cmd = helper::command(g, &["exec", "--process", spec_arg, &a.id])?;
+    cmd.env(ENV_READY, &report);
     if spec.tty {
         let socket = a
             .console_socket
             .as_deref()
             .context("a terminal process needs --console-socket with --detach")?;
-        let pty = Pty::open()?;
-        crate::term::send_console(socket, &pty.master)
-            .with_context(|| format!("cannot send the terminal to {}", socket.display()))?;
-        cmd.stdin(Stdio::from(pty.slave.try_clone()?))
-            .stdout(Stdio::from(pty.slave.try_clone()?))
-            .stderr(Stdio::from(pty.slave));
+        helper::give_terminal(&mut cmd, socket)?;
     }
     let mut child = cmd.spawn().context("cannot start the exec process")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&report) {
-            if let Some(msg) = text.strip_prefix("error ") {
-                let _ = child.wait();
-                bail!("{msg}");
-            }
-            if text.starts_with("ok ") {
-                break;
-            }
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("the exec process exited ({status}) before the process started");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("the process did not start within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let started: Result<i32> = helper::wait_report(
+        &report,
+        &mut child,
+        Duration::from_secs(60),
+        ("the exec process", "the process started"),
+        String::new,
+    );
+    if let Err(e) = started {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
     }
     if let Some(p) = &a.pid_file {
         write_pid_file(p, child.id() as i32)?;

@@ -28,11 +28,6 @@ impl Log {
         }
     }
 
-    /// The log file, if any.
-    pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
-    }
-
     /// One `level` line (`error`, `warning`, `info`, `debug`).
     pub fn write(&self, level: &str, msg: &str) {
         let Some(path) = &self.path else { return };

@@ -21,6 +21,7 @@
 mod create;
 mod exec;
 pub mod fork;
+mod helper;
 mod log;
 pub(crate) mod ops;
 
@@ -266,7 +267,7 @@ pub fn main() -> i32 {
         Command::State(a) => ops::state(&cli.global, &a.id).map(|()| 0),
         Command::Kill(a) => ops::kill(&cli.global, &a).map(|()| 0),
         Command::Delete(a) => ops::delete(&cli.global, &log, &a).map(|()| 0),
-        Command::Exec(a) => exec::exec(&cli.global, &log, a),
+        Command::Exec(a) => exec::exec(&cli.global, a),
         Command::Ps(a) => ops::ps(&cli.global, &a).map(|()| 0),
         Command::List(a) => ops::list(&cli.global, &a).map(|()| 0),
         Command::Pause(a) => ops::pause(&cli.global, &a.id, true).map(|()| 0),

@@ -1,0 +1,173 @@
+//! The runtime's helper processes: copies of this binary that stand for a process on
+//! the host, the container's monitor (started by `create`) and a detached exec's relay
+//! (started by `exec --detach`). Both are started, given a terminal and waited for the
+//! same way:
+//!
+//! * [`command`] runs this binary with the caller's global flags;
+//! * [`give_terminal`] makes a host pty's slave its stdio and sends the master to the
+//!   engine's `--console-socket`; [`own_session`] (in the helper) makes that pty its
+//!   controlling terminal, so resizes arrive as SIGWINCH;
+//! * the helper reports once it is ready with [`write_report`] (atomically: a reader sees
+//!   the whole report or none) and the caller waits with [`wait_report`], which also
+//!   fails when the helper dies first or takes too long.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::Global;
+use crate::term::Pty;
+
+/// What a helper reports: it is ready (with what the caller needs), or why it failed.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Report<T> {
+    /// Ready.
+    Ok(T),
+    /// Failed, with the message for the engine.
+    Error(String),
+}
+
+/// This binary with the caller's `--root`, `--log`, `--log-format` and `--debug`, then
+/// `args`.
+pub fn command(g: &Global, args: &[&str]) -> Result<Command> {
+    let mut cmd = Command::new(std::env::current_exe().context("cannot find this executable")?);
+    cmd.arg("--root").arg(&g.root);
+    if let Some(log) = &g.log {
+        cmd.arg("--log").arg(log);
+    }
+    cmd.args(["--log-format", &g.log_format]);
+    if g.debug {
+        cmd.arg("--debug");
+    }
+    cmd.args(args);
+    Ok(cmd)
+}
+
+/// Gives `cmd` a new host pty's slave as stdin, stdout and stderr, and sends its master
+/// to the engine's console socket.
+pub fn give_terminal(cmd: &mut Command, console_socket: &Path) -> Result<()> {
+    let pty = Pty::open().context("cannot open a pseudo-terminal")?;
+    crate::term::send_console(console_socket, &pty.master)
+        .with_context(|| format!("cannot send the terminal to {}", console_socket.display()))?;
+    cmd.stdin(Stdio::from(pty.slave.try_clone()?))
+        .stdout(Stdio::from(pty.slave.try_clone()?))
+        .stderr(Stdio::from(pty.slave));
+    Ok(())
+}
+
+/// In the helper: a session of its own (the caller's terminal signals are not the
+/// container's) and, with `tty`, stdin's pty as its controlling terminal.
+pub fn own_session(tty: bool) -> Result<()> {
+    let _ = rustix::process::setsid();
+    if tty {
+        rustix::process::ioctl_tiocsctty(std::io::stdin())
+            .context("cannot make the pty the controlling terminal")?;
+    }
+    Ok(())
+}
+
+/// Writes `report` to `path` atomically.
+pub fn write_report<T: Serialize>(path: &Path, report: &Report<T>) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, serde_json::to_vec(report)?)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Waits for `child`'s report at `path`: its value when ready, its message when it
+/// failed. `what` names the helper and `until` what it was waiting for, in errors;
+/// `detail` adds to the error when the helper died first (its log, say).
+pub fn wait_report<T: DeserializeOwned>(
+    path: &Path,
+    child: &mut Child,
+    limit: Duration,
+    (what, until): (&str, &str),
+    detail: impl FnOnce() -> String,
+) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(bytes) = std::fs::read(path) {
+            return match serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is corrupt", path.display()))?
+            {
+                Report::Ok(value) => Ok(value),
+                Report::Error(msg) => bail!("{msg}"),
+            };
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited ({status}) before {until}\n{}", detail());
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not report that {until} within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_are_read_whole_and_failures_carry_their_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("report");
+        let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+        write_report(&path, &Report::Ok(42)).unwrap();
+        let v: i32 = wait_report(
+            &path,
+            &mut sleeper,
+            Duration::from_secs(5),
+            ("x", "y"),
+            String::new,
+        )
+        .unwrap();
+        assert_eq!(v, 42);
+        write_report::<i32>(&path, &Report::Error("no such command".into())).unwrap();
+        let e = wait_report::<i32>(
+            &path,
+            &mut sleeper,
+            Duration::from_secs(5),
+            ("x", "y"),
+            String::new,
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "no such command");
+        std::fs::remove_file(&path).unwrap();
+        let e = wait_report::<i32>(
+            &path,
+            &mut sleeper,
+            Duration::from_millis(50),
+            ("the helper", "it was ready"),
+            String::new,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("did not report that it was ready within 50ms"),
+            "{e}"
+        );
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
+        let mut done = Command::new("true").spawn().unwrap();
+        done.wait().unwrap();
+        let e = wait_report::<i32>(
+            &path,
+            &mut done,
+            Duration::from_secs(5),
+            ("the helper", "it was ready"),
+            || "its log".into(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("the helper exited (exit status: 0) before it was ready\nits log"),
+            "{e}"
+        );
+    }
+}

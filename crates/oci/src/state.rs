@@ -307,9 +307,12 @@ pub struct ContainerLock {
 }
 
 impl StateStore {
-    /// Opens the state root, creating it (mode 0700) when absent.
+    /// Opens the state root, creating it (mode 0700) when absent. A relative root is
+    /// made absolute first: the runtime changes its working directory to reach a
+    /// container's sockets by short relative names.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StateError> {
         let root = root.into();
+        let root = std::path::absolute(&root).map_err(io_error(&root))?;
         fs::DirBuilder::new()
             .recursive(true)
             .mode_0700()

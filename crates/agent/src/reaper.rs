@@ -256,8 +256,13 @@ mod tests {
 
     #[test]
     fn exit_codes_follow_the_shell_convention() {
+        // Raw wait statuses: exit code in bits 8..16, terminating signal in bits 0..7.
         assert_eq!(exit_code(0), 0);
         assert_eq!(exit_code(3 << 8), 3);
+        assert_eq!(exit_code(255 << 8), 255);
+        assert_eq!(exit_code(libc::SIGKILL), 137);
         assert_eq!(exit_code(libc::SIGTERM), 128 + libc::SIGTERM);
+        // Killed by a signal with a core dump (0x80) is still 128 + signo.
+        assert_eq!(exit_code(libc::SIGSEGV | 0x80), 128 + libc::SIGSEGV);
     }
 }

@@ -45,5 +45,5 @@ pub use image::{Image, ImageConfig, Layer, Removed, Rootfs};
 pub use progress::{NoProgress, Progress, TermProgress};
 pub use pull::PullOptions;
 pub use reference::normalize_name;
-pub use rootfs::make_ext4;
+pub use rootfs::{make_ext4, system_tool};
 pub use store::Store;

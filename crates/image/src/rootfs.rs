@@ -237,15 +237,21 @@ fn mkfs(id: &str, dir: &Path, img: &Path, usage: &DiskUsage) -> Result<(), Error
     }
 }
 
-/// `mkfs.ext4` from `PATH`, else from the sbin directories (not in a user's `PATH`).
+/// `mkfs.ext4`, see [`system_tool`].
 fn mkfs_binary() -> PathBuf {
-    let in_path = std::env::var_os("PATH")
+    system_tool("mkfs.ext4")
+}
+
+/// A system tool (`mkfs.ext4`, `debugfs`) from `PATH`, else from the sbin directories,
+/// which are not in a user's `PATH`; the bare name when it is in neither.
+pub fn system_tool(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d| d.join("mkfs.ext4"))
-        .find(|p| p.is_file());
-    in_path.unwrap_or_else(|| PathBuf::from("mkfs.ext4"))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 #[cfg(test)]

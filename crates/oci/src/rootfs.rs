@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
+use forkvm_image::system_tool;
+
 use crate::bundle::{ContainerPlan, FileCopy};
 
 /// Why the root disk could not be built.
@@ -90,7 +92,7 @@ fn copy_in(img: &Path, file: &FileCopy) -> Result<(), RootfsError> {
     }
     let cmds = tempfile::NamedTempFile::new().map_err(|e| fail(e.to_string()))?;
     std::fs::write(cmds.path(), script(file)?).map_err(|e| fail(e.to_string()))?;
-    let out = Command::new(sbin("debugfs"))
+    let out = Command::new(system_tool("debugfs"))
         .arg("-w")
         .arg("-f")
         .arg(cmds.path())
@@ -98,7 +100,7 @@ fn copy_in(img: &Path, file: &FileCopy) -> Result<(), RootfsError> {
         .output()
         .map_err(|e| fail(format!("cannot run debugfs: {e}")))?;
     // debugfs exits 0 whatever its commands did; what matters is that the file is there.
-    let check = Command::new(sbin("debugfs"))
+    let check = Command::new(system_tool("debugfs"))
         .arg("-R")
         .arg(format!("stat {}", file.destination.display()))
         .arg(img)
@@ -115,23 +117,12 @@ fn copy_in(img: &Path, file: &FileCopy) -> Result<(), RootfsError> {
     Ok(())
 }
 
-/// A tool from PATH, else from the sbin directories (not in a user's PATH).
-fn sbin(tool: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from(tool))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn debugfs_cat(img: &Path, path: &str) -> String {
-        let out = Command::new(sbin("debugfs"))
+        let out = Command::new(system_tool("debugfs"))
             .args(["-R", &format!("cat {path}")])
             .arg(img)
             .output()

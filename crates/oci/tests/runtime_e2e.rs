@@ -199,28 +199,6 @@ fn reap(pid: i32, limit: Duration) -> i32 {
     }
 }
 
-/// Receives one descriptor sent with SCM_RIGHTS (an OCI console socket's pty master).
-fn receive_fd(stream: &std::os::unix::net::UnixStream) -> std::os::fd::OwnedFd {
-    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
-    use std::mem::MaybeUninit;
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let mut data = [0u8; 256];
-    recvmsg(
-        stream,
-        &mut [std::io::IoSliceMut::new(&mut data)],
-        &mut control,
-        RecvFlags::empty(),
-    )
-    .unwrap();
-    for msg in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(mut fds) = msg {
-            return fds.next().expect("one descriptor");
-        }
-    }
-    panic!("no descriptor on the console socket");
-}
-
 fn pid_of(state: &Value) -> i32 {
     state["pid"].as_i64().expect("state has a pid") as i32
 }
@@ -521,7 +499,9 @@ fn body() {
     );
     let socket = t.join("console.sock");
     let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-    let receiver = std::thread::spawn(move || receive_fd(&listener.accept().unwrap().0));
+    let receiver = std::thread::spawn(move || {
+        forkvm_shim::stdio::receive_fd(&listener.accept().unwrap().0).unwrap()
+    });
     let out = env.rt(
         "c6-create",
         &[
@@ -535,7 +515,7 @@ fn body() {
         None,
     );
     assert_eq!(out.code, Some(0), "{out}\n{}", env.diagnostics());
-    let master = receiver.join().unwrap();
+    let mut master = receiver.join().unwrap();
     let mut size = rustix::termios::tcgetwinsize(&master).unwrap();
     size.ws_row = 40;
     size.ws_col = 100;
@@ -543,7 +523,6 @@ fn body() {
     let pid = pid_of(&env.state("c6"));
     env.ok("c6-start", &["start", "c6"]);
     let mut screen = Vec::new();
-    let mut master = File::from(master);
     // Until the monitor, the slave's only holder, exits (EIO).
     let _ = std::io::Read::read_to_end(&mut master, &mut screen);
     assert_eq!(

@@ -124,17 +124,9 @@ impl Exits {
 }
 
 /// The exit code containerd reports for a raw `waitpid` status: the code for a normal
-/// exit, 128 + the signal number for a process killed by a signal (as a shell does).
-pub fn exit_code(wait_status: i32) -> i32 {
-    if libc::WIFEXITED(wait_status) {
-        libc::WEXITSTATUS(wait_status)
-    } else if libc::WIFSIGNALED(wait_status) {
-        128 + libc::WTERMSIG(wait_status)
-    } else {
-        // Stopped or continued: not an exit; callers only pass exits.
-        128
-    }
-}
+/// exit, 128 + the signal number for a process killed by a signal (as a shell does);
+/// the guest agent reports its processes' exits the same way.
+pub use forkvm_agent::reaper::exit_code;
 
 /// Reaps every child of this process into `exits`, forever, on a thread of its own:
 /// the shim's one reaper. Nothing else in the process may wait for children; exits are
@@ -169,18 +161,6 @@ pub fn reap_children(exits: Arc<Exits>) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exit_codes_follow_the_shell_convention() {
-        // Raw wait statuses: exit code in bits 8..16, terminating signal in bits 0..7.
-        assert_eq!(exit_code(0), 0);
-        assert_eq!(exit_code(3 << 8), 3);
-        assert_eq!(exit_code(255 << 8), 255);
-        assert_eq!(exit_code(libc::SIGKILL), 137);
-        assert_eq!(exit_code(libc::SIGTERM), 143);
-        // Killed by a signal with a core dump (0x80) is still 128 + signo.
-        assert_eq!(exit_code(libc::SIGSEGV | 0x80), 128 + libc::SIGSEGV);
-    }
 
     #[test]
     fn an_exit_recorded_before_the_wait_is_kept() {

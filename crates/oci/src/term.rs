@@ -12,6 +12,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -192,8 +193,6 @@ impl Pty {
         Ok(Self { master, slave })
     }
 }
-
-use std::os::unix::fs::OpenOptionsExt;
 
 /// Sends `master` over the Unix socket at `socket` (an OCI `--console-socket`), as
 /// runc does: one byte of data with the descriptor in an SCM_RIGHTS message.

@@ -51,9 +51,13 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// The runtime under test: `$FORKVM_TEST_RUNTIME`, else `forkvm-runtime`.
 pub fn runtime() -> PathBuf {
-    std::env::var_os(RUNTIME_OVERRIDE)
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from(FORKVM_RUNTIME), PathBuf::from)
+    let over = std::env::var_os(RUNTIME_OVERRIDE).filter(|v| !v.is_empty());
+    // The runc baseline skips the checks only forkvm's runtime can pass: never in CI.
+    assert!(
+        over.is_none() || std::env::var_os("CI").is_none_or(|v| v != "true"),
+        "{RUNTIME_OVERRIDE} is for local baselines; CI tests forkvm-runtime"
+    );
+    over.map_or_else(|| PathBuf::from(FORKVM_RUNTIME), PathBuf::from)
 }
 
 /// Whether the runtime under test is forkvm's (the checks of VMs and monitors apply).

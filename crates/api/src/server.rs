@@ -18,8 +18,8 @@ use forkvm_vmm::control::{
     ChildSpec, ControlError, ControlHandle, DeviceInfo, ForkRequest, Request, Response, RunState,
 };
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::{Body, Bytes, Frame};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Buf, Bytes, Frame};
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -193,7 +193,12 @@ fn unexpected(r: &Response) -> Reply {
     )
 }
 
-/// Reads the whole body, at most [`MAX_BODY`] bytes.
+/// How much of an oversized body is read and dropped before the 413 goes out: a client
+/// still sending it would otherwise see the connection reset instead of the answer.
+const DRAIN_LIMIT: usize = 1 << 20;
+
+/// Reads the whole body, at most [`MAX_BODY`] bytes (413 beyond, once the client has
+/// sent it, up to [`DRAIN_LIMIT`]).
 async fn read_body<B>(body: B, declared: Option<u64>) -> Result<Bytes, Reply>
 where
     B: Body,
@@ -206,18 +211,40 @@ where
             format!("the request body is larger than {MAX_BODY} bytes"),
         )
     };
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+    if declared.is_some_and(|n| n > DRAIN_LIMIT as u64) {
         return Err(too_large());
     }
-    match Limited::new(body, MAX_BODY).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(error_reply(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("cannot read the request body: {e}"),
-        )),
+    let mut body = std::pin::pin!(body);
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    let oversized = |seen: usize| seen > MAX_BODY || declared.is_some_and(|n| n > MAX_BODY as u64);
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            // Refused by its declared size already: the rest was only being drained.
+            Err(_) if oversized(seen) => break,
+            Err(e) => {
+                return Err(error_reply(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("cannot read the request body: {e}"),
+                ))
+            }
+        };
+        if let Ok(mut data) = frame.into_data() {
+            let data = data.copy_to_bytes(data.remaining());
+            seen += data.len();
+            if seen <= MAX_BODY {
+                kept.extend_from_slice(&data);
+            } else if seen > DRAIN_LIMIT {
+                break;
+            }
+        }
     }
+    if oversized(seen) {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(kept))
 }
 
 /// Parses a template request, `{"dir": "/absolute/path"}`.

@@ -219,10 +219,16 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     // Reported from the session once the agent answers; errors before that are
     // reported by `monitor`.
     let (tx, rx) = std::sync::mpsc::channel();
+    let vm_dir = home.dir().to_owned();
     let result = vm::run(home, &cfg, move |s| {
         monitor_session(s, &dir_owned, ready, spec, relay, tty, tx)
     });
     *reported = rx.try_recv().is_ok();
+    if result.is_err() && !*reported {
+        // create never learnt of this VM, so its cleanup cannot remove it; its VMM (this
+        // process's) has ended.
+        remove_vm(&vm_dir);
+    }
     result
 }
 

@@ -26,8 +26,8 @@ enum Cmd {
         /// Virtual host memory in MiB.
         #[arg(long, default_value_t = 4096)]
         mem: u32,
-        /// Virtual host vCPUs.
-        #[arg(long, default_value_t = 2)]
+        /// Virtual host vCPUs (more than one is less reliable: see forkvm_vhost::DEFAULT_SMP).
+        #[arg(long, default_value_t = forkvm_vhost::DEFAULT_SMP)]
         smp: u32,
         /// Always use the virtual host, even with hardware KVM.
         #[arg(long)]

@@ -54,7 +54,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 pub use caps::{in_vhost, parse_cpu_flags, Capabilities, CpuFlags};
-pub use run::{decide_mode, run_in_kvm_host, HostChoice, Mode, Outcome, VhostOptions};
+pub use run::{decide_mode, run_in_kvm_host, HostChoice, Mode, Outcome, VhostOptions, DEFAULT_SMP};
 pub use virt::{prepare_initramfs, VHOST_MODULES};
 
 /// Errors from [`run_in_kvm_host`].

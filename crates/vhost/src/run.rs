@@ -44,7 +44,7 @@ pub struct VhostOptions {
     pub timeout: Duration,
     /// Virtual host memory in MiB.
     pub mem_mib: u32,
-    /// Virtual host vCPUs.
+    /// Virtual host vCPUs. Default 1: see [`DEFAULT_SMP`].
     pub smp: u32,
     /// Extra environment variables for the command (on top of this process's environment).
     pub envs: Vec<(String, String)>,
@@ -64,7 +64,7 @@ impl Default for VhostOptions {
         Self {
             timeout: Duration::from_secs(600),
             mem_mib: 4096,
-            smp: 2,
+            smp: DEFAULT_SMP,
             envs: Vec::new(),
             cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
             stream: false,
@@ -73,6 +73,17 @@ impl Default for VhostOptions {
         }
     }
 }
+
+/// The virtual host's vCPUs unless asked otherwise: one.
+///
+/// With two, QEMU runs one TCG thread per vCPU, and its SVM emulation is not reliable
+/// across them: in 5 of 48 virtual-host sessions of one day (the long ones: Docker,
+/// podman, `forkvm run`) the host's kernel hit its task stack guard page inside
+/// `exc_page_fault`, both vCPUs soft-locked, or a nested guest triple-faulted while
+/// booting. With one vCPU (one TCG thread) none of
+/// that was seen, at the price of nested VMs time-sharing one CPU (a guest boot
+/// takes ~15% longer).
+pub const DEFAULT_SMP: u32 = 1;
 
 /// The result of a command that ran to completion.
 #[derive(Debug, Clone)]

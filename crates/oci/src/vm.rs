@@ -229,10 +229,17 @@ where
     match (code, exit.context("the VM failed while running")?) {
         (Ok(code), _) => Ok(code),
         (Err(e), ExitReason::Failed(why)) => Err(e.context(format!("the guest failed: {why}"))),
-        (Err(e), _) => Err(e.context(format!(
-            "the VM stopped; its console:\n{}",
-            forkvm_api::home::tail(&console_path, 20)
-        ))),
+        (Err(e), how) => {
+            let how = match how {
+                ExitReason::PowerOff => "the guest powered off",
+                ExitReason::Reset => "the guest reset (a reboot, or a triple fault)",
+                _ => "the VM was stopped",
+            };
+            Err(e.context(format!(
+                "{how}; its console:\n{}",
+                forkvm_api::home::tail(&console_path, 20)
+            )))
+        }
     }
 }
 

@@ -346,7 +346,13 @@ impl VcpuRunner {
             }
             VcpuExit::Hlt => count_exit(4),
             VcpuExit::Intr | VcpuExit::IrqWindowOpen => count_exit(5),
-            VcpuExit::Shutdown => return Some(VcpuStop::Reset),
+            VcpuExit::Shutdown => {
+                // A triple fault: a crash, or a kernel's last-resort way to reboot.
+                tracing::warn!(
+                    "the guest triple-faulted (KVM shutdown exit): ending it as a reset"
+                );
+                return Some(VcpuStop::Reset);
+            }
             VcpuExit::SystemEvent(kind, _) => {
                 count_exit(6);
                 return Some(match kind {

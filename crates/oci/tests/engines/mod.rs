@@ -923,8 +923,20 @@ pub fn detached_cases(e: &Engine) {
     const NAME: &str = "trapper";
     let started = e.case("run -d: a detached container's output in logs", || {
         let mut args = e.run_detached_args(NAME, &["sh", "-c", TRAP_SCRIPT]);
-        // Resources the VM is sized by (checked in the next case).
-        args.splice(2..2, ["--memory", "300m", "--cpus", "2"]);
+        // Resources the VM is sized by (checked in the next case). Two CPUs' worth of
+        // quota, not `--cpus 2`: Docker refuses more `--cpus` than the host has, and
+        // the virtual host has one.
+        args.splice(
+            2..2,
+            [
+                "--memory",
+                "300m",
+                "--cpu-period",
+                "100000",
+                "--cpu-quota",
+                "200000",
+            ],
+        );
         let out = e.expect(&args, None, 0);
         assert_eq!(out.stdout.trim().len(), 64, "a container id: {out}");
         e.wait_for_log(NAME, "ready");
@@ -936,7 +948,7 @@ pub fn detached_cases(e: &Engine) {
     }
 
     e.case(
-        "the container is a VM: monitor, FORKVM_ROOT, own kernel, --memory, --cpus",
+        "the container is a VM: monitor, FORKVM_ROOT, own kernel, --memory, --cpu-quota",
         || {
             let pid: u32 = e.inspect(NAME, "{{.State.Pid}}").parse().expect("a pid");
             let cmdline = cmdline_of(pid);
@@ -960,9 +972,9 @@ pub fn detached_cases(e: &Engine) {
                 kernel, host_kernel,
                 "the container runs on the host's kernel, not in a VM"
             );
-            // --memory 300m and --cpus 2 size the VM.
+            // --memory 300m and two CPUs of quota size the VM.
             let nproc = e.expect(&["exec", NAME, "nproc"], None, 0).stdout;
-            assert_eq!(nproc.trim(), "2", "vCPUs for --cpus 2");
+            assert_eq!(nproc.trim(), "2", "vCPUs for a quota of two CPUs");
             let meminfo = e
                 .expect(&["exec", NAME, "cat", "/proc/meminfo"], None, 0)
                 .stdout;

@@ -11,7 +11,8 @@
 //! 3. When the driver sets DRIVER_OK, the transport calls [`VirtioDevice::activate`] with
 //!    the guest memory, the configured queues and their kick fds. The device stores them and
 //!    writes its `activate_evt`; on that event (on the event-loop thread) it registers the
-//!    kick fds and its backend fds (TAP, Unix socket, ...) with the event manager.
+//!    kick fds and its backend fds (TAP, Unix socket, ...) with the event manager. Every
+//!    device does its part of this through one [`activation::Activation`].
 //! 4. Kicks and backend readiness arrive as events; the device processes its queues and
 //!    calls [`Interrupt::signal_used_queue`] when it has put buffers in a used ring.
 
@@ -21,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemory;
 
+pub mod activation;
 pub mod block;
 pub mod mmio;
 pub mod net;

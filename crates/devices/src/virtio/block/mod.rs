@@ -9,22 +9,22 @@ mod request;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::{Queue, QueueState, QueueT};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use virtio_queue::{QueueState, QueueT};
+use vmm_sys_util::eventfd::EventFd;
 
 pub use request::SECTOR_SIZE;
 
+use super::activation::Activation;
 use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::GuestMemory;
 
@@ -35,6 +35,9 @@ pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Length of the configuration space this device implements: `capacity`, `size_max`,
 /// `seg_max`. Reads past it return zeros.
 const CONFIG_LEN: usize = 16;
+
+const TOKEN_ACTIVATE: u32 = 0;
+const TOKEN_KICK: u32 = 1;
 
 /// Why a block device could not be built or restored.
 #[derive(Debug, thiserror::Error)]
@@ -107,15 +110,6 @@ pub struct BlockState {
     pub capacity: u64,
 }
 
-/// The device's run-time half, present between activation and reset.
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemory,
-    interrupt: Arc<Interrupt>,
-    queue: Queue,
-    kick: EventFd,
-}
-
 /// A virtio block device backed by a raw image.
 #[derive(Debug)]
 pub struct Block {
@@ -126,12 +120,7 @@ pub struct Block {
     acked_features: u64,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     config_space: [u8; CONFIG_LEN],
-    activate_evt: EventFd,
-    active: Option<Active>,
-    /// Whether the active kick fd is registered with the event loop.
-    kick_registered: bool,
-    /// Kick fds of a reset activation, kept open until the event loop deregisters them.
-    retired_kicks: Vec<EventFd>,
+    activation: Activation,
     buf: Vec<u8>,
 }
 
@@ -202,10 +191,7 @@ impl Block {
             avail_features,
             acked_features: 0,
             config_space,
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
-            active: None,
-            kick_registered: false,
-            retired_kicks: Vec::new(),
+            activation: Activation::new("virtio-blk").map_err(BlockError::EventFd)?,
             buf: Vec::new(),
         })
     }
@@ -252,12 +238,12 @@ impl Block {
 
     /// The eventfd the device writes on activation (registered in `init`).
     pub fn activate_evt(&self) -> &EventFd {
-        &self.activate_evt
+        self.activation.evt()
     }
 
     /// Runs every available request and signals the guest if it asked.
     fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.activation.active_mut() else {
             return;
         };
         let disk = request::Disk {
@@ -267,12 +253,13 @@ impl Block {
             id: &self.id,
         };
         let mem = &active.mem;
+        let queue = &mut active.queues[0].queue;
         let mut used_any = false;
-        while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let descs: Vec<_> = chain.collect();
             let used_len = request::execute(mem, &disk, &descs, &mut self.buf);
-            if let Err(e) = active.queue.add_used(mem, head, used_len) {
+            if let Err(e) = queue.add_used(mem, head, used_len) {
                 error!(error = %e, "virtio-blk: cannot add a used buffer");
                 continue;
             }
@@ -281,7 +268,7 @@ impl Block {
         if !used_any {
             return;
         }
-        match active.queue.needs_notification(mem) {
+        match queue.needs_notification(mem) {
             Ok(false) => {}
             Ok(true) => {
                 if let Err(e) = active.interrupt.signal_used_queue() {
@@ -290,41 +277,6 @@ impl Block {
             }
             Err(e) => error!(error = %e, "virtio-blk: cannot read the queue's event index"),
         }
-    }
-
-    /// Drops the run-time half. A registered kick fd stays open until the event loop,
-    /// woken through `activate_evt`, deregisters it.
-    fn deactivate(&mut self) {
-        if let Some(active) = self.active.take() {
-            if self.kick_registered {
-                self.kick_registered = false;
-                self.retired_kicks.push(active.kick);
-                if let Err(e) = self.activate_evt.write(1) {
-                    error!(error = %e, "virtio-blk: cannot wake the event loop");
-                }
-            }
-        }
-    }
-
-    /// On `activate_evt`: drop the kicks of a reset activation, register the current one.
-    fn on_activate_evt(&mut self, ops: &mut EventOps) {
-        let _ = self.activate_evt.read();
-        for kick in self.retired_kicks.drain(..) {
-            if let Err(e) = ops.remove(Events::empty(&kick)) {
-                warn!(error = ?e, "virtio-blk: cannot deregister a retired kick fd");
-            }
-        }
-        let Some(active) = self.active.as_ref() else {
-            return;
-        };
-        if !self.kick_registered {
-            match ops.add(Events::new(&active.kick, EventSet::IN)) {
-                Ok(()) => self.kick_registered = true,
-                Err(e) => error!(error = ?e, "virtio-blk: cannot register the kick fd"),
-            }
-        }
-        // The driver may have queued requests before the kick fd was watched.
-        self.process_queue();
     }
 }
 
@@ -371,37 +323,19 @@ impl VirtioDevice for Block {
         interrupt: Arc<Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        let actual = queues.len();
-        let Ok([ActiveQueue { queue, kick }]) = <[ActiveQueue; 1]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                actual,
-            });
-        };
-        if self.active.is_some() {
-            warn!("virtio-blk: activated twice without a reset");
-            self.deactivate();
-        }
-        self.activate_evt.write(1).map_err(ActivateError::Signal)?;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queue,
-            kick,
-        });
-        Ok(())
+        self.activation.activate(mem, interrupt, queues, 1)
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.activation.is_active()
     }
 
     fn queue_states(&self) -> Vec<QueueState> {
-        self.active.iter().map(|a| a.queue.state()).collect()
+        self.activation.queue_states()
     }
 
     fn reset(&mut self) -> bool {
-        self.deactivate();
+        self.activation.deactivate();
         self.acked_features = 0;
         true
     }
@@ -409,24 +343,20 @@ impl VirtioDevice for Block {
 
 impl MutEventSubscriber for Block {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
-            self.on_activate_evt(ops);
-        } else if let Some(active) = self.active.as_ref().filter(|a| a.kick.as_raw_fd() == fd) {
-            let _ = active.kick.read();
+        match events.data() {
+            TOKEN_ACTIVATE => self.activation.drain_evt(),
+            TOKEN_KICK => self.activation.drain_kick(0),
+            other => warn!(token = other, "virtio-blk: unexpected event"),
+        }
+        // After activation too: the driver may have queued requests before the kick fd
+        // was watched.
+        if self.activation.sync(ops, TOKEN_KICK) {
             self.process_queue();
-        } else if let Some(kick) = self.retired_kicks.iter().find(|k| k.as_raw_fd() == fd) {
-            // Reset, awaiting deregistration on the pending activate_evt.
-            let _ = kick.read();
-        } else {
-            warn!(fd, "virtio-blk: event on an unknown fd");
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
-            error!(error = ?e, "virtio-blk: cannot register the activation eventfd");
-        }
+        self.activation.register(ops, TOKEN_ACTIVATE);
     }
 }
 

@@ -42,9 +42,10 @@ use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 pub use self::tap::open_tap;
+use super::activation::Activation;
 use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::GuestMemory;
 
@@ -126,13 +127,6 @@ pub fn random_mac() -> io::Result<[u8; 6]> {
     Ok(mac)
 }
 
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemory,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<ActiveQueue>,
-}
-
 /// The virtio-net device.
 #[derive(Debug)]
 pub struct Net {
@@ -142,10 +136,7 @@ pub struct Net {
     tap_name: Option<String>,
     mac: [u8; 6],
     acked_features: u64,
-    activate_evt: EventFd,
-    active: Option<Active>,
-    kicks_registered: bool,
-    retired_kicks: Vec<EventFd>,
+    activation: Activation,
     /// What the backend is registered for (`None`: not registered).
     backend_registered: Option<EventSet>,
     /// The backend reported end of file (a socketpair peer went away).
@@ -180,7 +171,7 @@ impl Net {
             None => random_mac().map_err(NetError::RandomMac)?,
         };
         set_nonblocking(&backend).map_err(NetError::NonBlocking)?;
-        let activate_evt = EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?;
+        let activation = Activation::new("net").map_err(NetError::EventFd)?;
         tracing::debug!(mac = %format_mac(&mac), vnet_hdr, "net device created");
         Ok(Self {
             backend: backend.into(),
@@ -188,10 +179,7 @@ impl Net {
             tap_name: None,
             mac,
             acked_features: 0,
-            activate_evt,
-            active: None,
-            kicks_registered: false,
-            retired_kicks: Vec::new(),
+            activation,
             backend_registered: None,
             backend_eof: false,
             rx_buf: vec![0; MAX_BUFFER],
@@ -246,7 +234,7 @@ impl Net {
     pub fn set_mac(&mut self, mac: [u8; 6]) {
         tracing::info!(old = %format_mac(&self.mac), new = %format_mac(&mac), "net MAC changed");
         self.mac = mac;
-        if let Some(active) = &self.active {
+        if let Some(active) = self.activation.active() {
             if let Err(e) = active.interrupt.signal_config_change() {
                 tracing::error!(error = %e, "net: cannot signal a config change");
             }
@@ -255,7 +243,7 @@ impl Net {
 
     /// The eventfd this device registers in `init`.
     pub fn activate_evt(&self) -> &EventFd {
-        &self.activate_evt
+        self.activation.evt()
     }
 
     fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
@@ -266,7 +254,7 @@ impl Net {
     }
 
     fn process_queues(&mut self) {
-        if self.active.is_none() {
+        if !self.activation.is_active() {
             return;
         }
         if self.process_tx() {
@@ -278,7 +266,7 @@ impl Net {
     }
 
     fn notify(&mut self, index: usize) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.activation.active_mut() else {
             return;
         };
         let needed = active.queues[index]
@@ -297,7 +285,7 @@ impl Net {
 
     /// Sends the guest's frames to the backend. Returns whether tx buffers were used.
     fn process_tx(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.activation.active_mut() else {
             return false;
         };
         if let Some(frame) = self.tx_pending.take() {
@@ -343,7 +331,7 @@ impl Net {
     /// Moves frames from the backend into rx buffers while both are available. Returns
     /// whether rx buffers were used.
     fn process_rx(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.activation.active_mut() else {
             return false;
         };
         let queue = &mut active.queues[RX_QUEUE].queue;
@@ -400,26 +388,13 @@ impl Net {
     }
 
     fn sync_registrations(&mut self, ops: &mut EventOps) {
-        for kick in self.retired_kicks.drain(..) {
-            if let Err(e) = ops.remove(Events::empty(&kick)) {
-                tracing::warn!(error = %e, "net: cannot deregister a retired queue kick");
-            }
-        }
-        let Some(active) = self.active.as_ref() else {
+        if !self.activation.sync(ops, TOKEN_RX_KICK) {
             if self.backend_registered.take().is_some() {
                 if let Err(e) = ops.remove(Events::empty(&self.backend)) {
                     tracing::warn!(error = %e, "net: cannot deregister the backend");
                 }
             }
             return;
-        };
-        if !self.kicks_registered {
-            for (aq, token) in active.queues.iter().zip([TOKEN_RX_KICK, TOKEN_TX_KICK]) {
-                if let Err(e) = ops.add(Events::with_data(&aq.kick, token, EventSet::IN)) {
-                    tracing::error!(error = %e, token, "net: cannot register a queue kick");
-                }
-            }
-            self.kicks_registered = true;
         }
         let desired = self.desired_backend_interest();
         if desired == self.backend_registered {
@@ -572,76 +547,39 @@ impl VirtioDevice for Net {
         interrupt: Arc<Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                expected: QUEUE_SIZES.len(),
-                actual: queues.len(),
-            });
-        }
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-        });
-        self.kicks_registered = false;
-        self.activate_evt.write(1).map_err(ActivateError::Signal)
+        self.activation
+            .activate(mem, interrupt, queues, QUEUE_SIZES.len())
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.activation.is_active()
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
-        self.active
-            .as_ref()
-            .map(|a| a.queues.iter().map(|q| q.queue.state()).collect())
-            .unwrap_or_default()
+        self.activation.queue_states()
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(active) = self.active.take() {
-            if self.kicks_registered {
-                self.retired_kicks
-                    .extend(active.queues.into_iter().map(|q| q.kick));
-            }
-        }
-        self.kicks_registered = false;
+        // Also wakes the event loop, which deregisters the backend.
+        self.activation.deactivate();
         self.acked_features = 0;
         // A frame read for the old queues is stale for the new driver.
         self.rx_pending = None;
         self.tx_pending = None;
-        if let Err(e) = self.activate_evt.write(1) {
-            tracing::warn!(error = %e, "net: cannot wake the event loop after a reset");
-        }
         true
     }
 }
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            TOKEN_ACTIVATE,
-            EventSet::IN,
-        )) {
-            tracing::error!(error = %e, "net: cannot register the activation event");
-        }
+        self.activation.register(ops, TOKEN_ACTIVATE);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let drain = |evt: &EventFd| {
-            if let Err(e) = evt.read() {
-                if e.kind() != io::ErrorKind::WouldBlock {
-                    tracing::warn!(error = %e, "net: cannot drain an eventfd");
-                }
-            }
-        };
         match events.data() {
-            TOKEN_ACTIVATE => drain(&self.activate_evt),
+            TOKEN_ACTIVATE => self.activation.drain_evt(),
             token @ (TOKEN_RX_KICK | TOKEN_TX_KICK) => {
-                if let Some(active) = &self.active {
-                    drain(&active.queues[(token - TOKEN_RX_KICK) as usize].kick);
-                }
+                self.activation.drain_kick((token - TOKEN_RX_KICK) as usize);
             }
             // Readable or writable: processing the queues below tries both directions.
             TOKEN_BACKEND => {}

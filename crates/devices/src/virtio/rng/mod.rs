@@ -5,17 +5,17 @@
 //! `activate_evt`; on that event the event loop registers the kick fd; each kick drains the
 //! queue.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::{QueueState, QueueT};
 use vm_memory::Bytes;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
+use super::activation::Activation;
 use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::GuestMemory;
 
@@ -25,6 +25,9 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
 
 const AVAIL_FEATURES: u64 = 1 << VIRTIO_F_VERSION_1;
+
+const TOKEN_ACTIVATE: u32 = 0;
+const TOKEN_KICK: u32 = 1;
 
 /// Why an rng device could not be built or restored.
 #[derive(Debug, thiserror::Error)]
@@ -49,25 +52,11 @@ pub struct RngState {
     pub acked_features: u64,
 }
 
-/// The device's run-time half, present between activation and reset.
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemory,
-    interrupt: Arc<Interrupt>,
-    queue: Queue,
-    kick: EventFd,
-}
-
 /// A virtio entropy device.
 #[derive(Debug)]
 pub struct Rng {
     acked_features: u64,
-    activate_evt: EventFd,
-    active: Option<Active>,
-    /// Whether the active kick fd is registered with the event loop.
-    kick_registered: bool,
-    /// Kick fds of a reset activation, kept open until the event loop deregisters them.
-    retired_kicks: Vec<EventFd>,
+    activation: Activation,
     buf: Vec<u8>,
 }
 
@@ -76,10 +65,7 @@ impl Rng {
     pub fn new() -> Result<Self, RngError> {
         Ok(Self {
             acked_features: 0,
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(RngError::EventFd)?,
-            active: None,
-            kick_registered: false,
-            retired_kicks: Vec::new(),
+            activation: Activation::new("virtio-rng").map_err(RngError::EventFd)?,
             buf: Vec::new(),
         })
     }
@@ -106,17 +92,18 @@ impl Rng {
 
     /// The eventfd the device writes on activation (registered in `init`).
     pub fn activate_evt(&self) -> &EventFd {
-        &self.activate_evt
+        self.activation.evt()
     }
 
     /// Fills every available chain with random bytes and signals the guest if it asked.
     fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.activation.active_mut() else {
             return;
         };
         let mem = &active.mem;
+        let queue = &mut active.queues[0].queue;
         let mut used_any = false;
-        while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let mut written: u32 = 0;
             for desc in chain {
@@ -140,7 +127,7 @@ impl Rng {
                 // `len` is at most MAX_BYTES_PER_REQUEST, which fits a u32.
                 written += len as u32;
             }
-            if let Err(e) = active.queue.add_used(mem, head, written) {
+            if let Err(e) = queue.add_used(mem, head, written) {
                 error!(error = %e, "virtio-rng: cannot add a used buffer");
                 continue;
             }
@@ -149,7 +136,7 @@ impl Rng {
         if !used_any {
             return;
         }
-        match active.queue.needs_notification(mem) {
+        match queue.needs_notification(mem) {
             Ok(false) => {}
             Ok(true) => {
                 if let Err(e) = active.interrupt.signal_used_queue() {
@@ -158,41 +145,6 @@ impl Rng {
             }
             Err(e) => error!(error = %e, "virtio-rng: cannot read the queue's event index"),
         }
-    }
-
-    /// Drops the run-time half. A registered kick fd stays open until the event loop,
-    /// woken through `activate_evt`, deregisters it.
-    fn deactivate(&mut self) {
-        if let Some(active) = self.active.take() {
-            if self.kick_registered {
-                self.kick_registered = false;
-                self.retired_kicks.push(active.kick);
-                if let Err(e) = self.activate_evt.write(1) {
-                    error!(error = %e, "virtio-rng: cannot wake the event loop");
-                }
-            }
-        }
-    }
-
-    /// On `activate_evt`: drop the kicks of a reset activation, register the current one.
-    fn on_activate_evt(&mut self, ops: &mut EventOps) {
-        let _ = self.activate_evt.read();
-        for kick in self.retired_kicks.drain(..) {
-            if let Err(e) = ops.remove(Events::empty(&kick)) {
-                warn!(error = ?e, "virtio-rng: cannot deregister a retired kick fd");
-            }
-        }
-        let Some(active) = self.active.as_ref() else {
-            return;
-        };
-        if !self.kick_registered {
-            match ops.add(Events::new(&active.kick, EventSet::IN)) {
-                Ok(()) => self.kick_registered = true,
-                Err(e) => error!(error = ?e, "virtio-rng: cannot register the kick fd"),
-            }
-        }
-        // The driver may have queued buffers before the kick fd was watched.
-        self.process_queue();
     }
 }
 
@@ -233,37 +185,19 @@ impl VirtioDevice for Rng {
         interrupt: Arc<Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        let actual = queues.len();
-        let Ok([ActiveQueue { queue, kick }]) = <[ActiveQueue; 1]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                actual,
-            });
-        };
-        if self.active.is_some() {
-            warn!("virtio-rng: activated twice without a reset");
-            self.deactivate();
-        }
-        self.activate_evt.write(1).map_err(ActivateError::Signal)?;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queue,
-            kick,
-        });
-        Ok(())
+        self.activation.activate(mem, interrupt, queues, 1)
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.activation.is_active()
     }
 
     fn queue_states(&self) -> Vec<QueueState> {
-        self.active.iter().map(|a| a.queue.state()).collect()
+        self.activation.queue_states()
     }
 
     fn reset(&mut self) -> bool {
-        self.deactivate();
+        self.activation.deactivate();
         self.acked_features = 0;
         true
     }
@@ -271,24 +205,20 @@ impl VirtioDevice for Rng {
 
 impl MutEventSubscriber for Rng {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
-            self.on_activate_evt(ops);
-        } else if let Some(active) = self.active.as_ref().filter(|a| a.kick.as_raw_fd() == fd) {
-            let _ = active.kick.read();
+        match events.data() {
+            TOKEN_ACTIVATE => self.activation.drain_evt(),
+            TOKEN_KICK => self.activation.drain_kick(0),
+            other => warn!(token = other, "virtio-rng: unexpected event"),
+        }
+        // After activation too: the driver may have queued buffers before the kick fd
+        // was watched.
+        if self.activation.sync(ops, TOKEN_KICK) {
             self.process_queue();
-        } else if let Some(kick) = self.retired_kicks.iter().find(|k| k.as_raw_fd() == fd) {
-            // Reset, awaiting deregistration on the pending activate_evt.
-            let _ = kick.read();
-        } else {
-            warn!(fd, "virtio-rng: event on an unknown fd");
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
-            error!(error = ?e, "virtio-rng: cannot register the activation eventfd");
-        }
+        self.activation.register(ops, TOKEN_ACTIVATE);
     }
 }
 

@@ -134,7 +134,7 @@ fn reset_then_reactivate() {
     assert!(!s.rng.lock().unwrap().is_activated());
     // The event loop deregisters the old kick.
     run_until_idle(&mut s.em);
-    assert!(s.rng.lock().unwrap().retired_kicks.is_empty());
+    assert!(!s.rng.lock().unwrap().activation.has_retired_kicks());
 
     let vq = mock_queue(&s.mem, 0);
     assert_eq!(full_handshake(&mut s.transport, &[&vq]), RUNNING);

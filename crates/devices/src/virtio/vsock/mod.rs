@@ -53,11 +53,12 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use self::connection::{ConnState, Connection};
 pub use self::connection::{CONN_BUF_ALLOC, CREDIT_UPDATE_THRESHOLD};
 use self::packet::*;
+use super::activation::Activation;
 use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::GuestMemory;
 
@@ -140,14 +141,6 @@ pub enum VsockError {
     EventFd(#[source] io::Error),
 }
 
-/// Memory, interrupt and queues the driver handed over at activation.
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemory,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<ActiveQueue>,
-}
-
 /// A packet the device owes the guest that carries no payload.
 #[derive(Clone, Copy, Debug)]
 struct Control {
@@ -182,14 +175,9 @@ struct Muxer {
 pub struct Vsock {
     muxer: Muxer,
     acked_features: u64,
-    activate_evt: EventFd,
-    active: Option<Active>,
-    /// The current queues' kick fds are registered with the event manager.
-    kicks_registered: bool,
+    activation: Activation,
     /// The listener is registered with the event manager (from the first activation on).
     listener_registered: bool,
-    /// Kick fds of queues dropped by a driver reset, to deregister before closing them.
-    retired_kicks: Vec<EventFd>,
     /// A `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` waits for an event-queue buffer.
     pending_reset: bool,
 }
@@ -222,7 +210,7 @@ impl Vsock {
         listener
             .set_nonblocking(true)
             .map_err(VsockError::NonBlocking)?;
-        let activate_evt = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
+        let activation = Activation::new("vsock").map_err(VsockError::EventFd)?;
         tracing::debug!(cid = config.guest_cid, path = %path.display(), "vsock device created");
         Ok(Self {
             muxer: Muxer {
@@ -238,11 +226,8 @@ impl Vsock {
                 scratch: vec![0; MAX_PKT_PAYLOAD],
             },
             acked_features: 0,
-            activate_evt,
-            active: None,
-            kicks_registered: false,
+            activation,
             listener_registered: false,
-            retired_kicks: Vec::new(),
             pending_reset: false,
         })
     }
@@ -295,14 +280,12 @@ impl Vsock {
         self.muxer.cid = new_cid;
         self.muxer.drop_all_connections();
         self.pending_reset = true;
-        if self.active.is_some() {
+        if self.activation.is_active() {
             if self.process_event_queue() {
                 self.notify(EVENT_QUEUE);
             }
             // Let the event loop deregister the closed streams.
-            if let Err(e) = self.activate_evt.write(1) {
-                tracing::warn!(error = %e, "vsock: cannot wake the event loop after a reset");
-            }
+            self.activation.wake();
         }
         Ok(())
     }
@@ -310,12 +293,12 @@ impl Vsock {
     /// The eventfd this device registers in `init`; also used to wake the event loop when
     /// registrations must change outside of it.
     pub fn activate_evt(&self) -> &EventFd {
-        &self.activate_evt
+        self.activation.evt()
     }
 
     /// Runs all three queues and raises the interrupt for those that used buffers.
     fn process_queues(&mut self) {
-        if self.active.is_none() {
+        if !self.activation.is_active() {
             return;
         }
         if self.process_tx_queue() {
@@ -330,7 +313,7 @@ impl Vsock {
     }
 
     fn notify(&mut self, index: usize) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.activation.active_mut() else {
             return;
         };
         let queue = &mut active.queues[index].queue;
@@ -348,7 +331,7 @@ impl Vsock {
     /// Handles every packet the guest posted on the tx queue. Returns whether buffers were
     /// used.
     fn process_tx_queue(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.activation.active_mut() else {
             return false;
         };
         let mut used = false;
@@ -395,7 +378,7 @@ impl Vsock {
     /// Fills rx buffers with control packets, then with payload from host streams, while
     /// both buffers and something to send remain. Returns whether buffers were used.
     fn process_rx_queue(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.activation.active_mut() else {
             return false;
         };
         let mut used = false;
@@ -450,7 +433,7 @@ impl Vsock {
 
     /// Delivers a pending transport reset event. Returns whether a buffer was used.
     fn process_event_queue(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.activation.active_mut() else {
             return false;
         };
         if !self.pending_reset {
@@ -485,21 +468,8 @@ impl Vsock {
     /// Brings the event manager's watch list in line with the device: kick fds and the
     /// listener after activation, each stream's interest, closed streams out.
     fn sync_registrations(&mut self, ops: &mut EventOps) {
-        for kick in self.retired_kicks.drain(..) {
-            if let Err(e) = ops.remove(Events::empty(&kick)) {
-                tracing::warn!(error = %e, "vsock: cannot deregister a retired queue kick");
-            }
-        }
-        if let (Some(active), false) = (self.active.as_ref(), self.kicks_registered) {
-            let kicks = [TOKEN_RX_KICK, TOKEN_TX_KICK, TOKEN_EVENT_KICK];
-            for (aq, token) in active.queues.iter().zip(kicks) {
-                if let Err(e) = ops.add(Events::with_data(&aq.kick, token, EventSet::IN)) {
-                    tracing::error!(error = %e, token, "vsock: cannot register a queue kick");
-                }
-            }
-            self.kicks_registered = true;
-        }
-        if self.active.is_some() && !self.listener_registered {
+        let active = self.activation.sync(ops, TOKEN_RX_KICK);
+        if active && !self.listener_registered {
             let listener = &self.muxer.listener;
             match ops.add(Events::with_data(listener, TOKEN_LISTENER, EventSet::IN)) {
                 Ok(()) => self.listener_registered = true,
@@ -1010,78 +980,40 @@ impl VirtioDevice for Vsock {
         interrupt: Arc<Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                expected: QUEUE_SIZES.len(),
-                actual: queues.len(),
-            });
-        }
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-        });
-        self.kicks_registered = false;
-        self.activate_evt.write(1).map_err(ActivateError::Signal)
+        self.activation
+            .activate(mem, interrupt, queues, QUEUE_SIZES.len())
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.activation.is_active()
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
-        self.active
-            .as_ref()
-            .map(|a| a.queues.iter().map(|q| q.queue.state()).collect())
-            .unwrap_or_default()
+        self.activation.queue_states()
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(active) = self.active.take() {
-            if self.kicks_registered {
-                self.retired_kicks
-                    .extend(active.queues.into_iter().map(|q| q.kick));
-            }
-        }
-        self.kicks_registered = false;
+        // Also wakes the event loop, which deregisters the closed streams.
+        self.activation.deactivate();
         self.acked_features = 0;
         // The driver starts over and re-reads the CID; it needs no reset event.
         self.pending_reset = false;
         self.muxer.drop_all_connections();
         self.muxer.rx_ready.clear();
-        if let Err(e) = self.activate_evt.write(1) {
-            tracing::warn!(error = %e, "vsock: cannot wake the event loop after a reset");
-        }
         true
     }
 }
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            TOKEN_ACTIVATE,
-            EventSet::IN,
-        )) {
-            tracing::error!(error = %e, "vsock: cannot register the activation event");
-        }
+        self.activation.register(ops, TOKEN_ACTIVATE);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let drain = |evt: &EventFd, what: &str| {
-            if let Err(e) = evt.read() {
-                if e.kind() != io::ErrorKind::WouldBlock {
-                    tracing::warn!(error = %e, what, "vsock: cannot drain an eventfd");
-                }
-            }
-        };
         match events.data() {
-            TOKEN_ACTIVATE => drain(&self.activate_evt, "activation"),
+            TOKEN_ACTIVATE => self.activation.drain_evt(),
             token @ (TOKEN_RX_KICK | TOKEN_TX_KICK | TOKEN_EVENT_KICK) => {
-                if let Some(active) = self.active.as_ref() {
-                    let index = (token - TOKEN_RX_KICK) as usize;
-                    drain(&active.queues[index].kick, "queue kick");
-                }
+                self.activation.drain_kick((token - TOKEN_RX_KICK) as usize);
             }
             TOKEN_LISTENER => self.muxer.accept_clients(),
             TOKEN_STREAM => self.muxer.on_stream_event(events.fd(), events.event_set()),

@@ -1,0 +1,194 @@
+//! The activation handshake every virtio device shares (steps 3 and 4 of the life cycle in
+//! [`crate::virtio`]): what the driver hands over at `DRIVER_OK`, and getting the queues'
+//! kick fds on and off the event loop's watch list as the driver activates and resets the
+//! device.
+//!
+//! `activate` and `reset` run on a vCPU thread (the transport's register writes); the event
+//! manager's `EventOps` exist only on the event-loop thread. So [`Activation`] records
+//! what changed and writes its eventfd, and the device calls [`Activation::sync`] from its
+//! event handler. A reset's kick fds stay open until `sync` has deregistered them: closing
+//! a watched fd first would leave the event loop a stale registration.
+
+use std::io;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events};
+use tracing::{error, warn};
+use virtio_queue::QueueState;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{ActivateError, ActiveQueue, Interrupt};
+use crate::GuestMemory;
+
+/// What the driver handed over at activation; present until the device is reset.
+#[derive(Debug)]
+pub struct Active {
+    /// Guest memory.
+    pub mem: GuestMemory,
+    /// The device's interrupt.
+    pub interrupt: Arc<Interrupt>,
+    /// The queues, in the device's queue order, with their kick fds.
+    pub queues: Vec<ActiveQueue>,
+}
+
+/// One device's activation state and its registrations with the event loop.
+#[derive(Debug)]
+pub struct Activation {
+    /// The device's name in log messages (`virtio-blk`, `net`, ...).
+    device: &'static str,
+    /// Written when the watch list must change; the device registers it in `init`.
+    evt: EventFd,
+    active: Option<Active>,
+    /// The current queues' kick fds are registered with the event loop.
+    kicks_registered: bool,
+    /// Kick fds of a reset activation, kept open until the event loop deregisters them.
+    retired: Vec<EventFd>,
+}
+
+impl Activation {
+    /// A device that is not activated yet; `device` names it in log messages.
+    pub fn new(device: &'static str) -> io::Result<Self> {
+        Ok(Self {
+            device,
+            evt: EventFd::new(EFD_NONBLOCK)?,
+            active: None,
+            kicks_registered: false,
+            retired: Vec::new(),
+        })
+    }
+
+    /// The eventfd written whenever the event loop must update its watch list.
+    pub fn evt(&self) -> &EventFd {
+        &self.evt
+    }
+
+    /// Registers [`Self::evt`] with `token` (from the device's `init`).
+    pub fn register(&self, ops: &mut EventOps, token: u32) {
+        if let Err(e) = ops.add(Events::with_data(&self.evt, token, EventSet::IN)) {
+            error!(error = ?e, device = self.device, "cannot register the activation eventfd");
+        }
+    }
+
+    /// Wakes the event loop, so the device's next `sync` runs (registrations besides the
+    /// kicks, such as a backend's, changed).
+    pub fn wake(&self) {
+        if let Err(e) = self.evt.write(1) {
+            warn!(error = %e, device = self.device, "cannot wake the event loop");
+        }
+    }
+
+    /// What the driver handed over, while the device is activated.
+    pub fn active(&self) -> Option<&Active> {
+        self.active.as_ref()
+    }
+
+    /// [`Self::active`], mutable.
+    pub fn active_mut(&mut self) -> Option<&mut Active> {
+        self.active.as_mut()
+    }
+
+    /// Whether the device is activated.
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// The queues' states (none while not activated).
+    pub fn queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .iter()
+            .flat_map(|a| a.queues.iter().map(|q| q.queue.state()))
+            .collect()
+    }
+
+    /// Takes what the driver handed over, which must be `expected` queues, and wakes the
+    /// event loop to watch their kicks. A second activation without a reset replaces the
+    /// first.
+    pub fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<ActiveQueue>,
+        expected: usize,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != expected {
+            return Err(ActivateError::QueueCount {
+                expected,
+                actual: queues.len(),
+            });
+        }
+        if self.active.is_some() {
+            warn!(device = self.device, "activated twice without a reset");
+            self.deactivate();
+        }
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queues,
+        });
+        self.evt.write(1).map_err(ActivateError::Signal)
+    }
+
+    /// Drops what the driver handed over (a reset) and wakes the event loop, which
+    /// deregisters the kicks before they are closed.
+    pub fn deactivate(&mut self) {
+        if let Some(active) = self.active.take() {
+            if self.kicks_registered {
+                self.retired
+                    .extend(active.queues.into_iter().map(|q| q.kick));
+            }
+        }
+        self.kicks_registered = false;
+        self.wake();
+    }
+
+    /// Drains the wake-up eventfd (on its event).
+    pub fn drain_evt(&self) {
+        drain(&self.evt, self.device);
+    }
+
+    /// Drains queue `index`'s kick (on its event); a kick of a reset activation, not yet
+    /// deregistered, needs nothing.
+    pub fn drain_kick(&self, index: usize) {
+        if let Some(aq) = self.active.as_ref().and_then(|a| a.queues.get(index)) {
+            drain(&aq.kick, self.device);
+        }
+    }
+
+    /// Brings the kicks on the watch list in line: a reset's off (then closed), the current
+    /// queues' on, queue `i`'s with token `first_kick_token + i`. Returns whether the
+    /// device is activated.
+    pub fn sync(&mut self, ops: &mut EventOps, first_kick_token: u32) -> bool {
+        for kick in self.retired.drain(..) {
+            if let Err(e) = ops.remove(Events::empty(&kick)) {
+                warn!(error = ?e, device = self.device, "cannot deregister a retired queue kick");
+            }
+        }
+        let Some(active) = self.active.as_ref() else {
+            return false;
+        };
+        if !self.kicks_registered {
+            for (aq, token) in active.queues.iter().zip(first_kick_token..) {
+                if let Err(e) = ops.add(Events::with_data(&aq.kick, token, EventSet::IN)) {
+                    error!(error = ?e, device = self.device, token, "cannot register a queue kick");
+                }
+            }
+            self.kicks_registered = true;
+        }
+        true
+    }
+
+    /// Whether a reset's kicks still wait for `sync` (tests).
+    #[cfg(test)]
+    pub fn has_retired_kicks(&self) -> bool {
+        !self.retired.is_empty()
+    }
+}
+
+/// Reads an eventfd to zero; nothing to read is not an error.
+fn drain(evt: &EventFd, device: &'static str) {
+    if let Err(e) = evt.read() {
+        if e.kind() != io::ErrorKind::WouldBlock {
+            warn!(error = %e, device, "cannot drain an eventfd");
+        }
+    }
+}

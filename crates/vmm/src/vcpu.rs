@@ -476,6 +476,9 @@ impl VcpuHandle {
 
     fn ask(&self, cmd: Command, kick: bool) -> Result<Answer, VcpuStateError> {
         let gone = || VcpuStateError::ThreadGone(self.index);
+        // An answer that came after an earlier ask gave up belongs to that ask; left in
+        // the channel it would answer this one, and every later one would be off by one.
+        while self.answers.try_recv().is_ok() {}
         self.commands.send(cmd).map_err(|_| gone())?;
         let deadline = std::time::Instant::now() + ANSWER_TIMEOUT;
         loop {

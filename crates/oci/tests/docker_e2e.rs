@@ -163,21 +163,8 @@ fn cases(docker: &Engine) {
     docker.case(
         "run with the runtime registered by dockerd --add-runtime",
         || {
-            let out = docker.expect(
-                &[
-                    "run",
-                    "--rm",
-                    "--runtime",
-                    RUNTIME_FLAG,
-                    "--network",
-                    "none",
-                    IMAGE,
-                    "echo",
-                    "via-add-runtime",
-                ],
-                None,
-                0,
-            );
+            let args = docker.run_args_via(RUNTIME_FLAG, &[], &["echo", "via-add-runtime"]);
+            let out = docker.expect(&args, None, 0);
             assert_eq!(out.stdout, "via-add-runtime\n", "{out}");
         },
     );

@@ -146,17 +146,7 @@ fn cases(podman: &Engine) {
     podman.case("run --runtime PATH (no containers.conf entry)", || {
         let rt = runtime().display().to_string();
         let out = podman.expect(
-            &[
-                "run",
-                "--rm",
-                "--runtime",
-                &rt,
-                "--network",
-                "none",
-                IMAGE,
-                "echo",
-                "via-path",
-            ],
+            &podman.run_args_via(&rt, &[], &["echo", "via-path"]),
             None,
             0,
         );

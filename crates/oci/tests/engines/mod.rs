@@ -807,14 +807,18 @@ pub const STDIN_DATA: &str = "first line of stdin\nsecond line, no newline at th
 impl Engine {
     /// `run --rm --runtime NAME --network none OPTS IMAGE CMD...`.
     pub fn run_args<'a>(&'a self, opts: &[&'a str], cmd: &[&'a str]) -> Vec<&'a str> {
-        let mut v = vec![
-            "run",
-            "--rm",
-            "--runtime",
-            &self.runtime_name,
-            "--network",
-            "none",
-        ];
+        self.run_args_via(&self.runtime_name, opts, cmd)
+    }
+
+    /// [`Engine::run_args`] with the runtime given as `runtime` (another name for it, or
+    /// its path).
+    pub fn run_args_via<'a>(
+        &'a self,
+        runtime: &'a str,
+        opts: &[&'a str],
+        cmd: &[&'a str],
+    ) -> Vec<&'a str> {
+        let mut v = vec!["run", "--rm", "--runtime", runtime, "--network", "none"];
         v.extend_from_slice(opts);
         v.push(&self.image);
         v.extend_from_slice(cmd);

@@ -196,14 +196,15 @@ impl ContainerState {
         state
     }
 
-    /// The container's VM home directory: `vm_root/vm_id` (forkvm's default root for
-    /// state written before `vm_root` was recorded).
-    pub fn vm_dir(&self) -> Option<PathBuf> {
+    /// Where the container's VM is registered: the forkvm root (forkvm's default root for
+    /// state written before `vm_root` was recorded) and the VM's id.
+    pub fn vm_location(&self) -> Option<(PathBuf, &str)> {
+        let id = self.vm_id.as_deref()?;
         let root = self
             .vm_root
             .clone()
             .unwrap_or_else(forkvm_api::default_root);
-        Some(root.join(self.vm_id.as_ref()?))
+        Some((root, id))
     }
 
     /// `created` as RFC 3339 in UTC (`2024-01-31T12:00:00.123456789Z`), the form `runc

@@ -143,14 +143,14 @@ pub fn remove_vm_of(dir: &Path) {
         return;
     };
     if let Ok(Report::Ok(Ready { vm_id, vm_root, .. })) = serde_json::from_slice(&bytes) {
-        remove_vm(&vm_root.join(vm_id));
+        remove_vm(&vm_root, &vm_id);
     }
 }
 
-/// Removes a VM's home directory `dir` (its VMM must be gone), when it is one.
-pub fn remove_vm(dir: &Path) {
-    if dir.join("state.json").is_file() {
-        let _ = std::fs::remove_dir_all(dir);
+/// Removes VM `id`'s home under `root` (its VMM must be gone), when there is one.
+pub fn remove_vm(root: &Path, id: &str) {
+    if let Ok(home) = VmHome::open(root, id) {
+        let _ = home.remove();
     }
 }
 
@@ -219,7 +219,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     // Reported from the session once the agent answers; errors before that are
     // reported by `monitor`.
     let (tx, rx) = std::sync::mpsc::channel();
-    let vm_dir = home.dir().to_owned();
+    let (vm_root, vm_id) = (home.root().to_owned(), home.id().to_owned());
     let result = vm::run(home, &cfg, move |s| {
         monitor_session(s, &dir_owned, ready, spec, relay, tty, tx)
     });
@@ -227,7 +227,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     if result.is_err() && !*reported {
         // create never learnt of this VM, so its cleanup cannot remove it; its VMM (this
         // process's) has ended.
-        remove_vm(&vm_dir);
+        remove_vm(&vm_root, &vm_id);
     }
     result
 }

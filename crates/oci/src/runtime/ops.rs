@@ -162,8 +162,8 @@ pub fn delete(g: &Global, log: &Log, a: &DeleteArgs) -> Result<()> {
             }
         }
     }
-    match state.vm_dir() {
-        Some(vm) => remove_vm(&vm),
+    match state.vm_location() {
+        Some((root, id)) => remove_vm(&root, id),
         None => remove_vm_of(&store.container_dir(&a.id)?),
     }
     if let Err(e) = store.remove(&a.id) {
@@ -254,15 +254,14 @@ pub fn pause(g: &Global, id: &str, pause: bool) -> Result<()> {
 
 /// The container's VM home.
 pub fn vm_home(state: &ContainerState) -> Result<forkvm_api::VmHome> {
-    let dir = state.vm_dir().context("the container has no VM recorded")?;
-    let (Some(root), Some(id)) = (dir.parent(), dir.file_name().and_then(|n| n.to_str())) else {
-        bail!("{} is not a VM home", dir.display());
-    };
-    forkvm_api::VmHome::open(root, id).with_context(|| {
+    let (root, id) = state
+        .vm_location()
+        .context("the container has no VM recorded")?;
+    forkvm_api::VmHome::open(&root, id).with_context(|| {
         format!(
             "cannot find container {}'s VM at {}",
             state.id,
-            dir.display()
+            root.join(id).display()
         )
     })
 }

@@ -54,11 +54,7 @@ pub fn fork_container(root: &Path, id: &str, count: u32) -> Result<ContainerFork
     }
     let home = super::ops::vm_home(&parent)?;
     // Children register next to their parent (under the monitor's FORKVM_ROOT).
-    let vm_root = home
-        .dir()
-        .parent()
-        .context("a VM home has a parent")?
-        .to_owned();
+    let vm_root = home.root().to_owned();
     let client = forkvm_api::Client::new(home.socket_path()).with_timeout(Duration::from_secs(300));
     let out = client
         .fork(&ForkRequest {

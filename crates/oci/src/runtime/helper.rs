@@ -72,9 +72,11 @@ pub fn own_session(tty: bool) -> Result<()> {
 }
 
 /// Writes `report` to `path` atomically.
-pub fn write_report<T: Serialize>(path: &Path, report: &Report<T>) -> Result<()> {
-    let json = serde_json::to_vec(report).context("cannot encode the report")?;
-    Ok(forkvm_api::state::write_atomic(path, &json)?)
+pub fn write_report<T: Serialize>(path: &Path, report: &Report<T>) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, serde_json::to_vec(report)?)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Waits for `child`'s report at `path`: its value when ready, its message when it

@@ -71,7 +71,9 @@ pub fn own_session(tty: bool) -> Result<()> {
     Ok(())
 }
 
-/// Writes `report` to `path` atomically.
+/// Writes `report` to `path` atomically: a reader sees all of it or none. Not
+/// `forkvm_api::state::write_atomic`, which also fsyncs the directory after the rename:
+/// a caller may delete the directory as soon as it has read the report.
 pub fn write_report<T: Serialize>(path: &Path, report: &Report<T>) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");

@@ -5,9 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-cargo build --release --locked -p forkvm -p xtask
+cargo build --release --locked -p forkvm -p forkvm-vm-process -p xtask
 echo "== host capabilities"
 cargo xtask caps
 cargo xtask prepare-guest
 echo "== boot a guest (2 vCPUs, 256 MiB, vsock + rng) and fork it"
-cargo xtask vhost --timeout 900 -- bash scripts/demo-inside.sh
+cargo xtask testhost --timeout 900 -- bash scripts/demo-inside.sh

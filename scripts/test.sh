@@ -12,5 +12,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== host capabilities"
 cargo xtask caps
 cargo xtask prepare-guest
+echo "== cargo build (every program: the end-to-end tests install and run them)"
+cargo build --workspace --bins --locked
 echo "== cargo test"
 cargo test --workspace --locked -- --nocapture 2>&1

@@ -1,24 +1,17 @@
-//! Guest agent: the program inside the VM that the host talks to over vsock, and the
-//! host's client for it.
+//! Guest agent: the program inside the VM that the host talks to over vsock.
 //!
-//! Wire protocol ([`protocol`], [`frame`]; the contract is `docs/agent-protocol.md`):
-//! one JSON object per line in each direction on vsock port [`AGENT_PORT`], protocol
-//! version [`PROTOCOL_VERSION`]. A peer answers a request it does not know with
-//! [`Response::Error`], never by closing silently. An [`Request::Exec`] answered with
-//! [`Response::Started`] turns its connection into binary frames carrying the process's
-//! stdin, stdout, stderr, signals, terminal size and exit code.
+//! It speaks the protocol of `forkvm-agent-proto` ([`protocol`], [`frame`]; the
+//! contract is `docs/agent-protocol.md`), whose client the host links without this
+//! crate. After a fork, the child's VMM sends [`Request::Identity`]: the agent adds the
+//! fresh entropy to the kernel's pool and forces a CRNG reseed (so children never share
+//! random numbers), then sets the hostname and the NICs' new MACs.
 //!
-//! After a fork, the child's VMM sends [`Request::Identity`]: fresh entropy (the agent
-//! adds it to the kernel's pool and forces a CRNG reseed, so children never share
-//! random numbers), the hostname, and the NICs' new MACs.
-//!
-//! Host side: [`client`]. Guest side: [`server`] (requests, in any mode), [`spawn`] and
-//! [`session`] (running processes), [`reaper`] (every child's exit status), [`user`]
-//! (`/etc/passwd` names), [`identity`] (fork identity), [`init`] (PID-1 boot and
-//! power-off).
+//! [`server`] (requests, in any mode), [`spawn`] and [`session`] (running processes),
+//! [`reaper`] (every child's exit status), [`user`] (`/etc/passwd` names), [`identity`]
+//! (fork identity), [`init`] (PID-1 boot and power-off).
 //!
 //! ```no_run
-//! use forkvm_agent::{client, ProcessSpec};
+//! use forkvm_agent_proto::{client, ProcessSpec};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let (host, guest) = std::os::unix::net::UnixStream::pair()?;
 //! let agent = forkvm_agent::server::Agent::new(forkvm_agent::server::AgentConfig {
@@ -32,11 +25,9 @@
 //! # Ok(()) }
 //! ```
 
-pub mod client;
-pub mod frame;
+pub use forkvm_agent_proto::{frame, protocol};
 pub mod identity;
 pub mod init;
-pub mod protocol;
 pub mod reaper;
 pub mod server;
 mod session;

@@ -58,16 +58,7 @@ impl ChildHandle {
     }
 }
 
-/// Exit code of a raw wait status: the exit status, or 128 + signal for a killed one.
-pub fn exit_code(status: i32) -> i32 {
-    if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else if libc::WIFSIGNALED(status) {
-        128 + libc::WTERMSIG(status)
-    } else {
-        255
-    }
-}
+pub use forkvm_agent_proto::exit_code;
 
 impl Reaper {
     /// The process's reaper; its thread starts on first use.
@@ -252,17 +243,5 @@ mod tests {
         // SAFETY: signalling our own child.
         assert_eq!(unsafe { libc::kill(paused.pid(), libc::SIGKILL) }, 0);
         assert_eq!(exit_code(paused.wait()), 137);
-    }
-
-    #[test]
-    fn exit_codes_follow_the_shell_convention() {
-        // Raw wait statuses: exit code in bits 8..16, terminating signal in bits 0..7.
-        assert_eq!(exit_code(0), 0);
-        assert_eq!(exit_code(3 << 8), 3);
-        assert_eq!(exit_code(255 << 8), 255);
-        assert_eq!(exit_code(libc::SIGKILL), 137);
-        assert_eq!(exit_code(libc::SIGTERM), 128 + libc::SIGTERM);
-        // Killed by a signal with a core dump (0x80) is still 128 + signo.
-        assert_eq!(exit_code(libc::SIGSEGV | 0x80), 128 + libc::SIGSEGV);
     }
 }

@@ -6,9 +6,9 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use forkvm_agent::client;
 use forkvm_agent::server::{Agent, AgentConfig, Mode};
 use forkvm_agent::{ProcessSpec, Request, Response, AGENT_PORT};
+use forkvm_agent_proto::client;
 
 fn socket_path(tag: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("forkvm-agent-{tag}-{}.vsock", std::process::id()));

@@ -9,9 +9,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use forkvm_agent::client::{self, ExecError, ExecSession};
 use forkvm_agent::server::{Agent, AgentConfig, Mode};
 use forkvm_agent::{ProcessSpec, Request, Response, Rlimit, PROTOCOL_VERSION};
+use forkvm_agent_proto::client::{self, ExecError, ExecSession};
 
 /// A host connection to a fresh in-process agent.
 fn agent() -> (Arc<Agent>, UnixStream) {

@@ -7,10 +7,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use forkvm_agent::client;
 use forkvm_agent::frame::Frame;
 use forkvm_agent::server::{Agent, AgentConfig, Mode, PowerOffReason};
 use forkvm_agent::{ProcessSpec, Request, Response};
+use forkvm_agent_proto::client;
 
 fn init_agent() -> (Arc<Agent>, mpsc::Receiver<PowerOffReason>) {
     let (tx, rx) = mpsc::channel();

@@ -184,17 +184,14 @@ impl Client {
     /// `POST /v1/vm/fork`.
     pub fn fork(
         &self,
-        req: &forkvm_vmm::control::ForkRequest,
-    ) -> Result<forkvm_vmm::control::ForkOutcome, ClientError> {
+        req: &crate::wire::ForkRequest,
+    ) -> Result<crate::wire::ForkOutcome, ClientError> {
         let body = serde_json::to_vec(req).expect("a ForkRequest serializes");
         self.json(Method::POST, "/v1/vm/fork", body)
     }
 
     /// `POST /v1/vm/template`: save the VM as a template in `dir` (absolute).
-    pub fn save_template(
-        &self,
-        dir: &Path,
-    ) -> Result<forkvm_vmm::control::TemplateInfo, ClientError> {
+    pub fn save_template(&self, dir: &Path) -> Result<crate::wire::TemplateInfo, ClientError> {
         let body =
             serde_json::to_vec(&serde_json::json!({ "dir": dir })).expect("a path serializes");
         self.json(Method::POST, "/v1/vm/template", body)

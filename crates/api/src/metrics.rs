@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use forkvm_vmm::control::{RunState, VmInfo};
+use crate::wire::{RunState, VmInfo};
 
 /// Upper bounds, in seconds, of the fork latency histogram's buckets.
 pub const FORK_BUCKETS: [f64; 12] = [

@@ -14,9 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use forkvm_vmm::control::{
-    ChildSpec, ControlError, ControlHandle, DeviceInfo, ForkRequest, Request, Response, RunState,
-};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Buf, Bytes, Frame};
@@ -28,8 +25,8 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Histogram;
-use crate::state::{ExitRecord, Status};
-use crate::{Error, ProcessIdentity, VmHome};
+use crate::wire::{ChildSpec, ControlError, DeviceInfo, ForkRequest, Request, Response, RunState};
+use forkvm_registry::{Error, ExitRecord, ProcessIdentity, Status, VmHome};
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -46,16 +43,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics"),
 ];
 
-/// What the API serves requests with: the VMM's [`ControlHandle`], or a stand-in in tests.
+/// What the API serves requests with: the VMM's control handle, or a stand-in in tests.
 pub trait Control: Send + Sync + 'static {
     /// Sends a request to the VMM and waits for the answer.
     fn call(&self, req: Request) -> Result<Response, ControlError>;
-}
-
-impl Control for ControlHandle {
-    fn call(&self, req: Request) -> Result<Response, ControlError> {
-        ControlHandle::call(self, req)
-    }
 }
 
 /// `GET /v1/vm`: the VM as the API describes it.
@@ -453,7 +444,7 @@ async fn describe(shared: &Arc<Shared>) -> Result<VmDescription, Reply> {
         devices: info.devices,
         parent: state.parent,
         children: home.children(),
-        created: crate::time::rfc3339(state.created_ms),
+        created: forkvm_registry::time::rfc3339(state.created_ms),
         uptime_ms: info.uptime_ms,
         pid: std::process::id(),
         exits: info.exits,
@@ -617,8 +608,8 @@ impl std::fmt::Debug for ApiServer {
 
 /// Serves the API of the VM registered at `home` on its socket: binds `api.sock` (mode
 /// 0600), records this process as the VM's VMM with status `running`, and starts the
-/// server thread. Call it in the VMM process after [`forkvm_vmm::Vmm::boot`] and before
-/// [`forkvm_vmm::Vmm::run`]; when `run` returns, hand its result to [`ApiServer::finish`].
+/// server thread. Call it in the VM process once the VM is built and before it runs;
+/// when it ends, hand how it ended to [`ApiServer::finish`].
 pub fn serve(home: VmHome, control: impl Control) -> Result<ApiServer, Error> {
     let sock = home.socket_path();
     let _ = std::fs::remove_file(&sock);
@@ -700,7 +691,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: std::os::unix::net::UnixList
 
 impl ApiServer {
     /// Whether a shutdown was requested through the API (tells a stop on request from a
-    /// failure when [`forkvm_vmm::Vmm::run`] returns `Failed`).
+    /// failure when the VM's run loop reports one).
     pub fn stop_requested(&self) -> bool {
         self.shared.stop_requested.load(Ordering::SeqCst)
     }
@@ -716,12 +707,6 @@ impl ApiServer {
             tracing::warn!(error = %e, "cannot record the VM's exit");
         }
         self.stop_serving();
-    }
-
-    /// [`ApiServer::finish`] with the record for what [`forkvm_vmm::Vmm::run`] returned.
-    pub fn finish_run<E: std::fmt::Display>(self, exit: &Result<forkvm_vmm::ExitReason, E>) {
-        let record = ExitRecord::from_run(exit, self.stop_requested());
-        self.finish(record);
     }
 
     fn stop_serving(&mut self) {

@@ -32,11 +32,20 @@ fn main() {
     let filter = cli.log.as_deref().map(EnvFilter::new).unwrap_or_else(|| {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"))
     });
+    // Colour only for a person at a terminal: logs and pipes get plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let root = cli.root.clone().unwrap_or_else(forkvm_api::default_root);
+    if let Err(e) = forkvm_config::load() {
+        eprintln!("forkvm: {e}");
+        std::process::exit(2);
+    }
+    let root = cli
+        .root
+        .clone()
+        .unwrap_or_else(forkvm_registry::default_root);
     // `run` reserves its exit codes for the container's process; its own failures use
     // 125, as `podman run` and `docker run` do.
     let failure_code = match cli.command {
@@ -60,7 +69,6 @@ fn main() {
         Command::Fork(args) => commands::fork::run(args, &root),
         Command::Template(cmd) => commands::template::run(cmd, &root),
         Command::Bench(args) => commands::bench::run(args),
-        Command::ForkChild => commands::fork_child::run(),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -109,7 +109,7 @@ fn mode(p: &Path) -> u32 {
 #[test]
 fn detached_vm_lifecycle_through_the_api() {
     forkvm_guest_kernel::default_guest().expect("default guest");
-    forkvm_vhost::on_kvm_host(forkvm_vhost::test_path!(), || {
+    forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         let root = root.as_path();

@@ -46,7 +46,7 @@ fn with_kvm(test_path: &str, body: impl FnOnce()) {
         body();
     } else {
         common::warm_default_guest();
-        forkvm_vhost::on_kvm_host(test_path, body);
+        forkvm_testhost::on_kvm_host(test_path, body);
     }
 }
 
@@ -78,7 +78,7 @@ fn too_much_memory() {
 
 #[test]
 fn missing_kernel() {
-    with_kvm(forkvm_vhost::test_path!(), || {
+    with_kvm(forkvm_testhost::test_path!(), || {
         let dir = tempfile::tempdir().unwrap();
         let kernel = dir.path().join("no-such-vmlinuz");
         let kernel = kernel.to_str().unwrap();
@@ -88,7 +88,7 @@ fn missing_kernel() {
 
 #[test]
 fn corrupt_kernel() {
-    with_kvm(forkvm_vhost::test_path!(), || {
+    with_kvm(forkvm_testhost::test_path!(), || {
         let mut kernel = tempfile::NamedTempFile::new().unwrap();
         // 1 MiB of noise: neither a bzImage nor an ELF.
         let mut x: u32 = 0x1234_5678;
@@ -108,7 +108,7 @@ fn corrupt_kernel() {
 
 #[test]
 fn initrd_larger_than_memory() {
-    with_kvm(forkvm_vhost::test_path!(), || {
+    with_kvm(forkvm_testhost::test_path!(), || {
         let initrd = tempfile::NamedTempFile::new().unwrap();
         initrd.as_file().set_len(40 << 20).unwrap();
         let path = initrd.path().to_str().unwrap();
@@ -121,7 +121,7 @@ fn initrd_larger_than_memory() {
 
 #[test]
 fn missing_disk_file() {
-    with_kvm(forkvm_vhost::test_path!(), || {
+    with_kvm(forkvm_testhost::test_path!(), || {
         let dir = tempfile::tempdir().unwrap();
         let disk = dir.path().join("no-such-disk.img");
         let disk = disk.to_str().unwrap();

@@ -27,7 +27,7 @@ fn pattern(len: usize) -> Vec<u8> {
 #[test]
 fn guest_reads_and_writes_disks_and_cannot_write_a_read_only_one() {
     warm_default_guest();
-    forkvm_vhost::on_kvm_host(forkvm_vhost::test_path!(), || {
+    forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
         let dir = tempfile::tempdir().unwrap();
         let ro = dir.path().join("ro.img");
         let rw = dir.path().join("rw.img");

@@ -11,7 +11,7 @@ use common::{
 #[test]
 fn guest_runs_its_command_and_its_poweroff_or_reboot_ends_the_vmm() {
     warm_default_guest();
-    forkvm_vhost::on_kvm_host(forkvm_vhost::test_path!(), || {
+    forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
         // Poweroff: init runs the command, reports its exit code and powers off.
         let out = run_forkvm(
             &[

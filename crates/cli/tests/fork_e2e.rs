@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use forkvm_vmm::control::{ChildSpec, ControlHandle, ForkOutcome, ForkRequest, Request, Response};
+use forkvm_vmm::launch::ChildHomes;
 use forkvm_vmm::{VmConfig, Vmm, VsockSpec};
 
 /// The guest's program: a marker on tmpfs, a counter, fresh random numbers each tick, a
@@ -82,7 +83,6 @@ fn fork(handle: &ControlHandle, consoles: &[PathBuf]) -> ForkOutcome {
                 ..ChildSpec::default()
             })
             .collect(),
-        child_exe: Some(PathBuf::from(common::FORKVM)),
     };
     match handle.call(Request::Fork(req)) {
         Ok(Response::Forked(out)) => out,
@@ -125,7 +125,7 @@ fn running_vm_forks_into_private_children_with_their_own_identity() {
         forkvm_guest_kernel::find_agent().is_some(),
         "the guest agent is not built: run `cargo xtask prepare-guest`"
     );
-    forkvm_vhost::on_kvm_host(forkvm_vhost::test_path!(), || {
+    forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
         let dir = tempfile::tempdir().unwrap();
         let parent_log = dir.path().join("parent.log");
         let mut cfg = VmConfig::new(&guest.kernel);
@@ -138,9 +138,14 @@ fn running_vm_forks_into_private_children_with_their_own_identity() {
         });
         cfg.cmdline = common::guest_cmdline(GUEST_LOOP);
         let console = File::create(&parent_log).unwrap();
+        let child_root = dir.path().join("root");
         let (tx, rx) = std::sync::mpsc::channel();
         let vmm_thread = std::thread::spawn(move || {
             let mut vmm = Vmm::boot(&cfg, Box::new(console)).expect("boot");
+            vmm.set_child_homes(ChildHomes {
+                root: child_root,
+                parent: None,
+            });
             tx.send(vmm.control_handle()).unwrap();
             vmm.run()
         });
@@ -178,8 +183,9 @@ fn running_vm_forks_into_private_children_with_their_own_identity() {
                 "a child's agent to apply its identity",
                 Duration::from_secs(60),
                 || {
-                    last = forkvm_vmm::fork::agent_call(uds, &forkvm_agent::Request::Ping).ok();
-                    matches!(&last, Some(forkvm_agent::Response::Pong { hostname, .. }) if hostname.starts_with("fork-"))
+                    last =
+                        forkvm_vmm::fork::agent_call(uds, &forkvm_agent_proto::Request::Ping).ok();
+                    matches!(&last, Some(forkvm_agent_proto::Response::Pong { hostname, .. }) if hostname.starts_with("fork-"))
                 },
             );
         }
@@ -285,7 +291,7 @@ fn children_of(root: &Path, parent: &str) -> Vec<String> {
 #[test]
 fn forked_children_are_vms_of_their_own_and_fork_again() {
     forkvm_guest_kernel::default_guest().expect("default guest");
-    forkvm_vhost::on_kvm_host(forkvm_vhost::test_path!(), || {
+    forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         let uds = dir.path().join("p.vsock");
@@ -379,7 +385,7 @@ fn now_s() -> i64 {
 #[test]
 fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
     forkvm_guest_kernel::default_guest().expect("default guest");
-    forkvm_vhost::on_kvm_host(forkvm_vhost::test_path!(), || {
+    forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         let tpl = dir.path().join("tpl");
@@ -459,8 +465,8 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
                 Duration::from_secs(60),
                 || {
                     matches!(
-                        forkvm_vmm::fork::agent_call(uds, &forkvm_agent::Request::Ping),
-                        Ok(forkvm_agent::Response::Pong { hostname, .. }) if hostname.starts_with("fork-")
+                        forkvm_vmm::fork::agent_call(uds, &forkvm_agent_proto::Request::Ping),
+                        Ok(forkvm_agent_proto::Response::Pong { hostname, .. }) if hostname.starts_with("fork-")
                     )
                 },
             );

@@ -65,7 +65,7 @@ fn ensure_tun() {
 #[test]
 fn guest_reaches_the_host_over_a_tap_with_the_given_mac() {
     warm_default_guest();
-    forkvm_vhost::on_kvm_host(forkvm_vhost::test_path!(), || {
+    forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
         ensure_tun();
         sh("ip", &["tuntap", "add", "dev", TAP, "mode", "tap"]);
         sh("ip", &["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);

@@ -62,7 +62,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn images_run_as_vms_like_podman_run() {
     warm_container_guest();
-    forkvm_vhost::on_kvm_host(forkvm_vhost::test_path!(), || {
+    forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
         let tmp = tempfile::tempdir().unwrap();
         let store = tmp.path().join("store");
         let layout = tmp.path().join("layout");

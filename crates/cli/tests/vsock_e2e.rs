@@ -85,10 +85,10 @@ fn accept_within(listener: &UnixListener, timeout: Duration) -> UnixStream {
 #[test]
 fn vsock_connects_host_to_guest_and_guest_to_host() {
     warm_default_guest();
-    if !forkvm_vhost::in_vhost() {
+    if !forkvm_testhost::in_test_host() {
         build_helper();
     }
-    forkvm_vhost::on_kvm_host(forkvm_vhost::test_path!(), || {
+    forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
         let dir = tempfile::tempdir().unwrap();
         let (_, helper) = helper_paths();
         let helper = std::fs::read(&helper).unwrap_or_else(|e| {

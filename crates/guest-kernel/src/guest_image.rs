@@ -84,11 +84,12 @@ poweroff -f
     s
 }
 
-/// Where the guest agent binary was built: `$FORKVM_AGENT`, else the static (musl)
-/// build in the `target` directory that holds the running executable.
+/// The guest agent binary: `$FORKVM_AGENT`, else `agent` in `forkvm.toml` (an
+/// installed forkvm), else the static (musl) build in the `target` directory that
+/// holds the running executable.
 pub fn find_agent() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("FORKVM_AGENT").filter(|v| !v.is_empty()) {
-        return Some(PathBuf::from(p));
+    if let Some(p) = forkvm_config::setting("FORKVM_AGENT", |c| &c.agent) {
+        return Some(p);
     }
     let exe = std::env::current_exe().ok()?;
     exe.ancestors().skip(1).find_map(|dir| {

@@ -98,12 +98,12 @@ impl KernelTree {
     }
 }
 
-/// The forkvm cache directory: `$FORKVM_CACHE`, else `$XDG_CACHE_HOME/forkvm`,
-/// else `~/.cache/forkvm`. Not created.
+/// The forkvm cache directory: `$FORKVM_CACHE`, else `cache` in `forkvm.toml`, else
+/// `$XDG_CACHE_HOME/forkvm`, else `~/.cache/forkvm`. Not created.
 pub fn cache_dir() -> Result<PathBuf, Error> {
     let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    if let Some(dir) = nonempty("FORKVM_CACHE") {
-        return Ok(PathBuf::from(dir));
+    if let Some(dir) = forkvm_config::setting("FORKVM_CACHE", |c| &c.cache) {
+        return Ok(dir);
     }
     if let Some(dir) = nonempty("XDG_CACHE_HOME") {
         return Ok(PathBuf::from(dir).join("forkvm"));

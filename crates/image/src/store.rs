@@ -18,7 +18,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::FlockOperation;
@@ -81,9 +81,13 @@ impl Store {
         Ok(store)
     }
 
-    /// `$FORKVM_STORE` if set; else `/var/lib/forkvm/images` when running as root;
-    /// else `$XDG_DATA_HOME/forkvm/images` (default `~/.local/share/forkvm/images`).
+    /// `$FORKVM_STORE` if set; else `store` in `forkvm.toml`; else
+    /// `/var/lib/forkvm/images` when running as root; else `$XDG_DATA_HOME/forkvm/images`
+    /// (default `~/.local/share/forkvm/images`).
     pub fn default_root() -> PathBuf {
+        if let Some(dir) = forkvm_config::setting("FORKVM_STORE", |c| &c.store) {
+            return dir;
+        }
         default_root_from(
             |name| std::env::var_os(name).filter(|v| !v.is_empty()),
             rustix::process::geteuid().is_root(),
@@ -219,22 +223,8 @@ impl Store {
             what: "image index".into(),
             source,
         })?;
-        self.write_atomic(&self.root.join(INDEX_FILE), &json)
-    }
-
-    /// Writes `data` to a temp file in the store and renames it to `dest`.
-    pub(crate) fn write_atomic(&self, dest: &Path, data: &[u8]) -> Result<(), Error> {
-        let tmp_dir = self.tmp_dir();
-        let mut tmp = tempfile::Builder::new()
-            .prefix("write-")
-            .tempfile_in(&tmp_dir)
-            .map_err(io_err("creating temp file in", &tmp_dir))?;
-        tmp.write_all(data)
-            .and_then(|()| tmp.as_file().sync_all())
-            .map_err(io_err("writing", tmp.path()))?;
-        tmp.persist(dest)
-            .map_err(|e| io_err("renaming into place", dest)(e.error))?;
-        sync_dir(dest.parent().unwrap_or(&self.root))
+        let index = self.root.join(INDEX_FILE);
+        forkvm_registry::write_atomic(&index, &json).map_err(io_err("writing", &index))
     }
 
     /// Deletes blobs no image references and rootfs files of unknown images.
@@ -283,11 +273,9 @@ impl Store {
     }
 }
 
-/// [`Store::default_root`] from an environment lookup (empty values count as unset).
+/// [`Store::default_root`]'s built-in default from an environment lookup (empty values
+/// count as unset).
 fn default_root_from(env: impl Fn(&str) -> Option<std::ffi::OsString>, is_root: bool) -> PathBuf {
-    if let Some(dir) = env("FORKVM_STORE") {
-        return PathBuf::from(dir);
-    }
     if is_root {
         return PathBuf::from("/var/lib/forkvm/images");
     }
@@ -392,15 +380,11 @@ mod tests {
     }
 
     #[test]
-    fn the_default_root_follows_the_environment_and_privileges() {
+    fn the_built_in_root_follows_the_environment_and_privileges() {
         let env = |vars: &'static [(&'static str, &'static str)]| {
             move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.into())
         };
         let at = |p: &str| PathBuf::from(p);
-        assert_eq!(
-            default_root_from(env(&[("FORKVM_STORE", "/s")]), true),
-            at("/s")
-        );
         assert_eq!(
             default_root_from(env(&[("HOME", "/h")]), true),
             at("/var/lib/forkvm/images")

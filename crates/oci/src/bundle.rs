@@ -39,7 +39,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use forkvm_agent::{ProcessSpec, Rlimit, User};
+use forkvm_agent_proto::{ProcessSpec, Rlimit, User};
 use oci_spec::runtime::{Capability, Hooks, Linux, LinuxCapabilities, Mount, Process, Spec};
 
 /// The bundle's configuration file name, per the runtime spec.

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -203,14 +203,16 @@ impl ContainerState {
         let root = self
             .vm_root
             .clone()
-            .unwrap_or_else(forkvm_api::default_root);
+            .unwrap_or_else(forkvm_registry::default_root);
         Some((root, id))
     }
 
     /// `created` as RFC 3339 in UTC (`2024-01-31T12:00:00.123456789Z`), the form `runc
     /// state` and containerd use.
     pub fn created_rfc3339(&self) -> String {
-        forkvm_api::time::rfc3339_nanos(self.created.duration_since(UNIX_EPOCH).unwrap_or_default())
+        forkvm_registry::time::rfc3339_nanos(
+            self.created.duration_since(UNIX_EPOCH).unwrap_or_default(),
+        )
     }
 }
 
@@ -449,7 +451,7 @@ impl DirBuilderExt for fs::DirBuilder {
     }
 }
 
-/// Writes `state` to `<dir>/state.json`: temporary file, fsync, rename, fsync the directory.
+/// Writes `state` to `<dir>/state.json` atomically.
 fn write_atomically(dir: &Path, state: &ContainerState) -> Result<(), StateError> {
     let path = dir.join(STATE_FILE);
     let mut json = serde_json::to_vec_pretty(state).map_err(|source| StateError::Corrupt {
@@ -457,16 +459,7 @@ fn write_atomically(dir: &Path, state: &ContainerState) -> Result<(), StateError
         source,
     })?;
     json.push(b'\n');
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".state.json.")
-        .tempfile_in(dir)
-        .map_err(io_error(dir))?;
-    tmp.write_all(&json).map_err(io_error(tmp.path()))?;
-    tmp.as_file().sync_all().map_err(io_error(tmp.path()))?;
-    tmp.persist(&path).map_err(|e| io_error(&path)(e.error))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error(dir))
+    forkvm_registry::write_atomic(&path, &json).map_err(io_error(&path))
 }
 
 /// (state character, start time) of process `pid`, from `/proc/<pid>/stat`.
@@ -475,7 +468,7 @@ fn proc_stat(pid: i32) -> Option<(char, u64)> {
         return None;
     }
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    forkvm_api::liveness::parse_stat(&stat)
+    forkvm_registry::liveness::parse_stat(&stat)
 }
 
 #[cfg(test)]
@@ -803,7 +796,7 @@ mod tests {
     fn proc_stat_parsing() {
         let line =
             "1234 (a (weird) name) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 987654 20 21";
-        let parse = forkvm_api::liveness::parse_stat;
+        let parse = forkvm_registry::liveness::parse_stat;
         assert_eq!(parse(line), Some(('S', 987654)));
         assert!(parse("garbage").is_none());
         assert!(parse("1 (x) Z 1 2").is_none());

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use forkvm_agent::client::Controller;
+use forkvm_agent_proto::client::Controller;
 use rustix::termios::{self, OptionalActions, Termios};
 
 /// SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2 and SIGWINCH, blocked in every thread

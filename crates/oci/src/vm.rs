@@ -2,15 +2,11 @@
 //! filesystem image, with vsock for the agent, run in this process. Shared by
 //! `forkvm run` and the runtime's monitor.
 //!
-//! [`run`] boots the VM and serves its forkvm API (so `forkvm ps`, `pause` and `fork`
-//! reach it), then hands a [`Session`] to a thread that talks to the agent while this
-//! thread runs the vCPUs. When the session ends the agent powers the VM off (the
-//! container's process exited); if it does not within [`POWEROFF_GRACE`], or the process
-//! never ran, the VM is stopped.
-//!
-//! [`fork_child`] is the other way a VM runs in a process: a child of a fork, in the
-//! process the forking VMM starts as `<its own executable> __fork-child` (`forkvm` and
-//! `forkvm-runtime` both have that verb, since either may be the VMM that forks).
+//! [`run`] starts the VM in a VM process of its own (`forkvm-vmm`, which serves its
+//! forkvm API, so `forkvm ps`, `pause` and `fork` reach it), then hands a [`Session`] to
+//! a thread that talks to the agent while this thread waits for the VM process. When
+//! the session ends the agent powers the VM off (the container's process exited); if it
+//! does not within [`POWEROFF_GRACE`], or the process never ran, the VM is stopped.
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -19,10 +15,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use forkvm_api::{ProcessIdentity, VmHome};
 use forkvm_guest_kernel::GuestImage;
+use forkvm_registry::VmHome;
 use forkvm_vmm::config::DEFAULT_CMDLINE;
-use forkvm_vmm::{BlockSpec, ExitReason, VmConfig, Vmm, VsockSpec};
+use forkvm_vmm::launch::{ConsoleSpec, HomeSpec, Launch, ProcessOptions, Start, VmProcess};
+use forkvm_vmm::{BlockSpec, VmConfig, VsockSpec};
 
 /// How long the guest has to boot and answer: generous, as a nested, emulated host
 /// boots a kernel in seconds, not milliseconds.
@@ -118,14 +115,16 @@ impl Session {
     /// Waits until the agent answers (or the VM stops, or [`AGENT_DEADLINE`] passes).
     pub fn connect_agent(&self) -> Result<UnixStream> {
         let deadline = Instant::now() + AGENT_DEADLINE;
-        forkvm_agent::client::wait_for_agent_unless(&self.uds, deadline, &|| self.vm_stopped())
-            .map_err(|e| {
-                if self.vm_stopped() {
-                    anyhow::anyhow!("the VM stopped before its agent answered")
-                } else {
-                    anyhow::anyhow!("the guest agent did not answer within {AGENT_DEADLINE:?}: {e}")
-                }
-            })
+        forkvm_agent_proto::client::wait_for_agent_unless(&self.uds, deadline, &|| {
+            self.vm_stopped()
+        })
+        .map_err(|e| {
+            if self.vm_stopped() {
+                anyhow::anyhow!("the VM stopped before its agent answered")
+            } else {
+                anyhow::anyhow!("the guest agent did not answer within {AGENT_DEADLINE:?}: {e}")
+            }
+        })
     }
 
     /// Whether the VM has stopped.
@@ -140,7 +139,7 @@ impl Session {
 /// on, the first one that came before included. `stdin` false closes the process's
 /// stdin at once. `ready` runs once all that is in place, before stdio flows.
 pub fn relay_stdio(
-    session: forkvm_agent::client::ExecSession,
+    session: forkvm_agent_proto::client::ExecSession,
     relay: &crate::term::SignalRelay,
     tty: bool,
     stdin: bool,
@@ -177,9 +176,38 @@ pub fn relay_stdio(
     code
 }
 
-/// Boots `cfg` with its console in `home`'s log, serves the VM's API, runs `session`
-/// on its own thread and the vCPUs on this one; returns the session's exit code once
-/// the VM is gone.
+/// How long a VM process has to boot its VM and serve its API before it is given up on.
+pub const START_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Starts the VM registered at `home` in a VM process (`forkvm-vmm`) that boots `cfg`
+/// with its console as `console` says, attached as `opts` say; returns once its API
+/// answers. If it does not start, it is gone and the error says why.
+pub fn start(
+    home: &VmHome,
+    cfg: &VmConfig,
+    console: ConsoleSpec,
+    opts: ProcessOptions,
+) -> Result<VmProcess> {
+    let launch = Launch {
+        home: HomeSpec::Registered {
+            root: std::path::absolute(home.root())?,
+            id: home.id().to_owned(),
+        },
+        console,
+        start: Start::Boot(cfg.clone()),
+    };
+    let mut vm = VmProcess::spawn(&launch, &[], opts).context("cannot start the VM process")?;
+    if let Err(e) = vm.wait_running(START_DEADLINE) {
+        let _ = vm.child_mut().kill();
+        let _ = vm.child_mut().wait();
+        return Err(anyhow::Error::new(e));
+    }
+    Ok(vm)
+}
+
+/// Boots `cfg` in a VM process of its own (see [`start`]) with its console in `home`'s
+/// log, runs `session` on a thread, and returns the session's exit code once the VM is
+/// gone. The VM process dies with this one.
 pub fn run<F>(home: VmHome, cfg: &VmConfig, session: F) -> Result<i32>
 where
     F: FnOnce(&Session) -> Result<Outcome> + Send + 'static,
@@ -189,12 +217,8 @@ where
         .as_ref()
         .map(|v| v.uds.clone())
         .context("a container VM needs vsock")?;
-    let console = home.console_writer()?;
-    let console_path = home.console_path();
-    let mut vmm = Vmm::boot(cfg, Box::new(console)).context("cannot boot the VM")?;
-    let server =
-        forkvm_api::serve(home, vmm.control_handle()).context("cannot serve the VM's API")?;
-    let control = vmm.control_handle();
+    let mut vm = start(&home, cfg, ConsoleSpec::Log, ProcessOptions::owned())?;
+    let api = forkvm_api::Client::new(home.socket_path());
     let vm_done = Arc::new(AtomicBool::new(false));
     let ctx = Session {
         uds,
@@ -215,77 +239,35 @@ where
                 std::thread::sleep(Duration::from_millis(10));
             }
             if !ctx.vm_stopped() {
-                let _ = control.call(forkvm_vmm::control::Request::Stop);
+                let _ = api.shutdown();
             }
             code.map(Outcome::code)
         })
         .context("cannot start the session thread")?;
-    let exit = vmm.run();
+    let status = vm.child_mut().wait();
     vm_done.store(true, Ordering::SeqCst);
-    server.finish_run(&exit);
     let code = thread
         .join()
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the session thread panicked")));
-    match (code, exit.context("the VM failed while running")?) {
-        (Ok(code), _) => Ok(code),
-        (Err(e), ExitReason::Failed(why)) => Err(e.context(format!("the guest failed: {why}"))),
-        (Err(e), how) => {
-            let how = match how {
-                ExitReason::PowerOff => "the guest powered off",
-                ExitReason::Reset => "the guest reset (a reboot, or a triple fault)",
-                _ => "the VM was stopped",
-            };
-            Err(e.context(format!(
-                "{how}; its console:\n{}",
-                forkvm_api::home::tail(&console_path, 20)
-            )))
-        }
-    }
-}
-
-/// Runs a fork child: restores the VM its parent sent on fd 3, registers it as a VM of
-/// its own (parent recorded) and serves its API, like a booted VM; returns the exit code.
-pub fn fork_child() -> Result<i32> {
-    use forkvm_vmm::fork::ReceivedChild;
-    use std::io::Write;
-    crate::term::ForwardedSignals::unblock_inherited().context("cannot unblock signals")?;
-    let child = ReceivedChild::receive().context("cannot receive the fork")?;
-    let registered = (|| -> Result<(VmHome, Box<dyn Write + Send>)> {
-        let home = VmHome::create_fork_child(None).context("cannot register the fork child")?;
-        home.record_process(ProcessIdentity::current())
-            .context("cannot record the VMM process")?;
-        let cfg = child.config();
-        home.record_machine(cfg.vcpus, cfg.mem_mib)?;
-        // From here on this daemon's own messages go to its console log.
-        let log = home.console_writer()?;
-        forkvm_vmm::fork::redirect_stderr(&log).context("cannot log to the console file")?;
-        let console: Box<dyn Write + Send> =
-            match child.console_path() {
-                Some(path) => Box::new(std::fs::File::create(path).with_context(|| {
-                    format!("cannot create the console file {}", path.display())
-                })?),
-                None => Box::new(log),
-            };
-        Ok((home, console))
-    })();
-    let (home, console) = match registered {
-        Ok(r) => r,
-        Err(e) => {
-            child.fail(&format!("{e:#}"));
-            return Err(e);
-        }
+    let e = match code {
+        Ok(code) => return Ok(code),
+        Err(e) => e,
     };
-    // Grandchildren record this VM as their parent (set before any thread starts).
-    std::env::set_var(forkvm_api::ENV_ID, home.id());
-    let mut vmm = child
-        .start(console)
-        .context("cannot restore the forked VM")?;
-    let server =
-        forkvm_api::serve(home, vmm.control_handle()).context("cannot serve the VM's API")?;
-    let exit = vmm.run();
-    server.finish_run(&exit);
-    match exit.context("the forked VM failed while running")? {
-        ExitReason::PowerOff | ExitReason::Reset | ExitReason::Stopped => Ok(0),
-        ExitReason::Failed(why) => bail!("the forked guest stopped abnormally: {why}"),
-    }
+    let exit = home.state().ok().and_then(|s| s.exit);
+    let how = match exit.as_ref().map(|x| x.reason.as_str()) {
+        Some(failed) if failed.starts_with("failed") => {
+            return Err(e.context(format!("the guest {failed}")))
+        }
+        Some("poweroff") => "the guest powered off".to_owned(),
+        Some("reboot") => "the guest reset (a reboot, or a triple fault)".to_owned(),
+        Some(_) => "the VM was stopped".to_owned(),
+        None => match status {
+            Ok(status) => format!("the VM process ended ({status}) without saying how"),
+            Err(w) => format!("the VM process cannot be waited for ({w})"),
+        },
+    };
+    Err(e.context(format!(
+        "{how}; its console:\n{}",
+        forkvm_registry::home::tail(&home.console_path(), 20)
+    )))
 }

@@ -37,14 +37,14 @@ const DOCKER_CLI: &str = "/usr/bin/docker";
 /// containers run with `--network none`), the vfs storage driver (the virtual host's
 /// kernel has overlayfs only as a module it does not load), and the runtime registered
 /// twice: in a daemon.json (`runtimes`) and with `--add-runtime`. The daemon's
-/// environment carries `FORKVM_ROOT` (where the runtime registers its VMs) and
-/// `FORKVM_CACHE` down to containerd, the shim and the runtime.
+/// runtime is the session's installed forkvm, whose `forkvm.toml` says where its VMs
+/// register: nothing in the daemon's environment is forkvm's.
 fn start_docker() -> Engine {
     let dockerd = require("dockerd", "docker.io");
     let cli = require(DOCKER_CLI, "docker.io");
     require("containerd", "containerd");
     require("containerd-shim-runc-v2", "containerd");
-    if forkvm_vhost::in_vhost() {
+    if forkvm_testhost::in_test_host() {
         // dockerd writes its key.json in /etc/docker, the host's (read-only) there.
         tmpfs_on("/etc/docker");
     }
@@ -55,7 +55,7 @@ fn start_docker() -> Engine {
     let s = scratch.path().to_owned();
     let vms = s.join("vms");
     std::fs::create_dir(&vms).unwrap();
-    let rt = runtime();
+    let rt = runtime(&s, &vms);
     let config = s.join("daemon.json");
     let daemon_json = serde_json::json!({
         "runtimes": { RUNTIME: { "path": rt } }
@@ -86,11 +86,7 @@ fn start_docker() -> Engine {
         "--storage-driver".into(),
         "vfs".into(),
     ];
-    let mut env: Vec<(OsString, OsString)> = vec![("FORKVM_ROOT".into(), vms.clone().into())];
-    if let Ok(cache) = forkvm_guest_kernel::cache_dir() {
-        env.push(("FORKVM_CACHE".into(), cache.into()));
-    }
-    let daemon = Daemon::start(&dockerd, &args, &env, s.join("dockerd.log"));
+    let daemon = Daemon::start(&dockerd, &args, &[], s.join("dockerd.log"));
     let mut docker = Engine::new(
         Kind::Docker,
         cli,
@@ -99,6 +95,7 @@ fn start_docker() -> Engine {
         scratch,
     );
     docker.runtime_name = RUNTIME.into();
+    docker.runtime = rt;
     docker.image = IMAGE.into();
     docker.set_vm_roots(vec![vms]);
     docker.set_daemon(daemon);
@@ -121,7 +118,7 @@ fn wait_for_dockerd(docker: &Engine) {
         "dockerd did not come up (exited: {exited:?})"
     );
     let runtimes = docker.ok(&["info", "--format", "{{json .Runtimes}}"]);
-    let rt = runtime().display().to_string();
+    let rt = docker.runtime.display().to_string();
     for name in [RUNTIME, RUNTIME_FLAG] {
         let v: serde_json::Value = serde_json::from_str(runtimes.trim()).unwrap();
         assert_eq!(
@@ -135,10 +132,10 @@ fn wait_for_dockerd(docker: &Engine) {
 #[test]
 fn docker_drives_forkvm_runtime() {
     prepare_outside();
-    forkvm_vhost::on_kvm_host_with(
-        forkvm_vhost::test_path!(),
+    forkvm_testhost::on_kvm_host_with(
+        forkvm_testhost::test_path!(),
         engines::SESSION_TIMEOUT,
-        Some(engines::VHOST_MEM_MIB),
+        Some(engines::TESTHOST_MEM_MIB),
         || {
             prepare_host();
             let docker = start_docker();

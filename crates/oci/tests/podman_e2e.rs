@@ -27,9 +27,10 @@ const IMAGE: &str = "localhost/fixture:1";
 /// The runtime's name in containers.conf.
 const RUNTIME: &str = "forkvm";
 
-/// podman on the session's scratch space. conmon passes the runtime only a fixed set of
-/// variables (PATH, HOME, `CONTAINERS_CONF`, ...), so `FORKVM_ROOT` and `FORKVM_CACHE`
-/// reach the runtime through containers.conf's `conmon_env_vars`.
+/// podman on the session's scratch space, with the session's installed forkvm as a
+/// runtime in containers.conf. conmon passes the runtime only a fixed set of variables
+/// (PATH, HOME, `CONTAINERS_CONF`, ...): the installed runtime needs none of forkvm's,
+/// its `forkvm.toml` says where its VMs register.
 fn podman() -> Engine {
     let cli = require("podman", "podman");
     require("conmon", "conmon");
@@ -44,18 +45,7 @@ fn podman() -> Engine {
         std::fs::create_dir(s.join(d)).unwrap();
     }
     let vms = s.join("vms");
-    let rt = runtime();
-    let mut conmon_env = vec![format!("FORKVM_ROOT={}", vms.display())];
-    if let Ok(cache) = forkvm_guest_kernel::cache_dir() {
-        conmon_env.push(format!("FORKVM_CACHE={}", cache.display()));
-    }
-    let toml_list = |items: &[String]| {
-        items
-            .iter()
-            .map(|i| format!("{i:?}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let rt = runtime(&s, &vms);
     let conf = format!(
         "[containers]\n\
          # No journald here: podman logs reads the k8s-file log.\n\
@@ -64,14 +54,12 @@ fn podman() -> Engine {
          [engine]\n\
          cgroup_manager = \"cgroupfs\"\n\
          events_logger = \"file\"\n\
-         conmon_env_vars = [{}]\n\
          \n\
          [engine.runtimes]\n\
          {RUNTIME} = [{:?}]\n\
          \n\
          [network]\n\
          network_config_dir = {:?}\n",
-        toml_list(&conmon_env),
         rt.display().to_string(),
         s.join("net").display().to_string(),
     );
@@ -99,9 +87,10 @@ fn podman() -> Engine {
     ];
     let mut podman = Engine::new(Kind::Podman, cli, global, env, scratch);
     podman.runtime_name = RUNTIME.into();
+    podman.runtime = rt;
     podman.image = IMAGE.into();
-    // Where the VMs would go if FORKVM_ROOT did not reach the runtime: the default.
-    podman.set_vm_roots(vec![vms, forkvm_api::default_root()]);
+    // Where the VMs would go if the installed forkvm.toml were not read: the default.
+    podman.set_vm_roots(vec![vms, forkvm_registry::default_root()]);
     // The runtime's state (podman passes no --root: runc's default under /run).
     podman.log_dirs = vec![PathBuf::from(forkvm_oci::state::DEFAULT_ROOT)];
     podman
@@ -110,10 +99,10 @@ fn podman() -> Engine {
 #[test]
 fn podman_drives_forkvm_runtime() {
     prepare_outside();
-    forkvm_vhost::on_kvm_host_with(
-        forkvm_vhost::test_path!(),
+    forkvm_testhost::on_kvm_host_with(
+        forkvm_testhost::test_path!(),
         engines::SESSION_TIMEOUT,
-        Some(engines::VHOST_MEM_MIB),
+        Some(engines::TESTHOST_MEM_MIB),
         || {
             prepare_host();
             let podman = podman();
@@ -144,7 +133,7 @@ fn cases(podman: &Engine) {
     engines::core_cases(podman);
 
     podman.case("run --runtime PATH (no containers.conf entry)", || {
-        let rt = runtime().display().to_string();
+        let rt = podman.runtime.display().to_string();
         let out = podman.expect(
             &podman.run_args_via(&rt, &[], &["echo", "via-path"]),
             None,

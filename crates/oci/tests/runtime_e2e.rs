@@ -163,7 +163,7 @@ impl Env {
             s += &format!(
                 "\n--- {}\n{}",
                 console.display(),
-                forkvm_api::home::tail(&console, 30)
+                forkvm_registry::home::tail(&console, 30)
             );
         }
         s
@@ -229,11 +229,11 @@ fn runtime_processes() -> Vec<String> {
 
 #[test]
 fn runtime_drives_vms_like_runc() {
-    if !forkvm_vhost::in_vhost() {
+    if !forkvm_testhost::in_test_host() {
         forkvm_oci::vm::container_guest().expect("cannot prepare the container guest");
     }
-    forkvm_vhost::on_kvm_host_with(
-        forkvm_vhost::test_path!(),
+    forkvm_testhost::on_kvm_host_with(
+        forkvm_testhost::test_path!(),
         Duration::from_secs(600),
         None,
         body,

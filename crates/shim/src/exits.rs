@@ -126,7 +126,7 @@ impl Exits {
 /// The exit code containerd reports for a raw `waitpid` status: the code for a normal
 /// exit, 128 + the signal number for a process killed by a signal (as a shell does);
 /// the guest agent reports its processes' exits the same way.
-pub use forkvm_agent::reaper::exit_code;
+pub use forkvm_agent_proto::exit_code;
 
 /// Reaps every child of this process into `exits`, forever, on a thread of its own:
 /// the shim's one reaper. Nothing else in the process may wait for children; exits are

@@ -206,11 +206,12 @@ pub fn main(args: &[OsString]) -> i32 {
     };
     if flags.version {
         println!(
-            "{}:\n  Version: {}\n  Runtime: {RUNTIME_ID}",
+            "{}:\n  Version: {}\n  Revision: {}\n  Runtime: {RUNTIME_ID}",
             args.first()
                 .map(|a| Path::new(a).display().to_string())
                 .unwrap_or_default(),
-            env!("CARGO_PKG_VERSION")
+            env!("CARGO_PKG_VERSION"),
+            forkvm_version::COMMIT
         );
         return 0;
     }

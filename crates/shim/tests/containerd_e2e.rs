@@ -104,18 +104,31 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             opt = d.join("opt").display(),
         );
         std::fs::write(d.join("config.toml"), config).unwrap();
-        let shim_dir = Path::new(SHIM).parent().unwrap();
-        let path = std::env::join_paths(std::iter::once(shim_dir.to_path_buf()).chain(
+        // forkvm: the session's installed copy, its programs first on containerd's PATH
+        // and configured by its own forkvm.toml; another runtime: this build's shim
+        // told which runtime to drive.
+        let (shim_dir, runtime_env) = if runtime.file_name().is_some_and(|n| n == "forkvm-runtime")
+        {
+            let target = Path::new(SHIM).parent().unwrap();
+            let prefix = forkvm_test_support::install_forkvm(target, d, &d.join("vms"));
+            (prefix.join("bin"), None)
+        } else {
+            (Path::new(SHIM).parent().unwrap().to_owned(), Some(runtime))
+        };
+        let path = std::env::join_paths(std::iter::once(shim_dir.clone()).chain(
             std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
         ))
         .unwrap();
         let log = File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
             .arg(d.join("config.toml"))
             .args(["--log-level", "debug"])
-            .env("PATH", path)
-            .env("FORKVM_RUNTIME", runtime)
+            .env("PATH", path);
+        if let Some(rt) = runtime_env {
+            cmd.env("FORKVM_RUNTIME", rt);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -309,14 +322,14 @@ fn processes(needle: &str) -> Vec<String> {
 fn ctr_runs_containers_through_the_forkvm_shim() {
     let runtime = runtime_binary();
     let is_forkvm = runtime.file_name().is_some_and(|n| n == "forkvm-runtime");
-    if is_forkvm && !forkvm_vhost::in_vhost() {
+    if is_forkvm && !forkvm_testhost::in_test_host() {
         // The guest kernel cache is read-only inside the virtual host: prepare it here.
         let agent = forkvm_guest_kernel::find_agent()
             .expect("the guest agent is not built: run `cargo xtask prepare-guest`");
         forkvm_guest_kernel::container_guest(&agent).expect("cannot prepare the container guest");
     }
-    forkvm_vhost::on_kvm_host_with(
-        forkvm_vhost::test_path!(),
+    forkvm_testhost::on_kvm_host_with(
+        forkvm_testhost::test_path!(),
         Duration::from_secs(600),
         Some(6144),
         || body(&runtime),
@@ -438,7 +451,7 @@ fn body(runtime: &Path) {
         "test -t 0 && echo exec-on-a-tty; sleep 1; stty size; exit 6",
     ]);
     let runc_in_chroot = runtime.file_name().is_some_and(|n| n == "runc")
-        && forkvm_vhost::in_vhost()
+        && forkvm_testhost::in_test_host()
         && out.stdout.contains("open /dev/ptmx: no such device");
     if runc_in_chroot {
         // runc's exec joins the container's mount namespace, whose root is the virtual

@@ -3,8 +3,6 @@
 //! before the payload is decoded: a truncated, tampered or foreign file is refused with
 //! an error that says which check failed.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
@@ -17,7 +15,8 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Largest payload accepted (a VM's state is kilobytes; this bounds a hostile file).
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8;
-const CRC: crc::Crc<u64, crc::Table<16>> =
+/// forkvm's checksum: CRC-64/ECMA-182, of state payloads here and of template memory.
+pub const CRC: crc::Crc<u64, crc::Table<16>> =
     crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_ECMA_182);
 
 /// Why a state blob or file was refused.
@@ -111,32 +110,7 @@ pub fn decode<T: DeserializeOwned>(blob: &[u8]) -> Result<T, FormatError> {
     Ok(value)
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync,
-/// rename, fsync of the directory. Readers see the old file or the new one, never half.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FormatError> {
-    let io = |p: &Path| {
-        let p = p.display().to_string();
-        move |source| FormatError::Io { path: p, source }
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let mut f = File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
-    Ok(())
-}
-
-/// Reads and validates a state file written with [`encode`] + [`write_atomic`].
+/// Reads and validates a state file written with [`encode`].
 pub fn read_state_file<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
     let bytes = std::fs::read(path).map_err(|source| FormatError::Io {
         path: path.display().to_string(),
@@ -227,13 +201,11 @@ mod tests {
     }
 
     #[test]
-    fn atomic_write_then_read() {
+    fn write_then_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.bin");
-        write_atomic(&path, &encode(&sample()).unwrap()).unwrap();
+        std::fs::write(&path, encode(&sample()).unwrap()).unwrap();
         assert_eq!(read_state_file::<State>(&path).unwrap(), sample());
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(leftovers.len(), 1, "no temporary file left behind");
         let e = read_state_file::<State>(&dir.path().join("missing")).unwrap_err();
         assert!(e.to_string().contains("missing"));
     }

@@ -9,7 +9,5 @@
 pub mod format;
 pub mod transfer;
 
-pub use format::{
-    decode, encode, read_state_file, write_atomic, FormatError, FORMAT_VERSION, MAX_PAYLOAD,
-};
+pub use format::{decode, encode, read_state_file, FormatError, CRC, FORMAT_VERSION, MAX_PAYLOAD};
 pub use transfer::{recv_blob, send_blob, TransferError};

@@ -1,59 +1,44 @@
-//! Forking a running VM into child VMs, each in its own VMM process.
+//! Forking a running VM into child VMs, each in its own VM process.
 //!
 //! The parent pauses its vCPUs, captures its state ([`VmSnapshot`]), freezes its memory
 //! (see [`crate::memory`]: nothing is copied on a first fork, only pages written since
 //! the last fork on later ones) and resumes: that is the whole parent pause, and it does
-//! not grow with guest memory. Then it starts each child as `<forkvm> __fork-child` with
-//! a socket on fd 3 over which it sends the snapshot, the child's identity and the
-//! memory files. The child maps the files copy-on-write, builds a new KVM VM, restores
-//! every vCPU and device, resumes and reports that it runs.
+//! not grow with guest memory. Then it launches each child as a `forkvm-vmm` process
+//! (see [`crate::launch`]) with a [`ChildPayload`]: the snapshot, the child's identity,
+//! and the memory files beside it. The child registers itself under the parent's
+//! [`ChildHomes`], maps the files copy-on-write, builds a new KVM VM, restores every
+//! vCPU and device, resumes and reports that it runs.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
+use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 use crate::control::{error_chain, ChildInfo, ChildSpec, ControlError, ForkOutcome, ForkRequest};
+use crate::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, ProcessOptions, Start, VmProcess};
 use crate::memory::{GuestRam, MemoryLayout};
 use crate::snapshot::{ChildIdentity, VmSnapshot};
 use crate::vmm::{Origin, Vmm, VmmError};
 
-/// The hidden CLI verb a fork child runs.
-pub const CHILD_VERB: &str = "__fork-child";
-/// The descriptor on which a fork child finds its parent's socket.
-pub const CHILD_FD: i32 = 3;
 /// Most children one fork request may create.
 pub const MAX_CHILDREN: u32 = 1024;
 /// How long a child may take to report that it runs.
 const CHILD_START_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest payload a child accepts.
-const MAX_CHILD_PAYLOAD: u64 = 64 << 20;
 
-/// What a fork child receives (its memory files travel beside it).
+/// What a fork child starts from (its memory files travel beside it).
 #[derive(Debug, Serialize, Deserialize)]
-struct ChildPayload {
+pub struct ChildPayload {
     snapshot: VmSnapshot,
     layout: MemoryLayout,
     identity: ChildIdentity,
-    console: Option<PathBuf>,
 }
 
 /// Errors in a fork child before its VM runs.
 #[derive(Debug, thiserror::Error)]
 pub enum ForkChildError {
-    /// Receiving the payload failed.
-    #[error("cannot receive the fork payload")]
-    Transfer(#[from] forkvm_snapshot::TransferError),
-    /// The payload is invalid.
-    #[error("invalid fork payload")]
-    Format(#[from] forkvm_snapshot::FormatError),
     /// No memory file came with the payload.
     #[error("the fork payload carried no guest memory")]
     NoMemory,
@@ -63,7 +48,7 @@ pub enum ForkChildError {
     /// The VM could not be restored.
     #[error(transparent)]
     Vmm(#[from] VmmError),
-    /// Resuming or reporting failed.
+    /// Resuming failed.
     #[error("cannot start the restored VM: {0}")]
     Start(String),
 }
@@ -142,8 +127,8 @@ fn child_identity(
     })
 }
 
-/// Checks a fork request against the VM it forks; returns the executable children run.
-pub(crate) fn check_request(cfg: &VmConfig, req: &ForkRequest) -> Result<PathBuf, ControlError> {
+/// Checks a fork request against the VM it forks.
+pub(crate) fn check_request(cfg: &VmConfig, req: &ForkRequest) -> Result<(), ControlError> {
     if req.count == 0 || req.count > MAX_CHILDREN {
         return Err(ControlError::Invalid(format!(
             "count must be 1 to {MAX_CHILDREN}, got {}",
@@ -163,11 +148,7 @@ pub(crate) fn check_request(cfg: &VmConfig, req: &ForkRequest) -> Result<PathBuf
             d.path.display()
         )));
     }
-    match &req.child_exe {
-        Some(p) => Ok(p.clone()),
-        None => std::env::current_exe()
-            .map_err(|e| ControlError::Failed(format!("cannot find the forkvm executable: {e}"))),
-    }
+    Ok(())
 }
 
 /// Identities for every child of `req`, numbered from `*seq + 1`.
@@ -188,57 +169,83 @@ pub(crate) fn identities(
         .collect()
 }
 
-/// Starts one child per identity from `snapshot` and the memory `files`, then waits
-/// until each reports that it runs; times are measured from `t0`.
+/// Launches one child per identity from `snapshot` and the memory `files`, registered
+/// under `homes`, then waits until each reports that it runs; times are measured from
+/// `t0`.
 pub(crate) fn start_children(
-    exe: &std::path::Path,
     snapshot: VmSnapshot,
     layout: &MemoryLayout,
     files: &[File],
     identities: Vec<ChildIdentity>,
     req: &ForkRequest,
+    homes: &ChildHomes,
     t0: Instant,
 ) -> Result<Vec<ChildInfo>, ControlError> {
+    let exe = crate::launch::vmm_executable()
+        .map_err(|e| ControlError::Failed(format!("cannot start fork children: {e}")))?;
     let mut started = Vec::with_capacity(identities.len());
-    let mut payload = ChildPayload {
-        snapshot,
-        layout: layout.clone(),
-        identity: ChildIdentity::default(),
-        console: None,
+    let mut launch = Launch {
+        home: HomeSpec::New(homes.clone()),
+        console: ConsoleSpec::Log,
+        start: Start::Restore(Box::new(ChildPayload {
+            snapshot,
+            layout: layout.clone(),
+            identity: ChildIdentity::default(),
+        })),
     };
     for (i, identity) in identities.into_iter().enumerate() {
         // One snapshot, encoded with each child's identity.
-        payload.identity = identity;
-        payload.console = req.children.get(i).and_then(|c| c.console.clone());
-        let blob = forkvm_snapshot::encode(&payload).map_err(|e| {
+        if let Start::Restore(payload) = &mut launch.start {
+            payload.identity = identity.clone();
+        }
+        launch.console = match req.children.get(i).and_then(|c| c.console.clone()) {
+            Some(path) => ConsoleSpec::File(path),
+            None => ConsoleSpec::Log,
+        };
+        let blob = forkvm_snapshot::encode(&launch).map_err(|e| {
             ControlError::Failed(format!(
                 "cannot encode the fork payload: {}",
                 error_chain(&e)
             ))
         })?;
-        let (pid, sock) = spawn_child(exe, &blob, files)
+        let child = VmProcess::spawn_encoded(&exe, &blob, files, ProcessOptions::daemon())
             .map_err(|e| ControlError::Failed(format!("cannot start fork child {i}: {e}")))?;
-        started.push((pid, sock, payload.identity.clone()));
+        started.push((child, identity));
     }
     let mut children = Vec::with_capacity(started.len());
-    for (pid, sock, identity) in started {
-        wait_running(&sock)
-            .map_err(|e| ControlError::Failed(format!("fork child {pid} did not start: {e}")))?;
-        children.push(ChildInfo {
-            pid,
-            cid: identity.cid,
-            vsock_uds: identity.vsock_uds,
-            running_after_us: t0.elapsed().as_micros() as u64,
-        });
+    let mut failure = None;
+    for (child, identity) in started {
+        let pid = child.pid();
+        match child.wait_running(CHILD_START_TIMEOUT) {
+            Ok(()) => children.push(ChildInfo {
+                pid,
+                cid: identity.cid,
+                vsock_uds: identity.vsock_uds,
+                running_after_us: t0.elapsed().as_micros() as u64,
+            }),
+            Err(e) => {
+                failure.get_or_insert_with(|| {
+                    ControlError::Failed(format!("fork child {pid} did not start: {e}"))
+                });
+            }
+        }
+        // Reaped in the background: its lifetime is its own.
+        let _ = child.detach();
     }
-    Ok(children)
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(children),
+    }
 }
 
 impl Vmm {
     /// Forks this VM into `req.count` children (see the module documentation).
     pub fn fork(&mut self, req: &ForkRequest) -> Result<ForkOutcome, ControlError> {
         let t0 = Instant::now();
-        let exe = check_request(&self.cfg, req)?;
+        check_request(&self.cfg, req)?;
+        let homes = self.child_homes.clone().ok_or_else(|| {
+            ControlError::Failed("this VM has no state root to register its children under".into())
+        })?;
         let identities = identities(&self.cfg, req, &mut self.fork_seq)?;
 
         // The parent pause: pause, capture, freeze memory, resume.
@@ -269,7 +276,7 @@ impl Vmm {
             "parent paused, captured and froze"
         );
         let (snapshot, files, layout) = captured?;
-        let children = start_children(&exe, snapshot, &layout, &files, identities, req, t0)?;
+        let children = start_children(snapshot, &layout, &files, identities, req, &homes, t0)?;
         tracing::info!(children = children.len(), parent_pause_us, "forked");
         Ok(ForkOutcome {
             children,
@@ -278,113 +285,12 @@ impl Vmm {
     }
 }
 
-/// Starts `exe __fork-child` with a socket on fd 3 and sends it `blob` and `files`.
-fn spawn_child(
-    exe: &std::path::Path,
-    blob: &[u8],
-    files: &[File],
-) -> std::io::Result<(u32, UnixStream)> {
-    let (ours, theirs) = UnixStream::pair()?;
-    let fd = theirs.as_raw_fd();
-    let mut cmd = Command::new(exe);
-    // A child is a daemon: it must not hold the caller's pipes open (a caller reading
-    // `forkvm template fork`'s output to EOF would wait for every child to end). It
-    // reports a failure to start on its socket, and logs to its console afterwards.
-    cmd.arg(CHILD_VERB)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: only async-signal-safe calls between fork and exec: setsid and dup2.
-    unsafe {
-        cmd.pre_exec(move || {
-            // The child is a VM of its own: not in the parent's session or process
-            // group, so a Ctrl-C meant for the parent does not kill it.
-            libc::setsid();
-            if libc::dup2(fd, CHILD_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn()?;
-    drop(theirs);
-    let pid = child.id();
-    // Reap the child when it ends; its lifetime is its own.
-    std::thread::Builder::new()
-        .name(format!("reap-{pid}"))
-        .spawn(move || {
-            let _ = child.wait();
-        })?;
-    let raw: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
-    forkvm_snapshot::send_blob(&ours, blob, &raw).map_err(std::io::Error::other)?;
-    Ok((pid, ours))
-}
-
-/// Sends this process's stderr (its own log messages, a panic) to `file`: a fork child
-/// is a daemon started with stderr on /dev/null. Call it before starting threads.
-pub fn redirect_stderr(file: &File) -> std::io::Result<()> {
-    // SAFETY: dup2 onto fd 2 of a descriptor `file` keeps open for the call.
-    if unsafe { libc::dup2(file.as_raw_fd(), libc::STDERR_FILENO) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// A child's report on its socket: it runs.
-const REPORT_RUNNING: u64 = 1;
-/// A child's report on its socket: it failed; a length-prefixed message follows.
-const REPORT_FAILED: u64 = 2;
-
-fn wait_running(sock: &UnixStream) -> std::io::Result<()> {
-    sock.set_read_timeout(Some(CHILD_START_TIMEOUT))?;
-    let mut b = [0u8; 8];
-    (&*sock)
-        .read_exact(&mut b)
-        .map_err(|e| std::io::Error::other(format!("it exited or hung before reporting ({e})")))?;
-    match u64::from_le_bytes(b) {
-        REPORT_RUNNING => Ok(()),
-        REPORT_FAILED => {
-            let mut len = [0u8; 4];
-            (&*sock).read_exact(&mut len)?;
-            let mut msg = vec![0u8; (u32::from_le_bytes(len) as usize).min(64 * 1024)];
-            (&*sock).read_exact(&mut msg)?;
-            Err(std::io::Error::other(
-                String::from_utf8_lossy(&msg).into_owned(),
-            ))
-        }
-        other => Err(std::io::Error::other(format!("unexpected report {other}"))),
-    }
-}
-
-fn report_failure(sock: &UnixStream, msg: &str) {
-    let mut out = REPORT_FAILED.to_le_bytes().to_vec();
-    out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-    out.extend_from_slice(msg.as_bytes());
-    let _ = (&*sock).write_all(&out);
-}
-
-/// A fork child's payload, received from its parent, not yet restored.
-pub struct ReceivedChild {
-    sock: UnixStream,
-    payload: ChildPayload,
-    files: Vec<File>,
-}
-
-impl ReceivedChild {
-    /// Receives the snapshot, identity and memory files on fd 3 (set up by the parent
-    /// before exec; see [`spawn_child`]).
-    pub fn receive() -> Result<Self, ForkChildError> {
-        // SAFETY: the parent set up fd 3 as our end of a Unix stream socket before exec
-        // and nothing else in this process uses it.
-        let sock = unsafe { UnixStream::from_raw_fd(CHILD_FD) };
-        let (blob, files) = forkvm_snapshot::recv_blob(&sock, MAX_CHILD_PAYLOAD)?;
-        let mut payload: ChildPayload = forkvm_snapshot::decode(&blob)?;
-        if files.is_empty() {
-            return Err(ForkChildError::NoMemory);
-        }
-        // The child's configuration carries its own identity.
-        let id = &payload.identity;
-        let cfg = &mut payload.snapshot.config;
+impl ChildPayload {
+    /// Makes the snapshot's configuration the child's own: its CID, vsock socket, TAPs
+    /// and MACs (done as the child receives it).
+    pub(crate) fn adopt_identity(&mut self) {
+        let id = &self.identity;
+        let cfg = &mut self.snapshot.config;
         if let (Some(v), Some(cid), Some(uds)) = (&mut cfg.vsock, id.cid, &id.vsock_uds) {
             v.cid = cid;
             v.uds = uds.clone();
@@ -395,78 +301,56 @@ impl ReceivedChild {
             }
             net.mac = id.macs.get(i).copied();
         }
-        Ok(Self {
-            sock,
-            payload,
-            files,
-        })
     }
 
     /// The child's configuration (with its own identity).
     pub fn config(&self) -> &VmConfig {
-        &self.payload.snapshot.config
+        &self.snapshot.config
     }
 
-    /// Where the parent asked this child's console to go, if anywhere.
-    pub fn console_path(&self) -> Option<&std::path::Path> {
-        self.payload.console.as_deref()
-    }
-
-    /// Tells the parent this child cannot start, and why (before [`ReceivedChild::start`]).
-    pub fn fail(self, why: &str) {
-        report_failure(&self.sock, why);
-    }
-
-    /// Restores the VM with its console on `console`, resumes it, tells the parent it
-    /// runs, and has the guest agent apply the child's identity (in the background).
-    /// A failure is reported to the parent as well as returned.
-    pub fn start(self, console: Box<dyn Write + Send>) -> Result<Vmm, ForkChildError> {
-        let sock = self
-            .sock
-            .try_clone()
-            .map_err(|e| ForkChildError::Start(e.to_string()))?;
-        let result = self.start_inner(console);
-        if let Err(e) = &result {
-            report_failure(&sock, &error_chain(e));
+    /// Restores the VM over the memory `files` with its console on `console`, and
+    /// resumes it; its children register under `homes`. Then
+    /// [`ChildPayload::apply_identity_in_background`] has the guest take the identity.
+    pub fn restore(
+        &self,
+        mut files: Vec<File>,
+        console: Box<dyn Write + Send>,
+        homes: ChildHomes,
+    ) -> Result<Vmm, ForkChildError> {
+        if files.is_empty() {
+            return Err(ForkChildError::NoMemory);
         }
-        result
-    }
-
-    fn start_inner(self, console: Box<dyn Write + Send>) -> Result<Vmm, ForkChildError> {
-        let Self {
-            sock,
-            payload,
-            mut files,
-        } = self;
         let base = files.remove(0);
-        let ram = GuestRam::from_layers(base, files, &payload.layout)?;
+        let ram = GuestRam::from_layers(base, files, &self.layout)?;
         let mut vmm = Vmm::build(
-            &payload.snapshot.config,
+            &self.snapshot.config,
             ram,
             console,
             Origin::Restore {
-                snapshot: &payload.snapshot,
-                identity: &payload.identity,
+                snapshot: &self.snapshot,
+                identity: &self.identity,
             },
         )?;
+        vmm.set_child_homes(homes);
         vmm.resume()
             .map_err(|e| ForkChildError::Start(e.to_string()))?;
-        (&sock)
-            .write_all(&REPORT_RUNNING.to_le_bytes())
-            .map_err(|e| ForkChildError::Start(format!("cannot report to the parent: {e}")))?;
-        if let Some(uds) = payload.identity.vsock_uds.clone() {
-            let identity = payload.identity.clone();
-            std::thread::Builder::new()
-                .name("identity".into())
-                .spawn(move || match apply_identity(&uds, &identity) {
-                    Ok(took) => tracing::info!(?took, "guest agent applied the child identity"),
-                    Err(e) => tracing::warn!("guest agent did not apply the child identity: {e}"),
-                })
-                .map_err(|e| {
-                    ForkChildError::Start(format!("cannot start the identity thread: {e}"))
-                })?;
-        }
         Ok(vmm)
+    }
+
+    /// Has the guest agent apply the child's identity (entropy, hostname, MACs), on a
+    /// thread of its own, when the VM has vsock.
+    pub fn apply_identity_in_background(&self) -> std::io::Result<()> {
+        let Some(uds) = self.identity.vsock_uds.clone() else {
+            return Ok(());
+        };
+        let identity = self.identity.clone();
+        std::thread::Builder::new()
+            .name("identity".into())
+            .spawn(move || match apply_identity(&uds, &identity) {
+                Ok(took) => tracing::info!(?took, "guest agent applied the child identity"),
+                Err(e) => tracing::warn!("guest agent did not apply the child identity: {e}"),
+            })
+            .map(drop)
     }
 }
 
@@ -478,7 +362,7 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// `CONNECT <port>` convention) and sends the child's identity: entropy, hostname, MACs.
 pub fn apply_identity(uds: &std::path::Path, id: &ChildIdentity) -> Result<Duration, String> {
     let start = Instant::now();
-    let req = forkvm_agent::Request::Identity {
+    let req = forkvm_agent_proto::Request::Identity {
         hostname: id.hostname.clone(),
         seed: id.seed.clone(),
         macs: id
@@ -492,7 +376,7 @@ pub fn apply_identity(uds: &std::path::Path, id: &ChildIdentity) -> Result<Durat
         // A connection made before the guest has taken its new CID is dropped by the
         // guest: give up on an attempt quickly and try again.
         match agent_call_timeout(uds, &req, Duration::from_millis(250)) {
-            Ok(forkvm_agent::Response::Ok) => return Ok(start.elapsed()),
+            Ok(forkvm_agent_proto::Response::Ok) => return Ok(start.elapsed()),
             Ok(other) => return Err(format!("agent answered {other:?}")),
             Err(e) => last_err = e,
         }
@@ -504,19 +388,19 @@ pub fn apply_identity(uds: &std::path::Path, id: &ChildIdentity) -> Result<Durat
 /// One request to the guest agent over the vsock device's host socket.
 pub fn agent_call(
     uds: &std::path::Path,
-    req: &forkvm_agent::Request,
-) -> Result<forkvm_agent::Response, String> {
+    req: &forkvm_agent_proto::Request,
+) -> Result<forkvm_agent_proto::Response, String> {
     agent_call_timeout(uds, req, Duration::from_secs(5))
 }
 
 /// [`agent_call`], giving up when the guest takes longer than `timeout` to answer.
 pub fn agent_call_timeout(
     uds: &std::path::Path,
-    req: &forkvm_agent::Request,
+    req: &forkvm_agent_proto::Request,
     timeout: Duration,
-) -> Result<forkvm_agent::Response, String> {
-    use forkvm_agent::client;
-    let mut conn = client::connect_vsock(uds, forkvm_agent::AGENT_PORT, timeout)
+) -> Result<forkvm_agent_proto::Response, String> {
+    use forkvm_agent_proto::client;
+    let mut conn = client::connect_vsock(uds, forkvm_agent_proto::AGENT_PORT, timeout)
         .map_err(|e| format!("connect {}: {e}", uds.display()))?;
     conn.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod fork;
+pub mod launch;
 pub mod layout;
 pub mod memory;
 pub mod snapshot;

@@ -27,8 +27,8 @@ use vm_memory::{
 
 use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 
-/// Guest memory as the devices see it.
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// Guest memory as the devices see it (the device model's alias).
+pub use forkvm_devices::GuestMemory;
 
 /// The smallest guest this VMM boots, in MiB.
 pub const MIN_MEM_MIB: u64 = 16;

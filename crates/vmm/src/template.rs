@@ -22,6 +22,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::control::{error_chain, ControlError, ForkOutcome, ForkRequest, TemplateInfo};
 use crate::fork::{check_request, identities, start_children};
+use crate::launch::ChildHomes;
 use crate::memory::{MemoryLayout, RamRange};
 use crate::snapshot::VmSnapshot;
 use crate::vmm::Vmm;
@@ -31,8 +32,6 @@ pub const STATE_FILE: &str = "state.forkvm";
 /// The memory file of a template directory.
 pub const MEMORY_FILE: &str = "memory.raw";
 const PAGE: usize = 4096;
-const CRC: crc::Crc<u64, crc::Table<16>> =
-    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_ECMA_182);
 
 /// What `state.forkvm` holds.
 #[derive(Debug, Serialize, Deserialize)]
@@ -127,7 +126,7 @@ fn write_template(
     let file = File::create(&tmp).map_err(io(&tmp))?;
     let total: u64 = ranges.iter().map(|r| r.len).sum();
     file.set_len(total).map_err(io(&tmp))?;
-    let mut digest = CRC.digest();
+    let mut digest = forkvm_snapshot::CRC.digest();
     let mut stored = 0u64;
     let zero = [0u8; PAGE];
     for (region, r) in mem.iter().zip(ranges) {
@@ -158,9 +157,12 @@ fn write_template(
         path: state_path.clone(),
         source,
     })?;
-    forkvm_snapshot::write_atomic(&state_path, &blob).map_err(|source| TemplateError::State {
+    forkvm_registry::write_atomic(&state_path, &blob).map_err(|source| TemplateError::State {
         path: state_path.clone(),
-        source,
+        source: forkvm_snapshot::FormatError::Io {
+            path: state_path.display().to_string(),
+            source,
+        },
     })?;
     Ok((total, stored))
 }
@@ -201,7 +203,7 @@ impl Template {
                 "the template's memory ranges do not add up to its size".into(),
             ));
         }
-        let mut digest = CRC.digest();
+        let mut digest = forkvm_snapshot::CRC.digest();
         let mut reader = std::io::BufReader::with_capacity(1 << 20, &memory);
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -229,11 +231,11 @@ impl Template {
         )
     }
 
-    /// Starts `req.count` children from this template.
-    pub fn fork(self, req: &ForkRequest) -> Result<ForkOutcome, TemplateError> {
+    /// Starts `req.count` children from this template, registered under `homes`.
+    pub fn fork(self, req: &ForkRequest, homes: &ChildHomes) -> Result<ForkOutcome, TemplateError> {
         let t0 = Instant::now();
         let cfg = self.state.snapshot.config.clone();
-        let exe = check_request(&cfg, req)?;
+        check_request(&cfg, req)?;
         let mut seq = 0;
         let ids = identities(&cfg, req, &mut seq)?;
         let layout = MemoryLayout {
@@ -241,12 +243,12 @@ impl Template {
             overlays: Vec::new(),
         };
         let children = start_children(
-            &exe,
             self.state.snapshot,
             &layout,
             std::slice::from_ref(&self.memory),
             ids,
             req,
+            homes,
             t0,
         )?;
         Ok(ForkOutcome {

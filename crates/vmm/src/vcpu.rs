@@ -170,15 +170,7 @@ fn saveable_msrs(vcpu: &VcpuFd, candidates: &[u32]) -> Result<Vec<u32>, VcpuStat
     let mut list: Vec<u32> = candidates.to_vec();
     let mut start = 0;
     while start < list.len() {
-        let entries: Vec<kvm_msr_entry> = list[start..]
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(VcpuStateError::MsrList)?;
-        let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+        let (_, n) = read_msrs(vcpu, &list[start..])?;
         if start + n == list.len() {
             break;
         }
@@ -188,19 +180,26 @@ fn saveable_msrs(vcpu: &VcpuFd, candidates: &[u32]) -> Result<Vec<u32>, VcpuStat
     Ok(SAVEABLE_MSRS.get_or_init(|| list).clone())
 }
 
+/// Reads MSRs `indices` of `vcpu`: KVM reads them in order and stops at the first it
+/// cannot read; returns them and how many it read.
+fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<(Msrs, usize), VcpuStateError> {
+    let entries: Vec<kvm_msr_entry> = indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut msrs = Msrs::from_entries(&entries).map_err(VcpuStateError::MsrList)?;
+    let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+    Ok((msrs, n))
+}
+
 impl VcpuState {
     /// Reads the state of a vCPU that is not running.
     pub fn save(vcpu: &VcpuFd, msr_candidates: &[u32]) -> Result<Self, VcpuStateError> {
         let indices = saveable_msrs(vcpu, msr_candidates)?;
-        let entries: Vec<kvm_msr_entry> = indices
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(VcpuStateError::MsrList)?;
-        let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+        let (msrs, n) = read_msrs(vcpu, &indices)?;
         Ok(Self {
             mp_state: vcpu.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?,
             regs: vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,

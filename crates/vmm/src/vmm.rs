@@ -26,6 +26,7 @@ use crate::control::{
     control_channel, error_chain, ControlError, ControlHandle, ControlInbox, DeviceInfo, Request,
     Response, RunState, VmInfo,
 };
+use crate::launch::ChildHomes;
 use crate::layout::{
     ACPI_POWER_PORT, I8042_PORT, IRQ_MAX, SERIAL_IRQ, SERIAL_PORT, VIRTIO_IRQ_BASE,
     VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
@@ -257,6 +258,7 @@ pub struct Vmm {
     stopped_by_request: bool,
     started: Instant,
     pub(crate) fork_seq: u32,
+    pub(crate) child_homes: Option<ChildHomes>,
 }
 
 struct DeviceSetup<'a> {
@@ -612,6 +614,7 @@ impl Vmm {
             stopped_by_request: false,
             started,
             fork_seq: 0,
+            child_homes: None,
         })
     }
 
@@ -667,6 +670,12 @@ impl Vmm {
     /// The configuration the VM was built from.
     pub fn config(&self) -> &VmConfig {
         &self.cfg
+    }
+
+    /// Where the VMs this VM forks register (see [`crate::fork`]); a VM that has none
+    /// refuses to fork.
+    pub fn set_child_homes(&mut self, homes: ChildHomes) {
+        self.child_homes = Some(homes);
     }
 
     /// Whether the vCPUs are paused.

@@ -2,12 +2,12 @@
 
 use std::sync::mpsc;
 
-use forkvm_vmm::control::{ChildInfo, ForkOutcome, TemplateInfo, VmInfo};
+use crate::wire::{ChildInfo, ForkOutcome, TemplateInfo, VmInfo};
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
-use crate::state::Status;
+use forkvm_registry::Status;
 
 /// A VMM stand-in: tracks pause state; fork optionally waits for a signal.
 #[derive(Default)]
@@ -506,7 +506,7 @@ fn serves_on_its_socket_and_finishes() {
         std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let st = crate::VmState::read(&state).unwrap();
+    let st = forkvm_registry::VmState::read(&state).unwrap();
     assert_eq!(st.status, Status::Running);
     assert!(st.is_alive());
     let c = crate::Client::new(&sock);
@@ -546,7 +546,7 @@ fn serves_on_its_socket_and_finishes() {
     server.finish(ExitRecord::new(0, "stopped"));
     assert_eq!(follower.join().unwrap(), b"line 1\nline 2\n");
     assert!(!sock.exists());
-    let st = crate::VmState::read(&state).unwrap();
+    let st = forkvm_registry::VmState::read(&state).unwrap();
     assert_eq!(st.status, Status::Exited);
     assert_eq!(st.exit.unwrap().reason, "stopped");
     assert!(matches!(c.info(), Err(crate::ClientError::Connect { .. })));

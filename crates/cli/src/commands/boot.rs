@@ -1,17 +1,15 @@
-//! `forkvm boot`: boot a guest in this process with its console on stdout (and in the
+//! `forkvm boot`: boot a guest in a VM process with its console on stdout (and in the
 //! VM's console log), registered under the state root and serving its API; `-d` runs
 //! it in the background.
 
-use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use forkvm_api::{Client, ExitRecord, ProcessIdentity, VmHome};
+use forkvm_oci::vm;
+use forkvm_registry::{ProcessIdentity, VmHome};
 use forkvm_vmm::config::DEFAULT_CMDLINE;
-use forkvm_vmm::{BlockSpec, ExitReason, NetSpec, VmConfig, Vmm, VsockSpec};
+use forkvm_vmm::launch::{ConsoleSpec, ProcessOptions};
+use forkvm_vmm::{BlockSpec, NetSpec, VmConfig, VsockSpec};
 
 use crate::cli::BootArgs;
 
@@ -142,176 +140,69 @@ pub fn config(args: &BootArgs) -> Result<VmConfig> {
     Ok(cfg)
 }
 
-/// Set in a detached VMM's environment to the ID its `forkvm boot -d` parent registered.
-const DETACHED_ENV: &str = "FORKVM_DETACHED_ID";
-
 /// Runs `forkvm boot`; returns the process exit code.
 ///
-/// The VM is registered under `root` (ID, name, state directory) and serves its API on
-/// its socket while it runs. With `-d`, this process re-executes itself in a new session
-/// with the console going to the VM's `console.log`, waits until the API answers and
-/// prints the ID.
+/// The VM is registered under `root` (ID, name, state directory) and runs in a VM
+/// process of its own (`forkvm-vmm`), which serves its API on its socket. In the
+/// foreground, the console is this terminal and this process waits for the VM to end;
+/// with `-d`, the VM process runs in a new session with its console in the VM's
+/// `console.log`, and this process prints the ID once its API answers.
 pub fn run(args: BootArgs, root: &Path) -> Result<i32> {
-    let detached_id = std::env::var(DETACHED_ENV).ok();
-    if args.detach && detached_id.is_none() {
-        return detach(&args, root);
-    }
-    let home = match &detached_id {
-        Some(id) => VmHome::open(root, id).with_context(|| format!("cannot open VM {id}"))?,
-        None => {
-            VmHome::create(root, args.name.as_deref(), None).context("cannot register the VM")?
-        }
-    };
-    home.record_process(ProcessIdentity::current())
-        .context("cannot record the VMM process")?;
-    // Still single-threaded: processes this VMM starts (fork children) inherit where
-    // to register and whose children they are.
-    std::env::set_var(forkvm_api::ENV_ROOT, absolute(root));
-    std::env::set_var(forkvm_api::ENV_ID, home.id());
-    std::env::remove_var(DETACHED_ENV);
-    run_registered(&args, home, detached_id.is_some())
-}
-
-fn absolute(p: &Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
-}
-
-/// The console of a foreground VM: the terminal and the VM's console log.
-struct Tee {
-    out: std::io::Stdout,
-    log: std::fs::File,
-}
-
-impl Write for Tee {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let _ = self.log.write_all(buf);
-        self.out.write_all(buf)?;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
-    }
-}
-
-fn run_registered(args: &BootArgs, home: VmHome, detached: bool) -> Result<i32> {
-    let booted = (|| {
-        let cfg = config(args)?;
+    let root =
+        std::path::absolute(root).with_context(|| format!("bad state root {}", root.display()))?;
+    let cfg = config(&args)?;
+    let home =
+        VmHome::create(&root, args.name.as_deref(), None).context("cannot register the VM")?;
+    let started = (|| {
+        // The VM process records itself once it starts; until then, this process owns it.
+        home.record_process(ProcessIdentity::current())
+            .context("cannot record the VMM process")?;
         home.record_machine(cfg.vcpus, cfg.mem_mib)?;
-        let log = home.console_writer()?;
-        let console: Box<dyn Write + Send> = if detached {
-            // stdout is the console log already (for our own messages).
-            Box::new(log)
+        if args.detach {
+            let log = home.console_writer()?;
+            let log2 = log
+                .try_clone()
+                .context("cannot duplicate the console log")?;
+            let opts = ProcessOptions {
+                stdio: [None, Some(log.into()), Some(log2.into())],
+                ..ProcessOptions::daemon()
+            };
+            vm::start(&home, &cfg, ConsoleSpec::Log, opts)
         } else {
-            Box::new(Tee {
-                out: std::io::stdout(),
-                log,
-            })
-        };
-        Vmm::boot(&cfg, console).context("cannot boot the VM")
+            vm::start(
+                &home,
+                &cfg,
+                ConsoleSpec::LogAndStdout,
+                ProcessOptions::foreground(),
+            )
+        }
     })();
-    let mut vmm = match booted {
-        Ok(v) => v,
+    let mut process = match started {
+        Ok(p) => p,
         Err(e) => {
-            // A detached parent reports the failure from the log and removes the home.
-            if detached {
-                let _ = home.record_exit(ExitRecord::new(1, format!("failed: {e:#}")));
-            } else {
-                let _ = home.remove();
-            }
+            let _ = home.remove();
             return Err(e);
         }
     };
-    let dir = home.dir().to_owned();
-    let server =
-        forkvm_api::serve(home, vmm.control_handle()).context("cannot serve the VM's API")?;
-    let exit = vmm.run();
-    server.finish_run(&exit);
+    if args.detach {
+        println!("{}", home.id());
+        return Ok(0);
+    }
+    let status = process
+        .child_mut()
+        .wait()
+        .context("cannot wait for the VM process")?;
+    let exit = home.state().ok().and_then(|s| s.exit);
     if args.rm {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    match exit.context("the VM failed while running")? {
-        ExitReason::PowerOff => {
-            tracing::info!("guest powered off");
-            Ok(0)
-        }
-        ExitReason::Reset => {
-            tracing::info!("guest rebooted; the VM is stopped");
-            Ok(0)
-        }
-        ExitReason::Stopped => {
-            tracing::info!("stopped by request");
-            Ok(0)
-        }
-        ExitReason::Failed(why) => bail!("the guest stopped abnormally: {why}"),
-    }
-}
-
-/// The last `n` lines of a file, for error messages.
-pub use forkvm_api::home::tail;
-
-/// `forkvm boot -d`: start the VMM in its own session, wait for its API, print the ID.
-fn detach(args: &BootArgs, root: &Path) -> Result<i32> {
-    let root = absolute(root);
-    let home =
-        VmHome::create(&root, args.name.as_deref(), None).context("cannot register the VM")?;
-    let result = spawn_detached(&root, &home);
-    if result.is_err() {
         let _ = home.remove();
     }
-    result?;
-    println!("{}", home.id());
-    Ok(0)
-}
-
-fn spawn_detached(root: &Path, home: &VmHome) -> Result<()> {
-    let log = home.console_writer()?;
-    let log2 = log
-        .try_clone()
-        .context("cannot duplicate the console log")?;
-    let exe = std::env::current_exe().context("cannot find the forkvm executable")?;
-    let mut cmd = Command::new(exe);
-    cmd.args(std::env::args_os().skip(1))
-        .env(DETACHED_ENV, home.id())
-        .env(forkvm_api::ENV_ROOT, root)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2);
-    // SAFETY: the closure runs between fork and exec and only calls setsid(2), which is
-    // async-signal-safe; it allocates nothing and touches no locks.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("cannot start the detached VMM")?;
-    let limit = std::env::var("FORKVM_DETACH_TIMEOUT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map_or(Duration::from_secs(120), Duration::from_secs);
-    let deadline = Instant::now() + limit;
-    let client = Client::new(home.socket_path()).with_timeout(Duration::from_secs(10));
-    loop {
-        if let Some(status) = child.try_wait().context("cannot watch the detached VMM")? {
-            bail!(
-                "the VM stopped ({status}) before its API answered; its output:\n{}",
-                tail(&home.console_path(), 20)
-            );
-        }
-        if home.socket_path().exists() && client.info().is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "the VM's API did not answer within {limit:?}; its output:\n{}",
-                tail(&home.console_path(), 20)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    match exit {
+        Some(x) if x.code == 0 => Ok(0),
+        Some(x) => bail!(
+            "the guest stopped abnormally: {}",
+            x.reason.strip_prefix("failed: ").unwrap_or(&x.reason)
+        ),
+        None => bail!("the VM process ended ({status}) without recording how the VM ended"),
     }
 }
 

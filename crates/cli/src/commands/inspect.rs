@@ -21,7 +21,7 @@ pub fn run(args: VmArg, root: &Path) -> Result<i32> {
         "pid": state.process.map(|p| p.pid),
         "parent": state.parent,
         "children": home.children(),
-        "created": forkvm_api::time::rfc3339(state.created_ms),
+        "created": forkvm_registry::time::rfc3339(state.created_ms),
         "exit": state.exit,
         "dir": home.dir(),
         "socket": home.socket_path(),

@@ -3,7 +3,6 @@
 pub mod bench;
 pub mod boot;
 pub mod fork;
-pub mod fork_child;
 pub mod images;
 pub mod inspect;
 pub mod logs;

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::Result;
-use forkvm_api::{Observed, VmState};
+use forkvm_registry::{Observed, VmState};
 use serde_json::json;
 
 use super::vm::short;
@@ -18,14 +18,14 @@ fn status_text(s: &VmState) -> String {
 
 /// Runs `forkvm ps`.
 pub fn run(args: PsArgs, root: &Path) -> Result<i32> {
-    let entries = forkvm_api::list(root)?;
+    let entries = forkvm_registry::list(root)?;
     if args.quiet {
         for e in &entries {
             println!("{}", if args.no_trunc { &e.id } else { short(&e.id) });
         }
         return Ok(0);
     }
-    let now = forkvm_api::time::now_ms();
+    let now = forkvm_registry::time::now_ms();
     if args.format == PsFormat::Json {
         let rows: Vec<_> = entries
             .iter()
@@ -38,7 +38,7 @@ pub fn run(args: PsArgs, root: &Path) -> Result<i32> {
                     "mem_mib": s.mem_mib,
                     "pid": s.process.map(|p| p.pid),
                     "parent": s.parent,
-                    "created": forkvm_api::time::rfc3339(s.created_ms),
+                    "created": forkvm_registry::time::rfc3339(s.created_ms),
                     "exit": s.exit,
                 }),
                 Err(err) => json!({"id": e.id, "status": "unknown", "error": err.to_string()}),
@@ -64,7 +64,7 @@ pub fn run(args: PsArgs, root: &Path) -> Result<i32> {
                 status_text(s),
                 s.vcpus.to_string(),
                 format!("{} MiB", s.mem_mib),
-                forkvm_api::time::ago(s.created_ms, now),
+                forkvm_registry::time::ago(s.created_ms, now),
                 s.process.map_or(String::new(), |p| p.pid.to_string()),
             ],
             Err(err) => [

@@ -6,39 +6,28 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
-use super::vm::{find, short, stop};
+use super::vm::{each, short, stop};
 use crate::cli::RmArgs;
 
 /// Runs `forkvm rm`; removes every VM it can, fails if any could not be removed.
 pub fn run(args: RmArgs, root: &Path) -> Result<i32> {
-    let mut code = 0;
-    for q in &args.vms {
-        let result = find(root, q).and_then(|home| {
-            match home.state() {
-                Ok(s) if s.is_alive() => {
-                    if !args.force {
-                        bail!(
-                            "VM {} is {}; stop it first or use rm -f",
-                            short(home.id()),
-                            s.observe()
-                        );
-                    }
-                    stop(&home, Duration::from_secs(2))?;
+    Ok(each(root, &args.vms, |home| {
+        match home.state() {
+            Ok(s) if s.is_alive() => {
+                if !args.force {
+                    bail!(
+                        "VM {} is {}; stop it first or use rm -f",
+                        short(home.id()),
+                        s.observe()
+                    );
                 }
-                Ok(_) => {}
-                Err(e) if !args.force => bail!("{e}; use rm -f to remove it anyway"),
-                Err(_) => {}
+                stop(home, Duration::from_secs(2))?;
             }
-            home.remove()?;
-            Ok(home)
-        });
-        match result {
-            Ok(home) => println!("{}", home.id()),
-            Err(e) => {
-                eprintln!("forkvm: {q}: {e:#}");
-                code = 1;
-            }
+            Ok(_) => {}
+            Err(e) if !args.force => bail!("{e}; use rm -f to remove it anyway"),
+            Err(_) => {}
         }
-    }
-    Ok(code)
+        home.remove()?;
+        Ok(())
+    }))
 }

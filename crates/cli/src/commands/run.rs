@@ -11,12 +11,12 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use forkvm_agent::client::{self, ExecError};
-use forkvm_agent::{ProcessSpec, User};
-use forkvm_api::{ProcessIdentity, VmHome};
+use forkvm_agent_proto::client::{self, ExecError};
+use forkvm_agent_proto::{ProcessSpec, User};
 use forkvm_image::{ImageConfig, Store};
 use forkvm_oci::term::{ForwardedSignals, SignalRelay};
 use forkvm_oci::vm::{self, Outcome};
+use forkvm_registry::{ProcessIdentity, VmHome};
 
 use crate::cli::RunArgs;
 
@@ -198,10 +198,9 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
 
     let home =
         VmHome::create(root, args.name.as_deref(), None).context("cannot register the VM")?;
+    // The VM process records itself once it starts; until then, this process owns it.
     home.record_process(ProcessIdentity::current())
         .context("cannot record the VMM process")?;
-    std::env::set_var(forkvm_api::ENV_ROOT, std::path::absolute(root)?);
-    std::env::set_var(forkvm_api::ENV_ID, home.id());
     let hostname = args
         .hostname
         .clone()

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use forkvm_vmm::control::ForkRequest;
+use forkvm_vmm::launch::ChildHomes;
 use forkvm_vmm::template::Template;
 
 use super::fork::print_outcome;
@@ -37,14 +38,16 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
             let template = Template::load(&dir)
                 .with_context(|| format!("cannot use the template in {}", dir.display()))?;
             // Children register under this root, with no parent VM.
-            std::env::set_var(forkvm_api::ENV_ROOT, std::path::absolute(root)?);
-            std::env::remove_var(forkvm_api::ENV_ID);
+            let homes = ChildHomes {
+                root: std::path::absolute(root)?,
+                parent: None,
+            };
             let req = ForkRequest {
                 count,
                 ..ForkRequest::default()
             };
             let out = template
-                .fork(&req)
+                .fork(&req, &homes)
                 .with_context(|| format!("cannot fork the template in {}", dir.display()))?;
             print_outcome(&dir.display().to_string(), &out, json)?;
             Ok(0)

@@ -4,11 +4,29 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use forkvm_api::{Client, ExitRecord, Status, VmHome, VmState};
+use forkvm_api::Client;
+use forkvm_registry::{ExitRecord, Status, VmHome, VmState};
 
 /// Finds a VM by name, ID or unique ID prefix.
 pub fn find(root: &Path, query: &str) -> Result<VmHome> {
-    forkvm_api::resolve(root, query).map_err(|e| anyhow::anyhow!("{e} (under {})", root.display()))
+    forkvm_registry::resolve(root, query)
+        .map_err(|e| anyhow::anyhow!("{e} (under {})", root.display()))
+}
+
+/// Does `action` to each VM `queries` names, printing the ID of each one done and a
+/// `forkvm: QUERY: why` line for each that failed; exit code 1 if any failed.
+pub fn each(root: &Path, queries: &[String], action: impl Fn(&VmHome) -> Result<()>) -> i32 {
+    let mut code = 0;
+    for q in queries {
+        match find(root, q).and_then(|home| action(&home).map(|()| home)) {
+            Ok(home) => println!("{}", home.id()),
+            Err(e) => {
+                eprintln!("forkvm: {q}: {e:#}");
+                code = 1;
+            }
+        }
+    }
+    code
 }
 
 /// The first 12 digits of an ID, as tables show it.
@@ -30,7 +48,7 @@ pub fn live(home: &VmHome) -> Result<(VmState, Client)> {
 }
 
 fn wait_gone(state: &VmState, limit: Duration) -> bool {
-    forkvm_api::liveness::wait_gone(limit, || state.is_alive())
+    forkvm_registry::liveness::wait_gone(limit, || state.is_alive())
 }
 
 /// Asks the VMM to stop, kills it when it has not stopped within `timeout`, and makes

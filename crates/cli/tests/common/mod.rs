@@ -326,9 +326,9 @@ pub fn sh(program: &str, args: &[&str]) -> String {
 }
 
 /// Makes sure the default guest (kernel and initramfs) is in the forkvm cache. Call it
-/// before [`forkvm_vhost::on_kvm_host`]: inside the virtual host the cache is read-only.
+/// before [`forkvm_testhost::on_kvm_host`]: inside the virtual host the cache is read-only.
 pub fn warm_default_guest() {
-    if !forkvm_vhost::in_vhost() {
+    if !forkvm_testhost::in_test_host() {
         forkvm_guest_kernel::default_guest().expect("cannot prepare the default guest");
     }
 }
@@ -336,7 +336,7 @@ pub fn warm_default_guest() {
 /// Makes sure the container guest (kernel and the agent-as-init initramfs) is in the
 /// forkvm cache; like [`warm_default_guest`], call it before entering the virtual host.
 pub fn warm_container_guest() {
-    if !forkvm_vhost::in_vhost() {
+    if !forkvm_testhost::in_test_host() {
         let agent = forkvm_guest_kernel::find_agent()
             .expect("the guest agent is not built: run `cargo xtask prepare-guest`");
         forkvm_guest_kernel::container_guest(&agent).expect("cannot prepare the container guest");

@@ -16,9 +16,9 @@ use std::process::Child;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use forkvm_agent::client::{self, ExecError};
-use forkvm_agent::ProcessSpec;
-use forkvm_api::{ProcessIdentity, VmHome};
+use forkvm_agent_proto::client::{self, ExecError};
+use forkvm_agent_proto::ProcessSpec;
+use forkvm_registry::{ProcessIdentity, VmHome};
 use serde::{Deserialize, Serialize};
 
 use super::helper::{self, Report};
@@ -107,7 +107,7 @@ fn create_in(
         child,
         vm::AGENT_DEADLINE + Duration::from_secs(30),
         ("the container's monitor", "the VM was ready"),
-        || forkvm_api::home::tail(&dir.join(MONITOR_LOG), 10),
+        || forkvm_registry::home::tail(&dir.join(MONITOR_LOG), 10),
     )?;
     if let Some(pid_file) = &a.pid_file {
         write_pid_file(pid_file, pid)?;
@@ -190,13 +190,11 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     let tty = plan.process.tty;
     helper::own_session(tty)?;
     let guest = vm::container_guest()?;
-    let vm_root = std::path::absolute(forkvm_api::default_root())?;
+    let vm_root = std::path::absolute(forkvm_registry::default_root())?;
     let home =
         VmHome::create(&vm_root, None, None).context("cannot register the container's VM")?;
+    // The VM process records itself once it starts; until then, this monitor owns it.
     home.record_process(ProcessIdentity::current())?;
-    // Fork children of this VM find their way home through these.
-    std::env::set_var(forkvm_api::ENV_ROOT, &vm_root);
-    std::env::set_var(forkvm_api::ENV_ID, home.id());
     let hostname = plan.hostname.clone().unwrap_or_else(|| short_hostname(id));
     let uds = home.dir().join(vm::VSOCK_SOCKET);
     let cfg = vm::config(

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use forkvm_agent::client::{self, ExecError};
-use forkvm_agent::{ProcessSpec, User};
+use forkvm_agent_proto::client::{self, ExecError};
+use forkvm_agent_proto::{ProcessSpec, User};
 
 use super::create::write_pid_file;
 use super::helper::{self, Report};
@@ -86,8 +86,9 @@ fn process(a: &ExecArgs) -> Result<ProcessSpec> {
 
 fn foreground(uds: &Path, spec: &ProcessSpec, report: Option<&Path>) -> Result<i32> {
     let signals = ForwardedSignals::block().context("cannot block signals")?;
-    let stream = client::connect_vsock(uds, forkvm_agent::AGENT_PORT, Duration::from_secs(10))
-        .with_context(|| format!("cannot reach the container's agent at {}", uds.display()))?;
+    let stream =
+        client::connect_vsock(uds, forkvm_agent_proto::AGENT_PORT, Duration::from_secs(10))
+            .with_context(|| format!("cannot reach the container's agent at {}", uds.display()))?;
     let session = match client::exec(stream, spec) {
         Ok(s) => s,
         Err(ExecError::ExecFailed { message, exit_code }) => {
@@ -180,7 +181,7 @@ mod tests {
             },
             tty: true,
             stdin: true,
-            rlimits: vec![forkvm_agent::Rlimit {
+            rlimits: vec![forkvm_agent_proto::Rlimit {
                 kind: "RLIMIT_NOFILE".into(),
                 soft: 10,
                 hard: 20,

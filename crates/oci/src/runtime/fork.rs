@@ -107,7 +107,7 @@ fn next_child_id(store: &StateStore, parent: &str) -> Result<String> {
 fn find_vm(vm_root: &Path, pid: u32) -> Option<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let found = forkvm_api::list(vm_root).ok()?.into_iter().find(|e| {
+        let found = forkvm_registry::list(vm_root).ok()?.into_iter().find(|e| {
             e.state
                 .as_ref()
                 .is_ok_and(|s| s.process.as_ref().is_some_and(|p| p.pid == pid))

@@ -72,7 +72,7 @@ pub fn own_session(tty: bool) -> Result<()> {
 }
 
 /// Writes `report` to `path` atomically: a reader sees all of it or none. Not
-/// `forkvm_api::state::write_atomic`, which also fsyncs the directory after the rename:
+/// `forkvm_registry::write_atomic`, which also fsyncs the directory after the rename:
 /// a caller may delete the directory as soon as it has read the report.
 pub fn write_report<T: Serialize>(path: &Path, report: &Report<T>) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();

@@ -31,7 +31,7 @@ impl Log {
     /// One `level` line (`error`, `warning`, `info`, `debug`).
     pub fn write(&self, level: &str, msg: &str) {
         let Some(path) = &self.path else { return };
-        let time = forkvm_api::time::rfc3339_nanos(
+        let time = forkvm_registry::time::rfc3339_nanos(
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default(),

@@ -31,8 +31,18 @@ use clap::{Args, Parser, Subcommand};
 
 pub use log::Log;
 
-/// The version `--version` prints, with the runtime spec version.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The version `--version` prints (with the commit).
+pub const VERSION: &str = forkvm_version::VERSION;
+
+/// `--version` in runc's shape: version, commit, runtime spec version.
+static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{}\ncommit: {}\nspec: {}",
+        env!("CARGO_PKG_VERSION"),
+        forkvm_version::COMMIT,
+        crate::state::OCI_VERSION
+    )
+});
 
 /// The runtime's command line.
 #[derive(Debug, Parser)]
@@ -40,7 +50,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
     name = "forkvm-runtime",
     about = "OCI runtime with runc's command line: every container is a forkvm microVM",
     version = VERSION,
-    long_version = concat!(env!("CARGO_PKG_VERSION"), "\nspec: 1.2.0"),
+    long_version = LONG_VERSION.as_str(),
 )]
 pub struct Cli {
     /// Global options.
@@ -107,9 +117,6 @@ pub enum Command {
     /// The container's monitor process (started by `create`).
     #[command(name = "__monitor", hide = true)]
     Monitor(IdArg),
-    /// A fork child's VMM process (started by a forking VMM).
-    #[command(name = "__fork-child", hide = true)]
-    ForkChild,
 }
 
 /// `fork`.
@@ -260,6 +267,11 @@ pub struct ListArgs {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let log = Log::new(&cli.global);
+    if let Err(e) = forkvm_config::load() {
+        log.error(&e);
+        eprintln!("forkvm-runtime: {e}");
+        return 1;
+    }
     let result = match cli.command {
         Command::Create(a) => create::create(&cli.global, &log, a).map(|()| 0),
         Command::Monitor(a) => return create::monitor(&cli.global, &log, &a.id),
@@ -277,7 +289,6 @@ pub fn main() -> i32 {
             println!("{}", serde_json::to_string_pretty(&f)?);
             Ok(0)
         }),
-        Command::ForkChild => crate::vm::fork_child(),
     };
     match result {
         Ok(code) => code,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use forkvm_agent::{Request, Response};
+use forkvm_agent_proto::{Request, Response};
 
 use super::create::{remove_vm, remove_vm_of, request_start};
 use super::{DeleteArgs, Global, KillArgs, ListArgs, Log, PsArgs};
@@ -120,10 +120,13 @@ pub fn signal_container(state: &ContainerState, sig: i32) -> Result<()> {
     let (Some(uds), Some(guest_pid)) = (&state.vsock, state.guest_pid) else {
         bail!("container {} has no agent to signal", state.id);
     };
-    let mut conn =
-        forkvm_agent::client::connect_vsock(uds, forkvm_agent::AGENT_PORT, Duration::from_secs(5))
-            .with_context(|| format!("cannot reach the agent of container {}", state.id))?;
-    match forkvm_agent::client::call(
+    let mut conn = forkvm_agent_proto::client::connect_vsock(
+        uds,
+        forkvm_agent_proto::AGENT_PORT,
+        Duration::from_secs(5),
+    )
+    .with_context(|| format!("cannot reach the agent of container {}", state.id))?;
+    match forkvm_agent_proto::client::call(
         &mut conn,
         &Request::Signal {
             pid: guest_pid,
@@ -156,7 +159,7 @@ pub fn delete(g: &Global, log: &Log, a: &DeleteArgs) -> Result<()> {
             ),
             _ => {
                 signal_container(&state, libc::SIGKILL)?;
-                if !forkvm_api::liveness::wait_gone(KILL_WAIT, || state.process_alive()) {
+                if !forkvm_registry::liveness::wait_gone(KILL_WAIT, || state.process_alive()) {
                     bail!("container {} did not stop within {KILL_WAIT:?}", a.id);
                 }
             }
@@ -253,11 +256,11 @@ pub fn pause(g: &Global, id: &str, pause: bool) -> Result<()> {
 }
 
 /// The container's VM home.
-pub fn vm_home(state: &ContainerState) -> Result<forkvm_api::VmHome> {
+pub fn vm_home(state: &ContainerState) -> Result<forkvm_registry::VmHome> {
     let (root, id) = state
         .vm_location()
         .context("the container has no VM recorded")?;
-    forkvm_api::VmHome::open(&root, id).with_context(|| {
+    forkvm_registry::VmHome::open(&root, id).with_context(|| {
         format!(
             "cannot find container {}'s VM at {}",
             state.id,

@@ -2,9 +2,12 @@
 //! Docker and real podman, started on the scratch space of a (virtual) KVM host, drive
 //! `forkvm-runtime` exactly as they drive runc.
 //!
-//! - [`runtime`] is the runtime under test: `forkvm-runtime`, or whatever
-//!   `FORKVM_TEST_RUNTIME` names (`FORKVM_TEST_RUNTIME=/usr/sbin/runc` checks the
-//!   engine set-up apart from the runtime).
+//! - [`runtime`] is the runtime under test: `forkvm-runtime` of a copy of forkvm
+//!   installed for the session (`forkvm_test_support::install_forkvm`, as `cargo xtask install` installs
+//!   it, configured by its own `forkvm.toml`, with no `FORKVM_*` variable in the
+//!   engines' environment), or whatever `FORKVM_TEST_RUNTIME` names
+//!   (`FORKVM_TEST_RUNTIME=/usr/sbin/runc` checks the engine set-up apart from the
+//!   runtime).
 //! - [`prepare_outside`] readies what the virtual host cannot (its view of the host is
 //!   read-only): the container guest in the forkvm cache.
 //! - [`prepare_host`] readies the KVM host itself: cgroup v2, which both engines need
@@ -42,34 +45,45 @@ pub const RUNTIME_OVERRIDE: &str = "FORKVM_TEST_RUNTIME";
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Memory of the virtual host: the engine, its daemons and a few container VMs.
-pub const VHOST_MEM_MIB: u32 = 6144;
+pub const TESTHOST_MEM_MIB: u32 = 6144;
 
 /// Limit for one engine command. A `run` boots a VM (seconds in the virtual host, a
 /// minute on a loaded machine); the limit keeps a stuck command well inside the
 /// session's own limit, so its diagnostics are printed rather than lost.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(150);
 
-/// The runtime under test: `$FORKVM_TEST_RUNTIME`, else `forkvm-runtime`.
-pub fn runtime() -> PathBuf {
+/// `$FORKVM_TEST_RUNTIME`, when set.
+fn runtime_override() -> Option<PathBuf> {
     let over = std::env::var_os(RUNTIME_OVERRIDE).filter(|v| !v.is_empty());
     // The runc baseline skips the checks only forkvm's runtime can pass: never in CI.
     assert!(
         over.is_none() || std::env::var_os("CI").is_none_or(|v| v != "true"),
         "{RUNTIME_OVERRIDE} is for local baselines; CI tests forkvm-runtime"
     );
-    over.map_or_else(|| PathBuf::from(FORKVM_RUNTIME), PathBuf::from)
+    over.map(PathBuf::from)
 }
 
 /// Whether the runtime under test is forkvm's (the checks of VMs and monitors apply).
 pub fn runtime_is_forkvm() -> bool {
-    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
-    canon(&runtime()) == canon(Path::new(FORKVM_RUNTIME))
+    runtime_override().is_none()
+}
+
+/// The runtime under test for a session on `scratch` whose VMs register under `vms`:
+/// `$FORKVM_TEST_RUNTIME`, else `forkvm-runtime` of a fresh installation there
+/// ([`forkvm_test_support::install_forkvm`]).
+pub fn runtime(scratch: &Path, vms: &Path) -> PathBuf {
+    runtime_override().unwrap_or_else(|| {
+        let target = Path::new(FORKVM_RUNTIME)
+            .parent()
+            .expect("a target directory");
+        forkvm_test_support::install_forkvm(target, scratch, vms).join("bin/forkvm-runtime")
+    })
 }
 
 /// Call before entering the virtual host: makes sure the container guest (kernel and
 /// agent initramfs) is in the forkvm cache, which is read-only in there.
 pub fn prepare_outside() {
-    if forkvm_vhost::in_vhost() || !runtime_is_forkvm() {
+    if forkvm_testhost::in_test_host() || !runtime_is_forkvm() {
         return;
     }
     forkvm_oci::vm::container_guest()
@@ -86,7 +100,7 @@ pub fn prepare_host() {
         return;
     }
     assert!(
-        forkvm_vhost::in_vhost(),
+        forkvm_testhost::in_test_host(),
         "no cgroup file system at /sys/fs/cgroup: container engines need one"
     );
     must("mount", &["-t", "cgroup2", "none", "/sys/fs/cgroup"]);
@@ -95,7 +109,7 @@ pub fn prepare_host() {
 /// Mounts a tmpfs on `dir` (the virtual host's `/etc` is the host's, read-only).
 pub fn tmpfs_on(dir: &str) {
     assert!(
-        forkvm_vhost::in_vhost(),
+        forkvm_testhost::in_test_host(),
         "tmpfs_on({dir}) is for the virtual host only"
     );
     must("mount", &["-t", "tmpfs", "tmpfs", dir]);
@@ -348,10 +362,12 @@ pub struct Engine {
     pub scratch: tempfile::TempDir,
     /// The name `run --runtime` chooses the runtime under test by.
     pub runtime_name: String,
+    /// The runtime under test (see [`runtime`]).
+    pub runtime: PathBuf,
     /// The fixture image's name in the engine.
     pub image: String,
     /// Where the runtime's VMs may be registered (forkvm VM roots; the first is the
-    /// session's own `FORKVM_ROOT`), to check for VMs and leaks.
+    /// session's own, the installed `forkvm.toml`'s `root`), to check for VMs and leaks.
     vm_roots: Vec<PathBuf>,
     /// VM homes that were there before the session (another user's VMs, on a real host).
     vm_baseline: std::collections::BTreeSet<PathBuf>,
@@ -380,6 +396,7 @@ impl Engine {
             env,
             scratch,
             runtime_name: String::new(),
+            runtime: PathBuf::new(),
             image: String::new(),
             vm_roots: Vec::new(),
             vm_baseline: Default::default(),
@@ -392,14 +409,14 @@ impl Engine {
         }
     }
 
-    /// Where the runtime may register its VMs: the session's `FORKVM_ROOT` first. VMs
+    /// Where the runtime may register its VMs: the session's own root first. VMs
     /// already there now are not the session's.
     pub fn set_vm_roots(&mut self, roots: Vec<PathBuf>) {
         self.vm_roots = roots;
         self.vm_baseline = self.vms().into_iter().collect();
     }
 
-    /// The session's own VM root (`FORKVM_ROOT` in the engine's environment).
+    /// The session's own VM root (`root` in the installed `forkvm.toml`).
     pub fn vm_root(&self) -> &Path {
         &self.vm_roots[0]
     }
@@ -506,7 +523,7 @@ impl Engine {
                 eprintln!(
                     "\n===== {} case {name:?} FAILED (runtime {}): {msg}\n{}===== end of {name:?}\n",
                     self.name(),
-                    runtime().display(),
+                    self.runtime.display(),
                     self.diagnostics()
                 );
                 self.timings.borrow_mut().push((name.clone(), took, false));
@@ -533,7 +550,7 @@ impl Engine {
             failures.len(),
             self.timings.borrow().len(),
             self.name(),
-            runtime().display(),
+            self.runtime.display(),
             failures
                 .iter()
                 .map(|(n, m)| format!("- {n}: {m}"))
@@ -584,7 +601,7 @@ impl Engine {
         if !runtime_is_forkvm() {
             println!(
                 "(runtime {} is not forkvm's: no VMs or monitors to check)",
-                runtime().display()
+                self.runtime.display()
             );
             return;
         }
@@ -657,7 +674,7 @@ impl Engine {
         let mut s = format!(
             "{} session with runtime {}: {:.1} s in all\n",
             self.name(),
-            runtime().display(),
+            self.runtime.display(),
             self.started.elapsed().as_secs_f64()
         );
         for (name, took, ok) in self.timings.borrow().iter() {
@@ -682,7 +699,7 @@ impl Drop for Engine {
             eprintln!(
                 "\n===== {} e2e FAILED in case {case}; runtime {} =====\n{}\n{}",
                 self.name(),
-                runtime().display(),
+                self.runtime.display(),
                 self.timings(),
                 self.diagnostics()
             );
@@ -952,7 +969,7 @@ pub fn detached_cases(e: &Engine) {
     }
 
     e.case(
-        "the container is a VM: monitor, FORKVM_ROOT, own kernel, --memory, --cpu-quota",
+        "the container is a VM: installed monitor, forkvm.toml's root, own kernel, --memory, --cpu-quota",
         || {
             let pid: u32 = e.inspect(NAME, "{{.State.Pid}}").parse().expect("a pid");
             let cmdline = cmdline_of(pid);
@@ -996,15 +1013,21 @@ pub fn detached_cases(e: &Engine) {
                 cmdline.contains("__monitor"),
                 "pid {pid} is not a forkvm monitor: {cmdline}"
             );
+            assert!(
+                cmdline.starts_with(&e.runtime.display().to_string()),
+                "pid {pid} is not the installed runtime {}: {cmdline}",
+                e.runtime.display()
+            );
+            // The installed copy is configured by its forkvm.toml alone.
             let env = environ_of(pid);
-            let want = format!("FORKVM_ROOT={}", e.vm_root().display());
+            let forkvm_vars: Vec<&String> =
+                env.iter().filter(|v| v.starts_with("FORKVM_")).collect();
+            assert!(
+                forkvm_vars.is_empty(),
+                "FORKVM_* variables reached the runtime: {forkvm_vars:?}"
+            );
             let vms = e.vms();
             println!("VMs registered: {vms:?}");
-            assert!(
-                env.contains(&want),
-                "{want} did not reach the runtime: the monitor's environment is {env:?}; \
-             VMs registered: {vms:?}"
-            );
             assert!(
                 vms.iter().any(|v| v.starts_with(e.vm_root())),
                 "no VM registered under {}: {vms:?}",

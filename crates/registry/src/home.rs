@@ -9,21 +9,19 @@ use crate::liveness::ProcessIdentity;
 use crate::state::{Status, VmState};
 use crate::Error;
 
-/// Environment variable a VMM process sets to its root, so processes it starts (fork
-/// children) register under the same root.
+/// Environment variable that overrides the default state root (as `--root` does).
 pub const ENV_ROOT: &str = "FORKVM_ROOT";
-/// Environment variable a VMM process sets to its own ID (a fork child's parent).
-pub const ENV_ID: &str = "FORKVM_ID";
 
 const STATE_FILE: &str = "state.json";
 const CONSOLE_FILE: &str = "console.log";
 const SOCKET_FILE: &str = "api.sock";
 
-/// The default root: `$FORKVM_ROOT`, else `/run/forkvm` for root, else
-/// `$XDG_RUNTIME_DIR/forkvm`, else `/tmp/forkvm-<uid>`.
+/// The default root: `$FORKVM_ROOT`, else `root` in `forkvm.toml`, else `/run/forkvm` for root, else
+/// `$XDG_RUNTIME_DIR/forkvm`, else `/tmp/forkvm-<uid>`; `root` in `forkvm.toml` comes
+/// before the built-in defaults.
 pub fn default_root() -> PathBuf {
-    if let Some(r) = std::env::var_os(ENV_ROOT).filter(|r| !r.is_empty()) {
-        return PathBuf::from(r);
+    if let Some(r) = forkvm_config::setting(ENV_ROOT, |c| &c.root) {
+        return r;
     }
     // SAFETY: geteuid(2) cannot fail and touches no memory.
     let uid = unsafe { libc::geteuid() };
@@ -135,13 +133,6 @@ impl VmHome {
         }
         tracing::debug!(id = %home.id, dir = %home.dir.display(), "registered VM");
         Ok(home)
-    }
-
-    /// Registers a fork child: under `$FORKVM_ROOT` (else [`default_root`]) with
-    /// `$FORKVM_ID`, the parent VMM's ID, as parent. Call it in the child's process.
-    pub fn create_fork_child(name: Option<&str>) -> Result<Self, Error> {
-        let parent = std::env::var(ENV_ID).ok().filter(|p| is_id(p));
-        Self::create(&default_root(), name, parent.as_deref())
     }
 
     /// Opens the home of an existing VM by full ID.

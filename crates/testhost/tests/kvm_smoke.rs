@@ -5,7 +5,7 @@ use kvm_ioctls::{Kvm, VcpuExit};
 
 #[test]
 fn real_mode_guest_writes_fk_and_halts() {
-    forkvm_vhost::on_kvm_host(forkvm_vhost::test_path!(), || {
+    forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
         let kvm = Kvm::new().expect("open /dev/kvm");
         let vm = kvm.create_vm().expect("create VM");
 

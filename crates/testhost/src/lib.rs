@@ -11,24 +11,24 @@
 //! host's `/` read-only over 9p, mounts `proc`, `sys`, `dev`, and tmpfs on
 //! `/tmp` and `/run` in it, mounts a per-run host scratch directory read-write
 //! at the same absolute path, chroots, `cd`s to the working directory and runs
-//! the command with this process's environment plus `FORKVM_IN_VHOST=1` and the
+//! the command with this process's environment plus `FORKVM_IN_TESTHOST=1` and the
 //! requested variables. Output goes to files in the scratch directory, which
-//! the host reads (and tails live with [`VhostOptions::stream`]); the kernel
-//! console goes to a per-run log under `<cache>/vhost/logs/`.
-//! Only one virtual host runs at a time (an flock on `<cache>/vhost/lock`).
+//! the host reads (and tails live with [`TestHostOptions::stream`]); the kernel
+//! console goes to a per-run log under `<cache>/testhost/logs/`.
+//! Only one virtual host runs at a time (an flock on `<cache>/testhost/lock`).
 //!
-//! `FORKVM_VHOST=force` forces the virtual host even with hardware KVM;
-//! `FORKVM_VHOST=never` always runs directly.
+//! `FORKVM_TESTHOST=force` forces the virtual host even with hardware KVM;
+//! `FORKVM_TESTHOST=never` always runs directly.
 //!
 //! # Integration tests that need KVM
 //!
-//! In another crate, add `forkvm-vhost = { workspace = true }` under
+//! In another crate, add `forkvm-testhost = { workspace = true }` under
 //! `[dev-dependencies]`, then wrap the test body:
 //!
 //! ```no_run
 //! #[test]
 //! fn boots_a_guest() {
-//!     forkvm_vhost::on_kvm_host(forkvm_vhost::test_path!(), || {
+//!     forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
 //!         let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
 //!         // ... the real test, with a hardware-accelerated KVM ...
 //!         # let _ = kvm;
@@ -53,9 +53,11 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-pub use caps::{in_vhost, parse_cpu_flags, Capabilities, CpuFlags};
-pub use run::{decide_mode, run_in_kvm_host, HostChoice, Mode, Outcome, VhostOptions, DEFAULT_SMP};
-pub use virt::{prepare_initramfs, VHOST_MODULES};
+pub use caps::{in_test_host, parse_cpu_flags, Capabilities, CpuFlags};
+pub use run::{
+    decide_mode, run_in_kvm_host, HostChoice, Mode, Outcome, TestHostOptions, DEFAULT_SMP,
+};
+pub use virt::{prepare_initramfs, TESTHOST_MODULES};
 
 /// Errors from [`run_in_kvm_host`].
 #[derive(Debug, thiserror::Error)]
@@ -122,12 +124,12 @@ macro_rules! test_path {
 
 /// How many times [`on_kvm_host`] starts the virtual host for one test when a run times
 /// out.
-const VHOST_ATTEMPTS: u32 = 2;
+const TESTHOST_ATTEMPTS: u32 = 2;
 
 /// Runs a test body where hardware KVM exists (see the crate docs).
 ///
 /// `test_path` is the libtest name of the calling test (use [`test_path!`]).
-/// The virtual run's timeout is 300 s unless `FORKVM_VHOST_TIMEOUT` (seconds)
+/// The virtual run's timeout is 300 s unless `FORKVM_TESTHOST_TIMEOUT` (seconds)
 /// says otherwise; a run that times out, or whose virtual host dies without the test's
 /// exit code, is started once more (and reported).
 ///
@@ -140,7 +142,7 @@ pub fn on_kvm_host(test_path: &str, body: impl FnOnce()) {
 }
 
 /// [`on_kvm_host`] for a long session: `timeout` for each virtual run (still overridden
-/// by `FORKVM_VHOST_TIMEOUT`) and, when given, `mem_mib` of virtual host memory (a
+/// by `FORKVM_TESTHOST_TIMEOUT`) and, when given, `mem_mib` of virtual host memory (a
 /// container engine and the VMs it starts need more than the default).
 ///
 /// # Panics
@@ -157,13 +159,13 @@ pub fn on_kvm_host_with(
         return;
     }
     let exe = std::env::current_exe().expect("cannot locate the current test executable");
-    let timeout = std::env::var("FORKVM_VHOST_TIMEOUT")
+    let timeout = std::env::var("FORKVM_TESTHOST_TIMEOUT")
         .ok()
         .and_then(|s| s.parse().ok())
         .map_or(timeout, Duration::from_secs);
-    let mut opts = VhostOptions {
+    let mut opts = TestHostOptions {
         timeout,
-        ..VhostOptions::default()
+        ..TestHostOptions::default()
     };
     if let Some(mem) = mem_mib {
         opts.mem_mib = mem;
@@ -175,7 +177,7 @@ pub fn on_kvm_host_with(
         "--nocapture".into(),
         "--test-threads=1".into(),
     ];
-    println!("forkvm-vhost: running `{test_path}` in the virtual KVM host");
+    println!("forkvm-testhost: running `{test_path}` in the virtual KVM host");
     let mut attempt = 1;
     let out = loop {
         match run_in_kvm_host(&cmd, &opts) {
@@ -185,10 +187,10 @@ pub fn on_kvm_host_with(
             // second run, said out loud, tells that apart from a test that hangs or
             // takes the host down, which does it again and fails.
             Err(e @ (Error::TimedOut { .. } | Error::NoExitCode { .. }))
-                if attempt < VHOST_ATTEMPTS =>
+                if attempt < TESTHOST_ATTEMPTS =>
             {
                 println!(
-                    "forkvm-vhost: `{test_path}` attempt {attempt}: {e}; the virtual host \
+                    "forkvm-testhost: `{test_path}` attempt {attempt}: {e}; the virtual host \
                      stalled or crashed, or the test hung: running it once more"
                 );
                 attempt += 1;
@@ -200,21 +202,21 @@ pub fn on_kvm_host_with(
                     msg = format!("{msg}: {c}");
                     cause = c.source();
                 }
-                panic!("forkvm-vhost: virtual host run of `{test_path}` failed: {msg}")
+                panic!("forkvm-testhost: virtual host run of `{test_path}` failed: {msg}")
             }
         }
     };
     print!("{}", out.stdout);
     eprint!("{}", out.stderr);
     println!(
-        "forkvm-vhost: `{test_path}` exited {} in the virtual host after {:.1?}; log: {}",
+        "forkvm-testhost: `{test_path}` exited {} in the virtual host after {:.1?}; log: {}",
         out.exit_code,
         out.wall,
         out.log_path.display()
     );
     assert!(
         out.exit_code == 0,
-        "forkvm-vhost: `{test_path}` failed in the virtual host (exit code {})\n\
+        "forkvm-testhost: `{test_path}` failed in the virtual host (exit code {})\n\
          --- stdout ---\n{}\n--- stderr ---\n{}\n--- log: {}",
         out.exit_code,
         out.stdout,
@@ -223,7 +225,7 @@ pub fn on_kvm_host_with(
     );
     assert!(
         out.stdout.contains("test result: ok. 1 passed;"),
-        "forkvm-vhost: `{test_path}` did not run in the virtual host (no test matched the filter?)\n\
+        "forkvm-testhost: `{test_path}` did not run in the virtual host (no test matched the filter?)\n\
          --- stdout ---\n{}\n--- stderr ---\n{}\n--- log: {}",
         out.stdout,
         out.stderr,

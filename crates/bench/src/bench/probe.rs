@@ -226,7 +226,7 @@ pub fn run_once(launch: &Launch, timeout: Duration) -> Result<Run> {
                 let at = Instant::now();
                 let line = String::from_utf8_lossy(&buf);
                 if let Some(uptime_s) = parse_marker(&line) {
-                    let (rss_kib, hwm_kib) = read_memory(pid);
+                    let (rss_kib, hwm_kib) = read_memory(super::vm_process(pid));
                     let _ = tx.send(Marker {
                         at,
                         uptime_s,

@@ -32,12 +32,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use forkvm_vmm::config::DEFAULT_CMDLINE;
 use forkvm_vmm::control::{ChildSpec, ControlHandle, ForkOutcome, ForkRequest, Request, Response};
+use forkvm_vmm::launch::ChildHomes;
 use forkvm_vmm::{VmConfig, Vmm, VsockSpec};
 use serde::Serialize;
 
 use super::report::{self, Environment, Guest};
 use super::stats::percentile;
-use crate::cli::{BenchForkArgs, BenchFormat};
+use crate::cli::BenchForkArgs;
 
 /// Name prefix of the memfd(s) holding guest RAM (base and fork overlays).
 pub const GUEST_RAM_MEMFD: &str = "/memfd:forkvm-guest-ram";
@@ -624,8 +625,12 @@ fn wait_agent(
     stop: &AtomicBool,
 ) -> Option<Instant> {
     loop {
-        if let Ok(forkvm_agent::Response::Pong { hostname, .. }) =
-            forkvm_vmm::fork::agent_call_timeout(uds, &forkvm_agent::Request::Ping, PING_TIMEOUT)
+        if let Ok(forkvm_agent_proto::Response::Pong { hostname, .. }) =
+            forkvm_vmm::fork::agent_call_timeout(
+                uds,
+                &forkvm_agent_proto::Request::Ping,
+                PING_TIMEOUT,
+            )
         {
             if accept(&hostname) {
                 return Some(Instant::now());
@@ -750,7 +755,6 @@ impl Bench<'_> {
                     ..ChildSpec::default()
                 })
                 .collect(),
-            child_exe: Some(self.exe.clone()),
         };
         let t0 = Instant::now();
         pollers.go(t0);
@@ -811,6 +815,8 @@ impl Bench<'_> {
     /// The cold-boot command's arguments.
     fn cold_args(&self, uds: &Path) -> Vec<String> {
         vec![
+            "--root".into(),
+            self.dir.join("root").display().to_string(),
             "boot".into(),
             "--vcpus".into(),
             self.args.vcpus.to_string(),
@@ -881,7 +887,7 @@ impl Bench<'_> {
             });
         }
         std::thread::sleep(Duration::from_millis(self.args.idle_ms));
-        let mem = read_mem(pid).ok();
+        let mem = read_mem(super::vm_process(pid)).ok();
         drop(vmm);
         let _ = std::fs::remove_file(&uds);
         let us = |t: Option<Instant>| t.map(|t| t.duration_since(t0).as_micros() as u64);
@@ -924,21 +930,21 @@ pub fn run(args: BenchForkArgs) -> Result<i32> {
     if forkvm_guest_kernel::find_agent().is_none() {
         bail!("the guest agent is not built: run `cargo xtask prepare-guest` first");
     }
-    let caps = forkvm_vhost::Capabilities::detect();
+    let caps = forkvm_testhost::Capabilities::detect();
     if !caps.hardware_kvm() {
         bail!(
             "forkvm bench needs hardware-accelerated KVM (vmx/svm and a usable /dev/kvm), \
              which this machine lacks:\n{caps}\nRun it in the virtual KVM host: \
-             `cargo xtask vhost --mem 8192 -- target/release/forkvm bench fork`"
+             `cargo xtask testhost --mem 8192 -- target/release/forkvm bench fork`"
         );
     }
-    let exe = std::env::current_exe().context("cannot locate the forkvm executable")?;
+    let exe =
+        forkvm_config::find_program("forkvm").context("cannot locate the forkvm executable")?;
     let dir = std::env::temp_dir().join(format!("forkvm-bench-fork-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let scratch = Scratch(dir.clone());
-    // Children and cold boots register as VMs under a root of their own; set while
-    // this process is still single-threaded (children inherit it).
-    std::env::set_var(forkvm_api::ENV_ROOT, dir.join("root"));
+    // Children and cold boots register as VMs under a root of their own.
+    let root = dir.join("root");
 
     let guest = Guest {
         kernel_version: super::kernel_version(&g.kernel),
@@ -976,6 +982,7 @@ pub fn run(args: BenchForkArgs) -> Result<i32> {
         .name("parent-vmm".into())
         .spawn(move || -> Result<()> {
             let mut vmm = Vmm::boot(&cfg, Box::new(console)).context("cannot boot the parent")?;
+            vmm.set_child_homes(ChildHomes { root, parent: None });
             let _ = tx.send(vmm.control_handle());
             vmm.run().context("the parent VM failed")?;
             Ok(())
@@ -1107,14 +1114,7 @@ pub fn run(args: BenchForkArgs) -> Result<i32> {
         versus: vs,
     };
     drop(scratch);
-    match args.format {
-        BenchFormat::Table => print!("{}", render(&report)),
-        BenchFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&report).context("cannot serialise the report")?
-        ),
-    }
-    Ok(0)
+    super::print_report(args.format, &report, render)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::caps::{in_vhost, Capabilities};
+use crate::caps::{in_test_host, Capabilities};
 use crate::Error;
 
 /// Where a command ran.
@@ -26,7 +26,7 @@ pub enum Mode {
 /// How to choose between [`Mode::Direct`] and [`Mode::Virtual`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HostChoice {
-    /// `FORKVM_VHOST=force` -> virtual, `FORKVM_VHOST=never` -> direct; otherwise
+    /// `FORKVM_TESTHOST=force` -> virtual, `FORKVM_TESTHOST=never` -> direct; otherwise
     /// direct inside the virtual host or with hardware KVM, else virtual.
     #[default]
     Auto,
@@ -38,7 +38,7 @@ pub enum HostChoice {
 
 /// Options for [`run_in_kvm_host`].
 #[derive(Debug, Clone)]
-pub struct VhostOptions {
+pub struct TestHostOptions {
     /// Wall-clock limit for the run; in virtual mode it starts once the
     /// cross-process lock is held (boot time included).
     pub timeout: Duration,
@@ -59,7 +59,7 @@ pub struct VhostOptions {
     pub writable: Vec<PathBuf>,
 }
 
-impl Default for VhostOptions {
+impl Default for TestHostOptions {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(600),
@@ -104,11 +104,11 @@ pub struct Outcome {
 
 /// Decides where a command would run under `choice`.
 pub fn decide_mode(choice: HostChoice) -> Mode {
-    if in_vhost() {
+    if in_test_host() {
         return Mode::Direct;
     }
     let choice = match choice {
-        HostChoice::Auto => match std::env::var("FORKVM_VHOST").as_deref() {
+        HostChoice::Auto => match std::env::var("FORKVM_TESTHOST").as_deref() {
             Ok("force") => HostChoice::Virtual,
             Ok("never") => HostChoice::Direct,
             _ => HostChoice::Auto,
@@ -127,7 +127,7 @@ pub fn decide_mode(choice: HostChoice) -> Mode {
 /// this machine has one, otherwise inside the virtual host (see the crate docs).
 pub fn run_in_kvm_host<S: AsRef<std::ffi::OsStr>>(
     cmd: &[S],
-    opts: &VhostOptions,
+    opts: &TestHostOptions,
 ) -> Result<Outcome, Error> {
     let cmd: Vec<OsString> = cmd.iter().map(|s| s.as_ref().to_owned()).collect();
     if cmd.is_empty() {
@@ -141,14 +141,14 @@ pub fn run_in_kvm_host<S: AsRef<std::ffi::OsStr>>(
     }
 }
 
-/// Directory for run logs: `<cache>/vhost/logs`, or a temp dir when the cache
+/// Directory for run logs: `<cache>/testhost/logs`, or a temp dir when the cache
 /// is not writable (e.g. inside the virtual host, where `/` is read-only).
 pub(crate) fn new_log_path(kind: &str) -> PathBuf {
     let dirs = [
         forkvm_guest_kernel::cache_dir()
             .ok()
-            .map(|c| c.join("vhost/logs")),
-        Some(std::env::temp_dir().join("forkvm-vhost-logs")),
+            .map(|c| c.join("testhost/logs")),
+        Some(std::env::temp_dir().join("forkvm-testhost-logs")),
     ];
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -295,12 +295,12 @@ fn pump<R: Read + Send + 'static>(
     })
 }
 
-fn run_direct(cmd: &[OsString], opts: &VhostOptions) -> Result<Outcome, Error> {
+fn run_direct(cmd: &[OsString], opts: &TestHostOptions) -> Result<Outcome, Error> {
     let log_path = new_log_path("direct");
     let mut log = open_log(&log_path)?;
     let _ = writeln!(
         log,
-        "forkvm-vhost: direct run of {cmd:?} in {}",
+        "forkvm-testhost: direct run of {cmd:?} in {}",
         opts.cwd.display()
     );
     let start = Instant::now();
@@ -334,7 +334,7 @@ fn run_direct(cmd: &[OsString], opts: &VhostOptions) -> Result<Outcome, Error> {
         }
         if Instant::now() >= deadline {
             guard.kill();
-            let _ = writeln!(log, "forkvm-vhost: timed out after {:?}", opts.timeout);
+            let _ = writeln!(log, "forkvm-testhost: timed out after {:?}", opts.timeout);
             return Err(Error::TimedOut {
                 timeout: opts.timeout,
                 log_path,

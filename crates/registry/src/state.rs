@@ -47,23 +47,6 @@ impl ExitRecord {
             at_ms: crate::time::now_ms(),
         }
     }
-
-    /// The record for what [`forkvm_vmm::Vmm::run`] returned; `stop_requested` tells a
-    /// stop through the API apart from a failure.
-    pub fn from_run<E: std::fmt::Display>(
-        exit: &Result<forkvm_vmm::ExitReason, E>,
-        stop_requested: bool,
-    ) -> Self {
-        use forkvm_vmm::ExitReason;
-        match exit {
-            Ok(ExitReason::PowerOff) => Self::new(0, "poweroff"),
-            Ok(ExitReason::Reset) => Self::new(0, "reboot"),
-            Ok(ExitReason::Stopped) => Self::new(0, "stopped"),
-            Ok(ExitReason::Failed(_)) if stop_requested => Self::new(0, "stopped"),
-            Ok(ExitReason::Failed(why)) => Self::new(1, format!("failed: {why}")),
-            Err(e) => Self::new(1, format!("failed: {e}")),
-        }
-    }
 }
 
 /// The contents of `state.json`.
@@ -177,12 +160,15 @@ impl VmState {
     /// Writes it atomically (temp file, fsync, rename, fsync of the directory), mode 0600.
     pub fn write(&self, path: &Path) -> Result<(), Error> {
         let json = serde_json::to_vec_pretty(self).expect("a VmState always serializes");
-        write_atomic(path, &json)
+        write_atomic(path, &json).map_err(Error::io(format!("cannot write {}", path.display())))
     }
 }
 
-/// Replaces `path` with `data` so readers see the old or the new file, never a part.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
+/// Replaces `path` with `data` so readers see the old file or the new one, never a
+/// part: a private (0600) temporary file beside it, fsync, rename, fsync of the
+/// directory. The one atomic write of forkvm's state files (VM homes, container state,
+/// the image index, templates).
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
@@ -191,7 +177,6 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let what = || format!("cannot write {}", path.display());
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -206,7 +191,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.map_err(Error::io(what()))
+    result
 }
 
 #[cfg(test)]
@@ -271,21 +256,5 @@ mod tests {
         });
         assert_eq!(s.observe(), Observed::Dead);
         assert!(!s.is_alive());
-    }
-
-    #[test]
-    fn exit_records_from_run() {
-        use forkvm_vmm::ExitReason;
-        let r: Result<ExitReason, String> = Ok(ExitReason::Failed("stopped by request".into()));
-        assert_eq!(ExitRecord::from_run(&r, true).reason, "stopped");
-        assert_eq!(ExitRecord::from_run(&r, false).code, 1);
-        assert_eq!(
-            ExitRecord::from_run(&Ok::<_, String>(ExitReason::PowerOff), false).code,
-            0
-        );
-        assert_eq!(
-            ExitRecord::from_run(&Err::<ExitReason, _>("boom"), false).reason,
-            "failed: boom"
-        );
     }
 }

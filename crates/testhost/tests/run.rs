@@ -5,7 +5,7 @@
 use std::fs;
 use std::time::{Duration, Instant};
 
-use forkvm_vhost::{run_in_kvm_host, Error, HostChoice, Mode, VhostOptions};
+use forkvm_testhost::{run_in_kvm_host, Error, HostChoice, Mode, TestHostOptions};
 
 /// Child processes of this process whose command name contains `qemu`.
 fn qemu_children() -> Vec<u32> {
@@ -36,17 +36,17 @@ fn qemu_children() -> Vec<u32> {
 
 #[test]
 fn virtual_host_reports_exit_code_and_output() {
-    if forkvm_vhost::in_vhost() {
+    if forkvm_testhost::in_test_host() {
         return; // nested virtual hosts are not a thing
     }
-    let opts = VhostOptions {
+    let opts = TestHostOptions {
         host: HostChoice::Virtual,
         timeout: Duration::from_secs(300),
         envs: vec![("FORKVM_TEST_VAR".into(), "it's here".into())],
-        ..VhostOptions::default()
+        ..TestHostOptions::default()
     };
     let script = "echo hello; echo \"$FORKVM_TEST_VAR\"; pwd; \
-                  test \"$FORKVM_IN_VHOST\" = 1 || echo not-in-vhost; \
+                  test \"$FORKVM_IN_TESTHOST\" = 1 || echo not-in-testhost; \
                   grep -qw svm /proc/cpuinfo && test -c /dev/kvm && echo svm-kvm; \
                   echo oops >&2; exit 3";
     let out = run_in_kvm_host(&["sh", "-c", script], &opts).expect("virtual host run");
@@ -74,13 +74,13 @@ fn virtual_host_reports_exit_code_and_output() {
 
 #[test]
 fn virtual_host_timeout_kills_qemu() {
-    if forkvm_vhost::in_vhost() {
+    if forkvm_testhost::in_test_host() {
         return;
     }
-    let opts = VhostOptions {
+    let opts = TestHostOptions {
         host: HostChoice::Virtual,
         timeout: Duration::from_secs(2),
-        ..VhostOptions::default()
+        ..TestHostOptions::default()
     };
     let start = Instant::now();
     let err = run_in_kvm_host(&["sleep", "1000"], &opts).expect_err("must time out");
@@ -95,11 +95,11 @@ fn virtual_host_timeout_kills_qemu() {
 
 #[test]
 fn direct_mode_same_contract() {
-    let opts = VhostOptions {
+    let opts = TestHostOptions {
         host: HostChoice::Direct,
         timeout: Duration::from_secs(30),
         envs: vec![("X".into(), "y".into())],
-        ..VhostOptions::default()
+        ..TestHostOptions::default()
     };
     let out = run_in_kvm_host(&["sh", "-c", "echo $X; echo e >&2; exit 7"], &opts).unwrap();
     assert_eq!(
@@ -111,7 +111,7 @@ fn direct_mode_same_contract() {
         ),
         (Mode::Direct, 7, "y\n", "e\n")
     );
-    let opts = VhostOptions {
+    let opts = TestHostOptions {
         timeout: Duration::from_millis(300),
         ..opts
     };
@@ -127,16 +127,16 @@ fn direct_mode_same_contract() {
 
 #[test]
 fn test_path_names_the_test() {
-    assert_eq!(forkvm_vhost::test_path!(), "test_path_names_the_test");
+    assert_eq!(forkvm_testhost::test_path!(), "test_path_names_the_test");
 }
 
 #[test]
 fn on_kvm_host_rejects_a_filter_matching_nothing() {
-    if forkvm_vhost::decide_mode(HostChoice::Auto) == Mode::Direct {
+    if forkvm_testhost::decide_mode(HostChoice::Auto) == Mode::Direct {
         return; // the body would simply run here; the re-run check needs the virtual host
     }
     let result = std::panic::catch_unwind(|| {
-        forkvm_vhost::on_kvm_host("no_such_test_anywhere", || unreachable!("runs inside only"));
+        forkvm_testhost::on_kvm_host("no_such_test_anywhere", || unreachable!("runs inside only"));
     });
     let err = result.expect_err("a filter matching nothing must fail");
     let msg = err

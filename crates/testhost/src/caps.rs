@@ -45,8 +45,8 @@ pub struct Capabilities {
     pub kvm: Result<i32, String>,
     /// Loaded KVM modules (`kvm_amd`, `kvm_intel`, `kvm_pvm`, ...), from `/sys/module`.
     pub kvm_modules: Vec<String>,
-    /// Whether this process runs inside the virtual host (`FORKVM_IN_VHOST=1`).
-    pub in_vhost: bool,
+    /// Whether this process runs inside the virtual host (`FORKVM_IN_TESTHOST=1`).
+    pub in_test_host: bool,
     /// The QEMU binary used for the virtual host, if found on `PATH`.
     pub qemu: Option<PathBuf>,
 }
@@ -68,7 +68,7 @@ impl Capabilities {
             cpu,
             kvm,
             kvm_modules,
-            in_vhost: in_vhost(),
+            in_test_host: in_test_host(),
             qemu: find_in_path(crate::virt::QEMU),
         }
     }
@@ -114,7 +114,7 @@ impl fmt::Display for Capabilities {
         writeln!(
             f,
             "inside virtual host: {}",
-            if self.in_vhost { "yes" } else { "no" }
+            if self.in_test_host { "yes" } else { "no" }
         )?;
         match &self.qemu {
             Some(q) => writeln!(f, "QEMU:                {}", q.display())?,
@@ -133,9 +133,9 @@ impl fmt::Display for Capabilities {
     }
 }
 
-/// Whether this process runs inside the virtual host (`FORKVM_IN_VHOST=1`).
-pub fn in_vhost() -> bool {
-    std::env::var_os("FORKVM_IN_VHOST").is_some_and(|v| v == "1")
+/// Whether this process runs inside the virtual host (`FORKVM_IN_TESTHOST=1`).
+pub fn in_test_host() -> bool {
+    std::env::var_os("FORKVM_IN_TESTHOST").is_some_and(|v| v == "1")
 }
 
 pub(crate) fn find_in_path(program: &str) -> Option<PathBuf> {
@@ -163,7 +163,7 @@ mod tests {
             cpu,
             kvm,
             kvm_modules: vec![],
-            in_vhost: false,
+            in_test_host: false,
             qemu: None,
         }
     }

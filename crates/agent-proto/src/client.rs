@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! use std::time::{Duration, Instant};
-//! use forkvm_agent::{client, ProcessSpec};
+//! use forkvm_agent_proto::{client, ProcessSpec};
 //!
 //! let uds = std::path::Path::new("/tmp/vm.vsock");
 //! let conn = client::wait_for_agent(uds, Instant::now() + Duration::from_secs(10))?;

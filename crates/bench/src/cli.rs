@@ -1,0 +1,129 @@
+//! `forkvm-bench`'s command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Measure forkvm against a reference VMM (QEMU microvm) and its own cold boots, side
+/// by side on one host.
+#[derive(Debug, Parser)]
+#[command(name = "forkvm-bench", version = forkvm_version::VERSION)]
+pub struct Cli {
+    /// Log filter (e.g. `debug`); also read from RUST_LOG.
+    #[arg(long, global = true)]
+    pub log: Option<String>,
+    /// What to measure.
+    #[command(subcommand)]
+    pub what: BenchCommand,
+}
+
+/// The benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Boot the same guest with forkvm and QEMU microvm, alternating, and compare
+    /// boot-to-init time, time to exit and VMM memory.
+    Boot(BenchBootArgs),
+    /// Fork a running guest into children and measure time to running, time to the
+    /// guest agent answering, the parent's pause and each idle child's private memory,
+    /// beside a cold boot of the same guest.
+    Fork(BenchForkArgs),
+}
+
+/// Output format of `forkvm bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchFormat {
+    /// A human-readable table.
+    Table,
+    /// One JSON document with the environment, every sample and the summaries.
+    Json,
+}
+
+/// `forkvm bench boot`.
+#[derive(Debug, Args)]
+pub struct BenchBootArgs {
+    /// Measured runs per VMM (after the warm-up runs).
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    /// Unmeasured warm-up runs per VMM (page cache, CPU frequency).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub mem: u64,
+    /// Guest kernel (bzImage). Default: forkvm's default guest kernel.
+    #[arg(long, requires = "initrd")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs whose init prints the ready marker and powers off. Default: forkvm's
+    /// busybox initramfs.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for both VMMs (the same `console=ttyS0 ...` for both;
+    /// ` -- true` is appended when it has no ` -- `).
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Leave out the virtio-rng device (in both VMMs).
+    #[arg(long)]
+    pub no_rng: bool,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Per-run limit in seconds, from spawn to exit.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+    /// Re-run a boot that failed or timed out up to this many times (each retry is
+    /// listed in the report); 0 stops at the first failure.
+    #[arg(long, default_value_t = 0)]
+    pub retries: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
+    pub format: BenchFormat,
+    /// Save each run's console here as `<vmm>-<run>.log`, every line prefixed with the
+    /// host time since spawn (in the virtual host, export the directory with `--rw`).
+    #[arg(long, value_name = "DIR")]
+    pub console_dir: Option<PathBuf>,
+}
+
+/// `forkvm bench fork`.
+#[derive(Debug, Args)]
+pub struct BenchForkArgs {
+    /// Children per fork, comma-separated: one measured series per count (the largest
+    /// count is the limit on how many children run at once).
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    pub children: Vec<u32>,
+    /// Measured forks per count; counts above 10 get fewer (about `rounds x 10`
+    /// children per count, at least one fork).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Unmeasured warm-up forks of one child before the measured ones.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Cold boots of the same guest to compare with (0: none).
+    #[arg(long, default_value_t = 5)]
+    pub cold_runs: usize,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub mem: u64,
+    /// How long the children idle, after all answered, before their memory is read (ms).
+    #[arg(long, default_value_t = 2000)]
+    pub idle_ms: u64,
+    /// Pause between one child's agent pings while waiting for its answer (us).
+    #[arg(long, default_value_t = 1000)]
+    pub poll_us: u64,
+    /// Limit in seconds for the parent or a cold boot to answer, and for a round's
+    /// children to answer.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Write the parent's and every fork child's console here (`parent.log`,
+    /// `fork<N>-<child>.log`; in the virtual host, export the directory with `--rw`).
+    #[arg(long, value_name = "DIR")]
+    pub console_dir: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
+    pub format: BenchFormat,
+}

@@ -1,0 +1,24 @@
+//! The VM registry: every VM forkvm starts gets an ID (32 random hex digits),
+//! optionally a name, and a home: a directory `<root>/<id>/` (mode 0700) holding
+//!
+//! * `state.json`: the [`VmState`] (schema-versioned, written atomically: temp file,
+//!   fsync, rename, fsync of the directory),
+//! * `console.log`: the guest's serial output,
+//! * `api.sock`: the per-VM API socket (served by `forkvm-api` in the VM process).
+//!
+//! There is no daemon: each VM process owns its home. A VM process that died without
+//! recording its exit is detected by [`liveness`] (the pid and its start time from
+//! `/proc`, so a reused pid is not mistaken for it) and reported as
+//! [`Observed::Dead`]. VMs are found by name, full ID or unique ID prefix with
+//! [`resolve`].
+
+mod error;
+pub mod home;
+pub mod liveness;
+pub mod state;
+pub mod time;
+
+pub use error::Error;
+pub use home::{default_root, list, new_id, resolve, tail, validate_name, Entry, VmHome, ENV_ROOT};
+pub use liveness::ProcessIdentity;
+pub use state::{write_atomic, ExitRecord, Observed, Status, VmState, SCHEMA_VERSION};

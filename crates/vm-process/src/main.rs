@@ -1,0 +1,257 @@
+//! `forkvm-vmm`: the process every forkvm VM runs in, whoever started it (`forkvm boot`
+//! and `run`, the OCI runtime's monitor, a VM that forks, `forkvm template fork`).
+//!
+//! It owns one VM from start to end: it receives its [`Launch`] on fd 3 (see
+//! [`forkvm_vmm::launch`]), registers the VM (or opens the home its launcher
+//! registered), boots or restores it, serves its API, reports to the launcher that it
+//! runs, runs it until it ends and records how. The VMs it forks are started as this
+//! same executable. It links the VMM and the VM registry and API, nothing else: no image
+//! store, OCI runtime or command-line code.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+
+use anyhow::{bail, Context, Result};
+use forkvm_registry::{ExitRecord, ProcessIdentity, VmHome};
+use forkvm_vmm::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, Launched, Start};
+use forkvm_vmm::{ExitReason, Vmm, VmmError};
+
+fn main() {
+    if let Some(arg) = std::env::args().nth(1) {
+        match arg.as_str() {
+            "--version" | "-V" => {
+                println!("forkvm-vmm {}", forkvm_version::VERSION);
+                return;
+            }
+            _ => {
+                eprintln!(
+                    "forkvm-vmm: the process a forkvm VM runs in; it takes no arguments and is \
+                     started by forkvm (boot, run, the OCI runtime, a fork), not by hand"
+                );
+                std::process::exit(2);
+            }
+        }
+    }
+    init_logging();
+    let launched = match Launched::receive() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("forkvm-vmm: {}", forkvm_vmm::control::error_chain(&e));
+            std::process::exit(2);
+        }
+    };
+    // In the foreground the launcher tells the user why the VM did not start or how
+    // it ended (from the report and the exit record); elsewhere stderr is the log.
+    let foreground = launched.launch.console == ConsoleSpec::LogAndStdout;
+    match run(launched) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            if !foreground {
+                eprintln!("forkvm-vmm: {e:#}");
+            }
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Logs to stderr (`RUST_LOG`, default `warn`), in colour only on a terminal.
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Sends this process's stderr (its own messages, a panic) to `file`.
+fn redirect_stderr(file: &File) -> std::io::Result<()> {
+    // SAFETY: dup2 onto fd 2 of a descriptor `file` keeps open for the call.
+    if unsafe { libc::dup2(file.as_raw_fd(), libc::STDERR_FILENO) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The console of a VM in the foreground: the terminal and the VM's console log.
+struct Tee {
+    out: std::io::Stdout,
+    log: File,
+}
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = self.log.write_all(buf);
+        self.out.write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Registers the VM: opens the home its launcher made, or makes one (a fork child).
+fn open_home(spec: &HomeSpec) -> Result<VmHome> {
+    let home = match spec {
+        HomeSpec::Registered { root, id } => {
+            VmHome::open(root, id).with_context(|| format!("cannot open VM {id}"))?
+        }
+        HomeSpec::New(h) => VmHome::create(&h.root, None, h.parent.as_deref())
+            .context("cannot register the fork child")?,
+    };
+    home.record_process(ProcessIdentity::current())
+        .context("cannot record the VMM process")?;
+    Ok(home)
+}
+
+/// Where the console goes; the process's own messages follow the console log unless
+/// the VM is in the foreground.
+fn console(home: &VmHome, spec: &ConsoleSpec) -> Result<Box<dyn Write + Send>> {
+    let log = home.console_writer()?;
+    if *spec != ConsoleSpec::LogAndStdout {
+        redirect_stderr(&log).context("cannot log to the console file")?;
+    }
+    Ok(match spec {
+        ConsoleSpec::Log => Box::new(log),
+        ConsoleSpec::LogAndStdout => Box::new(Tee {
+            out: std::io::stdout(),
+            log,
+        }),
+        ConsoleSpec::File(path) => Box::new(
+            File::create(path)
+                .with_context(|| format!("cannot create the console file {}", path.display()))?,
+        ),
+    })
+}
+
+/// Builds the VM: boots it or restores it, resumed; its children register under `homes`.
+fn start(
+    launch: &Launch,
+    files: Vec<File>,
+    console: Box<dyn Write + Send>,
+    homes: ChildHomes,
+) -> Result<Vmm> {
+    match &launch.start {
+        Start::Boot(cfg) => {
+            let mut vmm = Vmm::boot(cfg, console).context("cannot boot the VM")?;
+            vmm.set_child_homes(homes);
+            Ok(vmm)
+        }
+        Start::Restore(payload) => payload
+            .restore(files, console, homes)
+            .context("cannot restore the forked VM"),
+    }
+}
+
+/// How the VM ended, as its home records it; `stop_requested` tells a stop through the
+/// API apart from a failure.
+fn exit_record(exit: &Result<ExitReason, VmmError>, stop_requested: bool) -> ExitRecord {
+    match exit {
+        Ok(ExitReason::PowerOff) => ExitRecord::new(0, "poweroff"),
+        Ok(ExitReason::Reset) => ExitRecord::new(0, "reboot"),
+        Ok(ExitReason::Stopped) => ExitRecord::new(0, "stopped"),
+        Ok(ExitReason::Failed(_)) if stop_requested => ExitRecord::new(0, "stopped"),
+        Ok(ExitReason::Failed(why)) => ExitRecord::new(1, format!("failed: {why}")),
+        Err(e) => ExitRecord::new(
+            1,
+            format!("failed: {}", forkvm_vmm::control::error_chain(e)),
+        ),
+    }
+}
+
+fn run(mut launched: Launched) -> Result<i32> {
+    let files = std::mem::take(&mut launched.files);
+    let launch = &launched.launch;
+    let mut home = None;
+    let started = (|| {
+        let h = home.insert(open_home(&launch.home)?);
+        let cfg = match &launch.start {
+            Start::Boot(cfg) => cfg,
+            Start::Restore(payload) => payload.config(),
+        };
+        h.record_machine(cfg.vcpus, cfg.mem_mib)?;
+        let console = console(h, &launch.console)?;
+        let homes = ChildHomes {
+            root: h.root().to_owned(),
+            parent: Some(h.id().to_owned()),
+        };
+        start(launch, files, console, homes)
+    })();
+    let mut vmm = match started {
+        Ok(vmm) => vmm,
+        Err(e) => {
+            launched.report_failure(&format!("{e:#}"));
+            match (&launch.home, home) {
+                // A home this process made goes with it; the launcher's stays for the
+                // launcher to read and remove.
+                (HomeSpec::New(_), Some(h)) => {
+                    let _ = h.remove();
+                }
+                (HomeSpec::Registered { .. }, Some(h)) => {
+                    let _ = h.record_exit(ExitRecord::new(1, format!("failed: {e:#}")));
+                }
+                (_, None) => {}
+            }
+            return Err(e);
+        }
+    };
+    let home = home.expect("registered before the VM started");
+    let server = match &launch.start {
+        // A fork child reports as soon as its vCPUs run (the fork's latency), then serves.
+        Start::Restore(payload) => {
+            launched
+                .report_running()
+                .context("cannot report to the parent")?;
+            payload
+                .apply_identity_in_background()
+                .context("cannot start the identity thread")?;
+            forkvm_api::serve(home, vmm.control_handle()).context("cannot serve the VM's API")?
+        }
+        // A booted VM reports once its API answers.
+        Start::Boot(_) => {
+            let server = forkvm_api::serve(home, vmm.control_handle())
+                .context("cannot serve the VM's API")?;
+            launched
+                .report_running()
+                .context("cannot report to the launcher")?;
+            server
+        }
+    };
+    drop(launched);
+    let exit = vmm.run();
+    let record = exit_record(&exit, server.stop_requested());
+    server.finish(record);
+    match exit.context("the VM failed while running")? {
+        ExitReason::PowerOff => tracing::info!("guest powered off"),
+        ExitReason::Reset => tracing::info!("guest rebooted; the VM is stopped"),
+        ExitReason::Stopped => tracing::info!("stopped by request"),
+        ExitReason::Failed(why) => bail!("the guest stopped abnormally: {why}"),
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_records() {
+        let failed: Result<ExitReason, VmmError> = Ok(ExitReason::Failed("shutdown".into()));
+        assert_eq!(exit_record(&failed, true).reason, "stopped");
+        assert_eq!(exit_record(&failed, true).code, 0);
+        assert_eq!(exit_record(&failed, false).code, 1);
+        assert_eq!(exit_record(&failed, false).reason, "failed: shutdown");
+        assert_eq!(
+            exit_record(&Ok(ExitReason::PowerOff), false).reason,
+            "poweroff"
+        );
+        assert_eq!(exit_record(&Ok(ExitReason::Reset), false).code, 0);
+        assert_eq!(
+            exit_record(&Ok(ExitReason::Stopped), false).reason,
+            "stopped"
+        );
+    }
+}

@@ -1,0 +1,322 @@
+//! Starting VM processes. Every VM runs in a process of its own, the `forkvm-vmm`
+//! executable, whoever asks for it: `forkvm boot` and `forkvm run`, the OCI runtime's
+//! monitor, or a VM that forks (and `forkvm template fork`).
+//!
+//! The launcher starts the executable with one end of a Unix socket pair on fd
+//! [`LAUNCH_FD`] and sends a [`Launch`] on it (with the guest-memory files of a fork
+//! child as `SCM_RIGHTS`): where the VM is registered, where its console goes and what
+//! it starts from. The VM process answers on the same socket once its VM runs, or with
+//! why it could not start. Nothing travels through the environment or the command line.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+use crate::fork::ChildPayload;
+
+/// The file name of the VM-process executable.
+pub const VMM_BINARY: &str = "forkvm-vmm";
+/// The descriptor on which a VM process finds its launcher's socket.
+pub const LAUNCH_FD: i32 = 3;
+/// Largest launch payload a VM process accepts.
+const MAX_LAUNCH_PAYLOAD: u64 = 64 << 20;
+/// Longest failure message read back from a VM process.
+const MAX_FAILURE_MESSAGE: usize = 64 * 1024;
+
+/// Where the VMs that a VM forks register: under `root`, with `parent` as their parent
+/// (none for children of a template).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildHomes {
+    /// The state root the children register under.
+    pub root: PathBuf,
+    /// The ID of the VM they are forked from.
+    pub parent: Option<String>,
+}
+
+/// Where a launched VM is registered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HomeSpec {
+    /// The launcher registered it already: VM `id` under `root`.
+    Registered {
+        /// The state root.
+        root: PathBuf,
+        /// The VM's ID.
+        id: String,
+    },
+    /// The VM process registers it (a fork child).
+    New(ChildHomes),
+}
+
+/// Where a launched VM's serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsoleSpec {
+    /// The VM's console log; the process's own messages go there too.
+    Log,
+    /// The process's stdout and the VM's console log (a VM in the foreground); its
+    /// messages stay on its stderr.
+    LogAndStdout,
+    /// This file; the process's messages go to the console log.
+    File(PathBuf),
+}
+
+/// What a launched VM starts from.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Start {
+    /// Boot this configuration's kernel.
+    Boot(VmConfig),
+    /// Restore a forked VM (its memory files travel beside the payload).
+    Restore(Box<ChildPayload>),
+}
+
+/// Everything a VM process is told.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Launch {
+    /// Where the VM is registered.
+    pub home: HomeSpec,
+    /// Where its console goes.
+    pub console: ConsoleSpec,
+    /// What it starts from.
+    pub start: Start,
+}
+
+/// How the VM process is attached to its launcher.
+#[derive(Debug)]
+pub struct ProcessOptions {
+    /// Standard input, output and error (`None`: `/dev/null`).
+    pub stdio: [Option<Stdio>; 3],
+    /// A session of its own: no signal from the launcher's terminal reaches it.
+    pub own_session: bool,
+    /// Killed when the launching thread ends (a VM that belongs to its launcher).
+    pub die_with_launcher: bool,
+}
+
+impl ProcessOptions {
+    /// A daemon: no stdio, its own session, outliving its launcher (a fork child, a
+    /// detached VM).
+    pub fn daemon() -> Self {
+        Self {
+            stdio: [None, None, None],
+            own_session: true,
+            die_with_launcher: false,
+        }
+    }
+
+    /// A VM that belongs to its launcher (a container's monitor, `forkvm run`): no
+    /// stdio, its own session, killed with its launcher.
+    pub fn owned() -> Self {
+        Self {
+            die_with_launcher: true,
+            ..Self::daemon()
+        }
+    }
+
+    /// A VM in the launcher's foreground: its stdio and terminal signals, killed with
+    /// its launcher.
+    pub fn foreground() -> Self {
+        Self {
+            stdio: [
+                Some(Stdio::inherit()),
+                Some(Stdio::inherit()),
+                Some(Stdio::inherit()),
+            ],
+            own_session: false,
+            die_with_launcher: true,
+        }
+    }
+}
+
+/// Finds the VM-process executable: this process itself when it is one, else
+/// `forkvm-vmm` where forkvm's programs are ([`forkvm_config::find_program`]).
+pub fn vmm_executable() -> std::io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    if exe.file_name().is_some_and(|n| n == VMM_BINARY) {
+        return Ok(exe);
+    }
+    forkvm_config::find_program(VMM_BINARY)
+}
+
+/// A started VM process, before and after it reported.
+#[derive(Debug)]
+pub struct VmProcess {
+    child: Child,
+    sock: UnixStream,
+}
+
+/// A VM process's report on its socket: it runs.
+const REPORT_RUNNING: u64 = 1;
+/// A VM process's report on its socket: it failed; a length-prefixed message follows.
+const REPORT_FAILED: u64 = 2;
+
+impl VmProcess {
+    /// Starts [`vmm_executable`] as `opts` say and sends it `launch` and `files`.
+    pub fn spawn(launch: &Launch, files: &[File], opts: ProcessOptions) -> std::io::Result<Self> {
+        let exe = vmm_executable()?;
+        let blob = forkvm_snapshot::encode(launch).map_err(std::io::Error::other)?;
+        Self::spawn_encoded(&exe, &blob, files, opts)
+    }
+
+    /// [`VmProcess::spawn`] with the launch already encoded (one fork encodes a
+    /// snapshot per child, each with its identity).
+    pub(crate) fn spawn_encoded(
+        exe: &Path,
+        blob: &[u8],
+        files: &[File],
+        opts: ProcessOptions,
+    ) -> std::io::Result<Self> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let fd = theirs.as_raw_fd();
+        let mut cmd = Command::new(exe);
+        let [stdin, stdout, stderr] = opts.stdio;
+        cmd.stdin(stdin.unwrap_or_else(Stdio::null))
+            .stdout(stdout.unwrap_or_else(Stdio::null))
+            .stderr(stderr.unwrap_or_else(Stdio::null));
+        let (own_session, die) = (opts.own_session, opts.die_with_launcher);
+        // SAFETY: only async-signal-safe calls between fork and exec (setsid, prctl,
+        // dup2), on values copied into the closure; nothing allocates or locks.
+        unsafe {
+            cmd.pre_exec(move || {
+                if own_session && libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if die && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::dup2(fd, LAUNCH_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", exe.display())))?;
+        drop(theirs);
+        let raw: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+        if let Err(e) = forkvm_snapshot::send_blob(&ours, blob, &raw) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::other(e));
+        }
+        Ok(Self { child, sock: ours })
+    }
+
+    /// Its process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `timeout` for its report: `Ok` once its VM runs, else why it did not
+    /// start (it exited, hung, or said why).
+    pub fn wait_running(&self, timeout: Duration) -> std::io::Result<()> {
+        self.sock.set_read_timeout(Some(timeout))?;
+        let mut b = [0u8; 8];
+        (&self.sock).read_exact(&mut b).map_err(|e| {
+            std::io::Error::other(format!("it exited or hung before reporting ({e})"))
+        })?;
+        match u64::from_le_bytes(b) {
+            REPORT_RUNNING => Ok(()),
+            REPORT_FAILED => {
+                let mut len = [0u8; 4];
+                (&self.sock).read_exact(&mut len)?;
+                let len = (u32::from_le_bytes(len) as usize).min(MAX_FAILURE_MESSAGE);
+                let mut msg = vec![0u8; len];
+                (&self.sock).read_exact(&mut msg)?;
+                Err(std::io::Error::other(
+                    String::from_utf8_lossy(&msg).into_owned(),
+                ))
+            }
+            other => Err(std::io::Error::other(format!("unexpected report {other}"))),
+        }
+    }
+
+    /// The process, to wait for or kill.
+    pub fn child_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// Leaves the process to run on its own: a thread reaps it when it ends.
+    pub fn detach(self) -> std::io::Result<()> {
+        let Self { mut child, sock } = self;
+        drop(sock);
+        std::thread::Builder::new()
+            .name(format!("reap-{}", child.id()))
+            .spawn(move || {
+                let _ = child.wait();
+            })
+            .map(drop)
+    }
+}
+
+/// Errors receiving a launch.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// Fd 3 is not a socket: the program was not started by a launcher.
+    #[error("no launch socket on fd {LAUNCH_FD}: {VMM_BINARY} is started by forkvm (boot, run, the OCI runtime, a fork), not by hand")]
+    NotLaunched,
+    /// Receiving the payload failed.
+    #[error("cannot receive the launch on fd {LAUNCH_FD}")]
+    Transfer(#[from] forkvm_snapshot::TransferError),
+    /// The payload is invalid.
+    #[error("invalid launch payload")]
+    Format(#[from] forkvm_snapshot::FormatError),
+}
+
+/// A launch as the VM process received it, with the socket to report on.
+#[derive(Debug)]
+pub struct Launched {
+    sock: UnixStream,
+    /// What to do.
+    pub launch: Launch,
+    /// The files that came with it (a fork child's guest memory).
+    pub files: Vec<File>,
+}
+
+impl Launched {
+    /// Receives the launch on [`LAUNCH_FD`], set up by [`VmProcess::spawn`] before exec.
+    pub fn receive() -> Result<Self, LaunchError> {
+        // SAFETY: an all-zero `stat` is a valid value, and fstat only writes into it;
+        // a closed descriptor fails with EBADF before anything owns it.
+        let is_socket = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            libc::fstat(LAUNCH_FD, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK
+        };
+        if !is_socket {
+            return Err(LaunchError::NotLaunched);
+        }
+        // SAFETY: fd 3 is an open socket (checked above), our end of the launcher's
+        // socket pair, and nothing else in this process owns it.
+        let sock = unsafe { UnixStream::from_raw_fd(LAUNCH_FD) };
+        let (blob, files) = forkvm_snapshot::recv_blob(&sock, MAX_LAUNCH_PAYLOAD)?;
+        let mut launch: Launch = forkvm_snapshot::decode(&blob)?;
+        if let Start::Restore(payload) = &mut launch.start {
+            payload.adopt_identity();
+        }
+        Ok(Self {
+            sock,
+            launch,
+            files,
+        })
+    }
+
+    /// Tells the launcher the VM runs.
+    pub fn report_running(&self) -> std::io::Result<()> {
+        (&self.sock).write_all(&REPORT_RUNNING.to_le_bytes())
+    }
+
+    /// Tells the launcher the VM could not start, and why.
+    pub fn report_failure(&self, why: &str) {
+        let why = &why.as_bytes()[..why.len().min(MAX_FAILURE_MESSAGE)];
+        let mut out = REPORT_FAILED.to_le_bytes().to_vec();
+        out.extend_from_slice(&(why.len() as u32).to_le_bytes());
+        out.extend_from_slice(why);
+        let _ = (&self.sock).write_all(&out);
+    }
+}

@@ -23,19 +23,25 @@ use containerd_shim::protos::events::task::{
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{Message, MessageDyn};
-use containerd_shim::protos::shim::oci::{Options, ProcessDetails};
+use containerd_shim::protos::shim::oci::ProcessDetails;
 use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc;
 use containerd_shim::protos::types::mount::Mount;
 use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::exits::{Exits, Mark};
 use crate::runtime::{self, CreateOpts, ExecOpts, Runtime};
 use crate::stdio::{self, ProcessIo, StdioPaths};
+
+mod options;
+mod rootfs;
+
+pub use options::{runtime_options, ConfigFile, RuntimeRecord, RUNTIME_RECORD};
+pub use rootfs::cleanup;
+use rootfs::{mount_rootfs, unmount_rootfs};
 
 /// How long the runtime may take to send a pty master once its command returned.
 const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,132 +49,6 @@ const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
 const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `Delete` waits for a force-deleted container's process to be reaped.
 const DELETE_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The file in a container's bundle that records which runtime serves it, for the
-/// shim's `delete` action (cleanup after the shim is gone).
-pub const RUNTIME_RECORD: &str = "forkvm-shim.json";
-
-/// Which runtime binary and root serve a container (the bundle's [`RUNTIME_RECORD`]).
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
-pub struct RuntimeRecord {
-    /// The runtime binary.
-    pub binary: PathBuf,
-    /// Its `--root`.
-    pub root: PathBuf,
-}
-
-impl RuntimeRecord {
-    /// Reads `bundle`'s record.
-    pub fn load(bundle: &Path) -> Result<Self> {
-        let path = bundle.join(RUNTIME_RECORD);
-        let text = std::fs::read(&path).map_err(Error::io(format!("read {}", path.display())))?;
-        serde_json::from_slice(&text)
-            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))
-    }
-
-    fn save(&self, bundle: &Path) -> Result<()> {
-        let path = bundle.join(RUNTIME_RECORD);
-        let text = serde_json::to_vec(self).expect("a record serializes");
-        std::fs::write(&path, text).map_err(Error::io(format!("write {}", path.display())))
-    }
-}
-
-/// The runtime options containerd passes with a task:
-///
-/// - `containerd.runc.v1.Options`, as for runc-v2 (`BinaryName`, `Root`, `NoPivotRoot`,
-///   ...): what a client that sets runc options sends;
-/// - `runtimeoptions.v1.Options`, what containerd's CRI sends for a runtime type other
-///   than runc's: its `ConfigPath` names a JSON file (see [`ConfigFile`]) with the same
-///   keys;
-/// - `containerd.linux.runc.CreateOptions`, what ctr's `--no-pivot` sends for a
-///   non-runc runtime: only its field 1, `no_pivot_root`, is honoured (field 1 in both
-///   messages).
-///
-/// Other types are ignored, with a log line.
-pub fn runtime_options(any: Option<&Any>) -> Result<Options> {
-    let Some(any) = any.filter(|a| !a.type_url.is_empty()) else {
-        return Ok(Options::default());
-    };
-    let name = any.type_url.rsplit('/').next().unwrap_or_default();
-    let parse = || {
-        Options::parse_from_bytes(&any.value)
-            .map_err(|e| Error::InvalidArgument(format!("runtime options {name}: {e}")))
-    };
-    match name {
-        "containerd.runc.v1.Options" => parse(),
-        "containerd.linux.runc.CreateOptions" => Ok(Options {
-            no_pivot_root: parse()?.no_pivot_root,
-            ..Options::default()
-        }),
-        "runtimeoptions.v1.Options" => {
-            let path = config_path(&any.value)
-                .map_err(|e| Error::InvalidArgument(format!("runtime options {name}: {e}")))?;
-            if path.is_empty() {
-                return Ok(Options::default());
-            }
-            ConfigFile::load(Path::new(&path))
-        }
-        other => {
-            tracing::warn!(
-                type_url = other,
-                "ignoring runtime options of an unknown type"
-            );
-            Ok(Options::default())
-        }
-    }
-}
-
-/// `ConfigPath` (field 2) of an encoded `runtimeoptions.v1.Options`.
-fn config_path(
-    bytes: &[u8],
-) -> std::result::Result<String, containerd_shim::protos::protobuf::Error> {
-    use containerd_shim::protos::protobuf::rt::WireType;
-    let mut input = containerd_shim::protos::protobuf::CodedInputStream::from_bytes(bytes);
-    let mut path = String::new();
-    while let Some(tag) = input.read_raw_tag_or_eof()? {
-        let wire_type = WireType::new(tag & 7).ok_or_else(|| {
-            containerd_shim::protos::protobuf::Error::from(std::io::Error::other(format!(
-                "bad wire type in tag {tag}"
-            )))
-        })?;
-        if tag >> 3 == 2 && wire_type == WireType::LengthDelimited {
-            path = input.read_string()?;
-        } else {
-            input.skip_field(wire_type)?;
-        }
-    }
-    Ok(path)
-}
-
-/// The JSON file a CRI runtime's `ConfigPath` option names: the runc options the shim
-/// uses, by their runc names.
-#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct ConfigFile {
-    /// The runtime binary (as `BinaryName`).
-    #[serde(rename = "BinaryName", default)]
-    pub binary_name: String,
-    /// The runtime's root (as `Root`); the namespace is appended.
-    #[serde(rename = "Root", default)]
-    pub root: String,
-    /// runc's `--no-pivot` (as `NoPivotRoot`).
-    #[serde(rename = "NoPivotRoot", default)]
-    pub no_pivot_root: bool,
-}
-
-impl ConfigFile {
-    fn load(path: &Path) -> Result<Options> {
-        let text = std::fs::read(path).map_err(Error::io(format!("read {}", path.display())))?;
-        let c: ConfigFile = serde_json::from_slice(&text)
-            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
-        Ok(Options {
-            binary_name: c.binary_name,
-            root: c.root,
-            no_pivot_root: c.no_pivot_root,
-            ..Options::default()
-        })
-    }
-}
-
 /// What a process is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -317,72 +197,6 @@ fn read_pid(path: &Path) -> Result<u32> {
             verb: "pid file".into(),
             reason: format!("{}: {text:?} is not a pid", path.display()),
         })
-}
-
-/// Mounts containerd's rootfs mounts onto `target` in order (as runc-v2 does); whether
-/// anything was mounted.
-fn mount_rootfs(mounts: &[Mount], target: &Path) -> Result<bool> {
-    if mounts.is_empty() {
-        return Ok(false);
-    }
-    std::fs::create_dir_all(target).map_err(Error::io(format!("create {}", target.display())))?;
-    for m in mounts {
-        if let Err(e) = containerd_shim::mount::mount_rootfs(
-            Some(m.type_.as_str()),
-            Some(m.source.as_str()),
-            &m.options,
-            target,
-        ) {
-            unmount_rootfs(target);
-            return Err(e.into());
-        }
-    }
-    Ok(true)
-}
-
-fn unmount_rootfs(target: &Path) {
-    if let Err(e) = containerd_shim::mount::umount_recursive(target.to_str(), libc::MNT_DETACH) {
-        tracing::warn!(target = %target.display(), error = %e, "cannot unmount the rootfs");
-    }
-}
-
-/// Cleans up after a shim that is gone (the shim binary's `delete` action, run by
-/// containerd in the bundle): force-deletes the container in the runtime recorded in
-/// the bundle and unmounts its rootfs. The exit status is SIGKILL's, as with runc-v2.
-pub fn cleanup(bundle: &Path, namespace: &str, id: &str, exits: Arc<Exits>) -> api::DeleteResponse {
-    let record = RuntimeRecord::load(bundle).or_else(|_| {
-        let exe = std::env::current_exe().ok();
-        runtime::select_binary(
-            "",
-            std::env::var_os(runtime::RUNTIME_ENV).as_deref(),
-            exe.as_deref(),
-            std::env::var_os("PATH").as_deref(),
-        )
-        .map(|binary| RuntimeRecord {
-            binary,
-            root: runtime::runtime_root("", namespace),
-        })
-    });
-    match record {
-        Ok(r) => {
-            let rt = Runtime::new(r.binary, r.root, bundle.join("log.json"), exits);
-            match rt.delete(id, true) {
-                Err(e) if !e.is_runtime_not_found() => {
-                    tracing::warn!(id, error = %e, "cannot delete the container");
-                    eprintln!("forkvm shim cleanup: {e}");
-                }
-                _ => {}
-            }
-        }
-        Err(e) => eprintln!("forkvm shim cleanup: {e}"),
-    }
-    unmount_rootfs(&bundle.join("rootfs"));
-    api::DeleteResponse {
-        pid: read_pid(&bundle.join("init.pid")).unwrap_or(0),
-        exit_status: 128 + libc::SIGKILL as u32,
-        exited_at: Some(timestamp(SystemTime::now())).into(),
-        ..Default::default()
-    }
 }
 
 impl Service {
@@ -1049,142 +863,5 @@ impl containerd_shim::Task for Service {
             ttrpc::Code::UNIMPLEMENTED,
             "forkvm shim: stats are not implemented",
         )))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn any(type_url: &str, msg: &Options) -> Any {
-        Any {
-            type_url: type_url.into(),
-            value: msg.write_to_bytes().unwrap(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn runc_options_are_read() {
-        let opts = Options {
-            binary_name: "/usr/sbin/runc".into(),
-            root: "/srv/rt".into(),
-            no_pivot_root: true,
-            ..Default::default()
-        };
-        let got = runtime_options(Some(&any("containerd.runc.v1.Options", &opts))).unwrap();
-        assert_eq!(got.binary_name, "/usr/sbin/runc");
-        assert_eq!(got.root, "/srv/rt");
-        assert!(got.no_pivot_root);
-        // A host-prefixed type URL (protobuf's Any::pack) reads the same.
-        let got = runtime_options(Some(&any(
-            "type.googleapis.com/containerd.runc.v1.Options",
-            &opts,
-        )))
-        .unwrap();
-        assert_eq!(got.binary_name, "/usr/sbin/runc");
-    }
-
-    #[test]
-    fn legacy_create_options_only_give_no_pivot() {
-        // Field 1 is no_pivot_root in both messages; field 6 is a string in both but
-        // means something else in CreateOptions, and must not become the binary.
-        let opts = Options {
-            no_pivot_root: true,
-            binary_name: "empty-namespace".into(),
-            ..Default::default()
-        };
-        let got =
-            runtime_options(Some(&any("containerd.linux.runc.CreateOptions", &opts))).unwrap();
-        assert!(got.no_pivot_root);
-        assert_eq!(got.binary_name, "");
-    }
-
-    #[test]
-    fn no_or_unknown_options_are_the_defaults() {
-        assert_eq!(runtime_options(None).unwrap(), Options::default());
-        let other = Any {
-            type_url: "io.containerd.other.v1.Options".into(),
-            value: vec![10, 3, b'a', b'b', b'c'],
-            ..Default::default()
-        };
-        assert_eq!(runtime_options(Some(&other)).unwrap(), Options::default());
-        let broken = Any {
-            type_url: "containerd.runc.v1.Options".into(),
-            value: vec![0xff, 0xff],
-            ..Default::default()
-        };
-        assert!(runtime_options(Some(&broken)).is_err());
-    }
-
-    #[test]
-    fn cri_config_path_options_name_a_json_file() {
-        let tmp = tempfile::tempdir().unwrap();
-        let file = tmp.path().join("shim.json");
-        std::fs::write(
-            &file,
-            r#"{"BinaryName": "/usr/local/bin/forkvm-runtime", "Root": "/srv/forkvm"}"#,
-        )
-        .unwrap();
-        // runtimeoptions.v1.Options { type_url = 1, config_path = 2 }, hand-encoded.
-        let encode = |path: &str| {
-            let mut v = vec![0x0a, 3, b'x', b'y', b'z', 0x12, path.len() as u8];
-            v.extend_from_slice(path.as_bytes());
-            Any {
-                type_url: "runtimeoptions.v1.Options".into(),
-                value: v,
-                ..Default::default()
-            }
-        };
-        let got = runtime_options(Some(&encode(file.to_str().unwrap()))).unwrap();
-        assert_eq!(got.binary_name, "/usr/local/bin/forkvm-runtime");
-        assert_eq!(got.root, "/srv/forkvm");
-        assert!(!got.no_pivot_root);
-        // No ConfigPath: the defaults.
-        let none = Any {
-            type_url: "runtimeoptions.v1.Options".into(),
-            value: vec![0x0a, 1, b'x'],
-            ..Default::default()
-        };
-        assert_eq!(runtime_options(Some(&none)).unwrap(), Options::default());
-        // A misspelt key is an error, not a silent default.
-        std::fs::write(&file, r#"{"Binary": "x"}"#).unwrap();
-        let err = runtime_options(Some(&encode(file.to_str().unwrap()))).unwrap_err();
-        assert!(err.to_string().contains("unknown field"), "{err}");
-        let err = runtime_options(Some(&encode("/nonexistent.json"))).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent.json"), "{err}");
-    }
-
-    #[test]
-    fn pid_files() {
-        let tmp = tempfile::tempdir().unwrap();
-        let p = tmp.path().join("init.pid");
-        std::fs::write(&p, "1234").unwrap();
-        assert_eq!(read_pid(&p).unwrap(), 1234);
-        std::fs::write(&p, "1234\n").unwrap();
-        assert_eq!(read_pid(&p).unwrap(), 1234);
-        std::fs::write(&p, "x").unwrap();
-        assert!(read_pid(&p).is_err());
-        std::fs::write(&p, "0").unwrap();
-        assert!(read_pid(&p).is_err());
-        assert!(read_pid(&tmp.path().join("none")).is_err());
-    }
-
-    #[test]
-    fn runtime_records_round_trip() {
-        let tmp = tempfile::tempdir().unwrap();
-        let r = RuntimeRecord {
-            binary: "/usr/sbin/runc".into(),
-            root: "/run/containerd/forkvm/default".into(),
-        };
-        r.save(tmp.path()).unwrap();
-        assert_eq!(RuntimeRecord::load(tmp.path()).unwrap(), r);
-    }
-
-    #[test]
-    fn timestamps() {
-        let t = SystemTime::UNIX_EPOCH + Duration::new(5, 7);
-        let ts = timestamp(t);
-        assert_eq!((ts.seconds, ts.nanos), (5, 7));
     }
 }

@@ -13,6 +13,7 @@ use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::muxer::parse_connect;
 use super::packet::*;
 use super::*;
 use crate::virtio::VIRTIO_MMIO_INT_VRING;

@@ -1,0 +1,443 @@
+//! The vsock connection multiplexer: every host stream of the device, the guest's
+//! connections to them, and the control packets and payload owed to the guest.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// A packet the device owes the guest that carries no payload.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Control {
+    pub(super) local_port: u32,
+    pub(super) peer_port: u32,
+    pub(super) op: u16,
+    pub(super) flags: u32,
+}
+
+/// The connection multiplexer: every host stream and what is owed to the guest.
+#[derive(Debug)]
+pub(super) struct Muxer {
+    pub(super) cid: u64,
+    pub(super) uds_path: PathBuf,
+    pub(super) listener: UnixListener,
+    /// Connections by the raw fd of their host stream.
+    pub(super) conns: HashMap<RawFd, Connection>,
+    /// `(local_port, peer_port)` to stream fd, for connections the guest knows about.
+    pub(super) ports: HashMap<(u32, u32), RawFd>,
+    /// Control packets for the guest, sent before any payload.
+    pub(super) control: VecDeque<Control>,
+    /// Streams with bytes (or end of file) to read, in round-robin order.
+    pub(super) rx_ready: VecDeque<RawFd>,
+    /// Closed streams still registered with the event manager; dropped once deregistered.
+    pub(super) closing: Vec<UnixStream>,
+    pub(super) next_local_port: u32,
+    pub(super) scratch: Vec<u8>,
+}
+
+impl Muxer {
+    pub(super) fn has_rx_work(&self) -> bool {
+        !self.control.is_empty() || !self.rx_ready.is_empty()
+    }
+
+    pub(super) fn queue_control(&mut self, local_port: u32, peer_port: u32, op: u16, flags: u32) {
+        self.control.push_back(Control {
+            local_port,
+            peer_port,
+            op,
+            flags,
+        });
+    }
+
+    /// Answers a guest packet that has no connection with `OP_RST` (never an RST to an RST).
+    pub(super) fn reply_rst(&mut self, hdr: &Header) {
+        if hdr.op != OP_RST {
+            self.queue_control(hdr.dst_port, hdr.src_port, OP_RST, 0);
+        }
+    }
+
+    /// Accepts every host client waiting in the listen backlog.
+    pub(super) fn accept_clients(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if let Err(e) = stream.set_nonblocking(true) {
+                        tracing::warn!(error = %e, "vsock: dropping a host client");
+                        continue;
+                    }
+                    let state = ConnState::HostHandshake { line: Vec::new() };
+                    self.conns
+                        .insert(stream.as_raw_fd(), Connection::new(stream, state, 0, 0));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "vsock: accept failed");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Removes a connection and closes its host stream, telling the guest with `OP_RST`
+    /// when `rst` (the guest knows the connection).
+    pub(super) fn close(&mut self, fd: RawFd, rst: bool) {
+        let Some(conn) = self.conns.remove(&fd) else {
+            return;
+        };
+        if !matches!(conn.state, ConnState::HostHandshake { .. }) {
+            self.ports.remove(&(conn.local_port, conn.peer_port));
+            if rst {
+                self.queue_control(conn.local_port, conn.peer_port, OP_RST, 0);
+            }
+        }
+        self.rx_ready.retain(|&r| r != fd);
+        tracing::debug!(
+            local = conn.local_port,
+            peer = conn.peer_port,
+            rst,
+            "vsock: connection closed"
+        );
+        if conn.registered.is_some() {
+            self.closing.push(conn.stream);
+        }
+    }
+
+    pub(super) fn drop_all_connections(&mut self) {
+        let fds: Vec<RawFd> = self.conns.keys().copied().collect();
+        for fd in fds {
+            self.close(fd, false);
+        }
+        self.control.clear();
+    }
+
+    /// A registered host stream is ready (`set` as epoll reported it).
+    pub(super) fn on_stream_event(&mut self, fd: RawFd, set: EventSet) {
+        let Some(conn) = self.conns.get_mut(&fd) else {
+            return;
+        };
+        match conn.state {
+            ConnState::HostHandshake { .. } => self.read_connect_line(fd),
+            ConnState::LocalInit => {
+                if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+                    tracing::debug!("vsock: host client left before the guest answered");
+                    self.close(fd, true);
+                }
+            }
+            ConnState::Established => {
+                if set.contains(EventSet::OUT) {
+                    if let Err(e) = conn.flush_tx() {
+                        tracing::debug!(error = %e, "vsock: host stream write failed");
+                        self.close(fd, true);
+                        return;
+                    }
+                    self.after_forward(fd);
+                }
+                let Some(conn) = self.conns.get_mut(&fd) else {
+                    return;
+                };
+                let readable = set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR);
+                if readable && conn.wants_read_ignoring_credit() && !conn.rx_ready {
+                    conn.rx_ready = true;
+                    self.rx_ready.push_back(fd);
+                }
+            }
+        }
+    }
+
+    /// Reads a host client's `CONNECT <port>\n` byte by byte (so no payload is consumed) and
+    /// sends the guest the request once the line is complete.
+    pub(super) fn read_connect_line(&mut self, fd: RawFd) {
+        let Some(conn) = self.conns.get_mut(&fd) else {
+            return;
+        };
+        let ConnState::HostHandshake { line } = &mut conn.state else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        let port = loop {
+            match conn.stream.read(&mut byte) {
+                Ok(0) => {
+                    tracing::debug!("vsock: host client left during the handshake");
+                    return self.close(fd, false);
+                }
+                Ok(_) if byte[0] == b'\n' => break parse_connect(line),
+                Ok(_) if line.len() >= MAX_CONNECT_LINE => break None,
+                Ok(_) => line.push(byte[0]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "vsock: host client read failed");
+                    return self.close(fd, false);
+                }
+            }
+        };
+        let Some(peer_port) = port else {
+            tracing::warn!(line = %String::from_utf8_lossy(line), "vsock: bad host handshake");
+            return self.close(fd, false);
+        };
+        let local_port = self.alloc_local_port();
+        let conn = self.conns.get_mut(&fd).expect("connection checked above");
+        conn.state = ConnState::LocalInit;
+        conn.local_port = local_port;
+        conn.peer_port = peer_port;
+        self.ports.insert((local_port, peer_port), fd);
+        tracing::debug!(local_port, peer_port, "vsock: host connects to the guest");
+        self.queue_control(local_port, peer_port, OP_REQUEST, 0);
+    }
+
+    pub(super) fn alloc_local_port(&mut self) -> u32 {
+        loop {
+            let port = self.next_local_port;
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_LOCAL_PORT);
+            if !self.ports.keys().any(|&(local, _)| local == port) {
+                return port;
+            }
+        }
+    }
+
+    /// After bytes went to the host stream: owe the guest a credit update if enough were
+    /// freed, and finish a shutdown the guest asked for once its bytes are out.
+    pub(super) fn after_forward(&mut self, fd: RawFd) {
+        let Some(conn) = self.conns.get_mut(&fd) else {
+            return;
+        };
+        if conn.needs_credit_update() && !conn.credit_update_queued {
+            conn.credit_update_queued = true;
+            let (l, p) = (conn.local_port, conn.peer_port);
+            self.queue_control(l, p, OP_CREDIT_UPDATE, 0);
+        }
+        let Some(conn) = self.conns.get_mut(&fd) else {
+            return;
+        };
+        if !conn.tx_buf.is_empty() {
+            return;
+        }
+        if conn.peer_shutdown == SHUTDOWN_BOTH {
+            return self.close(fd, true);
+        }
+        if let Err(e) = conn.apply_peer_send_shutdown() {
+            tracing::debug!(error = %e, "vsock: cannot half-close a host stream");
+            self.close(fd, true);
+        }
+    }
+
+    /// One packet from the guest.
+    pub(super) fn handle_guest_packet(&mut self, hdr: &Header, data: &[u8]) {
+        tracing::trace!(
+            op = op_name(hdr.op),
+            src = hdr.src_port,
+            dst = hdr.dst_port,
+            len = hdr.len,
+            "vsock: from guest"
+        );
+        if hdr.dst_cid != HOST_CID || hdr.src_cid != self.cid {
+            tracing::debug!(
+                src = hdr.src_cid,
+                dst = hdr.dst_cid,
+                "vsock: dropping a packet with foreign CIDs"
+            );
+            return;
+        }
+        if hdr.type_ != TYPE_STREAM {
+            return self.reply_rst(hdr);
+        }
+        let key = (hdr.dst_port, hdr.src_port);
+        if hdr.op == OP_REQUEST {
+            return self.guest_connect(hdr);
+        }
+        let Some(&fd) = self.ports.get(&key) else {
+            return self.reply_rst(hdr);
+        };
+        let conn = self.conns.get_mut(&fd).expect("ports and conns agree");
+        conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
+        match (hdr.op, &conn.state) {
+            (OP_RST, _) => self.close(fd, false),
+            (OP_RESPONSE, ConnState::LocalInit) => {
+                conn.state = ConnState::Established;
+                let ok = format!("OK {}\n", conn.local_port);
+                match conn.stream.write_all(ok.as_bytes()) {
+                    Ok(()) => tracing::debug!(port = conn.local_port, "vsock: guest accepted"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "vsock: cannot answer the host client");
+                        self.close(fd, true);
+                    }
+                }
+            }
+            (_, ConnState::Established) => self.established_packet(fd, hdr, data),
+            _ => {
+                tracing::debug!(op = op_name(hdr.op), "vsock: unexpected packet; resetting");
+                self.close(fd, true);
+            }
+        }
+    }
+
+    pub(super) fn established_packet(&mut self, fd: RawFd, hdr: &Header, data: &[u8]) {
+        let conn = self.conns.get_mut(&fd).expect("caller checked");
+        match hdr.op {
+            OP_RW => {
+                if let Err(e) = conn.push_tx(data) {
+                    tracing::debug!(error = %e, "vsock: cannot forward guest bytes");
+                    return self.close(fd, true);
+                }
+                self.after_forward(fd);
+            }
+            OP_SHUTDOWN => {
+                conn.peer_shutdown |= hdr.flags & SHUTDOWN_BOTH;
+                self.after_forward(fd);
+            }
+            OP_CREDIT_REQUEST => {
+                if !conn.credit_update_queued {
+                    conn.credit_update_queued = true;
+                    let (l, p) = (conn.local_port, conn.peer_port);
+                    self.queue_control(l, p, OP_CREDIT_UPDATE, 0);
+                }
+            }
+            // The credit it carries was recorded already.
+            OP_CREDIT_UPDATE => {}
+            OP_RESPONSE => {
+                tracing::debug!("vsock: RESPONSE on an established connection; resetting");
+                self.close(fd, true);
+            }
+            op => {
+                tracing::debug!(op, "vsock: unknown operation; resetting");
+                self.close(fd, true);
+            }
+        }
+    }
+
+    /// The guest connects to host port `dst_port`: connect to `<uds_path>_<dst_port>`.
+    pub(super) fn guest_connect(&mut self, hdr: &Header) {
+        let key = (hdr.dst_port, hdr.src_port);
+        if let Some(&fd) = self.ports.get(&key) {
+            tracing::debug!("vsock: REQUEST for an existing connection; resetting it");
+            return self.close(fd, true);
+        }
+        let mut path = self.uds_path.clone().into_os_string();
+        path.push(format!("_{}", hdr.dst_port));
+        let stream = match UnixStream::connect(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(path = ?path, error = %e, "vsock: guest connect refused");
+                return self.reply_rst(hdr);
+            }
+        };
+        if let Err(e) = stream.set_nonblocking(true) {
+            tracing::warn!(error = %e, "vsock: cannot make a host stream non-blocking");
+            return self.reply_rst(hdr);
+        }
+        let fd = stream.as_raw_fd();
+        let mut conn = Connection::new(stream, ConnState::Established, hdr.dst_port, hdr.src_port);
+        conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
+        self.conns.insert(fd, conn);
+        self.ports.insert(key, fd);
+        tracing::debug!(path = ?path, guest_port = hdr.src_port, "vsock: guest connected to the host");
+        self.queue_control(hdr.dst_port, hdr.src_port, OP_RESPONSE, 0);
+    }
+
+    /// The next packet for the guest with at most `room` payload bytes (payload left in
+    /// `scratch`), or `None` when there is nothing to send now.
+    pub(super) fn next_rx_packet(&mut self, room: usize) -> Option<(Header, usize)> {
+        if let Some(c) = self.control.pop_front() {
+            let mut hdr = header(self.cid, c.local_port, c.peer_port, c.op);
+            hdr.flags = c.flags;
+            if let Some(conn) = self
+                .ports
+                .get(&(c.local_port, c.peer_port))
+                .and_then(|fd| self.conns.get_mut(fd))
+            {
+                hdr.fwd_cnt = conn.fwd_cnt.0;
+                conn.last_fwd_cnt_sent = conn.fwd_cnt;
+                if c.op == OP_CREDIT_UPDATE {
+                    conn.credit_update_queued = false;
+                }
+            }
+            return Some((hdr, 0));
+        }
+        if room == 0 {
+            return None;
+        }
+        while let Some(fd) = self.rx_ready.pop_front() {
+            let Some(conn) = self.conns.get_mut(&fd) else {
+                continue;
+            };
+            conn.rx_ready = false;
+            if !conn.wants_read_ignoring_credit() {
+                continue;
+            }
+            let free = conn.peer_free() as usize;
+            if free == 0 {
+                if !conn.credit_requested {
+                    conn.credit_requested = true;
+                    let (l, p) = (conn.local_port, conn.peer_port);
+                    self.queue_control(l, p, OP_CREDIT_REQUEST, 0);
+                    return self.next_rx_packet(room);
+                }
+                continue;
+            }
+            let want = room.min(free).min(self.scratch.len());
+            match conn.stream.read(&mut self.scratch[..want]) {
+                Ok(0) => {
+                    conn.host_eof = true;
+                    let (l, p) = (conn.local_port, conn.peer_port);
+                    let both_done =
+                        conn.peer_shutdown & SHUTDOWN_SEND != 0 && conn.tx_buf.is_empty();
+                    self.queue_control(l, p, OP_SHUTDOWN, SHUTDOWN_SEND);
+                    if both_done {
+                        // Neither side will send again: this ends the connection.
+                        self.close(fd, true);
+                    }
+                    return self.next_rx_packet(room);
+                }
+                Ok(n) => {
+                    let mut hdr = header(self.cid, conn.local_port, conn.peer_port, OP_RW);
+                    hdr.len = n as u32;
+                    hdr.fwd_cnt = conn.fwd_cnt.0;
+                    conn.last_fwd_cnt_sent = conn.fwd_cnt;
+                    conn.rx_cnt += Wrapping(n as u32);
+                    // Keep reading it, after the other ready streams.
+                    conn.rx_ready = true;
+                    self.rx_ready.push_back(fd);
+                    return Some((hdr, n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    conn.rx_ready = true;
+                    self.rx_ready.push_back(fd);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "vsock: host stream read failed");
+                    self.close(fd, true);
+                    return self.next_rx_packet(room);
+                }
+            }
+        }
+        None
+    }
+}
+
+/// A header from the host end of a connection to the guest's end, credit fields for
+/// `CONN_BUF_ALLOC` and no `fwd_cnt` yet.
+pub(super) fn header(cid: u64, local_port: u32, peer_port: u32, op: u16) -> Header {
+    Header {
+        src_cid: HOST_CID,
+        dst_cid: cid,
+        src_port: local_port,
+        dst_port: peer_port,
+        len: 0,
+        type_: TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc: CONN_BUF_ALLOC,
+        fwd_cnt: 0,
+    }
+}
+
+/// Parses `CONNECT <port>` (an optional trailing `\r` allowed).
+pub(super) fn parse_connect(line: &[u8]) -> Option<u32> {
+    let line = std::str::from_utf8(line).ok()?;
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    let port = line.strip_prefix("CONNECT ")?;
+    port.trim().parse().ok()
+}

@@ -1,0 +1,428 @@
+use super::*;
+use serde_json::{json, Value};
+
+/// A config as `runc spec` writes it, trimmed to what the tests touch.
+fn runc_config() -> Value {
+    json!({
+        "ociVersion": "1.0.2-dev",
+        "process": {
+            "terminal": true,
+            "user": {"uid": 0, "gid": 0},
+            "args": ["sh"],
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
+                "effective": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
+                "permitted": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
+                "ambient": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": "runc",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}],
+            "maskedPaths": ["/proc/acpi", "/proc/kcore"],
+            "readonlyPaths": ["/proc/bus", "/proc/sys"]
+        }
+    })
+}
+
+struct Bundle {
+    dir: tempfile::TempDir,
+}
+
+impl Bundle {
+    fn new(config: &Value) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rootfs")).unwrap();
+        std::fs::write(
+            dir.path().join(CONFIG_FILE),
+            serde_json::to_vec(config).unwrap(),
+        )
+        .unwrap();
+        Self { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn load(&self) -> Result<ContainerPlan, BundleError> {
+        load(self.path())
+    }
+}
+
+fn load_with(edit: impl FnOnce(&mut Value)) -> Result<ContainerPlan, BundleError> {
+    let mut config = runc_config();
+    edit(&mut config);
+    Bundle::new(&config).load()
+}
+
+fn err_with(edit: impl FnOnce(&mut Value)) -> String {
+    load_with(edit).unwrap_err().to_string()
+}
+
+#[test]
+fn runc_spec_default_plans() {
+    let bundle = Bundle::new(&runc_config());
+    let plan = bundle.load().unwrap();
+    assert_eq!(
+        plan.rootfs,
+        bundle.path().canonicalize().unwrap().join("rootfs")
+    );
+    assert!(plan.rootfs.is_absolute());
+    assert!(plan.rootfs_readonly);
+    assert_eq!(plan.hostname.as_deref(), Some("runc"));
+    assert_eq!(plan.vcpus, 1);
+    assert_eq!(plan.mem_mib, DEFAULT_MEM_MIB);
+    let p = &plan.process;
+    assert_eq!(p.args, ["sh"]);
+    assert_eq!(p.env.len(), 2);
+    assert_eq!(p.cwd, "/");
+    assert!(p.tty && p.stdin && p.init);
+    assert_eq!(p.user, User::default());
+    assert_eq!(
+        p.rlimits,
+        [Rlimit {
+            kind: "RLIMIT_NOFILE".into(),
+            soft: 1024,
+            hard: 1024
+        }]
+    );
+    // Only the namespaces line: default capabilities and standard mounts are silent.
+    assert_eq!(plan.warnings.len(), 1, "{:?}", plan.warnings);
+    assert!(plan.warnings[0].contains("linux.namespaces (pid, net, ipc, uts, mnt, cgroup)"));
+}
+
+#[test]
+fn user_and_process_fields_map() {
+    let plan = load_with(|c| {
+        c["process"]["user"] =
+            json!({"uid": 1000, "gid": 100, "additionalGids": [10, 20], "umask": 18});
+        c["process"]["args"] = json!(["/bin/app", "--flag"]);
+        c["process"]["cwd"] = json!("/srv");
+        c["process"]["terminal"] = json!(false);
+        c["process"]["rlimits"] = json!([{"type": "RLIMIT_NPROC", "hard": 20, "soft": 10}]);
+        c["process"]["consoleSize"] = json!({"height": 22, "width": 77});
+    })
+    .unwrap();
+    let p = plan.process;
+    assert_eq!(p.console_size, Some([22, 77]));
+    assert_eq!(p.args, ["/bin/app", "--flag"]);
+    assert_eq!(p.cwd, "/srv");
+    assert!(!p.tty);
+    assert_eq!(
+        p.user,
+        User {
+            uid: 1000,
+            gid: 100,
+            additional_gids: vec![10, 20],
+            name: None
+        }
+    );
+    assert_eq!(p.rlimits[0].kind, "RLIMIT_NPROC");
+    assert_eq!((p.rlimits[0].soft, p.rlimits[0].hard), (10, 20));
+    assert!(plan.warnings.iter().any(|w| w.contains("umask")));
+}
+
+#[test]
+fn absolute_root_path_and_writable_root() {
+    let rootfs = tempfile::tempdir().unwrap();
+    let abs = rootfs.path().to_str().unwrap().to_owned();
+    let plan = load_with(|c| c["root"] = json!({"path": abs})).unwrap();
+    assert_eq!(plan.rootfs, rootfs.path().canonicalize().unwrap());
+    assert!(!plan.rootfs_readonly);
+}
+
+#[test]
+fn empty_hostname_is_none() {
+    let plan = load_with(|c| c["hostname"] = json!("")).unwrap();
+    assert_eq!(plan.hostname, None);
+    let plan = load_with(|c| {
+        c.as_object_mut()
+            .unwrap()
+            .remove("hostname")
+            .map(drop)
+            .unwrap()
+    })
+    .unwrap();
+    assert_eq!(plan.hostname, None);
+}
+
+#[test]
+fn memory_limit() {
+    let mem = |limit: Value| {
+        load_with(|c| c["linux"]["resources"]["memory"] = json!({"limit": limit}))
+            .unwrap()
+            .mem_mib
+    };
+    assert_eq!(mem(json!(1024 * 1024 * 1024)), 1024);
+    assert_eq!(mem(json!(256 * 1024 * 1024 + 1)), 257, "rounds up");
+    assert_eq!(mem(json!(64 * 1024 * 1024)), MIN_MEM_MIB);
+    assert_eq!(mem(json!(1)), MIN_MEM_MIB);
+    assert_eq!(mem(json!(-1)), DEFAULT_MEM_MIB);
+    assert_eq!(mem(json!(0)), DEFAULT_MEM_MIB);
+    let plan =
+        load_with(|c| c["linux"]["resources"]["memory"] = json!({"limit": 1 << 20})).unwrap();
+    assert!(plan
+        .warnings
+        .iter()
+        .any(|w| w.contains("minimum of 128 MiB")));
+}
+
+#[test]
+fn no_linux_section_defaults() {
+    let plan = load_with(|c| drop(c.as_object_mut().unwrap().remove("linux"))).unwrap();
+    assert_eq!((plan.vcpus, plan.mem_mib), (1, DEFAULT_MEM_MIB));
+    assert!(plan.warnings.is_empty());
+}
+
+#[test]
+fn vcpus_from_quota_and_cpuset() {
+    let vcpus = |cpu: Value| {
+        load_with(|c| c["linux"]["resources"]["cpu"] = cpu)
+            .unwrap()
+            .vcpus
+    };
+    assert_eq!(vcpus(json!({"quota": 200000, "period": 100000})), 2);
+    assert_eq!(
+        vcpus(json!({"quota": 150000, "period": 100000})),
+        2,
+        "rounds up"
+    );
+    assert_eq!(vcpus(json!({"quota": 50000, "period": 100000})), 1);
+    assert_eq!(vcpus(json!({"quota": 300000})), 3, "default period");
+    assert_eq!(vcpus(json!({"quota": -1, "cpus": "0-3"})), 4);
+    assert_eq!(vcpus(json!({"cpus": "0-3,6,8-9"})), 7);
+    assert_eq!(
+        vcpus(json!({"cpus": "1,1,1-2"})),
+        2,
+        "duplicates count once"
+    );
+    assert_eq!(
+        vcpus(json!({"quota": 100000, "period": 100000, "cpus": "0-7"})),
+        1,
+        "quota wins"
+    );
+    assert_eq!(vcpus(json!({"shares": 1024})), 1);
+    assert_eq!(
+        vcpus(json!({"quota": 1000 * 100000, "period": 100000})),
+        255
+    );
+    let e = err_with(|c| c["linux"]["resources"]["cpu"] = json!({"cpus": "0-x"}));
+    assert!(e.contains("linux.resources.cpu.cpus"), "{e}");
+    let e = err_with(|c| c["linux"]["resources"]["cpu"] = json!({"cpus": "3-1"}));
+    assert!(e.contains("backwards"), "{e}");
+}
+
+#[test]
+fn mounts() {
+    let add = |m: Value| move |c: &mut Value| c["mounts"].as_array_mut().unwrap().push(m);
+    // tmpfs anywhere: silent.
+    let plan = load_with(add(
+        json!({"destination": "/run", "type": "tmpfs", "source": "tmpfs"}),
+    ))
+    .unwrap();
+    assert_eq!(plan.warnings.len(), 1);
+    // Bound host files (Docker's /etc/hosts and friends): copied in, with a warning.
+    let host = tempfile::tempdir().unwrap();
+    for file in ["/etc/hosts", "/etc/resolv.conf", "/run/.containerenv"] {
+        let source = host.path().join(file.rsplit('/').next().unwrap());
+        std::fs::write(&source, "x").unwrap();
+        let plan = load_with(add(json!({"destination": file, "type": "bind", "source": source, "options": ["rbind", "rprivate"]}))).unwrap();
+        assert!(
+            plan.warnings
+                .iter()
+                .any(|w| w.contains(file) && w.contains("copied into the VM")),
+            "{:?}",
+            plan.warnings
+        );
+        assert_eq!(
+            plan.files,
+            [FileCopy {
+                source,
+                destination: file.into()
+            }]
+        );
+    }
+    // A file that is not there is not a file to copy.
+    let e = err_with(add(
+        json!({"destination": "/etc/hosts", "type": "bind", "source": "/nonexistent/hosts"}),
+    ));
+    assert!(e.contains("bind mounts from the host"), "{e}");
+    // A bind onto a mount the guest makes itself (containerd CRI's sandbox /dev/shm).
+    let plan = load_with(add(json!({"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/sandbox/shm", "options": ["rbind", "ro"]}))).unwrap();
+    assert!(plan
+        .warnings
+        .iter()
+        .any(|w| w.contains("/dev/shm") && w.contains("guest mounts its own")));
+    // Other binds, spelled as a type or as an option: refused.
+    let e = err_with(add(
+        json!({"destination": "/data", "type": "bind", "source": "/srv/data"}),
+    ));
+    assert_eq!(
+        e,
+        "mount /data: bind mounts from the host are not supported yet (source /srv/data)"
+    );
+    let e = err_with(add(
+        json!({"destination": "/data", "type": "none", "source": "/srv/data", "options": ["rbind", "ro"]}),
+    ));
+    assert!(e.contains("bind mounts from the host"), "{e}");
+    let e = err_with(add(
+        json!({"destination": "/mnt", "type": "nfs", "source": "server:/x"}),
+    ));
+    assert_eq!(e, r#"mount /mnt: filesystem type "nfs" is not supported"#);
+}
+
+#[test]
+fn hardening_fields_warn() {
+    let plan = load_with(|c| {
+        c["process"]["apparmorProfile"] = json!("docker-default");
+        c["process"]["selinuxLabel"] = json!("system_u:system_r:container_t:s0");
+        c["process"]["capabilities"]["bounding"] =
+            json!(["CAP_CHOWN", "CAP_SYS_ADMIN", "CAP_NET_ADMIN"]);
+        c["process"]["capabilities"]["effective"] = json!(["CAP_SYS_ADMIN"]);
+        c["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": []});
+        c["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1"});
+        c["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 1000, "size": 1}]);
+    })
+    .unwrap();
+    let w = plan.warnings.join("\n");
+    for needle in [
+        "apparmorProfile",
+        "selinuxLabel",
+        "linux.seccomp",
+        "linux.sysctl",
+        "uidMappings",
+        "(CAP_NET_ADMIN, CAP_SYS_ADMIN)",
+    ] {
+        assert!(w.contains(needle), "{needle} not in {w}");
+    }
+    assert!(!w.contains("CAP_CHOWN"));
+}
+
+#[test]
+fn unsupported_fields_are_errors() {
+    let e = err_with(|c| c["hooks"] = json!({"prestart": [{"path": "/usr/bin/netns-hook"}]}));
+    assert!(
+        e.contains("hooks.prestart") && e.contains("not supported"),
+        "{e}"
+    );
+    let e = err_with(|c| c["hooks"] = json!({"poststop": [{"path": "/bin/true"}]}));
+    assert!(e.contains("hooks.poststop"), "{e}");
+    // Empty hook lists are harmless.
+    load_with(|c| c["hooks"] = json!({"prestart": []})).unwrap();
+    // Docker's network hook: skipped with a warning; anything beside it still fails.
+    let docker = json!({"path": "/proc/123/exe", "args": ["libnetwork-setkey", "-exec-root=/var/run/docker", "abc", "def"]});
+    let plan = load_with(|c| c["hooks"] = json!({"prestart": [docker.clone()]})).unwrap();
+    assert!(
+        plan.warnings
+            .iter()
+            .any(|w| w.contains("libnetwork-setkey")),
+        "{:?}",
+        plan.warnings
+    );
+    let e = err_with(|c| c["hooks"] = json!({"prestart": [docker, {"path": "/usr/bin/other"}]}));
+    assert!(e.contains("hooks.prestart"), "{e}");
+    let e = err_with(|c| {
+        c["linux"]["namespaces"] = json!([{"type": "network", "path": "/var/run/netns/x"}])
+    });
+    assert!(
+        e.contains("linux.namespaces[net].path (/var/run/netns/x)"),
+        "{e}"
+    );
+    let e = err_with(|c| {
+        c["linux"]["devices"] =
+            json!([{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}])
+    });
+    assert!(e.contains("linux.devices"), "{e}");
+    load_with(|c| c["linux"]["devices"] = json!([])).unwrap();
+}
+
+#[test]
+fn bad_process() {
+    let e = err_with(|c| drop(c.as_object_mut().unwrap().remove("process")));
+    assert!(e.ends_with("config.json: process is missing"), "{e}");
+    let e = err_with(|c| drop(c["process"].as_object_mut().unwrap().remove("args")));
+    assert!(e.ends_with("process.args is missing"), "{e}");
+    let e = err_with(|c| c["process"]["args"] = json!([]));
+    assert!(e.contains("process.args: must name a program"), "{e}");
+    let e = err_with(|c| c["process"]["cwd"] = json!("srv"));
+    assert!(
+        e.contains("process.cwd: srv is not an absolute path"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_root() {
+    let e = err_with(|c| drop(c.as_object_mut().unwrap().remove("root")));
+    assert!(e.ends_with("config.json: root is missing"), "{e}");
+    let e = err_with(|c| c["root"]["path"] = json!("nope"));
+    assert!(
+        e.contains("root.path") && e.contains("nope: not a directory"),
+        "{e}"
+    );
+    // A file is not a root filesystem.
+    let bundle = Bundle::new(&{
+        let mut c = runc_config();
+        c["root"]["path"] = json!("config.json");
+        c
+    });
+    assert!(matches!(
+        bundle.load(),
+        Err(BundleError::RootfsMissing { .. })
+    ));
+}
+
+#[test]
+fn bad_version() {
+    for version in ["0.1.0", "2.0.0", ""] {
+        let e = err_with(|c| c["ociVersion"] = json!(version));
+        assert!(e.contains("is not supported (expected 1.x)"), "{e}");
+    }
+    load_with(|c| c["ociVersion"] = json!("1.2.0")).unwrap();
+}
+
+#[test]
+fn bad_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = load(dir.path()).unwrap_err();
+    assert!(matches!(e, BundleError::Read { .. }));
+    assert!(e.to_string().contains("config.json"), "{e}");
+    let e = load(&dir.path().join("missing-bundle")).unwrap_err();
+    assert!(e.to_string().contains("missing-bundle"), "{e}");
+    std::fs::write(dir.path().join(CONFIG_FILE), "{not json").unwrap();
+    let e = load(dir.path()).unwrap_err();
+    assert!(matches!(e, BundleError::Parse { .. }));
+    assert!(
+        e.to_string()
+            .contains("config.json is not a valid OCI runtime config"),
+        "{e}"
+    );
+    // Valid JSON, wrong shape.
+    std::fs::write(dir.path().join(CONFIG_FILE), r#"{"ociVersion": 1}"#).unwrap();
+    assert!(matches!(load(dir.path()), Err(BundleError::Parse { .. })));
+}
+
+#[test]
+fn cpuset_parsing() {
+    assert_eq!(cpuset_count("0"), Ok(1));
+    assert_eq!(cpuset_count(" 0 - 1 , 4 "), Ok(3));
+    assert!(cpuset_count("").is_err());
+    assert!(cpuset_count("0-100000").is_err());
+    assert!(cpuset_count("a").is_err());
+}

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
 use tracing::{error, warn};
-use virtio_queue::QueueState;
+use virtio_queue::{QueueState, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{ActivateError, ActiveQueue, Interrupt};
@@ -31,6 +31,27 @@ pub struct Active {
     pub queues: Vec<ActiveQueue>,
 }
 
+impl Active {
+    /// Interrupts the guest for the used buffers of queue `index`, unless its driver
+    /// suppressed that (event index). When the suppression cannot be read the guest is
+    /// interrupted anyway: a spurious interrupt is harmless, a missing one hangs the
+    /// driver. `device` names the device in log messages.
+    pub fn notify_used(&mut self, index: usize, device: &str) {
+        let Some(aq) = self.queues.get_mut(index) else {
+            return;
+        };
+        let needed = aq.queue.needs_notification(&self.mem).unwrap_or_else(|e| {
+            warn!(device, queue = index, error = %e, "cannot check notification suppression");
+            true
+        });
+        if needed {
+            if let Err(e) = self.interrupt.signal_used_queue() {
+                error!(device, error = %e, "cannot signal the guest");
+            }
+        }
+    }
+}
+
 /// One device's activation state and its registrations with the event loop.
 #[derive(Debug)]
 pub struct Activation {
@@ -43,6 +64,8 @@ pub struct Activation {
     kicks_registered: bool,
     /// Kick fds of a reset activation, kept open until the event loop deregisters them.
     retired: Vec<EventFd>,
+    /// The feature bits the driver accepted.
+    acked_features: u64,
 }
 
 impl Activation {
@@ -54,6 +77,7 @@ impl Activation {
             active: None,
             kicks_registered: false,
             retired: Vec::new(),
+            acked_features: 0,
         })
     }
 
@@ -85,6 +109,23 @@ impl Activation {
     /// [`Self::active`], mutable.
     pub fn active_mut(&mut self) -> Option<&mut Active> {
         self.active.as_mut()
+    }
+
+    /// The feature bits the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Records the feature bits the driver accepted (the device masks them first).
+    pub fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    /// The driver reset the device: [`Self::deactivate`], and the accepted features are
+    /// forgotten.
+    pub fn reset(&mut self) {
+        self.deactivate();
+        self.acked_features = 0;
     }
 
     /// Whether the device is activated.
@@ -139,6 +180,26 @@ impl Activation {
         }
         self.kicks_registered = false;
         self.wake();
+    }
+
+    /// The whole event handling of a device with one queue, its activation eventfd
+    /// registered as `token_activate` and its kick as `token_kick`: drains whichever
+    /// fired, brings the watch list in line, and returns whether the device is activated
+    /// (then it processes its queue: the driver may have queued work before its kick fd
+    /// was watched).
+    pub fn single_queue_event(
+        &mut self,
+        events: &Events,
+        ops: &mut EventOps,
+        token_activate: u32,
+        token_kick: u32,
+    ) -> bool {
+        match events.data() {
+            t if t == token_activate => self.drain_evt(),
+            t if t == token_kick => self.drain_kick(0),
+            other => warn!(token = other, device = self.device, "unexpected event"),
+        }
+        self.sync(ops, token_kick)
     }
 
     /// Drains the wake-up eventfd (on its event).

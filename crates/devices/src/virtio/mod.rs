@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemory;
+use activation::Activation;
 
 pub mod activation;
 pub mod block;
@@ -133,7 +134,35 @@ pub struct ActiveQueue {
     pub kick: EventFd,
 }
 
-/// Behaviour every virtio device implements; the transport calls it.
+/// A driver's read of `data.len()` bytes at `offset` of a configuration space whose
+/// bytes are `config`: what lies past its end reads as zeros.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(src) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) else {
+        return;
+    };
+    let n = src.len().min(data.len());
+    data[..n].copy_from_slice(&src[..n]);
+}
+
+/// Implements [`VirtioDevice::activation`] and [`VirtioDevice::activation_mut`] for a
+/// device that keeps its [`Activation`] in a field named `activation`.
+macro_rules! activation_field {
+    () => {
+        fn activation(&self) -> &$crate::virtio::activation::Activation {
+            &self.activation
+        }
+        fn activation_mut(&mut self) -> &mut $crate::virtio::activation::Activation {
+            &mut self.activation
+        }
+    };
+}
+pub(crate) use activation_field;
+
+/// Behaviour every virtio device implements; the transport calls it. A device says what
+/// it is and offers and keeps its [`Activation`]; the life cycle the transport drives
+/// (accepted features, activation with one queue per [`VirtioDevice::queue_max_sizes`]
+/// entry, queue states, reset) comes from that activation, so no device writes it again.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (see [`device_type`]).
     fn device_type(&self) -> u32;
@@ -141,36 +170,58 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Feature bits the device offers (`VIRTIO_F_VERSION_1` included).
     fn avail_features(&self) -> u64;
-    /// Feature bits the driver accepted.
-    fn acked_features(&self) -> u64;
-    /// Records the feature bits the driver accepted (a subset of `avail_features`).
-    fn set_acked_features(&mut self, features: u64);
     /// The guest reads the device configuration space at `offset`.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// The guest writes the device configuration space at `offset`.
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// DRIVER_OK: start processing the queues.
+    /// The device's activation: accepted features, queues, kick registrations.
+    fn activation(&self) -> &Activation;
+    /// [`VirtioDevice::activation`], mutable.
+    fn activation_mut(&mut self) -> &mut Activation;
+
+    /// What the device drops on a driver reset besides its activation (work in flight
+    /// for the old queues); nothing by default.
+    fn reset_device(&mut self) {}
+    /// Feature bits the driver accepted.
+    fn acked_features(&self) -> u64 {
+        self.activation().acked_features()
+    }
+    /// Records the feature bits the driver accepted (masked to `avail_features`).
+    fn set_acked_features(&mut self, features: u64) {
+        let offered = self.avail_features();
+        self.activation_mut().set_acked_features(features & offered);
+    }
+    /// DRIVER_OK: start processing the queues (one per `queue_max_sizes` entry).
     fn activate(
         &mut self,
         mem: GuestMemory,
         interrupt: std::sync::Arc<Interrupt>,
         queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError>;
+    ) -> Result<(), ActivateError> {
+        let expected = self.queue_max_sizes().len();
+        self.activation_mut()
+            .activate(mem, interrupt, queues, expected)
+    }
     /// Whether [`VirtioDevice::activate`] has run.
-    fn is_activated(&self) -> bool;
+    fn is_activated(&self) -> bool {
+        self.activation().is_active()
+    }
     /// The queues handed to [`VirtioDevice::activate`], in the same order, as they stand
     /// now (`next_avail`/`next_used` included); empty before activation. The transport saves
     /// them in its snapshot, so an activated device that does not report them cannot be
     /// snapshotted (the transport's `save` fails).
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
-        Vec::new()
+        self.activation().queue_states()
     }
     /// The driver reset an activated device (wrote 0 to `Status`): drop the queues, go back
     /// to the state before [`VirtioDevice::activate`] (acked features cleared) and be ready
-    /// to be activated again. Kick fds the event loop still watches must stay open until the
-    /// device deregisters them there (e.g. on its `activate_evt`). Returns `false` if the
-    /// device cannot be reset; the transport then leaves it FAILED.
+    /// to be activated again. Kick fds the event loop still watches stay open until the
+    /// device's next `sync` deregisters them (the activation wakes the event loop for
+    /// that). Returns `false` if the device cannot be reset; the transport then leaves it
+    /// FAILED.
     fn reset(&mut self) -> bool {
-        false
+        self.activation_mut().reset();
+        self.reset_device();
+        true
     }
 }

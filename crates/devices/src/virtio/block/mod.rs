@@ -10,7 +10,6 @@ mod request;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
@@ -19,14 +18,13 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::{QueueState, QueueT};
+use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use request::SECTOR_SIZE;
 
 use super::activation::Activation;
-use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
-use crate::GuestMemory;
+use super::{device_type, VirtioDevice};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -117,7 +115,6 @@ pub struct Block {
     file: File,
     capacity: u64,
     avail_features: u64,
-    acked_features: u64,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     config_space: [u8; CONFIG_LEN],
     activation: Activation,
@@ -189,7 +186,6 @@ impl Block {
             file,
             capacity,
             avail_features,
-            acked_features: 0,
             config_space,
             activation: Activation::new("virtio-blk").map_err(BlockError::EventFd)?,
             buf: Vec::new(),
@@ -213,7 +209,7 @@ impl Block {
                 avail: block.avail_features,
             });
         }
-        block.acked_features = state.acked_features;
+        block.activation.set_acked_features(state.acked_features);
         Ok(block)
     }
 
@@ -221,7 +217,7 @@ impl Block {
     pub fn save(&self) -> BlockState {
         BlockState {
             config: self.config.clone(),
-            acked_features: self.acked_features,
+            acked_features: self.activation.acked_features(),
             capacity: self.capacity,
         }
     }
@@ -265,17 +261,8 @@ impl Block {
             }
             used_any = true;
         }
-        if !used_any {
-            return;
-        }
-        match queue.needs_notification(mem) {
-            Ok(false) => {}
-            Ok(true) => {
-                if let Err(e) = active.interrupt.signal_used_queue() {
-                    error!(error = %e, "virtio-blk: cannot signal the guest");
-                }
-            }
-            Err(e) => error!(error = %e, "virtio-blk: cannot read the queue's event index"),
+        if used_any {
+            active.notify_used(0, "virtio-blk");
         }
     }
 }
@@ -293,23 +280,8 @@ impl VirtioDevice for Block {
         self.avail_features
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
-
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = self.config_space.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        super::read_config_bytes(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
@@ -317,40 +289,15 @@ impl VirtioDevice for Block {
         warn!(offset, "virtio-blk: config write ignored");
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.activation.activate(mem, interrupt, queues, 1)
-    }
-
-    fn is_activated(&self) -> bool {
-        self.activation.is_active()
-    }
-
-    fn queue_states(&self) -> Vec<QueueState> {
-        self.activation.queue_states()
-    }
-
-    fn reset(&mut self) -> bool {
-        self.activation.deactivate();
-        self.acked_features = 0;
-        true
-    }
+    super::activation_field!();
 }
 
 impl MutEventSubscriber for Block {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            TOKEN_ACTIVATE => self.activation.drain_evt(),
-            TOKEN_KICK => self.activation.drain_kick(0),
-            other => warn!(token = other, "virtio-blk: unexpected event"),
-        }
-        // After activation too: the driver may have queued requests before the kick fd
-        // was watched.
-        if self.activation.sync(ops, TOKEN_KICK) {
+        if self
+            .activation
+            .single_queue_event(&events, ops, TOKEN_ACTIVATE, TOKEN_KICK)
+        {
             self.process_queue();
         }
     }

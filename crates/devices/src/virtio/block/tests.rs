@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::*;
 use crate::virtio::mmio::test_utils::*;
 use crate::virtio::mmio::MmioTransport;
+use crate::GuestMemory;
 
 const SECTORS: u64 = 64;
 const HDR: u64 = DATA_BASE;

@@ -34,6 +34,8 @@ struct TestDevice {
     fail_activate: bool,
     resettable: bool,
     report_queues: bool,
+    /// Unused: this device overrides the life cycle to record what the transport does.
+    activation: crate::virtio::activation::Activation,
 }
 
 impl TestDevice {
@@ -48,6 +50,7 @@ impl TestDevice {
             fail_activate: false,
             resettable: true,
             report_queues: true,
+            activation: crate::virtio::activation::Activation::new("test").unwrap(),
         }
     }
 }
@@ -61,6 +64,12 @@ impl VirtioDevice for TestDevice {
     }
     fn avail_features(&self) -> u64 {
         TEST_FEATURES
+    }
+    fn activation(&self) -> &crate::virtio::activation::Activation {
+        &self.activation
+    }
+    fn activation_mut(&mut self) -> &mut crate::virtio::activation::Activation {
+        &mut self.activation
     }
     fn acked_features(&self) -> u64 {
         self.acked

@@ -35,7 +35,6 @@ mod tests;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
@@ -46,7 +45,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use self::tap::open_tap;
 use super::activation::Activation;
-use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use super::{device_type, VirtioDevice};
 use crate::GuestMemory;
 
 /// Size of `struct virtio_net_hdr_v1` (the header with `num_buffers`, as VERSION_1 requires).
@@ -135,7 +134,6 @@ pub struct Net {
     vnet_hdr: bool,
     tap_name: Option<String>,
     mac: [u8; 6],
-    acked_features: u64,
     activation: Activation,
     /// What the backend is registered for (`None`: not registered).
     backend_registered: Option<EventSet>,
@@ -178,7 +176,6 @@ impl Net {
             vnet_hdr,
             tap_name: None,
             mac,
-            acked_features: 0,
             activation,
             backend_registered: None,
             backend_eof: false,
@@ -196,7 +193,8 @@ impl Net {
             mac: Some(mac),
             ..config
         })?;
-        net.acked_features = state.acked_features & net.avail_features();
+        net.activation
+            .set_acked_features(state.acked_features & net.avail_features());
         Ok(net)
     }
 
@@ -207,7 +205,8 @@ impl Net {
         state: &NetState,
     ) -> Result<Self, NetError> {
         let mut net = Self::with_backend(backend, vnet_hdr, Some(state.mac))?;
-        net.acked_features = state.acked_features & net.avail_features();
+        net.activation
+            .set_acked_features(state.acked_features & net.avail_features());
         Ok(net)
     }
 
@@ -215,7 +214,7 @@ impl Net {
     pub fn save(&self) -> NetState {
         NetState {
             mac: self.mac,
-            acked_features: self.acked_features,
+            acked_features: self.activation.acked_features(),
         }
     }
 
@@ -266,20 +265,8 @@ impl Net {
     }
 
     fn notify(&mut self, index: usize) {
-        let Some(active) = self.activation.active_mut() else {
-            return;
-        };
-        let needed = active.queues[index]
-            .queue
-            .needs_notification(&active.mem)
-            .unwrap_or_else(|e| {
-                tracing::warn!(queue = index, error = %e, "net: cannot check notification suppression");
-                true
-            });
-        if needed {
-            if let Err(e) = active.interrupt.signal_used_queue() {
-                tracing::error!(error = %e, "net: cannot signal the guest");
-            }
+        if let Some(active) = self.activation.active_mut() {
+            active.notify_used(index, "net");
         }
     }
 
@@ -512,23 +499,8 @@ impl VirtioDevice for Net {
         (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS)
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
-
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -541,32 +513,12 @@ impl VirtioDevice for Net {
         );
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.activation
-            .activate(mem, interrupt, queues, QUEUE_SIZES.len())
-    }
+    super::activation_field!();
 
-    fn is_activated(&self) -> bool {
-        self.activation.is_active()
-    }
-
-    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
-        self.activation.queue_states()
-    }
-
-    fn reset(&mut self) -> bool {
-        // Also wakes the event loop, which deregisters the backend.
-        self.activation.deactivate();
-        self.acked_features = 0;
+    fn reset_device(&mut self) {
         // A frame read for the old queues is stale for the new driver.
         self.rx_pending = None;
         self.tx_pending = None;
-        true
     }
 }
 

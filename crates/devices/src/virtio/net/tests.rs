@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
 use crate::virtio::vsock::tests::DriverQueue;
+use crate::virtio::{ActiveQueue, Interrupt};
 use crate::virtio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
 const MEM_SIZE: usize = 16 << 20;

@@ -5,19 +5,16 @@
 //! `activate_evt`; on that event the event loop registers the kick fd; each kick drains the
 //! queue.
 
-use std::sync::Arc;
-
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::{QueueState, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::activation::Activation;
-use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
-use crate::GuestMemory;
+use super::{device_type, VirtioDevice};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -55,7 +52,6 @@ pub struct RngState {
 /// A virtio entropy device.
 #[derive(Debug)]
 pub struct Rng {
-    acked_features: u64,
     activation: Activation,
     buf: Vec<u8>,
 }
@@ -64,7 +60,6 @@ impl Rng {
     /// A new, not yet activated, rng device.
     pub fn new() -> Result<Self, RngError> {
         Ok(Self {
-            acked_features: 0,
             activation: Activation::new("virtio-rng").map_err(RngError::EventFd)?,
             buf: Vec::new(),
         })
@@ -79,14 +74,14 @@ impl Rng {
             });
         }
         let mut rng = Self::new()?;
-        rng.acked_features = state.acked_features;
+        rng.activation.set_acked_features(state.acked_features);
         Ok(rng)
     }
 
     /// The device's state.
     pub fn save(&self) -> RngState {
         RngState {
-            acked_features: self.acked_features,
+            acked_features: self.activation.acked_features(),
         }
     }
 
@@ -133,17 +128,8 @@ impl Rng {
             }
             used_any = true;
         }
-        if !used_any {
-            return;
-        }
-        match queue.needs_notification(mem) {
-            Ok(false) => {}
-            Ok(true) => {
-                if let Err(e) = active.interrupt.signal_used_queue() {
-                    error!(error = %e, "virtio-rng: cannot signal the guest");
-                }
-            }
-            Err(e) => error!(error = %e, "virtio-rng: cannot read the queue's event index"),
+        if used_any {
+            active.notify_used(0, "virtio-rng");
         }
     }
 }
@@ -161,14 +147,6 @@ impl VirtioDevice for Rng {
         AVAIL_FEATURES
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & AVAIL_FEATURES;
-    }
-
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // No configuration space.
         warn!(offset, "virtio-rng: config read");
@@ -179,40 +157,15 @@ impl VirtioDevice for Rng {
         warn!(offset, "virtio-rng: config write");
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.activation.activate(mem, interrupt, queues, 1)
-    }
-
-    fn is_activated(&self) -> bool {
-        self.activation.is_active()
-    }
-
-    fn queue_states(&self) -> Vec<QueueState> {
-        self.activation.queue_states()
-    }
-
-    fn reset(&mut self) -> bool {
-        self.activation.deactivate();
-        self.acked_features = 0;
-        true
-    }
+    super::activation_field!();
 }
 
 impl MutEventSubscriber for Rng {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            TOKEN_ACTIVATE => self.activation.drain_evt(),
-            TOKEN_KICK => self.activation.drain_kick(0),
-            other => warn!(token = other, "virtio-rng: unexpected event"),
-        }
-        // After activation too: the driver may have queued buffers before the kick fd
-        // was watched.
-        if self.activation.sync(ops, TOKEN_KICK) {
+        if self
+            .activation
+            .single_queue_event(&events, ops, TOKEN_ACTIVATE, TOKEN_KICK)
+        {
             self.process_queue();
         }
     }

@@ -9,6 +9,8 @@ use super::*;
 use crate::virtio::mmio::test_utils::*;
 use crate::virtio::mmio::{MmioTransport, MmioTransportState};
 use crate::virtio::VIRTIO_MMIO_INT_VRING;
+use crate::virtio::{ActivateError, ActiveQueue, Interrupt};
+use crate::GuestMemory;
 
 const RUNNING: u32 = 0xf;
 

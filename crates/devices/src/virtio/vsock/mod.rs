@@ -50,7 +50,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
@@ -62,7 +61,7 @@ use self::connection::{ConnState, Connection};
 pub use self::connection::{CONN_BUF_ALLOC, CREDIT_UPDATE_THRESHOLD};
 use self::packet::*;
 use super::activation::Activation;
-use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use super::{device_type, VirtioDevice};
 use crate::GuestMemory;
 
 /// Size of each of the three queues.
@@ -148,7 +147,6 @@ pub enum VsockError {
 #[derive(Debug)]
 pub struct Vsock {
     muxer: Muxer,
-    acked_features: u64,
     activation: Activation,
     /// The listener is registered with the event manager (from the first activation on).
     listener_registered: bool,
@@ -199,7 +197,6 @@ impl Vsock {
                 next_local_port: FIRST_LOCAL_PORT,
                 scratch: vec![0; MAX_PKT_PAYLOAD],
             },
-            acked_features: 0,
             activation,
             listener_registered: false,
             pending_reset: false,
@@ -218,7 +215,8 @@ impl Vsock {
             );
         }
         let mut dev = Self::new(config)?;
-        dev.acked_features = state.acked_features & dev.avail_features();
+        dev.activation
+            .set_acked_features(state.acked_features & dev.avail_features());
         dev.pending_reset = true;
         Ok(dev)
     }
@@ -227,7 +225,7 @@ impl Vsock {
     pub fn save(&self) -> VsockState {
         VsockState {
             cid: self.muxer.cid,
-            acked_features: self.acked_features,
+            acked_features: self.activation.acked_features(),
         }
     }
 
@@ -287,18 +285,8 @@ impl Vsock {
     }
 
     fn notify(&mut self, index: usize) {
-        let Some(active) = self.activation.active_mut() else {
-            return;
-        };
-        let queue = &mut active.queues[index].queue;
-        let needed = queue.needs_notification(&active.mem).unwrap_or_else(|e| {
-            tracing::warn!(queue = index, error = %e, "vsock: cannot check notification suppression");
-            true
-        });
-        if needed {
-            if let Err(e) = active.interrupt.signal_used_queue() {
-                tracing::error!(error = %e, "vsock: cannot signal the guest");
-            }
+        if let Some(active) = self.activation.active_mut() {
+            active.notify_used(index, "vsock");
         }
     }
 
@@ -512,23 +500,8 @@ impl VirtioDevice for Vsock {
         1 << VIRTIO_F_VERSION_1
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
-
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.muxer.cid.to_le_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.muxer.cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -539,33 +512,13 @@ impl VirtioDevice for Vsock {
         );
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.activation
-            .activate(mem, interrupt, queues, QUEUE_SIZES.len())
-    }
+    super::activation_field!();
 
-    fn is_activated(&self) -> bool {
-        self.activation.is_active()
-    }
-
-    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
-        self.activation.queue_states()
-    }
-
-    fn reset(&mut self) -> bool {
-        // Also wakes the event loop, which deregisters the closed streams.
-        self.activation.deactivate();
-        self.acked_features = 0;
+    fn reset_device(&mut self) {
         // The driver starts over and re-reads the CID; it needs no reset event.
         self.pending_reset = false;
         self.muxer.drop_all_connections();
         self.muxer.rx_ready.clear();
-        true
     }
 }
 

@@ -17,6 +17,7 @@ use super::muxer::parse_connect;
 use super::packet::*;
 use super::*;
 use crate::virtio::VIRTIO_MMIO_INT_VRING;
+use crate::virtio::{ActiveQueue, Interrupt};
 
 const MEM_SIZE: usize = 16 << 20;
 const BUF_BASE: u64 = 0x10_0000;

@@ -18,7 +18,7 @@ mod engines;
 use std::ffi::OsString;
 use std::time::Duration;
 
-use engines::{prepare_host, prepare_outside, require, runtime, tmpfs_on, Daemon, Engine, Kind};
+use engines::{require, runtime, tmpfs_on, Daemon, Engine, Kind};
 use forkvm_image::fixtures;
 
 /// The fixture image, as `docker load` names it.
@@ -131,27 +131,20 @@ fn wait_for_dockerd(docker: &Engine) {
 
 #[test]
 fn docker_drives_forkvm_runtime() {
-    prepare_outside();
-    forkvm_testhost::on_kvm_host_with(
-        forkvm_testhost::test_path!(),
-        engines::SESSION_TIMEOUT,
-        Some(engines::TESTHOST_MEM_MIB),
-        || {
-            prepare_host();
-            let docker = start_docker();
-            docker.required("dockerd starts with the runtime registered", || {
-                wait_for_dockerd(&docker)
-            });
-            docker.required("docker load of the fixture image", || {
-                let archive = docker.scratch.path().join("fixture.tar");
-                fixtures::write_docker_archive(&archive, IMAGE).unwrap();
-                let out = docker.ok(&["load", "-i", archive.to_str().unwrap()]);
-                assert!(out.contains(&format!("Loaded image: {IMAGE}")), "{out}");
-            });
-            cases(&docker);
-            docker.finish();
-        },
-    );
+    engines::session(forkvm_testhost::test_path!(), || {
+        let docker = start_docker();
+        docker.required("dockerd starts with the runtime registered", || {
+            wait_for_dockerd(&docker)
+        });
+        docker.required("docker load of the fixture image", || {
+            let archive = docker.scratch.path().join("fixture.tar");
+            fixtures::write_docker_archive(&archive, IMAGE).unwrap();
+            let out = docker.ok(&["load", "-i", archive.to_str().unwrap()]);
+            assert!(out.contains(&format!("Loaded image: {IMAGE}")), "{out}");
+        });
+        cases(&docker);
+        docker.finish();
+    });
 }
 
 fn cases(docker: &Engine) {

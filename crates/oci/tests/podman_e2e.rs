@@ -19,7 +19,7 @@ mod engines;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use engines::{prepare_host, prepare_outside, require, runtime, Engine, Kind};
+use engines::{require, runtime, Engine, Kind};
 use forkvm_image::fixtures;
 
 /// The fixture image's name once tagged.
@@ -98,35 +98,28 @@ fn podman() -> Engine {
 
 #[test]
 fn podman_drives_forkvm_runtime() {
-    prepare_outside();
-    forkvm_testhost::on_kvm_host_with(
-        forkvm_testhost::test_path!(),
-        engines::SESSION_TIMEOUT,
-        Some(engines::TESTHOST_MEM_MIB),
-        || {
-            prepare_host();
-            let podman = podman();
-            podman.required("podman pull oci:DIR of the fixture image", || {
-                let layout = podman.scratch.path().join("fixture");
-                fixtures::write_oci_layout(&layout, "fixture:1").unwrap();
-                let reference = format!("oci:{}:fixture:1", layout.display());
-                let id = podman.ok(&["pull", "-q", &reference]);
-                let id = id.trim();
-                assert_eq!(id.len(), 64, "an image id: {id:?}");
-                podman.ok(&["tag", id, IMAGE]);
-            });
-            podman.required("podman info", || {
-                let info = podman.ok(&[
-                    "info",
-                    "--format",
-                    "{{.Host.CgroupsVersion}} {{.Store.GraphDriverName}}",
-                ]);
-                println!("podman info: {}", info.trim());
-            });
-            cases(&podman);
-            podman.finish();
-        },
-    );
+    engines::session(forkvm_testhost::test_path!(), || {
+        let podman = podman();
+        podman.required("podman pull oci:DIR of the fixture image", || {
+            let layout = podman.scratch.path().join("fixture");
+            fixtures::write_oci_layout(&layout, "fixture:1").unwrap();
+            let reference = format!("oci:{}:fixture:1", layout.display());
+            let id = podman.ok(&["pull", "-q", &reference]);
+            let id = id.trim();
+            assert_eq!(id.len(), 64, "an image id: {id:?}");
+            podman.ok(&["tag", id, IMAGE]);
+        });
+        podman.required("podman info", || {
+            let info = podman.ok(&[
+                "info",
+                "--format",
+                "{{.Host.CgroupsVersion}} {{.Store.GraphDriverName}}",
+            ]);
+            println!("podman info: {}", info.trim());
+        });
+        cases(&podman);
+        podman.finish();
+    });
 }
 
 fn cases(podman: &Engine) {

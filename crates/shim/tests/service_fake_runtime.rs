@@ -235,27 +235,28 @@ fn lifecycle_exit_code_output_and_events_in_order() {
     assert!(create.contains("stdout:"), "{create}");
 
     // No container left: Shutdown ends the shim.
+    let rx = shim_exit(&fx);
+    fx.svc.shutdown_if_idle();
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("Shutdown with no container left ends the shim");
+}
+
+/// Receives once the shim's exit signal fires.
+fn shim_exit(fx: &Fixture) -> std::sync::mpsc::Receiver<()> {
     let exit = fx.exit.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         exit.wait();
         let _ = tx.send(());
     });
-    fx.svc.shutdown_if_idle();
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("Shutdown with no container left ends the shim");
+    rx
 }
 
 #[test]
 fn shutdown_keeps_a_shim_that_still_has_containers() {
     let fx = Fixture::new();
     fx.create("busy", "exec sleep 100").unwrap();
-    let exit = fx.exit.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        exit.wait();
-        let _ = tx.send(());
-    });
+    let rx = shim_exit(&fx);
     fx.svc.shutdown_if_idle();
     assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
     // A created, never started container: delete forces it, and it died of SIGKILL.

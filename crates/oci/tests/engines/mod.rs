@@ -91,6 +91,17 @@ pub fn prepare_outside() {
         .expect("cannot prepare the container guest (run `cargo xtask prepare-guest`)");
 }
 
+/// Runs `body` as one engine session: the container guest readied outside, then on a
+/// (virtual) KVM host with the engines' memory and time limit, its cgroups set up.
+/// `test_path` is the test's `forkvm_testhost::test_path!()`.
+pub fn session(test_path: &str, body: impl FnOnce()) {
+    prepare_outside();
+    forkvm_testhost::on_kvm_host_with(test_path, SESSION_TIMEOUT, Some(TESTHOST_MEM_MIB), || {
+        prepare_host();
+        body()
+    });
+}
+
 /// The KVM host's own set-up, inside the session: cgroup v2 mounted (the virtual
 /// host mounts sysfs but no cgroup file system, and both engines refuse to run
 /// without one). On a real host cgroups are the system's business: only checked.

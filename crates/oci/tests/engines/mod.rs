@@ -37,6 +37,16 @@ use std::time::{Duration, Instant};
 /// The runtime binary built with these tests.
 pub const FORKVM_RUNTIME: &str = env!("CARGO_BIN_EXE_forkvm-runtime");
 
+/// The variables that override an installed forkvm's `forkvm.toml` (and the shim's
+/// choice of runtime): none may be needed by an engine.
+pub const CONFIG_VARIABLES: &[&str] = &[
+    "FORKVM_ROOT",
+    "FORKVM_STORE",
+    "FORKVM_CACHE",
+    "FORKVM_AGENT",
+    "FORKVM_RUNTIME",
+];
+
 /// The environment variable that replaces the runtime under test (e.g. with runc).
 pub const RUNTIME_OVERRIDE: &str = "FORKVM_TEST_RUNTIME";
 
@@ -1029,13 +1039,17 @@ pub fn detached_cases(e: &Engine) {
                 "pid {pid} is not the installed runtime {}: {cmdline}",
                 e.runtime.display()
             );
-            // The installed copy is configured by its forkvm.toml alone.
+            // The installed copy is configured by its forkvm.toml alone: none of the
+            // variables that override it is in the runtime's environment (the test
+            // host's own marker, FORKVM_IN_TESTHOST, is in every process there).
             let env = environ_of(pid);
-            let forkvm_vars: Vec<&String> =
-                env.iter().filter(|v| v.starts_with("FORKVM_")).collect();
+            let overrides: Vec<&String> = env
+                .iter()
+                .filter(|v| CONFIG_VARIABLES.iter().any(|k| v.starts_with(&format!("{k}="))))
+                .collect();
             assert!(
-                forkvm_vars.is_empty(),
-                "FORKVM_* variables reached the runtime: {forkvm_vars:?}"
+                overrides.is_empty(),
+                "configuration variables reached the runtime: {overrides:?}"
             );
             let vms = e.vms();
             println!("VMs registered: {vms:?}");

@@ -27,6 +27,7 @@
 
 mod digest;
 mod error;
+#[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
 mod image;
 mod import;

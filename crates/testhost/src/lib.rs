@@ -46,63 +46,18 @@
 //! `"module::my_test"` works too.
 
 mod caps;
+mod error;
 mod run;
 mod virt;
 
-use std::path::PathBuf;
-use std::process::ExitStatus;
 use std::time::Duration;
 
 pub use caps::{in_test_host, parse_cpu_flags, Capabilities, CpuFlags};
+pub use error::Error;
 pub use run::{
     decide_mode, run_in_kvm_host, HostChoice, Mode, Outcome, TestHostOptions, DEFAULT_SMP,
 };
 pub use virt::{prepare_initramfs, TESTHOST_MODULES};
-
-/// Errors from [`run_in_kvm_host`].
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// No command was given.
-    #[error("empty command")]
-    EmptyCommand,
-    /// Fetching the kernel or building the initramfs failed.
-    #[error(transparent)]
-    Kernel(#[from] forkvm_guest_kernel::Error),
-    /// A program could not be started.
-    #[error("cannot start {program}")]
-    Spawn {
-        /// The program.
-        program: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A filesystem or process operation failed.
-    #[error("{what}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The command (and the virtual host) was killed after the timeout.
-    #[error("timed out after {timeout:?}; log: {}", log_path.display())]
-    TimedOut {
-        /// The timeout that expired.
-        timeout: Duration,
-        /// The run log.
-        log_path: PathBuf,
-    },
-    /// The virtual host stopped without reporting the command's exit code.
-    #[error("the virtual host stopped ({qemu_status}) without reporting an exit code; log: {}", log_path.display())]
-    NoExitCode {
-        /// How QEMU exited.
-        qemu_status: ExitStatus,
-        /// The run log (kernel console).
-        log_path: PathBuf,
-    },
-}
 
 /// Names the enclosing test function the way libtest does (`module::test`,
 /// without the crate name), for [`on_kvm_host`].

@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::caps::{in_test_host, Capabilities};
-use crate::Error;
+use crate::error::Error;
 
 /// Where a command ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

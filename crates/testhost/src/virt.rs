@@ -19,8 +19,8 @@ use forkvm_guest_kernel::{
     ensure_kernel_in, resolve_modules, Flavour, InitramfsBuilder, KernelTree,
 };
 
+use crate::error::Error;
 use crate::run::{harden, new_log_path, open_log, ChildGuard, Mode, Outcome, TestHostOptions};
-use crate::Error;
 
 /// The QEMU binary.
 pub(crate) const QEMU: &str = "qemu-system-x86_64";

@@ -14,10 +14,8 @@ use forkvm_devices::virtio::vsock::VsockState;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
-use crate::control::{error_chain, ControlError};
 use crate::vcpu::VcpuState;
 use crate::vm::VmArchState;
-use crate::vmm::Vmm;
 
 /// One device's saved state.
 #[derive(Debug, Serialize, Deserialize)]
@@ -89,46 +87,4 @@ pub struct ChildIdentity {
     pub hostname: String,
     /// 64 bytes from the host's CSPRNG for the guest's entropy pool.
     pub seed: Vec<u8>,
-}
-
-impl Vmm {
-    /// Captures the complete state of this VM, which must be paused.
-    pub fn capture(&self) -> Result<VmSnapshot, ControlError> {
-        if !self.is_paused() {
-            return Err(ControlError::Conflict("capture needs a paused VM".into()));
-        }
-        let fail = |what: &str, e: &dyn std::error::Error| {
-            ControlError::Failed(format!("{what}: {}", error_chain(e)))
-        };
-        let mut vcpus = Vec::with_capacity(self.vcpus.len());
-        for v in &self.vcpus {
-            vcpus.push(
-                v.save()
-                    .map_err(|e| fail(&format!("vCPU {}", v.index()), &e))?,
-            );
-        }
-        let arch = self.vm.save_arch().map_err(|e| fail("VM state", &e))?;
-        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
-        let mut virtio = Vec::with_capacity(self.virtio.len());
-        for d in &self.virtio {
-            let transport = d
-                .transport
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .save()
-                .map_err(|e| fail(&format!("device {}", d.detail), &e))?;
-            virtio.push(VirtioSnapshot {
-                device: d.kind.save(),
-                transport,
-            });
-        }
-        Ok(VmSnapshot {
-            config: self.cfg.clone(),
-            vcpus,
-            arch,
-            serial,
-            virtio,
-            captured_realtime_ns: realtime_ns(),
-        })
-    }
 }

@@ -750,6 +750,48 @@ impl Vmm {
     }
 }
 
+impl Vmm {
+    /// Captures the complete state of this VM, which must be paused.
+    pub fn capture(&self) -> Result<VmSnapshot, ControlError> {
+        if !self.is_paused() {
+            return Err(ControlError::Conflict("capture needs a paused VM".into()));
+        }
+        let fail = |what: &str, e: &dyn std::error::Error| {
+            ControlError::Failed(format!("{what}: {}", error_chain(e)))
+        };
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            vcpus.push(
+                v.save()
+                    .map_err(|e| fail(&format!("vCPU {}", v.index()), &e))?,
+            );
+        }
+        let arch = self.vm.save_arch().map_err(|e| fail("VM state", &e))?;
+        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
+        let mut virtio = Vec::with_capacity(self.virtio.len());
+        for d in &self.virtio {
+            let transport = d
+                .transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .save()
+                .map_err(|e| fail(&format!("device {}", d.detail), &e))?;
+            virtio.push(VirtioSnapshot {
+                device: d.kind.save(),
+                transport,
+            });
+        }
+        Ok(VmSnapshot {
+            config: self.cfg.clone(),
+            vcpus,
+            arch,
+            serial,
+            virtio,
+            captured_realtime_ns: crate::snapshot::realtime_ns(),
+        })
+    }
+}
+
 /// (RSS, private) bytes of this process, from /proc/self/smaps_rollup.
 pub fn process_memory() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();

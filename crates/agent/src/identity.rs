@@ -1,7 +1,9 @@
 //! [`crate::Request::Identity`] inside the guest: what makes a fork child distinct from
 //! its parent (fresh kernel entropy, hostname, NIC MACs).
 
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
 const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
@@ -196,6 +198,47 @@ pub fn apply(hostname: &str, seed: &[u8], macs: &[String]) -> Result<(), Identit
     Ok(())
 }
 
+/// `/etc/hosts` with `127.0.0.1 localhost` present and `hostname` on forkvm's own line
+/// (tagged `# forkvm`, replaced on the next call).
+pub fn hosts_with(existing: &str, hostname: Option<&str>) -> String {
+    let mut out = String::new();
+    let mut has_localhost = false;
+    for line in existing.lines() {
+        if line.trim_end().ends_with("# forkvm") {
+            continue;
+        }
+        let mut words = line.split('#').next().unwrap_or("").split_whitespace();
+        if words.next() == Some("127.0.0.1") && words.any(|w| w == "localhost") {
+            has_localhost = true;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    if !has_localhost {
+        out.insert_str(0, "127.0.0.1\tlocalhost\n");
+    }
+    if let Some(h) = hostname {
+        out.push_str(&format!("127.0.1.1\t{h}\t# forkvm\n"));
+    }
+    out
+}
+
+/// Writes `<root>/etc/hostname` and makes `<root>/etc/hosts` resolve it and `localhost`.
+pub fn write_hostname_files(root: &Path, hostname: &str) -> io::Result<()> {
+    let etc = root.join("etc");
+    std::fs::create_dir_all(&etc)?;
+    std::fs::write(etc.join("hostname"), format!("{hostname}\n"))?;
+    let hosts = etc.join("hosts");
+    let existing = match std::fs::read_to_string(&hosts) {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e),
+    };
+    // A symlink (to a file outside the container) is replaced, not followed.
+    let _ = std::fs::remove_file(&hosts);
+    std::fs::write(&hosts, hosts_with(&existing, Some(hostname)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,5 +267,41 @@ mod tests {
             reseed(&[0; 31]),
             Err(IdentityError::ShortSeed(31))
         ));
+    }
+
+    #[test]
+    fn hosts_gets_localhost_and_the_hostname_once() {
+        let h = hosts_with("", Some("web"));
+        assert_eq!(h, "127.0.0.1\tlocalhost\n127.0.1.1\tweb\t# forkvm\n");
+        // Existing content is kept; the previous forkvm line is replaced.
+        let h2 = hosts_with(&h, Some("fork-1"));
+        assert_eq!(h2, "127.0.0.1\tlocalhost\n127.0.1.1\tfork-1\t# forkvm\n");
+        let debian = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n";
+        assert_eq!(
+            hosts_with(debian, None),
+            debian,
+            "nothing added when localhost is there"
+        );
+        assert!(
+            hosts_with("127.0.0.1 other # localhost\n", None).starts_with("127.0.0.1\tlocalhost\n")
+        );
+    }
+
+    #[test]
+    fn hostname_files_are_written_into_the_root() {
+        let dir = std::env::temp_dir().join(format!("forkvm-agent-init-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("etc")).unwrap();
+        std::fs::write(dir.join("etc/hosts"), "10.0.0.1 db\n").unwrap();
+        write_hostname_files(&dir, "web-1").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("etc/hostname")).unwrap(),
+            "web-1\n"
+        );
+        let hosts = std::fs::read_to_string(dir.join("etc/hosts")).unwrap();
+        assert_eq!(
+            hosts,
+            "127.0.0.1\tlocalhost\n10.0.0.1 db\n127.0.1.1\tweb-1\t# forkvm\n"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

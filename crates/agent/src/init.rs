@@ -14,22 +14,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::identity;
+use crate::layout::{LOWER, ROOTFS, RW};
+use crate::power::halt;
 use crate::protocol::AGENT_PORT;
-use crate::reaper::Reaper;
 use crate::server::{self, Agent, AgentConfig, Mode};
 
 /// Modules to load at boot, one absolute path per line.
 pub const MODULES_FILE: &str = "/etc/forkvm/modules";
-/// Where the container root is assembled.
-pub const ROOTFS: &str = "/rootfs";
-/// Read-only mount of the rootfs device.
-pub const LOWER: &str = "/run/forkvm/lower";
-/// tmpfs holding the overlay's upper and work directories.
-pub const RW: &str = "/run/forkvm/rw";
 /// Prefix of the line printed once the agent can be reached (the boot benchmark greps it).
 pub const READY_PREFIX: &str = "forkvm-init: ready uptime=";
-/// How long [`crate::Request::Shutdown`] lets processes handle SIGTERM.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How long boot waits for the rootfs block device to appear.
 const DEVICE_WAIT: Duration = Duration::from_secs(5);
 /// `finit_module` flag: the kernel decompresses the module itself.
@@ -97,47 +90,6 @@ pub fn parse_modules(text: &str) -> Vec<PathBuf> {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(PathBuf::from)
         .collect()
-}
-
-/// `/etc/hosts` with `127.0.0.1 localhost` present and `hostname` on forkvm's own line
-/// (tagged `# forkvm`, replaced on the next call).
-pub fn hosts_with(existing: &str, hostname: Option<&str>) -> String {
-    let mut out = String::new();
-    let mut has_localhost = false;
-    for line in existing.lines() {
-        if line.trim_end().ends_with("# forkvm") {
-            continue;
-        }
-        let mut words = line.split('#').next().unwrap_or("").split_whitespace();
-        if words.next() == Some("127.0.0.1") && words.any(|w| w == "localhost") {
-            has_localhost = true;
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    if !has_localhost {
-        out.insert_str(0, "127.0.0.1\tlocalhost\n");
-    }
-    if let Some(h) = hostname {
-        out.push_str(&format!("127.0.1.1\t{h}\t# forkvm\n"));
-    }
-    out
-}
-
-/// Writes `<root>/etc/hostname` and makes `<root>/etc/hosts` resolve it and `localhost`.
-pub fn write_hostname_files(root: &Path, hostname: &str) -> io::Result<()> {
-    let etc = root.join("etc");
-    std::fs::create_dir_all(&etc)?;
-    std::fs::write(etc.join("hostname"), format!("{hostname}\n"))?;
-    let hosts = etc.join("hosts");
-    let existing = match std::fs::read_to_string(&hosts) {
-        Ok(s) => s,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e),
-    };
-    // A symlink (to a file outside the container) is replaced, not followed.
-    let _ = std::fs::remove_file(&hosts);
-    std::fs::write(&hosts, hosts_with(&existing, Some(hostname)))
 }
 
 /// Prints a line on the console; a console error is not worth dying for.
@@ -369,7 +321,7 @@ fn boot() -> Result<Infallible, InitError> {
         Some(device) => {
             assemble_rootfs(device, &cfg.rootfstype)?;
             let name = cfg.hostname.clone().unwrap_or_else(identity::hostname);
-            if let Err(e) = write_hostname_files(Path::new(ROOTFS), &name) {
+            if let Err(e) = identity::write_hostname_files(Path::new(ROOTFS), &name) {
                 console(&format!("forkvm-agent: {ROOTFS}/etc: {e}"));
             }
             PathBuf::from(ROOTFS)
@@ -397,52 +349,6 @@ pub fn run() -> ! {
         Err(_) => "panic".to_owned(),
     };
     console(&format!("forkvm-agent: fatal: {message}"));
-    halt()
-}
-
-/// Unmounts the container root's mounts, deepest first; failures are ignored.
-fn unmount_container() {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let mut targets: Vec<&str> = mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .filter(|t| t.starts_with(ROOTFS) || t.starts_with("/run/forkvm"))
-        .collect();
-    targets.reverse();
-    for t in targets {
-        let c = cstr(t);
-        // SAFETY: a valid path string.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    }
-}
-
-/// Syncs and powers off; never returns (PID 1 must not exit).
-fn halt() -> ! {
-    // SAFETY: sync and reboot have no memory preconditions.
-    unsafe {
-        libc::sync();
-        libc::reboot(libc::RB_POWER_OFF);
-    }
-    loop {
-        // SAFETY: pause has no preconditions; the VM is going down.
-        unsafe { libc::pause() };
-    }
-}
-
-/// Ends the VM: with a `grace`, SIGTERM to every process and up to `grace` for them to
-/// exit; then SIGKILL to the rest, sync, unmount, power off.
-pub fn power_off(reaper: &Reaper, grace: Option<Duration>) -> ! {
-    if let Some(grace) = grace {
-        // SAFETY: kill(-1) signals every process but PID 1; no memory preconditions.
-        unsafe { libc::kill(-1, libc::SIGTERM) };
-        reaper.wait_idle(grace);
-    }
-    // SAFETY: as above.
-    unsafe { libc::kill(-1, libc::SIGKILL) };
-    reaper.wait_idle(Duration::from_secs(1));
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
-    unmount_container();
     halt()
 }
 
@@ -481,41 +387,5 @@ mod tests {
                 PathBuf::from("/lib/modules/b.ko.xz")
             ]
         );
-    }
-
-    #[test]
-    fn hosts_gets_localhost_and_the_hostname_once() {
-        let h = hosts_with("", Some("web"));
-        assert_eq!(h, "127.0.0.1\tlocalhost\n127.0.1.1\tweb\t# forkvm\n");
-        // Existing content is kept; the previous forkvm line is replaced.
-        let h2 = hosts_with(&h, Some("fork-1"));
-        assert_eq!(h2, "127.0.0.1\tlocalhost\n127.0.1.1\tfork-1\t# forkvm\n");
-        let debian = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n";
-        assert_eq!(
-            hosts_with(debian, None),
-            debian,
-            "nothing added when localhost is there"
-        );
-        assert!(
-            hosts_with("127.0.0.1 other # localhost\n", None).starts_with("127.0.0.1\tlocalhost\n")
-        );
-    }
-
-    #[test]
-    fn hostname_files_are_written_into_the_root() {
-        let dir = std::env::temp_dir().join(format!("forkvm-agent-init-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("etc")).unwrap();
-        std::fs::write(dir.join("etc/hosts"), "10.0.0.1 db\n").unwrap();
-        write_hostname_files(&dir, "web-1").unwrap();
-        assert_eq!(
-            std::fs::read_to_string(dir.join("etc/hostname")).unwrap(),
-            "web-1\n"
-        );
-        let hosts = std::fs::read_to_string(dir.join("etc/hosts")).unwrap();
-        assert_eq!(
-            hosts,
-            "127.0.0.1\tlocalhost\n10.0.0.1 db\n127.0.1.1\tweb-1\t# forkvm\n"
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

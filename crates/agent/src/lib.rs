@@ -28,6 +28,8 @@
 pub use forkvm_agent_proto::{frame, protocol};
 pub mod identity;
 pub mod init;
+pub mod layout;
+pub mod power;
 pub mod reaper;
 pub mod server;
 mod session;

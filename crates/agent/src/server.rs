@@ -65,16 +65,16 @@ pub enum PowerOffReason {
     Shutdown,
 }
 
-/// What ends the VM: [`crate::init::power_off`] in the guest, a recorder in tests.
+/// What ends the VM: [`crate::power::power_off`] in the guest, a recorder in tests.
 pub type PowerOff = Box<dyn Fn(&Reaper, PowerOffReason) + Send + Sync>;
 
 /// The guest's power-off: SIGKILL everything at once after an init exit, SIGTERM with
 /// a grace period for a shutdown.
 fn real_power_off(reaper: &Reaper, reason: PowerOffReason) {
     match reason {
-        PowerOffReason::InitExited => crate::init::power_off(reaper, None),
+        PowerOffReason::InitExited => crate::power::power_off(reaper, None),
         PowerOffReason::Shutdown => {
-            crate::init::power_off(reaper, Some(crate::init::SHUTDOWN_GRACE))
+            crate::power::power_off(reaper, Some(crate::power::SHUTDOWN_GRACE))
         }
     }
 }
@@ -255,7 +255,7 @@ impl Agent {
                 .map_err(|e| e.to_string())
                 .and_then(|()| {
                     if self.config.mode == Mode::Init && self.config.root != Path::new("/") {
-                        crate::init::write_hostname_files(&self.config.root, &hostname)
+                        identity::write_hostname_files(&self.config.root, &hostname)
                             .map_err(|e| e.to_string())
                     } else {
                         Ok(())
@@ -339,4 +339,13 @@ pub fn listen_vsock(port: u32) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     Ok(sock)
+}
+
+impl session::Processes for Agent {
+    fn signal(&self, pid: libc::pid_t, signal: i32) -> io::Result<()> {
+        Agent::signal(self, pid, signal).map_err(io::Error::other)
+    }
+    fn forget(&self, pid: libc::pid_t) {
+        Agent::forget(self, pid)
+    }
 }

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use crate::frame::{Frame, MAX_PAYLOAD};
 use crate::reaper::exit_code;
-use crate::server::Agent;
 use crate::spawn::{set_winsize, ProcessIo, Spawned};
 
 /// After the process exited, how long output may stay quiet before the exit frame is
@@ -119,10 +118,19 @@ fn pump_stdin(mut dst: File, chunks: mpsc::Receiver<Vec<u8>>) {
     }
 }
 
+/// What a session needs of the agent that serves it: delivering a signal to its
+/// process, and forgetting the process once it has ended.
+pub(crate) trait Processes: Send + Sync {
+    /// Sends `signal` to process `pid`, if the agent started it and it still runs.
+    fn signal(&self, pid: libc::pid_t, signal: i32) -> std::io::Result<()>;
+    /// The process ended: no more signals for it.
+    fn forget(&self, pid: libc::pid_t);
+}
+
 /// Applies host frames until the host stops sending or sends garbage.
 fn pump_input(
     mut reader: BufReader<UnixStream>,
-    agent: Arc<Agent>,
+    agent: Arc<dyn Processes>,
     pid: libc::pid_t,
     mut stdin: Option<mpsc::SyncSender<Vec<u8>>>,
     master: Option<Arc<File>>,
@@ -185,7 +193,7 @@ fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) {
 /// process with it (SIGKILL): the host side of an `exec` stands for the process on the
 /// host, so killing it there (an engine's SIGKILL of the exec's pid) must end it here.
 pub(crate) fn run(
-    agent: Arc<Agent>,
+    agent: Arc<dyn Processes>,
     conn: UnixStream,
     reader: BufReader<UnixStream>,
     spawned: Spawned,

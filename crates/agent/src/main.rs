@@ -10,6 +10,10 @@ fn main() {
     if unsafe { libc::getpid() } == 1 {
         forkvm_agent::init::run();
     }
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("forkvm-agent {}", forkvm_version::VERSION);
+        return;
+    }
     let listener = match listen_vsock(AGENT_PORT) {
         Ok(l) => l,
         Err(e) => {

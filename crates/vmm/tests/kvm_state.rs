@@ -1,0 +1,149 @@
+//! vCPU and VM state survive a round trip through KVM, as a fork or a template moves
+//! them: read from one KVM VM, encoded and decoded as the fork payload is (the
+//! untrusted-input path), written into a fresh VM, and read back equal. Runs on a real
+//! KVM (here or in the virtual test host).
+
+use forkvm_vmm::vcpu::VcpuState;
+use forkvm_vmm::vm::{Vm, VmArchState};
+use forkvm_vmm::x86::cpu::{patch_cpuid, setup_boot_vcpu, setup_cpuid_and_msrs, setup_lapic};
+use kvm_bindings::{kvm_msr_entry, Msrs, KVM_IRQCHIP_IOAPIC};
+use kvm_ioctls::VcpuFd;
+use vm_memory::GuestAddress;
+
+/// MSRs a guest kernel sets at boot, with values a fresh vCPU does not have.
+const GUEST_MSRS: &[(u32, u64)] = &[
+    (0x174, 0x10),                        // IA32_SYSENTER_CS
+    (0xc000_0081, 0x0023_0010_0000_0000), // STAR
+    (0xc000_0082, 0xffff_ffff_8100_0000), // LSTAR
+    (0xc000_0084, 0x4_7700),              // SFMASK
+    (0xc000_0102, 0x1234_5000),           // KERNEL_GS_BASE
+];
+
+/// A VM with one vCPU set up as forkvm sets up a boot vCPU.
+fn vm_with_vcpu() -> (Vm, VcpuFd) {
+    let vm = Vm::new().expect("a KVM VM");
+    let mut cpuid = vm.supported_cpuid().expect("supported CPUID");
+    patch_cpuid(&mut cpuid, 0, 1, vm.has_tsc_deadline());
+    let vcpu = vm.fd().create_vcpu(0).expect("a vCPU");
+    setup_cpuid_and_msrs(&vcpu, &cpuid).expect("CPUID and MSRs");
+    setup_lapic(&vcpu).expect("LAPIC");
+    (vm, vcpu)
+}
+
+fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).expect("state serializes")
+}
+
+/// Through the fork payload's encoding: what a child decodes is what the parent saved.
+fn via_payload<T: serde::Serialize + serde::de::DeserializeOwned>(v: &T) -> T {
+    let blob = forkvm_snapshot::encode(v).expect("encode");
+    forkvm_snapshot::decode(&blob).expect("decode")
+}
+
+fn msr(state: &VcpuState, index: u32) -> Option<u64> {
+    state.msrs.iter().find(|e| e.index == index).map(|e| e.data)
+}
+
+#[test]
+fn vcpu_state_round_trips_into_a_fresh_vm() {
+    forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
+        let (vm, vcpu) = vm_with_vcpu();
+        // A vCPU in 64-bit mode mid-program, with guest-kernel MSRs and debug registers.
+        setup_boot_vcpu(&vcpu, GuestAddress(0x20_0000)).expect("64-bit mode");
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rax = 0x1111_2222_3333_4444;
+        regs.rbx = 0x5555_6666_7777_8888;
+        regs.rsp = 0x8_0000;
+        regs.rip = 0x20_1234;
+        vcpu.set_regs(&regs).unwrap();
+        let mut dregs = vcpu.get_debug_regs().unwrap();
+        dregs.db = [0x1000, 0x2000, 0x3000, 0x4000];
+        vcpu.set_debug_regs(&dregs).unwrap();
+        let entries: Vec<kvm_msr_entry> = GUEST_MSRS
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let set = vcpu
+            .set_msrs(&Msrs::from_entries(&entries).unwrap())
+            .unwrap();
+        assert_eq!(set, entries.len(), "KVM took the guest MSRs");
+
+        let candidates = vm.msr_index_list().expect("MSR list");
+        let saved = VcpuState::save(&vcpu, &candidates).expect("save");
+        for &(index, data) in GUEST_MSRS {
+            assert_eq!(msr(&saved, index), Some(data), "MSR {index:#x} saved");
+        }
+        let decoded = via_payload(&saved);
+
+        let (vm2, vcpu2) = vm_with_vcpu();
+        decoded
+            .restore(&vcpu2, 0)
+            .expect("restore into a fresh vCPU");
+        let again = VcpuState::save(&vcpu2, &vm2.msr_index_list().unwrap()).expect("save again");
+
+        assert_eq!(json(&again.regs), json(&saved.regs), "general registers");
+        assert_eq!(
+            json(&again.sregs),
+            json(&saved.sregs),
+            "segment and control registers"
+        );
+        assert_eq!(again.regs.rip, 0x20_1234);
+        assert_eq!(json(&again.xcrs), json(&saved.xcrs), "XCRs");
+        assert_eq!(json(&again.xsave), json(&saved.xsave), "FPU/SSE/AVX state");
+        assert_eq!(again.debugregs.db, saved.debugregs.db, "debug registers");
+        assert_eq!(json(&again.mp_state), json(&saved.mp_state), "MP state");
+        assert_eq!(json(&again.lapic), json(&saved.lapic), "LAPIC registers");
+        assert_eq!(again.tsc_khz, saved.tsc_khz, "TSC rate");
+        assert_eq!(
+            again.msrs.len(),
+            saved.msrs.len(),
+            "the same MSRs are saveable"
+        );
+        for &(index, data) in GUEST_MSRS {
+            assert_eq!(msr(&again, index), Some(data), "MSR {index:#x} restored");
+        }
+    });
+}
+
+#[test]
+fn vm_state_round_trips_and_the_clock_moves_on() {
+    forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
+        let (vm, _vcpu) = vm_with_vcpu();
+        // An IOAPIC pin routed as a guest would route it.
+        let mut chip = vm.save_arch().expect("save").ioapic;
+        assert_eq!(chip.chip_id, KVM_IRQCHIP_IOAPIC);
+        // SAFETY: chip_id says this kvm_irqchip holds the IOAPIC member of its union.
+        unsafe {
+            chip.chip.ioapic.redirtbl[5].bits = 0x0000_0000_0000_00a5;
+        }
+        vm.fd().set_irqchip(&chip).expect("route a pin");
+        let saved = vm.save_arch().expect("save");
+        let decoded: VmArchState = via_payload(&saved);
+
+        let (vm2, _vcpu2) = vm_with_vcpu();
+        const AWAY_NS: u64 = 5_000_000_000;
+        vm2.restore_arch(&decoded, AWAY_NS).expect("restore");
+        let again = vm2.save_arch().expect("save again");
+        assert_eq!(
+            json(&again.pic_master),
+            json(&saved.pic_master),
+            "master PIC"
+        );
+        assert_eq!(json(&again.pic_slave), json(&saved.pic_slave), "slave PIC");
+        assert_eq!(json(&again.ioapic), json(&saved.ioapic), "IOAPIC");
+        // SAFETY: as above, the IOAPIC member.
+        assert_eq!(unsafe { again.ioapic.chip.ioapic.redirtbl[5].bits }, 0xa5);
+        assert!(
+            again.clock.clock >= saved.clock.clock + AWAY_NS,
+            "kvmclock moved on by the time away: {} -> {}",
+            saved.clock.clock,
+            again.clock.clock
+        );
+        let pit_modes = |s: &VmArchState| s.pit.channels.map(|c| (c.mode, c.count));
+        assert_eq!(pit_modes(&again), pit_modes(&saved), "PIT channels");
+    });
+}

@@ -22,6 +22,10 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = forkvm_config::load() {
+        eprintln!("forkvm-bench: {e}");
+        std::process::exit(2);
+    }
     match bench::run(cli.what) {
         Ok(code) => std::process::exit(code),
         Err(e) => {

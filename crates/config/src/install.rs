@@ -14,7 +14,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::{Config, PREFIX_CONFIG};
+use crate::{Config, Setting, PREFIX_CONFIG};
 
 /// The programs an installation puts in `<prefix>/bin`.
 pub const PROGRAMS: &[&str] = &[
@@ -60,17 +60,20 @@ fn copy_executable(from: &Path, to: &Path) -> io::Result<()> {
 
 /// The text of a `forkvm.toml`: `config`'s settings, the rest as comments.
 pub fn render(config: &Config) -> String {
-    let mut s = String::from(
+    let vars: Vec<&str> = Setting::ALL.iter().map(|s| s.var()).collect();
+    let mut s = format!(
         "# forkvm configuration (forkvm.toml). Paths are absolute; a commented key takes\n\
-         # its built-in default. FORKVM_ROOT, FORKVM_STORE, FORKVM_CACHE and FORKVM_AGENT\n\
-         # override these for one process.\n",
+         # its built-in default. {} override these for one process.\n",
+        vars.join(", ")
     );
-    for (key, value, default) in [
-        ("root", &config.root, "/run/forkvm"),
-        ("store", &config.store, "/var/lib/forkvm/images"),
-        ("cache", &config.cache, "/var/lib/forkvm/cache"),
-        ("agent", &config.agent, "<prefix>/lib/forkvm/forkvm-agent"),
-    ] {
+    for setting in Setting::ALL {
+        let (key, value) = (setting.key(), setting.of(config));
+        let default = match setting {
+            Setting::Root => "/run/forkvm",
+            Setting::Store => "/var/lib/forkvm/images",
+            Setting::Cache => "/var/lib/forkvm/cache",
+            Setting::Agent => "<prefix>/lib/forkvm/forkvm-agent",
+        };
         match value {
             Some(v) => {
                 let _ = writeln!(s, "{key} = {:?}", v.display().to_string());

@@ -77,13 +77,9 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string().trim().replace('\n', " "),
         })?;
-        for (key, value) in [
-            ("root", &config.root),
-            ("store", &config.store),
-            ("cache", &config.cache),
-            ("agent", &config.agent),
-        ] {
-            if let Some(v) = value.as_ref().filter(|v| !v.is_absolute()) {
+        for setting in Setting::ALL {
+            let key = setting.key();
+            if let Some(v) = setting.of(&config).filter(|v| !v.is_absolute()) {
                 return Err(ConfigError::Relative {
                     path: path.to_owned(),
                     key,
@@ -159,12 +155,65 @@ pub fn get() -> &'static Config {
     load().unwrap_or(&DEFAULT)
 }
 
-/// `$var` when set and not empty, else the configuration's `key`.
-pub fn setting(var: &str, key: impl FnOnce(&Config) -> &Option<PathBuf>) -> Option<PathBuf> {
-    std::env::var_os(var)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| key(get()).clone())
+/// A place `forkvm.toml` sets, and the environment variable that overrides it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setting {
+    /// `root`, overridden by `FORKVM_ROOT`.
+    Root,
+    /// `store`, overridden by `FORKVM_STORE`.
+    Store,
+    /// `cache`, overridden by `FORKVM_CACHE`.
+    Cache,
+    /// `agent`, overridden by `FORKVM_AGENT`.
+    Agent,
+}
+
+impl Setting {
+    /// Every setting.
+    pub const ALL: [Setting; 4] = [
+        Setting::Root,
+        Setting::Store,
+        Setting::Cache,
+        Setting::Agent,
+    ];
+
+    /// Its key in `forkvm.toml`.
+    pub const fn key(self) -> &'static str {
+        match self {
+            Setting::Root => "root",
+            Setting::Store => "store",
+            Setting::Cache => "cache",
+            Setting::Agent => "agent",
+        }
+    }
+
+    /// The environment variable that overrides it.
+    pub const fn var(self) -> &'static str {
+        match self {
+            Setting::Root => "FORKVM_ROOT",
+            Setting::Store => "FORKVM_STORE",
+            Setting::Cache => "FORKVM_CACHE",
+            Setting::Agent => "FORKVM_AGENT",
+        }
+    }
+
+    /// Its value in `config`.
+    pub fn of(self, config: &Config) -> Option<&PathBuf> {
+        match self {
+            Setting::Root => config.root.as_ref(),
+            Setting::Store => config.store.as_ref(),
+            Setting::Cache => config.cache.as_ref(),
+            Setting::Agent => config.agent.as_ref(),
+        }
+    }
+
+    /// Its variable when set and not empty, else this program's configuration's value.
+    pub fn get(self) -> Option<PathBuf> {
+        std::env::var_os(self.var())
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| self.of(get()).cloned())
+    }
 }
 
 /// Finds forkvm's program `name`: beside this process's executable (or beside its

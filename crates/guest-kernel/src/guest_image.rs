@@ -88,7 +88,7 @@ poweroff -f
 /// installed forkvm), else the static (musl) build in the `target` directory that
 /// holds the running executable.
 pub fn find_agent() -> Option<PathBuf> {
-    if let Some(p) = forkvm_config::setting("FORKVM_AGENT", |c| &c.agent) {
+    if let Some(p) = forkvm_config::Setting::Agent.get() {
         return Some(p);
     }
     let exe = std::env::current_exe().ok()?;

@@ -102,7 +102,7 @@ impl KernelTree {
 /// `$XDG_CACHE_HOME/forkvm`, else `~/.cache/forkvm`. Not created.
 pub fn cache_dir() -> Result<PathBuf, Error> {
     let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    if let Some(dir) = forkvm_config::setting("FORKVM_CACHE", |c| &c.cache) {
+    if let Some(dir) = forkvm_config::Setting::Cache.get() {
         return Ok(dir);
     }
     if let Some(dir) = nonempty("XDG_CACHE_HOME") {

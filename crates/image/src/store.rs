@@ -85,7 +85,7 @@ impl Store {
     /// `/var/lib/forkvm/images` when running as root; else `$XDG_DATA_HOME/forkvm/images`
     /// (default `~/.local/share/forkvm/images`).
     pub fn default_root() -> PathBuf {
-        if let Some(dir) = forkvm_config::setting("FORKVM_STORE", |c| &c.store) {
+        if let Some(dir) = forkvm_config::Setting::Store.get() {
             return dir;
         }
         default_root_from(

@@ -10,7 +10,7 @@ use crate::state::{Status, VmState};
 use crate::Error;
 
 /// Environment variable that overrides the default state root (as `--root` does).
-pub const ENV_ROOT: &str = "FORKVM_ROOT";
+pub const ENV_ROOT: &str = forkvm_config::Setting::Root.var();
 
 const STATE_FILE: &str = "state.json";
 const CONSOLE_FILE: &str = "console.log";
@@ -20,7 +20,7 @@ const SOCKET_FILE: &str = "api.sock";
 /// `$XDG_RUNTIME_DIR/forkvm`, else `/tmp/forkvm-<uid>`; `root` in `forkvm.toml` comes
 /// before the built-in defaults.
 pub fn default_root() -> PathBuf {
-    if let Some(r) = forkvm_config::setting(ENV_ROOT, |c| &c.root) {
+    if let Some(r) = forkvm_config::Setting::Root.get() {
         return r;
     }
     // SAFETY: geteuid(2) cannot fail and touches no memory.

@@ -37,15 +37,15 @@ use std::time::{Duration, Instant};
 /// The runtime binary built with these tests.
 pub const FORKVM_RUNTIME: &str = env!("CARGO_BIN_EXE_forkvm-runtime");
 
-/// The variables that override an installed forkvm's `forkvm.toml` (and the shim's
-/// choice of runtime): none may be needed by an engine.
-pub const CONFIG_VARIABLES: &[&str] = &[
-    "FORKVM_ROOT",
-    "FORKVM_STORE",
-    "FORKVM_CACHE",
-    "FORKVM_AGENT",
-    "FORKVM_RUNTIME",
-];
+/// The variables that override an installed forkvm's `forkvm.toml`, and the shim's
+/// choice of runtime: none may be needed by an engine.
+pub fn config_variables() -> Vec<&'static str> {
+    forkvm_config::Setting::ALL
+        .iter()
+        .map(|s| s.var())
+        .chain([forkvm_shim::runtime::RUNTIME_ENV])
+        .collect()
+}
 
 /// The environment variable that replaces the runtime under test (e.g. with runc).
 pub const RUNTIME_OVERRIDE: &str = "FORKVM_TEST_RUNTIME";
@@ -1045,7 +1045,11 @@ pub fn detached_cases(e: &Engine) {
             let env = environ_of(pid);
             let overrides: Vec<&String> = env
                 .iter()
-                .filter(|v| CONFIG_VARIABLES.iter().any(|k| v.starts_with(&format!("{k}="))))
+                .filter(|v| {
+                    config_variables()
+                        .iter()
+                        .any(|k| v.starts_with(&format!("{k}=")))
+                })
                 .collect();
             assert!(
                 overrides.is_empty(),

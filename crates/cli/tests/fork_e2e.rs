@@ -419,6 +419,9 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
         forkvm_ok(&root, &["rm", "base"]);
         std::thread::sleep(Duration::from_secs(8));
 
+        // A child's clock must read at least this, 8 s past the save: a clock stuck
+        // at the save reads 8 s less. (Whole seconds, as the guest's `date +%s`.)
+        let fork_requested = now_s();
         let out: ForkOutcome = serde_json::from_str(&forkvm_ok(
             &root,
             &[
@@ -447,16 +450,29 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
                 "child {id} did not resume the saved VM (first count {}, saved at {saved_at})",
                 c[0]
             );
-            // The guest clock moved on with real time: not stuck at the save.
+            // The guest clock moved on with real time: not stuck at the save. The
+            // reading was printed after the fork request and before the log was read;
+            // how long ago depends on the machine's speed, so the bounds are those two
+            // moments (one second of slack each for whole-second truncation).
             let log = forkvm_ok(&root, &["logs", &id]);
+            let read_at = now_s();
             let clock: i64 = log
                 .lines()
                 .rev()
                 .filter_map(|l| l.split("clock=").nth(1))
                 .find_map(|t| t.trim().parse().ok())
                 .expect("a clock reading");
-            let skew = (clock - now_s()).abs();
-            assert!(skew <= 3, "child {id}'s clock is {skew} s off the host's");
+            assert!(
+                clock >= fork_requested - 1,
+                "child {id}'s clock reads {clock}, {} s before the fork was requested: \
+                 stuck at the save?",
+                fork_requested - clock
+            );
+            assert!(
+                clock <= read_at + 1,
+                "child {id}'s clock reads {clock}, {} s ahead of the host's",
+                clock - read_at
+            );
         }
         for c in &out.children {
             let uds = c.vsock_uds.as_ref().unwrap();

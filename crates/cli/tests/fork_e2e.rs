@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use forkvm_vmm::control::{ChildSpec, ControlHandle, ForkOutcome, ForkRequest, Request, Response};
 use forkvm_vmm::launch::ChildHomes;
-use forkvm_vmm::{VmConfig, Vmm, VsockSpec};
+use forkvm_vmm::{VmConfig, Vmm, VsockConfig};
 
 /// The guest's program: a marker on tmpfs, a counter, fresh random numbers each tick, a
 /// process pinned to vCPU 1 proving that vCPU runs, and a check that what this VM wrote
@@ -132,7 +132,7 @@ fn running_vm_forks_into_private_children_with_their_own_identity() {
         cfg.initrd = Some(guest.initrd.clone());
         cfg.vcpus = 2;
         cfg.mem_mib = 256;
-        cfg.vsock = Some(VsockSpec {
+        cfg.vsock = Some(VsockConfig {
             cid: 3,
             uds: dir.path().join("parent.vsock"),
         });

@@ -19,7 +19,7 @@ use forkvm_guest_kernel::GuestImage;
 use forkvm_registry::VmHome;
 use forkvm_vmm::config::DEFAULT_CMDLINE;
 use forkvm_vmm::launch::{ConsoleSpec, HomeSpec, Launch, ProcessOptions, Start, VmProcess};
-use forkvm_vmm::{BlockSpec, VmConfig, VsockSpec};
+use forkvm_vmm::{BlockConfig, VmConfig, VsockConfig};
 
 /// How long the guest has to boot and answer: generous, as a nested, emulated host
 /// boots a kernel in seconds, not milliseconds.
@@ -72,11 +72,11 @@ pub fn config(
     cfg.vcpus = vcpus;
     cfg.mem_mib = mem_mib;
     cfg.cmdline = format!("{DEFAULT_CMDLINE} forkvm.rootfs=/dev/vda forkvm.hostname={hostname}");
-    cfg.disks = vec![BlockSpec {
+    cfg.disks = vec![BlockConfig {
         path: rootfs.to_owned(),
         read_only: true,
     }];
-    cfg.vsock = Some(VsockSpec {
+    cfg.vsock = Some(VsockConfig {
         cid: GUEST_CID,
         uds: uds.to_owned(),
     });

@@ -11,7 +11,7 @@ use serde::Serialize;
 /// First eight bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"FORKVMST";
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Largest payload accepted (a VM's state is kilobytes; this bounds a hostile file).
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8;

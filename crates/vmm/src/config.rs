@@ -1,38 +1,16 @@
-//! What the user asks for: the VM's size, kernel, command line and devices.
+//! What the user asks for: the VM's size, kernel, command line and devices. Each
+//! device's configuration is the device's own type, re-exported here.
 
 use std::path::PathBuf;
+
+pub use forkvm_devices::virtio::block::BlockConfig;
+pub use forkvm_devices::virtio::net::NetConfig;
+pub use forkvm_devices::virtio::vsock::VsockConfig;
 
 /// Default kernel command line: serial console, reboot through the i8042 reset line,
 /// no PCI probe. (No i8042 options: the FADT says there is no PS/2 controller, and
 /// forcing a probe costs a second-long timeout.)
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 pci=off";
-
-/// A virtio-blk disk.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct BlockSpec {
-    /// Raw image file.
-    pub path: PathBuf,
-    /// Whether the guest may only read it.
-    pub read_only: bool,
-}
-
-/// A virtio-net card on a TAP device.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct NetSpec {
-    /// TAP interface name.
-    pub tap: String,
-    /// MAC address; random locally administered when absent.
-    pub mac: Option<[u8; 6]>,
-}
-
-/// The virtio-vsock device.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct VsockSpec {
-    /// The guest's context ID (3 or more).
-    pub cid: u64,
-    /// Host Unix socket that stands for the guest's vsock ports.
-    pub uds: PathBuf,
-}
 
 /// A VM to boot.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -49,11 +27,11 @@ pub struct VmConfig {
     /// ` -- ` go to init.
     pub cmdline: String,
     /// Disks, in the order the guest sees them (vda, vdb, ...).
-    pub disks: Vec<BlockSpec>,
+    pub disks: Vec<BlockConfig>,
     /// Network cards.
-    pub nets: Vec<NetSpec>,
+    pub nets: Vec<NetConfig>,
     /// The vsock device, if any.
-    pub vsock: Option<VsockSpec>,
+    pub vsock: Option<VsockConfig>,
     /// Whether to add a virtio-rng device.
     pub rng: bool,
     /// Whether host stdin feeds the serial console (off when stdin belongs to something

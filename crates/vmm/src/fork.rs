@@ -21,7 +21,7 @@ use crate::control::{error_chain, ChildInfo, ChildSpec, ControlError, ForkOutcom
 use crate::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, ProcessOptions, Start, VmProcess};
 use crate::memory::{GuestRam, MemoryLayout};
 use crate::snapshot::{ChildIdentity, VmSnapshot};
-use crate::vmm::{Origin, Vmm, VmmError};
+use crate::vmm::{Vmm, VmmError};
 
 /// Most children one fork request may create.
 pub const MAX_CHILDREN: u32 = 1024;
@@ -48,6 +48,9 @@ pub enum ForkChildError {
     /// The VM could not be restored.
     #[error(transparent)]
     Vmm(#[from] VmmError),
+    /// The payload's configuration is not the child's own.
+    #[error("the fork payload gives the child no identity of its own: {0}")]
+    Identity(String),
     /// Resuming failed.
     #[error("cannot start the restored VM: {0}")]
     Start(String),
@@ -303,6 +306,32 @@ impl ChildPayload {
         }
     }
 
+    /// Checks that the configuration the devices are built from carries the child's
+    /// own vsock CID and socket and TAPs: a child must never take over its parent's
+    /// socket (binding it unlinks the parent's) or TAPs.
+    fn check_identity(&self) -> Result<(), ForkChildError> {
+        let id = &self.identity;
+        let cfg = &self.snapshot.config;
+        if let Some(v) = &cfg.vsock {
+            if id.cid != Some(v.cid) || id.vsock_uds.as_ref() != Some(&v.uds) {
+                return Err(ForkChildError::Identity(format!(
+                    "its vsock is CID {} on {}",
+                    v.cid,
+                    v.uds.display()
+                )));
+            }
+        }
+        for (i, net) in cfg.nets.iter().enumerate() {
+            if id.taps.get(i) != Some(&net.tap) {
+                return Err(ForkChildError::Identity(format!(
+                    "its NIC {i} is on TAP {}",
+                    net.tap
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The child's configuration (with its own identity).
     pub fn config(&self) -> &VmConfig {
         &self.snapshot.config
@@ -320,17 +349,10 @@ impl ChildPayload {
         if files.is_empty() {
             return Err(ForkChildError::NoMemory);
         }
+        self.check_identity()?;
         let base = files.remove(0);
         let ram = GuestRam::from_layers(base, files, &self.layout)?;
-        let mut vmm = Vmm::build(
-            &self.snapshot.config,
-            ram,
-            console,
-            Origin::Restore {
-                snapshot: &self.snapshot,
-                identity: &self.identity,
-            },
-        )?;
+        let mut vmm = Vmm::build(&self.snapshot.config, ram, console, Some(&self.snapshot))?;
         vmm.set_child_homes(homes);
         vmm.resume()
             .map_err(|e| ForkChildError::Start(e.to_string()))?;

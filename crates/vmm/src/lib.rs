@@ -11,6 +11,7 @@ pub mod bus;
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod devices;
 pub mod fork;
 pub mod launch;
 pub mod layout;
@@ -22,5 +23,5 @@ pub mod vm;
 pub mod vmm;
 pub mod x86;
 
-pub use config::{BlockSpec, NetSpec, VmConfig, VsockSpec};
+pub use config::{BlockConfig, NetConfig, VmConfig, VsockConfig};
 pub use vmm::{ExitReason, Vmm, VmmError};

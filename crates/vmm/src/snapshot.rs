@@ -6,38 +6,12 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use forkvm_devices::legacy::SerialState;
-use forkvm_devices::virtio::block::BlockState;
-use forkvm_devices::virtio::mmio::MmioTransportState;
-use forkvm_devices::virtio::net::NetState;
-use forkvm_devices::virtio::rng::RngState;
-use forkvm_devices::virtio::vsock::VsockState;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
+use crate::devices::VirtioSnapshot;
 use crate::vcpu::VcpuState;
 use crate::vm::VmArchState;
-
-/// One device's saved state.
-#[derive(Debug, Serialize, Deserialize)]
-pub enum VirtioDeviceState {
-    /// virtio-blk.
-    Block(BlockState),
-    /// virtio-net, with the TAP it was attached to.
-    Net(NetState, String),
-    /// virtio-vsock.
-    Vsock(VsockState),
-    /// virtio-rng.
-    Rng(RngState),
-}
-
-/// A virtio device and its transport registers.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct VirtioSnapshot {
-    /// The device.
-    pub device: VirtioDeviceState,
-    /// Its virtio-mmio transport.
-    pub transport: MmioTransportState,
-}
 
 /// The complete state of a paused VM, guest memory aside.
 #[derive(Debug, Serialize, Deserialize)]

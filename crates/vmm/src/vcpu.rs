@@ -21,7 +21,15 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use forkvm_devices::Persist;
+use kvm_bindings::CpuId;
+use vm_memory::GuestAddress;
+
 use crate::bus::Bus;
+use crate::vm::Vm;
+use crate::x86::cpu::{
+    patch_cpuid, setup_boot_vcpu, setup_cpuid_and_msrs, setup_lapic, CpuSetupError,
+};
 
 /// Names of the exit reasons counted by [`exit_counts`].
 const EXIT_NAMES: [&str; 8] = [
@@ -507,13 +515,111 @@ impl VcpuHandle {
             _ => Err(VcpuStateError::ThreadGone(self.index)),
         }
     }
+}
 
-    /// Reads the state of a paused vCPU.
-    pub fn save(&self) -> Result<VcpuState, VcpuStateError> {
-        match self.ask(Command::Save, false)? {
-            Answer::State(s) => *s,
-            _ => Err(VcpuStateError::ThreadGone(self.index)),
+/// What a vCPU is created with, at boot and at restore.
+pub struct VcpuArgs<'a> {
+    /// The VM it belongs to.
+    pub vm: &'a Vm,
+    /// Its index (and APIC ID).
+    pub index: u8,
+    /// How many vCPUs the VM has.
+    pub count: u8,
+    /// The CPUID KVM supports, patched per vCPU.
+    pub cpuid: &'a CpuId,
+    /// Whether the host offers the TSC-deadline timer.
+    pub tsc_deadline: bool,
+    /// Port-I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// Where to report a stop.
+    pub stop: Arc<StopSink>,
+    /// MSRs to try when saving state (KVM's index list).
+    pub msr_candidates: Arc<Vec<u32>>,
+    /// Nanoseconds a restored state spent saved: its TSC moves on by as much.
+    pub advance_ns: u64,
+}
+
+/// Why a vCPU could not be built or saved.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// KVM would not create the vCPU.
+    #[error("cannot create the vCPU")]
+    Create(#[source] kvm_ioctls::Error),
+    /// Its CPUID, MSRs, LAPIC or boot registers could not be set.
+    #[error(transparent)]
+    Setup(#[from] CpuSetupError),
+    /// Its state could not be read or written.
+    #[error(transparent)]
+    State(#[from] VcpuStateError),
+    /// Its thread could not be started.
+    #[error("cannot start the vCPU thread")]
+    Thread(#[source] std::io::Error),
+}
+
+impl VcpuArgs<'_> {
+    /// Creates the KVM vCPU with its CPUID and MSRs set.
+    fn create(&self) -> Result<VcpuFd, VcpuError> {
+        let fd = self
+            .vm
+            .fd()
+            .create_vcpu(u64::from(self.index))
+            .map_err(VcpuError::Create)?;
+        let mut cpuid = self.cpuid.clone();
+        patch_cpuid(&mut cpuid, self.index, self.count, self.tsc_deadline);
+        setup_cpuid_and_msrs(&fd, &cpuid)?;
+        Ok(fd)
+    }
+
+    /// Starts the thread that runs `fd`.
+    fn spawn(self, fd: VcpuFd, start_paused: bool) -> Result<VcpuHandle, VcpuError> {
+        VcpuRunner {
+            index: self.index,
+            fd,
+            pio: self.pio,
+            mmio: self.mmio,
+            stop: self.stop,
+            msr_candidates: self.msr_candidates,
+            start_paused,
         }
+        .spawn()
+        .map_err(VcpuError::Thread)
+    }
+}
+
+impl VcpuHandle {
+    /// Creates a vCPU in its power-on state (vCPU 0 at the kernel's `entry`) and runs
+    /// it.
+    pub fn boot(args: VcpuArgs<'_>, entry: GuestAddress) -> Result<Self, VcpuError> {
+        let fd = args.create()?;
+        setup_lapic(&fd)?;
+        if args.index == 0 {
+            setup_boot_vcpu(&fd, entry)?;
+        }
+        args.spawn(fd, false)
+    }
+}
+
+impl<'a> Persist<'a> for VcpuHandle {
+    type State = VcpuState;
+    type ConstructorArgs = VcpuArgs<'a>;
+    type Error = VcpuError;
+
+    /// Reads the state of a paused vCPU (on its own thread).
+    fn save(&self) -> Result<VcpuState, VcpuError> {
+        match self.ask(Command::Save, false)? {
+            Answer::State(s) => Ok((*s)?),
+            _ => Err(VcpuStateError::ThreadGone(self.index).into()),
+        }
+    }
+
+    /// Creates the vCPU with the saved state (its clocks moved on by
+    /// `args.advance_ns`) and starts its thread paused, for the VMM to resume.
+    fn restore(args: VcpuArgs<'a>, state: &VcpuState) -> Result<Self, VcpuError> {
+        let fd = args.create()?;
+        state.restore(&fd, args.advance_ns)?;
+        args.spawn(fd, true)
     }
 }
 

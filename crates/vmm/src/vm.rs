@@ -2,6 +2,7 @@
 //! the irqfd / ioeventfd wiring that lets devices interrupt and be kicked without the
 //! vCPU threads.
 
+use forkvm_devices::Persist;
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
@@ -108,46 +109,6 @@ impl Vm {
         &self.kvm
     }
 
-    /// Reads the interrupt controllers, PIT and clock.
-    pub fn save_arch(&self) -> Result<VmArchState, VmError> {
-        let chip = |id| -> Result<kvm_irqchip, VmError> {
-            let mut c = kvm_irqchip {
-                chip_id: id,
-                ..Default::default()
-            };
-            self.fd
-                .get_irqchip(&mut c)
-                .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
-            Ok(c)
-        };
-        Ok(VmArchState {
-            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
-            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
-            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
-            pit: self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
-            clock: self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
-        })
-    }
-
-    /// Writes saved interrupt-controller and PIT state into this (fresh) VM and sets the
-    /// kvmclock `advance_ns` past the saved value, so guest time moves on by the time
-    /// the state spent saved.
-    pub fn restore_arch(&self, state: &VmArchState, advance_ns: u64) -> Result<(), VmError> {
-        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
-            self.fd
-                .set_irqchip(chip)
-                .map_err(kvm_err("KVM_SET_IRQCHIP"))?;
-        }
-        self.fd
-            .set_pit2(&state.pit)
-            .map_err(kvm_err("KVM_SET_PIT2"))?;
-        let clock = kvm_clock_data {
-            clock: state.clock.clock.saturating_add(advance_ns),
-            ..Default::default()
-        };
-        self.fd.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))
-    }
-
     /// MSR indices KVM reports for this host (candidates for saving).
     pub fn msr_index_list(&self) -> Result<Vec<u32>, VmError> {
         Ok(self
@@ -205,5 +166,59 @@ impl Vm {
         self.fd
             .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
             .map_err(kvm_err("KVM_IOEVENTFD"))
+    }
+}
+
+/// What a VM is restored with besides its saved state.
+pub struct VmArgs {
+    /// Nanoseconds the state spent saved: the kvmclock moves on by as much.
+    pub advance_ns: u64,
+}
+
+impl Persist<'_> for Vm {
+    type State = VmArchState;
+    type ConstructorArgs = VmArgs;
+    type Error = VmError;
+
+    /// Reads the interrupt controllers, PIT and clock.
+    fn save(&self) -> Result<VmArchState, VmError> {
+        let chip = |id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+            Ok(c)
+        };
+        Ok(VmArchState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+            clock: self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+        })
+    }
+
+    /// A new VM with the saved interrupt-controller and PIT state, and its kvmclock
+    /// `args.advance_ns` past the saved value, so guest time moves on by the time the
+    /// state spent saved.
+    fn restore(args: VmArgs, state: &VmArchState) -> Result<Self, VmError> {
+        let vm = Vm::new()?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            vm.fd
+                .set_irqchip(chip)
+                .map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        vm.fd
+            .set_pit2(&state.pit)
+            .map_err(kvm_err("KVM_SET_PIT2"))?;
+        let clock = kvm_clock_data {
+            clock: state.clock.clock.saturating_add(args.advance_ns),
+            ..Default::default()
+        };
+        vm.fd.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
+        Ok(vm)
     }
 }

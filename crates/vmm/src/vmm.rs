@@ -7,15 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use forkvm_devices::legacy::{AcpiPowerPort, EventFdTrigger, Serial, I8042};
-use forkvm_devices::virtio::block::{Block, BlockConfig};
-use forkvm_devices::virtio::mmio::MmioTransport;
-use forkvm_devices::virtio::net::{format_mac, Net, NetConfig};
-use forkvm_devices::virtio::rng::Rng;
-use forkvm_devices::virtio::vsock::{Vsock, VsockConfig};
-use forkvm_devices::virtio::VirtioDevice;
-use forkvm_devices::BusDevice;
+use forkvm_devices::legacy::{AcpiPowerPort, EventFdTrigger, Serial, SerialArgs, I8042};
+use forkvm_devices::{BusDevice, Persist};
 use libc::EFD_NONBLOCK;
+use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -26,26 +21,17 @@ use crate::control::{
     control_channel, error_chain, ControlError, ControlHandle, ControlInbox, DeviceInfo, Request,
     Response, RunState, VmInfo,
 };
+use crate::devices::{AttachedVirtio, DeviceSetup};
 use crate::launch::ChildHomes;
-use crate::layout::{
-    ACPI_POWER_PORT, I8042_PORT, IRQ_MAX, SERIAL_IRQ, SERIAL_PORT, VIRTIO_IRQ_BASE,
-    VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
-};
+use crate::layout::{ACPI_POWER_PORT, I8042_PORT, SERIAL_IRQ, SERIAL_PORT};
 use crate::memory::{GuestRam, MemoryError};
-use crate::snapshot::{ChildIdentity, VirtioDeviceState, VirtioSnapshot, VmSnapshot};
-use crate::vcpu::{
-    install_kick_handler, StopSink, VcpuHandle, VcpuRunner, VcpuStateError, VcpuStop,
-};
-use crate::vm::{Vm, VmError};
-use crate::x86::acpi::{write_acpi_tables, AcpiError, MmioDeviceInfo};
+use crate::snapshot::VmSnapshot;
+use crate::vcpu::{install_kick_handler, StopSink, VcpuArgs, VcpuError, VcpuHandle, VcpuStop};
+use crate::vm::{Vm, VmArgs, VmError};
+use crate::x86::acpi::{write_acpi_tables, AcpiError};
 use crate::x86::boot::{build_cmdline, load_initrd, load_kernel, write_boot_params, BootError};
-use crate::x86::cpu::{
-    patch_cpuid, setup_boot_vcpu, setup_cpuid_and_msrs, setup_lapic, write_boot_tables,
-    CpuSetupError,
-};
+use crate::x86::cpu::write_boot_tables;
 
-/// Offset of the virtio-mmio `QueueNotify` register.
-const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
 /// Most vCPUs a VM may have (APIC IDs fit in 8 bits, 0xff is broadcast).
 pub const MAX_VCPUS: u8 = 254;
 
@@ -74,16 +60,7 @@ pub enum VmmError {
         index: u8,
         /// What failed.
         #[source]
-        source: CpuSetupError,
-    },
-    /// A vCPU's saved state could not be restored.
-    #[error("vCPU {index}")]
-    VcpuState {
-        /// vCPU index.
-        index: u8,
-        /// What failed.
-        #[source]
-        source: VcpuStateError,
+        source: VcpuError,
     },
     /// A device could not be created.
     #[error("cannot create the {what} device")]
@@ -114,13 +91,6 @@ pub enum VmmError {
     EventLoop(event_manager::Error),
 }
 
-fn device_err(
-    what: impl Into<String>,
-) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> VmmError {
-    let what = what.into();
-    move |source| VmmError::Device { what, source }
-}
-
 /// How the guest ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExitReason {
@@ -134,62 +104,8 @@ pub enum ExitReason {
     Failed(String),
 }
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
-
-/// A virtio device, typed, so its state can be saved and its identity changed.
-#[derive(Clone)]
-pub enum VirtioKind {
-    /// virtio-blk.
-    Block(Arc<Mutex<Block>>),
-    /// virtio-net.
-    Net(Arc<Mutex<Net>>),
-    /// virtio-vsock.
-    Vsock(Arc<Mutex<Vsock>>),
-    /// virtio-rng.
-    Rng(Arc<Mutex<Rng>>),
-}
-
-impl VirtioKind {
-    fn name(&self) -> &'static str {
-        match self {
-            VirtioKind::Block(_) => "block",
-            VirtioKind::Net(_) => "net",
-            VirtioKind::Vsock(_) => "vsock",
-            VirtioKind::Rng(_) => "rng",
-        }
-    }
-
-    /// The device's saved state.
-    pub fn save(&self) -> VirtioDeviceState {
-        fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-            m.lock().unwrap_or_else(|p| p.into_inner())
-        }
-        match self {
-            VirtioKind::Block(d) => VirtioDeviceState::Block(lock(d).save()),
-            VirtioKind::Net(d) => {
-                let d = lock(d);
-                VirtioDeviceState::Net(d.save(), d.tap_name().unwrap_or_default().to_owned())
-            }
-            VirtioKind::Vsock(d) => VirtioDeviceState::Vsock(lock(d).save()),
-            VirtioKind::Rng(d) => VirtioDeviceState::Rng(lock(d).save()),
-        }
-    }
-}
-
-/// A virtio device attached to the MMIO bus.
-#[derive(Clone)]
-pub struct AttachedVirtio {
-    /// The device.
-    pub kind: VirtioKind,
-    /// Its transport.
-    pub transport: Arc<Mutex<MmioTransport>>,
-    /// What the API shows.
-    pub detail: String,
-    /// MMIO window base.
-    pub base: u64,
-    /// Interrupt line.
-    pub irq: u32,
-}
+/// What the device event loop runs.
+pub(crate) type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// Wakes the event loop when a vCPU, the i8042 or the power port asks to stop.
 struct StopWatcher {
@@ -231,15 +147,12 @@ impl MutEventSubscriber for ControlWaker {
     }
 }
 
-/// Where a VM comes from.
-pub(crate) enum Origin<'a> {
-    /// Boot the kernel in the configuration.
-    Boot,
-    /// Restore a snapshot (a fork child): vCPUs start paused.
-    Restore {
-        snapshot: &'a VmSnapshot,
-        identity: &'a ChildIdentity,
-    },
+/// How a VM's vCPUs start.
+enum Start<'a> {
+    /// From power-on, vCPU 0 at the kernel's entry point.
+    Boot(GuestAddress),
+    /// From their saved state.
+    Restore(&'a VmSnapshot),
 }
 
 /// A running (or paused) VM.
@@ -261,173 +174,6 @@ pub struct Vmm {
     pub(crate) child_homes: Option<ChildHomes>,
 }
 
-struct DeviceSetup<'a> {
-    vm: &'a Vm,
-    ram: &'a GuestRam,
-    events: &'a mut EventManager<Subscriber>,
-    mmio: Bus,
-    acpi_devices: Vec<MmioDeviceInfo>,
-    attached: Vec<AttachedVirtio>,
-}
-
-impl DeviceSetup<'_> {
-    /// Puts `device` on the next MMIO window and IRQ, restoring its transport's saved
-    /// registers when given.
-    fn attach_virtio<D>(
-        &mut self,
-        detail: String,
-        device: D,
-        wrap: fn(Arc<Mutex<D>>) -> VirtioKind,
-        transport_state: Option<&forkvm_devices::virtio::mmio::MmioTransportState>,
-    ) -> Result<(), VmmError>
-    where
-        D: VirtioDevice + MutEventSubscriber + Send + 'static,
-    {
-        let index = self.attached.len() as u64;
-        let irq = VIRTIO_IRQ_BASE + index as u32;
-        if irq > IRQ_MAX {
-            return Err(VmmError::NoIrq(detail));
-        }
-        let base = VIRTIO_MMIO_START + index * VIRTIO_MMIO_SIZE;
-        let typed = Arc::new(Mutex::new(device));
-        self.events.add_subscriber(typed.clone());
-        let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        self.vm.register_irqfd(&irq_evt, irq)?;
-        let device: Arc<Mutex<dyn VirtioDevice>> = typed.clone();
-        let mem = self.ram.memory().clone();
-        let transport = match transport_state {
-            None => MmioTransport::new(mem, device, irq_evt),
-            Some(state) => MmioTransport::restore(mem, device, irq_evt, state),
-        }
-        .map_err(|e| device_err(detail.clone())(Box::new(e)))?;
-        for (q, evt) in transport.queue_evts().iter().enumerate() {
-            self.vm
-                .register_mmio_ioevent(evt, base + VIRTIO_MMIO_QUEUE_NOTIFY, q as u32)?;
-        }
-        let transport = Arc::new(Mutex::new(transport));
-        self.mmio
-            .insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
-        self.attached.push(AttachedVirtio {
-            kind: wrap(typed),
-            transport,
-            detail,
-            base,
-            irq,
-        });
-        self.acpi_devices.push(MmioDeviceInfo {
-            base,
-            len: VIRTIO_MMIO_SIZE,
-            irq,
-        });
-        Ok(())
-    }
-
-    /// Creates the devices `cfg` asks for.
-    fn attach_configured(&mut self, cfg: &VmConfig) -> Result<(), VmmError> {
-        for disk in &cfg.disks {
-            let what = format!(
-                "{}{}",
-                disk.path.display(),
-                if disk.read_only { " (ro)" } else { "" }
-            );
-            let dev = Block::new(BlockConfig {
-                path: disk.path.clone(),
-                read_only: disk.read_only,
-            })
-            .map_err(|e| device_err(format!("block {what}"))(Box::new(e)))?;
-            self.attach_virtio(what, dev, VirtioKind::Block, None)?;
-        }
-        for net in &cfg.nets {
-            let dev = Net::new(NetConfig {
-                tap_name: net.tap.clone(),
-                mac: net.mac,
-            })
-            .map_err(|e| device_err(format!("net (tap {})", net.tap))(Box::new(e)))?;
-            let what = format!("tap {} mac {}", net.tap, format_mac(&dev.mac()));
-            self.attach_virtio(what, dev, VirtioKind::Net, None)?;
-        }
-        if let Some(vsock) = &cfg.vsock {
-            let what = format!("cid {} uds {}", vsock.cid, vsock.uds.display());
-            let dev = Vsock::new(VsockConfig {
-                guest_cid: vsock.cid,
-                uds_path: vsock.uds.clone(),
-            })
-            .map_err(|e| device_err(format!("vsock {what}"))(Box::new(e)))?;
-            self.attach_virtio(what, dev, VirtioKind::Vsock, None)?;
-        }
-        if cfg.rng {
-            let dev = Rng::new().map_err(|e| device_err("rng")(Box::new(e)))?;
-            self.attach_virtio("getrandom".into(), dev, VirtioKind::Rng, None)?;
-        }
-        Ok(())
-    }
-
-    /// Restores the devices of a snapshot, giving the child its own identity.
-    fn attach_restored(&mut self, snap: &VmSnapshot, id: &ChildIdentity) -> Result<(), VmmError> {
-        let mut nets = 0usize;
-        for slot in &snap.virtio {
-            let VirtioSnapshot { device, transport } = slot;
-            let t = Some(transport);
-            match device {
-                VirtioDeviceState::Block(s) => {
-                    let dev = Block::restore(s).map_err(|e| {
-                        device_err(format!("block {}", s.config.path.display()))(Box::new(e))
-                    })?;
-                    let what = format!(
-                        "{}{}",
-                        s.config.path.display(),
-                        if s.config.read_only { " (ro)" } else { "" }
-                    );
-                    self.attach_virtio(what, dev, VirtioKind::Block, t)?;
-                }
-                VirtioDeviceState::Net(s, _parent_tap) => {
-                    let tap = id.taps.get(nets).cloned().ok_or_else(|| {
-                        VmmError::BadSnapshot(format!("no TAP given for the child's NIC {nets}"))
-                    })?;
-                    let mac = id.macs.get(nets).copied();
-                    nets += 1;
-                    let dev = Net::restore(
-                        NetConfig {
-                            tap_name: tap.clone(),
-                            mac,
-                        },
-                        s,
-                    )
-                    .map_err(|e| device_err(format!("net (tap {tap})"))(Box::new(e)))?;
-                    let what = format!("tap {tap} mac {}", format_mac(&dev.mac()));
-                    self.attach_virtio(what, dev, VirtioKind::Net, t)?;
-                }
-                VirtioDeviceState::Vsock(s) => {
-                    let (Some(cid), Some(uds)) = (id.cid, id.vsock_uds.clone()) else {
-                        return Err(VmmError::BadSnapshot(
-                            "no vsock identity for the child".into(),
-                        ));
-                    };
-                    let dev = Vsock::restore(
-                        VsockConfig {
-                            guest_cid: cid,
-                            uds_path: uds.clone(),
-                        },
-                        s,
-                    )
-                    .map_err(|e| device_err(format!("vsock cid {cid}"))(Box::new(e)))?;
-                    self.attach_virtio(
-                        format!("cid {cid} uds {}", uds.display()),
-                        dev,
-                        VirtioKind::Vsock,
-                        t,
-                    )?;
-                }
-                VirtioDeviceState::Rng(s) => {
-                    let dev = Rng::restore(s).map_err(|e| device_err("rng")(Box::new(e)))?;
-                    self.attach_virtio("getrandom".into(), dev, VirtioKind::Rng, t)?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
 impl Vmm {
     /// Boots `cfg`: everything up to and including starting the vCPU threads. Guest
     /// console output goes to `console`.
@@ -436,18 +182,33 @@ impl Vmm {
             return Err(VmmError::BadVcpuCount(cfg.vcpus));
         }
         let ram = GuestRam::new(cfg.mem_mib)?;
-        Self::build(cfg, ram, console, Origin::Boot)
+        Self::build(cfg, ram, console, None)
     }
 
-    /// Creates the VM around `ram` and starts its vCPU threads (paused when restoring).
+    /// Creates the VM around `ram` and starts its vCPU threads: a boot of `cfg`, or a
+    /// restore of `saved` (with `cfg`, the child's own configuration), whose vCPUs start
+    /// paused.
     pub(crate) fn build(
         cfg: &VmConfig,
         ram: GuestRam,
         console: Box<dyn Write + Send>,
-        origin: Origin<'_>,
+        saved: Option<&VmSnapshot>,
     ) -> Result<Self, VmmError> {
         let started = Instant::now();
-        let vm = Vm::new()?;
+        if let Some(snapshot) = saved {
+            if snapshot.vcpus.len() != usize::from(cfg.vcpus) {
+                return Err(VmmError::BadSnapshot(format!(
+                    "{} vCPU states for {} vCPUs",
+                    snapshot.vcpus.len(),
+                    cfg.vcpus
+                )));
+            }
+        }
+        let advance_ns = saved.map_or(0, VmSnapshot::elapsed_ns);
+        let vm = match saved {
+            None => Vm::new()?,
+            Some(snapshot) => Vm::restore(VmArgs { advance_ns }, &snapshot.arch)?,
+        };
         vm.register_memory(ram.memory())?;
         let mem = ram.memory();
 
@@ -462,12 +223,14 @@ impl Vmm {
         let mut pio = Bus::new();
         let serial_irq = evt()?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-        let serial = match &origin {
-            Origin::Boot => Serial::new(EventFdTrigger::new(serial_irq), console),
-            Origin::Restore { snapshot, .. } => {
-                Serial::restore(&snapshot.serial, EventFdTrigger::new(serial_irq), console)
-                    .map_err(|e| VmmError::BadSnapshot(format!("serial: {e:?}")))?
-            }
+        let serial_args = SerialArgs {
+            irq: EventFdTrigger::new(serial_irq),
+            out: console,
+        };
+        let serial = match saved {
+            None => Serial::new(serial_args.irq, serial_args.out),
+            Some(snapshot) => Serial::restore(serial_args, &snapshot.serial)
+                .map_err(|e| VmmError::BadSnapshot(format!("serial: {e}")))?,
         };
         let serial = Arc::new(Mutex::new(serial));
         let serial_bus: Arc<Mutex<dyn BusDevice>> = serial.clone();
@@ -489,7 +252,7 @@ impl Vmm {
             u64::from(ACPI_POWER_PORT),
             1,
         )?;
-        if matches!(origin, Origin::Boot) && cfg.console_input {
+        if saved.is_none() && cfg.console_input {
             events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(serial.clone()))));
         }
         let (control_handle, control) = control_channel().map_err(VmmError::EventFd)?;
@@ -504,18 +267,13 @@ impl Vmm {
         })));
 
         // Virtio devices on the MMIO bus.
-        let mut setup = DeviceSetup {
-            vm: &vm,
-            ram: &ram,
-            events: &mut events,
-            mmio: Bus::new(),
-            acpi_devices: Vec::new(),
-            attached: Vec::new(),
-        };
-        match &origin {
-            Origin::Boot => setup.attach_configured(cfg)?,
-            Origin::Restore { snapshot, identity } => setup.attach_restored(snapshot, identity)?,
-        }
+        let mut setup = DeviceSetup::new(
+            &vm,
+            &ram,
+            &mut events,
+            saved.map(|snapshot| snapshot.virtio.as_slice()),
+        );
+        setup.attach_all(cfg)?;
         let DeviceSetup {
             mmio,
             acpi_devices,
@@ -525,8 +283,8 @@ impl Vmm {
 
         // Guest memory contents: a fresh boot writes the kernel and boot structures; a
         // restored VM already has them in its memory.
-        let entry = match &origin {
-            Origin::Boot => {
+        let start = match saved {
+            None => {
                 let kernel = load_kernel(mem, &cfg.kernel)?;
                 let initrd = match &cfg.initrd {
                     Some(path) => Some(load_initrd(mem, &kernel, path)?),
@@ -535,23 +293,16 @@ impl Vmm {
                 let cmdline = build_cmdline(&cfg.cmdline)?;
                 let acpi_end = write_acpi_tables(mem, cfg.vcpus, &acpi_devices)?;
                 write_boot_params(mem, &kernel, &cmdline, initrd, acpi_end)?;
-                write_boot_tables(mem).map_err(|source| VmmError::Vcpu { index: 0, source })?;
-                Some(kernel.entry)
+                write_boot_tables(mem).map_err(|source| VmmError::Vcpu {
+                    index: 0,
+                    source: source.into(),
+                })?;
+                Start::Boot(kernel.entry)
             }
-            Origin::Restore { snapshot, .. } => {
-                if snapshot.vcpus.len() != usize::from(cfg.vcpus) {
-                    return Err(VmmError::BadSnapshot(format!(
-                        "{} vCPU states for {} vCPUs",
-                        snapshot.vcpus.len(),
-                        cfg.vcpus
-                    )));
-                }
-                vm.restore_arch(&snapshot.arch, snapshot.elapsed_ns())?;
-                None
-            }
+            Some(snapshot) => Start::Restore(snapshot),
         };
 
-        let base_cpuid = vm.supported_cpuid()?;
+        let cpuid = vm.supported_cpuid()?;
         let tsc_deadline = vm.has_tsc_deadline();
         let msr_candidates = Arc::new(vm.msr_index_list()?);
         install_kick_handler().map_err(|e| VmmError::Thread(e.into()))?;
@@ -559,41 +310,25 @@ impl Vmm {
         let mmio = Arc::new(mmio);
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
         for index in 0..cfg.vcpus {
-            let fd = vm
-                .fd()
-                .create_vcpu(u64::from(index))
-                .map_err(|source| VmError::Kvm {
-                    what: "KVM_CREATE_VCPU",
-                    source,
-                })?;
-            let mut cpuid = base_cpuid.clone();
-            patch_cpuid(&mut cpuid, index, cfg.vcpus, tsc_deadline);
-            let verr = |source| VmmError::Vcpu { index, source };
-            setup_cpuid_and_msrs(&fd, &cpuid).map_err(verr)?;
-            match (&origin, entry) {
-                (Origin::Boot, Some(entry)) => {
-                    setup_lapic(&fd).map_err(verr)?;
-                    if index == 0 {
-                        setup_boot_vcpu(&fd, entry).map_err(verr)?;
-                    }
-                }
-                (Origin::Restore { snapshot, .. }, _) => {
-                    snapshot.vcpus[usize::from(index)]
-                        .restore(&fd, snapshot.elapsed_ns())
-                        .map_err(|source| VmmError::VcpuState { index, source })?;
-                }
-                (Origin::Boot, None) => unreachable!("a boot always has an entry point"),
-            }
-            let runner = VcpuRunner {
+            let args = VcpuArgs {
+                vm: &vm,
                 index,
-                fd,
+                count: cfg.vcpus,
+                cpuid: &cpuid,
+                tsc_deadline,
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 stop: stop.clone(),
                 msr_candidates: msr_candidates.clone(),
-                start_paused: matches!(origin, Origin::Restore { .. }),
+                advance_ns,
             };
-            vcpus.push(runner.spawn().map_err(VmmError::Thread)?);
+            let vcpu = match start {
+                Start::Boot(entry) => VcpuHandle::boot(args, entry),
+                Start::Restore(snapshot) => {
+                    VcpuHandle::restore(args, &snapshot.vcpus[usize::from(index)])
+                }
+            };
+            vcpus.push(vcpu.map_err(|source| VmmError::Vcpu { index, source })?);
         }
         tracing::info!(
             elapsed_us = started.elapsed().as_micros() as u64,
@@ -610,7 +345,7 @@ impl Vmm {
             virtio: attached,
             control,
             control_handle,
-            paused: matches!(origin, Origin::Restore { .. }),
+            paused: saved.is_some(),
             stopped_by_request: false,
             started,
             fork_seq: 0,
@@ -736,7 +471,12 @@ impl Vmm {
                 .virtio
                 .iter()
                 .map(|d| DeviceInfo {
-                    kind: d.kind.name().into(),
+                    kind: d
+                        .device
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .kind()
+                        .into(),
                     detail: d.detail.clone(),
                     mmio_base: d.base,
                     irq: d.irq,
@@ -766,20 +506,19 @@ impl Vmm {
                     .map_err(|e| fail(&format!("vCPU {}", v.index()), &e))?,
             );
         }
-        let arch = self.vm.save_arch().map_err(|e| fail("VM state", &e))?;
-        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
+        let arch = self.vm.save().map_err(|e| fail("VM state", &e))?;
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .save()
+            .map_err(|e| fail("serial", &e))?;
         let mut virtio = Vec::with_capacity(self.virtio.len());
         for d in &self.virtio {
-            let transport = d
-                .transport
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .save()
-                .map_err(|e| fail(&format!("device {}", d.detail), &e))?;
-            virtio.push(VirtioSnapshot {
-                device: d.kind.save(),
-                transport,
-            });
+            virtio.push(
+                d.save()
+                    .map_err(|e| fail(&format!("device {}", d.detail), &*e))?,
+            );
         }
         Ok(VmSnapshot {
             config: self.cfg.clone(),

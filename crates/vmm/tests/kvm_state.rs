@@ -3,8 +3,9 @@
 //! untrusted-input path), written into a fresh VM, and read back equal. Runs on a real
 //! KVM (here or in the virtual test host).
 
+use forkvm_devices::Persist;
 use forkvm_vmm::vcpu::VcpuState;
-use forkvm_vmm::vm::{Vm, VmArchState};
+use forkvm_vmm::vm::{Vm, VmArchState, VmArgs};
 use forkvm_vmm::x86::cpu::{patch_cpuid, setup_boot_vcpu, setup_cpuid_and_msrs, setup_lapic};
 use kvm_bindings::{kvm_msr_entry, Msrs, KVM_IRQCHIP_IOAPIC};
 use kvm_ioctls::VcpuFd;
@@ -114,20 +115,25 @@ fn vm_state_round_trips_and_the_clock_moves_on() {
     forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
         let (vm, _vcpu) = vm_with_vcpu();
         // An IOAPIC pin routed as a guest would route it.
-        let mut chip = vm.save_arch().expect("save").ioapic;
+        let mut chip = vm.save().expect("save").ioapic;
         assert_eq!(chip.chip_id, KVM_IRQCHIP_IOAPIC);
         // SAFETY: chip_id says this kvm_irqchip holds the IOAPIC member of its union.
         unsafe {
             chip.chip.ioapic.redirtbl[5].bits = 0x0000_0000_0000_00a5;
         }
         vm.fd().set_irqchip(&chip).expect("route a pin");
-        let saved = vm.save_arch().expect("save");
+        let saved = vm.save().expect("save");
         let decoded: VmArchState = via_payload(&saved);
 
-        let (vm2, _vcpu2) = vm_with_vcpu();
         const AWAY_NS: u64 = 5_000_000_000;
-        vm2.restore_arch(&decoded, AWAY_NS).expect("restore");
-        let again = vm2.save_arch().expect("save again");
+        let vm2 = Vm::restore(
+            VmArgs {
+                advance_ns: AWAY_NS,
+            },
+            &decoded,
+        )
+        .expect("restore");
+        let again = vm2.save().expect("save again");
         assert_eq!(
             json(&again.pic_master),
             json(&saved.pic_master),

@@ -33,7 +33,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use forkvm_vmm::config::DEFAULT_CMDLINE;
 use forkvm_vmm::control::{ChildSpec, ControlHandle, ForkOutcome, ForkRequest, Request, Response};
 use forkvm_vmm::launch::ChildHomes;
-use forkvm_vmm::{VmConfig, Vmm, VsockSpec};
+use forkvm_vmm::{VmConfig, Vmm, VsockConfig};
 use serde::Serialize;
 
 use super::report::{self, Environment, Guest};
@@ -453,7 +453,7 @@ pub fn run(args: BenchForkArgs) -> Result<i32> {
     cfg.cmdline = guest_cmdline();
     cfg.rng = true;
     let parent_uds = dir.join("parent.vsock");
-    cfg.vsock = Some(VsockSpec {
+    cfg.vsock = Some(VsockConfig {
         cid: 3,
         uds: parent_uds.clone(),
     });

@@ -9,12 +9,12 @@ use forkvm_oci::vm;
 use forkvm_registry::{ProcessIdentity, VmHome};
 use forkvm_vmm::config::DEFAULT_CMDLINE;
 use forkvm_vmm::launch::{ConsoleSpec, ProcessOptions};
-use forkvm_vmm::{BlockSpec, NetSpec, VmConfig, VsockSpec};
+use forkvm_vmm::{BlockConfig, NetConfig, VmConfig, VsockConfig};
 
 use crate::cli::BootArgs;
 
 /// Parses `FILE[,ro]`.
-pub fn parse_disk(spec: &str) -> Result<BlockSpec> {
+pub fn parse_disk(spec: &str) -> Result<BlockConfig> {
     let (path, opts) = match spec.split_once(',') {
         Some((p, o)) => (p, Some(o)),
         None => (spec, None),
@@ -28,7 +28,7 @@ pub fn parse_disk(spec: &str) -> Result<BlockSpec> {
         Some("rw") => false,
         Some(other) => bail!("--disk {spec:?}: unknown option {other:?} (expected ro or rw)"),
     };
-    Ok(BlockSpec {
+    Ok(BlockConfig {
         path: PathBuf::from(path),
         read_only,
     })
@@ -60,7 +60,7 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
 }
 
 /// Parses `tap=NAME[,mac=MAC]`.
-pub fn parse_net(spec: &str) -> Result<NetSpec> {
+pub fn parse_net(spec: &str) -> Result<NetConfig> {
     let mut tap = None;
     let mut mac = None;
     for (k, v) in key_values("--net", spec)? {
@@ -74,11 +74,11 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
     if tap.is_empty() || tap.len() > 15 {
         bail!("--net {spec:?}: a TAP name has 1 to 15 characters");
     }
-    Ok(NetSpec { tap, mac })
+    Ok(NetConfig { tap, mac })
 }
 
 /// Parses `cid=N[,uds=PATH]`; the socket defaults to `/tmp/forkvm-<cid>.vsock`.
-pub fn parse_vsock(spec: &str) -> Result<VsockSpec> {
+pub fn parse_vsock(spec: &str) -> Result<VsockConfig> {
     let mut cid = None;
     let mut uds = None;
     for (k, v) in key_values("--vsock", spec)? {
@@ -101,7 +101,7 @@ pub fn parse_vsock(spec: &str) -> Result<VsockSpec> {
         );
     }
     let uds = uds.unwrap_or_else(|| PathBuf::from(format!("/tmp/forkvm-{cid}.vsock")));
-    Ok(VsockSpec { cid, uds })
+    Ok(VsockConfig { cid, uds })
 }
 
 /// Builds the VM configuration from the command line.

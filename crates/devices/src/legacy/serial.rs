@@ -5,7 +5,7 @@ use std::io::Write;
 use serde::{Deserialize, Serialize};
 
 use super::EventFdTrigger;
-use crate::BusDevice;
+use crate::{BusDevice, Persist};
 
 /// The console UART: guest output goes to `out`, host input is queued with
 /// [`Serial::enqueue_input`], and the interrupt is raised through an irqfd on IRQ 4.
@@ -44,44 +44,6 @@ impl Serial {
         }
     }
 
-    /// A UART with the registers of `state` (snapshot restore, fork child).
-    pub fn restore(
-        state: &SerialState,
-        irq: EventFdTrigger,
-        out: Box<dyn Write + Send>,
-    ) -> Result<Self, vm_superio::serial::Error<std::io::Error>> {
-        let s = vm_superio::serial::SerialState {
-            baud_divisor_low: state.baud_divisor[0],
-            baud_divisor_high: state.baud_divisor[1],
-            interrupt_enable: state.interrupt_enable,
-            interrupt_identification: state.interrupt_identification,
-            line_control: state.line_control,
-            line_status: state.line_status,
-            modem_control: state.modem_control,
-            modem_status: state.modem_status,
-            scratch: state.scratch,
-            in_buffer: state.in_buffer.clone(),
-        };
-        let inner = vm_superio::Serial::from_state(&s, irq, vm_superio::serial::NoEvents, out)?;
-        Ok(Self { inner })
-    }
-
-    /// The UART's registers and pending input.
-    pub fn save(&self) -> SerialState {
-        let s = self.inner.state();
-        SerialState {
-            baud_divisor: [s.baud_divisor_low, s.baud_divisor_high],
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-
     /// Queues host input for the guest; returns how many bytes fit in the FIFO.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         match self.inner.enqueue_raw_bytes(bytes) {
@@ -110,6 +72,65 @@ impl BusDevice for Serial {
                 tracing::debug!("serial write failed: {e:?}");
             }
         });
+    }
+}
+
+/// What a UART is built on besides its registers.
+pub struct SerialArgs {
+    /// Raises the UART's interrupt.
+    pub irq: EventFdTrigger,
+    /// Where guest output goes.
+    pub out: Box<dyn Write + Send>,
+}
+
+/// Why a UART state could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// The saved registers are not a state the UART can be in.
+    #[error("invalid saved UART state: {0}")]
+    BadState(String),
+}
+
+impl Persist<'_> for Serial {
+    type State = SerialState;
+    type ConstructorArgs = SerialArgs;
+    type Error = SerialError;
+
+    /// A UART with the registers of `state` (snapshot restore, fork child); refuses
+    /// registers the UART could not have had..
+    fn restore(args: SerialArgs, state: &SerialState) -> Result<Self, SerialError> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor[0],
+            baud_divisor_high: state.baud_divisor[1],
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let inner =
+            vm_superio::Serial::from_state(&s, args.irq, vm_superio::serial::NoEvents, args.out)
+                .map_err(|e| SerialError::BadState(format!("{e:?}")))?;
+        Ok(Self { inner })
+    }
+
+    /// The UART's registers and pending input.
+    fn save(&self) -> Result<SerialState, SerialError> {
+        let s = self.inner.state();
+        Ok(SerialState {
+            baud_divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        })
     }
 }
 
@@ -155,12 +176,16 @@ mod tests {
         s.write(3, &[0x03]); // 8N1, DLAB off
         s.write(7, &[0x5a]); // scratch
         assert_eq!(s.enqueue_input(b"hi"), 2);
-        let saved = s.save();
+        let saved = s.save().unwrap();
         let json = serde_json::to_string(&saved).unwrap();
         let back: SerialState = serde_json::from_str(&json).unwrap();
         assert_eq!(back, saved);
-        let mut r = Serial::restore(&back, irq(), Box::new(std::io::sink())).unwrap();
-        assert_eq!(r.save(), saved);
+        let args = SerialArgs {
+            irq: irq(),
+            out: Box::new(std::io::sink()),
+        };
+        let mut r = Serial::restore(args, &back).unwrap();
+        assert_eq!(r.save().unwrap(), saved);
         let mut b = [0u8];
         r.read(7, &mut b);
         assert_eq!(b[0], 0x5a);
@@ -174,7 +199,11 @@ mod tests {
             in_buffer: vec![0; 4096],
             ..Default::default()
         };
-        assert!(Serial::restore(&state, irq(), Box::new(std::io::sink())).is_err());
+        let args = SerialArgs {
+            irq: irq(),
+            out: Box::new(std::io::sink()),
+        };
+        assert!(Serial::restore(args, &state).is_err());
     }
 
     #[test]

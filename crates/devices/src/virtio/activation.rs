@@ -20,6 +20,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{ActivateError, ActiveQueue, Interrupt};
 use crate::GuestMemory;
 
+/// The event token of a single-queue device's activation eventfd.
+pub const SINGLE_QUEUE_ACTIVATE: u32 = 0;
+/// The event token of a single-queue device's kick.
+pub const SINGLE_QUEUE_KICK: u32 = 1;
+
 /// What the driver handed over at activation; present until the device is reset.
 #[derive(Debug)]
 pub struct Active {

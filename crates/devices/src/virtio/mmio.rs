@@ -20,7 +20,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
-use crate::{BusDevice, GuestMemory};
+use crate::{BusDevice, GuestMemory, Persist};
 
 /// `MagicValue`: "virt" in little endian.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -143,37 +143,35 @@ pub struct SavedQueueState {
     pub used_ring: u64,
 }
 
-impl From<QueueState> for SavedQueueState {
-    fn from(s: QueueState) -> Self {
-        Self {
-            max_size: s.max_size,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: s.event_idx_enabled,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
+/// Converts between [`SavedQueueState`] and `virtio_queue`'s `QueueState` (which has
+/// no serde), field by field, both ways from one list.
+macro_rules! convert_queue_state {
+    ($($field:ident),+) => {
+        impl From<QueueState> for SavedQueueState {
+            fn from(s: QueueState) -> Self {
+                Self { $($field: s.$field),+ }
+            }
         }
-    }
+
+        impl From<SavedQueueState> for QueueState {
+            fn from(s: SavedQueueState) -> Self {
+                Self { $($field: s.$field),+ }
+            }
+        }
+    };
 }
 
-impl From<SavedQueueState> for QueueState {
-    fn from(s: SavedQueueState) -> Self {
-        Self {
-            max_size: s.max_size,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: s.event_idx_enabled,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-        }
-    }
-}
+convert_queue_state!(
+    max_size,
+    next_avail,
+    next_used,
+    event_idx_enabled,
+    size,
+    ready,
+    desc_table,
+    avail_ring,
+    used_ring
+);
 
 /// What of an [`MmioTransport`] survives a snapshot or a fork. The device's own state
 /// (backend configuration) is saved by the device; the interrupt status is saved here.
@@ -265,110 +263,6 @@ impl MmioTransport {
             queue_select: 0,
             device_status: 0,
             config_generation: 0,
-        })
-    }
-
-    /// Rebuilds a transport from `state` for `device` (restored but not activated). If the
-    /// saved driver had set DRIVER_OK, the device is activated again with the saved queues.
-    /// The saved state is untrusted: anything that does not fit the device is an error.
-    pub fn restore(
-        mem: GuestMemory,
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        irq_evt: EventFd,
-        state: &MmioTransportState,
-    ) -> Result<Self, MmioError> {
-        let mut transport = Self::new(mem, device, irq_evt)?;
-        let invalid = |msg: String| Err(MmioError::InvalidState(msg));
-
-        if state.queues.len() != transport.queues.len() {
-            return invalid(format!(
-                "{} queues saved, the device has {}",
-                state.queues.len(),
-                transport.queues.len()
-            ));
-        }
-        let mut queues = Vec::with_capacity(state.queues.len());
-        for (index, (saved, current)) in state.queues.iter().zip(&transport.queues).enumerate() {
-            if saved.max_size != current.max_size() {
-                return invalid(format!(
-                    "queue {index}: saved maximum size {}, the device offers {}",
-                    saved.max_size,
-                    current.max_size()
-                ));
-            }
-            let queue = Queue::try_from(QueueState::from(*saved))
-                .map_err(|source| MmioError::Queue { index, source })?;
-            queues.push(queue);
-        }
-
-        let status = state.device_status;
-        let driver_bits = status & !(VIRTIO_CONFIG_S_FAILED | VIRTIO_CONFIG_S_NEEDS_RESET);
-        let reachable = (0..=INIT_SEQUENCE.len())
-            .any(|n| INIT_SEQUENCE[..n].iter().fold(0, |acc, bit| acc | bit) == driver_bits);
-        if status & !ALL_STATUS_BITS != 0 || !reachable {
-            return invalid(format!("device status {status:#x} is not reachable"));
-        }
-
-        let mut device = lock(&transport.device);
-        if device.is_activated() {
-            return invalid("the device is already activated".to_string());
-        }
-        let avail = device.avail_features();
-        if state.acked_features & !avail != 0 {
-            return invalid(format!(
-                "acked features {:#x} are not a subset of the offered {avail:#x}",
-                state.acked_features
-            ));
-        }
-        device.set_acked_features(state.acked_features);
-        drop(device);
-
-        transport.queues = queues;
-        transport.features_select = state.features_select;
-        transport.acked_features_select = state.acked_features_select;
-        transport.queue_select = state.queue_select;
-        transport.device_status = status;
-        transport.config_generation = state.config_generation;
-        transport.interrupt.set_status(state.interrupt_status);
-
-        if status & VIRTIO_CONFIG_S_DRIVER_OK != 0
-            && status & (VIRTIO_CONFIG_S_FAILED | VIRTIO_CONFIG_S_NEEDS_RESET) == 0
-        {
-            transport.activate().map_err(MmioError::Activate)?;
-        }
-        Ok(transport)
-    }
-
-    /// The transport's state, with the queues' progress taken from the device if it is
-    /// activated. Take it with the vCPUs and the event loop paused.
-    pub fn save(&self) -> Result<MmioTransportState, MmioError> {
-        let device = lock(&self.device);
-        let mut queues: Vec<SavedQueueState> =
-            self.queues.iter().map(|q| q.state().into()).collect();
-        if device.is_activated() {
-            let live = device.queue_states();
-            let handed: Vec<usize> = (0..self.queues.len())
-                .filter(|&i| self.queues[i].ready())
-                .collect();
-            if live.len() != handed.len() {
-                return Err(MmioError::QueueStates {
-                    expected: handed.len(),
-                    actual: live.len(),
-                });
-            }
-            for (index, state) in handed.into_iter().zip(live) {
-                queues[index] = state.into();
-            }
-        }
-        Ok(MmioTransportState {
-            features_select: self.features_select,
-            acked_features_select: self.acked_features_select,
-            acked_features: device.acked_features(),
-            queue_select: self.queue_select,
-            device_status: self.device_status,
-            config_generation: self.config_generation,
-            interrupt_status: self.interrupt.status(),
-            queues,
         })
     }
 
@@ -644,6 +538,126 @@ impl MmioTransport {
             Some(q) => f(q),
             None => debug!(sel = self.queue_select, "virtio-mmio: no such queue"),
         }
+    }
+}
+
+/// What a transport is built on besides its saved registers.
+pub struct TransportArgs {
+    /// Guest memory, where the queues live.
+    pub mem: GuestMemory,
+    /// The (restored, not yet activated) device behind the transport.
+    pub device: Arc<Mutex<dyn VirtioDevice>>,
+    /// The interrupt eventfd (the VMM registers it as an irqfd).
+    pub irq_evt: EventFd,
+}
+
+impl Persist<'_> for MmioTransport {
+    type State = MmioTransportState;
+    type ConstructorArgs = TransportArgs;
+    type Error = MmioError;
+
+    /// Rebuilds a transport from `state` for `device` (restored but not activated). If the
+    /// saved driver had set DRIVER_OK, the device is activated again with the saved queues.
+    /// The saved state is untrusted: anything that does not fit the device is an error.
+    fn restore(args: TransportArgs, state: &MmioTransportState) -> Result<Self, MmioError> {
+        let TransportArgs {
+            mem,
+            device,
+            irq_evt,
+        } = args;
+        let mut transport = Self::new(mem, device, irq_evt)?;
+        let invalid = |msg: String| Err(MmioError::InvalidState(msg));
+
+        if state.queues.len() != transport.queues.len() {
+            return invalid(format!(
+                "{} queues saved, the device has {}",
+                state.queues.len(),
+                transport.queues.len()
+            ));
+        }
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (index, (saved, current)) in state.queues.iter().zip(&transport.queues).enumerate() {
+            if saved.max_size != current.max_size() {
+                return invalid(format!(
+                    "queue {index}: saved maximum size {}, the device offers {}",
+                    saved.max_size,
+                    current.max_size()
+                ));
+            }
+            let queue = Queue::try_from(QueueState::from(*saved))
+                .map_err(|source| MmioError::Queue { index, source })?;
+            queues.push(queue);
+        }
+
+        let status = state.device_status;
+        let driver_bits = status & !(VIRTIO_CONFIG_S_FAILED | VIRTIO_CONFIG_S_NEEDS_RESET);
+        let reachable = (0..=INIT_SEQUENCE.len())
+            .any(|n| INIT_SEQUENCE[..n].iter().fold(0, |acc, bit| acc | bit) == driver_bits);
+        if status & !ALL_STATUS_BITS != 0 || !reachable {
+            return invalid(format!("device status {status:#x} is not reachable"));
+        }
+
+        let mut device = lock(&transport.device);
+        if device.is_activated() {
+            return invalid("the device is already activated".to_string());
+        }
+        let avail = device.avail_features();
+        if state.acked_features & !avail != 0 {
+            return invalid(format!(
+                "acked features {:#x} are not a subset of the offered {avail:#x}",
+                state.acked_features
+            ));
+        }
+        device.set_acked_features(state.acked_features);
+        drop(device);
+
+        transport.queues = queues;
+        transport.features_select = state.features_select;
+        transport.acked_features_select = state.acked_features_select;
+        transport.queue_select = state.queue_select;
+        transport.device_status = status;
+        transport.config_generation = state.config_generation;
+        transport.interrupt.set_status(state.interrupt_status);
+
+        if status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && status & (VIRTIO_CONFIG_S_FAILED | VIRTIO_CONFIG_S_NEEDS_RESET) == 0
+        {
+            transport.activate().map_err(MmioError::Activate)?;
+        }
+        Ok(transport)
+    }
+
+    /// The transport's state, with the queues' progress taken from the device if it is
+    /// activated.
+    fn save(&self) -> Result<MmioTransportState, MmioError> {
+        let device = lock(&self.device);
+        let mut queues: Vec<SavedQueueState> =
+            self.queues.iter().map(|q| q.state().into()).collect();
+        if device.is_activated() {
+            let live = device.queue_states();
+            let handed: Vec<usize> = (0..self.queues.len())
+                .filter(|&i| self.queues[i].ready())
+                .collect();
+            if live.len() != handed.len() {
+                return Err(MmioError::QueueStates {
+                    expected: handed.len(),
+                    actual: live.len(),
+                });
+            }
+            for (index, state) in handed.into_iter().zip(live) {
+                queues[index] = state.into();
+            }
+        }
+        Ok(MmioTransportState {
+            features_select: self.features_select,
+            acked_features_select: self.acked_features_select,
+            acked_features: device.acked_features(),
+            queue_select: self.queue_select,
+            device_status: self.device_status,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues,
+        })
     }
 }
 

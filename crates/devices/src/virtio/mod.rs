@@ -28,6 +28,8 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+#[cfg(test)]
+mod test_driver;
 pub mod vsock;
 
 /// `InterruptStatus` bit: the device has used buffers in a queue.
@@ -158,6 +160,37 @@ macro_rules! activation_field {
     };
 }
 pub(crate) use activation_field;
+
+/// Implements `MutEventSubscriber` for a device with one queue: the event loop watches
+/// its activation eventfd and its queue's kick, [`Activation::single_queue_event`]
+/// handles both, and the device's `process_queue` runs once it is activated.
+macro_rules! single_queue_subscriber {
+    ($device:ty) => {
+        impl event_manager::MutEventSubscriber for $device {
+            fn process(
+                &mut self,
+                events: event_manager::Events,
+                ops: &mut event_manager::EventOps,
+            ) {
+                use $crate::virtio::activation::{SINGLE_QUEUE_ACTIVATE, SINGLE_QUEUE_KICK};
+                if self.activation.single_queue_event(
+                    &events,
+                    ops,
+                    SINGLE_QUEUE_ACTIVATE,
+                    SINGLE_QUEUE_KICK,
+                ) {
+                    self.process_queue();
+                }
+            }
+
+            fn init(&mut self, ops: &mut event_manager::EventOps) {
+                self.activation
+                    .register(ops, $crate::virtio::activation::SINGLE_QUEUE_ACTIVATE);
+            }
+        }
+    };
+}
+pub(crate) use single_queue_subscriber;
 
 /// Behaviour every virtio device implements; the transport calls it. A device says what
 /// it is and offers and keeps its [`Activation`]; the life cycle the transport drives

@@ -11,7 +11,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 use virtio_bindings::virtio_blk::{
@@ -25,6 +24,7 @@ pub use request::SECTOR_SIZE;
 
 use super::activation::Activation;
 use super::{device_type, VirtioDevice};
+use crate::Persist;
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -33,9 +33,6 @@ pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Length of the configuration space this device implements: `capacity`, `size_max`,
 /// `seg_max`. Reads past it return zeros.
 const CONFIG_LEN: usize = 16;
-
-const TOKEN_ACTIVATE: u32 = 0;
-const TOKEN_KICK: u32 = 1;
 
 /// Why a block device could not be built or restored.
 #[derive(Debug, thiserror::Error)]
@@ -100,8 +97,6 @@ pub struct BlockConfig {
 /// What of a [`Block`] survives a snapshot; its queue is saved by the transport.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockState {
-    /// The backend configuration.
-    pub config: BlockConfig,
     /// The feature bits the driver accepted.
     pub acked_features: u64,
     /// The capacity the guest saw, in 512-byte sectors.
@@ -192,36 +187,6 @@ impl Block {
         })
     }
 
-    /// Reopens the image of `state` and checks it still has the size the guest saw; the
-    /// transport's restore activates the device.
-    pub fn restore(state: &BlockState) -> Result<Self, BlockError> {
-        let mut block = Self::new(state.config.clone())?;
-        if block.capacity != state.capacity {
-            return Err(BlockError::CapacityChanged {
-                path: state.config.path.clone(),
-                saved: state.capacity,
-                actual: block.capacity,
-            });
-        }
-        if state.acked_features & !block.avail_features != 0 {
-            return Err(BlockError::BadFeatures {
-                acked: state.acked_features,
-                avail: block.avail_features,
-            });
-        }
-        block.activation.set_acked_features(state.acked_features);
-        Ok(block)
-    }
-
-    /// The device's state.
-    pub fn save(&self) -> BlockState {
-        BlockState {
-            config: self.config.clone(),
-            acked_features: self.activation.acked_features(),
-            capacity: self.capacity,
-        }
-    }
-
     /// The backend configuration.
     pub fn config(&self) -> &BlockConfig {
         &self.config
@@ -267,6 +232,42 @@ impl Block {
     }
 }
 
+impl Persist<'_> for Block {
+    type State = BlockState;
+    /// The disk as the VM is configured now: a restore opens this image, never one
+    /// named by the saved state.
+    type ConstructorArgs = BlockConfig;
+    type Error = BlockError;
+
+    fn save(&self) -> Result<BlockState, BlockError> {
+        Ok(BlockState {
+            acked_features: self.activation.acked_features(),
+            capacity: self.capacity,
+        })
+    }
+
+    /// Opens the configured image and checks it still has the size the guest saw; the
+    /// transport's restore activates the device.
+    fn restore(config: BlockConfig, state: &BlockState) -> Result<Self, BlockError> {
+        let mut block = Self::new(config)?;
+        if block.capacity != state.capacity {
+            return Err(BlockError::CapacityChanged {
+                path: block.config.path.clone(),
+                saved: state.capacity,
+                actual: block.capacity,
+            });
+        }
+        if state.acked_features & !block.avail_features != 0 {
+            return Err(BlockError::BadFeatures {
+                acked: state.acked_features,
+                avail: block.avail_features,
+            });
+        }
+        block.activation.set_acked_features(state.acked_features);
+        Ok(block)
+    }
+}
+
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         device_type::BLOCK
@@ -292,20 +293,7 @@ impl VirtioDevice for Block {
     super::activation_field!();
 }
 
-impl MutEventSubscriber for Block {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if self
-            .activation
-            .single_queue_event(&events, ops, TOKEN_ACTIVATE, TOKEN_KICK)
-        {
-            self.process_queue();
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        self.activation.register(ops, TOKEN_ACTIVATE);
-    }
-}
+super::single_queue_subscriber!(Block);
 
 #[cfg(test)]
 mod tests;

@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
 use crate::virtio::mmio::test_utils::*;
-use crate::virtio::mmio::MmioTransport;
+use crate::virtio::mmio::{MmioTransport, TransportArgs};
 use crate::GuestMemory;
 
 const SECTORS: u64 = 64;
@@ -393,27 +393,28 @@ fn state_round_trip() {
     })
     .unwrap();
     blk.set_acked_features(u64::MAX);
-    let state = blk.save();
+    let state = blk.save().unwrap();
     assert_eq!(state.acked_features, blk.avail_features());
     assert_eq!(state.capacity, SECTORS);
     let json = serde_json::to_string(&state).unwrap();
     let loaded: BlockState = serde_json::from_str(&json).unwrap();
     assert_eq!(loaded, state);
-    let restored = Block::restore(&loaded).unwrap();
-    assert_eq!(restored.save(), state);
-    assert_eq!(restored.config(), &state.config);
+    let config = blk.config().clone();
+    let restored = Block::restore(config.clone(), &loaded).unwrap();
+    assert_eq!(restored.save().unwrap(), state);
+    assert_eq!(restored.config(), &config);
 
     let mut bad = state.clone();
     bad.acked_features |= 1 << 3;
     assert!(matches!(
-        Block::restore(&bad),
+        Block::restore(config.clone(), &bad),
         Err(BlockError::BadFeatures { .. })
     ));
 
     let mut bad = state.clone();
     bad.capacity += 1;
     assert!(matches!(
-        Block::restore(&bad),
+        Block::restore(config.clone(), &bad),
         Err(BlockError::CapacityChanged { .. })
     ));
 }
@@ -447,18 +448,21 @@ fn snapshot_and_restore_a_running_disk() {
     assert_eq!(status, VIRTIO_BLK_S_OK as u8);
 
     let transport_json = serde_json::to_string(&h.transport.save().unwrap()).unwrap();
-    let blk_json = serde_json::to_string(&h.blk.lock().unwrap().save()).unwrap();
+    let blk_json = serde_json::to_string(&h.blk.lock().unwrap().save().unwrap()).unwrap();
+    let config = h.blk.lock().unwrap().config().clone();
     drop(h);
 
     let blk_state: BlockState = serde_json::from_str(&blk_json).unwrap();
-    let blk = Arc::new(Mutex::new(Block::restore(&blk_state).unwrap()));
+    let blk = Arc::new(Mutex::new(Block::restore(config, &blk_state).unwrap()));
     let mut h = Harness {
         mem: &mem,
         blk: blk.clone(),
         transport: MmioTransport::restore(
-            mem.clone(),
-            blk.clone(),
-            EventFd::new(EFD_NONBLOCK).unwrap(),
+            TransportArgs {
+                mem: mem.clone(),
+                device: blk.clone(),
+                irq_evt: EventFd::new(EFD_NONBLOCK).unwrap(),
+            },
             &serde_json::from_str(&transport_json).unwrap(),
         )
         .unwrap(),

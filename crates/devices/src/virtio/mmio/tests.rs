@@ -468,9 +468,11 @@ fn state_round_trips_through_serde() {
 
     let dev2 = Arc::new(Mutex::new(TestDevice::new(2)));
     let mut t2 = MmioTransport::restore(
-        mem.clone(),
-        dev2.clone(),
-        EventFd::new(EFD_NONBLOCK).unwrap(),
+        TransportArgs {
+            mem: mem.clone(),
+            device: dev2.clone(),
+            irq_evt: EventFd::new(EFD_NONBLOCK).unwrap(),
+        },
         &loaded,
     )
     .unwrap();
@@ -492,7 +494,15 @@ fn state_round_trips_through_serde() {
     negotiate(&mut t3, TEST_FEATURES);
     let mid = t3.save().unwrap();
     let dev4 = Arc::new(Mutex::new(TestDevice::new(2)));
-    let t4 = MmioTransport::restore(mem, dev4.clone(), EventFd::new(0).unwrap(), &mid).unwrap();
+    let t4 = MmioTransport::restore(
+        TransportArgs {
+            mem,
+            device: dev4.clone(),
+            irq_evt: EventFd::new(0).unwrap(),
+        },
+        &mid,
+    )
+    .unwrap();
     assert_eq!(t4.device_status(), ACK | DRV | FOK);
     assert!(!dev4.lock().unwrap().is_activated());
 }
@@ -506,7 +516,14 @@ fn restore_rejects_invalid_states() {
 
     let try_restore = |state: &MmioTransportState| {
         let dev = Arc::new(Mutex::new(TestDevice::new(1)));
-        MmioTransport::restore(mem.clone(), dev, EventFd::new(0).unwrap(), state)
+        MmioTransport::restore(
+            TransportArgs {
+                mem: mem.clone(),
+                device: dev,
+                irq_evt: EventFd::new(0).unwrap(),
+            },
+            state,
+        )
     };
     assert!(try_restore(&good).is_ok());
 

@@ -46,7 +46,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use self::tap::open_tap;
 use super::activation::Activation;
 use super::{device_type, VirtioDevice};
-use crate::GuestMemory;
+use crate::{GuestMemory, Persist};
 
 /// Size of `struct virtio_net_hdr_v1` (the header with `num_buffers`, as VERSION_1 requires).
 pub const VNET_HDR_SIZE: usize = 12;
@@ -67,11 +67,11 @@ const TOKEN_RX_KICK: u32 = 1;
 const TOKEN_TX_KICK: u32 = 2;
 const TOKEN_BACKEND: u32 = 3;
 
-/// How the VMM configures a TAP-backed net device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A virtio-net card on a TAP device, as the VM is configured.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
     /// The TAP interface to open (created if it does not exist).
-    pub tap_name: String,
+    pub tap: String,
     /// The guest's MAC; a random locally administered one when `None`.
     pub mac: Option<[u8; 6]>,
 }
@@ -148,9 +148,9 @@ pub struct Net {
 }
 
 impl Net {
-    /// Opens the TAP `config.tap_name` (see [`open_tap`]) and builds the device on it.
+    /// Opens the TAP `config.tap` (see [`open_tap`]) and builds the device on it.
     pub fn new(config: NetConfig) -> Result<Self, NetError> {
-        let (file, name) = open_tap(&config.tap_name)?;
+        let (file, name) = open_tap(&config.tap)?;
         let mut net = Self::with_backend(file.into(), true, config.mac)?;
         net.tap_name = Some(name);
         Ok(net)
@@ -185,19 +185,6 @@ impl Net {
         })
     }
 
-    /// Rebuilds a TAP-backed device from a snapshot; `config.mac`, when given, replaces the
-    /// saved MAC (a fork child's new address).
-    pub fn restore(config: NetConfig, state: &NetState) -> Result<Self, NetError> {
-        let mac = config.mac.unwrap_or(state.mac);
-        let mut net = Self::new(NetConfig {
-            mac: Some(mac),
-            ..config
-        })?;
-        net.activation
-            .set_acked_features(state.acked_features & net.avail_features());
-        Ok(net)
-    }
-
     /// Rebuilds a device on an open backend from a snapshot (see [`Net::with_backend`]).
     pub fn restore_with_backend(
         backend: OwnedFd,
@@ -208,14 +195,6 @@ impl Net {
         net.activation
             .set_acked_features(state.acked_features & net.avail_features());
         Ok(net)
-    }
-
-    /// What must be saved of the device.
-    pub fn save(&self) -> NetState {
-        NetState {
-            mac: self.mac,
-            acked_features: self.activation.acked_features(),
-        }
     }
 
     /// The MAC in the configuration space.
@@ -484,6 +463,33 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+impl Persist<'_> for Net {
+    type State = NetState;
+    /// The card as the VM is configured now; its `mac`, when given, replaces the saved
+    /// MAC (a fork child's new address).
+    type ConstructorArgs = NetConfig;
+    type Error = NetError;
+
+    fn save(&self) -> Result<NetState, NetError> {
+        Ok(NetState {
+            mac: self.mac,
+            acked_features: self.activation.acked_features(),
+        })
+    }
+
+    /// Rebuilds a TAP-backed device from a snapshot.
+    fn restore(config: NetConfig, state: &NetState) -> Result<Self, NetError> {
+        let mac = config.mac.unwrap_or(state.mac);
+        let mut net = Self::new(NetConfig {
+            mac: Some(mac),
+            ..config
+        })?;
+        net.activation
+            .set_acked_features(state.acked_features & net.avail_features());
+        Ok(net)
+    }
 }
 
 impl VirtioDevice for Net {

@@ -3,80 +3,44 @@
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
-use std::sync::Arc;
 use std::time::Duration;
 
 use event_manager::{EventManager, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
-use crate::virtio::vsock::tests::DriverQueue;
-use crate::virtio::{ActiveQueue, Interrupt};
+use crate::virtio::test_driver::{Driver, DriverQueue};
 use crate::virtio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
-const MEM_SIZE: usize = 16 << 20;
-const BUF_BASE: u64 = 0x10_0000;
 const RX_BUF_LEN: u32 = 1526 + 12;
 const MAC: [u8; 6] = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
 
+/// A guest driver for an activated net device.
 struct Guest {
-    mem: GuestMemory,
+    drv: Driver,
     rx: DriverQueue,
     tx: DriverQueue,
-    irq: Arc<Interrupt>,
-    kicks: Vec<EventFd>,
-    bump: u64,
 }
 
 impl Guest {
     fn activate(dev: &mut Net) -> Guest {
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let (rx, rxq) = DriverQueue::new(&mem, 0, QUEUE_SIZE);
-        let (tx, txq) = DriverQueue::new(&mem, 0x1_0000, QUEUE_SIZE);
-        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        let mut kicks = Vec::new();
-        let queues = [rxq, txq]
-            .into_iter()
-            .map(|queue| {
-                let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-                kicks.push(kick.try_clone().unwrap());
-                ActiveQueue { queue, kick }
-            })
-            .collect();
-        dev.set_acked_features(dev.avail_features());
-        dev.activate(mem.clone(), irq.clone(), queues).unwrap();
-        Guest {
-            mem,
-            rx,
-            tx,
-            irq,
-            kicks,
-            bump: BUF_BASE,
-        }
-    }
-
-    fn alloc(&mut self, len: u32) -> u64 {
-        let addr = self.bump;
-        self.bump += u64::from(len).next_multiple_of(16);
-        addr
+        let (drv, queues) = Driver::activate(dev);
+        let [rx, tx]: [DriverQueue; 2] = queues.try_into().ok().expect("two queues");
+        Guest { drv, rx, tx }
     }
 
     fn post_rx_buffers(&mut self, n: usize) {
-        for _ in 0..n {
-            let addr = self.alloc(RX_BUF_LEN);
-            self.rx.add_chain(&self.mem, &[(addr, RX_BUF_LEN, true)]);
-        }
+        self.drv.post_buffers(&mut self.rx, n, RX_BUF_LEN);
     }
 
     /// Queues `hdr` and `frame` on tx in two descriptors.
     fn queue_tx(&mut self, hdr: [u8; VNET_HDR_SIZE], frame: &[u8]) {
-        let h = self.alloc(VNET_HDR_SIZE as u32);
-        self.mem.write_slice(&hdr, GuestAddress(h)).unwrap();
-        let f = self.alloc(frame.len() as u32);
-        self.mem.write_slice(frame, GuestAddress(f)).unwrap();
+        let h = self.drv.alloc(VNET_HDR_SIZE as u32);
+        self.drv.mem.write_slice(&hdr, GuestAddress(h)).unwrap();
+        let f = self.drv.alloc(frame.len() as u32);
+        self.drv.mem.write_slice(frame, GuestAddress(f)).unwrap();
         self.tx.add_chain(
-            &self.mem,
+            &self.drv.mem,
             &[
                 (h, VNET_HDR_SIZE as u32, false),
                 (f, frame.len() as u32, false),
@@ -167,8 +131,8 @@ fn tx_frame_comes_out_of_the_backend_without_the_header() {
     let mut buf = [0u8; 2048];
     let n = wire.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], f.as_slice());
-    assert!(g.tx.pop_used(&g.mem).is_some());
-    assert_ne!(g.irq.status() & VIRTIO_MMIO_INT_VRING, 0);
+    assert!(g.tx.pop_used(&g.drv.mem).is_some());
+    assert_ne!(g.drv.irq.status() & VIRTIO_MMIO_INT_VRING, 0);
 }
 
 #[test]
@@ -194,11 +158,11 @@ fn rx_frame_lands_after_a_zeroed_header() {
     let f = frame(0x42, 1514);
     wire.send(&f).unwrap();
     dev.process_queues();
-    let got = g.rx.pop_used(&g.mem).expect("frame in an rx buffer");
+    let got = g.rx.pop_used(&g.drv.mem).expect("frame in an rx buffer");
     assert_eq!(got.len(), VNET_HDR_SIZE + f.len());
     assert_eq!(&got[..VNET_HDR_SIZE], &[0; VNET_HDR_SIZE]);
     assert_eq!(&got[VNET_HDR_SIZE..], f.as_slice());
-    assert!(g.rx.pop_used(&g.mem).is_none());
+    assert!(g.rx.pop_used(&g.drv.mem).is_none());
 }
 
 #[test]
@@ -208,17 +172,17 @@ fn rx_without_buffers_holds_frames_until_the_guest_posts_some() {
     wire.send(&frame(1, 64)).unwrap();
     wire.send(&frame(2, 64)).unwrap();
     dev.process_queues();
-    assert!(g.rx.pop_used(&g.mem).is_none());
+    assert!(g.rx.pop_used(&g.drv.mem).is_none());
     // Holding one frame, the device stops watching the backend.
     assert_eq!(dev.desired_backend_interest(), None);
 
     g.post_rx_buffers(1);
     dev.process_queues();
-    assert_eq!(g.rx.pop_used(&g.mem).unwrap()[VNET_HDR_SIZE + 14], 1);
-    assert!(g.rx.pop_used(&g.mem).is_none());
+    assert_eq!(g.rx.pop_used(&g.drv.mem).unwrap()[VNET_HDR_SIZE + 14], 1);
+    assert!(g.rx.pop_used(&g.drv.mem).is_none());
     g.post_rx_buffers(1);
     dev.process_queues();
-    assert_eq!(g.rx.pop_used(&g.mem).unwrap()[VNET_HDR_SIZE + 14], 2);
+    assert_eq!(g.rx.pop_used(&g.drv.mem).unwrap()[VNET_HDR_SIZE + 14], 2);
     // Holding nothing, it reads again (and would hold the next frame).
     assert_eq!(dev.desired_backend_interest(), Some(EventSet::IN));
 }
@@ -228,13 +192,13 @@ fn set_mac_changes_the_config_and_interrupts() {
     let (mut dev, _wire) = device(false);
     dev.set_mac([0x02, 0, 0, 0, 0, 9]);
     let g = Guest::activate(&mut dev);
-    assert_eq!(g.irq.status() & VIRTIO_MMIO_INT_CONFIG, 0);
+    assert_eq!(g.drv.irq.status() & VIRTIO_MMIO_INT_CONFIG, 0);
     let new = [0x06, 1, 2, 3, 4, 5];
     dev.set_mac(new);
     let mut cfg = [0u8; 6];
     dev.read_config(0, &mut cfg);
     assert_eq!(cfg, new);
-    assert_ne!(g.irq.status() & VIRTIO_MMIO_INT_CONFIG, 0);
+    assert_ne!(g.drv.irq.status() & VIRTIO_MMIO_INT_CONFIG, 0);
     dev.write_config(0, &[0; 6]);
     assert_eq!(dev.mac(), new, "the driver cannot write the MAC");
 }
@@ -243,13 +207,13 @@ fn set_mac_changes_the_config_and_interrupts() {
 fn state_round_trips() {
     let (mut dev, _wire) = device(false);
     dev.set_acked_features(dev.avail_features());
-    let state = dev.save();
+    let state = dev.save().unwrap();
     assert_eq!(state.mac, MAC);
     let back: NetState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
     assert_eq!(back, state);
     let (ours, _wire2) = seqpacket_pair();
     let mut restored = Net::restore_with_backend(ours, false, &back).unwrap();
-    assert_eq!(restored.save(), state);
+    assert_eq!(restored.save().unwrap(), state);
     let _g = Guest::activate(&mut restored);
     assert_eq!(restored.queue_states().len(), 2);
     assert!(restored.reset());
@@ -269,23 +233,23 @@ fn event_manager_moves_frames_both_ways() {
     wire.send(&frame(7, 80)).unwrap();
     run(&mut em);
     assert_eq!(em.run_with_timeout(0).unwrap(), 0);
-    assert!(g.rx.pop_used(&g.mem).is_none());
+    assert!(g.rx.pop_used(&g.drv.mem).is_none());
     g.post_rx_buffers(2);
-    g.kicks[RX_QUEUE].write(1).unwrap();
+    g.drv.kicks[RX_QUEUE].write(1).unwrap();
     run(&mut em);
-    let got = g.rx.pop_used(&g.mem).unwrap();
+    let got = g.rx.pop_used(&g.drv.mem).unwrap();
     assert_eq!(&got[VNET_HDR_SIZE..], frame(7, 80).as_slice());
 
     // With buffers posted, the backend is watched again.
     wire.send(&frame(8, 90)).unwrap();
     run(&mut em);
     assert_eq!(
-        &g.rx.pop_used(&g.mem).unwrap()[VNET_HDR_SIZE..],
+        &g.rx.pop_used(&g.drv.mem).unwrap()[VNET_HDR_SIZE..],
         frame(8, 90).as_slice()
     );
 
     g.queue_tx([0; VNET_HDR_SIZE], &frame(9, 70));
-    g.kicks[TX_QUEUE].write(1).unwrap();
+    g.drv.kicks[TX_QUEUE].write(1).unwrap();
     run(&mut em);
     let mut buf = [0u8; 2048];
     let n = wire.recv(&mut buf).unwrap();
@@ -302,7 +266,7 @@ fn event_manager_moves_frames_both_ways() {
 fn invalid_tap_names_are_rejected() {
     for name in ["", "a-name-longer-than-15", "nul\0"] {
         let err = Net::new(NetConfig {
-            tap_name: name.into(),
+            tap: name.into(),
             mac: None,
         })
         .unwrap_err();
@@ -318,7 +282,7 @@ fn invalid_tap_names_are_rejected() {
 /// quietly passed without a TAP would prove nothing.
 fn real_tap(name: &str) -> Net {
     Net::new(NetConfig {
-        tap_name: name.to_owned(),
+        tap: name.to_owned(),
         mac: Some(MAC),
     })
     .unwrap_or_else(|e| {
@@ -391,7 +355,7 @@ fn real_tap_moves_frames() {
     let mut arp = None;
     while arp.is_none() && std::time::Instant::now() < deadline {
         dev.process_queues();
-        while let Some(buf) = g.rx.pop_used(&g.mem) {
+        while let Some(buf) = g.rx.pop_used(&g.drv.mem) {
             assert!(buf.len() > VNET_HDR_SIZE + 14);
             let frame = &buf[VNET_HDR_SIZE..];
             if frame[12..14] == [0x08, 0x06] {
@@ -418,6 +382,6 @@ fn real_tap_moves_frames() {
     let before = rx_packets();
     g.queue_tx([0; VNET_HDR_SIZE], &frame(0x77, 60));
     dev.process_queues();
-    assert!(g.tx.pop_used(&g.mem).is_some());
+    assert!(g.tx.pop_used(&g.drv.mem).is_some());
     assert_eq!(rx_packets(), before + 1);
 }

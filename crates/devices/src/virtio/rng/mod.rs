@@ -5,7 +5,6 @@
 //! `activate_evt`; on that event the event loop registers the kick fd; each kick drains the
 //! queue.
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -15,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::activation::Activation;
 use super::{device_type, VirtioDevice};
+use crate::Persist;
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -22,9 +22,6 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
 
 const AVAIL_FEATURES: u64 = 1 << VIRTIO_F_VERSION_1;
-
-const TOKEN_ACTIVATE: u32 = 0;
-const TOKEN_KICK: u32 = 1;
 
 /// Why an rng device could not be built or restored.
 #[derive(Debug, thiserror::Error)]
@@ -63,26 +60,6 @@ impl Rng {
             activation: Activation::new("virtio-rng").map_err(RngError::EventFd)?,
             buf: Vec::new(),
         })
-    }
-
-    /// Rebuilds a device from `state`; the transport's restore activates it.
-    pub fn restore(state: &RngState) -> Result<Self, RngError> {
-        if state.acked_features & !AVAIL_FEATURES != 0 {
-            return Err(RngError::BadFeatures {
-                acked: state.acked_features,
-                avail: AVAIL_FEATURES,
-            });
-        }
-        let mut rng = Self::new()?;
-        rng.activation.set_acked_features(state.acked_features);
-        Ok(rng)
-    }
-
-    /// The device's state.
-    pub fn save(&self) -> RngState {
-        RngState {
-            acked_features: self.activation.acked_features(),
-        }
     }
 
     /// The eventfd the device writes on activation (registered in `init`).
@@ -134,6 +111,31 @@ impl Rng {
     }
 }
 
+impl Persist<'_> for Rng {
+    type State = RngState;
+    type ConstructorArgs = ();
+    type Error = RngError;
+
+    fn save(&self) -> Result<RngState, RngError> {
+        Ok(RngState {
+            acked_features: self.activation.acked_features(),
+        })
+    }
+
+    /// Rebuilds a device from `state`; the transport's restore activates it.
+    fn restore((): (), state: &RngState) -> Result<Self, RngError> {
+        if state.acked_features & !AVAIL_FEATURES != 0 {
+            return Err(RngError::BadFeatures {
+                acked: state.acked_features,
+                avail: AVAIL_FEATURES,
+            });
+        }
+        let mut rng = Self::new()?;
+        rng.activation.set_acked_features(state.acked_features);
+        Ok(rng)
+    }
+}
+
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
         device_type::RNG
@@ -160,20 +162,7 @@ impl VirtioDevice for Rng {
     super::activation_field!();
 }
 
-impl MutEventSubscriber for Rng {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if self
-            .activation
-            .single_queue_event(&events, ops, TOKEN_ACTIVATE, TOKEN_KICK)
-        {
-            self.process_queue();
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        self.activation.register(ops, TOKEN_ACTIVATE);
-    }
-}
+super::single_queue_subscriber!(Rng);
 
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
 use crate::virtio::mmio::test_utils::*;
-use crate::virtio::mmio::{MmioTransport, MmioTransportState};
+use crate::virtio::mmio::{MmioTransport, MmioTransportState, TransportArgs};
 use crate::virtio::VIRTIO_MMIO_INT_VRING;
 use crate::virtio::{ActivateError, ActiveQueue, Interrupt};
 use crate::GuestMemory;
@@ -166,16 +166,16 @@ fn reset_and_reactivate_before_the_event_loop_runs() {
 fn state_round_trip() {
     let mut rng = Rng::new().unwrap();
     rng.set_acked_features(u64::MAX);
-    let state = rng.save();
+    let state = rng.save().unwrap();
     assert_eq!(state.acked_features, 1 << VIRTIO_F_VERSION_1);
     let json = serde_json::to_string(&state).unwrap();
     let loaded: RngState = serde_json::from_str(&json).unwrap();
     assert_eq!(loaded, state);
-    assert_eq!(Rng::restore(&loaded).unwrap().save(), state);
+    assert_eq!(Rng::restore((), &loaded).unwrap().save().unwrap(), state);
 
     let bad = RngState { acked_features: 1 };
     assert!(matches!(
-        Rng::restore(&bad),
+        Rng::restore((), &bad),
         Err(RngError::BadFeatures { .. })
     ));
 }
@@ -192,15 +192,17 @@ fn snapshot_and_restore_a_running_device() {
     assert_eq!(used_idx(&vq), 1);
 
     let transport_json = serde_json::to_string(&s.transport.save().unwrap()).unwrap();
-    let rng_json = serde_json::to_string(&s.rng.lock().unwrap().save()).unwrap();
+    let rng_json = serde_json::to_string(&s.rng.lock().unwrap().save().unwrap()).unwrap();
 
     let transport_state: MmioTransportState = serde_json::from_str(&transport_json).unwrap();
     let rng_state: RngState = serde_json::from_str(&rng_json).unwrap();
-    let rng = Arc::new(Mutex::new(Rng::restore(&rng_state).unwrap()));
+    let rng = Arc::new(Mutex::new(Rng::restore((), &rng_state).unwrap()));
     let mut transport = MmioTransport::restore(
-        s.mem.clone(),
-        rng.clone(),
-        EventFd::new(EFD_NONBLOCK).unwrap(),
+        TransportArgs {
+            mem: s.mem.clone(),
+            device: rng.clone(),
+            irq_evt: EventFd::new(EFD_NONBLOCK).unwrap(),
+        },
         &transport_state,
     )
     .unwrap();

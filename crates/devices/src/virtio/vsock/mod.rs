@@ -2,9 +2,9 @@
 //!
 //! # Host side
 //!
-//! The device listens on the Unix socket `uds_path`.
+//! The device listens on the Unix socket `uds`.
 //!
-//! * **Host to guest.** A host client connects to `uds_path` and writes `CONNECT <port>\n`
+//! * **Host to guest.** A host client connects to `uds` and writes `CONNECT <port>\n`
 //!   (decimal port, optional `\r` before the `\n`, at most 64 bytes). The device sends the
 //!   guest `OP_REQUEST` from `(CID 2, <host_port>)` to `(guest CID, <port>)`, where
 //!   `<host_port>` is a port the device picks (from 2^30 up). When the guest answers
@@ -12,7 +12,7 @@
 //!   stream carries the connection's bytes both ways. If the guest refuses (`OP_RST`), or the
 //!   line is malformed, the device closes the client without writing anything.
 //! * **Guest to host.** A guest socket connecting to CID 2 port `P` makes the device connect
-//!   to the Unix socket `<uds_path>_<P>` (e.g. `/run/vm.vsock_52`); the guest gets
+//!   to the Unix socket `<uds>_<P>` (e.g. `/run/vm.vsock_52`); the guest gets
 //!   `OP_RESPONSE` when that works and `OP_RST` when nothing listens there.
 //! * **Teardown.** The guest's `OP_RST`, or `OP_SHUTDOWN` with both flags, closes the Unix
 //!   stream (after buffered bytes are written); `OP_SHUTDOWN` with `SEND` only half-closes
@@ -41,7 +41,7 @@ pub mod packet;
 
 use muxer::Muxer;
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -62,7 +62,7 @@ pub use self::connection::{CONN_BUF_ALLOC, CREDIT_UPDATE_THRESHOLD};
 use self::packet::*;
 use super::activation::Activation;
 use super::{device_type, VirtioDevice};
-use crate::GuestMemory;
+use crate::{GuestMemory, Persist};
 
 /// Size of each of the three queues.
 pub const QUEUE_SIZE: u16 = 256;
@@ -91,14 +91,14 @@ const TOKEN_EVENT_KICK: u32 = 3;
 const TOKEN_LISTENER: u32 = 4;
 const TOKEN_STREAM: u32 = 5;
 
-/// How the VMM configures a vsock device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The vsock device, as the VM is configured.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {
-    /// The guest's CID (3 or more).
-    pub guest_cid: u64,
-    /// The Unix socket the device listens on; guest-initiated connections to host port `P`
-    /// go to `<uds_path>_<P>`.
-    pub uds_path: PathBuf,
+    /// The guest's context ID (3 or more).
+    pub cid: u64,
+    /// The Unix socket the device listens on (standing for the guest's ports);
+    /// guest-initiated connections to host port `P` go to `<uds>_<P>`.
+    pub uds: PathBuf,
 }
 
 /// What of a vsock device survives a snapshot: the CID and the negotiated features.
@@ -162,11 +162,11 @@ fn check_cid(cid: u64) -> Result<(), VsockError> {
 }
 
 impl Vsock {
-    /// Builds the device and starts listening on `config.uds_path` (a stale socket file
+    /// Builds the device and starts listening on `config.uds` (a stale socket file
     /// there is replaced). Host clients wait in the listen backlog until the driver is up.
     pub fn new(config: VsockConfig) -> Result<Self, VsockError> {
-        check_cid(config.guest_cid)?;
-        let path = config.uds_path;
+        check_cid(config.cid)?;
+        let path = config.uds;
         if let Ok(meta) = std::fs::symlink_metadata(&path) {
             if meta.file_type().is_socket() {
                 std::fs::remove_file(&path).map_err(|source| VsockError::RemoveStale {
@@ -183,10 +183,10 @@ impl Vsock {
             .set_nonblocking(true)
             .map_err(VsockError::NonBlocking)?;
         let activation = Activation::new("vsock").map_err(VsockError::EventFd)?;
-        tracing::debug!(cid = config.guest_cid, path = %path.display(), "vsock device created");
+        tracing::debug!(cid = config.cid, path = %path.display(), "vsock device created");
         Ok(Self {
             muxer: Muxer {
-                cid: config.guest_cid,
+                cid: config.cid,
                 uds_path: path,
                 listener,
                 conns: HashMap::new(),
@@ -203,35 +203,14 @@ impl Vsock {
         })
     }
 
-    /// Rebuilds a device from a snapshot. The CID is `config.guest_cid` (a fork child passes
-    /// its new CID there); either way the guest is sent a transport reset once the device is
-    /// activated, because the connections it knew are gone.
-    pub fn restore(config: VsockConfig, state: &VsockState) -> Result<Self, VsockError> {
-        if config.guest_cid != state.cid {
-            tracing::info!(
-                old = state.cid,
-                new = config.guest_cid,
-                "vsock restored with a new CID"
-            );
-        }
-        let mut dev = Self::new(config)?;
-        dev.activation
-            .set_acked_features(state.acked_features & dev.avail_features());
-        dev.pending_reset = true;
-        Ok(dev)
-    }
-
-    /// What must be saved of the device.
-    pub fn save(&self) -> VsockState {
-        VsockState {
-            cid: self.muxer.cid,
-            acked_features: self.activation.acked_features(),
-        }
-    }
-
     /// The CID in the configuration space.
     pub fn guest_cid(&self) -> u64 {
         self.muxer.cid
+    }
+
+    /// The Unix socket the device listens on.
+    pub fn uds(&self) -> &std::path::Path {
+        &self.muxer.uds_path
     }
 
     /// Changes the CID in the configuration space without telling the guest (for a device
@@ -484,6 +463,38 @@ impl Vsock {
 fn report_used(queue: &mut virtio_queue::Queue, mem: &GuestMemory, head: u16, len: u32) {
     if let Err(e) = queue.add_used(mem, head, len) {
         tracing::error!(error = %e, "vsock: cannot return a buffer to the guest");
+    }
+}
+
+impl Persist<'_> for Vsock {
+    type State = VsockState;
+    /// The device as the VM is configured now: a fork child passes its new CID and
+    /// socket here.
+    type ConstructorArgs = VsockConfig;
+    type Error = VsockError;
+
+    fn save(&self) -> Result<VsockState, VsockError> {
+        Ok(VsockState {
+            cid: self.muxer.cid,
+            acked_features: self.activation.acked_features(),
+        })
+    }
+
+    /// Rebuilds a device from a snapshot. Either way the guest is sent a transport
+    /// reset once the device is activated, because the connections it knew are gone.
+    fn restore(config: VsockConfig, state: &VsockState) -> Result<Self, VsockError> {
+        if config.cid != state.cid {
+            tracing::info!(
+                old = state.cid,
+                new = config.cid,
+                "vsock restored with a new CID"
+            );
+        }
+        let mut dev = Self::new(config)?;
+        dev.activation
+            .set_acked_features(state.acked_features & dev.avail_features());
+        dev.pending_reset = true;
+        Ok(dev)
     }
 }
 

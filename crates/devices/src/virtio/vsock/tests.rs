@@ -1,170 +1,44 @@
 //! Tests for virtio-vsock: a mock driver (`MockSplitQueue`-laid-out rings in a
 //! `GuestMemoryMmap`) drives the activated device directly, without a transport or KVM.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::Arc;
 use std::time::Duration;
 
 use event_manager::{EventManager, SubscriberOps};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::muxer::parse_connect;
 use super::packet::*;
 use super::*;
+use crate::virtio::test_driver::{Driver, DriverQueue};
 use crate::virtio::VIRTIO_MMIO_INT_VRING;
-use crate::virtio::{ActiveQueue, Interrupt};
 
-const MEM_SIZE: usize = 16 << 20;
-const BUF_BASE: u64 = 0x10_0000;
 const RX_BUF_LEN: u32 = (HDR_SIZE + 4096) as u32;
 const GUEST_CID: u64 = 3;
 
-/// The driver's side of one split virtqueue laid out as `MockSplitQueue` lays it out
-/// (the net tests use it too).
-pub(crate) struct DriverQueue {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    size: u16,
-    next_desc: u16,
-    last_used: u16,
-    /// Head descriptor index to the buffers of its chain.
-    chains: HashMap<u16, Vec<(u64, u32)>>,
-}
-
-impl DriverQueue {
-    pub(crate) fn new(mem: &GuestMemory, base: u64, size: u16) -> (Self, Queue) {
-        let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
-        let queue: Queue = mock.create_queue().expect("queue");
-        let dq = DriverQueue {
-            desc: mock.desc_table_addr().0,
-            avail: mock.avail_addr().0,
-            used: mock.used_addr().0,
-            size,
-            next_desc: 0,
-            last_used: 0,
-            chains: HashMap::new(),
-        };
-        (dq, queue)
-    }
-
-    /// Makes a chain of `(addr, len, device_writable)` buffers available.
-    pub(crate) fn add_chain(&mut self, mem: &GuestMemory, bufs: &[(u64, u32, bool)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
-            let idx = (self.next_desc + i as u16) % self.size;
-            let last = i == bufs.len() - 1;
-            let mut flags = if writable { 2u16 } else { 0 };
-            if !last {
-                flags |= 1;
-            }
-            let next = (idx + 1) % self.size;
-            let at = self.desc + 16 * u64::from(idx);
-            mem.write_obj(addr, GuestAddress(at)).unwrap();
-            mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-            mem.write_obj(next, GuestAddress(at + 14)).unwrap();
-        }
-        self.next_desc = (self.next_desc + bufs.len() as u16) % self.size;
-        let avail_idx: u16 = mem.read_obj(GuestAddress(self.avail + 2)).unwrap();
-        let slot = self.avail + 4 + 2 * u64::from(avail_idx % self.size);
-        mem.write_obj(head, GuestAddress(slot)).unwrap();
-        mem.write_obj(avail_idx.wrapping_add(1), GuestAddress(self.avail + 2))
-            .unwrap();
-        self.chains
-            .insert(head, bufs.iter().map(|&(a, l, _)| (a, l)).collect());
-        head
-    }
-
-    /// The next used element: the bytes the device reported, read back from the chain.
-    pub(crate) fn pop_used(&mut self, mem: &GuestMemory) -> Option<Vec<u8>> {
-        let used_idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-        if used_idx == self.last_used {
-            return None;
-        }
-        let at = self.used + 4 + 8 * u64::from(self.last_used % self.size);
-        let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
-        let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
-        self.last_used = self.last_used.wrapping_add(1);
-        let bufs = self.chains.remove(&(id as u16)).expect("known chain");
-        let mut out = Vec::new();
-        let mut left = len as usize;
-        for (addr, blen) in bufs {
-            let n = left.min(blen as usize);
-            let mut b = vec![0u8; n];
-            mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
-            out.extend(b);
-            left -= n;
-        }
-        Some(out)
-    }
-}
-
 /// A guest driver for an activated vsock device.
 struct Guest {
-    mem: GuestMemory,
+    drv: Driver,
     rx: DriverQueue,
     tx: DriverQueue,
     ev: DriverQueue,
-    irq: Arc<Interrupt>,
-    kicks: Vec<EventFd>,
-    bump: u64,
 }
 
 impl Guest {
     /// Activates `dev` with three fresh queues.
     fn activate(dev: &mut Vsock) -> Guest {
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let (rx, rxq) = DriverQueue::new(&mem, 0, QUEUE_SIZE);
-        let (tx, txq) = DriverQueue::new(&mem, 0x1_0000, QUEUE_SIZE);
-        let (ev, evq) = DriverQueue::new(&mem, 0x2_0000, QUEUE_SIZE);
-        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        let mut kicks = Vec::new();
-        let queues = [rxq, txq, evq]
-            .into_iter()
-            .map(|queue| {
-                let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-                kicks.push(kick.try_clone().unwrap());
-                ActiveQueue { queue, kick }
-            })
-            .collect();
-        dev.set_acked_features(dev.avail_features());
-        dev.activate(mem.clone(), irq.clone(), queues).unwrap();
-        assert!(dev.is_activated());
-        Guest {
-            mem,
-            rx,
-            tx,
-            ev,
-            irq,
-            kicks,
-            bump: BUF_BASE,
-        }
-    }
-
-    fn alloc(&mut self, len: u32) -> u64 {
-        let addr = self.bump;
-        self.bump += u64::from(len).next_multiple_of(16);
-        assert!(self.bump < MEM_SIZE as u64, "test ran out of guest memory");
-        addr
+        let (drv, queues) = Driver::activate(dev);
+        let [rx, tx, ev]: [DriverQueue; 3] = queues.try_into().ok().expect("three queues");
+        Guest { drv, rx, tx, ev }
     }
 
     fn post_rx_buffers(&mut self, n: usize) {
-        for _ in 0..n {
-            let addr = self.alloc(RX_BUF_LEN);
-            self.rx.add_chain(&self.mem, &[(addr, RX_BUF_LEN, true)]);
-        }
+        self.drv.post_buffers(&mut self.rx, n, RX_BUF_LEN);
     }
 
     fn post_event_buffer(&mut self) {
-        let addr = self.alloc(EVENT_SIZE as u32);
-        self.ev
-            .add_chain(&self.mem, &[(addr, EVENT_SIZE as u32, true)]);
+        self.drv.post_buffers(&mut self.ev, 1, EVENT_SIZE as u32);
     }
 
     /// Queues a packet on tx (header and payload in separate descriptors, as Linux does).
@@ -173,17 +47,18 @@ impl Guest {
             len: data.len() as u32,
             ..hdr
         };
-        let haddr = self.alloc(HDR_SIZE as u32);
-        self.mem
+        let haddr = self.drv.alloc(HDR_SIZE as u32);
+        self.drv
+            .mem
             .write_slice(&hdr.to_bytes(), GuestAddress(haddr))
             .unwrap();
         let mut bufs = vec![(haddr, HDR_SIZE as u32, false)];
         if !data.is_empty() {
-            let daddr = self.alloc(data.len() as u32);
-            self.mem.write_slice(data, GuestAddress(daddr)).unwrap();
+            let daddr = self.drv.alloc(data.len() as u32);
+            self.drv.mem.write_slice(data, GuestAddress(daddr)).unwrap();
             bufs.push((daddr, data.len() as u32, false));
         }
-        self.tx.add_chain(&self.mem, &bufs);
+        self.tx.add_chain(&self.drv.mem, &bufs);
     }
 
     /// Posts a packet on tx and lets the device run its queues.
@@ -191,14 +66,14 @@ impl Guest {
         self.queue_tx(hdr, data);
         dev.process_queues();
         assert!(
-            self.tx.pop_used(&self.mem).is_some(),
+            self.tx.pop_used(&self.drv.mem).is_some(),
             "tx buffer not returned"
         );
     }
 
     /// The next packet the device put in an rx buffer.
     fn recv(&mut self) -> Option<(Header, Vec<u8>)> {
-        let bytes = self.rx.pop_used(&self.mem)?;
+        let bytes = self.rx.pop_used(&self.drv.mem)?;
         let hdr = Header::from_bytes(bytes[..HDR_SIZE].try_into().unwrap());
         assert_eq!(bytes.len(), HDR_SIZE + hdr.len as usize);
         Some((hdr, bytes[HDR_SIZE..].to_vec()))
@@ -223,8 +98,8 @@ fn from_guest(op: u16, src_port: u32, dst_port: u32) -> Header {
 
 fn new_device(dir: &tempfile::TempDir) -> Vsock {
     Vsock::new(VsockConfig {
-        guest_cid: GUEST_CID,
-        uds_path: dir.path().join("v.sock"),
+        cid: GUEST_CID,
+        uds: dir.path().join("v.sock"),
     })
     .unwrap()
 }
@@ -273,8 +148,8 @@ fn host_connect(dev: &mut Vsock, g: &mut Guest, dir: &tempfile::TempDir) -> (Uni
 fn config_space_holds_the_cid() {
     let dir = tempfile::tempdir().unwrap();
     let mut dev = Vsock::new(VsockConfig {
-        guest_cid: 0x42,
-        uds_path: dir.path().join("v.sock"),
+        cid: 0x42,
+        uds: dir.path().join("v.sock"),
     })
     .unwrap();
     assert_eq!(dev.device_type(), device_type::VSOCK);
@@ -299,8 +174,8 @@ fn config_space_holds_the_cid() {
         Err(VsockError::InvalidCid(2))
     ));
     assert!(Vsock::new(VsockConfig {
-        guest_cid: 1,
-        uds_path: dir.path().join("w.sock"),
+        cid: 1,
+        uds: dir.path().join("w.sock"),
     })
     .is_err());
 }
@@ -324,7 +199,7 @@ fn host_initiated_connection_carries_bytes_both_ways() {
     assert_eq!(req.dst_port, 1234);
     assert!(req.src_port >= FIRST_LOCAL_PORT);
     assert_eq!(req.buf_alloc, CONN_BUF_ALLOC);
-    assert_ne!(g.irq.status() & VIRTIO_MMIO_INT_VRING, 0);
+    assert_ne!(g.drv.irq.status() & VIRTIO_MMIO_INT_VRING, 0);
 
     g.send(&mut dev, from_guest(OP_RESPONSE, 1234, req.src_port), &[]);
     assert_eq!(read_line(&mut c), format!("OK {}\n", req.src_port));
@@ -601,15 +476,15 @@ fn reset_transport_changes_the_cid_and_tells_the_guest() {
     g.post_rx_buffers(8);
     g.post_event_buffer();
     let (mut c, _) = host_connect(&mut dev, &mut g, &dir);
-    g.irq.ack(VIRTIO_MMIO_INT_VRING);
+    g.drv.irq.ack(VIRTIO_MMIO_INT_VRING);
 
     dev.reset_transport(42).unwrap();
     let mut cid = [0u8; 8];
     dev.read_config(0, &mut cid);
     assert_eq!(u64::from_le_bytes(cid), 42);
-    let event = g.ev.pop_used(&g.mem).expect("transport reset event");
+    let event = g.ev.pop_used(&g.drv.mem).expect("transport reset event");
     assert_eq!(event, EVENT_TRANSPORT_RESET.to_le_bytes());
-    assert_ne!(g.irq.status() & VIRTIO_MMIO_INT_VRING, 0);
+    assert_ne!(g.drv.irq.status() & VIRTIO_MMIO_INT_VRING, 0);
     // Connections are gone: the host client sees end of file.
     let mut rest = Vec::new();
     c.read_to_end(&mut rest).unwrap();
@@ -631,11 +506,11 @@ fn reset_transport_before_activation_waits_for_the_driver() {
     dev.reset_transport(10).unwrap();
     let mut g = Guest::activate(&mut dev);
     dev.process_queues();
-    assert!(g.ev.pop_used(&g.mem).is_none(), "no event buffer yet");
+    assert!(g.ev.pop_used(&g.drv.mem).is_none(), "no event buffer yet");
     g.post_event_buffer();
     dev.process_queues();
     assert_eq!(
-        g.ev.pop_used(&g.mem).unwrap(),
+        g.ev.pop_used(&g.drv.mem).unwrap(),
         EVENT_TRANSPORT_RESET.to_le_bytes()
     );
 }
@@ -645,7 +520,7 @@ fn state_round_trips_and_restore_resets_the_transport() {
     let dir = tempfile::tempdir().unwrap();
     let mut dev = new_device(&dir);
     dev.set_acked_features(dev.avail_features());
-    let state = dev.save();
+    let state = dev.save().unwrap();
     assert_eq!(state.cid, GUEST_CID);
     let json = serde_json::to_string(&state).unwrap();
     let back: VsockState = serde_json::from_str(&json).unwrap();
@@ -655,8 +530,8 @@ fn state_round_trips_and_restore_resets_the_transport() {
     // A fork child: same snapshot, new CID, its own socket.
     let mut child = Vsock::restore(
         VsockConfig {
-            guest_cid: 8,
-            uds_path: dir.path().join("child.sock"),
+            cid: 8,
+            uds: dir.path().join("child.sock"),
         },
         &back,
     )
@@ -667,7 +542,7 @@ fn state_round_trips_and_restore_resets_the_transport() {
     g.post_event_buffer();
     child.process_queues();
     assert_eq!(
-        g.ev.pop_used(&g.mem).unwrap(),
+        g.ev.pop_used(&g.drv.mem).unwrap(),
         EVENT_TRANSPORT_RESET.to_le_bytes()
     );
     assert_eq!(child.queue_states().len(), 3);
@@ -686,8 +561,8 @@ fn stale_socket_file_is_replaced() {
     new_device(&dir);
     std::fs::write(dir.path().join("file"), b"not a socket").unwrap();
     let err = Vsock::new(VsockConfig {
-        guest_cid: 3,
-        uds_path: dir.path().join("file"),
+        cid: 3,
+        uds: dir.path().join("file"),
     })
     .unwrap_err();
     assert!(matches!(err, VsockError::Bind { .. }));
@@ -716,7 +591,7 @@ fn event_manager_drives_a_connection() {
     assert_eq!(req.op, OP_REQUEST);
 
     g.queue_tx(from_guest(OP_RESPONSE, 1234, req.src_port), &[]);
-    g.kicks[TX_QUEUE].write(1).unwrap();
+    g.drv.kicks[TX_QUEUE].write(1).unwrap();
     run(&mut em);
     assert_eq!(read_line(&mut c), format!("OK {}\n", req.src_port));
 
@@ -731,7 +606,7 @@ fn event_manager_drives_a_connection() {
     run(&mut em);
     assert_eq!(g.recv().unwrap().0.op, OP_SHUTDOWN);
     g.queue_tx(from_guest(OP_RST, 1234, req.src_port), &[]);
-    g.kicks[TX_QUEUE].write(1).unwrap();
+    g.drv.kicks[TX_QUEUE].write(1).unwrap();
     run(&mut em);
     let dev = em.subscriber_mut(id).unwrap();
     assert!(dev.muxer.conns.is_empty());
@@ -741,5 +616,5 @@ fn event_manager_drives_a_connection() {
     g.post_event_buffer();
     dev.reset_transport(11).unwrap();
     run(&mut em);
-    assert!(g.ev.pop_used(&g.mem).is_some());
+    assert!(g.ev.pop_used(&g.drv.mem).is_some());
 }

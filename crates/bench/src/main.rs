@@ -9,19 +9,7 @@ use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::parse();
-    let filter = cli
-        .log
-        .as_deref()
-        .map(tracing_subscriber::EnvFilter::new)
-        .unwrap_or_else(|| {
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
-        });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    forkvm_config::logging::init_stderr(cli.log.as_deref());
     if let Err(e) = forkvm_config::load() {
         eprintln!("forkvm-bench: {e}");
         std::process::exit(2);

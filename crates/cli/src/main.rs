@@ -4,7 +4,6 @@ mod cli;
 mod commands;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Command};
 
@@ -29,15 +28,7 @@ fn usage_error_line(rendered: &str) -> String {
 
 fn main() {
     let cli = parse();
-    let filter = cli.log.as_deref().map(EnvFilter::new).unwrap_or_else(|| {
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"))
-    });
-    // Colour only for a person at a terminal: logs and pipes get plain text.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    forkvm_config::logging::init_stderr(cli.log.as_deref());
     if let Err(e) = forkvm_config::load() {
         eprintln!("forkvm: {e}");
         std::process::exit(2);

@@ -1,4 +1,4 @@
-//! Where forkvm's programs and files are.
+//! Where forkvm's programs and files are, and how the programs log ([`logging`]).
 //!
 //! forkvm is several executables that start one another (`forkvm` and `forkvm-runtime`
 //! start `forkvm-vmm`, `forkvm bench` runs `forkvm-bench`, the benchmarks run
@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 pub mod install;
+pub mod logging;
 
 use serde::Deserialize;
 

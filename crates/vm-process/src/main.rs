@@ -33,7 +33,7 @@ fn main() {
             }
         }
     }
-    init_logging();
+    forkvm_config::logging::init_stderr(None);
     let launched = match Launched::receive() {
         Ok(l) => l,
         Err(e) => {
@@ -53,18 +53,6 @@ fn main() {
             std::process::exit(1);
         }
     }
-}
-
-/// Logs to stderr (`RUST_LOG`, default `warn`), in colour only on a terminal.
-fn init_logging() {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 /// Sends this process's stderr (its own messages, a panic) to `file`.

@@ -1,0 +1,20 @@
+//! How every forkvm program logs to its stderr: filtered by the `--log` directives when
+//! given, else by `RUST_LOG`, else warnings only; in colour only for a person at a
+//! terminal, so logs and pipes get plain text.
+
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the stderr logger; `directives` are `--log`'s (e.g. `forkvm_vmm=debug`).
+pub fn init_stderr(directives: Option<&str>) {
+    let filter = directives.map(EnvFilter::new).unwrap_or_else(|| {
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"))
+    });
+    // A second install (a test harness, a library that got there first) keeps the first.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}

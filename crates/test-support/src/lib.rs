@@ -1,7 +1,34 @@
 //! Helpers shared by forkvm's end-to-end tests, in a crate of their own so that no
 //! product crate compiles them. A dev-dependency only.
 
+use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// Starts `cmd` in a process group of its own (so a test can kill everything it
+/// started), stdout and stderr piped, and `stdin`, when given, written to its standard
+/// input from a thread and then closed (else its stdin is `/dev/null`).
+pub fn spawn_in_group(cmd: &mut Command, stdin: Option<Vec<u8>>) -> Child {
+    let mut child = cmd
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", cmd.get_program().to_string_lossy()));
+    if let Some(data) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin is piped");
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        });
+    }
+    child
+}
 
 /// Installs the forkvm built beside `target_bin` (a test's own target directory, e.g.
 /// the parent of `CARGO_BIN_EXE_forkvm-runtime`) into `<scratch>/prefix` as

@@ -7,8 +7,7 @@
 
 use std::ffi::OsStr;
 use std::io::Read;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -122,27 +121,13 @@ impl Forkvm {
             .prefix("forkvm-test-root")
             .tempdir()
             .expect("cannot create a state root");
-        let mut child = Command::new(FORKVM)
-            .args(args)
-            .env("FORKVM_ROOT", root.path())
-            .envs(env.iter().copied())
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {FORKVM}: {e}"));
-        if let Some(data) = stdin {
-            let mut pipe = child.stdin.take().unwrap();
-            std::thread::spawn(move || {
-                use std::io::Write;
-                let _ = pipe.write_all(&data);
-            });
-        }
+        let mut child = forkvm_test_support::spawn_in_group(
+            Command::new(FORKVM)
+                .args(args)
+                .env("FORKVM_ROOT", root.path())
+                .envs(env.iter().copied()),
+            stdin,
+        );
         let stdout = Arc::new(Captured::default());
         let stderr = Arc::new(Captured::default());
         let readers = vec![

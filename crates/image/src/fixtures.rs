@@ -11,7 +11,7 @@
 //! 2. a whiteout of `/etc/removed-by-whiteout`, an opaque `/opaque` holding
 //!    `new.txt`, `/hello.txt` ([`HELLO`]) and an empty `/work`.
 //!
-//! Its config (see [`FixtureConfig`]) runs `sh` in `/` with
+//! Its config (see [`config`]) runs `sh` in `/` with
 //! `PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin` and `FIXTURE=1`.
 //! Everything is deterministic: the same call writes the same digests.
 //!
@@ -28,7 +28,6 @@
 //! The builders panic on impossible input (a path the tar format cannot hold): they
 //! are for tests.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -41,6 +40,7 @@ use tar::{EntryType, Header};
 
 use crate::digest::{digest_hex, sha256_of};
 use crate::spec::{OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST, REF_NAME};
+use crate::ImageConfig;
 
 /// The mtime of every fixture entry.
 pub const FIXTURE_MTIME: u64 = 1_700_000_000;
@@ -164,63 +164,48 @@ impl LayerBuilder {
     }
 }
 
-/// The image config the fixture writers put in an image.
-#[derive(Clone, Debug)]
-pub struct FixtureConfig {
-    /// `Entrypoint` (default empty).
-    pub entrypoint: Vec<String>,
-    /// `Cmd` (default `["sh"]`).
-    pub cmd: Vec<String>,
-    /// `Env` (default [`FIXTURE_PATH`] and `FIXTURE=1`).
-    pub env: Vec<String>,
-    /// `WorkingDir` (default `/`).
-    pub working_dir: String,
-    /// `User` (default empty: root).
-    pub user: String,
-    /// `Labels` (default `org.forkvm.fixture=busybox`).
-    pub labels: BTreeMap<String, String>,
-}
-
-impl Default for FixtureConfig {
-    fn default() -> Self {
-        Self {
-            entrypoint: Vec::new(),
-            cmd: vec!["sh".into()],
-            env: vec![FIXTURE_PATH.into(), "FIXTURE=1".into()],
-            working_dir: "/".into(),
-            user: String::new(),
-            labels: [("org.forkvm.fixture".to_string(), "busybox".to_string())].into(),
-        }
+/// The image config the fixture writers put in an image (amd64 Linux): `sh` in `/`
+/// with [`FIXTURE_PATH`] and `FIXTURE=1`, labelled `org.forkvm.fixture=busybox`.
+pub fn config() -> ImageConfig {
+    ImageConfig {
+        cmd: vec!["sh".into()],
+        env: vec![FIXTURE_PATH.into(), "FIXTURE=1".into()],
+        working_dir: "/".into(),
+        labels: [("org.forkvm.fixture".to_string(), "busybox".to_string())].into(),
+        architecture: "amd64".into(),
+        os: "linux".into(),
+        ..ImageConfig::default()
     }
 }
 
-impl FixtureConfig {
-    /// The OCI image config JSON for layers with these (uncompressed) digests.
-    pub fn to_json(&self, diff_ids: &[String]) -> Vec<u8> {
-        let mut config = serde_json::Map::new();
-        if !self.entrypoint.is_empty() {
-            config.insert("Entrypoint".into(), json!(self.entrypoint));
-        }
-        config.insert("Cmd".into(), json!(self.cmd));
-        config.insert("Env".into(), json!(self.env));
-        config.insert("WorkingDir".into(), json!(self.working_dir));
-        if !self.user.is_empty() {
-            config.insert("User".into(), json!(self.user));
-        }
-        config.insert("Labels".into(), json!(self.labels));
-        let history: Vec<_> = (1..=diff_ids.len())
-            .map(|i| json!({"created": "2024-01-01T00:00:00Z", "created_by": format!("forkvm fixtures: layer {i}")}))
-            .collect();
-        let doc = json!({
-            "created": "2024-01-01T00:00:00Z",
-            "architecture": "amd64",
-            "os": "linux",
-            "config": config,
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-            "history": history,
-        });
-        serde_json::to_vec(&doc).expect("config JSON")
+/// The OCI image config JSON of `config` for layers with these (uncompressed) digests.
+pub fn config_json(config: &ImageConfig, diff_ids: &[String]) -> Vec<u8> {
+    let mut run = serde_json::Map::new();
+    if !config.entrypoint.is_empty() {
+        run.insert("Entrypoint".into(), json!(config.entrypoint));
     }
+    run.insert("Cmd".into(), json!(config.cmd));
+    run.insert("Env".into(), json!(config.env));
+    run.insert("WorkingDir".into(), json!(config.working_dir));
+    if !config.user.is_empty() {
+        run.insert("User".into(), json!(config.user));
+    }
+    run.insert("Labels".into(), json!(config.labels));
+    if let Some(signal) = &config.stop_signal {
+        run.insert("StopSignal".into(), json!(signal));
+    }
+    let history: Vec<_> = (1..=diff_ids.len())
+        .map(|i| json!({"created": "2024-01-01T00:00:00Z", "created_by": format!("forkvm fixtures: layer {i}")}))
+        .collect();
+    let doc = json!({
+        "created": "2024-01-01T00:00:00Z",
+        "architecture": config.architecture,
+        "os": config.os,
+        "config": run,
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": history,
+    });
+    serde_json::to_vec(&doc).expect("config JSON")
 }
 
 /// The two busybox layers as uncompressed tars (built once per process).
@@ -334,17 +319,17 @@ fn busybox_gz() -> io::Result<Arc<Vec<Vec<u8>>>> {
 /// The blobs of the busybox image as a registry holds them.
 #[derive(Clone, Debug)]
 pub struct FixtureBlobs {
-    /// The image config JSON ([`FixtureConfig::default`]).
+    /// The image config JSON ([`config`]).
     pub config: Vec<u8>,
     /// The layers, gzipped (media type `application/vnd.oci.image.layer.v1.tar+gzip`).
     pub layers: Vec<Vec<u8>>,
 }
 
 /// The busybox image's config and gzipped layers, e.g. to push to a test registry.
-pub fn busybox_blobs(config: &FixtureConfig) -> io::Result<FixtureBlobs> {
+pub fn busybox_blobs(config: &ImageConfig) -> io::Result<FixtureBlobs> {
     let diff_ids: Vec<String> = busybox_layer_tars()?.iter().map(|l| sha256_of(l)).collect();
     Ok(FixtureBlobs {
-        config: config.to_json(&diff_ids),
+        config: config_json(config, &diff_ids),
         layers: busybox_gz()?.to_vec(),
     })
 }
@@ -359,7 +344,7 @@ pub fn write_oci_layout(dir: &Path, name_tag: &str) -> io::Result<()> {
         .zip(gz.iter())
         .map(|(l, g)| (&l[..], &g[..]))
         .collect();
-    write_layout(dir, Some(name_tag), &parts, &FixtureConfig::default())
+    write_layout(dir, Some(name_tag), &parts, &config())
 }
 
 /// Adds an image with these layers (uncompressed tars; gzipped here) and config to
@@ -368,7 +353,7 @@ pub fn write_oci_layout_with(
     dir: &Path,
     name_tag: Option<&str>,
     layers: &[Vec<u8>],
-    config: &FixtureConfig,
+    config: &ImageConfig,
 ) -> io::Result<()> {
     let gz = layers
         .iter()
@@ -387,7 +372,7 @@ fn write_layout(
     dir: &Path,
     name_tag: Option<&str>,
     layers: &[(&[u8], &[u8])],
-    config: &FixtureConfig,
+    config: &ImageConfig,
 ) -> io::Result<()> {
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs)?;
@@ -398,7 +383,7 @@ fn write_layout(
         Ok(digest)
     };
     let diff_ids: Vec<String> = layers.iter().map(|(tar, _)| sha256_of(tar)).collect();
-    let config_json = config.to_json(&diff_ids);
+    let config_json = config_json(config, &diff_ids);
     let mut layer_descs = Vec::new();
     for (_, gz) in layers {
         layer_descs
@@ -450,12 +435,7 @@ pub fn tar_directory(dir: &Path, out: &Path) -> io::Result<()> {
 /// `Config`, `RepoTags` (`[repo_tag]`) and `Layers`, `<config hex>.json`, and
 /// uncompressed `<diff_id hex>/layer.tar` files.
 pub fn write_docker_archive(path: &Path, repo_tag: &str) -> io::Result<()> {
-    write_docker_archive_with(
-        path,
-        Some(repo_tag),
-        &busybox_layer_tars()?,
-        &FixtureConfig::default(),
-    )
+    write_docker_archive_with(path, Some(repo_tag), &busybox_layer_tars()?, &config())
 }
 
 /// Writes a docker archive with these layers (uncompressed) and config; no
@@ -464,10 +444,10 @@ pub fn write_docker_archive_with(
     path: &Path,
     repo_tag: Option<&str>,
     layers: &[Vec<u8>],
-    config: &FixtureConfig,
+    config: &ImageConfig,
 ) -> io::Result<()> {
     let diff_ids: Vec<String> = layers.iter().map(|l| sha256_of(l)).collect();
-    let config_json = config.to_json(&diff_ids);
+    let config_json = config_json(config, &diff_ids);
     let config_name = format!("{}.json", hex_of(&sha256_of(&config_json)));
     let layer_names: Vec<String> = diff_ids
         .iter()

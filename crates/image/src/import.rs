@@ -390,9 +390,9 @@ mod tests {
         let blobs_before = blob_names(&store);
 
         let second = dir.path().join("second");
-        let config = crate::fixtures::FixtureConfig {
+        let config = crate::ImageConfig {
             cmd: vec!["true".into()],
-            ..Default::default()
+            ..crate::fixtures::config()
         };
         let layers = crate::fixtures::busybox_layer_tars().unwrap();
         crate::fixtures::write_oci_layout_with(&second, Some("second:1"), &layers, &config)

@@ -6,7 +6,8 @@ mod common;
 use std::fs;
 use std::io::Write;
 
-use forkvm_image::fixtures::{self, FixtureConfig};
+use forkvm_image::fixtures;
+use forkvm_image::ImageConfig;
 use forkvm_image::{Error, NoProgress, Removed};
 
 use common::{files, store};
@@ -123,9 +124,9 @@ fn a_tag_renames_one_image_and_is_refused_for_several() {
     assert_eq!(images[0].names, ["localhost/renamed:latest"]);
 
     let layers = fixtures::busybox_layer_tars().unwrap();
-    let other = FixtureConfig {
+    let other = ImageConfig {
         cmd: vec!["true".into()],
-        ..FixtureConfig::default()
+        ..fixtures::config()
     };
     fixtures::write_oci_layout_with(&layout, Some("v2"), &layers, &other).unwrap();
     let err = store.load(&layout, Some("x"), &NoProgress).unwrap_err();
@@ -213,9 +214,9 @@ fn an_interrupted_import_leaves_the_store_as_it_was() {
     let index_before = fs::read(store.root().join("images.json")).unwrap();
 
     // Another image sharing the layers, whose last layer is corrupt in the source.
-    let other = FixtureConfig {
+    let other = ImageConfig {
         cmd: vec!["echo".into(), "other".into()],
-        ..FixtureConfig::default()
+        ..fixtures::config()
     };
     let layers = fixtures::busybox_layer_tars().unwrap();
     let bad = dir.path().join("bad");
@@ -318,9 +319,9 @@ fn removal_keeps_blobs_that_another_image_uses() {
     let a = dir.path().join("a");
     fixtures::write_oci_layout(&a, "a:1").unwrap();
     let b = dir.path().join("b");
-    let b_config = FixtureConfig {
+    let b_config = ImageConfig {
         cmd: vec!["true".into()],
-        ..FixtureConfig::default()
+        ..fixtures::config()
     };
     fixtures::write_oci_layout_with(&b, Some("b:1"), &layers, &b_config).unwrap();
     let image_a = store.load(&a, None, &NoProgress).unwrap().remove(0);
@@ -389,9 +390,9 @@ fn reimporting_a_name_moves_it_to_the_new_image() {
     fixtures::write_oci_layout(&layout, "app:1").unwrap();
     let old = store.load(&layout, None, &NoProgress).unwrap().remove(0);
     let newer = dir.path().join("newer");
-    let config = FixtureConfig {
+    let config = ImageConfig {
         cmd: vec!["echo".into(), "v2".into()],
-        ..FixtureConfig::default()
+        ..fixtures::config()
     };
     let layers = fixtures::busybox_layer_tars().unwrap();
     fixtures::write_oci_layout_with(&newer, Some("app:1"), &layers, &config).unwrap();
@@ -409,7 +410,7 @@ fn a_docker_archive_with_gzipped_layers_in_podman_style_loads() {
     let (dir, store) = store();
     let tars = fixtures::busybox_layer_tars().unwrap();
     let diff_ids: Vec<String> = tars.iter().map(|t| sha256(t)).collect();
-    let config = FixtureConfig::default().to_json(&diff_ids);
+    let config = fixtures::config_json(&fixtures::config(), &diff_ids);
     let config_name = format!("{}.json", &sha256(&config)[7..]);
     let mut members = vec![(config_name.clone(), config)];
     let mut layer_names = Vec::new();

@@ -12,7 +12,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use forkvm_image::fixtures::{self, FixtureConfig};
+use forkvm_image::fixtures;
+use forkvm_image::ImageConfig;
 use forkvm_image::{Error, NoProgress, PullOptions};
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::manifest::OciImageIndex;
@@ -128,7 +129,7 @@ fn client() -> Client {
 }
 
 /// Pushes the busybox fixture with `config` as `reference`; returns its manifest digest.
-fn push_fixture(reference: &str, config: &FixtureConfig) -> String {
+fn push_fixture(reference: &str, config: &ImageConfig) -> String {
     let blobs = fixtures::busybox_blobs(config).unwrap();
     let layers: Vec<ImageLayer> = blobs
         .layers
@@ -159,7 +160,7 @@ fn push_fixture(reference: &str, config: &FixtureConfig) -> String {
 fn an_image_pushed_to_a_local_registry_pulls_and_builds() {
     let registry = Registry::start();
     let reference = registry.reference("fixture:1");
-    let manifest_digest = push_fixture(&reference, &FixtureConfig::default());
+    let manifest_digest = push_fixture(&reference, &fixtures::config());
 
     let (dir, store) = store();
     let image = store
@@ -198,10 +199,10 @@ fn the_linux_amd64_entry_of_a_multi_arch_index_is_pulled() {
     let registry = Registry::start();
     let amd64 = registry.reference("fixture:amd64");
     let arm64 = registry.reference("fixture:arm64");
-    let amd64_digest = push_fixture(&amd64, &FixtureConfig::default());
-    let arm_config = FixtureConfig {
+    let amd64_digest = push_fixture(&amd64, &fixtures::config());
+    let arm_config = ImageConfig {
         cmd: vec!["arm64".into()],
-        ..FixtureConfig::default()
+        ..fixtures::config()
     };
     let arm64_digest = push_fixture(&arm64, &arm_config);
     let client = client();
@@ -248,7 +249,7 @@ fn the_linux_amd64_entry_of_a_multi_arch_index_is_pulled() {
 #[test]
 fn pulling_a_missing_tag_or_registry_is_an_error_naming_the_reference() {
     let registry = Registry::start();
-    push_fixture(&registry.reference("fixture:1"), &FixtureConfig::default());
+    push_fixture(&registry.reference("fixture:1"), &fixtures::config());
     let (_dir, store) = store();
 
     let missing = registry.reference("fixture:nope");

@@ -7,7 +7,7 @@ mod common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-use forkvm_image::fixtures::{self, FixtureConfig, LayerBuilder};
+use forkvm_image::fixtures::{self, LayerBuilder};
 use forkvm_image::{Error, NoProgress};
 
 use common::{cat, debugfs, files, ls, stat, store};
@@ -108,7 +108,7 @@ fn layers_cannot_write_through_symlinks_to_outside_the_root() {
         &layout,
         Some("escape:1"),
         &[layer1, layer2],
-        &FixtureConfig::default(),
+        &fixtures::config(),
     )
     .unwrap();
     let image = store.load(&layout, None, &NoProgress).unwrap().remove(0);
@@ -140,8 +140,7 @@ fn a_layer_corrupted_in_the_store_fails_the_build_naming_it() {
     let layer = LayerBuilder::new()
         .file("a.txt", 0o644, &[b'a'; 10_000])
         .finish();
-    fixtures::write_oci_layout_with(&layout, Some("c:1"), &[layer], &FixtureConfig::default())
-        .unwrap();
+    fixtures::write_oci_layout_with(&layout, Some("c:1"), &[layer], &fixtures::config()).unwrap();
     let image = store.load(&layout, None, &NoProgress).unwrap().remove(0);
     // Replace the stored (gzip) blob with a valid gzip of different content.
     let blob = store

@@ -428,3 +428,102 @@ pub fn agent_call_timeout(
         .map_err(|e| e.to_string())?;
     client::call(&mut conn, req).map_err(|e| format!("agent call: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::config::{NetConfig, VsockConfig};
+    use crate::vm::VmArchState;
+
+    /// A payload forked from a VM with vsock (CID 3 on `parent.vsock`) and one NIC on
+    /// `tap-parent`, for a child with `identity`.
+    fn payload(identity: ChildIdentity) -> ChildPayload {
+        let mut config = VmConfig::new("/nonexistent/kernel");
+        config.vsock = Some(VsockConfig {
+            cid: 3,
+            uds: PathBuf::from("/run/parent.vsock"),
+        });
+        config.nets = vec![NetConfig {
+            tap: "tap-parent".into(),
+            mac: None,
+        }];
+        ChildPayload {
+            snapshot: VmSnapshot {
+                config,
+                vcpus: Vec::new(),
+                arch: VmArchState {
+                    pic_master: Default::default(),
+                    pic_slave: Default::default(),
+                    ioapic: Default::default(),
+                    pit: Default::default(),
+                    clock: Default::default(),
+                },
+                serial: Default::default(),
+                virtio: Vec::new(),
+                captured_realtime_ns: 1,
+            },
+            layout: MemoryLayout {
+                ranges: Vec::new(),
+                overlays: Vec::new(),
+            },
+            identity,
+        }
+    }
+
+    fn child_identity() -> ChildIdentity {
+        ChildIdentity {
+            cid: Some(77),
+            vsock_uds: Some(PathBuf::from("/run/child.vsock")),
+            taps: vec!["tap-child".into()],
+            macs: vec![[2, 0, 0, 0, 0, 1]],
+            hostname: "fork-1".into(),
+            seed: vec![1; 64],
+        }
+    }
+
+    #[test]
+    fn a_child_builds_its_devices_from_its_own_identity() {
+        let mut p = payload(child_identity());
+        p.adopt_identity();
+        p.check_identity()
+            .expect("the adopted identity is the child's own");
+        let cfg = p.config();
+        let vsock = cfg.vsock.as_ref().unwrap();
+        assert_eq!(
+            (vsock.cid, vsock.uds.as_path()),
+            (77, "/run/child.vsock".as_ref())
+        );
+        assert_eq!(cfg.nets[0].tap, "tap-child");
+        assert_eq!(cfg.nets[0].mac, Some([2, 0, 0, 0, 0, 1]));
+    }
+
+    #[test]
+    fn a_child_never_takes_its_parents_socket_or_taps() {
+        // Not adopted: the configuration is still the parent's.
+        let p = payload(child_identity());
+        assert!(matches!(
+            p.check_identity(),
+            Err(ForkChildError::Identity(_))
+        ));
+
+        // An identity without a CID leaves the parent's vsock in place.
+        let mut p = payload(ChildIdentity {
+            cid: None,
+            ..child_identity()
+        });
+        p.adopt_identity();
+        let err = p.check_identity().unwrap_err().to_string();
+        assert!(err.contains("/run/parent.vsock"), "{err}");
+
+        // Too few TAPs leaves the parent's TAP in place.
+        let mut p = payload(ChildIdentity {
+            taps: Vec::new(),
+            ..child_identity()
+        });
+        p.adopt_identity();
+        let err = p.check_identity().unwrap_err().to_string();
+        assert!(err.contains("tap-parent"), "{err}");
+    }
+}

@@ -17,7 +17,7 @@
 //! home.record_machine(2, 512)?;
 //! let server = forkvm_api::serve(home, control)?;
 //! // ... run the VM ...
-//! server.finish(forkvm_registry::ExitRecord::new(0, "poweroff"));
+//! server.finish(forkvm_registry::ExitRecord::new(0, forkvm_registry::Ending::PowerOff));
 //! # Ok(()) }
 //! ```
 

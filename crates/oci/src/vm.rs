@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use forkvm_guest_kernel::GuestImage;
-use forkvm_registry::VmHome;
+use forkvm_registry::{Ending, VmHome};
 use forkvm_vmm::config::DEFAULT_CMDLINE;
 use forkvm_vmm::launch::{ConsoleSpec, HomeSpec, Launch, ProcessOptions, Start, VmProcess};
 use forkvm_vmm::{BlockConfig, VmConfig, VsockConfig};
@@ -254,13 +254,11 @@ where
         Err(e) => e,
     };
     let exit = home.state().ok().and_then(|s| s.exit);
-    let how = match exit.as_ref().map(|x| x.reason.as_str()) {
-        Some(failed) if failed.starts_with("failed") => {
-            return Err(e.context(format!("the guest {failed}")))
-        }
-        Some("poweroff") => "the guest powered off".to_owned(),
-        Some("reboot") => "the guest reset (a reboot, or a triple fault)".to_owned(),
-        Some(_) => "the VM was stopped".to_owned(),
+    let how = match exit.map(|x| x.reason) {
+        Some(failed @ Ending::Failed(_)) => return Err(e.context(format!("the guest {failed}"))),
+        Some(Ending::PowerOff) => "the guest powered off".to_owned(),
+        Some(Ending::Reboot) => "the guest reset (a reboot, or a triple fault)".to_owned(),
+        Some(Ending::Stopped | Ending::Killed) => "the VM was stopped".to_owned(),
         None => match status {
             Ok(status) => format!("the VM process ended ({status}) without saying how"),
             Err(w) => format!("the VM process cannot be waited for ({w})"),

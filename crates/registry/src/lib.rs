@@ -21,4 +21,4 @@ pub mod time;
 pub use error::Error;
 pub use home::{default_root, list, new_id, resolve, tail, validate_name, Entry, VmHome, ENV_ROOT};
 pub use liveness::ProcessIdentity;
-pub use state::{write_atomic, ExitRecord, Observed, Status, VmState, SCHEMA_VERSION};
+pub use state::{write_atomic, Ending, ExitRecord, Observed, Status, VmState, SCHEMA_VERSION};

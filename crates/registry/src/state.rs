@@ -27,23 +27,73 @@ pub enum Status {
     Exited,
 }
 
+/// Why a VM ended. Written in `state.json` as the words `ps` shows (`poweroff`,
+/// `reboot`, `stopped`, `killed`, `failed: <why>`), read back into this type, so no
+/// reader parses the words itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", from = "String")]
+pub enum Ending {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest reset (a reboot, or a triple fault); the VMM does not restart it.
+    Reboot,
+    /// A stop request ended it.
+    Stopped,
+    /// Something killed its VMM (`forkvm kill`).
+    Killed,
+    /// The guest or the VMM failed, and why.
+    Failed(String),
+}
+
+const FAILED_PREFIX: &str = "failed: ";
+
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ending::PowerOff => f.write_str("poweroff"),
+            Ending::Reboot => f.write_str("reboot"),
+            Ending::Stopped => f.write_str("stopped"),
+            Ending::Killed => f.write_str("killed"),
+            Ending::Failed(why) => write!(f, "{FAILED_PREFIX}{why}"),
+        }
+    }
+}
+
+impl From<Ending> for String {
+    fn from(e: Ending) -> Self {
+        e.to_string()
+    }
+}
+
+impl From<String> for Ending {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "poweroff" => Ending::PowerOff,
+            "reboot" => Ending::Reboot,
+            "stopped" => Ending::Stopped,
+            "killed" => Ending::Killed,
+            _ => Ending::Failed(s.strip_prefix(FAILED_PREFIX).unwrap_or(&s).to_owned()),
+        }
+    }
+}
+
 /// How a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitRecord {
     /// The exit status of the VMM (0: powered off, rebooted or stopped on request).
     pub code: i32,
-    /// `poweroff`, `reboot`, `stopped`, `killed` or what failed.
-    pub reason: String,
+    /// Why it ended.
+    pub reason: Ending,
     /// When, in Unix milliseconds.
     pub at_ms: u64,
 }
 
 impl ExitRecord {
     /// A record stamped now.
-    pub fn new(code: i32, reason: impl Into<String>) -> Self {
+    pub fn new(code: i32, reason: Ending) -> Self {
         Self {
             code,
-            reason: reason.into(),
+            reason,
             at_ms: crate::time::now_ms(),
         }
     }
@@ -199,6 +249,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn endings_are_written_as_words_and_read_back() {
+        for (ending, word) in [
+            (Ending::PowerOff, "poweroff"),
+            (Ending::Reboot, "reboot"),
+            (Ending::Stopped, "stopped"),
+            (Ending::Killed, "killed"),
+            (
+                Ending::Failed("KVM_RUN: EFAULT".into()),
+                "failed: KVM_RUN: EFAULT",
+            ),
+        ] {
+            let json = serde_json::to_string(&ending).unwrap();
+            assert_eq!(json, format!("{word:?}"));
+            assert_eq!(serde_json::from_str::<Ending>(&json).unwrap(), ending);
+        }
+        // A record written before the type existed reads the same.
+        let old: ExitRecord =
+            serde_json::from_str(r#"{"code":1,"reason":"failed: no memory","at_ms":5}"#).unwrap();
+        assert_eq!(old.reason, Ending::Failed("no memory".into()));
+    }
+
+    #[test]
     fn round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
@@ -210,7 +282,7 @@ mod tests {
         s.write(&path).unwrap();
         assert_eq!(VmState::read(&path).unwrap(), s);
         assert_eq!(s.observe(), Observed::Running);
-        s.exit = Some(ExitRecord::new(0, "poweroff"));
+        s.exit = Some(ExitRecord::new(0, Ending::PowerOff));
         s.status = Status::Exited;
         s.write(&path).unwrap();
         assert_eq!(VmState::read(&path).unwrap(), s);

@@ -13,7 +13,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 
 use anyhow::{bail, Context, Result};
-use forkvm_registry::{ExitRecord, ProcessIdentity, VmHome};
+use forkvm_registry::{Ending, ExitRecord, ProcessIdentity, VmHome};
 use forkvm_vmm::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, Launched, Start};
 use forkvm_vmm::{ExitReason, Vmm, VmmError};
 
@@ -138,15 +138,12 @@ fn start(
 /// API apart from a failure.
 fn exit_record(exit: &Result<ExitReason, VmmError>, stop_requested: bool) -> ExitRecord {
     match exit {
-        Ok(ExitReason::PowerOff) => ExitRecord::new(0, "poweroff"),
-        Ok(ExitReason::Reset) => ExitRecord::new(0, "reboot"),
-        Ok(ExitReason::Stopped) => ExitRecord::new(0, "stopped"),
-        Ok(ExitReason::Failed(_)) if stop_requested => ExitRecord::new(0, "stopped"),
-        Ok(ExitReason::Failed(why)) => ExitRecord::new(1, format!("failed: {why}")),
-        Err(e) => ExitRecord::new(
-            1,
-            format!("failed: {}", forkvm_vmm::control::error_chain(e)),
-        ),
+        Ok(ExitReason::PowerOff) => ExitRecord::new(0, Ending::PowerOff),
+        Ok(ExitReason::Reset) => ExitRecord::new(0, Ending::Reboot),
+        Ok(ExitReason::Stopped) => ExitRecord::new(0, Ending::Stopped),
+        Ok(ExitReason::Failed(_)) if stop_requested => ExitRecord::new(0, Ending::Stopped),
+        Ok(ExitReason::Failed(why)) => ExitRecord::new(1, Ending::Failed(why.clone())),
+        Err(e) => ExitRecord::new(1, Ending::Failed(forkvm_vmm::control::error_chain(e))),
     }
 }
 
@@ -179,7 +176,7 @@ fn run(mut launched: Launched) -> Result<i32> {
                     let _ = h.remove();
                 }
                 (HomeSpec::Registered { .. }, Some(h)) => {
-                    let _ = h.record_exit(ExitRecord::new(1, format!("failed: {e:#}")));
+                    let _ = h.record_exit(ExitRecord::new(1, Ending::Failed(format!("{e:#}"))));
                 }
                 (_, None) => {}
             }
@@ -228,18 +225,21 @@ mod tests {
     #[test]
     fn exit_records() {
         let failed: Result<ExitReason, VmmError> = Ok(ExitReason::Failed("shutdown".into()));
-        assert_eq!(exit_record(&failed, true).reason, "stopped");
+        assert_eq!(exit_record(&failed, true).reason, Ending::Stopped);
         assert_eq!(exit_record(&failed, true).code, 0);
         assert_eq!(exit_record(&failed, false).code, 1);
-        assert_eq!(exit_record(&failed, false).reason, "failed: shutdown");
+        assert_eq!(
+            exit_record(&failed, false).reason,
+            Ending::Failed("shutdown".into())
+        );
         assert_eq!(
             exit_record(&Ok(ExitReason::PowerOff), false).reason,
-            "poweroff"
+            Ending::PowerOff
         );
         assert_eq!(exit_record(&Ok(ExitReason::Reset), false).code, 0);
         assert_eq!(
             exit_record(&Ok(ExitReason::Stopped), false).reason,
-            "stopped"
+            Ending::Stopped
         );
     }
 }

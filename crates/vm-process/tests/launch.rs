@@ -53,7 +53,7 @@ fn a_vm_that_cannot_boot_is_reported_and_recorded() {
     let exit = state.exit.expect("an exit record");
     assert_eq!(exit.code, 1);
     assert!(
-        exit.reason.starts_with("failed: cannot boot the VM"),
+        matches!(&exit.reason, forkvm_registry::Ending::Failed(why) if why.starts_with("cannot boot the VM")),
         "{exit:?}"
     );
     // The VM process recorded itself, and its messages went to the console log.

@@ -543,11 +543,11 @@ fn serves_on_its_socket_and_finishes() {
     std::thread::sleep(Duration::from_millis(300));
     c.shutdown().unwrap();
     assert!(server.stop_requested());
-    server.finish(ExitRecord::new(0, "stopped"));
+    server.finish(ExitRecord::new(0, forkvm_registry::Ending::Stopped));
     assert_eq!(follower.join().unwrap(), b"line 1\nline 2\n");
     assert!(!sock.exists());
     let st = forkvm_registry::VmState::read(&state).unwrap();
     assert_eq!(st.status, Status::Exited);
-    assert_eq!(st.exit.unwrap().reason, "stopped");
+    assert_eq!(st.exit.unwrap().reason, forkvm_registry::Ending::Stopped);
     assert!(matches!(c.info(), Err(crate::ClientError::Connect { .. })));
 }

@@ -198,10 +198,10 @@ pub fn run(args: BootArgs, root: &Path) -> Result<i32> {
     }
     match exit {
         Some(x) if x.code == 0 => Ok(0),
-        Some(x) => bail!(
-            "the guest stopped abnormally: {}",
-            x.reason.strip_prefix("failed: ").unwrap_or(&x.reason)
-        ),
+        Some(x) => match x.reason {
+            forkvm_registry::Ending::Failed(why) => bail!("the guest stopped abnormally: {why}"),
+            other => bail!("the guest stopped abnormally: {other}"),
+        },
         None => bail!("the VM process ended ({status}) without recording how the VM ended"),
     }
 }

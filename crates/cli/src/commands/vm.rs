@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use forkvm_api::Client;
-use forkvm_registry::{ExitRecord, Status, VmHome, VmState};
+use forkvm_registry::{Ending, ExitRecord, Status, VmHome, VmState};
 
 /// Finds a VM by name, ID or unique ID prefix.
 pub fn find(root: &Path, query: &str) -> Result<VmHome> {
@@ -73,7 +73,7 @@ pub fn stop(home: &VmHome, timeout: Duration) -> Result<bool> {
         );
     }
     if home.state()?.status != Status::Exited {
-        home.record_exit(ExitRecord::new(128 + libc::SIGKILL, "killed"))?;
+        home.record_exit(ExitRecord::new(128 + libc::SIGKILL, Ending::Killed))?;
     }
     Ok(true)
 }

@@ -394,13 +394,19 @@ pub fn apply_identity(uds: &std::path::Path, id: &ChildIdentity) -> Result<Durat
             .collect(),
     };
     let mut last_err = String::from("no attempt");
+    // A connection made before the guest has taken its new CID is dropped by the guest:
+    // for the first seconds attempts give up quickly and try again. After that the guest
+    // is merely slow (a loaded host): each attempt waits longer, so that a reply that
+    // takes more than the quick limit is not cut off every time.
+    let mut attempt = Duration::from_millis(250);
     while start.elapsed() < AGENT_TIMEOUT {
-        // A connection made before the guest has taken its new CID is dropped by the
-        // guest: give up on an attempt quickly and try again.
-        match agent_call_timeout(uds, &req, Duration::from_millis(250)) {
+        match agent_call_timeout(uds, &req, attempt) {
             Ok(forkvm_agent_proto::Response::Ok) => return Ok(start.elapsed()),
             Ok(other) => return Err(format!("agent answered {other:?}")),
             Err(e) => last_err = e,
+        }
+        if start.elapsed() > Duration::from_secs(2) {
+            attempt = (attempt * 2).min(Duration::from_secs(4));
         }
         std::thread::sleep(Duration::from_millis(2));
     }

@@ -43,7 +43,7 @@ use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use self::tap::open_tap;
+pub use self::tap::{open_tap, set_tap_persistent};
 use super::activation::Activation;
 use super::{device_type, VirtioDevice};
 use crate::{GuestMemory, Persist};

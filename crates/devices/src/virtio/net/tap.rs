@@ -63,3 +63,21 @@ pub fn open_tap(name: &str) -> Result<(File, String), NetError> {
     tracing::debug!(tap = %actual, "TAP opened");
     Ok((file, actual))
 }
+
+/// Makes the TAP behind `file` persistent (it outlives its last descriptor, until it is
+/// deleted) or not.
+pub fn set_tap_persistent(file: &File, persistent: bool) -> io::Result<()> {
+    // SAFETY: TUNSETPERSIST on an open TUN descriptor takes its argument by value; no
+    // memory is passed.
+    let ret = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            libc::TUNSETPERSIST as _,
+            libc::c_ulong::from(persistent),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -19,7 +19,10 @@ pub mod client;
 pub mod frame;
 pub mod protocol;
 
-pub use protocol::{ProcessSpec, Request, Response, Rlimit, User, AGENT_PORT, PROTOCOL_VERSION};
+pub use protocol::{
+    NetInterface, NetRoute, ProcessSpec, Request, Response, Rlimit, User, AGENT_PORT,
+    PROTOCOL_VERSION,
+};
 
 /// Exit code of a raw wait status: the exit status, or 128 + signal for a killed one.
 pub fn exit_code(status: i32) -> i32 {

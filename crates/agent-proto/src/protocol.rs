@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 /// vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 /// Version of this protocol; sent in every [`Response::Pong`]. Bumped when a message
-/// changes meaning or a request the host may rely on is added.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// changes meaning or a request the host may rely on is added (3: [`Request::Network`]).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
 /// `PATH` used for the executable search when [`ProcessSpec::env`] has none.
@@ -30,6 +30,16 @@ pub enum Request {
         /// New MAC per NIC (eth0, eth1, ...), as `aa:bb:cc:dd:ee:ff`.
         macs: Vec<String>,
     },
+    /// Take over the network of the container's namespace: each NIC (found by the MAC
+    /// the VMM gave it, the namespace interface's) gets that interface's name, MTU and
+    /// addresses and is brought up; then the routes are added. Since version 3.
+    Network {
+        /// The NICs.
+        interfaces: Vec<NetInterface>,
+        /// Routes through them.
+        #[serde(default)]
+        routes: Vec<NetRoute>,
+    },
     /// Start a process. Answered with [`Response::Started`] (the connection then carries
     /// frames), [`Response::ExecFailed`] or [`Response::Error`].
     Exec {
@@ -45,6 +55,33 @@ pub enum Request {
     },
     /// Stop every process and power the VM off (PID-1 mode only).
     Shutdown,
+}
+
+/// One NIC of [`Request::Network`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInterface {
+    /// The NIC's MAC, as `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// The name it takes, e.g. `eth0` (at most 15 bytes).
+    pub name: String,
+    /// Its MTU.
+    pub mtu: u32,
+    /// Its addresses, as `address/prefix` (`172.17.0.2/16`, `fd00::2/64`).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// One route of [`Request::Network`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetRoute {
+    /// The destination as `address/prefix`; absent for a default route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    /// The gateway; absent for a route straight onto the link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// The NIC (by its new name) the route leaves through.
+    pub interface: String,
 }
 
 /// A process to start: the subset of an OCI runtime spec's `process` the agent applies.
@@ -201,6 +238,26 @@ mod tests {
         assert!(line.contains("\"op\":\"identity\""));
         assert_eq!(parse_request(&line).unwrap(), r);
         assert_eq!(parse_request("{\"op\":\"ping\"}").unwrap(), Request::Ping);
+    }
+
+    #[test]
+    fn network_reads_as_the_documented_json() {
+        let line = r#"{"op":"network","interfaces":[{"mac":"02:42:ac:11:00:02","name":"eth0","mtu":1500,"addresses":["172.17.0.2/16"]}],"routes":[{"gateway":"172.17.0.1","interface":"eth0"}]}"#;
+        let want = Request::Network {
+            interfaces: vec![NetInterface {
+                mac: "02:42:ac:11:00:02".into(),
+                name: "eth0".into(),
+                mtu: 1500,
+                addresses: vec!["172.17.0.2/16".into()],
+            }],
+            routes: vec![NetRoute {
+                destination: None,
+                gateway: Some("172.17.0.1".into()),
+                interface: "eth0".into(),
+            }],
+        };
+        assert_eq!(parse_request(line).unwrap(), want);
+        assert_eq!(parse_request(&to_line(&want)).unwrap(), want);
     }
 
     #[test]

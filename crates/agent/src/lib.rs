@@ -29,6 +29,7 @@ pub use forkvm_agent_proto::{frame, protocol};
 pub mod identity;
 pub mod init;
 pub mod layout;
+pub mod network;
 pub mod power;
 pub mod reaper;
 pub mod server;

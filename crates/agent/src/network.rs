@@ -1,0 +1,318 @@
+//! [`crate::Request::Network`] inside the guest: each NIC takes the name, MTU and
+//! addresses of the namespace interface whose MAC it has, comes up, and the routes are
+//! added. Done over rtnetlink (`netlink-packet-route` messages on a blocking
+//! `netlink-sys` socket: the agent has no async runtime).
+
+use std::net::IpAddr;
+
+use forkvm_agent_proto::{NetInterface, NetRoute};
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+/// Most NICs and routes one request may carry (a guest has a handful).
+const MAX_ITEMS: usize = 64;
+
+/// Why the network could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// A value in the request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// No NIC has the MAC the request names.
+    #[error("no NIC has the MAC {0}")]
+    NoNic(String),
+    /// The kernel refused a step.
+    #[error("{what}: {source}")]
+    Kernel {
+        /// The step.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn kernel(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetworkError {
+    let what = what.into();
+    move |source| NetworkError::Kernel { what, source }
+}
+
+/// `address/prefix`, checked.
+fn parse_net(s: &str) -> Result<(IpAddr, u8), NetworkError> {
+    let bad = || NetworkError::Invalid(format!("{s:?} is not address/prefix"));
+    let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
+    let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if prefix > max {
+        return Err(bad());
+    }
+    Ok((addr, prefix))
+}
+
+fn family(addr: &IpAddr) -> AddressFamily {
+    match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+fn route_address(addr: IpAddr) -> RouteAddress {
+    match addr {
+        IpAddr::V4(v4) => RouteAddress::Inet(v4),
+        IpAddr::V6(v6) => RouteAddress::Inet6(v6),
+    }
+}
+
+/// A blocking rtnetlink connection.
+struct Rtnl {
+    socket: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Rtnl {
+    fn open() -> Result<Self, NetworkError> {
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(kernel("netlink socket"))?;
+        socket.bind_auto().map_err(kernel("netlink bind"))?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(kernel("netlink connect"))?;
+        Ok(Self {
+            socket,
+            seq: 0,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    fn send(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<u32, std::io::Error> {
+        self.seq += 1;
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = self.seq;
+        let mut req = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        req.finalize();
+        let mut bytes = vec![0; req.buffer_len()];
+        req.serialize(&mut bytes);
+        self.socket.send(&bytes, 0)?;
+        Ok(self.seq)
+    }
+
+    /// The messages of one reply (a dump runs to its `Done`); a netlink error is an
+    /// `io::Error` with its errno.
+    fn replies(
+        &mut self,
+        seq: u32,
+        dump: bool,
+    ) -> Result<Vec<RouteNetlinkMessage>, std::io::Error> {
+        let mut out = Vec::new();
+        loop {
+            let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+            let mut at = 0;
+            while at < n {
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[at..n])
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                let len = msg.header.length as usize;
+                if len == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "empty netlink message",
+                    ));
+                }
+                at += len;
+                if msg.header.sequence_number != seq {
+                    continue;
+                }
+                match msg.payload {
+                    NetlinkPayload::Error(e) => match e.code {
+                        Some(code) => return Err(std::io::Error::from_raw_os_error(-code.get())),
+                        None => return Ok(out),
+                    },
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::InnerMessage(m) => {
+                        out.push(m);
+                        if !dump {
+                            return Ok(out);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Sends a change and waits for the kernel's acknowledgement.
+    fn change(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<(), std::io::Error> {
+        let seq = self.send(msg, NLM_F_REQUEST | NLM_F_ACK | flags)?;
+        self.replies(seq, false).map(drop)
+    }
+
+    fn links(&mut self) -> Result<Vec<LinkMessage>, NetworkError> {
+        let seq = self
+            .send(
+                RouteNetlinkMessage::GetLink(LinkMessage::default()),
+                NLM_F_REQUEST | NLM_F_DUMP,
+            )
+            .map_err(kernel("listing NICs"))?;
+        Ok(self
+            .replies(seq, true)
+            .map_err(kernel("listing NICs"))?
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn set_link(
+        &mut self,
+        index: u32,
+        attrs: Vec<LinkAttribute>,
+        up: Option<bool>,
+    ) -> Result<(), std::io::Error> {
+        let mut link = LinkMessage::default();
+        link.header.index = index;
+        if let Some(up) = up {
+            link.header.change_mask = LinkFlags::Up;
+            if up {
+                link.header.flags = LinkFlags::Up;
+            }
+        }
+        link.attributes = attrs;
+        self.change(RouteNetlinkMessage::SetLink(link), 0)
+    }
+}
+
+/// Applies [`crate::Request::Network`].
+pub fn apply(interfaces: &[NetInterface], routes: &[NetRoute]) -> Result<(), NetworkError> {
+    if interfaces.len() > MAX_ITEMS || routes.len() > MAX_ITEMS {
+        return Err(NetworkError::Invalid(format!(
+            "at most {MAX_ITEMS} NICs and {MAX_ITEMS} routes"
+        )));
+    }
+    let mut rtnl = Rtnl::open()?;
+    let links = rtnl.links()?;
+    for iface in interfaces {
+        let mac = crate::identity::parse_mac(&iface.mac)
+            .map_err(|e| NetworkError::Invalid(e.to_string()))?;
+        if iface.name.is_empty()
+            || iface.name.len() >= libc::IFNAMSIZ
+            || iface.name.contains(['/', '\0'])
+        {
+            return Err(NetworkError::Invalid(format!(
+                "{:?} is not a NIC name",
+                iface.name
+            )));
+        }
+        let index = links
+            .iter()
+            .find(|l| {
+                l.attributes
+                    .iter()
+                    .any(|a| matches!(a, LinkAttribute::Address(b) if b.as_slice() == mac))
+            })
+            .map(|l| l.header.index)
+            .ok_or_else(|| NetworkError::NoNic(iface.mac.clone()))?;
+        let name = &iface.name;
+        // A NIC is renamed only while down.
+        rtnl.set_link(index, Vec::new(), Some(false))
+            .map_err(kernel(format!("{name}: down")))?;
+        rtnl.set_link(
+            index,
+            vec![
+                LinkAttribute::IfName(name.clone()),
+                LinkAttribute::Mtu(iface.mtu),
+            ],
+            None,
+        )
+        .map_err(kernel(format!("{name}: name and MTU {}", iface.mtu)))?;
+        rtnl.set_link(index, Vec::new(), Some(true))
+            .map_err(kernel(format!("{name}: up")))?;
+        for a in &iface.addresses {
+            let (addr, prefix) = parse_net(a)?;
+            let mut msg = AddressMessage::default();
+            msg.header.family = family(&addr);
+            msg.header.prefix_len = prefix;
+            msg.header.index = index;
+            msg.attributes.push(AddressAttribute::Address(addr));
+            if addr.is_ipv4() {
+                msg.attributes.push(AddressAttribute::Local(addr));
+            }
+            rtnl.change(
+                RouteNetlinkMessage::NewAddress(msg),
+                NLM_F_CREATE | NLM_F_EXCL,
+            )
+            .map_err(kernel(format!("{name}: address {a}")))?;
+        }
+    }
+    let links = rtnl.links()?;
+    for r in routes {
+        let index = links
+            .iter()
+            .find(|l| {
+                l.attributes
+                    .iter()
+                    .any(|a| matches!(a, LinkAttribute::IfName(n) if *n == r.interface))
+            })
+            .map(|l| l.header.index)
+            .ok_or_else(|| {
+                NetworkError::Invalid(format!("a route names no NIC {:?}", r.interface))
+            })?;
+        let destination = r.destination.as_deref().map(parse_net).transpose()?;
+        let gateway: Option<IpAddr> = r
+            .gateway
+            .as_deref()
+            .map(|g| {
+                g.parse()
+                    .map_err(|_| NetworkError::Invalid(format!("{g:?} is not a gateway address")))
+            })
+            .transpose()?;
+        let fam = destination
+            .map(|(a, _)| family(&a))
+            .or(gateway.as_ref().map(family))
+            .ok_or_else(|| {
+                NetworkError::Invalid("a route with neither destination nor gateway".into())
+            })?;
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = fam;
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::Boot;
+        msg.header.kind = RouteType::Unicast;
+        msg.header.scope = if gateway.is_some() {
+            RouteScope::Universe
+        } else {
+            RouteScope::Link
+        };
+        if let Some((addr, prefix)) = destination {
+            msg.header.destination_prefix_length = prefix;
+            msg.attributes
+                .push(RouteAttribute::Destination(route_address(addr)));
+        }
+        if let Some(g) = gateway {
+            msg.attributes
+                .push(RouteAttribute::Gateway(route_address(g)));
+        }
+        msg.attributes.push(RouteAttribute::Oif(index));
+        let what = format!(
+            "route {} via {} dev {}",
+            r.destination.as_deref().unwrap_or("default"),
+            r.gateway.as_deref().unwrap_or("-"),
+            r.interface
+        );
+        rtnl.change(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map_err(kernel(what))?;
+    }
+    Ok(())
+}

@@ -2,41 +2,28 @@
 //! guest: a NIC found by its MAC takes the name, MTU, addresses and routes it is given.
 //! Needs root (namespaces), as the agent has it in the guest.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::process::Command;
-
 use forkvm_agent::network::{apply, NetworkError};
 use forkvm_agent_proto::{NetInterface, NetRoute};
+use forkvm_test_support::netns::Netns;
 
-/// A named network namespace holding a NIC with `MAC` (`nic0`, one end of a veth pair
-/// whose other end, `peer0`, is up), deleted on drop.
-struct Guest(String);
+/// A namespace standing for the guest, with a NIC of `MAC` (`nic0`, one end of a veth
+/// pair whose other end, `peer0`, is up).
+struct Guest(Netns);
 
 const MAC: &str = "02:46:8a:00:00:01";
 
 impl Guest {
     fn new(tag: &str) -> Self {
-        let name = format!("fkvm-agent-{}-{tag}", std::process::id());
-        ip(&["netns", "add", &name]);
-        let g = Guest(name);
-        g.ip(&[
+        let ns = Netns::new(&format!("fkvm-agent-{}-{tag}", std::process::id()));
+        ns.ip(&[
             "link", "add", "nic0", "address", MAC, "type", "veth", "peer", "name", "peer0",
         ]);
-        g.ip(&["link", "set", "peer0", "up"]);
-        g
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["-n", self.0.as_str()];
-        all.extend_from_slice(args);
-        ip(&all)
+        ns.ip(&["link", "set", "peer0", "up"]);
+        Guest(ns)
     }
 
     fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = vec!["-j"];
-        all.extend_from_slice(args);
-        serde_json::from_str(&self.ip(&all)).unwrap()
+        self.0.ip_json(args)
     }
 
     /// Runs `apply` inside the namespace.
@@ -45,35 +32,8 @@ impl Guest {
         interfaces: Vec<NetInterface>,
         routes: Vec<NetRoute>,
     ) -> Result<(), NetworkError> {
-        let ns = File::open(format!("/var/run/netns/{}", self.0)).unwrap();
-        std::thread::spawn(move || {
-            // SAFETY: setns(2) on an open namespace descriptor, for this thread only.
-            let joined = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(joined, 0, "setns: {}", std::io::Error::last_os_error());
-            apply(&interfaces, &routes)
-        })
-        .join()
-        .unwrap()
+        self.0.run(move || apply(&interfaces, &routes))
     }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("iproute2's ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn eth7(addresses: &[&str]) -> NetInterface {

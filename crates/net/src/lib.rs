@@ -144,6 +144,58 @@ pub struct Network {
     pub routes: Vec<Route>,
 }
 
+/// Moves the calling thread into the network namespace at `netns`; threads it starts
+/// afterwards are in it too (the VM process joins its container's namespace this way,
+/// before it starts any).
+pub fn join(netns: &Path) -> Result<(), NetError> {
+    let ns = File::open(netns).map_err(|source| NetError::Open {
+        path: netns.to_owned(),
+        source,
+    })?;
+    // SAFETY: setns(2) on an open descriptor changes only the calling thread's network
+    // namespace; no memory is involved.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(NetError::NotNetns {
+            path: netns.to_owned(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+impl Network {
+    /// The guest agent's request that makes the guest take this network over.
+    pub fn agent_request(&self) -> forkvm_agent_proto::Request {
+        let mac = |m: &[u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        forkvm_agent_proto::Request::Network {
+            interfaces: self
+                .interfaces
+                .iter()
+                .map(|i| forkvm_agent_proto::NetInterface {
+                    mac: mac(&i.mac),
+                    name: i.name.clone(),
+                    mtu: i.mtu,
+                    addresses: i.addresses.iter().map(ToString::to_string).collect(),
+                })
+                .collect(),
+            routes: self
+                .routes
+                .iter()
+                .map(|r| forkvm_agent_proto::NetRoute {
+                    destination: r.destination.map(|d| d.to_string()),
+                    gateway: r.gateway.map(|g| g.to_string()),
+                    interface: r.interface.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Runs `work` with a netlink handle inside the network namespace `netns`, on a thread of
 /// its own (a thread's namespace is its own to change).
 fn in_netns<T, F, Fut>(netns: &Path, work: F) -> Result<T, NetError>
@@ -152,22 +204,12 @@ where
     F: FnOnce(Handle) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<T, NetError>>,
 {
-    let ns = File::open(netns).map_err(|source| NetError::Open {
-        path: netns.to_owned(),
-        source,
-    })?;
     let path = netns.to_owned();
     std::thread::Builder::new()
         .name("netns".into())
         .spawn(move || {
-            // SAFETY: setns(2) on an open descriptor; it changes only this thread's
-            // network namespace, and this thread ends with the work.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(NetError::NotNetns {
-                    path,
-                    source: std::io::Error::last_os_error(),
-                });
-            }
+            // This thread ends with the work, and its namespace with it.
+            join(&path)?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .build()

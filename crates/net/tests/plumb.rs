@@ -7,60 +7,19 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use forkvm_net::{plumb, unplumb, IpNet, NetError};
+use forkvm_test_support::netns::{give_eth0, Netns};
 
-/// A named network namespace, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("fkvm-test-{}-{tag}", std::process::id());
-        ip(&["netns", "add", &name]);
-        Netns(name)
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from("/var/run/netns").join(&self.0)
-    }
-
-    /// Runs `cmd ARGS` inside the namespace; panics unless it succeeds.
-    fn run(&self, cmd: &str, args: &[&str]) -> String {
-        let mut all = vec!["netns", "exec", self.0.as_str(), cmd];
-        all.extend_from_slice(args);
-        ip(&all)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("iproute2's ip is installed");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+/// A namespace named for this test process.
+fn netns(tag: &str) -> Netns {
+    Netns::new(&format!("fkvm-test-{}-{tag}", std::process::id()))
 }
 
 fn mac_of(ns: &Netns, dev: &str) -> [u8; 6] {
-    let link = json(&ns.run("ip", &["-j", "link", "show", dev]));
+    let link = ns.ip_json(&["link", "show", dev]);
     let text = link[0]["address"].as_str().unwrap().to_owned();
     let bytes: Vec<u8> = text
         .split(':')
@@ -72,55 +31,16 @@ fn mac_of(ns: &Netns, dev: &str) -> [u8; 6] {
 /// The container namespace with `eth0` (10.99.0.2/24, MTU 1400, default route via
 /// 10.99.0.1) and the outside one with its peer `outer0` (10.99.0.1/24).
 fn veth_pair() -> (Netns, Netns) {
-    let container = Netns::new("c");
-    let outside = Netns::new("o");
-    outside.run(
-        "ip",
-        &[
-            "link",
-            "add",
-            "outer0",
-            "mtu",
-            "1400",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "mtu",
-            "1400",
-            "netns",
-            &container.0,
-        ],
-    );
-    outside.run("ip", &["addr", "add", "10.99.0.1/24", "dev", "outer0"]);
-    outside.run("ip", &["link", "set", "outer0", "up"]);
-    container.run("ip", &["addr", "add", "10.99.0.2/24", "dev", "eth0"]);
-    container.run("ip", &["link", "set", "eth0", "up"]);
-    container.run("ip", &["link", "set", "lo", "up"]);
-    container.run("ip", &["route", "add", "default", "via", "10.99.0.1"]);
+    let container = netns("c");
+    let outside = netns("o");
+    give_eth0(&container, Some(&outside), "outer0");
     (container, outside)
-}
-
-/// Runs `f` on a thread inside `ns`.
-fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns_file = File::open(ns.path()).unwrap();
-    std::thread::spawn(move || {
-        // SAFETY: setns(2) on an open namespace descriptor, for this thread only.
-        let joined = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(joined, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 /// Opens the persistent TAP `name` in `ns` as the VM process will.
 fn open_tap_in(ns: &Netns, name: &str) -> File {
     let name = name.to_owned();
-    in_ns(ns, move || {
-        forkvm_devices::virtio::net::open_tap(&name).unwrap().0
-    })
+    ns.run(move || forkvm_devices::virtio::net::open_tap(&name).unwrap().0)
 }
 
 /// The next frame from the TAP (without its 12-byte virtio-net header) that `want`
@@ -173,7 +93,7 @@ fn frames_pass_both_ways_between_the_namespace_and_the_tap() {
         network.routes
     );
     // The TAP took the interface's MTU and is up.
-    let tap = json(&container.run("ip", &["-j", "link", "show", &iface.tap]));
+    let tap = container.ip_json(&["link", "show", &iface.tap]);
     assert_eq!(tap[0]["mtu"], 1400);
     assert!(tap[0]["flags"]
         .as_array()
@@ -184,9 +104,7 @@ fn frames_pass_both_ways_between_the_namespace_and_the_tap() {
     // Outside to guest: the outside's ARP request for 10.99.0.2 comes out of the TAP.
     let mut tap = open_tap_in(&container, &iface.tap);
     // A datagram to 10.99.0.2 makes the outside ask for its MAC.
-    let socket = in_ns(&outside, || {
-        std::net::UdpSocket::bind("10.99.0.1:0").unwrap()
-    });
+    let socket = outside.run(|| std::net::UdpSocket::bind("10.99.0.1:0").unwrap());
     socket.send_to(b"hello", "10.99.0.2:9").unwrap();
     let request = frame_from(&mut tap, |f| arp_request_for(f, [10, 99, 0, 2]));
     let asker: [u8; 6] = request[22..28].try_into().unwrap();
@@ -207,7 +125,7 @@ fn frames_pass_both_ways_between_the_namespace_and_the_tap() {
     tap.write_all(&reply).expect("write to the TAP");
     let deadline = Instant::now() + Duration::from_secs(5);
     let learned = loop {
-        let neigh = json(&outside.run("ip", &["-j", "neigh", "show", "10.99.0.2"]));
+        let neigh = outside.ip_json(&["neigh", "show", "10.99.0.2"]);
         if let Some(mac) = neigh[0]["lladdr"].as_str() {
             break mac.to_owned();
         }
@@ -223,7 +141,7 @@ fn frames_pass_both_ways_between_the_namespace_and_the_tap() {
 
     // Unplumbing leaves the namespace as the engine made it.
     unplumb(&container.path(), &network).expect("unplumb");
-    let links = json(&container.run("ip", &["-j", "link", "show"]));
+    let links = container.ip_json(&["link", "show"]);
     let names: Vec<&str> = links
         .as_array()
         .unwrap()
@@ -231,7 +149,7 @@ fn frames_pass_both_ways_between_the_namespace_and_the_tap() {
         .map(|l| l["ifname"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["lo", "eth0"], "the TAP is gone");
-    let qdiscs = container.run("tc", &["qdisc", "show", "dev", "eth0"]);
+    let qdiscs = container.exec("tc", &["qdisc", "show", "dev", "eth0"]);
     assert!(!qdiscs.contains("ingress"), "{qdiscs}");
 }
 
@@ -254,7 +172,7 @@ fn a_bad_namespace_path_is_named() {
 
 #[test]
 fn a_namespace_without_interfaces_gives_an_empty_network() {
-    let ns = Netns::new("empty");
+    let ns = netns("empty");
     let network = plumb(&ns.path()).expect("plumb");
     assert!(network.interfaces.is_empty(), "{network:?}");
     assert!(network.routes.is_empty(), "{network:?}");

@@ -25,7 +25,8 @@
 //! | `mounts`: any other bind mount (a directory: volumes, `-v`) | **error** | host directories are not shared into the VM yet |
 //! | `mounts`: any other filesystem type | **error** | the guest cannot mount it |
 //! | `linux.namespaces` without `path` | warning | the VM gives every container all of its own namespaces |
-//! | `linux.namespaces` with `path` | **error** | joining a host namespace from inside a VM is impossible |
+//! | `linux.namespaces`: `network` with `path` (podman/netavark, CNI, containerd's CRI) | [`ContainerPlan::netns`] | the VM joins that network: each interface gets a TAP tied to it, and the guest takes its MAC, MTU, addresses and routes (`forkvm-net`) |
+//! | `linux.namespaces`: any other with `path` | **error** | joining a host namespace from inside a VM is impossible |
 //! | `linux.devices` | **error** | host device nodes cannot be passed into the VM |
 //! | `linux.uidMappings`/`gidMappings`, `sysctl` | warning | not applied in the guest |
 //! | `linux.resources.memory.limit` | [`ContainerPlan::mem_mib`] | rounded up to MiB, at least 128; absent or not positive (`-1`: unlimited) → 512 |
@@ -40,7 +41,9 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use forkvm_agent_proto::{ProcessSpec, Rlimit, User};
-use oci_spec::runtime::{Capability, Hooks, Linux, LinuxCapabilities, Mount, Process, Spec};
+use oci_spec::runtime::{
+    Capability, Hooks, Linux, LinuxCapabilities, LinuxNamespaceType, Mount, Process, Spec,
+};
 
 /// The bundle's configuration file name, per the runtime spec.
 pub const CONFIG_FILE: &str = "config.json";
@@ -94,6 +97,9 @@ pub struct ContainerPlan {
     pub mem_mib: u64,
     /// Bind-mounted host files, to copy into the VM's root.
     pub files: Vec<FileCopy>,
+    /// The network namespace the engine made for the container, which the VM joins
+    /// (`linux.namespaces` `network` with a `path`); `None`: the VM has no network.
+    pub netns: Option<PathBuf>,
     /// The spec's `annotations`.
     pub annotations: std::collections::BTreeMap<String, String>,
     /// Parts of the spec that were ignored, one human-readable line each.
@@ -215,6 +221,7 @@ pub fn exec_process(path: &Path) -> Result<ProcessSpec, BundleError> {
         config: path,
         warnings: Vec::new(),
         files: Vec::new(),
+        netns: None,
     };
     let mut spec = planner.process(Some(&process))?;
     spec.init = false;
@@ -228,6 +235,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         config,
         warnings: Vec::new(),
         files: Vec::new(),
+        netns: None,
     };
     planner.check_version(spec.version())?;
     let (rootfs, rootfs_readonly) = planner.rootfs(spec, bundle)?;
@@ -253,6 +261,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         vcpus,
         mem_mib,
         files: planner.files,
+        netns: planner.netns,
         annotations: spec
             .annotations()
             .clone()
@@ -267,6 +276,7 @@ struct Planner<'a> {
     config: &'a Path,
     warnings: Vec<String>,
     files: Vec<FileCopy>,
+    netns: Option<PathBuf>,
 }
 
 impl Planner<'_> {
@@ -505,6 +515,16 @@ impl Planner<'_> {
     fn linux(&mut self, linux: &Linux) -> Result<(u8, u64), BundleError> {
         let mut kinds = Vec::new();
         for ns in linux.namespaces().iter().flatten() {
+            if let (LinuxNamespaceType::Network, Some(path)) = (ns.typ(), ns.path()) {
+                if !path.is_absolute() {
+                    return Err(self.invalid(
+                        format!("linux.namespaces[network].path ({})", path.display()),
+                        "must be absolute",
+                    ));
+                }
+                self.netns = Some(path.clone());
+                continue;
+            }
             if let Some(path) = ns.path() {
                 return Err(self.unsupported(
                     format!("linux.namespaces[{}].path ({})", ns.typ(), path.display()),

@@ -130,6 +130,22 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A plan for `true` over `rootfs` with `files` copied in.
+    fn plan(rootfs: &Path, files: Vec<FileCopy>) -> ContainerPlan {
+        ContainerPlan {
+            rootfs: rootfs.to_owned(),
+            rootfs_readonly: false,
+            process: serde_json::from_value(serde_json::json!({"args": ["true"]})).unwrap(),
+            hostname: None,
+            vcpus: 1,
+            mem_mib: 128,
+            files,
+            netns: None,
+            annotations: Default::default(),
+            warnings: vec![],
+        }
+    }
+
     #[test]
     fn bundle_tree_and_bound_files_land_in_the_disk() {
         let dir = tempfile::tempdir().unwrap();
@@ -141,14 +157,9 @@ mod tests {
         std::fs::write(&hosts, "127.0.0.1 engine's hosts\n").unwrap();
         let env = dir.path().join("containerenv");
         std::fs::write(&env, "engine=\"podman\"\n").unwrap();
-        let plan = ContainerPlan {
-            rootfs: rootfs.clone(),
-            rootfs_readonly: false,
-            process: serde_json::from_value(serde_json::json!({"args": ["true"]})).unwrap(),
-            hostname: None,
-            vcpus: 1,
-            mem_mib: 128,
-            files: vec![
+        let plan = plan(
+            &rootfs,
+            vec![
                 FileCopy {
                     source: hosts,
                     destination: "/etc/hosts".into(),
@@ -158,9 +169,7 @@ mod tests {
                     destination: "/run/deep/.containerenv".into(),
                 },
             ],
-            annotations: Default::default(),
-            warnings: vec![],
-        };
+        );
         let img = dir.path().join("root.ext4");
         build(&plan, &img).unwrap();
         assert_eq!(debugfs_cat(&img, "/hello"), "world\n");
@@ -196,17 +205,7 @@ mod tests {
     #[test]
     fn a_missing_tree_names_itself() {
         let dir = tempfile::tempdir().unwrap();
-        let plan = ContainerPlan {
-            rootfs: dir.path().join("nope"),
-            rootfs_readonly: false,
-            process: serde_json::from_value(serde_json::json!({"args": ["true"]})).unwrap(),
-            hostname: None,
-            vcpus: 1,
-            mem_mib: 128,
-            files: vec![],
-            annotations: Default::default(),
-            warnings: vec![],
-        };
+        let plan = plan(&dir.path().join("nope"), vec![]);
         let e = build(&plan, &dir.path().join("x.ext4")).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
     }

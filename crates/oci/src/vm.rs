@@ -180,11 +180,13 @@ pub fn relay_stdio(
 pub const START_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Starts the VM registered at `home` in a VM process (`forkvm-vmm`) that boots `cfg`
-/// with its console as `console` says, attached as `opts` say; returns once its API
-/// answers. If it does not start, it is gone and the error says why.
+/// (inside the network namespace `netns`, when given) with its console as `console`
+/// says, attached as `opts` say; returns once its API answers. If it does not start, it
+/// is gone and the error says why.
 pub fn start(
     home: &VmHome,
     cfg: &VmConfig,
+    netns: Option<&Path>,
     console: ConsoleSpec,
     opts: ProcessOptions,
 ) -> Result<VmProcess> {
@@ -195,6 +197,7 @@ pub fn start(
         },
         console,
         start: Start::Boot(cfg.clone()),
+        netns: netns.map(Path::to_owned),
     };
     let mut vm = VmProcess::spawn(&launch, &[], opts).context("cannot start the VM process")?;
     if let Err(e) = vm.wait_running(START_DEADLINE) {
@@ -205,10 +208,10 @@ pub fn start(
     Ok(vm)
 }
 
-/// Boots `cfg` in a VM process of its own (see [`start`]) with its console in `home`'s
-/// log, runs `session` on a thread, and returns the session's exit code once the VM is
-/// gone. The VM process dies with this one.
-pub fn run<F>(home: VmHome, cfg: &VmConfig, session: F) -> Result<i32>
+/// Boots `cfg` in a VM process of its own (see [`start`]; in `netns` when given) with its
+/// console in `home`'s log, runs `session` on a thread, and returns the session's exit
+/// code once the VM is gone. The VM process dies with this one.
+pub fn run<F>(home: VmHome, cfg: &VmConfig, netns: Option<&Path>, session: F) -> Result<i32>
 where
     F: FnOnce(&Session) -> Result<Outcome> + Send + 'static,
 {
@@ -217,7 +220,7 @@ where
         .as_ref()
         .map(|v| v.uds.clone())
         .context("a container VM needs vsock")?;
-    let mut vm = start(&home, cfg, ConsoleSpec::Log, ProcessOptions::owned())?;
+    let mut vm = start(&home, cfg, netns, ConsoleSpec::Log, ProcessOptions::owned())?;
     let api = forkvm_api::Client::new(home.socket_path());
     let vm_done = Arc::new(AtomicBool::new(false));
     let ctx = Session {

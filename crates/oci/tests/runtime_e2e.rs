@@ -5,13 +5,16 @@
 //! One virtual-host session covers: the lifecycle and the runtime spec's `state` object,
 //! stdio and the exit code, `kill` reaching a trap, `exec` in the foreground and
 //! detached, `fork` into new containers, a terminal through `--console-socket`, `ps`/`list`/`features`, a bad `config.json` leaving nothing behind, and
-//! `delete --force` of a running container leaving nothing behind.
+//! `delete --force` of a running container leaving nothing behind; a container joined to
+//! a network namespace the way podman and CNI hand one over (a veth end with an address
+//! and a default route) reaching a server outside it from that address.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use forkvm_test_support::netns::{give_eth0, Netns};
 use serde_json::{json, Value};
 
 const RUNTIME: &str = env!("CARGO_BIN_EXE_forkvm-runtime");
@@ -30,7 +33,7 @@ fn bundle(dir: &Path, args: &[&str], edit: impl FnOnce(&mut Value)) -> PathBuf {
         .expect("busybox is not installed (scripts/setup.sh installs busybox-static)");
     std::fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
     for applet in [
-        "sh", "echo", "cat", "sleep", "hostname", "wc", "id", "true", "kill", "ps",
+        "sh", "echo", "cat", "sleep", "hostname", "wc", "id", "true", "kill", "ps", "nc", "ip",
     ] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
@@ -539,6 +542,61 @@ fn body() {
     );
     env.ok("c6-delete", &["delete", "c6"]);
 
+    // --- a network namespace handed over by path: the container's eth0 (10.99.0.2/24,
+    // MTU 1400, default route via 10.99.0.1) is a veth whose peer is here, 10.99.0.1.
+    let ns = Netns::new("fkvm-rt-e2e");
+    give_eth0(&ns, None, "fkvm-out0");
+    let server = std::net::TcpListener::bind("10.99.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let served = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (mut conn, peer) = server.accept().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(&conn).read_line(&mut line).unwrap();
+        conn.write_all(b"pong from outside\n").unwrap();
+        (peer.ip().to_string(), line)
+    });
+    let script =
+        format!("ip -o addr show dev eth0; ip link show dev eth0; echo ping | nc 10.99.0.1 {port}");
+    let netns_path = ns.path();
+    let b7 = bundle(&t.join("b7"), &["sh", "-c", &script], |c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "network", "path": netns_path}));
+    });
+    env.ok(
+        "c7-create",
+        &["create", "--bundle", b7.to_str().unwrap(), "c7"],
+    );
+    let pid = pid_of(&env.state("c7"));
+    env.ok("c7-start", &["start", "c7"]);
+    let code = reap(pid, Duration::from_secs(60));
+    let out = env.read("c7-create.out");
+    assert_eq!(
+        code,
+        0,
+        "{out}\n{}\n{}",
+        env.read("c7-create.err"),
+        env.diagnostics()
+    );
+    let (peer, line) = served.join().unwrap();
+    assert_eq!(peer, "10.99.0.2", "the server saw the engine's address");
+    assert_eq!(line, "ping\n");
+    assert!(out.contains("pong from outside"), "{out}");
+    assert!(
+        out.contains("inet 10.99.0.2/24"),
+        "the guest's eth0 has the address: {out}"
+    );
+    assert!(
+        out.contains("mtu 1400"),
+        "the guest's eth0 has the MTU: {out}"
+    );
+    env.ok("c7-delete", &["delete", "c7"]);
+    // The namespace is as the engine made it: the TAP is gone.
+    let links = ns.ip(&["-o", "link", "show"]);
+    assert!(!links.contains("fktap"), "{links}");
+
     // --- bad bundles: a clear error naming the problem, nothing left behind
     let b4 = t.join("b4");
     bundle(&b4, &["true"], |_| {});
@@ -577,7 +635,20 @@ fn body() {
         .rfind(|l| l["level"] == "error")
         .expect("an error line in the JSON log");
     assert!(last_error["msg"].as_str().unwrap().contains("mount /data"));
-    for id in ["c4", "c5"] {
+    let b8 = bundle(&t.join("b8"), &["true"], |c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "network", "path": "/var/run/netns/fkvm-no-such-ns"}));
+    });
+    let out = env.rt(
+        "c8-create",
+        &["create", "--bundle", b8.to_str().unwrap(), "c8"],
+        None,
+    );
+    assert_ne!(out.code, Some(0), "{out}");
+    assert!(out.stderr.contains("fkvm-no-such-ns"), "{out}");
+    for id in ["c4", "c5", "c8"] {
         assert!(!env.root().join(id).exists(), "{id} left state behind");
     }
     assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());

@@ -1,6 +1,8 @@
 //! Helpers shared by forkvm's end-to-end tests, in a crate of their own so that no
 //! product crate compiles them. A dev-dependency only.
 
+pub mod netns;
+
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

@@ -26,7 +26,18 @@ use crate::run::{harden, new_log_path, open_log, ChildGuard, Mode, Outcome, Test
 pub(crate) const QEMU: &str = "qemu-system-x86_64";
 
 /// Modules the virtual host loads, in request order (dependencies are added).
-pub const TESTHOST_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "kvm_amd"];
+pub const TESTHOST_MODULES: &[&str] = &[
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    "kvm_amd",
+    // Container networks: TAPs, veth pairs, and the tc ingress redirects that tie them.
+    "tun",
+    "veth",
+    "sch_ingress",
+    "cls_u32",
+    "act_mirred",
+];
 
 /// msize for the 9p mounts: larger is faster under TCG.
 const MSIZE: u32 = 512_000;

@@ -152,6 +152,10 @@ fn run(mut launched: Launched) -> Result<i32> {
     let launch = &launched.launch;
     let mut home = None;
     let started = (|| {
+        // Before any thread starts: they all live in the namespace (the TAPs are there).
+        if let Some(netns) = &launch.netns {
+            forkvm_net::join(netns)?;
+        }
         let h = home.insert(open_home(&launch.home)?);
         let cfg = match &launch.start {
             Start::Boot(cfg) => cfg,

@@ -42,6 +42,7 @@ fn a_vm_that_cannot_boot_is_reported_and_recorded() {
         },
         console: ConsoleSpec::Log,
         start: Start::Boot(VmConfig::new(&kernel)),
+        netns: None,
     };
     let mut vm = VmProcess::spawn(&launch, &[], ProcessOptions::owned()).unwrap();
     let err = vm.wait_running(Duration::from_secs(60)).unwrap_err();

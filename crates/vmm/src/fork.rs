@@ -195,6 +195,8 @@ pub(crate) fn start_children(
             layout: layout.clone(),
             identity: ChildIdentity::default(),
         })),
+        // A child's TAPs are new ones in the launcher's namespace, not its parent's.
+        netns: None,
     };
     for (i, identity) in identities.into_iter().enumerate() {
         // One snapshot, encoded with each child's identity.
@@ -441,7 +443,6 @@ mod tests {
 
     use super::*;
     use crate::config::{NetConfig, VsockConfig};
-    use crate::vm::VmArchState;
 
     /// A payload forked from a VM with vsock (CID 3 on `parent.vsock`) and one NIC on
     /// `tap-parent`, for a child with `identity`.
@@ -456,20 +457,7 @@ mod tests {
             mac: None,
         }];
         ChildPayload {
-            snapshot: VmSnapshot {
-                config,
-                vcpus: Vec::new(),
-                arch: VmArchState {
-                    pic_master: Default::default(),
-                    pic_slave: Default::default(),
-                    ioapic: Default::default(),
-                    pit: Default::default(),
-                    clock: Default::default(),
-                },
-                serial: Default::default(),
-                virtio: Vec::new(),
-                captured_realtime_ns: 1,
-            },
+            snapshot: VmSnapshot::empty(config),
             layout: MemoryLayout {
                 ranges: Vec::new(),
                 overlays: Vec::new(),

@@ -85,6 +85,10 @@ pub struct Launch {
     pub console: ConsoleSpec,
     /// What it starts from.
     pub start: Start,
+    /// The network namespace the VM process joins before it builds the VM (a container's:
+    /// its TAPs are there); `None` keeps the launcher's.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 /// How the VM process is attached to its launcher.

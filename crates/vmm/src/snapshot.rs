@@ -30,6 +30,28 @@ pub struct VmSnapshot {
     pub captured_realtime_ns: u64,
 }
 
+impl VmSnapshot {
+    /// A snapshot of a VM configured as `config` with no vCPU, device or interrupt
+    /// state: what tests of the paths around a restore need.
+    #[cfg(test)]
+    pub(crate) fn empty(config: VmConfig) -> Self {
+        VmSnapshot {
+            config,
+            vcpus: Vec::new(),
+            arch: crate::vm::VmArchState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                pit: Default::default(),
+                clock: Default::default(),
+            },
+            serial: Default::default(),
+            virtio: Vec::new(),
+            captured_realtime_ns: 1,
+        }
+    }
+}
+
 /// Host wall-clock time in nanoseconds since the epoch.
 pub fn realtime_ns() -> u64 {
     SystemTime::now()

@@ -167,11 +167,12 @@ pub fn run(args: BootArgs, root: &Path) -> Result<i32> {
                 stdio: [None, Some(log.into()), Some(log2.into())],
                 ..ProcessOptions::daemon()
             };
-            vm::start(&home, &cfg, ConsoleSpec::Log, opts)
+            vm::start(&home, &cfg, None, ConsoleSpec::Log, opts)
         } else {
             vm::start(
                 &home,
                 &cfg,
+                None,
                 ConsoleSpec::LogAndStdout,
                 ProcessOptions::foreground(),
             )

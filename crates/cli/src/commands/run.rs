@@ -215,7 +215,7 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
             .spawn(args.tty)
             .context("cannot start the signal thread")?;
         let tty = args.tty;
-        vm::run(home, &cfg, move |s| session(s, spec, relay, tty))
+        vm::run(home, &cfg, None, move |s| session(s, spec, relay, tty))
     })();
     if args.rm {
         let _ = std::fs::remove_dir_all(&dir);

@@ -337,11 +337,20 @@ fn unsupported_fields_are_errors() {
     );
     let e = err_with(|c| c["hooks"] = json!({"prestart": [docker, {"path": "/usr/bin/other"}]}));
     assert!(e.contains("hooks.prestart"), "{e}");
-    let e = err_with(|c| {
+    // The engine's network namespace is the one the VM joins; any other namespace path
+    // cannot be joined from a VM.
+    let plan = load_with(|c| {
         c["linux"]["namespaces"] = json!([{"type": "network", "path": "/var/run/netns/x"}])
-    });
+    })
+    .unwrap();
+    assert_eq!(plan.netns.as_deref(), Some(Path::new("/var/run/netns/x")));
+    let e =
+        err_with(|c| c["linux"]["namespaces"] = json!([{"type": "network", "path": "netns/x"}]));
+    assert!(e.contains("must be absolute"), "{e}");
+    let e =
+        err_with(|c| c["linux"]["namespaces"] = json!([{"type": "pid", "path": "/proc/1/ns/pid"}]));
     assert!(
-        e.contains("linux.namespaces[net].path (/var/run/netns/x)"),
+        e.contains("linux.namespaces[pid].path (/proc/1/ns/pid)"),
         "{e}"
     );
     let e = err_with(|c| {

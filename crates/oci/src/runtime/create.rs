@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use forkvm_agent_proto::client::{self, ExecError};
-use forkvm_agent_proto::ProcessSpec;
+use forkvm_agent_proto::{ProcessSpec, Request, Response};
 use forkvm_registry::{ProcessIdentity, VmHome};
 use serde::{Deserialize, Serialize};
 
@@ -187,6 +187,16 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     let signals = ForwardedSignals::block().context("cannot block signals")?;
     let state = store.load(id)?;
     let plan = bundle::load(&state.bundle)?;
+    // The engine's network namespace, before anything is registered: a namespace that
+    // cannot be joined leaves nothing behind.
+    let plumbed = match &plan.netns {
+        Some(netns) => Some(Plumbed {
+            network: forkvm_net::plumb(netns)
+                .with_context(|| format!("cannot join the network of {}", netns.display()))?,
+            netns: netns.clone(),
+        }),
+        None => None,
+    };
     let tty = plan.process.tty;
     helper::own_session(tty)?;
     let guest = vm::container_guest()?;
@@ -197,7 +207,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     home.record_process(ProcessIdentity::current())?;
     let hostname = plan.hostname.clone().unwrap_or_else(|| short_hostname(id));
     let uds = home.dir().join(vm::VSOCK_SOCKET);
-    let cfg = vm::config(
+    let mut cfg = vm::config(
         &guest,
         &dir.join(ROOT_DISK),
         plan.vcpus,
@@ -205,6 +215,19 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         &hostname,
         &uds,
     )?;
+    // A guest NIC per interface of the namespace, with its MAC, on its TAP; the VM
+    // process joins the namespace to open them.
+    if let Some(p) = &plumbed {
+        cfg.nets = p
+            .network
+            .interfaces
+            .iter()
+            .map(|i| forkvm_vmm::NetConfig {
+                tap: i.tap.clone(),
+                mac: Some(i.mac),
+            })
+            .collect();
+    }
     home.record_machine(cfg.vcpus, cfg.mem_mib)?;
     let relay = signals.spawn(tty)?;
     let ready = Ready {
@@ -218,8 +241,13 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     // reported by `monitor`.
     let (tx, rx) = std::sync::mpsc::channel();
     let (vm_root, vm_id) = (home.root().to_owned(), home.id().to_owned());
-    let result = vm::run(home, &cfg, move |s| {
-        monitor_session(s, &dir_owned, ready, spec, relay, tty, tx)
+    let work = GuestWork {
+        process: spec,
+        network: plumbed.as_ref().map(|p| p.network.agent_request()),
+    };
+    let netns = plumbed.as_ref().map(|p| p.netns.as_path());
+    let result = vm::run(home, &cfg, netns, move |s| {
+        monitor_session(s, &dir_owned, ready, work, relay, tty, tx)
     });
     *reported = rx.try_recv().is_ok();
     if result.is_err() && !*reported {
@@ -244,16 +272,53 @@ fn short_hostname(id: &str) -> String {
     }
 }
 
+/// A namespace plumbed for the VM, unplumbed when dropped (the monitor ends with the
+/// VM, or fails before it): the namespace is the engine's, left as it was given.
+struct Plumbed {
+    netns: PathBuf,
+    network: forkvm_net::Network,
+}
+
+impl Drop for Plumbed {
+    fn drop(&mut self) {
+        if let Err(e) = forkvm_net::unplumb(&self.netns, &self.network) {
+            tracing::warn!(
+                "cannot undo the network plumbing in {}: {e}",
+                self.netns.display()
+            );
+        }
+    }
+}
+
+/// What the guest is given: the container's process, and the agent request that makes
+/// it take over the namespace's network, when the container has one.
+struct GuestWork {
+    process: ProcessSpec,
+    network: Option<Request>,
+}
+
 fn monitor_session(
     s: &vm::Session,
     dir: &Path,
     ready: Ready,
-    spec: ProcessSpec,
+    work: GuestWork,
     relay: SignalRelay,
     tty: bool,
     reported: std::sync::mpsc::Sender<()>,
 ) -> Result<Outcome> {
-    let stream = s.connect_agent()?;
+    let GuestWork {
+        process: spec,
+        network,
+    } = work;
+    let mut stream = s.connect_agent()?;
+    if let Some(req) = network {
+        // The guest takes the namespace's addresses and routes before anything runs.
+        match client::call(&mut stream, &req).context("cannot give the guest its network")? {
+            Response::Ok => {}
+            Response::Error { message } => bail!("the guest could not take its network: {message}"),
+            other => bail!("the guest agent answered the network request with {other:?}"),
+        }
+    }
     std::env::set_current_dir(dir)?;
     let _ = std::fs::remove_file(START_SOCKET);
     // Bound by a relative name: engines' state paths can be longer than a socket

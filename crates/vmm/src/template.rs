@@ -265,23 +265,9 @@ mod tests {
     use super::*;
     use crate::config::VmConfig;
     use crate::memory::{ram_ranges, GuestMemory};
-    use crate::vm::VmArchState;
 
     fn snapshot() -> VmSnapshot {
-        VmSnapshot {
-            config: VmConfig::new("/nonexistent/kernel"),
-            vcpus: Vec::new(),
-            arch: VmArchState {
-                pic_master: Default::default(),
-                pic_slave: Default::default(),
-                ioapic: Default::default(),
-                pit: Default::default(),
-                clock: Default::default(),
-            },
-            serial: Default::default(),
-            virtio: Vec::new(),
-            captured_realtime_ns: 1,
-        }
+        VmSnapshot::empty(VmConfig::new("/nonexistent/kernel"))
     }
 
     fn saved() -> tempfile::TempDir {

@@ -21,6 +21,7 @@ use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use forkvm_devices::virtio::net::format_mac;
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
@@ -166,18 +167,12 @@ pub fn join(netns: &Path) -> Result<(), NetError> {
 impl Network {
     /// The guest agent's request that makes the guest take this network over.
     pub fn agent_request(&self) -> forkvm_agent_proto::Request {
-        let mac = |m: &[u8; 6]| {
-            m.iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":")
-        };
         forkvm_agent_proto::Request::Network {
             interfaces: self
                 .interfaces
                 .iter()
                 .map(|i| forkvm_agent_proto::NetInterface {
-                    mac: mac(&i.mac),
+                    mac: format_mac(&i.mac),
                     name: i.name.clone(),
                     mtu: i.mtu,
                     addresses: i.addresses.iter().map(ToString::to_string).collect(),

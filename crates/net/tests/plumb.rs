@@ -135,8 +135,7 @@ fn frames_pass_both_ways_between_the_namespace_and_the_tap() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    let want: Vec<String> = eth0_mac.iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(learned, want.join(":"));
+    assert_eq!(learned, forkvm_devices::virtio::net::format_mac(&eth0_mac));
     drop(tap);
 
     // Unplumbing leaves the namespace as the engine made it.

@@ -91,6 +91,13 @@ pub fn render(info: &VmInfo, forks: &Histogram) -> String {
         "Memory of the VMM process not shared with other processes.",
     );
     let _ = writeln!(o, "forkvm_private_memory_bytes {}", info.private_bytes);
+    metric(
+        &mut o,
+        "forkvm_fork_pool_ready",
+        "gauge",
+        "Warm VM processes waiting to become fork children.",
+    );
+    let _ = writeln!(o, "forkvm_fork_pool_ready {}", info.fork_pool.len());
     metric(&mut o, "forkvm_vcpus", "gauge", "Number of vCPUs.");
     let _ = writeln!(o, "forkvm_vcpus {}", info.vcpus);
     metric(
@@ -147,6 +154,7 @@ mod tests {
             exits: [("io".to_string(), 7), ("we\"ird".to_string(), 1)].into(),
             rss_bytes: 4096,
             private_bytes: 1024,
+            fork_pool: vec![41, 42],
         };
         let t = render(&info, &h);
         assert!(
@@ -161,6 +169,7 @@ mod tests {
         assert!(t.contains("forkvm_fork_latency_seconds_count 2\n"));
         assert!(t.contains("forkvm_resident_memory_bytes 4096\n"));
         assert!(t.contains("forkvm_private_memory_bytes 1024\n"));
+        assert!(t.contains("forkvm_fork_pool_ready 2\n"), "{t}");
         assert!(t.contains("forkvm_guest_memory_bytes 268435456\n"));
         // Every sample line belongs to a declared metric family.
         for l in t.lines().filter(|l| !l.starts_with('#')) {

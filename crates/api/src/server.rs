@@ -80,6 +80,9 @@ pub struct VmDescription {
     pub rss_bytes: u64,
     /// VMM private memory, bytes.
     pub private_bytes: u64,
+    /// Warm VM processes waiting to become its fork children.
+    #[serde(default)]
+    pub fork_pool: Vec<u32>,
 }
 
 /// The body of every error response.
@@ -450,6 +453,7 @@ async fn describe(shared: &Arc<Shared>) -> Result<VmDescription, Reply> {
         exits: info.exits,
         rss_bytes: info.rss_bytes,
         private_bytes: info.private_bytes,
+        fork_pool: info.fork_pool,
     })
 }
 

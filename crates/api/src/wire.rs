@@ -49,6 +49,9 @@ pub struct VmInfo {
     pub rss_bytes: u64,
     /// Private (not shared with other processes) memory of the VMM process, bytes.
     pub private_bytes: u64,
+    /// Process IDs of the warm VM processes waiting to become this VM's fork children.
+    #[serde(default)]
+    pub fork_pool: Vec<u32>,
 }
 
 /// Per-child settings of a fork.
@@ -86,6 +89,9 @@ pub struct ChildInfo {
     pub vsock_uds: Option<PathBuf>,
     /// Microseconds from the fork request until the child's vCPUs were running.
     pub running_after_us: u64,
+    /// Whether it started in a warm process of the parent's fork pool.
+    #[serde(default)]
+    pub warm: bool,
 }
 
 /// What a fork did.

@@ -93,6 +93,10 @@ pub struct BenchForkArgs {
     /// count is the limit on how many children run at once).
     #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
     pub children: Vec<u32>,
+    /// Fork pool sizes, comma-separated: the parent keeps this many warm processes ready
+    /// (0: none, every child starts from scratch). One parent and one series per size.
+    #[arg(long, value_delimiter = ',', default_value = "0,10")]
+    pub pool: Vec<u32>,
     /// Measured forks per count; counts above 10 get fewer (about `rounds x 10`
     /// children per count, at least one fork).
     #[arg(long, default_value_t = 5)]

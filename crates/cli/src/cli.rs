@@ -91,6 +91,12 @@ pub struct BootArgs {
     /// Leave out the virtio-rng device.
     #[arg(long)]
     pub no_rng: bool,
+    /// Warm VM processes to keep ready for this VM's forks (each an idle `forkvm-vmm`
+    /// with an empty KVM VM: a few MiB); 0 keeps none and each fork starts its children
+    /// from scratch.
+    #[arg(long, value_name = "N", default_value_t = forkvm_vmm::pool::DEFAULT_FORK_POOL,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(forkvm_vmm::pool::MAX_FORK_POOL)))]
+    pub fork_pool: u32,
     /// Run in the background: print the VM's ID once its API answers.
     #[arg(short = 'd', long)]
     pub detach: bool,

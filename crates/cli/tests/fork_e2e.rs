@@ -137,6 +137,8 @@ fn running_vm_forks_into_private_children_with_their_own_identity() {
             uds: dir.path().join("parent.vsock"),
         });
         cfg.cmdline = common::guest_cmdline(GUEST_LOOP);
+        // Two warm processes: a fork of three takes both and starts one from scratch.
+        cfg.fork_pool = 2;
         let console = File::create(&parent_log).unwrap();
         let child_root = dir.path().join("root");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -146,6 +148,7 @@ fn running_vm_forks_into_private_children_with_their_own_identity() {
                 root: child_root,
                 parent: None,
             });
+            vmm.fill_fork_pool();
             tx.send(vmm.control_handle()).unwrap();
             vmm.run()
         });
@@ -153,6 +156,14 @@ fn running_vm_forks_into_private_children_with_their_own_identity() {
         wait_for("the parent to count", Duration::from_secs(120), || {
             ticks(&parent_log).len() >= 4
         });
+        let pool_full = || {
+            wait_for(
+                "the fork pool to fill",
+                Duration::from_secs(120),
+                || matches!(handle.call(Request::Info), Ok(Response::Info(i)) if i.fork_pool.len() == 2),
+            )
+        };
+        pool_full();
 
         // First fork: three children.
         let before = ticks(&parent_log).last().unwrap().n;
@@ -162,6 +173,11 @@ fn running_vm_forks_into_private_children_with_their_own_identity() {
         let out = fork(&handle, &consoles);
         let mut kids = Children(out.children.iter().map(|c| c.pid).collect());
         assert_eq!(out.children.len(), 3);
+        assert_eq!(
+            out.children.iter().map(|c| c.warm).collect::<Vec<_>>(),
+            [true, true, false],
+            "{out:?}"
+        );
         let cids: BTreeSet<u64> = out.children.iter().map(|c| c.cid.expect("a CID")).collect();
         assert_eq!(cids.len(), 3, "children share a vsock CID: {out:?}");
         assert!(!cids.contains(&3), "a child kept the parent's CID");
@@ -228,10 +244,12 @@ fn running_vm_forks_into_private_children_with_their_own_identity() {
 
         // Fork again: the parent has run (and written) since; a new child starts from
         // the parent's *current* state, which now includes a memory overlay.
+        pool_full();
         let before2 = ticks(&parent_log).last().unwrap().n;
         let late = dir.path().join("late.log");
         let out2 = fork(&handle, std::slice::from_ref(&late));
         kids.0.extend(out2.children.iter().map(|c| c.pid));
+        assert!(out2.children[0].warm, "{out2:?}");
         wait_for(
             "the second-generation child to count",
             Duration::from_secs(120),
@@ -280,6 +298,37 @@ fn vms(root: &Path) -> Vec<serde_json::Value> {
     serde_json::from_str(&forkvm_ok(root, &["ps", "--format", "json"])).expect("ps JSON")
 }
 
+/// The warm processes of `vm`'s fork pool, as `forkvm inspect` reports them.
+fn pool_pids(root: &Path, vm: &str) -> Vec<u32> {
+    let info: serde_json::Value =
+        serde_json::from_str(&forkvm_ok(root, &["inspect", vm])).expect("inspect JSON");
+    info["fork_pool"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.as_u64())
+                .map(|p| p as u32)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `pid` is a running process (a zombie has ended).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+fn sigkill(pid: u32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
 fn children_of(root: &Path, parent: &str) -> Vec<String> {
     vms(root)
         .iter()
@@ -314,6 +363,16 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
         wait_for("the parent to count", Duration::from_secs(120), || {
             counts(&root, "origin").len() >= 3
         });
+        // A booted VM fills its fork pool (`--fork-pool` defaults to 2).
+        wait_for("the fork pool to fill", Duration::from_secs(120), || {
+            pool_pids(&root, "origin").len() == 2
+        });
+        let warm = pool_pids(&root, "origin");
+        // A warm process that dies is never handed out.
+        sigkill(warm[1]);
+        wait_for("the warm process to die", Duration::from_secs(10), || {
+            !running(warm[1])
+        });
 
         // Fork through the CLI: the children register as VMs with the parent recorded.
         let at_fork = *counts(&root, "origin").last().unwrap();
@@ -321,6 +380,29 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
             serde_json::from_str(&forkvm_ok(&root, &["fork", "origin", "-n", "2", "--json"]))
                 .unwrap();
         let _kids = Children(out.children.iter().map(|c| c.pid).collect());
+        let pids: Vec<u32> = out.children.iter().map(|c| c.pid).collect();
+        assert!(
+            !pids.contains(&warm[1]),
+            "a dead warm process was used: {out:?}"
+        );
+        // The live warm process became a child; the pool ran short and started the other.
+        assert!(
+            pids.contains(&warm[0]),
+            "the warm process was not used: {out:?}"
+        );
+        assert_eq!(
+            out.children.iter().map(|c| c.warm).collect::<Vec<_>>(),
+            [true, false],
+            "{out:?}"
+        );
+        wait_for("the fork pool to refill", Duration::from_secs(120), || {
+            pool_pids(&root, "origin").len() == 2
+        });
+        let refilled = pool_pids(&root, "origin");
+        assert!(
+            !refilled.iter().any(|p| warm.contains(p)),
+            "{refilled:?} reuses {warm:?}"
+        );
         wait_for("the children to register", Duration::from_secs(60), || {
             children_of(&root, &parent).len() == 2
         });
@@ -340,6 +422,8 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
         // Nested fork: a child forks in turn; the grandchild continues from the child.
         let child = &kids[0];
         let child_at = *counts(&root, child).last().unwrap();
+        // A child keeps no pool until it forks itself.
+        assert!(pool_pids(&root, child).is_empty());
         forkvm_ok(&root, &["fork", child, "-n", "1"]);
         wait_for(
             "the grandchild to register",
@@ -362,7 +446,31 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
         // The parent kept running through both forks.
         assert!(*counts(&root, "origin").last().unwrap() > at_fork);
 
-        for vm in [grandchild.as_str(), child, &kids[1], "origin"] {
+        // A pool never outlives its VM: not when the VM process is killed, nor after
+        // `rm -f`.
+        wait_for(
+            "the child's fork pool to fill",
+            Duration::from_secs(120),
+            || pool_pids(&root, child).len() == 2,
+        );
+        let child_pool = pool_pids(&root, child);
+        let child_pid = vms(&root)
+            .iter()
+            .find(|v| v["id"].as_str() == Some(child.as_str()))
+            .and_then(|v| v["pid"].as_u64())
+            .expect("the child's pid") as u32;
+        sigkill(child_pid);
+        let origin_pool = pool_pids(&root, "origin");
+        forkvm_ok(&root, &["rm", "-f", "origin"]);
+        for pid in child_pool.iter().chain(&origin_pool) {
+            wait_for(
+                "a warm process to end with its VM",
+                Duration::from_secs(30),
+                || !running(*pid),
+            );
+        }
+
+        for vm in [grandchild.as_str(), &kids[1]] {
             forkvm_ok(&root, &["stop", "-t", "2", vm]);
         }
     });

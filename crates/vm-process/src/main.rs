@@ -11,10 +11,12 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use forkvm_registry::{Ending, ExitRecord, ProcessIdentity, VmHome};
-use forkvm_vmm::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, Launched, Start};
+use forkvm_vmm::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, LaunchError, Launched, Start};
+use forkvm_vmm::pool::Prepared;
 use forkvm_vmm::{ExitReason, Vmm, VmmError};
 
 fn main() {
@@ -36,6 +38,8 @@ fn main() {
     forkvm_config::logging::init_stderr(None);
     let launched = match Launched::receive() {
         Ok(l) => l,
+        // A warm fork process whose VM went away before it was needed.
+        Err(LaunchError::Abandoned) => std::process::exit(0),
         Err(e) => {
             eprintln!("forkvm-vmm: {}", forkvm_vmm::control::error_chain(&e));
             std::process::exit(2);
@@ -119,6 +123,7 @@ fn console(home: &VmHome, spec: &ConsoleSpec) -> Result<Box<dyn Write + Send>> {
 fn start(
     launch: &Launch,
     files: Vec<File>,
+    prepared: Option<Prepared>,
     console: Box<dyn Write + Send>,
     homes: ChildHomes,
 ) -> Result<Vmm> {
@@ -129,7 +134,7 @@ fn start(
             Ok(vmm)
         }
         Start::Restore(payload) => payload
-            .restore(files, console, homes)
+            .restore(files, console, homes, prepared)
             .context("cannot restore the forked VM"),
     }
 }
@@ -147,8 +152,42 @@ fn exit_record(exit: &Result<ExitReason, VmmError>, stop_requested: bool) -> Exi
     }
 }
 
+/// How long each step of a VM process's start took, from the launch's arrival: what a
+/// fork child spends before it reports running (logged once it does).
+struct Steps {
+    last: Instant,
+    done: Vec<(&'static str, u128)>,
+}
+
+impl Steps {
+    fn new(from: Instant) -> Self {
+        Self {
+            last: from,
+            done: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.done.push((step, (now - self.last).as_micros()));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, us)) in self.done.iter().enumerate() {
+            write!(f, "{}{step} {us} us", if i == 0 { "" } else { ", " })?;
+        }
+        Ok(())
+    }
+}
+
 fn run(mut launched: Launched) -> Result<i32> {
     let files = std::mem::take(&mut launched.files);
+    let prepared = launched.prepared.take();
+    let warm = prepared.is_some();
+    let mut steps = Steps::new(launched.received);
     let launch = &launched.launch;
     let mut home = None;
     let started = (|| {
@@ -162,12 +201,16 @@ fn run(mut launched: Launched) -> Result<i32> {
             Start::Restore(payload) => payload.config(),
         };
         h.record_machine(cfg.vcpus, cfg.mem_mib)?;
+        steps.mark("register");
         let console = console(h, &launch.console)?;
         let homes = ChildHomes {
             root: h.root().to_owned(),
             parent: Some(h.id().to_owned()),
         };
-        start(launch, files, console, homes)
+        steps.mark("console");
+        let vmm = start(launch, files, prepared, console, homes);
+        steps.mark("build and resume");
+        vmm
     })();
     let mut vmm = match started {
         Ok(vmm) => vmm,
@@ -194,18 +237,21 @@ fn run(mut launched: Launched) -> Result<i32> {
             launched
                 .report_running()
                 .context("cannot report to the parent")?;
+            steps.mark("report");
+            tracing::info!(warm, "fork child running after {steps}");
             payload
                 .apply_identity_in_background()
                 .context("cannot start the identity thread")?;
             forkvm_api::serve(home, vmm.control_handle()).context("cannot serve the VM's API")?
         }
-        // A booted VM reports once its API answers.
+        // A booted VM reports once its API answers, then fills its fork pool.
         Start::Boot(_) => {
             let server = forkvm_api::serve(home, vmm.control_handle())
                 .context("cannot serve the VM's API")?;
             launched
                 .report_running()
                 .context("cannot report to the launcher")?;
+            vmm.fill_fork_pool();
             server
         }
     };

@@ -38,6 +38,10 @@ pub struct VmConfig {
     /// else, e.g. the container process of `forkvm run`).
     #[serde(default = "console_input_default")]
     pub console_input: bool,
+    /// Warm fork children to keep ([`crate::pool`]): filled when a booted VM runs, or
+    /// when a fork child first forks; 0 keeps none.
+    #[serde(default)]
+    pub fork_pool: u32,
 }
 
 fn console_input_default() -> bool {
@@ -58,6 +62,7 @@ impl VmConfig {
             vsock: None,
             rng: true,
             console_input: true,
+            fork_pool: 0,
         }
     }
 }

@@ -20,6 +20,7 @@ use crate::config::VmConfig;
 use crate::control::{error_chain, ChildInfo, ChildSpec, ControlError, ForkOutcome, ForkRequest};
 use crate::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, ProcessOptions, Start, VmProcess};
 use crate::memory::{GuestRam, MemoryLayout};
+use crate::pool::{ChildPool, Prepared};
 use crate::snapshot::{ChildIdentity, VmSnapshot};
 use crate::vmm::{Vmm, VmmError};
 
@@ -173,8 +174,9 @@ pub(crate) fn identities(
 }
 
 /// Launches one child per identity from `snapshot` and the memory `files`, registered
-/// under `homes`, then waits until each reports that it runs; times are measured from
-/// `t0`.
+/// under `homes`, in warm processes of `pool` while it has some and in new ones after
+/// that, then waits until each reports that it runs; times are measured from `t0`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn start_children(
     snapshot: VmSnapshot,
     layout: &MemoryLayout,
@@ -182,6 +184,7 @@ pub(crate) fn start_children(
     identities: Vec<ChildIdentity>,
     req: &ForkRequest,
     homes: &ChildHomes,
+    pool: Option<&ChildPool>,
     t0: Instant,
 ) -> Result<Vec<ChildInfo>, ControlError> {
     let exe = crate::launch::vmm_executable()
@@ -207,19 +210,26 @@ pub(crate) fn start_children(
             Some(path) => ConsoleSpec::File(path),
             None => ConsoleSpec::Log,
         };
-        let blob = forkvm_snapshot::encode(&launch).map_err(|e| {
-            ControlError::Failed(format!(
-                "cannot encode the fork payload: {}",
-                error_chain(&e)
-            ))
-        })?;
-        let child = VmProcess::spawn_encoded(&exe, &blob, files, ProcessOptions::daemon())
-            .map_err(|e| ControlError::Failed(format!("cannot start fork child {i}: {e}")))?;
-        started.push((child, identity));
+        let blob = crate::launch::encode(&launch)
+            .map_err(|e| ControlError::Failed(format!("cannot encode the fork payload: {e}")))?;
+        let warm = pool.and_then(ChildPool::take).and_then(|mut p| {
+            let pid = p.pid();
+            p.send(&blob, files)
+                .inspect_err(|e| tracing::warn!(pid, "a warm fork process failed: {e}"))
+                .ok()
+                .map(|()| p)
+        });
+        let is_warm = warm.is_some();
+        let child = match warm {
+            Some(p) => p,
+            None => VmProcess::spawn_encoded(&exe, &blob, files, ProcessOptions::daemon())
+                .map_err(|e| ControlError::Failed(format!("cannot start fork child {i}: {e}")))?,
+        };
+        started.push((child, identity, is_warm));
     }
     let mut children = Vec::with_capacity(started.len());
     let mut failure = None;
-    for (child, identity) in started {
+    for (child, identity, warm) in started {
         let pid = child.pid();
         match child.wait_running(CHILD_START_TIMEOUT) {
             Ok(()) => children.push(ChildInfo {
@@ -227,6 +237,7 @@ pub(crate) fn start_children(
                 cid: identity.cid,
                 vsock_uds: identity.vsock_uds,
                 running_after_us: t0.elapsed().as_micros() as u64,
+                warm,
             }),
             Err(e) => {
                 failure.get_or_insert_with(|| {
@@ -281,8 +292,21 @@ impl Vmm {
             "parent paused, captured and froze"
         );
         let (snapshot, files, layout) = captured?;
-        let children = start_children(snapshot, &layout, &files, identities, req, &homes, t0)?;
-        tracing::info!(children = children.len(), parent_pause_us, "forked");
+        let started = start_children(
+            snapshot,
+            &layout,
+            &files,
+            identities,
+            req,
+            &homes,
+            self.pool.as_ref(),
+            t0,
+        );
+        // Refilled (or started, on a child's first fork) once the children run.
+        self.fill_fork_pool();
+        let children = started?;
+        let warm = children.iter().filter(|c| c.warm).count();
+        tracing::info!(children = children.len(), warm, parent_pause_us, "forked");
         Ok(ForkOutcome {
             children,
             parent_pause_us,
@@ -342,11 +366,13 @@ impl ChildPayload {
     /// Restores the VM over the memory `files` with its console on `console`, and
     /// resumes it; its children register under `homes`. Then
     /// [`ChildPayload::apply_identity_in_background`] has the guest take the identity.
+    /// `prepared` is the VM a warm process made while it waited, if any.
     pub fn restore(
         &self,
         mut files: Vec<File>,
         console: Box<dyn Write + Send>,
         homes: ChildHomes,
+        prepared: Option<Prepared>,
     ) -> Result<Vmm, ForkChildError> {
         if files.is_empty() {
             return Err(ForkChildError::NoMemory);
@@ -354,7 +380,13 @@ impl ChildPayload {
         self.check_identity()?;
         let base = files.remove(0);
         let ram = GuestRam::from_layers(base, files, &self.layout)?;
-        let mut vmm = Vmm::build(&self.snapshot.config, ram, console, Some(&self.snapshot))?;
+        let mut vmm = Vmm::build(
+            &self.snapshot.config,
+            ram,
+            console,
+            Some(&self.snapshot),
+            prepared,
+        )?;
         vmm.set_child_homes(homes);
         vmm.resume()
             .map_err(|e| ForkChildError::Start(e.to_string()))?;

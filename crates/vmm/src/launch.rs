@@ -7,6 +7,9 @@
 //! child as `SCM_RIGHTS`): where the VM is registered, where its console goes and what
 //! it starts from. The VM process answers on the same socket once its VM runs, or with
 //! why it could not start. Nothing travels through the environment or the command line.
+//!
+//! A warm fork child ([`crate::pool`]) is sent a [`Warmup`] first: it prepares a VM of
+//! that shape and waits for its launch, or exits when the socket closes first.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -21,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 use crate::fork::ChildPayload;
+use crate::pool::{Prepared, Warmup};
 
 /// The file name of the VM-process executable.
 pub const VMM_BINARY: &str = "forkvm-vmm";
@@ -89,6 +93,22 @@ pub struct Launch {
     /// its TAPs are there); `None` keeps the launcher's.
     #[serde(default)]
     pub netns: Option<PathBuf>,
+}
+
+/// A message on the launch socket, as the launcher sends it.
+#[derive(Serialize)]
+pub(crate) enum Message<'a> {
+    /// Prepare a VM of this shape, then wait for the launch.
+    Warmup(&'a Warmup),
+    /// Start the VM.
+    Launch(&'a Launch),
+}
+
+/// A message on the launch socket, as the VM process reads it.
+#[derive(Deserialize)]
+enum Received {
+    Warmup(Warmup),
+    Launch(Box<Launch>),
 }
 
 /// How the VM process is attached to its launcher.
@@ -163,18 +183,44 @@ impl VmProcess {
     /// Starts [`vmm_executable`] as `opts` say and sends it `launch` and `files`.
     pub fn spawn(launch: &Launch, files: &[File], opts: ProcessOptions) -> std::io::Result<Self> {
         let exe = vmm_executable()?;
-        let blob = forkvm_snapshot::encode(launch).map_err(std::io::Error::other)?;
+        let blob = encode(launch)?;
         Self::spawn_encoded(&exe, &blob, files, opts)
     }
 
-    /// [`VmProcess::spawn`] with the launch already encoded (one fork encodes a
-    /// snapshot per child, each with its identity).
+    /// [`VmProcess::spawn`] with the launch already encoded ([`encode`]).
     pub(crate) fn spawn_encoded(
         exe: &Path,
         blob: &[u8],
         files: &[File],
         opts: ProcessOptions,
     ) -> std::io::Result<Self> {
+        let mut p = Self::start(exe, opts)?;
+        p.send(blob, files)?;
+        Ok(p)
+    }
+
+    /// Starts `exe` as a warm fork child: a daemon that prepares a VM as `warmup` says
+    /// and waits for [`VmProcess::send`].
+    pub(crate) fn spawn_warm(exe: &Path, warmup: &Warmup) -> std::io::Result<Self> {
+        let blob =
+            forkvm_snapshot::encode(&Message::Warmup(warmup)).map_err(std::io::Error::other)?;
+        Self::spawn_encoded(exe, &blob, &[], ProcessOptions::daemon())
+    }
+
+    /// Sends an encoded launch ([`encode`]) and `files`; a process that cannot take it
+    /// (it died) is killed and reaped.
+    pub(crate) fn send(&mut self, blob: &[u8], files: &[File]) -> std::io::Result<()> {
+        let raw: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+        if let Err(e) = forkvm_snapshot::send_blob(&self.sock, blob, &raw) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            return Err(std::io::Error::other(e));
+        }
+        Ok(())
+    }
+
+    /// Starts `exe` with its launch socket on [`LAUNCH_FD`], as `opts` say.
+    fn start(exe: &Path, opts: ProcessOptions) -> std::io::Result<Self> {
         let (ours, theirs) = UnixStream::pair()?;
         let fd = theirs.as_raw_fd();
         let mut cmd = Command::new(exe);
@@ -199,17 +245,22 @@ impl VmProcess {
                 Ok(())
             });
         }
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", exe.display())))?;
         drop(theirs);
-        let raw: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
-        if let Err(e) = forkvm_snapshot::send_blob(&ours, blob, &raw) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(std::io::Error::other(e));
-        }
         Ok(Self { child, sock: ours })
+    }
+
+    /// Whether the process still runs (one that ended is reaped).
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills and reaps the process.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Its process ID.
@@ -259,6 +310,11 @@ impl VmProcess {
     }
 }
 
+/// Encodes `launch` for [`VmProcess::send`].
+pub fn encode(launch: &Launch) -> std::io::Result<Vec<u8>> {
+    forkvm_snapshot::encode(&Message::Launch(launch)).map_err(std::io::Error::other)
+}
+
 /// Errors receiving a launch.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -271,6 +327,12 @@ pub enum LaunchError {
     /// The payload is invalid.
     #[error("invalid launch payload")]
     Format(#[from] forkvm_snapshot::FormatError),
+    /// A warm process's launcher went away before sending a launch: nothing to do.
+    #[error("the launcher closed the socket before sending a launch")]
+    Abandoned,
+    /// A second warm-up.
+    #[error("a second warm-up on the launch socket")]
+    TwoWarmups,
 }
 
 /// A launch as the VM process received it, with the socket to report on.
@@ -281,6 +343,10 @@ pub struct Launched {
     pub launch: Launch,
     /// The files that came with it (a fork child's guest memory).
     pub files: Vec<File>,
+    /// The VM prepared while the process waited warm, if it was told to.
+    pub prepared: Option<Prepared>,
+    /// When the launch arrived (for a warm process: after its wait).
+    pub received: std::time::Instant,
 }
 
 impl Launched {
@@ -298,16 +364,39 @@ impl Launched {
         // SAFETY: fd 3 is an open socket (checked above), our end of the launcher's
         // socket pair, and nothing else in this process owns it.
         let sock = unsafe { UnixStream::from_raw_fd(LAUNCH_FD) };
-        let (blob, files) = forkvm_snapshot::recv_blob(&sock, MAX_LAUNCH_PAYLOAD)?;
-        let mut launch: Launch = forkvm_snapshot::decode(&blob)?;
-        if let Start::Restore(payload) = &mut launch.start {
-            payload.adopt_identity();
+        let mut prepared = None;
+        let mut warm = false;
+        loop {
+            let (blob, files) = match forkvm_snapshot::recv_blob(&sock, MAX_LAUNCH_PAYLOAD) {
+                Err(forkvm_snapshot::TransferError::Closed) if warm => {
+                    return Err(LaunchError::Abandoned)
+                }
+                other => other?,
+            };
+            match forkvm_snapshot::decode(&blob)? {
+                Received::Warmup(_) if warm => return Err(LaunchError::TwoWarmups),
+                Received::Warmup(w) => {
+                    warm = true;
+                    // A VM that cannot be prepared is made at restore instead, where
+                    // its error reaches the fork.
+                    prepared = Prepared::new(&w)
+                        .inspect_err(|e| tracing::warn!("cannot prepare a warm VM: {e}"))
+                        .ok();
+                }
+                Received::Launch(mut launch) => {
+                    if let Start::Restore(payload) = &mut launch.start {
+                        payload.adopt_identity();
+                    }
+                    return Ok(Self {
+                        sock,
+                        launch: *launch,
+                        files,
+                        prepared,
+                        received: std::time::Instant::now(),
+                    });
+                }
+            }
         }
-        Ok(Self {
-            sock,
-            launch,
-            files,
-        })
     }
 
     /// Tells the launcher the VM runs.

@@ -16,6 +16,7 @@ pub mod fork;
 pub mod launch;
 pub mod layout;
 pub mod memory;
+pub mod pool;
 pub mod snapshot;
 pub mod template;
 pub mod vcpu;

@@ -249,6 +249,7 @@ impl Template {
             ids,
             req,
             homes,
+            None,
             t0,
         )?;
         Ok(ForkOutcome {

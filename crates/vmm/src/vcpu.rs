@@ -22,10 +22,10 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use forkvm_devices::Persist;
-use kvm_bindings::CpuId;
 use vm_memory::GuestAddress;
 
 use crate::bus::Bus;
+use crate::pool::HostCpu;
 use crate::vm::Vm;
 use crate::x86::cpu::{
     patch_cpuid, setup_boot_vcpu, setup_cpuid_and_msrs, setup_lapic, CpuSetupError,
@@ -525,18 +525,17 @@ pub struct VcpuArgs<'a> {
     pub index: u8,
     /// How many vCPUs the VM has.
     pub count: u8,
-    /// The CPUID KVM supports, patched per vCPU.
-    pub cpuid: &'a CpuId,
-    /// Whether the host offers the TSC-deadline timer.
-    pub tsc_deadline: bool,
+    /// What KVM offers on this host (CPUID, TSC deadline, MSRs).
+    pub host: &'a HostCpu,
+    /// The vCPU, when it was made ahead by [`create_vcpu`] (a warm fork child); `None`
+    /// makes it now.
+    pub made: Option<VcpuFd>,
     /// Port-I/O bus.
     pub pio: Arc<Bus>,
     /// MMIO bus.
     pub mmio: Arc<Bus>,
     /// Where to report a stop.
     pub stop: Arc<StopSink>,
-    /// MSRs to try when saving state (KVM's index list).
-    pub msr_candidates: Arc<Vec<u32>>,
     /// Nanoseconds a restored state spent saved: its TSC moves on by as much.
     pub advance_ns: u64,
 }
@@ -558,18 +557,26 @@ pub enum VcpuError {
     Thread(#[source] std::io::Error),
 }
 
+/// Creates vCPU `index` of a VM of `count` vCPUs, with its CPUID (patched for its
+/// index) and MSRs set: all a vCPU needs before it gets a state.
+pub fn create_vcpu(vm: &Vm, index: u8, count: u8, host: &HostCpu) -> Result<VcpuFd, VcpuError> {
+    let fd = vm
+        .fd()
+        .create_vcpu(u64::from(index))
+        .map_err(VcpuError::Create)?;
+    let mut cpuid = host.cpuid.clone();
+    patch_cpuid(&mut cpuid, index, count, host.tsc_deadline);
+    setup_cpuid_and_msrs(&fd, &cpuid)?;
+    Ok(fd)
+}
+
 impl VcpuArgs<'_> {
-    /// Creates the KVM vCPU with its CPUID and MSRs set.
-    fn create(&self) -> Result<VcpuFd, VcpuError> {
-        let fd = self
-            .vm
-            .fd()
-            .create_vcpu(u64::from(self.index))
-            .map_err(VcpuError::Create)?;
-        let mut cpuid = self.cpuid.clone();
-        patch_cpuid(&mut cpuid, self.index, self.count, self.tsc_deadline);
-        setup_cpuid_and_msrs(&fd, &cpuid)?;
-        Ok(fd)
+    /// The vCPU made ahead, or a new one.
+    fn create(&mut self) -> Result<VcpuFd, VcpuError> {
+        match self.made.take() {
+            Some(fd) => Ok(fd),
+            None => create_vcpu(self.vm, self.index, self.count, self.host),
+        }
     }
 
     /// Starts the thread that runs `fd`.
@@ -580,7 +587,7 @@ impl VcpuArgs<'_> {
             pio: self.pio,
             mmio: self.mmio,
             stop: self.stop,
-            msr_candidates: self.msr_candidates,
+            msr_candidates: self.host.msr_candidates.clone(),
             start_paused,
         }
         .spawn()
@@ -591,7 +598,7 @@ impl VcpuArgs<'_> {
 impl VcpuHandle {
     /// Creates a vCPU in its power-on state (vCPU 0 at the kernel's `entry`) and runs
     /// it.
-    pub fn boot(args: VcpuArgs<'_>, entry: GuestAddress) -> Result<Self, VcpuError> {
+    pub fn boot(mut args: VcpuArgs<'_>, entry: GuestAddress) -> Result<Self, VcpuError> {
         let fd = args.create()?;
         setup_lapic(&fd)?;
         if args.index == 0 {
@@ -616,7 +623,7 @@ impl<'a> Persist<'a> for VcpuHandle {
 
     /// Creates the vCPU with the saved state (its clocks moved on by
     /// `args.advance_ns`) and starts its thread paused, for the VMM to resume.
-    fn restore(args: VcpuArgs<'a>, state: &VcpuState) -> Result<Self, VcpuError> {
+    fn restore(mut args: VcpuArgs<'a>, state: &VcpuState) -> Result<Self, VcpuError> {
         let fd = args.create()?;
         state.restore(&fd, args.advance_ns)?;
         args.spawn(fd, true)

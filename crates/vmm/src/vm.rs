@@ -173,6 +173,8 @@ impl Vm {
 pub struct VmArgs {
     /// Nanoseconds the state spent saved: the kvmclock moves on by as much.
     pub advance_ns: u64,
+    /// The VM, when it was made ahead (a warm fork child); `None` makes it now.
+    pub made: Option<Vm>,
 }
 
 impl Persist<'_> for Vm {
@@ -205,7 +207,10 @@ impl Persist<'_> for Vm {
     /// `args.advance_ns` past the saved value, so guest time moves on by the time the
     /// state spent saved.
     fn restore(args: VmArgs, state: &VmArchState) -> Result<Self, VmError> {
-        let vm = Vm::new()?;
+        let vm = match args.made {
+            Some(vm) => vm,
+            None => Vm::new()?,
+        };
         for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
             vm.fd
                 .set_irqchip(chip)

@@ -25,6 +25,7 @@ use crate::devices::{AttachedVirtio, DeviceSetup};
 use crate::launch::ChildHomes;
 use crate::layout::{ACPI_POWER_PORT, I8042_PORT, SERIAL_IRQ, SERIAL_PORT};
 use crate::memory::{GuestRam, MemoryError};
+use crate::pool::{ChildPool, HostCpu, Prepared, Warmup};
 use crate::snapshot::VmSnapshot;
 use crate::vcpu::{install_kick_handler, StopSink, VcpuArgs, VcpuError, VcpuHandle, VcpuStop};
 use crate::vm::{Vm, VmArgs, VmError};
@@ -172,6 +173,7 @@ pub struct Vmm {
     started: Instant,
     pub(crate) fork_seq: u32,
     pub(crate) child_homes: Option<ChildHomes>,
+    pub(crate) pool: Option<ChildPool>,
 }
 
 impl Vmm {
@@ -182,17 +184,19 @@ impl Vmm {
             return Err(VmmError::BadVcpuCount(cfg.vcpus));
         }
         let ram = GuestRam::new(cfg.mem_mib)?;
-        Self::build(cfg, ram, console, None)
+        Self::build(cfg, ram, console, None, None)
     }
 
     /// Creates the VM around `ram` and starts its vCPU threads: a boot of `cfg`, or a
     /// restore of `saved` (with `cfg`, the child's own configuration), whose vCPUs start
-    /// paused.
+    /// paused. A restore uses the KVM VM and vCPUs of `prepared` when it has as many
+    /// vCPUs (a warm fork child, see [`crate::pool`]).
     pub(crate) fn build(
         cfg: &VmConfig,
         ram: GuestRam,
         console: Box<dyn Write + Send>,
         saved: Option<&VmSnapshot>,
+        prepared: Option<Prepared>,
     ) -> Result<Self, VmmError> {
         let started = Instant::now();
         if let Some(snapshot) = saved {
@@ -205,9 +209,20 @@ impl Vmm {
             }
         }
         let advance_ns = saved.map_or(0, VmSnapshot::elapsed_ns);
+        let prepared =
+            prepared.filter(|p| saved.is_some() && p.vcpu_count() == usize::from(cfg.vcpus));
+        let warm = prepared.is_some();
+        let (made, host, mut made_vcpus) = match prepared {
+            Some(p) => (Some(p.vm), Some(p.host), p.vcpus),
+            None => (None, None, Vec::new()),
+        };
         let vm = match saved {
             None => Vm::new()?,
-            Some(snapshot) => Vm::restore(VmArgs { advance_ns }, &snapshot.arch)?,
+            Some(snapshot) => Vm::restore(VmArgs { advance_ns, made }, &snapshot.arch)?,
+        };
+        let host = match host {
+            Some(h) => h,
+            None => HostCpu::query(&vm)?,
         };
         vm.register_memory(ram.memory())?;
         let mem = ram.memory();
@@ -302,24 +317,22 @@ impl Vmm {
             Some(snapshot) => Start::Restore(snapshot),
         };
 
-        let cpuid = vm.supported_cpuid()?;
-        let tsc_deadline = vm.has_tsc_deadline();
-        let msr_candidates = Arc::new(vm.msr_index_list()?);
         install_kick_handler().map_err(|e| VmmError::Thread(e.into()))?;
         let pio = Arc::new(pio);
         let mmio = Arc::new(mmio);
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+        // Made ahead in index order; handed out in the same order.
+        made_vcpus.reverse();
         for index in 0..cfg.vcpus {
             let args = VcpuArgs {
                 vm: &vm,
                 index,
                 count: cfg.vcpus,
-                cpuid: &cpuid,
-                tsc_deadline,
+                host: &host,
+                made: made_vcpus.pop(),
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 stop: stop.clone(),
-                msr_candidates: msr_candidates.clone(),
                 advance_ns,
             };
             let vcpu = match start {
@@ -332,6 +345,7 @@ impl Vmm {
         }
         tracing::info!(
             elapsed_us = started.elapsed().as_micros() as u64,
+            warm,
             "VM built"
         );
         Ok(Self {
@@ -350,6 +364,7 @@ impl Vmm {
             started,
             fork_seq: 0,
             child_homes: None,
+            pool: None,
         })
     }
 
@@ -411,6 +426,33 @@ impl Vmm {
     /// refuses to fork.
     pub fn set_child_homes(&mut self, homes: ChildHomes) {
         self.child_homes = Some(homes);
+    }
+
+    /// Fills this VM's pool of warm fork children ([`crate::pool`]), as large as its
+    /// configuration says (none when that is 0); a pool that exists is refilled. A booted
+    /// VM does this once it runs; a fork child only when it first forks itself, so that a
+    /// hundred children do not start a hundred pools.
+    pub fn fill_fork_pool(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.refill();
+            return;
+        }
+        if self.cfg.fork_pool == 0 {
+            return;
+        }
+        let started = crate::launch::vmm_executable().and_then(|exe| {
+            ChildPool::start(
+                self.cfg.fork_pool,
+                Warmup {
+                    vcpus: self.cfg.vcpus,
+                },
+                exe,
+            )
+        });
+        match started {
+            Ok(pool) => self.pool = Some(pool),
+            Err(e) => tracing::warn!("cannot start the fork pool: {e}"),
+        }
     }
 
     /// Whether the vCPUs are paused.
@@ -486,6 +528,7 @@ impl Vmm {
             exits: crate::vcpu::exit_counts(),
             rss_bytes,
             private_bytes,
+            fork_pool: self.pool.as_ref().map(ChildPool::pids).unwrap_or_default(),
         }
     }
 }

@@ -129,6 +129,7 @@ fn vm_state_round_trips_and_the_clock_moves_on() {
         let vm2 = Vm::restore(
             VmArgs {
                 advance_ns: AWAY_NS,
+                made: None,
             },
             &decoded,
         )

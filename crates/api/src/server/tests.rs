@@ -38,6 +38,7 @@ impl Control for Fake {
                 exits: [("io".to_string(), 3)].into(),
                 rss_bytes: 1,
                 private_bytes: 1,
+                fork_pool: vec![7],
             })),
             Request::Pause if *paused => Err(ControlError::Conflict("already paused".into())),
             Request::Pause => {
@@ -69,6 +70,7 @@ impl Control for Fake {
                             cid: None,
                             vsock_uds: None,
                             running_after_us: 1500,
+                            warm: i == 0,
                         })
                         .collect(),
                     parent_pause_us: 10,

@@ -212,15 +212,148 @@ impl Pollers {
 
 struct Bench<'a> {
     args: &'a BenchForkArgs,
-    handle: ControlHandle,
     exe: PathBuf,
     dir: PathBuf,
+    /// Where children and cold boots register.
+    root: PathBuf,
     seq: usize,
 }
 
+/// Waits until the parent's fork pool holds `size` warm processes (after its boot and
+/// after each fork), so that every measured fork starts with a full pool.
+fn wait_pool_full(handle: &ControlHandle, size: u32, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ready = match handle.call(Request::Info) {
+            Ok(Response::Info(i)) => i.fork_pool.len(),
+            other => bail!("the parent did not report its fork pool: {other:?}"),
+        };
+        if ready >= size as usize {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the parent's fork pool has {ready} of {size} warm processes after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl Bench<'_> {
-    /// One fork of `count` children: timings, idle, memory, kill.
-    fn fork(&mut self, count: u32, round: usize) -> Result<ForkRound> {
+    /// Boots a parent configured as `cfg` in this process, waits for its agent, runs the
+    /// warm-up and measured forks (appended to `rounds`) and stops it; returns how long
+    /// its agent took to answer after boot, ms.
+    fn with_parent(&mut self, mut cfg: VmConfig, rounds: &mut Vec<ForkRound>) -> Result<f64> {
+        let args = self.args;
+        let pool = cfg.fork_pool;
+        let parent_uds = self.dir.join(format!("parent-{pool}.vsock"));
+        cfg.vsock = Some(VsockConfig {
+            cid: 3,
+            uds: parent_uds.clone(),
+        });
+        let console_path = match &args.console_dir {
+            Some(d) => {
+                std::fs::create_dir_all(d)
+                    .with_context(|| format!("cannot create {}", d.display()))?;
+                d.join(format!("parent-pool{pool}.log"))
+            }
+            None => self.dir.join(format!("parent-{pool}.console")),
+        };
+        let console = std::fs::File::create(&console_path)
+            .context("cannot create the parent's console file")?;
+        let root = self.root.clone();
+        let booted = Instant::now();
+        let (tx, rx) = mpsc::channel();
+        let vmm_thread = std::thread::Builder::new()
+            .name("parent-vmm".into())
+            .spawn(move || -> Result<()> {
+                let mut vmm =
+                    Vmm::boot(&cfg, Box::new(console)).context("cannot boot the parent")?;
+                vmm.set_child_homes(ChildHomes { root, parent: None });
+                vmm.fill_fork_pool();
+                let _ = tx.send(vmm.control_handle());
+                vmm.run().context("the parent VM failed")?;
+                Ok(())
+            })
+            .context("cannot start the parent VMM thread")?;
+        let Ok(handle) = rx.recv() else {
+            return Err(vmm_thread
+                .join()
+                .map_err(|_| anyhow!("the parent VMM thread panicked"))?
+                .err()
+                .unwrap_or_else(|| anyhow!("the parent VMM ended at once")));
+        };
+        let never = AtomicBool::new(false);
+        let measured = (|| -> Result<f64> {
+            let parent_ready = wait_agent(
+                &parent_uds,
+                |_| true,
+                Duration::from_millis(5),
+                booted + Duration::from_secs(args.timeout),
+                &never,
+            )
+            .ok_or_else(|| {
+                let console = std::fs::read_to_string(&console_path).unwrap_or_default();
+                anyhow!(
+                    "the parent's agent did not answer within {} s; its console:\n{console}",
+                    args.timeout
+                )
+            })?;
+            let ready_ms = parent_ready.duration_since(booted).as_secs_f64() * 1000.0;
+            eprintln!(
+                "parent (fork pool {pool}) ready: agent answered {ready_ms:.0} ms after boot"
+            );
+            let full = || wait_pool_full(&handle, pool, Duration::from_secs(args.timeout));
+            for w in 0..args.warmup {
+                full()?;
+                let r = self.fork(&handle, pool, 1, w)?;
+                eprintln!(
+                    "{:>26}  pause {} us, T1 {} us, T2 {:?} us",
+                    format!("pool {pool} warm-up {}/{}", w + 1, args.warmup),
+                    r.parent_pause_us,
+                    r.children[0].t1_us,
+                    r.children[0].t2_us
+                );
+            }
+            for &count in &args.children {
+                let n = rounds_for(count, args.rounds);
+                for i in 0..n {
+                    full()?;
+                    let r = self.fork(&handle, pool, count, i)?;
+                    let s = &summarise(std::slice::from_ref(&r))[0];
+                    eprintln!(
+                        "{:>26}  pause {} us, {} warm, T1 p50 {} ms, last {} ms, T2 p50 {} ms ({} no answer), guest-RAM priv p50 {} KiB",
+                        format!("pool {pool} fork x{count} {}/{n}", i + 1),
+                        r.parent_pause_us,
+                        s.warm,
+                        ms(s.t1_ms),
+                        ms(s.last_t1_ms),
+                        ms(s.t2_ms),
+                        s.t2_missing,
+                        s.guest_private_kib.map_or(0.0, |d| d.p50),
+                    );
+                    rounds.push(r);
+                }
+            }
+            Ok(ready_ms)
+        })();
+        let _ = handle.call(Request::Stop);
+        match vmm_thread.join() {
+            Ok(Err(e)) => tracing::warn!("parent VMM: {e:#}"),
+            Err(_) => tracing::warn!("the parent VMM thread panicked"),
+            Ok(Ok(())) => {}
+        }
+        measured
+    }
+
+    /// One fork of `count` children of the parent behind `handle` (whose fork pool has
+    /// `pool` processes): timings, idle, memory, kill.
+    fn fork(
+        &mut self,
+        handle: &ControlHandle,
+        pool: u32,
+        count: u32,
+        round: usize,
+    ) -> Result<ForkRound> {
         self.seq += 1;
         let socks: Vec<PathBuf> = (0..count)
             .map(|i| self.dir.join(format!("f{}-{i}.vsock", self.seq)))
@@ -249,7 +382,7 @@ impl Bench<'_> {
         };
         let t0 = Instant::now();
         pollers.go(t0);
-        let answer = self.handle.call(Request::Fork(req));
+        let answer = handle.call(Request::Fork(req));
         let call_us = t0.elapsed().as_micros() as u64;
         let out: ForkOutcome = match answer {
             Ok(Response::Forked(out)) => out,
@@ -281,6 +414,7 @@ impl Bench<'_> {
                 ChildSample {
                     pid: c.pid,
                     t1_us: c.running_after_us,
+                    warm: c.warm,
                     t2_us: i.and_then(|i| t2[i]),
                     mem: read_mem(c.pid)
                         .map_err(|e| tracing::warn!("child {}: {e:#}", c.pid))
@@ -294,6 +428,7 @@ impl Bench<'_> {
             let _ = std::fs::remove_file(s);
         }
         Ok(ForkRound {
+            pool,
             count,
             round,
             parent_pause_us: out.parent_pause_us,
@@ -315,6 +450,9 @@ impl Bench<'_> {
             self.args.mem.to_string(),
             "--vsock".into(),
             format!("cid=3,uds={}", uds.display()),
+            // No warm processes starting beside the boot being measured.
+            "--fork-pool".into(),
+            "0".into(),
             "--cmdline".into(),
             guest_cmdline(),
         ]
@@ -416,6 +554,19 @@ pub fn run(args: BenchForkArgs) -> Result<i32> {
             forkvm_vmm::fork::MAX_CHILDREN
         );
     }
+    if args.pool.is_empty() {
+        bail!("--pool needs at least one size (0: no fork pool)");
+    }
+    if let Some(p) = args
+        .pool
+        .iter()
+        .find(|&&p| p > forkvm_vmm::pool::MAX_FORK_POOL)
+    {
+        bail!(
+            "--pool: {p} is more than {}",
+            forkvm_vmm::pool::MAX_FORK_POOL
+        );
+    }
     let g = forkvm_guest_kernel::default_guest()
         .context("cannot prepare the default guest kernel and initramfs")?;
     if forkvm_guest_kernel::find_agent().is_none() {
@@ -452,109 +603,30 @@ pub fn run(args: BenchForkArgs) -> Result<i32> {
     cfg.mem_mib = args.mem;
     cfg.cmdline = guest_cmdline();
     cfg.rng = true;
-    let parent_uds = dir.join("parent.vsock");
-    cfg.vsock = Some(VsockConfig {
-        cid: 3,
-        uds: parent_uds.clone(),
-    });
-    let console_path = match &args.console_dir {
-        Some(d) => {
-            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-            d.join("parent.log")
-        }
-        None => dir.join("parent.console"),
-    };
-    let console =
-        std::fs::File::create(&console_path).context("cannot create the parent's console file")?;
-
-    let booted = Instant::now();
-    let (tx, rx) = mpsc::channel();
-    let vmm_thread = std::thread::Builder::new()
-        .name("parent-vmm".into())
-        .spawn(move || -> Result<()> {
-            let mut vmm = Vmm::boot(&cfg, Box::new(console)).context("cannot boot the parent")?;
-            vmm.set_child_homes(ChildHomes { root, parent: None });
-            let _ = tx.send(vmm.control_handle());
-            vmm.run().context("the parent VM failed")?;
-            Ok(())
-        })
-        .context("cannot start the parent VMM thread")?;
-    let Ok(handle) = rx.recv() else {
-        return Err(vmm_thread
-            .join()
-            .map_err(|_| anyhow!("the parent VMM thread panicked"))?
-            .err()
-            .unwrap_or_else(|| anyhow!("the parent VMM ended at once")));
-    };
-    let never = AtomicBool::new(false);
-    let parent_ready = wait_agent(
-        &parent_uds,
-        |_| true,
-        Duration::from_millis(5),
-        booted + Duration::from_secs(args.timeout),
-        &never,
-    )
-    .ok_or_else(|| {
-        let console = std::fs::read_to_string(&console_path).unwrap_or_default();
-        anyhow!(
-            "the parent's agent did not answer within {} s; its console:\n{console}",
-            args.timeout
-        )
-    })?;
-    let parent_ready_ms = parent_ready.duration_since(booted).as_secs_f64() * 1000.0;
-    eprintln!("parent ready: agent answered {parent_ready_ms:.0} ms after boot");
-
     let mut bench = Bench {
         args: &args,
-        handle: handle.clone(),
         exe,
         dir: dir.clone(),
+        root,
         seq: 0,
     };
     let mut rounds = Vec::new();
-    let measured = (|| -> Result<()> {
-        for w in 0..args.warmup {
-            let r = bench.fork(1, w)?;
-            eprintln!(
-                "{:>18}  pause {} us, T1 {} us, T2 {:?} us",
-                format!("warm-up {}/{}", w + 1, args.warmup),
-                r.parent_pause_us,
-                r.children[0].t1_us,
-                r.children[0].t2_us
-            );
-        }
-        for &count in &args.children {
-            let n = rounds_for(count, args.rounds);
-            for i in 0..n {
-                let r = bench.fork(count, i)?;
-                let s = &summarise(std::slice::from_ref(&r))[0];
-                eprintln!(
-                    "{:>18}  pause {} us, T1 p50 {} ms, T2 p50 {} ms ({} no answer), guest-RAM priv p50 {} KiB",
-                    format!("fork x{count} {}/{n}", i + 1),
-                    r.parent_pause_us,
-                    ms(s.t1_ms),
-                    ms(s.t2_ms),
-                    s.t2_missing,
-                    s.guest_private_kib.map_or(0.0, |d| d.p50),
-                );
-                rounds.push(r);
+    let mut parent_ready_ms = Vec::new();
+    for &pool in &args.pool {
+        let mut cfg = cfg.clone();
+        cfg.fork_pool = pool;
+        let measured = bench.with_parent(cfg, &mut rounds);
+        match measured {
+            Ok(ready) => parent_ready_ms.push(ready),
+            Err(e) => {
+                let partial = summarise(&rounds);
+                if !partial.is_empty() {
+                    eprintln!("forkvm bench fork: a fork failed; the forks measured so far:");
+                    eprint!("{}", table(&partial, None, &[]));
+                }
+                return Err(e);
             }
         }
-        Ok(())
-    })();
-    let _ = handle.call(Request::Stop);
-    match vmm_thread.join() {
-        Ok(Err(e)) => tracing::warn!("parent VMM: {e:#}"),
-        Err(_) => tracing::warn!("the parent VMM thread panicked"),
-        Ok(Ok(())) => {}
-    }
-    if let Err(e) = measured {
-        let partial = summarise(&rounds);
-        if !partial.is_empty() {
-            eprintln!("forkvm bench fork: a fork failed; the forks measured so far:");
-            eprint!("{}", table(&partial, None, &[]));
-        }
-        return Err(e);
     }
 
     let mut cold = Vec::new();
@@ -595,6 +667,7 @@ pub fn run(args: BenchForkArgs) -> Result<i32> {
         guest,
         devices: DEVICES.to_owned(),
         parent_ready_ms,
+        pools: args.pool.clone(),
         idle_ms: args.idle_ms,
         warmup: args.warmup,
         cold_command,

@@ -137,6 +137,7 @@ pub fn config(args: &BootArgs) -> Result<VmConfig> {
         .collect::<Result<_>>()?;
     cfg.vsock = args.vsock.as_deref().map(parse_vsock).transpose()?;
     cfg.rng = !args.no_rng;
+    cfg.fork_pool = args.fork_pool;
     Ok(cfg)
 }
 

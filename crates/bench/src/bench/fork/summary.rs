@@ -10,6 +10,8 @@ pub struct ChildSample {
     pub pid: u32,
     /// Fork request until it reported running (T1), us.
     pub t1_us: u64,
+    /// Whether it started in a warm process of the parent's fork pool.
+    pub warm: bool,
     /// Fork request until its agent answered with its identity (T2), us; `None` when
     /// it did not within the time limit.
     pub t2_us: Option<u64>,
@@ -20,6 +22,8 @@ pub struct ChildSample {
 /// One fork.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ForkRound {
+    /// Warm processes the parent kept (its fork pool's size).
+    pub pool: u32,
     /// Children it made.
     pub count: u32,
     /// Which fork of this count (from 0).
@@ -81,12 +85,18 @@ impl Dist {
 /// All forks of one child count, summarised.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct CountSummary {
+    /// The parent's fork pool size.
+    pub pool: u32,
     /// Children per fork.
     pub count: u32,
     /// Forks measured.
     pub forks: usize,
+    /// Children that started in a warm process.
+    pub warm: usize,
     /// T1 per child, ms.
     pub t1_ms: Option<Dist>,
+    /// T1 of each fork's last child to run, ms.
+    pub last_t1_ms: Option<Dist>,
     /// T2 per child, ms.
     pub t2_ms: Option<Dist>,
     /// Children whose agent never answered.
@@ -105,23 +115,34 @@ pub(crate) fn dist_by<T>(items: &[T], f: impl Fn(&T) -> Option<f64>) -> Option<D
     Dist::of(&items.iter().filter_map(f).collect::<Vec<_>>())
 }
 
-/// Summaries per child count, in the order the counts were first measured.
+/// Summaries per pool size and child count, in the order they were first measured.
 pub fn summarise(rounds: &[ForkRound]) -> Vec<CountSummary> {
-    let mut counts: Vec<u32> = Vec::new();
+    let mut series: Vec<(u32, u32)> = Vec::new();
     for r in rounds {
-        if !counts.contains(&r.count) {
-            counts.push(r.count);
+        if !series.contains(&(r.pool, r.count)) {
+            series.push((r.pool, r.count));
         }
     }
-    counts
+    series
         .into_iter()
-        .map(|count| {
-            let forks: Vec<&ForkRound> = rounds.iter().filter(|r| r.count == count).collect();
+        .map(|(pool, count)| {
+            let forks: Vec<&ForkRound> = rounds
+                .iter()
+                .filter(|r| (r.pool, r.count) == (pool, count))
+                .collect();
             let kids: Vec<&ChildSample> = forks.iter().flat_map(|r| &r.children).collect();
             CountSummary {
+                pool,
                 count,
                 forks: forks.len(),
+                warm: kids.iter().filter(|c| c.warm).count(),
                 t1_ms: dist_by(&kids, |c| Some(c.t1_us as f64 / 1000.0)),
+                last_t1_ms: dist_by(&forks, |r| {
+                    r.children
+                        .iter()
+                        .map(|c| c.t1_us as f64 / 1000.0)
+                        .reduce(f64::max)
+                }),
                 t2_ms: dist_by(&kids, |c| c.t2_us.map(|t| t as f64 / 1000.0)),
                 t2_missing: kids.iter().filter(|c| c.t2_us.is_none()).count(),
                 pause_us: dist_by(&forks, |r| Some(r.parent_pause_us as f64)),
@@ -172,6 +193,8 @@ pub fn summarise_cold(cold: &[ColdSample]) -> Option<ColdSummary> {
 /// Fork versus cold boot for one child count: ratios of medians.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Versus {
+    /// The parent's fork pool size.
+    pub pool: u32,
     /// Children per fork.
     pub count: u32,
     /// T1 p50 / cold spawn-to-ready-marker p50.
@@ -196,6 +219,7 @@ pub fn versus(counts: &[CountSummary], cold: &ColdSummary) -> Vec<Versus> {
     counts
         .iter()
         .map(|s| Versus {
+            pool: s.pool,
             count: s.count,
             t1_vs_ready: p50_ratio(s.t1_ms, cold.ready_ms),
             t2_vs_agent: p50_ratio(s.t2_ms, cold.agent_ms),
@@ -216,8 +240,10 @@ pub struct ForkReport {
     pub guest: Guest,
     /// Its devices.
     pub devices: String,
-    /// The parent: boot until its agent answered, ms.
-    pub parent_ready_ms: f64,
+    /// Each parent (one per pool size): boot until its agent answered, ms.
+    pub parent_ready_ms: Vec<f64>,
+    /// The fork pool sizes measured, one parent each.
+    pub pools: Vec<u32>,
     /// How long children idled before their memory was read, ms.
     pub idle_ms: u64,
     /// Unmeasured warm-up forks.
@@ -289,8 +315,10 @@ pub fn table(counts: &[CountSummary], cold: Option<&ColdSummary>, vs: &[Versus])
     let header = [
         "series",
         "VMs",
+        "warm",
         "T1 p50 ms",
         "T1 p99 ms",
+        "last T1 p50 ms",
         "T2 p50 ms",
         "T2 p99 ms",
         "pause p50 us",
@@ -308,10 +336,15 @@ pub fn table(counts: &[CountSummary], cold: Option<&ColdSummary>, vs: &[Versus])
             String::new()
         };
         rows.push(vec![
-            format!("fork x{} ({} forks){missing}", s.count, s.forks),
+            format!(
+                "fork x{}, pool {} ({} forks){missing}",
+                s.count, s.pool, s.forks
+            ),
             s.t1_ms.map_or(0, |d| d.n).to_string(),
+            s.warm.to_string(),
             cell(s.t1_ms, |d| d.p50),
             cell(s.t1_ms, |d| d.p99),
+            cell(s.last_t1_ms, |d| d.p50),
             cell(s.t2_ms, |d| d.p50),
             cell(s.t2_ms, |d| d.p99),
             cell(s.pause_us, |d| d.p50),
@@ -326,8 +359,10 @@ pub fn table(counts: &[CountSummary], cold: Option<&ColdSummary>, vs: &[Versus])
         rows.push(vec![
             "cold boot (T1=ready, T2=agent)".to_owned(),
             c.boots.to_string(),
+            "-".into(),
             cell(c.ready_ms, |d| d.p50),
             cell(c.ready_ms, |d| d.p99),
+            "-".into(),
             cell(c.agent_ms, |d| d.p50),
             cell(c.agent_ms, |d| d.p99),
             "-".into(),
@@ -340,9 +375,11 @@ pub fn table(counts: &[CountSummary], cold: Option<&ColdSummary>, vs: &[Versus])
     }
     for v in vs {
         rows.push(vec![
-            format!("fork x{} / cold (p50)", v.count),
+            format!("fork x{}, pool {} / cold (p50)", v.count, v.pool),
+            String::new(),
             String::new(),
             report::ratio(v.t1_vs_ready),
+            String::new(),
             String::new(),
             report::ratio(v.t2_vs_agent),
             String::new(),
@@ -382,13 +419,24 @@ pub fn render(r: &ForkReport) -> String {
     ));
     out.push_str(&format!("devices: {}\n", r.devices));
     out.push_str(&format!(
-        "parent:  booted in this process; agent answered {:.0} ms after boot\n",
+        "parent:  booted in this process, one per fork pool size ({}); agent answered {} ms after boot\n",
+        r.pools
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
         r.parent_ready_ms
+            .iter()
+            .map(|t| format!("{t:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     out.push_str(&format!("cold:    {}\n\n", r.cold_command));
     out.push_str(&table(&r.summaries, r.cold_summary.as_ref(), &r.versus));
     out.push_str(
-        "\nT1: fork request -> child reports its vCPUs running; T2: fork request -> the child's \
+        "\nwarm: children started in a warm process of the parent's fork pool (pool: its size; \
+         the pool refills between forks).\nT1: fork request -> child reports its vCPUs running; last T1: \
+         the fork's last child to run; T2: fork request -> the child's \
          agent answers a ping\nwith the child's hostname; pause: parent vCPUs paused per fork; \
          guest-RAM priv: Private_Clean+Private_Dirty\nof the child's /memfd:forkvm-guest-ram* \
          mappings (/proc/PID/smaps); process priv / Pss: /proc/PID/smaps_rollup.\nCold boot: \

@@ -80,6 +80,7 @@ fn child(t1: u64, t2: Option<u64>, guest: u64) -> ChildSample {
     ChildSample {
         pid: 1,
         t1_us: t1,
+        warm: t1 < 2000,
         t2_us: t2,
         mem: Some(MemSample {
             guest_ram: GuestRamMem {
@@ -97,6 +98,7 @@ fn child(t1: u64, t2: Option<u64>, guest: u64) -> ChildSample {
 
 fn rounds() -> Vec<ForkRound> {
     let round = |count, round, pause, children| ForkRound {
+        pool: 2,
         count,
         round,
         parent_pause_us: pause,
@@ -128,8 +130,12 @@ fn aggregation_per_count() {
     assert_eq!(one.pause_us.unwrap().max, 500.0);
     assert_eq!(one.guest_private_kib.unwrap().p50, 200.0);
     assert_eq!(one.process_private_kib.unwrap().p50, 1200.0);
+    assert_eq!(one.warm, 1);
+    assert_eq!(one.last_t1_ms.unwrap().p50, 2.0);
     let two = &s[1];
     assert_eq!((two.count, two.forks, two.t2_missing), (2, 1, 1));
+    assert_eq!(two.warm, 0);
+    assert_eq!(two.last_t1_ms.unwrap().max, 4.0);
     assert_eq!(two.t1_ms.unwrap().n, 2);
     assert_eq!(two.t2_ms.unwrap().n, 1);
     assert_eq!(two.t2_ms.unwrap().p50, 4.0);
@@ -166,12 +172,29 @@ fn cold_summary_and_ratios() {
     let t = table(&summarise(&rounds()), Some(&c), &v);
     let lines: Vec<&str> = t.lines().collect();
     assert!(lines[0].starts_with("series"), "{t}");
-    assert!(lines[2].starts_with("fork x1 (2 forks)"), "{t}");
+    assert!(lines[2].starts_with("fork x1, pool 2 (2 forks)"), "{t}");
     assert!(lines[3].contains("(1 no answer)"), "{t}");
     assert!(lines[4].starts_with("cold boot"), "{t}");
     assert!(lines[5].contains("0.02x"), "{t}");
     let len = lines[0].len();
     assert!(lines[2..5].iter().all(|l| l.len() == len), "{t}");
+}
+
+#[test]
+fn pool_sizes_are_separate_series() {
+    let mut r = rounds();
+    let mut off = r[0].clone();
+    off.pool = 0;
+    off.children = vec![child(9000, Some(9500), 100)];
+    r.push(off);
+    let s = summarise(&r);
+    assert_eq!(
+        s.iter()
+            .map(|s| (s.pool, s.count, s.forks))
+            .collect::<Vec<_>>(),
+        vec![(2, 1, 2), (2, 2, 1), (0, 1, 1)]
+    );
+    assert_eq!(s[2].t1_ms.unwrap().p50, 9.0);
 }
 
 #[test]

@@ -63,6 +63,8 @@ pub fn bzimage_version(image: &[u8]) -> Option<String> {
     s.split_whitespace().next().map(str::to_owned)
 }
 
+/// The kernel release: from a bzImage's header, or from the name the cache gives an
+/// extracted ELF kernel (`vmlinux-<release>`).
 fn kernel_version(path: &Path) -> Option<String> {
     let mut head = Vec::with_capacity(64 * 1024);
     std::fs::File::open(path)
@@ -70,7 +72,10 @@ fn kernel_version(path: &Path) -> Option<String> {
         .take(64 * 1024)
         .read_to_end(&mut head)
         .ok()?;
-    bzimage_version(&head)
+    bzimage_version(&head).or_else(|| {
+        let name = path.file_name()?.to_str()?;
+        name.strip_prefix("vmlinux-").map(str::to_owned)
+    })
 }
 
 pub use forkvm_registry::time::rfc3339_secs as iso8601_utc;

@@ -33,8 +33,11 @@ pub const READY_MARKER: &str = "forkvm-init: ready uptime=";
 /// A bootable kernel and initramfs pair.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestImage {
-    /// The kernel (bzImage).
+    /// The kernel forkvm boots: the uncompressed ELF `vmlinux` (see
+    /// [`crate::vmlinux`]).
     pub kernel: PathBuf,
+    /// The same kernel as the package ships it (bzImage), for VMMs that need one.
+    pub bzimage: PathBuf,
     /// The initramfs.
     pub initrd: PathBuf,
 }
@@ -175,7 +178,8 @@ fn cached_initramfs(
         b.write_to(&initrd)?;
     }
     Ok(GuestImage {
-        kernel: tree.vmlinuz(),
+        kernel: crate::vmlinux::cached_vmlinux(tree)?,
+        bzimage: tree.vmlinuz(),
         initrd,
     })
 }

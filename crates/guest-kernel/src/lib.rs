@@ -21,6 +21,7 @@ mod guest_image;
 mod initramfs;
 mod kernel;
 mod modules;
+pub mod vmlinux;
 
 use std::io;
 use std::path::PathBuf;
@@ -84,6 +85,15 @@ pub enum Error {
     /// A module is not listed in `modules.dep`.
     #[error("unknown kernel module `{0}`")]
     UnknownModule(String),
+    /// The uncompressed kernel could not be extracted from a bzImage.
+    #[error("cannot extract the uncompressed kernel from {}", path.display())]
+    Vmlinux {
+        /// The bzImage.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: vmlinux::VmlinuxError,
+    },
     /// Module dependencies form a cycle.
     #[error("kernel module dependency cycle through `{0}`")]
     ModuleCycle(String),

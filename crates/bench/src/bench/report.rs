@@ -32,7 +32,7 @@ pub struct Environment {
 pub struct Guest {
     /// Kernel image path.
     pub kernel: String,
-    /// Version string from the bzImage header, if found.
+    /// Kernel release (bzImage header or `vmlinux-<release>` file name), if found.
     pub kernel_version: Option<String>,
     /// Initramfs path.
     pub initrd: String,

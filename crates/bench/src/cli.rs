@@ -113,6 +113,10 @@ pub struct BenchForkArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     pub mem: u64,
+    /// Kernel command line before the idle command (default: forkvm's default), e.g.
+    /// to measure what a parameter does to the children's memory.
+    #[arg(long)]
+    pub cmdline: Option<String>,
     /// How long the children idle, after all answered, before their memory is read (ms).
     #[arg(long, default_value_t = 2000)]
     pub idle_ms: u64,

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use forkvm_registry::{Ending, ExitRecord, ProcessIdentity, VmHome};
 use forkvm_vmm::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, LaunchError, Launched, Start};
 use forkvm_vmm::pool::Prepared;
-use forkvm_vmm::{ExitReason, Vmm, VmmError};
+use forkvm_vmm::{ExitReason, VmConfig, Vmm, VmmError};
 
 fn main() {
     if let Some(arg) = std::env::args().nth(1) {
@@ -85,18 +85,27 @@ impl Write for Tee {
     }
 }
 
-/// Registers the VM: opens the home its launcher made, or makes one (a fork child).
-fn open_home(spec: &HomeSpec) -> Result<VmHome> {
-    let home = match spec {
+/// Registers the VM with this process and the machine `cfg` describes: opens the home
+/// its launcher made, or makes one (a fork child, in one write).
+fn open_home(spec: &HomeSpec, cfg: &VmConfig) -> Result<VmHome> {
+    match spec {
         HomeSpec::Registered { root, id } => {
-            VmHome::open(root, id).with_context(|| format!("cannot open VM {id}"))?
+            let home = VmHome::open(root, id).with_context(|| format!("cannot open VM {id}"))?;
+            home.update(|s| {
+                s.process = Some(ProcessIdentity::current());
+                s.vcpus = cfg.vcpus;
+                s.mem_mib = cfg.mem_mib;
+            })
+            .context("cannot record the VMM process")?;
+            Ok(home)
         }
-        HomeSpec::New(h) => VmHome::create(&h.root, None, h.parent.as_deref())
-            .context("cannot register the fork child")?,
-    };
-    home.record_process(ProcessIdentity::current())
-        .context("cannot record the VMM process")?;
-    Ok(home)
+        HomeSpec::New(h) => VmHome::create_with(&h.root, None, h.parent.as_deref(), |s| {
+            s.process = Some(ProcessIdentity::current());
+            s.vcpus = cfg.vcpus;
+            s.mem_mib = cfg.mem_mib;
+        })
+        .context("cannot register the fork child"),
+    }
 }
 
 /// Where the console goes; the process's own messages follow the console log unless
@@ -195,12 +204,11 @@ fn run(mut launched: Launched) -> Result<i32> {
         if let Some(netns) = &launch.netns {
             forkvm_net::join(netns)?;
         }
-        let h = home.insert(open_home(&launch.home)?);
         let cfg = match &launch.start {
             Start::Boot(cfg) => cfg,
             Start::Restore(payload) => payload.config(),
         };
-        h.record_machine(cfg.vcpus, cfg.mem_mib)?;
+        let h = home.insert(open_home(&launch.home, cfg)?);
         steps.mark("register");
         let console = console(h, &launch.console)?;
         let homes = ChildHomes {

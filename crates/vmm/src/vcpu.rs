@@ -272,6 +272,7 @@ impl VcpuState {
 }
 
 /// What a vCPU thread is told to do.
+#[derive(Clone, Copy)]
 enum Command {
     Pause,
     Resume,
@@ -482,11 +483,24 @@ impl VcpuHandle {
     }
 
     fn ask(&self, cmd: Command, kick: bool) -> Result<Answer, VcpuStateError> {
-        let gone = || VcpuStateError::ThreadGone(self.index);
+        self.send(cmd)?;
+        self.answer(kick)
+    }
+
+    /// Sends `cmd` to the vCPU thread (the first half of an ask).
+    fn send(&self, cmd: Command) -> Result<(), VcpuStateError> {
         // An answer that came after an earlier ask gave up belongs to that ask; left in
         // the channel it would answer this one, and every later one would be off by one.
         while self.answers.try_recv().is_ok() {}
-        self.commands.send(cmd).map_err(|_| gone())?;
+        self.commands
+            .send(cmd)
+            .map_err(|_| VcpuStateError::ThreadGone(self.index))
+    }
+
+    /// Waits for the answer to what [`VcpuHandle::send`] sent, kicking the vCPU out of
+    /// `KVM_RUN` meanwhile if `kick`.
+    fn answer(&self, kick: bool) -> Result<Answer, VcpuStateError> {
+        let gone = || VcpuStateError::ThreadGone(self.index);
         let deadline = std::time::Instant::now() + ANSWER_TIMEOUT;
         loop {
             if kick {
@@ -500,20 +514,38 @@ impl VcpuHandle {
         }
     }
 
-    /// Stops the vCPU at its next exit and waits until it is out of `KVM_RUN`.
-    pub fn pause(&self) -> Result<(), VcpuStateError> {
-        match self.ask(Command::Pause, true)? {
-            Answer::Paused => Ok(()),
-            _ => Err(VcpuStateError::ThreadGone(self.index)),
-        }
+    /// Stops every vCPU at its next exit and waits until all are out of `KVM_RUN`: all
+    /// are told first, then the answers are collected, so the wait is the slowest
+    /// vCPU's, not the sum.
+    pub fn pause_all(vcpus: &[VcpuHandle]) -> Result<(), VcpuStateError> {
+        Self::all(vcpus, Command::Pause, true, |a| matches!(a, Answer::Paused))
     }
 
-    /// Lets a paused vCPU run again.
-    pub fn resume(&self) -> Result<(), VcpuStateError> {
-        match self.ask(Command::Resume, false)? {
-            Answer::Resumed => Ok(()),
-            _ => Err(VcpuStateError::ThreadGone(self.index)),
+    /// Lets every paused vCPU run again (told all at once, like [`Self::pause_all`]).
+    pub fn resume_all(vcpus: &[VcpuHandle]) -> Result<(), VcpuStateError> {
+        Self::all(vcpus, Command::Resume, false, |a| {
+            matches!(a, Answer::Resumed)
+        })
+    }
+
+    fn all(
+        vcpus: &[VcpuHandle],
+        cmd: Command,
+        kick: bool,
+        expected: impl Fn(&Answer) -> bool,
+    ) -> Result<(), VcpuStateError> {
+        for v in vcpus {
+            v.send(cmd)?;
+            if kick {
+                v.kick();
+            }
         }
+        for v in vcpus {
+            if !expected(&v.answer(kick)?) {
+                return Err(VcpuStateError::ThreadGone(v.index));
+            }
+        }
+        Ok(())
     }
 }
 

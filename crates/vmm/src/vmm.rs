@@ -462,20 +462,14 @@ impl Vmm {
 
     /// Pauses every vCPU (idempotent).
     pub fn pause(&mut self) -> Result<(), ControlError> {
-        for v in &self.vcpus {
-            v.pause()
-                .map_err(|e| ControlError::Failed(error_chain(&e)))?;
-        }
+        VcpuHandle::pause_all(&self.vcpus).map_err(|e| ControlError::Failed(error_chain(&e)))?;
         self.paused = true;
         Ok(())
     }
 
     /// Resumes every vCPU (idempotent).
     pub fn resume(&mut self) -> Result<(), ControlError> {
-        for v in &self.vcpus {
-            v.resume()
-                .map_err(|e| ControlError::Failed(error_chain(&e)))?;
-        }
+        VcpuHandle::resume_all(&self.vcpus).map_err(|e| ControlError::Failed(error_chain(&e)))?;
         self.paused = false;
         Ok(())
     }

@@ -454,7 +454,7 @@ impl Bench<'_> {
             "--fork-pool".into(),
             "0".into(),
             "--cmdline".into(),
-            guest_cmdline(),
+            guest_cmdline(self.args.cmdline.as_deref()),
         ]
     }
 
@@ -530,9 +530,13 @@ impl Bench<'_> {
     }
 }
 
-/// The guest's command line: forkvm's default, then a command that idles.
-fn guest_cmdline() -> String {
-    format!("{DEFAULT_CMDLINE} -- {GUEST_COMMAND}")
+/// The guest's command line: `base` (forkvm's default unless given), then a command
+/// that idles.
+fn guest_cmdline(base: Option<&str>) -> String {
+    format!(
+        "{} -- {GUEST_COMMAND}",
+        base.unwrap_or(DEFAULT_CMDLINE).trim()
+    )
 }
 
 fn ms(d: Option<Dist>) -> String {
@@ -595,13 +599,13 @@ pub fn run(args: BenchForkArgs) -> Result<i32> {
         initrd: g.initrd.display().to_string(),
         mem_mib: args.mem,
         vcpus: args.vcpus,
-        cmdline: guest_cmdline(),
+        cmdline: guest_cmdline(args.cmdline.as_deref()),
     };
     let mut cfg = VmConfig::new(&g.kernel);
     cfg.initrd = Some(g.initrd.clone());
     cfg.vcpus = args.vcpus;
     cfg.mem_mib = args.mem;
-    cfg.cmdline = guest_cmdline();
+    cfg.cmdline = guest_cmdline(args.cmdline.as_deref());
     cfg.rng = true;
     let mut bench = Bench {
         args: &args,

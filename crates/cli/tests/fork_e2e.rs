@@ -9,6 +9,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use forkvm_test_support::{is_running as running, sigkill};
 use forkvm_vmm::control::{ChildSpec, ControlHandle, ForkOutcome, ForkRequest, Request, Response};
 use forkvm_vmm::launch::ChildHomes;
 use forkvm_vmm::{VmConfig, Vmm, VsockConfig};
@@ -311,22 +312,6 @@ fn pool_pids(root: &Path, vm: &str) -> Vec<u32> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// Whether `pid` is a running process (a zombie has ended).
-fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
-}
-
-fn sigkill(pid: u32) {
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
 fn children_of(root: &Path, parent: &str) -> Vec<String> {

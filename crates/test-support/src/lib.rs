@@ -8,6 +8,25 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+/// Whether process `pid` exists and has not ended (a zombie has ended).
+pub fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        // The state follows the command name, which may hold spaces and parentheses.
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// Sends SIGKILL to `pid` (a process the test started); whether it existed is not
+/// checked.
+pub fn sigkill(pid: u32) {
+    // SAFETY: kill(2) takes no pointers; at worst it fails with ESRCH.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
 /// Starts `cmd` in a process group of its own (so a test can kill everything it
 /// started), stdout and stderr piped, and `stdin`, when given, written to its standard
 /// input from a thread and then closed (else its stdin is `/dev/null`).

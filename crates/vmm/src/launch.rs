@@ -310,6 +310,29 @@ impl VmProcess {
     }
 }
 
+/// Prepares a VM as `warmup` says on a thread of the lowest CPU priority
+/// (`SCHED_IDLE`): a pool refills right after a fork, while the new children are still
+/// starting their guests, and on a busy host that work must not take CPU from them.
+/// The priority is the thread's alone; the vCPUs run on threads of their own later.
+fn prepare_in_background(warmup: &Warmup) -> Result<Prepared, crate::pool::PrepareError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: sched_setscheduler on the calling thread (0) with a valid param;
+            // any thread may lower itself to SCHED_IDLE.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+                tracing::debug!(
+                    "cannot lower the warm-up's priority: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            Prepared::new(warmup)
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 /// Encodes `launch` for [`VmProcess::send`].
 pub fn encode(launch: &Launch) -> std::io::Result<Vec<u8>> {
     forkvm_snapshot::encode(&Message::Launch(launch)).map_err(std::io::Error::other)
@@ -379,7 +402,7 @@ impl Launched {
                     warm = true;
                     // A VM that cannot be prepared is made at restore instead, where
                     // its error reaches the fork.
-                    prepared = Prepared::new(&w)
+                    prepared = prepare_in_background(&w)
                         .inspect_err(|e| tracing::warn!("cannot prepare a warm VM: {e}"))
                         .ok();
                 }

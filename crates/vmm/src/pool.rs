@@ -264,6 +264,8 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::time::Instant;
 
+    use forkvm_test_support::{is_running as running, sigkill as kill};
+
     use super::*;
 
     /// A stand-in for the VM-process executable that just waits.
@@ -280,22 +282,6 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(10));
         }
-    }
-
-    fn running(pid: u32) -> bool {
-        // A zombie has exited: only a live process counts.
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            !s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-    }
-
-    fn kill(pid: u32) {
-        // SAFETY: kill(2) on a process this test started; no memory is involved.
-        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
     }
 
     #[test]

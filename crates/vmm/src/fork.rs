@@ -5,9 +5,11 @@
 //! the last fork on later ones) and resumes: that is the whole parent pause, and it does
 //! not grow with guest memory. Then it launches each child as a `forkvm-vmm` process
 //! (see [`crate::launch`]) with a [`ChildPayload`]: the snapshot, the child's identity,
-//! and the memory files beside it. The child registers itself under the parent's
-//! [`ChildHomes`], maps the files copy-on-write, builds a new KVM VM, restores every
-//! vCPU and device, resumes and reports that it runs.
+//! and the memory files beside it; a warm process of the parent's [`ChildPool`] when one
+//! is ready (its KVM VM and vCPUs already made), a new one otherwise. The child
+//! registers itself under the parent's [`ChildHomes`], maps the files copy-on-write,
+//! builds (or fills in) its KVM VM, restores every vCPU and device, resumes and reports
+//! that it runs.
 
 use std::fs::File;
 use std::io::Write;

@@ -109,12 +109,23 @@ fn corrupt_kernel() {
 #[test]
 fn initrd_larger_than_memory() {
     with_kvm(forkvm_testhost::test_path!(), || {
+        // Room for the default (uncompressed) kernel, none for the initrd.
         let initrd = tempfile::NamedTempFile::new().unwrap();
-        initrd.as_file().set_len(40 << 20).unwrap();
+        initrd.as_file().set_len(160 << 20).unwrap();
         let path = initrd.path().to_str().unwrap();
         rejects(
-            &["boot", "--mem", "32", "--initrd", path],
+            &["boot", "--mem", "128", "--initrd", path],
             &[path, "does not fit"],
+        );
+    });
+}
+
+#[test]
+fn kernel_larger_than_memory() {
+    with_kvm(forkvm_testhost::test_path!(), || {
+        rejects(
+            &["boot", "--mem", "32"],
+            &["needs", "32 MiB", "more memory"],
         );
     });
 }

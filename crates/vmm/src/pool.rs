@@ -177,12 +177,14 @@ impl ChildPool {
         self.shared.size
     }
 
-    /// A warm process that is still alive, if one is ready; dead ones are dropped on the
-    /// way. The pool is not refilled until [`ChildPool::refill`] (after the fork, so that
+    /// The oldest warm process that is still alive, if one is ready; dead ones are
+    /// dropped on the way. The pool is not refilled until [`ChildPool::refill`] (after the fork, so that
     /// starting new processes does not compete with the children's start).
     pub fn take(&self) -> Option<VmProcess> {
         let mut state = self.shared.lock();
-        while let Some(mut p) = state.ready.pop() {
+        // Oldest first: the most surely done preparing.
+        while !state.ready.is_empty() {
+            let mut p = state.ready.remove(0);
             if p.is_alive() {
                 return Some(p);
             }

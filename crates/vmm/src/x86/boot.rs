@@ -51,6 +51,16 @@ pub enum BootError {
         /// Why the ELF loader refused it.
         elf: linux_loader::loader::Error,
     },
+    /// The kernel's ELF segments reach past the end of guest memory.
+    #[error("kernel {path} needs {needs_mib} MiB of guest memory, the VM has {has_mib} MiB; give the guest more memory")]
+    KernelTooLarge {
+        /// The kernel path.
+        path: PathBuf,
+        /// MiB up to the end of its highest segment.
+        needs_mib: u64,
+        /// MiB of guest memory.
+        has_mib: u64,
+    },
     /// The initrd file cannot be opened or read.
     #[error("cannot read initrd {path}")]
     ReadInitrd {
@@ -121,12 +131,53 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
             end: GuestAddress(r.kernel_end),
             setup_header: None,
         }),
-        Err(elf) => Err(BootError::BadKernel {
-            path: path.to_owned(),
-            bzimage,
-            elf,
-        }),
+        Err(elf) => {
+            // An ELF that did not load because the memory is too small says so.
+            let has = mem.last_addr().raw_value() + 1;
+            match open().ok().and_then(|mut f| elf_load_end(&mut f)) {
+                Some(end) if end > has => Err(BootError::KernelTooLarge {
+                    path: path.to_owned(),
+                    needs_mib: end.div_ceil(1 << 20),
+                    has_mib: has >> 20,
+                }),
+                _ => Err(BootError::BadKernel {
+                    path: path.to_owned(),
+                    bzimage,
+                    elf,
+                }),
+            }
+        }
     }
+}
+
+/// The end (physical, exclusive) of the highest loadable segment of a 64-bit ELF, or
+/// `None` when `f` is not one. Reads at most 64 program headers.
+fn elf_load_end(f: &mut (impl std::io::Read + std::io::Seek)) -> Option<u64> {
+    use std::io::SeekFrom;
+    let mut eh = [0u8; 64];
+    f.read_exact(&mut eh).ok()?;
+    if eh[..4] != *b"\x7fELF" || eh[4] != 2 {
+        return None;
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    let phoff = u64_at(&eh, 0x20);
+    let phentsize = usize::from(u16_at(&eh, 0x36));
+    let phnum = u16_at(&eh, 0x38).min(64);
+    if phentsize < 56 {
+        return None;
+    }
+    f.seek(SeekFrom::Start(phoff)).ok()?;
+    let mut ph = vec![0u8; phentsize];
+    let mut end = 0u64;
+    for _ in 0..phnum {
+        f.read_exact(&mut ph).ok()?;
+        const PT_LOAD: u32 = 1;
+        if u32::from_le_bytes(ph[..4].try_into().expect("4 bytes")) == PT_LOAD {
+            end = end.max(u64_at(&ph, 0x18).saturating_add(u64_at(&ph, 0x28)));
+        }
+    }
+    Some(end)
 }
 
 /// Highest address (exclusive) of RAM below the MMIO hole.
@@ -253,6 +304,36 @@ mod tests {
     use vm_memory::Bytes;
 
     use super::*;
+
+    #[test]
+    fn elf_load_end_is_the_highest_loadable_segment() {
+        // ELF header + three program headers: LOAD, NOTE (ignored), LOAD.
+        let mut f = vec![0u8; 64 + 3 * 56];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        f[0x38..0x3a].copy_from_slice(&3u16.to_le_bytes());
+        let ph = |f: &mut Vec<u8>, i: usize, typ: u32, paddr: u64, memsz: u64| {
+            let o = 64 + i * 56;
+            f[o..o + 4].copy_from_slice(&typ.to_le_bytes());
+            f[o + 0x18..o + 0x20].copy_from_slice(&paddr.to_le_bytes());
+            f[o + 0x28..o + 0x30].copy_from_slice(&memsz.to_le_bytes());
+        };
+        ph(&mut f, 0, 1, 0x100_0000, 0x200_0000);
+        ph(&mut f, 1, 4, 0x900_0000, 0x10);
+        ph(&mut f, 2, 1, 0x300_0000, 0x80_0000);
+        assert_eq!(
+            elf_load_end(&mut std::io::Cursor::new(&f)),
+            Some(0x380_0000)
+        );
+        assert_eq!(
+            elf_load_end(&mut std::io::Cursor::new(b"MZ not an elf")),
+            None
+        );
+        f.truncate(100);
+        assert_eq!(elf_load_end(&mut std::io::Cursor::new(&f)), None);
+    }
 
     fn mem(mib: usize) -> GuestMemory {
         GuestMemory::from_ranges(&[(GuestAddress(0), mib << 20)]).unwrap()

@@ -14,9 +14,9 @@ use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use forkvm_registry::{Ending, ExitRecord, ProcessIdentity, VmHome};
+use forkvm_registry::{Ending, ExitRecord, ProcessIdentity, VmHome, VmState};
 use forkvm_vmm::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, LaunchError, Launched, Start};
-use forkvm_vmm::pool::Prepared;
+use forkvm_vmm::warm::Prepared;
 use forkvm_vmm::{ExitReason, VmConfig, Vmm, VmmError};
 
 fn main() {
@@ -88,23 +88,20 @@ impl Write for Tee {
 /// Registers the VM with this process and the machine `cfg` describes: opens the home
 /// its launcher made, or makes one (a fork child, in one write).
 fn open_home(spec: &HomeSpec, cfg: &VmConfig) -> Result<VmHome> {
+    let record = |s: &mut VmState| {
+        s.process = Some(ProcessIdentity::current());
+        s.vcpus = cfg.vcpus;
+        s.mem_mib = cfg.mem_mib;
+    };
     match spec {
         HomeSpec::Registered { root, id } => {
             let home = VmHome::open(root, id).with_context(|| format!("cannot open VM {id}"))?;
-            home.update(|s| {
-                s.process = Some(ProcessIdentity::current());
-                s.vcpus = cfg.vcpus;
-                s.mem_mib = cfg.mem_mib;
-            })
-            .context("cannot record the VMM process")?;
+            home.update(record)
+                .context("cannot record the VMM process")?;
             Ok(home)
         }
-        HomeSpec::New(h) => VmHome::create_with(&h.root, None, h.parent.as_deref(), |s| {
-            s.process = Some(ProcessIdentity::current());
-            s.vcpus = cfg.vcpus;
-            s.mem_mib = cfg.mem_mib;
-        })
-        .context("cannot register the fork child"),
+        HomeSpec::New(h) => VmHome::create_with(&h.root, None, h.parent.as_deref(), record)
+            .context("cannot register the fork child"),
     }
 }
 

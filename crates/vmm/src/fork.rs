@@ -22,9 +22,10 @@ use crate::config::VmConfig;
 use crate::control::{error_chain, ChildInfo, ChildSpec, ControlError, ForkOutcome, ForkRequest};
 use crate::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, ProcessOptions, Start, VmProcess};
 use crate::memory::{GuestRam, MemoryLayout};
-use crate::pool::{ChildPool, Prepared};
+use crate::pool::ChildPool;
 use crate::snapshot::{ChildIdentity, VmSnapshot};
 use crate::vmm::{Vmm, VmmError};
+use crate::warm::Prepared;
 
 /// Most children one fork request may create.
 pub const MAX_CHILDREN: u32 = 1024;

@@ -8,7 +8,7 @@
 //! it starts from. The VM process answers on the same socket once its VM runs, or with
 //! why it could not start. Nothing travels through the environment or the command line.
 //!
-//! A warm fork child ([`crate::pool`]) is sent a [`Warmup`] first: it prepares a VM of
+//! A warm fork child ([`crate::pool`], [`crate::warm`]) is sent a [`Warmup`] first: it prepares a VM of
 //! that shape and waits for its launch, or exits when the socket closes first.
 
 use std::fs::File;
@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 use crate::fork::ChildPayload;
-use crate::pool::{Prepared, Warmup};
+use crate::warm::{prepare_in_background, Prepared, Warmup};
 
 /// The file name of the VM-process executable.
 pub const VMM_BINARY: &str = "forkvm-vmm";
@@ -211,12 +211,10 @@ impl VmProcess {
     /// (it died) is killed and reaped.
     pub(crate) fn send(&mut self, blob: &[u8], files: &[File]) -> std::io::Result<()> {
         let raw: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
-        if let Err(e) = forkvm_snapshot::send_blob(&self.sock, blob, &raw) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            return Err(std::io::Error::other(e));
-        }
-        Ok(())
+        forkvm_snapshot::send_blob(&self.sock, blob, &raw).map_err(|e| {
+            self.kill_and_reap();
+            std::io::Error::other(e)
+        })
     }
 
     /// Starts `exe` with its launch socket on [`LAUNCH_FD`], as `opts` say.
@@ -259,6 +257,10 @@ impl VmProcess {
 
     /// Kills and reaps the process.
     pub fn kill(mut self) {
+        self.kill_and_reap();
+    }
+
+    fn kill_and_reap(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -310,30 +312,7 @@ impl VmProcess {
     }
 }
 
-/// Prepares a VM as `warmup` says on a thread of the lowest CPU priority
-/// (`SCHED_IDLE`): a pool refills right after a fork, while the new children are still
-/// starting their guests, and on a busy host that work must not take CPU from them.
-/// The priority is the thread's alone; the vCPUs run on threads of their own later.
-fn prepare_in_background(warmup: &Warmup) -> Result<Prepared, crate::pool::PrepareError> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: sched_setscheduler on the calling thread (0) with a valid param;
-            // any thread may lower itself to SCHED_IDLE.
-            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-                tracing::debug!(
-                    "cannot lower the warm-up's priority: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            Prepared::new(warmup)
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
-}
-
-/// Encodes `launch` for [`VmProcess::send`].
+/// Encodes `launch` as the launch message a VM process reads.
 pub fn encode(launch: &Launch) -> std::io::Result<Vec<u8>> {
     forkvm_snapshot::encode(&Message::Launch(launch)).map_err(std::io::Error::other)
 }

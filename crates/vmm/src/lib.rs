@@ -22,6 +22,7 @@ pub mod template;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;
+pub mod warm;
 pub mod x86;
 
 pub use config::{BlockConfig, NetConfig, VmConfig, VsockConfig};

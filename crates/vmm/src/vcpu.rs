@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use kvm_bindings::CpuId;
 use kvm_bindings::{
     kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
     kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
@@ -25,8 +26,7 @@ use forkvm_devices::Persist;
 use vm_memory::GuestAddress;
 
 use crate::bus::Bus;
-use crate::pool::HostCpu;
-use crate::vm::Vm;
+use crate::vm::{Vm, VmError};
 use crate::x86::cpu::{
     patch_cpuid, setup_boot_vcpu, setup_cpuid_and_msrs, setup_lapic, CpuSetupError,
 };
@@ -546,6 +546,28 @@ impl VcpuHandle {
             }
         }
         Ok(())
+    }
+}
+
+/// What KVM says of the host CPU, read once per VM: the CPUID it supports, whether it
+/// offers the TSC-deadline timer, and the MSRs a vCPU's state may hold.
+pub struct HostCpu {
+    /// Supported CPUID.
+    pub cpuid: CpuId,
+    /// TSC-deadline timer available.
+    pub tsc_deadline: bool,
+    /// MSRs to try when saving a vCPU.
+    pub msr_candidates: Arc<Vec<u32>>,
+}
+
+impl HostCpu {
+    /// Asks `vm`'s KVM.
+    pub fn query(vm: &Vm) -> Result<Self, VmError> {
+        Ok(Self {
+            cpuid: vm.supported_cpuid()?,
+            tsc_deadline: vm.has_tsc_deadline(),
+            msr_candidates: Arc::new(vm.msr_index_list()?),
+        })
     }
 }
 

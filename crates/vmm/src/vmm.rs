@@ -25,10 +25,13 @@ use crate::devices::{AttachedVirtio, DeviceSetup};
 use crate::launch::ChildHomes;
 use crate::layout::{ACPI_POWER_PORT, I8042_PORT, SERIAL_IRQ, SERIAL_PORT};
 use crate::memory::{GuestRam, MemoryError};
-use crate::pool::{ChildPool, HostCpu, Prepared, Warmup};
+use crate::pool::ChildPool;
 use crate::snapshot::VmSnapshot;
-use crate::vcpu::{install_kick_handler, StopSink, VcpuArgs, VcpuError, VcpuHandle, VcpuStop};
+use crate::vcpu::{
+    install_kick_handler, HostCpu, StopSink, VcpuArgs, VcpuError, VcpuHandle, VcpuStop,
+};
 use crate::vm::{Vm, VmArgs, VmError};
+use crate::warm::{Prepared, Warmup};
 use crate::x86::acpi::{write_acpi_tables, AcpiError};
 use crate::x86::boot::{build_cmdline, load_initrd, load_kernel, write_boot_params, BootError};
 use crate::x86::cpu::write_boot_tables;
@@ -212,7 +215,7 @@ impl Vmm {
         let prepared =
             prepared.filter(|p| saved.is_some() && p.vcpu_count() == usize::from(cfg.vcpus));
         let warm = prepared.is_some();
-        let (made, host, mut made_vcpus) = match prepared {
+        let (made, host, made_vcpus) = match prepared {
             Some(p) => (Some(p.vm), Some(p.host), p.vcpus),
             None => (None, None, Vec::new()),
         };
@@ -322,14 +325,14 @@ impl Vmm {
         let mmio = Arc::new(mmio);
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
         // Made ahead in index order; handed out in the same order.
-        made_vcpus.reverse();
+        let mut made_vcpus = made_vcpus.into_iter();
         for index in 0..cfg.vcpus {
             let args = VcpuArgs {
                 vm: &vm,
                 index,
                 count: cfg.vcpus,
                 host: &host,
-                made: made_vcpus.pop(),
+                made: made_vcpus.next(),
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 stop: stop.clone(),

@@ -1,0 +1,92 @@
+//! What a warm VM process makes while it waits to become a fork child: a [`Prepared`]
+//! VM of the shape its [`Warmup`] gives (the parent's side, the pool that keeps such
+//! processes, is [`crate::pool`]).
+
+use kvm_ioctls::VcpuFd;
+use serde::{Deserialize, Serialize};
+
+use crate::vcpu::{create_vcpu, HostCpu, VcpuError};
+use crate::vm::{Vm, VmError};
+
+/// What a warm VM process prepares while it waits: a VM of this shape.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Warmup {
+    /// Number of vCPUs.
+    pub vcpus: u8,
+}
+
+/// A VM made ahead of its use: the KVM VM with irqchip and PIT, and its vCPUs created
+/// with CPUID and MSRs set. Nothing in it belongs to any guest yet.
+pub struct Prepared {
+    pub(crate) vm: Vm,
+    pub(crate) host: HostCpu,
+    pub(crate) vcpus: Vec<VcpuFd>,
+}
+
+/// Why a VM could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// The KVM VM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A vCPU.
+    #[error("vCPU {index}")]
+    Vcpu {
+        /// Which vCPU.
+        index: u8,
+        /// What failed.
+        #[source]
+        source: VcpuError,
+    },
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Prepared {
+    /// Makes a VM shaped as `warmup` says.
+    pub fn new(warmup: &Warmup) -> Result<Self, PrepareError> {
+        let vm = Vm::new()?;
+        let host = HostCpu::query(&vm)?;
+        let vcpus = (0..warmup.vcpus)
+            .map(|index| {
+                create_vcpu(&vm, index, warmup.vcpus, &host)
+                    .map_err(|source| PrepareError::Vcpu { index, source })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { vm, host, vcpus })
+    }
+
+    /// Number of vCPUs it has.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+}
+
+/// Prepares a VM as `warmup` says on a thread of the lowest CPU priority
+/// (`SCHED_IDLE`): a pool refills right after a fork, while the new children are still
+/// starting their guests, and on a busy host that work must not take CPU from them.
+/// The priority is the thread's alone; the vCPUs run on threads of their own later.
+pub(crate) fn prepare_in_background(warmup: &Warmup) -> Result<Prepared, PrepareError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: sched_setscheduler on the calling thread (0) with a valid param;
+            // any thread may lower itself to SCHED_IDLE.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+                tracing::debug!(
+                    "cannot lower the warm-up's priority: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            Prepared::new(warmup)
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}

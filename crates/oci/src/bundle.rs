@@ -24,8 +24,10 @@
 //! | `mounts`: bind onto one of the guest's own mounts above (Docker's and podman's `/dev/shm`) | warning | the guest mounts its own |
 //! | `mounts`: any other bind mount (a directory: volumes, `-v`) | **error** | host directories are not shared into the VM yet |
 //! | `mounts`: any other filesystem type | **error** | the guest cannot mount it |
-//! | `linux.namespaces` without `path` | warning | the VM gives every container all of its own namespaces |
-//! | `linux.namespaces`: `network` with `path` (podman/netavark, CNI, containerd's CRI) | [`ContainerPlan::netns`] | the VM joins that network: each interface gets a TAP tied to it, and the guest takes its MAC, MTU, addresses and routes (`forkvm-net`) |
+//! | `linux.namespaces` without `path` (other than `network`) | warning | the VM gives every container all of its own namespaces |
+//! | `linux.namespaces`: `network` with `path` (podman/netavark, CNI, containerd's CRI) | [`ContainerPlan::network`] = [`NetworkPlan::Join`] | the VM joins that network: each interface gets a TAP tied to it, and the guest takes its MAC, MTU, addresses and routes (`forkvm-net`) |
+//! | `linux.namespaces`: `network` without `path` (Docker, `ctr run`) | [`NetworkPlan::New`] | the runtime makes a namespace for the container's monitor, the `prestart`/`createRuntime` hooks configure it (Docker's `libnetwork-setkey` moves the veth in), then the VM joins it as above |
+//! | no `network` namespace (`--network host`) | **error** | a VM cannot share the host's network stack |
 //! | `linux.namespaces`: any other with `path` | **error** | joining a host namespace from inside a VM is impossible |
 //! | `linux.devices` | **error** | host device nodes cannot be passed into the VM |
 //! | `linux.uidMappings`/`gidMappings`, `sysctl` | warning | not applied in the guest |
@@ -34,16 +36,18 @@
 //! | `linux.resources.cpu.cpus` | [`ContainerPlan::vcpus`] | when there is no quota: the number of CPUs in the cpuset; else 1 |
 //! | other `linux.resources`, `cgroupsPath`, `maskedPaths`, `readonlyPaths`, `rootfsPropagation`, `mountLabel` | ignored | host cgroup/kernel details with no meaning inside the VM |
 //! | `annotations` | [`ContainerPlan::annotations`] | reported by `state` |
-//! | `hooks`: Docker's `libnetwork-setkey` prestart hook | warning, not run | it configures the network namespace of the container's process; the VM has its own network stack |
-//! | `hooks` (any other) | **error** | hooks run host binaries against a container namespace that does not exist |
+//! | `hooks.prestart`, `createRuntime` | [`ContainerPlan::hooks`] | run by `create` as runc runs them, on the host, with the state (`pid`: the container's monitor) on stdin, before the VM boots |
+//! | `hooks.poststart`, `poststop` | [`ContainerPlan::hooks`] | run after `start`, and by `delete`; a failure is logged, as the spec says |
+//! | `hooks.createContainer`, `startContainer` | **error** | they run in the container's namespaces, which live inside the VM |
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use forkvm_agent_proto::{ProcessSpec, Rlimit, User};
 use oci_spec::runtime::{
-    Capability, Hooks, Linux, LinuxCapabilities, LinuxNamespaceType, Mount, Process, Spec,
+    Capability, Hook, Hooks, Linux, LinuxCapabilities, LinuxNamespaceType, Mount, Process, Spec,
 };
+use serde::{Deserialize, Serialize};
 
 /// The bundle's configuration file name, per the runtime spec.
 pub const CONFIG_FILE: &str = "config.json";
@@ -64,9 +68,6 @@ const GUEST_MOUNTS: &[&str] = &[
     "/sys",
     "/sys/fs/cgroup",
 ];
-/// The argument that marks Docker's (libnetwork's) prestart hook.
-const DOCKER_NETWORK_HOOK: &str = "libnetwork-setkey";
-
 fn clamp_u16(n: u64) -> u16 {
     n.min(u64::from(u16::MAX)) as u16
 }
@@ -97,13 +98,39 @@ pub struct ContainerPlan {
     pub mem_mib: u64,
     /// Bind-mounted host files, to copy into the VM's root.
     pub files: Vec<FileCopy>,
-    /// The network namespace the engine made for the container, which the VM joins
-    /// (`linux.namespaces` `network` with a `path`); `None`: the VM has no network.
-    pub netns: Option<PathBuf>,
+    /// The container's network namespace, which the VM joins.
+    pub network: NetworkPlan,
+    /// The hooks the runtime runs on the host.
+    pub hooks: HostHooks,
     /// The spec's `annotations`.
     pub annotations: std::collections::BTreeMap<String, String>,
     /// Parts of the spec that were ignored, one human-readable line each.
     pub warnings: Vec<String>,
+}
+
+/// Where a container's network namespace comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetworkPlan {
+    /// The engine made it and names it (`network` with a `path`).
+    Join(PathBuf),
+    /// The runtime makes one for the container's monitor (`network` without a `path`);
+    /// the engine's hooks configure it, as they would for runc.
+    New,
+}
+
+/// The spec's hooks that run on the host, in the runtime's namespaces, in spec order.
+/// (`createContainer` and `startContainer` run in the container's namespaces, which are
+/// inside the VM, and are refused.)
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostHooks {
+    /// `prestart` (deprecated in the spec, still what Docker 20.10 uses), run by `create`.
+    pub prestart: Vec<Hook>,
+    /// `createRuntime`, run by `create` after `prestart`.
+    pub create_runtime: Vec<Hook>,
+    /// `poststart`, run after the process started.
+    pub poststart: Vec<Hook>,
+    /// `poststop`, run by `delete`.
+    pub poststop: Vec<Hook>,
 }
 
 /// Why a bundle cannot run as a forkvm VM.
@@ -221,7 +248,7 @@ pub fn exec_process(path: &Path) -> Result<ProcessSpec, BundleError> {
         config: path,
         warnings: Vec::new(),
         files: Vec::new(),
-        netns: None,
+        network: None,
     };
     let mut spec = planner.process(Some(&process))?;
     spec.init = false;
@@ -235,7 +262,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         config,
         warnings: Vec::new(),
         files: Vec::new(),
-        netns: None,
+        network: None,
     };
     planner.check_version(spec.version())?;
     let (rootfs, rootfs_readonly) = planner.rootfs(spec, bundle)?;
@@ -245,13 +272,20 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
             planner.mount(mount)?;
         }
     }
-    if let Some(hooks) = spec.hooks() {
-        planner.hooks(hooks)?;
-    }
+    let hooks = match spec.hooks() {
+        Some(hooks) => planner.hooks(hooks)?,
+        None => HostHooks::default(),
+    };
     let (vcpus, mem_mib) = match spec.linux() {
         Some(linux) => planner.linux(linux)?,
         None => (1, DEFAULT_MEM_MIB),
     };
+    let network = planner.network.take().ok_or_else(|| {
+        planner.unsupported(
+            "linux.namespaces",
+            "no network namespace: the container would share the host's network (--network host), and a VM cannot share the host's network stack; use a container network or --network none",
+        )
+    })?;
     let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
     Ok(ContainerPlan {
         rootfs,
@@ -261,7 +295,8 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         vcpus,
         mem_mib,
         files: planner.files,
-        netns: planner.netns,
+        network,
+        hooks,
         annotations: spec
             .annotations()
             .clone()
@@ -276,7 +311,7 @@ struct Planner<'a> {
     config: &'a Path,
     warnings: Vec<String>,
     files: Vec<FileCopy>,
-    netns: Option<PathBuf>,
+    network: Option<NetworkPlan>,
 }
 
 impl Planner<'_> {
@@ -479,50 +514,67 @@ impl Planner<'_> {
     }
 
     #[allow(deprecated)] // `prestart` is deprecated in the spec, yet still honoured by runc.
-    fn hooks(&mut self, hooks: &Hooks) -> Result<(), BundleError> {
-        let kinds = [
-            ("hooks.prestart", hooks.prestart()),
-            ("hooks.createRuntime", hooks.create_runtime()),
+    fn hooks(&mut self, hooks: &Hooks) -> Result<HostHooks, BundleError> {
+        for (field, list) in [
             ("hooks.createContainer", hooks.create_container()),
             ("hooks.startContainer", hooks.start_container()),
-            ("hooks.poststart", hooks.poststart()),
-            ("hooks.poststop", hooks.poststop()),
-        ];
-        for (field, list) in kinds {
-            for hook in list.iter().flatten() {
-                // Docker's network hook configures the network namespace of the
-                // container's process; a VM has its own network stack.
-                if hook
-                    .args()
-                    .iter()
-                    .flatten()
-                    .any(|a| a == DOCKER_NETWORK_HOOK)
-                {
-                    self.warn(format!(
-                        "{field}: Docker's {DOCKER_NETWORK_HOOK} hook is not run: the VM has its own network stack"
-                    ));
-                    continue;
-                }
+        ] {
+            if list.as_ref().is_some_and(|l| !l.is_empty()) {
                 return Err(self.unsupported(
                     field,
-                    "hooks are not supported: they run host programs against container namespaces that live inside the VM",
+                    "these hooks run in the container's namespaces, which live inside the VM",
                 ));
             }
         }
-        Ok(())
+        let host = HostHooks {
+            prestart: hooks.prestart().clone().unwrap_or_default(),
+            create_runtime: hooks.create_runtime().clone().unwrap_or_default(),
+            poststart: hooks.poststart().clone().unwrap_or_default(),
+            poststop: hooks.poststop().clone().unwrap_or_default(),
+        };
+        for (field, list) in [
+            ("hooks.prestart", &host.prestart),
+            ("hooks.createRuntime", &host.create_runtime),
+            ("hooks.poststart", &host.poststart),
+            ("hooks.poststop", &host.poststop),
+        ] {
+            for (i, hook) in list.iter().enumerate() {
+                if !hook.path().is_absolute() {
+                    return Err(self.invalid(
+                        format!("{field}[{i}].path ({})", hook.path().display()),
+                        "must be absolute",
+                    ));
+                }
+                if hook.timeout().is_some_and(|t| t <= 0) {
+                    return Err(
+                        self.invalid(format!("{field}[{i}].timeout"), "must be greater than zero")
+                    );
+                }
+            }
+        }
+        Ok(host)
     }
 
     fn linux(&mut self, linux: &Linux) -> Result<(u8, u64), BundleError> {
         let mut kinds = Vec::new();
         for ns in linux.namespaces().iter().flatten() {
-            if let (LinuxNamespaceType::Network, Some(path)) = (ns.typ(), ns.path()) {
-                if !path.is_absolute() {
+            if ns.typ() == LinuxNamespaceType::Network {
+                if self.network.is_some() {
                     return Err(self.invalid(
-                        format!("linux.namespaces[network].path ({})", path.display()),
-                        "must be absolute",
+                        "linux.namespaces[network]",
+                        "a namespace type may appear only once",
                     ));
                 }
-                self.netns = Some(path.clone());
+                self.network = Some(match ns.path() {
+                    Some(path) if !path.is_absolute() => {
+                        return Err(self.invalid(
+                            format!("linux.namespaces[network].path ({})", path.display()),
+                            "must be absolute",
+                        ))
+                    }
+                    Some(path) => NetworkPlan::Join(path.clone()),
+                    None => NetworkPlan::New,
+                });
                 continue;
             }
             if let Some(path) = ns.path() {

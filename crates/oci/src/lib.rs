@@ -3,6 +3,7 @@
 //! | Module | Owns |
 //! |---|---|
 //! | [`bundle`] | reading an OCI bundle's `config.json` into a [`bundle::ContainerPlan`] (rootfs, process, vCPUs, memory, files to copy in), refusing what a VM cannot honour |
+//! | [`hooks`] | running the spec's host hooks (`prestart`, `createRuntime`, `poststart`, `poststop`) as runc does: state on stdin, a deadline, errors naming the hook |
 //! | [`state`] | the per-container state directory under `--root`: atomic JSON state files, per-container locks, liveness, the runtime spec's `state` output |
 //! | [`rootfs`] | the VM's root disk made from a bundle's root directory |
 //! | [`vm`] | booting a container VM in this process and running a session with its agent (shared with `forkvm run`) |
@@ -10,6 +11,7 @@
 //! | [`runtime`] | the runc-compatible command line (`forkvm-runtime`): `create`, `start`, `state`, `kill`, `delete`, `exec`, `ps`, `list`, `features`, ... and the per-container monitor process |
 
 pub mod bundle;
+pub mod hooks;
 pub mod rootfs;
 pub mod runtime;
 pub mod state;

@@ -140,7 +140,8 @@ mod tests {
             vcpus: 1,
             mem_mib: 128,
             files,
-            netns: None,
+            network: crate::bundle::NetworkPlan::New,
+            hooks: Default::default(),
             annotations: Default::default(),
             warnings: vec![],
         }

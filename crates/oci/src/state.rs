@@ -22,6 +22,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::bundle::HostHooks;
 use serde::{Deserialize, Serialize};
 
 /// Where the runtime keeps its state when `--root` is not given.
@@ -100,6 +101,10 @@ pub struct ContainerState {
     /// The VM's vsock Unix socket, where its agent answers.
     #[serde(default)]
     pub vsock: Option<PathBuf>,
+    /// The bundle's host hooks: `start` runs `poststart`, `delete` runs `poststop` (the
+    /// bundle may be gone by then).
+    #[serde(default)]
+    pub hooks: HostHooks,
 }
 
 impl ContainerState {
@@ -119,6 +124,7 @@ impl ContainerState {
             parent: None,
             guest_pid: None,
             vsock: None,
+            hooks: HostHooks::default(),
         }
     }
 

@@ -58,7 +58,7 @@ fn bundle(dir: &Path, args: &[&str], edit: impl FnOnce(&mut Value)) -> PathBuf {
         ],
         "linux": {
             "resources": {"memory": {"limit": 268435456}},
-            "namespaces": [{"type": "pid"}, {"type": "mount"}]
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "network"}]
         }
     });
     edit(&mut config);
@@ -560,10 +560,7 @@ fn body() {
         format!("ip -o addr show dev eth0; ip link show dev eth0; echo ping | nc 10.99.0.1 {port}");
     let netns_path = ns.path();
     let b7 = bundle(&t.join("b7"), &["sh", "-c", &script], |c| {
-        c["linux"]["namespaces"]
-            .as_array_mut()
-            .unwrap()
-            .push(json!({"type": "network", "path": netns_path}));
+        c["linux"]["namespaces"][2] = json!({"type": "network", "path": netns_path});
     });
     env.ok(
         "c7-create",
@@ -596,6 +593,12 @@ fn body() {
     // The namespace is as the engine made it: the TAP is gone.
     let links = ns.ip(&["-o", "link", "show"]);
     assert!(!links.contains("fktap"), "{links}");
+
+    // --- a network namespace the runtime makes (no path), configured by a prestart hook
+    // the way Docker's libnetwork-setkey configures runc's: a veth end moved into the
+    // namespace of the state's pid, with an address and a default route. The poststart
+    // and poststop hooks see the state too.
+    hooks_configure_the_network(&env, t);
 
     // --- bad bundles: a clear error naming the problem, nothing left behind
     let b4 = t.join("b4");
@@ -636,10 +639,8 @@ fn body() {
         .expect("an error line in the JSON log");
     assert!(last_error["msg"].as_str().unwrap().contains("mount /data"));
     let b8 = bundle(&t.join("b8"), &["true"], |c| {
-        c["linux"]["namespaces"]
-            .as_array_mut()
-            .unwrap()
-            .push(json!({"type": "network", "path": "/var/run/netns/fkvm-no-such-ns"}));
+        c["linux"]["namespaces"][2] =
+            json!({"type": "network", "path": "/var/run/netns/fkvm-no-such-ns"});
     });
     let out = env.rt(
         "c8-create",
@@ -648,7 +649,37 @@ fn body() {
     );
     assert_ne!(out.code, Some(0), "{out}");
     assert!(out.stderr.contains("fkvm-no-such-ns"), "{out}");
-    for id in ["c4", "c5", "c8"] {
+    // A hook that fails fails create, with the hook's own words; the monitor it ran
+    // against (and its namespace) is gone.
+    let b10 = bundle(&t.join("b10"), &["true"], |c| {
+        c["hooks"] = json!({"createRuntime": [{
+            "path": "/bin/sh",
+            "args": ["sh", "-c", "echo the hook says no >&2; exit 7"]
+        }]});
+    });
+    let out = env.rt(
+        "c10-create",
+        &["create", "--bundle", b10.to_str().unwrap(), "c10"],
+        None,
+    );
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr
+            .contains("hooks.createRuntime[0] (/bin/sh) exited with 7: the hook says no"),
+        "{out}"
+    );
+    // No network namespace: the host's network, which a VM cannot share.
+    let b11 = bundle(&t.join("b11"), &["true"], |c| {
+        c["linux"]["namespaces"] = json!([{"type": "pid"}, {"type": "mount"}]);
+    });
+    let out = env.rt(
+        "c11-create",
+        &["create", "--bundle", b11.to_str().unwrap(), "c11"],
+        None,
+    );
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("--network host"), "{out}");
+    for id in ["c4", "c5", "c8", "c10", "c11"] {
         assert!(!env.root().join(id).exists(), "{id} left state behind");
     }
     assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
@@ -659,4 +690,112 @@ fn body() {
         "left running: {:?}",
         runtime_processes()
     );
+}
+
+/// The prestart hook of [`hooks_configure_the_network`]: what libnetwork does for runc,
+/// with `ip` and `nsenter`. Hooks get only the environment the spec gives them.
+const NETWORK_HOOK: &str = r#"set -e
+state=$(cat)
+echo "$state" > "$1/prestart.json"
+pid=$(echo "$state" | sed -n 's/.*"pid":\([0-9]*\).*/\1/p')
+ip link add fkvm-hk0 type veth peer name eth0 netns "$pid"
+ip addr add 10.98.0.1/24 dev fkvm-hk0
+ip link set fkvm-hk0 up
+nsenter -t "$pid" -n ip link set eth0 mtu 1450 up
+nsenter -t "$pid" -n ip addr add 10.98.0.2/24 dev eth0
+nsenter -t "$pid" -n ip route add default via 10.98.0.1
+"#;
+
+fn hooks_configure_the_network(env: &Env, t: &Path) {
+    let server = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let served = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (mut conn, peer) = server.accept().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(&conn).read_line(&mut line).unwrap();
+        conn.write_all(b"pong from the host\n").unwrap();
+        (peer.ip().to_string(), line)
+    });
+    let hooks_dir = t.join("hooks9");
+    std::fs::create_dir(&hooks_dir).unwrap();
+    let dir = hooks_dir.to_str().unwrap();
+    let env_path = "PATH=/usr/sbin:/usr/bin:/sbin:/bin";
+    let save = |name: &str| {
+        json!({
+            "path": "/bin/sh",
+            "args": ["sh", "-c", format!("cat > {dir}/{name}.json")],
+            "env": [env_path]
+        })
+    };
+    let script =
+        format!("ip -o addr show dev eth0; ip link show dev eth0; echo ping | nc 10.98.0.1 {port}");
+    let b9 = bundle(&t.join("b9"), &["sh", "-c", &script], |c| {
+        c["hooks"] = json!({
+            "prestart": [{
+                "path": "/bin/sh",
+                "args": ["sh", "-c", NETWORK_HOOK, "sh", dir],
+                "env": [env_path],
+                "timeout": 60
+            }],
+            "createRuntime": [save("createRuntime")],
+            "poststart": [save("poststart")],
+            "poststop": [save("poststop")]
+        });
+    });
+    env.ok(
+        "c9-create",
+        &["create", "--bundle", b9.to_str().unwrap(), "c9"],
+    );
+    let pid = pid_of(&env.state("c9"));
+    let read_state = |name: &str| -> Value {
+        let p = hooks_dir.join(format!("{name}.json"));
+        serde_json::from_slice(
+            &std::fs::read(&p)
+                .unwrap_or_else(|e| panic!("{}: {e}\n{}", p.display(), env.diagnostics())),
+        )
+        .unwrap()
+    };
+    for name in ["prestart", "createRuntime"] {
+        let s = read_state(name);
+        assert_eq!(s["status"], "creating", "{name}: {s}");
+        assert_eq!(s["id"], "c9", "{name}: {s}");
+        assert_eq!(
+            pid_of(&s),
+            pid,
+            "{name}: the hook's pid is the monitor: {s}"
+        );
+    }
+    env.ok("c9-start", &["start", "c9"]);
+    assert_eq!(read_state("poststart")["status"], "running");
+    let code = reap(pid, Duration::from_secs(60));
+    let out = env.read("c9-create.out");
+    assert_eq!(
+        code,
+        0,
+        "{out}\n{}\n{}",
+        env.read("c9-create.err"),
+        env.diagnostics()
+    );
+    let (peer, line) = served.join().unwrap();
+    assert_eq!(peer, "10.98.0.2", "the host saw the address the hook gave");
+    assert_eq!(line, "ping\n");
+    assert!(out.contains("pong from the host"), "{out}");
+    assert!(out.contains("inet 10.98.0.2/24"), "{out}");
+    assert!(out.contains("mtu 1450"), "{out}");
+    assert!(
+        !hooks_dir.join("poststop.json").exists(),
+        "poststop before delete"
+    );
+    env.ok("c9-delete", &["delete", "c9"]);
+    assert_eq!(read_state("poststop")["status"], "stopped");
+    // The namespace died with the monitor, and the veth with it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Path::new("/sys/class/net/fkvm-hk0").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the hook's veth outlived the container"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

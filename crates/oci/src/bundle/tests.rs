@@ -104,7 +104,7 @@ fn runc_spec_default_plans() {
     );
     // Only the namespaces line: default capabilities and standard mounts are silent.
     assert_eq!(plan.warnings.len(), 1, "{:?}", plan.warnings);
-    assert!(plan.warnings[0].contains("linux.namespaces (pid, net, ipc, uts, mnt, cgroup)"));
+    assert!(plan.warnings[0].contains("linux.namespaces (pid, ipc, uts, mnt, cgroup)"));
 }
 
 #[test]
@@ -184,8 +184,9 @@ fn memory_limit() {
 }
 
 #[test]
-fn no_linux_section_defaults() {
-    let plan = load_with(|c| drop(c.as_object_mut().unwrap().remove("linux"))).unwrap();
+fn a_bare_linux_section_defaults() {
+    // Only the network namespace, without which the container would be on the host's.
+    let plan = load_with(|c| c["linux"] = json!({"namespaces": [{"type": "network"}]})).unwrap();
     assert_eq!((plan.vcpus, plan.mem_mib), (1, DEFAULT_MEM_MIB));
     assert!(plan.warnings.is_empty());
 }
@@ -316,34 +317,82 @@ fn hardening_fields_warn() {
 
 #[test]
 fn unsupported_fields_are_errors() {
-    let e = err_with(|c| c["hooks"] = json!({"prestart": [{"path": "/usr/bin/netns-hook"}]}));
+    // Hooks in the container's namespaces would run inside the VM.
+    let e = err_with(|c| c["hooks"] = json!({"createContainer": [{"path": "/usr/bin/x"}]}));
     assert!(
-        e.contains("hooks.prestart") && e.contains("not supported"),
+        e.contains("hooks.createContainer") && e.contains("inside the VM"),
         "{e}"
     );
-    let e = err_with(|c| c["hooks"] = json!({"poststop": [{"path": "/bin/true"}]}));
-    assert!(e.contains("hooks.poststop"), "{e}");
+    let e = err_with(|c| c["hooks"] = json!({"startContainer": [{"path": "/usr/bin/x"}]}));
+    assert!(e.contains("hooks.startContainer"), "{e}");
+    // Host hooks need an absolute path and a positive timeout.
+    let e = err_with(|c| c["hooks"] = json!({"poststop": [{"path": "bin/true"}]}));
+    assert!(
+        e.contains("hooks.poststop[0].path (bin/true)") && e.contains("absolute"),
+        "{e}"
+    );
+    let e = err_with(|c| {
+        c["hooks"] =
+            json!({"prestart": [{"path": "/bin/true"}, {"path": "/bin/true", "timeout": 0}]})
+    });
+    assert!(e.contains("hooks.prestart[1].timeout"), "{e}");
     // Empty hook lists are harmless.
     load_with(|c| c["hooks"] = json!({"prestart": []})).unwrap();
-    // Docker's network hook: skipped with a warning; anything beside it still fails.
+    // Docker's network hook and the other host hooks are planned, in order.
     let docker = json!({"path": "/proc/123/exe", "args": ["libnetwork-setkey", "-exec-root=/var/run/docker", "abc", "def"]});
-    let plan = load_with(|c| c["hooks"] = json!({"prestart": [docker.clone()]})).unwrap();
-    assert!(
-        plan.warnings
-            .iter()
-            .any(|w| w.contains("libnetwork-setkey")),
-        "{:?}",
-        plan.warnings
+    let plan = load_with(|c| {
+        c["hooks"] = json!({
+            "prestart": [docker.clone(), {"path": "/usr/bin/other", "timeout": 5}],
+            "createRuntime": [{"path": "/usr/bin/cr"}],
+            "poststart": [{"path": "/usr/bin/ps1"}],
+            "poststop": [{"path": "/usr/bin/pst", "env": ["A=1"]}]
+        })
+    })
+    .unwrap();
+    let paths = |l: &[oci_spec::runtime::Hook]| -> Vec<String> {
+        l.iter().map(|h| h.path().display().to_string()).collect()
+    };
+    assert_eq!(
+        paths(&plan.hooks.prestart),
+        ["/proc/123/exe", "/usr/bin/other"]
     );
-    let e = err_with(|c| c["hooks"] = json!({"prestart": [docker, {"path": "/usr/bin/other"}]}));
-    assert!(e.contains("hooks.prestart"), "{e}");
-    // The engine's network namespace is the one the VM joins; any other namespace path
-    // cannot be joined from a VM.
+    assert_eq!(
+        plan.hooks.prestart[0].args().as_deref(),
+        Some(
+            &[
+                "libnetwork-setkey".to_string(),
+                "-exec-root=/var/run/docker".into(),
+                "abc".into(),
+                "def".into()
+            ][..]
+        )
+    );
+    assert_eq!(plan.hooks.prestart[1].timeout(), Some(5));
+    assert_eq!(paths(&plan.hooks.create_runtime), ["/usr/bin/cr"]);
+    assert_eq!(paths(&plan.hooks.poststart), ["/usr/bin/ps1"]);
+    assert_eq!(paths(&plan.hooks.poststop), ["/usr/bin/pst"]);
+    // The network namespace: a path is the engine's to join; none, a new one the
+    // runtime makes; no network namespace at all is the host's network, refused.
     let plan = load_with(|c| {
         c["linux"]["namespaces"] = json!([{"type": "network", "path": "/var/run/netns/x"}])
     })
     .unwrap();
-    assert_eq!(plan.netns.as_deref(), Some(Path::new("/var/run/netns/x")));
+    assert_eq!(plan.network, NetworkPlan::Join("/var/run/netns/x".into()));
+    let plan = load_with(|c| c["linux"]["namespaces"] = json!([{"type": "network"}])).unwrap();
+    assert_eq!(plan.network, NetworkPlan::New);
+    let e = err_with(|c| c["linux"]["namespaces"] = json!([{"type": "pid"}]));
+    assert!(
+        e.contains("linux.namespaces") && e.contains("--network host"),
+        "{e}"
+    );
+    let e = err_with(|c| {
+        c["linux"].as_object_mut().unwrap().remove("namespaces");
+    });
+    assert!(e.contains("--network host"), "{e}");
+    let e = err_with(|c| {
+        c["linux"]["namespaces"] = json!([{"type": "network"}, {"type": "network", "path": "/x"}])
+    });
+    assert!(e.contains("only once"), "{e}");
     let e =
         err_with(|c| c["linux"]["namespaces"] = json!([{"type": "network", "path": "netns/x"}]));
     assert!(e.contains("must be absolute"), "{e}");

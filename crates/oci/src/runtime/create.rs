@@ -2,15 +2,22 @@
 //!
 //! `create` checks the bundle, builds the root disk, and spawns the monitor (this binary,
 //! `__monitor ID`) with the caller's stdio (or a pty's slave, the master sent to
-//! `--console-socket`). The monitor starts its own session, boots the VM, waits for the
-//! agent, then binds `start.sock` in the container's directory and reports on
-//! [`READY_FILE`]; `create` waits for that report, writes `--pid-file` and returns. On
+//! `--console-socket`); when the bundle asks for a new network namespace, the monitor
+//! starts in one of its own. `create` then runs the bundle's `prestart` and
+//! `createRuntime` hooks with the monitor as the state's `pid` (Docker's network hook
+//! moves the container's veth into the monitor's namespace this way) and tells the
+//! monitor to go on. The monitor ties the namespace's interfaces to TAPs, starts its own
+//! session, boots the VM, waits for the agent, then binds `start.sock` in the container's
+//! directory and reports on [`READY_FILE`]; `create` waits for that report, writes
+//! `--pid-file` and returns. On
 //! `start` the monitor has the agent run the process and relays its stdio until it
 //! exits, then exits with its exit code: the monitor is the container's process on the
 //! host. A create that fails leaves no state, VM or process behind.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::Duration;
@@ -22,8 +29,9 @@ use forkvm_registry::{ProcessIdentity, VmHome};
 use serde::{Deserialize, Serialize};
 
 use super::helper::{self, Report};
-use super::{CreateArgs, Global, Log};
-use crate::bundle;
+use super::{CreateArgs, Global, Log, MonitorArgs};
+use crate::bundle::{self, NetworkPlan};
+use crate::hooks;
 use crate::state::{validate_id, ContainerState, StateStore, Status};
 use crate::term::{ForwardedSignals, SignalRelay};
 use crate::vm::{self, Outcome};
@@ -68,6 +76,7 @@ pub fn create(g: &Global, log: &Log, a: CreateArgs) -> Result<()> {
     let store = StateStore::open(&g.root)?;
     let mut state = ContainerState::new(&a.id, &bundle);
     state.annotations = plan.annotations.clone();
+    state.hooks = plan.hooks.clone();
     store.create(&state)?;
     let dir = store.container_dir(&a.id)?;
     let mut monitor = None;
@@ -92,16 +101,49 @@ fn create_in(
     monitor: &mut Option<Child>,
 ) -> Result<()> {
     crate::rootfs::build(plan, &dir.join(ROOT_DISK))?;
-    let mut cmd = helper::command(g, &["__monitor", &a.id])?;
+    // The monitor waits for "go" on this pipe: the hooks below configure its namespace.
+    let (go_rx, mut go_tx) = std::io::pipe().context("cannot make a pipe")?;
+    let go_fd = go_rx.as_raw_fd();
+    let mut cmd = helper::command(g, &["__monitor", &a.id, "--go-fd", &go_fd.to_string()])?;
     if plan.process.tty {
         let socket = a.console_socket.as_deref().context("no --console-socket")?;
         helper::give_terminal(&mut cmd, socket)?;
     }
-    let child = monitor.insert(
-        cmd.spawn()
-            .context("cannot start the container's monitor")?,
-    );
+    let new_netns = plan.network == NetworkPlan::New;
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (fcntl, unshare) on values it owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The pipe's read end survives the exec (it was made close-on-exec).
+            if libc::fcntl(go_fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if new_netns && libc::unshare(libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = monitor.insert(cmd.spawn().with_context(|| {
+        if new_netns {
+            "cannot start the container's monitor in a new network namespace"
+        } else {
+            "cannot start the container's monitor"
+        }
+    })?);
+    drop(go_rx);
     let pid = child.id() as i32;
+    // The hooks see the container as runc shows it while creating: its pid is the
+    // monitor, whose network namespace is the container's.
+    let mut hook_state = store.load(&a.id)?;
+    hook_state.record_pid(pid)?;
+    let hook_state = hook_state.to_runtime_spec_json();
+    hooks::run_all("prestart", &plan.hooks.prestart, &hook_state)?;
+    hooks::run_all("createRuntime", &plan.hooks.create_runtime, &hook_state)?;
+    go_tx
+        .write_all(b"go")
+        .context("the container's monitor ended before its hooks ran")?;
+    drop(go_tx);
     let ready: Ready = helper::wait_report(
         &dir.join(READY_FILE),
         child,
@@ -155,7 +197,8 @@ pub fn remove_vm(root: &Path, id: &str) {
 }
 
 /// The monitor: returns its exit code (the container process's).
-pub fn monitor(g: &Global, log: &Log, id: &str) -> i32 {
+pub fn monitor(g: &Global, log: &Log, a: &MonitorArgs) -> i32 {
+    let id = a.id.as_str();
     let store = match StateStore::open(&g.root) {
         Ok(s) => s,
         Err(e) => {
@@ -168,7 +211,7 @@ pub fn monitor(g: &Global, log: &Log, id: &str) -> i32 {
     };
     log.install_tracing(&dir.join(MONITOR_LOG));
     let mut reported = false;
-    let result = run_monitor(&store, &dir, id, &mut reported);
+    let result = wait_for_go(a.go_fd).and_then(|()| run_monitor(&store, &dir, id, &mut reported));
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -183,19 +226,37 @@ pub fn monitor(g: &Global, log: &Log, id: &str) -> i32 {
     }
 }
 
+/// Waits until `create` has run the host hooks: "go" on `fd`, which `create` passed to
+/// this process alone. EOF first means `create` ended (it failed or was killed).
+fn wait_for_go(fd: i32) -> Result<()> {
+    // SAFETY: `fd` is the pipe's read end that `create` left open across our exec for
+    // this function alone; nothing else in this process owns or closes it.
+    let pipe = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut word = Vec::new();
+    pipe.take(2)
+        .read_to_end(&mut word)
+        .context("cannot read create's go")?;
+    if word != b"go" {
+        bail!("create ended before the container's hooks ran");
+    }
+    Ok(())
+}
+
 fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) -> Result<i32> {
     let signals = ForwardedSignals::block().context("cannot block signals")?;
     let state = store.load(id)?;
     let plan = bundle::load(&state.bundle)?;
-    // The engine's network namespace, before anything is registered: a namespace that
-    // cannot be joined leaves nothing behind.
-    let plumbed = match &plan.netns {
-        Some(netns) => Some(Plumbed {
-            network: forkvm_net::plumb(netns)
-                .with_context(|| format!("cannot join the network of {}", netns.display()))?,
-            netns: netns.clone(),
-        }),
-        None => None,
+    // The container's network namespace (the engine's, or this process's own which the
+    // hooks configured), before anything is registered: a namespace that cannot be
+    // joined leaves nothing behind.
+    let netns = match &plan.network {
+        NetworkPlan::Join(path) => path.clone(),
+        NetworkPlan::New => PathBuf::from("/proc/self/ns/net"),
+    };
+    let plumbed = Plumbed {
+        network: forkvm_net::plumb(&netns)
+            .with_context(|| format!("cannot join the network of {}", netns.display()))?,
+        netns,
     };
     let tty = plan.process.tty;
     helper::own_session(tty)?;
@@ -217,17 +278,15 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     )?;
     // A guest NIC per interface of the namespace, with its MAC, on its TAP; the VM
     // process joins the namespace to open them.
-    if let Some(p) = &plumbed {
-        cfg.nets = p
-            .network
-            .interfaces
-            .iter()
-            .map(|i| forkvm_vmm::NetConfig {
-                tap: i.tap.clone(),
-                mac: Some(i.mac),
-            })
-            .collect();
-    }
+    cfg.nets = plumbed
+        .network
+        .interfaces
+        .iter()
+        .map(|i| forkvm_vmm::NetConfig {
+            tap: i.tap.clone(),
+            mac: Some(i.mac),
+        })
+        .collect();
     home.record_machine(cfg.vcpus, cfg.mem_mib)?;
     let relay = signals.spawn(tty)?;
     let ready = Ready {
@@ -241,11 +300,17 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     // reported by `monitor`.
     let (tx, rx) = std::sync::mpsc::channel();
     let (vm_root, vm_id) = (home.root().to_owned(), home.id().to_owned());
+    // `--network none` leaves a namespace with no interface: the guest has only its
+    // loopback.
     let work = GuestWork {
         process: spec,
-        network: plumbed.as_ref().map(|p| p.network.agent_request()),
+        network: (!plumbed.network.interfaces.is_empty()).then(|| plumbed.network.agent_request()),
     };
-    let netns = plumbed.as_ref().map(|p| p.netns.as_path());
+    // The VM process inherits this process's own namespace; the engine's it joins.
+    let netns = match &plan.network {
+        NetworkPlan::Join(path) => Some(path.as_path()),
+        NetworkPlan::New => None,
+    };
     let result = vm::run(home, &cfg, netns, move |s| {
         monitor_session(s, &dir_owned, ready, work, relay, tty, tx)
     });

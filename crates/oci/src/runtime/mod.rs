@@ -116,7 +116,18 @@ pub enum Command {
     Fork(ForkArgs),
     /// The container's monitor process (started by `create`).
     #[command(name = "__monitor", hide = true)]
-    Monitor(IdArg),
+    Monitor(MonitorArgs),
+}
+
+/// `__monitor`: what `create` tells the monitor it starts.
+#[derive(Debug, Args)]
+pub struct MonitorArgs {
+    /// The container id.
+    pub id: String,
+    /// The read end of the pipe on which `create` says "go" once the host hooks have
+    /// run (EOF without it: `create` gave up).
+    #[arg(long)]
+    pub go_fd: i32,
 }
 
 /// `fork`.
@@ -274,7 +285,7 @@ pub fn main() -> i32 {
     }
     let result = match cli.command {
         Command::Create(a) => create::create(&cli.global, &log, a).map(|()| 0),
-        Command::Monitor(a) => return create::monitor(&cli.global, &log, &a.id),
+        Command::Monitor(a) => return create::monitor(&cli.global, &log, &a),
         Command::Start(a) => ops::start(&cli.global, &a.id).map(|()| 0),
         Command::State(a) => ops::state(&cli.global, &a.id).map(|()| 0),
         Command::Kill(a) => ops::kill(&cli.global, &a).map(|()| 0),

@@ -8,6 +8,7 @@ use forkvm_agent_proto::{Request, Response};
 
 use super::create::{remove_vm, remove_vm_of, request_start};
 use super::{DeleteArgs, Global, KillArgs, ListArgs, Log, PsArgs};
+use crate::hooks;
 use crate::state::{ContainerState, StateStore, Status};
 
 /// How long `delete --force` waits for a killed container to be gone.
@@ -28,14 +29,19 @@ pub fn start(g: &Global, id: &str) -> Result<()> {
     }
     let dir = store.container_dir(id)?;
     let guest_pid = request_start(&dir)?;
-    store.update(id, |s| {
+    let state = store.update(id, |s| {
         s.guest_pid = Some(guest_pid);
         // A process that is already done leaves the container stopped, not running.
         if s.status == Status::Created {
             s.transition(Status::Running)?;
         }
-        Ok(())
+        Ok(s.clone())
     })?;
+    hooks::run_all_logged(
+        "poststart",
+        &state.hooks.poststart,
+        &state.to_runtime_spec_json(),
+    );
     Ok(())
 }
 
@@ -169,6 +175,13 @@ pub fn delete(g: &Global, log: &Log, a: &DeleteArgs) -> Result<()> {
         Some((root, id)) => remove_vm(&root, id),
         None => remove_vm_of(&store.container_dir(&a.id)?),
     }
+    let mut stopped = state.clone();
+    stopped.status = Status::Stopped;
+    hooks::run_all_logged(
+        "poststop",
+        &state.hooks.poststop,
+        &stopped.to_runtime_spec_json(),
+    );
     if let Err(e) = store.remove(&a.id) {
         log.warn(&format!("removing container {}: {e}", a.id));
         return Err(e.into());
@@ -274,7 +287,7 @@ pub fn features() -> Result<()> {
     let doc = serde_json::json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": crate::state::OCI_VERSION,
-        "hooks": [],
+        "hooks": ["prestart", "createRuntime", "poststart", "poststop"],
         "mountOptions": ["bind", "rbind", "ro", "rw", "nosuid", "nodev", "noexec", "private", "rprivate"],
         "linux": {
             "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],

@@ -10,9 +10,10 @@ set -euo pipefail
 # apt/dpkg (base system) fetch Debian's guest kernels into the cache.
 # docker-registry: a local OCI registry the image store's pull tests push to and pull from.
 # docker.io, podman, containerd (with runc, conmon): the container engines the OCI runtime
-# and the containerd shim are tested under, inside the virtual host.
+# and the containerd shim are tested under, inside the virtual host; iptables and
+# containernetworking-plugins: their networks (Docker's bridge and NAT, podman's CNI).
 PACKAGES=(qemu-system-x86 busybox-static e2fsprogs iproute2 gcc libc6-dev linux-libc-dev curl docker-registry
-  docker.io podman containerd runc conmon)
+  docker.io podman containerd runc conmon iptables containernetworking-plugins)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
@@ -32,6 +33,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# CNI keeps its address leases in /var/lib/cni: the podman tests mount a tmpfs there in
+# the virtual host, whose view of this machine's root is read-only.
+[ -d /var/lib/cni ] || $SUDO mkdir -p /var/lib/cni
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust with rustup (https://rustup.rs) first" >&2

@@ -37,6 +37,31 @@ pub const TESTHOST_MODULES: &[&str] = &[
     "sch_ingress",
     "cls_u32",
     "act_mirred",
+    // Engine networks: Docker's and CNI's bridges, and the iptables (nft back end, as
+    // Debian's iptables is) rules they add for NAT, published ports and isolation.
+    "bridge",
+    "br_netfilter",
+    // libcrc32c (under nf_tables, nf_conntrack, nf_nat) asks the crypto API for crc32c
+    // when it loads: a soft dependency modules.dep does not list.
+    "crc32c_generic",
+    "nf_tables",
+    "nft_compat",
+    "nft_chain_nat",
+    "nft_ct",
+    "nft_nat",
+    "nft_masq",
+    "nft_redir",
+    "nft_reject_ipv4",
+    "xt_nat",
+    "xt_MASQUERADE",
+    "xt_REDIRECT",
+    "xt_addrtype",
+    "xt_conntrack",
+    "xt_tcpudp",
+    "xt_comment",
+    "xt_mark",
+    "xt_multiport",
+    "ipt_REJECT",
 ];
 
 /// msize for the 9p mounts: larger is faster under TCG.
@@ -49,6 +74,8 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# A host's loopback is up (engines publish ports on 127.0.0.1).
+ip link set lo up
 log() { echo "forkvm-init: $*"; }
 off() {
     sync

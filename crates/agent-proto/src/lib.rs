@@ -12,10 +12,14 @@
 //! After a fork, the child's VMM sends [`Request::Identity`]: fresh entropy, the
 //! hostname, and the NICs' new MACs.
 //!
+//! [`dns`]: the DNS relay's framing, for names only the container's namespace
+//! resolves (Docker's `127.0.0.11`).
+//!
 //! [`client`]: the host side (the vsock `CONNECT` handshake, requests, exec sessions).
 //! [`exit_code`]: a wait status as a process exit code, as both sides report it.
 
 pub mod client;
+pub mod dns;
 pub mod frame;
 pub mod protocol;
 

@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 /// vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 /// Version of this protocol; sent in every [`Response::Pong`]. Bumped when a message
-/// changes meaning or a request the host may rely on is added (3: [`Request::Network`]).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// changes meaning or a request the host may rely on is added (3: [`Request::Network`];
+/// 4: [`Request::DnsRelay`]).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
 /// `PATH` used for the executable search when [`ProcessSpec::env`] has none.
@@ -39,6 +40,15 @@ pub enum Request {
         /// Routes through them.
         #[serde(default)]
         routes: Vec<NetRoute>,
+    },
+    /// Answer DNS over UDP on port 53 of each of `addresses` (loopback addresses the
+    /// container's `resolv.conf` names but only its network namespace serves, such as
+    /// Docker's embedded resolver at `127.0.0.11`; in the guest they are its own
+    /// loopback), relaying every query to the host (see [`crate::dns`]). At most 8
+    /// addresses, each a loopback address. Since version 4.
+    DnsRelay {
+        /// The addresses, e.g. `127.0.0.11`.
+        addresses: Vec<String>,
     },
     /// Start a process. Answered with [`Response::Started`] (the connection then carries
     /// frames), [`Response::ExecFailed`] or [`Response::Error`].

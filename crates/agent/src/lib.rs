@@ -8,7 +8,9 @@
 //!
 //! [`server`] (requests, in any mode), [`spawn`] and [`session`] (running processes),
 //! [`reaper`] (every child's exit status), [`user`] (`/etc/passwd` names), [`identity`]
-//! (fork identity), [`init`] (PID-1 boot and power-off).
+//! (fork identity), [`init`] (PID-1 boot and power-off), [`network`] (the container
+//! namespace's addresses and routes), [`dns`] (the relay for resolvers only that
+//! namespace serves).
 //!
 //! ```no_run
 //! use forkvm_agent_proto::{client, ProcessSpec};
@@ -26,6 +28,7 @@
 //! ```
 
 pub use forkvm_agent_proto::{frame, protocol};
+pub mod dns;
 pub mod identity;
 pub mod init;
 pub mod layout;

@@ -264,6 +264,7 @@ impl Agent {
             Request::Network { interfaces, routes } => {
                 crate::network::apply(&interfaces, &routes).map_err(|e| e.to_string())
             }
+            Request::DnsRelay { addresses } => crate::dns::start(&addresses),
             Request::Signal { pid, signal } => self.signal(pid, signal).map_err(|e| e.to_string()),
             Request::Shutdown => {
                 Err("shutdown needs the agent to run as the guest's PID 1".to_owned())

@@ -15,6 +15,11 @@
 //! Everything is done over netlink (`rtnetlink`), from a thread that has joined the
 //! namespace; the TAP is made persistent so that the VM process, which joins the same
 //! namespace, opens it by name. A failure half-way removes what was made.
+//!
+//! [`dns`] relays the guest's DNS queries for resolvers only the namespace serves
+//! (Docker's `127.0.0.11`).
+
+pub mod dns;
 
 use std::fs::File;
 use std::net::IpAddr;
@@ -162,6 +167,22 @@ pub fn join(netns: &Path) -> Result<(), NetError> {
         });
     }
     Ok(())
+}
+
+/// Whether `netns` is the network namespace this process runs in (an engine's "host"
+/// network hands the host's own namespace over by path: Docker's `--network host`
+/// names `/var/run/docker/netns/default`). Tying TAPs to the host's interfaces would
+/// hand the host's traffic to the VM.
+pub fn is_own_netns(netns: &Path) -> Result<bool, NetError> {
+    use std::os::unix::fs::MetadataExt;
+    let open = |path: &Path| {
+        std::fs::metadata(path).map_err(|source| NetError::Open {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let (given, own) = (open(netns)?, open(Path::new("/proc/self/ns/net"))?);
+    Ok(given.dev() == own.dev() && given.ino() == own.ino())
 }
 
 impl Network {

@@ -108,6 +108,10 @@ pub struct ContainerPlan {
     pub warnings: Vec<String>,
 }
 
+/// Why a container on the host's network cannot be a VM: the reason given when a bundle
+/// has no network namespace, or names the host's own.
+pub const HOST_NETWORK: &str = "the container would share the host's network (--network host), and a VM cannot share the host's network stack; use a container network or --network none";
+
 /// Where a container's network namespace comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NetworkPlan {
@@ -281,10 +285,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         None => (1, DEFAULT_MEM_MIB),
     };
     let network = planner.network.take().ok_or_else(|| {
-        planner.unsupported(
-            "linux.namespaces",
-            "no network namespace: the container would share the host's network (--network host), and a VM cannot share the host's network stack; use a container network or --network none",
-        )
+        planner.unsupported("linux.namespaces (no network namespace)", HOST_NETWORK)
     })?;
     let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
     Ok(ContainerPlan {

@@ -679,7 +679,29 @@ fn body() {
     );
     assert_eq!(out.code, Some(1), "{out}");
     assert!(out.stderr.contains("--network host"), "{out}");
-    for id in ["c4", "c5", "c8", "c10", "c11"] {
+    // The host's own namespace by path (what Docker's --network host hands over): its
+    // interfaces are the host's, never tied to a VM.
+    let b12 = bundle(&t.join("b12"), &["true"], |c| {
+        c["linux"]["namespaces"][2] = json!({"type": "network", "path": "/proc/1/ns/net"});
+    });
+    let out = env.rt(
+        "c12-create",
+        &["create", "--bundle", b12.to_str().unwrap(), "c12"],
+        None,
+    );
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr
+            .contains("(/proc/1/ns/net) is the host's network namespace"),
+        "{out}"
+    );
+    assert!(
+        !std::fs::read_to_string("/proc/net/dev")
+            .unwrap()
+            .contains("fktap"),
+        "a TAP was made on the host"
+    );
+    for id in ["c4", "c5", "c8", "c10", "c11", "c12"] {
         assert!(!env.root().join(id).exists(), "{id} left state behind");
     }
     assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
@@ -704,7 +726,86 @@ ip link set fkvm-hk0 up
 nsenter -t "$pid" -n ip link set eth0 mtu 1450 up
 nsenter -t "$pid" -n ip addr add 10.98.0.2/24 dev eth0
 nsenter -t "$pid" -n ip route add default via 10.98.0.1
+nsenter -t "$pid" -n ip link set lo up
 "#;
+
+/// The address of the namespace-only resolver in [`hooks_configure_the_network`]:
+/// Docker's embedded DNS lives at this loopback address of the container's namespace.
+const NS_RESOLVER: &str = "127.0.0.11";
+/// The name it knows, and its address.
+const NS_NAME: &str = "fkvm-dns.test";
+const NS_NAME_ADDR: [u8; 4] = [10, 98, 7, 7];
+
+/// A DNS server at [`NS_RESOLVER`]:53 inside the network namespace of `pid`, as dockerd
+/// serves one in a container's namespace: [`NS_NAME`] has an A record, everything else
+/// an empty answer. Serves until the returned handle is stopped (its thread and socket
+/// hold the namespace while they exist).
+fn serve_dns_in(pid: i32) -> DnsServer {
+    let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let stopped = stop.clone();
+    let thread = std::thread::spawn(move || {
+        forkvm_net::join(&ns).unwrap();
+        let socket = std::net::UdpSocket::bind((NS_RESOLVER, 53)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        ready_tx.send(()).unwrap();
+        let mut buf = [0u8; 512];
+        while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                continue;
+            };
+            if let Some(answer) = dns_answer(&buf[..n]) {
+                socket.send_to(&answer, from).unwrap();
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the namespace's DNS server did not start");
+    DnsServer { stop, thread }
+}
+
+/// A running [`serve_dns_in`].
+struct DnsServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl DnsServer {
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap();
+    }
+}
+
+/// The answer to a one-question query: NOERROR, with an A record when it asks for
+/// [`NS_NAME`]'s A record.
+fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
+    // Header (12 bytes), then the question: labels, 0, type (2), class (2).
+    let mut i = 12;
+    let mut labels = Vec::new();
+    while *query.get(i)? != 0 {
+        let len = usize::from(query[i]);
+        labels.push(String::from_utf8_lossy(query.get(i + 1..i + 1 + len)?).into_owned());
+        i += 1 + len;
+    }
+    let qtype = u16::from_be_bytes([*query.get(i + 1)?, *query.get(i + 2)?]);
+    let question_end = i + 5;
+    let hit = labels.join(".") == NS_NAME && qtype == 1;
+    let mut a = query.get(..question_end)?.to_vec();
+    a[2] = 0x81; // response, recursion desired
+    a[3] = 0x80; // recursion available, NOERROR
+    a[6..8].copy_from_slice(&u16::from(hit).to_be_bytes()); // answers
+    a[8..12].fill(0); // no authority or additional records
+    if hit {
+        a.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+        a.extend_from_slice(&NS_NAME_ADDR);
+    }
+    Some(a)
+}
 
 fn hooks_configure_the_network(env: &Env, t: &Path) {
     let server = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
@@ -728,9 +829,24 @@ fn hooks_configure_the_network(env: &Env, t: &Path) {
             "env": [env_path]
         })
     };
-    let script =
-        format!("ip -o addr show dev eth0; ip link show dev eth0; echo ping | nc 10.98.0.1 {port}");
+    // The engine's resolv.conf names the namespace's own resolver.
+    let resolv = t.join("resolv9.conf");
+    std::fs::write(
+        &resolv,
+        format!("nameserver {NS_RESOLVER}\noptions ndots:0\n"),
+    )
+    .unwrap();
+    let script = format!(
+        "ip -o addr show dev eth0; ip link show dev eth0; echo ping | nc 10.98.0.1 {port}; \
+         busybox nslookup {NS_NAME}"
+    );
     let b9 = bundle(&t.join("b9"), &["sh", "-c", &script], |c| {
+        c["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/etc/resolv.conf",
+            "type": "bind",
+            "source": resolv,
+            "options": ["rbind", "ro"]
+        }));
         c["hooks"] = json!({
             "prestart": [{
                 "path": "/bin/sh",
@@ -766,6 +882,7 @@ fn hooks_configure_the_network(env: &Env, t: &Path) {
             "{name}: the hook's pid is the monitor: {s}"
         );
     }
+    let dns = serve_dns_in(pid);
     env.ok("c9-start", &["start", "c9"]);
     assert_eq!(read_state("poststart")["status"], "running");
     let code = reap(pid, Duration::from_secs(60));
@@ -777,12 +894,20 @@ fn hooks_configure_the_network(env: &Env, t: &Path) {
         env.read("c9-create.err"),
         env.diagnostics()
     );
+    dns.stop();
     let (peer, line) = served.join().unwrap();
     assert_eq!(peer, "10.98.0.2", "the host saw the address the hook gave");
     assert_eq!(line, "ping\n");
     assert!(out.contains("pong from the host"), "{out}");
     assert!(out.contains("inet 10.98.0.2/24"), "{out}");
     assert!(out.contains("mtu 1450"), "{out}");
+    // The name only the namespace's resolver knows resolved in the guest, through the
+    // agent's relay at the same address.
+    assert!(
+        out.contains("Address: 10.98.7.7"),
+        "{out}\n{}",
+        env.read("c9-create.err")
+    );
     assert!(
         !hooks_dir.join("poststop.json").exists(),
         "poststop before delete"

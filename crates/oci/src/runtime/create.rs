@@ -70,6 +70,17 @@ pub fn create(g: &Global, log: &Log, a: CreateArgs) -> Result<()> {
     for w in &plan.warnings {
         log.warn(w);
     }
+    if let NetworkPlan::Join(netns) = &plan.network {
+        if forkvm_net::is_own_netns(netns)
+            .with_context(|| format!("cannot join the network of {}", netns.display()))?
+        {
+            bail!(
+                "linux.namespaces[network].path ({}) is the host's network namespace: {}",
+                netns.display(),
+                bundle::HOST_NETWORK
+            );
+        }
+    }
     if plan.process.tty && a.console_socket.is_none() {
         bail!("process.terminal is true but no --console-socket was given");
     }
@@ -302,9 +313,27 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     let (vm_root, vm_id) = (home.root().to_owned(), home.id().to_owned());
     // `--network none` leaves a namespace with no interface: the guest has only its
     // loopback.
+    let networked = !plumbed.network.interfaces.is_empty();
+    // A resolver on a loopback address of the namespace (Docker's 127.0.0.11) is
+    // relayed: in the guest that address is its own loopback.
+    let nameservers = if networked {
+        loopback_nameservers(&plan.files)
+    } else {
+        Vec::new()
+    };
+    let _dns_relay = match nameservers.first() {
+        Some(&upstream) => Some(
+            forkvm_net::dns::Relay::start(&dns_relay_socket(&uds), &plumbed.netns, upstream)
+                .context("cannot start the DNS relay")?,
+        ),
+        None => None,
+    };
     let work = GuestWork {
         process: spec,
-        network: (!plumbed.network.interfaces.is_empty()).then(|| plumbed.network.agent_request()),
+        network: networked.then(|| plumbed.network.agent_request()),
+        dns_relay: (!nameservers.is_empty()).then(|| Request::DnsRelay {
+            addresses: nameservers.iter().map(ToString::to_string).collect(),
+        }),
     };
     // The VM process inherits this process's own namespace; the engine's it joins.
     let netns = match &plan.network {
@@ -355,11 +384,41 @@ impl Drop for Plumbed {
     }
 }
 
-/// What the guest is given: the container's process, and the agent request that makes
-/// it take over the namespace's network, when the container has one.
+/// What the guest is given: the container's process, the agent request that makes it
+/// take over the namespace's network, when the container has one, and the one that
+/// makes it relay DNS for the namespace's loopback resolvers, when it names any.
 struct GuestWork {
     process: ProcessSpec,
     network: Option<Request>,
+    dns_relay: Option<Request>,
+}
+
+/// The loopback nameservers of the `/etc/resolv.conf` the engine binds into the
+/// container (read up to 64 KiB).
+fn loopback_nameservers(files: &[bundle::FileCopy]) -> Vec<std::net::IpAddr> {
+    let Some(conf) = files
+        .iter()
+        .find(|f| f.destination == Path::new("/etc/resolv.conf"))
+    else {
+        return Vec::new();
+    };
+    let mut text = String::new();
+    let read =
+        std::fs::File::open(&conf.source).and_then(|f| f.take(64 * 1024).read_to_string(&mut text));
+    match read {
+        Ok(_) => forkvm_net::dns::loopback_nameservers(&text),
+        Err(e) => {
+            tracing::warn!("cannot read {}: {e}", conf.source.display());
+            Vec::new()
+        }
+    }
+}
+
+/// Where the VMM connects the guest's DNS relay: `<vsock uds>_53`.
+fn dns_relay_socket(uds: &Path) -> PathBuf {
+    let mut p = uds.as_os_str().to_owned();
+    p.push(format!("_{}", forkvm_agent_proto::dns::DNS_RELAY_PORT));
+    PathBuf::from(p)
 }
 
 fn monitor_session(
@@ -374,14 +433,19 @@ fn monitor_session(
     let GuestWork {
         process: spec,
         network,
+        dns_relay,
     } = work;
     let mut stream = s.connect_agent()?;
-    if let Some(req) = network {
-        // The guest takes the namespace's addresses and routes before anything runs.
-        match client::call(&mut stream, &req).context("cannot give the guest its network")? {
+    // The guest takes the namespace's addresses and routes, and relays DNS, before
+    // anything runs.
+    for (req, what) in [(network, "its network"), (dns_relay, "its DNS relay")] {
+        let Some(req) = req else { continue };
+        match client::call(&mut stream, &req)
+            .with_context(|| format!("cannot give the guest {what}"))?
+        {
             Response::Ok => {}
-            Response::Error { message } => bail!("the guest could not take its network: {message}"),
-            other => bail!("the guest agent answered the network request with {other:?}"),
+            Response::Error { message } => bail!("the guest could not take {what}: {message}"),
+            other => bail!("the guest agent answered the request for {what} with {other:?}"),
         }
     }
     std::env::set_current_dir(dir)?;

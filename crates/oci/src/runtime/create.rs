@@ -1,12 +1,12 @@
 //! `create` and the container's monitor process.
 //!
-//! `create` checks the bundle, builds the root disk, and spawns the monitor (this binary,
-//! `__monitor ID`) with the caller's stdio (or a pty's slave, the master sent to
-//! `--console-socket`); when the bundle asks for a new network namespace, the monitor
-//! starts in one of its own. `create` then runs the bundle's `prestart` and
-//! `createRuntime` hooks with the monitor as the state's `pid` (Docker's network hook
-//! moves the container's veth into the monitor's namespace this way) and tells the
-//! monitor to go on. The monitor ties the namespace's interfaces to TAPs, starts its own
+//! `create` checks the bundle and spawns the monitor (this binary, `__monitor ID`) with
+//! the caller's stdio (or a pty's slave, the master sent to `--console-socket`); when
+//! the bundle asks for a new network namespace, the monitor starts in one of its own.
+//! `create` then runs the bundle's `prestart` and `createRuntime` hooks with the monitor
+//! as the state's `pid` (Docker's network hook moves the container's veth into the
+//! monitor's namespace this way, and rewrites the container's `resolv.conf`), builds
+//! the root disk and tells the monitor to go on. The monitor ties the namespace's interfaces to TAPs, starts its own
 //! session, boots the VM, waits for the agent, then binds `start.sock` in the container's
 //! directory and reports on [`READY_FILE`]; `create` waits for that report, writes
 //! `--pid-file` and returns. On
@@ -111,7 +111,6 @@ fn create_in(
     store: &StateStore,
     monitor: &mut Option<Child>,
 ) -> Result<()> {
-    crate::rootfs::build(plan, &dir.join(ROOT_DISK))?;
     // The monitor waits for "go" on this pipe: the hooks below configure its namespace.
     let (go_rx, mut go_tx) = std::io::pipe().context("cannot make a pipe")?;
     let go_fd = go_rx.as_raw_fd();
@@ -151,6 +150,9 @@ fn create_in(
     let hook_state = hook_state.to_runtime_spec_json();
     hooks::run_all("prestart", &plan.hooks.prestart, &hook_state)?;
     hooks::run_all("createRuntime", &plan.hooks.create_runtime, &hook_state)?;
+    // The root disk takes the bound files as the hooks left them: Docker's network hook
+    // rewrites resolv.conf for its embedded resolver.
+    crate::rootfs::build(plan, &dir.join(ROOT_DISK))?;
     go_tx
         .write_all(b"go")
         .context("the container's monitor ended before its hooks ran")?;

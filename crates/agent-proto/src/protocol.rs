@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 pub const AGENT_PORT: u32 = 1024;
 /// Version of this protocol; sent in every [`Response::Pong`]. Bumped when a message
 /// changes meaning or a request the host may rely on is added (3: [`Request::Network`];
-/// 4: [`Request::DnsRelay`]).
+/// 4: [`Request::DnsRelay`], [`Request::Unplug`]).
 pub const PROTOCOL_VERSION: u32 = 4;
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -50,6 +50,11 @@ pub enum Request {
         /// The addresses, e.g. `127.0.0.11`.
         addresses: Vec<String>,
     },
+    /// Take every NIC but the loopback down, keeping its addresses and routes: a fork
+    /// child of a container whose network gives it no address of its own must not show
+    /// up there with its parent's. Answered with [`Response::Unplugged`]. Since
+    /// version 4.
+    Unplug,
     /// Start a process. Answered with [`Response::Started`] (the connection then carries
     /// frames), [`Response::ExecFailed`] or [`Response::Error`].
     Exec {
@@ -194,6 +199,11 @@ pub enum Response {
     },
     /// The request was carried out.
     Ok,
+    /// Answer to [`Request::Unplug`]: the NICs taken down, by name.
+    Unplugged {
+        /// Their names (`eth0`).
+        nics: Vec<String>,
+    },
     /// The request failed or was not understood.
     Error {
         /// What went wrong.

@@ -1,6 +1,6 @@
 //! [`crate::Request::Network`] inside the guest: each NIC takes the name, MTU and
 //! addresses of the namespace interface whose MAC it has, comes up, and the routes are
-//! added. Done over rtnetlink (`netlink-packet-route` messages on a blocking
+//! added; [`crate::Request::Unplug`] takes the NICs down again (a fork child's). Done over rtnetlink (`netlink-packet-route` messages on a blocking
 //! `netlink-sys` socket: the agent has no async runtime).
 
 use std::net::IpAddr;
@@ -190,6 +190,30 @@ impl Rtnl {
         link.attributes = attrs;
         self.change(RouteNetlinkMessage::SetLink(link), 0)
     }
+}
+
+/// Applies [`crate::Request::Unplug`]: every NIC but the loopback goes down (its
+/// addresses stay). Returns their names.
+pub fn unplug() -> Result<Vec<String>, NetworkError> {
+    let mut rtnl = Rtnl::open()?;
+    let mut nics = Vec::new();
+    for link in rtnl.links()? {
+        if link.header.flags.contains(LinkFlags::Loopback) {
+            continue;
+        }
+        let name = link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| format!("#{}", link.header.index));
+        rtnl.set_link(link.header.index, Vec::new(), Some(false))
+            .map_err(kernel(format!("{name}: down")))?;
+        nics.push(name);
+    }
+    Ok(nics)
 }
 
 /// Applies [`crate::Request::Network`].

@@ -265,6 +265,14 @@ impl Agent {
                 crate::network::apply(&interfaces, &routes).map_err(|e| e.to_string())
             }
             Request::DnsRelay { addresses } => crate::dns::start(&addresses),
+            Request::Unplug => {
+                return match crate::network::unplug() {
+                    Ok(nics) => Response::Unplugged { nics },
+                    Err(e) => Response::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
             Request::Signal { pid, signal } => self.signal(pid, signal).map_err(|e| e.to_string()),
             Request::Shutdown => {
                 Err("shutdown needs the agent to run as the guest's PID 1".to_owned())

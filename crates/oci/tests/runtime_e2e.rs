@@ -332,7 +332,17 @@ fn body() {
             "-c",
             "trap 'echo got TERM; exit 7' TERM; echo ready; while true; do sleep 0.2; done",
         ],
-        |_| {},
+        |c| {
+            // On a network (made by a hook, as Docker's is), so that its forks show how
+            // they leave it.
+            let dir = t.join("hooks2");
+            std::fs::create_dir(&dir).unwrap();
+            c["hooks"] = json!({"prestart": [{
+                "path": "/bin/sh",
+                "args": ["sh", "-c", NETWORK_HOOK, "sh", dir, "fkvm-hk2", "10.97.0"],
+                "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+            }]});
+        },
     );
     let pid_file = t.join("c2.pid");
     let out = env.rt(
@@ -434,6 +444,34 @@ fn body() {
     assert!(
         out.stdout.contains("got TERM"),
         "the forked process runs on: {out}"
+    );
+    // The engine gave the parent its address, and has none for a child: the children's
+    // NICs are down, and say so; the parent's stays up.
+    for c in children {
+        assert_eq!(c["nics_down"], json!(["eth0"]), "{fork}");
+    }
+    assert!(
+        child["annotations"]["io.forkvm.network"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("down: eth0")),
+        "{child}"
+    );
+    let link = |id: &str| {
+        env.ok(
+            &format!("{id}-link"),
+            &["exec", id, "ip", "-o", "link", "show", "eth0"],
+        )
+        .stdout
+    };
+    let child_link = link("c2-fork-1");
+    assert!(
+        !child_link.contains(",UP"),
+        "the child's eth0 is down: {child_link}"
+    );
+    let parent_link = link("c2");
+    assert!(
+        parent_link.contains(",UP"),
+        "the parent's eth0 is up: {parent_link}"
     );
     env.ok("c2-fork-1-kill", &["kill", "c2-fork-1", "TERM"]);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -714,18 +752,20 @@ fn body() {
     );
 }
 
-/// The prestart hook of [`hooks_configure_the_network`]: what libnetwork does for runc,
-/// with `ip` and `nsenter`. Hooks get only the environment the spec gives them.
+/// A prestart hook that does what libnetwork does for runc, with `ip` and `nsenter`:
+/// `$1` is where it saves the state, `$2` the host end of the veth, `$3` the first three
+/// octets of the /24 (`.1` the host's, `.2` the container's). Hooks get only the
+/// environment the spec gives them.
 const NETWORK_HOOK: &str = r#"set -e
 state=$(cat)
 echo "$state" > "$1/prestart.json"
 pid=$(echo "$state" | sed -n 's/.*"pid":\([0-9]*\).*/\1/p')
-ip link add fkvm-hk0 type veth peer name eth0 netns "$pid"
-ip addr add 10.98.0.1/24 dev fkvm-hk0
-ip link set fkvm-hk0 up
+ip link add "$2" type veth peer name eth0 netns "$pid"
+ip addr add "$3.1/24" dev "$2"
+ip link set "$2" up
 nsenter -t "$pid" -n ip link set eth0 mtu 1450 up
-nsenter -t "$pid" -n ip addr add 10.98.0.2/24 dev eth0
-nsenter -t "$pid" -n ip route add default via 10.98.0.1
+nsenter -t "$pid" -n ip addr add "$3.2/24" dev eth0
+nsenter -t "$pid" -n ip route add default via "$3.1"
 nsenter -t "$pid" -n ip link set lo up
 "#;
 
@@ -850,7 +890,7 @@ fn hooks_configure_the_network(env: &Env, t: &Path) {
         c["hooks"] = json!({
             "prestart": [{
                 "path": "/bin/sh",
-                "args": ["sh", "-c", NETWORK_HOOK, "sh", dir],
+                "args": ["sh", "-c", NETWORK_HOOK, "sh", dir, "fkvm-hk0", "10.98.0"],
                 "env": [env_path],
                 "timeout": 60
             }],

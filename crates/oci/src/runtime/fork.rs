@@ -7,12 +7,16 @@
 //! `<parent>-fork-<n>`, `running`, with the child's VMM as its process and the parent
 //! recorded, so `state`, `list`, `kill`, `exec` and `delete` work on it. The process in
 //! a child has no stdio on the host (the parent's engine holds the parent's), and its
-//! host process exits with 0 when its VM powers off.
+//! host process exits with 0 when its VM powers off. A child has no address on its
+//! parent's network (the engine gave the parent one, and has none for the child): its
+//! NICs, on TAPs of its own tied to nothing, are taken down, which the fork's output
+//! (`nics_down`) and the child's `state` ([`NETWORK_ANNOTATION`]) say.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use forkvm_agent_proto::{Request, Response};
 use forkvm_vmm::control::ForkRequest;
 use serde::Serialize;
 
@@ -29,6 +33,26 @@ pub struct ForkedContainer {
     pub vm_id: Option<String>,
     /// Microseconds from the fork request until its vCPUs ran.
     pub running_after_us: u64,
+    /// Its NICs, taken down: it has no address of its own on its parent's network.
+    pub nics_down: Vec<String>,
+}
+
+/// The annotation (in `state`) that says a fork child's NICs are down.
+pub const NETWORK_ANNOTATION: &str = "io.forkvm.network";
+
+/// Asks the agent behind `uds` to take every NIC down; returns their names.
+fn unplug(uds: &Path) -> Result<Vec<String>> {
+    let mut conn = forkvm_agent_proto::client::connect_vsock(
+        uds,
+        forkvm_agent_proto::AGENT_PORT,
+        Duration::from_secs(30),
+    )
+    .context("cannot reach the child's agent")?;
+    match forkvm_agent_proto::client::call(&mut conn, &Request::Unplug)? {
+        Response::Unplugged { nics } => Ok(nics),
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("the agent answered unplug with {other:?}"),
+    }
 }
 
 /// What a container fork did.
@@ -72,6 +96,24 @@ pub fn fork_container(root: &Path, id: &str, count: u32) -> Result<ContainerFork
         state.vsock = child.vsock_uds.clone();
         state.vm_id = find_vm(&vm_root, child.pid);
         state.vm_root = Some(vm_root.clone());
+        // The engine gave the parent its address and has none for the child: the
+        // child's NICs (on TAPs of their own, tied to nothing) go down, and say so.
+        let unplugged = match &child.vsock_uds {
+            Some(uds) => unplug(uds).unwrap_or_else(|e| {
+                tracing::warn!("cannot take the NICs of {}'s fork down: {e:#}", id);
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        if !unplugged.is_empty() {
+            state.annotations.insert(
+                NETWORK_ANNOTATION.into(),
+                format!(
+                    "down: {} (a fork child has no address on its parent's network)",
+                    unplugged.join(", ")
+                ),
+            );
+        }
         state.record_pid(pid)?;
         state.transition(Status::Created)?;
         state.transition(Status::Running)?;
@@ -81,6 +123,7 @@ pub fn fork_container(root: &Path, id: &str, count: u32) -> Result<ContainerFork
             pid,
             vm_id: state.vm_id,
             running_after_us: child.running_after_us,
+            nics_down: unplugged,
         });
     }
     Ok(ContainerFork {

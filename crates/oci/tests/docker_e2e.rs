@@ -33,8 +33,8 @@ const RUNTIME_FLAG: &str = "forkvm-flag";
 const DOCKER_CLI: &str = "/usr/bin/docker";
 
 /// dockerd on the session's scratch space: its own data root, exec root (with its own
-/// containerd), socket and pid file, no networking set-up (no bridge, no iptables: the
-/// containers run with `--network none`), the vfs storage driver (the virtual host's
+/// containerd), socket and pid file, its default networking (the `docker0` bridge,
+/// iptables NAT and the userland proxy for `-p`; IPv4 only), the vfs storage driver (the virtual host's
 /// kernel has overlayfs only as a module it does not load), and the runtime registered
 /// twice: in a daemon.json (`runtimes`) and with `--add-runtime`. The daemon's
 /// runtime is the session's installed forkvm, whose `forkvm.toml` says where its VMs
@@ -80,9 +80,7 @@ fn start_docker() -> Engine {
         p("docker.pid"),
         "-H".into(),
         socket.clone().into(),
-        "--iptables=false".into(),
         "--ip6tables=false".into(),
-        "--bridge=none".into(),
         "--storage-driver".into(),
         "vfs".into(),
     ];
@@ -156,6 +154,14 @@ fn cases(docker: &Engine) {
             let args = docker.run_args_via(RUNTIME_FLAG, &[], &["echo", "via-add-runtime"]);
             let out = docker.expect(&args, None, 0);
             assert_eq!(out.stdout, "via-add-runtime\n", "{out}");
+        },
+    );
+
+    engines::network_cases(
+        docker,
+        &engines::NetworkNames {
+            default_network: "bridge",
+            names_resolve: true,
         },
     );
 

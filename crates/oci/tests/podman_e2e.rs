@@ -8,7 +8,8 @@
 //! imported from an OCI layout with `podman pull oci:DIR` (no registry), then the
 //! cases: output and exit codes, stdin (`-i`), a terminal (`-t`), a detached container
 //! that traps signals (`podman logs`, `exec`, `kill -s USR1`, `stop`, `rm`), `rm -f` of
-//! a running container, and nothing left behind. A failing case prints the runtime's
+//! a running container, podman's default network (CNI) with `-p`, a user-defined
+//! network, and nothing left behind. A failing case prints the runtime's
 //! and the VMs' logs and the session goes on, so one run shows every failure.
 //!
 //! `FORKVM_TEST_RUNTIME=/usr/sbin/runc` runs the same cases with runc, to tell engine
@@ -19,7 +20,7 @@ mod engines;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use engines::{require, runtime, Engine, Kind};
+use engines::{require, runtime, tmpfs_on, Engine, Kind};
 use forkvm_image::fixtures;
 
 /// The fixture image's name once tagged.
@@ -34,6 +35,10 @@ const RUNTIME: &str = "forkvm";
 fn podman() -> Engine {
     let cli = require("podman", "podman");
     require("conmon", "conmon");
+    if forkvm_testhost::in_test_host() {
+        // CNI's host-local IPAM keeps its leases there, read-only in the virtual host.
+        tmpfs_on("/var/lib/cni");
+    }
     // Lower case only: `podman pull oci:DIR` names the image after DIR's path.
     let scratch = tempfile::Builder::new()
         .prefix(&format!("podman-e2e-{}", std::process::id()))
@@ -134,6 +139,14 @@ fn cases(podman: &Engine) {
         );
         assert_eq!(out.stdout, "via-path\n", "{out}");
     });
+
+    engines::network_cases(
+        podman,
+        &engines::NetworkNames {
+            default_network: "podman",
+            names_resolve: false,
+        },
+    );
 
     engines::nothing_left_case(podman);
 }

@@ -1127,3 +1127,239 @@ pub fn nothing_left_case(e: &Engine) {
         e.assert_nothing_left();
     });
 }
+
+/// `GET path` on `addr` over HTTP/1.0; the whole response (status line, headers, body).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    use std::io::Write;
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    conn.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    conn.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// An HTTP server on every host address that answers one GET with `body`; returns its
+/// port, and the peer address it served, once it has.
+pub fn serve_once(body: &'static str) -> (u16, JoinHandle<String>) {
+    use std::io::{BufRead, BufReader, Write};
+    let server = std::net::TcpListener::bind("0.0.0.0:0").expect("cannot listen");
+    let port = server.local_addr().unwrap().port();
+    let served = std::thread::spawn(move || {
+        let (mut conn, peer) = server.accept().expect("accept");
+        let mut reader = BufReader::new(conn.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+            line.clear();
+        }
+        let _ = write!(
+            conn,
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        peer.ip().to_string()
+    });
+    (port, served)
+}
+
+/// What differs between the engines' networks.
+pub struct NetworkNames {
+    /// The engine's default network (`bridge`, `podman`).
+    pub default_network: &'static str,
+    /// Whether containers on a user-defined network resolve each other's names (Docker's
+    /// embedded DNS; podman 4.3 with CNI needs the dnsname plugin, which Debian lacks).
+    pub names_resolve: bool,
+}
+
+/// Removes containers and networks of a case that failed half-way (when dropped while
+/// panicking), so that the cases after it start clean.
+struct OnFailure<'a> {
+    e: &'a Engine,
+    containers: &'a [&'a str],
+    networks: &'a [&'a str],
+}
+
+impl Drop for OnFailure<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for c in self.containers {
+                self.e.cmd(&["rm", "-f", c]);
+            }
+            for n in self.networks {
+                self.e.cmd(&["network", "rm", n]);
+            }
+        }
+    }
+}
+
+/// `inspect` format for a container's `field` (`IPAddress`, `Gateway`) on `network`.
+fn on_network(network: &str, field: &str) -> String {
+    format!("{{{{(index .NetworkSettings.Networks \"{network}\").{field}}}}}")
+}
+
+/// Container networks, as users of runc expect them: the default network with a
+/// published port and the gateway reachable, the address the engine shows being the
+/// VM's; two containers on a user-defined network reaching each other; host networking
+/// refused with a reason.
+pub fn network_cases(e: &Engine, names: &NetworkNames) {
+    let rt = e.runtime_name.as_str();
+    let image = e.image.as_str();
+    e.case(
+        "default network: -p publishes, the engine's address is the VM's, the gateway answers",
+        || {
+            const WEB: &str = "web";
+            let _cleanup = OnFailure {
+                e,
+                containers: &[WEB],
+                networks: &[],
+            };
+            e.ok(&[
+                "run",
+                "-d",
+                "--name",
+                WEB,
+                "--runtime",
+                rt,
+                "-p",
+                "18080:80",
+                image,
+                "sh",
+                "-c",
+                "mkdir -p /www && echo served from the VM > /www/index.html && exec httpd -f -p 80 -h /www",
+            ]);
+            let ip = e.inspect(WEB, &on_network(names.default_network, "IPAddress"));
+            let gateway = e.inspect(WEB, &on_network(names.default_network, "Gateway"));
+            assert!(!ip.is_empty() && !gateway.is_empty(), "{ip:?} {gateway:?}");
+            let inside = e.ok(&["exec", WEB, "ip", "-o", "-4", "addr", "show", "dev", "eth0"]);
+            assert!(
+                inside.contains(&format!("inet {ip}/")),
+                "the engine shows {ip}, the VM has: {inside}"
+            );
+            let direct = e.wait_for(
+                "the container's address to answer the host",
+                Duration::from_secs(60),
+                || {
+                    http_get(&format!("{ip}:80"), "/index.html")
+                        .ok()
+                        .filter(|r| r.contains("served from the VM"))
+                },
+            );
+            assert!(direct.starts_with("HTTP/1."), "{direct}");
+            // What publishes the port, for the transcript.
+            for (program, args) in [
+                ("iptables", &["-t", "nat", "-S"][..]),
+                ("ss", &["-ltnp"][..]),
+            ] {
+                let out = run_command(
+                    Path::new(program),
+                    &args.iter().map(OsString::from).collect::<Vec<_>>(),
+                    &[],
+                    None,
+                    Duration::from_secs(20),
+                );
+                println!("$ {program} {}\n{}{}", args.join(" "), out.stdout, out.stderr);
+            }
+            let page = e.wait_for(
+                "the published port to answer",
+                Duration::from_secs(60),
+                || {
+                    http_get("127.0.0.1:18080", "/index.html")
+                        .ok()
+                        .filter(|r| r.contains("served from the VM"))
+                },
+            );
+            assert!(page.starts_with("HTTP/1."), "{page}");
+            let (port, served) = serve_once("hello from the gateway");
+            let out = e.ok(&[
+                "exec",
+                WEB,
+                "wget",
+                "-qO-",
+                &format!("http://{gateway}:{port}/file"),
+            ]);
+            assert_eq!(out, "hello from the gateway");
+            assert_eq!(served.join().unwrap(), ip, "the host saw the container's address");
+            e.ok(&["rm", "-f", WEB]);
+        },
+    );
+    e.case(
+        "a user-defined network: containers reach each other",
+        || {
+            const NET: &str = "fknet";
+            let _cleanup = OnFailure {
+                e,
+                containers: &["peer-a"],
+                networks: &[NET],
+            };
+            e.ok(&["network", "create", NET]);
+            e.ok(&[
+                "run",
+                "-d",
+                "--name",
+                "peer-a",
+                "--network",
+                NET,
+                "--runtime",
+                rt,
+                image,
+                "sh",
+                "-c",
+                "echo hi from a > /tmp/i && exec httpd -f -p 8080 -h /tmp",
+            ]);
+            let ip = e.inspect("peer-a", &on_network(NET, "IPAddress"));
+            // By address, and by name where the engine resolves names: one container.
+            let mut targets = vec![ip];
+            if names.names_resolve {
+                targets.push("peer-a".to_owned());
+            }
+            let script = targets
+                .iter()
+                .map(|t| format!("wget -qO- http://{t}:8080/i"))
+                .collect::<Vec<_>>()
+                .join(" && ");
+            let out = e.expect(
+                &[
+                    "run",
+                    "--rm",
+                    "--network",
+                    NET,
+                    "--runtime",
+                    rt,
+                    image,
+                    "sh",
+                    "-c",
+                    &script,
+                ],
+                None,
+                0,
+            );
+            assert_eq!(out.stdout, "hi from a\n".repeat(targets.len()), "{out}");
+            e.ok(&["rm", "-f", "peer-a"]);
+            e.ok(&["network", "rm", NET]);
+        },
+    );
+    e.case("--network host is refused, naming why", || {
+        let out = e.cmd(&[
+            "run",
+            "--rm",
+            "--runtime",
+            rt,
+            "--network",
+            "host",
+            image,
+            "true",
+        ]);
+        if runtime_is_forkvm() {
+            assert_ne!(out.code, Some(0), "{out}");
+            assert!(
+                out.stderr.contains("cannot share the host's network"),
+                "{out}"
+            );
+        } else {
+            assert_eq!(out.code, Some(0), "runc shares the host's network: {out}");
+        }
+    });
+}

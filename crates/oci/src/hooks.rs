@@ -3,7 +3,9 @@
 //! Each hook is run as the runtime spec and runc run it: `path` executed with `args`
 //! (`args[0]` is the program's `argv[0]`) and exactly `env` as its environment, the
 //! container's state JSON on its stdin, and killed when it outlives its `timeout`
-//! ([`DEFAULT_TIMEOUT`] when the spec gives none: every wait has a deadline). A hook
+//! ([`DEFAULT_TIMEOUT`] when the spec gives none, at most [`MAX_TIMEOUT`]: every wait
+//! has a deadline), with whatever it started (it runs in a process group of its own). A
+//! hook
 //! fails when it cannot start, exits non-zero, is killed by a signal or times out; the
 //! error names the hook (`hooks.prestart[0]`, its path) and ends with what it wrote to
 //! stderr (the last [`OUTPUT_TAIL`] bytes), so that the engine shows why.
@@ -21,6 +23,8 @@ use oci_spec::runtime::Hook;
 
 /// How long a hook may run when the spec sets no `timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest `timeout` honoured; longer ones are cut to it.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How much of a failed hook's stderr its error quotes.
 pub const OUTPUT_TAIL: usize = 2048;
 
@@ -99,15 +103,20 @@ pub fn run(field: &str, hook: &Hook, state: &[u8]) -> Result<(), HookError> {
     }
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        .process_group(0);
     let mut child = cmd.spawn().map_err(|source| HookError::Spawn {
         field: field.to_owned(),
         path: path.clone(),
         source,
     })?;
-    // The state is small; a hook that does not read it (or exits first) is fine.
+    // Written on a thread: a hook that neither reads it nor exits must still meet its
+    // deadline. A hook that does not read it (or exits first) is fine.
     if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(state);
+        let state = state.to_vec();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&state);
+        });
     }
     // Drained on a thread so that a hook that writes much never blocks on a full pipe;
     // only the tail is kept.
@@ -130,13 +139,14 @@ pub fn run(field: &str, hook: &Hook, state: &[u8]) -> Result<(), HookError> {
     let timeout = hook
         .timeout()
         .and_then(|t| u64::try_from(t).ok())
-        .map_or(DEFAULT_TIMEOUT, Duration::from_secs);
+        .map_or(DEFAULT_TIMEOUT, Duration::from_secs)
+        .min(MAX_TIMEOUT);
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Ok(status),
             Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
+                kill_group(child.id());
                 let _ = child.wait();
                 break Err(format!("timed out after {} s", timeout.as_secs()));
             }
@@ -144,8 +154,8 @@ pub fn run(field: &str, hook: &Hook, state: &[u8]) -> Result<(), HookError> {
             Err(e) => break Err(format!("could not be waited for: {e}")),
         }
     };
-    // A hook's own children may keep stderr open; its tail is only read once the hook
-    // ended, and not waited for past a moment.
+    // A hook's own children may keep stderr open (a hook that succeeded may leave a
+    // daemon behind); its tail is not waited for past a moment.
     let stderr = stderr
         .map(|t| join_within(t, Duration::from_secs(1)))
         .unwrap_or_default();
@@ -164,6 +174,15 @@ pub fn run(field: &str, hook: &Hook, state: &[u8]) -> Result<(), HookError> {
         how,
         stderr,
     })
+}
+
+/// SIGKILL to the process group `pgid` (a hook and what it started).
+fn kill_group(pgid: u32) {
+    if let Ok(pgid) = i32::try_from(pgid) {
+        // SAFETY: kill(2) with a negative pid signals a process group; no memory is
+        // involved.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    }
 }
 
 /// The thread's result if it ends within `limit`, else an empty string.

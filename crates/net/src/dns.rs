@@ -6,7 +6,8 @@
 //! namespace and hands back its answer.
 //!
 //! Guest-fed, so bounded: at most [`MAX_CONNECTIONS`] relay connections at a time,
-//! one query in flight per connection, [`UPSTREAM_TIMEOUT`] per query.
+//! one query in flight per connection, [`UPSTREAM_TIMEOUT`] per query, [`IDLE_TIMEOUT`]
+//! per idle connection, and one log line for all the connections it refuses.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -22,6 +23,9 @@ use forkvm_agent_proto::dns::{read_frame, write_frame, DNS_PORT, MAX_MESSAGE};
 pub const MAX_CONNECTIONS: usize = 16;
 /// How long one query waits for the resolver's answer.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that sends no query for this long is closed (the agent makes a new one
+/// for its next query).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The loopback nameservers of a `resolv.conf`: those the guest cannot reach itself.
 pub fn loopback_nameservers(resolv_conf: &str) -> Vec<IpAddr> {
@@ -55,21 +59,29 @@ impl Relay {
         std::thread::Builder::new()
             .name("dns-relay".into())
             .spawn(move || {
+                // A guest can knock again and again: what is refused is said once.
+                let mut warned = false;
+                let mut warn_once = |msg: String| {
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::warn!("DNS relay: {msg} (said once)");
+                    }
+                };
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
                     if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-                        tracing::warn!(
-                            "DNS relay: more than {MAX_CONNECTIONS} connections, one refused"
-                        );
+                        warn_once(format!("more than {MAX_CONNECTIONS} connections refused"));
                         continue;
                     }
                     let upstream_socket = match socket_in(&netns, upstream) {
                         Ok(s) => s,
                         Err(e) => {
-                            tracing::warn!("DNS relay: no socket in {}: {e}", netns.display());
+                            warn_once(format!("no socket in {}: {e}", netns.display()));
                             continue;
                         }
                     };
+                    if conn.set_read_timeout(Some(IDLE_TIMEOUT)).is_err() {
+                        continue;
+                    }
                     let active = active.clone();
                     active.fetch_add(1, Ordering::SeqCst);
                     let spawned = std::thread::Builder::new().name("dns-conn".into()).spawn({

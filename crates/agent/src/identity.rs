@@ -192,6 +192,8 @@ pub fn set_mac(ifname: &str, mac: [u8; 6]) -> Result<(), IdentityError> {
 pub fn apply(hostname: &str, seed: &[u8], macs: &[String]) -> Result<(), IdentityError> {
     reseed(seed)?;
     set_hostname(hostname)?;
+    // A NIC that was down (unplugged) stays down with its new MAC.
+    let _links = crate::network::links_lock();
     for (i, m) in macs.iter().enumerate() {
         set_mac(&format!("eth{i}"), parse_mac(m)?)?;
     }

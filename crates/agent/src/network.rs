@@ -21,6 +21,16 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 /// Most NICs and routes one request may carry (a guest has a handful).
 const MAX_ITEMS: usize = 64;
 
+/// Held by whatever changes NICs ([`apply`], [`unplug`], a fork's new MACs), which
+/// requests on different connections can ask at once: a fork child's MAC change takes
+/// its NIC down and back up, and must not undo an `unplug` that came meanwhile.
+static LINKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Takes [`LINKS`] (a panic elsewhere while holding it leaves nothing half-locked).
+pub(crate) fn links_lock() -> std::sync::MutexGuard<'static, ()> {
+    LINKS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Why the network could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -195,6 +205,7 @@ impl Rtnl {
 /// Applies [`crate::Request::Unplug`]: every NIC but the loopback goes down (its
 /// addresses stay). Returns their names.
 pub fn unplug() -> Result<Vec<String>, NetworkError> {
+    let _links = links_lock();
     let mut rtnl = Rtnl::open()?;
     let mut nics = Vec::new();
     for link in rtnl.links()? {
@@ -223,6 +234,7 @@ pub fn apply(interfaces: &[NetInterface], routes: &[NetRoute]) -> Result<(), Net
             "at most {MAX_ITEMS} NICs and {MAX_ITEMS} routes"
         )));
     }
+    let _links = links_lock();
     let mut rtnl = Rtnl::open()?;
     let links = rtnl.links()?;
     for iface in interfaces {

@@ -48,6 +48,8 @@ fn unplug(uds: &Path) -> Result<Vec<String>> {
         Duration::from_secs(30),
     )
     .context("cannot reach the child's agent")?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(30)))?;
     match forkvm_agent_proto::client::call(&mut conn, &Request::Unplug)? {
         Response::Unplugged { nics } => Ok(nics),
         Response::Error { message } => bail!("{message}"),
@@ -97,7 +99,8 @@ pub fn fork_container(root: &Path, id: &str, count: u32) -> Result<ContainerFork
         state.vm_id = find_vm(&vm_root, child.pid);
         state.vm_root = Some(vm_root.clone());
         // The engine gave the parent its address and has none for the child: the
-        // child's NICs (on TAPs of their own, tied to nothing) go down, and say so.
+        // child's NICs (on TAPs of their own, tied to nothing) go down, and say so (a
+        // child without NICs has none to take down).
         let unplugged = match &child.vsock_uds {
             Some(uds) => unplug(uds).unwrap_or_else(|e| {
                 tracing::warn!("cannot take the NICs of {}'s fork down: {e:#}", id);

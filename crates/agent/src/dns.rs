@@ -8,7 +8,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -89,22 +89,11 @@ fn relay(
 
 /// A vsock stream to the host's relay port, with a deadline on every answer.
 fn connect_host() -> io::Result<UnixStream> {
-    // SAFETY: creating a socket has no memory-safety preconditions.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor we own.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_vm is plain data; all-zero is valid.
-    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    addr.svm_cid = libc::VMADDR_CID_HOST;
-    addr.svm_port = DNS_RELAY_PORT;
-    // SAFETY: `addr` is a valid sockaddr_vm of the size we pass, `fd` a socket we own.
+    let (sock, addr) = crate::server::vsock_socket(libc::VMADDR_CID_HOST, DNS_RELAY_PORT)?;
+    // SAFETY: `addr` is a valid sockaddr_vm of the size we pass, `sock` a socket we own.
     let r = unsafe {
         libc::connect(
-            fd,
+            sock.as_raw_fd(),
             (&addr as *const libc::sockaddr_vm).cast(),
             std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
         )

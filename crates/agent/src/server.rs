@@ -323,6 +323,27 @@ impl Agent {
 
 /// A vsock stream socket listening on `port` for any CID.
 pub fn listen_vsock(port: u32) -> io::Result<OwnedFd> {
+    let (sock, addr) = vsock_socket(libc::VMADDR_CID_ANY, port)?;
+    // SAFETY: `addr` is a valid sockaddr_vm of the size we pass, `sock` a socket we own.
+    let r = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: listen on a bound socket we own.
+    if unsafe { libc::listen(sock.as_raw_fd(), 64) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sock)
+}
+
+/// A new vsock stream socket, and the address of `(cid, port)` to bind or connect it to.
+pub(crate) fn vsock_socket(cid: u32, port: u32) -> io::Result<(OwnedFd, libc::sockaddr_vm)> {
     // SAFETY: creating a socket has no memory-safety preconditions.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -333,24 +354,9 @@ pub fn listen_vsock(port: u32) -> io::Result<OwnedFd> {
     // SAFETY: sockaddr_vm is plain data; all-zero is valid.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
     addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    addr.svm_cid = libc::VMADDR_CID_ANY;
+    addr.svm_cid = cid;
     addr.svm_port = port;
-    // SAFETY: `addr` is a valid sockaddr_vm of the size we pass.
-    let r = unsafe {
-        libc::bind(
-            fd,
-            (&addr as *const libc::sockaddr_vm).cast(),
-            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: listen on a bound socket we own.
-    if unsafe { libc::listen(fd, 64) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(sock)
+    Ok((sock, addr))
 }
 
 impl session::Processes for Agent {

@@ -98,6 +98,14 @@ pub fn create(g: &Global, log: &Log, a: CreateArgs) -> Result<()> {
             let _ = child.wait();
         }
         remove_vm_of(&dir);
+        // As runc destroys a container whose create failed: poststop runs.
+        let mut stopped = state.clone();
+        stopped.status = crate::state::Status::Stopped;
+        hooks::run_all_logged(
+            "poststop",
+            &plan.hooks.poststop,
+            &stopped.to_runtime_spec_json(),
+        );
         let _ = store.remove(&a.id);
     }
     result
@@ -121,26 +129,30 @@ fn create_in(
     }
     let new_netns = plan.network == NetworkPlan::New;
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (fcntl, unshare) on values it owns.
+    // async-signal-safe system calls (fcntl, unshare) on plain values it copied (the
+    // pipe's descriptor stays open in the child until the exec).
     unsafe {
         cmd.pre_exec(move || {
             // The pipe's read end survives the exec (it was made close-on-exec).
             if libc::fcntl(go_fd, libc::F_SETFD, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if new_netns && libc::unshare(libc::CLONE_NEWNET) != 0 {
+            // Hooks act on the namespaces of the state's pid (`nsenter -t PID -u`): the
+            // monitor's UTS and IPC namespaces are its own, never the host's.
+            let mut flags = libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+            if new_netns {
+                flags |= libc::CLONE_NEWNET;
+            }
+            if libc::unshare(flags) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    let child = monitor.insert(cmd.spawn().with_context(|| {
-        if new_netns {
-            "cannot start the container's monitor in a new network namespace"
-        } else {
-            "cannot start the container's monitor"
-        }
-    })?);
+    let child = monitor.insert(
+        cmd.spawn()
+            .context("cannot start the container's monitor in namespaces of its own")?,
+    );
     drop(go_rx);
     let pid = child.id() as i32;
     // The hooks see the container as runc shows it while creating: its pid is the
@@ -242,8 +254,19 @@ pub fn monitor(g: &Global, log: &Log, a: &MonitorArgs) -> i32 {
 /// Waits until `create` has run the host hooks: "go" on `fd`, which `create` passed to
 /// this process alone. EOF first means `create` ended (it failed or was killed).
 fn wait_for_go(fd: i32) -> Result<()> {
+    // Only a pipe past stdio is taken over: a wrong number must not close another file.
+    // SAFETY: fstat(2) on a descriptor number only reads its metadata into `st`, plain
+    // data for which all-zero is valid.
+    let is_pipe = fd > 2
+        && unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO
+        };
+    if !is_pipe {
+        bail!("--go-fd {fd} is not the pipe create passes");
+    }
     // SAFETY: `fd` is the pipe's read end that `create` left open across our exec for
-    // this function alone; nothing else in this process owns or closes it.
+    // this function alone (checked to be a pipe); nothing else here owns or closes it.
     let pipe = unsafe { std::fs::File::from_raw_fd(fd) };
     let mut word = Vec::new();
     pipe.take(2)
@@ -317,14 +340,15 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     // loopback.
     let networked = !plumbed.network.interfaces.is_empty();
     // A resolver on a loopback address of the namespace (Docker's 127.0.0.11) is
-    // relayed: in the guest that address is its own loopback.
-    let nameservers = if networked {
-        loopback_nameservers(&plan.files)
+    // relayed: in the guest that address is its own loopback. The first such
+    // nameserver is (engines write one).
+    let nameserver = if networked {
+        loopback_nameservers(&plan.files).first().copied()
     } else {
-        Vec::new()
+        None
     };
-    let _dns_relay = match nameservers.first() {
-        Some(&upstream) => Some(
+    let _dns_relay = match nameserver {
+        Some(upstream) => Some(
             forkvm_net::dns::Relay::start(&dns_relay_socket(&uds), &plumbed.netns, upstream)
                 .context("cannot start the DNS relay")?,
         ),
@@ -333,8 +357,8 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     let work = GuestWork {
         process: spec,
         network: networked.then(|| plumbed.network.agent_request()),
-        dns_relay: (!nameservers.is_empty()).then(|| Request::DnsRelay {
-            addresses: nameservers.iter().map(ToString::to_string).collect(),
+        dns_relay: nameserver.map(|ns| Request::DnsRelay {
+            addresses: vec![ns.to_string()],
         }),
     };
     // The VM process inherits this process's own namespace; the engine's it joins.

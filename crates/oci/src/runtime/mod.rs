@@ -5,11 +5,11 @@
 //!
 //! | Verb | What it does here |
 //! |---|---|
-//! | `create` | reads the bundle (refusing what a VM cannot honour, before anything exists), builds the VM's root disk from the bundle's rootfs, and starts the container's **monitor**: a process (this binary, `__monitor`) that boots the VM, waits for its agent and holds the container's stdio. Its pid goes to `--pid-file`: it lives as long as the container and exits with the container's exit code. |
-//! | `start` | tells the monitor to start the process (over `start.sock` in the container's directory) |
+//! | `create` | reads the bundle (refusing what a VM cannot honour, before anything exists) and starts the container's **monitor**: a process (this binary, `__monitor`) in UTS, IPC and (when the bundle's network namespace has no path) network namespaces of its own. It runs the bundle's `prestart` and `createRuntime` hooks with the monitor as the state's `pid` (Docker's network hook configures the monitor's namespace), builds the VM's root disk from the bundle's rootfs, and lets the monitor go on: it ties the namespace's interfaces to TAPs, boots the VM, waits for its agent and holds the container's stdio. Its pid goes to `--pid-file`: it lives as long as the container and exits with the container's exit code. A failed create runs the `poststop` hooks. |
+//! | `start` | tells the monitor to start the process (over `start.sock` in the container's directory), then runs the `poststart` hooks |
 //! | `state`, `list`, `ps` | from the state directory (`--root`), with liveness checked by pid and start time |
 //! | `kill` | signals the monitor, which forwards the signal to the process in the guest (SIGKILL ends the VM at once) |
-//! | `delete` | removes a stopped container (`--force`: kills a running one first) and everything it left |
+//! | `delete` | removes a stopped container (`--force`: kills a running one first) and everything it left, and runs the `poststop` hooks |
 //! | `exec` | runs another process in the container through the guest agent; `--detach` leaves a host process standing for it, as `create` does |
 //! | `pause`, `resume` | pause and resume the whole VM |
 //! | `features` | what this runtime supports, per the runtime spec's features document |

@@ -1,18 +1,19 @@
 //! `create` and the container's monitor process.
 //!
 //! `create` checks the bundle and spawns the monitor (this binary, `__monitor ID`) with
-//! the caller's stdio (or a pty's slave, the master sent to `--console-socket`); when
-//! the bundle asks for a new network namespace, the monitor starts in one of its own.
-//! `create` then runs the bundle's `prestart` and `createRuntime` hooks with the monitor
-//! as the state's `pid` (Docker's network hook moves the container's veth into the
-//! monitor's namespace this way, and rewrites the container's `resolv.conf`), builds
-//! the root disk and tells the monitor to go on. The monitor ties the namespace's interfaces to TAPs, starts its own
-//! session, boots the VM, waits for the agent, then binds `start.sock` in the container's
-//! directory and reports on [`READY_FILE`]; `create` waits for that report, writes
-//! `--pid-file` and returns. On
+//! the caller's stdio (or a pty's slave, the master sent to `--console-socket`), in UTS
+//! and IPC namespaces of its own and, when the bundle asks for a new network namespace,
+//! in one of its own too. `create` then runs the bundle's `prestart` and `createRuntime`
+//! hooks with the monitor as the state's `pid` (Docker's network hook moves the
+//! container's veth into the monitor's namespace this way, and rewrites the container's
+//! `resolv.conf`), builds the root disk and tells the monitor to go on. The monitor ties
+//! the namespace's interfaces to TAPs, starts its own session, boots the VM, waits for
+//! the agent, then binds `start.sock` in the container's directory and reports on
+//! [`READY_FILE`]; `create` waits for that report, writes `--pid-file` and returns. On
 //! `start` the monitor has the agent run the process and relays its stdio until it
 //! exits, then exits with its exit code: the monitor is the container's process on the
-//! host. A create that fails leaves no state, VM or process behind.
+//! host. A create that fails leaves no state, VM or process behind (and runs the
+//! `poststop` hooks).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};

@@ -82,7 +82,6 @@ impl Relay {
                     if conn.set_read_timeout(Some(IDLE_TIMEOUT)).is_err() {
                         continue;
                     }
-                    let active = active.clone();
                     active.fetch_add(1, Ordering::SeqCst);
                     let spawned = std::thread::Builder::new().name("dns-conn".into()).spawn({
                         let active = active.clone();

@@ -42,6 +42,9 @@ pub enum Error {
         /// The IDs it matches.
         matches: Vec<String>,
     },
+    /// Not a VM ID (32 lowercase hex digits).
+    #[error("invalid VM ID {0:?}: an ID is 32 lowercase hex digits")]
+    InvalidId(String),
     /// A name that cannot be used.
     #[error("invalid VM name {0:?}: use 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit, not 32 hex digits")]
     InvalidName(String),

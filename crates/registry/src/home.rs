@@ -15,6 +15,8 @@ pub const ENV_ROOT: &str = forkvm_config::Setting::Root.var();
 const STATE_FILE: &str = "state.json";
 const CONSOLE_FILE: &str = "console.log";
 const SOCKET_FILE: &str = "api.sock";
+/// Where staged homes wait under a root (not an ID, so [`list`] skips it).
+const STAGING_DIR: &str = ".staged";
 
 /// The default root: `$FORKVM_ROOT`, else `root` in `forkvm.toml`, else `/run/forkvm` for root, else
 /// `$XDG_RUNTIME_DIR/forkvm`, else `/tmp/forkvm-<uid>`; `root` in `forkvm.toml` comes
@@ -124,7 +126,20 @@ impl VmHome {
             }
         }
         let id = new_id();
-        let dir = root.join(&id);
+        let home = Self::make(root, root.join(&id), id, name, parent, init)?;
+        tracing::debug!(id = %home.id, dir = %home.dir.display(), "registered VM");
+        Ok(home)
+    }
+
+    /// Makes the home directory `dir` (0700) of VM `id` and its first state.
+    fn make(
+        root: &Path,
+        dir: PathBuf,
+        id: String,
+        name: Option<&str>,
+        parent: Option<&str>,
+        init: impl FnOnce(&mut VmState),
+    ) -> Result<Self, Error> {
         DirBuilder::new()
             .mode(0o700)
             .create(&dir)
@@ -144,8 +159,52 @@ impl VmHome {
             let _ = std::fs::remove_dir_all(&home.dir);
             return Err(e);
         }
-        tracing::debug!(id = %home.id, dir = %home.dir.display(), "registered VM");
         Ok(home)
+    }
+
+    /// Registers VM `id` (a fresh [`new_id`]) ahead of its start without listing it: its
+    /// home is made under `root/.staged/`, where [`list`] does not look, until
+    /// [`VmHome::publish`] moves it into place. A warm fork process does this while it
+    /// waits, so that registering is one rename on the fork's way to running. Staged
+    /// homes whose process is gone are removed on the way (a warm process killed
+    /// together with its pool cannot remove its own).
+    pub fn stage(
+        root: &Path,
+        id: &str,
+        parent: Option<&str>,
+        init: impl FnOnce(&mut VmState),
+    ) -> Result<Self, Error> {
+        if !is_id(id) {
+            return Err(Error::InvalidId(id.to_owned()));
+        }
+        let staging = root.join(STAGING_DIR);
+        ensure_root(&staging)?;
+        prune_staged(&staging);
+        Self::make(
+            root,
+            staged_dir(root, id),
+            id.to_owned(),
+            None,
+            parent,
+            init,
+        )
+    }
+
+    /// Moves a staged home ([`VmHome::stage`]) into place under its ID, where [`list`]
+    /// finds it; a home in place stays where it is. Open files in it (the console log)
+    /// stay open.
+    pub fn publish(&mut self) -> Result<(), Error> {
+        let listed = self.root.join(&self.id);
+        if self.dir == listed {
+            return Ok(());
+        }
+        std::fs::rename(&self.dir, &listed).map_err(Error::io(format!(
+            "cannot move {} to {}",
+            self.dir.display(),
+            listed.display()
+        )))?;
+        self.dir = listed;
+        Ok(())
     }
 
     /// Opens the home of an existing VM by full ID.
@@ -255,6 +314,34 @@ impl VmHome {
     pub fn remove(&self) -> Result<(), Error> {
         std::fs::remove_dir_all(&self.dir)
             .map_err(Error::io(format!("cannot remove {}", self.dir.display())))
+    }
+}
+
+/// Where [`VmHome::stage`] makes the home of VM `id` under `root` (what to remove when
+/// the process that staged it was killed before it could).
+pub fn staged_dir(root: &Path, id: &str) -> PathBuf {
+    root.join(STAGING_DIR).join(id)
+}
+
+/// Removes the staged homes in `staging` whose process is no longer alive; one with an
+/// unreadable state only when it is older than a minute (it may be mid-write).
+fn prune_staged(staging: &Path) {
+    let Ok(rd) = std::fs::read_dir(staging) else {
+        return;
+    };
+    for d in rd.filter_map(Result::ok) {
+        let dir = d.path();
+        let dead = match VmState::read(&dir.join(STATE_FILE)) {
+            Ok(s) => !s.process.is_some_and(|p| p.is_alive()),
+            Err(_) => d
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() > 60)),
+        };
+        if dead {
+            tracing::debug!(dir = %dir.display(), "removing a staged home whose process is gone");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 }
 
@@ -451,5 +538,65 @@ mod tests {
         std::fs::write(r.join("junk"), b"").unwrap();
         std::fs::create_dir(r.join("notanid")).unwrap();
         assert_eq!(list(r).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_staged_home_is_listed_once_published_and_keeps_its_open_files() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        let parent = "cd".repeat(16);
+        let id = new_id();
+        let mut home = VmHome::stage(r, &id, Some(&parent), |s| {
+            s.process = Some(ProcessIdentity::current());
+            s.vcpus = 2;
+        })
+        .unwrap();
+        assert_eq!(home.dir(), staged_dir(r, &id));
+        assert_eq!(mode(home.dir()), 0o700);
+        assert!(list(r).unwrap().is_empty(), "a staged home is listed");
+        let mut console = home.console_writer().unwrap();
+        std::io::Write::write_all(&mut console, b"before ").unwrap();
+
+        home.publish().unwrap();
+        std::io::Write::write_all(&mut console, b"after").unwrap();
+        let listed = list(r).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, id);
+        let s = listed[0].state.as_ref().unwrap();
+        assert_eq!((s.parent.as_deref(), s.vcpus), (Some(parent.as_str()), 2));
+        assert_eq!(home.dir(), r.join(&id));
+        assert_eq!(
+            std::fs::read_to_string(home.console_path()).unwrap(),
+            "before after"
+        );
+        assert!(!staged_dir(r, &id).exists());
+        home.publish().expect("publishing twice is a no-op");
+
+        assert!(matches!(
+            VmHome::stage(r, "../x", None, |_| {}),
+            Err(Error::InvalidId(_))
+        ));
+    }
+
+    #[test]
+    fn staging_removes_staged_homes_whose_process_is_gone() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        // A process that cannot exist (pid above the kernel's limit).
+        let gone = ProcessIdentity {
+            pid: u32::MAX - 1,
+            start_ticks: 1,
+        };
+        let (dead, live) = (new_id(), new_id());
+        VmHome::stage(r, &dead, None, |s| s.process = Some(gone)).unwrap();
+        VmHome::stage(r, &live, None, |s| {
+            s.process = Some(ProcessIdentity::current())
+        })
+        .unwrap();
+        assert!(
+            !staged_dir(r, &dead).exists(),
+            "the dead process's home stayed"
+        );
+        assert!(staged_dir(r, &live).exists());
     }
 }

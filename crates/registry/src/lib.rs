@@ -19,6 +19,8 @@ pub mod state;
 pub mod time;
 
 pub use error::Error;
-pub use home::{default_root, list, new_id, resolve, tail, validate_name, Entry, VmHome, ENV_ROOT};
+pub use home::{
+    default_root, list, new_id, resolve, staged_dir, tail, validate_name, Entry, VmHome, ENV_ROOT,
+};
 pub use liveness::ProcessIdentity;
 pub use state::{write_atomic, Ending, ExitRecord, Observed, Status, VmState, SCHEMA_VERSION};

@@ -2,10 +2,10 @@
 //! and `run`, the OCI runtime's monitor, a VM that forks, `forkvm template fork`).
 //!
 //! It owns one VM from start to end: it receives its [`Launch`] on fd 3 (see
-//! [`forkvm_vmm::launch`]), registers the VM (or opens the home its launcher
-//! registered), boots or restores it, serves its API, reports to the launcher that it
-//! runs, runs it until it ends and records how. The VMs it forks are started as this
-//! same executable. It links the VMM and the VM registry and API, nothing else: no image
+//! [`forkvm_vmm::launch`]), registers the VM (opens the home its launcher registered,
+//! or publishes the one it staged while it waited warm), boots or restores it, serves
+//! its API, reports to the launcher that it runs, runs it until it ends and records
+//! how. The VMs it forks are started as this same executable. It links the VMM and the VM registry and API, nothing else: no image
 //! store, OCI runtime or command-line code.
 
 use std::fs::File;
@@ -14,10 +14,10 @@ use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use forkvm_registry::{Ending, ExitRecord, ProcessIdentity, VmHome, VmState};
+use forkvm_registry::{Ending, ExitRecord, VmHome};
 use forkvm_vmm::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, LaunchError, Launched, Start};
 use forkvm_vmm::warm::Prepared;
-use forkvm_vmm::{ExitReason, VmConfig, Vmm, VmmError};
+use forkvm_vmm::{ExitReason, Vmm, VmmError};
 
 fn main() {
     if let Some(arg) = std::env::args().nth(1) {
@@ -82,26 +82,6 @@ impl Write for Tee {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush()
-    }
-}
-
-/// Registers the VM with this process and the machine `cfg` describes: opens the home
-/// its launcher made, or makes one (a fork child, in one write).
-fn open_home(spec: &HomeSpec, cfg: &VmConfig) -> Result<VmHome> {
-    let record = |s: &mut VmState| {
-        s.process = Some(ProcessIdentity::current());
-        s.vcpus = cfg.vcpus;
-        s.mem_mib = cfg.mem_mib;
-    };
-    match spec {
-        HomeSpec::Registered { root, id } => {
-            let home = VmHome::open(root, id).with_context(|| format!("cannot open VM {id}"))?;
-            home.update(record)
-                .context("cannot record the VMM process")?;
-            Ok(home)
-        }
-        HomeSpec::New(h) => VmHome::create_with(&h.root, None, h.parent.as_deref(), record)
-            .context("cannot register the fork child"),
     }
 }
 
@@ -194,19 +174,15 @@ fn run(mut launched: Launched) -> Result<i32> {
     let prepared = launched.prepared.take();
     let warm = prepared.is_some();
     let mut steps = Steps::new(launched.received);
-    let launch = &launched.launch;
     let mut home = None;
     let started = (|| {
         // Before any thread starts: they all live in the namespace (the TAPs are there).
-        if let Some(netns) = &launch.netns {
+        if let Some(netns) = &launched.launch.netns {
             forkvm_net::join(netns)?;
         }
-        let cfg = match &launch.start {
-            Start::Boot(cfg) => cfg,
-            Start::Restore(payload) => payload.config(),
-        };
-        let h = home.insert(open_home(&launch.home, cfg)?);
+        let h = home.insert(launched.register().context("cannot register the VM")?);
         steps.mark("register");
+        let launch = &launched.launch;
         let console = console(h, &launch.console)?;
         let homes = ChildHomes {
             root: h.root().to_owned(),
@@ -217,6 +193,7 @@ fn run(mut launched: Launched) -> Result<i32> {
         steps.mark("build and resume");
         vmm
     })();
+    let launch = &launched.launch;
     let mut vmm = match started {
         Ok(vmm) => vmm,
         Err(e) => {
@@ -247,6 +224,9 @@ fn run(mut launched: Launched) -> Result<i32> {
             payload
                 .apply_identity_in_background()
                 .context("cannot start the identity thread")?;
+            if let Err(e) = launched.date_published_home(&home) {
+                tracing::warn!("cannot record when the VM was created: {e}");
+            }
             forkvm_api::serve(home, vmm.control_handle()).context("cannot serve the VM's API")?
         }
         // A booted VM reports once its API answers, then fills its fork pool.

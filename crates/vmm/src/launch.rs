@@ -20,11 +20,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use forkvm_registry::{ProcessIdentity, VmHome, VmState};
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 use crate::fork::ChildPayload;
-use crate::warm::{prepare_in_background, Prepared, Warmup};
+use crate::warm::{prepare_in_background, Prepared, Staging, Warmup};
 
 /// The file name of the VM-process executable.
 pub const VMM_BINARY: &str = "forkvm-vmm";
@@ -260,7 +261,7 @@ impl VmProcess {
         self.kill_and_reap();
     }
 
-    fn kill_and_reap(&mut self) {
+    pub(crate) fn kill_and_reap(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -347,11 +348,71 @@ pub struct Launched {
     pub files: Vec<File>,
     /// The VM prepared while the process waited warm, if it was told to.
     pub prepared: Option<Prepared>,
+    /// The home staged while the process waited warm.
+    staged: Option<Staged>,
+    /// When a staged home was published (its creation time to record).
+    published_at_ms: Option<u64>,
     /// When the launch arrived (for a warm process: after its wait).
     pub received: std::time::Instant,
 }
 
+/// A home a warm process staged, and as what.
+#[derive(Debug)]
+struct Staged {
+    staging: Staging,
+    vcpus: u8,
+    home: VmHome,
+}
+
 impl Launched {
+    /// Registers the VM with this process and the machine it starts: opens the home
+    /// its launcher made; or, for a fork child, publishes the home it staged while it
+    /// waited warm (one rename) or makes one (one write).
+    pub fn register(&mut self) -> Result<VmHome, forkvm_registry::Error> {
+        let cfg = match &self.launch.start {
+            Start::Boot(cfg) => cfg,
+            Start::Restore(payload) => payload.config(),
+        };
+        let (vcpus, mem_mib) = (cfg.vcpus, cfg.mem_mib);
+        let record = |s: &mut VmState| {
+            s.process = Some(ProcessIdentity::current());
+            s.vcpus = vcpus;
+            s.mem_mib = mem_mib;
+        };
+        let staged = self.staged.take();
+        match &self.launch.home {
+            HomeSpec::Registered { root, id } => {
+                let home = VmHome::open(root, id)?;
+                home.update(record)?;
+                Ok(home)
+            }
+            HomeSpec::New(homes) => {
+                if let Some(s) = staged {
+                    // Staged as the child of the VM this launch says, of its shape.
+                    if s.staging.homes == *homes && (s.vcpus, s.staging.mem_mib) == (vcpus, mem_mib)
+                    {
+                        let mut home = s.home;
+                        home.publish()?;
+                        self.published_at_ms = Some(forkvm_registry::time::now_ms());
+                        return Ok(home);
+                    }
+                    let _ = s.home.remove();
+                }
+                VmHome::create_with(&homes.root, None, homes.parent.as_deref(), record)
+            }
+        }
+    }
+
+    /// Records, for a home published from a warm process's stage, that the VM was
+    /// created when it was launched, not when the home was staged: a write left for
+    /// after the VM reported running.
+    pub fn date_published_home(&self, home: &VmHome) -> Result<(), forkvm_registry::Error> {
+        match self.published_at_ms {
+            Some(ms) => home.update(|s| s.created_ms = ms).map(drop),
+            None => Ok(()),
+        }
+    }
+
     /// Receives the launch on [`LAUNCH_FD`], set up by [`VmProcess::spawn`] before exec.
     pub fn receive() -> Result<Self, LaunchError> {
         // SAFETY: an all-zero `stat` is a valid value, and fstat only writes into it;
@@ -367,18 +428,35 @@ impl Launched {
         // socket pair, and nothing else in this process owns it.
         let sock = unsafe { UnixStream::from_raw_fd(LAUNCH_FD) };
         let mut prepared = None;
+        let mut staged: Option<Staged> = None;
         let mut warm = false;
         loop {
             let (blob, files) = match forkvm_snapshot::recv_blob(&sock, MAX_LAUNCH_PAYLOAD) {
                 Err(forkvm_snapshot::TransferError::Closed) if warm => {
-                    return Err(LaunchError::Abandoned)
+                    if let Some(s) = staged {
+                        let _ = s.home.remove();
+                    }
+                    return Err(LaunchError::Abandoned);
                 }
                 other => other?,
             };
             match forkvm_snapshot::decode(&blob)? {
                 Received::Warmup(_) if warm => return Err(LaunchError::TwoWarmups),
-                Received::Warmup(w) => {
+                Received::Warmup(mut w) => {
                     warm = true;
+                    let vcpus = w.vcpus;
+                    // A home that cannot be staged is made at the launch instead.
+                    staged = w.stage.take().and_then(|staging| {
+                        staging
+                            .stage(vcpus)
+                            .inspect_err(|e| tracing::warn!("cannot stage a warm VM's home: {e}"))
+                            .ok()
+                            .map(|home| Staged {
+                                staging,
+                                vcpus,
+                                home,
+                            })
+                    });
                     // A VM that cannot be prepared is made at restore instead, where
                     // its error reaches the fork.
                     prepared = prepare_in_background(&w)
@@ -394,6 +472,8 @@ impl Launched {
                         launch: *launch,
                         files,
                         prepared,
+                        staged,
+                        published_at_ms: None,
                         received: std::time::Instant::now(),
                     });
                 }

@@ -6,18 +6,23 @@
 //! vCPU (CPUID, MSRs), then map memory and restore state. A [`ChildPool`] does the
 //! first part before anyone asks: it keeps `size` VM processes started with a
 //! [`Warmup`], each of which has made a [`Prepared`](crate::warm::Prepared) VM (KVM VM, irqchip, PIT, the
-//! vCPU fds with CPUID and MSRs set; see [`crate::warm`]) and waits on its launch
-//! socket. A fork hands a warm
-//! process the memory files and the encoded state; it maps memory, writes the state into
-//! what it prepared and runs. The pool is refilled after each fork, in the background.
+//! vCPU fds with CPUID and MSRs set; see [`crate::warm`]), has registered itself in a
+//! home staged under the state root's `.staged/` (not listed by `ps`), and waits on its
+//! launch socket. A fork hands a warm process the memory files and the encoded state; it
+//! publishes its home (one rename), maps memory, writes the state into what it prepared
+//! and runs. The pool is refilled after each fork, in the background.
 //!
 //! A warm process lives only as long as its socket to the pool: when the forking VM
 //! ends (or is killed), the socket closes and the waiting process exits. One that dies
-//! while waiting is dropped when the pool next looks at it, never handed out.
+//! while waiting is dropped when the pool next looks at it, never handed out. A staged
+//! home is removed by its process when its socket closes, by the pool when it kills the
+//! process or finds it dead, and otherwise (all killed at once) by the next process that
+//! stages under the same root.
 //!
 //! Cost: each waiting process is one idle `forkvm-vmm` (measured: 0.56 MiB private,
 //! the rest of its ~4.4 MiB resident shared with every other `forkvm-vmm`) plus the
-//! kernel's memory for one empty KVM VM and its vCPUs; no guest memory.
+//! kernel's memory for one empty KVM VM and its vCPUs, and a staged home (a directory
+//! and a state file of a few hundred bytes); no guest memory.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -26,7 +31,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::launch::VmProcess;
-use crate::warm::Warmup;
+use crate::warm::{Staging, Warmup};
 
 /// Warm processes a VM keeps once it forks, unless configured otherwise.
 pub const DEFAULT_FORK_POOL: u32 = 2;
@@ -35,9 +40,43 @@ pub const MAX_FORK_POOL: u32 = crate::fork::MAX_CHILDREN;
 /// How long the pool waits before trying again after a warm process failed to start.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
+/// A warm process and the home it staged, if any (removed by the pool when the
+/// process dies or is killed before it was handed out).
+struct Warm {
+    process: VmProcess,
+    staged: Option<PathBuf>,
+}
+
+impl Warm {
+    /// Whether it still runs; the home of one that ended is removed.
+    fn is_alive(&mut self) -> bool {
+        let alive = self.process.is_alive();
+        if !alive {
+            tracing::warn!(
+                pid = self.process.pid(),
+                "a warm fork process died while waiting"
+            );
+            self.remove_staged();
+        }
+        alive
+    }
+
+    /// Kills it and removes its home.
+    fn kill(mut self) {
+        self.process.kill_and_reap();
+        self.remove_staged();
+    }
+
+    fn remove_staged(&mut self) {
+        if let Some(dir) = self.staged.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 struct PoolState {
     /// Oldest first.
-    ready: VecDeque<VmProcess>,
+    ready: VecDeque<Warm>,
     closed: bool,
 }
 
@@ -94,11 +133,11 @@ impl ChildPool {
     /// compete with the children's start).
     pub fn take(&self) -> Option<VmProcess> {
         let mut state = self.shared.lock();
-        while let Some(mut p) = state.ready.pop_front() {
-            if p.is_alive() {
-                return Some(p);
+        while let Some(mut w) = state.ready.pop_front() {
+            if w.is_alive() {
+                // From here the process owns its staged home.
+                return Some(w.process);
             }
-            tracing::warn!(pid = p.pid(), "a warm fork process died while waiting");
         }
         None
     }
@@ -114,7 +153,7 @@ impl ChildPool {
             .lock()
             .ready
             .iter()
-            .map(VmProcess::pid)
+            .map(|w| w.process.pid())
             .collect()
     }
 }
@@ -124,24 +163,29 @@ fn fill(shared: &Shared) {
     loop {
         {
             let mut state = shared.lock();
-            state.ready.retain_mut(VmProcess::is_alive);
+            state.ready.retain_mut(Warm::is_alive);
             while !state.closed && state.ready.len() >= shared.size {
                 state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
-                state.ready.retain_mut(VmProcess::is_alive);
+                state.ready.retain_mut(Warm::is_alive);
             }
             if state.closed {
                 return;
             }
         }
-        match VmProcess::spawn_warm(&shared.exe, &shared.warmup) {
-            Ok(p) => {
+        let warmup = shared.warmup.renewed();
+        match VmProcess::spawn_warm(&shared.exe, &warmup) {
+            Ok(process) => {
+                let w = Warm {
+                    process,
+                    staged: warmup.stage.as_ref().map(Staging::dir),
+                };
                 let mut state = shared.lock();
                 if state.closed {
                     drop(state);
-                    p.kill();
+                    w.kill();
                     return;
                 }
-                state.ready.push_back(p);
+                state.ready.push_back(w);
             }
             Err(e) => {
                 tracing::warn!("cannot start a warm fork process: {e}");
@@ -162,8 +206,8 @@ impl Drop for ChildPool {
             std::mem::take(&mut state.ready)
         };
         self.shared.wake.notify_all();
-        for p in ready {
-            p.kill();
+        for w in ready {
+            w.kill();
         }
         if let Some(t) = self.filler.take() {
             let _ = t.join();
@@ -199,7 +243,15 @@ mod tests {
     #[test]
     fn a_dead_warm_process_is_replaced_and_never_handed_out() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = ChildPool::start(2, Warmup { vcpus: 1 }, waiter(dir.path())).unwrap();
+        let pool = ChildPool::start(
+            2,
+            Warmup {
+                vcpus: 1,
+                stage: None,
+            },
+            waiter(dir.path()),
+        )
+        .unwrap();
         wait_until("the pool to fill", || pool.pids().len() == 2);
         let before = pool.pids();
         kill(before[1]);
@@ -231,7 +283,15 @@ mod tests {
     #[test]
     fn a_dropped_pool_leaves_no_process() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = ChildPool::start(3, Warmup { vcpus: 1 }, waiter(dir.path())).unwrap();
+        let pool = ChildPool::start(
+            3,
+            Warmup {
+                vcpus: 1,
+                stage: None,
+            },
+            waiter(dir.path()),
+        )
+        .unwrap();
         wait_until("the pool to fill", || pool.pids().len() == 3);
         let pids = pool.pids();
         drop(pool);
@@ -244,12 +304,55 @@ mod tests {
     fn a_pool_that_cannot_start_processes_hands_out_none() {
         let pool = ChildPool::start(
             2,
-            Warmup { vcpus: 1 },
+            Warmup {
+                vcpus: 1,
+                stage: None,
+            },
             PathBuf::from("/nonexistent/forkvm-vmm"),
         )
         .unwrap();
         std::thread::sleep(Duration::from_millis(200));
         assert!(pool.take().is_none());
         assert!(pool.pids().is_empty());
+    }
+
+    #[test]
+    fn the_pool_removes_the_homes_of_processes_it_kills_or_finds_dead() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let warmup = Warmup {
+            vcpus: 1,
+            stage: Some(Staging {
+                homes: crate::launch::ChildHomes {
+                    root: root.clone(),
+                    parent: None,
+                },
+                id: forkvm_registry::new_id(),
+                mem_mib: 64,
+            }),
+        };
+        let pool = ChildPool::start(2, warmup, waiter(dir.path())).unwrap();
+        wait_until("the pool to fill", || pool.pids().len() == 2);
+        // The stand-in does not stage: make the homes the processes would have made.
+        let staged: Vec<(u32, PathBuf)> = pool
+            .shared
+            .lock()
+            .ready
+            .iter()
+            .map(|w| (w.process.pid(), w.staged.clone().expect("a staged home")))
+            .collect();
+        assert_ne!(staged[0].1, staged[1].1, "two processes share one ID");
+        for (_, home) in &staged {
+            std::fs::create_dir_all(home).unwrap();
+        }
+
+        kill(staged[0].0);
+        wait_until("the process to die", || !running(staged[0].0));
+        pool.refill();
+        wait_until("the dead process's home to go", || !staged[0].1.exists());
+        assert!(staged[1].1.exists(), "a live process's home was removed");
+
+        drop(pool);
+        assert!(!staged[1].1.exists(), "a killed process's home stayed");
     }
 }

@@ -31,7 +31,7 @@ use crate::vcpu::{
     install_kick_handler, HostCpu, StopSink, VcpuArgs, VcpuError, VcpuHandle, VcpuStop,
 };
 use crate::vm::{Vm, VmArgs, VmError};
-use crate::warm::{Prepared, Warmup};
+use crate::warm::{Prepared, Staging, Warmup};
 use crate::x86::acpi::{write_acpi_tables, AcpiError};
 use crate::x86::boot::{build_cmdline, load_initrd, load_kernel, write_boot_params, BootError};
 use crate::x86::cpu::write_boot_tables;
@@ -227,6 +227,7 @@ impl Vmm {
             Some(h) => h,
             None => HostCpu::query(&vm)?,
         };
+        let vm_us = started.elapsed().as_micros() as u64;
         vm.register_memory(ram.memory())?;
         let mem = ram.memory();
 
@@ -284,6 +285,7 @@ impl Vmm {
             sink: stop.clone(),
         })));
 
+        let legacy_us = started.elapsed().as_micros() as u64;
         // Virtio devices on the MMIO bus.
         let mut setup = DeviceSetup::new(
             &vm,
@@ -320,6 +322,7 @@ impl Vmm {
             Some(snapshot) => Start::Restore(snapshot),
         };
 
+        let devices_us = started.elapsed().as_micros() as u64;
         install_kick_handler().map_err(|e| VmmError::Thread(e.into()))?;
         let pio = Arc::new(pio);
         let mmio = Arc::new(mmio);
@@ -346,7 +349,11 @@ impl Vmm {
             };
             vcpus.push(vcpu.map_err(|source| VmmError::Vcpu { index, source })?);
         }
+        // Where the time went, cumulative from the start (a fork child's T1 is in it).
         tracing::info!(
+            vm_us,
+            legacy_us,
+            devices_us,
             elapsed_us = started.elapsed().as_micros() as u64,
             warm,
             "VM built"
@@ -448,6 +455,13 @@ impl Vmm {
                 self.cfg.fork_pool,
                 Warmup {
                     vcpus: self.cfg.vcpus,
+                    // Each process stages its home under an ID of its own (renewed by
+                    // the pool per process).
+                    stage: self.child_homes.clone().map(|homes| Staging {
+                        homes,
+                        id: forkvm_registry::new_id(),
+                        mem_mib: self.cfg.mem_mib,
+                    }),
                 },
                 exe,
             )

@@ -1,18 +1,71 @@
 //! What a warm VM process makes while it waits to become a fork child: a [`Prepared`]
-//! VM of the shape its [`Warmup`] gives (the parent's side, the pool that keeps such
-//! processes, is [`crate::pool`]).
+//! VM of the shape its [`Warmup`] gives, and its home, staged (the parent's side, the
+//! pool that keeps such processes, is [`crate::pool`]).
 
+use std::path::PathBuf;
+
+use forkvm_registry::{ProcessIdentity, VmHome};
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
+use crate::launch::ChildHomes;
 use crate::vcpu::{create_vcpu, HostCpu, VcpuError};
 use crate::vm::{Vm, VmError};
 
-/// What a warm VM process prepares while it waits: a VM of this shape.
+/// What a warm VM process prepares while it waits: a VM of this shape, and the home it
+/// will be registered in.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Warmup {
     /// Number of vCPUs.
     pub vcpus: u8,
+    /// The home to stage; `None`: the process registers when it is launched.
+    #[serde(default)]
+    pub stage: Option<Staging>,
+}
+
+/// A warm process's home, made while it waits ([`VmHome::stage`]): VM `id`, a child of
+/// `homes.parent` under `homes.root`, not listed until the launch publishes it (one
+/// rename instead of a registration on the fork's way to running).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Staging {
+    /// Where the children of the forking VM register.
+    pub homes: ChildHomes,
+    /// The ID the child will have.
+    pub id: String,
+    /// Guest memory of the VM the child is forked from, in MiB (shown by `ps`).
+    pub mem_mib: u64,
+}
+
+impl Warmup {
+    /// The same warm-up with a fresh ID for the home, for the next process of a pool.
+    pub(crate) fn renewed(&self) -> Self {
+        let mut w = self.clone();
+        if let Some(s) = &mut w.stage {
+            s.id = forkvm_registry::new_id();
+        }
+        w
+    }
+}
+
+impl Staging {
+    /// Stages the home, recording this process and a VM of `vcpus` vCPUs.
+    pub(crate) fn stage(&self, vcpus: u8) -> Result<VmHome, forkvm_registry::Error> {
+        VmHome::stage(
+            &self.homes.root,
+            &self.id,
+            self.homes.parent.as_deref(),
+            |s| {
+                s.process = Some(ProcessIdentity::current());
+                s.vcpus = vcpus;
+                s.mem_mib = self.mem_mib;
+            },
+        )
+    }
+
+    /// Where the staged home is (for the pool to remove after killing its process).
+    pub(crate) fn dir(&self) -> PathBuf {
+        forkvm_registry::staged_dir(&self.homes.root, &self.id)
+    }
 }
 
 /// A VM made ahead of its use: the KVM VM with irqchip and PIT, and its vCPUs created

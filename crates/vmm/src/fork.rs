@@ -6,8 +6,9 @@
 //! not grow with guest memory. Then it launches each child as a `forkvm-vmm` process
 //! (see [`crate::launch`]) with a [`ChildPayload`]: the snapshot, the child's identity,
 //! and the memory files beside it; a warm process of the parent's [`ChildPool`] when one
-//! is ready (its KVM VM and vCPUs already made), a new one otherwise. The child
-//! registers itself under the parent's [`ChildHomes`], maps the files copy-on-write,
+//! is ready (its KVM VM and vCPUs already made, its home staged), a new one otherwise.
+//! The child registers itself under the parent's [`ChildHomes`] (a warm one publishes
+//! the home it staged: one rename), maps the files copy-on-write,
 //! builds (or fills in) its KVM VM, restores every vCPU and device, resumes and reports
 //! that it runs.
 
@@ -230,6 +231,11 @@ pub(crate) fn start_children(
         };
         started.push((child, identity, is_warm));
     }
+    tracing::info!(
+        children = started.len(),
+        sent_after_us = t0.elapsed().as_micros() as u64,
+        "fork payloads sent"
+    );
     let mut children = Vec::with_capacity(started.len());
     let mut failure = None;
     for (child, identity, warm) in started {
@@ -381,8 +387,10 @@ impl ChildPayload {
             return Err(ForkChildError::NoMemory);
         }
         self.check_identity()?;
+        let t = Instant::now();
         let base = files.remove(0);
         let ram = GuestRam::from_layers(base, files, &self.layout)?;
+        let map_us = t.elapsed().as_micros() as u64;
         let mut vmm = Vmm::build(
             &self.snapshot.config,
             ram,
@@ -391,8 +399,17 @@ impl ChildPayload {
             prepared,
         )?;
         vmm.set_child_homes(homes);
+        let built_us = t.elapsed().as_micros() as u64;
         vmm.resume()
             .map_err(|e| ForkChildError::Start(e.to_string()))?;
+        tracing::info!(
+            overlays = self.layout.overlays.len(),
+            extents = self.layout.overlays.iter().map(Vec::len).sum::<usize>(),
+            map_us,
+            built_us,
+            resumed_us = t.elapsed().as_micros() as u64,
+            "restored"
+        );
         Ok(vmm)
     }
 

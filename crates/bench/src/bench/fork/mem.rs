@@ -1,5 +1,6 @@
 //! Memory of a VMM process: guest RAM mappings from `smaps`, the whole process from
-//! `smaps_rollup`.
+//! `smaps_rollup`. What a child costs is its `Anonymous` memory: `Private_*` also counts
+//! pages of the shared guest-memory file that only this process happens to map.
 
 #[allow(unused_imports)]
 use super::*;
@@ -7,7 +8,12 @@ use super::*;
 /// Private memory of a process's guest-RAM mappings, from `/proc/PID/smaps`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct GuestRamMem {
-    /// Private_Clean + Private_Dirty of the guest-RAM mappings, KiB.
+    /// `Anonymous` of the guest-RAM mappings, KiB: the guest pages this process copied
+    /// (written since the fork), what a child costs in guest RAM.
+    pub anon_kib: u64,
+    /// Private_Clean + Private_Dirty of the guest-RAM mappings, KiB. More than the
+    /// copies: a page of the shared memory file that only this process maps counts
+    /// as private too, though it is the same page for every process that maps it later.
     pub private_kib: u64,
     /// Private_Dirty alone, KiB.
     pub private_dirty_kib: u64,
@@ -24,8 +30,12 @@ pub struct Rollup {
     pub rss_kib: u64,
     /// Pss (shared pages divided among the processes mapping them), KiB.
     pub pss_kib: u64,
-    /// Private_Clean + Private_Dirty (+ Private_Hugetlb), KiB.
+    /// Private_Clean + Private_Dirty (+ Private_Hugetlb), KiB (shared-file pages only
+    /// this process maps included, see [`GuestRamMem::private_kib`]).
     pub private_kib: u64,
+    /// `Anonymous`, KiB: memory only this process has (copied guest pages, heap,
+    /// stacks, relocated pages of its executable).
+    pub anon_kib: u64,
 }
 
 /// One process's memory at one moment.
@@ -81,6 +91,7 @@ pub fn parse_smaps(text: &str) -> GuestRamMem {
         };
         match key {
             "Rss" => m.rss_kib += kib(rest),
+            "Anonymous" => m.anon_kib += kib(rest),
             "Private_Clean" => m.private_kib += kib(rest),
             "Private_Dirty" => {
                 let v = kib(rest);
@@ -103,6 +114,7 @@ pub fn parse_rollup(text: &str) -> Rollup {
         match key {
             "Rss" => r.rss_kib += kib(rest),
             "Pss" => r.pss_kib += kib(rest),
+            "Anonymous" => r.anon_kib += kib(rest),
             "Private_Clean" | "Private_Dirty" | "Private_Hugetlb" => r.private_kib += kib(rest),
             _ => {}
         }

@@ -17,17 +17,20 @@ Shared_Dirty:      20000 kB
 Private_Clean:        12 kB
 Private_Dirty:       468 kB
 Referenced:        20480 kB
+Anonymous:           300 kB
 VmFlags: rd wr mr mw me ac sd
 7f0010000000-7f0010200000 rw-p 00000000 00:00 0 
 Size:               2048 kB
 Rss:                2048 kB
 Private_Clean:         0 kB
 Private_Dirty:      2048 kB
+Anonymous:          2048 kB
 7f0020000000-7f0020100000 rw-p 00000000 00:01 5679                       /memfd:forkvm-guest-ram-overlay (deleted)
 Size:               1024 kB
 Rss:                  64 kB
 Private_Clean:         4 kB
 Private_Dirty:        16 kB
+Anonymous:             8 kB
 7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
 Rss:                  16 kB
 Private_Dirty:        16 kB
@@ -43,6 +46,7 @@ Shared_Dirty:      20000 kB
 Private_Clean:       116 kB
 Private_Dirty:      2548 kB
 Referenced:        23000 kB
+Anonymous:          2400 kB
 Private_Hugetlb:       0 kB
 ";
 
@@ -52,6 +56,8 @@ fn smaps_sums_only_the_guest_ram_mappings() {
     assert_eq!(m.mappings, 2);
     assert_eq!(m.private_kib, 12 + 468 + 4 + 16);
     assert_eq!(m.private_dirty_kib, 468 + 16);
+    // The copies: the anonymous stack mapping is not guest RAM.
+    assert_eq!(m.anon_kib, 300 + 8);
     assert_eq!(m.rss_kib, 20480 + 64);
     assert_eq!(parse_smaps(""), GuestRamMem::default());
     assert_eq!(parse_smaps("garbage\nPrivate_Dirty: 5 kB\n").private_kib, 0);
@@ -74,6 +80,7 @@ fn rollup_private_and_pss() {
     assert_eq!(r.rss_kib, 23000);
     assert_eq!(r.pss_kib, 3500, "Pss_Anon must not be added");
     assert_eq!(r.private_kib, 116 + 2548);
+    assert_eq!(r.anon_kib, 2400);
 }
 
 fn child(t1: u64, t2: Option<u64>, guest: u64) -> ChildSample {
@@ -84,13 +91,15 @@ fn child(t1: u64, t2: Option<u64>, guest: u64) -> ChildSample {
         t2_us: t2,
         mem: Some(MemSample {
             guest_ram: GuestRamMem {
-                private_kib: guest,
+                anon_kib: guest,
+                private_kib: guest * 3,
                 ..GuestRamMem::default()
             },
             process: Rollup {
                 rss_kib: 0,
                 pss_kib: guest * 2,
-                private_kib: guest + 1000,
+                private_kib: guest * 3 + 1000,
+                anon_kib: guest + 1000,
             },
         }),
     }
@@ -128,8 +137,8 @@ fn aggregation_per_count() {
     assert_eq!((t1.n, t1.p50, t1.min, t1.max), (2, 2.0, 1.0, 3.0));
     assert!((t1.p99 - 2.98).abs() < 1e-9, "{t1:?}");
     assert_eq!(one.pause_us.unwrap().max, 500.0);
-    assert_eq!(one.guest_private_kib.unwrap().p50, 200.0);
-    assert_eq!(one.process_private_kib.unwrap().p50, 1200.0);
+    assert_eq!(one.guest_copied_kib.unwrap().p50, 200.0);
+    assert_eq!(one.process_anon_kib.unwrap().p50, 1200.0);
     assert_eq!(one.warm, 1);
     assert_eq!(one.last_t1_ms.unwrap().p50, 2.0);
     let two = &s[1];
@@ -167,7 +176,7 @@ fn cold_summary_and_ratios() {
     let v = versus(&summarise(&rounds()), &c);
     assert!((v[0].t1_vs_ready - 2.0 / 100.0).abs() < 1e-12);
     assert!((v[0].t2_vs_agent - 4.0 / 300.0).abs() < 1e-12);
-    assert!((v[0].guest_private - 200.0 / 20_000.0).abs() < 1e-12);
+    assert!((v[0].guest_copied - 200.0 / 20_000.0).abs() < 1e-12);
     assert!(summarise_cold(&[]).is_none());
     let t = table(&summarise(&rounds()), Some(&c), &v);
     let lines: Vec<&str> = t.lines().collect();

@@ -323,7 +323,7 @@ impl Bench<'_> {
                     let r = self.fork(&handle, pool, count, i)?;
                     let s = &summarise(std::slice::from_ref(&r))[0];
                     eprintln!(
-                        "{:>26}  pause {} us, {} warm, T1 p50 {} ms, last {} ms, T2 p50 {} ms ({} no answer), guest-RAM copied p50 {} KiB",
+                        "{:>26}  pause {} us, {} warm, T1 p50 {} ms, last {} ms, T2 p50 {} ms ({} no answer), guest-RAM own p50 {} KiB",
                         format!("pool {pool} fork x{count} {}/{n}", i + 1),
                         r.parent_pause_us,
                         s.warm,
@@ -331,7 +331,7 @@ impl Bench<'_> {
                         ms(s.last_t1_ms),
                         ms(s.t2_ms),
                         s.t2_missing,
-                        s.guest_copied_kib.map_or(0.0, |d| d.p50),
+                        s.guest_own_kib.map_or(0.0, |d| d.p50),
                     );
                     rounds.push(r);
                 }
@@ -639,11 +639,11 @@ pub fn run(args: BenchForkArgs) -> Result<i32> {
     for run in 0..args.cold_runs {
         let c = bench.cold(run)?;
         eprintln!(
-            "{:>18}  ready {} ms, agent {} ms, guest-RAM copied {} KiB",
+            "{:>18}  ready {} ms, agent {} ms, guest-RAM own {} KiB",
             format!("cold boot {}/{}", run + 1, args.cold_runs),
             c.ready_us.map_or(f64::NAN, |t| t as f64 / 1000.0),
             c.agent_us.map_or(f64::NAN, |t| t as f64 / 1000.0),
-            c.mem.map_or(0, |m| m.guest_ram.anon_kib)
+            c.mem.map_or(0, |m| m.guest_ram.private_kib)
         );
         cold.push(c);
     }

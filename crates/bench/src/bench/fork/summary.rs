@@ -103,10 +103,11 @@ pub struct CountSummary {
     pub t2_missing: usize,
     /// Parent pause per fork, us.
     pub pause_us: Option<Dist>,
-    /// Guest-RAM pages each idle child copied (wrote since the fork), KiB.
-    pub guest_copied_kib: Option<Dist>,
+    /// Guest-RAM pages each idle child copied (wrote since the fork: its Anonymous
+    /// guest RAM), KiB.
+    pub guest_own_kib: Option<Dist>,
     /// Anonymous memory of the whole child VMM process, KiB.
-    pub process_anon_kib: Option<Dist>,
+    pub process_own_kib: Option<Dist>,
     /// Pss of the child VMM process, KiB.
     pub pss_kib: Option<Dist>,
 }
@@ -146,8 +147,8 @@ pub fn summarise(rounds: &[ForkRound]) -> Vec<CountSummary> {
                 t2_ms: dist_by(&kids, |c| c.t2_us.map(|t| t as f64 / 1000.0)),
                 t2_missing: kids.iter().filter(|c| c.t2_us.is_none()).count(),
                 pause_us: dist_by(&forks, |r| Some(r.parent_pause_us as f64)),
-                guest_copied_kib: dist_by(&kids, |c| c.mem.map(|m| m.guest_ram.anon_kib as f64)),
-                process_anon_kib: dist_by(&kids, |c| c.mem.map(|m| m.process.anon_kib as f64)),
+                guest_own_kib: dist_by(&kids, |c| c.mem.map(|m| m.guest_ram.anon_kib as f64)),
+                process_own_kib: dist_by(&kids, |c| c.mem.map(|m| m.process.anon_kib as f64)),
                 pss_kib: dist_by(&kids, |c| c.mem.map(|m| m.process.pss_kib as f64)),
             }
         })
@@ -163,11 +164,11 @@ pub struct ColdSummary {
     pub ready_ms: Option<Dist>,
     /// Spawn to agent answer, ms.
     pub agent_ms: Option<Dist>,
-    /// Guest RAM of the idle VMM that it holds alone (anonymous: for a cold boot, all
-    /// the guest wrote), KiB.
-    pub guest_copied_kib: Option<Dist>,
-    /// Anonymous memory of the whole VMM process, KiB.
-    pub process_anon_kib: Option<Dist>,
+    /// Guest RAM of the idle VMM (it maps its memory file alone: all it touched), KiB.
+    pub guest_own_kib: Option<Dist>,
+    /// Memory of the whole VMM process that no other process shares (anonymous, and
+    /// its guest RAM), KiB.
+    pub process_own_kib: Option<Dist>,
     /// Pss of the VMM process, KiB.
     pub pss_kib: Option<Dist>,
 }
@@ -181,8 +182,13 @@ pub fn summarise_cold(cold: &[ColdSample]) -> Option<ColdSummary> {
         boots: cold.len(),
         ready_ms: dist_by(cold, |c| c.ready_us.map(|t| t as f64 / 1000.0)),
         agent_ms: dist_by(cold, |c| c.agent_us.map(|t| t as f64 / 1000.0)),
-        guest_copied_kib: dist_by(cold, |c| c.mem.map(|m| m.guest_ram.anon_kib as f64)),
-        process_anon_kib: dist_by(cold, |c| c.mem.map(|m| m.process.anon_kib as f64)),
+        // A cold-booted VM maps its memory file alone: all of it is its own, shared
+        // with nobody (file pages, so not Anonymous).
+        guest_own_kib: dist_by(cold, |c| c.mem.map(|m| m.guest_ram.private_kib as f64)),
+        process_own_kib: dist_by(cold, |c| {
+            c.mem
+                .map(|m| (m.process.anon_kib + m.guest_ram.private_kib) as f64)
+        }),
         pss_kib: dist_by(cold, |c| c.mem.map(|m| m.process.pss_kib as f64)),
     })
 }
@@ -198,10 +204,10 @@ pub struct Versus {
     pub t1_vs_ready: f64,
     /// T2 p50 / cold spawn-to-agent p50.
     pub t2_vs_agent: f64,
-    /// Child guest-RAM copied p50 / cold guest-RAM copied p50.
-    pub guest_copied: f64,
-    /// Child process anonymous p50 / cold process anonymous p50.
-    pub process_anon: f64,
+    /// Child guest-RAM own p50 / cold guest-RAM own p50.
+    pub guest_own: f64,
+    /// Child process own p50 / cold process own p50.
+    pub process_own: f64,
 }
 
 pub(crate) fn p50_ratio(a: Option<Dist>, b: Option<Dist>) -> f64 {
@@ -220,8 +226,8 @@ pub fn versus(counts: &[CountSummary], cold: &ColdSummary) -> Vec<Versus> {
             count: s.count,
             t1_vs_ready: p50_ratio(s.t1_ms, cold.ready_ms),
             t2_vs_agent: p50_ratio(s.t2_ms, cold.agent_ms),
-            guest_copied: p50_ratio(s.guest_copied_kib, cold.guest_copied_kib),
-            process_anon: p50_ratio(s.process_anon_kib, cold.process_anon_kib),
+            guest_own: p50_ratio(s.guest_own_kib, cold.guest_own_kib),
+            process_own: p50_ratio(s.process_own_kib, cold.process_own_kib),
         })
         .collect()
 }
@@ -320,9 +326,9 @@ pub fn table(counts: &[CountSummary], cold: Option<&ColdSummary>, vs: &[Versus])
         "T2 p99 ms",
         "pause p50 us",
         "pause max us",
-        "guest-RAM copied p50 KiB",
+        "guest-RAM own p50 KiB",
         "max KiB",
-        "process anon p50 KiB",
+        "process own p50 KiB",
         "Pss p50 KiB",
     ];
     let mut rows = vec![header.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>()];
@@ -346,9 +352,9 @@ pub fn table(counts: &[CountSummary], cold: Option<&ColdSummary>, vs: &[Versus])
             cell(s.t2_ms, |d| d.p99),
             cell(s.pause_us, |d| d.p50),
             cell(s.pause_us, |d| d.max),
-            cell(s.guest_copied_kib, |d| d.p50),
-            cell(s.guest_copied_kib, |d| d.max),
-            cell(s.process_anon_kib, |d| d.p50),
+            cell(s.guest_own_kib, |d| d.p50),
+            cell(s.guest_own_kib, |d| d.max),
+            cell(s.process_own_kib, |d| d.p50),
             cell(s.pss_kib, |d| d.p50),
         ]);
     }
@@ -364,9 +370,9 @@ pub fn table(counts: &[CountSummary], cold: Option<&ColdSummary>, vs: &[Versus])
             cell(c.agent_ms, |d| d.p99),
             "-".into(),
             "-".into(),
-            cell(c.guest_copied_kib, |d| d.p50),
-            cell(c.guest_copied_kib, |d| d.max),
-            cell(c.process_anon_kib, |d| d.p50),
+            cell(c.guest_own_kib, |d| d.p50),
+            cell(c.guest_own_kib, |d| d.max),
+            cell(c.process_own_kib, |d| d.p50),
             cell(c.pss_kib, |d| d.p50),
         ]);
     }
@@ -382,9 +388,9 @@ pub fn table(counts: &[CountSummary], cold: Option<&ColdSummary>, vs: &[Versus])
             String::new(),
             String::new(),
             String::new(),
-            report::ratio(v.guest_copied),
+            report::ratio(v.guest_own),
             String::new(),
-            report::ratio(v.process_anon),
+            report::ratio(v.process_own),
             String::new(),
         ]);
     }
@@ -435,10 +441,11 @@ pub fn render(r: &ForkReport) -> String {
          the pool refills between forks).\nT1: fork request -> child reports its vCPUs running; last T1: \
          the fork's last child to run; T2: fork request -> the child's \
          agent answers a ping\nwith the child's hostname; pause: parent vCPUs paused per fork; \
-         guest-RAM copied: Anonymous of the child's\n/memfd:forkvm-guest-ram* mappings \
-         (/proc/PID/smaps: the guest pages it wrote since the fork); process anon / Pss: \
-         Anonymous / Pss of\n/proc/PID/smaps_rollup (Private_* would also count pages of the \
-         shared memory file that only this process maps).\nCold boot: \
+         guest-RAM own: a child's Anonymous\n/memfd:forkvm-guest-ram* memory \
+         (/proc/PID/smaps: the guest pages it copied since the fork; Private_* would also \
+         count\npages of the shared memory file that only it maps), a cold boot's Private_* \
+         (it maps its memory file alone); process own:\nthe process's Anonymous \
+         (/proc/PID/smaps_rollup), plus its guest RAM for a cold boot; Pss: smaps_rollup.\nCold boot: \
          `forkvm boot` spawn -> ready marker on the console (T1 column), -> agent answer (T2).\n",
     );
     out

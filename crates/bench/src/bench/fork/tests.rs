@@ -137,8 +137,8 @@ fn aggregation_per_count() {
     assert_eq!((t1.n, t1.p50, t1.min, t1.max), (2, 2.0, 1.0, 3.0));
     assert!((t1.p99 - 2.98).abs() < 1e-9, "{t1:?}");
     assert_eq!(one.pause_us.unwrap().max, 500.0);
-    assert_eq!(one.guest_copied_kib.unwrap().p50, 200.0);
-    assert_eq!(one.process_anon_kib.unwrap().p50, 1200.0);
+    assert_eq!(one.guest_own_kib.unwrap().p50, 200.0);
+    assert_eq!(one.process_own_kib.unwrap().p50, 1200.0);
     assert_eq!(one.warm, 1);
     assert_eq!(one.last_t1_ms.unwrap().p50, 2.0);
     let two = &s[1];
@@ -176,7 +176,11 @@ fn cold_summary_and_ratios() {
     let v = versus(&summarise(&rounds()), &c);
     assert!((v[0].t1_vs_ready - 2.0 / 100.0).abs() < 1e-12);
     assert!((v[0].t2_vs_agent - 4.0 / 300.0).abs() < 1e-12);
-    assert!((v[0].guest_copied - 200.0 / 20_000.0).abs() < 1e-12);
+    // A cold VM's own guest RAM is all it maps of its memory file (Private_*: 3 x
+    // 20000 in this sample), not its Anonymous memory (none in a real one).
+    assert_eq!(c.guest_own_kib.unwrap().p50, 60_000.0);
+    assert_eq!(c.process_own_kib.unwrap().p50, 21_000.0 + 60_000.0);
+    assert!((v[0].guest_own - 200.0 / 60_000.0).abs() < 1e-12);
     assert!(summarise_cold(&[]).is_none());
     let t = table(&summarise(&rounds()), Some(&c), &v);
     let lines: Vec<&str> = t.lines().collect();

@@ -165,9 +165,7 @@ impl VmHome {
     /// Registers VM `id` (a fresh [`new_id`]) ahead of its start without listing it: its
     /// home is made under `root/.staged/`, where [`list`] does not look, until
     /// [`VmHome::publish`] moves it into place. A warm fork process does this while it
-    /// waits, so that registering is one rename on the fork's way to running. Staged
-    /// homes whose process is gone are removed on the way (a warm process killed
-    /// together with its pool cannot remove its own).
+    /// waits, so that registering is one rename on the fork's way to running.
     pub fn stage(
         root: &Path,
         id: &str,
@@ -177,9 +175,7 @@ impl VmHome {
         if !is_id(id) {
             return Err(Error::InvalidId(id.to_owned()));
         }
-        let staging = root.join(STAGING_DIR);
-        ensure_root(&staging)?;
-        prune_staged(&staging);
+        ensure_root(&root.join(STAGING_DIR))?;
         Self::make(
             root,
             staged_dir(root, id),
@@ -323,10 +319,11 @@ pub fn staged_dir(root: &Path, id: &str) -> PathBuf {
     root.join(STAGING_DIR).join(id)
 }
 
-/// Removes the staged homes in `staging` whose process is no longer alive; one with an
+/// Removes the staged homes under `root` whose process is no longer alive (a warm
+/// process killed together with its pool could not remove its own); one with an
 /// unreadable state only when it is older than a minute (it may be mid-write).
-fn prune_staged(staging: &Path) {
-    let Ok(rd) = std::fs::read_dir(staging) else {
+pub fn prune_staged(root: &Path) {
+    let Ok(rd) = std::fs::read_dir(root.join(STAGING_DIR)) else {
         return;
     };
     for d in rd.filter_map(Result::ok) {
@@ -579,7 +576,7 @@ mod tests {
     }
 
     #[test]
-    fn staging_removes_staged_homes_whose_process_is_gone() {
+    fn pruning_removes_staged_homes_whose_process_is_gone() {
         let root = tempfile::tempdir().unwrap();
         let r = root.path();
         // A process that cannot exist (pid above the kernel's limit).
@@ -593,6 +590,7 @@ mod tests {
             s.process = Some(ProcessIdentity::current())
         })
         .unwrap();
+        prune_staged(r);
         assert!(
             !staged_dir(r, &dead).exists(),
             "the dead process's home stayed"

@@ -20,7 +20,8 @@ pub mod time;
 
 pub use error::Error;
 pub use home::{
-    default_root, list, new_id, resolve, staged_dir, tail, validate_name, Entry, VmHome, ENV_ROOT,
+    default_root, list, new_id, prune_staged, resolve, staged_dir, tail, validate_name, Entry,
+    VmHome, ENV_ROOT,
 };
 pub use liveness::ProcessIdentity;
 pub use state::{write_atomic, Ending, ExitRecord, Observed, Status, VmState, SCHEMA_VERSION};

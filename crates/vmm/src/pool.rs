@@ -16,8 +16,8 @@
 //! ends (or is killed), the socket closes and the waiting process exits. One that dies
 //! while waiting is dropped when the pool next looks at it, never handed out. A staged
 //! home is removed by its process when its socket closes, by the pool when it kills the
-//! process or finds it dead, and otherwise (all killed at once) by the next process that
-//! stages under the same root.
+//! process or finds it dead, and otherwise (all killed at once) by the next pool that
+//! starts under the same root.
 //!
 //! Cost: each waiting process is one idle `forkvm-vmm` (measured: 0.56 MiB private,
 //! the rest of its ~4.4 MiB resident shared with every other `forkvm-vmm`) plus the
@@ -160,6 +160,10 @@ impl ChildPool {
 
 /// The filler thread: keeps `shared.size` live processes ready until the pool closes.
 fn fill(shared: &Shared) {
+    // Homes left by warm processes killed together with an earlier pool.
+    if let Some(stage) = &shared.warmup.stage {
+        forkvm_registry::prune_staged(&stage.homes.root);
+    }
     loop {
         {
             let mut state = shared.lock();

@@ -30,8 +30,11 @@ use crate::warm::Prepared;
 
 /// Most children one fork request may create.
 pub const MAX_CHILDREN: u32 = 1024;
-/// How long a child may take to report that it runs.
+/// How long a fork's children may take to report that they run: this, plus
+/// [`CHILD_START_EACH`] per child (they start at once and share the host's CPUs).
 const CHILD_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// What each child of a fork adds to [`CHILD_START_TIMEOUT`].
+const CHILD_START_EACH: Duration = Duration::from_secs(1);
 
 /// What a fork child starts from (its memory files travel beside it).
 #[derive(Debug, Serialize, Deserialize)]
@@ -238,9 +241,13 @@ pub(crate) fn start_children(
     );
     let mut children = Vec::with_capacity(started.len());
     let mut failure = None;
+    let deadline = Instant::now() + CHILD_START_TIMEOUT + CHILD_START_EACH * started.len() as u32;
     for (child, identity, warm) in started {
         let pid = child.pid();
-        match child.wait_running(CHILD_START_TIMEOUT) {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        match child.wait_running(left) {
             Ok(()) => children.push(ChildInfo {
                 pid,
                 cid: identity.cid,

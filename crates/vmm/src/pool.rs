@@ -244,18 +244,18 @@ mod tests {
         }
     }
 
+    /// A warm-up of one vCPU that stages no home.
+    fn unstaged() -> Warmup {
+        Warmup {
+            vcpus: 1,
+            stage: None,
+        }
+    }
+
     #[test]
     fn a_dead_warm_process_is_replaced_and_never_handed_out() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = ChildPool::start(
-            2,
-            Warmup {
-                vcpus: 1,
-                stage: None,
-            },
-            waiter(dir.path()),
-        )
-        .unwrap();
+        let pool = ChildPool::start(2, unstaged(), waiter(dir.path())).unwrap();
         wait_until("the pool to fill", || pool.pids().len() == 2);
         let before = pool.pids();
         kill(before[1]);
@@ -287,15 +287,7 @@ mod tests {
     #[test]
     fn a_dropped_pool_leaves_no_process() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = ChildPool::start(
-            3,
-            Warmup {
-                vcpus: 1,
-                stage: None,
-            },
-            waiter(dir.path()),
-        )
-        .unwrap();
+        let pool = ChildPool::start(3, unstaged(), waiter(dir.path())).unwrap();
         wait_until("the pool to fill", || pool.pids().len() == 3);
         let pids = pool.pids();
         drop(pool);
@@ -306,15 +298,8 @@ mod tests {
 
     #[test]
     fn a_pool_that_cannot_start_processes_hands_out_none() {
-        let pool = ChildPool::start(
-            2,
-            Warmup {
-                vcpus: 1,
-                stage: None,
-            },
-            PathBuf::from("/nonexistent/forkvm-vmm"),
-        )
-        .unwrap();
+        let pool =
+            ChildPool::start(2, unstaged(), PathBuf::from("/nonexistent/forkvm-vmm")).unwrap();
         std::thread::sleep(Duration::from_millis(200));
         assert!(pool.take().is_none());
         assert!(pool.pids().is_empty());

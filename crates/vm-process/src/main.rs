@@ -5,8 +5,9 @@
 //! [`forkvm_vmm::launch`]), registers the VM (opens the home its launcher registered,
 //! or publishes the one it staged while it waited warm), boots or restores it, serves
 //! its API, reports to the launcher that it runs, runs it until it ends and records
-//! how. The VMs it forks are started as this same executable. It links the VMM and the VM registry and API, nothing else: no image
-//! store, OCI runtime or command-line code.
+//! how. The VMs it forks are started as this same executable. It links the VMM and
+//! the VM registry and API, nothing else: no image store, OCI runtime or command-line
+//! code.
 
 use std::fs::File;
 use std::io::Write;

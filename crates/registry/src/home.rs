@@ -329,7 +329,7 @@ pub fn prune_staged(root: &Path) {
     for d in rd.filter_map(Result::ok) {
         let dir = d.path();
         let dead = match VmState::read(&dir.join(STATE_FILE)) {
-            Ok(s) => !s.process.is_some_and(|p| p.is_alive()),
+            Ok(s) => !s.is_alive(),
             Err(_) => d
                 .metadata()
                 .and_then(|m| m.modified())

@@ -356,6 +356,16 @@ pub struct Launched {
     pub received: std::time::Instant,
 }
 
+/// What a VM process records in its home's state: that it runs the VM, and the VM's
+/// shape (shown by `ps` before the API is asked).
+pub(crate) fn this_process_runs(vcpus: u8, mem_mib: u64) -> impl FnOnce(&mut VmState) {
+    move |s| {
+        s.process = Some(ProcessIdentity::current());
+        s.vcpus = vcpus;
+        s.mem_mib = mem_mib;
+    }
+}
+
 /// A home a warm process staged, and as what.
 #[derive(Debug)]
 struct Staged {
@@ -374,11 +384,7 @@ impl Launched {
             Start::Restore(payload) => payload.config(),
         };
         let (vcpus, mem_mib) = (cfg.vcpus, cfg.mem_mib);
-        let record = |s: &mut VmState| {
-            s.process = Some(ProcessIdentity::current());
-            s.vcpus = vcpus;
-            s.mem_mib = mem_mib;
-        };
+        let record = this_process_runs(vcpus, mem_mib);
         let staged = self.staged.take();
         match &self.launch.home {
             HomeSpec::Registered { root, id } => {

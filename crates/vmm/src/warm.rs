@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use forkvm_registry::{ProcessIdentity, VmHome};
+use forkvm_registry::VmHome;
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
@@ -54,11 +54,7 @@ impl Staging {
             &self.homes.root,
             &self.id,
             self.homes.parent.as_deref(),
-            |s| {
-                s.process = Some(ProcessIdentity::current());
-                s.vcpus = vcpus;
-                s.mem_mib = self.mem_mib;
-            },
+            crate::launch::this_process_runs(vcpus, self.mem_mib),
         )
     }
 

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 pub const AGENT_PORT: u32 = 1024;
 /// Version of this protocol; sent in every [`Response::Pong`]. Bumped when a message
 /// changes meaning or a request the host may rely on is added (3: [`Request::Network`];
-/// 4: [`Request::DnsRelay`], [`Request::Unplug`]).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 4: [`Request::DnsRelay`], [`Request::Unplug`]; 5: [`Request::Network`] replaces a
+/// NIC's addresses and routes, and may name nameservers).
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
 /// `PATH` used for the executable search when [`ProcessSpec::env`] has none.
@@ -33,13 +34,20 @@ pub enum Request {
     },
     /// Take over the network of the container's namespace: each NIC (found by the MAC
     /// the VMM gave it, the namespace interface's) gets that interface's name, MTU and
-    /// addresses and is brought up; then the routes are added. Since version 3.
+    /// addresses and is brought up; then the routes are added. Since version 3. Since
+    /// version 5 the addresses replace those the NIC had and a route replaces one to the
+    /// same destination (a fork child's NIC takes its own address over its parent's), and
+    /// `nameservers`, when given, become the container's `/etc/resolv.conf`.
     Network {
         /// The NICs.
         interfaces: Vec<NetInterface>,
         /// Routes through them.
         #[serde(default)]
         routes: Vec<NetRoute>,
+        /// Nameserver addresses for the container's `/etc/resolv.conf` (at most 8);
+        /// none leaves the file as it is.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        nameservers: Vec<String>,
     },
     /// Answer DNS over UDP on port 53 of each of `addresses` (loopback addresses the
     /// container's `resolv.conf` names but only its network namespace serves, such as
@@ -275,6 +283,7 @@ mod tests {
                 gateway: Some("172.17.0.1".into()),
                 interface: "eth0".into(),
             }],
+            nameservers: Vec::new(),
         };
         assert_eq!(parse_request(line).unwrap(), want);
         assert_eq!(parse_request(&to_line(&want)).unwrap(), want);

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use forkvm_agent_proto::{NetInterface, NetRoute};
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
@@ -183,6 +183,25 @@ impl Rtnl {
             .collect())
     }
 
+    /// The addresses of the NIC with index `index`.
+    fn addresses(&mut self, index: u32) -> Result<Vec<AddressMessage>, NetworkError> {
+        let seq = self
+            .send(
+                RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+                NLM_F_REQUEST | NLM_F_DUMP,
+            )
+            .map_err(kernel("listing addresses"))?;
+        Ok(self
+            .replies(seq, true)
+            .map_err(kernel("listing addresses"))?
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) if a.header.index == index => Some(a),
+                _ => None,
+            })
+            .collect())
+    }
+
     fn set_link(
         &mut self,
         index: u32,
@@ -273,6 +292,17 @@ pub fn apply(interfaces: &[NetInterface], routes: &[NetRoute]) -> Result<(), Net
         .map_err(kernel(format!("{name}: name and MTU {}", iface.mtu)))?;
         rtnl.set_link(index, Vec::new(), Some(true))
             .map_err(kernel(format!("{name}: up")))?;
+        // The addresses it had go (a fork child's NIC has its parent's); its own IPv6
+        // link-local one stays.
+        for old in rtnl.addresses(index)? {
+            let link_local = old.attributes.iter().any(|a| {
+                matches!(a, AddressAttribute::Address(IpAddr::V6(v6)) if v6.segments()[0] & 0xffc0 == 0xfe80)
+            });
+            if !link_local {
+                rtnl.change(RouteNetlinkMessage::DelAddress(old), 0)
+                    .map_err(kernel(format!("{name}: removing an old address")))?;
+            }
+        }
         for a in &iface.addresses {
             let (addr, prefix) = parse_net(a)?;
             let mut msg = AddressMessage::default();
@@ -346,9 +376,71 @@ pub fn apply(interfaces: &[NetInterface], routes: &[NetRoute]) -> Result<(), Net
         );
         rtnl.change(
             RouteNetlinkMessage::NewRoute(msg),
-            NLM_F_CREATE | NLM_F_EXCL,
+            NLM_F_CREATE | NLM_F_REPLACE,
         )
         .map_err(kernel(what))?;
     }
     Ok(())
+}
+
+/// Most nameservers a `resolv.conf` is given (the C library reads three).
+const MAX_NAMESERVERS: usize = 8;
+
+/// The text of a `resolv.conf` naming `nameservers`, each checked to be an address.
+pub fn resolv_conf(nameservers: &[String]) -> Result<String, NetworkError> {
+    if nameservers.len() > MAX_NAMESERVERS {
+        return Err(NetworkError::Invalid(format!(
+            "at most {MAX_NAMESERVERS} nameservers"
+        )));
+    }
+    let mut out = String::from("# written by forkvm\n");
+    for ns in nameservers {
+        let ip: IpAddr = ns
+            .parse()
+            .map_err(|_| NetworkError::Invalid(format!("nameserver {ns:?} is not an address")))?;
+        out.push_str(&format!("nameserver {ip}\n"));
+    }
+    Ok(out)
+}
+
+/// Makes `<root>/etc/resolv.conf` name `nameservers` (a symlink there is replaced, not
+/// followed).
+pub fn write_resolv_conf(
+    root: &std::path::Path,
+    nameservers: &[String],
+) -> Result<(), NetworkError> {
+    let text = resolv_conf(nameservers)?;
+    let etc = root.join("etc");
+    let path = etc.join("resolv.conf");
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&etc)?;
+        let _ = std::fs::remove_file(&path);
+        std::fs::write(&path, &text)
+    };
+    write().map_err(kernel("writing /etc/resolv.conf"))
+}
+
+#[cfg(test)]
+mod resolv_tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_names_checked_nameservers() {
+        let text = resolv_conf(&["10.77.0.1".into(), "fd00::1".into()]).unwrap();
+        assert!(
+            text.contains("nameserver 10.77.0.1\nnameserver fd00::1\n"),
+            "{text}"
+        );
+        assert!(resolv_conf(&["10.0.0.1\nsearch evil".into()]).is_err());
+        assert!(resolv_conf(&vec!["1.1.1.1".to_owned(); 9]).is_err());
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("etc")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent", tmp.path().join("etc/resolv.conf")).unwrap();
+        write_resolv_conf(tmp.path(), &["10.77.0.1".into()]).unwrap();
+        let written = tmp.path().join("etc/resolv.conf");
+        assert!(!written.is_symlink());
+        assert!(std::fs::read_to_string(written)
+            .unwrap()
+            .contains("10.77.0.1"));
+    }
 }

@@ -261,9 +261,23 @@ impl Agent {
                         Ok(())
                     }
                 }),
-            Request::Network { interfaces, routes } => {
-                crate::network::apply(&interfaces, &routes).map_err(|e| e.to_string())
-            }
+            Request::Network {
+                interfaces,
+                routes,
+                nameservers,
+            } => crate::network::apply(&interfaces, &routes)
+                .and_then(|()| {
+                    if nameservers.is_empty() {
+                        return Ok(());
+                    }
+                    let root = if self.config.mode == Mode::Init {
+                        self.config.root.as_path()
+                    } else {
+                        Path::new("/")
+                    };
+                    crate::network::write_resolv_conf(root, &nameservers)
+                })
+                .map_err(|e| e.to_string()),
             Request::DnsRelay { addresses } => crate::dns::start(&addresses),
             Request::Unplug => {
                 return match crate::network::unplug() {

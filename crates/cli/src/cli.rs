@@ -82,8 +82,9 @@ pub struct BootArgs {
     /// to init.
     #[arg(long)]
     pub cmdline: Option<String>,
-    /// A virtio-net card on a TAP device: `tap=NAME[,mac=52:54:00:12:34:56]`.
-    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    /// A virtio-net card on a TAP device: `tap=NAME[,mac=52:54:00:12:34:56]`; with
+    /// `bridge=BR` the TAP is put on that host bridge and brought up.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC][,bridge=BR]")]
     pub nets: Vec<String>,
     /// The virtio-vsock device: `cid=N[,uds=PATH]`.
     #[arg(long, value_name = "cid=N[,uds=PATH]")]
@@ -144,6 +145,14 @@ pub struct RunArgs {
     /// Replace the image's entrypoint (an empty string clears it).
     #[arg(long)]
     pub entrypoint: Option<String>,
+    /// The network: `bridge` (forkvm's own, with NAT to the outside and the host's
+    /// nameservers; the default as root, which it takes) or `none` (only the loopback;
+    /// the default otherwise).
+    #[arg(long)]
+    pub network: Option<String>,
+    /// Publish a guest TCP port on the host: `[IP:]HOST_PORT:CONTAINER_PORT[/tcp]`.
+    #[arg(short, long = "publish", value_name = "[IP:]HOST:CONTAINER")]
+    pub publish: Vec<String>,
     /// Image: a name from `forkvm images`, or an ID (prefix).
     pub image: String,
     /// Command and arguments (default: the image's Cmd).

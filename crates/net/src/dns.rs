@@ -27,8 +27,8 @@ pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// for its next query).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The loopback nameservers of a `resolv.conf`: those the guest cannot reach itself.
-pub fn loopback_nameservers(resolv_conf: &str) -> Vec<IpAddr> {
+/// The `nameserver` addresses of a `resolv.conf`, in order (malformed lines skipped).
+pub fn nameservers(resolv_conf: &str) -> Vec<IpAddr> {
     resolv_conf
         .lines()
         .filter_map(|l| {
@@ -37,6 +37,13 @@ pub fn loopback_nameservers(resolv_conf: &str) -> Vec<IpAddr> {
                 .then(|| words.next()?.parse::<IpAddr>().ok())
                 .flatten()
         })
+        .collect()
+}
+
+/// The loopback nameservers of a `resolv.conf`: those the guest cannot reach itself.
+pub fn loopback_nameservers(resolv_conf: &str) -> Vec<IpAddr> {
+    nameservers(resolv_conf)
+        .into_iter()
         .filter(IpAddr::is_loopback)
         .collect()
 }
@@ -172,6 +179,15 @@ mod tests {
             ]
         );
         assert!(loopback_nameservers("nameserver 8.8.8.8\n").is_empty());
+        assert_eq!(
+            nameservers(conf).len(),
+            3,
+            "every well-formed nameserver, in order"
+        );
+        assert_eq!(
+            nameservers(conf)[1],
+            IpAddr::from(Ipv4Addr::new(10, 0, 0, 2))
+        );
     }
 
     #[test]

@@ -17,9 +17,12 @@
 //! namespace, opens it by name. A failure half-way removes what was made.
 //!
 //! [`dns`] relays the guest's DNS queries for resolvers only the namespace serves
-//! (Docker's `127.0.0.11`).
+//! (Docker's `127.0.0.11`). [`bridge`] is forkvm's own network for VMs no engine puts on
+//! one (`forkvm run`), and [`publish`] relays its published ports.
 
+pub mod bridge;
 pub mod dns;
+pub mod publish;
 
 use std::fs::File;
 use std::net::IpAddr;
@@ -90,6 +93,14 @@ pub enum NetError {
     /// An interface went away while it was being tied to its TAP.
     #[error("the interface {0} vanished from the namespace")]
     Vanished(String),
+    /// A host setting or program failed.
+    #[error("{what}: {detail}")]
+    Host {
+        /// What was done.
+        what: String,
+        /// What went wrong.
+        detail: String,
+    },
 }
 
 fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
@@ -208,6 +219,7 @@ impl Network {
                     interface: r.interface.clone(),
                 })
                 .collect(),
+            nameservers: Vec::new(),
         }
     }
 }

@@ -176,6 +176,33 @@ pub fn relay_stdio(
     code
 }
 
+/// Where the VM process connects the guest's DNS relay: `<vsock uds>_53`.
+pub fn dns_relay_socket(uds: &Path) -> PathBuf {
+    let mut p = uds.as_os_str().to_owned();
+    p.push(format!("_{}", forkvm_agent_proto::dns::DNS_RELAY_PORT));
+    PathBuf::from(p)
+}
+
+/// Has the guest agent on `stream` take each of `requests` (what it gives the guest, and
+/// the request, if any) before anything runs; the first one refused is the error.
+pub fn configure_guest<const N: usize>(
+    stream: &mut UnixStream,
+    requests: [(&str, Option<forkvm_agent_proto::Request>); N],
+) -> Result<()> {
+    use forkvm_agent_proto::Response;
+    for (what, req) in requests {
+        let Some(req) = req else { continue };
+        match forkvm_agent_proto::client::call(stream, &req)
+            .with_context(|| format!("cannot give the guest {what}"))?
+        {
+            Response::Ok => {}
+            Response::Error { message } => bail!("the guest could not take {what}: {message}"),
+            other => bail!("the guest agent answered the request for {what} with {other:?}"),
+        }
+    }
+    Ok(())
+}
+
 /// How long a VM process has to boot its VM and serve its API before it is given up on.
 pub const START_DEADLINE: Duration = Duration::from_secs(120);
 

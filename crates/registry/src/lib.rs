@@ -14,6 +14,7 @@
 
 mod error;
 pub mod home;
+pub mod leases;
 pub mod liveness;
 pub mod state;
 pub mod time;
@@ -23,5 +24,6 @@ pub use home::{
     default_root, list, new_id, prune_staged, resolve, staged_dir, tail, validate_name, Entry,
     VmHome, ENV_ROOT,
 };
+pub use leases::{Lease, LeaseError, Leases, Subnet};
 pub use liveness::ProcessIdentity;
 pub use state::{write_atomic, Ending, ExitRecord, Observed, Status, VmState, SCHEMA_VERSION};

@@ -122,6 +122,10 @@ pub struct VmState {
     pub created_ms: u64,
     /// How it ended, once it has.
     pub exit: Option<ExitRecord>,
+    /// The guest's addresses on forkvm's own network (`address/prefix`, one per NIC on
+    /// it), once it has taken them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
 }
 
 /// What a VM is, as `ps` shows it: the recorded status checked against the process.
@@ -166,6 +170,7 @@ impl VmState {
             parent,
             created_ms: crate::time::now_ms(),
             exit: None,
+            addresses: Vec::new(),
         }
     }
 

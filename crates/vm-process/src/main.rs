@@ -223,7 +223,7 @@ fn run(mut launched: Launched) -> Result<i32> {
             steps.mark("report");
             tracing::info!(warm, "fork child running after {steps}");
             payload
-                .apply_identity_in_background()
+                .apply_identity_in_background(&home)
                 .context("cannot start the identity thread")?;
             if let Err(e) = launched.date_published_home(&home) {
                 tracing::warn!("cannot record when the VM was created: {e}");

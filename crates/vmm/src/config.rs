@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 pub use forkvm_devices::virtio::block::BlockConfig;
-pub use forkvm_devices::virtio::net::NetConfig;
+pub use forkvm_devices::virtio::net::{random_mac, GuestIp, NetConfig};
 pub use forkvm_devices::virtio::vsock::VsockConfig;
 
 /// Default kernel command line: serial console, reboot through the i8042 reset line,

@@ -17,6 +17,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use forkvm_registry::VmHome;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
@@ -421,17 +422,40 @@ impl ChildPayload {
     }
 
     /// Has the guest agent apply the child's identity (entropy, hostname, MACs), on a
-    /// thread of its own, when the VM has vsock.
-    pub fn apply_identity_in_background(&self) -> std::io::Result<()> {
+    /// thread of its own, when the VM has vsock; then NICs on forkvm's own network take
+    /// addresses of their own and join their bridge ([`crate::bridged`]), recorded in
+    /// `home`'s state. A NIC whose guest did not take its identity never joins.
+    pub fn apply_identity_in_background(&self, home: &VmHome) -> std::io::Result<()> {
         let Some(uds) = self.identity.vsock_uds.clone() else {
             return Ok(());
         };
         let identity = self.identity.clone();
+        let nets = self.snapshot.config.nets.clone();
+        let (root, id) = (home.root().to_owned(), home.id().to_owned());
         std::thread::Builder::new()
             .name("identity".into())
-            .spawn(move || match apply_identity(&uds, &identity) {
-                Ok(took) => tracing::info!(?took, "guest agent applied the child identity"),
-                Err(e) => tracing::warn!("guest agent did not apply the child identity: {e}"),
+            .spawn(move || {
+                match apply_identity(&uds, &identity) {
+                    Ok(took) => tracing::info!(?took, "guest agent applied the child identity"),
+                    Err(e) => {
+                        tracing::warn!("guest agent did not apply the child identity: {e}");
+                        return;
+                    }
+                }
+                if !nets.iter().any(|n| n.bridge.is_some()) {
+                    return;
+                }
+                match crate::bridged::take_own_addresses(&nets, &identity.macs, &uds) {
+                    Ok(addresses) => {
+                        tracing::info!(?addresses, "on forkvm's network with addresses of its own");
+                        let recorded = VmHome::open(&root, &id)
+                            .and_then(|h| h.update(|s| s.addresses = addresses));
+                        if let Err(e) = recorded {
+                            tracing::warn!("cannot record the addresses: {e}");
+                        }
+                    }
+                    Err(e) => tracing::warn!("the child stays off its network: {e}"),
+                }
             })
             .map(drop)
     }
@@ -514,6 +538,8 @@ mod tests {
         config.nets = vec![NetConfig {
             tap: "tap-parent".into(),
             mac: None,
+            bridge: None,
+            guest_ip: None,
         }];
         ChildPayload {
             snapshot: VmSnapshot::empty(config),

@@ -7,6 +7,7 @@
 //! block / net / vsock / rng) and starts one thread per vCPU. [`Vmm::run`] drives the
 //! device event loop until the guest powers off or reboots.
 
+pub mod bridged;
 pub mod bus;
 pub mod config;
 pub mod console;

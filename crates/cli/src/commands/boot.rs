@@ -59,22 +59,32 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
     Ok(mac)
 }
 
-/// Parses `tap=NAME[,mac=MAC]`.
+/// Parses `tap=NAME[,mac=MAC][,bridge=BRIDGE]`.
 pub fn parse_net(spec: &str) -> Result<NetConfig> {
     let mut tap = None;
     let mut mac = None;
+    let mut bridge = None;
     for (k, v) in key_values("--net", spec)? {
         match k {
             "tap" => tap = Some(v.to_owned()),
             "mac" => mac = Some(parse_mac(v)?),
-            other => bail!("--net {spec:?}: unknown key {other:?} (expected tap or mac)"),
+            "bridge" if !v.is_empty() && v.len() <= 15 => bridge = Some(v.to_owned()),
+            "bridge" => bail!("--net {spec:?}: a bridge name has 1 to 15 characters"),
+            other => {
+                bail!("--net {spec:?}: unknown key {other:?} (expected tap, mac or bridge)")
+            }
         }
     }
     let tap = tap.with_context(|| format!("--net {spec:?}: tap=NAME is required"))?;
     if tap.is_empty() || tap.len() > 15 {
         bail!("--net {spec:?}: a TAP name has 1 to 15 characters");
     }
-    Ok(NetConfig { tap, mac })
+    Ok(NetConfig {
+        tap,
+        mac,
+        bridge,
+        guest_ip: None,
+    })
 }
 
 /// Parses `cid=N[,uds=PATH]`; the socket defaults to `/tmp/forkvm-<cid>.vsock`.
@@ -235,6 +245,13 @@ mod tests {
             .contains("multicast"));
         assert!(parse_net("tap=t,mac=zz").is_err());
         assert!(parse_net("tap=waytoolongtapname0").is_err());
+        assert_eq!(n.bridge, None);
+        let n = parse_net("tap=t,bridge=br0").unwrap();
+        assert_eq!(n.bridge.as_deref(), Some("br0"));
+        assert!(parse_net("tap=t,bridge=")
+            .unwrap_err()
+            .to_string()
+            .contains("bridge name"));
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! private writable overlay over it. This process is the VMM: it boots the VM, waits
 //! for the agent, asks it to start the process and relays stdin, stdout and stderr over
 //! vsock. Signals this process gets (Ctrl-C) go to the container's process; its exit
-//! code becomes ours. The agent powers the VM off when the process exits.
+//! code becomes ours. The agent powers the VM off when the process exits. The VM is on
+//! forkvm's own network unless `--network none` ([`network`]).
+
+mod network;
 
 use std::path::Path;
 
@@ -186,6 +189,7 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
     // Signals for the container are taken by one thread with sigwait: block them before
     // any thread exists, so every thread (vCPUs included) inherits the mask.
     let signals = ForwardedSignals::block().context("cannot block signals")?;
+    let mode = network::Mode::parse(args.network.as_deref(), &args.publish)?;
     let vcpus = parse_cpus(&args.cpus)?;
     let mem_mib = parse_memory(&args.memory)?;
     let store = Store::open(&Store::default_root()).context("cannot open the image store")?;
@@ -209,13 +213,28 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
     let result = (|| {
         let spec = process_spec(&image.config, &args, &hostname)?;
         let uds = dir.join(vm::VSOCK_SOCKET);
-        let cfg = vm::config(&guest, &rootfs.path, vcpus, mem_mib, &hostname, &uds)?;
+        let mut cfg = vm::config(&guest, &rootfs.path, vcpus, mem_mib, &hostname, &uds)?;
+        // Held until the VM is gone: the lease, the published ports, the DNS relay.
+        let net = match mode {
+            network::Mode::Bridge => {
+                let tap = format!("fkv{}", &home.id()[..12]);
+                Some(network::RunNetwork::up(tap, &uds, &args.publish)?)
+            }
+            network::Mode::None => None,
+        };
+        if let Some(net) = &net {
+            cfg.nets = vec![net.nic.clone()];
+            home.update(|s| s.addresses = vec![net.address.clone()])?;
+        }
         home.record_machine(cfg.vcpus, cfg.mem_mib)?;
         let relay = signals
             .spawn(args.tty)
             .context("cannot start the signal thread")?;
         let tty = args.tty;
-        vm::run(home, &cfg, None, move |s| session(s, spec, relay, tty))
+        let requests = net.as_ref().map(network::RunNetwork::guest_requests);
+        vm::run(home, &cfg, None, move |s| {
+            session(s, spec, requests, relay, tty)
+        })
     })();
     if args.rm {
         let _ = std::fs::remove_dir_all(&dir);
@@ -223,9 +242,19 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
     result
 }
 
-/// Waits for the agent, starts the process and relays its stdio until it exits.
-fn session(s: &vm::Session, spec: ProcessSpec, relay: SignalRelay, tty: bool) -> Result<Outcome> {
-    let stream = s.connect_agent()?;
+/// Waits for the agent, gives the guest its network (`requests`, when it has one),
+/// starts the process and relays its stdio until it exits.
+fn session(
+    s: &vm::Session,
+    spec: ProcessSpec,
+    requests: Option<[(&'static str, Option<forkvm_agent_proto::Request>); 2]>,
+    relay: SignalRelay,
+    tty: bool,
+) -> Result<Outcome> {
+    let mut stream = s.connect_agent()?;
+    if let Some(requests) = requests {
+        vm::configure_guest(&mut stream, requests)?;
+    }
     let session = match client::exec(stream, &spec) {
         Ok(s) => s,
         Err(ExecError::ExecFailed { message, exit_code }) => {

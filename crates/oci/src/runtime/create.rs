@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use forkvm_agent_proto::client::{self, ExecError};
-use forkvm_agent_proto::{ProcessSpec, Request, Response};
+use forkvm_agent_proto::{ProcessSpec, Request};
 use forkvm_registry::{ProcessIdentity, VmHome};
 use serde::{Deserialize, Serialize};
 
@@ -322,6 +322,8 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         .map(|i| forkvm_vmm::NetConfig {
             tap: i.tap.clone(),
             mac: Some(i.mac),
+            bridge: None,
+            guest_ip: None,
         })
         .collect();
     home.record_machine(cfg.vcpus, cfg.mem_mib)?;
@@ -350,7 +352,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     };
     let _dns_relay = match nameserver {
         Some(upstream) => Some(
-            forkvm_net::dns::Relay::start(&dns_relay_socket(&uds), &plumbed.netns, upstream)
+            forkvm_net::dns::Relay::start(&vm::dns_relay_socket(&uds), &plumbed.netns, upstream)
                 .context("cannot start the DNS relay")?,
         ),
         None => None,
@@ -441,13 +443,6 @@ fn loopback_nameservers(files: &[bundle::FileCopy]) -> Vec<std::net::IpAddr> {
     }
 }
 
-/// Where the VMM connects the guest's DNS relay: `<vsock uds>_53`.
-fn dns_relay_socket(uds: &Path) -> PathBuf {
-    let mut p = uds.as_os_str().to_owned();
-    p.push(format!("_{}", forkvm_agent_proto::dns::DNS_RELAY_PORT));
-    PathBuf::from(p)
-}
-
 fn monitor_session(
     s: &vm::Session,
     dir: &Path,
@@ -465,16 +460,10 @@ fn monitor_session(
     let mut stream = s.connect_agent()?;
     // The guest takes the namespace's addresses and routes, and relays DNS, before
     // anything runs.
-    for (req, what) in [(network, "its network"), (dns_relay, "its DNS relay")] {
-        let Some(req) = req else { continue };
-        match client::call(&mut stream, &req)
-            .with_context(|| format!("cannot give the guest {what}"))?
-        {
-            Response::Ok => {}
-            Response::Error { message } => bail!("the guest could not take {what}: {message}"),
-            other => bail!("the guest agent answered the request for {what} with {other:?}"),
-        }
-    }
+    vm::configure_guest(
+        &mut stream,
+        [("its network", network), ("its DNS relay", dns_relay)],
+    )?;
     std::env::set_current_dir(dir)?;
     let _ = std::fs::remove_file(START_SOCKET);
     // Bound by a relative name: engines' state paths can be longer than a socket

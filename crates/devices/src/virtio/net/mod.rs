@@ -43,7 +43,7 @@ use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use self::tap::{open_tap, set_tap_persistent};
+pub use self::tap::{attach_to_bridge, open_tap, set_tap_persistent};
 use super::activation::Activation;
 use super::{device_type, VirtioDevice};
 use crate::{GuestMemory, Persist};
@@ -74,6 +74,24 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest's MAC; a random locally administered one when `None`.
     pub mac: Option<[u8; 6]>,
+    /// The host bridge the TAP is attached to (and brought up on) when the device is
+    /// built: a VM on forkvm's own network. `None` leaves the TAP as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// The guest's address on that network, as `address/prefix`, and its gateway: not
+    /// used by the device, which carries frames only; forkvm gives them to the guest
+    /// through its agent, and a fork child gets an address of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_ip: Option<GuestIp>,
+}
+
+/// A guest NIC's address on forkvm's own network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestIp {
+    /// `address/prefix`, e.g. `10.77.0.2/16`.
+    pub address: String,
+    /// The default gateway through this NIC.
+    pub gateway: String,
 }
 
 /// What of a net device survives a snapshot.
@@ -115,6 +133,9 @@ pub enum NetError {
     /// No random MAC could be made.
     #[error("cannot generate a random MAC")]
     RandomMac(#[source] io::Error),
+    /// The TAP could not be attached to its bridge.
+    #[error("cannot put the TAP on its bridge")]
+    Bridge(#[source] io::Error),
 }
 
 /// A random unicast, locally administered MAC (`x2:..`, `x6:..`, `xA:..` or `xE:..`): the
@@ -151,6 +172,9 @@ impl Net {
     /// Opens the TAP `config.tap` (see [`open_tap`]) and builds the device on it.
     pub fn new(config: NetConfig) -> Result<Self, NetError> {
         let (file, name) = open_tap(&config.tap)?;
+        if let Some(bridge) = &config.bridge {
+            attach_to_bridge(&name, bridge).map_err(NetError::Bridge)?;
+        }
         let mut net = Self::with_backend(file.into(), true, config.mac)?;
         net.tap_name = Some(name);
         Ok(net)
@@ -482,8 +506,11 @@ impl Persist<'_> for Net {
     /// Rebuilds a TAP-backed device from a snapshot.
     fn restore(config: NetConfig, state: &NetState) -> Result<Self, NetError> {
         let mac = config.mac.unwrap_or(state.mac);
+        // A restored NIC (a fork child's) joins its bridge only once its guest has taken
+        // the child's own MAC and address (see forkvm-vmm's `bridged`).
         let mut net = Self::new(NetConfig {
             mac: Some(mac),
+            bridge: None,
             ..config
         })?;
         net.activation

@@ -1,5 +1,5 @@
-//! Opening a TAP interface through `/dev/net/tun` (the only `unsafe` of the net device: the
-//! two TUN ioctls).
+//! Opening a TAP interface through `/dev/net/tun`, and attaching one to a bridge (the only
+//! `unsafe` of the net device: the TUN and interface ioctls).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -79,5 +79,82 @@ pub fn set_tap_persistent(file: &File, persistent: bool) -> io::Result<()> {
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// `SIOCBRADDIF` (`linux/sockios.h`; not in `libc`): adds the interface whose index is in
+/// the `ifreq` to the bridge it names.
+const SIOCBRADDIF: libc::c_ulong = 0x89a2;
+
+/// `struct ifreq` with an `int` in the union (an interface index, or flags).
+#[repr(C)]
+struct IfReqInt {
+    name: [u8; libc::IFNAMSIZ],
+    value: libc::c_int,
+    _pad: [u8; 20],
+}
+
+impl IfReqInt {
+    fn new(name: &str) -> io::Result<Self> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name:?} is not a valid interface name"),
+            ));
+        }
+        let mut ifr = Self {
+            name: [0; libc::IFNAMSIZ],
+            value: 0,
+            _pad: [0; 20],
+        };
+        ifr.name[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(ifr)
+    }
+}
+
+/// One interface ioctl on `sock`, with `ifr` read and written by the kernel.
+fn if_ioctl(
+    sock: &std::os::fd::OwnedFd,
+    request: libc::c_ulong,
+    ifr: &mut IfReqInt,
+) -> io::Result<()> {
+    // SAFETY: `ifr` is a live `struct ifreq` (name, an int in the union, padding to its
+    // 40 bytes) for the whole call; the requests used here read and write only that.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), request as _, ifr as *mut IfReqInt) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Attaches the interface `tap` to the bridge `bridge` and brings it up (both in this
+/// thread's network namespace; takes `CAP_NET_ADMIN`). Attaching it again is not an error.
+pub fn attach_to_bridge(tap: &str, bridge: &str) -> io::Result<()> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket(2) takes no pointers; the descriptor it returns is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let context =
+        |what: String| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+    let mut ifr = IfReqInt::new(tap)?;
+    if_ioctl(&sock, libc::SIOCGIFINDEX as _, &mut ifr)
+        .map_err(context(format!("no interface {tap}")))?;
+    let index = ifr.value;
+    let mut br = IfReqInt::new(bridge)?;
+    br.value = index;
+    match if_ioctl(&sock, SIOCBRADDIF, &mut br) {
+        // EBUSY: it is already a port of this (or another) bridge.
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+        r => r.map_err(context(format!(
+            "cannot attach {tap} to the bridge {bridge}"
+        )))?,
+    }
+    if_ioctl(&sock, libc::SIOCGIFFLAGS as _, &mut ifr).map_err(context(format!("{tap}: flags")))?;
+    ifr.value |= libc::IFF_UP;
+    if_ioctl(&sock, libc::SIOCSIFFLAGS as _, &mut ifr)
+        .map_err(context(format!("cannot bring {tap} up")))?;
     Ok(())
 }

@@ -268,6 +268,8 @@ fn invalid_tap_names_are_rejected() {
         let err = Net::new(NetConfig {
             tap: name.into(),
             mac: None,
+            bridge: None,
+            guest_ip: None,
         })
         .unwrap_err();
         assert!(
@@ -284,6 +286,8 @@ fn real_tap(name: &str) -> Net {
     Net::new(NetConfig {
         tap: name.to_owned(),
         mac: Some(MAC),
+        bridge: None,
+        guest_ip: None,
     })
     .unwrap_or_else(|e| {
         panic!(

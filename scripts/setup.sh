@@ -12,8 +12,9 @@ set -euo pipefail
 # docker.io, podman, containerd (with runc, conmon): the container engines the OCI runtime
 # and the containerd shim are tested under, inside the virtual host; iptables and
 # containernetworking-plugins: their networks (Docker's bridge and NAT, podman's CNI).
+# iperf3: `forkvm bench net` (throughput of a VM and of a runc container).
 PACKAGES=(qemu-system-x86 busybox-static e2fsprogs iproute2 gcc libc6-dev linux-libc-dev curl docker-registry
-  docker.io podman containerd runc conmon iptables containernetworking-plugins)
+  docker.io podman containerd runc conmon iptables containernetworking-plugins iperf3)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

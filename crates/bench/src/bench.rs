@@ -10,8 +10,11 @@
 //! `forkvm bench fork` forks a running guest into children and measures how soon they
 //! run and answer, how long the parent pauses and what each idle child costs in private
 //! memory, beside a cold boot of the same guest (see [`fork`]).
+//!
+//! `forkvm bench net` measures a VM's network against a runc container's (see [`net`]).
 
 mod fork;
+mod net;
 mod probe;
 mod report;
 mod stats;
@@ -34,6 +37,7 @@ pub fn run(what: BenchCommand) -> Result<i32> {
     match what {
         BenchCommand::Boot(a) => boot(a),
         BenchCommand::Fork(a) => fork::run(a),
+        BenchCommand::Net(a) => net::run(a),
     }
 }
 
@@ -386,6 +390,15 @@ fn print_report<R: serde::Serialize>(
         ),
     }
     Ok(0)
+}
+
+/// A benchmark's scratch directory, removed at the end.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,26 @@ pub enum BenchCommand {
     /// guest agent answering, the parent's pause and each idle child's private memory,
     /// beside a cold boot of the same guest.
     Fork(BenchForkArgs),
+    /// Guest↔host TCP throughput (iperf3) and HTTP request latency of a forkvm VM
+    /// against a runc container on the same bridge, alternating.
+    Net(BenchNetArgs),
+}
+
+/// `forkvm bench net`.
+#[derive(Debug, Args)]
+pub struct BenchNetArgs {
+    /// Measured rounds per side (alternating which side goes first).
+    #[arg(long, default_value_t = 4)]
+    pub rounds: usize,
+    /// Seconds of each iperf3 run (one each way per round).
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// HTTP GETs per side, spread over the rounds.
+    #[arg(long, default_value_t = 200)]
+    pub requests: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
+    pub format: BenchFormat,
 }
 
 /// Output format of `forkvm bench`.

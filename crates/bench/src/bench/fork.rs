@@ -40,6 +40,7 @@ use serde::Serialize;
 
 use super::report::{self, Environment, Guest};
 use super::stats::percentile;
+use super::Scratch;
 use crate::cli::BenchForkArgs;
 
 /// Name prefix of the memfd(s) holding guest RAM (base and fork overlays).
@@ -60,15 +61,6 @@ mod summary;
 
 pub use mem::*;
 pub use summary::*;
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Fork children that must not outlive the benchmark.
 #[derive(Default)]

@@ -10,8 +10,9 @@ use serde::Serialize;
 
 /// First eight bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"FORKVMST";
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
+/// The format version this build writes and reads (3: a NIC's bridge and guest address
+/// in the configuration).
+pub const FORMAT_VERSION: u32 = 3;
 /// Largest payload accepted (a VM's state is kilobytes; this bounds a hostile file).
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8;

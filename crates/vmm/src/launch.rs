@@ -501,3 +501,53 @@ impl Launched {
         let _ = (&self.sock).write_all(&out);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{GuestIp, NetConfig};
+
+    /// Launches are bincode, which has no optional fields: every NIC setting must come
+    /// through whether it is set or not.
+    #[test]
+    fn a_launch_decodes_as_it_was_encoded() {
+        let mut cfg = VmConfig::new(Path::new("/k"));
+        cfg.nets = vec![
+            NetConfig {
+                tap: "t0".into(),
+                mac: None,
+                bridge: None,
+                guest_ip: None,
+            },
+            NetConfig {
+                tap: "t1".into(),
+                mac: Some([2, 0, 0, 0, 0, 1]),
+                bridge: Some("forkvm0".into()),
+                guest_ip: Some(GuestIp {
+                    address: "10.77.0.2/16".into(),
+                    gateway: "10.77.0.1".into(),
+                }),
+            },
+        ];
+        let launch = Launch {
+            home: HomeSpec::Registered {
+                root: "/run/forkvm".into(),
+                id: "a".repeat(32),
+            },
+            console: ConsoleSpec::Log,
+            start: Start::Boot(cfg),
+            netns: None,
+        };
+        let blob = encode(&launch).unwrap();
+        let Received::Launch(back) = forkvm_snapshot::decode(&blob).unwrap() else {
+            panic!("not a launch")
+        };
+        let Start::Boot(back) = back.start else {
+            panic!("not a boot")
+        };
+        let Start::Boot(sent) = &launch.start else {
+            unreachable!()
+        };
+        assert_eq!(back.nets, sent.nets);
+    }
+}

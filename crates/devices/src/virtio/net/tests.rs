@@ -95,6 +95,11 @@ fn config_space_has_mac_and_link_up() {
     for bit in [VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS] {
         assert_ne!(f & (1 << bit), 0, "feature bit {bit}");
     }
+    assert_eq!(
+        f & OFFLOAD_FEATURES,
+        0,
+        "a socket backend offers no offloads"
+    );
     let mut cfg = [0xffu8; 10];
     dev.read_config(0, &mut cfg);
     assert_eq!(&cfg[..6], &MAC);
@@ -297,12 +302,39 @@ fn real_tap(name: &str) -> Net {
     })
 }
 
+#[test]
+fn the_tap_hands_over_only_the_offloads_the_guest_took() {
+    let bit = |f: u32| 1u64 << f;
+    assert_eq!(tap_offloads(0), 0);
+    // Segments without checksum offload are useless to the guest: nothing.
+    assert_eq!(tap_offloads(bit(VIRTIO_NET_F_GUEST_TSO4)), 0);
+    assert_eq!(tap_offloads(bit(VIRTIO_NET_F_GUEST_CSUM)), libc::TUN_F_CSUM);
+    assert_eq!(
+        tap_offloads(OFFLOAD_FEATURES),
+        libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN
+    );
+    // ECN only with segmentation; host-side bits say nothing about what the guest takes.
+    assert_eq!(
+        tap_offloads(bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_ECN)),
+        libc::TUN_F_CSUM
+    );
+    assert_eq!(
+        tap_offloads(bit(VIRTIO_NET_F_HOST_TSO4) | bit(VIRTIO_NET_F_CSUM)),
+        0
+    );
+}
+
 /// Creates a real TAP through the device's own code.
 #[test]
 fn real_tap_is_created_with_vnet_hdr() {
     let name = format!("fvtap{}", std::process::id() % 100_000);
     let dev = real_tap(&name);
     assert_eq!(dev.tap_name(), Some(name.as_str()));
+    assert_eq!(
+        dev.avail_features() & OFFLOAD_FEATURES,
+        OFFLOAD_FEATURES,
+        "a TAP offers the offloads"
+    );
     let flags = std::fs::read_to_string(format!("/sys/class/net/{name}/tun_flags")).unwrap();
     let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
     let want = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u32;

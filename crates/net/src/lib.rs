@@ -282,6 +282,24 @@ pub fn plumb(netns: &Path) -> Result<Network, NetError> {
     })
 }
 
+/// The interfaces of `network` (as [`plumb`] found them in `netns`) that are no longer
+/// there: the engine removed them after the VM took them over.
+pub fn vanished(netns: &Path, network: &Network) -> Result<Vec<String>, NetError> {
+    let network = network.clone();
+    in_netns(netns, |handle| async move {
+        let now = links(&handle).await?;
+        Ok(network
+            .interfaces
+            .iter()
+            .filter(|i| {
+                !now.iter()
+                    .any(|l| l.header.index == i.index && link_name(l) == Some(i.name.as_str()))
+            })
+            .map(|i| i.name.clone())
+            .collect())
+    })
+}
+
 /// Removes what [`plumb`] made in `netns`: the TAPs (their filters go with them) and the
 /// interfaces' ingress qdiscs. What is already gone is not an error.
 pub fn unplumb(netns: &Path, network: &Network) -> Result<(), NetError> {

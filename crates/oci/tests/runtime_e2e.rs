@@ -631,6 +631,83 @@ fn body() {
     // The namespace is as the engine made it: the TAP is gone.
     let links = ns.ip(&["-o", "link", "show"]);
     assert!(!links.contains("fktap"), "{links}");
+    drop(ns);
+    let gone = Instant::now() + Duration::from_secs(10);
+    while Path::new("/sys/class/net/fkvm-out0").exists() && Instant::now() < gone {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // --- an engine that gives the namespace its interface only after `create` returned
+    // (a VM takes its NICs at boot): `start` reads the namespace again before the VM
+    // boots, and the guest has the interface.
+    let late = Netns::new("fkvm-rt-late");
+    let late_path = late.path();
+    let b13 = bundle(
+        &t.join("b13"),
+        &[
+            "sh",
+            "-c",
+            "ip -o addr show dev eth0; echo late | nc 10.99.0.1 18123",
+        ],
+        |c| {
+            c["linux"]["namespaces"][2] = json!({"type": "network", "path": late_path});
+        },
+    );
+    env.ok(
+        "c13-create",
+        &["create", "--bundle", b13.to_str().unwrap(), "c13"],
+    );
+    assert_eq!(env.state("c13")["status"], "created");
+    let pid = pid_of(&env.state("c13"));
+    give_eth0(&late, None, "fkvm-out1");
+    let server = std::net::TcpListener::bind("10.99.0.1:18123").unwrap();
+    let served = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (mut conn, _) = server.accept().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(&conn).read_line(&mut line).unwrap();
+        conn.write_all(b"pong to the late one\n").unwrap();
+        line
+    });
+    env.ok("c13-start", &["start", "c13"]);
+    let code = reap(pid, Duration::from_secs(60));
+    let out = env.read("c13-create.out");
+    assert_eq!(
+        code,
+        0,
+        "{out}\n{}\n{}",
+        env.read("c13-create.err"),
+        env.diagnostics()
+    );
+    assert_eq!(served.join().unwrap(), "late\n");
+    assert!(out.contains("inet 10.99.0.2/24"), "{out}");
+    assert!(out.contains("pong to the late one"), "{out}");
+    env.ok("c13-delete", &["delete", "c13"]);
+
+    // --- bad input: the interface the VM took over at create vanishes before start;
+    // start fails naming it, and nothing is left (no monitor, VM or TAP).
+    let b14 = bundle(&t.join("b14"), &["true"], |c| {
+        c["linux"]["namespaces"][2] = json!({"type": "network", "path": late.path()});
+    });
+    env.ok(
+        "c14-create",
+        &["create", "--bundle", b14.to_str().unwrap(), "c14"],
+    );
+    let pid = pid_of(&env.state("c14"));
+    late.ip(&["link", "del", "eth0"]);
+    let out = env.rt("c14-start", &["start", "c14"], None);
+    assert_ne!(out.code, Some(0), "{out}");
+    assert!(
+        out.stderr
+            .contains("eth0 vanished from the container's network namespace"),
+        "{out}"
+    );
+    reap(pid, Duration::from_secs(30));
+    env.ok("c14-delete", &["delete", "c14"]);
+    let links = late.ip(&["-o", "link", "show"]);
+    assert!(!links.contains("fktap"), "{links}");
+    assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
+    drop(late);
 
     // --- a network namespace the runtime makes (no path), configured by a prestart hook
     // the way Docker's libnetwork-setkey configures runc's: a veth end moved into the

@@ -12,7 +12,10 @@
 //! [`READY_FILE`]; `create` waits for that report, writes `--pid-file` and returns. On
 //! `start` the monitor has the agent run the process and relays its stdio until it
 //! exits, then exits with its exit code: the monitor is the container's process on the
-//! host. A create that fails leaves no state, VM or process behind (and runs the
+//! host. A namespace with no interface at `create` may get its interfaces before
+//! `start` (engines that set the network up after `create` returns), and a VM takes its
+//! NICs when it boots: then the monitor reports at once and boots the VM at `start`,
+//! after reading the namespace again. A create that fails leaves no state, VM or process behind (and runs the
 //! `poststop` hooks).
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -48,8 +51,9 @@ pub const MONITOR_LOG: &str = "monitor.log";
 /// Exit code of a monitor whose VM failed (the process's code is unknown).
 pub const EXIT_VM_FAILED: i32 = 255;
 
-/// What the monitor reports once the VM's agent answers.
-#[derive(Debug, Serialize, Deserialize)]
+/// What the monitor reports once the VM's agent answers (or, when the container's
+/// network namespace has no interface yet, before the VM boots at `start`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Ready {
     /// The forkvm VM's id.
     pub vm_id: String,
@@ -290,11 +294,14 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         NetworkPlan::Join(path) => path.clone(),
         NetworkPlan::New => PathBuf::from("/proc/self/ns/net"),
     };
-    let plumbed = Plumbed {
-        network: forkvm_net::plumb(&netns)
-            .with_context(|| format!("cannot join the network of {}", netns.display()))?,
-        netns,
+    let plumb = |netns: &Path| -> Result<Plumbed> {
+        Ok(Plumbed {
+            network: forkvm_net::plumb(netns)
+                .with_context(|| format!("cannot join the network of {}", netns.display()))?,
+            netns: netns.to_owned(),
+        })
     };
+    let mut plumbed = plumb(&netns)?;
     let tty = plan.process.tty;
     helper::own_session(tty)?;
     let guest = vm::container_guest()?;
@@ -313,19 +320,6 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         &hostname,
         &uds,
     )?;
-    // A guest NIC per interface of the namespace, with its MAC, on its TAP; the VM
-    // process joins the namespace to open them.
-    cfg.nets = plumbed
-        .network
-        .interfaces
-        .iter()
-        .map(|i| forkvm_vmm::NetConfig {
-            tap: i.tap.clone(),
-            mac: Some(i.mac),
-            bridge: None,
-            guest_ip: None,
-        })
-        .collect();
     home.record_machine(cfg.vcpus, cfg.mem_mib)?;
     let relay = signals.spawn(tty)?;
     let ready = Ready {
@@ -339,6 +333,44 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     // reported by `monitor`.
     let (tx, rx) = std::sync::mpsc::channel();
     let (vm_root, vm_id) = (home.root().to_owned(), home.id().to_owned());
+    // A namespace with no interface yet may be given its interfaces between `create`
+    // and `start` (engines that configure the network after `create` returns): then
+    // `create` is answered now, and the namespace is read again at `start`, before the
+    // VM boots (a VM takes its NICs at boot).
+    let early_start = if plumbed.network.interfaces.is_empty() {
+        let listener = bind_start_socket(dir)?;
+        helper::write_report(&dir.join(READY_FILE), &Report::Ok(ready.clone()))
+            .context("cannot report the container created")?;
+        *reported = true;
+        let conn = match wait_for_start(&listener, &relay, &|| false)? {
+            Started::Conn(conn) => conn,
+            Started::Killed(sig) => {
+                remove_vm(&vm_root, &vm_id);
+                return Ok(128 + sig);
+            }
+        };
+        plumbed = plumb(&netns)?;
+        if !plumbed.network.interfaces.is_empty() {
+            tracing::info!(
+                interfaces = plumbed.network.interfaces.len(),
+                "the network namespace was given interfaces after create"
+            );
+        }
+        Some(conn)
+    } else {
+        None
+    };
+    cfg.nets = plumbed
+        .network
+        .interfaces
+        .iter()
+        .map(|i| forkvm_vmm::NetConfig {
+            tap: i.tap.clone(),
+            mac: Some(i.mac),
+            bridge: None,
+            guest_ip: None,
+        })
+        .collect();
     // `--network none` leaves a namespace with no interface: the guest has only its
     // loopback.
     let networked = !plumbed.network.interfaces.is_empty();
@@ -363,16 +395,20 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         dns_relay: nameserver.map(|ns| Request::DnsRelay {
             addresses: vec![ns.to_string()],
         }),
+        plumbed: networked.then(|| (plumbed.netns.clone(), plumbed.network.clone())),
     };
     // The VM process inherits this process's own namespace; the engine's it joins.
     let netns = match &plan.network {
         NetworkPlan::Join(path) => Some(path.as_path()),
         NetworkPlan::New => None,
     };
+    // A guest NIC per interface of the namespace, with its MAC, on its TAP (above); the
+    // VM process joins the namespace to open them.
+    let early = early_start.is_some();
     let result = vm::run(home, &cfg, netns, move |s| {
-        monitor_session(s, &dir_owned, ready, work, relay, tty, tx)
+        monitor_session(s, &dir_owned, ready, work, relay, tty, tx, early_start)
     });
-    *reported = rx.try_recv().is_ok();
+    *reported = early || rx.try_recv().is_ok();
     if result.is_err() && !*reported {
         // create never learnt of this VM, so its cleanup cannot remove it; its VMM (this
         // process's) has ended.
@@ -420,6 +456,8 @@ struct GuestWork {
     process: ProcessSpec,
     network: Option<Request>,
     dns_relay: Option<Request>,
+    /// The namespace and what the VM took over from it, checked again at `start`.
+    plumbed: Option<(PathBuf, forkvm_net::Network)>,
 }
 
 /// The loopback nameservers of the `/etc/resolv.conf` the engine binds into the
@@ -443,27 +481,8 @@ fn loopback_nameservers(files: &[bundle::FileCopy]) -> Vec<std::net::IpAddr> {
     }
 }
 
-fn monitor_session(
-    s: &vm::Session,
-    dir: &Path,
-    ready: Ready,
-    work: GuestWork,
-    relay: SignalRelay,
-    tty: bool,
-    reported: std::sync::mpsc::Sender<()>,
-) -> Result<Outcome> {
-    let GuestWork {
-        process: spec,
-        network,
-        dns_relay,
-    } = work;
-    let mut stream = s.connect_agent()?;
-    // The guest takes the namespace's addresses and routes, and relays DNS, before
-    // anything runs.
-    vm::configure_guest(
-        &mut stream,
-        [("its network", network), ("its DNS relay", dns_relay)],
-    )?;
+/// Binds the start socket in the container's directory `dir`, non-blocking.
+fn bind_start_socket(dir: &Path) -> Result<UnixListener> {
     std::env::set_current_dir(dir)?;
     let _ = std::fs::remove_file(START_SOCKET);
     // Bound by a relative name: engines' state paths can be longer than a socket
@@ -471,16 +490,30 @@ fn monitor_session(
     let listener = UnixListener::bind(START_SOCKET)
         .with_context(|| format!("cannot listen on {}", dir.join(START_SOCKET).display()))?;
     listener.set_nonblocking(true)?;
-    helper::write_report(&dir.join(READY_FILE), &Report::Ok(ready))
-        .context("cannot report the VM ready")?;
-    let _ = reported.send(());
-    let mut conn = loop {
-        if s.vm_stopped() {
+    Ok(listener)
+}
+
+/// How the wait for `start` ended.
+enum Started {
+    /// `start` connected and asked.
+    Conn(std::os::unix::net::UnixStream),
+    /// The container was killed while created, with this signal: the process never
+    /// runs.
+    Killed(i32),
+}
+
+/// Waits for `start` on `listener` (or a kill, or `vm_stopped`) and reads its request.
+fn wait_for_start(
+    listener: &UnixListener,
+    relay: &SignalRelay,
+    vm_stopped: &dyn Fn() -> bool,
+) -> Result<Started> {
+    let conn = loop {
+        if vm_stopped() {
             bail!("the VM stopped before the container was started");
         }
         if let Some(sig) = relay.early() {
-            // Killed while created: the process never runs.
-            return Ok(Outcome::NotStarted(128 + sig));
+            return Ok(Started::Killed(sig));
         }
         match listener.accept() {
             Ok((conn, _)) => break conn,
@@ -495,6 +528,64 @@ fn monitor_session(
     BufReader::new(&conn).read_line(&mut line)?;
     if line.trim() != "start" {
         bail!("unexpected request on the start socket: {line:?}");
+    }
+    Ok(Started::Conn(conn))
+}
+
+/// The guest side of the monitor: the network, the report to `create` and the wait for
+/// `start` (unless `create` was answered before the VM booted: then `early_start` is
+/// `start`'s connection), the process, its stdio.
+#[allow(clippy::too_many_arguments)]
+fn monitor_session(
+    s: &vm::Session,
+    dir: &Path,
+    ready: Ready,
+    work: GuestWork,
+    relay: SignalRelay,
+    tty: bool,
+    reported: std::sync::mpsc::Sender<()>,
+    early_start: Option<std::os::unix::net::UnixStream>,
+) -> Result<Outcome> {
+    let GuestWork {
+        process: spec,
+        network,
+        dns_relay,
+        plumbed,
+    } = work;
+    let mut stream = s.connect_agent()?;
+    // The guest takes the namespace's addresses and routes, and relays DNS, before
+    // anything runs.
+    vm::configure_guest(
+        &mut stream,
+        [("its network", network), ("its DNS relay", dns_relay)],
+    )?;
+    let mut conn = match early_start {
+        Some(conn) => conn,
+        None => {
+            let listener = bind_start_socket(dir)?;
+            helper::write_report(&dir.join(READY_FILE), &Report::Ok(ready))
+                .context("cannot report the VM ready")?;
+            let _ = reported.send(());
+            match wait_for_start(&listener, &relay, &|| s.vm_stopped())? {
+                Started::Conn(conn) => conn,
+                // Killed while created: the process never runs.
+                Started::Killed(sig) => return Ok(Outcome::NotStarted(128 + sig)),
+            }
+        }
+    };
+    // An interface the VM took over at create that the engine removed since: the VM
+    // would run cut off, so start fails saying which.
+    if let Some((netns, network)) = &plumbed {
+        let gone = forkvm_net::vanished(netns, network)
+            .with_context(|| format!("cannot read the network of {}", netns.display()))?;
+        if !gone.is_empty() {
+            let msg = format!(
+                "the interface {} vanished from the container's network namespace before start",
+                gone.join(", ")
+            );
+            let _ = writeln!(conn, "error {msg}");
+            bail!(msg);
+        }
     }
     let session = match client::exec(stream, &spec) {
         Ok(session) => {

@@ -270,7 +270,10 @@ pub fn plumb(netns: &Path) -> Result<Network, NetError> {
             match tie(&handle, iface).await {
                 Ok(()) => tied.push(iface),
                 Err(e) => {
-                    for done in tied.iter().copied().chain([iface]) {
+                    // A TAP that could not be made is not ours to remove: its name may
+                    // be another link's.
+                    let half_done = (!matches!(e, NetError::Tap { .. })).then_some(iface);
+                    for done in tied.iter().copied().chain(half_done) {
                         untie(&handle, done).await;
                     }
                     return Err(e);

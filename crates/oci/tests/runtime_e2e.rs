@@ -707,6 +707,37 @@ fn body() {
     let links = late.ip(&["-o", "link", "show"]);
     assert!(!links.contains("fktap"), "{links}");
     assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
+
+    // --- bad input: the TAP for eth0 cannot be made (a link of another kind already
+    // has its name); create fails saying so and leaves the namespace as it was.
+    give_eth0(&late, None, "fkvm-out2");
+    let index = late.ip(&["-o", "link", "show", "dev", "eth0"]);
+    let index = index.split(':').next().unwrap().trim().to_owned();
+    let squatter = format!("fktap{index}");
+    late.ip(&["link", "add", &squatter, "type", "bridge"]);
+    let b15 = bundle(&t.join("b15"), &["true"], |c| {
+        c["linux"]["namespaces"][2] = json!({"type": "network", "path": late.path()});
+    });
+    let out = env.rt(
+        "c15-create",
+        &["create", "--bundle", b15.to_str().unwrap(), "c15"],
+        None,
+    );
+    assert_ne!(out.code, Some(0), "{out}");
+    assert!(
+        out.stderr
+            .contains(&format!("cannot make the TAP {squatter}")),
+        "{out}"
+    );
+    assert!(!env.root().join("c15").exists(), "c15 left state behind");
+    assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
+    let qdiscs = late.exec("tc", &["qdisc", "show", "dev", "eth0"]);
+    assert!(!qdiscs.contains("ingress"), "eth0 left tied: {qdiscs}");
+    let links = late.ip(&["-o", "link", "show"]);
+    assert!(
+        links.contains(&squatter),
+        "another's link was removed: {links}"
+    );
     drop(late);
 
     // --- a network namespace the runtime makes (no path), configured by a prestart hook

@@ -165,41 +165,45 @@ impl Rtnl {
         self.replies(seq, false).map(drop)
     }
 
-    fn links(&mut self) -> Result<Vec<LinkMessage>, NetworkError> {
+    /// A dump (`what` names it in errors): the replies `pick` keeps.
+    fn dump<T>(
+        &mut self,
+        req: RouteNetlinkMessage,
+        what: &str,
+        pick: impl FnMut(RouteNetlinkMessage) -> Option<T>,
+    ) -> Result<Vec<T>, NetworkError> {
         let seq = self
-            .send(
-                RouteNetlinkMessage::GetLink(LinkMessage::default()),
-                NLM_F_REQUEST | NLM_F_DUMP,
-            )
-            .map_err(kernel("listing NICs"))?;
+            .send(req, NLM_F_REQUEST | NLM_F_DUMP)
+            .map_err(kernel(what))?;
         Ok(self
             .replies(seq, true)
-            .map_err(kernel("listing NICs"))?
+            .map_err(kernel(what))?
             .into_iter()
-            .filter_map(|m| match m {
+            .filter_map(pick)
+            .collect())
+    }
+
+    fn links(&mut self) -> Result<Vec<LinkMessage>, NetworkError> {
+        self.dump(
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            "listing NICs",
+            |m| match m {
                 RouteNetlinkMessage::NewLink(l) => Some(l),
                 _ => None,
-            })
-            .collect())
+            },
+        )
     }
 
     /// The addresses of the NIC with index `index`.
     fn addresses(&mut self, index: u32) -> Result<Vec<AddressMessage>, NetworkError> {
-        let seq = self
-            .send(
-                RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-                NLM_F_REQUEST | NLM_F_DUMP,
-            )
-            .map_err(kernel("listing addresses"))?;
-        Ok(self
-            .replies(seq, true)
-            .map_err(kernel("listing addresses"))?
-            .into_iter()
-            .filter_map(|m| match m {
+        self.dump(
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            "listing addresses",
+            |m| match m {
                 RouteNetlinkMessage::NewAddress(a) if a.header.index == index => Some(a),
                 _ => None,
-            })
-            .collect())
+            },
+        )
     }
 
     fn set_link(

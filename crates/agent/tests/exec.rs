@@ -122,13 +122,13 @@ fn stdout_stderr_and_exit_code_are_separate() {
 }
 
 #[test]
-fn ping_answers_protocol_version_4() {
+fn ping_answers_protocol_version_5() {
     let (_agent, mut conn) = agent();
     match client::call(&mut conn, &Request::Ping).unwrap() {
         Response::Pong { version, .. } => assert_eq!(version, PROTOCOL_VERSION),
         other => panic!("{other:?}"),
     }
-    assert_eq!(PROTOCOL_VERSION, 4);
+    assert_eq!(PROTOCOL_VERSION, 5);
     // The same connection keeps serving JSON requests; garbage is answered, not fatal.
     conn.write_all(b"{\"op\":\"format_disk\"}\n").unwrap();
     let mut buf = [0u8; 256];

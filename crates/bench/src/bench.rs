@@ -395,6 +395,26 @@ fn print_report<R: serde::Serialize>(
 /// A benchmark's scratch directory, removed at the end.
 struct Scratch(std::path::PathBuf);
 
+/// What `forkvm bench VERB` runs with: the `forkvm` executable and a scratch directory
+/// of its own (removed when the [`Scratch`] drops). Refuses, saying how to run it in the
+/// virtual KVM host, where KVM is not hardware-accelerated.
+fn bench_setup(verb: &str) -> Result<(std::path::PathBuf, std::path::PathBuf, Scratch)> {
+    let caps = forkvm_testhost::Capabilities::detect();
+    if !caps.hardware_kvm() {
+        bail!(
+            "forkvm bench needs hardware-accelerated KVM (vmx/svm and a usable /dev/kvm), \
+             which this machine lacks:\n{caps}\nRun it in the virtual KVM host: \
+             `cargo xtask testhost --mem 8192 -- target/release/forkvm bench {verb}`"
+        );
+    }
+    let exe =
+        forkvm_config::find_program("forkvm").context("cannot locate the forkvm executable")?;
+    let dir = std::env::temp_dir().join(format!("forkvm-bench-{verb}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let scratch = Scratch(dir.clone());
+    Ok((exe, dir, scratch))
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);

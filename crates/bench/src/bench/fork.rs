@@ -40,7 +40,6 @@ use serde::Serialize;
 
 use super::report::{self, Environment, Guest};
 use super::stats::percentile;
-use super::Scratch;
 use crate::cli::BenchForkArgs;
 
 /// Name prefix of the memfd(s) holding guest RAM (base and fork overlays).
@@ -570,19 +569,7 @@ pub fn run(args: BenchForkArgs) -> Result<i32> {
     if forkvm_guest_kernel::find_agent().is_none() {
         bail!("the guest agent is not built: run `cargo xtask prepare-guest` first");
     }
-    let caps = forkvm_testhost::Capabilities::detect();
-    if !caps.hardware_kvm() {
-        bail!(
-            "forkvm bench needs hardware-accelerated KVM (vmx/svm and a usable /dev/kvm), \
-             which this machine lacks:\n{caps}\nRun it in the virtual KVM host: \
-             `cargo xtask testhost --mem 8192 -- target/release/forkvm bench fork`"
-        );
-    }
-    let exe =
-        forkvm_config::find_program("forkvm").context("cannot locate the forkvm executable")?;
-    let dir = std::env::temp_dir().join(format!("forkvm-bench-fork-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let scratch = Scratch(dir.clone());
+    let (exe, dir, scratch) = super::bench_setup("fork")?;
     // Children and cold boots register as VMs under a root of their own.
     let root = dir.join("root");
 

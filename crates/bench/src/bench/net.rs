@@ -23,7 +23,6 @@ use forkvm_registry::{Lease, Leases, ProcessIdentity};
 use serde::Serialize;
 
 use super::stats::Summary;
-use super::Scratch;
 use crate::cli::{BenchFormat, BenchNetArgs};
 
 /// The image both sides run.
@@ -72,19 +71,7 @@ pub fn run(args: BenchNetArgs) -> Result<i32> {
             bail!("forkvm bench net needs `{program}` (scripts/setup.sh installs it)");
         }
     }
-    let caps = forkvm_testhost::Capabilities::detect();
-    if !caps.hardware_kvm() {
-        bail!(
-            "forkvm bench needs hardware-accelerated KVM (vmx/svm and a usable /dev/kvm), \
-             which this machine lacks:\n{caps}\nRun it in the virtual KVM host: \
-             `cargo xtask testhost --mem 8192 -- target/release/forkvm bench net`"
-        );
-    }
-    let exe =
-        forkvm_config::find_program("forkvm").context("cannot locate the forkvm executable")?;
-    let dir = std::env::temp_dir().join(format!("forkvm-bench-net-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let _scratch = Scratch(dir.clone());
+    let (exe, dir, _scratch) = super::bench_setup("net")?;
     let env = [
         ("FORKVM_STORE", dir.join("store")),
         ("FORKVM_ROOT", dir.join("root")),

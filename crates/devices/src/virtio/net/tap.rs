@@ -67,15 +67,18 @@ pub fn open_tap(name: &str) -> Result<(File, String), NetError> {
 /// Makes the TAP behind `file` persistent (it outlives its last descriptor, until it is
 /// deleted) or not.
 pub fn set_tap_persistent(file: &File, persistent: bool) -> io::Result<()> {
-    // SAFETY: TUNSETPERSIST on an open TUN descriptor takes its argument by value; no
-    // memory is passed.
-    let ret = unsafe {
-        libc::ioctl(
-            file.as_raw_fd(),
-            libc::TUNSETPERSIST as _,
-            libc::c_ulong::from(persistent),
-        )
-    };
+    tun_ioctl_value(
+        file,
+        libc::TUNSETPERSIST as _,
+        libc::c_ulong::from(persistent),
+    )
+}
+
+/// A TUN ioctl that takes its argument by value (`TUNSETPERSIST`, `TUNSETOFFLOAD`).
+fn tun_ioctl_value(file: &File, request: libc::c_ulong, value: libc::c_ulong) -> io::Result<()> {
+    // SAFETY: the requests used take their argument by value on an open TUN descriptor;
+    // no memory is passed.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), request as _, value) };
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -86,19 +89,7 @@ pub fn set_tap_persistent(file: &File, persistent: bool) -> io::Result<()> {
 /// `TUN_F_CSUM` and `TUN_F_TSO4/6` it hands over frames of up to 64 KiB with partial
 /// checksums, described in the virtio-net header.
 pub fn set_tap_offloads(file: &File, flags: libc::c_uint) -> io::Result<()> {
-    // SAFETY: TUNSETOFFLOAD on an open TUN descriptor takes its argument by value; no
-    // memory is passed.
-    let ret = unsafe {
-        libc::ioctl(
-            file.as_raw_fd(),
-            libc::TUNSETOFFLOAD as _,
-            libc::c_ulong::from(flags),
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    tun_ioctl_value(file, libc::TUNSETOFFLOAD as _, libc::c_ulong::from(flags))
 }
 
 /// `SIOCBRADDIF` (`linux/sockios.h`; not in `libc`): adds the interface whose index is in

@@ -12,10 +12,10 @@
 //! [`READY_FILE`]; `create` waits for that report, writes `--pid-file` and returns. On
 //! `start` the monitor has the agent run the process and relays its stdio until it
 //! exits, then exits with its exit code: the monitor is the container's process on the
-//! host. A namespace with no interface at `create` may get its interfaces before
-//! `start` (engines that set the network up after `create` returns), and a VM takes its
-//! NICs when it boots: then the monitor reports at once and boots the VM at `start`,
-//! after reading the namespace again. A create that fails leaves no state, VM or process behind (and runs the
+//! host. An engine's namespace with no interface at `create` may get its interfaces
+//! before `start` (engines that set the network up after `create` returns), and a VM
+//! takes its NICs when it boots: then the monitor reports at once and boots the VM at
+//! `start`, after reading the namespace again. A create that fails leaves no state, VM or process behind (and runs the
 //! `poststop` hooks).
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -51,8 +51,8 @@ pub const MONITOR_LOG: &str = "monitor.log";
 /// Exit code of a monitor whose VM failed (the process's code is unknown).
 pub const EXIT_VM_FAILED: i32 = 255;
 
-/// What the monitor reports once the VM's agent answers (or, when the container's
-/// network namespace has no interface yet, before the VM boots at `start`).
+/// What the monitor reports once the VM's agent answers (or, when the engine's network
+/// namespace has no interface yet, before the VM boots at `start`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Ready {
     /// The forkvm VM's id.
@@ -333,11 +333,13 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     // reported by `monitor`.
     let (tx, rx) = std::sync::mpsc::channel();
     let (vm_root, vm_id) = (home.root().to_owned(), home.id().to_owned());
-    // A namespace with no interface yet may be given its interfaces between `create`
-    // and `start` (engines that configure the network after `create` returns): then
-    // `create` is answered now, and the namespace is read again at `start`, before the
-    // VM boots (a VM takes its NICs at boot).
-    let early_start = if plumbed.network.interfaces.is_empty() {
+    // An engine's namespace (given by path) with no interface yet may be given its
+    // interfaces between `create` and `start` (engines that configure the network after
+    // `create` returns): then `create` is answered now, and the namespace is read again
+    // at `start`, before the VM boots (a VM takes its NICs at boot). A namespace the
+    // runtime made is configured by `create`'s hooks, before this point.
+    let late_network = matches!(plan.network, NetworkPlan::Join(_));
+    let early_start = if late_network && plumbed.network.interfaces.is_empty() {
         let listener = bind_start_socket(dir)?;
         helper::write_report(&dir.join(READY_FILE), &Report::Ok(ready.clone()))
             .context("cannot report the container created")?;

@@ -224,7 +224,7 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
         };
         if let Some(net) = &net {
             cfg.nets = vec![net.nic.clone()];
-            home.update(|s| s.addresses = vec![net.address.clone()])?;
+            home.update(|s| s.addresses = vec![net.address().to_owned()])?;
         }
         home.record_machine(cfg.vcpus, cfg.mem_mib)?;
         let relay = signals

@@ -15,8 +15,8 @@
 //! host. An engine's namespace with no interface at `create` may get its interfaces
 //! before `start` (engines that set the network up after `create` returns), and a VM
 //! takes its NICs when it boots: then the monitor reports at once and boots the VM at
-//! `start`, after reading the namespace again. A create that fails leaves no state, VM or process behind (and runs the
-//! `poststop` hooks).
+//! `start`, after reading the namespace again. A create that fails leaves no state, VM
+//! or process behind (and runs the `poststop` hooks).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -362,6 +362,8 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     } else {
         None
     };
+    // A guest NIC per interface of the namespace, with its MAC, on its TAP; the VM
+    // process joins the namespace to open them.
     cfg.nets = plumbed
         .network
         .interfaces
@@ -404,8 +406,6 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         NetworkPlan::Join(path) => Some(path.as_path()),
         NetworkPlan::New => None,
     };
-    // A guest NIC per interface of the namespace, with its MAC, on its TAP (above); the
-    // VM process joins the namespace to open them.
     let early = early_start.is_some();
     let result = vm::run(home, &cfg, netns, move |s| {
         monitor_session(s, &dir_owned, ready, work, relay, tty, tx, early_start)

@@ -57,8 +57,6 @@ pub struct RunNetwork {
     /// The VM's NIC.
     pub nic: NetConfig,
     lease: Option<Lease>,
-    /// The guest's address, `address/prefix`.
-    pub address: String,
     network: Request,
     dns_relay: Option<(IpAddr, forkvm_net::dns::Relay)>,
     _published: Vec<Published>,
@@ -114,14 +112,13 @@ impl RunNetwork {
                 tap,
                 mac: Some(mac),
                 bridge: Some(net.bridge.clone()),
-                guest_ip: Some(guest_ip.clone()),
+                guest_ip: Some(guest_ip),
             };
             Ok::<_, anyhow::Error>((nic, network, dns_relay, published))
         })();
         match made {
             Ok((nic, network, dns_relay, published)) => Ok(Self {
                 nic,
-                address: guest_ip.address,
                 lease: Some(lease),
                 network,
                 dns_relay,
@@ -132,6 +129,14 @@ impl RunNetwork {
                 Err(e)
             }
         }
+    }
+
+    /// The guest's address, `address/prefix`.
+    pub fn address(&self) -> &str {
+        self.nic
+            .guest_ip
+            .as_ref()
+            .map_or("", |ip| ip.address.as_str())
     }
 
     /// The agent requests that make the guest take its network (and relay DNS).

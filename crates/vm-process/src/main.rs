@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use forkvm_registry::{Ending, ExitRecord, VmHome};
+use forkvm_vmm::fork::ChildPayload;
 use forkvm_vmm::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, LaunchError, Launched, Start};
 use forkvm_vmm::warm::Prepared;
 use forkvm_vmm::{ExitReason, Vmm, VmmError};
@@ -109,20 +110,22 @@ fn console(home: &VmHome, spec: &ConsoleSpec) -> Result<Box<dyn Write + Send>> {
 /// Builds the VM: boots it or restores it, resumed; its children register under `homes`.
 fn start(
     launch: &Launch,
+    fork: Option<&ChildPayload>,
     files: Vec<File>,
     prepared: Option<Prepared>,
     console: Box<dyn Write + Send>,
     homes: ChildHomes,
 ) -> Result<Vmm> {
-    match &launch.start {
-        Start::Boot(cfg) => {
+    match (fork, &launch.start) {
+        (Some(payload), _) => payload
+            .restore(files, console, homes, prepared)
+            .context("cannot restore the forked VM"),
+        (None, Start::Boot(cfg)) => {
             let mut vmm = Vmm::boot(cfg, console).context("cannot boot the VM")?;
             vmm.set_child_homes(homes);
             Ok(vmm)
         }
-        Start::Restore(payload) => payload
-            .restore(files, console, homes, prepared)
-            .context("cannot restore the forked VM"),
+        (None, Start::Restore(_)) => bail!("a fork child without the fork's state"),
     }
 }
 
@@ -190,7 +193,14 @@ fn run(mut launched: Launched) -> Result<i32> {
             parent: Some(h.id().to_owned()),
         };
         steps.mark("console");
-        let vmm = start(launch, files, prepared, console, homes);
+        let vmm = start(
+            launch,
+            launched.fork.as_ref(),
+            files,
+            prepared,
+            console,
+            homes,
+        );
         steps.mark("build and resume");
         vmm
     })();
@@ -214,9 +224,9 @@ fn run(mut launched: Launched) -> Result<i32> {
         }
     };
     let home = home.expect("registered before the VM started");
-    let server = match &launch.start {
+    let server = match &launched.fork {
         // A fork child reports as soon as its vCPUs run (the fork's latency), then serves.
-        Start::Restore(payload) => {
+        Some(payload) => {
             launched
                 .report_running()
                 .context("cannot report to the parent")?;
@@ -231,7 +241,7 @@ fn run(mut launched: Launched) -> Result<i32> {
             forkvm_api::serve(home, vmm.control_handle()).context("cannot serve the VM's API")?
         }
         // A booted VM reports once its API answers, then fills its fork pool.
-        Start::Boot(_) => {
+        None => {
             let server = forkvm_api::serve(home, vmm.control_handle())
                 .context("cannot serve the VM's API")?;
             launched

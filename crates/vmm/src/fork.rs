@@ -4,8 +4,9 @@
 //! (see [`crate::memory`]: nothing is copied on a first fork, only pages written since
 //! the last fork on later ones) and resumes: that is the whole parent pause, and it does
 //! not grow with guest memory. Then it launches each child as a `forkvm-vmm` process
-//! (see [`crate::launch`]) with a [`ChildPayload`]: the snapshot, the child's identity,
-//! and the memory files beside it; a warm process of the parent's [`ChildPool`] when one
+//! (see [`crate::launch`]) with its identity in its launch, and beside it the fork's
+//! [`ForkState`] (snapshot and memory layout, encoded once per request into a sealed
+//! memory file every child reads) and the memory files; a warm process of the parent's [`ChildPool`] when one
 //! is ready (its KVM VM and vCPUs already made, its home staged), a new one otherwise.
 //! The child registers itself under the parent's [`ChildHomes`] (a warm one publishes
 //! the home it staged: one rename), maps the files copy-on-write,
@@ -37,12 +38,66 @@ const CHILD_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// What each child of a fork adds to [`CHILD_START_TIMEOUT`].
 const CHILD_START_EACH: Duration = Duration::from_secs(1);
 
-/// What a fork child starts from (its memory files travel beside it).
-#[derive(Debug, Serialize, Deserialize)]
+/// What a fork child starts from: the fork's [`ForkState`] and its own identity (its
+/// memory files travel beside it).
+#[derive(Debug)]
 pub struct ChildPayload {
     snapshot: VmSnapshot,
     layout: MemoryLayout,
     identity: ChildIdentity,
+}
+
+/// What every child of one fork starts from: the parent's state and memory layout.
+/// Encoded once per fork request into a sealed memory file that each child receives
+/// ahead of the memory files; only a child's identity travels in its own launch.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ForkState {
+    snapshot: VmSnapshot,
+    layout: MemoryLayout,
+}
+
+/// Largest fork state a child reads (a VM's state is kilobytes; this bounds the file).
+const MAX_FORK_STATE: u64 = forkvm_snapshot::MAX_PAYLOAD + 64;
+
+impl ForkState {
+    /// Encodes the state into a new sealed memory file.
+    fn into_file(self) -> Result<File, ControlError> {
+        let failed = |e: String| ControlError::Failed(format!("cannot encode the fork state: {e}"));
+        let blob = forkvm_snapshot::encode(&self).map_err(|e| failed(e.to_string()))?;
+        let file = crate::memory::create_memfd(c"forkvm-fork-state")
+            .map_err(|e| failed(error_chain(&e)))?;
+        (&file)
+            .write_all(&blob)
+            .map_err(|e| failed(e.to_string()))?;
+        crate::memory::seal(&file).map_err(|e| failed(error_chain(&e)))?;
+        Ok(file)
+    }
+
+    /// Reads and validates the state from `file` (at most [`MAX_FORK_STATE`] bytes);
+    /// the child with `identity` starts from it.
+    pub(crate) fn read(
+        file: File,
+        identity: ChildIdentity,
+    ) -> Result<ChildPayload, ForkChildError> {
+        use std::os::unix::fs::FileExt;
+        let bad = |e: std::io::Error| ForkChildError::State(e.to_string());
+        let len = file.metadata().map_err(bad)?.len();
+        if len > MAX_FORK_STATE {
+            return Err(ForkChildError::State(format!("{len} bytes")));
+        }
+        // Read at offsets: every child of the fork shares the file's position.
+        let mut blob = vec![0u8; len as usize];
+        file.read_exact_at(&mut blob, 0).map_err(bad)?;
+        let state: ForkState =
+            forkvm_snapshot::decode(&blob).map_err(|e| ForkChildError::State(error_chain(&e)))?;
+        let mut payload = ChildPayload {
+            snapshot: state.snapshot,
+            layout: state.layout,
+            identity,
+        };
+        payload.adopt_identity();
+        Ok(payload)
+    }
 }
 
 /// Errors in a fork child before its VM runs.
@@ -51,6 +106,9 @@ pub enum ForkChildError {
     /// No memory file came with the payload.
     #[error("the fork payload carried no guest memory")]
     NoMemory,
+    /// The fork's state file is unreadable or invalid.
+    #[error("invalid fork state: {0}")]
+    State(String),
     /// Guest memory could not be mapped.
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
@@ -198,22 +256,22 @@ pub(crate) fn start_children(
     let exe = crate::launch::vmm_executable()
         .map_err(|e| ControlError::Failed(format!("cannot start fork children: {e}")))?;
     let mut started = Vec::with_capacity(identities.len());
+    // The state is encoded once; every child gets the same file, ahead of the memory.
+    let state = ForkState {
+        snapshot,
+        layout: layout.clone(),
+    }
+    .into_file()?;
+    let files: Vec<&File> = std::iter::once(&state).chain(files).collect();
     let mut launch = Launch {
         home: HomeSpec::New(homes.clone()),
         console: ConsoleSpec::Log,
-        start: Start::Restore(Box::new(ChildPayload {
-            snapshot,
-            layout: layout.clone(),
-            identity: ChildIdentity::default(),
-        })),
+        start: Start::Restore(Box::default()),
         // A child's TAPs are new ones in the launcher's namespace, not its parent's.
         netns: None,
     };
     for (i, identity) in identities.into_iter().enumerate() {
-        // One snapshot, encoded with each child's identity.
-        if let Start::Restore(payload) = &mut launch.start {
-            payload.identity = identity.clone();
-        }
+        launch.start = Start::Restore(Box::new(identity.clone()));
         launch.console = match req.children.get(i).and_then(|c| c.console.clone()) {
             Some(path) => ConsoleSpec::File(path),
             None => ConsoleSpec::Log,
@@ -222,7 +280,7 @@ pub(crate) fn start_children(
             .map_err(|e| ControlError::Failed(format!("cannot encode the fork payload: {e}")))?;
         let warm = pool.and_then(ChildPool::take).and_then(|mut p| {
             let pid = p.pid();
-            p.send(&blob, files)
+            p.send(&blob, &files)
                 .inspect_err(|e| tracing::warn!(pid, "a warm fork process failed: {e}"))
                 .ok()
                 .map(|()| p)
@@ -230,7 +288,7 @@ pub(crate) fn start_children(
         let is_warm = warm.is_some();
         let child = match warm {
             Some(p) => p,
-            None => VmProcess::spawn_encoded(&exe, &blob, files, ProcessOptions::daemon())
+            None => VmProcess::spawn_encoded(&exe, &blob, &files, ProcessOptions::daemon())
                 .map_err(|e| ControlError::Failed(format!("cannot start fork child {i}: {e}")))?,
         };
         started.push((child, identity, is_warm));
@@ -576,6 +634,51 @@ mod tests {
         );
         assert_eq!(cfg.nets[0].tap, "tap-child");
         assert_eq!(cfg.nets[0].mac, Some([2, 0, 0, 0, 0, 1]));
+    }
+
+    #[test]
+    fn the_fork_state_is_encoded_once_and_read_by_each_child_with_its_identity() {
+        let parent = payload(ChildIdentity::default());
+        let state = ForkState {
+            snapshot: parent.snapshot,
+            layout: parent.layout,
+        }
+        .into_file()
+        .unwrap();
+        // Sealed: nobody changes what the children read.
+        assert!((&state).write_all(b"x").is_err());
+        for (cid, name) in [(77, "fork-1"), (78, "fork-2")] {
+            let id = ChildIdentity {
+                cid: Some(cid),
+                hostname: name.into(),
+                ..child_identity()
+            };
+            let child = ForkState::read(state.try_clone().unwrap(), id).unwrap();
+            child.check_identity().expect("adopted on reading");
+            assert_eq!(child.config().vsock.as_ref().unwrap().cid, cid);
+            assert_eq!(child.identity.hostname, name);
+        }
+    }
+
+    #[test]
+    fn a_damaged_fork_state_is_refused() {
+        use std::io::{Seek, SeekFrom};
+        let parent = payload(ChildIdentity::default());
+        let blob = forkvm_snapshot::encode(&ForkState {
+            snapshot: parent.snapshot,
+            layout: parent.layout,
+        })
+        .unwrap();
+        let mut damaged = blob.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 0xff;
+        for bytes in [&blob[..blob.len() / 2], &damaged[..], &b""[..]] {
+            let mut file = tempfile::tempfile().unwrap();
+            file.write_all(bytes).unwrap();
+            file.seek(SeekFrom::Start(0)).unwrap();
+            let err = ForkState::read(file, child_identity()).unwrap_err();
+            assert!(matches!(err, ForkChildError::State(_)), "{err}");
+        }
     }
 
     #[test]

@@ -24,7 +24,8 @@ use forkvm_registry::{ProcessIdentity, VmHome, VmState};
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
-use crate::fork::ChildPayload;
+use crate::fork::{ChildPayload, ForkChildError, ForkState};
+use crate::snapshot::ChildIdentity;
 use crate::warm::{prepare_in_background, Prepared, Staging, Warmup};
 
 /// The file name of the VM-process executable.
@@ -77,8 +78,10 @@ pub enum ConsoleSpec {
 pub enum Start {
     /// Boot this configuration's kernel.
     Boot(VmConfig),
-    /// Restore a forked VM (its memory files travel beside the payload).
-    Restore(Box<ChildPayload>),
+    /// Restore a forked VM as the child with this identity; the fork's state
+    /// ([`ForkState`](crate::fork)) and memory travel as files beside the launch, the
+    /// state first.
+    Restore(Box<ChildIdentity>),
 }
 
 /// Everything a VM process is told.
@@ -185,14 +188,15 @@ impl VmProcess {
     pub fn spawn(launch: &Launch, files: &[File], opts: ProcessOptions) -> std::io::Result<Self> {
         let exe = vmm_executable()?;
         let blob = encode(launch)?;
-        Self::spawn_encoded(&exe, &blob, files, opts)
+        let files: Vec<&File> = files.iter().collect();
+        Self::spawn_encoded(&exe, &blob, &files, opts)
     }
 
     /// [`VmProcess::spawn`] with the launch already encoded ([`encode`]).
     pub(crate) fn spawn_encoded(
         exe: &Path,
         blob: &[u8],
-        files: &[File],
+        files: &[&File],
         opts: ProcessOptions,
     ) -> std::io::Result<Self> {
         let mut p = Self::start(exe, opts)?;
@@ -210,7 +214,7 @@ impl VmProcess {
 
     /// Sends an encoded launch ([`encode`]) and `files`; a process that cannot take it
     /// (it died) is killed and reaped.
-    pub(crate) fn send(&mut self, blob: &[u8], files: &[File]) -> std::io::Result<()> {
+    pub(crate) fn send(&mut self, blob: &[u8], files: &[&File]) -> std::io::Result<()> {
         let raw: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
         forkvm_snapshot::send_blob(&self.sock, blob, &raw).map_err(|e| {
             self.kill_and_reap();
@@ -336,6 +340,9 @@ pub enum LaunchError {
     /// A second warm-up.
     #[error("a second warm-up on the launch socket")]
     TwoWarmups,
+    /// A fork child's state did not come or is invalid.
+    #[error("cannot start the fork child")]
+    Fork(#[source] ForkChildError),
 }
 
 /// A launch as the VM process received it, with the socket to report on.
@@ -344,6 +351,9 @@ pub struct Launched {
     sock: UnixStream,
     /// What to do.
     pub launch: Launch,
+    /// What a fork child starts from (its identity and the fork's state, read from the
+    /// first file that came with a [`Start::Restore`]); `None` for a boot.
+    pub fork: Option<ChildPayload>,
     /// The files that came with it (a fork child's guest memory).
     pub files: Vec<File>,
     /// The VM prepared while the process waited warm, if it was told to.
@@ -379,9 +389,10 @@ impl Launched {
     /// its launcher made; or, for a fork child, publishes the home it staged while it
     /// waited warm (one rename) or makes one (one write).
     pub fn register(&mut self) -> Result<VmHome, forkvm_registry::Error> {
-        let cfg = match &self.launch.start {
-            Start::Boot(cfg) => cfg,
-            Start::Restore(payload) => payload.config(),
+        let cfg = match (&self.fork, &self.launch.start) {
+            (Some(payload), _) => payload.config(),
+            (None, Start::Boot(cfg)) => cfg,
+            (None, Start::Restore(_)) => unreachable!("receive() reads every restore's state"),
         };
         let (vcpus, mem_mib) = (cfg.vcpus, cfg.mem_mib);
         let record = this_process_runs(vcpus, mem_mib);
@@ -469,18 +480,37 @@ impl Launched {
                         .inspect_err(|e| tracing::warn!("cannot prepare a warm VM: {e}"))
                         .ok();
                 }
-                Received::Launch(mut launch) => {
-                    if let Start::Restore(payload) = &mut launch.start {
-                        payload.adopt_identity();
-                    }
+                Received::Launch(launch) => {
+                    let received = std::time::Instant::now();
+                    let mut files = files;
+                    let fork = match &launch.start {
+                        Start::Boot(_) => None,
+                        Start::Restore(identity) => {
+                            let read = match files.is_empty() {
+                                true => Err(ForkChildError::NoMemory),
+                                false => ForkState::read(files.remove(0), (**identity).clone()),
+                            };
+                            match read {
+                                Ok(payload) => Some(payload),
+                                Err(e) => {
+                                    if let Some(s) = staged {
+                                        let _ = s.home.remove();
+                                    }
+                                    report_failure(&sock, &e.to_string());
+                                    return Err(LaunchError::Fork(e));
+                                }
+                            }
+                        }
+                    };
                     return Ok(Self {
                         sock,
                         launch: *launch,
+                        fork,
                         files,
                         prepared,
                         staged,
                         published_at_ms: None,
-                        received: std::time::Instant::now(),
+                        received,
                     });
                 }
             }
@@ -494,12 +524,17 @@ impl Launched {
 
     /// Tells the launcher the VM could not start, and why.
     pub fn report_failure(&self, why: &str) {
-        let why = &why.as_bytes()[..why.len().min(MAX_FAILURE_MESSAGE)];
-        let mut out = REPORT_FAILED.to_le_bytes().to_vec();
-        out.extend_from_slice(&(why.len() as u32).to_le_bytes());
-        out.extend_from_slice(why);
-        let _ = (&self.sock).write_all(&out);
+        report_failure(&self.sock, why);
     }
+}
+
+/// Tells the launcher on `sock` that the VM could not start, and why.
+fn report_failure(sock: &UnixStream, why: &str) {
+    let why = &why.as_bytes()[..why.len().min(MAX_FAILURE_MESSAGE)];
+    let mut out = REPORT_FAILED.to_le_bytes().to_vec();
+    out.extend_from_slice(&(why.len() as u32).to_le_bytes());
+    out.extend_from_slice(why);
+    let _ = (&*sock).write_all(&out);
 }
 
 #[cfg(test)]

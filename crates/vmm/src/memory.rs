@@ -111,7 +111,7 @@ pub struct MemoryLayout {
     pub overlays: Vec<Vec<Extent>>,
 }
 
-fn create_memfd(name: &std::ffi::CStr) -> Result<File, MemoryError> {
+pub(crate) fn create_memfd(name: &std::ffi::CStr) -> Result<File, MemoryError> {
     // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
     let fd =
         unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
@@ -123,7 +123,7 @@ fn create_memfd(name: &std::ffi::CStr) -> Result<File, MemoryError> {
 }
 
 /// Seals a memfd so that nobody can write, grow or shrink it any more.
-fn seal(file: &File) -> Result<(), MemoryError> {
+pub(crate) fn seal(file: &File) -> Result<(), MemoryError> {
     let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
     // SAFETY: F_ADD_SEALS on an fd we own; the kernel checks the fd and the seals.
     let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };

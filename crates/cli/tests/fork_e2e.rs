@@ -314,6 +314,28 @@ fn pool_pids(root: &Path, vm: &str) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// The live fork-pool zygotes whose parent is `pid`.
+fn zygotes_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
+                let mut fields = stat
+                    .rsplit_once(')')
+                    .map_or("", |(_, r)| r)
+                    .split_whitespace();
+                let (state, ppid) = (fields.next(), fields.next());
+                state != Some("Z") && ppid == Some(pid.to_string().as_str())
+            })
+        })
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "forkvm-zygote")
+        })
+        .collect()
+}
+
 fn children_of(root: &Path, parent: &str) -> Vec<String> {
     vms(root)
         .iter()
@@ -444,10 +466,21 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
             .find(|v| v["id"].as_str() == Some(child.as_str()))
             .and_then(|v| v["pid"].as_u64())
             .expect("the child's pid") as u32;
+        // The pools' zygotes: children of the VM processes.
+        let origin_pid = vms(&root)
+            .iter()
+            .find(|v| v["id"].as_str() == Some(parent.trim()))
+            .and_then(|v| v["pid"].as_u64())
+            .expect("the origin's pid") as u32;
+        let zygotes: Vec<u32> = [child_pid, origin_pid]
+            .iter()
+            .flat_map(|&p| zygotes_of(p))
+            .collect();
+        assert_eq!(zygotes.len(), 2, "one zygote per pool: {zygotes:?}");
         sigkill(child_pid);
         let origin_pool = pool_pids(&root, "origin");
         forkvm_ok(&root, &["rm", "-f", "origin"]);
-        for pid in child_pool.iter().chain(&origin_pool) {
+        for pid in child_pool.iter().chain(&origin_pool).chain(&zygotes) {
             wait_for(
                 "a warm process to end with its VM",
                 Duration::from_secs(30),

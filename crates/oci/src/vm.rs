@@ -228,8 +228,7 @@ pub fn start(
     };
     let mut vm = VmProcess::spawn(&launch, &[], opts).context("cannot start the VM process")?;
     if let Err(e) = vm.wait_running(START_DEADLINE) {
-        let _ = vm.child_mut().kill();
-        let _ = vm.child_mut().wait();
+        vm.kill_and_reap();
         return Err(anyhow::Error::new(e));
     }
     Ok(vm)
@@ -274,7 +273,7 @@ where
             code.map(Outcome::code)
         })
         .context("cannot start the session thread")?;
-    let status = vm.child_mut().wait();
+    let status = vm.wait();
     vm_done.store(true, Ordering::SeqCst);
     let code = thread
         .join()

@@ -47,7 +47,7 @@ fn a_vm_that_cannot_boot_is_reported_and_recorded() {
     let mut vm = VmProcess::spawn(&launch, &[], ProcessOptions::owned()).unwrap();
     let err = vm.wait_running(Duration::from_secs(60)).unwrap_err();
     assert!(err.to_string().contains("cannot boot the VM"), "{err}");
-    let status = vm.child_mut().wait().unwrap();
+    let status = vm.wait().unwrap();
     assert_eq!(status.code(), Some(1));
     let state = home.state().unwrap();
     assert_eq!(state.status, Status::Exited);

@@ -13,7 +13,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -106,6 +106,8 @@ pub(crate) enum Message<'a> {
     Warmup(&'a Warmup),
     /// Start the VM.
     Launch(&'a Launch),
+    /// Be a fork pool's zygote: fork VM processes on request ([`crate::zygote`]).
+    Zygote,
 }
 
 /// A message on the launch socket, as the VM process reads it.
@@ -113,6 +115,7 @@ pub(crate) enum Message<'a> {
 enum Received {
     Warmup(Warmup),
     Launch(Box<Launch>),
+    Zygote,
 }
 
 /// How the VM process is attached to its launcher.
@@ -174,8 +177,34 @@ pub fn vmm_executable() -> std::io::Result<PathBuf> {
 /// A started VM process, before and after it reported.
 #[derive(Debug)]
 pub struct VmProcess {
-    child: Child,
+    process: Handle,
     sock: UnixStream,
+}
+
+/// How the launcher holds a VM process.
+#[derive(Debug)]
+enum Handle {
+    /// Started (exec'd) by this process: its child.
+    Spawned(Child),
+    /// Forked by a pool's zygote ([`crate::zygote`]): not this process's child; held by
+    /// a pidfd, reaped by init.
+    Forked { pid: u32, pidfd: OwnedFd },
+}
+
+/// How long killing a forked process waits for it to be gone.
+const KILL_DEADLINE: Duration = Duration::from_secs(5);
+
+impl Handle {
+    /// Whether the pidfd says the process ended, waiting at most `timeout_ms`.
+    fn pidfd_ended(pidfd: &OwnedFd, timeout_ms: i32) -> bool {
+        let mut p = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd that lives across the call.
+        unsafe { libc::poll(&mut p, 1, timeout_ms) != 0 }
+    }
 }
 
 /// A VM process's report on its socket: it runs.
@@ -207,9 +236,16 @@ impl VmProcess {
     /// Starts `exe` as a warm fork child: a daemon that prepares a VM as `warmup` says
     /// and waits for [`VmProcess::send`].
     pub(crate) fn spawn_warm(exe: &Path, warmup: &Warmup) -> std::io::Result<Self> {
+        let mut p = Self::start(exe, ProcessOptions::daemon())?;
+        p.warm_up(warmup)?;
+        Ok(p)
+    }
+
+    /// Sends the process its warm-up.
+    pub(crate) fn warm_up(&mut self, warmup: &Warmup) -> std::io::Result<()> {
         let blob =
             forkvm_snapshot::encode(&Message::Warmup(warmup)).map_err(std::io::Error::other)?;
-        Self::spawn_encoded(exe, &blob, &[], ProcessOptions::daemon())
+        self.send(&blob, &[])
     }
 
     /// Sends an encoded launch ([`encode`]) and `files`; a process that cannot take it
@@ -252,12 +288,32 @@ impl VmProcess {
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", exe.display())))?;
         drop(theirs);
-        Ok(Self { child, sock: ours })
+        Ok(Self {
+            process: Handle::Spawned(child),
+            sock: ours,
+        })
     }
 
-    /// Whether the process still runs (one that ended is reaped).
+    /// A process a zygote forked, held by its `pidfd`, whose launch socket's other end
+    /// is `sock`.
+    pub(crate) fn forked(pid: u32, pidfd: OwnedFd, sock: UnixStream) -> Self {
+        Self {
+            process: Handle::Forked { pid, pidfd },
+            sock,
+        }
+    }
+
+    /// The socket to the process.
+    pub(crate) fn socket(&self) -> &UnixStream {
+        &self.sock
+    }
+
+    /// Whether the process still runs (one that ended is reaped, if it is our child).
     pub fn is_alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        match &mut self.process {
+            Handle::Spawned(child) => matches!(child.try_wait(), Ok(None)),
+            Handle::Forked { pidfd, .. } => !Handle::pidfd_ended(pidfd, 0),
+        }
     }
 
     /// Kills and reaps the process.
@@ -265,14 +321,35 @@ impl VmProcess {
         self.kill_and_reap();
     }
 
-    pub(crate) fn kill_and_reap(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// Kills the process and waits until it is gone (reaps it, if it is our child).
+    pub fn kill_and_reap(&mut self) {
+        match &mut self.process {
+            Handle::Spawned(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Handle::Forked { pidfd, .. } => {
+                // SAFETY: pidfd_send_signal with a pidfd we own, no siginfo, no flags.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        pidfd.as_raw_fd(),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    )
+                };
+                Handle::pidfd_ended(pidfd, KILL_DEADLINE.as_millis() as i32);
+            }
+        }
     }
 
     /// Its process ID.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.process {
+            Handle::Spawned(child) => child.id(),
+            Handle::Forked { pid, .. } => *pid,
+        }
     }
 
     /// Waits up to `timeout` for its report: `Ok` once its VM runs, else why it did not
@@ -299,15 +376,25 @@ impl VmProcess {
         }
     }
 
-    /// The process, to wait for or kill.
-    pub fn child_mut(&mut self) -> &mut Child {
-        &mut self.child
+    /// Waits for the process to end and returns how it ended; only for a process this
+    /// one started (a zygote's are reaped by init).
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match &mut self.process {
+            Handle::Spawned(child) => child.wait(),
+            Handle::Forked { pid, .. } => Err(std::io::Error::other(format!(
+                "process {pid} was forked by a zygote: not this process's child"
+            ))),
+        }
     }
 
-    /// Leaves the process to run on its own: a thread reaps it when it ends.
+    /// Leaves the process to run on its own: a thread reaps it when it ends (init
+    /// reaps one a zygote forked).
     pub fn detach(self) -> std::io::Result<()> {
-        let Self { mut child, sock } = self;
+        let Self { process, sock } = self;
         drop(sock);
+        let Handle::Spawned(mut child) = process else {
+            return Ok(());
+        };
         std::thread::Builder::new()
             .name(format!("reap-{}", child.id()))
             .spawn(move || {
@@ -315,6 +402,11 @@ impl VmProcess {
             })
             .map(drop)
     }
+}
+
+/// Encodes the message that makes a VM process a zygote.
+pub(crate) fn encode_zygote() -> std::io::Result<Vec<u8>> {
+    forkvm_snapshot::encode(&Message::Zygote).map_err(std::io::Error::other)
 }
 
 /// Encodes `launch` as the launch message a VM process reads.
@@ -337,9 +429,9 @@ pub enum LaunchError {
     /// A warm process's launcher went away before sending a launch: nothing to do.
     #[error("the launcher closed the socket before sending a launch")]
     Abandoned,
-    /// A second warm-up.
-    #[error("a second warm-up on the launch socket")]
-    TwoWarmups,
+    /// A second warm-up, or a zygote request after a warm-up.
+    #[error("launch messages out of order: {0}")]
+    OutOfOrder(&'static str),
     /// A fork child's state did not come or is invalid.
     #[error("cannot start the fork child")]
     Fork(#[source] ForkChildError),
@@ -443,7 +535,7 @@ impl Launched {
         }
         // SAFETY: fd 3 is an open socket (checked above), our end of the launcher's
         // socket pair, and nothing else in this process owns it.
-        let sock = unsafe { UnixStream::from_raw_fd(LAUNCH_FD) };
+        let mut sock = unsafe { UnixStream::from_raw_fd(LAUNCH_FD) };
         let mut prepared = None;
         let mut staged: Option<Staged> = None;
         let mut warm = false;
@@ -458,7 +550,14 @@ impl Launched {
                 other => other?,
             };
             match forkvm_snapshot::decode(&blob)? {
-                Received::Warmup(_) if warm => return Err(LaunchError::TwoWarmups),
+                // Returns in each process it forks, with that process's launch socket.
+                Received::Zygote if !warm => sock = crate::zygote::serve(sock)?,
+                Received::Zygote => {
+                    return Err(LaunchError::OutOfOrder("a zygote request after a warm-up"))
+                }
+                Received::Warmup(_) if warm => {
+                    return Err(LaunchError::OutOfOrder("a second warm-up"))
+                }
                 Received::Warmup(mut w) => {
                     warm = true;
                     let vcpus = w.vcpus;

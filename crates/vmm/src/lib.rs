@@ -25,6 +25,7 @@ pub mod vm;
 pub mod vmm;
 pub mod warm;
 pub mod x86;
+pub mod zygote;
 
 pub use config::{BlockConfig, NetConfig, VmConfig, VsockConfig};
 pub use vmm::{ExitReason, Vmm, VmmError};

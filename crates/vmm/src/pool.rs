@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use crate::launch::VmProcess;
 use crate::warm::{Staging, Warmup};
+use crate::zygote::Zygote;
 
 /// Warm processes a VM keeps once it forks, unless configured otherwise.
 pub const DEFAULT_FORK_POOL: u32 = 2;
@@ -80,10 +81,20 @@ struct PoolState {
     closed: bool,
 }
 
+/// How a pool starts its warm processes.
+#[derive(Clone, Debug)]
+pub enum Maker {
+    /// Forked by a zygote of this executable ([`crate::zygote`]), which shares the
+    /// executable's relocated pages with them; exec'd while no zygote works.
+    Zygote(PathBuf),
+    /// Exec'd one by one.
+    Exec(PathBuf),
+}
+
 struct Shared {
     size: usize,
     warmup: Warmup,
-    exe: PathBuf,
+    maker: Maker,
     state: Mutex<PoolState>,
     wake: Condvar,
 }
@@ -102,13 +113,13 @@ pub struct ChildPool {
 }
 
 impl ChildPool {
-    /// A pool that keeps `size` processes of `exe` warmed up as `warmup` says, and
-    /// starts filling it.
-    pub fn start(size: u32, warmup: Warmup, exe: PathBuf) -> std::io::Result<Self> {
+    /// A pool that keeps `size` processes made by `maker` warmed up as `warmup` says,
+    /// and starts filling it.
+    pub fn start(size: u32, warmup: Warmup, maker: Maker) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             size: size.min(MAX_FORK_POOL) as usize,
             warmup,
-            exe,
+            maker,
             state: Mutex::new(PoolState {
                 ready: VecDeque::new(),
                 closed: false,
@@ -164,6 +175,8 @@ fn fill(shared: &Shared) {
     if let Some(stage) = &shared.warmup.stage {
         forkvm_registry::prune_staged(&stage.homes.root);
     }
+    // Started on first use, dropped (killed) with this thread.
+    let mut zygote = None;
     loop {
         {
             let mut state = shared.lock();
@@ -177,7 +190,7 @@ fn fill(shared: &Shared) {
             }
         }
         let warmup = shared.warmup.renewed();
-        match VmProcess::spawn_warm(&shared.exe, &warmup) {
+        match make(&shared.maker, &mut zygote, &warmup) {
             Ok(process) => {
                 let w = Warm {
                     process,
@@ -200,6 +213,30 @@ fn fill(shared: &Shared) {
             }
         }
     }
+}
+
+/// Starts one warm process as `maker` says: forked by `zygote` (started if there is
+/// none; dropped when it fails, so that the next process starts a new one), or exec'd.
+fn make(maker: &Maker, zygote: &mut Option<Zygote>, warmup: &Warmup) -> std::io::Result<VmProcess> {
+    let exe = match maker {
+        Maker::Exec(exe) => return VmProcess::spawn_warm(exe, warmup),
+        Maker::Zygote(exe) => exe,
+    };
+    if zygote.is_none() {
+        *zygote = Zygote::start(exe)
+            .inspect_err(|e| tracing::warn!("cannot start the fork pool's zygote: {e}"))
+            .ok();
+    }
+    if let Some(z) = zygote {
+        match z.fork().and_then(|mut p| p.warm_up(warmup).map(|()| p)) {
+            Ok(p) => return Ok(p),
+            Err(e) => {
+                tracing::warn!(pid = z.pid(), "the fork pool's zygote failed: {e}");
+                *zygote = None;
+            }
+        }
+    }
+    VmProcess::spawn_warm(exe, warmup)
 }
 
 impl Drop for ChildPool {
@@ -255,7 +292,7 @@ mod tests {
     #[test]
     fn a_dead_warm_process_is_replaced_and_never_handed_out() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = ChildPool::start(2, unstaged(), waiter(dir.path())).unwrap();
+        let pool = ChildPool::start(2, unstaged(), Maker::Exec(waiter(dir.path()))).unwrap();
         wait_until("the pool to fill", || pool.pids().len() == 2);
         let before = pool.pids();
         kill(before[1]);
@@ -287,7 +324,7 @@ mod tests {
     #[test]
     fn a_dropped_pool_leaves_no_process() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = ChildPool::start(3, unstaged(), waiter(dir.path())).unwrap();
+        let pool = ChildPool::start(3, unstaged(), Maker::Exec(waiter(dir.path()))).unwrap();
         wait_until("the pool to fill", || pool.pids().len() == 3);
         let pids = pool.pids();
         drop(pool);
@@ -298,8 +335,12 @@ mod tests {
 
     #[test]
     fn a_pool_that_cannot_start_processes_hands_out_none() {
-        let pool =
-            ChildPool::start(2, unstaged(), PathBuf::from("/nonexistent/forkvm-vmm")).unwrap();
+        let pool = ChildPool::start(
+            2,
+            unstaged(),
+            Maker::Zygote(PathBuf::from("/nonexistent/forkvm-vmm")),
+        )
+        .unwrap();
         std::thread::sleep(Duration::from_millis(200));
         assert!(pool.take().is_none());
         assert!(pool.pids().is_empty());
@@ -320,7 +361,7 @@ mod tests {
                 mem_mib: 64,
             }),
         };
-        let pool = ChildPool::start(2, warmup, waiter(dir.path())).unwrap();
+        let pool = ChildPool::start(2, warmup, Maker::Exec(waiter(dir.path()))).unwrap();
         wait_until("the pool to fill", || pool.pids().len() == 2);
         // The stand-in does not stage: make the homes the processes would have made.
         let staged: Vec<(u32, PathBuf)> = pool

@@ -463,7 +463,7 @@ impl Vmm {
                         mem_mib: self.cfg.mem_mib,
                     }),
                 },
-                exe,
+                crate::pool::Maker::Zygote(exe),
             )
         });
         match started {

@@ -200,10 +200,7 @@ pub fn run(args: BootArgs, root: &Path) -> Result<i32> {
         println!("{}", home.id());
         return Ok(0);
     }
-    let status = process
-        .child_mut()
-        .wait()
-        .context("cannot wait for the VM process")?;
+    let status = process.wait().context("cannot wait for the VM process")?;
     let exit = home.state().ok().and_then(|s| s.exit);
     if args.rm {
         let _ = home.remove();

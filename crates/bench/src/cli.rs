@@ -151,6 +151,10 @@ pub struct BenchForkArgs {
     /// `fork<N>-<child>.log`; in the virtual host, export the directory with `--rw`).
     #[arg(long, value_name = "DIR")]
     pub console_dir: Option<PathBuf>,
+    /// Also draw T1 and T2 against the number of children, one line per pool size, into
+    /// this SVG file.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     pub format: BenchFormat,

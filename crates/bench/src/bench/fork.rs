@@ -13,12 +13,14 @@
 //! - the **parent pause** of the fork (`ForkOutcome::parent_pause_us`);
 //! - after the children idled `--idle-ms`: the guest pages the child copied
 //!   (`Anonymous` of the `/memfd:forkvm-guest-ram*` mappings in `/proc/PID/smaps`: the
-//!   pages it wrote, its copy-on-write cost), the whole VMM process's anonymous memory
-//!   and its Pss (`/proc/PID/smaps_rollup`). `Private_*` is not used: it also counts
-//!   pages of the shared memory file that only this process maps (measured: 1512 KiB
-//!   "private" for 1196 KiB of copies in a child, 2248 KiB for 524 KiB in its parent).
+//!   pages it wrote, its copy-on-write cost), the VMM process's own dirty pages outside
+//!   guest RAM (`Private_Dirty` of `/proc/PID/smaps_rollup` less that of the guest-RAM
+//!   mappings: what a child still shares with its pool's zygote is not its own) and its
+//!   Pss. `Private_*` is not used for guest RAM: it also counts pages of the shared
+//!   memory file that only this process maps (measured: 1512 KiB "private" for 1196 KiB
+//!   of copies in a child, 2248 KiB for 524 KiB in its parent).
 //!
-//! The children are killed (SIGKILL, reaped by the parent VMM) before the next fork.
+//! The children are killed (SIGKILL) before the next fork.
 //! Finally the parent stops and the same guest is cold-booted with `forkvm boot` in
 //! a new process, recording spawn until the ready marker on its console, spawn until its
 //! agent answers, and the same memory figures after the same idle time.
@@ -56,6 +58,7 @@ in-kernel PIC/IOAPIC/PIT, virtio-mmio vsock, virtio-mmio rng; guest agent on vso
 const PING_TIMEOUT: Duration = Duration::from_millis(250);
 
 mod mem;
+mod plot;
 mod summary;
 
 pub use mem::*;
@@ -633,6 +636,12 @@ pub fn run(args: BenchForkArgs) -> Result<i32> {
         .as_ref()
         .map(|c| versus(&summaries, c))
         .unwrap_or_default();
+    if let Some(path) = &args.plot {
+        let svg = plot::svg(&summaries, cold_summary.as_ref())?;
+        std::fs::write(path, svg)
+            .with_context(|| format!("cannot write the plot to {}", path.display()))?;
+        eprintln!("forkvm bench fork: plot written to {}", path.display());
+    }
     let cold_command = std::iter::once(bench.exe.display().to_string())
         .chain(
             bench

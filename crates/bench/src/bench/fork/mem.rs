@@ -33,9 +33,12 @@ pub struct Rollup {
     /// Private_Clean + Private_Dirty (+ Private_Hugetlb), KiB (shared-file pages only
     /// this process maps included, see [`GuestRamMem::private_kib`]).
     pub private_kib: u64,
-    /// `Anonymous`, KiB: memory only this process has (copied guest pages, heap,
-    /// stacks, relocated pages of its executable).
+    /// `Anonymous`, KiB: copied guest pages, heap, stacks, relocated pages of the
+    /// executable; also the anonymous pages it shares copy-on-write with the process
+    /// it was forked from (its pool's zygote) and that one's other children.
     pub anon_kib: u64,
+    /// Private_Dirty, KiB: dirty pages no other process maps.
+    pub private_dirty_kib: u64,
 }
 
 /// One process's memory at one moment.
@@ -45,6 +48,24 @@ pub struct MemSample {
     pub guest_ram: GuestRamMem,
     /// The whole process.
     pub process: Rollup,
+}
+
+impl MemSample {
+    /// The VMM process's own memory outside guest RAM, KiB: its dirty pages that no other
+    /// process maps (heap, stacks, relocated executable pages written since it was
+    /// forked from its pool's zygote; what it still shares with the zygote and its
+    /// siblings is not its own).
+    pub fn vmm_own_kib(&self) -> u64 {
+        self.process
+            .private_dirty_kib
+            .saturating_sub(self.guest_ram.private_dirty_kib)
+    }
+
+    /// All that a fork child costs on its own, KiB: the guest pages it copied and
+    /// [`MemSample::vmm_own_kib`].
+    pub fn child_own_kib(&self) -> u64 {
+        self.guest_ram.anon_kib + self.vmm_own_kib()
+    }
 }
 
 /// The `N kB` value of a `Key:   N kB` line.
@@ -115,7 +136,12 @@ pub fn parse_rollup(text: &str) -> Rollup {
             "Rss" => r.rss_kib += kib(rest),
             "Pss" => r.pss_kib += kib(rest),
             "Anonymous" => r.anon_kib += kib(rest),
-            "Private_Clean" | "Private_Dirty" | "Private_Hugetlb" => r.private_kib += kib(rest),
+            "Private_Dirty" => {
+                let v = kib(rest);
+                r.private_kib += v;
+                r.private_dirty_kib += v;
+            }
+            "Private_Clean" | "Private_Hugetlb" => r.private_kib += kib(rest),
             _ => {}
         }
     }

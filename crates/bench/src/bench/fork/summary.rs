@@ -106,7 +106,8 @@ pub struct CountSummary {
     /// Guest-RAM pages each idle child copied (wrote since the fork: its Anonymous
     /// guest RAM), KiB.
     pub guest_own_kib: Option<Dist>,
-    /// Anonymous memory of the whole child VMM process, KiB.
+    /// All a child holds on its own, KiB ([`MemSample::child_own_kib`]): its copied
+    /// guest pages and its VMM process's private dirty pages.
     pub process_own_kib: Option<Dist>,
     /// Pss of the child VMM process, KiB.
     pub pss_kib: Option<Dist>,
@@ -148,7 +149,7 @@ pub fn summarise(rounds: &[ForkRound]) -> Vec<CountSummary> {
                 t2_missing: kids.iter().filter(|c| c.t2_us.is_none()).count(),
                 pause_us: dist_by(&forks, |r| Some(r.parent_pause_us as f64)),
                 guest_own_kib: dist_by(&kids, |c| c.mem.map(|m| m.guest_ram.anon_kib as f64)),
-                process_own_kib: dist_by(&kids, |c| c.mem.map(|m| m.process.anon_kib as f64)),
+                process_own_kib: dist_by(&kids, |c| c.mem.map(|m| m.child_own_kib() as f64)),
                 pss_kib: dist_by(&kids, |c| c.mem.map(|m| m.process.pss_kib as f64)),
             }
         })
@@ -166,8 +167,8 @@ pub struct ColdSummary {
     pub agent_ms: Option<Dist>,
     /// Guest RAM of the idle VMM (it maps its memory file alone: all it touched), KiB.
     pub guest_own_kib: Option<Dist>,
-    /// Memory of the whole VMM process that no other process shares (anonymous, and
-    /// its guest RAM), KiB.
+    /// Memory of the whole VMM process that no other process shares (its guest RAM
+    /// and its private dirty pages outside it), KiB.
     pub process_own_kib: Option<Dist>,
     /// Pss of the VMM process, KiB.
     pub pss_kib: Option<Dist>,
@@ -187,7 +188,7 @@ pub fn summarise_cold(cold: &[ColdSample]) -> Option<ColdSummary> {
         guest_own_kib: dist_by(cold, |c| c.mem.map(|m| m.guest_ram.private_kib as f64)),
         process_own_kib: dist_by(cold, |c| {
             c.mem
-                .map(|m| (m.process.anon_kib + m.guest_ram.private_kib) as f64)
+                .map(|m| (m.guest_ram.private_kib + m.vmm_own_kib()) as f64)
         }),
         pss_kib: dist_by(cold, |c| c.mem.map(|m| m.process.pss_kib as f64)),
     })
@@ -444,8 +445,9 @@ pub fn render(r: &ForkReport) -> String {
          guest-RAM own: a child's Anonymous\n/memfd:forkvm-guest-ram* memory \
          (/proc/PID/smaps: the guest pages it copied since the fork; Private_* would also \
          count\npages of the shared memory file that only it maps), a cold boot's Private_* \
-         (it maps its memory file alone); process own:\nthe process's Anonymous \
-         (/proc/PID/smaps_rollup), plus its guest RAM for a cold boot; Pss: smaps_rollup.\nCold boot: \
+         (it maps its memory file alone); process own:\nthat guest RAM plus the process's \
+         Private_Dirty outside guest RAM (smaps_rollup - smaps: pages no other process maps; \
+         what a\nchild shares copy-on-write with its pool's zygote is not its own); Pss: smaps_rollup.\nCold boot: \
          `forkvm boot` spawn -> ready marker on the console (T1 column), -> agent answer (T2).\n",
     );
     out

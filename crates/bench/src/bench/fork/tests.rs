@@ -81,6 +81,7 @@ fn rollup_private_and_pss() {
     assert_eq!(r.pss_kib, 3500, "Pss_Anon must not be added");
     assert_eq!(r.private_kib, 116 + 2548);
     assert_eq!(r.anon_kib, 2400);
+    assert_eq!(r.private_dirty_kib, 2548);
 }
 
 fn child(t1: u64, t2: Option<u64>, guest: u64) -> ChildSample {
@@ -93,13 +94,17 @@ fn child(t1: u64, t2: Option<u64>, guest: u64) -> ChildSample {
             guest_ram: GuestRamMem {
                 anon_kib: guest,
                 private_kib: guest * 3,
+                private_dirty_kib: guest * 2,
                 ..GuestRamMem::default()
             },
+            // 1000 KiB of the process's own outside guest RAM, and 5000 KiB anonymous
+            // it shares with its zygote.
             process: Rollup {
                 rss_kib: 0,
                 pss_kib: guest * 2,
                 private_kib: guest * 3 + 1000,
-                anon_kib: guest + 1000,
+                anon_kib: guest + 6000,
+                private_dirty_kib: guest * 2 + 1000,
             },
         }),
     }
@@ -179,7 +184,7 @@ fn cold_summary_and_ratios() {
     // A cold VM's own guest RAM is all it maps of its memory file (Private_*: 3 x
     // 20000 in this sample), not its Anonymous memory (none in a real one).
     assert_eq!(c.guest_own_kib.unwrap().p50, 60_000.0);
-    assert_eq!(c.process_own_kib.unwrap().p50, 21_000.0 + 60_000.0);
+    assert_eq!(c.process_own_kib.unwrap().p50, 60_000.0 + 1000.0);
     assert!((v[0].guest_own - 200.0 / 60_000.0).abs() < 1e-12);
     assert!(summarise_cold(&[]).is_none());
     let t = table(&summarise(&rounds()), Some(&c), &v);
@@ -227,4 +232,29 @@ fn distributions() {
     assert_eq!((d.n, d.p50, d.min, d.max), (3, 3.0, 1.0, 5.0));
     assert!((d.p99 - 4.96).abs() < 1e-9);
     assert!(Dist::of(&[]).is_none());
+}
+
+#[test]
+fn the_plot_has_a_line_per_pool_and_measure() {
+    let c = summarise_cold(&[ColdSample {
+        run: 0,
+        pid: 9,
+        ready_us: Some(100_000),
+        agent_us: Some(200_000),
+        mem: None,
+    }]);
+    let svg = plot::svg(&summarise(&rounds()), c.as_ref()).unwrap();
+    assert!(svg.starts_with("<svg"), "{svg}");
+    for label in [
+        "T1: fork request -&gt; child running",
+        "pool 2: T1 p50",
+        "pool 2: last child&apos;s T1 p50",
+        "pool 2: T2 p50",
+        "one cold boot",
+        "children per fork",
+    ] {
+        assert!(svg.contains(label), "no {label:?} in the plot");
+    }
+    // Nothing measured still draws the axes.
+    assert!(plot::svg(&[], None).unwrap().contains("children per fork"));
 }

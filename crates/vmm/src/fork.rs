@@ -239,93 +239,146 @@ pub(crate) fn identities(
         .collect()
 }
 
-/// Launches one child per identity from `snapshot` and the memory `files`, registered
-/// under `homes`, in warm processes of `pool` while it has some and in new ones after
-/// that, then waits until each reports that it runs; times are measured from `t0`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn start_children(
-    snapshot: VmSnapshot,
-    layout: &MemoryLayout,
-    files: &[File],
-    identities: Vec<ChildIdentity>,
-    req: &ForkRequest,
-    homes: &ChildHomes,
-    pool: Option<&ChildPool>,
+/// The children of one fork on their way to running: [`Launching::start`] hands them
+/// to warm processes (quick: done while the parent is paused, so that its resumed
+/// vCPUs do not compete with the sending), [`Launching::finish`] starts new processes
+/// for the rest and waits for every child's report.
+pub(crate) struct Launching {
+    /// The fork's state (first) and memory files, as each child receives them.
+    files: Vec<File>,
+    launch: Launch,
+    consoles: Vec<Option<PathBuf>>,
+    /// Children handed to a process, in order, and whether it was warm.
+    started: Vec<(VmProcess, ChildIdentity, bool)>,
+    /// Children left for new processes: their index and identity.
+    rest: Vec<(usize, ChildIdentity)>,
     t0: Instant,
-) -> Result<Vec<ChildInfo>, ControlError> {
-    let exe = crate::launch::vmm_executable()
-        .map_err(|e| ControlError::Failed(format!("cannot start fork children: {e}")))?;
-    let mut started = Vec::with_capacity(identities.len());
-    // The state is encoded once; every child gets the same file, ahead of the memory.
-    let state = ForkState {
-        snapshot,
-        layout: layout.clone(),
-    }
-    .into_file()?;
-    let files: Vec<&File> = std::iter::once(&state).chain(files).collect();
-    let mut launch = Launch {
-        home: HomeSpec::New(homes.clone()),
-        console: ConsoleSpec::Log,
-        start: Start::Restore(Box::default()),
-        // A child's TAPs are new ones in the launcher's namespace, not its parent's.
-        netns: None,
-    };
-    for (i, identity) in identities.into_iter().enumerate() {
-        launch.start = Start::Restore(Box::new(identity.clone()));
-        launch.console = match req.children.get(i).and_then(|c| c.console.clone()) {
-            Some(path) => ConsoleSpec::File(path),
-            None => ConsoleSpec::Log,
+}
+
+impl Launching {
+    /// Encodes `snapshot` and `layout` once, then launches one child per identity over
+    /// the memory `files` (base first), registered under `homes`, in warm processes of
+    /// `pool` while it has some; times are measured from `t0`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn start(
+        snapshot: VmSnapshot,
+        layout: &MemoryLayout,
+        files: Vec<File>,
+        identities: Vec<ChildIdentity>,
+        req: &ForkRequest,
+        homes: &ChildHomes,
+        pool: Option<&ChildPool>,
+        t0: Instant,
+    ) -> Result<Self, ControlError> {
+        // The state is encoded once; every child gets the same file, ahead of the memory.
+        let state = ForkState {
+            snapshot,
+            layout: layout.clone(),
+        }
+        .into_file()?;
+        let mut this = Self {
+            files: std::iter::once(state).chain(files).collect(),
+            launch: Launch {
+                home: HomeSpec::New(homes.clone()),
+                console: ConsoleSpec::Log,
+                start: Start::Restore(Box::default()),
+                // A child's TAPs are new ones in the launcher's namespace, not its parent's.
+                netns: None,
+            },
+            consoles: (0..identities.len())
+                .map(|i| req.children.get(i).and_then(|c| c.console.clone()))
+                .collect(),
+            started: Vec::with_capacity(identities.len()),
+            rest: Vec::new(),
+            t0,
         };
-        let blob = crate::launch::encode(&launch)
-            .map_err(|e| ControlError::Failed(format!("cannot encode the fork payload: {e}")))?;
-        let warm = pool.and_then(ChildPool::take).and_then(|mut p| {
-            let pid = p.pid();
-            p.send(&blob, &files)
-                .inspect_err(|e| tracing::warn!(pid, "a warm fork process failed: {e}"))
-                .ok()
-                .map(|()| p)
-        });
-        let is_warm = warm.is_some();
-        let child = match warm {
-            Some(p) => p,
-            None => VmProcess::spawn_encoded(&exe, &blob, &files, ProcessOptions::daemon())
-                .map_err(|e| ControlError::Failed(format!("cannot start fork child {i}: {e}")))?,
-        };
-        started.push((child, identity, is_warm));
-    }
-    tracing::info!(
-        children = started.len(),
-        sent_after_us = t0.elapsed().as_micros() as u64,
-        "fork payloads sent"
-    );
-    let mut children = Vec::with_capacity(started.len());
-    let mut failure = None;
-    let deadline = Instant::now() + CHILD_START_TIMEOUT + CHILD_START_EACH * started.len() as u32;
-    for (child, identity, warm) in started {
-        let pid = child.pid();
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        match child.wait_running(left) {
-            Ok(()) => children.push(ChildInfo {
-                pid,
-                cid: identity.cid,
-                vsock_uds: identity.vsock_uds,
-                running_after_us: t0.elapsed().as_micros() as u64,
-                warm,
-            }),
-            Err(e) => {
-                failure.get_or_insert_with(|| {
-                    ControlError::Failed(format!("fork child {pid} did not start: {e}"))
-                });
+        for (i, identity) in identities.into_iter().enumerate() {
+            let warm = match pool.and_then(ChildPool::take) {
+                Some(mut p) => {
+                    let blob = this.encode(i, &identity)?;
+                    let pid = p.pid();
+                    match p.send(&blob, &this.files.iter().collect::<Vec<_>>()) {
+                        Ok(()) => Some(p),
+                        Err(e) => {
+                            tracing::warn!(pid, "a warm fork process failed: {e}");
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
+            match warm {
+                Some(p) => this.started.push((p, identity, true)),
+                None => this.rest.push((i, identity)),
             }
         }
-        // Reaped in the background: its lifetime is its own.
-        let _ = child.detach();
+        Ok(this)
     }
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(children),
+
+    /// The launch of child `i` with `identity`.
+    fn encode(&mut self, i: usize, identity: &ChildIdentity) -> Result<Vec<u8>, ControlError> {
+        self.launch.start = Start::Restore(Box::new(identity.clone()));
+        self.launch.console = match &self.consoles[i] {
+            Some(path) => ConsoleSpec::File(path.clone()),
+            None => ConsoleSpec::Log,
+        };
+        crate::launch::encode(&self.launch)
+            .map_err(|e| ControlError::Failed(format!("cannot encode the fork payload: {e}")))
+    }
+
+    /// Starts a new process for each child no warm process took, then waits until every
+    /// child reports that it runs.
+    pub(crate) fn finish(mut self) -> Result<Vec<ChildInfo>, ControlError> {
+        let t0 = self.t0;
+        if !self.rest.is_empty() {
+            let exe = crate::launch::vmm_executable()
+                .map_err(|e| ControlError::Failed(format!("cannot start fork children: {e}")))?;
+            for (i, identity) in std::mem::take(&mut self.rest) {
+                let blob = self.encode(i, &identity)?;
+                let files: Vec<&File> = self.files.iter().collect();
+                let child = VmProcess::spawn_encoded(&exe, &blob, &files, ProcessOptions::daemon())
+                    .map_err(|e| {
+                        ControlError::Failed(format!("cannot start fork child {i}: {e}"))
+                    })?;
+                self.started.push((child, identity, false));
+            }
+        }
+        let started = self.started;
+        tracing::info!(
+            children = started.len(),
+            sent_after_us = t0.elapsed().as_micros() as u64,
+            "fork payloads sent"
+        );
+        let mut children = Vec::with_capacity(started.len());
+        let mut failure = None;
+        let deadline =
+            Instant::now() + CHILD_START_TIMEOUT + CHILD_START_EACH * started.len() as u32;
+        for (child, identity, warm) in started {
+            let pid = child.pid();
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            match child.wait_running(left) {
+                Ok(()) => children.push(ChildInfo {
+                    pid,
+                    cid: identity.cid,
+                    vsock_uds: identity.vsock_uds,
+                    running_after_us: t0.elapsed().as_micros() as u64,
+                    warm,
+                }),
+                Err(e) => {
+                    failure.get_or_insert_with(|| {
+                        ControlError::Failed(format!("fork child {pid} did not start: {e}"))
+                    });
+                }
+            }
+            // Its lifetime is its own (reaped in the background, or by init).
+            let _ = child.detach();
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(children),
+        }
     }
 }
 
@@ -357,26 +410,31 @@ impl Vmm {
             Ok((snap, files, layout))
         });
         let frozen_at = pause_start.elapsed();
+        // Warm children get their launch before the parent's vCPUs take the CPU back.
+        let launching = captured.and_then(|(snapshot, files, layout)| {
+            Launching::start(
+                snapshot,
+                &layout,
+                files,
+                identities,
+                req,
+                &homes,
+                self.pool.as_ref(),
+                t0,
+            )
+        });
+        let sent_at = pause_start.elapsed();
         if !was_paused && !req.freeze {
             self.resume()?;
         }
         let parent_pause_us = pause_start.elapsed().as_micros() as u64;
         tracing::debug!(
             ?frozen_at,
+            ?sent_at,
             parent_pause_us,
-            "parent paused, captured and froze"
+            "parent paused, captured, froze and launched its warm children"
         );
-        let (snapshot, files, layout) = captured?;
-        let started = start_children(
-            snapshot,
-            &layout,
-            &files,
-            identities,
-            req,
-            &homes,
-            self.pool.as_ref(),
-            t0,
-        );
+        let started = launching.and_then(Launching::finish);
         // Refilled (or started, on a child's first fork) once the children run.
         self.fill_fork_pool();
         let children = started?;

@@ -562,6 +562,8 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
         .unwrap();
         let _kids = Children(out.children.iter().map(|c| c.pid).collect());
         assert_eq!(out.children.len(), 2);
+        // Started in warm processes made while the template's memory was checked.
+        assert!(out.children.iter().all(|c| c.warm), "{out:?}");
         wait_for("both children to register", Duration::from_secs(60), || {
             vms(&root).len() == 2
         });
@@ -628,6 +630,9 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
             let before = vms(&root).len();
             let err = forkvm_err(&root, &["template", "fork", copy.to_str().unwrap()]);
             assert_eq!(vms(&root).len(), before, "a broken template started a VM");
+            // Nor left a warm process's home (they went with their pool).
+            let staged = std::fs::read_dir(root.join(".staged")).map_or(0, |d| d.count());
+            assert_eq!(staged, 0, "a broken template left warm processes");
             err
         };
         let mem = |d: &Path| d.join(forkvm_vmm::template::MEMORY_FILE);

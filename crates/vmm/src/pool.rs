@@ -153,6 +153,19 @@ impl ChildPool {
         None
     }
 
+    /// Waits until `n` warm processes are ready (at most the pool's size), the pool
+    /// closes, or `timeout` passes; returns how many are ready.
+    pub fn wait_ready(&self, n: usize, timeout: Duration) -> usize {
+        let n = n.min(self.shared.size);
+        let state = self.shared.lock();
+        let (state, _) = self
+            .shared
+            .wake
+            .wait_timeout_while(state, timeout, |s| !s.closed && s.ready.len() < n)
+            .unwrap_or_else(|p| p.into_inner());
+        state.ready.len()
+    }
+
     /// Starts replacing what was taken (and what died), in the background.
     pub fn refill(&self) {
         self.shared.wake.notify_all();
@@ -203,6 +216,8 @@ fn fill(shared: &Shared) {
                     return;
                 }
                 state.ready.push_back(w);
+                // For anyone in wait_ready.
+                shared.wake.notify_all();
             }
             Err(e) => {
                 tracing::warn!("cannot start a warm fork process: {e}");
@@ -319,6 +334,34 @@ mod tests {
             before[0]
         );
         taken.kill();
+    }
+
+    #[test]
+    fn waiting_for_warm_processes_ends_when_they_are_ready_or_time_is_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = ChildPool::start(2, unstaged(), Maker::Exec(waiter(dir.path()))).unwrap();
+        assert_eq!(
+            pool.wait_ready(5, Duration::from_secs(20)),
+            2,
+            "capped at the size"
+        );
+        // Let the filler settle into waiting for a refill.
+        std::thread::sleep(Duration::from_millis(100));
+        let _taken = pool.take().unwrap();
+        let t = Instant::now();
+        assert_eq!(
+            pool.wait_ready(2, Duration::from_millis(300)),
+            1,
+            "not refilled"
+        );
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        let none = ChildPool::start(
+            1,
+            unstaged(),
+            Maker::Exec(PathBuf::from("/nonexistent/forkvm-vmm")),
+        )
+        .unwrap();
+        assert_eq!(none.wait_ready(1, Duration::from_millis(200)), 0);
     }
 
     #[test]

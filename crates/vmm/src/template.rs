@@ -15,17 +15,19 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::control::{error_chain, ControlError, ForkOutcome, ForkRequest, TemplateInfo};
-use crate::fork::{check_request, identities, start_children};
+use crate::fork::{check_request, identities, Launching};
 use crate::launch::ChildHomes;
 use crate::memory::{MemoryLayout, RamRange};
+use crate::pool::{ChildPool, Maker};
 use crate::snapshot::VmSnapshot;
 use crate::vmm::Vmm;
+use crate::warm::{Staging, Warmup};
 
 /// The state file of a template directory.
 pub const STATE_FILE: &str = "state.forkvm";
@@ -167,15 +169,98 @@ fn write_template(
     Ok((total, stored))
 }
 
+/// How long a template fork waits for its warm processes: this, plus
+/// [`WARM_WAIT_EACH`] per child.
+const WARM_WAIT: Duration = Duration::from_secs(2);
+/// What each child adds to [`WARM_WAIT`].
+const WARM_WAIT_EACH: Duration = Duration::from_millis(50);
+
 /// A validated template, ready to fork.
 pub struct Template {
     state: TemplateState,
     memory: File,
 }
 
+/// A template whose state was read and checked and whose memory file was opened and
+/// sized, before its memory's checksum is checked ([`Unverified::verify`]): what it
+/// forks into (vCPUs, memory) is known, so warm processes can start meanwhile.
+pub struct Unverified {
+    state: TemplateState,
+    memory: File,
+    mem_path: PathBuf,
+}
+
+impl Unverified {
+    /// vCPUs and memory (MiB) of the saved VM.
+    pub fn machine(&self) -> (u8, u64) {
+        (
+            self.state.snapshot.config.vcpus,
+            self.state.snapshot.config.mem_mib,
+        )
+    }
+
+    /// Starts a pool of `count` warm processes (capped at [`MAX_FORK_POOL`]) for this
+    /// template's children, registered under `homes`: they start while the memory is
+    /// checked, and [`Template::fork`] hands the children to them (waiting a little for
+    /// those still starting). `None` when the pool cannot start (the children then
+    /// start from scratch).
+    ///
+    /// [`MAX_FORK_POOL`]: crate::pool::MAX_FORK_POOL
+    pub fn warm_pool(&self, homes: &ChildHomes, count: u32) -> Option<ChildPool> {
+        let (vcpus, mem_mib) = self.machine();
+        let warmup = Warmup {
+            vcpus,
+            stage: Some(Staging {
+                homes: homes.clone(),
+                id: forkvm_registry::new_id(),
+                mem_mib,
+            }),
+        };
+        crate::launch::vmm_executable()
+            .and_then(|exe| ChildPool::start(count, warmup, Maker::Zygote(exe)))
+            .inspect_err(|e| tracing::warn!("cannot start warm processes for the template: {e}"))
+            .ok()
+    }
+
+    /// Checks the memory file against the template's checksum.
+    pub fn verify(self) -> Result<Template, TemplateError> {
+        let Self {
+            state,
+            memory,
+            mem_path,
+        } = self;
+        let mut digest = forkvm_snapshot::CRC.digest();
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, &memory);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = reader.read(&mut buf).map_err(io(&mem_path))?;
+            if n == 0 {
+                break;
+            }
+            digest.update(&buf[..n]);
+        }
+        let crc = digest.finalize();
+        if crc != state.memory_crc {
+            return Err(TemplateError::Memory {
+                path: mem_path,
+                problem: format!(
+                    "checksum {crc:#018x} does not match the template's {:#018x}: the memory was modified",
+                    state.memory_crc
+                ),
+            });
+        }
+        Ok(Template { state, memory })
+    }
+}
+
 impl Template {
     /// Opens and checks the template in `dir`.
     pub fn load(dir: &Path) -> Result<Self, TemplateError> {
+        Self::open(dir)?.verify()
+    }
+
+    /// Opens the template in `dir` and checks all but its memory's checksum.
+    pub fn open(dir: &Path) -> Result<Unverified, TemplateError> {
         let state_path = dir.join(STATE_FILE);
         let state: TemplateState =
             forkvm_snapshot::read_state_file(&state_path).map_err(|source| {
@@ -203,24 +288,11 @@ impl Template {
                 "the template's memory ranges do not add up to its size".into(),
             ));
         }
-        let mut digest = forkvm_snapshot::CRC.digest();
-        let mut reader = std::io::BufReader::with_capacity(1 << 20, &memory);
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = reader.read(&mut buf).map_err(io(&mem_path))?;
-            if n == 0 {
-                break;
-            }
-            digest.update(&buf[..n]);
-        }
-        let crc = digest.finalize();
-        if crc != state.memory_crc {
-            return Err(bad(format!(
-                "checksum {crc:#018x} does not match the template's {:#018x}: the memory was modified",
-                state.memory_crc
-            )));
-        }
-        Ok(Self { state, memory })
+        Ok(Unverified {
+            state,
+            memory,
+            mem_path,
+        })
     }
 
     /// vCPUs and memory of the saved VM.
@@ -231,8 +303,14 @@ impl Template {
         )
     }
 
-    /// Starts `req.count` children from this template, registered under `homes`.
-    pub fn fork(self, req: &ForkRequest, homes: &ChildHomes) -> Result<ForkOutcome, TemplateError> {
+    /// Starts `req.count` children from this template, registered under `homes`, in
+    /// warm processes of `pool` while it has some.
+    pub fn fork(
+        self,
+        req: &ForkRequest,
+        homes: &ChildHomes,
+        pool: Option<&ChildPool>,
+    ) -> Result<ForkOutcome, TemplateError> {
         let t0 = Instant::now();
         let cfg = self.state.snapshot.config.clone();
         check_request(&cfg, req)?;
@@ -242,16 +320,24 @@ impl Template {
             ranges: self.state.ranges,
             overlays: Vec::new(),
         };
-        let children = start_children(
+        if let Some(pool) = pool {
+            // Forked from a zygote: milliseconds each, much less than a start from
+            // scratch; bounded in case the zygote cannot start them.
+            let wait = WARM_WAIT + WARM_WAIT_EACH * req.count;
+            let ready = pool.wait_ready(req.count as usize, wait);
+            tracing::debug!(ready, "warm processes for the template's children");
+        }
+        let children = Launching::start(
             self.state.snapshot,
             &layout,
-            std::slice::from_ref(&self.memory),
+            vec![self.memory],
             ids,
             req,
             homes,
-            None,
+            pool,
             t0,
-        )?;
+        )?
+        .finish()?;
         Ok(ForkOutcome {
             children,
             parent_pause_us: 0,

@@ -1,5 +1,6 @@
 //! `forkvm template save VM DIR` (through the VM's API) and `forkvm template fork DIR`
-//! (in this process: it loads and checks the template, then starts the children).
+//! (in this process: it opens the template, starts warm processes for the children
+//! while it checks the memory, then starts the children in them).
 
 use std::path::Path;
 
@@ -35,19 +36,23 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
             Ok(0)
         }
         TemplateCommand::Fork { dir, count, json } => {
-            let template = Template::load(&dir)
-                .with_context(|| format!("cannot use the template in {}", dir.display()))?;
+            let unusable = || format!("cannot use the template in {}", dir.display());
+            let opened = Template::open(&dir).with_context(unusable)?;
             // Children register under this root, with no parent VM.
             let homes = ChildHomes {
                 root: std::path::absolute(root)?,
                 parent: None,
             };
+            // Warm processes for the children start while the memory is checked; the
+            // ones not used go with the pool when this command ends.
+            let pool = opened.warm_pool(&homes, count);
+            let template = opened.verify().with_context(unusable)?;
             let req = ForkRequest {
                 count,
                 ..ForkRequest::default()
             };
             let out = template
-                .fork(&req, &homes)
+                .fork(&req, &homes, pool.as_ref())
                 .with_context(|| format!("cannot fork the template in {}", dir.display()))?;
             print_outcome(&dir.display().to_string(), &out, json)?;
             Ok(0)

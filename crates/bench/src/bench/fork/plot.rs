@@ -10,6 +10,8 @@ use super::*;
 struct Line {
     label: String,
     points: Vec<(f64, f64)>,
+    /// Which pool size it belongs to (its colour).
+    pool: usize,
     dashed: bool,
 }
 
@@ -17,7 +19,7 @@ fn lines(summaries: &[CountSummary], measure: Measure) -> Vec<Line> {
     let mut pools: Vec<u32> = summaries.iter().map(|s| s.pool).collect();
     pools.dedup();
     let mut out = Vec::new();
-    for pool in pools {
+    for (pool_index, pool) in pools.into_iter().enumerate() {
         let of_pool: Vec<&CountSummary> = summaries.iter().filter(|s| s.pool == pool).collect();
         let mut add = |label: String, dashed: bool, f: &dyn Fn(&CountSummary) -> Option<f64>| {
             let mut points: Vec<(f64, f64)> = of_pool
@@ -30,6 +32,7 @@ fn lines(summaries: &[CountSummary], measure: Measure) -> Vec<Line> {
                 out.push(Line {
                     label,
                     points,
+                    pool: pool_index,
                     dashed,
                 });
             }
@@ -122,8 +125,8 @@ where
         .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
-    for (i, line) in lines.iter().enumerate() {
-        let color = Palette99::pick(i / 2 + usize::from(line.dashed) * 3).to_rgba();
+    for line in lines {
+        let color = Palette99::pick(line.pool).to_rgba();
         let style = color.stroke_width(2);
         let series = line.points.clone();
         if line.dashed {

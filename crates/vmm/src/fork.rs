@@ -326,13 +326,9 @@ impl Launching {
             .map_err(|e| ControlError::Failed(format!("cannot encode the fork payload: {e}")))
     }
 
-    /// Starts a new process for each child no warm process took (forked by `pool`'s
-    /// zygote when there is a pool, else exec'd), then waits until every child reports
-    /// that it runs.
-    pub(crate) fn finish(
-        mut self,
-        pool: Option<&ChildPool>,
-    ) -> Result<Vec<ChildInfo>, ControlError> {
+    /// Starts a new process for each child no warm process took, then waits until every
+    /// child reports that it runs.
+    pub(crate) fn finish(mut self) -> Result<Vec<ChildInfo>, ControlError> {
         let t0 = self.t0;
         if !self.rest.is_empty() {
             let exe = crate::launch::vmm_executable()
@@ -340,14 +336,10 @@ impl Launching {
             for (i, identity) in std::mem::take(&mut self.rest) {
                 let blob = self.encode(i, &identity)?;
                 let files: Vec<&File> = self.files.iter().collect();
-                let child = match pool {
-                    Some(pool) => pool.make_now().and_then(|mut p| {
-                        p.send(&blob, &files)?;
-                        Ok(p)
-                    }),
-                    None => VmProcess::spawn_encoded(&exe, &blob, &files, ProcessOptions::daemon()),
-                }
-                .map_err(|e| ControlError::Failed(format!("cannot start fork child {i}: {e}")))?;
+                let child = VmProcess::spawn_encoded(&exe, &blob, &files, ProcessOptions::daemon())
+                    .map_err(|e| {
+                        ControlError::Failed(format!("cannot start fork child {i}: {e}"))
+                    })?;
                 self.started.push((child, identity, false));
             }
         }
@@ -442,7 +434,7 @@ impl Vmm {
             parent_pause_us,
             "parent paused, captured, froze and launched its warm children"
         );
-        let started = launching.and_then(|l| l.finish(self.pool.as_ref()));
+        let started = launching.and_then(Launching::finish);
         // Refilled (or started, on a child's first fork) once the children run.
         self.fill_fork_pool();
         let children = started?;

@@ -241,11 +241,6 @@ impl VmProcess {
         Ok(p)
     }
 
-    /// Starts `exe` as a daemon that waits for its launch ([`VmProcess::send`]).
-    pub(crate) fn spawn_waiting(exe: &Path) -> std::io::Result<Self> {
-        Self::start(exe, ProcessOptions::daemon())
-    }
-
     /// Sends the process its warm-up.
     pub(crate) fn warm_up(&mut self, warmup: &Warmup) -> std::io::Result<()> {
         let blob =

@@ -95,8 +95,6 @@ struct Shared {
     size: usize,
     warmup: Warmup,
     maker: Maker,
-    /// Started on first use (with [`Maker::Zygote`]); killed with the pool.
-    zygote: Mutex<Option<Zygote>>,
     state: Mutex<PoolState>,
     wake: Condvar,
 }
@@ -122,7 +120,6 @@ impl ChildPool {
             size: size.min(MAX_FORK_POOL) as usize,
             warmup,
             maker,
-            zygote: Mutex::new(None),
             state: Mutex::new(PoolState {
                 ready: VecDeque::new(),
                 closed: false,
@@ -169,13 +166,6 @@ impl ChildPool {
         state.ready.len()
     }
 
-    /// A new process for a fork child no warm process was left for, made now and
-    /// waiting for its launch: forked by the pool's zygote (no exec, its pages shared with
-    /// the pool's), else exec'd.
-    pub fn make_now(&self) -> std::io::Result<VmProcess> {
-        make(&self.shared, None)
-    }
-
     /// Starts replacing what was taken (and what died), in the background.
     pub fn refill(&self) {
         self.shared.wake.notify_all();
@@ -198,6 +188,8 @@ fn fill(shared: &Shared) {
     if let Some(stage) = &shared.warmup.stage {
         forkvm_registry::prune_staged(&stage.homes.root);
     }
+    // Started on first use, dropped (killed) with this thread.
+    let mut zygote = None;
     loop {
         {
             let mut state = shared.lock();
@@ -211,7 +203,7 @@ fn fill(shared: &Shared) {
             }
         }
         let warmup = shared.warmup.renewed();
-        match make(shared, Some(&warmup)) {
+        match make(&shared.maker, &mut zygote, &warmup) {
             Ok(process) => {
                 let w = Warm {
                     process,
@@ -238,26 +230,20 @@ fn fill(shared: &Shared) {
     }
 }
 
-/// Starts one process as the pool's maker says, warmed up as `warmup` says (none: it
-/// waits for its launch at once): forked by the pool's zygote (started if there is
+/// Starts one warm process as `maker` says: forked by `zygote` (started if there is
 /// none; dropped when it fails, so that the next process starts a new one), or exec'd.
-fn make(shared: &Shared, warmup: Option<&Warmup>) -> std::io::Result<VmProcess> {
-    let warm_up = |mut p: VmProcess| match warmup {
-        Some(w) => p.warm_up(w).map(|()| p),
-        None => Ok(p),
-    };
-    let exe = match &shared.maker {
-        Maker::Exec(exe) => return exec(exe, warmup),
+fn make(maker: &Maker, zygote: &mut Option<Zygote>, warmup: &Warmup) -> std::io::Result<VmProcess> {
+    let exe = match maker {
+        Maker::Exec(exe) => return VmProcess::spawn_warm(exe, warmup),
         Maker::Zygote(exe) => exe,
     };
-    let mut zygote = shared.zygote.lock().unwrap_or_else(|p| p.into_inner());
     if zygote.is_none() {
         *zygote = Zygote::start(exe)
             .inspect_err(|e| tracing::warn!("cannot start the fork pool's zygote: {e}"))
             .ok();
     }
-    if let Some(z) = zygote.as_mut() {
-        match z.fork().and_then(warm_up) {
+    if let Some(z) = zygote {
+        match z.fork().and_then(|mut p| p.warm_up(warmup).map(|()| p)) {
             Ok(p) => return Ok(p),
             Err(e) => {
                 tracing::warn!(pid = z.pid(), "the fork pool's zygote failed: {e}");
@@ -265,16 +251,7 @@ fn make(shared: &Shared, warmup: Option<&Warmup>) -> std::io::Result<VmProcess> 
             }
         }
     }
-    drop(zygote);
-    exec(exe, warmup)
-}
-
-/// Execs `exe` as a VM process, warmed up as `warmup` says.
-fn exec(exe: &std::path::Path, warmup: Option<&Warmup>) -> std::io::Result<VmProcess> {
-    match warmup {
-        Some(w) => VmProcess::spawn_warm(exe, w),
-        None => VmProcess::spawn_waiting(exe),
-    }
+    VmProcess::spawn_warm(exe, warmup)
 }
 
 impl Drop for ChildPool {

@@ -337,7 +337,7 @@ impl Template {
             pool,
             t0,
         )?
-        .finish(pool)?;
+        .finish()?;
         Ok(ForkOutcome {
             children,
             parent_pause_us: 0,

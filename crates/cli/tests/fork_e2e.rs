@@ -316,19 +316,8 @@ fn pool_pids(root: &Path, vm: &str) -> Vec<u32> {
 
 /// The live fork-pool zygotes whose parent is `pid`.
 fn zygotes_of(pid: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
-                let mut fields = stat
-                    .rsplit_once(')')
-                    .map_or("", |(_, r)| r)
-                    .split_whitespace();
-                let (state, ppid) = (fields.next(), fields.next());
-                state != Some("Z") && ppid == Some(pid.to_string().as_str())
-            })
-        })
+    forkvm_test_support::running_children(pid)
+        .into_iter()
         .filter(|p| {
             std::fs::read_to_string(format!("/proc/{p}/comm"))
                 .is_ok_and(|c| c.trim() == "forkvm-zygote")

@@ -206,28 +206,9 @@ fn pid_of(state: &Value) -> i32 {
     state["pid"].as_i64().expect("state has a pid") as i32
 }
 
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
-}
-
 /// Processes of this binary still running (monitors, detached execs).
 fn runtime_processes() -> Vec<String> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        let zombie = std::fs::read_to_string(e.path().join("stat"))
-            .map(|s| s.contains(") Z "))
-            .unwrap_or(true);
-        if cmd.contains("forkvm-runtime") && !zombie {
-            found.push(cmd);
-        }
-    }
-    found
+    forkvm_test_support::processes_matching("forkvm-runtime")
 }
 
 #[test]
@@ -299,7 +280,7 @@ fn body() {
         std::fs::read_to_string(&pid_file).unwrap().trim(),
         pid.to_string()
     );
-    assert!(alive(pid));
+    assert!(forkvm_test_support::is_running(pid as u32));
     assert_eq!(env.vm_homes().len(), 1, "one VM registered");
     let out = env.rt("c1-start-again", &["state", "nope"], None);
     assert_eq!(out.code, Some(1));

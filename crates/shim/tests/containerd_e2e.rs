@@ -293,31 +293,6 @@ fn read_all(r: &mut impl std::io::Read) -> String {
     String::from_utf8_lossy(&v).into_owned()
 }
 
-/// Pids and command lines of live processes whose command line contains `needle`.
-fn processes(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if !e
-            .file_name()
-            .to_string_lossy()
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-        {
-            continue;
-        }
-        let cmd = std::fs::read(e.path().join("cmdline"))
-            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-            .unwrap_or_default();
-        let zombie = std::fs::read_to_string(e.path().join("stat"))
-            .map(|s| s.contains(") Z "))
-            .unwrap_or(true);
-        if cmd.contains(needle) && !zombie {
-            found.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
-        }
-    }
-    found
-}
-
 #[test]
 fn ctr_runs_containers_through_the_forkvm_shim() {
     let runtime = runtime_binary();
@@ -560,10 +535,11 @@ fn body(runtime: &Path) {
     // Every container is gone, so is every shim (and whatever the runtime ran).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let left: Vec<String> = processes("containerd-shim-forkvm-v1")
-            .into_iter()
-            .chain(processes("forkvm-runtime"))
-            .collect();
+        let left: Vec<String> =
+            forkvm_test_support::processes_matching("containerd-shim-forkvm-v1")
+                .into_iter()
+                .chain(forkvm_test_support::processes_matching("forkvm-runtime"))
+                .collect();
         if left.is_empty() {
             break;
         }

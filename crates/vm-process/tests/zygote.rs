@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use forkvm_test_support::{is_running, parent_of, running_children};
 use forkvm_vmm::pool::{ChildPool, Maker};
 use forkvm_vmm::warm::Warmup;
 
@@ -20,28 +21,10 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
-fn stat_field(pid: u32, index: usize) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which may hold spaces and parentheses.
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(index).map(str::to_owned)
-}
-
-fn running(pid: u32) -> bool {
-    stat_field(pid, 0).is_some_and(|state| state != "Z")
-}
-
-fn parent_of(pid: u32) -> Option<u32> {
-    stat_field(pid, 1)?.parse().ok()
-}
-
 /// The live processes whose parent is this test process and that run `forkvm-vmm`.
 fn vmm_children() -> Vec<u32> {
-    let me = std::process::id();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| parent_of(pid) == Some(me) && running(pid))
+    running_children(std::process::id())
+        .into_iter()
         .filter(|&pid| {
             std::fs::read_link(format!("/proc/{pid}/exe"))
                 .is_ok_and(|exe| exe.file_name().is_some_and(|n| n == "forkvm-vmm"))
@@ -77,7 +60,7 @@ fn a_zygote_forks_the_warm_processes_and_nothing_outlives_the_pool() {
     let warm = pool.pids();
     // Forked by the zygote's helper, which exited: not this process's children.
     for &pid in &warm {
-        assert!(running(pid));
+        assert!(is_running(pid));
         assert_ne!(
             parent_of(pid),
             Some(std::process::id()),
@@ -95,23 +78,23 @@ fn a_zygote_forks_the_warm_processes_and_nothing_outlives_the_pool() {
 
     // A warm process that dies is replaced by a new fork of the same zygote.
     forkvm_test_support::sigkill(warm[0]);
-    wait_until("the dead process to go", || !running(warm[0]));
+    wait_until("the dead process to go", || !is_running(warm[0]));
     let taken = pool.take().expect("the live warm process");
     assert_eq!(taken.pid(), warm[1]);
     pool.refill();
     wait_until("the pool to refill", || pool.pids().len() == 2);
     assert!(pool.pids().iter().all(|p| !warm.contains(p)));
-    assert!(running(zygotes[0]), "the zygote was replaced");
+    assert!(is_running(zygotes[0]), "the zygote was replaced");
 
     // A taken process ends when its launcher drops it without a launch.
     let taken_pid = taken.pid();
     drop(taken);
-    wait_until("the abandoned process to exit", || !running(taken_pid));
+    wait_until("the abandoned process to exit", || !is_running(taken_pid));
 
     let left = pool.pids();
     drop(pool);
     for pid in left.iter().chain(&zygotes) {
-        wait_until("a pool's process to end with it", || !running(*pid));
+        wait_until("a pool's process to end with it", || !is_running(*pid));
     }
 
     // (In the same test: another test's pool would be one more child of this process.)

@@ -297,7 +297,7 @@ impl Launching {
                 Some(mut p) => {
                     let blob = this.encode(i, &identity)?;
                     let pid = p.pid();
-                    match p.send(&blob, &this.files.iter().collect::<Vec<_>>()) {
+                    match p.send(&blob, &this.files) {
                         Ok(()) => Some(p),
                         Err(e) => {
                             tracing::warn!(pid, "a warm fork process failed: {e}");
@@ -335,11 +335,11 @@ impl Launching {
                 .map_err(|e| ControlError::Failed(format!("cannot start fork children: {e}")))?;
             for (i, identity) in std::mem::take(&mut self.rest) {
                 let blob = self.encode(i, &identity)?;
-                let files: Vec<&File> = self.files.iter().collect();
-                let child = VmProcess::spawn_encoded(&exe, &blob, &files, ProcessOptions::daemon())
-                    .map_err(|e| {
-                        ControlError::Failed(format!("cannot start fork child {i}: {e}"))
-                    })?;
+                let child =
+                    VmProcess::spawn_encoded(&exe, &blob, &self.files, ProcessOptions::daemon())
+                        .map_err(|e| {
+                            ControlError::Failed(format!("cannot start fork child {i}: {e}"))
+                        })?;
                 self.started.push((child, identity, false));
             }
         }

@@ -217,15 +217,14 @@ impl VmProcess {
     pub fn spawn(launch: &Launch, files: &[File], opts: ProcessOptions) -> std::io::Result<Self> {
         let exe = vmm_executable()?;
         let blob = encode(launch)?;
-        let files: Vec<&File> = files.iter().collect();
-        Self::spawn_encoded(&exe, &blob, &files, opts)
+        Self::spawn_encoded(&exe, &blob, files, opts)
     }
 
     /// [`VmProcess::spawn`] with the launch already encoded ([`encode`]).
     pub(crate) fn spawn_encoded(
         exe: &Path,
         blob: &[u8],
-        files: &[&File],
+        files: &[File],
         opts: ProcessOptions,
     ) -> std::io::Result<Self> {
         let mut p = Self::start(exe, opts)?;
@@ -250,7 +249,7 @@ impl VmProcess {
 
     /// Sends an encoded launch ([`encode`]) and `files`; a process that cannot take it
     /// (it died) is killed and reaped.
-    pub(crate) fn send(&mut self, blob: &[u8], files: &[&File]) -> std::io::Result<()> {
+    pub(crate) fn send(&mut self, blob: &[u8], files: &[File]) -> std::io::Result<()> {
         let raw: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
         forkvm_snapshot::send_blob(&self.sock, blob, &raw).map_err(|e| {
             self.kill_and_reap();

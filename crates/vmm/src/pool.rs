@@ -34,6 +34,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::launch::ChildHomes;
 use crate::launch::VmProcess;
 use crate::warm::{Staging, Warmup};
 use crate::zygote::Zygote;
@@ -140,6 +141,28 @@ impl ChildPool {
             shared,
             filler: Some(filler),
         })
+    }
+
+    /// A pool of `size` warm processes for the fork children of a VM with `vcpus` vCPUs
+    /// and `mem_mib` MiB of memory, each staging a home under `homes` when given (under
+    /// an ID of its own, renewed per process), forked by a zygote of the installed
+    /// VM-process executable.
+    pub fn for_children(
+        size: u32,
+        vcpus: u8,
+        mem_mib: u64,
+        homes: Option<ChildHomes>,
+    ) -> std::io::Result<Self> {
+        let exe = crate::launch::vmm_executable()?;
+        let warmup = Warmup {
+            vcpus,
+            stage: homes.map(|homes| Staging {
+                homes,
+                id: forkvm_registry::new_id(),
+                mem_mib,
+            }),
+        };
+        Self::start(size, warmup, Maker::Zygote(exe))
     }
 
     /// The oldest warm process that is still alive (the most surely done preparing), if

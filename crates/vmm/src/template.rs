@@ -24,10 +24,9 @@ use crate::control::{error_chain, ControlError, ForkOutcome, ForkRequest, Templa
 use crate::fork::{check_request, identities, Launching};
 use crate::launch::ChildHomes;
 use crate::memory::{MemoryLayout, RamRange};
-use crate::pool::{ChildPool, Maker};
+use crate::pool::ChildPool;
 use crate::snapshot::VmSnapshot;
 use crate::vmm::Vmm;
-use crate::warm::{Staging, Warmup};
 
 /// The state file of a template directory.
 pub const STATE_FILE: &str = "state.forkvm";
@@ -42,6 +41,13 @@ struct TemplateState {
     ranges: Vec<RamRange>,
     memory_len: u64,
     memory_crc: u64,
+}
+
+impl TemplateState {
+    /// vCPUs and memory (MiB) of the saved VM.
+    fn machine(&self) -> (u8, u64) {
+        (self.snapshot.config.vcpus, self.snapshot.config.mem_mib)
+    }
 }
 
 /// Why a template could not be saved or used.
@@ -191,14 +197,6 @@ pub struct Unverified {
 }
 
 impl Unverified {
-    /// vCPUs and memory (MiB) of the saved VM.
-    pub fn machine(&self) -> (u8, u64) {
-        (
-            self.state.snapshot.config.vcpus,
-            self.state.snapshot.config.mem_mib,
-        )
-    }
-
     /// Starts a pool of `count` warm processes (capped at [`MAX_FORK_POOL`]) for this
     /// template's children, registered under `homes`: they start while the memory is
     /// checked, and [`Template::fork`] hands the children to them (waiting a little for
@@ -207,17 +205,8 @@ impl Unverified {
     ///
     /// [`MAX_FORK_POOL`]: crate::pool::MAX_FORK_POOL
     pub fn warm_pool(&self, homes: &ChildHomes, count: u32) -> Option<ChildPool> {
-        let (vcpus, mem_mib) = self.machine();
-        let warmup = Warmup {
-            vcpus,
-            stage: Some(Staging {
-                homes: homes.clone(),
-                id: forkvm_registry::new_id(),
-                mem_mib,
-            }),
-        };
-        crate::launch::vmm_executable()
-            .and_then(|exe| ChildPool::start(count, warmup, Maker::Zygote(exe)))
+        let (vcpus, mem_mib) = self.state.machine();
+        ChildPool::for_children(count, vcpus, mem_mib, Some(homes.clone()))
             .inspect_err(|e| tracing::warn!("cannot start warm processes for the template: {e}"))
             .ok()
     }
@@ -295,12 +284,9 @@ impl Template {
         })
     }
 
-    /// vCPUs and memory of the saved VM.
+    /// vCPUs and memory (MiB) of the saved VM.
     pub fn machine(&self) -> (u8, u64) {
-        (
-            self.state.snapshot.config.vcpus,
-            self.state.snapshot.config.mem_mib,
-        )
+        self.state.machine()
     }
 
     /// Starts `req.count` children from this template, registered under `homes`, in

@@ -31,7 +31,7 @@ use crate::vcpu::{
     install_kick_handler, HostCpu, StopSink, VcpuArgs, VcpuError, VcpuHandle, VcpuStop,
 };
 use crate::vm::{Vm, VmArgs, VmError};
-use crate::warm::{Prepared, Staging, Warmup};
+use crate::warm::Prepared;
 use crate::x86::acpi::{write_acpi_tables, AcpiError};
 use crate::x86::boot::{build_cmdline, load_initrd, load_kernel, write_boot_params, BootError};
 use crate::x86::cpu::write_boot_tables;
@@ -450,22 +450,12 @@ impl Vmm {
         if self.cfg.fork_pool == 0 {
             return;
         }
-        let started = crate::launch::vmm_executable().and_then(|exe| {
-            ChildPool::start(
-                self.cfg.fork_pool,
-                Warmup {
-                    vcpus: self.cfg.vcpus,
-                    // Each process stages its home under an ID of its own (renewed by
-                    // the pool per process).
-                    stage: self.child_homes.clone().map(|homes| Staging {
-                        homes,
-                        id: forkvm_registry::new_id(),
-                        mem_mib: self.cfg.mem_mib,
-                    }),
-                },
-                crate::pool::Maker::Zygote(exe),
-            )
-        });
+        let started = ChildPool::for_children(
+            self.cfg.fork_pool,
+            self.cfg.vcpus,
+            self.cfg.mem_mib,
+            self.child_homes.clone(),
+        );
         match started {
             Ok(pool) => self.pool = Some(pool),
             Err(e) => tracing::warn!("cannot start the fork pool: {e}"),

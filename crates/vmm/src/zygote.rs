@@ -58,7 +58,7 @@ impl Zygote {
     pub(crate) fn fork(&mut self) -> std::io::Result<VmProcess> {
         let (ours, theirs) = UnixStream::pair()?;
         let theirs = File::from(OwnedFd::from(theirs));
-        self.process.send(&[], &[&theirs])?;
+        self.process.send(&[], std::slice::from_ref(&theirs))?;
         drop(theirs);
         let mut pid = [0u8; 4];
         let mut fds = [-1 as RawFd; 1];

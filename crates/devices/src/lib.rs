@@ -1,5 +1,5 @@
 //! Device model: 16550 serial, i8042, the virtio-mmio transport and the virtio block, net,
-//! vsock and rng devices.
+//! vsock, rng and fs (shared directory) devices.
 //!
 //! Every device keeps what must survive a snapshot or a fork in a plain serializable
 //! `*State` struct, separate from its behaviour (open files, sockets, eventfds), and

@@ -25,6 +25,7 @@ use activation::Activation;
 
 pub mod activation;
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -47,6 +48,8 @@ pub mod device_type {
     pub const RNG: u32 = 4;
     /// Socket device.
     pub const VSOCK: u32 = 19;
+    /// Shared filesystem.
+    pub const FS: u32 = 26;
 }
 
 /// The interrupt line of one virtio-mmio device: the `InterruptStatus` register the guest

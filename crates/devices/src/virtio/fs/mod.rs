@@ -1,0 +1,376 @@
+//! virtio-fs (virtio 1.2 §5.11): a host directory shared into the guest, which mounts
+//! it by tag (`mount -t virtiofs TAG DIR`).
+//!
+//! The FUSE server runs in the VMM process, on the event loop, over the guest memory the
+//! VMM already maps: fuse-backend-rs's [`Server`] decodes each request straight from the
+//! descriptor chain and writes the reply into it, and its passthrough filesystem (behind
+//! [`share::Share`], which enforces read-only shares) does the host side with `O_PATH`
+//! handles opened under the shared directory. Chosen over vhost-user with `virtiofsd`
+//! because a vhost-user backend needs guest memory shared by file descriptor, which a
+//! fork child's private copy-on-write pages are not, and because it is one process less
+//! per VM to start and jail.
+//!
+//! Queues: 0 is the high-priority queue (FORGET, INTERRUPT), 1 the one request queue.
+//! Each event serves at most [`MAX_CHAINS_PER_EVENT`] chains per queue and kicks itself
+//! for the rest, so one guest cannot keep the event loop from its other devices.
+//!
+//! What it does not do yet: save its state. The server's table of the files the guest
+//! has looked up (FUSE node IDs to host handles) lives in this process; a snapshot
+//! without it would hand a fork child a guest whose cached files it cannot serve, so
+//! [`Persist::save`] refuses, naming the share, and a VM with shares cannot be forked or
+//! saved as a template.
+
+mod share;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use serde::{Deserialize, Serialize};
+use tracing::{error, warn};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_queue::{DescriptorChain, QueueT};
+
+use super::activation::Activation;
+use super::{device_type, read_config_bytes, VirtioDevice};
+use crate::{GuestMemory, Persist};
+pub use share::Share;
+
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Request queues the device offers (besides the high-priority queue).
+pub const REQUEST_QUEUES: u32 = 1;
+/// Longest tag the configuration space holds, in bytes.
+pub const MAX_TAG_LEN: usize = 36;
+/// Most chains one queue serves per event before the device kicks itself for the rest.
+pub const MAX_CHAINS_PER_EVENT: usize = 64;
+/// How long the guest may cache names and attributes before it asks again: the host may
+/// change the directory under it (the same default as virtiofsd's `cache=auto`).
+pub const CACHE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+const AVAIL_FEATURES: u64 = 1 << VIRTIO_F_VERSION_1;
+
+const TOKEN_ACTIVATE: u32 = 0;
+/// Queue `i`'s kick is `TOKEN_FIRST_KICK + i`.
+const TOKEN_FIRST_KICK: u32 = 1;
+
+/// A host directory to share: what the VMM is configured with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsConfig {
+    /// The tag the guest mounts it by (1 to [`MAX_TAG_LEN`] bytes, no NUL).
+    pub tag: String,
+    /// The host directory.
+    pub host_path: PathBuf,
+    /// Whether the guest may only read it (enforced on the host too).
+    pub read_only: bool,
+}
+
+/// Why a virtio-fs device could not be built, restored or saved.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// Creating the activation eventfd failed.
+    #[error("cannot create the activation eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The tag is empty, too long or holds a NUL.
+    #[error("share tag {tag:?}: {problem}")]
+    BadTag {
+        /// The tag.
+        tag: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// The shared directory cannot be used.
+    #[error("shared directory {}: {problem}", path.display())]
+    HostPath {
+        /// The path as configured.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The FUSE server cannot serve the directory.
+    #[error("cannot serve {}", path.display())]
+    Server {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A saved state acknowledges features the device does not offer.
+    #[error("saved acked features {acked:#x} are not offered ({avail:#x})")]
+    BadFeatures {
+        /// Saved acked features.
+        acked: u64,
+        /// Features the device offers.
+        avail: u64,
+    },
+    /// The device's state cannot be saved (see the module documentation).
+    #[error(
+        "the share {tag:?} ({}) cannot be saved: the files its guest has open live in this \
+         VMM process; VMs with shared directories cannot be forked or saved as templates yet",
+        path.display()
+    )]
+    NotSaveable {
+        /// The share's tag.
+        tag: String,
+        /// Its host directory.
+        path: PathBuf,
+    },
+}
+
+/// What of an [`Fs`] survives a snapshot; see [`FsError::NotSaveable`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsState {
+    /// The feature bits the driver accepted.
+    pub acked_features: u64,
+}
+
+/// A virtio-fs device serving one host directory.
+pub struct Fs {
+    activation: Activation,
+    config: FsConfig,
+    server: Server<Arc<Share>>,
+    config_space: Vec<u8>,
+}
+
+impl std::fmt::Debug for Fs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fs").field("config", &self.config).finish()
+    }
+}
+
+impl Fs {
+    /// A device serving `config.host_path` (a directory, symlinks resolved once here).
+    pub fn new(config: FsConfig) -> Result<Self, FsError> {
+        let config_space = config_space(&config.tag)?;
+        let root = shared_dir(&config.host_path)?;
+        raise_open_file_limit();
+        let server_failed = |source| FsError::Server {
+            path: root.clone(),
+            source,
+        };
+        let root_dir = root
+            .to_str()
+            .ok_or_else(|| FsError::HostPath {
+                path: config.host_path.clone(),
+                problem: "the path is not UTF-8".into(),
+            })?
+            .to_owned();
+        let fs = PassthroughFs::new(PassthroughConfig {
+            root_dir,
+            cache_policy: CachePolicy::Auto,
+            entry_timeout: CACHE_TIMEOUT,
+            attr_timeout: CACHE_TIMEOUT,
+            do_import: true,
+            ..Default::default()
+        })
+        .map_err(server_failed)?;
+        fs.import().map_err(server_failed)?;
+        let share = Share::new(fs, config.read_only);
+        Ok(Self {
+            activation: Activation::new("virtio-fs").map_err(FsError::EventFd)?,
+            config,
+            server: Server::new(Arc::new(share)),
+            config_space,
+        })
+    }
+
+    /// What the device was configured with.
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+
+    /// Serves up to [`MAX_CHAINS_PER_EVENT`] chains of queue `index`; kicks the queue
+    /// again when more are waiting.
+    fn process_queue(&mut self, index: usize) {
+        let Self {
+            activation, server, ..
+        } = self;
+        let Some(active) = activation.active_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let Some(aq) = active.queues.get_mut(index) else {
+            return;
+        };
+        let mut served = 0;
+        while served < MAX_CHAINS_PER_EVENT {
+            let Some(chain) = aq.queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            served += 1;
+            let head = chain.head_index();
+            let written = serve(server, mem, chain).unwrap_or_else(|e| {
+                warn!(queue = index, "virtio-fs: a request failed: {e}");
+                0
+            });
+            if let Err(e) = aq.queue.add_used(mem, head, written) {
+                error!(error = %e, "virtio-fs: cannot add a used buffer");
+            }
+        }
+        if served == MAX_CHAINS_PER_EVENT && aq.queue.is_valid(mem) {
+            // More may be waiting: come back after the other devices' events.
+            if let Err(e) = aq.kick.write(1) {
+                error!(error = %e, "virtio-fs: cannot re-kick the queue");
+            }
+        }
+        if served > 0 {
+            active.notify_used(index, "virtio-fs");
+        }
+    }
+}
+
+/// Hands one request chain to the server; the bytes it wrote into the chain.
+fn serve(
+    server: &Server<Arc<Share>>,
+    mem: &GuestMemory,
+    chain: DescriptorChain<&GuestMemory>,
+) -> Result<u32, String> {
+    let reader = Reader::from_descriptor_chain(mem, chain.clone())
+        .map_err(|e| format!("bad request buffers: {e}"))?;
+    let writer = VirtioFsWriter::new(mem, chain).map_err(|e| format!("bad reply buffers: {e}"))?;
+    let written = server
+        .handle_message(reader, writer.into(), None, None)
+        .map_err(|e| e.to_string())?;
+    // At most the chain's writable length, which the queue bounds to u32.
+    Ok(u32::try_from(written).unwrap_or(u32::MAX))
+}
+
+/// The configuration space for `tag`: the tag NUL-padded to [`MAX_TAG_LEN`] bytes, then
+/// the number of request queues (little endian).
+fn config_space(tag: &str) -> Result<Vec<u8>, FsError> {
+    let bad = |problem| FsError::BadTag {
+        tag: tag.to_owned(),
+        problem,
+    };
+    if tag.is_empty() {
+        return Err(bad("empty"));
+    }
+    if tag.len() > MAX_TAG_LEN {
+        return Err(bad("longer than 36 bytes"));
+    }
+    if tag.contains('\0') {
+        return Err(bad("holds a NUL byte"));
+    }
+    let mut space = vec![0u8; MAX_TAG_LEN + 4];
+    space[..tag.len()].copy_from_slice(tag.as_bytes());
+    space[MAX_TAG_LEN..].copy_from_slice(&REQUEST_QUEUES.to_le_bytes());
+    Ok(space)
+}
+
+/// `path` with its symlinks resolved, if it is a directory.
+fn shared_dir(path: &Path) -> Result<PathBuf, FsError> {
+    let failed = |problem: String| FsError::HostPath {
+        path: path.to_owned(),
+        problem,
+    };
+    let root = std::fs::canonicalize(path).map_err(|e| failed(e.to_string()))?;
+    let meta = std::fs::metadata(&root).map_err(|e| failed(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(failed("not a directory".into()));
+    }
+    // The server opens what the guest looks up relative to the directory: it must be
+    // able to search it.
+    std::fs::read_dir(&root).map_err(|e| failed(format!("cannot read it: {e}")))?;
+    Ok(root)
+}
+
+/// Raises this process's soft limit on open files to its hard limit: the server holds
+/// one `O_PATH` descriptor per file the guest has looked up and not forgotten, which
+/// the usual soft limit of 1024 would cut short.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit that lives across the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads one rlimit that lives across the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            warn!("virtio-fs: cannot raise the open file limit");
+        }
+    }
+}
+
+impl Persist<'_> for Fs {
+    type State = FsState;
+    type ConstructorArgs = FsConfig;
+    type Error = FsError;
+
+    /// Refused: see the module documentation.
+    fn save(&self) -> Result<FsState, FsError> {
+        Err(FsError::NotSaveable {
+            tag: self.config.tag.clone(),
+            path: self.config.host_path.clone(),
+        })
+    }
+
+    /// Rebuilds a device from `config` and `state` (no saved state is ever produced
+    /// today; a restore still checks what it is given).
+    fn restore(config: FsConfig, state: &FsState) -> Result<Self, FsError> {
+        if state.acked_features & !AVAIL_FEATURES != 0 {
+            return Err(FsError::BadFeatures {
+                acked: state.acked_features,
+                avail: AVAIL_FEATURES,
+            });
+        }
+        let mut fs = Self::new(config)?;
+        fs.activation.set_acked_features(state.acked_features);
+        Ok(fs)
+    }
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        device_type::FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 1 + REQUEST_QUEUES as usize]
+    }
+
+    fn avail_features(&self) -> u64 {
+        AVAIL_FEATURES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        warn!(offset, "virtio-fs: the configuration space is read-only");
+    }
+
+    super::activation_field!();
+}
+
+impl MutEventSubscriber for Fs {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.activation.register(ops, TOKEN_ACTIVATE);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_ACTIVATE => self.activation.drain_evt(),
+            token if token >= TOKEN_FIRST_KICK => self
+                .activation
+                .drain_kick((token - TOKEN_FIRST_KICK) as usize),
+            other => warn!(token = other, "virtio-fs: unexpected event"),
+        }
+        if self.activation.sync(ops, TOKEN_FIRST_KICK) {
+            for index in 0..=REQUEST_QUEUES as usize {
+                self.process_queue(index);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,365 @@
+//! One shared host directory as the FUSE server sees it: fuse-backend-rs's passthrough
+//! filesystem, with read-only shares enforced on the host.
+//!
+//! [`Share`] forwards to [`PassthroughFs`] only the operations it lists: what the
+//! passthrough filesystem does not implement, and the DAX mapping requests (this device
+//! has no DAX window), keep the trait's default answer (`ENOSYS`). A read-only share
+//! answers every operation that would change the directory with `EROFS` before it
+//! reaches the host filesystem, whatever the guest's mount options say: opens for
+//! writing or truncating, creation, removal, renames, links, attribute and extended
+//! attribute changes, writes and allocation.
+
+use std::ffi::CStr;
+use std::io;
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::SetattrValid;
+use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn, FsOptions, OpenOptions};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader,
+    ZeroCopyWriter,
+};
+use fuse_backend_rs::passthrough::PassthroughFs;
+
+/// A host directory served to the guest.
+pub struct Share {
+    fs: PassthroughFs,
+    read_only: bool,
+}
+
+impl Share {
+    /// Serves `fs` (already imported), refusing every change when `read_only`.
+    pub fn new(fs: PassthroughFs, read_only: bool) -> Self {
+        Self { fs, read_only }
+    }
+
+    /// `EROFS` on a read-only share.
+    fn writable(&self) -> io::Result<()> {
+        match self.read_only {
+            true => Err(io::Error::from_raw_os_error(libc::EROFS)),
+            false => Ok(()),
+        }
+    }
+
+    /// `EROFS` on a read-only share when `flags` (open(2) flags) would write or truncate.
+    fn check_open(&self, flags: u32) -> io::Result<()> {
+        let flags = flags as i32;
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            self.writable()?;
+        }
+        Ok(())
+    }
+}
+
+impl FileSystem for Share {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        self.fs.init(capable)
+    }
+
+    fn destroy(&self) {
+        self.fs.destroy()
+    }
+
+    fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        self.fs.lookup(ctx, parent, name)
+    }
+
+    fn forget(&self, ctx: &Context, inode: u64, count: u64) {
+        self.fs.forget(ctx, inode, count)
+    }
+
+    fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        self.fs.batch_forget(ctx, requests)
+    }
+
+    fn getattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
+        self.fs.getattr(ctx, inode, handle)
+    }
+
+    fn setattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        attr: stat64,
+        handle: Option<u64>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        self.writable()?;
+        self.fs.setattr(ctx, inode, attr, handle, valid)
+    }
+
+    fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        self.fs.readlink(ctx, inode)
+    }
+
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: u64,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        self.writable()?;
+        self.fs.symlink(ctx, linkname, parent, name)
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.writable()?;
+        self.fs.mknod(ctx, parent, name, mode, rdev, umask)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.writable()?;
+        self.fs.mkdir(ctx, parent, name, mode, umask)
+    }
+
+    fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.writable()?;
+        self.fs.unlink(ctx, parent, name)
+    }
+
+    fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.writable()?;
+        self.fs.rmdir(ctx, parent, name)
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: u64,
+        oldname: &CStr,
+        newdir: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.writable()?;
+        self.fs.rename(ctx, olddir, oldname, newdir, newname, flags)
+    }
+
+    fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+        self.writable()?;
+        self.fs.link(ctx, inode, newparent, newname)
+    }
+
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        self.check_open(flags)?;
+        self.fs.open(ctx, inode, flags, fuse_flags)
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        args: CreateIn,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        self.writable()?;
+        self.fs.create(ctx, parent, name, args)
+    }
+
+    fn read(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
+        self.fs
+            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+    }
+
+    fn write(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        delayed_write: bool,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<usize> {
+        self.writable()?;
+        self.fs.write(
+            ctx,
+            inode,
+            handle,
+            r,
+            size,
+            offset,
+            lock_owner,
+            delayed_write,
+            flags,
+            fuse_flags,
+        )
+    }
+
+    fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
+        self.fs.flush(ctx, inode, handle, lock_owner)
+    }
+
+    fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.fs.fsync(ctx, inode, datasync, handle)
+    }
+
+    fn fallocate(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        self.writable()?;
+        self.fs.fallocate(ctx, inode, handle, mode, offset, length)
+    }
+
+    fn release(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        handle: u64,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.fs
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+    }
+
+    fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
+        let mut st = self.fs.statfs(ctx, inode)?;
+        if self.read_only {
+            st.f_flag |= libc::ST_RDONLY;
+        }
+        Ok(st)
+    }
+
+    fn setxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        self.writable()?;
+        self.fs.setxattr(ctx, inode, name, value, flags)
+    }
+
+    fn getxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        self.fs.getxattr(ctx, inode, name, size)
+    }
+
+    fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        self.fs.listxattr(ctx, inode, size)
+    }
+
+    fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
+        self.writable()?;
+        self.fs.removexattr(ctx, inode, name)
+    }
+
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
+        self.fs.opendir(ctx, inode, flags)
+    }
+
+    fn readdir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.fs.readdir(ctx, inode, handle, size, offset, add_entry)
+    }
+
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.fs
+            .readdirplus(ctx, inode, handle, size, offset, add_entry)
+    }
+
+    fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.fs.fsyncdir(ctx, inode, datasync, handle)
+    }
+
+    fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
+        self.fs.releasedir(ctx, inode, flags, handle)
+    }
+
+    fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
+        if mask & libc::W_OK as u32 != 0 {
+            self.writable()?;
+        }
+        self.fs.access(ctx, inode, mask)
+    }
+
+    fn lseek(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        self.fs.lseek(ctx, inode, handle, offset, whence)
+    }
+}

@@ -11,7 +11,7 @@ pub const AGENT_PORT: u32 = 1024;
 /// changes meaning or a request the host may rely on is added (3: [`Request::Network`];
 /// 4: [`Request::DnsRelay`], [`Request::Unplug`]; 5: [`Request::Network`] replaces a
 /// NIC's addresses and routes, and may name nameservers).
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
 /// `PATH` used for the executable search when [`ProcessSpec::env`] has none.
@@ -63,6 +63,12 @@ pub enum Request {
     /// up there with its parent's. Answered with [`Response::Unplugged`]. Since
     /// version 4.
     Unplug,
+    /// Mount the host directories shared with the VM (virtio-fs devices, by tag) into
+    /// the container's root, in the order given (PID-1 mode only). Since version 6.
+    Mount {
+        /// The shares (at most [`MAX_SHARES`]).
+        shares: Vec<ShareMount>,
+    },
     /// Start a process. Answered with [`Response::Started`] (the connection then carries
     /// frames), [`Response::ExecFailed`] or [`Response::Error`].
     Exec {
@@ -78,6 +84,21 @@ pub enum Request {
     },
     /// Stop every process and power the VM off (PID-1 mode only).
     Shutdown,
+}
+
+/// Most shares one [`Request::Mount`] may name.
+pub const MAX_SHARES: usize = 64;
+
+/// One share of [`Request::Mount`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareMount {
+    /// The virtio-fs tag the VMM gave the share.
+    pub tag: String,
+    /// Where it goes in the container, an absolute path (missing directories are
+    /// created; symlinks on the way resolve inside the container's root).
+    pub target: String,
+    /// Mounted read-only (the host refuses writes too).
+    pub read_only: bool,
 }
 
 /// One NIC of [`Request::Network`].

@@ -37,6 +37,7 @@ pub mod power;
 pub mod reaper;
 pub mod server;
 mod session;
+pub mod shares;
 pub mod spawn;
 pub mod user;
 

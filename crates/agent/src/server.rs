@@ -279,6 +279,10 @@ impl Agent {
                 })
                 .map_err(|e| e.to_string()),
             Request::DnsRelay { addresses } => crate::dns::start(&addresses),
+            Request::Mount { shares } => match self.config.mode {
+                Mode::Init => crate::shares::mount_all(&self.config.root, &shares),
+                _ => Err("mount needs the agent to run as the guest's PID 1".to_owned()),
+            },
             Request::Unplug => {
                 return match crate::network::unplug() {
                     Ok(nics) => Response::Unplugged { nics },

@@ -128,7 +128,7 @@ fn ping_answers_protocol_version_5() {
         Response::Pong { version, .. } => assert_eq!(version, PROTOCOL_VERSION),
         other => panic!("{other:?}"),
     }
-    assert_eq!(PROTOCOL_VERSION, 5);
+    assert_eq!(PROTOCOL_VERSION, 6);
     // The same connection keeps serving JSON requests; garbage is answered, not fatal.
     conn.write_all(b"{\"op\":\"format_disk\"}\n").unwrap();
     let mut buf = [0u8; 256];

@@ -153,6 +153,10 @@ pub struct RunArgs {
     /// Publish a guest TCP port on the host: `[IP:]HOST_PORT:CONTAINER_PORT[/tcp]`.
     #[arg(short, long = "publish", value_name = "[IP:]HOST:CONTAINER")]
     pub publish: Vec<String>,
+    /// Share a host directory with the container: `HOST_DIR:CONTAINER_DIR[:ro|:rw]`
+    /// (virtio-fs; changes show both ways; `ro` refuses writes on the host too).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:CONTAINER[:ro]")]
+    pub volumes: Vec<String>,
     /// Image: a name from `forkvm images`, or an ID (prefix).
     pub image: String,
     /// Command and arguments (default: the image's Cmd).

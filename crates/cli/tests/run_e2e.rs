@@ -218,6 +218,154 @@ fn images_run_as_vms_like_podman_run() {
     });
 }
 
+/// `forkvm run -v`: host directories shared into the VM (virtio-fs) read and written
+/// both ways, with the container's uid, live without a remount; `:ro` refused.
+#[test]
+fn volumes_share_host_directories() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    warm_container_guest();
+    forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("store");
+        let layout = tmp.path().join("layout");
+        fixtures::write_oci_layout(&layout, "fixture:1").unwrap();
+        assert_code(
+            &forkvm(&store, &["load", "-i", layout.to_str().unwrap()], None),
+            0,
+        );
+        let vol = tmp.path().join("vol");
+        std::fs::create_dir(&vol).unwrap();
+        std::fs::set_permissions(&vol, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::write(vol.join("from-host"), "hello from the host\n").unwrap();
+        let rw = format!("{}:/data", vol.display());
+        let ro = format!("{}:/srv/ro:ro", vol.display());
+
+        // Read what the host wrote, write as root and as uid 1000, make a tree.
+        let out = forkvm(
+            &store,
+            &[
+                "run",
+                "--rm",
+                "-v",
+                &rw,
+                "fixture:1",
+                "sh",
+                "-c",
+                "cat /data/from-host; echo from the guest > /data/from-guest; \
+                 mkdir -p /data/sub/deeper && ln -s from-guest /data/sub/link && \
+                 ln /data/from-guest /data/hard && echo done",
+            ],
+            None,
+        );
+        assert_code(&out, 0);
+        assert_eq!(out.stdout, "hello from the host\ndone\n", "{out}");
+        assert_eq!(
+            std::fs::read_to_string(vol.join("from-guest")).unwrap(),
+            "from the guest\n"
+        );
+        assert!(vol.join("sub/deeper").is_dir());
+        assert_eq!(
+            std::fs::read_link(vol.join("sub/link")).unwrap(),
+            Path::new("from-guest")
+        );
+        assert_eq!(std::fs::metadata(vol.join("hard")).unwrap().nlink(), 2);
+        let out = forkvm(
+            &store,
+            &[
+                "run",
+                "--rm",
+                "-u",
+                "1000:1000",
+                "-v",
+                &rw,
+                "fixture:1",
+                "sh",
+                "-c",
+                "echo mine > /data/owned && ls -ln /data/from-host",
+            ],
+            None,
+        );
+        assert_code(&out, 0);
+        let meta = std::fs::metadata(vol.join("owned")).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (1000, 1000), "{out}");
+        // The host's owner shows inside.
+        assert!(out.stdout.contains(" 0 "), "{out}");
+
+        // Read-only: writes fail in the guest; nothing reaches the host.
+        let out = forkvm(
+            &store,
+            &[
+                "run", "--rm", "-v", &ro, "fixture:1", "sh", "-c",
+                "cat /srv/ro/from-host; echo x > /srv/ro/nope; echo rc=$?; rm /srv/ro/from-host; echo rc=$?",
+            ],
+            None,
+        );
+        assert_code(&out, 0);
+        assert_eq!(out.stdout, "hello from the host\nrc=1\nrc=1\n", "{out}");
+        assert!(out.stderr.contains("Read-only file system"), "{out}");
+        assert!(!vol.join("nope").exists());
+        assert!(vol.join("from-host").exists());
+
+        // Live both ways, no remount: the guest writes, the host answers, the guest reads.
+        let run = Forkvm::spawn_with(
+            &[
+                "run",
+                "--rm",
+                "-v",
+                &rw,
+                "fixture:1",
+                "sh",
+                "-c",
+                "echo ping > /data/live; i=0; while [ ! -f /data/answer ] && [ $i -lt 300 ]; do \
+                 sleep 0.1; i=$((i+1)); done; cat /data/answer",
+            ],
+            RUN_TIMEOUT,
+            &[("FORKVM_STORE", store.as_os_str())],
+            None,
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !vol.join("live").exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the guest never wrote"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::fs::write(vol.join("answer"), "pong\n").unwrap();
+        let out = run.finish();
+        assert_code(&out, 0);
+        assert_eq!(out.stdout, "pong\n", "{out}");
+    });
+}
+
+/// Bad `-v` values: clear errors before any VM starts.
+#[test]
+fn bad_volumes_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let missing = tmp.path().join("missing");
+    let spec = format!("{}:/data", missing.display());
+    let out = forkvm(&store, &["run", "--rm", "-v", &spec, "any", "true"], None);
+    assert_code(&out, 125);
+    assert!(
+        out.stderr.contains(&missing.display().to_string()) && out.stderr.contains("No such file"),
+        "{out}"
+    );
+    let out = forkvm(
+        &store,
+        &["run", "--rm", "-v", "named:/data", "any", "true"],
+        None,
+    );
+    assert_code(&out, 125);
+    assert!(out.stderr.contains("no named volumes"), "{out}");
+    let file = tmp.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let spec = format!("{}:/data", file.display());
+    let out = forkvm(&store, &["run", "--rm", "-v", &spec, "any", "true"], None);
+    assert_code(&out, 125);
+    assert!(out.stderr.contains("not a directory"), "{out}");
+}
+
 /// Bad input that needs no VM: a missing image and a corrupt layer, each a clear error,
 /// with the store unchanged.
 #[test]

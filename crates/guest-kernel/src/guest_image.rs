@@ -20,8 +20,9 @@ pub const GUEST_MODULES: &[&str] = &[
 ];
 
 /// Modules the container guest loads besides [`GUEST_MODULES`]: overlayfs assembles the
-/// image's read-only root with a private writable layer (ext4 is built into the kernel).
-pub const CONTAINER_MODULES: &[&str] = &["overlay"];
+/// image's read-only root with a private writable layer (ext4 is built into the kernel);
+/// virtiofs mounts the host directories shared with the container (volumes).
+pub const CONTAINER_MODULES: &[&str] = &["overlay", "virtiofs"];
 
 /// Where the container guest's agent (PID 1) finds the modules to load, one absolute
 /// path per line in load order.

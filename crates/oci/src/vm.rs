@@ -203,6 +203,50 @@ pub fn configure_guest<const N: usize>(
     Ok(())
 }
 
+/// A host directory a container mounts: shared into its VM by a virtio-fs device and
+/// mounted by the agent at `target`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Volume {
+    /// The host directory.
+    pub host: PathBuf,
+    /// Where it appears in the container (absolute).
+    pub target: String,
+    /// Whether the container may only read it.
+    pub read_only: bool,
+}
+
+/// The VM's shares for `volumes` (tags `forkvm-0`, `forkvm-1`, ...) and the agent's
+/// request that mounts them in the container; no request without volumes.
+pub fn share_volumes(
+    volumes: &[Volume],
+) -> (
+    Vec<forkvm_vmm::FsConfig>,
+    Option<forkvm_agent_proto::Request>,
+) {
+    let tag = |i: usize| format!("forkvm-{i}");
+    let shares = volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| forkvm_vmm::FsConfig {
+            tag: tag(i),
+            host_path: v.host.clone(),
+            read_only: v.read_only,
+        })
+        .collect();
+    let mounts = volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| forkvm_agent_proto::ShareMount {
+            tag: tag(i),
+            target: v.target.clone(),
+            read_only: v.read_only,
+        })
+        .collect::<Vec<_>>();
+    let request =
+        (!mounts.is_empty()).then_some(forkvm_agent_proto::Request::Mount { shares: mounts });
+    (shares, request)
+}
+
 /// How long a VM process has to boot its VM and serve its API before it is given up on.
 pub const START_DEADLINE: Duration = Duration::from_secs(120);
 

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 pub use forkvm_devices::virtio::block::BlockConfig;
+pub use forkvm_devices::virtio::fs::FsConfig;
 pub use forkvm_devices::virtio::net::{random_mac, GuestIp, NetConfig};
 pub use forkvm_devices::virtio::vsock::VsockConfig;
 
@@ -34,6 +35,10 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Whether to add a virtio-rng device.
     pub rng: bool,
+    /// Host directories shared with the guest, one virtio-fs device each (after the
+    /// others in MMIO order). A VM with shares cannot be forked or saved yet.
+    #[serde(default)]
+    pub shares: Vec<FsConfig>,
     /// Whether host stdin feeds the serial console (off when stdin belongs to something
     /// else, e.g. the container process of `forkvm run`).
     #[serde(default = "console_input_default")]
@@ -61,6 +66,7 @@ impl VmConfig {
             nets: Vec::new(),
             vsock: None,
             rng: true,
+            shares: Vec::new(),
             console_input: true,
             fork_pool: 0,
         }

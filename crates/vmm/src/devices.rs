@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use forkvm_devices::virtio::block::{Block, BlockConfig, BlockState};
+use forkvm_devices::virtio::fs::{Fs, FsConfig, FsState};
 use forkvm_devices::virtio::mmio::{MmioTransport, MmioTransportState, TransportArgs};
 use forkvm_devices::virtio::net::{format_mac, Net, NetConfig, NetState};
 use forkvm_devices::virtio::rng::{Rng, RngState};
@@ -47,6 +48,8 @@ pub enum DeviceState {
     Vsock(VsockState),
     /// virtio-rng.
     Rng(RngState),
+    /// virtio-fs (never saved today: see [`forkvm_devices::virtio::fs`]).
+    Fs(FsState),
 }
 
 impl DeviceState {
@@ -57,6 +60,7 @@ impl DeviceState {
             DeviceState::Net(_) => Net::KIND,
             DeviceState::Vsock(_) => Vsock::KIND,
             DeviceState::Rng(_) => Rng::KIND,
+            DeviceState::Fs(_) => Fs::KIND,
         }
     }
 }
@@ -184,6 +188,33 @@ impl Registered for Rng {
     }
 }
 
+impl Registered for Fs {
+    const KIND: &'static str = "fs";
+    type Failure = forkvm_devices::virtio::fs::FsError;
+
+    fn create(config: FsConfig) -> Result<Self, Self::Failure> {
+        Fs::new(config)
+    }
+    fn wrap(state: FsState) -> DeviceState {
+        DeviceState::Fs(state)
+    }
+    fn unwrap(saved: &DeviceState) -> Option<&FsState> {
+        match saved {
+            DeviceState::Fs(s) => Some(s),
+            _ => None,
+        }
+    }
+    fn detail(&self) -> String {
+        let c = self.config();
+        format!(
+            "{} as {:?}{}",
+            c.host_path.display(),
+            c.tag,
+            if c.read_only { " (ro)" } else { "" }
+        )
+    }
+}
+
 /// What the registry keeps of an attached device: its kind and a way to save it.
 pub trait SavedDevice: Send {
     /// The kind, as the API names it.
@@ -266,7 +297,7 @@ impl<'a> DeviceSetup<'a> {
     }
 
     /// Attaches every virtio device `cfg` asks for, in MMIO order: disks, NICs, vsock,
-    /// rng. A restore takes each one's state from the saved list, which must hold
+    /// rng, shares. A restore takes each one's state from the saved list, which must hold
     /// exactly these devices in this order.
     pub fn attach_all(&mut self, cfg: &VmConfig) -> Result<(), VmmError> {
         for disk in &cfg.disks {
@@ -280,6 +311,9 @@ impl<'a> DeviceSetup<'a> {
         }
         if cfg.rng {
             self.attach::<Rng>(())?;
+        }
+        for share in &cfg.shares {
+            self.attach::<Fs>(share.clone())?;
         }
         if let Some(extra) = self.saved.as_mut().and_then(|s| s.next()) {
             return Err(VmmError::BadSnapshot(format!(

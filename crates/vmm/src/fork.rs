@@ -212,6 +212,7 @@ pub(crate) fn check_request(cfg: &VmConfig, req: &ForkRequest) -> Result<(), Con
             req.count
         )));
     }
+    refuse_shares(cfg, "forked")?;
     if let Some(d) = cfg.disks.iter().find(|d| !d.read_only) {
         return Err(ControlError::Invalid(format!(
             "the VM has a writable disk ({}); parent and children would write the same image: attach it read-only to fork",
@@ -219,6 +220,20 @@ pub(crate) fn check_request(cfg: &VmConfig, req: &ForkRequest) -> Result<(), Con
         )));
     }
     Ok(())
+}
+
+/// Refuses to save a VM with shared directories (`what`: "forked", "saved as a
+/// template"), naming the first: their FUSE servers' state cannot be saved yet
+/// ([`forkvm_devices::virtio::fs`]).
+pub(crate) fn refuse_shares(cfg: &VmConfig, what: &str) -> Result<(), ControlError> {
+    match cfg.shares.first() {
+        Some(s) => Err(ControlError::Invalid(format!(
+            "the VM shares {} (tag {:?}) with its guest; a VM with shared directories cannot be {what} yet",
+            s.host_path.display(),
+            s.tag
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Identities for every child of `req`, numbered from `*seq + 1`.

@@ -27,5 +27,5 @@ pub mod warm;
 pub mod x86;
 pub mod zygote;
 
-pub use config::{BlockConfig, NetConfig, VmConfig, VsockConfig};
+pub use config::{BlockConfig, FsConfig, NetConfig, VmConfig, VsockConfig};
 pub use vmm::{ExitReason, Vmm, VmmError};

@@ -97,6 +97,7 @@ impl Vmm {
     /// unless it was paused already.
     pub fn save_template(&mut self, dir: &Path) -> Result<TemplateInfo, ControlError> {
         let t0 = Instant::now();
+        crate::fork::refuse_shares(&self.cfg, "saved as a template")?;
         let fail = |e: TemplateError| ControlError::Failed(error_chain(&e));
         std::fs::create_dir_all(dir)
             .map_err(io(dir))

@@ -68,6 +68,35 @@ pub fn parse_cpus(s: &str) -> Result<u8> {
     Ok(f.ceil() as u8)
 }
 
+/// Parses `-v HOST_DIR:CONTAINER_DIR[:ro|:rw]`: the host directory must exist (its
+/// symlinks are resolved here) and both paths be absolute.
+pub fn parse_volume(spec: &str) -> Result<vm::Volume> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (host, target, read_only) = match parts[..] {
+        [host, target] => (host, target, false),
+        [host, target, "ro"] => (host, target, true),
+        [host, target, "rw"] => (host, target, false),
+        [_, _, other] => bail!("-v {spec:?}: unknown option {other:?} (use ro or rw)"),
+        _ => bail!("-v {spec:?}: expected HOST_DIR:CONTAINER_DIR[:ro]"),
+    };
+    if !host.starts_with('/') {
+        bail!("-v {spec:?}: the host path must be absolute (forkvm run has no named volumes)");
+    }
+    if !target.starts_with('/') {
+        bail!("-v {spec:?}: the container path must be absolute");
+    }
+    let resolved =
+        std::fs::canonicalize(host).with_context(|| format!("-v {spec:?}: host path {host}"))?;
+    if !resolved.is_dir() {
+        bail!("-v {spec:?}: host path {host} is not a directory (forkvm shares directories only)");
+    }
+    Ok(vm::Volume {
+        host: resolved,
+        target: target.to_owned(),
+        read_only,
+    })
+}
+
 /// Splits a shell-free `--entrypoint` value the way Docker does: one program, no
 /// arguments; an empty string clears the entrypoint.
 fn entrypoint(image: &ImageConfig, flag: Option<&str>) -> Vec<String> {
@@ -192,6 +221,11 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
     let mode = network::Mode::parse(args.network.as_deref(), &args.publish)?;
     let vcpus = parse_cpus(&args.cpus)?;
     let mem_mib = parse_memory(&args.memory)?;
+    let volumes = args
+        .volumes
+        .iter()
+        .map(|v| parse_volume(v))
+        .collect::<Result<Vec<_>>>()?;
     let store = Store::open(&Store::default_root()).context("cannot open the image store")?;
     let image = store.get(&args.image)?;
     let progress = forkvm_image::TermProgress::new();
@@ -214,6 +248,8 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
         let spec = process_spec(&image.config, &args, &hostname)?;
         let uds = dir.join(vm::VSOCK_SOCKET);
         let mut cfg = vm::config(&guest, &rootfs.path, vcpus, mem_mib, &hostname, &uds)?;
+        let (shares, mount) = vm::share_volumes(&volumes);
+        cfg.shares = shares;
         // Held until the VM is gone: the lease, the published ports, the DNS relay.
         let net = match mode {
             network::Mode::Bridge => {
@@ -233,7 +269,7 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
         let tty = args.tty;
         let requests = net.as_ref().map(network::RunNetwork::guest_requests);
         vm::run(home, &cfg, None, move |s| {
-            session(s, spec, requests, relay, tty)
+            session(s, spec, mount, requests, relay, tty)
         })
     })();
     if args.rm {
@@ -242,16 +278,19 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
     result
 }
 
-/// Waits for the agent, gives the guest its network (`requests`, when it has one),
-/// starts the process and relays its stdio until it exits.
+/// Waits for the agent, mounts the volumes (`mount`), gives the guest its network
+/// (`requests`, when it has one), starts the process and relays its stdio until it
+/// exits.
 fn session(
     s: &vm::Session,
     spec: ProcessSpec,
+    mount: Option<forkvm_agent_proto::Request>,
     requests: Option<[(&'static str, Option<forkvm_agent_proto::Request>); 2]>,
     relay: SignalRelay,
     tty: bool,
 ) -> Result<Outcome> {
     let mut stream = s.connect_agent()?;
+    vm::configure_guest(&mut stream, [("its volumes", mount)])?;
     if let Some(requests) = requests {
         vm::configure_guest(&mut stream, requests)?;
     }
@@ -365,6 +404,27 @@ mod tests {
         assert!(e.to_string().contains("not absolute"), "{e}");
         let e = process_spec(&image(), &args(&["-e", "=x", "img"]), "h").unwrap_err();
         assert!(e.to_string().contains("no name"), "{e}");
+    }
+
+    #[test]
+    fn volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().display().to_string();
+        let v = parse_volume(&format!("{host}:/data")).unwrap();
+        assert_eq!(v.host, dir.path().canonicalize().unwrap());
+        assert_eq!((v.target.as_str(), v.read_only), ("/data", false));
+        assert!(parse_volume(&format!("{host}:/data:ro")).unwrap().read_only);
+        assert!(!parse_volume(&format!("{host}:/data:rw")).unwrap().read_only);
+        let err = |s: String| parse_volume(&s).unwrap_err().to_string();
+        assert!(err(format!("{host}:/data:rx")).contains("unknown option \"rx\""));
+        assert!(err(format!("{host}")).contains("HOST_DIR:CONTAINER_DIR"));
+        assert!(err("name:/data".into()).contains("no named volumes"));
+        assert!(err(format!("{host}:data")).contains("container path must be absolute"));
+        let missing = format!("{host}/missing:/data");
+        let e = parse_volume(&missing).unwrap_err();
+        assert!(format!("{e:#}").contains("No such file"), "{e:#}");
+        std::fs::write(dir.path().join("f"), "x").unwrap();
+        assert!(err(format!("{host}/f:/data")).contains("not a directory"));
     }
 
     #[test]

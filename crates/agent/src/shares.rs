@@ -1,0 +1,168 @@
+//! Host directories shared into the container: each virtio-fs device (by its tag)
+//! mounted where the container expects it ([`forkvm_agent_proto::Request::Mount`]).
+//!
+//! A target is resolved inside the container's root as the container would see it:
+//! `openat2` with `RESOLVE_IN_ROOT` makes absolute symlinks and `..` on the way stay
+//! under the root (an image cannot point a mount at the guest's own files), missing
+//! directories are created, and the mount goes onto the resolved directory through its
+//! file descriptor, so nothing can swap the path between the check and the mount.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use forkvm_agent_proto::{ShareMount, MAX_SHARES};
+use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
+
+/// Mounts every share in order; the first failure stops it, naming the share.
+pub fn mount_all(root: &Path, shares: &[ShareMount]) -> Result<(), String> {
+    if shares.len() > MAX_SHARES {
+        return Err(format!(
+            "{} shares: at most {MAX_SHARES} are allowed",
+            shares.len()
+        ));
+    }
+    let root_fd = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("cannot open the container root {}: {e}", root.display()))?;
+    for share in shares {
+        mount_one(&root_fd, share)
+            .map_err(|e| format!("share {:?} at {}: {e}", share.tag, share.target))?;
+    }
+    Ok(())
+}
+
+fn mount_one(root: &OwnedFd, share: &ShareMount) -> Result<(), String> {
+    if share.tag.is_empty() || share.tag.len() > 36 || share.tag.contains('\0') {
+        return Err("the tag must be 1 to 36 bytes without NUL".into());
+    }
+    let dir = resolve_dir(root, &share.target)?;
+    let source = CString::new(share.tag.as_str()).map_err(|e| e.to_string())?;
+    let target =
+        CString::new(format!("/proc/self/fd/{}", dir.as_raw_fd())).map_err(|e| e.to_string())?;
+    let flags = if share.read_only { libc::MS_RDONLY } else { 0 };
+    // SAFETY: every pointer is a NUL-terminated string that lives across the call; no
+    // data argument.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            c"virtiofs".as_ptr(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::ENOENT) => "the VM has no shared directory with this tag".into(),
+            _ => format!("mount failed: {e}"),
+        });
+    }
+    Ok(())
+}
+
+/// The directory `target` (absolute) names inside `root`, created where missing.
+fn resolve_dir(root: &OwnedFd, target: &str) -> Result<OwnedFd, String> {
+    if !target.starts_with('/') {
+        return Err("the target is not an absolute path".into());
+    }
+    let mut done = PathBuf::from(".");
+    for comp in target.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        let next = done.join(comp);
+        match open_in_root(root, &next) {
+            Ok(_) => {}
+            Err(Errno::NOENT) => {
+                let parent = open_in_root(root, &done)
+                    .map_err(|e| format!("cannot open {}: {e}", done.display()))?;
+                match rustix::fs::mkdirat(&parent, comp, Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(format!("cannot create {}: {e}", next.display())),
+                }
+            }
+            Err(Errno::NOTDIR) => {
+                return Err(format!("{} is not a directory", next.display()));
+            }
+            Err(e) => return Err(format!("cannot open {}: {e}", next.display())),
+        }
+        done = next;
+    }
+    open_in_root(root, &done).map_err(|e| format!("cannot open the target: {e}"))
+}
+
+/// `path` (relative) under `root`, resolved as if `root` were `/`.
+fn open_in_root(root: &OwnedFd, path: &Path) -> rustix::io::Result<OwnedFd> {
+    openat2(
+        root,
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root_fd(dir: &Path) -> OwnedFd {
+        rustix::fs::open(dir, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap()
+    }
+
+    fn resolved(root: &OwnedFd) -> impl Fn(&str) -> Result<PathBuf, String> + '_ {
+        move |target| {
+            let fd = resolve_dir(root, target)?;
+            Ok(std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap())
+        }
+    }
+
+    #[test]
+    fn targets_resolve_inside_the_root_and_missing_directories_appear() {
+        let outer = tempfile::tempdir().unwrap();
+        let root = outer.path().join("rootfs");
+        std::fs::create_dir_all(root.join("var")).unwrap();
+        std::fs::create_dir_all(root.join("run")).unwrap();
+        // An image's absolute symlink, and one that tries to climb out.
+        std::os::unix::fs::symlink("/run", root.join("var/run")).unwrap();
+        std::os::unix::fs::symlink("../../..", root.join("up")).unwrap();
+        std::fs::write(root.join("file"), "x").unwrap();
+        let fd = root_fd(&root);
+        let at = resolved(&fd);
+
+        assert_eq!(at("/data/deep").unwrap(), root.join("data/deep"));
+        assert!(root.join("data/deep").is_dir());
+        assert_eq!(at("/var/run/app").unwrap(), root.join("run/app"));
+        assert_eq!(at("/up/escaped").unwrap(), root.join("escaped"));
+        assert_eq!(at("/../../x").unwrap(), root.join("x"));
+        assert!(!outer.path().join("escaped").exists());
+        assert_eq!(at("/").unwrap(), root);
+
+        assert!(at("relative").unwrap_err().contains("not an absolute path"));
+        assert!(at("/file/below").unwrap_err().contains("not a directory"));
+    }
+
+    #[test]
+    fn bad_requests_name_the_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = |tag: &str, target: &str| ShareMount {
+            tag: tag.into(),
+            target: target.into(),
+            read_only: false,
+        };
+        let e = mount_all(dir.path(), &[share("", "/a")]).unwrap_err();
+        assert!(
+            e.contains("share \"\" at /a") && e.contains("1 to 36 bytes"),
+            "{e}"
+        );
+        let e = mount_all(dir.path(), &[share("t", "rel")]).unwrap_err();
+        assert!(e.contains("not an absolute path"), "{e}");
+        let many = vec![share("t", "/a"); MAX_SHARES + 1];
+        assert!(mount_all(dir.path(), &many)
+            .unwrap_err()
+            .contains("at most 64"));
+    }
+}

@@ -219,7 +219,8 @@ fn images_run_as_vms_like_podman_run() {
 }
 
 /// `forkvm run -v`: host directories shared into the VM (virtio-fs) read and written
-/// both ways, with the container's uid, live without a remount; `:ro` refused.
+/// both ways, with the container's uid, live without a remount; `:ro` refused; a VM
+/// with a share is not forked.
 #[test]
 fn volumes_share_host_directories() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -335,6 +336,40 @@ fn volumes_share_host_directories() {
         let out = run.finish();
         assert_code(&out, 0);
         assert_eq!(out.stdout, "pong\n", "{out}");
+
+        // A VM with a share cannot be forked yet: refused, naming the share, and the
+        // VM runs on.
+        let mut run = Forkvm::spawn_with(
+            &[
+                "run",
+                "--rm",
+                "--name",
+                "sharing",
+                "-v",
+                &rw,
+                "fixture:1",
+                "sh",
+                "-c",
+                "echo ready; i=0; while [ ! -f /data/stop ] && [ $i -lt 600 ]; do \
+                 sleep 0.1; i=$((i+1)); done; echo still-running",
+            ],
+            RUN_TIMEOUT,
+            &[("FORKVM_STORE", store.as_os_str())],
+            None,
+        );
+        run.wait_for_stdout("ready");
+        let fork = forkvm(&store, &["fork", "sharing"], None);
+        assert_code(&fork, 1);
+        assert!(
+            fork.stderr
+                .contains(&vol.canonicalize().unwrap().display().to_string())
+                && fork.stderr.contains("cannot be forked"),
+            "{fork}"
+        );
+        std::fs::write(vol.join("stop"), "").unwrap();
+        let out = run.finish();
+        assert_code(&out, 0);
+        assert!(out.stdout.contains("still-running"), "{out}");
     });
 }
 

@@ -22,7 +22,8 @@
 //! | `mounts`: `/proc`, `/dev`, `/dev/pts`, `/dev/shm`, `/dev/mqueue`, `/sys`, `/sys/fs/cgroup`, any `tmpfs` | accepted silently | the guest agent mounts these itself |
 //! | `mounts`: bind of a regular file (Docker's and podman's `/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf`, podman's `/run/.containerenv`) | copied in ([`ContainerPlan::files`]), with a warning | the file is copied into the VM's root when the container is created; later changes on either side are not shared. The guest adds its hostname to `/etc/hosts` and writes `/etc/hostname` itself |
 //! | `mounts`: bind onto one of the guest's own mounts above (Docker's and podman's `/dev/shm`) | warning | the guest mounts its own |
-//! | `mounts`: any other bind mount (a directory: volumes, `-v`) | **error** | host directories are not shared into the VM yet |
+//! | `mounts`: bind of a directory (`-v DIR:/p`, `--mount type=bind`, named volumes) | [`ContainerPlan::volumes`] | shared into the VM by a virtio-fs device and mounted by the guest agent at `destination`, read-only with the `ro` option; other options (propagation, `nosuid`, ...) are not applied. A VM with volumes cannot be forked |
+//! | `mounts`: bind of anything else (a socket, a device node), or of a source that is missing or relative | **error** | only directories are shared and regular files copied |
 //! | `mounts`: any other filesystem type | **error** | the guest cannot mount it |
 //! | `linux.namespaces` without `path` (other than `network`) | warning | the VM gives every container all of its own namespaces |
 //! | `linux.namespaces`: `network` with `path` (podman/netavark, CNI, containerd's CRI) | [`ContainerPlan::network`] = [`NetworkPlan::Join`] | the VM joins that network: each interface gets a TAP tied to it, and the guest takes its MAC, MTU, addresses and routes (`forkvm-net`) |
@@ -98,6 +99,8 @@ pub struct ContainerPlan {
     pub mem_mib: u64,
     /// Bind-mounted host files, to copy into the VM's root.
     pub files: Vec<FileCopy>,
+    /// Bind-mounted host directories, shared into the VM, in the spec's order.
+    pub volumes: Vec<crate::vm::Volume>,
     /// The container's network namespace, which the VM joins.
     pub network: NetworkPlan,
     /// The hooks the runtime runs on the host.
@@ -190,13 +193,15 @@ pub enum BundleError {
         /// The resolved root filesystem path.
         rootfs: PathBuf,
     },
-    /// A bind mount from the host.
-    #[error("mount {}: bind mounts from the host are not supported yet (source {})", destination.display(), host_path.display())]
+    /// A bind mount from the host that cannot go into the VM.
+    #[error("mount {}: cannot bind {} into the VM: {reason}", destination.display(), host_path.display())]
     BindMount {
         /// Where the container would see it.
         destination: PathBuf,
         /// The host path (the mount's `source`).
         host_path: PathBuf,
+        /// Why.
+        reason: &'static str,
     },
     /// A mount of a filesystem type the guest cannot provide.
     #[error("mount {}: filesystem type {fs_type:?} is not supported", destination.display())]
@@ -252,6 +257,7 @@ pub fn exec_process(path: &Path) -> Result<ProcessSpec, BundleError> {
         config: path,
         warnings: Vec::new(),
         files: Vec::new(),
+        volumes: Vec::new(),
         network: None,
     };
     let mut spec = planner.process(Some(&process))?;
@@ -266,6 +272,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         config,
         warnings: Vec::new(),
         files: Vec::new(),
+        volumes: Vec::new(),
         network: None,
     };
     planner.check_version(spec.version())?;
@@ -296,6 +303,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         vcpus,
         mem_mib,
         files: planner.files,
+        volumes: planner.volumes,
         network,
         hooks,
         annotations: spec
@@ -312,6 +320,7 @@ struct Planner<'a> {
     config: &'a Path,
     warnings: Vec<String>,
     files: Vec<FileCopy>,
+    volumes: Vec<crate::vm::Volume>,
     network: Option<NetworkPlan>,
 }
 
@@ -488,7 +497,34 @@ impl Planner<'_> {
                 return Ok(());
             }
             let source = mount.source().clone().unwrap_or_default();
-            if source.is_absolute() && destination.is_absolute() && source.is_file() {
+            let refused = |reason| BundleError::BindMount {
+                destination: destination.clone(),
+                host_path: source.clone(),
+                reason,
+            };
+            if !source.is_absolute() {
+                return Err(refused("the source is not an absolute path"));
+            }
+            if !destination.is_absolute() {
+                return Err(refused("the destination is not an absolute path"));
+            }
+            if source.is_dir() {
+                let target = destination
+                    .to_str()
+                    .ok_or_else(|| refused("the destination is not UTF-8"))?
+                    .to_owned();
+                let host = source
+                    .canonicalize()
+                    .map_err(|_| refused("the source cannot be resolved"))?;
+                let read_only = mount.options().iter().flatten().any(|o| o == "ro");
+                self.volumes.push(crate::vm::Volume {
+                    host,
+                    target,
+                    read_only,
+                });
+                return Ok(());
+            }
+            if source.is_file() {
                 self.warn(format!(
                     "mount {}: the host file {} is copied into the VM; later changes are not shared",
                     destination.display(),
@@ -500,10 +536,12 @@ impl Planner<'_> {
                 });
                 return Ok(());
             }
-            return Err(BundleError::BindMount {
-                destination: destination.clone(),
-                host_path: mount.source().clone().unwrap_or_default(),
-            });
+            return Err(refused(match source.exists() {
+                true => {
+                    "only directories (shared) and regular files (copied) can be bound into a VM"
+                }
+                false => "it does not exist",
+            }));
         }
         if fs_type == "tmpfs" || guest_mount {
             return Ok(());

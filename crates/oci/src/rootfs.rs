@@ -140,6 +140,7 @@ mod tests {
             vcpus: 1,
             mem_mib: 128,
             files,
+            volumes: vec![],
             network: crate::bundle::NetworkPlan::New,
             hooks: Default::default(),
             annotations: Default::default(),

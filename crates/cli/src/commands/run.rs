@@ -417,7 +417,7 @@ mod tests {
         assert!(!parse_volume(&format!("{host}:/data:rw")).unwrap().read_only);
         let err = |s: String| parse_volume(&s).unwrap_err().to_string();
         assert!(err(format!("{host}:/data:rx")).contains("unknown option \"rx\""));
-        assert!(err(format!("{host}")).contains("HOST_DIR:CONTAINER_DIR"));
+        assert!(err(host.clone()).contains("HOST_DIR:CONTAINER_DIR"));
         assert!(err("name:/data".into()).contains("no named volumes"));
         assert!(err(format!("{host}:data")).contains("container path must be absolute"));
         let missing = format!("{host}/missing:/data");

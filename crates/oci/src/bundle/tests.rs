@@ -263,25 +263,64 @@ fn mounts() {
     let e = err_with(add(
         json!({"destination": "/etc/hosts", "type": "bind", "source": "/nonexistent/hosts"}),
     ));
-    assert!(e.contains("bind mounts from the host"), "{e}");
+    assert_eq!(
+        e,
+        "mount /etc/hosts: cannot bind /nonexistent/hosts into the VM: it does not exist"
+    );
     // A bind onto a mount the guest makes itself (containerd CRI's sandbox /dev/shm).
     let plan = load_with(add(json!({"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/sandbox/shm", "options": ["rbind", "ro"]}))).unwrap();
     assert!(plan
         .warnings
         .iter()
         .any(|w| w.contains("/dev/shm") && w.contains("guest mounts its own")));
-    // Other binds, spelled as a type or as an option: refused.
+    // Directories, bound as a type or as an option: volumes, in order, `ro` honoured.
+    let data = host.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::symlink(&data, host.path().join("data-link")).unwrap();
+    let plan = load_with(|c| {
+        c["mounts"] = json!([
+            {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rprivate"]},
+            {"destination": "/ro", "type": "none", "source": host.path().join("data-link"), "options": ["rbind", "ro"]},
+        ]);
+    })
+    .unwrap();
+    let canonical = data.canonicalize().unwrap();
+    assert_eq!(
+        plan.volumes,
+        [
+            crate::vm::Volume {
+                host: canonical.clone(),
+                target: "/data".into(),
+                read_only: false
+            },
+            crate::vm::Volume {
+                host: canonical,
+                target: "/ro".into(),
+                read_only: true
+            },
+        ]
+    );
+    // What cannot be shared or copied: refused, naming the mount and why.
     let e = err_with(add(
-        json!({"destination": "/data", "type": "bind", "source": "/srv/data"}),
+        json!({"destination": "/data", "type": "bind", "source": "/nonexistent/data"}),
     ));
     assert_eq!(
         e,
-        "mount /data: bind mounts from the host are not supported yet (source /srv/data)"
+        "mount /data: cannot bind /nonexistent/data into the VM: it does not exist"
+    );
+    let socket = host.path().join("sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let e = err_with(add(
+        json!({"destination": "/run/docker.sock", "type": "bind", "source": socket}),
+    ));
+    assert!(
+        e.contains("only directories (shared) and regular files (copied)"),
+        "{e}"
     );
     let e = err_with(add(
-        json!({"destination": "/data", "type": "none", "source": "/srv/data", "options": ["rbind", "ro"]}),
+        json!({"destination": "/data", "type": "bind", "source": "relative/dir"}),
     ));
-    assert!(e.contains("bind mounts from the host"), "{e}");
+    assert!(e.contains("not an absolute path"), "{e}");
     let e = err_with(add(
         json!({"destination": "/mnt", "type": "nfs", "source": "server:/x"}),
     ));

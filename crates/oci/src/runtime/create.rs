@@ -320,6 +320,8 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         &hostname,
         &uds,
     )?;
+    let (shares, mount) = vm::share_volumes(&plan.volumes);
+    cfg.shares = shares;
     home.record_machine(cfg.vcpus, cfg.mem_mib)?;
     let relay = signals.spawn(tty)?;
     let ready = Ready {
@@ -395,6 +397,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     };
     let work = GuestWork {
         process: spec,
+        mount,
         network: networked.then(|| plumbed.network.agent_request()),
         dns_relay: nameserver.map(|ns| Request::DnsRelay {
             addresses: vec![ns.to_string()],
@@ -456,6 +459,8 @@ impl Drop for Plumbed {
 /// makes it relay DNS for the namespace's loopback resolvers, when it names any.
 struct GuestWork {
     process: ProcessSpec,
+    /// The agent's request that mounts the container's volumes.
+    mount: Option<Request>,
     network: Option<Request>,
     dns_relay: Option<Request>,
     /// The namespace and what the VM took over from it, checked again at `start`.
@@ -550,16 +555,21 @@ fn monitor_session(
 ) -> Result<Outcome> {
     let GuestWork {
         process: spec,
+        mount,
         network,
         dns_relay,
         plumbed,
     } = work;
     let mut stream = s.connect_agent()?;
-    // The guest takes the namespace's addresses and routes, and relays DNS, before
-    // anything runs.
+    // The guest mounts the volumes, takes the namespace's addresses and routes, and
+    // relays DNS, before anything runs.
     vm::configure_guest(
         &mut stream,
-        [("its network", network), ("its DNS relay", dns_relay)],
+        [
+            ("its volumes", mount),
+            ("its network", network),
+            ("its DNS relay", dns_relay),
+        ],
     )?;
     let mut conn = match early_start {
         Some(conn) => conn,

@@ -913,21 +913,57 @@ pub fn core_cases(e: &Engine) {
     });
 
     e.case(
-        "run -v DIR:/data: forkvm refuses a host directory, the engine shows why",
+        "volumes: -v DIR both ways, :ro refused, --mount type=bind, a named volume kept across containers",
         || {
-            let volume = format!("{}:/data", e.scratch.path().display());
-            let out = e.cmd(&e.run_args(&["-v", &volume], &["true"]));
-            if !runtime_is_forkvm() {
-                assert_eq!(out.code, Some(0), "runc shares directories\n{out}");
-                println!("(runtime is not forkvm's: the volume is shared, as it should be there)");
-                return;
-            }
-            assert_ne!(out.code, Some(0), "a directory volume was accepted\n{out}");
-            let text = format!("{}{}", out.stdout, out.stderr);
-            assert!(
-                text.contains("mount /data") && text.contains("bind mounts from the host"),
-                "the engine does not show the runtime's reason\n{out}"
+            use std::os::unix::fs::PermissionsExt;
+            let dir = e.scratch.path().join("vol");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+            std::fs::write(dir.join("from-host"), "hello from the host\n").unwrap();
+            let rw = format!("{}:/data", dir.display());
+            let out = e.expect(
+                &e.run_args(
+                    &["-v", &rw],
+                    &["sh", "-c", "cat /data/from-host; echo in > /data/from-container"],
+                ),
+                None,
+                0,
             );
+            assert_eq!(out.stdout, "hello from the host\n", "{out}");
+            assert_eq!(
+                std::fs::read_to_string(dir.join("from-container")).unwrap(),
+                "in\n"
+            );
+
+            let ro = format!("{}:/data:ro", dir.display());
+            let out = e.expect(
+                &e.run_args(&["-v", &ro], &["sh", "-c", "echo x > /data/nope; echo rc=$?"]),
+                None,
+                0,
+            );
+            assert_eq!(out.stdout, "rc=1\n", "{out}");
+            assert!(!dir.join("nope").exists(), "a read-only volume was written");
+
+            let mount = format!("type=bind,source={},target=/m", dir.display());
+            let out = e.expect(
+                &e.run_args(&["--mount", &mount], &["cat", "/m/from-container"]),
+                None,
+                0,
+            );
+            assert_eq!(out.stdout, "in\n", "{out}");
+
+            let volume = "forkvm-e2e-volume";
+            let _ = e.cmd(&["volume", "rm", "-f", volume]);
+            e.ok(&["volume", "create", volume]);
+            let named = format!("{volume}:/v");
+            e.expect(
+                &e.run_args(&["-v", &named], &["sh", "-c", "echo kept > /v/f"]),
+                None,
+                0,
+            );
+            let out = e.expect(&e.run_args(&["-v", &named], &["cat", "/v/f"]), None, 0);
+            assert_eq!(out.stdout, "kept\n", "{out}");
+            e.ok(&["volume", "rm", volume]);
         },
     );
 

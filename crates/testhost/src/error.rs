@@ -39,6 +39,15 @@ pub enum Error {
         /// The run log.
         log_path: PathBuf,
     },
+    /// The virtual host stopped writing its heartbeat: it froze (seen under nested
+    /// emulation), and was killed.
+    #[error("the virtual host stalled: no heartbeat for {silent:?}; log: {}", log_path.display())]
+    Stalled {
+        /// How long it had been silent.
+        silent: Duration,
+        /// The run log.
+        log_path: PathBuf,
+    },
     /// The virtual host stopped without reporting the command's exit code.
     #[error("the virtual host stopped ({qemu_status}) without reporting an exit code; log: {}", log_path.display())]
     NoExitCode {

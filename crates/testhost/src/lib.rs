@@ -78,8 +78,20 @@ macro_rules! test_path {
 }
 
 /// How many times [`on_kvm_host`] starts the virtual host for one test when a run times
-/// out.
+/// out or the host dies.
 const TESTHOST_ATTEMPTS: u32 = 2;
+/// How many times when the virtual host stalls (detected within minutes by its
+/// heartbeat, so a third try costs little).
+const TESTHOST_STALL_ATTEMPTS: u32 = 3;
+
+/// How many runs a test gets in all when a run fails with `e`.
+fn attempts_for(e: &Error) -> u32 {
+    match e {
+        Error::Stalled { .. } => TESTHOST_STALL_ATTEMPTS,
+        Error::TimedOut { .. } | Error::NoExitCode { .. } => TESTHOST_ATTEMPTS,
+        _ => 1,
+    }
+}
 
 /// Runs a test body where hardware KVM exists (see the crate docs).
 ///
@@ -141,9 +153,7 @@ pub fn on_kvm_host_with(
             // kernel stack overflows in page-fault and 9p paths) with no test outcome; a
             // second run, said out loud, tells that apart from a test that hangs or
             // takes the host down, which does it again and fails.
-            Err(e @ (Error::TimedOut { .. } | Error::NoExitCode { .. }))
-                if attempt < TESTHOST_ATTEMPTS =>
-            {
+            Err(e) if attempt < attempts_for(&e) => {
                 println!(
                     "forkvm-testhost: `{test_path}` attempt {attempt}: {e}; the virtual host \
                      stalled or crashed, or the test hung: running it once more"

@@ -57,7 +57,17 @@ pub struct TestHostOptions {
     /// Host directories the command may write to in virtual mode (each is
     /// exported read-write at the same path; the rest of `/` is read-only).
     pub writable: Vec<PathBuf>,
+    /// Virtual mode: how long the virtual host may go without writing its heartbeat
+    /// (every [`HEARTBEAT_EVERY`]) before it is taken as stalled and killed
+    /// ([`crate::Error::Stalled`]).
+    pub stall_after: Duration,
 }
+
+/// How often the virtual host writes its heartbeat.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+/// [`TestHostOptions::stall_after`] unless set: twelve missed heartbeats (a loaded
+/// virtual host still writes it every few seconds).
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(120);
 
 impl Default for TestHostOptions {
     fn default() -> Self {
@@ -70,6 +80,7 @@ impl Default for TestHostOptions {
             stream: false,
             host: HostChoice::Auto,
             writable: Vec::new(),
+            stall_after: DEFAULT_STALL_AFTER,
         }
     }
 }

@@ -20,7 +20,9 @@ use forkvm_guest_kernel::{
 };
 
 use crate::error::Error;
-use crate::run::{harden, new_log_path, open_log, ChildGuard, Mode, Outcome, TestHostOptions};
+use crate::run::{
+    harden, new_log_path, open_log, ChildGuard, Mode, Outcome, TestHostOptions, HEARTBEAT_EVERY,
+};
 
 /// The QEMU binary.
 pub(crate) const QEMU: &str = "qemu-system-x86_64";
@@ -122,6 +124,8 @@ while [ "$i" -lt "$NRW" ]; do
     i=$((i + 1))
 done
 [ -e /dev/kvm ] || log "warning: no /dev/kvm in the virtual host"
+# The heartbeat the host watches: a virtual host that stops writing it has frozen.
+/bin/heartbeat "$R$SCRATCH/heartbeat" &
 log "running command"
 chroot $R /bin/sh "$SCRATCH/run.sh"
 echo $? > "$R$SCRATCH/exit_code.tmp"
@@ -130,6 +134,25 @@ log "command exited with $(cat "$R$SCRATCH/exit_code")"
 umount "$R$SCRATCH"
 off
 "#;
+
+/// `/bin/heartbeat FILE`: writes the time into FILE every @EVERY@ seconds.
+const HEARTBEAT: &str = r#"#!/bin/sh
+while :; do
+    date +%s > "$1"
+    sleep @EVERY@
+done
+"#;
+
+/// How long ago the heartbeat file at `path` was last written; `None` before the first
+/// beat.
+fn since_heartbeat(path: &Path) -> Option<Duration> {
+    let written = fs::metadata(path).ok()?.modified().ok()?;
+    Some(
+        std::time::SystemTime::now()
+            .duration_since(written)
+            .unwrap_or_default(),
+    )
+}
 
 fn io(what: impl Into<String>, source: io::Error) -> Error {
     Error::Io {
@@ -149,6 +172,8 @@ pub fn prepare_initramfs(cache: &Path, kernel: &KernelTree) -> Result<PathBuf, E
         .replace("@INSMOD@", &b.insmod_script())
         .replace("@MSIZE@", &MSIZE.to_string());
     b.init_script(&init);
+    let heartbeat = HEARTBEAT.replace("@EVERY@", &HEARTBEAT_EVERY.as_secs().to_string());
+    b.file("bin/heartbeat", heartbeat.into_bytes(), 0o755);
     let bytes = b.build()?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut h);
@@ -443,6 +468,17 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
         }
         if opts.stream {
             tails.iter_mut().for_each(Tail::pump);
+        }
+        if let Some(silent) =
+            since_heartbeat(&scratch.join("heartbeat")).filter(|silent| *silent > opts.stall_after)
+        {
+            guard.kill();
+            let mut l = open_log(&log_path)?;
+            let _ = writeln!(
+                l,
+                "\nforkvm-testhost: no heartbeat for {silent:?}: the virtual host stalled, qemu killed"
+            );
+            return Err(Error::Stalled { silent, log_path });
         }
         if Instant::now() >= deadline {
             guard.kill();

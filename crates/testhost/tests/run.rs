@@ -93,6 +93,39 @@ fn virtual_host_timeout_kills_qemu() {
     assert_eq!(qemu_children(), Vec::<u32>::new(), "qemu left running");
 }
 
+/// A virtual host that stops writing its heartbeat is killed as stalled, long before
+/// the timeout.
+#[test]
+fn virtual_host_without_a_heartbeat_is_stalled() {
+    if forkvm_testhost::in_test_host() {
+        return;
+    }
+    let opts = TestHostOptions {
+        host: HostChoice::Virtual,
+        timeout: Duration::from_secs(600),
+        stall_after: Duration::from_secs(20),
+        ..TestHostOptions::default()
+    };
+    // Stops the heartbeat's shell, as a frozen virtual host would.
+    let cmd = ["sh", "-c", "pkill -STOP -f /bin/[h]eartbeat; sleep 1000"];
+    let start = Instant::now();
+    let err = run_in_kvm_host(&cmd, &opts).expect_err("must stall");
+    match &err {
+        Error::Stalled { silent, log_path } => {
+            assert!(*silent > Duration::from_secs(20), "{err}");
+            let log = fs::read_to_string(log_path).unwrap();
+            assert!(log.contains("no heartbeat"), "{log}");
+        }
+        other => panic!("expected Stalled, got {other:?}"),
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(400),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(qemu_children(), Vec::<u32>::new(), "qemu left running");
+}
+
 #[test]
 fn direct_mode_same_contract() {
     let opts = TestHostOptions {

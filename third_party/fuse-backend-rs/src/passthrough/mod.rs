@@ -259,6 +259,9 @@ struct HandleData {
     file: File,
     lock: Mutex<()>,
     open_flags: AtomicU32,
+    /// forkvm patch: directory entries read from the host but not yet sent to the guest,
+    /// with the offset they start at (see `do_readdir`).
+    dir_leftover: Mutex<Option<(u64, Vec<u8>)>>,
 }
 
 impl HandleData {
@@ -268,6 +271,7 @@ impl HandleData {
             file,
             lock: Mutex::new(()),
             open_flags: AtomicU32::new(flags),
+            dir_leftover: Mutex::new(None),
         }
     }
 

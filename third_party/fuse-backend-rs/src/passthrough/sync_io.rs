@@ -70,20 +70,36 @@ impl<S: BitmapSlice + Send + Sync> PassthroughFs<S> {
             return Ok(());
         }
 
-        let mut buf = Vec::<u8>::with_capacity(size as usize);
         let data = self.get_dirdata(handle, inode, libc::O_RDONLY)?;
 
-        {
+        // forkvm patch: entries a previous request read from the host but had no room
+        // for are sent from here, never read again by seeking back to their offset. On
+        // filesystems whose offsets are positions (tmpfs before Linux 6.6, ramfs), a
+        // seek after the guest removed entries before that offset (`rm -r` reads a
+        // page, unlinks it, reads on) skipped as many entries as were removed. For the
+        // same reason the stream is only sought when the guest asks for another offset
+        // than it is at.
+        let mut buf = match data.dir_leftover.lock().unwrap().take() {
+            Some((at, bytes)) if at == offset && !bytes.is_empty() => bytes,
+            _ => Vec::new(),
+        };
+        if buf.is_empty() {
+            buf = Vec::<u8>::with_capacity(size as usize);
             // Since we are going to work with the kernel offset, we have to acquire the file lock
             // for both the `lseek64` and `getdents64` syscalls to ensure that no other thread
             // changes the kernel offset while we are using it.
             let (guard, dir) = data.get_file_mut();
 
             // Safe because this doesn't modify any memory and we check the return value.
-            let res =
-                unsafe { libc::lseek64(dir.as_raw_fd(), offset as libc::off64_t, libc::SEEK_SET) };
-            if res < 0 {
-                return Err(io::Error::last_os_error());
+            let cur = unsafe { libc::lseek64(dir.as_raw_fd(), 0, libc::SEEK_CUR) };
+            if cur != offset as libc::off64_t {
+                // Safe because this doesn't modify any memory and we check the return value.
+                let res = unsafe {
+                    libc::lseek64(dir.as_raw_fd(), offset as libc::off64_t, libc::SEEK_SET)
+                };
+                if res < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
 
             // Safe because the kernel guarantees that it will only write to `buf` and we check the
@@ -109,6 +125,13 @@ impl<S: BitmapSlice + Send + Sync> PassthroughFs<S> {
 
         let mut rem = &buf[..];
         let orig_rem_len = rem.len();
+        // forkvm patch: where the entries handed to the guest end.
+        let mut consumed_to = offset;
+        let keep = |from: u64, rest: &[u8]| {
+            if !rest.is_empty() {
+                *data.dir_leftover.lock().unwrap() = Some((from, rest.to_vec()));
+            }
+        };
         while !rem.is_empty() {
             // We only use debug asserts here because these values are coming from the kernel and we
             // trust them implicitly.
@@ -165,14 +188,26 @@ impl<S: BitmapSlice + Send + Sync> PassthroughFs<S> {
             );
 
             match res {
-                Ok(0) => break,
-                Ok(_) => rem = &rem[dirent64.d_reclen as usize..],
+                Ok(0) => {
+                    keep(consumed_to, rem);
+                    break;
+                }
+                Ok(_) => {
+                    consumed_to = dirent64.d_off as u64;
+                    rem = &rem[dirent64.d_reclen as usize..];
+                }
                 // If there's an error, we can only signal it if we haven't
                 // stored any entries yet - otherwise we'd end up with wrong
                 // lookup counts for the entries that are already in the
                 // buffer. So we return what we've collected until that point.
-                Err(e) if rem.len() == orig_rem_len => return Err(e),
-                Err(_) => return Ok(()),
+                Err(e) if rem.len() == orig_rem_len => {
+                    keep(consumed_to, rem);
+                    return Err(e);
+                }
+                Err(_) => {
+                    keep(consumed_to, rem);
+                    return Ok(());
+                }
             }
         }
 

@@ -21,6 +21,10 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::passthrough::PassthroughFs;
 
+/// Most bytes of directory entries one readdir request reads from the host (the server
+/// allocates that much; the guest kernel asks for a page).
+pub const MAX_DIR_READ: u32 = 128 * 1024;
+
 /// A host directory served to the guest.
 pub struct Share {
     fs: PassthroughFs,
@@ -321,6 +325,7 @@ impl FileSystem for Share {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        let size = size.min(MAX_DIR_READ);
         self.fs.readdir(ctx, inode, handle, size, offset, add_entry)
     }
 
@@ -333,6 +338,7 @@ impl FileSystem for Share {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        let size = size.min(MAX_DIR_READ);
         self.fs
             .readdirplus(ctx, inode, handle, size, offset, add_entry)
     }

@@ -326,6 +326,124 @@ fn lookups_stay_inside_the_shared_directory() {
     assert!(g.open(link.nodeid, libc::O_RDONLY).error < 0);
 }
 
+/// `rm -r` on a share: read a page of entries, unlink them, read on from the offset the
+/// last one gave. On a host filesystem whose offsets are positions (tmpfs), seeking
+/// back to that offset after the unlinks skipped entries and `rmdir` found the
+/// directory not empty.
+#[test]
+fn unlinking_while_reading_a_directory_misses_nothing() {
+    in_ramfs(unlink_while_reading);
+}
+
+/// Runs `f` on a thread of its own, in a mount namespace of its own, with a fresh ramfs
+/// (whose directory offsets are positions, as tmpfs's were before Linux 6.6: the virtual
+/// test host's `/tmp` is one) mounted on an empty directory it is given.
+fn in_ramfs(f: fn(&Path)) {
+    std::thread::spawn(move || {
+        let c = |s: &str| std::ffi::CString::new(s).unwrap();
+        // SAFETY: unshare takes no pointers; it gives this thread its own mount
+        // namespace (and filesystem information).
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNS): {}",
+            std::io::Error::last_os_error()
+        );
+        let root = c("/");
+        // SAFETY: NUL-terminated strings that outlive the call; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "making mounts private: {}",
+            std::io::Error::last_os_error()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (source, target) = (c("ramfs"), c(dir.path().to_str().unwrap()));
+        // SAFETY: as above.
+        let rc = unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                source.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "mounting ramfs: {}", std::io::Error::last_os_error());
+        f(dir.path());
+        // SAFETY: a NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    })
+    .join()
+    .unwrap();
+}
+
+fn unlink_while_reading(dir: &Path) {
+    for i in 0..300 {
+        std::fs::write(dir.join(format!("file-{i:04}")), "").unwrap();
+    }
+    let mut g = Guest::mount(share(dir, false));
+    let open = OpenIn {
+        flags: (libc::O_RDONLY | libc::O_DIRECTORY) as u32,
+        fuse_flags: 0,
+    };
+    let fh = g
+        .call(Opcode::Opendir, ROOT, open.as_slice())
+        .ok::<OpenOut>()
+        .fh;
+    let mut offset = 0;
+    let mut removed = 0;
+    loop {
+        let read = ReadIn {
+            fh,
+            offset,
+            size: 512,
+            ..Default::default()
+        };
+        let reply = g.call(Opcode::Readdir, ROOT, read.as_slice());
+        assert_eq!(reply.error, 0);
+        if reply.body.is_empty() {
+            break;
+        }
+        // fuse_dirent: ino, off, namelen, type, name padded to 8 bytes.
+        let mut rest = &reply.body[..];
+        while rest.len() >= 24 {
+            let off = u64::from_le_bytes(rest[8..16].try_into().unwrap());
+            let namelen = u32::from_le_bytes(rest[16..20].try_into().unwrap()) as usize;
+            let name = rest[24..24 + namelen].to_vec();
+            rest = &rest[(24 + namelen).next_multiple_of(8).min(rest.len())..];
+            offset = off;
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let mut body = name;
+            body.push(0);
+            assert_eq!(g.call(Opcode::Unlink, ROOT, &body).error, 0);
+            removed += 1;
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{} left after {removed} unlinks: {left:?}",
+        left.len()
+    );
+    assert_eq!(removed, 300);
+}
+
 #[test]
 fn a_flood_of_requests_is_served_a_budget_at_a_time() {
     let dir = tempfile::tempdir().unwrap();

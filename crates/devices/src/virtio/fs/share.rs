@@ -59,8 +59,12 @@ impl FileSystem for Share {
     type Inode = u64;
     type Handle = u64;
 
+    /// The passthrough filesystem's options, and requests of up to 1 MiB
+    /// (`BIG_WRITES`, `MAX_PAGES`) where the guest offers them: without them the guest
+    /// splits reads and writes into 8 KiB requests, each a round trip through the queue.
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        self.fs.init(capable)
+        let large = capable & (FsOptions::BIG_WRITES | FsOptions::MAX_PAGES);
+        Ok(self.fs.init(capable)? | large)
     }
 
     fn destroy(&self) {

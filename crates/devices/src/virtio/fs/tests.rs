@@ -56,14 +56,19 @@ impl Guest {
             unique: 0,
         };
         g.run();
+        g.init(0);
+        g
+    }
+
+    /// FUSE INIT, the guest offering `flags`.
+    fn init(&mut self, flags: u32) -> InitOut {
         let init = InitIn {
             major: 7,
             minor: 31,
             max_readahead: 1 << 20,
-            flags: 0,
+            flags,
         };
-        g.call(Opcode::Init, 0, init.as_slice()).ok::<InitOut>();
-        g
+        self.call(Opcode::Init, 0, init.as_slice()).ok::<InitOut>()
     }
 
     fn run(&mut self) {
@@ -232,6 +237,17 @@ fn bad_configurations_are_refused_naming_the_problem() {
     let file = dir.path().join("file");
     std::fs::write(&file, "x").unwrap();
     assert!(err(share(&file, false)).contains("not a directory"));
+}
+
+#[test]
+fn requests_of_a_mebibyte_when_the_guest_offers_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guest::mount(share(dir.path(), false));
+    // FUSE_BIG_WRITES (1 << 5) and FUSE_MAX_PAGES (1 << 22).
+    let out = g.init((1 << 5) | (1 << 22));
+    assert_eq!(out.max_write, 1 << 20);
+    assert_eq!(out.max_pages, 256);
+    assert_ne!(out.flags & (1 << 22), 0);
 }
 
 #[test]

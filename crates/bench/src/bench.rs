@@ -11,9 +11,13 @@
 //! run and answer, how long the parent pauses and what each idle child costs in private
 //! memory, beside a cold boot of the same guest (see [`fork`]).
 //!
-//! `forkvm bench net` measures a VM's network against a runc container's (see [`net`]).
+//! `forkvm bench net` measures a VM's network against a runc container's (see [`net`]);
+//! `forkvm bench fs` a shared directory's file I/O against a runc bind mount's (see
+//! [`fs`]).
 
 mod fork;
+mod fs;
+mod host;
 mod net;
 mod probe;
 mod report;
@@ -38,6 +42,7 @@ pub fn run(what: BenchCommand) -> Result<i32> {
         BenchCommand::Boot(a) => boot(a),
         BenchCommand::Fork(a) => fork::run(a),
         BenchCommand::Net(a) => net::run(a),
+        BenchCommand::Fs(a) => fs::run(a),
     }
 }
 

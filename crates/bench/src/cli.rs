@@ -30,6 +30,27 @@ pub enum BenchCommand {
     /// Guest↔host TCP throughput (iperf3) and HTTP request latency of a forkvm VM
     /// against a runc container on the same bridge, alternating.
     Net(BenchNetArgs),
+    /// Sequential read/write throughput and small-file create/stat/delete on a shared
+    /// host directory (virtio-fs) in a forkvm VM, against a runc container's bind mount
+    /// and the VM's own root, alternating.
+    Fs(BenchFsArgs),
+}
+
+/// `forkvm bench fs`.
+#[derive(Debug, Args)]
+pub struct BenchFsArgs {
+    /// Measured rounds per side (the order of the sides rotates round by round).
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// MiB written and read sequentially.
+    #[arg(long, default_value_t = 64)]
+    pub mib: u32,
+    /// Small (empty) files created, checked and deleted.
+    #[arg(long, default_value_t = 10_000)]
+    pub files: u32,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
+    pub format: BenchFormat,
 }
 
 /// `forkvm bench net`.

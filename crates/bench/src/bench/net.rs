@@ -18,10 +18,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use forkvm_image::fixtures::{self, LayerBuilder};
+use forkvm_image::fixtures;
 use forkvm_registry::{Lease, Leases, ProcessIdentity};
 use serde::Serialize;
 
+use super::host;
 use super::stats::Summary;
 use crate::cli::{BenchFormat, BenchNetArgs};
 
@@ -66,18 +67,14 @@ pub fn run(args: BenchNetArgs) -> Result<i32> {
     if args.rounds == 0 || args.seconds == 0 || args.requests == 0 {
         bail!("--rounds, --seconds and --requests must be at least 1");
     }
-    for program in ["iperf3", "runc", "ip"] {
-        if !program_exists(program) {
-            bail!("forkvm bench net needs `{program}` (scripts/setup.sh installs it)");
-        }
-    }
+    host::require("net", &["iperf3", "runc", "ip"])?;
     let (exe, dir, _scratch) = super::bench_setup("net")?;
     let env = [
         ("FORKVM_STORE", dir.join("store")),
         ("FORKVM_ROOT", dir.join("root")),
     ];
 
-    let layers = image_layers()?;
+    let layers = host::image_layers(&["iperf3"], &[])?;
     let layout = dir.join("layout");
     fixtures::write_oci_layout_with(&layout, Some(IMAGE), &layers, &fixtures::config())?;
     let status = Command::new(&exe)
@@ -146,62 +143,6 @@ pub fn run(args: BenchNetArgs) -> Result<i32> {
         BenchFormat::Table => print_table(&report),
     }
     Ok(0)
-}
-
-fn program_exists(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(name).is_file()))
-}
-
-/// The busybox fixture's layers, then one with the host's `iperf3` and every shared
-/// library `ldd` says it loads, at the same paths.
-fn image_layers() -> Result<Vec<Vec<u8>>> {
-    let iperf = which("iperf3")?;
-    let ldd = Command::new("ldd")
-        .arg(&iperf)
-        .output()
-        .context("cannot run ldd")?;
-    let mut files = vec![iperf];
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        // `libx.so.1 => /lib/.../libx.so.1 (0x...)` or `/lib64/ld-linux-x86-64.so.2 (0x...)`
-        let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        if let Some(p) = path.filter(|p| p.starts_with('/')) {
-            files.push(PathBuf::from(p));
-        }
-    }
-    let mut layer = LayerBuilder::new();
-    let mut dirs = std::collections::BTreeSet::new();
-    for f in &files {
-        let rel = f.strip_prefix("/").unwrap_or(f);
-        for a in rel.ancestors().skip(1) {
-            if !a.as_os_str().is_empty() && a != Path::new("bin") {
-                dirs.insert(a.to_owned());
-            }
-        }
-    }
-    for d in &dirs {
-        layer = layer.dir(&d.to_string_lossy(), 0o755);
-    }
-    for f in &files {
-        // The library a symlink names is what the loader reads.
-        let content = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-        let rel = f.strip_prefix("/").unwrap_or(f);
-        layer = layer.file(&rel.to_string_lossy(), 0o755, &content);
-    }
-    let mut layers = fixtures::busybox_layer_tars()?.to_vec();
-    layers.push(layer.finish());
-    Ok(layers)
-}
-
-fn which(program: &str) -> Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-        .with_context(|| format!("no {program} on PATH"))
 }
 
 /// A serving side: its process, which printed `ready`.
@@ -287,29 +228,9 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// runc needs a cgroup file system. The virtual KVM host mounts none: there cgroup v2 is
-/// mounted (as the engine tests do); on any other host cgroups are the system's own.
-fn ensure_cgroups() -> Result<()> {
-    let mounted = Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
-        || Path::new("/sys/fs/cgroup/memory").exists();
-    if mounted {
-        return Ok(());
-    }
-    if !forkvm_testhost::in_test_host() {
-        bail!("runc needs a cgroup file system at /sys/fs/cgroup, and this host has none");
-    }
-    let status = Command::new("mount")
-        .args(["-t", "cgroup2", "none", "/sys/fs/cgroup"])
-        .status()?;
-    if !status.success() {
-        bail!("cannot mount cgroup2 on /sys/fs/cgroup for runc");
-    }
-    Ok(())
-}
-
 impl RuncContainer {
     fn start(dir: &Path, layers: &[Vec<u8>]) -> Result<Self> {
-        ensure_cgroups()?;
+        host::ensure_cgroups()?;
         let net = forkvm_net::bridge::BridgeNetwork::default();
         net.ensure()?;
         let lease = Leases::of_bridge(BRIDGE, net.subnet, net.gateway)
@@ -345,34 +266,17 @@ impl RuncContainer {
         ip(&["-n", NETNS, "link", "set", "lo", "up"])?;
         ip(&["-n", NETNS, "route", "add", "default", "via", &gw])?;
 
-        let rootfs = bundle.join("rootfs");
-        std::fs::create_dir_all(&rootfs)?;
-        for l in layers {
-            tar::Archive::new(&l[..])
-                .unpack(&rootfs)
-                .context("cannot unpack a layer for runc")?;
-        }
-        let spec = Command::new("runc")
-            .args(["spec", "-b"])
-            .arg(&bundle)
-            .status()?;
-        if !spec.success() {
-            bail!("runc spec failed");
-        }
-        let path = bundle.join("config.json");
-        let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-        config["process"]["terminal"] = false.into();
-        config["process"]["args"] = serde_json::json!(["sh", "-c", SERVE]);
-        config["root"]["readonly"] = false.into();
-        let namespaces = config["linux"]["namespaces"]
-            .as_array_mut()
-            .context("runc spec without namespaces")?;
-        for ns in namespaces.iter_mut() {
-            if ns["type"] == "network" {
-                *ns = serde_json::json!({"type": "network", "path": format!("/var/run/netns/{NETNS}")});
+        host::runc_bundle(&bundle, layers, &["sh", "-c", SERVE], |config| {
+            let namespaces = config["linux"]["namespaces"]
+                .as_array_mut()
+                .context("runc spec without namespaces")?;
+            for ns in namespaces.iter_mut() {
+                if ns["type"] == "network" {
+                    *ns = serde_json::json!({"type": "network", "path": format!("/var/run/netns/{NETNS}")});
+                }
             }
-        }
-        std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
+            Ok(())
+        })?;
         c.server = Some(Server::start(
             Command::new("runc")
                 .args(["run", "-b"])
@@ -435,11 +339,7 @@ fn get_ms(ip: Ipv4Addr) -> Result<f64> {
 }
 
 fn print_table(r: &Report) {
-    let e = &r.environment;
-    println!(
-        "forkvm bench net: {} ({}), {} host CPUs",
-        e.kvm, e.cpu_model, e.host_cpus
-    );
+    r.environment.print_title("net");
     println!(
         "{} rounds (ABBA) of iperf3 {} s each way and {} GETs per side, new connection each",
         r.rounds, r.seconds, r.requests

@@ -27,6 +27,16 @@ pub struct Environment {
     pub forkvm_version: String,
 }
 
+impl Environment {
+    /// The first line of `forkvm bench VERB`'s table: where it ran.
+    pub fn print_title(&self, verb: &str) {
+        println!(
+            "forkvm bench {verb}: {} ({}), {} host CPUs",
+            self.kvm, self.cpu_model, self.host_cpus
+        );
+    }
+}
+
 /// The guest both VMMs boot.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Guest {

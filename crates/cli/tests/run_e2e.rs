@@ -292,6 +292,27 @@ fn volumes_share_host_directories() {
         // The host's owner shows inside.
         assert!(out.stdout.contains(" 0 "), "{out}");
 
+        // Many files: more than the usual open-file limits, listed whole and removed
+        // whole (`rm -r` reads and unlinks page by page; this /tmp is tmpfs).
+        let out = forkvm(
+            &store,
+            &[
+                "run",
+                "--rm",
+                "-v",
+                &rw,
+                "fixture:1",
+                "sh",
+                "-c",
+                "mkdir /data/many && i=0; while [ $i -lt 5000 ]; do : > /data/many/f$i; \
+                 i=$((i+1)); done; ls /data/many | wc -l; rm -r /data/many && echo removed",
+            ],
+            None,
+        );
+        assert_code(&out, 0);
+        assert_eq!(out.stdout.trim_start(), "5000\nremoved\n", "{out}");
+        assert!(!vol.join("many").exists());
+
         // Read-only: writes fail in the guest; nothing reaches the host.
         let out = forkvm(
             &store,

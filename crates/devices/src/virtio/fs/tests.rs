@@ -215,6 +215,15 @@ fn configuration_space_names_the_tag_and_queues() {
     let mut tail = [0xffu8; 8];
     dev.read_config(38, &mut tail);
     assert_eq!(tail, [0, 0, 0, 0, 0, 0, 0, 0], "past the end reads zeros");
+    // One descriptor per file the guest looks up: the soft limit is raised to the hard
+    // one (or beyond, where the process may).
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit that lives across the call.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    assert_eq!(lim.rlim_cur, lim.rlim_max);
 }
 
 #[test]

@@ -135,10 +135,15 @@ umount "$R$SCRATCH"
 off
 "#;
 
-/// `/bin/heartbeat FILE`: writes the time into FILE every @EVERY@ seconds.
+/// `/bin/heartbeat FILE`: writes the time into FILE every @EVERY@ seconds, and the
+/// uptime on the console every sixth time (so a stalled run's log shows whether the
+/// kernel still ran when the file stopped changing).
 const HEARTBEAT: &str = r#"#!/bin/sh
+i=0
 while :; do
     date +%s > "$1"
+    [ $((i % 6)) -eq 0 ] && echo "forkvm-init: heartbeat uptime $(cut -d' ' -f1 /proc/uptime)" > /dev/console
+    i=$((i + 1))
     sleep @EVERY@
 done
 "#;

@@ -14,7 +14,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use forkvm_image::fixtures;
 use serde::Serialize;
 
 use super::host;
@@ -95,17 +94,7 @@ pub fn run(args: BenchFsArgs) -> Result<i32> {
         ("FORKVM_ROOT", dir.join("root")),
     ];
     let layers = host::image_layers(&["date"], &[(SCRIPT_PATH, 0o755, SCRIPT.as_bytes())])?;
-    let layout = dir.join("layout");
-    fixtures::write_oci_layout_with(&layout, Some(IMAGE), &layers, &fixtures::config())?;
-    let status = Command::new(&exe)
-        .args(["load", "-q", "-i"])
-        .arg(&layout)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::null())
-        .status()?;
-    if !status.success() {
-        bail!("forkvm load of the benchmark image failed ({status})");
-    }
+    host::load_image(&exe, &env, &dir, IMAGE, &layers)?;
     let share = dir.join("share");
     std::fs::create_dir_all(&share)?;
     host::ensure_cgroups()?;

@@ -87,6 +87,29 @@ pub fn image_layers(programs: &[&str], files: &[(&str, u32, &[u8])]) -> Result<V
     Ok(layers)
 }
 
+/// Loads `layers` as image `name` into the store of `forkvm` (`exe`, with `env`), through
+/// an OCI layout written under `dir`.
+pub fn load_image(
+    exe: &Path,
+    env: &[(&str, PathBuf)],
+    dir: &Path,
+    name: &str,
+    layers: &[Vec<u8>],
+) -> Result<()> {
+    let layout = dir.join("layout");
+    fixtures::write_oci_layout_with(&layout, Some(name), layers, &fixtures::config())?;
+    let status = Command::new(exe)
+        .args(["load", "-q", "-i"])
+        .arg(&layout)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("forkvm load of the benchmark image failed ({status})");
+    }
+    Ok(())
+}
+
 /// runc needs a cgroup file system. The virtual KVM host mounts none: there cgroup v2 is
 /// mounted (as the engine tests do); on any other host cgroups are the system's own.
 pub fn ensure_cgroups() -> Result<()> {

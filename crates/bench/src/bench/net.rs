@@ -18,7 +18,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use forkvm_image::fixtures;
 use forkvm_registry::{Lease, Leases, ProcessIdentity};
 use serde::Serialize;
 
@@ -75,17 +74,7 @@ pub fn run(args: BenchNetArgs) -> Result<i32> {
     ];
 
     let layers = host::image_layers(&["iperf3"], &[])?;
-    let layout = dir.join("layout");
-    fixtures::write_oci_layout_with(&layout, Some(IMAGE), &layers, &fixtures::config())?;
-    let status = Command::new(&exe)
-        .args(["load", "-q", "-i"])
-        .arg(&layout)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::null())
-        .status()?;
-    if !status.success() {
-        bail!("forkvm load of the benchmark image failed ({status})");
-    }
+    host::load_image(&exe, &env, &dir, IMAGE, &layers)?;
 
     eprintln!("bench net: starting the forkvm VM and the runc container");
     let mut vm = Server::start(

@@ -30,7 +30,7 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use serde::{Deserialize, Serialize};
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{DescriptorChain, QueueT};
 
@@ -203,8 +203,10 @@ impl Fs {
             };
             served += 1;
             let head = chain.head_index();
+            // What the guest sent is the guest's business: logged at debug, so a guest
+            // cannot fill the host's logs with bad requests.
             let written = serve(server, mem, chain).unwrap_or_else(|e| {
-                warn!(queue = index, "virtio-fs: a request failed: {e}");
+                debug!(queue = index, "virtio-fs: a request failed: {e}");
                 0
             });
             if let Err(e) = aq.queue.add_used(mem, head, written) {

@@ -58,8 +58,11 @@ fn mount_one(root: &OwnedFd, share: &ShareMount) -> Result<(), String> {
     };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
+        // virtio-fs answers an unknown tag with EINVAL; without the driver the
+        // filesystem type is unknown (ENODEV).
         return Err(match e.raw_os_error() {
-            Some(libc::ENOENT) => "the VM has no shared directory with this tag".into(),
+            Some(libc::EINVAL) => format!("the VM has no shared directory with this tag ({e})"),
+            Some(libc::ENODEV) => "the guest has no virtiofs driver loaded".into(),
             _ => format!("mount failed: {e}"),
         });
     }

@@ -6,10 +6,16 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
+/// The filter when none is given: `level`, with the vendored FUSE server (which logs
+/// what a guest sends it at error level, a line per bad request) silenced.
+pub fn default_filter(level: &str) -> EnvFilter {
+    EnvFilter::new(format!("{level},fuse_backend_rs=off"))
+}
+
 /// Installs the stderr logger; `directives` are `--log`'s (e.g. `forkvm_vmm=debug`).
 pub fn init_stderr(directives: Option<&str>) {
     let filter = directives.map(EnvFilter::new).unwrap_or_else(|| {
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"))
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter("warn"))
     });
     // A second install (a test harness, a library that got there first) keeps the first.
     let _ = tracing_subscriber::fmt()

@@ -509,6 +509,11 @@ impl Planner<'_> {
                 return Err(refused("the destination is not an absolute path"));
             }
             if source.is_dir() {
+                if self.volumes.len() == crate::vm::MAX_VOLUMES {
+                    return Err(refused(
+                        "a VM takes at most 12 directory volumes (one device each)",
+                    ));
+                }
                 let target = destination
                     .to_str()
                     .ok_or_else(|| refused("the destination is not UTF-8"))?

@@ -203,6 +203,11 @@ pub fn configure_guest<const N: usize>(
     Ok(())
 }
 
+/// Most directory volumes one container's VM takes: each is a virtio-fs device with an
+/// interrupt line of its own, and a VM has 19 for all its devices (the root disk, vsock,
+/// rng and the NICs take the rest).
+pub const MAX_VOLUMES: usize = 12;
+
 /// A host directory a container mounts: shared into its VM by a virtio-fs device and
 /// mounted by the agent at `target`.
 #[derive(Clone, Debug, PartialEq, Eq)]

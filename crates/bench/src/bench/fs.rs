@@ -26,7 +26,7 @@ const IMAGE: &str = "forkvm-bench-fs:1";
 const SCRIPT_PATH: &str = "bench-fs.sh";
 const SCRIPT: &str = r#"set -e
 D=$1; MIB=$2; N=$3
-now() { /usr/bin/date +%s%N; }
+now() { @DATE@ +%s%N; }
 mkdir -p "$D"; cd "$D"; rm -rf seq many
 a=$(now); dd if=/dev/zero of=seq bs=1M count=$MIB conv=fsync 2>/dev/null; b=$(now)
 sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
@@ -93,7 +93,10 @@ pub fn run(args: BenchFsArgs) -> Result<i32> {
         ("FORKVM_STORE", dir.join("store")),
         ("FORKVM_ROOT", dir.join("root")),
     ];
-    let layers = host::image_layers(&["date"], &[(SCRIPT_PATH, 0o755, SCRIPT.as_bytes())])?;
+    // The host's GNU date goes into the image at the path it has here.
+    let date = host::which("date")?;
+    let script_text = SCRIPT.replace("@DATE@", &date.display().to_string());
+    let layers = host::image_layers(&["date"], &[(SCRIPT_PATH, 0o755, script_text.as_bytes())])?;
     host::load_image(&exe, &env, &dir, IMAGE, &layers)?;
     let share = dir.join("share");
     std::fs::create_dir_all(&share)?;
@@ -127,6 +130,7 @@ pub fn run(args: BenchFsArgs) -> Result<i32> {
         root: Vec::new(),
     };
     let volume = format!("{}:/share", share.display());
+    let runc_id = format!("forkvm-bench-fs-{}", std::process::id());
     for round in 0..args.rounds {
         for i in 0..SideKind::ALL.len() {
             let side = SideKind::ALL[(round + i) % SideKind::ALL.len()];
@@ -147,13 +151,19 @@ pub fn run(args: BenchFsArgs) -> Result<i32> {
                 }
                 SideKind::Runc => {
                     let mut cmd = Command::new("runc");
-                    cmd.args(["run", "-b"])
-                        .arg(&bundle)
-                        .arg(format!("forkvm-bench-fs-{}", std::process::id()));
+                    cmd.args(["run", "-b"]).arg(&bundle).arg(&runc_id);
                     cmd
                 }
             };
-            let timings = run_side(&mut cmd, side)?;
+            let timings = run_side(&mut cmd, side).inspect_err(|_| {
+                if side == SideKind::Runc {
+                    // A runc run that was killed leaves its container.
+                    let _ = Command::new("runc")
+                        .args(["delete", "-f", &runc_id])
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            })?;
             match side {
                 SideKind::Share => report.share.push(timings),
                 SideKind::Runc => report.runc.push(timings),
@@ -168,36 +178,47 @@ pub fn run(args: BenchFsArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Runs one side to the end; its `result` line.
+/// Runs one side to the end; its `result` line. One that runs past [`RUN_LIMIT`] is
+/// killed (the benchmark fails).
 fn run_side(cmd: &mut Command, side: SideKind) -> Result<Timings> {
-    let child = cmd
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start {}", side.name()))?;
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(RUN_LIMIT) {
-        Ok(out) => out?,
-        Err(_) => {
-            // SAFETY: kill(2) with our own child's pid; no memory is involved.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = std::time::Instant::now() + RUN_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
             bail!("{} did not finish within {RUN_LIMIT:?}", side.name());
         }
+        std::thread::sleep(Duration::from_millis(100));
     };
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
     match stdout.lines().find_map(parse_result) {
-        Some(t) if out.status.success() => Ok(t),
+        Some(t) if status.success() => Ok(t),
         _ => bail!(
-            "{} failed ({}): {}{}",
+            "{} failed ({status}): {}{}",
             side.name(),
-            out.status,
             stdout.trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
+            stderr.trim()
         ),
     }
 }

@@ -226,6 +226,13 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
         .iter()
         .map(|v| parse_volume(v))
         .collect::<Result<Vec<_>>>()?;
+    if volumes.len() > vm::MAX_VOLUMES {
+        bail!(
+            "{} volumes: a VM takes at most {} (one device each)",
+            volumes.len(),
+            vm::MAX_VOLUMES
+        );
+    }
     let store = Store::open(&Store::default_root()).context("cannot open the image store")?;
     let image = store.get(&args.image)?;
     let progress = forkvm_image::TermProgress::new();

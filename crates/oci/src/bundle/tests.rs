@@ -300,6 +300,13 @@ fn mounts() {
             },
         ]
     );
+    // A VM has interrupt lines for so many devices.
+    let e = err_with(|c| {
+        c["mounts"] = json!((0..=crate::vm::MAX_VOLUMES)
+            .map(|i| json!({"destination": format!("/v{i}"), "type": "bind", "source": data}))
+            .collect::<Vec<_>>());
+    });
+    assert!(e.contains("mount /v12") && e.contains("at most 12"), "{e}");
     // What cannot be shared or copied: refused, naming the mount and why.
     let e = err_with(add(
         json!({"destination": "/data", "type": "bind", "source": "/nonexistent/data"}),

@@ -66,7 +66,7 @@ impl Log {
         };
         let level = if self.debug { "debug" } else { "warn" };
         let filter = tracing_subscriber::EnvFilter::try_from_env("FORKVM_LOG")
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+            .unwrap_or_else(|_| forkvm_config::logging::default_filter(level));
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_ansi(false)

@@ -200,14 +200,11 @@ impl<S: BitmapSlice + Send + Sync> PassthroughFs<S> {
                 // stored any entries yet - otherwise we'd end up with wrong
                 // lookup counts for the entries that are already in the
                 // buffer. So we return what we've collected until that point.
-                Err(e) if rem.len() == orig_rem_len => {
-                    keep(consumed_to, rem);
-                    return Err(e);
-                }
-                Err(_) => {
-                    keep(consumed_to, rem);
-                    return Ok(());
-                }
+                // forkvm patch: nothing is kept after an error (a name that failed, say
+                // one removed since it was read, would fail again for as long as the
+                // handle is open); the next request reads the host again.
+                Err(e) if rem.len() == orig_rem_len => return Err(e),
+                Err(_) => return Ok(()),
             }
         }
 

@@ -280,9 +280,12 @@ fn shared_dir(path: &Path) -> Result<PathBuf, FsError> {
     Ok(root)
 }
 
-/// Raises this process's limit on open files as far as the system allows
-/// (`/proc/sys/fs/nr_open`, where it may raise the hard limit; else the soft limit to
-/// the hard one): the server holds one `O_PATH` descriptor per file the guest has
+/// The most open files [`raise_open_file_limit`] asks for.
+pub const MAX_OPEN_FILES: libc::rlim_t = 1 << 20;
+
+/// Raises this process's limit on open files as far as the system allows, up to
+/// [`MAX_OPEN_FILES`] (`/proc/sys/fs/nr_open`, where it may raise the hard limit; else
+/// the soft limit to the hard one): the server holds one `O_PATH` descriptor per file the guest has
 /// looked up and not forgotten, and the usual limits (1024 soft, 4096 hard) stopped
 /// `bench fs` at its 4043rd file with EMFILE.
 fn raise_open_file_limit() {
@@ -298,7 +301,9 @@ fn raise_open_file_limit() {
         .ok()
         .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
         .unwrap_or(lim.rlim_max);
-    let wanted = nr_open.max(lim.rlim_max);
+    // As virtiofsd's default: at most a million (a guest that looks up more files
+    // gets EMFILE, not the host's last descriptors).
+    let wanted = nr_open.min(MAX_OPEN_FILES).max(lim.rlim_max);
     if lim.rlim_cur >= wanted {
         return;
     }
@@ -361,7 +366,7 @@ impl VirtioDevice for Fs {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        warn!(offset, "virtio-fs: the configuration space is read-only");
+        debug!(offset, "virtio-fs: the configuration space is read-only");
     }
 
     super::activation_field!();

@@ -342,7 +342,10 @@ impl FileSystem for Share {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let size = size.min(MAX_DIR_READ);
+        // The server reads this much from the host; each entry it sends back is about
+        // four times as large (attributes and an entry), so reading a quarter keeps what
+        // it must hold back for the next request small.
+        let size = (size / 4).clamp(size.min(1024), MAX_DIR_READ / 4);
         self.fs
             .readdirplus(ctx, inode, handle, size, offset, add_entry)
     }

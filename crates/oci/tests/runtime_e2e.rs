@@ -748,7 +748,7 @@ fn body() {
     );
     let b5 = bundle(&t.join("b5"), &["true"], |c| {
         c["mounts"].as_array_mut().unwrap().push(
-            json!({"destination": "/data", "type": "bind", "source": "/tmp", "options": ["rbind"]}),
+            json!({"destination": "/data", "type": "bind", "source": "/fkvm-no-such-dir", "options": ["rbind"]}),
         );
     });
     let out = env.rt(
@@ -757,7 +757,11 @@ fn body() {
         None,
     );
     assert_eq!(out.code, Some(1), "{out}");
-    assert!(out.stderr.contains("mount /data"), "{out}");
+    assert!(
+        out.stderr
+            .contains("mount /data: cannot bind /fkvm-no-such-dir into the VM: it does not exist"),
+        "{out}"
+    );
     let last_error = env
         .read("runtime.log")
         .lines()

@@ -3,6 +3,8 @@
 //! before the payload is decoded: a truncated, tampered or foreign file is refused with
 //! an error that says which check failed.
 
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
@@ -11,8 +13,8 @@ use serde::Serialize;
 /// First eight bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"FORKVMST";
 /// The format version this build writes and reads (3: a NIC's bridge and guest address
-/// in the configuration).
-pub const FORMAT_VERSION: u32 = 3;
+/// in the configuration; 4: templates under a keyed MAC instead of a checksum).
+pub const FORMAT_VERSION: u32 = 4;
 /// Largest payload accepted (a VM's state is kilobytes; this bounds a hostile file).
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8;
@@ -111,12 +113,41 @@ pub fn decode<T: DeserializeOwned>(blob: &[u8]) -> Result<T, FormatError> {
     Ok(value)
 }
 
-/// Reads and validates a state file written with [`encode`].
+/// Reads and validates a state file written with [`encode`]. The file is opened without
+/// following a symbolic link and must be a regular file no larger than a header and
+/// [`MAX_PAYLOAD`], checked before anything is read (a link to `/dev/zero` or a huge
+/// file is refused, not read into memory).
 pub fn read_state_file<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
-    let bytes = std::fs::read(path).map_err(|source| FormatError::Io {
+    let io = |source: std::io::Error| FormatError::Io {
         path: path.display().to_string(),
         source,
-    })?;
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => io(std::io::Error::other(
+                "is a symbolic link; a state file must be a regular file",
+            )),
+            _ => io(e),
+        })?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(io(std::io::Error::other(
+            "is not a regular file; a state file must be one",
+        )));
+    }
+    let max = HEADER_LEN as u64 + MAX_PAYLOAD;
+    if meta.len() > max {
+        return Err(FormatError::TooLarge(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // The file may grow after the check: never read past the limit.
+    (&file).take(max + 1).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > max {
+        return Err(FormatError::TooLarge(bytes.len() as u64));
+    }
     decode(&bytes)
 }
 
@@ -209,5 +240,37 @@ mod tests {
         assert_eq!(read_state_file::<State>(&path).unwrap(), sample());
         let e = read_state_file::<State>(&dir.path().join("missing")).unwrap_err();
         assert!(e.to_string().contains("missing"));
+    }
+
+    /// The whole chain of an error's messages.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            s += &format!(": {c}");
+            cur = c.source();
+        }
+        s
+    }
+
+    #[test]
+    fn links_devices_and_huge_files_are_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("state.bin");
+        std::fs::write(&good, encode(&sample()).unwrap()).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        let e = chain(&read_state_file::<State>(&link).unwrap_err());
+        assert!(e.contains("link") && e.contains("symbolic link"), "{e}");
+        let e = chain(&read_state_file::<State>(Path::new("/dev/zero")).unwrap_err());
+        assert!(e.contains("/dev/zero: is not a regular file"), "{e}");
+        // A sparse file past the limit: refused by its size, never read.
+        let huge = dir.path().join("huge");
+        let f = std::fs::File::create(&huge).unwrap();
+        f.set_len(MAX_PAYLOAD + 4096).unwrap();
+        assert!(matches!(
+            read_state_file::<State>(&huge),
+            Err(FormatError::TooLarge(n)) if n == MAX_PAYLOAD + 4096
+        ));
     }
 }

@@ -181,6 +181,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 store,
                 cache: cache.clone(),
                 agent: None,
+                template_key: None,
             };
             let installed = forkvm_config::install::install(&bin, &agent, &prefix, &config)
                 .with_context(|| format!("installing into {}", prefix.display()))?;

@@ -266,9 +266,16 @@ fn running_vm_forks_into_private_children_with_their_own_identity() {
 
 /// Runs `forkvm --root ROOT ARGS` to completion.
 fn run_forkvm(root: &Path, args: &[&str]) -> std::process::Output {
+    run_forkvm_keyed(root, &root.with_file_name("template.key"), args)
+}
+
+/// Runs `forkvm --root ROOT ARGS` with the template key `key` (the virtual host's
+/// `/var/lib`, where root's key is by default, is read-only).
+fn run_forkvm_keyed(root: &Path, key: &Path, args: &[&str]) -> std::process::Output {
     std::process::Command::new(common::FORKVM)
         .arg("--root")
         .arg(root)
+        .env("FORKVM_TEMPLATE_KEY", key)
         .args(args)
         .output()
         .expect("cannot run forkvm")
@@ -651,6 +658,20 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
             std::fs::write(&p, b).unwrap();
         });
         assert!(e.contains("checksum mismatch"), "{e}");
+        // Without this host's key, a template is not used: no key at all, or another
+        // host's (what a state edited and re-checksummed without the key also meets).
+        let other = dir.path().join("other.key");
+        let tpl_arg = tpl.to_str().unwrap();
+        let before = vms(&root).len();
+        let refused = |needle: &str| {
+            let out = run_forkvm_keyed(&root, &other, &["template", "fork", tpl_arg]);
+            let e = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success() && e.contains(needle), "{e}");
+            assert_eq!(vms(&root).len(), before, "a refused template started a VM");
+        };
+        refused(&format!("no template key at {}", other.display()));
+        forkvm_vmm::template::TemplateKey::open_or_create(&other).unwrap();
+        refused("not saved by this host's forkvm, or changed since");
 
         for vm in vms(&root) {
             forkvm_ok(&root, &["stop", "-t", "2", vm["id"].as_str().unwrap()]);

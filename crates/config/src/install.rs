@@ -73,6 +73,7 @@ pub fn render(config: &Config) -> String {
             Setting::Store => "/var/lib/forkvm/images",
             Setting::Cache => "/var/lib/forkvm/cache",
             Setting::Agent => "<prefix>/lib/forkvm/forkvm-agent",
+            Setting::TemplateKey => "/var/lib/forkvm/template.key",
         };
         match value {
             Some(v) => {

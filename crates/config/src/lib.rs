@@ -37,6 +37,9 @@ pub struct Config {
     pub cache: Option<PathBuf>,
     /// The static guest agent (default: the build tree's).
     pub agent: Option<PathBuf>,
+    /// The host key templates are authenticated with (default
+    /// `/var/lib/forkvm/template.key` for root); made on first use, mode 0600.
+    pub template_key: Option<PathBuf>,
 }
 
 /// Why the configuration file cannot be used.
@@ -152,6 +155,7 @@ pub fn get() -> &'static Config {
         store: None,
         cache: None,
         agent: None,
+        template_key: None,
     };
     load().unwrap_or(&DEFAULT)
 }
@@ -167,15 +171,18 @@ pub enum Setting {
     Cache,
     /// `agent`, overridden by `FORKVM_AGENT`.
     Agent,
+    /// `template_key`, overridden by `FORKVM_TEMPLATE_KEY`.
+    TemplateKey,
 }
 
 impl Setting {
     /// Every setting.
-    pub const ALL: [Setting; 4] = [
+    pub const ALL: [Setting; 5] = [
         Setting::Root,
         Setting::Store,
         Setting::Cache,
         Setting::Agent,
+        Setting::TemplateKey,
     ];
 
     /// Its key in `forkvm.toml`.
@@ -185,6 +192,7 @@ impl Setting {
             Setting::Store => "store",
             Setting::Cache => "cache",
             Setting::Agent => "agent",
+            Setting::TemplateKey => "template_key",
         }
     }
 
@@ -195,6 +203,7 @@ impl Setting {
             Setting::Store => "FORKVM_STORE",
             Setting::Cache => "FORKVM_CACHE",
             Setting::Agent => "FORKVM_AGENT",
+            Setting::TemplateKey => "FORKVM_TEMPLATE_KEY",
         }
     }
 
@@ -205,6 +214,7 @@ impl Setting {
             Setting::Store => config.store.as_ref(),
             Setting::Cache => config.cache.as_ref(),
             Setting::Agent => config.agent.as_ref(),
+            Setting::TemplateKey => config.template_key.as_ref(),
         }
     }
 

@@ -4,16 +4,21 @@
 //!
 //! A template directory holds `memory.raw`, guest RAM in memfd order (pages that are
 //! all zeros are left as holes, so the file is as sparse as the guest), and
-//! `state.forkvm`, the [`VmSnapshot`] with the memory's length and CRC-64 in forkvm's
-//! checked state format. Loading checks the state file's frame (magic, version, size,
-//! checksum) and the memory file's length and checksum before anything is used: a
-//! truncated or tampered template is refused with an error that says what is wrong.
-//! Children map `memory.raw` copy-on-write, so it must not change while they live;
-//! it is saved read-only.
+//! `state.forkvm`, the [`VmSnapshot`] with the memory's length and MAC in forkvm's
+//! checked state format, itself under a MAC. The MACs are keyed hashes made with the
+//! host's template key ([`key`]): a template changed by anyone without the key (its
+//! state pointed at another disk, its memory patched, a checksum recomputed) is
+//! refused, as is a template saved on another host. Loading checks the state file's
+//! frame (magic, version, size, checksum) and MAC, and the memory file's length and
+//! MAC, before anything is used, with an error that says what is wrong. Children map
+//! `memory.raw` copy-on-write, so it must not change while they live; it is saved
+//! read-only.
+
+pub mod key;
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -27,6 +32,7 @@ use crate::memory::{MemoryLayout, RamRange};
 use crate::pool::ChildPool;
 use crate::snapshot::VmSnapshot;
 use crate::vmm::Vmm;
+pub use key::{KeyError, TemplateKey};
 
 /// The state file of a template directory.
 pub const STATE_FILE: &str = "state.forkvm";
@@ -34,13 +40,25 @@ pub const STATE_FILE: &str = "state.forkvm";
 pub const MEMORY_FILE: &str = "memory.raw";
 const PAGE: usize = 4096;
 
-/// What `state.forkvm` holds.
+/// What `state.forkvm` holds: the [`TemplateState`], encoded, and its MAC.
+#[derive(Debug, Serialize, Deserialize)]
+struct SealedState {
+    state: Vec<u8>,
+    mac: [u8; 32],
+}
+
+/// The MAC context of a template's state.
+const STATE_CONTEXT: &str = "forkvm template state v1";
+/// The MAC context of a template's memory.
+const MEMORY_CONTEXT: &str = "forkvm template memory v1";
+
+/// A template's state: the VM's, and its memory's layout, length and MAC.
 #[derive(Debug, Serialize, Deserialize)]
 struct TemplateState {
     snapshot: VmSnapshot,
     ranges: Vec<RamRange>,
     memory_len: u64,
-    memory_crc: u64,
+    memory_mac: [u8; 32],
 }
 
 impl TemplateState {
@@ -71,6 +89,16 @@ pub enum TemplateError {
         #[source]
         source: forkvm_snapshot::FormatError,
     },
+    /// The template's key cannot be used.
+    #[error("cannot authenticate the template")]
+    Key(#[from] KeyError),
+    /// The state's MAC does not match: changed since it was saved, or saved with
+    /// another key.
+    #[error(
+        "{}: not saved by this host's forkvm, or changed since: its MAC does not match the template key",
+        .0.display()
+    )]
+    Forged(PathBuf),
     /// The memory file does not match the state.
     #[error("{path}: {problem}")]
     Memory {
@@ -99,6 +127,9 @@ impl Vmm {
         let t0 = Instant::now();
         crate::fork::refuse_shares(&self.cfg, "saved as a template")?;
         let fail = |e: TemplateError| ControlError::Failed(error_chain(&e));
+        let key = TemplateKey::host_or_new()
+            .map_err(TemplateError::from)
+            .map_err(fail)?;
         std::fs::create_dir_all(dir)
             .map_err(io(dir))
             .map_err(fail)?;
@@ -107,7 +138,14 @@ impl Vmm {
             self.pause()?;
         }
         let saved = self.capture().and_then(|snapshot| {
-            write_template(dir, snapshot, self.ram().memory(), self.ram().ranges()).map_err(fail)
+            write_template(
+                dir,
+                snapshot,
+                self.ram().memory(),
+                self.ram().ranges(),
+                &key,
+            )
+            .map_err(fail)
         });
         if !was_paused {
             self.resume()?;
@@ -128,6 +166,7 @@ fn write_template(
     snapshot: VmSnapshot,
     mem: &crate::memory::GuestMemory,
     ranges: &[RamRange],
+    key: &TemplateKey,
 ) -> Result<(u64, u64), TemplateError> {
     let mem_path = dir.join(MEMORY_FILE);
     let tmp = dir.join(format!(".{MEMORY_FILE}.tmp"));
@@ -135,7 +174,7 @@ fn write_template(
     let file = File::create(&tmp).map_err(io(&tmp))?;
     let total: u64 = ranges.iter().map(|r| r.len).sum();
     file.set_len(total).map_err(io(&tmp))?;
-    let mut digest = forkvm_snapshot::CRC.digest();
+    let mut digest = key.hasher(MEMORY_CONTEXT);
     let mut stored = 0u64;
     let zero = [0u8; PAGE];
     for (region, r) in mem.iter().zip(ranges) {
@@ -159,13 +198,19 @@ fn write_template(
         snapshot,
         ranges: ranges.to_vec(),
         memory_len: total,
-        memory_crc: digest.finalize(),
+        memory_mac: *digest.finalize().as_bytes(),
     };
     let state_path = dir.join(STATE_FILE);
-    let blob = forkvm_snapshot::encode(&state).map_err(|source| TemplateError::State {
+    let encoding = |source| TemplateError::State {
         path: state_path.clone(),
         source,
-    })?;
+    };
+    let state = forkvm_snapshot::encode(&state).map_err(encoding)?;
+    let sealed = SealedState {
+        mac: key.mac(STATE_CONTEXT, &state),
+        state,
+    };
+    let blob = forkvm_snapshot::encode(&sealed).map_err(encoding)?;
     forkvm_registry::write_atomic(&state_path, &blob).map_err(|source| TemplateError::State {
         path: state_path.clone(),
         source: forkvm_snapshot::FormatError::Io {
@@ -212,14 +257,14 @@ impl Unverified {
             .ok()
     }
 
-    /// Checks the memory file against the template's checksum.
-    pub fn verify(self) -> Result<Template, TemplateError> {
+    /// Checks the memory file against the template's MAC.
+    pub fn verify(self, key: &TemplateKey) -> Result<Template, TemplateError> {
         let Self {
             state,
             memory,
             mem_path,
         } = self;
-        let mut digest = forkvm_snapshot::CRC.digest();
+        let mut digest = key.hasher(MEMORY_CONTEXT);
         let mut reader = std::io::BufReader::with_capacity(1 << 20, &memory);
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -229,14 +274,10 @@ impl Unverified {
             }
             digest.update(&buf[..n]);
         }
-        let crc = digest.finalize();
-        if crc != state.memory_crc {
+        if !key::same_mac(digest.finalize().as_bytes(), &state.memory_mac) {
             return Err(TemplateError::Memory {
                 path: mem_path,
-                problem: format!(
-                    "checksum {crc:#018x} does not match the template's {:#018x}: the memory was modified",
-                    state.memory_crc
-                ),
+                problem: "its MAC does not match the template's: the memory was modified".into(),
             });
         }
         Ok(Template { state, memory })
@@ -244,28 +285,39 @@ impl Unverified {
 }
 
 impl Template {
-    /// Opens and checks the template in `dir`.
-    pub fn load(dir: &Path) -> Result<Self, TemplateError> {
-        Self::open(dir)?.verify()
+    /// Opens and checks the template in `dir` with `key`.
+    pub fn load(dir: &Path, key: &TemplateKey) -> Result<Self, TemplateError> {
+        Self::open(dir, key)?.verify(key)
     }
 
-    /// Opens the template in `dir` and checks all but its memory's checksum.
-    pub fn open(dir: &Path) -> Result<Unverified, TemplateError> {
+    /// Opens the template in `dir` and checks all but its memory's MAC.
+    pub fn open(dir: &Path, key: &TemplateKey) -> Result<Unverified, TemplateError> {
         let state_path = dir.join(STATE_FILE);
-        let state: TemplateState =
-            forkvm_snapshot::read_state_file(&state_path).map_err(|source| {
-                TemplateError::State {
-                    path: state_path.clone(),
-                    source,
-                }
-            })?;
+        let unusable = |source| TemplateError::State {
+            path: state_path.clone(),
+            source,
+        };
+        let sealed: SealedState =
+            forkvm_snapshot::read_state_file(&state_path).map_err(unusable)?;
+        if !key::same_mac(&key.mac(STATE_CONTEXT, &sealed.state), &sealed.mac) {
+            return Err(TemplateError::Forged(state_path));
+        }
+        let state: TemplateState = forkvm_snapshot::decode(&sealed.state).map_err(unusable)?;
         let mem_path = dir.join(MEMORY_FILE);
-        let memory = File::open(&mem_path).map_err(io(&mem_path))?;
+        let memory = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&mem_path)
+            .map_err(io(&mem_path))?;
         let bad = |problem: String| TemplateError::Memory {
             path: mem_path.clone(),
             problem,
         };
-        let len = memory.metadata().map_err(io(&mem_path))?.len();
+        let meta = memory.metadata().map_err(io(&mem_path))?;
+        if !meta.is_file() {
+            return Err(bad("is not a regular file".into()));
+        }
+        let len = meta.len();
         if len != state.memory_len {
             return Err(bad(format!(
                 "is {len} bytes, the template's state expects {} (truncated or replaced)",
@@ -344,20 +396,22 @@ mod tests {
         VmSnapshot::empty(VmConfig::new("/nonexistent/kernel"))
     }
 
-    fn saved() -> tempfile::TempDir {
+    /// A template saved with a new key in its own directory: (template dir, key dir).
+    fn saved() -> (tempfile::TempDir, TemplateKey) {
         let dir = tempfile::tempdir().unwrap();
+        let key = TemplateKey::open_or_create(&dir.path().join("keys/template.key")).unwrap();
         let ranges = ram_ranges(1 << 20);
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         mem.write_slice(b"template page", GuestAddress(0x3000))
             .unwrap();
-        let (total, stored) = write_template(dir.path(), snapshot(), &mem, &ranges).unwrap();
+        let (total, stored) = write_template(dir.path(), snapshot(), &mem, &ranges, &key).unwrap();
         assert_eq!(total, 1 << 20);
         assert_eq!(stored, PAGE as u64, "only the one non-zero page is stored");
-        dir
+        (dir, key)
     }
 
-    fn expect_err(dir: &Path, needle: &str) {
-        let e = Template::load(dir)
+    fn expect_err(dir: &Path, key: &TemplateKey, needle: &str) {
+        let e = Template::load(dir, key)
             .err()
             .expect("the template must be refused");
         let msg = error_chain(&e);
@@ -366,8 +420,8 @@ mod tests {
 
     #[test]
     fn saved_template_loads_with_its_contents() {
-        let dir = saved();
-        let t = Template::load(dir.path()).unwrap();
+        let (dir, key) = saved();
+        let t = Template::load(dir.path(), &key).unwrap();
         let mut b = [0u8; 13];
         t.memory.read_exact_at(&mut b, 0x3000).unwrap();
         assert_eq!(&b, b"template page");
@@ -381,45 +435,82 @@ mod tests {
 
     #[test]
     fn truncated_memory_is_refused() {
-        let dir = saved();
+        let (dir, key) = saved();
         let f = std::fs::OpenOptions::new()
             .write(true)
             .open(dir.path().join(MEMORY_FILE))
             .unwrap();
         f.set_len(4096).unwrap();
-        expect_err(dir.path(), "truncated");
+        expect_err(dir.path(), &key, "truncated");
     }
 
     #[test]
     fn modified_memory_is_refused() {
-        let dir = saved();
+        let (dir, key) = saved();
         let f = std::fs::OpenOptions::new()
             .write(true)
             .open(dir.path().join(MEMORY_FILE))
             .unwrap();
         f.write_all_at(b"X", 0x3000).unwrap();
-        expect_err(dir.path(), "modified");
+        expect_err(dir.path(), &key, "the memory was modified");
     }
 
     #[test]
     fn tampered_state_is_refused() {
-        let dir = saved();
+        let (dir, key) = saved();
         let p = dir.path().join(STATE_FILE);
         let mut bytes = std::fs::read(&p).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x40;
         std::fs::write(&p, bytes).unwrap();
-        expect_err(dir.path(), "checksum mismatch");
+        expect_err(dir.path(), &key, "checksum mismatch");
         std::fs::write(&p, b"not a template").unwrap();
-        expect_err(dir.path(), STATE_FILE);
+        expect_err(dir.path(), &key, STATE_FILE);
+    }
+
+    /// The attack the issue "Contain the guest" proved: a state edited to attach a host
+    /// file as a writable disk, its checksum recomputed. The frame is valid; the MAC is
+    /// not.
+    #[test]
+    fn forged_state_with_a_valid_checksum_is_refused() {
+        let (dir, key) = saved();
+        let p = dir.path().join(STATE_FILE);
+        let sealed: SealedState = forkvm_snapshot::read_state_file(&p).unwrap();
+        let mut state: TemplateState = forkvm_snapshot::decode(&sealed.state).unwrap();
+        state
+            .snapshot
+            .config
+            .disks
+            .push(forkvm_devices::virtio::block::BlockConfig {
+                path: "/etc/shadow".into(),
+                read_only: false,
+            });
+        let forged = SealedState {
+            state: forkvm_snapshot::encode(&state).unwrap(),
+            mac: sealed.mac,
+        };
+        std::fs::write(&p, forkvm_snapshot::encode(&forged).unwrap()).unwrap();
+        expect_err(
+            dir.path(),
+            &key,
+            "not saved by this host's forkvm, or changed since",
+        );
+    }
+
+    #[test]
+    fn another_hosts_template_is_refused() {
+        let (dir, _) = saved();
+        let other = tempfile::tempdir().unwrap();
+        let key = TemplateKey::open_or_create(&other.path().join("template.key")).unwrap();
+        expect_err(dir.path(), &key, "its MAC does not match the template key");
     }
 
     #[test]
     fn missing_files_are_named() {
-        let dir = saved();
+        let (dir, key) = saved();
         std::fs::remove_file(dir.path().join(MEMORY_FILE)).unwrap();
-        expect_err(dir.path(), MEMORY_FILE);
+        expect_err(dir.path(), &key, MEMORY_FILE);
         let empty = tempfile::tempdir().unwrap();
-        expect_err(empty.path(), STATE_FILE);
+        expect_err(empty.path(), &key, STATE_FILE);
     }
 }

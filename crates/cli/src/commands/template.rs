@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use forkvm_vmm::control::ForkRequest;
 use forkvm_vmm::launch::ChildHomes;
-use forkvm_vmm::template::Template;
+use forkvm_vmm::template::{Template, TemplateKey};
 
 use super::fork::print_outcome;
 use super::vm::{find, live};
@@ -37,7 +37,8 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
         }
         TemplateCommand::Fork { dir, count, json } => {
             let unusable = || format!("cannot use the template in {}", dir.display());
-            let opened = Template::open(&dir).with_context(unusable)?;
+            let key = TemplateKey::host().with_context(unusable)?;
+            let opened = Template::open(&dir, &key).with_context(unusable)?;
             // Children register under this root, with no parent VM.
             let homes = ChildHomes {
                 root: std::path::absolute(root)?,
@@ -46,7 +47,7 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
             // Warm processes for the children start while the memory is checked; the
             // ones not used go with the pool when this command ends.
             let pool = opened.warm_pool(&homes, count);
-            let template = opened.verify().with_context(unusable)?;
+            let template = opened.verify(&key).with_context(unusable)?;
             let req = ForkRequest {
                 count,
                 ..ForkRequest::default()

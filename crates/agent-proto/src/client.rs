@@ -30,6 +30,8 @@ pub trait Connection: Read + Write + Send + Sized + 'static {
     fn try_clone(&self) -> io::Result<Self>;
     /// Shuts down one or both directions for every handle.
     fn shutdown(&self, how: Shutdown) -> io::Result<()>;
+    /// Sets (or with `None` clears) the read and write timeouts of every handle.
+    fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
 impl Connection for UnixStream {
@@ -38,6 +40,10 @@ impl Connection for UnixStream {
     }
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         UnixStream::shutdown(self, how)
+    }
+    fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)?;
+        self.set_write_timeout(timeout)
     }
 }
 
@@ -48,7 +54,16 @@ impl Connection for TcpStream {
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         TcpStream::shutdown(self, how)
     }
+    fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)?;
+        self.set_write_timeout(timeout)
+    }
 }
+
+/// How long a request waits for the agent's answer by default ([`call_within`],
+/// [`exec`]): a guest that never answers is an error, not a hang. Generous, as a guest
+/// under nested emulation may take seconds to start a process.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a JSON request got no usable answer.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +74,9 @@ pub enum CallError {
     /// The connection closed before a whole answer line.
     #[error("the agent closed the connection without answering")]
     Closed,
+    /// No whole answer within the call's deadline ([`call_within`]).
+    #[error("the agent did not answer within {} s", .0.as_secs_f64())]
+    TimedOut(Duration),
     /// An answer line longer than [`MAX_LINE`].
     #[error("the agent's answer exceeds {MAX_LINE} bytes")]
     TooLong,
@@ -124,6 +142,30 @@ pub fn call<C: Read + Write + ?Sized>(conn: &mut C, req: &Request) -> Result<Res
     conn.write_all(to_line(req).as_bytes())?;
     let line = read_line(conn, MAX_LINE)?;
     serde_json::from_str(line.trim()).map_err(|source| CallError::BadResponse { line, source })
+}
+
+/// [`call`] with a deadline: the request must be sent and its answer read within
+/// `timeout`. The connection's timeouts are cleared again afterwards (an exec's
+/// connection then streams for as long as its process runs).
+pub fn call_within<C: Connection>(
+    conn: &mut C,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, CallError> {
+    conn.set_timeouts(Some(timeout))?;
+    let result = call(conn, req).map_err(|e| match e {
+        CallError::Io(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            CallError::TimedOut(timeout)
+        }
+        other => other,
+    });
+    conn.set_timeouts(None)?;
+    result
 }
 
 /// Connects to guest port `port` through the VMM's vsock Unix socket `uds`: writes
@@ -207,13 +249,24 @@ pub fn wait_for_agent_unless(
     }
 }
 
-/// Starts `spec` on `conn`. On success the connection belongs to the returned session.
-pub fn exec<C: Connection>(mut conn: C, spec: &ProcessSpec) -> Result<ExecSession<C>, ExecError> {
-    let resp = call(
+/// Starts `spec` on `conn`, waiting at most [`CALL_TIMEOUT`] for the agent to say it
+/// started. On success the connection belongs to the returned session.
+pub fn exec<C: Connection>(conn: C, spec: &ProcessSpec) -> Result<ExecSession<C>, ExecError> {
+    exec_within(conn, spec, CALL_TIMEOUT)
+}
+
+/// [`exec`], waiting at most `timeout` for the agent's answer.
+pub fn exec_within<C: Connection>(
+    mut conn: C,
+    spec: &ProcessSpec,
+    timeout: Duration,
+) -> Result<ExecSession<C>, ExecError> {
+    let resp = call_within(
         &mut conn,
         &Request::Exec {
             process: spec.clone(),
         },
+        timeout,
     )?;
     let pid = match resp {
         Response::Started { pid } => pid,
@@ -361,5 +414,54 @@ impl<C: Connection> ExecSession<C> {
         };
         let _ = closer.shutdown(Shutdown::Both);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent that reads requests and never answers.
+    fn silent_agent() -> (UnixStream, std::thread::JoinHandle<()>) {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut sink = [0u8; 4096];
+            while matches!(guest.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        (host, t)
+    }
+
+    #[test]
+    fn a_guest_that_never_answers_is_an_error_not_a_hang() {
+        let (mut host, _t) = silent_agent();
+        let t0 = Instant::now();
+        let e = call_within(&mut host, &Request::Ping, Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(e, CallError::TimedOut(_)), "{e}");
+        assert_eq!(e.to_string(), "the agent did not answer within 0.2 s");
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        // The deadline was the call's: the connection has no timeout left behind.
+        assert_eq!(host.read_timeout().unwrap(), None);
+
+        let (host, _t) = silent_agent();
+        let e = exec_within(
+            host,
+            &ProcessSpec::new(["true"]),
+            Duration::from_millis(200),
+        )
+        .err()
+        .expect("no answer");
+        assert!(matches!(e, ExecError::Call(CallError::TimedOut(_))), "{e}");
+    }
+
+    #[test]
+    fn an_answer_in_time_is_read() {
+        let (mut host, mut guest) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            read_line(&mut guest, MAX_LINE).unwrap();
+            guest.write_all(to_line(&Response::Ok).as_bytes()).unwrap();
+        });
+        let r = call_within(&mut host, &Request::Ping, Duration::from_secs(10)).unwrap();
+        assert!(matches!(r, Response::Ok), "{r:?}");
+        t.join().unwrap();
     }
 }

@@ -192,8 +192,12 @@ pub fn configure_guest<const N: usize>(
     use forkvm_agent_proto::Response;
     for (what, req) in requests {
         let Some(req) = req else { continue };
-        match forkvm_agent_proto::client::call(stream, &req)
-            .with_context(|| format!("cannot give the guest {what}"))?
+        match forkvm_agent_proto::client::call_within(
+            stream,
+            &req,
+            forkvm_agent_proto::client::CALL_TIMEOUT,
+        )
+        .with_context(|| format!("cannot give the guest {what}"))?
         {
             Response::Ok => {}
             Response::Error { message } => bail!("the guest could not take {what}: {message}"),

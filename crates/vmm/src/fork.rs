@@ -646,9 +646,7 @@ pub fn agent_call_timeout(
     use forkvm_agent_proto::client;
     let mut conn = client::connect_vsock(uds, forkvm_agent_proto::AGENT_PORT, timeout)
         .map_err(|e| format!("connect {}: {e}", uds.display()))?;
-    conn.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    client::call(&mut conn, req).map_err(|e| format!("agent call: {e}"))
+    client::call_within(&mut conn, req, timeout).map_err(|e| format!("agent call: {e}"))
 }
 
 #[cfg(test)]

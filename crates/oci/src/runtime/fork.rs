@@ -48,9 +48,11 @@ fn unplug(uds: &Path) -> Result<Vec<String>> {
         Duration::from_secs(30),
     )
     .context("cannot reach the child's agent")?;
-    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(30)))?;
-    match forkvm_agent_proto::client::call(&mut conn, &Request::Unplug)? {
+    match forkvm_agent_proto::client::call_within(
+        &mut conn,
+        &Request::Unplug,
+        Duration::from_secs(30),
+    )? {
         Response::Unplugged { nics } => Ok(nics),
         Response::Error { message } => bail!("{message}"),
         other => bail!("the agent answered unplug with {other:?}"),

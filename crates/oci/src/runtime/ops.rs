@@ -132,12 +132,13 @@ pub fn signal_container(state: &ContainerState, sig: i32) -> Result<()> {
         Duration::from_secs(5),
     )
     .with_context(|| format!("cannot reach the agent of container {}", state.id))?;
-    match forkvm_agent_proto::client::call(
+    match forkvm_agent_proto::client::call_within(
         &mut conn,
         &Request::Signal {
             pid: guest_pid,
             signal: sig,
         },
+        Duration::from_secs(5),
     )? {
         Response::Error { message } => bail!("the agent refused the signal: {message}"),
         _ => Ok(()),

@@ -8,6 +8,7 @@
 //! registered on them; virtio devices run their queues on the VMM's event loop.
 
 pub mod bus;
+pub mod guest_log;
 pub mod legacy;
 pub mod persist;
 pub mod virtio;

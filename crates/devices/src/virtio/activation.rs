@@ -13,7 +13,6 @@ use std::io;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
-use tracing::{error, warn};
 use virtio_queue::{QueueState, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -46,12 +45,12 @@ impl Active {
             return;
         };
         let needed = aq.queue.needs_notification(&self.mem).unwrap_or_else(|e| {
-            warn!(device, queue = index, error = %e, "cannot check notification suppression");
+            crate::guest_warn!(device, queue = index, error = %e, "cannot check notification suppression");
             true
         });
         if needed {
             if let Err(e) = self.interrupt.signal_used_queue() {
-                error!(device, error = %e, "cannot signal the guest");
+                crate::guest_error!(device, error = %e, "cannot signal the guest");
             }
         }
     }
@@ -94,7 +93,7 @@ impl Activation {
     /// Registers [`Self::evt`] with `token` (from the device's `init`).
     pub fn register(&self, ops: &mut EventOps, token: u32) {
         if let Err(e) = ops.add(Events::with_data(&self.evt, token, EventSet::IN)) {
-            error!(error = ?e, device = self.device, "cannot register the activation eventfd");
+            crate::guest_error!(error = ?e, device = self.device, "cannot register the activation eventfd");
         }
     }
 
@@ -102,7 +101,7 @@ impl Activation {
     /// kicks, such as a backend's, changed).
     pub fn wake(&self) {
         if let Err(e) = self.evt.write(1) {
-            warn!(error = %e, device = self.device, "cannot wake the event loop");
+            crate::guest_warn!(error = %e, device = self.device, "cannot wake the event loop");
         }
     }
 
@@ -163,7 +162,7 @@ impl Activation {
             });
         }
         if self.active.is_some() {
-            warn!(device = self.device, "activated twice without a reset");
+            crate::guest_warn!(device = self.device, "activated twice without a reset");
             self.deactivate();
         }
         self.active = Some(Active {
@@ -202,7 +201,7 @@ impl Activation {
         match events.data() {
             t if t == token_activate => self.drain_evt(),
             t if t == token_kick => self.drain_kick(0),
-            other => warn!(token = other, device = self.device, "unexpected event"),
+            other => crate::guest_warn!(token = other, device = self.device, "unexpected event"),
         }
         self.sync(ops, token_kick)
     }
@@ -226,7 +225,7 @@ impl Activation {
     pub fn sync(&mut self, ops: &mut EventOps, first_kick_token: u32) -> bool {
         for kick in self.retired.drain(..) {
             if let Err(e) = ops.remove(Events::empty(&kick)) {
-                warn!(error = ?e, device = self.device, "cannot deregister a retired queue kick");
+                crate::guest_warn!(error = ?e, device = self.device, "cannot deregister a retired queue kick");
             }
         }
         let Some(active) = self.active.as_ref() else {
@@ -235,7 +234,7 @@ impl Activation {
         if !self.kicks_registered {
             for (aq, token) in active.queues.iter().zip(first_kick_token..) {
                 if let Err(e) = ops.add(Events::with_data(&aq.kick, token, EventSet::IN)) {
-                    error!(error = ?e, device = self.device, token, "cannot register a queue kick");
+                    crate::guest_error!(error = ?e, device = self.device, token, "cannot register a queue kick");
                 }
             }
             self.kicks_registered = true;
@@ -254,7 +253,7 @@ impl Activation {
 fn drain(evt: &EventFd, device: &'static str) {
     if let Err(e) = evt.read() {
         if e.kind() != io::ErrorKind::WouldBlock {
-            warn!(error = %e, device, "cannot drain an eventfd");
+            crate::guest_warn!(error = %e, device, "cannot drain an eventfd");
         }
     }
 }

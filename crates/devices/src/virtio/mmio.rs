@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
-use tracing::{debug, error, warn};
+use tracing::debug;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -328,7 +328,7 @@ impl MmioTransport {
     fn reset(&mut self) {
         let mut device = lock(&self.device);
         if device.is_activated() && !device.reset() {
-            error!("virtio device cannot be reset; marking it FAILED");
+            crate::guest_error!("virtio device cannot be reset; marking it FAILED");
             self.device_status |= VIRTIO_CONFIG_S_FAILED;
             return;
         }
@@ -357,9 +357,10 @@ impl MmioTransport {
         let old = self.device_status & !VIRTIO_CONFIG_S_NEEDS_RESET;
         let new = value & !VIRTIO_CONFIG_S_NEEDS_RESET;
         if new & old != old {
-            warn!(
+            crate::guest_warn!(
                 old,
-                new, "virtio-mmio: driver cleared status bits without a reset"
+                new,
+                "virtio-mmio: driver cleared status bits without a reset"
             );
             return;
         }
@@ -372,12 +373,12 @@ impl MmioTransport {
             return;
         }
         if old & VIRTIO_CONFIG_S_FAILED != 0 {
-            warn!(old, new, "virtio-mmio: status change on a FAILED device");
+            crate::guest_warn!(old, new, "virtio-mmio: status change on a FAILED device");
             return;
         }
         let expected = INIT_SEQUENCE.iter().position(|&bit| old & bit == 0);
         let Some(step) = expected.filter(|&i| INIT_SEQUENCE[i] == added) else {
-            warn!(old, new, "virtio-mmio: invalid status transition");
+            crate::guest_warn!(old, new, "virtio-mmio: invalid status transition");
             return;
         };
         match INIT_SEQUENCE[step] {
@@ -385,7 +386,7 @@ impl MmioTransport {
                 let acked = lock(&self.device).acked_features();
                 if acked & (1 << VIRTIO_F_VERSION_1) == 0 {
                     // Leaving FEATURES_OK clear tells the driver its features are refused.
-                    warn!(
+                    crate::guest_warn!(
                         acked,
                         "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1"
                     );
@@ -396,10 +397,10 @@ impl MmioTransport {
             VIRTIO_CONFIG_S_DRIVER_OK => {
                 self.device_status |= VIRTIO_CONFIG_S_DRIVER_OK;
                 if let Err(e) = self.activate() {
-                    error!(error = %e, "virtio-mmio: device activation failed");
+                    crate::guest_error!(error = %e, "virtio-mmio: device activation failed");
                     self.device_status |= VIRTIO_CONFIG_S_NEEDS_RESET;
                     if let Err(e) = self.interrupt.signal_config_change() {
-                        error!(error = %e, "virtio-mmio: cannot signal DEVICE_NEEDS_RESET");
+                        crate::guest_error!(error = %e, "virtio-mmio: cannot signal DEVICE_NEEDS_RESET");
                     }
                 }
             }
@@ -429,7 +430,7 @@ impl MmioTransport {
             REG_SHM_LEN_LOW..=REG_SHM_BASE_HIGH => u32::MAX,
             REG_CONFIG_GENERATION => self.config_generation,
             _ => {
-                warn!(
+                crate::guest_warn!(
                     offset,
                     "virtio-mmio: read of an unknown or write-only register"
                 );
@@ -457,7 +458,10 @@ impl MmioTransport {
                     0 => 0,
                     1 => 32,
                     sel => {
-                        warn!(sel, "virtio-mmio: driver features for a selector past 1");
+                        crate::guest_warn!(
+                            sel,
+                            "virtio-mmio: driver features for a selector past 1"
+                        );
                         return;
                     }
                 };
@@ -465,7 +469,7 @@ impl MmioTransport {
                 let avail = device.avail_features();
                 let offered = u64::from(value) << shift;
                 if offered & !avail != 0 {
-                    warn!(
+                    crate::guest_warn!(
                         unoffered = offered & !avail,
                         "virtio-mmio: driver accepted features the device does not offer"
                     );
@@ -479,7 +483,7 @@ impl MmioTransport {
                 if let Some(q) = self.selected_queue() {
                     match u16::try_from(value) {
                         Ok(size) => q.set_size(size),
-                        Err(_) => warn!(value, "virtio-mmio: queue size out of range"),
+                        Err(_) => crate::guest_warn!(value, "virtio-mmio: queue size out of range"),
                     }
                 }
             }
@@ -509,22 +513,24 @@ impl MmioTransport {
             REG_QUEUE_NOTIFY => match self.queue_evts.get(value as usize) {
                 Some(evt) => {
                     if let Err(e) = evt.write(1) {
-                        error!(queue = value, error = %e, "virtio-mmio: cannot kick the queue");
+                        crate::guest_error!(queue = value, error = %e, "virtio-mmio: cannot kick the queue");
                     }
                 }
-                None => warn!(queue = value, "virtio-mmio: notify of a nonexistent queue"),
+                None => {
+                    crate::guest_warn!(queue = value, "virtio-mmio: notify of a nonexistent queue")
+                }
             },
             REG_INTERRUPT_ACK => self.interrupt.ack(value),
             REG_STATUS => self.set_status(value),
             REG_SHM_SEL => {}
             REG_DRIVER_FEATURES | REG_QUEUE_NUM | REG_QUEUE_READY | REG_QUEUE_DESC_LOW
             | REG_QUEUE_DESC_HIGH | REG_QUEUE_AVAIL_LOW | REG_QUEUE_AVAIL_HIGH
-            | REG_QUEUE_USED_LOW | REG_QUEUE_USED_HIGH => warn!(
+            | REG_QUEUE_USED_LOW | REG_QUEUE_USED_HIGH => crate::guest_warn!(
                 offset,
                 status = self.device_status,
                 "virtio-mmio: register write not allowed in this device status"
             ),
-            _ => warn!(
+            _ => crate::guest_warn!(
                 offset,
                 "virtio-mmio: write to an unknown or read-only register"
             ),
@@ -669,7 +675,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            warn!(offset, len = data.len(), "virtio-mmio: bad register read");
+            crate::guest_warn!(offset, len = data.len(), "virtio-mmio: bad register read");
             data.fill(0);
             return;
         }
@@ -682,7 +688,7 @@ impl BusDevice for MmioTransport {
             if self.status_has(VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_FAILED) {
                 lock(&self.device).write_config(offset - CONFIG_SPACE_OFFSET, data);
             } else {
-                warn!(
+                crate::guest_warn!(
                     offset,
                     "virtio-mmio: config write before DRIVER or after FAILED"
                 );
@@ -690,11 +696,11 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            warn!(offset, len = data.len(), "virtio-mmio: bad register write");
+            crate::guest_warn!(offset, len = data.len(), "virtio-mmio: bad register write");
             return;
         };
         if !offset.is_multiple_of(4) {
-            warn!(offset, "virtio-mmio: misaligned register write");
+            crate::guest_warn!(offset, "virtio-mmio: misaligned register write");
             return;
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));

@@ -12,7 +12,6 @@ use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tracing::{error, warn};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
 };
@@ -159,7 +158,7 @@ impl Block {
             })?;
         let capacity = size / SECTOR_SIZE;
         if size % SECTOR_SIZE != 0 {
-            warn!(
+            crate::guest_warn!(
                 path = %path.display(),
                 size,
                 "virtio-blk: image size is not a multiple of 512; the tail is not visible"
@@ -221,7 +220,7 @@ impl Block {
             let descs: Vec<_> = chain.collect();
             let used_len = request::execute(mem, &disk, &descs, &mut self.buf);
             if let Err(e) = queue.add_used(mem, head, used_len) {
-                error!(error = %e, "virtio-blk: cannot add a used buffer");
+                crate::guest_error!(error = %e, "virtio-blk: cannot add a used buffer");
                 continue;
             }
             used_any = true;
@@ -287,7 +286,7 @@ impl VirtioDevice for Block {
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
         // Only `writeback` is writable, and only with VIRTIO_BLK_F_CONFIG_WCE (not offered).
-        warn!(offset, "virtio-blk: config write ignored");
+        crate::guest_warn!(offset, "virtio-blk: config write ignored");
     }
 
     super::activation_field!();

@@ -8,7 +8,6 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use tracing::warn;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -93,11 +92,11 @@ pub(super) fn execute(
     buf: &mut Vec<u8>,
 ) -> u32 {
     let Some(last) = descs.last().filter(|d| d.is_write_only() && d.len() > 0) else {
-        warn!("virtio-blk: chain has no device-writable status byte; dropping it");
+        crate::guest_warn!("virtio-blk: chain has no device-writable status byte; dropping it");
         return 0;
     };
     let Some(status_addr) = last.addr().0.checked_add(u64::from(last.len()) - 1) else {
-        warn!("virtio-blk: status byte address overflows");
+        crate::guest_warn!("virtio-blk: status byte address overflows");
         return 0;
     };
     let total: u64 = descs.iter().map(|d| u64::from(d.len())).sum();
@@ -106,20 +105,20 @@ pub(super) fn execute(
     let status = match run(mem, disk, descs, total, buf, &mut written) {
         Ok(()) => VIRTIO_BLK_S_OK,
         Err(Failure::IoErr(why)) => {
-            warn!(why, "virtio-blk: request failed");
+            crate::guest_warn!(why, "virtio-blk: request failed");
             VIRTIO_BLK_S_IOERR
         }
         Err(Failure::Host(op, e)) => {
-            warn!(op, error = %e, "virtio-blk: image I/O failed");
+            crate::guest_warn!(op, error = %e, "virtio-blk: image I/O failed");
             VIRTIO_BLK_S_IOERR
         }
         Err(Failure::Unsupported(kind)) => {
-            warn!(kind, "virtio-blk: unsupported request type");
+            crate::guest_warn!(kind, "virtio-blk: unsupported request type");
             VIRTIO_BLK_S_UNSUPP
         }
     };
     if let Err(e) = mem.write_obj(status as u8, GuestAddress(status_addr)) {
-        warn!(error = %e, "virtio-blk: status byte outside guest memory");
+        crate::guest_warn!(error = %e, "virtio-blk: status byte outside guest memory");
         return 0;
     }
     // `written` is bounded by the chain length, which virtio-queue keeps under 4 GiB.

@@ -30,7 +30,7 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use serde::{Deserialize, Serialize};
-use tracing::{debug, error, warn};
+use tracing::debug;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{DescriptorChain, QueueT};
 
@@ -210,13 +210,13 @@ impl Fs {
                 0
             });
             if let Err(e) = aq.queue.add_used(mem, head, written) {
-                error!(error = %e, "virtio-fs: cannot add a used buffer");
+                crate::guest_error!(error = %e, "virtio-fs: cannot add a used buffer");
             }
         }
         if served == MAX_CHAINS_PER_EVENT && aq.queue.is_valid(mem) {
             // More may be waiting: come back after the other devices' events.
             if let Err(e) = aq.kick.write(1) {
-                error!(error = %e, "virtio-fs: cannot re-kick the queue");
+                crate::guest_error!(error = %e, "virtio-fs: cannot re-kick the queue");
             }
         }
         if served > 0 {
@@ -317,7 +317,7 @@ fn raise_open_file_limit() {
             return;
         }
     }
-    warn!("virtio-fs: cannot raise the open file limit");
+    crate::guest_warn!("virtio-fs: cannot raise the open file limit");
 }
 
 impl Persist<'_> for Fs {
@@ -383,7 +383,7 @@ impl MutEventSubscriber for Fs {
             token if token >= TOKEN_FIRST_KICK => self
                 .activation
                 .drain_kick((token - TOKEN_FIRST_KICK) as usize),
-            other => warn!(token = other, "virtio-fs: unexpected event"),
+            other => crate::guest_warn!(token = other, "virtio-fs: unexpected event"),
         }
         if self.activation.sync(ops, TOKEN_FIRST_KICK) {
             for index in 0..=REQUEST_QUEUES as usize {

@@ -281,7 +281,7 @@ impl Net {
         self.mac = mac;
         if let Some(active) = self.activation.active() {
             if let Err(e) = active.interrupt.signal_config_change() {
-                tracing::error!(error = %e, "net: cannot signal a config change");
+                crate::guest_error!(error = %e, "net: cannot signal a config change");
             }
         }
     }
@@ -351,11 +351,11 @@ impl Net {
             report_used(queue, &active.mem, head, 0);
             used = true;
             if let Err(e) = read {
-                tracing::warn!(error = %e, "net: unreadable tx chain");
+                crate::guest_warn!(error = %e, "net: unreadable tx chain");
                 continue;
             }
             if frame.len() < VNET_HDR_SIZE {
-                tracing::warn!(len = frame.len(), "net: tx buffer shorter than its header");
+                crate::guest_warn!(len = frame.len(), "net: tx buffer shorter than its header");
                 continue;
             }
             if !self.vnet_hdr {
@@ -385,7 +385,7 @@ impl Net {
                     ReadOutcome::Frame(len) => len,
                     ReadOutcome::Empty => break,
                     ReadOutcome::Eof => {
-                        tracing::warn!("net: backend closed; receive stops");
+                        crate::guest_warn!("net: backend closed; receive stops");
                         self.backend_eof = true;
                         break;
                     }
@@ -409,7 +409,7 @@ impl Net {
                 Err(e) => Err(io::Error::other(e)),
             };
             let len = written.unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "net: dropping a received frame");
+                crate::guest_warn!(error = %e, "net: dropping a received frame");
                 0
             });
             report_used(queue, &active.mem, head, len);
@@ -433,7 +433,7 @@ impl Net {
         if !self.activation.sync(ops, TOKEN_RX_KICK) {
             if self.backend_registered.take().is_some() {
                 if let Err(e) = ops.remove(Events::empty(&self.backend)) {
-                    tracing::warn!(error = %e, "net: cannot deregister the backend");
+                    crate::guest_warn!(error = %e, "net: cannot deregister the backend");
                 }
             }
             return;
@@ -451,7 +451,9 @@ impl Net {
         };
         match result {
             Ok(()) => self.backend_registered = desired,
-            Err(e) => tracing::error!(error = %e, "net: cannot update the backend's registration"),
+            Err(e) => {
+                crate::guest_error!(error = %e, "net: cannot update the backend's registration")
+            }
         }
     }
 }
@@ -476,7 +478,7 @@ fn read_frame(backend: &mut File, buf: &mut [u8], vnet_hdr: bool) -> ReadOutcome
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::Empty,
             Err(e) => {
-                tracing::warn!(error = %e, "net: backend read failed");
+                crate::guest_warn!(error = %e, "net: backend read failed");
                 return ReadOutcome::Empty;
             }
         }
@@ -495,7 +497,7 @@ fn write_frame(mut backend: &File, frame: &[u8]) -> WriteOutcome {
         match backend.write(frame) {
             Ok(n) if n == frame.len() => return WriteOutcome::Done,
             Ok(n) => {
-                tracing::warn!(
+                crate::guest_warn!(
                     len = frame.len(),
                     written = n,
                     "net: frame truncated by the backend"
@@ -505,7 +507,7 @@ fn write_frame(mut backend: &File, frame: &[u8]) -> WriteOutcome {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return WriteOutcome::Blocked,
             Err(e) => {
-                tracing::warn!(error = %e, len = frame.len(), "net: dropping a transmitted frame");
+                crate::guest_warn!(error = %e, len = frame.len(), "net: dropping a transmitted frame");
                 return WriteOutcome::Done;
             }
         }
@@ -514,7 +516,7 @@ fn write_frame(mut backend: &File, frame: &[u8]) -> WriteOutcome {
 
 fn report_used(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32) {
     if let Err(e) = queue.add_used(mem, head, len) {
-        tracing::error!(error = %e, "net: cannot return a buffer to the guest");
+        crate::guest_error!(error = %e, "net: cannot return a buffer to the guest");
     }
 }
 
@@ -601,7 +603,7 @@ impl VirtioDevice for Net {
             let flags = tap_offloads(self.activation.acked_features());
             if let Err(e) = set_tap_offloads(&self.backend, flags) {
                 // The TAP then hands over plain frames, which the guest takes too.
-                tracing::warn!(error = %e, flags, "net: cannot set the TAP's offloads");
+                crate::guest_warn!(error = %e, flags, "net: cannot set the TAP's offloads");
             }
         }
         Ok(())
@@ -643,7 +645,7 @@ impl MutEventSubscriber for Net {
             }
             // Readable or writable: processing the queues below tries both directions.
             TOKEN_BACKEND => {}
-            other => tracing::warn!(token = other, "net: unexpected event"),
+            other => crate::guest_warn!(token = other, "net: unexpected event"),
         }
         self.process_queues();
         self.sync_registrations(ops);

@@ -6,7 +6,6 @@
 //! queue.
 
 use serde::{Deserialize, Serialize};
-use tracing::{error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::QueueT;
 use vm_memory::Bytes;
@@ -80,7 +79,7 @@ impl Rng {
             let mut written: u32 = 0;
             for desc in chain {
                 if !desc.is_write_only() {
-                    warn!("virtio-rng: skipping a device-readable descriptor");
+                    crate::guest_warn!("virtio-rng: skipping a device-readable descriptor");
                     continue;
                 }
                 let len = desc.len().min(MAX_BYTES_PER_REQUEST - written) as usize;
@@ -89,18 +88,18 @@ impl Rng {
                 }
                 self.buf.resize(len, 0);
                 if let Err(e) = getrandom::fill(&mut self.buf) {
-                    error!(error = %e, "virtio-rng: getrandom failed");
+                    crate::guest_error!(error = %e, "virtio-rng: getrandom failed");
                     break;
                 }
                 if let Err(e) = mem.write_slice(&self.buf, desc.addr()) {
-                    warn!(error = %e, "virtio-rng: descriptor outside guest memory");
+                    crate::guest_warn!(error = %e, "virtio-rng: descriptor outside guest memory");
                     break;
                 }
                 // `len` is at most MAX_BYTES_PER_REQUEST, which fits a u32.
                 written += len as u32;
             }
             if let Err(e) = queue.add_used(mem, head, written) {
-                error!(error = %e, "virtio-rng: cannot add a used buffer");
+                crate::guest_error!(error = %e, "virtio-rng: cannot add a used buffer");
                 continue;
             }
             used_any = true;
@@ -151,12 +150,12 @@ impl VirtioDevice for Rng {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // No configuration space.
-        warn!(offset, "virtio-rng: config read");
+        crate::guest_warn!(offset, "virtio-rng: config read");
         data.fill(0);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        warn!(offset, "virtio-rng: config write");
+        crate::guest_warn!(offset, "virtio-rng: config write");
     }
 
     super::activation_field!();

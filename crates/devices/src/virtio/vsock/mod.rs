@@ -294,22 +294,24 @@ impl Vsock {
                                     self.muxer.handle_guest_packet(&hdr, &data)
                                 }
                                 Ok(()) => {
-                                    tracing::warn!(len = hdr.len, "vsock: oversized tx packet");
+                                    crate::guest_warn!(len = hdr.len, "vsock: oversized tx packet");
                                     self.muxer.reply_rst(&hdr);
                                 }
                                 Err(e) => {
-                                    tracing::warn!(error = %e, len = hdr.len, "vsock: tx payload shorter than its header says");
+                                    crate::guest_warn!(error = %e, len = hdr.len, "vsock: tx payload shorter than its header says");
                                     self.muxer.reply_rst(&hdr);
                                 }
                             }
                         }
-                        Err(e) => tracing::warn!(error = %e, "vsock: tx chain without a header"),
+                        Err(e) => {
+                            crate::guest_warn!(error = %e, "vsock: tx chain without a header")
+                        }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "vsock: unreadable tx chain"),
+                Err(e) => crate::guest_warn!(error = %e, "vsock: unreadable tx chain"),
             }
             if let Err(e) = active.queues[TX_QUEUE].queue.add_used(&active.mem, head, 0) {
-                tracing::error!(error = %e, "vsock: cannot return a tx buffer");
+                crate::guest_error!(error = %e, "vsock: cannot return a tx buffer");
             }
             used = true;
         }
@@ -332,7 +334,7 @@ impl Vsock {
             let mut writer = match chain.writer(&active.mem) {
                 Ok(w) if w.available_bytes() >= HDR_SIZE => w,
                 Ok(w) => {
-                    tracing::warn!(
+                    crate::guest_warn!(
                         len = w.available_bytes(),
                         "vsock: rx buffer too small for a header"
                     );
@@ -341,7 +343,7 @@ impl Vsock {
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "vsock: unwritable rx chain");
+                    crate::guest_warn!(error = %e, "vsock: unwritable rx chain");
                     report_used(queue, &active.mem, head, 0);
                     used = true;
                     continue;
@@ -364,7 +366,7 @@ impl Vsock {
                 .write_all(&hdr.to_bytes())
                 .and_then(|()| writer.write_all(&self.muxer.scratch[..len]));
             if let Err(e) = written {
-                tracing::error!(error = %e, "vsock: cannot write an rx packet to guest memory");
+                crate::guest_error!(error = %e, "vsock: cannot write an rx packet to guest memory");
             }
             report_used(queue, &active.mem, head, (HDR_SIZE + len) as u32);
             used = true;
@@ -393,12 +395,12 @@ impl Vsock {
                     EVENT_SIZE as u32
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "vsock: event buffer too small");
+                    crate::guest_warn!(error = %e, "vsock: event buffer too small");
                     0
                 }
             },
             Err(e) => {
-                tracing::warn!(error = %e, "vsock: unwritable event chain");
+                crate::guest_warn!(error = %e, "vsock: unwritable event chain");
                 0
             }
         };
@@ -414,12 +416,12 @@ impl Vsock {
             let listener = &self.muxer.listener;
             match ops.add(Events::with_data(listener, TOKEN_LISTENER, EventSet::IN)) {
                 Ok(()) => self.listener_registered = true,
-                Err(e) => tracing::error!(error = %e, "vsock: cannot register the listener"),
+                Err(e) => crate::guest_error!(error = %e, "vsock: cannot register the listener"),
             }
         }
         for stream in self.muxer.closing.drain(..) {
             if let Err(e) = ops.remove(Events::empty(&stream)) {
-                tracing::warn!(error = %e, "vsock: cannot deregister a closed stream");
+                crate::guest_warn!(error = %e, "vsock: cannot deregister a closed stream");
             }
         }
         for conn in self.muxer.conns.values_mut() {
@@ -438,7 +440,7 @@ impl Vsock {
             match result {
                 Ok(()) => conn.registered = desired,
                 Err(e) => {
-                    tracing::error!(error = %e, "vsock: cannot update a stream's registration")
+                    crate::guest_error!(error = %e, "vsock: cannot update a stream's registration")
                 }
             }
         }
@@ -462,7 +464,7 @@ impl Vsock {
 
 fn report_used(queue: &mut virtio_queue::Queue, mem: &GuestMemory, head: u16, len: u32) {
     if let Err(e) = queue.add_used(mem, head, len) {
-        tracing::error!(error = %e, "vsock: cannot return a buffer to the guest");
+        crate::guest_error!(error = %e, "vsock: cannot return a buffer to the guest");
     }
 }
 
@@ -516,7 +518,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        tracing::warn!(
+        crate::guest_warn!(
             offset,
             len = data.len(),
             "vsock: guest wrote the read-only config space"
@@ -546,7 +548,7 @@ impl MutEventSubscriber for Vsock {
             }
             TOKEN_LISTENER => self.muxer.accept_clients(),
             TOKEN_STREAM => self.muxer.on_stream_event(events.fd(), events.event_set()),
-            other => tracing::warn!(token = other, "vsock: unexpected event"),
+            other => crate::guest_warn!(token = other, "vsock: unexpected event"),
         }
         self.process_queues();
         self.sync_registrations(ops);

@@ -60,7 +60,7 @@ impl Muxer {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if let Err(e) = stream.set_nonblocking(true) {
-                        tracing::warn!(error = %e, "vsock: dropping a host client");
+                        crate::guest_warn!(error = %e, "vsock: dropping a host client");
                         continue;
                     }
                     let state = ConnState::HostHandshake { line: Vec::new() };
@@ -70,7 +70,7 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "vsock: accept failed");
+                    crate::guest_warn!(error = %e, "vsock: accept failed");
                     break;
                 }
             }
@@ -171,7 +171,7 @@ impl Muxer {
             }
         };
         let Some(peer_port) = port else {
-            tracing::warn!(line = %String::from_utf8_lossy(line), "vsock: bad host handshake");
+            crate::guest_warn!(line = %String::from_utf8_lossy(line), "vsock: bad host handshake");
             return self.close(fd, false);
         };
         let local_port = self.alloc_local_port();
@@ -324,7 +324,7 @@ impl Muxer {
             }
         };
         if let Err(e) = stream.set_nonblocking(true) {
-            tracing::warn!(error = %e, "vsock: cannot make a host stream non-blocking");
+            crate::guest_warn!(error = %e, "vsock: cannot make a host stream non-blocking");
             return self.reply_rst(hdr);
         }
         let fd = stream.as_raw_fd();

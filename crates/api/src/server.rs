@@ -21,7 +21,7 @@ use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Histogram;
@@ -334,10 +334,21 @@ fn console_stream(shared: &Arc<Shared>, follow: bool) -> Reply {
             return;
         };
         let mut buf = vec![0u8; 64 * 1024];
+        let mut pos = 0u64;
         loop {
             match f.read(&mut buf).await {
-                Ok(0) => {}
+                Ok(0) => {
+                    // The log was cut (`forkvm_registry::ConsoleLog`): go on from its
+                    // new start.
+                    if f.metadata().await.is_ok_and(|m| m.len() < pos)
+                        && f.seek(std::io::SeekFrom::Start(0)).await.is_ok()
+                    {
+                        pos = 0;
+                        continue;
+                    }
+                }
                 Ok(n) => {
+                    pos += n as u64;
                     if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
                         return;
                     }

@@ -348,6 +348,6 @@ where
     };
     Err(e.context(format!(
         "{how}; its console:\n{}",
-        forkvm_registry::home::tail(&home.console_path(), 20)
+        forkvm_registry::tail(&home.console_path(), 20)
     )))
 }

@@ -166,7 +166,7 @@ impl Env {
             s += &format!(
                 "\n--- {}\n{}",
                 console.display(),
-                forkvm_registry::home::tail(&console, 30)
+                forkvm_registry::tail(&console, 30)
             );
         }
         s

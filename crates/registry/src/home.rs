@@ -279,7 +279,8 @@ impl VmHome {
         .map(drop)
     }
 
-    /// Opens `console.log` for appending (created 0600).
+    /// Opens `console.log` for appending (created 0600); the console's writer bounds it
+    /// ([`crate::console::ConsoleLog`]).
     pub fn console_writer(&self) -> Result<File, Error> {
         OpenOptions::new()
             .create(true)
@@ -404,15 +405,6 @@ pub fn resolve(root: &Path, query: &str) -> Result<VmHome, Error> {
         }
     };
     VmHome::open(root, &id)
-}
-
-/// The last `n` lines of a file (a VM's console log), for error messages; empty when it
-/// cannot be read.
-pub fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 #[cfg(test)]

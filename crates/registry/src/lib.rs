@@ -3,7 +3,7 @@
 //!
 //! * `state.json`: the [`VmState`] (schema-versioned, written atomically: temp file,
 //!   fsync, rename, fsync of the directory),
-//! * `console.log`: the guest's serial output,
+//! * `console.log`: the guest's serial output, bounded ([`console`]),
 //! * `api.sock`: the per-VM API socket (served by `forkvm-api` in the VM process).
 //!
 //! There is no daemon: each VM process owns its home. A VM process that died without
@@ -12,6 +12,7 @@
 //! [`Observed::Dead`]. VMs are found by name, full ID or unique ID prefix with
 //! [`resolve`].
 
+pub mod console;
 mod error;
 pub mod home;
 pub mod leases;
@@ -19,10 +20,11 @@ pub mod liveness;
 pub mod state;
 pub mod time;
 
+pub use console::{tail, ConsoleLog};
 pub use error::Error;
 pub use home::{
-    default_root, list, new_id, prune_staged, resolve, staged_dir, tail, validate_name, Entry,
-    VmHome, ENV_ROOT,
+    default_root, list, new_id, prune_staged, resolve, staged_dir, validate_name, Entry, VmHome,
+    ENV_ROOT,
 };
 pub use leases::{Lease, LeaseError, Leases, Subnet};
 pub use liveness::ProcessIdentity;

@@ -15,7 +15,7 @@ use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use forkvm_registry::{Ending, ExitRecord, VmHome};
+use forkvm_registry::{ConsoleLog, Ending, ExitRecord, VmHome};
 use forkvm_vmm::fork::ChildPayload;
 use forkvm_vmm::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, LaunchError, Launched, Start};
 use forkvm_vmm::warm::Prepared;
@@ -73,7 +73,7 @@ fn redirect_stderr(file: &File) -> std::io::Result<()> {
 /// The console of a VM in the foreground: the terminal and the VM's console log.
 struct Tee {
     out: std::io::Stdout,
-    log: File,
+    log: ConsoleLog,
 }
 
 impl Write for Tee {
@@ -95,15 +95,25 @@ fn console(home: &VmHome, spec: &ConsoleSpec) -> Result<Box<dyn Write + Send>> {
         redirect_stderr(&log).context("cannot log to the console file")?;
     }
     Ok(match spec {
-        ConsoleSpec::Log => Box::new(log),
+        ConsoleSpec::Log => Box::new(ConsoleLog::new(log)),
         ConsoleSpec::LogAndStdout => Box::new(Tee {
             out: std::io::stdout(),
-            log,
+            log: ConsoleLog::new(log),
         }),
-        ConsoleSpec::File(path) => Box::new(
-            File::create(path)
-                .with_context(|| format!("cannot create the console file {}", path.display()))?,
-        ),
+        ConsoleSpec::File(path) => {
+            let created = || -> std::io::Result<File> {
+                // Appending, as the console log: the bound cuts it in place.
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?;
+                f.set_len(0)?;
+                Ok(f)
+            };
+            Box::new(ConsoleLog::new(created().with_context(|| {
+                format!("cannot create the console file {}", path.display())
+            })?))
+        }
     })
 }
 

@@ -543,10 +543,17 @@ fn serves_on_its_socket_and_finishes() {
         .write_all(b"line 2\n")
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
+    // The log is cut to its end (forkvm_registry::ConsoleLog): the follower goes on
+    // from the new start.
+    std::fs::write(&console, b"[cut]\nline 3\n").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
     c.shutdown().unwrap();
     assert!(server.stop_requested());
     server.finish(ExitRecord::new(0, forkvm_registry::Ending::Stopped));
-    assert_eq!(follower.join().unwrap(), b"line 1\nline 2\n");
+    assert_eq!(
+        String::from_utf8(follower.join().unwrap()).unwrap(),
+        "line 1\nline 2\n[cut]\nline 3\n"
+    );
     assert!(!sock.exists());
     let st = forkvm_registry::VmState::read(&state).unwrap();
     assert_eq!(st.status, Status::Exited);

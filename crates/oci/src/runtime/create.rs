@@ -179,7 +179,7 @@ fn create_in(
         child,
         vm::AGENT_DEADLINE + Duration::from_secs(30),
         ("the container's monitor", "the VM was ready"),
-        || forkvm_registry::home::tail(&dir.join(MONITOR_LOG), 10),
+        || forkvm_registry::tail(&dir.join(MONITOR_LOG), 10),
     )?;
     if let Some(pid_file) = &a.pid_file {
         write_pid_file(pid_file, pid)?;

@@ -1,0 +1,164 @@
+//! A VM's console log, bounded: the guest decides how much it prints, the host decides
+//! how much of it is kept.
+//!
+//! [`ConsoleLog`] appends the guest's serial output to `console.log` (which lives under
+//! the state root, by default on `/run`'s tmpfs: host memory). Once the file passes
+//! [`MAX_LOG`], its last [`KEEP_LOG`] bytes are moved to the front and the rest cut,
+//! behind a line saying so; readers that follow the file start over when it shrinks
+//! ([`tail`] and the API's console stream read only what they need).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// Size at which a console log is cut.
+pub const MAX_LOG: u64 = 16 << 20;
+/// What of it is kept when it is cut: its end.
+pub const KEEP_LOG: u64 = 8 << 20;
+/// How much is written between two checks of the file's size.
+const CHECK_EVERY: u64 = 256 << 10;
+/// The line a cut log starts with.
+pub const CUT_MARK: &[u8] = b"[forkvm: console log cut here; earlier output dropped]\n";
+
+/// A console log file that never grows much past [`MAX_LOG`].
+#[derive(Debug)]
+pub struct ConsoleLog {
+    /// The file, open for appending (the VM process's own messages append to it too).
+    file: File,
+    max: u64,
+    keep: u64,
+    since_check: u64,
+}
+
+impl ConsoleLog {
+    /// Bounds `file`, open for appending.
+    pub fn new(file: File) -> Self {
+        Self::with_limits(file, MAX_LOG, KEEP_LOG)
+    }
+
+    /// [`ConsoleLog::new`] with other limits (`keep` < `max`).
+    pub fn with_limits(file: File, max: u64, keep: u64) -> Self {
+        Self {
+            file,
+            max,
+            keep: keep.min(max),
+            since_check: 0,
+        }
+    }
+
+    /// The file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Cuts the file to its last `keep` bytes if it is past `max`.
+    fn cut_if_full(&mut self) -> std::io::Result<()> {
+        let len = self.file.metadata()?.len();
+        if len <= self.max {
+            return Ok(());
+        }
+        // The descriptor appends (writes ignore offsets); reopen the same file without
+        // O_APPEND to move its end to the front.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/self/fd/{fd}"))?;
+        let keep = self.keep.saturating_sub(CUT_MARK.len() as u64);
+        let mut tail = vec![0u8; keep as usize];
+        f.read_exact_at(&mut tail, len - keep)?;
+        // Start the kept part at a line.
+        let start = tail.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+        f.write_all_at(CUT_MARK, 0)?;
+        f.write_all_at(&tail[start..], CUT_MARK.len() as u64)?;
+        f.set_len((CUT_MARK.len() + tail.len() - start) as u64)
+    }
+}
+
+impl Write for ConsoleLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.since_check += n as u64;
+        if self.since_check >= CHECK_EVERY.min(self.max) {
+            self.since_check = 0;
+            // A log that cannot be cut keeps growing; the guest's output is not lost.
+            if let Err(e) = self.cut_if_full() {
+                tracing::debug!("cannot cut the console log: {e}");
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// The last `n` lines of a file (a VM's console log), for error messages, read from at
+/// most its last 64 KiB; empty when it cannot be read.
+pub fn tail(path: &Path, n: usize) -> String {
+    const MAX_TAIL: u64 = 64 << 10;
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut f = File::open(path)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(MAX_TAIL)))?;
+        let mut bytes = Vec::new();
+        f.take(MAX_TAIL).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    };
+    let text = read().unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn appending(path: &Path) -> File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_guest_that_prints_forever_keeps_the_log_bounded_and_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let (max, keep) = (1 << 20, 512 << 10);
+        let mut log = ConsoleLog::with_limits(appending(&path), max, keep);
+        for i in 0..100_000u32 {
+            writeln!(log, "line {i:08}").unwrap();
+            assert!(
+                log.file().metadata().unwrap().len() <= max + CHECK_EVERY,
+                "grew past the limit at line {i}"
+            );
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(std::str::from_utf8(CUT_MARK).unwrap()));
+        assert!(text.ends_with("line 00099999\n"), "the end is kept");
+        // Whole lines after the mark, in order.
+        let nums: Vec<u32> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.strip_prefix("line ").unwrap().parse().unwrap())
+            .collect();
+        assert!(nums.windows(2).all(|w| w[1] == w[0] + 1));
+        assert_eq!(tail(&path, 2), "line 00099998\nline 00099999");
+    }
+
+    #[test]
+    fn tail_reads_only_the_end_of_a_huge_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let f = appending(&path);
+        f.set_len(1 << 40).unwrap(); // a sparse terabyte
+        (&f).write_all(b"\nlast words\n").unwrap();
+        assert_eq!(tail(&path, 1), "last words");
+        assert_eq!(tail(&dir.path().join("missing"), 3), "");
+    }
+}

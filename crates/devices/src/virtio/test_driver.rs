@@ -1,13 +1,16 @@
-//! A guest driver for device unit tests: split virtqueues laid out as
-//! `MockSplitQueue` lays them out, in guest memory of their own, handed to a device
-//! activated directly (no transport, no KVM). The net and vsock tests drive their
-//! devices with it.
+//! A guest driver for device unit tests: split virtqueues in guest memory of their own
+//! (descriptor table, then the available ring, then the used ring on the next page:
+//! never overlapping, whatever the size), handed to a device activated directly (no
+//! transport, no KVM). The net and vsock tests drive their devices with it.
+//!
+//! (virtio-queue's `MockSplitQueue`, used before, lays a 256-entry queue's available
+//! ring over its used ring, so a test passing more than 128 chains through one queue
+//! ran on a corrupted ring.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -19,7 +22,7 @@ pub(crate) const MEM_SIZE: usize = 16 << 20;
 /// Where buffers are allocated from (the queues sit below, 64 KiB apart).
 const BUF_BASE: u64 = 0x10_0000;
 
-/// The driver's side of one split virtqueue laid out as `MockSplitQueue` lays it out.
+/// The driver's side of one split virtqueue.
 pub(crate) struct DriverQueue {
     desc: u64,
     avail: u64,
@@ -32,19 +35,44 @@ pub(crate) struct DriverQueue {
 }
 
 impl DriverQueue {
+    /// A queue of `size` entries at `base` (in zeroed memory); it takes
+    /// [`DriverQueue::span`] bytes.
     pub(crate) fn new(mem: &GuestMemory, base: u64, size: u16) -> (Self, Queue) {
-        let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
-        let queue: Queue = mock.create_queue().expect("queue");
+        let (desc, avail, used) = Self::layout(base, size);
+        let mut queue = Queue::new(size).expect("queue size");
+        queue.set_size(size);
+        queue.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
+        queue.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
+        queue.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+        queue.set_ready(true);
+        assert!(queue.is_valid(mem), "the test queue's layout is invalid");
         let dq = DriverQueue {
-            desc: mock.desc_table_addr().0,
-            avail: mock.avail_addr().0,
-            used: mock.used_addr().0,
+            desc,
+            avail,
+            used,
             size,
             next_desc: 0,
             last_used: 0,
             chains: HashMap::new(),
         };
         (dq, queue)
+    }
+
+    /// Where a queue of `size` entries at `base` has its descriptor table, available
+    /// ring and used ring.
+    fn layout(base: u64, size: u16) -> (u64, u64, u64) {
+        let size = u64::from(size);
+        let desc = base;
+        let avail = desc + 16 * size;
+        // flags, idx, the ring, used_event
+        let used = (avail + 4 + 2 * size + 2).next_multiple_of(4096);
+        (desc, avail, used)
+    }
+
+    /// Bytes a queue of `size` entries takes.
+    pub(crate) fn span(size: u16) -> u64 {
+        let (_, _, used) = Self::layout(0, size);
+        used + 4 + 8 * u64::from(size) + 2
     }
 
     /// Makes a chain of `(addr, len, device_writable)` buffers available.
@@ -118,6 +146,7 @@ impl Driver {
         let mut drivers = Vec::new();
         let mut queues = Vec::new();
         for (i, &size) in dev.queue_max_sizes().to_vec().iter().enumerate() {
+            assert!(DriverQueue::span(size) <= 0x1_0000, "queue {i} too large");
             let (dq, queue) = DriverQueue::new(&mem, 0x1_0000 * i as u64, size);
             let kick = EventFd::new(EFD_NONBLOCK).unwrap();
             kicks.push(kick.try_clone().unwrap());

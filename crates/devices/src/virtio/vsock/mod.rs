@@ -196,6 +196,7 @@ impl Vsock {
                 closing: Vec::new(),
                 next_local_port: FIRST_LOCAL_PORT,
                 scratch: vec![0; MAX_PKT_PAYLOAD],
+                max_conns: muxer::MAX_CONNECTIONS,
             },
             activation,
             listener_registered: false,

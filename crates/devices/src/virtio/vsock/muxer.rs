@@ -4,6 +4,15 @@
 #[allow(unused_imports)]
 use super::*;
 
+/// Most connections one device holds at once, host- and guest-initiated, handshakes
+/// included (each holds a host descriptor and up to 256 KiB of buffers): a guest that
+/// opens more gets RST, a host client past it is closed at once.
+pub(super) const MAX_CONNECTIONS: usize = 1023;
+/// Most control packets queued for the guest. Resets for packets to no connection are
+/// not queued past it: a guest flooding ports that nobody listens on costs bounded
+/// memory (every other control packet belongs to a connection, which are bounded).
+pub(super) const MAX_CONTROL: usize = 256;
+
 /// A packet the device owes the guest that carries no payload.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Control {
@@ -31,6 +40,8 @@ pub(super) struct Muxer {
     pub(super) closing: Vec<UnixStream>,
     pub(super) next_local_port: u32,
     pub(super) scratch: Vec<u8>,
+    /// [`MAX_CONNECTIONS`] (lower in tests).
+    pub(super) max_conns: usize,
 }
 
 impl Muxer {
@@ -49,7 +60,7 @@ impl Muxer {
 
     /// Answers a guest packet that has no connection with `OP_RST` (never an RST to an RST).
     pub(super) fn reply_rst(&mut self, hdr: &Header) {
-        if hdr.op != OP_RST {
+        if hdr.op != OP_RST && self.control.len() < MAX_CONTROL {
             self.queue_control(hdr.dst_port, hdr.src_port, OP_RST, 0);
         }
     }
@@ -59,6 +70,10 @@ impl Muxer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if self.conns.len() >= self.max_conns {
+                        tracing::debug!("vsock: connection limit reached; closing a host client");
+                        continue;
+                    }
                     if let Err(e) = stream.set_nonblocking(true) {
                         crate::guest_warn!(error = %e, "vsock: dropping a host client");
                         continue;
@@ -314,19 +329,20 @@ impl Muxer {
             tracing::debug!("vsock: REQUEST for an existing connection; resetting it");
             return self.close(fd, true);
         }
+        if self.conns.len() >= self.max_conns {
+            tracing::debug!("vsock: connection limit reached; refusing the guest's");
+            return self.reply_rst(hdr);
+        }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", hdr.dst_port));
-        let stream = match UnixStream::connect(&path) {
+        // Never blocks the event loop: a listener whose backlog is full refuses.
+        let stream = match connect_nonblocking(&path) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(path = ?path, error = %e, "vsock: guest connect refused");
                 return self.reply_rst(hdr);
             }
         };
-        if let Err(e) = stream.set_nonblocking(true) {
-            crate::guest_warn!(error = %e, "vsock: cannot make a host stream non-blocking");
-            return self.reply_rst(hdr);
-        }
         let fd = stream.as_raw_fd();
         let mut conn = Connection::new(stream, ConnState::Established, hdr.dst_port, hdr.src_port);
         conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
@@ -435,6 +451,52 @@ pub(super) fn header(cid: u64, local_port: u32, peer_port: u32, op: u16) -> Head
 }
 
 /// Parses `CONNECT <port>` (an optional trailing `\r` allowed).
+/// Connects a non-blocking Unix stream socket to `path`; where a blocking connect
+/// would wait (the listener's backlog is full) it fails with `EAGAIN` instead.
+pub(super) fn connect_nonblocking(path: &std::ffi::OsStr) -> io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_bytes();
+    // SAFETY: sockaddr_un is plain old data, valid all zeros.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a usable socket path (too long or with a NUL)",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: socket takes no pointers; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new socket that nothing else owns.
+    let stream = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    // SAFETY: `addr` is an initialised sockaddr_un that outlives the call, and `len`
+    // (its family, the path and its NUL) is within it.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
 pub(super) fn parse_connect(line: &[u8]) -> Option<u32> {
     let line = std::str::from_utf8(line).ok()?;
     let line = line.strip_suffix('\r').unwrap_or(line);

@@ -1,5 +1,5 @@
-//! Tests for virtio-vsock: a mock driver (`MockSplitQueue`-laid-out rings in a
-//! `GuestMemoryMmap`) drives the activated device directly, without a transport or KVM.
+//! Tests for virtio-vsock: the test driver's rings in a `GuestMemoryMmap` drive the
+//! activated device directly, without a transport or KVM.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -617,4 +617,76 @@ fn event_manager_drives_a_connection() {
     dev.reset_transport(11).unwrap();
     run(&mut em);
     assert!(g.ev.pop_used(&g.drv.mem).is_some());
+}
+
+#[test]
+fn a_flood_of_packets_to_nowhere_queues_a_bounded_number_of_resets() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    // No rx buffers: nothing the device owes the guest can leave.
+    for i in 0..2000u32 {
+        g.send(&mut dev, from_guest(OP_RW, 10_000 + i, 60), b"x");
+    }
+    assert_eq!(dev.muxer.control.len(), super::muxer::MAX_CONTROL);
+    let mut resets = 0;
+    for _ in 0..8 {
+        g.post_rx_buffers(64);
+        dev.process_queues();
+        while let Some((h, _)) = g.recv() {
+            assert_eq!(h.op, OP_RST);
+            resets += 1;
+        }
+    }
+    assert_eq!(resets, super::muxer::MAX_CONTROL);
+}
+
+#[test]
+fn connections_past_the_limit_are_refused_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    dev.muxer.max_conns = 2;
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(8);
+    let _listener = UnixListener::bind(dir.path().join("v.sock_52")).unwrap();
+    let mut ops = Vec::new();
+    for src in [5000, 5001, 5002] {
+        g.send(&mut dev, from_guest(OP_REQUEST, src, 52), &[]);
+        ops.push(g.recv().expect("an answer").0.op);
+    }
+    assert_eq!(ops, [OP_RESPONSE, OP_RESPONSE, OP_RST]);
+    assert_eq!(dev.muxer.conns.len(), 2);
+    // A host client past the limit is closed at once.
+    let mut c = client(&dir);
+    dev.muxer.accept_clients();
+    let mut buf = [0u8; 1];
+    assert_eq!(c.read(&mut buf).unwrap(), 0, "closed, not kept waiting");
+    assert_eq!(dev.muxer.conns.len(), 2);
+}
+
+#[test]
+fn a_guest_connect_to_a_full_listener_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(4);
+    let path = dir.path().join("v.sock_53");
+    let _listener = UnixListener::bind(&path).unwrap();
+    // Fill its backlog: nobody accepts.
+    let mut queued = Vec::new();
+    loop {
+        match super::muxer::connect_nonblocking(path.as_os_str()) {
+            Ok(s) => queued.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(queued.len() < 100_000, "the backlog never filled");
+    }
+    let t0 = std::time::Instant::now();
+    g.send(&mut dev, from_guest(OP_REQUEST, 5003, 53), &[]);
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "the event loop blocked"
+    );
+    assert_eq!(g.recv().expect("an answer").0.op, OP_RST);
 }

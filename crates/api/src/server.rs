@@ -162,6 +162,7 @@ fn control_error(e: ControlError) -> Reply {
         ControlError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
         ControlError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         ControlError::Gone => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        ControlError::TimedOut(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
     };
     error_reply(status, kind, e.to_string())
 }

@@ -161,4 +161,7 @@ pub enum ControlError {
     /// The VMM is gone.
     #[error("the VMM is not running")]
     Gone,
+    /// The VMM did not answer within the request's deadline (busy or stuck).
+    #[error("{0}")]
+    TimedOut(String),
 }

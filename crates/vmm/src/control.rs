@@ -2,8 +2,9 @@
 //! wakes the event loop, where requests are served with the devices quiescent. The
 //! requests and answers are the API's wire types ([`forkvm_api::wire`]).
 
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use forkvm_api::wire::{
     ChildInfo, ChildSpec, ControlError, DeviceInfo, ForkOutcome, ForkRequest, Request, Response,
@@ -34,12 +35,54 @@ pub struct ControlHandle {
 }
 
 impl ControlHandle {
-    /// Sends `req` and waits for the answer.
+    /// Sends `req` and waits for the answer, at most [`deadline`]`(&req)`: a VMM that
+    /// does not answer by then is an error ([`ControlError::TimedOut`]), not a hang.
     pub fn call(&self, req: Request) -> Result<Response, ControlError> {
+        self.call_within(req, None)
+    }
+
+    /// [`ControlHandle::call`] with another deadline than the request's own.
+    pub fn call_within(
+        &self,
+        req: Request,
+        limit: Option<Duration>,
+    ) -> Result<Response, ControlError> {
+        let limit = limit.unwrap_or_else(|| deadline(&req));
+        let what = request_name(&req);
         let (tx, rx) = channel();
         self.tx.send((req, tx)).map_err(|_| ControlError::Gone)?;
         self.wake.write(1).map_err(|_| ControlError::Gone)?;
-        rx.recv().map_err(|_| ControlError::Gone)?
+        match rx.recv_timeout(limit) {
+            Ok(answer) => answer,
+            Err(RecvTimeoutError::Disconnected) => Err(ControlError::Gone),
+            Err(RecvTimeoutError::Timeout) => Err(ControlError::TimedOut(format!(
+                "the VMM did not answer {what} within {} s (busy or stuck)",
+                limit.as_secs_f64()
+            ))),
+        }
+    }
+}
+
+/// How long a request may take to be answered: seconds for the quick ones; a fork as
+/// long as its children may take to start ([`crate::fork::start_deadline`]) and a
+/// template save as long as writing the guest's memory may.
+pub fn deadline(req: &Request) -> Duration {
+    match req {
+        Request::Info | Request::Pause | Request::Resume | Request::Stop => Duration::from_secs(10),
+        Request::Fork(f) => crate::fork::start_deadline(f.count) + Duration::from_secs(30),
+        Request::SaveTemplate(_) => Duration::from_secs(600),
+    }
+}
+
+/// A request's name in messages.
+fn request_name(req: &Request) -> &'static str {
+    match req {
+        Request::Info => "info",
+        Request::Pause => "pause",
+        Request::Resume => "resume",
+        Request::Stop => "stop",
+        Request::Fork(_) => "fork",
+        Request::SaveTemplate(_) => "template save",
     }
 }
 
@@ -67,4 +110,43 @@ pub(crate) fn control_channel() -> std::io::Result<(ControlHandle, ControlInbox)
         },
         ControlInbox { rx, wake },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vmm_that_does_not_answer_is_a_timeout_not_a_hang() {
+        let (handle, inbox) = control_channel().unwrap();
+        let t0 = std::time::Instant::now();
+        let e = handle
+            .call_within(Request::Pause, Some(Duration::from_millis(200)))
+            .unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert_eq!(
+            e,
+            ControlError::TimedOut(
+                "the VMM did not answer pause within 0.2 s (busy or stuck)".into()
+            )
+        );
+        // The request stayed queued; answering it later harms nothing.
+        let (req, reply) = inbox.rx.try_recv().unwrap();
+        assert_eq!(req, Request::Pause);
+        let _ = reply.send(Ok(Response::Done));
+        drop(inbox);
+        assert_eq!(handle.call(Request::Info), Err(ControlError::Gone));
+    }
+
+    #[test]
+    fn deadlines_fit_the_request() {
+        assert_eq!(deadline(&Request::Stop), Duration::from_secs(10));
+        let fork = |count| {
+            deadline(&Request::Fork(ForkRequest {
+                count,
+                ..ForkRequest::default()
+            }))
+        };
+        assert!(fork(100) > fork(1) + Duration::from_secs(90));
+    }
 }

@@ -38,6 +38,11 @@ const CHILD_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// What each child of a fork adds to [`CHILD_START_TIMEOUT`].
 const CHILD_START_EACH: Duration = Duration::from_secs(1);
 
+/// How long the children of a fork of `count` may take to report that they run.
+pub fn start_deadline(count: u32) -> Duration {
+    CHILD_START_TIMEOUT + CHILD_START_EACH * count.min(MAX_CHILDREN)
+}
+
 /// What a fork child starts from: the fork's [`ForkState`] and its own identity (its
 /// memory files travel beside it).
 #[derive(Debug)]
@@ -366,8 +371,7 @@ impl Launching {
         );
         let mut children = Vec::with_capacity(started.len());
         let mut failure = None;
-        let deadline =
-            Instant::now() + CHILD_START_TIMEOUT + CHILD_START_EACH * started.len() as u32;
+        let deadline = Instant::now() + start_deadline(started.len() as u32);
         for (child, identity, warm) in started {
             let pid = child.pid();
             let left = deadline

@@ -361,6 +361,10 @@ fn control_errors_map_to_statuses() {
             StatusCode::INTERNAL_SERVER_ERROR,
         ),
         (ControlError::Gone, StatusCode::SERVICE_UNAVAILABLE),
+        (
+            ControlError::TimedOut("x".into()),
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
     ] {
         assert_eq!(control_error(e).status(), want);
     }

@@ -129,6 +129,11 @@ pub enum ActivateError {
     Signal(#[source] std::io::Error),
 }
 
+/// Most chains a device serves from one queue per event before it kicks itself for the
+/// rest: a guest that keeps posting cannot keep the device loop (which also serves the
+/// VM's control requests and the other devices) to itself.
+pub const MAX_CHAINS_PER_EVENT: usize = 64;
+
 /// One queue as handed to a device at activation: the queue and the eventfd the guest
 /// kicks it through.
 #[derive(Debug)]
@@ -137,6 +142,16 @@ pub struct ActiveQueue {
     pub queue: virtio_queue::Queue,
     /// Written (through KVM's ioeventfd) when the guest notifies this queue.
     pub kick: EventFd,
+}
+
+impl ActiveQueue {
+    /// Kicks the queue again after `device` served [`MAX_CHAINS_PER_EVENT`] chains of
+    /// it: the loop comes back to the rest after the other events waiting.
+    pub fn rekick(&self, device: &str) {
+        if let Err(e) = self.kick.write(1) {
+            crate::guest_error!(error = %e, device, "cannot re-kick a queue");
+        }
+    }
 }
 
 /// A driver's read of `data.len()` bytes at `offset` of a configuration space whose

@@ -215,7 +215,12 @@ impl Block {
         let mem = &active.mem;
         let queue = &mut active.queues[0].queue;
         let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let mut served = 0;
+        while served < super::MAX_CHAINS_PER_EVENT {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            served += 1;
             let head = chain.head_index();
             let descs: Vec<_> = chain.collect();
             let used_len = request::execute(mem, &disk, &descs, &mut self.buf);
@@ -224,6 +229,9 @@ impl Block {
                 continue;
             }
             used_any = true;
+        }
+        if served == super::MAX_CHAINS_PER_EVENT {
+            active.queues[0].rekick("virtio-blk");
         }
         if used_any {
             active.notify_used(0, "virtio-blk");

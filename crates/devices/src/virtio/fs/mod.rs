@@ -45,8 +45,7 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const REQUEST_QUEUES: u32 = 1;
 /// Longest tag the configuration space holds, in bytes.
 pub const MAX_TAG_LEN: usize = 36;
-/// Most chains one queue serves per event before the device kicks itself for the rest.
-pub const MAX_CHAINS_PER_EVENT: usize = 64;
+pub use super::MAX_CHAINS_PER_EVENT;
 /// How long the guest may cache names and attributes before it asks again: the host may
 /// change the directory under it (the same default as virtiofsd's `cache=auto`).
 pub const CACHE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -215,9 +214,7 @@ impl Fs {
         }
         if served == MAX_CHAINS_PER_EVENT && aq.queue.is_valid(mem) {
             // More may be waiting: come back after the other devices' events.
-            if let Err(e) = aq.kick.write(1) {
-                crate::guest_error!(error = %e, "virtio-fs: cannot re-kick the queue");
-            }
+            aq.rekick("virtio-fs");
         }
         if served > 0 {
             active.notify_used(index, "virtio-fs");

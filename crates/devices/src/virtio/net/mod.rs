@@ -332,7 +332,12 @@ impl Net {
         }
         let queue = &mut active.queues[TX_QUEUE].queue;
         let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
+        let mut served = 0;
+        while served < super::MAX_CHAINS_PER_EVENT {
+            let Some(chain) = queue.pop_descriptor_chain(&active.mem) else {
+                break;
+            };
+            served += 1;
             let head = chain.head_index();
             let mut frame = Vec::new();
             let read = chain
@@ -364,8 +369,11 @@ impl Net {
             if let WriteOutcome::Blocked = write_frame(&self.backend, &frame) {
                 // Keep it; the backend's writability resumes tx.
                 self.tx_pending = Some(frame);
-                break;
+                return used;
             }
+        }
+        if served == super::MAX_CHAINS_PER_EVENT {
+            active.queues[TX_QUEUE].rekick("net");
         }
         used
     }

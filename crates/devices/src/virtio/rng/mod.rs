@@ -74,7 +74,12 @@ impl Rng {
         let mem = &active.mem;
         let queue = &mut active.queues[0].queue;
         let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let mut served = 0;
+        while served < super::MAX_CHAINS_PER_EVENT {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            served += 1;
             let head = chain.head_index();
             let mut written: u32 = 0;
             for desc in chain {
@@ -103,6 +108,9 @@ impl Rng {
                 continue;
             }
             used_any = true;
+        }
+        if served == super::MAX_CHAINS_PER_EVENT {
+            active.queues[0].rekick("virtio-rng");
         }
         if used_any {
             active.notify_used(0, "virtio-rng");

@@ -277,10 +277,15 @@ impl Vsock {
             return false;
         };
         let mut used = false;
-        while let Some(chain) = active.queues[TX_QUEUE]
-            .queue
-            .pop_descriptor_chain(&active.mem)
-        {
+        let mut served = 0;
+        while served < super::MAX_CHAINS_PER_EVENT {
+            let Some(chain) = active.queues[TX_QUEUE]
+                .queue
+                .pop_descriptor_chain(&active.mem)
+            else {
+                break;
+            };
+            served += 1;
             let head = chain.head_index();
             match chain.reader(&active.mem) {
                 Ok(mut reader) => {
@@ -315,6 +320,9 @@ impl Vsock {
                 crate::guest_error!(error = %e, "vsock: cannot return a tx buffer");
             }
             used = true;
+        }
+        if served == super::MAX_CHAINS_PER_EVENT {
+            active.queues[TX_QUEUE].rekick("vsock");
         }
         used
     }

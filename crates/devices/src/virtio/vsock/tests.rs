@@ -690,3 +690,27 @@ fn a_guest_connect_to_a_full_listener_is_refused_without_blocking() {
     );
     assert_eq!(g.recv().expect("an answer").0.op, OP_RST);
 }
+
+#[test]
+fn a_guest_posting_without_pause_is_served_a_budget_per_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    let budget = crate::virtio::MAX_CHAINS_PER_EVENT;
+    for i in 0..(budget + 36) as u32 {
+        g.queue_tx(from_guest(OP_RST, 20_000 + i, 61), &[]);
+    }
+    dev.process_queues();
+    let mut returned = 0;
+    while g.tx.pop_used(&g.drv.mem).is_some() {
+        returned += 1;
+    }
+    assert_eq!(returned, budget, "one event serves one budget");
+    // The device kicked itself for the rest: the loop comes back after other events.
+    assert_eq!(g.drv.kicks[TX_QUEUE].read().unwrap(), 1);
+    dev.process_queues();
+    while g.tx.pop_used(&g.drv.mem).is_some() {
+        returned += 1;
+    }
+    assert_eq!(returned, budget + 36);
+}

@@ -189,7 +189,7 @@ impl Staging {
         } = parts;
         let config_what = format!("config {config_digest} of {source}");
         let config_path = self.staged(config_digest)?;
-        let bytes = fs::read(config_path).map_err(io_err("reading", config_path))?;
+        let bytes = read_capped(config_path, MAX_JSON)?;
         let config: ConfigFile = parse_json(&bytes, &config_what)?;
         let diff_ids = &config.rootfs.diff_ids;
         if diff_ids.len() != layers.len() {
@@ -364,6 +364,28 @@ pub(crate) mod failpoint {
     }
 }
 
+/// Reads the JSON document at `path`, refusing one larger than `limit` bytes before
+/// reading it (a blob's descriptor may lie about its size).
+pub(crate) fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, Error> {
+    let file = fs::File::open(path).map_err(io_err("reading", path))?;
+    let size = file.metadata().map_err(io_err("reading", path))?.len();
+    let too_large = |size: u64| Error::InvalidImage {
+        what: path.display().to_string(),
+        reason: format!("{size} bytes, more than the {limit} allowed for a JSON document"),
+    };
+    if size > limit {
+        return Err(too_large(size));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err("reading", path))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,5 +437,15 @@ mod tests {
         assert_eq!(reopened.list().unwrap(), before);
         let again = reopened.load(&second, None, &NoProgress).unwrap();
         assert_eq!(reopened.get("second:1").unwrap().id, again[0].id);
+    }
+
+    #[test]
+    fn a_json_blob_over_its_limit_is_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config");
+        fs::write(&p, vec![b' '; 2048]).unwrap();
+        assert_eq!(read_capped(&p, 4096).unwrap().len(), 2048);
+        let e = read_capped(&p, 1024).unwrap_err().to_string();
+        assert!(e.contains("2048 bytes, more than the 1024 allowed"), "{e}");
     }
 }

@@ -28,6 +28,12 @@ use crate::store::remove_any;
 
 /// Symlinks followed at most while resolving one path (Linux's limit).
 const MAX_SYMLINKS: usize = 40;
+/// Most bytes of file contents one image's layers may unpack to, all layers together: a
+/// layer that decompresses without end (a gzip bomb) stops here with an error instead
+/// of filling the host's disk.
+pub(crate) const MAX_IMAGE_BYTES: u64 = 32 << 30;
+/// Most entries one image's layers may hold, all layers together (an inode bomb).
+pub(crate) const MAX_IMAGE_ENTRIES: u64 = 4_000_000;
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
@@ -36,13 +42,28 @@ pub(crate) struct Unpacker {
     root: PathBuf,
     /// Directory mtimes, applied at the end (adding entries changes them).
     dir_times: HashMap<PathBuf, u64>,
+    /// File bytes and entries unpacked so far, and their limits.
+    bytes: u64,
+    entries: u64,
+    max_bytes: u64,
+    max_entries: u64,
 }
 
 impl Unpacker {
     pub(crate) fn new(root: &Path) -> Self {
+        Self::with_quota(root, MAX_IMAGE_BYTES, MAX_IMAGE_ENTRIES)
+    }
+
+    /// An unpacker that stops after `max_bytes` of file contents or `max_entries`
+    /// entries, all layers together.
+    pub(crate) fn with_quota(root: &Path, max_bytes: u64, max_entries: u64) -> Self {
         Self {
             root: root.to_path_buf(),
             dir_times: HashMap::new(),
+            bytes: 0,
+            entries: 0,
+            max_bytes,
+            max_entries,
         }
     }
 
@@ -65,6 +86,23 @@ impl Unpacker {
                 layer,
                 path: &shown,
             };
+            // The quota counts what the archive says before anything is written.
+            self.entries += 1;
+            self.bytes = self
+                .bytes
+                .saturating_add(entry.header().size().unwrap_or(0));
+            if self.entries > self.max_entries {
+                return Err(ctx.over_quota(format!(
+                    "the image has more than {} files and directories",
+                    self.max_entries
+                )));
+            }
+            if self.bytes > self.max_bytes {
+                return Err(ctx.over_quota(format!(
+                    "the image unpacks to more than {} bytes",
+                    self.max_bytes
+                )));
+            }
             let parts =
                 split_path(&raw).ok_or_else(|| ctx.unsafe_path("it climbs out of the root"))?;
             let Some((name, parents)) = parts.split_last() else {
@@ -309,6 +347,15 @@ impl Ctx<'_> {
         }
     }
 
+    fn over_quota(&self, what: String) -> Error {
+        self.io(io::Error::new(
+            io::ErrorKind::FileTooLarge,
+            format!(
+                "{what}: refused (a limit of forkvm's, against archives that expand without end)"
+            ),
+        ))
+    }
+
     fn io(&self, source: io::Error) -> Error {
         Error::Unpack {
             layer: self.layer.to_string(),
@@ -462,6 +509,46 @@ mod tests {
 
     fn read(p: &Path) -> String {
         fs::read_to_string(p).unwrap()
+    }
+
+    /// An error and its causes on one line.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            s += &format!(": {c}");
+            cur = c.source();
+        }
+        s
+    }
+
+    #[test]
+    fn layers_that_expand_past_the_quota_are_refused_naming_the_entry() {
+        let sandbox = tempfile::tempdir().unwrap();
+        let root = sandbox.path().join("rootfs");
+        fs::create_dir(&root).unwrap();
+        let mut u = Unpacker::with_quota(&root, 100, 10);
+        let data = "x".repeat(64);
+        u.apply(&Layer::new().file("a", &data).bytes()[..], "layer0")
+            .unwrap();
+        // The second layer's file passes the byte quota, all layers together.
+        let e = u
+            .apply(&Layer::new().file("b", &data).bytes()[..], "layer1")
+            .unwrap_err();
+        let msg = chain(&e);
+        assert!(
+            msg.contains("layer1") && msg.contains("b") && msg.contains("more than 100 bytes"),
+            "{msg}"
+        );
+        assert!(!root.join("b").exists(), "refused before it was written");
+        let mut many = Layer::new();
+        for i in 0..12 {
+            many = many.dir(&format!("d{i}/"));
+        }
+        let mut u = Unpacker::with_quota(&root, 100, 10);
+        let e = u.apply(&many.bytes()[..], "layer2").unwrap_err();
+        let msg = chain(&e);
+        assert!(msg.contains("more than 10 files and directories"), "{msg}");
     }
 
     #[test]

@@ -10,14 +10,14 @@
 //! state pointed at another disk, its memory patched, a checksum recomputed) is
 //! refused, as is a template saved on another host. Loading checks the state file's
 //! frame (magic, version, size, checksum) and MAC, and the memory file's length and
-//! MAC, before anything is used, with an error that says what is wrong. Children map
-//! `memory.raw` copy-on-write, so it must not change while they live; it is saved
-//! read-only.
+//! MAC, before anything is used, with an error that says what is wrong. The memory is
+//! checked while it is copied into a sealed memory file, which the children map
+//! copy-on-write: what they run is what was checked, and the template's files may
+//! change or go while they live (`memory.raw` is saved read-only all the same).
 
 pub mod key;
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -257,22 +257,38 @@ impl Unverified {
             .ok()
     }
 
-    /// Checks the memory file against the template's MAC.
+    /// Copies the memory file into a sealed memory file while checking it against the
+    /// template's MAC: children map the copy, exactly what was checked, so a later
+    /// change of the file (written, truncated, removed) cannot reach them. Only pages
+    /// that are not all zeros are stored in the copy.
     pub fn verify(self, key: &TemplateKey) -> Result<Template, TemplateError> {
         let Self {
             state,
             memory,
             mem_path,
         } = self;
+        let copy_failed = |e: crate::memory::MemoryError| TemplateError::Memory {
+            path: mem_path.clone(),
+            problem: format!("cannot copy it into memory: {}", error_chain(&e)),
+        };
+        let copy = crate::memory::create_memfd(c"forkvm-template-memory").map_err(copy_failed)?;
+        copy.set_len(state.memory_len).map_err(io(&mem_path))?;
         let mut digest = key.hasher(MEMORY_CONTEXT);
-        let mut reader = std::io::BufReader::with_capacity(1 << 20, &memory);
         let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = reader.read(&mut buf).map_err(io(&mem_path))?;
-            if n == 0 {
-                break;
+        let zero = [0u8; PAGE];
+        let mut at = 0u64;
+        while at < state.memory_len {
+            let want = (state.memory_len - at).min(buf.len() as u64) as usize;
+            let chunk = &mut buf[..want];
+            memory.read_exact_at(chunk, at).map_err(io(&mem_path))?;
+            digest.update(chunk);
+            for (i, page) in chunk.chunks(PAGE).enumerate() {
+                if page != &zero[..page.len()] {
+                    copy.write_all_at(page, at + (i * PAGE) as u64)
+                        .map_err(io(&mem_path))?;
+                }
             }
-            digest.update(&buf[..n]);
+            at += want as u64;
         }
         if !key::same_mac(digest.finalize().as_bytes(), &state.memory_mac) {
             return Err(TemplateError::Memory {
@@ -280,7 +296,11 @@ impl Unverified {
                 problem: "its MAC does not match the template's: the memory was modified".into(),
             });
         }
-        Ok(Template { state, memory })
+        crate::memory::seal(&copy).map_err(copy_failed)?;
+        Ok(Template {
+            state,
+            memory: copy,
+        })
     }
 }
 
@@ -388,6 +408,8 @@ impl Template {
 mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
+    use std::os::fd::AsRawFd;
+
     use super::*;
     use crate::config::VmConfig;
     use crate::memory::{ram_ranges, GuestMemory};
@@ -431,6 +453,31 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o222, 0, "memory file is read-only");
+    }
+
+    /// Children map a sealed copy of what was checked: the file changing or going
+    /// after the check (a truncation would SIGBUS a child mapping it) reaches nothing.
+    #[test]
+    fn children_get_a_sealed_copy_of_the_checked_memory() {
+        let (dir, key) = saved();
+        let t = Template::load(dir.path(), &key).unwrap();
+        let path = dir.path().join(MEMORY_FILE);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let mut b = [0u8; 13];
+        t.memory.read_exact_at(&mut b, 0x3000).unwrap();
+        assert_eq!(&b, b"template page");
+        assert_eq!(t.memory.metadata().unwrap().len(), 1 << 20);
+        // SAFETY: F_GET_SEALS on a descriptor the template owns.
+        let seals = unsafe { libc::fcntl(t.memory.as_raw_fd(), libc::F_GET_SEALS) };
+        let want = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        assert_eq!(seals & want, want, "seals {seals:#x}");
     }
 
     #[test]

@@ -292,4 +292,36 @@ mod tests {
             assert!(Frame::read_from(&mut &wire[..]).is_err(), "{wire:?}");
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Whatever a hostile agent (or host) sends, reading frames ends in frames or an
+        /// error, never a panic or a payload past the limit.
+        #[test]
+        fn arbitrary_bytes_read_as_frames_or_errors(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            big_len in proptest::prelude::any::<u32>(),
+        ) {
+            let mut r = &bytes[..];
+            while let Ok(Some(frame)) = Frame::read_from(&mut r) {
+                let encoded = frame.encode().unwrap();
+                proptest::prop_assert!(encoded.len() <= HEADER_LEN + MAX_PAYLOAD);
+            }
+            // A header claiming any length never makes the reader allocate past it.
+            let mut header = vec![kind::STDOUT];
+            header.extend_from_slice(&big_len.to_be_bytes());
+            let got = Frame::read_from(&mut &header[..]);
+            if big_len as usize > MAX_PAYLOAD {
+                let oversize = matches!(got, Err(FrameError::Oversize { .. }));
+                proptest::prop_assert!(oversize);
+            }
+        }
+
+        /// Request lines from a hostile host: parsed or refused, never a panic.
+        #[test]
+        fn arbitrary_request_lines_parse_or_are_refused(line in ".{0,300}") {
+            let _ = crate::protocol::parse_request(&line);
+        }
+    }
 }

@@ -483,6 +483,18 @@ mod tests {
             self
         }
 
+        /// A raw entry of `kind`: name and link target written as given, bypassing the
+        /// builder's checks.
+        fn raw(mut self, kind: EntryType, path: &[u8], target: &[u8], data: &str) -> Self {
+            let mut h = Self::header(kind, 0o755);
+            h.as_old_mut().name[..path.len()].copy_from_slice(path);
+            h.as_old_mut().linkname[..target.len()].copy_from_slice(target);
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+            self.0.append(&h, data.as_bytes()).unwrap();
+            self
+        }
+
         fn bytes(self) -> Vec<u8> {
             self.0.into_inner().unwrap()
         }
@@ -520,6 +532,67 @@ mod tests {
             cur = c.source();
         }
         s
+    }
+
+    /// One entry of a hostile layer: its kind, a path built from hostile pieces and a
+    /// link target built from them too.
+    fn hostile_entry() -> impl proptest::strategy::Strategy<Value = (u8, String, String)> {
+        use proptest::prelude::*;
+        let piece = prop::sample::select(vec![
+            "..",
+            ".",
+            "etc",
+            "a",
+            "b",
+            "/",
+            "//",
+            ".wh.a",
+            ".wh..wh..opq",
+            "link",
+            "x",
+        ]);
+        let path = prop::collection::vec(piece.clone(), 1..5).prop_map(|p| p.join("/"));
+        let target = prop::collection::vec(piece, 1..5).prop_map(|p| p.join("/"));
+        (0u8..5, path, target)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Layers of entries with hostile paths (`..`, absolute, whiteouts) and symlinks
+        /// and hard links pointing anywhere, in any order: unpacked or refused, and
+        /// nothing is ever written outside the root.
+        #[test]
+        fn hostile_layers_never_write_outside_the_root(
+            layers in proptest::collection::vec(proptest::collection::vec(hostile_entry(), 1..12), 1..3)
+        ) {
+            let sandbox = tempfile::tempdir().unwrap();
+            let root = sandbox.path().join("rootfs");
+            fs::create_dir(&root).unwrap();
+            let mut u = Unpacker::new(&root);
+            for (i, entries) in layers.iter().enumerate() {
+                let mut l = Layer::new();
+                for (kind, path, target) in entries {
+                    let (p, t) = (path.as_bytes(), target.as_bytes());
+                    l = match kind {
+                        0 => l.raw(EntryType::Regular, p, b"", "data"),
+                        1 => l.raw(EntryType::Directory, p, b"", ""),
+                        2 => l.raw(EntryType::Symlink, p, t, ""),
+                        3 => l.raw(EntryType::Link, p, t, ""),
+                        _ => l.raw(EntryType::Regular, b"link/x", b"", "through the link"),
+                    };
+                }
+                if u.apply(&l.bytes()[..], &format!("layer{i}")).is_err() {
+                    break;
+                }
+            }
+            let outside: Vec<_> = fs::read_dir(sandbox.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|n| n != "rootfs")
+                .collect();
+            proptest::prop_assert!(outside.is_empty(), "written outside the root: {outside:?}");
+        }
     }
 
     #[test]

@@ -273,4 +273,35 @@ mod tests {
             Err(FormatError::TooLarge(n)) if n == MAX_PAYLOAD + 4096
         ));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// A hostile state file: any payload under a valid frame (the checksum
+        /// recomputed, as a forger would) decodes or is refused, never a panic or an
+        /// allocation past the payload limit (a length prefix claiming 2^60 elements).
+        #[test]
+        fn arbitrary_payloads_in_a_valid_frame_decode_or_are_refused(
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            flips in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 0..8),
+        ) {
+            for p in [payload, {
+                // And small changes to a real one.
+                let mut real = encode(&sample()).unwrap()[HEADER_LEN..].to_vec();
+                for (at, x) in &flips {
+                    let n = real.len();
+                    real[at % n] ^= x;
+                }
+                real
+            }] {
+                let mut blob = Vec::new();
+                blob.extend_from_slice(&MAGIC);
+                blob.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+                blob.extend_from_slice(&(p.len() as u64).to_le_bytes());
+                blob.extend_from_slice(&CRC.checksum(&p).to_le_bytes());
+                blob.extend_from_slice(&p);
+                let _ = decode::<State>(&blob);
+            }
+        }
+    }
 }

@@ -26,6 +26,8 @@ use activation::Activation;
 pub mod activation;
 pub mod block;
 pub mod fs;
+#[cfg(test)]
+mod hostile;
 pub mod mmio;
 pub mod net;
 pub mod rng;

@@ -19,6 +19,17 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{ActivateError, ActiveQueue, Interrupt};
 use crate::GuestMemory;
 
+/// A saved state acknowledges features the device does not offer (a state from another
+/// build, or forged): refused rather than masked, as restore treats its input as hostile.
+#[derive(Debug, thiserror::Error)]
+#[error("saved acked features {acked:#x} are not offered ({avail:#x})")]
+pub struct UnofferedFeatures {
+    /// Saved acked features.
+    pub acked: u64,
+    /// Features the device offers.
+    pub avail: u64,
+}
+
 /// The event token of a single-queue device's activation eventfd.
 pub const SINGLE_QUEUE_ACTIVATE: u32 = 0;
 /// The event token of a single-queue device's kick.
@@ -123,6 +134,20 @@ impl Activation {
     /// Records the feature bits the driver accepted (the device masks them first).
     pub fn set_acked_features(&mut self, features: u64) {
         self.acked_features = features;
+    }
+
+    /// Restores the feature bits a saved driver accepted, `acked`, refusing any the
+    /// device does not offer (`avail`).
+    pub fn restore_acked_features(
+        &mut self,
+        acked: u64,
+        avail: u64,
+    ) -> Result<(), UnofferedFeatures> {
+        if acked & !avail != 0 {
+            return Err(UnofferedFeatures { acked, avail });
+        }
+        self.acked_features = acked;
+        Ok(())
     }
 
     /// The driver reset the device: [`Self::deactivate`], and the accepted features are

@@ -64,13 +64,8 @@ pub enum BlockError {
     #[error("cannot create the activation eventfd")]
     EventFd(#[source] std::io::Error),
     /// A saved state acknowledges features the device does not offer.
-    #[error("saved acked features {acked:#x} are not offered ({avail:#x})")]
-    BadFeatures {
-        /// Saved acked features.
-        acked: u64,
-        /// Features the device offers.
-        avail: u64,
-    },
+    #[error(transparent)]
+    BadFeatures(#[from] crate::virtio::activation::UnofferedFeatures),
     /// The image changed size since the state was saved; the guest would see a different
     /// disk than the one it probed.
     #[error("disk image {} has {actual} sectors, the saved state {saved}", path.display())]
@@ -264,13 +259,10 @@ impl Persist<'_> for Block {
                 actual: block.capacity,
             });
         }
-        if state.acked_features & !block.avail_features != 0 {
-            return Err(BlockError::BadFeatures {
-                acked: state.acked_features,
-                avail: block.avail_features,
-            });
-        }
-        block.activation.set_acked_features(state.acked_features);
+        let avail = block.avail_features;
+        block
+            .activation
+            .restore_acked_features(state.acked_features, avail)?;
         Ok(block)
     }
 }

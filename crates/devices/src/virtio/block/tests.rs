@@ -408,7 +408,7 @@ fn state_round_trip() {
     bad.acked_features |= 1 << 3;
     assert!(matches!(
         Block::restore(config.clone(), &bad),
-        Err(BlockError::BadFeatures { .. })
+        Err(BlockError::BadFeatures(_))
     ));
 
     let mut bad = state.clone();

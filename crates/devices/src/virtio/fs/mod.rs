@@ -99,13 +99,8 @@ pub enum FsError {
         source: std::io::Error,
     },
     /// A saved state acknowledges features the device does not offer.
-    #[error("saved acked features {acked:#x} are not offered ({avail:#x})")]
-    BadFeatures {
-        /// Saved acked features.
-        acked: u64,
-        /// Features the device offers.
-        avail: u64,
-    },
+    #[error(transparent)]
+    BadFeatures(#[from] crate::virtio::activation::UnofferedFeatures),
     /// The device's state cannot be saved (see the module documentation).
     #[error(
         "the share {tag:?} ({}) cannot be saved: the files its guest has open live in this \
@@ -333,14 +328,9 @@ impl Persist<'_> for Fs {
     /// Rebuilds a device from `config` and `state` (no saved state is ever produced
     /// today; a restore still checks what it is given).
     fn restore(config: FsConfig, state: &FsState) -> Result<Self, FsError> {
-        if state.acked_features & !AVAIL_FEATURES != 0 {
-            return Err(FsError::BadFeatures {
-                acked: state.acked_features,
-                avail: AVAIL_FEATURES,
-            });
-        }
         let mut fs = Self::new(config)?;
-        fs.activation.set_acked_features(state.acked_features);
+        fs.activation
+            .restore_acked_features(state.acked_features, AVAIL_FEATURES)?;
         Ok(fs)
     }
 }

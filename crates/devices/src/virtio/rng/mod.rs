@@ -29,13 +29,8 @@ pub enum RngError {
     #[error("cannot create the activation eventfd")]
     EventFd(#[source] std::io::Error),
     /// A saved state acknowledges features the device does not offer.
-    #[error("saved acked features {acked:#x} are not offered ({avail:#x})")]
-    BadFeatures {
-        /// Saved acked features.
-        acked: u64,
-        /// Features the device offers.
-        avail: u64,
-    },
+    #[error(transparent)]
+    BadFeatures(#[from] crate::virtio::activation::UnofferedFeatures),
 }
 
 /// What of an [`Rng`] survives a snapshot; its queue is saved by the transport.
@@ -131,14 +126,9 @@ impl Persist<'_> for Rng {
 
     /// Rebuilds a device from `state`; the transport's restore activates it.
     fn restore((): (), state: &RngState) -> Result<Self, RngError> {
-        if state.acked_features & !AVAIL_FEATURES != 0 {
-            return Err(RngError::BadFeatures {
-                acked: state.acked_features,
-                avail: AVAIL_FEATURES,
-            });
-        }
         let mut rng = Self::new()?;
-        rng.activation.set_acked_features(state.acked_features);
+        rng.activation
+            .restore_acked_features(state.acked_features, AVAIL_FEATURES)?;
         Ok(rng)
     }
 }

@@ -141,6 +141,9 @@ pub enum VsockError {
     /// The activation eventfd could not be created.
     #[error("cannot create the activation eventfd")]
     EventFd(#[source] io::Error),
+    /// A saved state acknowledges features the device does not offer.
+    #[error(transparent)]
+    BadFeatures(#[from] super::activation::UnofferedFeatures),
 }
 
 /// The virtio-vsock device.
@@ -502,8 +505,9 @@ impl Persist<'_> for Vsock {
             );
         }
         let mut dev = Self::new(config)?;
+        let avail = dev.avail_features();
         dev.activation
-            .set_acked_features(state.acked_features & dev.avail_features());
+            .restore_acked_features(state.acked_features, avail)?;
         dev.pending_reset = true;
         Ok(dev)
     }

@@ -549,6 +549,21 @@ fn state_round_trips_and_restore_resets_the_transport() {
     assert!(child.reset());
     assert!(!child.is_activated());
     assert_eq!(child.acked_features(), 0);
+
+    // A state acknowledging a feature the device never offered is refused, not masked.
+    let forged = VsockState {
+        acked_features: state.acked_features | 1 << 50,
+        ..back
+    };
+    let e = Vsock::restore(
+        VsockConfig {
+            cid: 9,
+            uds: dir.path().join("forged.sock"),
+        },
+        &forged,
+    )
+    .expect_err("refused");
+    assert!(matches!(e, VsockError::BadFeatures(_)), "{e}");
 }
 
 #[test]

@@ -516,17 +516,11 @@ impl Planner<'_> {
                 }
                 let target = destination
                     .to_str()
-                    .ok_or_else(|| refused("the destination is not UTF-8"))?
-                    .to_owned();
-                let host = source
-                    .canonicalize()
-                    .map_err(|_| refused("the source cannot be resolved"))?;
+                    .ok_or_else(|| refused("the destination is not UTF-8"))?;
                 let read_only = mount.options().iter().flatten().any(|o| o == "ro");
-                self.volumes.push(crate::vm::Volume {
-                    host,
-                    target,
-                    read_only,
-                });
+                let volume = crate::vm::Volume::new(&source, target, read_only)
+                    .map_err(|_| refused("the source cannot be resolved to a directory"))?;
+                self.volumes.push(volume);
                 return Ok(());
             }
             if source.is_file() {

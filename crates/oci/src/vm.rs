@@ -212,6 +212,45 @@ pub fn configure_guest<const N: usize>(
 /// rng and the NICs take the rest).
 pub const MAX_VOLUMES: usize = 12;
 
+/// Why a host directory cannot be a [`Volume`].
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The host path is relative.
+    #[error("the host path is not absolute")]
+    RelativeHost,
+    /// The container path is relative.
+    #[error("the container path is not absolute")]
+    RelativeTarget,
+    /// The host path cannot be resolved (missing, unreadable).
+    #[error("the host path cannot be resolved")]
+    Unresolvable(#[source] std::io::Error),
+    /// The host path is not a directory.
+    #[error("the host path is not a directory (VMs share directories only)")]
+    NotADirectory,
+}
+
+impl Volume {
+    /// The host directory `host` (absolute; its symlinks resolved here, once) at the
+    /// absolute container path `target`.
+    pub fn new(host: &Path, target: &str, read_only: bool) -> Result<Self, VolumeError> {
+        if !host.is_absolute() {
+            return Err(VolumeError::RelativeHost);
+        }
+        if !target.starts_with('/') {
+            return Err(VolumeError::RelativeTarget);
+        }
+        let host = std::fs::canonicalize(host).map_err(VolumeError::Unresolvable)?;
+        if !host.is_dir() {
+            return Err(VolumeError::NotADirectory);
+        }
+        Ok(Self {
+            host,
+            target: target.to_owned(),
+            read_only,
+        })
+    }
+}
+
 /// A host directory a container mounts: shared into its VM by a virtio-fs device and
 /// mounted by the agent at `target`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -79,21 +79,17 @@ pub fn parse_volume(spec: &str) -> Result<vm::Volume> {
         [_, _, other] => bail!("-v {spec:?}: unknown option {other:?} (use ro or rw)"),
         _ => bail!("-v {spec:?}: expected HOST_DIR:CONTAINER_DIR[:ro]"),
     };
-    if !host.starts_with('/') {
-        bail!("-v {spec:?}: the host path must be absolute (forkvm run has no named volumes)");
-    }
-    if !target.starts_with('/') {
-        bail!("-v {spec:?}: the container path must be absolute");
-    }
-    let resolved =
-        std::fs::canonicalize(host).with_context(|| format!("-v {spec:?}: host path {host}"))?;
-    if !resolved.is_dir() {
-        bail!("-v {spec:?}: host path {host} is not a directory (forkvm shares directories only)");
-    }
-    Ok(vm::Volume {
-        host: resolved,
-        target: target.to_owned(),
-        read_only,
+    vm::Volume::new(std::path::Path::new(host), target, read_only).map_err(|e| match e {
+        vm::VolumeError::RelativeHost => anyhow::anyhow!(
+            "-v {spec:?}: the host path must be absolute (forkvm run has no named volumes)"
+        ),
+        vm::VolumeError::Unresolvable(io) => {
+            anyhow::Error::new(io).context(format!("-v {spec:?}: host path {host}"))
+        }
+        vm::VolumeError::RelativeTarget => {
+            anyhow::anyhow!("-v {spec:?}: the container path must be absolute")
+        }
+        other => anyhow::anyhow!("-v {spec:?}: host path {host}: {other}"),
     })
 }
 

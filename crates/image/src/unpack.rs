@@ -419,6 +419,7 @@ fn set_mtime(path: &Path, time: Timespec) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use forkvm_test_support::error_chain as chain;
     use std::os::unix::fs::MetadataExt;
 
     /// A tar built entry by entry.
@@ -521,17 +522,6 @@ mod tests {
 
     fn read(p: &Path) -> String {
         fs::read_to_string(p).unwrap()
-    }
-
-    /// An error and its causes on one line.
-    fn chain(e: &dyn std::error::Error) -> String {
-        let mut s = e.to_string();
-        let mut cur = e.source();
-        while let Some(c) = cur {
-            s += &format!(": {c}");
-            cur = c.source();
-        }
-        s
     }
 
     /// One entry of a hostile layer: its kind, a path built from hostile pieces and a

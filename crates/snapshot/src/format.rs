@@ -153,6 +153,7 @@ pub fn read_state_file<T: DeserializeOwned>(path: &Path) -> Result<T, FormatErro
 
 #[cfg(test)]
 mod tests {
+    use forkvm_test_support::error_chain as chain;
     use serde::Deserialize;
 
     use super::*;
@@ -240,17 +241,6 @@ mod tests {
         assert_eq!(read_state_file::<State>(&path).unwrap(), sample());
         let e = read_state_file::<State>(&dir.path().join("missing")).unwrap_err();
         assert!(e.to_string().contains("missing"));
-    }
-
-    /// The whole chain of an error's messages.
-    fn chain(e: &dyn std::error::Error) -> String {
-        let mut s = e.to_string();
-        let mut cur = e.source();
-        while let Some(c) = cur {
-            s += &format!(": {c}");
-            cur = c.source();
-        }
-        s
     }
 
     #[test]

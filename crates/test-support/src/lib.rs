@@ -8,6 +8,18 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+/// `e` and its causes on one line, `outer: inner: innermost`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// The fields of `/proc/<pid>/stat` after the command name (which may hold spaces and
 /// parentheses), state first; `None` when there is no such process.
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
@@ -19,6 +31,33 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 /// Whether process `pid` exists and has not ended (a zombie has ended).
 pub fn is_running(pid: u32) -> bool {
     stat_fields(pid).is_some_and(|f| f.first().is_some_and(|state| state != "Z"))
+}
+
+/// Each thread of process `pid` whose name starts with `prefix`: its name and the
+/// `Seccomp` and `NoNewPrivs` fields of its status (`"2"` and `"1"` when confined).
+pub fn thread_confinement(pid: u32, prefix: &str) -> Vec<(String, String, String)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+            let name = name.trim().to_owned();
+            if !name.starts_with(prefix) {
+                return None;
+            }
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            let field = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .map(|v| v.trim().to_owned())
+                    .unwrap_or_default()
+            };
+            Some((name, field("Seccomp:"), field("NoNewPrivs:")))
+        })
+        .collect()
 }
 
 /// The parent of process `pid`, while it exists.

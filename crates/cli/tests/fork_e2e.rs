@@ -181,6 +181,19 @@ fn running_vm_forks_into_private_children_with_their_own_identity() {
         );
         let cids: BTreeSet<u64> = out.children.iter().map(|c| c.cid.expect("a CID")).collect();
         assert_eq!(cids.len(), 3, "children share a vsock CID: {out:?}");
+        // Every child's vCPU threads run the guest under their seccomp filter, warm or not.
+        for c in &out.children {
+            let vcpus = forkvm_test_support::thread_confinement(c.pid, "vcpu");
+            assert_eq!(vcpus.len(), 2, "child {}: {vcpus:?}", c.pid);
+            for (name, seccomp, nnp) in &vcpus {
+                assert_eq!(
+                    (seccomp.as_str(), nnp.as_str()),
+                    ("2", "1"),
+                    "{} {name}",
+                    c.pid
+                );
+            }
+        }
         assert!(!cids.contains(&3), "a child kept the parent's CID");
         eprintln!(
             "fork of 3: parent paused {} us; children running after {:?} us",

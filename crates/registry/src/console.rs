@@ -26,6 +26,11 @@ pub const CUT_MARK: &[u8] = b"[forkvm: console log cut here; earlier output drop
 pub struct ConsoleLog {
     /// The file, open for appending (the VM process's own messages append to it too).
     file: File,
+    /// The same file opened again without `O_APPEND` (appending writes ignore offsets),
+    /// to move its end to the front; opened up front, so that cutting opens nothing
+    /// (the serial device writes from vCPU threads, whose seccomp filter has no
+    /// `openat`). `None` where it cannot be opened: the log is then not cut.
+    cutter: Option<File>,
     max: u64,
     keep: u64,
     since_check: u64,
@@ -39,8 +44,16 @@ impl ConsoleLog {
 
     /// [`ConsoleLog::new`] with other limits (`keep` < `max`).
     pub fn with_limits(file: File, max: u64, keep: u64) -> Self {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let cutter = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/self/fd/{fd}"))
+            .inspect_err(|e| tracing::debug!("the console log will not be cut: {e}"))
+            .ok();
         Self {
             file,
+            cutter,
             max,
             keep: keep.min(max),
             since_check: 0,
@@ -58,13 +71,9 @@ impl ConsoleLog {
         if len <= self.max {
             return Ok(());
         }
-        // The descriptor appends (writes ignore offsets); reopen the same file without
-        // O_APPEND to move its end to the front.
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("/proc/self/fd/{fd}"))?;
+        let Some(f) = &self.cutter else {
+            return Ok(());
+        };
         let keep = self.keep.saturating_sub(CUT_MARK.len() as u64);
         let mut tail = vec![0u8; keep as usize];
         f.read_exact_at(&mut tail, len - keep)?;

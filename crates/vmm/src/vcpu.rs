@@ -405,6 +405,18 @@ impl VcpuRunner {
     }
 
     fn run_loop(mut self, commands: Receiver<Command>, answers: Sender<Answer>) {
+        // Before anything the guest can reach runs on this thread.
+        if let Err(e) = crate::seccomp::apply_vcpu_filter() {
+            let why = format!(
+                "cannot confine vCPU {}: {}",
+                self.index,
+                crate::control::error_chain(&e)
+            );
+            tracing::error!("{why}");
+            self.stop.report(VcpuStop::Failed(why));
+            self.paused_loop(&commands, &answers);
+            return;
+        }
         if self.start_paused && !self.paused_loop(&commands, &answers) {
             return;
         }

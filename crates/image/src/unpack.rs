@@ -86,11 +86,11 @@ impl Unpacker {
                 layer,
                 path: &shown,
             };
-            // The quota counts what the archive says before anything is written.
+            // The quota counts what the archive says before anything is written: the
+            // entry's size as it will be read (a PAX `size` record overrides the
+            // header's field, and is what gets copied).
             self.entries += 1;
-            self.bytes = self
-                .bytes
-                .saturating_add(entry.header().size().unwrap_or(0));
+            self.bytes = self.bytes.saturating_add(entry.size());
             if self.entries > self.max_entries {
                 return Err(ctx.over_quota(format!(
                     "the image has more than {} files and directories",
@@ -604,6 +604,22 @@ mod tests {
             "{msg}"
         );
         assert!(!root.join("b").exists(), "refused before it was written");
+        // A PAX `size` record past the quota, the header's own size field 0: counted as
+        // what will be copied, not as the header says.
+        let mut pax = Layer::new();
+        pax.0
+            .append_pax_extensions([("size", &b"5000"[..])])
+            .unwrap();
+        let mut h = Layer::header(EntryType::Regular, 0o644);
+        h.set_path("c").unwrap();
+        h.set_size(0);
+        h.set_cksum();
+        pax.0.append(&h, &vec![b'y'; 5000][..]).unwrap();
+        let mut u = Unpacker::with_quota(&root, 100, 10);
+        let e = u.apply(&pax.bytes()[..], "layer3").unwrap_err();
+        let msg = chain(&e);
+        assert!(msg.contains("more than 100 bytes"), "{msg}");
+        assert!(!root.join("c").exists(), "refused before it was written");
         let mut many = Layer::new();
         for i in 0..12 {
             many = many.dir(&format!("d{i}/"));

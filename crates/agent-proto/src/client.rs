@@ -144,16 +144,20 @@ pub fn call<C: Read + Write + ?Sized>(conn: &mut C, req: &Request) -> Result<Res
     serde_json::from_str(line.trim()).map_err(|source| CallError::BadResponse { line, source })
 }
 
-/// [`call`] with a deadline: the request must be sent and its answer read within
-/// `timeout`. The connection's timeouts are cleared again afterwards (an exec's
+/// [`call`] with a deadline: the request must be sent and its whole answer read within
+/// `timeout`, however the guest paces its bytes (the time left is set before every
+/// read and write). The connection's timeouts are cleared again afterwards (an exec's
 /// connection then streams for as long as its process runs).
 pub fn call_within<C: Connection>(
     conn: &mut C,
     req: &Request,
     timeout: Duration,
 ) -> Result<Response, CallError> {
-    conn.set_timeouts(Some(timeout))?;
-    let result = call(conn, req).map_err(|e| match e {
+    let mut timed = Deadlined {
+        conn: &mut *conn,
+        deadline: Instant::now() + timeout,
+    };
+    let result = call(&mut timed, req).map_err(|e| match e {
         CallError::Io(e)
             if matches!(
                 e.kind(),
@@ -166,6 +170,40 @@ pub fn call_within<C: Connection>(
     });
     conn.set_timeouts(None)?;
     result
+}
+
+/// A connection whose every read and write may only take what is left until
+/// `deadline`.
+struct Deadlined<'a, C: Connection> {
+    conn: &'a mut C,
+    deadline: Instant,
+}
+
+impl<C: Connection> Deadlined<'_, C> {
+    fn arm(&self) -> io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        self.conn.set_timeouts(Some(left))
+    }
+}
+
+impl<C: Connection> Read for Deadlined<'_, C> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.conn.read(buf)
+    }
+}
+
+impl<C: Connection> Write for Deadlined<'_, C> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.conn.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.conn.flush()
+    }
 }
 
 /// Connects to guest port `port` through the VMM's vsock Unix socket `uds`: writes
@@ -451,6 +489,26 @@ mod tests {
         .err()
         .expect("no answer");
         assert!(matches!(e, ExecError::Call(CallError::TimedOut(_))), "{e}");
+    }
+
+    /// A guest that drips its answer a byte at a time, each within any per-read
+    /// timeout, still misses the call's deadline.
+    #[test]
+    fn an_answer_dripped_slowly_misses_the_deadline() {
+        let (mut host, mut guest) = UnixStream::pair().unwrap();
+        let _t = std::thread::spawn(move || {
+            read_line(&mut guest, MAX_LINE).unwrap();
+            for b in to_line(&Response::Ok).bytes() {
+                std::thread::sleep(Duration::from_millis(150));
+                if guest.write_all(&[b]).is_err() {
+                    return;
+                }
+            }
+        });
+        let t0 = Instant::now();
+        let e = call_within(&mut host, &Request::Ping, Duration::from_millis(400)).unwrap_err();
+        assert!(matches!(e, CallError::TimedOut(_)), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     }
 
     #[test]

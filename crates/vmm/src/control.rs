@@ -25,7 +25,12 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     s
 }
 
-pub(crate) type Envelope = (Request, Sender<Result<Response, ControlError>>);
+/// A request, the moment its caller stops waiting, and where the answer goes.
+pub(crate) type Envelope = (
+    Request,
+    std::time::Instant,
+    Sender<Result<Response, ControlError>>,
+);
 
 /// A cloneable handle other threads use to send requests to the VMM.
 #[derive(Clone, Debug)]
@@ -36,7 +41,9 @@ pub struct ControlHandle {
 
 impl ControlHandle {
     /// Sends `req` and waits for the answer, at most [`deadline`]`(&req)`: a VMM that
-    /// does not answer by then is an error ([`ControlError::TimedOut`]), not a hang.
+    /// does not answer by then is an error ([`ControlError::TimedOut`]), not a hang, and
+    /// a request not yet started by then is dropped unserved. (One already under way
+    /// completes: the error says it may still take effect.)
     pub fn call(&self, req: Request) -> Result<Response, ControlError> {
         self.call_within(req, None)
     }
@@ -50,27 +57,32 @@ impl ControlHandle {
         let limit = limit.unwrap_or_else(|| deadline(&req));
         let what = request_name(&req);
         let (tx, rx) = channel();
-        self.tx.send((req, tx)).map_err(|_| ControlError::Gone)?;
+        let expires = std::time::Instant::now() + limit;
+        self.tx
+            .send((req, expires, tx))
+            .map_err(|_| ControlError::Gone)?;
         self.wake.write(1).map_err(|_| ControlError::Gone)?;
         match rx.recv_timeout(limit) {
             Ok(answer) => answer,
             Err(RecvTimeoutError::Disconnected) => Err(ControlError::Gone),
             Err(RecvTimeoutError::Timeout) => Err(ControlError::TimedOut(format!(
-                "the VMM did not answer {what} within {} s (busy or stuck)",
+                "the VMM did not answer {what} within {} s (busy or stuck); if it had started \
+                 it, it may still take effect",
                 limit.as_secs_f64()
             ))),
         }
     }
 }
 
-/// How long a request may take to be answered: seconds for the quick ones; a fork as
-/// long as its children may take to start ([`crate::fork::start_deadline`]) and a
-/// template save as long as writing the guest's memory may.
+/// How long a request may take to be answered: seconds for the quick ones (30 s, as they
+/// may wait behind a fork or a slow event); a fork as long as its children may take to
+/// start ([`crate::fork::start_deadline`]) plus a minute; a template save an hour
+/// (writing a large guest's memory).
 pub fn deadline(req: &Request) -> Duration {
     match req {
-        Request::Info | Request::Pause | Request::Resume | Request::Stop => Duration::from_secs(10),
-        Request::Fork(f) => crate::fork::start_deadline(f.count) + Duration::from_secs(30),
-        Request::SaveTemplate(_) => Duration::from_secs(600),
+        Request::Info | Request::Pause | Request::Resume | Request::Stop => Duration::from_secs(30),
+        Request::Fork(f) => crate::fork::start_deadline(f.count) + Duration::from_secs(60),
+        Request::SaveTemplate(_) => Duration::from_secs(3600),
     }
 }
 
@@ -124,15 +136,14 @@ mod tests {
             .call_within(Request::Pause, Some(Duration::from_millis(200)))
             .unwrap_err();
         assert!(t0.elapsed() < Duration::from_secs(5));
-        assert_eq!(
-            e,
-            ControlError::TimedOut(
-                "the VMM did not answer pause within 0.2 s (busy or stuck)".into()
-            )
+        assert!(
+            matches!(&e, ControlError::TimedOut(m) if m.starts_with("the VMM did not answer pause within 0.2 s")),
+            "{e:?}"
         );
-        // The request stayed queued; answering it later harms nothing.
-        let (req, reply) = inbox.rx.try_recv().unwrap();
+        // The request stayed queued, marked expired: the VMM drops it unserved.
+        let (req, expires, reply) = inbox.rx.try_recv().unwrap();
         assert_eq!(req, Request::Pause);
+        assert!(std::time::Instant::now() > expires);
         let _ = reply.send(Ok(Response::Done));
         drop(inbox);
         assert_eq!(handle.call(Request::Info), Err(ControlError::Gone));
@@ -140,7 +151,7 @@ mod tests {
 
     #[test]
     fn deadlines_fit_the_request() {
-        assert_eq!(deadline(&Request::Stop), Duration::from_secs(10));
+        assert_eq!(deadline(&Request::Stop), Duration::from_secs(30));
         let fork = |count| {
             deadline(&Request::Fork(ForkRequest {
                 count,

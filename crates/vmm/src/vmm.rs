@@ -382,7 +382,13 @@ impl Vmm {
     pub fn run(&mut self) -> Result<ExitReason, VmmError> {
         loop {
             self.events.run().map_err(VmmError::EventLoop)?;
-            while let Ok((req, reply)) = self.control.rx.try_recv() {
+            while let Ok((req, deadline, reply)) = self.control.rx.try_recv() {
+                // Its caller has given up and answered for it: not carried out late,
+                // behind the caller's back.
+                if std::time::Instant::now() > deadline {
+                    tracing::warn!(?req, "a control request expired before it was served");
+                    continue;
+                }
                 let stop_now = matches!(req, Request::Stop);
                 let _ = reply.send(self.handle_request(req));
                 if stop_now {

@@ -6,7 +6,8 @@
 //! [`PER_SECOND`] such lines a second per VM process (each VM is one process), the rest
 //! counted and reported as one line when the next second's first line is let through.
 //! A guest that pokes a bad register in a loop would otherwise fill the host's disk
-//! with the VM's log.
+//! with the VM's log. What the host does wrong (a backend that fails, a registration
+//! the event loop refuses) is logged with plain `tracing`, never suppressed.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

@@ -107,7 +107,10 @@ fn console(home: &VmHome, spec: &ConsoleSpec) -> Result<Box<dyn Write + Send>> {
                     .create(true)
                     .append(true)
                     .open(path)?;
-                f.set_len(0)?;
+                // A file starts empty; /dev/null, a FIFO or a terminal are used as they are.
+                if f.metadata()?.is_file() {
+                    f.set_len(0)?;
+                }
                 Ok(f)
             };
             Box::new(ConsoleLog::new(created().with_context(|| {

@@ -153,7 +153,7 @@ impl Block {
             })?;
         let capacity = size / SECTOR_SIZE;
         if size % SECTOR_SIZE != 0 {
-            crate::guest_warn!(
+            tracing::warn!(
                 path = %path.display(),
                 size,
                 "virtio-blk: image size is not a multiple of 512; the tail is not visible"

@@ -309,7 +309,7 @@ fn raise_open_file_limit() {
             return;
         }
     }
-    crate::guest_warn!("virtio-fs: cannot raise the open file limit");
+    tracing::warn!("virtio-fs: cannot raise the open file limit");
 }
 
 impl Persist<'_> for Fs {
@@ -370,7 +370,7 @@ impl MutEventSubscriber for Fs {
             token if token >= TOKEN_FIRST_KICK => self
                 .activation
                 .drain_kick((token - TOKEN_FIRST_KICK) as usize),
-            other => crate::guest_warn!(token = other, "virtio-fs: unexpected event"),
+            other => tracing::warn!(token = other, "virtio-fs: unexpected event"),
         }
         if self.activation.sync(ops, TOKEN_FIRST_KICK) {
             for index in 0..=REQUEST_QUEUES as usize {

@@ -393,7 +393,7 @@ impl Net {
                     ReadOutcome::Frame(len) => len,
                     ReadOutcome::Empty => break,
                     ReadOutcome::Eof => {
-                        crate::guest_warn!("net: backend closed; receive stops");
+                        tracing::warn!("net: backend closed; receive stops");
                         self.backend_eof = true;
                         break;
                     }
@@ -441,7 +441,7 @@ impl Net {
         if !self.activation.sync(ops, TOKEN_RX_KICK) {
             if self.backend_registered.take().is_some() {
                 if let Err(e) = ops.remove(Events::empty(&self.backend)) {
-                    crate::guest_warn!(error = %e, "net: cannot deregister the backend");
+                    tracing::warn!(error = %e, "net: cannot deregister the backend");
                 }
             }
             return;
@@ -460,7 +460,7 @@ impl Net {
         match result {
             Ok(()) => self.backend_registered = desired,
             Err(e) => {
-                crate::guest_error!(error = %e, "net: cannot update the backend's registration")
+                tracing::error!(error = %e, "net: cannot update the backend's registration")
             }
         }
     }
@@ -486,7 +486,7 @@ fn read_frame(backend: &mut File, buf: &mut [u8], vnet_hdr: bool) -> ReadOutcome
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::Empty,
             Err(e) => {
-                crate::guest_warn!(error = %e, "net: backend read failed");
+                tracing::warn!(error = %e, "net: backend read failed");
                 return ReadOutcome::Empty;
             }
         }
@@ -611,7 +611,7 @@ impl VirtioDevice for Net {
             let flags = tap_offloads(self.activation.acked_features());
             if let Err(e) = set_tap_offloads(&self.backend, flags) {
                 // The TAP then hands over plain frames, which the guest takes too.
-                crate::guest_warn!(error = %e, flags, "net: cannot set the TAP's offloads");
+                tracing::warn!(error = %e, flags, "net: cannot set the TAP's offloads");
             }
         }
         Ok(())
@@ -653,7 +653,7 @@ impl MutEventSubscriber for Net {
             }
             // Readable or writable: processing the queues below tries both directions.
             TOKEN_BACKEND => {}
-            other => crate::guest_warn!(token = other, "net: unexpected event"),
+            other => tracing::warn!(token = other, "net: unexpected event"),
         }
         self.process_queues();
         self.sync_registrations(ops);

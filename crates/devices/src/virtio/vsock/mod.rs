@@ -428,12 +428,12 @@ impl Vsock {
             let listener = &self.muxer.listener;
             match ops.add(Events::with_data(listener, TOKEN_LISTENER, EventSet::IN)) {
                 Ok(()) => self.listener_registered = true,
-                Err(e) => crate::guest_error!(error = %e, "vsock: cannot register the listener"),
+                Err(e) => tracing::error!(error = %e, "vsock: cannot register the listener"),
             }
         }
         for stream in self.muxer.closing.drain(..) {
             if let Err(e) = ops.remove(Events::empty(&stream)) {
-                crate::guest_warn!(error = %e, "vsock: cannot deregister a closed stream");
+                tracing::warn!(error = %e, "vsock: cannot deregister a closed stream");
             }
         }
         for conn in self.muxer.conns.values_mut() {
@@ -452,7 +452,7 @@ impl Vsock {
             match result {
                 Ok(()) => conn.registered = desired,
                 Err(e) => {
-                    crate::guest_error!(error = %e, "vsock: cannot update a stream's registration")
+                    tracing::error!(error = %e, "vsock: cannot update a stream's registration")
                 }
             }
         }
@@ -561,7 +561,7 @@ impl MutEventSubscriber for Vsock {
             }
             TOKEN_LISTENER => self.muxer.accept_clients(),
             TOKEN_STREAM => self.muxer.on_stream_event(events.fd(), events.event_set()),
-            other => crate::guest_warn!(token = other, "vsock: unexpected event"),
+            other => tracing::warn!(token = other, "vsock: unexpected event"),
         }
         self.process_queues();
         self.sync_registrations(ops);

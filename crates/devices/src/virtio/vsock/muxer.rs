@@ -450,7 +450,6 @@ pub(super) fn header(cid: u64, local_port: u32, peer_port: u32, op: u16) -> Head
     }
 }
 
-/// Parses `CONNECT <port>` (an optional trailing `\r` allowed).
 /// Connects a non-blocking Unix stream socket to `path`; where a blocking connect
 /// would wait (the listener's backlog is full) it fails with `EAGAIN` instead.
 pub(super) fn connect_nonblocking(path: &std::ffi::OsStr) -> io::Result<UnixStream> {
@@ -497,6 +496,7 @@ pub(super) fn connect_nonblocking(path: &std::ffi::OsStr) -> io::Result<UnixStre
     Ok(stream)
 }
 
+/// Parses `CONNECT <port>` (an optional trailing `\r` allowed).
 pub(super) fn parse_connect(line: &[u8]) -> Option<u32> {
     let line = std::str::from_utf8(line).ok()?;
     let line = line.strip_suffix('\r').unwrap_or(line);

@@ -227,6 +227,35 @@ impl Setting {
     }
 }
 
+/// Where forkvm keeps `name` for good: `/var/lib/forkvm/<name>` for root, else
+/// `$XDG_DATA_HOME/forkvm/<name>` (default `~/.local/share/forkvm/<name>`); empty
+/// variables count as unset. (The image store and the template key, unless
+/// `forkvm.toml` places them.)
+pub fn data_path(name: &str) -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let is_root = unsafe { libc::geteuid() } == 0;
+    data_path_from(
+        |var| std::env::var_os(var).filter(|v| !v.is_empty()),
+        is_root,
+        name,
+    )
+}
+
+/// [`data_path`] from an environment lookup and whether the user is root.
+pub fn data_path_from(
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+    is_root: bool,
+    name: &str,
+) -> PathBuf {
+    if is_root {
+        return Path::new("/var/lib/forkvm").join(name);
+    }
+    let data = env("XDG_DATA_HOME").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env("HOME").unwrap_or_else(|| "/".into())).join(".local/share")
+    });
+    data.join("forkvm").join(name)
+}
+
 /// Finds forkvm's program `name`: beside this process's executable (or beside its
 /// directory, for the test binaries cargo puts in `target/<profile>/deps`), else on
 /// `PATH`. The error names where it looked.

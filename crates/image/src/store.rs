@@ -88,10 +88,7 @@ impl Store {
         if let Some(dir) = forkvm_config::Setting::Store.get() {
             return dir;
         }
-        default_root_from(
-            |name| std::env::var_os(name).filter(|v| !v.is_empty()),
-            rustix::process::geteuid().is_root(),
-        )
+        forkvm_config::data_path("images")
     }
 
     /// The store's root directory.
@@ -273,18 +270,6 @@ impl Store {
     }
 }
 
-/// [`Store::default_root`]'s built-in default from an environment lookup (empty values
-/// count as unset).
-fn default_root_from(env: impl Fn(&str) -> Option<std::ffi::OsString>, is_root: bool) -> PathBuf {
-    if is_root {
-        return PathBuf::from("/var/lib/forkvm/images");
-    }
-    let data = env("XDG_DATA_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env("HOME").unwrap_or_else(|| "/".into())).join(".local/share")
-    });
-    data.join("forkvm/images")
-}
-
 /// Removes a file, symlink or directory tree; an absent path is fine.
 pub(crate) fn remove_any(path: &Path) -> Result<(), Error> {
     let result = match fs::symlink_metadata(path) {
@@ -386,15 +371,19 @@ mod tests {
         };
         let at = |p: &str| PathBuf::from(p);
         assert_eq!(
-            default_root_from(env(&[("HOME", "/h")]), true),
+            forkvm_config::data_path_from(env(&[("HOME", "/h")]), true, "images"),
             at("/var/lib/forkvm/images")
         );
         assert_eq!(
-            default_root_from(env(&[("HOME", "/h")]), false),
+            forkvm_config::data_path_from(env(&[("HOME", "/h")]), false, "images"),
             at("/h/.local/share/forkvm/images")
         );
         assert_eq!(
-            default_root_from(env(&[("HOME", "/h"), ("XDG_DATA_HOME", "/x")]), false),
+            forkvm_config::data_path_from(
+                env(&[("HOME", "/h"), ("XDG_DATA_HOME", "/x")]),
+                false,
+                "images"
+            ),
             at("/x/forkvm/images")
         );
     }

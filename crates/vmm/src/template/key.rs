@@ -61,7 +61,7 @@ impl TemplateKey {
     pub fn configured_path() -> PathBuf {
         forkvm_config::Setting::TemplateKey
             .get()
-            .unwrap_or_else(default_path)
+            .unwrap_or_else(|| forkvm_config::data_path("template.key"))
     }
 
     /// The configured key, made if there is none (saving a template).
@@ -181,22 +181,6 @@ impl TemplateKey {
 /// Whether two MACs are equal, in time that does not depend on where they differ.
 pub(crate) fn same_mac(a: &[u8; 32], b: &[u8; 32]) -> bool {
     blake3::Hash::from_bytes(*a) == blake3::Hash::from_bytes(*b)
-}
-
-/// The built-in key file for this user.
-fn default_path() -> PathBuf {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/lib/forkvm/template.key");
-    }
-    let data = std::env::var_os("XDG_DATA_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/".into()))
-                .join(".local/share")
-        });
-    data.join("forkvm/template.key")
 }
 
 #[cfg(test)]

@@ -113,6 +113,39 @@ pub fn decode<T: DeserializeOwned>(blob: &[u8]) -> Result<T, FormatError> {
     Ok(value)
 }
 
+/// Why [`open_regular`] refused a file.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenRegularError {
+    /// The path is a symbolic link.
+    #[error("is a symbolic link")]
+    Link,
+    /// The path is a directory, device, FIFO or socket.
+    #[error("is not a regular file")]
+    NotRegular,
+    /// Opening or examining it failed (it does not exist, say).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens `path` to read as an untrusted file: without following a final symbolic link,
+/// without blocking (a FIFO), and only if it is a regular file. Returns it with its
+/// metadata, for the caller to size it before reading.
+pub fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), OpenRegularError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => OpenRegularError::Link,
+            _ => OpenRegularError::Io(e),
+        })?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(OpenRegularError::NotRegular);
+    }
+    Ok((file, meta))
+}
+
 /// Reads and validates a state file written with [`encode`]. The file is opened without
 /// following a symbolic link and must be a regular file no larger than a header and
 /// [`MAX_PAYLOAD`], checked before anything is read (a link to `/dev/zero` or a huge
@@ -122,22 +155,14 @@ pub fn read_state_file<T: DeserializeOwned>(path: &Path) -> Result<T, FormatErro
         path: path.display().to_string(),
         source,
     };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => io(std::io::Error::other(
-                "is a symbolic link; a state file must be a regular file",
-            )),
-            _ => io(e),
-        })?;
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(io(std::io::Error::other(
-            "is not a regular file; a state file must be one",
-        )));
-    }
+    let (file, meta) = open_regular(path).map_err(|e| {
+        io(match e {
+            OpenRegularError::Io(e) => e,
+            refused => {
+                std::io::Error::other(format!("{refused}; a state file must be a regular file"))
+            }
+        })
+    })?;
     let max = HEADER_LEN as u64 + MAX_PAYLOAD;
     if meta.len() > max {
         return Err(FormatError::TooLarge(meta.len()));

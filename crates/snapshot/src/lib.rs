@@ -9,5 +9,8 @@
 pub mod format;
 pub mod transfer;
 
-pub use format::{decode, encode, read_state_file, FormatError, CRC, FORMAT_VERSION, MAX_PAYLOAD};
+pub use format::{
+    decode, encode, open_regular, read_state_file, FormatError, OpenRegularError, CRC,
+    FORMAT_VERSION, MAX_PAYLOAD,
+};
 pub use transfer::{recv_blob, send_blob, TransferError};

@@ -18,7 +18,7 @@
 pub mod key;
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -324,19 +324,14 @@ impl Template {
         }
         let state: TemplateState = forkvm_snapshot::decode(&sealed.state).map_err(unusable)?;
         let mem_path = dir.join(MEMORY_FILE);
-        let memory = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&mem_path)
-            .map_err(io(&mem_path))?;
         let bad = |problem: String| TemplateError::Memory {
             path: mem_path.clone(),
             problem,
         };
-        let meta = memory.metadata().map_err(io(&mem_path))?;
-        if !meta.is_file() {
-            return Err(bad("is not a regular file".into()));
-        }
+        let (memory, meta) = forkvm_snapshot::open_regular(&mem_path).map_err(|e| match e {
+            forkvm_snapshot::OpenRegularError::Io(e) => io(&mem_path)(e),
+            refused => bad(refused.to_string()),
+        })?;
         let len = meta.len();
         if len != state.memory_len {
             return Err(bad(format!(

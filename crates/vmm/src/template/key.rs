@@ -14,6 +14,8 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use forkvm_snapshot::OpenRegularError;
+
 /// Length of the key, in bytes.
 const KEY_LEN: usize = 32;
 
@@ -85,19 +87,14 @@ impl TemplateKey {
             path: path.to_owned(),
             problem,
         };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOENT) => KeyError::Missing(path.to_owned()),
-                Some(libc::ELOOP) => bad("is a symbolic link, not the key file".into()),
-                _ => io(e),
-            })?;
-        let meta = file.metadata().map_err(io)?;
-        if !meta.is_file() {
-            return Err(bad("is not a regular file".into()));
-        }
+        let (file, meta) = forkvm_snapshot::open_regular(path).map_err(|e| match e {
+            OpenRegularError::Io(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                KeyError::Missing(path.to_owned())
+            }
+            OpenRegularError::Io(e) => io(e),
+            OpenRegularError::Link => bad("is a symbolic link, not the key file".into()),
+            refused => bad(refused.to_string()),
+        })?;
         // SAFETY: geteuid has no preconditions and cannot fail.
         let uid = unsafe { libc::geteuid() };
         if meta.uid() != uid {

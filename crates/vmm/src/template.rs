@@ -176,20 +176,13 @@ fn write_template(
     file.set_len(total).map_err(io(&tmp))?;
     let mut digest = key.hasher(MEMORY_CONTEXT);
     let mut stored = 0u64;
-    let zero = [0u8; PAGE];
     for (region, r) in mem.iter().zip(ranges) {
         let len = region.len() as usize;
         // SAFETY: the region is a live mapping of `len` bytes; the VM is paused, so
         // nothing writes it while we read.
         let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr() as *const u8, len) };
-        for (i, page) in bytes.chunks(PAGE).enumerate() {
-            digest.update(page);
-            if page != &zero[..page.len()] {
-                file.write_all_at(page, r.file_offset + (i * PAGE) as u64)
-                    .map_err(io(&tmp))?;
-                stored += page.len() as u64;
-            }
-        }
+        digest.update(bytes);
+        stored += write_nonzero_pages(&file, bytes, r.file_offset).map_err(io(&tmp))?;
     }
     file.sync_all().map_err(io(&tmp))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444)).map_err(io(&tmp))?;
@@ -219,6 +212,21 @@ fn write_template(
         },
     })?;
     Ok((total, stored))
+}
+
+/// Writes the pages of `bytes` that are not all zeros into `file` at `offset` onwards,
+/// leaving holes for the rest (a template's memory file and its in-memory copy are as
+/// sparse as the guest); returns the bytes written.
+fn write_nonzero_pages(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<u64> {
+    let zero = [0u8; PAGE];
+    let mut written = 0;
+    for (i, page) in bytes.chunks(PAGE).enumerate() {
+        if page != &zero[..page.len()] {
+            file.write_all_at(page, offset + (i * PAGE) as u64)?;
+            written += page.len() as u64;
+        }
+    }
+    Ok(written)
 }
 
 /// How long a template fork waits for its warm processes: this, plus
@@ -275,19 +283,13 @@ impl Unverified {
         copy.set_len(state.memory_len).map_err(io(&mem_path))?;
         let mut digest = key.hasher(MEMORY_CONTEXT);
         let mut buf = vec![0u8; 1 << 20];
-        let zero = [0u8; PAGE];
         let mut at = 0u64;
         while at < state.memory_len {
             let want = (state.memory_len - at).min(buf.len() as u64) as usize;
             let chunk = &mut buf[..want];
             memory.read_exact_at(chunk, at).map_err(io(&mem_path))?;
             digest.update(chunk);
-            for (i, page) in chunk.chunks(PAGE).enumerate() {
-                if page != &zero[..page.len()] {
-                    copy.write_all_at(page, at + (i * PAGE) as u64)
-                        .map_err(io(&mem_path))?;
-                }
-            }
+            write_nonzero_pages(&copy, chunk, at).map_err(io(&mem_path))?;
             at += want as u64;
         }
         if !key::same_mac(digest.finalize().as_bytes(), &state.memory_mac) {

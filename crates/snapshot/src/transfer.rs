@@ -1,6 +1,8 @@
-//! Moving a state blob and file descriptors (guest memory layers) to another process
-//! over a Unix stream socket: one `sendmsg` carrying the length and the fds as
-//! `SCM_RIGHTS`, then the blob bytes.
+//! Moving a state blob and file descriptors (guest memory layers, the host files a
+//! device holds) to another process over a Unix stream socket: one `sendmsg` carrying
+//! the blob's length, how many descriptors follow and the first of them as
+//! `SCM_RIGHTS`; one more one-byte message per further [`FDS_PER_MESSAGE`]
+//! descriptors; then the blob bytes.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -9,8 +11,10 @@ use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// Most descriptors one transfer carries.
-pub const MAX_FDS: usize = 32;
+/// Most descriptors one message carries (the kernel's limit, `SCM_MAX_FD`, is 253).
+pub const FDS_PER_MESSAGE: usize = 250;
+/// Most descriptors one transfer carries: as many as a process may hold.
+pub const MAX_FDS: usize = 1 << 20;
 
 /// Errors while sending or receiving a blob.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +31,14 @@ pub enum TransferError {
     /// Too many descriptors or a blob over the limit.
     #[error("transfer too large: {0}")]
     TooLarge(String),
+    /// Fewer or more descriptors came than the sender announced.
+    #[error("{got} file descriptors came where {announced} were announced")]
+    Descriptors {
+        /// How many the header announced.
+        announced: usize,
+        /// How many had come.
+        got: usize,
+    },
 }
 
 /// Sends `blob` and `fds` on `sock`.
@@ -37,53 +49,95 @@ pub fn send_blob(sock: &UnixStream, blob: &[u8], fds: &[RawFd]) -> Result<(), Tr
             fds.len()
         )));
     }
-    let header = (blob.len() as u64).to_le_bytes();
+    let mut header = [0u8; HEADER_LEN];
+    header[..8].copy_from_slice(&(blob.len() as u64).to_le_bytes());
+    header[8..].copy_from_slice(&(fds.len() as u32).to_le_bytes());
+    let mut chunks = fds.chunks(FDS_PER_MESSAGE);
+    let first = chunks.next().unwrap_or(&[]);
     let sent = sock
-        .send_with_fds(&[&header[..]], fds)
+        .send_with_fds(&[&header[..]], first)
         .map_err(TransferError::Scm)?;
     if sent != header.len() {
         return Err(TransferError::Closed);
+    }
+    for chunk in chunks {
+        let sent = sock
+            .send_with_fds(&[&[0u8][..]], chunk)
+            .map_err(TransferError::Scm)?;
+        if sent != 1 {
+            return Err(TransferError::Closed);
+        }
     }
     (&*sock).write_all(blob)?;
     Ok(())
 }
 
+/// The header: the blob's length (u64) and the number of descriptors (u32), little
+/// endian.
+const HEADER_LEN: usize = 12;
+
 /// Receives a blob of at most `max_len` bytes and its descriptors from `sock`.
 pub fn recv_blob(sock: &UnixStream, max_len: u64) -> Result<(Vec<u8>, Vec<File>), TransferError> {
-    let mut header = [0u8; 8];
-    let mut raw = [-1 as RawFd; MAX_FDS];
-    let mut iov = [libc::iovec {
-        iov_base: header.as_mut_ptr().cast(),
-        iov_len: header.len(),
-    }];
-    // SAFETY: the iovec points at `header`, which lives across the call and is as long
-    // as the iovec says.
-    let (n, nfds) =
-        unsafe { sock.recv_with_fds(&mut iov, &mut raw) }.map_err(TransferError::Scm)?;
-    let fds: Vec<File> = raw[..nfds]
-        .iter()
-        .map(|&fd| {
-            // SAFETY: recvmsg installed these descriptors in this process; nothing else
-            // owns them.
-            unsafe { File::from_raw_fd(fd) }
-        })
-        .collect();
+    let mut header = [0u8; HEADER_LEN];
+    let mut fds = Vec::new();
+    let n = recv_fds(sock, &mut header, &mut fds)?;
     if n == 0 {
         return Err(TransferError::Closed);
     }
-    // The length may arrive split across reads on a stream socket.
+    // The header may arrive split across reads on a stream socket.
     (&*sock)
         .read_exact(&mut header[n..])
         .map_err(|_| TransferError::Closed)?;
-    let len = u64::from_le_bytes(header);
+    let len = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
+    let announced = u32::from_le_bytes(header[8..].try_into().expect("4 bytes")) as usize;
     if len > max_len {
         return Err(TransferError::TooLarge(format!("{len}-byte blob")));
+    }
+    if announced > MAX_FDS {
+        return Err(TransferError::TooLarge(format!("{announced} descriptors")));
+    }
+    while fds.len() < announced {
+        let before = fds.len();
+        let mut byte = [0u8; 1];
+        if recv_fds(sock, &mut byte, &mut fds)? == 0 || fds.len() == before {
+            break;
+        }
+    }
+    if fds.len() != announced {
+        return Err(TransferError::Descriptors {
+            announced,
+            got: fds.len(),
+        });
     }
     let mut blob = vec![0u8; len as usize];
     (&*sock)
         .read_exact(&mut blob)
         .map_err(|_| TransferError::Closed)?;
     Ok((blob, fds))
+}
+
+/// One `recvmsg` into `buf`, with up to [`FDS_PER_MESSAGE`] descriptors appended to
+/// `fds`; the bytes read.
+fn recv_fds(
+    sock: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<File>,
+) -> Result<usize, TransferError> {
+    let mut raw = [-1 as RawFd; FDS_PER_MESSAGE];
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: the iovec points at `buf`, which lives across the call and is as long as
+    // the iovec says.
+    let (n, nfds) =
+        unsafe { sock.recv_with_fds(&mut iov, &mut raw) }.map_err(TransferError::Scm)?;
+    fds.extend(raw[..nfds].iter().map(|&fd| {
+        // SAFETY: recvmsg installed these descriptors in this process; nothing else
+        // owns them.
+        unsafe { File::from_raw_fd(fd) }
+    }));
+    Ok(n)
 }
 
 /// The raw descriptor numbers of `files`, for [`send_blob`].
@@ -116,6 +170,52 @@ mod tests {
         files[0].rewind().unwrap();
         files[0].read_to_string(&mut s).unwrap();
         assert_eq!(s, "guest memory");
+    }
+
+    #[test]
+    fn more_descriptors_than_one_message_carries_arrive_in_order() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let n = FDS_PER_MESSAGE * 2 + 17;
+        let files: Vec<File> = (0..n)
+            .map(|i| {
+                let mut f = tempfile::tempfile().unwrap();
+                write!(f, "{i}").unwrap();
+                f
+            })
+            .collect();
+        let sender = std::thread::spawn(move || {
+            let refs: Vec<&File> = files.iter().collect();
+            send_blob(&a, b"state", &raw_fds(&refs)).unwrap();
+            files
+        });
+        let (got, mut received) = recv_blob(&b, 1 << 20).unwrap();
+        sender.join().unwrap();
+        assert_eq!(got, b"state");
+        assert_eq!(received.len(), n);
+        for (i, f) in received.iter_mut().enumerate() {
+            let mut s = String::new();
+            f.rewind().unwrap();
+            f.read_to_string(&mut s).unwrap();
+            assert_eq!(s, i.to_string());
+        }
+    }
+
+    #[test]
+    fn fewer_descriptors_than_announced_is_an_error() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = tempfile::tempfile().unwrap();
+        // A header announcing 300 descriptors with one, then the peer goes away.
+        let mut header = [0u8; HEADER_LEN];
+        header[8..].copy_from_slice(&300u32.to_le_bytes());
+        a.send_with_fds(&[&header[..]], &[f.as_raw_fd()]).unwrap();
+        drop(a);
+        assert!(matches!(
+            recv_blob(&b, 10),
+            Err(TransferError::Descriptors {
+                announced: 300,
+                got: 1
+            })
+        ));
     }
 
     #[test]

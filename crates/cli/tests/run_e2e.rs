@@ -343,8 +343,10 @@ fn volumes_share_host_directories() {
         assert_code(&out, 0);
         assert_eq!(out.stdout, "pong\n", "{out}");
 
-        // A VM with a share cannot be forked yet: refused, naming the share, and the
-        // VM runs on. (Both commands under one state root.)
+        // A VM with a share forks, and its child reads and writes the same directory:
+        // through its working directory and a file its parent had open before the fork
+        // (node IDs and handles the child's guest took over), and by new lookups of
+        // files the host made after the fork. (Both commands under one state root.)
         let root = tmp.path().join("vms");
         let env = [
             ("FORKVM_STORE", store.as_os_str()),
@@ -361,8 +363,10 @@ fn volumes_share_host_directories() {
                 "fixture:1",
                 "sh",
                 "-c",
-                "echo ready; i=0; while [ ! -f /data/stop ] && [ $i -lt 600 ]; do \
-                 sleep 0.1; i=$((i+1)); done; echo still-running",
+                "cd /data && exec 3>>journal && echo ready && i=0; \
+                 while [ ! -f stop ] && [ $i -lt 1200 ]; do h=$(hostname); echo \"$h $i\" >&3; \
+                 [ -f from-host ] && cp from-host seen-by-$h; sleep 0.1; i=$((i+1)); done; \
+                 echo still-running",
             ],
             RUN_TIMEOUT,
             &env,
@@ -370,17 +374,75 @@ fn volumes_share_host_directories() {
         );
         run.wait_for_stdout("ready");
         let fork = Forkvm::spawn_with(&["fork", "sharing"], RUN_TIMEOUT, &env, None).finish();
-        assert_code(&fork, 1);
+        assert_code(&fork, 0);
+        let info = Forkvm::spawn_with(&["inspect", "sharing"], RUN_TIMEOUT, &env, None).finish();
+        assert_code(&info, 0);
+        let info: serde_json::Value = serde_json::from_str(&info.stdout).unwrap();
+        let children: Vec<String> = info["children"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(children.len(), 1, "{info:#}");
+        std::fs::write(vol.join("from-host"), "written after the fork\n").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let (mut child_copy, mut parent_copy, mut child_line) = (None, None, false);
+        while child_copy.is_none() || parent_copy.is_none() || !child_line {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "parent copy {parent_copy:?}, child copy {child_copy:?}, child line {child_line}; \
+                 journal:\n{}\nfork: {fork}",
+                std::fs::read_to_string(vol.join("journal")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+            for e in std::fs::read_dir(&vol).unwrap().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(host) = name.strip_prefix("seen-by-") else {
+                    continue;
+                };
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                if text == "written after the fork\n" {
+                    match host.starts_with("fork-") {
+                        true => child_copy = Some(host.to_owned()),
+                        false => parent_copy = Some(host.to_owned()),
+                    }
+                }
+            }
+            child_line = std::fs::read_to_string(vol.join("journal"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("fork-"));
+        }
+        // The child's files are the container user's, as its parent's are.
+        let child_file = vol.join(format!("seen-by-{}", child_copy.unwrap()));
+        assert_eq!(std::fs::metadata(&child_file).unwrap().uid(), 0);
+        // A template cannot hold the host files a share's guest has open: refused,
+        // naming the share, before the VM is paused; nothing is written.
+        let tpl = tmp.path().join("tpl");
+        let save = Forkvm::spawn_with(
+            &["template", "save", "sharing", tpl.to_str().unwrap()],
+            RUN_TIMEOUT,
+            &env,
+            None,
+        )
+        .finish();
+        assert_code(&save, 1);
         assert!(
-            fork.stderr
+            save.stderr
                 .contains(&vol.canonicalize().unwrap().display().to_string())
-                && fork.stderr.contains("cannot be forked"),
-            "{fork}"
+                && save.stderr.contains("cannot be saved as a template"),
+            "{save}"
         );
+        assert!(!tpl.join("state.forkvm").exists());
         std::fs::write(vol.join("stop"), "").unwrap();
         let out = run.finish();
         assert_code(&out, 0);
         assert!(out.stdout.contains("still-running"), "{out}");
+        // The child saw `stop` on the share too; whatever it still runs is stopped.
+        for id in &children {
+            let _ = Forkvm::spawn_with(&["stop", "-t", "1", id], RUN_TIMEOUT, &env, None).finish();
+        }
     });
 }
 

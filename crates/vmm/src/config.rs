@@ -36,7 +36,8 @@ pub struct VmConfig {
     /// Whether to add a virtio-rng device.
     pub rng: bool,
     /// Host directories shared with the guest, one virtio-fs device each (after the
-    /// others in MMIO order). A VM with shares cannot be forked or saved yet.
+    /// others in MMIO order). A VM with shares forks (its children serve the same
+    /// directories) but cannot be saved as a template.
     #[serde(default)]
     pub shares: Vec<FsConfig>,
     /// Whether host stdin feeds the serial console (off when stdin belongs to something

@@ -48,7 +48,7 @@ pub enum DeviceState {
     Vsock(VsockState),
     /// virtio-rng.
     Rng(RngState),
-    /// virtio-fs (never saved today: see [`forkvm_devices::virtio::fs`]).
+    /// virtio-fs (its host descriptors travel beside it: see [`forkvm_devices::virtio::fs`]).
     Fs(FsState),
 }
 

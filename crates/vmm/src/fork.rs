@@ -217,7 +217,6 @@ pub(crate) fn check_request(cfg: &VmConfig, req: &ForkRequest) -> Result<(), Con
             req.count
         )));
     }
-    refuse_shares(cfg, "forked")?;
     if let Some(d) = cfg.disks.iter().find(|d| !d.read_only) {
         return Err(ControlError::Invalid(format!(
             "the VM has a writable disk ({}); parent and children would write the same image: attach it read-only to fork",
@@ -227,13 +226,16 @@ pub(crate) fn check_request(cfg: &VmConfig, req: &ForkRequest) -> Result<(), Con
     Ok(())
 }
 
-/// Refuses to save a VM with shared directories (`what`: "forked", "saved as a
-/// template"), naming the first: their FUSE servers' state cannot be saved yet
-/// ([`forkvm_devices::virtio::fs`]).
-pub(crate) fn refuse_shares(cfg: &VmConfig, what: &str) -> Result<(), ControlError> {
+/// Refuses to save a VM with shared directories as a template, naming the first: the
+/// files a share's guest has open are host descriptors
+/// ([`forkvm_devices::virtio::fs`]), which a running process can hand to its fork
+/// children but no file can hold.
+pub(crate) fn refuse_shares_in_templates(cfg: &VmConfig) -> Result<(), ControlError> {
     match cfg.shares.first() {
         Some(s) => Err(ControlError::Invalid(format!(
-            "the VM shares {} (tag {:?}) with its guest; a VM with shared directories cannot be {what} yet",
+            "the VM shares {} (tag {:?}) with its guest; a VM with shared directories cannot be \
+             saved as a template (the files its guest has open on the share are host \
+             descriptors, which only a running VM can pass on: fork it instead)",
             s.host_path.display(),
             s.tag
         ))),
@@ -264,7 +266,8 @@ pub(crate) fn identities(
 /// vCPUs do not compete with the sending), [`Launching::finish`] starts new processes
 /// for the rest and waits for every child's report.
 pub(crate) struct Launching {
-    /// The fork's state (first) and memory files, as each child receives them.
+    /// The fork's state (first), memory files and the host files its devices hold
+    /// ([`VmSnapshot::take_host_files`]), as each child receives them.
     files: Vec<File>,
     launch: Launch,
     consoles: Vec<Option<PathBuf>>,
@@ -290,14 +293,19 @@ impl Launching {
         pool: Option<&ChildPool>,
         t0: Instant,
     ) -> Result<Self, ControlError> {
-        // The state is encoded once; every child gets the same file, ahead of the memory.
+        // The state is encoded once; every child gets the same file, ahead of the memory,
+        // and the host files its devices hold after the memory.
+        let host_files = snapshot.take_host_files();
         let state = ForkState {
             snapshot,
             layout: layout.clone(),
         }
         .into_file()?;
         let mut this = Self {
-            files: std::iter::once(state).chain(files).collect(),
+            files: std::iter::once(state)
+                .chain(files)
+                .chain(host_files)
+                .collect(),
             launch: Launch {
                 home: HomeSpec::New(homes.clone()),
                 console: ConsoleSpec::Log,
@@ -531,6 +539,11 @@ impl ChildPayload {
         }
         self.check_identity()?;
         let t = Instant::now();
+        // After the base and the overlays: the host files the devices hold.
+        let host_files = files.split_off((1 + self.layout.overlays.len()).min(files.len()));
+        self.snapshot
+            .give_host_files(host_files)
+            .map_err(ForkChildError::State)?;
         let base = files.remove(0);
         let ram = GuestRam::from_layers(base, files, &self.layout)?;
         let map_us = t.elapsed().as_micros() as u64;

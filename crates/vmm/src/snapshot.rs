@@ -2,6 +2,7 @@
 //! VM-wide KVM state (PICs, IOAPIC, PIT, kvmclock), the UART, and every virtio device
 //! with its transport. Plain data (serde), so one path serves fork and templates.
 
+use std::fs::File;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -9,7 +10,7 @@ use forkvm_devices::legacy::SerialState;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
-use crate::devices::VirtioSnapshot;
+use crate::devices::{DeviceState, VirtioSnapshot};
 use crate::vcpu::VcpuState;
 use crate::vm::VmArchState;
 
@@ -61,6 +62,47 @@ pub fn realtime_ns() -> u64 {
 }
 
 impl VmSnapshot {
+    /// Takes out the host descriptors the devices' states hold (the files a share's
+    /// guest has open), in MMIO order: they travel beside the encoded snapshot.
+    pub fn take_host_files(&self) -> Vec<File> {
+        self.virtio
+            .iter()
+            .flat_map(|v| match &v.device {
+                DeviceState::Fs(fs) => fs.files.take(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// Gives the devices' states back the host descriptors [`take_host_files`] took out
+    /// (as many as each state's table needs, in MMIO order); all of them must be used.
+    ///
+    /// [`take_host_files`]: VmSnapshot::take_host_files
+    pub fn give_host_files(&self, files: Vec<File>) -> Result<(), String> {
+        let needed: usize = self
+            .virtio
+            .iter()
+            .map(|v| match &v.device {
+                DeviceState::Fs(fs) => fs.files_needed(),
+                _ => 0,
+            })
+            .sum();
+        if files.len() != needed {
+            return Err(format!(
+                "{} host descriptors came for devices that hold {needed}",
+                files.len()
+            ));
+        }
+        let mut files = files.into_iter();
+        for v in &self.virtio {
+            if let DeviceState::Fs(fs) = &v.device {
+                fs.files
+                    .put(files.by_ref().take(fs.files_needed()).collect());
+            }
+        }
+        Ok(())
+    }
+
     /// Nanoseconds since the capture: how far the restored guest's clock must move on.
     pub fn elapsed_ns(&self) -> u64 {
         realtime_ns().saturating_sub(self.captured_realtime_ns)
@@ -83,4 +125,88 @@ pub struct ChildIdentity {
     pub hostname: String,
     /// 64 bytes from the host's CSPRNG for the guest's entropy pool.
     pub seed: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use forkvm_devices::virtio::fs::{FsState, HostFiles, SavedHandle, SavedInode, SavedTable};
+
+    use super::*;
+
+    /// A share's state whose table lists `inodes` inodes and `handles` handles.
+    fn share(inodes: u64, handles: u64) -> VirtioSnapshot {
+        let table = SavedTable {
+            inodes: (1..=inodes)
+                .map(|node| SavedInode {
+                    node,
+                    refcount: 1,
+                    mode: 0,
+                    ino: node,
+                    dev: 0,
+                    mnt: 0,
+                })
+                .collect(),
+            handles: (1..=handles)
+                .map(|handle| SavedHandle {
+                    handle,
+                    node: 1,
+                    flags: 0,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let files = (0..inodes + handles)
+            .map(|_| tempfile::tempfile().unwrap())
+            .collect();
+        VirtioSnapshot {
+            device: DeviceState::Fs(FsState {
+                table,
+                files: HostFiles::new(files),
+                ..Default::default()
+            }),
+            transport: Default::default(),
+        }
+    }
+
+    fn held(snap: &VmSnapshot) -> Vec<usize> {
+        snap.virtio
+            .iter()
+            .map(|v| match &v.device {
+                DeviceState::Fs(fs) => {
+                    let files = fs.files.take();
+                    let n = files.len();
+                    fs.files.put(files);
+                    n
+                }
+                _ => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn host_files_travel_beside_the_snapshot_in_device_order() {
+        let mut snap = VmSnapshot::empty(VmConfig::new("/nonexistent/kernel"));
+        snap.virtio = vec![share(2, 1), share(1, 0)];
+        let files = snap.take_host_files();
+        assert_eq!(files.len(), 4);
+        assert_eq!(held(&snap), [0, 0], "taken out of the states");
+
+        // Encoded and decoded as a fork's state, then given back.
+        let blob = forkvm_snapshot::encode(&snap).unwrap();
+        let back: VmSnapshot = forkvm_snapshot::decode(&blob).unwrap();
+        assert_eq!(
+            held(&back),
+            [0, 0],
+            "descriptors never travel in the encoding"
+        );
+        let fewer: Vec<File> = files[1..].iter().map(|f| f.try_clone().unwrap()).collect();
+        let e = back.give_host_files(fewer).unwrap_err();
+        assert!(
+            e.contains("3 host descriptors came for devices that hold 4"),
+            "{e}"
+        );
+        assert_eq!(held(&back), [0, 0], "nothing given on a mismatch");
+        back.give_host_files(files).unwrap();
+        assert_eq!(held(&back), [3, 1]);
+    }
 }

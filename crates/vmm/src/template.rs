@@ -125,7 +125,7 @@ impl Vmm {
     /// unless it was paused already.
     pub fn save_template(&mut self, dir: &Path) -> Result<TemplateInfo, ControlError> {
         let t0 = Instant::now();
-        crate::fork::refuse_shares(&self.cfg, "saved as a template")?;
+        crate::fork::refuse_shares_in_templates(&self.cfg)?;
         let fail = |e: TemplateError| ControlError::Failed(error_chain(&e));
         let key = TemplateKey::host_or_new()
             .map_err(TemplateError::from)

@@ -73,6 +73,11 @@ impl InodeStore {
         self.by_id.clear();
     }
 
+    /// forkvm patch: every inode held, for `export_table`.
+    pub fn data_values(&self) -> impl Iterator<Item = &Arc<InodeData>> {
+        self.data.values()
+    }
+
     pub fn get(&self, inode: &Inode) -> Option<&Arc<InodeData>> {
         self.data.get(inode)
     }

@@ -29,7 +29,9 @@ use std::time::Duration;
 use vm_memory::{bitmap::BitmapSlice, ByteValued};
 
 pub use self::config::{CachePolicy, Config};
+// forkvm patch: the table a fork child takes over.
 use self::file_handle::{FileHandle, OpenableFileHandle};
+pub use self::fork_table::{Table, TableHandle, TableInode, TableOptions};
 use self::inode_store::{InodeId, InodeStore};
 use self::mount_fd::MountFds;
 use self::statx::{statx, StatExt};
@@ -49,6 +51,7 @@ use crate::api::{
 mod async_io;
 mod config;
 mod file_handle;
+mod fork_table;
 mod inode_store;
 mod mount_fd;
 mod os_compat;

@@ -14,20 +14,28 @@
 //! Each event serves at most [`MAX_CHAINS_PER_EVENT`] chains per queue and kicks itself
 //! for the rest, so one guest cannot keep the event loop from its other devices.
 //!
-//! What it does not do yet: save its state. The server's table of the files the guest
-//! has looked up (FUSE node IDs to host handles) lives in this process; a snapshot
-//! without it would hand a fork child a guest whose cached files it cannot serve, so
-//! [`Persist::save`] refuses, naming the share, and a VM with shares cannot be forked or
+//! Saving ([`Persist`]) carries the server's table of what the guest holds (the files it
+//! has looked up and not forgotten, the files and directories it has open, the FUSE
+//! options INIT agreed on) and, beside the state, duplicates of the host descriptors
+//! behind them ([`HostFiles`]): a fork child gets them over its launch socket and goes
+//! on serving its guest's node IDs and handles with the very files its parent served,
+//! as a process after `fork()` shares its parent's open files. Descriptors live only in
+//! processes, so such a state cannot be written to disk: a VM with shares cannot be
 //! saved as a template.
 
 mod share;
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
+use fuse_backend_rs::passthrough::{
+    CachePolicy, Config as PassthroughConfig, PassthroughFs, Table, TableHandle, TableInode,
+    TableOptions,
+};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use serde::{Deserialize, Serialize};
 use tracing::debug;
@@ -101,31 +109,134 @@ pub enum FsError {
     /// A saved state acknowledges features the device does not offer.
     #[error(transparent)]
     BadFeatures(#[from] crate::virtio::activation::UnofferedFeatures),
-    /// The device's state cannot be saved (see the module documentation).
-    #[error(
-        "the share {tag:?} ({}) cannot be saved: the files its guest has open live in this \
-         VMM process; VMs with shared directories cannot be forked or saved as templates yet",
-        path.display()
-    )]
-    NotSaveable {
+    /// The server's table cannot be taken out or duplicated.
+    #[error("cannot save the share {tag:?} ({})", path.display())]
+    Save {
         /// The share's tag.
         tag: String,
         /// Its host directory.
         path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A saved table is not one this device can serve from.
+    #[error("the saved state of the share {tag:?} is invalid: {problem}")]
+    BadTable {
+        /// The share's tag.
+        tag: String,
+        /// What is wrong with it.
+        problem: String,
     },
 }
 
-/// What of an [`Fs`] survives a snapshot; see [`FsError::NotSaveable`].
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What of an [`Fs`] survives a snapshot: the transport's features and the server's
+/// table, whose descriptors travel beside it ([`HostFiles`]).
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct FsState {
     /// The feature bits the driver accepted.
     pub acked_features: u64,
+    /// What the guest holds.
+    pub table: SavedTable,
+    /// The host descriptors of `table`: one per inode, then one per handle, in order.
+    /// Never serialized; [`HostFiles`] says how they travel.
+    #[serde(skip)]
+    pub files: HostFiles,
+}
+
+/// Most inodes plus handles a saved table may list: as many descriptors as a process
+/// may hold.
+pub const MAX_TABLE_ENTRIES: usize = MAX_OPEN_FILES as usize;
+
+/// The server's table of what the guest holds, descriptors aside.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedTable {
+    /// The FUSE protocol version INIT agreed on (major, minor).
+    pub protocol: (u32, u32),
+    /// Inodes the guest has looked up and not forgotten, the root included.
+    pub inodes: Vec<SavedInode>,
+    /// Files and directories the guest has open.
+    pub handles: Vec<SavedHandle>,
+    /// The next node ID the server gives out.
+    pub next_inode: u64,
+    /// The next handle the server gives out.
+    pub next_handle: u64,
+    /// Options INIT agreed on: write-back cache, no OPEN, no OPENDIR, `KILLPRIV_V2`,
+    /// per-file DAX.
+    pub options: [bool; 5],
+}
+
+/// An inode the guest holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedInode {
+    /// The guest's node ID.
+    pub node: u64,
+    /// Lookups not forgotten.
+    pub refcount: u64,
+    /// Its mode when looked up.
+    pub mode: u32,
+    /// Host inode number.
+    pub ino: u64,
+    /// Host device.
+    pub dev: u64,
+    /// Host mount ID.
+    pub mnt: u64,
+}
+
+/// A file or directory the guest has open.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedHandle {
+    /// The guest's handle.
+    pub handle: u64,
+    /// The node ID it is open on.
+    pub node: u64,
+    /// Its open flags.
+    pub flags: u32,
+}
+
+/// Host descriptors that belong with a saved device state but cannot be serialized:
+/// the saving process puts them here, whoever moves the state moves them beside it
+/// (`SCM_RIGHTS`) and puts them back in the same order before the restore, which takes
+/// them (once).
+#[derive(Default)]
+pub struct HostFiles(Mutex<Vec<File>>);
+
+impl HostFiles {
+    /// Holds `files`.
+    pub fn new(files: Vec<File>) -> Self {
+        Self(Mutex::new(files))
+    }
+
+    /// Takes the descriptors out, leaving none.
+    pub fn take(&self) -> Vec<File> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts `files` in place of whatever was held.
+    pub fn put(&self, files: Vec<File>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = files;
+    }
+}
+
+impl std::fmt::Debug for HostFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map(|v| v.len()).unwrap_or(0);
+        write!(f, "HostFiles({n})")
+    }
+}
+
+impl FsState {
+    /// How many descriptors go with this state.
+    pub fn files_needed(&self) -> usize {
+        self.table.inodes.len() + self.table.handles.len()
+    }
 }
 
 /// A virtio-fs device serving one host directory.
 pub struct Fs {
     activation: Activation,
     config: FsConfig,
+    share: Arc<Share>,
     server: Server<Arc<Share>>,
     config_space: Vec<u8>,
 }
@@ -139,35 +250,25 @@ impl std::fmt::Debug for Fs {
 impl Fs {
     /// A device serving `config.host_path` (a directory, symlinks resolved once here).
     pub fn new(config: FsConfig) -> Result<Self, FsError> {
-        let config_space = config_space(&config.tag)?;
+        config_space(&config.tag)?;
         let root = shared_dir(&config.host_path)?;
-        raise_open_file_limit();
-        let server_failed = |source| FsError::Server {
+        let fs = passthrough(&config, &root)?;
+        fs.import().map_err(|source| FsError::Server {
             path: root.clone(),
             source,
-        };
-        let root_dir = root
-            .to_str()
-            .ok_or_else(|| FsError::HostPath {
-                path: config.host_path.clone(),
-                problem: "the path is not UTF-8".into(),
-            })?
-            .to_owned();
-        let fs = PassthroughFs::new(PassthroughConfig {
-            root_dir,
-            cache_policy: CachePolicy::Auto,
-            entry_timeout: CACHE_TIMEOUT,
-            attr_timeout: CACHE_TIMEOUT,
-            do_import: true,
-            ..Default::default()
-        })
-        .map_err(server_failed)?;
-        fs.import().map_err(server_failed)?;
-        let share = Share::new(fs, config.read_only);
+        })?;
+        Self::serving(config, fs)
+    }
+
+    /// A device serving `fs`, which holds its table already.
+    fn serving(config: FsConfig, fs: PassthroughFs) -> Result<Self, FsError> {
+        let config_space = config_space(&config.tag)?;
+        let share = Arc::new(Share::new(fs, config.read_only));
         Ok(Self {
             activation: Activation::new("virtio-fs").map_err(FsError::EventFd)?,
             config,
-            server: Server::new(Arc::new(share)),
+            server: Server::new(share.clone()),
+            share,
             config_space,
         })
     }
@@ -272,6 +373,138 @@ fn shared_dir(path: &Path) -> Result<PathBuf, FsError> {
     Ok(root)
 }
 
+/// The passthrough filesystem for the directory `root` (resolved from
+/// `config.host_path`), its table still empty; with the open-file limit raised for it.
+fn passthrough(config: &FsConfig, root: &Path) -> Result<PassthroughFs, FsError> {
+    raise_open_file_limit();
+    let root_dir = root
+        .to_str()
+        .ok_or_else(|| FsError::HostPath {
+            path: config.host_path.clone(),
+            problem: "the path is not UTF-8".into(),
+        })?
+        .to_owned();
+    PassthroughFs::new(PassthroughConfig {
+        root_dir,
+        cache_policy: CachePolicy::Auto,
+        entry_timeout: CACHE_TIMEOUT,
+        attr_timeout: CACHE_TIMEOUT,
+        do_import: true,
+        ..Default::default()
+    })
+    .map_err(|source| FsError::Server {
+        path: root.to_owned(),
+        source,
+    })
+}
+
+/// The table `saved` describes over `files` (one per inode, then one per handle), each
+/// checked to be the file the table says (device, inode number, type); open
+/// directories get descriptions of their own (a directory stream's position is the
+/// description's, and the parent reads on at its own).
+fn checked_table(tag: &str, saved: &SavedTable, files: Vec<File>) -> Result<Table, FsError> {
+    let bad = |problem: String| FsError::BadTable {
+        tag: tag.to_owned(),
+        problem,
+    };
+    let entries = saved.inodes.len() + saved.handles.len();
+    if entries > MAX_TABLE_ENTRIES {
+        return Err(bad(format!("{entries} entries")));
+    }
+    if files.len() != entries {
+        return Err(bad(format!(
+            "{} host descriptors came for {entries} entries",
+            files.len()
+        )));
+    }
+    if saved.protocol.0 != fuse_backend_rs::abi::fuse_abi::KERNEL_VERSION {
+        return Err(bad(format!(
+            "FUSE protocol {}.{}",
+            saved.protocol.0, saved.protocol.1
+        )));
+    }
+    let mut files = files.into_iter();
+    let mut modes = std::collections::HashMap::with_capacity(saved.inodes.len());
+    let mut inodes = Vec::with_capacity(saved.inodes.len());
+    for i in &saved.inodes {
+        let file = files.next().expect("counted");
+        let st = fstat(&file).map_err(|e| bad(format!("node {}: {e}", i.node)))?;
+        if (st.st_dev, st.st_ino, st.st_mode & libc::S_IFMT)
+            != (i.dev, i.ino, i.mode & libc::S_IFMT)
+        {
+            return Err(bad(format!("node {} is not the file it names", i.node)));
+        }
+        if i.node == fuse_backend_rs::api::filesystem::ROOT_ID
+            && i.mode & libc::S_IFMT != libc::S_IFDIR
+        {
+            return Err(bad("the root is not a directory".into()));
+        }
+        modes.insert(i.node, (i.dev, i.ino, i.mode));
+        inodes.push(TableInode {
+            inode: i.node,
+            refcount: i.refcount,
+            mode: i.mode,
+            ino: i.ino,
+            dev: i.dev,
+            mnt: i.mnt,
+            file,
+        });
+    }
+    let mut handles = Vec::with_capacity(saved.handles.len());
+    for h in &saved.handles {
+        let file = files.next().expect("counted");
+        let Some(&(dev, ino, mode)) = modes.get(&h.node) else {
+            return Err(bad(format!(
+                "handle {} is open on node {}, which it does not hold",
+                h.handle, h.node
+            )));
+        };
+        let st = fstat(&file).map_err(|e| bad(format!("handle {}: {e}", h.handle)))?;
+        if (st.st_dev, st.st_ino) != (dev, ino) {
+            return Err(bad(format!(
+                "handle {} is not open on node {}",
+                h.handle, h.node
+            )));
+        }
+        let file = match mode & libc::S_IFMT == libc::S_IFDIR {
+            // Where it cannot be reopened, the stream stays shared with the parent.
+            true => File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap_or(file),
+            false => file,
+        };
+        handles.push(TableHandle {
+            handle: h.handle,
+            inode: h.node,
+            flags: h.flags,
+            file,
+        });
+    }
+    let [writeback, no_open, no_opendir, killpriv_v2, perfile_dax] = saved.options;
+    Ok(Table {
+        inodes,
+        handles,
+        next_inode: saved.next_inode,
+        next_handle: saved.next_handle,
+        options: TableOptions {
+            writeback,
+            no_open,
+            no_opendir,
+            killpriv_v2,
+            perfile_dax,
+        },
+    })
+}
+
+/// `fstat(2)` of `file`.
+fn fstat(file: &File) -> std::io::Result<libc::stat64> {
+    // SAFETY: an all-zero stat64 is a valid value; fstat64 only writes into it.
+    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
+    // SAFETY: `file` is an open descriptor and `st` lives across the call.
+    match unsafe { libc::fstat64(file.as_raw_fd(), &mut st) } {
+        0 => Ok(st),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 /// The most open files [`raise_open_file_limit`] asks for.
 pub const MAX_OPEN_FILES: libc::rlim_t = 1 << 20;
 
@@ -317,21 +550,85 @@ impl Persist<'_> for Fs {
     type ConstructorArgs = FsConfig;
     type Error = FsError;
 
-    /// Refused: see the module documentation.
+    /// The transport's features and the server's table, with duplicates of its
+    /// descriptors in [`FsState::files`].
     fn save(&self) -> Result<FsState, FsError> {
-        Err(FsError::NotSaveable {
-            tag: self.config.tag.clone(),
-            path: self.config.host_path.clone(),
+        let table = self
+            .share
+            .passthrough()
+            .export_table()
+            .map_err(|source| FsError::Save {
+                tag: self.config.tag.clone(),
+                path: self.config.host_path.clone(),
+                source,
+            })?;
+        let mut files = Vec::with_capacity(table.inodes.len() + table.handles.len());
+        let inodes = table
+            .inodes
+            .into_iter()
+            .map(|i| {
+                files.push(i.file);
+                SavedInode {
+                    node: i.inode,
+                    refcount: i.refcount,
+                    mode: i.mode,
+                    ino: i.ino,
+                    dev: i.dev,
+                    mnt: i.mnt,
+                }
+            })
+            .collect();
+        let handles = table
+            .handles
+            .into_iter()
+            .map(|h| {
+                files.push(h.file);
+                SavedHandle {
+                    handle: h.handle,
+                    node: h.inode,
+                    flags: h.flags,
+                }
+            })
+            .collect();
+        let o = table.options;
+        Ok(FsState {
+            acked_features: self.activation.acked_features(),
+            table: SavedTable {
+                protocol: self.server.protocol(),
+                inodes,
+                handles,
+                next_inode: table.next_inode,
+                next_handle: table.next_handle,
+                options: [
+                    o.writeback,
+                    o.no_open,
+                    o.no_opendir,
+                    o.killpriv_v2,
+                    o.perfile_dax,
+                ],
+            },
+            files: HostFiles::new(files),
         })
     }
 
-    /// Rebuilds a device from `config` and `state` (no saved state is ever produced
-    /// today; a restore still checks what it is given).
+    /// A device that goes on serving the guest `state` was saved from: its table, over
+    /// the descriptors in [`FsState::files`] (taken), each checked to be the file the
+    /// table names. The shared directory is the saved root's, not `config.host_path`
+    /// looked up again.
     fn restore(config: FsConfig, state: &FsState) -> Result<Self, FsError> {
-        let mut fs = Self::new(config)?;
-        fs.activation
+        config_space(&config.tag)?;
+        let table = checked_table(&config.tag, &state.table, state.files.take())?;
+        let fs = passthrough(&config, &config.host_path)?;
+        fs.import_table(table).map_err(|e| FsError::BadTable {
+            tag: config.tag.clone(),
+            problem: e.to_string(),
+        })?;
+        let mut dev = Self::serving(config, fs)?;
+        let (major, minor) = state.table.protocol;
+        dev.server.set_protocol(major, minor);
+        dev.activation
             .restore_acked_features(state.acked_features, AVAIL_FEATURES)?;
-        Ok(fs)
+        Ok(dev)
     }
 }
 

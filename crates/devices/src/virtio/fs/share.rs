@@ -37,6 +37,11 @@ impl Share {
         Self { fs, read_only }
     }
 
+    /// The passthrough filesystem behind it.
+    pub fn passthrough(&self) -> &PassthroughFs {
+        &self.fs
+    }
+
     /// `EROFS` on a read-only share.
     fn writable(&self) -> io::Result<()> {
         match self.read_only {

@@ -44,7 +44,13 @@ impl Reply {
 
 impl Guest {
     fn mount(config: FsConfig) -> Guest {
-        let mut dev = Fs::new(config).unwrap();
+        let mut g = Guest::attach(Fs::new(config).unwrap());
+        g.init(0);
+        g
+    }
+
+    /// A guest driving `dev` as it is (a restored device: no INIT).
+    fn attach(mut dev: Fs) -> Guest {
         let (drv, queues) = Driver::activate(&mut dev);
         let mut em = EventManager::<Fs>::new().unwrap();
         let id = em.add_subscriber(dev);
@@ -56,8 +62,11 @@ impl Guest {
             unique: 0,
         };
         g.run();
-        g.init(0);
         g
+    }
+
+    fn device(&mut self) -> &mut Fs {
+        self.em.subscriber_mut(self.id).unwrap()
     }
 
     /// FUSE INIT, the guest offering `flags`.
@@ -492,23 +501,176 @@ fn a_flood_of_requests_is_served_a_budget_at_a_time() {
     assert_eq!(served, n);
 }
 
-#[test]
-fn saving_is_refused_naming_the_share() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut g = Guest::mount(share(dir.path(), false));
-    let dev = g.em.subscriber_mut(g.id).unwrap();
-    let e = dev.save().unwrap_err().to_string();
-    assert!(
-        e.contains("\"data\"") && e.contains(&dir.path().display().to_string()),
-        "{e}"
-    );
-    assert!(e.contains("cannot be forked"), "{e}");
-    // A state from elsewhere with features this device does not offer is refused.
-    let bad = FsState {
-        acked_features: 1 << 40,
+/// Duplicates of `files`, for one more restore.
+fn dups(files: &[File]) -> Vec<File> {
+    files.iter().map(|f| f.try_clone().unwrap()).collect()
+}
+
+/// A guest that has looked up a file and a directory, and has the file and the
+/// directory open: saved, and the host descriptors taken out of the state.
+fn saved_guest(dir: &Path) -> (Guest, FsState, Vec<File>, [u64; 4]) {
+    std::fs::write(dir.join("kept"), "before the fork\n").unwrap();
+    std::fs::create_dir(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub/inner"), "").unwrap();
+    let mut g = Guest::mount(share(dir, false));
+    let file: EntryOut = g.lookup(ROOT, "kept").ok();
+    let fh = g.open(file.nodeid, libc::O_RDWR).ok::<OpenOut>().fh;
+    let sub: EntryOut = g.lookup(ROOT, "sub").ok();
+    let open = OpenIn {
+        flags: (libc::O_RDONLY | libc::O_DIRECTORY) as u32,
+        fuse_flags: 0,
     };
+    let dh = g
+        .call(Opcode::Opendir, sub.nodeid, open.as_slice())
+        .ok::<OpenOut>()
+        .fh;
+    let state = g.device().save().unwrap();
+    let files = state.files.take();
+    (g, state, files, [file.nodeid, fh, sub.nodeid, dh])
+}
+
+#[test]
+fn a_restored_share_serves_the_nodes_and_handles_its_guest_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut parent, state, files, [node, fh, sub, dh]) = saved_guest(dir.path());
+    // The root, the file and the directory; the file and the directory open.
+    assert_eq!(state.table.inodes.len(), 3);
+    assert_eq!(state.table.handles.len(), 2);
+    assert_eq!(files.len(), state.files_needed());
+    assert_eq!(state.table.protocol, (7, 31));
+
+    // Encoded and decoded: the table travels, the descriptors do not.
+    let copy: FsState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    assert!(copy.files.take().is_empty());
+    assert_eq!(copy.table, state.table);
+    copy.files.put(dups(&files));
+    let mut child = Guest::attach(Fs::restore(share(dir.path(), false), &copy).unwrap());
+    assert!(
+        copy.files.take().is_empty(),
+        "the restore took the descriptors"
+    );
+
+    // The host renames the file: both guests still read it through their node and
+    // handle, as processes that share an open file after fork().
+    std::fs::rename(dir.path().join("kept"), dir.path().join("renamed")).unwrap();
+    assert_eq!(child.read(node, fh, 4096), b"before the fork\n");
+    assert_eq!(parent.read(node, fh, 4096), b"before the fork\n");
+    let attr = child.call(Opcode::Getattr, node, &[0u8; 16]);
+    assert_eq!(attr.error, 0);
+
+    // The child writes through the handle its parent opened; the host sees it.
+    let write = WriteIn {
+        fh,
+        offset: 0,
+        size: 6,
+        ..Default::default()
+    };
+    let mut body = write.as_slice().to_vec();
+    body.extend_from_slice(b"BEFORE");
+    assert_eq!(child.call(Opcode::Write, node, &body).error, 0);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("renamed")).unwrap(),
+        "BEFORE the fork\n"
+    );
+
+    // The directory handle reads on in the child; a new lookup there gets a node ID
+    // the guest has not seen.
+    let read = ReadIn {
+        fh: dh,
+        offset: 0,
+        size: 4096,
+        ..Default::default()
+    };
+    let listing = child.call(Opcode::Readdir, sub, read.as_slice());
+    assert_eq!(listing.error, 0);
+    assert!(listing.body.windows(5).any(|w| w == b"inner"));
+    let inner: EntryOut = child.lookup(sub, "inner").ok();
+    assert!(inner.nodeid >= state.table.next_inode, "{}", inner.nodeid);
+
+    // The parent forgets and closes everything; the child keeps serving.
+    assert_eq!(
+        parent
+            .call(
+                Opcode::Release,
+                node,
+                fuse_backend_rs::abi::fuse_abi::ReleaseIn {
+                    fh,
+                    ..Default::default()
+                }
+                .as_slice()
+            )
+            .error,
+        0
+    );
+    drop(parent);
+    assert_eq!(child.read(node, fh, 4096), b"BEFORE the fork\n");
+}
+
+#[test]
+fn a_table_that_does_not_match_its_descriptors_is_refused_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_parent, state, files, _) = saved_guest(dir.path());
+    let restore = |table: &SavedTable, files: Vec<File>, features: u64| {
+        let state = FsState {
+            acked_features: features,
+            table: table.clone(),
+            files: HostFiles::new(files),
+        };
+        Fs::restore(share(dir.path(), false), &state).map(drop)
+    };
+    let refused = |table: &SavedTable, files: Vec<File>| {
+        restore(table, files, state.acked_features)
+            .unwrap_err()
+            .to_string()
+    };
+    let ok = &state.table;
+    assert!(restore(ok, dups(&files), state.acked_features).is_ok());
+
+    // A descriptor missing: a state without its files (a template's) is refused.
+    let e = refused(ok, dups(&files[1..]));
+    assert!(e.contains("4 host descriptors came for 5 entries"), "{e}");
+    assert!(refused(ok, Vec::new()).contains("0 host descriptors"));
+    // Two inodes' descriptors swapped.
+    let mut swapped = dups(&files);
+    swapped.swap(0, 1);
+    let e = refused(ok, swapped);
+    assert!(e.contains("is not the file it names"), "{e}");
+    // A handle on a node the table does not hold.
+    let mut t = ok.clone();
+    t.handles[0].node = 999;
+    let e = refused(&t, dups(&files));
+    assert!(e.contains("which it does not hold"), "{e}");
+    // Node IDs the server would give out again.
+    let mut t = ok.clone();
+    t.next_inode = 2;
+    assert!(refused(&t, dups(&files)).contains("invalid"));
+    // A root that is not a directory.
+    let mut t = ok.clone();
+    let root = t.inodes.iter().position(|i| i.node == ROOT).unwrap();
+    let file = t
+        .inodes
+        .iter()
+        .position(|i| i.node != ROOT && i.mode & libc::S_IFMT == libc::S_IFREG)
+        .unwrap();
+    let (rn, fnode) = (t.inodes[root].node, t.inodes[file].node);
+    t.inodes[root].node = fnode;
+    t.inodes[file].node = rn;
+    let e = refused(&t, dups(&files));
+    assert!(e.contains("the root is not a directory"), "{e}");
+    // Another FUSE protocol.
+    let mut t = ok.clone();
+    t.protocol = (8, 0);
+    assert!(refused(&t, dups(&files)).contains("FUSE protocol 8.0"));
+    // Features this device does not offer.
     assert!(matches!(
-        Fs::restore(share(dir.path(), false), &bad),
+        Fs::restore(
+            share(dir.path(), false),
+            &FsState {
+                acked_features: 1 << 40,
+                table: ok.clone(),
+                files: HostFiles::new(dups(&files)),
+            }
+        ),
         Err(FsError::BadFeatures(_))
     ));
 }

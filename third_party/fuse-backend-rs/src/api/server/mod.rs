@@ -64,6 +64,18 @@ impl<F: FileSystem + Sync> Server<F> {
             })),
         }
     }
+
+    /// forkvm patch: the FUSE protocol version INIT agreed on (major, minor), for a
+    /// server that goes on serving the same guest ([`Server::set_protocol`]).
+    pub fn protocol(&self) -> (u32, u32) {
+        let v = self.vers.load();
+        (v.major, v.minor)
+    }
+
+    /// forkvm patch: serves as if INIT had agreed on `major.minor`.
+    pub fn set_protocol(&self, major: u32, minor: u32) {
+        self.vers.store(Arc::new(ServerVersion { major, minor }));
+    }
 }
 
 struct ZcReader<'a, S: BitmapSlice = ()>(Reader<'a, S>);

@@ -2,7 +2,7 @@
 //! encodes them, through the activated device on an event loop, against a real host
 //! directory.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use event_manager::{EventManager, SubscriberId, SubscriberOps};
 use fuse_backend_rs::abi::fuse_abi::{
@@ -255,6 +255,31 @@ fn bad_configurations_are_refused_naming_the_problem() {
     let file = dir.path().join("file");
     std::fs::write(&file, "x").unwrap();
     assert!(err(share(&file, false)).contains("not a directory"));
+    // A symlink is resolved once, when the device is made: a dangling one is refused.
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&missing, &link).unwrap();
+    let e = err(share(&link, false));
+    assert!(
+        e.contains(&link.display().to_string()) && e.contains("No such file"),
+        "{e}"
+    );
+    // A directory the VM process may not read: made on a thread that has given up
+    // root (its credentials alone: the raw system call, not glibc's all-threads one).
+    let locked = dir.path().join("locked");
+    std::fs::create_dir(&locked).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let e = std::thread::spawn(move || {
+        // SAFETY: setresuid changes this thread's credentials only; it reads nothing.
+        let r = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+        assert_eq!(r, 0, "the tests run as root");
+        Fs::new(share(&locked, false)).unwrap_err().to_string()
+    })
+    .join()
+    .unwrap();
+    assert!(
+        e.contains("locked") && e.contains("Permission denied"),
+        "{e}"
+    );
 }
 
 #[test]

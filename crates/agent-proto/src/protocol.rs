@@ -10,8 +10,9 @@ pub const AGENT_PORT: u32 = 1024;
 /// Version of this protocol; sent in every [`Response::Pong`]. Bumped when a message
 /// changes meaning or a request the host may rely on is added (3: [`Request::Network`];
 /// 4: [`Request::DnsRelay`], [`Request::Unplug`]; 5: [`Request::Network`] replaces a
-/// NIC's addresses and routes, and may name nameservers).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// NIC's addresses and routes, and may name nameservers; 6: [`Request::Mount`]; 7:
+/// [`ProcessSpec`]'s capabilities, `no_new_privileges`, `oom_score_adj` and `umask`).
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
 /// `PATH` used for the executable search when [`ProcessSpec::env`] has none.
@@ -158,6 +159,44 @@ pub struct ProcessSpec {
     /// `process.consoleSize`), before the process starts. Absent: 24×80.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console_size: Option<[u16; 2]>,
+    /// The capability sets the process starts with (the OCI `process.capabilities`);
+    /// absent: the agent's own, every capability for root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Capabilities>,
+    /// `PR_SET_NO_NEW_PRIVS` before the exec: setuid binaries and file capabilities
+    /// grant nothing.
+    #[serde(default)]
+    pub no_new_privileges: bool,
+    /// The process's `/proc/self/oom_score_adj` (-1000 to 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_score_adj: Option<i32>,
+    /// The process's file mode creation mask; absent: the agent's (0022).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub umask: Option<u32>,
+}
+
+/// A process's capability sets, each a bit mask by capability number
+/// (`1 << CAP_CHOWN`, ...), applied as runc applies the OCI ones: the bounding set
+/// dropped to `bounding`, then (after the user is switched, capabilities kept)
+/// `effective`, `permitted` and `inheritable` set, then `ambient` raised. Bits the guest
+/// kernel does not know are ignored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// The bounding set.
+    #[serde(default)]
+    pub bounding: u64,
+    /// The effective set.
+    #[serde(default)]
+    pub effective: u64,
+    /// The permitted set.
+    #[serde(default)]
+    pub permitted: u64,
+    /// The inheritable set.
+    #[serde(default)]
+    pub inheritable: u64,
+    /// The ambient set.
+    #[serde(default)]
+    pub ambient: u64,
 }
 
 fn default_cwd() -> String {
@@ -181,6 +220,10 @@ impl ProcessSpec {
             rlimits: Vec::new(),
             init: false,
             console_size: None,
+            capabilities: None,
+            no_new_privileges: false,
+            oom_score_adj: None,
+            umask: None,
         }
     }
 }

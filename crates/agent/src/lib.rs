@@ -41,4 +41,6 @@ pub mod shares;
 pub mod spawn;
 pub mod user;
 
-pub use protocol::{ProcessSpec, Request, Response, Rlimit, User, AGENT_PORT, PROTOCOL_VERSION};
+pub use protocol::{
+    Capabilities, ProcessSpec, Request, Response, Rlimit, User, AGENT_PORT, PROTOCOL_VERSION,
+};

@@ -4,9 +4,14 @@
 //!
 //! 1. signal mask emptied, every disposition back to default (the agent ignores SIGPIPE);
 //! 2. `setsid`; stdio dup'ed onto 0, 1, 2; for a tty `TIOCSCTTY` on the slave;
-//! 3. `chroot(root)` (skipped when the root is `/`), `chdir(cwd)`;
-//! 4. `setrlimit` for each limit; `setgroups`, `setgid`, `setuid`;
-//! 5. `execve` of each `PATH` candidate in turn, with exactly the spec's environment.
+//! 3. `oom_score_adj` written, `umask` set;
+//! 4. `chroot(root)` (skipped when the root is `/`), `chdir(cwd)`;
+//! 5. `setrlimit` for each limit; with capabilities, the bounding set dropped to the
+//!    spec's and capabilities kept across the user switch (`PR_SET_KEEPCAPS`);
+//!    `setgroups`, `setgid`, `setuid`;
+//! 6. with capabilities, `capset` (effective, permitted, inheritable) and the ambient
+//!    set raised; `PR_SET_NO_NEW_PRIVS` when asked;
+//! 7. `execve` of each `PATH` candidate in turn, with exactly the spec's environment.
 //!
 //! A failing step writes `[step: u32 BE][errno: i32 BE]` to a close-on-exec pipe and
 //! exits 127; the parent turns that into a [`SpawnError`]. The fork is ours rather than
@@ -19,7 +24,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
-use crate::protocol::{ProcessSpec, DEFAULT_PATH};
+use crate::protocol::{Capabilities, ProcessSpec, DEFAULT_PATH};
 use crate::reaper::{ChildHandle, Reaper};
 use crate::user::{self, UserError};
 
@@ -61,6 +66,14 @@ pub enum SpawnError {
     /// The working directory is not a directory.
     #[error("cwd {0:?} is not a directory")]
     CwdNotDir(String),
+    /// A field holds a value the kernel would refuse.
+    #[error("{field}: {problem}")]
+    BadField {
+        /// The field (`process.oomScoreAdj`, ...).
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// Another step of starting the process failed.
     #[error("{step}: {source}")]
     Os {
@@ -129,6 +142,12 @@ const STEP_SETGROUPS: u32 = 7;
 const STEP_SETGID: u32 = 8;
 const STEP_SETUID: u32 = 9;
 const STEP_EXEC: u32 = 10;
+const STEP_OOM: u32 = 11;
+const STEP_CAPBSET: u32 = 12;
+const STEP_KEEPCAPS: u32 = 13;
+const STEP_CAPSET: u32 = 14;
+const STEP_AMBIENT: u32 = 15;
+const STEP_NNP: u32 = 16;
 
 fn step_name(step: u32) -> &'static str {
     match step {
@@ -142,6 +161,12 @@ fn step_name(step: u32) -> &'static str {
         STEP_SETGID => "setgid",
         STEP_SETUID => "setuid",
         STEP_EXEC => "exec",
+        STEP_OOM => "write oom_score_adj",
+        STEP_CAPBSET => "drop from the capability bounding set",
+        STEP_KEEPCAPS => "keep capabilities across the user switch",
+        STEP_CAPSET => "set the capabilities (capset)",
+        STEP_AMBIENT => "raise the ambient capabilities",
+        STEP_NNP => "set no_new_privs",
         _ => "start process",
     }
 }
@@ -157,11 +182,67 @@ struct ChildPlan {
     groups: Vec<libc::gid_t>,
     uid: libc::uid_t,
     gid: libc::gid_t,
+    /// `oom_score_adj` as the text written to `/proc/self/oom_score_adj`.
+    oom_score_adj: Option<Vec<u8>>,
+    umask: Option<libc::mode_t>,
+    caps: Option<CapPlan>,
+    no_new_privs: bool,
     candidates: Vec<CString>,
     argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
     err_fd: RawFd,
 }
+
+/// The capability sets to apply, masked to the capabilities this kernel knows.
+struct CapPlan {
+    /// Capabilities `0..=last` exist.
+    last: u32,
+    sets: Capabilities,
+}
+
+impl CapPlan {
+    /// `sets` for this kernel: bits past `/proc/sys/kernel/cap_last_cap` cleared.
+    fn new(sets: Capabilities) -> Self {
+        let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(40)
+            .min(63);
+        let known = if last == 63 {
+            u64::MAX
+        } else {
+            (1u64 << (last + 1)) - 1
+        };
+        let mask = |set: u64| set & known;
+        Self {
+            last,
+            sets: Capabilities {
+                bounding: mask(sets.bounding),
+                effective: mask(sets.effective),
+                permitted: mask(sets.permitted),
+                inheritable: mask(sets.inheritable),
+                ambient: mask(sets.ambient),
+            },
+        }
+    }
+}
+
+/// `capset(2)`'s header and data, version 3 (64-bit sets as two halves).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// The `setrlimit(2)` resource for `RLIMIT_*` names.
 pub fn rlimit_resource(name: &str) -> Option<libc::c_int> {
@@ -378,6 +459,24 @@ pub fn spawn(root: &Path, spec: &ProcessSpec, reaper: &Reaper) -> Result<Spawned
             child_fds[2].as_raw_fd(),
         ]
     };
+    let oom_score_adj = match spec.oom_score_adj {
+        Some(adj) if !(-1000..=1000).contains(&adj) => {
+            return Err(SpawnError::BadField {
+                field: "process.oomScoreAdj",
+                problem: format!("{adj} is outside -1000 to 1000"),
+            })
+        }
+        other => other.map(|adj| adj.to_string().into_bytes()),
+    };
+    let umask = match spec.umask {
+        Some(m) if m > 0o777 => {
+            return Err(SpawnError::BadField {
+                field: "process.user.umask",
+                problem: format!("{m:#o} has bits beyond 0777"),
+            })
+        }
+        other => other.map(|m| m as libc::mode_t),
+    };
     let (err_r, err_w) = pipe()?;
     let null_terminated = |v: &[CString]| {
         v.iter()
@@ -396,6 +495,10 @@ pub fn spawn(root: &Path, spec: &ProcessSpec, reaper: &Reaper) -> Result<Spawned
         groups: ids.groups.clone(),
         uid: ids.uid,
         gid: ids.gid,
+        oom_score_adj,
+        umask,
+        caps: spec.capabilities.map(CapPlan::new),
+        no_new_privs: spec.no_new_privileges,
         candidates,
         argv: null_terminated(&argv_owned),
         envp: null_terminated(&env_owned),
@@ -506,6 +609,20 @@ fn child_main(p: &ChildPlan) -> ! {
         if p.ctty && libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
             fail(p.err_fd, STEP_CTTY);
         }
+        if let Some(adj) = &p.oom_score_adj {
+            // Before the chroot: the agent's /proc.
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd < 0 || libc::write(fd, adj.as_ptr().cast(), adj.len()) != adj.len() as isize {
+                fail(p.err_fd, STEP_OOM);
+            }
+            libc::close(fd);
+        }
+        if let Some(m) = p.umask {
+            libc::umask(m);
+        }
         if let Some(root) = &p.root {
             if libc::chroot(root.as_ptr()) < 0 || libc::chdir(c"/".as_ptr()) < 0 {
                 fail(p.err_fd, STEP_CHROOT);
@@ -519,6 +636,18 @@ fn child_main(p: &ChildPlan) -> ! {
                 fail(p.err_fd, STEP_RLIMIT);
             }
         }
+        if let Some(caps) = &p.caps {
+            for cap in 0..=caps.last {
+                if caps.sets.bounding & (1 << cap) == 0
+                    && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) < 0
+                {
+                    fail(p.err_fd, STEP_CAPBSET);
+                }
+            }
+            if libc::prctl(libc::PR_SET_KEEPCAPS, 1 as libc::c_ulong, 0, 0, 0) < 0 {
+                fail(p.err_fd, STEP_KEEPCAPS);
+            }
+        }
         if p.set_groups && libc::setgroups(p.groups.len(), p.groups.as_ptr()) < 0 {
             fail(p.err_fd, STEP_SETGROUPS);
         }
@@ -527,6 +656,48 @@ fn child_main(p: &ChildPlan) -> ! {
         }
         if libc::setuid(p.uid) < 0 {
             fail(p.err_fd, STEP_SETUID);
+        }
+        if let Some(caps) = &p.caps {
+            let s = &caps.sets;
+            let half = |set: u64, high: bool| if high { (set >> 32) as u32 } else { set as u32 };
+            let data = [false, true].map(|high| CapData {
+                effective: half(s.effective, high),
+                permitted: half(s.permitted, high),
+                inheritable: half(s.inheritable, high),
+            });
+            let header = CapHeader {
+                version: LINUX_CAPABILITY_VERSION_3,
+                pid: 0,
+            };
+            if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) < 0 {
+                fail(p.err_fd, STEP_CAPSET);
+            }
+            let ambient = |op: libc::c_ulong, cap: libc::c_ulong| {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    op,
+                    cap,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                )
+            };
+            if ambient(libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0) < 0 {
+                fail(p.err_fd, STEP_AMBIENT);
+            }
+            for cap in 0..=caps.last {
+                if s.ambient & (1 << cap) != 0
+                    && ambient(
+                        libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                        cap as libc::c_ulong,
+                    ) < 0
+                {
+                    fail(p.err_fd, STEP_AMBIENT);
+                }
+            }
+        }
+        if p.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) < 0
+        {
+            fail(p.err_fd, STEP_NNP);
         }
         let mut denied = false;
         for c in &p.candidates {

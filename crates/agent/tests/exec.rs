@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use forkvm_agent::server::{Agent, AgentConfig, Mode};
-use forkvm_agent::{ProcessSpec, Request, Response, Rlimit, PROTOCOL_VERSION};
+use forkvm_agent::{Capabilities, ProcessSpec, Request, Response, Rlimit, PROTOCOL_VERSION};
 use forkvm_agent_proto::client::{self, ExecError, ExecSession};
 
 /// A host connection to a fresh in-process agent.
@@ -122,13 +122,13 @@ fn stdout_stderr_and_exit_code_are_separate() {
 }
 
 #[test]
-fn ping_answers_protocol_version_5() {
+fn ping_answers_the_protocol_version() {
     let (_agent, mut conn) = agent();
     match client::call(&mut conn, &Request::Ping).unwrap() {
         Response::Pong { version, .. } => assert_eq!(version, PROTOCOL_VERSION),
         other => panic!("{other:?}"),
     }
-    assert_eq!(PROTOCOL_VERSION, 6);
+    assert_eq!(PROTOCOL_VERSION, 7);
     // The same connection keeps serving JSON requests; garbage is answered, not fatal.
     conn.write_all(b"{\"op\":\"format_disk\"}\n").unwrap();
     let mut buf = [0u8; 256];
@@ -377,6 +377,125 @@ fn rlimits_apply() {
     });
     let o = run(spec);
     assert_eq!(o.stdout, "100\n200\n");
+}
+
+/// The `Cap*`, `NoNewPrivs` and `Umask` lines of the process's /proc status, and its
+/// oom_score_adj, as `spec` starts it.
+fn confinement(mut spec: ProcessSpec) -> String {
+    spec.args = vec![
+        "sh".into(),
+        "-c".into(),
+        "grep -E '^(Cap|NoNewPrivs|Umask)' /proc/self/status; echo oom=$(cat /proc/self/oom_score_adj)"
+            .into(),
+    ];
+    spec.env = vec!["PATH=/usr/bin:/bin".into()];
+    let o = run(spec);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    o.stdout
+}
+
+fn status_line(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn capabilities_no_new_privs_umask_and_oom_score_apply() {
+    const CHOWN: u64 = 1 << 0;
+    const KILL: u64 = 1 << 5;
+    const NET_BIND: u64 = 1 << 10;
+    let hex = |mask: u64| format!("{mask:016x}");
+
+    // Root with runc's way of three capabilities: exactly those, everywhere.
+    let mut spec = ProcessSpec::new(["sh"]);
+    spec.capabilities = Some(Capabilities {
+        bounding: CHOWN | KILL | NET_BIND,
+        effective: CHOWN | KILL,
+        permitted: CHOWN | KILL,
+        inheritable: 0,
+        ambient: 0,
+    });
+    spec.no_new_privileges = true;
+    spec.umask = Some(0o027);
+    spec.oom_score_adj = Some(500);
+    let s = confinement(spec);
+    assert_eq!(
+        status_line(&s, "CapBnd:"),
+        hex(CHOWN | KILL | NET_BIND),
+        "{s}"
+    );
+    // With no_new_privs, root's exec does not raise them to the bounding set.
+    assert_eq!(status_line(&s, "CapPrm:"), hex(CHOWN | KILL), "{s}");
+    assert_eq!(status_line(&s, "CapEff:"), hex(CHOWN | KILL), "{s}");
+    assert_eq!(status_line(&s, "CapInh:"), hex(0), "{s}");
+    assert_eq!(status_line(&s, "CapAmb:"), hex(0), "{s}");
+    assert_eq!(status_line(&s, "NoNewPrivs:"), "1", "{s}");
+    assert_eq!(status_line(&s, "Umask:"), "0027", "{s}");
+    assert!(s.contains("oom=500"), "{s}");
+
+    // Another user keeps what the ambient set carries across the exec.
+    let mut spec = ProcessSpec::new(["sh"]);
+    spec.user.uid = 1000;
+    spec.user.gid = 1000;
+    spec.capabilities = Some(Capabilities {
+        bounding: CHOWN | KILL,
+        effective: KILL,
+        permitted: KILL,
+        inheritable: KILL,
+        ambient: KILL,
+    });
+    let s = confinement(spec);
+    for key in ["CapEff:", "CapPrm:", "CapAmb:", "CapInh:"] {
+        assert_eq!(status_line(&s, key), hex(KILL), "{key} {s}");
+    }
+    assert_eq!(status_line(&s, "CapBnd:"), hex(CHOWN | KILL), "{s}");
+    assert_eq!(status_line(&s, "NoNewPrivs:"), "0", "{s}");
+
+    // Without capabilities in the spec, root keeps the agent's.
+    let s = confinement(ProcessSpec::new(["sh"]));
+    assert_eq!(status_line(&s, "CapAmb:"), hex(0), "{s}");
+    assert_ne!(status_line(&s, "CapEff:"), hex(0), "{s}");
+}
+
+#[test]
+fn out_of_range_confinement_values_are_refused_naming_the_field() {
+    let (_agent, conn) = agent();
+    let mut spec = sh("true");
+    spec.oom_score_adj = Some(1001);
+    let e = client::exec(conn, &spec)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("process.oomScoreAdj") && e.contains("1001"),
+        "{e}"
+    );
+    let (_agent, conn) = agent();
+    let mut spec = sh("true");
+    spec.umask = Some(0o1777);
+    let e = client::exec(conn, &spec)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("process.user.umask"), "{e}");
+    // An inheritable capability outside the bounding set: the kernel refuses it, the
+    // error names the step.
+    let (_agent, conn) = agent();
+    let mut spec = sh("true");
+    spec.capabilities = Some(Capabilities {
+        bounding: 1,
+        inheritable: 1 << 21,
+        ..Default::default()
+    });
+    let e = client::exec(conn, &spec)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("capset"), "{e}");
 }
 
 #[test]

@@ -12,12 +12,13 @@
 //! | `ociVersion` | must start with `1.` | the only major version this parser knows |
 //! | `root.path` | resolved against the bundle; must be a directory | the VM's root filesystem |
 //! | `root.readonly` | [`ContainerPlan::rootfs_readonly`] | |
-//! | `process.args`/`env`/`cwd`/`user`/`terminal`/`rlimits` | mapped to [`ProcessSpec`] | `cwd` must be absolute, `args` non-empty |
+//! | `process.args`/`env`/`cwd`/`user` (with `umask`)/`terminal`/`rlimits` | mapped to [`ProcessSpec`] | `cwd` must be absolute, `args` non-empty |
+//! | `process.capabilities` (all five sets) | [`ProcessSpec::capabilities`] | applied by the guest agent as runc applies them: bounding set dropped, capabilities kept across the user switch, `capset`, ambient raised; a capability forkvm does not know is left out with a warning |
+//! | `process.noNewPrivileges`, `oomScoreAdj` | [`ProcessSpec::no_new_privileges`], [`ProcessSpec::oom_score_adj`] | applied by the guest agent before the exec |
 //! | `process.consoleSize` | [`ProcessSpec::console_size`] | the guest pty's size before the process starts |
-//! | `process.user.umask`, `username` | warning | the guest agent applies neither |
-//! | `process.capabilities` beyond runc's default set | warning | the VM is the boundary; the guest agent grants its own set |
+//! | `process.user.username` | warning | it is for Windows; `uid` and `gid` are used |
 //! | `process.apparmorProfile`, `selinuxLabel`, `linux.seccomp` | warning | host LSM/seccomp confinement does not apply inside a VM; the VM is the boundary |
-//! | `process.noNewPrivileges`, `oomScoreAdj`, `scheduler`, `ioPriority`, `execCPUAffinity` | ignored | per-process tuning inside the guest |
+//! | `process.scheduler`, `ioPriority`, `execCPUAffinity` | ignored | per-process tuning inside the guest |
 //! | `hostname` | [`ContainerPlan::hostname`] | |
 //! | `mounts`: `/proc`, `/dev`, `/dev/pts`, `/dev/shm`, `/dev/mqueue`, `/sys`, `/sys/fs/cgroup`, any `tmpfs` | accepted silently | the guest agent mounts these itself |
 //! | `mounts`: bind of a regular file (Docker's and podman's `/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf`, podman's `/run/.containerenv`) | copied in ([`ContainerPlan::files`]), with a warning | the file is copied into the VM's root when the container is created; later changes on either side are not shared. The guest adds its hostname to `/etc/hosts` and writes `/etc/hostname` itself |
@@ -44,9 +45,9 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use forkvm_agent_proto::{ProcessSpec, Rlimit, User};
+use forkvm_agent_proto::{Capabilities, ProcessSpec, Rlimit, User};
 use oci_spec::runtime::{
-    Capability, Hook, Hooks, Linux, LinuxCapabilities, LinuxNamespaceType, Mount, Process, Spec,
+    Hook, Hooks, Linux, LinuxCapabilities, LinuxNamespaceType, Mount, Process, Spec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -398,9 +399,6 @@ impl Planner<'_> {
             .ok_or_else(|| self.invalid("process.cwd", "is not valid UTF-8"))?
             .to_owned();
         let oci_user = process.user();
-        if oci_user.umask().is_some() {
-            self.warn("process.user.umask is not applied; the guest's default umask is used");
-        }
         if oci_user.username().is_some() {
             self.warn("process.user.username is ignored (it is for Windows); uid and gid are used");
         }
@@ -420,9 +418,10 @@ impl Planner<'_> {
                 hard: r.hard(),
             })
             .collect();
-        if let Some(caps) = process.capabilities() {
-            self.capabilities(caps);
-        }
+        let capabilities = process
+            .capabilities()
+            .as_ref()
+            .map(|c| self.capabilities(c));
         if process
             .apparmor_profile()
             .as_deref()
@@ -449,32 +448,45 @@ impl Planner<'_> {
             console_size: process
                 .console_size()
                 .map(|b| [clamp_u16(b.height()), clamp_u16(b.width())]),
+            capabilities,
+            no_new_privileges: process.no_new_privileges().unwrap_or(false),
+            oom_score_adj: process.oom_score_adj(),
+            umask: oci_user.umask(),
         })
     }
 
-    fn capabilities(&mut self, caps: &LinuxCapabilities) {
-        let default: HashSet<Capability> = RUNC_DEFAULT_CAPABILITIES.iter().copied().collect();
-        let mut extra: Vec<String> = [
-            caps.bounding(),
-            caps.effective(),
-            caps.inheritable(),
-            caps.permitted(),
-            caps.ambient(),
-        ]
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|cap| !default.contains(cap))
-        .map(|cap| format!("CAP_{cap}"))
-        .collect();
-        extra.sort();
-        extra.dedup();
-        if !extra.is_empty() {
+    /// The five sets as bit masks by capability number; a capability forkvm does not
+    /// know is left out, with a warning.
+    fn capabilities(&mut self, caps: &LinuxCapabilities) -> Capabilities {
+        let mut unknown = Vec::new();
+        let mut mask = |set: &Option<oci_spec::runtime::Capabilities>| {
+            set.iter().flatten().fold(0u64, |mask, cap| {
+                let name = format!("CAP_{cap}");
+                match name.parse::<caps::Capability>() {
+                    Ok(c) => mask | c.bitmask(),
+                    Err(_) => {
+                        unknown.push(name);
+                        mask
+                    }
+                }
+            })
+        };
+        let sets = Capabilities {
+            bounding: mask(caps.bounding()),
+            effective: mask(caps.effective()),
+            permitted: mask(caps.permitted()),
+            inheritable: mask(caps.inheritable()),
+            ambient: mask(caps.ambient()),
+        };
+        unknown.sort();
+        unknown.dedup();
+        if !unknown.is_empty() {
             self.warn(format!(
-                "process.capabilities beyond the default set are not applied ({}): the VM is the isolation boundary",
-                extra.join(", ")
+                "process.capabilities: {} unknown, not granted",
+                unknown.join(", ")
             ));
         }
+        sets
     }
 
     fn mount(&mut self, mount: &Mount) -> Result<(), BundleError> {
@@ -708,24 +720,6 @@ impl Planner<'_> {
         self.warnings.push(warning.into());
     }
 }
-
-/// The capabilities runc (and Docker, containerd) grant a container by default.
-const RUNC_DEFAULT_CAPABILITIES: &[Capability] = &[
-    Capability::AuditWrite,
-    Capability::Chown,
-    Capability::DacOverride,
-    Capability::Fowner,
-    Capability::Fsetid,
-    Capability::Kill,
-    Capability::Mknod,
-    Capability::NetBindService,
-    Capability::NetRaw,
-    Capability::Setfcap,
-    Capability::Setgid,
-    Capability::Setpcap,
-    Capability::Setuid,
-    Capability::SysChroot,
-];
 
 /// The number of distinct CPUs in a cpuset list such as `0-3,6`.
 fn cpuset_count(set: &str) -> Result<u64, String> {

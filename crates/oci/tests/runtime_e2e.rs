@@ -237,9 +237,19 @@ fn body() {
         &[
             "sh",
             "-c",
-            "echo $GREETING from $(hostname); echo oops >&2; read line; echo got $line; exit 3",
+            "echo $GREETING from $(hostname); echo oops >&2; read line; echo got $line; \
+             cat /proc/self/status; echo oom=$(cat /proc/self/oom_score_adj); exit 3",
         ],
-        |_| {},
+        |c| {
+            // As Docker's default: runc's capability set, applied inside the guest.
+            let caps = json!(["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
+            c["process"]["capabilities"] = json!({
+                "bounding": caps, "effective": caps, "permitted": caps
+            });
+            c["process"]["noNewPrivileges"] = json!(true);
+            c["process"]["oomScoreAdj"] = json!(300);
+            c["process"]["user"]["umask"] = json!(0o027);
+        },
     );
     let input = t.join("input");
     std::fs::write(&input, "typed\n").unwrap();
@@ -289,12 +299,28 @@ fn body() {
     env.ok("c1-start", &["start", "c1"]);
     let code = reap(pid, Duration::from_secs(60));
     assert_eq!(code, 3, "the container's exit code\n{}", env.diagnostics());
-    assert_eq!(
-        env.read("c1-create.out"),
-        "hello from rt-e2e\ngot typed\n",
-        "{}",
+    let out = env.read("c1-create.out");
+    assert!(
+        out.starts_with("hello from rt-e2e\ngot typed\n"),
+        "{out}\n{}",
         env.diagnostics()
     );
+    // The spec's capabilities, no_new_privs, umask and OOM score, as runc applies them.
+    let field = |key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {out}"))
+            .trim()
+            .to_owned()
+    };
+    // CHOWN (0), KILL (5), NET_BIND_SERVICE (10).
+    for key in ["CapBnd:", "CapEff:", "CapPrm:"] {
+        assert_eq!(field(key), "0000000000000421", "{key}\n{out}");
+    }
+    assert_eq!(field("CapAmb:"), "0000000000000000", "{out}");
+    assert_eq!(field("NoNewPrivs:"), "1", "{out}");
+    assert_eq!(field("Umask:"), "0027", "{out}");
+    assert_eq!(field("oom="), "300", "{out}");
     assert_eq!(env.read("c1-create.err"), "oops\n");
     assert_eq!(env.state("c1")["status"], "stopped");
     assert!(env.state("c1").get("pid").is_none());

@@ -206,6 +206,12 @@ pub fn process_spec(image: &ImageConfig, args: &RunArgs, hostname: &str) -> Resu
         rlimits: Vec::new(),
         init: true,
         console_size: None,
+        // The VM is the container's boundary: its root keeps every capability, as
+        // `podman run --privileged` (engines pass their own sets).
+        capabilities: None,
+        no_new_privileges: false,
+        oom_score_adj: None,
+        umask: None,
     })
 }
 

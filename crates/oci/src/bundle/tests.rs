@@ -117,9 +117,25 @@ fn user_and_process_fields_map() {
         c["process"]["terminal"] = json!(false);
         c["process"]["rlimits"] = json!([{"type": "RLIMIT_NPROC", "hard": 20, "soft": 10}]);
         c["process"]["consoleSize"] = json!({"height": 22, "width": 77});
+        c["process"]["oomScoreAdj"] = json!(-500);
     })
     .unwrap();
     let p = plan.process;
+    assert_eq!(p.umask, Some(18));
+    assert_eq!(p.oom_score_adj, Some(-500));
+    assert!(p.no_new_privileges, "runc's config asks for it");
+    // runc's config: bounding, effective, permitted and ambient, no inheritable set.
+    let three = (1 << 29) | (1 << 5) | (1 << 10);
+    assert_eq!(
+        p.capabilities,
+        Some(Capabilities {
+            bounding: three,
+            effective: three,
+            permitted: three,
+            inheritable: 0,
+            ambient: three,
+        })
+    );
     assert_eq!(p.console_size, Some([22, 77]));
     assert_eq!(p.args, ["/bin/app", "--flag"]);
     assert_eq!(p.cwd, "/srv");
@@ -135,7 +151,10 @@ fn user_and_process_fields_map() {
     );
     assert_eq!(p.rlimits[0].kind, "RLIMIT_NPROC");
     assert_eq!((p.rlimits[0].soft, p.rlimits[0].hard), (10, 20));
-    assert!(plan.warnings.iter().any(|w| w.contains("umask")));
+    assert!(
+        !plan.warnings.iter().any(|w| w.contains("umask")),
+        "applied"
+    );
 }
 
 #[test]
@@ -354,11 +373,14 @@ fn hardening_fields_warn() {
         "linux.seccomp",
         "linux.sysctl",
         "uidMappings",
-        "(CAP_NET_ADMIN, CAP_SYS_ADMIN)",
     ] {
         assert!(w.contains(needle), "{needle} not in {w}");
     }
-    assert!(!w.contains("CAP_CHOWN"));
+    // Capabilities are applied, not warned about.
+    assert!(!w.contains("CAP_"), "{w}");
+    let caps = plan.process.capabilities.unwrap();
+    assert_eq!(caps.bounding, (1 << 0) | (1 << 21) | (1 << 12));
+    assert_eq!(caps.effective, 1 << 21);
 }
 
 #[test]

@@ -81,6 +81,10 @@ fn process(a: &ExecArgs) -> Result<ProcessSpec> {
         rlimits: Vec::new(),
         init: false,
         console_size: None,
+        capabilities: None,
+        no_new_privileges: false,
+        oom_score_adj: None,
+        umask: None,
     })
 }
 
@@ -152,9 +156,32 @@ fn detach(g: &Global, a: &ExecArgs, spec: &ProcessSpec) -> Result<()> {
 
 /// `spec` as a runtime spec `process` object, for the foreground copy's `--process`.
 fn to_oci_process(spec: &ProcessSpec) -> serde_json::Value {
+    // Capability names in a set, in capability order.
+    let names = |set: u64| {
+        let mut caps: Vec<caps::Capability> = caps::all()
+            .into_iter()
+            .filter(|c| set & c.bitmask() != 0)
+            .collect();
+        caps.sort_by_key(caps::Capability::index);
+        caps.iter().map(ToString::to_string).collect::<Vec<_>>()
+    };
     serde_json::json!({
         "terminal": spec.tty,
-        "user": {"uid": spec.user.uid, "gid": spec.user.gid, "additionalGids": spec.user.additional_gids},
+        "user": {
+            "uid": spec.user.uid,
+            "gid": spec.user.gid,
+            "additionalGids": spec.user.additional_gids,
+            "umask": spec.umask,
+        },
+        "capabilities": spec.capabilities.map(|c| serde_json::json!({
+            "bounding": names(c.bounding),
+            "effective": names(c.effective),
+            "permitted": names(c.permitted),
+            "inheritable": names(c.inheritable),
+            "ambient": names(c.ambient),
+        })),
+        "noNewPrivileges": spec.no_new_privileges,
+        "oomScoreAdj": spec.oom_score_adj,
         "args": spec.args,
         "env": spec.env,
         "cwd": spec.cwd,
@@ -188,6 +215,16 @@ mod tests {
             }],
             init: false,
             console_size: Some([22, 77]),
+            capabilities: Some(forkvm_agent_proto::Capabilities {
+                bounding: (1 << 0) | (1 << 21) | (1 << 40),
+                effective: 1 << 21,
+                permitted: 1 << 21,
+                inheritable: 0,
+                ambient: 1 << 5,
+            }),
+            no_new_privileges: true,
+            oom_score_adj: Some(-17),
+            umask: Some(0o027),
         };
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("p.json");

@@ -70,6 +70,20 @@ pub enum Request {
         /// The shares (at most [`MAX_SHARES`]).
         shares: Vec<ShareMount>,
     },
+    /// Apply the container's kernel parameters, masked and read-only paths in its root
+    /// (the OCI `linux.sysctl`, `maskedPaths`, `readonlyPaths`), after its volumes are
+    /// mounted and before its process starts (PID-1 mode only). Since version 7.
+    Confine {
+        /// Kernel parameters (`net.ipv4.ip_forward`) and their values.
+        #[serde(default)]
+        sysctls: std::collections::BTreeMap<String, String>,
+        /// Paths hidden from the container (absolute, as the container sees them).
+        #[serde(default)]
+        masked_paths: Vec<String>,
+        /// Paths the container may only read.
+        #[serde(default)]
+        readonly_paths: Vec<String>,
+    },
     /// Start a process. Answered with [`Response::Started`] (the connection then carries
     /// frames), [`Response::ExecFailed`] or [`Response::Error`].
     Exec {

@@ -232,7 +232,7 @@ fn load_module(path: &Path) -> io::Result<()> {
 }
 
 /// Mounts `device` read-only under an overlay with a tmpfs upper at [`ROOTFS`], with
-/// `/proc`, `/sys`, `/dev`, `/dev/pts` and `/dev/shm` inside.
+/// `/proc`, `/sys` and the container's `/dev` ([`container_dev`]) inside.
 fn assemble_rootfs(device: &str, fstype: &str) -> Result<(), InitError> {
     let start = Instant::now();
     while !Path::new(device).exists() {
@@ -273,27 +273,98 @@ fn assemble_rootfs(device: &str, fstype: &str) -> Result<(), InitError> {
         NOSUID | NODEV | NOEXEC | libc::MS_RDONLY,
         "",
     )?;
-    mount(
-        "devtmpfs",
-        &format!("{ROOTFS}/dev"),
-        "devtmpfs",
-        NOSUID,
-        "mode=0755",
-    )?;
-    mount(
-        "/dev/pts",
-        &format!("{ROOTFS}/dev/pts"),
-        "",
-        libc::MS_BIND,
-        "",
-    )?;
+    container_dev(&format!("{ROOTFS}/dev"))
+}
+
+/// The character devices every container's `/dev` has (runc's defaults): name, major,
+/// minor. Created with mode 0666, owned by root.
+pub const DEFAULT_DEVICES: [(&str, u32, u32); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+/// The symlinks every container's `/dev` has: name and target.
+pub const DEFAULT_DEV_LINKS: [(&str, &str); 6] = [
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+    ("core", "/proc/kcore"),
+];
+
+/// The container's `/dev` at `dev`, as runc makes one: a tmpfs holding only the
+/// [`DEFAULT_DEVICES`] and [`DEFAULT_DEV_LINKS`], the guest's ptys at `pts` (where the
+/// agent opens the container's terminals), a tmpfs at `shm` and POSIX message queues
+/// at `mqueue`. None of the guest's own devices (its disks, vsock) are there.
+fn container_dev(dev: &str) -> Result<(), InitError> {
     mount(
         "tmpfs",
-        &format!("{ROOTFS}/dev/shm"),
+        dev,
         "tmpfs",
-        NOSUID | NODEV,
-        "mode=1777",
+        NOSUID | libc::MS_STRICTATIME,
+        "mode=755,size=65536k",
     )?;
+    populate_dev(Path::new(dev))?;
+    mount("/dev/pts", &format!("{dev}/pts"), "", libc::MS_BIND, "")?;
+    mount(
+        "shm",
+        &format!("{dev}/shm"),
+        "tmpfs",
+        NOSUID | NODEV | NOEXEC,
+        "mode=1777,size=65536k",
+    )?;
+    // A kernel without POSIX message queues still runs containers, without them.
+    if let Err(e) = mount(
+        "mqueue",
+        &format!("{dev}/mqueue"),
+        "mqueue",
+        NOSUID | NODEV | NOEXEC,
+        "",
+    ) {
+        console(&format!("forkvm-agent: {e}"));
+    }
+    Ok(())
+}
+
+/// Creates the [`DEFAULT_DEVICES`] (mode 0666 whatever the umask) and
+/// [`DEFAULT_DEV_LINKS`] in `dev`.
+pub fn populate_dev(dev: &Path) -> Result<(), InitError> {
+    use std::os::unix::fs::PermissionsExt;
+    let failed = |what: &'static str, path: &Path| {
+        let path = path.display().to_string();
+        move |source| InitError::Os { what, path, source }
+    };
+    for (name, major, minor) in DEFAULT_DEVICES {
+        let path = dev.join(name);
+        let c = cstr(&path.to_string_lossy());
+        // SAFETY: a valid NUL-terminated path; mknod reads nothing else.
+        let r = unsafe {
+            libc::mknod(
+                c.as_ptr(),
+                libc::S_IFCHR | 0o666,
+                libc::makedev(major, minor),
+            )
+        };
+        if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+            return Err(failed("mknod", &path)(io::Error::last_os_error()));
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))
+            .map_err(failed("chmod", &path))?;
+    }
+    for (name, target) in DEFAULT_DEV_LINKS {
+        let path = dev.join(name);
+        match std::os::unix::fs::symlink(target, &path) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(failed("symlink", &path)(e))
+            }
+            _ => {}
+        }
+    }
     Ok(())
 }
 
@@ -385,6 +456,44 @@ mod tests {
             [
                 PathBuf::from("/lib/modules/a.ko"),
                 PathBuf::from("/lib/modules/b.ko.xz")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_container_dev_holds_runcs_devices_and_links_only() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        populate_dev(dir.path()).unwrap();
+        // Twice: an existing node or link is fine (a restarted init).
+        populate_dev(dir.path()).unwrap();
+        for (name, major, minor) in DEFAULT_DEVICES {
+            let m = std::fs::metadata(dir.path().join(name)).unwrap();
+            assert!(m.file_type().is_char_device(), "{name}");
+            assert_eq!(m.rdev(), libc::makedev(major, minor), "{name}");
+            assert_eq!(
+                m.mode() & 0o777,
+                0o666,
+                "{name}: whatever the umask (0022 here)"
+            );
+            assert_eq!((m.uid(), m.gid()), (0, 0));
+        }
+        for (name, target) in DEFAULT_DEV_LINKS {
+            assert_eq!(
+                std::fs::read_link(dir.path().join(name)).unwrap(),
+                PathBuf::from(target)
+            );
+        }
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "core", "fd", "full", "null", "ptmx", "random", "stderr", "stdin", "stdout", "tty",
+                "urandom", "zero"
             ]
         );
     }

@@ -28,6 +28,7 @@
 //! ```
 
 pub use forkvm_agent_proto::{frame, protocol};
+pub mod confine;
 pub mod dns;
 pub mod identity;
 pub mod init;

@@ -283,6 +283,20 @@ impl Agent {
                 Mode::Init => crate::shares::mount_all(&self.config.root, &shares),
                 _ => Err("mount needs the agent to run as the guest's PID 1".to_owned()),
             },
+            Request::Confine {
+                sysctls,
+                masked_paths,
+                readonly_paths,
+            } => match self.config.mode {
+                Mode::Init => crate::confine::apply(
+                    &self.config.root,
+                    Path::new("/proc/sys"),
+                    &sysctls,
+                    &masked_paths,
+                    &readonly_paths,
+                ),
+                _ => Err("confine needs the agent to run as the guest's PID 1".to_owned()),
+            },
             Request::Unplug => {
                 return match crate::network::unplug() {
                     Ok(nics) => Response::Unplugged { nics },

@@ -32,11 +32,12 @@
 //! | no `network` namespace (`--network host`) | **error** | a VM cannot share the host's network stack |
 //! | `linux.namespaces`: any other with `path` | **error** | joining a host namespace from inside a VM is impossible |
 //! | `linux.devices` | **error** | host device nodes cannot be passed into the VM |
-//! | `linux.uidMappings`/`gidMappings`, `sysctl` | warning | not applied in the guest |
+//! | `linux.uidMappings`/`gidMappings` | warning | not applied in the guest |
+//! | `linux.sysctl`, `maskedPaths`, `readonlyPaths` | [`ContainerPlan::sysctls`], [`ContainerPlan::masked_paths`], [`ContainerPlan::readonly_paths`] | applied by the guest agent as runc applies them, before the process starts: kernel parameters written to the guest's `/proc/sys` (the guest's kernel is the container's own), masked paths hidden (`/dev/null` over a file, an empty read-only tmpfs over a directory), read-only paths bound read-only; paths resolve inside the container's root, missing ones are skipped |
 //! | `linux.resources.memory.limit` | [`ContainerPlan::mem_mib`] | rounded up to MiB, at least 128; absent or not positive (`-1`: unlimited) → 512 |
 //! | `linux.resources.cpu.quota`/`period` | [`ContainerPlan::vcpus`] | `ceil(quota / period)` (period defaults to 100 000 µs) |
 //! | `linux.resources.cpu.cpus` | [`ContainerPlan::vcpus`] | when there is no quota: the number of CPUs in the cpuset; else 1 |
-//! | other `linux.resources`, `cgroupsPath`, `maskedPaths`, `readonlyPaths`, `rootfsPropagation`, `mountLabel` | ignored | host cgroup/kernel details with no meaning inside the VM |
+//! | other `linux.resources`, `cgroupsPath`, `rootfsPropagation`, `mountLabel` | ignored | host cgroup/kernel details with no meaning inside the VM |
 //! | `annotations` | [`ContainerPlan::annotations`] | reported by `state` |
 //! | `hooks.prestart`, `createRuntime` | [`ContainerPlan::hooks`] | run by `create` as runc runs them, on the host, with the state (`pid`: the container's monitor) on stdin, before the VM boots |
 //! | `hooks.poststart`, `poststop` | [`ContainerPlan::hooks`] | run after `start`, and by `delete`; a failure is logged, as the spec says |
@@ -108,6 +109,13 @@ pub struct ContainerPlan {
     pub hooks: HostHooks,
     /// The spec's `annotations`.
     pub annotations: std::collections::BTreeMap<String, String>,
+    /// `linux.sysctl`: kernel parameters the guest agent sets (the guest's kernel is
+    /// the container's).
+    pub sysctls: std::collections::BTreeMap<String, String>,
+    /// `linux.maskedPaths`, hidden by the guest agent.
+    pub masked_paths: Vec<String>,
+    /// `linux.readonlyPaths`, made read-only by the guest agent.
+    pub readonly_paths: Vec<String>,
     /// Parts of the spec that were ignored, one human-readable line each.
     pub warnings: Vec<String>,
 }
@@ -313,8 +321,33 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
             .unwrap_or_default()
             .into_iter()
             .collect(),
+        sysctls: linux_field(spec, |l| {
+            l.sysctl().clone().map(|s| s.into_iter().collect())
+        }),
+        masked_paths: linux_field(spec, |l| l.masked_paths().clone()),
+        readonly_paths: linux_field(spec, |l| l.readonly_paths().clone()),
         warnings: planner.warnings,
     })
+}
+
+/// A field of the spec's `linux` object, or its default where either is absent.
+fn linux_field<T: Default>(spec: &Spec, field: impl FnOnce(&Linux) -> Option<T>) -> T {
+    spec.linux().as_ref().and_then(field).unwrap_or_default()
+}
+
+impl ContainerPlan {
+    /// The guest agent's request that applies the kernel parameters, masked and
+    /// read-only paths; none when the spec has none.
+    pub fn confine_request(&self) -> Option<forkvm_agent_proto::Request> {
+        let empty = self.sysctls.is_empty()
+            && self.masked_paths.is_empty()
+            && self.readonly_paths.is_empty();
+        (!empty).then(|| forkvm_agent_proto::Request::Confine {
+            sysctls: self.sysctls.clone(),
+            masked_paths: self.masked_paths.clone(),
+            readonly_paths: self.readonly_paths.clone(),
+        })
+    }
 }
 
 struct Planner<'a> {
@@ -656,9 +689,6 @@ impl Planner<'_> {
             || linux.gid_mappings().as_ref().is_some_and(|m| !m.is_empty())
         {
             self.warn("linux.uidMappings/gidMappings are ignored: ids are the guest's own");
-        }
-        if linux.sysctl().as_ref().is_some_and(|s| !s.is_empty()) {
-            self.warn("linux.sysctl is not applied in the guest");
         }
         let resources = linux.resources().as_ref();
         let mem_mib = self.mem_mib(

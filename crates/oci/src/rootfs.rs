@@ -144,6 +144,9 @@ mod tests {
             network: crate::bundle::NetworkPlan::New,
             hooks: Default::default(),
             annotations: Default::default(),
+            sysctls: Default::default(),
+            masked_paths: vec![],
+            readonly_paths: vec![],
             warnings: vec![],
         }
     }

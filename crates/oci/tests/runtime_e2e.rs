@@ -238,7 +238,12 @@ fn body() {
             "sh",
             "-c",
             "echo $GREETING from $(hostname); echo oops >&2; read line; echo got $line; \
-             cat /proc/self/status; echo oom=$(cat /proc/self/oom_score_adj); exit 3",
+             cat /proc/self/status; echo oom=$(cat /proc/self/oom_score_adj); \
+             [ -c /dev/full ] && [ -c /dev/tty ] && [ -L /dev/ptmx ] && [ -L /dev/stdout ] \
+             && [ -d /dev/mqueue ] && [ ! -e /dev/vda ] && [ ! -e /dev/vsock ] && echo dev=runc; \
+             echo kcore=$(wc -c < /proc/kcore); echo fwd=$(cat /proc/sys/net/ipv4/ip_forward); \
+             (echo 0 > /proc/sys/net/ipv4/ip_forward) 2>/dev/null && echo sys=rw || echo sys=ro; \
+             exit 3",
         ],
         |c| {
             // As Docker's default: runc's capability set, applied inside the guest.
@@ -249,6 +254,9 @@ fn body() {
             c["process"]["noNewPrivileges"] = json!(true);
             c["process"]["oomScoreAdj"] = json!(300);
             c["process"]["user"]["umask"] = json!(0o027);
+            c["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1"});
+            c["linux"]["maskedPaths"] = json!(["/proc/kcore", "/proc/no-such"]);
+            c["linux"]["readonlyPaths"] = json!(["/proc/sys"]);
         },
     );
     let input = t.join("input");
@@ -321,6 +329,12 @@ fn body() {
     assert_eq!(field("NoNewPrivs:"), "1", "{out}");
     assert_eq!(field("Umask:"), "0027", "{out}");
     assert_eq!(field("oom="), "300", "{out}");
+    // runc's /dev: its default devices and links, none of the guest's own devices.
+    assert_eq!(field("dev="), "runc", "{out}");
+    // The spec's kernel parameter set, /proc/kcore masked, /proc/sys read-only.
+    assert_eq!(field("kcore="), "0", "{out}");
+    assert_eq!(field("fwd="), "1", "{out}");
+    assert_eq!(field("sys="), "ro", "{out}");
     assert_eq!(env.read("c1-create.err"), "oops\n");
     assert_eq!(env.state("c1")["status"], "stopped");
     assert!(env.state("c1").get("pid").is_none());

@@ -371,7 +371,6 @@ fn hardening_fields_warn() {
         "apparmorProfile",
         "selinuxLabel",
         "linux.seccomp",
-        "linux.sysctl",
         "uidMappings",
     ] {
         assert!(w.contains(needle), "{needle} not in {w}");
@@ -381,6 +380,38 @@ fn hardening_fields_warn() {
     let caps = plan.process.capabilities.unwrap();
     assert_eq!(caps.bounding, (1 << 0) | (1 << 21) | (1 << 12));
     assert_eq!(caps.effective, 1 << 21);
+}
+
+#[test]
+fn sysctls_masked_and_readonly_paths_become_the_agents_request() {
+    // runc's config masks and protects paths.
+    let plan = load_with(|c| {
+        c["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1", "kernel.msgmax": "8192"});
+    })
+    .unwrap();
+    assert!(!plan.warnings.join("\n").contains("sysctl"));
+    match plan.confine_request() {
+        Some(forkvm_agent_proto::Request::Confine {
+            sysctls,
+            masked_paths,
+            readonly_paths,
+        }) => {
+            assert_eq!(sysctls["net.ipv4.ip_forward"], "1");
+            assert_eq!(sysctls.len(), 2);
+            assert_eq!(masked_paths, ["/proc/acpi", "/proc/kcore"]);
+            assert_eq!(readonly_paths, ["/proc/bus", "/proc/sys"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Nothing to apply, no request.
+    let plan = load_with(|c| {
+        c["linux"]
+            .as_object_mut()
+            .unwrap()
+            .retain(|k, _| k != "maskedPaths" && k != "readonlyPaths");
+    })
+    .unwrap();
+    assert_eq!(plan.confine_request(), None);
 }
 
 #[test]

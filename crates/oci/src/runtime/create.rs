@@ -330,6 +330,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         vsock: uds.clone(),
     };
     let dir_owned = dir.to_owned();
+    let confine = plan.confine_request();
     let spec = plan.process;
     // Reported from the session once the agent answers; errors before that are
     // reported by `monitor`.
@@ -398,6 +399,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     let work = GuestWork {
         process: spec,
         mount,
+        confine,
         network: networked.then(|| plumbed.network.agent_request()),
         dns_relay: nameserver.map(|ns| Request::DnsRelay {
             addresses: vec![ns.to_string()],
@@ -461,6 +463,9 @@ struct GuestWork {
     process: ProcessSpec,
     /// The agent's request that mounts the container's volumes.
     mount: Option<Request>,
+    /// The agent's request that applies the kernel parameters, masked and read-only
+    /// paths (after the volumes, as runc does).
+    confine: Option<Request>,
     network: Option<Request>,
     dns_relay: Option<Request>,
     /// The namespace and what the VM took over from it, checked again at `start`.
@@ -556,6 +561,7 @@ fn monitor_session(
     let GuestWork {
         process: spec,
         mount,
+        confine,
         network,
         dns_relay,
         plumbed,
@@ -567,6 +573,7 @@ fn monitor_session(
         &mut stream,
         [
             ("its volumes", mount),
+            ("its kernel parameters, masked and read-only paths", confine),
             ("its network", network),
             ("its DNS relay", dns_relay),
         ],

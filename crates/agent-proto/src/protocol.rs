@@ -70,10 +70,13 @@ pub enum Request {
         /// The shares (at most [`MAX_SHARES`]).
         shares: Vec<ShareMount>,
     },
-    /// Apply the container's kernel parameters, masked and read-only paths in its root
-    /// (the OCI `linux.sysctl`, `maskedPaths`, `readonlyPaths`), after its volumes are
-    /// mounted and before its process starts (PID-1 mode only). Since version 7.
-    Confine {
+    /// Apply the rest of the container's spec in its root (the OCI `linux.devices`,
+    /// `linux.sysctl`, `maskedPaths`, `readonlyPaths`), after its volumes are mounted
+    /// and before its process starts (PID-1 mode only). Since version 7.
+    Container {
+        /// Device nodes to create (the guest kernel must have each device).
+        #[serde(default)]
+        devices: Vec<DeviceNode>,
         /// Kernel parameters (`net.ipv4.ip_forward`) and their values.
         #[serde(default)]
         sysctls: std::collections::BTreeMap<String, String>,
@@ -83,6 +86,9 @@ pub enum Request {
         /// Paths the container may only read.
         #[serde(default)]
         readonly_paths: Vec<String>,
+        /// The container's root is read-only (`root.readonly`), its own mounts aside.
+        #[serde(default)]
+        readonly_root: bool,
     },
     /// Start a process. Answered with [`Response::Started`] (the connection then carries
     /// frames), [`Response::ExecFailed`] or [`Response::Error`].
@@ -114,6 +120,34 @@ pub struct ShareMount {
     pub target: String,
     /// Mounted read-only (the host refuses writes too).
     pub read_only: bool,
+}
+
+/// A device node of [`Request::Container`] (the OCI `linux.devices`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceNode {
+    /// Where it goes in the container (absolute; missing directories are created).
+    pub path: String,
+    /// `c` (character), `b` (block) or `p` (FIFO).
+    pub kind: String,
+    /// Major number (character and block devices).
+    #[serde(default)]
+    pub major: u32,
+    /// Minor number.
+    #[serde(default)]
+    pub minor: u32,
+    /// Permission bits [0666].
+    #[serde(default = "default_device_mode")]
+    pub mode: u32,
+    /// Owner.
+    #[serde(default)]
+    pub uid: u32,
+    /// Group.
+    #[serde(default)]
+    pub gid: u32,
+}
+
+fn default_device_mode() -> u32 {
+    0o666
 }
 
 /// One NIC of [`Request::Network`].

@@ -227,6 +227,17 @@ pub fn hosts_with(existing: &str, hostname: Option<&str>) -> String {
 
 /// Writes `<root>/etc/hostname` and makes `<root>/etc/hosts` resolve it and `localhost`.
 pub fn write_hostname_files(root: &Path, hostname: &str) -> io::Result<()> {
+    // A read-only root (`root.readonly`) is opened up for the write, then closed again.
+    if root != Path::new("/") && crate::container::is_read_only(root) {
+        crate::container::remount(root, false).map_err(io::Error::other)?;
+        let written = write_hostname_files_in(root, hostname);
+        crate::container::remount(root, true).map_err(io::Error::other)?;
+        return written;
+    }
+    write_hostname_files_in(root, hostname)
+}
+
+fn write_hostname_files_in(root: &Path, hostname: &str) -> io::Result<()> {
     let etc = root.join("etc");
     std::fs::create_dir_all(&etc)?;
     std::fs::write(etc.join("hostname"), format!("{hostname}\n"))?;

@@ -28,7 +28,7 @@
 //! ```
 
 pub use forkvm_agent_proto::{frame, protocol};
-pub mod confine;
+pub mod container;
 pub mod dns;
 pub mod identity;
 pub mod init;

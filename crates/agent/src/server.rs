@@ -283,19 +283,25 @@ impl Agent {
                 Mode::Init => crate::shares::mount_all(&self.config.root, &shares),
                 _ => Err("mount needs the agent to run as the guest's PID 1".to_owned()),
             },
-            Request::Confine {
+            Request::Container {
+                devices,
                 sysctls,
                 masked_paths,
                 readonly_paths,
+                readonly_root,
             } => match self.config.mode {
-                Mode::Init => crate::confine::apply(
+                Mode::Init => crate::container::apply(
                     &self.config.root,
-                    Path::new("/proc/sys"),
-                    &sysctls,
-                    &masked_paths,
-                    &readonly_paths,
+                    &crate::container::GuestKernel::own(),
+                    &crate::container::Settings {
+                        devices: &devices,
+                        sysctls: &sysctls,
+                        masked: &masked_paths,
+                        readonly: &readonly_paths,
+                        readonly_root,
+                    },
                 ),
-                _ => Err("confine needs the agent to run as the guest's PID 1".to_owned()),
+                _ => Err("container needs the agent to run as the guest's PID 1".to_owned()),
             },
             Request::Unplug => {
                 return match crate::network::unplug() {

@@ -23,17 +23,22 @@ pub fn mount_all(root: &Path, shares: &[ShareMount]) -> Result<(), String> {
             shares.len()
         ));
     }
-    let root_fd = rustix::fs::open(
-        root,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| format!("cannot open the container root {}: {e}", root.display()))?;
+    let root_fd = open_root(root)?;
     for share in shares {
         mount_one(&root_fd, share)
             .map_err(|e| format!("share {:?} at {}: {e}", share.tag, share.target))?;
     }
     Ok(())
+}
+
+/// The container's root, to resolve paths in with `RESOLVE_IN_ROOT`.
+pub(crate) fn open_root(root: &Path) -> Result<OwnedFd, String> {
+    rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("cannot open the container root {}: {e}", root.display()))
 }
 
 fn mount_one(root: &OwnedFd, share: &ShareMount) -> Result<(), String> {
@@ -70,7 +75,7 @@ fn mount_one(root: &OwnedFd, share: &ShareMount) -> Result<(), String> {
 }
 
 /// The directory `target` (absolute) names inside `root`, created where missing.
-fn resolve_dir(root: &OwnedFd, target: &str) -> Result<OwnedFd, String> {
+pub(crate) fn resolve_dir(root: &OwnedFd, target: &str) -> Result<OwnedFd, String> {
     if !target.starts_with('/') {
         return Err("the target is not an absolute path".into());
     }

@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | `ociVersion` | must start with `1.` | the only major version this parser knows |
 //! | `root.path` | resolved against the bundle; must be a directory | the VM's root filesystem |
-//! | `root.readonly` | [`ContainerPlan::rootfs_readonly`] | |
+//! | `root.readonly` | [`ContainerPlan::rootfs_readonly`] | the guest agent remounts the container's root read-only after its mounts (theirs stay as they are); a fork child's hostname files are still written |
 //! | `process.args`/`env`/`cwd`/`user` (with `umask`)/`terminal`/`rlimits` | mapped to [`ProcessSpec`] | `cwd` must be absolute, `args` non-empty |
 //! | `process.capabilities` (all five sets) | [`ProcessSpec::capabilities`] | applied by the guest agent as runc applies them: bounding set dropped, capabilities kept across the user switch, `capset`, ambient raised; a capability forkvm does not know is left out with a warning |
 //! | `process.noNewPrivileges`, `oomScoreAdj` | [`ProcessSpec::no_new_privileges`], [`ProcessSpec::oom_score_adj`] | applied by the guest agent before the exec |
@@ -31,7 +31,7 @@
 //! | `linux.namespaces`: `network` without `path` (Docker, `ctr run`) | [`NetworkPlan::New`] | the runtime makes a namespace for the container's monitor, the `prestart`/`createRuntime` hooks configure it (Docker's `libnetwork-setkey` moves the veth in), then the VM joins it as above |
 //! | no `network` namespace (`--network host`) | **error** | a VM cannot share the host's network stack |
 //! | `linux.namespaces`: any other with `path` | **error** | joining a host namespace from inside a VM is impossible |
-//! | `linux.devices` | **error** | host device nodes cannot be passed into the VM |
+//! | `linux.devices` | [`ContainerPlan::devices`] | created by the guest agent in the container's root (type, major, minor, mode, owner) when the guest's kernel has the device (a FIFO always); one it lacks (a host-only device such as `/dev/kvm`) fails `create` naming it. Type `a` is refused: it is a cgroup rule |
 //! | `linux.uidMappings`/`gidMappings` | warning | not applied in the guest |
 //! | `linux.sysctl`, `maskedPaths`, `readonlyPaths` | [`ContainerPlan::sysctls`], [`ContainerPlan::masked_paths`], [`ContainerPlan::readonly_paths`] | applied by the guest agent as runc applies them, before the process starts: kernel parameters written to the guest's `/proc/sys` (the guest's kernel is the container's own), masked paths hidden (`/dev/null` over a file, an empty read-only tmpfs over a directory), read-only paths bound read-only; paths resolve inside the container's root, missing ones are skipped |
 //! | `linux.resources.memory.limit` | [`ContainerPlan::mem_mib`] | rounded up to MiB, at least 128; absent or not positive (`-1`: unlimited) → 512 |
@@ -48,7 +48,8 @@ use std::path::{Path, PathBuf};
 
 use forkvm_agent_proto::{Capabilities, ProcessSpec, Rlimit, User};
 use oci_spec::runtime::{
-    Hook, Hooks, Linux, LinuxCapabilities, LinuxNamespaceType, Mount, Process, Spec,
+    Hook, Hooks, Linux, LinuxCapabilities, LinuxDeviceType, LinuxNamespaceType, Mount, Process,
+    Spec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -109,6 +110,8 @@ pub struct ContainerPlan {
     pub hooks: HostHooks,
     /// The spec's `annotations`.
     pub annotations: std::collections::BTreeMap<String, String>,
+    /// `linux.devices`: nodes the guest agent creates (for devices the guest has).
+    pub devices: Vec<forkvm_agent_proto::DeviceNode>,
     /// `linux.sysctl`: kernel parameters the guest agent sets (the guest's kernel is
     /// the container's).
     pub sysctls: std::collections::BTreeMap<String, String>,
@@ -268,6 +271,7 @@ pub fn exec_process(path: &Path) -> Result<ProcessSpec, BundleError> {
         files: Vec::new(),
         volumes: Vec::new(),
         network: None,
+        devices: Vec::new(),
     };
     let mut spec = planner.process(Some(&process))?;
     spec.init = false;
@@ -283,6 +287,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         files: Vec::new(),
         volumes: Vec::new(),
         network: None,
+        devices: Vec::new(),
     };
     planner.check_version(spec.version())?;
     let (rootfs, rootfs_readonly) = planner.rootfs(spec, bundle)?;
@@ -321,6 +326,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
             .unwrap_or_default()
             .into_iter()
             .collect(),
+        devices: std::mem::take(&mut planner.devices),
         sysctls: linux_field(spec, |l| {
             l.sysctl().clone().map(|s| s.into_iter().collect())
         }),
@@ -336,16 +342,20 @@ fn linux_field<T: Default>(spec: &Spec, field: impl FnOnce(&Linux) -> Option<T>)
 }
 
 impl ContainerPlan {
-    /// The guest agent's request that applies the kernel parameters, masked and
-    /// read-only paths; none when the spec has none.
-    pub fn confine_request(&self) -> Option<forkvm_agent_proto::Request> {
-        let empty = self.sysctls.is_empty()
+    /// The guest agent's request that creates the device nodes and applies the kernel
+    /// parameters, masked and read-only paths; none when the spec has none.
+    pub fn container_request(&self) -> Option<forkvm_agent_proto::Request> {
+        let empty = !self.rootfs_readonly
+            && self.devices.is_empty()
+            && self.sysctls.is_empty()
             && self.masked_paths.is_empty()
             && self.readonly_paths.is_empty();
-        (!empty).then(|| forkvm_agent_proto::Request::Confine {
+        (!empty).then(|| forkvm_agent_proto::Request::Container {
+            devices: self.devices.clone(),
             sysctls: self.sysctls.clone(),
             masked_paths: self.masked_paths.clone(),
             readonly_paths: self.readonly_paths.clone(),
+            readonly_root: self.rootfs_readonly,
         })
     }
 }
@@ -356,6 +366,7 @@ struct Planner<'a> {
     files: Vec<FileCopy>,
     volumes: Vec<crate::vm::Volume>,
     network: Option<NetworkPlan>,
+    devices: Vec<forkvm_agent_proto::DeviceNode>,
 }
 
 impl Planner<'_> {
@@ -674,11 +685,52 @@ impl Planner<'_> {
                 kinds.join(", ")
             ));
         }
-        if linux.devices().as_ref().is_some_and(|d| !d.is_empty()) {
-            return Err(self.unsupported(
-                "linux.devices",
-                "host device nodes cannot be passed into the VM",
-            ));
+        for d in linux.devices().iter().flatten() {
+            let kind = match d.typ() {
+                LinuxDeviceType::C | LinuxDeviceType::U => "c",
+                LinuxDeviceType::B => "b",
+                LinuxDeviceType::P => "p",
+                LinuxDeviceType::A => {
+                    return Err(self.invalid(
+                        "linux.devices",
+                        format!(
+                            "{}: type \"a\" is for cgroup rules, not a node",
+                            d.path().display()
+                        ),
+                    ))
+                }
+            };
+            let path = d
+                .path()
+                .to_str()
+                .filter(|p| p.starts_with('/'))
+                .ok_or_else(|| {
+                    self.invalid(
+                        "linux.devices",
+                        format!("{} is not an absolute UTF-8 path", d.path().display()),
+                    )
+                })?
+                .to_owned();
+            let number = |n: i64| u32::try_from(n).ok();
+            let (Some(major), Some(minor)) = (number(d.major()), number(d.minor())) else {
+                return Err(self.invalid(
+                    "linux.devices",
+                    format!(
+                        "{path}: major {} minor {} out of range",
+                        d.major(),
+                        d.minor()
+                    ),
+                ));
+            };
+            self.devices.push(forkvm_agent_proto::DeviceNode {
+                path,
+                kind: kind.to_owned(),
+                major,
+                minor,
+                mode: d.file_mode().unwrap_or(0o666) & 0o7777,
+                uid: d.uid().unwrap_or(0),
+                gid: d.gid().unwrap_or(0),
+            });
         }
         if linux.seccomp().is_some() {
             self.warn(

@@ -144,6 +144,7 @@ mod tests {
             network: crate::bundle::NetworkPlan::New,
             hooks: Default::default(),
             annotations: Default::default(),
+            devices: vec![],
             sysctls: Default::default(),
             masked_paths: vec![],
             readonly_paths: vec![],

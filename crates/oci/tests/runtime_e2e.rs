@@ -243,6 +243,8 @@ fn body() {
              && [ -d /dev/mqueue ] && [ ! -e /dev/vda ] && [ ! -e /dev/vsock ] && echo dev=runc; \
              echo kcore=$(wc -c < /proc/kcore); echo fwd=$(cat /proc/sys/net/ipv4/ip_forward); \
              (echo 0 > /proc/sys/net/ipv4/ip_forward) 2>/dev/null && echo sys=rw || echo sys=ro; \
+             [ -c /dev/extra/null2 ] && echo x > /dev/extra/null2 && echo devnode=ok; \
+             (echo x > /rootfile) 2>/dev/null && echo root=rw || echo root=ro; \
              exit 3",
         ],
         |c| {
@@ -257,6 +259,9 @@ fn body() {
             c["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1"});
             c["linux"]["maskedPaths"] = json!(["/proc/kcore", "/proc/no-such"]);
             c["linux"]["readonlyPaths"] = json!(["/proc/sys"]);
+            c["root"]["readonly"] = json!(true);
+            c["linux"]["devices"] =
+                json!([{"path": "/dev/extra/null2", "type": "c", "major": 1, "minor": 3}]);
         },
     );
     let input = t.join("input");
@@ -335,6 +340,10 @@ fn body() {
     assert_eq!(field("kcore="), "0", "{out}");
     assert_eq!(field("fwd="), "1", "{out}");
     assert_eq!(field("sys="), "ro", "{out}");
+    // linux.devices: a node of a device the guest has, in a directory made for it.
+    assert_eq!(field("devnode="), "ok", "{out}");
+    // root.readonly: the root refuses writes (/dev, a tmpfs of its own, did not).
+    assert_eq!(field("root="), "ro", "{out}");
     assert_eq!(env.read("c1-create.err"), "oops\n");
     assert_eq!(env.state("c1")["status"], "stopped");
     assert!(env.state("c1").get("pid").is_none());

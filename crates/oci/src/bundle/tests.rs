@@ -390,16 +390,20 @@ fn sysctls_masked_and_readonly_paths_become_the_agents_request() {
     })
     .unwrap();
     assert!(!plan.warnings.join("\n").contains("sysctl"));
-    match plan.confine_request() {
-        Some(forkvm_agent_proto::Request::Confine {
+    match plan.container_request() {
+        Some(forkvm_agent_proto::Request::Container {
+            devices,
             sysctls,
             masked_paths,
             readonly_paths,
+            readonly_root,
         }) => {
+            assert!(readonly_root, "runc's config has a read-only root");
             assert_eq!(sysctls["net.ipv4.ip_forward"], "1");
             assert_eq!(sysctls.len(), 2);
             assert_eq!(masked_paths, ["/proc/acpi", "/proc/kcore"]);
             assert_eq!(readonly_paths, ["/proc/bus", "/proc/sys"]);
+            assert!(devices.is_empty());
         }
         other => panic!("{other:?}"),
     }
@@ -409,9 +413,28 @@ fn sysctls_masked_and_readonly_paths_become_the_agents_request() {
             .as_object_mut()
             .unwrap()
             .retain(|k, _| k != "maskedPaths" && k != "readonlyPaths");
+        c["root"]["readonly"] = json!(false);
     })
     .unwrap();
-    assert_eq!(plan.confine_request(), None);
+    assert_eq!(plan.container_request(), None);
+    // Docker's --device /dev/fuse: the node, for the guest to make.
+    let plan = load_with(|c| {
+        c["linux"]["devices"] = json!([{"path": "/dev/fuse", "type": "c", "major": 10,
+            "minor": 229, "fileMode": 0o20666, "uid": 0, "gid": 0}]);
+    })
+    .unwrap();
+    assert_eq!(
+        plan.devices,
+        [forkvm_agent_proto::DeviceNode {
+            path: "/dev/fuse".into(),
+            kind: "c".into(),
+            major: 10,
+            minor: 229,
+            mode: 0o666,
+            uid: 0,
+            gid: 0,
+        }]
+    );
 }
 
 #[test]
@@ -502,10 +525,20 @@ fn unsupported_fields_are_errors() {
         "{e}"
     );
     let e = err_with(|c| {
-        c["linux"]["devices"] =
-            json!([{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}])
+        c["linux"]["devices"] = json!([{"path": "/dev/x", "type": "a", "major": 1, "minor": 3}])
     });
-    assert!(e.contains("linux.devices"), "{e}");
+    assert!(
+        e.contains("linux.devices") && e.contains("cgroup rules"),
+        "{e}"
+    );
+    let e = err_with(|c| {
+        c["linux"]["devices"] = json!([{"path": "dev/x", "type": "c", "major": 1, "minor": 3}])
+    });
+    assert!(e.contains("dev/x is not an absolute"), "{e}");
+    let e = err_with(|c| {
+        c["linux"]["devices"] = json!([{"path": "/dev/x", "type": "c", "major": -1, "minor": 3}])
+    });
+    assert!(e.contains("out of range"), "{e}");
     load_with(|c| c["linux"]["devices"] = json!([])).unwrap();
 }
 

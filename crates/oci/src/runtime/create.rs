@@ -330,7 +330,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         vsock: uds.clone(),
     };
     let dir_owned = dir.to_owned();
-    let confine = plan.confine_request();
+    let container = plan.container_request();
     let spec = plan.process;
     // Reported from the session once the agent answers; errors before that are
     // reported by `monitor`.
@@ -399,7 +399,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     let work = GuestWork {
         process: spec,
         mount,
-        confine,
+        container,
         network: networked.then(|| plumbed.network.agent_request()),
         dns_relay: nameserver.map(|ns| Request::DnsRelay {
             addresses: vec![ns.to_string()],
@@ -463,9 +463,9 @@ struct GuestWork {
     process: ProcessSpec,
     /// The agent's request that mounts the container's volumes.
     mount: Option<Request>,
-    /// The agent's request that applies the kernel parameters, masked and read-only
-    /// paths (after the volumes, as runc does).
-    confine: Option<Request>,
+    /// The agent's request that creates the device nodes and applies the kernel
+    /// parameters, masked and read-only paths (after the volumes, as runc does).
+    container: Option<Request>,
     network: Option<Request>,
     dns_relay: Option<Request>,
     /// The namespace and what the VM took over from it, checked again at `start`.
@@ -561,21 +561,25 @@ fn monitor_session(
     let GuestWork {
         process: spec,
         mount,
-        confine,
+        container,
         network,
         dns_relay,
         plumbed,
     } = work;
     let mut stream = s.connect_agent()?;
-    // The guest mounts the volumes, takes the namespace's addresses and routes, and
-    // relays DNS, before anything runs.
+    // The guest mounts the volumes, takes the namespace's addresses and routes, relays
+    // DNS, and applies the rest of the spec (last: it may make the root read-only),
+    // before anything runs.
     vm::configure_guest(
         &mut stream,
         [
             ("its volumes", mount),
-            ("its kernel parameters, masked and read-only paths", confine),
             ("its network", network),
             ("its DNS relay", dns_relay),
+            (
+                "its devices, kernel parameters, masked and read-only paths",
+                container,
+            ),
         ],
     )?;
     let mut conn = match early_start {

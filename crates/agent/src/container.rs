@@ -1,0 +1,532 @@
+//! The rest of the container's spec ([`forkvm_agent_proto::Request::Container`]),
+//! applied as runc applies the OCI `linux.devices`, `linux.sysctl`,
+//! `linux.maskedPaths` and `linux.readonlyPaths`, in that order, after the container's
+//! volumes are mounted and before its process starts.
+//!
+//! - A device node is made with its type, numbers, mode and owner (missing directories
+//!   created), when the guest's kernel has the device (`/sys/dev/char/M:m`,
+//!   `/sys/dev/block/M:m`; a FIFO always): a device only the host has (`/dev/kvm` in a
+//!   VM without nested virtualization) is an error naming it. One already there stays.
+//! - A kernel parameter (`net.ipv4.ip_forward` or `net/ipv4/ip_forward`) is written to
+//!   `/proc/sys`: the guest's kernel is the container's own. A key with an empty, `.` or
+//!   `..` component is refused; one the kernel does not have is an error naming it.
+//! - A masked path is hidden: a file under `/dev/null`, a directory under an empty
+//!   read-only tmpfs.
+//! - A read-only path is bind-mounted onto itself and remounted read-only, keeping its
+//!   `nosuid`, `nodev` and `noexec`.
+//!
+//! Paths resolve inside the container's root as the container sees them (`openat2`
+//! with `RESOLVE_IN_ROOT`: its symlinks cannot point outside), and each mount goes onto
+//! the resolved file through its descriptor. A path that does not exist is skipped, as
+//! runc skips it.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use forkvm_agent_proto::DeviceNode;
+use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
+
+/// Most entries of each kind one request may carry.
+pub const MAX_ENTRIES: usize = 1024;
+
+/// Where the guest kernel shows its parameters and devices.
+pub struct GuestKernel {
+    /// `/proc/sys`.
+    pub proc_sys: PathBuf,
+    /// `/sys/dev`, with a `char` and a `block` directory of `major:minor` entries.
+    pub sys_dev: PathBuf,
+}
+
+impl GuestKernel {
+    /// This kernel's.
+    pub fn own() -> Self {
+        Self {
+            proc_sys: "/proc/sys".into(),
+            sys_dev: "/sys/dev".into(),
+        }
+    }
+}
+
+/// What [`apply`] applies.
+pub struct Settings<'a> {
+    /// `linux.devices`.
+    pub devices: &'a [DeviceNode],
+    /// `linux.sysctl`.
+    pub sysctls: &'a BTreeMap<String, String>,
+    /// `linux.maskedPaths`.
+    pub masked: &'a [String],
+    /// `linux.readonlyPaths`.
+    pub readonly: &'a [String],
+    /// `root.readonly`.
+    pub readonly_root: bool,
+}
+
+/// Makes the device nodes in `root`, sets the kernel parameters, then masks paths and
+/// makes paths read-only inside `root`. The first failure stops it, naming the field
+/// and the entry.
+pub fn apply(root: &Path, kernel: &GuestKernel, s: &Settings) -> Result<(), String> {
+    for (what, n) in [
+        ("linux.devices", s.devices.len()),
+        ("linux.sysctl", s.sysctls.len()),
+        ("linux.maskedPaths", s.masked.len()),
+        ("linux.readonlyPaths", s.readonly.len()),
+    ] {
+        if n > MAX_ENTRIES {
+            return Err(format!("{what}: {n} entries, at most {MAX_ENTRIES}"));
+        }
+    }
+    let root_fd = crate::shares::open_root(root)?;
+    for d in s.devices {
+        make_device(&root_fd, &kernel.sys_dev, d).map_err(|e| {
+            format!(
+                "linux.devices {} ({} {}:{}): {e}",
+                d.path, d.kind, d.major, d.minor
+            )
+        })?;
+    }
+    let (sysctls, masked, readonly) = (s.sysctls, s.masked, s.readonly);
+    for (key, value) in sysctls {
+        let path = kernel
+            .proc_sys
+            .join(sysctl_path(key).map_err(|e| format!("linux.sysctl {key}: {e}"))?);
+        std::fs::write(&path, value).map_err(|e| format!("linux.sysctl {key}={value}: {e}"))?;
+    }
+    for path in masked {
+        mask(&root_fd, path).map_err(|e| format!("linux.maskedPaths {path}: {e}"))?;
+    }
+    for path in readonly {
+        make_readonly(&root_fd, path).map_err(|e| format!("linux.readonlyPaths {path}: {e}"))?;
+    }
+    if s.readonly_root {
+        remount(root, true).map_err(|e| format!("root.readonly: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Remounts the mount at `path` read-only or read-write, keeping its `nosuid`, `nodev`
+/// and `noexec`; the mounts under it keep theirs.
+pub fn remount(path: &Path, read_only: bool) -> Result<(), String> {
+    let st = rustix::fs::statvfs(path).map_err(|e| format!("statvfs: {e}"))?;
+    let mut flags = libc::MS_BIND | libc::MS_REMOUNT | mount_flags(st.f_flag);
+    if read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    let target = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    sys_mount(None, &target, None, flags)
+}
+
+/// Whether the mount at `path` is read-only.
+pub fn is_read_only(path: &Path) -> bool {
+    rustix::fs::statvfs(path)
+        .is_ok_and(|st| st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+}
+
+/// The `nosuid`, `nodev` and `noexec` of a mount, as `mount(2)` flags.
+fn mount_flags(f: rustix::fs::StatVfsMountFlags) -> libc::c_ulong {
+    use rustix::fs::StatVfsMountFlags as F;
+    [
+        (F::NOSUID, libc::MS_NOSUID),
+        (F::NODEV, libc::MS_NODEV),
+        (F::NOEXEC, libc::MS_NOEXEC),
+    ]
+    .into_iter()
+    .filter(|(st, _)| f.contains(*st))
+    .fold(0, |acc, (_, ms)| acc | ms)
+}
+
+/// Makes the node `d` inside `root` (see the module documentation).
+fn make_device(root: &OwnedFd, sys_dev: &Path, d: &DeviceNode) -> Result<(), String> {
+    let (kind, class) = match d.kind.as_str() {
+        "c" => (libc::S_IFCHR, Some("char")),
+        "b" => (libc::S_IFBLK, Some("block")),
+        "p" => (libc::S_IFIFO, None),
+        other => return Err(format!("unknown type {other:?}: c, b or p")),
+    };
+    if let Some(class) = class {
+        let entry = sys_dev.join(class).join(format!("{}:{}", d.major, d.minor));
+        if !entry.exists() {
+            return Err(
+                "the VM's kernel has no such device (a host device cannot be passed into a VM)"
+                    .into(),
+            );
+        }
+    }
+    let (dir, name) = match d.path.rsplit_once('/') {
+        Some((dir, name))
+            if d.path.starts_with('/') && !name.is_empty() && name != ".." && name != "." =>
+        {
+            (if dir.is_empty() { "/" } else { dir }, name)
+        }
+        _ => return Err("not an absolute path to a file".into()),
+    };
+    let dir = crate::shares::resolve_dir(root, dir)?;
+    let mode = Mode::from_raw_mode(d.mode & 0o7777);
+    let file_type = rustix::fs::FileType::from_raw_mode(kind);
+    let dev = rustix::fs::makedev(d.major, d.minor);
+    match rustix::fs::mknodat(&dir, name, file_type, mode, dev) {
+        Ok(()) => {}
+        Err(Errno::EXIST) => return Ok(()),
+        Err(e) => return Err(format!("mknod: {e}")),
+    }
+    // The umask does not apply, and the owner is the spec's.
+    rustix::fs::chmodat(&dir, name, mode, rustix::fs::AtFlags::empty())
+        .map_err(|e| format!("chmod: {e}"))?;
+    rustix::fs::chownat(
+        &dir,
+        name,
+        Some(rustix::fs::Uid::from_raw(d.uid)),
+        Some(rustix::fs::Gid::from_raw(d.gid)),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| format!("chown: {e}"))
+}
+
+/// The path under `/proc/sys` of the kernel parameter `key` (dots or slashes).
+pub fn sysctl_path(key: &str) -> Result<PathBuf, String> {
+    let parts: Vec<&str> = if key.contains('/') {
+        key.split('/').collect()
+    } else {
+        key.split('.').collect()
+    };
+    if parts
+        .iter()
+        .any(|p| p.is_empty() || *p == "." || *p == "..")
+    {
+        return Err("not a kernel parameter name".into());
+    }
+    Ok(parts.iter().collect())
+}
+
+/// `path` (absolute) inside `root` as the container resolves it; `None` when it does
+/// not exist.
+fn resolve(root: &OwnedFd, path: &str) -> Result<Option<OwnedFd>, String> {
+    if !path.starts_with('/') {
+        return Err("not an absolute path".into());
+    }
+    let relative = format!(".{path}");
+    match openat2(
+        root,
+        relative.as_str(),
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT,
+    ) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(format!("cannot open it: {e}")),
+    }
+}
+
+/// `/proc/self/fd/N` for `fd`: where a mount onto the file `fd` holds goes.
+fn fd_path(fd: &OwnedFd) -> CString {
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL")
+}
+
+fn sys_mount(
+    source: Option<&CString>,
+    target: &CString,
+    fstype: Option<&CString>,
+    flags: libc::c_ulong,
+) -> Result<(), String> {
+    let ptr = |s: Option<&CString>| s.map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: every pointer is null or a NUL-terminated string that outlives the call;
+    // no data argument.
+    let rc = unsafe {
+        libc::mount(
+            ptr(source),
+            target.as_ptr(),
+            ptr(fstype),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(format!("mount: {}", std::io::Error::last_os_error())),
+    }
+}
+
+fn mask(root: &OwnedFd, path: &str) -> Result<(), String> {
+    let Some(fd) = resolve(root, path)? else {
+        return Ok(());
+    };
+    let is_dir = rustix::fs::fstat(&fd)
+        .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+        .map_err(|e| format!("stat: {e}"))?;
+    let target = fd_path(&fd);
+    if is_dir {
+        let tmpfs = CString::new("tmpfs").expect("no NUL");
+        sys_mount(Some(&tmpfs), &target, Some(&tmpfs), libc::MS_RDONLY)
+    } else {
+        let null = CString::new("/dev/null").expect("no NUL");
+        sys_mount(Some(&null), &target, None, libc::MS_BIND)
+    }
+}
+
+fn make_readonly(root: &OwnedFd, path: &str) -> Result<(), String> {
+    let Some(fd) = resolve(root, path)? else {
+        return Ok(());
+    };
+    let target = fd_path(&fd);
+    sys_mount(Some(&target), &target, None, libc::MS_BIND | libc::MS_REC)?;
+    // The descriptor still names what lies under the new mount: resolve the path again
+    // for the mount on top, and remount that one read-only with the flags it has.
+    let top = resolve(root, path)?.ok_or("it vanished")?;
+    let st = rustix::fs::fstatvfs(&top).map_err(|e| format!("statvfs: {e}"))?;
+    let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | mount_flags(st.f_flag);
+    sys_mount(None, &fd_path(&top), None, flags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kernel whose parameters live in `dir/sys` and whose devices are `dir/dev`'s
+    /// entries (`char/1:3`, ...).
+    fn kernel(dir: &Path) -> GuestKernel {
+        GuestKernel {
+            proc_sys: dir.join("sys"),
+            sys_dev: dir.join("dev"),
+        }
+    }
+
+    fn only<'a>(
+        devices: &'a [DeviceNode],
+        sysctls: &'a BTreeMap<String, String>,
+        masked: &'a [String],
+        readonly: &'a [String],
+    ) -> Settings<'a> {
+        Settings {
+            devices,
+            sysctls,
+            masked,
+            readonly,
+            readonly_root: false,
+        }
+    }
+
+    #[test]
+    fn sysctl_keys_map_to_proc_sys_paths_and_bad_ones_are_refused() {
+        assert_eq!(
+            sysctl_path("net.ipv4.ip_forward").unwrap(),
+            PathBuf::from("net/ipv4/ip_forward")
+        );
+        assert_eq!(
+            sysctl_path("net/ipv4/conf/eth0.1/forwarding").unwrap(),
+            PathBuf::from("net/ipv4/conf/eth0.1/forwarding")
+        );
+        for bad in ["", "net..x", "../../etc/passwd", "net/../x", ".x", "/etc"] {
+            assert!(sysctl_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sysctls_are_written_and_a_missing_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path().join("sys");
+        let k = kernel(dir.path());
+        std::fs::create_dir_all(sys.join("net/ipv4")).unwrap();
+        std::fs::write(sys.join("net/ipv4/ip_forward"), "0").unwrap();
+        let mut sysctls = BTreeMap::new();
+        sysctls.insert("net.ipv4.ip_forward".to_owned(), "1".to_owned());
+        apply(dir.path(), &k, &only(&[], &sysctls, &[], &[])).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(sys.join("net/ipv4/ip_forward")).unwrap(),
+            "1"
+        );
+        sysctls.insert("kernel.no_such_knob".to_owned(), "1".to_owned());
+        let e = apply(dir.path(), &k, &only(&[], &sysctls, &[], &[])).unwrap_err();
+        assert!(e.starts_with("linux.sysctl kernel.no_such_knob=1: "), "{e}");
+        let mut bad = BTreeMap::new();
+        bad.insert("../x".to_owned(), "1".to_owned());
+        let e = apply(dir.path(), &k, &only(&[], &bad, &[], &[])).unwrap_err();
+        assert!(e.contains("not a kernel parameter name"), "{e}");
+        let many: Vec<String> = (0..=MAX_ENTRIES).map(|i| format!("/p{i}")).collect();
+        let e = apply(dir.path(), &k, &only(&[], &BTreeMap::new(), &many, &[])).unwrap_err();
+        assert!(e.contains("linux.maskedPaths: 1025 entries"), "{e}");
+    }
+
+    /// Runs `f` with a fresh container root, on a thread in a mount namespace of its
+    /// own (the mounts go away with it).
+    fn in_own_mounts(f: fn(&Path)) {
+        std::thread::spawn(move || {
+            // SAFETY: unshare takes no pointers; this thread gets its own mount
+            // namespace and filesystem information.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNS) }, 0);
+            // SAFETY: NUL-terminated strings that outlive the call; no data.
+            let rc = unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(rc, 0);
+            let dir = tempfile::tempdir().unwrap();
+            f(dir.path());
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn masked_paths_are_hidden_and_readonly_paths_refuse_writes() {
+        in_own_mounts(|dir| {
+            let root = &dir.join("root");
+            std::fs::write(dir.join("outside"), "host").unwrap();
+            std::fs::create_dir_all(root.join("proc/acpi")).unwrap();
+            std::fs::write(root.join("proc/acpi/table"), "secret").unwrap();
+            std::fs::write(root.join("proc/kcore"), "core").unwrap();
+            std::fs::create_dir_all(root.join("proc/sys")).unwrap();
+            std::fs::write(root.join("proc/sys/knob"), "0").unwrap();
+            // An image's symlinks that try to point a mask at the guest's own files.
+            std::os::unix::fs::symlink("/etc/hostname", root.join("escape")).unwrap();
+            std::os::unix::fs::symlink("../../outside", root.join("climb")).unwrap();
+            std::fs::create_dir_all(root.join("etc")).unwrap();
+            std::fs::write(root.join("etc/hostname"), "inside").unwrap();
+            apply(
+                root,
+                &GuestKernel::own(),
+                &only(
+                    &[],
+                    &BTreeMap::new(),
+                    &[
+                        "/proc/acpi".into(),
+                        "/proc/kcore".into(),
+                        "/proc/missing".into(),
+                        "/escape".into(),
+                        "/climb".into(),
+                    ],
+                    &["/proc/sys".into(), "/not/there".into()],
+                ),
+            )
+            .unwrap();
+            assert_eq!(
+                std::fs::read_dir(root.join("proc/acpi")).unwrap().count(),
+                0,
+                "a masked directory is empty"
+            );
+            assert!(std::fs::write(root.join("proc/acpi/x"), "").is_err());
+            assert_eq!(std::fs::read(root.join("proc/kcore")).unwrap(), b"");
+            // The symlinks resolved inside the root: the root's file is masked, the
+            // one outside untouched.
+            assert_eq!(std::fs::read(root.join("etc/hostname")).unwrap(), b"");
+            assert_eq!(std::fs::read(dir.join("outside")).unwrap(), b"host");
+            let e = std::fs::write(root.join("proc/sys/knob"), "1").unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+            assert_eq!(
+                std::fs::read_to_string(root.join("proc/sys/knob")).unwrap(),
+                "0"
+            );
+            let e = apply(
+                root,
+                &GuestKernel::own(),
+                &only(&[], &BTreeMap::new(), &["x".into()], &[]),
+            )
+            .unwrap_err();
+            assert_eq!(e, "linux.maskedPaths x: not an absolute path");
+
+            // root.readonly: the root refuses writes, its own mounts do not; the agent
+            // can open it up again (a fork child's identity) and close it.
+            std::fs::create_dir_all(root.join("data")).unwrap();
+            // SAFETY: NUL-terminated strings that outlive the call; no data.
+            let rc = unsafe {
+                libc::mount(
+                    c"tmpfs".as_ptr(),
+                    CString::new(root.join("data").to_str().unwrap())
+                        .unwrap()
+                        .as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(rc, 0);
+            // The root must be a mount point of its own, as the guest's overlay is.
+            let r = CString::new(root.to_str().unwrap()).unwrap();
+            // SAFETY: as above.
+            let rc = unsafe {
+                libc::mount(
+                    r.as_ptr(),
+                    r.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(rc, 0);
+            let no_sysctls = BTreeMap::new();
+            let mut ro = only(&[], &no_sysctls, &[], &[]);
+            ro.readonly_root = true;
+            apply(root, &GuestKernel::own(), &ro).unwrap();
+            assert!(is_read_only(root));
+            let e = std::fs::write(root.join("new"), "").unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+            std::fs::write(root.join("data/ok"), "").unwrap();
+            remount(root, false).unwrap();
+            std::fs::write(root.join("new"), "").unwrap();
+            remount(root, true).unwrap();
+            assert!(is_read_only(root));
+        });
+    }
+
+    #[test]
+    fn device_nodes_are_made_for_devices_the_guest_has_only() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(dir.path().join("dev/char")).unwrap();
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(dir.path().join("dev/char/1:3"), "").unwrap();
+        let node = |path: &str, kind: &str, major, minor| DeviceNode {
+            path: path.into(),
+            kind: kind.into(),
+            major,
+            minor,
+            mode: 0o620,
+            uid: 1000,
+            gid: 5,
+        };
+        let k = kernel(dir.path());
+        let apply_one = |d: DeviceNode| apply(&root, &k, &only(&[d], &BTreeMap::new(), &[], &[]));
+        apply_one(node("/dev/sub/mynull", "c", 1, 3)).unwrap();
+        let m = std::fs::metadata(root.join("dev/sub/mynull")).unwrap();
+        assert!(m.file_type().is_char_device());
+        assert_eq!(m.rdev(), libc::makedev(1, 3));
+        assert_eq!(
+            m.mode() & 0o7777,
+            0o620,
+            "the spec's mode, whatever the umask"
+        );
+        assert_eq!((m.uid(), m.gid()), (1000, 5));
+        // Already there: kept.
+        apply_one(node("/dev/sub/mynull", "c", 1, 3)).unwrap();
+        // A FIFO needs no device.
+        apply_one(node("/run/fifo", "p", 0, 0)).unwrap();
+        assert!(std::fs::metadata(root.join("run/fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        // A device only the host has: named, and nothing made.
+        let e = apply_one(node("/dev/kvm", "c", 10, 232)).unwrap_err();
+        assert!(
+            e.starts_with("linux.devices /dev/kvm (c 10:232): the VM's kernel has no such device"),
+            "{e}"
+        );
+        assert!(!root.join("dev/kvm").exists());
+        let e = apply_one(node("/dev/x", "a", 1, 3)).unwrap_err();
+        assert!(e.contains("unknown type \"a\""), "{e}");
+        let e = apply_one(node("dev/null", "c", 1, 3)).unwrap_err();
+        assert!(e.contains("not an absolute path"), "{e}");
+        // A path through the image's symlink stays inside the root.
+        std::os::unix::fs::symlink("/../../..", root.join("up")).unwrap();
+        apply_one(node("/up/escaped", "p", 0, 0)).unwrap();
+        assert!(root.join("escaped").exists());
+        assert!(!dir.path().join("escaped").exists());
+    }
+}

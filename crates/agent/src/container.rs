@@ -1,7 +1,8 @@
 //! The rest of the container's spec ([`forkvm_agent_proto::Request::Container`]),
 //! applied as runc applies the OCI `linux.devices`, `linux.sysctl`,
-//! `linux.maskedPaths` and `linux.readonlyPaths`, in that order, after the container's
-//! volumes are mounted and before its process starts.
+//! `linux.readonlyPaths` and `linux.maskedPaths`, in that order, then `root.readonly`,
+//! after the container's volumes are mounted and its network set up, before its
+//! process starts.
 //!
 //! - A device node is made with its type, numbers, mode and owner (missing directories
 //!   created), when the guest's kernel has the device (`/sys/dev/char/M:m`,
@@ -92,13 +93,19 @@ pub fn apply(root: &Path, kernel: &GuestKernel, s: &Settings) -> Result<(), Stri
         let path = kernel
             .proc_sys
             .join(sysctl_path(key).map_err(|e| format!("linux.sysctl {key}: {e}"))?);
-        std::fs::write(&path, value).map_err(|e| format!("linux.sysctl {key}={value}: {e}"))?;
+        // Written, never created: a name the kernel does not have is an error.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, value.as_bytes()))
+            .map_err(|e| format!("linux.sysctl {key}={value}: {e}"))?;
+    }
+    // runc's order: read-only paths, then masked ones.
+    for path in readonly {
+        make_readonly(&root_fd, path).map_err(|e| format!("linux.readonlyPaths {path}: {e}"))?;
     }
     for path in masked {
         mask(&root_fd, path).map_err(|e| format!("linux.maskedPaths {path}: {e}"))?;
-    }
-    for path in readonly {
-        make_readonly(&root_fd, path).map_err(|e| format!("linux.readonlyPaths {path}: {e}"))?;
     }
     if s.readonly_root {
         remount(root, true).map_err(|e| format!("root.readonly: {e}"))?;
@@ -212,7 +219,7 @@ fn resolve(root: &OwnedFd, path: &str) -> Result<Option<OwnedFd>, String> {
         relative.as_str(),
         OFlags::PATH | OFlags::CLOEXEC,
         Mode::empty(),
-        ResolveFlags::IN_ROOT,
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
     ) {
         Ok(fd) => Ok(Some(fd)),
         Err(Errno::NOENT) => Ok(None),
@@ -329,6 +336,7 @@ mod tests {
         let sys = dir.path().join("sys");
         let k = kernel(dir.path());
         std::fs::create_dir_all(sys.join("net/ipv4")).unwrap();
+        std::fs::create_dir_all(sys.join("kernel")).unwrap();
         std::fs::write(sys.join("net/ipv4/ip_forward"), "0").unwrap();
         let mut sysctls = BTreeMap::new();
         sysctls.insert("net.ipv4.ip_forward".to_owned(), "1".to_owned());
@@ -340,6 +348,7 @@ mod tests {
         sysctls.insert("kernel.no_such_knob".to_owned(), "1".to_owned());
         let e = apply(dir.path(), &k, &only(&[], &sysctls, &[], &[])).unwrap_err();
         assert!(e.starts_with("linux.sysctl kernel.no_such_knob=1: "), "{e}");
+        assert!(!sys.join("kernel/no_such_knob").exists(), "never created");
         let mut bad = BTreeMap::new();
         bad.insert("../x".to_owned(), "1".to_owned());
         let e = apply(dir.path(), &k, &only(&[], &bad, &[], &[])).unwrap_err();

@@ -109,7 +109,7 @@ fn open_in_root(root: &OwnedFd, path: &Path) -> rustix::io::Result<OwnedFd> {
         path,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
-        ResolveFlags::IN_ROOT,
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
     )
 }
 

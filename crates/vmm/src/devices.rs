@@ -219,15 +219,17 @@ impl Registered for Fs {
 pub trait SavedDevice: Send {
     /// The kind, as the API names it.
     fn kind(&self) -> &'static str;
-    /// The device's state.
-    fn save_state(&self) -> Result<DeviceState, Box<dyn Error + Send + Sync>>;
+    /// The device's state, once it has served what its guest queued
+    /// ([`VirtioDevice::finish_queued`]).
+    fn save_state(&mut self) -> Result<DeviceState, Box<dyn Error + Send + Sync>>;
 }
 
 impl<D: Registered> SavedDevice for D {
     fn kind(&self) -> &'static str {
         D::KIND
     }
-    fn save_state(&self) -> Result<DeviceState, Box<dyn Error + Send + Sync>> {
+    fn save_state(&mut self) -> Result<DeviceState, Box<dyn Error + Send + Sync>> {
+        self.finish_queued();
         Ok(D::wrap(self.save()?))
     }
 }

@@ -86,6 +86,17 @@ impl Interrupt {
         self.status.store(status, Ordering::SeqCst);
     }
 
+    /// Raises the interrupt line again when the status has bits set: an interrupt the
+    /// saved device had signalled may not have reached the saved interrupt controller
+    /// (KVM injects an irqfd's IOAPIC interrupt asynchronously), and the restored guest
+    /// must not wait for it forever. A spurious one costs the guest a status read.
+    pub fn resignal_pending(&self) -> std::io::Result<()> {
+        match self.status() {
+            0 => Ok(()),
+            _ => self.irq_evt.write(1),
+        }
+    }
+
     /// The guest wrote `InterruptACK`: clear the acknowledged bits.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
@@ -235,6 +246,10 @@ pub trait VirtioDevice: Send {
     /// What the device drops on a driver reset besides its activation (work in flight
     /// for the old queues); nothing by default.
     fn reset_device(&mut self) {}
+    /// Serves every request the guest has queued, before the device is saved (its
+    /// vCPUs paused): for a device whose requests change the host, a restored copy
+    /// would otherwise serve them a second time. Nothing by default.
+    fn finish_queued(&mut self) {}
     /// Feature bits the driver accepted.
     fn acked_features(&self) -> u64 {
         self.activation().acked_features()

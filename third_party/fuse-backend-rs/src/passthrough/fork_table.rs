@@ -15,7 +15,6 @@ use std::sync::Arc;
 use vm_memory::bitmap::BitmapSlice;
 
 use super::inode_store::InodeId;
-use super::util::einval;
 use super::{HandleData, InodeData, InodeHandle, PassthroughFs};
 use crate::abi::fuse_abi as fuse;
 
@@ -130,34 +129,47 @@ impl<S: BitmapSlice + Send + Sync> PassthroughFs<S> {
     }
 
     /// Replaces this filesystem's table with `table` (instead of `import`). Refuses
-    /// (`EINVAL`) a table without a root, with a node ID or handle twice or at or past
-    /// the next one to give out, or with a handle on an inode it does not hold; the
-    /// descriptors are the caller's to check.
+    /// (`InvalidInput`, naming the problem) a table without a root, with a node ID,
+    /// host file or handle twice, a node ID or handle that is 0 or at or past the next
+    /// one to give out, an inode no lookup holds, or a handle on an inode it does not
+    /// hold; the descriptors are the caller's to check.
     pub fn import_table(&self, table: Table) -> io::Result<()> {
+        let bad = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
         let mut seen = std::collections::BTreeSet::new();
         let mut ids = std::collections::BTreeSet::new();
         for i in &table.inodes {
-            let id = (i.ino, i.dev, i.mnt);
-            if i.inode == 0
-                || i.inode >= table.next_inode
-                || i.refcount == 0
-                || !seen.insert(i.inode)
-                || !ids.insert(id)
-            {
-                return Err(einval());
+            if i.inode == 0 || i.inode >= table.next_inode {
+                return Err(bad(format!(
+                    "node {} is outside 1 to the next node ID ({})",
+                    i.inode, table.next_inode
+                )));
+            }
+            if i.refcount == 0 {
+                return Err(bad(format!("node {} is held by no lookup", i.inode)));
+            }
+            if !seen.insert(i.inode) || !ids.insert((i.ino, i.dev, i.mnt)) {
+                return Err(bad(format!(
+                    "node {} or its host file is listed twice",
+                    i.inode
+                )));
             }
         }
         if !seen.contains(&fuse::ROOT_ID) {
-            return Err(einval());
+            return Err(bad("the root node is missing".into()));
         }
         let mut handles = std::collections::BTreeSet::new();
         for h in &table.handles {
-            if h.handle == 0
-                || h.handle >= table.next_handle
-                || !seen.contains(&h.inode)
-                || !handles.insert(h.handle)
-            {
-                return Err(einval());
+            if h.handle == 0 || h.handle >= table.next_handle {
+                return Err(bad(format!(
+                    "handle {} is outside 1 to the next handle ({})",
+                    h.handle, table.next_handle
+                )));
+            }
+            if !seen.contains(&h.inode) || !handles.insert(h.handle) {
+                return Err(bad(format!(
+                    "handle {} is listed twice or open on a node not held",
+                    h.handle
+                )));
             }
         }
 

@@ -18,8 +18,11 @@
 //! has looked up and not forgotten, the files and directories it has open, the FUSE
 //! options INIT agreed on) and, beside the state, duplicates of the host descriptors
 //! behind them ([`HostFiles`]): a fork child gets them over its launch socket and goes
-//! on serving its guest's node IDs and handles with the very files its parent served,
-//! as a process after `fork()` shares its parent's open files. Descriptors live only in
+//! on serving its guest's node IDs and handles with the very files its parent served
+//! (each open one reopened, so that parent and child do not share a position or
+//! flags), as a process after `fork()` has its parent's files. What the guest had
+//! queued is served before the save ([`VirtioDevice::finish_queued`]): a child would
+//! serve it again. Descriptors live only in
 //! processes, so such a state cannot be written to disk: a VM with shares cannot be
 //! saved as a template.
 
@@ -279,17 +282,17 @@ impl Fs {
     }
 
     /// Serves up to [`MAX_CHAINS_PER_EVENT`] chains of queue `index`; kicks the queue
-    /// again when more are waiting.
-    fn process_queue(&mut self, index: usize) {
+    /// again when more are waiting. The chains served.
+    fn process_queue(&mut self, index: usize) -> usize {
         let Self {
             activation, server, ..
         } = self;
         let Some(active) = activation.active_mut() else {
-            return;
+            return 0;
         };
         let mem = &active.mem;
         let Some(aq) = active.queues.get_mut(index) else {
-            return;
+            return 0;
         };
         let mut served = 0;
         while served < MAX_CHAINS_PER_EVENT {
@@ -315,6 +318,7 @@ impl Fs {
         if served > 0 {
             active.notify_used(index, "virtio-fs");
         }
+        served
     }
 }
 
@@ -399,9 +403,8 @@ fn passthrough(config: &FsConfig, root: &Path) -> Result<PassthroughFs, FsError>
 }
 
 /// The table `saved` describes over `files` (one per inode, then one per handle), each
-/// checked to be the file the table says (device, inode number, type); open
-/// directories get descriptions of their own (a directory stream's position is the
-/// description's, and the parent reads on at its own).
+/// checked to be the file the table says (device, inode number, type); open files and
+/// directories get open file descriptions of their own ([`reopen`]).
 fn checked_table(tag: &str, saved: &SavedTable, files: Vec<File>) -> Result<Table, FsError> {
     let bad = |problem: String| FsError::BadTable {
         tag: tag.to_owned(),
@@ -466,10 +469,11 @@ fn checked_table(tag: &str, saved: &SavedTable, files: Vec<File>) -> Result<Tabl
                 h.handle, h.node
             )));
         }
-        let file = match mode & libc::S_IFMT == libc::S_IFDIR {
-            // Where it cannot be reopened, the stream stays shared with the parent.
-            true => File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap_or(file),
-            false => file,
+        let file = match mode & libc::S_IFMT {
+            libc::S_IFREG | libc::S_IFDIR => reopen(&file)
+                .map_err(|e| bad(format!("handle {} cannot be reopened: {e}", h.handle)))?,
+            // A FIFO's open would wait for its other end: it stays shared.
+            _ => file,
         };
         handles.push(TableHandle {
             handle: h.handle,
@@ -492,6 +496,35 @@ fn checked_table(tag: &str, saved: &SavedTable, files: Vec<File>) -> Result<Tabl
             perfile_dax,
         },
     })
+}
+
+/// A new open file description of what `file` has open, with its access mode and
+/// status flags: the child's own, so that neither its position (a directory stream)
+/// nor its flags (the server sets `O_APPEND` or `O_DIRECT` as a guest's request says)
+/// are shared with the parent's.
+fn reopen(file: &File) -> std::io::Result<File> {
+    // SAFETY: F_GETFL on an open descriptor reads no memory.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let keep = libc::O_ACCMODE
+        | libc::O_APPEND
+        | libc::O_DIRECT
+        | libc::O_NOATIME
+        | libc::O_NONBLOCK
+        | libc::O_SYNC
+        | libc::O_DSYNC
+        | libc::O_LARGEFILE;
+    let path =
+        std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).expect("no NUL");
+    // SAFETY: a NUL-terminated path that lives across the call.
+    let fd = unsafe { libc::open(path.as_ptr(), (flags & keep) | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
 /// `fstat(2)` of `file`.
@@ -654,6 +687,20 @@ impl VirtioDevice for Fs {
     }
 
     super::activation_field!();
+
+    /// Serves every queued request (a request served after the save would be served
+    /// again by a fork child: a second MKDIR, UNLINK or appending WRITE on the host). A
+    /// queue holds at most [`QUEUE_SIZE`] chains, and the paused guest adds none.
+    fn finish_queued(&mut self) {
+        let rounds = usize::from(QUEUE_SIZE) / MAX_CHAINS_PER_EVENT + 2;
+        for index in 0..=REQUEST_QUEUES as usize {
+            for _ in 0..rounds {
+                if self.process_queue(index) < MAX_CHAINS_PER_EVENT {
+                    break;
+                }
+            }
+        }
+    }
 }
 
 impl MutEventSubscriber for Fs {

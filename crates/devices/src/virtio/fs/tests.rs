@@ -612,6 +612,28 @@ fn a_restored_share_serves_the_nodes_and_handles_its_guest_holds() {
     let inner: EntryOut = child.lookup(sub, "inner").ok();
     assert!(inner.nodeid >= state.table.next_inode, "{}", inner.nodeid);
 
+    // Each has an open file of its own: the child's guest writing with O_APPEND sets it
+    // on the child's description only, and the parent's write at 0 lands at 0.
+    let write_at = |g: &mut Guest, flags: i32, data: &[u8]| {
+        let write = WriteIn {
+            fh,
+            offset: 0,
+            size: data.len() as u32,
+            flags: flags as u32,
+            ..Default::default()
+        };
+        let mut body = write.as_slice().to_vec();
+        body.extend_from_slice(data);
+        assert_eq!(g.call(Opcode::Write, node, &body).error, 0);
+    };
+    write_at(&mut child, libc::O_RDWR | libc::O_APPEND, b"+");
+    write_at(&mut parent, libc::O_RDWR, b"P");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("renamed")).unwrap(),
+        "PEFORE the fork\n+"
+    );
+    std::fs::write(dir.path().join("renamed"), "BEFORE the fork\n").unwrap();
+
     // The parent forgets and closes everything; the child keeps serving.
     assert_eq!(
         parent
@@ -629,6 +651,35 @@ fn a_restored_share_serves_the_nodes_and_handles_its_guest_holds() {
     );
     drop(parent);
     assert_eq!(child.read(node, fh, 4096), b"BEFORE the fork\n");
+}
+
+#[test]
+fn what_the_guest_queued_is_served_before_a_save() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guest::mount(share(dir.path(), false));
+    // More than one event's budget, queued and never kicked, as a paused guest leaves
+    // them; one of them makes a directory on the host.
+    for _ in 0..MAX_CHAINS_PER_EVENT + 10 {
+        g.queue(Opcode::Getattr, ROOT, (0, 0), &[0u8; 16]);
+    }
+    let mkdir = MkdirIn {
+        mode: 0o755,
+        umask: 0o022,
+    };
+    let mut body = mkdir.as_slice().to_vec();
+    body.extend(cstr("made-once"));
+    g.queue(Opcode::Mkdir, ROOT, (0, 0), &body);
+    g.device().finish_queued();
+    assert!(dir.path().join("made-once").is_dir());
+    let mut served = 0;
+    while g.queues[REQUEST_QUEUE].pop_used(&g.drv.mem).is_some() {
+        served += 1;
+    }
+    assert_eq!(
+        served,
+        MAX_CHAINS_PER_EVENT + 11,
+        "every queued request answered"
+    );
 }
 
 #[test]
@@ -668,7 +719,12 @@ fn a_table_that_does_not_match_its_descriptors_is_refused_naming_the_problem() {
     // Node IDs the server would give out again.
     let mut t = ok.clone();
     t.next_inode = 2;
-    assert!(refused(&t, dups(&files)).contains("invalid"));
+    let e = refused(&t, dups(&files));
+    assert!(e.contains("is outside 1 to the next node ID (2)"), "{e}");
+    let mut t = ok.clone();
+    t.next_handle = 1;
+    let e = refused(&t, dups(&files));
+    assert!(e.contains("is outside 1 to the next handle (1)"), "{e}");
     // A root that is not a directory.
     let mut t = ok.clone();
     let root = t.inodes.iter().position(|i| i.node == ROOT).unwrap();

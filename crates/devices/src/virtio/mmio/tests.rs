@@ -476,6 +476,9 @@ fn state_round_trips_through_serde() {
         &loaded,
     )
     .unwrap();
+    // The pending interrupt is raised again: the saved interrupt controller may not
+    // have seen it.
+    assert_eq!(t2.interrupt().irq_evt().read().unwrap(), 1);
     {
         let d = dev2.lock().unwrap();
         assert_eq!(d.activations, 1, "restore re-activates a running device");
@@ -505,6 +508,7 @@ fn state_round_trips_through_serde() {
     .unwrap();
     assert_eq!(t4.device_status(), ACK | DRV | FOK);
     assert!(!dev4.lock().unwrap().is_activated());
+    assert_eq!(mid.interrupt_status, 0);
 }
 
 #[test]

@@ -388,12 +388,18 @@ fn volumes_share_host_directories() {
         std::fs::write(vol.join("from-host"), "written after the fork\n").unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         let (mut child_copy, mut parent_copy, mut child_line) = (None, None, false);
+        let child_log = || {
+            Forkvm::spawn_with(&["logs", &children[0]], RUN_TIMEOUT, &env, None)
+                .finish()
+                .to_string()
+        };
         while child_copy.is_none() || parent_copy.is_none() || !child_line {
             assert!(
                 std::time::Instant::now() < deadline,
                 "parent copy {parent_copy:?}, child copy {child_copy:?}, child line {child_line}; \
-                 journal:\n{}\nfork: {fork}",
-                std::fs::read_to_string(vol.join("journal")).unwrap_or_default()
+                 journal:\n{}\nfork: {fork}\nthe child's log: {}",
+                std::fs::read_to_string(vol.join("journal")).unwrap_or_default(),
+                child_log()
             );
             std::thread::sleep(Duration::from_millis(200));
             for e in std::fs::read_dir(&vol).unwrap().flatten() {

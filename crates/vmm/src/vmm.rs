@@ -349,6 +349,22 @@ impl Vmm {
             };
             vcpus.push(vcpu.map_err(|source| VmmError::Vcpu { index, source })?);
         }
+        // A restored device's interrupt the saved interrupt controllers may not hold
+        // (KVM injects irqfd interrupts asynchronously) is raised again, now that the
+        // controllers and vCPUs are restored: the guest would otherwise wait for it.
+        if saved.is_some() {
+            for a in &attached {
+                let interrupt = a
+                    .transport
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .interrupt();
+                interrupt.resignal_pending().map_err(|e| VmmError::Device {
+                    what: format!("{} (its pending interrupt)", a.detail),
+                    source: Box::new(e),
+                })?;
+            }
+        }
         // Where the time went, cumulative from the start (a fork child's T1 is in it).
         tracing::info!(
             vm_us,

@@ -104,9 +104,6 @@ pub enum MmioError {
     /// Re-activating the device of a restored, running transport failed.
     #[error("cannot activate the restored device")]
     Activate(#[source] ActivateError),
-    /// The restored transport's pending interrupt could not be raised again.
-    #[error("cannot raise the restored device's pending interrupt")]
-    Resignal(#[source] std::io::Error),
     /// An activated device did not report the state of its queues (see
     /// [`VirtioDevice::queue_states`]).
     #[error(
@@ -633,10 +630,6 @@ impl Persist<'_> for MmioTransport {
         {
             transport.activate().map_err(MmioError::Activate)?;
         }
-        transport
-            .interrupt
-            .resignal_pending()
-            .map_err(MmioError::Resignal)?;
         Ok(transport)
     }
 

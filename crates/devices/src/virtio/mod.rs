@@ -90,6 +90,8 @@ impl Interrupt {
     /// saved device had signalled may not have reached the saved interrupt controller
     /// (KVM injects an irqfd's IOAPIC interrupt asynchronously), and the restored guest
     /// must not wait for it forever. A spurious one costs the guest a status read.
+    /// Only once the interrupt controllers and vCPUs are restored: restoring them
+    /// after would drop it, or leave a level-triggered line waiting for an EOI.
     pub fn resignal_pending(&self) -> std::io::Result<()> {
         match self.status() {
             0 => Ok(()),

@@ -476,8 +476,9 @@ fn state_round_trips_through_serde() {
         &loaded,
     )
     .unwrap();
-    // The pending interrupt is raised again: the saved interrupt controller may not
-    // have seen it.
+    // The pending interrupt is raised again on request (by the VMM, once the
+    // interrupt controllers and vCPUs are restored).
+    t2.interrupt().resignal_pending().unwrap();
     assert_eq!(t2.interrupt().irq_evt().read().unwrap(), 1);
     {
         let d = dev2.lock().unwrap();

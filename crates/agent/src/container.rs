@@ -125,6 +125,96 @@ pub fn remount(path: &Path, read_only: bool) -> Result<(), String> {
     sys_mount(None, &target, None, flags)
 }
 
+/// Runs `f` on a writable view of the container's `root`: `root` itself when it is
+/// writable; for a read-only root (`root.readonly`), a bind mount of it beside it
+/// (`/rootfs.rw-view`, outside the container's root) made writable for `f` alone and
+/// detached after. The container's own mount stays read-only throughout.
+pub fn with_writable_root<T>(
+    root: &Path,
+    f: impl FnOnce(&Path) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    if root == Path::new("/") || !is_read_only(root) {
+        return f(root);
+    }
+    let view = &root.with_extension("rw-view");
+    std::fs::create_dir_all(view)?;
+    let cstr =
+        |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other);
+    sys_mount(Some(&cstr(root)?), &cstr(view)?, None, libc::MS_BIND)
+        .map_err(std::io::Error::other)?;
+    let result = remount(view, false)
+        .map_err(std::io::Error::other)
+        .and_then(|()| f(view));
+    // SAFETY: a NUL-terminated path that lives across the call.
+    unsafe { libc::umount2(cstr(view)?.as_ptr(), libc::MNT_DETACH) };
+    result
+}
+
+/// Largest file [`read_in_root`] reads.
+const MAX_READ: u64 = 1 << 20;
+
+/// The file `path` (absolute, as the container sees it) in `root`, at most 1 MiB;
+/// `None` when it is missing or is a symlink (never followed).
+pub fn read_in_root(root: &Path, path: &str) -> std::io::Result<Option<Vec<u8>>> {
+    let (dir, name) = split_path(path).map_err(std::io::Error::other)?;
+    let root_fd = crate::shares::open_root(root).map_err(std::io::Error::other)?;
+    let Some(dir) = resolve(&root_fd, dir).map_err(std::io::Error::other)? else {
+        return Ok(None);
+    };
+    let file = match rustix::fs::openat(
+        &dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(Errno::NOENT | Errno::LOOP) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_READ), &mut bytes)?;
+    Ok(Some(bytes))
+}
+
+/// Replaces the file `path` (absolute, as the container sees it) in `root` with
+/// `contents` (mode 0644): its directory resolved inside the root and created where
+/// missing, whatever was there (a symlink included) removed, never followed.
+pub fn replace_in_root(root: &Path, path: &str, contents: &[u8]) -> std::io::Result<()> {
+    let (dir, name) = split_path(path).map_err(std::io::Error::other)?;
+    let root_fd = crate::shares::open_root(root).map_err(std::io::Error::other)?;
+    let dir = crate::shares::resolve_dir(&root_fd, dir).map_err(std::io::Error::other)?;
+    // The directory as an O_PATH descriptor cannot create files: open it for real.
+    let dir = rustix::fs::openat(
+        &dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    match rustix::fs::unlinkat(&dir, name, rustix::fs::AtFlags::empty()) {
+        Ok(()) | Err(Errno::NOENT) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let fd = rustix::fs::openat(
+        &dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )?;
+    std::io::Write::write_all(&mut std::fs::File::from(fd), contents)
+}
+
+/// `path`'s directory and last component (absolute paths to a file only).
+fn split_path(path: &str) -> Result<(&str, &str), String> {
+    match path.rsplit_once('/') {
+        Some((dir, name))
+            if path.starts_with('/') && !name.is_empty() && name != "." && name != ".." =>
+        {
+            Ok((if dir.is_empty() { "/" } else { dir }, name))
+        }
+        _ => Err(format!("{path}: not an absolute path to a file")),
+    }
+}
+
 /// Whether the mount at `path` is read-only.
 pub fn is_read_only(path: &Path) -> bool {
     rustix::fs::statvfs(path)
@@ -161,14 +251,7 @@ fn make_device(root: &OwnedFd, sys_dev: &Path, d: &DeviceNode) -> Result<(), Str
             );
         }
     }
-    let (dir, name) = match d.path.rsplit_once('/') {
-        Some((dir, name))
-            if d.path.starts_with('/') && !name.is_empty() && name != ".." && name != "." =>
-        {
-            (if dir.is_empty() { "/" } else { dir }, name)
-        }
-        _ => return Err("not an absolute path to a file".into()),
-    };
+    let (dir, name) = split_path(&d.path).map_err(|_| "not an absolute path to a file")?;
     let dir = crate::shares::resolve_dir(root, dir)?;
     let mode = Mode::from_raw_mode(d.mode & 0o7777);
     let file_type = rustix::fs::FileType::from_raw_mode(kind);
@@ -394,10 +477,10 @@ mod tests {
             std::fs::create_dir_all(root.join("proc/sys")).unwrap();
             std::fs::write(root.join("proc/sys/knob"), "0").unwrap();
             // An image's symlinks that try to point a mask at the guest's own files.
-            std::os::unix::fs::symlink("/etc/hostname", root.join("escape")).unwrap();
-            std::os::unix::fs::symlink("../../outside", root.join("climb")).unwrap();
+            std::os::unix::fs::symlink("/etc/shadow", root.join("escape")).unwrap();
+            std::os::unix::fs::symlink("../outside", root.join("climb")).unwrap();
             std::fs::create_dir_all(root.join("etc")).unwrap();
-            std::fs::write(root.join("etc/hostname"), "inside").unwrap();
+            std::fs::write(root.join("etc/shadow"), "inside").unwrap();
             apply(
                 root,
                 &GuestKernel::own(),
@@ -424,7 +507,7 @@ mod tests {
             assert_eq!(std::fs::read(root.join("proc/kcore")).unwrap(), b"");
             // The symlinks resolved inside the root: the root's file is masked, the
             // one outside untouched.
-            assert_eq!(std::fs::read(root.join("etc/hostname")).unwrap(), b"");
+            assert_eq!(std::fs::read(root.join("etc/shadow")).unwrap(), b"");
             assert_eq!(std::fs::read(dir.join("outside")).unwrap(), b"host");
             let e = std::fs::write(root.join("proc/sys/knob"), "1").unwrap_err();
             assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
@@ -481,6 +564,19 @@ mod tests {
             std::fs::write(root.join("new"), "").unwrap();
             remount(root, true).unwrap();
             assert!(is_read_only(root));
+
+            // A fork child's hostname files go through a private writable view: the
+            // container's root stays read-only.
+            crate::identity::write_hostname_files(root, "fork-1").unwrap();
+            assert_eq!(
+                std::fs::read_to_string(root.join("etc/hostname")).unwrap(),
+                "fork-1\n"
+            );
+            assert!(std::fs::read_to_string(root.join("etc/hosts"))
+                .unwrap()
+                .contains("fork-1"));
+            assert!(is_read_only(root));
+            assert!(std::fs::write(root.join("etc/x"), "").is_err());
         });
     }
 
@@ -537,5 +633,38 @@ mod tests {
         apply_one(node("/up/escaped", "p", 0, 0)).unwrap();
         assert!(root.join("escaped").exists());
         assert!(!dir.path().join("escaped").exists());
+    }
+
+    #[test]
+    fn files_written_in_the_root_never_follow_its_symlinks_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(dir.path().join("out")).unwrap();
+        std::fs::write(dir.path().join("out/hosts"), "host's").unwrap();
+        // An image whose files point out of its root.
+        std::os::unix::fs::symlink("../../out/hosts", root.join("etc/hosts")).unwrap();
+        std::os::unix::fs::symlink("/../../out/hostname", root.join("etc/hostname")).unwrap();
+        crate::identity::write_hostname_files(&root, "web-1").unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("out/hosts")).unwrap(),
+            b"host's"
+        );
+        assert!(!dir.path().join("out/hostname").exists());
+        let meta = std::fs::symlink_metadata(root.join("etc/hostname")).unwrap();
+        assert!(meta.is_file(), "the link was replaced by a file");
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/hostname")).unwrap(),
+            "web-1\n"
+        );
+        // A directory that climbs out is resolved inside the root.
+        std::fs::remove_dir_all(root.join("etc")).unwrap();
+        std::os::unix::fs::symlink("../../out", root.join("etc")).unwrap();
+        let written = crate::identity::write_hostname_files(&root, "web-2");
+        assert!(!dir.path().join("out/hostname").exists(), "{written:?}");
+        assert_eq!(
+            std::fs::read(dir.path().join("out/hosts")).unwrap(),
+            b"host's"
+        );
     }
 }

@@ -226,30 +226,23 @@ pub fn hosts_with(existing: &str, hostname: Option<&str>) -> String {
 }
 
 /// Writes `<root>/etc/hostname` and makes `<root>/etc/hosts` resolve it and `localhost`.
+/// Both are resolved inside the root as the container sees it (an image's `etc`
+/// symlink cannot point the write at the guest's own files) and replaced, never written
+/// through a symlink; a read-only root is written through a private writable view
+/// ([`crate::container::with_writable_root`]), never made writable for the container.
 pub fn write_hostname_files(root: &Path, hostname: &str) -> io::Result<()> {
-    // A read-only root (`root.readonly`) is opened up for the write, then closed again.
-    if root != Path::new("/") && crate::container::is_read_only(root) {
-        crate::container::remount(root, false).map_err(io::Error::other)?;
-        let written = write_hostname_files_in(root, hostname);
-        crate::container::remount(root, true).map_err(io::Error::other)?;
-        return written;
-    }
-    write_hostname_files_in(root, hostname)
-}
-
-fn write_hostname_files_in(root: &Path, hostname: &str) -> io::Result<()> {
-    let etc = root.join("etc");
-    std::fs::create_dir_all(&etc)?;
-    std::fs::write(etc.join("hostname"), format!("{hostname}\n"))?;
-    let hosts = etc.join("hosts");
-    let existing = match std::fs::read_to_string(&hosts) {
-        Ok(s) => s,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e),
-    };
-    // A symlink (to a file outside the container) is replaced, not followed.
-    let _ = std::fs::remove_file(&hosts);
-    std::fs::write(&hosts, hosts_with(&existing, Some(hostname)))
+    use crate::container::{read_in_root, replace_in_root, with_writable_root};
+    with_writable_root(root, |root| {
+        replace_in_root(root, "/etc/hostname", format!("{hostname}\n").as_bytes())?;
+        let existing = read_in_root(root, "/etc/hosts")?
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        replace_in_root(
+            root,
+            "/etc/hosts",
+            hosts_with(&existing, Some(hostname)).as_bytes(),
+        )
+    })
 }
 
 #[cfg(test)]

@@ -414,14 +414,11 @@ pub fn write_resolv_conf(
     nameservers: &[String],
 ) -> Result<(), NetworkError> {
     let text = resolv_conf(nameservers)?;
-    let etc = root.join("etc");
-    let path = etc.join("resolv.conf");
-    let write = || -> std::io::Result<()> {
-        std::fs::create_dir_all(&etc)?;
-        let _ = std::fs::remove_file(&path);
-        std::fs::write(&path, &text)
-    };
-    write().map_err(kernel("writing /etc/resolv.conf"))
+    // Inside the root as the container sees it, never through a symlink.
+    crate::container::with_writable_root(root, |root| {
+        crate::container::replace_in_root(root, "/etc/resolv.conf", text.as_bytes())
+    })
+    .map_err(kernel("writing /etc/resolv.conf"))
 }
 
 #[cfg(test)]

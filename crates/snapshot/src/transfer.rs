@@ -133,9 +133,10 @@ fn recv_fds(
     let (n, nfds) =
         unsafe { sock.recv_with_fds(&mut iov, &mut raw) }.map_err(TransferError::Scm)?;
     fds.extend(raw[..nfds].iter().map(|&fd| {
-        // Received without close-on-exec (recvmsg without MSG_CMSG_CLOEXEC): set it,
-        // so that a process this one starts (a fork child's own zygote or warm
-        // children) does not hold a share's files or guest memory.
+        // Received without close-on-exec (vmm-sys-util's recvmsg takes no
+        // MSG_CMSG_CLOEXEC): set it at once, so that a program this process executes
+        // does not hold a share's files or guest memory. (A receiving VM process has
+        // no other thread that forks and executes meanwhile.)
         // SAFETY: F_SETFD on a descriptor recvmsg just installed reads no memory.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
         // SAFETY: recvmsg installed these descriptors in this process; nothing else

@@ -151,6 +151,7 @@ mod tests {
                     handle,
                     node: 1,
                     flags: 0,
+                    status_flags: 0,
                 })
                 .collect(),
             ..Default::default()

@@ -193,8 +193,12 @@ pub struct SavedHandle {
     pub handle: u64,
     /// The node ID it is open on.
     pub node: u64,
-    /// Its open flags.
+    /// Its open flags, as the server keeps them.
     pub flags: u32,
+    /// The host description's access mode and status flags (`F_GETFL`) at the save,
+    /// while the guest was paused: what the child's own description is opened with
+    /// (the parent's may change as soon as it resumes).
+    pub status_flags: u32,
 }
 
 /// Host descriptors that belong with a saved device state but cannot be serialized:
@@ -470,7 +474,7 @@ fn checked_table(tag: &str, saved: &SavedTable, files: Vec<File>) -> Result<Tabl
             )));
         }
         let file = match mode & libc::S_IFMT {
-            libc::S_IFREG | libc::S_IFDIR => reopen(&file)
+            libc::S_IFREG | libc::S_IFDIR => reopen(&file, h.status_flags as i32)
                 .map_err(|e| bad(format!("handle {} cannot be reopened: {e}", h.handle)))?,
             // A FIFO's open would wait for its other end: it stays shared.
             _ => file,
@@ -498,16 +502,11 @@ fn checked_table(tag: &str, saved: &SavedTable, files: Vec<File>) -> Result<Tabl
     })
 }
 
-/// A new open file description of what `file` has open, with its access mode and
-/// status flags: the child's own, so that neither its position (a directory stream)
-/// nor its flags (the server sets `O_APPEND` or `O_DIRECT` as a guest's request says)
-/// are shared with the parent's.
-fn reopen(file: &File) -> std::io::Result<File> {
-    // SAFETY: F_GETFL on an open descriptor reads no memory.
-    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+/// A new open file description of what `file` has open, with the access mode and
+/// status flags `flags` (`F_GETFL` at the save): the child's own, so that neither its
+/// position (a directory stream) nor its flags (the server sets `O_APPEND` or
+/// `O_DIRECT` as a guest's request says) are shared with the parent's.
+fn reopen(file: &File, flags: i32) -> std::io::Result<File> {
     let keep = libc::O_ACCMODE
         | libc::O_APPEND
         | libc::O_DIRECT
@@ -615,11 +614,14 @@ impl Persist<'_> for Fs {
             .handles
             .into_iter()
             .map(|h| {
+                // SAFETY: F_GETFL on an open descriptor reads no memory.
+                let status = unsafe { libc::fcntl(h.file.as_raw_fd(), libc::F_GETFL) };
                 files.push(h.file);
                 SavedHandle {
                     handle: h.handle,
                     node: h.inode,
                     flags: h.flags,
+                    status_flags: status.max(0) as u32,
                 }
             })
             .collect();

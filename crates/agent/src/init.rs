@@ -259,21 +259,58 @@ fn assemble_rootfs(device: &str, fstype: &str) -> Result<(), InitError> {
         0,
         &format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work"),
     )?;
-    mount(
-        "proc",
-        &format!("{ROOTFS}/proc"),
-        "proc",
-        NOSUID | NODEV | NOEXEC,
-        "",
-    )?;
-    mount(
+    let root = Path::new(ROOTFS);
+    mount_in(root, "proc", "/proc", "proc", NOSUID | NODEV | NOEXEC, "")?;
+    mount_in(
+        root,
         "sysfs",
-        &format!("{ROOTFS}/sys"),
+        "/sys",
         "sysfs",
         NOSUID | NODEV | NOEXEC | libc::MS_RDONLY,
         "",
     )?;
-    container_dev(&format!("{ROOTFS}/dev"))
+    container_dev(root)
+}
+
+/// The directory `target` (absolute, as the container sees it) names inside `root`,
+/// resolved there (`RESOLVE_IN_ROOT`: an image's `dev -> /` cannot point it at the
+/// guest's own root) and created where missing.
+fn dir_in(root: &Path, target: &str) -> Result<std::os::fd::OwnedFd, InitError> {
+    let failed = |e: String| InitError::Os {
+        what: "resolve",
+        path: format!("{}{target}", root.display()),
+        source: io::Error::other(e),
+    };
+    let root_fd = crate::shares::open_root(root).map_err(failed)?;
+    crate::shares::resolve_dir(&root_fd, target).map_err(failed)
+}
+
+/// [`mount`] onto `target` inside `root` ([`dir_in`]), through its descriptor.
+fn mount_in(
+    root: &Path,
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), InitError> {
+    use std::os::fd::AsRawFd;
+    let dir = dir_in(root, target)?;
+    mount(
+        source,
+        &format!("/proc/self/fd/{}", dir.as_raw_fd()),
+        fstype,
+        flags,
+        data,
+    )
+    .map_err(|e| match e {
+        InitError::Os { what, source, .. } => InitError::Os {
+            what,
+            path: format!("{}{target}", root.display()),
+            source,
+        },
+        other => other,
+    })
 }
 
 /// The character devices every container's `/dev` has (runc's defaults): name, major,
@@ -297,31 +334,37 @@ pub const DEFAULT_DEV_LINKS: [(&str, &str); 6] = [
     ("core", "/proc/kcore"),
 ];
 
-/// The container's `/dev` at `dev`, as runc makes one: a tmpfs holding only the
+/// The container's `/dev` in `root`, as runc makes one: a tmpfs holding only the
 /// [`DEFAULT_DEVICES`] and [`DEFAULT_DEV_LINKS`], the guest's ptys at `pts` (where the
 /// agent opens the container's terminals), a tmpfs at `shm` and POSIX message queues
 /// at `mqueue`. None of the guest's own devices (its disks, vsock) are there.
-fn container_dev(dev: &str) -> Result<(), InitError> {
-    mount(
+fn container_dev(root: &Path) -> Result<(), InitError> {
+    use std::os::fd::AsRawFd;
+    mount_in(
+        root,
         "tmpfs",
-        dev,
+        "/dev",
         "tmpfs",
         NOSUID | libc::MS_STRICTATIME,
         "mode=755,size=65536k",
     )?;
-    populate_dev(Path::new(dev))?;
-    mount("/dev/pts", &format!("{dev}/pts"), "", libc::MS_BIND, "")?;
-    mount(
+    // The new tmpfs, through its descriptor.
+    let dev = dir_in(root, "/dev")?;
+    populate_dev(Path::new(&format!("/proc/self/fd/{}", dev.as_raw_fd())))?;
+    mount_in(root, "/dev/pts", "/dev/pts", "", libc::MS_BIND, "")?;
+    mount_in(
+        root,
         "shm",
-        &format!("{dev}/shm"),
+        "/dev/shm",
         "tmpfs",
         NOSUID | NODEV | NOEXEC,
         "mode=1777,size=65536k",
     )?;
     // A kernel without POSIX message queues still runs containers, without them.
-    if let Err(e) = mount(
+    if let Err(e) = mount_in(
+        root,
         "mqueue",
-        &format!("{dev}/mqueue"),
+        "/dev/mqueue",
         "mqueue",
         NOSUID | NODEV | NOEXEC,
         "",
@@ -496,5 +539,43 @@ mod tests {
                 "urandom", "zero"
             ]
         );
+    }
+
+    #[test]
+    fn the_container_dev_goes_inside_the_root_whatever_its_symlinks_say() {
+        std::thread::spawn(|| {
+            // SAFETY: unshare takes no pointers; this thread gets its own mount
+            // namespace and filesystem information.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNS) }, 0);
+            // SAFETY: NUL-terminated strings that outlive the call; no data.
+            let rc = unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(rc, 0);
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("root");
+            // An image whose /dev is an absolute symlink: without resolving inside the
+            // root, the mounts and nodes would land at the guest's own /<name>.
+            let name = format!("forkvm-test-outside-{}", std::process::id());
+            std::fs::create_dir_all(root.join(&name)).unwrap();
+            std::os::unix::fs::symlink(format!("/{name}"), root.join("dev")).unwrap();
+            container_dev(&root).unwrap();
+            assert!(!Path::new(&format!("/{name}")).exists());
+            let dev = root.join(&name);
+            assert!(dev.join("null").exists());
+            assert!(dev.join("pts").is_dir() && dev.join("shm").is_dir());
+            assert_eq!(
+                std::fs::read_link(dev.join("ptmx")).unwrap(),
+                PathBuf::from("pts/ptmx")
+            );
+        })
+        .join()
+        .unwrap();
     }
 }

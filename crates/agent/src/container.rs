@@ -371,7 +371,7 @@ fn make_readonly(root: &OwnedFd, path: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A kernel whose parameters live in `dir/sys` and whose devices are `dir/dev`'s
@@ -441,9 +441,9 @@ mod tests {
         assert!(e.contains("linux.maskedPaths: 1025 entries"), "{e}");
     }
 
-    /// Runs `f` with a fresh container root, on a thread in a mount namespace of its
-    /// own (the mounts go away with it).
-    fn in_own_mounts(f: fn(&Path)) {
+    /// Runs `f` with a fresh directory, on a thread in a mount namespace of its own
+    /// (the mounts go away with it).
+    pub(crate) fn in_own_mounts(f: fn(&Path)) {
         std::thread::spawn(move || {
             // SAFETY: unshare takes no pointers; this thread gets its own mount
             // namespace and filesystem information.

@@ -543,23 +543,8 @@ mod tests {
 
     #[test]
     fn the_container_dev_goes_inside_the_root_whatever_its_symlinks_say() {
-        std::thread::spawn(|| {
-            // SAFETY: unshare takes no pointers; this thread gets its own mount
-            // namespace and filesystem information.
-            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNS) }, 0);
-            // SAFETY: NUL-terminated strings that outlive the call; no data.
-            let rc = unsafe {
-                libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                )
-            };
-            assert_eq!(rc, 0);
-            let dir = tempfile::tempdir().unwrap();
-            let root = dir.path().join("root");
+        crate::container::tests::in_own_mounts(|dir| {
+            let root = dir.join("root");
             // An image whose /dev is an absolute symlink: without resolving inside the
             // root, the mounts and nodes would land at the guest's own /<name>.
             let name = format!("forkvm-test-outside-{}", std::process::id());
@@ -574,8 +559,6 @@ mod tests {
                 std::fs::read_link(dev.join("ptmx")).unwrap(),
                 PathBuf::from("pts/ptmx")
             );
-        })
-        .join()
-        .unwrap();
+        });
     }
 }

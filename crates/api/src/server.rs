@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Histogram;
 use crate::wire::{ChildSpec, ControlError, DeviceInfo, ForkRequest, Request, Response, RunState};
+use forkvm_jail::ThreadKind;
 use forkvm_registry::{Error, ExitRecord, ProcessIdentity, Status, VmHome};
 
 /// Largest request body accepted, in bytes.
@@ -622,6 +623,17 @@ impl std::fmt::Debug for ApiServer {
     }
 }
 
+/// The causes of `e`, joined (what the API thread's confinement error says in full).
+fn error_source(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push(c.to_string());
+        cause = c.source();
+    }
+    out.join(": ")
+}
+
 /// Serves the API of the VM registered at `home` on its socket: binds `api.sock` (mode
 /// 0600), records this process as the VM's VMM with status `running`, and starts the
 /// server thread. Call it in the VM process once the VM is built and before it runs;
@@ -643,11 +655,21 @@ pub fn serve(home: VmHome, control: impl Control) -> Result<ApiServer, Error> {
     })?;
     let shared = Shared::new(home, Arc::new(control));
     let inner = shared.clone();
+    let (confined_tx, confined) = std::sync::mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
         .name("forkvm-api".into())
         .spawn(move || {
+            // Before any request is read: no capabilities, the API's seccomp filter
+            // (inherited by the runtime's threads).
+            let confined = forkvm_jail::confine_thread(ThreadKind::Api);
+            let failed = confined.is_err();
+            let _ = confined_tx.send(confined);
+            if failed {
+                return;
+            }
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .on_thread_start(|| forkvm_jail::seccomp::mark(ThreadKind::Api))
                 .build()
             {
                 Ok(rt) => rt,
@@ -659,6 +681,17 @@ pub fn serve(home: VmHome, control: impl Control) -> Result<ApiServer, Error> {
             rt.block_on(accept_loop(inner, listener));
         })
         .map_err(Error::io("cannot start the API thread"))?;
+    match confined.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let why = std::io::Error::other(format!("{e}: {}", error_source(&e)));
+            return Err(Error::io("cannot confine the API thread")(why));
+        }
+        Err(_) => {
+            let why = std::io::Error::other("it ended before it was confined");
+            return Err(Error::io("cannot start the API thread")(why));
+        }
+    }
     tracing::info!(id = %shared.home.id(), socket = %sock.display(), "API listening");
     Ok(ApiServer {
         shared,

@@ -59,6 +59,15 @@ pub enum Command {
     Bench(BenchArgs),
 }
 
+/// The jail a VM process started by a command is put in.
+pub fn jail(no_jail: bool) -> forkvm_jail::JailSpec {
+    if no_jail {
+        forkvm_jail::JailSpec::disabled()
+    } else {
+        forkvm_jail::JailSpec::default()
+    }
+}
+
 /// `forkvm boot`.
 #[derive(Debug, Args)]
 pub struct BootArgs {
@@ -107,6 +116,10 @@ pub struct BootArgs {
     /// Remove the VM's state when it stops.
     #[arg(long)]
     pub rm: bool,
+    /// Run the VM process without its jail (seccomp filters, dropped capabilities, its
+    /// own cgroup; see docs/security.md): for debugging only.
+    #[arg(long)]
+    pub no_jail: bool,
 }
 
 /// `forkvm run`.
@@ -115,6 +128,10 @@ pub struct RunArgs {
     /// Remove the VM's state when it stops.
     #[arg(long)]
     pub rm: bool,
+    /// Run the VM process without its jail (seccomp filters, dropped capabilities, its
+    /// own cgroup; see docs/security.md): for debugging only.
+    #[arg(long)]
+    pub no_jail: bool,
     /// Keep stdin open and pass it to the container's process.
     #[arg(short, long)]
     pub interactive: bool,

@@ -423,6 +423,11 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
             children_of(&root, &parent).len() == 2
         });
         let kids = children_of(&root, &parent);
+        // The booted VM and its fork children are jailed, each in its own cgroup.
+        let mut groups = vec![assert_jailed(&root, "origin")];
+        for k in &kids {
+            groups.push(assert_jailed(&root, k));
+        }
         for k in &kids {
             wait_for("a child to count", Duration::from_secs(60), || {
                 counts(&root, k).len() >= 2
@@ -497,10 +502,61 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
             );
         }
 
+        let grandchild_group = assert_jailed(&root, &grandchild);
         for vm in [grandchild.as_str(), &kids[1]] {
             forkvm_ok(&root, &["stop", "-t", "2", vm]);
         }
+        // A VM that ends removes its cgroup; `rm` removes a killed one's.
+        for group in [&grandchild_group, &groups[2]] {
+            wait_for(
+                "a stopped VM's cgroup to go",
+                Duration::from_secs(30),
+                || !group.exists(),
+            );
+        }
+        forkvm_ok(&root, &["rm", "-f", child]);
+        assert!(!groups[0].exists(), "{}", groups[0].display());
+        assert!(!groups[1].exists(), "{}", groups[1].display());
     });
+}
+
+/// `forkvm inspect VM`.
+fn inspect(root: &Path, vm: &str) -> serde_json::Value {
+    serde_json::from_str(&forkvm_ok(root, &["inspect", vm])).unwrap()
+}
+
+/// Checks that VM `vm`'s process is jailed, as `forkvm inspect` reports it and the kernel
+/// says: every thread under seccomp with no new privileges, no effective capability, in
+/// a cgroup of its own whose limits cover its memory. Returns the cgroup's directory.
+fn assert_jailed(root: &Path, vm: &str) -> PathBuf {
+    let info = inspect(root, vm);
+    let jail = &info["jail"];
+    let id = info["id"].as_str().unwrap();
+    assert_eq!(jail["seccomp"], 2, "{vm}: {jail}");
+    assert_eq!(jail["no_new_privs"], true, "{vm}: {jail}");
+    assert_eq!(jail["cap_eff"], "0000000000000000", "{vm}: {jail}");
+    assert_eq!(jail["cgroup"], format!("/forkvm/{id}"), "{vm}: {jail}");
+    let mem = info["mem_mib"].as_u64().unwrap() << 20;
+    let overhead = forkvm_jail::cgroup::VMM_OVERHEAD;
+    assert_eq!(
+        jail["memory_max"],
+        (mem + overhead).to_string(),
+        "{vm}: {jail}"
+    );
+    assert_eq!(jail["pids_max"], "512", "{vm}: {jail}");
+    let pid = info["pid"].as_u64().unwrap() as u32;
+    let threads = forkvm_test_support::thread_confinement(pid, "");
+    assert!(threads.len() > 2, "{vm}: {threads:?}");
+    for (name, seccomp, nnp) in &threads {
+        assert_eq!(
+            (seccomp.as_str(), nnp.as_str()),
+            ("2", "1"),
+            "{vm}: thread {name}"
+        );
+    }
+    PathBuf::from(forkvm_jail::cgroup::ROOT)
+        .join("forkvm")
+        .join(id)
 }
 
 /// Runs `forkvm --root ROOT ARGS`, requires failure, returns stderr.

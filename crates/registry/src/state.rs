@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
@@ -126,6 +126,10 @@ pub struct VmState {
     /// it), once it has taken them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
+    /// The cgroup (v2) directory the VM process made for itself: removed with the home
+    /// when the process could not remove it (it was killed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
 }
 
 /// What a VM is, as `ps` shows it: the recorded status checked against the process.
@@ -171,6 +175,7 @@ impl VmState {
             created_ms: crate::time::now_ms(),
             exit: None,
             addresses: Vec::new(),
+            cgroup: None,
         }
     }
 

@@ -102,6 +102,8 @@ O="trans=virtio,version=9p2000.L,msize=@MSIZE@"
 mount -t 9p -o "$O,ro,cache=loose" hostroot $R || die "cannot mount the host root over 9p"
 mount -t proc proc $R/proc || die "mount proc"
 mount -t sysfs sysfs $R/sys || die "mount sysfs"
+# As a systemd host has it: forkvm's jail puts each VM process in a cgroup v2 group.
+mount -t cgroup2 cgroup2 $R/sys/fs/cgroup || die "mount cgroup2"
 mount -t devtmpfs devtmpfs $R/dev || die "mount devtmpfs"
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts

@@ -15,6 +15,8 @@ use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use forkvm_jail::caps::Needs;
+use forkvm_jail::Jail;
 use forkvm_registry::{ConsoleLog, Ending, ExitRecord, VmHome};
 use forkvm_vmm::fork::ChildPayload;
 use forkvm_vmm::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, LaunchError, Launched, Start};
@@ -142,6 +144,27 @@ fn start(
     }
 }
 
+/// Records the VM process's cgroup in its home (for `rm` to remove if the process is
+/// killed before it can); a fork child's after its report, off the fork's latency.
+fn record_cgroup(home: &VmHome, jail: Option<&Jail>) {
+    let Some(group) = jail.and_then(Jail::cgroup) else {
+        return;
+    };
+    let dir = group.dir().to_owned();
+    if let Err(e) = home.update(|s| s.cgroup = Some(dir)) {
+        tracing::warn!("cannot record the VM's cgroup: {e}");
+    }
+}
+
+/// What a VM built from `cfg` still needs capabilities for once it runs: its fork
+/// children make TAPs of their own; a shared directory's file server acts for the guest.
+fn needs(cfg: &forkvm_vmm::VmConfig) -> Needs {
+    Needs {
+        network: !cfg.nets.is_empty(),
+        files: !cfg.shares.is_empty(),
+    }
+}
+
 /// How the VM ended, as its home records it; `stop_requested` tells a stop through the
 /// API apart from a failure.
 fn exit_record(exit: &Result<ExitReason, VmmError>, stop_requested: bool) -> ExitRecord {
@@ -192,6 +215,7 @@ fn run(mut launched: Launched) -> Result<i32> {
     let warm = prepared.is_some();
     let mut steps = Steps::new(launched.received);
     let mut home = None;
+    let mut jail = None;
     let started = (|| {
         // Before any thread starts: they all live in the namespace (the TAPs are there).
         if let Some(netns) = &launched.launch.netns {
@@ -199,6 +223,11 @@ fn run(mut launched: Launched) -> Result<i32> {
         }
         let h = home.insert(launched.register().context("cannot register the VM")?);
         steps.mark("register");
+        // Before the VM is built: everything the guest can reach runs jailed.
+        let cfg = launched.config();
+        jail = Jail::enter(&launched.launch.jail, h.id(), cfg.mem_mib << 20)
+            .context("cannot jail the VM process")?;
+        steps.mark("jail");
         let launch = &launched.launch;
         let console = console(h, &launch.console)?;
         let homes = ChildHomes {
@@ -213,9 +242,13 @@ fn run(mut launched: Launched) -> Result<i32> {
             prepared,
             console,
             homes,
-        );
+        )?;
         steps.mark("build and resume");
-        vmm
+        if let Some(jail) = &jail {
+            jail.set_up(needs(vmm.config()))
+                .context("cannot drop the VM process's capabilities")?;
+        }
+        Ok(vmm)
     })();
     let launch = &launched.launch;
     let mut vmm = match started {
@@ -251,10 +284,12 @@ fn run(mut launched: Launched) -> Result<i32> {
             if let Err(e) = launched.date_published_home(&home) {
                 tracing::warn!("cannot record when the VM was created: {e}");
             }
+            record_cgroup(&home, jail.as_ref());
             forkvm_api::serve(home, vmm.control_handle()).context("cannot serve the VM's API")?
         }
         // A booted VM reports once its API answers, then fills its fork pool.
         None => {
+            record_cgroup(&home, jail.as_ref());
             let server = forkvm_api::serve(home, vmm.control_handle())
                 .context("cannot serve the VM's API")?;
             launched
@@ -268,6 +303,11 @@ fn run(mut launched: Launched) -> Result<i32> {
     let exit = vmm.run();
     let record = exit_record(&exit, server.stop_requested());
     server.finish(record);
+    // Its fork pool's processes end with it (their sockets close), then its cgroup goes.
+    drop(vmm);
+    if let Some(jail) = jail {
+        jail.leave();
+    }
     match exit.context("the VM failed while running")? {
         ExitReason::PowerOff => tracing::info!("guest powered off"),
         ExitReason::Reset => tracing::info!("guest rebooted; the VM is stopped"),

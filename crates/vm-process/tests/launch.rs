@@ -43,6 +43,8 @@ fn a_vm_that_cannot_boot_is_reported_and_recorded() {
         console: ConsoleSpec::Log,
         start: Start::Boot(VmConfig::new(&kernel)),
         netns: None,
+        // Jailed as any VM: the failure is still reported and recorded.
+        jail: forkvm_jail::JailSpec::default(),
     };
     let mut vm = VmProcess::spawn(&launch, &[], ProcessOptions::owned()).unwrap();
     let err = vm.wait_running(Duration::from_secs(60)).unwrap_err();

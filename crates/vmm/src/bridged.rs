@@ -92,8 +92,11 @@ pub(crate) fn take_own_addresses(
             Response::Ok => {}
             other => return Err(format!("the agent answered {other:?} for {}", own.address)),
         }
-        forkvm_devices::virtio::net::attach_to_bridge(&net.tap, bridge)
-            .map_err(|e| format!("cannot put {} on {bridge}: {e}", net.tap))?;
+        // The one call of a running child that needs a capability: raised for it alone.
+        forkvm_jail::caps::with_raised(forkvm_jail::caps::Capability::CAP_NET_ADMIN, || {
+            forkvm_devices::virtio::net::attach_to_bridge(&net.tap, bridge)
+        })
+        .map_err(|e| format!("cannot put {} on {bridge}: {e}", net.tap))?;
         taken.push(own.address);
     }
     Ok(taken)

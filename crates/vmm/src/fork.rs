@@ -312,6 +312,9 @@ impl Launching {
                 start: Start::Restore(Box::default()),
                 // A child's TAPs are new ones in the launcher's namespace, not its parent's.
                 netns: None,
+                // A child is jailed as its parent is; one started by a jailed VM process
+                // has its seccomp filter already (it is inherited).
+                jail: forkvm_jail::JailSpec::inherited(),
             },
             consoles: (0..identities.len())
                 .map(|i| req.children.get(i).and_then(|c| c.console.clone()))

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use forkvm_jail::JailSpec;
 use forkvm_registry::{ProcessIdentity, VmHome, VmState};
 use serde::{Deserialize, Serialize};
 
@@ -97,6 +98,9 @@ pub struct Launch {
     /// its TAPs are there); `None` keeps the launcher's.
     #[serde(default)]
     pub netns: Option<PathBuf>,
+    /// How the VM process is jailed (see `forkvm_jail`).
+    #[serde(default)]
+    pub jail: JailSpec,
 }
 
 /// A message on the launch socket, as the launcher sends it.
@@ -480,11 +484,7 @@ impl Launched {
     /// its launcher made; or, for a fork child, publishes the home it staged while it
     /// waited warm (one rename) or makes one (one write).
     pub fn register(&mut self) -> Result<VmHome, forkvm_registry::Error> {
-        let cfg = match (&self.fork, &self.launch.start) {
-            (Some(payload), _) => payload.config(),
-            (None, Start::Boot(cfg)) => cfg,
-            (None, Start::Restore(_)) => unreachable!("receive() reads every restore's state"),
-        };
+        let cfg = self.config();
         let (vcpus, mem_mib) = (cfg.vcpus, cfg.mem_mib);
         let record = this_process_runs(vcpus, mem_mib);
         let staged = self.staged.take();
@@ -508,6 +508,15 @@ impl Launched {
                 }
                 VmHome::create_with(&homes.root, None, homes.parent.as_deref(), record)
             }
+        }
+    }
+
+    /// The configuration of the VM it starts: the one it boots, or the forked VM's.
+    pub fn config(&self) -> &VmConfig {
+        match (&self.fork, &self.launch.start) {
+            (Some(payload), _) => payload.config(),
+            (None, Start::Boot(cfg)) => cfg,
+            (None, Start::Restore(_)) => unreachable!("receive() reads every restore's state"),
         }
     }
 
@@ -670,6 +679,7 @@ mod tests {
             console: ConsoleSpec::Log,
             start: Start::Boot(cfg),
             netns: None,
+            jail: JailSpec::default(),
         };
         let blob = encode(&launch).unwrap();
         let Received::Launch(back) = forkvm_snapshot::decode(&blob).unwrap() else {

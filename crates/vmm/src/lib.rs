@@ -18,7 +18,6 @@ pub mod launch;
 pub mod layout;
 pub mod memory;
 pub mod pool;
-pub mod seccomp;
 pub mod snapshot;
 pub mod template;
 pub mod vcpu;

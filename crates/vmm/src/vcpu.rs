@@ -406,7 +406,7 @@ impl VcpuRunner {
 
     fn run_loop(mut self, commands: Receiver<Command>, answers: Sender<Answer>) {
         // Before anything the guest can reach runs on this thread.
-        if let Err(e) = crate::seccomp::apply_vcpu_filter() {
+        if let Err(e) = forkvm_jail::confine_thread(forkvm_jail::ThreadKind::Vcpu) {
             let why = format!(
                 "cannot confine vCPU {}: {}",
                 self.index,

@@ -169,6 +169,7 @@ pub fn run(args: BootArgs, root: &Path) -> Result<i32> {
         home.record_process(ProcessIdentity::current())
             .context("cannot record the VMM process")?;
         home.record_machine(cfg.vcpus, cfg.mem_mib)?;
+        let jail = crate::cli::jail(args.no_jail);
         if args.detach {
             let log = home.console_writer()?;
             let log2 = log
@@ -178,12 +179,13 @@ pub fn run(args: BootArgs, root: &Path) -> Result<i32> {
                 stdio: [None, Some(log.into()), Some(log2.into())],
                 ..ProcessOptions::daemon()
             };
-            vm::start(&home, &cfg, None, ConsoleSpec::Log, opts)
+            vm::start(&home, &cfg, None, jail, ConsoleSpec::Log, opts)
         } else {
             vm::start(
                 &home,
                 &cfg,
                 None,
+                jail,
                 ConsoleSpec::LogAndStdout,
                 ProcessOptions::foreground(),
             )

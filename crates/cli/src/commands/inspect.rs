@@ -1,4 +1,5 @@
-//! `forkvm inspect`: the state file, paths and, while it runs, what the VM's API says.
+//! `forkvm inspect`: the state file, paths and, while it runs, its process's jail and
+//! what the VM's API says.
 
 use std::path::Path;
 
@@ -29,6 +30,15 @@ pub fn run(args: VmArg, root: &Path) -> Result<i32> {
         "console_log": home.console_path(),
     });
     if state.is_alive() {
+        // What the kernel says of the VM process's jail (seccomp, capabilities, cgroup).
+        if let Some(pid) = state.process.map(|p| p.pid) {
+            match forkvm_jail::JailStatus::of(pid) {
+                Ok(jail) => {
+                    out["jail"] = serde_json::to_value(jail)?;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read the VM process's status"),
+            }
+        }
         match forkvm_api::Client::new(home.socket_path()).info() {
             Ok(info) => {
                 let serde_json::Value::Object(info) = serde_json::to_value(info)? else {

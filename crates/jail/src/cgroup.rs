@@ -1,0 +1,311 @@
+//! The VM process's own cgroup (v2): what bounds the memory and tasks of one VM.
+//!
+//! A jailed VM process moves itself into a group of its own before it builds the VM
+//! (every thread it starts, and every process, is in it): forkvm's `forkvm/<VM ID>`, or
+//! a container's `cgroupsPath`. The group's `memory.max` covers guest RAM and the VMM's
+//! own memory, `pids.max` its threads and helper processes. Guest RAM pages are charged
+//! to the group of the VM that first touched them: a fork child is charged only for the
+//! pages it copies, its parent (or template) for the ones they share.
+//!
+//! The group is made with its parents (the `memory` and `pids` controllers enabled down
+//! the path), and removed when the process ends: it moves itself to the shared leaf
+//! `forkvm/exited` first, as a process cannot remove the group it is in.
+//!
+//! Written by hand rather than with a crate: five files under one directory, where the
+//! cgroups crates (cgroups-rs, libcgroups) bring v1, systemd and D-Bus along.
+
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where cgroup v2 is mounted.
+pub const ROOT: &str = "/sys/fs/cgroup";
+/// The parent of forkvm's own groups, under [`ROOT`].
+pub const FORKVM_GROUP: &str = "forkvm";
+/// What a VM process may use besides guest RAM, by default: the VMM's heap, device
+/// buffers (vsock's, up to 1023 connections), the FUSE server's.
+pub const VMM_OVERHEAD: u64 = 512 << 20;
+/// Tasks (threads and processes) a VM's group may hold, by default: its vCPUs, event
+/// loop, API and fork threads, its fork pool's processes.
+pub const DEFAULT_PIDS_MAX: u64 = 512;
+/// `CGROUP2_SUPER_MAGIC`.
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+
+/// Why the group could not be made or joined.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// No cgroup v2 hierarchy where it should be.
+    #[error(
+        "{ROOT} is not a cgroup v2 file system: the jail puts each VM in a cgroup of its \
+         own with memory and task limits (mount one with `mount -t cgroup2 none {ROOT}`)"
+    )]
+    NoHierarchy,
+    /// A path that leaves the hierarchy or is empty.
+    #[error("{0:?} is not a cgroup path under {ROOT}")]
+    BadPath(PathBuf),
+    /// A file of the hierarchy could not be written or made.
+    #[error("cannot {what} {}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The group a VM process joins, and its limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupSpec {
+    /// The group, relative to the hierarchy's root: `forkvm/<VM ID>`, a container's
+    /// `cgroupsPath`.
+    pub path: PathBuf,
+    /// `memory.max`, in bytes (`None`: no limit).
+    pub memory_max: Option<u64>,
+    /// `pids.max` (`None`: no limit).
+    pub pids_max: Option<u64>,
+}
+
+impl CgroupSpec {
+    /// forkvm's own group for VM `id` with `ram` bytes of guest memory: RAM plus
+    /// [`VMM_OVERHEAD`], [`DEFAULT_PIDS_MAX`] tasks.
+    pub fn for_vm(id: &str, ram: u64) -> Self {
+        Self {
+            path: Path::new(FORKVM_GROUP).join(id),
+            memory_max: Some(ram.saturating_add(VMM_OVERHEAD)),
+            pids_max: Some(DEFAULT_PIDS_MAX),
+        }
+    }
+
+    /// The group of an OCI `cgroupsPath`: a path (`/docker/ID`, taken under the root), or
+    /// systemd's `slice:prefix:name` (`system.slice:docker:ID` is
+    /// `system.slice/docker-ID.scope`; a slice `a-b.slice` sits in `a.slice`).
+    pub fn oci_path(cgroups_path: &str) -> Result<PathBuf, CgroupError> {
+        let bad = || CgroupError::BadPath(PathBuf::from(cgroups_path));
+        let path = match cgroups_path.split(':').collect::<Vec<_>>()[..] {
+            [one] => PathBuf::from(one.trim_start_matches('/')),
+            [slice, prefix, name] => {
+                let slice = if slice.is_empty() {
+                    "system.slice"
+                } else {
+                    slice
+                };
+                let stem = slice.strip_suffix(".slice").ok_or_else(bad)?;
+                let mut dir = PathBuf::new();
+                // Each dash-separated prefix of a slice's name is a parent slice.
+                let parts: Vec<&str> = stem.split('-').collect();
+                for i in 1..parts.len() {
+                    dir.push(format!("{}.slice", parts[..i].join("-")));
+                }
+                dir.push(slice);
+                let unit = if prefix.is_empty() {
+                    format!("{name}.scope")
+                } else {
+                    format!("{prefix}-{name}.scope")
+                };
+                dir.join(unit)
+            }
+            _ => return Err(bad()),
+        };
+        check_relative(&path)?;
+        Ok(path)
+    }
+}
+
+/// `path` is a non-empty relative path that stays under the root.
+fn check_relative(path: &Path) -> Result<(), CgroupError> {
+    let normal = path.components().all(|c| matches!(c, Component::Normal(_)));
+    if !normal || path.as_os_str().is_empty() {
+        return Err(CgroupError::BadPath(path.to_owned()));
+    }
+    Ok(())
+}
+
+/// A group this process joined.
+#[derive(Debug)]
+pub struct Cgroup {
+    root: PathBuf,
+    dir: PathBuf,
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn write_file(path: &Path, value: &str, what: &'static str) -> Result<(), CgroupError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(value.as_bytes()))
+        .map_err(io(what, path))
+}
+
+/// Whether `root` is a cgroup v2 file system.
+pub fn is_cgroup2(root: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct it is given; `c` is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == CGROUP2_MAGIC
+    }
+}
+
+impl Cgroup {
+    /// Makes the group of `spec` under [`ROOT`] and moves this process into it.
+    pub fn join(spec: &CgroupSpec) -> Result<Self, CgroupError> {
+        Self::join_under(Path::new(ROOT), spec)
+    }
+
+    /// As [`Cgroup::join`], under the hierarchy mounted at `root`.
+    pub fn join_under(root: &Path, spec: &CgroupSpec) -> Result<Self, CgroupError> {
+        if !is_cgroup2(root) {
+            return Err(CgroupError::NoHierarchy);
+        }
+        check_relative(&spec.path)?;
+        // Each parent hands the controllers down; one that holds processes itself
+        // cannot (the engine's own groups are made ready by the engine).
+        let mut dir = root.to_owned();
+        for part in spec.path.components() {
+            enable_controllers(&dir);
+            dir.push(part);
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io("make the cgroup", &dir)(e)),
+            }
+        }
+        let limits = [("memory.max", spec.memory_max), ("pids.max", spec.pids_max)];
+        for (file, limit) in limits {
+            if let Some(limit) = limit {
+                write_file(&dir.join(file), &limit.to_string(), "set")?;
+            }
+        }
+        write_file(&dir.join("cgroup.procs"), "0", "join")?;
+        Ok(Self {
+            root: root.to_owned(),
+            dir,
+        })
+    }
+
+    /// The group's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Leaves the group (for the shared `forkvm/exited` leaf) and removes it, once the
+    /// processes this one started have left it: the last thing a VM process does. The
+    /// group stays (and is reported) if something still runs in it after `wait`.
+    pub fn remove(self, wait: std::time::Duration) {
+        let exited = self.root.join(FORKVM_GROUP).join("exited");
+        let moved = std::fs::create_dir(&exited)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(io("make the cgroup", &exited))
+            .and_then(|()| write_file(&exited.join("cgroup.procs"), "0", "join"));
+        if let Err(e) = moved {
+            tracing::warn!("cannot leave the VM's cgroup: {e}");
+            return;
+        }
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match std::fs::remove_dir(&self.dir) {
+                Ok(()) => return,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!("cgroup {} not removed yet: {e}", self.dir.display());
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => {
+                    tracing::warn!("cannot remove the cgroup {}: {e}", self.dir.display());
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Enables the `memory` and `pids` controllers for `dir`'s children, those it has.
+fn enable_controllers(dir: &Path) {
+    let available = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    let enabled = std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+    for controller in ["memory", "pids"] {
+        let has = |list: &str| list.split_whitespace().any(|c| c == controller);
+        if has(&available) && !has(&enabled) {
+            if let Err(e) = write_file(
+                &dir.join("cgroup.subtree_control"),
+                &format!("+{controller}"),
+                "enable a controller in",
+            ) {
+                tracing::debug!("{e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oci_paths() {
+        assert_eq!(
+            CgroupSpec::oci_path("/docker/abc").unwrap(),
+            Path::new("docker/abc")
+        );
+        assert_eq!(
+            CgroupSpec::oci_path("system.slice:docker:abc").unwrap(),
+            Path::new("system.slice/docker-abc.scope")
+        );
+        assert_eq!(
+            CgroupSpec::oci_path("kubepods-burstable-pod1.slice:cri-containerd:abc").unwrap(),
+            Path::new(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/\
+                 cri-containerd-abc.scope"
+            )
+        );
+        for bad in [
+            "",
+            "/",
+            "../etc",
+            "/docker/../../x",
+            "a:b",
+            "a.scope:x:y",
+            "a:b:c:d",
+        ] {
+            assert!(
+                matches!(CgroupSpec::oci_path(bad), Err(CgroupError::BadPath(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_vms_own_group_covers_ram_and_overhead() {
+        let s = CgroupSpec::for_vm("abc", 256 << 20);
+        assert_eq!(s.path, Path::new("forkvm/abc"));
+        assert_eq!(s.memory_max, Some((256 << 20) + VMM_OVERHEAD));
+        assert_eq!(s.pids_max, Some(DEFAULT_PIDS_MAX));
+    }
+
+    #[test]
+    fn a_directory_that_is_not_cgroup2_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Cgroup::join_under(dir.path(), &CgroupSpec::for_vm("x", 1)).unwrap_err();
+        assert!(matches!(e, CgroupError::NoHierarchy), "{e}");
+        assert!(e.to_string().contains("mount -t cgroup2"), "{e}");
+        assert!(!dir.path().join("forkvm").exists(), "nothing made");
+    }
+}

@@ -1,0 +1,283 @@
+//! `forkvm-jail`: what confines a VM process, so that a guest that takes over its device
+//! code gains as little as possible on the host.
+//!
+//! A VM process is jailed unless its launch says otherwise (`--no-jail`, for
+//! debugging). [`Jail::enter`], at the start of the process, before the VM is built:
+//! - moves the process into a cgroup of its own ([`cgroup`]): `memory.max` and `pids.max`;
+//! - sets `no_new_privs` and installs the process's seccomp allow-list on every thread
+//!   ([`seccomp`], [`ThreadKind::Process`]); whatever the process starts inherits it.
+//!
+//! Then [`Jail::set_up`], once the VM is built, drops every capability but those later
+//! work needs ([`caps`]). vCPU and API threads, started while the VM is built, confine
+//! themselves when they start ([`confine_thread`]): a stricter filter stacked on the
+//! process's, and no capabilities at all.
+//!
+//! [`JailStatus`] reads what the kernel says of a process (`/proc/<pid>/status` and
+//! `cgroup`): what `forkvm inspect` shows and the tests check.
+
+pub mod caps;
+pub mod cgroup;
+pub mod seccomp;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+pub use cgroup::{Cgroup, CgroupError, CgroupSpec};
+pub use seccomp::{SeccompError, ThreadKind};
+
+/// Why a VM process could not be jailed.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// Its cgroup.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// A seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    /// Its capabilities.
+    #[error(transparent)]
+    Caps(#[from] caps::CapsError),
+}
+
+/// How a VM process is to be jailed: part of its launch, passed on to the VMs it forks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailSpec {
+    /// `false`: not jailed at all (`--no-jail`), for debugging.
+    pub enabled: bool,
+    /// The cgroup it joins; `None`: forkvm's own for the VM (see [`CgroupSpec::for_vm`]).
+    #[serde(default)]
+    pub cgroup: Option<CgroupSpec>,
+    /// The process filter is installed already: the process was started by a jailed VM
+    /// process (a fork child), and filters are inherited. Not stacked again.
+    #[serde(default)]
+    pub filter_inherited: bool,
+}
+
+impl Default for JailSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            cgroup: None,
+            filter_inherited: false,
+        }
+    }
+}
+
+impl JailSpec {
+    /// Not jailed.
+    pub fn disabled() -> Self {
+        Self {
+            enabled: false,
+            ..Self::default()
+        }
+    }
+
+    /// The jail of a VM this process starts (a fork child): as this process's, in a
+    /// cgroup of its own.
+    pub fn inherited() -> Self {
+        Self {
+            enabled: enabled(),
+            cgroup: None,
+            filter_inherited: PROCESS_FILTERED.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Whether this process confines its threads: cleared once by a VM process launched
+/// with `--no-jail` (before any thread it confines starts); set otherwise, so that a
+/// VMM built in any process (tests included) runs its vCPUs confined.
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Whether this process has the process filter (installed or inherited).
+static PROCESS_FILTERED: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process's threads are confined, and the VMs it starts jailed.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Sets whether this process confines its threads and jails the VMs it starts: cleared
+/// by a VM process launched with `--no-jail`, and by `forkvm bench fork` to measure forks
+/// without the jail beside forks with it. Call it before any thread it concerns starts.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Confines the calling thread as a thread of `kind` (see [`ThreadKind`]): drops its
+/// capabilities (vCPU and API threads need none) and stacks its seccomp filter. Nothing
+/// when the process is not jailed.
+pub fn confine_thread(kind: ThreadKind) -> Result<(), JailError> {
+    if !enabled() {
+        return Ok(());
+    }
+    if kind != ThreadKind::Process {
+        caps::drop_all()?;
+    }
+    seccomp::apply(kind)?;
+    Ok(())
+}
+
+/// A VM process's jail, entered.
+#[derive(Debug)]
+pub struct Jail {
+    cgroup: Option<Cgroup>,
+}
+
+impl Jail {
+    /// Enters the jail `spec` describes, for VM `id` with `ram` bytes of guest memory:
+    /// cgroup, `no_new_privs`, the process's seccomp filter (see the crate doc). Call it
+    /// before the VM is built; `None` for a VM that is not jailed.
+    pub fn enter(spec: &JailSpec, id: &str, ram: u64) -> Result<Option<Self>, JailError> {
+        set_enabled(spec.enabled);
+        if !spec.enabled {
+            return Ok(None);
+        }
+        let cgroup_spec = spec
+            .cgroup
+            .clone()
+            .unwrap_or_else(|| CgroupSpec::for_vm(id, ram));
+        let cgroup = match Cgroup::join(&cgroup_spec) {
+            Ok(c) => Some(c),
+            // A host without cgroup v2 (v1 only): no limits of forkvm's, said once.
+            Err(CgroupError::NoHierarchy) => {
+                tracing::warn!("{}; the VM runs without one", CgroupError::NoHierarchy);
+                None
+            }
+            // A user without a group of its own to hand out (not root) has no cgroup.
+            Err(CgroupError::Io { ref source, .. })
+                if source.kind() == std::io::ErrorKind::PermissionDenied && !is_root() =>
+            {
+                tracing::info!("not in a cgroup of its own: this user cannot make one");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if spec.filter_inherited {
+            seccomp::mark(ThreadKind::Process);
+        } else {
+            seccomp::apply(ThreadKind::Process)?;
+        }
+        PROCESS_FILTERED.store(true, Ordering::Relaxed);
+        Ok(Some(Self { cgroup }))
+    }
+
+    /// Once the VM is built: drops every capability but those `needs` keeps.
+    pub fn set_up(&self, needs: caps::Needs) -> Result<(), JailError> {
+        caps::drop_all_but(needs)?;
+        Ok(())
+    }
+
+    /// The cgroup the process is in, if it has one of its own.
+    pub fn cgroup(&self) -> Option<&Cgroup> {
+        self.cgroup.as_ref()
+    }
+
+    /// The last thing the process does: leaves its cgroup and removes it.
+    pub fn leave(self) {
+        if let Some(c) = self.cgroup {
+            c.remove(std::time::Duration::from_secs(2));
+        }
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// What the kernel says of a process's confinement.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailStatus {
+    /// `Seccomp:` of its main thread (0 none, 2 filtered).
+    pub seccomp: u8,
+    /// How many filters are stacked on its main thread (`Seccomp_filters:`).
+    pub seccomp_filters: u32,
+    /// `NoNewPrivs:`.
+    pub no_new_privs: bool,
+    /// Effective capabilities (`CapEff:`), as the kernel prints them.
+    pub cap_eff: String,
+    /// Permitted capabilities (`CapPrm:`).
+    pub cap_prm: String,
+    /// Bounding set (`CapBnd:`).
+    pub cap_bnd: String,
+    /// Its cgroup (v2), from `/proc/<pid>/cgroup`.
+    pub cgroup: Option<String>,
+    /// That group's `memory.max` and `pids.max`, as written there.
+    pub memory_max: Option<String>,
+    /// See `memory_max`.
+    pub pids_max: Option<String>,
+}
+
+impl JailStatus {
+    /// Reads the status of process `pid`.
+    pub fn of(pid: u32) -> std::io::Result<Self> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let mut s = Self::parse_status(&status);
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        s.cgroup = cgroups
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(str::to_owned);
+        if let Some(g) = &s.cgroup {
+            let dir = PathBuf::from(cgroup::ROOT).join(g.trim_start_matches('/'));
+            let read = |f: &str| {
+                std::fs::read_to_string(dir.join(f))
+                    .ok()
+                    .map(|v| v.trim().to_owned())
+            };
+            s.memory_max = read("memory.max");
+            s.pids_max = read("pids.max");
+        }
+        Ok(s)
+    }
+
+    /// The fields of a `/proc/<pid>/status` text.
+    pub fn parse_status(text: &str) -> Self {
+        let mut s = Self::default();
+        for line in text.lines() {
+            let Some((key, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            match key {
+                "Seccomp" => s.seccomp = value.parse().unwrap_or(0),
+                "Seccomp_filters" => s.seccomp_filters = value.parse().unwrap_or(0),
+                "NoNewPrivs" => s.no_new_privs = value == "1",
+                "CapEff" => s.cap_eff = value.to_owned(),
+                "CapPrm" => s.cap_prm = value.to_owned(),
+                "CapBnd" => s.cap_bnd = value.to_owned(),
+                _ => {}
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_fields_are_read() {
+        let text = "Name:\tforkvm-vmm\nNoNewPrivs:\t1\nSeccomp:\t2\nSeccomp_filters:\t1\n\
+                    CapPrm:\t0000000000001000\nCapEff:\t0000000000000000\n\
+                    CapBnd:\t0000000000001000\n";
+        let s = JailStatus::parse_status(text);
+        assert_eq!(s.seccomp, 2);
+        assert_eq!(s.seccomp_filters, 1);
+        assert!(s.no_new_privs);
+        assert_eq!(s.cap_eff, "0000000000000000");
+        assert_eq!(s.cap_prm, "0000000000001000");
+        assert_eq!(s.cap_bnd, "0000000000001000");
+    }
+
+    #[test]
+    fn the_default_is_jailed_with_forkvms_own_group() {
+        let spec = JailSpec::default();
+        assert!(spec.enabled);
+        assert_eq!(spec.cgroup, None);
+        assert!(!JailSpec::disabled().enabled);
+    }
+}

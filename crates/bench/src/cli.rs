@@ -127,6 +127,15 @@ pub struct BenchBootArgs {
     pub console_dir: Option<PathBuf>,
 }
 
+/// Whether forked children are jailed, for `bench fork --jail`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum JailMode {
+    /// Jailed, as forkvm runs VMs.
+    On,
+    /// Not jailed (`--no-jail`).
+    Off,
+}
+
 /// `forkvm bench fork`.
 #[derive(Debug, Args)]
 pub struct BenchForkArgs {
@@ -138,6 +147,10 @@ pub struct BenchForkArgs {
     /// (0: none, every child starts from scratch). One parent and one series per size.
     #[arg(long, value_delimiter = ',', default_value = "0,10")]
     pub pool: Vec<u32>,
+    /// Jail settings, comma-separated: one parent and one series per setting and pool
+    /// size, its children jailed (`on`: seccomp, capabilities, cgroup) or not (`off`).
+    #[arg(long, value_delimiter = ',', default_value = "on,off")]
+    pub jail: Vec<JailMode>,
     /// Measured forks per count; counts above 10 get fewer (about `rounds x 10`
     /// children per count, at least one fork).
     #[arg(long, default_value_t = 5)]

@@ -37,7 +37,8 @@
 //! | `linux.resources.memory.limit` | [`ContainerPlan::mem_mib`] | rounded up to MiB, at least 128; absent or not positive (`-1`: unlimited) → 512 |
 //! | `linux.resources.cpu.quota`/`period` | [`ContainerPlan::vcpus`] | `ceil(quota / period)` (period defaults to 100 000 µs) |
 //! | `linux.resources.cpu.cpus` | [`ContainerPlan::vcpus`] | when there is no quota: the number of CPUs in the cpuset; else 1 |
-//! | other `linux.resources`, `cgroupsPath`, `rootfsPropagation`, `mountLabel` | ignored | host cgroup/kernel details with no meaning inside the VM |
+//! | `linux.cgroupsPath`, `linux.resources.pids.limit` | [`ContainerPlan::cgroup`] | the VM process's cgroup (a path, or systemd's `slice:prefix:name`): `memory.max` = guest memory + the VMM's overhead, `pids.max` the limit (else 512) |
+//! | other `linux.resources`, `rootfsPropagation`, `mountLabel` | ignored | host cgroup/kernel details with no meaning inside the VM |
 //! | `annotations` | [`ContainerPlan::annotations`] | reported by `state` |
 //! | `hooks.prestart`, `createRuntime` | [`ContainerPlan::hooks`] | run by `create` as runc runs them, on the host, with the state (`pid`: the container's monitor) on stdin, before the VM boots |
 //! | `hooks.poststart`, `poststop` | [`ContainerPlan::hooks`] | run after `start`, and by `delete`; a failure is logged, as the spec says |
@@ -47,6 +48,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use forkvm_agent_proto::{Capabilities, ProcessSpec, Rlimit, User};
+use forkvm_jail::CgroupSpec;
 use oci_spec::runtime::{
     Hook, Hooks, Linux, LinuxCapabilities, LinuxDeviceType, LinuxNamespaceType, Mount, Process,
     Spec,
@@ -100,6 +102,9 @@ pub struct ContainerPlan {
     pub vcpus: u8,
     /// Guest memory in MiB, from the memory limit.
     pub mem_mib: u64,
+    /// The VM process's cgroup, from `linux.cgroupsPath` (limits: guest memory and the
+    /// VMM's, `linux.resources.pids.limit`); `None`: forkvm's own for the VM.
+    pub cgroup: Option<CgroupSpec>,
     /// Bind-mounted host files, to copy into the VM's root.
     pub files: Vec<FileCopy>,
     /// Bind-mounted host directories, shared into the VM, in the spec's order.
@@ -301,9 +306,9 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         Some(hooks) => planner.hooks(hooks)?,
         None => HostHooks::default(),
     };
-    let (vcpus, mem_mib) = match spec.linux() {
+    let (vcpus, mem_mib, cgroup) = match spec.linux() {
         Some(linux) => planner.linux(linux)?,
-        None => (1, DEFAULT_MEM_MIB),
+        None => (1, DEFAULT_MEM_MIB, None),
     };
     let network = planner.network.take().ok_or_else(|| {
         planner.unsupported("linux.namespaces (no network namespace)", HOST_NETWORK)
@@ -316,6 +321,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         hostname,
         vcpus,
         mem_mib,
+        cgroup,
         files: planner.files,
         volumes: planner.volumes,
         network,
@@ -649,7 +655,7 @@ impl Planner<'_> {
         Ok(host)
     }
 
-    fn linux(&mut self, linux: &Linux) -> Result<(u8, u64), BundleError> {
+    fn linux(&mut self, linux: &Linux) -> Result<(u8, u64, Option<CgroupSpec>), BundleError> {
         let mut kinds = Vec::new();
         for ns in linux.namespaces().iter().flatten() {
             if ns.typ() == LinuxNamespaceType::Network {
@@ -752,7 +758,23 @@ impl Planner<'_> {
             Some(cpu) => self.vcpus(cpu.quota(), cpu.period(), cpu.cpus().as_deref())?,
             None => 1,
         };
-        Ok((vcpus, mem_mib))
+        let cgroup = match linux.cgroups_path() {
+            Some(path) => {
+                let path = CgroupSpec::oci_path(&path.to_string_lossy())
+                    .map_err(|e| self.invalid("linux.cgroupsPath", e.to_string()))?;
+                let pids = resources
+                    .and_then(|r| r.pids().as_ref())
+                    .and_then(|p| u64::try_from(p.limit()).ok())
+                    .filter(|&l| l > 0);
+                Some(CgroupSpec {
+                    path,
+                    memory_max: Some((mem_mib << 20) + forkvm_jail::cgroup::VMM_OVERHEAD),
+                    pids_max: Some(pids.unwrap_or(forkvm_jail::cgroup::DEFAULT_PIDS_MAX)),
+                })
+            }
+            None => None,
+        };
+        Ok((vcpus, mem_mib, cgroup))
     }
 
     fn mem_mib(&mut self, limit: Option<i64>) -> u64 {

@@ -139,6 +139,7 @@ mod tests {
             hostname: None,
             vcpus: 1,
             mem_mib: 128,
+            cgroup: None,
             files,
             volumes: vec![],
             network: crate::bundle::NetworkPlan::New,

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use forkvm_guest_kernel::GuestImage;
+use forkvm_jail::JailSpec;
 use forkvm_registry::{Ending, VmHome};
 use forkvm_vmm::config::DEFAULT_CMDLINE;
 use forkvm_vmm::launch::{ConsoleSpec, HomeSpec, Launch, ProcessOptions, Start, VmProcess};
@@ -299,13 +300,14 @@ pub fn share_volumes(
 pub const START_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Starts the VM registered at `home` in a VM process (`forkvm-vmm`) that boots `cfg`
-/// (inside the network namespace `netns`, when given) with its console as `console`
+/// (inside the network namespace `netns`, when given; jailed as `jail` says) with its console as `console`
 /// says, attached as `opts` say; returns once its API answers. If it does not start, it
 /// is gone and the error says why.
 pub fn start(
     home: &VmHome,
     cfg: &VmConfig,
     netns: Option<&Path>,
+    jail: JailSpec,
     console: ConsoleSpec,
     opts: ProcessOptions,
 ) -> Result<VmProcess> {
@@ -317,6 +319,7 @@ pub fn start(
         console,
         start: Start::Boot(cfg.clone()),
         netns: netns.map(Path::to_owned),
+        jail,
     };
     let mut vm = VmProcess::spawn(&launch, &[], opts).context("cannot start the VM process")?;
     if let Err(e) = vm.wait_running(START_DEADLINE) {
@@ -329,7 +332,13 @@ pub fn start(
 /// Boots `cfg` in a VM process of its own (see [`start`]; in `netns` when given) with its
 /// console in `home`'s log, runs `session` on a thread, and returns the session's exit
 /// code once the VM is gone. The VM process dies with this one.
-pub fn run<F>(home: VmHome, cfg: &VmConfig, netns: Option<&Path>, session: F) -> Result<i32>
+pub fn run<F>(
+    home: VmHome,
+    cfg: &VmConfig,
+    netns: Option<&Path>,
+    jail: JailSpec,
+    session: F,
+) -> Result<i32>
 where
     F: FnOnce(&Session) -> Result<Outcome> + Send + 'static,
 {
@@ -338,7 +347,14 @@ where
         .as_ref()
         .map(|v| v.uds.clone())
         .context("a container VM needs vsock")?;
-    let mut vm = start(&home, cfg, netns, ConsoleSpec::Log, ProcessOptions::owned())?;
+    let mut vm = start(
+        &home,
+        cfg,
+        netns,
+        jail,
+        ConsoleSpec::Log,
+        ProcessOptions::owned(),
+    )?;
     let api = forkvm_api::Client::new(home.socket_path());
     let vm_done = Arc::new(AtomicBool::new(false));
     let ctx = Session {

@@ -372,6 +372,9 @@ fn body() {
                 "args": ["sh", "-c", NETWORK_HOOK, "sh", dir, "fkvm-hk2", "10.97.0"],
                 "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
             }]});
+            // The engine's cgroup for it, with a task limit.
+            c["linux"]["cgroupsPath"] = json!("/forkvm-e2e/c2");
+            c["linux"]["resources"]["pids"] = json!({"limit": 300});
         },
     );
     let pid_file = t.join("c2.pid");
@@ -523,6 +526,21 @@ fn body() {
         env.vm_homes()
     );
 
+    // The container's VM process is jailed, in the cgroup the spec names, with limits
+    // covering its memory (256 MiB of guest RAM and the VMM's).
+    let vm_state = forkvm_registry::VmState::read(&env.vm_homes()[0].join("state.json")).unwrap();
+    let vmm_pid = vm_state.process.expect("the VM process").pid;
+    let jail = forkvm_jail::JailStatus::of(vmm_pid).unwrap();
+    assert_eq!(jail.seccomp, 2, "{jail:?}");
+    assert!(jail.no_new_privs, "{jail:?}");
+    assert_eq!(jail.cap_eff, "0000000000000000", "{jail:?}");
+    assert_eq!(jail.cgroup.as_deref(), Some("/forkvm-e2e/c2"), "{jail:?}");
+    let memory_max = (256 << 20) + forkvm_jail::cgroup::VMM_OVERHEAD;
+    assert_eq!(jail.memory_max, Some(memory_max.to_string()), "{jail:?}");
+    assert_eq!(jail.pids_max.as_deref(), Some("300"), "{jail:?}");
+    let c2_group = Path::new(forkvm_jail::cgroup::ROOT).join("forkvm-e2e/c2");
+    assert!(c2_group.is_dir());
+
     let out = env.rt("c2-delete-running", &["delete", "c2"], None);
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("not stopped"), "{out}");
@@ -539,6 +557,7 @@ fn body() {
         env.read("c2-create.out")
     );
     env.ok("c2-delete", &["delete", "c2"]);
+    assert!(!c2_group.exists(), "c2's cgroup is left");
 
     // --- delete --force of a running container leaves nothing behind
     let b3 = bundle(&t.join("b3"), &["sleep", "1000"], |_| {});

@@ -42,7 +42,7 @@ use serde::Serialize;
 
 use super::report::{self, Environment, Guest};
 use super::stats::percentile;
-use crate::cli::BenchForkArgs;
+use crate::cli::{BenchForkArgs, JailMode};
 
 /// Name prefix of the memfd(s) holding guest RAM (base and fork overlays).
 pub const GUEST_RAM_MEMFD: &str = "/memfd:forkvm-guest-ram";
@@ -424,6 +424,7 @@ impl Bench<'_> {
             let _ = std::fs::remove_file(s);
         }
         Ok(ForkRound {
+            jailed: forkvm_jail::enabled(),
             pool,
             count,
             round,
@@ -600,7 +601,14 @@ pub fn run(args: BenchForkArgs) -> Result<i32> {
     };
     let mut rounds = Vec::new();
     let mut parent_ready_ms = Vec::new();
-    for &pool in &args.pool {
+    // Each jail setting, then each pool size: one parent per pair, its children jailed
+    // as the setting says (the jail must not slow a fork).
+    let series = args
+        .jail
+        .iter()
+        .flat_map(|&jail| args.pool.iter().map(move |&pool| (jail, pool)));
+    for (jail, pool) in series {
+        forkvm_jail::set_enabled(jail == JailMode::On);
         let mut cfg = cfg.clone();
         cfg.fork_pool = pool;
         let measured = bench.with_parent(cfg, &mut rounds);

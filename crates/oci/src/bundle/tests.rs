@@ -203,6 +203,38 @@ fn memory_limit() {
 }
 
 #[test]
+fn cgroups_path_and_limits_name_the_vm_process_group() {
+    let plan = load_with(|c| {
+        c["linux"]["cgroupsPath"] = json!("system.slice:docker:abc");
+        c["linux"]["resources"]["memory"] = json!({"limit": 512 << 20});
+        c["linux"]["resources"]["pids"] = json!({"limit": 64});
+    })
+    .unwrap();
+    let cgroup = plan.cgroup.expect("a cgroup");
+    assert_eq!(cgroup.path, Path::new("system.slice/docker-abc.scope"));
+    assert_eq!(
+        cgroup.memory_max,
+        Some((512 << 20) + forkvm_jail::cgroup::VMM_OVERHEAD),
+        "guest memory and the VMM's"
+    );
+    assert_eq!(cgroup.pids_max, Some(64));
+    // No pids limit (or an unlimited one): forkvm's default; no path: forkvm's own group.
+    let plan = load_with(|c| c["linux"]["cgroupsPath"] = json!("/docker/abc")).unwrap();
+    assert_eq!(
+        plan.cgroup.unwrap().pids_max,
+        Some(forkvm_jail::cgroup::DEFAULT_PIDS_MAX)
+    );
+    let plan = load_with(|c| {
+        c["linux"].as_object_mut().unwrap().remove("cgroupsPath");
+    })
+    .unwrap();
+    assert_eq!(plan.cgroup, None);
+    // A path out of the hierarchy is refused by name.
+    let e = err_with(|c| c["linux"]["cgroupsPath"] = json!("/docker/../../etc"));
+    assert!(e.contains("linux.cgroupsPath"), "{e}");
+}
+
+#[test]
 fn a_bare_linux_section_defaults() {
     // Only the network namespace, without which the container would be on the host's.
     let plan = load_with(|c| c["linux"] = json!({"namespaces": [{"type": "network"}]})).unwrap();

@@ -412,7 +412,12 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         NetworkPlan::New => None,
     };
     let early = early_start.is_some();
-    let result = vm::run(home, &cfg, netns, move |s| {
+    // The engine's cgroup (cgroupsPath) when it gave one, forkvm's own otherwise.
+    let jail = forkvm_jail::JailSpec {
+        cgroup: plan.cgroup.clone(),
+        ..forkvm_jail::JailSpec::default()
+    };
+    let result = vm::run(home, &cfg, netns, jail, move |s| {
         monitor_session(s, &dir_owned, ready, work, relay, tty, tx, early_start)
     });
     *reported = early || rx.try_recv().is_ok();

@@ -22,6 +22,8 @@ pub struct ChildSample {
 /// One fork.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ForkRound {
+    /// Whether the children were jailed (seccomp, capabilities, cgroup).
+    pub jailed: bool,
     /// Warm processes the parent kept (its fork pool's size).
     pub pool: u32,
     /// Children it made.
@@ -85,6 +87,8 @@ impl Dist {
 /// All forks of one child count, summarised.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct CountSummary {
+    /// Whether the children were jailed.
+    pub jailed: bool,
     /// The parent's fork pool size.
     pub pool: u32,
     /// Children per fork.
@@ -119,21 +123,22 @@ pub(crate) fn dist_by<T>(items: &[T], f: impl Fn(&T) -> Option<f64>) -> Option<D
 
 /// Summaries per pool size and child count, in the order they were first measured.
 pub fn summarise(rounds: &[ForkRound]) -> Vec<CountSummary> {
-    let mut series: Vec<(u32, u32)> = Vec::new();
+    let mut series: Vec<(bool, u32, u32)> = Vec::new();
     for r in rounds {
-        if !series.contains(&(r.pool, r.count)) {
-            series.push((r.pool, r.count));
+        if !series.contains(&(r.jailed, r.pool, r.count)) {
+            series.push((r.jailed, r.pool, r.count));
         }
     }
     series
         .into_iter()
-        .map(|(pool, count)| {
+        .map(|(jailed, pool, count)| {
             let forks: Vec<&ForkRound> = rounds
                 .iter()
-                .filter(|r| (r.pool, r.count) == (pool, count))
+                .filter(|r| (r.jailed, r.pool, r.count) == (jailed, pool, count))
                 .collect();
             let kids: Vec<&ChildSample> = forks.iter().flat_map(|r| &r.children).collect();
             CountSummary {
+                jailed,
                 pool,
                 count,
                 forks: forks.len(),
@@ -197,6 +202,8 @@ pub fn summarise_cold(cold: &[ColdSample]) -> Option<ColdSummary> {
 /// Fork versus cold boot for one child count: ratios of medians.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Versus {
+    /// Whether the children were jailed.
+    pub jailed: bool,
     /// The parent's fork pool size.
     pub pool: u32,
     /// Children per fork.
@@ -223,6 +230,7 @@ pub fn versus(counts: &[CountSummary], cold: &ColdSummary) -> Vec<Versus> {
     counts
         .iter()
         .map(|s| Versus {
+            jailed: s.jailed,
             pool: s.pool,
             count: s.count,
             t1_vs_ready: p50_ratio(s.t1_ms, cold.ready_ms),
@@ -315,6 +323,15 @@ pub(crate) fn aligned(rows: &[Vec<String>]) -> String {
 
 /// The summary table: one row per child count, one for the cold boot, one ratio row
 /// per child count.
+/// How a series names its jail.
+fn jail_label(jailed: bool) -> &'static str {
+    if jailed {
+        "jailed"
+    } else {
+        "no jail"
+    }
+}
+
 pub fn table(counts: &[CountSummary], cold: Option<&ColdSummary>, vs: &[Versus]) -> String {
     let header = [
         "series",
@@ -341,8 +358,11 @@ pub fn table(counts: &[CountSummary], cold: Option<&ColdSummary>, vs: &[Versus])
         };
         rows.push(vec![
             format!(
-                "fork x{}, pool {} ({} forks){missing}",
-                s.count, s.pool, s.forks
+                "fork x{}, pool {}, {} ({} forks){missing}",
+                s.count,
+                s.pool,
+                jail_label(s.jailed),
+                s.forks
             ),
             s.t1_ms.map_or(0, |d| d.n).to_string(),
             s.warm.to_string(),
@@ -379,7 +399,12 @@ pub fn table(counts: &[CountSummary], cold: Option<&ColdSummary>, vs: &[Versus])
     }
     for v in vs {
         rows.push(vec![
-            format!("fork x{}, pool {} / cold (p50)", v.count, v.pool),
+            format!(
+                "fork x{}, pool {}, {} / cold (p50)",
+                v.count,
+                v.pool,
+                jail_label(v.jailed)
+            ),
             String::new(),
             String::new(),
             report::ratio(v.t1_vs_ready),

@@ -112,6 +112,7 @@ fn child(t1: u64, t2: Option<u64>, guest: u64) -> ChildSample {
 
 fn rounds() -> Vec<ForkRound> {
     let round = |count, round, pause, children| ForkRound {
+        jailed: true,
         pool: 2,
         count,
         round,
@@ -190,7 +191,10 @@ fn cold_summary_and_ratios() {
     let t = table(&summarise(&rounds()), Some(&c), &v);
     let lines: Vec<&str> = t.lines().collect();
     assert!(lines[0].starts_with("series"), "{t}");
-    assert!(lines[2].starts_with("fork x1, pool 2 (2 forks)"), "{t}");
+    assert!(
+        lines[2].starts_with("fork x1, pool 2, jailed (2 forks)"),
+        "{t}"
+    );
     assert!(lines[3].contains("(1 no answer)"), "{t}");
     assert!(lines[4].starts_with("cold boot"), "{t}");
     assert!(lines[5].contains("0.02x"), "{t}");
@@ -213,6 +217,25 @@ fn pool_sizes_are_separate_series() {
         vec![(2, 1, 2), (2, 2, 1), (0, 1, 1)]
     );
     assert_eq!(s[2].t1_ms.unwrap().p50, 9.0);
+}
+
+#[test]
+fn jailed_and_unjailed_forks_are_separate_series() {
+    let mut r = rounds();
+    let mut free = r[0].clone();
+    free.jailed = false;
+    free.children = vec![child(900, Some(950), 100)];
+    r.push(free);
+    let s = summarise(&r);
+    assert_eq!(
+        s.iter()
+            .map(|s| (s.jailed, s.pool, s.count, s.forks))
+            .collect::<Vec<_>>(),
+        vec![(true, 2, 1, 2), (true, 2, 2, 1), (false, 2, 1, 1)]
+    );
+    let t = table(&s, None, &[]);
+    assert!(t.contains("fork x1, pool 2, jailed (2 forks)"), "{t}");
+    assert!(t.contains("fork x1, pool 2, no jail (1 forks)"), "{t}");
 }
 
 #[test]

@@ -623,17 +623,6 @@ impl std::fmt::Debug for ApiServer {
     }
 }
 
-/// The causes of `e`, joined (what the API thread's confinement error says in full).
-fn error_source(e: &dyn std::error::Error) -> String {
-    let mut out = Vec::new();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push(c.to_string());
-        cause = c.source();
-    }
-    out.join(": ")
-}
-
 /// Serves the API of the VM registered at `home` on its socket: binds `api.sock` (mode
 /// 0600), records this process as the VM's VMM with status `running`, and starts the
 /// server thread. Call it in the VM process once the VM is built and before it runs;
@@ -684,7 +673,7 @@ pub fn serve(home: VmHome, control: impl Control) -> Result<ApiServer, Error> {
     match confined.recv() {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            let why = std::io::Error::other(format!("{e}: {}", error_source(&e)));
+            let why = std::io::Error::other(crate::wire::error_chain(&e));
             return Err(Error::io("cannot confine the API thread")(why));
         }
         Err(_) => {

@@ -687,135 +687,139 @@ mod tests {
         assert!(stderr.contains(line.trim_end()), "{stderr}");
     }
 
+    /// A test of a call that must trap: as the victim, runs `body` (on a thread of its
+    /// own when `on_thread`), which must not return; otherwise runs the test again as the
+    /// victim and checks that it ended on call `nr` in a thread of `kind`, with the line.
+    fn trap_test(name: &str, kind: ThreadKind, nr: i64, on_thread: bool, body: fn()) {
+        if !is_victim() {
+            return assert_trapped(name, kind, nr);
+        }
+        if on_thread {
+            std::thread::spawn(body).join().unwrap();
+        } else {
+            body();
+        }
+        unreachable!("{name}: the call was allowed");
+    }
+
     #[test]
     fn a_call_outside_the_vcpu_filter_ends_the_process_with_a_log_line() {
-        if !is_victim() {
-            return assert_trapped(
-                "a_call_outside_the_vcpu_filter_ends_the_process_with_a_log_line",
-                ThreadKind::Vcpu,
-                libc::SYS_socket,
-            );
-        }
-        std::thread::spawn(|| {
-            apply(ThreadKind::Vcpu).unwrap();
-            // Allowed: memory, eventfds, time.
-            let v = vec![0u8; 1 << 20];
-            drop(v);
-            let e = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-            e.write(1).unwrap();
-            let _ = std::time::Instant::now();
-            // Refused, not fatal: opening a file.
-            let e = std::fs::File::open("/etc/hostname").unwrap_err();
-            assert_eq!(e.raw_os_error(), Some(libc::EACCES));
-            // Not allowed: a socket.
-            let _ = std::net::UdpSocket::bind("127.0.0.1:0");
-            unreachable!("the socket was allowed");
-        })
-        .join()
-        .unwrap();
+        trap_test(
+            "a_call_outside_the_vcpu_filter_ends_the_process_with_a_log_line",
+            ThreadKind::Vcpu,
+            libc::SYS_socket,
+            true,
+            || {
+                apply(ThreadKind::Vcpu).unwrap();
+                // Allowed: memory, eventfds, time.
+                let v = vec![0u8; 1 << 20];
+                drop(v);
+                let e = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+                e.write(1).unwrap();
+                let _ = std::time::Instant::now();
+                // Refused, not fatal: opening a file.
+                let e = std::fs::File::open("/etc/hostname").unwrap_err();
+                assert_eq!(e.raw_os_error(), Some(libc::EACCES));
+                // Not allowed: a socket.
+                let _ = std::net::UdpSocket::bind("127.0.0.1:0");
+            },
+        );
     }
 
     #[test]
     fn a_vcpu_thread_may_not_make_other_ioctls() {
-        if !is_victim() {
-            return assert_trapped(
-                "a_vcpu_thread_may_not_make_other_ioctls",
-                ThreadKind::Vcpu,
-                libc::SYS_ioctl,
-            );
-        }
-        std::thread::spawn(|| {
-            apply(ThreadKind::Vcpu).unwrap();
-            // TIOCSTI: pushing input into a terminal is no vCPU's business.
-            // SAFETY: an ioctl on stdin with a valid pointer; the filter stops it first.
-            unsafe { libc::ioctl(0, libc::TIOCSTI, c"x".as_ptr()) };
-            unreachable!("the ioctl was allowed");
-        })
-        .join()
-        .unwrap();
+        trap_test(
+            "a_vcpu_thread_may_not_make_other_ioctls",
+            ThreadKind::Vcpu,
+            libc::SYS_ioctl,
+            true,
+            || {
+                apply(ThreadKind::Vcpu).unwrap();
+                // TIOCSTI: pushing input into a terminal is no vCPU's business.
+                // SAFETY: an ioctl on stdin with a valid pointer; the filter stops it first.
+                unsafe { libc::ioctl(0, libc::TIOCSTI, c"x".as_ptr()) };
+            },
+        );
     }
 
     #[test]
     fn the_api_threads_start_threads_but_no_process() {
-        if !is_victim() {
-            return assert_trapped(
-                "the_api_threads_start_threads_but_no_process",
-                ThreadKind::Api,
-                libc::SYS_clone,
-            );
-        }
-        std::thread::spawn(|| {
-            apply(ThreadKind::Api).unwrap();
-            // A thread: clone3 refused, glibc falls back to clone with CLONE_THREAD.
-            std::thread::spawn(|| {}).join().unwrap();
-            // A process: clone without CLONE_THREAD. (Through posix_spawn, which blocks
-            // every signal around its clone, the trap kills without the log line.)
-            // SAFETY: fork in a test's victim process; the filter stops it first.
-            unsafe { libc::fork() };
-            unreachable!("a process was started");
-        })
-        .join()
-        .unwrap();
+        trap_test(
+            "the_api_threads_start_threads_but_no_process",
+            ThreadKind::Api,
+            libc::SYS_clone,
+            true,
+            || {
+                apply(ThreadKind::Api).unwrap();
+                // A thread: clone3 refused, glibc falls back to clone with CLONE_THREAD.
+                std::thread::spawn(|| {}).join().unwrap();
+                // A process: clone without CLONE_THREAD. (Through posix_spawn, which
+                // blocks every signal around its clone, the trap kills without the line.)
+                // SAFETY: fork in a test's victim process; the filter stops it first.
+                unsafe { libc::fork() };
+            },
+        );
     }
 
     #[test]
     fn the_process_filter_covers_every_thread_and_refuses_mount() {
-        if !is_victim() {
-            return assert_trapped(
-                "the_process_filter_covers_every_thread_and_refuses_mount",
-                ThreadKind::Process,
-                libc::SYS_mount,
-            );
-        }
-        // A thread started before the filter gets it too.
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let earlier = std::thread::spawn(move || {
-            rx.recv().unwrap();
-            // SAFETY: mount with valid C strings; the filter stops it first.
-            unsafe {
-                libc::mount(
-                    c"none".as_ptr(),
-                    c"/mnt".as_ptr(),
-                    c"tmpfs".as_ptr(),
-                    0,
-                    std::ptr::null(),
-                )
-            };
-        });
-        apply(ThreadKind::Process).unwrap();
-        // What a VMM does is allowed: files, sockets of its kinds, a process.
-        std::fs::read_to_string("/proc/self/status").unwrap();
-        drop(std::os::unix::net::UnixDatagram::unbound().unwrap());
-        assert!(std::process::Command::new("/bin/true")
-            .status()
-            .unwrap()
-            .success());
-        tx.send(()).unwrap();
-        earlier.join().unwrap();
-        unreachable!("mount was allowed");
+        trap_test(
+            "the_process_filter_covers_every_thread_and_refuses_mount",
+            ThreadKind::Process,
+            libc::SYS_mount,
+            false,
+            || {
+                // A thread started before the filter gets it too.
+                let (tx, rx) = std::sync::mpsc::channel::<()>();
+                let earlier = std::thread::spawn(move || {
+                    rx.recv().unwrap();
+                    // SAFETY: mount with valid C strings; the filter stops it first.
+                    unsafe {
+                        libc::mount(
+                            c"none".as_ptr(),
+                            c"/mnt".as_ptr(),
+                            c"tmpfs".as_ptr(),
+                            0,
+                            std::ptr::null(),
+                        )
+                    };
+                });
+                apply(ThreadKind::Process).unwrap();
+                // What a VMM does is allowed: files, sockets of its kinds, a process.
+                std::fs::read_to_string("/proc/self/status").unwrap();
+                drop(std::os::unix::net::UnixDatagram::unbound().unwrap());
+                assert!(std::process::Command::new("/bin/true")
+                    .status()
+                    .unwrap()
+                    .success());
+                tx.send(()).unwrap();
+                earlier.join().unwrap();
+            },
+        );
     }
 
     #[test]
     fn the_process_filter_allows_only_the_vmms_socket_domains() {
-        if !is_victim() {
-            return assert_trapped(
-                "the_process_filter_allows_only_the_vmms_socket_domains",
-                ThreadKind::Process,
-                libc::SYS_socket,
-            );
-        }
-        apply(ThreadKind::Process).unwrap();
-        for domain in SOCKET_DOMAINS {
-            // SAFETY: socket(2) takes no pointers; the descriptor is closed at once.
-            let fd = unsafe { libc::socket(*domain, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-            if fd >= 0 {
-                // SAFETY: closes the descriptor just made.
-                unsafe { libc::close(fd) };
-            }
-        }
-        // SAFETY: socket(2) takes no pointers; the filter stops it first.
-        unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        unreachable!("an AF_PACKET socket was allowed");
+        trap_test(
+            "the_process_filter_allows_only_the_vmms_socket_domains",
+            ThreadKind::Process,
+            libc::SYS_socket,
+            false,
+            || {
+                apply(ThreadKind::Process).unwrap();
+                for domain in SOCKET_DOMAINS {
+                    // SAFETY: socket(2) takes no pointers; the descriptor is closed at once.
+                    let fd =
+                        unsafe { libc::socket(*domain, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+                    if fd >= 0 {
+                        // SAFETY: closes the descriptor just made.
+                        unsafe { libc::close(fd) };
+                    }
+                }
+                // SAFETY: socket(2) takes no pointers; the filter stops it first.
+                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+            },
+        );
     }
 
     #[test]

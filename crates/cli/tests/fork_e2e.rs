@@ -543,7 +543,8 @@ fn assert_jailed(root: &Path, vm: &str) -> PathBuf {
         (mem + overhead).to_string(),
         "{vm}: {jail}"
     );
-    assert_eq!(jail["pids_max"], "512", "{vm}: {jail}");
+    let pids_max = forkvm_jail::cgroup::DEFAULT_PIDS_MAX.to_string();
+    assert_eq!(jail["pids_max"], pids_max, "{vm}: {jail}");
     let pid = info["pid"].as_u64().unwrap() as u32;
     let threads = forkvm_test_support::thread_confinement(pid, "");
     assert!(threads.len() > 2, "{vm}: {threads:?}");

@@ -27,8 +27,9 @@ pub const FORKVM_GROUP: &str = "forkvm";
 /// buffers (vsock's, up to 1023 connections), the FUSE server's.
 pub const VMM_OVERHEAD: u64 = 512 << 20;
 /// Tasks (threads and processes) a VM's group may hold, by default: its vCPUs, event
-/// loop, API and fork threads, its fork pool's processes.
-pub const DEFAULT_PIDS_MAX: u64 = 512;
+/// loop, API and fork threads, its fork pool's processes, and the processes of a fork of
+/// up to 1024 children while they start (each moves to its own group).
+pub const DEFAULT_PIDS_MAX: u64 = 4096;
 /// `CGROUP2_SUPER_MAGIC`.
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
 

@@ -224,9 +224,7 @@ fn run(mut launched: Launched) -> Result<i32> {
         let h = home.insert(launched.register().context("cannot register the VM")?);
         steps.mark("register");
         // Before the VM is built: everything the guest can reach runs jailed.
-        let cfg = launched.config();
-        jail = Jail::enter(&launched.launch.jail, h.id(), cfg.mem_mib << 20)
-            .context("cannot jail the VM process")?;
+        jail = launched.enter_jail(h)?;
         steps.mark("jail");
         let launch = &launched.launch;
         let console = console(h, &launch.console)?;

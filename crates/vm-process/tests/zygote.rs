@@ -44,6 +44,7 @@ fn warmup() -> Warmup {
     Warmup {
         vcpus: 1,
         stage: None,
+        jail: None,
     }
 }
 

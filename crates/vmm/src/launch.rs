@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use forkvm_jail::JailSpec;
+use forkvm_jail::{Jail, JailSpec};
 use forkvm_registry::{ProcessIdentity, VmHome, VmState};
 use serde::{Deserialize, Serialize};
 
@@ -438,6 +438,9 @@ pub enum LaunchError {
     /// A fork child's state did not come or is invalid.
     #[error("cannot start the fork child")]
     Fork(#[source] ForkChildError),
+    /// The VM process could not be jailed.
+    #[error("cannot jail the VM process")]
+    Jail(#[source] forkvm_jail::JailError),
 }
 
 /// A launch as the VM process received it, with the socket to report on.
@@ -455,6 +458,9 @@ pub struct Launched {
     pub prepared: Option<Prepared>,
     /// The home staged while the process waited warm.
     staged: Option<Staged>,
+    /// The jail it entered while it waited warm (`Ok(None)`: not jailed), or why it could
+    /// not; `None`: it enters the launch's.
+    jailed: Option<Result<Option<Jail>, forkvm_jail::JailError>>,
     /// When a staged home was published (its creation time to record).
     published_at_ms: Option<u64>,
     /// When the launch arrived (for a warm process: after its wait).
@@ -511,6 +517,18 @@ impl Launched {
         }
     }
 
+    /// Enters the VM process's jail (see `forkvm_jail`) for the registered `home`: the
+    /// one it entered while it waited warm, or the launch's.
+    pub fn enter_jail(&mut self, home: &VmHome) -> Result<Option<Jail>, LaunchError> {
+        match self.jailed.take() {
+            Some(entered) => entered.map_err(LaunchError::Jail),
+            None => {
+                let ram = self.config().mem_mib << 20;
+                Jail::enter(&self.launch.jail, home.id(), ram).map_err(LaunchError::Jail)
+            }
+        }
+    }
+
     /// The configuration of the VM it starts: the one it boots, or the forked VM's.
     pub fn config(&self) -> &VmConfig {
         match (&self.fork, &self.launch.start) {
@@ -546,6 +564,7 @@ impl Launched {
         let mut sock = unsafe { UnixStream::from_raw_fd(LAUNCH_FD) };
         let mut prepared = None;
         let mut staged: Option<Staged> = None;
+        let mut jailed = None;
         let mut warm = false;
         loop {
             let (blob, files) = match forkvm_snapshot::recv_blob(&sock, MAX_LAUNCH_PAYLOAD) {
@@ -581,6 +600,11 @@ impl Launched {
                                 home,
                             })
                     });
+                    // Jailed while it waits, in a cgroup named by the staged ID: off the
+                    // fork's way. A jail it cannot enter fails its launch.
+                    if let (Some(spec), Some(s)) = (&w.jail, &staged) {
+                        jailed = Some(Jail::enter(spec, &s.staging.id, s.staging.mem_mib << 20));
+                    }
                     // A VM that cannot be prepared is made at restore instead, where
                     // its error reaches the fork.
                     prepared = prepare_in_background(&w)
@@ -616,6 +640,7 @@ impl Launched {
                         files,
                         prepared,
                         staged,
+                        jailed,
                         published_at_ms: None,
                         received,
                     });

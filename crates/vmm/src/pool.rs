@@ -161,6 +161,8 @@ impl ChildPool {
                 id: forkvm_registry::new_id(),
                 mem_mib,
             }),
+            // Jailed as this process jails the VMs it starts, while they wait.
+            jail: Some(forkvm_jail::JailSpec::inherited()),
         };
         Self::start(size, warmup, Maker::Zygote(exe))
     }
@@ -328,6 +330,7 @@ mod tests {
         Warmup {
             vcpus: 1,
             stage: None,
+            jail: None,
         }
     }
 
@@ -430,6 +433,7 @@ mod tests {
                 id: forkvm_registry::new_id(),
                 mem_mib: 64,
             }),
+            jail: None,
         };
         let pool = ChildPool::start(2, warmup, Maker::Exec(waiter(dir.path()))).unwrap();
         wait_until("the pool to fill", || pool.pids().len() == 2);

@@ -21,6 +21,10 @@ pub struct Warmup {
     /// The home to stage; `None`: the process registers when it is launched.
     #[serde(default)]
     pub stage: Option<Staging>,
+    /// The jail a staged process enters while it waits (its cgroup named by the staged
+    /// ID), off the fork's way; `None`: it enters the launch's.
+    #[serde(default)]
+    pub jail: Option<forkvm_jail::JailSpec>,
 }
 
 /// A warm process's home, made while it waits ([`VmHome::stage`]): VM `id`, a child of

@@ -221,20 +221,38 @@ impl Cgroup {
             tracing::warn!("cannot leave the VM's cgroup: {e}");
             return;
         }
-        let deadline = std::time::Instant::now() + wait;
-        loop {
-            match std::fs::remove_dir(&self.dir) {
-                Ok(()) => return,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    tracing::debug!("cgroup {} not removed yet: {e}", self.dir.display());
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => {
-                    tracing::warn!("cannot remove the cgroup {}: {e}", self.dir.display());
-                    return;
-                }
-            }
+        remove_when_empty(&self.dir, wait);
+    }
+}
+
+/// forkvm's own group of VM `id` (see [`CgroupSpec::for_vm`]).
+pub fn vm_group(id: &str) -> PathBuf {
+    Path::new(ROOT).join(FORKVM_GROUP).join(id)
+}
+
+/// Removes the group `dir` once the processes in it are gone, waiting up to `wait` (a
+/// killed VM process takes a moment to be reaped): only a directory under [`ROOT`]
+/// without `..`, and only an empty group (the kernel refuses any other). What made it
+/// (a VM process that was killed, a warm process of a pool) is gone; a group that stays
+/// is reported.
+pub fn remove_when_empty(dir: &Path, wait: std::time::Duration) {
+    let under_root = dir.starts_with(ROOT)
+        && dir
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::RootDir));
+    if !under_root || !dir.exists() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + wait;
+    while let Err(e) = std::fs::remove_dir(dir) {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            return;
         }
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!("cannot remove the cgroup {}: {e}", dir.display());
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 

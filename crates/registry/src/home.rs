@@ -310,35 +310,10 @@ impl VmHome {
     /// Deletes the home and everything in it.
     pub fn remove(&self) -> Result<(), Error> {
         if let Some(group) = self.state().ok().and_then(|s| s.cgroup) {
-            remove_cgroup(&group);
+            forkvm_jail::cgroup::remove_when_empty(&group, std::time::Duration::from_secs(2));
         }
         std::fs::remove_dir_all(&self.dir)
             .map_err(Error::io(format!("cannot remove {}", self.dir.display())))
-    }
-}
-
-/// Removes the cgroup `group` a VM process made for itself, once the processes in it
-/// are gone (a killed VM's take a moment to be reaped): only a directory under the
-/// cgroup v2 root, and only an empty group (the kernel refuses any other).
-fn remove_cgroup(group: &Path) {
-    const ROOT: &str = "/sys/fs/cgroup/";
-    let under_root = group.starts_with(ROOT)
-        && group.components().all(|c| {
-            matches!(
-                c,
-                std::path::Component::Normal(_) | std::path::Component::RootDir
-            )
-        });
-    if !under_root || !group.exists() {
-        return;
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while let Err(e) = std::fs::remove_dir(group) {
-        if std::time::Instant::now() >= deadline {
-            tracing::warn!("cannot remove the cgroup {}: {e}", group.display());
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
@@ -367,6 +342,13 @@ pub fn prune_staged(root: &Path) {
         if dead {
             tracing::debug!(dir = %dir.display(), "removing a staged home whose process is gone");
             let _ = std::fs::remove_dir_all(&dir);
+            // The group a warm process joined while it waited (named by its ID).
+            if let Some(id) = dir.file_name().and_then(|n| n.to_str()) {
+                forkvm_jail::cgroup::remove_when_empty(
+                    &forkvm_jail::cgroup::vm_group(id),
+                    std::time::Duration::ZERO,
+                );
+            }
         }
     }
 }

@@ -564,13 +564,16 @@ impl Launched {
         let mut sock = unsafe { UnixStream::from_raw_fd(LAUNCH_FD) };
         let mut prepared = None;
         let mut staged: Option<Staged> = None;
-        let mut jailed = None;
+        let mut jailed: Option<Result<Option<Jail>, forkvm_jail::JailError>> = None;
         let mut warm = false;
         loop {
             let (blob, files) = match forkvm_snapshot::recv_blob(&sock, MAX_LAUNCH_PAYLOAD) {
                 Err(forkvm_snapshot::TransferError::Closed) if warm => {
                     if let Some(s) = staged {
                         let _ = s.home.remove();
+                    }
+                    if let Some(Ok(Some(jail))) = jailed {
+                        jail.leave();
                     }
                     return Err(LaunchError::Abandoned);
                 }

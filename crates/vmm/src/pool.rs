@@ -75,6 +75,13 @@ impl Warm {
 
     fn remove_staged(&mut self) {
         if let Some(dir) = self.staged.take() {
+            // The group it joined while it waited, named by its staged ID.
+            if let Some(id) = dir.file_name().and_then(|n| n.to_str()) {
+                forkvm_jail::cgroup::remove_when_empty(
+                    &forkvm_jail::cgroup::vm_group(id),
+                    std::time::Duration::from_secs(1),
+                );
+            }
             let _ = std::fs::remove_dir_all(dir);
         }
     }

@@ -537,10 +537,11 @@ fn assert_jailed(root: &Path, vm: &str) -> PathBuf {
     assert_eq!(jail["cap_eff"], "0000000000000000", "{vm}: {jail}");
     assert_eq!(jail["cgroup"], format!("/forkvm/{id}"), "{vm}: {jail}");
     let mem = info["mem_mib"].as_u64().unwrap() << 20;
+    let budget = forkvm_vmm::memory::guest_memory_budget(mem);
     let overhead = forkvm_jail::cgroup::VMM_OVERHEAD;
     assert_eq!(
         jail["memory_max"],
-        (mem + overhead).to_string(),
+        (budget + overhead).to_string(),
         "{vm}: {jail}"
     );
     let pids_max = forkvm_jail::cgroup::DEFAULT_PIDS_MAX.to_string();

@@ -107,7 +107,17 @@ fn last_cap() -> u8 {
 /// that is not root's) cannot shrink its bounding set; with `no_new_privs` set nothing it
 /// executes gains capabilities anyway, and its other sets are cleared as usual.
 pub fn drop_all_but(needs: Needs) -> Result<(), CapsError> {
-    let permitted = needs.permitted();
+    // What it has of what it needs (a user that is not root has none of it).
+    let has = change(
+        "read the permitted capabilities",
+        caps::read(None, CapSet::Permitted),
+    )?;
+    let permitted: CapsHashSet = needs.permitted().intersection(&has).copied().collect();
+    let effective: CapsHashSet = needs.effective().intersection(&has).copied().collect();
+    // Only a thread that can change its user ID (CAP_SETUID, the FUSE server's) gets
+    // its effective set refilled, and only one with more permitted than effective minds.
+    let refillable = effective.contains(&Capability::CAP_SETUID) && permitted != effective;
+    KEEP_EFFECTIVE.with(|k| *k.borrow_mut() = refillable.then(|| effective.clone()));
     if change(
         "read the effective capabilities",
         caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP),
@@ -141,12 +151,34 @@ pub fn drop_all_but(needs: Needs) -> Result<(), CapsError> {
     // Effective first: it must stay a subset of the permitted set at every step.
     change(
         "set the effective capabilities",
-        caps::set(None, CapSet::Effective, &needs.effective()),
+        caps::set(None, CapSet::Effective, &effective),
     )?;
     change(
         "set the permitted capabilities",
         caps::set(None, CapSet::Permitted, &permitted),
     )
+}
+
+thread_local! {
+    /// The effective set [`drop_all_but`] left this thread with.
+    static KEEP_EFFECTIVE: std::cell::RefCell<Option<CapsHashSet>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Puts the calling thread's effective set back to what [`drop_all_but`] left: the
+/// kernel refills it from the permitted set whenever the thread's effective user ID
+/// returns to 0 (the FUSE server acting as a guest's user does that), which would make
+/// a capability kept only permitted (`CAP_NET_ADMIN`) effective. Nothing for a thread
+/// that did not drop, or whose set is as left.
+pub fn restore_effective() {
+    KEEP_EFFECTIVE.with(|k| {
+        let Some(keep) = &*k.borrow() else { return };
+        if caps::read(None, CapSet::Effective).is_ok_and(|now| now != *keep) {
+            if let Err(e) = caps::set(None, CapSet::Effective, keep) {
+                tracing::warn!("cannot lower the effective capabilities again: {e}");
+            }
+        }
+    });
 }
 
 /// Drops every capability of the calling thread (a vCPU or API thread): none of their

@@ -2,8 +2,9 @@
 //!
 //! A jailed VM process moves itself into a group of its own before it builds the VM
 //! (every thread it starts, and every process, is in it): forkvm's `forkvm/<VM ID>`, or
-//! a container's `cgroupsPath`. The group's `memory.max` covers guest RAM and the VMM's
-//! own memory, `pids.max` its threads and helper processes. Guest RAM pages are charged
+//! a container's `cgroupsPath`. The group's `memory.max` covers the guest memory the VM
+//! may hold (its RAM and the overlays its fork children map) and the VMM's own memory,
+//! `pids.max` its threads and helper processes. Guest RAM pages are charged
 //! to the group of the VM that first touched them: a fork child is charged only for the
 //! pages it copies, its parent (or template) for the ones they share.
 //!
@@ -71,12 +72,12 @@ pub struct CgroupSpec {
 }
 
 impl CgroupSpec {
-    /// forkvm's own group for VM `id` with `ram` bytes of guest memory: RAM plus
-    /// [`VMM_OVERHEAD`], [`DEFAULT_PIDS_MAX`] tasks.
-    pub fn for_vm(id: &str, ram: u64) -> Self {
+    /// forkvm's own group for VM `id` that may hold `guest_memory` bytes of guest memory:
+    /// that plus [`VMM_OVERHEAD`], [`DEFAULT_PIDS_MAX`] tasks.
+    pub fn for_vm(id: &str, guest_memory: u64) -> Self {
         Self {
             path: Path::new(FORKVM_GROUP).join(id),
-            memory_max: Some(ram.saturating_add(VMM_OVERHEAD)),
+            memory_max: Some(guest_memory.saturating_add(VMM_OVERHEAD)),
             pids_max: Some(DEFAULT_PIDS_MAX),
         }
     }
@@ -184,10 +185,23 @@ impl Cgroup {
                 Err(e) => return Err(io("make the cgroup", &dir)(e)),
             }
         }
-        let limits = [("memory.max", spec.memory_max), ("pids.max", spec.pids_max)];
-        for (file, limit) in limits {
-            if let Some(limit) = limit {
+        // A limit whose controller the host does not give this group (memory turned off
+        // at boot, a parent that holds processes) is not set, and said.
+        let controllers = std::fs::read_to_string(dir.join("cgroup.controllers"))
+            .map_err(io("read", &dir.join("cgroup.controllers")))?;
+        let limits = [
+            ("memory", "memory.max", spec.memory_max),
+            ("pids", "pids.max", spec.pids_max),
+        ];
+        for (controller, file, limit) in limits {
+            let Some(limit) = limit else { continue };
+            if controllers.split_whitespace().any(|c| c == controller) {
                 write_file(&dir.join(file), &limit.to_string(), "set")?;
+            } else {
+                tracing::warn!(
+                    "{}: no {controller} controller here, {file} not set",
+                    dir.display()
+                );
             }
         }
         write_file(&dir.join("cgroup.procs"), "0", "join")?;
@@ -207,14 +221,7 @@ impl Cgroup {
     /// group stays (and is reported) if something still runs in it after `wait`.
     pub fn remove(self, wait: std::time::Duration) {
         let exited = self.root.join(FORKVM_GROUP).join("exited");
-        let moved = std::fs::create_dir(&exited)
-            .or_else(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
+        let moved = std::fs::create_dir_all(&exited)
             .map_err(io("make the cgroup", &exited))
             .and_then(|()| write_file(&exited.join("cgroup.procs"), "0", "join"));
         if let Err(e) = moved {

@@ -126,10 +126,11 @@ pub struct Jail {
 }
 
 impl Jail {
-    /// Enters the jail `spec` describes, for VM `id` with `ram` bytes of guest memory:
+    /// Enters the jail `spec` describes, for VM `id` that may hold `guest_memory` bytes of
+    /// guest memory (its RAM, and what its forks make it keep):
     /// cgroup, `no_new_privs`, the process's seccomp filter (see the crate doc). Call it
     /// before the VM is built; `None` for a VM that is not jailed.
-    pub fn enter(spec: &JailSpec, id: &str, ram: u64) -> Result<Option<Self>, JailError> {
+    pub fn enter(spec: &JailSpec, id: &str, guest_memory: u64) -> Result<Option<Self>, JailError> {
         set_enabled(spec.enabled);
         if !spec.enabled {
             return Ok(None);
@@ -137,24 +138,25 @@ impl Jail {
         let cgroup_spec = spec
             .cgroup
             .clone()
-            .unwrap_or_else(|| CgroupSpec::for_vm(id, ram));
+            .unwrap_or_else(|| CgroupSpec::for_vm(id, guest_memory));
         let cgroup = match Cgroup::join(&cgroup_spec) {
             Ok(c) => Some(c),
-            // A host without cgroup v2 (v1 only): no limits of forkvm's, said once.
-            Err(CgroupError::NoHierarchy) => {
-                tracing::warn!("{}; the VM runs without one", CgroupError::NoHierarchy);
+            // The engine's group (a container's cgroupsPath) is the container's: required.
+            Err(e) if spec.cgroup.is_some() => return Err(e.into()),
+            // forkvm's own where the host has none to give (cgroup v1 only, a read-only
+            // or delegated-away hierarchy, a user who cannot make groups): the VM runs
+            // without one, and `forkvm inspect` shows it.
+            Err(e) => {
+                tracing::info!(
+                    "the VM process has no cgroup of its own: {}",
+                    error_chain(&e)
+                );
                 None
             }
-            // A user without a group of its own to hand out (not root) has no cgroup.
-            Err(CgroupError::Io { ref source, .. })
-                if source.kind() == std::io::ErrorKind::PermissionDenied && !is_root() =>
-            {
-                tracing::info!("not in a cgroup of its own: this user cannot make one");
-                None
-            }
-            Err(e) => return Err(e.into()),
         };
         if spec.filter_inherited {
+            // Its trap still writes the line, in this process too.
+            seccomp::install_sigsys_handler()?;
             seccomp::mark(ThreadKind::Process);
         } else {
             seccomp::apply(ThreadKind::Process)?;
@@ -174,17 +176,31 @@ impl Jail {
         self.cgroup.as_ref()
     }
 
-    /// The last thing the process does: leaves its cgroup and removes it.
+    /// The last thing the process does: leaves its cgroup and removes it (as dropping
+    /// the jail does, on any way out).
     pub fn leave(self) {
-        if let Some(c) = self.cgroup {
+        drop(self);
+    }
+}
+
+impl Drop for Jail {
+    fn drop(&mut self) {
+        if let Some(c) = self.cgroup.take() {
             c.remove(std::time::Duration::from_secs(2));
         }
     }
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+/// `e` and its causes on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 /// What the kernel says of a process's confinement.

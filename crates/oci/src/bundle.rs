@@ -37,7 +37,7 @@
 //! | `linux.resources.memory.limit` | [`ContainerPlan::mem_mib`] | rounded up to MiB, at least 128; absent or not positive (`-1`: unlimited) → 512 |
 //! | `linux.resources.cpu.quota`/`period` | [`ContainerPlan::vcpus`] | `ceil(quota / period)` (period defaults to 100 000 µs) |
 //! | `linux.resources.cpu.cpus` | [`ContainerPlan::vcpus`] | when there is no quota: the number of CPUs in the cpuset; else 1 |
-//! | `linux.cgroupsPath`, `linux.resources.pids.limit` | [`ContainerPlan::cgroup`] | the VM process's cgroup (a path, or systemd's `slice:prefix:name`): `memory.max` = guest memory + the VMM's overhead, `pids.max` the limit (else 4096) |
+//! | `linux.cgroupsPath`, `linux.resources.pids.limit` | [`ContainerPlan::cgroup`] | the VM process's cgroup (a path, or systemd's `slice:prefix:name`): `memory.max` = the guest memory it may hold (its RAM and its forks' overlays) + the VMM's, `pids.max` the limit (else 4096) |
 //! | other `linux.resources`, `rootfsPropagation`, `mountLabel` | ignored | host cgroup/kernel details with no meaning inside the VM |
 //! | `annotations` | [`ContainerPlan::annotations`] | reported by `state` |
 //! | `hooks.prestart`, `createRuntime` | [`ContainerPlan::hooks`] | run by `create` as runc runs them, on the host, with the state (`pid`: the container's monitor) on stdin, before the VM boots |
@@ -768,7 +768,10 @@ impl Planner<'_> {
                     .filter(|&l| l > 0);
                 Some(CgroupSpec {
                     path,
-                    memory_max: Some((mem_mib << 20) + forkvm_jail::cgroup::VMM_OVERHEAD),
+                    memory_max: Some(
+                        forkvm_vmm::memory::guest_memory_budget(mem_mib << 20)
+                            + forkvm_jail::cgroup::VMM_OVERHEAD,
+                    ),
                     pids_max: Some(pids.unwrap_or(forkvm_jail::cgroup::DEFAULT_PIDS_MAX)),
                 })
             }

@@ -535,7 +535,8 @@ fn body() {
     assert!(jail.no_new_privs, "{jail:?}");
     assert_eq!(jail.cap_eff, "0000000000000000", "{jail:?}");
     assert_eq!(jail.cgroup.as_deref(), Some("/forkvm-e2e/c2"), "{jail:?}");
-    let memory_max = (256 << 20) + forkvm_jail::cgroup::VMM_OVERHEAD;
+    let memory_max =
+        forkvm_vmm::memory::guest_memory_budget(256 << 20) + forkvm_jail::cgroup::VMM_OVERHEAD;
     assert_eq!(jail.memory_max, Some(memory_max.to_string()), "{jail:?}");
     assert_eq!(jail.pids_max.as_deref(), Some("300"), "{jail:?}");
     let c2_group = Path::new(forkvm_jail::cgroup::ROOT).join("forkvm-e2e/c2");

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 use crate::fork::{ChildPayload, ForkChildError, ForkState};
+use crate::memory::guest_memory_budget;
 use crate::snapshot::ChildIdentity;
 use crate::warm::{prepare_in_background, Prepared, Staging, Warmup};
 
@@ -524,7 +525,8 @@ impl Launched {
             Some(entered) => entered.map_err(LaunchError::Jail),
             None => {
                 let ram = self.config().mem_mib << 20;
-                Jail::enter(&self.launch.jail, home.id(), ram).map_err(LaunchError::Jail)
+                Jail::enter(&self.launch.jail, home.id(), guest_memory_budget(ram))
+                    .map_err(LaunchError::Jail)
             }
         }
     }
@@ -606,7 +608,8 @@ impl Launched {
                     // Jailed while it waits, in a cgroup named by the staged ID: off the
                     // fork's way. A jail it cannot enter fails its launch.
                     if let (Some(spec), Some(s)) = (&w.jail, &staged) {
-                        jailed = Some(Jail::enter(spec, &s.staging.id, s.staging.mem_mib << 20));
+                        let budget = guest_memory_budget(s.staging.mem_mib << 20);
+                        jailed = Some(Jail::enter(spec, &s.staging.id, budget));
                     }
                     // A VM that cannot be prepared is made at restore instead, where
                     // its error reaches the fork.

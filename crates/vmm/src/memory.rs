@@ -211,6 +211,14 @@ pub fn pages_to_extents(pages: &[u64], base_offset: u64) -> Vec<Extent> {
 
 /// Most overlays a VM's memory stacks before a fork merges them into one.
 pub const MAX_OVERLAYS: usize = 4;
+/// The guest memory a VM of `ram` bytes may hold at once, as its cgroup's budget: its
+/// RAM, the overlays of dirtied pages its fork children map, and the one a merge makes
+/// while the old ones are still mapped. (Overlay pages are charged to the VM that
+/// copied them, as long as any child maps them.)
+pub fn guest_memory_budget(ram: u64) -> u64 {
+    ram.saturating_mul(MAX_OVERLAYS as u64 + 2)
+}
+
 /// Most extents a VM's overlays hold together (each is one mapping in every child),
 /// and the most one merged overlay is cut into.
 pub const MAX_EXTENTS: usize = 1024;

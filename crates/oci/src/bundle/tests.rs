@@ -214,7 +214,9 @@ fn cgroups_path_and_limits_name_the_vm_process_group() {
     assert_eq!(cgroup.path, Path::new("system.slice/docker-abc.scope"));
     assert_eq!(
         cgroup.memory_max,
-        Some((512 << 20) + forkvm_jail::cgroup::VMM_OVERHEAD),
+        Some(
+            forkvm_vmm::memory::guest_memory_budget(512 << 20) + forkvm_jail::cgroup::VMM_OVERHEAD
+        ),
         "guest memory and the VMM's"
     );
     assert_eq!(cgroup.pids_max, Some(64));

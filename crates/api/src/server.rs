@@ -340,12 +340,22 @@ fn console_stream(shared: &Arc<Shared>, follow: bool) -> Reply {
         loop {
             match f.read(&mut buf).await {
                 Ok(0) => {
-                    // The log was cut (`forkvm_registry::ConsoleLog`): go on from its
-                    // new start.
-                    if f.metadata().await.is_ok_and(|m| m.len() < pos)
-                        && f.seek(std::io::SeekFrom::Start(0)).await.is_ok()
-                    {
-                        pos = 0;
+                    // The log was cut (`forkvm_registry::ConsoleLog`): go on after what
+                    // was sent, by the cut's mark line (from its start if some of what
+                    // was not sent yet was dropped).
+                    if f.metadata().await.is_ok_and(|m| m.len() < pos) {
+                        let mut head = [0u8; 128];
+                        let at = match f.seek(std::io::SeekFrom::Start(0)).await {
+                            Ok(_) => match f.read(&mut head).await {
+                                Ok(n) => forkvm_registry::position_after_cut(pos, &head[..n]),
+                                Err(_) => return,
+                            },
+                            Err(_) => return,
+                        };
+                        if f.seek(std::io::SeekFrom::Start(at)).await.is_err() {
+                            return;
+                        }
+                        pos = at;
                         continue;
                     }
                 }

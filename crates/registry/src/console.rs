@@ -4,8 +4,10 @@
 //! [`ConsoleLog`] appends the guest's serial output to `console.log` (which lives under
 //! the state root, by default on `/run`'s tmpfs: host memory). Once the file passes
 //! [`MAX_LOG`], its last [`KEEP_LOG`] bytes are moved to the front and the rest cut,
-//! behind a line saying so; readers that follow the file start over when it shrinks
-//! ([`tail`] and the API's console stream read only what they need).
+//! behind a line saying how much was dropped ([`cut_mark`]), with what other writers
+//! appended meanwhile; a reader that follows the file goes on after a cut where it was
+//! ([`position_after_cut`]); [`tail`] and the API's console stream read only what they
+//! need.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -18,8 +20,37 @@ pub const MAX_LOG: u64 = 16 << 20;
 pub const KEEP_LOG: u64 = 8 << 20;
 /// How much is written between two checks of the file's size.
 const CHECK_EVERY: u64 = 256 << 10;
-/// The line a cut log starts with.
-pub const CUT_MARK: &[u8] = b"[forkvm: console log cut here; earlier output dropped]\n";
+/// How a cut log's first line starts; [`cut_mark`] makes the whole line.
+const CUT_MARK_HEAD: &str = "[forkvm: console log cut here; earlier output dropped: ";
+/// Most of a file's end copied in one go after a cut: what other writers (the VM
+/// process's own log lines) appended while the log was being cut.
+const MAX_APPENDED: u64 = 1 << 20;
+
+/// The line a cut log starts with: `dropped` is where the kept output started in the
+/// file before the cut, so that a reader that had read up to offset `p` of it goes on
+/// at [`position_after_cut`] without reading anything twice.
+pub fn cut_mark(dropped: u64) -> Vec<u8> {
+    format!("{CUT_MARK_HEAD}{dropped} bytes]\n").into_bytes()
+}
+
+/// Where a reader that had read a console log up to offset `pos` goes on once the log
+/// was cut, given the cut log's first bytes `head`: just after what it had read, or
+/// from the start (the mark line first) when some of what it had not read yet was
+/// dropped; from the start, too, when `head` is no mark of ours.
+pub fn position_after_cut(pos: u64, head: &[u8]) -> u64 {
+    let Some(end) = head.iter().position(|&b| b == b'\n') else {
+        return 0;
+    };
+    let dropped = std::str::from_utf8(&head[..end])
+        .ok()
+        .and_then(|l| l.strip_prefix(CUT_MARK_HEAD))
+        .and_then(|l| l.strip_suffix(" bytes]"))
+        .and_then(|n| n.parse::<u64>().ok());
+    match dropped {
+        Some(dropped) if pos >= dropped => (end as u64 + 1) + (pos - dropped),
+        _ => 0,
+    }
+}
 
 /// A console log file that never grows much past [`MAX_LOG`].
 #[derive(Debug)]
@@ -71,17 +102,39 @@ impl ConsoleLog {
         if len <= self.max {
             return Ok(());
         }
+        self.cut_at(len)
+    }
+
+    /// Cuts the file, which was `len` bytes long when its size was read: to its last
+    /// `keep` bytes of those, then what was appended since.
+    fn cut_at(&mut self, len: u64) -> std::io::Result<()> {
         let Some(f) = &self.cutter else {
             return Ok(());
         };
-        let keep = self.keep.saturating_sub(CUT_MARK.len() as u64);
+        let keep = self.keep.saturating_sub(cut_mark(len).len() as u64);
         let mut tail = vec![0u8; keep as usize];
         f.read_exact_at(&mut tail, len - keep)?;
         // Start the kept part at a line.
         let start = tail.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
-        f.write_all_at(CUT_MARK, 0)?;
-        f.write_all_at(&tail[start..], CUT_MARK.len() as u64)?;
-        f.set_len((CUT_MARK.len() + tail.len() - start) as u64)
+        let mark = cut_mark(len - keep + start as u64);
+        f.write_all_at(&mark, 0)?;
+        f.write_all_at(&tail[start..], mark.len() as u64)?;
+        let mut end = (mark.len() + tail.len() - start) as u64;
+        // What other writers appended meanwhile goes after it, not away with the cut (a
+        // few tries; a line appended between the last look and the cut is lost).
+        let mut copied = len;
+        for _ in 0..4 {
+            let now = self.file.metadata()?.len();
+            if now <= copied {
+                break;
+            }
+            let mut more = vec![0u8; (now - copied).min(MAX_APPENDED) as usize];
+            f.read_exact_at(&mut more, copied)?;
+            f.write_all_at(&more, end)?;
+            end += more.len() as u64;
+            copied += more.len() as u64;
+        }
+        f.set_len(end)
     }
 }
 
@@ -148,7 +201,7 @@ mod tests {
             );
         }
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.starts_with(std::str::from_utf8(CUT_MARK).unwrap()));
+        assert!(text.starts_with(CUT_MARK_HEAD), "{}", &text[..80]);
         assert!(text.ends_with("line 00099999\n"), "the end is kept");
         // Whole lines after the mark, in order.
         let nums: Vec<u32> = text
@@ -158,6 +211,71 @@ mod tests {
             .collect();
         assert!(nums.windows(2).all(|w| w[1] == w[0] + 1));
         assert_eq!(tail(&path, 2), "line 00099998\nline 00099999");
+    }
+
+    #[test]
+    fn a_follower_goes_on_after_a_cut_without_reading_anything_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let (max, keep) = (64 << 10, 32 << 10);
+        let mut log = ConsoleLog::with_limits(appending(&path), max, keep);
+        let mut i = 0u32;
+        // A follower that has read everything up to the moment of the cut...
+        let mut seen = Vec::new();
+        let cut = loop {
+            writeln!(log, "line {i:08}").unwrap();
+            i += 1;
+            let now = std::fs::read(&path).unwrap();
+            if now.starts_with(CUT_MARK_HEAD.as_bytes()) {
+                break now;
+            }
+            seen = now;
+        };
+        // ...goes on just past the last line it read, and sees every line once.
+        let at = position_after_cut(seen.len() as u64, &cut) as usize;
+        let rest = std::str::from_utf8(&cut[at..]).unwrap();
+        let last_seen = std::str::from_utf8(&seen).unwrap().lines().last().unwrap();
+        let next: u32 = last_seen[5..].parse::<u32>().unwrap() + 1;
+        assert!(
+            rest.starts_with(&format!("line {next:08}\n")),
+            "{last_seen:?} then {:?}",
+            &rest[..rest.len().min(40)]
+        );
+        // One that had read less than what was dropped starts over, at the mark.
+        assert_eq!(position_after_cut(10, &cut), 0);
+        assert_eq!(position_after_cut(10, b"no mark\n"), 0);
+    }
+
+    #[test]
+    fn what_another_writer_appended_during_a_cut_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let (max, keep) = (64 << 10, 32 << 10);
+        let mut log = ConsoleLog::with_limits(appending(&path), max, keep);
+        // Fill past the limit without a check, as between two checks.
+        let line = [b'x'; 99];
+        let mut big = Vec::new();
+        while (big.len() as u64) < max + 1024 {
+            big.extend_from_slice(&line);
+            big.push(b'\n');
+        }
+        log.file().write_all_at(&big, 0).unwrap();
+        // The cut has read the size; then the process's own stderr appends a line to
+        // the same file (another fd)...
+        let len = log.file().metadata().unwrap().len();
+        appending(&path)
+            .write_all(b"the process's own line\n")
+            .unwrap();
+        // ...and the cut keeps it at the end.
+        log.cut_at(len).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(CUT_MARK_HEAD));
+        assert!(
+            text.ends_with("the process's own line\n"),
+            "{}",
+            &text[text.len() - 60..]
+        );
+        assert!(text.len() as u64 <= keep + 200);
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub mod liveness;
 pub mod state;
 pub mod time;
 
-pub use console::{tail, ConsoleLog};
+pub use console::{position_after_cut, tail, ConsoleLog};
 pub use error::Error;
 pub use home::{
     default_root, list, new_id, prune_staged, resolve, staged_dir, validate_name, Entry, VmHome,

@@ -47,6 +47,43 @@ pub struct Active {
 }
 
 impl Active {
+    /// Serves the chains waiting on queue `index`, at most
+    /// [`MAX_CHAINS_PER_EVENT`](super::MAX_CHAINS_PER_EVENT) of them: `serve` handles one
+    /// and says how many bytes it wrote into it; each goes to the used ring. A queue that
+    /// had more kicks itself for the rest, and the guest is interrupted for what was
+    /// used. Returns how many chains were served. `device` names the device in logs.
+    pub fn serve_chains<F>(&mut self, index: usize, device: &str, mut serve: F) -> usize
+    where
+        F: FnMut(&GuestMemory, virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
+    {
+        let mem = &self.mem;
+        let Some(aq) = self.queues.get_mut(index) else {
+            return 0;
+        };
+        let mut used_any = false;
+        let mut served = 0;
+        while served < super::MAX_CHAINS_PER_EVENT {
+            let Some(chain) = aq.queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            served += 1;
+            let head = chain.head_index();
+            let written = serve(mem, chain);
+            match aq.queue.add_used(mem, head, written) {
+                Ok(()) => used_any = true,
+                Err(e) => crate::guest_error!(device, error = %e, "cannot add a used buffer"),
+            }
+        }
+        if served == super::MAX_CHAINS_PER_EVENT && aq.queue.is_valid(mem) {
+            // More may be waiting: come back after the other devices' events.
+            aq.rekick(device);
+        }
+        if used_any {
+            self.notify_used(index, device);
+        }
+        served
+    }
+
     /// Interrupts the guest for the used buffers of queue `index`, unless its driver
     /// suppressed that (event index). When the suppression cannot be read the guest is
     /// interrupted anyway: a spurious interrupt is harmless, a missing one hangs the

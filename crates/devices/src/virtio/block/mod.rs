@@ -16,7 +16,6 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use request::SECTOR_SIZE;
@@ -207,30 +206,11 @@ impl Block {
             capacity_sectors: self.capacity,
             id: &self.id,
         };
-        let mem = &active.mem;
-        let queue = &mut active.queues[0].queue;
-        let mut used_any = false;
-        let mut served = 0;
-        while served < super::MAX_CHAINS_PER_EVENT {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
-            served += 1;
-            let head = chain.head_index();
+        let buf = &mut self.buf;
+        active.serve_chains(0, "virtio-blk", |mem, chain| {
             let descs: Vec<_> = chain.collect();
-            let used_len = request::execute(mem, &disk, &descs, &mut self.buf);
-            if let Err(e) = queue.add_used(mem, head, used_len) {
-                crate::guest_error!(error = %e, "virtio-blk: cannot add a used buffer");
-                continue;
-            }
-            used_any = true;
-        }
-        if served == super::MAX_CHAINS_PER_EVENT {
-            active.queues[0].rekick("virtio-blk");
-        }
-        if used_any {
-            active.notify_used(0, "virtio-blk");
-        }
+            request::execute(mem, &disk, &descs, buf)
+        });
     }
 }
 

@@ -43,7 +43,7 @@ use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::DescriptorChain;
 
 use super::activation::Activation;
 use super::{device_type, read_config_bytes, VirtioDevice};
@@ -294,35 +294,14 @@ impl Fs {
         let Some(active) = activation.active_mut() else {
             return 0;
         };
-        let mem = &active.mem;
-        let Some(aq) = active.queues.get_mut(index) else {
-            return 0;
-        };
-        let mut served = 0;
-        while served < MAX_CHAINS_PER_EVENT {
-            let Some(chain) = aq.queue.pop_descriptor_chain(mem) else {
-                break;
-            };
-            served += 1;
-            let head = chain.head_index();
+        active.serve_chains(index, "virtio-fs", |mem, chain| {
             // What the guest sent is the guest's business: logged at debug, so a guest
             // cannot fill the host's logs with bad requests.
-            let written = serve(server, mem, chain).unwrap_or_else(|e| {
+            serve(server, mem, chain).unwrap_or_else(|e| {
                 debug!(queue = index, "virtio-fs: a request failed: {e}");
                 0
-            });
-            if let Err(e) = aq.queue.add_used(mem, head, written) {
-                crate::guest_error!(error = %e, "virtio-fs: cannot add a used buffer");
-            }
-        }
-        if served == MAX_CHAINS_PER_EVENT && aq.queue.is_valid(mem) {
-            // More may be waiting: come back after the other devices' events.
-            aq.rekick("virtio-fs");
-        }
-        if served > 0 {
-            active.notify_used(index, "virtio-fs");
-        }
-        served
+            })
+        })
     }
 }
 

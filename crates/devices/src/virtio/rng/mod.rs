@@ -7,7 +7,6 @@
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::QueueT;
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -66,16 +65,8 @@ impl Rng {
         let Some(active) = self.activation.active_mut() else {
             return;
         };
-        let mem = &active.mem;
-        let queue = &mut active.queues[0].queue;
-        let mut used_any = false;
-        let mut served = 0;
-        while served < super::MAX_CHAINS_PER_EVENT {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
-            served += 1;
-            let head = chain.head_index();
+        let buf = &mut self.buf;
+        active.serve_chains(0, "virtio-rng", |mem, chain| {
             let mut written: u32 = 0;
             for desc in chain {
                 if !desc.is_write_only() {
@@ -86,30 +77,20 @@ impl Rng {
                 if len == 0 {
                     break;
                 }
-                self.buf.resize(len, 0);
-                if let Err(e) = getrandom::fill(&mut self.buf) {
+                buf.resize(len, 0);
+                if let Err(e) = getrandom::fill(buf) {
                     crate::guest_error!(error = %e, "virtio-rng: getrandom failed");
                     break;
                 }
-                if let Err(e) = mem.write_slice(&self.buf, desc.addr()) {
+                if let Err(e) = mem.write_slice(buf, desc.addr()) {
                     crate::guest_warn!(error = %e, "virtio-rng: descriptor outside guest memory");
                     break;
                 }
                 // `len` is at most MAX_BYTES_PER_REQUEST, which fits a u32.
                 written += len as u32;
             }
-            if let Err(e) = queue.add_used(mem, head, written) {
-                crate::guest_error!(error = %e, "virtio-rng: cannot add a used buffer");
-                continue;
-            }
-            used_any = true;
-        }
-        if served == super::MAX_CHAINS_PER_EVENT {
-            active.queues[0].rekick("virtio-rng");
-        }
-        if used_any {
-            active.notify_used(0, "virtio-rng");
-        }
+            written
+        });
     }
 }
 

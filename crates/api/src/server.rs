@@ -335,23 +335,38 @@ fn console_stream(shared: &Arc<Shared>, follow: bool) -> Reply {
         let Ok(mut f) = tokio::fs::File::open(&path).await else {
             return;
         };
+        // The log's first bytes (its cut mark, if any) and where in it this is.
+        async fn head(f: &mut tokio::fs::File) -> Option<[u8; 128]> {
+            let mut head = [0u8; 128];
+            f.seek(std::io::SeekFrom::Start(0)).await.ok()?;
+            let n = f.read(&mut head).await.ok()?;
+            head[n..].fill(0);
+            Some(head)
+        }
         let mut buf = vec![0u8; 64 * 1024];
+        let Some(first) = head(&mut f).await else {
+            return;
+        };
+        if f.seek(std::io::SeekFrom::Start(0)).await.is_err() {
+            return;
+        }
         let mut pos = 0u64;
+        // What cuts had dropped before this file's first kept byte, and its mark's length.
+        let (mut dropped, mut mark) = forkvm_registry::console::cut_head(&first);
         loop {
             match f.read(&mut buf).await {
                 Ok(0) => {
                     // The log was cut (`forkvm_registry::ConsoleLog`): go on after what
-                    // was sent, by the cut's mark line (from its start if some of what
-                    // was not sent yet was dropped).
+                    // was sent, by the new mark (from the start, mark line first, if
+                    // some of what was not sent yet was dropped).
                     if f.metadata().await.is_ok_and(|m| m.len() < pos) {
-                        let mut head = [0u8; 128];
-                        let at = match f.seek(std::io::SeekFrom::Start(0)).await {
-                            Ok(_) => match f.read(&mut head).await {
-                                Ok(n) => forkvm_registry::position_after_cut(pos, &head[..n]),
-                                Err(_) => return,
-                            },
-                            Err(_) => return,
-                        };
+                        let Some(h) = head(&mut f).await else { return };
+                        let sent = dropped + pos.saturating_sub(mark);
+                        let len = f.metadata().await.map_or(0, |m| m.len());
+                        let at = forkvm_registry::position_after_cut(sent, &h)
+                            .unwrap_or(0)
+                            .min(len);
+                        (dropped, mark) = forkvm_registry::console::cut_head(&h);
                         if f.seek(std::io::SeekFrom::Start(at)).await.is_err() {
                             return;
                         }

@@ -168,8 +168,9 @@ thread_local! {
 /// Puts the calling thread's effective set back to what [`drop_all_but`] left: the
 /// kernel refills it from the permitted set whenever the thread's effective user ID
 /// returns to 0 (the FUSE server acting as a guest's user does that), which would make
-/// a capability kept only permitted (`CAP_NET_ADMIN`) effective. Nothing for a thread
-/// that did not drop, or whose set is as left.
+/// a capability kept only permitted (`CAP_NET_ADMIN`) effective: the FUSE server calls it
+/// after each request. Nothing for a thread that did not drop, or cannot change its
+/// user ID.
 pub fn restore_effective() {
     KEEP_EFFECTIVE.with(|k| {
         let Some(keep) = &*k.borrow() else { return };

@@ -176,15 +176,30 @@ impl Cgroup {
         // Each parent hands the controllers down; one that holds processes itself
         // cannot (the engine's own groups are made ready by the engine).
         let mut dir = root.to_owned();
+        let mut made = false;
         for part in spec.path.components() {
             enable_controllers(&dir);
             dir.push(part);
-            match std::fs::create_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            made = match std::fs::create_dir(&dir) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
                 Err(e) => return Err(io("make the cgroup", &dir)(e)),
-            }
+            };
         }
+        // A group this call made goes again if it cannot be joined as asked.
+        Self::limit_and_join(&dir, spec).inspect_err(|_| {
+            if made {
+                let _ = std::fs::remove_dir(&dir);
+            }
+        })?;
+        Ok(Self {
+            root: root.to_owned(),
+            dir,
+        })
+    }
+
+    /// Sets `spec`'s limits on the group `dir` and moves this process into it.
+    fn limit_and_join(dir: &Path, spec: &CgroupSpec) -> Result<(), CgroupError> {
         // A limit whose controller the host does not give this group (memory turned off
         // at boot, a parent that holds processes) is not set, and said.
         let controllers = std::fs::read_to_string(dir.join("cgroup.controllers"))
@@ -204,11 +219,7 @@ impl Cgroup {
                 );
             }
         }
-        write_file(&dir.join("cgroup.procs"), "0", "join")?;
-        Ok(Self {
-            root: root.to_owned(),
-            dir,
-        })
+        write_file(&dir.join("cgroup.procs"), "0", "join")
     }
 
     /// The group's directory.

@@ -146,9 +146,15 @@ impl Jail {
             // forkvm's own where the host has none to give (cgroup v1 only, a read-only
             // or delegated-away hierarchy, a user who cannot make groups): the VM runs
             // without one, and `forkvm inspect` shows it.
+            // (A host with no cgroup v2 at all is said at info level: there it is the
+            // host's choice, not a fault.)
+            Err(e @ CgroupError::NoHierarchy) => {
+                tracing::info!("the VM process has no cgroup of its own: {e}");
+                None
+            }
             Err(e) => {
-                tracing::info!(
-                    "the VM process has no cgroup of its own: {}",
+                tracing::warn!(
+                    "the VM process has no cgroup of its own (it stays in its launcher's): {}",
                     error_chain(&e)
                 );
                 None

@@ -26,30 +26,34 @@ const CUT_MARK_HEAD: &str = "[forkvm: console log cut here; earlier output dropp
 /// process's own log lines) appended while the log was being cut.
 const MAX_APPENDED: u64 = 1 << 20;
 
-/// The line a cut log starts with: `dropped` is where the kept output started in the
-/// file before the cut, so that a reader that had read up to offset `p` of it goes on
-/// at [`position_after_cut`] without reading anything twice.
+/// The line a cut log starts with: `dropped` is how many bytes of output all cuts of
+/// this log have dropped before its first kept byte (counted over the log's whole life,
+/// so that a reader can tell where it is whatever cuts it missed).
 pub fn cut_mark(dropped: u64) -> Vec<u8> {
     format!("{CUT_MARK_HEAD}{dropped} bytes]\n").into_bytes()
 }
 
-/// Where a reader that had read a console log up to offset `pos` goes on once the log
-/// was cut, given the cut log's first bytes `head`: just after what it had read, or
-/// from the start (the mark line first) when some of what it had not read yet was
-/// dropped; from the start, too, when `head` is no mark of ours.
-pub fn position_after_cut(pos: u64, head: &[u8]) -> u64 {
+/// What a console log's first bytes `head` say of it: how many bytes of output cuts have
+/// dropped before its first kept byte, and how long the mark line saying so is; `(0, 0)`
+/// for a log never cut (or a first line that is no mark of ours).
+pub fn cut_head(head: &[u8]) -> (u64, u64) {
     let Some(end) = head.iter().position(|&b| b == b'\n') else {
-        return 0;
+        return (0, 0);
     };
-    let dropped = std::str::from_utf8(&head[..end])
+    std::str::from_utf8(&head[..end])
         .ok()
         .and_then(|l| l.strip_prefix(CUT_MARK_HEAD))
         .and_then(|l| l.strip_suffix(" bytes]"))
-        .and_then(|n| n.parse::<u64>().ok());
-    match dropped {
-        Some(dropped) if pos >= dropped => (end as u64 + 1) + (pos - dropped),
-        _ => 0,
-    }
+        .and_then(|n| n.parse::<u64>().ok())
+        .map_or((0, 0), |dropped| (dropped, end as u64 + 1))
+}
+
+/// Where, in a console log whose first bytes are `head`, the output that starts at
+/// `offset` (counted over the log's whole life, cuts included: see [`cut_head`]) is;
+/// `None` when a cut dropped it.
+pub fn position_after_cut(offset: u64, head: &[u8]) -> Option<u64> {
+    let (dropped, mark) = cut_head(head);
+    offset.checked_sub(dropped).map(|kept| mark + kept)
 }
 
 /// A console log file that never grows much past [`MAX_LOG`].
@@ -111,12 +115,17 @@ impl ConsoleLog {
         let Some(f) = &self.cutter else {
             return Ok(());
         };
-        let keep = self.keep.saturating_sub(cut_mark(len).len() as u64);
+        // What earlier cuts dropped, from this file's own mark.
+        let mut head = [0u8; 128];
+        let n = f.read_at(&mut head, 0)?;
+        let (dropped_before, old_mark) = cut_head(&head[..n]);
+        let keep = self.keep.saturating_sub(cut_mark(u64::MAX).len() as u64);
         let mut tail = vec![0u8; keep as usize];
         f.read_exact_at(&mut tail, len - keep)?;
         // Start the kept part at a line.
         let start = tail.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
-        let mark = cut_mark(len - keep + start as u64);
+        let first_kept = len - keep + start as u64;
+        let mark = cut_mark(dropped_before + (first_kept - old_mark));
         f.write_all_at(&mark, 0)?;
         f.write_all_at(&tail[start..], mark.len() as u64)?;
         let mut end = (mark.len() + tail.len() - start) as u64;
@@ -214,36 +223,52 @@ mod tests {
     }
 
     #[test]
-    fn a_follower_goes_on_after_a_cut_without_reading_anything_twice() {
+    fn a_follower_goes_on_after_cuts_without_reading_anything_twice() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.log");
-        let (max, keep) = (64 << 10, 32 << 10);
+        // Kept more than is written between two looks at the size (256 KiB).
+        let (max, keep) = (512 << 10, 400 << 10);
         let mut log = ConsoleLog::with_limits(appending(&path), max, keep);
         let mut i = 0u32;
-        // A follower that has read everything up to the moment of the cut...
-        let mut seen = Vec::new();
-        let cut = loop {
-            writeln!(log, "line {i:08}").unwrap();
-            i += 1;
-            let now = std::fs::read(&path).unwrap();
-            if now.starts_with(CUT_MARK_HEAD.as_bytes()) {
-                break now;
-            }
-            seen = now;
+        let head = || {
+            let mut h = [0u8; 128];
+            let n = File::open(&path).unwrap().read_at(&mut h, 0).unwrap();
+            cut_head(&h[..n]).0
         };
-        // ...goes on just past the last line it read, and sees every line once.
-        let at = position_after_cut(seen.len() as u64, &cut) as usize;
-        let rest = std::str::from_utf8(&cut[at..]).unwrap();
-        let last_seen = std::str::from_utf8(&seen).unwrap().lines().last().unwrap();
-        let next: u32 = last_seen[5..].parse::<u32>().unwrap() + 1;
-        assert!(
-            rest.starts_with(&format!("line {next:08}\n")),
-            "{last_seen:?} then {:?}",
-            &rest[..rest.len().min(40)]
-        );
-        // One that had read less than what was dropped starts over, at the mark.
-        assert_eq!(position_after_cut(10, &cut), 0);
-        assert_eq!(position_after_cut(10, b"no mark\n"), 0);
+        // Writes lines until the log is cut again; returns it as the cut left it.
+        let mut write_until_cut = || {
+            let before = head();
+            loop {
+                writeln!(log, "line {i:08}").unwrap();
+                i += 1;
+                if head() != before {
+                    return std::fs::read(&path).unwrap();
+                }
+            }
+        };
+        let lines = |bytes: &[u8]| -> Vec<u32> {
+            std::str::from_utf8(bytes)
+                .unwrap()
+                .lines()
+                .filter_map(|l| l.strip_prefix("line ").map(|n| n.parse().unwrap()))
+                .collect()
+        };
+        // A follower reads the log as the first cut left it, to its end...
+        let first = write_until_cut();
+        let (dropped, mark) = cut_head(&first);
+        assert!(dropped > 0 && mark > 0);
+        let read = dropped + (first.len() as u64 - mark);
+        let last_read = *lines(&first).last().unwrap();
+        // ...then misses a second cut: it goes on at the line after its last one.
+        let second = write_until_cut();
+        assert!(cut_head(&second).0 > dropped, "counted over both cuts");
+        let at = position_after_cut(read, &second).expect("still kept") as usize;
+        assert_eq!(lines(&second[at..])[0], last_read + 1);
+        // One that had read less than the cuts dropped starts over, at the mark.
+        assert_eq!(position_after_cut(10, &second), None);
+        // A log never cut: offsets are the file's.
+        assert_eq!(position_after_cut(10, b"line 1\n"), Some(10));
+        assert_eq!(cut_head(b"line 1\n"), (0, 0));
     }
 
     #[test]

@@ -462,6 +462,8 @@ pub struct Launched {
     /// The jail it entered while it waited warm (`Ok(None)`: not jailed), or why it could
     /// not; `None`: it enters the launch's.
     jailed: Option<Result<Option<Jail>, forkvm_jail::JailError>>,
+    /// The spec of that jail.
+    warm_jail: Option<JailSpec>,
     /// When a staged home was published (its creation time to record).
     published_at_ms: Option<u64>,
     /// When the launch arrived (for a warm process: after its wait).
@@ -521,7 +523,13 @@ impl Launched {
     /// Enters the VM process's jail (see `forkvm_jail`) for the registered `home`: the
     /// one it entered while it waited warm, or the launch's.
     pub fn enter_jail(&mut self, home: &VmHome) -> Result<Option<Jail>, LaunchError> {
-        match self.jailed.take() {
+        // The warm-up's jail is this VM's only when its staged home became the VM's (the
+        // group is named by that ID and sized by that shape) and the launch asks for the
+        // same; otherwise it goes (dropping it leaves and removes its group).
+        let warm = self.jailed.take().filter(|_| {
+            self.published_at_ms.is_some() && self.warm_jail.as_ref() == Some(&self.launch.jail)
+        });
+        match warm {
             Some(entered) => entered.map_err(LaunchError::Jail),
             None => {
                 let ram = self.config().mem_mib << 20;
@@ -567,6 +575,7 @@ impl Launched {
         let mut prepared = None;
         let mut staged: Option<Staged> = None;
         let mut jailed: Option<Result<Option<Jail>, forkvm_jail::JailError>> = None;
+        let mut warm_jail = None;
         let mut warm = false;
         loop {
             let (blob, files) = match forkvm_snapshot::recv_blob(&sock, MAX_LAUNCH_PAYLOAD) {
@@ -608,6 +617,7 @@ impl Launched {
                     // Jailed while it waits, in a cgroup named by the staged ID: off the
                     // fork's way. A jail it cannot enter fails its launch.
                     if let (Some(spec), Some(s)) = (&w.jail, &staged) {
+                        warm_jail = Some(spec.clone());
                         let budget = guest_memory_budget(s.staging.mem_mib << 20);
                         jailed = Some(Jail::enter(spec, &s.staging.id, budget));
                     }
@@ -647,6 +657,7 @@ impl Launched {
                         prepared,
                         staged,
                         jailed,
+                        warm_jail,
                         published_at_ms: None,
                         received,
                     });

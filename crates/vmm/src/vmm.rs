@@ -398,9 +398,6 @@ impl Vmm {
     pub fn run(&mut self) -> Result<ExitReason, VmmError> {
         loop {
             self.events.run().map_err(VmmError::EventLoop)?;
-            // A shared directory's server may have acted as a guest's user and back: the
-            // kernel then made every permitted capability effective again.
-            forkvm_jail::caps::restore_effective();
             while let Ok((req, deadline, reply)) = self.control.rx.try_recv() {
                 // Its caller has given up and answered for it: not carried out late,
                 // behind the caller's back.

@@ -297,10 +297,14 @@ impl Fs {
         active.serve_chains(index, "virtio-fs", |mem, chain| {
             // What the guest sent is the guest's business: logged at debug, so a guest
             // cannot fill the host's logs with bad requests.
-            serve(server, mem, chain).unwrap_or_else(|e| {
+            let written = serve(server, mem, chain).unwrap_or_else(|e| {
                 debug!(queue = index, "virtio-fs: a request failed: {e}");
                 0
-            })
+            });
+            // The server may have acted as a guest's user and back: the kernel then made
+            // every permitted capability effective again (CAP_NET_ADMIN included).
+            forkvm_jail::caps::restore_effective();
+            written
         })
     }
 }

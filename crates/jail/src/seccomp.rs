@@ -573,6 +573,15 @@ fn filters(kind: ThreadKind) -> Result<&'static [BpfProgram], SeccompError> {
         .map_err(|e| SeccompError::Build(e.clone()))
 }
 
+/// Builds every kind's filters now (each is built once per process, on first use): in a
+/// process that will start a VM later (a fork pool's zygote, a warm process), so that
+/// the build is not on the fork's way. Errors wait for the filter's use.
+pub fn prepare() {
+    for kind in [ThreadKind::Process, ThreadKind::Vcpu, ThreadKind::Api] {
+        let _ = filters(kind);
+    }
+}
+
 /// Puts the calling thread under the filters of `kind`, for good (with `no_new_privs`):
 /// [`ThreadKind::Process`] on every thread of the process at once, the others on the
 /// calling thread only, stacked on what it has.

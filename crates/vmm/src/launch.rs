@@ -621,6 +621,9 @@ impl Launched {
                         let budget = guest_memory_budget(s.staging.mem_mib << 20);
                         jailed = Some(Jail::enter(spec, &s.staging.id, budget));
                     }
+                    // Its seccomp filters built now, not on the fork's way (a zygote's
+                    // processes have them already).
+                    forkvm_jail::seccomp::prepare();
                     // A VM that cannot be prepared is made at restore instead, where
                     // its error reaches the fork.
                     prepared = prepare_in_background(&w)

@@ -106,6 +106,8 @@ fn answer_failure(sock: &UnixStream) {
 /// Must run while the process has a single thread.
 pub(crate) fn serve(sock: UnixStream) -> Result<UnixStream, LaunchError> {
     set_name(c"forkvm-zygote");
+    // Every warm process it forks starts with the seccomp filters built.
+    forkvm_jail::seccomp::prepare();
     loop {
         let (_, mut files) = match forkvm_snapshot::recv_blob(&sock, 0) {
             Err(forkvm_snapshot::TransferError::Closed) => return Err(LaunchError::Abandoned),

@@ -363,7 +363,11 @@ fn console_stream(shared: &Arc<Shared>, follow: bool) -> Reply {
                         let Some(h) = head(&mut f).await else { return };
                         let sent = dropped + pos.saturating_sub(mark);
                         let len = f.metadata().await.map_or(0, |m| m.len());
+                        // A file that shrank without a mark of ours (replaced, truncated
+                        // by hand) is read again from its start.
+                        let marked = forkvm_registry::console::cut_head(&h) != (0, 0);
                         let at = forkvm_registry::position_after_cut(sent, &h)
+                            .filter(|_| marked)
                             .unwrap_or(0)
                             .min(len);
                         (dropped, mark) = forkvm_registry::console::cut_head(&h);
@@ -401,8 +405,77 @@ fn console_stream(shared: &Arc<Shared>, follow: bool) -> Reply {
     r
 }
 
-/// Answers one request.
+/// Who is on the other end of an API connection, as the kernel says (`SO_PEERCRED`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Caller {
+    /// Root, or the user the VM process runs as: it may name any path in a request (it
+    /// could write there itself).
+    Owner,
+    /// Another user (a platform handed the socket to a tenant): paths it names for the
+    /// VMM to create, truncate or unlink must lie in the VM's home.
+    Other(u32),
+}
+
+impl Caller {
+    /// The caller of uid `uid` (`None`: unknown, treated as another user).
+    pub(crate) fn of(uid: Option<u32>) -> Self {
+        // SAFETY: geteuid has no preconditions.
+        let own = unsafe { libc::geteuid() };
+        match uid {
+            Some(0) => Caller::Owner,
+            Some(u) if u == own => Caller::Owner,
+            other => Caller::Other(other.unwrap_or(u32::MAX)),
+        }
+    }
+}
+
+/// Refuses (with the message of a `403 forbidden`) a path `field` of a request names for
+/// the VMM to create, truncate or unlink (a child's console or vsock socket, a template
+/// directory) when `caller` may not name it: another user's must be absolute, without
+/// `..`, in the VM's home.
+fn check_request_path(
+    shared: &Shared,
+    caller: Caller,
+    field: &str,
+    path: &std::path::Path,
+) -> Result<(), String> {
+    let Caller::Other(uid) = caller else {
+        return Ok(());
+    };
+    let home = shared.home.dir();
+    let plain = path.components().all(|c| {
+        matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::RootDir
+        )
+    });
+    if path.is_absolute() && plain && path.starts_with(home) && path != home {
+        return Ok(());
+    }
+    Err(format!(
+        "{field} {} is outside this VM's directory {}: a caller other than the VM's owner \
+         (uid {uid}) may name only paths there",
+        path.display(),
+        home.display()
+    ))
+}
+
+/// Answers one request of the VM's owner.
+#[cfg(test)]
 pub(crate) async fn handle<B>(shared: Arc<Shared>, req: hyper::Request<B>) -> Reply
+where
+    B: Body,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    handle_as(shared, Caller::Owner, req).await
+}
+
+/// Answers one request of `caller`.
+pub(crate) async fn handle_as<B>(
+    shared: Arc<Shared>,
+    caller: Caller,
+    req: hyper::Request<B>,
+) -> Reply
 where
     B: Body,
     B::Error: std::error::Error + Send + Sync + 'static,
@@ -463,7 +536,7 @@ where
             Ok(follow) => console_stream(&shared, follow),
             Err(e) => error_reply(StatusCode::BAD_REQUEST, "bad_request", e),
         },
-        _ => change(&shared, &path, &body).await,
+        _ => change(&shared, caller, &path, &body).await,
     }
 }
 
@@ -521,7 +594,7 @@ async fn metrics(shared: &Arc<Shared>) -> Reply {
 }
 
 /// Pause, resume, shutdown, fork: one at a time.
-async fn change(shared: &Arc<Shared>, path: &str, body: &[u8]) -> Reply {
+async fn change(shared: &Arc<Shared>, caller: Caller, path: &str, body: &[u8]) -> Reply {
     if shared.stop_requested.load(Ordering::SeqCst) {
         return error_reply(StatusCode::CONFLICT, "conflict", "the VM is shutting down");
     }
@@ -581,6 +654,17 @@ async fn change(shared: &Arc<Shared>, path: &str, body: &[u8]) -> Reply {
                 Ok(r) => r,
                 Err(e) => return error_reply(StatusCode::BAD_REQUEST, "bad_request", e),
             };
+            for (i, c) in req.children.iter().enumerate() {
+                let paths = [("console", &c.console), ("vsock_uds", &c.vsock_uds)];
+                for (field, path) in paths {
+                    if let Some(path) = path {
+                        let field = format!("children[{i}].{field}");
+                        if let Err(e) = check_request_path(shared, caller, &field, path) {
+                            return error_reply(StatusCode::FORBIDDEN, "forbidden", e);
+                        }
+                    }
+                }
+            }
             match call(shared, Request::Fork(req)).await {
                 Ok(Response::Forked(outcome)) => {
                     let mut h = shared.forks.lock().unwrap_or_else(|p| p.into_inner());
@@ -599,6 +683,9 @@ async fn change(shared: &Arc<Shared>, path: &str, body: &[u8]) -> Reply {
                 Ok(d) => d,
                 Err(e) => return error_reply(StatusCode::BAD_REQUEST, "bad_request", e),
             };
+            if let Err(e) = check_request_path(shared, caller, "dir", &dir) {
+                return error_reply(StatusCode::FORBIDDEN, "forbidden", e);
+            }
             match call(shared, Request::SaveTemplate(dir)).await {
                 Ok(Response::TemplateSaved(info)) => json_reply(StatusCode::OK, &info),
                 Ok(other) => unexpected(&other),
@@ -614,13 +701,13 @@ async fn change(shared: &Arc<Shared>, path: &str, body: &[u8]) -> Reply {
 }
 
 /// Serves HTTP/1.1 on one connection until it closes.
-pub(crate) async fn serve_connection<IO>(shared: Arc<Shared>, io: IO)
+pub(crate) async fn serve_connection<IO>(shared: Arc<Shared>, caller: Caller, io: IO)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+        async move { Ok::<_, Infallible>(handle_as(shared, caller, req).await) }
     });
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -729,9 +816,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: std::os::unix::net::UnixList
                 Ok((stream, _)) => {
                     let shared = shared.clone();
                     let active = active.clone();
+                    let caller = Caller::of(stream.peer_cred().ok().map(|c| c.uid()));
                     active.fetch_add(1, Ordering::SeqCst);
                     tokio::spawn(async move {
-                        serve_connection(shared, stream).await;
+                        serve_connection(shared, caller, stream).await;
                         active.fetch_sub(1, Ordering::SeqCst);
                     });
                 }

@@ -60,12 +60,12 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    /// Its name in the trap's log line.
+    /// Its name in the trap's log line, with its article.
     pub fn name(self) -> &'static str {
         match self {
-            ThreadKind::Process => "VMM",
-            ThreadKind::Vcpu => "vCPU",
-            ThreadKind::Api => "API",
+            ThreadKind::Process => "a VMM",
+            ThreadKind::Vcpu => "a vCPU",
+            ThreadKind::Api => "an API",
         }
     }
 
@@ -401,6 +401,10 @@ pub const API_SYSCALLS: &[(i64, &str)] = &[
     (libc::SYS_getcwd, "getcwd"),
     (libc::SYS_exit, "exit"),
     (libc::SYS_exit_group, "exit_group"),
+    // Who the caller is, against whom the process runs as (its socket's credentials come
+    // with accept's getsockopt).
+    (libc::SYS_geteuid, "geteuid"),
+    (libc::SYS_getuid, "getuid"),
 ];
 
 /// Calls the API threads may make but get refused: `clone3` with `ENOSYS`, so that
@@ -634,7 +638,7 @@ fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
 /// call number).
 pub fn trap_message(kind: ThreadKind, number: i64) -> String {
     format!(
-        "forkvm: a {} thread made system call {number}, which its seccomp filter does not \
+        "forkvm: {} thread made system call {number}, which its seccomp filter does not \
          allow: the VM process ends\n",
         kind.name()
     )
@@ -646,7 +650,7 @@ extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut
     let nr = unsafe { (*(info as *const SigsysInfo)).syscall };
     // A const-initialised thread local without a destructor: a plain TLS read.
     let kind = ThreadKind::from_u8(KIND.with(Cell::get)).name();
-    let head = b"forkvm: a ";
+    let head = b"forkvm: ";
     let middle = b" thread made system call ";
     let tail = b", which its seccomp filter does not allow: the VM process ends\n";
     let mut digits = [0u8; 20];

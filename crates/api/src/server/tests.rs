@@ -416,7 +416,7 @@ fn a_change_during_another_is_a_conflict() {
 fn raw_exchange(shared: &Arc<Shared>, input: &[u8]) -> Vec<u8> {
     rt().block_on(async {
         let (mut client, server) = tokio::io::duplex(1 << 20);
-        let conn = tokio::spawn(serve_connection(shared.clone(), server));
+        let conn = tokio::spawn(serve_connection(shared.clone(), Caller::Owner, server));
         client.write_all(input).await.unwrap();
         client.shutdown().await.unwrap();
         let mut out = Vec::new();
@@ -563,4 +563,56 @@ fn serves_on_its_socket_and_finishes() {
     assert_eq!(st.status, Status::Exited);
     assert_eq!(st.exit.unwrap().reason, forkvm_registry::Ending::Stopped);
     assert!(matches!(c.info(), Err(crate::ClientError::Connect { .. })));
+}
+
+#[test]
+fn another_users_request_paths_must_lie_in_the_vms_home() {
+    let s = setup();
+    let home = s.shared.home.dir().to_owned();
+    let tenant = Caller::Other(1000);
+    let post = |caller, path: &str, body: String| {
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri(path)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        rt().block_on(async {
+            let resp = handle_as(s.shared.clone(), caller, req).await;
+            let status = resp.status();
+            (status, resp.into_body().collect().await.unwrap().to_bytes())
+        })
+    };
+    // Outside the home, or climbing out of it: refused by name, nothing forked or saved.
+    for (route, body, field) in [
+        (
+            "/v1/vm/fork",
+            serde_json::json!({"count": 1, "children": [{"console": "/etc/shadow"}]}),
+            "children[0].console",
+        ),
+        (
+            "/v1/vm/fork",
+            serde_json::json!({"count": 1, "children": [{"vsock_uds": format!("{}/../x.sock", home.display())}]}),
+            "children[0].vsock_uds",
+        ),
+        (
+            "/v1/vm/template",
+            serde_json::json!({"dir": "/var/lib/t"}),
+            "dir",
+        ),
+    ] {
+        let (st, b) = post(tenant, route, body.to_string());
+        assert_eq!(st, StatusCode::FORBIDDEN, "{route} {body}");
+        assert_eq!(error_kind(&b), "forbidden");
+        let msg = String::from_utf8_lossy(&b);
+        assert!(msg.contains(field) && msg.contains("uid 1000"), "{msg}");
+    }
+    assert_eq!(s.fake.forks.load(Ordering::SeqCst), 0);
+    // In the home: served; and the owner names any path.
+    let inside = home.join("child.log");
+    let body = serde_json::json!({"count": 1, "children": [{"console": inside}]}).to_string();
+    assert_eq!(post(tenant, "/v1/vm/fork", body).0, StatusCode::OK);
+    let body = serde_json::json!({"count": 1, "children": [{"console": "/tmp/c.log"}]}).to_string();
+    assert_eq!(post(Caller::Owner, "/v1/vm/fork", body).0, StatusCode::OK);
+    assert_eq!(Caller::of(Some(0)), Caller::Owner);
+    assert_eq!(Caller::of(None), Caller::Other(u32::MAX));
 }

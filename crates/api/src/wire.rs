@@ -166,15 +166,4 @@ pub enum ControlError {
     TimedOut(String),
 }
 
-/// `err` and its causes on one line, `outer: inner: innermost`, for errors that travel
-/// as text (API answers, logs).
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
-}
+pub use forkvm_config::logging::error_chain;

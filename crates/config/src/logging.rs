@@ -24,3 +24,16 @@ pub fn init_stderr(directives: Option<&str>) {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// `err` and its causes on one line, `outer: inner: innermost`: how an error is written
+/// where it travels as text (a log line, an API answer, a test's message).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}

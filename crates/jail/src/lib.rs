@@ -22,6 +22,7 @@ pub mod seccomp;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use forkvm_config::logging::error_chain;
 use serde::{Deserialize, Serialize};
 
 pub use cgroup::{Cgroup, CgroupError, CgroupSpec};
@@ -195,18 +196,6 @@ impl Drop for Jail {
             c.remove(std::time::Duration::from_secs(2));
         }
     }
-}
-
-/// `e` and its causes on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }
 
 /// What the kernel says of a process's confinement.

@@ -8,17 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-/// `e` and its causes on one line, `outer: inner: innermost`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use forkvm_config::logging::error_chain;
 
 /// The fields of `/proc/<pid>/stat` after the command name (which may hold spaces and
 /// parentheses), state first; `None` when there is no such process.

@@ -203,6 +203,9 @@ pub struct Net {
     backend_registered: Option<EventSet>,
     /// The backend reported end of file (a socketpair peer went away).
     backend_eof: bool,
+    /// The backend is a datagram socket: a read of 0 bytes is an empty datagram, not the
+    /// end (a datagram socket has none).
+    datagram: bool,
     /// Receive buffer: header + frame.
     rx_buf: Vec<u8>,
     /// Length of a frame in `rx_buf` that waits for an rx buffer.
@@ -236,6 +239,7 @@ impl Net {
             None => random_mac().map_err(NetError::RandomMac)?,
         };
         set_nonblocking(&backend).map_err(NetError::NonBlocking)?;
+        let datagram = is_datagram_socket(&backend);
         let activation = Activation::new("net").map_err(NetError::EventFd)?;
         tracing::debug!(mac = %format_mac(&mac), vnet_hdr, "net device created");
         Ok(Self {
@@ -246,6 +250,7 @@ impl Net {
             activation,
             backend_registered: None,
             backend_eof: false,
+            datagram,
             rx_buf: vec![0; MAX_BUFFER],
             rx_pending: None,
             tx_pending: None,
@@ -389,7 +394,12 @@ impl Net {
         loop {
             let len = match self.rx_pending {
                 Some(len) => len,
-                None => match read_frame(&mut self.backend, &mut self.rx_buf, self.vnet_hdr) {
+                None => match read_frame(
+                    &mut self.backend,
+                    &mut self.rx_buf,
+                    self.vnet_hdr,
+                    self.datagram,
+                ) {
                     ReadOutcome::Frame(len) => len,
                     ReadOutcome::Empty => break,
                     ReadOutcome::Eof => {
@@ -472,12 +482,32 @@ enum ReadOutcome {
     Eof,
 }
 
+/// Whether `fd` is a datagram socket (`SO_TYPE` is `SOCK_DGRAM`).
+fn is_datagram_socket(fd: &OwnedFd) -> bool {
+    let mut kind: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `kind`, which lives across the
+    // call; a descriptor that is not a socket fails with ENOTSOCK.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(fd),
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut kind as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    r == 0 && kind == libc::SOCK_DGRAM
+}
+
 /// Reads one frame into `buf` as header + frame (a zero header in front when the backend
 /// carries none).
-fn read_frame(backend: &mut File, buf: &mut [u8], vnet_hdr: bool) -> ReadOutcome {
+fn read_frame(backend: &mut File, buf: &mut [u8], vnet_hdr: bool, datagram: bool) -> ReadOutcome {
     let offset = if vnet_hdr { 0 } else { VNET_HDR_SIZE };
     loop {
         match backend.read(&mut buf[offset..]) {
+            // An empty datagram carries no frame: skipped.
+            Ok(0) if datagram => {}
             Ok(0) => return ReadOutcome::Eof,
             Ok(n) => {
                 buf[..offset].fill(0);

@@ -196,6 +196,25 @@ fn rx_frame_lands_after_a_zeroed_header() {
 }
 
 #[test]
+fn an_empty_datagram_is_skipped_not_taken_for_the_end() {
+    let (ours, wire) = UnixDatagram::pair().unwrap();
+    let mut dev = Net::with_backend(OwnedFd::from(ours), false, Some(MAC)).unwrap();
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(2);
+    wire.send(b"").unwrap();
+    wire.send(&frame(7, 64)).unwrap();
+    dev.process_queues();
+    let got =
+        g.rx.pop_used(&g.drv.mem)
+            .expect("the frame after the empty datagram");
+    assert_eq!(got[VNET_HDR_SIZE + 14], 7);
+    // Receive goes on.
+    wire.send(&frame(8, 64)).unwrap();
+    dev.process_queues();
+    assert_eq!(g.rx.pop_used(&g.drv.mem).unwrap()[VNET_HDR_SIZE + 14], 8);
+}
+
+#[test]
 fn rx_without_buffers_holds_frames_until_the_guest_posts_some() {
     let (mut dev, wire) = device(false);
     let mut g = Guest::activate(&mut dev);

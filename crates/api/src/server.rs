@@ -432,7 +432,7 @@ impl Caller {
 /// Refuses (with the message of a `403 forbidden`) a path `field` of a request names for
 /// the VMM to create, truncate or unlink (a child's console or vsock socket, a template
 /// directory) when `caller` may not name it: another user's must be absolute, without
-/// `..`, in the VM's home.
+/// `..`, in the VM's home, and not exist yet.
 fn check_request_path(
     shared: &Shared,
     caller: Caller,
@@ -449,15 +449,24 @@ fn check_request_path(
             std::path::Component::Normal(_) | std::path::Component::RootDir
         )
     });
-    if path.is_absolute() && plain && path.starts_with(home) && path != home {
-        return Ok(());
+    if !(path.is_absolute() && plain && path.starts_with(home) && path != home) {
+        return Err(format!(
+            "{field} {} is outside this VM's directory {}: a caller other than the VM's \
+             owner (uid {uid}) may name only paths there",
+            path.display(),
+            home.display()
+        ));
     }
-    Err(format!(
-        "{field} {} is outside this VM's directory {}: a caller other than the VM's owner \
-         (uid {uid}) may name only paths there",
-        path.display(),
-        home.display()
-    ))
+    // Nothing there yet: the VM's own files (its state, console log, API socket) are not
+    // a tenant's to truncate or replace.
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(format!(
+            "{field} {} exists: a caller other than the VM's owner (uid {uid}) may name only \
+             a new path in the VM's directory",
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Answers one request of the VM's owner.

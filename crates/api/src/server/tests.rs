@@ -606,8 +606,17 @@ fn another_users_request_paths_must_lie_in_the_vms_home() {
         let msg = String::from_utf8_lossy(&b);
         assert!(msg.contains(field) && msg.contains("uid 1000"), "{msg}");
     }
+    // Nor the VM's own files in its home: its state, its console log, its API socket.
+    for own in ["state.json", "console.log", "api.sock"] {
+        let path = home.join(own);
+        std::fs::write(&path, b"").unwrap();
+        let body = serde_json::json!({"count": 1, "children": [{"vsock_uds": path}]});
+        let (st, b) = post(tenant, "/v1/vm/fork", body.to_string());
+        assert_eq!(st, StatusCode::FORBIDDEN, "{own}");
+        assert!(String::from_utf8_lossy(&b).contains("exists"), "{own}");
+    }
     assert_eq!(s.fake.forks.load(Ordering::SeqCst), 0);
-    // In the home: served; and the owner names any path.
+    // A new path in the home: served; and the owner names any path.
     let inside = home.join("child.log");
     let body = serde_json::json!({"count": 1, "children": [{"console": inside}]}).to_string();
     assert_eq!(post(tenant, "/v1/vm/fork", body).0, StatusCode::OK);

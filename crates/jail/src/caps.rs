@@ -169,7 +169,7 @@ thread_local! {
 /// kernel refills it from the permitted set whenever the thread's effective user ID
 /// returns to 0 (the FUSE server acting as a guest's user does that), which would make
 /// a capability kept only permitted (`CAP_NET_ADMIN`) effective: the FUSE server calls it
-/// after each request. Nothing for a thread that did not drop, or cannot change its
+/// after each request it serves as a guest's user. Nothing for a thread that did not drop, or cannot change its
 /// user ID.
 pub fn restore_effective() {
     KEEP_EFFECTIVE.with(|k| {

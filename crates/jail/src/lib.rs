@@ -182,14 +182,10 @@ impl Jail {
     pub fn cgroup(&self) -> Option<&Cgroup> {
         self.cgroup.as_ref()
     }
-
-    /// The last thing the process does: leaves its cgroup and removes it (as dropping
-    /// the jail does, on any way out).
-    pub fn leave(self) {
-        drop(self);
-    }
 }
 
+/// Dropping the jail (the last thing a VM process does, on any way out) leaves its
+/// cgroup and removes it.
 impl Drop for Jail {
     fn drop(&mut self) {
         if let Some(c) = self.cgroup.take() {

@@ -490,12 +490,8 @@ fn refusals(calls: &[(i64, &str)], errno: i32) -> Result<BpfProgram, String> {
 fn one_of(syscall: i64, index: u8, values: &[u64]) -> Result<(i64, Vec<SeccompRule>), String> {
     let rules = values
         .iter()
-        .map(|&v| {
-            SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v)
-                .and_then(|c| SeccompRule::new(vec![c]))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+        .map(|&v| all(vec![arg(index, SeccompCmpOp::Eq, v)?]))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok((syscall, rules))
 }
 

@@ -303,9 +303,8 @@ fn run(mut launched: Launched) -> Result<i32> {
     server.finish(record);
     // Its fork pool's processes end with it (their sockets close), then its cgroup goes.
     drop(vmm);
-    if let Some(jail) = jail {
-        jail.leave();
-    }
+    // The last thing it does: it leaves its cgroup and removes it.
+    drop(jail);
     match exit.context("the VM failed while running")? {
         ExitReason::PowerOff => tracing::info!("guest powered off"),
         ExitReason::Reset => tracing::info!("guest rebooted; the VM is stopped"),

@@ -444,6 +444,10 @@ pub enum LaunchError {
     Jail(#[source] forkvm_jail::JailError),
 }
 
+/// The jail a warm process entered while it waited: its spec, and the jail (`Ok(None)`:
+/// not jailed) or why it could not be entered.
+type WarmJail = (JailSpec, Result<Option<Jail>, forkvm_jail::JailError>);
+
 /// A launch as the VM process received it, with the socket to report on.
 #[derive(Debug)]
 pub struct Launched {
@@ -459,11 +463,9 @@ pub struct Launched {
     pub prepared: Option<Prepared>,
     /// The home staged while the process waited warm.
     staged: Option<Staged>,
-    /// The jail it entered while it waited warm (`Ok(None)`: not jailed), or why it could
-    /// not; `None`: it enters the launch's.
-    jailed: Option<Result<Option<Jail>, forkvm_jail::JailError>>,
-    /// The spec of that jail.
-    warm_jail: Option<JailSpec>,
+    /// The spec of the jail it entered while it waited warm, and that jail (`Ok(None)`:
+    /// not jailed) or why it could not; `None`: it enters the launch's.
+    warm_jail: Option<WarmJail>,
     /// When a staged home was published (its creation time to record).
     published_at_ms: Option<u64>,
     /// When the launch arrived (for a warm process: after its wait).
@@ -526,11 +528,12 @@ impl Launched {
         // The warm-up's jail is this VM's only when its staged home became the VM's (the
         // group is named by that ID and sized by that shape) and the launch asks for the
         // same; otherwise it goes (dropping it leaves and removes its group).
-        let warm = self.jailed.take().filter(|_| {
-            self.published_at_ms.is_some() && self.warm_jail.as_ref() == Some(&self.launch.jail)
-        });
+        let warm = self
+            .warm_jail
+            .take()
+            .filter(|(spec, _)| self.published_at_ms.is_some() && *spec == self.launch.jail);
         match warm {
-            Some(entered) => entered.map_err(LaunchError::Jail),
+            Some((_, entered)) => entered.map_err(LaunchError::Jail),
             None => {
                 let ram = self.config().mem_mib << 20;
                 Jail::enter(&self.launch.jail, home.id(), guest_memory_budget(ram))
@@ -574,8 +577,7 @@ impl Launched {
         let mut sock = unsafe { UnixStream::from_raw_fd(LAUNCH_FD) };
         let mut prepared = None;
         let mut staged: Option<Staged> = None;
-        let mut jailed: Option<Result<Option<Jail>, forkvm_jail::JailError>> = None;
-        let mut warm_jail = None;
+        let mut warm_jail: Option<WarmJail> = None;
         let mut warm = false;
         loop {
             let (blob, files) = match forkvm_snapshot::recv_blob(&sock, MAX_LAUNCH_PAYLOAD) {
@@ -583,9 +585,8 @@ impl Launched {
                     if let Some(s) = staged {
                         let _ = s.home.remove();
                     }
-                    if let Some(Ok(Some(jail))) = jailed {
-                        jail.leave();
-                    }
+                    // Its jail goes with it (dropping it removes its group).
+                    drop(warm_jail);
                     return Err(LaunchError::Abandoned);
                 }
                 other => other?,
@@ -617,9 +618,8 @@ impl Launched {
                     // Jailed while it waits, in a cgroup named by the staged ID: off the
                     // fork's way. A jail it cannot enter fails its launch.
                     if let (Some(spec), Some(s)) = (&w.jail, &staged) {
-                        warm_jail = Some(spec.clone());
                         let budget = guest_memory_budget(s.staging.mem_mib << 20);
-                        jailed = Some(Jail::enter(spec, &s.staging.id, budget));
+                        warm_jail = Some((spec.clone(), Jail::enter(spec, &s.staging.id, budget)));
                     }
                     // Its seccomp filters built now, not on the fork's way (a zygote's
                     // processes have them already).
@@ -659,7 +659,6 @@ impl Launched {
                         files,
                         prepared,
                         staged,
-                        jailed,
                         warm_jail,
                         published_at_ms: None,
                         received,

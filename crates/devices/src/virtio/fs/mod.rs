@@ -34,6 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{
     CachePolicy, Config as PassthroughConfig, PassthroughFs, Table, TableHandle, TableInode,
@@ -297,32 +298,48 @@ impl Fs {
         active.serve_chains(index, "virtio-fs", |mem, chain| {
             // What the guest sent is the guest's business: logged at debug, so a guest
             // cannot fill the host's logs with bad requests.
-            let written = serve(server, mem, chain).unwrap_or_else(|e| {
+            let (written, as_guest_user) = serve(server, mem, chain).unwrap_or_else(|e| {
                 debug!(queue = index, "virtio-fs: a request failed: {e}");
-                0
+                (0, true)
             });
-            // The server may have acted as a guest's user and back: the kernel then made
-            // every permitted capability effective again (CAP_NET_ADMIN included).
-            forkvm_jail::caps::restore_effective();
+            // The server acted as a guest's user and back: the kernel then made every
+            // permitted capability effective again (CAP_NET_ADMIN included).
+            if as_guest_user {
+                forkvm_jail::caps::restore_effective();
+            }
             written
         })
     }
 }
 
-/// Hands one request chain to the server; the bytes it wrote into the chain.
+/// The requests the passthrough server serves as the guest's user (it switches the
+/// thread's user and group IDs around them, and back to root after).
+const AS_GUEST_USER: [Opcode; 4] = [
+    Opcode::Mknod,
+    Opcode::Mkdir,
+    Opcode::Symlink,
+    Opcode::Create,
+];
+
+/// Hands one request chain to the server: the bytes it wrote into the chain, and
+/// whether the request was one served as the guest's user ([`AS_GUEST_USER`]).
 fn serve(
     server: &Server<Arc<Share>>,
     mem: &GuestMemory,
     chain: DescriptorChain<&GuestMemory>,
-) -> Result<u32, String> {
+) -> Result<(u32, bool), String> {
     let reader = Reader::from_descriptor_chain(mem, chain.clone())
         .map_err(|e| format!("bad request buffers: {e}"))?;
+    let as_guest_user = reader
+        .clone()
+        .read_obj::<InHeader>()
+        .is_ok_and(|h| AS_GUEST_USER.iter().any(|&op| op as u32 == h.opcode));
     let writer = VirtioFsWriter::new(mem, chain).map_err(|e| format!("bad reply buffers: {e}"))?;
     let written = server
         .handle_message(reader, writer.into(), None, None)
         .map_err(|e| e.to_string())?;
     // At most the chain's writable length, which the queue bounds to u32.
-    Ok(u32::try_from(written).unwrap_or(u32::MAX))
+    Ok((u32::try_from(written).unwrap_or(u32::MAX), as_guest_user))
 }
 
 /// The configuration space for `tag`: the tag NUL-padded to [`MAX_TAG_LEN`] bytes, then

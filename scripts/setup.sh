@@ -35,6 +35,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Go 1.23 builds the OCI runtime-tools validation suite (third_party/runtime-tools) that
+# the conformance test runs against forkvm-runtime and runc. Debian 12's golang-go (1.19)
+# is too old for the suite's modules; bookworm-backports has golang-1.23-go.
+GO_PACKAGE=golang-1.23-go
+if ! dpkg-query -W -f='${Status}' "$GO_PACKAGE" 2>/dev/null | grep -q "install ok installed"; then
+  if grep -qs '^VERSION_CODENAME=bookworm' /etc/os-release \
+    && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "setup: adding bookworm-backports (for $GO_PACKAGE)" >&2
+    echo "deb http://deb.debian.org/debian bookworm-backports main" \
+      | $SUDO tee /etc/apt/sources.list.d/forkvm-backports.list >/dev/null
+  fi
+  echo "setup: apt-get update; installing $GO_PACKAGE" >&2
+  $SUDO apt-get update -q >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$GO_PACKAGE" >/dev/null
+fi
+
 # CNI keeps its address leases in /var/lib/cni: the podman tests mount a tmpfs there in
 # the virtual host, whose view of this machine's root is read-only.
 [ -d /var/lib/cni ] || $SUDO mkdir -p /var/lib/cni

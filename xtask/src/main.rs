@@ -1,4 +1,7 @@
-//! `cargo xtask`: project automation entry points (`testhost`, `caps`, `prepare-guest`).
+//! `cargo xtask`: project automation entry points (`testhost`, `caps`, `prepare-guest`,
+//! `prepare-conformance`, `install`).
+
+mod conformance;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,6 +51,9 @@ enum Cmd {
     /// Fetch the default guest kernel and build its initramfs into the cache (the cache
     /// is read-only inside the virtual host, so do this before entering it).
     PrepareGuest,
+    /// Build the OCI runtime-tools validation suite vendored in third_party/runtime-tools
+    /// into the target directory (once), for the conformance test.
+    PrepareConformance,
     /// Build forkvm (release) and install it like runc: the programs in PREFIX/bin, the
     /// guest agent in PREFIX/lib/forkvm, PREFIX/etc/forkvm/forkvm.toml (an existing one
     /// is kept); then prepare the guest kernel and initramfs in the configured cache.
@@ -87,12 +93,17 @@ fn build_programs() -> anyhow::Result<PathBuf> {
     Ok(target_dir()?.join("release"))
 }
 
-/// The workspace's target directory.
-fn target_dir() -> anyhow::Result<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+/// The workspace's root directory.
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    Ok(PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("xtask lives in the workspace")?
-        .to_path_buf();
+        .to_path_buf())
+}
+
+/// The workspace's target directory.
+fn target_dir() -> anyhow::Result<PathBuf> {
+    let root = workspace_root()?;
     Ok(std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target")))
@@ -161,6 +172,12 @@ fn main() -> anyhow::Result<ExitCode> {
             println!("kernel: {}", guest.kernel.display());
             println!("initrd: {}", guest.initrd.display());
             println!("container initrd: {}", container.initrd.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::PrepareConformance => {
+            let suite = conformance::prepare(&workspace_root()?, &target_dir()?)
+                .context("building the OCI runtime-tools validation suite")?;
+            println!("suite: {}", suite.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Install {

@@ -11,8 +11,9 @@ pub const AGENT_PORT: u32 = 1024;
 /// changes meaning or a request the host may rely on is added (3: [`Request::Network`];
 /// 4: [`Request::DnsRelay`], [`Request::Unplug`]; 5: [`Request::Network`] replaces a
 /// NIC's addresses and routes, and may name nameservers; 6: [`Request::Mount`]; 7:
-/// [`ProcessSpec`]'s capabilities, `no_new_privileges`, `oom_score_adj` and `umask`).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// [`ProcessSpec`]'s capabilities, `no_new_privileges`, `oom_score_adj` and `umask`,
+/// [`Request::Container`]; 8: [`Request::Filesystems`], [`DeviceNode::host_has`]).
+pub const PROTOCOL_VERSION: u32 = 8;
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
 /// `PATH` used for the executable search when [`ProcessSpec::env`] has none.
@@ -70,6 +71,14 @@ pub enum Request {
         /// The shares (at most [`MAX_SHARES`]).
         shares: Vec<ShareMount>,
     },
+    /// Mount the container's filesystems (the OCI `mounts` entries that are not binds) in
+    /// its root, in this order, in place of the ones the guest mounted there at boot
+    /// (`/proc`, `/sys`, `/dev` and what is under it) at the destinations named; before
+    /// its volumes (PID-1 mode only). Since version 8.
+    Filesystems {
+        /// The mounts (at most [`MAX_FILESYSTEMS`]).
+        mounts: Vec<FsMount>,
+    },
     /// Apply the rest of the container's spec in its root (the OCI `linux.devices`,
     /// `linux.sysctl`, `maskedPaths`, `readonlyPaths`), after its volumes are mounted
     /// and before its process starts (PID-1 mode only). Since version 7.
@@ -122,6 +131,30 @@ pub struct ShareMount {
     pub read_only: bool,
 }
 
+/// The filesystem types of [`FsMount`]: what the guest mounts for a container.
+pub const FS_TYPES: [&str; 7] = [
+    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2",
+];
+
+/// Most mounts one [`Request::Filesystems`] may carry.
+pub const MAX_FILESYSTEMS: usize = 256;
+
+/// One filesystem of [`Request::Filesystems`]: an OCI `mounts` entry that is not a bind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsMount {
+    /// Where it goes in the container (absolute; missing directories are created).
+    pub destination: String,
+    /// One of [`FS_TYPES`].
+    #[serde(rename = "type")]
+    pub fs_type: String,
+    /// The source the mount table shows (`proc`, `tmpfs`, `shm`, ...).
+    pub source: String,
+    /// The spec's options: `mount(8)` flags (`ro`, `nosuid`, `strictatime`, ...),
+    /// propagation (`private`, `rshared`, ...) and filesystem data (`mode=755`).
+    #[serde(default)]
+    pub options: Vec<String>,
+}
+
 /// A device node of [`Request::Container`] (the OCI `linux.devices`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceNode {
@@ -144,10 +177,19 @@ pub struct DeviceNode {
     /// Group.
     #[serde(default)]
     pub gid: u32,
+    /// The host has this device (character or block): the container means the real one,
+    /// so a guest kernel without it is an error. A device the host has not either is
+    /// made as a node all the same, as runc makes it. Since version 8; absent: true.
+    #[serde(default = "yes")]
+    pub host_has: bool,
 }
 
 fn default_device_mode() -> u32 {
     0o666
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One NIC of [`Request::Network`].

@@ -5,9 +5,11 @@
 //! process starts.
 //!
 //! - A device node is made with its type, numbers, mode and owner (missing directories
-//!   created), when the guest's kernel has the device (`/sys/dev/char/M:m`,
-//!   `/sys/dev/block/M:m`; a FIFO always): a device only the host has (`/dev/kvm` in a
-//!   VM without nested virtualization) is an error naming it. One already there stays.
+//!   created). A device the host has ([`DeviceNode::host_has`]) must be one the guest's
+//!   kernel has too (`/sys/dev/char/M:m`, `/sys/dev/block/M:m`): a device only the host
+//!   has (`/dev/kvm` in a VM without nested virtualization) is an error naming it. A
+//!   device neither has is made all the same, as runc makes it; a FIFO always. One
+//!   already there stays.
 //! - A kernel parameter (`net.ipv4.ip_forward` or `net/ipv4/ip_forward`) is written to
 //!   `/proc/sys`: the guest's kernel is the container's own. A key with an empty, `.` or
 //!   `..` component is refused; one the kernel does not have is an error naming it.
@@ -23,7 +25,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use forkvm_agent_proto::DeviceNode;
@@ -244,7 +246,7 @@ fn make_device(root: &OwnedFd, sys_dev: &Path, d: &DeviceNode) -> Result<(), Str
     };
     if let Some(class) = class {
         let entry = sys_dev.join(class).join(format!("{}:{}", d.major, d.minor));
-        if !entry.exists() {
+        if d.host_has && !entry.exists() {
             return Err(
                 "the VM's kernel has no such device (a host device cannot be passed into a VM)"
                     .into(),
@@ -292,7 +294,7 @@ pub fn sysctl_path(key: &str) -> Result<PathBuf, String> {
 
 /// `path` (absolute) inside `root` as the container resolves it; `None` when it does
 /// not exist.
-fn resolve(root: &OwnedFd, path: &str) -> Result<Option<OwnedFd>, String> {
+pub(crate) fn resolve(root: &OwnedFd, path: &str) -> Result<Option<OwnedFd>, String> {
     if !path.starts_with('/') {
         return Err("not an absolute path".into());
     }
@@ -310,33 +312,23 @@ fn resolve(root: &OwnedFd, path: &str) -> Result<Option<OwnedFd>, String> {
     }
 }
 
-/// `/proc/self/fd/N` for `fd`: where a mount onto the file `fd` holds goes.
-fn fd_path(fd: &OwnedFd) -> CString {
-    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL")
-}
+use crate::mounts::fd_path;
 
+/// [`crate::mounts::mount`] without data, its error worded for these callers.
 fn sys_mount(
     source: Option<&CString>,
     target: &CString,
     fstype: Option<&CString>,
     flags: libc::c_ulong,
 ) -> Result<(), String> {
-    let ptr = |s: Option<&CString>| s.map_or(std::ptr::null(), |s| s.as_ptr());
-    // SAFETY: every pointer is null or a NUL-terminated string that outlives the call;
-    // no data argument.
-    let rc = unsafe {
-        libc::mount(
-            ptr(source),
-            target.as_ptr(),
-            ptr(fstype),
-            flags,
-            std::ptr::null(),
-        )
-    };
-    match rc {
-        0 => Ok(()),
-        _ => Err(format!("mount: {}", std::io::Error::last_os_error())),
-    }
+    crate::mounts::mount(
+        source.map(CString::as_c_str),
+        target,
+        fstype.map(CString::as_c_str),
+        flags,
+        None,
+    )
+    .map_err(|e| format!("mount: {e}"))
 }
 
 fn mask(root: &OwnedFd, path: &str) -> Result<(), String> {
@@ -596,6 +588,7 @@ pub(crate) mod tests {
             mode: 0o620,
             uid: 1000,
             gid: 5,
+            host_has: true,
         };
         let k = kernel(dir.path());
         let apply_one = |d: DeviceNode| apply(&root, &k, &only(&[d], &BTreeMap::new(), &[], &[]));
@@ -624,6 +617,15 @@ pub(crate) mod tests {
             "{e}"
         );
         assert!(!root.join("dev/kvm").exists());
+        // A device neither the host nor the guest has is a node all the same, as runc
+        // makes one (opening it fails: no driver).
+        let absent = DeviceNode {
+            host_has: false,
+            ..node("/dev/test1", "c", 10, 666)
+        };
+        apply_one(absent).unwrap();
+        let m = std::fs::metadata(root.join("dev/test1")).unwrap();
+        assert_eq!(m.rdev(), libc::makedev(10, 666));
         let e = apply_one(node("/dev/x", "a", 1, 3)).unwrap_err();
         assert!(e.contains("unknown type \"a\""), "{e}");
         let e = apply_one(node("dev/null", "c", 1, 3)).unwrap_err();

@@ -101,14 +101,6 @@ fn cstr(s: &str) -> CString {
     CString::new(s).unwrap_or_default()
 }
 
-fn os_err(what: &'static str, path: &str) -> InitError {
-    InitError::Os {
-        what,
-        path: path.to_owned(),
-        source: io::Error::last_os_error(),
-    }
-}
-
 /// `mkdir -p target`, then mount; an already-mounted target (EBUSY) is fine.
 fn mount(
     source: &str,
@@ -123,20 +115,14 @@ fn mount(
         source,
     })?;
     let (src, tgt, fs, dat) = (cstr(source), cstr(target), cstr(fstype), cstr(data));
-    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-    let r = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            tgt.as_ptr(),
-            fs.as_ptr(),
-            flags,
-            dat.as_ptr().cast(),
-        )
-    };
-    if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EBUSY) {
-        return Err(os_err("mount", target));
+    match crate::mounts::mount(Some(&src), &tgt, Some(&fs), flags, Some(&dat)) {
+        Err(e) if e.raw_os_error() != Some(libc::EBUSY) => Err(InitError::Os {
+            what: "mount",
+            path: target.to_owned(),
+            source: e,
+        }),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 const NOSUID: libc::c_ulong = libc::MS_NOSUID;

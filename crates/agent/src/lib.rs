@@ -33,6 +33,7 @@ pub mod dns;
 pub mod identity;
 pub mod init;
 pub mod layout;
+pub mod mounts;
 pub mod network;
 pub mod power;
 pub mod reaper;

@@ -283,6 +283,14 @@ impl Agent {
                 Mode::Init => crate::shares::mount_all(&self.config.root, &shares),
                 _ => Err("mount needs the agent to run as the guest's PID 1".to_owned()),
             },
+            Request::Filesystems { mounts } => match self.config.mode {
+                Mode::Init => crate::mounts::apply(
+                    &self.config.root,
+                    &mounts,
+                    std::path::Path::new("/dev/pts"),
+                ),
+                _ => Err("filesystems needs the agent to run as the guest's PID 1".to_owned()),
+            },
             Request::Container {
                 devices,
                 sysctls,

@@ -8,7 +8,7 @@
 //! file descriptor, so nothing can swap the path between the check and the mount.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use forkvm_agent_proto::{ShareMount, MAX_SHARES};
@@ -47,31 +47,17 @@ fn mount_one(root: &OwnedFd, share: &ShareMount) -> Result<(), String> {
     }
     let dir = resolve_dir(root, &share.target)?;
     let source = CString::new(share.tag.as_str()).map_err(|e| e.to_string())?;
-    let target =
-        CString::new(format!("/proc/self/fd/{}", dir.as_raw_fd())).map_err(|e| e.to_string())?;
     let flags = if share.read_only { libc::MS_RDONLY } else { 0 };
-    // SAFETY: every pointer is a NUL-terminated string that lives across the call; no
-    // data argument.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            c"virtiofs".as_ptr(),
-            flags,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
+    let target = crate::mounts::fd_path(&dir);
+    crate::mounts::mount(Some(&source), &target, Some(c"virtiofs"), flags, None).map_err(|e| {
         // virtio-fs answers an unknown tag with EINVAL; without the driver the
         // filesystem type is unknown (ENODEV).
-        return Err(match e.raw_os_error() {
+        match e.raw_os_error() {
             Some(libc::EINVAL) => format!("the VM has no shared directory with this tag ({e})"),
             Some(libc::ENODEV) => "the guest has no virtiofs driver loaded".into(),
             _ => format!("mount failed: {e}"),
-        });
-    }
-    Ok(())
+        }
+    })
 }
 
 /// The directory `target` (absolute) names inside `root`, created where missing.
@@ -117,6 +103,8 @@ fn open_in_root(root: &OwnedFd, path: &Path) -> rustix::io::Result<OwnedFd> {
 mod tests {
     use super::*;
 
+    use crate::mounts::fd_path;
+
     fn root_fd(dir: &Path) -> OwnedFd {
         rustix::fs::open(dir, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap()
     }
@@ -124,7 +112,7 @@ mod tests {
     fn resolved(root: &OwnedFd) -> impl Fn(&str) -> Result<PathBuf, String> + '_ {
         move |target| {
             let fd = resolve_dir(root, target)?;
-            Ok(std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap())
+            Ok(std::fs::read_link(fd_path(&fd).to_str().unwrap()).unwrap())
         }
     }
 

@@ -20,9 +20,9 @@
 //! | `process.apparmorProfile`, `selinuxLabel`, `linux.seccomp` | warning | host LSM/seccomp confinement does not apply inside a VM; the VM is the boundary |
 //! | `process.scheduler`, `ioPriority`, `execCPUAffinity` | ignored | per-process tuning inside the guest |
 //! | `hostname` | [`ContainerPlan::hostname`] | |
-//! | `mounts`: `/proc`, `/dev`, `/dev/pts`, `/dev/shm`, `/dev/mqueue`, `/sys`, `/sys/fs/cgroup`, any `tmpfs` | accepted silently | the guest agent mounts these itself |
+//! | `mounts` of type `proc`, `sysfs`, `tmpfs`, `devpts`, `mqueue`, `cgroup`, `cgroup2` | [`ContainerPlan::filesystems`] | mounted by the guest agent in the container's root in the spec's order with their options (flags, propagation, data), in place of the guest's own at `/proc`, `/sys`, `/dev`; `devpts` is the guest's pty filesystem bound in with the entry's flags (its data options aside); `cgroup` mounts the guest's cgroup v2 hierarchy |
 //! | `mounts`: bind of a regular file (Docker's and podman's `/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf`, podman's `/run/.containerenv`) | copied in ([`ContainerPlan::files`]), with a warning | the file is copied into the VM's root when the container is created; later changes on either side are not shared. The guest adds its hostname to `/etc/hosts` and writes `/etc/hostname` itself |
-//! | `mounts`: bind onto one of the guest's own mounts above (Docker's and podman's `/dev/shm`) | warning | the guest mounts its own |
+//! | `mounts`: bind onto `/proc`, `/sys`, `/sys/fs/cgroup`, `/dev` or `/dev/{pts,shm,mqueue}` (containerd CRI's sandbox `/dev/shm`) | warning; [`ContainerPlan::filesystems`] | the guest mounts its own filesystem there (`ro` kept) |
 //! | `mounts`: bind of a directory (`-v DIR:/p`, `--mount type=bind`, named volumes) | [`ContainerPlan::volumes`] | shared into the VM by a virtio-fs device and mounted by the guest agent at `destination`, read-only with the `ro` option; other options (propagation, `nosuid`, ...) are not applied. A VM with volumes forks (its children serve the same directories); it cannot be saved as a template |
 //! | `mounts`: bind of anything else (a socket, a device node), or of a source that is missing or relative | **error** | only directories are shared and regular files copied |
 //! | `mounts`: any other filesystem type | **error** | the guest cannot mount it |
@@ -31,7 +31,7 @@
 //! | `linux.namespaces`: `network` without `path` (Docker, `ctr run`) | [`NetworkPlan::New`] | the runtime makes a namespace for the container's monitor, the `prestart`/`createRuntime` hooks configure it (Docker's `libnetwork-setkey` moves the veth in), then the VM joins it as above |
 //! | no `network` namespace (`--network host`) | **error** | a VM cannot share the host's network stack |
 //! | `linux.namespaces`: any other with `path` | **error** | joining a host namespace from inside a VM is impossible |
-//! | `linux.devices` | [`ContainerPlan::devices`] | created by the guest agent in the container's root (type, major, minor, mode, owner) when the guest's kernel has the device (a FIFO always); one it lacks (a host-only device such as `/dev/kvm`) fails `create` naming it. Type `a` is refused: it is a cgroup rule |
+//! | `linux.devices` | [`ContainerPlan::devices`] | created by the guest agent in the container's root (type, major, minor, mode, owner). A device this host has must be one the guest's kernel has: a host-only device such as `/dev/kvm` fails `create` naming it. A device neither has is made as runc makes it; a FIFO always. Type `a` is refused: it is a cgroup rule |
 //! | `linux.uidMappings`/`gidMappings` | warning | not applied in the guest |
 //! | `linux.sysctl`, `maskedPaths`, `readonlyPaths` | [`ContainerPlan::sysctls`], [`ContainerPlan::masked_paths`], [`ContainerPlan::readonly_paths`] | applied by the guest agent as runc applies them, before the process starts: kernel parameters written to the guest's `/proc/sys` (the guest's kernel is the container's own), masked paths hidden (`/dev/null` over a file, an empty read-only tmpfs over a directory), read-only paths bound read-only; paths resolve inside the container's root, missing ones are skipped |
 //! | `linux.resources.memory.limit` | [`ContainerPlan::mem_mib`] | rounded up to MiB, at least 128; absent or not positive (`-1`: unlimited) → 512 |
@@ -64,15 +64,28 @@ pub const MIN_MEM_MIB: u64 = 128;
 /// The CFS period the kernel uses when a spec sets a quota without one.
 const DEFAULT_CPU_PERIOD_US: u64 = 100_000;
 
-/// Mount destinations the guest agent sets up itself.
-const GUEST_MOUNTS: &[&str] = &[
-    "/proc",
-    "/dev",
-    "/dev/pts",
-    "/dev/shm",
-    "/dev/mqueue",
-    "/sys",
-    "/sys/fs/cgroup",
+/// Mount destinations the guest's kernel fills: a bind of a host directory there (the
+/// CRI's sandbox `/dev/shm`) becomes the guest's own filesystem (type, options).
+const GUEST_MOUNTS: &[(&str, &str, &[&str])] = &[
+    ("/proc", "proc", &["nosuid", "noexec", "nodev"]),
+    (
+        "/dev",
+        "tmpfs",
+        &["nosuid", "strictatime", "mode=755", "size=65536k"],
+    ),
+    ("/dev/pts", "devpts", &["nosuid", "noexec"]),
+    (
+        "/dev/shm",
+        "tmpfs",
+        &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+    ),
+    ("/dev/mqueue", "mqueue", &["nosuid", "noexec", "nodev"]),
+    ("/sys", "sysfs", &["nosuid", "noexec", "nodev", "ro"]),
+    (
+        "/sys/fs/cgroup",
+        "cgroup2",
+        &["nosuid", "noexec", "nodev", "ro"],
+    ),
 ];
 fn clamp_u16(n: u64) -> u16 {
     n.min(u64::from(u16::MAX)) as u16
@@ -109,6 +122,9 @@ pub struct ContainerPlan {
     pub files: Vec<FileCopy>,
     /// Bind-mounted host directories, shared into the VM, in the spec's order.
     pub volumes: Vec<crate::vm::Volume>,
+    /// The other mounts (`proc`, `tmpfs`, ...), in the spec's order: the guest agent
+    /// mounts them in the container's root, before the volumes.
+    pub filesystems: Vec<forkvm_agent_proto::FsMount>,
     /// The container's network namespace, which the VM joins.
     pub network: NetworkPlan,
     /// The hooks the runtime runs on the host.
@@ -275,6 +291,7 @@ pub fn exec_process(path: &Path) -> Result<ProcessSpec, BundleError> {
         warnings: Vec::new(),
         files: Vec::new(),
         volumes: Vec::new(),
+        filesystems: Vec::new(),
         network: None,
         devices: Vec::new(),
     };
@@ -291,6 +308,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         warnings: Vec::new(),
         files: Vec::new(),
         volumes: Vec::new(),
+        filesystems: Vec::new(),
         network: None,
         devices: Vec::new(),
     };
@@ -324,6 +342,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         cgroup,
         files: planner.files,
         volumes: planner.volumes,
+        filesystems: planner.filesystems,
         network,
         hooks,
         annotations: spec
@@ -347,7 +366,25 @@ fn linux_field<T: Default>(spec: &Spec, field: impl FnOnce(&Linux) -> Option<T>)
     spec.linux().as_ref().and_then(field).unwrap_or_default()
 }
 
+/// Whether this host has the character (`c`) or block (`b`) device `major:minor`.
+fn host_has_device(kind: &str, major: u32, minor: u32) -> bool {
+    let class = match kind {
+        "c" => "char",
+        "b" => "block",
+        _ => return false,
+    };
+    Path::new(&format!("/sys/dev/{class}/{major}:{minor}")).exists()
+}
+
 impl ContainerPlan {
+    /// The guest agent's request that mounts the spec's filesystems; none when the
+    /// spec has none (the guest's own stay).
+    pub fn filesystems_request(&self) -> Option<forkvm_agent_proto::Request> {
+        (!self.filesystems.is_empty()).then(|| forkvm_agent_proto::Request::Filesystems {
+            mounts: self.filesystems.clone(),
+        })
+    }
+
     /// The guest agent's request that creates the device nodes and applies the kernel
     /// parameters, masked and read-only paths; none when the spec has none.
     pub fn container_request(&self) -> Option<forkvm_agent_proto::Request> {
@@ -371,6 +408,7 @@ struct Planner<'a> {
     warnings: Vec<String>,
     files: Vec<FileCopy>,
     volumes: Vec<crate::vm::Volume>,
+    filesystems: Vec<forkvm_agent_proto::FsMount>,
     network: Option<NetworkPlan>,
     devices: Vec<forkvm_agent_proto::DeviceNode>,
 }
@@ -548,15 +586,20 @@ impl Planner<'_> {
                 .iter()
                 .flatten()
                 .any(|o| o == "bind" || o == "rbind");
-        let guest_mount = GUEST_MOUNTS.iter().any(|m| destination == Path::new(m));
+        let guest_mount = GUEST_MOUNTS
+            .iter()
+            .find(|(m, _, _)| destination == Path::new(m));
         if is_bind {
-            if guest_mount {
+            if let Some((dest, fs_type, options)) = guest_mount {
                 // containerd's CRI binds the sandbox's /dev/shm, for one.
                 self.warn(format!(
-                    "mount {}: the host's directory is not used; the guest mounts its own",
-                    destination.display()
+                    "mount {dest}: the host's directory is not used; the guest mounts its own ({fs_type})"
                 ));
-                return Ok(());
+                let mut options: Vec<String> = options.iter().map(|o| o.to_string()).collect();
+                if mount.options().iter().flatten().any(|o| o == "ro") {
+                    options.push("ro".into());
+                }
+                return self.filesystem(dest, fs_type, fs_type.to_string(), options);
             }
             let source = mount.source().clone().unwrap_or_default();
             let refused = |reason| BundleError::BindMount {
@@ -604,13 +647,56 @@ impl Planner<'_> {
                 false => "it does not exist",
             }));
         }
-        if fs_type == "tmpfs" || guest_mount {
-            return Ok(());
+        if !forkvm_agent_proto::FS_TYPES.contains(&fs_type) {
+            return Err(BundleError::MountType {
+                destination: destination.clone(),
+                fs_type: fs_type.to_owned(),
+            });
         }
-        Err(BundleError::MountType {
-            destination: destination.clone(),
+        let text = |p: &Path| p.to_str().map(str::to_owned);
+        let (Some(target), true) = (text(destination), destination.is_absolute()) else {
+            return Err(self.invalid(
+                "mounts",
+                format!(
+                    "{}: the destination is not an absolute UTF-8 path",
+                    destination.display()
+                ),
+            ));
+        };
+        let source = match mount.source() {
+            Some(s) => text(s).ok_or_else(|| {
+                self.invalid("mounts", format!("{target}: the source is not UTF-8"))
+            })?,
+            None => fs_type.to_owned(),
+        };
+        let options = mount.options().clone().unwrap_or_default();
+        self.filesystem(&target, fs_type, source, options)
+    }
+
+    /// A filesystem the guest agent mounts, in the spec's order.
+    fn filesystem(
+        &mut self,
+        destination: &str,
+        fs_type: &str,
+        source: String,
+        options: Vec<String>,
+    ) -> Result<(), BundleError> {
+        if self.filesystems.len() == forkvm_agent_proto::MAX_FILESYSTEMS {
+            return Err(self.invalid(
+                "mounts",
+                format!(
+                    "more than {} filesystem mounts",
+                    forkvm_agent_proto::MAX_FILESYSTEMS
+                ),
+            ));
+        }
+        self.filesystems.push(forkvm_agent_proto::FsMount {
+            destination: destination.to_owned(),
             fs_type: fs_type.to_owned(),
-        })
+            source,
+            options,
+        });
+        Ok(())
     }
 
     #[allow(deprecated)] // `prestart` is deprecated in the spec, yet still honoured by runc.
@@ -736,6 +822,7 @@ impl Planner<'_> {
                 mode: d.file_mode().unwrap_or(0o666) & 0o7777,
                 uid: d.uid().unwrap_or(0),
                 gid: d.gid().unwrap_or(0),
+                host_has: host_has_device(kind, major, minor),
             });
         }
         if linux.seccomp().is_some() {

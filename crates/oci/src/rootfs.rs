@@ -142,6 +142,7 @@ mod tests {
             cgroup: None,
             files,
             volumes: vec![],
+            filesystems: vec![],
             network: crate::bundle::NetworkPlan::New,
             hooks: Default::default(),
             annotations: Default::default(),

@@ -285,12 +285,51 @@ fn vcpus_from_quota_and_cpuset() {
 #[test]
 fn mounts() {
     let add = |m: Value| move |c: &mut Value| c["mounts"].as_array_mut().unwrap().push(m);
-    // tmpfs anywhere: silent.
+    // tmpfs anywhere: silent, and mounted by the guest after the spec's others, in the
+    // spec's order, with their options.
     let plan = load_with(add(
-        json!({"destination": "/run", "type": "tmpfs", "source": "tmpfs"}),
+        json!({"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]}),
     ))
     .unwrap();
     assert_eq!(plan.warnings.len(), 1);
+    let order: Vec<(&str, &str, &str)> = plan
+        .filesystems
+        .iter()
+        .map(|m| {
+            (
+                m.destination.as_str(),
+                m.fs_type.as_str(),
+                m.source.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("/proc", "proc", "proc"),
+            ("/dev", "tmpfs", "tmpfs"),
+            ("/dev/pts", "devpts", "devpts"),
+            ("/dev/shm", "tmpfs", "shm"),
+            ("/dev/mqueue", "mqueue", "mqueue"),
+            ("/sys", "sysfs", "sysfs"),
+            ("/sys/fs/cgroup", "cgroup", "cgroup"),
+            ("/run", "tmpfs", "tmpfs"),
+        ]
+    );
+    assert_eq!(
+        plan.filesystems[5].options,
+        ["nosuid", "noexec", "nodev", "ro"]
+    );
+    assert_eq!(plan.filesystems[7].options, ["size=1m"]);
+    match plan.filesystems_request() {
+        Some(forkvm_agent_proto::Request::Filesystems { mounts }) => {
+            assert_eq!(mounts, plan.filesystems)
+        }
+        other => panic!("{other:?}"),
+    }
+    // A spec without mounts leaves the guest's own: no request.
+    let plan = load_with(|c| c["mounts"] = json!([])).unwrap();
+    assert_eq!(plan.filesystems_request(), None);
     // Bound host files (Docker's /etc/hosts and friends): copied in, with a warning.
     let host = tempfile::tempdir().unwrap();
     for file in ["/etc/hosts", "/etc/resolv.conf", "/run/.containerenv"] {
@@ -321,11 +360,20 @@ fn mounts() {
         "mount /etc/hosts: cannot bind /nonexistent/hosts into the VM: it does not exist"
     );
     // A bind onto a mount the guest makes itself (containerd CRI's sandbox /dev/shm).
+    // It becomes the guest's own filesystem there, after the spec's tmpfs.
     let plan = load_with(add(json!({"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/sandbox/shm", "options": ["rbind", "ro"]}))).unwrap();
     assert!(plan
         .warnings
         .iter()
-        .any(|w| w.contains("/dev/shm") && w.contains("guest mounts its own")));
+        .any(|w| w.contains("/dev/shm") && w.contains("guest mounts its own (tmpfs)")));
+    let last = plan.filesystems.last().unwrap();
+    assert_eq!(
+        (last.destination.as_str(), last.fs_type.as_str()),
+        ("/dev/shm", "tmpfs")
+    );
+    assert!(
+        last.options.contains(&"mode=1777".to_owned()) && last.options.contains(&"ro".to_owned())
+    );
     // Directories, bound as a type or as an option: volumes, in order, `ro` honoured.
     let data = host.path().join("data");
     std::fs::create_dir(&data).unwrap();
@@ -385,6 +433,11 @@ fn mounts() {
         json!({"destination": "/mnt", "type": "nfs", "source": "server:/x"}),
     ));
     assert_eq!(e, r#"mount /mnt: filesystem type "nfs" is not supported"#);
+    let e = err_with(add(json!({"destination": "relative", "type": "tmpfs"})));
+    assert!(
+        e.ends_with("mounts: relative: the destination is not an absolute UTF-8 path"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -467,6 +520,7 @@ fn sysctls_masked_and_readonly_paths_become_the_agents_request() {
             mode: 0o666,
             uid: 0,
             gid: 0,
+            host_has: Path::new("/sys/dev/char/10:229").exists(),
         }]
     );
 }

@@ -331,6 +331,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     };
     let dir_owned = dir.to_owned();
     let container = plan.container_request();
+    let filesystems = plan.filesystems_request();
     let spec = plan.process;
     // Reported from the session once the agent answers; errors before that are
     // reported by `monitor`.
@@ -398,6 +399,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     };
     let work = GuestWork {
         process: spec,
+        filesystems,
         mount,
         container,
         network: networked.then(|| plumbed.network.agent_request()),
@@ -466,6 +468,8 @@ impl Drop for Plumbed {
 /// makes it relay DNS for the namespace's loopback resolvers, when it names any.
 struct GuestWork {
     process: ProcessSpec,
+    /// The agent's request that mounts the spec's filesystems (before the volumes).
+    filesystems: Option<Request>,
     /// The agent's request that mounts the container's volumes.
     mount: Option<Request>,
     /// The agent's request that creates the device nodes and applies the kernel
@@ -565,6 +569,7 @@ fn monitor_session(
 ) -> Result<Outcome> {
     let GuestWork {
         process: spec,
+        filesystems,
         mount,
         container,
         network,
@@ -572,12 +577,13 @@ fn monitor_session(
         plumbed,
     } = work;
     let mut stream = s.connect_agent()?;
-    // The guest mounts the volumes, takes the namespace's addresses and routes, relays
-    // DNS, and applies the rest of the spec (last: it may make the root read-only),
-    // before anything runs.
+    // The guest mounts the spec's filesystems, then the volumes, takes the namespace's
+    // addresses and routes, relays DNS, and applies the rest of the spec (last: it may
+    // make the root read-only), before anything runs.
     vm::configure_guest(
         &mut stream,
         [
+            ("its filesystems", filesystems),
             ("its volumes", mount),
             ("its network", network),
             ("its DNS relay", dns_relay),

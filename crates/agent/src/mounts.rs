@@ -1,0 +1,383 @@
+//! Mounts in the container's root, as runc makes them: the agent's one `mount(2)`
+//! wrapper ([`mount`]), and the spec's filesystems
+//! ([`forkvm_agent_proto::Request::Filesystems`]: the `mounts` entries that are not
+//! binds) mounted in the spec's order with their options ([`apply`]).
+//!
+//! Each destination resolves inside the root as the container sees it (`openat2` with
+//! `RESOLVE_IN_ROOT`: an image's symlinks cannot point it outside), missing directories
+//! are created, and the mount goes onto the resolved directory through its descriptor.
+//! What the guest mounted in the root at boot (`/proc`, `/sys`, `/dev` with its `pts`,
+//! `shm` and `mqueue`) is detached first where the spec mounts the same destination,
+//! so the mount table shows the spec's mounts in the spec's order. A `tmpfs` at `/dev`
+//! gets runc's default devices and links ([`crate::init::populate_dev`]); `devpts` is
+//! the guest's own pty filesystem bound in (the agent opens the container's terminals
+//! there), with the spec's flags; `cgroup` and `cgroup2` mount the guest's cgroup v2
+//! hierarchy.
+
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+
+use forkvm_agent_proto::{FsMount, FS_TYPES, MAX_FILESYSTEMS};
+
+/// `mount(2)`; `None` passes a null pointer.
+pub fn mount(
+    source: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> std::io::Result<()> {
+    let ptr = |s: Option<&CStr>| s.map_or(std::ptr::null(), CStr::as_ptr);
+    // SAFETY: every pointer is null or a NUL-terminated string that outlives the call;
+    // the data argument, when given, is a string, as every filesystem mounted here
+    // takes.
+    let rc = unsafe {
+        libc::mount(
+            ptr(source),
+            target.as_ptr(),
+            ptr(fstype),
+            flags,
+            ptr(data).cast(),
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// The path that reaches what `fd` refers to (`/proc/self/fd/N`).
+pub fn fd_path(fd: &OwnedFd) -> CString {
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL")
+}
+
+/// A C string of `s`, or an error naming what held a NUL byte.
+fn c(s: &str, what: &str) -> Result<CString, String> {
+    CString::new(s).map_err(|_| format!("the {what} holds a NUL byte"))
+}
+
+/// What the guest mounts in the container's root at boot: detached where the spec
+/// mounts the same destination (with what is under it).
+const BOOT_MOUNTS: [&str; 3] = ["/dev", "/sys", "/proc"];
+
+/// The options of one mount, split as `mount(2)` takes them.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// `MS_*` flags.
+    pub flags: libc::c_ulong,
+    /// The propagation to set after the mount (`MS_SHARED`, `MS_PRIVATE`, ... with
+    /// `MS_REC` for the `r` forms); 0: left as it is.
+    pub propagation: libc::c_ulong,
+    /// The rest, for the filesystem (`mode=755,size=65536k`).
+    pub data: String,
+}
+
+/// Splits a spec's mount options as runc does: flags `mount(8)` knows set or clear
+/// their bit, propagation is kept for after the mount, anything else is the
+/// filesystem's data. A bind or a remount is not a filesystem mount: refused.
+pub fn parse_options(options: &[String]) -> Result<Options, String> {
+    let mut o = Options::default();
+    let mut data = Vec::new();
+    for opt in options {
+        let (set, clear): (libc::c_ulong, libc::c_ulong) = match opt.as_str() {
+            "defaults" => (0, 0),
+            "ro" => (libc::MS_RDONLY, 0),
+            "rw" => (0, libc::MS_RDONLY),
+            "nosuid" => (libc::MS_NOSUID, 0),
+            "suid" => (0, libc::MS_NOSUID),
+            "nodev" => (libc::MS_NODEV, 0),
+            "dev" => (0, libc::MS_NODEV),
+            "noexec" => (libc::MS_NOEXEC, 0),
+            "exec" => (0, libc::MS_NOEXEC),
+            "sync" => (libc::MS_SYNCHRONOUS, 0),
+            "async" => (0, libc::MS_SYNCHRONOUS),
+            "dirsync" => (libc::MS_DIRSYNC, 0),
+            "mand" => (libc::MS_MANDLOCK, 0),
+            "nomand" => (0, libc::MS_MANDLOCK),
+            "noatime" => (libc::MS_NOATIME, 0),
+            "atime" => (0, libc::MS_NOATIME),
+            "nodiratime" => (libc::MS_NODIRATIME, 0),
+            "diratime" => (0, libc::MS_NODIRATIME),
+            "relatime" => (libc::MS_RELATIME, 0),
+            "norelatime" => (0, libc::MS_RELATIME),
+            "strictatime" => (libc::MS_STRICTATIME, 0),
+            "nostrictatime" => (0, libc::MS_STRICTATIME),
+            "bind" | "rbind" | "remount" => {
+                return Err(format!("option {opt:?}: not one of a filesystem mount"))
+            }
+            other => {
+                let propagation = match other {
+                    "private" => libc::MS_PRIVATE,
+                    "rprivate" => libc::MS_PRIVATE | libc::MS_REC,
+                    "shared" => libc::MS_SHARED,
+                    "rshared" => libc::MS_SHARED | libc::MS_REC,
+                    "slave" => libc::MS_SLAVE,
+                    "rslave" => libc::MS_SLAVE | libc::MS_REC,
+                    "unbindable" => libc::MS_UNBINDABLE,
+                    "runbindable" => libc::MS_UNBINDABLE | libc::MS_REC,
+                    _ => {
+                        if other.contains(',') {
+                            return Err(format!("option {other:?} holds a comma"));
+                        }
+                        data.push(other);
+                        continue;
+                    }
+                };
+                o.propagation = propagation;
+                continue;
+            }
+        };
+        o.flags = (o.flags | set) & !clear;
+    }
+    o.data = data.join(",");
+    Ok(o)
+}
+
+/// Mounts `mounts` in `root`, in order (see the module documentation); the first
+/// failure stops it, naming the mount. Every entry is checked before anything changes.
+pub fn apply(root: &Path, mounts: &[FsMount], guest_pts: &Path) -> Result<(), String> {
+    if mounts.len() > MAX_FILESYSTEMS {
+        return Err(format!(
+            "{} mounts, at most {MAX_FILESYSTEMS}",
+            mounts.len()
+        ));
+    }
+    let named = |m: &FsMount, e: String| format!("mount {} ({}): {e}", m.destination, m.fs_type);
+    let mut parsed = Vec::with_capacity(mounts.len());
+    for m in mounts {
+        if !m.destination.starts_with('/') {
+            return Err(named(m, "the destination is not absolute".into()));
+        }
+        if !FS_TYPES.contains(&m.fs_type.as_str()) {
+            return Err(named(
+                m,
+                format!("not a type the guest mounts ({})", FS_TYPES.join(", ")),
+            ));
+        }
+        let o = parse_options(&m.options).map_err(|e| named(m, e))?;
+        let cstrs = (
+            c(&m.source, "source").map_err(|e| named(m, e))?,
+            c(&o.data, "options").map_err(|e| named(m, e))?,
+        );
+        parsed.push((m, o, cstrs));
+    }
+    let root_fd = crate::shares::open_root(root)?;
+    for dest in BOOT_MOUNTS {
+        if mounts
+            .iter()
+            .any(|m| Path::new(&m.destination) == Path::new(dest))
+        {
+            detach(&root_fd, dest)?;
+        }
+    }
+    let mut dev_tmpfs = false;
+    for (m, o, (source, data)) in parsed {
+        let dir = crate::shares::resolve_dir(&root_fd, &m.destination).map_err(|e| named(m, e))?;
+        let target = fd_path(&dir);
+        let mounted = match m.fs_type.as_str() {
+            "devpts" => {
+                let pts = c(&guest_pts.to_string_lossy(), "guest's pts path")?;
+                mount(Some(&pts), &target, None, libc::MS_BIND, None).and_then(|()| {
+                    // A bind takes its flags from a remount of itself.
+                    let now = crate::shares::resolve_dir(&root_fd, &m.destination)
+                        .map_err(std::io::Error::other)?;
+                    mount(
+                        None,
+                        &fd_path(&now),
+                        None,
+                        libc::MS_BIND | libc::MS_REMOUNT | o.flags,
+                        None,
+                    )
+                })
+            }
+            "cgroup" | "cgroup2" => {
+                mount(Some(c"cgroup2"), &target, Some(c"cgroup2"), o.flags, None)
+            }
+            fs_type => {
+                let fs_type = c(fs_type, "type")?;
+                let data = (!o.data.is_empty()).then_some(data.as_c_str());
+                mount(Some(&source), &target, Some(&fs_type), o.flags, data)
+            }
+        };
+        mounted.map_err(|e| named(m, e.to_string()))?;
+        if o.propagation != 0 {
+            let now =
+                crate::shares::resolve_dir(&root_fd, &m.destination).map_err(|e| named(m, e))?;
+            mount(None, &fd_path(&now), None, o.propagation, None)
+                .map_err(|e| named(m, format!("propagation: {e}")))?;
+        }
+        dev_tmpfs |= m.fs_type == "tmpfs" && Path::new(&m.destination) == Path::new("/dev");
+    }
+    if dev_tmpfs {
+        let dev = crate::shares::resolve_dir(&root_fd, "/dev")?;
+        crate::init::populate_dev(Path::new(&fd_path(&dev).to_string_lossy().into_owned()))
+            .map_err(|e| format!("mount /dev (tmpfs): the default devices: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Detaches the mount at `dest` in the root, and every mount under it; nothing when
+/// the path is missing or not a mount point.
+fn detach(root: &OwnedFd, dest: &str) -> Result<(), String> {
+    let Some(dir) = crate::container::resolve(root, dest)? else {
+        return Ok(());
+    };
+    let path = fd_path(&dir);
+    // SAFETY: a NUL-terminated path that lives across the call.
+    let rc = unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    match rc {
+        0 => Ok(()),
+        _ => match std::io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            e => Err(format!("cannot detach the guest's {dest}: {e}")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(list: &[&str]) -> Result<Options, String> {
+        parse_options(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn options_split_into_flags_propagation_and_data_as_runc_splits_them() {
+        let o = opts(&[
+            "nosuid",
+            "strictatime",
+            "mode=755",
+            "size=65536k",
+            "rshared",
+        ])
+        .unwrap();
+        assert_eq!(o.flags, libc::MS_NOSUID | libc::MS_STRICTATIME);
+        assert_eq!(o.propagation, libc::MS_SHARED | libc::MS_REC);
+        assert_eq!(o.data, "mode=755,size=65536k");
+        // A later option clears what an earlier one set.
+        let o = opts(&["ro", "nodev", "rw", "dev", "noexec"]).unwrap();
+        assert_eq!(o.flags, libc::MS_NOEXEC);
+        assert_eq!(o.propagation, 0);
+        assert_eq!(o.data, "");
+        for bad in ["bind", "rbind", "remount"] {
+            let e = opts(&["nosuid", bad]).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+        assert!(opts(&["mode=755,uid=0"]).unwrap_err().contains("comma"));
+    }
+
+    #[test]
+    fn bad_entries_are_refused_before_anything_is_mounted() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = |dest: &str, ty: &str, options: &[&str]| FsMount {
+            destination: dest.into(),
+            fs_type: ty.into(),
+            source: ty.into(),
+            options: options.iter().map(|s| s.to_string()).collect(),
+        };
+        let pts = Path::new("/dev/pts");
+        for (mounts, wanted) in [
+            (
+                vec![m("relative", "tmpfs", &[])],
+                "mount relative (tmpfs): the destination is not absolute",
+            ),
+            (
+                vec![m("/x", "ext4", &[])],
+                "mount /x (ext4): not a type the guest mounts",
+            ),
+            (
+                vec![m("/ok", "tmpfs", &[]), m("/y", "tmpfs", &["bind"])],
+                "mount /y (tmpfs): option \"bind\"",
+            ),
+        ] {
+            let e = apply(dir.path(), &mounts, pts).unwrap_err();
+            assert!(e.starts_with(wanted), "{e}");
+            // The good entry before the bad one was not mounted (not even created).
+            assert!(!dir.path().join("ok").exists());
+        }
+        let many = vec![m("/t", "tmpfs", &[]); MAX_FILESYSTEMS + 1];
+        assert!(apply(dir.path(), &many, pts)
+            .unwrap_err()
+            .contains("at most"));
+    }
+
+    #[test]
+    fn filesystems_are_mounted_in_order_with_their_options_replacing_the_boot_ones() {
+        crate::container::tests::in_own_mounts(|root| {
+            // What init mounts at boot: a /proc and a /dev with a tmpfs under it.
+            let boot = |fs: &str, dest: &str| {
+                let d = root.join(dest.trim_start_matches('/'));
+                std::fs::create_dir_all(&d).unwrap();
+                let (fs, d) = (
+                    CString::new(fs).unwrap(),
+                    CString::new(d.to_str().unwrap()).unwrap(),
+                );
+                mount(Some(&fs), &d, Some(&fs), 0, None).unwrap();
+            };
+            boot("tmpfs", "/dev");
+            boot("tmpfs", "/dev/shm");
+            std::fs::write(root.join("dev/boot-marker"), "").unwrap();
+            let m = |dest: &str, ty: &str, src: &str, options: &[&str]| FsMount {
+                destination: dest.into(),
+                fs_type: ty.into(),
+                source: src.into(),
+                options: options.iter().map(|s| s.to_string()).collect(),
+            };
+            let mounts = [
+                m("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
+                m(
+                    "/dev",
+                    "tmpfs",
+                    "tmpfs",
+                    &["nosuid", "strictatime", "mode=755", "size=65536k"],
+                ),
+                m(
+                    "/dev/shm",
+                    "tmpfs",
+                    "shm",
+                    &["nosuid", "noexec", "nodev", "mode=1777", "size=1k"],
+                ),
+                m(
+                    "/sys",
+                    "sysfs",
+                    "sysfs",
+                    &["nosuid", "noexec", "nodev", "ro"],
+                ),
+                m("/tmp/private", "tmpfs", "tmpfs", &["private", "size=1k"]),
+            ];
+            apply(root, &mounts, Path::new("/dev/pts")).unwrap();
+
+            // The boot /dev went (its marker with it); the spec's has runc's devices.
+            assert!(!root.join("dev/boot-marker").exists());
+            assert!(root.join("dev/null").exists() && root.join("dev/ptmx").is_symlink());
+            assert!(root.join("proc/self").exists(), "proc is mounted");
+            assert!(root.join("sys/kernel").exists(), "sysfs is mounted");
+            assert!(crate::container::is_read_only(&root.join("sys")));
+            assert!(!crate::container::is_read_only(&root.join("dev")));
+            let st = rustix::fs::statvfs(root.join("dev/shm")).unwrap();
+            assert!(st.f_flag.contains(rustix::fs::StatVfsMountFlags::NOEXEC));
+            assert_eq!(
+                st.f_blocks * st.f_frsize,
+                4096,
+                "size=1k rounds up to a page"
+            );
+
+            // The mount table lists them in the spec's order, after the root.
+            let info = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap();
+            let prefix = root.to_str().unwrap();
+            let order: Vec<&str> = info
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter_map(|p| p.strip_prefix(prefix))
+                .filter(|p| !p.is_empty())
+                .collect();
+            assert_eq!(
+                order,
+                ["/proc", "/dev", "/dev/shm", "/sys", "/tmp/private"],
+                "{info}"
+            );
+        });
+    }
+}

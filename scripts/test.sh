@@ -12,6 +12,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== host capabilities"
 cargo xtask caps
 cargo xtask prepare-guest
+# The OCI runtime-tools validation suite the conformance test runs (third_party/runtime-tools).
+cargo xtask prepare-conformance
 echo "== cargo build (every program: the end-to-end tests install and run them)"
 cargo build --workspace --bins --locked
 echo "== cargo test"

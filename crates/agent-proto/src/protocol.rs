@@ -12,7 +12,8 @@ pub const AGENT_PORT: u32 = 1024;
 /// 4: [`Request::DnsRelay`], [`Request::Unplug`]; 5: [`Request::Network`] replaces a
 /// NIC's addresses and routes, and may name nameservers; 6: [`Request::Mount`]; 7:
 /// [`ProcessSpec`]'s capabilities, `no_new_privileges`, `oom_score_adj` and `umask`,
-/// [`Request::Container`]; 8: [`Request::Filesystems`], [`DeviceNode::host_has`]).
+/// [`Request::Container`]; 8: [`Request::Filesystems`], [`Request::Hooks`],
+/// [`DeviceNode::host_has`], [`Request::Container`]'s `domainname`).
 pub const PROTOCOL_VERSION: u32 = 8;
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -98,6 +99,20 @@ pub enum Request {
         /// The container's root is read-only (`root.readonly`), its own mounts aside.
         #[serde(default)]
         readonly_root: bool,
+        /// The guest's NIS domain name (the OCI `domainname`). Since version 8.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        domainname: Option<String>,
+    },
+    /// Run OCI hooks of one kind in the container's root (`createContainer` at create,
+    /// `startContainer` at start), in order, the state on each one's stdin; the first
+    /// that fails is the error (PID-1 mode only). Since version 8.
+    Hooks {
+        /// `createContainer` or `startContainer`: how errors name the hooks.
+        kind: String,
+        /// The hooks (at most [`MAX_HOOKS`]).
+        hooks: Vec<GuestHook>,
+        /// The runtime spec's state of the container, as JSON.
+        state: String,
     },
     /// Start a process. Answered with [`Response::Started`] (the connection then carries
     /// frames), [`Response::ExecFailed`] or [`Response::Error`].
@@ -129,6 +144,25 @@ pub struct ShareMount {
     pub target: String,
     /// Mounted read-only (the host refuses writes too).
     pub read_only: bool,
+}
+
+/// Most hooks one [`Request::Hooks`] may carry.
+pub const MAX_HOOKS: usize = 64;
+
+/// One hook of [`Request::Hooks`] (an OCI hook).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestHook {
+    /// The program, an absolute path in the container.
+    pub path: String,
+    /// Its arguments after the program's name (the spec's `args[1..]`).
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Its whole environment, `KEY=value`.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Seconds it may run before it is killed (absent: the agent's limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u32>,
 }
 
 /// The filesystem types of [`FsMount`]: what the guest mounts for a container.

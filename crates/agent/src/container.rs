@@ -65,6 +65,8 @@ pub struct Settings<'a> {
     pub readonly: &'a [String],
     /// `root.readonly`.
     pub readonly_root: bool,
+    /// `domainname`.
+    pub domainname: Option<&'a str>,
 }
 
 /// Makes the device nodes in `root`, sets the kernel parameters, then masks paths and
@@ -80,6 +82,9 @@ pub fn apply(root: &Path, kernel: &GuestKernel, s: &Settings) -> Result<(), Stri
         if n > MAX_ENTRIES {
             return Err(format!("{what}: {n} entries, at most {MAX_ENTRIES}"));
         }
+    }
+    if let Some(name) = s.domainname {
+        set_domainname(name).map_err(|e| format!("domainname {name:?}: {e}"))?;
     }
     let root_fd = crate::shares::open_root(root)?;
     for d in s.devices {
@@ -113,6 +118,22 @@ pub fn apply(root: &Path, kernel: &GuestKernel, s: &Settings) -> Result<(), Stri
         remount(root, true).map_err(|e| format!("root.readonly: {e}"))?;
     }
     Ok(())
+}
+
+/// Longest NIS domain name the kernel takes (`__NEW_UTS_LEN`).
+const MAX_DOMAINNAME: usize = 64;
+
+/// Sets the guest's NIS domain name (its UTS namespace is the container's).
+fn set_domainname(name: &str) -> Result<(), String> {
+    if name.len() > MAX_DOMAINNAME {
+        return Err(format!("longer than {MAX_DOMAINNAME} bytes"));
+    }
+    // SAFETY: a pointer to `name.len()` readable bytes, which the kernel copies.
+    let rc = unsafe { libc::setdomainname(name.as_ptr().cast(), name.len()) };
+    match rc {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error().to_string()),
+    }
 }
 
 /// Remounts the mount at `path` read-only or read-write, keeping its `nosuid`, `nodev`
@@ -387,6 +408,7 @@ pub(crate) mod tests {
             masked,
             readonly,
             readonly_root: false,
+            domainname: None,
         }
     }
 

@@ -30,6 +30,7 @@
 pub use forkvm_agent_proto::{frame, protocol};
 pub mod container;
 pub mod dns;
+pub mod hooks;
 pub mod identity;
 pub mod init;
 pub mod layout;

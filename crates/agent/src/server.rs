@@ -283,6 +283,12 @@ impl Agent {
                 Mode::Init => crate::shares::mount_all(&self.config.root, &shares),
                 _ => Err("mount needs the agent to run as the guest's PID 1".to_owned()),
             },
+            Request::Hooks { kind, hooks, state } => match self.config.mode {
+                Mode::Init => {
+                    crate::hooks::run_all(&self.config.root, &kind, &hooks, &state, self.reaper)
+                }
+                _ => Err("hooks needs the agent to run as the guest's PID 1".to_owned()),
+            },
             Request::Filesystems { mounts } => match self.config.mode {
                 Mode::Init => crate::mounts::apply(
                     &self.config.root,
@@ -297,6 +303,7 @@ impl Agent {
                 masked_paths,
                 readonly_paths,
                 readonly_root,
+                domainname,
             } => match self.config.mode {
                 Mode::Init => crate::container::apply(
                     &self.config.root,
@@ -307,6 +314,7 @@ impl Agent {
                         masked: &masked_paths,
                         readonly: &readonly_paths,
                         readonly_root,
+                        domainname: domainname.as_deref(),
                     },
                 ),
                 _ => Err("container needs the agent to run as the guest's PID 1".to_owned()),

@@ -19,7 +19,8 @@
 //! | `process.user.username` | warning | it is for Windows; `uid` and `gid` are used |
 //! | `process.apparmorProfile`, `selinuxLabel`, `linux.seccomp` | warning | host LSM/seccomp confinement does not apply inside a VM; the VM is the boundary |
 //! | `process.scheduler`, `ioPriority`, `execCPUAffinity` | ignored | per-process tuning inside the guest |
-//! | `hostname` | [`ContainerPlan::hostname`] | |
+//! | `hostname` | [`ContainerPlan::hostname`] | empty: the container's ID's first 12 characters |
+//! | `domainname` | [`ContainerPlan::domainname`] | set by the guest agent (the guest's UTS namespace is the container's) |
 //! | `mounts` of type `proc`, `sysfs`, `tmpfs`, `devpts`, `mqueue`, `cgroup`, `cgroup2` | [`ContainerPlan::filesystems`] | mounted by the guest agent in the container's root in the spec's order with their options (flags, propagation, data), in place of the guest's own at `/proc`, `/sys`, `/dev`; `devpts` is the guest's pty filesystem bound in with the entry's flags (its data options aside); `cgroup` mounts the guest's cgroup v2 hierarchy |
 //! | `mounts`: bind of a regular file (Docker's and podman's `/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf`, podman's `/run/.containerenv`) | copied in ([`ContainerPlan::files`]), with a warning | the file is copied into the VM's root when the container is created; later changes on either side are not shared. The guest adds its hostname to `/etc/hosts` and writes `/etc/hostname` itself |
 //! | `mounts`: bind onto `/proc`, `/sys`, `/sys/fs/cgroup`, `/dev` or `/dev/{pts,shm,mqueue}` (containerd CRI's sandbox `/dev/shm`) | warning; [`ContainerPlan::filesystems`] | the guest mounts its own filesystem there (`ro` kept) |
@@ -42,7 +43,7 @@
 //! | `annotations` | [`ContainerPlan::annotations`] | reported by `state` |
 //! | `hooks.prestart`, `createRuntime` | [`ContainerPlan::hooks`] | run by `create` as runc runs them, on the host, with the state (`pid`: the container's monitor) on stdin, before the VM boots |
 //! | `hooks.poststart`, `poststop` | [`ContainerPlan::hooks`] | run after `start`, and by `delete`; a failure is logged, as the spec says |
-//! | `hooks.createContainer`, `startContainer` | **error** | they run in the container's namespaces, which live inside the VM |
+//! | `hooks.createContainer`, `startContainer` | [`ContainerPlan::guest_hooks`] | run by the guest agent in the container's root, with the state on stdin, at create (after the container's mounts, devices and paths) and at start (before its process); the path must exist in the container; a failure (exit, or past `timeout`, at most 50 s) fails `create` or `start`, naming the hook. `argv[0]` is the path |
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -129,6 +130,11 @@ pub struct ContainerPlan {
     pub network: NetworkPlan,
     /// The hooks the runtime runs on the host.
     pub hooks: HostHooks,
+    /// The hooks the guest agent runs in the container: `createContainer`, then
+    /// `startContainer`.
+    pub guest_hooks: GuestHooks,
+    /// `domainname`, when set and non-empty.
+    pub domainname: Option<String>,
     /// The spec's `annotations`.
     pub annotations: std::collections::BTreeMap<String, String>,
     /// `linux.devices`: nodes the guest agent creates (for devices the guest has).
@@ -156,6 +162,15 @@ pub enum NetworkPlan {
     /// The runtime makes one for the container's monitor (`network` without a `path`);
     /// the engine's hooks configure it, as they would for runc.
     New,
+}
+
+/// The spec's hooks that run in the container, inside its VM, in spec order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestHooks {
+    /// `hooks.createContainer`: run by `create`, after the container's mounts.
+    pub create_container: Vec<forkvm_agent_proto::GuestHook>,
+    /// `hooks.startContainer`: run by `start`, before the container's process.
+    pub start_container: Vec<forkvm_agent_proto::GuestHook>,
 }
 
 /// The spec's hooks that run on the host, in the runtime's namespaces, in spec order.
@@ -320,9 +335,9 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
             planner.mount(mount)?;
         }
     }
-    let hooks = match spec.hooks() {
+    let (hooks, guest_hooks) = match spec.hooks() {
         Some(hooks) => planner.hooks(hooks)?,
-        None => HostHooks::default(),
+        None => Default::default(),
     };
     let (vcpus, mem_mib, cgroup) = match spec.linux() {
         Some(linux) => planner.linux(linux)?,
@@ -345,6 +360,8 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         filesystems: planner.filesystems,
         network,
         hooks,
+        guest_hooks,
+        domainname: spec.domainname().clone().filter(|d| !d.is_empty()),
         annotations: spec
             .annotations()
             .clone()
@@ -386,9 +403,16 @@ impl ContainerPlan {
     }
 
     /// The guest agent's request that creates the device nodes and applies the kernel
-    /// parameters, masked and read-only paths; none when the spec has none.
-    pub fn container_request(&self) -> Option<forkvm_agent_proto::Request> {
-        let empty = !self.rootfs_readonly
+    /// parameters, masked and read-only paths, and `root.readonly` when
+    /// `with_readonly_root` (else [`ContainerPlan::readonly_root_request`] does, later);
+    /// none when there is nothing to apply.
+    pub fn container_request(
+        &self,
+        with_readonly_root: bool,
+    ) -> Option<forkvm_agent_proto::Request> {
+        let readonly_root = with_readonly_root && self.rootfs_readonly;
+        let empty = !readonly_root
+            && self.domainname.is_none()
             && self.devices.is_empty()
             && self.sysctls.is_empty()
             && self.masked_paths.is_empty()
@@ -398,8 +422,23 @@ impl ContainerPlan {
             sysctls: self.sysctls.clone(),
             masked_paths: self.masked_paths.clone(),
             readonly_paths: self.readonly_paths.clone(),
-            readonly_root: self.rootfs_readonly,
+            readonly_root,
+            domainname: self.domainname.clone(),
         })
+    }
+
+    /// The guest agent's request that makes the container's root read-only
+    /// (`root.readonly`) and nothing else; none when the root stays writable.
+    pub fn readonly_root_request(&self) -> Option<forkvm_agent_proto::Request> {
+        self.rootfs_readonly
+            .then(|| forkvm_agent_proto::Request::Container {
+                devices: Vec::new(),
+                sysctls: Default::default(),
+                masked_paths: Vec::new(),
+                readonly_paths: Vec::new(),
+                readonly_root: true,
+                domainname: None,
+            })
     }
 }
 
@@ -700,18 +739,9 @@ impl Planner<'_> {
     }
 
     #[allow(deprecated)] // `prestart` is deprecated in the spec, yet still honoured by runc.
-    fn hooks(&mut self, hooks: &Hooks) -> Result<HostHooks, BundleError> {
-        for (field, list) in [
-            ("hooks.createContainer", hooks.create_container()),
-            ("hooks.startContainer", hooks.start_container()),
-        ] {
-            if list.as_ref().is_some_and(|l| !l.is_empty()) {
-                return Err(self.unsupported(
-                    field,
-                    "these hooks run in the container's namespaces, which live inside the VM",
-                ));
-            }
-        }
+    fn hooks(&mut self, hooks: &Hooks) -> Result<(HostHooks, GuestHooks), BundleError> {
+        let create_container = hooks.create_container().clone().unwrap_or_default();
+        let start_container = hooks.start_container().clone().unwrap_or_default();
         let host = HostHooks {
             prestart: hooks.prestart().clone().unwrap_or_default(),
             create_runtime: hooks.create_runtime().clone().unwrap_or_default(),
@@ -723,6 +753,8 @@ impl Planner<'_> {
             ("hooks.createRuntime", &host.create_runtime),
             ("hooks.poststart", &host.poststart),
             ("hooks.poststop", &host.poststop),
+            ("hooks.createContainer", &create_container),
+            ("hooks.startContainer", &start_container),
         ] {
             for (i, hook) in list.iter().enumerate() {
                 if !hook.path().is_absolute() {
@@ -738,7 +770,40 @@ impl Planner<'_> {
                 }
             }
         }
-        Ok(host)
+        let mut guest = GuestHooks::default();
+        for (field, list, into) in [
+            (
+                "hooks.createContainer",
+                &create_container,
+                &mut guest.create_container,
+            ),
+            (
+                "hooks.startContainer",
+                &start_container,
+                &mut guest.start_container,
+            ),
+        ] {
+            if list.len() > forkvm_agent_proto::MAX_HOOKS {
+                return Err(self.invalid(
+                    field,
+                    format!("at most {} hooks", forkvm_agent_proto::MAX_HOOKS),
+                ));
+            }
+            for (i, hook) in list.iter().enumerate() {
+                let path = hook
+                    .path()
+                    .to_str()
+                    .ok_or_else(|| self.invalid(format!("{field}[{i}].path"), "must be UTF-8"))?;
+                into.push(forkvm_agent_proto::GuestHook {
+                    path: path.to_owned(),
+                    // The spec's args[0] is the program's name: the path stands for it.
+                    args: hook.args().iter().flatten().skip(1).cloned().collect(),
+                    env: hook.env().clone().unwrap_or_default(),
+                    timeout: hook.timeout().map(|t| u32::try_from(t).unwrap_or(u32::MAX)),
+                });
+            }
+        }
+        Ok((host, guest))
     }
 
     fn linux(&mut self, linux: &Linux) -> Result<(u8, u64, Option<CgroupSpec>), BundleError> {

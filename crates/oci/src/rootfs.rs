@@ -145,6 +145,8 @@ mod tests {
             filesystems: vec![],
             network: crate::bundle::NetworkPlan::New,
             hooks: Default::default(),
+            guest_hooks: Default::default(),
+            domainname: None,
             annotations: Default::default(),
             devices: vec![],
             sysctls: Default::default(),

@@ -34,6 +34,7 @@ fn bundle(dir: &Path, args: &[&str], edit: impl FnOnce(&mut Value)) -> PathBuf {
     std::fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
     for applet in [
         "sh", "echo", "cat", "sleep", "hostname", "wc", "id", "true", "kill", "ps", "nc", "ip",
+        "grep",
     ] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
@@ -53,8 +54,11 @@ fn bundle(dir: &Path, args: &[&str], edit: impl FnOnce(&mut Value)) -> PathBuf {
         "annotations": {"org.example.test": "yes"},
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs"}
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}
         ],
         "linux": {
             "resources": {"memory": {"limit": 268435456}},
@@ -245,6 +249,11 @@ fn body() {
              (echo 0 > /proc/sys/net/ipv4/ip_forward) 2>/dev/null && echo sys=rw || echo sys=ro; \
              [ -c /dev/extra/null2 ] && echo x > /dev/extra/null2 && echo devnode=ok; \
              (echo x > /rootfile) 2>/dev/null && echo root=rw || echo root=ro; \
+             echo hook=$(grep -o '\"status\":\"[a-z]*\"' /hooked); \
+             echo start=$(grep -o '\"status\":\"[a-z]*\"' /run/t/started); \
+             echo dn=$(cat /proc/sys/kernel/domainname); \
+             grep -q ' /run/t tmpfs rw,nosuid,nodev,noexec,relatime,size=1024k' /proc/mounts \
+             && echo tmpfs=yes; \
              exit 3",
         ],
         |c| {
@@ -262,6 +271,14 @@ fn body() {
             c["root"]["readonly"] = json!(true);
             c["linux"]["devices"] =
                 json!([{"path": "/dev/extra/null2", "type": "c", "major": 1, "minor": 3}]);
+            // Hooks in the container, a domain name, a tmpfs of the spec's.
+            c["hooks"] = json!({
+                "createContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "cat > /hooked"]}],
+                "startContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "cat > /run/t/started"]}]
+            });
+            c["domainname"] = json!("e2e.example");
+            c["mounts"].as_array_mut().unwrap().push(json!({"destination": "/run/t",
+                "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "noexec", "size=1m"]}));
         },
     );
     let input = t.join("input");
@@ -344,6 +361,13 @@ fn body() {
     assert_eq!(field("devnode="), "ok", "{out}");
     // root.readonly: the root refuses writes (/dev, a tmpfs of its own, did not).
     assert_eq!(field("root="), "ro", "{out}");
+    // createContainer ran at create, before the root became read-only (it wrote there);
+    // startContainer at start; both with the state on stdin.
+    assert_eq!(field("hook="), r#""status":"creating""#, "{out}");
+    assert_eq!(field("start="), r#""status":"created""#, "{out}");
+    assert_eq!(field("dn="), "e2e.example", "{out}");
+    // The spec's tmpfs, with its options.
+    assert_eq!(field("tmpfs="), "yes", "{out}");
     assert_eq!(env.read("c1-create.err"), "oops\n");
     assert_eq!(env.state("c1")["status"], "stopped");
     assert!(env.state("c1").get("pid").is_none());
@@ -576,6 +600,31 @@ fn body() {
     assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
     let out = env.rt("c3-state", &["state", "c3"], None);
     assert!(out.stderr.contains("does not exist"), "{out}");
+
+    // --- bad input: a startContainer hook that fails fails `start`, naming the hook and
+    // ending with its stderr; the process never runs, and the container is stopped.
+    let b16 = bundle(&t.join("b16"), &["sh", "-c", "echo ran"], |c| {
+        c["hooks"] = json!({"startContainer": [
+            {"path": "/bin/sh", "args": ["sh", "-c", "echo refused >&2; exit 7"]}
+        ]});
+    });
+    env.ok(
+        "c16-create",
+        &["create", "--bundle", b16.to_str().unwrap(), "c16"],
+    );
+    let pid = pid_of(&env.state("c16"));
+    let out = env.rt("c16-start", &["start", "c16"], None);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr
+            .contains("hooks.startContainer[0] (/bin/sh): exit 7: refused"),
+        "{out}"
+    );
+    reap(pid, Duration::from_secs(60));
+    assert_eq!(env.read("c16-create.out"), "", "the process never ran");
+    assert_eq!(env.state("c16")["status"], "stopped");
+    env.ok("c16-delete", &["delete", "c16"]);
+    assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
 
     // --- a terminal: the pty's master arrives on --console-socket, its size reaches the
     // guest, and the process sees a terminal

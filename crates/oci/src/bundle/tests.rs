@@ -477,14 +477,16 @@ fn sysctls_masked_and_readonly_paths_become_the_agents_request() {
     })
     .unwrap();
     assert!(!plan.warnings.join("\n").contains("sysctl"));
-    match plan.container_request() {
+    match plan.container_request(true) {
         Some(forkvm_agent_proto::Request::Container {
             devices,
             sysctls,
             masked_paths,
             readonly_paths,
             readonly_root,
+            domainname,
         }) => {
+            assert_eq!(domainname, None);
             assert!(readonly_root, "runc's config has a read-only root");
             assert_eq!(sysctls["net.ipv4.ip_forward"], "1");
             assert_eq!(sysctls.len(), 2);
@@ -503,7 +505,7 @@ fn sysctls_masked_and_readonly_paths_become_the_agents_request() {
         c["root"]["readonly"] = json!(false);
     })
     .unwrap();
-    assert_eq!(plan.container_request(), None);
+    assert_eq!(plan.container_request(true), None);
     // Docker's --device /dev/fuse: the node, for the guest to make.
     let plan = load_with(|c| {
         c["linux"]["devices"] = json!([{"path": "/dev/fuse", "type": "c", "major": 10,
@@ -527,14 +529,47 @@ fn sysctls_masked_and_readonly_paths_become_the_agents_request() {
 
 #[test]
 fn unsupported_fields_are_errors() {
-    // Hooks in the container's namespaces would run inside the VM.
-    let e = err_with(|c| c["hooks"] = json!({"createContainer": [{"path": "/usr/bin/x"}]}));
+    // Hooks in the container's namespaces run inside the VM, by the guest agent: its
+    // path and args (args[0] is the path's), env and timeout; checked as the host's.
+    let plan = load_with(|c| {
+        c["hooks"] = json!({
+            "createContainer": [{"path": "/usr/bin/x", "args": ["x", "-a", "b"], "env": ["A=1"], "timeout": 7}],
+            "startContainer": [{"path": "/bin/y"}, {"path": "/bin/z"}]
+        });
+        c["domainname"] = json!("example.org");
+    })
+    .unwrap();
+    assert_eq!(
+        plan.guest_hooks.create_container,
+        [forkvm_agent_proto::GuestHook {
+            path: "/usr/bin/x".into(),
+            args: vec!["-a".into(), "b".into()],
+            env: vec!["A=1".into()],
+            timeout: Some(7),
+        }]
+    );
+    let paths: Vec<&str> = plan
+        .guest_hooks
+        .start_container
+        .iter()
+        .map(|h| h.path.as_str())
+        .collect();
+    assert_eq!(paths, ["/bin/y", "/bin/z"]);
+    assert!(plan.hooks.prestart.is_empty());
+    assert_eq!(plan.domainname.as_deref(), Some("example.org"));
+    match plan.container_request(true) {
+        Some(forkvm_agent_proto::Request::Container { domainname, .. }) => {
+            assert_eq!(domainname.as_deref(), Some("example.org"))
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = err_with(|c| c["hooks"] = json!({"startContainer": [{"path": "bin/y"}]}));
     assert!(
-        e.contains("hooks.createContainer") && e.contains("inside the VM"),
+        e.contains("hooks.startContainer[0].path (bin/y)") && e.contains("absolute"),
         "{e}"
     );
-    let e = err_with(|c| c["hooks"] = json!({"startContainer": [{"path": "/usr/bin/x"}]}));
-    assert!(e.contains("hooks.startContainer"), "{e}");
+    let e = err_with(|c| c["hooks"] = json!({"createContainer": [{"path": "/x", "timeout": -1}]}));
+    assert!(e.contains("hooks.createContainer[0].timeout"), "{e}");
     // Host hooks need an absolute path and a positive timeout.
     let e = err_with(|c| c["hooks"] = json!({"poststop": [{"path": "bin/true"}]}));
     assert!(

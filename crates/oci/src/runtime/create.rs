@@ -330,8 +330,36 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         vsock: uds.clone(),
     };
     let dir_owned = dir.to_owned();
-    let container = plan.container_request();
     let filesystems = plan.filesystems_request();
+    // The hooks in the container see it as runc shows them: its pid is this monitor.
+    let mut hook_state = state.clone();
+    hook_state.record_pid(std::process::id() as i32)?;
+    let guest_hooks = |kind: &str, hooks: &[forkvm_agent_proto::GuestHook], status| {
+        let mut state = hook_state.clone();
+        state.status = status;
+        (!hooks.is_empty()).then(|| Request::Hooks {
+            kind: kind.to_owned(),
+            hooks: hooks.to_vec(),
+            state: state.to_runtime_spec_json().to_string(),
+        })
+    };
+    let create_hooks = guest_hooks(
+        "createContainer",
+        &plan.guest_hooks.create_container,
+        crate::state::Status::Creating,
+    );
+    let start_hooks = guest_hooks(
+        "startContainer",
+        &plan.guest_hooks.start_container,
+        crate::state::Status::Created,
+    );
+    // As runc: the root becomes read-only after the createContainer hooks (they may
+    // write in it).
+    let readonly_later = create_hooks.is_some();
+    let container = plan.container_request(!readonly_later);
+    let readonly_root = readonly_later
+        .then(|| plan.readonly_root_request())
+        .flatten();
     let spec = plan.process;
     // Reported from the session once the agent answers; errors before that are
     // reported by `monitor`.
@@ -402,6 +430,9 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         filesystems,
         mount,
         container,
+        create_hooks,
+        readonly_root,
+        start_hooks,
         network: networked.then(|| plumbed.network.agent_request()),
         dns_relay: nameserver.map(|ns| Request::DnsRelay {
             addresses: vec![ns.to_string()],
@@ -475,6 +506,12 @@ struct GuestWork {
     /// The agent's request that creates the device nodes and applies the kernel
     /// parameters, masked and read-only paths (after the volumes, as runc does).
     container: Option<Request>,
+    /// The `createContainer` hooks, run by `create` after the rest.
+    create_hooks: Option<Request>,
+    /// `root.readonly` when it comes after the `createContainer` hooks.
+    readonly_root: Option<Request>,
+    /// The `startContainer` hooks, run by `start` before the process.
+    start_hooks: Option<Request>,
     network: Option<Request>,
     dns_relay: Option<Request>,
     /// The namespace and what the VM took over from it, checked again at `start`.
@@ -572,6 +609,9 @@ fn monitor_session(
         filesystems,
         mount,
         container,
+        create_hooks,
+        readonly_root,
+        start_hooks,
         network,
         dns_relay,
         plumbed,
@@ -591,6 +631,8 @@ fn monitor_session(
                 "its devices, kernel parameters, masked and read-only paths",
                 container,
             ),
+            ("its createContainer hooks", create_hooks),
+            ("its read-only root", readonly_root),
         ],
     )?;
     let mut conn = match early_start {
@@ -620,6 +662,13 @@ fn monitor_session(
             let _ = writeln!(conn, "error {msg}");
             bail!(msg);
         }
+    }
+    // The startContainer hooks, in the container, just before its process; one that
+    // fails fails `start`, and the process never runs.
+    if let Err(e) = vm::configure_guest(&mut stream, [("its startContainer hooks", start_hooks)]) {
+        let msg = format!("{e:#}");
+        let _ = writeln!(conn, "error {}", msg.replace('\n', " "));
+        return Ok(Outcome::NotStarted(1));
     }
     let session = match client::exec(stream, &spec) {
         Ok(session) => {

@@ -72,19 +72,12 @@ fn process(a: &ExecArgs) -> Result<ProcessSpec> {
         }
     };
     Ok(ProcessSpec {
-        args: a.command.clone(),
         env: a.env.clone(),
         cwd: a.cwd.clone().unwrap_or_else(|| "/".into()),
         user,
         tty: a.tty,
         stdin: true,
-        rlimits: Vec::new(),
-        init: false,
-        console_size: None,
-        capabilities: None,
-        no_new_privileges: false,
-        oom_score_adj: None,
-        umask: None,
+        ..ProcessSpec::new(a.command.clone())
     })
 }
 

@@ -1,0 +1,209 @@
+//! The OCI hooks that run in the container ([`forkvm_agent_proto::Request::Hooks`]):
+//! `createContainer` (at create, once the container's mounts, devices and paths are in
+//! place) and `startContainer` (at start, before its process), as runc runs them in the
+//! container's namespaces: `path` executed in the container's root (its path resolves
+//! there), with the hook's arguments and exactly its environment, as root, the
+//! container's state on stdin. A hook that exits non-zero or outlives its `timeout`
+//! (killed then, with the processes of its group; so are those it leaves behind when it
+//! exits) stops the rest; the error names the hook (`hooks.createContainer[0]
+//! (/bin/x)`) and ends with what it wrote to stderr. The program's `argv[0]` is its path.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use forkvm_agent_proto::{GuestHook, ProcessSpec, MAX_HOOKS};
+
+use crate::reaper::Reaper;
+use crate::spawn::ProcessIo;
+
+/// Longest a hook may run, whatever its `timeout`: the host waits a minute for the whole
+/// request.
+pub const LIMIT: Duration = Duration::from_secs(50);
+
+/// Most bytes of a hook's stderr an error shows (its end).
+const STDERR_SHOWN: usize = 4096;
+
+/// Runs `hooks` (of `kind`) in `root` in order with `state` on stdin; the first failure
+/// is the error, naming the hook.
+pub fn run_all(
+    root: &Path,
+    kind: &str,
+    hooks: &[GuestHook],
+    state: &str,
+    reaper: &Reaper,
+) -> Result<(), String> {
+    if hooks.len() > MAX_HOOKS {
+        return Err(format!(
+            "hooks.{kind}: {} hooks, at most {MAX_HOOKS}",
+            hooks.len()
+        ));
+    }
+    for (i, hook) in hooks.iter().enumerate() {
+        run(root, hook, state, reaper)
+            .map_err(|e| format!("hooks.{kind}[{i}] ({}): {e}", hook.path))?;
+    }
+    Ok(())
+}
+
+fn run(root: &Path, hook: &GuestHook, state: &str, reaper: &Reaper) -> Result<(), String> {
+    if !hook.path.starts_with('/') {
+        return Err("the path is not absolute".into());
+    }
+    let spec = ProcessSpec {
+        env: hook.env.clone(),
+        stdin: true,
+        ..ProcessSpec::new(std::iter::once(&hook.path).chain(&hook.args).cloned())
+    };
+    let spawned = crate::spawn::spawn(root, &spec, reaper).map_err(|e| e.to_string())?;
+    let ProcessIo::Pipes {
+        stdin,
+        stdout,
+        stderr,
+    } = spawned.io
+    else {
+        unreachable!("a process without a terminal has pipes");
+    };
+    // Fed and drained beside the wait: a hook that neither reads its stdin nor keeps
+    // its output short must not block on a full pipe.
+    let state = state.as_bytes().to_vec();
+    let feeder = std::thread::spawn(move || {
+        if let Some(mut stdin) = stdin {
+            let _ = stdin.write_all(&state);
+        }
+    });
+    let drain = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut { stdout }, &mut std::io::sink());
+    });
+    let errors = std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut stderr = stderr;
+        while let Ok(n @ 1..) = stderr.read(&mut buf) {
+            kept.extend_from_slice(&buf[..n]);
+            if kept.len() > 2 * STDERR_SHOWN {
+                kept.drain(..kept.len() - STDERR_SHOWN);
+            }
+        }
+        kept
+    });
+    let limit = hook
+        .timeout
+        .map_or(LIMIT, |t| Duration::from_secs(t.into()).min(LIMIT));
+    let status = spawned.child.wait_timeout(limit);
+    // The hook leads a process group of its own (spawn's `setsid`): what it left
+    // behind, or the hook itself past its time, goes with it, and its pipes close.
+    // SAFETY: kill(2) with a negative pid signals that group; no memory is involved.
+    unsafe { libc::kill(-spawned.child.pid(), libc::SIGKILL) };
+    if status.is_none() {
+        spawned.child.wait();
+    }
+    let _ = feeder.join();
+    let _ = drain.join();
+    let mut stderr = errors.join().unwrap_or_default();
+    if stderr.len() > STDERR_SHOWN {
+        stderr.drain(..stderr.len() - STDERR_SHOWN);
+    }
+    let stderr = String::from_utf8_lossy(&stderr);
+    let said = match stderr.trim() {
+        "" => String::new(),
+        s => format!(": {s}"),
+    };
+    match status {
+        None => Err(format!("did not finish within {} s{said}", limit.as_secs())),
+        Some(s) => match forkvm_agent_proto::exit_code(s) {
+            0 => Ok(()),
+            code => Err(format!("exit {code}{said}")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hook(path: &str, args: &[&str], timeout: Option<u32>) -> GuestHook {
+        GuestHook {
+            path: path.into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: vec!["HOOK_VAR=yes".into()],
+            timeout,
+        }
+    }
+
+    #[test]
+    fn hooks_get_the_state_their_args_and_env_and_failures_name_the_hook() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let reaper = Reaper::global();
+        let script = format!(
+            "cat > {0}.state; echo \"$0|$HOOK_VAR|${{HOME-unset}}\" > {0}",
+            out.display()
+        );
+        let ok = hook("/bin/sh", &["-c", &script, "first"], None);
+        run_all(
+            Path::new("/"),
+            "createContainer",
+            std::slice::from_ref(&ok),
+            "{\"id\":\"c\"}",
+            reaper,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "first|yes|unset\n");
+        assert_eq!(
+            std::fs::read_to_string(out.with_extension("state")).unwrap(),
+            "{\"id\":\"c\"}"
+        );
+
+        // The second fails: named, with its stderr; the third never runs.
+        let third = dir.path().join("third");
+        let hooks = [
+            ok,
+            hook("/bin/sh", &["-c", "echo broken >&2; exit 3"], None),
+            hook(
+                "/bin/sh",
+                &["-c", &format!("touch {}", third.display())],
+                None,
+            ),
+        ];
+        let e = run_all(Path::new("/"), "startContainer", &hooks, "{}", reaper).unwrap_err();
+        assert_eq!(e, "hooks.startContainer[1] (/bin/sh): exit 3: broken");
+        assert!(!third.exists());
+
+        // Past its timeout: killed, and said so.
+        let slow = hook("/bin/sh", &["-c", "sleep 30"], Some(1));
+        let started = std::time::Instant::now();
+        let e = run_all(Path::new("/"), "startContainer", &[slow], "{}", reaper).unwrap_err();
+        assert_eq!(
+            e,
+            "hooks.startContainer[0] (/bin/sh): did not finish within 1 s"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+
+        // A program the container does not have, or a relative path: named.
+        let e = run_all(
+            Path::new("/"),
+            "createContainer",
+            &[hook("/no/such", &[], None)],
+            "{}",
+            reaper,
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("hooks.createContainer[0] (/no/such): "),
+            "{e}"
+        );
+        let e = run_all(
+            Path::new("/"),
+            "createContainer",
+            &[hook("sh", &[], None)],
+            "{}",
+            reaper,
+        )
+        .unwrap_err();
+        assert_eq!(e, "hooks.createContainer[0] (sh): the path is not absolute");
+        let many = vec![hook("/bin/true", &[], None); MAX_HOOKS + 1];
+        let e = run_all(Path::new("/"), "createContainer", &many, "{}", reaper).unwrap_err();
+        assert!(e.contains("at most 64"), "{e}");
+    }
+}

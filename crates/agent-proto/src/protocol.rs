@@ -12,7 +12,7 @@ pub const AGENT_PORT: u32 = 1024;
 /// 4: [`Request::DnsRelay`], [`Request::Unplug`]; 5: [`Request::Network`] replaces a
 /// NIC's addresses and routes, and may name nameservers; 6: [`Request::Mount`]; 7:
 /// [`ProcessSpec`]'s capabilities, `no_new_privileges`, `oom_score_adj` and `umask`,
-/// [`Request::Container`]; 8: [`Request::Filesystems`], [`Request::Hooks`],
+/// [`Request::Container`]; 8: [`Request::Cgroup`], [`Request::Filesystems`], [`Request::Hooks`],
 /// [`DeviceNode::host_has`], [`Request::Container`]'s `domainname`).
 pub const PROTOCOL_VERSION: u32 = 8;
 /// Longest request or response line either side reads.
@@ -71,6 +71,14 @@ pub enum Request {
     Mount {
         /// The shares (at most [`MAX_SHARES`]).
         shares: Vec<ShareMount>,
+    },
+    /// Make the container's cgroup in the guest with these limits: the processes the
+    /// agent starts from then on join it in a cgroup namespace of their own, and a
+    /// `cgroup` filesystem of [`Request::Filesystems`] shows it as the root, as a
+    /// container on a host sees its own (PID-1 mode only). Since version 8.
+    Cgroup {
+        /// The limits (absent ones: none).
+        limits: CgroupLimits,
     },
     /// Mount the container's filesystems (the OCI `mounts` entries that are not binds) in
     /// its root, in this order, in place of the ones the guest mounted there at boot
@@ -144,6 +152,23 @@ pub struct ShareMount {
     pub target: String,
     /// Mounted read-only (the host refuses writes too).
     pub read_only: bool,
+}
+
+/// The limits of [`Request::Cgroup`], as cgroup v2 files take them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupLimits {
+    /// `memory.max`, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<u64>,
+    /// `pids.max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<u64>,
+    /// `cpu.max`: the quota and the period, microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_max: Option<(u64, u64)>,
+    /// `cpu.weight` (1 to 10 000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u64>,
 }
 
 /// Most hooks one [`Request::Hooks`] may carry.

@@ -28,6 +28,7 @@
 //! ```
 
 pub use forkvm_agent_proto::{frame, protocol};
+pub mod cgroup;
 pub mod container;
 pub mod dns;
 pub mod hooks;

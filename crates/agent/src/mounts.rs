@@ -12,7 +12,7 @@
 //! gets runc's default devices and links ([`crate::init::populate_dev`]); `devpts` is
 //! the guest's own pty filesystem bound in (the agent opens the container's terminals
 //! there), with the spec's flags; `cgroup` and `cgroup2` mount the guest's cgroup v2
-//! hierarchy.
+//! hierarchy, rooted at the container's group when it has one ([`crate::cgroup`]).
 
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -191,9 +191,16 @@ pub fn apply(root: &Path, mounts: &[FsMount], guest_pts: &Path) -> Result<(), St
                     )
                 })
             }
-            "cgroup" | "cgroup2" => {
-                mount(Some(c"cgroup2"), &target, Some(c"cgroup2"), o.flags, None)
-            }
+            // The container's own group as the root, when it has one.
+            "cgroup" | "cgroup2" => match crate::cgroup::procs() {
+                Some(procs) => crate::cgroup::mount_namespaced(
+                    procs,
+                    &target,
+                    o.flags,
+                    crate::reaper::Reaper::global(),
+                ),
+                None => mount(Some(c"cgroup2"), &target, Some(c"cgroup2"), o.flags, None),
+            },
             fs_type => {
                 let fs_type = c(fs_type, "type")?;
                 let data = (!o.data.is_empty()).then_some(data.as_c_str());

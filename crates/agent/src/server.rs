@@ -289,6 +289,10 @@ impl Agent {
                 }
                 _ => Err("hooks needs the agent to run as the guest's PID 1".to_owned()),
             },
+            Request::Cgroup { limits } => match self.config.mode {
+                Mode::Init => crate::cgroup::setup(&limits),
+                _ => Err("cgroup needs the agent to run as the guest's PID 1".to_owned()),
+            },
             Request::Filesystems { mounts } => match self.config.mode {
                 Mode::Init => crate::mounts::apply(
                     &self.config.root,

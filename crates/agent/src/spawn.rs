@@ -4,7 +4,8 @@
 //!
 //! 1. signal mask emptied, every disposition back to default (the agent ignores SIGPIPE);
 //! 2. `setsid`; stdio dup'ed onto 0, 1, 2; for a tty `TIOCSCTTY` on the slave;
-//! 3. `oom_score_adj` written, `umask` set;
+//! 3. `oom_score_adj` written, `umask` set; the container's cgroup joined and a cgroup
+//!    namespace of its own taken, once the container has one ([`crate::cgroup`]);
 //! 4. `chroot(root)` (skipped when the root is `/`), `chdir(cwd)`;
 //! 5. `setrlimit` for each limit; with capabilities, the bounding set dropped to the
 //!    spec's and capabilities kept across the user switch (`PR_SET_KEEPCAPS`);
@@ -148,6 +149,7 @@ const STEP_KEEPCAPS: u32 = 13;
 const STEP_CAPSET: u32 = 14;
 const STEP_AMBIENT: u32 = 15;
 const STEP_NNP: u32 = 16;
+const STEP_CGROUP: u32 = 17;
 
 fn step_name(step: u32) -> &'static str {
     match step {
@@ -162,6 +164,7 @@ fn step_name(step: u32) -> &'static str {
         STEP_SETUID => "setuid",
         STEP_EXEC => "exec",
         STEP_OOM => "write oom_score_adj",
+        STEP_CGROUP => "join the container's cgroup",
         STEP_CAPBSET => "drop from the capability bounding set",
         STEP_KEEPCAPS => "keep capabilities across the user switch",
         STEP_CAPSET => "set the capabilities (capset)",
@@ -185,6 +188,8 @@ struct ChildPlan {
     /// `oom_score_adj` as the text written to `/proc/self/oom_score_adj`.
     oom_score_adj: Option<Vec<u8>>,
     umask: Option<libc::mode_t>,
+    /// The container's cgroup to join (with a cgroup namespace of its own), once made.
+    cgroup_procs: Option<&'static std::ffi::CStr>,
     caps: Option<CapPlan>,
     no_new_privs: bool,
     candidates: Vec<CString>,
@@ -497,6 +502,7 @@ pub fn spawn(root: &Path, spec: &ProcessSpec, reaper: &Reaper) -> Result<Spawned
         gid: ids.gid,
         oom_score_adj,
         umask,
+        cgroup_procs: crate::cgroup::procs(),
         caps: spec.capabilities.map(CapPlan::new),
         no_new_privs: spec.no_new_privileges,
         candidates,
@@ -622,6 +628,11 @@ fn child_main(p: &ChildPlan) -> ! {
         }
         if let Some(m) = p.umask {
             libc::umask(m);
+        }
+        if let Some(procs) = p.cgroup_procs {
+            if let Err(e) = crate::cgroup::join_and_unshare(procs) {
+                fail_with(p.err_fd, STEP_CGROUP, e);
+            }
         }
         if let Some(root) = &p.root {
             if libc::chroot(root.as_ptr()) < 0 || libc::chdir(c"/".as_ptr()) < 0 {

@@ -39,6 +39,7 @@
 //! | `linux.resources.cpu.quota`/`period` | [`ContainerPlan::vcpus`] | `ceil(quota / period)` (period defaults to 100 000 µs) |
 //! | `linux.resources.cpu.cpus` | [`ContainerPlan::vcpus`] | when there is no quota: the number of CPUs in the cpuset; else 1 |
 //! | `linux.cgroupsPath`, `linux.resources.pids.limit` | [`ContainerPlan::cgroup`] | the VM process's cgroup (a path, or systemd's `slice:prefix:name`): `memory.max` = the guest memory it may hold (its RAM and its forks' overlays) + the VMM's, `pids.max` the limit (else 4096) |
+//! | `linux.resources.memory.limit`, `pids.limit`, `cpu.quota`/`period`, `cpu.shares` | [`ContainerPlan::guest_cgroup`] | also the limits of the container's cgroup inside the guest (`memory.max`, `pids.max`, `cpu.max`, `cpu.weight` by runc's conversion), which its processes join in a cgroup namespace of their own, so its `/sys/fs/cgroup` shows them |
 //! | other `linux.resources`, `rootfsPropagation`, `mountLabel` | ignored | host cgroup/kernel details with no meaning inside the VM |
 //! | `annotations` | [`ContainerPlan::annotations`] | reported by `state` |
 //! | `hooks.prestart`, `createRuntime` | [`ContainerPlan::hooks`] | run by `create` as runc runs them, on the host, with the state (`pid`: the container's monitor) on stdin, before the VM boots |
@@ -126,6 +127,8 @@ pub struct ContainerPlan {
     /// The other mounts (`proc`, `tmpfs`, ...), in the spec's order: the guest agent
     /// mounts them in the container's root, before the volumes.
     pub filesystems: Vec<forkvm_agent_proto::FsMount>,
+    /// The limits of the container's cgroup inside the guest (`linux.resources`).
+    pub guest_cgroup: forkvm_agent_proto::CgroupLimits,
     /// The container's network namespace, which the VM joins.
     pub network: NetworkPlan,
     /// The hooks the runtime runs on the host.
@@ -307,6 +310,7 @@ pub fn exec_process(path: &Path) -> Result<ProcessSpec, BundleError> {
         files: Vec::new(),
         volumes: Vec::new(),
         filesystems: Vec::new(),
+        guest_cgroup: Default::default(),
         network: None,
         devices: Vec::new(),
     };
@@ -324,6 +328,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         files: Vec::new(),
         volumes: Vec::new(),
         filesystems: Vec::new(),
+        guest_cgroup: Default::default(),
         network: None,
         devices: Vec::new(),
     };
@@ -358,6 +363,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         files: planner.files,
         volumes: planner.volumes,
         filesystems: planner.filesystems,
+        guest_cgroup: std::mem::take(&mut planner.guest_cgroup),
         network,
         hooks,
         guest_hooks,
@@ -394,6 +400,15 @@ fn host_has_device(kind: &str, major: u32, minor: u32) -> bool {
 }
 
 impl ContainerPlan {
+    /// The guest agent's request that makes the container's cgroup in the guest, with
+    /// its limits (sent for every container: its processes and its `/sys/fs/cgroup` are
+    /// the group's).
+    pub fn cgroup_request(&self) -> forkvm_agent_proto::Request {
+        forkvm_agent_proto::Request::Cgroup {
+            limits: self.guest_cgroup.clone(),
+        }
+    }
+
     /// The guest agent's request that mounts the spec's filesystems; none when the
     /// spec has none (the guest's own stay).
     pub fn filesystems_request(&self) -> Option<forkvm_agent_proto::Request> {
@@ -448,6 +463,7 @@ struct Planner<'a> {
     files: Vec<FileCopy>,
     volumes: Vec<crate::vm::Volume>,
     filesystems: Vec<forkvm_agent_proto::FsMount>,
+    guest_cgroup: forkvm_agent_proto::CgroupLimits,
     network: Option<NetworkPlan>,
     devices: Vec<forkvm_agent_proto::DeviceNode>,
 }
@@ -806,6 +822,48 @@ impl Planner<'_> {
         Ok((host, guest))
     }
 
+    /// The limits of the container's cgroup in the guest, as cgroup v2 takes them (runc's
+    /// conversion of `cpu.shares` to `cpu.weight`).
+    fn guest_cgroup(
+        &self,
+        resources: Option<&oci_spec::runtime::LinuxResources>,
+    ) -> Result<forkvm_agent_proto::CgroupLimits, BundleError> {
+        let positive = |n: i64| u64::try_from(n).ok().filter(|&n| n > 0);
+        let memory_max = resources
+            .and_then(|r| r.memory().as_ref())
+            .and_then(|m| m.limit())
+            .and_then(positive);
+        let pids_max = resources
+            .and_then(|r| r.pids().as_ref())
+            .and_then(|p| positive(p.limit()));
+        let cpu = resources.and_then(|r| r.cpu().as_ref());
+        let cpu_max = match cpu.and_then(|c| c.quota()).and_then(positive) {
+            Some(quota) => {
+                let period = cpu
+                    .and_then(|c| c.period())
+                    .unwrap_or(DEFAULT_CPU_PERIOD_US);
+                if !(1_000..=1_000_000).contains(&period) {
+                    return Err(self.invalid(
+                        "linux.resources.cpu.period",
+                        format!("{period}: outside 1000 to 1000000 µs"),
+                    ));
+                }
+                Some((quota, period))
+            }
+            None => None,
+        };
+        let cpu_weight = cpu
+            .and_then(|c| c.shares())
+            .filter(|&s| s > 0)
+            .map(|s| 1 + ((s.clamp(2, 262_144) - 2) * 9_999) / 262_142);
+        Ok(forkvm_agent_proto::CgroupLimits {
+            memory_max,
+            pids_max,
+            cpu_max,
+            cpu_weight,
+        })
+    }
+
     fn linux(&mut self, linux: &Linux) -> Result<(u8, u64, Option<CgroupSpec>), BundleError> {
         let mut kinds = Vec::new();
         for ns in linux.namespaces().iter().flatten() {
@@ -910,6 +968,7 @@ impl Planner<'_> {
             Some(cpu) => self.vcpus(cpu.quota(), cpu.period(), cpu.cpus().as_deref())?,
             None => 1,
         };
+        self.guest_cgroup = self.guest_cgroup(resources)?;
         let cgroup = match linux.cgroups_path() {
             Some(path) => {
                 let path = CgroupSpec::oci_path(&path.to_string_lossy())

@@ -143,6 +143,7 @@ mod tests {
             files,
             volumes: vec![],
             filesystems: vec![],
+            guest_cgroup: Default::default(),
             network: crate::bundle::NetworkPlan::New,
             hooks: Default::default(),
             guest_hooks: Default::default(),

@@ -254,6 +254,8 @@ fn body() {
              echo dn=$(cat /proc/sys/kernel/domainname); \
              grep -q ' /run/t tmpfs rw,nosuid,nodev,noexec,relatime,size=1024k' /proc/mounts \
              && echo tmpfs=yes; \
+             echo cg=$(cat /proc/self/cgroup) mem=$(cat /sys/fs/cgroup/memory.max) \
+             pids=$(cat /sys/fs/cgroup/pids.max); \
              exit 3",
         ],
         |c| {
@@ -279,6 +281,9 @@ fn body() {
             c["domainname"] = json!("e2e.example");
             c["mounts"].as_array_mut().unwrap().push(json!({"destination": "/run/t",
                 "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "noexec", "size=1m"]}));
+            c["mounts"].as_array_mut().unwrap().push(json!({"destination": "/sys/fs/cgroup",
+                "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "ro"]}));
+            c["linux"]["resources"]["pids"] = json!({"limit": 64});
         },
     );
     let input = t.join("input");
@@ -368,6 +373,14 @@ fn body() {
     assert_eq!(field("dn="), "e2e.example", "{out}");
     // The spec's tmpfs, with its options.
     assert_eq!(field("tmpfs="), "yes", "{out}");
+    // Its cgroup in the guest, as a container on a host sees its own: the root of its
+    // cgroup namespace, with the spec's memory and task limits.
+    assert_eq!(
+        field("cg="),
+        "0::/ mem=268435456 pids=64",
+        "{out}\n{}",
+        env.diagnostics()
+    );
     assert_eq!(env.read("c1-create.err"), "oops\n");
     assert_eq!(env.state("c1")["status"], "stopped");
     assert!(env.state("c1").get("pid").is_none());

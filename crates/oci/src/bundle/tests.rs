@@ -528,6 +528,46 @@ fn sysctls_masked_and_readonly_paths_become_the_agents_request() {
 }
 
 #[test]
+fn resources_become_the_guest_cgroups_limits() {
+    let plan = load_with(|c| {
+        c["linux"]["resources"] = json!({
+            "memory": {"limit": 268435456},
+            "pids": {"limit": 100},
+            "cpu": {"quota": 150000, "period": 100000, "shares": 512}
+        });
+    })
+    .unwrap();
+    assert_eq!(
+        plan.guest_cgroup,
+        forkvm_agent_proto::CgroupLimits {
+            memory_max: Some(268435456),
+            pids_max: Some(100),
+            cpu_max: Some((150000, 100000)),
+            // runc's conversion: 1 + (512 - 2) * 9999 / 262142.
+            cpu_weight: Some(20),
+        }
+    );
+    // Unlimited (-1, 0) and absent limits: none; a quota without a period takes the
+    // kernel's 100 ms.
+    let plan = load_with(|c| {
+        c["linux"]["resources"] =
+            json!({"memory": {"limit": -1}, "pids": {"limit": 0}, "cpu": {"quota": 50000}});
+    })
+    .unwrap();
+    assert_eq!(
+        plan.guest_cgroup,
+        forkvm_agent_proto::CgroupLimits {
+            cpu_max: Some((50000, 100000)),
+            ..Default::default()
+        }
+    );
+    let e = err_with(|c| {
+        c["linux"]["resources"] = json!({"cpu": {"quota": 50000, "period": 10}});
+    });
+    assert!(e.contains("linux.resources.cpu.period: 10: outside"), "{e}");
+}
+
+#[test]
 fn unsupported_fields_are_errors() {
     // Hooks in the container's namespaces run inside the VM, by the guest agent: its
     // path and args (args[0] is the path's), env and timeout; checked as the host's.

@@ -331,6 +331,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     };
     let dir_owned = dir.to_owned();
     let filesystems = plan.filesystems_request();
+    let cgroup = plan.cgroup_request();
     // The hooks in the container see it as runc shows them: its pid is this monitor.
     let mut hook_state = state.clone();
     hook_state.record_pid(std::process::id() as i32)?;
@@ -427,6 +428,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     };
     let work = GuestWork {
         process: spec,
+        cgroup,
         filesystems,
         mount,
         container,
@@ -499,6 +501,8 @@ impl Drop for Plumbed {
 /// makes it relay DNS for the namespace's loopback resolvers, when it names any.
 struct GuestWork {
     process: ProcessSpec,
+    /// The agent's request that makes the container's cgroup in the guest (first).
+    cgroup: Request,
     /// The agent's request that mounts the spec's filesystems (before the volumes).
     filesystems: Option<Request>,
     /// The agent's request that mounts the container's volumes.
@@ -606,6 +610,7 @@ fn monitor_session(
 ) -> Result<Outcome> {
     let GuestWork {
         process: spec,
+        cgroup,
         filesystems,
         mount,
         container,
@@ -617,12 +622,14 @@ fn monitor_session(
         plumbed,
     } = work;
     let mut stream = s.connect_agent()?;
-    // The guest mounts the spec's filesystems, then the volumes, takes the namespace's
+    // The guest makes the container's cgroup, mounts the spec's filesystems, then the
+    // volumes, takes the namespace's
     // addresses and routes, relays DNS, and applies the rest of the spec (last: it may
     // make the root read-only), before anything runs.
     vm::configure_guest(
         &mut stream,
         [
+            ("its cgroup", Some(cgroup)),
             ("its filesystems", filesystems),
             ("its volumes", mount),
             ("its network", network),

@@ -779,3 +779,35 @@ fn cpuset_parsing() {
     assert!(cpuset_count("0-100000").is_err());
     assert!(cpuset_count("a").is_err());
 }
+
+/// docs/engines.md carries the planner's field table (this module's documentation)
+/// between its `bundle-table` markers, line for line.
+#[test]
+fn the_field_table_in_docs_is_the_planners() {
+    let code = include_str!("../bundle.rs");
+    let docs = include_str!("../../../../docs/engines.md");
+    let ours: Vec<&str> = code
+        .lines()
+        .filter_map(|l| l.strip_prefix("//! "))
+        .filter(|l| l.starts_with('|'))
+        .collect();
+    let start = docs
+        .find("<!-- bundle-table")
+        .and_then(|i| docs[i..].find('\n').map(|n| i + n + 1))
+        .expect("docs/engines.md has no bundle-table marker");
+    let end = start
+        + docs[start..]
+            .find("<!-- /bundle-table -->")
+            .expect("docs/engines.md has no closing bundle-table marker");
+    let theirs: Vec<&str> = docs[start..end].lines().collect();
+    assert!(
+        ours.len() > 30,
+        "the planner's table has {} rows",
+        ours.len()
+    );
+    assert_eq!(
+        theirs, ours,
+        "docs/engines.md's field table differs from crates/oci/src/bundle.rs's: copy the \
+         module documentation's table rows between the markers"
+    );
+}

@@ -80,8 +80,8 @@ pub enum Request {
         /// The limits (absent ones: none).
         limits: CgroupLimits,
     },
-    /// Mount the container's filesystems (the OCI `mounts` entries that are not binds) in
-    /// its root, in this order, in place of the ones the guest mounted there at boot
+    /// Mount the container's filesystems (the OCI `mounts` entries, its volumes as
+    /// `virtiofs` shares) in its root, in this order, in place of the ones the guest mounted there at boot
     /// (`/proc`, `/sys`, `/dev` and what is under it) at the destinations named; before
     /// its volumes (PID-1 mode only). Since version 8.
     Filesystems {
@@ -179,7 +179,8 @@ pub const MAX_HOOKS: usize = 64;
 pub struct GuestHook {
     /// The program, an absolute path in the container.
     pub path: String,
-    /// Its arguments after the program's name (the spec's `args[1..]`).
+    /// Its whole argument vector, `argv[0]` included (the spec's `args`; empty: the
+    /// path alone).
     #[serde(default)]
     pub args: Vec<String>,
     /// Its whole environment, `KEY=value`.
@@ -203,7 +204,8 @@ pub const MAX_FILESYSTEMS: usize = 256;
 pub struct FsMount {
     /// Where it goes in the container (absolute; missing directories are created).
     pub destination: String,
-    /// One of [`FS_TYPES`].
+    /// One of [`FS_TYPES`], or `virtiofs` for a volume (the source is the tag of the
+    /// VMM's share; `ro` makes it read-only).
     #[serde(rename = "type")]
     pub fs_type: String,
     /// The source the mount table shows (`proc`, `tmpfs`, `shm`, ...).

@@ -23,8 +23,11 @@ pub const HIERARCHY: &str = "/sys/fs/cgroup";
 /// The container's group, under [`HIERARCHY`].
 pub const GROUP: &str = "/sys/fs/cgroup/container";
 
-/// The controllers the container's group is given.
-const CONTROLLERS: &str = "+cpu +memory +pids";
+/// The controllers the container's group is given, where the guest's kernel has them.
+const CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
+
+/// `statfs`'s magic number of a cgroup v2 filesystem.
+const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
 
 /// `cgroup.procs` of the container's group, once [`setup`] made it.
 static PROCS: OnceLock<CString> = OnceLock::new();
@@ -59,25 +62,50 @@ fn setup_in(hierarchy: &std::path::Path, limits: &CgroupLimits, mount: bool) -> 
             ));
         }
     }
-    if mount {
+    // Mounted once: a second mount would stack on the first.
+    let mounted =
+        rustix::fs::statfs(hierarchy).is_ok_and(|st| st.f_type as u64 == CGROUP2_SUPER_MAGIC);
+    if mount && !mounted {
         let target = CString::new(hierarchy.as_os_str().as_encoded_bytes()).expect("no NUL");
-        match crate::mounts::mount(
+        crate::mounts::mount(
             Some(c"cgroup2"),
             &target,
             Some(c"cgroup2"),
             libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
             None,
-        ) {
-            Err(e) if e.raw_os_error() != Some(libc::EBUSY) => {
-                return Err(format!("cannot mount the guest's cgroup hierarchy: {e}"))
-            }
-            _ => {}
-        }
+        )
+        .map_err(|e| format!("cannot mount the guest's cgroup hierarchy: {e}"))?;
     }
     let write = |file: &std::path::Path, value: &str| {
         std::fs::write(file, value).map_err(|e| format!("{}: {value}: {e}", file.display()))
     };
-    write(&hierarchy.join("cgroup.subtree_control"), CONTROLLERS)?;
+    // The controllers the kernel has; a limit whose controller it lacks is an error
+    // naming both.
+    let available = std::fs::read_to_string(hierarchy.join("cgroup.controllers"))
+        .map_err(|e| format!("{}: {e}", hierarchy.join("cgroup.controllers").display()))?;
+    let has = |c: &str| available.split_whitespace().any(|a| a == c);
+    for (needed, limit) in [
+        ("memory", limits.memory_max.is_some()),
+        ("pids", limits.pids_max.is_some()),
+        (
+            "cpu",
+            limits.cpu_max.is_some() || limits.cpu_weight.is_some(),
+        ),
+    ] {
+        if limit && !has(needed) {
+            return Err(format!(
+                "the guest's kernel has no {needed} controller for the container's limit"
+            ));
+        }
+    }
+    let enable: Vec<String> = CONTROLLERS
+        .iter()
+        .filter(|c| has(c))
+        .map(|c| format!("+{c}"))
+        .collect();
+    if !enable.is_empty() {
+        write(&hierarchy.join("cgroup.subtree_control"), &enable.join(" "))?;
+    }
     let group = hierarchy.join("container");
     match std::fs::create_dir(&group) {
         Ok(()) => {}
@@ -175,6 +203,11 @@ mod tests {
     #[test]
     fn limits_are_written_where_cgroup_v2_takes_them_and_bad_ones_refused() {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
         let limits = CgroupLimits {
             memory_max: Some(256 << 20),
             pids_max: Some(100),
@@ -190,7 +223,26 @@ mod tests {
         assert_eq!(read("container/cpu.weight"), "39");
         // Absent limits: nothing written.
         let other = tempfile::tempdir().unwrap();
+        std::fs::write(other.path().join("cgroup.controllers"), "cpu pids").unwrap();
         setup_in(other.path(), &CgroupLimits::default(), false).unwrap();
+        // Only the controllers the kernel has are enabled; a limit without one is named.
+        assert_eq!(
+            std::fs::read_to_string(other.path().join("cgroup.subtree_control")).unwrap(),
+            "+cpu +pids"
+        );
+        let e = setup_in(
+            other.path(),
+            &CgroupLimits {
+                memory_max: Some(1 << 30),
+                ..Default::default()
+            },
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "the guest's kernel has no memory controller for the container's limit"
+        );
         assert!(!other.path().join("container/memory.max").exists());
         for (bad, wanted) in [
             (

@@ -3,23 +3,29 @@
 //! place) and `startContainer` (at start, before its process), as runc runs them in the
 //! container's namespaces: `path` executed in the container's root (its path resolves
 //! there), with the hook's arguments and exactly its environment, as root, the
-//! container's state on stdin. A hook that exits non-zero or outlives its `timeout`
-//! (killed then, with the processes of its group; so are those it leaves behind when it
-//! exits) stops the rest; the error names the hook (`hooks.createContainer[0]
-//! (/bin/x)`) and ends with what it wrote to stderr. The program's `argv[0]` is its path.
+//! container's state on stdin, `args` its whole argument vector (`argv[0]` included;
+//! none: the path). A hook that exits non-zero or outlives its `timeout` (killed then,
+//! with its process group) stops the rest; the error names the hook
+//! (`hooks.createContainer[0] (/bin/x)`) and ends with what it wrote to stderr. All the
+//! hooks of one request share [`LIMIT`]; what a hook leaves running is not waited for
+//! past [`LINGER`].
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use forkvm_agent_proto::{GuestHook, ProcessSpec, MAX_HOOKS};
 
 use crate::reaper::Reaper;
 use crate::spawn::ProcessIo;
 
-/// Longest a hook may run, whatever its `timeout`: the host waits a minute for the whole
-/// request.
+/// Longest the hooks of one request may run together, whatever their `timeout`s: the
+/// host waits a minute for the whole request.
 pub const LIMIT: Duration = Duration::from_secs(50);
+
+/// How long the output of a hook that exited is read on: what it started in a session
+/// of its own may hold its pipes open.
+pub const LINGER: Duration = Duration::from_secs(1);
 
 /// Most bytes of a hook's stderr an error shows (its end).
 const STDERR_SHOWN: usize = 4096;
@@ -39,23 +45,42 @@ pub fn run_all(
             hooks.len()
         ));
     }
+    let deadline = Instant::now() + LIMIT;
     for (i, hook) in hooks.iter().enumerate() {
-        run(root, hook, state, reaper)
+        run(root, hook, state, deadline, reaper)
             .map_err(|e| format!("hooks.{kind}[{i}] ({}): {e}", hook.path))?;
     }
     Ok(())
 }
 
-fn run(root: &Path, hook: &GuestHook, state: &str, reaper: &Reaper) -> Result<(), String> {
+fn run(
+    root: &Path,
+    hook: &GuestHook,
+    state: &str,
+    deadline: Instant,
+    reaper: &Reaper,
+) -> Result<(), String> {
     if !hook.path.starts_with('/') {
         return Err("the path is not absolute".into());
     }
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(format!(
+            "not run: the hooks before it took the {} s all may take",
+            LIMIT.as_secs()
+        ));
+    }
+    let args = match hook.args.is_empty() {
+        true => vec![hook.path.clone()],
+        false => hook.args.clone(),
+    };
     let spec = ProcessSpec {
         env: hook.env.clone(),
         stdin: true,
-        ..ProcessSpec::new(std::iter::once(&hook.path).chain(&hook.args).cloned())
+        ..ProcessSpec::new(args)
     };
-    let spawned = crate::spawn::spawn(root, &spec, reaper).map_err(|e| e.to_string())?;
+    let spawned =
+        crate::spawn::spawn_program(root, &spec, &hook.path, reaper).map_err(|e| e.to_string())?;
     let ProcessIo::Pipes {
         stdin,
         stdout,
@@ -67,15 +92,17 @@ fn run(root: &Path, hook: &GuestHook, state: &str, reaper: &Reaper) -> Result<()
     // Fed and drained beside the wait: a hook that neither reads its stdin nor keeps
     // its output short must not block on a full pipe.
     let state = state.as_bytes().to_vec();
-    let feeder = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         if let Some(mut stdin) = stdin {
             let _ = stdin.write_all(&state);
         }
     });
-    let drain = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let _ = std::io::copy(&mut { stdout }, &mut std::io::sink());
     });
-    let errors = std::thread::spawn(move || {
+    // The end of its stderr, sent when the pipe closes.
+    let (tx, errors) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut kept = Vec::new();
         let mut buf = [0u8; 4096];
         let mut stderr = stderr;
@@ -85,22 +112,20 @@ fn run(root: &Path, hook: &GuestHook, state: &str, reaper: &Reaper) -> Result<()
                 kept.drain(..kept.len() - STDERR_SHOWN);
             }
         }
-        kept
+        let _ = tx.send(kept);
     });
     let limit = hook
         .timeout
-        .map_or(LIMIT, |t| Duration::from_secs(t.into()).min(LIMIT));
+        .map_or(left, |t| Duration::from_secs(t.into()).min(left));
     let status = spawned.child.wait_timeout(limit);
-    // The hook leads a process group of its own (spawn's `setsid`): what it left
-    // behind, or the hook itself past its time, goes with it, and its pipes close.
-    // SAFETY: kill(2) with a negative pid signals that group; no memory is involved.
-    unsafe { libc::kill(-spawned.child.pid(), libc::SIGKILL) };
     if status.is_none() {
+        // Past its time: the hook and its process group (spawn's `setsid` made it the
+        // leader) go, and its pipes close.
+        // SAFETY: kill(2) with a negative pid signals that group; no memory is involved.
+        unsafe { libc::kill(-spawned.child.pid(), libc::SIGKILL) };
         spawned.child.wait();
     }
-    let _ = feeder.join();
-    let _ = drain.join();
-    let mut stderr = errors.join().unwrap_or_default();
+    let mut stderr = errors.recv_timeout(LINGER).unwrap_or_default();
     if stderr.len() > STDERR_SHOWN {
         stderr.drain(..stderr.len() - STDERR_SHOWN);
     }
@@ -140,7 +165,7 @@ mod tests {
             "cat > {0}.state; echo \"$0|$HOOK_VAR|${{HOME-unset}}\" > {0}",
             out.display()
         );
-        let ok = hook("/bin/sh", &["-c", &script, "first"], None);
+        let ok = hook("/bin/sh", &["sh", "-c", &script, "first"], None);
         run_all(
             Path::new("/"),
             "createContainer",
@@ -159,10 +184,10 @@ mod tests {
         let third = dir.path().join("third");
         let hooks = [
             ok,
-            hook("/bin/sh", &["-c", "echo broken >&2; exit 3"], None),
+            hook("/bin/sh", &["sh", "-c", "echo broken >&2; exit 3"], None),
             hook(
                 "/bin/sh",
-                &["-c", &format!("touch {}", third.display())],
+                &["sh", "-c", &format!("touch {}", third.display())],
                 None,
             ),
         ];
@@ -171,13 +196,34 @@ mod tests {
         assert!(!third.exists());
 
         // Past its timeout: killed, and said so.
-        let slow = hook("/bin/sh", &["-c", "sleep 30"], Some(1));
+        let slow = hook("/bin/sh", &["sh", "-c", "sleep 30"], Some(1));
         let started = std::time::Instant::now();
         let e = run_all(Path::new("/"), "startContainer", &[slow], "{}", reaper).unwrap_err();
         assert_eq!(
             e,
             "hooks.startContainer[0] (/bin/sh): did not finish within 1 s"
         );
+        assert!(started.elapsed() < Duration::from_secs(10));
+
+        // The spec's args[0] is the program's argv[0] (a multi-call program reads it).
+        let named = dir.path().join("argv0");
+        let custom = hook(
+            "/bin/sh",
+            &[
+                "custom-name",
+                "-c",
+                &format!("echo $0 > {}", named.display()),
+            ],
+            None,
+        );
+        run_all(Path::new("/"), "startContainer", &[custom], "{}", reaper).unwrap();
+        assert_eq!(std::fs::read_to_string(&named).unwrap(), "custom-name\n");
+
+        // What a hook leaves running in a session of its own, holding its output, is
+        // not waited for.
+        let daemon = hook("/bin/sh", &["sh", "-c", "setsid sleep 30 & exit 0"], None);
+        let started = std::time::Instant::now();
+        run_all(Path::new("/"), "createContainer", &[daemon], "{}", reaper).unwrap();
         assert!(started.elapsed() < Duration::from_secs(10));
 
         // A program the container does not have, or a relative path: named.

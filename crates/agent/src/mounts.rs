@@ -1,7 +1,8 @@
 //! Mounts in the container's root, as runc makes them: the agent's one `mount(2)`
 //! wrapper ([`mount`]), and the spec's filesystems
-//! ([`forkvm_agent_proto::Request::Filesystems`]: the `mounts` entries that are not
-//! binds) mounted in the spec's order with their options ([`apply`]).
+//! ([`forkvm_agent_proto::Request::Filesystems`]: the `mounts` entries, the container's
+//! volumes among them as `virtiofs` shares) mounted in the spec's order with their
+//! options ([`apply`]).
 //!
 //! Each destination resolves inside the root as the container sees it (`openat2` with
 //! `RESOLVE_IN_ROOT`: an image's symlinks cannot point it outside), missing directories
@@ -12,7 +13,7 @@
 //! gets runc's default devices and links ([`crate::init::populate_dev`]); `devpts` is
 //! the guest's own pty filesystem bound in (the agent opens the container's terminals
 //! there), with the spec's flags; `cgroup` and `cgroup2` mount the guest's cgroup v2
-//! hierarchy, rooted at the container's group when it has one ([`crate::cgroup`]).
+//! hierarchy rooted at the container's group ([`crate::cgroup`]; without one, refused).
 
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -71,67 +72,128 @@ pub struct Options {
     pub propagation: libc::c_ulong,
     /// The rest, for the filesystem (`mode=755,size=65536k`).
     pub data: String,
+    /// `tmpcopyup` (podman's, for a tmpfs): what the directory held is copied in.
+    pub copy_up: bool,
+}
+
+/// The `MS_*` bit a `mount(8)` flag sets, or clears: `(set, clear)`.
+fn flag(name: &str) -> Option<(libc::c_ulong, libc::c_ulong)> {
+    Some(match name {
+        "defaults" => (0, 0),
+        "ro" => (libc::MS_RDONLY, 0),
+        "rw" => (0, libc::MS_RDONLY),
+        "nosuid" => (libc::MS_NOSUID, 0),
+        "suid" => (0, libc::MS_NOSUID),
+        "nodev" => (libc::MS_NODEV, 0),
+        "dev" => (0, libc::MS_NODEV),
+        "noexec" => (libc::MS_NOEXEC, 0),
+        "exec" => (0, libc::MS_NOEXEC),
+        "sync" => (libc::MS_SYNCHRONOUS, 0),
+        "async" => (0, libc::MS_SYNCHRONOUS),
+        "dirsync" => (libc::MS_DIRSYNC, 0),
+        "mand" => (libc::MS_MANDLOCK, 0),
+        "nomand" => (0, libc::MS_MANDLOCK),
+        "noatime" => (libc::MS_NOATIME, 0),
+        "atime" => (0, libc::MS_NOATIME),
+        "nodiratime" => (libc::MS_NODIRATIME, 0),
+        "diratime" => (0, libc::MS_NODIRATIME),
+        "relatime" => (libc::MS_RELATIME, 0),
+        "norelatime" => (0, libc::MS_RELATIME),
+        "strictatime" => (libc::MS_STRICTATIME, 0),
+        "nostrictatime" => (0, libc::MS_STRICTATIME),
+        "silent" => (libc::MS_SILENT, 0),
+        "loud" => (0, libc::MS_SILENT),
+        "iversion" => (libc::MS_I_VERSION, 0),
+        "noiversion" => (0, libc::MS_I_VERSION),
+        "acl" => (libc::MS_POSIXACL, 0),
+        "noacl" => (0, libc::MS_POSIXACL),
+        "nosymfollow" => (libc::MS_NOSYMFOLLOW, 0),
+        "symfollow" => (0, libc::MS_NOSYMFOLLOW),
+        _ => return None,
+    })
+}
+
+/// The propagation an option sets.
+fn propagation(name: &str) -> Option<libc::c_ulong> {
+    Some(match name {
+        "private" => libc::MS_PRIVATE,
+        "rprivate" => libc::MS_PRIVATE | libc::MS_REC,
+        "shared" => libc::MS_SHARED,
+        "rshared" => libc::MS_SHARED | libc::MS_REC,
+        "slave" => libc::MS_SLAVE,
+        "rslave" => libc::MS_SLAVE | libc::MS_REC,
+        "unbindable" => libc::MS_UNBINDABLE,
+        "runbindable" => libc::MS_UNBINDABLE | libc::MS_REC,
+        _ => return None,
+    })
 }
 
 /// Splits a spec's mount options as runc does: flags `mount(8)` knows set or clear
-/// their bit, propagation is kept for after the mount, anything else is the
-/// filesystem's data. A bind or a remount is not a filesystem mount: refused.
+/// their bit (a recursive `r` form, `rro`, is its plain one: a new filesystem has no
+/// mounts under it yet), propagation is kept for after the mount, podman's
+/// `tmpcopyup` is noted, anything else is the filesystem's data. A bind or a remount
+/// is not a filesystem mount: refused.
 pub fn parse_options(options: &[String]) -> Result<Options, String> {
     let mut o = Options::default();
     let mut data = Vec::new();
     for opt in options {
-        let (set, clear): (libc::c_ulong, libc::c_ulong) = match opt.as_str() {
-            "defaults" => (0, 0),
-            "ro" => (libc::MS_RDONLY, 0),
-            "rw" => (0, libc::MS_RDONLY),
-            "nosuid" => (libc::MS_NOSUID, 0),
-            "suid" => (0, libc::MS_NOSUID),
-            "nodev" => (libc::MS_NODEV, 0),
-            "dev" => (0, libc::MS_NODEV),
-            "noexec" => (libc::MS_NOEXEC, 0),
-            "exec" => (0, libc::MS_NOEXEC),
-            "sync" => (libc::MS_SYNCHRONOUS, 0),
-            "async" => (0, libc::MS_SYNCHRONOUS),
-            "dirsync" => (libc::MS_DIRSYNC, 0),
-            "mand" => (libc::MS_MANDLOCK, 0),
-            "nomand" => (0, libc::MS_MANDLOCK),
-            "noatime" => (libc::MS_NOATIME, 0),
-            "atime" => (0, libc::MS_NOATIME),
-            "nodiratime" => (libc::MS_NODIRATIME, 0),
-            "diratime" => (0, libc::MS_NODIRATIME),
-            "relatime" => (libc::MS_RELATIME, 0),
-            "norelatime" => (0, libc::MS_RELATIME),
-            "strictatime" => (libc::MS_STRICTATIME, 0),
-            "nostrictatime" => (0, libc::MS_STRICTATIME),
-            "bind" | "rbind" | "remount" => {
+        let opt = opt.as_str();
+        if let Some(p) = propagation(opt) {
+            o.propagation = p;
+            continue;
+        }
+        let recursive = opt.strip_prefix('r').and_then(flag).filter(|_| opt != "rw");
+        match (opt, flag(opt).or(recursive)) {
+            ("bind" | "rbind" | "remount", _) => {
                 return Err(format!("option {opt:?}: not one of a filesystem mount"))
             }
-            other => {
-                let propagation = match other {
-                    "private" => libc::MS_PRIVATE,
-                    "rprivate" => libc::MS_PRIVATE | libc::MS_REC,
-                    "shared" => libc::MS_SHARED,
-                    "rshared" => libc::MS_SHARED | libc::MS_REC,
-                    "slave" => libc::MS_SLAVE,
-                    "rslave" => libc::MS_SLAVE | libc::MS_REC,
-                    "unbindable" => libc::MS_UNBINDABLE,
-                    "runbindable" => libc::MS_UNBINDABLE | libc::MS_REC,
-                    _ => {
-                        if other.contains(',') {
-                            return Err(format!("option {other:?} holds a comma"));
-                        }
-                        data.push(other);
-                        continue;
-                    }
-                };
-                o.propagation = propagation;
-                continue;
+            ("tmpcopyup", _) => o.copy_up = true,
+            ("notmpcopyup", _) => o.copy_up = false,
+            (_, Some((set, clear))) => o.flags = (o.flags | set) & !clear,
+            (other, None) => {
+                if other.contains(',') {
+                    return Err(format!("option {other:?} holds a comma"));
+                }
+                data.push(other);
             }
-        };
-        o.flags = (o.flags | set) & !clear;
+        }
     }
     o.data = data.join(",");
     Ok(o)
+}
+
+/// Most entries `tmpcopyup` copies into one tmpfs.
+const MAX_COPY_UP: usize = 100_000;
+
+/// Copies what the directory `from` holds into `to` (a new tmpfs over it): files,
+/// directories, symlinks and their modes and owners; other kinds are skipped. At most
+/// [`MAX_COPY_UP`] entries, `budget` counting them.
+fn copy_up(from: &Path, to: &Path, budget: &mut usize) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        *budget = budget.checked_sub(1).ok_or_else(|| {
+            std::io::Error::other(format!("more than {MAX_COPY_UP} entries to copy"))
+        })?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let meta = std::fs::symlink_metadata(&src)?;
+        let kind = meta.file_type();
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+        } else if kind.is_dir() {
+            std::fs::create_dir(&dst)?;
+            copy_up(&src, &dst, budget)?;
+        } else if kind.is_file() {
+            std::fs::copy(&src, &dst)?;
+        } else {
+            continue;
+        }
+        if !kind.is_symlink() {
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+        }
+        std::os::unix::fs::lchown(&dst, Some(meta.uid()), Some(meta.gid()))?;
+    }
+    Ok(())
 }
 
 /// Mounts `mounts` in `root`, in order (see the module documentation); the first
@@ -149,7 +211,7 @@ pub fn apply(root: &Path, mounts: &[FsMount], guest_pts: &Path) -> Result<(), St
         if !m.destination.starts_with('/') {
             return Err(named(m, "the destination is not absolute".into()));
         }
-        if !FS_TYPES.contains(&m.fs_type.as_str()) {
+        if !FS_TYPES.contains(&m.fs_type.as_str()) && m.fs_type != "virtiofs" {
             return Err(named(
                 m,
                 format!("not a type the guest mounts ({})", FS_TYPES.join(", ")),
@@ -161,6 +223,9 @@ pub fn apply(root: &Path, mounts: &[FsMount], guest_pts: &Path) -> Result<(), St
             c(&o.data, "options").map_err(|e| named(m, e))?,
         );
         parsed.push((m, o, cstrs));
+    }
+    if root == Path::new("/") {
+        return Err("the guest has no container root (it booted without one)".into());
     }
     let root_fd = crate::shares::open_root(root)?;
     for dest in BOOT_MOUNTS {
@@ -174,7 +239,40 @@ pub fn apply(root: &Path, mounts: &[FsMount], guest_pts: &Path) -> Result<(), St
     let mut dev_tmpfs = false;
     for (m, o, (source, data)) in parsed {
         let dir = crate::shares::resolve_dir(&root_fd, &m.destination).map_err(|e| named(m, e))?;
+        if same_file(&dir, &root_fd) {
+            // An image's `/proc -> /`: a mount there would cover the whole root.
+            return Err(named(
+                m,
+                "the destination resolves to the container's root".into(),
+            ));
+        }
+        if m.fs_type == "virtiofs" {
+            // A volume, in its place among the others: the VMM's share of that tag.
+            let share = forkvm_agent_proto::ShareMount {
+                tag: m.source.clone(),
+                target: m.destination.clone(),
+                read_only: o.flags & libc::MS_RDONLY != 0,
+            };
+            crate::shares::mount_one(&root_fd, &share).map_err(|e| named(m, e))?;
+            continue;
+        }
         let target = fd_path(&dir);
+        // What the directory held, for `tmpcopyup`: read through this descriptor once
+        // the tmpfs covers the path.
+        let below = match o.copy_up && m.fs_type == "tmpfs" {
+            true => Some(
+                rustix::fs::openat(
+                    &dir,
+                    ".",
+                    rustix::fs::OFlags::RDONLY
+                        | rustix::fs::OFlags::DIRECTORY
+                        | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )
+                .map_err(|e| named(m, format!("tmpcopyup: {e}")))?,
+            ),
+            false => None,
+        };
         let mounted = match m.fs_type.as_str() {
             "devpts" => {
                 let pts = c(&guest_pts.to_string_lossy(), "guest's pts path")?;
@@ -199,7 +297,10 @@ pub fn apply(root: &Path, mounts: &[FsMount], guest_pts: &Path) -> Result<(), St
                     o.flags,
                     crate::reaper::Reaper::global(),
                 ),
-                None => mount(Some(c"cgroup2"), &target, Some(c"cgroup2"), o.flags, None),
+                // Not the guest's whole hierarchy (the agent's own groups with it).
+                None => Err(std::io::Error::other(
+                    "the container has no cgroup in the guest (the cgroup request comes first)",
+                )),
             },
             fs_type => {
                 let fs_type = c(fs_type, "type")?;
@@ -214,6 +315,15 @@ pub fn apply(root: &Path, mounts: &[FsMount], guest_pts: &Path) -> Result<(), St
             mount(None, &fd_path(&now), None, o.propagation, None)
                 .map_err(|e| named(m, format!("propagation: {e}")))?;
         }
+        if let Some(below) = below {
+            let now =
+                crate::shares::resolve_dir(&root_fd, &m.destination).map_err(|e| named(m, e))?;
+            let path =
+                |fd: &OwnedFd| std::path::PathBuf::from(fd_path(fd).to_string_lossy().into_owned());
+            let mut budget = MAX_COPY_UP;
+            copy_up(&path(&below), &path(&now), &mut budget)
+                .map_err(|e| named(m, format!("tmpcopyup: {e}")))?;
+        }
         dev_tmpfs |= m.fs_type == "tmpfs" && Path::new(&m.destination) == Path::new("/dev");
     }
     if dev_tmpfs {
@@ -224,12 +334,35 @@ pub fn apply(root: &Path, mounts: &[FsMount], guest_pts: &Path) -> Result<(), St
     Ok(())
 }
 
+/// Whether `a` and `b` are the same file (device and inode).
+fn same_file(a: &OwnedFd, b: &OwnedFd) -> bool {
+    match (rustix::fs::fstat(a), rustix::fs::fstat(b)) {
+        (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
+        _ => false,
+    }
+}
+
 /// Detaches the mount at `dest` in the root, and every mount under it; nothing when
 /// the path is missing or not a mount point.
 fn detach(root: &OwnedFd, dest: &str) -> Result<(), String> {
     let Some(dir) = crate::container::resolve(root, dest)? else {
         return Ok(());
     };
+    // Only a mount inside the root: an image's `/proc -> /` resolves to the root itself,
+    // which stays.
+    let mount_id = |fd: &OwnedFd| {
+        rustix::fs::statx(
+            fd,
+            "",
+            rustix::fs::AtFlags::EMPTY_PATH,
+            rustix::fs::StatxFlags::MNT_ID,
+        )
+        .map(|st| st.stx_mnt_id)
+        .map_err(|e| format!("cannot read the mount of {dest}: {e}"))
+    };
+    if mount_id(&dir)? == mount_id(root)? {
+        return Ok(());
+    }
     let path = fd_path(&dir);
     // SAFETY: a NUL-terminated path that lives across the call.
     let rc = unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
@@ -273,6 +406,24 @@ mod tests {
             assert!(e.contains(bad), "{e}");
         }
         assert!(opts(&["mode=755,uid=0"]).unwrap_err().contains("comma"));
+        // runc's other flags, the recursive forms as the plain ones, podman's tmpcopyup.
+        let o = opts(&[
+            "rro",
+            "rnosuid",
+            "nosymfollow",
+            "silent",
+            "tmpcopyup",
+            "size=1k",
+        ])
+        .unwrap();
+        assert_eq!(
+            o.flags,
+            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NOSYMFOLLOW | libc::MS_SILENT
+        );
+        assert!(o.copy_up);
+        assert_eq!(o.data, "size=1k");
+        assert!(!opts(&["tmpcopyup", "notmpcopyup"]).unwrap().copy_up);
+        assert_eq!(opts(&["rw", "rrw"]).unwrap().flags, 0);
     }
 
     #[test]
@@ -311,6 +462,34 @@ mod tests {
     }
 
     #[test]
+    fn a_destination_that_is_the_root_is_refused_and_a_guest_without_one_too() {
+        let e = apply(Path::new("/"), &[], Path::new("/dev/pts")).unwrap_err();
+        assert!(e.contains("no container root"), "{e}");
+        crate::container::tests::in_own_mounts(|dir| {
+            // The container's root is a mount of its own, as the guest's overlay is.
+            let root = dir.join("root");
+            std::fs::create_dir(&root).unwrap();
+            let r = CString::new(root.to_str().unwrap()).unwrap();
+            mount(Some(c"tmpfs"), &r, Some(c"tmpfs"), 0, None).unwrap();
+            std::fs::write(root.join("marker"), "").unwrap();
+            std::os::unix::fs::symlink("/", root.join("proc")).unwrap();
+            let proc = FsMount {
+                destination: "/proc".into(),
+                fs_type: "proc".into(),
+                source: "proc".into(),
+                options: vec![],
+            };
+            let e = apply(&root, &[proc], Path::new("/dev/pts")).unwrap_err();
+            assert_eq!(
+                e,
+                "mount /proc (proc): the destination resolves to the container's root"
+            );
+            // The root was neither detached nor covered.
+            assert!(root.join("marker").exists());
+        });
+    }
+
+    #[test]
     fn filesystems_are_mounted_in_order_with_their_options_replacing_the_boot_ones() {
         crate::container::tests::in_own_mounts(|root| {
             // What init mounts at boot: a /proc and a /dev with a tmpfs under it.
@@ -332,6 +511,10 @@ mod tests {
                 source: src.into(),
                 options: options.iter().map(|s| s.to_string()).collect(),
             };
+            // An image's directory a tmpfs with tmpcopyup lands on, and a link out.
+            std::fs::create_dir_all(root.join("etc/sub")).unwrap();
+            std::fs::write(root.join("etc/sub/file"), "kept").unwrap();
+            std::os::unix::fs::symlink("sub/file", root.join("etc/link")).unwrap();
             let mounts = [
                 m("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
                 m(
@@ -353,6 +536,7 @@ mod tests {
                     &["nosuid", "noexec", "nodev", "ro"],
                 ),
                 m("/tmp/private", "tmpfs", "tmpfs", &["private", "size=1k"]),
+                m("/etc", "tmpfs", "tmpfs", &["tmpcopyup", "size=1m"]),
             ];
             apply(root, &mounts, Path::new("/dev/pts")).unwrap();
 
@@ -380,9 +564,18 @@ mod tests {
                 .filter_map(|p| p.strip_prefix(prefix))
                 .filter(|p| !p.is_empty())
                 .collect();
+            // tmpcopyup: the tmpfs holds what the directory held.
+            assert_eq!(
+                std::fs::read_to_string(root.join("etc/sub/file")).unwrap(),
+                "kept"
+            );
+            assert_eq!(
+                std::fs::read_link(root.join("etc/link")).unwrap(),
+                Path::new("sub/file")
+            );
             assert_eq!(
                 order,
-                ["/proc", "/dev", "/dev/shm", "/sys", "/tmp/private"],
+                ["/proc", "/dev", "/dev/shm", "/sys", "/tmp/private", "/etc"],
                 "{info}"
             );
         });

@@ -41,7 +41,8 @@ pub(crate) fn open_root(root: &Path) -> Result<OwnedFd, String> {
     .map_err(|e| format!("cannot open the container root {}: {e}", root.display()))
 }
 
-fn mount_one(root: &OwnedFd, share: &ShareMount) -> Result<(), String> {
+/// Mounts `share` at its target in the root (see [`mount_all`]).
+pub(crate) fn mount_one(root: &OwnedFd, share: &ShareMount) -> Result<(), String> {
     if share.tag.is_empty() || share.tag.len() > 36 || share.tag.contains('\0') {
         return Err("the tag must be 1 to 36 bytes without NUL".into());
     }

@@ -370,6 +370,21 @@ pub fn open_pty() -> io::Result<(File, OwnedFd)> {
 /// Starts `spec` with `root` as its root directory (no chroot when it is `/`).
 pub fn spawn(root: &Path, spec: &ProcessSpec, reaper: &Reaper) -> Result<Spawned, SpawnError> {
     let program = spec.args.first().ok_or(SpawnError::NoArgs)?.clone();
+    spawn_program(root, spec, &program, reaper)
+}
+
+/// [`spawn`] of `program` (searched as `args[0]` would be) with `spec.args` as its
+/// arguments, `argv[0]` included: an OCI hook's `path` and `args`.
+pub fn spawn_program(
+    root: &Path,
+    spec: &ProcessSpec,
+    program: &str,
+    reaper: &Reaper,
+) -> Result<Spawned, SpawnError> {
+    if spec.args.is_empty() {
+        return Err(SpawnError::NoArgs);
+    }
+    let program = program.to_owned();
     let ids = user::resolve(root, &spec.user)?;
     let rlimits = spec
         .rlimits

@@ -44,7 +44,7 @@
 //! | `annotations` | [`ContainerPlan::annotations`] | reported by `state` |
 //! | `hooks.prestart`, `createRuntime` | [`ContainerPlan::hooks`] | run by `create` as runc runs them, on the host, with the state (`pid`: the container's monitor) on stdin, before the VM boots |
 //! | `hooks.poststart`, `poststop` | [`ContainerPlan::hooks`] | run after `start`, and by `delete`; a failure is logged, as the spec says |
-//! | `hooks.createContainer`, `startContainer` | [`ContainerPlan::guest_hooks`] | run by the guest agent in the container's root, with the state on stdin, at create (after the container's mounts, devices and paths) and at start (before its process); the path must exist in the container; a failure (exit, or past `timeout`, at most 50 s) fails `create` or `start`, naming the hook. `argv[0]` is the path |
+//! | `hooks.createContainer`, `startContainer` | [`ContainerPlan::guest_hooks`] | run by the guest agent in the container's root, with the state on stdin, at create (after the container's mounts, devices and paths) and at start (before its process); the path must exist in the container; a failure (exit, or past `timeout`; at most 50 s for all of a kind) fails `create` or `start`, naming the hook |
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -124,8 +124,9 @@ pub struct ContainerPlan {
     pub files: Vec<FileCopy>,
     /// Bind-mounted host directories, shared into the VM, in the spec's order.
     pub volumes: Vec<crate::vm::Volume>,
-    /// The other mounts (`proc`, `tmpfs`, ...), in the spec's order: the guest agent
-    /// mounts them in the container's root, before the volumes.
+    /// Every mount but the copied files, in the spec's order (`proc`, `tmpfs`, ..., the
+    /// volumes as `virtiofs` shares of [`ContainerPlan::volumes`]): the guest agent
+    /// mounts them in the container's root.
     pub filesystems: Vec<forkvm_agent_proto::FsMount>,
     /// The limits of the container's cgroup inside the guest (`linux.resources`).
     pub guest_cgroup: forkvm_agent_proto::CgroupLimits,
@@ -418,42 +419,62 @@ impl ContainerPlan {
     }
 
     /// The guest agent's request that creates the device nodes and applies the kernel
-    /// parameters, masked and read-only paths, and `root.readonly` when
-    /// `with_readonly_root` (else [`ContainerPlan::readonly_root_request`] does, later);
-    /// none when there is nothing to apply.
-    pub fn container_request(
-        &self,
-        with_readonly_root: bool,
-    ) -> Option<forkvm_agent_proto::Request> {
-        let readonly_root = with_readonly_root && self.rootfs_readonly;
-        let empty = !readonly_root
-            && self.domainname.is_none()
-            && self.devices.is_empty()
-            && self.sysctls.is_empty()
-            && self.masked_paths.is_empty()
-            && self.readonly_paths.is_empty();
-        (!empty).then(|| forkvm_agent_proto::Request::Container {
-            devices: self.devices.clone(),
-            sysctls: self.sysctls.clone(),
-            masked_paths: self.masked_paths.clone(),
-            readonly_paths: self.readonly_paths.clone(),
-            readonly_root,
-            domainname: self.domainname.clone(),
-        })
+    /// parameters, domain name, masked and read-only paths and `root.readonly`, when
+    /// there are no `createContainer` hooks; none when there is nothing to apply.
+    pub fn container_request(&self) -> Option<forkvm_agent_proto::Request> {
+        self.container_part(true, true)
     }
 
-    /// The guest agent's request that makes the container's root read-only
-    /// (`root.readonly`) and nothing else; none when the root stays writable.
-    pub fn readonly_root_request(&self) -> Option<forkvm_agent_proto::Request> {
-        self.rootfs_readonly
-            .then(|| forkvm_agent_proto::Request::Container {
-                devices: Vec::new(),
-                sysctls: Default::default(),
-                masked_paths: Vec::new(),
-                readonly_paths: Vec::new(),
-                readonly_root: true,
-                domainname: None,
-            })
+    /// With `createContainer` hooks, the request splits around them as runc orders
+    /// them: the device nodes before the hooks, the rest after.
+    pub fn devices_request(&self) -> Option<forkvm_agent_proto::Request> {
+        self.container_part(true, false)
+    }
+
+    /// The part of [`ContainerPlan::container_request`] after the `createContainer`
+    /// hooks (see [`ContainerPlan::devices_request`]).
+    pub fn settings_request(&self) -> Option<forkvm_agent_proto::Request> {
+        self.container_part(false, true)
+    }
+
+    fn container_part(&self, devices: bool, settings: bool) -> Option<forkvm_agent_proto::Request> {
+        let request = forkvm_agent_proto::Request::Container {
+            devices: if devices {
+                self.devices.clone()
+            } else {
+                Vec::new()
+            },
+            sysctls: if settings {
+                self.sysctls.clone()
+            } else {
+                Default::default()
+            },
+            masked_paths: if settings {
+                self.masked_paths.clone()
+            } else {
+                Vec::new()
+            },
+            readonly_paths: if settings {
+                self.readonly_paths.clone()
+            } else {
+                Vec::new()
+            },
+            readonly_root: settings && self.rootfs_readonly,
+            domainname: if settings {
+                self.domainname.clone()
+            } else {
+                None
+            },
+        };
+        let empty = forkvm_agent_proto::Request::Container {
+            devices: Vec::new(),
+            sysctls: Default::default(),
+            masked_paths: Vec::new(),
+            readonly_paths: Vec::new(),
+            readonly_root: false,
+            domainname: None,
+        };
+        (request != empty).then_some(request)
     }
 }
 
@@ -680,6 +701,13 @@ impl Planner<'_> {
                 let read_only = mount.options().iter().flatten().any(|o| o == "ro");
                 let volume = crate::vm::Volume::new(&source, target, read_only)
                     .map_err(|_| refused("the source cannot be resolved to a directory"))?;
+                // Mounted by the guest in its place among the spec's other mounts.
+                let tag = crate::vm::share_tag(self.volumes.len());
+                let options = match read_only {
+                    true => vec!["ro".to_owned()],
+                    false => Vec::new(),
+                };
+                self.filesystem(target, "virtiofs", tag, options)?;
                 self.volumes.push(volume);
                 return Ok(());
             }
@@ -812,8 +840,7 @@ impl Planner<'_> {
                     .ok_or_else(|| self.invalid(format!("{field}[{i}].path"), "must be UTF-8"))?;
                 into.push(forkvm_agent_proto::GuestHook {
                     path: path.to_owned(),
-                    // The spec's args[0] is the program's name: the path stands for it.
-                    args: hook.args().iter().flatten().skip(1).cloned().collect(),
+                    args: hook.args().clone().unwrap_or_default(),
                     env: hook.env().clone().unwrap_or_default(),
                     timeout: hook.timeout().map(|t| u32::try_from(t).unwrap_or(u32::MAX)),
                 });

@@ -264,7 +264,12 @@ pub struct Volume {
     pub read_only: bool,
 }
 
-/// The VM's shares for `volumes` (tags `forkvm-0`, `forkvm-1`, ...) and the agent's
+/// The tag of the share of the `i`th volume.
+pub fn share_tag(i: usize) -> String {
+    format!("forkvm-{i}")
+}
+
+/// The VM's shares for `volumes` (tags [`share_tag`]: `forkvm-0`, `forkvm-1`, ...) and the agent's
 /// request that mounts them in the container; no request without volumes.
 pub fn share_volumes(
     volumes: &[Volume],
@@ -272,7 +277,7 @@ pub fn share_volumes(
     Vec<forkvm_vmm::FsConfig>,
     Option<forkvm_agent_proto::Request>,
 ) {
-    let tag = |i: usize| format!("forkvm-{i}");
+    let tag = share_tag;
     let shares = volumes
         .iter()
         .enumerate()

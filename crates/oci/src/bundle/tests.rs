@@ -381,10 +381,34 @@ fn mounts() {
     let plan = load_with(|c| {
         c["mounts"] = json!([
             {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rprivate"]},
+            {"destination": "/data/cache", "type": "tmpfs", "source": "tmpfs"},
             {"destination": "/ro", "type": "none", "source": host.path().join("data-link"), "options": ["rbind", "ro"]},
         ]);
     })
     .unwrap();
+    // The guest mounts them in the spec's order, the volumes as their shares: the
+    // tmpfs lands on the volume, not under it.
+    let order: Vec<(&str, &str, &str, &[String])> = plan
+        .filesystems
+        .iter()
+        .map(|m| {
+            (
+                m.destination.as_str(),
+                m.fs_type.as_str(),
+                m.source.as_str(),
+                m.options.as_slice(),
+            )
+        })
+        .collect();
+    let ro = ["ro".to_owned()];
+    assert_eq!(
+        order,
+        [
+            ("/data", "virtiofs", "forkvm-0", &[][..]),
+            ("/data/cache", "tmpfs", "tmpfs", &[][..]),
+            ("/ro", "virtiofs", "forkvm-1", &ro[..]),
+        ]
+    );
     let canonical = data.canonicalize().unwrap();
     assert_eq!(
         plan.volumes,
@@ -477,7 +501,7 @@ fn sysctls_masked_and_readonly_paths_become_the_agents_request() {
     })
     .unwrap();
     assert!(!plan.warnings.join("\n").contains("sysctl"));
-    match plan.container_request(true) {
+    match plan.container_request() {
         Some(forkvm_agent_proto::Request::Container {
             devices,
             sysctls,
@@ -505,7 +529,7 @@ fn sysctls_masked_and_readonly_paths_become_the_agents_request() {
         c["root"]["readonly"] = json!(false);
     })
     .unwrap();
-    assert_eq!(plan.container_request(true), None);
+    assert_eq!(plan.container_request(), None);
     // Docker's --device /dev/fuse: the node, for the guest to make.
     let plan = load_with(|c| {
         c["linux"]["devices"] = json!([{"path": "/dev/fuse", "type": "c", "major": 10,
@@ -583,7 +607,7 @@ fn unsupported_fields_are_errors() {
         plan.guest_hooks.create_container,
         [forkvm_agent_proto::GuestHook {
             path: "/usr/bin/x".into(),
-            args: vec!["-a".into(), "b".into()],
+            args: vec!["x".into(), "-a".into(), "b".into()],
             env: vec!["A=1".into()],
             timeout: Some(7),
         }]
@@ -597,9 +621,26 @@ fn unsupported_fields_are_errors() {
     assert_eq!(paths, ["/bin/y", "/bin/z"]);
     assert!(plan.hooks.prestart.is_empty());
     assert_eq!(plan.domainname.as_deref(), Some("example.org"));
-    match plan.container_request(true) {
+    match plan.container_request() {
         Some(forkvm_agent_proto::Request::Container { domainname, .. }) => {
             assert_eq!(domainname.as_deref(), Some("example.org"))
+        }
+        other => panic!("{other:?}"),
+    }
+    // Around createContainer hooks the request splits as runc orders it: the nodes
+    // before (none here), the rest after.
+    assert_eq!(plan.devices_request(), None);
+    match plan.settings_request() {
+        Some(forkvm_agent_proto::Request::Container {
+            devices,
+            domainname,
+            readonly_root,
+            masked_paths,
+            ..
+        }) => {
+            assert!(devices.is_empty() && readonly_root);
+            assert_eq!(domainname.as_deref(), Some("example.org"));
+            assert_eq!(masked_paths, ["/proc/acpi", "/proc/kcore"]);
         }
         other => panic!("{other:?}"),
     }

@@ -320,7 +320,8 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         &hostname,
         &uds,
     )?;
-    let (shares, mount) = vm::share_volumes(&plan.volumes);
+    // The volumes' mounts are among the filesystems, in the spec's order.
+    let (shares, _) = vm::share_volumes(&plan.volumes);
     cfg.shares = shares;
     home.record_machine(cfg.vcpus, cfg.mem_mib)?;
     let relay = signals.spawn(tty)?;
@@ -354,13 +355,13 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         &plan.guest_hooks.start_container,
         crate::state::Status::Created,
     );
-    // As runc: the root becomes read-only after the createContainer hooks (they may
-    // write in it).
-    let readonly_later = create_hooks.is_some();
-    let container = plan.container_request(!readonly_later);
-    let readonly_root = readonly_later
-        .then(|| plan.readonly_root_request())
-        .flatten();
+    // As runc orders them: the device nodes, the createContainer hooks, then the
+    // kernel parameters, masked and read-only paths and the read-only root (a hook may
+    // write in the root).
+    let (container, settings) = match create_hooks {
+        Some(_) => (plan.devices_request(), plan.settings_request()),
+        None => (plan.container_request(), None),
+    };
     let spec = plan.process;
     // Reported from the session once the agent answers; errors before that are
     // reported by `monitor`.
@@ -430,10 +431,9 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         process: spec,
         cgroup,
         filesystems,
-        mount,
         container,
         create_hooks,
-        readonly_root,
+        settings,
         start_hooks,
         network: networked.then(|| plumbed.network.agent_request()),
         dns_relay: nameserver.map(|ns| Request::DnsRelay {
@@ -503,17 +503,16 @@ struct GuestWork {
     process: ProcessSpec,
     /// The agent's request that makes the container's cgroup in the guest (first).
     cgroup: Request,
-    /// The agent's request that mounts the spec's filesystems (before the volumes).
+    /// The agent's request that mounts the spec's filesystems and volumes, in order.
     filesystems: Option<Request>,
-    /// The agent's request that mounts the container's volumes.
-    mount: Option<Request>,
     /// The agent's request that creates the device nodes and applies the kernel
     /// parameters, masked and read-only paths (after the volumes, as runc does).
     container: Option<Request>,
     /// The `createContainer` hooks, run by `create` after the rest.
     create_hooks: Option<Request>,
-    /// `root.readonly` when it comes after the `createContainer` hooks.
-    readonly_root: Option<Request>,
+    /// With `createContainer` hooks, the rest of the spec after them (the device
+    /// nodes, in `container`, come before).
+    settings: Option<Request>,
     /// The `startContainer` hooks, run by `start` before the process.
     start_hooks: Option<Request>,
     network: Option<Request>,
@@ -612,10 +611,9 @@ fn monitor_session(
         process: spec,
         cgroup,
         filesystems,
-        mount,
         container,
         create_hooks,
-        readonly_root,
+        settings,
         start_hooks,
         network,
         dns_relay,
@@ -630,8 +628,7 @@ fn monitor_session(
         &mut stream,
         [
             ("its cgroup", Some(cgroup)),
-            ("its filesystems", filesystems),
-            ("its volumes", mount),
+            ("its filesystems and volumes", filesystems),
             ("its network", network),
             ("its DNS relay", dns_relay),
             (
@@ -639,7 +636,10 @@ fn monitor_session(
                 container,
             ),
             ("its createContainer hooks", create_hooks),
-            ("its read-only root", readonly_root),
+            (
+                "its kernel parameters, masked and read-only paths",
+                settings,
+            ),
         ],
     )?;
     let mut conn = match early_start {

@@ -438,43 +438,23 @@ impl ContainerPlan {
     }
 
     fn container_part(&self, devices: bool, settings: bool) -> Option<forkvm_agent_proto::Request> {
-        let request = forkvm_agent_proto::Request::Container {
-            devices: if devices {
-                self.devices.clone()
+        fn keep<T: Clone + Default>(on: bool, value: &T) -> T {
+            if on {
+                value.clone()
             } else {
-                Vec::new()
-            },
-            sysctls: if settings {
-                self.sysctls.clone()
-            } else {
-                Default::default()
-            },
-            masked_paths: if settings {
-                self.masked_paths.clone()
-            } else {
-                Vec::new()
-            },
-            readonly_paths: if settings {
-                self.readonly_paths.clone()
-            } else {
-                Vec::new()
-            },
-            readonly_root: settings && self.rootfs_readonly,
-            domainname: if settings {
-                self.domainname.clone()
-            } else {
-                None
-            },
+                T::default()
+            }
+        }
+        let part = |d: bool, s: bool| forkvm_agent_proto::Request::Container {
+            devices: keep(d, &self.devices),
+            sysctls: keep(s, &self.sysctls),
+            masked_paths: keep(s, &self.masked_paths),
+            readonly_paths: keep(s, &self.readonly_paths),
+            readonly_root: s && self.rootfs_readonly,
+            domainname: keep(s, &self.domainname),
         };
-        let empty = forkvm_agent_proto::Request::Container {
-            devices: Vec::new(),
-            sysctls: Default::default(),
-            masked_paths: Vec::new(),
-            readonly_paths: Vec::new(),
-            readonly_root: false,
-            domainname: None,
-        };
-        (request != empty).then_some(request)
+        let request = part(devices, settings);
+        (request != part(false, false)).then_some(request)
     }
 }
 

@@ -110,6 +110,12 @@ pub enum Request {
         /// The guest's NIS domain name (the OCI `domainname`). Since version 8.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         domainname: Option<String>,
+        /// The container's seccomp filters (the OCI `linux.seccomp`, compiled by the
+        /// host), installed on every process the agent starts from then on, its hooks
+        /// aside: BPF programs in hex, 16 digits per instruction (code, jt, jf, k), at
+        /// most [`MAX_SECCOMP_FILTERS`] of at most 4096 instructions. Since version 8.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        seccomp: Vec<String>,
     },
     /// Run OCI hooks of one kind in the container's root (`createContainer` at create,
     /// `startContainer` at start), in order, the state on each one's stdin; the first
@@ -170,6 +176,9 @@ pub struct CgroupLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_weight: Option<u64>,
 }
+
+/// Most seccomp filters one [`Request::Container`] may carry.
+pub const MAX_SECCOMP_FILTERS: usize = 16;
 
 /// Most hooks one [`Request::Hooks`] may carry.
 pub const MAX_HOOKS: usize = 64;

@@ -67,6 +67,8 @@ pub struct Settings<'a> {
     pub readonly_root: bool,
     /// `domainname`.
     pub domainname: Option<&'a str>,
+    /// `linux.seccomp`, compiled: kept for the processes started from then on.
+    pub seccomp: &'a [String],
 }
 
 /// Makes the device nodes in `root`, sets the kernel parameters, then masks paths and
@@ -82,6 +84,9 @@ pub fn apply(root: &Path, kernel: &GuestKernel, s: &Settings) -> Result<(), Stri
         if n > MAX_ENTRIES {
             return Err(format!("{what}: {n} entries, at most {MAX_ENTRIES}"));
         }
+    }
+    if !s.seccomp.is_empty() {
+        crate::seccomp::set(s.seccomp).map_err(|e| format!("linux.seccomp: {e}"))?;
     }
     if let Some(name) = s.domainname {
         set_domainname(name).map_err(|e| format!("domainname {name:?}: {e}"))?;
@@ -409,6 +414,7 @@ pub(crate) mod tests {
             readonly,
             readonly_root: false,
             domainname: None,
+            seccomp: &[],
         }
     }
 

@@ -39,6 +39,7 @@ pub mod mounts;
 pub mod network;
 pub mod power;
 pub mod reaper;
+pub mod seccomp;
 pub mod server;
 mod session;
 pub mod shares;

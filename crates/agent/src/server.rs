@@ -308,6 +308,7 @@ impl Agent {
                 readonly_paths,
                 readonly_root,
                 domainname,
+                seccomp,
             } => match self.config.mode {
                 Mode::Init => crate::container::apply(
                     &self.config.root,
@@ -319,6 +320,7 @@ impl Agent {
                         readonly: &readonly_paths,
                         readonly_root,
                         domainname: domainname.as_deref(),
+                        seccomp: &seccomp,
                     },
                 ),
                 _ => Err("container needs the agent to run as the guest's PID 1".to_owned()),

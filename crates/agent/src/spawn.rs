@@ -8,10 +8,11 @@
 //!    namespace of its own taken, once the container has one ([`crate::cgroup`]);
 //! 4. `chroot(root)` (skipped when the root is `/`), `chdir(cwd)`;
 //! 5. `setrlimit` for each limit; with capabilities, the bounding set dropped to the
-//!    spec's and capabilities kept across the user switch (`PR_SET_KEEPCAPS`);
+//!    spec's and capabilities kept across the user switch (`PR_SET_KEEPCAPS`); without
+//!    `no_new_privs`, the container's seccomp filters ([`crate::seccomp`]);
 //!    `setgroups`, `setgid`, `setuid`;
 //! 6. with capabilities, `capset` (effective, permitted, inheritable) and the ambient
-//!    set raised; `PR_SET_NO_NEW_PRIVS` when asked;
+//!    set raised; `PR_SET_NO_NEW_PRIVS` when asked, then the seccomp filters;
 //! 7. `execve` of each `PATH` candidate in turn, with exactly the spec's environment.
 //!
 //! A failing step writes `[step: u32 BE][errno: i32 BE]` to a close-on-exec pipe and
@@ -150,6 +151,7 @@ const STEP_CAPSET: u32 = 14;
 const STEP_AMBIENT: u32 = 15;
 const STEP_NNP: u32 = 16;
 const STEP_CGROUP: u32 = 17;
+const STEP_SECCOMP: u32 = 18;
 
 fn step_name(step: u32) -> &'static str {
     match step {
@@ -165,6 +167,7 @@ fn step_name(step: u32) -> &'static str {
         STEP_EXEC => "exec",
         STEP_OOM => "write oom_score_adj",
         STEP_CGROUP => "join the container's cgroup",
+        STEP_SECCOMP => "install the container's seccomp filters",
         STEP_CAPBSET => "drop from the capability bounding set",
         STEP_KEEPCAPS => "keep capabilities across the user switch",
         STEP_CAPSET => "set the capabilities (capset)",
@@ -190,6 +193,8 @@ struct ChildPlan {
     umask: Option<libc::mode_t>,
     /// The container's cgroup to join (with a cgroup namespace of its own), once made.
     cgroup_procs: Option<&'static std::ffi::CStr>,
+    /// The container's seccomp filters (pointing into memory that outlives the fork).
+    seccomp: Vec<libc::sock_fprog>,
     caps: Option<CapPlan>,
     no_new_privs: bool,
     candidates: Vec<CString>,
@@ -370,15 +375,26 @@ pub fn open_pty() -> io::Result<(File, OwnedFd)> {
 /// Starts `spec` with `root` as its root directory (no chroot when it is `/`).
 pub fn spawn(root: &Path, spec: &ProcessSpec, reaper: &Reaper) -> Result<Spawned, SpawnError> {
     let program = spec.args.first().ok_or(SpawnError::NoArgs)?.clone();
-    spawn_program(root, spec, &program, reaper)
+    spawn_inner(root, spec, &program, crate::seccomp::filters(), reaper)
 }
 
 /// [`spawn`] of `program` (searched as `args[0]` would be) with `spec.args` as its
-/// arguments, `argv[0]` included: an OCI hook's `path` and `args`.
+/// arguments, `argv[0]` included, and without the container's seccomp filters: an OCI
+/// hook's `path` and `args`.
 pub fn spawn_program(
     root: &Path,
     spec: &ProcessSpec,
     program: &str,
+    reaper: &Reaper,
+) -> Result<Spawned, SpawnError> {
+    spawn_inner(root, spec, program, &[], reaper)
+}
+
+fn spawn_inner(
+    root: &Path,
+    spec: &ProcessSpec,
+    program: &str,
+    seccomp: &[Vec<libc::sock_filter>],
     reaper: &Reaper,
 ) -> Result<Spawned, SpawnError> {
     if spec.args.is_empty() {
@@ -518,6 +534,7 @@ pub fn spawn_program(
         oom_score_adj,
         umask,
         cgroup_procs: crate::cgroup::procs(),
+        seccomp: crate::seccomp::fprogs(seccomp),
         caps: spec.capabilities.map(CapPlan::new),
         no_new_privs: spec.no_new_privileges,
         candidates,
@@ -674,6 +691,13 @@ fn child_main(p: &ChildPlan) -> ! {
                 fail(p.err_fd, STEP_KEEPCAPS);
             }
         }
+        // Without no_new_privs a filter goes on while the process may still install one
+        // (root, before its user and capabilities change), as runc does.
+        if !p.no_new_privs {
+            if let Err(e) = crate::seccomp::install(&p.seccomp) {
+                fail_with(p.err_fd, STEP_SECCOMP, e);
+            }
+        }
         if p.set_groups && libc::setgroups(p.groups.len(), p.groups.as_ptr()) < 0 {
             fail(p.err_fd, STEP_SETGROUPS);
         }
@@ -724,6 +748,12 @@ fn child_main(p: &ChildPlan) -> ! {
         if p.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) < 0
         {
             fail(p.err_fd, STEP_NNP);
+        }
+        // With no_new_privs, last: the fewest calls of ours run under the filters.
+        if p.no_new_privs {
+            if let Err(e) = crate::seccomp::install(&p.seccomp) {
+                fail_with(p.err_fd, STEP_SECCOMP, e);
+            }
         }
         let mut denied = false;
         for c in &p.candidates {

@@ -17,7 +17,8 @@
 //! | `process.noNewPrivileges`, `oomScoreAdj` | [`ProcessSpec::no_new_privileges`], [`ProcessSpec::oom_score_adj`] | applied by the guest agent before the exec |
 //! | `process.consoleSize` | [`ProcessSpec::console_size`] | the guest pty's size before the process starts |
 //! | `process.user.username` | warning | it is for Windows; `uid` and `gid` are used |
-//! | `process.apparmorProfile`, `selinuxLabel`, `linux.seccomp` | warning | host LSM/seccomp confinement does not apply inside a VM; the VM is the boundary |
+//! | `process.apparmorProfile`, `selinuxLabel` | warning | host LSM confinement does not apply inside a VM; the VM is the boundary |
+//! | `linux.seccomp` | [`ContainerPlan::seccomp`] | compiled on the host ([`crate::seccomp`]) and installed by the guest agent on the container's processes (exec'd ones too; not its hooks), as runc installs it: defence in depth. Names this kernel lacks are left out with a warning; `SCMP_ACT_NOTIFY` and `listenerPath` are refused; 32-bit calls end the process |
 //! | `process.scheduler`, `ioPriority`, `execCPUAffinity` | ignored | per-process tuning inside the guest |
 //! | `hostname` | [`ContainerPlan::hostname`] | empty: the container's ID's first 12 characters |
 //! | `domainname` | [`ContainerPlan::domainname`] | set by the guest agent (the guest's UTS namespace is the container's) |
@@ -44,7 +45,7 @@
 //! | `annotations` | [`ContainerPlan::annotations`] | reported by `state` |
 //! | `hooks.prestart`, `createRuntime` | [`ContainerPlan::hooks`] | run by `create` as runc runs them, on the host, with the state (`pid`: the container's monitor) on stdin, before the VM boots |
 //! | `hooks.poststart`, `poststop` | [`ContainerPlan::hooks`] | run after `start`, and by `delete`; a failure is logged, as the spec says |
-//! | `hooks.createContainer`, `startContainer` | [`ContainerPlan::guest_hooks`] | run by the guest agent in the container's root, with the state on stdin, at create (after the container's mounts, devices and paths) and at start (before its process); the path must exist in the container; a failure (exit, or past `timeout`; at most 50 s for all of a kind) fails `create` or `start`, naming the hook |
+//! | `hooks.createContainer`, `startContainer` | [`ContainerPlan::guest_hooks`] | run by the guest agent in the container's root, with the state on stdin, at create (after the container's mounts and device nodes, before its kernel parameters, masked and read-only paths and read-only root, as runc orders them) and at start (before its process); the path must exist in the container; a failure (exit, or past `timeout`; at most 50 s for all of a kind) fails `create` or `start`, naming the hook |
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -130,6 +131,9 @@ pub struct ContainerPlan {
     pub filesystems: Vec<forkvm_agent_proto::FsMount>,
     /// The limits of the container's cgroup inside the guest (`linux.resources`).
     pub guest_cgroup: forkvm_agent_proto::CgroupLimits,
+    /// `linux.seccomp` compiled ([`crate::seccomp`]): the guest agent installs it on
+    /// the container's processes.
+    pub seccomp: Vec<String>,
     /// The container's network namespace, which the VM joins.
     pub network: NetworkPlan,
     /// The hooks the runtime runs on the host.
@@ -312,6 +316,7 @@ pub fn exec_process(path: &Path) -> Result<ProcessSpec, BundleError> {
         volumes: Vec::new(),
         filesystems: Vec::new(),
         guest_cgroup: Default::default(),
+        seccomp: Vec::new(),
         network: None,
         devices: Vec::new(),
     };
@@ -330,6 +335,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         volumes: Vec::new(),
         filesystems: Vec::new(),
         guest_cgroup: Default::default(),
+        seccomp: Vec::new(),
         network: None,
         devices: Vec::new(),
     };
@@ -365,6 +371,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         volumes: planner.volumes,
         filesystems: planner.filesystems,
         guest_cgroup: std::mem::take(&mut planner.guest_cgroup),
+        seccomp: std::mem::take(&mut planner.seccomp),
         network,
         hooks,
         guest_hooks,
@@ -452,6 +459,7 @@ impl ContainerPlan {
             readonly_paths: keep(s, &self.readonly_paths),
             readonly_root: s && self.rootfs_readonly,
             domainname: keep(s, &self.domainname),
+            seccomp: keep(s, &self.seccomp),
         };
         let request = part(devices, settings);
         (request != part(false, false)).then_some(request)
@@ -465,6 +473,7 @@ struct Planner<'a> {
     volumes: Vec<crate::vm::Volume>,
     filesystems: Vec<forkvm_agent_proto::FsMount>,
     guest_cgroup: forkvm_agent_proto::CgroupLimits,
+    seccomp: Vec<String>,
     network: Option<NetworkPlan>,
     devices: Vec<forkvm_agent_proto::DeviceNode>,
 }
@@ -955,10 +964,13 @@ impl Planner<'_> {
                 host_has: host_has_device(kind, major, minor),
             });
         }
-        if linux.seccomp().is_some() {
-            self.warn(
-                "linux.seccomp is ignored: the VM, not a seccomp filter, confines the container",
-            );
+        if let Some(profile) = linux.seccomp() {
+            let compiled =
+                crate::seccomp::compile(profile).map_err(|e| self.invalid("linux.seccomp", e))?;
+            for w in compiled.warnings {
+                self.warn(w);
+            }
+            self.seccomp = compiled.filters;
         }
         if linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty())
             || linux.gid_mappings().as_ref().is_some_and(|m| !m.is_empty())

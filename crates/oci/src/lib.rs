@@ -14,6 +14,7 @@ pub mod bundle;
 pub mod hooks;
 pub mod rootfs;
 pub mod runtime;
+pub mod seccomp;
 pub mod state;
 pub mod term;
 pub mod vm;

@@ -144,6 +144,7 @@ mod tests {
             volumes: vec![],
             filesystems: vec![],
             guest_cgroup: Default::default(),
+            seccomp: vec![],
             network: crate::bundle::NetworkPlan::New,
             hooks: Default::default(),
             guest_hooks: Default::default(),

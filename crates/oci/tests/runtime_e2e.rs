@@ -256,6 +256,7 @@ fn body() {
              && echo tmpfs=yes; \
              echo cg=$(cat /proc/self/cgroup) mem=$(cat /sys/fs/cgroup/memory.max) \
              pids=$(cat /sys/fs/cgroup/pids.max); \
+             mkdir /run/t/sc 2>/dev/null && echo sc=open || echo sc=refused; \
              exit 3",
         ],
         |c| {
@@ -284,6 +285,9 @@ fn body() {
             c["mounts"].as_array_mut().unwrap().push(json!({"destination": "/sys/fs/cgroup",
                 "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "ro"]}));
             c["linux"]["resources"]["pids"] = json!({"limit": 64});
+            // A seccomp profile, installed in the guest: mkdir refused.
+            c["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+                {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]});
         },
     );
     let input = t.join("input");
@@ -375,6 +379,8 @@ fn body() {
     assert_eq!(field("tmpfs="), "yes", "{out}");
     // Its cgroup in the guest, as a container on a host sees its own: the root of its
     // cgroup namespace, with the spec's memory and task limits.
+    // The spec's seccomp profile confines the container inside its VM.
+    assert_eq!(field("sc="), "refused", "{out}");
     assert_eq!(
         field("cg="),
         "0::/ mem=268435456 pids=64",

@@ -464,20 +464,29 @@ fn hardening_fields_warn() {
         c["process"]["capabilities"]["bounding"] =
             json!(["CAP_CHOWN", "CAP_SYS_ADMIN", "CAP_NET_ADMIN"]);
         c["process"]["capabilities"]["effective"] = json!(["CAP_SYS_ADMIN"]);
-        c["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": []});
+        c["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["mkdir", "no_such_call"], "action": "SCMP_ACT_ERRNO"}]});
         c["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1"});
         c["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 1000, "size": 1}]);
     })
     .unwrap();
     let w = plan.warnings.join("\n");
-    for needle in [
-        "apparmorProfile",
-        "selinuxLabel",
-        "linux.seccomp",
-        "uidMappings",
-    ] {
+    for needle in ["apparmorProfile", "selinuxLabel", "uidMappings"] {
         assert!(w.contains(needle), "{needle} not in {w}");
     }
+    // The seccomp profile is compiled for the guest; a name the kernel lacks is named.
+    assert_eq!(plan.seccomp.len(), 1);
+    assert!(
+        w.contains("linux.seccomp: no_such_call is not an x86-64 system call: left out"),
+        "{w}"
+    );
+    let e = err_with(|c| {
+        c["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_NOTIFY"});
+    });
+    assert!(
+        e.contains("linux.seccomp: defaultAction: SCMP_ACT_NOTIFY"),
+        "{e}"
+    );
     // Capabilities are applied, not warned about.
     assert!(!w.contains("CAP_"), "{w}");
     let caps = plan.process.capabilities.unwrap();
@@ -501,8 +510,10 @@ fn sysctls_masked_and_readonly_paths_become_the_agents_request() {
             readonly_paths,
             readonly_root,
             domainname,
+            seccomp,
         }) => {
             assert_eq!(domainname, None);
+            assert!(seccomp.is_empty());
             assert!(readonly_root, "runc's config has a read-only root");
             assert_eq!(sysctls["net.ipv4.ip_forward"], "1");
             assert_eq!(sysctls.len(), 2);
@@ -838,9 +849,13 @@ fn the_field_table_in_docs_is_the_planners() {
         "the planner's table has {} rows",
         ours.len()
     );
-    assert_eq!(
-        theirs, ours,
-        "docs/engines.md's field table differs from crates/oci/src/bundle.rs's: copy the \
-         module documentation's table rows between the markers"
+    let differ = (0..ours.len().max(theirs.len())).find(|&i| ours.get(i) != theirs.get(i));
+    assert!(
+        differ.is_none(),
+        "docs/engines.md's field table differs from crates/oci/src/bundle.rs's at row {}:\n\
+         docs: {:?}\ncode: {:?}\ncopy the module documentation's table rows between the markers",
+        differ.unwrap_or(0),
+        differ.and_then(|i| theirs.get(i)),
+        differ.and_then(|i| ours.get(i)),
     );
 }

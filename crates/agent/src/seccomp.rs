@@ -39,6 +39,9 @@ pub fn set(programs: &[String]) -> Result<(), String> {
 
 /// One program from its hex form: 16 digits per instruction (code, jt, jf, k).
 pub fn decode(hex: &str) -> Result<Vec<libc::sock_filter>, String> {
+    if !hex.is_ascii() {
+        return Err("not ASCII hex".into());
+    }
     if hex.is_empty() || !hex.len().is_multiple_of(16) {
         return Err(format!(
             "{} hex digits: not a whole number of instructions",
@@ -121,6 +124,7 @@ mod tests {
             ("", "not a whole number"),
             ("0006", "not a whole number"),
             ("000600000000000g", "not hex"),
+            ("000é00000000000", "not ASCII"),
         ] {
             let e = decode(bad).unwrap_err();
             assert!(e.contains(wanted), "{bad}: {e}");

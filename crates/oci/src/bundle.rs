@@ -18,7 +18,7 @@
 //! | `process.consoleSize` | [`ProcessSpec::console_size`] | the guest pty's size before the process starts |
 //! | `process.user.username` | warning | it is for Windows; `uid` and `gid` are used |
 //! | `process.apparmorProfile`, `selinuxLabel` | warning | host LSM confinement does not apply inside a VM; the VM is the boundary |
-//! | `linux.seccomp` | [`ContainerPlan::seccomp`] | compiled on the host ([`crate::seccomp`]) and installed by the guest agent on the container's processes (exec'd ones too; not its hooks), as runc installs it: defence in depth. Names this kernel lacks are left out with a warning; `SCMP_ACT_NOTIFY` and `listenerPath` are refused; 32-bit calls end the process |
+//! | `linux.seccomp` | [`ContainerPlan::seccomp`] | compiled on the host ([`crate::seccomp`]) and installed by the guest agent on the container's processes (exec'd ones too; not its hooks), as runc installs it: defence in depth. As runc: names this kernel lacks are left out (one warning), rules of the default action skipped, an argument named twice makes one rule per condition. `SCMP_ACT_NOTIFY`, `listenerPath`, an `errnoRet` over 4095 and more than 16 filters or 32 768 instructions are refused; `flags` are not applied (warning); 32-bit calls end the process |
 //! | `process.scheduler`, `ioPriority`, `execCPUAffinity` | ignored | per-process tuning inside the guest |
 //! | `hostname` | [`ContainerPlan::hostname`] | empty: the container's ID's first 12 characters |
 //! | `domainname` | [`ContainerPlan::domainname`] | set by the guest agent (the guest's UTS namespace is the container's) |

@@ -7,10 +7,14 @@
 //! which the kernel runs whole, taking the most restrictive answer: a base filter that
 //! answers the default action for any call no rule matches (the rules, with their
 //! argument conditions, answer "allow" there), and one filter per other action that
-//! answers it for that action's rules ("allow" for the rest). Names this kernel's table
-//! lacks (another architecture's, newer calls) are left out with a warning, as
-//! libseccomp leaves them out. `SCMP_ACT_NOTIFY` (a listener on the host) is refused.
-//! Only x86-64 calls are filtered: a 32-bit call ends the process.
+//! answers it for that action's rules ("allow" for the rest). As runc builds the rules:
+//! names this kernel's table lacks (32-bit, another architecture's) are left out with
+//! one warning, a rule of the default action is skipped, an argument named twice makes
+//! one rule per condition, a masked comparison that can never match is left out.
+//! `SCMP_ACT_NOTIFY` (a listener on the host), an `errnoRet` over 4095, and more
+//! filters or instructions than the agent and the kernel take are refused. Only x86-64
+//! calls are filtered: a 32-bit call ends the process; calls newer than the profile get
+//! its default action, where runc answers `ENOSYS`.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -46,6 +50,10 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Compiled, String> {
         return Err("listenerPath: a seccomp listener on the host cannot reach the VM".into());
     }
     let mut warnings = Vec::new();
+    if profile.flags().as_ref().is_some_and(|f| !f.is_empty()) {
+        warnings.push("linux.seccomp.flags are not applied in the guest".to_owned());
+    }
+    let mut unknown = Vec::new();
     // Per action: call number -> its rules (`None`: every call, whatever the arguments).
     let mut by_action: Vec<(SeccompAction, Rules)> = Vec::new();
     let mut all = Rules::new();
@@ -55,7 +63,18 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Compiled, String> {
             entry.errno_ret(),
             &format!("syscalls[{i}].action"),
         )?;
-        let conditions = conditions(entry).map_err(|e| format!("syscalls[{i}]: {e}"))?;
+        // As runc: a rule of the default action is redundant (and must not become an
+        // "allow" of the base filter).
+        if act == default {
+            continue;
+        }
+        let Some(conditions) = conditions(entry).map_err(|e| format!("syscalls[{i}]: {e}"))? else {
+            // A condition libseccomp never matches: the rule never applies.
+            warnings.push(format!(
+                "linux.seccomp: syscalls[{i}] can never match (a masked value with bits outside its mask): left out"
+            ));
+            continue;
+        };
         let rules = match by_action.iter().position(|(a, _)| *a == act) {
             Some(p) => &mut by_action[p].1,
             None => {
@@ -65,24 +84,52 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Compiled, String> {
         };
         for name in entry.names() {
             let Ok(call) = syscalls::Sysno::from_str(name) else {
-                warnings.push(format!(
-                    "linux.seccomp: {name} is not an x86-64 system call: left out"
-                ));
+                unknown.push(name.as_str());
                 continue;
             };
             let call = i64::from(call.id());
-            add(rules, call, conditions.clone());
-            add(&mut all, call, conditions.clone());
+            add(rules, call, &conditions);
+            add(&mut all, call, &conditions);
         }
+    }
+    if !unknown.is_empty() {
+        unknown.sort_unstable();
+        unknown.dedup();
+        let shown: Vec<&str> = unknown.iter().take(8).copied().collect();
+        warnings.push(format!(
+            "linux.seccomp: left out, not x86-64 system calls (32-bit or another \
+             architecture's): {}{} ({} names)",
+            shown.join(", "),
+            if unknown.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            },
+            unknown.len()
+        ));
     }
     let mut filters = Vec::new();
     if default != SeccompAction::Allow {
         filters.push(program(all, default.clone(), SeccompAction::Allow)?);
     }
     for (act, rules) in by_action {
-        if act != SeccompAction::Allow && act != default && !rules.is_empty() {
+        if act != SeccompAction::Allow && !rules.is_empty() {
             filters.push(program(rules, SeccompAction::Allow, act)?);
         }
+    }
+    // What the guest agent and the kernel take.
+    if filters.len() > forkvm_agent_proto::MAX_SECCOMP_FILTERS {
+        return Err(format!(
+            "{} filters (one per distinct action and errno), at most {}",
+            filters.len(),
+            forkvm_agent_proto::MAX_SECCOMP_FILTERS
+        ));
+    }
+    let instructions: usize = filters.iter().map(Vec::len).sum();
+    if instructions > MAX_INSTRUCTIONS {
+        return Err(format!(
+            "{instructions} BPF instructions, at most {MAX_INSTRUCTIONS} (the kernel's limit)"
+        ));
     }
     Ok(Compiled {
         filters: filters.iter().map(to_hex).collect(),
@@ -90,16 +137,20 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Compiled, String> {
     })
 }
 
+/// Most instructions the kernel runs for one call over every stacked filter.
+const MAX_INSTRUCTIONS: usize = 32_768;
+
 type Rules = BTreeMap<i64, Option<Vec<SeccompRule>>>;
 
-/// Adds a rule for `call`: all its `conditions` (none: the call whatever its arguments).
-fn add(rules: &mut Rules, call: i64, conditions: Option<SeccompRule>) {
+/// Adds `conditions` (rules any of which may hold; none: the call whatever its
+/// arguments) for `call`.
+fn add(rules: &mut Rules, call: i64, conditions: &[SeccompRule]) {
     let entry = rules.entry(call).or_insert_with(|| Some(Vec::new()));
-    match (entry.as_mut(), conditions) {
-        (Some(list), Some(rule)) => list.push(rule),
+    match (entry.as_mut(), conditions.is_empty()) {
         // An unconditional rule covers every other.
-        (_, None) => *entry = None,
-        (None, Some(_)) => {}
+        (_, true) => *entry = None,
+        (Some(list), false) => list.extend(conditions.iter().cloned()),
+        (None, false) => {}
     }
 }
 
@@ -117,8 +168,15 @@ fn program(
         .map_err(|e| format!("cannot compile the profile: {e}"))
 }
 
+/// The highest errno a filter can return (`SECCOMP_RET_DATA` is 16 bits, the kernel
+/// caps an errno at 4095).
+const MAX_ERRNO: u32 = 4095;
+
 /// The action for a profile's `action` and `errnoRet`.
 fn action(a: LinuxSeccompAction, errno: Option<u32>, field: &str) -> Result<SeccompAction, String> {
+    if let Some(e) = errno.filter(|&e| e > MAX_ERRNO) {
+        return Err(format!("{field}: errnoRet {e} is above {MAX_ERRNO}"));
+    }
     Ok(match a {
         LinuxSeccompAction::ScmpActAllow => SeccompAction::Allow,
         LinuxSeccompAction::ScmpActErrno => SeccompAction::Errno(errno.unwrap_or(DEFAULT_ERRNO)),
@@ -128,7 +186,7 @@ fn action(a: LinuxSeccompAction, errno: Option<u32>, field: &str) -> Result<Secc
         LinuxSeccompAction::ScmpActKillProcess => SeccompAction::KillProcess,
         LinuxSeccompAction::ScmpActTrap => SeccompAction::Trap,
         LinuxSeccompAction::ScmpActLog => SeccompAction::Log,
-        LinuxSeccompAction::ScmpActTrace => SeccompAction::Trace(errno.unwrap_or(0)),
+        LinuxSeccompAction::ScmpActTrace => SeccompAction::Trace(errno.unwrap_or(DEFAULT_ERRNO)),
         LinuxSeccompAction::ScmpActNotify => {
             return Err(format!(
                 "{field}: SCMP_ACT_NOTIFY needs a listener on the host, which cannot reach the VM"
@@ -137,10 +195,12 @@ fn action(a: LinuxSeccompAction, errno: Option<u32>, field: &str) -> Result<Secc
     })
 }
 
-/// The rule of an entry's `args` (all must hold); `None` when it has none.
-fn conditions(entry: &LinuxSyscall) -> Result<Option<SeccompRule>, String> {
+/// The rules of an entry's `args`, any of which may hold: one rule of all of them, or,
+/// where an argument is named twice, one rule per condition (as runc builds them); an
+/// empty list when it has none; `None` when it can never match.
+fn conditions(entry: &LinuxSyscall) -> Result<Option<Vec<SeccompRule>>, String> {
     let Some(args) = entry.args().as_ref().filter(|a| !a.is_empty()) else {
-        return Ok(None);
+        return Ok(Some(Vec::new()));
     };
     let mut list = Vec::with_capacity(args.len());
     for arg in args {
@@ -155,18 +215,32 @@ fn conditions(entry: &LinuxSyscall) -> Result<Option<SeccompRule>, String> {
             LinuxSeccompOperator::ScmpCmpEq => (SeccompCmpOp::Eq, arg.value()),
             LinuxSeccompOperator::ScmpCmpGe => (SeccompCmpOp::Ge, arg.value()),
             LinuxSeccompOperator::ScmpCmpGt => (SeccompCmpOp::Gt, arg.value()),
-            // libseccomp's: `(arg & value) == valueTwo`.
-            LinuxSeccompOperator::ScmpCmpMaskedEq => (
-                SeccompCmpOp::MaskedEq(arg.value()),
-                arg.value_two().unwrap_or(0),
-            ),
+            // libseccomp's: `(arg & value) == valueTwo`, never true when valueTwo has
+            // bits outside the mask (seccompiler would mask valueTwo too).
+            LinuxSeccompOperator::ScmpCmpMaskedEq => {
+                let wanted = arg.value_two().unwrap_or(0);
+                if wanted & !arg.value() != 0 {
+                    return Ok(None);
+                }
+                (SeccompCmpOp::MaskedEq(arg.value()), wanted)
+            }
         };
         list.push(
             SeccompCondition::new(index, SeccompCmpArgLen::Qword, op, value)
                 .map_err(|e| e.to_string())?,
         );
     }
-    SeccompRule::new(list).map(Some).map_err(|e| e.to_string())
+    let mut indexes: Vec<usize> = args.iter().map(|a| a.index()).collect();
+    indexes.sort_unstable();
+    let repeated = indexes.windows(2).any(|w| w[0] == w[1]);
+    let rules = match repeated {
+        true => list
+            .into_iter()
+            .map(|c| SeccompRule::new(vec![c]))
+            .collect::<Result<Vec<_>, _>>(),
+        false => SeccompRule::new(list).map(|r| vec![r]),
+    };
+    rules.map(Some).map_err(|e| e.to_string())
 }
 
 /// A program as the guest agent's protocol carries it: per instruction, `code` (4 hex
@@ -231,9 +305,13 @@ mod tests {
     }
 
     fn mkdir_errno() -> i32 {
+        mkdir_mode(0o700)
+    }
+
+    fn mkdir_mode(mode: libc::mode_t) -> i32 {
         let dir = c"/proc/self/no-such-dir-for-the-test";
         // SAFETY: a NUL-terminated path.
-        match unsafe { libc::mkdir(dir.as_ptr(), 0o700) } {
+        match unsafe { libc::mkdir(dir.as_ptr(), mode) } {
             0 => 0,
             _ => std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
         }
@@ -283,6 +361,35 @@ mod tests {
             }
         };
         assert_eq!(under(&compiled, getppid), 38);
+
+        // A rule of the default action is redundant, as runc treats it: getppid stays
+        // refused (it must not become an "allow" of the base filter).
+        let compiled = compile(&profile(serde_json::json!({
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "syscalls": [
+                {"names": ["exit_group", "exit"], "action": "SCMP_ACT_ALLOW"},
+                {"names": ["getppid"], "action": "SCMP_ACT_ERRNO"}
+            ]
+        })))
+        .unwrap();
+        assert_eq!(under(&compiled, getppid), libc::EPERM);
+
+        // An argument named twice: either condition lets the call through (runc's
+        // rules), here mkdir with mode 0700 or 0750, not 0755.
+        let compiled = compile(&profile(serde_json::json!({
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "defaultErrnoRet": 38,
+            "syscalls": [
+                {"names": ["exit_group", "exit"], "action": "SCMP_ACT_ALLOW"},
+                {"names": ["mkdir"], "action": "SCMP_ACT_ALLOW", "args": [
+                    {"index": 1, "value": 448, "op": "SCMP_CMP_EQ"},
+                    {"index": 1, "value": 488, "op": "SCMP_CMP_EQ"}]}
+            ]
+        })))
+        .unwrap();
+        assert_eq!(under(&compiled, mkdir_errno), libc::ENOENT);
+        assert_eq!(under(&compiled, || mkdir_mode(0o750)), libc::ENOENT);
+        assert_eq!(under(&compiled, || mkdir_mode(0o755)), 38);
     }
 
     #[test]
@@ -302,13 +409,22 @@ mod tests {
         assert!(e.contains("argument index 6"), "{e}");
         let c = compile(&profile(serde_json::json!({
             "defaultAction": "SCMP_ACT_ALLOW",
-            "syscalls": [{"names": ["socketcall", "mkdir"], "action": "SCMP_ACT_ERRNO"}]
+            "syscalls": [{"names": ["socketcall", "mkdir", "chown32"], "action": "SCMP_ACT_ERRNO"}]
         })))
         .unwrap();
         assert_eq!(
             c.warnings,
-            ["linux.seccomp: socketcall is not an x86-64 system call: left out"]
+            [
+                "linux.seccomp: left out, not x86-64 system calls (32-bit or another \
+                 architecture's): chown32, socketcall (2 names)"
+            ]
         );
+        let e = compile(&profile(serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 65536}]
+        })))
+        .unwrap_err();
+        assert!(e.contains("errnoRet 65536 is above 4095"), "{e}");
         assert_eq!(c.filters.len(), 1);
         // Nothing but the default allowing: no filter at all.
         let c = compile(&profile(

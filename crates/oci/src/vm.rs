@@ -269,36 +269,33 @@ pub fn share_tag(i: usize) -> String {
     format!("forkvm-{i}")
 }
 
-/// The VM's shares for `volumes` (tags [`share_tag`]: `forkvm-0`, `forkvm-1`, ...) and the agent's
-/// request that mounts them in the container; no request without volumes.
-pub fn share_volumes(
-    volumes: &[Volume],
-) -> (
-    Vec<forkvm_vmm::FsConfig>,
-    Option<forkvm_agent_proto::Request>,
-) {
-    let tag = share_tag;
-    let shares = volumes
+/// The VM's shares for `volumes` (tags [`share_tag`]: `forkvm-0`, `forkvm-1`, ...).
+pub fn volume_shares(volumes: &[Volume]) -> Vec<forkvm_vmm::FsConfig> {
+    volumes
         .iter()
         .enumerate()
         .map(|(i, v)| forkvm_vmm::FsConfig {
-            tag: tag(i),
+            tag: share_tag(i),
             host_path: v.host.clone(),
             read_only: v.read_only,
         })
-        .collect();
-    let mounts = volumes
+        .collect()
+}
+
+/// The agent's request that mounts `volumes` (shared by [`volume_shares`]) in the
+/// container, for `forkvm run` (a container's volumes are among its filesystems); none
+/// without volumes.
+pub fn mount_request(volumes: &[Volume]) -> Option<forkvm_agent_proto::Request> {
+    let mounts: Vec<_> = volumes
         .iter()
         .enumerate()
         .map(|(i, v)| forkvm_agent_proto::ShareMount {
-            tag: tag(i),
+            tag: share_tag(i),
             target: v.target.clone(),
             read_only: v.read_only,
         })
-        .collect::<Vec<_>>();
-    let request =
-        (!mounts.is_empty()).then_some(forkvm_agent_proto::Request::Mount { shares: mounts });
-    (shares, request)
+        .collect();
+    (!mounts.is_empty()).then_some(forkvm_agent_proto::Request::Mount { shares: mounts })
 }
 
 /// How long a VM process has to boot its VM and serve its API before it is given up on.

@@ -257,8 +257,8 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
         let spec = process_spec(&image.config, &args, &hostname)?;
         let uds = dir.join(vm::VSOCK_SOCKET);
         let mut cfg = vm::config(&guest, &rootfs.path, vcpus, mem_mib, &hostname, &uds)?;
-        let (shares, mount) = vm::share_volumes(&volumes);
-        cfg.shares = shares;
+        cfg.shares = vm::volume_shares(&volumes);
+        let mount = vm::mount_request(&volumes);
         // Held until the VM is gone: the lease, the published ports, the DNS relay.
         let net = match mode {
             network::Mode::Bridge => {

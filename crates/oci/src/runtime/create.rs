@@ -321,8 +321,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         &uds,
     )?;
     // The volumes' mounts are among the filesystems, in the spec's order.
-    let (shares, _) = vm::share_volumes(&plan.volumes);
-    cfg.shares = shares;
+    cfg.shares = vm::volume_shares(&plan.volumes);
     home.record_machine(cfg.vcpus, cfg.mem_mib)?;
     let relay = signals.spawn(tty)?;
     let ready = Ready {
@@ -620,10 +619,10 @@ fn monitor_session(
         plumbed,
     } = work;
     let mut stream = s.connect_agent()?;
-    // The guest makes the container's cgroup, mounts the spec's filesystems, then the
-    // volumes, takes the namespace's
-    // addresses and routes, relays DNS, and applies the rest of the spec (last: it may
-    // make the root read-only), before anything runs.
+    // The guest makes the container's cgroup, mounts the spec's filesystems and volumes
+    // in order, takes the namespace's addresses and routes, relays DNS, and applies the
+    // rest of the spec around the createContainer hooks (last: it may make the root
+    // read-only), before anything runs.
     vm::configure_guest(
         &mut stream,
         [

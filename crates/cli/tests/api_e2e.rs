@@ -5,6 +5,8 @@
 //! it; then a second VM's VMM is killed with SIGKILL, `ps` calls it dead and `rm`
 //! cleans it up.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -76,8 +78,7 @@ fn json_error(body: &str) -> String {
 }
 
 fn last_count(root: &Path, vm: &str) -> Option<u64> {
-    ok(root, &["logs", vm])
-        .lines()
+    common::whole_lines(&ok(root, &["logs", vm]))
         .rev()
         .find_map(|l| l.trim().strip_prefix("count=")?.parse().ok())
 }

@@ -36,7 +36,7 @@ struct Tick {
 
 fn ticks(log: &Path) -> Vec<Tick> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    text.lines()
+    common::whole_lines(&text)
         .filter(|l| l.starts_with("tick=") && l.contains(" cpu1="))
         .filter_map(|l| {
             let fields: BTreeMap<String, String> = l
@@ -308,8 +308,7 @@ fn forkvm_ok(root: &Path, args: &[&str]) -> String {
 }
 
 fn counts(root: &Path, vm: &str) -> Vec<u64> {
-    forkvm_ok(root, &["logs", vm])
-        .lines()
+    common::whole_lines(&forkvm_ok(root, &["logs", vm]))
         .filter_map(|l| l.strip_prefix("count="))
         .filter_map(|n| n.split_whitespace().next()?.parse().ok())
         .collect()
@@ -651,8 +650,7 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
             // moments (one second of slack each for whole-second truncation).
             let log = forkvm_ok(&root, &["logs", &id]);
             let read_at = now_s();
-            let clock: i64 = log
-                .lines()
+            let clock: i64 = common::whole_lines(&log)
                 .rev()
                 .filter_map(|l| l.split("clock=").nth(1))
                 .find_map(|t| t.trim().parse().ok())

@@ -33,6 +33,17 @@ pub fn guest_cmdline(script: &str) -> String {
     )
 }
 
+/// The whole lines of a console log read while its guest may still be writing: a
+/// serial console prints a byte at a time, so the text can end in the middle of a line
+/// (`clock=179` of `clock=1796381334`), which is left out.
+pub fn whole_lines(text: &str) -> impl DoubleEndedIterator<Item = &str> {
+    let whole = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => "",
+    };
+    whole.lines()
+}
+
 /// Output captured from a running process, shared with its reader thread.
 #[derive(Default)]
 struct Captured {

@@ -606,6 +606,31 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
         });
         forkvm_ok(&root, &["template", "save", "base", tpl.to_str().unwrap()]);
         let saved_at = *counts(&root, "base").last().unwrap();
+        // The VM process may change the file system only where its jail lets it (its
+        // state root, ...): asked through its API for a template elsewhere, it refuses,
+        // naming the places, and makes nothing (`template save` saved into the VM's
+        // directory and moved the files).
+        let base = vms(&root)
+            .into_iter()
+            .find(|v| v["name"] == "base")
+            .expect("base in ps");
+        let api = root.join(base["id"].as_str().unwrap()).join("api.sock");
+        // (Not in `dir`: the VM's vsock socket lies there, so the VM may write there.)
+        let elsewhere = tempfile::tempdir().unwrap();
+        let outside = elsewhere.path().join("tpl");
+        let err = forkvm_api::client::Client::new(&api)
+            .save_template(&outside)
+            .expect_err("a template outside the jail's places was saved");
+        assert!(
+            err.to_string().contains("jail lets it write only under")
+                && err.to_string().contains(&root.display().to_string()),
+            "{err}"
+        );
+        assert!(
+            !outside.exists(),
+            "the refused save made {}",
+            outside.display()
+        );
         // The original VM goes away; only the files remain.
         forkvm_ok(&root, &["stop", "-t", "2", "base"]);
         forkvm_ok(&root, &["rm", "base"]);

@@ -263,8 +263,15 @@ pub fn remove_when_empty(dir: &Path, wait: std::time::Duration) {
     }
     let deadline = std::time::Instant::now() + wait;
     while let Err(e) = std::fs::remove_dir(dir) {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            return;
+        match e.kind() {
+            std::io::ErrorKind::NotFound => return,
+            // Not this process's to remove (a container's group, outside the places its
+            // jail lets it change): whoever made it removes it (the runtime's `delete`).
+            std::io::ErrorKind::PermissionDenied => {
+                tracing::debug!("the cgroup {} is left to its owner: {e}", dir.display());
+                return;
+            }
+            _ => {}
         }
         if std::time::Instant::now() >= deadline {
             tracing::warn!("cannot remove the cgroup {}: {e}", dir.display());

@@ -5,7 +5,10 @@
 //! debugging). [`Jail::enter`], at the start of the process, before the VM is built:
 //! - moves the process into a cgroup of its own ([`cgroup`]): `memory.max` and `pids.max`;
 //! - sets `no_new_privs` and installs the process's seccomp allow-list on every thread
-//!   ([`seccomp`], [`ThreadKind::Process`]); whatever the process starts inherits it.
+//!   ([`seccomp`], [`ThreadKind::Process`]); whatever the process starts inherits it;
+//! - binds it to the places it may change ([`landlock`]): its state root, its cgroups,
+//!   its disks, shares and sockets, the devices it opens; the rest of the file system
+//!   becomes read-only to it and to whatever it starts.
 //!
 //! Then [`Jail::set_up`], once the VM is built, drops every capability but those later
 //! work needs ([`caps`]). vCPU and API threads, started while the VM is built, confine
@@ -17,6 +20,7 @@
 
 pub mod caps;
 pub mod cgroup;
+pub mod landlock;
 pub mod seccomp;
 
 use std::path::PathBuf;
@@ -26,6 +30,7 @@ use forkvm_config::logging::error_chain;
 use serde::{Deserialize, Serialize};
 
 pub use cgroup::{Cgroup, CgroupError, CgroupSpec};
+pub use landlock::{Restricted, Writable};
 pub use seccomp::{SeccompError, ThreadKind};
 
 /// Why a VM process could not be jailed.
@@ -40,7 +45,21 @@ pub enum JailError {
     /// Its capabilities.
     #[error(transparent)]
     Caps(#[from] caps::CapsError),
+    /// Its file-system rules.
+    #[error(transparent)]
+    Landlock(#[from] landlock::LandlockError),
+    /// `no_new_privs` could not be set.
+    #[error("cannot set no_new_privs")]
+    NoNewPrivs(#[source] std::io::Error),
 }
+
+/// Devices every VM process may open for writing: KVM, TUN (a fork child's TAPs) and
+/// `/dev/null`.
+const DEVICES: [&str; 3] = ["/dev/kvm", "/dev/net/tun", "/dev/null"];
+
+/// Where forkvm keeps the address leases of bridged NICs (a fork child takes its own);
+/// `forkvm_registry`'s leases live here.
+pub const LEASE_ROOT: &str = "/run/forkvm-network";
 
 /// How a VM process is to be jailed: part of its launch, passed on to the VMs it forks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +73,10 @@ pub struct JailSpec {
     /// process (a fork child), and filters are inherited. Not stacked again.
     #[serde(default)]
     pub filter_inherited: bool,
+    /// The process that started it is bound by file-system rules ([`landlock`]), which
+    /// it inherits (with `filter_inherited`).
+    #[serde(default)]
+    pub writes_bound: bool,
 }
 
 impl Default for JailSpec {
@@ -62,6 +85,7 @@ impl Default for JailSpec {
             enabled: true,
             cgroup: None,
             filter_inherited: false,
+            writes_bound: false,
         }
     }
 }
@@ -82,6 +106,7 @@ impl JailSpec {
             enabled: enabled(),
             cgroup: None,
             filter_inherited: PROCESS_FILTERED.load(Ordering::Relaxed),
+            writes_bound: landlock::bound().is_some(),
         }
     }
 }
@@ -124,14 +149,24 @@ pub fn confine_thread(kind: ThreadKind) -> Result<(), JailError> {
 #[derive(Debug)]
 pub struct Jail {
     cgroup: Option<Cgroup>,
+    landlock: Option<Restricted>,
 }
 
 impl Jail {
     /// Enters the jail `spec` describes, for VM `id` that may hold `guest_memory` bytes of
-    /// guest memory (its RAM, and what its forks make it keep):
-    /// cgroup, `no_new_privs`, the process's seccomp filter (see the crate doc). Call it
-    /// before the VM is built; `None` for a VM that is not jailed.
-    pub fn enter(spec: &JailSpec, id: &str, guest_memory: u64) -> Result<Option<Self>, JailError> {
+    /// guest memory (its RAM, and what its forks make it keep) and change the file system
+    /// only in `writable` (its state root and what its configuration writes; the jail
+    /// adds its cgroups, the lease directory and the devices a VM opens):
+    /// cgroup, `no_new_privs`, the process's seccomp filter, the file-system rules (see
+    /// the crate doc). Call it before the VM is built, while the process has one thread;
+    /// `None` for a VM that is not jailed. A process whose filter is inherited has its
+    /// parent's file-system rules too (they are inherited as well): none are added.
+    pub fn enter(
+        spec: &JailSpec,
+        id: &str,
+        guest_memory: u64,
+        writable: Writable,
+    ) -> Result<Option<Self>, JailError> {
         set_enabled(spec.enabled);
         if !spec.enabled {
             return Ok(None);
@@ -161,15 +196,32 @@ impl Jail {
                 None
             }
         };
-        if spec.filter_inherited {
+        let writable = with_system_places(writable, cgroup.as_ref());
+        let landlock = if spec.filter_inherited {
             // Its trap still writes the line, in this process too.
             seccomp::install_sigsys_handler()?;
             seccomp::mark(ThreadKind::Process);
+            // Bound by its parent's rules, which cover at least what its own would.
+            if spec.writes_bound {
+                landlock::set_bound(writable);
+            }
+            None
         } else {
+            // The rules before the filter (which has no Landlock calls); `no_new_privs`
+            // before both, as Landlock needs it.
+            set_no_new_privs()?;
+            let restricted = restrict_writes(writable)?;
             seccomp::apply(ThreadKind::Process)?;
-        }
+            Some(restricted)
+        };
         PROCESS_FILTERED.store(true, Ordering::Relaxed);
-        Ok(Some(Self { cgroup }))
+        Ok(Some(Self { cgroup, landlock }))
+    }
+
+    /// How far the kernel enforces the file-system rules this process applied; `None`
+    /// when they are its parent's (inherited).
+    pub fn landlock(&self) -> Option<Restricted> {
+        self.landlock
     }
 
     /// Once the VM is built: drops every capability but those `needs` keeps.
@@ -192,6 +244,56 @@ impl Drop for Jail {
             c.remove(std::time::Duration::from_secs(2));
         }
     }
+}
+
+/// `writable` with what every VM process changes: forkvm's cgroups (where its fork
+/// children make theirs, where its own group is unless it is a container's, and
+/// `forkvm/exited`, which it joins on the way out), the lease directory and the devices.
+/// A container's group (the engine's `cgroupsPath`) and its siblings are not among them:
+/// the process joined it and set its limits before; the runtime's `delete` removes it.
+fn with_system_places(mut writable: Writable, cgroup: Option<&Cgroup>) -> Writable {
+    if cgroup.is_some() {
+        let forkvm = std::path::Path::new(cgroup::ROOT).join(cgroup::FORKVM_GROUP);
+        // Made now: once bound, the process could not make it on its way out.
+        if let Err(e) = std::fs::create_dir_all(forkvm.join("exited")) {
+            tracing::debug!("cannot make {}/exited: {e}", forkvm.display());
+        }
+        writable.dir(forkvm);
+    }
+    writable.dir(LEASE_ROOT);
+    for d in DEVICES {
+        writable.file(d);
+    }
+    writable
+}
+
+/// Sets `no_new_privs` (for good): nothing this process executes gains privileges.
+fn set_no_new_privs() -> Result<(), JailError> {
+    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS reads no memory.
+    match unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } {
+        0 => Ok(()),
+        _ => Err(JailError::NoNewPrivs(std::io::Error::last_os_error())),
+    }
+}
+
+/// Applies the file-system rules (see [`landlock`]).
+fn restrict_writes(writable: Writable) -> Result<Restricted, JailError> {
+    let restricted = landlock::restrict(&writable)?;
+    if restricted != Restricted::Not {
+        landlock::set_bound(writable);
+    }
+    match restricted {
+        Restricted::Fully => {}
+        Restricted::Partially => tracing::info!(
+            "this kernel's Landlock is older: the VM process's file-system rules hold in part"
+        ),
+        Restricted::Not => tracing::info!(
+            "this kernel has no Landlock: the VM process may write wherever uid {} may",
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            unsafe { libc::geteuid() }
+        ),
+    }
+    Ok(restricted)
 }
 
 /// What the kernel says of a process's confinement.

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use crate::ProcessIdentity;
 
 /// Where the leases of each bridge are kept.
-pub const LEASE_ROOT: &str = "/run/forkvm-network";
+pub const LEASE_ROOT: &str = forkvm_jail::LEASE_ROOT;
 
 /// A lease file that is still empty this long after it was made belongs to nobody (its
 /// maker died between creating and writing it).

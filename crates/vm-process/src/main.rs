@@ -91,7 +91,11 @@ impl Write for Tee {
 
 /// Where the console goes; the process's own messages follow the console log unless
 /// the VM is in the foreground.
-fn console(home: &VmHome, spec: &ConsoleSpec) -> Result<Box<dyn Write + Send>> {
+fn console(
+    home: &VmHome,
+    spec: &ConsoleSpec,
+    files: &mut Vec<File>,
+) -> Result<Box<dyn Write + Send>> {
     let log = home.console_writer()?;
     if *spec != ConsoleSpec::LogAndStdout {
         redirect_stderr(&log).context("cannot log to the console file")?;
@@ -102,23 +106,14 @@ fn console(home: &VmHome, spec: &ConsoleSpec) -> Result<Box<dyn Write + Send>> {
             out: std::io::stdout(),
             log: ConsoleLog::new(log),
         }),
-        ConsoleSpec::File(path) => {
-            let created = || -> std::io::Result<File> {
-                // Appending, as the console log: the bound cuts it in place.
-                let f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?;
-                // A file starts empty; /dev/null, a FIFO or a terminal are used as they are.
-                if f.metadata()?.is_file() {
-                    f.set_len(0)?;
-                }
-                Ok(f)
-            };
-            Box::new(ConsoleLog::new(created().with_context(|| {
-                format!("cannot create the console file {}", path.display())
-            })?))
-        }
+        // Opened by the launcher, sent last.
+        ConsoleSpec::File(path) => match files.pop() {
+            Some(f) => Box::new(ConsoleLog::new(f)),
+            None => bail!(
+                "the console file {} did not come with the launch",
+                path.display()
+            ),
+        },
     })
 }
 
@@ -210,7 +205,7 @@ impl std::fmt::Display for Steps {
 }
 
 fn run(mut launched: Launched) -> Result<i32> {
-    let files = std::mem::take(&mut launched.files);
+    let mut files = std::mem::take(&mut launched.files);
     let prepared = launched.prepared.take();
     let warm = prepared.is_some();
     let mut steps = Steps::new(launched.received);
@@ -223,16 +218,18 @@ fn run(mut launched: Launched) -> Result<i32> {
         }
         let h = home.insert(launched.register().context("cannot register the VM")?);
         steps.mark("register");
+        // The console first: a file it names may lie where the jail lets nothing be
+        // written.
+        let console = console(h, &launched.launch.console, &mut files)?;
+        steps.mark("console");
         // Before the VM is built: everything the guest can reach runs jailed.
         jail = launched.enter_jail(h)?;
         steps.mark("jail");
         let launch = &launched.launch;
-        let console = console(h, &launch.console)?;
         let homes = ChildHomes {
             root: h.root().to_owned(),
             parent: Some(h.id().to_owned()),
         };
-        steps.mark("console");
         let vmm = start(
             launch,
             launched.fork.as_ref(),

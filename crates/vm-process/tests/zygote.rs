@@ -45,6 +45,7 @@ fn warmup() -> Warmup {
         vcpus: 1,
         stage: None,
         jail: None,
+        writable: Default::default(),
     }
 }
 

@@ -15,7 +15,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use forkvm_registry::VmHome;
@@ -223,6 +223,17 @@ pub(crate) fn check_request(cfg: &VmConfig, req: &ForkRequest) -> Result<(), Con
             d.path.display()
         )));
     }
+    // A child is bound by its parent's file-system rules: the paths it makes lie where
+    // they let it write.
+    for (i, c) in req.children.iter().enumerate() {
+        let named = [("console", &c.console), ("vsock socket", &c.vsock_uds)];
+        for (what, path) in named {
+            if let Some(path) = path {
+                forkvm_jail::landlock::check_writable(&format!("child {i}'s {what}"), path)
+                    .map_err(ControlError::Invalid)?;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -326,9 +337,9 @@ impl Launching {
         for (i, identity) in identities.into_iter().enumerate() {
             let warm = match pool.and_then(ChildPool::take) {
                 Some(mut p) => {
-                    let blob = this.encode(i, &identity)?;
+                    let (blob, files) = this.encode(i, &identity)?;
                     let pid = p.pid();
-                    match p.send(&blob, &this.files) {
+                    match p.send(&blob, &files) {
                         Ok(()) => Some(p),
                         Err(e) => {
                             tracing::warn!(pid, "a warm fork process failed: {e}");
@@ -346,15 +357,36 @@ impl Launching {
         Ok(this)
     }
 
-    /// The launch of child `i` with `identity`.
-    fn encode(&mut self, i: usize, identity: &ChildIdentity) -> Result<Vec<u8>, ControlError> {
+    /// The launch of child `i` with `identity`, and the files to send with it: the
+    /// fork's, then the child's console file if it has one (opened here: the child's
+    /// jail may not let it create the file).
+    fn encode(
+        &mut self,
+        i: usize,
+        identity: &ChildIdentity,
+    ) -> Result<(Vec<u8>, Vec<File>), ControlError> {
         self.launch.start = Start::Restore(Box::new(identity.clone()));
+        let mut files = self
+            .files
+            .iter()
+            .map(File::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ControlError::Failed(format!("cannot pass the fork's files: {e}")))?;
         self.launch.console = match &self.consoles[i] {
-            Some(path) => ConsoleSpec::File(path.clone()),
+            Some(path) => {
+                files.push(open_console(path).map_err(|e| {
+                    ControlError::Failed(format!(
+                        "cannot create the console file {}: {e}",
+                        path.display()
+                    ))
+                })?);
+                ConsoleSpec::File(path.clone())
+            }
             None => ConsoleSpec::Log,
         };
-        crate::launch::encode(&self.launch)
-            .map_err(|e| ControlError::Failed(format!("cannot encode the fork payload: {e}")))
+        let blob = crate::launch::encode(&self.launch)
+            .map_err(|e| ControlError::Failed(format!("cannot encode the fork payload: {e}")))?;
+        Ok((blob, files))
     }
 
     /// Starts a new process for each child no warm process took, then waits until every
@@ -365,12 +397,11 @@ impl Launching {
             let exe = crate::launch::vmm_executable()
                 .map_err(|e| ControlError::Failed(format!("cannot start fork children: {e}")))?;
             for (i, identity) in std::mem::take(&mut self.rest) {
-                let blob = self.encode(i, &identity)?;
-                let child =
-                    VmProcess::spawn_encoded(&exe, &blob, &self.files, ProcessOptions::daemon())
-                        .map_err(|e| {
-                            ControlError::Failed(format!("cannot start fork child {i}: {e}"))
-                        })?;
+                let (blob, files) = self.encode(i, &identity)?;
+                let child = VmProcess::spawn_encoded(&exe, &blob, &files, ProcessOptions::daemon())
+                    .map_err(|e| {
+                        ControlError::Failed(format!("cannot start fork child {i}: {e}"))
+                    })?;
                 self.started.push((child, identity, false));
             }
         }
@@ -410,6 +441,20 @@ impl Launching {
             None => Ok(children),
         }
     }
+}
+
+/// Opens a fork child's console file at `path` as the child writes it: appending (a
+/// file over its bound is cut in place), made empty if it is a regular file (`/dev/null`,
+/// a FIFO or a terminal are used as they are).
+fn open_console(path: &Path) -> std::io::Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    if f.metadata()?.is_file() {
+        f.set_len(0)?;
+    }
+    Ok(f)
 }
 
 impl Vmm {

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use forkvm_jail::{Jail, JailSpec};
+use forkvm_jail::{Jail, JailSpec, Writable};
 use forkvm_registry::{ProcessIdentity, VmHome, VmState};
 use serde::{Deserialize, Serialize};
 
@@ -71,7 +71,9 @@ pub enum ConsoleSpec {
     /// The process's stdout and the VM's console log (a VM in the foreground); its
     /// messages stay on its stderr.
     LogAndStdout,
-    /// This file; the process's messages go to the console log.
+    /// The file at this path, which the launcher opened (a VM process may not be let
+    /// create it there) and sends as the last file of the launch; the process's
+    /// messages go to the console log.
     File(PathBuf),
 }
 
@@ -448,6 +450,32 @@ pub enum LaunchError {
 /// not jailed) or why it could not be entered.
 type WarmJail = (JailSpec, Result<Option<Jail>, forkvm_jail::JailError>);
 
+/// Where the VM process of a VM under the state root `root`, configured as `cfg` (when
+/// known), may change the file system (see `forkvm_jail::landlock`): the state root (its
+/// home, its fork children's, a template it saves), its writable disks and shares, and
+/// the directory of its vsock socket (its fork children bind theirs beside it). Its
+/// console is opened before.
+pub fn writable(root: &Path, cfg: Option<&VmConfig>) -> Writable {
+    let mut w = Writable::default();
+    w.dir(root);
+    let parent_of = |p: &Path| {
+        p.parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .map(Path::to_owned)
+    };
+    let Some(cfg) = cfg else { return w };
+    for d in cfg.disks.iter().filter(|d| !d.read_only) {
+        w.file(&d.path);
+    }
+    for s in cfg.shares.iter().filter(|s| !s.read_only) {
+        w.dir(&s.host_path);
+    }
+    if let Some(dir) = cfg.vsock.as_ref().and_then(|v| parent_of(&v.uds)) {
+        w.dir(dir);
+    }
+    w
+}
+
 /// A launch as the VM process received it, with the socket to report on.
 #[derive(Debug)]
 pub struct Launched {
@@ -536,8 +564,14 @@ impl Launched {
             Some((_, entered)) => entered.map_err(LaunchError::Jail),
             None => {
                 let ram = self.config().mem_mib << 20;
-                Jail::enter(&self.launch.jail, home.id(), guest_memory_budget(ram))
-                    .map_err(LaunchError::Jail)
+                let writable = writable(home.root(), Some(self.config()));
+                Jail::enter(
+                    &self.launch.jail,
+                    home.id(),
+                    guest_memory_budget(ram),
+                    writable,
+                )
+                .map_err(LaunchError::Jail)
             }
         }
     }
@@ -617,9 +651,16 @@ impl Launched {
                     });
                     // Jailed while it waits, in a cgroup named by the staged ID: off the
                     // fork's way. A jail it cannot enter fails its launch.
+                    // Its VM's configuration is not known yet: it may write where the
+                    // forking VM does.
                     if let (Some(spec), Some(s)) = (&w.jail, &staged) {
                         let budget = guest_memory_budget(s.staging.mem_mib << 20);
-                        warm_jail = Some((spec.clone(), Jail::enter(spec, &s.staging.id, budget)));
+                        let mut writable = writable(&s.staging.homes.root, None);
+                        writable.extend(&w.writable);
+                        warm_jail = Some((
+                            spec.clone(),
+                            Jail::enter(spec, &s.staging.id, budget, writable),
+                        ));
                     }
                     // Its seccomp filters built now, not on the fork's way (a zygote's
                     // processes have them already).

@@ -159,6 +159,7 @@ impl ChildPool {
         vcpus: u8,
         mem_mib: u64,
         homes: Option<ChildHomes>,
+        writable: forkvm_jail::Writable,
     ) -> std::io::Result<Self> {
         let exe = crate::launch::vmm_executable()?;
         let warmup = Warmup {
@@ -170,6 +171,7 @@ impl ChildPool {
             }),
             // Jailed as this process jails the VMs it starts, while they wait.
             jail: Some(forkvm_jail::JailSpec::inherited()),
+            writable,
         };
         Self::start(size, warmup, Maker::Zygote(exe))
     }
@@ -338,6 +340,7 @@ mod tests {
             vcpus: 1,
             stage: None,
             jail: None,
+            writable: Default::default(),
         }
     }
 
@@ -441,6 +444,7 @@ mod tests {
                 mem_mib: 64,
             }),
             jail: None,
+            writable: Default::default(),
         };
         let pool = ChildPool::start(2, warmup, Maker::Exec(waiter(dir.path()))).unwrap();
         wait_until("the pool to fill", || pool.pids().len() == 2);

@@ -126,6 +126,7 @@ impl Vmm {
     pub fn save_template(&mut self, dir: &Path) -> Result<TemplateInfo, ControlError> {
         let t0 = Instant::now();
         crate::fork::refuse_shares_in_templates(&self.cfg)?;
+        refuse_unwritable(dir)?;
         let fail = |e: TemplateError| ControlError::Failed(error_chain(&e));
         let key = TemplateKey::host_or_new()
             .map_err(TemplateError::from)
@@ -158,6 +159,70 @@ impl Vmm {
             pause_us: t0.elapsed().as_micros() as u64,
         })
     }
+}
+
+/// Refuses, by name, a template directory the VM process's jail does not let it write
+/// (the kernel would answer `EACCES` half-way).
+fn refuse_unwritable(dir: &Path) -> Result<(), ControlError> {
+    forkvm_jail::landlock::check_writable("template directory", dir).map_err(|e| {
+        ControlError::Invalid(format!(
+            "{e}; save the template there (`forkvm template save` saves into the VM's \
+             directory and moves the files)"
+        ))
+    })
+}
+
+/// Moves the template saved in `from` to `to` (made if needed; template files there are
+/// replaced), then removes `from` and whatever else it holds: each file is renamed where
+/// both lie on one file system, else copied keeping the memory file's holes. The state
+/// goes last, so that `to` never holds a new state without its memory.
+pub fn move_template(from: &Path, to: &Path) -> Result<(), TemplateError> {
+    std::fs::create_dir_all(to).map_err(io(to))?;
+    for name in [MEMORY_FILE, STATE_FILE] {
+        let (src, dst) = (from.join(name), to.join(name));
+        match std::fs::rename(&src, &dst) {
+            Ok(()) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
+            Err(e) => return Err(io(&dst)(e)),
+        }
+        let tmp = to.join(format!(".{name}.tmp"));
+        copy_sparse(&src, &tmp).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
+        let _ = std::fs::remove_file(&src);
+    }
+    std::fs::remove_dir_all(from).map_err(io(from))
+}
+
+/// Copies `src` to a new `dst` with its data only: the holes stay holes, the mode is
+/// kept.
+fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsRawFd;
+    let mut from = File::open(src)?;
+    let meta = from.metadata()?;
+    let _ = std::fs::remove_file(dst);
+    let mut to = File::create(dst)?;
+    to.set_len(meta.len())?;
+    let mut at = 0i64;
+    let len = meta.len() as i64;
+    while at < len {
+        // SAFETY: lseek on an open descriptor touches no memory.
+        let data = unsafe { libc::lseek(from.as_raw_fd(), at, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only a hole remains.
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(from.as_raw_fd(), data, libc::SEEK_HOLE) }.max(data);
+        from.seek(SeekFrom::Start(data as u64))?;
+        to.seek(SeekFrom::Start(data as u64))?;
+        std::io::copy(
+            &mut Read::by_ref(&mut from).take((hole - data) as u64),
+            &mut to,
+        )?;
+        at = hole;
+    }
+    to.sync_all()?;
+    std::fs::set_permissions(dst, meta.permissions())
 }
 
 /// Writes memory and state; returns (guest memory bytes, bytes actually stored).
@@ -232,6 +297,9 @@ fn write_nonzero_pages(file: &File, bytes: &[u8], offset: u64) -> std::io::Resul
 /// How long a template fork waits for its warm processes: this, plus
 /// [`WARM_WAIT_EACH`] per child.
 const WARM_WAIT: Duration = Duration::from_secs(2);
+
+/// Where under the state root a template's children bind their vsock sockets.
+pub const VSOCK_DIR: &str = ".vsock";
 /// What each child adds to [`WARM_WAIT`].
 const WARM_WAIT_EACH: Duration = Duration::from_millis(50);
 
@@ -260,7 +328,9 @@ impl Unverified {
     /// [`MAX_FORK_POOL`]: crate::pool::MAX_FORK_POOL
     pub fn warm_pool(&self, homes: &ChildHomes, count: u32) -> Option<ChildPool> {
         let (vcpus, mem_mib) = self.state.machine();
-        ChildPool::for_children(count, vcpus, mem_mib, Some(homes.clone()))
+        // Its children bind their sockets under the state root (see `fork`).
+        let writable = crate::launch::writable(&homes.root, None);
+        ChildPool::for_children(count, vcpus, mem_mib, Some(homes.clone()), writable)
             .inspect_err(|e| tracing::warn!("cannot start warm processes for the template: {e}"))
             .ok()
     }
@@ -368,8 +438,15 @@ impl Template {
         pool: Option<&ChildPool>,
     ) -> Result<ForkOutcome, TemplateError> {
         let t0 = Instant::now();
-        let cfg = self.state.snapshot.config.clone();
+        let mut cfg = self.state.snapshot.config.clone();
         check_request(&cfg, req)?;
+        // The children's vsock sockets (unless the request names them) go under the
+        // state root, where their jail lets them bind, not beside the saved VM's.
+        if let Some(v) = &mut cfg.vsock {
+            let dir = homes.root.join(VSOCK_DIR);
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            v.uds = dir.join(v.uds.file_name().unwrap_or("vsock".as_ref()));
+        }
         let mut seq = 0;
         let ids = identities(&cfg, req, &mut seq)?;
         let layout = MemoryLayout {
@@ -435,6 +512,35 @@ mod tests {
             .expect("the template must be refused");
         let msg = error_chain(&e);
         assert!(msg.contains(needle), "{msg}");
+    }
+
+    #[test]
+    fn a_moved_template_loads_and_a_copied_memory_file_keeps_its_holes() {
+        let (dir, key) = saved();
+        let to = tempfile::tempdir().unwrap();
+        // Template files already there are replaced.
+        std::fs::write(to.path().join(STATE_FILE), b"old").unwrap();
+        move_template(dir.path(), to.path()).unwrap();
+        assert!(!dir.path().exists(), "the staging directory stays");
+        let t = Template::load(to.path(), &key).unwrap();
+        let mut b = [0u8; 13];
+        t.memory.read_exact_at(&mut b, 0x3000).unwrap();
+        assert_eq!(&b, b"template page");
+        // Across file systems the memory file is copied: data where it had data, holes
+        // where it had holes, the same bytes and mode.
+        let mem = to.path().join(MEMORY_FILE);
+        let copy = to.path().join("copy");
+        copy_sparse(&mem, &copy).unwrap();
+        assert_eq!(std::fs::read(&mem).unwrap(), std::fs::read(&copy).unwrap());
+        let meta = std::fs::metadata(&copy).unwrap();
+        assert_eq!(meta.len(), 1 << 20);
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            meta.blocks() * 512 < 64 * 1024,
+            "{} bytes allocated for one page of data",
+            meta.blocks() * 512
+        );
+        assert_eq!(meta.mode() & 0o777, 0o444);
     }
 
     #[test]

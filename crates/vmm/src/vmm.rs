@@ -472,11 +472,18 @@ impl Vmm {
         if self.cfg.fork_pool == 0 {
             return;
         }
+        // Its children write where it does (their sockets lie beside its).
+        let writable = self
+            .child_homes
+            .as_ref()
+            .map(|h| crate::launch::writable(&h.root, Some(&self.cfg)))
+            .unwrap_or_default();
         let started = ChildPool::for_children(
             self.cfg.fork_pool,
             self.cfg.vcpus,
             self.cfg.mem_mib,
             self.child_homes.clone(),
+            writable,
         );
         match started {
             Ok(pool) => self.pool = Some(pool),

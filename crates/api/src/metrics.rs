@@ -155,6 +155,7 @@ mod tests {
             rss_bytes: 4096,
             private_bytes: 1024,
             fork_pool: vec![41, 42],
+            landlock: None,
         };
         let t = render(&info, &h);
         assert!(

@@ -84,6 +84,9 @@ pub struct VmDescription {
     /// Warm VM processes waiting to become its fork children.
     #[serde(default)]
     pub fork_pool: Vec<u32>,
+    /// The file-system rules its VM process is bound by (Landlock), if any.
+    #[serde(default)]
+    pub landlock: Option<forkvm_jail::landlock::Bound>,
 }
 
 /// The body of every error response.
@@ -574,6 +577,7 @@ async fn describe(shared: &Arc<Shared>) -> Result<VmDescription, Reply> {
         rss_bytes: info.rss_bytes,
         private_bytes: info.private_bytes,
         fork_pool: info.fork_pool,
+        landlock: info.landlock,
     })
 }
 

@@ -52,6 +52,10 @@ pub struct VmInfo {
     /// Process IDs of the warm VM processes waiting to become this VM's fork children.
     #[serde(default)]
     pub fork_pool: Vec<u32>,
+    /// The file-system rules the VM process is bound by (Landlock); none when it is not
+    /// jailed or the kernel has no Landlock.
+    #[serde(default)]
+    pub landlock: Option<forkvm_jail::landlock::Bound>,
 }
 
 /// Per-child settings of a fork.

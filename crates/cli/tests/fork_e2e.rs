@@ -545,6 +545,20 @@ fn assert_jailed(root: &Path, vm: &str) -> PathBuf {
     );
     let pids_max = forkvm_jail::cgroup::DEFAULT_PIDS_MAX.to_string();
     assert_eq!(jail["pids_max"], pids_max, "{vm}: {jail}");
+    // Bound by file-system rules: its own (a booted VM; "partially" on a kernel whose
+    // Landlock has no truncate right, as this virtual host's 6.1) or its parent's.
+    let rules = &info["landlock"];
+    let enforced = rules["enforced"].as_str().unwrap_or_default();
+    match info["parent"].is_null() {
+        true => assert!(matches!(enforced, "fully" | "partially"), "{vm}: {rules}"),
+        false => assert_eq!(enforced, "inherited", "{vm}: {rules}"),
+    }
+    assert!(
+        rules["dirs"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d == "/sys/fs/cgroup/forkvm")),
+        "{vm}: {rules}"
+    );
     let pid = info["pid"].as_u64().unwrap() as u32;
     let threads = forkvm_test_support::thread_confinement(pid, "");
     assert!(threads.len() > 2, "{vm}: {threads:?}");

@@ -48,7 +48,8 @@ pub enum Restricted {
     /// The kernel's Landlock is older: some rights (truncation, renames across
     /// directories) are not enforced.
     Partially,
-    /// The kernel has no Landlock (not built in, or not enabled at boot).
+    /// The kernel has no Landlock (not built in, or not enabled at boot), or only its
+    /// first version (Linux 5.13-5.18), which forkvm's renames cannot live with.
     Not,
 }
 
@@ -109,26 +110,55 @@ fn resolved(path: &Path) -> PathBuf {
     }
 }
 
-/// Whether this kernel has Landlock (its ABI version, asked as landlock(7) says).
-pub fn supported() -> bool {
+/// This kernel's Landlock ABI version (asked as landlock(7) says); 0 without Landlock.
+pub fn kernel_abi() -> i64 {
     // SAFETY: LANDLOCK_CREATE_RULESET_VERSION with no attributes reads nothing.
-    unsafe {
+    let v = unsafe {
         libc::syscall(
             libc::SYS_landlock_create_ruleset,
             std::ptr::null::<u8>(),
             0usize,
             1u32,
-        ) >= 1
-    }
+        )
+    };
+    v.max(0)
+}
+
+/// The oldest ABI the rules are applied with: ABI 1 refuses every rename or link
+/// across directories, even within the places allowed, and forkvm makes such renames
+/// (a warm process's staged home becomes the VM's; a saved template's files move).
+const OLDEST: i64 = 2;
+
+/// How the rules a process is bound by hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Enforced {
+    /// Its own, every right enforced.
+    Fully,
+    /// Its own, on a kernel whose Landlock is older (see [`Restricted::Partially`]).
+    Partially,
+    /// The rules of the VM process that started it (a fork child), which it inherits.
+    Inherited,
+}
+
+/// The file-system rules a process is bound by: what `forkvm inspect` shows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bound {
+    /// How they hold.
+    pub enforced: Enforced,
+    /// Where it may change the file system (for inherited rules: what its own would
+    /// have been; its parent's cover at least that).
+    #[serde(flatten)]
+    pub writable: Writable,
 }
 
 /// The rules this process is bound by, once it is (see [`bound`]).
-static BOUND: OnceLock<Writable> = OnceLock::new();
+static BOUND: OnceLock<Bound> = OnceLock::new();
 
-/// Where this process may change the file system, if it is bound by rules (its own or,
-/// in a fork child, its parent's): what a request naming a path is checked against, to
-/// refuse by name what the kernel would refuse with `EACCES`.
-pub fn bound() -> Option<&'static Writable> {
+/// The rules this process is bound by (its own or, in a fork child, its parent's), if
+/// any: what a request naming a path is checked against, to refuse by name what the
+/// kernel would refuse with `EACCES`.
+pub fn bound() -> Option<&'static Bound> {
     BOUND.get()
 }
 
@@ -136,7 +166,7 @@ pub fn bound() -> Option<&'static Writable> {
 /// a message naming the places it may, when its rules do not let it (the kernel would
 /// answer `EACCES`, naming nothing).
 pub fn check_writable(what: &str, path: &Path) -> Result<(), String> {
-    match bound() {
+    match bound().map(|b| &b.writable) {
         Some(w) if !w.allows(path) => {
             let places: Vec<String> = w.dirs.iter().map(|d| d.display().to_string()).collect();
             Err(format!(
@@ -150,8 +180,8 @@ pub fn check_writable(what: &str, path: &Path) -> Result<(), String> {
 }
 
 /// Records the rules this process is bound by (the first ones: rules only narrow).
-pub fn set_bound(writable: Writable) {
-    let _ = BOUND.set(writable);
+pub fn set_bound(enforced: Enforced, writable: Writable) {
+    let _ = BOUND.set(Bound { enforced, writable });
 }
 
 /// The rights a rule on a directory grants: every write-side right the target ABI knows.
@@ -175,6 +205,9 @@ pub fn restrict(writable: &Writable) -> Result<Restricted, LandlockError> {
     match threads() {
         1 => {}
         n => return Err(LandlockError::Threads(n)),
+    }
+    if kernel_abi() < OLDEST {
+        return Ok(Restricted::Not);
     }
     let all = handled();
     let file_rights = all & (AccessFs::WriteFile | AccessFs::Truncate);
@@ -227,7 +260,7 @@ mod tests {
 
     #[test]
     fn writes_land_only_where_the_rules_allow() {
-        if !supported() {
+        if kernel_abi() < OLDEST {
             eprintln!("this kernel has no Landlock: nothing to check here");
             return;
         }

@@ -203,7 +203,7 @@ impl Jail {
             seccomp::mark(ThreadKind::Process);
             // Bound by its parent's rules, which cover at least what its own would.
             if spec.writes_bound {
-                landlock::set_bound(writable);
+                landlock::set_bound(landlock::Enforced::Inherited, writable);
             }
             None
         } else {
@@ -279,8 +279,10 @@ fn set_no_new_privs() -> Result<(), JailError> {
 /// Applies the file-system rules (see [`landlock`]).
 fn restrict_writes(writable: Writable) -> Result<Restricted, JailError> {
     let restricted = landlock::restrict(&writable)?;
-    if restricted != Restricted::Not {
-        landlock::set_bound(writable);
+    match restricted {
+        Restricted::Fully => landlock::set_bound(landlock::Enforced::Fully, writable),
+        Restricted::Partially => landlock::set_bound(landlock::Enforced::Partially, writable),
+        Restricted::Not => {}
     }
     match restricted {
         Restricted::Fully => {}
@@ -288,7 +290,9 @@ fn restrict_writes(writable: Writable) -> Result<Restricted, JailError> {
             "this kernel's Landlock is older: the VM process's file-system rules hold in part"
         ),
         Restricted::Not => tracing::info!(
-            "this kernel has no Landlock: the VM process may write wherever uid {} may",
+            "this kernel has no Landlock (ABI {}; forkvm needs 2, Linux 5.19): the VM process \
+             may write wherever uid {} may",
+            landlock::kernel_abi(),
             // SAFETY: geteuid has no preconditions and cannot fail.
             unsafe { libc::geteuid() }
         ),

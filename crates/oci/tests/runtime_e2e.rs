@@ -584,6 +584,17 @@ fn body() {
     assert_eq!(jail.pids_max.as_deref(), Some("300"), "{jail:?}");
     let c2_group = Path::new(forkvm_jail::cgroup::ROOT).join("forkvm-e2e/c2");
     assert!(c2_group.is_dir());
+    // Bound by its own file-system rules: its VM's state root and forkvm's groups, not
+    // the engine's group around it.
+    let described = forkvm_api::Client::new(env.vm_homes()[0].join("api.sock"))
+        .info()
+        .unwrap();
+    let rules = described.landlock.expect("file-system rules");
+    assert_ne!(rules.enforced, forkvm_jail::landlock::Enforced::Inherited);
+    assert!(
+        rules.writable.allows(&env.vm_homes()[0].join("x")) && !rules.writable.allows(&c2_group),
+        "{rules:?}"
+    );
 
     let out = env.rt("c2-delete-running", &["delete", "c2"], None);
     assert_eq!(out.code, Some(1));

@@ -558,6 +558,7 @@ impl Vmm {
             exits: crate::vcpu::exit_counts(),
             rss_bytes,
             private_bytes,
+            landlock: forkvm_jail::landlock::bound().cloned(),
             fork_pool: self.pool.as_ref().map(ChildPool::pids).unwrap_or_default(),
         }
     }

@@ -39,6 +39,7 @@ impl Control for Fake {
                 rss_bytes: 1,
                 private_bytes: 1,
                 fork_pool: vec![7],
+                landlock: None,
             })),
             Request::Pause if *paused => Err(ControlError::Conflict("already paused".into())),
             Request::Pause => {

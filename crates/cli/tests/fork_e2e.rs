@@ -645,6 +645,25 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
             "the refused save made {}",
             outside.display()
         );
+        // So is a fork whose child's console would lie elsewhere: refused before any
+        // child starts.
+        let console_elsewhere = forkvm_api::wire::ForkRequest {
+            count: 1,
+            children: vec![forkvm_api::wire::ChildSpec {
+                console: Some(elsewhere.path().join("child.log")),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let err = forkvm_api::client::Client::new(&api)
+            .fork(&console_elsewhere)
+            .expect_err("a child's console outside the jail's places was made");
+        assert!(
+            err.to_string().contains("child 0's console")
+                && err.to_string().contains("jail lets it write only under"),
+            "{err}"
+        );
+        assert!(!elsewhere.path().join("child.log").exists());
         // The original VM goes away; only the files remain.
         forkvm_ok(&root, &["stop", "-t", "2", "base"]);
         forkvm_ok(&root, &["rm", "base"]);

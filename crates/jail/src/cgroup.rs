@@ -267,7 +267,7 @@ pub fn remove_when_empty(dir: &Path, wait: std::time::Duration) {
             std::io::ErrorKind::NotFound => return,
             // Not this process's to remove (a container's group, outside the places its
             // jail lets it change): whoever made it removes it (the runtime's `delete`).
-            std::io::ErrorKind::PermissionDenied => {
+            std::io::ErrorKind::PermissionDenied if crate::landlock::bound().is_some() => {
                 tracing::debug!("the cgroup {} is left to its owner: {e}", dir.display());
                 return;
             }

@@ -45,8 +45,8 @@ pub enum LandlockError {
 pub enum Restricted {
     /// Every right asked for is enforced.
     Fully,
-    /// The kernel's Landlock is older: some rights (truncation, renames across
-    /// directories) are not enforced.
+    /// The kernel's Landlock is older (ABI 2): truncating a file by its path is not
+    /// ruled.
     Partially,
     /// The kernel has no Landlock (not built in, or not enabled at boot), or only its
     /// first version (Linux 5.13-5.18), which forkvm's renames cannot live with.
@@ -60,6 +60,10 @@ pub struct Writable {
     pub dirs: Vec<PathBuf>,
     /// Files (or devices) it may open for writing and truncate.
     pub files: Vec<PathBuf>,
+    /// Directories beneath which it may only make Unix sockets (where a vsock socket
+    /// lies, and its fork children's beside it: often a shared one, such as `/tmp`).
+    #[serde(default)]
+    pub sockets: Vec<PathBuf>,
 }
 
 impl Writable {
@@ -75,19 +79,45 @@ impl Writable {
         self
     }
 
+    /// Adds the directory `dir` (beneath which Unix sockets may be made).
+    pub fn sockets(&mut self, dir: impl AsRef<Path>) -> &mut Self {
+        self.sockets.push(resolved(dir.as_ref()));
+        self
+    }
+
     /// Adds everything in `other`.
     pub fn extend(&mut self, other: &Writable) -> &mut Self {
         self.dirs.extend(other.dirs.iter().cloned());
         self.files.extend(other.files.iter().cloned());
+        self.sockets.extend(other.sockets.iter().cloned());
         self
     }
 
-    /// Whether `path` lies where the rules let the process write (as the kernel sees
-    /// it: links resolved, as far as the path exists).
+    /// Whether `path` lies where the rules let the process make or write a file (as the
+    /// kernel sees it: links resolved, as far as the path exists). A path that climbs
+    /// (`..`) is not taken: where it leads may not exist yet.
     pub fn allows(&self, path: &Path) -> bool {
+        if climbs(path) {
+            return false;
+        }
         let path = resolved(path);
         self.dirs.iter().any(|d| path.starts_with(d)) || self.files.contains(&path)
     }
+
+    /// Whether the rules let the process make a Unix socket at `path`.
+    pub fn allows_socket(&self, path: &Path) -> bool {
+        self.allows(path)
+            || (!climbs(path) && {
+                let path = resolved(path);
+                self.sockets.iter().any(|d| path.starts_with(d))
+            })
+    }
+}
+
+/// Whether `path` has a `..` component.
+fn climbs(path: &Path) -> bool {
+    path.components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
 }
 
 /// `path` made absolute, with links resolved in the part of it that exists (the rules
@@ -125,8 +155,8 @@ pub fn kernel_abi() -> i64 {
 }
 
 /// The oldest ABI the rules are applied with: ABI 1 refuses every rename or link
-/// across directories, even within the places allowed, and forkvm makes such renames
-/// (a warm process's staged home becomes the VM's; a saved template's files move).
+/// across directories, even within the places allowed, and a VM process makes such a
+/// rename (a warm process's staged home becomes the VM's).
 const OLDEST: i64 = 2;
 
 /// How the rules a process is bound by hold.
@@ -162,12 +192,21 @@ pub fn bound() -> Option<&'static Bound> {
     BOUND.get()
 }
 
-/// Checks that this process may change `path` (named `what` in the answer): `Err` with
-/// a message naming the places it may, when its rules do not let it (the kernel would
-/// answer `EACCES`, naming nothing).
+/// Checks that this process may make or write a file at `path` (named `what` in the
+/// answer): `Err` with a message naming the places it may, when its rules do not let it
+/// (the kernel would answer `EACCES`, naming nothing).
 pub fn check_writable(what: &str, path: &Path) -> Result<(), String> {
+    check(what, path, Writable::allows)
+}
+
+/// As [`check_writable`], for a Unix socket to be made at `path`.
+pub fn check_socket(what: &str, path: &Path) -> Result<(), String> {
+    check(what, path, Writable::allows_socket)
+}
+
+fn check(what: &str, path: &Path, allows: fn(&Writable, &Path) -> bool) -> Result<(), String> {
     match bound().map(|b| &b.writable) {
-        Some(w) if !w.allows(path) => {
+        Some(w) if !allows(w, path) => {
             let places: Vec<String> = w.dirs.iter().map(|d| d.display().to_string()).collect();
             Err(format!(
                 "{what} {}: the VM process's jail lets it write only under {}",
@@ -200,14 +239,16 @@ fn threads() -> usize {
 
 /// Binds this process (its one thread) and everything it starts to `writable`: the file
 /// system changes only there. Paths that do not exist are left out (they cannot be made
-/// later). Needs `no_new_privs` (or `CAP_SYS_ADMIN`).
-pub fn restrict(writable: &Writable) -> Result<Restricted, LandlockError> {
+/// later), and said; the places the rules hold for are returned. Needs `no_new_privs`
+/// (or `CAP_SYS_ADMIN`).
+pub fn restrict(writable: &Writable) -> Result<(Restricted, Writable), LandlockError> {
     match threads() {
         1 => {}
         n => return Err(LandlockError::Threads(n)),
     }
+    let mut applied = Writable::default();
     if kernel_abi() < OLDEST {
-        return Ok(Restricted::Not);
+        return Ok((Restricted::Not, applied));
     }
     let all = handled();
     let file_rights = all & (AccessFs::WriteFile | AccessFs::Truncate);
@@ -215,23 +256,35 @@ pub fn restrict(writable: &Writable) -> Result<Restricted, LandlockError> {
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(all)?
         .create()?;
-    let rules = writable
-        .dirs
-        .iter()
-        .map(|d| (d, all))
-        .chain(writable.files.iter().map(|f| (f, file_rights)));
-    for (path, rights) in rules {
-        match PathFd::new(path) {
-            Ok(fd) => ruleset = ruleset.add_rule(PathBeneath::new(fd, rights))?,
-            Err(e) => tracing::debug!("landlock: {} left out: {e}", path.display()),
+    type Kind = fn(&mut Writable) -> &mut Vec<PathBuf>;
+    let kinds: [(&Vec<PathBuf>, BitFlags<AccessFs>, Kind); 3] = [
+        (&writable.dirs, all, |w| &mut w.dirs),
+        (&writable.files, file_rights, |w| &mut w.files),
+        (&writable.sockets, all & AccessFs::MakeSock, |w| {
+            &mut w.sockets
+        }),
+    ];
+    for (paths, rights, kind) in kinds {
+        for path in paths {
+            match PathFd::new(path) {
+                Ok(fd) => {
+                    ruleset = ruleset.add_rule(PathBeneath::new(fd, rights))?;
+                    kind(&mut applied).push(path.clone());
+                }
+                Err(e) => tracing::warn!(
+                    "the VM process may not write in {}: it is not there ({e})",
+                    path.display()
+                ),
+            }
         }
     }
     let RestrictionStatus { ruleset, .. } = ruleset.restrict_self()?;
-    Ok(match ruleset {
+    let how = match ruleset {
         RulesetStatus::FullyEnforced => Restricted::Fully,
         RulesetStatus::PartiallyEnforced => Restricted::Partially,
         RulesetStatus::NotEnforced => Restricted::Not,
-    })
+    };
+    Ok((how, applied))
 }
 
 #[cfg(test)]
@@ -272,12 +325,16 @@ mod tests {
         let file = outside.join("disk.img");
         std::fs::write(&file, b"old").unwrap();
         std::fs::write(outside.join("victim"), b"keep").unwrap();
+        let sockets = dir.path().join("sockets");
+        std::fs::create_dir(&sockets).unwrap();
+        std::fs::write(sockets.join("other"), b"keep").unwrap();
         let code = in_child(|| {
             // SAFETY: sets a flag of this (child) process.
             unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
             let mut w = Writable::default();
             w.dir(&inside).file(&file).dir(dir.path().join("missing"));
-            if restrict(&w).unwrap() == Restricted::Not {
+            w.sockets(&sockets);
+            if restrict(&w).unwrap().0 == Restricted::Not {
                 return 2;
             }
             let denied = |r: std::io::Result<()>| matches!(r, Err(e) if e.raw_os_error() == Some(libc::EACCES));
@@ -293,6 +350,11 @@ mod tests {
                 denied(std::fs::remove_file(outside.join("victim"))),
                 denied(UnixListener::bind(outside.join("sock")).map(drop)),
                 denied(std::fs::rename(&file, inside.join("moved"))),
+                // Where only sockets may be made: a socket, no file, no removal.
+                UnixListener::bind(sockets.join("vm.sock")).is_ok(),
+                denied(std::fs::write(sockets.join("file"), b"x")),
+                denied(std::fs::remove_file(sockets.join("other"))),
+                denied(std::fs::write(sockets.join("other"), b"x")),
                 // Reading stays open.
                 std::fs::read(outside.join("victim")).is_ok(),
             ];
@@ -334,6 +396,13 @@ mod tests {
         assert!(w.allows(&dir.path().join("link/abc")));
         assert!(!w.allows(&dir.path().join("root-other/x")));
         assert!(!w.allows(&root.join("../x")));
+        assert!(!w.allows(&root.join("missing/../../x")));
+        let socks = dir.path().join("socks");
+        w.sockets(&socks);
+        assert!(w.allows_socket(&socks.join("vm.sock")));
+        assert!(!w.allows(&socks.join("vm.sock")));
+        assert!(!w.allows_socket(&dir.path().join("elsewhere/vm.sock")));
+        assert!(w.allows_socket(&root.join("vm.sock")));
         assert!(w.allows(Path::new("/dev/null")));
         assert!(!w.allows(Path::new("/dev/nullx")));
     }

@@ -7,8 +7,10 @@
 //! - sets `no_new_privs` and installs the process's seccomp allow-list on every thread
 //!   ([`seccomp`], [`ThreadKind::Process`]); whatever the process starts inherits it;
 //! - binds it to the places it may change ([`landlock`]): its state root, its cgroups,
-//!   its disks, shares and sockets, the devices it opens; the rest of the file system
-//!   becomes read-only to it and to whatever it starts.
+//!   its disks, shares and sockets, the devices it opens; elsewhere it and whatever it
+//!   starts can no longer create, write, truncate, rename or remove files (Landlock does
+//!   not rule a file's mode or times: a uid-0 process may still change those of the
+//!   files it owns, see `docs/security.md`).
 //!
 //! Then [`Jail::set_up`], once the VM is built, drops every capability but those later
 //! work needs ([`caps`]). vCPU and API threads, started while the VM is built, confine
@@ -206,6 +208,11 @@ impl Jail {
                 landlock::set_bound(landlock::Enforced::Inherited, writable);
             }
             None
+        } else if PROCESS_FILTERED.load(Ordering::Relaxed) {
+            // Entered before (a warm process whose jail did not fit its launch): bound by
+            // the rules it applied then, and its filter has no Landlock calls.
+            seccomp::apply(ThreadKind::Process)?;
+            None
         } else {
             // The rules before the filter (which has no Landlock calls); `no_new_privs`
             // before both, as Landlock needs it.
@@ -260,6 +267,10 @@ fn with_system_places(mut writable: Writable, cgroup: Option<&Cgroup>) -> Writab
         }
         writable.dir(forkvm);
     }
+    // Made now, as `forkvm/exited`: a fork child takes its lease there.
+    if let Err(e) = std::fs::create_dir_all(LEASE_ROOT) {
+        tracing::debug!("cannot make {LEASE_ROOT}: {e}");
+    }
     writable.dir(LEASE_ROOT);
     for d in DEVICES {
         writable.file(d);
@@ -278,10 +289,10 @@ fn set_no_new_privs() -> Result<(), JailError> {
 
 /// Applies the file-system rules (see [`landlock`]).
 fn restrict_writes(writable: Writable) -> Result<Restricted, JailError> {
-    let restricted = landlock::restrict(&writable)?;
+    let (restricted, applied) = landlock::restrict(&writable)?;
     match restricted {
-        Restricted::Fully => landlock::set_bound(landlock::Enforced::Fully, writable),
-        Restricted::Partially => landlock::set_bound(landlock::Enforced::Partially, writable),
+        Restricted::Fully => landlock::set_bound(landlock::Enforced::Fully, applied),
+        Restricted::Partially => landlock::set_bound(landlock::Enforced::Partially, applied),
         Restricted::Not => {}
     }
     match restricted {

@@ -86,6 +86,12 @@ impl ConsoleLog {
             .open(format!("/proc/self/fd/{fd}"))
             .inspect_err(|e| tracing::debug!("the console log will not be cut: {e}"))
             .ok();
+        Self::with_cutter(file, cutter, max, keep)
+    }
+
+    /// Bounds `file`, open for appending, cut through `cutter`, the same file open for
+    /// reading and writing (by a launcher, where this process may not open it).
+    pub fn with_cutter(file: File, cutter: Option<File>, max: u64, keep: u64) -> Self {
         Self {
             file,
             cutter,

@@ -106,10 +106,15 @@ fn console(
             out: std::io::stdout(),
             log: ConsoleLog::new(log),
         }),
-        // Opened by the launcher, sent last.
-        ConsoleSpec::File(path) => match files.pop() {
-            Some(f) => Box::new(ConsoleLog::new(f)),
-            None => bail!(
+        // Opened by the launcher, sent last: appending, then for cutting.
+        ConsoleSpec::File(path) => match (files.pop(), files.pop()) {
+            (Some(cutter), Some(f)) => Box::new(ConsoleLog::with_cutter(
+                f,
+                Some(cutter),
+                forkvm_registry::console::MAX_LOG,
+                forkvm_registry::console::KEEP_LOG,
+            )),
+            _ => bail!(
                 "the console file {} did not come with the launch",
                 path.display()
             ),

@@ -226,12 +226,13 @@ pub(crate) fn check_request(cfg: &VmConfig, req: &ForkRequest) -> Result<(), Con
     // A child is bound by its parent's file-system rules: the paths it makes lie where
     // they let it write.
     for (i, c) in req.children.iter().enumerate() {
-        let named = [("console", &c.console), ("vsock socket", &c.vsock_uds)];
-        for (what, path) in named {
-            if let Some(path) = path {
-                forkvm_jail::landlock::check_writable(&format!("child {i}'s {what}"), path)
-                    .map_err(ControlError::Invalid)?;
-            }
+        if let Some(path) = &c.console {
+            forkvm_jail::landlock::check_writable(&format!("child {i}'s console"), path)
+                .map_err(ControlError::Invalid)?;
+        }
+        if let Some(path) = &c.vsock_uds {
+            forkvm_jail::landlock::check_socket(&format!("child {i}'s vsock socket"), path)
+                .map_err(ControlError::Invalid)?;
         }
     }
     Ok(())
@@ -337,9 +338,9 @@ impl Launching {
         for (i, identity) in identities.into_iter().enumerate() {
             let warm = match pool.and_then(ChildPool::take) {
                 Some(mut p) => {
-                    let (blob, files) = this.encode(i, &identity)?;
+                    let (blob, console) = this.encode(i, &identity)?;
                     let pid = p.pid();
-                    match p.send(&blob, &files) {
+                    match with_console(&mut this.files, console, |f| p.send(&blob, f)) {
                         Ok(()) => Some(p),
                         Err(e) => {
                             tracing::warn!(pid, "a warm fork process failed: {e}");
@@ -357,36 +358,31 @@ impl Launching {
         Ok(this)
     }
 
-    /// The launch of child `i` with `identity`, and the files to send with it: the
-    /// fork's, then the child's console file if it has one (opened here: the child's
-    /// jail may not let it create the file).
+    /// The launch of child `i` with `identity`, and its console file if it has one
+    /// (opened here: the child's jail may not let it create or reopen the file), to be
+    /// sent last (see [`with_console`]).
     fn encode(
         &mut self,
         i: usize,
         identity: &ChildIdentity,
-    ) -> Result<(Vec<u8>, Vec<File>), ControlError> {
+    ) -> Result<(Vec<u8>, Option<[File; 2]>), ControlError> {
         self.launch.start = Start::Restore(Box::new(identity.clone()));
-        let mut files = self
-            .files
-            .iter()
-            .map(File::try_clone)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ControlError::Failed(format!("cannot pass the fork's files: {e}")))?;
-        self.launch.console = match &self.consoles[i] {
+        let (console, spec) = match &self.consoles[i] {
             Some(path) => {
-                files.push(open_console(path).map_err(|e| {
+                let file = open_console(path).map_err(|e| {
                     ControlError::Failed(format!(
                         "cannot create the console file {}: {e}",
                         path.display()
                     ))
-                })?);
-                ConsoleSpec::File(path.clone())
+                })?;
+                (Some(file), ConsoleSpec::File(path.clone()))
             }
-            None => ConsoleSpec::Log,
+            None => (None, ConsoleSpec::Log),
         };
+        self.launch.console = spec;
         let blob = crate::launch::encode(&self.launch)
             .map_err(|e| ControlError::Failed(format!("cannot encode the fork payload: {e}")))?;
-        Ok((blob, files))
+        Ok((blob, console))
     }
 
     /// Starts a new process for each child no warm process took, then waits until every
@@ -397,11 +393,11 @@ impl Launching {
             let exe = crate::launch::vmm_executable()
                 .map_err(|e| ControlError::Failed(format!("cannot start fork children: {e}")))?;
             for (i, identity) in std::mem::take(&mut self.rest) {
-                let (blob, files) = self.encode(i, &identity)?;
-                let child = VmProcess::spawn_encoded(&exe, &blob, &files, ProcessOptions::daemon())
-                    .map_err(|e| {
-                        ControlError::Failed(format!("cannot start fork child {i}: {e}"))
-                    })?;
+                let (blob, console) = self.encode(i, &identity)?;
+                let child = with_console(&mut self.files, console, |f| {
+                    VmProcess::spawn_encoded(&exe, &blob, f, ProcessOptions::daemon())
+                })
+                .map_err(|e| ControlError::Failed(format!("cannot start fork child {i}: {e}")))?;
                 self.started.push((child, identity, false));
             }
         }
@@ -443,18 +439,37 @@ impl Launching {
     }
 }
 
-/// Opens a fork child's console file at `path` as the child writes it: appending (a
-/// file over its bound is cut in place), made empty if it is a regular file (`/dev/null`,
-/// a FIFO or a terminal are used as they are).
-fn open_console(path: &Path) -> std::io::Result<File> {
+/// Runs `send` with the fork's `files` and, last, a child's `console` file (what its
+/// VM process takes for a [`ConsoleSpec::File`]); the fork's files stay as they were.
+fn with_console<R>(
+    files: &mut Vec<File>,
+    console: Option<[File; 2]>,
+    send: impl FnOnce(&[File]) -> R,
+) -> R {
+    let n = files.len();
+    files.extend(console.into_iter().flatten());
+    let sent = send(files);
+    files.truncate(n);
+    sent
+}
+
+/// Opens a fork child's console file at `path` as the child writes it: appending, and
+/// again for reading and writing (a file over its bound is cut in place through that
+/// one); made empty if it is a regular file (`/dev/null`, a FIFO or a terminal are used
+/// as they are).
+fn open_console(path: &Path) -> std::io::Result<[File; 2]> {
     let f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)?;
+    let cutter = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
     if f.metadata()?.is_file() {
         f.set_len(0)?;
     }
-    Ok(f)
+    Ok([f, cutter])
 }
 
 impl Vmm {

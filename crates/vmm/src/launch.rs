@@ -72,8 +72,9 @@ pub enum ConsoleSpec {
     /// messages stay on its stderr.
     LogAndStdout,
     /// The file at this path, which the launcher opened (a VM process may not be let
-    /// create it there) and sends as the last file of the launch; the process's
-    /// messages go to the console log.
+    /// create it there) and sends as the last two files of the launch (open for
+    /// appending, then for reading and writing, to cut it); the process's messages go to
+    /// the console log.
     File(PathBuf),
 }
 
@@ -120,7 +121,7 @@ pub(crate) enum Message<'a> {
 /// A message on the launch socket, as the VM process reads it.
 #[derive(Deserialize)]
 enum Received {
-    Warmup(Warmup),
+    Warmup(Box<Warmup>),
     Launch(Box<Launch>),
     Zygote,
 }
@@ -453,8 +454,9 @@ type WarmJail = (JailSpec, Result<Option<Jail>, forkvm_jail::JailError>);
 /// Where the VM process of a VM under the state root `root`, configured as `cfg` (when
 /// known), may change the file system (see `forkvm_jail::landlock`): the state root (its
 /// home, its fork children's, a template it saves), its writable disks and shares, and
-/// the directory of its vsock socket (its fork children bind theirs beside it). Its
-/// console is opened before.
+/// the directory of its vsock socket, for sockets only (its fork children bind theirs
+/// beside it; a stale one is removed before the rules apply). Its console is opened
+/// before.
 pub fn writable(root: &Path, cfg: Option<&VmConfig>) -> Writable {
     let mut w = Writable::default();
     w.dir(root);
@@ -470,8 +472,9 @@ pub fn writable(root: &Path, cfg: Option<&VmConfig>) -> Writable {
     for s in cfg.shares.iter().filter(|s| !s.read_only) {
         w.dir(&s.host_path);
     }
+    // Only sockets there: the directory is often a shared one (`/tmp`).
     if let Some(dir) = cfg.vsock.as_ref().and_then(|v| parent_of(&v.uds)) {
-        w.dir(dir);
+        w.sockets(dir);
     }
     w
 }
@@ -564,6 +567,18 @@ impl Launched {
             Some((_, entered)) => entered.map_err(LaunchError::Jail),
             None => {
                 let ram = self.config().mem_mib << 20;
+                // A socket left by a VM process that is gone: its directory will let the
+                // VM make a socket, not remove one.
+                if let Some(v) = self
+                    .config()
+                    .vsock
+                    .as_ref()
+                    .filter(|_| self.launch.jail.enabled)
+                {
+                    if let Err(e) = forkvm_devices::virtio::vsock::remove_stale_socket(&v.uds) {
+                        tracing::warn!("{}", forkvm_config::logging::error_chain(&e));
+                    }
+                }
                 let writable = writable(home.root(), Some(self.config()));
                 Jail::enter(
                     &self.launch.jail,

@@ -128,9 +128,21 @@ impl Vmm {
         crate::fork::refuse_shares_in_templates(&self.cfg)?;
         refuse_unwritable(dir)?;
         let fail = |e: TemplateError| ControlError::Failed(error_chain(&e));
-        let key = TemplateKey::host_or_new()
-            .map_err(TemplateError::from)
-            .map_err(fail)?;
+        // A VM process bound by file-system rules cannot make the host's key where it is
+        // kept: `forkvm template save` makes it first.
+        let key = match forkvm_jail::landlock::bound() {
+            Some(_) => TemplateKey::host().map_err(|e| match e {
+                key::KeyError::Missing(path) => ControlError::Invalid(format!(
+                    "there is no template key at {} and the VM process's jail cannot make \
+                     one: `forkvm template save` makes it",
+                    path.display()
+                )),
+                e => fail(e.into()),
+            })?,
+            None => TemplateKey::host_or_new()
+                .map_err(TemplateError::from)
+                .map_err(fail)?,
+        };
         std::fs::create_dir_all(dir)
             .map_err(io(dir))
             .map_err(fail)?;
@@ -186,7 +198,10 @@ pub fn move_template(from: &Path, to: &Path) -> Result<(), TemplateError> {
             Err(e) => return Err(io(&dst)(e)),
         }
         let tmp = to.join(format!(".{name}.tmp"));
-        copy_sparse(&src, &tmp).map_err(io(&tmp))?;
+        copy_sparse(&src, &tmp).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(&tmp)(e)
+        })?;
         std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
         let _ = std::fs::remove_file(&src);
     }
@@ -209,10 +224,20 @@ fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
         // SAFETY: lseek on an open descriptor touches no memory.
         let data = unsafe { libc::lseek(from.as_raw_fd(), at, libc::SEEK_DATA) };
         if data < 0 {
-            break; // ENXIO: only a hole remains.
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ENXIO) => break, // Only a hole remains.
+                _ => return Err(e),
+            }
         }
         // SAFETY: as above.
-        let hole = unsafe { libc::lseek(from.as_raw_fd(), data, libc::SEEK_HOLE) }.max(data);
+        let hole = unsafe { libc::lseek(from.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole <= data {
+            return Err(match hole {
+                h if h < 0 => std::io::Error::last_os_error(),
+                _ => std::io::Error::other("the file's data has no end"),
+            });
+        }
         from.seek(SeekFrom::Start(data as u64))?;
         to.seek(SeekFrom::Start(data as u64))?;
         std::io::copy(

@@ -29,7 +29,8 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
             }
             // The VM process's jail lets it write only under its state root: it saves
             // into its own directory, and this command moves the files to DIR.
-            let staging = home.dir().join(format!(".template-{}", std::process::id()));
+            let staging =
+                std::path::absolute(home.dir())?.join(format!(".template-{}", std::process::id()));
             let failed = || format!("cannot save VM {} as a template", home.id());
             let info = client
                 .with_timeout(std::time::Duration::from_secs(600))

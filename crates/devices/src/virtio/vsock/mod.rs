@@ -49,7 +49,7 @@ use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
@@ -164,20 +164,27 @@ fn check_cid(cid: u64) -> Result<(), VsockError> {
     Ok(())
 }
 
+/// Removes a socket file left at `path` by a VM process that is gone, so that a new one
+/// can be bound there; anything but a socket is left alone (the bind then fails).
+pub fn remove_stale_socket(path: &Path) -> Result<(), VsockError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|source| VsockError::RemoveStale {
+                path: path.to_owned(),
+                source,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 impl Vsock {
     /// Builds the device and starts listening on `config.uds` (a stale socket file
     /// there is replaced). Host clients wait in the listen backlog until the driver is up.
     pub fn new(config: VsockConfig) -> Result<Self, VsockError> {
         check_cid(config.cid)?;
         let path = config.uds;
-        if let Ok(meta) = std::fs::symlink_metadata(&path) {
-            if meta.file_type().is_socket() {
-                std::fs::remove_file(&path).map_err(|source| VsockError::RemoveStale {
-                    path: path.clone(),
-                    source,
-                })?;
-            }
-        }
+        remove_stale_socket(&path)?;
         let listener = UnixListener::bind(&path).map_err(|source| VsockError::Bind {
             path: path.clone(),
             source,

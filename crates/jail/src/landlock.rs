@@ -207,11 +207,21 @@ pub fn check_socket(what: &str, path: &Path) -> Result<(), String> {
 fn check(what: &str, path: &Path, allows: fn(&Writable, &Path) -> bool) -> Result<(), String> {
     match bound().map(|b| &b.writable) {
         Some(w) if !allows(w, path) => {
-            let places: Vec<String> = w.dirs.iter().map(|d| d.display().to_string()).collect();
+            let list = |paths: &[PathBuf]| {
+                paths
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let sockets = match w.sockets.is_empty() {
+                true => String::new(),
+                false => format!(" (and make sockets under {})", list(&w.sockets)),
+            };
             Err(format!(
-                "{what} {}: the VM process's jail lets it write only under {}",
+                "{what} {}: the VM process's jail lets it write only under {}{sockets}",
                 path.display(),
-                places.join(", ")
+                list(&w.dirs),
             ))
         }
         _ => Ok(()),

@@ -209,9 +209,9 @@ impl Jail {
             }
             None
         } else if PROCESS_FILTERED.load(Ordering::Relaxed) {
-            // Entered before (a warm process whose jail did not fit its launch): bound by
-            // the rules it applied then, and its filter has no Landlock calls.
-            seccomp::apply(ThreadKind::Process)?;
+            // Entered before (a warm process whose jail did not fit its launch): its
+            // filter and the rules it applied then hold (the filter has no Landlock calls).
+            seccomp::mark(ThreadKind::Process);
             None
         } else {
             // The rules before the filter (which has no Landlock calls); `no_new_privs`

@@ -231,8 +231,17 @@ pub(crate) fn check_request(cfg: &VmConfig, req: &ForkRequest) -> Result<(), Con
                 .map_err(ControlError::Invalid)?;
         }
         if let Some(path) = &c.vsock_uds {
-            forkvm_jail::landlock::check_socket(&format!("child {i}'s vsock socket"), path)
-                .map_err(ControlError::Invalid)?;
+            let what = format!("child {i}'s vsock socket");
+            forkvm_jail::landlock::check_socket(&what, path).map_err(ControlError::Invalid)?;
+            // Where only sockets may be made, a file already there cannot be replaced.
+            let bound = forkvm_jail::landlock::bound();
+            if bound.is_some_and(|b| !b.writable.allows(path)) && path.symlink_metadata().is_ok() {
+                return Err(ControlError::Invalid(format!(
+                    "{what} {}: a file is there already, which the VM process's jail does not \
+                     let it replace; remove it or name another",
+                    path.display()
+                )));
+            }
         }
     }
     Ok(())
@@ -458,17 +467,22 @@ fn with_console<R>(
 /// one); made empty if it is a regular file (`/dev/null`, a FIFO or a terminal are used
 /// as they are).
 fn open_console(path: &Path) -> std::io::Result<[File; 2]> {
+    use std::os::fd::AsRawFd;
     let f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)?;
+    if !f.metadata()?.is_file() {
+        // Never cut (its length stays 0); a second reader would keep a FIFO open.
+        let same = f.try_clone()?;
+        return Ok([f, same]);
+    }
+    f.set_len(0)?;
+    // The file just opened, not whatever the path names by now.
     let cutter = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(path)?;
-    if f.metadata()?.is_file() {
-        f.set_len(0)?;
-    }
+        .open(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
     Ok([f, cutter])
 }
 

@@ -569,12 +569,10 @@ impl Launched {
                 let ram = self.config().mem_mib << 20;
                 // A socket left by a VM process that is gone: its directory will let the
                 // VM make a socket, not remove one.
-                if let Some(v) = self
-                    .config()
-                    .vsock
-                    .as_ref()
-                    .filter(|_| self.launch.jail.enabled)
-                {
+                // (A boot's only: a fork child's socket is new, and its identity is
+                // checked against its parent's later.)
+                let boot = self.fork.is_none() && self.launch.jail.enabled;
+                if let Some(v) = self.config().vsock.as_ref().filter(|_| boot) {
                     if let Err(e) = forkvm_devices::virtio::vsock::remove_stale_socket(&v.uds) {
                         tracing::warn!("{}", forkvm_config::logging::error_chain(&e));
                     }

@@ -130,16 +130,19 @@ impl Vmm {
         let fail = |e: TemplateError| ControlError::Failed(error_chain(&e));
         // A VM process bound by file-system rules cannot make the host's key where it is
         // kept: `forkvm template save` makes it first.
+        let key_path = TemplateKey::configured_path();
         let key = match forkvm_jail::landlock::bound() {
-            Some(_) => TemplateKey::host().map_err(|e| match e {
-                key::KeyError::Missing(path) => ControlError::Invalid(format!(
-                    "there is no template key at {} and the VM process's jail cannot make \
+            Some(b) if !b.writable.allows(&key_path) => {
+                TemplateKey::host().map_err(|e| match e {
+                    key::KeyError::Missing(path) => ControlError::Invalid(format!(
+                        "there is no template key at {} and the VM process's jail cannot make \
                      one: `forkvm template save` makes it",
-                    path.display()
-                )),
-                e => fail(e.into()),
-            })?,
-            None => TemplateKey::host_or_new()
+                        path.display()
+                    )),
+                    e => fail(e.into()),
+                })?
+            }
+            _ => TemplateKey::host_or_new()
                 .map_err(TemplateError::from)
                 .map_err(fail)?,
         };

@@ -126,6 +126,9 @@ pub enum VsockError {
         #[source]
         source: io::Error,
     },
+    /// Something listens on the socket path already (another VM's socket).
+    #[error("{}: another process listens there (another VM's vsock socket?)", .0.display())]
+    InUse(PathBuf),
     /// The device could not listen on `uds_path`.
     #[error("cannot listen on {path}")]
     Bind {
@@ -165,10 +168,14 @@ fn check_cid(cid: u64) -> Result<(), VsockError> {
 }
 
 /// Removes a socket file left at `path` by a VM process that is gone, so that a new one
-/// can be bound there; anything but a socket is left alone (the bind then fails).
+/// can be bound there; anything but a socket is left alone (the bind then fails), and so
+/// is a socket something still listens on (another VM's).
 pub fn remove_stale_socket(path: &Path) -> Result<(), VsockError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(VsockError::InUse(path.to_owned()));
+            }
             std::fs::remove_file(path).map_err(|source| VsockError::RemoveStale {
                 path: path.to_owned(),
                 source,

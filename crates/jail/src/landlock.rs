@@ -281,7 +281,10 @@ pub fn restrict(writable: &Writable) -> Result<(Restricted, Writable), LandlockE
                     ruleset = ruleset.add_rule(PathBeneath::new(fd, rights))?;
                     kind(&mut applied).push(path.clone());
                 }
-                Err(e) => tracing::warn!(
+                // Debug only: what the VM needs there (a disk, a share, its socket's
+                // directory) fails on its own with a clearer error; `inspect` shows
+                // the places the rules hold for.
+                Err(e) => tracing::debug!(
                     "the VM process may not write in {}: it is not there ({e})",
                     path.display()
                 ),

@@ -13,8 +13,9 @@ pub const AGENT_PORT: u32 = 1024;
 /// NIC's addresses and routes, and may name nameservers; 6: [`Request::Mount`]; 7:
 /// [`ProcessSpec`]'s capabilities, `no_new_privileges`, `oom_score_adj` and `umask`,
 /// [`Request::Container`]; 8: [`Request::Cgroup`], [`Request::Filesystems`], [`Request::Hooks`],
-/// [`DeviceNode::host_has`], [`Request::Container`]'s `domainname`).
-pub const PROTOCOL_VERSION: u32 = 8;
+/// [`DeviceNode::host_has`], [`Request::Container`]'s `domainname`; 9: [`FsMount`]s of
+/// type `file`, and a root shared by virtio-fs, `forkvm.rootfstype=virtiofs`).
+pub const PROTOCOL_VERSION: u32 = 9;
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
 /// `PATH` used for the executable search when [`ProcessSpec::env`] has none.
@@ -213,8 +214,9 @@ pub const MAX_FILESYSTEMS: usize = 256;
 pub struct FsMount {
     /// Where it goes in the container (absolute; missing directories are created).
     pub destination: String,
-    /// One of [`FS_TYPES`], or `virtiofs` for a volume (the source is the tag of the
-    /// VMM's share; `ro` makes it read-only).
+    /// One of [`FS_TYPES`], `virtiofs` for a volume (the source is the tag of the
+    /// VMM's share; `ro` makes it read-only), or `file` for a host file bound in (the
+    /// source is `TAG/NAME`: the file `NAME` of the VMM's share `TAG`). Since version 9.
     #[serde(rename = "type")]
     pub fs_type: String,
     /// The source the mount table shows (`proc`, `tmpfs`, `shm`, ...).

@@ -23,7 +23,7 @@ use crate::server::{self, Agent, AgentConfig, Mode};
 pub const MODULES_FILE: &str = "/etc/forkvm/modules";
 /// Prefix of the line printed once the agent can be reached (the boot benchmark greps it).
 pub const READY_PREFIX: &str = "forkvm-init: ready uptime=";
-/// How long boot waits for the rootfs block device to appear.
+/// How long boot waits for the rootfs block device (or share) to appear.
 const DEVICE_WAIT: Duration = Duration::from_secs(5);
 /// `finit_module` flag: the kernel decompresses the module itself.
 const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
@@ -51,9 +51,10 @@ pub enum InitError {
 pub struct BootConfig {
     /// `forkvm.hostname=NAME`.
     pub hostname: Option<String>,
-    /// `forkvm.rootfs=/dev/vdX`: the container's root filesystem.
+    /// `forkvm.rootfs=/dev/vdX`: the container's root filesystem (with `virtiofs`, the
+    /// tag of the VMM's share).
     pub rootfs: Option<String>,
-    /// `forkvm.rootfstype=TYPE` (default `ext4`).
+    /// `forkvm.rootfstype=TYPE` (default `ext4`; `virtiofs` for a shared directory).
     pub rootfstype: String,
 }
 
@@ -217,9 +218,38 @@ fn load_module(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Mounts `device` read-only under an overlay with a tmpfs upper at [`ROOTFS`], with
-/// `/proc`, `/sys` and the container's `/dev` ([`container_dev`]) inside.
-fn assemble_rootfs(device: &str, fstype: &str) -> Result<(), InitError> {
+/// Mounts the container's root at [`ROOTFS`], with `/proc`, `/sys` and the container's
+/// `/dev` ([`container_dev`]) inside: for `virtiofs`, the VMM's share tagged `source`
+/// itself (writes reach the host's directory, as a runc container's reach its bundle);
+/// else the block device `source` read-only under an overlay with a tmpfs upper.
+fn assemble_rootfs(source: &str, fstype: &str) -> Result<(), InitError> {
+    if fstype == "virtiofs" {
+        // The tag is known once the driver probed the device (EINVAL until then).
+        let start = Instant::now();
+        while let Err(e) = mount(source, ROOTFS, "virtiofs", 0, "") {
+            if start.elapsed() > DEVICE_WAIT {
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    } else {
+        overlay_root(source, fstype)?;
+    }
+    let root = Path::new(ROOTFS);
+    mount_in(root, "proc", "/proc", "proc", NOSUID | NODEV | NOEXEC, "")?;
+    mount_in(
+        root,
+        "sysfs",
+        "/sys",
+        "sysfs",
+        NOSUID | NODEV | NOEXEC | libc::MS_RDONLY,
+        "",
+    )?;
+    container_dev(root)
+}
+
+/// Mounts `device` read-only under an overlay with a tmpfs upper at [`ROOTFS`].
+fn overlay_root(device: &str, fstype: &str) -> Result<(), InitError> {
     let start = Instant::now();
     while !Path::new(device).exists() {
         if start.elapsed() > DEVICE_WAIT {
@@ -244,18 +274,7 @@ fn assemble_rootfs(device: &str, fstype: &str) -> Result<(), InitError> {
         "overlay",
         0,
         &format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work"),
-    )?;
-    let root = Path::new(ROOTFS);
-    mount_in(root, "proc", "/proc", "proc", NOSUID | NODEV | NOEXEC, "")?;
-    mount_in(
-        root,
-        "sysfs",
-        "/sys",
-        "sysfs",
-        NOSUID | NODEV | NOEXEC | libc::MS_RDONLY,
-        "",
-    )?;
-    container_dev(root)
+    )
 }
 
 /// The directory `target` (absolute, as the container sees it) names inside `root`,
@@ -418,11 +437,15 @@ fn boot() -> Result<Infallible, InitError> {
         }
     }
     let root = match &cfg.rootfs {
-        Some(device) => {
-            assemble_rootfs(device, &cfg.rootfstype)?;
-            let name = cfg.hostname.clone().unwrap_or_else(identity::hostname);
-            if let Err(e) = identity::write_hostname_files(Path::new(ROOTFS), &name) {
-                console(&format!("forkvm-agent: {ROOTFS}/etc: {e}"));
+        Some(source) => {
+            assemble_rootfs(source, &cfg.rootfstype)?;
+            // A shared root is the host's directory: its files are the engine's to
+            // write, as on a runc host (the engine binds its own `/etc/hosts`).
+            if cfg.rootfstype != "virtiofs" {
+                let name = cfg.hostname.clone().unwrap_or_else(identity::hostname);
+                if let Err(e) = identity::write_hostname_files(Path::new(ROOTFS), &name) {
+                    console(&format!("forkvm-agent: {ROOTFS}/etc: {e}"));
+                }
             }
             PathBuf::from(ROOTFS)
         }

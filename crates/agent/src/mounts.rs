@@ -21,6 +21,8 @@ use std::path::Path;
 
 use forkvm_agent_proto::{FsMount, FS_TYPES, MAX_FILESYSTEMS};
 
+use crate::layout::FILE_SHARES;
+
 /// `mount(2)`; `None` passes a null pointer.
 pub fn mount(
     source: Option<&CStr>,
@@ -162,6 +164,98 @@ pub fn parse_options(options: &[String]) -> Result<Options, String> {
     Ok(o)
 }
 
+/// Binds file `NAME` of the VMM's share `TAG` (the entry's source, `TAG/NAME`) at the
+/// entry's destination: a host file the container binds, copied by the runtime into a
+/// directory it shares read-only. The share is mounted once, outside the container's
+/// root (under [`FILE_SHARES`]); a missing destination is made as an empty file (its
+/// directories too), as runc makes it.
+fn bind_file(
+    root: &OwnedFd,
+    m: &FsMount,
+    o: &Options,
+    shares: &mut FileShares,
+) -> Result<(), String> {
+    use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+    let (tag, name) = m
+        .source
+        .split_once('/')
+        .filter(|(t, n)| !t.is_empty() && t.len() <= 36 && !matches!(*n, "" | "." | ".."))
+        .filter(|(_, n)| !n.contains('/'))
+        .ok_or("the source is not TAG/NAME")?;
+    let share = shares.base.join(tag);
+    if !shares.mounted.contains(tag) {
+        std::fs::create_dir_all(&share)
+            .map_err(|e| format!("cannot make {}: {e}", share.display()))?;
+        let share_c = c(&share.to_string_lossy(), "share path")?;
+        let tag_c = c(tag, "tag")?;
+        mount(
+            Some(&tag_c),
+            &share_c,
+            Some(c"virtiofs"),
+            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            None,
+        )
+        .map_err(|e| format!("cannot mount the share {tag:?}: {e}"))?;
+        shares.mounted.insert(tag.to_owned());
+    }
+    let copy = share.join(name);
+    if !copy.is_file() {
+        return Err(format!("the share {tag:?} has no file {name:?}"));
+    }
+    let open = || {
+        openat2(
+            root,
+            m.destination.trim_start_matches('/'),
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+        )
+    };
+    let target = match open() {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => {
+            let dest = Path::new(&m.destination);
+            let (Some(parent), Some(file)) = (dest.parent(), dest.file_name()) else {
+                return Err("the destination names no file".into());
+            };
+            let dir = crate::shares::resolve_dir(root, &parent.to_string_lossy())?;
+            rustix::fs::openat(
+                &dir,
+                file,
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o644),
+            )
+            .map_err(|e| format!("cannot make the file: {e}"))?;
+            open().map_err(|e| format!("cannot open the file made: {e}"))?
+        }
+        Err(e) => return Err(format!("cannot open the destination: {e}")),
+    };
+    if rustix::fs::fstat(&target)
+        .map_err(|e| e.to_string())?
+        .st_mode
+        & libc::S_IFMT
+        == libc::S_IFDIR
+    {
+        return Err("the destination is a directory, not a file".into());
+    }
+    let copy_c = c(&copy.to_string_lossy(), "copy path")?;
+    mount(Some(&copy_c), &fd_path(&target), None, libc::MS_BIND, None)
+        .map_err(|e| format!("bind: {e}"))?;
+    if o.flags != 0 {
+        // A bind takes its flags from a remount of itself.
+        let now = open().map_err(|e| format!("cannot open the bound file: {e}"))?;
+        mount(
+            None,
+            &fd_path(&now),
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | o.flags,
+            None,
+        )
+        .map_err(|e| format!("remount: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Most entries `tmpcopyup` copies into one tmpfs.
 const MAX_COPY_UP: usize = 100_000;
 
@@ -199,6 +293,36 @@ fn copy_up(from: &Path, to: &Path, budget: &mut usize) -> std::io::Result<()> {
 /// Mounts `mounts` in `root`, in order (see the module documentation); the first
 /// failure stops it, naming the mount. Every entry is checked before anything changes.
 pub fn apply(root: &Path, mounts: &[FsMount], guest_pts: &Path) -> Result<(), String> {
+    apply_in(
+        root,
+        mounts,
+        guest_pts,
+        &mut FileShares::at(Path::new(FILE_SHARES)),
+    )
+}
+
+/// Where the shares of `file` entries are mounted, and which are.
+struct FileShares {
+    base: std::path::PathBuf,
+    mounted: std::collections::HashSet<String>,
+}
+
+impl FileShares {
+    fn at(base: &Path) -> FileShares {
+        FileShares {
+            base: base.to_owned(),
+            mounted: Default::default(),
+        }
+    }
+}
+
+/// [`apply`], with the shares of `file` entries under `shares`.
+fn apply_in(
+    root: &Path,
+    mounts: &[FsMount],
+    guest_pts: &Path,
+    shares: &mut FileShares,
+) -> Result<(), String> {
     if mounts.len() > MAX_FILESYSTEMS {
         return Err(format!(
             "{} mounts, at most {MAX_FILESYSTEMS}",
@@ -211,7 +335,9 @@ pub fn apply(root: &Path, mounts: &[FsMount], guest_pts: &Path) -> Result<(), St
         if !m.destination.starts_with('/') {
             return Err(named(m, "the destination is not absolute".into()));
         }
-        if !FS_TYPES.contains(&m.fs_type.as_str()) && m.fs_type != "virtiofs" {
+        if !FS_TYPES.contains(&m.fs_type.as_str())
+            && !matches!(m.fs_type.as_str(), "virtiofs" | "file")
+        {
             return Err(named(
                 m,
                 format!("not a type the guest mounts ({})", FS_TYPES.join(", ")),
@@ -238,6 +364,10 @@ pub fn apply(root: &Path, mounts: &[FsMount], guest_pts: &Path) -> Result<(), St
     }
     let mut dev_tmpfs = false;
     for (m, o, (source, data)) in parsed {
+        if m.fs_type == "file" {
+            bind_file(&root_fd, m, &o, shares).map_err(|e| named(m, e))?;
+            continue;
+        }
         let dir = crate::shares::resolve_dir(&root_fd, &m.destination).map_err(|e| named(m, e))?;
         if same_file(&dir, &root_fd) {
             // An image's `/proc -> /`: a mount there would cover the whole root.
@@ -486,6 +616,76 @@ mod tests {
             );
             // The root was neither detached nor covered.
             assert!(root.join("marker").exists());
+        });
+    }
+
+    #[test]
+    fn bound_files_are_the_shared_copies_at_their_destinations() {
+        crate::container::tests::in_own_mounts(|root| {
+            // The share of copies, as the guest would have mounted it.
+            let base = tempfile::tempdir().unwrap();
+            let copies = base.path().join("forkvm-files");
+            std::fs::create_dir(&copies).unwrap();
+            std::fs::write(copies.join("0"), "hosts copy").unwrap();
+            std::fs::write(copies.join("1"), "resolv copy").unwrap();
+            std::fs::write(copies.join("2"), "new file").unwrap();
+            let mut shares = FileShares::at(base.path());
+            shares.mounted.insert("forkvm-files".into());
+            // The image's /etc/hosts, and a resolv.conf that is a link (Ubuntu's).
+            std::fs::create_dir_all(root.join("etc")).unwrap();
+            std::fs::create_dir_all(root.join("run/resolve")).unwrap();
+            std::fs::write(root.join("etc/hosts"), "image's").unwrap();
+            std::fs::write(root.join("run/resolve/stub.conf"), "image's").unwrap();
+            std::os::unix::fs::symlink("/run/resolve/stub.conf", root.join("etc/resolv.conf"))
+                .unwrap();
+            let f = |dest: &str, src: &str, options: &[&str]| FsMount {
+                destination: dest.into(),
+                fs_type: "file".into(),
+                source: src.into(),
+                options: options.iter().map(|s| s.to_string()).collect(),
+            };
+            let mounts = [
+                f("/etc/hosts", "forkvm-files/0", &[]),
+                f("/etc/resolv.conf", "forkvm-files/1", &["ro"]),
+                f("/run/.containerenv", "forkvm-files/2", &[]),
+            ];
+            apply_in(root, &mounts, Path::new("/dev/pts"), &mut shares).unwrap();
+            let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+            assert_eq!(read("etc/hosts"), "hosts copy");
+            // The link was followed inside the root: its target is bound.
+            assert_eq!(read("run/resolve/stub.conf"), "resolv copy");
+            assert!(crate::container::is_read_only(
+                &root.join("run/resolve/stub.conf")
+            ));
+            assert!(!crate::container::is_read_only(&root.join("etc/hosts")));
+            assert_eq!(read("run/.containerenv"), "new file");
+            // Unmounted, the image's files are as they were: nothing was written in.
+            for p in ["etc/hosts", "run/resolve/stub.conf", "run/.containerenv"] {
+                let c = CString::new(root.join(p).to_str().unwrap()).unwrap();
+                // SAFETY: a NUL-terminated path that outlives the call.
+                assert_eq!(unsafe { libc::umount2(c.as_ptr(), 0) }, 0, "{p}");
+            }
+            assert_eq!(read("etc/hosts"), "image's");
+            assert_eq!(read("run/resolve/stub.conf"), "image's");
+            assert_eq!(
+                read("run/.containerenv"),
+                "",
+                "made empty, as runc makes it"
+            );
+
+            // What cannot be bound: refused, naming the mount and why.
+            let mut err =
+                |m: FsMount| apply_in(root, &[m], Path::new("/dev/pts"), &mut shares).unwrap_err();
+            let e = err(f("/etc", "forkvm-files/0", &[]));
+            assert!(
+                e.contains("mount /etc (file): the destination is a directory"),
+                "{e}"
+            );
+            let e = err(f("/x", "forkvm-files/../../etc/passwd", &[]));
+            assert!(e.contains("the source is not TAG/NAME"), "{e}");
+            let e = err(f("/x", "forkvm-files/9", &[]));
+            assert!(e.contains("has no file \"9\""), "{e}");
+            assert!(!root.join("x").exists(), "nothing made for a refused entry");
         });
     }
 

@@ -8,6 +8,11 @@
 //! reaches the host filesystem, whatever the guest's mount options say: opens for
 //! writing or truncating, creation, removal, renames, links, attribute and extended
 //! attribute changes, writes and allocation.
+//!
+//! Every share is `nodev` on the host side: the guest cannot make a block or character
+//! device node in it (`EPERM`), and opening one that is there fails (`EACCES`). A
+//! hostile guest that could make `b 8:0` in a share and open it through the server
+//! would read and write the host's disk with the VMM's rights.
 
 use std::ffi::CStr;
 use std::io;
@@ -47,6 +52,15 @@ impl Share {
         match self.read_only {
             true => Err(io::Error::from_raw_os_error(libc::EROFS)),
             false => Ok(()),
+        }
+    }
+
+    /// `EACCES` when `inode` is a block or character device (a `nodev` mount's answer).
+    fn not_a_device(&self, ctx: &Context, inode: u64) -> io::Result<()> {
+        let (st, _) = self.fs.getattr(ctx, inode, None)?;
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFBLK | libc::S_IFCHR => Err(io::Error::from_raw_os_error(libc::EACCES)),
+            _ => Ok(()),
         }
     }
 
@@ -134,6 +148,9 @@ impl FileSystem for Share {
         umask: u32,
     ) -> io::Result<Entry> {
         self.writable()?;
+        if matches!(mode & libc::S_IFMT, libc::S_IFBLK | libc::S_IFCHR) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         self.fs.mknod(ctx, parent, name, mode, rdev, umask)
     }
 
@@ -185,6 +202,7 @@ impl FileSystem for Share {
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         self.check_open(flags)?;
+        self.not_a_device(ctx, inode)?;
         self.fs.open(ctx, inode, flags, fuse_flags)
     }
 

@@ -6,7 +6,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use event_manager::{EventManager, SubscriberId, SubscriberOps};
 use fuse_backend_rs::abi::fuse_abi::{
-    Attr, CreateIn, EntryOut, InHeader, InitIn, InitOut, MkdirIn, Opcode, OpenIn, OpenOut,
+    Attr, CreateIn, EntryOut, InHeader, InitIn, InitOut, MkdirIn, MknodIn, Opcode, OpenIn, OpenOut,
     OutHeader, ReadIn, WriteIn,
 };
 use vm_memory::{ByteValued, Bytes, GuestAddress};
@@ -354,6 +354,52 @@ fn read_only_share_refuses_every_change_on_the_host() {
         .collect();
     assert_eq!(names, ["keep"]);
     assert_eq!(std::fs::read(dir.path().join("keep")).unwrap(), b"original");
+}
+
+#[test]
+fn a_share_is_nodev_no_device_node_made_or_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    // A device node the host put there (the host's null device).
+    let null = std::ffi::CString::new(dir.path().join("null").to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path that outlives the call.
+    let made = unsafe { libc::mknod(null.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+    assert_eq!(made, 0, "{}", std::io::Error::last_os_error());
+    let mut g = Guest::mount(share(dir.path(), false));
+    let mknod = |g: &mut Guest, name: &str, mode: u32, rdev: u32| {
+        let args = MknodIn {
+            mode,
+            rdev,
+            umask: 0,
+            padding: 0,
+        };
+        let mut body = args.as_slice().to_vec();
+        body.extend_from_slice(&cstr(name));
+        g.call(Opcode::Mknod, ROOT, &body).error
+    };
+    // The host's disk, as a guest would ask for it: refused, nothing made.
+    let sda = libc::makedev(8, 0) as u32;
+    assert_eq!(
+        mknod(&mut g, "sda", libc::S_IFBLK | 0o600, sda),
+        -libc::EPERM
+    );
+    assert_eq!(
+        mknod(
+            &mut g,
+            "mem",
+            libc::S_IFCHR | 0o600,
+            libc::makedev(1, 1) as u32
+        ),
+        -libc::EPERM
+    );
+    assert!(!dir.path().join("sda").exists() && !dir.path().join("mem").exists());
+    // A FIFO is not a device.
+    assert_eq!(mknod(&mut g, "fifo", libc::S_IFIFO | 0o600, 0), 0);
+    assert!(dir.path().join("fifo").exists());
+    // The node that is there is listed, and not opened.
+    let node: EntryOut = g.lookup(ROOT, "null").ok();
+    assert_eq!(node.attr.mode & libc::S_IFMT, libc::S_IFCHR);
+    assert_eq!(g.open(node.nodeid, libc::O_RDONLY).error, -libc::EACCES);
+    assert_eq!(g.open(node.nodeid, libc::O_RDWR).error, -libc::EACCES);
 }
 
 #[test]

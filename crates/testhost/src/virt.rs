@@ -138,13 +138,18 @@ off
 "#;
 
 /// `/bin/heartbeat FILE`: writes the time into FILE every @EVERY@ seconds, and the
-/// uptime on the console every sixth time (so a stalled run's log shows whether the
-/// kernel still ran when the file stopped changing).
+/// uptime, load and free memory on the console every sixth time (so a stalled run's
+/// log shows whether the kernel still ran when the file stopped changing, and whether
+/// it ran out of memory or CPU).
 const HEARTBEAT: &str = r#"#!/bin/sh
 i=0
 while :; do
     date +%s > "$1"
-    [ $((i % 6)) -eq 0 ] && echo "forkvm-init: heartbeat uptime $(cut -d' ' -f1 /proc/uptime)" > /dev/console
+    if [ $((i % 6)) -eq 0 ]; then
+        m=?
+        while read -r k v _; do [ "$k" = MemAvailable: ] && m=$v; done < /proc/meminfo
+        echo "forkvm-init: heartbeat uptime $(cut -d' ' -f1 /proc/uptime) load $(cut -d' ' -f1-3 /proc/loadavg) memavail_kib $m" > /dev/console
+    fi
     i=$((i + 1))
     sleep @EVERY@
 done

@@ -225,6 +225,13 @@ pub fn hosts_with(existing: &str, hostname: Option<&str>) -> String {
     out
 }
 
+/// Whether `root` is a filesystem the host serves (virtio-fs, a FUSE filesystem): a
+/// container root shared from the host's directory.
+pub fn is_host_served(root: &Path) -> bool {
+    const FUSE_SUPER_MAGIC: u32 = 0x6573_5546;
+    rustix::fs::statfs(root).is_ok_and(|st| st.f_type as u32 == FUSE_SUPER_MAGIC)
+}
+
 /// Writes `<root>/etc/hostname` and makes `<root>/etc/hosts` resolve it and `localhost`.
 /// Both are resolved inside the root as the container sees it (an image's `etc`
 /// symlink cannot point the write at the guest's own files) and replaced, never written

@@ -164,24 +164,35 @@ pub fn parse_options(options: &[String]) -> Result<Options, String> {
     Ok(o)
 }
 
-/// Binds file `NAME` of the VMM's share `TAG` (the entry's source, `TAG/NAME`) at the
+/// The share tag and file name of a `file` entry's source, `TAG/NAME`: each a plain
+/// name (no `/`, not `.` or `..`), the tag at most 36 bytes.
+fn file_source(source: &str) -> Result<(&str, &str), String> {
+    let plain = |n: &str| !matches!(n, "" | "." | "..") && !n.contains(['/', '\0']);
+    source
+        .split_once('/')
+        .filter(|(t, n)| plain(t) && plain(n) && t.len() <= 36)
+        .ok_or_else(|| "the source is not TAG/NAME".to_owned())
+}
+
+/// Binds a copy of file `NAME` of the VMM's share `TAG` (the entry's source) at the
 /// entry's destination: a host file the container binds, copied by the runtime into a
-/// directory it shares read-only. The share is mounted once, outside the container's
-/// root (under [`FILE_SHARES`]); a missing destination is made as an empty file (its
-/// directories too), as runc makes it.
+/// directory it shares read-only. The share is mounted once, read-only, outside the
+/// container's root (under [`FILE_SHARES`]); the file is copied again, with its mode
+/// and owner, into the guest's memory beside it, so that the container may write it
+/// (as a runc container writes the engine's file, though here the engine's is not
+/// changed). A destination that is a link is followed inside the root; a missing one is
+/// made as an empty file (its directories too), where a dangling link points if it is
+/// one, as runc makes it.
 fn bind_file(
     root: &OwnedFd,
     m: &FsMount,
     o: &Options,
     shares: &mut FileShares,
 ) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+
     use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
-    let (tag, name) = m
-        .source
-        .split_once('/')
-        .filter(|(t, n)| !t.is_empty() && t.len() <= 36 && !matches!(*n, "" | "." | ".."))
-        .filter(|(_, n)| !n.contains('/'))
-        .ok_or("the source is not TAG/NAME")?;
+    let (tag, name) = file_source(&m.source)?;
     let share = shares.base.join(tag);
     if !shares.mounted.contains(tag) {
         std::fs::create_dir_all(&share)
@@ -198,35 +209,33 @@ fn bind_file(
         .map_err(|e| format!("cannot mount the share {tag:?}: {e}"))?;
         shares.mounted.insert(tag.to_owned());
     }
-    let copy = share.join(name);
-    if !copy.is_file() {
-        return Err(format!("the share {tag:?} has no file {name:?}"));
-    }
-    let open = || {
+    let shared = share.join(name);
+    let meta = std::fs::symlink_metadata(&shared)
+        .ok()
+        .filter(|m| m.is_file())
+        .ok_or_else(|| format!("the share {tag:?} has no file {name:?}"))?;
+    // The container's own copy, in the guest's memory.
+    let copies = shares.base.join(format!(".{tag}"));
+    std::fs::create_dir_all(&copies)
+        .map_err(|e| format!("cannot make {}: {e}", copies.display()))?;
+    let copy = copies.join(name);
+    std::fs::copy(&shared, &copy)
+        .and_then(|_| std::os::unix::fs::chown(&copy, Some(meta.uid()), Some(meta.gid())))
+        .map_err(|e| format!("cannot copy {}: {e}", shared.display()))?;
+    let open = |path: &str| {
         openat2(
             root,
-            m.destination.trim_start_matches('/'),
+            path.trim_start_matches('/'),
             OFlags::PATH | OFlags::CLOEXEC,
             Mode::empty(),
             ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
         )
     };
-    let target = match open() {
+    let target = match open(&m.destination) {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => {
-            let dest = Path::new(&m.destination);
-            let (Some(parent), Some(file)) = (dest.parent(), dest.file_name()) else {
-                return Err("the destination names no file".into());
-            };
-            let dir = crate::shares::resolve_dir(root, &parent.to_string_lossy())?;
-            rustix::fs::openat(
-                &dir,
-                file,
-                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o644),
-            )
-            .map_err(|e| format!("cannot make the file: {e}"))?;
-            open().map_err(|e| format!("cannot open the file made: {e}"))?
+            make_file(root, &m.destination)?;
+            open(&m.destination).map_err(|e| format!("cannot open the file made: {e}"))?
         }
         Err(e) => return Err(format!("cannot open the destination: {e}")),
     };
@@ -243,7 +252,7 @@ fn bind_file(
         .map_err(|e| format!("bind: {e}"))?;
     if o.flags != 0 {
         // A bind takes its flags from a remount of itself.
-        let now = open().map_err(|e| format!("cannot open the bound file: {e}"))?;
+        let now = open(&m.destination).map_err(|e| format!("cannot open the bound file: {e}"))?;
         mount(
             None,
             &fd_path(&now),
@@ -254,6 +263,54 @@ fn bind_file(
         .map_err(|e| format!("remount: {e}"))?;
     }
     Ok(())
+}
+
+/// Makes the missing file `dest` (absolute, in `root`) empty, mode 0644, its
+/// directories too; where `dest` is a dangling link, the file it points to (one link
+/// followed, inside the root).
+fn make_file(root: &OwnedFd, dest: &str) -> Result<(), String> {
+    use rustix::fs::{Mode, OFlags};
+    let create = |dest: &str| {
+        let path = Path::new(dest);
+        let (Some(parent), Some(file)) = (path.parent(), path.file_name()) else {
+            return Err(rustix::io::Errno::INVAL);
+        };
+        let dir = crate::shares::resolve_dir(root, &parent.to_string_lossy())
+            .map_err(|_| rustix::io::Errno::NOENT)?;
+        rustix::fs::openat(
+            &dir,
+            file,
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )
+        .map(drop)
+    };
+    match create(dest) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::EXIST) => {
+            // A dangling link: make what it points to.
+            let path = Path::new(dest);
+            let parent = path.parent().unwrap_or(Path::new("/"));
+            let dir = crate::shares::resolve_dir(root, &parent.to_string_lossy())?;
+            let file = path.file_name().unwrap_or_default();
+            let target = rustix::fs::readlinkat(&dir, file, Vec::new())
+                .map_err(|e| format!("cannot make the file: {e}"))?;
+            let target = Path::new(
+                <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(target.as_bytes()),
+            );
+            let absolute = match target.is_absolute() {
+                true => target.to_owned(),
+                false => parent.join(target),
+            };
+            create(&absolute.to_string_lossy()).map_err(|e| {
+                format!(
+                    "cannot make {} (the link's target): {e}",
+                    absolute.display()
+                )
+            })
+        }
+        Err(e) => Err(format!("cannot make the file: {e}")),
+    }
 }
 
 /// Most entries `tmpcopyup` copies into one tmpfs.
@@ -308,10 +365,20 @@ struct FileShares {
 }
 
 impl FileShares {
+    /// The shares under `base`, those mounted there already (by an earlier request)
+    /// known as such.
     fn at(base: &Path) -> FileShares {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mounted = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .filter_map(|p| Path::new(p).strip_prefix(base).ok())
+            .filter_map(|tag| tag.to_str().filter(|t| !t.is_empty() && !t.contains('/')))
+            .map(str::to_owned)
+            .collect();
         FileShares {
             base: base.to_owned(),
-            mounted: Default::default(),
+            mounted,
         }
     }
 }
@@ -342,6 +409,9 @@ fn apply_in(
                 m,
                 format!("not a type the guest mounts ({})", FS_TYPES.join(", ")),
             ));
+        }
+        if m.fs_type == "file" {
+            file_source(&m.source).map_err(|e| named(m, e))?;
         }
         let o = parse_options(&m.options).map_err(|e| named(m, e))?;
         let cstrs = (
@@ -622,22 +692,31 @@ mod tests {
     #[test]
     fn bound_files_are_the_shared_copies_at_their_destinations() {
         crate::container::tests::in_own_mounts(|root| {
-            // The share of copies, as the guest would have mounted it.
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            // The share of copies, as the guest mounts it: read-only, noexec.
             let base = tempfile::tempdir().unwrap();
             let copies = base.path().join("forkvm-files");
             std::fs::create_dir(&copies).unwrap();
+            let dir = CString::new(copies.to_str().unwrap()).unwrap();
+            mount(Some(c"tmpfs"), &dir, Some(c"tmpfs"), 0, None).unwrap();
             std::fs::write(copies.join("0"), "hosts copy").unwrap();
             std::fs::write(copies.join("1"), "resolv copy").unwrap();
-            std::fs::write(copies.join("2"), "new file").unwrap();
+            std::fs::write(copies.join("2"), "#!/bin/sh\necho run\n").unwrap();
+            std::fs::set_permissions(copies.join("2"), PermissionsExt::from_mode(0o750)).unwrap();
+            std::os::unix::fs::chown(copies.join("2"), Some(1000), Some(1001)).unwrap();
+            let flags = libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOEXEC;
+            mount(None, &dir, None, flags, None).unwrap();
             let mut shares = FileShares::at(base.path());
             shares.mounted.insert("forkvm-files".into());
-            // The image's /etc/hosts, and a resolv.conf that is a link (Ubuntu's).
+            // The image's /etc/hosts, a resolv.conf that is a link (Ubuntu's), a
+            // dangling link (systemd's stub that is not there yet).
             std::fs::create_dir_all(root.join("etc")).unwrap();
             std::fs::create_dir_all(root.join("run/resolve")).unwrap();
             std::fs::write(root.join("etc/hosts"), "image's").unwrap();
             std::fs::write(root.join("run/resolve/stub.conf"), "image's").unwrap();
             std::os::unix::fs::symlink("/run/resolve/stub.conf", root.join("etc/resolv.conf"))
                 .unwrap();
+            std::os::unix::fs::symlink("../run/systemd/stub", root.join("etc/dangling")).unwrap();
             let f = |dest: &str, src: &str, options: &[&str]| FsMount {
                 destination: dest.into(),
                 fs_type: "file".into(),
@@ -648,17 +727,36 @@ mod tests {
                 f("/etc/hosts", "forkvm-files/0", &[]),
                 f("/etc/resolv.conf", "forkvm-files/1", &["ro"]),
                 f("/run/.containerenv", "forkvm-files/2", &[]),
+                f("/etc/dangling", "forkvm-files/0", &[]),
             ];
             apply_in(root, &mounts, Path::new("/dev/pts"), &mut shares).unwrap();
             let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
             assert_eq!(read("etc/hosts"), "hosts copy");
             // The link was followed inside the root: its target is bound.
             assert_eq!(read("run/resolve/stub.conf"), "resolv copy");
+            assert_eq!(
+                read("run/systemd/stub"),
+                "hosts copy",
+                "a dangling link's target"
+            );
+            // The container's copy is its own: writable (the engine's is not touched)
+            // and executable, unless the spec says `ro`; with the copy's owner and mode.
             assert!(crate::container::is_read_only(
                 &root.join("run/resolve/stub.conf")
             ));
-            assert!(!crate::container::is_read_only(&root.join("etc/hosts")));
-            assert_eq!(read("run/.containerenv"), "new file");
+            std::fs::write(root.join("etc/hosts"), "written inside").unwrap();
+            assert_eq!(
+                std::fs::read_to_string(copies.join("0")).unwrap(),
+                "hosts copy"
+            );
+            let script = root.join("run/.containerenv");
+            let meta = std::fs::metadata(&script).unwrap();
+            assert_eq!(
+                (meta.uid(), meta.gid(), meta.mode() & 0o777),
+                (1000, 1001, 0o750)
+            );
+            let ran = std::process::Command::new(&script).output().unwrap();
+            assert_eq!(ran.stdout, b"run\n", "{ran:?}");
             // Unmounted, the image's files are as they were: nothing was written in.
             for p in ["etc/hosts", "run/resolve/stub.conf", "run/.containerenv"] {
                 let c = CString::new(root.join(p).to_str().unwrap()).unwrap();
@@ -673,17 +771,29 @@ mod tests {
                 "made empty, as runc makes it"
             );
 
-            // What cannot be bound: refused, naming the mount and why.
+            // What cannot be bound: refused, naming the mount and why; a bad source
+            // before anything is mounted.
             let mut err =
-                |m: FsMount| apply_in(root, &[m], Path::new("/dev/pts"), &mut shares).unwrap_err();
-            let e = err(f("/etc", "forkvm-files/0", &[]));
+                |m: &[FsMount]| apply_in(root, m, Path::new("/dev/pts"), &mut shares).unwrap_err();
+            let e = err(&[f("/etc", "forkvm-files/0", &[])]);
             assert!(
                 e.contains("mount /etc (file): the destination is a directory"),
                 "{e}"
             );
-            let e = err(f("/x", "forkvm-files/../../etc/passwd", &[]));
-            assert!(e.contains("the source is not TAG/NAME"), "{e}");
-            let e = err(f("/x", "forkvm-files/9", &[]));
+            for bad in [
+                "forkvm-files/../../etc/passwd",
+                "../0",
+                "./0",
+                "forkvm-files/",
+            ] {
+                let e = err(&[f("/y", "forkvm-files/0", &[]), f("/x", bad, &[])]);
+                assert!(
+                    e.contains("mount /x (file): the source is not TAG/NAME"),
+                    "{e}"
+                );
+                assert!(!root.join("y").exists(), "nothing mounted before the check");
+            }
+            let e = err(&[f("/x", "forkvm-files/9", &[])]);
             assert!(e.contains("has no file \"9\""), "{e}");
             assert!(!root.join("x").exists(), "nothing made for a refused entry");
         });

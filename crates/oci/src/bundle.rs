@@ -10,7 +10,7 @@
 //! | Field | Handling | Why |
 //! |---|---|---|
 //! | `ociVersion` | must start with `1.` | the only major version this parser knows |
-//! | `root.path` | resolved against the bundle; must be a directory | the VM's root filesystem |
+//! | `root.path` | resolved against the bundle; must be a directory | the VM's root filesystem: by default the directory itself, shared by virtio-fs, so the container's writes reach it as with runc; with the annotation `io.forkvm.rootfs: disk` an ext4 copy under a private overlay in guest memory, which the VM can fork with ([`RootMode`]) |
 //! | `root.readonly` | [`ContainerPlan::rootfs_readonly`] | the guest agent remounts the container's root read-only after its mounts (theirs stay as they are); a fork child's hostname files are still written |
 //! | `process.args`/`env`/`cwd`/`user` (with `umask`)/`terminal`/`rlimits` | mapped to [`ProcessSpec`] | `cwd` must be absolute, `args` non-empty |
 //! | `process.capabilities` (all five sets) | [`ProcessSpec::capabilities`] | applied by the guest agent as runc applies them: bounding set dropped, capabilities kept across the user switch, `capset`, ambient raised; a capability forkvm does not know is left out with a warning |
@@ -23,7 +23,7 @@
 //! | `hostname` | [`ContainerPlan::hostname`] | empty: the container's ID's first 12 characters |
 //! | `domainname` | [`ContainerPlan::domainname`] | set by the guest agent (the guest's UTS namespace is the container's) |
 //! | `mounts` of type `proc`, `sysfs`, `tmpfs`, `devpts`, `mqueue`, `cgroup`, `cgroup2` | [`ContainerPlan::filesystems`] | mounted by the guest agent in the container's root in the spec's order with their options (flags, propagation, data), in place of the guest's own at `/proc`, `/sys`, `/dev`; `devpts` is the guest's pty filesystem bound in with the entry's flags (its data options aside); `cgroup` mounts the guest's cgroup v2 hierarchy |
-//! | `mounts`: bind of a regular file (Docker's and podman's `/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf`, podman's `/run/.containerenv`) | copied in ([`ContainerPlan::files`]), with a warning | the file is copied into the VM's root when the container is created; later changes on either side are not shared. The guest adds its hostname to `/etc/hosts` and writes `/etc/hostname` itself |
+//! | `mounts`: bind of a regular file (Docker's and podman's `/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf`, podman's `/run/.containerenv`) | copied ([`ContainerPlan::files`]), with a warning | the file is copied when the container is created (after the `createRuntime` hooks) and the copy bound at the destination in the spec's order (a shared root), or written into the root disk; later changes on either side are not shared. Over a root disk, the guest adds its hostname to `/etc/hosts` and writes `/etc/hostname` itself |
 //! | `mounts`: bind onto `/proc`, `/sys`, `/sys/fs/cgroup`, `/dev` or `/dev/{pts,shm,mqueue}` (containerd CRI's sandbox `/dev/shm`) | warning; [`ContainerPlan::filesystems`] | the guest mounts its own filesystem there (`ro` kept) |
 //! | `mounts`: bind of a directory (`-v DIR:/p`, `--mount type=bind`, named volumes) | [`ContainerPlan::volumes`] | shared into the VM by a virtio-fs device and mounted by the guest agent at `destination`, read-only with the `ro` option; other options (propagation, `nosuid`, ...) are not applied. A VM with volumes forks (its children serve the same directories); it cannot be saved as a template |
 //! | `mounts`: bind of anything else (a socket, a device node), or of a source that is missing or relative | **error** | only directories are shared and regular files copied |
@@ -34,7 +34,7 @@
 //! | no `network` namespace (`--network host`) | **error** | a VM cannot share the host's network stack |
 //! | `linux.namespaces`: any other with `path` | **error** | joining a host namespace from inside a VM is impossible |
 //! | `linux.devices` | [`ContainerPlan::devices`] | created by the guest agent in the container's root (type, major, minor, mode, owner). A device this host has must be one the guest's kernel has: a host-only device such as `/dev/kvm` fails `create` naming it. A device neither has is made as runc makes it; a FIFO always. Type `a` is refused: it is a cgroup rule |
-//! | `linux.uidMappings`/`gidMappings` | warning | not applied in the guest |
+//! | `linux.uidMappings`/`gidMappings` | warning | not applied in the guest; a shared root's files are created with the guest's ids as they are (the host's uid 0 for the guest's root) |
 //! | `linux.sysctl`, `maskedPaths`, `readonlyPaths` | [`ContainerPlan::sysctls`], [`ContainerPlan::masked_paths`], [`ContainerPlan::readonly_paths`] | applied by the guest agent as runc applies them, before the process starts: kernel parameters written to the guest's `/proc/sys` (the guest's kernel is the container's own), masked paths hidden (`/dev/null` over a file, an empty read-only tmpfs over a directory), read-only paths bound read-only; paths resolve inside the container's root, missing ones are skipped |
 //! | `linux.resources.memory.limit` | [`ContainerPlan::mem_mib`] | rounded up to MiB, at least 128; absent or not positive (`-1`: unlimited) → 512 |
 //! | `linux.resources.cpu.quota`/`period` | [`ContainerPlan::vcpus`] | `ceil(quota / period)` (period defaults to 100 000 µs) |
@@ -42,7 +42,7 @@
 //! | `linux.cgroupsPath`, `linux.resources.pids.limit` | [`ContainerPlan::cgroup`] | the VM process's cgroup (a path, or systemd's `slice:prefix:name`): `memory.max` = the guest memory it may hold (its RAM and its forks' overlays) + the VMM's, `pids.max` the limit (else 4096) |
 //! | `linux.resources.memory.limit`, `pids.limit`, `cpu.quota`/`period`, `cpu.shares` | [`ContainerPlan::guest_cgroup`] | also the limits of the container's cgroup inside the guest (`memory.max`, `pids.max`, `cpu.max`, `cpu.weight` by runc's conversion), which its processes join in a cgroup namespace of their own, so its `/sys/fs/cgroup` shows them |
 //! | other `linux.resources`, `rootfsPropagation`, `mountLabel` | ignored | host cgroup/kernel details with no meaning inside the VM |
-//! | `annotations` | [`ContainerPlan::annotations`] | reported by `state` |
+//! | `annotations` | [`ContainerPlan::annotations`] | reported by `state`; `io.forkvm.rootfs` (`shared` or `disk`, anything else an error) chooses the [`RootMode`] |
 //! | `hooks.prestart`, `createRuntime` | [`ContainerPlan::hooks`] | run by `create` as runc runs them, on the host, with the state (`pid`: the container's monitor) on stdin, before the VM boots |
 //! | `hooks.poststart`, `poststop` | [`ContainerPlan::hooks`] | run after `start`, and by `delete`; a failure is logged, as the spec says |
 //! | `hooks.createContainer`, `startContainer` | [`ContainerPlan::guest_hooks`] | run by the guest agent in the container's root, with the state on stdin, at create (after the container's mounts and device nodes, before its kernel parameters, masked and read-only paths and read-only root, as runc orders them) and at start (before its process); the path must exist in the container; a failure (exit, or past `timeout`; at most 50 s for all of a kind) fails `create` or `start`, naming the hook |
@@ -110,6 +110,8 @@ pub struct ContainerPlan {
     pub rootfs: PathBuf,
     /// `root.readonly`.
     pub rootfs_readonly: bool,
+    /// How the VM gets the root filesystem ([`ROOTFS_ANNOTATION`]).
+    pub root_mode: RootMode,
     /// The container's main process (`init` and `stdin` set).
     pub process: ProcessSpec,
     /// `hostname`, when set and non-empty.
@@ -121,7 +123,9 @@ pub struct ContainerPlan {
     /// The VM process's cgroup, from `linux.cgroupsPath` (limits: guest memory and the
     /// VMM's, `linux.resources.pids.limit`); `None`: forkvm's own for the VM.
     pub cgroup: Option<CgroupSpec>,
-    /// Bind-mounted host files, to copy into the VM's root.
+    /// Bind-mounted host files, copied: into the root disk ([`RootMode::Disk`]), or
+    /// into a directory shared read-only, the `i`th as file `i`, and bound at their
+    /// destinations in the spec's order as `file` filesystems ([`RootMode::Shared`]).
     pub files: Vec<FileCopy>,
     /// Bind-mounted host directories, shared into the VM, in the spec's order.
     pub volumes: Vec<crate::vm::Volume>,
@@ -156,6 +160,44 @@ pub struct ContainerPlan {
     pub readonly_paths: Vec<String>,
     /// Parts of the spec that were ignored, one human-readable line each.
     pub warnings: Vec<String>,
+}
+
+/// The annotation that chooses a container's [`RootMode`]: `shared` (the default) or
+/// `disk`.
+pub const ROOTFS_ANNOTATION: &str = "io.forkvm.rootfs";
+
+/// How a container's VM gets its root filesystem.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RootMode {
+    /// The bundle's root directory shared into the VM by virtio-fs: the container reads
+    /// and writes the bundle's files, as a runc container does (`docker diff`, `cp` and
+    /// `commit` see its changes). Its VM cannot fork: the children would write the
+    /// same files.
+    #[default]
+    Shared,
+    /// A copy of the root directory as an ext4 image under a private overlay in guest
+    /// memory: writes stay in the VM, and the VM forks, each child with its own copy.
+    Disk,
+}
+
+impl RootMode {
+    /// The annotation's value for this mode.
+    pub fn name(self) -> &'static str {
+        match self {
+            RootMode::Shared => "shared",
+            RootMode::Disk => "disk",
+        }
+    }
+
+    /// The mode `annotations` choose ([`ROOTFS_ANNOTATION`]); `None` for a value that
+    /// is neither `shared` nor `disk`.
+    pub fn of(annotations: &std::collections::BTreeMap<String, String>) -> Option<RootMode> {
+        match annotations.get(ROOTFS_ANNOTATION).map(String::as_str) {
+            None | Some("shared") => Some(RootMode::Shared),
+            Some("disk") => Some(RootMode::Disk),
+            Some(_) => None,
+        }
+    }
 }
 
 /// Why a container on the host's network cannot be a VM: the reason given when a bundle
@@ -319,6 +361,7 @@ pub fn exec_process(path: &Path) -> Result<ProcessSpec, BundleError> {
         seccomp: Vec::new(),
         network: None,
         devices: Vec::new(),
+        root_mode: RootMode::default(),
     };
     let mut spec = planner.process(Some(&process))?;
     spec.init = false;
@@ -338,8 +381,24 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         seccomp: Vec::new(),
         network: None,
         devices: Vec::new(),
+        root_mode: RootMode::default(),
     };
     planner.check_version(spec.version())?;
+    let annotations: std::collections::BTreeMap<String, String> = spec
+        .annotations()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    planner.root_mode = RootMode::of(&annotations).ok_or_else(|| {
+        planner.invalid(
+            format!("annotations.{ROOTFS_ANNOTATION}"),
+            format!(
+                "{:?} is neither \"shared\" nor \"disk\"",
+                annotations[ROOTFS_ANNOTATION]
+            ),
+        )
+    })?;
     let (rootfs, rootfs_readonly) = planner.rootfs(spec, bundle)?;
     let process = planner.process(spec.process().as_ref())?;
     if let Some(mounts) = spec.mounts() {
@@ -362,6 +421,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
     Ok(ContainerPlan {
         rootfs,
         rootfs_readonly,
+        root_mode: planner.root_mode,
         process,
         hostname,
         vcpus,
@@ -376,12 +436,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         hooks,
         guest_hooks,
         domainname: spec.domainname().clone().filter(|d| !d.is_empty()),
-        annotations: spec
-            .annotations()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect(),
+        annotations,
         devices: std::mem::take(&mut planner.devices),
         sysctls: linux_field(spec, |l| {
             l.sysctl().clone().map(|s| s.into_iter().collect())
@@ -476,6 +531,7 @@ struct Planner<'a> {
     seccomp: Vec<String>,
     network: Option<NetworkPlan>,
     devices: Vec<forkvm_agent_proto::DeviceNode>,
+    root_mode: RootMode,
 }
 
 impl Planner<'_> {
@@ -681,7 +737,7 @@ impl Planner<'_> {
             if source.is_dir() {
                 if self.volumes.len() == crate::vm::MAX_VOLUMES {
                     return Err(refused(
-                        "a VM takes at most 12 directory volumes (one device each)",
+                        "a VM takes at most 11 directory volumes (one device each)",
                     ));
                 }
                 let target = destination
@@ -706,6 +762,19 @@ impl Planner<'_> {
                     destination.display(),
                     source.display()
                 ));
+                if self.root_mode == RootMode::Shared {
+                    // Bound by the guest in its place among the spec's other mounts.
+                    let target = destination
+                        .to_str()
+                        .ok_or_else(|| refused("the destination is not UTF-8"))?;
+                    let read_only = mount.options().iter().flatten().any(|o| o == "ro");
+                    let options = match read_only {
+                        true => vec!["ro".to_owned()],
+                        false => Vec::new(),
+                    };
+                    let source = format!("{}/{}", crate::vm::FILES_TAG, self.files.len());
+                    self.filesystem(target, "file", source, options)?;
+                }
                 self.files.push(FileCopy {
                     source,
                     destination: destination.clone(),

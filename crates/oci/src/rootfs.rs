@@ -1,9 +1,15 @@
-//! A container VM's root disk: the bundle's root directory turned into an ext4 file with
-//! `mkfs.ext4 -d` (as image root filesystems are), then the bind-mounted host files of
-//! the plan ([`ContainerPlan::files`]) written into it with `debugfs`.
+//! A container VM's root filesystem ([`crate::vm::Root`]), made by `create` once the
+//! hooks ran ([`prepare`]):
 //!
-//! The disk is the VM's read-only `vda`; the guest agent lays a private writable overlay
-//! over it, so the container's writes stay in its VM and never reach the bundle.
+//! - [`RootMode::Shared`]: the bundle's root directory itself, and the bind-mounted host
+//!   files of the plan ([`ContainerPlan::files`]) copied into a directory of their own
+//!   ([`FILES_DIR`], the `i`th as file `i`), which the VM shares read-only and the guest
+//!   agent binds at their destinations.
+//! - [`RootMode::Disk`]: the bundle's root directory turned into an ext4 file with
+//!   `mkfs.ext4 -d` (as image root filesystems are), then the files written into it with
+//!   `debugfs`. The disk is the VM's read-only `vda`; the guest agent lays a private
+//!   writable overlay over it, so the container's writes stay in its VM and never reach
+//!   the bundle.
 
 use std::fmt::Write as _;
 use std::path::{Component, Path, PathBuf};
@@ -11,7 +17,14 @@ use std::process::Command;
 
 use forkvm_image::system_tool;
 
-use crate::bundle::{ContainerPlan, FileCopy};
+use crate::bundle::{ContainerPlan, FileCopy, RootMode};
+use crate::vm::Root;
+
+/// The container's root disk ([`RootMode::Disk`]), in the container's directory.
+pub const ROOT_DISK: &str = "rootfs.ext4";
+/// The copies of the files it binds in ([`RootMode::Shared`]), in the container's
+/// directory.
+pub const FILES_DIR: &str = "files";
 
 /// Why the root disk could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +48,63 @@ pub enum RootfsError {
         /// What debugfs said.
         reason: String,
     },
+    /// The directory of the copies of bound files could not be made.
+    #[error("cannot make {}, for the copies of the files the container binds: {source}", dir.display())]
+    FilesDir {
+        /// The directory.
+        dir: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A bound file could not be copied for a shared root.
+    #[error("mount {}: cannot copy the host file {}: {source}", file.destination.display(), file.source.display())]
+    CopyFile {
+        /// The file.
+        file: FileCopy,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// The root the VM of `plan` boots with, once [`prepare`]d in the container's
+/// directory `dir`.
+pub fn root(plan: &ContainerPlan, dir: &Path) -> Root {
+    match plan.root_mode {
+        RootMode::Disk => Root::Disk(dir.join(ROOT_DISK)),
+        RootMode::Shared => Root::Shared {
+            dir: plan.rootfs.clone(),
+            files: (!plan.files.is_empty()).then(|| dir.join(FILES_DIR)),
+        },
+    }
+}
+
+/// Makes what [`root`] names in `dir`: the root disk, or the copies of the bound files.
+pub fn prepare(plan: &ContainerPlan, dir: &Path) -> Result<(), RootfsError> {
+    match root(plan, dir) {
+        Root::Disk(img) => build(plan, &img),
+        Root::Shared { files: None, .. } => Ok(()),
+        Root::Shared {
+            files: Some(files), ..
+        } => {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::create_dir(&files).map_err(|source| RootfsError::FilesDir {
+                dir: files.clone(),
+                source,
+            })?;
+            for (i, file) in plan.files.iter().enumerate() {
+                // With the file's mode and owner, as the container would see the file.
+                let copy = files.join(i.to_string());
+                std::fs::copy(&file.source, &copy)
+                    .and_then(|_| std::fs::metadata(&file.source))
+                    .and_then(|m| std::os::unix::fs::chown(&copy, Some(m.uid()), Some(m.gid())))
+                    .map_err(|source| RootfsError::CopyFile {
+                        file: file.clone(),
+                        source,
+                    })?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Builds `img` (which must not exist) for `plan`.
@@ -135,6 +205,7 @@ mod tests {
         ContainerPlan {
             rootfs: rootfs.to_owned(),
             rootfs_readonly: false,
+            root_mode: RootMode::Disk,
             process: serde_json::from_value(serde_json::json!({"args": ["true"]})).unwrap(),
             hostname: None,
             vcpus: 1,
@@ -156,6 +227,81 @@ mod tests {
             readonly_paths: vec![],
             warnings: vec![],
         }
+    }
+
+    #[test]
+    fn a_shared_root_is_the_bundles_directory_and_the_files_copies_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs");
+        std::fs::create_dir_all(rootfs.join("etc")).unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "engine's hosts\n").unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let mut plan = plan(
+            &rootfs,
+            vec![FileCopy {
+                source: hosts.clone(),
+                destination: "/etc/hosts".into(),
+            }],
+        );
+        plan.root_mode = RootMode::Shared;
+        std::os::unix::fs::chown(&hosts, Some(1000), Some(1001)).unwrap();
+        prepare(&plan, &state).unwrap();
+        let meta = std::fs::metadata(state.join("files/0")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (1000, 1001),
+            "the file's owner kept"
+        );
+        let e = prepare(&plan, &state).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("cannot make {}", state.join(FILES_DIR).display())),
+            "{e}"
+        );
+        assert_eq!(
+            root(&plan, &state),
+            Root::Shared {
+                dir: rootfs.clone(),
+                files: Some(state.join(FILES_DIR)),
+            }
+        );
+        assert_eq!(
+            std::fs::read_to_string(state.join("files/0")).unwrap(),
+            "engine's hosts\n"
+        );
+        // A copy: the engine's later changes are not the container's.
+        std::fs::write(&hosts, "changed\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(state.join("files/0")).unwrap(),
+            "engine's hosts\n"
+        );
+        assert!(!state.join(ROOT_DISK).exists(), "no disk for a shared root");
+        assert!(
+            !rootfs.join("etc/hosts").exists(),
+            "nothing written in the bundle"
+        );
+        // Without files, no share of them; a file gone is an error naming the mount.
+        let bare = ContainerPlan {
+            files: vec![],
+            ..plan.clone()
+        };
+        assert_eq!(
+            root(&bare, &state),
+            Root::Shared {
+                dir: rootfs,
+                files: None
+            }
+        );
+        std::fs::remove_file(&hosts).unwrap();
+        let again = dir.path().join("again");
+        std::fs::create_dir(&again).unwrap();
+        let e = prepare(&plan, &again).unwrap_err().to_string();
+        assert!(
+            e.starts_with("mount /etc/hosts: cannot copy the host file") && e.contains("hosts"),
+            "{e}"
+        );
     }
 
     #[test]

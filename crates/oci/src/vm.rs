@@ -57,11 +57,35 @@ pub fn check_hostname(hostname: &str) -> Result<()> {
     Ok(())
 }
 
-/// The VM: container guest, `rootfs` as a read-only vda (the agent lays a private
-/// writable overlay over it), vsock for the agent at `uds`.
+/// The tag of the share that is a container's root directory ([`Root::Shared`]).
+pub const ROOT_TAG: &str = "forkvm-root";
+/// The tag of the read-only share holding the host files a container binds in, when its
+/// root is shared (copies, as `ContainerPlan::files` says).
+pub const FILES_TAG: &str = "forkvm-files";
+
+/// A container VM's root filesystem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Root {
+    /// An image file, the VM's read-only `vda`: the agent lays a private writable overlay
+    /// in guest memory over it, so writes stay in the VM (and its fork children get
+    /// copies of them).
+    Disk(PathBuf),
+    /// A host directory shared by virtio-fs ([`ROOT_TAG`]) and mounted as the root:
+    /// writes reach that directory, as a runc container's do its bundle's rootfs. With
+    /// `files`, the directory of copied host files shared read-only as [`FILES_TAG`].
+    Shared {
+        /// The root directory.
+        dir: PathBuf,
+        /// The copies of the files the container binds in.
+        files: Option<PathBuf>,
+    },
+}
+
+/// The VM: container guest over `root`, vsock for the agent at `uds`; the volumes'
+/// shares are the caller's to add.
 pub fn config(
     guest: &GuestImage,
-    rootfs: &Path,
+    root: &Root,
     vcpus: u8,
     mem_mib: u64,
     hostname: &str,
@@ -72,11 +96,31 @@ pub fn config(
     cfg.initrd = Some(guest.initrd.clone());
     cfg.vcpus = vcpus;
     cfg.mem_mib = mem_mib;
-    cfg.cmdline = format!("{DEFAULT_CMDLINE} forkvm.rootfs=/dev/vda forkvm.hostname={hostname}");
-    cfg.disks = vec![BlockConfig {
-        path: rootfs.to_owned(),
-        read_only: true,
-    }];
+    let root_arg = match root {
+        Root::Disk(image) => {
+            cfg.disks = vec![BlockConfig {
+                path: image.clone(),
+                read_only: true,
+            }];
+            "forkvm.rootfs=/dev/vda".to_owned()
+        }
+        Root::Shared { dir, files } => {
+            cfg.shares.push(forkvm_vmm::FsConfig {
+                tag: ROOT_TAG.to_owned(),
+                host_path: dir.clone(),
+                read_only: false,
+            });
+            if let Some(files) = files {
+                cfg.shares.push(forkvm_vmm::FsConfig {
+                    tag: FILES_TAG.to_owned(),
+                    host_path: files.clone(),
+                    read_only: true,
+                });
+            }
+            format!("forkvm.rootfs={ROOT_TAG} forkvm.rootfstype=virtiofs")
+        }
+    };
+    cfg.cmdline = format!("{DEFAULT_CMDLINE} {root_arg} forkvm.hostname={hostname}");
     cfg.vsock = Some(VsockConfig {
         cid: GUEST_CID,
         uds: uds.to_owned(),
@@ -209,9 +253,10 @@ pub fn configure_guest<const N: usize>(
 }
 
 /// Most directory volumes one container's VM takes: each is a virtio-fs device with an
-/// interrupt line of its own, and a VM has 19 for all its devices (the root disk, vsock,
-/// rng and the NICs take the rest).
-pub const MAX_VOLUMES: usize = 12;
+/// interrupt line of its own, and a VM has 19 for all its devices (the root disk or the
+/// root's share with the share of its bound files, vsock, rng and the NICs take the
+/// rest).
+pub const MAX_VOLUMES: usize = 11;
 
 /// Why a host directory cannot be a [`Volume`].
 #[derive(Debug, thiserror::Error)]

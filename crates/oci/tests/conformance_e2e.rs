@@ -33,12 +33,6 @@ const SESSION_BUDGET: Duration = Duration::from_secs(1800);
 /// Tests runc is clean on that forkvm is not yet, each with the reason.
 const KNOWN_GAPS: &[(&str, &str)] = &[
     (
-        "killsig",
-        "the container's trap writes a file in its root, which the test looks for in the \
-         bundle's rootfs: a forkvm container's root is its VM's own disk (a copy of the \
-         rootfs, so a VM forks with it), and writes inside never reach the bundle",
-    ),
-    (
         "linux_ns_itype",
         "the spec has no network namespace (the host's network): a VM cannot share the \
          host's network stack, and `create` refuses it by name",

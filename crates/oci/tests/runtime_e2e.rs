@@ -373,6 +373,14 @@ fn body() {
     // createContainer ran at create, before the root became read-only (it wrote there);
     // startContainer at start; both with the state on stdin.
     assert_eq!(field("hook="), r#""status":"creating""#, "{out}");
+    // The root is the bundle's directory, shared: what the hook wrote is there, as
+    // with runc.
+    assert!(
+        std::fs::read_to_string(b1.join("rootfs/hooked"))
+            .unwrap()
+            .contains(r#""status":"creating""#),
+        "the hook's file is in the bundle"
+    );
     assert_eq!(field("start="), r#""status":"created""#, "{out}");
     assert_eq!(field("dn="), "e2e.example", "{out}");
     // The spec's tmpfs, with its options.
@@ -417,6 +425,8 @@ fn body() {
             }]});
             // The engine's cgroup for it, with a task limit.
             c["linux"]["cgroupsPath"] = json!("/forkvm-e2e/c2");
+            // A root disk of its own, which forks with it.
+            c["annotations"]["io.forkvm.rootfs"] = json!("disk");
             c["linux"]["resources"]["pids"] = json!({"limit": 300});
         },
     );
@@ -614,8 +624,18 @@ fn body() {
     env.ok("c2-delete", &["delete", "c2"]);
     assert!(!c2_group.exists(), "c2's cgroup is left");
 
-    // --- delete --force of a running container leaves nothing behind
-    let b3 = bundle(&t.join("b3"), &["sleep", "1000"], |_| {});
+    // --- a shared root: the container's writes reach the bundle and the host's, it;
+    // a bound host file is a copy at its place; such a container does not fork; delete
+    // --force of a running container leaves nothing behind
+    let hosts = t.join("hosts3");
+    std::fs::write(&hosts, "10.1.2.3 engine-made\n").unwrap();
+    let b3 = bundle(&t.join("b3"), &["sleep", "1000"], |c| {
+        c["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"destination": "/etc/hosts",
+            "type": "bind", "source": hosts, "options": ["rbind", "ro"]}));
+    });
     let out = env.rt(
         "c3-create",
         &["create", "--bundle", b3.to_str().unwrap(), "c3"],
@@ -624,6 +644,63 @@ fn body() {
     assert_eq!(out.code, Some(0), "{out}\n{}", env.diagnostics());
     let pid = pid_of(&env.state("c3"));
     env.ok("c3-start", &["start", "c3"]);
+    std::fs::write(b3.join("rootfs/tmp/from-host"), "host wrote\n").unwrap();
+    let out = env.rt(
+        "c3-exec",
+        &[
+            "exec",
+            "c3",
+            "sh",
+            "-c",
+            "echo guest wrote > /written; cat /tmp/from-host /etc/hosts; \
+             (echo x >> /etc/hosts) 2>/dev/null && echo hosts=rw || echo hosts=ro",
+        ],
+        None,
+    );
+    assert_eq!(out.code, Some(0), "{out}\n{}", env.diagnostics());
+    assert_eq!(
+        out.stdout,
+        "host wrote\n10.1.2.3 engine-made\nhosts=ro\n",
+        "{}",
+        env.diagnostics()
+    );
+    assert_eq!(
+        std::fs::read_to_string(b3.join("rootfs/written")).unwrap(),
+        "guest wrote\n"
+    );
+    // An engine that joins the container's pid's mount namespace (podman cp) finds the
+    // container's files there, and a /proc for its helpers; the host's /proc never
+    // lands in the bundle's directory (which the guest reads).
+    let nsenter = |args: &[&str]| {
+        let out = Command::new("nsenter")
+            .args(["--mount", "--target", &pid.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "nsenter {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(nsenter(&["cat", "/written"]), "guest wrote\n");
+    assert_eq!(nsenter(&["cat", "/proc/self/comm"]), "cat\n");
+    assert_eq!(
+        std::fs::read_dir(b3.join("rootfs/proc")).unwrap().count(),
+        0,
+        "the bundle's /proc stays empty"
+    );
+    // runc makes the bind's destination where it is missing; the copy stays out of it.
+    assert_eq!(
+        std::fs::read_to_string(b3.join("rootfs/etc/hosts")).unwrap(),
+        ""
+    );
+    let out = env.rt("c3-fork", &["fork", "c3"], None);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr.contains(
+            "container c3 cannot fork: its root is its bundle's directory, shared with the host"
+        ) && out.stderr.contains("io.forkvm.rootfs=disk"),
+        "{out}"
+    );
+    assert_eq!(env.vm_homes().len(), 1, "no child: {:?}", env.vm_homes());
     env.ok("c3-delete", &["delete", "--force", "c3"]);
     assert_eq!(reap(pid, Duration::from_secs(10)), 128 + libc::SIGKILL);
     assert!(!env.root().join("c3").exists());

@@ -256,7 +256,8 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
     let result = (|| {
         let spec = process_spec(&image.config, &args, &hostname)?;
         let uds = dir.join(vm::VSOCK_SOCKET);
-        let mut cfg = vm::config(&guest, &rootfs.path, vcpus, mem_mib, &hostname, &uds)?;
+        let root = vm::Root::Disk(rootfs.path.clone());
+        let mut cfg = vm::config(&guest, &root, vcpus, mem_mib, &hostname, &uds)?;
         cfg.shares = vm::volume_shares(&volumes);
         let mount = vm::mount_request(&volumes);
         // Held until the VM is gone: the lease, the published ports, the DNS relay.

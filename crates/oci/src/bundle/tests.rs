@@ -354,6 +354,50 @@ fn mounts() {
             }]
         );
     }
+    // Over a shared root (the default), each is bound by the guest in its place among
+    // the spec's mounts, from the share of copies; over a root disk it is in the disk.
+    let (hosts, resolv) = (host.path().join("hosts"), host.path().join("resolv.conf"));
+    let with_files = |mode: Option<&str>| {
+        load_with(|c| {
+            c["mounts"] = json!([
+                {"destination": "/etc/hosts", "type": "bind", "source": hosts, "options": ["rbind"]},
+                {"destination": "/run", "type": "tmpfs", "source": "tmpfs"},
+                {"destination": "/etc/resolv.conf", "type": "bind", "source": resolv, "options": ["rbind", "ro"]},
+            ]);
+            if let Some(mode) = mode {
+                c["annotations"] = json!({ROOTFS_ANNOTATION: mode});
+            }
+        })
+        .unwrap()
+    };
+    let shared = with_files(None);
+    assert_eq!(shared.root_mode, RootMode::Shared);
+    let named = with_files(Some("shared"));
+    assert_eq!(
+        (named.root_mode, &named.filesystems),
+        (RootMode::Shared, &shared.filesystems)
+    );
+    assert_eq!(
+        mount_order(&shared),
+        [
+            ("/etc/hosts", "file", "forkvm-files/0"),
+            ("/run", "tmpfs", "tmpfs"),
+            ("/etc/resolv.conf", "file", "forkvm-files/1"),
+        ]
+    );
+    assert!(shared.filesystems[0].options.is_empty());
+    assert_eq!(shared.filesystems[2].options, ["ro"]);
+    let disk = with_files(Some("disk"));
+    assert_eq!(disk.root_mode, RootMode::Disk);
+    assert_eq!(mount_order(&disk), [("/run", "tmpfs", "tmpfs")]);
+    assert_eq!(disk.files, shared.files);
+    assert_eq!(disk.files.len(), 2);
+    // Any other value is an error naming the annotation.
+    let e = err_with(|c| c["annotations"] = json!({ROOTFS_ANNOTATION: "overlay"}));
+    assert!(
+        e.ends_with(r#"annotations.io.forkvm.rootfs: "overlay" is neither "shared" nor "disk""#),
+        "{e}"
+    );
     // A file that is not there is not a file to copy.
     let e = err_with(add(
         json!({"destination": "/etc/hosts", "type": "bind", "source": "/nonexistent/hosts"}),
@@ -423,7 +467,7 @@ fn mounts() {
             .map(|i| json!({"destination": format!("/v{i}"), "type": "bind", "source": data}))
             .collect::<Vec<_>>());
     });
-    assert!(e.contains("mount /v12") && e.contains("at most 12"), "{e}");
+    assert!(e.contains("mount /v11") && e.contains("at most 11"), "{e}");
     // What cannot be shared or copied: refused, naming the mount and why.
     let e = err_with(add(
         json!({"destination": "/data", "type": "bind", "source": "/nonexistent/data"}),

@@ -1,12 +1,13 @@
 //! `create` and the container's monitor process.
 //!
 //! `create` checks the bundle and spawns the monitor (this binary, `__monitor ID`) with
-//! the caller's stdio (or a pty's slave, the master sent to `--console-socket`), in UTS
-//! and IPC namespaces of its own and, when the bundle asks for a new network namespace,
-//! in one of its own too. `create` then runs the bundle's `prestart` and `createRuntime`
+//! the caller's stdio (or a pty's slave, the master sent to `--console-socket`), in UTS,
+//! IPC and mount namespaces of its own and, when the bundle asks for a new network
+//! namespace, in one of its own too; in its mount namespace the container's root is
+//! mounted over `/`, so that an engine joining it finds the container's files. `create` then runs the bundle's `prestart` and `createRuntime`
 //! hooks with the monitor as the state's `pid` (Docker's network hook moves the
 //! container's veth into the monitor's namespace this way, and rewrites the container's
-//! `resolv.conf`), builds the root disk and tells the monitor to go on. The monitor ties
+//! `resolv.conf`), prepares the root ([`crate::rootfs`]) and tells the monitor to go on. The monitor ties
 //! the namespace's interfaces to TAPs, starts its own session, boots the VM, waits for
 //! the agent, then binds `start.sock` in the container's directory and reports on
 //! [`READY_FILE`]; `create` waits for that report, writes `--pid-file` and returns. On
@@ -44,8 +45,6 @@ use crate::vm::{self, Outcome};
 pub const READY_FILE: &str = "ready.json";
 /// The socket `start` connects to, in the container's directory.
 pub const START_SOCKET: &str = "start.sock";
-/// The container's root disk, in the container's directory.
-pub const ROOT_DISK: &str = "rootfs.ext4";
 /// The monitor's own log when the runtime has no `--log`.
 pub const MONITOR_LOG: &str = "monitor.log";
 /// Exit code of a monitor whose VM failed (the process's code is unknown).
@@ -134,8 +133,9 @@ fn create_in(
     }
     let new_netns = plan.network == NetworkPlan::New;
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (fcntl, unshare) on plain values it copied (the
-    // pipe's descriptor stays open in the child until the exec).
+    // async-signal-safe system calls (fcntl, unshare, mount) on plain values it copied
+    // and static strings (the pipe's descriptor stays open in the child until the
+    // exec).
     unsafe {
         cmd.pre_exec(move || {
             // The pipe's read end survives the exec (it was made close-on-exec).
@@ -143,12 +143,24 @@ fn create_in(
                 return Err(std::io::Error::last_os_error());
             }
             // Hooks act on the namespaces of the state's pid (`nsenter -t PID -u`): the
-            // monitor's UTS and IPC namespaces are its own, never the host's.
-            let mut flags = libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+            // monitor's UTS and IPC namespaces are its own, never the host's; so is its
+            // mount namespace, where the container's root is mounted over `/`
+            // ([`container_root_over_slash`]), its mounts private.
+            let mut flags = libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNS;
             if new_netns {
                 flags |= libc::CLONE_NEWNET;
             }
             if libc::unshare(flags) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let private = libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            );
+            if private != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -167,9 +179,9 @@ fn create_in(
     let hook_state = hook_state.to_runtime_spec_json();
     hooks::run_all("prestart", &plan.hooks.prestart, &hook_state)?;
     hooks::run_all("createRuntime", &plan.hooks.create_runtime, &hook_state)?;
-    // The root disk takes the bound files as the hooks left them: Docker's network hook
+    // The root takes the bound files as the hooks left them: Docker's network hook
     // rewrites resolv.conf for its embedded resolver.
-    crate::rootfs::build(plan, &dir.join(ROOT_DISK))?;
+    crate::rootfs::prepare(plan, dir)?;
     go_tx
         .write_all(b"go")
         .context("the container's monitor ended before its hooks ran")?;
@@ -283,10 +295,64 @@ fn wait_for_go(fd: i32) -> Result<()> {
     Ok(())
 }
 
+/// Mounts the container's root over `/` in this process's mount namespace (its own,
+/// private: see `create_in`), with the host's `/proc` in it. This process and what it
+/// starts keep the host's root (a root directory does not follow a mount stacked on
+/// it), but a process that joins the namespace (`setns`, `nsenter -m -t PID`) lands in
+/// the mount on top: the container's files, as in a runc container's namespace. Engines
+/// copy files in and out of a running container that way (`podman cp`, whose copier
+/// runs `/proc/self/exe` there), which must never reach the host's `/`.
+fn container_root_over_slash(rootfs: &Path) -> Result<()> {
+    let failed = |what: &str, path: &Path| {
+        let e = std::io::Error::last_os_error();
+        anyhow::Error::new(e).context(format!(
+            "cannot {what} {} in the container's monitor's namespace",
+            path.display()
+        ))
+    };
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes());
+    let root = c(rootfs).context("the root path holds a NUL byte")?;
+    let proc_dir = rootfs.join("proc");
+    let proc = c(&proc_dir).context("the root path holds a NUL byte")?;
+    // `/proc` first, so that the recursive bind carries it; then taken off the
+    // directory itself, which the VM process shares with the guest (the guest must
+    // never see the host's `/proc` through it).
+    let with_proc = proc_dir.is_dir() && !proc_dir.is_symlink();
+    // SAFETY: NUL-terminated strings that outlive the calls; no filesystem data.
+    unsafe {
+        if with_proc
+            && libc::mount(
+                c"proc".as_ptr(),
+                proc.as_ptr(),
+                c"proc".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ) != 0
+        {
+            return Err(failed("mount /proc on", &proc_dir));
+        }
+        if libc::mount(
+            root.as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(failed("mount the container's root", rootfs));
+        }
+        if with_proc && libc::umount2(proc.as_ptr(), libc::MNT_DETACH) != 0 {
+            return Err(failed("unmount /proc from", &proc_dir));
+        }
+    }
+    Ok(())
+}
+
 fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) -> Result<i32> {
     let signals = ForwardedSignals::block().context("cannot block signals")?;
     let state = store.load(id)?;
     let plan = bundle::load(&state.bundle)?;
+    container_root_over_slash(&plan.rootfs)?;
     // The container's network namespace (the engine's, or this process's own which the
     // hooks configured), before anything is registered: a namespace that cannot be
     // joined leaves nothing behind.
@@ -314,14 +380,14 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     let uds = home.dir().join(vm::VSOCK_SOCKET);
     let mut cfg = vm::config(
         &guest,
-        &dir.join(ROOT_DISK),
+        &crate::rootfs::root(&plan, dir),
         plan.vcpus,
         plan.mem_mib,
         &hostname,
         &uds,
     )?;
     // The volumes' mounts are among the filesystems, in the spec's order.
-    cfg.shares = vm::volume_shares(&plan.volumes);
+    cfg.shares.extend(vm::volume_shares(&plan.volumes));
     home.record_machine(cfg.vcpus, cfg.mem_mib)?;
     let relay = signals.spawn(tty)?;
     let ready = Ready {

@@ -10,7 +10,9 @@
 //! host process exits with 0 when its VM powers off. A child has no address on its
 //! parent's network (the engine gave the parent one, and has none for the child): its
 //! NICs, on TAPs of its own tied to nothing, are taken down, which the fork's output
-//! (`nics_down`) and the child's `state` ([`NETWORK_ANNOTATION`]) say.
+//! (`nics_down`) and the child's `state` ([`NETWORK_ANNOTATION`]) say. Only a container
+//! whose root is a disk of its VM forks ([`ROOTFS_ANNOTATION`] `disk`): a shared root is
+//! the bundle's directory, which the children would write too.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -20,6 +22,7 @@ use forkvm_agent_proto::{Request, Response};
 use forkvm_vmm::control::ForkRequest;
 use serde::Serialize;
 
+use crate::bundle::{RootMode, ROOTFS_ANNOTATION};
 use crate::state::{ContainerState, StateError, StateStore, Status};
 
 /// One forked container.
@@ -79,6 +82,20 @@ pub fn fork_container(root: &Path, id: &str, count: u32) -> Result<ContainerFork
     let parent = store.load(id)?;
     if parent.status != Status::Running || !parent.process_alive() {
         bail!("container {id} is {}, not running", parent.status);
+    }
+    // A root disk is in the container's directory (containers made before the shared
+    // root have one too, without the annotation).
+    if !store
+        .container_dir(id)?
+        .join(crate::rootfs::ROOT_DISK)
+        .exists()
+    {
+        bail!(
+            "container {id} cannot fork: its root is its bundle's directory, shared with the \
+             host, and the children would write the same files; create it with the \
+             annotation {ROOTFS_ANNOTATION}={} to give its VM a root of its own that forks",
+            RootMode::Disk.name()
+        );
     }
     let home = super::ops::vm_home(&parent)?;
     // Children register next to their parent (under the monitor's FORKVM_ROOT).

@@ -1103,6 +1103,31 @@ pub fn detached_cases(e: &Engine) {
         assert!(out.stderr.contains("exec-err"), "{out}");
     });
 
+    e.case(
+        "the container's files are the engine's: diff, cp out and cp in",
+        || {
+            e.expect(
+                &["exec", NAME, "sh", "-c", "echo made inside > /made-inside"],
+                None,
+                0,
+            );
+            let diff = e.ok(&["diff", NAME]);
+            assert!(
+                diff.lines().any(|l| l.trim() == "A /made-inside"),
+                "the engine sees the container's write: {diff}"
+            );
+            let scratch = tempfile::tempdir().unwrap();
+            let out = scratch.path().join("out");
+            e.ok(&["cp", &format!("{NAME}:/made-inside"), out.to_str().unwrap()]);
+            assert_eq!(std::fs::read_to_string(&out).unwrap(), "made inside\n");
+            let file = scratch.path().join("in");
+            std::fs::write(&file, "copied in\n").unwrap();
+            e.ok(&["cp", file.to_str().unwrap(), &format!("{NAME}:/copied-in")]);
+            let got = e.expect(&["exec", NAME, "cat", "/copied-in"], None, 0);
+            assert_eq!(got.stdout, "copied in\n", "{got}");
+        },
+    );
+
     e.case("exec -i: stdin", || {
         let out = e.expect(&["exec", "-i", NAME, "cat"], Some(STDIN_DATA.as_bytes()), 0);
         assert_eq!(out.stdout, STDIN_DATA, "{out}");

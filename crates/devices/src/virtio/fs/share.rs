@@ -148,10 +148,16 @@ impl FileSystem for Share {
         umask: u32,
     ) -> io::Result<Entry> {
         self.writable()?;
-        if matches!(mode & libc::S_IFMT, libc::S_IFBLK | libc::S_IFCHR) {
+        // The type as the host will make it: the server applies the umask to the
+        // whole mode, so type bits could hide there; only permission bits may.
+        let mode = mode & !(umask & 0o7777);
+        if !matches!(
+            mode & libc::S_IFMT,
+            0 | libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK
+        ) {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        self.fs.mknod(ctx, parent, name, mode, rdev, umask)
+        self.fs.mknod(ctx, parent, name, mode, rdev, 0)
     }
 
     fn mkdir(

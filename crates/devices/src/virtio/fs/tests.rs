@@ -392,6 +392,17 @@ fn a_share_is_nodev_no_device_node_made_or_opened() {
         -libc::EPERM
     );
     assert!(!dir.path().join("sda").exists() && !dir.path().join("mem").exists());
+    // A type hidden in the umask (the server masks the whole mode with it).
+    let args = MknodIn {
+        mode: 0o160600, // block (0o060000) once 0o100000 is masked off
+        rdev: sda,
+        umask: 0o100000,
+        padding: 0,
+    };
+    let mut body = args.as_slice().to_vec();
+    body.extend_from_slice(&cstr("hidden"));
+    assert_eq!(g.call(Opcode::Mknod, ROOT, &body).error, -libc::EPERM);
+    assert!(!dir.path().join("hidden").exists());
     // A FIFO is not a device.
     assert_eq!(mknod(&mut g, "fifo", libc::S_IFIFO | 0o600, 0), 0);
     assert!(dir.path().join("fifo").exists());

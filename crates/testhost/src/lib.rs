@@ -10,7 +10,9 @@
 //! content hash) loads the virtio-pci, 9p and `kvm_amd` module chains, mounts the
 //! host's `/` read-only over 9p, mounts `proc`, `sys`, `dev`, and tmpfs on
 //! `/tmp` and `/run` in it, mounts a per-run host scratch directory read-write
-//! at the same absolute path, chroots, `cd`s to the working directory and runs
+//! at the same absolute path, moves that root onto `/` (so that a process joining
+//! a mount namespace lands on the host's files, as on a host) and chroots into
+//! it, `cd`s to the working directory and runs
 //! the command with this process's environment plus `FORKVM_IN_TESTHOST=1` and the
 //! requested variables. Output goes to files in the scratch directory, which
 //! the host reads (and tails live with [`TestHostOptions::stream`]); the kernel

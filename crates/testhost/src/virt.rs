@@ -126,13 +126,19 @@ while [ "$i" -lt "$NRW" ]; do
     i=$((i + 1))
 done
 [ -e /dev/kvm ] || log "warning: no /dev/kvm in the virtual host"
+# The host root becomes the namespace's root, as on a host: a process that joins a
+# mount namespace (setns, nsenter -m) lands on the mount at its root, and must find
+# the host's files there, not this initramfs. From here on this script reaches them
+# through its working directory, the moved root.
+cd $R || die "cd $R"
+mount --move . / || die "cannot move the host root onto /"
 # The heartbeat the host watches: a virtual host that stops writing it has frozen.
-/bin/heartbeat "$R$SCRATCH/heartbeat" &
+/bin/heartbeat ".$SCRATCH/heartbeat" &
 log "running command"
-chroot $R /bin/sh "$SCRATCH/run.sh"
-echo $? > "$R$SCRATCH/exit_code.tmp"
-mv "$R$SCRATCH/exit_code.tmp" "$R$SCRATCH/exit_code"
-log "command exited with $(cat "$R$SCRATCH/exit_code")"
+chroot . /bin/sh "$SCRATCH/run.sh"
+echo $? > ".$SCRATCH/exit_code.tmp"
+mv ".$SCRATCH/exit_code.tmp" ".$SCRATCH/exit_code"
+log "command exited with $(cat ".$SCRATCH/exit_code")"
 umount "$R$SCRATCH"
 off
 "#;

@@ -165,12 +165,13 @@ pub fn parse_options(options: &[String]) -> Result<Options, String> {
 }
 
 /// The share tag and file name of a `file` entry's source, `TAG/NAME`: each a plain
-/// name (no `/`, not `.` or `..`), the tag at most 36 bytes.
+/// name (no `/`, not `.` or `..`), the tag at most 36 bytes and not starting with `.`
+/// (the copies of a share's files are in `.TAG`).
 fn file_source(source: &str) -> Result<(&str, &str), String> {
     let plain = |n: &str| !matches!(n, "" | "." | "..") && !n.contains(['/', '\0']);
     source
         .split_once('/')
-        .filter(|(t, n)| plain(t) && plain(n) && t.len() <= 36)
+        .filter(|(t, n)| plain(t) && !t.starts_with('.') && plain(n) && t.len() <= 36)
         .ok_or_else(|| "the source is not TAG/NAME".to_owned())
 }
 
@@ -784,6 +785,7 @@ mod tests {
                 "forkvm-files/../../etc/passwd",
                 "../0",
                 "./0",
+                ".x/0",
                 "forkvm-files/",
             ] {
                 let e = err(&[f("/y", "forkvm-files/0", &[]), f("/x", bad, &[])]);

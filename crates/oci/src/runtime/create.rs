@@ -145,7 +145,8 @@ fn create_in(
             // Hooks act on the namespaces of the state's pid (`nsenter -t PID -u`): the
             // monitor's UTS and IPC namespaces are its own, never the host's; so is its
             // mount namespace, where the container's root is mounted over `/`
-            // ([`container_root_over_slash`]), its mounts private.
+            // ([`container_root_over_slash`]); the host's later mounts and unmounts reach
+            // it (slave), its own never reach the host.
             let mut flags = libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNS;
             if new_netns {
                 flags |= libc::CLONE_NEWNET;
@@ -157,7 +158,7 @@ fn create_in(
                 std::ptr::null(),
                 c"/".as_ptr(),
                 std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
+                libc::MS_REC | libc::MS_SLAVE,
                 std::ptr::null(),
             );
             if private != 0 {
@@ -296,7 +297,8 @@ fn wait_for_go(fd: i32) -> Result<()> {
 }
 
 /// Mounts the container's root over `/` in this process's mount namespace (its own,
-/// private: see `create_in`), with the host's `/proc` in it. This process and what it
+/// a slave of the host's: see `create_in`), with a read-only `/proc` of processes only
+/// (`subset=pid`) in it. This process and what it
 /// starts keep the host's root (a root directory does not follow a mount stacked on
 /// it), but a process that joins the namespace (`setns`, `nsenter -m -t PID`) lands in
 /// the mount on top: the container's files, as in a runc container's namespace. Engines
@@ -325,8 +327,8 @@ fn container_root_over_slash(rootfs: &Path) -> Result<()> {
                 c"proc".as_ptr(),
                 proc.as_ptr(),
                 c"proc".as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                std::ptr::null(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
+                c"subset=pid".as_ptr().cast(),
             ) != 0
         {
             return Err(failed("mount /proc on", &proc_dir));

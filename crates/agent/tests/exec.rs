@@ -455,6 +455,20 @@ fn capabilities_no_new_privs_umask_and_oom_score_apply() {
     assert_eq!(status_line(&s, "CapBnd:"), hex(CHOWN | KILL), "{s}");
     assert_eq!(status_line(&s, "NoNewPrivs:"), "0", "{s}");
 
+    // `runc spec`'s set: ambient ones that are not inheritable cannot be ambient, and
+    // are left out, as runc leaves them; the process runs.
+    let mut spec = ProcessSpec::new(["sh"]);
+    spec.capabilities = Some(Capabilities {
+        bounding: CHOWN | KILL,
+        effective: CHOWN | KILL,
+        permitted: CHOWN | KILL,
+        inheritable: 0,
+        ambient: CHOWN | KILL,
+    });
+    let s = confinement(spec);
+    assert_eq!(status_line(&s, "CapAmb:"), hex(0), "{s}");
+    assert_eq!(status_line(&s, "CapEff:"), hex(CHOWN | KILL), "{s}");
+
     // Without capabilities in the spec, root keeps the agent's.
     let s = confinement(ProcessSpec::new(["sh"]));
     assert_eq!(status_line(&s, "CapAmb:"), hex(0), "{s}");

@@ -21,6 +21,7 @@ mod host;
 mod net;
 mod probe;
 mod report;
+mod runtime;
 mod stats;
 
 use std::ffi::OsString;
@@ -43,6 +44,7 @@ pub fn run(what: BenchCommand) -> Result<i32> {
         BenchCommand::Fork(a) => fork::run(a),
         BenchCommand::Net(a) => net::run(a),
         BenchCommand::Fs(a) => fs::run(a),
+        BenchCommand::Runtime(a) => runtime::run(a),
     }
 }
 

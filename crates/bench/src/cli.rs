@@ -34,6 +34,27 @@ pub enum BenchCommand {
     /// host directory (virtio-fs) in a forkvm VM, against a runc container's bind mount
     /// and the VM's own root, alternating.
     Fs(BenchFsArgs),
+    /// One OCI bundle run by runc and by forkvm-runtime with a shared root and with a
+    /// root disk, alternating: `create`, `start` to exit, process starts and a file read
+    /// inside.
+    Runtime(BenchRuntimeArgs),
+}
+
+/// `forkvm bench runtime`.
+#[derive(Debug, Args)]
+pub struct BenchRuntimeArgs {
+    /// Measured rounds per side (the order of the sides rotates round by round).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// MiB of the file in the root (what a root disk copies, what the process reads).
+    #[arg(long, default_value_t = 32)]
+    pub mib: u32,
+    /// Processes the container starts, one after another.
+    #[arg(long, default_value_t = 200)]
+    pub execs: u32,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
+    pub format: BenchFormat,
 }
 
 /// `forkvm bench fs`.

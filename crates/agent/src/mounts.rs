@@ -756,8 +756,20 @@ mod tests {
                 (meta.uid(), meta.gid(), meta.mode() & 0o777),
                 (1000, 1001, 0o750)
             );
-            let ran = std::process::Command::new(&script).output().unwrap();
-            assert_eq!(ran.stdout, b"run\n", "{ran:?}");
+            // Waited for through the reaper, as everything in the agent is: the
+            // reaper tests run in this process and collect every child.
+            #[allow(clippy::zombie_processes)] // the reaper waits for it
+            let mut ran = std::process::Command::new(&script)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let handle = crate::reaper::Reaper::global().claim(ran.id() as libc::pid_t);
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut ran.stdout.take().unwrap(), &mut out).unwrap();
+            let status = handle
+                .wait_timeout(std::time::Duration::from_secs(10))
+                .expect("the script exits");
+            assert_eq!((status, out.as_str()), (0, "run\n"));
             // Unmounted, the image's files are as they were: nothing was written in.
             for p in ["etc/hosts", "run/resolve/stub.conf", "run/.containerenv"] {
                 let c = CString::new(root.join(p).to_str().unwrap()).unwrap();

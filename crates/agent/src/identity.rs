@@ -232,6 +232,14 @@ pub fn is_host_served(root: &Path) -> bool {
     rustix::fs::statfs(root).is_ok_and(|st| st.f_type as u32 == FUSE_SUPER_MAGIC)
 }
 
+/// Whether the agent writes the hostname into `root`'s `/etc` (at boot and when a fork
+/// child takes its identity): a container root of the VM's own. A root the host
+/// serves is the engine's directory, which fork siblings share: its files are the
+/// engine's to write, as on a runc host (the engine binds its own `/etc/hosts`).
+pub fn root_takes_hostname_files(root: &Path) -> bool {
+    root != Path::new("/") && !is_host_served(root)
+}
+
 /// Writes `<root>/etc/hostname` and makes `<root>/etc/hosts` resolve it and `localhost`.
 /// Both are resolved inside the root as the container sees it (an image's `etc`
 /// symlink cannot point the write at the guest's own files) and replaced, never written

@@ -439,9 +439,7 @@ fn boot() -> Result<Infallible, InitError> {
     let root = match &cfg.rootfs {
         Some(source) => {
             assemble_rootfs(source, &cfg.rootfstype)?;
-            // A shared root is the host's directory: its files are the engine's to
-            // write, as on a runc host (the engine binds its own `/etc/hosts`).
-            if cfg.rootfstype != "virtiofs" {
+            if identity::root_takes_hostname_files(Path::new(ROOTFS)) {
                 let name = cfg.hostname.clone().unwrap_or_else(identity::hostname);
                 if let Err(e) = identity::write_hostname_files(Path::new(ROOTFS), &name) {
                     console(&format!("forkvm-agent: {ROOTFS}/etc: {e}"));

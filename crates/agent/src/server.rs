@@ -254,11 +254,8 @@ impl Agent {
             } => identity::apply(&hostname, &seed, &macs)
                 .map_err(|e| e.to_string())
                 .and_then(|()| {
-                    // A root the host serves (virtio-fs) is the host's directory, which
-                    // its fork siblings share: not written, as a runc host's is not.
                     if self.config.mode == Mode::Init
-                        && self.config.root != Path::new("/")
-                        && !identity::is_host_served(&self.config.root)
+                        && identity::root_takes_hostname_files(&self.config.root)
                     {
                         identity::write_hostname_files(&self.config.root, &hostname)
                             .map_err(|e| e.to_string())

@@ -198,18 +198,12 @@ fn run_side(cmd: &mut Command, side: SideKind) -> Result<Timings> {
     };
     let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
     let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = std::time::Instant::now() + RUN_LIMIT;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{} did not finish within {RUN_LIMIT:?}", side.name());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = super::host::wait_within(
+        &mut child,
+        side.name(),
+        RUN_LIMIT,
+        Duration::from_millis(100),
+    )?;
     let stdout = stdout.join().unwrap_or_default();
     let stderr = stderr.join().unwrap_or_default();
     match stdout.lines().find_map(parse_result) {

@@ -3,10 +3,33 @@
 //! forkvm VM is measured against).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use forkvm_image::fixtures::{self, LayerBuilder};
+
+/// Waits for `child`, looking every `poll`, for at most `limit`; past it the child is
+/// killed and the error says that `what` did not finish.
+pub fn wait_within(
+    child: &mut Child,
+    what: &str,
+    limit: Duration,
+    poll: Duration,
+) -> Result<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(poll);
+    }
+}
 
 /// Whether `name` is a file in a `PATH` directory.
 pub fn program_exists(name: &str) -> bool {

@@ -170,7 +170,7 @@ fn one_run(program: &Path, root: &Path, bundle: &Path, id: &str, dir: &Path) -> 
     let pid_file = dir.join(format!("{id}.pid"));
     let result = (|| {
         let started = Instant::now();
-        let create = rt(&["create", "--bundle"])
+        let mut create = rt(&["create", "--bundle"])
             .arg(bundle)
             .arg("--pid-file")
             .arg(&pid_file)
@@ -180,7 +180,8 @@ fn one_run(program: &Path, root: &Path, bundle: &Path, id: &str, dir: &Path) -> 
             .stderr(std::fs::File::create(dir.join(format!("{id}.err")))?)
             .spawn()
             .context("cannot run create")?;
-        let status = wait_child(create, "create")?;
+        let status =
+            super::host::wait_within(&mut create, "create", STEP_LIMIT, Duration::from_millis(5))?;
         let create_ns = started.elapsed().as_nanos() as u64;
         if !status.success() {
             bail!(
@@ -194,13 +195,14 @@ fn one_run(program: &Path, root: &Path, bundle: &Path, id: &str, dir: &Path) -> 
         // this looks.
         let process = ProcessFd::open(pid)?;
         let start_err = dir.join(format!("{id}.start.err"));
-        let start = rt(&["start", id])
+        let mut start = rt(&["start", id])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&start_err)?)
             .spawn()
             .context("cannot run start")?;
-        let status = wait_child(start, "start")?;
+        let status =
+            super::host::wait_within(&mut start, "start", STEP_LIMIT, Duration::from_millis(5))?;
         if !status.success() {
             bail!(
                 "start failed ({status}): {}",
@@ -228,23 +230,6 @@ fn one_run(program: &Path, root: &Path, bundle: &Path, id: &str, dir: &Path) -> 
         .stderr(Stdio::null())
         .status();
     result
-}
-
-/// Waits for `child` (the runtime running `verb`) for at most [`STEP_LIMIT`]; kills it
-/// past that.
-fn wait_child(mut child: std::process::Child, verb: &str) -> Result<std::process::ExitStatus> {
-    let deadline = Instant::now() + STEP_LIMIT;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{verb} did not finish within {STEP_LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// A process that is not this one's child, watched through a pidfd.

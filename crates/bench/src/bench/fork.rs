@@ -54,7 +54,8 @@ const GUEST_COMMAND: &str = "sleep 1000000";
 const DEVICES: &str = "ttyS0 (16550 UART), i8042 (reset only), ACPI power-off port, \
 in-kernel PIC/IOAPIC/PIT, virtio-mmio vsock, virtio-mmio rng; guest agent on vsock port 1024";
 
-/// How long one agent ping may wait for an answer before it is retried.
+/// How long one agent ping may wait for an answer before it is retried (the guest
+/// accepting the connection may take [`forkvm_vmm::fork::FRESH_CHILD_HANDSHAKE`]).
 const PING_TIMEOUT: Duration = Duration::from_millis(250);
 
 mod mem;
@@ -116,6 +117,7 @@ fn wait_agent(
             forkvm_vmm::fork::agent_call_timeout(
                 uds,
                 &forkvm_agent_proto::Request::Ping,
+                forkvm_vmm::fork::FRESH_CHILD_HANDSHAKE,
                 PING_TIMEOUT,
             )
         {

@@ -81,9 +81,12 @@ impl FileSystem for Share {
     /// The passthrough filesystem's options, and requests of up to 1 MiB
     /// (`BIG_WRITES`, `MAX_PAGES`) where the guest offers them: without them the guest
     /// splits reads and writes into 8 KiB requests, each a round trip through the queue.
+    /// And `AUTO_INVAL_DATA`: the guest keeps file contents across opens
+    /// (`KEEP_CACHE`), so it must drop them when it sees the host changed the file's
+    /// modification time (a size change drops them anyway).
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        let large = capable & (FsOptions::BIG_WRITES | FsOptions::MAX_PAGES);
-        Ok(self.fs.init(capable)? | large)
+        let wanted = FsOptions::BIG_WRITES | FsOptions::MAX_PAGES | FsOptions::AUTO_INVAL_DATA;
+        Ok(self.fs.init(capable)? | (capable & wanted))
     }
 
     fn destroy(&self) {

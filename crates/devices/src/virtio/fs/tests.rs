@@ -294,6 +294,31 @@ fn requests_of_a_mebibyte_when_the_guest_offers_them() {
 }
 
 #[test]
+fn file_contents_stay_cached_across_opens_until_the_host_changes_them() {
+    const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+    const FUSE_AUTO_INVAL_DATA: u32 = 1 << 12;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("program"), "code").unwrap();
+    let mut g = Guest::mount(share(dir.path(), false));
+    // Offered, AUTO_INVAL_DATA is taken: the guest drops a file's pages once it sees
+    // the host changed its modification time. Not offered, it is not claimed.
+    assert_ne!(g.init(FUSE_AUTO_INVAL_DATA).flags & FUSE_AUTO_INVAL_DATA, 0);
+    let mut g = Guest::mount(share(dir.path(), false));
+    assert_eq!(g.init(0).flags & FUSE_AUTO_INVAL_DATA, 0);
+    // Every open keeps what the guest cached (an exec is an open): none reads it again.
+    let entry: EntryOut = g.lookup(ROOT, "program").ok();
+    for _ in 0..2 {
+        let open: OpenOut = g.open(entry.nodeid, libc::O_RDONLY).ok();
+        assert_ne!(
+            open.open_flags & FOPEN_KEEP_CACHE,
+            0,
+            "{:#x}",
+            open.open_flags
+        );
+    }
+}
+
+#[test]
 fn guest_reads_host_files_and_creates_files_with_its_ids() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("hello"), "from the host\n").unwrap();

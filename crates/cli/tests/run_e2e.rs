@@ -313,7 +313,8 @@ fn volumes_share_host_directories() {
         assert!(!vol.join("nope").exists());
         assert!(vol.join("from-host").exists());
 
-        // Live both ways, no remount: the guest writes, the host answers, the guest reads.
+        // Live both ways, no remount: the guest writes, the host answers, the guest reads;
+        // the host rewrites a file the guest has read and the guest reads the new one.
         let run = Forkvm::spawn_with(
             &[
                 "run",
@@ -324,6 +325,8 @@ fn volumes_share_host_directories() {
                 "sh",
                 "-c",
                 "echo ping > /data/live; i=0; while [ ! -f /data/answer ] && [ $i -lt 300 ]; do \
+                 sleep 0.1; i=$((i+1)); done; cat /data/answer; echo > /data/read; \
+                 i=0; while [ \"$(cat /data/answer)\" = pong ] && [ $i -lt 300 ]; do \
                  sleep 0.1; i=$((i+1)); done; cat /data/answer",
             ],
             RUN_TIMEOUT,
@@ -339,9 +342,16 @@ fn volumes_share_host_directories() {
             std::thread::sleep(Duration::from_millis(50));
         }
         std::fs::write(vol.join("answer"), "pong\n").unwrap();
+        // Once the guest read it (its pages now cached), the host rewrites it, same
+        // size: the guest sees the new contents (within the attribute timeout).
+        while !vol.join("read").exists() {
+            assert!(std::time::Instant::now() < deadline, "the guest never read");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::fs::write(vol.join("answer"), "PONG\n").unwrap();
         let out = run.finish();
         assert_code(&out, 0);
-        assert_eq!(out.stdout, "pong\n", "{out}");
+        assert_eq!(out.stdout, "pong\nPONG\n", "{out}");
 
         // A VM with a share forks, and its child reads and writes the same directory:
         // through its working directory and a file its parent had open before the fork

@@ -176,6 +176,8 @@ pub struct SavedTable {
     /// Options INIT agreed on: write-back cache, no OPEN, no OPENDIR, `KILLPRIV_V2`,
     /// per-file DAX.
     pub options: [bool; 5],
+    /// INIT agreed on `FUSE_AUTO_INVAL_DATA` ([`Share::keeps_cache`]).
+    pub auto_inval_data: bool,
 }
 
 /// An inode the guest holds.
@@ -649,6 +651,7 @@ impl Persist<'_> for Fs {
                     o.killpriv_v2,
                     o.perfile_dax,
                 ],
+                auto_inval_data: self.share.keeps_cache(),
             },
             files: HostFiles::new(files),
         })
@@ -667,6 +670,7 @@ impl Persist<'_> for Fs {
             problem: e.to_string(),
         })?;
         let mut dev = Self::serving(config, fs)?;
+        dev.share.set_keeps_cache(state.table.auto_inval_data);
         let (major, minor) = state.table.protocol;
         dev.server.set_protocol(major, minor);
         dev.activation

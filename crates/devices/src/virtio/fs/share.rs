@@ -16,6 +16,7 @@
 
 use std::ffi::CStr;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::SetattrValid;
@@ -34,12 +35,39 @@ pub const MAX_DIR_READ: u32 = 128 * 1024;
 pub struct Share {
     fs: PassthroughFs,
     read_only: bool,
+    /// The guest agreed to `FUSE_AUTO_INVAL_DATA`: it may keep file contents and
+    /// directory listings across opens (it drops them when it sees the host changed
+    /// them). Without it every open drops them, as it must.
+    keep_cache: AtomicBool,
 }
 
 impl Share {
     /// Serves `fs` (already imported), refusing every change when `read_only`.
     pub fn new(fs: PassthroughFs, read_only: bool) -> Self {
-        Self { fs, read_only }
+        Self {
+            fs,
+            read_only,
+            keep_cache: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the guest keeps what it cached across opens (INIT agreed on
+    /// `FUSE_AUTO_INVAL_DATA`); saved with the device.
+    pub fn keeps_cache(&self) -> bool {
+        self.keep_cache.load(Ordering::Relaxed)
+    }
+
+    /// Restores [`Share::keeps_cache`] (a restored device gets no INIT).
+    pub fn set_keeps_cache(&self, keep: bool) {
+        self.keep_cache.store(keep, Ordering::Relaxed)
+    }
+
+    /// `opts` without the cache-keeping flags unless the guest keeps its cache.
+    fn cache(&self, mut opts: OpenOptions) -> OpenOptions {
+        if !self.keeps_cache() {
+            opts.remove(OpenOptions::KEEP_CACHE | OpenOptions::CACHE_DIR);
+        }
+        opts
     }
 
     /// The passthrough filesystem behind it.
@@ -86,7 +114,9 @@ impl FileSystem for Share {
     /// modification time (a size change drops them anyway).
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
         let wanted = FsOptions::BIG_WRITES | FsOptions::MAX_PAGES | FsOptions::AUTO_INVAL_DATA;
-        Ok(self.fs.init(capable)? | (capable & wanted))
+        let agreed = self.fs.init(capable)? | (capable & wanted);
+        self.set_keeps_cache(agreed.contains(FsOptions::AUTO_INVAL_DATA));
+        Ok(agreed)
     }
 
     fn destroy(&self) {
@@ -212,7 +242,8 @@ impl FileSystem for Share {
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         self.check_open(flags)?;
         self.not_a_device(ctx, inode)?;
-        self.fs.open(ctx, inode, flags, fuse_flags)
+        let (handle, opts, passthrough) = self.fs.open(ctx, inode, flags, fuse_flags)?;
+        Ok((handle, self.cache(opts), passthrough))
     }
 
     fn create(
@@ -223,7 +254,8 @@ impl FileSystem for Share {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.writable()?;
-        self.fs.create(ctx, parent, name, args)
+        let (entry, handle, opts, passthrough) = self.fs.create(ctx, parent, name, args)?;
+        Ok((entry, handle, self.cache(opts), passthrough))
     }
 
     fn read(
@@ -349,7 +381,8 @@ impl FileSystem for Share {
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
-        self.fs.opendir(ctx, inode, flags)
+        let (handle, opts) = self.fs.opendir(ctx, inode, flags)?;
+        Ok((handle, self.cache(opts)))
     }
 
     fn readdir(

@@ -293,29 +293,64 @@ fn requests_of_a_mebibyte_when_the_guest_offers_them() {
     assert_ne!(out.flags & (1 << 22), 0);
 }
 
+/// The open flags of `nodeid`'s OPEN (or OPENDIR when `dir`).
+fn open_flags(g: &mut Guest, nodeid: u64, dir: bool) -> u32 {
+    let (opcode, flags) = match dir {
+        true => (Opcode::Opendir, libc::O_RDONLY | libc::O_DIRECTORY),
+        false => (Opcode::Open, libc::O_RDONLY),
+    };
+    let open = OpenIn {
+        flags: flags as u32,
+        fuse_flags: 0,
+    };
+    g.call(opcode, nodeid, open.as_slice())
+        .ok::<OpenOut>()
+        .open_flags
+}
+
+/// The guest keeps file contents and listings across opens (an exec is an open) only
+/// where it agreed to drop them when it sees the host changed them
+/// (`FUSE_AUTO_INVAL_DATA`, which the kernel acts on; `run_e2e` checks it in a guest);
+/// the agreement survives a save and restore (a fork child's guest holds it).
 #[test]
-fn file_contents_stay_cached_across_opens_until_the_host_changes_them() {
+fn cached_contents_are_kept_across_opens_only_where_the_guest_drops_changed_ones() {
     const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+    const FOPEN_CACHE_DIR: u32 = 1 << 3;
     const FUSE_AUTO_INVAL_DATA: u32 = 1 << 12;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("program"), "code").unwrap();
-    let mut g = Guest::mount(share(dir.path(), false));
-    // Offered, AUTO_INVAL_DATA is taken: the guest drops a file's pages once it sees
-    // the host changed its modification time. Not offered, it is not claimed.
-    assert_ne!(g.init(FUSE_AUTO_INVAL_DATA).flags & FUSE_AUTO_INVAL_DATA, 0);
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let flags = |g: &mut Guest| {
+        let file: EntryOut = g.lookup(ROOT, "program").ok();
+        let sub: EntryOut = g.lookup(ROOT, "sub").ok();
+        (
+            open_flags(g, file.nodeid, false),
+            open_flags(g, sub.nodeid, true),
+        )
+    };
+
+    // Not offered: not claimed, and every open drops what the guest cached.
     let mut g = Guest::mount(share(dir.path(), false));
     assert_eq!(g.init(0).flags & FUSE_AUTO_INVAL_DATA, 0);
-    // Every open keeps what the guest cached (an exec is an open): none reads it again.
-    let entry: EntryOut = g.lookup(ROOT, "program").ok();
-    for _ in 0..2 {
-        let open: OpenOut = g.open(entry.nodeid, libc::O_RDONLY).ok();
-        assert_ne!(
-            open.open_flags & FOPEN_KEEP_CACHE,
-            0,
-            "{:#x}",
-            open.open_flags
-        );
-    }
+    let (file, sub) = flags(&mut g);
+    assert_eq!(file & FOPEN_KEEP_CACHE, 0, "{file:#x}");
+    assert_eq!(sub & (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR), 0, "{sub:#x}");
+    let state = g.device().save().unwrap();
+    assert!(!state.table.auto_inval_data);
+
+    // Offered: taken, and contents and listings are kept.
+    let mut g = Guest::mount(share(dir.path(), false));
+    assert_ne!(g.init(FUSE_AUTO_INVAL_DATA).flags & FUSE_AUTO_INVAL_DATA, 0);
+    let (file, sub) = flags(&mut g);
+    assert_ne!(file & FOPEN_KEEP_CACHE, 0, "{file:#x}");
+    assert_eq!(sub & FOPEN_CACHE_DIR, FOPEN_CACHE_DIR, "{sub:#x}");
+
+    // Restored (no INIT): as the saved guest agreed.
+    let state = g.device().save().unwrap();
+    assert!(state.table.auto_inval_data);
+    let mut child = Guest::attach(Fs::restore(share(dir.path(), false), &state).unwrap());
+    let (file, _) = flags(&mut child);
+    assert_ne!(file & FOPEN_KEEP_CACHE, 0, "{file:#x}");
 }
 
 #[test]

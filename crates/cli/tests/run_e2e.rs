@@ -326,7 +326,7 @@ fn volumes_share_host_directories() {
                 "-c",
                 "echo ping > /data/live; i=0; while [ ! -f /data/answer ] && [ $i -lt 300 ]; do \
                  sleep 0.1; i=$((i+1)); done; cat /data/answer; echo > /data/read; \
-                 i=0; while [ \"$(cat /data/answer)\" = pong ] && [ $i -lt 300 ]; do \
+                 i=0; until [ \"$(cat /data/answer)\" = PONG ] || [ $i -ge 300 ]; do \
                  sleep 0.1; i=$((i+1)); done; cat /data/answer",
             ],
             RUN_TIMEOUT,
@@ -341,14 +341,21 @@ fn volumes_share_host_directories() {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        std::fs::write(vol.join("answer"), "pong\n").unwrap();
-        // Once the guest read it (its pages now cached), the host rewrites it, same
-        // size: the guest sees the new contents (within the attribute timeout).
+        // Whole when it appears (the guest polls for it).
+        std::fs::write(vol.join("answer.new"), "pong\n").unwrap();
+        std::fs::rename(vol.join("answer.new"), vol.join("answer")).unwrap();
+        // Once the guest read it (its pages now cached), the host rewrites it in place,
+        // same size, so only its modification time tells: the guest sees the new
+        // contents (within the attribute timeout), not its cached pages forever.
         while !vol.join("read").exists() {
             assert!(std::time::Instant::now() < deadline, "the guest never read");
             std::thread::sleep(Duration::from_millis(50));
         }
-        std::fs::write(vol.join("answer"), "PONG\n").unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(vol.join("answer"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"PONG\n"))
+            .unwrap();
         let out = run.finish();
         assert_code(&out, 0);
         assert_eq!(out.stdout, "pong\nPONG\n", "{out}");

@@ -234,8 +234,8 @@ pub fn is_host_served(root: &Path) -> bool {
 
 /// Whether the agent writes the hostname into `root`'s `/etc` (at boot and when a fork
 /// child takes its identity): a container root of the VM's own. A root the host
-/// serves is the engine's directory, which fork siblings share: its files are the
-/// engine's to write, as on a runc host (the engine binds its own `/etc/hosts`).
+/// serves is the engine's directory: its files are the engine's to write, as on a runc
+/// host (the engine binds its own `/etc/hosts`).
 pub fn root_takes_hostname_files(root: &Path) -> bool {
     root != Path::new("/") && !is_host_served(root)
 }
@@ -263,6 +263,16 @@ pub fn write_hostname_files(root: &Path, hostname: &str) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_root_of_the_vms_own_takes_the_hostname_files() {
+        // The guest's own `/` is not a container root; a local directory is one of the
+        // VM's own (not FUSE, which only a guest with a shared root mounts).
+        assert!(!root_takes_hostname_files(Path::new("/")));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_host_served(dir.path()));
+        assert!(root_takes_hostname_files(dir.path()));
+    }
 
     #[test]
     fn macs_parse_strictly() {

@@ -54,8 +54,7 @@ const GUEST_COMMAND: &str = "sleep 1000000";
 const DEVICES: &str = "ttyS0 (16550 UART), i8042 (reset only), ACPI power-off port, \
 in-kernel PIC/IOAPIC/PIT, virtio-mmio vsock, virtio-mmio rng; guest agent on vsock port 1024";
 
-/// How long one agent ping may wait for an answer before it is retried (the guest
-/// accepting the connection may take [`forkvm_vmm::fork::FRESH_CHILD_HANDSHAKE`]).
+/// How long one agent ping may wait for an answer before it is retried.
 const PING_TIMEOUT: Duration = Duration::from_millis(250);
 
 mod mem;
@@ -104,9 +103,12 @@ impl Drop for ColdVmm {
 }
 
 /// Pings the agent behind `uds` until it answers with a hostname `accept`s, or until
-/// `deadline` or `stop`; returns when it answered.
+/// `deadline` or `stop`; returns when it answered. Each ping's handshake may take
+/// `handshake`: [`forkvm_vmm::fork::FRESH_CHILD_HANDSHAKE`] for a fork child, whose
+/// guest drops requests until it has its new CID; [`PING_TIMEOUT`] for a booted VM.
 fn wait_agent(
     uds: &Path,
+    handshake: Duration,
     accept: impl Fn(&str) -> bool,
     poll: Duration,
     deadline: Instant,
@@ -117,7 +119,7 @@ fn wait_agent(
             forkvm_vmm::fork::agent_call_timeout(
                 uds,
                 &forkvm_agent_proto::Request::Ping,
-                forkvm_vmm::fork::FRESH_CHILD_HANDSHAKE,
+                handshake,
                 PING_TIMEOUT,
             )
         {
@@ -155,7 +157,14 @@ impl Pollers {
                 .stack_size(256 << 10)
                 .spawn(move || {
                     let t0 = rx.recv().ok()?;
-                    let at = wait_agent(&uds, |h| h.starts_with("fork-"), poll, t0 + limit, &stop)?;
+                    let at = wait_agent(
+                        &uds,
+                        forkvm_vmm::fork::FRESH_CHILD_HANDSHAKE,
+                        |h| h.starts_with("fork-"),
+                        poll,
+                        t0 + limit,
+                        &stop,
+                    )?;
                     Some(at.duration_since(t0).as_micros() as u64)
                 })
                 .context("cannot start a ping thread")?;
@@ -284,6 +293,7 @@ impl Bench<'_> {
         let measured = (|| -> Result<f64> {
             let parent_ready = wait_agent(
                 &parent_uds,
+                PING_TIMEOUT,
                 |_| true,
                 Duration::from_millis(5),
                 booted + Duration::from_secs(args.timeout),
@@ -489,6 +499,7 @@ impl Bench<'_> {
         let never = AtomicBool::new(false);
         let agent = wait_agent(
             &uds,
+            PING_TIMEOUT,
             |_| true,
             Duration::from_micros(self.args.poll_us),
             deadline,

@@ -706,7 +706,15 @@ mod tests {
             std::fs::set_permissions(copies.join("2"), PermissionsExt::from_mode(0o750)).unwrap();
             std::os::unix::fs::chown(copies.join("2"), Some(1000), Some(1001)).unwrap();
             let flags = libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOEXEC;
-            mount(None, &dir, None, flags, None).unwrap();
+            // A process another test forks in this process holds our descriptors until
+            // it execs or exits: while one of these files is open in it for writing,
+            // the remount is refused (EBUSY). It does not last.
+            let mut tries = 0;
+            while let Err(e) = mount(None, &dir, None, flags, None) {
+                tries += 1;
+                assert!(e.raw_os_error() == Some(libc::EBUSY) && tries < 200, "{e}");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
             let mut shares = FileShares::at(base.path());
             shares.mounted.insert("forkvm-files".into());
             // The image's /etc/hosts, a resolv.conf that is a link (Ubuntu's), a

@@ -231,10 +231,16 @@ mod tests {
         let reaper = Reaper::global();
         // SAFETY: the child only calls _exit.
         let exited = unsafe { reaper.fork(|| libc::_exit(3)) }.unwrap();
-        // SAFETY: the child only calls pause, then is killed.
+        // SAFETY: the child only closes descriptors and pauses, then is killed.
         let paused = unsafe {
-            reaper.fork(|| loop {
-                libc::pause();
+            reaper.fork(|| {
+                // What it inherited from tests running beside this one (a file they
+                // are writing) must not stay open in it: a read-only remount of their
+                // tmpfs would be refused (EBUSY) while it lives.
+                libc::syscall(libc::SYS_close_range, 0, u32::MAX, 0);
+                loop {
+                    libc::pause();
+                }
             })
         }
         .unwrap();

@@ -83,8 +83,10 @@ fn process(a: &ExecArgs) -> Result<ProcessSpec> {
 
 fn foreground(uds: &Path, spec: &ProcessSpec, report: Option<&Path>) -> Result<i32> {
     let signals = ForwardedSignals::block().context("cannot block signals")?;
+    // Retried until the agent answers: a container just forked loses connection
+    // requests (or has them reset) until its guest has taken its new CID.
     let stream =
-        client::connect_vsock(uds, forkvm_agent_proto::AGENT_PORT, Duration::from_secs(10))
+        client::wait_for_agent(uds, std::time::Instant::now() + Duration::from_secs(10))
             .with_context(|| format!("cannot reach the container's agent at {}", uds.display()))?;
     let session = match client::exec(stream, spec) {
         Ok(s) => s,

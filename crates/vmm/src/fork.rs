@@ -729,7 +729,7 @@ pub fn apply_identity(uds: &std::path::Path, id: &ChildIdentity) -> Result<Durat
 /// it while the child is new. Until the guest has handled the transport reset and
 /// taken its new CID it answers a connection request from its parent's CID, which the
 /// device drops: the request is lost and only a new one succeeds. Measured (virtual
-/// host, 8 forks): the first request, made as the child reports running, was lost every
+/// host, 9 forks): the first request, made as the child reports running, was lost every
 /// time; with a 250 ms limit every child lost those 250 ms before its second try.
 pub const FRESH_CHILD_HANDSHAKE: Duration = Duration::from_millis(50);
 

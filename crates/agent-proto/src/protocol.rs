@@ -14,8 +14,9 @@ pub const AGENT_PORT: u32 = 1024;
 /// [`ProcessSpec`]'s capabilities, `no_new_privileges`, `oom_score_adj` and `umask`,
 /// [`Request::Container`]; 8: [`Request::Cgroup`], [`Request::Filesystems`], [`Request::Hooks`],
 /// [`DeviceNode::host_has`], [`Request::Container`]'s `domainname`; 9: [`FsMount`]s of
-/// type `file`, and a root shared by virtio-fs, `forkvm.rootfstype=virtiofs`).
-pub const PROTOCOL_VERSION: u32 = 9;
+/// type `file`, and a root shared by virtio-fs, `forkvm.rootfstype=virtiofs`; 10:
+/// [`Request::Container`]'s `user_namespace`).
+pub const PROTOCOL_VERSION: u32 = 10;
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
 /// `PATH` used for the executable search when [`ProcessSpec::env`] has none.
@@ -117,6 +118,11 @@ pub enum Request {
         /// most [`MAX_SECCOMP_FILTERS`] of at most 4096 instructions. Since version 8.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         seccomp: Vec<String>,
+        /// The container's user namespace (the OCI `user` namespace with its id maps):
+        /// made once, and every container process the agent starts from then on runs in
+        /// it. Since version 10.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user_namespace: Option<UserNamespace>,
     },
     /// Run OCI hooks of one kind in the container's root (`createContainer` at create,
     /// `startContainer` at start), in order, the state on each one's stdin; the first
@@ -180,6 +186,31 @@ pub struct CgroupLimits {
 
 /// Most seccomp filters one [`Request::Container`] may carry.
 pub const MAX_SECCOMP_FILTERS: usize = 16;
+
+/// Most ranges one id map of a [`UserNamespace`] may have (the kernel's limit).
+pub const MAX_ID_MAPPINGS: usize = 340;
+
+/// A user namespace of [`Request::Container`]: the OCI `linux.uidMappings` and
+/// `gidMappings`, where the "host" ids are the guest's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserNamespace {
+    /// User ids (at most [`MAX_ID_MAPPINGS`] ranges).
+    pub uid_mappings: Vec<IdMapping>,
+    /// Group ids (at most [`MAX_ID_MAPPINGS`] ranges).
+    pub gid_mappings: Vec<IdMapping>,
+}
+
+/// One range of an id map: `size` ids from `container_id` in the namespace are the
+/// guest's from `host_id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMapping {
+    /// The first id inside the namespace.
+    pub container_id: u32,
+    /// The guest's id it is.
+    pub host_id: u32,
+    /// How many consecutive ids (at least 1).
+    pub size: u32,
+}
 
 /// Most hooks one [`Request::Hooks`] may carry.
 pub const MAX_HOOKS: usize = 64;

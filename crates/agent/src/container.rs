@@ -69,12 +69,20 @@ pub struct Settings<'a> {
     pub domainname: Option<&'a str>,
     /// `linux.seccomp`, compiled: kept for the processes started from then on.
     pub seccomp: &'a [String],
+    /// The `user` namespace and its id maps: made and kept for the processes started
+    /// from then on.
+    pub user_namespace: Option<&'a forkvm_agent_proto::UserNamespace>,
 }
 
 /// Makes the device nodes in `root`, sets the kernel parameters, then masks paths and
 /// makes paths read-only inside `root`. The first failure stops it, naming the field
 /// and the entry.
-pub fn apply(root: &Path, kernel: &GuestKernel, s: &Settings) -> Result<(), String> {
+pub fn apply(
+    root: &Path,
+    kernel: &GuestKernel,
+    s: &Settings,
+    reaper: &crate::reaper::Reaper,
+) -> Result<(), String> {
     for (what, n) in [
         ("linux.devices", s.devices.len()),
         ("linux.sysctl", s.sysctls.len()),
@@ -87,6 +95,9 @@ pub fn apply(root: &Path, kernel: &GuestKernel, s: &Settings) -> Result<(), Stri
     }
     if !s.seccomp.is_empty() {
         crate::seccomp::set(s.seccomp).map_err(|e| format!("linux.seccomp: {e}"))?;
+    }
+    if let Some(ns) = s.user_namespace {
+        crate::userns::set(ns, reaper)?;
     }
     if let Some(name) = s.domainname {
         set_domainname(name).map_err(|e| format!("domainname {name:?}: {e}"))?;
@@ -415,7 +426,13 @@ pub(crate) mod tests {
             readonly_root: false,
             domainname: None,
             seccomp: &[],
+            user_namespace: None,
         }
+    }
+
+    /// [`super::apply`] with the process's reaper.
+    fn apply(root: &Path, kernel: &GuestKernel, s: &Settings) -> Result<(), String> {
+        super::apply(root, kernel, s, crate::reaper::Reaper::global())
     }
 
     #[test]

@@ -45,6 +45,7 @@ mod session;
 pub mod shares;
 pub mod spawn;
 pub mod user;
+pub mod userns;
 
 pub use protocol::{
     Capabilities, ProcessSpec, Request, Response, Rlimit, User, AGENT_PORT, PROTOCOL_VERSION,

@@ -311,6 +311,7 @@ impl Agent {
                 readonly_root,
                 domainname,
                 seccomp,
+                user_namespace,
             } => match self.config.mode {
                 Mode::Init => crate::container::apply(
                     &self.config.root,
@@ -323,7 +324,9 @@ impl Agent {
                         readonly_root,
                         domainname: domainname.as_deref(),
                         seccomp: &seccomp,
+                        user_namespace: user_namespace.as_ref(),
                     },
+                    self.reaper,
                 ),
                 _ => Err("container needs the agent to run as the guest's PID 1".to_owned()),
             },

@@ -7,7 +7,8 @@
 //! 3. `oom_score_adj` written, `umask` set; the container's cgroup joined and a cgroup
 //!    namespace of its own taken, once the container has one ([`crate::cgroup`]);
 //! 4. `chroot(root)` (skipped when the root is `/`), `chdir(cwd)`;
-//! 5. `setrlimit` for each limit; with capabilities, the bounding set dropped to the
+//! 5. `setrlimit` for each limit; the container's user namespace joined, once it has one
+//!    ([`crate::userns`]: every capability inside it from here on); with capabilities, the bounding set dropped to the
 //!    spec's and capabilities kept across the user switch (`PR_SET_KEEPCAPS`); without
 //!    `no_new_privs`, the container's seccomp filters ([`crate::seccomp`]);
 //!    `setgroups`, `setgid`, `setuid`;
@@ -152,6 +153,7 @@ const STEP_AMBIENT: u32 = 15;
 const STEP_NNP: u32 = 16;
 const STEP_CGROUP: u32 = 17;
 const STEP_SECCOMP: u32 = 18;
+const STEP_USERNS: u32 = 19;
 
 fn step_name(step: u32) -> &'static str {
     match step {
@@ -168,6 +170,7 @@ fn step_name(step: u32) -> &'static str {
         STEP_OOM => "write oom_score_adj",
         STEP_CGROUP => "join the container's cgroup",
         STEP_SECCOMP => "install the container's seccomp filters",
+        STEP_USERNS => "join the container's user namespace",
         STEP_CAPBSET => "drop from the capability bounding set",
         STEP_KEEPCAPS => "keep capabilities across the user switch",
         STEP_CAPSET => "set the capabilities (capset)",
@@ -195,6 +198,8 @@ struct ChildPlan {
     cgroup_procs: Option<&'static std::ffi::CStr>,
     /// The container's seccomp filters (pointing into memory that outlives the fork).
     seccomp: Vec<libc::sock_fprog>,
+    /// The container's user namespace, to join after the rlimits.
+    userns: Option<RawFd>,
     caps: Option<CapPlan>,
     no_new_privs: bool,
     candidates: Vec<CString>,
@@ -375,26 +380,42 @@ pub fn open_pty() -> io::Result<(File, OwnedFd)> {
 /// Starts `spec` with `root` as its root directory (no chroot when it is `/`).
 pub fn spawn(root: &Path, spec: &ProcessSpec, reaper: &Reaper) -> Result<Spawned, SpawnError> {
     let program = spec.args.first().ok_or(SpawnError::NoArgs)?.clone();
-    spawn_inner(root, spec, &program, crate::seccomp::filters(), reaper)
+    let container = Container {
+        seccomp: crate::seccomp::filters(),
+        userns: crate::userns::fd(),
+    };
+    spawn_inner(root, spec, &program, &container, reaper)
 }
 
 /// [`spawn`] of `program` (searched as `args[0]` would be) with `spec.args` as its
 /// arguments, `argv[0]` included, and without the container's seccomp filters: an OCI
-/// hook's `path` and `args`.
+/// hook's `path` and `args` (in the container's user namespace, as runc runs them).
 pub fn spawn_program(
     root: &Path,
     spec: &ProcessSpec,
     program: &str,
     reaper: &Reaper,
 ) -> Result<Spawned, SpawnError> {
-    spawn_inner(root, spec, program, &[], reaper)
+    let container = Container {
+        seccomp: &[],
+        userns: crate::userns::fd(),
+    };
+    spawn_inner(root, spec, program, &container, reaper)
 }
 
-fn spawn_inner(
+/// What a process takes of its container besides its root.
+pub(crate) struct Container<'a> {
+    /// Seccomp filters, installed in order.
+    pub seccomp: &'a [Vec<libc::sock_filter>],
+    /// A user namespace to join.
+    pub userns: Option<RawFd>,
+}
+
+pub(crate) fn spawn_inner(
     root: &Path,
     spec: &ProcessSpec,
     program: &str,
-    seccomp: &[Vec<libc::sock_filter>],
+    container: &Container,
     reaper: &Reaper,
 ) -> Result<Spawned, SpawnError> {
     if spec.args.is_empty() {
@@ -534,7 +555,8 @@ fn spawn_inner(
         oom_score_adj,
         umask,
         cgroup_procs: crate::cgroup::procs(),
-        seccomp: crate::seccomp::fprogs(seccomp),
+        seccomp: crate::seccomp::fprogs(container.seccomp),
+        userns: container.userns,
         caps: spec.capabilities.map(CapPlan::new),
         no_new_privs: spec.no_new_privileges,
         candidates,
@@ -677,6 +699,14 @@ fn child_main(p: &ChildPlan) -> ! {
         for (res, lim) in &p.rlimits {
             if libc::setrlimit(*res as _, lim) < 0 {
                 fail(p.err_fd, STEP_RLIMIT);
+            }
+        }
+        // After what needs the guest's root (the chroot, raising hard limits), before
+        // the capability and user changes: joining resets the bounding set to full and
+        // gives every capability inside the namespace, for those steps to narrow.
+        if let Some(ns) = p.userns {
+            if libc::setns(ns, libc::CLONE_NEWUSER) < 0 {
+                fail(p.err_fd, STEP_USERNS);
             }
         }
         if let Some(caps) = &p.caps {

@@ -128,7 +128,7 @@ fn ping_answers_the_protocol_version() {
         Response::Pong { version, .. } => assert_eq!(version, PROTOCOL_VERSION),
         other => panic!("{other:?}"),
     }
-    assert_eq!(PROTOCOL_VERSION, 9);
+    assert_eq!(PROTOCOL_VERSION, 10);
     // The same connection keeps serving JSON requests; garbage is answered, not fatal.
     conn.write_all(b"{\"op\":\"format_disk\"}\n").unwrap();
     let mut buf = [0u8; 256];

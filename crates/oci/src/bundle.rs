@@ -28,13 +28,13 @@
 //! | `mounts`: bind of a directory (`-v DIR:/p`, `--mount type=bind`, named volumes) | [`ContainerPlan::volumes`] | shared into the VM by a virtio-fs device and mounted by the guest agent at `destination`, read-only with the `ro` option; other options (propagation, `nosuid`, ...) are not applied. A VM with volumes forks (its children serve the same directories); it cannot be saved as a template |
 //! | `mounts`: bind of anything else (a socket, a device node), or of a source that is missing or relative | **error** | only directories are shared and regular files copied |
 //! | `mounts`: any other filesystem type | **error** | the guest cannot mount it |
-//! | `linux.namespaces` without `path` (other than `network`) | warning | the VM gives every container all of its own namespaces |
+//! | `linux.namespaces` without `path` (other than `network` and `user`) | warning | the VM gives every container all of its own namespaces |
 //! | `linux.namespaces`: `network` with `path` (podman/netavark, CNI, containerd's CRI) | [`ContainerPlan::network`] = [`NetworkPlan::Join`] | the VM joins that network: each interface gets a TAP tied to it, and the guest takes its MAC, MTU, addresses and routes (`forkvm-net`) |
 //! | `linux.namespaces`: `network` without `path` (Docker, `ctr run`) | [`NetworkPlan::New`] | the runtime makes a namespace for the container's monitor, the `prestart`/`createRuntime` hooks configure it (Docker's `libnetwork-setkey` moves the veth in), then the VM joins it as above |
 //! | no `network` namespace (`--network host`) | **error** | a VM cannot share the host's network stack |
 //! | `linux.namespaces`: any other with `path` | **error** | joining a host namespace from inside a VM is impossible |
 //! | `linux.devices` | [`ContainerPlan::devices`] | created by the guest agent in the container's root (type, major, minor, mode, owner). A device this host has must be one the guest's kernel has: a host-only device such as `/dev/kvm` fails `create` naming it. A device neither has is made as runc makes it; a FIFO always. Type `a` is refused: it is a cgroup rule |
-//! | `linux.uidMappings`/`gidMappings` | warning | not applied in the guest; a shared root's files are created with the guest's ids as they are (the host's uid 0 for the guest's root) |
+//! | `linux.namespaces`: `user` with `linux.uidMappings`/`gidMappings` | [`ContainerPlan::user_namespace`] | made by the guest agent with those maps, their "host" ids the guest's; every container process (exec'd ones and `createContainer`/`startContainer` hooks too) joins it. A `user` namespace without both maps, or maps without the namespace, is an **error**, as in runc. A shared root's files are created with the guest's ids (a container root mapped to 1000 writes as uid 1000) |
 //! | `linux.sysctl`, `maskedPaths`, `readonlyPaths` | [`ContainerPlan::sysctls`], [`ContainerPlan::masked_paths`], [`ContainerPlan::readonly_paths`] | applied by the guest agent as runc applies them, before the process starts: kernel parameters written to the guest's `/proc/sys` (the guest's kernel is the container's own), masked paths hidden (`/dev/null` over a file, an empty read-only tmpfs over a directory), read-only paths bound read-only; paths resolve inside the container's root, missing ones are skipped |
 //! | `linux.resources.memory.limit` | [`ContainerPlan::mem_mib`] | rounded up to MiB, at least 128; absent or not positive (`-1`: unlimited) → 512 |
 //! | `linux.resources.cpu.quota`/`period` | [`ContainerPlan::vcpus`] | `ceil(quota / period)` (period defaults to 100 000 µs) |
@@ -138,6 +138,9 @@ pub struct ContainerPlan {
     /// `linux.seccomp` compiled ([`crate::seccomp`]): the guest agent installs it on
     /// the container's processes.
     pub seccomp: Vec<String>,
+    /// The `user` namespace with `linux.uidMappings` and `gidMappings`: the guest
+    /// agent makes it and starts the container's processes in it.
+    pub user_namespace: Option<forkvm_agent_proto::UserNamespace>,
     /// The container's network namespace, which the VM joins.
     pub network: NetworkPlan,
     /// The hooks the runtime runs on the host.
@@ -351,18 +354,7 @@ pub fn exec_process(path: &Path) -> Result<ProcessSpec, BundleError> {
         path: path.to_owned(),
         source,
     })?;
-    let mut planner = Planner {
-        config: path,
-        warnings: Vec::new(),
-        files: Vec::new(),
-        volumes: Vec::new(),
-        filesystems: Vec::new(),
-        guest_cgroup: Default::default(),
-        seccomp: Vec::new(),
-        network: None,
-        devices: Vec::new(),
-        root_mode: RootMode::default(),
-    };
+    let mut planner = Planner::new(path);
     let mut spec = planner.process(Some(&process))?;
     spec.init = false;
     Ok(spec)
@@ -371,18 +363,7 @@ pub fn exec_process(path: &Path) -> Result<ProcessSpec, BundleError> {
 /// Plans the VM for an already parsed spec. `bundle` must be absolute; `config` names the
 /// file in errors.
 pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, BundleError> {
-    let mut planner = Planner {
-        config,
-        warnings: Vec::new(),
-        files: Vec::new(),
-        volumes: Vec::new(),
-        filesystems: Vec::new(),
-        guest_cgroup: Default::default(),
-        seccomp: Vec::new(),
-        network: None,
-        devices: Vec::new(),
-        root_mode: RootMode::default(),
-    };
+    let mut planner = Planner::new(config);
     planner.check_version(spec.version())?;
     let annotations: std::collections::BTreeMap<String, String> = spec
         .annotations()
@@ -432,6 +413,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         filesystems: planner.filesystems,
         guest_cgroup: std::mem::take(&mut planner.guest_cgroup),
         seccomp: std::mem::take(&mut planner.seccomp),
+        user_namespace: planner.user_namespace.take(),
         network,
         hooks,
         guest_hooks,
@@ -515,6 +497,7 @@ impl ContainerPlan {
             readonly_root: s && self.rootfs_readonly,
             domainname: keep(s, &self.domainname),
             seccomp: keep(s, &self.seccomp),
+            user_namespace: keep(s, &self.user_namespace),
         };
         let request = part(devices, settings);
         (request != part(false, false)).then_some(request)
@@ -529,12 +512,29 @@ struct Planner<'a> {
     filesystems: Vec<forkvm_agent_proto::FsMount>,
     guest_cgroup: forkvm_agent_proto::CgroupLimits,
     seccomp: Vec<String>,
+    user_namespace: Option<forkvm_agent_proto::UserNamespace>,
     network: Option<NetworkPlan>,
     devices: Vec<forkvm_agent_proto::DeviceNode>,
     root_mode: RootMode,
 }
 
-impl Planner<'_> {
+impl<'a> Planner<'a> {
+    fn new(config: &'a Path) -> Self {
+        Self {
+            config,
+            warnings: Vec::new(),
+            files: Vec::new(),
+            volumes: Vec::new(),
+            filesystems: Vec::new(),
+            guest_cgroup: Default::default(),
+            seccomp: Vec::new(),
+            user_namespace: None,
+            network: None,
+            devices: Vec::new(),
+            root_mode: RootMode::default(),
+        }
+    }
+
     fn missing(&self, field: &'static str) -> BundleError {
         BundleError::Missing {
             path: self.config.to_owned(),
@@ -949,8 +949,61 @@ impl Planner<'_> {
         })
     }
 
+    /// The container's user namespace: made in the guest with the spec's id maps, whose
+    /// "host" ids are the guest's. As runc: a `user` namespace needs both maps, and maps
+    /// need the namespace.
+    fn user_namespace(
+        &self,
+        linux: &Linux,
+        wanted: bool,
+    ) -> Result<Option<forkvm_agent_proto::UserNamespace>, BundleError> {
+        let ranges = |maps: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
+            maps.iter()
+                .flatten()
+                .map(|m| forkvm_agent_proto::IdMapping {
+                    container_id: m.container_id(),
+                    host_id: m.host_id(),
+                    size: m.size(),
+                })
+                .collect::<Vec<_>>()
+        };
+        let (uids, gids) = (ranges(linux.uid_mappings()), ranges(linux.gid_mappings()));
+        match (wanted, uids.is_empty() && gids.is_empty()) {
+            (false, true) => Ok(None),
+            (false, false) => Err(self.invalid(
+                "linux.uidMappings/gidMappings",
+                "id maps need a `user` namespace in linux.namespaces",
+            )),
+            (true, _) => {
+                for (field, maps) in [("linux.uidMappings", &uids), ("linux.gidMappings", &gids)] {
+                    if maps.is_empty() {
+                        return Err(self.invalid(
+                            field,
+                            "a `user` namespace needs at least one range of each map",
+                        ));
+                    }
+                    if maps.len() > forkvm_agent_proto::MAX_ID_MAPPINGS {
+                        return Err(self.invalid(
+                            field,
+                            format!(
+                                "{} ranges, at most {}",
+                                maps.len(),
+                                forkvm_agent_proto::MAX_ID_MAPPINGS
+                            ),
+                        ));
+                    }
+                }
+                Ok(Some(forkvm_agent_proto::UserNamespace {
+                    uid_mappings: uids,
+                    gid_mappings: gids,
+                }))
+            }
+        }
+    }
+
     fn linux(&mut self, linux: &Linux) -> Result<(u8, u64, Option<CgroupSpec>), BundleError> {
         let mut kinds = Vec::new();
+        let mut user_namespace = false;
         for ns in linux.namespaces().iter().flatten() {
             if ns.typ() == LinuxNamespaceType::Network {
                 if self.network.is_some() {
@@ -976,6 +1029,10 @@ impl Planner<'_> {
                     format!("linux.namespaces[{}].path ({})", ns.typ(), path.display()),
                     "joining an existing namespace is impossible from inside a VM",
                 ));
+            }
+            if ns.typ() == LinuxNamespaceType::User {
+                user_namespace = true;
+                continue;
             }
             kinds.push(ns.typ().to_string());
         }
@@ -1041,11 +1098,7 @@ impl Planner<'_> {
             }
             self.seccomp = compiled.filters;
         }
-        if linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty())
-            || linux.gid_mappings().as_ref().is_some_and(|m| !m.is_empty())
-        {
-            self.warn("linux.uidMappings/gidMappings are ignored: ids are the guest's own");
-        }
+        self.user_namespace = self.user_namespace(linux, user_namespace)?;
         let resources = linux.resources().as_ref();
         let mem_mib = self.mem_mib(
             resources

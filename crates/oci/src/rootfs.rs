@@ -216,6 +216,7 @@ mod tests {
             filesystems: vec![],
             guest_cgroup: Default::default(),
             seccomp: vec![],
+            user_namespace: None,
             network: crate::bundle::NetworkPlan::New,
             hooks: Default::default(),
             guest_hooks: Default::default(),

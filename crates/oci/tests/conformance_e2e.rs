@@ -50,11 +50,6 @@ const KNOWN_GAPS: &[(&str, &str)] = &[
          processes cannot join them (only a network namespace is joined, by the VM)",
     ),
     (
-        "linux_uid_mappings",
-        "2 checks: uid and gid mappings are not applied in the guest (a warning names \
-         the field)",
-    ),
-    (
         "mounts",
         "binds of a host directory are shared into the VM by virtio-fs: the guest's mount \
          table shows the share's root (`/`), where the suite looks for the source's name \

@@ -511,11 +511,10 @@ fn hardening_fields_warn() {
         c["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
             {"names": ["mkdir", "no_such_call"], "action": "SCMP_ACT_ERRNO"}]});
         c["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1"});
-        c["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 1000, "size": 1}]);
     })
     .unwrap();
     let w = plan.warnings.join("\n");
-    for needle in ["apparmorProfile", "selinuxLabel", "uidMappings"] {
+    for needle in ["apparmorProfile", "selinuxLabel"] {
         assert!(w.contains(needle), "{needle} not in {w}");
     }
     // The seccomp profile is compiled for the guest; a name the kernel lacks is named.
@@ -556,9 +555,11 @@ fn sysctls_masked_and_readonly_paths_become_the_agents_request() {
             readonly_root,
             domainname,
             seccomp,
+            user_namespace,
         }) => {
             assert_eq!(domainname, None);
             assert!(seccomp.is_empty());
+            assert_eq!(user_namespace, None);
             assert!(readonly_root, "runc's config has a read-only root");
             assert_eq!(sysctls["net.ipv4.ip_forward"], "1");
             assert_eq!(sysctls.len(), 2);
@@ -902,5 +903,61 @@ fn the_field_table_in_docs_is_the_planners() {
         differ.unwrap_or(0),
         differ.and_then(|i| theirs.get(i)),
         differ.and_then(|i| ours.get(i)),
+    );
+}
+
+#[test]
+fn a_user_namespace_with_its_maps_goes_to_the_guest_and_half_of_one_is_refused() {
+    let user_ns = |c: &mut Value| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "user"}));
+    };
+    let plan = load_with(|c| {
+        user_ns(c);
+        c["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 1000, "size": 2000}]);
+        c["linux"]["gidMappings"] = json!([
+            {"containerID": 0, "hostID": 1000, "size": 3000},
+            {"containerID": 5000, "hostID": 9000, "size": 1}
+        ]);
+    })
+    .unwrap();
+    let mapping = |container_id, host_id, size| forkvm_agent_proto::IdMapping {
+        container_id,
+        host_id,
+        size,
+    };
+    let ns = forkvm_agent_proto::UserNamespace {
+        uid_mappings: vec![mapping(0, 1000, 2000)],
+        gid_mappings: vec![mapping(0, 1000, 3000), mapping(5000, 9000, 1)],
+    };
+    assert_eq!(plan.user_namespace.as_ref(), Some(&ns));
+    let w = plan.warnings.join("\n");
+    assert!(!w.contains("user"), "the user namespace is made: {w}");
+    // It goes with the settings applied after the createContainer hooks, as runc
+    // applies it before the process.
+    match plan.container_request() {
+        Some(forkvm_agent_proto::Request::Container { user_namespace, .. }) => {
+            assert_eq!(user_namespace, Some(ns))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(load_with(|_| {}).unwrap().user_namespace, None);
+
+    let e = err_with(|c| {
+        user_ns(c);
+        c["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 1000, "size": 1}]);
+    });
+    assert!(
+        e.contains("linux.gidMappings") && e.contains("at least one range"),
+        "{e}"
+    );
+    let e = err_with(|c| {
+        c["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 1000, "size": 1}]);
+    });
+    assert!(
+        e.contains("linux.uidMappings/gidMappings") && e.contains("need a `user` namespace"),
+        "{e}"
     );
 }

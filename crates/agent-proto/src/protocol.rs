@@ -15,7 +15,7 @@ pub const AGENT_PORT: u32 = 1024;
 /// [`Request::Container`]; 8: [`Request::Cgroup`], [`Request::Filesystems`], [`Request::Hooks`],
 /// [`DeviceNode::host_has`], [`Request::Container`]'s `domainname`; 9: [`FsMount`]s of
 /// type `file`, and a root shared by virtio-fs, `forkvm.rootfstype=virtiofs`; 10:
-/// [`Request::Container`]'s `user_namespace`).
+/// [`Request::Container`]'s `user_namespace`, [`Request::Identity`]'s `time_ns`).
 pub const PROTOCOL_VERSION: u32 = 10;
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -36,6 +36,10 @@ pub enum Request {
         seed: Vec<u8>,
         /// New MAC per NIC (eth0, eth1, ...), as `aa:bb:cc:dd:ee:ff`.
         macs: Vec<String>,
+        /// The host's wall-clock time as it sent the request, nanoseconds since the
+        /// epoch: a guest clock behind it, or far ahead, is set to it. Since version 10.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        time_ns: Option<u64>,
     },
     /// Take over the network of the container's namespace: each NIC (found by the MAC
     /// the VMM gave it, the namespace interface's) gets that interface's name, MTU and
@@ -517,6 +521,7 @@ mod tests {
             hostname: "fork-1".into(),
             seed: vec![1, 2, 3],
             macs: vec!["02:00:00:00:00:01".into()],
+            time_ns: Some(1_796_000_000_123_456_789),
         };
         let line = to_line(&r);
         assert!(line.ends_with('\n'));

@@ -188,14 +188,73 @@ pub fn set_mac(ifname: &str, mac: [u8; 6]) -> Result<(), IdentityError> {
 }
 
 /// Applies a whole identity: entropy first (so nothing after it shares the parent's
-/// random state), then hostname, then MACs of eth0, eth1, ... in order.
-pub fn apply(hostname: &str, seed: &[u8], macs: &[String]) -> Result<(), IdentityError> {
+/// random state), then the wall clock (when the host sent its time), hostname, and the
+/// MACs of eth0, eth1, ... in order.
+pub fn apply(
+    hostname: &str,
+    seed: &[u8],
+    macs: &[String],
+    host_time_ns: Option<u64>,
+) -> Result<(), IdentityError> {
     reseed(seed)?;
+    if let Some(sent) = host_time_ns {
+        let now = wall_clock_ns()?;
+        if let Some(to) = clock_correction(now, sent) {
+            set_wall_clock_ns(to)?;
+            eprintln!(
+                "forkvm-agent: the wall clock was {} ms off the host's: set",
+                (i128::from(now) - i128::from(sent)) / 1_000_000
+            );
+        }
+    }
     set_hostname(hostname)?;
     // A NIC that was down (unplugged) stays down with its new MAC.
     let _links = crate::network::links_lock();
     for (i, m) in macs.iter().enumerate() {
         set_mac(&format!("eth{i}"), parse_mac(m)?)?;
+    }
+    Ok(())
+}
+
+/// How far behind the host's time at sending a fork child's clock may read before it
+/// is set: a clock moved on correctly reads at least that time (the request took some
+/// time to arrive), give or take the clocks' granularity.
+pub const CLOCK_BEHIND_SLACK_NS: u64 = 100_000_000;
+
+/// How far ahead of the host's time at sending a fork child's clock may read: the
+/// request's way into the guest (a connection accepted and read by a thread of a guest
+/// just restored, seconds on a loaded host) is not known; beyond this the clock is wrong.
+pub const CLOCK_AHEAD_SLACK_NS: u64 = 10_000_000_000;
+
+/// The wall-clock time (nanoseconds since the epoch) to set a fork child's clock to,
+/// when it reads `guest_ns` and the host's read `sent_ns` as it sent the identity; `None`
+/// when the guest's clock is right. The guest's clock is moved on by the VMM's restore
+/// (kvmclock), so this only catches what that missed: a template whose guest booted
+/// with a wrong clock, a host clock stepped since the save.
+pub fn clock_correction(guest_ns: u64, sent_ns: u64) -> Option<u64> {
+    let behind = guest_ns.saturating_add(CLOCK_BEHIND_SLACK_NS) < sent_ns;
+    let ahead = guest_ns > sent_ns.saturating_add(CLOCK_AHEAD_SLACK_NS);
+    (behind || ahead).then_some(sent_ns)
+}
+
+fn wall_clock_ns() -> Result<u64, IdentityError> {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
+        .map_err(|_| IdentityError::Os {
+            what: "the wall clock".into(),
+            source: io::Error::new(io::ErrorKind::InvalidData, "before 1970"),
+        })
+}
+
+fn set_wall_clock_ns(ns: u64) -> Result<(), IdentityError> {
+    let ts = libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: a valid timespec the kernel only reads.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } < 0 {
+        return Err(os("clock_settime(CLOCK_REALTIME)"));
     }
     Ok(())
 }
@@ -263,6 +322,27 @@ pub fn write_hostname_files(root: &Path, hostname: &str) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_child_clock_is_set_only_when_behind_the_host_or_far_ahead() {
+        const S: u64 = 1_000_000_000;
+        let sent = 1_796_000_000 * S;
+        // Moved on right: the request took a while to arrive.
+        assert_eq!(clock_correction(sent, sent), None);
+        assert_eq!(clock_correction(sent + 3 * S, sent), None);
+        assert_eq!(clock_correction(sent - CLOCK_BEHIND_SLACK_NS, sent), None);
+        // Stuck at a save eight seconds ago, or a template booted at the epoch (the
+        // failure CI saw once: a child reading 179 s since 1970).
+        assert_eq!(clock_correction(sent - 8 * S, sent), Some(sent));
+        assert_eq!(clock_correction(179 * S, sent), Some(sent));
+        assert_eq!(clock_correction(0, sent), Some(sent));
+        // Far ahead (a host clock stepped back since the save).
+        assert_eq!(
+            clock_correction(sent + CLOCK_AHEAD_SLACK_NS + 1, sent),
+            Some(sent)
+        );
+        assert_eq!(clock_correction(u64::MAX, sent), Some(sent));
+    }
 
     #[test]
     fn only_a_root_of_the_vms_own_takes_the_hostname_files() {

@@ -251,7 +251,8 @@ impl Agent {
                 hostname,
                 seed,
                 macs,
-            } => identity::apply(&hostname, &seed, &macs)
+                time_ns,
+            } => identity::apply(&hostname, &seed, &macs, time_ns)
                 .map_err(|e| e.to_string())
                 .and_then(|()| {
                     if self.config.mode == Mode::Init

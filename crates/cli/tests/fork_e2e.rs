@@ -596,8 +596,11 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
         let root = dir.path().join("root");
         let tpl = dir.path().join("tpl");
         let uds = dir.path().join("t.vsock");
-        let script =
-            "i=0; while true; do echo count=$i clock=$(date +%s); i=$((i+1)); sleep 0.5; done";
+        // The VM's clock is set 25 years back first: a template whose guest has a
+        // wrong clock (CI once saw one boot at the epoch). Its children must read the
+        // host's time all the same: the agent sets the clock the identity brings.
+        let script = "date -s '2001-09-09 01:46:40' >/dev/null; \
+             i=0; while true; do echo count=$i clock=$(date +%s); i=$((i+1)); sleep 0.5; done";
         forkvm_ok(
             &root,
             &[
@@ -618,6 +621,11 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
         wait_for("the VM to count", Duration::from_secs(120), || {
             counts(&root, "base").len() >= 3
         });
+        let base_log = forkvm_ok(&root, &["logs", "base"]);
+        assert!(
+            base_log.contains("clock=100000000"),
+            "the VM's clock was not set back:\n{base_log}"
+        );
         forkvm_ok(&root, &["template", "save", "base", tpl.to_str().unwrap()]);
         let saved_at = *counts(&root, "base").last().unwrap();
         // The VM process may change the file system only where its jail lets it (its
@@ -723,6 +731,10 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
                 clock <= read_at + 1,
                 "child {id}'s clock reads {clock}, {} s ahead of the host's",
                 clock - read_at
+            );
+            assert!(
+                log.contains("the wall clock was") && log.contains("off the host's: set"),
+                "child {id} did not say it set its clock:\n{log}"
             );
         }
         for c in &out.children {

@@ -694,15 +694,11 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// `CONNECT <port>` convention) and sends the child's identity: entropy, hostname, MACs.
 pub fn apply_identity(uds: &std::path::Path, id: &ChildIdentity) -> Result<Duration, String> {
     let start = Instant::now();
-    let req = forkvm_agent_proto::Request::Identity {
-        hostname: id.hostname.clone(),
-        seed: id.seed.clone(),
-        macs: id
-            .macs
-            .iter()
-            .map(forkvm_devices::virtio::net::format_mac)
-            .collect(),
-    };
+    let macs: Vec<String> = id
+        .macs
+        .iter()
+        .map(forkvm_devices::virtio::net::format_mac)
+        .collect();
     let mut last_err = String::from("no attempt");
     // For the first seconds the handshake is given up quickly and tried again (see
     // [`FRESH_CHILD_HANDSHAKE`]). After that the guest is merely slow (a loaded host):
@@ -712,6 +708,14 @@ pub fn apply_identity(uds: &std::path::Path, id: &ChildIdentity) -> Result<Durat
     let mut handshake = FRESH_CHILD_HANDSHAKE;
     while start.elapsed() < AGENT_TIMEOUT {
         let answer = handshake.max(IDENTITY_ANSWER);
+        // The host's time as of this attempt: the guest sets its clock to it if it
+        // reads earlier (or far later) than that.
+        let req = forkvm_agent_proto::Request::Identity {
+            hostname: id.hostname.clone(),
+            seed: id.seed.clone(),
+            macs: macs.clone(),
+            time_ns: Some(crate::snapshot::realtime_ns()),
+        };
         match agent_call_timeout(uds, &req, handshake, answer) {
             Ok(forkvm_agent_proto::Response::Ok) => return Ok(start.elapsed()),
             Ok(other) => return Err(format!("agent answered {other:?}")),

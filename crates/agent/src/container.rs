@@ -4,6 +4,8 @@
 //! after the container's volumes are mounted and its network set up, before its
 //! process starts.
 //!
+//! - The seccomp filters and the user namespace ([`crate::seccomp`], [`crate::userns`])
+//!   are kept for the container's processes started from then on.
 //! - A device node is made with its type, numbers, mode and owner (missing directories
 //!   created). A device the host has ([`DeviceNode::host_has`]) must be one the guest's
 //!   kernel has too (`/sys/dev/char/M:m`, `/sys/dev/block/M:m`): a device only the host

@@ -462,15 +462,17 @@ impl ContainerPlan {
         })
     }
 
-    /// The guest agent's request that creates the device nodes and applies the kernel
-    /// parameters, domain name, masked and read-only paths and `root.readonly`, when
+    /// The guest agent's request that makes the user namespace and the device nodes and
+    /// applies the kernel parameters, domain name, masked and read-only paths and
+    /// `root.readonly`, when
     /// there are no `createContainer` hooks; none when there is nothing to apply.
     pub fn container_request(&self) -> Option<forkvm_agent_proto::Request> {
         self.container_part(true, true)
     }
 
     /// With `createContainer` hooks, the request splits around them as runc orders
-    /// them: the device nodes before the hooks, the rest after.
+    /// them: the user namespace and device nodes before the hooks (which run in the
+    /// namespace), the rest after.
     pub fn devices_request(&self) -> Option<forkvm_agent_proto::Request> {
         self.container_part(true, false)
     }
@@ -497,7 +499,7 @@ impl ContainerPlan {
             readonly_root: s && self.rootfs_readonly,
             domainname: keep(s, &self.domainname),
             seccomp: keep(s, &self.seccomp),
-            user_namespace: keep(s, &self.user_namespace),
+            user_namespace: keep(d, &self.user_namespace),
         };
         let request = part(devices, settings);
         (request != part(false, false)).then_some(request)

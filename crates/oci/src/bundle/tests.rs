@@ -935,11 +935,25 @@ fn a_user_namespace_with_its_maps_goes_to_the_guest_and_half_of_one_is_refused()
     assert_eq!(plan.user_namespace.as_ref(), Some(&ns));
     let w = plan.warnings.join("\n");
     assert!(!w.contains("user"), "the user namespace is made: {w}");
-    // It goes with the settings applied after the createContainer hooks, as runc
-    // applies it before the process.
+    // It is made with the device nodes, before the createContainer hooks, which run in
+    // it as in runc (in the container's namespaces); the settings after the hooks do
+    // not make it again.
     match plan.container_request() {
         Some(forkvm_agent_proto::Request::Container { user_namespace, .. }) => {
+            assert_eq!(user_namespace.as_ref(), Some(&ns))
+        }
+        other => panic!("{other:?}"),
+    }
+    match plan.devices_request() {
+        Some(forkvm_agent_proto::Request::Container { user_namespace, .. }) => {
             assert_eq!(user_namespace, Some(ns))
+        }
+        other => panic!("{other:?}"),
+    }
+    match plan.settings_request() {
+        None => {}
+        Some(forkvm_agent_proto::Request::Container { user_namespace, .. }) => {
+            assert_eq!(user_namespace, None)
         }
         other => panic!("{other:?}"),
     }

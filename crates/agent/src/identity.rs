@@ -198,13 +198,10 @@ pub fn apply(
 ) -> Result<(), IdentityError> {
     reseed(seed)?;
     if let Some(sent) = host_time_ns {
-        let now = wall_clock_ns()?;
-        if let Some(to) = clock_correction(now, sent) {
-            set_wall_clock_ns(to)?;
-            eprintln!(
-                "forkvm-agent: the wall clock was {} ms off the host's: set",
-                (i128::from(now) - i128::from(sent)) / 1_000_000
-            );
+        // Best effort: a clock that cannot be set does not keep the child from its
+        // hostname and MACs.
+        if let Err(e) = correct_clock(sent) {
+            eprintln!("forkvm-agent: cannot set the wall clock: {e}");
         }
     }
     set_hostname(hostname)?;
@@ -237,14 +234,29 @@ pub fn clock_correction(guest_ns: u64, sent_ns: u64) -> Option<u64> {
     (behind || ahead).then_some(sent_ns)
 }
 
-fn wall_clock_ns() -> Result<u64, IdentityError> {
-    std::time::SystemTime::now()
+/// The latest host time a clock was set to: an identity attempt the host gave up on
+/// may still be read after a later one, and must not set the clock back.
+static LATEST_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Sets the wall clock to `sent` (the host's time as it sent the identity) where
+/// [`clock_correction`] says it is wrong, unless a later time was applied already.
+fn correct_clock(sent: u64) -> Result<(), IdentityError> {
+    use std::sync::atomic::Ordering;
+    if LATEST_SENT.fetch_max(sent, Ordering::SeqCst) >= sent {
+        return Ok(());
+    }
+    // A clock before 1970 reads as 0: far behind.
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
-        .map_err(|_| IdentityError::Os {
-            what: "the wall clock".into(),
-            source: io::Error::new(io::ErrorKind::InvalidData, "before 1970"),
-        })
+        .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64);
+    if let Some(to) = clock_correction(now, sent) {
+        set_wall_clock_ns(to)?;
+        eprintln!(
+            "forkvm-agent: the wall clock was {} ms off the host's: set",
+            (i128::from(now) - i128::from(sent)) / 1_000_000
+        );
+    }
+    Ok(())
 }
 
 fn set_wall_clock_ns(ns: u64) -> Result<(), IdentityError> {

@@ -5,6 +5,11 @@
 //! `/proc/self/uid_map` in the container shows the spec's maps and its root is an
 //! ordinary user of the guest.
 //!
+//! The container's other namespaces are the guest's own (the VM is the container) and
+//! stay the guest root's: unlike root in a runc container with a user namespace, the
+//! container's root cannot set the hostname or mount filesystems. It may bind low ports
+//! and ping ([`UNPRIVILEGED_NET`]).
+//!
 //! The agent is multi-threaded and cannot unshare a user namespace itself: a child
 //! does (`unshare(CLONE_NEWUSER)`), the agent writes its `uid_map` and `gid_map` (as
 //! the guest's root, so any ranges the kernel takes), keeps a descriptor of
@@ -24,6 +29,16 @@ use crate::reaper::Reaper;
 
 static NAMESPACE: OnceLock<OwnedFd> = OnceLock::new();
 
+/// The longest id map file the kernel takes (one write, less than a page).
+const MAX_MAP_BYTES: usize = 4096;
+
+/// Kernel parameters [`set`] writes so that the container's root, an ordinary user to
+/// the guest's network namespace, binds ports below 1024 and pings as runc's would.
+pub const UNPRIVILEGED_NET: [(&str, &str); 2] = [
+    ("net/ipv4/ip_unprivileged_port_start", "0"),
+    ("net/ipv4/ping_group_range", "0 2147483647"),
+];
+
 /// The container's user namespace, once [`set`] made it.
 pub fn fd() -> Option<RawFd> {
     NAMESPACE.get().map(AsRawFd::as_raw_fd)
@@ -36,6 +51,14 @@ pub fn set(ns: &UserNamespace, reaper: &Reaper) -> Result<(), String> {
         return Err("the container's user namespace is made already".into());
     }
     let fd = create(ns, reaper)?;
+    // The guest's network namespace stays the init user namespace's (the container's
+    // network is the guest's own), so the container's root is an ordinary user to it:
+    // as in a runc container with a network namespace of its own, it may bind any port
+    // and ping. (The spec's `linux.sysctl`, applied later, may say otherwise.)
+    for (key, value) in UNPRIVILEGED_NET {
+        std::fs::write(format!("/proc/sys/{key}"), value)
+            .map_err(|e| format!("user namespace: {key} = {value}: {e}"))?;
+    }
     NAMESPACE
         .set(fd)
         .map_err(|_| "the container's user namespace is made already".to_owned())
@@ -72,6 +95,13 @@ pub fn map_text(field: &str, ranges: &[IdMapping]) -> Result<String, String> {
         }
         text.push_str(&format!("{} {} {}\n", m.container_id, m.host_id, m.size));
     }
+    // The kernel takes a map in one write of less than a page.
+    if text.len() >= MAX_MAP_BYTES {
+        return Err(format!(
+            "{field}: {} bytes as text, the kernel takes less than {MAX_MAP_BYTES}",
+            text.len()
+        ));
+    }
     Ok(text)
 }
 
@@ -82,13 +112,17 @@ pub fn create(ns: &UserNamespace, reaper: &Reaper) -> Result<OwnedFd, String> {
     let (ready_r, ready_w) = pipe()?;
     let (hold_r, hold_w) = pipe()?;
     let (ready_fd, hold_fd) = (ready_w.as_raw_fd(), hold_r.as_raw_fd());
-    // SAFETY: the child makes only async-signal-safe calls (close_range, unshare, write,
-    // read, _exit) on the two descriptor numbers copied above.
+    let theirs = [ready_r.as_raw_fd(), hold_w.as_raw_fd()];
+    // SAFETY: the child makes only async-signal-safe calls (close, close_range,
+    // unshare, write, read, _exit) on the descriptor numbers copied above.
     let child = unsafe {
         reaper.fork(|| {
-            // Nothing else of the agent's stays open in it: not the pipes' other ends
-            // (the hold pipe's end of file is the signal to exit), nor any file the
-            // agent is writing.
+            // The pipes' other ends closed by name: the hold pipe's end of file is the
+            // signal to exit, whether or not the kernel has close_range. Nothing else
+            // of the agent's stays open either (a file the agent is writing).
+            for fd in theirs {
+                libc::close(fd);
+            }
             let (lo, hi) = (ready_fd.min(hold_fd), ready_fd.max(hold_fd));
             libc::syscall(libc::SYS_close_range, 3, lo - 1, 0);
             libc::syscall(libc::SYS_close_range, lo + 1, hi - 1, 0);
@@ -185,6 +219,14 @@ mod tests {
             .starts_with("linux.uidMappings[1]: 2 ids from 4294967294"));
         let many = vec![range(0, 0, 1); MAX_ID_MAPPINGS + 1];
         assert_eq!(err(&many), "linux.uidMappings: 341 ranges, at most 340");
+        // 200 ranges of ten-digit ids: fewer than 340, longer than a page as text.
+        let long: Vec<_> = (0..200)
+            .map(|i| range(4_000_000_000 + i * 2, 4_100_000_000 + i * 2, 1))
+            .collect();
+        assert_eq!(
+            err(&long),
+            "linux.uidMappings: 4800 bytes as text, the kernel takes less than 4096"
+        );
     }
 
     #[test]

@@ -252,6 +252,27 @@ pub fn configure_guest<const N: usize>(
     Ok(())
 }
 
+/// Fails unless the agent on `stream` speaks protocol `min` or later: an older one
+/// ignores the optional fields that newer versions added, and `what` (a field the host
+/// relies on) would silently not apply.
+pub fn require_agent_version(stream: &mut UnixStream, min: u32, what: &str) -> Result<()> {
+    use forkvm_agent_proto::{Request, Response};
+    match forkvm_agent_proto::client::call_within(
+        stream,
+        &Request::Ping,
+        forkvm_agent_proto::client::CALL_TIMEOUT,
+    )
+    .context("cannot ask the guest agent its version")?
+    {
+        Response::Pong { version, .. } if version >= min => Ok(()),
+        Response::Pong { version, .. } => bail!(
+            "the guest agent speaks protocol {version}; {what} needs {min} or later \
+             (rebuild the guest image: `cargo xtask prepare-guest`)"
+        ),
+        other => bail!("the guest agent answered a ping with {other:?}"),
+    }
+}
+
 /// Most directory volumes one container's VM takes: each is a virtio-fs device with an
 /// interrupt line of its own, and a VM has 19 for all its devices (the root disk or the
 /// root's share with the share of its bound files, vsock, rng and the NICs take the

@@ -422,7 +422,8 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         &plan.guest_hooks.start_container,
         crate::state::Status::Created,
     );
-    // As runc orders them: the device nodes, the createContainer hooks, then the
+    // As runc orders them: the user namespace and device nodes, the createContainer
+    // hooks (in that namespace), then the
     // kernel parameters, masked and read-only paths and the read-only root (a hook may
     // write in the root).
     let (container, settings) = match create_hooks {
@@ -572,13 +573,14 @@ struct GuestWork {
     cgroup: Request,
     /// The agent's request that mounts the spec's filesystems and volumes, in order.
     filesystems: Option<Request>,
-    /// The agent's request that creates the device nodes and applies the kernel
-    /// parameters, masked and read-only paths (after the volumes, as runc does).
+    /// The agent's request that makes the user namespace and the device nodes and
+    /// applies the kernel parameters, masked and read-only paths (after the volumes, as
+    /// runc does).
     container: Option<Request>,
     /// The `createContainer` hooks, run by `create` after the rest.
     create_hooks: Option<Request>,
-    /// With `createContainer` hooks, the rest of the spec after them (the device
-    /// nodes, in `container`, come before).
+    /// With `createContainer` hooks, the rest of the spec after them (the user
+    /// namespace and device nodes, in `container`, come before).
     settings: Option<Request>,
     /// The `startContainer` hooks, run by `start` before the process.
     start_hooks: Option<Request>,
@@ -687,6 +689,15 @@ fn monitor_session(
         plumbed,
     } = work;
     let mut stream = s.connect_agent()?;
+    if matches!(
+        &container,
+        Some(Request::Container {
+            user_namespace: Some(_),
+            ..
+        })
+    ) {
+        vm::require_agent_version(&mut stream, 10, "a user namespace (linux.uidMappings)")?;
+    }
     // The guest makes the container's cgroup, mounts the spec's filesystems and volumes
     // in order, takes the namespace's addresses and routes, relays DNS, and applies the
     // rest of the spec around the createContainer hooks (last: it may make the root
@@ -699,7 +710,7 @@ fn monitor_session(
             ("its network", network),
             ("its DNS relay", dns_relay),
             (
-                "its devices, kernel parameters, masked and read-only paths",
+                "its user namespace, devices, kernel parameters, masked and read-only paths",
                 container,
             ),
             ("its createContainer hooks", create_hooks),

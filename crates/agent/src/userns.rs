@@ -203,6 +203,14 @@ mod tests {
         }
     }
 
+    /// runtime-tools' `linux_uid_mappings` maps: root inside is the guest's 1000.
+    fn suites_maps() -> UserNamespace {
+        UserNamespace {
+            uid_mappings: vec![range(0, 1000, 2000)],
+            gid_mappings: vec![range(0, 1000, 3000)],
+        }
+    }
+
     #[test]
     fn maps_are_checked_before_the_kernel_sees_them() {
         assert_eq!(
@@ -231,11 +239,7 @@ mod tests {
 
     #[test]
     fn a_namespace_gets_its_maps_and_a_bad_map_is_refused_by_name() {
-        let ns = UserNamespace {
-            uid_mappings: vec![range(0, 1000, 2000)],
-            gid_mappings: vec![range(0, 1000, 3000)],
-        };
-        let fd = create(&ns, Reaper::global()).unwrap();
+        let fd = create(&suites_maps(), Reaper::global()).unwrap();
         let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
         let own = std::fs::read_link("/proc/self/ns/user").unwrap();
         assert!(link.to_string_lossy().starts_with("user:["), "{link:?}");
@@ -255,11 +259,7 @@ mod tests {
     #[test]
     fn a_container_process_runs_inside_with_the_spec_caps_and_the_guest_sees_its_ids() {
         use crate::spawn::{spawn_inner, Container, ProcessIo};
-        let ns = UserNamespace {
-            uid_mappings: vec![range(0, 1000, 2000)],
-            gid_mappings: vec![range(0, 1000, 3000)],
-        };
-        let fd = create(&ns, Reaper::global()).unwrap();
+        let fd = create(&suites_maps(), Reaper::global()).unwrap();
         let dir = std::env::temp_dir().join(format!("forkvm-userns-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))

@@ -99,7 +99,7 @@ pub fn apply(
         crate::seccomp::set(s.seccomp).map_err(|e| format!("linux.seccomp: {e}"))?;
     }
     if let Some(ns) = s.user_namespace {
-        crate::userns::set(ns, reaper)?;
+        crate::userns::set(ns, &kernel.proc_sys, reaper)?;
     }
     if let Some(name) = s.domainname {
         set_domainname(name).map_err(|e| format!("domainname {name:?}: {e}"))?;

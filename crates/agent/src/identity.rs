@@ -200,7 +200,7 @@ pub fn apply(
     if let Some(sent) = host_time_ns {
         // Best effort: a clock that cannot be set does not keep the child from its
         // hostname and MACs.
-        if let Err(e) = correct_clock(sent) {
+        if let Err(e) = correct_clock(hostname, sent) {
             eprintln!("forkvm-agent: cannot set the wall clock: {e}");
         }
     }
@@ -234,17 +234,22 @@ pub fn clock_correction(guest_ns: u64, sent_ns: u64) -> Option<u64> {
     (behind || ahead).then_some(sent_ns)
 }
 
-/// The latest host time a clock was set to: an identity attempt the host gave up on
-/// may still be read after a later one, and must not set the clock back.
-static LATEST_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// The identity (by its hostname) whose host time was looked at last, and that time: a
+/// retry of the same identity the host gave up on may still be read after a later one,
+/// and must not set the clock back. Another identity (a fork of this child, a later
+/// child of its template) compares afresh: its parent's times are not its own.
+static LATEST: std::sync::Mutex<Option<(String, u64)>> = std::sync::Mutex::new(None);
 
-/// Sets the wall clock to `sent` (the host's time as it sent the identity) where
-/// [`clock_correction`] says it is wrong, unless a later time was applied already.
-fn correct_clock(sent: u64) -> Result<(), IdentityError> {
-    use std::sync::atomic::Ordering;
-    if LATEST_SENT.fetch_max(sent, Ordering::SeqCst) >= sent {
+/// Sets the wall clock to `sent` (the host's time as it sent identity `hostname`)
+/// where [`clock_correction`] says it is wrong, unless a later attempt of the same
+/// identity was looked at already.
+fn correct_clock(hostname: &str, sent: u64) -> Result<(), IdentityError> {
+    // Held across the check and the set: two attempts read at once set in order.
+    let mut latest = LATEST.lock().unwrap_or_else(|p| p.into_inner());
+    if superseded(latest.as_ref(), hostname, sent) {
         return Ok(());
     }
+    *latest = Some((hostname.to_owned(), sent));
     // A clock before 1970 reads as 0: far behind.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -257,6 +262,12 @@ fn correct_clock(sent: u64) -> Result<(), IdentityError> {
         );
     }
     Ok(())
+}
+
+/// Whether the host time `sent` of identity `hostname` is older than (or the same as)
+/// one of that identity looked at already (`latest`).
+fn superseded(latest: Option<&(String, u64)>, hostname: &str, sent: u64) -> bool {
+    matches!(latest, Some((h, t)) if h == hostname && *t >= sent)
 }
 
 fn set_wall_clock_ns(ns: u64) -> Result<(), IdentityError> {
@@ -334,6 +345,18 @@ pub fn write_hostname_files(root: &Path, hostname: &str) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_late_retry_of_an_identity_never_sets_the_clock_back_but_a_new_identity_does() {
+        let seen = ("fork-1".to_owned(), 2_000);
+        assert!(!superseded(None, "fork-1", 1_000));
+        assert!(superseded(Some(&seen), "fork-1", 1_000), "an older attempt");
+        assert!(superseded(Some(&seen), "fork-1", 2_000), "the same attempt");
+        assert!(!superseded(Some(&seen), "fork-1", 3_000), "a later attempt");
+        // A child of this child (or of a template saved from it), after the host's
+        // clock stepped back: its own identity, compared afresh.
+        assert!(!superseded(Some(&seen), "fork-2", 1_000));
+    }
 
     #[test]
     fn a_child_clock_is_set_only_when_behind_the_host_or_far_ahead() {

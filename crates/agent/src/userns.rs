@@ -21,6 +21,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use forkvm_agent_proto::{IdMapping, UserNamespace, MAX_ID_MAPPINGS};
@@ -45,8 +46,9 @@ pub fn fd() -> Option<RawFd> {
 }
 
 /// Makes the user namespace `ns` describes and keeps it for the container's processes
-/// (once: a second one is refused).
-pub fn set(ns: &UserNamespace, reaper: &Reaper) -> Result<(), String> {
+/// (once: a second one is refused), and writes [`UNPRIVILEGED_NET`] under `proc_sys`
+/// (the guest's `/proc/sys`).
+pub fn set(ns: &UserNamespace, proc_sys: &Path, reaper: &Reaper) -> Result<(), String> {
     if NAMESPACE.get().is_some() {
         return Err("the container's user namespace is made already".into());
     }
@@ -56,7 +58,7 @@ pub fn set(ns: &UserNamespace, reaper: &Reaper) -> Result<(), String> {
     // as in a runc container with a network namespace of its own, it may bind any port
     // and ping. (The spec's `linux.sysctl`, applied later, may say otherwise.)
     for (key, value) in UNPRIVILEGED_NET {
-        std::fs::write(format!("/proc/sys/{key}"), value)
+        std::fs::write(proc_sys.join(key), value)
             .map_err(|e| format!("user namespace: {key} = {value}: {e}"))?;
     }
     NAMESPACE

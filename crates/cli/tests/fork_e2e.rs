@@ -725,10 +725,13 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
                     let Some(at) = log.find("off the host's: set") else {
                         return false;
                     };
-                    clock = common::whole_lines(&log[at..])
-                        .rev()
+                    // The first reading after the line may have been taken just
+                    // before the set and printed after it: the second is later.
+                    let after: Vec<i64> = common::whole_lines(&log[at..])
                         .filter_map(|l| l.split("clock=").nth(1))
-                        .find_map(|t| t.trim().parse::<i64>().ok());
+                        .filter_map(|t| t.trim().parse().ok())
+                        .collect();
+                    clock = after.get(1).and(after.last()).copied();
                     clock.is_some()
                 },
             );

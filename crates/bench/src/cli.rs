@@ -202,6 +202,10 @@ pub struct BenchForkArgs {
     /// children to answer.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Also count the first child of each fork's copied guest pages by what its guest
+    /// uses them for (its `/proc/kpageflags`, read through its agent after its memory).
+    #[arg(long)]
+    pub page_types: bool,
     /// Write the parent's and every fork child's console here (`parent.log`,
     /// `fork<N>-<child>.log`; in the virtual host, export the directory with `--rw`).
     #[arg(long, value_name = "DIR")]

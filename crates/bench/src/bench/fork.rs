@@ -58,10 +58,12 @@ in-kernel PIC/IOAPIC/PIT, virtio-mmio vsock, virtio-mmio rng; guest agent on vso
 const PING_TIMEOUT: Duration = Duration::from_millis(250);
 
 mod mem;
+mod pages;
 mod plot;
 mod summary;
 
 pub use mem::*;
+pub use pages::PageTypes;
 pub use summary::*;
 
 /// Fork children that must not outlive the benchmark.
@@ -414,19 +416,29 @@ impl Bench<'_> {
         let children = out
             .children
             .iter()
-            .map(|c| {
+            .enumerate()
+            .map(|(n, c)| {
                 let i = c
                     .vsock_uds
                     .as_ref()
                     .and_then(|u| socks.iter().position(|s| s == u));
+                let mem = read_mem(c.pid)
+                    .map_err(|e| tracing::warn!("child {}: {e:#}", c.pid))
+                    .ok();
+                // After the memory figures: the guest's reading of its flags writes pages.
+                let page_types = match (&c.vsock_uds, self.args.page_types && n == 0) {
+                    (Some(uds), true) => pages::page_types(c.pid, uds)
+                        .map_err(|e| tracing::warn!("child {}: page types: {e:#}", c.pid))
+                        .ok(),
+                    _ => None,
+                };
                 ChildSample {
                     pid: c.pid,
                     t1_us: c.running_after_us,
                     warm: c.warm,
                     t2_us: i.and_then(|i| t2[i]),
-                    mem: read_mem(c.pid)
-                        .map_err(|e| tracing::warn!("child {}: {e:#}", c.pid))
-                        .ok(),
+                    mem,
+                    page_types,
                 }
             })
             .collect();

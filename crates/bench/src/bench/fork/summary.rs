@@ -17,6 +17,10 @@ pub struct ChildSample {
     pub t2_us: Option<u64>,
     /// Its memory after idling; `None` when it could not be read.
     pub mem: Option<MemSample>,
+    /// Its copied guest pages by the guest's use of them (`--page-types`, first child
+    /// of a fork only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page_types: Option<PageTypes>,
 }
 
 /// One fork.
@@ -475,6 +479,9 @@ pub fn render(r: &ForkReport) -> String {
          what a\nchild shares copy-on-write with its pool's zygote is not its own); Pss: smaps_rollup.\nCold boot: \
          `forkvm boot` spawn -> ready marker on the console (T1 column), -> agent answer (T2).\n",
     );
+    if let Some(t) = pages::table(&r.rounds) {
+        out.push_str(&t);
+    }
     out
 }
 

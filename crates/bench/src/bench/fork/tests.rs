@@ -107,6 +107,7 @@ fn child(t1: u64, t2: Option<u64>, guest: u64) -> ChildSample {
                 private_dirty_kib: guest * 2 + 1000,
             },
         }),
+        page_types: None,
     }
 }
 

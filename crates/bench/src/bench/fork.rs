@@ -413,35 +413,39 @@ impl Bench<'_> {
             .collect();
         let t2 = pollers.join(&pids);
         std::thread::sleep(Duration::from_millis(self.args.idle_ms));
-        let children = out
+        let mut children: Vec<ChildSample> = out
             .children
             .iter()
-            .enumerate()
-            .map(|(n, c)| {
+            .map(|c| {
                 let i = c
                     .vsock_uds
                     .as_ref()
                     .and_then(|u| socks.iter().position(|s| s == u));
-                let mem = read_mem(c.pid)
-                    .map_err(|e| tracing::warn!("child {}: {e:#}", c.pid))
-                    .ok();
-                // After the memory figures: the guest's reading of its flags writes pages.
-                let page_types = match (&c.vsock_uds, self.args.page_types && n == 0) {
-                    (Some(uds), true) => pages::page_types(c.pid, uds)
-                        .map_err(|e| tracing::warn!("child {}: page types: {e:#}", c.pid))
-                        .ok(),
-                    _ => None,
-                };
                 ChildSample {
                     pid: c.pid,
                     t1_us: c.running_after_us,
                     warm: c.warm,
                     t2_us: i.and_then(|i| t2[i]),
-                    mem,
-                    page_types,
+                    mem: read_mem(c.pid)
+                        .map_err(|e| tracing::warn!("child {}: {e:#}", c.pid))
+                        .ok(),
+                    page_types: None,
                 }
             })
             .collect();
+        // After every child's memory figures: the guest's reading of its flags writes
+        // pages of that child.
+        if let (true, Some(first), Some(sample)) = (
+            self.args.page_types,
+            out.children.first(),
+            children.first_mut(),
+        ) {
+            if let Some(uds) = &first.vsock_uds {
+                sample.page_types = pages::page_types(first.pid, uds, self.args.mem << 20)
+                    .map_err(|e| tracing::warn!("child {}: page types: {e:#}", first.pid))
+                    .ok();
+            }
+        }
         let parent_mem = read_mem(std::process::id()).ok();
         kids.kill_all();
         for s in &socks {

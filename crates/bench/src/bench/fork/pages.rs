@@ -3,7 +3,8 @@
 //! The host sees which guest pages a child wrote (its copies: present, anonymous pages
 //! of its guest-RAM mappings in `/proc/PID/pagemap`) but not what the guest used them
 //! for. The guest kernel knows: `/proc/kpageflags` has one 64-bit flag word per page
-//! frame, and a guest frame number is the guest-physical address over 4096. The child's
+//! frame, and a guest frame number is the guest-physical address over 4096 (a mapping's
+//! file offset is translated by the VM's RAM ranges, around the MMIO hole). The child's
 //! agent is asked for that file once the copies are listed; each copy is then counted
 //! under the guest's use of the page (the kernel image's sections from the guest's
 //! `/proc/iomem`; else by flags: free, page table, slab, process memory, page cache,
@@ -36,9 +37,20 @@ mod kpf {
     pub const RESERVED: u32 = 32;
 }
 
-/// The largest `/proc/kpageflags` accepted from a guest: 8 bytes per 4 KiB frame of
-/// the largest guest memory forkvm gives a VM, with room for the MMIO hole.
-const MAX_FLAGS_BYTES: usize = 64 << 20;
+/// The most a guest's `/proc/kpageflags` may be, bytes: 8 per 4 KiB frame of a
+/// guest-physical space of `mem_bytes` of RAM and the MMIO hole.
+fn max_flags_bytes(mem_bytes: u64) -> usize {
+    ((mem_bytes + (4 << 30)) / PAGE * 8) as usize
+}
+
+/// The most of a guest's `/proc/iomem` read (it is a few KiB).
+const MAX_IOMEM_BYTES: usize = 64 << 10;
+
+/// The most kernel-image sections taken from a guest's `/proc/iomem` (x86 has four).
+const MAX_SECTIONS: usize = 16;
+
+/// How long reading the guest's page flags may take (a `cat` of at most a few MiB).
+const GUEST_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the guest used a page frame for, from its flags.
 pub fn kind(flags: u64) -> &'static str {
@@ -58,7 +70,7 @@ pub fn kind(flags: u64) -> &'static str {
     } else if has(kpf::RESERVED) {
         "reserved (memmap, per-cpu, boot allocations)"
     } else {
-        "other kernel (stacks, vmalloc, per-cpu, buffers)"
+        "other kernel (stacks, vmalloc, per-cpu lists, buffers)"
     }
 }
 
@@ -121,8 +133,8 @@ pub struct CopiedPage {
 }
 
 /// The guest-RAM mappings of a `/proc/PID/maps` text: (start, end, file offset). The
-/// file offset of guest memory is its guest-physical address below the MMIO hole,
-/// in the base memory file and in every overlay alike.
+/// base memory file and every overlay place a guest page at the same file offset
+/// (see [`guest_addr`]).
 pub fn guest_ram_maps(maps: &str) -> Vec<(u64, u64, u64)> {
     maps.lines()
         .filter(|l| mem::mapping_header(l).is_some_and(|p| p.starts_with(GUEST_RAM_MEMFD)))
@@ -145,8 +157,17 @@ pub fn is_copy(entry: u64) -> bool {
     entry & (1 << 63) != 0 && entry & (1 << 61) == 0
 }
 
-/// The guest pages process `pid` copied.
-pub fn copies(pid: u32) -> Result<Vec<CopiedPage>> {
+/// The guest-physical address of the memory files' offset `offset` in a VM with
+/// `mem_bytes` of RAM (its RAM ranges skip the MMIO hole below 4 GiB).
+pub fn guest_addr(offset: u64, mem_bytes: u64) -> Option<u64> {
+    forkvm_vmm::memory::ram_ranges(mem_bytes)
+        .iter()
+        .find(|r| (r.file_offset..r.file_offset + r.len).contains(&offset))
+        .map(|r| r.guest_addr + (offset - r.file_offset))
+}
+
+/// The guest pages process `pid`, a VM with `mem_bytes` of RAM, copied.
+pub fn copies(pid: u32, mem_bytes: u64) -> Result<Vec<CopiedPage>> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .with_context(|| format!("cannot read /proc/{pid}/maps"))?;
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))
@@ -160,28 +181,48 @@ pub fn copies(pid: u32) -> Result<Vec<CopiedPage>> {
             .with_context(|| format!("cannot read the pagemap of process {pid}"))?;
         for (i, e) in raw.chunks_exact(8).enumerate() {
             let entry = u64::from_le_bytes(e.try_into().expect("8-byte chunk"));
-            if is_copy(entry) {
-                out.push(CopiedPage {
-                    gpa: offset + i as u64 * PAGE,
-                    host_addr: start + i as u64 * PAGE,
-                });
+            if !is_copy(entry) {
+                continue;
             }
+            let gpa = guest_addr(offset + i as u64 * PAGE, mem_bytes)
+                .with_context(|| format!("process {pid} maps its guest RAM past its size"))?;
+            out.push(CopiedPage {
+                gpa,
+                host_addr: start + i as u64 * PAGE,
+            });
         }
     }
     Ok(out)
 }
 
-/// A writer whose bytes stay readable after it is handed away.
-#[derive(Clone, Default)]
-struct Collected(Arc<Mutex<Vec<u8>>>);
+/// A writer whose bytes stay readable after it is handed away, up to a limit.
+#[derive(Clone)]
+struct Collected {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    limit: usize,
+}
+
+impl Collected {
+    fn new(limit: usize) -> Self {
+        Collected {
+            bytes: Arc::default(),
+            limit,
+        }
+    }
+
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.bytes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
 
 impl Write for Collected {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if v.len() + buf.len() > MAX_FLAGS_BYTES {
-            return Err(std::io::Error::other(
-                "more output than a guest's page flags",
-            ));
+        let mut v = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        if v.len() + buf.len() > self.limit {
+            return Err(std::io::Error::other(format!(
+                "the guest wrote more than the {} bytes expected",
+                self.limit
+            )));
         }
         v.extend_from_slice(buf);
         Ok(buf.len())
@@ -191,44 +232,54 @@ impl Write for Collected {
     }
 }
 
-/// The output of `args` run by the agent behind `uds` in its guest.
-fn guest_output(uds: &Path, args: &[&str]) -> Result<Vec<u8>> {
+/// The output of `args` run by the agent behind `uds` in its guest: at most `limit`
+/// bytes, within [`GUEST_CALL_TIMEOUT`] of silence.
+fn guest_output(uds: &Path, args: &[&str], limit: usize) -> Result<Vec<u8>> {
     use forkvm_agent_proto::client;
     let conn = client::connect_vsock(uds, forkvm_agent_proto::AGENT_PORT, Duration::from_secs(5))
         .with_context(|| format!("cannot reach the agent behind {}", uds.display()))?;
-    // The other fields take the protocol's defaults (root, `/`, no terminal).
-    let spec: forkvm_agent_proto::ProcessSpec = serde_json::from_value(serde_json::json!({
-        "args": args,
-        "env": ["PATH=/bin:/sbin:/usr/bin:/usr/sbin"],
-    }))
-    .context("a process spec")?;
+    // A clone of the connection sets its timeout once `exec` has cleared it.
+    let same = conn
+        .try_clone()
+        .context("cannot clone the agent connection")?;
+    let spec = forkvm_agent_proto::ProcessSpec {
+        env: vec!["PATH=/bin:/sbin:/usr/bin:/usr/sbin".into()],
+        ..forkvm_agent_proto::ProcessSpec::new(args.iter().copied())
+    };
     let session = client::exec(conn, &spec).with_context(|| format!("cannot run {args:?}"))?;
-    let out = Collected::default();
-    let err = Collected::default();
+    same.set_read_timeout(Some(GUEST_CALL_TIMEOUT))
+        .context("cannot set a timeout on the agent connection")?;
+    let out = Collected::new(limit);
+    let err = Collected::new(64 << 10);
     let code = session
         .pump(None, Box::new(out.clone()), Box::new(err.clone()))
         .with_context(|| format!("running {args:?} in the guest"))?;
-    let bytes = std::mem::take(&mut *out.0.lock().unwrap_or_else(|e| e.into_inner()));
     if code != 0 {
-        let err = err.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let err = err.take();
+        let tail = &err[err.len().saturating_sub(1024)..];
         bail!(
             "{args:?} in the guest exited {code}: {}",
-            String::from_utf8_lossy(&err).trim()
+            String::from_utf8_lossy(tail).trim()
         );
     }
-    Ok(bytes)
+    Ok(out.take())
 }
 
-/// The guest's `/proc/kpageflags`, read by its agent behind `uds`.
-pub fn guest_flags(uds: &Path) -> Result<Vec<u64>> {
-    Ok(guest_output(uds, &["cat", "/proc/kpageflags"])?
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("8-byte chunk")))
-        .collect())
+/// The guest's `/proc/kpageflags` (a VM with `mem_bytes` of RAM), read by its agent
+/// behind `uds`.
+pub fn guest_flags(uds: &Path, mem_bytes: u64) -> Result<Vec<u64>> {
+    Ok(guest_output(
+        uds,
+        &["cat", "/proc/kpageflags"],
+        max_flags_bytes(mem_bytes),
+    )?
+    .chunks_exact(8)
+    .map(|c| u64::from_le_bytes(c.try_into().expect("8-byte chunk")))
+    .collect())
 }
 
 /// The kernel image's sections in a guest's `/proc/iomem` ("Kernel code", "Kernel
-/// data", ...): (start, end inclusive, name).
+/// data", ...): (start, end inclusive, name); at most [`MAX_SECTIONS`].
 pub fn kernel_sections(iomem: &str) -> Vec<(u64, u64, String)> {
     iomem
         .lines()
@@ -244,6 +295,7 @@ pub fn kernel_sections(iomem: &str) -> Vec<(u64, u64, String)> {
                 name.to_lowercase(),
             ))
         })
+        .take(MAX_SECTIONS)
         .collect()
 }
 
@@ -277,18 +329,25 @@ pub fn classify(
 }
 
 /// Where child `pid`'s copies (listed first) go, by the flags its agent behind `uds`
-/// reads from its guest.
-pub fn page_types(pid: u32, uds: &Path) -> Result<PageTypes> {
-    let copies = copies(pid)?;
+/// reads from its guest (a VM with `mem_bytes` of RAM).
+pub fn page_types(pid: u32, uds: &Path, mem_bytes: u64) -> Result<PageTypes> {
+    let copies = copies(pid, mem_bytes)?;
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
         .with_context(|| format!("cannot read /proc/{pid}/smaps"))?;
-    let flags = guest_flags(uds)?;
-    let iomem = guest_output(uds, &["cat", "/proc/iomem"])?;
+    let flags = guest_flags(uds, mem_bytes)?;
+    let iomem = guest_output(uds, &["cat", "/proc/iomem"], MAX_IOMEM_BYTES)?;
     let sections = kernel_sections(&String::from_utf8_lossy(&iomem));
+    if sections.is_empty() || sections.iter().all(|(a, b, _)| *a == 0 && *b == 0) {
+        bail!("the guest's /proc/iomem shows no kernel-image addresses (read without privilege?)");
+    }
+    // The contents only decide the all-zero count: without them (no right to read the
+    // process's memory) every copy counts as not zero, and the log says so.
     let mem = File::open(format!("/proc/{pid}/mem"))
-        .with_context(|| format!("cannot open /proc/{pid}/mem"))?;
+        .map_err(|e| tracing::warn!("/proc/{pid}/mem: {e}: no all-zero counts"))
+        .ok();
     let mut t = classify(&copies, &flags, &sections, |addr, buf| {
-        mem.read_exact_at(buf, addr).is_ok()
+        mem.as_ref()
+            .is_some_and(|m| m.read_exact_at(buf, addr).is_ok())
     });
     t.process_kib = process_split(&smaps);
     Ok(t)
@@ -426,6 +485,17 @@ Private_Dirty:        0 kB
     }
 
     #[test]
+    fn file_offsets_above_the_mmio_hole_are_guest_addresses_above_4_gib() {
+        let mib = |n: u64| n << 20;
+        assert_eq!(guest_addr(0x0234_5000, mib(256)), Some(0x0234_5000));
+        assert_eq!(guest_addr(mib(256), mib(256)), None, "past the RAM");
+        // 4 GiB of RAM: 3 GiB below the hole, the last 1 GiB from 4 GiB up.
+        assert_eq!(guest_addr(0xBFFF_F000, mib(4096)), Some(0xBFFF_F000));
+        assert_eq!(guest_addr(0xC000_0000, mib(4096)), Some(0x1_0000_0000));
+        assert_eq!(guest_addr(0xC000_1000, mib(4096)), Some(0x1_0000_1000));
+    }
+
+    #[test]
     fn only_present_private_pages_are_copies() {
         assert!(is_copy(1 << 63 | 0x1234));
         assert!(!is_copy(1 << 63 | 1 << 61), "a page of the shared file");
@@ -444,7 +514,10 @@ Private_Dirty:        0 kB
             kind(1 << kpf::RESERVED),
             "reserved (memmap, per-cpu, boot allocations)"
         );
-        assert_eq!(kind(0), "other kernel (stacks, vmalloc, per-cpu, buffers)");
+        assert_eq!(
+            kind(0),
+            "other kernel (stacks, vmalloc, per-cpu lists, buffers)"
+        );
         assert_eq!(kind(1 << kpf::NOPAGE | 1 << kpf::BUDDY), "no page");
     }
 

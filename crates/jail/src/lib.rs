@@ -17,12 +17,16 @@
 //! themselves when they start ([`confine_thread`]): a stricter filter stacked on the
 //! process's, and no capabilities at all.
 //!
+//! [`limits`] raises the process's open-file limit, before any of this (a VM that forks
+//! many children, or serves a shared directory, needs more than the usual 1024).
+//!
 //! [`JailStatus`] reads what the kernel says of a process (`/proc/<pid>/status` and
 //! `cgroup`): what `forkvm inspect` shows and the tests check.
 
 pub mod caps;
 pub mod cgroup;
 pub mod landlock;
+pub mod limits;
 pub mod seccomp;
 
 use std::path::PathBuf;

@@ -40,6 +40,11 @@ fn main() {
         }
     }
     forkvm_config::logging::init_stderr(None);
+    // Before the jail: a fork of many children holds a socket per child until each
+    // reports, and a shared directory a descriptor per file the guest looked up.
+    if let Err(e) = forkvm_jail::limits::raise_open_files() {
+        tracing::warn!("cannot raise the open file limit: {e}");
+    }
     let launched = match Launched::receive() {
         Ok(l) => l,
         // A warm fork process whose VM went away before it was needed.

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use forkvm_vmm::control::{ForkOutcome, ForkRequest};
+use forkvm_vmm::control::{ForkOutcome, ForkRequest, Request};
 
 use super::vm::{find, live};
 use crate::cli::ForkArgs;
@@ -34,8 +34,10 @@ pub fn run(args: ForkArgs, root: &Path) -> Result<i32> {
         freeze: args.freeze,
         ..ForkRequest::default()
     };
-    // Starting many children takes a while on a loaded host.
-    let client = client.with_timeout(Duration::from_secs(300));
+    // Starting many children takes a while on a loaded host: wait as long as the VM
+    // gives them (it answers by then), and a little more.
+    let wait = forkvm_vmm::control::deadline(&Request::Fork(req.clone())) + Duration::from_secs(30);
+    let client = client.with_timeout(wait);
     let out = client
         .fork(&req)
         .with_context(|| format!("cannot fork VM {}", home.id()))?;

@@ -158,7 +158,7 @@ pub struct FsState {
 
 /// Most inodes plus handles a saved table may list: as many descriptors as a process
 /// may hold.
-pub const MAX_TABLE_ENTRIES: usize = MAX_OPEN_FILES as usize;
+pub const MAX_TABLE_ENTRIES: usize = forkvm_jail::limits::MAX_OPEN_FILES as usize;
 
 /// The server's table of what the guest holds, descriptors aside.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -394,7 +394,10 @@ fn shared_dir(path: &Path) -> Result<PathBuf, FsError> {
 /// The passthrough filesystem for the directory `root` (resolved from
 /// `config.host_path`), its table still empty; with the open-file limit raised for it.
 fn passthrough(config: &FsConfig, root: &Path) -> Result<PassthroughFs, FsError> {
-    raise_open_file_limit();
+    // One descriptor per file the guest looked up and has not forgotten.
+    if let Err(e) = forkvm_jail::limits::raise_open_files() {
+        tracing::warn!("virtio-fs: cannot raise the open file limit: {e}");
+    }
     let root_dir = root
         .to_str()
         .ok_or_else(|| FsError::HostPath {
@@ -545,46 +548,6 @@ fn fstat(file: &File) -> std::io::Result<libc::stat64> {
         0 => Ok(st),
         _ => Err(std::io::Error::last_os_error()),
     }
-}
-
-/// The most open files [`raise_open_file_limit`] asks for.
-pub const MAX_OPEN_FILES: libc::rlim_t = 1 << 20;
-
-/// Raises this process's limit on open files as far as the system allows, up to
-/// [`MAX_OPEN_FILES`] (`/proc/sys/fs/nr_open`, where it may raise the hard limit; else
-/// the soft limit to the hard one): the server holds one `O_PATH` descriptor per file the guest has
-/// looked up and not forgotten, and the usual limits (1024 soft, 4096 hard) stopped
-/// `bench fs` at its 4043rd file with EMFILE.
-fn raise_open_file_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit that lives across the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return;
-    }
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
-        .unwrap_or(lim.rlim_max);
-    // As virtiofsd's default: at most a million (a guest that looks up more files
-    // gets EMFILE, not the host's last descriptors).
-    let wanted = nr_open.min(MAX_OPEN_FILES).max(lim.rlim_max);
-    if lim.rlim_cur >= wanted {
-        return;
-    }
-    for max in [wanted, lim.rlim_max] {
-        let new = libc::rlimit {
-            rlim_cur: max,
-            rlim_max: max,
-        };
-        // SAFETY: setrlimit reads one rlimit that lives across the call.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
-            return;
-        }
-    }
-    tracing::warn!("virtio-fs: cannot raise the open file limit");
 }
 
 impl Persist<'_> for Fs {

@@ -75,6 +75,13 @@ pub fn deadline(req: &Request) -> Duration {
     }
 }
 
+/// How long a client of the API should wait for the answer to `req`: the VM's own
+/// [`deadline`] and a margin for the connection, so the VM answers (or says it timed
+/// out) before the client gives up.
+pub fn client_wait(req: &Request) -> Duration {
+    deadline(req) + Duration::from_secs(30)
+}
+
 /// A request's name in messages.
 fn request_name(req: &Request) -> &'static str {
     match req {
@@ -148,5 +155,10 @@ mod tests {
             }))
         };
         assert!(fork(100) > fork(1) + Duration::from_secs(90));
+        let req = Request::Fork(ForkRequest {
+            count: 1000,
+            ..ForkRequest::default()
+        });
+        assert!(client_wait(&req) > deadline(&req));
     }
 }

@@ -4,7 +4,6 @@
 //! [`forkvm_oci::runtime::fork`]).
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use forkvm_vmm::control::{ForkOutcome, ForkRequest, Request};
@@ -35,9 +34,10 @@ pub fn run(args: ForkArgs, root: &Path) -> Result<i32> {
         ..ForkRequest::default()
     };
     // Starting many children takes a while on a loaded host: wait as long as the VM
-    // gives them (it answers by then), and a little more.
-    let wait = forkvm_vmm::control::deadline(&Request::Fork(req.clone())) + Duration::from_secs(30);
-    let client = client.with_timeout(wait);
+    // gives them (it answers by then).
+    let client = client.with_timeout(forkvm_vmm::control::client_wait(&Request::Fork(
+        req.clone(),
+    )));
     let out = client
         .fork(&req)
         .with_context(|| format!("cannot fork VM {}", home.id()))?;

@@ -55,6 +55,11 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
             Ok(0)
         }
         TemplateCommand::Fork { dir, count, json } => {
+            // This process forks: it holds a launch socket and a pidfd per warm child
+            // until each reports (two descriptors per child of a fork of up to 1024).
+            if let Err(e) = forkvm_jail::limits::raise_open_files() {
+                tracing::warn!("cannot raise the open file limit: {e}");
+            }
             let unusable = || format!("cannot use the template in {}", dir.display());
             let key = TemplateKey::host().with_context(unusable)?;
             let opened = Template::open(&dir, &key).with_context(unusable)?;

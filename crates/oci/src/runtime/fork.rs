@@ -100,12 +100,15 @@ pub fn fork_container(root: &Path, id: &str, count: u32) -> Result<ContainerFork
     let home = super::ops::vm_home(&parent)?;
     // Children register next to their parent (under the monitor's FORKVM_ROOT).
     let vm_root = home.root().to_owned();
-    let client = forkvm_api::Client::new(home.socket_path()).with_timeout(Duration::from_secs(300));
+    let req = ForkRequest {
+        count,
+        ..ForkRequest::default()
+    };
+    // As long as the VM gives the children to start (it answers by then).
+    let wait = forkvm_vmm::control::client_wait(&forkvm_vmm::control::Request::Fork(req.clone()));
+    let client = forkvm_api::Client::new(home.socket_path()).with_timeout(wait);
     let out = client
-        .fork(&ForkRequest {
-            count,
-            ..ForkRequest::default()
-        })
+        .fork(&req)
         .with_context(|| format!("cannot fork container {id}"))?;
     let mut children = Vec::new();
     for child in &out.children {

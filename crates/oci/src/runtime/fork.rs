@@ -43,22 +43,27 @@ pub struct ForkedContainer {
 /// The annotation (in `state`) that says a fork child's NICs are down.
 pub const NETWORK_ANNOTATION: &str = "io.forkvm.network";
 
-/// Asks the agent behind `uds` to take every NIC down; returns their names.
+/// Asks the agent behind `uds` to take every NIC down; returns their names. A child
+/// just forked drops or resets connections until its guest has taken its new CID, so
+/// the request is retried for up to 30 s (taking NICs down twice does no harm: the
+/// agent answers with every NIC, down).
 fn unplug(uds: &Path) -> Result<Vec<String>> {
-    let mut conn = forkvm_agent_proto::client::connect_vsock(
-        uds,
-        forkvm_agent_proto::AGENT_PORT,
-        Duration::from_secs(30),
-    )
-    .context("cannot reach the child's agent")?;
-    match forkvm_agent_proto::client::call_within(
-        &mut conn,
-        &Request::Unplug,
-        Duration::from_secs(30),
-    )? {
-        Response::Unplugged { nics } => Ok(nics),
-        Response::Error { message } => bail!("{message}"),
-        other => bail!("the agent answered unplug with {other:?}"),
+    use forkvm_agent_proto::client;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // The agent answered a Ping on this connection: it has its new CID.
+        let mut conn =
+            client::wait_for_agent(uds, deadline).context("cannot reach the child's agent")?;
+        match client::call_within(&mut conn, &Request::Unplug, Duration::from_secs(30)) {
+            Ok(Response::Unplugged { nics }) => return Ok(nics),
+            Ok(Response::Error { message }) => bail!("{message}"),
+            Ok(other) => bail!("the agent answered unplug with {other:?}"),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("unplug: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e).context("the child's agent did not answer unplug"),
+        }
     }
 }
 

@@ -295,17 +295,38 @@ pub fn exec<C: Connection>(conn: C, spec: &ProcessSpec) -> Result<ExecSession<C>
 
 /// [`exec`], waiting at most `timeout` for the agent's answer.
 pub fn exec_within<C: Connection>(
-    mut conn: C,
+    conn: C,
     spec: &ProcessSpec,
     timeout: Duration,
 ) -> Result<ExecSession<C>, ExecError> {
-    let resp = call_within(
-        &mut conn,
-        &Request::Exec {
+    let request = Request::Exec {
+        process: spec.clone(),
+    };
+    exec_request(conn, &request, timeout)
+}
+
+/// [`exec`] in the container `id` of a VM with several ([`Request::InContainer`]).
+pub fn exec_in_container<C: Connection>(
+    conn: C,
+    id: &str,
+    spec: &ProcessSpec,
+) -> Result<ExecSession<C>, ExecError> {
+    let request = Request::InContainer {
+        id: id.to_owned(),
+        request: Box::new(Request::Exec {
             process: spec.clone(),
-        },
-        timeout,
-    )?;
+        }),
+    };
+    exec_request(conn, &request, CALL_TIMEOUT)
+}
+
+/// Sends `request`, an exec, and turns its connection into the process's session.
+fn exec_request<C: Connection>(
+    mut conn: C,
+    request: &Request,
+    timeout: Duration,
+) -> Result<ExecSession<C>, ExecError> {
+    let resp = call_within(&mut conn, request, timeout)?;
     let pid = match resp {
         Response::Started { pid } => pid,
         Response::ExecFailed { message, exit_code } => {

@@ -15,8 +15,10 @@ pub const AGENT_PORT: u32 = 1024;
 /// [`Request::Container`]; 8: [`Request::Cgroup`], [`Request::Filesystems`], [`Request::Hooks`],
 /// [`DeviceNode::host_has`], [`Request::Container`]'s `domainname`; 9: [`FsMount`]s of
 /// type `file`, and a root shared by virtio-fs, `forkvm.rootfstype=virtiofs`; 10:
-/// [`Request::Container`]'s `user_namespace`, [`Request::Identity`]'s `time_ns`).
-pub const PROTOCOL_VERSION: u32 = 10;
+/// [`Request::Container`]'s `user_namespace`, [`Request::Identity`]'s `time_ns`; 11:
+/// the containers of a pod, [`Request::CreateContainer`], [`Request::InContainer`],
+/// [`Request::DestroyContainer`]).
+pub const PROTOCOL_VERSION: u32 = 11;
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
 /// `PATH` used for the executable search when [`ProcessSpec::env`] has none.
@@ -154,6 +156,75 @@ pub enum Request {
     },
     /// Stop every process and power the VM off (PID-1 mode only).
     Shutdown,
+    /// Make another container in this VM, besides the one it booted with (a pod's app
+    /// container, the boot container being its sandbox): its root is a directory the
+    /// guest can reach, bound at a place of its own; it has no cgroup, seccomp filters,
+    /// user namespace, mounts or processes until [`Request::InContainer`] requests give
+    /// them (PID-1 mode only; at most [`MAX_CONTAINERS`]). Since version 11.
+    CreateContainer {
+        /// Its name, for [`Request::InContainer`] and [`Request::DestroyContainer`]
+        /// (see [`check_container_id`]).
+        id: String,
+        /// Where its root filesystem is.
+        root: ContainerRoot,
+    },
+    /// Carry out `request` for the container `id` (made by [`Request::CreateContainer`])
+    /// instead of the boot container: one of [`Request::Mount`], [`Request::Cgroup`],
+    /// [`Request::Filesystems`], [`Request::Container`], [`Request::Hooks`],
+    /// [`Request::Exec`] or [`Request::Signal`], answered as that request is. An
+    /// [`Request::Exec`] with `init` starts the container's main process: when it exits,
+    /// the rest of the container's processes are killed (its cgroup's), and the VM runs
+    /// on. Since version 11.
+    InContainer {
+        /// The container.
+        id: String,
+        /// What to do in it.
+        request: Box<Request>,
+    },
+    /// Kill every process of the container `id`, unmount its root and everything
+    /// mounted in it, remove its cgroup and forget it (PID-1 mode only). Since version
+    /// 11.
+    DestroyContainer {
+        /// The container.
+        id: String,
+    },
+}
+
+/// Most containers [`Request::CreateContainer`] makes in one VM, its boot container
+/// aside.
+pub const MAX_CONTAINERS: usize = 64;
+
+/// Where the root filesystem of a [`Request::CreateContainer`] is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRoot {
+    /// The VMM's virtio-fs share (its tag) the root is in; the agent mounts the share
+    /// once, outside every container. Absent: `path` is a directory of the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<String>,
+    /// The root directory: relative to the share's root (resolved inside it, `..` and
+    /// symlinks included), or an absolute path in the guest without a share.
+    pub path: String,
+}
+
+/// A container name is 1 to 64 bytes of ASCII letters, digits, `_`, `-` and `.`, and
+/// does not start with `.` (it names a directory and a cgroup in the guest).
+pub fn check_container_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(format!(
+            "container id {id:?}: {} bytes, it must have 1 to 64",
+            id.len()
+        ));
+    }
+    if id.starts_with('.')
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return Err(format!(
+            "container id {id:?}: only ASCII letters, digits, '_', '-' and '.' (not first) are allowed"
+        ));
+    }
+    Ok(())
 }
 
 /// Most shares one [`Request::Mount`] may name.
@@ -585,6 +656,41 @@ mod tests {
             parse_request(r#"{"op":"shutdown"}"#).unwrap(),
             Request::Shutdown
         );
+    }
+
+    #[test]
+    fn container_requests_read_as_the_documented_json_and_ids_are_checked() {
+        let line = r#"{"op":"in_container","id":"app","request":{"op":"exec","process":{"args":["nginx"],"init":true}}}"#;
+        let mut process = ProcessSpec::new(["nginx"]);
+        process.init = true;
+        let want = Request::InContainer {
+            id: "app".into(),
+            request: Box::new(Request::Exec { process }),
+        };
+        assert_eq!(parse_request(line).unwrap(), want);
+        assert_eq!(parse_request(&to_line(&want)).unwrap(), want);
+        let create =
+            r#"{"op":"create_container","id":"app","root":{"share":"pod","path":"app/rootfs"}}"#;
+        assert_eq!(
+            parse_request(create).unwrap(),
+            Request::CreateContainer {
+                id: "app".into(),
+                root: ContainerRoot {
+                    share: Some("pod".into()),
+                    path: "app/rootfs".into()
+                }
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"destroy_container","id":"app"}"#).unwrap(),
+            Request::DestroyContainer { id: "app".into() }
+        );
+        for good in ["a", "app-1", "k8s_POD.0", &"f".repeat(64)] {
+            check_container_id(good).unwrap();
+        }
+        for bad in ["", ".hidden", "..", "a/b", "a b", "é", &"f".repeat(65)] {
+            assert!(check_container_id(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

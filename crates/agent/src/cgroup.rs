@@ -1,17 +1,19 @@
-//! The container's cgroup inside the guest ([`forkvm_agent_proto::Request::Cgroup`]),
+//! A container's cgroup inside the guest ([`forkvm_agent_proto::Request::Cgroup`]),
 //! so the container sees its limits where a container on a host sees them.
 //!
 //! The guest's cgroup v2 hierarchy is mounted at `/sys/fs/cgroup` (in the guest, outside
-//! the container's root); the `cpu`, `memory` and `pids` controllers are enabled for
-//! its children, and the group [`GROUP`] gets the spec's `memory.max`, `pids.max`,
-//! `cpu.max` and `cpu.weight`. From then on every process the agent starts
-//! ([`crate::spawn`]) joins that group and takes a cgroup namespace of its own, rooted
+//! the container's root); the `cpu`, `memory` and `pids` controllers are enabled down
+//! to the container's [`Group`] (`container` for the boot container, `containers/ID`
+//! for a pod's app container, [`crate::containers`]), which gets the spec's
+//! `memory.max`, `pids.max`, `cpu.max` and `cpu.weight`. From then on every process the
+//! agent starts in that container ([`crate::spawn`]) joins that group and takes a cgroup namespace of its own, rooted
 //! there (`/proc/self/cgroup` reads `0::/`), and the container's `cgroup` mount
 //! ([`mount_namespaced`]) is made from inside such a namespace, so its
 //! `/sys/fs/cgroup` is the group itself, with its limits in `memory.max` and the rest.
 
 use std::ffi::{CStr, CString};
-use std::sync::OnceLock;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use forkvm_agent_proto::CgroupLimits;
 
@@ -20,37 +22,76 @@ use crate::reaper::Reaper;
 /// Where the guest's cgroup v2 hierarchy is mounted.
 pub const HIERARCHY: &str = "/sys/fs/cgroup";
 
-/// The container's group, under [`HIERARCHY`].
-pub const GROUP: &str = "/sys/fs/cgroup/container";
-
-/// The controllers the container's group is given, where the guest's kernel has them.
+/// The controllers a container's group is given, where the guest's kernel has them.
 const CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
 
 /// `statfs`'s magic number of a cgroup v2 filesystem.
 const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
 
-/// `cgroup.procs` of the container's group, once [`setup`] made it.
-static PROCS: OnceLock<CString> = OnceLock::new();
-
-/// `cgroup.procs` of the container's group, for a process to join it; `None` before
-/// [`setup`].
-pub fn procs() -> Option<&'static CStr> {
-    PROCS.get().map(CString::as_c_str)
+/// A container's group.
+#[derive(Debug)]
+pub struct Group {
+    dir: PathBuf,
+    procs: CString,
 }
 
-/// Makes the container's group with `limits` (once: a second request is refused).
-pub fn setup(limits: &CgroupLimits) -> Result<(), String> {
-    setup_in(std::path::Path::new(HIERARCHY), limits, true)?;
-    let procs = CString::new(format!("{GROUP}/cgroup.procs")).expect("no NUL");
-    PROCS
-        .set(procs)
-        .map_err(|_| "the container's cgroup is made already".to_owned())
+impl Group {
+    /// Its `cgroup.procs`, for a process to join it.
+    pub fn procs(&self) -> &CStr {
+        &self.procs
+    }
+
+    /// Its directory in the hierarchy.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Kills every process in it and in the groups below (`cgroup.kill`).
+    pub fn kill(&self) -> Result<(), String> {
+        let file = self.dir.join("cgroup.kill");
+        std::fs::write(&file, "1").map_err(|e| format!("{}: {e}", file.display()))
+    }
+
+    /// Removes it once no process is left in it (`cgroup.events` says `populated 0`),
+    /// waiting until `deadline` at most.
+    pub fn remove(&self, deadline: Instant) -> Result<(), String> {
+        let events = self.dir.join("cgroup.events");
+        loop {
+            let text = std::fs::read_to_string(&events)
+                .map_err(|e| format!("{}: {e}", events.display()))?;
+            if text.lines().any(|l| l.trim() == "populated 0") {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{}: processes are still in it after they were killed",
+                    self.dir.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::fs::remove_dir(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))
+    }
+}
+
+/// Makes the group `name` (`container`, `containers/ID`) under [`HIERARCHY`] with
+/// `limits`, the hierarchy mounted first if it is not.
+pub fn setup(name: &str, limits: &CgroupLimits) -> Result<Group, String> {
+    setup_in(Path::new(HIERARCHY), name, limits, true)
 }
 
 /// [`setup`] under `hierarchy` (mounted there first when `mount`).
-fn setup_in(hierarchy: &std::path::Path, limits: &CgroupLimits, mount: bool) -> Result<(), String> {
-    if PROCS.get().is_some() {
-        return Err("the container's cgroup is made already".into());
+fn setup_in(
+    hierarchy: &Path,
+    name: &str,
+    limits: &CgroupLimits,
+    mount: bool,
+) -> Result<Group, String> {
+    if name
+        .split('/')
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Err(format!("cgroup {name:?}: not a group name"));
     }
     if let Some(w) = limits.cpu_weight.filter(|w| !(1..=10_000).contains(w)) {
         return Err(format!("cpu.weight {w}: outside 1 to 10000"));
@@ -76,7 +117,7 @@ fn setup_in(hierarchy: &std::path::Path, limits: &CgroupLimits, mount: bool) -> 
         )
         .map_err(|e| format!("cannot mount the guest's cgroup hierarchy: {e}"))?;
     }
-    let write = |file: &std::path::Path, value: &str| {
+    let write = |file: &Path, value: &str| {
         std::fs::write(file, value).map_err(|e| format!("{}: {value}: {e}", file.display()))
     };
     // The controllers the kernel has; a limit whose controller it lacks is an error
@@ -103,14 +144,18 @@ fn setup_in(hierarchy: &std::path::Path, limits: &CgroupLimits, mount: bool) -> 
         .filter(|c| has(c))
         .map(|c| format!("+{c}"))
         .collect();
-    if !enable.is_empty() {
-        write(&hierarchy.join("cgroup.subtree_control"), &enable.join(" "))?;
-    }
-    let group = hierarchy.join("container");
-    match std::fs::create_dir(&group) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(format!("{}: {e}", group.display())),
+    // The controllers reach the group through every level above it.
+    let mut group = hierarchy.to_owned();
+    for part in name.split('/') {
+        if !enable.is_empty() {
+            write(&group.join("cgroup.subtree_control"), &enable.join(" "))?;
+        }
+        group.push(part);
+        match std::fs::create_dir(&group) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("{}: {e}", group.display())),
+        }
     }
     if let Some(m) = limits.memory_max {
         write(&group.join("memory.max"), &m.to_string())?;
@@ -124,7 +169,14 @@ fn setup_in(hierarchy: &std::path::Path, limits: &CgroupLimits, mount: bool) -> 
     if let Some(w) = limits.cpu_weight {
         write(&group.join("cpu.weight"), &w.to_string())?;
     }
-    Ok(())
+    let procs = CString::new(
+        group
+            .join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .map_err(|_| format!("cgroup {name:?}: a NUL byte"))?;
+    Ok(Group { dir: group, procs })
 }
 
 /// Joins the process calling it to the group whose `cgroup.procs` is `procs`, then
@@ -214,7 +266,7 @@ mod tests {
             cpu_max: Some((150_000, 100_000)),
             cpu_weight: Some(39),
         };
-        setup_in(dir.path(), &limits, false).unwrap();
+        setup_in(dir.path(), "container", &limits, false).unwrap();
         let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
         assert_eq!(read("cgroup.subtree_control"), "+cpu +memory +pids");
         assert_eq!(read("container/memory.max"), "268435456");
@@ -224,7 +276,7 @@ mod tests {
         // Absent limits: nothing written.
         let other = tempfile::tempdir().unwrap();
         std::fs::write(other.path().join("cgroup.controllers"), "cpu pids").unwrap();
-        setup_in(other.path(), &CgroupLimits::default(), false).unwrap();
+        setup_in(other.path(), "container", &CgroupLimits::default(), false).unwrap();
         // Only the controllers the kernel has are enabled; a limit without one is named.
         assert_eq!(
             std::fs::read_to_string(other.path().join("cgroup.subtree_control")).unwrap(),
@@ -232,6 +284,7 @@ mod tests {
         );
         let e = setup_in(
             other.path(),
+            "container",
             &CgroupLimits {
                 memory_max: Some(1 << 30),
                 ..Default::default()
@@ -260,8 +313,53 @@ mod tests {
                 "cpu.max 1000 10",
             ),
         ] {
-            let e = setup_in(other.path(), &bad, false).unwrap_err();
+            let e = setup_in(other.path(), "container", &bad, false).unwrap_err();
             assert!(e.starts_with(wanted), "{e}");
         }
+    }
+
+    #[test]
+    fn an_app_containers_group_gets_the_controllers_through_every_level() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cgroup.controllers"), "cpu memory pids io").unwrap();
+        let limits = CgroupLimits {
+            pids_max: Some(7),
+            ..Default::default()
+        };
+        let group = setup_in(dir.path(), "containers/app-1", &limits, false).unwrap();
+        assert_eq!(group.dir(), dir.path().join("containers/app-1"));
+        assert_eq!(
+            group.procs().to_str().unwrap(),
+            dir.path()
+                .join("containers/app-1/cgroup.procs")
+                .to_str()
+                .unwrap()
+        );
+        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+        assert_eq!(read("cgroup.subtree_control"), "+cpu +memory +pids");
+        assert_eq!(
+            read("containers/cgroup.subtree_control"),
+            "+cpu +memory +pids"
+        );
+        assert_eq!(read("containers/app-1/pids.max"), "7");
+        // A second container beside it; a name that climbs is refused.
+        setup_in(dir.path(), "containers/app-2", &limits, false).unwrap();
+        assert!(dir.path().join("containers/app-2/pids.max").is_file());
+        for bad in ["containers/..", "containers//x", "../x"] {
+            let e = setup_in(dir.path(), bad, &limits, false).unwrap_err();
+            assert!(e.contains("not a group name"), "{bad}: {e}");
+        }
+        // Killing writes cgroup.kill; removal waits for `populated 0`.
+        group.kill().unwrap();
+        assert_eq!(read("containers/app-1/cgroup.kill"), "1");
+        std::fs::write(
+            dir.path().join("containers/app-1/cgroup.events"),
+            "populated 1\n",
+        )
+        .unwrap();
+        let e = group
+            .remove(Instant::now() + Duration::from_millis(50))
+            .unwrap_err();
+        assert!(e.contains("still in it"), "{e}");
     }
 }

@@ -5,7 +5,8 @@
 //! process starts.
 //!
 //! - The seccomp filters and the user namespace ([`crate::seccomp`], [`crate::userns`])
-//!   are kept for the container's processes started from then on.
+//!   are kept by the container ([`crate::containers::Container`]) for its processes
+//!   started from then on.
 //! - A device node is made with its type, numbers, mode and owner (missing directories
 //!   created). A device the host has ([`DeviceNode::host_has`]) must be one the guest's
 //!   kernel has too (`/sys/dev/char/M:m`, `/sys/dev/block/M:m`): a device only the host
@@ -76,15 +77,16 @@ pub struct Settings<'a> {
     pub user_namespace: Option<&'a forkvm_agent_proto::UserNamespace>,
 }
 
-/// Makes the device nodes in `root`, sets the kernel parameters, then masks paths and
-/// makes paths read-only inside `root`. The first failure stops it, naming the field
-/// and the entry.
+/// Keeps the container's seccomp filters and user namespace, makes the device nodes in
+/// its root, sets the kernel parameters, then masks paths and makes paths read-only
+/// inside its root. The first failure stops it, naming the field and the entry.
 pub fn apply(
-    root: &Path,
+    container: &crate::containers::Container,
     kernel: &GuestKernel,
     s: &Settings,
     reaper: &crate::reaper::Reaper,
 ) -> Result<(), String> {
+    let root = container.root();
     for (what, n) in [
         ("linux.devices", s.devices.len()),
         ("linux.sysctl", s.sysctls.len()),
@@ -96,10 +98,12 @@ pub fn apply(
         }
     }
     if !s.seccomp.is_empty() {
-        crate::seccomp::set(s.seccomp).map_err(|e| format!("linux.seccomp: {e}"))?;
+        container
+            .set_seccomp(s.seccomp)
+            .map_err(|e| format!("linux.seccomp: {e}"))?;
     }
     if let Some(ns) = s.user_namespace {
-        crate::userns::set(ns, &kernel.proc_sys, reaper)?;
+        container.set_userns(ns, &kernel.proc_sys, reaper)?;
     }
     if let Some(name) = s.domainname {
         set_domainname(name).map_err(|e| format!("domainname {name:?}: {e}"))?;
@@ -434,7 +438,8 @@ pub(crate) mod tests {
 
     /// [`super::apply`] with the process's reaper.
     fn apply(root: &Path, kernel: &GuestKernel, s: &Settings) -> Result<(), String> {
-        super::apply(root, kernel, s, crate::reaper::Reaper::global())
+        let container = crate::containers::Container::boot(root);
+        super::apply(&container, kernel, s, crate::reaper::Reaper::global())
     }
 
     #[test]

@@ -11,11 +11,11 @@
 //! past [`LINGER`].
 
 use std::io::{Read, Write};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use forkvm_agent_proto::{GuestHook, ProcessSpec, MAX_HOOKS};
 
+use crate::containers::Container;
 use crate::reaper::Reaper;
 use crate::spawn::ProcessIo;
 
@@ -30,10 +30,10 @@ pub const LINGER: Duration = Duration::from_secs(1);
 /// Most bytes of a hook's stderr an error shows (its end).
 const STDERR_SHOWN: usize = 4096;
 
-/// Runs `hooks` (of `kind`) in `root` in order with `state` on stdin; the first failure
-/// is the error, naming the hook.
+/// Runs `hooks` (of `kind`) in `container` in order with `state` on stdin; the first
+/// failure is the error, naming the hook.
 pub fn run_all(
-    root: &Path,
+    container: &Container,
     kind: &str,
     hooks: &[GuestHook],
     state: &str,
@@ -47,14 +47,14 @@ pub fn run_all(
     }
     let deadline = Instant::now() + LIMIT;
     for (i, hook) in hooks.iter().enumerate() {
-        run(root, hook, state, deadline, reaper)
+        run(container, hook, state, deadline, reaper)
             .map_err(|e| format!("hooks.{kind}[{i}] ({}): {e}", hook.path))?;
     }
     Ok(())
 }
 
 fn run(
-    root: &Path,
+    container: &Container,
     hook: &GuestHook,
     state: &str,
     deadline: Instant,
@@ -79,8 +79,8 @@ fn run(
         stdin: true,
         ..ProcessSpec::new(args)
     };
-    let spawned =
-        crate::spawn::spawn_program(root, &spec, &hook.path, reaper).map_err(|e| e.to_string())?;
+    let spawned = crate::spawn::spawn_program(container, &spec, &hook.path, reaper)
+        .map_err(|e| e.to_string())?;
     let ProcessIo::Pipes {
         stdin,
         stdout,
@@ -161,13 +161,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         let reaper = Reaper::global();
+        let root = Container::boot(std::path::Path::new("/"));
         let script = format!(
             "cat > {0}.state; echo \"$0|$HOOK_VAR|${{HOME-unset}}\" > {0}",
             out.display()
         );
         let ok = hook("/bin/sh", &["sh", "-c", &script, "first"], None);
         run_all(
-            Path::new("/"),
+            &root,
             "createContainer",
             std::slice::from_ref(&ok),
             "{\"id\":\"c\"}",
@@ -191,14 +192,14 @@ mod tests {
                 None,
             ),
         ];
-        let e = run_all(Path::new("/"), "startContainer", &hooks, "{}", reaper).unwrap_err();
+        let e = run_all(&root, "startContainer", &hooks, "{}", reaper).unwrap_err();
         assert_eq!(e, "hooks.startContainer[1] (/bin/sh): exit 3: broken");
         assert!(!third.exists());
 
         // Past its timeout: killed, and said so.
         let slow = hook("/bin/sh", &["sh", "-c", "sleep 30"], Some(1));
         let started = std::time::Instant::now();
-        let e = run_all(Path::new("/"), "startContainer", &[slow], "{}", reaper).unwrap_err();
+        let e = run_all(&root, "startContainer", &[slow], "{}", reaper).unwrap_err();
         assert_eq!(
             e,
             "hooks.startContainer[0] (/bin/sh): did not finish within 1 s"
@@ -216,19 +217,19 @@ mod tests {
             ],
             None,
         );
-        run_all(Path::new("/"), "startContainer", &[custom], "{}", reaper).unwrap();
+        run_all(&root, "startContainer", &[custom], "{}", reaper).unwrap();
         assert_eq!(std::fs::read_to_string(&named).unwrap(), "custom-name\n");
 
         // What a hook leaves running in a session of its own, holding its output, is
         // not waited for.
         let daemon = hook("/bin/sh", &["sh", "-c", "setsid sleep 30 & exit 0"], None);
         let started = std::time::Instant::now();
-        run_all(Path::new("/"), "createContainer", &[daemon], "{}", reaper).unwrap();
+        run_all(&root, "createContainer", &[daemon], "{}", reaper).unwrap();
         assert!(started.elapsed() < Duration::from_secs(10));
 
         // A program the container does not have, or a relative path: named.
         let e = run_all(
-            Path::new("/"),
+            &root,
             "createContainer",
             &[hook("/no/such", &[], None)],
             "{}",
@@ -240,7 +241,7 @@ mod tests {
             "{e}"
         );
         let e = run_all(
-            Path::new("/"),
+            &root,
             "createContainer",
             &[hook("sh", &[], None)],
             "{}",
@@ -249,7 +250,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(e, "hooks.createContainer[0] (sh): the path is not absolute");
         let many = vec![hook("/bin/true", &[], None); MAX_HOOKS + 1];
-        let e = run_all(Path::new("/"), "createContainer", &many, "{}", reaper).unwrap_err();
+        let e = run_all(&root, "createContainer", &many, "{}", reaper).unwrap_err();
         assert!(e.contains("at most 64"), "{e}");
     }
 }

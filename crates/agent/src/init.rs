@@ -455,10 +455,7 @@ fn boot() -> Result<Infallible, InitError> {
         source,
     })?;
     let _ = writeln!(io::stdout(), "{READY_PREFIX}{}", uptime());
-    let agent = Agent::new(AgentConfig {
-        root,
-        mode: Mode::Init,
-    });
+    let agent = Agent::new(AgentConfig::new(root, Mode::Init));
     agent.serve_listener(listener)
 }
 

@@ -6,7 +6,8 @@
 //! fresh entropy to the kernel's pool and forces a CRNG reseed (so children never share
 //! random numbers), then sets the hostname and the NICs' new MACs.
 //!
-//! [`server`] (requests, in any mode), [`spawn`] and [`session`] (running processes),
+//! [`server`] (requests, in any mode), [`containers`] (the VM's containers: the one it
+//! booted with, a pod's app containers), [`spawn`] and [`session`] (running processes),
 //! [`reaper`] (every child's exit status), [`user`] (`/etc/passwd` names), [`identity`]
 //! (fork identity), [`init`] (PID-1 boot and power-off), [`network`] (the container
 //! namespace's addresses and routes), [`dns`] (the relay for resolvers only that
@@ -16,10 +17,8 @@
 //! use forkvm_agent_proto::{client, ProcessSpec};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let (host, guest) = std::os::unix::net::UnixStream::pair()?;
-//! let agent = forkvm_agent::server::Agent::new(forkvm_agent::server::AgentConfig {
-//!     root: "/".into(),
-//!     mode: forkvm_agent::server::Mode::Daemon,
-//! });
+//! use forkvm_agent::server::{Agent, AgentConfig, Mode};
+//! let agent = Agent::new(AgentConfig::new("/", Mode::Daemon));
 //! std::thread::spawn(move || agent.serve(guest));
 //! let session = client::exec(host, &ProcessSpec::new(["echo", "hi"]))?;
 //! let code = session.pump(None, Box::new(std::io::stdout()), Box::new(std::io::sink()))?;
@@ -30,6 +29,7 @@
 pub use forkvm_agent_proto::{frame, protocol};
 pub mod cgroup;
 pub mod container;
+pub mod containers;
 pub mod dns;
 pub mod hooks;
 pub mod identity;

@@ -32,9 +32,6 @@ fn main() {
         0 => {}
         _ => std::process::exit(0),
     }
-    let agent = Agent::new(AgentConfig {
-        root: "/".into(),
-        mode: Mode::Daemon,
-    });
+    let agent = Agent::new(AgentConfig::new("/", Mode::Daemon));
     agent.serve_listener(listener)
 }

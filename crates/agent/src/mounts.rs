@@ -350,11 +350,17 @@ fn copy_up(from: &Path, to: &Path, budget: &mut usize) -> std::io::Result<()> {
 
 /// Mounts `mounts` in `root`, in order (see the module documentation); the first
 /// failure stops it, naming the mount. Every entry is checked before anything changes.
-pub fn apply(root: &Path, mounts: &[FsMount], guest_pts: &Path) -> Result<(), String> {
+pub fn apply(
+    root: &Path,
+    mounts: &[FsMount],
+    guest_pts: &Path,
+    cgroup_procs: Option<&CStr>,
+) -> Result<(), String> {
     apply_in(
         root,
         mounts,
         guest_pts,
+        cgroup_procs,
         &mut FileShares::at(Path::new(FILE_SHARES)),
     )
 }
@@ -389,6 +395,7 @@ fn apply_in(
     root: &Path,
     mounts: &[FsMount],
     guest_pts: &Path,
+    cgroup_procs: Option<&CStr>,
     shares: &mut FileShares,
 ) -> Result<(), String> {
     if mounts.len() > MAX_FILESYSTEMS {
@@ -491,7 +498,7 @@ fn apply_in(
                 })
             }
             // The container's own group as the root, when it has one.
-            "cgroup" | "cgroup2" => match crate::cgroup::procs() {
+            "cgroup" | "cgroup2" => match cgroup_procs {
                 Some(procs) => crate::cgroup::mount_namespaced(
                     procs,
                     &target,
@@ -651,20 +658,20 @@ mod tests {
                 "mount /y (tmpfs): option \"bind\"",
             ),
         ] {
-            let e = apply(dir.path(), &mounts, pts).unwrap_err();
+            let e = apply(dir.path(), &mounts, pts, None).unwrap_err();
             assert!(e.starts_with(wanted), "{e}");
             // The good entry before the bad one was not mounted (not even created).
             assert!(!dir.path().join("ok").exists());
         }
         let many = vec![m("/t", "tmpfs", &[]); MAX_FILESYSTEMS + 1];
-        assert!(apply(dir.path(), &many, pts)
+        assert!(apply(dir.path(), &many, pts, None)
             .unwrap_err()
             .contains("at most"));
     }
 
     #[test]
     fn a_destination_that_is_the_root_is_refused_and_a_guest_without_one_too() {
-        let e = apply(Path::new("/"), &[], Path::new("/dev/pts")).unwrap_err();
+        let e = apply(Path::new("/"), &[], Path::new("/dev/pts"), None).unwrap_err();
         assert!(e.contains("no container root"), "{e}");
         crate::container::tests::in_own_mounts(|dir| {
             // The container's root is a mount of its own, as the guest's overlay is.
@@ -680,7 +687,7 @@ mod tests {
                 source: "proc".into(),
                 options: vec![],
             };
-            let e = apply(&root, &[proc], Path::new("/dev/pts")).unwrap_err();
+            let e = apply(&root, &[proc], Path::new("/dev/pts"), None).unwrap_err();
             assert_eq!(
                 e,
                 "mount /proc (proc): the destination resolves to the container's root"
@@ -738,7 +745,7 @@ mod tests {
                 f("/run/.containerenv", "forkvm-files/2", &[]),
                 f("/etc/dangling", "forkvm-files/0", &[]),
             ];
-            apply_in(root, &mounts, Path::new("/dev/pts"), &mut shares).unwrap();
+            apply_in(root, &mounts, Path::new("/dev/pts"), None, &mut shares).unwrap();
             let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
             assert_eq!(read("etc/hosts"), "hosts copy");
             // The link was followed inside the root: its target is bound.
@@ -794,8 +801,9 @@ mod tests {
 
             // What cannot be bound: refused, naming the mount and why; a bad source
             // before anything is mounted.
-            let mut err =
-                |m: &[FsMount]| apply_in(root, m, Path::new("/dev/pts"), &mut shares).unwrap_err();
+            let mut err = |m: &[FsMount]| {
+                apply_in(root, m, Path::new("/dev/pts"), None, &mut shares).unwrap_err()
+            };
             let e = err(&[f("/etc", "forkvm-files/0", &[])]);
             assert!(
                 e.contains("mount /etc (file): the destination is a directory"),
@@ -870,7 +878,7 @@ mod tests {
                 m("/tmp/private", "tmpfs", "tmpfs", &["private", "size=1k"]),
                 m("/etc", "tmpfs", "tmpfs", &["tmpcopyup", "size=1m"]),
             ];
-            apply(root, &mounts, Path::new("/dev/pts")).unwrap();
+            apply(root, &mounts, Path::new("/dev/pts"), None).unwrap();
 
             // The boot /dev went (its marker with it); the spec's has runc's devices.
             assert!(!root.join("dev/boot-marker").exists());

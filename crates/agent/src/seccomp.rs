@@ -1,40 +1,28 @@
 //! The container's seccomp filters ([`forkvm_agent_proto::Request::Container`]'s
 //! `seccomp`, compiled by the host from the OCI `linux.seccomp`): decoded once, kept
-//! for the life of the agent, and installed by [`crate::spawn`] on every container
-//! process it starts from then on (its hooks aside), as runc installs them: after
+//! by the container ([`crate::containers::Container::set_seccomp`]), and installed by
+//! [`crate::spawn`] on every process it starts in that container from then on (its hooks aside), as runc installs them: after
 //! `no_new_privs` when the process asks for it, else before its user and capabilities
 //! change (while it may still install a filter).
-
-use std::sync::OnceLock;
 
 use forkvm_agent_proto::MAX_SECCOMP_FILTERS;
 
 /// Most instructions one program may have (the kernel's `BPF_MAXINSNS`).
 const MAX_INSTRUCTIONS: usize = 4096;
 
-static FILTERS: OnceLock<Vec<Vec<libc::sock_filter>>> = OnceLock::new();
-
-/// The filters to install, in order; empty before [`set`].
-pub fn filters() -> &'static [Vec<libc::sock_filter>] {
-    FILTERS.get().map_or(&[], Vec::as_slice)
-}
-
-/// Decodes and keeps `programs` (once: a second set is refused).
-pub fn set(programs: &[String]) -> Result<(), String> {
+/// Decodes `programs` (at most [`MAX_SECCOMP_FILTERS`]), in order.
+pub fn decode_all(programs: &[String]) -> Result<Vec<Vec<libc::sock_filter>>, String> {
     if programs.len() > MAX_SECCOMP_FILTERS {
         return Err(format!(
             "{} filters, at most {MAX_SECCOMP_FILTERS}",
             programs.len()
         ));
     }
-    let decoded = programs
+    programs
         .iter()
         .enumerate()
         .map(|(i, p)| decode(p).map_err(|e| format!("filter {i}: {e}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    FILTERS
-        .set(decoded)
-        .map_err(|_| "the container's seccomp filters are set already".to_owned())
+        .collect()
 }
 
 /// One program from its hex form: 16 digits per instruction (code, jt, jf, k).

@@ -3,14 +3,16 @@
 //! the hand-over of an `exec` connection to [`crate::session`]. The binary runs it on
 //! vsock; tests run it in-process over a `UnixStream::pair()` with the root `/`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use forkvm_agent_proto::{check_container_id, ContainerRoot, MAX_CONTAINERS};
+
+use crate::containers::Container;
 use crate::identity;
 use crate::protocol::{
     parse_request, to_line, ProcessSpec, Request, Response, MAX_LINE, PROTOCOL_VERSION,
@@ -36,6 +38,20 @@ pub struct AgentConfig {
     pub root: PathBuf,
     /// Daemon or PID 1.
     pub mode: Mode,
+    /// Where app containers ([`Request::CreateContainer`]) are assembled
+    /// ([`crate::containers::CONTAINERS`] in the guest).
+    pub containers: PathBuf,
+}
+
+impl AgentConfig {
+    /// `mode`, processes in `root`, app containers where the guest has them.
+    pub fn new(root: impl Into<PathBuf>, mode: Mode) -> Self {
+        Self {
+            root: root.into(),
+            mode,
+            containers: crate::containers::CONTAINERS.into(),
+        }
+    }
 }
 
 /// Why a signal could not be sent.
@@ -44,6 +60,14 @@ pub enum SignalError {
     /// Not a running process of this agent.
     #[error("pid {0} is not a running process started by this agent")]
     UnknownPid(i32),
+    /// A running process of another container.
+    #[error("pid {pid} is not a running process of container {container:?}")]
+    OtherContainer {
+        /// Target.
+        pid: i32,
+        /// The container the request named.
+        container: String,
+    },
     /// `kill(2)` failed.
     #[error("kill {pid} with signal {signal}: {source}")]
     Kill {
@@ -79,12 +103,16 @@ fn real_power_off(reaper: &Reaper, reason: PowerOffReason) {
     }
 }
 
-/// The agent: configuration and the processes it started.
+/// The agent: configuration, the VM's containers and the processes it started.
 pub struct Agent {
     config: AgentConfig,
     reaper: &'static Reaper,
-    live: Mutex<HashSet<libc::pid_t>>,
-    init_started: AtomicBool,
+    /// The container the VM booted with.
+    boot: Arc<Container>,
+    /// The app containers made since, by id.
+    containers: Mutex<BTreeMap<String, Arc<Container>>>,
+    /// The processes started and not seen exit yet, each with its container.
+    live: Mutex<HashMap<libc::pid_t, Arc<Container>>>,
     power_off: PowerOff,
 }
 
@@ -98,28 +126,51 @@ impl Agent {
     /// one signals every process and powers off).
     pub fn with_power_off(config: AgentConfig, power_off: PowerOff) -> Arc<Agent> {
         Arc::new(Agent {
+            boot: Arc::new(Container::boot(&config.root)),
             config,
             reaper: Reaper::global(),
-            live: Mutex::new(HashSet::new()),
-            init_started: AtomicBool::new(false),
+            containers: Mutex::new(BTreeMap::new()),
+            live: Mutex::new(HashMap::new()),
             power_off,
         })
     }
 
-    /// The root directory processes run in.
+    /// The root directory of the boot container's processes.
     pub fn root(&self) -> &Path {
-        &self.config.root
+        self.boot.root()
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, HashSet<libc::pid_t>> {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<libc::pid_t, Arc<Container>>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn containers(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Container>>> {
+        self.containers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sends `signal` to `pid` if this agent started it and it has not exited.
     pub fn signal(&self, pid: i32, signal: i32) -> Result<(), SignalError> {
+        self.signal_in(None, pid, signal)
+    }
+
+    /// [`Agent::signal`], if `pid` is a process of `container` (any container's when
+    /// `None`).
+    fn signal_in(
+        &self,
+        container: Option<&Arc<Container>>,
+        pid: i32,
+        signal: i32,
+    ) -> Result<(), SignalError> {
         let live = self.live();
-        if !live.contains(&pid) {
-            return Err(SignalError::UnknownPid(pid));
+        match (live.get(&pid), container) {
+            (None, _) => return Err(SignalError::UnknownPid(pid)),
+            (Some(theirs), Some(c)) if !Arc::ptr_eq(theirs, c) => {
+                return Err(SignalError::OtherContainer {
+                    pid,
+                    container: c.id().unwrap_or("").to_owned(),
+                })
+            }
+            _ => {}
         }
         // SAFETY: kill has no memory preconditions; holding `live` keeps the pid from
         // being reported exited (and so reused) while we signal it.
@@ -204,33 +255,39 @@ impl Agent {
                 Ok(text) => parse_request(text),
                 Err(_) => Err("bad request: not UTF-8".to_owned()),
             };
-            let resp = match req {
+            let resp = match req.and_then(|r| self.target(r)) {
                 Err(message) => Response::Error { message },
-                Ok(Request::Exec { process }) => match self.start(&process) {
-                    Ok(spawned) => {
-                        let pid = spawned.child.pid();
-                        if (&conn)
-                            .write_all(to_line(&Response::Started { pid }).as_bytes())
-                            .is_err()
-                        {
-                            // Nobody to talk to: let the process run detached.
-                            eprintln!("forkvm-agent: pid {pid}: host left before Started");
+                Ok((container, Request::Exec { process })) => {
+                    match self.start(&container, &process) {
+                        Ok(spawned) => {
+                            let pid = spawned.child.pid();
+                            if (&conn)
+                                .write_all(to_line(&Response::Started { pid }).as_bytes())
+                                .is_err()
+                            {
+                                // Nobody to talk to: let the process run detached.
+                                eprintln!("forkvm-agent: pid {pid}: host left before Started");
+                            }
+                            let end =
+                                session::run(self.clone(), conn, reader, spawned, !process.init);
+                            if process.init && container.id().is_none() {
+                                end.wait_host(session::INIT_LINGER);
+                                (self.power_off)(self.reaper, PowerOffReason::InitExited);
+                            } else if process.init {
+                                // An app container ends with its main process, the VM runs on.
+                                self.kill_processes(&container);
+                            }
+                            return;
                         }
-                        let end = session::run(self.clone(), conn, reader, spawned, !process.init);
-                        if process.init {
-                            end.wait_host(session::INIT_LINGER);
-                            (self.power_off)(self.reaper, PowerOffReason::InitExited);
-                        }
-                        return;
+                        Err(resp) => resp,
                     }
-                    Err(resp) => resp,
-                },
-                Ok(Request::Shutdown) if self.config.mode == Mode::Init => {
+                }
+                Ok((_, Request::Shutdown)) if self.config.mode == Mode::Init => {
                     let _ = (&conn).write_all(to_line(&Response::Ok).as_bytes());
                     (self.power_off)(self.reaper, PowerOffReason::Shutdown);
                     return;
                 }
-                Ok(req) => self.handle(req),
+                Ok((container, req)) => self.handle(&container, req),
             };
             if (&conn).write_all(to_line(&resp).as_bytes()).is_err() {
                 return;
@@ -238,8 +295,45 @@ impl Agent {
         }
     }
 
-    /// Answers a request that does not take over the connection.
-    fn handle(&self, req: Request) -> Response {
+    /// The container a request is for, and the request to carry out there: the one
+    /// [`Request::InContainer`] wraps, in the container it names; any other in the boot
+    /// container.
+    fn target(&self, req: Request) -> Result<(Arc<Container>, Request), String> {
+        let Request::InContainer { id, request } = req else {
+            return Ok((self.boot.clone(), req));
+        };
+        match *request {
+            Request::Mount { .. }
+            | Request::Cgroup { .. }
+            | Request::Filesystems { .. }
+            | Request::Container { .. }
+            | Request::Hooks { .. }
+            | Request::Exec { .. }
+            | Request::Signal { .. } => {}
+            ref other => {
+                let op = serde_json::to_value(other)
+                    .ok()
+                    .and_then(|v| v.get("op")?.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "{op}: not a request for one container (in_container takes mount, \
+                     cgroup, filesystems, container, hooks, exec and signal)"
+                ));
+            }
+        }
+        let container = self
+            .containers()
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| format!("no container {id:?} in this VM"))?;
+        Ok((container, *request))
+    }
+
+    /// Answers a request for `container` that does not take over the connection.
+    fn handle(&self, container: &Arc<Container>, req: Request) -> Response {
+        let pid1 =
+            |op: &str| Err::<(), _>(format!("{op} needs the agent to run as the guest's PID 1"));
+        let init = self.config.mode == Mode::Init;
         let result = match req {
             Request::Ping => {
                 return Response::Pong {
@@ -255,10 +349,8 @@ impl Agent {
             } => identity::apply(&hostname, &seed, &macs, time_ns)
                 .map_err(|e| e.to_string())
                 .and_then(|()| {
-                    if self.config.mode == Mode::Init
-                        && identity::root_takes_hostname_files(&self.config.root)
-                    {
-                        identity::write_hostname_files(&self.config.root, &hostname)
+                    if init && identity::root_takes_hostname_files(self.boot.root()) {
+                        identity::write_hostname_files(self.boot.root(), &hostname)
                             .map_err(|e| e.to_string())
                     } else {
                         Ok(())
@@ -273,8 +365,8 @@ impl Agent {
                     if nameservers.is_empty() {
                         return Ok(());
                     }
-                    let root = if self.config.mode == Mode::Init {
-                        self.config.root.as_path()
+                    let root = if init {
+                        self.boot.root()
                     } else {
                         Path::new("/")
                     };
@@ -282,28 +374,22 @@ impl Agent {
                 })
                 .map_err(|e| e.to_string()),
             Request::DnsRelay { addresses } => crate::dns::start(&addresses),
-            Request::Mount { shares } => match self.config.mode {
-                Mode::Init => crate::shares::mount_all(&self.config.root, &shares),
-                _ => Err("mount needs the agent to run as the guest's PID 1".to_owned()),
-            },
-            Request::Hooks { kind, hooks, state } => match self.config.mode {
-                Mode::Init => {
-                    crate::hooks::run_all(&self.config.root, &kind, &hooks, &state, self.reaper)
-                }
-                _ => Err("hooks needs the agent to run as the guest's PID 1".to_owned()),
-            },
-            Request::Cgroup { limits } => match self.config.mode {
-                Mode::Init => crate::cgroup::setup(&limits),
-                _ => Err("cgroup needs the agent to run as the guest's PID 1".to_owned()),
-            },
-            Request::Filesystems { mounts } => match self.config.mode {
-                Mode::Init => crate::mounts::apply(
-                    &self.config.root,
-                    &mounts,
-                    std::path::Path::new("/dev/pts"),
-                ),
-                _ => Err("filesystems needs the agent to run as the guest's PID 1".to_owned()),
-            },
+            Request::Mount { .. } if !init => pid1("mount"),
+            Request::Mount { shares } => crate::shares::mount_all(container.root(), &shares),
+            Request::Hooks { .. } if !init => pid1("hooks"),
+            Request::Hooks { kind, hooks, state } => {
+                crate::hooks::run_all(container, &kind, &hooks, &state, self.reaper)
+            }
+            Request::Cgroup { .. } if !init => pid1("cgroup"),
+            Request::Cgroup { limits } => container.set_cgroup(&limits),
+            Request::Filesystems { .. } if !init => pid1("filesystems"),
+            Request::Filesystems { mounts } => crate::mounts::apply(
+                container.root(),
+                &mounts,
+                Path::new("/dev/pts"),
+                container.cgroup_procs(),
+            ),
+            Request::Container { .. } if !init => pid1("container"),
             Request::Container {
                 devices,
                 sysctls,
@@ -313,24 +399,21 @@ impl Agent {
                 domainname,
                 seccomp,
                 user_namespace,
-            } => match self.config.mode {
-                Mode::Init => crate::container::apply(
-                    &self.config.root,
-                    &crate::container::GuestKernel::own(),
-                    &crate::container::Settings {
-                        devices: &devices,
-                        sysctls: &sysctls,
-                        masked: &masked_paths,
-                        readonly: &readonly_paths,
-                        readonly_root,
-                        domainname: domainname.as_deref(),
-                        seccomp: &seccomp,
-                        user_namespace: user_namespace.as_ref(),
-                    },
-                    self.reaper,
-                ),
-                _ => Err("container needs the agent to run as the guest's PID 1".to_owned()),
-            },
+            } => crate::container::apply(
+                container,
+                &crate::container::GuestKernel::own(),
+                &crate::container::Settings {
+                    devices: &devices,
+                    sysctls: &sysctls,
+                    masked: &masked_paths,
+                    readonly: &readonly_paths,
+                    readonly_root,
+                    domainname: domainname.as_deref(),
+                    seccomp: &seccomp,
+                    user_namespace: user_namespace.as_ref(),
+                },
+                self.reaper,
+            ),
             Request::Unplug => {
                 return match crate::network::unplug() {
                     Ok(nics) => Response::Unplugged { nics },
@@ -339,11 +422,18 @@ impl Agent {
                     },
                 }
             }
-            Request::Signal { pid, signal } => self.signal(pid, signal).map_err(|e| e.to_string()),
-            Request::Shutdown => {
-                Err("shutdown needs the agent to run as the guest's PID 1".to_owned())
+            Request::Signal { pid, signal } => {
+                // In the boot container's name, any process the agent started.
+                let only = container.id().is_some().then_some(container);
+                self.signal_in(only, pid, signal).map_err(|e| e.to_string())
             }
+            Request::Shutdown => pid1("shutdown"),
+            Request::CreateContainer { .. } if !init => pid1("create_container"),
+            Request::CreateContainer { id, root } => self.create_container(&id, &root),
+            Request::DestroyContainer { .. } if !init => pid1("destroy_container"),
+            Request::DestroyContainer { id } => self.destroy_container(&id),
             Request::Exec { .. } => unreachable!("exec takes over the connection"),
+            Request::InContainer { .. } => unreachable!("unwrapped by target"),
         };
         match result {
             Ok(()) => Response::Ok,
@@ -351,8 +441,65 @@ impl Agent {
         }
     }
 
-    /// Starts `process`, or says why not as the response to send.
-    fn start(&self, process: &ProcessSpec) -> Result<Spawned, Response> {
+    /// Makes the app container `id` (see [`crate::containers`]).
+    fn create_container(&self, id: &str, root: &ContainerRoot) -> Result<(), String> {
+        check_container_id(id)?;
+        let mut containers = self.containers();
+        if containers.contains_key(id) {
+            return Err(format!("container {id:?} exists already"));
+        }
+        if containers.len() >= MAX_CONTAINERS {
+            return Err(format!(
+                "container {id:?}: this VM has {MAX_CONTAINERS} containers, the most it may have"
+            ));
+        }
+        let container = Container::create(&self.config.containers, id, root)
+            .map_err(|e| format!("container {id:?}: {e}"))?;
+        containers.insert(id.to_owned(), Arc::new(container));
+        Ok(())
+    }
+
+    /// Forgets the app container `id`, kills its processes, and takes its root, mounts
+    /// and cgroup away.
+    fn destroy_container(&self, id: &str) -> Result<(), String> {
+        let container = self
+            .containers()
+            .remove(id)
+            .ok_or_else(|| format!("no container {id:?} in this VM"))?;
+        self.kill_started(&container);
+        container
+            .destroy()
+            .map_err(|e| format!("container {id:?}: {e}"))
+    }
+
+    /// SIGKILL for every process the agent started in `container` that still runs.
+    fn kill_started(&self, container: &Arc<Container>) {
+        let live = self.live();
+        for (&pid, _) in live.iter().filter(|(_, c)| Arc::ptr_eq(c, container)) {
+            // SAFETY: kill has no memory preconditions; holding `live` keeps the pid
+            // from being reported exited (and so reused) while we signal it.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+
+    /// An app container's main process exited: the rest of its processes go too (as a
+    /// runc container's do with the PID namespace its init ends).
+    fn kill_processes(&self, container: &Arc<Container>) {
+        self.kill_started(container);
+        if let Err(e) = container.kill_group() {
+            eprintln!(
+                "forkvm-agent: container {:?}: {e}",
+                container.id().unwrap_or("")
+            );
+        }
+    }
+
+    /// Starts `process` in `container`, or says why not as the response to send.
+    fn start(
+        &self,
+        container: &Arc<Container>,
+        process: &ProcessSpec,
+    ) -> Result<Spawned, Response> {
         let error = |message: String| Response::Error { message };
         if process.init {
             if self.config.mode != Mode::Init {
@@ -360,20 +507,20 @@ impl Agent {
                     "an init process needs the agent to run as the guest's PID 1".into(),
                 ));
             }
-            if self.init_started.swap(true, Ordering::SeqCst) {
+            if !container.start_init() {
                 return Err(error("an init process was already started".into()));
             }
         }
         // Held across the spawn so a Signal request never sees a started pid missing.
         let mut live = self.live();
-        match spawn::spawn(&self.config.root, process, self.reaper) {
+        match spawn::spawn(container, process, self.reaper) {
             Ok(spawned) => {
-                live.insert(spawned.child.pid());
+                live.insert(spawned.child.pid(), container.clone());
                 Ok(spawned)
             }
             Err(e) => {
                 if process.init {
-                    self.init_started.store(false, Ordering::SeqCst);
+                    container.init_failed();
                 }
                 Err(match e.exit_code() {
                     Some(exit_code) => Response::ExecFailed {

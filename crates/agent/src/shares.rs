@@ -7,7 +7,7 @@
 //! directories are created, and the mount goes onto the resolved directory through its
 //! file descriptor, so nothing can swap the path between the check and the mount.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
@@ -43,14 +43,24 @@ pub(crate) fn open_root(root: &Path) -> Result<OwnedFd, String> {
 
 /// Mounts `share` at its target in the root (see [`mount_all`]).
 pub(crate) fn mount_one(root: &OwnedFd, share: &ShareMount) -> Result<(), String> {
-    if share.tag.is_empty() || share.tag.len() > 36 || share.tag.contains('\0') {
+    check_tag(&share.tag)?;
+    let dir = resolve_dir(root, &share.target)?;
+    mount_virtiofs(&share.tag, &crate::mounts::fd_path(&dir), share.read_only)
+}
+
+/// A virtio-fs tag is 1 to 36 bytes without NUL (the device's field).
+pub(crate) fn check_tag(tag: &str) -> Result<(), String> {
+    if tag.is_empty() || tag.len() > 36 || tag.contains('\0') {
         return Err("the tag must be 1 to 36 bytes without NUL".into());
     }
-    let dir = resolve_dir(root, &share.target)?;
-    let source = CString::new(share.tag.as_str()).map_err(|e| e.to_string())?;
-    let flags = if share.read_only { libc::MS_RDONLY } else { 0 };
-    let target = crate::mounts::fd_path(&dir);
-    crate::mounts::mount(Some(&source), &target, Some(c"virtiofs"), flags, None).map_err(|e| {
+    Ok(())
+}
+
+/// Mounts the VMM's share `tag` at `target`; the error says what is missing.
+pub(crate) fn mount_virtiofs(tag: &str, target: &CStr, read_only: bool) -> Result<(), String> {
+    let source = CString::new(tag).map_err(|e| e.to_string())?;
+    let flags = if read_only { libc::MS_RDONLY } else { 0 };
+    crate::mounts::mount(Some(&source), target, Some(c"virtiofs"), flags, None).map_err(|e| {
         // virtio-fs answers an unknown tag with EINVAL; without the driver the
         // filesystem type is unknown (ENODEV).
         match e.raw_os_error() {

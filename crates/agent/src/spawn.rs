@@ -181,7 +181,7 @@ fn step_name(step: u32) -> &'static str {
 }
 
 /// Everything the child needs, prepared before the fork.
-struct ChildPlan {
+struct ChildPlan<'a> {
     stdio: [RawFd; 3],
     ctty: bool,
     root: Option<CString>,
@@ -195,7 +195,7 @@ struct ChildPlan {
     oom_score_adj: Option<Vec<u8>>,
     umask: Option<libc::mode_t>,
     /// The container's cgroup to join (with a cgroup namespace of its own), once made.
-    cgroup_procs: Option<&'static std::ffi::CStr>,
+    cgroup_procs: Option<&'a std::ffi::CStr>,
     /// The container's seccomp filters (pointing into memory that outlives the fork).
     seccomp: Vec<libc::sock_fprog>,
     /// The container's user namespace, to join after the rlimits.
@@ -377,47 +377,48 @@ pub fn open_pty() -> io::Result<(File, OwnedFd)> {
     Ok((File::from(master), slave))
 }
 
-/// Starts `spec` with `root` as its root directory (no chroot when it is `/`).
-pub fn spawn(root: &Path, spec: &ProcessSpec, reaper: &Reaper) -> Result<Spawned, SpawnError> {
+/// Starts `spec` in `container`: in its root (no chroot when it is `/`), its cgroup,
+/// its user namespace, under its seccomp filters.
+pub fn spawn(
+    container: &crate::containers::Container,
+    spec: &ProcessSpec,
+    reaper: &Reaper,
+) -> Result<Spawned, SpawnError> {
     let program = spec.args.first().ok_or(SpawnError::NoArgs)?.clone();
-    let container = Container {
-        seccomp: crate::seccomp::filters(),
-        userns: crate::userns::fd(),
-    };
-    spawn_inner(root, spec, &program, &container, reaper)
+    spawn_inner(spec, &program, &container.confines(true), reaper)
 }
 
 /// [`spawn`] of `program` (searched as `args[0]` would be) with `spec.args` as its
 /// arguments, `argv[0]` included, and without the container's seccomp filters: an OCI
 /// hook's `path` and `args` (in the container's user namespace, as runc runs them).
 pub fn spawn_program(
-    root: &Path,
+    container: &crate::containers::Container,
     spec: &ProcessSpec,
     program: &str,
     reaper: &Reaper,
 ) -> Result<Spawned, SpawnError> {
-    let container = Container {
-        seccomp: &[],
-        userns: crate::userns::fd(),
-    };
-    spawn_inner(root, spec, program, &container, reaper)
+    spawn_inner(spec, program, &container.confines(false), reaper)
 }
 
-/// What a process takes of its container besides its root.
-pub(crate) struct Container<'a> {
+/// What a process takes of its container.
+pub(crate) struct Confines<'a> {
+    /// Its root directory.
+    pub root: &'a Path,
     /// Seccomp filters, installed in order.
     pub seccomp: &'a [Vec<libc::sock_filter>],
     /// A user namespace to join.
     pub userns: Option<RawFd>,
+    /// `cgroup.procs` of a group to join (with a cgroup namespace of its own).
+    pub cgroup_procs: Option<&'a std::ffi::CStr>,
 }
 
 pub(crate) fn spawn_inner(
-    root: &Path,
     spec: &ProcessSpec,
     program: &str,
-    container: &Container,
+    container: &Confines,
     reaper: &Reaper,
 ) -> Result<Spawned, SpawnError> {
+    let root = container.root;
     if spec.args.is_empty() {
         return Err(SpawnError::NoArgs);
     }
@@ -554,7 +555,7 @@ pub(crate) fn spawn_inner(
         gid: ids.gid,
         oom_score_adj,
         umask,
-        cgroup_procs: crate::cgroup::procs(),
+        cgroup_procs: container.cgroup_procs,
         seccomp: crate::seccomp::fprogs(container.seccomp),
         userns: container.userns,
         caps: spec.capabilities.map(CapPlan::new),
@@ -640,7 +641,7 @@ fn fail(err_fd: RawFd, step: u32) -> ! {
 }
 
 /// The child side of [`spawn`]: async-signal-safe calls only, on pre-allocated data.
-fn child_main(p: &ChildPlan) -> ! {
+fn child_main(p: &ChildPlan<'_>) -> ! {
     // SAFETY: every call below is async-signal-safe and only reads memory in `p`, which
     // the parent allocated before forking and which this copy of the address space keeps.
     unsafe {

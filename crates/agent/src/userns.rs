@@ -1,7 +1,8 @@
 //! The container's user namespace ([`forkvm_agent_proto::Request::Container`]'s
 //! `user_namespace`, from the OCI `user` namespace and its `linux.uidMappings` and
-//! `gidMappings`): made once, kept for the life of the agent, and joined by every
-//! process [`crate::spawn`] starts for the container from then on, so that
+//! `gidMappings`): made once, kept by the container
+//! ([`crate::containers::Container::set_userns`]), and joined by every process
+//! [`crate::spawn`] starts in that container from then on, so that
 //! `/proc/self/uid_map` in the container shows the spec's maps and its root is an
 //! ordinary user of the guest.
 //!
@@ -20,15 +21,12 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::OnceLock;
 
 use forkvm_agent_proto::{IdMapping, UserNamespace, MAX_ID_MAPPINGS};
 
 use crate::reaper::Reaper;
-
-static NAMESPACE: OnceLock<OwnedFd> = OnceLock::new();
 
 /// The longest id map file the kernel takes (one write, less than a page).
 const MAX_MAP_BYTES: usize = 4096;
@@ -40,18 +38,13 @@ pub const UNPRIVILEGED_NET: [(&str, &str); 2] = [
     ("net/ipv4/ping_group_range", "0 2147483647"),
 ];
 
-/// The container's user namespace, once [`set`] made it.
-pub fn fd() -> Option<RawFd> {
-    NAMESPACE.get().map(AsRawFd::as_raw_fd)
-}
-
-/// Makes the user namespace `ns` describes and keeps it for the container's processes
-/// (once: a second one is refused), and writes [`UNPRIVILEGED_NET`] under `proc_sys`
-/// (the guest's `/proc/sys`).
-pub fn set(ns: &UserNamespace, proc_sys: &Path, reaper: &Reaper) -> Result<(), String> {
-    if NAMESPACE.get().is_some() {
-        return Err("the container's user namespace is made already".into());
-    }
+/// Makes the user namespace `ns` describes for a container (see [`create`]) and writes
+/// [`UNPRIVILEGED_NET`] under `proc_sys` (the guest's `/proc/sys`).
+pub fn create_for_container(
+    ns: &UserNamespace,
+    proc_sys: &Path,
+    reaper: &Reaper,
+) -> Result<OwnedFd, String> {
     let fd = create(ns, reaper)?;
     // The guest's network namespace stays the init user namespace's (the container's
     // network is the guest's own), so the container's root is an ordinary user to it:
@@ -61,9 +54,7 @@ pub fn set(ns: &UserNamespace, proc_sys: &Path, reaper: &Reaper) -> Result<(), S
         std::fs::write(proc_sys.join(key), value)
             .map_err(|e| format!("user namespace: {key} = {value}: {e}"))?;
     }
-    NAMESPACE
-        .set(fd)
-        .map_err(|_| "the container's user namespace is made already".to_owned())
+    Ok(fd)
 }
 
 /// The text of one id map file: `inside outside count` per line; the field's name in
@@ -260,7 +251,7 @@ mod tests {
 
     #[test]
     fn a_container_process_runs_inside_with_the_spec_caps_and_the_guest_sees_its_ids() {
-        use crate::spawn::{spawn_inner, Container, ProcessIo};
+        use crate::spawn::{spawn_inner, Confines, ProcessIo};
         let fd = create(&suites_maps(), Reaper::global()).unwrap();
         let dir = std::env::temp_dir().join(format!("forkvm-userns-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -283,18 +274,13 @@ mod tests {
             permitted: chown,
             ..Default::default()
         });
-        let container = Container {
+        let container = Confines {
+            root: std::path::Path::new("/"),
             seccomp: &[],
             userns: Some(fd.as_raw_fd()),
+            cgroup_procs: None,
         };
-        let spawned = spawn_inner(
-            std::path::Path::new("/"),
-            &spec,
-            "sh",
-            &container,
-            Reaper::global(),
-        )
-        .unwrap();
+        let spawned = spawn_inner(&spec, "sh", &container, Reaper::global()).unwrap();
         let ProcessIo::Pipes {
             mut stdout,
             mut stderr,

@@ -20,10 +20,7 @@ fn socket_path(tag: &str) -> PathBuf {
 /// the n-th connection (`None`: hang up), after an OK the agent serves the stream.
 fn fake_vsock(uds: &Path, answer: impl Fn(usize) -> Option<&'static str> + Send + 'static) {
     let listener = UnixListener::bind(uds).unwrap();
-    let agent = Agent::new(AgentConfig {
-        root: "/".into(),
-        mode: Mode::Daemon,
-    });
+    let agent = Agent::new(AgentConfig::new("/", Mode::Daemon));
     std::thread::spawn(move || {
         for (n, conn) in listener.incoming().enumerate() {
             let Ok(conn) = conn else { return };

@@ -16,10 +16,7 @@ fn init_agent() -> (Arc<Agent>, mpsc::Receiver<PowerOffReason>) {
     let (tx, rx) = mpsc::channel();
     let tx = Mutex::new(tx);
     let agent = Agent::with_power_off(
-        AgentConfig {
-            root: "/".into(),
-            mode: Mode::Init,
-        },
+        AgentConfig::new("/", Mode::Init),
         Box::new(move |_, reason| {
             let _ = tx.lock().unwrap().send(reason);
         }),

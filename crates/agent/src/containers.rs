@@ -1,0 +1,294 @@
+//! The containers of one VM: the one it booted with (`/rootfs`, or `/` in a guest
+//! without a container) and, in a pod's VM, the app containers the host makes with
+//! [`forkvm_agent_proto::Request::CreateContainer`].
+//!
+//! A [`Container`] is a root directory and what its spec gives every process started
+//! in it from then on, each set once: its cgroup ([`crate::cgroup`]), its seccomp
+//! filters ([`crate::seccomp`]) and its user namespace ([`crate::userns`]); and
+//! whether its main (`init`) process was started.
+//!
+//! An app container's root is assembled under the agent's containers directory
+//! (`/run/forkvm/containers/ID/rootfs`): the directory the host named, bound there (in
+//! a virtio-fs share the agent mounts once under `/run/forkvm/containers/.shares/TAG`,
+//! resolved inside the share so that `..` and symlinks cannot leave it, or a directory
+//! of the guest). Its mounts go on that bind, so [`Container::destroy`] takes them all
+//! away with one detach. The containers share the guest's kernel, network, hostname and
+//! PID numbering (a pod's); each process is confined to its container's root by
+//! `chroot` and to its cgroup.
+
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use forkvm_agent_proto::{check_container_id, CgroupLimits, ContainerRoot, UserNamespace};
+use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+
+use crate::reaper::Reaper;
+
+/// Where app containers are assembled, each in a directory named by its id.
+pub const CONTAINERS: &str = "/run/forkvm/containers";
+
+/// Under the containers directory: the shares app container roots come from, each
+/// mounted once at its tag (no container id starts with `.`).
+const SHARES: &str = ".shares";
+
+/// How long [`Container::destroy`] waits for the processes of a killed cgroup to go.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// One container of the VM.
+pub struct Container {
+    /// `None`: the boot container.
+    id: Option<String>,
+    root: PathBuf,
+    /// An app container's directory (its root's bind mount is `rootfs` in it).
+    home: Option<PathBuf>,
+    cgroup: OnceLock<crate::cgroup::Group>,
+    seccomp: OnceLock<Vec<Vec<libc::sock_filter>>>,
+    userns: OnceLock<OwnedFd>,
+    init_started: AtomicBool,
+}
+
+impl Container {
+    /// The container the VM booted with, whose root is `root`.
+    pub fn boot(root: &Path) -> Container {
+        Container {
+            id: None,
+            root: root.to_owned(),
+            home: None,
+            cgroup: OnceLock::new(),
+            seccomp: OnceLock::new(),
+            userns: OnceLock::new(),
+            init_started: AtomicBool::new(false),
+        }
+    }
+
+    /// Makes the app container `id` under `containers` (see the module documentation).
+    pub fn create(containers: &Path, id: &str, root: &ContainerRoot) -> Result<Container, String> {
+        check_container_id(id)?;
+        let source = open_root_source(containers, root)?;
+        let home = containers.join(id);
+        let rootfs = home.join("rootfs");
+        std::fs::create_dir_all(&rootfs)
+            .map_err(|e| format!("cannot make {}: {e}", rootfs.display()))?;
+        let target = CString::new(rootfs.as_os_str().as_encoded_bytes()).expect("no NUL");
+        let bound = crate::mounts::mount(
+            Some(&crate::mounts::fd_path(&source)),
+            &target,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        )
+        .and_then(|()| {
+            // What the container mounts stays its own, and what is mounted where its
+            // root came from does not appear in it.
+            crate::mounts::mount(None, &target, None, libc::MS_REC | libc::MS_PRIVATE, None)
+        });
+        if let Err(e) = bound {
+            let _ = detach(&target);
+            let _ = std::fs::remove_dir(&rootfs);
+            let _ = std::fs::remove_dir(&home);
+            return Err(format!("cannot bind the container's root: {e}"));
+        }
+        Ok(Container {
+            id: Some(id.to_owned()),
+            root: rootfs,
+            home: Some(home),
+            ..Container::boot(Path::new("/"))
+        })
+    }
+
+    /// The id an app container was made with; `None` for the boot container.
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+
+    /// The root directory its processes run in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Marks its main process started; false when it was already.
+    pub fn start_init(&self) -> bool {
+        !self.init_started.swap(true, Ordering::SeqCst)
+    }
+
+    /// Its main process could not be started after all.
+    pub fn init_failed(&self) {
+        self.init_started.store(false, Ordering::SeqCst);
+    }
+
+    /// Makes its cgroup with `limits`: `container` for the boot container (as a guest
+    /// with one container always had), `containers/ID` for an app container.
+    pub fn set_cgroup(&self, limits: &CgroupLimits) -> Result<(), String> {
+        if self.cgroup.get().is_some() {
+            return Err("the container's cgroup is made already".into());
+        }
+        let name = match &self.id {
+            None => "container".to_owned(),
+            Some(id) => format!("containers/{id}"),
+        };
+        let group = crate::cgroup::setup(&name, limits)?;
+        self.cgroup
+            .set(group)
+            .map_err(|_| "the container's cgroup is made already".to_owned())
+    }
+
+    /// `cgroup.procs` of its cgroup, for a process to join; `None` before
+    /// [`Container::set_cgroup`].
+    pub fn cgroup_procs(&self) -> Option<&CStr> {
+        self.cgroup.get().map(crate::cgroup::Group::procs)
+    }
+
+    /// Decodes and keeps its seccomp filters (once).
+    pub fn set_seccomp(&self, programs: &[String]) -> Result<(), String> {
+        if self.seccomp.get().is_some() {
+            return Err("the container's seccomp filters are set already".into());
+        }
+        let filters = crate::seccomp::decode_all(programs)?;
+        self.seccomp
+            .set(filters)
+            .map_err(|_| "the container's seccomp filters are set already".to_owned())
+    }
+
+    /// Its seccomp filters, in order; empty before [`Container::set_seccomp`].
+    pub fn seccomp(&self) -> &[Vec<libc::sock_filter>] {
+        self.seccomp.get().map_or(&[], Vec::as_slice)
+    }
+
+    /// Makes and keeps its user namespace (once); `proc_sys` is the guest's
+    /// `/proc/sys` (see [`crate::userns::create_for_container`]).
+    pub fn set_userns(
+        &self,
+        ns: &UserNamespace,
+        proc_sys: &Path,
+        reaper: &Reaper,
+    ) -> Result<(), String> {
+        if self.userns.get().is_some() {
+            return Err("the container's user namespace is made already".into());
+        }
+        let fd = crate::userns::create_for_container(ns, proc_sys, reaper)?;
+        self.userns
+            .set(fd)
+            .map_err(|_| "the container's user namespace is made already".to_owned())
+    }
+
+    /// Its user namespace, once made.
+    pub fn userns(&self) -> Option<std::os::fd::RawFd> {
+        self.userns.get().map(AsRawFd::as_raw_fd)
+    }
+
+    /// What a process started in it takes of it: its root, cgroup, user namespace and,
+    /// with `seccomp` (not for its hooks), its filters.
+    pub(crate) fn confines(&self, seccomp: bool) -> crate::spawn::Confines<'_> {
+        crate::spawn::Confines {
+            root: &self.root,
+            seccomp: if seccomp { self.seccomp() } else { &[] },
+            userns: self.userns(),
+            cgroup_procs: self.cgroup_procs(),
+        }
+    }
+
+    /// Kills every process in its cgroup (`cgroup.kill`), if it has one.
+    pub fn kill_group(&self) -> Result<(), String> {
+        match self.cgroup.get() {
+            Some(group) => group.kill(),
+            None => Ok(()),
+        }
+    }
+
+    /// An app container's end, once the agent forgot it and killed the processes it
+    /// started: the rest of its processes killed, its cgroup removed, its root and
+    /// everything mounted in it detached, its directory removed. Everything is tried;
+    /// the first failure is the error.
+    pub fn destroy(&self) -> Result<(), String> {
+        let mut first: Option<String> = None;
+        let mut keep = |r: Result<(), String>| {
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        };
+        if let Some(group) = self.cgroup.get() {
+            keep(
+                group
+                    .kill()
+                    .and_then(|()| group.remove(Instant::now() + KILL_WAIT)),
+            );
+        }
+        if let Some(home) = &self.home {
+            let root = CString::new(self.root.as_os_str().as_encoded_bytes()).expect("no NUL");
+            keep(detach(&root).map_err(|e| format!("cannot unmount {}: {e}", self.root.display())));
+            keep(
+                std::fs::remove_dir(&self.root)
+                    .and_then(|()| std::fs::remove_dir(home))
+                    .map_err(|e| format!("cannot remove {}: {e}", home.display())),
+            );
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// Detaches the mount at `path` and every mount under it.
+fn detach(path: &CStr) -> std::io::Result<()> {
+    // SAFETY: a NUL-terminated path that outlives the call.
+    match unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// The directory an app container's root is bound from.
+fn open_root_source(containers: &Path, root: &ContainerRoot) -> Result<OwnedFd, String> {
+    let dir = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    match &root.share {
+        None => {
+            if !root.path.starts_with('/') {
+                return Err(format!(
+                    "root {:?}: without a share the path must be absolute",
+                    root.path
+                ));
+            }
+            rustix::fs::open(&root.path, dir, Mode::empty())
+                .map_err(|e| format!("root {}: {e}", root.path))
+        }
+        Some(tag) => {
+            let share = mount_share(&containers.join(SHARES), tag)?;
+            let share_fd = rustix::fs::open(&share, dir, Mode::empty())
+                .map_err(|e| format!("share {tag:?}: {e}"))?;
+            openat2(
+                &share_fd,
+                root.path.trim_start_matches('/'),
+                dir,
+                Mode::empty(),
+                ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+            )
+            .map_err(|e| format!("root {} in share {tag:?}: {e}", root.path))
+        }
+    }
+}
+
+/// The share `tag`, mounted at `shares/TAG` unless it is already.
+fn mount_share(shares: &Path, tag: &str) -> Result<PathBuf, String> {
+    crate::shares::check_tag(tag).map_err(|e| format!("share {tag:?}: {e}"))?;
+    // The tag names a directory.
+    if tag.contains('/') || tag.contains(char::is_whitespace) || tag == "." || tag == ".." {
+        return Err(format!(
+            "share {tag:?}: a container's root comes from a share whose tag is a file name"
+        ));
+    }
+    let at = shares.join(tag);
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mounted = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .any(|p| Path::new(p) == at);
+    if !mounted {
+        std::fs::create_dir_all(&at).map_err(|e| format!("cannot make {}: {e}", at.display()))?;
+        let target = CString::new(at.as_os_str().as_encoded_bytes()).expect("no NUL");
+        crate::shares::mount_virtiofs(tag, &target, false)
+            .map_err(|e| format!("share {tag:?}: {e}"))?;
+    }
+    Ok(at)
+}

@@ -1,0 +1,419 @@
+//! A pod's containers in one VM, in-process: app containers made beside the boot
+//! container, processes started in each, a main process that ends its container but
+//! not the VM, and a container destroyed with its processes and mounts. Each test runs
+//! on a thread in a mount namespace of its own (the agent's threads and processes
+//! inherit it), so the binds and mounts it makes go away with it. Needs root.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use forkvm_agent::server::{Agent, AgentConfig, Mode, PowerOffReason};
+use forkvm_agent::{ProcessSpec, Request, Response};
+use forkvm_agent_proto::{client, ContainerRoot, FsMount};
+
+struct Pod {
+    agent: Arc<Agent>,
+    powered_off: mpsc::Receiver<PowerOffReason>,
+    containers: PathBuf,
+}
+
+impl Pod {
+    /// A PID-1 agent whose boot container is `/`, its app containers under `dir`.
+    fn new(dir: &Path, mode: Mode) -> Pod {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let containers = dir.join("containers");
+        let mut config = AgentConfig::new("/", mode);
+        config.containers = containers.clone();
+        let agent = Agent::with_power_off(
+            config,
+            Box::new(move |_, reason| {
+                let _ = tx.lock().unwrap().send(reason);
+            }),
+        );
+        Pod {
+            agent,
+            powered_off: rx,
+            containers,
+        }
+    }
+
+    fn connect(&self) -> UnixStream {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let agent = self.agent.clone();
+        std::thread::spawn(move || agent.serve(guest));
+        host
+    }
+
+    fn call(&self, request: Request) -> Response {
+        client::call(&mut self.connect(), &request).unwrap()
+    }
+
+    fn error(&self, request: Request) -> String {
+        match self.call(request) {
+            Response::Error { message } => message,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn create(&self, id: &str, path: &str) -> Response {
+        self.call(Request::CreateContainer {
+            id: id.into(),
+            root: ContainerRoot {
+                share: None,
+                path: path.into(),
+            },
+        })
+    }
+
+    fn in_container(&self, id: &str, request: Request) -> Response {
+        self.call(Request::InContainer {
+            id: id.into(),
+            request: Box::new(request),
+        })
+    }
+}
+
+fn sh(script: &str) -> ProcessSpec {
+    let mut spec = ProcessSpec::new(["sh", "-c", script]);
+    spec.env = vec!["PATH=/usr/bin:/bin".into()];
+    spec
+}
+
+/// Runs `f` with a fresh directory on a thread in a mount namespace of its own.
+///
+/// The directory is a tmpfs of its own: everything the test makes and mounts is in it,
+/// and it is detached (with whatever is still mounted in it) before the directory is
+/// removed, which is never done recursively: a test must not reach the host's files
+/// through a bind it left behind.
+fn in_own_mounts(f: fn(&Path)) {
+    std::thread::spawn(move || {
+        // SAFETY: unshare takes no pointers; this thread gets its own mount namespace.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNS) }, 0);
+        // SAFETY: NUL-terminated strings that outlive the call; no data.
+        let rc = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0);
+        let dir = tempfile::tempdir().unwrap().keep();
+        let c_dir = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+        // SAFETY: NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                c_dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                c"size=16m".as_ptr().cast(),
+            )
+        };
+        assert_eq!(rc, 0, "tmpfs on {}", dir.display());
+        let outcome = std::panic::catch_unwind(|| f(&dir));
+        // SAFETY: a NUL-terminated path that outlives the call.
+        let rc = unsafe { libc::umount2(c_dir.as_ptr(), libc::MNT_DETACH) };
+        assert_eq!(rc, 0, "detach {}", dir.display());
+        std::fs::remove_dir(&dir).unwrap();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// A container image at `dir/image` for the containers to share: the host's `/usr`
+/// (and `/bin`, `/lib`... as the host has them) bound in read-only, nothing else.
+fn image(dir: &Path) -> String {
+    let image = dir.join("image");
+    std::fs::create_dir_all(&image).unwrap();
+    let bind = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        let c = |p: &Path| std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: NUL-terminated paths that outlive the call; no data.
+        let rc = unsafe {
+            libc::mount(
+                c(from).as_ptr(),
+                c(to).as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "bind {}", from.display());
+        // SAFETY: as above; a bind takes its flags from a remount of itself.
+        let rc = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                c(to).as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "read-only {}", to.display());
+    };
+    bind(Path::new("/usr"), &image.join("usr"));
+    for top in ["bin", "sbin", "lib", "lib64"] {
+        let host = Path::new("/").join(top);
+        match std::fs::read_link(&host) {
+            Ok(target) => std::os::unix::fs::symlink(target, image.join(top)).unwrap(),
+            Err(_) if host.is_dir() => bind(&host, &image.join(top)),
+            Err(_) => {}
+        }
+    }
+    image.display().to_string()
+}
+
+/// The mount points of this thread's namespace under `dir`.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/thread-self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| Path::new(p).starts_with(dir))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Collects a session's output and exit code on a thread of its own.
+fn pumped(session: client::ExecSession) -> std::thread::JoinHandle<(i32, String)> {
+    std::thread::spawn(move || {
+        #[derive(Clone)]
+        struct W(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = W(Arc::new(Mutex::new(Vec::new())));
+        let code = session
+            .pump(None, Box::new(out.clone()), Box::new(std::io::sink()))
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+        (code, text)
+    })
+}
+
+#[test]
+fn an_app_container_runs_in_its_own_root_and_ends_with_its_main_process_not_the_vm() {
+    in_own_mounts(|dir| {
+        let pod = Pod::new(dir, Mode::Init);
+        let image = image(dir);
+        assert_eq!(pod.create("app", &image), Response::Ok);
+        let rootfs = pod.containers.join("app/rootfs");
+        assert_eq!(
+            mounts_under(&pod.containers)[..2],
+            [
+                rootfs.display().to_string(),
+                rootfs.join("usr").display().to_string()
+            ]
+        );
+
+        // A process of the container runs chrooted in its root.
+        let other = client::exec_in_container(pod.connect(), "app", &sh("sleep 60")).unwrap();
+        let pid = other.pid();
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
+            rootfs
+        );
+        let other = pumped(other);
+
+        // Its main process: its exit ends the container's other processes, not the VM.
+        let mut main = sh("echo main; exit 3");
+        main.init = true;
+        let session = client::exec_in_container(pod.connect(), "app", &main).unwrap();
+        assert_eq!(pumped(session).join().unwrap(), (3, "main\n".into()));
+        assert_eq!(other.join().unwrap().0, 128 + libc::SIGKILL);
+        assert!(pod
+            .powered_off
+            .recv_timeout(Duration::from_millis(1500))
+            .is_err());
+        match client::exec_in_container(pod.connect(), "app", &main) {
+            Err(client::ExecError::Rejected { message }) => {
+                assert_eq!(message, "an init process was already started")
+            }
+            other => panic!("{:?}", other.map(|s| s.pid())),
+        }
+
+        // The boot container's processes stay in `/`, and its main process is its own.
+        let boot = client::exec(pod.connect(), &sh("sleep 60")).unwrap();
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{}/root", boot.pid())).unwrap(),
+            Path::new("/")
+        );
+        // A container's request may not signal another container's process.
+        let e = match pod.in_container(
+            "app",
+            Request::Signal {
+                pid: boot.pid(),
+                signal: libc::SIGKILL,
+            },
+        ) {
+            Response::Error { message } => message,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            e,
+            format!(
+                "pid {} is not a running process of container \"app\"",
+                boot.pid()
+            )
+        );
+        assert_eq!(
+            pod.call(Request::Signal {
+                pid: boot.pid(),
+                signal: libc::SIGKILL
+            }),
+            Response::Ok
+        );
+        assert_eq!(pumped(boot).join().unwrap().0, 128 + libc::SIGKILL);
+    });
+}
+
+#[test]
+fn destroying_a_container_kills_its_processes_and_takes_its_mounts_away() {
+    in_own_mounts(|dir| {
+        let pod = Pod::new(dir, Mode::Init);
+        let image = image(dir);
+        assert_eq!(pod.create("web", &image), Response::Ok);
+        assert_eq!(pod.create("db", &image), Response::Ok);
+        let tmpfs = FsMount {
+            destination: "/mnt".into(),
+            fs_type: "tmpfs".into(),
+            source: "tmpfs".into(),
+            options: vec!["size=1m".into()],
+        };
+        assert_eq!(
+            pod.in_container(
+                "web",
+                Request::Filesystems {
+                    mounts: vec![tmpfs]
+                }
+            ),
+            Response::Ok
+        );
+        let web = pod.containers.join("web");
+        assert!(mounts_under(dir).contains(&web.join("rootfs/mnt").display().to_string()));
+        // The mount is the container's: the image and the other container's root do
+        // not have it.
+        assert!(!mounts_under(&pod.containers.join("db"))
+            .iter()
+            .chain(&mounts_under(Path::new(&image)))
+            .any(|m| m.ends_with("/mnt")));
+
+        let session =
+            client::exec_in_container(pod.connect(), "web", &sh("echo up; sleep 60")).unwrap();
+        let session = pumped(session);
+        let db = client::exec_in_container(pod.connect(), "db", &sh("sleep 1; echo db")).unwrap();
+
+        assert_eq!(
+            pod.call(Request::DestroyContainer { id: "web".into() }),
+            Response::Ok
+        );
+        assert_eq!(
+            session.join().unwrap(),
+            (128 + libc::SIGKILL, "up\n".into())
+        );
+        assert!(!web.exists(), "{} is left", web.display());
+        assert!(mounts_under(&web).is_empty(), "{:?}", mounts_under(&web));
+        // The other container runs on.
+        assert_eq!(pumped(db).join().unwrap(), (0, "db\n".into()));
+        assert_eq!(
+            pod.error(Request::DestroyContainer { id: "web".into() }),
+            "no container \"web\" in this VM"
+        );
+        match client::exec_in_container(pod.connect(), "web", &sh("true")) {
+            Err(client::ExecError::Rejected { message }) => {
+                assert_eq!(message, "no container \"web\" in this VM")
+            }
+            other => panic!("{:?}", other.map(|s| s.pid())),
+        }
+        // Its id may be used again.
+        assert_eq!(pod.create("web", &image), Response::Ok);
+    });
+}
+
+#[test]
+fn bad_container_requests_are_refused_by_name() {
+    in_own_mounts(|dir| {
+        let pod = Pod::new(dir, Mode::Init);
+        let image = image(dir);
+        let error = |r: Response| match r {
+            Response::Error { message } => message,
+            other => panic!("{other:?}"),
+        };
+        let e = error(pod.create("../x", &image));
+        assert!(
+            e.starts_with("container id \"../x\": only ASCII letters"),
+            "{e}"
+        );
+        let e = error(pod.create(&"a".repeat(65), &image));
+        assert!(e.contains("65 bytes"), "{e}");
+        let e = error(pod.create("app", "relative"));
+        assert!(
+            e.contains("without a share the path must be absolute"),
+            "{e}"
+        );
+        let e = error(pod.create("app", "/no/such/dir"));
+        assert!(
+            e.starts_with("container \"app\": root /no/such/dir: "),
+            "{e}"
+        );
+        let e = error(pod.call(Request::CreateContainer {
+            id: "app".into(),
+            root: ContainerRoot {
+                share: Some("../up".into()),
+                path: "rootfs".into(),
+            },
+        }));
+        assert!(e.contains("whose tag is a file name"), "{e}");
+        // Nothing was left of the refused ones.
+        assert!(mounts_under(&pod.containers).is_empty());
+        assert!(!pod.containers.join("app").exists());
+
+        assert_eq!(pod.create("app", &image), Response::Ok);
+        assert_eq!(
+            error(pod.create("app", &image)),
+            "container \"app\" exists already"
+        );
+        assert_eq!(
+            error(pod.in_container("ghost", Request::Signal { pid: 1, signal: 0 })),
+            "no container \"ghost\" in this VM"
+        );
+        let e = error(pod.in_container("app", Request::Ping));
+        assert!(
+            e.starts_with("ping: not a request for one container"),
+            "{e}"
+        );
+        let e = error(pod.in_container(
+            "app",
+            Request::InContainer {
+                id: "app".into(),
+                request: Box::new(Request::Ping),
+            },
+        ));
+        assert!(e.starts_with("in_container: not a request"), "{e}");
+        let e = error(pod.in_container("app", Request::DestroyContainer { id: "app".into() }));
+        assert!(e.starts_with("destroy_container: not a request"), "{e}");
+
+        // Outside PID-1 mode there are no containers to make.
+        let daemon = Pod::new(dir, Mode::Daemon);
+        assert_eq!(
+            error(daemon.create("app", &image)),
+            "create_container needs the agent to run as the guest's PID 1"
+        );
+    });
+}

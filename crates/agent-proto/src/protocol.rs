@@ -173,17 +173,17 @@ pub enum Request {
     /// [`Request::Filesystems`], [`Request::Container`], [`Request::Hooks`],
     /// [`Request::Exec`] or [`Request::Signal`], answered as that request is. An
     /// [`Request::Exec`] with `init` starts the container's main process: when it exits,
-    /// the rest of the container's processes are killed (its cgroup's), and the VM runs
-    /// on. Since version 11.
+    /// the rest of the container's processes are killed, and the VM runs on. Since
+    /// version 11.
     InContainer {
         /// The container.
         id: String,
         /// What to do in it.
         request: Box<Request>,
     },
-    /// Kill every process of the container `id`, unmount its root and everything
-    /// mounted in it, remove its cgroup and forget it (PID-1 mode only). Since version
-    /// 11.
+    /// Kill every process of the container `id` (those whose root is in its root, and
+    /// its cgroup's), unmount its root and everything mounted in it, remove its cgroup
+    /// and forget it (PID-1 mode only). Since version 11.
     DestroyContainer {
         /// The container.
         id: String,

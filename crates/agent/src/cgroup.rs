@@ -146,28 +146,39 @@ fn setup_in(
         .collect();
     // The controllers reach the group through every level above it.
     let mut group = hierarchy.to_owned();
+    let mut created = false;
     for part in name.split('/') {
         if !enable.is_empty() {
             write(&group.join("cgroup.subtree_control"), &enable.join(" "))?;
         }
         group.push(part);
-        match std::fs::create_dir(&group) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        created = match std::fs::create_dir(&group) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
             Err(e) => return Err(format!("{}: {e}", group.display())),
+        };
+    }
+    let limited = (|| {
+        if let Some(m) = limits.memory_max {
+            write(&group.join("memory.max"), &m.to_string())?;
         }
-    }
-    if let Some(m) = limits.memory_max {
-        write(&group.join("memory.max"), &m.to_string())?;
-    }
-    if let Some(p) = limits.pids_max {
-        write(&group.join("pids.max"), &p.to_string())?;
-    }
-    if let Some((quota, period)) = limits.cpu_max {
-        write(&group.join("cpu.max"), &format!("{quota} {period}"))?;
-    }
-    if let Some(w) = limits.cpu_weight {
-        write(&group.join("cpu.weight"), &w.to_string())?;
+        if let Some(p) = limits.pids_max {
+            write(&group.join("pids.max"), &p.to_string())?;
+        }
+        if let Some((quota, period)) = limits.cpu_max {
+            write(&group.join("cpu.max"), &format!("{quota} {period}"))?;
+        }
+        if let Some(w) = limits.cpu_weight {
+            write(&group.join("cpu.weight"), &w.to_string())?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = limited {
+        // A group this request made goes with its failure: a later one starts afresh.
+        if created {
+            let _ = std::fs::remove_dir(&group);
+        }
+        return Err(e);
     }
     let procs = CString::new(
         group

@@ -12,15 +12,24 @@
 //! a virtio-fs share the agent mounts once under `/run/forkvm/containers/.shares/TAG`,
 //! resolved inside the share so that `..` and symlinks cannot leave it, or a directory
 //! of the guest). Its mounts go on that bind, so [`Container::destroy`] takes them all
-//! away with one detach. The containers share the guest's kernel, network, hostname and
-//! PID numbering (a pod's); each process is confined to its container's root by
-//! `chroot` and to its cgroup.
+//! away. The containers share the guest's kernel, network, hostname, mount namespace
+//! and PID numbering (a pod's); each process is confined to its container's root by
+//! `chroot` and to its cgroup. That keeps a pod's containers apart from each other's
+//! files, not from a root process of another container that sets out to leave its
+//! `chroot` (a mount and PID namespace per container would): the VM, not the
+//! container, is the boundary forkvm guarantees.
+//!
+//! Ending an app container ([`Container::kill_all`]) kills every process whose root is
+//! in the container's root, and its cgroup's processes (`cgroup.kill`) when it has one,
+//! so that what its processes started goes too. A destroyed container refuses what
+//! comes after ([`Container::lifecycle`]): a request that found it before it was
+//! destroyed finds it gone when it runs.
 
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use forkvm_agent_proto::{check_container_id, CgroupLimits, ContainerRoot, UserNamespace};
@@ -38,6 +47,17 @@ const SHARES: &str = ".shares";
 /// How long [`Container::destroy`] waits for the processes of a killed cgroup to go.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
+/// How many times [`Container::kill_all`] looks for processes left in the container's
+/// root (each look kills what it finds; a process may fork while it is killed).
+const KILL_ROUNDS: usize = 8;
+
+/// Most mounts [`Container::destroy`] detaches at the container's root (a share
+/// mounted over the root stacks on its bind).
+const MAX_STACKED: usize = 16;
+
+/// `statfs`'s magic number of a FUSE filesystem (virtio-fs).
+const FUSE_SUPER_MAGIC: u64 = 0x6573_5546;
+
 /// One container of the VM.
 pub struct Container {
     /// `None`: the boot container.
@@ -49,6 +69,8 @@ pub struct Container {
     seccomp: OnceLock<Vec<Vec<libc::sock_filter>>>,
     userns: OnceLock<OwnedFd>,
     init_started: AtomicBool,
+    /// True once destroyed; held for reading while a request acts on the container.
+    destroyed: RwLock<bool>,
 }
 
 impl Container {
@@ -62,6 +84,7 @@ impl Container {
             seccomp: OnceLock::new(),
             userns: OnceLock::new(),
             init_started: AtomicBool::new(false),
+            destroyed: RwLock::new(false),
         }
     }
 
@@ -98,6 +121,13 @@ impl Container {
             home: Some(home),
             ..Container::boot(Path::new("/"))
         })
+    }
+
+    /// Holds the container for a request: `None` once it was destroyed (the request must
+    /// not act on it), else a guard [`Container::destroy`] waits for.
+    pub fn lifecycle(&self) -> Option<RwLockReadGuard<'_, bool>> {
+        let guard = self.destroyed.read().unwrap_or_else(|e| e.into_inner());
+        (!*guard).then_some(guard)
     }
 
     /// The id an app container was made with; `None` for the boot container.
@@ -191,35 +221,47 @@ impl Container {
         }
     }
 
-    /// Kills every process in its cgroup (`cgroup.kill`), if it has one.
-    pub fn kill_group(&self) -> Result<(), String> {
-        match self.cgroup.get() {
-            Some(group) => group.kill(),
-            None => Ok(()),
+    /// Kills every process of an app container: those whose root is in its root, and
+    /// its cgroup's. The first failure is the error; every step is tried.
+    pub fn kill_all(&self) -> Result<(), String> {
+        if self.id.is_none() {
+            return Err("the boot container's processes end with the VM".into());
         }
+        let group = self.cgroup.get().map_or(Ok(()), crate::cgroup::Group::kill);
+        kill_rooted_in(&self.root);
+        group
     }
 
-    /// An app container's end, once the agent forgot it and killed the processes it
-    /// started: the rest of its processes killed, its cgroup removed, its root and
-    /// everything mounted in it detached, its directory removed. Everything is tried;
-    /// the first failure is the error.
+    /// An app container's end, once the agent forgot it: marked destroyed (after the
+    /// requests acting on it are done), its processes killed, its cgroup removed, its
+    /// root and everything mounted in it detached, its directory removed. Everything is
+    /// tried; the first failure is the error.
     pub fn destroy(&self) -> Result<(), String> {
+        let mut destroyed = self.destroyed.write().unwrap_or_else(|e| e.into_inner());
+        if *destroyed {
+            return Ok(());
+        }
+        *destroyed = true;
         let mut first: Option<String> = None;
         let mut keep = |r: Result<(), String>| {
             if let Err(e) = r {
                 first.get_or_insert(e);
             }
         };
+        keep(self.kill_all());
         if let Some(group) = self.cgroup.get() {
-            keep(
-                group
-                    .kill()
-                    .and_then(|()| group.remove(Instant::now() + KILL_WAIT)),
-            );
+            keep(group.remove(Instant::now() + KILL_WAIT));
         }
         if let Some(home) = &self.home {
             let root = CString::new(self.root.as_os_str().as_encoded_bytes()).expect("no NUL");
-            keep(detach(&root).map_err(|e| format!("cannot unmount {}: {e}", self.root.display())));
+            // The bind, and any mount stacked on it, with everything under them.
+            let mut detached = 0;
+            while detached < MAX_STACKED && detach(&root).is_ok() {
+                detached += 1;
+            }
+            if detached == 0 {
+                keep(Err(format!("cannot unmount {}", self.root.display())));
+            }
             keep(
                 std::fs::remove_dir(&self.root)
                     .and_then(|()| std::fs::remove_dir(home))
@@ -257,9 +299,13 @@ fn open_root_source(containers: &Path, root: &ContainerRoot) -> Result<OwnedFd, 
             let share = mount_share(&containers.join(SHARES), tag)?;
             let share_fd = rustix::fs::open(&share, dir, Mode::empty())
                 .map_err(|e| format!("share {tag:?}: {e}"))?;
+            let inside = match root.path.trim_start_matches('/') {
+                "" => ".",
+                path => path,
+            };
             openat2(
                 &share_fd,
-                root.path.trim_start_matches('/'),
+                inside,
                 dir,
                 Mode::empty(),
                 ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
@@ -273,17 +319,13 @@ fn open_root_source(containers: &Path, root: &ContainerRoot) -> Result<OwnedFd, 
 fn mount_share(shares: &Path, tag: &str) -> Result<PathBuf, String> {
     crate::shares::check_tag(tag).map_err(|e| format!("share {tag:?}: {e}"))?;
     // The tag names a directory.
-    if tag.contains('/') || tag.contains(char::is_whitespace) || tag == "." || tag == ".." {
+    if tag.contains(['/', '\\']) || tag.contains(char::is_whitespace) || tag == "." || tag == ".." {
         return Err(format!(
             "share {tag:?}: a container's root comes from a share whose tag is a file name"
         ));
     }
     let at = shares.join(tag);
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let mounted = mounts
-        .lines()
-        .filter_map(|l| l.split(' ').nth(1))
-        .any(|p| Path::new(p) == at);
+    let mounted = rustix::fs::statfs(&at).is_ok_and(|st| st.f_type as u64 == FUSE_SUPER_MAGIC);
     if !mounted {
         std::fs::create_dir_all(&at).map_err(|e| format!("cannot make {}: {e}", at.display()))?;
         let target = CString::new(at.as_os_str().as_encoded_bytes()).expect("no NUL");
@@ -291,4 +333,37 @@ fn mount_share(shares: &Path, tag: &str) -> Result<PathBuf, String> {
             .map_err(|e| format!("share {tag:?}: {e}"))?;
     }
     Ok(at)
+}
+
+/// SIGKILL for every process whose root directory is `root` or below it, looked for up
+/// to [`KILL_ROUNDS`] times until none is found.
+fn kill_rooted_in(root: &Path) {
+    for round in 0..KILL_ROUNDS {
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let mut found = 0;
+        for entry in procs.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<libc::pid_t>().ok())
+            else {
+                continue;
+            };
+            if std::fs::read_link(entry.path().join("root")).is_ok_and(|r| r.starts_with(root)) {
+                // SAFETY: kill has no memory preconditions. The pid was read a moment
+                // ago with its root in the container; one that ended since and whose
+                // number was taken again by then is the risk of any kill by number.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                found += 1;
+            }
+        }
+        if found == 0 {
+            return;
+        }
+        if round + 1 < KILL_ROUNDS {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }

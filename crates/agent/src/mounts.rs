@@ -543,7 +543,7 @@ fn apply_in(
 }
 
 /// Whether `a` and `b` are the same file (device and inode).
-fn same_file(a: &OwnedFd, b: &OwnedFd) -> bool {
+pub(crate) fn same_file(a: &OwnedFd, b: &OwnedFd) -> bool {
     match (rustix::fs::fstat(a), rustix::fs::fstat(b)) {
         (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
         _ => false,

@@ -268,14 +268,24 @@ impl Agent {
                                 // Nobody to talk to: let the process run detached.
                                 eprintln!("forkvm-agent: pid {pid}: host left before Started");
                             }
-                            let end =
-                                session::run(self.clone(), conn, reader, spawned, !process.init);
-                            if process.init && container.id().is_none() {
+                            let app = container.id().is_some();
+                            // An app container ends with its main process; the VM runs on.
+                            let on_exit = (process.init && app).then(|| {
+                                let agent = self.clone();
+                                Box::new(move || agent.end_container(&container))
+                                    as Box<dyn FnOnce() + Send>
+                            });
+                            let end = session::run(
+                                self.clone(),
+                                conn,
+                                reader,
+                                spawned,
+                                !process.init,
+                                on_exit,
+                            );
+                            if process.init && !app {
                                 end.wait_host(session::INIT_LINGER);
                                 (self.power_off)(self.reaper, PowerOffReason::InitExited);
-                            } else if process.init {
-                                // An app container ends with its main process, the VM runs on.
-                                self.kill_processes(&container);
                             }
                             return;
                         }
@@ -331,6 +341,13 @@ impl Agent {
 
     /// Answers a request for `container` that does not take over the connection.
     fn handle(&self, container: &Arc<Container>, req: Request) -> Response {
+        // Held while the request acts: a destroy waits for it, and one that came first
+        // leaves nothing to act on.
+        let Some(_alive) = container.lifecycle() else {
+            return Response::Error {
+                message: destroyed_message(container),
+            };
+        };
         let pid1 =
             |op: &str| Err::<(), _>(format!("{op} needs the agent to run as the guest's PID 1"));
         let init = self.config.mode == Mode::Init;
@@ -444,18 +461,31 @@ impl Agent {
     /// Makes the app container `id` (see [`crate::containers`]).
     fn create_container(&self, id: &str, root: &ContainerRoot) -> Result<(), String> {
         check_container_id(id)?;
+        let check = |containers: &BTreeMap<String, Arc<Container>>| {
+            if containers.contains_key(id) {
+                return Err(format!("container {id:?} exists already"));
+            }
+            if containers.len() >= MAX_CONTAINERS {
+                return Err(format!(
+                    "container {id:?}: this VM has {MAX_CONTAINERS} app containers, the most it may have"
+                ));
+            }
+            Ok(())
+        };
+        check(&self.containers())?;
+        // Made without holding the list: a slow share must not stall the requests of
+        // the other containers.
+        let container = Arc::new(
+            Container::create(&self.config.containers, id, root)
+                .map_err(|e| format!("container {id:?}: {e}"))?,
+        );
         let mut containers = self.containers();
-        if containers.contains_key(id) {
-            return Err(format!("container {id:?} exists already"));
+        if let Err(e) = check(&containers) {
+            drop(containers);
+            let _ = container.destroy();
+            return Err(e);
         }
-        if containers.len() >= MAX_CONTAINERS {
-            return Err(format!(
-                "container {id:?}: this VM has {MAX_CONTAINERS} containers, the most it may have"
-            ));
-        }
-        let container = Container::create(&self.config.containers, id, root)
-            .map_err(|e| format!("container {id:?}: {e}"))?;
-        containers.insert(id.to_owned(), Arc::new(container));
+        containers.insert(id.to_owned(), container);
         Ok(())
     }
 
@@ -476,17 +506,22 @@ impl Agent {
     fn kill_started(&self, container: &Arc<Container>) {
         let live = self.live();
         for (&pid, _) in live.iter().filter(|(_, c)| Arc::ptr_eq(c, container)) {
-            // SAFETY: kill has no memory preconditions; holding `live` keeps the pid
-            // from being reported exited (and so reused) while we signal it.
+            // SAFETY: kill has no memory preconditions. The pid is in `live` until its
+            // session forgets it, a moment after the reaper collected it: the window
+            // in which a new process could have its number is that moment.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
 
     /// An app container's main process exited: the rest of its processes go too (as a
-    /// runc container's do with the PID namespace its init ends).
-    fn kill_processes(&self, container: &Arc<Container>) {
+    /// runc container's do with the PID namespace its init ends), unless it was
+    /// destroyed meanwhile.
+    fn end_container(&self, container: &Arc<Container>) {
+        let Some(_alive) = container.lifecycle() else {
+            return;
+        };
         self.kill_started(container);
-        if let Err(e) = container.kill_group() {
+        if let Err(e) = container.kill_all() {
             eprintln!(
                 "forkvm-agent: container {:?}: {e}",
                 container.id().unwrap_or("")
@@ -511,6 +546,14 @@ impl Agent {
                 return Err(error("an init process was already started".into()));
             }
         }
+        // Held across the spawn: a destroy that came first leaves nothing to start in,
+        // one that comes later finds the process.
+        let Some(_alive) = container.lifecycle() else {
+            if process.init {
+                container.init_failed();
+            }
+            return Err(error(destroyed_message(container)));
+        };
         // Held across the spawn so a Signal request never sees a started pid missing.
         let mut live = self.live();
         match spawn::spawn(container, process, self.reaper) {
@@ -532,6 +575,11 @@ impl Agent {
             }
         }
     }
+}
+
+/// What a request for a container destroyed meanwhile is answered.
+fn destroyed_message(container: &Container) -> String {
+    format!("container {:?} was destroyed", container.id().unwrap_or(""))
 }
 
 /// A vsock stream socket listening on `port` for any CID.

@@ -192,12 +192,16 @@ fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) {
 /// With `kill_on_hangup`, a host that goes away while the process runs takes the
 /// process with it (SIGKILL): the host side of an `exec` stands for the process on the
 /// host, so killing it there (an engine's SIGKILL of the exec's pid) must end it here.
+/// `on_exit` runs as soon as the process has exited, before its last output is read
+/// (an app container's main process: the rest of the container ends with it, so what
+/// they still write does not hold the exit back).
 pub(crate) fn run(
     agent: Arc<dyn Processes>,
     conn: UnixStream,
     reader: BufReader<UnixStream>,
     spawned: Spawned,
     kill_on_hangup: bool,
+    on_exit: Option<Box<dyn FnOnce() + Send>>,
 ) -> SessionEnd {
     let Spawned { child, io } = spawned;
     let pid = child.pid();
@@ -263,6 +267,9 @@ pub(crate) fn run(
 
     let status = child.wait();
     agent.forget(pid);
+    if let Some(on_exit) = on_exit {
+        on_exit();
+    }
     let exited = Instant::now();
     let mut ended = 0;
     while ended < outputs {

@@ -45,6 +45,10 @@ pub(crate) fn open_root(root: &Path) -> Result<OwnedFd, String> {
 pub(crate) fn mount_one(root: &OwnedFd, share: &ShareMount) -> Result<(), String> {
     check_tag(&share.tag)?;
     let dir = resolve_dir(root, &share.target)?;
+    if crate::mounts::same_file(&dir, root) {
+        // A share over the whole root would hide it (and stack on its mount).
+        return Err("the target resolves to the container's root".into());
+    }
     mount_virtiofs(&share.tag, &crate::mounts::fd_path(&dir), share.read_only)
 }
 

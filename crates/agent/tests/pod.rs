@@ -131,12 +131,18 @@ fn in_own_mounts(f: fn(&Path)) {
 }
 
 /// A container image at `dir/image` for the containers to share: the host's `/usr`
-/// (and `/bin`, `/lib`... as the host has them) bound in read-only, nothing else.
+/// (and `/bin`, `/lib`... as the host has them) and `/dev/null` bound in read-only,
+/// nothing else.
 fn image(dir: &Path) -> String {
     let image = dir.join("image");
     std::fs::create_dir_all(&image).unwrap();
     let bind = |from: &Path, to: &Path| {
-        std::fs::create_dir_all(to).unwrap();
+        if from.is_dir() {
+            std::fs::create_dir_all(to).unwrap();
+        } else {
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::write(to, "").unwrap();
+        }
         let c = |p: &Path| std::ffi::CString::new(p.to_str().unwrap()).unwrap();
         // SAFETY: NUL-terminated paths that outlive the call; no data.
         let rc = unsafe {
@@ -162,6 +168,8 @@ fn image(dir: &Path) -> String {
         assert_eq!(rc, 0, "read-only {}", to.display());
     };
     bind(Path::new("/usr"), &image.join("usr"));
+    // A shell's background jobs read /dev/null.
+    bind(Path::new("/dev/null"), &image.join("dev/null"));
     for top in ["bin", "sbin", "lib", "lib64"] {
         let host = Path::new("/").join(top);
         match std::fs::read_link(&host) {
@@ -415,5 +423,67 @@ fn bad_container_requests_are_refused_by_name() {
             error(daemon.create("app", &image)),
             "create_container needs the agent to run as the guest's PID 1"
         );
+    });
+}
+
+/// Whether `pid` has ended (gone, or a zombie nobody collected yet).
+fn ended(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    }
+}
+
+fn wait_ended(pid: i32) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if ended(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn an_app_containers_end_takes_what_its_processes_started_too() {
+    in_own_mounts(|dir| {
+        let pod = Pod::new(dir, Mode::Init);
+        let image = image(dir);
+        assert_eq!(pod.create("app", &image), Response::Ok);
+        assert_eq!(pod.create("other", &image), Response::Ok);
+        // Daemons the agent never saw start: one per container.
+        let daemon = |id: &str| {
+            let spawn = sh("sleep 300 </dev/null >/dev/null 2>&1 & echo $!");
+            let session = client::exec_in_container(pod.connect(), id, &spawn).unwrap();
+            let (code, out) = pumped(session).join().unwrap();
+            assert_eq!(code, 0);
+            out.trim().parse::<i32>().unwrap()
+        };
+        let (app_daemon, other_daemon) = (daemon("app"), daemon("other"));
+        assert!(!ended(app_daemon) && !ended(other_daemon));
+
+        // A main process whose background keeps writing: its exit still comes, and the
+        // writer goes with the container.
+        let mut main = sh("(while :; do echo x; sleep 0.05; done) & sleep 0.3; exit 4");
+        main.init = true;
+        let session = client::exec_in_container(pod.connect(), "app", &main).unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(pumped(session).join().unwrap().0));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(4));
+        assert!(wait_ended(app_daemon), "the daemon outlived its container");
+        assert!(
+            !ended(other_daemon),
+            "another container's daemon was killed"
+        );
+
+        assert_eq!(
+            pod.call(Request::DestroyContainer { id: "other".into() }),
+            Response::Ok
+        );
+        assert!(wait_ended(other_daemon), "the daemon outlived the destroy");
+        assert!(mounts_under(&pod.containers.join("other")).is_empty());
     });
 }

@@ -394,20 +394,15 @@ impl VmProcess {
         }
     }
 
-    /// Leaves the process to run on its own: a thread reaps it when it ends (init
-    /// reaps one a zygote forked).
+    /// Leaves the process to run on its own: this process's one reaper thread reaps it
+    /// when it ends ([`crate::reap`]; init reaps one a zygote forked).
     pub fn detach(self) -> std::io::Result<()> {
         let Self { process, sock } = self;
         drop(sock);
-        let Handle::Spawned(mut child) = process else {
+        let Handle::Spawned(child) = process else {
             return Ok(());
         };
-        std::thread::Builder::new()
-            .name(format!("reap-{}", child.id()))
-            .spawn(move || {
-                let _ = child.wait();
-            })
-            .map(drop)
+        crate::reap::reap_when_done(child)
     }
 }
 

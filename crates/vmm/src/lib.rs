@@ -18,6 +18,7 @@ pub mod launch;
 pub mod layout;
 pub mod memory;
 pub mod pool;
+pub mod reap;
 pub mod snapshot;
 pub mod template;
 pub mod vcpu;

@@ -485,34 +485,9 @@ pub(crate) mod tests {
         assert!(e.contains("linux.maskedPaths: 1025 entries"), "{e}");
     }
 
-    /// Runs `f` with a fresh directory, on a thread in a mount namespace of its own
-    /// (the mounts go away with it).
-    pub(crate) fn in_own_mounts(f: fn(&Path)) {
-        std::thread::spawn(move || {
-            // SAFETY: unshare takes no pointers; this thread gets its own mount
-            // namespace and filesystem information.
-            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNS) }, 0);
-            // SAFETY: NUL-terminated strings that outlive the call; no data.
-            let rc = unsafe {
-                libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                )
-            };
-            assert_eq!(rc, 0);
-            let dir = tempfile::tempdir().unwrap();
-            f(dir.path());
-        })
-        .join()
-        .unwrap();
-    }
-
     #[test]
     fn masked_paths_are_hidden_and_readonly_paths_refuse_writes() {
-        in_own_mounts(|dir| {
+        forkvm_test_support::in_own_mounts(|dir| {
             let root = &dir.join("root");
             std::fs::write(dir.join("outside"), "host").unwrap();
             std::fs::create_dir_all(root.join("proc/acpi")).unwrap();

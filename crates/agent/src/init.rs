@@ -547,7 +547,7 @@ mod tests {
 
     #[test]
     fn the_container_dev_goes_inside_the_root_whatever_its_symlinks_say() {
-        crate::container::tests::in_own_mounts(|dir| {
+        forkvm_test_support::in_own_mounts(|dir| {
             let root = dir.join("root");
             // An image whose /dev is an absolute symlink: without resolving inside the
             // root, the mounts and nodes would land at the guest's own /<name>.

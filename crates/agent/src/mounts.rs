@@ -673,7 +673,7 @@ mod tests {
     fn a_destination_that_is_the_root_is_refused_and_a_guest_without_one_too() {
         let e = apply(Path::new("/"), &[], Path::new("/dev/pts"), None).unwrap_err();
         assert!(e.contains("no container root"), "{e}");
-        crate::container::tests::in_own_mounts(|dir| {
+        forkvm_test_support::in_own_mounts(|dir| {
             // The container's root is a mount of its own, as the guest's overlay is.
             let root = dir.join("root");
             std::fs::create_dir(&root).unwrap();
@@ -699,7 +699,7 @@ mod tests {
 
     #[test]
     fn bound_files_are_the_shared_copies_at_their_destinations() {
-        crate::container::tests::in_own_mounts(|root| {
+        forkvm_test_support::in_own_mounts(|root| {
             use std::os::unix::fs::{MetadataExt, PermissionsExt};
             // The share of copies, as the guest mounts it: read-only, noexec.
             let base = tempfile::tempdir().unwrap();
@@ -831,7 +831,7 @@ mod tests {
 
     #[test]
     fn filesystems_are_mounted_in_order_with_their_options_replacing_the_boot_ones() {
-        crate::container::tests::in_own_mounts(|root| {
+        forkvm_test_support::in_own_mounts(|root| {
             // What init mounts at boot: a /proc and a /dev with a tmpfs under it.
             let boot = |fs: &str, dest: &str| {
                 let d = root.join(dest.trim_start_matches('/'));

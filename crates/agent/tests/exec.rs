@@ -6,12 +6,13 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkvm_agent::server::{Agent, AgentConfig, Mode};
 use forkvm_agent::{Capabilities, ProcessSpec, Request, Response, Rlimit, PROTOCOL_VERSION};
 use forkvm_agent_proto::client::{self, ExecError, ExecSession};
+use forkvm_test_support::Captured;
 
 /// A host connection to a fresh in-process agent.
 fn agent() -> (Arc<Agent>, UnixStream) {
@@ -24,26 +25,6 @@ fn connect(agent: &Arc<Agent>) -> UnixStream {
     let agent = agent.clone();
     std::thread::spawn(move || agent.serve(guest));
     host
-}
-
-/// A `Write` whose bytes the test can read afterwards.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
 }
 
 /// A `Write` that reports each chunk on a channel.
@@ -197,9 +178,9 @@ fn stdin_is_piped_intact() {
         )
         .unwrap();
     assert_eq!(code, 0);
-    let got = out.0.lock().unwrap();
+    let got = out.bytes();
     assert_eq!(got.len(), data.len());
-    assert!(*got == data, "cat echoed different bytes");
+    assert!(got == data, "cat echoed different bytes");
 }
 
 #[test]

@@ -54,26 +54,16 @@ fn the_vm_ends_once_the_init_process_exit_was_delivered() {
         Response::Error { message } => assert_eq!(message, "an init process was already started"),
         resp => panic!("{resp:?}"),
     }
-    let out = std::sync::Arc::new(Mutex::new(Vec::new()));
-    struct W(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for W {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    let out = forkvm_test_support::Captured::default();
     assert!(
         powered_off.try_recv().is_err(),
         "powered off before the exit frame"
     );
     let code = session
-        .pump(None, Box::new(W(out.clone())), Box::new(std::io::sink()))
+        .pump(None, Box::new(out.clone()), Box::new(std::io::sink()))
         .unwrap();
     assert_eq!(code, 5);
-    assert_eq!(*out.lock().unwrap(), b"main\n");
+    assert_eq!(out.bytes(), b"main\n");
     // pump closed the connection: no need to wait out the linger.
     assert_eq!(
         powered_off

@@ -1,8 +1,9 @@
 //! A pod's containers in one VM, in-process: app containers made beside the boot
 //! container, processes started in each, a main process that ends its container but
 //! not the VM, and a container destroyed with its processes and mounts. Each test runs
-//! on a thread in a mount namespace of its own (the agent's threads and processes
-//! inherit it), so the binds and mounts it makes go away with it. Needs root.
+//! on a thread in a mount namespace of its own, in a tmpfs of its own
+//! ([`forkvm_test_support::in_own_mounts`]; the agent's threads and processes inherit
+//! both), so the binds and mounts it makes go away with it. Needs root.
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use std::time::Duration;
 use forkvm_agent::server::{Agent, AgentConfig, Mode, PowerOffReason};
 use forkvm_agent::{ProcessSpec, Request, Response};
 use forkvm_agent_proto::{client, ContainerRoot, FsMount};
+use forkvm_test_support::in_own_mounts;
 
 struct Pod {
     agent: Arc<Agent>,
@@ -83,53 +85,6 @@ fn sh(script: &str) -> ProcessSpec {
     spec
 }
 
-/// Runs `f` with a fresh directory on a thread in a mount namespace of its own.
-///
-/// The directory is a tmpfs of its own: everything the test makes and mounts is in it,
-/// and it is detached (with whatever is still mounted in it) before the directory is
-/// removed, which is never done recursively: a test must not reach the host's files
-/// through a bind it left behind.
-fn in_own_mounts(f: fn(&Path)) {
-    std::thread::spawn(move || {
-        // SAFETY: unshare takes no pointers; this thread gets its own mount namespace.
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNS) }, 0);
-        // SAFETY: NUL-terminated strings that outlive the call; no data.
-        let rc = unsafe {
-            libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(rc, 0);
-        let dir = tempfile::tempdir().unwrap().keep();
-        let c_dir = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
-        // SAFETY: NUL-terminated strings that outlive the call.
-        let rc = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                c_dir.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                c"size=16m".as_ptr().cast(),
-            )
-        };
-        assert_eq!(rc, 0, "tmpfs on {}", dir.display());
-        let outcome = std::panic::catch_unwind(|| f(&dir));
-        // SAFETY: a NUL-terminated path that outlives the call.
-        let rc = unsafe { libc::umount2(c_dir.as_ptr(), libc::MNT_DETACH) };
-        assert_eq!(rc, 0, "detach {}", dir.display());
-        std::fs::remove_dir(&dir).unwrap();
-        if let Err(panic) = outcome {
-            std::panic::resume_unwind(panic);
-        }
-    })
-    .join()
-    .unwrap();
-}
-
 /// A container image at `dir/image` for the containers to share: the host's `/usr`
 /// (and `/bin`, `/lib`... as the host has them) and `/dev/null` bound in read-only,
 /// nothing else.
@@ -195,23 +150,11 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 /// Collects a session's output and exit code on a thread of its own.
 fn pumped(session: client::ExecSession) -> std::thread::JoinHandle<(i32, String)> {
     std::thread::spawn(move || {
-        #[derive(Clone)]
-        struct W(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for W {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let out = W(Arc::new(Mutex::new(Vec::new())));
+        let out = forkvm_test_support::Captured::default();
         let code = session
             .pump(None, Box::new(out.clone()), Box::new(std::io::sink()))
             .unwrap();
-        let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
-        (code, text)
+        (code, out.text())
     })
 }
 
@@ -428,12 +371,7 @@ fn bad_container_requests_are_refused_by_name() {
 
 /// Whether `pid` has ended (gone, or a zombie nobody collected yet).
 fn ended(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
-    }
+    !forkvm_test_support::is_running(pid as u32)
 }
 
 fn wait_ended(pid: i32) -> bool {

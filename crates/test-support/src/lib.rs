@@ -143,3 +143,89 @@ pub fn install_forkvm(target_bin: &Path, scratch: &Path, vms: &Path) -> PathBuf 
     );
     prefix
 }
+
+/// Runs `f` with a fresh directory on a thread in a mount namespace of its own (every
+/// mount private), for tests that mount (as root).
+///
+/// The directory is a tmpfs of its own: everything the test makes and mounts is in it,
+/// and it is detached, with whatever is still mounted in it, before the directory is
+/// removed, which is never done recursively: a bind a test left behind must not lead a
+/// recursive removal into the host's files. The threads and processes `f` starts
+/// inherit the namespace.
+pub fn in_own_mounts(f: impl FnOnce(&Path) + Send + 'static) {
+    std::thread::spawn(move || {
+        // SAFETY: unshare takes no pointers; this thread gets its own mount namespace.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNS) }, 0, "unshare");
+        // SAFETY: NUL-terminated strings that outlive the call; no data.
+        let rc = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "make / private");
+        let dir = std::env::temp_dir().join(format!(
+            "forkvm-mounts-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ));
+        std::fs::create_dir(&dir).unwrap();
+        let c_dir = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+        // SAFETY: NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                c_dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                c"size=64m".as_ptr().cast(),
+            )
+        };
+        assert_eq!(rc, 0, "tmpfs on {}", dir.display());
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&dir)));
+        // SAFETY: a NUL-terminated path that outlives the call.
+        let rc = unsafe { libc::umount2(c_dir.as_ptr(), libc::MNT_DETACH) };
+        assert_eq!(rc, 0, "detach {}", dir.display());
+        std::fs::remove_dir(&dir).unwrap();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// Numbers the directories of [`in_own_mounts`] within one process.
+static NEXT_DIR: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A `Write` whose bytes the test reads afterwards; clones share them.
+#[derive(Clone, Default)]
+pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// What was written so far.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// What was written so far, as text (invalid UTF-8 replaced).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes()).into_owned()
+    }
+}

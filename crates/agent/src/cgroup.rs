@@ -75,9 +75,10 @@ impl Group {
 }
 
 /// Makes the group `name` (`container`, `containers/ID`) under [`HIERARCHY`] with
-/// `limits`, the hierarchy mounted first if it is not.
-pub fn setup(name: &str, limits: &CgroupLimits) -> Result<Group, String> {
-    setup_in(Path::new(HIERARCHY), name, limits, true)
+/// `limits`, the hierarchy mounted first if it is not; with `fresh`, a group of that
+/// name that exists already is an error (not taken over).
+pub fn setup(name: &str, limits: &CgroupLimits, fresh: bool) -> Result<Group, String> {
+    setup_in(Path::new(HIERARCHY), name, limits, fresh, true)
 }
 
 /// [`setup`] under `hierarchy` (mounted there first when `mount`).
@@ -85,6 +86,7 @@ fn setup_in(
     hierarchy: &Path,
     name: &str,
     limits: &CgroupLimits,
+    fresh: bool,
     mount: bool,
 ) -> Result<Group, String> {
     if name
@@ -147,14 +149,17 @@ fn setup_in(
     // The controllers reach the group through every level above it.
     let mut group = hierarchy.to_owned();
     let mut created = false;
-    for part in name.split('/') {
+    let last = name.split('/').count() - 1;
+    for (i, part) in name.split('/').enumerate() {
         if !enable.is_empty() {
             write(&group.join("cgroup.subtree_control"), &enable.join(" "))?;
         }
         group.push(part);
         created = match std::fs::create_dir(&group) {
             Ok(()) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && !(fresh && i == last) => {
+                false
+            }
             Err(e) => return Err(format!("{}: {e}", group.display())),
         };
     }
@@ -277,7 +282,7 @@ mod tests {
             cpu_max: Some((150_000, 100_000)),
             cpu_weight: Some(39),
         };
-        setup_in(dir.path(), "container", &limits, false).unwrap();
+        setup_in(dir.path(), "container", &limits, false, false).unwrap();
         let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
         assert_eq!(read("cgroup.subtree_control"), "+cpu +memory +pids");
         assert_eq!(read("container/memory.max"), "268435456");
@@ -287,7 +292,14 @@ mod tests {
         // Absent limits: nothing written.
         let other = tempfile::tempdir().unwrap();
         std::fs::write(other.path().join("cgroup.controllers"), "cpu pids").unwrap();
-        setup_in(other.path(), "container", &CgroupLimits::default(), false).unwrap();
+        setup_in(
+            other.path(),
+            "container",
+            &CgroupLimits::default(),
+            false,
+            false,
+        )
+        .unwrap();
         // Only the controllers the kernel has are enabled; a limit without one is named.
         assert_eq!(
             std::fs::read_to_string(other.path().join("cgroup.subtree_control")).unwrap(),
@@ -300,6 +312,7 @@ mod tests {
                 memory_max: Some(1 << 30),
                 ..Default::default()
             },
+            false,
             false,
         )
         .unwrap_err();
@@ -324,7 +337,7 @@ mod tests {
                 "cpu.max 1000 10",
             ),
         ] {
-            let e = setup_in(other.path(), "container", &bad, false).unwrap_err();
+            let e = setup_in(other.path(), "container", &bad, false, false).unwrap_err();
             assert!(e.starts_with(wanted), "{e}");
         }
     }
@@ -337,7 +350,7 @@ mod tests {
             pids_max: Some(7),
             ..Default::default()
         };
-        let group = setup_in(dir.path(), "containers/app-1", &limits, false).unwrap();
+        let group = setup_in(dir.path(), "containers/app-1", &limits, true, false).unwrap();
         assert_eq!(group.dir(), dir.path().join("containers/app-1"));
         assert_eq!(
             group.procs().to_str().unwrap(),
@@ -354,10 +367,16 @@ mod tests {
         );
         assert_eq!(read("containers/app-1/pids.max"), "7");
         // A second container beside it; a name that climbs is refused.
-        setup_in(dir.path(), "containers/app-2", &limits, false).unwrap();
+        setup_in(dir.path(), "containers/app-2", &limits, true, false).unwrap();
         assert!(dir.path().join("containers/app-2/pids.max").is_file());
+        // A group left behind is not taken over by a new container of that name.
+        let e = setup_in(dir.path(), "containers/app-2", &limits, true, false).unwrap_err();
+        assert!(
+            e.contains("containers/app-2") && e.contains("exists"),
+            "{e}"
+        );
         for bad in ["containers/..", "containers//x", "../x"] {
-            let e = setup_in(dir.path(), bad, &limits, false).unwrap_err();
+            let e = setup_in(dir.path(), bad, &limits, true, false).unwrap_err();
             assert!(e.contains("not a group name"), "{bad}: {e}");
         }
         // Killing writes cgroup.kill; removal waits for `populated 0`.

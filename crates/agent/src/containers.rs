@@ -94,8 +94,14 @@ impl Container {
         let source = open_root_source(containers, root)?;
         let home = containers.join(id);
         let rootfs = home.join("rootfs");
-        std::fs::create_dir_all(&rootfs)
-            .map_err(|e| format!("cannot make {}: {e}", rootfs.display()))?;
+        std::fs::create_dir_all(containers)
+            .map_err(|e| format!("cannot make {}: {e}", containers.display()))?;
+        // Its own: one left by a container whose end could not remove it is not reused.
+        std::fs::create_dir(&home).map_err(|e| format!("cannot make {}: {e}", home.display()))?;
+        if let Err(e) = std::fs::create_dir(&rootfs) {
+            let _ = std::fs::remove_dir(&home);
+            return Err(format!("cannot make {}: {e}", rootfs.display()));
+        }
         let target = CString::new(rootfs.as_os_str().as_encoded_bytes()).expect("no NUL");
         let bound = crate::mounts::mount(
             Some(&crate::mounts::fd_path(&source)),
@@ -160,7 +166,8 @@ impl Container {
             None => "container".to_owned(),
             Some(id) => format!("containers/{id}"),
         };
-        let group = crate::cgroup::setup(&name, limits)?;
+        // An app container's group is its own: one left behind is not taken over.
+        let group = crate::cgroup::setup(&name, limits, self.id.is_some())?;
         self.cgroup
             .set(group)
             .map_err(|_| "the container's cgroup is made already".to_owned())
@@ -318,6 +325,9 @@ fn open_root_source(containers: &Path, root: &ContainerRoot) -> Result<OwnedFd, 
 /// The share `tag`, mounted at `shares/TAG` unless it is already.
 fn mount_share(shares: &Path, tag: &str) -> Result<PathBuf, String> {
     crate::shares::check_tag(tag).map_err(|e| format!("share {tag:?}: {e}"))?;
+    // One create at a time looks and mounts: two would stack two mounts.
+    static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = MOUNTING.lock().unwrap_or_else(|e| e.into_inner());
     // The tag names a directory.
     if tag.contains(['/', '\\']) || tag.contains(char::is_whitespace) || tag == "." || tag == ".." {
         return Err(format!(

@@ -109,8 +109,8 @@ pub struct Agent {
     reaper: &'static Reaper,
     /// The container the VM booted with.
     boot: Arc<Container>,
-    /// The app containers made since, by id.
-    containers: Mutex<BTreeMap<String, Arc<Container>>>,
+    /// The app containers made since, and the ids being made or destroyed.
+    containers: Mutex<Containers>,
     /// The processes started and not seen exit yet, each with its container.
     live: Mutex<HashMap<libc::pid_t, Arc<Container>>>,
     power_off: PowerOff,
@@ -129,7 +129,7 @@ impl Agent {
             boot: Arc::new(Container::boot(&config.root)),
             config,
             reaper: Reaper::global(),
-            containers: Mutex::new(BTreeMap::new()),
+            containers: Mutex::new(Containers::default()),
             live: Mutex::new(HashMap::new()),
             power_off,
         })
@@ -144,7 +144,7 @@ impl Agent {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn containers(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Container>>> {
+    fn containers(&self) -> std::sync::MutexGuard<'_, Containers> {
         self.containers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -333,6 +333,7 @@ impl Agent {
         }
         let container = self
             .containers()
+            .live
             .get(&id)
             .cloned()
             .ok_or_else(|| format!("no container {id:?} in this VM"))?;
@@ -461,45 +462,47 @@ impl Agent {
     /// Makes the app container `id` (see [`crate::containers`]).
     fn create_container(&self, id: &str, root: &ContainerRoot) -> Result<(), String> {
         check_container_id(id)?;
-        let check = |containers: &BTreeMap<String, Arc<Container>>| {
-            if containers.contains_key(id) {
-                return Err(format!("container {id:?} exists already"));
-            }
-            if containers.len() >= MAX_CONTAINERS {
+        {
+            let mut containers = self.containers();
+            containers.claim(id)?;
+            if containers.live.len() + containers.busy.len() > MAX_CONTAINERS {
+                containers.busy.remove(id);
                 return Err(format!(
                     "container {id:?}: this VM has {MAX_CONTAINERS} app containers, the most it may have"
                 ));
             }
-            Ok(())
-        };
-        check(&self.containers())?;
-        // Made without holding the list: a slow share must not stall the requests of
-        // the other containers.
-        let container = Arc::new(
-            Container::create(&self.config.containers, id, root)
-                .map_err(|e| format!("container {id:?}: {e}"))?,
-        );
-        let mut containers = self.containers();
-        if let Err(e) = check(&containers) {
-            drop(containers);
-            let _ = container.destroy();
-            return Err(e);
         }
-        containers.insert(id.to_owned(), container);
+        // Made without holding the list (a slow share must not stall the requests of
+        // the other containers), its id held meanwhile.
+        let made = Container::create(&self.config.containers, id, root);
+        let mut containers = self.containers();
+        containers.busy.remove(id);
+        let container = made.map_err(|e| format!("container {id:?}: {e}"))?;
+        containers.live.insert(id.to_owned(), Arc::new(container));
         Ok(())
     }
 
     /// Forgets the app container `id`, kills its processes, and takes its root, mounts
-    /// and cgroup away.
+    /// and cgroup away; its id is held until that is done.
     fn destroy_container(&self, id: &str) -> Result<(), String> {
-        let container = self
-            .containers()
-            .remove(id)
-            .ok_or_else(|| format!("no container {id:?} in this VM"))?;
+        let container =
+            {
+                let mut containers = self.containers();
+                let container = containers.live.remove(id).ok_or_else(|| {
+                    match containers.busy.contains(id) {
+                        true => format!("container {id:?} is being made or destroyed"),
+                        false => format!("no container {id:?} in this VM"),
+                    }
+                })?;
+                containers.busy.insert(id.to_owned());
+                container
+            };
         self.kill_started(&container);
-        container
+        let destroyed = container
             .destroy()
-            .map_err(|e| format!("container {id:?}: {e}"))
+            .map_err(|e| format!("container {id:?}: {e}"));
+        self.containers().busy.remove(id);
+        destroyed
     }
 
     /// SIGKILL for every process the agent started in `container` that still runs.
@@ -577,6 +580,29 @@ impl Agent {
     }
 }
 
+/// The app containers of the VM.
+#[derive(Default)]
+struct Containers {
+    /// Made, by id.
+    live: BTreeMap<String, Arc<Container>>,
+    /// Being made or destroyed: an id in neither set is free. A container's paths and
+    /// cgroup are named by its id, so one id never has two containers at once.
+    busy: std::collections::BTreeSet<String>,
+}
+
+impl Containers {
+    /// Holds `id` for a container about to be made.
+    fn claim(&mut self, id: &str) -> Result<(), String> {
+        if self.live.contains_key(id) {
+            return Err(format!("container {id:?} exists already"));
+        }
+        if !self.busy.insert(id.to_owned()) {
+            return Err(format!("container {id:?} is being made or destroyed"));
+        }
+        Ok(())
+    }
+}
+
 /// What a request for a container destroyed meanwhile is answered.
 fn destroyed_message(container: &Container) -> String {
     format!("container {:?} was destroyed", container.id().unwrap_or(""))
@@ -626,5 +652,26 @@ impl session::Processes for Agent {
     }
     fn forget(&self, pid: libc::pid_t) {
         Agent::forget(self, pid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_has_one_container_at_a_time() {
+        let mut c = Containers::default();
+        c.claim("a").unwrap();
+        // Being made: not twice at once.
+        assert_eq!(
+            c.claim("a").unwrap_err(),
+            "container \"a\" is being made or destroyed"
+        );
+        c.busy.remove("a");
+        c.live
+            .insert("a".into(), Arc::new(Container::boot(Path::new("/"))));
+        assert_eq!(c.claim("a").unwrap_err(), "container \"a\" exists already");
+        c.claim("b").unwrap();
     }
 }

@@ -331,6 +331,14 @@ fn bad_container_requests_are_refused_by_name() {
             },
         }));
         assert!(e.contains("whose tag is a file name"), "{e}");
+        // A directory a container left behind is not taken over.
+        std::fs::create_dir_all(pod.containers.join("stale")).unwrap();
+        let e = error(pod.create("stale", &image));
+        assert!(
+            e.contains("cannot make") && e.contains("stale") && e.contains("exists"),
+            "{e}"
+        );
+        std::fs::remove_dir(pod.containers.join("stale")).unwrap();
         // Nothing was left of the refused ones.
         assert!(mounts_under(&pod.containers).is_empty());
         assert!(!pod.containers.join("app").exists());

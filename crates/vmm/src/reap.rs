@@ -81,6 +81,10 @@ fn run(reaper: &'static Reaper) -> ! {
         // SAFETY: `fds` is a vector of `fds.len()` pollfds that lives across the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n < 0 {
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                // Not a busy loop while the kernel refuses (ENOMEM).
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
             continue;
         }
         if fds[0].revents != 0 {
@@ -110,14 +114,23 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 mod tests {
     use super::*;
 
+    /// Threads of this process named `name`, once at least one is (a new thread takes
+    /// its name a moment after it starts), waiting up to 2 s.
     fn threads_named(name: &str) -> usize {
-        std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .flatten()
-            .filter(|t| {
-                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
-            })
-            .count()
+        let count = || {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+                })
+                .count()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while count() == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        count()
     }
 
     /// Whether `pid` is still there (running, or a zombie nobody collected).

@@ -41,6 +41,12 @@ pub fn halt() -> ! {
     }
 }
 
+/// SIGKILL for every process but PID 1 (the agent), the VM running on.
+pub fn kill_others() {
+    // SAFETY: kill(-1) signals every process but PID 1; no memory preconditions.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+}
+
 /// Ends the VM: with a `grace`, SIGTERM to every process and up to `grace` for them to
 /// exit; then SIGKILL to the rest, sync, unmount, power off.
 pub fn power_off(reaper: &Reaper, grace: Option<Duration>) -> ! {

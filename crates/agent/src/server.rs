@@ -80,9 +80,14 @@ pub enum SignalError {
     },
 }
 
-/// Why PID-1 mode ends the VM.
+/// Why PID-1 mode ends the VM, or starts to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PowerOffReason {
+    /// The init process exited: every other process is killed at once, before its last
+    /// output is read, so that none holds its exit back (as the kernel kills a PID
+    /// namespace whose init exited); [`PowerOffReason::InitExited`] follows once the
+    /// exit frame is delivered. The VM keeps running until then.
+    InitEnding,
     /// The init process exited and its exit frame was delivered.
     InitExited,
     /// The host sent [`Request::Shutdown`].
@@ -96,6 +101,7 @@ pub type PowerOff = Box<dyn Fn(&Reaper, PowerOffReason) + Send + Sync>;
 /// a grace period for a shutdown.
 fn real_power_off(reaper: &Reaper, reason: PowerOffReason) {
     match reason {
+        PowerOffReason::InitEnding => crate::power::kill_others(),
         PowerOffReason::InitExited => crate::power::power_off(reaper, None),
         PowerOffReason::Shutdown => {
             crate::power::power_off(reaper, Some(crate::power::SHUTDOWN_GRACE))
@@ -269,11 +275,17 @@ impl Agent {
                                 eprintln!("forkvm-agent: pid {pid}: host left before Started");
                             }
                             let app = container.id().is_some();
-                            // An app container ends with its main process; the VM runs on.
-                            let on_exit = (process.init && app).then(|| {
+                            // A main process takes the rest of its container with it: an
+                            // app container's (the VM runs on), or everything but the
+                            // agent (the VM ends after its exit frame).
+                            let on_exit = process.init.then(|| {
                                 let agent = self.clone();
-                                Box::new(move || agent.end_container(&container))
-                                    as Box<dyn FnOnce() + Send>
+                                Box::new(move || match app {
+                                    true => agent.end_container(&container),
+                                    false => {
+                                        (agent.power_off)(agent.reaper, PowerOffReason::InitEnding)
+                                    }
+                                }) as Box<dyn FnOnce() + Send>
                             });
                             let end = session::run(
                                 self.clone(),

@@ -55,10 +55,11 @@ fn the_vm_ends_once_the_init_process_exit_was_delivered() {
         resp => panic!("{resp:?}"),
     }
     let out = forkvm_test_support::Captured::default();
-    assert!(
-        powered_off.try_recv().is_err(),
-        "powered off before the exit frame"
-    );
+    // At most the kill of the other processes comes before the exit frame.
+    match powered_off.try_recv() {
+        Err(_) | Ok(PowerOffReason::InitEnding) => {}
+        Ok(other) => panic!("{other:?} before the exit frame"),
+    }
     let code = session
         .pump(None, Box::new(out.clone()), Box::new(std::io::sink()))
         .unwrap();
@@ -66,11 +67,18 @@ fn the_vm_ends_once_the_init_process_exit_was_delivered() {
     assert_eq!(out.bytes(), b"main\n");
     // pump closed the connection: no need to wait out the linger.
     assert_eq!(
-        powered_off
-            .recv_timeout(Duration::from_millis(900))
-            .unwrap(),
+        after_init_ending(&powered_off, Duration::from_millis(900)),
         PowerOffReason::InitExited
     );
+}
+
+/// The next reason after [`PowerOffReason::InitEnding`] (which must come first, if it
+/// was not taken already), waiting at most `timeout` for each.
+fn after_init_ending(rx: &mpsc::Receiver<PowerOffReason>, timeout: Duration) -> PowerOffReason {
+    match rx.recv_timeout(timeout).unwrap() {
+        PowerOffReason::InitEnding => rx.recv_timeout(timeout).unwrap(),
+        other => other,
+    }
 }
 
 #[test]
@@ -103,7 +111,7 @@ fn a_host_that_keeps_the_connection_open_delays_power_off_by_at_most_a_second() 
     conn.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
     assert_eq!(
-        powered_off.recv_timeout(Duration::from_secs(5)).unwrap(),
+        after_init_ending(&powered_off, Duration::from_secs(5)),
         PowerOffReason::InitExited
     );
     let waited = exit_seen.elapsed();
@@ -125,5 +133,45 @@ fn shutdown_is_answered_then_powers_off() {
     assert_eq!(
         powered_off.recv_timeout(Duration::from_secs(5)).unwrap(),
         PowerOffReason::Shutdown
+    );
+}
+
+#[test]
+fn the_init_exit_kills_the_rest_before_its_output_is_drained() {
+    let (agent, powered_off) = init_agent();
+    let mut conn = connect(&agent);
+    // A background writer that would keep the output busy forever.
+    let resp = client::call(
+        &mut conn,
+        &Request::Exec {
+            process: init_spec("(while :; do echo tick; sleep 0.05; done) & sleep 0.3; exit 3"),
+        },
+    )
+    .unwrap();
+    assert!(matches!(resp, Response::Started { .. }), "{resp:?}");
+    // The recorder stands for the kill: once it is asked for, the writer is killed by
+    // hand (the real one kills every process but the agent, which a test cannot).
+    assert_eq!(
+        powered_off.recv_timeout(Duration::from_secs(10)).unwrap(),
+        PowerOffReason::InitEnding
+    );
+    let status = std::process::Command::new("pkill")
+        .args(["-KILL", "-f", "while :; do echo tick"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "no writer to kill");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        assert!(Instant::now() < deadline, "no exit frame");
+        match Frame::read_from(&mut conn).unwrap() {
+            Some(Frame::Exit(code)) => break code,
+            Some(_) => {}
+            None => panic!("no exit frame"),
+        }
+    };
+    assert_eq!(code, 3);
+    assert_eq!(
+        powered_off.recv_timeout(Duration::from_secs(5)).unwrap(),
+        PowerOffReason::InitExited
     );
 }

@@ -121,6 +121,23 @@ fn images_run_as_vms_like_podman_run() {
         assert!(out.stderr.contains("to-err"), "{out}");
         assert_eq!(rootfs_identity(&store), built, "the rootfs was rebuilt");
 
+        // A background process that keeps writing does not outlive the main one, nor
+        // hold its exit back (as with runc, whose PID namespace dies with its init).
+        let out = forkvm(
+            &store,
+            &[
+                "run",
+                "--rm",
+                "fixture:1",
+                "sh",
+                "-c",
+                "(while :; do echo tick; sleep 0.1; done) & sleep 1; exit 7",
+            ],
+            None,
+        );
+        assert_code(&out, 7);
+        assert!(out.stdout.starts_with("tick\n"), "{out}");
+
         // Env (image's, -e, -e from our environment), cwd, hostname, user.
         let out = forkvm(
             &store,

@@ -42,7 +42,7 @@
 //! | `linux.cgroupsPath`, `linux.resources.pids.limit` | [`ContainerPlan::cgroup`] | the VM process's cgroup (a path, or systemd's `slice:prefix:name`): `memory.max` = the guest memory it may hold (its RAM and its forks' overlays) + the VMM's, `pids.max` the limit (else 4096) |
 //! | `linux.resources.memory.limit`, `pids.limit`, `cpu.quota`/`period`, `cpu.shares` | [`ContainerPlan::guest_cgroup`] | also the limits of the container's cgroup inside the guest (`memory.max`, `pids.max`, `cpu.max`, `cpu.weight` by runc's conversion), which its processes join in a cgroup namespace of their own, so its `/sys/fs/cgroup` shows them |
 //! | other `linux.resources`, `rootfsPropagation`, `mountLabel` | ignored | host cgroup/kernel details with no meaning inside the VM |
-//! | `annotations` | [`ContainerPlan::annotations`] | reported by `state`; `io.forkvm.rootfs` (`shared` or `disk`, anything else an error) chooses the [`RootMode`] |
+//! | `annotations` | [`ContainerPlan::annotations`] | reported by `state`; `io.forkvm.rootfs` (`shared` or `disk`, anything else an error) chooses the [`RootMode`]; `io.kubernetes.cri.container-type: container` (a Kubernetes pod's container, not its sandbox) is refused by name: it cannot run inside the pod's VM yet |
 //! | `hooks.prestart`, `createRuntime` | [`ContainerPlan::hooks`] | run by `create` as runc runs them, on the host, with the state (`pid`: the container's monitor) on stdin, before the VM boots |
 //! | `hooks.poststart`, `poststop` | [`ContainerPlan::hooks`] | run after `start`, and by `delete`; a failure is logged, as the spec says |
 //! | `hooks.createContainer`, `startContainer` | [`ContainerPlan::guest_hooks`] | run by the guest agent in the container's root, with the state on stdin, at create (after the container's mounts and device nodes, before its kernel parameters, masked and read-only paths and read-only root, as runc orders them) and at start (before its process); the path must exist in the container; a failure (exit, or past `timeout`; at most 50 s for all of a kind) fails `create` or `start`, naming the hook |
@@ -168,6 +168,13 @@ pub struct ContainerPlan {
 /// The annotation that chooses a container's [`RootMode`]: `shared` (the default) or
 /// `disk`.
 pub const ROOTFS_ANNOTATION: &str = "io.forkvm.rootfs";
+
+/// containerd's CRI annotation that says what a container is to Kubernetes: `sandbox`
+/// (a pod's pause container) or `container` (one of the pod's containers).
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+
+/// containerd's CRI annotation naming the pod sandbox a container belongs to.
+pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 
 /// How a container's VM gets its root filesystem.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -380,6 +387,16 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
             ),
         )
     })?;
+    // A Kubernetes pod's container: said by name, before the namespace paths CRI gives
+    // it (the sandbox's) are refused in general terms.
+    if annotations.get(CRI_CONTAINER_TYPE).map(String::as_str) == Some("container") {
+        let sandbox = annotations.get(CRI_SANDBOX_ID).map_or("?", String::as_str);
+        return Err(planner.unsupported(
+            format!("annotations.{CRI_CONTAINER_TYPE} (container, of pod sandbox {sandbox})"),
+            "a Kubernetes pod's containers cannot run inside the pod's VM yet: forkvm runs \
+             the pod's sandbox, not its containers (docs/containerd.md)",
+        ));
+    }
     let (rootfs, rootfs_readonly) = planner.rootfs(spec, bundle)?;
     let process = planner.process(spec.process().as_ref())?;
     if let Some(mounts) = spec.mounts() {

@@ -392,6 +392,20 @@ fn mounts() {
     assert_eq!(mount_order(&disk), [("/run", "tmpfs", "tmpfs")]);
     assert_eq!(disk.files, shared.files);
     assert_eq!(disk.files.len(), 2);
+    // A Kubernetes pod's container is refused by name; its sandbox is planned.
+    let e = err_with(|c| {
+        c["annotations"] = json!({CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "abc"})
+    });
+    assert!(
+        e.contains("annotations.io.kubernetes.cri.container-type (container, of pod sandbox abc)")
+            && e.contains("cannot run inside the pod's VM yet"),
+        "{e}"
+    );
+    let sandbox = load_with(|c| {
+        c["annotations"] = json!({CRI_CONTAINER_TYPE: "sandbox", CRI_SANDBOX_ID: "abc"})
+    })
+    .unwrap();
+    assert_eq!(sandbox.annotations[CRI_CONTAINER_TYPE], "sandbox");
     // Any other value is an error naming the annotation.
     let e = err_with(|c| c["annotations"] = json!({ROOTFS_ANNOTATION: "overlay"}));
     assert!(

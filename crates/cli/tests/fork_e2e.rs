@@ -466,6 +466,63 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
         // The parent kept running through both forks.
         assert!(*counts(&root, "origin").last().unwrap() > at_fork);
 
+        // While a fork's children start, the parent serves its devices and requests:
+        // its API answers before the fork's last child runs (the pool shows the two
+        // warm processes the fork took, not yet replaced).
+        let before_fork = children_of(&root, &parent);
+        let asked = Instant::now();
+        let fork6 = std::process::Command::new(common::FORKVM)
+            .arg("--root")
+            .arg(&root)
+            .args(["fork", "origin", "-n", "6", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start forkvm fork");
+        let answered_during_fork = loop {
+            let warm = pool_pids(&root, "origin");
+            if warm.len() < 2 {
+                break asked.elapsed();
+            }
+            assert!(
+                asked.elapsed() < Duration::from_secs(120),
+                "the fork never took the parent's warm processes"
+            );
+        };
+        let out = fork6.wait_with_output().expect("forkvm fork");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let six: ForkOutcome = serde_json::from_slice(&out.stdout).unwrap();
+        let _six = Children(six.children.iter().map(|c| c.pid).collect());
+        let last = six
+            .children
+            .iter()
+            .map(|c| Duration::from_micros(c.running_after_us))
+            .max()
+            .unwrap();
+        assert_eq!(six.children.len(), 6, "{six:?}");
+        assert!(
+            answered_during_fork < last,
+            "the parent's API answered {answered_during_fork:?} after the fork was asked \
+             for, its last child ran {last:?} after it started: the fork held the parent"
+        );
+        wait_for(
+            "the six children to register",
+            Duration::from_secs(60),
+            || children_of(&root, &parent).len() == before_fork.len() + 6,
+        );
+        for k in children_of(&root, &parent) {
+            if !before_fork.contains(&k) {
+                forkvm_ok(&root, &["rm", "-f", &k]);
+            }
+        }
+        wait_for("the fork pool to refill", Duration::from_secs(120), || {
+            pool_pids(&root, "origin").len() == 2
+        });
+
         // A pool never outlives its VM: not when the VM process is killed, nor after
         // `rm -f`.
         wait_for(

@@ -416,36 +416,111 @@ impl Launching {
             sent_after_us = t0.elapsed().as_micros() as u64,
             "fork payloads sent"
         );
-        let mut children = Vec::with_capacity(started.len());
-        let mut failure = None;
-        let deadline = Instant::now() + start_deadline(started.len() as u32);
-        for (child, identity, warm) in started {
+        wait_for_reports(started, t0)
+    }
+}
+
+/// Waits until every child of `started` reports that it runs (or the fork's deadline,
+/// counted from now, passes), reading each report as it comes; the children are listed
+/// in the order they were started, each with its time from `t0`.
+fn wait_for_reports(
+    started: Vec<(VmProcess, ChildIdentity, bool)>,
+    t0: Instant,
+) -> Result<Vec<ChildInfo>, ControlError> {
+    let deadline = Instant::now() + start_deadline(started.len() as u32);
+    // Reports are read as they come, so that each child's time is its own; the
+    // children are listed in the order they were started.
+    let mut waiting: Vec<Option<(VmProcess, ChildIdentity, bool)>> =
+        started.into_iter().map(Some).collect();
+    let mut children: Vec<Option<ChildInfo>> = (0..waiting.len()).map(|_| None).collect();
+    let mut failure = None;
+    let mut fail = |pid: u32, e: &dyn std::fmt::Display| {
+        failure.get_or_insert_with(|| {
+            ControlError::Failed(format!("fork child {pid} did not start: {e}"))
+        });
+    };
+    loop {
+        let open: Vec<usize> = (0..waiting.len())
+            .filter(|&i| waiting[i].is_some())
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        // A report is written at once: what is readable is read at once. Past the
+        // deadline every child still silent failed; where poll fails, each is
+        // waited for in turn.
+        let (ready, each) = match reports_ready(&waiting, &open, left) {
+            Ok(ready) if !ready.is_empty() => (ready, Duration::from_millis(100)),
+            Ok(_) if Instant::now() < deadline => continue,
+            Ok(_) => (open, Duration::from_millis(1)),
+            Err(e) => {
+                tracing::warn!("cannot poll the fork's children: {e}");
+                (open, left.max(Duration::from_millis(1)))
+            }
+        };
+        for i in ready {
+            let Some((child, identity, warm)) = waiting[i].take() else {
+                continue;
+            };
             let pid = child.pid();
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1));
-            match child.wait_running(left) {
-                Ok(()) => children.push(ChildInfo {
-                    pid,
-                    cid: identity.cid,
-                    vsock_uds: identity.vsock_uds,
-                    running_after_us: t0.elapsed().as_micros() as u64,
-                    warm,
-                }),
-                Err(e) => {
-                    failure.get_or_insert_with(|| {
-                        ControlError::Failed(format!("fork child {pid} did not start: {e}"))
-                    });
+            let left = deadline.saturating_duration_since(Instant::now());
+            match child.wait_running(each.min(left).max(Duration::from_millis(1))) {
+                Ok(()) => {
+                    children[i] = Some(ChildInfo {
+                        pid,
+                        cid: identity.cid,
+                        vsock_uds: identity.vsock_uds,
+                        running_after_us: t0.elapsed().as_micros() as u64,
+                        warm,
+                    })
                 }
+                Err(e) => fail(pid, &e),
             }
             // Its lifetime is its own (reaped in the background, or by init).
             let _ = child.detach();
         }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(children),
-        }
     }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(children.into_iter().flatten().collect()),
+    }
+}
+
+/// Which of the `open` children of `waiting` have something to read (a report, or the
+/// end of their socket), waiting at most `timeout`.
+fn reports_ready(
+    waiting: &[Option<(VmProcess, ChildIdentity, bool)>],
+    open: &[usize],
+    timeout: Duration,
+) -> std::io::Result<Vec<usize>> {
+    use std::os::fd::AsRawFd;
+    let mut fds: Vec<libc::pollfd> = open
+        .iter()
+        .filter_map(|&i| waiting[i].as_ref())
+        .map(|(child, _, _)| libc::pollfd {
+            fd: child.socket().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `fds` is a live, writable array of `fds.len()` pollfd entries for the
+    // duration of the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.kind() {
+            std::io::ErrorKind::Interrupted => Ok(Vec::new()),
+            _ => Err(e),
+        };
+    }
+    Ok(fds
+        .iter()
+        .zip(open)
+        .filter(|(p, _)| p.revents != 0)
+        .map(|(_, &i)| i)
+        .collect())
 }
 
 /// Runs `send` with the fork's `files` and, last, a child's `console` file (what its
@@ -486,9 +561,45 @@ fn open_console(path: &Path) -> std::io::Result<[File; 2]> {
     Ok([f, cutter])
 }
 
+/// A fork whose children have their launch and whose parent runs again: what is left
+/// (starting the children no warm process took, waiting for every child's report,
+/// refilling the pool) runs off the parent's event loop, so that its devices and
+/// control requests are served meanwhile ([`Vmm::start_fork`]).
+pub(crate) struct PendingFork {
+    launching: Launching,
+    refill: Option<crate::pool::Refill>,
+    parent_pause_us: u64,
+}
+
+impl PendingFork {
+    /// Starts the remaining children, waits until every child runs (or the fork's
+    /// deadline passes), then refills the pool.
+    pub(crate) fn finish(self) -> Result<ForkOutcome, ControlError> {
+        let started = self.launching.finish();
+        // Refilled (or started, on a child's first fork) once the children run.
+        if let Some(refill) = self.refill {
+            refill.refill();
+        }
+        let children = started?;
+        let warm = children.iter().filter(|c| c.warm).count();
+        tracing::info!(
+            children = children.len(),
+            warm,
+            parent_pause_us = self.parent_pause_us,
+            "forked"
+        );
+        Ok(ForkOutcome {
+            children,
+            parent_pause_us: self.parent_pause_us,
+        })
+    }
+}
+
 impl Vmm {
-    /// Forks this VM into `req.count` children (see the module documentation).
-    pub fn fork(&mut self, req: &ForkRequest) -> Result<ForkOutcome, ControlError> {
+    /// Forks this VM into `req.count` children (see the module documentation), as far as
+    /// the parent pause goes: the parent runs again when this returns, and the
+    /// [`PendingFork`] finishes the fork.
+    pub(crate) fn start_fork(&mut self, req: &ForkRequest) -> Result<PendingFork, ControlError> {
         let t0 = Instant::now();
         check_request(&self.cfg, req)?;
         let homes = self.child_homes.clone().ok_or_else(|| {
@@ -538,14 +649,19 @@ impl Vmm {
             parent_pause_us,
             "parent paused, captured, froze and launched its warm children"
         );
-        let started = launching.and_then(Launching::finish);
-        // Refilled (or started, on a child's first fork) once the children run.
-        self.fill_fork_pool();
-        let children = started?;
-        let warm = children.iter().filter(|c| c.warm).count();
-        tracing::info!(children = children.len(), warm, parent_pause_us, "forked");
-        Ok(ForkOutcome {
-            children,
+        let launching = match launching {
+            Ok(l) => l,
+            Err(e) => {
+                // Whatever it took from the pool is replaced.
+                self.fill_fork_pool();
+                return Err(e);
+            }
+        };
+        // A child's first fork starts its pool, held until the children run.
+        self.start_fork_pool(false);
+        Ok(PendingFork {
+            launching,
+            refill: self.pool.as_ref().map(ChildPool::refiller),
             parent_pause_us,
         })
     }
@@ -804,6 +920,96 @@ mod tests {
             macs: vec![[2, 0, 0, 0, 0, 1]],
             hostname: "fork-1".into(),
             seed: vec![1; 64],
+        }
+    }
+
+    /// A launched child standing in for a VM process: `p`, with CID `cid`, and the
+    /// other end of its launch socket.
+    fn stand_in(
+        p: &std::process::Child,
+        cid: u64,
+    ) -> (
+        (VmProcess, ChildIdentity, bool),
+        std::os::unix::net::UnixStream,
+    ) {
+        let pidfd = crate::reap::pidfd_open(p.id()).unwrap();
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let identity = ChildIdentity {
+            cid: Some(cid),
+            ..child_identity()
+        };
+        (
+            (VmProcess::forked(p.id(), pidfd, ours), identity, false),
+            theirs,
+        )
+    }
+
+    /// Reports "running" on each of `ends`, last first, 100 ms apart, on a thread.
+    fn report_last_first(
+        ends: Vec<std::os::unix::net::UnixStream>,
+    ) -> std::thread::JoinHandle<Vec<std::os::unix::net::UnixStream>> {
+        use std::io::Write as _;
+        std::thread::spawn(move || {
+            for end in ends.iter().rev() {
+                std::thread::sleep(Duration::from_millis(100));
+                (&*end)
+                    .write_all(&crate::launch::REPORT_RUNNING.to_le_bytes())
+                    .unwrap();
+            }
+            ends
+        })
+    }
+
+    #[test]
+    fn reports_are_read_as_they_come_and_children_listed_in_start_order() {
+        let mut stand_ins: Vec<std::process::Child> = (0..4)
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg("30")
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        // Each report comes 100 ms after the one of the child started after it.
+        let (started, ends): (Vec<_>, Vec<_>) = stand_ins[..3]
+            .iter()
+            .zip(10..)
+            .map(|(p, cid)| stand_in(p, cid))
+            .unzip();
+        let t0 = Instant::now();
+        let reporter = report_last_first(ends);
+        let children = wait_for_reports(started, t0).unwrap();
+        let _ends = reporter.join().unwrap();
+        assert_eq!(
+            children.iter().map(|c| c.cid).collect::<Vec<_>>(),
+            [Some(10), Some(11), Some(12)]
+        );
+        let t: Vec<u64> = children.iter().map(|c| c.running_after_us).collect();
+        assert!(
+            t[2] + 50_000 < t[1] && t[1] + 50_000 < t[0],
+            "each child's time is its report's: {t:?}"
+        );
+
+        // One that ends its socket without a word fails the fork, by its pid.
+        let (mut started, ends): (Vec<_>, Vec<_>) = stand_ins[..3]
+            .iter()
+            .zip(20..)
+            .map(|(p, cid)| stand_in(p, cid))
+            .unzip();
+        let (silent, silent_end) = stand_in(&stand_ins[3], 30);
+        started.push(silent);
+        let reporter = report_last_first(ends);
+        drop(silent_end);
+        let e = wait_for_reports(started, Instant::now()).unwrap_err();
+        let _ends = reporter.join().unwrap();
+        let pid = stand_ins[3].id();
+        assert!(
+            matches!(&e, ControlError::Failed(m) if m.contains(&format!("fork child {pid} did not start"))),
+            "{e:?}"
+        );
+        for p in &mut stand_ins {
+            let _ = p.kill();
+            let _ = p.wait();
         }
     }
 

@@ -216,7 +216,7 @@ impl Handle {
 }
 
 /// A VM process's report on its socket: it runs.
-const REPORT_RUNNING: u64 = 1;
+pub(crate) const REPORT_RUNNING: u64 = 1;
 /// A VM process's report on its socket: it failed; a length-prefixed message follows.
 const REPORT_FAILED: u64 = 2;
 

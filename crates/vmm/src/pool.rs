@@ -91,6 +91,9 @@ struct PoolState {
     /// Oldest first.
     ready: VecDeque<Warm>,
     closed: bool,
+    /// Not filled until [`ChildPool::refill`] (a pool started for a fork under way, so
+    /// that its processes do not compete with the fork's children for the CPU).
+    held: bool,
 }
 
 /// How a pool starts its warm processes.
@@ -128,6 +131,12 @@ impl ChildPool {
     /// A pool that keeps `size` processes made by `maker` warmed up as `warmup` says,
     /// and starts filling it.
     pub fn start(size: u32, warmup: Warmup, maker: Maker) -> std::io::Result<Self> {
+        Self::start_filling(size, warmup, maker, true)
+    }
+
+    /// [`ChildPool::start`], filling it now or only once [`ChildPool::refill`] (or a
+    /// [`Refill`]) says so.
+    fn start_filling(size: u32, warmup: Warmup, maker: Maker, now: bool) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             size: size.min(MAX_FORK_POOL) as usize,
             warmup,
@@ -135,6 +144,7 @@ impl ChildPool {
             state: Mutex::new(PoolState {
                 ready: VecDeque::new(),
                 closed: false,
+                held: !now,
             }),
             wake: Condvar::new(),
         });
@@ -153,13 +163,15 @@ impl ChildPool {
     /// A pool of `size` warm processes for the fork children of a VM with `vcpus` vCPUs
     /// and `mem_mib` MiB of memory, each staging a home under `homes` when given (under
     /// an ID of its own, renewed per process), forked by a zygote of the installed
-    /// VM-process executable.
+    /// VM-process executable; filled now, or once [`ChildPool::refill`]ed when not
+    /// `fill_now`.
     pub fn for_children(
         size: u32,
         vcpus: u8,
         mem_mib: u64,
         homes: Option<ChildHomes>,
         writable: forkvm_jail::Writable,
+        fill_now: bool,
     ) -> std::io::Result<Self> {
         let exe = crate::launch::vmm_executable()?;
         let warmup = Warmup {
@@ -173,7 +185,7 @@ impl ChildPool {
             jail: Some(forkvm_jail::JailSpec::inherited()),
             writable,
         };
-        Self::start(size, warmup, Maker::Zygote(exe))
+        Self::start_filling(size, warmup, Maker::Zygote(exe), fill_now)
     }
 
     /// The oldest warm process that is still alive (the most surely done preparing), if
@@ -206,7 +218,12 @@ impl ChildPool {
 
     /// Starts replacing what was taken (and what died), in the background.
     pub fn refill(&self) {
-        self.shared.wake.notify_all();
+        self.refiller().refill();
+    }
+
+    /// What refills this pool from another thread (a fork finishing off the event loop).
+    pub fn refiller(&self) -> Refill {
+        Refill(self.shared.clone())
     }
 
     /// The process IDs of the warm processes waiting now.
@@ -217,6 +234,19 @@ impl ChildPool {
             .iter()
             .map(|w| w.process.pid())
             .collect()
+    }
+}
+
+/// Refills a [`ChildPool`] from any thread ([`ChildPool::refiller`]); it does nothing
+/// once the pool is gone.
+pub struct Refill(Arc<Shared>);
+
+impl Refill {
+    /// Starts replacing what was taken (and what died), in the background; a pool that
+    /// was held starts filling.
+    pub fn refill(&self) {
+        self.0.lock().held = false;
+        self.0.wake.notify_all();
     }
 }
 
@@ -232,7 +262,7 @@ fn fill(shared: &Shared) {
         {
             let mut state = shared.lock();
             state.ready.retain_mut(Warm::is_alive);
-            while !state.closed && state.ready.len() >= shared.size {
+            while !state.closed && (state.held || state.ready.len() >= shared.size) {
                 state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
                 state.ready.retain_mut(Warm::is_alive);
             }
@@ -374,6 +404,19 @@ mod tests {
             before[0]
         );
         taken.kill();
+    }
+
+    #[test]
+    fn a_held_pool_fills_only_once_refilled_from_another_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = ChildPool::start_filling(2, unstaged(), Maker::Exec(waiter(dir.path())), false)
+            .unwrap();
+        // Held: nothing starts while a fork's children would compete with it.
+        assert_eq!(pool.wait_ready(1, Duration::from_millis(300)), 0);
+        assert!(pool.take().is_none());
+        let refill = pool.refiller();
+        std::thread::spawn(move || refill.refill()).join().unwrap();
+        assert_eq!(pool.wait_ready(2, Duration::from_secs(20)), 2);
     }
 
     #[test]

@@ -358,7 +358,7 @@ impl Unverified {
         let (vcpus, mem_mib) = self.state.machine();
         // Its children bind their sockets under the state root (see `fork`).
         let writable = crate::launch::writable(&homes.root, None);
-        ChildPool::for_children(count, vcpus, mem_mib, Some(homes.clone()), writable)
+        ChildPool::for_children(count, vcpus, mem_mib, Some(homes.clone()), writable, true)
             .inspect_err(|e| tracing::warn!("cannot start warm processes for the template: {e}"))
             .ok()
     }

@@ -22,6 +22,7 @@ use crate::control::{
     Response, RunState, VmInfo,
 };
 use crate::devices::{AttachedVirtio, DeviceSetup};
+use crate::fork::PendingFork;
 use crate::launch::ChildHomes;
 use crate::layout::{ACPI_POWER_PORT, I8042_PORT, SERIAL_IRQ, SERIAL_PORT};
 use crate::memory::{GuestRam, MemoryError};
@@ -177,6 +178,16 @@ pub struct Vmm {
     pub(crate) fork_seq: u32,
     pub(crate) child_homes: Option<ChildHomes>,
     pub(crate) pool: Option<ChildPool>,
+    /// Threads finishing forks ([`Vmm::start_fork`]), joined before [`Vmm::run`] returns.
+    forks_finishing: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// How the event loop served a control request.
+enum Served {
+    /// The answer.
+    Now(Result<Response, ControlError>),
+    /// A fork whose parent runs again, to be finished off the loop.
+    Later(Box<PendingFork>),
 }
 
 impl Vmm {
@@ -391,11 +402,21 @@ impl Vmm {
             fork_seq: 0,
             child_homes: None,
             pool: None,
+            forks_finishing: Vec::new(),
         })
     }
 
     /// Runs the device event loop, serving control requests, until the guest stops.
     pub fn run(&mut self) -> Result<ExitReason, VmmError> {
+        let reason = self.serve();
+        // A fork still finishing answers its caller before the process ends.
+        for f in self.forks_finishing.drain(..) {
+            let _ = f.join();
+        }
+        reason
+    }
+
+    fn serve(&mut self) -> Result<ExitReason, VmmError> {
         loop {
             self.events.run().map_err(VmmError::EventLoop)?;
             while let Ok((req, deadline, reply)) = self.control.rx.try_recv() {
@@ -406,7 +427,12 @@ impl Vmm {
                     continue;
                 }
                 let stop_now = matches!(req, Request::Stop);
-                let _ = reply.send(self.handle_request(req));
+                match self.handle_request(req) {
+                    Served::Now(answer) => {
+                        let _ = reply.send(answer);
+                    }
+                    Served::Later(fork) => self.finish_fork_later(fork, reply),
+                }
                 if stop_now {
                     self.stopped_by_request = true;
                 }
@@ -420,6 +446,37 @@ impl Vmm {
                     VcpuStop::Reset => ExitReason::Reset,
                     VcpuStop::Failed(why) => ExitReason::Failed(why),
                 });
+            }
+        }
+    }
+
+    /// Finishes `fork` on a thread of its own and answers `reply` from there: the event
+    /// loop goes back to the devices and to other requests while the children start.
+    fn finish_fork_later(
+        &mut self,
+        fork: Box<PendingFork>,
+        reply: std::sync::mpsc::Sender<Result<Response, ControlError>>,
+    ) {
+        self.forks_finishing.retain(|t| !t.is_finished());
+        // Handed back if the thread cannot start, to be finished here.
+        let job = Arc::new(Mutex::new(Some((fork, reply))));
+        let theirs = job.clone();
+        let spawned = std::thread::Builder::new()
+            .name("fork-finish".into())
+            .spawn(move || {
+                let taken = theirs.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some((fork, reply)) = taken {
+                    let _ = reply.send(fork.finish().map(Response::Forked));
+                }
+            });
+        match spawned {
+            Ok(t) => self.forks_finishing.push(t),
+            Err(e) => {
+                tracing::warn!("cannot start a thread to finish the fork, finishing it here: {e}");
+                let taken = job.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some((fork, reply)) = taken {
+                    let _ = reply.send(fork.finish().map(Response::Forked));
+                }
             }
         }
     }
@@ -465,11 +522,16 @@ impl Vmm {
     /// VM does this once it runs; a fork child only when it first forks itself, so that a
     /// hundred children do not start a hundred pools.
     pub fn fill_fork_pool(&mut self) {
-        if let Some(pool) = &self.pool {
-            pool.refill();
-            return;
+        match &self.pool {
+            Some(pool) => pool.refill(),
+            None => self.start_fork_pool(true),
         }
-        if self.cfg.fork_pool == 0 {
+    }
+
+    /// Starts this VM's pool of warm fork children if it has none and its configuration
+    /// asks for one: filling it now, or once refilled.
+    pub(crate) fn start_fork_pool(&mut self, fill_now: bool) {
+        if self.pool.is_some() || self.cfg.fork_pool == 0 {
             return;
         }
         // Its children write where it does (their sockets lie beside its).
@@ -484,6 +546,7 @@ impl Vmm {
             self.cfg.mem_mib,
             self.child_homes.clone(),
             writable,
+            fill_now,
         );
         match started {
             Ok(pool) => self.pool = Some(pool),
@@ -510,9 +573,10 @@ impl Vmm {
         Ok(())
     }
 
-    /// Serves one control request on the event-loop thread.
-    fn handle_request(&mut self, req: Request) -> Result<Response, ControlError> {
-        match req {
+    /// Serves one control request on the event-loop thread: answered now, or (a fork,
+    /// once its parent runs again) later.
+    fn handle_request(&mut self, req: Request) -> Served {
+        Served::Now(match req {
             Request::Info => Ok(Response::Info(self.info())),
             Request::Pause if self.paused => {
                 Err(ControlError::Conflict("the VM is already paused".into()))
@@ -523,9 +587,12 @@ impl Vmm {
             }
             Request::Resume => self.resume().map(|()| Response::Done),
             Request::Stop => Ok(Response::Done),
-            Request::Fork(req) => self.fork(&req).map(Response::Forked),
+            Request::Fork(req) => match self.start_fork(&req) {
+                Ok(fork) => return Served::Later(Box::new(fork)),
+                Err(e) => Err(e),
+            },
             Request::SaveTemplate(dir) => self.save_template(&dir).map(Response::TemplateSaved),
-        }
+        })
     }
 
     /// State, devices and counters, as the API reports them.

@@ -504,6 +504,15 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
             .max()
             .unwrap();
         assert_eq!(six.children.len(), 6, "{six:?}");
+        println!(
+            "fork of six: the parent's API answered {answered_during_fork:?} after the \
+             request; the children ran after {:?} (warm: {:?})",
+            six.children
+                .iter()
+                .map(|c| Duration::from_micros(c.running_after_us))
+                .collect::<Vec<_>>(),
+            six.children.iter().map(|c| c.warm).collect::<Vec<_>>()
+        );
         assert!(
             answered_during_fork < last,
             "the parent's API answered {answered_during_fork:?} after the fork was asked \

@@ -32,7 +32,7 @@
 //! | `linux.namespaces`: `network` with `path` (podman/netavark, CNI, containerd's CRI) | [`ContainerPlan::network`] = [`NetworkPlan::Join`] | the VM joins that network: each interface gets a TAP tied to it, and the guest takes its MAC, MTU, addresses and routes (`forkvm-net`) |
 //! | `linux.namespaces`: `network` without `path` (Docker, `ctr run`) | [`NetworkPlan::New`] | the runtime makes a namespace for the container's monitor, the `prestart`/`createRuntime` hooks configure it (Docker's `libnetwork-setkey` moves the veth in), then the VM joins it as above |
 //! | no `network` namespace (`--network host`) | **error** | a VM cannot share the host's network stack |
-//! | `linux.namespaces`: any other with `path` | **error** | joining a host namespace from inside a VM is impossible |
+//! | `linux.namespaces`: any other with `path` | **error** | joining a host namespace from inside a VM is impossible (a pod's container's: accepted, they are its sandbox's, which are the pod VM's) |
 //! | `linux.devices` | [`ContainerPlan::devices`] | created by the guest agent in the container's root (type, major, minor, mode, owner). A device this host has must be one the guest's kernel has: a host-only device such as `/dev/kvm` fails `create` naming it. A device neither has is made as runc makes it; a FIFO always. Type `a` is refused: it is a cgroup rule |
 //! | `linux.namespaces`: `user` with `linux.uidMappings`/`gidMappings` | [`ContainerPlan::user_namespace`] | made by the guest agent with those maps, their "host" ids the guest's; every container process (exec'd ones and `createContainer`/`startContainer` hooks too) joins it. A `user` namespace without both maps, or maps without the namespace, is an **error**, as in runc. The guest's other namespaces stay the guest root's: the container's root may bind low ports and ping (the agent sets `ip_unprivileged_port_start` and `ping_group_range`) but not set the hostname or mount. A shared root's files are created with the guest's ids (a container root mapped to 1000 writes as uid 1000) |
 //! | `linux.sysctl`, `maskedPaths`, `readonlyPaths` | [`ContainerPlan::sysctls`], [`ContainerPlan::masked_paths`], [`ContainerPlan::readonly_paths`] | applied by the guest agent as runc applies them, before the process starts: kernel parameters written to the guest's `/proc/sys` (the guest's kernel is the container's own), masked paths hidden (`/dev/null` over a file, an empty read-only tmpfs over a directory), read-only paths bound read-only; paths resolve inside the container's root, missing ones are skipped |
@@ -42,7 +42,7 @@
 //! | `linux.cgroupsPath`, `linux.resources.pids.limit` | [`ContainerPlan::cgroup`] | the VM process's cgroup (a path, or systemd's `slice:prefix:name`): `memory.max` = the guest memory it may hold (its RAM and its forks' overlays) + the VMM's, `pids.max` the limit (else 4096) |
 //! | `linux.resources.memory.limit`, `pids.limit`, `cpu.quota`/`period`, `cpu.shares` | [`ContainerPlan::guest_cgroup`] | also the limits of the container's cgroup inside the guest (`memory.max`, `pids.max`, `cpu.max`, `cpu.weight` by runc's conversion), which its processes join in a cgroup namespace of their own, so its `/sys/fs/cgroup` shows them |
 //! | other `linux.resources`, `rootfsPropagation`, `mountLabel` | ignored | host cgroup/kernel details with no meaning inside the VM |
-//! | `annotations` | [`ContainerPlan::annotations`] | reported by `state`; `io.forkvm.rootfs` (`shared` or `disk`, anything else an error) chooses the [`RootMode`]; `io.kubernetes.cri.container-type: container` (a Kubernetes pod's container, not its sandbox) is refused by name: it cannot run inside the pod's VM yet |
+//! | `annotations` | [`ContainerPlan::annotations`] | reported by `state`; `io.forkvm.rootfs` (`shared` or `disk`, anything else an error) chooses the [`RootMode`]; `io.kubernetes.cri.container-type` and `io.kubernetes.cri.sandbox-id` make a container a Kubernetes pod's ([`ContainerPlan::pod`]): a `sandbox` boots the pod's VM with the pod directory shared in, a `container` is made inside its sandbox's running VM ([`crate::pod`], docs/kubernetes.md); a pod's container's namespace paths (the sandbox's) are accepted, its bind mounts refused by name |
 //! | `hooks.prestart`, `createRuntime` | [`ContainerPlan::hooks`] | run by `create` as runc runs them, on the host, with the state (`pid`: the container's monitor) on stdin, before the VM boots |
 //! | `hooks.poststart`, `poststop` | [`ContainerPlan::hooks`] | run after `start`, and by `delete`; a failure is logged, as the spec says |
 //! | `hooks.createContainer`, `startContainer` | [`ContainerPlan::guest_hooks`] | run by the guest agent in the container's root, with the state on stdin, at create (after the container's mounts and device nodes, before its kernel parameters, masked and read-only paths and read-only root, as runc orders them) and at start (before its process); the path must exist in the container; a failure (exit, or past `timeout`; at most 50 s for all of a kind) fails `create` or `start`, naming the hook |
@@ -141,8 +141,11 @@ pub struct ContainerPlan {
     /// The `user` namespace with `linux.uidMappings` and `gidMappings`: the guest
     /// agent makes it and starts the container's processes in it.
     pub user_namespace: Option<forkvm_agent_proto::UserNamespace>,
-    /// The container's network namespace, which the VM joins.
+    /// The container's network namespace, which the VM joins (a pod's container: the
+    /// sandbox's, which its VM joined already).
     pub network: NetworkPlan,
+    /// What the container is to a Kubernetes pod, if anything.
+    pub pod: Option<PodRole>,
     /// The hooks the runtime runs on the host.
     pub hooks: HostHooks,
     /// The hooks the guest agent runs in the container: `createContainer`, then
@@ -213,6 +216,22 @@ impl RootMode {
 /// Why a container on the host's network cannot be a VM: the reason given when a bundle
 /// has no network namespace, or names the host's own.
 pub const HOST_NETWORK: &str = "the container would share the host's network (--network host), and a VM cannot share the host's network stack; use a container network or --network none";
+
+/// What a container is to a Kubernetes pod (containerd's CRI annotations
+/// [`CRI_CONTAINER_TYPE`] and [`CRI_SANDBOX_ID`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodRole {
+    /// The pod's sandbox (its pause container): it boots the pod's VM, which shares a
+    /// pod directory ([`crate::pod::POD_SHARE_TAG`]) the pod's containers' roots are
+    /// bound into.
+    Sandbox,
+    /// One of the pod's containers: made inside the running VM of sandbox `sandbox` by
+    /// its guest agent, with its own root and process tree, the pod's network.
+    Member {
+        /// The sandbox's container ID.
+        sandbox: String,
+    },
+}
 
 /// Where a container's network namespace comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -387,16 +406,27 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
             ),
         )
     })?;
-    // A Kubernetes pod's container: said by name, before the namespace paths CRI gives
-    // it (the sandbox's) are refused in general terms.
-    if annotations.get(CRI_CONTAINER_TYPE).map(String::as_str) == Some("container") {
-        let sandbox = annotations.get(CRI_SANDBOX_ID).map_or("?", String::as_str);
-        return Err(planner.unsupported(
-            format!("annotations.{CRI_CONTAINER_TYPE} (container, of pod sandbox {sandbox})"),
-            "a Kubernetes pod's containers cannot run inside the pod's VM yet: forkvm runs \
-             the pod's sandbox, not its containers (docs/containerd.md)",
-        ));
-    }
+    // A Kubernetes pod's container joins its sandbox's namespaces by path: inside the
+    // pod's VM, they are the VM's own.
+    let pod = match annotations.get(CRI_CONTAINER_TYPE).map(String::as_str) {
+        Some("sandbox") => Some(PodRole::Sandbox),
+        Some("container") => {
+            let sandbox = annotations
+                .get(CRI_SANDBOX_ID)
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| {
+                    planner.invalid(
+                        format!("annotations.{CRI_SANDBOX_ID}"),
+                        "a pod's container must name its pod sandbox",
+                    )
+                })?;
+            Some(PodRole::Member {
+                sandbox: sandbox.clone(),
+            })
+        }
+        _ => None,
+    };
+    planner.pod_member = matches!(pod, Some(PodRole::Member { .. }));
     let (rootfs, rootfs_readonly) = planner.rootfs(spec, bundle)?;
     let process = planner.process(spec.process().as_ref())?;
     if let Some(mounts) = spec.mounts() {
@@ -415,6 +445,13 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
     let network = planner.network.take().ok_or_else(|| {
         planner.unsupported("linux.namespaces (no network namespace)", HOST_NETWORK)
     })?;
+    if planner.pod_member && !(planner.files.is_empty() && planner.volumes.is_empty()) {
+        return Err(planner.unsupported(
+            "mounts (bind, of a pod's container)",
+            "the host files and directories of a pod's container are not shared into the \
+             pod's VM yet (only its root filesystem is; docs/kubernetes.md)",
+        ));
+    }
     let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
     Ok(ContainerPlan {
         rootfs,
@@ -432,6 +469,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         seccomp: std::mem::take(&mut planner.seccomp),
         user_namespace: planner.user_namespace.take(),
         network,
+        pod,
         hooks,
         guest_hooks,
         domainname: spec.domainname().clone().filter(|d| !d.is_empty()),
@@ -535,6 +573,9 @@ struct Planner<'a> {
     network: Option<NetworkPlan>,
     devices: Vec<forkvm_agent_proto::DeviceNode>,
     root_mode: RootMode,
+    /// A pod's container: the namespaces it names by path are its sandbox's, which
+    /// are its VM's.
+    pod_member: bool,
 }
 
 impl<'a> Planner<'a> {
@@ -551,6 +592,7 @@ impl<'a> Planner<'a> {
             network: None,
             devices: Vec::new(),
             root_mode: RootMode::default(),
+            pod_member: false,
         }
     }
 
@@ -1041,6 +1083,9 @@ impl<'a> Planner<'a> {
                     Some(path) => NetworkPlan::Join(path.clone()),
                     None => NetworkPlan::New,
                 });
+                continue;
+            }
+            if ns.path().is_some() && self.pod_member {
                 continue;
             }
             if let Some(path) = ns.path() {

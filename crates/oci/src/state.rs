@@ -155,6 +155,23 @@ impl ContainerState {
         Ok(())
     }
 
+    /// The pod sandbox whose VM this container runs in, when it is a Kubernetes pod's
+    /// container (containerd's CRI annotations, as `create` planned it).
+    pub fn pod_sandbox(&self) -> Option<&str> {
+        (self.annotations.get(crate::bundle::CRI_CONTAINER_TYPE)? == "container")
+            .then(|| self.annotations.get(crate::bundle::CRI_SANDBOX_ID))
+            .flatten()
+            .map(String::as_str)
+    }
+
+    /// Whether this container is a Kubernetes pod's sandbox, whose VM holds the pod's
+    /// containers.
+    pub fn is_pod_sandbox(&self) -> bool {
+        self.annotations
+            .get(crate::bundle::CRI_CONTAINER_TYPE)
+            .is_some_and(|t| t == "sandbox")
+    }
+
     /// Whether the recorded process still runs: it exists, is not a zombie, and (when a
     /// start time was recorded) started when the recorded one did.
     pub fn process_alive(&self) -> bool {
@@ -205,6 +222,10 @@ impl ContainerState {
     /// Where the container's VM is registered: the forkvm root (forkvm's default root for
     /// state written before `vm_root` was recorded) and the VM's id.
     pub fn vm_location(&self) -> Option<(PathBuf, &str)> {
+        // A pod's container runs in its sandbox's VM, which is not its own.
+        if self.pod_sandbox().is_some() {
+            return None;
+        }
         let id = self.vm_id.as_deref()?;
         let root = self
             .vm_root

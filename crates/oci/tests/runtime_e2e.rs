@@ -186,17 +186,24 @@ impl Env {
     }
 }
 
-/// Waits for our (reparented) child `pid` and returns its exit code.
+/// Waits for our (reparented) child `pid` and returns its exit code (128 + the signal
+/// that ended it, if one did).
 fn reap(pid: i32, limit: Duration) -> i32 {
+    match reap_status(pid, limit) {
+        (Some(code), _) => code,
+        (None, Some(sig)) => 128 + sig,
+        other => panic!("process {pid} ended as {other:?}"),
+    }
+}
+
+/// Waits for our (reparented) child `pid`: its exit code, or the signal that ended it.
+fn reap_status(pid: i32, limit: Duration) -> (Option<i32>, Option<i32>) {
     let pid = rustix::process::Pid::from_raw(pid).unwrap();
     let deadline = Instant::now() + limit;
     loop {
         match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG) {
             Ok(Some((_, status))) => {
-                return status
-                    .exit_status()
-                    .or(status.terminating_signal().map(|s| 128 + s))
-                    .unwrap();
+                return (status.exit_status(), status.terminating_signal());
             }
             Ok(None) => {}
             Err(e) => panic!("waitpid({pid:?}): {e}"),
@@ -1281,4 +1288,245 @@ fn hooks_configure_the_network(env: &Env, t: &Path) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The annotations containerd's CRI gives a pod's sandbox (`kind` "sandbox") or one of
+/// its containers ("container"), of pod sandbox `sandbox`.
+fn cri(c: &mut Value, kind: &str, sandbox: &str) {
+    c["annotations"] = json!({
+        forkvm_oci::bundle::CRI_CONTAINER_TYPE: kind,
+        forkvm_oci::bundle::CRI_SANDBOX_ID: sandbox,
+    });
+}
+
+/// A pod's container joins its sandbox's namespaces by path, as containerd's CRI
+/// writes them, and has no bind mounts of its own.
+fn member_of(c: &mut Value, sandbox: &str, sandbox_pid: i32) {
+    cri(c, "container", sandbox);
+    c["linux"]["namespaces"] = json!([
+        {"type": "pid"}, {"type": "mount"},
+        {"type": "network", "path": format!("/proc/{sandbox_pid}/ns/net")},
+        {"type": "ipc", "path": format!("/proc/{sandbox_pid}/ns/ipc")},
+        {"type": "uts", "path": format!("/proc/{sandbox_pid}/ns/uts")},
+    ]);
+}
+
+/// The mount points under `dir` in this thread's mount namespace.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let dir = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/thread-self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&dir))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_pods_containers_run_inside_its_sandboxs_vm() {
+    if !forkvm_testhost::in_test_host() {
+        forkvm_oci::vm::container_guest().expect("cannot prepare the container guest");
+    }
+    forkvm_testhost::on_kvm_host_with(
+        forkvm_testhost::test_path!(),
+        Duration::from_secs(600),
+        None,
+        // Everything (state, VM homes, bundles, the pod's binds) in a tmpfs of its own,
+        // in a mount namespace of its own.
+        || forkvm_test_support::in_own_mounts(pod_body),
+    );
+}
+
+fn pod_body(tmp: &Path) {
+    rustix::process::set_child_subreaper(Some(rustix::process::getpid())).unwrap();
+    let env = Env {
+        tmp: tempfile::tempdir_in(tmp).unwrap(),
+    };
+    let t = env.tmp.path();
+
+    // The pod's sandbox, as CRI's pause container: it boots the pod's VM.
+    let sb = bundle(&t.join("sb"), &["sleep", "100000"], |c| {
+        cri(c, "sandbox", "sb");
+        c["hostname"] = json!("pod-host");
+    });
+    env.ok(
+        "sb-create",
+        &["create", "--bundle", sb.to_str().unwrap(), "sb"],
+    );
+    env.ok("sb-start", &["start", "sb"]);
+    let sb_pid = pid_of(&env.state("sb"));
+    let homes = env.vm_homes();
+    assert_eq!(homes.len(), 1, "{homes:?}");
+
+    // Two containers of the pod, each with a root of its own, talking over the pod's
+    // loopback: a server answers one connection, a client reads it.
+    let web = bundle(
+        &t.join("web"),
+        &[
+            "sh",
+            "-c",
+            "echo hello-from-web | nc -l -p 8080; echo web-done; \
+             [ -e /client-marker ] && echo sees-client; exit 4",
+        ],
+        |c| member_of(c, "sb", sb_pid),
+    );
+    std::fs::write(web.join("rootfs/web-marker"), "web").unwrap();
+    let client = bundle(
+        &t.join("client"),
+        &[
+            "sh",
+            "-c",
+            "for i in $(seq 1 60); do nc 127.0.0.1 8080 && break; sleep 0.5; done; \
+             [ -e /web-marker ] && echo sees-web; [ -e /client-marker ] && echo own-root; \
+             echo client-host=$(hostname); exit 5",
+        ],
+        |c| member_of(c, "sb", sb_pid),
+    );
+    std::fs::write(client.join("rootfs/client-marker"), "client").unwrap();
+    let created = Instant::now();
+    env.ok(
+        "web-create",
+        &["create", "--bundle", web.to_str().unwrap(), "web"],
+    );
+    println!("create of a pod's container: {:?}", created.elapsed());
+    env.ok(
+        "client-create",
+        &["create", "--bundle", client.to_str().unwrap(), "client"],
+    );
+    // Neither booted a VM: both are in the sandbox's.
+    assert_eq!(env.vm_homes(), homes, "a pod's container booted a VM");
+    let web_state = env.state("web");
+    assert_eq!(web_state["status"], "created", "{web_state}");
+    let pod_dir = env.root().join("@pods/sb");
+    assert_eq!(
+        mounts_under(&pod_dir).len(),
+        3,
+        "the pod directory and the two roots: {:?}",
+        mounts_under(&pod_dir)
+    );
+    let client_pid = pid_of(&env.state("client"));
+    env.ok("web-start", &["start", "web"]);
+    env.ok("client-start", &["start", "client"]);
+    // Running, or already done (a stopped container has no pid in its state).
+    let status = env.state("client")["status"].clone();
+    assert!(status == "running" || status == "stopped", "{status}");
+    let client_code = reap(client_pid, COMMAND_TIMEOUT);
+    let web_code = reap(pid_of(&web_state), COMMAND_TIMEOUT);
+    let client_out = env.read("client-create.out");
+    let web_out = env.read("web-create.out");
+    assert_eq!(
+        (client_code, web_code),
+        (5, 4),
+        "client:\n{client_out}\nweb:\n{web_out}\n{}",
+        env.diagnostics()
+    );
+    assert!(
+        client_out.contains("hello-from-web") && client_out.contains("own-root"),
+        "{client_out}"
+    );
+    assert!(!client_out.contains("sees-web"), "{client_out}");
+    assert!(
+        client_out.contains("client-host=pod-host"),
+        "the pod's UTS: {client_out}"
+    );
+    assert!(
+        web_out.contains("web-done") && !web_out.contains("sees-client"),
+        "{web_out}"
+    );
+    assert_eq!(env.state("web")["status"], "stopped");
+
+    // exec in a running container of the pod, and a signal through the agent.
+    let idle = bundle(&t.join("idle"), &["sleep", "100000"], |c| {
+        member_of(c, "sb", sb_pid)
+    });
+    std::fs::write(idle.join("rootfs/idle-marker"), "idle").unwrap();
+    env.ok(
+        "idle-create",
+        &["create", "--bundle", idle.to_str().unwrap(), "idle"],
+    );
+    env.ok("idle-start", &["start", "idle"]);
+    let exec = env.ok(
+        "idle-exec",
+        &[
+            "exec",
+            "idle",
+            "sh",
+            "-c",
+            "cat /idle-marker; echo; [ -e /web-marker ] || echo alone",
+        ],
+    );
+    assert!(
+        exec.stdout.contains("idle") && exec.stdout.contains("alone"),
+        "{exec}"
+    );
+    // SIGKILL goes to the process through the agent: the monitor is not killed, it
+    // exits with the process's status.
+    let idle_state = env.state("idle");
+    assert!(idle_state["pid"].is_i64(), "{idle_state}");
+    env.ok("idle-kill", &["kill", "idle", "KILL"]);
+    assert_eq!(
+        reap_status(pid_of(&idle_state), COMMAND_TIMEOUT),
+        (Some(128 + libc::SIGKILL), None),
+        "{}",
+        env.diagnostics()
+    );
+    // The pod's VM runs on.
+    assert_eq!(env.state("sb")["status"], "running");
+
+    // Bad input: a container of a pod this runtime does not have, and one whose
+    // sandbox is not a sandbox; nothing is left of either.
+    let orphan = bundle(&t.join("orphan"), &["true"], |c| {
+        member_of(c, "nopod", sb_pid)
+    });
+    let out = env.rt(
+        "orphan-create",
+        &["create", "--bundle", orphan.to_str().unwrap(), "orphan"],
+        None,
+    );
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr
+            .contains("pod sandbox nopod, which this runtime does not have"),
+        "{out}"
+    );
+    let stray = bundle(&t.join("stray"), &["true"], |c| member_of(c, "web", sb_pid));
+    let out = env.rt(
+        "stray-create",
+        &["create", "--bundle", stray.to_str().unwrap(), "stray"],
+        None,
+    );
+    assert!(
+        out.code == Some(1)
+            && out
+                .stderr
+                .contains("container web, named as the pod sandbox of stray, is not a pod sandbox"),
+        "{out}"
+    );
+    let listed = env.ok("list", &["list", "-q"]).stdout;
+    assert!(
+        !listed.contains("orphan") && !listed.contains("stray"),
+        "{listed}"
+    );
+
+    // delete: the containers go from the VM and the pod directory; the sandbox's
+    // delete takes the VM and the directory.
+    for id in ["web", "client", "idle"] {
+        env.ok(&format!("{id}-delete"), &["delete", id]);
+    }
+    assert_eq!(
+        mounts_under(&pod_dir),
+        [pod_dir.to_string_lossy().into_owned()],
+        "the containers' roots are still bound"
+    );
+    assert!(
+        web.join("rootfs/web-marker").exists(),
+        "delete took the container's files"
+    );
+    env.ok("sb-delete", &["delete", "--force", "sb"]);
+    assert!(mounts_under(&pod_dir).is_empty());
+    assert!(!pod_dir.exists(), "the pod directory is left");
+    assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
+    assert!(runtime_processes().is_empty(), "{:?}", runtime_processes());
+    assert!(client.join("rootfs/client-marker").exists());
 }

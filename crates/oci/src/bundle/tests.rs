@@ -392,19 +392,55 @@ fn mounts() {
     assert_eq!(mount_order(&disk), [("/run", "tmpfs", "tmpfs")]);
     assert_eq!(disk.files, shared.files);
     assert_eq!(disk.files.len(), 2);
-    // A Kubernetes pod's container is refused by name; its sandbox is planned.
+    // A Kubernetes pod's container is planned as one, its sandbox's namespace paths
+    // accepted; without its sandbox's id, or with bind mounts of its own, it is refused
+    // by name.
+    let member = load_with(|c| {
+        c["annotations"] = json!({CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "abc"});
+        c["linux"]["namespaces"] = json!([
+            {"type": "network", "path": "/proc/7/ns/net"},
+            {"type": "ipc", "path": "/proc/7/ns/ipc"},
+            {"type": "pid"}
+        ]);
+    })
+    .unwrap();
+    assert_eq!(
+        member.pod,
+        Some(PodRole::Member {
+            sandbox: "abc".into()
+        })
+    );
+    let e = err_with(|c| c["annotations"] = json!({CRI_CONTAINER_TYPE: "container"}));
+    assert!(
+        e.contains("annotations.io.kubernetes.cri.sandbox-id")
+            && e.contains("must name its pod sandbox"),
+        "{e}"
+    );
+    let hosts = tempfile::NamedTempFile::new().unwrap();
     let e = err_with(|c| {
-        c["annotations"] = json!({CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "abc"})
+        c["annotations"] = json!({CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "abc"});
+        c["mounts"] = json!([{"destination": "/etc/hosts", "type": "bind",
+            "source": hosts.path(), "options": ["rbind", "ro"]}]);
     });
     assert!(
-        e.contains("annotations.io.kubernetes.cri.container-type (container, of pod sandbox abc)")
-            && e.contains("cannot run inside the pod's VM yet"),
+        e.contains("mounts (bind, of a pod's container)")
+            && e.contains("not shared into the pod's VM yet"),
+        "{e}"
+    );
+    // Outside a pod, a namespace path is refused as before.
+    let e = err_with(|c| {
+        c["linux"]["namespaces"] =
+            json!([{"type": "network"}, {"type": "ipc", "path": "/proc/7/ns/ipc"}]);
+    });
+    assert!(
+        e.contains("joining an existing namespace is impossible"),
         "{e}"
     );
     let sandbox = load_with(|c| {
         c["annotations"] = json!({CRI_CONTAINER_TYPE: "sandbox", CRI_SANDBOX_ID: "abc"})
     })
     .unwrap();
+    assert_eq!(sandbox.pod, Some(PodRole::Sandbox));
     assert_eq!(sandbox.annotations[CRI_CONTAINER_TYPE], "sandbox");
     // Any other value is an error naming the annotation.
     let e = err_with(|c| c["annotations"] = json!({ROOTFS_ANNOTATION: "overlay"}));

@@ -20,11 +20,11 @@
 //! or process behind (and runs the `poststop` hooks).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -88,6 +88,9 @@ pub fn create(g: &Global, log: &Log, a: CreateArgs) -> Result<()> {
     if plan.process.tty && a.console_socket.is_none() {
         bail!("process.terminal is true but no --console-socket was given");
     }
+    if let Some(bundle::PodRole::Member { sandbox }) = &plan.pod {
+        return super::member::create(g, log, &a, &bundle, &plan, sandbox);
+    }
     let store = StateStore::open(&g.root)?;
     let mut state = ContainerState::new(&a.id, &bundle);
     state.annotations = plan.annotations.clone();
@@ -97,22 +100,55 @@ pub fn create(g: &Global, log: &Log, a: CreateArgs) -> Result<()> {
     let mut monitor = None;
     let result = create_in(g, &a, &plan, &dir, &store, &mut monitor);
     if result.is_err() {
-        if let Some(mut child) = monitor {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        remove_vm_of(&dir);
-        // As runc destroys a container whose create failed: poststop runs.
-        let mut stopped = state.clone();
-        stopped.status = crate::state::Status::Stopped;
-        hooks::run_all_logged(
-            "poststop",
-            &plan.hooks.poststop,
-            &stopped.to_runtime_spec_json(),
-        );
-        let _ = store.remove(&a.id);
+        abandon(&store, &state, &plan, monitor, || {
+            remove_vm_of(&dir);
+            if plan.pod == Some(bundle::PodRole::Sandbox) {
+                crate::pod::release(store.root(), &a.id);
+            }
+        });
     }
     result
+}
+
+/// Runs container `id`'s `prestart` and `createRuntime` hooks on the host, as runc
+/// shows them the container while creating: its pid is the monitor `pid`, whose network
+/// namespace is the container's.
+pub(super) fn run_create_hooks(
+    store: &StateStore,
+    id: &str,
+    plan: &bundle::ContainerPlan,
+    pid: i32,
+) -> Result<()> {
+    let mut hook_state = store.load(id)?;
+    hook_state.record_pid(pid)?;
+    let hook_state = hook_state.to_runtime_spec_json();
+    hooks::run_all("prestart", &plan.hooks.prestart, &hook_state)?;
+    hooks::run_all("createRuntime", &plan.hooks.create_runtime, &hook_state)?;
+    Ok(())
+}
+
+/// Undoes a `create` that failed, as runc destroys such a container: its `monitor`
+/// killed, what it made undone (`undo`), the `poststop` hooks run, its state removed.
+pub(super) fn abandon(
+    store: &StateStore,
+    state: &ContainerState,
+    plan: &bundle::ContainerPlan,
+    monitor: Option<Child>,
+    undo: impl FnOnce(),
+) {
+    if let Some(mut child) = monitor {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    undo();
+    let mut stopped = state.clone();
+    stopped.status = Status::Stopped;
+    hooks::run_all_logged(
+        "poststop",
+        &plan.hooks.poststop,
+        &stopped.to_runtime_spec_json(),
+    );
+    let _ = store.remove(&state.id);
 }
 
 fn create_in(
@@ -132,54 +168,23 @@ fn create_in(
         helper::give_terminal(&mut cmd, socket)?;
     }
     let new_netns = plan.network == NetworkPlan::New;
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (fcntl, unshare, mount) on plain values it copied
-    // and static strings (the pipe's descriptor stays open in the child until the
-    // exec).
-    unsafe {
-        cmd.pre_exec(move || {
-            // The pipe's read end survives the exec (it was made close-on-exec).
-            if libc::fcntl(go_fd, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Hooks act on the namespaces of the state's pid (`nsenter -t PID -u`): the
-            // monitor's UTS and IPC namespaces are its own, never the host's; so is its
-            // mount namespace, where the container's root is mounted over `/`
-            // ([`container_root_over_slash`]); the host's later mounts and unmounts reach
-            // it (slave), its own never reach the host.
-            let mut flags = libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNS;
-            if new_netns {
-                flags |= libc::CLONE_NEWNET;
-            }
-            if libc::unshare(flags) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let private = libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_SLAVE,
-                std::ptr::null(),
-            );
-            if private != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    // A pod's sandbox: the pod directory, a shared mount the monitor's namespace (made
+    // below) receives the pod's containers' roots through.
+    if plan.pod == Some(bundle::PodRole::Sandbox) {
+        crate::pod::prepare(store.root(), &a.id).context("cannot make the pod's directory")?;
     }
+    // Hooks act on the namespaces of the state's pid (`nsenter -t PID -u`): the
+    // monitor's UTS and IPC namespaces are its own, never the host's; so is its mount
+    // namespace, where the container's root is mounted over `/`
+    // ([`container_root_over_slash`]).
+    monitor_namespaces(&mut cmd, go_fd, new_netns, &[]);
     let child = monitor.insert(
         cmd.spawn()
             .context("cannot start the container's monitor in namespaces of its own")?,
     );
     drop(go_rx);
     let pid = child.id() as i32;
-    // The hooks see the container as runc shows it while creating: its pid is the
-    // monitor, whose network namespace is the container's.
-    let mut hook_state = store.load(&a.id)?;
-    hook_state.record_pid(pid)?;
-    let hook_state = hook_state.to_runtime_spec_json();
-    hooks::run_all("prestart", &plan.hooks.prestart, &hook_state)?;
-    hooks::run_all("createRuntime", &plan.hooks.create_runtime, &hook_state)?;
+    run_create_hooks(store, &a.id, plan, pid)?;
     // The root takes the bound files as the hooks left them: Docker's network hook
     // rewrites resolv.conf for its embedded resolver.
     crate::rootfs::prepare(plan, dir)?;
@@ -205,6 +210,62 @@ fn create_in(
         s.transition(Status::Created)
     })?;
     Ok(())
+}
+
+/// Sets `cmd` up to start a container's monitor: the read end `go_fd` of the pipe on
+/// which `create` says "go" kept across the exec; the namespaces in `join` (opened
+/// namespace files and their `CLONE_NEW*` types) joined; UTS and IPC namespaces of its
+/// own unless joined, and a network namespace of its own when `new_netns`; and always a
+/// mount namespace of its own, a slave of this process's (the host's later mounts and
+/// unmounts reach it, its own never reach the host). The caller keeps `join`'s files
+/// open until the monitor is spawned.
+pub(super) fn monitor_namespaces(
+    cmd: &mut Command,
+    go_fd: RawFd,
+    new_netns: bool,
+    join: &[(BorrowedFd<'_>, libc::c_int)],
+) {
+    let join: Vec<(RawFd, libc::c_int)> = join.iter().map(|(f, t)| (f.as_raw_fd(), *t)).collect();
+    let mut flags = libc::CLONE_NEWNS;
+    for kind in [libc::CLONE_NEWUTS, libc::CLONE_NEWIPC] {
+        if !join.iter().any(|(_, t)| *t == kind) {
+            flags |= kind;
+        }
+    }
+    if new_netns {
+        flags |= libc::CLONE_NEWNET;
+    }
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (fcntl, setns, unshare, mount) on plain values it
+    // copied and static strings (the pipe's descriptor and the namespace files stay
+    // open in the child until the exec); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The pipe's read end survives the exec (it was made close-on-exec).
+            if libc::fcntl(go_fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for &(fd, kind) in &join {
+                if libc::setns(fd, kind) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::unshare(flags) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let slave = libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            );
+            if slave != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Writes `pid` to `path` atomically (a reader never sees an empty file).
@@ -241,37 +302,14 @@ pub fn remove_vm(root: &Path, id: &str) {
 
 /// The monitor: returns its exit code (the container process's).
 pub fn monitor(g: &Global, log: &Log, a: &MonitorArgs) -> i32 {
-    let id = a.id.as_str();
-    let store = match StateStore::open(&g.root) {
-        Ok(s) => s,
-        Err(e) => {
-            log.error(&format!("monitor {id}: {e}"));
-            return EXIT_VM_FAILED;
-        }
-    };
-    let Ok(dir) = store.container_dir(id) else {
-        return EXIT_VM_FAILED;
-    };
-    log.install_tracing(&dir.join(MONITOR_LOG));
-    let mut reported = false;
-    let result = wait_for_go(a.go_fd).and_then(|()| run_monitor(&store, &dir, id, &mut reported));
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            let msg = format!("{e:#}");
-            log.error(&format!("container {id}: {msg}"));
-            tracing::error!("container {id}: {msg}");
-            if !reported {
-                let _ = helper::write_report::<Ready>(&dir.join(READY_FILE), &Report::Error(msg));
-            }
-            EXIT_VM_FAILED
-        }
-    }
+    helper::monitor_process::<Ready>(g, log, &a.id, READY_FILE, |store, dir, reported| {
+        wait_for_go(a.go_fd).and_then(|()| run_monitor(store, dir, &a.id, reported))
+    })
 }
 
 /// Waits until `create` has run the host hooks: "go" on `fd`, which `create` passed to
 /// this process alone. EOF first means `create` ended (it failed or was killed).
-fn wait_for_go(fd: i32) -> Result<()> {
+pub(super) fn wait_for_go(fd: i32) -> Result<()> {
     // Only a pipe past stdio is taken over: a wrong number must not close another file.
     // SAFETY: fstat(2) on a descriptor number only reads its metadata into `st`, plain
     // data for which all-zero is valid.
@@ -390,6 +428,14 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     )?;
     // The volumes' mounts are among the filesystems, in the spec's order.
     cfg.shares.extend(vm::volume_shares(&plan.volumes));
+    // A pod's sandbox shares the pod directory, where its containers' roots appear.
+    if plan.pod == Some(bundle::PodRole::Sandbox) {
+        cfg.shares.push(forkvm_vmm::FsConfig {
+            tag: crate::pod::POD_SHARE_TAG.to_owned(),
+            host_path: crate::pod::pod_dir(store.root(), id),
+            read_only: false,
+        });
+    }
     home.record_machine(cfg.vcpus, cfg.mem_mib)?;
     let relay = signals.spawn(tty)?;
     let ready = Ready {
@@ -612,7 +658,7 @@ fn loopback_nameservers(files: &[bundle::FileCopy]) -> Vec<std::net::IpAddr> {
 }
 
 /// Binds the start socket in the container's directory `dir`, non-blocking.
-fn bind_start_socket(dir: &Path) -> Result<UnixListener> {
+pub(super) fn bind_start_socket(dir: &Path) -> Result<UnixListener> {
     std::env::set_current_dir(dir)?;
     let _ = std::fs::remove_file(START_SOCKET);
     // Bound by a relative name: engines' state paths can be longer than a socket
@@ -624,7 +670,7 @@ fn bind_start_socket(dir: &Path) -> Result<UnixListener> {
 }
 
 /// How the wait for `start` ended.
-enum Started {
+pub(super) enum Started {
     /// `start` connected and asked.
     Conn(std::os::unix::net::UnixStream),
     /// The container was killed while created, with this signal: the process never
@@ -633,7 +679,7 @@ enum Started {
 }
 
 /// Waits for `start` on `listener` (or a kill, or `vm_stopped`) and reads its request.
-fn wait_for_start(
+pub(super) fn wait_for_start(
     listener: &UnixListener,
     relay: &SignalRelay,
     vm_stopped: &dyn Fn() -> bool,

@@ -42,7 +42,9 @@ pub fn exec(g: &Global, a: ExecArgs) -> Result<i32> {
         helper::own_session(spec.tty)?;
     }
     spec.stdin = true;
-    foreground(&uds, &spec, report.as_deref())
+    // A pod's container is one of the containers in its pod's VM.
+    let container = state.pod_sandbox().map(|_| a.id.as_str());
+    foreground(&uds, container, &spec, report.as_deref())
 }
 
 /// The process to run: `--process` (a runtime spec `process` object), else the command
@@ -81,14 +83,23 @@ fn process(a: &ExecArgs) -> Result<ProcessSpec> {
     })
 }
 
-fn foreground(uds: &Path, spec: &ProcessSpec, report: Option<&Path>) -> Result<i32> {
+fn foreground(
+    uds: &Path,
+    container: Option<&str>,
+    spec: &ProcessSpec,
+    report: Option<&Path>,
+) -> Result<i32> {
     let signals = ForwardedSignals::block().context("cannot block signals")?;
     // Retried until the agent answers: a container just forked loses connection
     // requests (or has them reset) until its guest has taken its new CID.
     let stream =
         client::wait_for_agent(uds, std::time::Instant::now() + Duration::from_secs(10))
             .with_context(|| format!("cannot reach the container's agent at {}", uds.display()))?;
-    let session = match client::exec(stream, spec) {
+    let started = match container {
+        Some(id) => client::exec_in_container(stream, id, spec),
+        None => client::exec(stream, spec),
+    };
+    let session = match started {
         Ok(s) => s,
         Err(ExecError::ExecFailed { message, exit_code }) => {
             if let Some(path) = report {

@@ -88,6 +88,14 @@ pub fn fork_container(root: &Path, id: &str, count: u32) -> Result<ContainerFork
     if parent.status != Status::Running || !parent.process_alive() {
         bail!("container {id} is {}, not running", parent.status);
     }
+    // A pod's VM shares the pod's directory, where its containers' roots are: the
+    // children would write the same files.
+    if parent.is_pod_sandbox() || parent.pod_sandbox().is_some() {
+        bail!(
+            "container {id} cannot fork: it is a Kubernetes pod's, whose VM shares the pod's \
+             containers' roots with the host (pods that start by fork are not done yet)"
+        );
+    }
     // A root disk is in the container's directory (containers made before the shared
     // root have one too, without the annotation).
     if !store

@@ -111,6 +111,46 @@ pub fn wait_report<T: DeserializeOwned>(
     }
 }
 
+/// Runs a monitor process of container `id` (`create`'s `__monitor`, a pod container's
+/// `__member`): its log in the container's directory, `run` with the state store, that
+/// directory and whether it reported to `create` yet; returns the container process's
+/// exit code. An error is logged and, unless `run` reported, reported on `report` (in
+/// the container's directory) for `create` to show; the code is then
+/// [`EXIT_VM_FAILED`](super::create::EXIT_VM_FAILED).
+pub fn monitor_process<T: Serialize>(
+    g: &Global,
+    log: &super::Log,
+    id: &str,
+    report: &str,
+    run: impl FnOnce(&crate::state::StateStore, &Path, &mut bool) -> Result<i32>,
+) -> i32 {
+    use super::create::{EXIT_VM_FAILED, MONITOR_LOG};
+    let store = match crate::state::StateStore::open(&g.root) {
+        Ok(s) => s,
+        Err(e) => {
+            log.error(&format!("monitor {id}: {e}"));
+            return EXIT_VM_FAILED;
+        }
+    };
+    let Ok(dir) = store.container_dir(id) else {
+        return EXIT_VM_FAILED;
+    };
+    log.install_tracing(&dir.join(MONITOR_LOG));
+    let mut reported = false;
+    match run(&store, &dir, &mut reported) {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            log.error(&format!("container {id}: {msg}"));
+            tracing::error!("container {id}: {msg}");
+            if !reported {
+                let _ = write_report::<T>(&dir.join(report), &Report::Error(msg));
+            }
+            EXIT_VM_FAILED
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,9 +6,10 @@
 //! | Verb | What it does here |
 //! |---|---|
 //! | `create` | reads the bundle (refusing what a VM cannot honour, before anything exists) and starts the container's **monitor**: a process (this binary, `__monitor`) in UTS, IPC, mount (the container's root mounted over `/` there, for engines that join it) and (when the bundle's network namespace has no path) network namespaces of its own. It runs the bundle's `prestart` and `createRuntime` hooks with the monitor as the state's `pid` (Docker's network hook configures the monitor's namespace), prepares the VM's root (copies of the bound files beside the shared rootfs, or a root disk made from it), and lets the monitor go on: it ties the namespace's interfaces to TAPs, boots the VM, waits for its agent and holds the container's stdio. Its pid goes to `--pid-file`: it lives as long as the container and exits with the container's exit code. A failed create runs the `poststop` hooks. |
+//! | `create` of a Kubernetes pod's sandbox or container | the sandbox's VM also shares the pod's directory ([`crate::pod`]); a pod's container boots no VM: its root is bound into that directory and its **member monitor** (`__member`) has the sandbox VM's agent make it there, see [`member`] |
 //! | `start` | tells the monitor to start the process (over `start.sock` in the container's directory), then runs the `poststart` hooks |
 //! | `state`, `list`, `ps` | from the state directory (`--root`), with liveness checked by pid and start time |
-//! | `kill` | signals the monitor, which forwards the signal to the process in the guest (SIGKILL ends the VM at once) |
+//! | `kill` | signals the monitor, which forwards the signal to the process in the guest (SIGKILL ends the VM at once); a pod's container's process is signalled through the pod VM's agent |
 //! | `delete` | removes a stopped container (`--force`: kills a running one first) and everything it left, and runs the `poststop` hooks |
 //! | `exec` | runs another process in the container through the guest agent; `--detach` leaves a host process standing for it, as `create` does |
 //! | `pause`, `resume` | pause and resume the whole VM |
@@ -23,6 +24,7 @@ mod exec;
 pub mod fork;
 mod helper;
 mod log;
+mod member;
 pub(crate) mod ops;
 
 use std::path::PathBuf;
@@ -117,6 +119,9 @@ pub enum Command {
     /// The container's monitor process (started by `create`).
     #[command(name = "__monitor", hide = true)]
     Monitor(MonitorArgs),
+    /// The monitor of a pod's container in its sandbox's VM (started by `create`).
+    #[command(name = "__member", hide = true)]
+    Member(MonitorArgs),
 }
 
 /// `__monitor`: what `create` tells the monitor it starts.
@@ -286,6 +291,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Create(a) => create::create(&cli.global, &log, a).map(|()| 0),
         Command::Monitor(a) => return create::monitor(&cli.global, &log, &a),
+        Command::Member(a) => return member::monitor(&cli.global, &log, &a),
         Command::Start(a) => ops::start(&cli.global, &a.id).map(|()| 0),
         Command::State(a) => ops::state(&cli.global, &a.id).map(|()| 0),
         Command::Kill(a) => ops::kill(&cli.global, &a).map(|()| 0),

@@ -119,6 +119,20 @@ pub fn signal_container(state: &ContainerState, sig: i32) -> Result<()> {
         Some(pid) if state.status != Status::Stopped && state.process_alive() => pid,
         _ => bail!("container {} not running", state.id),
     };
+    // A pod's container: its process is in the pod's VM, which runs on (signalled there
+    // once started; its monitor alone before that).
+    if state.pod_sandbox().is_some() && state.guest_pid.is_some() {
+        return match super::member::signal(state, sig) {
+            // A VM that does not answer does not keep a container from being killed:
+            // its monitor goes, the container in the VM when it is deleted.
+            Err(e) if sig == libc::SIGKILL => {
+                tracing::warn!("{e:#}: killing the container's monitor");
+                signal_host(pid, sig)
+                    .with_context(|| format!("cannot signal the container's monitor {pid}"))
+            }
+            r => r,
+        };
+    }
     if sig == libc::SIGKILL || state.parent.is_none() {
         return signal_host(pid, sig)
             .with_context(|| format!("cannot signal the container's process {pid}"));
@@ -172,9 +186,14 @@ pub fn delete(g: &Global, log: &Log, a: &DeleteArgs) -> Result<()> {
             }
         }
     }
-    match state.vm_location() {
-        Some((root, id)) => remove_vm(&root, id),
-        None => remove_vm_of(&store.container_dir(&a.id)?),
+    match (state.pod_sandbox(), state.vm_location()) {
+        (Some(sandbox), _) => super::member::remove(&store, log, &state, sandbox),
+        (None, Some((root, id))) => remove_vm(&root, id),
+        (None, None) => remove_vm_of(&store.container_dir(&a.id)?),
+    }
+    // A pod's sandbox: its pod directory, with any container root still bound in it.
+    if state.is_pod_sandbox() {
+        crate::pod::release(store.root(), &a.id);
     }
     let mut stopped = state.clone();
     stopped.status = Status::Stopped;
@@ -258,6 +277,12 @@ pub fn pause(g: &Global, id: &str, pause: bool) -> Result<()> {
     let state = store(g)?.load(id)?;
     if !state.process_alive() {
         bail!("container {id} not running");
+    }
+    if let Some(sandbox) = state.pod_sandbox() {
+        bail!(
+            "container {id} cannot be paused alone: it runs in the VM of its pod sandbox \
+             {sandbox}, which pauses the whole pod"
+        );
     }
     let home = vm_home(&state)?;
     let client = forkvm_api::Client::new(home.socket_path());

@@ -1,0 +1,394 @@
+//! A Kubernetes pod on the host: one VM per pod sandbox, and the directory through
+//! which the pod's containers' roots reach it.
+//!
+//! containerd's CRI says what a container is to a pod with annotations
+//! ([`crate::bundle::PodRole`]). The sandbox (the pause container) boots the pod's VM
+//! with one more virtio-fs share, [`POD_SHARE_TAG`], of the pod directory
+//! ([`pod_dir`]: `<runtime root>/pods/<sandbox id>`), prepared by [`prepare`] before the
+//! sandbox's monitor starts: a mount of its own (the directory bound onto itself),
+//! **shared**, so that what is mounted under it later in the runtime's mount namespace
+//! also appears in the monitor's and its VM process's (slaves of it, see
+//! `runtime::create`). A pod's container is then made inside the running VM: its root
+//! filesystem is bound at `<pod dir>/<container id>/rootfs` ([`bind_member_root`]), and
+//! the guest agent makes the container from that directory of the share.
+//!
+//! Nothing here ever removes a directory recursively: a pod directory may hold a
+//! container's root, bound in, and a recursive removal through that bind would remove
+//! the container's files. [`release`] detaches the whole mount first and then removes
+//! only the empty directories it made, one at a time; anything else it finds is left
+//! in place with a warning. The guest writes in the pod directory (a compromised one
+//! could plant symlinks there), so what lies in it is reached from a handle on the
+//! directory, never through a symlink or out of it (`openat2` with `RESOLVE_BENEATH`
+//! and `RESOLVE_NO_SYMLINKS`), and unmounted and removed through that handle.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{openat2, AtFlags, Mode, OFlags, ResolveFlags};
+use rustix::mount::{MountPropagationFlags, UnmountFlags};
+
+/// The tag of the pod VM's share of its pod directory.
+pub const POD_SHARE_TAG: &str = "forkvm-pod";
+
+/// The directory under the runtime's root that holds the pod directories: a name no
+/// container id can have (`@`), so that no container's state directory is it.
+const PODS_DIR: &str = "@pods";
+
+/// The name of a pod container's root directory inside its directory of the pod.
+const ROOTFS: &str = "rootfs";
+
+/// Why a pod's directory or a container's root in it could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    /// A file system call failed.
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The sandbox's pod directory is not the shared mount [`prepare`] makes.
+    #[error(
+        "the pod directory {} is not mounted: the pod's sandbox was not created by this \
+         runtime version, or its directory was unmounted",
+        .0.display()
+    )]
+    NotPrepared(PathBuf),
+    /// Something is already where the container's root would go.
+    #[error("{} exists already (a container of that id is in the pod)", .0.display())]
+    Exists(PathBuf),
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PodError + 'a {
+    move |source| PodError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The pod directory of sandbox `sandbox` under the runtime's state root `root`.
+pub fn pod_dir(root: &Path, sandbox: &str) -> PathBuf {
+    root.join(PODS_DIR).join(sandbox)
+}
+
+/// Where a pod container's root is bound: relative to the pod directory (the path the
+/// guest agent resolves inside the pod share), and on the host.
+pub fn member_root(pod: &Path, id: &str) -> (String, PathBuf) {
+    (format!("{id}/{ROOTFS}"), pod.join(id).join(ROOTFS))
+}
+
+/// Makes sandbox `sandbox`'s pod directory under `root`: a new, empty directory (mode
+/// 0700), bound onto itself and made a shared mount. Call it before the sandbox's
+/// monitor makes its mount namespace.
+pub fn prepare(root: &Path, sandbox: &str) -> Result<PathBuf, PodError> {
+    let pods = root.join(PODS_DIR);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&pods)
+        .map_err(io("cannot make", &pods))?;
+    let dir = pod_dir(root, sandbox);
+    make_new_dir(&dir)?;
+    // A peer group of its own (private, then shared): the binds made in it later reach
+    // the namespaces made from this one after now (the monitor's), not every namespace
+    // that shares the mount the runtime's root is on.
+    let made = rustix::mount::mount_bind(&dir, &dir)
+        .and_then(|()| rustix::mount::mount_change(&dir, MountPropagationFlags::PRIVATE))
+        .and_then(|()| rustix::mount::mount_change(&dir, MountPropagationFlags::SHARED))
+        .map_err(|e| io("cannot make a shared mount of", &dir)(e.into()));
+    if let Err(e) = made {
+        release(root, sandbox);
+        return Err(e);
+    }
+    Ok(dir)
+}
+
+/// Binds `rootfs` (recursively) at container `id`'s root in the pod directory `pod`,
+/// which must be the shared mount [`prepare`] made. Returns the root's path relative to
+/// the pod directory.
+pub fn bind_member_root(pod: &Path, id: &str, rootfs: &Path) -> Result<String, PodError> {
+    if !is_mount_point(pod) {
+        return Err(PodError::NotPrepared(pod.to_owned()));
+    }
+    let (relative, target) = member_root(pod, id);
+    make_new_dir(&pod.join(id))?;
+    let bound = std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(&target)
+        .map_err(io("cannot make", &target))
+        .and_then(|()| {
+            rustix::mount::mount_bind_recursive(rootfs, &target)
+                .map_err(|e| io("cannot bind the container's root at", &target)(e.into()))
+        });
+    if let Err(e) = bound {
+        unbind_member_root(pod, id);
+        return Err(e);
+    }
+    Ok(relative)
+}
+
+/// Detaches container `id`'s root from the pod directory `pod` and removes the
+/// directories [`bind_member_root`] made (only if empty once detached), reaching them
+/// from the pod directory without following symlinks.
+pub fn unbind_member_root(pod: &Path, id: &str) {
+    let Some(pod_fd) = open_dir(pod) else {
+        return;
+    };
+    if let Some(root) = beneath(&pod_fd, &format!("{id}/{ROOTFS}")) {
+        // The mount the handle is on (the bound root), with everything in it.
+        let _ = rustix::mount::unmount(
+            format!("/proc/thread-self/fd/{}", root.as_raw_fd()),
+            UnmountFlags::DETACH,
+        );
+    }
+    if let Some(dir) = beneath(&pod_fd, id) {
+        remove_empty_at(&dir, ROOTFS, pod);
+    }
+    remove_empty_at(&pod_fd, id, pod);
+}
+
+/// Detaches sandbox `sandbox`'s pod directory under `root`, with every root still bound
+/// in it, and removes the directories this module made there (only if empty once
+/// detached). Safe to call for a sandbox that has none.
+pub fn release(root: &Path, sandbox: &str) {
+    let dir = pod_dir(root, sandbox);
+    if !dir.exists() {
+        return;
+    }
+    let _ = rustix::mount::unmount(&dir, UnmountFlags::DETACH);
+    if is_mount_point(&dir) || has_mounts_under(&dir) {
+        tracing::warn!(
+            "the pod directory {} still has mounts: left in place",
+            dir.display()
+        );
+        return;
+    }
+    let Some(pod_fd) = open_dir(&dir) else {
+        return;
+    };
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(member) = beneath(&pod_fd, name) {
+                remove_empty_at(&member, ROOTFS, &dir);
+            }
+            remove_empty_at(&pod_fd, name, &dir);
+        }
+    }
+    drop(pod_fd);
+    if let Err(e) = std::fs::remove_dir(&dir) {
+        tracing::warn!("{} left in place: {e}", dir.display());
+    }
+}
+
+/// A handle on the directory `path` (not followed if it is a symlink).
+fn open_dir(path: &Path) -> Option<OwnedFd> {
+    rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()
+}
+
+/// A handle on `relative` beneath the directory `dir`, reached without a symlink.
+fn beneath(dir: &OwnedFd, relative: &str) -> Option<OwnedFd> {
+    openat2(
+        dir,
+        relative,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .ok()
+}
+
+/// Removes the directory `name` in `dir` if it is empty; anything else is left, with a
+/// warning naming it under `shown`.
+fn remove_empty_at(dir: &OwnedFd, name: &str, shown: &Path) {
+    match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+        Err(e) => tracing::warn!("{} left in place: {e}", shown.join(name).display()),
+    }
+}
+
+/// Makes the directory `dir` (mode 0700), which must not exist yet.
+fn make_new_dir(dir: &Path) -> Result<(), PodError> {
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => PodError::Exists(dir.to_owned()),
+            _ => io("cannot make", dir)(e),
+        })
+}
+
+/// The mount points of this thread's mount namespace (`/proc/thread-self/mountinfo`,
+/// read as bytes, with its octal escapes undone).
+fn mount_points() -> Vec<PathBuf> {
+    let text = std::fs::read("/proc/thread-self/mountinfo").unwrap_or_default();
+    text.split(|&b| b == b'\n')
+        .filter_map(|l| l.split(|&b| b == b' ').nth(4))
+        .map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(&unescape(p))))
+        .collect()
+}
+
+/// `\NNN` octal escapes (space, tab, newline, backslash) undone.
+fn unescape(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) if b[i] == b'\\' => {
+                let n = u16::from(d[0] - b'0') * 64
+                    + u16::from(d[1] - b'0') * 8
+                    + u16::from(d[2] - b'0');
+                out.push(n as u8);
+                i += 4;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Whether something is mounted at `path` (resolved) in this mount namespace.
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(path) = path.canonicalize() else {
+        return false;
+    };
+    mount_points().contains(&path)
+}
+
+/// Whether something is mounted anywhere below `path` (resolved).
+fn has_mounts_under(path: &Path) -> bool {
+    let Ok(path) = path.canonicalize() else {
+        return false;
+    };
+    mount_points()
+        .iter()
+        .any(|m| m != &path && m.starts_with(&path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape(br"/a\040b\011c\134d"), b"/a b\tc\\d");
+        assert_eq!(unescape(br"/plain"), b"/plain");
+        assert_eq!(unescape(br"/cut\04"), b"/cut\\04");
+    }
+
+    #[test]
+    fn a_bound_root_is_seen_in_the_pod_and_survives_its_release() {
+        forkvm_test_support::in_own_mounts(|tmp| {
+            let root = tmp.join("state");
+            let rootfs = tmp.join("bundle-rootfs");
+            std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+            std::fs::write(rootfs.join("bin/app"), "the app").unwrap();
+
+            let pod = prepare(&root, "sb").unwrap();
+            assert!(is_mount_point(&pod));
+            assert!(matches!(prepare(&root, "sb"), Err(PodError::Exists(_))));
+            let rel = bind_member_root(&pod, "app", &rootfs).unwrap();
+            assert_eq!(rel, "app/rootfs");
+            assert_eq!(
+                std::fs::read_to_string(pod.join("app/rootfs/bin/app")).unwrap(),
+                "the app"
+            );
+            // Writes through the pod land in the container's root.
+            std::fs::write(pod.join("app/rootfs/made"), "x").unwrap();
+            assert!(rootfs.join("made").exists());
+            assert!(matches!(
+                bind_member_root(&pod, "app", &rootfs),
+                Err(PodError::Exists(_))
+            ));
+
+            // Releasing the pod with the root still bound takes nothing of the root.
+            release(&root, "sb");
+            assert!(!pod.exists(), "the pod directory is left");
+            assert_eq!(
+                std::fs::read_to_string(rootfs.join("bin/app")).unwrap(),
+                "the app"
+            );
+            assert!(rootfs.join("made").exists());
+            assert!(!has_mounts_under(tmp), "{:?}", mount_points());
+
+            // One container's root unbound: its directories go, the root stays.
+            let pod = prepare(&root, "sb2").unwrap();
+            bind_member_root(&pod, "a", &rootfs).unwrap();
+            unbind_member_root(&pod, "a");
+            assert!(!pod.join("a").exists());
+            assert!(rootfs.join("bin/app").exists());
+            // A directory that is not a prepared pod is refused.
+            let plain = tmp.join("plain");
+            std::fs::create_dir(&plain).unwrap();
+            assert!(matches!(
+                bind_member_root(&plain, "a", &rootfs),
+                Err(PodError::NotPrepared(_))
+            ));
+            release(&root, "sb2");
+            assert!(!pod.exists());
+        });
+    }
+
+    #[test]
+    fn what_the_guest_plants_in_the_pod_leads_nothing_astray() {
+        forkvm_test_support::in_own_mounts(|tmp| {
+            let root = tmp.join("state");
+            let rootfs = tmp.join("bundle-rootfs");
+            std::fs::create_dir_all(&rootfs).unwrap();
+            // A host mount elsewhere, and an empty directory, the guest would like gone.
+            let victim = tmp.join("victim");
+            std::fs::create_dir_all(victim.join("rootfs")).unwrap();
+            rustix::mount::mount_bind(&rootfs, victim.join("rootfs")).unwrap();
+            std::fs::create_dir_all(tmp.join("empty/rootfs")).unwrap();
+
+            let pod = prepare(&root, "sb").unwrap();
+            bind_member_root(&pod, "app", &rootfs).unwrap();
+            bind_member_root(&pod, "other", &rootfs).unwrap();
+            // The guest moves the containers' directories away and leaves symlinks to
+            // the host's directories in their place.
+            std::fs::rename(pod.join("app"), pod.join("moved")).unwrap();
+            std::os::unix::fs::symlink(&victim, pod.join("app")).unwrap();
+            std::fs::rename(pod.join("other"), pod.join("moved2")).unwrap();
+            std::os::unix::fs::symlink(tmp.join("empty"), pod.join("other")).unwrap();
+            unbind_member_root(&pod, "app");
+            unbind_member_root(&pod, "other");
+            assert!(
+                is_mount_point(&victim.join("rootfs")),
+                "{:?}",
+                mount_points()
+            );
+            assert!(tmp.join("empty/rootfs").is_dir());
+            release(&root, "sb");
+            assert!(is_mount_point(&victim.join("rootfs")));
+            assert!(tmp.join("empty/rootfs").is_dir());
+            assert!(!has_mounts_under(&pod));
+            rustix::mount::unmount(victim.join("rootfs"), UnmountFlags::DETACH).unwrap();
+        });
+    }
+
+    #[test]
+    fn member_roots_lie_in_the_pod_directory() {
+        let (rel, host) = member_root(Path::new("/r/pods/sb"), "app");
+        assert_eq!(rel, "app/rootfs");
+        assert_eq!(host, Path::new("/r/pods/sb/app/rootfs"));
+        assert_eq!(pod_dir(Path::new("/r"), "sb"), Path::new("/r/@pods/sb"));
+        // No container's state directory can be the pods' directory.
+        assert!(crate::state::validate_id(PODS_DIR).is_err());
+    }
+}

@@ -1,0 +1,378 @@
+//! A Kubernetes pod's containers: made inside the running VM of the pod's sandbox.
+//!
+//! Under containerd's CRI a pod is one sandbox (its pause container, which boots the
+//! pod's VM: [`crate::pod`]) and the pod's containers, each annotated with the
+//! sandbox's id ([`crate::bundle::PodRole::Member`]). `create` of such a container
+//! boots nothing: it binds the container's root filesystem into the sandbox's pod
+//! directory (which the VM shares) and starts the container's **member monitor** (this
+//! binary, `__member ID`), which asks the sandbox VM's agent to make the container
+//! (`create_container`: its own root, cgroup and mounts, the pod's network and kernel)
+//! and reports on [`MEMBER_READY_FILE`]. On `start` the monitor runs the process in the
+//! container (`in_container` exec) and relays its stdio until it exits, then exits
+//! with its exit code, as a container's monitor does: it is the container's process on
+//! the host, what the shim waits for. Signals go to the process through the agent.
+//! `delete` has the agent destroy the container (its processes, mounts and cgroup) and
+//! unbinds its root; the VM runs on with the rest of the pod.
+
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use forkvm_agent_proto::client::{self, ExecError};
+use forkvm_agent_proto::{ContainerRoot, Request, Response};
+use serde::{Deserialize, Serialize};
+
+use super::create::{
+    abandon, bind_start_socket, monitor_namespaces, run_create_hooks, wait_for_go, wait_for_start,
+    write_pid_file, Started, MONITOR_LOG,
+};
+use super::helper::{self, Report};
+use super::{CreateArgs, Global, Log, MonitorArgs};
+use crate::bundle::{ContainerPlan, PodRole};
+use crate::pod;
+use crate::state::{ContainerState, StateStore, Status};
+use crate::term::ForwardedSignals;
+use crate::vm;
+
+/// The member monitor's report to `create`, in the container's directory.
+pub const MEMBER_READY_FILE: &str = "member-ready.json";
+
+/// How long a request to the sandbox VM's agent about a member may take.
+const AGENT_CALL: Duration = Duration::from_secs(30);
+
+/// What the member monitor reports once the agent made the container.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct MemberReady {
+    /// The pod VM's vsock socket.
+    vsock: PathBuf,
+}
+
+/// The sandbox of the pod's container `id`, as it must be for a container to join it:
+/// a pod sandbox whose VM runs.
+fn running_sandbox(store: &StateStore, sandbox: &str, id: &str) -> Result<ContainerState> {
+    let sb = store.load(sandbox).with_context(|| {
+        format!("container {id} belongs to pod sandbox {sandbox}, which this runtime does not have")
+    })?;
+    if !sb.is_pod_sandbox() {
+        bail!("container {sandbox}, named as the pod sandbox of {id}, is not a pod sandbox");
+    }
+    if !sb.process_alive() || !matches!(sb.status, Status::Created | Status::Running) {
+        bail!(
+            "the pod sandbox {sandbox} of container {id} is not running ({})",
+            sb.status
+        );
+    }
+    Ok(sb)
+}
+
+/// `create` of a pod's container of `sandbox`: `plan` is the checked bundle.
+pub fn create(
+    g: &Global,
+    log: &Log,
+    a: &CreateArgs,
+    bundle: &Path,
+    plan: &ContainerPlan,
+    sandbox: &str,
+) -> Result<()> {
+    let store = StateStore::open(&g.root)?;
+    let sb = running_sandbox(&store, sandbox, &a.id)?;
+    let uds = sb.vsock.clone().context("the pod sandbox has no VM")?;
+    let sandbox_pid = sb.pid.context("the pod sandbox has no process")?;
+    // The pod's network namespace: the engine's the sandbox's VM joined, or its
+    // monitor's own.
+    let sandbox_netns = match crate::bundle::load(&sb.bundle)?.network {
+        crate::bundle::NetworkPlan::Join(path) => path,
+        crate::bundle::NetworkPlan::New => format!("/proc/{sandbox_pid}/ns/net").into(),
+    };
+    let mut state = ContainerState::new(&a.id, bundle);
+    state.annotations = plan.annotations.clone();
+    state.hooks = plan.hooks.clone();
+    store.create(&state)?;
+    let dir = store.container_dir(&a.id)?;
+    let pod = pod::pod_dir(store.root(), sandbox);
+    let mut monitor = None;
+    let result = create_in(
+        g,
+        a,
+        plan,
+        &dir,
+        &store,
+        &pod,
+        (&uds, sandbox_pid, &sandbox_netns),
+        &mut monitor,
+    );
+    if result.is_err() {
+        abandon(&store, &state, plan, monitor, || {
+            destroy_in_guest(&uds, &a.id, log);
+            pod::unbind_member_root(&pod, &a.id);
+        });
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn create_in(
+    g: &Global,
+    a: &CreateArgs,
+    plan: &ContainerPlan,
+    dir: &Path,
+    store: &StateStore,
+    pod: &Path,
+    (uds, sandbox_pid, sandbox_netns): (&Path, i32, &Path),
+    monitor: &mut Option<Child>,
+) -> Result<()> {
+    pod::bind_member_root(pod, &a.id, &plan.rootfs)
+        .context("cannot give the pod's VM the container's root filesystem")?;
+    // The monitor waits for "go" on this pipe: the host hooks run first.
+    let (go_rx, mut go_tx) = std::io::pipe().context("cannot make a pipe")?;
+    let go_fd = go_rx.as_raw_fd();
+    let mut cmd = helper::command(g, &["__member", &a.id, "--go-fd", &go_fd.to_string()])?;
+    if plan.process.tty {
+        let socket = a.console_socket.as_deref().context("no --console-socket")?;
+        helper::give_terminal(&mut cmd, socket)?;
+    }
+    // Hooks see what runc shows them of a pod's container: the pod's network, UTS and
+    // IPC namespaces (the sandbox monitor's, which its VM has), a mount namespace of its
+    // own.
+    let namespaces = [
+        (sandbox_netns.to_owned(), libc::CLONE_NEWNET),
+        (
+            format!("/proc/{sandbox_pid}/ns/uts").into(),
+            libc::CLONE_NEWUTS,
+        ),
+        (
+            format!("/proc/{sandbox_pid}/ns/ipc").into(),
+            libc::CLONE_NEWIPC,
+        ),
+    ]
+    .map(|(path, kind): (PathBuf, _)| {
+        std::fs::File::open(&path)
+            .with_context(|| format!("cannot open the pod sandbox's namespace {}", path.display()))
+            .map(|f| (OwnedFd::from(f), kind))
+    });
+    let mut join = Vec::with_capacity(namespaces.len());
+    for ns in namespaces {
+        join.push(ns?);
+    }
+    let borrowed: Vec<_> = join.iter().map(|(f, k)| (f.as_fd(), *k)).collect();
+    monitor_namespaces(&mut cmd, go_fd, false, &borrowed);
+    let child = monitor.insert(
+        cmd.spawn()
+            .context("cannot start the monitor of the pod's container")?,
+    );
+    drop(go_rx);
+    drop(join);
+    let pid = child.id() as i32;
+    run_create_hooks(store, &a.id, plan, pid)?;
+    go_tx
+        .write_all(b"go")
+        .context("the monitor of the pod's container ended before its hooks ran")?;
+    drop(go_tx);
+    let _: MemberReady = helper::wait_report(
+        &dir.join(MEMBER_READY_FILE),
+        child,
+        vm::AGENT_DEADLINE,
+        (
+            "the monitor of the pod's container",
+            "the container was made in the pod's VM",
+        ),
+        || forkvm_registry::tail(&dir.join(MONITOR_LOG), 10),
+    )?;
+    if let Some(pid_file) = &a.pid_file {
+        write_pid_file(pid_file, pid)?;
+    }
+    store.update(&a.id, |s| {
+        s.record_pid(pid)?;
+        s.vsock = Some(uds.to_owned());
+        s.transition(Status::Created)
+    })?;
+    Ok(())
+}
+
+/// The member monitor: returns its exit code (the container process's).
+pub fn monitor(g: &Global, log: &Log, a: &MonitorArgs) -> i32 {
+    helper::monitor_process::<MemberReady>(
+        g,
+        log,
+        &a.id,
+        MEMBER_READY_FILE,
+        |store, dir, reported| {
+            wait_for_go(a.go_fd).and_then(|()| run_monitor(store, dir, &a.id, reported))
+        },
+    )
+}
+
+/// `request`, for container `id` in the pod's VM.
+fn in_container(id: &str, request: Request) -> Request {
+    Request::InContainer {
+        id: id.to_owned(),
+        request: Box::new(request),
+    }
+}
+
+fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) -> Result<i32> {
+    let signals = ForwardedSignals::block().context("cannot block signals")?;
+    let state = store.load(id)?;
+    let plan = crate::bundle::load(&state.bundle)?;
+    let Some(PodRole::Member { sandbox }) = &plan.pod else {
+        bail!("container {id} is not a pod's container");
+    };
+    let sb = running_sandbox(store, sandbox, id)?;
+    let uds = sb.vsock.clone().context("the pod sandbox has no VM")?;
+    let tty = plan.process.tty;
+    helper::own_session(tty)?;
+    let relay = signals.spawn(tty)?;
+    let mut stream = client::wait_for_agent(&uds, Instant::now() + Duration::from_secs(30))
+        .with_context(|| format!("cannot reach the pod VM's agent at {}", uds.display()))?;
+    vm::require_agent_version(&mut stream, 11, "a pod's containers")?;
+    let (root, _) = pod::member_root(Path::new(""), id);
+    let wrap = |r: Option<Request>| r.map(|r| in_container(id, r));
+    // The container's root, then as a container's VM gets them: its cgroup, its
+    // filesystems in order, the rest of the spec around its createContainer hooks.
+    let create_hooks = (!plan.guest_hooks.create_container.is_empty()).then(|| Request::Hooks {
+        kind: "createContainer".into(),
+        hooks: plan.guest_hooks.create_container.clone(),
+        state: state.to_runtime_spec_json().to_string(),
+    });
+    let (container, settings) = match create_hooks {
+        Some(_) => (plan.devices_request(), plan.settings_request()),
+        None => (plan.container_request(), None),
+    };
+    vm::configure_guest(
+        &mut stream,
+        [
+            (
+                "the container's root",
+                Some(Request::CreateContainer {
+                    id: id.to_owned(),
+                    root: ContainerRoot {
+                        share: Some(pod::POD_SHARE_TAG.to_owned()),
+                        path: root,
+                    },
+                }),
+            ),
+            ("its cgroup", wrap(Some(plan.cgroup_request()))),
+            ("its filesystems", wrap(plan.filesystems_request())),
+            (
+                "its user namespace, devices, kernel parameters, masked and read-only paths",
+                wrap(container),
+            ),
+            ("its createContainer hooks", wrap(create_hooks)),
+            (
+                "its kernel parameters, masked and read-only paths",
+                wrap(settings),
+            ),
+        ],
+    )?;
+    let listener = bind_start_socket(dir)?;
+    helper::write_report(
+        &dir.join(MEMBER_READY_FILE),
+        &Report::Ok(MemberReady { vsock: uds.clone() }),
+    )
+    .context("cannot report the container made")?;
+    *reported = true;
+    let sandbox_gone = || !sb.process_alive();
+    let mut conn = match wait_for_start(&listener, &relay, &sandbox_gone)? {
+        Started::Conn(conn) => conn,
+        Started::Killed(sig) => return Ok(128 + sig),
+    };
+    let start_hooks = (!plan.guest_hooks.start_container.is_empty()).then(|| Request::Hooks {
+        kind: "startContainer".into(),
+        hooks: plan.guest_hooks.start_container.clone(),
+        state: state.to_runtime_spec_json().to_string(),
+    });
+    if let Err(e) = vm::configure_guest(
+        &mut stream,
+        [("its startContainer hooks", wrap(start_hooks))],
+    ) {
+        let _ = writeln!(conn, "error {}", format!("{e:#}").replace('\n', " "));
+        return Ok(1);
+    }
+    let session = match client::exec_in_container(stream, id, &plan.process) {
+        Ok(session) => {
+            writeln!(conn, "ok {}", session.pid())?;
+            session
+        }
+        Err(ExecError::ExecFailed { message, exit_code }) => {
+            let _ = writeln!(conn, "error {}", message.replace('\n', " "));
+            return Ok(exit_code);
+        }
+        Err(e) => {
+            let _ = writeln!(conn, "error cannot start the process: {e}");
+            return Err(anyhow::Error::new(e).context("cannot start the process"));
+        }
+    };
+    drop(conn);
+    vm::relay_stdio(session, &relay, tty, true, || ())
+        .context("lost the connection to the container's process")
+}
+
+/// Sends `sig` to the started process of the pod's container `state` through its pod
+/// VM's agent.
+pub fn signal(state: &ContainerState, sig: i32) -> Result<()> {
+    let (Some(uds), Some(guest_pid)) = (&state.vsock, state.guest_pid) else {
+        bail!("container {} has no started process to signal", state.id);
+    };
+    let mut conn = client::connect_vsock(uds, forkvm_agent_proto::AGENT_PORT, AGENT_CALL)
+        .with_context(|| format!("cannot reach the pod VM's agent for {}", state.id))?;
+    let req = in_container(
+        &state.id,
+        Request::Signal {
+            pid: guest_pid,
+            signal: sig,
+        },
+    );
+    match client::call_within(&mut conn, &req, AGENT_CALL)? {
+        Response::Error { message } => bail!("the agent refused the signal: {message}"),
+        _ => Ok(()),
+    }
+}
+
+/// Has the agent behind `uds` destroy container `id` (its processes, mounts and
+/// cgroup), if it can be reached; what fails is logged. One still being made (by a
+/// monitor just killed) is waited for, a few seconds at most.
+fn destroy_in_guest(uds: &Path, id: &str, log: &Log) {
+    let destroy = || {
+        client::connect_vsock(uds, forkvm_agent_proto::AGENT_PORT, AGENT_CALL)
+            .map_err(|e| e.to_string())
+            .and_then(|mut conn| {
+                client::call_within(
+                    &mut conn,
+                    &Request::DestroyContainer { id: id.to_owned() },
+                    AGENT_CALL,
+                )
+                .map_err(|e| e.to_string())
+            })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let answer = loop {
+        match destroy() {
+            Ok(Response::Error { message })
+                if message.contains("being made") && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => break other,
+        }
+    };
+    match answer {
+        Ok(Response::Ok) => {}
+        Ok(Response::Error { message }) if message.contains("no container") => {}
+        Ok(other) => log.warn(&format!(
+            "the pod VM's agent answered the destruction of {id} with {other:?}"
+        )),
+        Err(e) => log.warn(&format!("cannot have the pod VM destroy {id}: {e}")),
+    }
+}
+
+/// What `delete` does for the pod's container `state` (its process already gone):
+/// the container destroyed in the VM, its root unbound from the pod directory.
+pub fn remove(store: &StateStore, log: &Log, state: &ContainerState, sandbox: &str) {
+    if let Some(uds) = &state.vsock {
+        destroy_in_guest(uds, &state.id, log);
+    }
+    pod::unbind_member_root(&pod::pod_dir(store.root(), sandbox), &state.id);
+}

@@ -42,7 +42,7 @@
 //! | `linux.cgroupsPath`, `linux.resources.pids.limit` | [`ContainerPlan::cgroup`] | the VM process's cgroup (a path, or systemd's `slice:prefix:name`): `memory.max` = the guest memory it may hold (its RAM and its forks' overlays) + the VMM's, `pids.max` the limit (else 4096) |
 //! | `linux.resources.memory.limit`, `pids.limit`, `cpu.quota`/`period`, `cpu.shares` | [`ContainerPlan::guest_cgroup`] | also the limits of the container's cgroup inside the guest (`memory.max`, `pids.max`, `cpu.max`, `cpu.weight` by runc's conversion), which its processes join in a cgroup namespace of their own, so its `/sys/fs/cgroup` shows them |
 //! | other `linux.resources`, `rootfsPropagation`, `mountLabel` | ignored | host cgroup/kernel details with no meaning inside the VM |
-//! | `annotations` | [`ContainerPlan::annotations`] | reported by `state`; `io.forkvm.rootfs` (`shared` or `disk`, anything else an error) chooses the [`RootMode`]; `io.kubernetes.cri.container-type` and `io.kubernetes.cri.sandbox-id` make a container a Kubernetes pod's ([`ContainerPlan::pod`]): a `sandbox` boots the pod's VM with the pod directory shared in, a `container` is made inside its sandbox's running VM ([`crate::pod`], docs/kubernetes.md); a pod's container's namespace paths (the sandbox's) are accepted, its bind mounts refused by name |
+//! | `annotations` | [`ContainerPlan::annotations`] | reported by `state`; `io.forkvm.rootfs` (`shared` or `disk`, anything else an error) chooses the [`RootMode`]; `io.kubernetes.cri.container-type` and `io.kubernetes.cri.sandbox-id` make a container a Kubernetes pod's ([`ContainerPlan::pod`]): a `sandbox` boots the pod's VM with the pod directory shared in, a `container` is made inside its sandbox's running VM ([`crate::pod`], docs/kubernetes.md); a pod's container's namespace paths (the sandbox's) are accepted, its bound files copied into the pod directory, its bound directories and a root disk refused by name |
 //! | `hooks.prestart`, `createRuntime` | [`ContainerPlan::hooks`] | run by `create` as runc runs them, on the host, with the state (`pid`: the container's monitor) on stdin, before the VM boots |
 //! | `hooks.poststart`, `poststop` | [`ContainerPlan::hooks`] | run after `start`, and by `delete`; a failure is logged, as the spec says |
 //! | `hooks.createContainer`, `startContainer` | [`ContainerPlan::guest_hooks`] | run by the guest agent in the container's root, with the state on stdin, at create (after the container's mounts and device nodes, before its kernel parameters, masked and read-only paths and read-only root, as runc orders them) and at start (before its process); the path must exist in the container; a failure (exit, or past `timeout`; at most 50 s for all of a kind) fails `create` or `start`, naming the hook |
@@ -427,6 +427,12 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         _ => None,
     };
     planner.pod_member = matches!(pod, Some(PodRole::Member { .. }));
+    if planner.pod_member && planner.root_mode == RootMode::Disk {
+        return Err(planner.unsupported(
+            format!("annotations.{ROOTFS_ANNOTATION} (disk, of a pod's container)"),
+            "a pod's container's root is its directory, shared into the pod's VM",
+        ));
+    }
     let (rootfs, rootfs_readonly) = planner.rootfs(spec, bundle)?;
     let process = planner.process(spec.process().as_ref())?;
     if let Some(mounts) = spec.mounts() {
@@ -445,11 +451,11 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
     let network = planner.network.take().ok_or_else(|| {
         planner.unsupported("linux.namespaces (no network namespace)", HOST_NETWORK)
     })?;
-    if planner.pod_member && !(planner.files.is_empty() && planner.volumes.is_empty()) {
+    if planner.pod_member && !planner.volumes.is_empty() {
         return Err(planner.unsupported(
-            "mounts (bind, of a pod's container)",
-            "the host files and directories of a pod's container are not shared into the \
-             pod's VM yet (only its root filesystem is; docs/kubernetes.md)",
+            "mounts (bind of a directory, into a pod's container)",
+            "the host directories of a pod's container are not shared into the pod's VM \
+             yet (its root filesystem and its bound files are; docs/kubernetes.md)",
         ));
     }
     let hostname = spec.hostname().clone().filter(|h| !h.is_empty());

@@ -10,7 +10,10 @@
 //! also appears in the monitor's and its VM process's (slaves of it, see
 //! `runtime::create`). A pod's container is then made inside the running VM: its root
 //! filesystem is bound at `<pod dir>/<container id>/rootfs` ([`bind_member_root`]), and
-//! the guest agent makes the container from that directory of the share.
+//! the guest agent makes the container from that directory of the share. The host
+//! files the container binds (CRI's `/etc/hosts`, `/etc/resolv.conf`, ...) are copied
+//! to the top of the pod directory as `<container id>@<n>` ([`copy_member_file`]),
+//! where the agent takes a share's files by `TAG/NAME`.
 //!
 //! Nothing here ever removes a directory recursively: a pod directory may hold a
 //! container's root, bound in, and a recursive removal through that bind would remove
@@ -81,6 +84,60 @@ pub fn member_root(pod: &Path, id: &str) -> (String, PathBuf) {
     (format!("{id}/{ROOTFS}"), pod.join(id).join(ROOTFS))
 }
 
+/// The name of container `id`'s `i`th bound file at the top of the pod directory (`@`
+/// is in no container id, so no two containers' names meet).
+pub fn member_file(id: &str, i: usize) -> String {
+    format!("{id}@{i}")
+}
+
+/// The guest agent's source for container `id`'s bound file whose source in a container
+/// VM of its own would be `files_source` ([`crate::vm::FILES_TAG`]`/<i>`): that file in
+/// the pod share.
+pub fn member_file_source(id: &str, files_source: &str) -> Option<String> {
+    let i = files_source
+        .strip_prefix(crate::vm::FILES_TAG)?
+        .strip_prefix('/')?
+        .parse()
+        .ok()?;
+    Some(format!("{POD_SHARE_TAG}/{}", member_file(id, i)))
+}
+
+/// Copies the host file `source` as container `id`'s `i`th bound file into the pod
+/// directory `pod`, with its mode and owner: a new file, made from a handle on the
+/// directory (never through a symlink the guest may have put there).
+pub fn copy_member_file(pod: &Path, id: &str, i: usize, source: &Path) -> Result<(), PodError> {
+    use std::os::unix::fs::MetadataExt;
+    let name = member_file(id, i);
+    let target = pod.join(&name);
+    let pod_fd = open_dir(pod).ok_or_else(|| PodError::NotPrepared(pod.to_owned()))?;
+    let mut from = std::fs::File::open(source).map_err(io("cannot read", source))?;
+    let meta = from.metadata().map_err(io("cannot read", source))?;
+    let to = rustix::fs::openat(
+        &pod_fd,
+        name.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::EXIST => PodError::Exists(target.clone()),
+        e => io("cannot make", &target)(e.into()),
+    })?;
+    let mut to = std::fs::File::from(to);
+    std::io::copy(&mut from, &mut to)
+        .and_then(|_| {
+            rustix::fs::fchown(
+                &to,
+                Some(rustix::fs::Uid::from_raw(meta.uid())),
+                Some(rustix::fs::Gid::from_raw(meta.gid())),
+            )
+            .map_err(Into::into)
+        })
+        .and_then(|()| {
+            rustix::fs::fchmod(&to, Mode::from_raw_mode(meta.mode() & 0o7777)).map_err(Into::into)
+        })
+        .map_err(io("cannot copy the bound file into", &target))
+}
+
 /// Makes sandbox `sandbox`'s pod directory under `root`: a new, empty directory (mode
 /// 0700), bound onto itself and made a shared mount. Call it before the sandbox's
 /// monitor makes its mount namespace.
@@ -149,6 +206,32 @@ pub fn unbind_member_root(pod: &Path, id: &str) {
         remove_empty_at(&dir, ROOTFS, pod);
     }
     remove_empty_at(&pod_fd, id, pod);
+    // Its bound files.
+    let prefix = format!("{id}@");
+    for name in names(pod) {
+        if name.starts_with(&prefix) {
+            remove_file_at(&pod_fd, &name, pod);
+        }
+    }
+}
+
+/// The names in the directory `dir` that are UTF-8.
+fn names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect()
+}
+
+/// Removes the file (or symlink, not followed) `name` in `dir`; what cannot be is left,
+/// with a warning naming it under `shown`.
+fn remove_file_at(dir: &OwnedFd, name: &str, shown: &Path) {
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+        Err(e) => tracing::warn!("{} left in place: {e}", shown.join(name).display()),
+    }
 }
 
 /// Detaches sandbox `sandbox`'s pod directory under `root`, with every root still bound
@@ -170,15 +253,16 @@ pub fn release(root: &Path, sandbox: &str) {
     let Some(pod_fd) = open_dir(&dir) else {
         return;
     };
-    if let Ok(entries) = std::fs::read_dir(&dir) {
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if let Some(member) = beneath(&pod_fd, name) {
-                remove_empty_at(&member, ROOTFS, &dir);
-            }
-            remove_empty_at(&pod_fd, name, &dir);
+    for name in names(&dir) {
+        // A container's bound file, or its directory.
+        if name.contains('@') {
+            remove_file_at(&pod_fd, &name, &dir);
+            continue;
         }
+        if let Some(member) = beneath(&pod_fd, &name) {
+            remove_empty_at(&member, ROOTFS, &dir);
+        }
+        remove_empty_at(&pod_fd, &name, &dir);
     }
     drop(pod_fd);
     if let Err(e) = std::fs::remove_dir(&dir) {
@@ -309,6 +393,29 @@ mod tests {
                 std::fs::read_to_string(pod.join("app/rootfs/bin/app")).unwrap(),
                 "the app"
             );
+            // Bound files are copied to the top of the pod, with their mode.
+            let hosts = tmp.join("hosts");
+            std::fs::write(&hosts, "10.0.0.9 peer\n").unwrap();
+            std::fs::set_permissions(&hosts, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+                .unwrap();
+            copy_member_file(&pod, "app", 0, &hosts).unwrap();
+            let copy = pod.join("app@0");
+            assert_eq!(std::fs::read_to_string(&copy).unwrap(), "10.0.0.9 peer\n");
+            assert_eq!(
+                std::os::unix::fs::PermissionsExt::mode(
+                    &std::fs::metadata(&copy).unwrap().permissions()
+                ) & 0o777,
+                0o640
+            );
+            assert!(matches!(
+                copy_member_file(&pod, "app", 0, &hosts),
+                Err(PodError::Exists(_))
+            ));
+            assert_eq!(
+                member_file_source("app", "forkvm-files/3").as_deref(),
+                Some("forkvm-pod/app@3")
+            );
+            assert_eq!(member_file_source("app", "other/3"), None);
             // Writes through the pod land in the container's root.
             std::fs::write(pod.join("app/rootfs/made"), "x").unwrap();
             assert!(rootfs.join("made").exists());
@@ -327,11 +434,16 @@ mod tests {
             assert!(rootfs.join("made").exists());
             assert!(!has_mounts_under(tmp), "{:?}", mount_points());
 
-            // One container's root unbound: its directories go, the root stays.
+            // One container's root unbound: its directories and files go, the root
+            // stays, another container's file too.
             let pod = prepare(&root, "sb2").unwrap();
             bind_member_root(&pod, "a", &rootfs).unwrap();
+            copy_member_file(&pod, "a", 0, &hosts).unwrap();
+            copy_member_file(&pod, "a.0", 0, &hosts).unwrap();
             unbind_member_root(&pod, "a");
             assert!(!pod.join("a").exists());
+            assert!(!pod.join("a@0").exists());
+            assert!(pod.join("a.0@0").exists());
             assert!(rootfs.join("bin/app").exists());
             // A directory that is not a prepared pod is refused.
             let plain = tmp.join("plain");
@@ -360,6 +472,16 @@ mod tests {
             let pod = prepare(&root, "sb").unwrap();
             bind_member_root(&pod, "app", &rootfs).unwrap();
             bind_member_root(&pod, "other", &rootfs).unwrap();
+            // A file the guest planted where a bound file's copy goes is not written
+            // through.
+            std::os::unix::fs::symlink(tmp.join("host-file"), pod.join("app@0")).unwrap();
+            let hosts = tmp.join("hosts");
+            std::fs::write(&hosts, "x").unwrap();
+            assert!(matches!(
+                copy_member_file(&pod, "app", 0, &hosts),
+                Err(PodError::Exists(_))
+            ));
+            assert!(!tmp.join("host-file").exists());
             // The guest moves the containers' directories away and leaves symlinks to
             // the host's directories in their place.
             std::fs::rename(pod.join("app"), pod.join("moved")).unwrap();

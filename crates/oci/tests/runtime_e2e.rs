@@ -1372,6 +1372,8 @@ fn pod_body(tmp: &Path) {
         |c| member_of(c, "sb", sb_pid),
     );
     std::fs::write(web.join("rootfs/web-marker"), "web").unwrap();
+    let hosts = t.join("pod-hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n10.0.0.9 pod-peer\n").unwrap();
     let client = bundle(
         &t.join("client"),
         &[
@@ -1379,9 +1381,18 @@ fn pod_body(tmp: &Path) {
             "-c",
             "for i in $(seq 1 60); do nc 127.0.0.1 8080 && break; sleep 0.5; done; \
              [ -e /web-marker ] && echo sees-web; [ -e /client-marker ] && echo own-root; \
+             grep -q pod-peer /etc/hosts && echo hosts-bound; \
              echo client-host=$(hostname); exit 5",
         ],
-        |c| member_of(c, "sb", sb_pid),
+        |c| {
+            member_of(c, "sb", sb_pid);
+            // A bound file, as CRI binds /etc/hosts into a pod's containers.
+            c["mounts"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"destination": "/etc/hosts",
+                "type": "bind", "source": hosts, "options": ["rbind", "ro"]}));
+        },
     );
     std::fs::write(client.join("rootfs/client-marker"), "client").unwrap();
     let created = Instant::now();
@@ -1422,7 +1433,9 @@ fn pod_body(tmp: &Path) {
         env.diagnostics()
     );
     assert!(
-        client_out.contains("hello-from-web") && client_out.contains("own-root"),
+        client_out.contains("hello-from-web")
+            && client_out.contains("own-root")
+            && client_out.contains("hosts-bound"),
         "{client_out}"
     );
     assert!(!client_out.contains("sees-web"), "{client_out}");

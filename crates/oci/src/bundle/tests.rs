@@ -417,16 +417,32 @@ fn mounts() {
         "{e}"
     );
     let hosts = tempfile::NamedTempFile::new().unwrap();
-    let e = err_with(|c| {
+    let pod_member = |c: &mut Value| {
         c["annotations"] = json!({CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "abc"});
+    };
+    let with_hosts = load_with(|c| {
+        pod_member(c);
         c["mounts"] = json!([{"destination": "/etc/hosts", "type": "bind",
             "source": hosts.path(), "options": ["rbind", "ro"]}]);
+    })
+    .unwrap();
+    assert_eq!(with_hosts.files.len(), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let e = err_with(|c| {
+        pod_member(c);
+        c["mounts"] = json!([{"destination": "/data", "type": "bind",
+            "source": dir.path(), "options": ["rbind"]}]);
     });
     assert!(
-        e.contains("mounts (bind, of a pod's container)")
+        e.contains("mounts (bind of a directory, into a pod's container)")
             && e.contains("not shared into the pod's VM yet"),
         "{e}"
     );
+    let e = err_with(|c| {
+        pod_member(c);
+        c["annotations"][ROOTFS_ANNOTATION] = json!("disk");
+    });
+    assert!(e.contains("(disk, of a pod's container)"), "{e}");
     // Outside a pod, a namespace path is refused as before.
     let e = err_with(|c| {
         c["linux"]["namespaces"] =

@@ -167,6 +167,16 @@ fn create_in(
     drop(join);
     let pid = child.id() as i32;
     run_create_hooks(store, &a.id, plan, pid)?;
+    // The bound files as the hooks left them, copied into the pod directory.
+    for (i, file) in plan.files.iter().enumerate() {
+        pod::copy_member_file(pod, &a.id, i, &file.source).with_context(|| {
+            format!(
+                "mount {}: cannot copy {} into the pod's VM",
+                file.destination.display(),
+                file.source.display()
+            )
+        })?;
+    }
     go_tx
         .write_all(b"go")
         .context("the monitor of the pod's container ended before its hooks ran")?;
@@ -216,11 +226,16 @@ fn in_container(id: &str, request: Request) -> Request {
 fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) -> Result<i32> {
     let signals = ForwardedSignals::block().context("cannot block signals")?;
     let state = store.load(id)?;
-    let plan = crate::bundle::load(&state.bundle)?;
-    let Some(PodRole::Member { sandbox }) = &plan.pod else {
+    let mut plan = crate::bundle::load(&state.bundle)?;
+    let Some(PodRole::Member { sandbox }) = plan.pod.clone() else {
         bail!("container {id} is not a pod's container");
     };
-    let sb = running_sandbox(store, sandbox, id)?;
+    // Its bound files are in the pod share, not in a share of their own.
+    for m in plan.filesystems.iter_mut().filter(|m| m.fs_type == "file") {
+        m.source = pod::member_file_source(id, &m.source)
+            .with_context(|| format!("mount {}: not a bound file's copy", m.destination))?;
+    }
+    let sb = running_sandbox(store, &sandbox, id)?;
     let uds = sb.vsock.clone().context("the pod sandbox has no VM")?;
     let tty = plan.process.tty;
     helper::own_session(tty)?;

@@ -398,93 +398,150 @@ impl Launching {
     /// child reports that it runs.
     pub(crate) fn finish(mut self) -> Result<Vec<ChildInfo>, ControlError> {
         let t0 = self.t0;
+        let mut reports = Reports::new(std::mem::take(&mut self.started), t0);
         if !self.rest.is_empty() {
             let exe = crate::launch::vmm_executable()
                 .map_err(|e| ControlError::Failed(format!("cannot start fork children: {e}")))?;
             for (i, identity) in std::mem::take(&mut self.rest) {
                 let (blob, console) = self.encode(i, &identity)?;
+                // A daemon: not killed with the thread that starts it (this one ends
+                // with the fork).
                 let child = with_console(&mut self.files, console, |f| {
                     VmProcess::spawn_encoded(&exe, &blob, f, ProcessOptions::daemon())
                 })
                 .map_err(|e| ControlError::Failed(format!("cannot start fork child {i}: {e}")))?;
-                self.started.push((child, identity, false));
+                reports.add(child, identity, false);
+                // The reports that came meanwhile, so that a child's time is its own,
+                // not the rest's spawning.
+                reports.read_ready(Duration::ZERO, Instant::now() + start_deadline(1));
             }
         }
-        let started = self.started;
         tracing::info!(
-            children = started.len(),
+            children = reports.waiting.len(),
             sent_after_us = t0.elapsed().as_micros() as u64,
             "fork payloads sent"
         );
-        wait_for_reports(started, t0)
+        reports.wait()
     }
 }
 
-/// Waits until every child of `started` reports that it runs (or the fork's deadline,
-/// counted from now, passes), reading each report as it comes; the children are listed
-/// in the order they were started, each with its time from `t0`.
-fn wait_for_reports(
-    started: Vec<(VmProcess, ChildIdentity, bool)>,
+/// A fork's children waiting to report that they run, read as their reports come; the
+/// children are listed in the order they were started, each with its time from `t0`.
+struct Reports {
+    waiting: Vec<Option<(VmProcess, ChildIdentity, bool)>>,
+    children: Vec<Option<ChildInfo>>,
+    failure: Option<ControlError>,
     t0: Instant,
-) -> Result<Vec<ChildInfo>, ControlError> {
-    let deadline = Instant::now() + start_deadline(started.len() as u32);
-    // Reports are read as they come, so that each child's time is its own; the
-    // children are listed in the order they were started.
-    let mut waiting: Vec<Option<(VmProcess, ChildIdentity, bool)>> =
-        started.into_iter().map(Some).collect();
-    let mut children: Vec<Option<ChildInfo>> = (0..waiting.len()).map(|_| None).collect();
-    let mut failure = None;
-    let mut fail = |pid: u32, e: &dyn std::fmt::Display| {
-        failure.get_or_insert_with(|| {
-            ControlError::Failed(format!("fork child {pid} did not start: {e}"))
-        });
-    };
-    loop {
-        let open: Vec<usize> = (0..waiting.len())
-            .filter(|&i| waiting[i].is_some())
-            .collect();
-        if open.is_empty() {
-            break;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        // A report is written at once: what is readable is read at once. Past the
-        // deadline every child still silent failed; where poll fails, each is
-        // waited for in turn.
-        let (ready, each) = match reports_ready(&waiting, &open, left) {
-            Ok(ready) if !ready.is_empty() => (ready, Duration::from_millis(100)),
-            Ok(_) if Instant::now() < deadline => continue,
-            Ok(_) => (open, Duration::from_millis(1)),
-            Err(e) => {
-                tracing::warn!("cannot poll the fork's children: {e}");
-                (open, left.max(Duration::from_millis(1)))
-            }
+}
+
+impl Reports {
+    fn new(started: Vec<(VmProcess, ChildIdentity, bool)>, t0: Instant) -> Self {
+        let mut this = Self {
+            waiting: Vec::with_capacity(started.len()),
+            children: Vec::with_capacity(started.len()),
+            failure: None,
+            t0,
         };
-        for i in ready {
-            let Some((child, identity, warm)) = waiting[i].take() else {
+        for (child, identity, warm) in started {
+            this.add(child, identity, warm);
+        }
+        this
+    }
+
+    /// One more child, started now.
+    fn add(&mut self, child: VmProcess, identity: ChildIdentity, warm: bool) {
+        self.waiting.push(Some((child, identity, warm)));
+        self.children.push(None);
+    }
+
+    /// The children still silent.
+    fn open(&self) -> Vec<usize> {
+        (0..self.waiting.len())
+            .filter(|&i| self.waiting[i].is_some())
+            .collect()
+    }
+
+    /// Reads the reports that come within `timeout` (a report is written at once: what
+    /// is readable is read at once, each within `deadline`); returns whether any came.
+    fn read_ready(&mut self, timeout: Duration, deadline: Instant) -> bool {
+        let open = self.open();
+        if open.is_empty() {
+            return false;
+        }
+        match reports_ready(&self.waiting, &open, timeout) {
+            Ok(ready) if !ready.is_empty() => {
+                self.read(ready, Duration::from_millis(100), deadline);
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                // Each waited for in turn, within the deadline.
+                tracing::warn!("cannot poll the fork's children: {e}");
+                let left = deadline.saturating_duration_since(Instant::now());
+                self.read(open, left, deadline);
+                true
+            }
+        }
+    }
+
+    /// Reads the reports of children `which`, waiting at most `each` (and never past
+    /// `deadline`) for each.
+    fn read(&mut self, which: Vec<usize>, each: Duration, deadline: Instant) {
+        for i in which {
+            let Some((child, identity, warm)) = self.waiting[i].take() else {
                 continue;
             };
             let pid = child.pid();
             let left = deadline.saturating_duration_since(Instant::now());
             match child.wait_running(each.min(left).max(Duration::from_millis(1))) {
                 Ok(()) => {
-                    children[i] = Some(ChildInfo {
+                    self.children[i] = Some(ChildInfo {
                         pid,
                         cid: identity.cid,
                         vsock_uds: identity.vsock_uds,
-                        running_after_us: t0.elapsed().as_micros() as u64,
+                        running_after_us: self.t0.elapsed().as_micros() as u64,
                         warm,
                     })
                 }
-                Err(e) => fail(pid, &e),
+                Err(e) => {
+                    self.failure.get_or_insert_with(|| {
+                        ControlError::Failed(format!("fork child {pid} did not start: {e}"))
+                    });
+                }
             }
             // Its lifetime is its own (reaped in the background, or by init).
             let _ = child.detach();
         }
     }
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(children.into_iter().flatten().collect()),
+
+    /// Waits until every child reports (or the fork's deadline, counted from now,
+    /// passes: then every child still silent failed).
+    fn wait(mut self) -> Result<Vec<ChildInfo>, ControlError> {
+        let deadline = Instant::now() + start_deadline(self.waiting.len() as u32);
+        loop {
+            let open = self.open();
+            if open.is_empty() {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !self.read_ready(left, deadline) && Instant::now() >= deadline {
+                self.read(open, Duration::from_millis(1), deadline);
+            }
+        }
+        match self.failure {
+            Some(e) => Err(e),
+            None => Ok(self.children.into_iter().flatten().collect()),
+        }
     }
+}
+
+/// Waits until every child of `started` reports that it runs (see [`Reports`]).
+#[cfg(test)]
+fn wait_for_reports(
+    started: Vec<(VmProcess, ChildIdentity, bool)>,
+    t0: Instant,
+) -> Result<Vec<ChildInfo>, ControlError> {
+    Reports::new(started, t0).wait()
 }
 
 /// Which of the `open` children of `waiting` have something to read (a report, or the
@@ -504,7 +561,8 @@ fn reports_ready(
             revents: 0,
         })
         .collect();
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // Rounded up: a wait of less than a millisecond is not a poll that returns at once.
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
     // SAFETY: `fds` is a live, writable array of `fds.len()` pollfd entries for the
     // duration of the call.
     let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
@@ -571,15 +629,33 @@ pub(crate) struct PendingFork {
     parent_pause_us: u64,
 }
 
+/// Refills a pool when dropped.
+struct RefillOnDrop(Option<crate::pool::Refill>);
+
+impl Drop for RefillOnDrop {
+    fn drop(&mut self) {
+        if let Some(refill) = self.0.take() {
+            refill.refill();
+        }
+    }
+}
+
 impl PendingFork {
     /// Starts the remaining children, waits until every child runs (or the fork's
     /// deadline passes), then refills the pool.
     pub(crate) fn finish(self) -> Result<ForkOutcome, ControlError> {
-        let started = self.launching.finish();
-        // Refilled (or started, on a child's first fork) once the children run.
-        if let Some(refill) = self.refill {
-            refill.refill();
-        }
+        // Refilled (or started, on a child's first fork) once the children run, or the
+        // fork failed, whichever way it ends.
+        let refill = RefillOnDrop(self.refill);
+        let started =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.launching.finish()))
+                .unwrap_or_else(|_| {
+                    Err(ControlError::Failed(
+                        "the fork failed while its children started (a bug: see the VM's log)"
+                            .into(),
+                    ))
+                });
+        drop(refill);
         let children = started?;
         let warm = children.iter().filter(|c| c.warm).count();
         tracing::info!(
@@ -944,14 +1020,14 @@ mod tests {
         )
     }
 
-    /// Reports "running" on each of `ends`, last first, 100 ms apart, on a thread.
+    /// Reports "running" on each of `ends`, last first, 200 ms apart, on a thread.
     fn report_last_first(
         ends: Vec<std::os::unix::net::UnixStream>,
     ) -> std::thread::JoinHandle<Vec<std::os::unix::net::UnixStream>> {
         use std::io::Write as _;
         std::thread::spawn(move || {
             for end in ends.iter().rev() {
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(Duration::from_millis(200));
                 (&*end)
                     .write_all(&crate::launch::REPORT_RUNNING.to_le_bytes())
                     .unwrap();
@@ -970,7 +1046,7 @@ mod tests {
                     .unwrap()
             })
             .collect();
-        // Each report comes 100 ms after the one of the child started after it.
+        // Each report comes 200 ms after the one of the child started after it.
         let (started, ends): (Vec<_>, Vec<_>) = stand_ins[..3]
             .iter()
             .zip(10..)
@@ -986,7 +1062,7 @@ mod tests {
         );
         let t: Vec<u64> = children.iter().map(|c| c.running_after_us).collect();
         assert!(
-            t[2] + 50_000 < t[1] && t[1] + 50_000 < t[0],
+            t[2] + 100_000 < t[1] && t[1] + 100_000 < t[0],
             "each child's time is its report's: {t:?}"
         );
 

@@ -156,8 +156,12 @@ impl ContainerState {
     }
 
     /// The pod sandbox whose VM this container runs in, when it is a Kubernetes pod's
-    /// container (containerd's CRI annotations, as `create` planned it).
+    /// container (containerd's CRI annotations, as `create` planned it). One with a VM
+    /// of its own is not (versions before pods ran such a container as a VM).
     pub fn pod_sandbox(&self) -> Option<&str> {
+        if self.vm_id.is_some() {
+            return None;
+        }
         (self.annotations.get(crate::bundle::CRI_CONTAINER_TYPE)? == "container")
             .then(|| self.annotations.get(crate::bundle::CRI_SANDBOX_ID))
             .flatten()
@@ -504,6 +508,29 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{mpsc, Arc};
     use std::time::Duration;
+
+    #[test]
+    fn a_pods_container_names_its_sandbox_unless_it_has_a_vm_of_its_own() {
+        let mut s = ContainerState::new("app", "/b");
+        assert_eq!(s.pod_sandbox(), None);
+        s.annotations = [
+            (crate::bundle::CRI_CONTAINER_TYPE, "container"),
+            (crate::bundle::CRI_SANDBOX_ID, "sb"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(s.pod_sandbox(), Some("sb"));
+        assert!(!s.is_pod_sandbox());
+        assert_eq!(s.vm_location(), None);
+        // Booted as a VM of its own by an earlier version: deleted as one.
+        s.vm_id = Some("vm1".into());
+        assert_eq!(s.pod_sandbox(), None);
+        assert!(s.vm_location().is_some());
+        s.annotations
+            .insert(crate::bundle::CRI_CONTAINER_TYPE.into(), "sandbox".into());
+        assert!(s.is_pod_sandbox());
+    }
 
     fn store() -> (tempfile::TempDir, StateStore) {
         let dir = tempfile::tempdir().unwrap();

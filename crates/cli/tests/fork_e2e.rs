@@ -466,68 +466,64 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
         // The parent kept running through both forks.
         assert!(*counts(&root, "origin").last().unwrap() > at_fork);
 
-        // While a fork's children start, the parent serves its devices and requests:
-        // its API answers before the fork's last child runs (the pool shows the two
-        // warm processes the fork took, not yet replaced).
+        // While a fork's children start, the parent serves its devices and requests. A
+        // fork of three takes the two warm processes; its third child's console is a
+        // FIFO nobody reads yet, so the fork cannot finish (opening it for the child
+        // waits for a reader): the parent's API must answer meanwhile. (When the fork
+        // ran on the parent's event loop, that open held the loop, and `inspect` timed
+        // out.)
         let before_fork = children_of(&root, &parent);
-        let asked = Instant::now();
-        let fork6 = std::process::Command::new(common::FORKVM)
-            .arg("--root")
-            .arg(&root)
-            .args(["fork", "origin", "-n", "6", "--json"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start forkvm fork");
-        let answered_during_fork = loop {
-            let warm = pool_pids(&root, "origin");
-            if warm.len() < 2 {
-                break asked.elapsed();
-            }
-            assert!(
-                asked.elapsed() < Duration::from_secs(120),
-                "the fork never took the parent's warm processes"
-            );
+        let fifo = root.join("held-console.fifo");
+        let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+        let api = root.join(parent.as_str()).join("api.sock");
+        let req = forkvm_api::wire::ForkRequest {
+            count: 3,
+            children: vec![
+                Default::default(),
+                Default::default(),
+                forkvm_api::wire::ChildSpec {
+                    console: Some(fifo.clone()),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
         };
-        let out = fork6.wait_with_output().expect("forkvm fork");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let six: ForkOutcome = serde_json::from_slice(&out.stdout).unwrap();
-        let _six = Children(six.children.iter().map(|c| c.pid).collect());
-        let last = six
-            .children
-            .iter()
-            .map(|c| Duration::from_micros(c.running_after_us))
-            .max()
-            .unwrap();
-        assert_eq!(six.children.len(), 6, "{six:?}");
-        println!(
-            "fork of six: the parent's API answered {answered_during_fork:?} after the \
-             request; the children ran after {:?} (warm: {:?})",
-            six.children
-                .iter()
-                .map(|c| Duration::from_micros(c.running_after_us))
-                .collect::<Vec<_>>(),
-            six.children.iter().map(|c| c.warm).collect::<Vec<_>>()
+        let forking = std::thread::spawn(move || forkvm_api::client::Client::new(&api).fork(&req));
+        wait_for(
+            "the parent's API to show the fork took its warm processes",
+            Duration::from_secs(120),
+            || pool_pids(&root, "origin").len() < 2,
         );
         assert!(
-            answered_during_fork < last,
-            "the parent's API answered {answered_during_fork:?} after the fork was asked \
-             for, its last child ran {last:?} after it started: the fork held the parent"
+            !forking.is_finished(),
+            "the fork ended with its third child's console unopened"
+        );
+        // Let the third child's console open (and keep it drained).
+        let reader = fifo.clone();
+        std::thread::spawn(move || {
+            let mut f = File::open(&reader).unwrap();
+            let _ = std::io::copy(&mut f, &mut std::io::sink());
+        });
+        let three = forking.join().unwrap().expect("the fork of three");
+        let _three = Children(three.children.iter().map(|c| c.pid).collect());
+        assert_eq!(
+            three.children.iter().map(|c| c.warm).collect::<Vec<_>>(),
+            [true, true, false],
+            "{three:?}"
         );
         wait_for(
-            "the six children to register",
+            "the three children to register",
             Duration::from_secs(60),
-            || children_of(&root, &parent).len() == before_fork.len() + 6,
+            || children_of(&root, &parent).len() == before_fork.len() + 3,
         );
         for k in children_of(&root, &parent) {
             if !before_fork.contains(&k) {
                 forkvm_ok(&root, &["rm", "-f", &k]);
             }
         }
+        let _ = std::fs::remove_file(&fifo);
         wait_for("the fork pool to refill", Duration::from_secs(120), || {
             pool_pids(&root, "origin").len() == 2
         });

@@ -27,12 +27,15 @@
 //!
 //! # Snapshots and forks
 //!
-//! [`VsockState`] holds only the CID and the negotiated features. Connections are not saved:
-//! on restore (and therefore in every fork child) the device posts
-//! `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue as soon as it is activated, so the
-//! guest driver re-reads its CID and resets its connected sockets; listening sockets on both
-//! sides survive (the Unix listener is re-created from the config, guest listeners are
-//! untouched). A fork child that needs a new CID passes it in the [`VsockConfig`] given to
+//! [`VsockState`] holds the CID, the negotiated features and the next host port.
+//! Connections are not saved: on restore (and therefore in every fork child) the device
+//! posts `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue as soon as it is
+//! activated, so the guest driver re-reads its CID and resets its connected sockets;
+//! listening sockets on both sides survive (the Unix listener is re-created from the
+//! config, guest listeners are untouched). A reset socket stays in the guest's table until
+//! its program closes it, so a restored device hands out host ports from where the
+//! snapshot's left off: a new connection never carries the ports of an old one. A fork
+//! child that needs a new CID passes it in the [`VsockConfig`] given to
 //! [`Vsock::restore`], or calls [`Vsock::reset_transport`] on a running device.
 
 mod connection;
@@ -101,14 +104,20 @@ pub struct VsockConfig {
     pub uds: PathBuf,
 }
 
-/// What of a vsock device survives a snapshot: the CID and the negotiated features.
-/// Connections do not (see the module documentation).
+/// What of a vsock device survives a snapshot: the CID, the negotiated features and where
+/// host port numbering had got to. Connections do not (see the module documentation).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockState {
     /// The CID in the configuration space when the state was taken.
     pub cid: u64,
     /// Features the driver accepted.
     pub acked_features: u64,
+    /// The next host port the device would have handed a host-initiated connection. A
+    /// restored device goes on from here, never back to the first port: the guest may
+    /// still hold sockets of the snapshot's connections (reset, but open until its
+    /// program closes them), and a new connection from one of their host ports would
+    /// find such a socket instead of the listener and be refused.
+    pub next_local_port: u32,
 }
 
 /// Why a vsock device could not be built.
@@ -147,6 +156,11 @@ pub enum VsockError {
     /// A saved state acknowledges features the device does not offer.
     #[error(transparent)]
     BadFeatures(#[from] super::activation::UnofferedFeatures),
+    /// A saved state's next host port is below the range host connections use.
+    #[error(
+        "saved next host port {0} is below the host-initiated range (from {FIRST_LOCAL_PORT})"
+    )]
+    BadLocalPort(u32),
 }
 
 /// The virtio-vsock device.
@@ -505,12 +519,17 @@ impl Persist<'_> for Vsock {
         Ok(VsockState {
             cid: self.muxer.cid,
             acked_features: self.activation.acked_features(),
+            next_local_port: self.muxer.next_local_port,
         })
     }
 
     /// Rebuilds a device from a snapshot. Either way the guest is sent a transport
-    /// reset once the device is activated, because the connections it knew are gone.
+    /// reset once the device is activated, because the connections it knew are gone;
+    /// host ports go on from the snapshot's (see [`VsockState::next_local_port`]).
     fn restore(config: VsockConfig, state: &VsockState) -> Result<Self, VsockError> {
+        if state.next_local_port < FIRST_LOCAL_PORT {
+            return Err(VsockError::BadLocalPort(state.next_local_port));
+        }
         if config.cid != state.cid {
             tracing::info!(
                 old = state.cid,
@@ -522,6 +541,7 @@ impl Persist<'_> for Vsock {
         let avail = dev.avail_features();
         dev.activation
             .restore_acked_features(state.acked_features, avail)?;
+        dev.muxer.next_local_port = state.next_local_port;
         dev.pending_reset = true;
         Ok(dev)
     }

@@ -566,6 +566,55 @@ fn state_round_trips_and_restore_resets_the_transport() {
     assert!(matches!(e, VsockError::BadFeatures(_)), "{e}");
 }
 
+/// A fork child's guest may still hold the sockets of the parent's connections (reset but
+/// not yet closed by their program); a new host connection from one of their host ports
+/// would reach such a socket and be refused, so the child's ports go on from the parent's.
+#[test]
+fn a_restored_device_never_reuses_the_snapshots_host_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    let mut g = Guest::activate(&mut dev);
+    g.post_rx_buffers(8);
+    let (_c1, first) = host_connect(&mut dev, &mut g, &dir);
+    let (_c2, second) = host_connect(&mut dev, &mut g, &dir);
+    assert_eq!((first, second), (FIRST_LOCAL_PORT, FIRST_LOCAL_PORT + 1));
+    let state = dev.save().unwrap();
+    assert_eq!(state.next_local_port, second + 1);
+    drop(dev);
+
+    let mut child = Vsock::restore(
+        VsockConfig {
+            cid: 8,
+            uds: dir.path().join("v.sock"),
+        },
+        &state,
+    )
+    .unwrap();
+    let mut cg = Guest::activate(&mut child);
+    cg.post_rx_buffers(8);
+    let mut c = client(&dir);
+    c.write_all(b"CONNECT 1234\n").unwrap();
+    child.muxer.accept_clients();
+    child.poll_streams();
+    let (req, _) = cg.recv().expect("OP_REQUEST");
+    assert_eq!((req.op, req.src_port), (OP_REQUEST, second + 1));
+
+    // A state whose next port lies below the host range is refused.
+    let forged = VsockState {
+        next_local_port: FIRST_LOCAL_PORT - 1,
+        ..state
+    };
+    let e = Vsock::restore(
+        VsockConfig {
+            cid: 9,
+            uds: dir.path().join("forged.sock"),
+        },
+        &forged,
+    )
+    .expect_err("refused");
+    assert!(matches!(e, VsockError::BadLocalPort(_)), "{e}");
+}
+
 #[test]
 fn stale_socket_file_is_replaced() {
     let dir = tempfile::tempdir().unwrap();

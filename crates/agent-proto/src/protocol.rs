@@ -17,8 +17,9 @@ pub const AGENT_PORT: u32 = 1024;
 /// type `file`, and a root shared by virtio-fs, `forkvm.rootfstype=virtiofs`; 10:
 /// [`Request::Container`]'s `user_namespace`, [`Request::Identity`]'s `time_ns`; 11:
 /// the containers of a pod, [`Request::CreateContainer`], [`Request::InContainer`],
-/// [`Request::DestroyContainer`]).
-pub const PROTOCOL_VERSION: u32 = 11;
+/// [`Request::DestroyContainer`]; 12: a `virtiofs` [`FsMount`] of a directory in a
+/// share, `TAG/PATH`).
+pub const PROTOCOL_VERSION: u32 = 12;
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
 /// `PATH` used for the executable search when [`ProcessSpec::env`] has none.
@@ -321,7 +322,9 @@ pub struct FsMount {
     /// Where it goes in the container (absolute; missing directories are created).
     pub destination: String,
     /// One of [`FS_TYPES`], `virtiofs` for a volume (the source is the tag of the
-    /// VMM's share; `ro` makes it read-only), or `file` for a host file bound in (the
+    /// VMM's share, mounted there, or, since version 12, `TAG/PATH`: the directory
+    /// `PATH` of that share, bound there, so that the mount table shows `/PATH` as the
+    /// bind's root; `ro` makes it read-only), or `file` for a host file bound in (the
     /// source is `TAG/NAME`: the file `NAME` of the VMM's share `TAG`). Since version 9.
     #[serde(rename = "type")]
     pub fs_type: String,

@@ -40,9 +40,9 @@ use crate::reaper::Reaper;
 /// Where app containers are assembled, each in a directory named by its id.
 pub const CONTAINERS: &str = "/run/forkvm/containers";
 
-/// Under the containers directory: the shares app container roots come from, each
-/// mounted once at its tag (no container id starts with `.`).
-const SHARES: &str = ".shares";
+/// Under the containers directory: the shares app container roots and volumes come
+/// from, each mounted once at its tag (no container id starts with `.`).
+pub(crate) const SHARES: &str = ".shares";
 
 /// How long [`Container::destroy`] waits for the processes of a killed cgroup to go.
 const KILL_WAIT: Duration = Duration::from_secs(5);
@@ -54,9 +54,6 @@ const KILL_ROUNDS: usize = 8;
 /// Most mounts [`Container::destroy`] detaches at the container's root (a share
 /// mounted over the root stacks on its bind).
 const MAX_STACKED: usize = 16;
-
-/// `statfs`'s magic number of a FUSE filesystem (virtio-fs).
-const FUSE_SUPER_MAGIC: u64 = 0x6573_5546;
 
 /// One container of the VM.
 pub struct Container {
@@ -303,7 +300,7 @@ fn open_root_source(containers: &Path, root: &ContainerRoot) -> Result<OwnedFd, 
                 .map_err(|e| format!("root {}: {e}", root.path))
         }
         Some(tag) => {
-            let share = mount_share(&containers.join(SHARES), tag)?;
+            let share = crate::shares::mounted(&containers.join(SHARES), tag)?;
             let share_fd = rustix::fs::open(&share, dir, Mode::empty())
                 .map_err(|e| format!("share {tag:?}: {e}"))?;
             let inside = match root.path.trim_start_matches('/') {
@@ -320,29 +317,6 @@ fn open_root_source(containers: &Path, root: &ContainerRoot) -> Result<OwnedFd, 
             .map_err(|e| format!("root {} in share {tag:?}: {e}", root.path))
         }
     }
-}
-
-/// The share `tag`, mounted at `shares/TAG` unless it is already.
-fn mount_share(shares: &Path, tag: &str) -> Result<PathBuf, String> {
-    crate::shares::check_tag(tag).map_err(|e| format!("share {tag:?}: {e}"))?;
-    // One create at a time looks and mounts: two would stack two mounts.
-    static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = MOUNTING.lock().unwrap_or_else(|e| e.into_inner());
-    // The tag names a directory.
-    if tag.contains(['/', '\\']) || tag.contains(char::is_whitespace) || tag == "." || tag == ".." {
-        return Err(format!(
-            "share {tag:?}: a container's root comes from a share whose tag is a file name"
-        ));
-    }
-    let at = shares.join(tag);
-    let mounted = rustix::fs::statfs(&at).is_ok_and(|st| st.f_type as u64 == FUSE_SUPER_MAGIC);
-    if !mounted {
-        std::fs::create_dir_all(&at).map_err(|e| format!("cannot make {}: {e}", at.display()))?;
-        let target = CString::new(at.as_os_str().as_encoded_bytes()).expect("no NUL");
-        crate::shares::mount_virtiofs(tag, &target, false)
-            .map_err(|e| format!("share {tag:?}: {e}"))?;
-    }
-    Ok(at)
 }
 
 /// SIGKILL for every process whose root directory is `root` or below it, looked for up

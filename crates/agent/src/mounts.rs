@@ -184,12 +184,7 @@ fn file_source(source: &str) -> Result<(&str, &str), String> {
 /// changed). A destination that is a link is followed inside the root; a missing one is
 /// made as an empty file (its directories too), where a dangling link points if it is
 /// one, as runc makes it.
-fn bind_file(
-    root: &OwnedFd,
-    m: &FsMount,
-    o: &Options,
-    shares: &mut FileShares,
-) -> Result<(), String> {
+fn bind_file(root: &OwnedFd, m: &FsMount, o: &Options, shares: &mut Shares) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
 
     use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
@@ -361,20 +356,26 @@ pub fn apply(
         mounts,
         guest_pts,
         cgroup_procs,
-        &mut FileShares::at(Path::new(FILE_SHARES)),
+        &mut Shares::at(
+            Path::new(FILE_SHARES),
+            &Path::new(crate::containers::CONTAINERS).join(crate::containers::SHARES),
+        ),
     )
 }
 
-/// Where the shares of `file` entries are mounted, and which are.
-struct FileShares {
+/// Where the shares of `file` entries are mounted, and which are; where the shares that
+/// volume directories are bound from are.
+struct Shares {
     base: std::path::PathBuf,
     mounted: std::collections::HashSet<String>,
+    /// See [`crate::shares::mounted`].
+    volumes: std::path::PathBuf,
 }
 
-impl FileShares {
-    /// The shares under `base`, those mounted there already (by an earlier request)
-    /// known as such.
-    fn at(base: &Path) -> FileShares {
+impl Shares {
+    /// The shares of `file` entries under `base`, those mounted there already (by an
+    /// earlier request) known as such; those of volume directories under `volumes`.
+    fn at(base: &Path, volumes: &Path) -> Shares {
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
         let mounted = mounts
             .lines()
@@ -383,20 +384,21 @@ impl FileShares {
             .filter_map(|tag| tag.to_str().filter(|t| !t.is_empty() && !t.contains('/')))
             .map(str::to_owned)
             .collect();
-        FileShares {
+        Shares {
             base: base.to_owned(),
             mounted,
+            volumes: volumes.to_owned(),
         }
     }
 }
 
-/// [`apply`], with the shares of `file` entries under `shares`.
+/// [`apply`], with the shares of `file` entries and volumes where `shares` says.
 fn apply_in(
     root: &Path,
     mounts: &[FsMount],
     guest_pts: &Path,
     cgroup_procs: Option<&CStr>,
-    shares: &mut FileShares,
+    shares: &mut Shares,
 ) -> Result<(), String> {
     if mounts.len() > MAX_FILESYSTEMS {
         return Err(format!(
@@ -420,6 +422,9 @@ fn apply_in(
         }
         if m.fs_type == "file" {
             file_source(&m.source).map_err(|e| named(m, e))?;
+        }
+        if m.fs_type == "virtiofs" {
+            crate::shares::volume_source(&m.source).map_err(|e| named(m, e))?;
         }
         let o = parse_options(&m.options).map_err(|e| named(m, e))?;
         let cstrs = (
@@ -455,13 +460,26 @@ fn apply_in(
             ));
         }
         if m.fs_type == "virtiofs" {
-            // A volume, in its place among the others: the VMM's share of that tag.
-            let share = forkvm_agent_proto::ShareMount {
-                tag: m.source.clone(),
-                target: m.destination.clone(),
-                read_only: o.flags & libc::MS_RDONLY != 0,
+            // A volume, in its place among the others: the VMM's share of that tag, or
+            // a directory in it.
+            let bound = match crate::shares::volume_source(&m.source).map_err(|e| named(m, e))? {
+                (tag, None) => {
+                    let share = forkvm_agent_proto::ShareMount {
+                        tag: tag.to_owned(),
+                        target: m.destination.clone(),
+                        read_only: o.flags & libc::MS_RDONLY != 0,
+                    };
+                    crate::shares::mount_one(&root_fd, &share)
+                }
+                (tag, Some(path)) => crate::shares::bind_from_share(
+                    &shares.volumes,
+                    (tag, path),
+                    &root_fd,
+                    &m.destination,
+                    o.flags,
+                ),
             };
-            crate::shares::mount_one(&root_fd, &share).map_err(|e| named(m, e))?;
+            bound.map_err(|e| named(m, e))?;
             continue;
         }
         let target = fd_path(&dir);
@@ -697,6 +715,104 @@ mod tests {
         });
     }
 
+    /// A volume given as `TAG/PATH` is that directory of the share, bound: the mount
+    /// table names it (`/PATH` as the bind's root), the entry's flags apply to the bind,
+    /// and a link in the share is not followed.
+    #[test]
+    fn a_directory_of_a_share_is_bound_with_its_path_as_the_mounts_root() {
+        forkvm_test_support::in_own_mounts(|top| {
+            let root = top.join("root");
+            let base = top.join("shares");
+            // The share, as the guest mounts it: here a tmpfs, holding the volume under
+            // its name, and a link out of it.
+            let share = base.join("forkvm-0");
+            std::fs::create_dir_all(&share).unwrap();
+            std::fs::create_dir(&root).unwrap();
+            let dir = CString::new(share.to_str().unwrap()).unwrap();
+            mount(Some(c"tmpfs"), &dir, Some(c"tmpfs"), 0, None).unwrap();
+            std::fs::create_dir_all(share.join("etc/sub")).unwrap();
+            std::fs::write(share.join("etc/sub/file"), "volume's").unwrap();
+            std::os::unix::fs::symlink("/", share.join("out")).unwrap();
+            let mut shares = Shares::at(&top.join("files"), &base);
+            let v = |dest: &str, src: &str, options: &[&str]| FsMount {
+                destination: dest.into(),
+                fs_type: "virtiofs".into(),
+                source: src.into(),
+                options: options.iter().map(|s| s.to_string()).collect(),
+            };
+            let mounts = [
+                v("/mnt/etc-ro", "forkvm-0/etc", &["ro"]),
+                v("/mnt/sub", "forkvm-0/etc/sub", &[]),
+            ];
+            apply_in(&root, &mounts, Path::new("/dev/pts"), None, &mut shares).unwrap();
+            let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+            assert_eq!(read("mnt/etc-ro/sub/file"), "volume's");
+            assert_eq!(read("mnt/sub/file"), "volume's");
+            assert!(crate::container::is_read_only(&root.join("mnt/etc-ro")));
+            assert!(!crate::container::is_read_only(&root.join("mnt/sub")));
+            std::fs::write(root.join("mnt/sub/new"), "written inside").unwrap();
+            assert_eq!(
+                std::fs::read_to_string(share.join("etc/sub/new")).unwrap(),
+                "written inside"
+            );
+            // The mount table: each bind's root is its path in the share.
+            let info = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap();
+            let root_of = |at: &Path| {
+                info.lines()
+                    .map(|l| l.split(' ').collect::<Vec<_>>())
+                    .find(|f| Path::new(f[4]) == at)
+                    .map(|f| f[3].to_owned())
+            };
+            assert_eq!(root_of(&root.join("mnt/etc-ro")).as_deref(), Some("/etc"));
+            assert_eq!(root_of(&root.join("mnt/sub")).as_deref(), Some("/etc/sub"));
+
+            // A link in the share is not followed; the entry is named.
+            let e = apply_in(
+                &root,
+                &[v("/mnt/out", "forkvm-0/out", &[])],
+                Path::new("/dev/pts"),
+                None,
+                &mut shares,
+            )
+            .unwrap_err();
+            assert!(
+                e.contains("mount /mnt/out (virtiofs)") && e.contains("out in share"),
+                "{e}"
+            );
+            assert!(std::fs::read_dir(root.join("mnt/out"))
+                .unwrap()
+                .next()
+                .is_none());
+            // Sources that are not TAG/PATH of plain names are refused before anything
+            // is mounted.
+            for bad in [
+                "forkvm-0/../x",
+                "forkvm-0/",
+                "forkvm-0/a//b",
+                "/etc",
+                "forkvm-0/./a",
+            ] {
+                let e = apply_in(
+                    &root,
+                    &[v("/mnt/bad", bad, &[])],
+                    Path::new("/dev/pts"),
+                    None,
+                    &mut shares,
+                )
+                .unwrap_err();
+                assert!(e.contains("mount /mnt/bad (virtiofs)"), "{bad}: {e}");
+                assert!(!root.join("mnt/bad").exists(), "{bad}: nothing made");
+            }
+            for at in ["mnt/etc-ro", "mnt/sub"] {
+                let c = CString::new(root.join(at).to_str().unwrap()).unwrap();
+                // SAFETY: a NUL-terminated path that outlives the call.
+                assert_eq!(unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) }, 0);
+            }
+            // SAFETY: a NUL-terminated path that outlives the call.
+            assert_eq!(unsafe { libc::umount2(dir.as_ptr(), libc::MNT_DETACH) }, 0);
+        });
+    }
+
     #[test]
     fn bound_files_are_the_shared_copies_at_their_destinations() {
         forkvm_test_support::in_own_mounts(|root| {
@@ -722,7 +838,7 @@ mod tests {
                 assert!(e.raw_os_error() == Some(libc::EBUSY) && tries < 200, "{e}");
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            let mut shares = FileShares::at(base.path());
+            let mut shares = Shares::at(base.path(), base.path());
             shares.mounted.insert("forkvm-files".into());
             // The image's /etc/hosts, a resolv.conf that is a link (Ubuntu's), a
             // dangling link (systemd's stub that is not there yet).

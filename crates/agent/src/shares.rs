@@ -75,6 +75,109 @@ pub(crate) fn mount_virtiofs(tag: &str, target: &CStr, read_only: bool) -> Resul
     })
 }
 
+/// The share `tag`, mounted read-write at `base/TAG` unless something is mounted there
+/// already (an earlier call's share): app container roots and volume directories come
+/// from such shares, each bound where it goes, so the share itself stays outside every
+/// container's root.
+pub(crate) fn mounted(base: &Path, tag: &str) -> Result<PathBuf, String> {
+    check_tag(tag).map_err(|e| format!("share {tag:?}: {e}"))?;
+    // One caller at a time looks and mounts: two would stack two mounts.
+    static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = MOUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    // The tag names a directory.
+    if tag.contains(['/', '\\']) || tag.contains(char::is_whitespace) || tag == "." || tag == ".." {
+        return Err(format!(
+            "share {tag:?}: a share mounted to bind from has a tag that is a file name"
+        ));
+    }
+    let at = base.join(tag);
+    std::fs::create_dir_all(&at).map_err(|e| format!("cannot make {}: {e}", at.display()))?;
+    let dev = |p: &Path| rustix::fs::lstat(p).map(|st| st.st_dev);
+    let is_mount = match (dev(base), dev(&at)) {
+        (Ok(b), Ok(a)) => a != b,
+        (Err(e), _) | (_, Err(e)) => return Err(format!("cannot stat {}: {e}", at.display())),
+    };
+    if !is_mount {
+        let target = CString::new(at.as_os_str().as_encoded_bytes()).expect("no NUL");
+        mount_virtiofs(tag, &target, false).map_err(|e| format!("share {tag:?}: {e}"))?;
+    }
+    Ok(at)
+}
+
+/// Longest `PATH` of a volume's `TAG/PATH` source.
+const MAX_SHARE_PATH: usize = 4096;
+
+/// A volume's source: a share's tag, and the directory inside it to bind (`TAG/PATH`,
+/// PATH relative, of plain names), or `None` for the whole share (a bare `TAG`).
+pub(crate) fn volume_source(source: &str) -> Result<(&str, Option<&str>), String> {
+    let Some((tag, path)) = source.split_once('/') else {
+        check_tag(source)?;
+        return Ok((source, None));
+    };
+    check_tag(tag)?;
+    let plain = |n: &str| !matches!(n, "" | "." | "..") && !n.contains('\0');
+    if path.len() > MAX_SHARE_PATH || !path.split('/').all(plain) {
+        return Err(format!(
+            "the source is not TAG/PATH with PATH a relative path of plain names \
+             (at most {MAX_SHARE_PATH} bytes)"
+        ));
+    }
+    Ok((tag, Some(path)))
+}
+
+/// Binds directory `path` of the share `tag` (mounted under `base`, see [`mounted`]) at
+/// `destination` in `root` (resolved as [`resolve_dir`] does), then applies `flags`
+/// (`MS_RDONLY`, `MS_NOSUID`, ...) to the bind. The path is resolved beneath the share
+/// without following any link, so what is in the share cannot point the bind elsewhere.
+/// The guest's mount table shows the bind's root as `/PATH`, as a host's shows the path
+/// of a directory it binds.
+pub(crate) fn bind_from_share(
+    base: &Path,
+    (tag, path): (&str, &str),
+    root: &OwnedFd,
+    destination: &str,
+    flags: libc::c_ulong,
+) -> Result<(), String> {
+    let share = mounted(base, tag)?;
+    let dir = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let share_fd =
+        rustix::fs::open(&share, dir, Mode::empty()).map_err(|e| format!("share {tag:?}: {e}"))?;
+    let source = openat2(
+        &share_fd,
+        path,
+        dir,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| format!("{path} in share {tag:?}: {e}"))?;
+    let target = resolve_dir(root, destination)?;
+    if crate::mounts::same_file(&target, root) {
+        return Err("the destination resolves to the container's root".into());
+    }
+    crate::mounts::mount(
+        Some(&crate::mounts::fd_path(&source)),
+        &crate::mounts::fd_path(&target),
+        None,
+        libc::MS_BIND | libc::MS_REC,
+        None,
+    )
+    .map_err(|e| format!("bind: {e}"))?;
+    if flags != 0 {
+        // A bind takes its flags from a remount of itself: the destination again, now
+        // the bind's root.
+        let now = resolve_dir(root, destination)?;
+        crate::mounts::mount(
+            None,
+            &crate::mounts::fd_path(&now),
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | flags,
+            None,
+        )
+        .map_err(|e| format!("remount: {e}"))?;
+    }
+    Ok(())
+}
+
 /// The directory `target` (absolute) names inside `root`, created where missing.
 pub(crate) fn resolve_dir(root: &OwnedFd, target: &str) -> Result<OwnedFd, String> {
     if !target.starts_with('/') {

@@ -25,7 +25,7 @@
 //! | `mounts` of type `proc`, `sysfs`, `tmpfs`, `devpts`, `mqueue`, `cgroup`, `cgroup2` | [`ContainerPlan::filesystems`] | mounted by the guest agent in the container's root in the spec's order with their options (flags, propagation, data), in place of the guest's own at `/proc`, `/sys`, `/dev`; `devpts` is the guest's pty filesystem bound in with the entry's flags (its data options aside); `cgroup` mounts the guest's cgroup v2 hierarchy |
 //! | `mounts`: bind of a regular file (Docker's and podman's `/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf`, podman's `/run/.containerenv`) | copied ([`ContainerPlan::files`]), with a warning | the file is copied when the container is created (after the `createRuntime` hooks) and the copy bound at the destination in the spec's order (a shared root), or written into the root disk; later changes on either side are not shared. Over a root disk, the guest adds its hostname to `/etc/hosts` and writes `/etc/hostname` itself |
 //! | `mounts`: bind onto `/proc`, `/sys`, `/sys/fs/cgroup`, `/dev` or `/dev/{pts,shm,mqueue}` (containerd CRI's sandbox `/dev/shm`) | warning; [`ContainerPlan::filesystems`] | the guest mounts its own filesystem there (`ro` kept) |
-//! | `mounts`: bind of a directory (`-v DIR:/p`, `--mount type=bind`, named volumes) | [`ContainerPlan::volumes`] | shared into the VM by a virtio-fs device and mounted by the guest agent at `destination`, read-only with the `ro` option; other options (propagation, `nosuid`, ...) are not applied. A VM with volumes forks (its children serve the same directories); it cannot be saved as a template |
+//! | `mounts`: bind of a directory (`-v DIR:/p`, `--mount type=bind`, named volumes) | [`ContainerPlan::volumes`] | shared into the VM by a virtio-fs device: the container's monitor binds the directory, under its own name, in a directory of the container's state (in its own mount namespace), which is the share, and the guest agent binds that directory of the share at `destination`, so that the mount table names it as runc's does; read-only with the `ro` option (the host's bind too); other options (propagation, `nosuid`, ...) are not applied. A VM with volumes forks (its children serve the same directories); it cannot be saved as a template |
 //! | `mounts`: bind of anything else (a socket, a device node), or of a source that is missing or relative | **error** | only directories are shared and regular files copied |
 //! | `mounts`: any other filesystem type | **error** | the guest cannot mount it |
 //! | `linux.namespaces` without `path` (other than `network` and `user`) | warning | the VM gives every container all of its own namespaces |
@@ -42,7 +42,7 @@
 //! | `linux.cgroupsPath`, `linux.resources.pids.limit` | [`ContainerPlan::cgroup`] | the VM process's cgroup (a path, or systemd's `slice:prefix:name`): `memory.max` = the guest memory it may hold (its RAM and its forks' overlays) + the VMM's, `pids.max` the limit (else 4096) |
 //! | `linux.resources.memory.limit`, `pids.limit`, `cpu.quota`/`period`, `cpu.shares` | [`ContainerPlan::guest_cgroup`] | also the limits of the container's cgroup inside the guest (`memory.max`, `pids.max`, `cpu.max`, `cpu.weight` by runc's conversion), which its processes join in a cgroup namespace of their own, so its `/sys/fs/cgroup` shows them |
 //! | other `linux.resources`, `rootfsPropagation`, `mountLabel` | ignored | host cgroup/kernel details with no meaning inside the VM |
-//! | `annotations` | [`ContainerPlan::annotations`] | reported by `state`; `io.forkvm.rootfs` (`shared` or `disk`, anything else an error) chooses the [`RootMode`]; `io.kubernetes.cri.container-type` and `io.kubernetes.cri.sandbox-id` make a container a Kubernetes pod's ([`ContainerPlan::pod`]): a `sandbox` boots the pod's VM with the pod directory shared in, a `container` is made inside its sandbox's running VM ([`crate::pod`], docs/kubernetes.md); a pod's container's namespace paths (the sandbox's) are accepted, its bound files copied into the pod directory, its bound directories and a root disk refused by name |
+//! | `annotations` | [`ContainerPlan::annotations`] | reported by `state`; `io.forkvm.rootfs` (`shared` or `disk`, anything else an error) chooses the [`RootMode`]; `io.kubernetes.cri.container-type` and `io.kubernetes.cri.sandbox-id` make a container a Kubernetes pod's ([`ContainerPlan::pod`]): a `sandbox` boots the pod's VM with the pod directory shared in, a `container` is made inside its sandbox's running VM ([`crate::pod`], docs/kubernetes.md); a pod's container's namespace paths (the sandbox's) are accepted, its bound files copied into the pod directory, its bound directories bound there, a root disk refused by name |
 //! | `hooks.prestart`, `createRuntime` | [`ContainerPlan::hooks`] | run by `create` as runc runs them, on the host, with the state (`pid`: the container's monitor) on stdin, before the VM boots |
 //! | `hooks.poststart`, `poststop` | [`ContainerPlan::hooks`] | run after `start`, and by `delete`; a failure is logged, as the spec says |
 //! | `hooks.createContainer`, `startContainer` | [`ContainerPlan::guest_hooks`] | run by the guest agent in the container's root, with the state on stdin, at create (after the container's mounts and device nodes, before its kernel parameters, masked and read-only paths and read-only root, as runc orders them) and at start (before its process); the path must exist in the container; a failure (exit, or past `timeout`; at most 50 s for all of a kind) fails `create` or `start`, naming the hook |
@@ -451,13 +451,6 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
     let network = planner.network.take().ok_or_else(|| {
         planner.unsupported("linux.namespaces (no network namespace)", HOST_NETWORK)
     })?;
-    if planner.pod_member && !planner.volumes.is_empty() {
-        return Err(planner.unsupported(
-            "mounts (bind of a directory, into a pod's container)",
-            "the host directories of a pod's container are not shared into the pod's VM \
-             yet (its root filesystem and its bound files are; docs/kubernetes.md)",
-        ));
-    }
     let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
     Ok(ContainerPlan {
         rootfs,
@@ -802,7 +795,9 @@ impl<'a> Planner<'a> {
                 return Err(refused("the destination is not an absolute path"));
             }
             if source.is_dir() {
-                if self.volumes.len() == crate::vm::MAX_VOLUMES {
+                // A VM's volume is a device of its own; a pod's container's is a
+                // directory of the pod's share (bounded by the filesystems' limit).
+                if !self.pod_member && self.volumes.len() == crate::vm::MAX_VOLUMES {
                     return Err(refused(
                         "a VM takes at most 11 directory volumes (one device each)",
                     ));
@@ -814,12 +809,12 @@ impl<'a> Planner<'a> {
                 let volume = crate::vm::Volume::new(&source, target, read_only)
                     .map_err(|_| refused("the source cannot be resolved to a directory"))?;
                 // Mounted by the guest in its place among the spec's other mounts.
-                let tag = crate::vm::share_tag(self.volumes.len());
+                let source = crate::vm::container_volume_source(self.volumes.len(), &volume);
                 let options = match read_only {
                     true => vec!["ro".to_owned()],
                     false => Vec::new(),
                 };
-                self.filesystem(target, "virtiofs", tag, options)?;
+                self.filesystem(target, "virtiofs", source, options)?;
                 self.volumes.push(volume);
                 return Ok(());
             }

@@ -2,6 +2,7 @@
 //!
 //! | Module | Owns |
 //! |---|---|
+//! | [`binds`] | binding a host directory tree for a VM's share, read-only from the moment it is attached |
 //! | [`bundle`] | reading an OCI bundle's `config.json` into a [`bundle::ContainerPlan`] (rootfs, process, vCPUs, memory, files to copy in), refusing what a VM cannot honour |
 //! | [`hooks`] | running the spec's host hooks (`prestart`, `createRuntime`, `poststart`, `poststop`) as runc does: state on stdin, a deadline, errors naming the hook |
 //! | [`state`] | the per-container state directory under `--root`: atomic JSON state files, per-container locks, liveness, the runtime spec's `state` output |
@@ -11,6 +12,7 @@
 //! | [`term`] | signal forwarding, raw terminals, host ptys and `--console-socket` |
 //! | [`runtime`] | the runc-compatible command line (`forkvm-runtime`): `create`, `start`, `state`, `kill`, `delete`, `exec`, `ps`, `list`, `features`, ... and the per-container monitor process |
 
+pub mod binds;
 pub mod bundle;
 pub mod hooks;
 pub mod pod;

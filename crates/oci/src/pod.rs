@@ -42,6 +42,14 @@ const PODS_DIR: &str = "@pods";
 /// The name of a pod container's root directory inside its directory of the pod.
 const ROOTFS: &str = "rootfs";
 
+/// The name of the directory holding a pod container's volumes inside its directory of
+/// the pod: `volumes/<i>/<name>` is its `i`th.
+const VOLUMES: &str = "volumes";
+
+/// The name a volume without one of its own ([`crate::vm::Volume::name_in_share`]) has
+/// in the pod directory.
+const UNNAMED_VOLUME: &str = "volume";
+
 /// Why a pod's directory or a container's root in it could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
@@ -173,19 +181,73 @@ pub fn bind_member_root(pod: &Path, id: &str, rootfs: &Path) -> Result<String, P
     }
     let (relative, target) = member_root(pod, id);
     make_new_dir(&pod.join(id))?;
-    let bound = std::fs::DirBuilder::new()
-        .mode(0o755)
-        .create(&target)
-        .map_err(io("cannot make", &target))
-        .and_then(|()| {
-            rustix::mount::mount_bind_recursive(rootfs, &target)
-                .map_err(|e| io("cannot bind the container's root at", &target)(e.into()))
-        });
+    let bound = new_dir_beneath(pod, &relative, 0o755).and_then(|dir| {
+        crate::binds::bind_tree(rootfs, dir, false)
+            .map_err(io("cannot bind the container's root at", &target))
+    });
     if let Err(e) = bound {
         unbind_member_root(pod, id);
         return Err(e);
     }
     Ok(relative)
+}
+
+/// Where container `id`'s `i`th volume is bound, relative to the pod directory (the
+/// path the guest agent binds from the pod share): `<id>/volumes/<i>/<name>`, named as
+/// the host directory is, so that the container's mount table shows the name.
+pub fn member_volume(id: &str, i: usize, volume: &crate::vm::Volume) -> String {
+    let name = volume.name_in_share().unwrap_or(UNNAMED_VOLUME);
+    format!("{id}/{VOLUMES}/{i}/{name}")
+}
+
+/// Binds container `id`'s `i`th volume (recursively; read-only throughout where it is,
+/// in the pod VM's mount namespace too: see [`crate::binds`]) at [`member_volume`] in
+/// the pod directory `pod`, whose container directory [`bind_member_root`] made. The
+/// directories on the way are made from handles, never through a link the guest may
+/// have put in the pod directory.
+pub fn bind_member_volume(
+    pod: &Path,
+    id: &str,
+    i: usize,
+    volume: &crate::vm::Volume,
+) -> Result<(), PodError> {
+    if !is_mount_point(pod) {
+        return Err(PodError::NotPrepared(pod.to_owned()));
+    }
+    let relative = member_volume(id, i, volume);
+    let volumes = format!("{id}/{VOLUMES}");
+    match new_dir_beneath(pod, &volumes, 0o700) {
+        Ok(_) | Err(PodError::Exists(_)) => {}
+        Err(e) => return Err(e),
+    }
+    new_dir_beneath(pod, &format!("{volumes}/{i}"), 0o700)?;
+    let target = new_dir_beneath(pod, &relative, 0o755)?;
+    crate::binds::bind_tree(&volume.host, target, volume.read_only)
+        .map_err(io("cannot bind the volume at", &pod.join(&relative)))
+}
+
+/// Makes the directory `relative` (its parent must be there) beneath the pod directory
+/// `pod`, new, with `mode`, and returns a handle on it; reached from a handle on the
+/// pod directory without following a link.
+fn new_dir_beneath(pod: &Path, relative: &str, mode: u32) -> Result<OwnedFd, PodError> {
+    let shown = pod.join(relative);
+    let pod_fd = open_dir(pod).ok_or_else(|| PodError::NotPrepared(pod.to_owned()))?;
+    let (parent, name) = match relative.rsplit_once('/') {
+        Some((parent, name)) => (
+            beneath_dir(&pod_fd, parent).ok_or_else(|| {
+                io("cannot open", &pod.join(parent))(std::io::Error::other("missing, or a link"))
+            })?,
+            name,
+        ),
+        None => (pod_fd, relative),
+    };
+    match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(mode)) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::EXIST) => return Err(PodError::Exists(shown)),
+        Err(e) => return Err(io("cannot make", &shown)(e.into())),
+    }
+    beneath_dir(&parent, name)
+        .ok_or_else(|| io("cannot open", &shown)(std::io::Error::other("gone, or a link")))
 }
 
 /// Detaches container `id`'s root from the pod directory `pod` and removes the
@@ -195,17 +257,30 @@ pub fn unbind_member_root(pod: &Path, id: &str) {
     let Some(pod_fd) = open_dir(pod) else {
         return;
     };
-    if let Some(root) = beneath(&pod_fd, &format!("{id}/{ROOTFS}")) {
-        // The mount the handle is on (the bound root), with everything in it.
-        let _ = rustix::mount::unmount(
-            format!("/proc/thread-self/fd/{}", root.as_raw_fd()),
-            UnmountFlags::DETACH,
-        );
+    let detach = |parent: &OwnedFd, name: &str| {
+        if let Some(bound) = mount_root(parent, name) {
+            // The mount the handle is on (the bind), with everything in it.
+            let _ = rustix::mount::unmount(
+                format!("/proc/thread-self/fd/{}", bound.as_raw_fd()),
+                UnmountFlags::DETACH,
+            );
+        }
+    };
+    if let Some(member) = beneath_dir(&pod_fd, id) {
+        detach(&member, ROOTFS);
+        // Its volumes, each detached with what is mounted in it.
+        if let Some((volumes, slots)) = listed(&member, VOLUMES) {
+            for slot in slots {
+                let Some((slot_fd, names)) = listed(&volumes, &slot) else {
+                    continue;
+                };
+                for name in names {
+                    detach(&slot_fd, &name);
+                }
+            }
+        }
     }
-    if let Some(dir) = beneath(&pod_fd, id) {
-        remove_empty_at(&dir, ROOTFS, pod);
-    }
-    remove_empty_at(&pod_fd, id, pod);
+    remove_member_dirs(&pod_fd, id, pod);
     // Its bound files.
     let prefix = format!("{id}@");
     for name in names(pod) {
@@ -259,10 +334,7 @@ pub fn release(root: &Path, sandbox: &str) {
             remove_file_at(&pod_fd, &name, &dir);
             continue;
         }
-        if let Some(member) = beneath(&pod_fd, &name) {
-            remove_empty_at(&member, ROOTFS, &dir);
-        }
-        remove_empty_at(&pod_fd, &name, &dir);
+        remove_member_dirs(&pod_fd, &name, &dir);
     }
     drop(pod_fd);
     if let Err(e) = std::fs::remove_dir(&dir) {
@@ -280,16 +352,82 @@ fn open_dir(path: &Path) -> Option<OwnedFd> {
     .ok()
 }
 
-/// A handle on `relative` beneath the directory `dir`, reached without a symlink.
-fn beneath(dir: &OwnedFd, relative: &str) -> Option<OwnedFd> {
+/// A handle on the directory `relative` beneath the directory `dir`, reached without a
+/// symlink and without crossing into a mount (the guest writes in the pod directory and
+/// may rename a directory holding a bind to where the runtime looks): a link there, a
+/// mount on the way, or anything but a directory gives none.
+fn beneath_dir(dir: &OwnedFd, relative: &str) -> Option<OwnedFd> {
     openat2(
         dir,
         relative,
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH
+            | ResolveFlags::NO_SYMLINKS
+            | ResolveFlags::NO_MAGICLINKS
+            | ResolveFlags::NO_XDEV,
+    )
+    .ok()
+}
+
+/// A handle on the directory `name` (one name) in `dir`, the root of what is mounted
+/// there if anything is: a bind to detach. Not a link.
+fn mount_root(dir: &OwnedFd, name: &str) -> Option<OwnedFd> {
+    if name.contains('/') {
+        return None;
+    }
+    openat2(
+        dir,
+        name,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
         ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
     )
     .ok()
+}
+
+/// A handle on the directory `relative` beneath `dir` (reached as [`beneath_dir`]
+/// reaches it), with the UTF-8 names in it.
+fn listed(dir: &OwnedFd, relative: &str) -> Option<(OwnedFd, Vec<String>)> {
+    let handle = beneath_dir(dir, relative)?;
+    let listing = openat2(
+        &handle,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_XDEV,
+    )
+    .ok()?;
+    let names = rustix::fs::Dir::read_from(&listing)
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().ok().map(str::to_owned))
+        .filter(|n| n != "." && n != "..")
+        .collect();
+    Some((handle, names))
+}
+
+/// Removes container `id`'s directories in the pod directory (a handle, `shown` in
+/// warnings) that are empty: its root's, its volumes', its own. Its mounts must be
+/// detached first.
+fn remove_member_dirs(pod_fd: &OwnedFd, id: &str, shown: &Path) {
+    if let Some(member) = beneath_dir(pod_fd, id) {
+        let shown = shown.join(id);
+        remove_empty_at(&member, ROOTFS, &shown);
+        if let Some((volumes, slots)) = listed(&member, VOLUMES) {
+            let shown = shown.join(VOLUMES);
+            for slot in slots {
+                if let Some((slot_fd, names)) = listed(&volumes, &slot) {
+                    for name in names {
+                        remove_empty_at(&slot_fd, &name, &shown.join(&slot));
+                    }
+                }
+                remove_empty_at(&volumes, &slot, &shown);
+            }
+        }
+        remove_empty_at(&member, VOLUMES, &shown);
+    }
+    remove_empty_at(pod_fd, id, shown);
 }
 
 /// Removes the directory `name` in `dir` if it is empty; anything else is left, with a
@@ -454,6 +592,92 @@ mod tests {
             ));
             release(&root, "sb2");
             assert!(!pod.exists());
+        });
+    }
+
+    #[test]
+    fn a_members_volumes_are_bound_in_the_pod_and_unbound_with_it() {
+        forkvm_test_support::in_own_mounts(|tmp| {
+            let root = tmp.join("state");
+            let rootfs = tmp.join("bundle-rootfs");
+            std::fs::create_dir_all(&rootfs).unwrap();
+            let (data, conf) = (tmp.join("host/data"), tmp.join("host/conf"));
+            std::fs::create_dir_all(&data).unwrap();
+            std::fs::create_dir_all(&conf).unwrap();
+            std::fs::write(conf.join("token"), "secret").unwrap();
+            let volumes = [
+                crate::vm::Volume::new(&data, "/data", false).unwrap(),
+                crate::vm::Volume::new(&conf, "/var/run/secrets", true).unwrap(),
+            ];
+            let pod = prepare(&root, "sb").unwrap();
+            bind_member_root(&pod, "app", &rootfs).unwrap();
+            for (i, v) in volumes.iter().enumerate() {
+                bind_member_volume(&pod, "app", i, v).unwrap();
+            }
+            assert_eq!(member_volume("app", 0, &volumes[0]), "app/volumes/0/data");
+            assert_eq!(member_volume("app", 1, &volumes[1]), "app/volumes/1/conf");
+            let volume = |i| pod.join(member_volume("app", i, &volumes[i]));
+            std::fs::write(volume(0).join("f"), "written").unwrap();
+            assert_eq!(std::fs::read_to_string(data.join("f")).unwrap(), "written");
+            assert_eq!(
+                std::fs::read_to_string(volume(1).join("token")).unwrap(),
+                "secret"
+            );
+            let e = std::fs::write(volume(1).join("token"), "changed").unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+            assert!(matches!(
+                bind_member_volume(&pod, "app", 0, &volumes[0]),
+                Err(PodError::Exists(_))
+            ));
+            // What the guest adds beside a volume stays, and is not followed.
+            std::os::unix::fs::symlink(&data, pod.join("app/volumes/0/planted")).unwrap();
+
+            unbind_member_root(&pod, "app");
+            assert!(!volume(1).exists() && !pod.join("app/rootfs").exists());
+            assert!(pod.join("app/volumes/0/planted").is_symlink());
+            assert_eq!(std::fs::read_to_string(data.join("f")).unwrap(), "written");
+            assert_eq!(
+                std::fs::read_to_string(conf.join("token")).unwrap(),
+                "secret"
+            );
+            assert!(!has_mounts_under(&pod), "{:?}", mount_points());
+
+            // Released with its volumes still bound: nothing of them is taken.
+            bind_member_root(&pod, "b", &rootfs).unwrap();
+            bind_member_volume(&pod, "b", 0, &volumes[0]).unwrap();
+            // A link the guest put where the volumes go is not made a directory of.
+            bind_member_root(&pod, "c", &rootfs).unwrap();
+            std::os::unix::fs::symlink(tmp.join("host"), pod.join("c/volumes")).unwrap();
+            assert!(bind_member_volume(&pod, "c", 0, &volumes[0]).is_err());
+            assert!(!tmp.join("host/0").exists());
+            // A guest that moves a directory holding a bind to where the runtime looks
+            // next (`d/volumes` is the bound host directory `volumes`) does not get
+            // anything made or bound inside the host's directory.
+            let named_volumes = tmp.join("host/volumes");
+            std::fs::create_dir_all(&named_volumes).unwrap();
+            let tricky = crate::vm::Volume::new(&named_volumes, "/v", false).unwrap();
+            bind_member_root(&pod, "a2", &rootfs).unwrap();
+            bind_member_volume(&pod, "a2", 0, &tricky).unwrap();
+            bind_member_root(&pod, "d", &rootfs).unwrap();
+            std::fs::rename(pod.join("d"), pod.join("d-away")).unwrap();
+            std::fs::rename(pod.join("a2/volumes/0"), pod.join("d")).unwrap();
+            assert!(bind_member_volume(&pod, "d", 0, &volumes[0]).is_err());
+            assert!(
+                std::fs::read_dir(&named_volumes).unwrap().next().is_none(),
+                "made in the host's directory"
+            );
+            unbind_member_root(&pod, "d");
+            assert!(named_volumes.exists() && !data.join("0").exists());
+            rustix::mount::unmount(pod.join("d/volumes"), UnmountFlags::DETACH).unwrap();
+            std::fs::remove_dir(pod.join("d/volumes")).unwrap();
+            std::fs::remove_dir(pod.join("d")).unwrap();
+            rustix::mount::unmount(pod.join("d-away/rootfs"), UnmountFlags::DETACH).unwrap();
+            std::fs::remove_file(pod.join("app/volumes/0/planted")).unwrap();
+            std::fs::remove_file(pod.join("c/volumes")).unwrap();
+            release(&root, "sb");
+            assert!(!pod.exists(), "the pod directory is left");
+            assert_eq!(std::fs::read_to_string(data.join("f")).unwrap(), "written");
+            assert!(!has_mounts_under(tmp), "{:?}", mount_points());
         });
     }
 

@@ -335,7 +335,94 @@ pub fn share_tag(i: usize) -> String {
     format!("forkvm-{i}")
 }
 
-/// The VM's shares for `volumes` (tags [`share_tag`]: `forkvm-0`, `forkvm-1`, ...).
+impl Volume {
+    /// The name of the volume's directory inside its share when the share is a
+    /// directory holding it ([`bind_volume_shares`]): the host directory's own, so that
+    /// the guest's mount table names the bind as a host's does. `None` for a directory
+    /// without a UTF-8 name (`/`): its share is the directory itself.
+    pub fn name_in_share(&self) -> Option<&str> {
+        self.host.file_name().and_then(|n| n.to_str())
+    }
+}
+
+/// The guest agent's source for the `i`th of a container's volumes, as
+/// [`bind_volume_shares`] shares them: `forkvm-i/NAME`, the directory NAME of the
+/// share, or the whole share `forkvm-i`.
+pub fn container_volume_source(i: usize, volume: &Volume) -> String {
+    match volume.name_in_share() {
+        Some(name) => format!("{}/{name}", share_tag(i)),
+        None => share_tag(i),
+    }
+}
+
+/// Why a volume could not be bound for its share.
+#[derive(Debug, thiserror::Error)]
+#[error("volume {host} (at {target}): cannot {what} {}", path.display())]
+pub struct BindVolumeError {
+    /// The host directory.
+    host: String,
+    /// Where the container has it.
+    target: String,
+    /// What failed.
+    what: &'static str,
+    /// On what.
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// The VM's shares for a container's `volumes`, each a directory `<dir>/<i>` (itself
+/// bound read-only: the guest cannot write beside the volume) holding the volume bound (recursively, [`crate::binds::bind_tree`]) as
+/// [`Volume::name_in_share`] (read-only throughout where the volume is): the guest agent binds that directory of the share, so that the
+/// container's mount table shows the bound directory's name, as runc's does (a share of
+/// the directory itself would show `/`). A volume without a name is shared itself.
+///
+/// The binds are made in the caller's mount namespace, which must be one of its own
+/// that does not propagate back (the container's monitor's, a slave of the host's):
+/// they are never seen outside it and go with it. `dir` is made (mode 0700) with its
+/// directories; nothing in it is ever removed here.
+pub fn bind_volume_shares(
+    dir: &Path,
+    volumes: &[Volume],
+) -> Result<Vec<forkvm_vmm::FsConfig>, BindVolumeError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut shares = volume_shares(volumes);
+    for (i, (v, share)) in volumes.iter().zip(&mut shares).enumerate() {
+        let Some(name) = v.name_in_share() else {
+            continue;
+        };
+        let failed = |what, path: &Path| {
+            let path = path.to_owned();
+            move |source: std::io::Error| BindVolumeError {
+                host: v.host.display().to_string(),
+                target: v.target.clone(),
+                what,
+                path,
+                source,
+            }
+        };
+        let wrapper = dir.join(i.to_string());
+        let at = wrapper.join(name);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&at)
+            .map_err(failed("make", &at))?;
+        // The share's root is read-only (the guest writes in the volume, not beside it
+        // in the runtime's state); the volume is bound in it.
+        crate::binds::target_dir(&wrapper)
+            .and_then(|target| crate::binds::bind_tree(&wrapper, target, true))
+            .map_err(failed("make read-only", &wrapper))?;
+        crate::binds::target_dir(&at)
+            .and_then(|target| crate::binds::bind_tree(&v.host, target, v.read_only))
+            .map_err(failed("bind the volume at", &at))?;
+        share.host_path = wrapper;
+    }
+    Ok(shares)
+}
+
+/// The VM's shares for `volumes` (tags [`share_tag`]: `forkvm-0`, `forkvm-1`, ...), each
+/// the volume's directory itself.
 pub fn volume_shares(volumes: &[Volume]) -> Vec<forkvm_vmm::FsConfig> {
     volumes
         .iter()
@@ -473,4 +560,67 @@ where
         "{how}; its console:\n{}",
         forkvm_registry::tail(&home.console_path(), 20)
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each named volume is bound under its own name in a directory of its own, which
+    /// is its share (read-only where the volume is); one without a name is shared
+    /// itself.
+    #[test]
+    fn volumes_are_bound_under_their_names_in_their_shares() {
+        forkvm_test_support::in_own_mounts(|top| {
+            let data = top.join("host/data");
+            let ro = top.join("host/ro-src");
+            std::fs::create_dir_all(&data).unwrap();
+            std::fs::create_dir_all(&ro).unwrap();
+            std::fs::write(data.join("f"), "data's").unwrap();
+            let volumes = [
+                Volume::new(&data, "/data", false).unwrap(),
+                Volume::new(&ro, "/ro", true).unwrap(),
+                Volume {
+                    host: "/".into(),
+                    target: "/host".into(),
+                    read_only: true,
+                },
+            ];
+            let dir = top.join("state/volumes");
+            let shares = bind_volume_shares(&dir, &volumes).unwrap();
+            let got: Vec<_> = shares
+                .iter()
+                .map(|s| (s.tag.as_str(), s.host_path.clone(), s.read_only))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    ("forkvm-0", dir.join("0"), false),
+                    ("forkvm-1", dir.join("1"), true),
+                    ("forkvm-2", PathBuf::from("/"), true),
+                ]
+            );
+            let sources: Vec<_> = volumes
+                .iter()
+                .enumerate()
+                .map(|(i, v)| container_volume_source(i, v))
+                .collect();
+            assert_eq!(sources, ["forkvm-0/data", "forkvm-1/ro-src", "forkvm-2"]);
+            // The shares hold the volumes, bound.
+            assert_eq!(
+                std::fs::read_to_string(dir.join("0/data/f")).unwrap(),
+                "data's"
+            );
+            std::fs::write(dir.join("0/data/g"), "written").unwrap();
+            assert_eq!(std::fs::read_to_string(data.join("g")).unwrap(), "written");
+            let e = std::fs::write(dir.join("1/ro-src/g"), "refused").unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+            // Beside a volume, in the share's root, nothing can be written.
+            let e = std::fs::write(dir.join("0/beside"), "refused").unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+            for at in ["0/data", "1/ro-src", "0", "1"] {
+                rustix::mount::unmount(dir.join(at), rustix::mount::UnmountFlags::DETACH).unwrap();
+            }
+        });
+    }
 }

@@ -49,12 +49,6 @@ const KNOWN_GAPS: &[(&str, &str)] = &[
         "namespaces given by path are host namespaces of another process: a VM's \
          processes cannot join them (only a network namespace is joined, by the VM)",
     ),
-    (
-        "mounts",
-        "binds of a host directory are shared into the VM by virtio-fs: the guest's mount \
-         table shows the share's root (`/`), where the suite looks for the source's name \
-         (`etc`)",
-    ),
 ];
 
 /// What one validation program reported.

@@ -1374,6 +1374,11 @@ fn pod_body(tmp: &Path) {
     std::fs::write(web.join("rootfs/web-marker"), "web").unwrap();
     let hosts = t.join("pod-hosts");
     std::fs::write(&hosts, "127.0.0.1 localhost\n10.0.0.9 pod-peer\n").unwrap();
+    let (data, conf) = (t.join("pod-data"), t.join("pod-conf"));
+    std::fs::create_dir(&data).unwrap();
+    std::fs::create_dir(&conf).unwrap();
+    std::fs::write(data.join("from-host"), "host-wrote").unwrap();
+    std::fs::write(conf.join("token"), "the-token").unwrap();
     let client = bundle(
         &t.join("client"),
         &[
@@ -1382,16 +1387,23 @@ fn pod_body(tmp: &Path) {
             "for i in $(seq 1 60); do nc 127.0.0.1 8080 && break; sleep 0.5; done; \
              [ -e /web-marker ] && echo sees-web; [ -e /client-marker ] && echo own-root; \
              grep -q pod-peer /etc/hosts && echo hosts-bound; \
+             echo data=$(cat /data/from-host); echo from-client > /data/from-client; \
+             echo token=$(cat /conf/token); echo x > /conf/token || echo conf-read-only; \
+             grep ' /data ' /proc/self/mountinfo; \
              echo client-host=$(hostname); exit 5",
         ],
         |c| {
             member_of(c, "sb", sb_pid);
-            // A bound file, as CRI binds /etc/hosts into a pod's containers.
-            c["mounts"]
-                .as_array_mut()
-                .unwrap()
-                .push(json!({"destination": "/etc/hosts",
+            // A bound file, as CRI binds /etc/hosts into a pod's containers, and two
+            // bound directories (a volume, and a read-only one as a service account's
+            // token is).
+            let mounts = c["mounts"].as_array_mut().unwrap();
+            mounts.push(json!({"destination": "/etc/hosts",
                 "type": "bind", "source": hosts, "options": ["rbind", "ro"]}));
+            mounts.push(json!({"destination": "/data",
+                "type": "bind", "source": data, "options": ["rbind"]}));
+            mounts.push(json!({"destination": "/conf",
+                "type": "bind", "source": conf, "options": ["rbind", "ro"]}));
         },
     );
     std::fs::write(client.join("rootfs/client-marker"), "client").unwrap();
@@ -1412,8 +1424,8 @@ fn pod_body(tmp: &Path) {
     let pod_dir = env.root().join("@pods/sb");
     assert_eq!(
         mounts_under(&pod_dir).len(),
-        3,
-        "the pod directory and the two roots: {:?}",
+        5,
+        "the pod directory, the two roots and the client's two volumes: {:?}",
         mounts_under(&pod_dir)
     );
     let client_pid = pid_of(&env.state("client"));
@@ -1437,6 +1449,23 @@ fn pod_body(tmp: &Path) {
             && client_out.contains("own-root")
             && client_out.contains("hosts-bound"),
         "{client_out}"
+    );
+    // Its volumes: the host's file read, its own written through, the read-only one
+    // refused (and unchanged), the bind named as the host's directory.
+    assert!(
+        client_out.contains("data=host-wrote")
+            && client_out.contains("token=the-token")
+            && client_out.contains("conf-read-only")
+            && client_out.contains("/client/volumes/0/pod-data /data "),
+        "{client_out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("from-client")).unwrap(),
+        "from-client\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(conf.join("token")).unwrap(),
+        "the-token"
     );
     assert!(!client_out.contains("sees-web"), "{client_out}");
     assert!(
@@ -1542,4 +1571,8 @@ fn pod_body(tmp: &Path) {
     assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
     assert!(runtime_processes().is_empty(), "{:?}", runtime_processes());
     assert!(client.join("rootfs/client-marker").exists());
+    assert!(
+        data.join("from-host").exists() && conf.join("token").exists(),
+        "delete took a volume's files"
+    );
 }

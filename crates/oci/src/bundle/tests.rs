@@ -428,16 +428,16 @@ fn mounts() {
     .unwrap();
     assert_eq!(with_hosts.files.len(), 1);
     let dir = tempfile::tempdir().unwrap();
-    let e = err_with(|c| {
+    // A bound directory is a volume of the pod's container (the runtime binds it into
+    // the pod directory).
+    let with_volume = load_with(|c| {
         pod_member(c);
         c["mounts"] = json!([{"destination": "/data", "type": "bind",
-            "source": dir.path(), "options": ["rbind"]}]);
-    });
-    assert!(
-        e.contains("mounts (bind of a directory, into a pod's container)")
-            && e.contains("not shared into the pod's VM yet"),
-        "{e}"
-    );
+            "source": dir.path(), "options": ["rbind", "ro"]}]);
+    })
+    .unwrap();
+    assert_eq!(with_volume.volumes.len(), 1);
+    assert!(with_volume.volumes[0].read_only);
     let e = err_with(|c| {
         pod_member(c);
         c["annotations"][ROOTFS_ANNOTATION] = json!("disk");
@@ -499,14 +499,15 @@ fn mounts() {
         ]);
     })
     .unwrap();
-    // The guest mounts them in the spec's order, the volumes as their shares: the
-    // tmpfs lands on the volume, not under it.
+    // The guest mounts them in the spec's order, the volumes as the directories of
+    // their shares named as the host's (a link resolved): the tmpfs lands on the
+    // volume, not under it.
     assert_eq!(
         mount_order(&plan),
         [
-            ("/data", "virtiofs", "forkvm-0"),
+            ("/data", "virtiofs", "forkvm-0/data"),
             ("/data/cache", "tmpfs", "tmpfs"),
-            ("/ro", "virtiofs", "forkvm-1"),
+            ("/ro", "virtiofs", "forkvm-1/data"),
         ]
     );
     assert!(plan.filesystems[0].options.is_empty());
@@ -534,6 +535,15 @@ fn mounts() {
             .collect::<Vec<_>>());
     });
     assert!(e.contains("mount /v11") && e.contains("at most 11"), "{e}");
+    // A pod's container's volumes are directories of the pod's share, not devices.
+    let many = load_with(|c| {
+        c["annotations"] = json!({CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "abc"});
+        c["mounts"] = json!((0..=crate::vm::MAX_VOLUMES)
+            .map(|i| json!({"destination": format!("/v{i}"), "type": "bind", "source": data}))
+            .collect::<Vec<_>>());
+    })
+    .unwrap();
+    assert_eq!(many.volumes.len(), crate::vm::MAX_VOLUMES + 1);
     // What cannot be shared or copied: refused, naming the mount and why.
     let e = err_with(add(
         json!({"destination": "/data", "type": "bind", "source": "/nonexistent/data"}),

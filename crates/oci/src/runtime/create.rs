@@ -47,6 +47,9 @@ pub const READY_FILE: &str = "ready.json";
 pub const START_SOCKET: &str = "start.sock";
 /// The monitor's own log when the runtime has no `--log`.
 pub const MONITOR_LOG: &str = "monitor.log";
+/// Under the container's state directory: its volumes' shares, each a directory holding
+/// the volume bound in the monitor's mount namespace ([`vm::bind_volume_shares`]).
+const VOLUMES_DIR: &str = "volumes";
 /// Exit code of a monitor whose VM failed (the process's code is unknown).
 pub const EXIT_VM_FAILED: i32 = 255;
 
@@ -426,8 +429,12 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         &hostname,
         &uds,
     )?;
-    // The volumes' mounts are among the filesystems, in the spec's order.
-    cfg.shares.extend(vm::volume_shares(&plan.volumes));
+    // The volumes' mounts are among the filesystems, in the spec's order; each is bound
+    // in a directory of its share here, in this monitor's own mount namespace.
+    cfg.shares.extend(vm::bind_volume_shares(
+        &dir.join(VOLUMES_DIR),
+        &plan.volumes,
+    )?);
     // A pod's sandbox shares the pod directory, where its containers' roots appear.
     if plan.pod == Some(bundle::PodRole::Sandbox) {
         cfg.shares.push(forkvm_vmm::FsConfig {
@@ -743,6 +750,14 @@ fn monitor_session(
         })
     ) {
         vm::require_agent_version(&mut stream, 10, "a user namespace (linux.uidMappings)")?;
+    }
+    if let Some(Request::Filesystems { mounts }) = &filesystems {
+        if mounts
+            .iter()
+            .any(|m| m.fs_type == "virtiofs" && m.source.contains('/'))
+        {
+            vm::require_agent_version(&mut stream, 12, "a bound directory")?;
+        }
     }
     // The guest makes the container's cgroup, mounts the spec's filesystems and volumes
     // in order, takes the namespace's addresses and routes, relays DNS, and applies the

@@ -177,6 +177,16 @@ fn create_in(
             )
         })?;
     }
+    // Its volumes as the hooks left them, bound into the pod directory.
+    for (i, volume) in plan.volumes.iter().enumerate() {
+        pod::bind_member_volume(pod, &a.id, i, volume).with_context(|| {
+            format!(
+                "mount {}: cannot share {} into the pod's VM",
+                volume.target,
+                volume.host.display()
+            )
+        })?;
+    }
     go_tx
         .write_all(b"go")
         .context("the monitor of the pod's container ended before its hooks ran")?;
@@ -235,6 +245,22 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         m.source = pod::member_file_source(id, &m.source)
             .with_context(|| format!("mount {}: not a bound file's copy", m.destination))?;
     }
+    // Its volumes are directories of the pod share, in the spec's order.
+    let mut volumes = plan.volumes.iter().enumerate();
+    for m in plan
+        .filesystems
+        .iter_mut()
+        .filter(|m| m.fs_type == "virtiofs")
+    {
+        let (i, volume) = volumes
+            .next()
+            .with_context(|| format!("mount {}: not one of the volumes", m.destination))?;
+        m.source = format!(
+            "{}/{}",
+            pod::POD_SHARE_TAG,
+            pod::member_volume(id, i, volume)
+        );
+    }
     let sb = running_sandbox(store, &sandbox, id)?;
     let uds = sb.vsock.clone().context("the pod sandbox has no VM")?;
     let tty = plan.process.tty;
@@ -242,7 +268,10 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     let relay = signals.spawn(tty)?;
     let mut stream = client::wait_for_agent(&uds, Instant::now() + Duration::from_secs(30))
         .with_context(|| format!("cannot reach the pod VM's agent at {}", uds.display()))?;
-    vm::require_agent_version(&mut stream, 11, "a pod's containers")?;
+    match plan.volumes.is_empty() {
+        true => vm::require_agent_version(&mut stream, 11, "a pod's containers")?,
+        false => vm::require_agent_version(&mut stream, 12, "a pod's container's volumes")?,
+    }
     let (root, _) = pod::member_root(Path::new(""), id);
     let wrap = |r: Option<Request>| r.map(|r| in_container(id, r));
     // The container's root, then as a container's VM gets them: its cgroup, its

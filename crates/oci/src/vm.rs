@@ -252,6 +252,18 @@ pub fn configure_guest<const N: usize>(
     Ok(())
 }
 
+/// One request to the guest agent behind the VM's vsock socket `uds`, on a connection of
+/// its own, connected and answered within `timeout` each.
+pub fn agent_call(
+    uds: &Path,
+    request: &forkvm_agent_proto::Request,
+    timeout: Duration,
+) -> Result<forkvm_agent_proto::Response> {
+    use forkvm_agent_proto::client;
+    let mut conn = client::connect_vsock(uds, forkvm_agent_proto::AGENT_PORT, timeout)?;
+    Ok(client::call_within(&mut conn, request, timeout)?)
+}
+
 /// Fails unless the agent on `stream` speaks protocol `min` or later: an older one
 /// ignores the optional fields that newer versions added, and `what` (a field the host
 /// relies on) would silently not apply.

@@ -360,8 +360,6 @@ pub fn signal(state: &ContainerState, sig: i32) -> Result<()> {
     let (Some(uds), Some(guest_pid)) = (&state.vsock, state.guest_pid) else {
         bail!("container {} has no started process to signal", state.id);
     };
-    let mut conn = client::connect_vsock(uds, forkvm_agent_proto::AGENT_PORT, AGENT_CALL)
-        .with_context(|| format!("cannot reach the pod VM's agent for {}", state.id))?;
     let req = in_container(
         &state.id,
         Request::Signal {
@@ -369,10 +367,7 @@ pub fn signal(state: &ContainerState, sig: i32) -> Result<()> {
             signal: sig,
         },
     );
-    match client::call_within(&mut conn, &req, AGENT_CALL)? {
-        Response::Error { message } => bail!("the agent refused the signal: {message}"),
-        _ => Ok(()),
-    }
+    super::ops::signal_in_guest(uds, &state.id, &req, AGENT_CALL)
 }
 
 /// Has the agent behind `uds` destroy container `id` (its processes, mounts and
@@ -380,16 +375,12 @@ pub fn signal(state: &ContainerState, sig: i32) -> Result<()> {
 /// monitor just killed) is waited for, a few seconds at most.
 fn destroy_in_guest(uds: &Path, id: &str, log: &Log) {
     let destroy = || {
-        client::connect_vsock(uds, forkvm_agent_proto::AGENT_PORT, AGENT_CALL)
-            .map_err(|e| e.to_string())
-            .and_then(|mut conn| {
-                client::call_within(
-                    &mut conn,
-                    &Request::DestroyContainer { id: id.to_owned() },
-                    AGENT_CALL,
-                )
-                .map_err(|e| e.to_string())
-            })
+        vm::agent_call(
+            uds,
+            &Request::DestroyContainer { id: id.to_owned() },
+            AGENT_CALL,
+        )
+        .map_err(|e| format!("{e:#}"))
     };
     let deadline = Instant::now() + Duration::from_secs(5);
     let answer = loop {

@@ -140,20 +140,24 @@ pub fn signal_container(state: &ContainerState, sig: i32) -> Result<()> {
     let (Some(uds), Some(guest_pid)) = (&state.vsock, state.guest_pid) else {
         bail!("container {} has no agent to signal", state.id);
     };
-    let mut conn = forkvm_agent_proto::client::connect_vsock(
-        uds,
-        forkvm_agent_proto::AGENT_PORT,
-        Duration::from_secs(5),
-    )
-    .with_context(|| format!("cannot reach the agent of container {}", state.id))?;
-    match forkvm_agent_proto::client::call_within(
-        &mut conn,
-        &Request::Signal {
-            pid: guest_pid,
-            signal: sig,
-        },
-        Duration::from_secs(5),
-    )? {
+    let signal = Request::Signal {
+        pid: guest_pid,
+        signal: sig,
+    };
+    signal_in_guest(uds, &state.id, &signal, Duration::from_secs(5))
+}
+
+/// Has the agent behind `uds` deliver `signal` (a `Signal` request, or one wrapped for a
+/// pod's container) for container `id`.
+pub(super) fn signal_in_guest(
+    uds: &std::path::Path,
+    id: &str,
+    signal: &Request,
+    timeout: Duration,
+) -> Result<()> {
+    match crate::vm::agent_call(uds, signal, timeout)
+        .with_context(|| format!("cannot reach the agent of container {id}"))?
+    {
         Response::Error { message } => bail!("the agent refused the signal: {message}"),
         _ => Ok(()),
     }

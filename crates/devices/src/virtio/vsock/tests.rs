@@ -104,6 +104,22 @@ fn new_device(dir: &tempfile::TempDir) -> Vsock {
     .unwrap()
 }
 
+/// [`Vsock::restore`] of `state` with CID `cid`, listening on `name` in `dir`.
+fn restore_in(
+    dir: &tempfile::TempDir,
+    name: &str,
+    cid: u64,
+    state: &VsockState,
+) -> Result<Vsock, VsockError> {
+    Vsock::restore(
+        VsockConfig {
+            cid,
+            uds: dir.path().join(name),
+        },
+        state,
+    )
+}
+
 fn client(dir: &tempfile::TempDir) -> UnixStream {
     let s = UnixStream::connect(dir.path().join("v.sock")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -555,14 +571,7 @@ fn state_round_trips_and_restore_resets_the_transport() {
         acked_features: state.acked_features | 1 << 50,
         ..back
     };
-    let e = Vsock::restore(
-        VsockConfig {
-            cid: 9,
-            uds: dir.path().join("forged.sock"),
-        },
-        &forged,
-    )
-    .expect_err("refused");
+    let e = restore_in(&dir, "forged.sock", 9, &forged).expect_err("refused");
     assert!(matches!(e, VsockError::BadFeatures(_)), "{e}");
 }
 
@@ -582,14 +591,7 @@ fn a_restored_device_never_reuses_the_snapshots_host_ports() {
     assert_eq!(state.next_local_port, second + 1);
     drop(dev);
 
-    let mut child = Vsock::restore(
-        VsockConfig {
-            cid: 8,
-            uds: dir.path().join("v.sock"),
-        },
-        &state,
-    )
-    .unwrap();
+    let mut child = restore_in(&dir, "v.sock", 8, &state).unwrap();
     let mut cg = Guest::activate(&mut child);
     cg.post_rx_buffers(8);
     let mut c = client(&dir);
@@ -604,14 +606,7 @@ fn a_restored_device_never_reuses_the_snapshots_host_ports() {
         next_local_port: FIRST_LOCAL_PORT - 1,
         ..state
     };
-    let e = Vsock::restore(
-        VsockConfig {
-            cid: 9,
-            uds: dir.path().join("forged.sock"),
-        },
-        &forged,
-    )
-    .expect_err("refused");
+    let e = restore_in(&dir, "forged.sock", 9, &forged).expect_err("refused");
     assert!(matches!(e, VsockError::BadLocalPort(_)), "{e}");
 }
 

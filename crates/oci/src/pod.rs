@@ -4,25 +4,27 @@
 //! containerd's CRI says what a container is to a pod with annotations
 //! ([`crate::bundle::PodRole`]). The sandbox (the pause container) boots the pod's VM
 //! with one more virtio-fs share, [`POD_SHARE_TAG`], of the pod directory
-//! ([`pod_dir`]: `<runtime root>/pods/<sandbox id>`), prepared by [`prepare`] before the
-//! sandbox's monitor starts: a mount of its own (the directory bound onto itself),
-//! **shared**, so that what is mounted under it later in the runtime's mount namespace
-//! also appears in the monitor's and its VM process's (slaves of it, see
-//! `runtime::create`). A pod's container is then made inside the running VM: its root
-//! filesystem is bound at `<pod dir>/<container id>/rootfs` ([`bind_member_root`]), and
-//! the guest agent makes the container from that directory of the share. The host
-//! files the container binds (CRI's `/etc/hosts`, `/etc/resolv.conf`, ...) are copied
-//! to the top of the pod directory as `<container id>@<n>` ([`copy_member_file`]),
-//! where the agent takes a share's files by `TAG/NAME`.
+//! ([`pod_dir`]: `<runtime root>/@pods/<sandbox id>`), prepared by [`prepare`] before
+//! the sandbox's monitor starts: a small tmpfs of its own (the guest writes there, and
+//! fills no more than [`POD_TMPFS`] of the host), **shared**, so that what is mounted
+//! under it later in the runtime's mount namespace also appears in the monitor's and
+//! its VM process's (slaves of it, see `runtime::create`). A pod's container is then
+//! made inside the running VM: its root filesystem is bound at
+//! `<pod dir>/<container id>/rootfs` ([`bind_member_root`]), and the guest agent makes
+//! the container from that directory of the share. The host files the container binds
+//! (CRI's `/etc/hosts`, `/etc/resolv.conf`, ...) are copied to the top of the pod
+//! directory as `<container id>@<n>` ([`copy_member_file`]), where the agent takes a
+//! share's files by `TAG/NAME`; the host directories it binds are bound at
+//! `<container id>/volumes/<n>/<name>` ([`bind_member_volume`]).
 //!
-//! Nothing here ever removes a directory recursively: a pod directory may hold a
-//! container's root, bound in, and a recursive removal through that bind would remove
-//! the container's files. [`release`] detaches the whole mount first and then removes
-//! only the empty directories it made, one at a time; anything else it finds is left
-//! in place with a warning. The guest writes in the pod directory (a compromised one
-//! could plant symlinks there), so what lies in it is reached from a handle on the
-//! directory, never through a symlink or out of it (`openat2` with `RESOLVE_BENEATH`
-//! and `RESOLVE_NO_SYMLINKS`), and unmounted and removed through that handle.
+//! Nothing here ever removes a directory recursively: a pod directory holds the
+//! containers' roots and volumes, bound in, and a recursive removal through a bind
+//! would remove the host's files. [`release`] detaches the whole mount first and then
+//! removes the directory. The guest writes in the pod directory (a compromised one
+//! could plant symlinks there, or move a directory that holds a bind), so what lies in
+//! it is reached from a handle on the directory, never through a symlink, out of it or
+//! across a mount (`openat2` with `RESOLVE_BENEATH`, `RESOLVE_NO_SYMLINKS` and
+//! `RESOLVE_NO_XDEV`), and made, bound, unmounted and removed through such handles.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -30,7 +32,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{openat2, AtFlags, Mode, OFlags, ResolveFlags};
-use rustix::mount::{MountPropagationFlags, UnmountFlags};
+use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 
 /// The tag of the pod VM's share of its pod directory.
 pub const POD_SHARE_TAG: &str = "forkvm-pod";
@@ -38,6 +40,11 @@ pub const POD_SHARE_TAG: &str = "forkvm-pod";
 /// The directory under the runtime's root that holds the pod directories: a name no
 /// container id can have (`@`), so that no container's state directory is it.
 const PODS_DIR: &str = "@pods";
+
+/// The pod directory's own filesystem: what the pod's guest may write there beside the
+/// containers' binds, and the copies of the files they bind (their sum is bounded by
+/// it), in memory, never more than this.
+pub const POD_TMPFS: &std::ffi::CStr = c"size=64m,nr_inodes=16384,mode=0700";
 
 /// The name of a pod container's root directory inside its directory of the pod.
 const ROOTFS: &str = "rootfs";
@@ -147,7 +154,8 @@ pub fn copy_member_file(pod: &Path, id: &str, i: usize, source: &Path) -> Result
 }
 
 /// Makes sandbox `sandbox`'s pod directory under `root`: a new, empty directory (mode
-/// 0700), bound onto itself and made a shared mount. Call it before the sandbox's
+/// 0700) with a small filesystem of its own ([`POD_TMPFS`]: the guest writes in it, and
+/// may fill no more than that), made a shared mount. Call it before the sandbox's
 /// monitor makes its mount namespace.
 pub fn prepare(root: &Path, sandbox: &str) -> Result<PathBuf, PodError> {
     let pods = root.join(PODS_DIR);
@@ -161,10 +169,16 @@ pub fn prepare(root: &Path, sandbox: &str) -> Result<PathBuf, PodError> {
     // A peer group of its own (private, then shared): the binds made in it later reach
     // the namespaces made from this one after now (the monitor's), not every namespace
     // that shares the mount the runtime's root is on.
-    let made = rustix::mount::mount_bind(&dir, &dir)
-        .and_then(|()| rustix::mount::mount_change(&dir, MountPropagationFlags::PRIVATE))
-        .and_then(|()| rustix::mount::mount_change(&dir, MountPropagationFlags::SHARED))
-        .map_err(|e| io("cannot make a shared mount of", &dir)(e.into()));
+    let made = rustix::mount::mount(
+        "forkvm-pod",
+        &dir,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        Some(POD_TMPFS),
+    )
+    .and_then(|()| rustix::mount::mount_change(&dir, MountPropagationFlags::PRIVATE))
+    .and_then(|()| rustix::mount::mount_change(&dir, MountPropagationFlags::SHARED))
+    .map_err(|e| io("cannot make a shared mount of", &dir)(e.into()));
     if let Err(e) = made {
         release(root, sandbox);
         return Err(e);
@@ -629,6 +643,16 @@ mod tests {
                 bind_member_volume(&pod, "app", 0, &volumes[0]),
                 Err(PodError::Exists(_))
             ));
+            // The guest fills no more of the host than the pod directory's own
+            // filesystem beside the binds; a volume is the host's directory.
+            let big = vec![0u8; 1 << 20];
+            let mut filler = std::fs::File::create(pod.join("filler")).unwrap();
+            let filled = (0..80).try_for_each(|_| std::io::Write::write_all(&mut filler, &big));
+            assert_eq!(filled.unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+            drop(filler);
+            std::fs::write(volume(0).join("big"), &big).unwrap();
+            std::fs::remove_file(data.join("big")).unwrap();
+            std::fs::remove_file(pod.join("filler")).unwrap();
             // What the guest adds beside a volume stays, and is not followed.
             std::os::unix::fs::symlink(&data, pod.join("app/volumes/0/planted")).unwrap();
 

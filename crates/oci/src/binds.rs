@@ -76,9 +76,59 @@ pub fn bind_tree(source: &Path, target: impl AsFd, read_only: bool) -> std::io::
     Ok(())
 }
 
+/// [`bind_tree`] onto the directory `target`, in a mount namespace that propagates
+/// nowhere (a container's monitor's: a slave of the host's, shared with nobody). Where
+/// the kernel lacks the calls [`bind_tree`] makes (`open_tree` and `move_mount` came in
+/// Linux 5.2, `mount_setattr` in 5.12), a recursive bind then remounted read-only at its
+/// top does here: no copy of it can keep other flags, and detaching it reaches no peer
+/// of the source's.
+pub fn bind_tree_unshared(source: &Path, target: &Path, read_only: bool) -> std::io::Result<()> {
+    match bind_tree(source, target_dir(target)?, read_only) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+            tracing::debug!("no mount_setattr: a recursive bind of {}", source.display());
+            bind_tree_legacy(source, target, read_only)
+        }
+        other => other,
+    }
+}
+
+/// A recursive bind of `source` at `target`, remounted read-only (its top) where
+/// `read_only`: see [`bind_tree_unshared`].
+fn bind_tree_legacy(source: &Path, target: &Path, read_only: bool) -> std::io::Result<()> {
+    rustix::mount::mount_bind_recursive(source, target)?;
+    if read_only {
+        rustix::mount::mount_remount(
+            target,
+            rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY,
+            "",
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without the new mount calls, a recursive bind stands in, read-only at its top.
+    #[test]
+    fn the_legacy_bind_binds_the_tree_read_only() {
+        forkvm_test_support::in_own_mounts(|top| {
+            let source = top.join("source");
+            std::fs::create_dir_all(&source).unwrap();
+            std::fs::write(source.join("f"), "source's").unwrap();
+            let target = top.join("target");
+            std::fs::create_dir(&target).unwrap();
+            bind_tree_legacy(&source, &target, true).unwrap();
+            assert_eq!(
+                std::fs::read_to_string(target.join("f")).unwrap(),
+                "source's"
+            );
+            let e = std::fs::write(target.join("g"), "refused").unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+            rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH).unwrap();
+        });
+    }
 
     /// Detaching a bound tree (as a pod container's delete does) leaves the mounts
     /// under a shared source in place on the host.

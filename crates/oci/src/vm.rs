@@ -422,11 +422,9 @@ pub fn bind_volume_shares(
             .map_err(failed("make", &at))?;
         // The share's root is read-only (the guest writes in the volume, not beside it
         // in the runtime's state); the volume is bound in it.
-        crate::binds::target_dir(&wrapper)
-            .and_then(|target| crate::binds::bind_tree(&wrapper, target, true))
+        crate::binds::bind_tree_unshared(&wrapper, &wrapper, true)
             .map_err(failed("make read-only", &wrapper))?;
-        crate::binds::target_dir(&at)
-            .and_then(|target| crate::binds::bind_tree(&v.host, target, v.read_only))
+        crate::binds::bind_tree_unshared(&v.host, &at, v.read_only)
             .map_err(failed("bind the volume at", &at))?;
         share.host_path = wrapper;
     }

@@ -527,7 +527,7 @@ impl Persist<'_> for Vsock {
     /// reset once the device is activated, because the connections it knew are gone;
     /// host ports go on from the snapshot's (see [`VsockState::next_local_port`]).
     fn restore(config: VsockConfig, state: &VsockState) -> Result<Self, VsockError> {
-        if state.next_local_port < FIRST_LOCAL_PORT {
+        if state.next_local_port < FIRST_LOCAL_PORT || state.next_local_port == u32::MAX {
             return Err(VsockError::BadLocalPort(state.next_local_port));
         }
         if config.cid != state.cid {

@@ -202,9 +202,11 @@ impl Muxer {
     pub(super) fn alloc_local_port(&mut self) -> u32 {
         loop {
             let port = self.next_local_port;
+            // `u32::MAX` is VMADDR_PORT_ANY, never a connection's port.
             self.next_local_port = self
                 .next_local_port
                 .checked_add(1)
+                .filter(|&p| p != u32::MAX)
                 .unwrap_or(FIRST_LOCAL_PORT);
             if !self.ports.keys().any(|&(local, _)| local == port) {
                 return port;

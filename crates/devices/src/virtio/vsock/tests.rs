@@ -608,6 +608,25 @@ fn a_restored_device_never_reuses_the_snapshots_host_ports() {
     };
     let e = restore_in(&dir, "forged.sock", 9, &forged).expect_err("refused");
     assert!(matches!(e, VsockError::BadLocalPort(_)), "{e}");
+    let forged = VsockState {
+        next_local_port: u32::MAX,
+        ..forged
+    };
+    let e = restore_in(&dir, "forged.sock", 9, &forged).expect_err("refused");
+    assert!(matches!(e, VsockError::BadLocalPort(_)), "{e}");
+    // The last port is followed by the first: VMADDR_PORT_ANY is never handed out.
+    let mut last = restore_in(
+        &dir,
+        "last.sock",
+        9,
+        &VsockState {
+            next_local_port: u32::MAX - 1,
+            ..state
+        },
+    )
+    .unwrap();
+    assert_eq!(last.muxer.alloc_local_port(), u32::MAX - 1);
+    assert_eq!(last.muxer.alloc_local_port(), FIRST_LOCAL_PORT);
 }
 
 #[test]

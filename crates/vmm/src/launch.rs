@@ -203,6 +203,20 @@ enum Handle {
 const KILL_DEADLINE: Duration = Duration::from_secs(5);
 
 impl Handle {
+    /// Whether the main thread of process `pid` has exited (`Z` or `X` in its
+    /// `/proc/PID/stat`). Only for a pid whose pidfd has not ended (or a child not
+    /// reaped): until then the pid is still the process's. What cannot be read says nothing (the pidfd decides).
+    fn leader_exited(pid: u32) -> bool {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        // The state follows the command name's closing parenthesis.
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next());
+        matches!(state, Some("Z" | "X"))
+    }
+
     /// Whether the pidfd says the process ended, waiting at most `timeout_ms`.
     fn pidfd_ended(pidfd: &OwnedFd, timeout_ms: i32) -> bool {
         let mut p = libc::pollfd {
@@ -318,8 +332,15 @@ impl VmProcess {
     /// Whether the process still runs (one that ended is reaped, if it is our child).
     pub fn is_alive(&mut self) -> bool {
         match &mut self.process {
-            Handle::Spawned(child) => matches!(child.try_wait(), Ok(None)),
-            Handle::Forked { pidfd, .. } => !Handle::pidfd_ended(pidfd, 0),
+            Handle::Spawned(child) => {
+                matches!(child.try_wait(), Ok(None)) && !Handle::leader_exited(child.id())
+            }
+            // A killed process's pidfd turns readable (and `waitpid` answers) only once
+            // its last thread has gone; its main thread shows it dying (a zombie) before
+            // that, and such a process must not be handed out as a warm one.
+            Handle::Forked { pid, pidfd } => {
+                !Handle::pidfd_ended(pidfd, 0) && !Handle::leader_exited(*pid)
+            }
         }
     }
 

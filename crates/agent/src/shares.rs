@@ -87,7 +87,7 @@ pub(crate) fn mounted(base: &Path, tag: &str) -> Result<PathBuf, String> {
     // The tag names a directory.
     if tag.contains(['/', '\\']) || tag.contains(char::is_whitespace) || tag == "." || tag == ".." {
         return Err(format!(
-            "share {tag:?}: a share mounted to bind from has a tag that is a file name"
+            "share {tag:?}: a share to bind from is one whose tag is a file name"
         ));
     }
     let at = base.join(tag);

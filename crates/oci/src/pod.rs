@@ -194,7 +194,7 @@ pub fn bind_member_root(pod: &Path, id: &str, rootfs: &Path) -> Result<String, P
         return Err(PodError::NotPrepared(pod.to_owned()));
     }
     let (relative, target) = member_root(pod, id);
-    make_new_dir(&pod.join(id))?;
+    new_dir_beneath(pod, id, 0o700)?;
     let bound = new_dir_beneath(pod, &relative, 0o755).and_then(|dir| {
         crate::binds::bind_tree(rootfs, dir, false)
             .map_err(io("cannot bind the container's root at", &target))

@@ -588,7 +588,8 @@ fn inspect(root: &Path, vm: &str) -> serde_json::Value {
 
 /// Checks that VM `vm`'s process is jailed, as `forkvm inspect` reports it and the kernel
 /// says: every thread under seccomp with no new privileges, no effective capability, in
-/// a cgroup of its own whose limits cover its memory. Returns the cgroup's directory.
+/// a cgroup of its own whose limits cover its memory, in its minimal root. Returns the
+/// cgroup's directory.
 fn assert_jailed(root: &Path, vm: &str) -> PathBuf {
     let info = inspect(root, vm);
     let jail = &info["jail"];
@@ -622,6 +623,8 @@ fn assert_jailed(root: &Path, vm: &str) -> PathBuf {
         "{vm}: {rules}"
     );
     let pid = info["pid"].as_u64().unwrap() as u32;
+    assert_eq!(jail["root"], "tmpfs forkvm-root", "{vm}: {jail}");
+    forkvm_test_support::assert_own_root(pid, &jail.to_string(), root);
     let threads = forkvm_test_support::thread_confinement(pid, "");
     assert!(threads.len() > 2, "{vm}: {threads:?}");
     for (name, seccomp, nnp) in &threads {

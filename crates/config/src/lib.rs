@@ -126,22 +126,31 @@ pub fn config_candidates() -> Vec<PathBuf> {
     out
 }
 
-static LOADED: OnceLock<Result<Config, String>> = OnceLock::new();
+static LOADED: OnceLock<Result<(Config, Option<PathBuf>), String>> = OnceLock::new();
 
 /// This program's configuration, read once. A program calls it first thing, so that a
 /// broken file is a clear error before anything runs.
 pub fn load() -> Result<&'static Config, String> {
+    loaded().map(|(c, _)| c)
+}
+
+/// The file [`load`] read the configuration from (`None`: there was none, or it could
+/// not be used). A VM process binds it into its root, so that the processes it starts
+/// read the same.
+pub fn loaded_from() -> Option<&'static Path> {
+    loaded().ok().and_then(|(_, path)| path.as_deref())
+}
+
+fn loaded() -> Result<&'static (Config, Option<PathBuf>), String> {
     LOADED
         .get_or_init(|| {
-            Config::read_first(&config_candidates())
-                .map(|(c, _)| c)
-                .map_err(|e| {
-                    let mut msg = e.to_string();
-                    if let Some(src) = std::error::Error::source(&e) {
-                        msg.push_str(&format!(": {src}"));
-                    }
-                    msg
-                })
+            Config::read_first(&config_candidates()).map_err(|e| {
+                let mut msg = e.to_string();
+                if let Some(src) = std::error::Error::source(&e) {
+                    msg.push_str(&format!(": {src}"));
+                }
+                msg
+            })
         })
         .as_ref()
         .map_err(Clone::clone)

@@ -6,6 +6,9 @@
 //! - moves the process into a cgroup of its own ([`cgroup`]): `memory.max` and `pids.max`;
 //! - sets `no_new_privs` and installs the process's seccomp allow-list on every thread
 //!   ([`seccomp`], [`ThreadKind::Process`]); whatever the process starts inherits it;
+//! - moves it into a mount namespace of its own whose root holds only its places
+//!   ([`root`]): what it writes and what it reads once jailed (its kernel, disks and
+//!   shares, its executable and the system's libraries), nothing else of the host's;
 //! - binds it to the places it may change ([`landlock`]): its state root, its cgroups,
 //!   its disks, shares and sockets, the devices it opens; elsewhere it and whatever it
 //!   starts can no longer create, write, truncate, rename or remove files (Landlock does
@@ -27,9 +30,10 @@ pub mod caps;
 pub mod cgroup;
 pub mod landlock;
 pub mod limits;
+pub mod root;
 pub mod seccomp;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use forkvm_config::logging::error_chain;
@@ -37,6 +41,7 @@ use serde::{Deserialize, Serialize};
 
 pub use cgroup::{Cgroup, CgroupError, CgroupSpec};
 pub use landlock::{Restricted, Writable};
+pub use root::{Access, Place, RootError, Rooted};
 pub use seccomp::{SeccompError, ThreadKind};
 
 /// Why a VM process could not be jailed.
@@ -57,11 +62,61 @@ pub enum JailError {
     /// `no_new_privs` could not be set.
     #[error("cannot set no_new_privs")]
     NoNewPrivs(#[source] std::io::Error),
+    /// Its minimal root.
+    #[error(transparent)]
+    Root(#[from] RootError),
 }
 
 /// Devices every VM process may open for writing: KVM, TUN (a fork child's TAPs) and
-/// `/dev/null`.
+/// `/dev/null` (its root has these and `/dev/urandom`, see [`root::DEVICES`]).
 const DEVICES: [&str; 3] = ["/dev/kvm", "/dev/net/tun", "/dev/null"];
+
+/// Where a VM process may go once jailed: where it may change the file system (its
+/// Landlock rules, links resolved) and what its minimal root holds (those places and
+/// what it reads, as it names them).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Places {
+    /// Where it may create, write, rename and remove.
+    pub writable: Writable,
+    /// What its root holds besides what every VM process needs (see [`root`]).
+    pub root: Vec<Place>,
+}
+
+impl Places {
+    /// The directory `dir`, beneath which everything may change.
+    pub fn dir(&mut self, dir: impl AsRef<Path>) -> &mut Self {
+        self.writable.dir(dir.as_ref());
+        self.root.push(Place::new(dir, Access::Write));
+        self
+    }
+
+    /// The file `file`, which may be written.
+    pub fn file(&mut self, file: impl AsRef<Path>) -> &mut Self {
+        self.writable.file(file.as_ref());
+        self.root.push(Place::new(file, Access::Write));
+        self
+    }
+
+    /// The directory `dir`, beneath which Unix sockets may be made.
+    pub fn sockets(&mut self, dir: impl AsRef<Path>) -> &mut Self {
+        self.writable.sockets(dir.as_ref());
+        self.root.push(Place::new(dir, Access::Write));
+        self
+    }
+
+    /// The file or directory `path`, which is only read.
+    pub fn read(&mut self, path: impl AsRef<Path>) -> &mut Self {
+        self.root.push(Place::new(path, Access::Read));
+        self
+    }
+
+    /// Adds everything in `other`.
+    pub fn extend(&mut self, other: &Places) -> &mut Self {
+        self.writable.extend(&other.writable);
+        self.root.extend(other.root.iter().cloned());
+        self
+    }
+}
 
 /// Where forkvm keeps the address leases of bridged NICs (a fork child takes its own);
 /// `forkvm_registry`'s leases live here.
@@ -160,18 +215,21 @@ pub struct Jail {
 
 impl Jail {
     /// Enters the jail `spec` describes, for VM `id` that may hold `guest_memory` bytes of
-    /// guest memory (its RAM, and what its forks make it keep) and change the file system
-    /// only in `writable` (its state root and what its configuration writes; the jail
-    /// adds its cgroups, the lease directory and the devices a VM opens):
-    /// cgroup, `no_new_privs`, the process's seccomp filter, the file-system rules (see
-    /// the crate doc). Call it before the VM is built, while the process has one thread;
-    /// `None` for a VM that is not jailed. A process whose filter is inherited has its
-    /// parent's file-system rules too (they are inherited as well): none are added.
+    /// guest memory (its RAM, and what its forks make it keep), may change the file
+    /// system only in `places` (its state root `state_root` and what its configuration
+    /// writes; the jail adds its cgroups, the lease directory and the devices a VM opens)
+    /// and sees only those and what `places` has it read: cgroup, a minimal root of its
+    /// own (mounted on `state_root`'s [`root::MOUNT_DIR`]), `no_new_privs`, the
+    /// file-system rules, the process's seccomp filter (see the crate doc). Call it
+    /// before the VM is built, while the process has one thread; `None` for a VM that is
+    /// not jailed. A process whose filter is inherited has its parent's root and
+    /// file-system rules too (they are inherited as well): none are added.
     pub fn enter(
         spec: &JailSpec,
         id: &str,
         guest_memory: u64,
-        writable: Writable,
+        places: Places,
+        state_root: &Path,
     ) -> Result<Option<Self>, JailError> {
         set_enabled(spec.enabled);
         if !spec.enabled {
@@ -202,26 +260,33 @@ impl Jail {
                 None
             }
         };
-        let writable = with_system_places(writable, cgroup.as_ref());
+        let places = with_system_places(places, cgroup.as_ref());
         let landlock = if spec.filter_inherited {
             // Its trap still writes the line, in this process too.
             seccomp::install_sigsys_handler()?;
             seccomp::mark(ThreadKind::Process);
             // Bound by its parent's rules, which cover at least what its own would.
             if spec.writes_bound {
-                landlock::set_bound(landlock::Enforced::Inherited, writable);
+                landlock::set_bound(landlock::Enforced::Inherited, places.writable);
             }
             None
         } else if PROCESS_FILTERED.load(Ordering::Relaxed) {
             // Entered before (a warm process whose jail did not fit its launch): its
-            // filter and the rules it applied then hold (the filter has no Landlock calls).
+            // root, filter and the rules it applied then hold (the filter has no mount
+            // or Landlock calls).
             seccomp::mark(ThreadKind::Process);
             None
         } else {
-            // The rules before the filter (which has no Landlock calls); `no_new_privs`
-            // before both, as Landlock needs it.
+            // The root first (the filter has no mount calls, and the rules are applied
+            // to the places as the new root has them); `no_new_privs` before the rules,
+            // as Landlock needs it; the rules before the filter (which has no Landlock
+            // calls).
+            let mount_on = state_root.join(root::MOUNT_DIR);
+            if let Rooted::Not(why) = root::enter(&mount_on, &places.root)? {
+                tracing::info!("the VM process keeps the host's root: {why}");
+            }
             set_no_new_privs()?;
-            let restricted = restrict_writes(writable)?;
+            let restricted = restrict_writes(places.writable)?;
             seccomp::apply(ThreadKind::Process)?;
             Some(restricted)
         };
@@ -257,29 +322,30 @@ impl Drop for Jail {
     }
 }
 
-/// `writable` with what every VM process changes: forkvm's cgroups (where its fork
+/// `places` with what every VM process changes: forkvm's cgroups (where its fork
 /// children make theirs, where its own group is unless it is a container's, and
-/// `forkvm/exited`, which it joins on the way out), the lease directory and the devices.
+/// `forkvm/exited`, which it joins on the way out), the lease directory and the devices
+/// (its root has the whole cgroup hierarchy and the devices already, see [`root`]).
 /// A container's group (the engine's `cgroupsPath`) and its siblings are not among them:
 /// the process joined it and set its limits before; the runtime's `delete` removes it.
-fn with_system_places(mut writable: Writable, cgroup: Option<&Cgroup>) -> Writable {
+fn with_system_places(mut places: Places, cgroup: Option<&Cgroup>) -> Places {
     if cgroup.is_some() {
         let forkvm = std::path::Path::new(cgroup::ROOT).join(cgroup::FORKVM_GROUP);
         // Made now: once bound, the process could not make it on its way out.
         if let Err(e) = std::fs::create_dir_all(forkvm.join("exited")) {
             tracing::debug!("cannot make {}/exited: {e}", forkvm.display());
         }
-        writable.dir(forkvm);
+        places.writable.dir(forkvm);
     }
     // Made now, as `forkvm/exited`: a fork child takes its lease there.
     if let Err(e) = std::fs::create_dir_all(LEASE_ROOT) {
         tracing::debug!("cannot make {LEASE_ROOT}: {e}");
     }
-    writable.dir(LEASE_ROOT);
+    places.dir(LEASE_ROOT);
     for d in DEVICES {
-        writable.file(d);
+        places.writable.file(d);
     }
-    writable
+    places
 }
 
 /// Sets `no_new_privs` (for good): nothing this process executes gains privileges.
@@ -336,6 +402,13 @@ pub struct JailStatus {
     pub memory_max: Option<String>,
     /// See `memory_max`.
     pub pids_max: Option<String>,
+    /// Its mount namespace, as `/proc/<pid>/ns/mnt` names it (`mnt:[4026531841]`).
+    #[serde(default)]
+    pub mount_ns: Option<String>,
+    /// Its root: the type and source of the mount it sees at `/` (`tmpfs forkvm-root`:
+    /// its minimal root, see [`root`]).
+    #[serde(default)]
+    pub root: Option<String>,
 }
 
 impl JailStatus {
@@ -358,7 +431,24 @@ impl JailStatus {
             s.memory_max = read("memory.max");
             s.pids_max = read("pids.max");
         }
+        s.mount_ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+            .ok()
+            .map(|l| l.to_string_lossy().into_owned());
+        s.root = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+            .ok()
+            .and_then(|m| Self::root_of(&m));
         Ok(s)
+    }
+
+    /// The type and source of the mount at `/` in a `/proc/<pid>/mountinfo` text (the
+    /// last one mounted there: the one the process sees).
+    pub fn root_of(mountinfo: &str) -> Option<String> {
+        mountinfo
+            .lines()
+            .rev()
+            .find(|l| l.split(' ').nth(4) == Some("/"))
+            .and_then(|l| l.split_once(" - "))
+            .map(|(_, fs)| fs.split(' ').take(2).collect::<Vec<_>>().join(" "))
     }
 
     /// The fields of a `/proc/<pid>/status` text.
@@ -399,6 +489,21 @@ mod tests {
         assert_eq!(s.cap_eff, "0000000000000000");
         assert_eq!(s.cap_prm, "0000000000001000");
         assert_eq!(s.cap_bnd, "0000000000001000");
+    }
+
+    #[test]
+    fn the_root_is_read_from_mountinfo() {
+        let text = "22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n\
+                    30 22 0:5 / /proc rw - proc proc rw\n\
+                    41 22 0:40 / / ro,nosuid - tmpfs forkvm-root ro,size=1024k\n";
+        assert_eq!(
+            JailStatus::root_of(text).as_deref(),
+            Some("tmpfs forkvm-root")
+        );
+        assert_eq!(
+            JailStatus::root_of("30 22 0:5 / /proc rw - proc proc rw\n"),
+            None
+        );
     }
 
     #[test]

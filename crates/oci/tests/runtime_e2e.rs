@@ -594,6 +594,8 @@ fn body() {
     assert_eq!(jail.seccomp, 2, "{jail:?}");
     assert!(jail.no_new_privs, "{jail:?}");
     assert_eq!(jail.cap_eff, "0000000000000000", "{jail:?}");
+    assert_eq!(jail.root.as_deref(), Some("tmpfs forkvm-root"), "{jail:?}");
+    forkvm_test_support::assert_own_root(vmm_pid, &format!("{jail:?}"), &env.vm_homes()[0]);
     assert_eq!(jail.cgroup.as_deref(), Some("/forkvm-e2e/c2"), "{jail:?}");
     let memory_max =
         forkvm_vmm::memory::guest_memory_budget(256 << 20) + forkvm_jail::cgroup::VMM_OVERHEAD;

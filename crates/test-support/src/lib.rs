@@ -50,6 +50,34 @@ pub fn thread_confinement(pid: u32, prefix: &str) -> Vec<(String, String, String
         .collect()
 }
 
+/// Checks that process `pid` (a VM process) lives in a root of its own, as the kernel
+/// shows it: a mount namespace that is not the host's (init's), where the directory
+/// `place` (one of its places) and `/dev/kvm` are and the host's `/etc/passwd` is not.
+/// `what` is shown on failure.
+pub fn assert_own_root(pid: u32, what: &str, place: &Path) {
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
+    assert_ne!(
+        ns(&pid.to_string()),
+        ns("1"),
+        "{what}: the host's mount namespace"
+    );
+    let seen = Path::new("/proc").join(pid.to_string()).join("root");
+    let inside = |p: &Path| seen.join(p.strip_prefix("/").unwrap_or(p));
+    assert!(
+        inside(place).is_dir(),
+        "{what}: {} not in its root",
+        place.display()
+    );
+    assert!(
+        inside(Path::new("/dev/kvm")).exists(),
+        "{what}: no /dev/kvm"
+    );
+    assert!(
+        !inside(Path::new("/etc/passwd")).exists(),
+        "{what}: the host's /etc/passwd in its root"
+    );
+}
+
 /// The parent of process `pid`, while it exists.
 pub fn parent_of(pid: u32) -> Option<u32> {
     stat_fields(pid)?.get(1)?.parse().ok()

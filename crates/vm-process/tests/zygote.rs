@@ -45,7 +45,7 @@ fn warmup() -> Warmup {
         vcpus: 1,
         stage: None,
         jail: None,
-        writable: Default::default(),
+        places: Default::default(),
     }
 }
 

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use forkvm_jail::{Jail, JailSpec, Writable};
+use forkvm_jail::{Jail, JailSpec, Places};
 use forkvm_registry::{ProcessIdentity, VmHome, VmState};
 use serde::{Deserialize, Serialize};
 
@@ -468,31 +468,59 @@ pub enum LaunchError {
 type WarmJail = (JailSpec, Result<Option<Jail>, forkvm_jail::JailError>);
 
 /// Where the VM process of a VM under the state root `root`, configured as `cfg` (when
-/// known), may change the file system (see `forkvm_jail::landlock`): the state root (its
-/// home, its fork children's, a template it saves), its writable disks and shares, and
-/// the directory of its vsock socket, for sockets only (its fork children bind theirs
-/// beside it; a stale one is removed before the rules apply). Its console is opened
-/// before.
-pub fn writable(root: &Path, cfg: Option<&VmConfig>) -> Writable {
-    let mut w = Writable::default();
-    w.dir(root);
+/// known), may go once jailed (see `forkvm_jail`). It may change the file system in the
+/// state root (its home, its fork children's, a template it saves), its writable disks
+/// and shares, and the directory of its vsock socket, for sockets only (its fork
+/// children bind theirs beside it; a stale one is removed before the rules apply). Its
+/// minimal root holds those and what it reads once jailed: its kernel and initrd, its
+/// read-only disks and shares. Its console is opened before.
+pub fn places(root: &Path, cfg: Option<&VmConfig>) -> Places {
+    let mut p = Places::default();
+    p.dir(root);
     let parent_of = |p: &Path| {
         p.parent()
             .filter(|d| !d.as_os_str().is_empty())
             .map(Path::to_owned)
     };
-    let Some(cfg) = cfg else { return w };
-    for d in cfg.disks.iter().filter(|d| !d.read_only) {
-        w.file(&d.path);
+    let Some(cfg) = cfg else { return p };
+    p.read(&cfg.kernel);
+    if let Some(initrd) = &cfg.initrd {
+        p.read(initrd);
     }
-    for s in cfg.shares.iter().filter(|s| !s.read_only) {
-        w.dir(&s.host_path);
+    for d in &cfg.disks {
+        match d.read_only {
+            true => p.read(&d.path),
+            false => p.file(&d.path),
+        };
+    }
+    for s in &cfg.shares {
+        match s.read_only {
+            true => p.read(&s.host_path),
+            false => p.dir(&s.host_path),
+        };
     }
     // Only sockets there: the directory is often a shared one (`/tmp`).
     if let Some(dir) = cfg.vsock.as_ref().and_then(|v| parent_of(&v.uds)) {
-        w.sockets(dir);
+        p.sockets(dir);
     }
-    w
+    p
+}
+
+/// What a VM process that makes a root of its own (not one started by a jailed VM
+/// process, which lives in its parent's) reads besides its VM's places: the
+/// configuration file it read and the host's template key (a template it saves is
+/// authenticated with it). The key is made now if the host has none yet: once jailed
+/// the process could see none made later.
+pub fn own_root_places(places: &mut Places) {
+    if let Some(file) = forkvm_config::loaded_from() {
+        places.read(file);
+    }
+    match crate::template::TemplateKey::host_or_new() {
+        Ok(_) => {
+            places.read(crate::template::TemplateKey::configured_path());
+        }
+        Err(e) => tracing::debug!("no template key for the VM process's root: {e}"),
+    }
 }
 
 /// A launch as the VM process received it, with the socket to report on.
@@ -593,12 +621,16 @@ impl Launched {
                         tracing::warn!("{}", forkvm_config::logging::error_chain(&e));
                     }
                 }
-                let writable = writable(home.root(), Some(self.config()));
+                let mut places = places(home.root(), Some(self.config()));
+                if !self.launch.jail.filter_inherited {
+                    own_root_places(&mut places);
+                }
                 Jail::enter(
                     &self.launch.jail,
                     home.id(),
                     guest_memory_budget(ram),
-                    writable,
+                    places,
+                    home.root(),
                 )
                 .map_err(LaunchError::Jail)
             }
@@ -684,11 +716,15 @@ impl Launched {
                     // forking VM does.
                     if let (Some(spec), Some(s)) = (&w.jail, &staged) {
                         let budget = guest_memory_budget(s.staging.mem_mib << 20);
-                        let mut writable = writable(&s.staging.homes.root, None);
-                        writable.extend(&w.writable);
+                        let root = &s.staging.homes.root;
+                        let mut places = places(root, None);
+                        places.extend(&w.places);
+                        if !spec.filter_inherited {
+                            own_root_places(&mut places);
+                        }
                         warm_jail = Some((
                             spec.clone(),
-                            Jail::enter(spec, &s.staging.id, budget, writable),
+                            Jail::enter(spec, &s.staging.id, budget, places, root),
                         ));
                     }
                     // Its seccomp filters built now, not on the fork's way (a zygote's

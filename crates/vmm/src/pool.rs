@@ -170,7 +170,7 @@ impl ChildPool {
         vcpus: u8,
         mem_mib: u64,
         homes: Option<ChildHomes>,
-        writable: forkvm_jail::Writable,
+        places: forkvm_jail::Places,
         fill_now: bool,
     ) -> std::io::Result<Self> {
         let exe = crate::launch::vmm_executable()?;
@@ -183,7 +183,7 @@ impl ChildPool {
             }),
             // Jailed as this process jails the VMs it starts, while they wait.
             jail: Some(forkvm_jail::JailSpec::inherited()),
-            writable,
+            places,
         };
         Self::start_filling(size, warmup, Maker::Zygote(exe), fill_now)
     }
@@ -370,7 +370,7 @@ mod tests {
             vcpus: 1,
             stage: None,
             jail: None,
-            writable: Default::default(),
+            places: Default::default(),
         }
     }
 
@@ -487,7 +487,7 @@ mod tests {
                 mem_mib: 64,
             }),
             jail: None,
-            writable: Default::default(),
+            places: Default::default(),
         };
         let pool = ChildPool::start(2, warmup, Maker::Exec(waiter(dir.path()))).unwrap();
         wait_until("the pool to fill", || pool.pids().len() == 2);

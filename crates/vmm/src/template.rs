@@ -356,9 +356,13 @@ impl Unverified {
     /// [`MAX_FORK_POOL`]: crate::pool::MAX_FORK_POOL
     pub fn warm_pool(&self, homes: &ChildHomes, count: u32) -> Option<ChildPool> {
         let (vcpus, mem_mib) = self.state.machine();
-        // Its children bind their sockets under the state root (see `fork`).
-        let writable = crate::launch::writable(&homes.root, None);
-        ChildPool::for_children(count, vcpus, mem_mib, Some(homes.clone()), writable, true)
+        // Its children bind their sockets under the state root (see `fork`) and open the
+        // template's disks (read-only: a template has no writable one).
+        let mut places = crate::launch::places(&homes.root, None);
+        for d in &self.state.snapshot.config.disks {
+            places.read(&d.path);
+        }
+        ChildPool::for_children(count, vcpus, mem_mib, Some(homes.clone()), places, true)
             .inspect_err(|e| tracing::warn!("cannot start warm processes for the template: {e}"))
             .ok()
     }

@@ -535,17 +535,17 @@ impl Vmm {
             return;
         }
         // Its children write where it does (their sockets lie beside its).
-        let writable = self
+        let places = self
             .child_homes
             .as_ref()
-            .map(|h| crate::launch::writable(&h.root, Some(&self.cfg)))
+            .map(|h| crate::launch::places(&h.root, Some(&self.cfg)))
             .unwrap_or_default();
         let started = ChildPool::for_children(
             self.cfg.fork_pool,
             self.cfg.vcpus,
             self.cfg.mem_mib,
             self.child_homes.clone(),
-            writable,
+            places,
             fill_now,
         );
         match started {

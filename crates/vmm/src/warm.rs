@@ -25,12 +25,12 @@ pub struct Warmup {
     /// ID), off the fork's way; `None`: it enters the launch's.
     #[serde(default)]
     pub jail: Option<forkvm_jail::JailSpec>,
-    /// Where a process that enters a jail of its own while it waits may change the file
-    /// system: what the forking VM writes (see `launch::writable`; its children bind
-    /// their vsock sockets beside its). A process whose jail is inherited is bound by
-    /// its parent's rules instead.
+    /// Where a process that enters a jail of its own while it waits may go: what the
+    /// forking VM writes (see `launch::places`; its children bind their vsock sockets
+    /// beside its) and what its children read (a template's disks). A process whose jail
+    /// is inherited lives in its parent's root and is bound by its parent's rules instead.
     #[serde(default)]
-    pub writable: forkvm_jail::Writable,
+    pub places: forkvm_jail::Places,
 }
 
 /// A warm process's home, made while it waits ([`VmHome::stage`]): VM `id`, a child of

@@ -216,10 +216,10 @@ pub struct Jail {
 impl Jail {
     /// Enters the jail `spec` describes, for VM `id` that may hold `guest_memory` bytes of
     /// guest memory (its RAM, and what its forks make it keep), may change the file
-    /// system only in `places` (its state root `state_root` and what its configuration
-    /// writes; the jail adds its cgroups, the lease directory and the devices a VM opens)
-    /// and sees only those and what `places` has it read: cgroup, a minimal root of its
-    /// own (mounted on `state_root`'s [`root::MOUNT_DIR`]), `no_new_privs`, the
+    /// system only in `places` (its state root and what its configuration writes; the
+    /// jail adds its cgroups, the lease directory and the devices a VM opens) and sees
+    /// only those and what `places` has it read: cgroup, a minimal root of its own
+    /// (mounted on `home`'s [`root::MOUNT_DIR`]), `no_new_privs`, the
     /// file-system rules, the process's seccomp filter (see the crate doc). Call it
     /// before the VM is built, while the process has one thread; `None` for a VM that is
     /// not jailed. A process whose filter is inherited has its parent's root and
@@ -229,7 +229,7 @@ impl Jail {
         id: &str,
         guest_memory: u64,
         places: Places,
-        state_root: &Path,
+        home: &Path,
     ) -> Result<Option<Self>, JailError> {
         set_enabled(spec.enabled);
         if !spec.enabled {
@@ -281,9 +281,14 @@ impl Jail {
             // to the places as the new root has them); `no_new_privs` before the rules,
             // as Landlock needs it; the rules before the filter (which has no Landlock
             // calls).
-            let mount_on = state_root.join(root::MOUNT_DIR);
-            if let Rooted::Not(why) = root::enter(&mount_on, &places.root)? {
-                tracing::info!("the VM process keeps the host's root: {why}");
+            let mount_on = home.join(root::MOUNT_DIR);
+            let t = std::time::Instant::now();
+            match root::enter(&mount_on, &places.root)? {
+                Rooted::Own => tracing::debug!(
+                    us = t.elapsed().as_micros() as u64,
+                    "the VM process is in its minimal root"
+                ),
+                Rooted::Not(why) => tracing::info!("the VM process keeps the host's root: {why}"),
             }
             set_no_new_privs()?;
             let restricted = restrict_writes(places.writable)?;

@@ -7,8 +7,7 @@
 //!    mounts the host makes later still reach it (a pod's containers' roots, bound in
 //!    the pod directory after the pod's VM started), nothing it mounts reaches the host;
 //! 2. mounts a small tmpfs (`forkvm-root`, unbindable, `nosuid,nodev,noexec`) on an empty
-//!    directory of its state root (the same directory serves every VM process, each in
-//!    its own namespace);
+//!    directory of its home ([`MOUNT_DIR`]; on the host it stays empty);
 //! 3. makes there each [`Place`] at the path the process names it by: links on the way
 //!    are made as links (so `/var/run/x` leads where it does on the host), directories
 //!    as directories, and the place itself is bound from the host with what lies beneath
@@ -36,9 +35,9 @@ use serde::{Deserialize, Serialize};
 /// shows it).
 pub const ROOT_SOURCE: &str = "forkvm-root";
 
-/// The directory of a state root that VM processes mount their minimal roots on (each in
-/// its own namespace: on the host it stays empty).
-pub const MOUNT_DIR: &str = ".jail-root";
+/// The directory of a VM's home that its process mounts its minimal root on (in its own
+/// namespace: on the host it stays empty, and goes with the home).
+pub const MOUNT_DIR: &str = ".root";
 
 /// The tmpfs's limits: it holds only directories, empty files and links (mount points).
 const ROOT_OPTIONS: &str = "mode=0755,size=1m,nr_inodes=4096";

@@ -630,7 +630,7 @@ impl Launched {
                     home.id(),
                     guest_memory_budget(ram),
                     places,
-                    home.root(),
+                    home.dir(),
                 )
                 .map_err(LaunchError::Jail)
             }
@@ -724,7 +724,7 @@ impl Launched {
                         }
                         warm_jail = Some((
                             spec.clone(),
-                            Jail::enter(spec, &s.staging.id, budget, places, root),
+                            Jail::enter(spec, &s.staging.id, budget, places, s.home.dir()),
                         ));
                     }
                     // Its seccomp filters built now, not on the fork's way (a zygote's

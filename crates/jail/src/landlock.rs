@@ -241,7 +241,7 @@ fn handled() -> BitFlags<AccessFs> {
 }
 
 /// Number of threads of this process.
-fn threads() -> usize {
+pub(crate) fn threads() -> usize {
     std::fs::read_dir("/proc/self/task")
         .map(|d| d.count())
         .unwrap_or(1)

@@ -26,6 +26,7 @@
 //! [`JailStatus`] reads what the kernel says of a process (`/proc/<pid>/status` and
 //! `cgroup`): what `forkvm inspect` shows and the tests check.
 
+pub mod binds;
 pub mod caps;
 pub mod cgroup;
 pub mod landlock;
@@ -62,6 +63,9 @@ pub enum JailError {
     /// `no_new_privs` could not be set.
     #[error("cannot set no_new_privs")]
     NoNewPrivs(#[source] std::io::Error),
+    /// The process could not be made not dumpable.
+    #[error("cannot make the VM process not dumpable")]
+    Dumpable(#[source] std::io::Error),
     /// Its minimal root.
     #[error(transparent)]
     Root(#[from] RootError),
@@ -281,6 +285,11 @@ impl Jail {
             // to the places as the new root has them); `no_new_privs` before the rules,
             // as Landlock needs it; the rules before the filter (which has no Landlock
             // calls).
+            // The others would keep the host's root, and be left unbound by the rules.
+            match landlock::threads() {
+                1 => {}
+                n => return Err(landlock::LandlockError::Threads(n).into()),
+            }
             let mount_on = home.join(root::MOUNT_DIR);
             let t = std::time::Instant::now();
             match root::enter(&mount_on, &places.root)? {
@@ -295,6 +304,8 @@ impl Jail {
             seccomp::apply(ThreadKind::Process)?;
             Some(restricted)
         };
+        // Dumpable again since its exec, if it was started by a jailed process.
+        not_dumpable()?;
         PROCESS_FILTERED.store(true, Ordering::Relaxed);
         Ok(Some(Self { cgroup, landlock }))
     }
@@ -351,6 +362,18 @@ fn with_system_places(mut places: Places, cgroup: Option<&Cgroup>) -> Places {
         places.writable.file(d);
     }
     places
+}
+
+/// Makes this process not dumpable: another VM process (uid 0 too, but without
+/// capabilities) can no longer reach its memory, descriptors or root through
+/// `/proc/<pid>` (`mem`, `fd`, `root`, `environ`), nor trace it. A process it execs is
+/// dumpable again until it enters its own jail.
+fn not_dumpable() -> Result<(), JailError> {
+    // SAFETY: prctl with PR_SET_DUMPABLE reads no memory.
+    match unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } {
+        0 => Ok(()),
+        _ => Err(JailError::Dumpable(std::io::Error::last_os_error())),
+    }
 }
 
 /// Sets `no_new_privs` (for good): nothing this process executes gains privileges.

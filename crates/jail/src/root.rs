@@ -25,9 +25,16 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+use rustix::mount::{
+    fsconfig_create, fsconfig_set_string, fsmount, fsopen, move_mount, FsMountFlags, FsOpenFlags,
+    MountAttrFlags, MoveMountFlags,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -39,8 +46,8 @@ pub const ROOT_SOURCE: &str = "forkvm-root";
 /// namespace: on the host it stays empty, and goes with the home).
 pub const MOUNT_DIR: &str = ".root";
 
-/// The tmpfs's limits: it holds only directories, empty files and links (mount points).
-const ROOT_OPTIONS: &str = "mode=0755,size=1m,nr_inodes=4096";
+/// The tmpfs's options: it holds only directories, empty files and links (mount points).
+const ROOT_OPTIONS: [(&str, &str); 3] = [("mode", "0755"), ("size", "1m"), ("nr_inodes", "4096")];
 
 /// The system's files every VM process reads: the dynamic loader and libraries its
 /// executable needs when it starts a fork child, and the loader's cache.
@@ -113,9 +120,11 @@ pub enum Rooted {
 
 /// Moves the calling process into a mount namespace of its own whose root holds only
 /// `places` and what every VM process needs (see the module doc), mounted on the empty
-/// directory `mount_on` (made if missing). Call it while the process has one thread and
-/// before its seccomp filter. The current directory is kept where the new root has it,
-/// else it becomes `/`.
+/// directory `mount_on` (made if missing; a link or anything but a directory there is
+/// refused). Call it before the seccomp filter, while the process has one thread (the
+/// others would keep the host's root and namespace).
+/// The current directory is kept (its directories are made in the new root), else it
+/// becomes `/`.
 pub fn enter(mount_on: &Path, places: &[Place]) -> Result<Rooted, RootError> {
     let cwd = std::env::current_dir().ok();
     // SAFETY: unshare takes no pointers.
@@ -128,53 +137,56 @@ pub fn enter(mount_on: &Path, places: &[Place]) -> Result<Rooted, RootError> {
         }
         return Err(failed("a mount namespace of its own")(e));
     }
-    mount(
+    if let Err(e) = mount(
         None,
         Path::new("/"),
         None,
         libc::MS_REC | libc::MS_SLAVE,
         None,
-    )
-    .map_err(failed("every mount made a slave of the host's"))?;
-    match std::fs::DirBuilder::new().mode(0o700).create(mount_on) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-            return Err(failed(format!("make {}", mount_on.display()))(e))
+    ) {
+        // An LSM that refuses mounts (AppArmor's profile for containers): the namespace
+        // is a copy of the host's, nothing in it changed.
+        if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) {
+            return Ok(Rooted::Not(format!("mounts are refused here ({e})")));
         }
-        _ => {}
+        return Err(failed("every mount made a slave of the host's")(e));
     }
-    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    mount(
-        Some(Path::new(ROOT_SOURCE)),
-        mount_on,
-        Some("tmpfs"),
-        flags,
-        Some(ROOT_OPTIONS),
-    )
-    .map_err(failed(format!("a tmpfs on {}", mount_on.display())))?;
-    // Left out when a place above it is bound with what lies beneath.
-    mount(None, mount_on, None, libc::MS_UNBINDABLE, None)
-        .map_err(failed("the tmpfs made unbindable"))?;
-    let new = NewRoot::at(mount_on)?;
-    for place in with_system_places(places) {
-        new.add(&place)?;
+    let new = match NewRoot::mount(mount_on) {
+        Ok(new) => new,
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+            return Ok(Rooted::Not(format!(
+                "its mount calls (fsmount, mount_setattr) need Linux 5.12 ({e})"
+            )))
+        }
+        Err(e) => return Err(failed(format!("a tmpfs on {}", mount_on.display()))(e)),
+    };
+    for bound in new.resolve(&with_system_places(places))? {
+        new.bind(&bound)?;
     }
-    let proc = new.dir_for(Path::new("/proc"))?;
-    mount(
-        Some(Path::new("proc")),
-        &proc,
-        Some("proc"),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        None,
-    )
-    .map_err(failed("a procfs"))?;
-    pivot(mount_on)?;
+    if let Some(cwd) = &cwd {
+        new.keep_dir(cwd);
+    }
+    new.mount_proc()?;
+    if let Err(e) = new.pivot() {
+        if e.source.raw_os_error() == Some(libc::EINVAL) {
+            // The host's root is its initramfs (rootfs cannot be pivoted from).
+            let _ = mount_detach(mount_on);
+            return Ok(Rooted::Not(format!("the host's root cannot be left: {e}")));
+        }
+        return Err(e);
+    }
     // The root itself (its directories and mount points) read-only; the places bound
     // in it keep their own access.
     mount(
         None,
         Path::new("/"),
         None,
-        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | flags,
+        libc::MS_REMOUNT
+            | libc::MS_BIND
+            | libc::MS_RDONLY
+            | libc::MS_NOSUID
+            | libc::MS_NODEV
+            | libc::MS_NOEXEC,
         None,
     )
     .map_err(failed("the new root made read-only"))?;
@@ -185,8 +197,7 @@ pub fn enter(mount_on: &Path, places: &[Place]) -> Result<Rooted, RootError> {
     Ok(Rooted::Own)
 }
 
-/// `places`, then the system's (see the module doc), parents before what lies beneath
-/// them, each path once.
+/// `places`, then the system's (see the module doc).
 fn with_system_places(places: &[Place]) -> Vec<Place> {
     let mut all: Vec<Place> = places.to_vec();
     all.extend(SYSTEM_READ.iter().map(|p| Place::new(p, Access::Read)));
@@ -195,83 +206,228 @@ fn with_system_places(places: &[Place]) -> Vec<Place> {
     }
     all.extend(DEVICES.iter().map(|p| Place::new(p, Access::Device)));
     all.push(Place::new(CGROUPS, Access::Write));
-    all.sort_by_key(|p| p.path.components().count());
-    let mut seen = std::collections::HashSet::new();
-    all.retain(|p| seen.insert(p.path.clone()));
     all
 }
 
-/// The minimal root being made, on the tmpfs mounted at `dir`.
+/// A place as the host has it: where its path leads (no links), what may be done
+/// there, and whether it is a directory or a device node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Resolved {
+    real: PathBuf,
+    access: Access,
+    dir: bool,
+    device: bool,
+}
+
+/// `places` resolved, parents before what lies beneath them, each once (a path named
+/// twice gets the most access it was given).
+fn ordered(mut all: Vec<Resolved>) -> Vec<Resolved> {
+    all.sort_by(|a, b| {
+        (a.real.components().count(), &a.real).cmp(&(b.real.components().count(), &b.real))
+    });
+    let mut out: Vec<Resolved> = Vec::new();
+    for r in all {
+        match out.last_mut() {
+            Some(last) if last.real == r.real => {
+                if r.access == Access::Write || last.access == Access::Read {
+                    last.access = r.access;
+                }
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// The minimal root being made: a tmpfs, attached on the directory a handle was
+/// opened on.
 struct NewRoot {
+    /// A handle on the tmpfs's root.
+    mnt: OwnedFd,
+    /// The tmpfs's root as a path (`/proc/self/fd/N`).
     dir: PathBuf,
     /// The tmpfs's device: only there are directories, files and links made.
     dev: u64,
-    /// What is bound so far (host paths, links resolved) and how.
-    bound: std::cell::RefCell<Vec<(PathBuf, Access)>>,
+    /// What is bound so far, and how.
+    bound: std::cell::RefCell<Vec<Resolved>>,
 }
 
 impl NewRoot {
-    fn at(dir: &Path) -> Result<Self, RootError> {
-        let dev = std::fs::symlink_metadata(dir)
-            .map_err(failed(format!("stat {}", dir.display())))?
-            .dev();
+    /// Makes the tmpfs (detached: nothing can be planted in it) and attaches it on the
+    /// directory `mount_on` through a handle opened without following links.
+    fn mount(mount_on: &Path) -> io::Result<Self> {
+        match std::fs::DirBuilder::new().mode(0o700).create(mount_on) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        let at = rustix::fs::open(
+            mount_on,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let fs = fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
+        fsconfig_set_string(&fs, "source", ROOT_SOURCE)?;
+        for (key, value) in ROOT_OPTIONS {
+            fsconfig_set_string(&fs, key, value)?;
+        }
+        fsconfig_create(&fs)?;
+        let mnt = fsmount(
+            &fs,
+            FsMountFlags::FSMOUNT_CLOEXEC,
+            MountAttrFlags::MOUNT_ATTR_NOSUID
+                | MountAttrFlags::MOUNT_ATTR_NODEV
+                | MountAttrFlags::MOUNT_ATTR_NOEXEC,
+        )?;
+        // Left out when a place above it is bound with what lies beneath.
+        crate::binds::set_attr(&mnt, 0, libc::MS_UNBINDABLE)?;
+        move_mount(
+            &mnt,
+            "",
+            &at,
+            "",
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+        )?;
+        let dev = rustix::fs::fstat(&mnt)?.st_dev;
         Ok(Self {
-            dir: dir.to_owned(),
+            dir: PathBuf::from(format!("/proc/self/fd/{}", mnt.as_raw_fd())),
+            mnt,
             dev,
             bound: Default::default(),
         })
     }
 
-    /// Adds `place`: the links on its way, and it bound. A place the host does not have
-    /// is left out (what needs it fails later by its name, as it would on the host).
-    fn add(&self, place: &Place) -> Result<(), RootError> {
-        let mut links = 0;
-        let real = match self.mirror(&place.path, &mut links) {
-            Ok(Some(real)) => real,
-            Ok(None) => {
-                tracing::debug!(path = %place.path.display(), "not on this host: not in the VM process's root");
-                return Ok(());
-            }
-            Err(e) => return Err(failed(format!("follow {}", place.path.display()))(e)),
-        };
+    /// Where each place leads on the host, with the links on the way made in the new
+    /// root; a place the host does not have is left out (what needs it fails later by
+    /// its name, as it would on the host).
+    fn resolve(&self, places: &[Place]) -> Result<Vec<Resolved>, RootError> {
+        let mut all = Vec::new();
+        for place in places {
+            let mut links = 0;
+            let real = match self.mirror(&place.path, &mut links) {
+                Ok(Some(real)) => real,
+                Ok(None) => {
+                    tracing::debug!(path = %place.path.display(), "not on this host: not in the VM process's root");
+                    continue;
+                }
+                Err(e) => return Err(failed(format!("follow {}", place.path.display()))(e)),
+            };
+            let meta =
+                std::fs::metadata(&real).map_err(failed(format!("stat {}", real.display())))?;
+            let kind = meta.file_type();
+            all.push(Resolved {
+                real,
+                access: place.access,
+                dir: kind.is_dir(),
+                device: kind.is_block_device() || kind.is_char_device(),
+            });
+        }
+        Ok(ordered(all))
+    }
+
+    /// Binds the place `r` at its path: read-only unless written, `nosuid`, `nodev`
+    /// unless it is a device node, with the mounts beneath a directory (all of them so).
+    fn bind(&self, r: &Resolved) -> Result<(), RootError> {
         // Beneath a place bound with the same access it is there already; with another
         // (a read-only share in the written state root) it is bound again on top.
         let covered = self
             .bound
             .borrow()
             .iter()
-            .any(|(p, a)| real.starts_with(p) && *a == place.access);
+            .any(|b| r.real.starts_with(&b.real) && b.access == r.access && b.dir);
         if covered {
             return Ok(());
         }
-        let meta = std::fs::metadata(&real).map_err(failed(format!("stat {}", real.display())))?;
-        let target = match meta.is_dir() {
-            true => self.dir_for(&real)?,
-            false => self.file_for(&real)?,
+        let what = || format!("bind {}", r.real.display());
+        match r.dir {
+            true => self.dir_for(&r.real)?,
+            false => self.file_for(&r.real)?,
         };
-        let recursive = match place.access {
-            Access::Device => 0,
-            _ => libc::MS_REC,
-        };
-        mount(
-            Some(real.as_path()),
-            &target,
-            None,
-            libc::MS_BIND | recursive,
-            None,
+        let rel = r.real.strip_prefix("/").unwrap_or(&r.real);
+        let target = openat2(
+            &self.mnt,
+            rel,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
         )
-        .map_err(failed(format!("bind {}", real.display())))?;
-        let mut flags = libc::MS_REMOUNT | libc::MS_BIND | kept_flags(&target)?;
-        flags |= libc::MS_NOSUID;
-        match place.access {
-            Access::Read => flags |= libc::MS_RDONLY | libc::MS_NODEV,
-            Access::Write => flags |= libc::MS_NODEV,
-            Access::Device => {}
+        .map_err(io::Error::from)
+        .map_err(failed(what()))?;
+        // No link on the way now either (one swapped in since it was followed).
+        let source = openat2(
+            rustix::fs::CWD,
+            &r.real,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS,
+        )
+        .map_err(io::Error::from)
+        .map_err(failed(what()))?;
+        let mut attr = libc::MOUNT_ATTR_NOSUID;
+        if !r.device {
+            attr |= libc::MOUNT_ATTR_NODEV;
         }
-        mount(None, &target, None, flags, None)
-            .map_err(failed(format!("remount {}", real.display())))?;
-        self.bound.borrow_mut().push((real, place.access));
+        if r.access == Access::Read {
+            attr |= libc::MOUNT_ATTR_RDONLY;
+        }
+        crate::binds::bind_handle(source, target, r.dir, attr).map_err(failed(what()))?;
+        self.bound.borrow_mut().push(r.clone());
         Ok(())
+    }
+
+    /// Makes the directories of `dir` (the current directory) in the new root, so that
+    /// the process stays there and relative paths (`../images/k`) still lead where they
+    /// did; best effort.
+    fn keep_dir(&self, dir: &Path) {
+        let mut links = 0;
+        if let Ok(Some(real)) = self.mirror(dir, &mut links) {
+            let _ = self.made_dirs(&real);
+        }
+    }
+
+    /// A procfs of its own, read-only (`/proc/sys` and the like not written through it).
+    fn mount_proc(&self) -> Result<(), RootError> {
+        let step = failed("a procfs");
+        let at = self.dir_for(Path::new("/proc"))?;
+        let made = (|| -> io::Result<()> {
+            let target = rustix::fs::open(
+                &at,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let fs = fsopen("proc", FsOpenFlags::FSOPEN_CLOEXEC)?;
+            fsconfig_create(&fs)?;
+            let mnt = fsmount(
+                &fs,
+                FsMountFlags::FSMOUNT_CLOEXEC,
+                MountAttrFlags::MOUNT_ATTR_RDONLY
+                    | MountAttrFlags::MOUNT_ATTR_NOSUID
+                    | MountAttrFlags::MOUNT_ATTR_NODEV
+                    | MountAttrFlags::MOUNT_ATTR_NOEXEC,
+            )?;
+            move_mount(
+                &mnt,
+                "",
+                &target,
+                "",
+                MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+            )?;
+            Ok(())
+        })();
+        made.map_err(step)
+    }
+
+    /// `pivot_root` into the tmpfs (the current root goes on top of it, then is
+    /// detached).
+    fn pivot(&self) -> Result<(), RootError> {
+        rustix::process::fchdir(&self.mnt)
+            .map_err(io::Error::from)
+            .map_err(failed("chdir into the new root"))?;
+        // SAFETY: NUL-terminated strings that outlive the call.
+        if unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) } != 0 {
+            return Err(failed("pivot_root")(io::Error::last_os_error()));
+        }
+        mount_detach(Path::new(".")).map_err(failed("detach the host's root"))?;
+        std::env::set_current_dir("/").map_err(failed("chdir /"))
     }
 
     /// Makes `path` lead in the new root where it leads on the host: each link on its
@@ -394,52 +550,18 @@ impl NewRoot {
 
     /// Whether `dir` is on the new root's tmpfs (not in a place bound from the host).
     fn on_tmpfs(&self, dir: &Path) -> bool {
-        std::fs::symlink_metadata(dir).is_ok_and(|m| m.dev() == self.dev)
+        // The root itself is named by a magic link, which `lstat` would not follow.
+        dir == self.dir || std::fs::symlink_metadata(dir).is_ok_and(|m| m.dev() == self.dev)
     }
 }
 
-/// The flags of the mount at `path` that a remount must keep (`noexec`, `ro` of the
-/// source, the access-time mode).
-fn kept_flags(path: &Path) -> Result<libc::c_ulong, RootError> {
-    let c = cstring(path);
-    // SAFETY: an all-zero statvfs is a valid value; statvfs writes into it and reads a
-    // NUL-terminated path that outlives the call.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(failed(format!("statvfs {}", path.display()))(
-            io::Error::last_os_error(),
-        ));
-    }
-    let mut flags = 0;
-    for (st_flag, ms_flag) in [
-        (libc::ST_RDONLY, libc::MS_RDONLY),
-        (libc::ST_NOSUID, libc::MS_NOSUID),
-        (libc::ST_NODEV, libc::MS_NODEV),
-        (libc::ST_NOEXEC, libc::MS_NOEXEC),
-        (libc::ST_NOATIME, libc::MS_NOATIME),
-        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
-        (libc::ST_RELATIME, libc::MS_RELATIME),
-    ] {
-        if st.f_flag & st_flag != 0 {
-            flags |= ms_flag;
-        }
-    }
-    Ok(flags)
-}
-
-/// `pivot_root` into `dir` (the current root goes on top of it, then is detached).
-fn pivot(dir: &Path) -> Result<(), RootError> {
-    std::env::set_current_dir(dir).map_err(failed(format!("chdir {}", dir.display())))?;
-    // SAFETY: NUL-terminated strings that outlive the call.
-    if unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) } != 0 {
-        return Err(failed("pivot_root")(io::Error::last_os_error()));
-    }
+/// Detaches the mount at `path` (and what is mounted beneath it).
+fn mount_detach(path: &Path) -> io::Result<()> {
     // SAFETY: a NUL-terminated path that outlives the call.
-    if unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) } != 0 {
-        return Err(failed("detach the host's root")(io::Error::last_os_error()));
+    match unsafe { libc::umount2(cstring(path).as_ptr(), libc::MNT_DETACH) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
     }
-    std::env::set_current_dir("/").map_err(failed("chdir /"))
 }
 
 fn cstring(path: &Path) -> CString {
@@ -505,18 +627,36 @@ mod tests {
             std::fs::write(data.join("other"), b"beside the kernel").unwrap();
             std::fs::write(dir.join("secret"), b"not for the VM").unwrap();
             std::os::unix::fs::symlink("data", dir.join("link")).unwrap();
+            // A read-only tree with a mount beneath it, and a written place inside it
+            // named through a link (it sorts before the tree by its spelling).
+            let ro = dir.join("ro");
+            std::fs::create_dir_all(ro.join("sub")).unwrap();
+            std::fs::create_dir_all(ro.join("w")).unwrap();
+            mount(
+                Some(Path::new("tmpfs")),
+                &ro.join("sub"),
+                Some("tmpfs"),
+                0,
+                None,
+            )
+            .unwrap();
+            std::os::unix::fs::symlink("ro/w", dir.join("w")).unwrap();
+            std::fs::create_dir_all(dir.join("work")).unwrap();
             assert!(Path::new("/etc/passwd").exists());
             let places = vec![
                 Place::new(&state, Access::Write),
                 Place::new(dir.join("link/kernel"), Access::Read),
                 Place::new(dir.join("missing/disk"), Access::Read),
+                Place::new(dir.join("w"), Access::Write),
+                Place::new(&ro, Access::Read),
             ];
             let (entered_tx, entered) = mpsc::channel();
             let (mounted, mounted_rx) = mpsc::channel::<()>();
             let inside = {
-                let (dir, state) = (dir.clone(), state.clone());
+                let (dir, state, ro) = (dir.clone(), state.clone(), ro.clone());
                 std::thread::spawn(move || -> Result<(), String> {
-                    std::env::set_current_dir(&state).unwrap();
+                    // Not a place: its directories are made, so relative paths lead on.
+                    std::env::set_current_dir(dir.join("work")).unwrap();
                     let rooted = enter(&state.join(MOUNT_DIR), &places);
                     entered_tx.send(()).unwrap();
                     assert_eq!(rooted.map_err(|e| format!("{e:?}"))?, Rooted::Own);
@@ -524,7 +664,22 @@ mod tests {
                         true => Ok(()),
                         false => Err(what.to_owned()),
                     };
-                    check(std::env::current_dir().unwrap() == state, "cwd kept")?;
+                    check(
+                        std::env::current_dir().unwrap() == dir.join("work"),
+                        "cwd kept",
+                    )?;
+                    check(
+                        std::fs::read("../link/kernel").ok().as_deref() == Some(b"kernel bytes"),
+                        "a relative path with ..",
+                    )?;
+                    let erofs = |p: &Path| {
+                        std::fs::write(p, b"x")
+                            .is_err_and(|e| e.raw_os_error() == Some(libc::EROFS))
+                    };
+                    check(erofs(&ro.join("f")), "a read-only tree")?;
+                    check(erofs(&ro.join("sub/f")), "a mount beneath a read-only tree")?;
+                    std::fs::write(ro.join("w/f"), b"x")
+                        .map_err(|e| format!("written place: {e}"))?;
                     check(!Path::new("/etc/passwd").exists(), "/etc hidden")?;
                     check(
                         !dir.join("secret").exists(),
@@ -595,6 +750,8 @@ mod tests {
             let outcome = inside.join().unwrap();
             // SAFETY: a NUL-terminated path that outlives the call.
             unsafe { libc::umount2(cstring(&late).as_ptr(), libc::MNT_DETACH) };
+            // SAFETY: a NUL-terminated path that outlives the call.
+            unsafe { libc::umount2(cstring(&ro.join("sub")).as_ptr(), libc::MNT_DETACH) };
             outcome.unwrap();
             assert_eq!(std::fs::read(state.join("written")).unwrap(), b"by the VM");
             // On the host the directory it mounted its root on stays empty.
@@ -610,26 +767,21 @@ mod tests {
     }
 
     #[test]
-    fn places_come_parents_first_each_once() {
-        let places = with_system_places(&[
-            Place::new("/a/b/c", Access::Read),
-            Place::new("/a", Access::Write),
-            Place::new("/a", Access::Write),
+    fn places_come_parents_first_each_once_with_the_most_access() {
+        let r = |real: &str, access| Resolved {
+            real: real.into(),
+            access,
+            dir: true,
+            device: false,
+        };
+        let out = ordered(vec![
+            r("/a/b/c", Access::Read),
+            r("/a", Access::Read),
+            r("/a", Access::Write),
+            r("/a", Access::Read),
         ]);
-        let a = places
-            .iter()
-            .position(|p| p.path == Path::new("/a"))
-            .unwrap();
-        let c = places
-            .iter()
-            .position(|p| p.path == Path::new("/a/b/c"))
-            .unwrap();
-        assert!(a < c);
-        assert_eq!(
-            places.iter().filter(|p| p.path == Path::new("/a")).count(),
-            1
-        );
-        assert!(places
+        assert_eq!(out, vec![r("/a", Access::Write), r("/a/b/c", Access::Read)]);
+        assert!(with_system_places(&[])
             .iter()
             .any(|p| p.path == Path::new("/dev/kvm") && p.access == Access::Device));
     }

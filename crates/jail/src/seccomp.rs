@@ -153,8 +153,6 @@ pub const PROCESS_SYSCALLS: &[(i64, &str)] = &[
     (libc::SYS_removexattr, "removexattr"),
     (libc::SYS_lremovexattr, "lremovexattr"),
     (libc::SYS_fremovexattr, "fremovexattr"),
-    (libc::SYS_name_to_handle_at, "name_to_handle_at"),
-    (libc::SYS_open_by_handle_at, "open_by_handle_at"),
     (libc::SYS_umask, "umask"),
     (libc::SYS_getcwd, "getcwd"),
     (libc::SYS_fcntl, "fcntl"),

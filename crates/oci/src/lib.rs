@@ -12,7 +12,6 @@
 //! | [`term`] | signal forwarding, raw terminals, host ptys and `--console-socket` |
 //! | [`runtime`] | the runc-compatible command line (`forkvm-runtime`): `create`, `start`, `state`, `kill`, `delete`, `exec`, `ps`, `list`, `features`, ... and the per-container monitor process |
 
-pub mod binds;
 pub mod bundle;
 pub mod hooks;
 pub mod pod;

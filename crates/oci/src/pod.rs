@@ -196,7 +196,7 @@ pub fn bind_member_root(pod: &Path, id: &str, rootfs: &Path) -> Result<String, P
     let (relative, target) = member_root(pod, id);
     new_dir_beneath(pod, id, 0o700)?;
     let bound = new_dir_beneath(pod, &relative, 0o755).and_then(|dir| {
-        crate::binds::bind_tree(rootfs, dir, false)
+        forkvm_jail::binds::bind_tree(rootfs, dir, false)
             .map_err(io("cannot bind the container's root at", &target))
     });
     if let Err(e) = bound {
@@ -236,7 +236,7 @@ pub fn bind_member_volume(
     }
     new_dir_beneath(pod, &format!("{volumes}/{i}"), 0o700)?;
     let target = new_dir_beneath(pod, &relative, 0o755)?;
-    crate::binds::bind_tree(&volume.host, target, volume.read_only)
+    forkvm_jail::binds::bind_tree(&volume.host, target, volume.read_only)
         .map_err(io("cannot bind the volume at", &pod.join(&relative)))
 }
 

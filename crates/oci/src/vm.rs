@@ -384,7 +384,7 @@ pub struct BindVolumeError {
 }
 
 /// The VM's shares for a container's `volumes`, each a directory `<dir>/<i>` (itself
-/// bound read-only: the guest cannot write beside the volume) holding the volume bound (recursively, [`crate::binds::bind_tree`]) as
+/// bound read-only: the guest cannot write beside the volume) holding the volume bound (recursively, [`forkvm_jail::binds::bind_tree`]) as
 /// [`Volume::name_in_share`] (read-only throughout where the volume is): the guest agent binds that directory of the share, so that the
 /// container's mount table shows the bound directory's name, as runc's does (a share of
 /// the directory itself would show `/`). A volume without a name is shared itself.
@@ -422,9 +422,9 @@ pub fn bind_volume_shares(
             .map_err(failed("make", &at))?;
         // The share's root is read-only (the guest writes in the volume, not beside it
         // in the runtime's state); the volume is bound in it.
-        crate::binds::bind_tree_unshared(&wrapper, &wrapper, true)
+        forkvm_jail::binds::bind_tree_unshared(&wrapper, &wrapper, true)
             .map_err(failed("make read-only", &wrapper))?;
-        crate::binds::bind_tree_unshared(&v.host, &at, v.read_only)
+        forkvm_jail::binds::bind_tree_unshared(&v.host, &at, v.read_only)
             .map_err(failed("bind the volume at", &at))?;
         share.host_path = wrapper;
     }

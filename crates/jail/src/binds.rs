@@ -1,5 +1,7 @@
-//! Host directories the runtime binds for a VM to share: a whole tree, read-only from
-//! the moment it is attached where the volume is, and a slave of the source's mounts.
+//! Binds of host files and directory trees, attached by handle: what the OCI runtime
+//! binds for a VM to share (a whole tree, read-only from the moment it is attached where
+//! the volume is, and a slave of the source's mounts), and the places of a VM process's
+//! minimal root ([`crate::root`]).
 //!
 //! A bind made with `mount(2)` and then remounted read-only is read-only only in the
 //! namespace that remounted it: a copy that mount propagation already took (into the
@@ -40,32 +42,36 @@ pub fn bind_tree(source: &Path, target: impl AsFd, read_only: bool) -> std::io::
             | OpenTreeFlags::AT_RECURSIVE
             | OpenTreeFlags::OPEN_TREE_CLOEXEC,
     )?;
-    let attr = libc::mount_attr {
-        attr_set: if read_only {
-            libc::MOUNT_ATTR_RDONLY
-        } else {
-            0
-        },
-        attr_clr: 0,
-        propagation: libc::MS_SLAVE,
-        userns_fd: 0,
+    let attr = match read_only {
+        true => libc::MOUNT_ATTR_RDONLY,
+        false => 0,
     };
-    // SAFETY: mount_setattr reads `size` bytes of `attr`, which lives on this stack
-    // frame for the call; the path is a static empty C string (AT_EMPTY_PATH: the
-    // detached tree `tree` itself), and no memory is written.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
-            &attr as *const libc::mount_attr,
-            std::mem::size_of::<libc::mount_attr>(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
+    attach(tree, target, attr)
+}
+
+/// Binds what `source` (a handle) is, a file or a directory (with the mounts below it
+/// when `recursive`, each a slave of its original), onto `target` (a handle on a file or
+/// directory of the same kind), with the `MOUNT_ATTR_*` flags `attr` set on every mount
+/// of it before it is attached.
+pub fn bind_handle(
+    source: impl AsFd,
+    target: impl AsFd,
+    recursive: bool,
+    attr: u64,
+) -> std::io::Result<()> {
+    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE
+        | OpenTreeFlags::OPEN_TREE_CLOEXEC
+        | OpenTreeFlags::AT_EMPTY_PATH;
+    if recursive {
+        flags |= OpenTreeFlags::AT_RECURSIVE;
     }
+    attach(open_tree(source, "", flags)?, target, attr)
+}
+
+/// Sets `attr` and slave propagation on every mount of the detached tree `tree`, then
+/// attaches it on `target`.
+fn attach(tree: OwnedFd, target: impl AsFd, attr: u64) -> std::io::Result<()> {
+    set_attr(&tree, attr, libc::MS_SLAVE)?;
     move_mount(
         &tree,
         "",
@@ -74,6 +80,34 @@ pub fn bind_tree(source: &Path, target: impl AsFd, read_only: bool) -> std::io::
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
     )?;
     Ok(())
+}
+
+/// `mount_setattr` on every mount under the mount `mount` (a handle on its root): the
+/// `MOUNT_ATTR_*` flags `attr` set, and `propagation` (an `MS_*` type; 0 keeps it).
+pub fn set_attr(mount: impl AsFd, attr: u64, propagation: u64) -> std::io::Result<()> {
+    let attr = libc::mount_attr {
+        attr_set: attr,
+        attr_clr: 0,
+        propagation,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr reads `size` bytes of `attr`, which lives on this stack
+    // frame for the call; the path is a static empty C string (AT_EMPTY_PATH: the mount
+    // of the handle itself), and no memory is written.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            mount.as_fd().as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }
 
 /// [`bind_tree`] onto the directory `target`, in a mount namespace that propagates

@@ -20,7 +20,7 @@
 //! or process behind (and runs the `poststop` hooks).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -179,8 +179,22 @@ fn create_in(
     // Hooks act on the namespaces of the state's pid (`nsenter -t PID -u`): the
     // monitor's UTS and IPC namespaces are its own, never the host's; so is its mount
     // namespace, where the container's root is mounted over `/`
-    // ([`container_root_over_slash`]).
-    monitor_namespaces(&mut cmd, go_fd, new_netns, &[]);
+    // ([`container_root_over_slash`]). A network namespace the spec names (a pod's,
+    // made by CNI) is the monitor's too, as it is runc's container process's: the
+    // engine reaches the container's network through its pid (containerd's CRI gives a
+    // pod's containers the sandbox's `/proc/<pid>/ns/net`).
+    let joined = match &plan.network {
+        NetworkPlan::Join(path) => Some(
+            std::fs::File::open(path)
+                .with_context(|| format!("cannot join the network of {}", path.display()))?,
+        ),
+        NetworkPlan::New => None,
+    };
+    let join: Vec<_> = joined
+        .iter()
+        .map(|f| (f.as_fd(), libc::CLONE_NEWNET))
+        .collect();
+    monitor_namespaces(&mut cmd, go_fd, new_netns, &join);
     let child = monitor.insert(
         cmd.spawn()
             .context("cannot start the container's monitor in namespaces of its own")?,

@@ -18,8 +18,8 @@ pub const AGENT_PORT: u32 = 1024;
 /// [`Request::Container`]'s `user_namespace`, [`Request::Identity`]'s `time_ns`; 11:
 /// the containers of a pod, [`Request::CreateContainer`], [`Request::InContainer`],
 /// [`Request::DestroyContainer`]; 12: a `virtiofs` [`FsMount`] of a directory in a
-/// share, `TAG/PATH`).
-pub const PROTOCOL_VERSION: u32 = 12;
+/// share, `TAG/PATH`; 13: [`Request::Stats`]).
+pub const PROTOCOL_VERSION: u32 = 13;
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
 /// `PATH` used for the executable search when [`ProcessSpec::env`] has none.
@@ -182,6 +182,10 @@ pub enum Request {
         /// What to do in it.
         request: Box<Request>,
     },
+    /// What the container uses: its cgroup's CPU time, memory and tasks, answered with
+    /// [`Response::Stats`] (PID-1 mode only; for a container made by
+    /// [`Request::CreateContainer`], inside [`Request::InContainer`]). Since version 13.
+    Stats,
     /// Kill every process of the container `id` (those whose root is in its root, and
     /// its cgroup's), unmount its root and everything mounted in it, remove its cgroup
     /// and forget it (PID-1 mode only). Since version 11.
@@ -189,6 +193,32 @@ pub enum Request {
         /// The container.
         id: String,
     },
+}
+
+/// What a container uses, read from its cgroup (v2) in the guest: the figures
+/// containerd's CRI reports (`kubectl top`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceUse {
+    /// CPU time used, in µs (`cpu.stat` `usage_usec`).
+    pub cpu_usec: u64,
+    /// Of which in user mode (`user_usec`).
+    pub cpu_user_usec: u64,
+    /// Of which in the kernel (`system_usec`).
+    pub cpu_system_usec: u64,
+    /// Memory charged to it, in bytes (`memory.current`).
+    pub memory_bytes: u64,
+    /// Its memory limit in bytes (`memory.max`); `None`: none.
+    pub memory_limit: Option<u64>,
+    /// Anonymous memory (`memory.stat` `anon`).
+    pub memory_anon: u64,
+    /// Page cache (`memory.stat` `file`).
+    pub memory_file: u64,
+    /// Page cache on the inactive list (`inactive_file`): what the working set leaves out.
+    pub memory_inactive_file: u64,
+    /// Its tasks (`pids.current`).
+    pub tasks: u64,
+    /// Its task limit (`pids.max`); `None`: none.
+    pub tasks_limit: Option<u64>,
 }
 
 /// Most containers [`Request::CreateContainer`] makes in one VM, its boot container
@@ -556,6 +586,11 @@ pub enum Response {
     Started {
         /// Its process id in the guest.
         pid: i32,
+    },
+    /// Answer to [`Request::Stats`].
+    Stats {
+        /// What the container uses.
+        usage: ResourceUse,
     },
     /// [`Request::Exec`] found the process could not be executed: a shell would exit
     /// with `exit_code` (127: not found, 126: not executable).

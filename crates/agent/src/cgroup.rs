@@ -15,7 +15,7 @@ use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use forkvm_agent_proto::CgroupLimits;
+use forkvm_agent_proto::{CgroupLimits, ResourceUse};
 
 use crate::reaper::Reaper;
 
@@ -52,6 +52,11 @@ impl Group {
         std::fs::write(&file, "1").map_err(|e| format!("{}: {e}", file.display()))
     }
 
+    /// What its processes use (see [`usage_of`]).
+    pub fn usage(&self) -> Result<ResourceUse, String> {
+        usage_of(&self.dir)
+    }
+
     /// Removes it once no process is left in it (`cgroup.events` says `populated 0`),
     /// waiting until `deadline` at most.
     pub fn remove(&self, deadline: Instant) -> Result<(), String> {
@@ -72,6 +77,56 @@ impl Group {
         }
         std::fs::remove_dir(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))
     }
+}
+
+/// Longest cgroup file read for [`usage_of`] (`memory.stat` is a few KiB).
+const MAX_STAT_FILE: u64 = 64 * 1024;
+
+/// What the processes of the group at `dir` use, from its `cpu.stat`, `memory.current`,
+/// `memory.max`, `memory.stat`, `pids.current` and `pids.max`; a controller the group
+/// does not have reads as zero (no limit).
+pub fn usage_of(dir: &Path) -> Result<ResourceUse, String> {
+    use std::io::Read;
+    let read = |name: &str| -> Option<String> {
+        let mut text = String::new();
+        std::fs::File::open(dir.join(name))
+            .ok()?
+            .take(MAX_STAT_FILE)
+            .read_to_string(&mut text)
+            .ok()?;
+        Some(text)
+    };
+    if !dir.is_dir() {
+        return Err(format!("{}: no such group", dir.display()));
+    }
+    let keyed = |text: &Option<String>, key: &str| -> u64 {
+        text.as_deref()
+            .and_then(|t| {
+                t.lines().find_map(|l| {
+                    let (k, v) = l.split_once(' ')?;
+                    (k == key).then(|| v.trim().parse().ok())?
+                })
+            })
+            .unwrap_or(0)
+    };
+    let number =
+        |name: &str| -> u64 { read(name).and_then(|t| t.trim().parse().ok()).unwrap_or(0) };
+    // `max` (or a controller not there) is no limit.
+    let limit = |name: &str| -> Option<u64> { read(name).and_then(|t| t.trim().parse().ok()) };
+    let cpu = read("cpu.stat");
+    let memory = read("memory.stat");
+    Ok(ResourceUse {
+        cpu_usec: keyed(&cpu, "usage_usec"),
+        cpu_user_usec: keyed(&cpu, "user_usec"),
+        cpu_system_usec: keyed(&cpu, "system_usec"),
+        memory_bytes: number("memory.current"),
+        memory_limit: limit("memory.max"),
+        memory_anon: keyed(&memory, "anon"),
+        memory_file: keyed(&memory, "file"),
+        memory_inactive_file: keyed(&memory, "inactive_file"),
+        tasks: number("pids.current"),
+        tasks_limit: limit("pids.max"),
+    })
 }
 
 /// Makes the group `name` (`container`, `containers/ID`) under [`HIERARCHY`] with
@@ -267,6 +322,48 @@ pub fn mount_namespaced(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_is_read_from_the_groups_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(
+            d.join("cpu.stat"),
+            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 0\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("memory.current"), "4096000\n").unwrap();
+        std::fs::write(d.join("memory.max"), "max\n").unwrap();
+        std::fs::write(
+            d.join("memory.stat"),
+            "anon 1000\nfile 2000\nkernel 5\nactive_file 1500\ninactive_file 500\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("pids.current"), "3\n").unwrap();
+        std::fs::write(d.join("pids.max"), "100\n").unwrap();
+        let u = usage_of(d).unwrap();
+        assert_eq!(
+            u,
+            ResourceUse {
+                cpu_usec: 1500,
+                cpu_user_usec: 1000,
+                cpu_system_usec: 500,
+                memory_bytes: 4_096_000,
+                memory_limit: None,
+                memory_anon: 1000,
+                memory_file: 2000,
+                memory_inactive_file: 500,
+                tasks: 3,
+                tasks_limit: Some(100),
+            }
+        );
+        // A group without the memory controller: zeros, no limit; no group: an error.
+        std::fs::remove_file(d.join("memory.current")).unwrap();
+        assert_eq!(usage_of(d).unwrap().memory_bytes, 0);
+        assert!(usage_of(&d.join("gone"))
+            .unwrap_err()
+            .contains("no such group"));
+    }
 
     #[test]
     fn limits_are_written_where_cgroup_v2_takes_them_and_bad_ones_refused() {

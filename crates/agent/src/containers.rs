@@ -170,6 +170,14 @@ impl Container {
             .map_err(|_| "the container's cgroup is made already".to_owned())
     }
 
+    /// What it uses, from its cgroup; an error before [`Container::set_cgroup`].
+    pub fn usage(&self) -> Result<forkvm_agent_proto::ResourceUse, String> {
+        self.cgroup
+            .get()
+            .ok_or_else(|| "the container has no cgroup (yet)".to_owned())?
+            .usage()
+    }
+
     /// `cgroup.procs` of its cgroup, for a process to join; `None` before
     /// [`Container::set_cgroup`].
     pub fn cgroup_procs(&self) -> Option<&CStr> {

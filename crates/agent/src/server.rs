@@ -331,7 +331,8 @@ impl Agent {
             | Request::Container { .. }
             | Request::Hooks { .. }
             | Request::Exec { .. }
-            | Request::Signal { .. } => {}
+            | Request::Signal { .. }
+            | Request::Stats => {}
             ref other => {
                 let op = serde_json::to_value(other)
                     .ok()
@@ -339,7 +340,7 @@ impl Agent {
                     .unwrap_or_default();
                 return Err(format!(
                     "{op}: not a request for one container (in_container takes mount, \
-                     cgroup, filesystems, container, hooks, exec and signal)"
+                     cgroup, filesystems, container, hooks, exec, signal and stats)"
                 ));
             }
         }
@@ -456,6 +457,13 @@ impl Agent {
                 // In the boot container's name, any process the agent started.
                 let only = container.id().is_some().then_some(container);
                 self.signal_in(only, pid, signal).map_err(|e| e.to_string())
+            }
+            Request::Stats if !init => pid1("stats"),
+            Request::Stats => {
+                return match container.usage() {
+                    Ok(usage) => Response::Stats { usage },
+                    Err(message) => Response::Error { message },
+                }
             }
             Request::Shutdown => pid1("shutdown"),
             Request::CreateContainer { .. } if !init => pid1("create_container"),

@@ -265,6 +265,12 @@ fn destroying_a_container_kills_its_processes_and_takes_its_mounts_away() {
             .chain(&mounts_under(Path::new(&image)))
             .any(|m| m.ends_with("/mnt")));
 
+        // Stats come from a container's cgroup: none yet, said so.
+        match pod.in_container("db", Request::Stats) {
+            Response::Error { message } => assert_eq!(message, "the container has no cgroup (yet)"),
+            other => panic!("{other:?}"),
+        }
+
         let session =
             client::exec_in_container(pod.connect(), "web", &sh("echo up; sleep 60")).unwrap();
         let session = pumped(session);

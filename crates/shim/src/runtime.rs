@@ -330,6 +330,22 @@ impl Runtime {
         Ok(pids.unwrap_or_default())
     }
 
+    /// `RUNTIME events --stats ID`: what the container uses, as runc's JSON event.
+    pub fn stats(&self, id: &str) -> Result<RuntimeStats> {
+        let out = self.run(
+            "events",
+            vec!["events".into(), "--stats".into(), id.into()],
+            Stdio3::default(),
+        )?;
+        let text = String::from_utf8_lossy(&out);
+        let event: StatsEvent =
+            serde_json::from_str(text.trim()).map_err(|e| Error::RuntimeOutput {
+                verb: "events".into(),
+                reason: e.to_string(),
+            })?;
+        Ok(event.data)
+    }
+
     /// Runs one command to completion; its stdout on success.
     fn run(&self, verb: &str, args: Vec<OsString>, io: Stdio3) -> Result<Vec<u8>> {
         let log_start = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
@@ -407,6 +423,28 @@ fn last_line(bytes: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The JSON `forkvm-runtime events --stats` prints (runc's event), read back.
+    #[test]
+    fn a_stats_event_is_read() {
+        let text = r#"{"type":"stats","id":"c1","data":{"cpu":{"usage":{"total":1500000,"user":1000000,"kernel":500000},"throttling":{}},"memory":{"usage":{"usage":4096,"limit":18446744073709551615},"stats":{"anon":1024,"file":2048,"inactive_file":512}},"pids":{"current":3,"limit":64}}}"#;
+        let event: StatsEvent = serde_json::from_str(text).unwrap();
+        let s = event.data;
+        assert_eq!(
+            (s.cpu.usage.total, s.cpu.usage.user, s.cpu.usage.kernel),
+            (1_500_000, 1_000_000, 500_000)
+        );
+        assert_eq!(
+            (s.memory.usage.usage, s.memory.usage.limit),
+            (4096, u64::MAX)
+        );
+        assert_eq!(s.memory.stats.get("inactive_file"), Some(&512));
+        assert_eq!((s.pids.current, s.pids.limit), (3, 64));
+        // runc's fuller event (blkio, hugetlb, ...) reads too.
+        let runc = r#"{"type":"stats","id":"c","data":{"cpu":{"usage":{"total":1,"percpu":[1],"kernel":0,"user":1},"throttling":{}},"memory":{"usage":{"usage":1,"max":2,"limit":3,"failcnt":0},"swap":{},"cache":0,"raw":{}},"pids":{"current":1},"blkio":{},"hugetlb":{}}}"#;
+        let s = serde_json::from_str::<StatsEvent>(runc).unwrap().data;
+        assert_eq!((s.memory.usage.limit, s.pids.limit), (3, 0));
+    }
     use std::os::unix::fs::PermissionsExt;
 
     fn exe(path: &Path) {
@@ -588,4 +626,72 @@ mod tests {
         assert_eq!(s.pid, 42);
         assert_eq!(s.bundle, "/b");
     }
+}
+
+/// One event of `RUNTIME events --stats` (runc's JSON; the fields a shim reports).
+#[derive(Debug, Deserialize)]
+struct StatsEvent {
+    data: RuntimeStats,
+}
+
+/// What a container uses, as runc's `events --stats` says it (CPU times in ns).
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct RuntimeStats {
+    /// CPU time.
+    pub cpu: CpuStats,
+    /// Memory.
+    pub memory: MemoryStats,
+    /// Tasks.
+    pub pids: PidsStats,
+}
+
+/// `cpu` of [`RuntimeStats`].
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct CpuStats {
+    /// Times used, in ns.
+    pub usage: CpuUsage,
+}
+
+/// `cpu.usage` of [`RuntimeStats`], in ns.
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct CpuUsage {
+    /// All of it.
+    pub total: u64,
+    /// In user mode.
+    pub user: u64,
+    /// In the kernel.
+    pub kernel: u64,
+}
+
+/// `memory` of [`RuntimeStats`].
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct MemoryStats {
+    /// Use and limit, in bytes.
+    pub usage: MemoryUsage,
+    /// `memory.stat`'s figures, in bytes, by name.
+    pub stats: std::collections::BTreeMap<String, u64>,
+}
+
+/// `memory.usage` of [`RuntimeStats`].
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct MemoryUsage {
+    /// Bytes in use.
+    pub usage: u64,
+    /// The limit (`u64::MAX`: none).
+    pub limit: u64,
+}
+
+/// `pids` of [`RuntimeStats`].
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct PidsStats {
+    /// Tasks now.
+    pub current: u64,
+    /// Their limit (0: none).
+    pub limit: u64,
 }

@@ -226,7 +226,7 @@ pub fn monitor(g: &Global, log: &Log, a: &MonitorArgs) -> i32 {
 }
 
 /// `request`, for container `id` in the pod's VM.
-fn in_container(id: &str, request: Request) -> Request {
+pub(super) fn in_container(id: &str, request: Request) -> Request {
     Request::InContainer {
         id: id.to_owned(),
         request: Box::new(request),

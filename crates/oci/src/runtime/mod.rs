@@ -106,6 +106,9 @@ pub enum Command {
     Exec(ExecArgs),
     /// List a container's host processes.
     Ps(PsArgs),
+    /// Print what a container uses (`--stats`: CPU, memory and tasks of its cgroup in
+    /// the guest, as runc's JSON).
+    Events(EventsArgs),
     /// List containers.
     List(ListArgs),
     /// Pause a container's VM.
@@ -255,6 +258,20 @@ pub struct ExecArgs {
     pub command: Vec<String>,
 }
 
+/// `events`.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Print the container's resource use once, then exit (the only mode: a stream of
+    /// events is not offered).
+    #[arg(long)]
+    pub stats: bool,
+    /// The interval of a stream of events (accepted; no stream is offered).
+    #[arg(long, default_value = "5s")]
+    pub interval: String,
+    /// The container id.
+    pub id: String,
+}
+
 /// `ps`.
 #[derive(Debug, Args)]
 pub struct PsArgs {
@@ -298,6 +315,7 @@ pub fn main() -> i32 {
         Command::Delete(a) => ops::delete(&cli.global, &log, &a).map(|()| 0),
         Command::Exec(a) => exec::exec(&cli.global, a),
         Command::Ps(a) => ops::ps(&cli.global, &a).map(|()| 0),
+        Command::Events(a) => ops::events(&cli.global, &a).map(|()| 0),
         Command::List(a) => ops::list(&cli.global, &a).map(|()| 0),
         Command::Pause(a) => ops::pause(&cli.global, &a.id, true).map(|()| 0),
         Command::Resume(a) => ops::pause(&cli.global, &a.id, false).map(|()| 0),

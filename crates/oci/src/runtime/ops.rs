@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use forkvm_agent_proto::{Request, Response};
 
 use super::create::{remove_vm, remove_vm_of, request_start};
-use super::{DeleteArgs, Global, KillArgs, ListArgs, Log, PsArgs};
+use super::{DeleteArgs, EventsArgs, Global, KillArgs, ListArgs, Log, PsArgs};
 use crate::hooks;
 use crate::state::{ContainerState, StateStore, Status};
 
@@ -236,6 +236,74 @@ pub fn ps(g: &Global, a: &PsArgs) -> Result<()> {
     Ok(())
 }
 
+/// `events --stats`: what the container uses, from its cgroup in the guest, printed as
+/// runc prints it (one JSON event of type `stats`; CPU times in ns, an absent limit as
+/// runc has it: memory `u64::MAX`, tasks 0).
+pub fn events(g: &Global, a: &EventsArgs) -> Result<()> {
+    if !a.stats {
+        bail!("events: only --stats is supported (no stream of events)");
+    }
+    let state = store(g)?.load(&a.id)?;
+    if state.status == Status::Stopped || !state.process_alive() {
+        bail!("container {} is not running", a.id);
+    }
+    let uds = state
+        .vsock
+        .as_deref()
+        .with_context(|| format!("container {} has no VM agent to ask", a.id))?;
+    let req = match state.pod_sandbox() {
+        Some(_) => super::member::in_container(&a.id, Request::Stats),
+        None => Request::Stats,
+    };
+    let usage = match crate::vm::agent_call(uds, &req, Duration::from_secs(5))
+        .with_context(|| format!("cannot reach the agent of container {}", a.id))?
+    {
+        Response::Stats { usage } => usage,
+        Response::Error { message } => {
+            bail!(
+                "the guest could not say what container {} uses: {message}",
+                a.id
+            )
+        }
+        other => bail!("the guest agent answered the request for stats with {other:?}"),
+    };
+    println!("{}", serde_json::to_string(&runc_stats(&a.id, &usage))?);
+    Ok(())
+}
+
+/// `usage` as runc's `events --stats` event.
+fn runc_stats(id: &str, usage: &forkvm_agent_proto::ResourceUse) -> serde_json::Value {
+    serde_json::json!({
+        "type": "stats",
+        "id": id,
+        "data": {
+            "cpu": {
+                "usage": {
+                    "total": usage.cpu_usec * 1000,
+                    "user": usage.cpu_user_usec * 1000,
+                    "kernel": usage.cpu_system_usec * 1000,
+                },
+                "throttling": {},
+            },
+            "memory": {
+                "usage": {
+                    "usage": usage.memory_bytes,
+                    "limit": usage.memory_limit.unwrap_or(u64::MAX),
+                },
+                "stats": {
+                    "anon": usage.memory_anon,
+                    "file": usage.memory_file,
+                    "inactive_file": usage.memory_inactive_file,
+                },
+            },
+            "pids": {
+                "current": usage.tasks,
+                "limit": usage.tasks_limit.unwrap_or(0),
+            },
+        },
+    })
+}
+
 /// `list`.
 pub fn list(g: &Global, a: &ListArgs) -> Result<()> {
     let states = store(g)?.list()?;
@@ -340,6 +408,34 @@ pub fn features() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stats_are_printed_as_runc_prints_them() {
+        let usage = forkvm_agent_proto::ResourceUse {
+            cpu_usec: 1500,
+            cpu_user_usec: 1000,
+            cpu_system_usec: 500,
+            memory_bytes: 4096,
+            memory_limit: None,
+            memory_anon: 1024,
+            memory_file: 2048,
+            memory_inactive_file: 512,
+            tasks: 3,
+            tasks_limit: Some(64),
+        };
+        let v = runc_stats("c1", &usage);
+        assert_eq!(v["type"], "stats");
+        assert_eq!(v["id"], "c1");
+        let d = &v["data"];
+        assert_eq!(d["cpu"]["usage"]["total"], 1_500_000);
+        assert_eq!(d["cpu"]["usage"]["user"], 1_000_000);
+        assert_eq!(d["cpu"]["usage"]["kernel"], 500_000);
+        assert_eq!(d["memory"]["usage"]["usage"], 4096);
+        assert_eq!(d["memory"]["usage"]["limit"], u64::MAX);
+        assert_eq!(d["memory"]["stats"]["inactive_file"], 512);
+        assert_eq!(d["pids"]["current"], 3);
+        assert_eq!(d["pids"]["limit"], 64);
+    }
 
     #[test]
     fn signals_by_number_and_name() {

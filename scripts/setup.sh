@@ -13,8 +13,10 @@ set -euo pipefail
 # and the containerd shim are tested under, inside the virtual host; iptables and
 # containernetworking-plugins: their networks (Docker's bridge and NAT, podman's CNI).
 # iperf3: `forkvm bench net` (throughput of a VM and of a runc container).
+# protobuf-compiler: the CRI test client's protos (the k8s-cri crate runs protoc).
 PACKAGES=(qemu-system-x86 busybox-static e2fsprogs iproute2 gcc libc6-dev linux-libc-dev curl docker-registry
-  docker.io podman containerd runc conmon iptables containernetworking-plugins iperf3)
+  docker.io podman containerd runc conmon iptables containernetworking-plugins iperf3
+  protobuf-compiler)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

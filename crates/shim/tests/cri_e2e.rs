@@ -1,0 +1,684 @@
+//! End to end, in a KVM host: containerd 1.6's CRI, driven over its socket as kubelet
+//! drives it (Kubernetes' CRI v1 protos, `k8s-cri`, over gRPC), runs a pod with the
+//! runtime handler `runc` (the baseline) and then with `forkvm`
+//! (`io.containerd.forkvm.v1`: one VM for the pod, its containers inside).
+//!
+//! One virtual-host session: a private containerd (root, state and sockets in a temporary
+//! directory; the CRI plugin with the `native` snapshotter, as the virtual host has no
+//! overlayfs; the CNI reference plugins of Debian's `containernetworking-plugins`, a
+//! bridge with host-local addresses and loopback); the busybox fixture and a pause image
+//! built from it imported into CRI's namespace. For each handler:
+//! - RunPodSandbox gets the pod an address on the bridge (PodSandboxStatus);
+//! - two containers: a server answering on the pod's loopback and a client that reaches
+//!   it there (ExecSync: its output), ExecSync's exit code and stderr;
+//! - the server's output in the CRI log file at the path the pod's config gives;
+//! - ContainerStats answers for a running container;
+//! - stopping and removing the containers and the pod leaves no sandbox, shim, VM or
+//!   network namespace.
+//!
+//! And bad input: an unknown runtime handler, a container whose sandbox is gone (clear
+//! CRI errors, nothing left behind).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, ContainerStatsRequest, CreateContainerRequest,
+    ExecSyncRequest, ExecSyncResponse, ImageSpec, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, ListContainersRequest, ListPodSandboxRequest, NamespaceMode,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
+    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopContainerRequest, StopPodSandboxRequest,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-forkvm-v1");
+const IMAGE: &str = "docker.io/library/fixture:latest";
+const PAUSE: &str = "docker.io/library/pause:fixture";
+/// CRI's containerd namespace.
+const K8S: &str = "k8s.io";
+/// The pods' network (a bridge, host-local addresses).
+const SUBNET_PREFIX: &str = "10.88.77.";
+/// Limit for one CRI call (a forkvm pod boots a VM: seconds in the virtual host).
+const CALL_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// A private containerd with its CRI plugin, for the test's lifetime.
+struct Containerd {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Containerd {
+    fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("cri")
+            .tempdir()
+            .expect("a temporary directory");
+        let d = dir.path();
+        let cni = d.join("cni");
+        std::fs::create_dir_all(&cni).unwrap();
+        std::fs::write(
+            cni.join("10-forkvm-e2e.conflist"),
+            format!(
+                r#"{{"cniVersion": "0.4.0", "name": "forkvm-e2e", "plugins": [
+  {{"type": "bridge", "bridge": "cri-e2e0", "isGateway": true, "ipMasq": false,
+    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{SUBNET_PREFIX}0/24"}}]],
+             "dataDir": "{ipam}"}}}}]}}"#,
+                ipam = d.join("ipam").display()
+            ),
+        )
+        .unwrap();
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE}"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.forkvm]
+      runtime_type = "io.containerd.forkvm.v1"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = d.join("containerd.sock").display(),
+            opt = d.join("opt").display(),
+            cni = cni.display(),
+        );
+        std::fs::write(d.join("config.toml"), config).unwrap();
+        // forkvm: the session's installed copy, its programs (the shim and the runtime)
+        // first on containerd's PATH; runc's shim and runc from the system's.
+        let target = Path::new(SHIM).parent().unwrap();
+        let prefix = forkvm_test_support::install_forkvm(target, d, &d.join("vms"));
+        let path = std::env::join_paths(std::iter::once(prefix.join("bin")).chain(
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+        ))
+        .unwrap();
+        let log = File::create(d.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .args(["--log-level", "debug"])
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start containerd (Debian package `containerd`)");
+        let ctd = Containerd { dir, child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ctd.socket().exists() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not listen within 30 s\n{}",
+                ctd.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ctd
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    /// The VMs forkvm's runtime registered (their homes).
+    fn vms(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.dir.path().join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_dir()
+                    && !p
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
+            .collect()
+    }
+
+    fn log(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(80)..];
+        format!("--- containerd log (last lines)\n{}", tail.join("\n"))
+    }
+
+    /// `ctr -n k8s.io ARGS`, which must succeed.
+    fn ctr(&self, args: &[&str]) -> String {
+        let out = Command::new("ctr")
+            .arg("-a")
+            .arg(self.socket())
+            .args(["-n", K8S])
+            .args(args)
+            .env("CONTAINERD_SNAPSHOTTER", "native")
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run ctr");
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A CRI client on containerd's socket.
+struct Cri {
+    rt: tokio::runtime::Runtime,
+    client: RuntimeServiceClient<Channel>,
+}
+
+impl Cri {
+    fn connect(socket: &Path) -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let socket = socket.to_owned();
+        let channel = rt
+            .block_on(
+                Endpoint::try_from("http://[::]:0")
+                    .unwrap()
+                    .connect_with_connector(tower::service_fn(move |_: Uri| {
+                        let socket = socket.clone();
+                        async move {
+                            Ok::<_, std::io::Error>(TokioIo::new(
+                                tokio::net::UnixStream::connect(socket).await?,
+                            ))
+                        }
+                    })),
+            )
+            .expect("cannot connect to containerd's CRI");
+        Self {
+            rt,
+            client: RuntimeServiceClient::new(channel),
+        }
+    }
+
+    /// Runs one call, within [`CALL_TIMEOUT`].
+    fn call<T, F>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(RuntimeServiceClient<Channel>) -> F,
+    ) -> Result<T, Box<tonic::Status>>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let started = Instant::now();
+        let client = self.client.clone();
+        let out = match self
+            .rt
+            .block_on(tokio::time::timeout(CALL_TIMEOUT, f(client)))
+        {
+            Ok(answer) => answer.map(tonic::Response::into_inner).map_err(Box::new),
+            Err(_) => Err(Box::new(tonic::Status::deadline_exceeded(format!(
+                "{what}: no answer within {CALL_TIMEOUT:?}"
+            )))),
+        };
+        println!(
+            "CRI {what}: {} in {:.1?}",
+            if out.is_ok() { "ok" } else { "error" },
+            started.elapsed()
+        );
+        out
+    }
+
+    fn exec_sync(&mut self, id: &str, cmd: &[&str]) -> ExecSyncResponse {
+        let req = ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 60,
+        };
+        self.call("ExecSync", |mut c| async move { c.exec_sync(req).await })
+            .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {id}: {e}"))
+    }
+}
+
+/// A pod's configuration, for `handler`'s pod.
+fn pod_config(handler: &str, logs: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: format!("pod-{handler}"),
+            uid: format!("uid-{handler}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: format!("pod-{handler}"),
+        log_directory: logs.to_str().unwrap().into(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Pod as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn container_config(name: &str, command: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn containerds_cri_runs_pods_with_runc_and_with_forkvm() {
+    if !forkvm_testhost::in_test_host() {
+        // The guest kernel cache is read-only inside the virtual host: prepare it here.
+        let agent = forkvm_guest_kernel::find_agent()
+            .expect("the guest agent is not built: run `cargo xtask prepare-guest`");
+        forkvm_guest_kernel::container_guest(&agent).expect("cannot prepare the container guest");
+    }
+    forkvm_testhost::on_kvm_host_with(
+        forkvm_testhost::test_path!(),
+        Duration::from_secs(900),
+        Some(6144),
+        body,
+    );
+}
+
+fn body() {
+    let session = Instant::now();
+    // runc needs the cgroup v2 hierarchy; the virtual host does not mount it.
+    if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        let status = Command::new("mount")
+            .args(["-t", "cgroup2", "none", "/sys/fs/cgroup"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot mount cgroup2");
+    }
+    // CNI keeps its cached results there, read-only in the virtual host.
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs", "/var/lib/cni"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "cannot mount a tmpfs on /var/lib/cni");
+    let ctd = Containerd::start();
+    // The images, as `docker save` writes them: busybox, and a pause image of it.
+    let d = ctd.dir.path();
+    let fixture = d.join("fixture.tar");
+    forkvm_image::fixtures::write_docker_archive(&fixture, "fixture:latest").unwrap();
+    let pause = d.join("pause.tar");
+    let pause_config = forkvm_image::ImageConfig {
+        entrypoint: vec!["sleep".into(), "2147483647".into()],
+        cmd: Vec::new(),
+        ..forkvm_image::fixtures::config()
+    };
+    forkvm_image::fixtures::write_docker_archive_with(
+        &pause,
+        Some("pause:fixture"),
+        &forkvm_image::fixtures::busybox_layer_tars().unwrap(),
+        &pause_config,
+    )
+    .unwrap();
+    for archive in [&fixture, &pause] {
+        ctd.ctr(&["images", "import", archive.to_str().unwrap()]);
+    }
+    let mut cri = Cri::connect(&ctd.socket());
+
+    for handler in ["runc", "forkvm"] {
+        pod_lifecycle(&ctd, &mut cri, handler);
+    }
+    bad_input(&ctd, &mut cri);
+    println!("session took {:.1?}", session.elapsed());
+}
+
+/// One pod with `handler`, from RunPodSandbox to RemovePodSandbox.
+fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
+    println!("--- handler {handler}");
+    let logs = ctd.dir.path().join("logs").join(handler);
+    std::fs::create_dir_all(&logs).unwrap();
+    let config = pod_config(handler, &logs);
+    let req = RunPodSandboxRequest {
+        config: Some(config.clone()),
+        runtime_handler: handler.into(),
+    };
+    let pod = cri
+        .call("RunPodSandbox", |mut c| async move {
+            c.run_pod_sandbox(req).await
+        })
+        .unwrap_or_else(|e| panic!("RunPodSandbox ({handler}): {e}\n{}", ctd.log()))
+        .pod_sandbox_id;
+    let req = PodSandboxStatusRequest {
+        pod_sandbox_id: pod.clone(),
+        verbose: false,
+    };
+    let status = cri
+        .call("PodSandboxStatus", |mut c| async move {
+            c.pod_sandbox_status(req).await
+        })
+        .unwrap()
+        .status
+        .expect("a status");
+    let ip = status
+        .network
+        .as_ref()
+        .map(|n| n.ip.clone())
+        .unwrap_or_default();
+    assert!(
+        ip.starts_with(SUBNET_PREFIX),
+        "{handler}: pod address {ip:?}: {status:?}"
+    );
+    if handler == "forkvm" {
+        assert_eq!(ctd.vms().len(), 1, "one VM for the pod: {:?}", ctd.vms());
+    }
+
+    // A server on the pod's loopback, and a client beside it.
+    let server = create_and_start(
+        ctd,
+        cri,
+        &pod,
+        &config,
+        container_config(
+            "server",
+            &[
+                "sh",
+                "-c",
+                "echo started; while true; do echo pong | nc -l -p 8080; done",
+            ],
+        ),
+    );
+    let client = create_and_start(
+        ctd,
+        cri,
+        &pod,
+        &config,
+        container_config("client", &["sleep", "100000"]),
+    );
+    if handler == "forkvm" {
+        assert_eq!(
+            ctd.vms().len(),
+            1,
+            "the containers are in the pod's VM: {:?}",
+            ctd.vms()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = cri.exec_sync(&client, &["sh", "-c", "nc 127.0.0.1 8080 </dev/null"]);
+        if String::from_utf8_lossy(&out.stdout).contains("pong") {
+            assert_eq!(out.exit_code, 0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{handler}: the client never reached the server on localhost: {out:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = cri.exec_sync(&client, &["sh", "-c", "echo out; echo err >&2; exit 3"]);
+    assert_eq!(
+        (out.exit_code, out.stdout.as_slice(), out.stderr.as_slice()),
+        (3, &b"out\n"[..], &b"err\n"[..]),
+        "{handler}: {out:?}"
+    );
+    // The server's output, in the CRI log format (`TIME STREAM TAG TEXT`).
+    let log = logs.join("server.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().any(|l| {
+            let f: Vec<&str> = l.splitn(4, ' ').collect();
+            f.len() == 4 && f[1] == "stdout" && f[2] == "F" && f[3] == "started"
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{handler}: no `stdout F started` line in {}: {text:?}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let req = ContainerStatsRequest {
+        container_id: server.clone(),
+    };
+    let stats = cri
+        .call("ContainerStats", |mut c| async move {
+            c.container_stats(req).await
+        })
+        .unwrap_or_else(|e| panic!("{handler}: ContainerStats: {e}"))
+        .stats
+        .expect("stats");
+    assert_eq!(
+        stats.attributes.as_ref().map(|a| a.id.as_str()),
+        Some(server.as_str())
+    );
+    // The server's own use (its cgroup's, in the pod's VM for forkvm): some CPU time
+    // and memory, not the VM's or the host's.
+    let cpu_ns = stats
+        .cpu
+        .as_ref()
+        .and_then(|c| c.usage_core_nano_seconds.as_ref())
+        .map_or(0, |v| v.value);
+    let working_set = stats
+        .memory
+        .as_ref()
+        .and_then(|m| m.working_set_bytes.as_ref())
+        .map_or(0, |v| v.value);
+    println!("{handler}: server's stats: {cpu_ns} ns of CPU, working set {working_set} bytes");
+    assert!(cpu_ns > 0, "{handler}: no CPU time: {stats:?}");
+    assert!(
+        working_set > 0 && working_set < 256 << 20,
+        "{handler}: working set {working_set}: {stats:?}"
+    );
+
+    for id in [&server, &client] {
+        let req = StopContainerRequest {
+            container_id: id.to_string(),
+            timeout: 5,
+        };
+        cri.call("StopContainer", |mut c| async move {
+            c.stop_container(req).await
+        })
+        .unwrap_or_else(|e| panic!("{handler}: StopContainer: {e}"));
+        let req = RemoveContainerRequest {
+            container_id: id.to_string(),
+        };
+        cri.call("RemoveContainer", |mut c| async move {
+            c.remove_container(req).await
+        })
+        .unwrap_or_else(|e| panic!("{handler}: RemoveContainer: {e}"));
+    }
+    let req = StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    };
+    cri.call("StopPodSandbox", |mut c| async move {
+        c.stop_pod_sandbox(req).await
+    })
+    .unwrap_or_else(|e| panic!("{handler}: StopPodSandbox: {e}\n{}", ctd.log()));
+    let req = RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    };
+    cri.call("RemovePodSandbox", |mut c| async move {
+        c.remove_pod_sandbox(req).await
+    })
+    .unwrap_or_else(|e| panic!("{handler}: RemovePodSandbox: {e}\n{}", ctd.log()));
+    assert_nothing_left(ctd, cri, handler);
+}
+
+/// CreateContainer and StartContainer of `config` in `pod`; its id.
+fn create_and_start(
+    ctd: &Containerd,
+    cri: &mut Cri,
+    pod: &str,
+    sandbox: &PodSandboxConfig,
+    config: ContainerConfig,
+) -> String {
+    let name = config.metadata.as_ref().unwrap().name.clone();
+    let req = CreateContainerRequest {
+        pod_sandbox_id: pod.into(),
+        config: Some(config),
+        sandbox_config: Some(sandbox.clone()),
+    };
+    let id = cri
+        .call("CreateContainer", |mut c| async move {
+            c.create_container(req).await
+        })
+        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", ctd.log()))
+        .container_id;
+    let req = StartContainerRequest {
+        container_id: id.clone(),
+    };
+    cri.call("StartContainer", |mut c| async move {
+        c.start_container(req).await
+    })
+    .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", ctd.log()));
+    id
+}
+
+/// The network namespaces CRI made (`/var/run/netns/cni-*`).
+fn cri_netns() -> Vec<String> {
+    std::fs::read_dir("/var/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("cni-"))
+        .collect()
+}
+
+/// No sandbox or container listed, no shim, runtime, VM or pod network namespace left.
+fn assert_nothing_left(ctd: &Containerd, cri: &mut Cri, what: &str) {
+    let req = ListPodSandboxRequest::default();
+    let pods = cri
+        .call("ListPodSandbox", |mut c| async move {
+            c.list_pod_sandbox(req).await
+        })
+        .unwrap()
+        .items;
+    assert!(pods.is_empty(), "{what}: sandboxes left: {pods:?}");
+    let req = ListContainersRequest::default();
+    let containers = cri
+        .call("ListContainers", |mut c| async move {
+            c.list_containers(req).await
+        })
+        .unwrap()
+        .containers;
+    assert!(
+        containers.is_empty(),
+        "{what}: containers left: {containers:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: Vec<String> = ["containerd-shim", "forkvm-runtime", "forkvm-vmm"]
+            .iter()
+            .flat_map(|p| forkvm_test_support::processes_matching(p))
+            .collect();
+        if left.is_empty() && ctd.vms().is_empty() && cri_netns().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still there 30 s after the pod was removed: {left:#?}, VMs {:?}, \
+             network namespaces {:?}\n{}",
+            ctd.vms(),
+            cri_netns(),
+            ctd.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// An unknown handler and a container whose sandbox is gone: errors that name them,
+/// nothing left behind.
+fn bad_input(ctd: &Containerd, cri: &mut Cri) {
+    let logs = ctd.dir.path().join("logs/bad");
+    std::fs::create_dir_all(&logs).unwrap();
+    let req = RunPodSandboxRequest {
+        config: Some(pod_config("nope", &logs)),
+        runtime_handler: "nope".into(),
+    };
+    let e = cri
+        .call("RunPodSandbox", |mut c| async move {
+            c.run_pod_sandbox(req).await
+        })
+        .expect_err("an unknown handler");
+    assert!(e.message().contains("nope"), "{e}");
+    assert_nothing_left(ctd, cri, "an unknown handler");
+
+    let config = pod_config("forkvm", &logs);
+    let req = RunPodSandboxRequest {
+        config: Some(config.clone()),
+        runtime_handler: "forkvm".into(),
+    };
+    let pod = cri
+        .call("RunPodSandbox", |mut c| async move {
+            c.run_pod_sandbox(req).await
+        })
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()))
+        .pod_sandbox_id;
+    let req = StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    };
+    cri.call("StopPodSandbox", |mut c| async move {
+        c.stop_pod_sandbox(req).await
+    })
+    .unwrap_or_else(|e| panic!("StopPodSandbox: {e}"));
+    let req = RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    };
+    cri.call("RemovePodSandbox", |mut c| async move {
+        c.remove_pod_sandbox(req).await
+    })
+    .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}"));
+    let req = CreateContainerRequest {
+        pod_sandbox_id: pod.clone(),
+        config: Some(container_config("orphan", &["true"])),
+        sandbox_config: Some(config),
+    };
+    let e = cri
+        .call("CreateContainer", |mut c| async move {
+            c.create_container(req).await
+        })
+        .expect_err("a container whose sandbox is gone");
+    assert!(
+        e.message().contains(&pod) || e.message().contains("not found"),
+        "{e}"
+    );
+    assert_nothing_left(ctd, cri, "a container whose sandbox is gone");
+}

@@ -169,8 +169,10 @@ pub fn enter(mount_on: &Path, places: &[Place]) -> Result<Rooted, RootError> {
     new.mount_proc()?;
     if let Err(e) = new.pivot() {
         if e.source.raw_os_error() == Some(libc::EINVAL) {
-            // The host's root is its initramfs (rootfs cannot be pivoted from).
-            let _ = mount_detach(mount_on);
+            // The host's root is its initramfs (rootfs cannot be pivoted from): back
+            // where it was, the tmpfs detached.
+            let _ = std::env::set_current_dir(cwd.as_deref().unwrap_or(Path::new("/")));
+            let _ = mount_detach(&new.dir);
             return Ok(Rooted::Not(format!("the host's root cannot be left: {e}")));
         }
         return Err(e);
@@ -329,11 +331,14 @@ impl NewRoot {
     fn bind(&self, r: &Resolved) -> Result<(), RootError> {
         // Beneath a place bound with the same access it is there already; with another
         // (a read-only share in the written state root) it is bound again on top.
+        // (The nearest: a written place in a read-only one in a written one is bound.)
         let covered = self
             .bound
             .borrow()
             .iter()
-            .any(|b| r.real.starts_with(&b.real) && b.access == r.access && b.dir);
+            .filter(|b| b.dir && r.real.starts_with(&b.real))
+            .max_by_key(|b| b.real.components().count())
+            .is_some_and(|b| b.access == r.access);
         if covered {
             return Ok(());
         }
@@ -642,6 +647,8 @@ mod tests {
             .unwrap();
             std::os::unix::fs::symlink("ro/w", dir.join("w")).unwrap();
             std::fs::create_dir_all(dir.join("work")).unwrap();
+            // A read-only place in the written state root, and a written one in it.
+            std::fs::create_dir_all(state.join("share/out")).unwrap();
             assert!(Path::new("/etc/passwd").exists());
             let places = vec![
                 Place::new(&state, Access::Write),
@@ -649,6 +656,8 @@ mod tests {
                 Place::new(dir.join("missing/disk"), Access::Read),
                 Place::new(dir.join("w"), Access::Write),
                 Place::new(&ro, Access::Read),
+                Place::new(state.join("share"), Access::Read),
+                Place::new(state.join("share/out"), Access::Write),
             ];
             let (entered_tx, entered) = mpsc::channel();
             let (mounted, mounted_rx) = mpsc::channel::<()>();
@@ -678,6 +687,12 @@ mod tests {
                     };
                     check(erofs(&ro.join("f")), "a read-only tree")?;
                     check(erofs(&ro.join("sub/f")), "a mount beneath a read-only tree")?;
+                    check(
+                        erofs(&state.join("share/f")),
+                        "read-only in a written place",
+                    )?;
+                    std::fs::write(state.join("share/out/f"), b"x")
+                        .map_err(|e| format!("written in read-only in written: {e}"))?;
                     std::fs::write(ro.join("w/f"), b"x")
                         .map_err(|e| format!("written place: {e}"))?;
                     check(!Path::new("/etc/passwd").exists(), "/etc hidden")?;

@@ -153,6 +153,9 @@ pub const PROCESS_SYSCALLS: &[(i64, &str)] = &[
     (libc::SYS_removexattr, "removexattr"),
     (libc::SYS_lremovexattr, "lremovexattr"),
     (libc::SYS_fremovexattr, "fremovexattr"),
+    // Passed here, refused by the process's first filter ([`PROCESS_REFUSED`]).
+    (libc::SYS_name_to_handle_at, "name_to_handle_at"),
+    (libc::SYS_open_by_handle_at, "open_by_handle_at"),
     (libc::SYS_umask, "umask"),
     (libc::SYS_getcwd, "getcwd"),
     (libc::SYS_fcntl, "fcntl"),
@@ -318,6 +321,16 @@ pub const VCPU_SYSCALLS: &[(i64, &str)] = &[
     // Passed here, refused by the second filter with EACCES ([`VCPU_REFUSED`]).
     (libc::SYS_openat, "openat"),
     (libc::SYS_open, "open"),
+];
+
+/// Calls the process's code may make but gets refused (`EOPNOTSUPP`) instead of the
+/// process ending: file handles. A share's file server asks a file's mount through
+/// `name_to_handle_at` where `statx` does not give it (Linux before 5.8) and does
+/// without; `open_by_handle_at` would open any file of a file system the process can
+/// see a place of (with a share's `CAP_DAC_READ_SEARCH`), around its root.
+pub const PROCESS_REFUSED: &[(i64, &str)] = &[
+    (libc::SYS_name_to_handle_at, "name_to_handle_at"),
+    (libc::SYS_open_by_handle_at, "open_by_handle_at"),
 ];
 
 /// Calls a vCPU thread's code may make but gets refused (`EACCES`) instead of the
@@ -548,8 +561,12 @@ fn filters(kind: ThreadKind) -> Result<&'static [BpfProgram], SeccompError> {
     static VCPU: Built = OnceLock::new();
     static API: Built = OnceLock::new();
     let (cell, build): (&Built, fn() -> Programs) = match kind {
+        // The refusals first: once the allow-list is on, installing (seccomp) traps.
         ThreadKind::Process => (&PROCESS, || {
-            Ok(vec![allow_list(PROCESS_SYSCALLS, process_rules()?)?])
+            Ok(vec![
+                refusals(PROCESS_REFUSED, libc::EOPNOTSUPP)?,
+                allow_list(PROCESS_SYSCALLS, process_rules()?)?,
+            ])
         }),
         // The refusals first: once the allow-list is on, installing (seccomp) traps.
         ThreadKind::Vcpu => (&VCPU, || {
@@ -846,6 +863,13 @@ mod tests {
                 // A signal to a process of its own is allowed.
                 // SAFETY: signal 0 only checks that the process exists.
                 assert_eq!(unsafe { libc::kill(libc::getpid(), 0) }, 0);
+                // File handles are refused, not fatal (a share's server does without).
+                for nr in [libc::SYS_name_to_handle_at, libc::SYS_open_by_handle_at] {
+                    // SAFETY: the filter answers before the kernel reads any argument.
+                    let rc = unsafe { libc::syscall(nr, -1, 0, 0, 0, 0) };
+                    let e = std::io::Error::last_os_error();
+                    assert_eq!((rc, e.raw_os_error()), (-1, Some(libc::EOPNOTSUPP)));
+                }
                 // A TCP connection is not.
                 // SAFETY: socket(2) takes no pointers; the filter stops it first.
                 unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };

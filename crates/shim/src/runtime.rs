@@ -427,7 +427,7 @@ mod tests {
     /// The JSON `forkvm-runtime events --stats` prints (runc's event), read back.
     #[test]
     fn a_stats_event_is_read() {
-        let text = r#"{"type":"stats","id":"c1","data":{"cpu":{"usage":{"total":1500000,"user":1000000,"kernel":500000},"throttling":{}},"memory":{"usage":{"usage":4096,"limit":18446744073709551615},"stats":{"anon":1024,"file":2048,"inactive_file":512}},"pids":{"current":3,"limit":64}}}"#;
+        let text = r#"{"type":"stats","id":"c1","data":{"cpu":{"usage":{"total":1500000,"user":1000000,"kernel":500000},"throttling":{}},"memory":{"usage":{"usage":4096,"limit":18446744073709551615},"cache":2048,"raw":{"anon":1024,"file":2048,"inactive_file":512}},"pids":{"current":3,"limit":64}}}"#;
         let event: StatsEvent = serde_json::from_str(text).unwrap();
         let s = event.data;
         assert_eq!(
@@ -438,12 +438,13 @@ mod tests {
             (s.memory.usage.usage, s.memory.usage.limit),
             (4096, u64::MAX)
         );
-        assert_eq!(s.memory.stats.get("inactive_file"), Some(&512));
+        assert_eq!(s.memory.raw.get("inactive_file"), Some(&512));
         assert_eq!((s.pids.current, s.pids.limit), (3, 64));
         // runc's fuller event (blkio, hugetlb, ...) reads too.
-        let runc = r#"{"type":"stats","id":"c","data":{"cpu":{"usage":{"total":1,"percpu":[1],"kernel":0,"user":1},"throttling":{}},"memory":{"usage":{"usage":1,"max":2,"limit":3,"failcnt":0},"swap":{},"cache":0,"raw":{}},"pids":{"current":1},"blkio":{},"hugetlb":{}}}"#;
+        let runc = r#"{"type":"stats","id":"c","data":{"cpu":{"usage":{"total":1,"percpu":[1],"kernel":0,"user":1},"throttling":{}},"memory":{"usage":{"usage":1,"max":2,"limit":3,"failcnt":0},"swap":{},"cache":7,"raw":{"inactive_file":5}},"pids":{"current":1},"blkio":{},"hugetlb":{}}}"#;
         let s = serde_json::from_str::<StatsEvent>(runc).unwrap().data;
         assert_eq!((s.memory.usage.limit, s.pids.limit), (3, 0));
+        assert_eq!(s.memory.raw.get("inactive_file"), Some(&5));
     }
     use std::os::unix::fs::PermissionsExt;
 
@@ -672,8 +673,8 @@ pub struct CpuUsage {
 pub struct MemoryStats {
     /// Use and limit, in bytes.
     pub usage: MemoryUsage,
-    /// `memory.stat`'s figures, in bytes, by name.
-    pub stats: std::collections::BTreeMap<String, u64>,
+    /// `memory.stat`'s figures, in bytes, by name (runc's `raw`).
+    pub raw: std::collections::BTreeMap<String, u64>,
 }
 
 /// `memory.usage` of [`RuntimeStats`].

@@ -874,7 +874,7 @@ const CGROUPS_V2_METRICS: &str = "io.containerd.cgroups.v2.Metrics";
 /// `stats` as containerd's cgroup v2 `Metrics`, packed in an `Any`.
 fn metrics_any(stats: &crate::runtime::RuntimeStats) -> Any {
     use containerd_shim::protos::cgroups_v2::metrics::{CPUStat, MemoryStat, Metrics, PidsStat};
-    let stat = |name: &str| stats.memory.stats.get(name).copied().unwrap_or(0);
+    let stat = |name: &str| stats.memory.raw.get(name).copied().unwrap_or(0);
     let metrics = Metrics {
         cpu: Some(CPUStat {
             usage_usec: stats.cpu.usage.total / 1000,
@@ -918,7 +918,7 @@ mod tests {
     fn stats_become_cgroup_v2_metrics() {
         let stats: crate::runtime::RuntimeStats = serde_json::from_value(serde_json::json!({
             "cpu": {"usage": {"total": 1_500_000, "user": 1_000_000, "kernel": 500_000}},
-            "memory": {"usage": {"usage": 4096, "limit": 8192}, "stats": {"anon": 1024, "inactive_file": 512}},
+            "memory": {"usage": {"usage": 4096, "limit": 8192}, "raw": {"anon": 1024, "inactive_file": 512}},
             "pids": {"current": 3, "limit": 64},
         }))
         .unwrap();

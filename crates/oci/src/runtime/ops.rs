@@ -259,16 +259,27 @@ pub fn events(g: &Global, a: &EventsArgs) -> Result<()> {
         .with_context(|| format!("cannot reach the agent of container {}", a.id))?
     {
         Response::Stats { usage } => usage,
-        Response::Error { message } => {
-            bail!(
-                "the guest could not say what container {} uses: {message}",
-                a.id
-            )
-        }
-        other => bail!("the guest agent answered the request for stats with {other:?}"),
+        // The guest's words, bounded (they reach the engine's log).
+        Response::Error { message } => bail!(
+            "the guest could not say what container {} uses: {}",
+            a.id,
+            clipped(&message)
+        ),
+        other => bail!(
+            "the guest agent answered the request for stats with {}",
+            clipped(&format!("{other:?}"))
+        ),
     };
     println!("{}", serde_json::to_string(&runc_stats(&a.id, &usage))?);
     Ok(())
+}
+
+/// At most the first 200 characters of `text`, marked when cut.
+fn clipped(text: &str) -> String {
+    match text.char_indices().nth(200) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
 }
 
 /// `usage` as runc's `events --stats` event.
@@ -279,9 +290,9 @@ fn runc_stats(id: &str, usage: &forkvm_agent_proto::ResourceUse) -> serde_json::
         "data": {
             "cpu": {
                 "usage": {
-                    "total": usage.cpu_usec * 1000,
-                    "user": usage.cpu_user_usec * 1000,
-                    "kernel": usage.cpu_system_usec * 1000,
+                    "total": usage.cpu_usec.saturating_mul(1000),
+                    "user": usage.cpu_user_usec.saturating_mul(1000),
+                    "kernel": usage.cpu_system_usec.saturating_mul(1000),
                 },
                 "throttling": {},
             },
@@ -290,7 +301,8 @@ fn runc_stats(id: &str, usage: &forkvm_agent_proto::ResourceUse) -> serde_json::
                     "usage": usage.memory_bytes,
                     "limit": usage.memory_limit.unwrap_or(u64::MAX),
                 },
-                "stats": {
+                "cache": usage.memory_file,
+                "raw": {
                     "anon": usage.memory_anon,
                     "file": usage.memory_file,
                     "inactive_file": usage.memory_inactive_file,
@@ -432,7 +444,8 @@ mod tests {
         assert_eq!(d["cpu"]["usage"]["kernel"], 500_000);
         assert_eq!(d["memory"]["usage"]["usage"], 4096);
         assert_eq!(d["memory"]["usage"]["limit"], u64::MAX);
-        assert_eq!(d["memory"]["stats"]["inactive_file"], 512);
+        assert_eq!(d["memory"]["raw"]["inactive_file"], 512);
+        assert_eq!(d["memory"]["cache"], 2048);
         assert_eq!(d["pids"]["current"], 3);
         assert_eq!(d["pids"]["limit"], 64);
     }

@@ -73,92 +73,28 @@ impl std::fmt::Display for Out {
     }
 }
 
-/// A private containerd for the test's lifetime.
-struct Containerd {
-    dir: tempfile::TempDir,
-    child: Child,
+mod common;
+use common::Containerd;
+
+/// A private containerd for the session: CRI off; forkvm's installed copy (its programs
+/// first on containerd's PATH, configured by its own forkvm.toml), or, for another
+/// runtime, this build's shim told which runtime to drive.
+fn start_containerd(runtime: &Path) -> Containerd {
+    Containerd::start("ctd", &["io.containerd.grpc.v1.cri"], "", |d| {
+        if runtime.file_name().is_some_and(|n| n == "forkvm-runtime") {
+            let target = Path::new(SHIM).parent().unwrap();
+            let prefix = forkvm_test_support::install_forkvm(target, d, &d.join("vms"));
+            (prefix.join("bin"), Vec::new())
+        } else {
+            (
+                Path::new(SHIM).parent().unwrap().to_owned(),
+                vec![("FORKVM_RUNTIME".to_owned(), runtime.as_os_str().to_owned())],
+            )
+        }
+    })
 }
 
 impl Containerd {
-    fn start(runtime: &Path) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("ctd")
-            .tempdir()
-            .expect("a temporary directory");
-        let d = dir.path();
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{opt}"
-"#,
-            root = d.join("root").display(),
-            state = d.join("state").display(),
-            sock = d.join("containerd.sock").display(),
-            opt = d.join("opt").display(),
-        );
-        std::fs::write(d.join("config.toml"), config).unwrap();
-        // forkvm: the session's installed copy, its programs first on containerd's PATH
-        // and configured by its own forkvm.toml; another runtime: this build's shim
-        // told which runtime to drive.
-        let (shim_dir, runtime_env) = if runtime.file_name().is_some_and(|n| n == "forkvm-runtime")
-        {
-            let target = Path::new(SHIM).parent().unwrap();
-            let prefix = forkvm_test_support::install_forkvm(target, d, &d.join("vms"));
-            (prefix.join("bin"), None)
-        } else {
-            (Path::new(SHIM).parent().unwrap().to_owned(), Some(runtime))
-        };
-        let path = std::env::join_paths(std::iter::once(shim_dir.clone()).chain(
-            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
-        ))
-        .unwrap();
-        let log = File::create(d.join("containerd.log")).unwrap();
-        let mut cmd = Command::new("containerd");
-        cmd.arg("--config")
-            .arg(d.join("config.toml"))
-            .args(["--log-level", "debug"])
-            .env("PATH", path);
-        if let Some(rt) = runtime_env {
-            cmd.env("FORKVM_RUNTIME", rt);
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("cannot start containerd (Debian package `containerd`)");
-        let ctd = Containerd { dir, child };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !ctd.socket().exists() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not listen within 30 s\n{}",
-                ctd.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        ctd
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("containerd.sock")
-    }
-
-    fn log(&self) -> String {
-        let text =
-            std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(60)..];
-        format!("--- containerd log (last lines)\n{}", tail.join("\n"))
-    }
-
     /// Runs `ctr -a SOCK -n NAMESPACE ARGS` with stdin closed, within [`CTR_TIMEOUT`].
     fn ctr(&self, args: &[&str]) -> Out {
         let started = Instant::now();
@@ -280,13 +216,6 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 }
 
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn read_all(r: &mut impl std::io::Read) -> String {
     let mut v = Vec::new();
     let _ = r.read_to_end(&mut v);
@@ -314,15 +243,8 @@ fn ctr_runs_containers_through_the_forkvm_shim() {
 fn body(runtime: &Path) {
     let session = Instant::now();
     println!("runtime under the shim: {}", runtime.display());
-    // runc needs the cgroup v2 hierarchy; the virtual host does not mount it.
-    if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        let status = Command::new("mount")
-            .args(["-t", "cgroup2", "none", "/sys/fs/cgroup"])
-            .status()
-            .unwrap();
-        assert!(status.success(), "cannot mount cgroup2");
-    }
-    let ctd = Containerd::start(runtime);
+    common::mount_cgroup2();
+    let ctd = start_containerd(runtime);
     let mut events = ctd.collect_events();
 
     // The fixture image, as `docker save` writes it.

@@ -10,7 +10,8 @@
 //! built from it imported into CRI's namespace. For each handler:
 //! - RunPodSandbox gets the pod an address on the bridge (PodSandboxStatus);
 //! - two containers: a server answering on the pod's loopback and a client that reaches
-//!   it there (ExecSync: its output), ExecSync's exit code and stderr;
+//!   it there (ExecSync: its output), the test reaching it at the pod's address, ExecSync's
+//!   exit code and stderr;
 //! - the server's output in the CRI log file at the path the pod's config gives;
 //! - ContainerStats answers for a running container;
 //! - stopping and removing the containers and the pod leaves no sandbox, shim, VM or
@@ -19,9 +20,8 @@
 //! And bad input: an unknown runtime handler, a container whose sandbox is gone (clear
 //! CRI errors, nothing left behind).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
@@ -46,19 +46,29 @@ const SUBNET_PREFIX: &str = "10.88.77.";
 /// Limit for one CRI call (a forkvm pod boots a VM: seconds in the virtual host).
 const CALL_TIMEOUT: Duration = Duration::from_secs(240);
 
-/// A private containerd with its CRI plugin, for the test's lifetime.
-struct Containerd {
-    dir: tempfile::TempDir,
-    child: Child,
-}
+mod common;
+use common::Containerd;
 
-impl Containerd {
-    fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("cri")
-            .tempdir()
-            .expect("a temporary directory");
-        let d = dir.path();
+/// A private containerd with its CRI plugin: runc's handler (the default) and forkvm's,
+/// the pause image, the native snapshotter and a CNI bridge; forkvm's installed copy (the
+/// shim and the runtime) first on its PATH, runc's shim and runc from the system's.
+fn start_containerd() -> Containerd {
+    let cri = format!(
+        r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE}"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.forkvm]
+      runtime_type = "io.containerd.forkvm.v1"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{{dir}}/cni"
+"#
+    );
+    Containerd::start("cri", &[], &cri, |d| {
         let cni = d.join("cni");
         std::fs::create_dir_all(&cni).unwrap();
         std::fs::write(
@@ -72,72 +82,13 @@ impl Containerd {
             ),
         )
         .unwrap();
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{opt}"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE}"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "native"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.forkvm]
-      runtime_type = "io.containerd.forkvm.v1"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{cni}"
-"#,
-            root = d.join("root").display(),
-            state = d.join("state").display(),
-            sock = d.join("containerd.sock").display(),
-            opt = d.join("opt").display(),
-            cni = cni.display(),
-        );
-        std::fs::write(d.join("config.toml"), config).unwrap();
-        // forkvm: the session's installed copy, its programs (the shim and the runtime)
-        // first on containerd's PATH; runc's shim and runc from the system's.
         let target = Path::new(SHIM).parent().unwrap();
         let prefix = forkvm_test_support::install_forkvm(target, d, &d.join("vms"));
-        let path = std::env::join_paths(std::iter::once(prefix.join("bin")).chain(
-            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
-        ))
-        .unwrap();
-        let log = File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .args(["--log-level", "debug"])
-            .env("PATH", path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("cannot start containerd (Debian package `containerd`)");
-        let ctd = Containerd { dir, child };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !ctd.socket().exists() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not listen within 30 s\n{}",
-                ctd.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        ctd
-    }
+        (prefix.join("bin"), Vec::new())
+    })
+}
 
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("containerd.sock")
-    }
-
+impl Containerd {
     /// The VMs forkvm's runtime registered (their homes).
     fn vms(&self) -> Vec<PathBuf> {
         std::fs::read_dir(self.dir.path().join("vms"))
@@ -152,14 +103,6 @@ state = "{state}"
                         .is_some_and(|n| n.to_string_lossy().starts_with('.'))
             })
             .collect()
-    }
-
-    fn log(&self) -> String {
-        let text =
-            std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(80)..];
-        format!("--- containerd log (last lines)\n{}", tail.join("\n"))
     }
 
     /// `ctr -n k8s.io ARGS`, which must succeed.
@@ -180,13 +123,6 @@ state = "{state}"
             self.log()
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -234,10 +170,11 @@ impl Cri {
     {
         let started = Instant::now();
         let client = self.client.clone();
-        let out = match self
+        // The timer is made inside the runtime.
+        let answer = self
             .rt
-            .block_on(tokio::time::timeout(CALL_TIMEOUT, f(client)))
-        {
+            .block_on(async { tokio::time::timeout(CALL_TIMEOUT, f(client)).await });
+        let out = match answer {
             Ok(answer) => answer.map(tonic::Response::into_inner).map_err(Box::new),
             Err(_) => Err(Box::new(tonic::Status::deadline_exceeded(format!(
                 "{what}: no answer within {CALL_TIMEOUT:?}"
@@ -323,21 +260,14 @@ fn containerds_cri_runs_pods_with_runc_and_with_forkvm() {
 
 fn body() {
     let session = Instant::now();
-    // runc needs the cgroup v2 hierarchy; the virtual host does not mount it.
-    if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        let status = Command::new("mount")
-            .args(["-t", "cgroup2", "none", "/sys/fs/cgroup"])
-            .status()
-            .unwrap();
-        assert!(status.success(), "cannot mount cgroup2");
-    }
+    common::mount_cgroup2();
     // CNI keeps its cached results there, read-only in the virtual host.
     let status = Command::new("mount")
         .args(["-t", "tmpfs", "tmpfs", "/var/lib/cni"])
         .status()
         .unwrap();
     assert!(status.success(), "cannot mount a tmpfs on /var/lib/cni");
-    let ctd = Containerd::start();
+    let ctd = start_containerd();
     // The images, as `docker save` writes them: busybox, and a pause image of it.
     let d = ctd.dir.path();
     let fixture = d.join("fixture.tar");
@@ -450,6 +380,20 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    // From the host, through CNI's bridge, at the pod's address: the pod's network is
+    // the VM's (its NIC took the pod's interface over).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = ask(&ip, 8080);
+        if answer.as_deref().is_ok_and(|a| a.contains("pong")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{handler}: the server never answered at the pod's address {ip}: {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let out = cri.exec_sync(&client, &["sh", "-c", "echo out; echo err >&2; exit 3"]);
     assert_eq!(
         (out.exit_code, out.stdout.as_slice(), out.stderr.as_slice()),
@@ -524,21 +468,47 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
         })
         .unwrap_or_else(|e| panic!("{handler}: RemoveContainer: {e}"));
     }
+    remove_pod(ctd, cri, &pod);
+    assert_nothing_left(ctd, cri, handler);
+}
+
+/// What a TCP server at `ip`:`port` answers a client that sends nothing (read until it
+/// closes, or for 5 s).
+fn ask(ip: &str, port: u16) -> std::io::Result<String> {
+    use std::io::Read;
+    let addr: std::net::IpAddr = ip.parse().map_err(std::io::Error::other)?;
+    let mut s = std::net::TcpStream::connect_timeout(&(addr, port).into(), Duration::from_secs(5))?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if got.is_empty() => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(String::from_utf8_lossy(&got).into_owned())
+}
+
+/// StopPodSandbox and RemovePodSandbox of `pod`.
+fn remove_pod(ctd: &Containerd, cri: &mut Cri, pod: &str) {
     let req = StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
+        pod_sandbox_id: pod.into(),
     };
     cri.call("StopPodSandbox", |mut c| async move {
         c.stop_pod_sandbox(req).await
     })
-    .unwrap_or_else(|e| panic!("{handler}: StopPodSandbox: {e}\n{}", ctd.log()));
+    .unwrap_or_else(|e| panic!("StopPodSandbox {pod}: {e}\n{}", ctd.log()));
     let req = RemovePodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
+        pod_sandbox_id: pod.into(),
     };
     cri.call("RemovePodSandbox", |mut c| async move {
         c.remove_pod_sandbox(req).await
     })
-    .unwrap_or_else(|e| panic!("{handler}: RemovePodSandbox: {e}\n{}", ctd.log()));
-    assert_nothing_left(ctd, cri, handler);
+    .unwrap_or_else(|e| panic!("RemovePodSandbox {pod}: {e}\n{}", ctd.log()));
 }
 
 /// CreateContainer and StartContainer of `config` in `pod`; its id.
@@ -652,20 +622,7 @@ fn bad_input(ctd: &Containerd, cri: &mut Cri) {
         })
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()))
         .pod_sandbox_id;
-    let req = StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    };
-    cri.call("StopPodSandbox", |mut c| async move {
-        c.stop_pod_sandbox(req).await
-    })
-    .unwrap_or_else(|e| panic!("StopPodSandbox: {e}"));
-    let req = RemovePodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    };
-    cri.call("RemovePodSandbox", |mut c| async move {
-        c.remove_pod_sandbox(req).await
-    })
-    .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}"));
+    remove_pod(ctd, cri, &pod);
     let req = CreateContainerRequest {
         pod_sandbox_id: pod.clone(),
         config: Some(container_config("orphan", &["true"])),

@@ -72,8 +72,14 @@ pub fn bind_handle(
 /// attaches it on `target`.
 fn attach(tree: OwnedFd, target: impl AsFd, attr: u64) -> std::io::Result<()> {
     set_attr(&tree, attr, libc::MS_SLAVE)?;
+    move_onto(&tree, target)
+}
+
+/// Attaches the detached mount `mount` (a clone, or a new file system's) on `target`,
+/// both handles: no path is resolved again.
+pub fn move_onto(mount: impl AsFd, target: impl AsFd) -> std::io::Result<()> {
     move_mount(
-        &tree,
+        mount,
         "",
         target,
         "",

@@ -32,8 +32,8 @@ use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
 use rustix::mount::{
-    fsconfig_create, fsconfig_set_string, fsmount, fsopen, move_mount, FsMountFlags, FsOpenFlags,
-    MountAttrFlags, MoveMountFlags,
+    fsconfig_create, fsconfig_set_string, fsmount, fsopen, FsMountFlags, FsOpenFlags,
+    MountAttrFlags,
 };
 
 use serde::{Deserialize, Serialize};
@@ -46,8 +46,14 @@ pub const ROOT_SOURCE: &str = "forkvm-root";
 /// namespace: on the host it stays empty, and goes with the home).
 pub const MOUNT_DIR: &str = ".root";
 
-/// The tmpfs's options: it holds only directories, empty files and links (mount points).
-const ROOT_OPTIONS: [(&str, &str); 3] = [("mode", "0755"), ("size", "1m"), ("nr_inodes", "4096")];
+/// The tmpfs's source and options: it holds only directories, empty files and links
+/// (mount points).
+const ROOT_OPTIONS: [(&str, &str); 4] = [
+    ("source", ROOT_SOURCE),
+    ("mode", "0755"),
+    ("size", "1m"),
+    ("nr_inodes", "4096"),
+];
 
 /// The system's files every VM process reads: the dynamic loader and libraries its
 /// executable needs when it starts a fork child, and the loader's cache.
@@ -262,33 +268,17 @@ impl NewRoot {
             Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
             _ => {}
         }
-        let at = rustix::fs::open(
-            mount_on,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        let fs = fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
-        fsconfig_set_string(&fs, "source", ROOT_SOURCE)?;
-        for (key, value) in ROOT_OPTIONS {
-            fsconfig_set_string(&fs, key, value)?;
-        }
-        fsconfig_create(&fs)?;
-        let mnt = fsmount(
-            &fs,
-            FsMountFlags::FSMOUNT_CLOEXEC,
+        let at = crate::binds::target_dir(mount_on)?;
+        let mnt = new_mount(
+            "tmpfs",
+            &ROOT_OPTIONS,
             MountAttrFlags::MOUNT_ATTR_NOSUID
                 | MountAttrFlags::MOUNT_ATTR_NODEV
                 | MountAttrFlags::MOUNT_ATTR_NOEXEC,
         )?;
         // Left out when a place above it is bound with what lies beneath.
         crate::binds::set_attr(&mnt, 0, libc::MS_UNBINDABLE)?;
-        move_mount(
-            &mnt,
-            "",
-            &at,
-            "",
-            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
-        )?;
+        crate::binds::move_onto(&mnt, &at)?;
         let dev = rustix::fs::fstat(&mnt)?.st_dev;
         Ok(Self {
             dir: PathBuf::from(format!("/proc/self/fd/{}", mnt.as_raw_fd())),
@@ -394,29 +384,16 @@ impl NewRoot {
         let step = failed("a procfs");
         let at = self.dir_for(Path::new("/proc"))?;
         let made = (|| -> io::Result<()> {
-            let target = rustix::fs::open(
-                &at,
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?;
-            let fs = fsopen("proc", FsOpenFlags::FSOPEN_CLOEXEC)?;
-            fsconfig_create(&fs)?;
-            let mnt = fsmount(
-                &fs,
-                FsMountFlags::FSMOUNT_CLOEXEC,
+            let target = crate::binds::target_dir(&at)?;
+            let mnt = new_mount(
+                "proc",
+                &[],
                 MountAttrFlags::MOUNT_ATTR_RDONLY
                     | MountAttrFlags::MOUNT_ATTR_NOSUID
                     | MountAttrFlags::MOUNT_ATTR_NODEV
                     | MountAttrFlags::MOUNT_ATTR_NOEXEC,
             )?;
-            move_mount(
-                &mnt,
-                "",
-                &target,
-                "",
-                MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
-            )?;
-            Ok(())
+            crate::binds::move_onto(&mnt, &target)
         })();
         made.map_err(step)
     }
@@ -558,6 +535,17 @@ impl NewRoot {
         // The root itself is named by a magic link, which `lstat` would not follow.
         dir == self.dir || std::fs::symlink_metadata(dir).is_ok_and(|m| m.dev() == self.dev)
     }
+}
+
+/// A new, detached mount of a file system of type `fstype` with `options`, with the
+/// `attrs` flags: a handle to attach with [`crate::binds::move_onto`].
+fn new_mount(fstype: &str, options: &[(&str, &str)], attrs: MountAttrFlags) -> io::Result<OwnedFd> {
+    let fs = fsopen(fstype, FsOpenFlags::FSOPEN_CLOEXEC)?;
+    for &(key, value) in options {
+        fsconfig_set_string(&fs, key, value)?;
+    }
+    fsconfig_create(&fs)?;
+    Ok(fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)?)
 }
 
 /// Detaches the mount at `path` (and what is mounted beneath it).

@@ -69,6 +69,25 @@ pub struct ChildSpec {
     pub taps: Vec<String>,
     /// Where the child's console goes (default: discarded).
     pub console: Option<PathBuf>,
+    /// MAC per NIC, in order, as `02:00:00:00:00:01` (default: fresh random ones).
+    #[serde(default)]
+    pub macs: Vec<String>,
+    /// The guest's hostname (default: `fork-` and 8 random hex digits).
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// Shares served from another host directory than the parent's: only a share whose
+    /// guest holds nothing but its root (never mounted, or nothing looked up yet).
+    #[serde(default)]
+    pub shares: Vec<ChildShare>,
+}
+
+/// A fork child's share given a directory of its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildShare {
+    /// The share's tag.
+    pub tag: String,
+    /// The host directory the child's share serves.
+    pub host_path: PathBuf,
 }
 
 /// A request to fork the running VM.

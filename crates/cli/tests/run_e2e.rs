@@ -458,7 +458,7 @@ fn volumes_share_host_directories() {
         let child_file = vol.join(format!("seen-by-{}", child_copy.unwrap()));
         assert_eq!(std::fs::metadata(&child_file).unwrap().uid(), 0);
         // A template cannot hold the host files a share's guest has open: refused,
-        // naming the share, before the VM is paused; nothing is written.
+        // naming the share, once the capture shows them; nothing is written.
         let tpl = tmp.path().join("tpl");
         let save = Forkvm::spawn_with(
             &["template", "save", "sharing", tpl.to_str().unwrap()],

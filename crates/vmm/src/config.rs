@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 pub use forkvm_devices::virtio::block::BlockConfig;
 pub use forkvm_devices::virtio::fs::FsConfig;
-pub use forkvm_devices::virtio::net::{random_mac, GuestIp, NetConfig};
+pub use forkvm_devices::virtio::net::{format_mac, parse_mac, random_mac, GuestIp, NetConfig};
 pub use forkvm_devices::virtio::vsock::VsockConfig;
 
 /// Default kernel command line: serial console, reboot through the i8042 reset line,
@@ -37,7 +37,9 @@ pub struct VmConfig {
     pub rng: bool,
     /// Host directories shared with the guest, one virtio-fs device each (after the
     /// others in MMIO order). A VM with shares forks (its children serve the same
-    /// directories) but cannot be saved as a template.
+    /// directories, or, for a share whose guest holds only its root, the one the fork
+    /// gives them) and is saved as a template only while its guest holds nothing of a
+    /// share but its root.
     #[serde(default)]
     pub shares: Vec<FsConfig>,
     /// Whether host stdin feeds the serial console (off when stdin belongs to something
@@ -52,6 +54,22 @@ pub struct VmConfig {
 
 fn console_input_default() -> bool {
     true
+}
+
+/// Checks a guest hostname: 1 to 64 letters, digits, `-` and `.` (what the kernel
+/// command line and the agent take as they are); the error names the rule.
+pub fn check_hostname(hostname: &str) -> Result<(), String> {
+    if hostname.is_empty()
+        || hostname.len() > 64
+        || !hostname
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        return Err(format!(
+            "hostname {hostname:?}: use 1 to 64 letters, digits, '-' and '.'"
+        ));
+    }
+    Ok(())
 }
 
 impl VmConfig {

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use forkvm_api::wire::{
-    ChildInfo, ChildSpec, ControlError, DeviceInfo, ForkOutcome, ForkRequest, Request, Response,
-    RunState, TemplateInfo, VmInfo,
+    ChildInfo, ChildShare, ChildSpec, ControlError, DeviceInfo, ForkOutcome, ForkRequest, Request,
+    Response, RunState, TemplateInfo, VmInfo,
 };
 use vmm_sys_util::eventfd::EventFd;
 

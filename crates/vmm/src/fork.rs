@@ -57,8 +57,8 @@ pub struct ChildPayload {
 /// ahead of the memory files; only a child's identity travels in its own launch.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ForkState {
-    snapshot: VmSnapshot,
-    layout: MemoryLayout,
+    pub(crate) snapshot: VmSnapshot,
+    pub(crate) layout: MemoryLayout,
 }
 
 /// Largest fork state a child reads (a VM's state is kilobytes; this bounds the file).
@@ -66,7 +66,7 @@ const MAX_FORK_STATE: u64 = forkvm_snapshot::MAX_PAYLOAD + 64;
 
 impl ForkState {
     /// Encodes the state into a new sealed memory file.
-    fn into_file(self) -> Result<File, ControlError> {
+    pub(crate) fn into_file(self) -> Result<File, ControlError> {
         let failed = |e: String| ControlError::Failed(format!("cannot encode the fork state: {e}"));
         let blob = forkvm_snapshot::encode(&self).map_err(|e| failed(e.to_string()))?;
         let file = crate::memory::create_memfd(c"forkvm-fork-state")
@@ -186,20 +186,91 @@ fn child_identity(
     } else {
         spec.taps.clone()
     };
-    let macs = (0..nics)
-        .map(|_| {
-            forkvm_devices::virtio::net::random_mac()
-                .map_err(|e| ControlError::Failed(format!("cannot make a MAC: {e}")))
-        })
-        .collect::<Result<_, _>>()?;
+    if !spec.macs.is_empty() && spec.macs.len() != nics {
+        return Err(ControlError::Invalid(format!(
+            "{} MACs given for {nics} NICs",
+            spec.macs.len()
+        )));
+    }
+    let macs = match spec.macs.is_empty() {
+        true => (0..nics)
+            .map(|_| {
+                forkvm_devices::virtio::net::random_mac()
+                    .map_err(|e| ControlError::Failed(format!("cannot make a MAC: {e}")))
+            })
+            .collect::<Result<_, _>>()?,
+        false => spec
+            .macs
+            .iter()
+            .map(|m| crate::config::parse_mac(m).map_err(ControlError::Invalid))
+            .collect::<Result<_, _>>()?,
+    };
+    let hostname = match &spec.hostname {
+        Some(h) => {
+            crate::config::check_hostname(h).map_err(ControlError::Invalid)?;
+            h.clone()
+        }
+        None => format!("fork-{:08x}", random_u32()),
+    };
+    let mut shares: Vec<(String, PathBuf)> = Vec::with_capacity(spec.shares.len());
+    for s in &spec.shares {
+        if !cfg.shares.iter().any(|c| c.tag == s.tag) {
+            return Err(ControlError::Invalid(format!(
+                "the VM has no share tagged {:?}",
+                s.tag
+            )));
+        }
+        if shares.iter().any(|(t, _)| *t == s.tag) {
+            return Err(ControlError::Invalid(format!(
+                "share {:?} is given two directories",
+                s.tag
+            )));
+        }
+        if !s.host_path.is_absolute() {
+            return Err(ControlError::Invalid(format!(
+                "share {:?}: {} is not an absolute path",
+                s.tag,
+                s.host_path.display()
+            )));
+        }
+        shares.push((s.tag.clone(), s.host_path.clone()));
+    }
     Ok(ChildIdentity {
         cid,
         vsock_uds,
         taps,
         macs,
-        hostname: format!("fork-{:08x}", random_u32()),
+        hostname,
         seed: random_bytes(64),
+        shares,
     })
+}
+
+/// Refuses a child identity that gives another directory to a share whose guest holds
+/// more than its root in `snapshot` (its files are its parent's directory's, which the
+/// child goes on serving: [`forkvm_devices::virtio::fs`]).
+pub(crate) fn check_share_overrides(
+    snapshot: &VmSnapshot,
+    identities: &[ChildIdentity],
+) -> Result<(), ControlError> {
+    for id in identities {
+        for (tag, _) in &id.shares {
+            let Some(state) = snapshot.share_state(tag) else {
+                return Err(ControlError::Invalid(format!(
+                    "the VM has no share tagged {tag:?}"
+                )));
+            };
+            if !state.table.holds_only_root() {
+                return Err(ControlError::Invalid(format!(
+                    "share {tag:?} cannot be given another directory: its guest has files \
+                     of it in use ({} nodes, {} open)",
+                    state.table.inodes.len(),
+                    state.table.handles.len()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks a fork request against the VM it forks.
@@ -247,21 +318,28 @@ pub(crate) fn check_request(cfg: &VmConfig, req: &ForkRequest) -> Result<(), Con
     Ok(())
 }
 
-/// Refuses to save a VM with shared directories as a template, naming the first: the
-/// files a share's guest has open are host descriptors
+/// Refuses to save a VM as a template, naming the first share whose guest holds more
+/// than its root: the files a share's guest has open are host descriptors
 /// ([`forkvm_devices::virtio::fs`]), which a running process can hand to its fork
-/// children but no file can hold.
-pub(crate) fn refuse_shares_in_templates(cfg: &VmConfig) -> Result<(), ControlError> {
-    match cfg.shares.first() {
-        Some(s) => Err(ControlError::Invalid(format!(
-            "the VM shares {} (tag {:?}) with its guest; a VM with shared directories cannot be \
-             saved as a template (the files its guest has open on the share are host \
-             descriptors, which only a running VM can pass on: fork it instead)",
-            s.host_path.display(),
-            s.tag
-        ))),
-        None => Ok(()),
+/// children but no file can hold. A share whose guest holds only its root is saved: a
+/// child serves its configured directory, or the one its fork request gives it.
+pub(crate) fn refuse_shares_in_templates(snapshot: &VmSnapshot) -> Result<(), ControlError> {
+    for s in &snapshot.config.shares {
+        let in_use = snapshot
+            .share_state(&s.tag)
+            .is_none_or(|state| !state.table.holds_only_root());
+        if in_use {
+            return Err(ControlError::Invalid(format!(
+                "the VM's guest has files of its share {} (tag {:?}) in use; such a VM cannot \
+                 be saved as a template (the files its guest has open on the share are host \
+                 descriptors, which only a running VM can pass on: fork it instead, or save \
+                 the template before the guest mounts the share)",
+                s.host_path.display(),
+                s.tag
+            )));
+        }
     }
+    Ok(())
 }
 
 /// Identities for every child of `req`, numbered from `*seq + 1`.
@@ -314,6 +392,7 @@ impl Launching {
         pool: Option<&ChildPool>,
         t0: Instant,
     ) -> Result<Self, ControlError> {
+        check_share_overrides(&snapshot, &identities)?;
         // The state is encoded once; every child gets the same file, ahead of the memory,
         // and the host files its devices hold after the memory.
         let host_files = snapshot.take_host_files();
@@ -759,6 +838,11 @@ impl ChildPayload {
             }
             net.mac = id.macs.get(i).copied();
         }
+        for (tag, dir) in &id.shares {
+            if let Some(share) = cfg.shares.iter_mut().find(|s| s.tag == *tag) {
+                share.host_path = dir.clone();
+            }
+        }
     }
 
     /// Checks that the configuration the devices are built from carries the child's
@@ -996,6 +1080,7 @@ mod tests {
             macs: vec![[2, 0, 0, 0, 0, 1]],
             hostname: "fork-1".into(),
             seed: vec![1; 64],
+            shares: Vec::new(),
         }
     }
 
@@ -1087,6 +1172,135 @@ mod tests {
             let _ = p.kill();
             let _ = p.wait();
         }
+    }
+
+    #[test]
+    fn a_child_spec_names_its_macs_hostname_and_shares_or_is_refused_naming_why() {
+        let mut cfg = payload(ChildIdentity::default()).snapshot.config;
+        cfg.shares = vec![crate::config::FsConfig {
+            tag: "forkvm-pod".into(),
+            host_path: "/run/template-pod".into(),
+            read_only: false,
+        }];
+        let spec = ChildSpec {
+            macs: vec!["0a:58:0a:58:00:05".into()],
+            hostname: Some("web-1".into()),
+            shares: vec![crate::control::ChildShare {
+                tag: "forkvm-pod".into(),
+                host_path: "/run/pods/p1".into(),
+            }],
+            ..ChildSpec::default()
+        };
+        let id = super::child_identity(&cfg, 1, &spec).unwrap();
+        assert_eq!(id.macs, [[0x0a, 0x58, 0x0a, 0x58, 0, 5]]);
+        assert_eq!(id.hostname, "web-1");
+        assert_eq!(
+            id.shares,
+            [("forkvm-pod".to_owned(), PathBuf::from("/run/pods/p1"))]
+        );
+        // Adopted, the child's share serves the directory it was given.
+        let mut p = payload(id);
+        p.snapshot.config = cfg.clone();
+        p.adopt_identity();
+        assert_eq!(
+            p.config().shares[0].host_path,
+            PathBuf::from("/run/pods/p1")
+        );
+        // Defaults: fresh ones.
+        let id = super::child_identity(&cfg, 2, &ChildSpec::default()).unwrap();
+        assert!(id.hostname.starts_with("fork-") && id.shares.is_empty());
+        assert_eq!(id.macs.len(), 1);
+
+        let refused = |spec: ChildSpec| match super::child_identity(&cfg, 3, &spec) {
+            Err(ControlError::Invalid(m)) => m,
+            other => panic!("not refused: {other:?}"),
+        };
+        let e = refused(ChildSpec {
+            macs: vec!["0a:58:0a:58:00:05".into(), "0a:58:0a:58:00:06".into()],
+            ..ChildSpec::default()
+        });
+        assert!(e.contains("2 MACs given for 1 NICs"), "{e}");
+        let e = refused(ChildSpec {
+            macs: vec!["01:00:5e:00:00:01".into()],
+            ..ChildSpec::default()
+        });
+        assert!(e.contains("multicast"), "{e}");
+        let e = refused(ChildSpec {
+            hostname: Some("no spaces".into()),
+            ..ChildSpec::default()
+        });
+        assert!(e.contains("hostname \"no spaces\""), "{e}");
+        let share = |tag: &str, path: &str| crate::control::ChildShare {
+            tag: tag.into(),
+            host_path: path.into(),
+        };
+        let e = refused(ChildSpec {
+            shares: vec![share("other", "/run/x")],
+            ..ChildSpec::default()
+        });
+        assert!(e.contains("no share tagged \"other\""), "{e}");
+        let e = refused(ChildSpec {
+            shares: vec![share("forkvm-pod", "relative")],
+            ..ChildSpec::default()
+        });
+        assert!(e.contains("not an absolute path"), "{e}");
+        let e = refused(ChildSpec {
+            shares: vec![share("forkvm-pod", "/a"), share("forkvm-pod", "/b")],
+            ..ChildSpec::default()
+        });
+        assert!(e.contains("given two directories"), "{e}");
+    }
+
+    #[test]
+    fn only_a_share_whose_guest_holds_its_root_alone_is_given_another_directory_or_saved() {
+        use forkvm_devices::virtio::fs::{FsState, SavedInode, SavedTable};
+        let fs = |nodes: u64| crate::devices::VirtioSnapshot {
+            device: crate::devices::DeviceState::Fs(FsState {
+                table: SavedTable {
+                    protocol: (7, 31),
+                    inodes: (1..=nodes)
+                        .map(|node| SavedInode {
+                            node,
+                            refcount: 1,
+                            mode: libc::S_IFDIR,
+                            ino: node,
+                            dev: 0,
+                            mnt: 0,
+                        })
+                        .collect(),
+                    ..SavedTable::default()
+                },
+                ..FsState::default()
+            }),
+            transport: Default::default(),
+        };
+        let share = |tag: &str| crate::config::FsConfig {
+            tag: tag.into(),
+            host_path: format!("/run/{tag}").into(),
+            read_only: false,
+        };
+        let mut snap = VmSnapshot::empty(VmConfig::new("/nonexistent/kernel"));
+        snap.config.shares = vec![share("forkvm-pod"), share("forkvm-root")];
+        snap.virtio = vec![fs(1), fs(3)];
+        let given = |tag: &str| ChildIdentity {
+            shares: vec![(tag.to_owned(), PathBuf::from("/run/elsewhere"))],
+            ..ChildIdentity::default()
+        };
+        check_share_overrides(&snap, &[given("forkvm-pod")]).unwrap();
+        let e = check_share_overrides(&snap, &[given("forkvm-root")]).unwrap_err();
+        assert!(
+            matches!(&e, ControlError::Invalid(m) if m.contains("\"forkvm-root\" cannot be given another directory") && m.contains("3 nodes")),
+            "{e:?}"
+        );
+        // A template: refused for the share in use, by name; saved without it.
+        let e = refuse_shares_in_templates(&snap).unwrap_err();
+        assert!(
+            matches!(&e, ControlError::Invalid(m) if m.contains("tag \"forkvm-root\"")),
+            "{e:?}"
+        );
+        snap.virtio.truncate(1);
+        snap.config.shares.truncate(1);
+        refuse_shares_in_templates(&snap).unwrap();
     }
 
     #[test]

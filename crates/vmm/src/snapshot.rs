@@ -103,6 +103,19 @@ impl VmSnapshot {
         Ok(())
     }
 
+    /// The saved state of the share tagged `tag`: the devices are in the registry's
+    /// order, the shares last and in the configuration's order.
+    pub fn share_state(&self, tag: &str) -> Option<&forkvm_devices::virtio::fs::FsState> {
+        let k = self.config.shares.iter().position(|s| s.tag == tag)?;
+        self.virtio
+            .iter()
+            .filter_map(|v| match &v.device {
+                DeviceState::Fs(fs) => Some(fs),
+                _ => None,
+            })
+            .nth(k)
+    }
+
     /// Nanoseconds since the capture: how far the restored guest's clock must move on.
     pub fn elapsed_ns(&self) -> u64 {
         realtime_ns().saturating_sub(self.captured_realtime_ns)
@@ -125,6 +138,9 @@ pub struct ChildIdentity {
     pub hostname: String,
     /// 64 bytes from the host's CSPRNG for the guest's entropy pool.
     pub seed: Vec<u8>,
+    /// Shares given another host directory than the parent's: (tag, directory).
+    #[serde(default)]
+    pub shares: Vec<(String, PathBuf)>,
 }
 
 #[cfg(test)]
@@ -187,27 +203,34 @@ mod tests {
     #[test]
     fn host_files_travel_beside_the_snapshot_in_device_order() {
         let mut snap = VmSnapshot::empty(VmConfig::new("/nonexistent/kernel"));
-        snap.virtio = vec![share(2, 1), share(1, 0)];
+        // The last holds only its root: it is served from its directory again, and
+        // carries no descriptor.
+        snap.virtio = vec![share(2, 1), share(2, 0), share(1, 0)];
+        let root_only = match &snap.virtio[2].device {
+            DeviceState::Fs(fs) => fs.files.take(),
+            _ => unreachable!(),
+        };
+        assert_eq!(root_only.len(), 1, "the helper gave it one");
         let files = snap.take_host_files();
-        assert_eq!(files.len(), 4);
-        assert_eq!(held(&snap), [0, 0], "taken out of the states");
+        assert_eq!(files.len(), 5);
+        assert_eq!(held(&snap), [0, 0, 0], "taken out of the states");
 
         // Encoded and decoded as a fork's state, then given back.
         let blob = forkvm_snapshot::encode(&snap).unwrap();
         let back: VmSnapshot = forkvm_snapshot::decode(&blob).unwrap();
         assert_eq!(
             held(&back),
-            [0, 0],
+            [0, 0, 0],
             "descriptors never travel in the encoding"
         );
         let fewer: Vec<File> = files[1..].iter().map(|f| f.try_clone().unwrap()).collect();
         let e = back.give_host_files(fewer).unwrap_err();
         assert!(
-            e.contains("3 host descriptors came for devices that hold 4"),
+            e.contains("4 host descriptors came for devices that hold 5"),
             "{e}"
         );
-        assert_eq!(held(&back), [0, 0], "nothing given on a mismatch");
+        assert_eq!(held(&back), [0, 0, 0], "nothing given on a mismatch");
         back.give_host_files(files).unwrap();
-        assert_eq!(held(&back), [3, 1]);
+        assert_eq!(held(&back), [3, 2, 0]);
     }
 }

@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::control::ChildSpec;
 use crate::control::{error_chain, ControlError, ForkOutcome, ForkRequest, TemplateInfo};
 use crate::fork::{check_request, identities, Launching};
-use crate::launch::ChildHomes;
+use crate::launch::{ChildHomes, Start};
 use crate::memory::{MemoryLayout, RamRange};
 use crate::pool::ChildPool;
 use crate::snapshot::VmSnapshot;
@@ -49,8 +50,43 @@ struct SealedState {
 
 /// The MAC context of a template's state.
 const STATE_CONTEXT: &str = "forkvm template state v1";
-/// The MAC context of a template's memory.
-const MEMORY_CONTEXT: &str = "forkvm template memory v1";
+/// The MAC context of a template's memory, as forkvm saved it before 2026-12-05: every
+/// byte of the memory, holes included (checked only when the current MAC does not
+/// match, so such templates still load).
+const MEMORY_CONTEXT_V1: &str = "forkvm template memory v1";
+/// The MAC context of a template's memory: the pages that are not all zeros, each as
+/// its offset and its bytes, in order, then the memory's length ([`SparseMac`]).
+/// Loading reads only the memory file's data, not its holes: its cost follows what the
+/// guest stored, not its memory size.
+const MEMORY_CONTEXT: &str = "forkvm template memory v2";
+
+/// A template memory's MAC ([`MEMORY_CONTEXT`]): what is not in a page given to it is
+/// zeros, so holes (and zero pages a copy of the file may have filled in) count as
+/// nothing and the MAC does not depend on how the file is laid out.
+struct SparseMac(blake3::Hasher);
+
+impl SparseMac {
+    fn new(key: &TemplateKey) -> Self {
+        Self(key.hasher(MEMORY_CONTEXT))
+    }
+
+    /// Counts the page at `offset`, unless it is all zeros; returns whether it counted.
+    fn page(&mut self, offset: u64, page: &[u8]) -> bool {
+        // SAFETY: every bit pattern is a valid u128; the words are only compared.
+        let (head, words, tail) = unsafe { page.align_to::<u128>() };
+        if head.iter().chain(tail).all(|&b| b == 0) && words.iter().all(|&w| w == 0) {
+            return false;
+        }
+        self.0.update(&offset.to_le_bytes());
+        self.0.update(page);
+        true
+    }
+
+    fn finalize(mut self, memory_len: u64) -> [u8; 32] {
+        self.0.update(&memory_len.to_le_bytes());
+        *self.0.finalize().as_bytes()
+    }
+}
 
 /// A template's state: the VM's, and its memory's layout, length and MAC.
 #[derive(Debug, Serialize, Deserialize)]
@@ -125,7 +161,6 @@ impl Vmm {
     /// unless it was paused already.
     pub fn save_template(&mut self, dir: &Path) -> Result<TemplateInfo, ControlError> {
         let t0 = Instant::now();
-        crate::fork::refuse_shares_in_templates(&self.cfg)?;
         refuse_unwritable(dir)?;
         let fail = |e: TemplateError| ControlError::Failed(error_chain(&e));
         // A VM process bound by file-system rules cannot make the host's key where it is
@@ -154,6 +189,7 @@ impl Vmm {
             self.pause()?;
         }
         let saved = self.capture().and_then(|snapshot| {
+            crate::fork::refuse_shares_in_templates(&snapshot)?;
             write_template(
                 dir,
                 snapshot,
@@ -185,6 +221,43 @@ fn refuse_unwritable(dir: &Path) -> Result<(), ControlError> {
              directory and moves the files)"
         ))
     })
+}
+
+/// Why a running VM could not be saved as a template through its API.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// The VM refused or failed to save itself (its answer says why).
+    #[error("the VM did not save itself")]
+    Api(#[source] forkvm_api::client::ClientError),
+    /// The saved files could not be moved into place.
+    #[error("the saved template cannot be moved into place")]
+    Move(#[source] TemplateError),
+}
+
+/// Saves the running VM registered in `home` as a template in `dir` through its API.
+/// The host's template key is made here if there is none (the VM process's jail does
+/// not let it write where the key is kept; where this fails too, the VM's answer says
+/// why). The VM process's jail lets it write only under its state root: it saves into
+/// its own directory, and the files are moved to `dir` (made if needed).
+pub fn save_running(home: &forkvm_registry::VmHome, dir: &Path) -> Result<TemplateInfo, SaveError> {
+    if let Err(e) = TemplateKey::host_or_new() {
+        tracing::debug!("cannot make the host's template key here: {e}");
+    }
+    let home_dir = std::path::absolute(home.dir()).unwrap_or_else(|_| home.dir().to_owned());
+    let staging = home_dir.join(format!(".template-{}", std::process::id()));
+    let info = forkvm_api::Client::new(home.socket_path())
+        .with_timeout(Duration::from_secs(600))
+        .save_template(&staging)
+        .map_err(SaveError::Api)
+        .inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&staging);
+        })?;
+    move_template(&staging, dir)
+        .map_err(SaveError::Move)
+        .inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&staging);
+        })?;
+    Ok(info)
 }
 
 /// Moves the template saved in `from` to `to` (made if needed; template files there are
@@ -267,15 +340,23 @@ fn write_template(
     let file = File::create(&tmp).map_err(io(&tmp))?;
     let total: u64 = ranges.iter().map(|r| r.len).sum();
     file.set_len(total).map_err(io(&tmp))?;
-    let mut digest = key.hasher(MEMORY_CONTEXT);
+    let mut digest = SparseMac::new(key);
     let mut stored = 0u64;
-    for (region, r) in mem.iter().zip(ranges) {
+    // In file order: the MAC takes the pages by offset.
+    let mut regions: Vec<_> = mem.iter().zip(ranges).collect();
+    regions.sort_by_key(|(_, r)| r.file_offset);
+    for (region, r) in regions {
         let len = region.len() as usize;
         // SAFETY: the region is a live mapping of `len` bytes; the VM is paused, so
         // nothing writes it while we read.
         let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr() as *const u8, len) };
-        digest.update(bytes);
-        stored += write_nonzero_pages(&file, bytes, r.file_offset).map_err(io(&tmp))?;
+        for (i, page) in bytes.chunks(PAGE).enumerate() {
+            let at = r.file_offset + (i * PAGE) as u64;
+            if digest.page(at, page) {
+                file.write_all_at(page, at).map_err(io(&tmp))?;
+                stored += page.len() as u64;
+            }
+        }
     }
     file.sync_all().map_err(io(&tmp))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444)).map_err(io(&tmp))?;
@@ -284,7 +365,7 @@ fn write_template(
         snapshot,
         ranges: ranges.to_vec(),
         memory_len: total,
-        memory_mac: *digest.finalize().as_bytes(),
+        memory_mac: digest.finalize(total),
     };
     let state_path = dir.join(STATE_FILE);
     let encoding = |source| TemplateError::State {
@@ -307,19 +388,42 @@ fn write_template(
     Ok((total, stored))
 }
 
-/// Writes the pages of `bytes` that are not all zeros into `file` at `offset` onwards,
-/// leaving holes for the rest (a template's memory file and its in-memory copy are as
-/// sparse as the guest); returns the bytes written.
-fn write_nonzero_pages(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<u64> {
-    let zero = [0u8; PAGE];
-    let mut written = 0;
-    for (i, page) in bytes.chunks(PAGE).enumerate() {
-        if page != &zero[..page.len()] {
-            file.write_all_at(page, offset + (i * PAGE) as u64)?;
-            written += page.len() as u64;
+/// The ranges of `file`'s first `len` bytes that may hold data (`SEEK_DATA` /
+/// `SEEK_HOLE`), widened to whole pages and never overlapping, in order; the whole
+/// file where the file system cannot tell.
+fn data_extents(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let seek = |from: u64, whence| {
+        // SAFETY: lseek on an open descriptor reads no memory.
+        let at = unsafe { libc::lseek64(file.as_raw_fd(), from as i64, whence) };
+        match at {
+            -1 => Err(std::io::Error::last_os_error()),
+            at => Ok(at as u64),
         }
+    };
+    let mut extents = Vec::new();
+    let mut next = 0u64;
+    while next < len {
+        let start = match seek(next, libc::SEEK_DATA) {
+            Ok(at) => at,
+            // No data past `next`.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(vec![(0, len)]),
+            Err(e) => return Err(e),
+        };
+        let end = seek(start, libc::SEEK_HOLE)?;
+        let start = (start / PAGE as u64 * PAGE as u64).max(next);
+        let end = end
+            .div_ceil(PAGE as u64)
+            .saturating_mul(PAGE as u64)
+            .min(len);
+        if start >= end {
+            break;
+        }
+        extents.push((start, end));
+        next = end;
     }
-    Ok(written)
+    Ok(extents)
 }
 
 /// How long a template fork waits for its warm processes: this, plus
@@ -347,6 +451,11 @@ pub struct Unverified {
 }
 
 impl Unverified {
+    /// The saved VM's configuration (its state is authenticated already).
+    pub fn config(&self) -> &crate::config::VmConfig {
+        &self.state.snapshot.config
+    }
+
     /// Starts a pool of `count` warm processes (capped at [`MAX_FORK_POOL`]) for this
     /// template's children, registered under `homes`: they start while the memory is
     /// checked, and [`Template::fork`] hands the children to them (waiting a little for
@@ -383,18 +492,46 @@ impl Unverified {
         };
         let copy = crate::memory::create_memfd(c"forkvm-template-memory").map_err(copy_failed)?;
         copy.set_len(state.memory_len).map_err(io(&mem_path))?;
-        let mut digest = key.hasher(MEMORY_CONTEXT);
+        // The file's data only (its holes are zeros, which the MAC does not count).
+        let mut digest = SparseMac::new(key);
         let mut buf = vec![0u8; 1 << 20];
-        let mut at = 0u64;
-        while at < state.memory_len {
-            let want = (state.memory_len - at).min(buf.len() as u64) as usize;
-            let chunk = &mut buf[..want];
-            memory.read_exact_at(chunk, at).map_err(io(&mem_path))?;
-            digest.update(chunk);
-            write_nonzero_pages(&copy, chunk, at).map_err(io(&mem_path))?;
-            at += want as u64;
+        for (start, end) in data_extents(&memory, state.memory_len).map_err(io(&mem_path))? {
+            let mut at = start;
+            while at < end {
+                let want = (end - at).min(buf.len() as u64) as usize;
+                let chunk = &mut buf[..want];
+                memory.read_exact_at(chunk, at).map_err(io(&mem_path))?;
+                for (i, page) in chunk.chunks(PAGE).enumerate() {
+                    let offset = at + (i * PAGE) as u64;
+                    if digest.page(offset, page) {
+                        copy.write_all_at(page, offset).map_err(io(&mem_path))?;
+                    }
+                }
+                at += want as u64;
+            }
         }
-        if !key::same_mac(digest.finalize().as_bytes(), &state.memory_mac) {
+        let matches = key::same_mac(&digest.finalize(state.memory_len), &state.memory_mac) || {
+            // A template saved before the sparse MAC: every byte, holes included.
+            let mut digest = key.hasher(MEMORY_CONTEXT_V1);
+            let mut at = 0u64;
+            while at < state.memory_len {
+                let want = (state.memory_len - at).min(buf.len() as u64) as usize;
+                let chunk = &mut buf[..want];
+                memory.read_exact_at(chunk, at).map_err(io(&mem_path))?;
+                digest.update(chunk);
+                at += want as u64;
+            }
+            let old = key::same_mac(digest.finalize().as_bytes(), &state.memory_mac);
+            if old {
+                tracing::info!(
+                    "the template in {} was saved by an older forkvm: save it again for \
+                         quicker loads",
+                    mem_path.display()
+                );
+            }
+            old
+        };
+        if !matches {
             return Err(TemplateError::Memory {
                 path: mem_path,
                 problem: "its MAC does not match the template's: the memory was modified".into(),
@@ -459,6 +596,44 @@ impl Template {
     /// vCPUs and memory (MiB) of the saved VM.
     pub fn machine(&self) -> (u8, u64) {
         self.state.machine()
+    }
+
+    /// The saved VM's configuration.
+    pub fn config(&self) -> &crate::config::VmConfig {
+        &self.state.snapshot.config
+    }
+
+    /// One child of this template, with `spec`'s identity, for a VM process its caller
+    /// launches and owns itself (a container's monitor, in the container's network
+    /// namespace and jail): what it starts from and the files that go beside the launch
+    /// (the state, then the memory). The child's vsock socket must be named.
+    pub fn child_start(self, spec: &ChildSpec) -> Result<(Start, Vec<File>), TemplateError> {
+        let cfg = &self.state.snapshot.config;
+        if cfg.vsock.is_some() && spec.vsock_uds.is_none() {
+            return Err(ControlError::Invalid(
+                "the child of a template with vsock needs its vsock socket named".into(),
+            )
+            .into());
+        }
+        let req = ForkRequest {
+            count: 1,
+            freeze: false,
+            children: vec![spec.clone()],
+        };
+        check_request(cfg, &req)?;
+        let mut seq = 0;
+        let mut ids = identities(cfg, &req, &mut seq)?;
+        crate::fork::check_share_overrides(&self.state.snapshot, &ids)?;
+        let identity = ids.pop().expect("one child");
+        let state = crate::fork::ForkState {
+            snapshot: self.state.snapshot,
+            layout: MemoryLayout {
+                ranges: self.state.ranges,
+                overlays: Vec::new(),
+            },
+        }
+        .into_file()?;
+        Ok((Start::Restore(Box::new(identity)), vec![state, self.memory]))
     }
 
     /// Starts `req.count` children from this template, registered under `homes`, in
@@ -635,6 +810,66 @@ mod tests {
             .unwrap();
         f.write_all_at(b"X", 0x3000).unwrap();
         expect_err(dir.path(), &key, "the memory was modified");
+    }
+
+    #[test]
+    fn the_memory_mac_counts_data_not_holes_and_whatever_fills_one_is_refused() {
+        let (dir, key) = saved();
+        let path = dir.path().join(MEMORY_FILE);
+        let holes = data_extents(&File::open(&path).unwrap(), 1 << 20).unwrap();
+        assert!(
+            holes.iter().map(|(a, b)| b - a).sum::<u64>() < 1 << 20,
+            "the file has holes: {holes:?}"
+        );
+        // The same memory with its holes filled with zeros (a copy that lost them).
+        let dense = tempfile::tempdir().unwrap();
+        for name in [STATE_FILE, MEMORY_FILE] {
+            std::fs::write(
+                dense.path().join(name),
+                std::fs::read(dir.path().join(name)).unwrap(),
+            )
+            .unwrap();
+        }
+        let t = Template::load(dense.path(), &key).unwrap();
+        let mut b = [0u8; 13];
+        t.memory.read_exact_at(&mut b, 0x3000).unwrap();
+        assert_eq!(&b, b"template page");
+        // A byte written into a hole is data the MAC never counted.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"X", 0x8_0000).unwrap();
+        expect_err(dir.path(), &key, "the memory was modified");
+    }
+
+    #[test]
+    fn a_template_saved_with_the_first_memory_mac_still_loads() {
+        let (dir, key) = saved();
+        // Its state re-sealed with the MAC of every byte, as forkvm saved it before.
+        let mut memory = vec![0u8; 1 << 20];
+        File::open(dir.path().join(MEMORY_FILE))
+            .unwrap()
+            .read_exact_at(&mut memory, 0)
+            .unwrap();
+        let sealed: SealedState =
+            forkvm_snapshot::decode(&std::fs::read(dir.path().join(STATE_FILE)).unwrap()).unwrap();
+        let mut state: TemplateState = forkvm_snapshot::decode(&sealed.state).unwrap();
+        let mut v1 = key.hasher(MEMORY_CONTEXT_V1);
+        v1.update(&memory);
+        state.memory_mac = *v1.finalize().as_bytes();
+        let state = forkvm_snapshot::encode(&state).unwrap();
+        let sealed = SealedState {
+            mac: key.mac(STATE_CONTEXT, &state),
+            state,
+        };
+        std::fs::write(
+            dir.path().join(STATE_FILE),
+            forkvm_snapshot::encode(&sealed).unwrap(),
+        )
+        .unwrap();
+        let t = Template::load(dir.path(), &key).unwrap();
+        let mut b = [0u8; 13];
+        t.memory.read_exact_at(&mut b, 0x3000).unwrap();
+        assert_eq!(&b, b"template page");
     }
 
     #[test]

@@ -45,18 +45,7 @@ fn key_values<'a>(flag: &str, spec: &'a str) -> Result<Vec<(&'a str, &'a str)>> 
 
 /// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        bail!("{s:?} is not a MAC address (expected six hex bytes separated by ':')");
-    }
-    let mut mac = [0u8; 6];
-    for (b, p) in mac.iter_mut().zip(parts) {
-        *b = u8::from_str_radix(p, 16).with_context(|| format!("{s:?} is not a MAC address"))?;
-    }
-    if mac[0] & 1 != 0 {
-        bail!("{s:?} is a multicast address; a NIC needs a unicast MAC");
-    }
-    Ok(mac)
+    forkvm_vmm::config::parse_mac(s).map_err(anyhow::Error::msg)
 }
 
 /// Parses `tap=NAME[,mac=MAC][,bridge=BRIDGE]`.

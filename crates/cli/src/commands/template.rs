@@ -20,30 +20,10 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
             let dir = std::path::absolute(&dir)
                 .with_context(|| format!("bad template directory {}", dir.display()))?;
             let home = find(root, &vm)?;
-            let (_, client) = live(&home)?;
-            // The host's key is made here if there is none: the VM process's jail does
-            // not let it write where the key is kept. Where this fails too, the VM's
-            // answer says why (a VM that cannot be saved is refused before the key).
-            if let Err(e) = TemplateKey::host_or_new() {
-                tracing::debug!("cannot make the host's template key here: {e}");
-            }
-            // The VM process's jail lets it write only under its state root: it saves
-            // into its own directory, and this command moves the files to DIR.
-            let staging =
-                std::path::absolute(home.dir())?.join(format!(".template-{}", std::process::id()));
-            let failed = || format!("cannot save VM {} as a template", home.id());
-            let info = client
-                .with_timeout(std::time::Duration::from_secs(600))
-                .save_template(&staging)
-                .inspect_err(|_| {
-                    let _ = std::fs::remove_dir_all(&staging);
-                })
-                .with_context(failed)?;
-            forkvm_vmm::template::move_template(&staging, &dir)
-                .inspect_err(|_| {
-                    let _ = std::fs::remove_dir_all(&staging);
-                })
-                .with_context(failed)?;
+            // Refused at once when the VM does not run.
+            live(&home)?;
+            let info = forkvm_vmm::template::save_running(&home, &dir)
+                .with_context(|| format!("cannot save VM {} as a template", home.id()))?;
             println!(
                 "saved {} to {}: {} MiB of memory ({} MiB stored), paused {:.1} ms",
                 home.id(),

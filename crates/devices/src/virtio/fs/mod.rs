@@ -23,8 +23,10 @@
 //! flags), as a process after `fork()` has its parent's files. What the guest had
 //! queued is served before the save ([`VirtioDevice::finish_queued`]): a child would
 //! serve it again. Descriptors live only in
-//! processes, so such a state cannot be written to disk: a VM with shares cannot be
-//! saved as a template.
+//! processes, so such a state cannot be written to disk: a VM whose guest has files of
+//! a share in use cannot be saved as a template. A share whose guest holds nothing but
+//! its root needs no descriptor ([`SavedTable::holds_only_root`]): it is served from
+//! its configured directory again, which a template's child (a pod's VM) may be given.
 
 mod share;
 
@@ -180,6 +182,18 @@ pub struct SavedTable {
     pub auto_inval_data: bool,
 }
 
+impl SavedTable {
+    /// Whether the guest holds nothing but the share's root (no other node, no open
+    /// handle): a share never mounted, or mounted and not used yet. Such a share
+    /// needs no descriptor to go on: its root is its configured directory, opened
+    /// again at the restore, so it can be saved in a template and given another
+    /// directory in a fork child (a pod's directory, say).
+    pub fn holds_only_root(&self) -> bool {
+        self.handles.is_empty()
+            && matches!(self.inodes.as_slice(), [root] if root.node == fuse_backend_rs::api::filesystem::ROOT_ID)
+    }
+}
+
 /// An inode the guest holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedInode {
@@ -244,8 +258,13 @@ impl std::fmt::Debug for HostFiles {
 }
 
 impl FsState {
-    /// How many descriptors go with this state.
+    /// How many descriptors go with this state: none for a share whose guest holds
+    /// only its root ([`SavedTable::holds_only_root`]), which is served from its
+    /// configured directory again.
     pub fn files_needed(&self) -> usize {
+        if self.table.holds_only_root() {
+            return 0;
+        }
         self.table.inodes.len() + self.table.handles.len()
     }
 }
@@ -515,6 +534,48 @@ fn checked_table(tag: &str, saved: &SavedTable, files: Vec<File>) -> Result<Tabl
     })
 }
 
+/// The table of a share whose guest holds only its root (`saved`), over the root
+/// `fs` opens at its configured directory: the guest's lookups on the root and the
+/// options INIT agreed on go on, on that directory.
+fn root_only_table(
+    config: &FsConfig,
+    fs: &PassthroughFs,
+    saved: &SavedTable,
+) -> Result<Table, FsError> {
+    let bad = |problem: String| FsError::BadTable {
+        tag: config.tag.clone(),
+        problem,
+    };
+    if saved.protocol.0 != fuse_backend_rs::abi::fuse_abi::KERNEL_VERSION {
+        return Err(bad(format!(
+            "FUSE protocol {}.{}",
+            saved.protocol.0, saved.protocol.1
+        )));
+    }
+    fs.import().map_err(|source| FsError::Server {
+        path: config.host_path.clone(),
+        source,
+    })?;
+    let mut table = fs.export_table().map_err(|source| FsError::Server {
+        path: config.host_path.clone(),
+        source,
+    })?;
+    let [writeback, no_open, no_opendir, killpriv_v2, perfile_dax] = saved.options;
+    table.options = TableOptions {
+        writeback,
+        no_open,
+        no_opendir,
+        killpriv_v2,
+        perfile_dax,
+    };
+    table.next_inode = table.next_inode.max(saved.next_inode);
+    table.next_handle = table.next_handle.max(saved.next_handle);
+    for root in &mut table.inodes {
+        root.refcount = saved.inodes[0].refcount;
+    }
+    Ok(table)
+}
+
 /// A new open file description of what `file` has open, with the access mode and
 /// status flags `flags` (`F_GETFL` at the save): the child's own, so that neither its
 /// position (a directory stream) nor its flags (the server sets `O_APPEND` or
@@ -599,7 +660,7 @@ impl Persist<'_> for Fs {
             })
             .collect();
         let o = table.options;
-        Ok(FsState {
+        let mut state = FsState {
             acked_features: self.activation.acked_features(),
             table: SavedTable {
                 protocol: self.server.protocol(),
@@ -616,18 +677,34 @@ impl Persist<'_> for Fs {
                 ],
                 auto_inval_data: self.share.keeps_cache(),
             },
-            files: HostFiles::new(files),
-        })
+            files: HostFiles::default(),
+        };
+        // A share whose guest holds only its root is served from its directory again.
+        if !state.table.holds_only_root() {
+            state.files = HostFiles::new(files);
+        }
+        Ok(state)
     }
 
     /// A device that goes on serving the guest `state` was saved from: its table, over
     /// the descriptors in [`FsState::files`] (taken), each checked to be the file the
     /// table names. The shared directory is the saved root's, not `config.host_path`
-    /// looked up again.
+    /// looked up again, except where the guest holds only the root
+    /// ([`SavedTable::holds_only_root`]): then it is `config.host_path`, opened as a
+    /// booted device opens it (a template's share, or one a fork child is given).
     fn restore(config: FsConfig, state: &FsState) -> Result<Self, FsError> {
         config_space(&config.tag)?;
-        let table = checked_table(&config.tag, &state.table, state.files.take())?;
-        let fs = passthrough(&config, &config.host_path)?;
+        let (fs, table) = match state.table.holds_only_root() {
+            true => {
+                let fs = passthrough(&config, &shared_dir(&config.host_path)?)?;
+                let table = root_only_table(&config, &fs, &state.table)?;
+                (fs, table)
+            }
+            false => {
+                let table = checked_table(&config.tag, &state.table, state.files.take())?;
+                (passthrough(&config, &config.host_path)?, table)
+            }
+        };
         fs.import_table(table).map_err(|e| FsError::BadTable {
             tag: config.tag.clone(),
             problem: e.to_string(),

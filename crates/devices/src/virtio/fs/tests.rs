@@ -872,3 +872,45 @@ fn a_table_that_does_not_match_its_descriptors_is_refused_naming_the_problem() {
         Err(FsError::BadFeatures(_))
     ));
 }
+
+#[test]
+fn a_share_holding_only_its_root_goes_on_in_the_directory_it_is_given() {
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(first.path().join("old"), "the template's\n").unwrap();
+    std::fs::write(second.path().join("new"), "the pod's\n").unwrap();
+    // Mounted (INIT), nothing looked up: the guest holds the root only.
+    let mut g = Guest::mount(share(first.path(), false));
+    let state = g.device().save().unwrap();
+    assert!(state.table.holds_only_root(), "{:?}", state.table);
+    assert_eq!(state.files_needed(), 0);
+    assert!(state.files.take().is_empty(), "no descriptor to carry");
+
+    // As a template holds it: encoded, no descriptor; restored over another directory.
+    let copy: FsState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    let mut child = Guest::attach(Fs::restore(share(second.path(), false), &copy).unwrap());
+    let new: EntryOut = child.lookup(ROOT, "new").ok();
+    assert!(new.nodeid >= state.table.next_inode, "{}", new.nodeid);
+    let fh = child.open(new.nodeid, libc::O_RDONLY).ok::<OpenOut>().fh;
+    assert_eq!(child.read(new.nodeid, fh, 4096), b"the pod's\n");
+    assert_eq!(
+        child.lookup(ROOT, "old").error,
+        -libc::ENOENT,
+        "the first directory is not reached"
+    );
+    // The parent serves its own directory on.
+    assert_eq!(g.lookup(ROOT, "old").error, 0);
+
+    // A directory that is not there is named.
+    let gone = second.path().join("gone");
+    let e = Fs::restore(share(&gone, false), &copy)
+        .map(drop)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gone"), "{e}");
+
+    // A guest holding more than its root is not such a share.
+    let dir = tempfile::tempdir().unwrap();
+    let (_g, held, files, _) = saved_guest(dir.path());
+    assert!(!held.table.holds_only_root());
+    assert_eq!(held.files_needed(), files.len());
+}

@@ -573,6 +573,27 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Parses a NIC's MAC address `aa:bb:cc:dd:ee:ff` (unicast); the error says what is
+/// wrong with it.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!(
+            "{s:?} is not a MAC address (expected six hex bytes separated by ':')"
+        ));
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "{s:?} is a multicast address; a NIC needs a unicast MAC"
+        ));
+    }
+    Ok(mac)
+}
+
 /// `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter()

@@ -82,7 +82,7 @@ pub fn root(plan: &ContainerPlan, dir: &Path) -> Root {
 pub fn prepare(plan: &ContainerPlan, dir: &Path) -> Result<(), RootfsError> {
     match root(plan, dir) {
         Root::Disk(img) => build(plan, &img),
-        Root::Shared { files: None, .. } => Ok(()),
+        Root::Shared { files: None, .. } | Root::None => Ok(()),
         Root::Shared {
             files: Some(files), ..
         } => {

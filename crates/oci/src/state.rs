@@ -105,6 +105,10 @@ pub struct ContainerState {
     /// bundle may be gone by then).
     #[serde(default)]
     pub hooks: HostHooks,
+    /// The pod template a pod's sandbox's VM is forked from (`create --pod-template`),
+    /// instead of booting one.
+    #[serde(default)]
+    pub pod_template: Option<PathBuf>,
 }
 
 impl ContainerState {
@@ -125,6 +129,7 @@ impl ContainerState {
             guest_pid: None,
             vsock: None,
             hooks: HostHooks::default(),
+            pod_template: None,
         }
     }
 

@@ -46,15 +46,7 @@ pub fn container_guest() -> Result<GuestImage> {
 
 /// Checks a hostname for the kernel command line: 1-64 of letters, digits, `-`, `.`.
 pub fn check_hostname(hostname: &str) -> Result<()> {
-    if hostname.is_empty()
-        || hostname.len() > 64
-        || !hostname
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-    {
-        bail!("hostname {hostname:?}: use 1 to 64 letters, digits, '-' and '.'");
-    }
-    Ok(())
+    forkvm_vmm::config::check_hostname(hostname).map_err(anyhow::Error::msg)
 }
 
 /// The tag of the share that is a container's root directory ([`Root::Shared`]).
@@ -79,6 +71,9 @@ pub enum Root {
         /// The copies of the files the container binds in.
         files: Option<PathBuf>,
     },
+    /// None of its own: the agent serves from its initramfs, and every container it
+    /// makes brings its root (a pod template's VM: [`crate::pod`]).
+    None,
 }
 
 /// The VM: container guest over `root`, vsock for the agent at `uds`; the volumes'
@@ -119,8 +114,12 @@ pub fn config(
             }
             format!("forkvm.rootfs={ROOT_TAG} forkvm.rootfstype=virtiofs")
         }
+        Root::None => String::new(),
     };
-    cfg.cmdline = format!("{DEFAULT_CMDLINE} {root_arg} forkvm.hostname={hostname}");
+    cfg.cmdline = match root_arg.is_empty() {
+        true => format!("{DEFAULT_CMDLINE} forkvm.hostname={hostname}"),
+        false => format!("{DEFAULT_CMDLINE} {root_arg} forkvm.hostname={hostname}"),
+    };
     cfg.vsock = Some(VsockConfig {
         cid: GUEST_CID,
         uds: uds.to_owned(),
@@ -476,17 +475,39 @@ pub fn start(
     console: ConsoleSpec,
     opts: ProcessOptions,
 ) -> Result<VmProcess> {
+    start_from(
+        home,
+        Start::Boot(cfg.clone()),
+        &[],
+        netns,
+        jail,
+        console,
+        opts,
+    )
+}
+
+/// [`start`] of a VM from `start` (a boot, or a template's child with its `files`:
+/// [`forkvm_vmm::template::Template::child_start`]).
+pub fn start_from(
+    home: &VmHome,
+    start: Start,
+    files: &[std::fs::File],
+    netns: Option<&Path>,
+    jail: JailSpec,
+    console: ConsoleSpec,
+    opts: ProcessOptions,
+) -> Result<VmProcess> {
     let launch = Launch {
         home: HomeSpec::Registered {
             root: std::path::absolute(home.root())?,
             id: home.id().to_owned(),
         },
         console,
-        start: Start::Boot(cfg.clone()),
+        start,
         netns: netns.map(Path::to_owned),
         jail,
     };
-    let mut vm = VmProcess::spawn(&launch, &[], opts).context("cannot start the VM process")?;
+    let mut vm = VmProcess::spawn(&launch, files, opts).context("cannot start the VM process")?;
     if let Err(e) = vm.wait_running(START_DEADLINE) {
         vm.kill_and_reap();
         return Err(anyhow::Error::new(e));
@@ -512,14 +533,44 @@ where
         .as_ref()
         .map(|v| v.uds.clone())
         .context("a container VM needs vsock")?;
-    let mut vm = start(
+    run_from(
+        home,
+        &uds,
+        (Start::Boot(cfg.clone()), Vec::new()),
+        netns,
+        jail,
+        true,
+        session,
+    )
+}
+
+/// [`run`] of a VM started from `start` and its files (see [`start_from`]) whose agent
+/// answers on the vsock socket `uds`. `powers_off`: whether the agent powers the VM off
+/// once the session's process exited (it is the guest's init); otherwise the VM is
+/// stopped at once.
+pub fn run_from<F>(
+    home: VmHome,
+    uds: &Path,
+    (start, files): (Start, Vec<std::fs::File>),
+    netns: Option<&Path>,
+    jail: JailSpec,
+    powers_off: bool,
+    session: F,
+) -> Result<i32>
+where
+    F: FnOnce(&Session) -> Result<Outcome> + Send + 'static,
+{
+    let uds = uds.to_owned();
+    let mut vm = start_from(
         &home,
-        cfg,
+        start,
+        &files,
         netns,
         jail,
         ConsoleSpec::Log,
         ProcessOptions::owned(),
     )?;
+    drop(files);
     let api = forkvm_api::Client::new(home.socket_path());
     let vm_done = Arc::new(AtomicBool::new(false));
     let ctx = Session {
@@ -533,7 +584,7 @@ where
             // After its init process exits the agent powers the VM off; when the
             // process never started (or the session broke), nothing will: stop it.
             let grace = match code {
-                Ok(Outcome::Exited(_)) => POWEROFF_GRACE,
+                Ok(Outcome::Exited(_)) if powers_off => POWEROFF_GRACE,
                 _ => Duration::ZERO,
             };
             let deadline = Instant::now() + grace;

@@ -154,6 +154,9 @@ pub struct CreateOpts<'a> {
     pub console_socket: Option<&'a Path>,
     /// runc's `--no-pivot` (the runtime options' `NoPivotRoot`).
     pub no_pivot: bool,
+    /// forkvm's `--pod-template` (the `ConfigPath` file's `PodTemplate`): a pod
+    /// sandbox's VM starts by fork.
+    pub pod_template: Option<&'a Path>,
 }
 
 /// `exec`'s options beyond the id.
@@ -215,6 +218,9 @@ impl Runtime {
         }
         if opts.no_pivot {
             a.push("--no-pivot".into());
+        }
+        if let Some(t) = opts.pod_template {
+            a.extend(["--pod-template".into(), t.into()]);
         }
         a.push(id.into());
         a
@@ -580,6 +586,7 @@ mod tests {
             pid_file: Path::new("/b/init.pid"),
             console_socket: Some(Path::new("/tmp/pty/s")),
             no_pivot: true,
+            pod_template: None,
         };
         assert_eq!(
             s(Runtime::create_args("c1", Path::new("/b"), &opts)),
@@ -589,10 +596,19 @@ mod tests {
             pid_file: Path::new("/b/init.pid"),
             console_socket: None,
             no_pivot: false,
+            pod_template: None,
         };
         assert_eq!(
             s(Runtime::create_args("c1", Path::new("/b"), &opts)),
             "create --bundle /b --pid-file /b/init.pid c1"
+        );
+        let opts = CreateOpts {
+            pod_template: Some(Path::new("/var/lib/forkvm/pod")),
+            ..opts
+        };
+        assert_eq!(
+            s(Runtime::create_args("c1", Path::new("/b"), &opts)),
+            "create --bundle /b --pid-file /b/init.pid --pod-template /var/lib/forkvm/pod c1"
         );
         let opts = ExecOpts {
             process: Path::new("/b/e1.json"),

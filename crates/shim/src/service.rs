@@ -39,7 +39,7 @@ use crate::stdio::{self, ProcessIo, StdioPaths};
 mod options;
 mod rootfs;
 
-pub use options::{runtime_options, ConfigFile, RuntimeRecord, RUNTIME_RECORD};
+pub use options::{runtime_options, ConfigFile, RuntimeOptions, RuntimeRecord, RUNTIME_RECORD};
 pub use rootfs::cleanup;
 use rootfs::{mount_rootfs, unmount_rootfs};
 
@@ -310,12 +310,12 @@ impl Service {
         let opts = runtime_options(req.options.as_ref())?;
         let exe = std::env::current_exe().ok();
         let binary = runtime::select_binary(
-            &opts.binary_name,
+            &opts.runc.binary_name,
             std::env::var_os(runtime::RUNTIME_ENV).as_deref(),
             exe.as_deref(),
             std::env::var_os("PATH").as_deref(),
         )?;
-        let root = runtime::runtime_root(&opts.root, &self.inner.namespace);
+        let root = runtime::runtime_root(&opts.runc.root, &self.inner.namespace);
         let bundle = PathBuf::from(&req.bundle);
         RuntimeRecord {
             binary: binary.clone(),
@@ -354,7 +354,8 @@ impl Service {
             &CreateOpts {
                 pid_file: &pid_file,
                 console_socket: socket.as_deref(),
-                no_pivot: opts.no_pivot_root,
+                no_pivot: opts.runc.no_pivot_root,
+                pod_template: opts.pod_template.as_deref(),
             },
             prepared.stdio,
         )

@@ -1,7 +1,9 @@
 //! End to end, in a KVM host: containerd 1.6's CRI, driven over its socket as kubelet
 //! drives it (Kubernetes' CRI v1 protos, `k8s-cri`, over gRPC), runs a pod with the
-//! runtime handler `runc` (the baseline) and then with `forkvm`
-//! (`io.containerd.forkvm.v1`: one VM for the pod, its containers inside).
+//! runtime handler `runc` (the baseline), then with `forkvm`
+//! (`io.containerd.forkvm.v1`: one VM for the pod, its containers inside), then with
+//! `forkvm-fork` (the same runtime, its `ConfigPath` file naming a pod template made by
+//! `forkvm-runtime pod-template`: the pod's VM is forked from it, not booted).
 //!
 //! One virtual-host session: a private containerd (root, state and sockets in a temporary
 //! directory; the CRI plugin with the `native` snapshotter, as the virtual host has no
@@ -17,8 +19,12 @@
 //! - stopping and removing the containers and the pod leaves no sandbox, shim, VM or
 //!   network namespace.
 //!
-//! And bad input: an unknown runtime handler, a container whose sandbox is gone (clear
-//! CRI errors, nothing left behind).
+//! For `forkvm-fork`, the pod's VM is a child of the template (its VM process says so
+//! in its log) and the pod has the address CNI gave it, as the booted pod does. The
+//! time from RunPodSandbox to the first container started is printed per handler.
+//!
+//! And bad input: an unknown runtime handler, a container whose sandbox is gone, a
+//! handler whose pod template is not one (clear CRI errors, nothing left behind).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -45,6 +51,8 @@ const K8S: &str = "k8s.io";
 const SUBNET_PREFIX: &str = "10.88.77.";
 /// Limit for one CRI call (a forkvm pod boots a VM: seconds in the virtual host).
 const CALL_TIMEOUT: Duration = Duration::from_secs(240);
+/// The pod template's directory in the session's directory.
+const POD_TEMPLATE: &str = "pod-template";
 
 mod common;
 use common::Containerd;
@@ -63,6 +71,14 @@ fn start_containerd() -> Containerd {
       runtime_type = "io.containerd.runc.v2"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.forkvm]
       runtime_type = "io.containerd.forkvm.v1"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.forkvm-fork]
+      runtime_type = "io.containerd.forkvm.v1"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.forkvm-fork.options]
+        ConfigPath = "{{dir}}/forkvm-fork.json"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.forkvm-nottemplate]
+      runtime_type = "io.containerd.forkvm.v1"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.forkvm-nottemplate.options]
+        ConfigPath = "{{dir}}/forkvm-nottemplate.json"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{{dir}}/cni"
@@ -82,6 +98,15 @@ fn start_containerd() -> Containerd {
             ),
         )
         .unwrap();
+        // The pod template is made in the session (`pod_template`); the other handler's
+        // names a directory that holds none.
+        for (name, template) in [("fork", POD_TEMPLATE), ("nottemplate", "cni")] {
+            std::fs::write(
+                d.join(format!("forkvm-{name}.json")),
+                format!(r#"{{"PodTemplate": "{}"}}"#, d.join(template).display()),
+            )
+            .unwrap();
+        }
         let target = Path::new(SHIM).parent().unwrap();
         let prefix = forkvm_test_support::install_forkvm(target, d, &d.join("vms"));
         (prefix.join("bin"), Vec::new())
@@ -289,12 +314,42 @@ fn body() {
         ctd.ctr(&["images", "import", archive.to_str().unwrap()]);
     }
     let mut cri = Cri::connect(&ctd.socket());
+    pod_template(&ctd);
 
-    for handler in ["runc", "forkvm"] {
+    for handler in ["runc", "forkvm", "forkvm-fork"] {
         pod_lifecycle(&ctd, &mut cri, handler);
     }
     bad_input(&ctd, &mut cri);
     println!("session took {:.1?}", session.elapsed());
+}
+
+/// `forkvm-runtime pod-template` makes the template `forkvm-fork`'s pods fork from: a
+/// pod VM of the size forkvm's booted pods have (1 vCPU, the default memory).
+fn pod_template(ctd: &Containerd) {
+    let d = ctd.dir.path();
+    let started = Instant::now();
+    let out = Command::new(d.join("prefix/bin/forkvm-runtime"))
+        .args(["pod-template", "--vcpus", "1"])
+        .arg(d.join(POD_TEMPLATE))
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run forkvm-runtime");
+    assert!(
+        out.status.success(),
+        "forkvm-runtime pod-template: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "{} (in {:.1?})",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        started.elapsed()
+    );
+    assert!(
+        ctd.vms().is_empty(),
+        "the template's VM is gone: {:?}",
+        ctd.vms()
+    );
 }
 
 /// One pod with `handler`, from RunPodSandbox to RemovePodSandbox.
@@ -307,6 +362,7 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
         config: Some(config.clone()),
         runtime_handler: handler.into(),
     };
+    let pod_start = Instant::now();
     let pod = cri
         .call("RunPodSandbox", |mut c| async move {
             c.run_pod_sandbox(req).await
@@ -333,8 +389,20 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
         ip.starts_with(SUBNET_PREFIX),
         "{handler}: pod address {ip:?}: {status:?}"
     );
-    if handler == "forkvm" {
-        assert_eq!(ctd.vms().len(), 1, "one VM for the pod: {:?}", ctd.vms());
+    let forkvm = handler.starts_with("forkvm");
+    if forkvm {
+        let vms = ctd.vms();
+        assert_eq!(vms.len(), 1, "one VM for the pod: {vms:?}");
+        // Forked from the template, or booted: a booted guest's agent says it is ready
+        // on the console as it boots; a fork child's guest booted in its template and
+        // says it set its clock as it takes its identity.
+        let log = std::fs::read_to_string(vms[0].join("console.log")).unwrap_or_default();
+        let forked = handler == "forkvm-fork";
+        assert!(
+            log.contains("forkvm-init: ready uptime=") != forked
+                && log.contains("forkvm-agent: the wall clock was") == forked,
+            "{handler}: the pod VM's console:\n{log}"
+        );
     }
 
     // A server on the pod's loopback, and a client beside it.
@@ -352,6 +420,10 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
             ],
         ),
     );
+    println!(
+        "{handler}: pod start (RunPodSandbox to the first container started) {:.2?}",
+        pod_start.elapsed()
+    );
     let client = create_and_start(
         ctd,
         cri,
@@ -359,7 +431,7 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
         &config,
         container_config("client", &["sleep", "100000"]),
     );
-    if handler == "forkvm" {
+    if forkvm {
         assert_eq!(
             ctd.vms().len(),
             1,
@@ -610,6 +682,24 @@ fn bad_input(ctd: &Containerd, cri: &mut Cri) {
         .expect_err("an unknown handler");
     assert!(e.message().contains("nope"), "{e}");
     assert_nothing_left(ctd, cri, "an unknown handler");
+
+    // A handler whose pod template is not one: refused, naming the directory.
+    let req = RunPodSandboxRequest {
+        config: Some(pod_config("nottemplate", &logs)),
+        runtime_handler: "forkvm-nottemplate".into(),
+    };
+    let e = cri
+        .call("RunPodSandbox", |mut c| async move {
+            c.run_pod_sandbox(req).await
+        })
+        .expect_err("a pod template that is not one");
+    let named = ctd.dir.path().join("cni").display().to_string();
+    assert!(
+        e.message()
+            .contains(&format!("cannot use the pod template in {named}")),
+        "{e}"
+    );
+    assert_nothing_left(ctd, cri, "a pod template that is not one");
 
     let config = pod_config("forkvm", &logs);
     let req = RunPodSandboxRequest {

@@ -142,8 +142,8 @@ pub fn spawn_in_group(cmd: &mut Command, stdin: Option<Vec<u8>>) -> Child {
 /// Installs the forkvm built beside `target_bin` (a test's own target directory, e.g.
 /// the parent of `CARGO_BIN_EXE_forkvm-runtime`) into `<scratch>/prefix` as
 /// `cargo xtask install` does: the programs, the guest agent, and a `forkvm.toml` that
-/// registers VMs under `vms` and finds the guests in this machine's forkvm cache (which
-/// the test prepared). The engines then drive that copy with none of forkvm's
+/// registers VMs under `vms`, finds the guests in this machine's forkvm cache (which
+/// the test prepared) and keeps the template key in `scratch`. The engines then drive that copy with none of forkvm's
 /// variables in their environment. Returns the prefix.
 pub fn install_forkvm(target_bin: &Path, scratch: &Path, vms: &Path) -> PathBuf {
     let agent = forkvm_guest_kernel::find_agent()
@@ -153,6 +153,9 @@ pub fn install_forkvm(target_bin: &Path, scratch: &Path, vms: &Path) -> PathBuf 
     let config = forkvm_config::Config {
         root: Some(vms.to_owned()),
         cache: Some(cache),
+        // The test's own: the host's key is not touched (its directory may be
+        // read-only in the virtual host).
+        template_key: Some(scratch.join("template.key")),
         ..forkvm_config::Config::default()
     };
     let installed = forkvm_config::install::install(target_bin, &agent, &prefix, &config)

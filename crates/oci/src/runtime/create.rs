@@ -91,6 +91,22 @@ pub fn create(g: &Global, log: &Log, a: CreateArgs) -> Result<()> {
     if plan.process.tty && a.console_socket.is_none() {
         bail!("process.terminal is true but no --console-socket was given");
     }
+    let pod_template = match (&plan.pod, &a.pod_template) {
+        (_, None) => None,
+        (Some(bundle::PodRole::Sandbox), Some(dir)) => Some(check_pod_template(dir)?),
+        (Some(bundle::PodRole::Member { .. }), Some(_)) => {
+            tracing::debug!(
+                "a pod's container is made in its sandbox's VM: --pod-template ignored"
+            );
+            None
+        }
+        (None, Some(_)) => bail!(
+            "--pod-template forks a Kubernetes pod sandbox's VM; container {} is not a pod's \
+             sandbox (annotation {}: sandbox)",
+            a.id,
+            bundle::CRI_CONTAINER_TYPE
+        ),
+    };
     if let Some(bundle::PodRole::Member { sandbox }) = &plan.pod {
         return super::member::create(g, log, &a, &bundle, &plan, sandbox);
     }
@@ -98,10 +114,11 @@ pub fn create(g: &Global, log: &Log, a: CreateArgs) -> Result<()> {
     let mut state = ContainerState::new(&a.id, &bundle);
     state.annotations = plan.annotations.clone();
     state.hooks = plan.hooks.clone();
+    state.pod_template = pod_template;
     store.create(&state)?;
     let dir = store.container_dir(&a.id)?;
     let mut monitor = None;
-    let result = create_in(g, &a, &plan, &dir, &store, &mut monitor);
+    let result = create_in(g, &a, &plan, &dir, &store, &state, &mut monitor);
     if result.is_err() {
         abandon(&store, &state, &plan, monitor, || {
             remove_vm_of(&dir);
@@ -111,6 +128,18 @@ pub fn create(g: &Global, log: &Log, a: CreateArgs) -> Result<()> {
         });
     }
     result
+}
+
+/// The pod template in `dir`, absolute, if it is one made on this host: its state is
+/// read and authenticated now (its memory when the sandbox's VM is forked), so that a
+/// wrong directory is named before anything exists.
+fn check_pod_template(dir: &Path) -> Result<PathBuf> {
+    let dir = std::path::absolute(dir)?;
+    let unusable = || format!("cannot use the pod template in {}", dir.display());
+    let key = forkvm_vmm::template::TemplateKey::host().with_context(unusable)?;
+    let template = forkvm_vmm::template::Template::open(&dir, &key).with_context(unusable)?;
+    crate::pod_template::check_template(template.config()).with_context(unusable)?;
+    Ok(dir)
 }
 
 /// Runs container `id`'s `prestart` and `createRuntime` hooks on the host, as runc
@@ -160,6 +189,7 @@ fn create_in(
     plan: &bundle::ContainerPlan,
     dir: &Path,
     store: &StateStore,
+    state: &ContainerState,
     monitor: &mut Option<Child>,
 ) -> Result<()> {
     // The monitor waits for "go" on this pipe: the hooks below configure its namespace.
@@ -202,9 +232,20 @@ fn create_in(
     drop(go_rx);
     let pid = child.id() as i32;
     run_create_hooks(store, &a.id, plan, pid)?;
-    // The root takes the bound files as the hooks left them: Docker's network hook
-    // rewrites resolv.conf for its embedded resolver.
-    crate::rootfs::prepare(plan, dir)?;
+    match &state.pod_template {
+        // A sandbox forked from a pod template is made in its VM as the pod's other
+        // containers are: its root bound into the pod directory, its bound files and
+        // volumes given to the pod's VM as the hooks left them.
+        Some(_) => {
+            let pod = crate::pod::pod_dir(store.root(), &a.id);
+            crate::pod::bind_member_root(&pod, &a.id, &plan.rootfs)
+                .context("cannot give the pod's VM the sandbox's root filesystem")?;
+            super::member::give_files_to_pod(&pod, &a.id, plan)?;
+        }
+        // The root takes the bound files as the hooks left them: Docker's network hook
+        // rewrites resolv.conf for its embedded resolver.
+        None => crate::rootfs::prepare(plan, dir)?,
+    }
     go_tx
         .write_all(b"go")
         .context("the container's monitor ended before its hooks ran")?;
@@ -408,7 +449,7 @@ fn container_root_over_slash(rootfs: &Path) -> Result<()> {
 fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) -> Result<i32> {
     let signals = ForwardedSignals::block().context("cannot block signals")?;
     let state = store.load(id)?;
-    let plan = bundle::load(&state.bundle)?;
+    let mut plan = bundle::load(&state.bundle)?;
     container_root_over_slash(&plan.rootfs)?;
     // The container's network namespace (the engine's, or this process's own which the
     // hooks configured), before anything is registered: a namespace that cannot be
@@ -435,29 +476,62 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     home.record_process(ProcessIdentity::current())?;
     let hostname = plan.hostname.clone().unwrap_or_else(|| short_hostname(id));
     let uds = home.dir().join(vm::VSOCK_SOCKET);
-    let mut cfg = vm::config(
-        &guest,
-        &crate::rootfs::root(&plan, dir),
-        plan.vcpus,
-        plan.mem_mib,
-        &hostname,
-        &uds,
-    )?;
-    // The volumes' mounts are among the filesystems, in the spec's order; each is bound
-    // in a directory of its share here, in this monitor's own mount namespace.
-    cfg.shares.extend(vm::bind_volume_shares(
-        &dir.join(VOLUMES_DIR),
-        &plan.volumes,
-    )?);
-    // A pod's sandbox shares the pod directory, where its containers' roots appear.
-    if plan.pod == Some(bundle::PodRole::Sandbox) {
-        cfg.shares.push(forkvm_vmm::FsConfig {
-            tag: crate::pod::POD_SHARE_TAG.to_owned(),
-            host_path: crate::pod::pod_dir(store.root(), id),
-            read_only: false,
-        });
-    }
-    home.record_machine(cfg.vcpus, cfg.mem_mib)?;
+    let mut origin = match &state.pod_template {
+        // A pod's sandbox forked from a pod template: its container is made in the VM
+        // as the pod's others are, over what `create` put in the pod directory.
+        Some(template) => {
+            super::member::filesystems_in_pod(&mut plan, id)?;
+            let pod = crate::pod::pod_dir(store.root(), id);
+            let unusable = || format!("cannot use the pod template in {}", template.display());
+            let key = forkvm_vmm::template::TemplateKey::host().with_context(unusable)?;
+            let t = std::time::Instant::now();
+            let template =
+                forkvm_vmm::template::Template::load(template, &key).with_context(unusable)?;
+            tracing::info!(
+                ms = t.elapsed().as_millis() as u64,
+                "the pod template's state and memory checked"
+            );
+            let spec = crate::pod_template::child_spec(
+                template.config(),
+                &plumbed.network,
+                &uds,
+                &hostname,
+                &pod,
+            )
+            .with_context(unusable)?;
+            let (vcpus, mem_mib) = template.machine();
+            home.record_machine(vcpus, mem_mib)?;
+            Origin::Fork(template.child_start(&spec).with_context(unusable)?)
+        }
+        None => {
+            let mut cfg = vm::config(
+                &guest,
+                &crate::rootfs::root(&plan, dir),
+                plan.vcpus,
+                plan.mem_mib,
+                &hostname,
+                &uds,
+            )?;
+            // The volumes' mounts are among the filesystems, in the spec's order; each is
+            // bound in a directory of its share here, in this monitor's own mount
+            // namespace.
+            cfg.shares.extend(vm::bind_volume_shares(
+                &dir.join(VOLUMES_DIR),
+                &plan.volumes,
+            )?);
+            // A pod's sandbox shares the pod directory, where its containers' roots
+            // appear.
+            if plan.pod == Some(bundle::PodRole::Sandbox) {
+                cfg.shares.push(forkvm_vmm::FsConfig {
+                    tag: crate::pod::POD_SHARE_TAG.to_owned(),
+                    host_path: crate::pod::pod_dir(store.root(), id),
+                    read_only: false,
+                });
+            }
+            home.record_machine(cfg.vcpus, cfg.mem_mib)?;
+            Origin::Boot(cfg)
+        }
+    };
     let relay = signals.spawn(tty)?;
     let ready = Ready {
         vm_id: home.id().to_owned(),
@@ -507,7 +581,9 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     // `create` returns): then `create` is answered now, and the namespace is read again
     // at `start`, before the VM boots (a VM takes its NICs at boot). A namespace the
     // runtime made is configured by `create`'s hooks, before this point.
-    let late_network = matches!(plan.network, NetworkPlan::Join(_));
+    // (A forked VM has its NICs already: its namespace has its interfaces by now.)
+    let late_network =
+        matches!(plan.network, NetworkPlan::Join(_)) && matches!(origin, Origin::Boot(_));
     let early_start = if late_network && plumbed.network.interfaces.is_empty() {
         let listener = bind_start_socket(dir)?;
         helper::write_report(&dir.join(READY_FILE), &Report::Ok(ready.clone()))
@@ -533,17 +609,19 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     };
     // A guest NIC per interface of the namespace, with its MAC, on its TAP; the VM
     // process joins the namespace to open them.
-    cfg.nets = plumbed
-        .network
-        .interfaces
-        .iter()
-        .map(|i| forkvm_vmm::NetConfig {
-            tap: i.tap.clone(),
-            mac: Some(i.mac),
-            bridge: None,
-            guest_ip: None,
-        })
-        .collect();
+    if let Origin::Boot(cfg) = &mut origin {
+        cfg.nets = plumbed
+            .network
+            .interfaces
+            .iter()
+            .map(|i| forkvm_vmm::NetConfig {
+                tap: i.tap.clone(),
+                mac: Some(i.mac),
+                bridge: None,
+                guest_ip: None,
+            })
+            .collect();
+    }
     // `--network none` leaves a namespace with no interface: the guest has only its
     // loopback.
     let networked = !plumbed.network.interfaces.is_empty();
@@ -575,6 +653,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
             addresses: vec![ns.to_string()],
         }),
         plumbed: networked.then(|| (plumbed.netns.clone(), plumbed.network.clone())),
+        pod_container: matches!(origin, Origin::Fork(_)).then(|| id.to_owned()),
     };
     // The VM process inherits this process's own namespace; the engine's it joins.
     let netns = match &plan.network {
@@ -587,9 +666,15 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         cgroup: plan.cgroup.clone(),
         ..forkvm_jail::JailSpec::default()
     };
-    let result = vm::run(home, &cfg, netns, jail, move |s| {
+    let session = move |s: &vm::Session| {
         monitor_session(s, &dir_owned, ready, work, relay, tty, tx, early_start)
-    });
+    };
+    let result = match origin {
+        Origin::Boot(cfg) => vm::run(home, &cfg, netns, jail, session),
+        // The sandbox's process is a container of the VM, not its init: the VM goes
+        // when it exits.
+        Origin::Fork(start) => vm::run_from(home, &uds, start, netns, jail, false, session),
+    };
     *reported = early || rx.try_recv().is_ok();
     if result.is_err() && !*reported {
         // create never learnt of this VM, so its cleanup cannot remove it; its VMM (this
@@ -634,6 +719,14 @@ impl Drop for Plumbed {
 /// What the guest is given: the container's process, the agent request that makes it
 /// take over the namespace's network, when the container has one, and the one that
 /// makes it relay DNS for the namespace's loopback resolvers, when it names any.
+/// What a container's VM starts from.
+enum Origin {
+    /// A boot of this configuration.
+    Boot(forkvm_vmm::VmConfig),
+    /// A pod template's child (a pod's sandbox): its start and the files beside it.
+    Fork((forkvm_vmm::launch::Start, Vec<std::fs::File>)),
+}
+
 struct GuestWork {
     process: ProcessSpec,
     /// The agent's request that makes the container's cgroup in the guest (first).
@@ -655,6 +748,10 @@ struct GuestWork {
     dns_relay: Option<Request>,
     /// The namespace and what the VM took over from it, checked again at `start`.
     plumbed: Option<(PathBuf, forkvm_net::Network)>,
+    /// The container's id when it is made in the VM as a pod's container (a sandbox
+    /// forked from a pod template), its root in the pod share, rather than being the
+    /// VM's own.
+    pod_container: Option<String>,
 }
 
 /// The loopback nameservers of the `/etc/resolv.conf` the engine binds into the
@@ -754,7 +851,21 @@ fn monitor_session(
         network,
         dns_relay,
         plumbed,
+        pod_container,
     } = work;
+    // A pod's container's requests name it.
+    let wrap = |r: Option<Request>| match &pod_container {
+        Some(id) => r.map(|r| super::member::in_container(id, r)),
+        None => r,
+    };
+    let (cgroup, filesystems, container, create_hooks, settings, start_hooks) = (
+        wrap(Some(cgroup)),
+        wrap(filesystems),
+        wrap(container),
+        wrap(create_hooks),
+        wrap(settings),
+        wrap(start_hooks),
+    );
     let mut stream = s.connect_agent()?;
     if matches!(
         &container,
@@ -773,6 +884,35 @@ fn monitor_session(
             vm::require_agent_version(&mut stream, 12, "a bound directory")?;
         }
     }
+    // A pod's container forked VM: the guest takes the pod's network first (once its
+    // VM process has given it the pod interface's MAC, as it gives a fork child its
+    // identity), then the container is made over its root in the pod share.
+    let (network, dns_relay) = match &pod_container {
+        Some(id) => {
+            if let Some(network) = network {
+                pod_network(&mut stream, &network)?;
+            }
+            let (root, _) = crate::pod::member_root(Path::new(""), id);
+            vm::configure_guest(
+                &mut stream,
+                [
+                    ("its DNS relay", dns_relay),
+                    (
+                        "the container's root",
+                        Some(Request::CreateContainer {
+                            id: id.clone(),
+                            root: forkvm_agent_proto::ContainerRoot {
+                                share: Some(crate::pod::POD_SHARE_TAG.to_owned()),
+                                path: root,
+                            },
+                        }),
+                    ),
+                ],
+            )?;
+            (None, None)
+        }
+        None => (network, dns_relay),
+    };
     // The guest makes the container's cgroup, mounts the spec's filesystems and volumes
     // in order, takes the namespace's addresses and routes, relays DNS, and applies the
     // rest of the spec around the createContainer hooks (last: it may make the root
@@ -780,7 +920,7 @@ fn monitor_session(
     vm::configure_guest(
         &mut stream,
         [
-            ("its cgroup", Some(cgroup)),
+            ("its cgroup", cgroup),
             ("its filesystems and volumes", filesystems),
             ("its network", network),
             ("its DNS relay", dns_relay),
@@ -830,7 +970,11 @@ fn monitor_session(
         let _ = writeln!(conn, "error {}", msg.replace('\n', " "));
         return Ok(Outcome::NotStarted(1));
     }
-    let session = match client::exec(stream, &spec) {
+    let started = match &pod_container {
+        Some(id) => client::exec_in_container(stream, id, &spec),
+        None => client::exec(stream, &spec),
+    };
+    let session = match started {
         Ok(session) => {
             writeln!(conn, "ok {}", session.pid())?;
             session
@@ -848,6 +992,35 @@ fn monitor_session(
     let code = vm::relay_stdio(session, &relay, tty, true, || ())
         .context("lost the connection to the container's process")?;
     Ok(Outcome::Exited(code))
+}
+
+/// How long a forked pod VM's guest may take to be given its NICs' MACs (by its VM
+/// process's identity thread, which starts as the VM runs).
+const FORK_IDENTITY_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Has the guest of a VM just forked from a pod template take the pod's `network`
+/// (a [`Request::Network`]): its NICs are found by the pod interfaces' MACs, which its
+/// VM process gives the guest as the child's identity, on a thread of its own; until
+/// then the agent finds no NIC with such a MAC, and the request is made again.
+fn pod_network(stream: &mut std::os::unix::net::UnixStream, network: &Request) -> Result<()> {
+    let deadline = std::time::Instant::now() + FORK_IDENTITY_DEADLINE;
+    loop {
+        match client::call_within(stream, network, client::CALL_TIMEOUT)
+            .context("cannot give the guest its network")?
+        {
+            forkvm_agent_proto::Response::Ok => return Ok(()),
+            forkvm_agent_proto::Response::Error { message }
+                if message.contains("no NIC has the MAC")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            forkvm_agent_proto::Response::Error { message } => {
+                bail!("the guest could not take its network: {message}")
+            }
+            other => bail!("the guest agent answered the request for its network with {other:?}"),
+        }
+    }
 }
 
 /// Asks the monitor of the created container in `dir` to start its process; returns

@@ -167,26 +167,7 @@ fn create_in(
     drop(join);
     let pid = child.id() as i32;
     run_create_hooks(store, &a.id, plan, pid)?;
-    // The bound files as the hooks left them, copied into the pod directory.
-    for (i, file) in plan.files.iter().enumerate() {
-        pod::copy_member_file(pod, &a.id, i, &file.source).with_context(|| {
-            format!(
-                "mount {}: cannot copy {} into the pod's VM",
-                file.destination.display(),
-                file.source.display()
-            )
-        })?;
-    }
-    // Its volumes as the hooks left them, bound into the pod directory.
-    for (i, volume) in plan.volumes.iter().enumerate() {
-        pod::bind_member_volume(pod, &a.id, i, volume).with_context(|| {
-            format!(
-                "mount {}: cannot share {} into the pod's VM",
-                volume.target,
-                volume.host.display()
-            )
-        })?;
-    }
+    give_files_to_pod(pod, &a.id, plan)?;
     go_tx
         .write_all(b"go")
         .context("the monitor of the pod's container ended before its hooks ran")?;
@@ -209,6 +190,57 @@ fn create_in(
         s.vsock = Some(uds.to_owned());
         s.transition(Status::Created)
     })?;
+    Ok(())
+}
+
+/// Gives the pod's VM what container `id` binds, as the hooks left it: its bound files
+/// copied into the pod directory `pod`, its volumes bound there.
+pub(super) fn give_files_to_pod(pod: &Path, id: &str, plan: &ContainerPlan) -> Result<()> {
+    // The bound files as the hooks left them, copied into the pod directory.
+    for (i, file) in plan.files.iter().enumerate() {
+        pod::copy_member_file(pod, id, i, &file.source).with_context(|| {
+            format!(
+                "mount {}: cannot copy {} into the pod's VM",
+                file.destination.display(),
+                file.source.display()
+            )
+        })?;
+    }
+    // Its volumes as the hooks left them, bound into the pod directory.
+    for (i, volume) in plan.volumes.iter().enumerate() {
+        pod::bind_member_volume(pod, id, i, volume).with_context(|| {
+            format!(
+                "mount {}: cannot share {} into the pod's VM",
+                volume.target,
+                volume.host.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Points the filesystems of container `id` of the pod at what [`give_files_to_pod`]
+/// put in the pod share: its bound files' copies and its volumes, in the spec's order.
+pub(super) fn filesystems_in_pod(plan: &mut ContainerPlan, id: &str) -> Result<()> {
+    for m in plan.filesystems.iter_mut().filter(|m| m.fs_type == "file") {
+        m.source = pod::member_file_source(id, &m.source)
+            .with_context(|| format!("mount {}: not a bound file's copy", m.destination))?;
+    }
+    let mut volumes = plan.volumes.iter().enumerate();
+    for m in plan
+        .filesystems
+        .iter_mut()
+        .filter(|m| m.fs_type == "virtiofs")
+    {
+        let (i, volume) = volumes
+            .next()
+            .with_context(|| format!("mount {}: not one of the volumes", m.destination))?;
+        m.source = format!(
+            "{}/{}",
+            pod::POD_SHARE_TAG,
+            pod::member_volume(id, i, volume)
+        );
+    }
     Ok(())
 }
 
@@ -240,27 +272,8 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     let Some(PodRole::Member { sandbox }) = plan.pod.clone() else {
         bail!("container {id} is not a pod's container");
     };
-    // Its bound files are in the pod share, not in a share of their own.
-    for m in plan.filesystems.iter_mut().filter(|m| m.fs_type == "file") {
-        m.source = pod::member_file_source(id, &m.source)
-            .with_context(|| format!("mount {}: not a bound file's copy", m.destination))?;
-    }
-    // Its volumes are directories of the pod share, in the spec's order.
-    let mut volumes = plan.volumes.iter().enumerate();
-    for m in plan
-        .filesystems
-        .iter_mut()
-        .filter(|m| m.fs_type == "virtiofs")
-    {
-        let (i, volume) = volumes
-            .next()
-            .with_context(|| format!("mount {}: not one of the volumes", m.destination))?;
-        m.source = format!(
-            "{}/{}",
-            pod::POD_SHARE_TAG,
-            pod::member_volume(id, i, volume)
-        );
-    }
+    // Its bound files and volumes are in the pod share, not in shares of their own.
+    filesystems_in_pod(&mut plan, id)?;
     let sb = running_sandbox(store, &sandbox, id)?;
     let uds = sb.vsock.clone().context("the pod sandbox has no VM")?;
     let tty = plan.process.tty;

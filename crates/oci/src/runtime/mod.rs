@@ -119,12 +119,28 @@ pub enum Command {
     Features,
     /// Fork a running container into new containers (`<id>-fork-<n>`).
     Fork(ForkArgs),
+    /// Boot a pod VM and save it as a pod template in DIR: Kubernetes pods whose
+    /// sandbox is created with `--pod-template DIR` start by fork (docs/kubernetes.md).
+    PodTemplate(PodTemplateArgs),
     /// The container's monitor process (started by `create`).
     #[command(name = "__monitor", hide = true)]
     Monitor(MonitorArgs),
     /// The monitor of a pod's container in its sandbox's VM (started by `create`).
     #[command(name = "__member", hide = true)]
     Member(MonitorArgs),
+}
+
+/// `pod-template`.
+#[derive(Debug, Args)]
+pub struct PodTemplateArgs {
+    /// vCPUs of the pod VMs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Memory of the pod VMs, MiB.
+    #[arg(long, default_value_t = crate::bundle::DEFAULT_MEM_MIB)]
+    pub memory_mib: u64,
+    /// The template directory (made if needed; a template there is replaced).
+    pub dir: PathBuf,
 }
 
 /// `__monitor`: what `create` tells the monitor it starts.
@@ -176,6 +192,12 @@ pub struct CreateArgs {
     /// Extra file descriptors to pass (only 0 is supported).
     #[arg(long, default_value_t = 0)]
     pub preserve_fds: u32,
+    /// (forkvm) Fork a Kubernetes pod sandbox's VM from this pod template
+    /// (`forkvm-runtime pod-template`) instead of booting one. Ignored for the pod's
+    /// other containers (they are made in the sandbox's VM); refused for a container
+    /// that is not a pod's.
+    #[arg(long, value_name = "DIR")]
+    pub pod_template: Option<PathBuf>,
     /// The container id.
     pub id: String,
 }
@@ -296,6 +318,34 @@ pub struct ListArgs {
     pub quiet: bool,
 }
 
+/// `pod-template`: the template's VM and its TAP in a network namespace of this
+/// thread's own, which goes with it.
+fn pod_template(a: &PodTemplateArgs) -> anyhow::Result<i32> {
+    use anyhow::Context;
+    let dir = std::path::absolute(&a.dir)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unshare reads no memory; the new namespace is this thread's.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error()).context(
+                    "cannot make a network namespace for the template's VM (run as root)",
+                );
+            }
+            let info = crate::pod_template::make(&dir, a.vcpus, a.memory_mib)?;
+            println!(
+                "saved a pod template ({} vCPU(s), {} MiB) to {}: {} MiB stored",
+                a.vcpus,
+                a.memory_mib,
+                dir.display(),
+                info.stored_bytes >> 20
+            );
+            Ok(0)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the template thread panicked")))
+    })
+}
+
 /// Runs the command line; returns the process's exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -320,6 +370,7 @@ pub fn main() -> i32 {
         Command::Pause(a) => ops::pause(&cli.global, &a.id, true).map(|()| 0),
         Command::Resume(a) => ops::pause(&cli.global, &a.id, false).map(|()| 0),
         Command::Features => ops::features().map(|()| 0),
+        Command::PodTemplate(a) => pod_template(&a),
         Command::Fork(a) => fork::fork_container(&cli.global.root, &a.id, a.count).and_then(|f| {
             println!("{}", serde_json::to_string_pretty(&f)?);
             Ok(0)

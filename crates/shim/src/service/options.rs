@@ -51,26 +51,30 @@ impl RuntimeRecord {
 ///   messages).
 ///
 /// Other types are ignored, with a log line.
-pub fn runtime_options(any: Option<&Any>) -> Result<Options> {
+pub fn runtime_options(any: Option<&Any>) -> Result<RuntimeOptions> {
     let Some(any) = any.filter(|a| !a.type_url.is_empty()) else {
-        return Ok(Options::default());
+        return Ok(RuntimeOptions::default());
     };
     let name = any.type_url.rsplit('/').next().unwrap_or_default();
     let parse = || {
         Options::parse_from_bytes(&any.value)
             .map_err(|e| Error::InvalidArgument(format!("runtime options {name}: {e}")))
     };
+    let runc = |runc| RuntimeOptions {
+        runc,
+        pod_template: None,
+    };
     match name {
-        "containerd.runc.v1.Options" => parse(),
-        "containerd.linux.runc.CreateOptions" => Ok(Options {
+        "containerd.runc.v1.Options" => parse().map(runc),
+        "containerd.linux.runc.CreateOptions" => Ok(runc(Options {
             no_pivot_root: parse()?.no_pivot_root,
             ..Options::default()
-        }),
+        })),
         "runtimeoptions.v1.Options" => {
             let path = config_path(&any.value)
                 .map_err(|e| Error::InvalidArgument(format!("runtime options {name}: {e}")))?;
             if path.is_empty() {
-                return Ok(Options::default());
+                return Ok(RuntimeOptions::default());
             }
             ConfigFile::load(Path::new(&path))
         }
@@ -79,9 +83,19 @@ pub fn runtime_options(any: Option<&Any>) -> Result<Options> {
                 type_url = other,
                 "ignoring runtime options of an unknown type"
             );
-            Ok(Options::default())
+            Ok(RuntimeOptions::default())
         }
     }
+}
+
+/// What serves a task: runc's options, and forkvm's own from a CRI `ConfigPath` file.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RuntimeOptions {
+    /// runc's options (`BinaryName`, `Root`, `NoPivotRoot`, ...).
+    pub runc: Options,
+    /// The pod template a pod sandbox's VM is forked from (`PodTemplate`): the runtime
+    /// is told it at `create` (`--pod-template`).
+    pub pod_template: Option<PathBuf>,
 }
 
 /// `ConfigPath` (field 2) of an encoded `runtimeoptions.v1.Options`.
@@ -120,18 +134,32 @@ pub struct ConfigFile {
     /// runc's `--no-pivot` (as `NoPivotRoot`).
     #[serde(rename = "NoPivotRoot", default)]
     pub no_pivot_root: bool,
+    /// (forkvm) A pod template's directory (absolute): the pods of this runtime
+    /// handler start by fork (`forkvm-runtime pod-template`, docs/kubernetes.md).
+    #[serde(rename = "PodTemplate", default)]
+    pub pod_template: Option<PathBuf>,
 }
 
 impl ConfigFile {
-    fn load(path: &Path) -> Result<Options> {
+    fn load(path: &Path) -> Result<RuntimeOptions> {
         let text = std::fs::read(path).map_err(Error::io(format!("read {}", path.display())))?;
         let c: ConfigFile = serde_json::from_slice(&text)
             .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
-        Ok(Options {
-            binary_name: c.binary_name,
-            root: c.root,
-            no_pivot_root: c.no_pivot_root,
-            ..Options::default()
+        if let Some(t) = c.pod_template.as_ref().filter(|t| !t.is_absolute()) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: PodTemplate {} is not an absolute path",
+                path.display(),
+                t.display()
+            )));
+        }
+        Ok(RuntimeOptions {
+            runc: Options {
+                binary_name: c.binary_name,
+                root: c.root,
+                no_pivot_root: c.no_pivot_root,
+                ..Options::default()
+            },
+            pod_template: c.pod_template,
         })
     }
 }

@@ -20,16 +20,16 @@ fn runc_options_are_read() {
         ..Default::default()
     };
     let got = runtime_options(Some(&any("containerd.runc.v1.Options", &opts))).unwrap();
-    assert_eq!(got.binary_name, "/usr/sbin/runc");
-    assert_eq!(got.root, "/srv/rt");
-    assert!(got.no_pivot_root);
+    assert_eq!(got.runc.binary_name, "/usr/sbin/runc");
+    assert_eq!(got.runc.root, "/srv/rt");
+    assert!(got.runc.no_pivot_root);
     // A host-prefixed type URL (protobuf's Any::pack) reads the same.
     let got = runtime_options(Some(&any(
         "type.googleapis.com/containerd.runc.v1.Options",
         &opts,
     )))
     .unwrap();
-    assert_eq!(got.binary_name, "/usr/sbin/runc");
+    assert_eq!(got.runc.binary_name, "/usr/sbin/runc");
 }
 
 #[test]
@@ -42,19 +42,22 @@ fn legacy_create_options_only_give_no_pivot() {
         ..Default::default()
     };
     let got = runtime_options(Some(&any("containerd.linux.runc.CreateOptions", &opts))).unwrap();
-    assert!(got.no_pivot_root);
-    assert_eq!(got.binary_name, "");
+    assert!(got.runc.no_pivot_root);
+    assert_eq!(got.runc.binary_name, "");
 }
 
 #[test]
 fn no_or_unknown_options_are_the_defaults() {
-    assert_eq!(runtime_options(None).unwrap(), Options::default());
+    assert_eq!(runtime_options(None).unwrap(), RuntimeOptions::default());
     let other = Any {
         type_url: "io.containerd.other.v1.Options".into(),
         value: vec![10, 3, b'a', b'b', b'c'],
         ..Default::default()
     };
-    assert_eq!(runtime_options(Some(&other)).unwrap(), Options::default());
+    assert_eq!(
+        runtime_options(Some(&other)).unwrap(),
+        RuntimeOptions::default()
+    );
     let broken = Any {
         type_url: "containerd.runc.v1.Options".into(),
         value: vec![0xff, 0xff],
@@ -83,16 +86,34 @@ fn cri_config_path_options_name_a_json_file() {
         }
     };
     let got = runtime_options(Some(&encode(file.to_str().unwrap()))).unwrap();
-    assert_eq!(got.binary_name, "/usr/local/bin/forkvm-runtime");
-    assert_eq!(got.root, "/srv/forkvm");
-    assert!(!got.no_pivot_root);
+    assert_eq!(got.runc.binary_name, "/usr/local/bin/forkvm-runtime");
+    assert_eq!(got.runc.root, "/srv/forkvm");
+    assert!(!got.runc.no_pivot_root);
+    assert_eq!(got.pod_template, None);
+    // forkvm's own: the pod template the handler's pods fork from.
+    std::fs::write(&file, r#"{"PodTemplate": "/var/lib/forkvm/pod"}"#).unwrap();
+    let got = runtime_options(Some(&encode(file.to_str().unwrap()))).unwrap();
+    assert_eq!(
+        got.pod_template.as_deref(),
+        Some(Path::new("/var/lib/forkvm/pod"))
+    );
+    std::fs::write(&file, r#"{"PodTemplate": "pod"}"#).unwrap();
+    let err = runtime_options(Some(&encode(file.to_str().unwrap()))).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("PodTemplate pod is not an absolute path"),
+        "{err}"
+    );
     // No ConfigPath: the defaults.
     let none = Any {
         type_url: "runtimeoptions.v1.Options".into(),
         value: vec![0x0a, 1, b'x'],
         ..Default::default()
     };
-    assert_eq!(runtime_options(Some(&none)).unwrap(), Options::default());
+    assert_eq!(
+        runtime_options(Some(&none)).unwrap(),
+        RuntimeOptions::default()
+    );
     // A misspelt key is an error, not a silent default.
     std::fs::write(&file, r#"{"Binary": "x"}"#).unwrap();
     let err = runtime_options(Some(&encode(file.to_str().unwrap()))).unwrap_err();

@@ -508,18 +508,11 @@ pub fn places(root: &Path, cfg: Option<&VmConfig>) -> Places {
 
 /// What a VM process that makes a root of its own (not one started by a jailed VM
 /// process, which lives in its parent's) reads besides its VM's places: the
-/// configuration file it read and the host's template key (a template it saves is
-/// authenticated with it). The key is made now if the host has none yet: once jailed
-/// the process could see none made later.
+/// configuration file it read. (Not the host's template key: a template the VM saves
+/// is sealed by whoever asked for it, [`crate::template::save_running`].)
 pub fn own_root_places(places: &mut Places) {
     if let Some(file) = forkvm_config::loaded_from() {
         places.read(file);
-    }
-    match crate::template::TemplateKey::host_or_new() {
-        Ok(_) => {
-            places.read(crate::template::TemplateKey::configured_path());
-        }
-        Err(e) => tracing::debug!("no template key for the VM process's root: {e}"),
     }
 }
 

@@ -39,6 +39,9 @@ pub use key::{KeyError, TemplateKey};
 pub const STATE_FILE: &str = "state.forkvm";
 /// The memory file of a template directory.
 pub const MEMORY_FILE: &str = "memory.raw";
+/// What a VM process writes beside its memory when it saves itself ([`UnsealedState`]);
+/// [`seal`] replaces it with [`STATE_FILE`].
+pub const UNSEALED_FILE: &str = "state.unsealed";
 const PAGE: usize = 4096;
 
 /// What `state.forkvm` holds: the [`TemplateState`], encoded, and its MAC.
@@ -72,9 +75,7 @@ impl SparseMac {
 
     /// Counts the page at `offset`, unless it is all zeros; returns whether it counted.
     fn page(&mut self, offset: u64, page: &[u8]) -> bool {
-        // SAFETY: every bit pattern is a valid u128; the words are only compared.
-        let (head, words, tail) = unsafe { page.align_to::<u128>() };
-        if head.iter().chain(tail).all(|&b| b == 0) && words.iter().all(|&w| w == 0) {
+        if is_zero(page) {
             return false;
         }
         self.0.update(&offset.to_le_bytes());
@@ -95,6 +96,17 @@ struct TemplateState {
     ranges: Vec<RamRange>,
     memory_len: u64,
     memory_mac: [u8; 32],
+}
+
+/// A template's state as the VM process writes it: without MACs, for the holder of
+/// the host's key to check and seal ([`seal`]). The VM process never has the key, so
+/// a VM process taken over by its guest cannot make (or forge) a template of anything
+/// but itself.
+#[derive(Debug, Serialize, Deserialize)]
+struct UnsealedState {
+    snapshot: VmSnapshot,
+    ranges: Vec<RamRange>,
+    memory_len: u64,
 }
 
 impl TemplateState {
@@ -156,31 +168,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError + '_ {
 }
 
 impl Vmm {
-    /// Saves this VM as a template in `dir` (created if needed; existing template files
-    /// are replaced). The VM is paused while its memory is written and resumed after,
+    /// Saves this VM's state and memory in `dir` (created if needed; existing files are
+    /// replaced), not yet sealed: [`seal`] (by the holder of the host's key:
+    /// [`save_running`]) makes them a template. The VM is paused while its memory is written and resumed after,
     /// unless it was paused already.
     pub fn save_template(&mut self, dir: &Path) -> Result<TemplateInfo, ControlError> {
         let t0 = Instant::now();
         refuse_unwritable(dir)?;
         let fail = |e: TemplateError| ControlError::Failed(error_chain(&e));
-        // A VM process bound by file-system rules cannot make the host's key where it is
-        // kept: `forkvm template save` makes it first.
-        let key_path = TemplateKey::configured_path();
-        let key = match forkvm_jail::landlock::bound() {
-            Some(b) if !b.writable.allows(&key_path) => {
-                TemplateKey::host().map_err(|e| match e {
-                    key::KeyError::Missing(path) => ControlError::Invalid(format!(
-                        "there is no template key at {} and the VM process's jail cannot make \
-                     one: `forkvm template save` makes it",
-                        path.display()
-                    )),
-                    e => fail(e.into()),
-                })?
-            }
-            _ => TemplateKey::host_or_new()
-                .map_err(TemplateError::from)
-                .map_err(fail)?,
-        };
         std::fs::create_dir_all(dir)
             .map_err(io(dir))
             .map_err(fail)?;
@@ -190,14 +185,7 @@ impl Vmm {
         }
         let saved = self.capture().and_then(|snapshot| {
             crate::fork::refuse_shares_in_templates(&snapshot)?;
-            write_template(
-                dir,
-                snapshot,
-                self.ram().memory(),
-                self.ram().ranges(),
-                &key,
-            )
-            .map_err(fail)
+            write_unsealed(dir, snapshot, self.ram().memory(), self.ram().ranges()).map_err(fail)
         });
         if !was_paused {
             self.resume()?;
@@ -226,29 +214,34 @@ fn refuse_unwritable(dir: &Path) -> Result<(), ControlError> {
 /// Why a running VM could not be saved as a template through its API.
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
+    /// There is no host key and none can be made here.
+    #[error("cannot make or read the host's template key")]
+    Key(#[source] KeyError),
     /// The VM refused or failed to save itself (its answer says why).
     #[error("the VM did not save itself")]
     Api(#[source] forkvm_api::client::ClientError),
+    /// What the VM saved cannot be sealed (it is not what a VM process writes).
+    #[error("what the VM saved cannot be made a template")]
+    Seal(#[source] TemplateError),
     /// The saved files could not be moved into place.
     #[error("the saved template cannot be moved into place")]
     Move(#[source] TemplateError),
 }
 
-/// Saves the running VM registered in `home` as a template in `dir` through its API.
-/// The host's template key is made here if there is none (the VM process's jail does
-/// not let it write where the key is kept; where this fails too, the VM's answer says
-/// why). The VM process's jail lets it write only under its state root: it saves into
-/// its own directory, and the files are moved to `dir` (made if needed).
+/// Saves the running VM registered in `home` as a template in `dir` through its API,
+/// and seals it with the host's template key (made here if there is none): the VM
+/// process never holds the key. The VM process's jail lets it write only under its
+/// state root: it saves into its own directory, where the state and memory are sealed
+/// ([`seal`]), then moved to `dir` (made if needed).
 pub fn save_running(home: &forkvm_registry::VmHome, dir: &Path) -> Result<TemplateInfo, SaveError> {
-    if let Err(e) = TemplateKey::host_or_new() {
-        tracing::debug!("cannot make the host's template key here: {e}");
-    }
+    let key = TemplateKey::host_or_new().map_err(SaveError::Key)?;
     let home_dir = std::path::absolute(home.dir()).unwrap_or_else(|_| home.dir().to_owned());
     let staging = home_dir.join(format!(".template-{}", std::process::id()));
     let info = forkvm_api::Client::new(home.socket_path())
         .with_timeout(Duration::from_secs(600))
         .save_template(&staging)
         .map_err(SaveError::Api)
+        .and_then(|info| seal(&staging, &key).map(|()| info).map_err(SaveError::Seal))
         .inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&staging);
         })?;
@@ -326,13 +319,14 @@ fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(dst, meta.permissions())
 }
 
-/// Writes memory and state; returns (guest memory bytes, bytes actually stored).
-fn write_template(
+/// Writes the VM's memory `mem` (laid out as `ranges`) into `dir`'s [`MEMORY_FILE`]
+/// (pages that are all zeros left as holes, read-only) and its state `snapshot` as
+/// [`UNSEALED_FILE`]; returns the memory's size and the bytes stored.
+fn write_unsealed(
     dir: &Path,
     snapshot: VmSnapshot,
     mem: &crate::memory::GuestMemory,
     ranges: &[RamRange],
-    key: &TemplateKey,
 ) -> Result<(u64, u64), TemplateError> {
     let mem_path = dir.join(MEMORY_FILE);
     let tmp = dir.join(format!(".{MEMORY_FILE}.tmp"));
@@ -340,20 +334,16 @@ fn write_template(
     let file = File::create(&tmp).map_err(io(&tmp))?;
     let total: u64 = ranges.iter().map(|r| r.len).sum();
     file.set_len(total).map_err(io(&tmp))?;
-    let mut digest = SparseMac::new(key);
     let mut stored = 0u64;
-    // In file order: the MAC takes the pages by offset.
-    let mut regions: Vec<_> = mem.iter().zip(ranges).collect();
-    regions.sort_by_key(|(_, r)| r.file_offset);
-    for (region, r) in regions {
+    for (region, r) in mem.iter().zip(ranges) {
         let len = region.len() as usize;
         // SAFETY: the region is a live mapping of `len` bytes; the VM is paused, so
         // nothing writes it while we read.
         let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr() as *const u8, len) };
         for (i, page) in bytes.chunks(PAGE).enumerate() {
-            let at = r.file_offset + (i * PAGE) as u64;
-            if digest.page(at, page) {
-                file.write_all_at(page, at).map_err(io(&tmp))?;
+            if !is_zero(page) {
+                file.write_all_at(page, r.file_offset + (i * PAGE) as u64)
+                    .map_err(io(&tmp))?;
                 stored += page.len() as u64;
             }
         }
@@ -361,11 +351,91 @@ fn write_template(
     file.sync_all().map_err(io(&tmp))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444)).map_err(io(&tmp))?;
     std::fs::rename(&tmp, &mem_path).map_err(io(&mem_path))?;
-    let state = TemplateState {
+    let state_path = dir.join(UNSEALED_FILE);
+    let state = UnsealedState {
         snapshot,
         ranges: ranges.to_vec(),
         memory_len: total,
-        memory_mac: digest.finalize(total),
+    };
+    let blob = forkvm_snapshot::encode(&state).map_err(|source| TemplateError::State {
+        path: state_path.clone(),
+        source,
+    })?;
+    write_state(&state_path, &blob)?;
+    Ok((total, stored))
+}
+
+/// Writes a state file atomically.
+fn write_state(path: &Path, blob: &[u8]) -> Result<(), TemplateError> {
+    forkvm_registry::write_atomic(path, blob).map_err(|source| TemplateError::State {
+        path: path.to_owned(),
+        source: forkvm_snapshot::FormatError::Io {
+            path: path.display().to_string(),
+            source,
+        },
+    })
+}
+
+/// Makes the state and memory a VM process saved in `dir` ([`UNSEALED_FILE`],
+/// [`MEMORY_FILE`]) a template, with the host's `key`: the state is read as untrusted
+/// input (the VM process wrote it; its sizes checked against the memory file's), the
+/// memory's MAC computed from the memory file's data, and both sealed in
+/// [`STATE_FILE`], which replaces the unsealed state. The files are opened in `dir`
+/// without following a link, the memory file only if it is a regular file with no
+/// other name (not a link to another template's or a host file the VM process could
+/// reach).
+pub fn seal(dir: &Path, key: &TemplateKey) -> Result<(), TemplateError> {
+    let unsealed_path = dir.join(UNSEALED_FILE);
+    let mem_path = dir.join(MEMORY_FILE);
+    let dirfd = open_nofollow(dir, libc::O_DIRECTORY).map_err(io(dir))?;
+    let state_file = open_in(&dirfd, UNSEALED_FILE).map_err(io(&unsealed_path))?;
+    let bad_state = |problem: String| TemplateError::State {
+        path: unsealed_path.clone(),
+        source: forkvm_snapshot::FormatError::Io {
+            path: unsealed_path.display().to_string(),
+            source: std::io::Error::other(problem),
+        },
+    };
+    let meta = state_file.metadata().map_err(io(&unsealed_path))?;
+    let limit = forkvm_snapshot::MAX_PAYLOAD + 4096;
+    if !meta.is_file() || meta.len() > limit {
+        return Err(bad_state(format!(
+            "not a regular file of at most {limit} bytes"
+        )));
+    }
+    let mut blob = Vec::with_capacity(meta.len() as usize);
+    std::io::Read::read_to_end(&mut std::io::Read::take(&state_file, limit), &mut blob)
+        .map_err(io(&unsealed_path))?;
+    let unsealed: UnsealedState =
+        forkvm_snapshot::decode(&blob).map_err(|source| TemplateError::State {
+            path: unsealed_path.clone(),
+            source,
+        })?;
+    let memory = open_in(&dirfd, MEMORY_FILE).map_err(io(&mem_path))?;
+    let bad = |problem: String| TemplateError::Memory {
+        path: mem_path.clone(),
+        problem,
+    };
+    let meta = memory.metadata().map_err(io(&mem_path))?;
+    if !meta.is_file() || std::os::unix::fs::MetadataExt::nlink(&meta) != 1 {
+        return Err(bad("not a regular file with one name".into()));
+    }
+    let ranges_len: u64 = unsealed.ranges.iter().map(|r| r.len).sum();
+    if meta.len() != unsealed.memory_len || ranges_len != unsealed.memory_len {
+        return Err(bad(format!(
+            "is {} bytes; the saved state says {} in ranges of {ranges_len}",
+            meta.len(),
+            unsealed.memory_len
+        )));
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let memory_mac = sparse_pass(&memory, unsealed.memory_len, key, &mut buf, |_, _| Ok(()))
+        .map_err(io(&mem_path))?;
+    let state = TemplateState {
+        snapshot: unsealed.snapshot,
+        ranges: unsealed.ranges,
+        memory_len: unsealed.memory_len,
+        memory_mac,
     };
     let state_path = dir.join(STATE_FILE);
     let encoding = |source| TemplateError::State {
@@ -377,15 +447,75 @@ fn write_template(
         mac: key.mac(STATE_CONTEXT, &state),
         state,
     };
-    let blob = forkvm_snapshot::encode(&sealed).map_err(encoding)?;
-    forkvm_registry::write_atomic(&state_path, &blob).map_err(|source| TemplateError::State {
-        path: state_path.clone(),
-        source: forkvm_snapshot::FormatError::Io {
-            path: state_path.display().to_string(),
-            source,
-        },
-    })?;
-    Ok((total, stored))
+    write_state(
+        &state_path,
+        &forkvm_snapshot::encode(&sealed).map_err(encoding)?,
+    )?;
+    std::fs::remove_file(&unsealed_path).map_err(io(&unsealed_path))
+}
+
+/// Opens `path` with `flags`, not following a link at its last step.
+fn open_nofollow(path: &Path, flags: i32) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// Opens `name` in the directory `dir` to read, not following a link.
+fn open_in(dir: &File, name: &str) -> std::io::Result<File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: a NUL-terminated name that lives across the call; the result is checked.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Whether `page` holds only zeros.
+fn is_zero(page: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u128; the words are only compared.
+    let (head, words, tail) = unsafe { page.align_to::<u128>() };
+    head.iter().chain(tail).all(|&b| b == 0) && words.iter().all(|&w| w == 0)
+}
+
+/// Reads the data of `memory`'s first `len` bytes (never its holes) through `buf`,
+/// giving each page that is not all zeros to `page` with its offset; returns the
+/// memory's MAC ([`SparseMac`]).
+fn sparse_pass(
+    memory: &File,
+    len: u64,
+    key: &TemplateKey,
+    buf: &mut [u8],
+    mut page: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+) -> std::io::Result<[u8; 32]> {
+    let mut digest = SparseMac::new(key);
+    for (start, end) in data_extents(memory, len)? {
+        let mut at = start;
+        while at < end {
+            let want = (end - at).min(buf.len() as u64) as usize;
+            let chunk = &mut buf[..want];
+            memory.read_exact_at(chunk, at)?;
+            for (i, p) in chunk.chunks(PAGE).enumerate() {
+                let offset = at + (i * PAGE) as u64;
+                if digest.page(offset, p) {
+                    page(offset, p)?;
+                }
+            }
+            at += want as u64;
+        }
+    }
+    Ok(digest.finalize(len))
 }
 
 /// The ranges of `file`'s first `len` bytes that may hold data (`SEEK_DATA` /
@@ -493,24 +623,12 @@ impl Unverified {
         let copy = crate::memory::create_memfd(c"forkvm-template-memory").map_err(copy_failed)?;
         copy.set_len(state.memory_len).map_err(io(&mem_path))?;
         // The file's data only (its holes are zeros, which the MAC does not count).
-        let mut digest = SparseMac::new(key);
         let mut buf = vec![0u8; 1 << 20];
-        for (start, end) in data_extents(&memory, state.memory_len).map_err(io(&mem_path))? {
-            let mut at = start;
-            while at < end {
-                let want = (end - at).min(buf.len() as u64) as usize;
-                let chunk = &mut buf[..want];
-                memory.read_exact_at(chunk, at).map_err(io(&mem_path))?;
-                for (i, page) in chunk.chunks(PAGE).enumerate() {
-                    let offset = at + (i * PAGE) as u64;
-                    if digest.page(offset, page) {
-                        copy.write_all_at(page, offset).map_err(io(&mem_path))?;
-                    }
-                }
-                at += want as u64;
-            }
-        }
-        let matches = key::same_mac(&digest.finalize(state.memory_len), &state.memory_mac) || {
+        let mac = sparse_pass(&memory, state.memory_len, key, &mut buf, |offset, page| {
+            copy.write_all_at(page, offset)
+        })
+        .map_err(io(&mem_path))?;
+        let matches = key::same_mac(&mac, &state.memory_mac) || {
             // A template saved before the sparse MAC: every byte, holes included.
             let mut digest = key.hasher(MEMORY_CONTEXT_V1);
             let mut at = 0u64;
@@ -707,10 +825,87 @@ mod tests {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         mem.write_slice(b"template page", GuestAddress(0x3000))
             .unwrap();
-        let (total, stored) = write_template(dir.path(), snapshot(), &mem, &ranges, &key).unwrap();
+        let (total, stored) = write_unsealed(dir.path(), snapshot(), &mem, &ranges).unwrap();
         assert_eq!(total, 1 << 20);
         assert_eq!(stored, PAGE as u64, "only the one non-zero page is stored");
+        assert!(
+            Template::load(dir.path(), &key).is_err(),
+            "what a VM process writes is no template before it is sealed"
+        );
+        seal(dir.path(), &key).unwrap();
+        assert!(!dir.path().join(UNSEALED_FILE).exists());
         (dir, key)
+    }
+
+    /// What a VM process saved in a directory of its own, not sealed: (dir, key).
+    fn unsealed() -> (tempfile::TempDir, TemplateKey) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TemplateKey::open_or_create(&dir.path().join("keys/template.key")).unwrap();
+        let ranges = ram_ranges(1 << 20);
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        mem.write_slice(b"template page", GuestAddress(0x3000))
+            .unwrap();
+        write_unsealed(dir.path(), snapshot(), &mem, &ranges).unwrap();
+        (dir, key)
+    }
+
+    #[test]
+    fn sealing_takes_only_what_a_vm_process_writes_in_its_own_directory() {
+        let refused = |prepare: &dyn Fn(&Path), needle: &str| {
+            let (dir, key) = unsealed();
+            prepare(dir.path());
+            let e = error_chain(&seal(dir.path(), &key).unwrap_err());
+            assert!(e.contains(needle), "{e}");
+            assert!(!dir.path().join(STATE_FILE).exists(), "nothing sealed");
+        };
+        // The memory a link to another file (another template's, a host file).
+        let other = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(other.path(), vec![7u8; 1 << 20]).unwrap();
+        refused(
+            &|d| {
+                std::fs::remove_file(d.join(MEMORY_FILE)).unwrap();
+                std::os::unix::fs::symlink(other.path(), d.join(MEMORY_FILE)).unwrap();
+            },
+            MEMORY_FILE,
+        );
+        // ... or another name of it.
+        refused(
+            &|d| {
+                std::fs::remove_file(d.join(MEMORY_FILE)).unwrap();
+                std::fs::hard_link(other.path(), d.join(MEMORY_FILE)).unwrap();
+            },
+            "not a regular file with one name",
+        );
+        // The directory itself a link (to another's directory).
+        let (dir, key) = unsealed();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let link = elsewhere.path().join("staging");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        let e = error_chain(&seal(&link, &key).unwrap_err());
+        assert!(e.contains("staging"), "{e}");
+        seal(dir.path(), &key).unwrap();
+        // A state whose sizes are not the memory's.
+        refused(
+            &|d| {
+                // Read-only as saved: made writable to grow it.
+                std::fs::set_permissions(
+                    d.join(MEMORY_FILE),
+                    std::fs::Permissions::from_mode(0o644),
+                )
+                .unwrap();
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join(MEMORY_FILE))
+                    .unwrap();
+                f.set_len(2 << 20).unwrap();
+            },
+            "the saved state says 1048576",
+        );
+        // A state that is not one.
+        refused(
+            &|d| std::fs::write(d.join(UNSEALED_FILE), b"garbage").unwrap(),
+            UNSEALED_FILE,
+        );
     }
 
     fn expect_err(dir: &Path, key: &TemplateKey, needle: &str) {

@@ -156,9 +156,20 @@ pub fn link_up(ifname: &str) -> Result<(), IdentityError> {
 }
 
 /// Sets the MAC of `ifname` (down, set, up: virtio-net without a control queue only
-/// takes a new address while down).
+/// takes a new address while down). A NIC that has that MAC already is left alone: an
+/// identity sent again (its answer was slow) must not take down, and so strip of its
+/// routes, a NIC configured since.
 pub fn set_mac(ifname: &str, mac: [u8; 6]) -> Result<(), IdentityError> {
     let s = ioctl_socket()?;
+    let mut ifr = ifreq(ifname);
+    // SAFETY: SIOCGIFHWADDR writes the hardware address into a valid ifreq.
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFHWADDR as _, &mut ifr) } == 0 {
+        // SAFETY: the hardware-address member, which SIOCGIFHWADDR filled.
+        let now = unsafe { ifr.ifr_ifru.ifru_hwaddr.sa_data };
+        if now.iter().zip(mac).all(|(&a, b)| a as u8 == b) {
+            return Ok(());
+        }
+    }
     let mut ifr = ifreq(ifname);
     let flags = get_flags(&s, &mut ifr, ifname)?;
     let up = flags & libc::IFF_UP as libc::c_short != 0;

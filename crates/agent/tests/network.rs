@@ -97,6 +97,26 @@ fn the_nic_with_the_mac_takes_name_mtu_addresses_and_routes() {
             .any(|r| r["dst"] == "10.50.0.0/16" && r["dev"] == "eth7" && r["scope"] == "link"),
         "{routes:?}"
     );
+
+    // A fork child's identity sent again (its first answer was slow) gives the NIC the
+    // MAC it has: the NIC stays up and keeps its routes.
+    let mac = forkvm_agent::identity::parse_mac(MAC).unwrap();
+    g.0.run(move || forkvm_agent::identity::set_mac("eth7", mac))
+        .expect("set_mac");
+    let routes = g.json(&["route", "show"]);
+    assert!(
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["dst"] == "default" && r["gateway"] == "10.98.0.1"),
+        "the default route went: {routes:?}"
+    );
+    // Another MAC is taken (down, set, up).
+    g.0.run(|| forkvm_agent::identity::set_mac("eth7", [2, 0x46, 0x8a, 0, 0, 9]))
+        .expect("set_mac");
+    let link = g.json(&["link", "show", "eth7"]);
+    assert_eq!(link[0]["address"], "02:46:8a:00:00:09");
 }
 
 #[test]

@@ -7,6 +7,7 @@
 //! | [`state`] | the per-container state directory under `--root`: atomic JSON state files, per-container locks, liveness, the runtime spec's `state` output |
 //! | [`rootfs`] | the VM's root: the bundle's root directory shared with the copies of the files it binds, or a root disk made from it |
 //! | [`pod`] | a Kubernetes pod's directory on the host: shared into the pod sandbox's VM, its containers' roots bound into it |
+//! | [`seccomp`] | the container's seccomp profile compiled into the BPF programs the guest agent installs on its processes |
 //! | [`pod_template`] | pod templates: a booted pod VM saved as a template, from which a pod's sandbox starts by fork |
 //! | [`vm`] | booting a container VM in this process and running a session with its agent (shared with `forkvm run`) |
 //! | [`term`] | signal forwarding, raw terminals, host ptys and `--console-socket` |

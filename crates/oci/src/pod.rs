@@ -215,7 +215,7 @@ pub fn member_volume(id: &str, i: usize, volume: &crate::vm::Volume) -> String {
 }
 
 /// Binds container `id`'s `i`th volume (recursively; read-only throughout where it is,
-/// in the pod VM's mount namespace too: see [`crate::binds`]) at [`member_volume`] in
+/// in the pod VM's mount namespace too: see [`forkvm_jail::binds`]) at [`member_volume`] in
 /// the pod directory `pod`, whose container directory [`bind_member_root`] made. The
 /// directories on the way are made from handles, never through a link the guest may
 /// have put in the pod directory.

@@ -10,7 +10,7 @@
 //! vsock and rng; waits until its agent answers; and saves it
 //! ([`forkvm_vmm::template::save_running`]). A share whose guest holds nothing but its
 //! root is saved without a host descriptor, and a child serves the directory its fork
-//! gives it ([`forkvm_devices::virtio::fs`]).
+//! gives it (`forkvm_devices::virtio::fs`).
 //!
 //! A sandbox forked from it ([`child_spec`]) takes the pod's identity as a fork child
 //! does: its NIC on the TAP tied to the pod's interface with that interface's MAC, the

@@ -173,6 +173,13 @@ impl ContainerState {
             .map(String::as_str)
     }
 
+    /// Whether its process runs in a container the VM's agent made by its id (a pod's
+    /// container, or a sandbox forked from a pod template), not as the VM's own: what
+    /// is asked of it in the guest (exec, stats) names it.
+    pub fn in_vm_container(&self) -> bool {
+        self.pod_sandbox().is_some() || self.pod_template.is_some()
+    }
+
     /// Whether this container is a Kubernetes pod's sandbox, whose VM holds the pod's
     /// containers.
     pub fn is_pod_sandbox(&self) -> bool {
@@ -527,6 +534,7 @@ mod tests {
         .collect();
         assert_eq!(s.pod_sandbox(), Some("sb"));
         assert!(!s.is_pod_sandbox());
+        assert!(s.in_vm_container());
         assert_eq!(s.vm_location(), None);
         // Booted as a VM of its own by an earlier version: deleted as one.
         s.vm_id = Some("vm1".into());
@@ -535,6 +543,11 @@ mod tests {
         s.annotations
             .insert(crate::bundle::CRI_CONTAINER_TYPE.into(), "sandbox".into());
         assert!(s.is_pod_sandbox());
+        // A sandbox booted is its VM's own container; forked from a pod template, one
+        // the agent made.
+        assert!(!s.in_vm_container());
+        s.pod_template = Some("/var/lib/forkvm/pod".into());
+        assert!(s.in_vm_container());
     }
 
     fn store() -> (tempfile::TempDir, StateStore) {

@@ -192,7 +192,7 @@ fn child_identity(
             spec.macs.len()
         )));
     }
-    let macs = match spec.macs.is_empty() {
+    let macs: Vec<[u8; 6]> = match spec.macs.is_empty() {
         true => (0..nics)
             .map(|_| {
                 forkvm_devices::virtio::net::random_mac()
@@ -205,6 +205,16 @@ fn child_identity(
             .map(|m| crate::config::parse_mac(m).map_err(ControlError::Invalid))
             .collect::<Result<_, _>>()?,
     };
+    if let Some((i, m)) = macs
+        .iter()
+        .enumerate()
+        .find(|(i, m)| macs[..*i].contains(m))
+    {
+        return Err(ControlError::Invalid(format!(
+            "MAC {} is given to NIC {i} and to an earlier one",
+            crate::config::format_mac(m)
+        )));
+    }
     let hostname = match &spec.hostname {
         Some(h) => {
             crate::config::check_hostname(h).map_err(ControlError::Invalid)?;
@@ -232,6 +242,19 @@ fn child_identity(
                 s.tag,
                 s.host_path.display()
             )));
+        }
+        // The child is bound by the forking process's rules and sees what it sees.
+        if !s.host_path.is_dir() {
+            return Err(ControlError::Invalid(format!(
+                "share {:?}: {} is not a directory (one this VM process can reach)",
+                s.tag,
+                s.host_path.display()
+            )));
+        }
+        let writable = cfg.shares.iter().any(|c| c.tag == s.tag && !c.read_only);
+        if writable {
+            forkvm_jail::landlock::check_writable(&format!("share {:?}", s.tag), &s.host_path)
+                .map_err(ControlError::Invalid)?;
         }
         shares.push((s.tag.clone(), s.host_path.clone()));
     }
@@ -823,8 +846,8 @@ impl Vmm {
 }
 
 impl ChildPayload {
-    /// Makes the snapshot's configuration the child's own: its CID, vsock socket, TAPs
-    /// and MACs (done as the child receives it).
+    /// Makes the snapshot's configuration the child's own: its CID, vsock socket, TAPs,
+    /// MACs and the directories of shares it was given (done as the child receives it).
     pub(crate) fn adopt_identity(&mut self) {
         let id = &self.identity;
         let cfg = &mut self.snapshot.config;
@@ -897,6 +920,13 @@ impl ChildPayload {
         self.snapshot
             .give_host_files(host_files)
             .map_err(ForkChildError::State)?;
+        // A share given another directory serves it, not its parent's: the parent's
+        // descriptors (of a root the guest holds alone: checked by the parent) go.
+        for (tag, _) in &self.identity.shares {
+            if let Some(state) = self.snapshot.share_state(tag) {
+                drop(state.files.take());
+            }
+        }
         let base = files.remove(0);
         let ram = GuestRam::from_layers(base, files, &self.layout)?;
         let map_us = t.elapsed().as_micros() as u64;
@@ -964,7 +994,7 @@ impl ChildPayload {
 
 /// How long a child keeps trying to reach its guest's agent. Generous: a child that
 /// gives up keeps its parent's entropy and hostname, and a loaded host is slow.
-const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Connects to the guest agent through the vsock device's host socket (the
 /// `CONNECT <port>` convention) and sends the child's identity: entropy, hostname, MACs.
@@ -1182,12 +1212,13 @@ mod tests {
             host_path: "/run/template-pod".into(),
             read_only: false,
         }];
+        let pod = tempfile::tempdir().unwrap();
         let spec = ChildSpec {
             macs: vec!["0a:58:0a:58:00:05".into()],
             hostname: Some("web-1".into()),
             shares: vec![crate::control::ChildShare {
                 tag: "forkvm-pod".into(),
-                host_path: "/run/pods/p1".into(),
+                host_path: pod.path().to_owned(),
             }],
             ..ChildSpec::default()
         };
@@ -1196,16 +1227,13 @@ mod tests {
         assert_eq!(id.hostname, "web-1");
         assert_eq!(
             id.shares,
-            [("forkvm-pod".to_owned(), PathBuf::from("/run/pods/p1"))]
+            [("forkvm-pod".to_owned(), pod.path().to_owned())]
         );
         // Adopted, the child's share serves the directory it was given.
         let mut p = payload(id);
         p.snapshot.config = cfg.clone();
         p.adopt_identity();
-        assert_eq!(
-            p.config().shares[0].host_path,
-            PathBuf::from("/run/pods/p1")
-        );
+        assert_eq!(p.config().shares[0].host_path, pod.path());
         // Defaults: fresh ones.
         let id = super::child_identity(&cfg, 2, &ChildSpec::default()).unwrap();
         assert!(id.hostname.starts_with("fork-") && id.shares.is_empty());
@@ -1245,10 +1273,29 @@ mod tests {
         });
         assert!(e.contains("not an absolute path"), "{e}");
         let e = refused(ChildSpec {
-            shares: vec![share("forkvm-pod", "/a"), share("forkvm-pod", "/b")],
+            shares: vec![share("forkvm-pod", "/tmp"), share("forkvm-pod", "/")],
             ..ChildSpec::default()
         });
         assert!(e.contains("given two directories"), "{e}");
+        let e = refused(ChildSpec {
+            shares: vec![share("forkvm-pod", "/nonexistent/pod")],
+            ..ChildSpec::default()
+        });
+        assert!(e.contains("/nonexistent/pod is not a directory"), "{e}");
+        let mut two = cfg.clone();
+        two.nets.push(two.nets[0].clone());
+        let e = match super::child_identity(
+            &two,
+            4,
+            &ChildSpec {
+                macs: vec!["0a:58:0a:58:00:05".into(), "0a:58:0a:58:00:05".into()],
+                ..ChildSpec::default()
+            },
+        ) {
+            Err(ControlError::Invalid(m)) => m,
+            other => panic!("not refused: {other:?}"),
+        };
+        assert!(e.contains("given to NIC 1 and to an earlier one"), "{e}");
     }
 
     #[test]

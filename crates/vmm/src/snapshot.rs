@@ -116,6 +116,17 @@ impl VmSnapshot {
             .nth(k)
     }
 
+    /// Marks every share to be served from its configured directory again, with no
+    /// descriptor ([`forkvm_devices::virtio::fs::FsState::reopen`]): a template's, whose
+    /// shares hold only their root (the save refused others).
+    pub(crate) fn reopen_shares(&mut self) {
+        for v in &mut self.virtio {
+            if let DeviceState::Fs(fs) = &mut v.device {
+                fs.reopen = true;
+            }
+        }
+    }
+
     /// Nanoseconds since the capture: how far the restored guest's clock must move on.
     pub fn elapsed_ns(&self) -> u64 {
         realtime_ns().saturating_sub(self.captured_realtime_ns)
@@ -203,14 +214,13 @@ mod tests {
     #[test]
     fn host_files_travel_beside_the_snapshot_in_device_order() {
         let mut snap = VmSnapshot::empty(VmConfig::new("/nonexistent/kernel"));
-        // The last holds only its root: it is served from its directory again, and
-        // carries no descriptor.
+        // The last is a template's (it holds only its root): it is served from its
+        // directory again, and carries no descriptor.
         snap.virtio = vec![share(2, 1), share(2, 0), share(1, 0)];
-        let root_only = match &snap.virtio[2].device {
-            DeviceState::Fs(fs) => fs.files.take(),
-            _ => unreachable!(),
-        };
-        assert_eq!(root_only.len(), 1, "the helper gave it one");
+        if let DeviceState::Fs(fs) = &mut snap.virtio[2].device {
+            assert_eq!(fs.files.take().len(), 1, "the helper gave it one");
+            fs.reopen = true;
+        }
         let files = snap.take_host_files();
         assert_eq!(files.len(), 5);
         assert_eq!(held(&snap), [0, 0, 0], "taken out of the states");

@@ -241,16 +241,18 @@ pub fn save_running(home: &forkvm_registry::VmHome, dir: &Path) -> Result<Templa
         .with_timeout(Duration::from_secs(600))
         .save_template(&staging)
         .map_err(SaveError::Api)
-        .and_then(|info| seal(&staging, &key).map(|()| info).map_err(SaveError::Seal))
-        .inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&staging);
-        })?;
-    move_template(&staging, dir)
-        .map_err(SaveError::Move)
-        .inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&staging);
-        })?;
-    Ok(info)
+        .and_then(|info| {
+            // The VM process may change its directory meanwhile: what is sealed and
+            // moved is reached through one handle on the directory it wrote.
+            let staged = open_nofollow(&staging, libc::O_DIRECTORY)
+                .map_err(io(&staging))
+                .map_err(SaveError::Seal)?;
+            seal_in(&staged, &staging, &key).map_err(SaveError::Seal)?;
+            move_in(&staged, &staging, dir).map_err(SaveError::Move)?;
+            Ok(info)
+        });
+    let _ = std::fs::remove_dir_all(&staging);
+    info
 }
 
 /// Moves the template saved in `from` to `to` (made if needed; template files there are
@@ -258,32 +260,50 @@ pub fn save_running(home: &forkvm_registry::VmHome, dir: &Path) -> Result<Templa
 /// both lie on one file system, else copied keeping the memory file's holes. The state
 /// goes last, so that `to` never holds a new state without its memory.
 pub fn move_template(from: &Path, to: &Path) -> Result<(), TemplateError> {
+    let dir = open_nofollow(from, libc::O_DIRECTORY).map_err(io(from))?;
+    move_in(&dir, from, to)?;
+    std::fs::remove_dir_all(from).map_err(io(from))
+}
+
+/// [`move_template`] of the files in the directory open as `from` (named `from_path`).
+fn move_in(from: &File, from_path: &Path, to: &Path) -> Result<(), TemplateError> {
+    use std::os::fd::AsRawFd;
     std::fs::create_dir_all(to).map_err(io(to))?;
+    let to_dir = open_nofollow(to, libc::O_DIRECTORY).map_err(io(to))?;
     for name in [MEMORY_FILE, STATE_FILE] {
-        let (src, dst) = (from.join(name), to.join(name));
-        match std::fs::rename(&src, &dst) {
-            Ok(()) => continue,
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
-            Err(e) => return Err(io(&dst)(e)),
+        let (src, dst) = (from_path.join(name), to.join(name));
+        let c = std::ffi::CString::new(name).expect("no NUL");
+        // SAFETY: NUL-terminated names that live across the call, open directories.
+        let moved =
+            unsafe { libc::renameat(from.as_raw_fd(), c.as_ptr(), to_dir.as_raw_fd(), c.as_ptr()) };
+        if moved == 0 {
+            continue;
+        }
+        match std::io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::EXDEV) => {}
+            e => return Err(io(&dst)(e)),
         }
         let tmp = to.join(format!(".{name}.tmp"));
-        copy_sparse(&src, &tmp).map_err(|e| {
+        let source = open_in(from, name).map_err(io(&src))?;
+        copy_sparse(&source, &tmp).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             io(&tmp)(e)
         })?;
         std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
-        let _ = std::fs::remove_file(&src);
     }
-    std::fs::remove_dir_all(from).map_err(io(from))
+    Ok(())
 }
 
 /// Copies `src` to a new `dst` with its data only: the holes stay holes, the mode is
 /// kept.
-fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
+fn copy_sparse(from: &File, dst: &Path) -> std::io::Result<()> {
     use std::io::{Read, Seek, SeekFrom};
     use std::os::fd::AsRawFd;
-    let mut from = File::open(src)?;
+    let mut from = from;
     let meta = from.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
     let _ = std::fs::remove_file(dst);
     let mut to = File::create(dst)?;
     to.set_len(meta.len())?;
@@ -324,7 +344,7 @@ fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
 /// [`UNSEALED_FILE`]; returns the memory's size and the bytes stored.
 fn write_unsealed(
     dir: &Path,
-    snapshot: VmSnapshot,
+    mut snapshot: VmSnapshot,
     mem: &crate::memory::GuestMemory,
     ranges: &[RamRange],
 ) -> Result<(u64, u64), TemplateError> {
@@ -352,6 +372,9 @@ fn write_unsealed(
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444)).map_err(io(&tmp))?;
     std::fs::rename(&tmp, &mem_path).map_err(io(&mem_path))?;
     let state_path = dir.join(UNSEALED_FILE);
+    // Its shares hold only their root (others were refused): a child opens their
+    // directories again.
+    snapshot.reopen_shares();
     let state = UnsealedState {
         snapshot,
         ranges: ranges.to_vec(),
@@ -385,10 +408,16 @@ fn write_state(path: &Path, blob: &[u8]) -> Result<(), TemplateError> {
 /// other name (not a link to another template's or a host file the VM process could
 /// reach).
 pub fn seal(dir: &Path, key: &TemplateKey) -> Result<(), TemplateError> {
+    let dirfd = open_nofollow(dir, libc::O_DIRECTORY).map_err(io(dir))?;
+    seal_in(&dirfd, dir, key)
+}
+
+/// [`seal`] in the directory open as `dirfd` (named `dir`): every file is reached
+/// through it.
+fn seal_in(dirfd: &File, dir: &Path, key: &TemplateKey) -> Result<(), TemplateError> {
     let unsealed_path = dir.join(UNSEALED_FILE);
     let mem_path = dir.join(MEMORY_FILE);
-    let dirfd = open_nofollow(dir, libc::O_DIRECTORY).map_err(io(dir))?;
-    let state_file = open_in(&dirfd, UNSEALED_FILE).map_err(io(&unsealed_path))?;
+    let state_file = open_in(dirfd, UNSEALED_FILE).map_err(io(&unsealed_path))?;
     let bad_state = |problem: String| TemplateError::State {
         path: unsealed_path.clone(),
         source: forkvm_snapshot::FormatError::Io {
@@ -411,7 +440,7 @@ pub fn seal(dir: &Path, key: &TemplateKey) -> Result<(), TemplateError> {
             path: unsealed_path.clone(),
             source,
         })?;
-    let memory = open_in(&dirfd, MEMORY_FILE).map_err(io(&mem_path))?;
+    let memory = open_in(dirfd, MEMORY_FILE).map_err(io(&mem_path))?;
     let bad = |problem: String| TemplateError::Memory {
         path: mem_path.clone(),
         problem,
@@ -447,11 +476,54 @@ pub fn seal(dir: &Path, key: &TemplateKey) -> Result<(), TemplateError> {
         mac: key.mac(STATE_CONTEXT, &state),
         state,
     };
-    write_state(
-        &state_path,
-        &forkvm_snapshot::encode(&sealed).map_err(encoding)?,
-    )?;
-    std::fs::remove_file(&unsealed_path).map_err(io(&unsealed_path))
+    let blob = forkvm_snapshot::encode(&sealed).map_err(encoding)?;
+    write_in(dirfd, STATE_FILE, &blob).map_err(io(&state_path))?;
+    unlink_in(dirfd, UNSEALED_FILE).map_err(io(&unsealed_path))
+}
+
+/// Writes `name` in the directory `dir` atomically (a new file renamed over it),
+/// never through a link.
+fn write_in(dir: &File, name: &str, blob: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let tmp_name = format!(".{name}.tmp");
+    let tmp = std::ffi::CString::new(tmp_name.as_str()).map_err(std::io::Error::other)?;
+    let dst = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    let _ = unlink_in(dir, &tmp_name);
+    // SAFETY: a NUL-terminated name that lives across the call; the result is checked.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            tmp.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o644,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    file.write_all(blob)?;
+    file.sync_all()?;
+    // SAFETY: NUL-terminated names that live across the call, an open directory.
+    let renamed =
+        unsafe { libc::renameat(dir.as_raw_fd(), tmp.as_ptr(), dir.as_raw_fd(), dst.as_ptr()) };
+    if renamed != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes `name` from the directory `dir`.
+fn unlink_in(dir: &File, name: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let c = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: a NUL-terminated name that lives across the call, an open directory.
+    match unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }
 
 /// Opens `path` with `flags`, not following a link at its last step.
@@ -601,6 +673,14 @@ impl Unverified {
         for d in &self.state.snapshot.config.disks {
             places.read(&d.path);
         }
+        // And serve the directories of its shares (children given others start in
+        // processes of their own: `fork`).
+        for s in &self.state.snapshot.config.shares {
+            match s.read_only {
+                true => places.read(&s.host_path),
+                false => places.dir(&s.host_path),
+            };
+        }
         ChildPool::for_children(count, vcpus, mem_mib, Some(homes.clone()), places, true)
             .inspect_err(|e| tracing::warn!("cannot start warm processes for the template: {e}"))
             .ok()
@@ -628,8 +708,16 @@ impl Unverified {
             copy.write_all_at(page, offset)
         })
         .map_err(io(&mem_path))?;
-        let matches = key::same_mac(&mac, &state.memory_mac) || {
-            // A template saved before the sparse MAC: every byte, holes included.
+        let copy = if key::same_mac(&mac, &state.memory_mac) {
+            copy
+        } else {
+            // A template saved before the sparse MAC: every byte, holes included, into a
+            // new copy made from the very bytes hashed (the file may have changed since
+            // the first pass).
+            drop(copy);
+            let copy =
+                crate::memory::create_memfd(c"forkvm-template-memory").map_err(copy_failed)?;
+            copy.set_len(state.memory_len).map_err(io(&mem_path))?;
             let mut digest = key.hasher(MEMORY_CONTEXT_V1);
             let mut at = 0u64;
             while at < state.memory_len {
@@ -637,24 +725,28 @@ impl Unverified {
                 let chunk = &mut buf[..want];
                 memory.read_exact_at(chunk, at).map_err(io(&mem_path))?;
                 digest.update(chunk);
+                for (i, page) in chunk.chunks(PAGE).enumerate() {
+                    if !is_zero(page) {
+                        copy.write_all_at(page, at + (i * PAGE) as u64)
+                            .map_err(io(&mem_path))?;
+                    }
+                }
                 at += want as u64;
             }
-            let old = key::same_mac(digest.finalize().as_bytes(), &state.memory_mac);
-            if old {
-                tracing::info!(
-                    "the template in {} was saved by an older forkvm: save it again for \
-                         quicker loads",
-                    mem_path.display()
-                );
+            if !key::same_mac(digest.finalize().as_bytes(), &state.memory_mac) {
+                return Err(TemplateError::Memory {
+                    path: mem_path,
+                    problem: "its MAC does not match the template's: the memory was modified"
+                        .into(),
+                });
             }
-            old
+            tracing::info!(
+                "the template in {} was saved by an older forkvm: save it again for quicker \
+                 loads",
+                mem_path.display()
+            );
+            copy
         };
-        if !matches {
-            return Err(TemplateError::Memory {
-                path: mem_path,
-                problem: "its MAC does not match the template's: the memory was modified".into(),
-            });
-        }
         crate::memory::seal(&copy).map_err(copy_failed)?;
         Ok(Template {
             state,
@@ -778,6 +870,9 @@ impl Template {
             ranges: self.state.ranges,
             overlays: Vec::new(),
         };
+        // A warm process is jailed with the template's places: a child given another
+        // directory for a share starts in a process of its own, jailed with its own.
+        let pool = pool.filter(|_| req.children.iter().all(|c| c.shares.is_empty()));
         if let Some(pool) = pool {
             // Forked from a zygote: milliseconds each, much less than a start from
             // scratch; bounded in case the zygote cannot start them.
@@ -932,7 +1027,7 @@ mod tests {
         // where it had holes, the same bytes and mode.
         let mem = to.path().join(MEMORY_FILE);
         let copy = to.path().join("copy");
-        copy_sparse(&mem, &copy).unwrap();
+        copy_sparse(&File::open(&mem).unwrap(), &copy).unwrap();
         assert_eq!(std::fs::read(&mem).unwrap(), std::fs::read(&copy).unwrap());
         let meta = std::fs::metadata(&copy).unwrap();
         assert_eq!(meta.len(), 1 << 20);

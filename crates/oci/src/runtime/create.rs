@@ -476,62 +476,68 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     home.record_process(ProcessIdentity::current())?;
     let hostname = plan.hostname.clone().unwrap_or_else(|| short_hostname(id));
     let uds = home.dir().join(vm::VSOCK_SOCKET);
-    let mut origin = match &state.pod_template {
-        // A pod's sandbox forked from a pod template: its container is made in the VM
-        // as the pod's others are, over what `create` put in the pod directory.
-        Some(template) => {
-            super::member::filesystems_in_pod(&mut plan, id)?;
-            let pod = crate::pod::pod_dir(store.root(), id);
-            let unusable = || format!("cannot use the pod template in {}", template.display());
-            let key = forkvm_vmm::template::TemplateKey::host().with_context(unusable)?;
-            let t = std::time::Instant::now();
-            let template =
-                forkvm_vmm::template::Template::load(template, &key).with_context(unusable)?;
-            tracing::info!(
-                ms = t.elapsed().as_millis() as u64,
-                "the pod template's state and memory checked"
-            );
-            let spec = crate::pod_template::child_spec(
-                template.config(),
-                &plumbed.network,
-                &uds,
-                &hostname,
-                &pod,
-            )
-            .with_context(unusable)?;
-            let (vcpus, mem_mib) = template.machine();
-            home.record_machine(vcpus, mem_mib)?;
-            Origin::Fork(template.child_start(&spec).with_context(unusable)?)
-        }
-        None => {
-            let mut cfg = vm::config(
-                &guest,
-                &crate::rootfs::root(&plan, dir),
-                plan.vcpus,
-                plan.mem_mib,
-                &hostname,
-                &uds,
-            )?;
-            // The volumes' mounts are among the filesystems, in the spec's order; each is
-            // bound in a directory of its share here, in this monitor's own mount
-            // namespace.
-            cfg.shares.extend(vm::bind_volume_shares(
-                &dir.join(VOLUMES_DIR),
-                &plan.volumes,
-            )?);
-            // A pod's sandbox shares the pod directory, where its containers' roots
-            // appear.
-            if plan.pod == Some(bundle::PodRole::Sandbox) {
-                cfg.shares.push(forkvm_vmm::FsConfig {
-                    tag: crate::pod::POD_SHARE_TAG.to_owned(),
-                    host_path: crate::pod::pod_dir(store.root(), id),
-                    read_only: false,
-                });
+    let origin = (|| -> Result<Origin> {
+        Ok(match &state.pod_template {
+            // A pod's sandbox forked from a pod template: its container is made in the VM
+            // as the pod's others are, over what `create` put in the pod directory.
+            Some(template) => {
+                super::member::filesystems_in_pod(&mut plan, id)?;
+                let pod = crate::pod::pod_dir(store.root(), id);
+                let unusable = || format!("cannot use the pod template in {}", template.display());
+                let key = forkvm_vmm::template::TemplateKey::host().with_context(unusable)?;
+                let t = std::time::Instant::now();
+                let template =
+                    forkvm_vmm::template::Template::load(template, &key).with_context(unusable)?;
+                tracing::info!(
+                    ms = t.elapsed().as_millis() as u64,
+                    "the pod template's state and memory checked"
+                );
+                let spec = crate::pod_template::child_spec(
+                    template.config(),
+                    &plumbed.network,
+                    &uds,
+                    &hostname,
+                    &pod,
+                )
+                .with_context(unusable)?;
+                let (vcpus, mem_mib) = template.machine();
+                home.record_machine(vcpus, mem_mib)?;
+                Origin::Fork(template.child_start(&spec).with_context(unusable)?)
             }
-            home.record_machine(cfg.vcpus, cfg.mem_mib)?;
-            Origin::Boot(cfg)
-        }
-    };
+            None => {
+                let mut cfg = vm::config(
+                    &guest,
+                    &crate::rootfs::root(&plan, dir),
+                    plan.vcpus,
+                    plan.mem_mib,
+                    &hostname,
+                    &uds,
+                )?;
+                // The volumes' mounts are among the filesystems, in the spec's order; each is
+                // bound in a directory of its share here, in this monitor's own mount
+                // namespace.
+                cfg.shares.extend(vm::bind_volume_shares(
+                    &dir.join(VOLUMES_DIR),
+                    &plan.volumes,
+                )?);
+                // A pod's sandbox shares the pod directory, where its containers' roots
+                // appear.
+                if plan.pod == Some(bundle::PodRole::Sandbox) {
+                    cfg.shares.push(forkvm_vmm::FsConfig {
+                        tag: crate::pod::POD_SHARE_TAG.to_owned(),
+                        host_path: crate::pod::pod_dir(store.root(), id),
+                        read_only: false,
+                    });
+                }
+                home.record_machine(cfg.vcpus, cfg.mem_mib)?;
+                Origin::Boot(cfg)
+            }
+        })
+    })();
+    // Nothing was started: the home goes (create never learnt of it).
+    let mut origin = origin.inspect_err(|_| {
+        let _ = home.remove();
+    })?;
     let relay = signals.spawn(tty)?;
     let ready = Ready {
         vm_id: home.id().to_owned(),
@@ -889,6 +895,11 @@ fn monitor_session(
     // identity), then the container is made over its root in the pod share.
     let (network, dns_relay) = match &pod_container {
         Some(id) => {
+            vm::require_agent_version(
+                &mut stream,
+                11,
+                "a pod sandbox forked from a pod template (remake the template)",
+            )?;
             if let Some(network) = network {
                 pod_network(&mut stream, &network)?;
             }
@@ -994,9 +1005,9 @@ fn monitor_session(
     Ok(Outcome::Exited(code))
 }
 
-/// How long a forked pod VM's guest may take to be given its NICs' MACs (by its VM
-/// process's identity thread, which starts as the VM runs).
-const FORK_IDENTITY_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a forked pod VM's guest may take to be given its NICs' MACs: as long as
+/// its VM process's identity thread keeps trying.
+const FORK_IDENTITY_DEADLINE: Duration = forkvm_vmm::fork::AGENT_TIMEOUT;
 
 /// Has the guest of a VM just forked from a pod template take the pod's `network`
 /// (a [`Request::Network`]): its NICs are found by the pod interfaces' MACs, which its
@@ -1009,10 +1020,16 @@ fn pod_network(stream: &mut std::os::unix::net::UnixStream, network: &Request) -
             .context("cannot give the guest its network")?
         {
             forkvm_agent_proto::Response::Ok => return Ok(()),
+            // The agent's words for a MAC no NIC has (`NetworkError::NoNic`).
             forkvm_agent_proto::Response::Error { message }
-                if message.contains("no NIC has the MAC")
-                    && std::time::Instant::now() < deadline =>
+                if message.contains("no NIC has the MAC") =>
             {
+                if std::time::Instant::now() >= deadline {
+                    bail!(
+                        "the guest was not given the pod interface's MAC (the fork child's \
+                         identity) within {FORK_IDENTITY_DEADLINE:?}: {message}"
+                    );
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
             forkvm_agent_proto::Response::Error { message } => {

@@ -42,8 +42,8 @@ pub fn exec(g: &Global, a: ExecArgs) -> Result<i32> {
         helper::own_session(spec.tty)?;
     }
     spec.stdin = true;
-    // A pod's container is one of the containers in its pod's VM.
-    let container = state.pod_sandbox().map(|_| a.id.as_str());
+    // A pod's container (a forked sandbox's too) is one of the containers in its VM.
+    let container = state.in_vm_container().then_some(a.id.as_str());
     foreground(&uds, container, &spec, report.as_deref())
 }
 

@@ -6,7 +6,7 @@
 //! | Verb | What it does here |
 //! |---|---|
 //! | `create` | reads the bundle (refusing what a VM cannot honour, before anything exists) and starts the container's **monitor**: a process (this binary, `__monitor`) in UTS, IPC, mount (the container's root mounted over `/` there, for engines that join it) and (when the bundle's network namespace has no path) network namespaces of its own. It runs the bundle's `prestart` and `createRuntime` hooks with the monitor as the state's `pid` (Docker's network hook configures the monitor's namespace), prepares the VM's root (copies of the bound files beside the shared rootfs, or a root disk made from it), and lets the monitor go on: it ties the namespace's interfaces to TAPs, boots the VM, waits for its agent and holds the container's stdio. Its pid goes to `--pid-file`: it lives as long as the container and exits with the container's exit code. A failed create runs the `poststop` hooks. |
-//! | `create` of a Kubernetes pod's sandbox or container | the sandbox's VM also shares the pod's directory ([`crate::pod`]); a pod's container boots no VM: its root is bound into that directory and its **member monitor** (`__member`) has the sandbox VM's agent make it there, see [`member`] |
+//! | `create` of a Kubernetes pod's sandbox or container | the sandbox's VM also shares the pod's directory ([`crate::pod`]); a pod's container boots no VM: its root is bound into that directory and its **member monitor** (`__member`) has the sandbox VM's agent make it there (`member.rs`) |
 //! | `start` | tells the monitor to start the process (over `start.sock` in the container's directory), then runs the `poststart` hooks |
 //! | `state`, `list`, `ps` | from the state directory (`--root`), with liveness checked by pid and start time |
 //! | `kill` | signals the monitor, which forwards the signal to the process in the guest (SIGKILL ends the VM at once); a pod's container's process is signalled through the pod VM's agent |
@@ -15,6 +15,8 @@
 //! | `pause`, `resume` | pause and resume the whole VM |
 //! | `features` | what this runtime supports, per the runtime spec's features document |
 //! | `fork` | (forkvm's own) forks a running container's VM into new containers, see [`fork`] |
+//! | `pod-template` | (forkvm's own) boots a pod VM and saves it as a pod template ([`crate::pod_template`]) |
+//! | `create --pod-template DIR` of a pod's sandbox | (forkvm's own) the pod's VM is forked from the pod template instead of booted; the sandbox's container is made inside it as a pod's container is |
 //!
 //! Errors go to stderr and, as runc does, to `--log` (one JSON object a line with
 //! `--log-format json`, which go-runc reads back for the engine's error message).

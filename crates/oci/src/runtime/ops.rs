@@ -251,9 +251,9 @@ pub fn events(g: &Global, a: &EventsArgs) -> Result<()> {
         .vsock
         .as_deref()
         .with_context(|| format!("container {} has no VM agent to ask", a.id))?;
-    let req = match state.pod_sandbox() {
-        Some(_) => super::member::in_container(&a.id, Request::Stats),
-        None => Request::Stats,
+    let req = match state.in_vm_container() {
+        true => super::member::in_container(&a.id, Request::Stats),
+        false => Request::Stats,
     };
     let usage = match crate::vm::agent_call(uds, &req, Duration::from_secs(5))
         .with_context(|| format!("cannot reach the agent of container {}", a.id))?

@@ -25,8 +25,10 @@
 //! serve it again. Descriptors live only in
 //! processes, so such a state cannot be written to disk: a VM whose guest has files of
 //! a share in use cannot be saved as a template. A share whose guest holds nothing but
-//! its root needs no descriptor ([`SavedTable::holds_only_root`]): it is served from
-//! its configured directory again, which a template's child (a pod's VM) may be given.
+//! its root ([`SavedTable::holds_only_root`]) can be served from its configured
+//! directory again with no descriptor ([`FsState::reopen`]): a template's, or a fork
+//! child's given another directory (a pod's VM); a plain fork child goes on with its
+//! parent's descriptors.
 
 mod share;
 
@@ -156,6 +158,10 @@ pub struct FsState {
     /// Never serialized; [`HostFiles`] says how they travel.
     #[serde(skip)]
     pub files: HostFiles,
+    /// Served from its configured directory again, with no descriptor: a template's
+    /// share (no file can hold a descriptor), which must hold only its root.
+    #[serde(default)]
+    pub reopen: bool,
 }
 
 /// Most inodes plus handles a saved table may list: as many descriptors as a process
@@ -258,11 +264,10 @@ impl std::fmt::Debug for HostFiles {
 }
 
 impl FsState {
-    /// How many descriptors go with this state: none for a share whose guest holds
-    /// only its root ([`SavedTable::holds_only_root`]), which is served from its
-    /// configured directory again.
+    /// How many descriptors go with this state: none for one served from its
+    /// directory again ([`FsState::reopen`]).
     pub fn files_needed(&self) -> usize {
-        if self.table.holds_only_root() {
+        if self.reopen {
             return 0;
         }
         self.table.inodes.len() + self.table.handles.len()
@@ -660,7 +665,7 @@ impl Persist<'_> for Fs {
             })
             .collect();
         let o = table.options;
-        let mut state = FsState {
+        let state = FsState {
             acked_features: self.activation.acked_features(),
             table: SavedTable {
                 protocol: self.server.protocol(),
@@ -677,31 +682,30 @@ impl Persist<'_> for Fs {
                 ],
                 auto_inval_data: self.share.keeps_cache(),
             },
-            files: HostFiles::default(),
+            files: HostFiles::new(files),
+            reopen: false,
         };
-        // A share whose guest holds only its root is served from its directory again.
-        if !state.table.holds_only_root() {
-            state.files = HostFiles::new(files);
-        }
         Ok(state)
     }
 
     /// A device that goes on serving the guest `state` was saved from: its table, over
     /// the descriptors in [`FsState::files`] (taken), each checked to be the file the
     /// table names. The shared directory is the saved root's, not `config.host_path`
-    /// looked up again, except where the guest holds only the root
-    /// ([`SavedTable::holds_only_root`]): then it is `config.host_path`, opened as a
-    /// booted device opens it (a template's share, or one a fork child is given).
+    /// looked up again, except where no descriptor came and the guest holds only the
+    /// root ([`SavedTable::holds_only_root`]): then it is `config.host_path`, opened as
+    /// a booted device opens it (a template's share, or one a fork child is given
+    /// another directory for, whose parent's descriptors it dropped).
     fn restore(config: FsConfig, state: &FsState) -> Result<Self, FsError> {
         config_space(&config.tag)?;
-        let (fs, table) = match state.table.holds_only_root() {
+        let files = state.files.take();
+        let (fs, table) = match files.is_empty() && state.table.holds_only_root() {
             true => {
                 let fs = passthrough(&config, &shared_dir(&config.host_path)?)?;
                 let table = root_only_table(&config, &fs, &state.table)?;
                 (fs, table)
             }
             false => {
-                let table = checked_table(&config.tag, &state.table, state.files.take())?;
+                let table = checked_table(&config.tag, &state.table, files)?;
                 (passthrough(&config, &config.host_path)?, table)
             }
         };

@@ -808,6 +808,7 @@ fn a_table_that_does_not_match_its_descriptors_is_refused_naming_the_problem() {
             acked_features: features,
             table: table.clone(),
             files: HostFiles::new(files),
+            reopen: false,
         };
         Fs::restore(share(dir.path(), false), &state).map(drop)
     };
@@ -867,6 +868,7 @@ fn a_table_that_does_not_match_its_descriptors_is_refused_naming_the_problem() {
                 acked_features: 1 << 40,
                 table: ok.clone(),
                 files: HostFiles::new(dups(&files)),
+                reopen: false,
             }
         ),
         Err(FsError::BadFeatures(_))
@@ -880,13 +882,25 @@ fn a_share_holding_only_its_root_goes_on_in_the_directory_it_is_given() {
     std::fs::write(second.path().join("new"), "the pod's\n").unwrap();
     // Mounted (INIT), nothing looked up: the guest holds the root only.
     let mut g = Guest::mount(share(first.path(), false));
-    let state = g.device().save().unwrap();
+    let mut state = g.device().save().unwrap();
     assert!(state.table.holds_only_root(), "{:?}", state.table);
+    // A plain fork child goes on with its parent's root, whatever the path leads to now.
+    let root = state.files.take();
+    assert_eq!(root.len(), 1);
+    assert_eq!(state.files_needed(), 1);
+    state.files.put(dups(&root));
+    let moved = tempfile::tempdir().unwrap();
+    let mut forked = Guest::attach(Fs::restore(share(moved.path(), false), &state).unwrap());
+    assert_eq!(
+        forked.lookup(ROOT, "old").error,
+        0,
+        "the parent's directory"
+    );
+    // As a template holds it: no descriptor; restored over another directory.
+    state.reopen = true;
     assert_eq!(state.files_needed(), 0);
-    assert!(state.files.take().is_empty(), "no descriptor to carry");
-
-    // As a template holds it: encoded, no descriptor; restored over another directory.
     let copy: FsState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    assert!(copy.reopen);
     let mut child = Guest::attach(Fs::restore(share(second.path(), false), &copy).unwrap());
     let new: EntryOut = child.lookup(ROOT, "new").ok();
     assert!(new.nodeid >= state.table.next_inode, "{}", new.nodeid);
@@ -907,6 +921,18 @@ fn a_share_holding_only_its_root_goes_on_in_the_directory_it_is_given() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("gone"), "{e}");
+
+    // A share its guest never mounted (no INIT: a pod template's) goes on the same way,
+    // and its guest mounts it in the new directory.
+    let mut never = Guest::attach(Fs::new(share(first.path(), false)).unwrap());
+    let mut state = never.device().save().unwrap();
+    assert!(state.table.holds_only_root(), "{:?}", state.table);
+    drop(state.files.take());
+    state.reopen = true;
+    let mut child = Guest::attach(Fs::restore(share(second.path(), false), &state).unwrap());
+    child.init(0);
+    assert_eq!(child.lookup(ROOT, "new").error, 0);
+    assert_eq!(child.lookup(ROOT, "old").error, -libc::ENOENT);
 
     // A guest holding more than its root is not such a share.
     let dir = tempfile::tempdir().unwrap();

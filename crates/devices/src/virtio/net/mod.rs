@@ -584,11 +584,21 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     }
     let mut mac = [0u8; 6];
     for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 || !p.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!(
+                "{s:?} is not a MAC address (two hex digits per byte)"
+            ));
+        }
         *b = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
     }
     if mac[0] & 1 != 0 {
         return Err(format!(
             "{s:?} is a multicast address; a NIC needs a unicast MAC"
+        ));
+    }
+    if mac == [0; 6] {
+        return Err(format!(
+            "{s:?} is the all-zeros address; a NIC needs another"
         ));
     }
     Ok(mac)

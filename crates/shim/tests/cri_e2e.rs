@@ -671,28 +671,22 @@ fn assert_nothing_left(ctd: &Containerd, cri: &mut Cri, what: &str) {
 fn bad_input(ctd: &Containerd, cri: &mut Cri) {
     let logs = ctd.dir.path().join("logs/bad");
     std::fs::create_dir_all(&logs).unwrap();
-    let req = RunPodSandboxRequest {
-        config: Some(pod_config("nope", &logs)),
-        runtime_handler: "nope".into(),
-    };
-    let e = cri
-        .call("RunPodSandbox", |mut c| async move {
+    let refused = |cri: &mut Cri, handler: &str, what: &str| {
+        let req = RunPodSandboxRequest {
+            config: Some(pod_config(handler, &logs)),
+            runtime_handler: handler.into(),
+        };
+        cri.call("RunPodSandbox", |mut c| async move {
             c.run_pod_sandbox(req).await
         })
-        .expect_err("an unknown handler");
+        .expect_err(what)
+    };
+    let e = refused(cri, "nope", "an unknown handler");
     assert!(e.message().contains("nope"), "{e}");
     assert_nothing_left(ctd, cri, "an unknown handler");
 
     // A handler whose pod template is not one: refused, naming the directory.
-    let req = RunPodSandboxRequest {
-        config: Some(pod_config("nottemplate", &logs)),
-        runtime_handler: "forkvm-nottemplate".into(),
-    };
-    let e = cri
-        .call("RunPodSandbox", |mut c| async move {
-            c.run_pod_sandbox(req).await
-        })
-        .expect_err("a pod template that is not one");
+    let e = refused(cri, "forkvm-nottemplate", "a pod template that is not one");
     let named = ctd.dir.path().join("cni").display().to_string();
     assert!(
         e.message()

@@ -1262,26 +1262,27 @@ mod tests {
             tag: tag.into(),
             host_path: path.into(),
         };
-        let e = refused(ChildSpec {
-            shares: vec![share("other", "/run/x")],
-            ..ChildSpec::default()
-        });
-        assert!(e.contains("no share tagged \"other\""), "{e}");
-        let e = refused(ChildSpec {
-            shares: vec![share("forkvm-pod", "relative")],
-            ..ChildSpec::default()
-        });
-        assert!(e.contains("not an absolute path"), "{e}");
-        let e = refused(ChildSpec {
-            shares: vec![share("forkvm-pod", "/tmp"), share("forkvm-pod", "/")],
-            ..ChildSpec::default()
-        });
-        assert!(e.contains("given two directories"), "{e}");
-        let e = refused(ChildSpec {
-            shares: vec![share("forkvm-pod", "/nonexistent/pod")],
-            ..ChildSpec::default()
-        });
-        assert!(e.contains("/nonexistent/pod is not a directory"), "{e}");
+        for (shares, needle) in [
+            (vec![share("other", "/run/x")], "no share tagged \"other\""),
+            (
+                vec![share("forkvm-pod", "relative")],
+                "not an absolute path",
+            ),
+            (
+                vec![share("forkvm-pod", "/tmp"), share("forkvm-pod", "/")],
+                "given two directories",
+            ),
+            (
+                vec![share("forkvm-pod", "/nonexistent/pod")],
+                "/nonexistent/pod is not a directory",
+            ),
+        ] {
+            let e = refused(ChildSpec {
+                shares,
+                ..ChildSpec::default()
+            });
+            assert!(e.contains(needle), "{e}");
+        }
         let mut two = cfg.clone();
         two.nets.push(two.nets[0].clone());
         let e = match super::child_identity(

@@ -914,15 +914,7 @@ mod tests {
 
     /// A template saved with a new key in its own directory: (template dir, key dir).
     fn saved() -> (tempfile::TempDir, TemplateKey) {
-        let dir = tempfile::tempdir().unwrap();
-        let key = TemplateKey::open_or_create(&dir.path().join("keys/template.key")).unwrap();
-        let ranges = ram_ranges(1 << 20);
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        mem.write_slice(b"template page", GuestAddress(0x3000))
-            .unwrap();
-        let (total, stored) = write_unsealed(dir.path(), snapshot(), &mem, &ranges).unwrap();
-        assert_eq!(total, 1 << 20);
-        assert_eq!(stored, PAGE as u64, "only the one non-zero page is stored");
+        let (dir, key) = unsealed();
         assert!(
             Template::load(dir.path(), &key).is_err(),
             "what a VM process writes is no template before it is sealed"
@@ -940,7 +932,9 @@ mod tests {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         mem.write_slice(b"template page", GuestAddress(0x3000))
             .unwrap();
-        write_unsealed(dir.path(), snapshot(), &mem, &ranges).unwrap();
+        let (total, stored) = write_unsealed(dir.path(), snapshot(), &mem, &ranges).unwrap();
+        assert_eq!(total, 1 << 20);
+        assert_eq!(stored, PAGE as u64, "only the one non-zero page is stored");
         (dir, key)
     }
 

@@ -115,6 +115,74 @@ pub fn child_spec(
     })
 }
 
+/// A checked copy of the memory of the pod template in `template` whose authenticated
+/// state names the memory MAC `memory_mac`, taken from the monitor of another running
+/// sandbox of this runtime forked from it (`pidfd_getfd`), if there is one: the pods
+/// of a template then share its memory (and its check), as fork children do. The
+/// monitors are this runtime's own processes, found in its state directory with the
+/// start time of their pid checked; the copy must be the sealed memory file such a
+/// monitor keeps ([`forkvm_vmm::template::Unverified::with_checked_copy`] checks the
+/// seals and size). `None` when no such monitor runs or its copy cannot be taken.
+pub fn checked_copy(
+    store: &crate::state::StateStore,
+    template: &Path,
+    memory_mac: &[u8; 32],
+    own: &str,
+) -> Option<std::fs::File> {
+    let states = store.list().ok()?;
+    states
+        .iter()
+        .filter(|s| s.id != own && s.pod_template.as_deref() == Some(template))
+        .filter_map(|s| Some((s, s.template_copy.as_ref()?)))
+        .filter(|(_, c)| c.memory_mac == *memory_mac)
+        .find_map(|(s, c)| {
+            let copy = take_fd(s.pid?, c.fd)
+                .inspect_err(|e| {
+                    tracing::debug!(sandbox = s.id, "cannot take its template copy: {e}")
+                })
+                .ok()?;
+            // Still that monitor (not a process that took its pid since) and still its copy.
+            (s.process_alive() && is_template_copy(&copy)).then_some(copy)
+        })
+}
+
+/// Duplicates descriptor `fd` of process `pid` into this one.
+fn take_fd(pid: i32, fd: i32) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes no pointers; the result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
+    // SAFETY: pidfd_getfd takes no pointers; the result is checked.
+    let got = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_getfd,
+            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+            fd,
+            0,
+        )
+    };
+    if got < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns (pidfd_getfd sets close-on-exec).
+    Ok(unsafe { std::fs::File::from_raw_fd(got as i32) })
+}
+
+/// Whether `file` is a checked template memory copy (the memory file
+/// `forkvm_vmm::template` makes for one).
+fn is_template_copy(file: &std::fs::File) -> bool {
+    let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
+    // The link reads `/memfd:NAME (deleted)`.
+    std::fs::read_link(link).is_ok_and(|t| {
+        t.to_str()
+            .is_some_and(|t| t.starts_with("/memfd:forkvm-template-memory "))
+    })
+}
+
 /// Boots a pod VM of `vcpus` vCPUs and `mem_mib` MiB and saves it as a pod template in
 /// `dir`. Call it on a thread of its own in a network namespace of its own: the
 /// template VM's TAP is made there (the VM process inherits it).
@@ -257,6 +325,45 @@ mod tests {
             ),
             (POD_SHARE_TAG, pod)
         );
+    }
+
+    #[test]
+    fn the_next_pod_takes_the_checked_copy_a_running_sandboxs_monitor_holds() {
+        use std::os::fd::AsRawFd;
+        let root = tempfile::tempdir().unwrap();
+        let store = crate::state::StateStore::open(root.path()).unwrap();
+        let template = Path::new("/var/lib/forkvm/pod-template");
+        // A memory file as a checked template copy is (this process stands for the
+        // running sandbox's monitor).
+        let copy =
+            rustix::fs::memfd_create("forkvm-template-memory", rustix::fs::MemfdFlags::CLOEXEC)
+                .map(std::fs::File::from)
+                .unwrap();
+        let mac = [7u8; 32];
+        let mut sb = crate::state::ContainerState::new("sb1", "/b");
+        sb.record_pid(std::process::id() as i32).unwrap();
+        sb.pod_template = Some(template.to_owned());
+        sb.template_copy = Some(crate::state::TemplateCopy {
+            fd: copy.as_raw_fd(),
+            memory_mac: mac,
+        });
+        store.create(&sb).unwrap();
+        let got = checked_copy(&store, template, &mac, "sb2").expect("the copy");
+        let ino = |f: &std::fs::File| std::os::unix::fs::MetadataExt::ino(&f.metadata().unwrap());
+        assert_eq!(ino(&got), ino(&copy), "the same memory file");
+        // Not for another template's version, another template, or the sandbox itself.
+        assert!(checked_copy(&store, template, &[8u8; 32], "sb2").is_none());
+        assert!(checked_copy(&store, Path::new("/other"), &mac, "sb2").is_none());
+        assert!(checked_copy(&store, template, &mac, "sb1").is_none());
+        // A descriptor that is no template copy (the monitor's fd number reused).
+        let other = tempfile::tempfile().unwrap();
+        store
+            .update("sb1", |s| {
+                s.template_copy.as_mut().unwrap().fd = other.as_raw_fd();
+                Ok(())
+            })
+            .unwrap();
+        assert!(checked_copy(&store, template, &mac, "sb2").is_none());
     }
 
     #[test]

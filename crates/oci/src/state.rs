@@ -109,6 +109,20 @@ pub struct ContainerState {
     /// instead of booting one.
     #[serde(default)]
     pub pod_template: Option<PathBuf>,
+    /// The checked copy of the pod template's memory its monitor holds, for the next
+    /// pods of the template ([`crate::pod_template::checked_copy`]).
+    #[serde(default)]
+    pub template_copy: Option<TemplateCopy>,
+}
+
+/// Where a forked pod sandbox's monitor holds the checked copy of its template's
+/// memory (a sealed memory file) and what it was checked against.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateCopy {
+    /// Its descriptor in the monitor.
+    pub fd: i32,
+    /// The memory's MAC in the template's authenticated state.
+    pub memory_mac: [u8; 32],
 }
 
 impl ContainerState {
@@ -130,6 +144,7 @@ impl ContainerState {
             vsock: None,
             hooks: HostHooks::default(),
             pod_template: None,
+            template_copy: None,
         }
     }
 

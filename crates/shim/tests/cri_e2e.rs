@@ -522,6 +522,9 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
         working_set > 0 && working_set < 256 << 20,
         "{handler}: working set {working_set}: {stats:?}"
     );
+    if handler == "forkvm-fork" {
+        second_forked_pod(ctd, cri, &logs);
+    }
 
     for id in [&server, &client] {
         let req = StopContainerRequest {
@@ -581,6 +584,47 @@ fn remove_pod(ctd: &Containerd, cri: &mut Cri, pod: &str) {
         c.remove_pod_sandbox(req).await
     })
     .unwrap_or_else(|e| panic!("RemovePodSandbox {pod}: {e}\n{}", ctd.log()));
+}
+
+/// A second pod forked from the template while the first runs: it takes the checked
+/// copy of the template's memory the first one's monitor holds, so both VMs map the
+/// same memory file (one copy for the pods of a template, as for fork children).
+fn second_forked_pod(ctd: &Containerd, cri: &mut Cri, logs: &Path) {
+    let req = RunPodSandboxRequest {
+        config: Some(pod_config("fork-2", logs)),
+        runtime_handler: "forkvm-fork".into(),
+    };
+    let started = Instant::now();
+    let pod = cri
+        .call("RunPodSandbox", |mut c| async move {
+            c.run_pod_sandbox(req).await
+        })
+        .unwrap_or_else(|e| panic!("RunPodSandbox (a second forked pod): {e}\n{}", ctd.log()))
+        .pod_sandbox_id;
+    println!(
+        "forkvm-fork: a second pod's RunPodSandbox, the first one running: {:.2?}",
+        started.elapsed()
+    );
+    let vms = ctd.vms();
+    assert_eq!(vms.len(), 2, "{vms:?}");
+    // The template memory files each VM process maps, by inode.
+    let template_memory = |vm: &Path| -> Vec<String> {
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(vm.join("state.json")).unwrap()).unwrap();
+        let pid = state["process"]["pid"].as_u64().expect("a VM process");
+        std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("/memfd:forkvm-template-memory"))
+            .filter_map(|l| l.split_whitespace().nth(4).map(str::to_owned))
+            .collect()
+    };
+    let (a, b) = (template_memory(&vms[0]), template_memory(&vms[1]));
+    assert!(
+        !a.is_empty() && a.iter().any(|i| b.contains(i)),
+        "the two pods' VMs map the same template memory: {a:?} {b:?}"
+    );
+    remove_pod(ctd, cri, &pod);
 }
 
 /// CreateContainer and StartContainer of `config` in `pod`; its id.

@@ -653,6 +653,42 @@ pub struct Unverified {
 }
 
 impl Unverified {
+    /// The MAC of the memory the authenticated state names: what a checked copy of
+    /// that memory was checked against ([`Unverified::with_checked_copy`]).
+    pub fn memory_mac(&self) -> [u8; 32] {
+        self.state.memory_mac
+    }
+
+    /// This template with `copy` as its checked memory: a sealed memory file another
+    /// process of this host's runtime made by [`Unverified::verify`] of a template
+    /// whose memory had this one's MAC ([`Template::memory_mac`]), handed over by the
+    /// caller, which vouches for where it came from. Checked here: sealed against any
+    /// change, and of the memory's size.
+    pub fn with_checked_copy(self, copy: File) -> Result<Template, TemplateError> {
+        use std::os::fd::AsRawFd;
+        let bad = |problem: String| TemplateError::Memory {
+            path: self.mem_path.clone(),
+            problem,
+        };
+        // SAFETY: F_GET_SEALS on an open descriptor reads no memory.
+        let seals = unsafe { libc::fcntl(copy.as_raw_fd(), libc::F_GET_SEALS) };
+        let want = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        if seals < 0 || seals & want != want {
+            return Err(bad("the checked copy handed over is not sealed".into()));
+        }
+        let len = copy.metadata().map_err(io(&self.mem_path))?.len();
+        if len != self.state.memory_len {
+            return Err(bad(format!(
+                "the checked copy handed over is {len} bytes, not {}",
+                self.state.memory_len
+            )));
+        }
+        Ok(Template {
+            state: self.state,
+            memory: copy,
+        })
+    }
+
     /// The saved VM's configuration (its state is authenticated already).
     pub fn config(&self) -> &crate::config::VmConfig {
         &self.state.snapshot.config
@@ -811,6 +847,16 @@ impl Template {
     /// The saved VM's configuration.
     pub fn config(&self) -> &crate::config::VmConfig {
         &self.state.snapshot.config
+    }
+
+    /// The checked memory's MAC (what [`Unverified::with_checked_copy`] matches).
+    pub fn memory_mac(&self) -> [u8; 32] {
+        self.state.memory_mac
+    }
+
+    /// The sealed memory file the children map, checked.
+    pub fn memory(&self) -> &File {
+        &self.memory
     }
 
     /// One child of this template, with `spec`'s identity, for a VM process its caller
@@ -1154,6 +1200,46 @@ mod tests {
         let mut b = [0u8; 13];
         t.memory.read_exact_at(&mut b, 0x3000).unwrap();
         assert_eq!(&b, b"template page");
+    }
+
+    #[test]
+    fn a_checked_copy_serves_another_load_of_the_same_template_only_sealed_and_sized() {
+        let (dir, key) = saved();
+        let first = Template::load(dir.path(), &key).unwrap();
+        let unverified = Template::open(dir.path(), &key).unwrap();
+        assert_eq!(unverified.memory_mac(), first.memory_mac());
+        let shared = unverified
+            .with_checked_copy(first.memory().try_clone().unwrap())
+            .unwrap();
+        let mut b = [0u8; 13];
+        shared.memory.read_exact_at(&mut b, 0x3000).unwrap();
+        assert_eq!(&b, b"template page");
+        // Not sealed, or of another size: refused.
+        let open = crate::memory::create_memfd(c"not-sealed").unwrap();
+        open.set_len(1 << 20).unwrap();
+        let e = Template::open(dir.path(), &key)
+            .unwrap()
+            .with_checked_copy(open)
+            .err()
+            .unwrap();
+        assert!(
+            error_chain(&e).contains("not sealed"),
+            "{}",
+            error_chain(&e)
+        );
+        let small = crate::memory::create_memfd(c"small").unwrap();
+        small.set_len(4096).unwrap();
+        crate::memory::seal(&small).unwrap();
+        let e = Template::open(dir.path(), &key)
+            .unwrap()
+            .with_checked_copy(small)
+            .err()
+            .unwrap();
+        assert!(
+            error_chain(&e).contains("4096 bytes"),
+            "{}",
+            error_chain(&e)
+        );
     }
 
     #[test]

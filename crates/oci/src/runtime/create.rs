@@ -476,22 +476,46 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     home.record_process(ProcessIdentity::current())?;
     let hostname = plan.hostname.clone().unwrap_or_else(|| short_hostname(id));
     let uds = home.dir().join(vm::VSOCK_SOCKET);
+    let mut kept_copy = None;
     let origin = (|| -> Result<Origin> {
         Ok(match &state.pod_template {
             // A pod's sandbox forked from a pod template: its container is made in the VM
             // as the pod's others are, over what `create` put in the pod directory.
-            Some(template) => {
+            Some(dir) => {
                 super::member::filesystems_in_pod(&mut plan, id)?;
                 let pod = crate::pod::pod_dir(store.root(), id);
-                let unusable = || format!("cannot use the pod template in {}", template.display());
+                let unusable = || format!("cannot use the pod template in {}", dir.display());
                 let key = forkvm_vmm::template::TemplateKey::host().with_context(unusable)?;
                 let t = std::time::Instant::now();
-                let template =
-                    forkvm_vmm::template::Template::load(template, &key).with_context(unusable)?;
+                use forkvm_vmm::template::Template;
+                let opened = Template::open(dir, &key).with_context(unusable)?;
+                // The memory another pod of the template checked, shared; else checked
+                // here.
+                let mac = opened.memory_mac();
+                let template = match crate::pod_template::checked_copy(store, dir, &mac, id) {
+                    Some(copy) => match opened.with_checked_copy(copy) {
+                        Ok(template) => template,
+                        Err(e) => {
+                            tracing::warn!("the template copy handed over: {e}; checking anew");
+                            Template::load(dir, &key).with_context(unusable)?
+                        }
+                    },
+                    None => opened.verify(&key).with_context(unusable)?,
+                };
                 tracing::info!(
                     ms = t.elapsed().as_millis() as u64,
                     "the pod template's state and memory checked"
                 );
+                // Kept while the pod's VM runs, for the next pods of the template.
+                let kept = template.memory().try_clone()?;
+                store.update(id, |s| {
+                    s.template_copy = Some(crate::state::TemplateCopy {
+                        fd: std::os::fd::AsRawFd::as_raw_fd(&kept),
+                        memory_mac: template.memory_mac(),
+                    });
+                    Ok(())
+                })?;
+                kept_copy = Some(kept);
                 let spec = crate::pod_template::child_spec(
                     template.config(),
                     &plumbed.network,

@@ -118,11 +118,14 @@ pub fn child_spec(
 /// A checked copy of the memory of the pod template in `template` whose authenticated
 /// state names the memory MAC `memory_mac`, taken from the monitor of another running
 /// sandbox of this runtime forked from it (`pidfd_getfd`), if there is one: the pods
-/// of a template then share its memory (and its check), as fork children do. The
-/// monitors are this runtime's own processes, found in its state directory with the
-/// start time of their pid checked; the copy must be the sealed memory file such a
-/// monitor keeps ([`forkvm_vmm::template::Unverified::with_checked_copy`] checks the
-/// seals and size). `None` when no such monitor runs or its copy cannot be taken.
+/// of a template then share its memory (and its check), as fork children do. Its
+/// content is not checked again: it is trusted because it comes from one of this
+/// runtime's own monitors (root's, found in the runtime's state directory, which only
+/// root writes, with the start time of its pid checked before and after), which
+/// checked it or took it from another such monitor, and recorded the MAC it was
+/// checked against. The copy must be the sealed memory file such a monitor keeps
+/// ([`forkvm_vmm::template::Unverified::with_checked_copy`] checks the seals and
+/// size). `None` when no such monitor runs or its copy cannot be taken.
 pub fn checked_copy(
     store: &crate::state::StateStore,
     template: &Path,
@@ -134,7 +137,9 @@ pub fn checked_copy(
         .iter()
         .filter(|s| s.id != own && s.pod_template.as_deref() == Some(template))
         .filter_map(|s| Some((s, s.template_copy.as_ref()?)))
-        .filter(|(_, c)| c.memory_mac == *memory_mac)
+        .filter(|(s, c)| c.memory_mac == *memory_mac && s.pid_start_time.is_some())
+        // That monitor still (its pid's start time), before anything is taken from it.
+        .filter(|(s, _)| s.process_alive())
         .find_map(|(s, c)| {
             let copy = take_fd(s.pid?, c.fd)
                 .inspect_err(|e| {
@@ -230,7 +235,7 @@ pub fn make(dir: &Path, vcpus: u8, mem_mib: u64) -> Result<TemplateInfo> {
             let deadline = Instant::now() + vm::AGENT_DEADLINE;
             forkvm_agent_proto::client::wait_for_agent(&uds, deadline)
                 .context("the template VM's agent did not answer")?;
-            forkvm_vmm::template::save_running(&home, dir)
+            forkvm_vmm::template::save_running(&home, dir, Some(&cfg))
                 .context("cannot save the pod VM as a template")
         })();
         let _ = forkvm_api::Client::new(home.socket_path())
@@ -355,6 +360,18 @@ mod tests {
         assert!(checked_copy(&store, template, &[8u8; 32], "sb2").is_none());
         assert!(checked_copy(&store, Path::new("/other"), &mac, "sb2").is_none());
         assert!(checked_copy(&store, template, &mac, "sb1").is_none());
+        // A monitor whose pid's start time is not known: not trusted.
+        store
+            .update("sb1", |s| {
+                s.pid_start_time = None;
+                Ok(())
+            })
+            .unwrap();
+        assert!(checked_copy(&store, template, &mac, "sb2").is_none());
+        store
+            .update("sb1", |s| s.record_pid(std::process::id() as i32))
+            .unwrap();
+        assert!(checked_copy(&store, template, &mac, "sb2").is_some());
         // A descriptor that is no template copy (the monitor's fd number reused).
         let other = tempfile::tempfile().unwrap();
         store

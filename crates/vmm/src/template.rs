@@ -14,6 +14,16 @@
 //! checked while it is copied into a sealed memory file, which the children map
 //! copy-on-write: what they run is what was checked, and the template's files may
 //! change or go while they live (`memory.raw` is saved read-only all the same).
+//!
+//! The key is never in a VM process: a VM writes its state and memory unsealed into
+//! its own directory, and whoever asked for the template seals them ([`seal`],
+//! [`save_running`]), reading them as untrusted input: the memory's layout must be the
+//! one its size gives, no disk writable, no share in use, and, where the caller knows
+//! the configuration the VM was launched with, its kernel, disks and shares the same.
+//! What this cannot catch (a compromised VM process writing another configuration when
+//! the caller does not know the launched one; another compromised VM process, which may
+//! write the same state root, replacing the staged files during a save) is said in
+//! `docs/security.md`.
 
 pub mod key;
 
@@ -25,6 +35,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::config::VmConfig;
 use crate::control::ChildSpec;
 use crate::control::{error_chain, ControlError, ForkOutcome, ForkRequest, TemplateInfo};
 use crate::fork::{check_request, identities, Launching};
@@ -99,9 +110,9 @@ struct TemplateState {
 }
 
 /// A template's state as the VM process writes it: without MACs, for the holder of
-/// the host's key to check and seal ([`seal`]). The VM process never has the key, so
-/// a VM process taken over by its guest cannot make (or forge) a template of anything
-/// but itself.
+/// the host's key to check and seal ([`seal`]). The VM process never has the key: one
+/// taken over by its guest cannot forge templates, only write what is sealed when its
+/// owner asks for a template (checked as [`seal`] says).
 #[derive(Debug, Serialize, Deserialize)]
 struct UnsealedState {
     snapshot: VmSnapshot,
@@ -231,9 +242,16 @@ pub enum SaveError {
 /// Saves the running VM registered in `home` as a template in `dir` through its API,
 /// and seals it with the host's template key (made here if there is none): the VM
 /// process never holds the key. The VM process's jail lets it write only under its
-/// state root: it saves into its own directory, where the state and memory are sealed
-/// ([`seal`]), then moved to `dir` (made if needed).
-pub fn save_running(home: &forkvm_registry::VmHome, dir: &Path) -> Result<TemplateInfo, SaveError> {
+/// state root: it saves into its own directory, where its state and memory are read
+/// as untrusted input ([`seal`]); the sealed state is written into `dir` (made if
+/// needed) by this process, and the memory moved there is checked to be the file whose
+/// MAC was computed. `expected`: the configuration the VM was launched with, when the
+/// caller knows it; the saved state must carry the same (disks, shares, kernel, size).
+pub fn save_running(
+    home: &forkvm_registry::VmHome,
+    dir: &Path,
+    expected: Option<&VmConfig>,
+) -> Result<TemplateInfo, SaveError> {
     let key = TemplateKey::host_or_new().map_err(SaveError::Key)?;
     let home_dir = std::path::absolute(home.dir()).unwrap_or_else(|_| home.dir().to_owned());
     let staging = home_dir.join(format!(".template-{}", std::process::id()));
@@ -242,56 +260,74 @@ pub fn save_running(home: &forkvm_registry::VmHome, dir: &Path) -> Result<Templa
         .save_template(&staging)
         .map_err(SaveError::Api)
         .and_then(|info| {
-            // The VM process may change its directory meanwhile: what is sealed and
-            // moved is reached through one handle on the directory it wrote.
+            // The VM process may change its directory meanwhile: what is sealed is
+            // reached through one handle on the directory it wrote.
             let staged = open_nofollow(&staging, libc::O_DIRECTORY)
                 .map_err(io(&staging))
                 .map_err(SaveError::Seal)?;
-            seal_in(&staged, &staging, &key).map_err(SaveError::Seal)?;
-            move_in(&staged, &staging, dir).map_err(SaveError::Move)?;
+            let sealed = seal_in(&staged, &staging, &key, expected).map_err(SaveError::Seal)?;
+            install(&staged, &staging, sealed, dir).map_err(SaveError::Move)?;
             Ok(info)
         });
     let _ = std::fs::remove_dir_all(&staging);
     info
 }
 
-/// Moves the template saved in `from` to `to` (made if needed; template files there are
-/// replaced), then removes `from` and whatever else it holds: each file is renamed where
-/// both lie on one file system, else copied keeping the memory file's holes. The state
-/// goes last, so that `to` never holds a new state without its memory.
-pub fn move_template(from: &Path, to: &Path) -> Result<(), TemplateError> {
-    let dir = open_nofollow(from, libc::O_DIRECTORY).map_err(io(from))?;
-    move_in(&dir, from, to)?;
-    std::fs::remove_dir_all(from).map_err(io(from))
-}
-
-/// [`move_template`] of the files in the directory open as `from` (named `from_path`).
-fn move_in(from: &File, from_path: &Path, to: &Path) -> Result<(), TemplateError> {
+/// Puts a template sealed from the staging directory open as `from` (named
+/// `from_path`) into `to` (made if needed; template files there replaced): the memory
+/// file renamed there (copied, keeping its holes, from the file whose MAC was computed
+/// where the two lie on different file systems) and checked to be that very file, then
+/// the sealed state written there, last, so that `to` never holds a new state without
+/// its memory.
+fn install(from: &File, from_path: &Path, sealed: Sealed, to: &Path) -> Result<(), TemplateError> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
     std::fs::create_dir_all(to).map_err(io(to))?;
     let to_dir = open_nofollow(to, libc::O_DIRECTORY).map_err(io(to))?;
-    for name in [MEMORY_FILE, STATE_FILE] {
-        let (src, dst) = (from_path.join(name), to.join(name));
-        let c = std::ffi::CString::new(name).expect("no NUL");
-        // SAFETY: NUL-terminated names that live across the call, open directories.
-        let moved =
-            unsafe { libc::renameat(from.as_raw_fd(), c.as_ptr(), to_dir.as_raw_fd(), c.as_ptr()) };
-        if moved == 0 {
-            continue;
+    let dst = to.join(MEMORY_FILE);
+    let tmp_name = format!(".{MEMORY_FILE}.tmp");
+    let tmp = to.join(&tmp_name);
+    let _ = unlink_in(&to_dir, &tmp_name);
+    let (name, tmp_c) = (
+        std::ffi::CString::new(MEMORY_FILE).expect("no NUL"),
+        std::ffi::CString::new(tmp_name.as_str()).expect("no NUL"),
+    );
+    // SAFETY: NUL-terminated names that live across the call, open directories.
+    let moved = unsafe {
+        libc::renameat(
+            from.as_raw_fd(),
+            name.as_ptr(),
+            to_dir.as_raw_fd(),
+            tmp_c.as_ptr(),
+        )
+    };
+    if moved == 0 {
+        let was = sealed
+            .memory
+            .metadata()
+            .map_err(io(&from_path.join(MEMORY_FILE)))?;
+        let now = open_in(&to_dir, &tmp_name)
+            .and_then(|f| f.metadata())
+            .map_err(io(&tmp))?;
+        if (now.dev(), now.ino()) != (was.dev(), was.ino()) {
+            let _ = unlink_in(&to_dir, &tmp_name);
+            return Err(TemplateError::Memory {
+                path: from_path.join(MEMORY_FILE),
+                problem: "it was replaced after its MAC was computed".into(),
+            });
         }
+    } else {
         match std::io::Error::last_os_error() {
             e if e.raw_os_error() == Some(libc::EXDEV) => {}
             e => return Err(io(&dst)(e)),
         }
-        let tmp = to.join(format!(".{name}.tmp"));
-        let source = open_in(from, name).map_err(io(&src))?;
-        copy_sparse(&source, &tmp).map_err(|e| {
+        copy_sparse(&sealed.memory, &tmp).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             io(&tmp)(e)
         })?;
-        std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
     }
-    Ok(())
+    std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
+    write_in(&to_dir, STATE_FILE, &sealed.state).map_err(io(&to.join(STATE_FILE)))
 }
 
 /// Copies `src` to a new `dst` with its data only: the holes stay holes, the mode is
@@ -409,12 +445,29 @@ fn write_state(path: &Path, blob: &[u8]) -> Result<(), TemplateError> {
 /// reach).
 pub fn seal(dir: &Path, key: &TemplateKey) -> Result<(), TemplateError> {
     let dirfd = open_nofollow(dir, libc::O_DIRECTORY).map_err(io(dir))?;
-    seal_in(&dirfd, dir, key)
+    let sealed = seal_in(&dirfd, dir, key, None)?;
+    write_in(&dirfd, STATE_FILE, &sealed.state).map_err(io(&dir.join(STATE_FILE)))?;
+    unlink_in(&dirfd, UNSEALED_FILE).map_err(io(&dir.join(UNSEALED_FILE)))
 }
 
-/// [`seal`] in the directory open as `dirfd` (named `dir`): every file is reached
-/// through it.
-fn seal_in(dirfd: &File, dir: &Path, key: &TemplateKey) -> Result<(), TemplateError> {
+/// A sealed template: its state, and the memory file its MAC was computed from.
+struct Sealed {
+    state: Vec<u8>,
+    memory: File,
+}
+
+/// [`seal`] in the directory open as `dirfd` (named `dir`), every file reached through
+/// it: the sealed state (not written) and the memory file. The saved state must be
+/// one a VM process writes (memory laid out as its size says; no writable disk; shares
+/// whose guest holds only its root, which children open again); with `expected`, its
+/// configuration must be that one's where it matters (kernel, initrd, disks, shares,
+/// vCPUs, memory).
+fn seal_in(
+    dirfd: &File,
+    dir: &Path,
+    key: &TemplateKey,
+    expected: Option<&VmConfig>,
+) -> Result<Sealed, TemplateError> {
     let unsealed_path = dir.join(UNSEALED_FILE);
     let mem_path = dir.join(MEMORY_FILE);
     let state_file = open_in(dirfd, UNSEALED_FILE).map_err(io(&unsealed_path))?;
@@ -435,11 +488,43 @@ fn seal_in(dirfd: &File, dir: &Path, key: &TemplateKey) -> Result<(), TemplateEr
     let mut blob = Vec::with_capacity(meta.len() as usize);
     std::io::Read::read_to_end(&mut std::io::Read::take(&state_file, limit), &mut blob)
         .map_err(io(&unsealed_path))?;
-    let unsealed: UnsealedState =
+    let mut unsealed: UnsealedState =
         forkvm_snapshot::decode(&blob).map_err(|source| TemplateError::State {
             path: unsealed_path.clone(),
             source,
         })?;
+    let cfg = &unsealed.snapshot.config;
+    if unsealed.ranges != crate::memory::ram_ranges(cfg.mem_mib << 20) {
+        return Err(bad_state(format!(
+            "its memory ranges are not those of {} MiB",
+            cfg.mem_mib
+        )));
+    }
+    if let Some(d) = cfg.disks.iter().find(|d| !d.read_only) {
+        return Err(bad_state(format!(
+            "it has a writable disk ({})",
+            d.path.display()
+        )));
+    }
+    crate::fork::refuse_shares_in_templates(&unsealed.snapshot)
+        .map_err(|e| bad_state(error_chain(&e)))?;
+    if let Some(want) = expected {
+        let differs = [
+            ("kernel", cfg.kernel != want.kernel),
+            ("initrd", cfg.initrd != want.initrd),
+            ("disks", cfg.disks != want.disks),
+            ("shares", cfg.shares != want.shares),
+            ("vCPUs", cfg.vcpus != want.vcpus),
+            ("memory", cfg.mem_mib != want.mem_mib),
+        ];
+        if let Some((what, _)) = differs.iter().find(|(_, d)| *d) {
+            return Err(bad_state(format!(
+                "its {what} are not the VM's as it was launched"
+            )));
+        }
+    }
+    // Its children open its shares' directories again (not a flag the VM sets).
+    unsealed.snapshot.reopen_shares();
     let memory = open_in(dirfd, MEMORY_FILE).map_err(io(&mem_path))?;
     let bad = |problem: String| TemplateError::Memory {
         path: mem_path.clone(),
@@ -476,9 +561,10 @@ fn seal_in(dirfd: &File, dir: &Path, key: &TemplateKey) -> Result<(), TemplateEr
         mac: key.mac(STATE_CONTEXT, &state),
         state,
     };
-    let blob = forkvm_snapshot::encode(&sealed).map_err(encoding)?;
-    write_in(dirfd, STATE_FILE, &blob).map_err(io(&state_path))?;
-    unlink_in(dirfd, UNSEALED_FILE).map_err(io(&unsealed_path))
+    Ok(Sealed {
+        state: forkvm_snapshot::encode(&sealed).map_err(encoding)?,
+        memory,
+    })
 }
 
 /// Writes `name` in the directory `dir` atomically (a new file renamed over it),
@@ -637,6 +723,28 @@ pub const VSOCK_DIR: &str = ".vsock";
 /// What each child adds to [`WARM_WAIT`].
 const WARM_WAIT_EACH: Duration = Duration::from_millis(50);
 
+/// Refuses a fork of a template with shares for a child not given a directory for each:
+/// the directory the saved VM served is its own (a pod template's lay in its VM's home,
+/// gone since), not one to open again.
+fn refuse_saved_share_dirs(cfg: &VmConfig, req: &ForkRequest) -> Result<(), ControlError> {
+    for s in &cfg.shares {
+        let given = |i: usize| {
+            req.children
+                .get(i)
+                .is_some_and(|c| c.shares.iter().any(|g| g.tag == s.tag))
+        };
+        if let Some(i) = (0..req.count as usize).find(|&i| !given(i)) {
+            return Err(ControlError::Invalid(format!(
+                "the template's VM shares a directory (tag {:?}); child {i} must be given \
+                 one of its own for it (a pod template's children are pods: \
+                 forkvm-runtime create --pod-template)",
+                s.tag
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A validated template, ready to fork.
 pub struct Template {
     state: TemplateState,
@@ -708,14 +816,6 @@ impl Unverified {
         let mut places = crate::launch::places(&homes.root, None);
         for d in &self.state.snapshot.config.disks {
             places.read(&d.path);
-        }
-        // And serve the directories of its shares (children given others start in
-        // processes of their own: `fork`).
-        for s in &self.state.snapshot.config.shares {
-            match s.read_only {
-                true => places.read(&s.host_path),
-                false => places.dir(&s.host_path),
-            };
         }
         ChildPool::for_children(count, vcpus, mem_mib, Some(homes.clone()), places, true)
             .inspect_err(|e| tracing::warn!("cannot start warm processes for the template: {e}"))
@@ -809,7 +909,9 @@ impl Template {
         if !key::same_mac(&key.mac(STATE_CONTEXT, &sealed.state), &sealed.mac) {
             return Err(TemplateError::Forged(state_path));
         }
-        let state: TemplateState = forkvm_snapshot::decode(&sealed.state).map_err(unusable)?;
+        let mut state: TemplateState = forkvm_snapshot::decode(&sealed.state).map_err(unusable)?;
+        // A template's shares are opened again by its children, whatever the state says.
+        state.snapshot.reopen_shares();
         let mem_path = dir.join(MEMORY_FILE);
         let bad = |problem: String| TemplateError::Memory {
             path: mem_path.clone(),
@@ -877,6 +979,7 @@ impl Template {
             children: vec![spec.clone()],
         };
         check_request(cfg, &req)?;
+        refuse_saved_share_dirs(cfg, &req)?;
         let mut seq = 0;
         let mut ids = identities(cfg, &req, &mut seq)?;
         crate::fork::check_share_overrides(&self.state.snapshot, &ids)?;
@@ -903,6 +1006,7 @@ impl Template {
         let t0 = Instant::now();
         let mut cfg = self.state.snapshot.config.clone();
         check_request(&cfg, req)?;
+        refuse_saved_share_dirs(&cfg, req)?;
         // The children's vsock sockets (unless the request names them) go under the
         // state root, where their jail lets them bind, not beside the saved VM's.
         if let Some(v) = &mut cfg.vsock {
@@ -916,7 +1020,7 @@ impl Template {
             ranges: self.state.ranges,
             overlays: Vec::new(),
         };
-        // A warm process is jailed with the template's places: a child given another
+        // A warm process is jailed with the template's places: a child given a
         // directory for a share starts in a process of its own, jailed with its own.
         let pool = pool.filter(|_| req.children.iter().all(|c| c.shares.is_empty()));
         if let Some(pool) = pool {
@@ -954,8 +1058,11 @@ mod tests {
     use crate::config::VmConfig;
     use crate::memory::{ram_ranges, GuestMemory};
 
+    /// A VM of 1 MiB, as the fixtures' memory is.
     fn snapshot() -> VmSnapshot {
-        VmSnapshot::empty(VmConfig::new("/nonexistent/kernel"))
+        let mut cfg = VmConfig::new("/nonexistent/kernel");
+        cfg.mem_mib = 1;
+        VmSnapshot::empty(cfg)
     }
 
     /// A template saved with a new key in its own directory: (template dir, key dir).
@@ -1052,13 +1159,15 @@ mod tests {
     }
 
     #[test]
-    fn a_moved_template_loads_and_a_copied_memory_file_keeps_its_holes() {
-        let (dir, key) = saved();
+    fn an_installed_template_loads_and_a_copied_memory_file_keeps_its_holes() {
+        let (dir, key) = unsealed();
         let to = tempfile::tempdir().unwrap();
         // Template files already there are replaced.
         std::fs::write(to.path().join(STATE_FILE), b"old").unwrap();
-        move_template(dir.path(), to.path()).unwrap();
-        assert!(!dir.path().exists(), "the staging directory stays");
+        let staged = open_nofollow(dir.path(), libc::O_DIRECTORY).unwrap();
+        let sealed = seal_in(&staged, dir.path(), &key, None).unwrap();
+        install(&staged, dir.path(), sealed, to.path()).unwrap();
+        assert!(!dir.path().join(MEMORY_FILE).exists(), "moved");
         let t = Template::load(to.path(), &key).unwrap();
         let mut b = [0u8; 13];
         t.memory.read_exact_at(&mut b, 0x3000).unwrap();
@@ -1087,7 +1196,7 @@ mod tests {
         let mut b = [0u8; 13];
         t.memory.read_exact_at(&mut b, 0x3000).unwrap();
         assert_eq!(&b, b"template page");
-        assert_eq!(t.machine(), (1, 256));
+        assert_eq!(t.machine(), (1, 1));
         let mode = std::fs::metadata(dir.path().join(MEMORY_FILE))
             .unwrap()
             .permissions()
@@ -1240,6 +1349,37 @@ mod tests {
             "{}",
             error_chain(&e)
         );
+    }
+
+    #[test]
+    fn a_memory_file_swapped_after_sealing_or_a_configuration_not_the_vms_is_refused() {
+        // Swapped between the MAC and the move (another template's, say): not installed.
+        let (dir, key) = unsealed();
+        let to = tempfile::tempdir().unwrap();
+        let staged = open_nofollow(dir.path(), libc::O_DIRECTORY).unwrap();
+        let sealed = seal_in(&staged, dir.path(), &key, None).unwrap();
+        let mem = dir.path().join(MEMORY_FILE);
+        let other = dir.path().join("other");
+        std::fs::copy(&mem, &other).unwrap();
+        std::fs::rename(&other, &mem).unwrap();
+        let e = error_chain(&install(&staged, dir.path(), sealed, to.path()).unwrap_err());
+        assert!(e.contains("replaced after its MAC was computed"), "{e}");
+        assert!(!to.path().join(STATE_FILE).exists(), "nothing installed");
+        // A configuration the VM was not launched with (a disk it never had).
+        let (dir, key) = unsealed();
+        let staged = open_nofollow(dir.path(), libc::O_DIRECTORY).unwrap();
+        let mut launched = snapshot().config;
+        launched.disks = vec![crate::config::BlockConfig {
+            path: "/srv/disk.img".into(),
+            read_only: true,
+        }];
+        let e = error_chain(
+            &seal_in(&staged, dir.path(), &key, Some(&launched))
+                .err()
+                .unwrap(),
+        );
+        assert!(e.contains("its disks are not the VM's"), "{e}");
+        assert!(seal_in(&staged, dir.path(), &key, Some(&snapshot().config)).is_ok());
     }
 
     #[test]

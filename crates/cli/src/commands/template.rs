@@ -22,7 +22,7 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
             let home = find(root, &vm)?;
             // Refused at once when the VM does not run.
             live(&home)?;
-            let info = forkvm_vmm::template::save_running(&home, &dir)
+            let info = forkvm_vmm::template::save_running(&home, &dir, None)
                 .with_context(|| format!("cannot save VM {} as a template", home.id()))?;
             println!(
                 "saved {} to {}: {} MiB of memory ({} MiB stored), paused {:.1} ms",

@@ -16,7 +16,7 @@
 //! change or go while they live (`memory.raw` is saved read-only all the same).
 //!
 //! The key is never in a VM process: a VM writes its state and memory unsealed into
-//! its own directory, and whoever asked for the template seals them ([`seal`],
+//! its own directory, and whoever asked for the template seals them (`seal_in`,
 //! [`save_running`]), reading them as untrusted input: the memory's layout must be the
 //! one its size gives, no disk writable, no share in use, and, where the caller knows
 //! the configuration the VM was launched with, its kernel, disks and shares the same.
@@ -50,8 +50,8 @@ pub use key::{KeyError, TemplateKey};
 pub const STATE_FILE: &str = "state.forkvm";
 /// The memory file of a template directory.
 pub const MEMORY_FILE: &str = "memory.raw";
-/// What a VM process writes beside its memory when it saves itself ([`UnsealedState`]);
-/// [`seal`] replaces it with [`STATE_FILE`].
+/// What a VM process writes beside its memory when it saves itself (`UnsealedState`);
+/// [`save_running`] seals it into [`STATE_FILE`].
 pub const UNSEALED_FILE: &str = "state.unsealed";
 const PAGE: usize = 4096;
 
@@ -110,9 +110,9 @@ struct TemplateState {
 }
 
 /// A template's state as the VM process writes it: without MACs, for the holder of
-/// the host's key to check and seal ([`seal`]). The VM process never has the key: one
+/// the host's key to check and seal ([`seal_in`]). The VM process never has the key: one
 /// taken over by its guest cannot forge templates, only write what is sealed when its
-/// owner asks for a template (checked as [`seal`] says).
+/// owner asks for a template (checked as [`seal_in`] says).
 #[derive(Debug, Serialize, Deserialize)]
 struct UnsealedState {
     snapshot: VmSnapshot,
@@ -180,7 +180,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError + '_ {
 
 impl Vmm {
     /// Saves this VM's state and memory in `dir` (created if needed; existing files are
-    /// replaced), not yet sealed: [`seal`] (by the holder of the host's key:
+    /// replaced), not yet sealed: `seal_in` (by the holder of the host's key:
     /// [`save_running`]) makes them a template. The VM is paused while its memory is written and resumed after,
     /// unless it was paused already.
     pub fn save_template(&mut self, dir: &Path) -> Result<TemplateInfo, ControlError> {
@@ -243,7 +243,7 @@ pub enum SaveError {
 /// and seals it with the host's template key (made here if there is none): the VM
 /// process never holds the key. The VM process's jail lets it write only under its
 /// state root: it saves into its own directory, where its state and memory are read
-/// as untrusted input ([`seal`]); the sealed state is written into `dir` (made if
+/// as untrusted input (`seal_in`); the sealed state is written into `dir` (made if
 /// needed) by this process, and the memory moved there is checked to be the file whose
 /// MAC was computed. `expected`: the configuration the VM was launched with, when the
 /// caller knows it; the saved state must carry the same (disks, shares, kernel, size).
@@ -380,7 +380,7 @@ fn copy_sparse(from: &File, dst: &Path) -> std::io::Result<()> {
 /// [`UNSEALED_FILE`]; returns the memory's size and the bytes stored.
 fn write_unsealed(
     dir: &Path,
-    mut snapshot: VmSnapshot,
+    snapshot: VmSnapshot,
     mem: &crate::memory::GuestMemory,
     ranges: &[RamRange],
 ) -> Result<(u64, u64), TemplateError> {
@@ -408,9 +408,6 @@ fn write_unsealed(
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444)).map_err(io(&tmp))?;
     std::fs::rename(&tmp, &mem_path).map_err(io(&mem_path))?;
     let state_path = dir.join(UNSEALED_FILE);
-    // Its shares hold only their root (others were refused): a child opens their
-    // directories again.
-    snapshot.reopen_shares();
     let state = UnsealedState {
         snapshot,
         ranges: ranges.to_vec(),
@@ -435,29 +432,19 @@ fn write_state(path: &Path, blob: &[u8]) -> Result<(), TemplateError> {
     })
 }
 
-/// Makes the state and memory a VM process saved in `dir` ([`UNSEALED_FILE`],
-/// [`MEMORY_FILE`]) a template, with the host's `key`: the state is read as untrusted
-/// input (the VM process wrote it; its sizes checked against the memory file's), the
-/// memory's MAC computed from the memory file's data, and both sealed in
-/// [`STATE_FILE`], which replaces the unsealed state. The files are opened in `dir`
-/// without following a link, the memory file only if it is a regular file with no
-/// other name (not a link to another template's or a host file the VM process could
-/// reach).
-pub fn seal(dir: &Path, key: &TemplateKey) -> Result<(), TemplateError> {
-    let dirfd = open_nofollow(dir, libc::O_DIRECTORY).map_err(io(dir))?;
-    let sealed = seal_in(&dirfd, dir, key, None)?;
-    write_in(&dirfd, STATE_FILE, &sealed.state).map_err(io(&dir.join(STATE_FILE)))?;
-    unlink_in(&dirfd, UNSEALED_FILE).map_err(io(&dir.join(UNSEALED_FILE)))
-}
-
 /// A sealed template: its state, and the memory file its MAC was computed from.
 struct Sealed {
     state: Vec<u8>,
     memory: File,
 }
 
-/// [`seal`] in the directory open as `dirfd` (named `dir`), every file reached through
-/// it: the sealed state (not written) and the memory file. The saved state must be
+/// Makes the state and memory a VM process saved in the directory open as `dirfd`
+/// (named `dir`: [`UNSEALED_FILE`], [`MEMORY_FILE`]) a template with the host's `key`,
+/// every file reached through that handle without following a link, the memory file
+/// only as a regular file with no other name (not a link to another template's or a
+/// host file the VM process could reach): the state is read as untrusted input, the
+/// memory's MAC computed from the memory file's data; returns the sealed state (not
+/// written) and the memory file. The saved state must be
 /// one a VM process writes (memory laid out as its size says; no writable disk; shares
 /// whose guest holds only its root, which children open again); with `expected`, its
 /// configuration must be that one's where it matters (kernel, initrd, disks, shares,
@@ -1063,6 +1050,15 @@ mod tests {
         let mut cfg = VmConfig::new("/nonexistent/kernel");
         cfg.mem_mib = 1;
         VmSnapshot::empty(cfg)
+    }
+
+    /// Seals in place what a VM process saved in `dir` (as [`save_running`] seals,
+    /// with the state written beside the memory).
+    fn seal(dir: &Path, key: &TemplateKey) -> Result<(), TemplateError> {
+        let dirfd = open_nofollow(dir, libc::O_DIRECTORY).map_err(io(dir))?;
+        let sealed = seal_in(&dirfd, dir, key, None)?;
+        write_in(&dirfd, STATE_FILE, &sealed.state).map_err(io(&dir.join(STATE_FILE)))?;
+        unlink_in(&dirfd, UNSEALED_FILE).map_err(io(&dir.join(UNSEALED_FILE)))
     }
 
     /// A template saved with a new key in its own directory: (template dir, key dir).

@@ -154,13 +154,8 @@ pub fn checked_copy(
 /// Duplicates descriptor `fd` of process `pid` into this one.
 fn take_fd(pid: i32, fd: i32) -> std::io::Result<std::fs::File> {
     use std::os::fd::FromRawFd;
-    // SAFETY: pidfd_open takes no pointers; the result is checked.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if pidfd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor nothing else owns.
-    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
+    let pid = u32::try_from(pid).map_err(|_| std::io::Error::other("a negative pid"))?;
+    let pidfd = forkvm_vmm::reap::pidfd_open(pid)?;
     // SAFETY: pidfd_getfd takes no pointers; the result is checked.
     let got = unsafe {
         libc::syscall(

@@ -100,7 +100,7 @@ fn run(reaper: &'static Reaper) -> ! {
 }
 
 /// A pidfd of process `pid`.
-pub(crate) fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a process ID and flags; it returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd < 0 {

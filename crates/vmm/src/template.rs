@@ -333,43 +333,22 @@ fn install(from: &File, from_path: &Path, sealed: Sealed, to: &Path) -> Result<(
 /// Copies `src` to a new `dst` with its data only: the holes stay holes, the mode is
 /// kept.
 fn copy_sparse(from: &File, dst: &Path) -> std::io::Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
-    use std::os::fd::AsRawFd;
-    let mut from = from;
     let meta = from.metadata()?;
     if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
     let _ = std::fs::remove_file(dst);
-    let mut to = File::create(dst)?;
+    let to = File::create(dst)?;
     to.set_len(meta.len())?;
-    let mut at = 0i64;
-    let len = meta.len() as i64;
-    while at < len {
-        // SAFETY: lseek on an open descriptor touches no memory.
-        let data = unsafe { libc::lseek(from.as_raw_fd(), at, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::ENXIO) => break, // Only a hole remains.
-                _ => return Err(e),
-            }
+    let mut buf = vec![0u8; 1 << 20];
+    for (start, end) in data_extents(from, meta.len())? {
+        let mut at = start;
+        while at < end {
+            let chunk = &mut buf[..(end - at).min(1 << 20) as usize];
+            from.read_exact_at(chunk, at)?;
+            to.write_all_at(chunk, at)?;
+            at += chunk.len() as u64;
         }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(from.as_raw_fd(), data, libc::SEEK_HOLE) };
-        if hole <= data {
-            return Err(match hole {
-                h if h < 0 => std::io::Error::last_os_error(),
-                _ => std::io::Error::other("the file's data has no end"),
-            });
-        }
-        from.seek(SeekFrom::Start(data as u64))?;
-        to.seek(SeekFrom::Start(data as u64))?;
-        std::io::copy(
-            &mut Read::by_ref(&mut from).take((hole - data) as u64),
-            &mut to,
-        )?;
-        at = hole;
     }
     to.sync_all()?;
     std::fs::set_permissions(dst, meta.permissions())
@@ -1320,31 +1299,19 @@ mod tests {
         shared.memory.read_exact_at(&mut b, 0x3000).unwrap();
         assert_eq!(&b, b"template page");
         // Not sealed, or of another size: refused.
+        let refused = |copy: File| {
+            let t = Template::open(dir.path(), &key).unwrap();
+            error_chain(&t.with_checked_copy(copy).err().unwrap())
+        };
         let open = crate::memory::create_memfd(c"not-sealed").unwrap();
         open.set_len(1 << 20).unwrap();
-        let e = Template::open(dir.path(), &key)
-            .unwrap()
-            .with_checked_copy(open)
-            .err()
-            .unwrap();
-        assert!(
-            error_chain(&e).contains("not sealed"),
-            "{}",
-            error_chain(&e)
-        );
+        let e = refused(open);
+        assert!(e.contains("not sealed"), "{e}");
         let small = crate::memory::create_memfd(c"small").unwrap();
         small.set_len(4096).unwrap();
         crate::memory::seal(&small).unwrap();
-        let e = Template::open(dir.path(), &key)
-            .unwrap()
-            .with_checked_copy(small)
-            .err()
-            .unwrap();
-        assert!(
-            error_chain(&e).contains("4096 bytes"),
-            "{}",
-            error_chain(&e)
-        );
+        let e = refused(small);
+        assert!(e.contains("4096 bytes"), "{e}");
     }
 
     #[test]

@@ -572,7 +572,7 @@ async fn describe(shared: &Arc<Shared>) -> Result<VmDescription, Reply> {
         children: home.children(),
         created: forkvm_registry::time::rfc3339(state.created_ms),
         uptime_ms: info.uptime_ms,
-        pid: std::process::id(),
+        pid: ProcessIdentity::current().pid,
         exits: info.exits,
         rss_bytes: info.rss_bytes,
         private_bytes: info.private_bytes,

@@ -28,11 +28,13 @@
 //! | `mounts`: bind of a directory (`-v DIR:/p`, `--mount type=bind`, named volumes) | [`ContainerPlan::volumes`] | shared into the VM by a virtio-fs device: the container's monitor binds the directory, under its own name, in a directory of the container's state (in its own mount namespace), which is the share, and the guest agent binds that directory of the share at `destination`, so that the mount table names it as runc's does; read-only with the `ro` option (the host's bind too); other options (propagation, `nosuid`, ...) are not applied. A VM with volumes forks (its children serve the same directories); it cannot be saved as a template |
 //! | `mounts`: bind of anything else (a socket, a device node), or of a source that is missing or relative | **error** | only directories are shared and regular files copied |
 //! | `mounts`: any other filesystem type | **error** | the guest cannot mount it |
-//! | `linux.namespaces` without `path` (other than `network` and `user`) | warning | the VM gives every container all of its own namespaces |
+//! | `linux.namespaces`: `mount`, `uts`, `ipc` | [`ContainerPlan::namespaces`] | the container's monitor (the host process `state` names, whose namespaces hooks and engines enter) is in them as runc's container process would be: a new one without `path`, the one at `path` joined, the runtime's own when the type is not listed. Inside the VM the container has every namespace of its own. The monitor stacks the container's root over `/` and binds its volumes only in a mount namespace it made: volumes and a pod's sandbox need one (**error** otherwise) |
+//! | `linux.namespaces`: `pid` | [`MonitorNamespaces::pid`] | joined by the monitor (and the VM process it starts) when given by `path`; without `path` made inside the VM only: on the host the VM process stays in the runtime's pid namespace, where its fork children's pids name them. A container whose monitor joined a pid namespace does not fork |
+//! | `linux.namespaces`: `cgroup` | warning | made inside the VM only: the VM process moves into the container's `cgroupsPath` and out of it when it ends, which a cgroup namespace of its own would forbid |
 //! | `linux.namespaces`: `network` with `path` (podman/netavark, CNI, containerd's CRI) | [`ContainerPlan::network`] = [`NetworkPlan::Join`] | the VM joins that network: each interface gets a TAP tied to it, and the guest takes its MAC, MTU, addresses and routes (`forkvm-net`) |
 //! | `linux.namespaces`: `network` without `path` (Docker, `ctr run`) | [`NetworkPlan::New`] | the runtime makes a namespace for the container's monitor, the `prestart`/`createRuntime` hooks configure it (Docker's `libnetwork-setkey` moves the veth in), then the VM joins it as above |
-//! | no `network` namespace (`--network host`) | **error** | a VM cannot share the host's network stack |
-//! | `linux.namespaces`: any other with `path` | **error** | joining a host namespace from inside a VM is impossible (a pod's container's: accepted, they are its sandbox's, which are the pod VM's) |
+//! | no `network` namespace, or the runtime's own by `path` (`--network host`) | [`NetworkPlan::Host`], warning | the monitor and the VM process stay in the runtime's network namespace as the spec says, but a VM cannot share the host's network stack: its guest has only loopback (no NIC; the host's interfaces are never tied to it), as with Kata Containers |
+//! | `linux.namespaces`: `user` with `path` | **error** | the container's user namespace is made inside the VM (below); a host one cannot be joined from there |
 //! | `linux.devices` | [`ContainerPlan::devices`] | created by the guest agent in the container's root (type, major, minor, mode, owner). A device this host has must be one the guest's kernel has: a host-only device such as `/dev/kvm` fails `create` naming it. A device neither has is made as runc makes it; a FIFO always. Type `a` is refused: it is a cgroup rule |
 //! | `linux.namespaces`: `user` with `linux.uidMappings`/`gidMappings` | [`ContainerPlan::user_namespace`] | made by the guest agent with those maps, their "host" ids the guest's; every container process (exec'd ones and `createContainer`/`startContainer` hooks too) joins it. A `user` namespace without both maps, or maps without the namespace, is an **error**, as in runc. The guest's other namespaces stay the guest root's: the container's root may bind low ports and ping (the agent sets `ip_unprivileged_port_start` and `ping_group_range`) but not set the hostname or mount. A shared root's files are created with the guest's ids (a container root mapped to 1000 writes as uid 1000) |
 //! | `linux.sysctl`, `maskedPaths`, `readonlyPaths` | [`ContainerPlan::sysctls`], [`ContainerPlan::masked_paths`], [`ContainerPlan::readonly_paths`] | applied by the guest agent as runc applies them, before the process starts: kernel parameters written to the guest's `/proc/sys` (the guest's kernel is the container's own), masked paths hidden (`/dev/null` over a file, an empty read-only tmpfs over a directory), read-only paths bound read-only; paths resolve inside the container's root, missing ones are skipped |
@@ -144,6 +146,9 @@ pub struct ContainerPlan {
     /// The container's network namespace, which the VM joins (a pod's container: the
     /// sandbox's, which its VM joined already).
     pub network: NetworkPlan,
+    /// The monitor's other namespaces on the host (a pod's container's are its
+    /// sandbox's: not planned here).
+    pub namespaces: MonitorNamespaces,
     /// What the container is to a Kubernetes pod, if anything.
     pub pod: Option<PodRole>,
     /// The hooks the runtime runs on the host.
@@ -215,7 +220,7 @@ impl RootMode {
 
 /// Why a container on the host's network cannot be a VM: the reason given when a bundle
 /// has no network namespace, or names the host's own.
-pub const HOST_NETWORK: &str = "the container would share the host's network (--network host), and a VM cannot share the host's network stack; use a container network or --network none";
+pub const HOST_NETWORK: &str = "the container is on the host's network (--network host), which a VM cannot share: its monitor and VM process stay in the runtime's network namespace, and its guest has only loopback; give it a container network to reach anything";
 
 /// What a container is to a Kubernetes pod (containerd's CRI annotations
 /// [`CRI_CONTAINER_TYPE`] and [`CRI_SANDBOX_ID`]).
@@ -241,6 +246,37 @@ pub enum NetworkPlan {
     /// The runtime makes one for the container's monitor (`network` without a `path`);
     /// the engine's hooks configure it, as they would for runc.
     New,
+    /// No `network` namespace (or the runtime's own by path): the monitor and the VM
+    /// process stay in the runtime's, and the guest has loopback only.
+    Host,
+}
+
+/// One of the container monitor's namespaces on the host, as `linux.namespaces` gives it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum HostNamespace {
+    /// The type is not listed: the runtime's own.
+    #[default]
+    Inherit,
+    /// Listed without a `path`: a new one.
+    New,
+    /// Listed with a `path`: that one, joined.
+    Join(PathBuf),
+}
+
+/// The container monitor's namespaces besides its network's: what the host process the
+/// state's pid names is in, as runc's container process would be.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MonitorNamespaces {
+    /// Its mount namespace: only one it made holds the container's root over `/` and
+    /// its volumes' binds.
+    pub mount: HostNamespace,
+    /// Its UTS namespace.
+    pub uts: HostNamespace,
+    /// Its IPC namespace.
+    pub ipc: HostNamespace,
+    /// A pid namespace it (and the VM process it starts) joins (`pid` with a `path`); a
+    /// new one is made in the VM only.
+    pub pid: Option<PathBuf>,
 }
 
 /// The spec's hooks that run in the container, inside its VM, in spec order.
@@ -448,9 +484,27 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         Some(linux) => planner.linux(linux)?,
         None => (1, DEFAULT_MEM_MIB, None),
     };
-    let network = planner.network.take().ok_or_else(|| {
-        planner.unsupported("linux.namespaces (no network namespace)", HOST_NETWORK)
-    })?;
+    let network = match planner.network.take() {
+        Some(network) => network,
+        None => {
+            planner.warn(format!(
+                "linux.namespaces has no network namespace: {HOST_NETWORK}"
+            ));
+            NetworkPlan::Host
+        }
+    };
+    let namespaces = std::mem::take(&mut planner.namespaces);
+    // What the monitor mounts for the container lives in a mount namespace it made.
+    if namespaces.mount != HostNamespace::New && !planner.pod_member {
+        let why = "the container's monitor binds it in a mount namespace of the container's \
+                   own, and linux.namespaces gives none (no `mount`, or one by path)";
+        if !planner.volumes.is_empty() {
+            return Err(planner.unsupported("mounts (bind of a directory)", why));
+        }
+        if pod == Some(PodRole::Sandbox) {
+            return Err(planner.unsupported("a pod sandbox's pod directory", why));
+        }
+    }
     let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
     Ok(ContainerPlan {
         rootfs,
@@ -468,6 +522,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         seccomp: std::mem::take(&mut planner.seccomp),
         user_namespace: planner.user_namespace.take(),
         network,
+        namespaces,
         pod,
         hooks,
         guest_hooks,
@@ -570,6 +625,7 @@ struct Planner<'a> {
     seccomp: Vec<String>,
     user_namespace: Option<forkvm_agent_proto::UserNamespace>,
     network: Option<NetworkPlan>,
+    namespaces: MonitorNamespaces,
     devices: Vec<forkvm_agent_proto::DeviceNode>,
     root_mode: RootMode,
     /// A pod's container: the namespaces it names by path are its sandbox's, which
@@ -589,6 +645,7 @@ impl<'a> Planner<'a> {
             seccomp: Vec::new(),
             user_namespace: None,
             network: None,
+            namespaces: MonitorNamespaces::default(),
             devices: Vec::new(),
             root_mode: RootMode::default(),
             pod_member: false,
@@ -1089,21 +1146,62 @@ impl<'a> Planner<'a> {
             if ns.path().is_some() && self.pod_member {
                 continue;
             }
-            if let Some(path) = ns.path() {
-                return Err(self.unsupported(
+            if let Some(path) = ns.path().as_ref().filter(|p| !p.is_absolute()) {
+                return Err(self.invalid(
                     format!("linux.namespaces[{}].path ({})", ns.typ(), path.display()),
-                    "joining an existing namespace is impossible from inside a VM",
+                    "must be absolute",
                 ));
             }
-            if ns.typ() == LinuxNamespaceType::User {
-                user_namespace = true;
-                continue;
+            let host = match ns.path() {
+                Some(path) => HostNamespace::Join(path.clone()),
+                None => HostNamespace::New,
+            };
+            let slot = match ns.typ() {
+                LinuxNamespaceType::Mount => &mut self.namespaces.mount,
+                LinuxNamespaceType::Uts => &mut self.namespaces.uts,
+                LinuxNamespaceType::Ipc => &mut self.namespaces.ipc,
+                LinuxNamespaceType::Pid => {
+                    if let HostNamespace::Join(path) = host {
+                        self.namespaces.pid = Some(path);
+                    } else {
+                        kinds.push(ns.typ().to_string());
+                    }
+                    continue;
+                }
+                LinuxNamespaceType::User => {
+                    if let Some(path) = ns.path() {
+                        return Err(self.unsupported(
+                            format!("linux.namespaces[user].path ({})", path.display()),
+                            "the container's user namespace is made inside its VM, which \
+                             cannot join a host one",
+                        ));
+                    }
+                    user_namespace = true;
+                    continue;
+                }
+                _ => {
+                    if let Some(path) = ns.path() {
+                        return Err(self.unsupported(
+                            format!("linux.namespaces[{}].path ({})", ns.typ(), path.display()),
+                            "this namespace is made inside the VM, which cannot join a host one",
+                        ));
+                    }
+                    kinds.push(ns.typ().to_string());
+                    continue;
+                }
+            };
+            if *slot != HostNamespace::Inherit {
+                return Err(self.invalid(
+                    format!("linux.namespaces[{}]", ns.typ()),
+                    "a namespace type may appear only once",
+                ));
             }
-            kinds.push(ns.typ().to_string());
+            *slot = host;
         }
         if !kinds.is_empty() {
             self.warn(format!(
-                "linux.namespaces ({}) are not created: the VM gives the container its own kernel",
+                "linux.namespaces ({}) are made inside the VM only: the container's monitor \
+                 on the host stays in the runtime's",
                 kinds.join(", ")
             ));
         }

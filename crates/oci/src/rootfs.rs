@@ -218,6 +218,7 @@ mod tests {
             seccomp: vec![],
             user_namespace: None,
             network: crate::bundle::NetworkPlan::New,
+            namespaces: Default::default(),
             pod: None,
             hooks: Default::default(),
             guest_hooks: Default::default(),

@@ -109,6 +109,11 @@ pub struct ContainerState {
     /// instead of booting one.
     #[serde(default)]
     pub pod_template: Option<PathBuf>,
+    /// `create` found the network namespace the bundle names by path to be the
+    /// runtime's own (the host's network): the monitor, which joined it, must not take
+    /// its interfaces ([`crate::bundle::NetworkPlan::Host`]).
+    #[serde(default)]
+    pub host_network: bool,
     /// The checked copy of the pod template's memory its monitor holds, for the next
     /// pods of the template ([`crate::pod_template::checked_copy`]).
     #[serde(default)]
@@ -144,6 +149,7 @@ impl ContainerState {
             vsock: None,
             hooks: HostHooks::default(),
             pod_template: None,
+            host_network: false,
             template_copy: None,
         }
     }

@@ -1033,40 +1033,17 @@ fn body() {
             .contains("hooks.createRuntime[0] (/bin/sh) exited with 7: the hook says no"),
         "{out}"
     );
-    // No network namespace: the host's network, which a VM cannot share.
-    let b11 = bundle(&t.join("b11"), &["true"], |c| {
-        c["linux"]["namespaces"] = json!([{"type": "pid"}, {"type": "mount"}]);
-    });
-    let out = env.rt(
-        "c11-create",
-        &["create", "--bundle", b11.to_str().unwrap(), "c11"],
-        None,
-    );
-    assert_eq!(out.code, Some(1), "{out}");
-    assert!(out.stderr.contains("--network host"), "{out}");
-    // The host's own namespace by path (what Docker's --network host hands over): its
-    // interfaces are the host's, never tied to a VM.
-    let b12 = bundle(&t.join("b12"), &["true"], |c| {
-        c["linux"]["namespaces"][2] = json!({"type": "network", "path": "/proc/1/ns/net"});
-    });
-    let out = env.rt(
-        "c12-create",
-        &["create", "--bundle", b12.to_str().unwrap(), "c12"],
-        None,
-    );
-    assert_eq!(out.code, Some(1), "{out}");
-    assert!(
-        out.stderr
-            .contains("(/proc/1/ns/net) is the host's network namespace"),
-        "{out}"
-    );
+    // Namespaces by path: the monitor (the state's pid) joins them, as runc's container
+    // process would; the host's own network namespace by path (what Docker's --network
+    // host hands over) leaves the VM process on it and the guest with loopback only.
+    namespaces_by_path(&env, t);
     assert!(
         !std::fs::read_to_string("/proc/net/dev")
             .unwrap()
             .contains("fktap"),
         "a TAP was made on the host"
     );
-    for id in ["c4", "c5", "c8", "c10", "c11", "c12"] {
+    for id in ["c4", "c5", "c8", "c10", "c11"] {
         assert!(!env.root().join(id).exists(), "{id} left state behind");
     }
     assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
@@ -1077,6 +1054,99 @@ fn body() {
         "left running: {:?}",
         runtime_processes()
     );
+}
+
+/// The namespace `kind` of process `pid` (`/proc/PID/ns/KIND`'s link).
+fn ns_of(pid: impl std::fmt::Display, kind: &str) -> String {
+    let link = format!("/proc/{pid}/ns/{kind}");
+    std::fs::read_link(&link)
+        .unwrap_or_else(|e| panic!("{link}: {e}"))
+        .display()
+        .to_string()
+}
+
+/// Container c11: its mount, UTS, IPC and pid namespaces given by path (another
+/// process's, made by `unshare`), its network the host's own by path.
+fn namespaces_by_path(env: &Env, t: &Path) {
+    let mut holder = Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount",
+            "--uts",
+            "--ipc",
+        ])
+        .args(["sleep", "600"])
+        .spawn()
+        .expect("unshare (util-linux)");
+    let h = holder.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ns_of(h, "uts") == ns_of("self", "uts") {
+        assert!(Instant::now() < deadline, "unshare made no namespaces");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let b11 = bundle(&t.join("b11"), &["sh", "-c", "cat /proc/net/dev"], |c| {
+        c["linux"]["namespaces"] = json!([
+            {"type": "pid", "path": format!("/proc/{h}/ns/pid_for_children")},
+            {"type": "mount", "path": format!("/proc/{h}/ns/mnt")},
+            {"type": "uts", "path": format!("/proc/{h}/ns/uts")},
+            {"type": "ipc", "path": format!("/proc/{h}/ns/ipc")},
+            {"type": "network", "path": "/proc/1/ns/net"},
+        ]);
+    });
+    let out = env.rt(
+        "c11-create",
+        &["create", "--bundle", b11.to_str().unwrap(), "c11"],
+        None,
+    );
+    assert_eq!(out.code, Some(0), "{out}\n{}", env.diagnostics());
+    let log = env.read("runtime.log");
+    assert!(
+        log.contains("runtime's own network namespace") && log.contains("only loopback"),
+        "the warning is not in the log:\n{log}"
+    );
+    let pid = pid_of(&env.state("c11"));
+    for kind in ["mnt", "uts", "ipc"] {
+        assert_eq!(
+            ns_of(pid, kind),
+            ns_of(h, kind),
+            "the monitor's {kind} namespace"
+        );
+    }
+    assert_eq!(ns_of(pid, "pid"), ns_of(h, "pid_for_children"));
+    assert_eq!(ns_of(pid, "net"), ns_of("self", "net"));
+    // Its VM process, in that pid namespace too, records itself by its host pid.
+    let homes = env.vm_homes();
+    assert_eq!(homes.len(), 1, "{homes:?}");
+    let vm_state: Value =
+        serde_json::from_slice(&std::fs::read(homes[0].join("state.json")).unwrap()).unwrap();
+    let vm_pid = vm_state["process"]["pid"]
+        .as_u64()
+        .expect("the VM's process");
+    let cmdline = std::fs::read(format!("/proc/{vm_pid}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("forkvm-vmm"),
+        "{vm_state}"
+    );
+    assert_eq!(ns_of(vm_pid, "pid"), ns_of(h, "pid_for_children"));
+    env.ok("c11-start", &["start", "c11"]);
+    assert_eq!(
+        reap(pid, Duration::from_secs(60)),
+        0,
+        "{}",
+        env.diagnostics()
+    );
+    let dev = env.read("c11-create.out");
+    let interfaces: Vec<&str> = dev
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(name, _)| name.trim()))
+        .filter(|name| !name.contains('|'))
+        .collect();
+    assert_eq!(interfaces, ["lo"], "the guest has loopback only:\n{dev}");
+    env.ok("c11-delete", &["delete", "c11"]);
+    let _ = holder.kill();
+    let _ = holder.wait();
 }
 
 /// A prestart hook that does what libnetwork does for runc, with `ip` and `nsenter`:

@@ -35,12 +35,40 @@ impl ProcessIdentity {
         Some(Self { pid, start_ticks })
     }
 
-    /// This process.
+    /// This process, by its pid on the host: the one `/proc/self` names in the procfs at
+    /// `/proc` (the host's, which a process in a container's pid namespace still sees
+    /// until a jail mounts its own), else its pid in its own namespace. Read once per
+    /// process and kept: call it before a jail replaces `/proc` (`forkvm-vmm` does, first
+    /// thing), so that a VM process in a pid namespace of its container's names itself as
+    /// the host knows it.
     pub fn current() -> Self {
-        Self::of(std::process::id()).unwrap_or(Self {
-            pid: std::process::id(),
+        static CURRENT: std::sync::Mutex<Option<(u32, ProcessIdentity)>> =
+            std::sync::Mutex::new(None);
+        let own = std::process::id();
+        let mut kept = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+        // A process forked without exec (a zygote's) reads its own.
+        if let Some((pid, me)) = *kept {
+            if pid == own {
+                return me;
+            }
+        }
+        let pid = std::fs::read_link("/proc/self")
+            .ok()
+            .and_then(|p| p.to_str()?.parse().ok())
+            .unwrap_or(own);
+        let me = Self::of(pid).unwrap_or(Self {
+            pid,
             start_ticks: 0,
-        })
+        });
+        *kept = Some((own, me));
+        me
+    }
+
+    /// Whether this process is in a pid namespace below the host's (the one of the
+    /// procfs it read itself from, see [`ProcessIdentity::current`]): the processes it
+    /// starts cannot learn their host pids then.
+    pub fn in_child_pid_namespace() -> bool {
+        Self::current().pid != std::process::id()
     }
 
     /// Whether this very process still runs.
@@ -86,6 +114,43 @@ mod tests {
         assert_eq!(parse_stat(line), Some(('S', 98765)));
         assert_eq!(parse_stat("garbage"), None);
         assert_eq!(parse_stat("1 (x) S 1 2"), None);
+    }
+
+    /// Run as a child in a pid namespace of its own by the test below.
+    const IN_PIDNS: &str = "FORKVM_REGISTRY_TEST_IN_PIDNS";
+
+    #[test]
+    fn a_process_in_a_child_pid_namespace_names_itself_by_its_host_pid() {
+        if std::env::var_os(IN_PIDNS).is_some() {
+            // The child: pid 1 of its namespace, under the host's procfs.
+            assert_eq!(std::process::id(), 1);
+            assert!(ProcessIdentity::in_child_pid_namespace());
+            let me = ProcessIdentity::current();
+            assert!(me.start_ticks > 0);
+            println!("host pid {}", me.pid);
+            return;
+        }
+        assert!(!ProcessIdentity::in_child_pid_namespace());
+        let exe = std::env::current_exe().unwrap();
+        let (pid, out) = std::thread::spawn(move || {
+            // SAFETY: unshare(2) reads no memory; it changes the pid namespace this
+            // thread's children start in.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWPID) };
+            assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+            let child = std::process::Command::new(exe)
+                .args(["--exact", "--nocapture"])
+                .arg("liveness::tests::a_process_in_a_child_pid_namespace_names_itself_by_its_host_pid")
+                .env(IN_PIDNS, "1")
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (child.id(), child.wait_with_output().unwrap())
+        })
+        .join()
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}");
+        assert!(stdout.contains(&format!("host pid {pid}\n")), "{stdout}");
     }
 
     #[test]

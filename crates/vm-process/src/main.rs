@@ -40,6 +40,9 @@ fn main() {
         }
     }
     forkvm_config::logging::init_stderr(None);
+    // Its host pid, read while `/proc` is still the host's (the jail mounts one of the
+    // VM process's own pid namespace): what its home records and its API reports.
+    let _ = forkvm_registry::ProcessIdentity::current();
     // Before the jail: a fork of many children holds a socket per child until each
     // reports, and a shared directory a descriptor per file the guest looked up.
     if let Err(e) = forkvm_jail::limits::raise_open_files() {

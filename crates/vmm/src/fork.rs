@@ -311,6 +311,16 @@ pub(crate) fn check_request(cfg: &VmConfig, req: &ForkRequest) -> Result<(), Con
             req.count
         )));
     }
+    // Children are named on the host by their pids (their homes, `forkvm ps`, an OCI
+    // container's state), which a VM process in a pid namespace of its own (its
+    // container's, joined by path) cannot learn.
+    if forkvm_registry::ProcessIdentity::in_child_pid_namespace() {
+        return Err(ControlError::Invalid(
+            "this VM's process runs in a pid namespace below the host's (its container's): \
+             its fork children could not be named by their host pids, so it does not fork"
+                .to_owned(),
+        ));
+    }
     if let Some(d) = cfg.disks.iter().find(|d| !d.read_only) {
         return Err(ControlError::Invalid(format!(
             "the VM has a writable disk ({}); parent and children would write the same image: attach it read-only to fork",
@@ -1349,6 +1359,45 @@ mod tests {
         snap.virtio.truncate(1);
         snap.config.shares.truncate(1);
         refuse_shares_in_templates(&snap).unwrap();
+    }
+
+    /// Set for the child the test below starts in a pid namespace of its own.
+    const IN_PIDNS: &str = "FORKVM_VMM_TEST_IN_PIDNS";
+
+    #[test]
+    fn a_vm_process_in_a_child_pid_namespace_does_not_fork() {
+        let cfg = VmConfig::new("/nonexistent/kernel");
+        let req = ForkRequest {
+            count: 1,
+            ..ForkRequest::default()
+        };
+        if std::env::var_os(IN_PIDNS).is_some() {
+            let e = check_request(&cfg, &req).unwrap_err().to_string();
+            assert!(e.contains("pid namespace below the host's"), "{e}");
+            println!("refused");
+            return;
+        }
+        check_request(&cfg, &req).expect("the host's pid namespace forks");
+        let exe = std::env::current_exe().unwrap();
+        let out = std::thread::spawn(move || {
+            // SAFETY: unshare(2) reads no memory; it changes the pid namespace this
+            // thread's children start in.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWPID) };
+            assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+            std::process::Command::new(exe)
+                .args(["--exact", "--nocapture"])
+                .arg("fork::tests::a_vm_process_in_a_child_pid_namespace_does_not_fork")
+                .env(IN_PIDNS, "1")
+                .output()
+                .unwrap()
+        })
+        .join()
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("refused\n"),
+            "{stdout}"
+        );
     }
 
     #[test]

@@ -104,7 +104,110 @@ fn runc_spec_default_plans() {
     );
     // Only the namespaces line: default capabilities and standard mounts are silent.
     assert_eq!(plan.warnings.len(), 1, "{:?}", plan.warnings);
-    assert!(plan.warnings[0].contains("linux.namespaces (pid, ipc, uts, mnt, cgroup)"));
+    assert!(plan.warnings[0].contains("linux.namespaces (pid, cgroup) are made inside the VM only"));
+    // The monitor's own mount, UTS and IPC namespaces; the engine's network hooks
+    // configure a new network namespace.
+    assert_eq!(
+        plan.namespaces,
+        MonitorNamespaces {
+            mount: HostNamespace::New,
+            uts: HostNamespace::New,
+            ipc: HostNamespace::New,
+            pid: None,
+        }
+    );
+    assert_eq!(plan.network, NetworkPlan::New);
+}
+
+#[test]
+fn monitor_namespaces_follow_the_spec() {
+    // Listed without a path: new; with one: joined; not listed: the runtime's own.
+    let plan = load_with(|c| {
+        c["linux"]["namespaces"] = json!([
+            {"type": "network", "path": "/proc/9/ns/net"},
+            {"type": "mount", "path": "/proc/9/ns/mnt"},
+            {"type": "uts"},
+            {"type": "pid", "path": "/proc/9/ns/pid_for_children"},
+        ])
+    })
+    .unwrap();
+    assert_eq!(
+        plan.namespaces,
+        MonitorNamespaces {
+            mount: HostNamespace::Join("/proc/9/ns/mnt".into()),
+            uts: HostNamespace::New,
+            ipc: HostNamespace::Inherit,
+            pid: Some("/proc/9/ns/pid_for_children".into()),
+        }
+    );
+    assert_eq!(plan.network, NetworkPlan::Join("/proc/9/ns/net".into()));
+    // No namespace at all: every one the runtime's, the host's network with a warning.
+    let plan = load_with(|c| {
+        c["linux"].as_object_mut().unwrap().remove("namespaces");
+    })
+    .unwrap();
+    assert_eq!(plan.namespaces, MonitorNamespaces::default());
+    assert_eq!(plan.network, NetworkPlan::Host);
+    assert!(
+        plan.warnings
+            .iter()
+            .any(|w| w.contains("no network namespace")
+                && w.contains("--network host")
+                && w.contains("only loopback")),
+        "{:?}",
+        plan.warnings
+    );
+    // What the monitor binds lives in a mount namespace it made: volumes and a pod's
+    // sandbox need one.
+    let volume = |c: &mut Value| {
+        c["mounts"].as_array_mut().unwrap().push(
+            json!({"destination": "/data", "type": "bind", "source": "/tmp", "options": ["rbind"]}),
+        );
+    };
+    assert_eq!(load_with(volume).unwrap().volumes.len(), 1);
+    for namespaces in [
+        json!([{"type": "network"}]),
+        json!([{"type": "network"}, {"type": "mount", "path": "/proc/9/ns/mnt"}]),
+    ] {
+        let e = err_with(|c| {
+            volume(c);
+            c["linux"]["namespaces"] = namespaces.clone();
+        });
+        assert!(
+            e.contains("mounts (bind of a directory)") && e.contains("mount namespace"),
+            "{e}"
+        );
+        let e = err_with(|c| {
+            c["annotations"] = json!({CRI_CONTAINER_TYPE: "sandbox", CRI_SANDBOX_ID: "abc"});
+            c["linux"]["namespaces"] = namespaces.clone();
+        });
+        assert!(e.contains("pod sandbox"), "{e}");
+    }
+    // Bad input, named.
+    let e = err_with(|c| {
+        c["linux"]["namespaces"] = json!([{"type": "network"}, {"type": "uts"}, {"type": "uts"}])
+    });
+    assert!(
+        e.contains("linux.namespaces[uts]") && e.contains("only once"),
+        "{e}"
+    );
+    let e = err_with(|c| {
+        c["linux"]["namespaces"] = json!([{"type": "network"}, {"type": "ipc", "path": "ns/ipc"}])
+    });
+    assert!(
+        e.contains("linux.namespaces[ipc].path (ns/ipc)") && e.contains("absolute"),
+        "{e}"
+    );
+    for kind in ["cgroup", "user"] {
+        let e = err_with(|c| {
+            c["linux"]["namespaces"] =
+                json!([{"type": "network"}, {"type": kind, "path": format!("/proc/9/ns/{kind}")}])
+        });
+        assert!(
+            e.contains(&format!("linux.namespaces[{kind}].path")) && e.contains("inside"),
+            "{e}"
+        );
+    }
 }
 
 #[test]
@@ -443,14 +546,15 @@ fn mounts() {
         c["annotations"][ROOTFS_ANNOTATION] = json!("disk");
     });
     assert!(e.contains("(disk, of a pod's container)"), "{e}");
-    // Outside a pod, a namespace path is refused as before.
-    let e = err_with(|c| {
+    // Outside a pod, a namespace path is the monitor's to join.
+    let plan = load_with(|c| {
         c["linux"]["namespaces"] =
             json!([{"type": "network"}, {"type": "ipc", "path": "/proc/7/ns/ipc"}]);
-    });
-    assert!(
-        e.contains("joining an existing namespace is impossible"),
-        "{e}"
+    })
+    .unwrap();
+    assert_eq!(
+        plan.namespaces.ipc,
+        HostNamespace::Join("/proc/7/ns/ipc".into())
     );
     let sandbox = load_with(|c| {
         c["annotations"] = json!({CRI_CONTAINER_TYPE: "sandbox", CRI_SANDBOX_ID: "abc"})
@@ -823,7 +927,7 @@ fn unsupported_fields_are_errors() {
     assert_eq!(paths(&plan.hooks.poststart), ["/usr/bin/ps1"]);
     assert_eq!(paths(&plan.hooks.poststop), ["/usr/bin/pst"]);
     // The network namespace: a path is the engine's to join; none, a new one the
-    // runtime makes; no network namespace at all is the host's network, refused.
+    // runtime makes; no network namespace at all is the host's network.
     let plan = load_with(|c| {
         c["linux"]["namespaces"] = json!([{"type": "network", "path": "/var/run/netns/x"}])
     })
@@ -831,15 +935,8 @@ fn unsupported_fields_are_errors() {
     assert_eq!(plan.network, NetworkPlan::Join("/var/run/netns/x".into()));
     let plan = load_with(|c| c["linux"]["namespaces"] = json!([{"type": "network"}])).unwrap();
     assert_eq!(plan.network, NetworkPlan::New);
-    let e = err_with(|c| c["linux"]["namespaces"] = json!([{"type": "pid"}]));
-    assert!(
-        e.contains("linux.namespaces") && e.contains("--network host"),
-        "{e}"
-    );
-    let e = err_with(|c| {
-        c["linux"].as_object_mut().unwrap().remove("namespaces");
-    });
-    assert!(e.contains("--network host"), "{e}");
+    let plan = load_with(|c| c["linux"]["namespaces"] = json!([{"type": "pid"}])).unwrap();
+    assert_eq!(plan.network, NetworkPlan::Host);
     let e = err_with(|c| {
         c["linux"]["namespaces"] = json!([{"type": "network"}, {"type": "network", "path": "/x"}])
     });
@@ -847,12 +944,11 @@ fn unsupported_fields_are_errors() {
     let e =
         err_with(|c| c["linux"]["namespaces"] = json!([{"type": "network", "path": "netns/x"}]));
     assert!(e.contains("must be absolute"), "{e}");
-    let e =
-        err_with(|c| c["linux"]["namespaces"] = json!([{"type": "pid", "path": "/proc/1/ns/pid"}]));
-    assert!(
-        e.contains("linux.namespaces[pid].path (/proc/1/ns/pid)"),
-        "{e}"
-    );
+    let plan = load_with(|c| {
+        c["linux"]["namespaces"] = json!([{"type": "pid", "path": "/proc/1/ns/pid"}])
+    })
+    .unwrap();
+    assert_eq!(plan.namespaces.pid, Some("/proc/1/ns/pid".into()));
     let e = err_with(|c| {
         c["linux"]["devices"] = json!([{"path": "/dev/x", "type": "a", "major": 1, "minor": 3}])
     });

@@ -20,7 +20,7 @@
 //! or process behind (and runs the `poststop` hooks).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -73,20 +73,24 @@ pub fn create(g: &Global, log: &Log, a: CreateArgs) -> Result<()> {
     }
     let bundle = std::path::absolute(a.bundle.clone().unwrap_or_else(|| ".".into()))?;
     // Everything that can be refused is refused before anything exists.
-    let plan = bundle::load(&bundle)?;
-    for w in &plan.warnings {
-        log.warn(w);
-    }
+    let mut plan = bundle::load(&bundle)?;
+    // The host's own network namespace by path (Docker's --network host hands
+    // `/var/run/docker/netns/default` over) is the host's network: its interfaces are
+    // never tied to a VM.
     if let NetworkPlan::Join(netns) = &plan.network {
         if forkvm_net::is_own_netns(netns)
             .with_context(|| format!("cannot join the network of {}", netns.display()))?
         {
-            bail!(
-                "linux.namespaces[network].path ({}) is the host's network namespace: {}",
+            plan.warnings.push(format!(
+                "linux.namespaces[network].path ({}) is the runtime's own network namespace: {}",
                 netns.display(),
                 bundle::HOST_NETWORK
-            );
+            ));
+            plan.network = NetworkPlan::Host;
         }
+    }
+    for w in &plan.warnings {
+        log.warn(w);
     }
     if plan.process.tty && a.console_socket.is_none() {
         bail!("process.terminal is true but no --console-socket was given");
@@ -115,6 +119,7 @@ pub fn create(g: &Global, log: &Log, a: CreateArgs) -> Result<()> {
     state.annotations = plan.annotations.clone();
     state.hooks = plan.hooks.clone();
     state.pod_template = pod_template;
+    state.host_network = plan.network == NetworkPlan::Host;
     store.create(&state)?;
     let dir = store.container_dir(&a.id)?;
     let mut monitor = None;
@@ -200,34 +205,21 @@ fn create_in(
         let socket = a.console_socket.as_deref().context("no --console-socket")?;
         helper::give_terminal(&mut cmd, socket)?;
     }
-    let new_netns = plan.network == NetworkPlan::New;
     // A pod's sandbox: the pod directory, a shared mount the monitor's namespace (made
     // below) receives the pod's containers' roots through.
     if plan.pod == Some(bundle::PodRole::Sandbox) {
         crate::pod::prepare(store.root(), &a.id).context("cannot make the pod's directory")?;
     }
-    // Hooks act on the namespaces of the state's pid (`nsenter -t PID -u`): the
-    // monitor's UTS and IPC namespaces are its own, never the host's; so is its mount
-    // namespace, where the container's root is mounted over `/`
-    // ([`container_root_over_slash`]). A network namespace the spec names (a pod's,
-    // made by CNI) is the monitor's too, as it is runc's container process's: the
-    // engine reaches the container's network through its pid (containerd's CRI gives a
-    // pod's containers the sandbox's `/proc/<pid>/ns/net`).
-    let joined = match &plan.network {
-        NetworkPlan::Join(path) => Some(
-            std::fs::File::open(path)
-                .with_context(|| format!("cannot join the network of {}", path.display()))?,
-        ),
-        NetworkPlan::New => None,
-    };
-    let join: Vec<_> = joined
-        .iter()
-        .map(|f| (f.as_fd(), libc::CLONE_NEWNET))
-        .collect();
-    monitor_namespaces(&mut cmd, go_fd, new_netns, &join);
+    // The monitor is the container's process on the host (the state's pid): hooks and
+    // engines act on its namespaces (`nsenter -t PID -n`; containerd's CRI gives a pod's
+    // containers the sandbox's `/proc/<pid>/ns/net`), which are the spec's, as runc's
+    // container process's would be. A mount namespace it makes holds the container's
+    // root over `/` ([`container_root_over_slash`]).
+    let ns = MonitorNs::of(plan)?;
+    monitor_namespaces(&mut cmd, go_fd, &ns.borrowed(), ns.unshare);
     let child = monitor.insert(
-        cmd.spawn()
-            .context("cannot start the container's monitor in namespaces of its own")?,
+        ns.spawn(&mut cmd)
+            .context("cannot start the container's monitor in its namespaces")?,
     );
     drop(go_rx);
     let pid = child.id() as i32;
@@ -270,29 +262,90 @@ fn create_in(
     Ok(())
 }
 
+/// A container monitor's namespaces, as its plan gives them: the files of those it
+/// joins, the `CLONE_NEW*` flags of those it makes, the pid namespace it starts in.
+struct MonitorNs {
+    join: Vec<(OwnedFd, libc::c_int)>,
+    unshare: libc::c_int,
+    pid: Option<OwnedFd>,
+}
+
+impl MonitorNs {
+    /// Opens the namespaces `plan` joins (a path that is no namespace is named when the
+    /// monitor cannot join it).
+    fn of(plan: &bundle::ContainerPlan) -> Result<Self> {
+        use bundle::HostNamespace;
+        let mut wanted: Vec<(PathBuf, libc::c_int)> = Vec::new();
+        let mut unshare = 0;
+        let ns = &plan.namespaces;
+        for (host, kind) in [
+            (&ns.mount, libc::CLONE_NEWNS),
+            (&ns.uts, libc::CLONE_NEWUTS),
+            (&ns.ipc, libc::CLONE_NEWIPC),
+        ] {
+            match host {
+                HostNamespace::Inherit => {}
+                HostNamespace::New => unshare |= kind,
+                HostNamespace::Join(path) => wanted.push((path.clone(), kind)),
+            }
+        }
+        match &plan.network {
+            NetworkPlan::Join(path) => wanted.push((path.clone(), libc::CLONE_NEWNET)),
+            NetworkPlan::New => unshare |= libc::CLONE_NEWNET,
+            NetworkPlan::Host => {}
+        }
+        let open = |path: &Path| {
+            std::fs::File::open(path)
+                .map(OwnedFd::from)
+                .with_context(|| format!("cannot open the namespace {}", path.display()))
+        };
+        let mut join = Vec::with_capacity(wanted.len());
+        for (path, kind) in wanted {
+            join.push((open(&path)?, kind));
+        }
+        let pid = ns.pid.as_deref().map(open).transpose()?;
+        Ok(Self { join, unshare, pid })
+    }
+
+    fn borrowed(&self) -> Vec<(BorrowedFd<'_>, libc::c_int)> {
+        self.join.iter().map(|(f, k)| (f.as_fd(), *k)).collect()
+    }
+
+    /// Spawns `cmd`: in the pid namespace it joins, from a thread of this process whose
+    /// children alone start there.
+    fn spawn(&self, cmd: &mut Command) -> std::io::Result<Child> {
+        let Some(pid_ns) = &self.pid else {
+            return cmd.spawn();
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns(2) on an open namespace descriptor: it changes the pid
+                // namespace this thread's children start in, and nothing else; the
+                // thread ends after the one spawn below.
+                if unsafe { libc::setns(pid_ns.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                cmd.spawn()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the spawning thread panicked")))
+        })
+    }
+}
+
 /// Sets `cmd` up to start a container's monitor: the read end `go_fd` of the pipe on
 /// which `create` says "go" kept across the exec; the namespaces in `join` (opened
-/// namespace files and their `CLONE_NEW*` types) joined; UTS and IPC namespaces of its
-/// own unless joined, and a network namespace of its own when `new_netns`; and always a
-/// mount namespace of its own, a slave of this process's (the host's later mounts and
-/// unmounts reach it, its own never reach the host). The caller keeps `join`'s files
-/// open until the monitor is spawned.
+/// namespace files and their `CLONE_NEW*` types) joined, then those in `unshare`
+/// (`CLONE_NEW*` flags) made. A mount namespace it makes is a slave of this process's
+/// (the host's later mounts and unmounts reach it, its own never reach the host). The
+/// caller keeps `join`'s files open until the monitor is spawned.
 pub(super) fn monitor_namespaces(
     cmd: &mut Command,
     go_fd: RawFd,
-    new_netns: bool,
     join: &[(BorrowedFd<'_>, libc::c_int)],
+    unshare: libc::c_int,
 ) {
     let join: Vec<(RawFd, libc::c_int)> = join.iter().map(|(f, t)| (f.as_raw_fd(), *t)).collect();
-    let mut flags = libc::CLONE_NEWNS;
-    for kind in [libc::CLONE_NEWUTS, libc::CLONE_NEWIPC] {
-        if !join.iter().any(|(_, t)| *t == kind) {
-            flags |= kind;
-        }
-    }
-    if new_netns {
-        flags |= libc::CLONE_NEWNET;
-    }
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (fcntl, setns, unshare, mount) on plain values it
     // copied and static strings (the pipe's descriptor and the namespace files stay
@@ -308,17 +361,18 @@ pub(super) fn monitor_namespaces(
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            if libc::unshare(flags) != 0 {
+            if unshare != 0 && libc::unshare(unshare) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            let slave = libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_SLAVE,
-                std::ptr::null(),
-            );
-            if slave != 0 {
+            if unshare & libc::CLONE_NEWNS != 0
+                && libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_SLAVE,
+                    std::ptr::null(),
+                ) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -450,13 +504,20 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     let signals = ForwardedSignals::block().context("cannot block signals")?;
     let state = store.load(id)?;
     let mut plan = bundle::load(&state.bundle)?;
-    container_root_over_slash(&plan.rootfs)?;
+    // The host's network by path, as `create` found it (in the namespace this process
+    // joined, the path is its own).
+    if state.host_network {
+        plan.network = NetworkPlan::Host;
+    }
+    if plan.namespaces.mount == bundle::HostNamespace::New {
+        container_root_over_slash(&plan.rootfs)?;
+    }
     // The container's network namespace (the engine's, or this process's own which the
     // hooks configured), before anything is registered: a namespace that cannot be
     // joined leaves nothing behind.
     let netns = match &plan.network {
         NetworkPlan::Join(path) => path.clone(),
-        NetworkPlan::New => PathBuf::from("/proc/self/ns/net"),
+        NetworkPlan::New | NetworkPlan::Host => PathBuf::from("/proc/self/ns/net"),
     };
     let plumb = |netns: &Path| -> Result<Plumbed> {
         Ok(Plumbed {
@@ -465,7 +526,15 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
             netns: netns.to_owned(),
         })
     };
-    let mut plumbed = plumb(&netns)?;
+    // On the host's network the guest has loopback only: no interface of the host is
+    // ever tied to a VM.
+    let mut plumbed = match plan.network {
+        NetworkPlan::Host => Plumbed {
+            network: forkvm_net::Network::default(),
+            netns: netns.clone(),
+        },
+        _ => plumb(&netns)?,
+    };
     let tty = plan.process.tty;
     helper::own_session(tty)?;
     let guest = vm::container_guest()?;
@@ -573,7 +642,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     let cgroup = plan.cgroup_request();
     // The hooks in the container see it as runc shows them: its pid is this monitor.
     let mut hook_state = state.clone();
-    hook_state.record_pid(std::process::id() as i32)?;
+    hook_state.record_pid(ProcessIdentity::current().pid as i32)?;
     let guest_hooks = |kind: &str, hooks: &[forkvm_agent_proto::GuestHook], status| {
         let mut state = hook_state.clone();
         state.status = status;
@@ -688,7 +757,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     // The VM process inherits this process's own namespace; the engine's it joins.
     let netns = match &plan.network {
         NetworkPlan::Join(path) => Some(path.as_path()),
-        NetworkPlan::New => None,
+        NetworkPlan::New | NetworkPlan::Host => None,
     };
     let early = early_start.is_some();
     // The engine's cgroup (cgroupsPath) when it gave one, forkvm's own otherwise.

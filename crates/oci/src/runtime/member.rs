@@ -85,7 +85,9 @@ pub fn create(
     // monitor's own.
     let sandbox_netns = match crate::bundle::load(&sb.bundle)?.network {
         crate::bundle::NetworkPlan::Join(path) => path,
-        crate::bundle::NetworkPlan::New => format!("/proc/{sandbox_pid}/ns/net").into(),
+        crate::bundle::NetworkPlan::New | crate::bundle::NetworkPlan::Host => {
+            format!("/proc/{sandbox_pid}/ns/net").into()
+        }
     };
     let mut state = ContainerState::new(&a.id, bundle);
     state.annotations = plan.annotations.clone();
@@ -158,7 +160,7 @@ fn create_in(
         join.push(ns?);
     }
     let borrowed: Vec<_> = join.iter().map(|(f, k)| (f.as_fd(), *k)).collect();
-    monitor_namespaces(&mut cmd, go_fd, false, &borrowed);
+    monitor_namespaces(&mut cmd, go_fd, &borrowed, libc::CLONE_NEWNS);
     let child = monitor.insert(
         cmd.spawn()
             .context("cannot start the monitor of the pod's container")?,

@@ -76,8 +76,10 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-# A host's loopback is up (engines publish ports on 127.0.0.1).
+# A host's loopback is up (engines publish ports on 127.0.0.1), and it has a name
+# (Docker's --network host gives a container the host's).
 ip link set lo up
+hostname forkvm-testhost
 log() { echo "forkvm-init: $*"; }
 off() {
     sync
@@ -203,9 +205,13 @@ pub fn prepare_initramfs(cache: &Path, kernel: &KernelTree) -> Result<PathBuf, E
         h.finish()
     ));
     if !path.is_file() {
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        fs::write(&tmp, &bytes).map_err(|e| io(format!("writing {}", tmp.display()), e))?;
-        fs::rename(&tmp, &path).map_err(|e| io(format!("renaming to {}", path.display()), e))?;
+        // A temporary file of its own: tests of one binary build it at the same time.
+        let mut tmp = tempfile::NamedTempFile::new_in(&dir)
+            .map_err(|e| io(format!("writing in {}", dir.display()), e))?;
+        std::io::Write::write_all(&mut tmp, &bytes)
+            .map_err(|e| io(format!("writing {}", tmp.path().display()), e))?;
+        tmp.persist(&path)
+            .map_err(|e| io(format!("renaming to {}", path.display()), e.error))?;
         tracing::info!(path = %path.display(), "built virtual host initramfs");
     }
     Ok(path)

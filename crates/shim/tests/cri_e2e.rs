@@ -15,7 +15,10 @@
 //!   it there (ExecSync: its output), the test reaching it at the pod's address, ExecSync's
 //!   exit code and stderr;
 //! - the server's output in the CRI log file at the path the pod's config gives;
-//! - ContainerStats answers for a running container;
+//! - ContainerStats answers for a running container, PodSandboxStats for the pod and
+//!   each of its containers;
+//! - the CRI's streaming Exec (containerd's streaming server, over a WebSocket, as
+//!   `kubectl exec` uses it) gives a command's output, error output and exit code;
 //! - stopping and removing the containers and the pod leaves no sandbox, shim, VM or
 //!   network namespace.
 //!
@@ -33,12 +36,12 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerStatsRequest, CreateContainerRequest,
+    ContainerConfig, ContainerMetadata, ContainerStatsRequest, CreateContainerRequest, ExecRequest,
     ExecSyncRequest, ExecSyncResponse, ImageSpec, LinuxPodSandboxConfig,
     LinuxSandboxSecurityContext, ListContainersRequest, ListPodSandboxRequest, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
-    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopContainerRequest, StopPodSandboxRequest,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatsRequest,
+    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -236,6 +239,9 @@ fn pod_config(handler: &str, logs: &Path) -> PodSandboxConfig {
         hostname: format!("pod-{handler}"),
         log_directory: logs.to_str().unwrap().into(),
         linux: Some(LinuxPodSandboxConfig {
+            // As kubelet gives one (cgroupfs): the pod's cgroup, whose use
+            // PodSandboxStats reports.
+            cgroup_parent: format!("/forkvm-cri-e2e/pod-{handler}"),
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(NamespaceOption {
                     network: NamespaceMode::Pod as i32,
@@ -522,6 +528,64 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
         working_set > 0 && working_set < 256 << 20,
         "{handler}: working set {working_set}: {stats:?}"
     );
+    // The same command through the CRI's streaming Exec (`kubectl exec` without a
+    // terminal): containerd's streaming server, over a WebSocket.
+    let (stdout, stderr, status) = exec_streaming(
+        cri,
+        &client,
+        &["sh", "-c", "echo out; hostname; echo err >&2; exit 3"],
+    );
+    assert_eq!(
+        (stdout.as_str(), stderr.as_str()),
+        (format!("out\npod-{handler}\n").as_str(), "err\n"),
+        "{handler}: streaming Exec (status {status})"
+    );
+    assert!(
+        status.contains("NonZeroExitCode") && status.contains("\"message\":\"3\""),
+        "{handler}: streaming Exec's status: {status}"
+    );
+    // The pod's own use, as `kubectl top pod` reads it: CPU and memory, and each of its
+    // containers'.
+    let req = PodSandboxStatsRequest {
+        pod_sandbox_id: pod.clone(),
+    };
+    let stats = cri
+        .call("PodSandboxStats", |mut c| async move {
+            c.pod_sandbox_stats(req).await
+        })
+        .unwrap_or_else(|e| panic!("{handler}: PodSandboxStats: {e}"))
+        .stats
+        .expect("stats");
+    let linux = stats.linux.expect("the pod's Linux stats");
+    let pod_cpu_ns = linux
+        .cpu
+        .as_ref()
+        .and_then(|c| c.usage_core_nano_seconds.as_ref())
+        .map_or(0, |v| v.value);
+    let pod_working_set = linux
+        .memory
+        .as_ref()
+        .and_then(|m| m.working_set_bytes.as_ref())
+        .map_or(0, |v| v.value);
+    let mut names: Vec<String> = linux
+        .containers
+        .iter()
+        .filter_map(|c| Some(c.attributes.as_ref()?.metadata.as_ref()?.name.clone()))
+        .collect();
+    names.sort();
+    println!(
+        "{handler}: pod's stats: {pod_cpu_ns} ns of CPU, working set {pod_working_set} bytes, \
+         containers {names:?}"
+    );
+    assert!(
+        pod_cpu_ns > 0,
+        "{handler}: no CPU time for the pod: {linux:?}"
+    );
+    assert!(
+        pod_working_set > 0,
+        "{handler}: no memory for the pod: {linux:?}"
+    );
+    assert_eq!(names, ["client", "server"], "{handler}: {linux:?}");
     if handler == "forkvm-fork" {
         second_forked_pod(ctd, cri, &logs);
     }
@@ -545,6 +609,57 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
     }
     remove_pod(ctd, cri, &pod);
     assert_nothing_left(ctd, cri, handler);
+}
+
+/// Runs `cmd` in container `id` as `kubectl exec` does without a terminal: the CRI's
+/// Exec gives a URL of containerd's streaming server, which runs it over a WebSocket
+/// in Kubernetes' `v4.channel.k8s.io` framing (each message's first byte its stream:
+/// 1 stdout, 2 stderr, 3 the status). Returns (stdout, stderr, the status's JSON).
+fn exec_streaming(cri: &mut Cri, id: &str, cmd: &[&str]) -> (String, String, String) {
+    use tungstenite::client::IntoClientRequest;
+    let req = ExecRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty: false,
+        stdin: false,
+        stdout: true,
+        stderr: true,
+    };
+    let url = cri
+        .call("Exec", |mut c| async move { c.exec(req).await })
+        .unwrap_or_else(|e| panic!("Exec {cmd:?} in {id}: {e}"))
+        .url;
+    let mut request = url
+        .replacen("http://", "ws://", 1)
+        .into_client_request()
+        .unwrap_or_else(|e| panic!("Exec's URL {url}: {e}"));
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        tungstenite::http::HeaderValue::from_static("v4.channel.k8s.io"),
+    );
+    let (mut socket, _) =
+        tungstenite::connect(request).unwrap_or_else(|e| panic!("WebSocket to {url}: {e}"));
+    if let tungstenite::stream::MaybeTlsStream::Plain(tcp) = socket.get_mut() {
+        tcp.set_read_timeout(Some(CALL_TIMEOUT)).unwrap();
+    }
+    let mut streams = [Vec::new(), Vec::new(), Vec::new()];
+    loop {
+        match socket.read() {
+            Ok(tungstenite::Message::Binary(data)) => {
+                if let Some(&n @ 1..=3) = data.first() {
+                    streams[n as usize - 1].extend_from_slice(&data[1..]);
+                }
+            }
+            Ok(tungstenite::Message::Close(_))
+            | Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                break
+            }
+            Ok(_) => {}
+            Err(e) => panic!("Exec {cmd:?} in {id}, over {url}: {e}"),
+        }
+    }
+    let [out, err, status] = streams.map(|s| String::from_utf8_lossy(&s).into_owned());
+    (out, err, status)
 }
 
 /// What a TCP server at `ip`:`port` answers a client that sends nothing (read until it

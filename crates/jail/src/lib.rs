@@ -69,6 +69,9 @@ pub enum JailError {
     /// Its minimal root.
     #[error(transparent)]
     Root(#[from] RootError),
+    /// Its own network namespace could not be made.
+    #[error("cannot give the VM process a network namespace of its own")]
+    Netns(#[source] std::io::Error),
 }
 
 /// Devices every VM process may open for writing: KVM, TUN (a fork child's TAPs) and
@@ -142,6 +145,11 @@ pub struct JailSpec {
     /// it inherits (with `filter_inherited`).
     #[serde(default)]
     pub writes_bound: bool,
+    /// An empty network namespace of its own, made on entering: for a VM with no NIC
+    /// that would otherwise sit in the host's (an OCI container on the host's network),
+    /// so that a VM process its guest took over reaches nothing there.
+    #[serde(default)]
+    pub own_netns: bool,
 }
 
 impl Default for JailSpec {
@@ -151,6 +159,7 @@ impl Default for JailSpec {
             cgroup: None,
             filter_inherited: false,
             writes_bound: false,
+            own_netns: false,
         }
     }
 }
@@ -172,6 +181,8 @@ impl JailSpec {
             cgroup: None,
             filter_inherited: PROCESS_FILTERED.load(Ordering::Relaxed),
             writes_bound: landlock::bound().is_some(),
+            // A fork child starts in its parent's network namespace, an own one too.
+            own_netns: false,
         }
     }
 }
@@ -264,6 +275,13 @@ impl Jail {
                 None
             }
         };
+        if spec.own_netns {
+            // SAFETY: unshare(2) reads no memory; the namespace is this (single-threaded)
+            // process's.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(JailError::Netns(std::io::Error::last_os_error()));
+            }
+        }
         let places = with_system_places(places, cgroup.as_ref());
         let landlock = if spec.filter_inherited {
             // Its trap still writes the line, in this process too.

@@ -29,11 +29,11 @@
 //! | `mounts`: bind of anything else (a socket, a device node), or of a source that is missing or relative | **error** | only directories are shared and regular files copied |
 //! | `mounts`: any other filesystem type | **error** | the guest cannot mount it |
 //! | `linux.namespaces`: `mount`, `uts`, `ipc` | [`ContainerPlan::namespaces`] | the container's monitor (the host process `state` names, whose namespaces hooks and engines enter) is in them as runc's container process would be: a new one without `path`, the one at `path` joined, the runtime's own when the type is not listed. Inside the VM the container has every namespace of its own. The monitor stacks the container's root over `/` and binds its volumes only in a mount namespace it made: volumes and a pod's sandbox need one (**error** otherwise) |
-//! | `linux.namespaces`: `pid` | [`MonitorNamespaces::pid`] | joined by the monitor (and the VM process it starts) when given by `path`; without `path` made inside the VM only: on the host the VM process stays in the runtime's pid namespace, where its fork children's pids name them. A container whose monitor joined a pid namespace does not fork |
-//! | `linux.namespaces`: `cgroup` | warning | made inside the VM only: the VM process moves into the container's `cgroupsPath` and out of it when it ends, which a cgroup namespace of its own would forbid |
+//! | `linux.namespaces`: `pid` | [`MonitorNamespaces::pid`] | joined by the monitor (and the VM process it starts) when given by `path` (not with a `mount` namespace by path too: **error**, the monitor learns its host pid from `/proc`); without `path` made inside the VM only: on the host the VM process stays in the runtime's pid namespace, where its fork children's pids name them. A container whose monitor joined a pid namespace does not fork |
+//! | `linux.namespaces`: `cgroup`, `time` | warning; with `path`: **error** | made inside the VM only (the guest kernel's): the VM process moves into the container's `cgroupsPath` and out of it when it ends, which a cgroup namespace of its own would forbid |
 //! | `linux.namespaces`: `network` with `path` (podman/netavark, CNI, containerd's CRI) | [`ContainerPlan::network`] = [`NetworkPlan::Join`] | the VM joins that network: each interface gets a TAP tied to it, and the guest takes its MAC, MTU, addresses and routes (`forkvm-net`) |
 //! | `linux.namespaces`: `network` without `path` (Docker, `ctr run`) | [`NetworkPlan::New`] | the runtime makes a namespace for the container's monitor, the `prestart`/`createRuntime` hooks configure it (Docker's `libnetwork-setkey` moves the veth in), then the VM joins it as above |
-//! | no `network` namespace, or the runtime's own by `path` (`--network host`) | [`NetworkPlan::Host`], warning | the monitor and the VM process stay in the runtime's network namespace as the spec says, but a VM cannot share the host's network stack: its guest has only loopback (no NIC; the host's interfaces are never tied to it), as with Kata Containers |
+//! | no `network` namespace, or the runtime's own by `path` (`--network host`) | [`NetworkPlan::Host`], warning | the monitor stays in the runtime's network namespace as the spec says, but a VM cannot share the host's network stack: its guest has only loopback (no NIC; the host's interfaces are never tied to it), as with Kata Containers, and its VM process has an empty network namespace of its own. A pod template cannot fork such a pod (**error**) |
 //! | `linux.namespaces`: `user` with `path` | **error** | the container's user namespace is made inside the VM (below); a host one cannot be joined from there |
 //! | `linux.devices` | [`ContainerPlan::devices`] | created by the guest agent in the container's root (type, major, minor, mode, owner). A device this host has must be one the guest's kernel has: a host-only device such as `/dev/kvm` fails `create` naming it. A device neither has is made as runc makes it; a FIFO always. Type `a` is refused: it is a cgroup rule |
 //! | `linux.namespaces`: `user` with `linux.uidMappings`/`gidMappings` | [`ContainerPlan::user_namespace`] | made by the guest agent with those maps, their "host" ids the guest's; every container process (exec'd ones and `createContainer`/`startContainer` hooks too) joins it. A `user` namespace without both maps, or maps without the namespace, is an **error**, as in runc. The guest's other namespaces stay the guest root's: the container's root may bind low ports and ping (the agent sets `ip_unprivileged_port_start` and `ping_group_range`) but not set the hostname or mount. A shared root's files are created with the guest's ids (a container root mapped to 1000 writes as uid 1000) |
@@ -218,9 +218,9 @@ impl RootMode {
     }
 }
 
-/// Why a container on the host's network cannot be a VM: the reason given when a bundle
-/// has no network namespace, or names the host's own.
-pub const HOST_NETWORK: &str = "the container is on the host's network (--network host), which a VM cannot share: its monitor and VM process stay in the runtime's network namespace, and its guest has only loopback; give it a container network to reach anything";
+/// What a container on the host's network gets (a bundle with no network namespace, or
+/// naming the runtime's own): the warning `create` gives.
+pub const HOST_NETWORK: &str = "the container is on the host's network (--network host), which a VM cannot share: its monitor stays in the runtime's network namespace, and its guest has only loopback; give it a container network to reach anything";
 
 /// What a container is to a Kubernetes pod (containerd's CRI annotations
 /// [`CRI_CONTAINER_TYPE`] and [`CRI_SANDBOX_ID`]).
@@ -1122,6 +1122,7 @@ impl<'a> Planner<'a> {
 
     fn linux(&mut self, linux: &Linux) -> Result<(u8, u64, Option<CgroupSpec>), BundleError> {
         let mut kinds = Vec::new();
+        let mut seen = HashSet::new();
         let mut user_namespace = false;
         for ns in linux.namespaces().iter().flatten() {
             if ns.typ() == LinuxNamespaceType::Network {
@@ -1160,6 +1161,14 @@ impl<'a> Planner<'a> {
                 LinuxNamespaceType::Mount => &mut self.namespaces.mount,
                 LinuxNamespaceType::Uts => &mut self.namespaces.uts,
                 LinuxNamespaceType::Ipc => &mut self.namespaces.ipc,
+                LinuxNamespaceType::Pid | LinuxNamespaceType::User
+                    if !seen.insert(ns.typ().to_string()) =>
+                {
+                    return Err(self.invalid(
+                        format!("linux.namespaces[{}]", ns.typ()),
+                        "a namespace type may appear only once",
+                    ));
+                }
                 LinuxNamespaceType::Pid => {
                     if let HostNamespace::Join(path) = host {
                         self.namespaces.pid = Some(path);
@@ -1197,6 +1206,21 @@ impl<'a> Planner<'a> {
                 ));
             }
             *slot = host;
+        }
+        // The monitor reads its host pid from `/proc`, which a mount namespace joined by
+        // path may have replaced with one of that pid namespace's.
+        if let (Some(pid), HostNamespace::Join(mount)) =
+            (&self.namespaces.pid, &self.namespaces.mount)
+        {
+            return Err(self.unsupported(
+                format!(
+                    "linux.namespaces: pid ({}) and mount ({}) both by path",
+                    pid.display(),
+                    mount.display()
+                ),
+                "the container's monitor could not learn its host pid there (that mount \
+                 namespace's /proc need not be the host's); join one of them only",
+            ));
         }
         if !kinds.is_empty() {
             self.warn(format!(

@@ -132,6 +132,11 @@ pub fn checked_copy(
     memory_mac: &[u8; 32],
     own: &str,
 ) -> Option<std::fs::File> {
+    // Other monitors are named by host pids, which `pidfd_open` reads in this
+    // process's pid namespace: only the host's will do.
+    if forkvm_registry::ProcessIdentity::in_child_pid_namespace() {
+        return None;
+    }
     let states = store.list().ok()?;
     states
         .iter()

@@ -1043,7 +1043,7 @@ fn body() {
             .contains("fktap"),
         "a TAP was made on the host"
     );
-    for id in ["c4", "c5", "c8", "c10", "c11"] {
+    for id in ["c4", "c5", "c8", "c10", "c11", "c12"] {
         assert!(!env.root().join(id).exists(), "{id} left state behind");
     }
     assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
@@ -1065,31 +1065,55 @@ fn ns_of(pid: impl std::fmt::Display, kind: &str) -> String {
         .to_string()
 }
 
-/// Container c11: its mount, UTS, IPC and pid namespaces given by path (another
-/// process's, made by `unshare`), its network the host's own by path.
+/// Ends the `unshare` holding namespaces for a test, however the test ends.
+struct Holder(std::process::Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether process `parent` has a child (from every process's `stat`).
+fn has_child(parent: u32) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read_to_string(e.path().join("stat")).is_ok_and(|stat| {
+            let rest = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+            rest.split_whitespace().nth(1) == Some(&parent.to_string())
+        })
+    })
+}
+
+/// Container c11: its UTS, IPC and pid namespaces given by path (another process's,
+/// made by `unshare`), its network the host's own by path; c12: a mount and a pid
+/// namespace both by path, refused.
 fn namespaces_by_path(env: &Env, t: &Path) {
-    let mut holder = Command::new("unshare")
-        .args([
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount",
-            "--uts",
-            "--ipc",
-        ])
-        .args(["sleep", "600"])
-        .spawn()
-        .expect("unshare (util-linux)");
-    let h = holder.id();
+    let holder = Holder(
+        Command::new("unshare")
+            .args([
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--mount",
+                "--uts",
+                "--ipc",
+            ])
+            .args(["sleep", "600"])
+            .spawn()
+            .expect("unshare (util-linux)"),
+    );
+    let h = holder.0.id();
+    // Its namespaces made, and its pid namespace's first process (`sleep`) started.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while ns_of(h, "uts") == ns_of("self", "uts") {
+    while ns_of(h, "uts") == ns_of("self", "uts") || !has_child(h) {
         assert!(Instant::now() < deadline, "unshare made no namespaces");
         std::thread::sleep(Duration::from_millis(20));
     }
     let b11 = bundle(&t.join("b11"), &["sh", "-c", "cat /proc/net/dev"], |c| {
         c["linux"]["namespaces"] = json!([
             {"type": "pid", "path": format!("/proc/{h}/ns/pid_for_children")},
-            {"type": "mount", "path": format!("/proc/{h}/ns/mnt")},
+            {"type": "mount"},
             {"type": "uts", "path": format!("/proc/{h}/ns/uts")},
             {"type": "ipc", "path": format!("/proc/{h}/ns/ipc")},
             {"type": "network", "path": "/proc/1/ns/net"},
@@ -1107,16 +1131,22 @@ fn namespaces_by_path(env: &Env, t: &Path) {
         "the warning is not in the log:\n{log}"
     );
     let pid = pid_of(&env.state("c11"));
-    for kind in ["mnt", "uts", "ipc"] {
+    for kind in ["uts", "ipc"] {
         assert_eq!(
             ns_of(pid, kind),
             ns_of(h, kind),
             "the monitor's {kind} namespace"
         );
     }
+    assert_ne!(
+        ns_of(pid, "mnt"),
+        ns_of("self", "mnt"),
+        "a mount namespace of its own"
+    );
     assert_eq!(ns_of(pid, "pid"), ns_of(h, "pid_for_children"));
     assert_eq!(ns_of(pid, "net"), ns_of("self", "net"));
-    // Its VM process, in that pid namespace too, records itself by its host pid.
+    // Its VM process, in that pid namespace too, records itself by its host pid; its
+    // network namespace is an empty one of its own.
     let homes = env.vm_homes();
     assert_eq!(homes.len(), 1, "{homes:?}");
     let vm_state: Value =
@@ -1130,6 +1160,11 @@ fn namespaces_by_path(env: &Env, t: &Path) {
         "{vm_state}"
     );
     assert_eq!(ns_of(vm_pid, "pid"), ns_of(h, "pid_for_children"));
+    assert_ne!(
+        ns_of(vm_pid, "net"),
+        ns_of("self", "net"),
+        "the VM process is on the host's network"
+    );
     env.ok("c11-start", &["start", "c11"]);
     assert_eq!(
         reap(pid, Duration::from_secs(60)),
@@ -1145,8 +1180,21 @@ fn namespaces_by_path(env: &Env, t: &Path) {
         .collect();
     assert_eq!(interfaces, ["lo"], "the guest has loopback only:\n{dev}");
     env.ok("c11-delete", &["delete", "c11"]);
-    let _ = holder.kill();
-    let _ = holder.wait();
+    // A mount and a pid namespace both by path: refused by name, before anything.
+    let b12 = bundle(&t.join("b12"), &["true"], |c| {
+        c["linux"]["namespaces"] = json!([
+            {"type": "pid", "path": format!("/proc/{h}/ns/pid_for_children")},
+            {"type": "mount", "path": format!("/proc/{h}/ns/mnt")},
+            {"type": "network"},
+        ]);
+    });
+    let out = env.rt(
+        "c12-create",
+        &["create", "--bundle", b12.to_str().unwrap(), "c12"],
+        None,
+    );
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("both by path"), "{out}");
 }
 
 /// A prestart hook that does what libnetwork does for runc, with `ip` and `nsenter`:

@@ -232,9 +232,10 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+    // The host pid: processes in different pid namespaces may share a number.
     let tmp = dir.join(format!(
         ".{name}.tmp.{}.{}",
-        std::process::id(),
+        crate::liveness::ProcessIdentity::current().pid,
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
     let result = (|| {

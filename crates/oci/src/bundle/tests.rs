@@ -125,8 +125,8 @@ fn monitor_namespaces_follow_the_spec() {
     let plan = load_with(|c| {
         c["linux"]["namespaces"] = json!([
             {"type": "network", "path": "/proc/9/ns/net"},
-            {"type": "mount", "path": "/proc/9/ns/mnt"},
-            {"type": "uts"},
+            {"type": "mount"},
+            {"type": "uts", "path": "/proc/9/ns/uts"},
             {"type": "pid", "path": "/proc/9/ns/pid_for_children"},
         ])
     })
@@ -134,13 +134,38 @@ fn monitor_namespaces_follow_the_spec() {
     assert_eq!(
         plan.namespaces,
         MonitorNamespaces {
-            mount: HostNamespace::Join("/proc/9/ns/mnt".into()),
-            uts: HostNamespace::New,
+            mount: HostNamespace::New,
+            uts: HostNamespace::Join("/proc/9/ns/uts".into()),
             ipc: HostNamespace::Inherit,
             pid: Some("/proc/9/ns/pid_for_children".into()),
         }
     );
     assert_eq!(plan.network, NetworkPlan::Join("/proc/9/ns/net".into()));
+    let plan = load_with(|c| {
+        c["linux"]["namespaces"] = json!([
+            {"type": "network"},
+            {"type": "mount", "path": "/proc/9/ns/mnt"},
+            {"type": "pid"},
+        ])
+    })
+    .unwrap();
+    assert_eq!(
+        plan.namespaces.mount,
+        HostNamespace::Join("/proc/9/ns/mnt".into())
+    );
+    assert_eq!(plan.namespaces.pid, None);
+    // Both by path: the monitor could not learn its host pid.
+    let e = err_with(|c| {
+        c["linux"]["namespaces"] = json!([
+            {"type": "network"},
+            {"type": "mount", "path": "/proc/9/ns/mnt"},
+            {"type": "pid", "path": "/proc/9/ns/pid"},
+        ])
+    });
+    assert!(
+        e.contains("pid (/proc/9/ns/pid) and mount (/proc/9/ns/mnt) both by path"),
+        "{e}"
+    );
     // No namespace at all: every one the runtime's, the host's network with a warning.
     let plan = load_with(|c| {
         c["linux"].as_object_mut().unwrap().remove("namespaces");
@@ -189,6 +214,17 @@ fn monitor_namespaces_follow_the_spec() {
     });
     assert!(
         e.contains("linux.namespaces[uts]") && e.contains("only once"),
+        "{e}"
+    );
+    let e = err_with(|c| {
+        c["linux"]["namespaces"] = json!([
+            {"type": "network"},
+            {"type": "pid"},
+            {"type": "pid", "path": "/proc/9/ns/pid"},
+        ])
+    });
+    assert!(
+        e.contains("linux.namespaces[pid]") && e.contains("only once"),
         "{e}"
     );
     let e = err_with(|c| {

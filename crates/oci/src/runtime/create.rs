@@ -1,9 +1,10 @@
 //! `create` and the container's monitor process.
 //!
 //! `create` checks the bundle and spawns the monitor (this binary, `__monitor ID`) with
-//! the caller's stdio (or a pty's slave, the master sent to `--console-socket`), in UTS,
-//! IPC and mount namespaces of its own and, when the bundle asks for a new network
-//! namespace, in one of its own too; in its mount namespace the container's root is
+//! the caller's stdio (or a pty's slave, the master sent to `--console-socket`), in the
+//! namespaces the bundle lists: mount, UTS, IPC and network namespaces new or joined by
+//! path, the runtime's own where the type is not listed, and a pid namespace joined by
+//! path; in a mount namespace of its own the container's root is
 //! mounted over `/`, so that an engine joining it finds the container's files. `create` then runs the bundle's `prestart` and `createRuntime`
 //! hooks with the monitor as the state's `pid` (Docker's network hook moves the
 //! container's veth into the monitor's namespace this way, and rewrites the container's
@@ -94,6 +95,12 @@ pub fn create(g: &Global, log: &Log, a: CreateArgs) -> Result<()> {
     }
     if plan.process.tty && a.console_socket.is_none() {
         bail!("process.terminal is true but no --console-socket was given");
+    }
+    if a.pod_template.is_some() && plan.network == NetworkPlan::Host {
+        bail!(
+            "--pod-template: the pod is on the host's network (no network namespace), and a \
+             pod template's VM has a NIC for the pod's network: boot such a pod instead"
+        );
     }
     let pod_template = match (&plan.pod, &a.pod_template) {
         (_, None) => None,
@@ -515,10 +522,10 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     // The container's network namespace (the engine's, or this process's own which the
     // hooks configured), before anything is registered: a namespace that cannot be
     // joined leaves nothing behind.
-    let netns = match &plan.network {
-        NetworkPlan::Join(path) => path.clone(),
-        NetworkPlan::New | NetworkPlan::Host => PathBuf::from("/proc/self/ns/net"),
-    };
+    // This process is in it already (its spawn joined the engine's by path, or made
+    // one): named through this process, never by the spec's path again (a mount
+    // namespace joined by path may resolve it elsewhere).
+    let netns = PathBuf::from("/proc/self/ns/net");
     let plumb = |netns: &Path| -> Result<Plumbed> {
         Ok(Plumbed {
             network: forkvm_net::plumb(netns)
@@ -754,15 +761,14 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         plumbed: networked.then(|| (plumbed.netns.clone(), plumbed.network.clone())),
         pod_container: matches!(origin, Origin::Fork(_)).then(|| id.to_owned()),
     };
-    // The VM process inherits this process's own namespace; the engine's it joins.
-    let netns = match &plan.network {
-        NetworkPlan::Join(path) => Some(path.as_path()),
-        NetworkPlan::New | NetworkPlan::Host => None,
-    };
+    // The VM process inherits this process's network namespace (the container's);
+    // on the host's network, it has no NIC and an empty one of its own.
+    let netns = None;
     let early = early_start.is_some();
     // The engine's cgroup (cgroupsPath) when it gave one, forkvm's own otherwise.
     let jail = forkvm_jail::JailSpec {
         cgroup: plan.cgroup.clone(),
+        own_netns: plan.network == NetworkPlan::Host,
         ..forkvm_jail::JailSpec::default()
     };
     let session = move |s: &vm::Session| {

@@ -276,6 +276,11 @@ impl Jail {
             }
         };
         if spec.own_netns {
+            // A thread started before would stay in the old namespace.
+            match landlock::threads() {
+                1 => {}
+                n => return Err(landlock::LandlockError::Threads(n).into()),
+            }
             // SAFETY: unshare(2) reads no memory; the namespace is this (single-threaded)
             // process's.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {

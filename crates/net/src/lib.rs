@@ -162,8 +162,7 @@ pub struct Network {
 }
 
 /// Moves the calling thread into the network namespace at `netns`; threads it starts
-/// afterwards are in it too (the VM process joins its container's namespace this way,
-/// before it starts any).
+/// afterwards are in it too (this crate's netlink and DNS relay threads work there).
 pub fn join(netns: &Path) -> Result<(), NetError> {
     let ns = File::open(netns).map_err(|source| NetError::Open {
         path: netns.to_owned(),

@@ -28,7 +28,7 @@
 //! | `mounts`: bind of a directory (`-v DIR:/p`, `--mount type=bind`, named volumes) | [`ContainerPlan::volumes`] | shared into the VM by a virtio-fs device: the container's monitor binds the directory, under its own name, in a directory of the container's state (in its own mount namespace), which is the share, and the guest agent binds that directory of the share at `destination`, so that the mount table names it as runc's does; read-only with the `ro` option (the host's bind too); other options (propagation, `nosuid`, ...) are not applied. A VM with volumes forks (its children serve the same directories); it cannot be saved as a template |
 //! | `mounts`: bind of anything else (a socket, a device node), or of a source that is missing or relative | **error** | only directories are shared and regular files copied |
 //! | `mounts`: any other filesystem type | **error** | the guest cannot mount it |
-//! | `linux.namespaces`: `mount`, `uts`, `ipc` | [`ContainerPlan::namespaces`] | the container's monitor (the host process `state` names, whose namespaces hooks and engines enter) is in them as runc's container process would be: a new one without `path`, the one at `path` joined, the runtime's own when the type is not listed. Inside the VM the container has every namespace of its own. The monitor stacks the container's root over `/` and binds its volumes only in a mount namespace it made: volumes and a pod's sandbox need one (**error** otherwise) |
+//! | `linux.namespaces`: `mount`, `uts`, `ipc` | [`ContainerPlan::namespaces`] | the container's monitor (the host process `state` names, whose namespaces hooks and engines enter) is in them as runc's container process would be: a new one without `path`, the one at `path` joined, the runtime's own when the type is not listed. Inside the VM the container has every namespace of its own. The monitor stacks the container's root over `/` and binds its volumes only in a mount namespace it made: volumes and a pod's sandbox need one (**error** otherwise). A `mount` namespace by path must show the runtime's processes in its `/proc`, where the monitor finds itself (one made from the runtime's by `unshare --mount` does; another container's does not: **error**) |
 //! | `linux.namespaces`: `pid` | [`MonitorNamespaces::pid`] | joined by the monitor (and the VM process it starts) when given by `path` (not with a `mount` namespace by path too: **error**, the monitor learns its host pid from `/proc`); without `path` made inside the VM only: on the host the VM process stays in the runtime's pid namespace, where its fork children's pids name them. A container whose monitor joined a pid namespace does not fork |
 //! | `linux.namespaces`: `cgroup`, `time` | warning; with `path`: **error** | made inside the VM only (the guest kernel's): the VM process moves into the container's `cgroupsPath` and out of it when it ends, which a cgroup namespace of its own would forbid |
 //! | `linux.namespaces`: `network` with `path` (podman/netavark, CNI, containerd's CRI) | [`ContainerPlan::network`] = [`NetworkPlan::Join`] | the VM joins that network: each interface gets a TAP tied to it, and the guest takes its MAC, MTU, addresses and routes (`forkvm-net`) |
@@ -1161,7 +1161,10 @@ impl<'a> Planner<'a> {
                 LinuxNamespaceType::Mount => &mut self.namespaces.mount,
                 LinuxNamespaceType::Uts => &mut self.namespaces.uts,
                 LinuxNamespaceType::Ipc => &mut self.namespaces.ipc,
-                LinuxNamespaceType::Pid | LinuxNamespaceType::User
+                LinuxNamespaceType::Pid
+                | LinuxNamespaceType::User
+                | LinuxNamespaceType::Cgroup
+                | LinuxNamespaceType::Time
                     if !seen.insert(ns.typ().to_string()) =>
                 {
                     return Err(self.invalid(

@@ -464,26 +464,17 @@ pub fn mount_request(volumes: &[Volume]) -> Option<forkvm_agent_proto::Request> 
 pub const START_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Starts the VM registered at `home` in a VM process (`forkvm-vmm`) that boots `cfg`
-/// (inside the network namespace `netns`, when given; jailed as `jail` says) with its console as `console`
-/// says, attached as `opts` say; returns once its API answers. If it does not start, it
+/// (in this process's network namespace; jailed as `jail` says) with its console as
+/// `console` says, attached as `opts` say; returns once its API answers. If it does not start, it
 /// is gone and the error says why.
 pub fn start(
     home: &VmHome,
     cfg: &VmConfig,
-    netns: Option<&Path>,
     jail: JailSpec,
     console: ConsoleSpec,
     opts: ProcessOptions,
 ) -> Result<VmProcess> {
-    start_from(
-        home,
-        Start::Boot(cfg.clone()),
-        &[],
-        netns,
-        jail,
-        console,
-        opts,
-    )
+    start_from(home, Start::Boot(cfg.clone()), &[], jail, console, opts)
 }
 
 /// [`start`] of a VM from `start` (a boot, or a template's child with its `files`:
@@ -492,7 +483,6 @@ pub fn start_from(
     home: &VmHome,
     start: Start,
     files: &[std::fs::File],
-    netns: Option<&Path>,
     jail: JailSpec,
     console: ConsoleSpec,
     opts: ProcessOptions,
@@ -504,7 +494,6 @@ pub fn start_from(
         },
         console,
         start,
-        netns: netns.map(Path::to_owned),
         jail,
     };
     let mut vm = VmProcess::spawn(&launch, files, opts).context("cannot start the VM process")?;
@@ -515,16 +504,10 @@ pub fn start_from(
     Ok(vm)
 }
 
-/// Boots `cfg` in a VM process of its own (see [`start`]; in `netns` when given) with its
+/// Boots `cfg` in a VM process of its own (see [`start`]) with its
 /// console in `home`'s log, runs `session` on a thread, and returns the session's exit
 /// code once the VM is gone. The VM process dies with this one.
-pub fn run<F>(
-    home: VmHome,
-    cfg: &VmConfig,
-    netns: Option<&Path>,
-    jail: JailSpec,
-    session: F,
-) -> Result<i32>
+pub fn run<F>(home: VmHome, cfg: &VmConfig, jail: JailSpec, session: F) -> Result<i32>
 where
     F: FnOnce(&Session) -> Result<Outcome> + Send + 'static,
 {
@@ -537,7 +520,6 @@ where
         home,
         &uds,
         (Start::Boot(cfg.clone()), Vec::new()),
-        netns,
         jail,
         true,
         session,
@@ -552,7 +534,6 @@ pub fn run_from<F>(
     home: VmHome,
     uds: &Path,
     (start, files): (Start, Vec<std::fs::File>),
-    netns: Option<&Path>,
     jail: JailSpec,
     powers_off: bool,
     session: F,
@@ -565,7 +546,6 @@ where
         &home,
         start,
         &files,
-        netns,
         jail,
         ConsoleSpec::Log,
         ProcessOptions::owned(),

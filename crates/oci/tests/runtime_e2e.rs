@@ -1035,7 +1035,8 @@ fn body() {
     );
     // Namespaces by path: the monitor (the state's pid) joins them, as runc's container
     // process would; the host's own network namespace by path (what Docker's --network
-    // host hands over) leaves the VM process on it and the guest with loopback only.
+    // host hands over) leaves the monitor on it, the VM process in an empty one of its
+    // own and the guest with loopback only.
     namespaces_by_path(&env, t);
     assert!(
         !std::fs::read_to_string("/proc/net/dev")

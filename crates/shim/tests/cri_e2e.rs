@@ -241,7 +241,7 @@ fn pod_config(handler: &str, logs: &Path) -> PodSandboxConfig {
         linux: Some(LinuxPodSandboxConfig {
             // As kubelet gives one (cgroupfs): the pod's cgroup, whose use
             // PodSandboxStats reports.
-            cgroup_parent: format!("/forkvm-cri-e2e/pod-{handler}"),
+            cgroup_parent: format!("/{}/pod-{handler}", pods_cgroup()),
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(NamespaceOption {
                     network: NamespaceMode::Pod as i32,
@@ -326,7 +326,20 @@ fn body() {
         pod_lifecycle(&ctd, &mut cri, handler);
     }
     bad_input(&ctd, &mut cri);
+    // The pods' cgroups, empty now (on a host with hardware KVM the test runs on the
+    // host itself).
+    let pods = Path::new("/sys/fs/cgroup").join(pods_cgroup());
+    for pod in std::fs::read_dir(&pods).into_iter().flatten().flatten() {
+        let _ = std::fs::remove_dir(pod.path());
+    }
+    let _ = std::fs::remove_dir(&pods);
     println!("session took {:.1?}", session.elapsed());
+}
+
+/// The cgroup (under the hierarchy's root) the session's pods' cgroups are made in,
+/// as kubelet makes `kubepods`: one of this run's own, so that a pod's stats are its own.
+fn pods_cgroup() -> String {
+    format!("forkvm-cri-e2e-{}", std::process::id())
 }
 
 /// `forkvm-runtime pod-template` makes the template `forkvm-fork`'s pods fork from: a
@@ -637,11 +650,20 @@ fn exec_streaming(cri: &mut Cri, id: &str, cmd: &[&str]) -> (String, String, Str
         "Sec-WebSocket-Protocol",
         tungstenite::http::HeaderValue::from_static("v4.channel.k8s.io"),
     );
+    // Connected and read within limits, the handshake too.
+    let uri = request.uri();
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(
+        uri.host().expect("a host in Exec's URL"),
+        uri.port_u16().expect("a port in Exec's URL"),
+    ))
+    .unwrap()
+    .next()
+    .unwrap();
+    let tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+    tcp.set_read_timeout(Some(CALL_TIMEOUT)).unwrap();
     let (mut socket, _) =
-        tungstenite::connect(request).unwrap_or_else(|e| panic!("WebSocket to {url}: {e}"));
-    if let tungstenite::stream::MaybeTlsStream::Plain(tcp) = socket.get_mut() {
-        tcp.set_read_timeout(Some(CALL_TIMEOUT)).unwrap();
-    }
+        tungstenite::client(request, tcp).unwrap_or_else(|e| panic!("WebSocket to {url}: {e}"));
     let mut streams = [Vec::new(), Vec::new(), Vec::new()];
     loop {
         match socket.read() {

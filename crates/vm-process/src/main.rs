@@ -225,10 +225,6 @@ fn run(mut launched: Launched) -> Result<i32> {
     let mut home = None;
     let mut jail = None;
     let started = (|| {
-        // Before any thread starts: they all live in the namespace (the TAPs are there).
-        if let Some(netns) = &launched.launch.netns {
-            forkvm_net::join(netns)?;
-        }
         let h = home.insert(launched.register().context("cannot register the VM")?);
         steps.mark("register");
         // The console first: a file it names may lie where the jail lets nothing be

@@ -42,7 +42,6 @@ fn a_vm_that_cannot_boot_is_reported_and_recorded() {
         },
         console: ConsoleSpec::Log,
         start: Start::Boot(VmConfig::new(&kernel)),
-        netns: None,
         // Jailed as any VM: the failure is still reported and recorded.
         jail: forkvm_jail::JailSpec::default(),
     };

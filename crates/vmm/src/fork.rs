@@ -443,8 +443,6 @@ impl Launching {
                 home: HomeSpec::New(homes.clone()),
                 console: ConsoleSpec::Log,
                 start: Start::Restore(Box::default()),
-                // A child's TAPs are new ones in the launcher's namespace, not its parent's.
-                netns: None,
                 // A child is jailed as its parent is; one started by a jailed VM process
                 // has its seccomp filter already (it is inherited).
                 jail: forkvm_jail::JailSpec::inherited(),

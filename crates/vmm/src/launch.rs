@@ -98,10 +98,6 @@ pub struct Launch {
     pub console: ConsoleSpec,
     /// What it starts from.
     pub start: Start,
-    /// The network namespace the VM process joins before it builds the VM (a container's:
-    /// its TAPs are there); `None` keeps the launcher's.
-    #[serde(default)]
-    pub netns: Option<PathBuf>,
     /// How the VM process is jailed (see `forkvm_jail`).
     #[serde(default)]
     pub jail: JailSpec,
@@ -821,7 +817,6 @@ mod tests {
             },
             console: ConsoleSpec::Log,
             start: Start::Boot(cfg),
-            netns: None,
             jail: JailSpec::default(),
         };
         let blob = encode(&launch).unwrap();

@@ -168,12 +168,11 @@ pub fn run(args: BootArgs, root: &Path) -> Result<i32> {
                 stdio: [None, Some(log.into()), Some(log2.into())],
                 ..ProcessOptions::daemon()
             };
-            vm::start(&home, &cfg, None, jail, ConsoleSpec::Log, opts)
+            vm::start(&home, &cfg, jail, ConsoleSpec::Log, opts)
         } else {
             vm::start(
                 &home,
                 &cfg,
-                None,
                 jail,
                 ConsoleSpec::LogAndStdout,
                 ProcessOptions::foreground(),

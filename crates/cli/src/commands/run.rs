@@ -278,7 +278,7 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
             .context("cannot start the signal thread")?;
         let tty = args.tty;
         let requests = net.as_ref().map(network::RunNetwork::guest_requests);
-        vm::run(home, &cfg, None, crate::cli::jail(args.no_jail), move |s| {
+        vm::run(home, &cfg, crate::cli::jail(args.no_jail), move |s| {
             session(s, spec, mount, requests, relay, tty)
         })
     })();

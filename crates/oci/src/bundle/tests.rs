@@ -228,6 +228,14 @@ fn monitor_namespaces_follow_the_spec() {
         "{e}"
     );
     let e = err_with(|c| {
+        c["linux"]["namespaces"] =
+            json!([{"type": "network"}, {"type": "cgroup"}, {"type": "cgroup"}])
+    });
+    assert!(
+        e.contains("linux.namespaces[cgroup]") && e.contains("only once"),
+        "{e}"
+    );
+    let e = err_with(|c| {
         c["linux"]["namespaces"] = json!([{"type": "network"}, {"type": "ipc", "path": "ns/ipc"}])
     });
     assert!(

@@ -516,6 +516,22 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     if state.host_network {
         plan.network = NetworkPlan::Host;
     }
+    // A mount namespace joined by path must show this process in its `/proc` (this
+    // process and its VM process name themselves through it): one made from the
+    // runtime's (`unshare --mount`) does, another container's shows its own pid
+    // namespace.
+    if let bundle::HostNamespace::Join(path) = &plan.namespaces.mount {
+        let seen = std::fs::read_link("/proc/self")
+            .ok()
+            .and_then(|p| p.to_str()?.parse::<u32>().ok());
+        if seen != Some(std::process::id()) {
+            bail!(
+                "linux.namespaces[mount].path ({}): its /proc is not the runtime's (it shows \
+                 another pid namespace), and the container's monitor cannot find itself there",
+                path.display()
+            );
+        }
+    }
     if plan.namespaces.mount == bundle::HostNamespace::New {
         container_root_over_slash(&plan.rootfs)?;
     }
@@ -526,10 +542,14 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     // one): named through this process, never by the spec's path again (a mount
     // namespace joined by path may resolve it elsewhere).
     let netns = PathBuf::from("/proc/self/ns/net");
+    let named = match &plan.network {
+        NetworkPlan::Join(path) => path.display().to_string(),
+        _ => "the container's namespace".to_owned(),
+    };
     let plumb = |netns: &Path| -> Result<Plumbed> {
         Ok(Plumbed {
             network: forkvm_net::plumb(netns)
-                .with_context(|| format!("cannot join the network of {}", netns.display()))?,
+                .with_context(|| format!("cannot take the network of {named}"))?,
             netns: netns.to_owned(),
         })
     };
@@ -714,7 +734,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         None
     };
     // A guest NIC per interface of the namespace, with its MAC, on its TAP; the VM
-    // process joins the namespace to open them.
+    // process, in this process's namespace, opens them.
     if let Origin::Boot(cfg) = &mut origin {
         cfg.nets = plumbed
             .network
@@ -761,11 +781,10 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         plumbed: networked.then(|| (plumbed.netns.clone(), plumbed.network.clone())),
         pod_container: matches!(origin, Origin::Fork(_)).then(|| id.to_owned()),
     };
-    // The VM process inherits this process's network namespace (the container's);
-    // on the host's network, it has no NIC and an empty one of its own.
-    let netns = None;
     let early = early_start.is_some();
-    // The engine's cgroup (cgroupsPath) when it gave one, forkvm's own otherwise.
+    // The engine's cgroup (cgroupsPath) when it gave one, forkvm's own otherwise. The
+    // VM process inherits this process's network namespace (the container's); on the
+    // host's network, it has no NIC and an empty one of its own.
     let jail = forkvm_jail::JailSpec {
         cgroup: plan.cgroup.clone(),
         own_netns: plan.network == NetworkPlan::Host,
@@ -775,10 +794,10 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         monitor_session(s, &dir_owned, ready, work, relay, tty, tx, early_start)
     };
     let result = match origin {
-        Origin::Boot(cfg) => vm::run(home, &cfg, netns, jail, session),
+        Origin::Boot(cfg) => vm::run(home, &cfg, jail, session),
         // The sandbox's process is a container of the VM, not its init: the VM goes
         // when it exits.
-        Origin::Fork(start) => vm::run_from(home, &uds, start, netns, jail, false, session),
+        Origin::Fork(start) => vm::run_from(home, &uds, start, jail, false, session),
     };
     *reported = early || rx.try_recv().is_ok();
     if result.is_err() && !*reported {

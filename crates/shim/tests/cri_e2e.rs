@@ -36,10 +36,10 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerStatsRequest, CreateContainerRequest, ExecRequest,
-    ExecSyncRequest, ExecSyncResponse, ImageSpec, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, ListContainersRequest, ListPodSandboxRequest, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatsRequest,
+    ContainerConfig, ContainerMetadata, ContainerStatsRequest, CpuUsage, CreateContainerRequest,
+    ExecRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, ListContainersRequest, ListPodSandboxRequest, MemoryUsage,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatsRequest,
     PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
     StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
@@ -525,16 +525,7 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
     );
     // The server's own use (its cgroup's, in the pod's VM for forkvm): some CPU time
     // and memory, not the VM's or the host's.
-    let cpu_ns = stats
-        .cpu
-        .as_ref()
-        .and_then(|c| c.usage_core_nano_seconds.as_ref())
-        .map_or(0, |v| v.value);
-    let working_set = stats
-        .memory
-        .as_ref()
-        .and_then(|m| m.working_set_bytes.as_ref())
-        .map_or(0, |v| v.value);
+    let (cpu_ns, working_set) = usage(stats.cpu.as_ref(), stats.memory.as_ref());
     println!("{handler}: server's stats: {cpu_ns} ns of CPU, working set {working_set} bytes");
     assert!(cpu_ns > 0, "{handler}: no CPU time: {stats:?}");
     assert!(
@@ -570,16 +561,7 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
         .stats
         .expect("stats");
     let linux = stats.linux.expect("the pod's Linux stats");
-    let pod_cpu_ns = linux
-        .cpu
-        .as_ref()
-        .and_then(|c| c.usage_core_nano_seconds.as_ref())
-        .map_or(0, |v| v.value);
-    let pod_working_set = linux
-        .memory
-        .as_ref()
-        .and_then(|m| m.working_set_bytes.as_ref())
-        .map_or(0, |v| v.value);
+    let (pod_cpu_ns, pod_working_set) = usage(linux.cpu.as_ref(), linux.memory.as_ref());
     let mut names: Vec<String> = linux
         .containers
         .iter()
@@ -622,6 +604,17 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
     }
     remove_pod(ctd, cri, &pod);
     assert_nothing_left(ctd, cri, handler);
+}
+
+/// (CPU time in ns, memory working set in bytes) of CRI stats; 0 for what is missing.
+fn usage(cpu: Option<&CpuUsage>, memory: Option<&MemoryUsage>) -> (u64, u64) {
+    (
+        cpu.and_then(|c| c.usage_core_nano_seconds.as_ref())
+            .map_or(0, |v| v.value),
+        memory
+            .and_then(|m| m.working_set_bytes.as_ref())
+            .map_or(0, |v| v.value),
+    )
 }
 
 /// Runs `cmd` in container `id` as `kubectl exec` does without a terminal: the CRI's

@@ -247,15 +247,21 @@ pub(crate) fn threads() -> usize {
         .unwrap_or(1)
 }
 
+/// Fails unless this process has one thread: what it changes of itself now (rules, a
+/// namespace, its root) a thread started before would not have.
+pub(crate) fn one_thread() -> Result<(), LandlockError> {
+    match threads() {
+        1 => Ok(()),
+        n => Err(LandlockError::Threads(n)),
+    }
+}
+
 /// Binds this process (its one thread) and everything it starts to `writable`: the file
 /// system changes only there. Paths that do not exist are left out (they cannot be made
 /// later), and said; the places the rules hold for are returned. Needs `no_new_privs`
 /// (or `CAP_SYS_ADMIN`).
 pub fn restrict(writable: &Writable) -> Result<(Restricted, Writable), LandlockError> {
-    match threads() {
-        1 => {}
-        n => return Err(LandlockError::Threads(n)),
-    }
+    one_thread()?;
     let mut applied = Writable::default();
     if kernel_abi() < OLDEST {
         return Ok((Restricted::Not, applied));

@@ -277,10 +277,7 @@ impl Jail {
         };
         if spec.own_netns {
             // A thread started before would stay in the old namespace.
-            match landlock::threads() {
-                1 => {}
-                n => return Err(landlock::LandlockError::Threads(n).into()),
-            }
+            landlock::one_thread()?;
             // SAFETY: unshare(2) reads no memory; the namespace is this (single-threaded)
             // process's.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
@@ -309,10 +306,7 @@ impl Jail {
             // as Landlock needs it; the rules before the filter (which has no Landlock
             // calls).
             // The others would keep the host's root, and be left unbound by the rules.
-            match landlock::threads() {
-                1 => {}
-                n => return Err(landlock::LandlockError::Threads(n).into()),
-            }
+            landlock::one_thread()?;
             let mount_on = home.join(root::MOUNT_DIR);
             let t = std::time::Instant::now();
             match root::enter(&mount_on, &places.root)? {

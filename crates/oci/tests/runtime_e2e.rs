@@ -1076,16 +1076,6 @@ impl Drop for Holder {
     }
 }
 
-/// Whether process `parent` has a child (from every process's `stat`).
-fn has_child(parent: u32) -> bool {
-    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        std::fs::read_to_string(e.path().join("stat")).is_ok_and(|stat| {
-            let rest = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
-            rest.split_whitespace().nth(1) == Some(&parent.to_string())
-        })
-    })
-}
-
 /// Container c11: its UTS, IPC and pid namespaces given by path (another process's,
 /// made by `unshare`), its network the host's own by path; c12: a mount and a pid
 /// namespace both by path, refused.
@@ -1107,7 +1097,9 @@ fn namespaces_by_path(env: &Env, t: &Path) {
     let h = holder.0.id();
     // Its namespaces made, and its pid namespace's first process (`sleep`) started.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while ns_of(h, "uts") == ns_of("self", "uts") || !has_child(h) {
+    while ns_of(h, "uts") == ns_of("self", "uts")
+        || forkvm_test_support::running_children(h).is_empty()
+    {
         assert!(Instant::now() < deadline, "unshare made no namespaces");
         std::thread::sleep(Duration::from_millis(20));
     }

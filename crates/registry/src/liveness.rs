@@ -52,16 +52,21 @@ impl ProcessIdentity {
                 return me;
             }
         }
-        let pid = std::fs::read_link("/proc/self")
-            .ok()
-            .and_then(|p| p.to_str()?.parse().ok())
-            .unwrap_or(own);
+        let pid = Self::proc_self_pid().unwrap_or(own);
         let me = Self::of(pid).unwrap_or(Self {
             pid,
             start_ticks: 0,
         });
         *kept = Some((own, me));
         me
+    }
+
+    /// This process's pid as the procfs at `/proc` names it (`/proc/self`), if it shows
+    /// this process at all (a procfs of another pid namespace does not).
+    pub fn proc_self_pid() -> Option<u32> {
+        std::fs::read_link("/proc/self")
+            .ok()
+            .and_then(|p| p.to_str()?.parse().ok())
     }
 
     /// Whether this process is in a pid namespace below the host's (the one of the
@@ -131,23 +136,10 @@ mod tests {
             return;
         }
         assert!(!ProcessIdentity::in_child_pid_namespace());
-        let exe = std::env::current_exe().unwrap();
-        let (pid, out) = std::thread::spawn(move || {
-            // SAFETY: unshare(2) reads no memory; it changes the pid namespace this
-            // thread's children start in.
-            let rc = unsafe { libc::unshare(libc::CLONE_NEWPID) };
-            assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
-            let child = std::process::Command::new(exe)
-                .args(["--exact", "--nocapture"])
-                .arg("liveness::tests::a_process_in_a_child_pid_namespace_names_itself_by_its_host_pid")
-                .env(IN_PIDNS, "1")
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            (child.id(), child.wait_with_output().unwrap())
-        })
-        .join()
-        .unwrap();
+        let (pid, out) = forkvm_test_support::rerun_in_new_pid_namespace(
+            "liveness::tests::a_process_in_a_child_pid_namespace_names_itself_by_its_host_pid",
+            IN_PIDNS,
+        );
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{stdout}");
         assert!(stdout.contains(&format!("host pid {pid}\n")), "{stdout}");

@@ -78,6 +78,30 @@ pub fn assert_own_root(pid: u32, what: &str, place: &Path) {
     );
 }
 
+/// Runs test `test` (its full path) of this test binary again as the first process of a
+/// new pid namespace (under this one's procfs), with `marker` set in its environment
+/// so that it knows to take the child's part; returns its pid as this process sees it
+/// and its output.
+pub fn rerun_in_new_pid_namespace(test: &str, marker: &str) -> (u32, std::process::Output) {
+    let exe = std::env::current_exe().unwrap();
+    let (test, marker) = (test.to_owned(), marker.to_owned());
+    std::thread::spawn(move || {
+        // SAFETY: unshare(2) reads no memory; it changes the pid namespace this thread's
+        // children start in.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWPID) };
+        assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+        let child = Command::new(exe)
+            .args(["--exact", "--nocapture", &test])
+            .env(marker, "1")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (child.id(), child.wait_with_output().unwrap())
+    })
+    .join()
+    .unwrap()
+}
+
 /// The parent of process `pid`, while it exists.
 pub fn parent_of(pid: u32) -> Option<u32> {
     stat_fields(pid)?.get(1)?.parse().ok()

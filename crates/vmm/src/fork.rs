@@ -1376,21 +1376,10 @@ mod tests {
             return;
         }
         check_request(&cfg, &req).expect("the host's pid namespace forks");
-        let exe = std::env::current_exe().unwrap();
-        let out = std::thread::spawn(move || {
-            // SAFETY: unshare(2) reads no memory; it changes the pid namespace this
-            // thread's children start in.
-            let rc = unsafe { libc::unshare(libc::CLONE_NEWPID) };
-            assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
-            std::process::Command::new(exe)
-                .args(["--exact", "--nocapture"])
-                .arg("fork::tests::a_vm_process_in_a_child_pid_namespace_does_not_fork")
-                .env(IN_PIDNS, "1")
-                .output()
-                .unwrap()
-        })
-        .join()
-        .unwrap();
+        let (_, out) = forkvm_test_support::rerun_in_new_pid_namespace(
+            "fork::tests::a_vm_process_in_a_child_pid_namespace_does_not_fork",
+            IN_PIDNS,
+        );
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success() && stdout.contains("refused\n"),

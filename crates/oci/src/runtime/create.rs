@@ -521,10 +521,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     // runtime's (`unshare --mount`) does, another container's shows its own pid
     // namespace.
     if let bundle::HostNamespace::Join(path) = &plan.namespaces.mount {
-        let seen = std::fs::read_link("/proc/self")
-            .ok()
-            .and_then(|p| p.to_str()?.parse::<u32>().ok());
-        if seen != Some(std::process::id()) {
+        if ProcessIdentity::proc_self_pid() != Some(std::process::id()) {
             bail!(
                 "linux.namespaces[mount].path ({}): its /proc is not the runtime's (it shows \
                  another pid namespace), and the container's monitor cannot find itself there",

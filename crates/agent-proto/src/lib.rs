@@ -15,11 +15,16 @@
 //! [`dns`]: the DNS relay's framing, for names only the container's namespace
 //! resolves (Docker's `127.0.0.11`).
 //!
+//! [`forward`]: a TCP connection to the guest's loopback carried over one agent
+//! connection ([`Request::Forward`], a pod's port-forward), and the copying both ends
+//! share.
+//!
 //! [`client`]: the host side (the vsock `CONNECT` handshake, requests, exec sessions).
 //! [`exit_code`]: a wait status as a process exit code, as both sides report it.
 
 pub mod client;
 pub mod dns;
+pub mod forward;
 pub mod frame;
 pub mod protocol;
 

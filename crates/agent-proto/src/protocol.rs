@@ -18,8 +18,8 @@ pub const AGENT_PORT: u32 = 1024;
 /// [`Request::Container`]'s `user_namespace`, [`Request::Identity`]'s `time_ns`; 11:
 /// the containers of a pod, [`Request::CreateContainer`], [`Request::InContainer`],
 /// [`Request::DestroyContainer`]; 12: a `virtiofs` [`FsMount`] of a directory in a
-/// share, `TAG/PATH`; 13: [`Request::Stats`]).
-pub const PROTOCOL_VERSION: u32 = 13;
+/// share, `TAG/PATH`; 13: [`Request::Stats`]; 14: [`Request::Forward`]).
+pub const PROTOCOL_VERSION: u32 = 14;
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
 /// `PATH` used for the executable search when [`ProcessSpec::env`] has none.
@@ -186,6 +186,15 @@ pub enum Request {
     /// [`Response::Stats`] (PID-1 mode only; for a container made by
     /// [`Request::CreateContainer`], inside [`Request::InContainer`]). Since version 13.
     Stats,
+    /// Connect to TCP `port` on the guest's loopback (`127.0.0.1`, where a pod's
+    /// containers listen) and, once [`Response::Ok`] is answered, carry the bytes of
+    /// this connection to it and back, each direction half-closed at its end of file:
+    /// the guest end of a pod's port-forward ([`crate::forward`]). At most
+    /// [`crate::forward::MAX_FORWARDS`] at a time. Since version 14.
+    Forward {
+        /// The guest's port.
+        port: u16,
+    },
     /// Kill every process of the container `id` (those whose root is in its root, and
     /// its cgroup's), unmount its root and everything mounted in it, remove its cgroup
     /// and forget it (PID-1 mode only). Since version 11.

@@ -5,12 +5,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use forkvm_agent_proto::{check_container_id, ContainerRoot, MAX_CONTAINERS};
+use forkvm_agent_proto::{check_container_id, forward, ContainerRoot, MAX_CONTAINERS};
 
 use crate::containers::Container;
 use crate::identity;
@@ -119,6 +120,8 @@ pub struct Agent {
     containers: Mutex<Containers>,
     /// The processes started and not seen exit yet, each with its container.
     live: Mutex<HashMap<libc::pid_t, Arc<Container>>>,
+    /// The [`Request::Forward`] connections being carried.
+    forwards: Arc<std::sync::atomic::AtomicUsize>,
     power_off: PowerOff,
 }
 
@@ -136,6 +139,7 @@ impl Agent {
             config,
             reaper: Reaper::global(),
             containers: Mutex::new(Containers::default()),
+            forwards: Arc::default(),
             live: Mutex::new(HashMap::new()),
             power_off,
         })
@@ -304,6 +308,25 @@ impl Agent {
                         Err(resp) => resp,
                     }
                 }
+                Ok((_, Request::Forward { port })) => match self.forward(port) {
+                    Ok((guest, _slot)) => {
+                        if (&conn)
+                            .write_all(to_line(&Response::Ok).as_bytes())
+                            .is_err()
+                        {
+                            return;
+                        }
+                        // The host sends nothing before the answer; whatever it did is
+                        // the connection's first bytes.
+                        let early = reader.buffer().to_vec();
+                        if (&guest).write_all(&early).is_err() {
+                            return;
+                        }
+                        let _ = forkvm_agent_proto::forward::splice(conn, guest);
+                        return;
+                    }
+                    Err(message) => Response::Error { message },
+                },
                 Ok((_, Request::Shutdown)) if self.config.mode == Mode::Init => {
                     let _ = (&conn).write_all(to_line(&Response::Ok).as_bytes());
                     (self.power_off)(self.reaper, PowerOffReason::Shutdown);
@@ -315,6 +338,26 @@ impl Agent {
                 return;
             }
         }
+    }
+
+    /// Connects to `port` on the guest's loopback for [`Request::Forward`], within
+    /// [`forward::MAX_FORWARDS`] (the slot is held while the connection is carried).
+    fn forward(&self, port: u16) -> Result<(TcpStream, ForwardSlot), String> {
+        let slot = ForwardSlot::take(&self.forwards)
+            .ok_or_else(|| format!("more than {} forwarded connections", forward::MAX_FORWARDS))?;
+        // IPv4 first, as containerd dials on the host; a server on `::1` alone is
+        // reached too.
+        let v4 = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+        let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+        let guest = TcpStream::connect_timeout(&v4, forward::CONNECT_TIMEOUT)
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::ConnectionRefused => {
+                    TcpStream::connect_timeout(&v6, forward::CONNECT_TIMEOUT).map_err(|_| e)
+                }
+                _ => Err(e),
+            })
+            .map_err(|e| format!("cannot connect to {v4}: {e}"))?;
+        Ok((guest, slot))
     }
 
     /// The container a request is for, and the request to carry out there: the one
@@ -470,7 +513,9 @@ impl Agent {
             Request::CreateContainer { id, root } => self.create_container(&id, &root),
             Request::DestroyContainer { .. } if !init => pid1("destroy_container"),
             Request::DestroyContainer { id } => self.destroy_container(&id),
-            Request::Exec { .. } => unreachable!("exec takes over the connection"),
+            Request::Exec { .. } | Request::Forward { .. } => {
+                unreachable!("exec and forward take over the connection")
+            }
             Request::InContainer { .. } => unreachable!("unwrapped by target"),
         };
         match result {
@@ -620,6 +665,28 @@ impl Containers {
             return Err(format!("container {id:?} is being made or destroyed"));
         }
         Ok(())
+    }
+}
+
+/// One of the agent's [`forward::MAX_FORWARDS`] forwarded connections, given back when
+/// dropped.
+struct ForwardSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl ForwardSlot {
+    fn take(count: &Arc<std::sync::atomic::AtomicUsize>) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < forward::MAX_FORWARDS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ForwardSlot(count.clone()))
+    }
+}
+
+impl Drop for ForwardSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -105,3 +105,41 @@ fn connect_vsock_times_out_on_a_silent_device() {
     hold.join().unwrap();
     let _ = std::fs::remove_file(&uds);
 }
+
+#[test]
+fn a_forward_carries_a_tcp_connection_and_a_closed_port_is_an_error_by_name() {
+    let uds = socket_path("forward");
+    fake_vsock(&uds, |_| Some("OK 1073741824\n"));
+    // A server on the loopback (the guest's, here the test's): it answers what it read,
+    // uppercased, once the client half-closed.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (mut s, _) = server.accept().unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut s, &mut got).unwrap();
+        s.write_all(&got.to_ascii_uppercase()).unwrap();
+    });
+    let mut conn = forkvm_agent_proto::forward::connect(&uds, port, Duration::from_secs(5))
+        .expect("forwarded connection");
+    conn.write_all(b"through the agent").unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut answer).unwrap();
+    assert_eq!(answer, "THROUGH THE AGENT");
+
+    // A port nobody listens on: refused, naming the address.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = forkvm_agent_proto::forward::connect(&uds, closed, Duration::from_secs(5))
+        .expect_err("nothing listens there");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert!(
+        e.to_string().contains(&format!("127.0.0.1:{closed}")),
+        "{e}"
+    );
+    let _ = std::fs::remove_file(&uds);
+}

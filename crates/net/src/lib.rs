@@ -17,11 +17,13 @@
 //! namespace, opens it by name. A failure half-way removes what was made.
 //!
 //! [`dns`] relays the guest's DNS queries for resolvers only the namespace serves
-//! (Docker's `127.0.0.11`). [`bridge`] is forkvm's own network for VMs no engine puts on
+//! (Docker's `127.0.0.11`). [`loopback`] carries a pod's port-forwards, dialled on the
+//! namespace's loopback, to the guest's. [`bridge`] is forkvm's own network for VMs no engine puts on
 //! one (`forkvm run`), and [`publish`] relays its published ports.
 
 pub mod bridge;
 pub mod dns;
+pub mod loopback;
 pub mod publish;
 
 use std::fs::File;

@@ -7,7 +7,7 @@
 //! at once), and [`CONNECT_TIMEOUT`] to reach the guest.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,24 +141,14 @@ pub fn publish(spec: PortSpec, guest: IpAddr) -> io::Result<Published> {
 /// directions end.
 fn relay(client: TcpStream, target: SocketAddr) -> io::Result<()> {
     let guest = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)?;
-    let (mut c_in, mut g_out) = (client.try_clone()?, guest.try_clone()?);
-    let upstream = std::thread::Builder::new()
-        .name("publish-up".into())
-        .spawn(move || {
-            let _ = io::copy(&mut c_in, &mut g_out);
-            let _ = g_out.shutdown(Shutdown::Write);
-        })?;
-    let (mut g_in, mut c_out) = (guest, client);
-    let _ = io::copy(&mut g_in, &mut c_out);
-    let _ = c_out.shutdown(Shutdown::Write);
-    let _ = upstream.join();
-    Ok(())
+    forkvm_agent_proto::forward::splice(client, guest)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+    use std::net::Shutdown;
 
     #[test]
     fn port_specs_parse_and_bad_ones_say_why() {

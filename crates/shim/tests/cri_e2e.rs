@@ -12,8 +12,9 @@
 //! built from it imported into CRI's namespace. For each handler:
 //! - RunPodSandbox gets the pod an address on the bridge (PodSandboxStatus);
 //! - two containers: a server answering on the pod's loopback and a client that reaches
-//!   it there (ExecSync: its output), the test reaching it at the pod's address, ExecSync's
-//!   exit code and stderr;
+//!   it there (ExecSync: its output), the test reaching it at the pod's address and
+//!   through the CRI's PortForward (containerd dials the pod namespace's loopback, which
+//!   for forkvm is relayed to the guest's), ExecSync's exit code and stderr;
 //! - the server's output in the CRI log file at the path the pod's config gives;
 //! - ContainerStats answers for a running container, PodSandboxStats for the pod and
 //!   each of its containers;
@@ -40,8 +41,8 @@ use k8s_cri::v1::{
     ExecRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec, LinuxPodSandboxConfig,
     LinuxSandboxSecurityContext, ListContainersRequest, ListPodSandboxRequest, MemoryUsage,
     NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatsRequest,
-    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    PodSandboxStatusRequest, PortForwardRequest, RemoveContainerRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -485,6 +486,13 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    // `kubectl port-forward`: containerd dials the port on the loopback of the pod's
+    // network namespace on the host, which for forkvm is the guest's.
+    let (data, error) = port_forward(cri, &pod, 8080);
+    assert!(
+        data.contains("pong"),
+        "{handler}: port-forward to 8080 got {data:?} (error channel: {error:?})"
+    );
     let out = cri.exec_sync(&client, &["sh", "-c", "echo out; echo err >&2; exit 3"]);
     assert_eq!(
         (out.exit_code, out.stdout.as_slice(), out.stderr.as_slice()),
@@ -622,7 +630,6 @@ fn usage(cpu: Option<&CpuUsage>, memory: Option<&MemoryUsage>) -> (u64, u64) {
 /// in Kubernetes' `v4.channel.k8s.io` framing (each message's first byte its stream:
 /// 1 stdout, 2 stderr, 3 the status). Returns (stdout, stderr, the status's JSON).
 fn exec_streaming(cri: &mut Cri, id: &str, cmd: &[&str]) -> (String, String, String) {
-    use tungstenite::client::IntoClientRequest;
     let req = ExecRequest {
         container_id: id.into(),
         cmd: cmd.iter().map(|s| s.to_string()).collect(),
@@ -635,28 +642,7 @@ fn exec_streaming(cri: &mut Cri, id: &str, cmd: &[&str]) -> (String, String, Str
         .call("Exec", |mut c| async move { c.exec(req).await })
         .unwrap_or_else(|e| panic!("Exec {cmd:?} in {id}: {e}"))
         .url;
-    let mut request = url
-        .replacen("http://", "ws://", 1)
-        .into_client_request()
-        .unwrap_or_else(|e| panic!("Exec's URL {url}: {e}"));
-    request.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        tungstenite::http::HeaderValue::from_static("v4.channel.k8s.io"),
-    );
-    // Connected and read within limits, the handshake too.
-    let uri = request.uri();
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(
-        uri.host().expect("a host in Exec's URL"),
-        uri.port_u16().expect("a port in Exec's URL"),
-    ))
-    .unwrap()
-    .next()
-    .unwrap();
-    let tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
-    tcp.set_read_timeout(Some(CALL_TIMEOUT)).unwrap();
-    let (mut socket, _) =
-        tungstenite::client(request, tcp).unwrap_or_else(|e| panic!("WebSocket to {url}: {e}"));
+    let mut socket = websocket(&url);
     let mut streams = [Vec::new(), Vec::new(), Vec::new()];
     loop {
         match socket.read() {
@@ -675,6 +661,82 @@ fn exec_streaming(cri: &mut Cri, id: &str, cmd: &[&str]) -> (String, String, Str
     }
     let [out, err, status] = streams.map(|s| String::from_utf8_lossy(&s).into_owned());
     (out, err, status)
+}
+
+/// A WebSocket to a URL of containerd's streaming server, in Kubernetes'
+/// `v4.channel.k8s.io` framing (each message's first byte its channel), connected and
+/// read within limits, the handshake too.
+fn websocket(url: &str) -> tungstenite::WebSocket<std::net::TcpStream> {
+    use tungstenite::client::IntoClientRequest;
+    let mut request = url
+        .replacen("http://", "ws://", 1)
+        .into_client_request()
+        .unwrap_or_else(|e| panic!("the URL {url}: {e}"));
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        tungstenite::http::HeaderValue::from_static("v4.channel.k8s.io"),
+    );
+    let uri = request.uri();
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(
+        uri.host().expect("a host in the URL"),
+        uri.port_u16().expect("a port in the URL"),
+    ))
+    .unwrap()
+    .next()
+    .unwrap();
+    let tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+    tcp.set_read_timeout(Some(CALL_TIMEOUT)).unwrap();
+    let (socket, _) =
+        tungstenite::client(request, tcp).unwrap_or_else(|e| panic!("WebSocket to {url}: {e}"));
+    socket
+}
+
+/// What `kubectl port-forward` gets from `port` of `pod` when it sends nothing: the
+/// CRI's PortForward gives a URL of containerd's streaming server; over its WebSocket,
+/// channel 0 carries the port's data and channel 1 its errors, each starting with the
+/// port (2 bytes, little-endian). Reads until the data holds a line, the server
+/// closes, or 30 s pass. Returns (data, errors).
+fn port_forward(cri: &mut Cri, pod: &str, port: u16) -> (String, String) {
+    let req = PortForwardRequest {
+        pod_sandbox_id: pod.into(),
+        port: vec![port.into()],
+    };
+    let url = cri
+        .call(
+            "PortForward",
+            |mut c| async move { c.port_forward(req).await },
+        )
+        .unwrap_or_else(|e| panic!("PortForward {port} of {pod}: {e}"))
+        .url;
+    let mut socket = websocket(&url);
+    socket
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut channels = [Vec::new(), Vec::new()];
+    while !channels[0].ends_with(b"\n") {
+        match socket.read() {
+            Ok(tungstenite::Message::Binary(data)) => {
+                if let Some(&n @ 0..=1) = data.first() {
+                    channels[n as usize].extend_from_slice(&data[1..]);
+                }
+            }
+            Ok(tungstenite::Message::Close(_))
+            | Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                break
+            }
+            Ok(_) => {}
+            Err(e) => panic!("PortForward {port} of {pod}, over {url}: {e}"),
+        }
+    }
+    let _ = socket.close(None);
+    let prefix = port.to_le_bytes();
+    let [data, errors] = channels.map(|bytes| {
+        let text = bytes.strip_prefix(&prefix[..]).unwrap_or(&bytes[..]);
+        String::from_utf8_lossy(text).into_owned()
+    });
+    (data, errors)
 }
 
 /// What a TCP server at `ip`:`port` answers a client that sends nothing (read until it

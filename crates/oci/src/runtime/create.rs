@@ -763,6 +763,19 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
         ),
         None => None,
     };
+    // A pod's port-forwards: containerd dials the loopback of the pod's network
+    // namespace, which is the guest's (`kubectl port-forward`).
+    let _loopback = (plan.pod == Some(bundle::PodRole::Sandbox)
+        && plan.network != NetworkPlan::Host)
+        .then(|| {
+            let uds = uds.clone();
+            forkvm_net::loopback::LoopbackRelay::start(Box::new(move |port| {
+                forkvm_agent_proto::forward::connect(&uds, port, FORWARD_HANDSHAKE)
+            }))
+            .inspect_err(|e| tracing::warn!("the pod's port-forwards will not reach it: {e}"))
+            .ok()
+        })
+        .flatten();
     let work = GuestWork {
         process: spec,
         cgroup,
@@ -804,6 +817,10 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     }
     result
 }
+
+/// How long a port-forward waits for the guest agent's answer (the agent's own connect
+/// to the port waits at most 5 s of it).
+const FORWARD_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A hostname from a container id: its first 12 characters, as Docker does.
 fn short_hostname(id: &str) -> String {

@@ -14,8 +14,9 @@ use serde::Serialize;
 pub const MAGIC: [u8; 8] = *b"FORKVMST";
 /// The format version this build writes and reads (3: a NIC's bridge and guest address
 /// in the configuration; 4: templates under a keyed MAC instead of a checksum; 5: a
-/// share's `FUSE_AUTO_INVAL_DATA` agreement; 6: a vsock device's next host port).
-pub const FORMAT_VERSION: u32 = 6;
+/// share's `FUSE_AUTO_INVAL_DATA` agreement; 6: a vsock device's next host port; 7: the
+/// CID a vsock device's guest still sends from).
+pub const FORMAT_VERSION: u32 = 7;
 /// Largest payload accepted (a VM's state is kilobytes; this bounds a hostile file).
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8;

@@ -1014,12 +1014,14 @@ pub fn apply_identity(uds: &std::path::Path, id: &ChildIdentity) -> Result<Durat
         .map(forkvm_devices::virtio::net::format_mac)
         .collect();
     let mut last_err = String::from("no attempt");
-    // For the first seconds the handshake is given up quickly and tried again (see
-    // [`FRESH_CHILD_HANDSHAKE`]). After that the guest is merely slow (a loaded host):
-    // each attempt waits longer. A connection the guest accepted has its new CID, so
-    // its answer is waited for longer (but not forever: the guest's reset of its
-    // connections may still cut one it accepted just before, silently).
+    // The guest answers at once unless it is slow (a loaded host): each attempt that
+    // ran out of time gives the next twice as long, so that children starved of CPU
+    // are not flooded with connections they must turn away. A connection the guest
+    // accepted is waited on longer; one the guest forgot as it handled its transport
+    // reset ends at once (the device drops it), and the next attempt follows at once;
+    // attempts that keep failing at once (no agent listening yet) come less often.
     let mut handshake = FRESH_CHILD_HANDSHAKE;
+    let mut pause = Duration::from_millis(2);
     while start.elapsed() < AGENT_TIMEOUT {
         let answer = handshake.max(IDENTITY_ANSWER);
         // The host's time as of this attempt: the guest sets its clock to it if it
@@ -1030,26 +1032,30 @@ pub fn apply_identity(uds: &std::path::Path, id: &ChildIdentity) -> Result<Durat
             macs: macs.clone(),
             time_ns: Some(crate::snapshot::realtime_ns()),
         };
+        let attempt = Instant::now();
         match agent_call_timeout(uds, &req, handshake, answer) {
             Ok(forkvm_agent_proto::Response::Ok) => return Ok(start.elapsed()),
             Ok(other) => return Err(format!("agent answered {other:?}")),
             Err(e) => last_err = e,
         }
-        if start.elapsed() > Duration::from_secs(2) {
+        if attempt.elapsed() >= handshake {
             handshake = (handshake * 2).min(Duration::from_secs(4));
+        } else {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(2));
     }
     Err(last_err)
 }
 
-/// How long a connection to a fork child's guest agent waits for the guest to accept
-/// it while the child is new. Until the guest has handled the transport reset and
-/// taken its new CID it answers a connection request from its parent's CID, which the
-/// device drops: the request is lost and only a new one succeeds. Measured (virtual
-/// host, 9 forks): the first request, made as the child reports running, was lost every
-/// time; with a 250 ms limit every child lost those 250 ms before its second try.
-pub const FRESH_CHILD_HANDSHAKE: Duration = Duration::from_millis(50);
+/// How long the first connection to a fork child's guest agent waits for the guest to
+/// accept it (later ones, after a wait that ran out, twice as long each time). The
+/// guest answers from its parent's CID until it has handled the transport reset; the
+/// device hears it under either CID until then (it dropped such answers, and every
+/// child lost its first attempt's whole limit: 250 ms, then 50 ms with quick retries,
+/// which a fork of ten on one CPU turned into a flood of connections, 11 s to its
+/// children's identities).
+pub const FRESH_CHILD_HANDSHAKE: Duration = Duration::from_millis(250);
 
 /// How long the identity request waits at least for the agent's answer once the guest
 /// accepted the connection (it reseeds, renames and answers: hundreds of ms under

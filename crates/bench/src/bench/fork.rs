@@ -54,8 +54,11 @@ const GUEST_COMMAND: &str = "sleep 1000000";
 const DEVICES: &str = "ttyS0 (16550 UART), i8042 (reset only), ACPI power-off port, \
 in-kernel PIC/IOAPIC/PIT, virtio-mmio vsock, virtio-mmio rng; guest agent on vsock port 1024";
 
-/// How long one agent ping may wait for an answer before it is retried.
+/// How long a booted VM's agent may take to accept a ping's connection before it is
+/// made again.
 const PING_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long a ping on an accepted connection waits for its answer.
+const PING_ANSWER: Duration = Duration::from_secs(2);
 
 mod mem;
 mod pages;
@@ -105,9 +108,12 @@ impl Drop for ColdVmm {
 }
 
 /// Pings the agent behind `uds` until it answers with a hostname `accept`s, or until
-/// `deadline` or `stop`; returns when it answered. Each ping's handshake may take
-/// `handshake`: [`forkvm_vmm::fork::FRESH_CHILD_HANDSHAKE`] for a fork child, whose
-/// guest drops requests until it has its new CID; [`PING_TIMEOUT`] for a booted VM.
+/// `deadline` or `stop`; returns when it answered. The pings go over one connection,
+/// made again when it breaks (a fork child's guest forgets the connections it had when
+/// it handles its transport reset). A connection's handshake may take `handshake`
+/// ([`forkvm_vmm::fork::FRESH_CHILD_HANDSHAKE`] for a fork child, [`PING_TIMEOUT`] for
+/// a booted VM), twice as long after each one that ran out, as the child's own identity
+/// thread does: a guest starved of CPU is not flooded with connections.
 fn wait_agent(
     uds: &Path,
     handshake: Duration,
@@ -116,17 +122,29 @@ fn wait_agent(
     deadline: Instant,
     stop: &AtomicBool,
 ) -> Option<Instant> {
+    use forkvm_agent_proto::{client, Request, Response, AGENT_PORT};
+    let mut handshake = handshake;
+    let mut conn = None;
     loop {
-        if let Ok(forkvm_agent_proto::Response::Pong { hostname, .. }) =
-            forkvm_vmm::fork::agent_call_timeout(
-                uds,
-                &forkvm_agent_proto::Request::Ping,
-                handshake,
-                PING_TIMEOUT,
-            )
-        {
-            if accept(&hostname) {
-                return Some(Instant::now());
+        if conn.is_none() {
+            let attempt = Instant::now();
+            match client::connect_vsock(uds, AGENT_PORT, handshake) {
+                Ok(c) => conn = Some(c),
+                Err(_) if attempt.elapsed() >= handshake => {
+                    handshake = (handshake * 2).min(Duration::from_secs(4));
+                }
+                Err(_) => {}
+            }
+        }
+        if let Some(c) = conn.as_mut() {
+            // An accepted connection's answer is waited on longer: cutting it would
+            // only make the guest accept another.
+            match client::call_within(c, &Request::Ping, PING_ANSWER) {
+                Ok(Response::Pong { hostname, .. }) if accept(&hostname) => {
+                    return Some(Instant::now())
+                }
+                Ok(Response::Pong { .. }) => {}
+                _ => conn = None,
             }
         }
         if Instant::now() >= deadline || stop.load(Ordering::Relaxed) {

@@ -37,6 +37,15 @@
 //! snapshot's left off: a new connection never carries the ports of an old one. A fork
 //! child that needs a new CID passes it in the [`VsockConfig`] given to
 //! [`Vsock::restore`], or calls [`Vsock::reset_transport`] on a running device.
+//!
+//! Until the guest driver handles the reset it answers from the CID it had: the device
+//! hears it from that CID too ([`VsockState::guest_cid`] carries it into a fork of a
+//! child that had not handled its reset yet), so a host connection made as the child
+//! starts is answered instead of waiting for nothing. The driver handles the event by
+//! re-reading the CID from the configuration space, then resets its connected sockets
+//! without a packet: on that read the device drops the connections the guest knew of
+//! (their host clients see end of file and can connect again) and hears the new CID
+//! alone.
 
 mod connection;
 mod muxer;
@@ -110,6 +119,10 @@ pub struct VsockConfig {
 pub struct VsockState {
     /// The CID in the configuration space when the state was taken.
     pub cid: u64,
+    /// The CID the guest still sent from, when it had not handled a transport reset
+    /// that changed `cid` yet (a fork child forked again at once): its own fork
+    /// children hear it from this one until they reset it (state format 7).
+    pub guest_cid: Option<u64>,
     /// Features the driver accepted.
     pub acked_features: u64,
     /// The next host port the device would have handed a host-initiated connection. A
@@ -172,6 +185,12 @@ pub struct Vsock {
     listener_registered: bool,
     /// A `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` waits for an event-queue buffer.
     pending_reset: bool,
+    /// A transport reset was delivered and the guest has not re-read its CID since.
+    reset_delivered: bool,
+    /// The guest re-read its CID after a delivered reset: it has reset its connected
+    /// sockets (silently), so the device drops the connections it had then (by host
+    /// stream fd) too. Taken by the config read (a vCPU's), acted on by the event loop.
+    cid_reread: std::cell::RefCell<Option<Vec<muxer::ConnKey>>>,
 }
 
 fn check_cid(cid: u64) -> Result<(), VsockError> {
@@ -218,6 +237,7 @@ impl Vsock {
         Ok(Self {
             muxer: Muxer {
                 cid: config.cid,
+                previous_cid: None,
                 uds_path: path,
                 listener,
                 conns: HashMap::new(),
@@ -232,6 +252,8 @@ impl Vsock {
             activation,
             listener_registered: false,
             pending_reset: false,
+            reset_delivered: false,
+            cid_reread: std::cell::RefCell::new(None),
         })
     }
 
@@ -256,10 +278,15 @@ impl Vsock {
     /// Sets the CID to `new_cid`, drops every connection (their host streams are closed; the
     /// guest resets its own sockets) and posts `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, on which
     /// the guest driver re-reads the CID. This is how a fork child learns its new CID. The
-    /// event is delivered now if the device is active, else once it is activated.
+    /// event is delivered now if the device is active, else once it is activated. Until
+    /// the guest re-reads its CID it is heard from its old one too, and the connections
+    /// it answered meanwhile are dropped when it does (it forgets them).
     pub fn reset_transport(&mut self, new_cid: u64) -> Result<(), VsockError> {
         check_cid(new_cid)?;
         tracing::info!(old = self.muxer.cid, new = new_cid, "vsock transport reset");
+        // The CID the guest sends from until it handles the reset: the last one it took.
+        let sends_from = self.muxer.previous_cid.unwrap_or(self.muxer.cid);
+        self.muxer.previous_cid = (new_cid != sends_from).then_some(sends_from);
         self.muxer.cid = new_cid;
         self.muxer.drop_all_connections();
         self.pending_reset = true;
@@ -284,8 +311,24 @@ impl Vsock {
         if !self.activation.is_active() {
             return;
         }
+        let reread = self.cid_reread.take();
         if self.process_tx_queue() {
             self.notify(TX_QUEUE);
+        }
+        if let Some(stale) = reread {
+            // The guest took the reset: the connections it knew then are gone in it
+            // (what it sent on them before is forwarded above), and it sends from its
+            // new CID alone. Their host clients see end of file now rather than waiting
+            // on a connection the guest forgot.
+            self.reset_delivered = false;
+            self.muxer.previous_cid = None;
+            if !stale.is_empty() {
+                tracing::debug!(
+                    connections = stale.len(),
+                    "vsock: the guest handled the transport reset; dropping its old connections"
+                );
+            }
+            self.muxer.drop_connections(&stale);
         }
         if self.process_rx_queue() {
             self.notify(RX_QUEUE);
@@ -432,6 +475,7 @@ impl Vsock {
             Ok(mut w) => match w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes()) {
                 Ok(()) => {
                     self.pending_reset = false;
+                    self.reset_delivered = true;
                     EVENT_SIZE as u32
                 }
                 Err(e) => {
@@ -518,6 +562,7 @@ impl Persist<'_> for Vsock {
     fn save(&self) -> Result<VsockState, VsockError> {
         Ok(VsockState {
             cid: self.muxer.cid,
+            guest_cid: self.muxer.previous_cid,
             acked_features: self.activation.acked_features(),
             next_local_port: self.muxer.next_local_port,
         })
@@ -538,6 +583,13 @@ impl Persist<'_> for Vsock {
             );
         }
         let mut dev = Self::new(config)?;
+        // The guest sends from the CID it last took until it handles this restore's
+        // reset.
+        let sends_from = state.guest_cid.unwrap_or(state.cid);
+        check_cid(sends_from)?;
+        if dev.muxer.cid != sends_from {
+            dev.muxer.previous_cid = Some(sends_from);
+        }
         let avail = dev.avail_features();
         dev.activation
             .restore_acked_features(state.acked_features, avail)?;
@@ -562,6 +614,15 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.muxer.cid.to_le_bytes(), offset, data);
+        // The driver re-reads the CID when it handles a transport reset, then resets its
+        // connected sockets without a word to the device.
+        if self.reset_delivered {
+            let mut reread = self.cid_reread.borrow_mut();
+            if reread.is_none() {
+                *reread = Some(self.muxer.known_to_guest());
+                self.activation.wake();
+            }
+        }
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -577,6 +638,9 @@ impl VirtioDevice for Vsock {
     fn reset_device(&mut self) {
         // The driver starts over and re-reads the CID; it needs no reset event.
         self.pending_reset = false;
+        self.reset_delivered = false;
+        self.cid_reread.take();
+        self.muxer.previous_cid = None;
         self.muxer.drop_all_connections();
         self.muxer.rx_ready.clear();
     }

@@ -22,10 +22,18 @@ pub(super) struct Control {
     pub(super) flags: u32,
 }
 
+/// A connection as the guest knows it: its host stream's fd and its ports (host, guest).
+pub(super) type ConnKey = (RawFd, u32, u32);
+
 /// The connection multiplexer: every host stream and what is owed to the guest.
 #[derive(Debug)]
 pub(super) struct Muxer {
     pub(super) cid: u64,
+    /// The CID the guest still sends from until it handles a transport reset that
+    /// changed it (a fork child's guest answers from its parent's CID at first): its
+    /// packets count as the guest's own, so a connection the host makes meanwhile is
+    /// answered rather than lost.
+    pub(super) previous_cid: Option<u64>,
     pub(super) uds_path: PathBuf,
     pub(super) listener: UnixListener,
     /// Connections by the raw fd of their host stream.
@@ -122,6 +130,41 @@ impl Muxer {
             self.close(fd, false);
         }
         self.control.clear();
+    }
+
+    /// The connections the guest has heard of, by host stream and ports: those it
+    /// forgets when it handles a transport reset. Not a host client still sending its
+    /// `CONNECT` line, nor one whose request to the guest is still queued.
+    pub(super) fn known_to_guest(&self) -> Vec<ConnKey> {
+        let queued_request = |c: &Connection| {
+            self.control.iter().any(|p| {
+                p.op == OP_REQUEST && p.local_port == c.local_port && p.peer_port == c.peer_port
+            })
+        };
+        self.conns
+            .iter()
+            .filter(|(_, c)| match c.state {
+                ConnState::HostHandshake { .. } => false,
+                ConnState::LocalInit => !queued_request(c),
+                ConnState::Established => true,
+            })
+            .map(|(&fd, c)| (fd, c.local_port, c.peer_port))
+            .collect()
+    }
+
+    /// Closes the host streams of the connections `which` that are still open (the
+    /// same stream with the same ports), without a word to the guest (it has forgotten
+    /// them).
+    pub(super) fn drop_connections(&mut self, which: &[ConnKey]) {
+        for &(fd, local_port, peer_port) in which {
+            let same = self
+                .conns
+                .get(&fd)
+                .is_some_and(|c| c.local_port == local_port && c.peer_port == peer_port);
+            if same {
+                self.close(fd, false);
+            }
+        }
     }
 
     /// A registered host stream is ready (`set` as epoll reported it).
@@ -249,7 +292,8 @@ impl Muxer {
             len = hdr.len,
             "vsock: from guest"
         );
-        if hdr.dst_cid != HOST_CID || hdr.src_cid != self.cid {
+        let from_guest = hdr.src_cid == self.cid || Some(hdr.src_cid) == self.previous_cid;
+        if hdr.dst_cid != HOST_CID || !from_guest {
             tracing::debug!(
                 src = hdr.src_cid,
                 dst = hdr.dst_cid,

@@ -792,3 +792,150 @@ fn a_guest_posting_without_pause_is_served_a_budget_per_event() {
     }
     assert_eq!(returned, budget + 36);
 }
+
+/// A fork child's guest answers from its parent's CID until it handles the transport
+/// reset: a host connection made meanwhile is answered (it was dropped, and the host
+/// waited for nothing). Once the guest re-reads its CID it has reset its connected
+/// sockets without a word, so the device drops its connections: the host client sees
+/// end of file at once, and only the new CID counts from then on.
+#[test]
+fn a_child_guest_is_heard_from_its_parents_cid_until_it_rereads_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    dev.set_acked_features(dev.avail_features());
+    let state = dev.save().unwrap();
+    drop(dev);
+    let mut child = restore_in(&dir, "v.sock", 8, &state).unwrap();
+    let mut g = Guest::activate(&mut child);
+    g.post_rx_buffers(8);
+    g.post_event_buffer();
+    child.process_queues();
+    assert!(g.ev.pop_used(&g.drv.mem).is_some(), "the reset event");
+
+    // The guest has not handled it: it answers from its parent's CID (GUEST_CID).
+    let (mut c, port) = host_connect(&mut child, &mut g, &dir);
+    g.send(&mut child, from_guest(OP_RW, 1234, port), b"answer");
+    assert_eq!(read_exactly(&mut c, 6), b"answer");
+
+    // The guest handles the reset: it re-reads its CID (and forgets its connections).
+    let mut cid = [0u8; 8];
+    child.read_config(0, &mut cid);
+    assert_eq!(u64::from_le_bytes(cid), 8);
+    child.process_queues();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert!(child.muxer.conns.is_empty());
+
+    // From now on the parent's CID is a stranger's: a connection it answers stays
+    // unanswered.
+    let mut c2 = client(&dir);
+    c2.write_all(b"CONNECT 1234\n").unwrap();
+    child.muxer.accept_clients();
+    child.poll_streams();
+    let (req, _) = g.recv().expect("OP_REQUEST");
+    assert_eq!(req.dst_cid, 8);
+    g.send(&mut child, from_guest(OP_RESPONSE, 1234, req.src_port), &[]);
+    c2.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!(c2.read(&mut b).is_err(), "no OK for the parent's CID");
+    let mut resp = from_guest(OP_RESPONSE, 1234, req.src_port);
+    resp.src_cid = 8;
+    g.send(&mut child, resp, &[]);
+    c2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(read_line(&mut c2), format!("OK {}\n", req.src_port));
+
+    // A later read of the config is just a read.
+    child.read_config(0, &mut cid);
+    child.process_queues();
+    assert_eq!(child.muxer.conns.len(), 1);
+}
+
+/// What the CID re-read drops is what the guest knew of: not a host client still
+/// giving its `CONNECT` line, nor one whose request has not reached the guest; a read
+/// before the event was delivered (the driver's probe) drops nothing; and a child forked
+/// again before its guest handled the reset hears that guest from the CID it still uses.
+#[test]
+fn the_cid_reread_drops_only_what_the_guest_knew_and_a_nested_fork_keeps_its_cid() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = new_device(&dir);
+    dev.set_acked_features(dev.avail_features());
+    let state = dev.save().unwrap();
+    drop(dev);
+    let mut child = restore_in(&dir, "v.sock", 8, &state).unwrap();
+    let mut g = Guest::activate(&mut child);
+    // A read before the event is delivered (no event buffer yet) is the probe's.
+    let mut cid = [0u8; 8];
+    child.read_config(0, &mut cid);
+    g.post_rx_buffers(1);
+    let (mut known, _) = host_connect(&mut child, &mut g, &dir);
+    child.process_queues();
+    assert_eq!(child.muxer.conns.len(), 1, "the probe's read drops nothing");
+
+    // A nested fork now: the guest still sends from its parent's CID.
+    let nested = child.save().unwrap();
+    assert_eq!((nested.cid, nested.guest_cid), (8, Some(GUEST_CID)));
+    let json = serde_json::to_string(&nested).unwrap();
+    assert_eq!(serde_json::from_str::<VsockState>(&json).unwrap(), nested);
+    let grandchild = restore_in(&dir, "g.sock", 9, &nested).unwrap();
+    assert_eq!(grandchild.muxer.previous_cid, Some(GUEST_CID));
+    let forged = VsockState {
+        guest_cid: Some(1),
+        ..nested.clone()
+    };
+    assert!(matches!(
+        restore_in(&dir, "f.sock", 9, &forged),
+        Err(VsockError::InvalidCid(1))
+    ));
+    drop(grandchild);
+
+    // The event is delivered; then a client still in its handshake, and one whose
+    // request waits for an rx buffer, as the guest re-reads its CID.
+    g.post_event_buffer();
+    child.process_queues();
+    assert!(g.ev.pop_used(&g.drv.mem).is_some());
+    let mut half = client(&dir);
+    half.write_all(b"CONN").unwrap();
+    let mut waiting = client(&dir);
+    waiting
+        .write_all(
+            b"CONNECT 1234
+",
+        )
+        .unwrap();
+    child.muxer.accept_clients();
+    child.poll_streams();
+    assert_eq!(child.muxer.conns.len(), 3);
+    child.read_config(0, &mut cid);
+    child.process_queues();
+    let mut rest = Vec::new();
+    known.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "the known connection ends");
+    assert_eq!(child.muxer.conns.len(), 2, "the other two stay");
+    half.write_all(
+        b"ECT 1234
+",
+    )
+    .unwrap();
+    child.poll_streams();
+    g.post_rx_buffers(2);
+    child.process_queues();
+    for c in [&mut waiting, &mut half] {
+        let (req, _) = g.recv().expect("its OP_REQUEST");
+        let mut resp = from_guest(OP_RESPONSE, 1234, req.src_port);
+        resp.src_cid = 8;
+        g.send(&mut child, resp, &[]);
+        assert!(read_line(c).starts_with("OK "));
+    }
+
+    // A device reset forgets all of it.
+    child.reset_transport(10).unwrap();
+    assert_eq!(
+        child.muxer.previous_cid,
+        Some(8),
+        "the CID the guest took last"
+    );
+    child.reset_device();
+    assert_eq!(child.muxer.previous_cid, None);
+}

@@ -144,15 +144,34 @@ fn read_exactly(s: &mut UnixStream, n: usize) -> Vec<u8> {
     b
 }
 
-/// Host client connects to guest port 1234 and the guest accepts; returns the client and
-/// the host port the device picked.
-fn host_connect(dev: &mut Vsock, g: &mut Guest, dir: &tempfile::TempDir) -> (UnixStream, u32) {
+/// A host client connects to guest port `port`: returns it and the `OP_REQUEST` the
+/// device sent the guest.
+fn host_request(
+    dev: &mut Vsock,
+    g: &mut Guest,
+    dir: &tempfile::TempDir,
+    port: u32,
+) -> (UnixStream, Header) {
     let mut c = client(dir);
-    c.write_all(b"CONNECT 1234\n").unwrap();
+    c.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
     dev.muxer.accept_clients();
     dev.poll_streams();
     let (req, _) = g.recv().expect("OP_REQUEST");
     assert_eq!(req.op, OP_REQUEST);
+    (c, req)
+}
+
+/// The host client `c` reads end of file and nothing before it (`what` says why).
+fn assert_ended(c: &mut UnixStream, what: &str) {
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{what}: {rest:?}");
+}
+
+/// Host client connects to guest port 1234 and the guest accepts; returns the client and
+/// the host port the device picked.
+fn host_connect(dev: &mut Vsock, g: &mut Guest, dir: &tempfile::TempDir) -> (UnixStream, u32) {
+    let (mut c, req) = host_request(dev, g, dir, 1234);
     let mut resp = from_guest(OP_RESPONSE, 1234, req.src_port);
     resp.buf_alloc = 64 * 1024;
     g.send(dev, resp, &[]);
@@ -239,9 +258,7 @@ fn host_initiated_connection_carries_bytes_both_ways() {
 
     // Guest closes: the client sees end of file.
     g.send(&mut dev, from_guest(OP_RST, 1234, req.src_port), &[]);
-    let mut rest = Vec::new();
-    c.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty());
+    assert_ended(&mut c, "end of file");
     assert!(dev.muxer.conns.is_empty());
 }
 
@@ -251,15 +268,9 @@ fn refused_host_connection_closes_the_client() {
     let mut dev = new_device(&dir);
     let mut g = Guest::activate(&mut dev);
     g.post_rx_buffers(2);
-    let mut c = client(&dir);
-    c.write_all(b"CONNECT 9\n").unwrap();
-    dev.muxer.accept_clients();
-    dev.poll_streams();
-    let (req, _) = g.recv().unwrap();
+    let (mut c, req) = host_request(&mut dev, &mut g, &dir, 9);
     g.send(&mut dev, from_guest(OP_RST, 9, req.src_port), &[]);
-    let mut rest = Vec::new();
-    c.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty(), "no OK for a refused connection");
+    assert_ended(&mut c, "no OK for a refused connection");
 }
 
 #[test]
@@ -273,9 +284,7 @@ fn malformed_handshake_closes_the_client() {
     dev.muxer.accept_clients();
     dev.poll_streams();
     assert!(g.recv().is_none());
-    let mut rest = Vec::new();
-    c.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty());
+    assert_ended(&mut c, "end of file");
     assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
     assert_eq!(parse_connect(b"CONNECT x"), None);
 }
@@ -286,11 +295,7 @@ fn host_client_leaving_before_the_guest_answers_resets_the_guest() {
     let mut dev = new_device(&dir);
     let mut g = Guest::activate(&mut dev);
     g.post_rx_buffers(2);
-    let mut c = client(&dir);
-    c.write_all(b"CONNECT 7\n").unwrap();
-    dev.muxer.accept_clients();
-    dev.poll_streams();
-    let (req, _) = g.recv().unwrap();
+    let (c, req) = host_request(&mut dev, &mut g, &dir, 7);
     drop(c);
     let fd = *dev.muxer.conns.keys().next().unwrap();
     dev.muxer.on_stream_event(fd, EventSet::HANG_UP);
@@ -394,11 +399,7 @@ fn host_to_guest_respects_guest_credit() {
     let mut dev = new_device(&dir);
     let mut g = Guest::activate(&mut dev);
     g.post_rx_buffers(8);
-    let mut c = client(&dir);
-    c.write_all(b"CONNECT 1234\n").unwrap();
-    dev.muxer.accept_clients();
-    dev.poll_streams();
-    let (req, _) = g.recv().unwrap();
+    let (mut c, req) = host_request(&mut dev, &mut g, &dir, 1234);
     let mut resp = from_guest(OP_RESPONSE, 1234, req.src_port);
     resp.buf_alloc = 8;
     g.send(&mut dev, resp, &[]);
@@ -502,16 +503,10 @@ fn reset_transport_changes_the_cid_and_tells_the_guest() {
     assert_eq!(event, EVENT_TRANSPORT_RESET.to_le_bytes());
     assert_ne!(g.drv.irq.status() & VIRTIO_MMIO_INT_VRING, 0);
     // Connections are gone: the host client sees end of file.
-    let mut rest = Vec::new();
-    c.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty());
+    assert_ended(&mut c, "end of file");
     assert!(dev.muxer.conns.is_empty());
     // The listener survives: new connections use the new CID.
-    let mut c2 = client(&dir);
-    c2.write_all(b"CONNECT 1\n").unwrap();
-    dev.muxer.accept_clients();
-    dev.poll_streams();
-    let (req, _) = g.recv().unwrap();
+    let (_c2, req) = host_request(&mut dev, &mut g, &dir, 1);
     assert_eq!((req.op, req.dst_cid), (OP_REQUEST, 42));
 }
 
@@ -594,11 +589,7 @@ fn a_restored_device_never_reuses_the_snapshots_host_ports() {
     let mut child = restore_in(&dir, "v.sock", 8, &state).unwrap();
     let mut cg = Guest::activate(&mut child);
     cg.post_rx_buffers(8);
-    let mut c = client(&dir);
-    c.write_all(b"CONNECT 1234\n").unwrap();
-    child.muxer.accept_clients();
-    child.poll_streams();
-    let (req, _) = cg.recv().expect("OP_REQUEST");
+    let (_c, req) = host_request(&mut child, &mut cg, &dir, 1234);
     assert_eq!((req.op, req.src_port), (OP_REQUEST, second + 1));
 
     // A state whose next port lies below the host range is refused.
@@ -793,6 +784,18 @@ fn a_guest_posting_without_pause_is_served_a_budget_per_event() {
     assert_eq!(returned, budget + 36);
 }
 
+/// A fork child of a device with CID [`GUEST_CID`]: restored with CID 8 on `v.sock` in
+/// `dir`, its driver activated (no buffers posted).
+fn activated_child(dir: &tempfile::TempDir) -> (Vsock, Guest) {
+    let mut dev = new_device(dir);
+    dev.set_acked_features(dev.avail_features());
+    let state = dev.save().unwrap();
+    drop(dev);
+    let mut child = restore_in(dir, "v.sock", 8, &state).unwrap();
+    let g = Guest::activate(&mut child);
+    (child, g)
+}
+
 /// A fork child's guest answers from its parent's CID until it handles the transport
 /// reset: a host connection made meanwhile is answered (it was dropped, and the host
 /// waited for nothing). Once the guest re-reads its CID it has reset its connected
@@ -801,12 +804,7 @@ fn a_guest_posting_without_pause_is_served_a_budget_per_event() {
 #[test]
 fn a_child_guest_is_heard_from_its_parents_cid_until_it_rereads_its_own() {
     let dir = tempfile::tempdir().unwrap();
-    let mut dev = new_device(&dir);
-    dev.set_acked_features(dev.avail_features());
-    let state = dev.save().unwrap();
-    drop(dev);
-    let mut child = restore_in(&dir, "v.sock", 8, &state).unwrap();
-    let mut g = Guest::activate(&mut child);
+    let (mut child, mut g) = activated_child(&dir);
     g.post_rx_buffers(8);
     g.post_event_buffer();
     child.process_queues();
@@ -822,18 +820,12 @@ fn a_child_guest_is_heard_from_its_parents_cid_until_it_rereads_its_own() {
     child.read_config(0, &mut cid);
     assert_eq!(u64::from_le_bytes(cid), 8);
     child.process_queues();
-    let mut rest = Vec::new();
-    c.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty());
+    assert_ended(&mut c, "end of file");
     assert!(child.muxer.conns.is_empty());
 
     // From now on the parent's CID is a stranger's: a connection it answers stays
     // unanswered.
-    let mut c2 = client(&dir);
-    c2.write_all(b"CONNECT 1234\n").unwrap();
-    child.muxer.accept_clients();
-    child.poll_streams();
-    let (req, _) = g.recv().expect("OP_REQUEST");
+    let (mut c2, req) = host_request(&mut child, &mut g, &dir, 1234);
     assert_eq!(req.dst_cid, 8);
     g.send(&mut child, from_guest(OP_RESPONSE, 1234, req.src_port), &[]);
     c2.set_read_timeout(Some(Duration::from_millis(100)))
@@ -859,12 +851,7 @@ fn a_child_guest_is_heard_from_its_parents_cid_until_it_rereads_its_own() {
 #[test]
 fn the_cid_reread_drops_only_what_the_guest_knew_and_a_nested_fork_keeps_its_cid() {
     let dir = tempfile::tempdir().unwrap();
-    let mut dev = new_device(&dir);
-    dev.set_acked_features(dev.avail_features());
-    let state = dev.save().unwrap();
-    drop(dev);
-    let mut child = restore_in(&dir, "v.sock", 8, &state).unwrap();
-    let mut g = Guest::activate(&mut child);
+    let (mut child, mut g) = activated_child(&dir);
     // A read before the event is delivered (no event buffer yet) is the probe's.
     let mut cid = [0u8; 8];
     child.read_config(0, &mut cid);
@@ -909,9 +896,7 @@ fn the_cid_reread_drops_only_what_the_guest_knew_and_a_nested_fork_keeps_its_cid
     assert_eq!(child.muxer.conns.len(), 3);
     child.read_config(0, &mut cid);
     child.process_queues();
-    let mut rest = Vec::new();
-    known.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty(), "the known connection ends");
+    assert_ended(&mut known, "the known connection ends");
     assert_eq!(child.muxer.conns.len(), 2, "the other two stay");
     half.write_all(
         b"ECT 1234

@@ -20,6 +20,8 @@
 //!   each of its containers;
 //! - the CRI's streaming Exec (containerd's streaming server, over a WebSocket, as
 //!   `kubectl exec` uses it) gives a command's output, error output and exit code;
+//!   with a terminal (`kubectl exec -it`) the command has a pty and reads what is sent;
+//!   Attach (`kubectl attach -i`) reaches a container's main process's stdin and stdout;
 //! - stopping and removing the containers and the pod leaves no sandbox, shim, VM or
 //!   network namespace.
 //!
@@ -37,12 +39,13 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerStatsRequest, CpuUsage, CreateContainerRequest,
-    ExecRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, ListContainersRequest, ListPodSandboxRequest, MemoryUsage,
-    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatsRequest,
-    PodSandboxStatusRequest, PortForwardRequest, RemoveContainerRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    AttachRequest, ContainerConfig, ContainerMetadata, ContainerStatsRequest, CpuUsage,
+    CreateContainerRequest, ExecRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest,
+    ListPodSandboxRequest, MemoryUsage, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, PodSandboxStatsRequest, PodSandboxStatusRequest, PortForwardRequest,
+    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -589,11 +592,45 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
         "{handler}: no memory for the pod: {linux:?}"
     );
     assert_eq!(names, ["client", "server"], "{handler}: {linux:?}");
+    // `kubectl exec -it`: a terminal, and stdin through it.
+    let (out, status) = exec_tty(
+        cri,
+        &client,
+        &["sh", "-c", "tty; read x; echo got $x; exit 3"],
+        b"hello\n",
+    );
+    assert!(
+        out.contains("/dev/pts/") && out.contains("got hello"),
+        "{handler}: Exec with a terminal gave {out:?} (status {status})"
+    );
+    assert!(
+        status.contains("NonZeroExitCode") && status.contains("\"message\":\"3\""),
+        "{handler}: Exec with a terminal's status: {status}"
+    );
+    // `kubectl attach -i`: a container made with stdin open reads what is sent to it.
+    let reader = create_and_start(
+        ctd,
+        cri,
+        &pod,
+        &config,
+        ContainerConfig {
+            stdin: true,
+            ..container_config(
+                "reader",
+                &["sh", "-c", "while read l; do echo attached $l; done"],
+            )
+        },
+    );
+    let out = attach(cri, &reader, b"one\n", "attached one");
+    assert!(
+        out.contains("attached one"),
+        "{handler}: Attach gave {out:?}"
+    );
     if handler == "forkvm-fork" {
         second_forked_pod(ctd, cri, &logs);
     }
 
-    for id in [&server, &client] {
+    for id in [&server, &client, &reader] {
         let req = StopContainerRequest {
             container_id: id.to_string(),
             timeout: 5,
@@ -642,13 +679,79 @@ fn exec_streaming(cri: &mut Cri, id: &str, cmd: &[&str]) -> (String, String, Str
         .call("Exec", |mut c| async move { c.exec(req).await })
         .unwrap_or_else(|e| panic!("Exec {cmd:?} in {id}: {e}"))
         .url;
-    let mut socket = websocket(&url);
-    let mut streams = [Vec::new(), Vec::new(), Vec::new()];
-    loop {
+    let [_, out, err, status, _] = channels(&url, &[], |_| false);
+    let [out, err, status] = [out, err, status].map(|s| String::from_utf8_lossy(&s).into_owned());
+    (out, err, status)
+}
+
+/// Runs `cmd` in container `id` as `kubectl exec -it` does: with a terminal, `input` on
+/// its stdin (channel 0). Returns (the terminal's output, the status's JSON).
+fn exec_tty(cri: &mut Cri, id: &str, cmd: &[&str], input: &[u8]) -> (String, String) {
+    let req = ExecRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty: true,
+        stdin: true,
+        stdout: true,
+        stderr: false,
+    };
+    let url = cri
+        .call("Exec", |mut c| async move { c.exec(req).await })
+        .unwrap_or_else(|e| panic!("Exec {cmd:?} with a terminal in {id}: {e}"))
+        .url;
+    let [_, out, _, status, _] = channels(&url, &[(0, input)], |_| false);
+    let [out, status] = [out, status].map(|s| String::from_utf8_lossy(&s).into_owned());
+    (out, status)
+}
+
+/// `kubectl attach -i` to container `id` (made with `stdin: true`): sends `input` to
+/// its main process's stdin and reads its stdout until it holds `expect` (or the
+/// server closes, or 30 s pass). Returns that stdout.
+fn attach(cri: &mut Cri, id: &str, input: &[u8], expect: &str) -> String {
+    let req = AttachRequest {
+        container_id: id.into(),
+        stdin: true,
+        tty: false,
+        stdout: true,
+        stderr: true,
+    };
+    let url = cri
+        .call("Attach", |mut c| async move { c.attach(req).await })
+        .unwrap_or_else(|e| panic!("Attach to {id}: {e}"))
+        .url;
+    let [_, out, ..] = channels(&url, &[(0, input)], |c| {
+        String::from_utf8_lossy(&c[1]).contains(expect)
+    });
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Talks to a URL of containerd's streaming server over its WebSocket
+/// ([`websocket`]): sends each of `inputs` on its channel, then collects what comes on
+/// channels 0 to 4 (each message's first byte its channel) until the server closes,
+/// `done` holds of what came, or 30 s pass without a message.
+fn channels(
+    url: &str,
+    inputs: &[(u8, &[u8])],
+    done: impl Fn(&[Vec<u8>; 5]) -> bool,
+) -> [Vec<u8>; 5] {
+    let mut socket = websocket(url);
+    socket
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    for (channel, bytes) in inputs {
+        let mut message = vec![*channel];
+        message.extend_from_slice(bytes);
+        socket
+            .send(tungstenite::Message::Binary(message))
+            .unwrap_or_else(|e| panic!("cannot send on {url}: {e}"));
+    }
+    let mut got: [Vec<u8>; 5] = Default::default();
+    while !done(&got) {
         match socket.read() {
             Ok(tungstenite::Message::Binary(data)) => {
-                if let Some(&n @ 1..=3) = data.first() {
-                    streams[n as usize - 1].extend_from_slice(&data[1..]);
+                if let Some(&n @ 0..=4) = data.first() {
+                    got[n as usize].extend_from_slice(&data[1..]);
                 }
             }
             Ok(tungstenite::Message::Close(_))
@@ -656,11 +759,11 @@ fn exec_streaming(cri: &mut Cri, id: &str, cmd: &[&str]) -> (String, String, Str
                 break
             }
             Ok(_) => {}
-            Err(e) => panic!("Exec {cmd:?} in {id}, over {url}: {e}"),
+            Err(e) => panic!("over {url}, having got {got:?}: {e}"),
         }
     }
-    let [out, err, status] = streams.map(|s| String::from_utf8_lossy(&s).into_owned());
-    (out, err, status)
+    let _ = socket.close(None);
+    got
 }
 
 /// A WebSocket to a URL of containerd's streaming server, in Kubernetes'
@@ -696,7 +799,7 @@ fn websocket(url: &str) -> tungstenite::WebSocket<std::net::TcpStream> {
 /// CRI's PortForward gives a URL of containerd's streaming server; over its WebSocket,
 /// channel 0 carries the port's data and channel 1 its errors, each starting with the
 /// port (2 bytes, little-endian). Reads until the data holds a line, the server
-/// closes, or 30 s pass. Returns (data, errors).
+/// closes, or 30 s pass without a message. Returns (data, errors).
 fn port_forward(cri: &mut Cri, pod: &str, port: u16) -> (String, String) {
     let req = PortForwardRequest {
         pod_sandbox_id: pod.into(),
@@ -709,30 +812,9 @@ fn port_forward(cri: &mut Cri, pod: &str, port: u16) -> (String, String) {
         )
         .unwrap_or_else(|e| panic!("PortForward {port} of {pod}: {e}"))
         .url;
-    let mut socket = websocket(&url);
-    socket
-        .get_mut()
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut channels = [Vec::new(), Vec::new()];
-    while !channels[0].ends_with(b"\n") {
-        match socket.read() {
-            Ok(tungstenite::Message::Binary(data)) => {
-                if let Some(&n @ 0..=1) = data.first() {
-                    channels[n as usize].extend_from_slice(&data[1..]);
-                }
-            }
-            Ok(tungstenite::Message::Close(_))
-            | Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                break
-            }
-            Ok(_) => {}
-            Err(e) => panic!("PortForward {port} of {pod}, over {url}: {e}"),
-        }
-    }
-    let _ = socket.close(None);
+    let [data, errors, ..] = channels(&url, &[], |c| c[0].ends_with(b"\n"));
     let prefix = port.to_le_bytes();
-    let [data, errors] = channels.map(|bytes| {
+    let [data, errors] = [data, errors].map(|bytes| {
         let text = bytes.strip_prefix(&prefix[..]).unwrap_or(&bytes[..]);
         String::from_utf8_lossy(text).into_owned()
     });

@@ -18,6 +18,45 @@ pub const MAX_FORWARDS: usize = 64;
 /// How long the agent waits for the guest's port to accept.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A bounded number of connections carried at once: each [`Slot`] taken counts until it
+/// is dropped.
+#[derive(Clone, Debug)]
+pub struct Slots {
+    taken: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    max: usize,
+}
+
+/// One of [`Slots`]' places, given back when dropped.
+#[derive(Debug)]
+pub struct Slot(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Slots {
+    /// At most `max` slots at once.
+    pub fn new(max: usize) -> Self {
+        Slots {
+            taken: Default::default(),
+            max,
+        }
+    }
+
+    /// A slot, unless all `max` are taken.
+    pub fn take(&self) -> Option<Slot> {
+        use std::sync::atomic::Ordering;
+        self.taken
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.taken.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Once one direction of a [`splice`] has ended, how long the other may go on before
 /// both are closed: a peer that never closes cannot hold the connection for ever.
 pub const HALF_CLOSED_LIMIT: Duration = Duration::from_secs(60);
@@ -125,6 +164,18 @@ pub fn connect(uds: &Path, port: u16, timeout: Duration) -> io::Result<UnixStrea
 mod tests {
     use super::*;
     use std::net::TcpListener;
+
+    #[test]
+    fn slots_are_bounded_and_given_back_when_dropped() {
+        let slots = Slots::new(2);
+        let (a, b) = (slots.take().unwrap(), slots.take().unwrap());
+        assert!(slots.take().is_none());
+        drop(a);
+        let c = slots.take().expect("a's place");
+        assert!(slots.clone().take().is_none(), "clones share the count");
+        drop((b, c));
+        assert!(slots.take().is_some());
+    }
 
     #[test]
     fn splice_carries_both_ways_and_passes_a_half_close_on() {

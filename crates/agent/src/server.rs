@@ -121,7 +121,7 @@ pub struct Agent {
     /// The processes started and not seen exit yet, each with its container.
     live: Mutex<HashMap<libc::pid_t, Arc<Container>>>,
     /// The [`Request::Forward`] connections being carried.
-    forwards: Arc<std::sync::atomic::AtomicUsize>,
+    forwards: forward::Slots,
     power_off: PowerOff,
 }
 
@@ -139,7 +139,7 @@ impl Agent {
             config,
             reaper: Reaper::global(),
             containers: Mutex::new(Containers::default()),
-            forwards: Arc::default(),
+            forwards: forward::Slots::new(forward::MAX_FORWARDS),
             live: Mutex::new(HashMap::new()),
             power_off,
         })
@@ -342,8 +342,10 @@ impl Agent {
 
     /// Connects to `port` on the guest's loopback for [`Request::Forward`], within
     /// [`forward::MAX_FORWARDS`] (the slot is held while the connection is carried).
-    fn forward(&self, port: u16) -> Result<(TcpStream, ForwardSlot), String> {
-        let slot = ForwardSlot::take(&self.forwards)
+    fn forward(&self, port: u16) -> Result<(TcpStream, forward::Slot), String> {
+        let slot = self
+            .forwards
+            .take()
             .ok_or_else(|| format!("more than {} forwarded connections", forward::MAX_FORWARDS))?;
         // IPv4 first, as containerd dials on the host; a server on `::1` alone is
         // reached too.
@@ -665,28 +667,6 @@ impl Containers {
             return Err(format!("container {id:?} is being made or destroyed"));
         }
         Ok(())
-    }
-}
-
-/// One of the agent's [`forward::MAX_FORWARDS`] forwarded connections, given back when
-/// dropped.
-struct ForwardSlot(Arc<std::sync::atomic::AtomicUsize>);
-
-impl ForwardSlot {
-    fn take(count: &Arc<std::sync::atomic::AtomicUsize>) -> Option<Self> {
-        use std::sync::atomic::Ordering;
-        count
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < forward::MAX_FORWARDS).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| ForwardSlot(count.clone()))
-    }
-}
-
-impl Drop for ForwardSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -26,7 +26,6 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Most connections the relay carries at once.
@@ -65,7 +64,7 @@ impl LoopbackRelay {
         let netns = std::fs::File::open("/proc/thread-self/ns/net")?;
         let link = attach(&prog, &netns)?;
         let dial: Arc<Dialer> = Arc::from(dial);
-        let active = Arc::new(AtomicUsize::new(0));
+        let slots = forkvm_agent_proto::forward::Slots::new(MAX_CONNECTIONS);
         std::thread::Builder::new()
             .name("loopback-relay".into())
             .spawn(move || {
@@ -85,23 +84,21 @@ impl LoopbackRelay {
                             continue;
                         }
                     };
-                    if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    let Some(slot) = slots.take() else {
                         warn_once(&format!("more than {MAX_CONNECTIONS} connections refused"));
                         reset(client);
                         continue;
-                    }
-                    active.fetch_add(1, Ordering::SeqCst);
-                    let (count, dial) = (active.clone(), dial.clone());
+                    };
+                    let dial = dial.clone();
                     let spawned = std::thread::Builder::new()
                         .name("loopback-conn".into())
                         .spawn(move || {
                             if let Err(e) = relay(client, &*dial) {
                                 tracing::info!("loopback relay: {e}");
                             }
-                            count.fetch_sub(1, Ordering::SeqCst);
+                            drop(slot);
                         });
                     if spawned.is_err() {
-                        active.fetch_sub(1, Ordering::SeqCst);
                         warn_once("no thread for a connection; refused");
                     }
                 }

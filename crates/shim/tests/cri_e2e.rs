@@ -667,18 +667,7 @@ fn usage(cpu: Option<&CpuUsage>, memory: Option<&MemoryUsage>) -> (u64, u64) {
 /// in Kubernetes' `v4.channel.k8s.io` framing (each message's first byte its stream:
 /// 1 stdout, 2 stderr, 3 the status). Returns (stdout, stderr, the status's JSON).
 fn exec_streaming(cri: &mut Cri, id: &str, cmd: &[&str]) -> (String, String, String) {
-    let req = ExecRequest {
-        container_id: id.into(),
-        cmd: cmd.iter().map(|s| s.to_string()).collect(),
-        tty: false,
-        stdin: false,
-        stdout: true,
-        stderr: true,
-    };
-    let url = cri
-        .call("Exec", |mut c| async move { c.exec(req).await })
-        .unwrap_or_else(|e| panic!("Exec {cmd:?} in {id}: {e}"))
-        .url;
+    let url = exec_url(cri, id, cmd, false);
     let [_, out, err, status, _] = channels(&url, &[], |_| false);
     let [out, err, status] = [out, err, status].map(|s| String::from_utf8_lossy(&s).into_owned());
     (out, err, status)
@@ -687,21 +676,26 @@ fn exec_streaming(cri: &mut Cri, id: &str, cmd: &[&str]) -> (String, String, Str
 /// Runs `cmd` in container `id` as `kubectl exec -it` does: with a terminal, `input` on
 /// its stdin (channel 0). Returns (the terminal's output, the status's JSON).
 fn exec_tty(cri: &mut Cri, id: &str, cmd: &[&str], input: &[u8]) -> (String, String) {
-    let req = ExecRequest {
-        container_id: id.into(),
-        cmd: cmd.iter().map(|s| s.to_string()).collect(),
-        tty: true,
-        stdin: true,
-        stdout: true,
-        stderr: false,
-    };
-    let url = cri
-        .call("Exec", |mut c| async move { c.exec(req).await })
-        .unwrap_or_else(|e| panic!("Exec {cmd:?} with a terminal in {id}: {e}"))
-        .url;
+    let url = exec_url(cri, id, cmd, true);
     let [_, out, _, status, _] = channels(&url, &[(0, input)], |_| false);
     let [out, status] = [out, status].map(|s| String::from_utf8_lossy(&s).into_owned());
     (out, status)
+}
+
+/// The streaming URL the CRI's Exec gives for `cmd` in container `id`: with `tty`, a
+/// terminal and stdin (its output on stdout alone); without, stdout and stderr apart.
+fn exec_url(cri: &mut Cri, id: &str, cmd: &[&str], tty: bool) -> String {
+    let req = ExecRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty,
+        stdin: tty,
+        stdout: true,
+        stderr: !tty,
+    };
+    cri.call("Exec", |mut c| async move { c.exec(req).await })
+        .unwrap_or_else(|e| panic!("Exec {cmd:?} (terminal: {tty}) in {id}: {e}"))
+        .url
 }
 
 /// `kubectl attach -i` to container `id` (made with `stdin: true`): sends `input` to

@@ -28,15 +28,16 @@
 //! | `mounts`: bind of a directory (`-v DIR:/p`, `--mount type=bind`, named volumes) | [`ContainerPlan::volumes`] | shared into the VM by a virtio-fs device: the container's monitor binds the directory, under its own name, in a directory of the container's state (in its own mount namespace), which is the share, and the guest agent binds that directory of the share at `destination`, so that the mount table names it as runc's does; read-only with the `ro` option (the host's bind too); other options (propagation, `nosuid`, ...) are not applied. A VM with volumes forks (its children serve the same directories); it cannot be saved as a template |
 //! | `mounts`: bind of anything else (a socket, a device node), or of a source that is missing or relative | **error** | only directories are shared and regular files copied |
 //! | `mounts`: any other filesystem type | **error** | the guest cannot mount it |
-//! | `linux.namespaces`: `mount`, `uts`, `ipc` | [`ContainerPlan::namespaces`] | the container's monitor (the host process `state` names, whose namespaces hooks and engines enter) is in them as runc's container process would be: a new one without `path`, the one at `path` joined, the runtime's own when the type is not listed. Inside the VM the container has every namespace of its own. The monitor stacks the container's root over `/` and binds its volumes only in a mount namespace it made: volumes and a pod's sandbox need one (**error** otherwise). A `mount` namespace by path must show the runtime's processes in its `/proc`, where the monitor finds itself (one made from the runtime's by `unshare --mount` does; another container's does not: **error**) |
-//! | `linux.namespaces`: `pid` | [`MonitorNamespaces::pid`] | joined by the monitor (and the VM process it starts) when given by `path` (not with a `mount` namespace by path too: **error**, the monitor learns its host pid from `/proc`); without `path` made inside the VM only: on the host the VM process stays in the runtime's pid namespace, where its fork children's pids name them. A container whose monitor joined a pid namespace does not fork |
-//! | `linux.namespaces`: `cgroup`, `time` | warning; with `path`: **error** | made inside the VM only (the guest kernel's): the VM process moves into the container's `cgroupsPath` and out of it when it ends, which a cgroup namespace of its own would forbid |
+//! | `linux.namespaces`: `mount`, `uts`, `ipc` | [`ContainerPlan::namespaces`] | the container's monitor (the host process `state` names, or its holder in those namespaces when the container has one, see `pid`: hooks and engines enter them) is in them as runc's container process would be: a new one without `path`, the one at `path` joined, the runtime's own when the type is not listed. Inside the VM the container has every namespace of its own. The monitor stacks the container's root over `/` and binds its volumes only in a mount namespace it made: volumes and a pod's sandbox need one (**error** otherwise). A `mount` namespace by path must show the runtime's processes in its `/proc`, where the monitor finds itself (one made from the runtime's by `unshare --mount` does; another container's does not: **error**) |
+//! | `linux.namespaces`: `pid` | [`MonitorNamespaces::pid`], [`HolderNamespaces::pid`] | with `path`: joined by the monitor (and the VM process it starts; not with a `mount` namespace by path too: **error**, the monitor learns its host pid from `/proc`), and a container whose monitor joined a pid namespace does not fork. Without `path` (but for a pod's container, whose sandbox's VM holds it: warning): the container's **holder** (`runtime/holder.rs`), a process that only stands for the container on the host, is the init of a new pid namespace as runc's container process is, and is the state's `pid` and `--pid-file`'s: it joins the monitor's mount, UTS, IPC and network namespaces, exits with the container's exit code, and a SIGKILL of it ends the container. The guest's kernel makes the container's own. The monitor and VM process stay in the runtime's pid namespace, where the VM's fork children's pids name them |
+//! | `linux.namespaces`: `cgroup` | [`HolderNamespaces::cgroup`]; with `path`: **error** | the holder (above) makes one on the host, rooted at the cgroup `create` ran in (the engine's), and the guest's kernel the container's (a pod's container has no holder: warning); the VM process has none: it moves into the container's `cgroupsPath` and out of it when it ends, which a cgroup namespace of its own would forbid |
+//! | `linux.namespaces`: `time` | warning; with `path`: **error** | made inside the VM only (the guest kernel's) |
 //! | `linux.namespaces`: `network` with `path` (podman/netavark, CNI, containerd's CRI) | [`ContainerPlan::network`] = [`NetworkPlan::Join`] | the VM joins that network: each interface gets a TAP tied to it, and the guest takes its MAC, MTU, addresses and routes (`forkvm-net`) |
 //! | `linux.namespaces`: `network` without `path` (Docker, `ctr run`) | [`NetworkPlan::New`] | the runtime makes a namespace for the container's monitor, the `prestart`/`createRuntime` hooks configure it (Docker's `libnetwork-setkey` moves the veth in), then the VM joins it as above |
 //! | no `network` namespace, or the runtime's own by `path` (`--network host`) | [`NetworkPlan::Host`], warning | the monitor stays in the runtime's network namespace as the spec says, but a VM cannot share the host's network stack: its guest has only loopback (no NIC; the host's interfaces are never tied to it), as with Kata Containers, and its VM process has an empty network namespace of its own. A pod template cannot fork such a pod (**error**) |
 //! | `linux.namespaces`: `user` with `path` | **error** | the container's user namespace is made inside the VM (below); a host one cannot be joined from there |
 //! | `linux.devices` | [`ContainerPlan::devices`] | created by the guest agent in the container's root (type, major, minor, mode, owner). A device this host has must be one the guest's kernel has: a host-only device such as `/dev/kvm` fails `create` naming it. A device neither has is made as runc makes it; a FIFO always. Type `a` is refused: it is a cgroup rule |
-//! | `linux.namespaces`: `user` with `linux.uidMappings`/`gidMappings` | [`ContainerPlan::user_namespace`] | made by the guest agent with those maps, their "host" ids the guest's; every container process (exec'd ones and `createContainer`/`startContainer` hooks too) joins it. A `user` namespace without both maps, or maps without the namespace, is an **error**, as in runc. The guest's other namespaces stay the guest root's: the container's root may bind low ports and ping (the agent sets `ip_unprivileged_port_start` and `ping_group_range`) but not set the hostname or mount. A shared root's files are created with the guest's ids (a container root mapped to 1000 writes as uid 1000) |
+//! | `linux.namespaces`: `user` with `linux.uidMappings`/`gidMappings` | [`ContainerPlan::user_namespace`], [`HolderNamespaces::user`] | on the host the container's holder (above) is in a new user namespace with those maps, which engines read from `/proc/<pid>/uid_map`; inside, made by the guest agent with those maps, their "host" ids the guest's; every container process (exec'd ones and `createContainer`/`startContainer` hooks too) joins it. A `user` namespace without both maps, or maps without the namespace, is an **error**, as in runc. The guest's other namespaces stay the guest root's: the container's root may bind low ports and ping (the agent sets `ip_unprivileged_port_start` and `ping_group_range`) but not set the hostname or mount. A shared root's files are created with the guest's ids (a container root mapped to 1000 writes as uid 1000) |
 //! | `linux.sysctl`, `maskedPaths`, `readonlyPaths` | [`ContainerPlan::sysctls`], [`ContainerPlan::masked_paths`], [`ContainerPlan::readonly_paths`] | applied by the guest agent as runc applies them, before the process starts: kernel parameters written to the guest's `/proc/sys` (the guest's kernel is the container's own), masked paths hidden (`/dev/null` over a file, an empty read-only tmpfs over a directory), read-only paths bound read-only; paths resolve inside the container's root, missing ones are skipped |
 //! | `linux.resources.memory.limit` | [`ContainerPlan::mem_mib`] | rounded up to MiB, at least 128; absent or not positive (`-1`: unlimited) → 512 |
 //! | `linux.resources.cpu.quota`/`period` | [`ContainerPlan::vcpus`] | `ceil(quota / period)` (period defaults to 100 000 µs) |
@@ -274,9 +275,30 @@ pub struct MonitorNamespaces {
     pub uts: HostNamespace,
     /// Its IPC namespace.
     pub ipc: HostNamespace,
-    /// A pid namespace it (and the VM process it starts) joins (`pid` with a `path`); a
-    /// new one is made in the VM only.
+    /// A pid namespace it (and the VM process it starts) joins (`pid` with a `path`).
     pub pid: Option<PathBuf>,
+    /// The namespaces the container's holder process makes on the host
+    /// (`runtime/holder.rs`): `pid`, `cgroup` and `user` without a path.
+    pub holder: HolderNamespaces,
+}
+
+/// What the container's holder process (its process on the host when the spec gives it
+/// pid, cgroup or user namespaces of its own) makes beyond the monitor's namespaces.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HolderNamespaces {
+    /// A pid namespace it is the init of.
+    pub pid: bool,
+    /// A cgroup namespace rooted at its cgroup.
+    pub cgroup: bool,
+    /// A user namespace with the spec's maps (the same maps the guest's has).
+    pub user: Option<forkvm_agent_proto::UserNamespace>,
+}
+
+impl HolderNamespaces {
+    /// Whether the container needs a holder at all.
+    pub fn any(&self) -> bool {
+        self.pid || self.cgroup || self.user.is_some()
+    }
 }
 
 /// The spec's hooks that run in the container, inside its VM, in spec order.
@@ -1175,9 +1197,16 @@ impl<'a> Planner<'a> {
                 LinuxNamespaceType::Pid => {
                     if let HostNamespace::Join(path) = host {
                         self.namespaces.pid = Some(path);
-                    } else {
+                    } else if self.pod_member {
+                        // A pod's container has no holder: its sandbox's VM is its own.
                         kinds.push(ns.typ().to_string());
+                    } else {
+                        self.namespaces.holder.pid = true;
                     }
+                    continue;
+                }
+                LinuxNamespaceType::Cgroup if ns.path().is_none() && !self.pod_member => {
+                    self.namespaces.holder.cgroup = true;
                     continue;
                 }
                 LinuxNamespaceType::User => {
@@ -1227,8 +1256,8 @@ impl<'a> Planner<'a> {
         }
         if !kinds.is_empty() {
             self.warn(format!(
-                "linux.namespaces ({}) are made inside the VM only: the container's monitor \
-                 on the host stays in the runtime's",
+                "linux.namespaces ({}) are made inside the VM only: the container's \
+                 processes on the host stay in the runtime's",
                 kinds.join(", ")
             ));
         }
@@ -1289,6 +1318,7 @@ impl<'a> Planner<'a> {
             self.seccomp = compiled.filters;
         }
         self.user_namespace = self.user_namespace(linux, user_namespace)?;
+        self.namespaces.holder.user = self.user_namespace.clone();
         let resources = linux.resources().as_ref();
         let mem_mib = self.mem_mib(
             resources

@@ -144,15 +144,15 @@ pub fn checked_copy(
         .filter_map(|s| Some((s, s.template_copy.as_ref()?)))
         .filter(|(s, c)| c.memory_mac == *memory_mac && s.pid_start_time.is_some())
         // That monitor still (its pid's start time), before anything is taken from it.
-        .filter(|(s, _)| s.process_alive())
+        .filter(|(s, _)| s.monitor_alive())
         .find_map(|(s, c)| {
-            let copy = take_fd(s.pid?, c.fd)
+            let copy = take_fd(s.monitor_pid.or(s.pid)?, c.fd)
                 .inspect_err(|e| {
                     tracing::debug!(sandbox = s.id, "cannot take its template copy: {e}")
                 })
                 .ok()?;
             // Still that monitor (not a process that took its pid since) and still its copy.
-            (s.process_alive() && is_template_copy(&copy)).then_some(copy)
+            (s.monitor_alive() && is_template_copy(&copy)).then_some(copy)
         })
 }
 

@@ -74,8 +74,17 @@ pub struct ContainerState {
     pub id: String,
     /// The bundle directory (absolute).
     pub bundle: PathBuf,
-    /// The host process whose lifetime is the container's (the VM's monitor process).
+    /// The host process whose lifetime is the container's: its holder, in the
+    /// container's namespaces, where it has one (`runtime/holder.rs`), else the VM's
+    /// monitor process.
     pub pid: Option<i32>,
+    /// The monitor, when `pid` is a holder (signals go to the monitor, which forwards
+    /// them into the guest).
+    #[serde(default)]
+    pub monitor_pid: Option<i32>,
+    /// `monitor_pid`'s start time, as `pid_start_time`.
+    #[serde(default)]
+    pub monitor_start_time: Option<u64>,
     /// `pid`'s start time in clock ticks since boot (`/proc/<pid>/stat` field 22), to tell
     /// it from a later process that reuses the pid.
     pub pid_start_time: Option<u64>,
@@ -137,6 +146,8 @@ impl ContainerState {
             id: id.into(),
             bundle: bundle.into(),
             pid: None,
+            monitor_pid: None,
+            monitor_start_time: None,
             pid_start_time: None,
             status: Status::Creating,
             created: SystemTime::now(),
@@ -159,6 +170,14 @@ impl ContainerState {
         let (_, start_time) = proc_stat(pid).ok_or(StateError::NoSuchProcess { pid })?;
         self.pid = Some(pid);
         self.pid_start_time = Some(start_time);
+        Ok(())
+    }
+
+    /// Records `pid` as the container's monitor, `pid` being its holder.
+    pub fn record_monitor(&mut self, pid: i32) -> Result<(), StateError> {
+        let (_, start_time) = proc_stat(pid).ok_or(StateError::NoSuchProcess { pid })?;
+        self.monitor_pid = Some(pid);
+        self.monitor_start_time = Some(start_time);
         Ok(())
     }
 
@@ -212,13 +231,15 @@ impl ContainerState {
     /// Whether the recorded process still runs: it exists, is not a zombie, and (when a
     /// start time was recorded) started when the recorded one did.
     pub fn process_alive(&self) -> bool {
-        let Some(pid) = self.pid else { return false };
-        match proc_stat(pid) {
-            Some((state, start_time)) => {
-                !matches!(state, 'Z' | 'X' | 'x')
-                    && self.pid_start_time.is_none_or(|t| t == start_time)
-            }
-            None => false,
+        alive(self.pid, self.pid_start_time)
+    }
+
+    /// Whether the container's monitor still runs, where `pid` is its holder's (else
+    /// whether `pid` does).
+    pub fn monitor_alive(&self) -> bool {
+        match self.monitor_pid {
+            Some(pid) => alive(Some(pid), self.monitor_start_time),
+            None => self.process_alive(),
         }
     }
 
@@ -524,6 +545,18 @@ fn write_atomically(dir: &Path, state: &ContainerState) -> Result<(), StateError
     })?;
     json.push(b'\n');
     forkvm_registry::write_atomic(&path, &json).map_err(io_error(&path))
+}
+
+/// Whether process `pid` runs (exists, is no zombie) and, when `start` is known,
+/// started then.
+fn alive(pid: Option<i32>, start: Option<u64>) -> bool {
+    let Some(pid) = pid else { return false };
+    match proc_stat(pid) {
+        Some((state, start_time)) => {
+            !matches!(state, 'Z' | 'X' | 'x') && start.is_none_or(|t| t == start_time)
+        }
+        None => false,
+    }
 }
 
 /// (state character, start time) of process `pid`, from `/proc/<pid>/stat`.

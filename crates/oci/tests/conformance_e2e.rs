@@ -31,17 +31,7 @@ const PROGRAM_TIMEOUT: Duration = Duration::from_secs(300);
 const SESSION_BUDGET: Duration = Duration::from_secs(1800);
 
 /// Tests runc is clean on that forkvm is not yet, each with the reason.
-const KNOWN_GAPS: &[(&str, &str)] = &[(
-    "linux_ns_nopath",
-    "the suite reads the new namespaces from the container's pid on the host, the \
-     monitor: its mount, UTS, IPC and network namespaces are new, but the container's \
-     new pid, cgroup and user namespaces are made inside its VM only. On the host the \
-     VM process stays in the runtime's pid namespace (its fork children are named by \
-     host pids), moves into the container's cgroup and out (which a cgroup namespace \
-     would forbid), and serves the container's root as the guest's ids with the host's \
-     privileges (a user namespace mapping the container's root to host uid 1000 would \
-     take them)",
-)];
+const KNOWN_GAPS: &[(&str, &str)] = &[];
 
 /// What one validation program reported.
 #[derive(Debug, Clone, Copy)]

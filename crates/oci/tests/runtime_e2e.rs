@@ -161,6 +161,17 @@ impl Env {
     /// The runtime log and every VM console, for failure messages.
     fn diagnostics(&self) -> String {
         let mut s = format!("--- runtime log\n{}", self.read("runtime.log"));
+        for e in std::fs::read_dir(self.root())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let log = e.path().join("monitor.log");
+            if log.exists() {
+                let tail = forkvm_registry::tail(&log, 30);
+                s += &format!("\n--- {}\n{tail}", log.display());
+            }
+        }
         for e in std::fs::read_dir(self.vm_root())
             .into_iter()
             .flatten()
@@ -292,6 +303,10 @@ fn body() {
             c["mounts"].as_array_mut().unwrap().push(json!({"destination": "/sys/fs/cgroup",
                 "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "ro"]}));
             c["linux"]["resources"]["pids"] = json!({"limit": 64});
+            c["linux"]["namespaces"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"type": "cgroup"}));
             // A seccomp profile, installed in the guest: mkdir refused.
             c["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
                 {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]});
@@ -337,6 +352,26 @@ fn body() {
         pid.to_string()
     );
     assert!(forkvm_test_support::is_running(pid as u32));
+    // The state's pid is the container's holder, as runc's container process is: the
+    // init of a new pid namespace, in a new cgroup namespace, in the monitor's network
+    // and mount namespaces (the spec's); the monitor, its VM's, stays in ours.
+    let monitor = monitor_of(&env, "c1");
+    assert_ne!(monitor, pid);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["NSpid:", &pid.to_string(), "1"])),
+        "{status}"
+    );
+    for kind in ["pid", "cgroup"] {
+        assert_ne!(ns_of(pid, kind), ns_of("self", kind), "{kind}");
+        assert_eq!(ns_of(monitor, kind), ns_of("self", kind), "{kind}");
+    }
+    for kind in ["net", "mnt"] {
+        assert_eq!(ns_of(pid, kind), ns_of(monitor, kind), "{kind}");
+        assert_ne!(ns_of(pid, kind), ns_of("self", kind), "{kind}");
+    }
     assert_eq!(env.vm_homes().len(), 1, "one VM registered");
     let out = env.rt("c1-start-again", &["state", "nope"], None);
     assert_eq!(out.code, Some(1));
@@ -742,6 +777,31 @@ fn body() {
     env.ok("c16-delete", &["delete", "c16"]);
     assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
 
+    // --- the state's pid killed from outside (as runc's container process can be): the
+    // container ends, its monitor and VM with it
+    let b17 = bundle(&t.join("b17"), &["sleep", "1000"], |_| {});
+    env.ok(
+        "c17-create",
+        &["create", "--bundle", b17.to_str().unwrap(), "c17"],
+    );
+    env.ok("c17-start", &["start", "c17"]);
+    let (pid, monitor) = (pid_of(&env.state("c17")), monitor_of(&env, "c17"));
+    // SAFETY: kill(2) of the container's holder, our reparented child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    assert_eq!(reap(pid, Duration::from_secs(10)), 128 + libc::SIGKILL);
+    let gone = Instant::now() + Duration::from_secs(20);
+    while forkvm_test_support::is_running(monitor as u32) {
+        assert!(
+            Instant::now() < gone,
+            "the monitor outlived its holder\n{}",
+            env.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(env.state("c17")["status"], "stopped");
+    env.ok("c17-delete", &["delete", "c17"]);
+    assert!(env.vm_homes().is_empty(), "{:?}", env.vm_homes());
+
     // --- a terminal: the pty's master arrives on --console-socket, its size reaches the
     // guest, and the process sees a terminal
     let b6 = bundle(
@@ -1057,6 +1117,14 @@ fn body() {
     );
 }
 
+/// The monitor of container `id` whose state's pid is its holder (from the runtime's
+/// own record: `state` shows the holder).
+fn monitor_of(env: &Env, id: &str) -> i32 {
+    let path = env.root().join(id).join("state.json");
+    let state: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    state["monitor_pid"].as_i64().expect("a monitor pid") as i32
+}
+
 /// The namespace `kind` of process `pid` (`/proc/PID/ns/KIND`'s link).
 fn ns_of(pid: impl std::fmt::Display, kind: &str) -> String {
     let link = format!("/proc/{pid}/ns/{kind}");
@@ -1110,6 +1178,8 @@ fn namespaces_by_path(env: &Env, t: &Path) {
             {"type": "uts", "path": format!("/proc/{h}/ns/uts")},
             {"type": "ipc", "path": format!("/proc/{h}/ns/ipc")},
             {"type": "network", "path": "/proc/1/ns/net"},
+            // A holder, in the pid namespace by path.
+            {"type": "cgroup"},
         ]);
     });
     let out = env.rt(
@@ -1138,6 +1208,14 @@ fn namespaces_by_path(env: &Env, t: &Path) {
     );
     assert_eq!(ns_of(pid, "pid"), ns_of(h, "pid_for_children"));
     assert_eq!(ns_of(pid, "net"), ns_of("self", "net"));
+    // The state's pid is a holder in a cgroup namespace of its own; the monitor is in
+    // the same pid namespace, not in a new cgroup one.
+    let monitor = monitor_of(env, "c11");
+    assert_ne!(ns_of(pid, "cgroup"), ns_of("self", "cgroup"));
+    assert_eq!(ns_of(monitor, "cgroup"), ns_of("self", "cgroup"));
+    for kind in ["pid", "uts", "ipc", "mnt"] {
+        assert_eq!(ns_of(pid, kind), ns_of(monitor, kind), "{kind}");
+    }
     // Its VM process, in that pid namespace too, records itself by its host pid; its
     // network namespace is an empty one of its own.
     let homes = env.vm_homes();

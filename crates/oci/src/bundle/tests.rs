@@ -102,11 +102,10 @@ fn runc_spec_default_plans() {
             hard: 1024
         }]
     );
-    // Only the namespaces line: default capabilities and standard mounts are silent.
-    assert_eq!(plan.warnings.len(), 1, "{:?}", plan.warnings);
-    assert!(plan.warnings[0].contains("linux.namespaces (pid, cgroup) are made inside the VM only"));
+    // Default capabilities, standard mounts and the namespaces are silent.
+    assert_eq!(plan.warnings, Vec::<String>::new());
     // The monitor's own mount, UTS and IPC namespaces; the engine's network hooks
-    // configure a new network namespace.
+    // configure a new network namespace; the holder makes the pid and cgroup ones.
     assert_eq!(
         plan.namespaces,
         MonitorNamespaces {
@@ -114,6 +113,11 @@ fn runc_spec_default_plans() {
             uts: HostNamespace::New,
             ipc: HostNamespace::New,
             pid: None,
+            holder: HolderNamespaces {
+                pid: true,
+                cgroup: true,
+                user: None,
+            },
         }
     );
     assert_eq!(plan.network, NetworkPlan::New);
@@ -138,8 +142,10 @@ fn monitor_namespaces_follow_the_spec() {
             uts: HostNamespace::Join("/proc/9/ns/uts".into()),
             ipc: HostNamespace::Inherit,
             pid: Some("/proc/9/ns/pid_for_children".into()),
+            holder: HolderNamespaces::default(),
         }
     );
+    assert!(!plan.namespaces.holder.any());
     assert_eq!(plan.network, NetworkPlan::Join("/proc/9/ns/net".into()));
     let plan = load_with(|c| {
         c["linux"]["namespaces"] = json!([
@@ -154,6 +160,33 @@ fn monitor_namespaces_follow_the_spec() {
         HostNamespace::Join("/proc/9/ns/mnt".into())
     );
     assert_eq!(plan.namespaces.pid, None);
+    assert!(plan.namespaces.holder.pid && !plan.namespaces.holder.cgroup);
+    // A user namespace: the holder's has the spec's maps; time is the VM's only.
+    let plan = load_with(|c| {
+        c["linux"]["namespaces"] = json!([{"type": "user"}, {"type": "time"}]);
+        c["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 1000, "size": 10}]);
+        c["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 2000, "size": 5}]);
+    })
+    .unwrap();
+    let user = plan
+        .namespaces
+        .holder
+        .user
+        .as_ref()
+        .expect("a user namespace");
+    assert_eq!(Some(user), plan.user_namespace.as_ref());
+    assert_eq!(
+        (user.uid_mappings[0].host_id, user.gid_mappings[0].size),
+        (1000, 5)
+    );
+    assert!(!plan.namespaces.holder.pid && !plan.namespaces.holder.cgroup);
+    assert!(
+        plan.warnings
+            .iter()
+            .any(|w| w.contains("linux.namespaces (time) are made inside the VM only")),
+        "{:?}",
+        plan.warnings
+    );
     // Both by path: the monitor could not learn its host pid.
     let e = err_with(|c| {
         c["linux"]["namespaces"] = json!([
@@ -452,7 +485,7 @@ fn mounts() {
         json!({"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]}),
     ))
     .unwrap();
-    assert_eq!(plan.warnings.len(), 1);
+    assert_eq!(plan.warnings, Vec::<String>::new());
     assert_eq!(
         mount_order(&plan),
         [

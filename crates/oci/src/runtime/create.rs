@@ -5,16 +5,19 @@
 //! namespaces the bundle lists: mount, UTS, IPC and network namespaces new or joined by
 //! path, the runtime's own where the type is not listed, and a pid namespace joined by
 //! path; in a mount namespace of its own the container's root is
-//! mounted over `/`, so that an engine joining it finds the container's files. `create` then runs the bundle's `prestart` and `createRuntime`
-//! hooks with the monitor as the state's `pid` (Docker's network hook moves the
-//! container's veth into the monitor's namespace this way, and rewrites the container's
-//! `resolv.conf`), prepares the root ([`crate::rootfs`]) and tells the monitor to go on. The monitor ties
+//! mounted over `/`, so that an engine joining it finds the container's files. Where
+//! the bundle lists pid, cgroup or user namespaces without a path, `create` starts the
+//! container's holder too ([`super::holder`]), in the monitor's namespaces and those:
+//! the state's `pid` is then the holder's, else the monitor's. `create` then runs the
+//! bundle's `prestart` and `createRuntime` hooks with that pid (Docker's network hook
+//! moves the container's veth into the monitor's namespace this way, and rewrites the
+//! container's `resolv.conf`), prepares the root ([`crate::rootfs`]) and tells the monitor to go on. The monitor ties
 //! the namespace's interfaces to TAPs, starts its own session, boots the VM, waits for
 //! the agent, then binds `start.sock` in the container's directory and reports on
 //! [`READY_FILE`]; `create` waits for that report, writes `--pid-file` and returns. On
 //! `start` the monitor has the agent run the process and relays its stdio until it
-//! exits, then exits with its exit code: the monitor is the container's process on the
-//! host. An engine's namespace with no interface at `create` may get its interfaces
+//! exits, then exits with its exit code (handed to the holder, which exits with it):
+//! the monitor is the container's process on the host. An engine's namespace with no interface at `create` may get its interfaces
 //! before `start` (engines that set the network up after `create` returns), and a VM
 //! takes its NICs when it boots: then the monitor reports at once and boots the VM at
 //! `start`, after reading the namespace again. A create that fails leaves no state, VM
@@ -35,6 +38,7 @@ use forkvm_registry::{ProcessIdentity, VmHome};
 use serde::{Deserialize, Serialize};
 
 use super::helper::{self, Report};
+use super::holder::{Holder, MonitorLink};
 use super::{CreateArgs, Global, Log, MonitorArgs};
 use crate::bundle::{self, NetworkPlan};
 use crate::hooks;
@@ -130,8 +134,21 @@ pub fn create(g: &Global, log: &Log, a: CreateArgs) -> Result<()> {
     store.create(&state)?;
     let dir = store.container_dir(&a.id)?;
     let mut monitor = None;
-    let result = create_in(g, &a, &plan, &dir, &store, &state, &mut monitor);
+    let mut holder = None;
+    let result = create_in(
+        g,
+        &a,
+        &plan,
+        &dir,
+        &store,
+        &state,
+        &mut monitor,
+        &mut holder,
+    );
     if result.is_err() {
+        if let Some(holder) = holder {
+            holder.kill();
+        }
         abandon(&store, &state, &plan, monitor, || {
             remove_vm_of(&dir);
             if plan.pod == Some(bundle::PodRole::Sandbox) {
@@ -155,8 +172,8 @@ fn check_pod_template(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Runs container `id`'s `prestart` and `createRuntime` hooks on the host, as runc
-/// shows them the container while creating: its pid is the monitor `pid`, whose network
-/// namespace is the container's.
+/// shows them the container while creating: its pid is `pid` (the holder's, else the
+/// monitor's), whose network namespace is the container's.
 pub(super) fn run_create_hooks(
     store: &StateStore,
     id: &str,
@@ -195,6 +212,7 @@ pub(super) fn abandon(
     let _ = store.remove(&state.id);
 }
 
+#[allow(clippy::too_many_arguments)]
 fn create_in(
     g: &Global,
     a: &CreateArgs,
@@ -203,11 +221,25 @@ fn create_in(
     store: &StateStore,
     state: &ContainerState,
     monitor: &mut Option<Child>,
+    holder: &mut Option<Holder>,
 ) -> Result<()> {
     // The monitor waits for "go" on this pipe: the hooks below configure its namespace.
     let (go_rx, mut go_tx) = std::io::pipe().context("cannot make a pipe")?;
     let go_fd = go_rx.as_raw_fd();
-    let mut cmd = helper::command(g, &["__monitor", &a.id, "--go-fd", &go_fd.to_string()])?;
+    let go_arg = go_fd.to_string();
+    let mut args = vec!["__monitor", a.id.as_str(), "--go-fd", go_arg.as_str()];
+    // With a holder (pid, cgroup or user namespaces of the spec's on the host), the
+    // monitor and the holder each hold one end of this pair: the exit code goes over
+    // it, and each learns of the other's end by it.
+    let pair = match plan.namespaces.holder.any() {
+        true => Some(std::os::unix::net::UnixStream::pair().context("cannot make a socket pair")?),
+        false => None,
+    };
+    let holder_arg = pair.as_ref().map(|(ours, _)| ours.as_raw_fd().to_string());
+    if let Some(fd) = &holder_arg {
+        args.extend(["--holder-fd", fd.as_str()]);
+    }
+    let mut cmd = helper::command(g, &args)?;
     if plan.process.tty {
         let socket = a.console_socket.as_deref().context("no --console-socket")?;
         helper::give_terminal(&mut cmd, socket)?;
@@ -223,13 +255,44 @@ fn create_in(
     // container process's would be. A mount namespace it makes holds the container's
     // root over `/` ([`container_root_over_slash`]).
     let ns = MonitorNs::of(plan)?;
-    monitor_namespaces(&mut cmd, go_fd, &ns.borrowed(), ns.unshare);
+    let keep: Vec<RawFd> = [Some(go_fd), pair.as_ref().map(|(ours, _)| ours.as_raw_fd())]
+        .into_iter()
+        .flatten()
+        .collect();
+    monitor_namespaces(&mut cmd, &keep, &ns.borrowed(), ns.unshare);
     let child = monitor.insert(
         ns.spawn(&mut cmd)
             .context("cannot start the container's monitor in its namespaces")?,
     );
     drop(go_rx);
-    let pid = child.id() as i32;
+    let monitor_pid = child.id();
+    // The state's pid: the holder, in the monitor's namespaces and the spec's pid,
+    // cgroup and user ones, where there is one; else the monitor.
+    let pid = match pair {
+        Some((monitor_end, holder_end)) => {
+            drop(monitor_end);
+            // This binary, by descriptor: the holder's mount namespace may not show it.
+            let exe = std::fs::File::open("/proc/self/exe").context("cannot open this binary")?;
+            let exe_name = std::env::current_exe().unwrap_or_else(|_| "forkvm-runtime".into());
+            let h = holder.insert(Holder::start(
+                (&exe, &exe_name.to_string_lossy()),
+                &a.id,
+                monitor_pid,
+                &ns.holder_joins(plan),
+                &plan.namespaces.holder,
+                OwnedFd::from(holder_end),
+                ns.pid.as_ref(),
+            )?);
+            let pid = h.pid();
+            store.update(&a.id, |s| {
+                s.record_pid(pid)?;
+                s.record_monitor(monitor_pid as i32)?;
+                Ok(())
+            })?;
+            pid
+        }
+        None => monitor_pid as i32,
+    };
     run_create_hooks(store, &a.id, plan, pid)?;
     match &state.pod_template {
         // A sandbox forked from a pod template is made in its VM as the pod's other
@@ -314,6 +377,26 @@ impl MonitorNs {
         Ok(Self { join, unshare, pid })
     }
 
+    /// The kinds of the monitor's namespaces its holder joins: those the plan makes or
+    /// names (the others are the runtime's, the holder's already).
+    fn holder_joins(&self, plan: &bundle::ContainerPlan) -> Vec<libc::c_int> {
+        let ns = &plan.namespaces;
+        let mut kinds = Vec::new();
+        for (host, kind) in [
+            (&ns.mount, libc::CLONE_NEWNS),
+            (&ns.uts, libc::CLONE_NEWUTS),
+            (&ns.ipc, libc::CLONE_NEWIPC),
+        ] {
+            if *host != bundle::HostNamespace::Inherit {
+                kinds.push(kind);
+            }
+        }
+        if plan.network != NetworkPlan::Host {
+            kinds.push(libc::CLONE_NEWNET);
+        }
+        kinds
+    }
+
     fn borrowed(&self) -> Vec<(BorrowedFd<'_>, libc::c_int)> {
         self.join.iter().map(|(f, k)| (f.as_fd(), *k)).collect()
     }
@@ -340,28 +423,32 @@ impl MonitorNs {
     }
 }
 
-/// Sets `cmd` up to start a container's monitor: the read end `go_fd` of the pipe on
-/// which `create` says "go" kept across the exec; the namespaces in `join` (opened
+/// Sets `cmd` up to start a container's monitor: the descriptors in `keep` (the read end
+/// of the pipe on which `create` says "go", the write end of the holder's) kept across
+/// the exec; the namespaces in `join` (opened
 /// namespace files and their `CLONE_NEW*` types) joined, then those in `unshare`
 /// (`CLONE_NEW*` flags) made. A mount namespace it makes is a slave of this process's
 /// (the host's later mounts and unmounts reach it, its own never reach the host). The
 /// caller keeps `join`'s files open until the monitor is spawned.
 pub(super) fn monitor_namespaces(
     cmd: &mut Command,
-    go_fd: RawFd,
+    keep: &[RawFd],
     join: &[(BorrowedFd<'_>, libc::c_int)],
     unshare: libc::c_int,
 ) {
     let join: Vec<(RawFd, libc::c_int)> = join.iter().map(|(f, t)| (f.as_raw_fd(), *t)).collect();
+    let keep = keep.to_vec();
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (fcntl, setns, unshare, mount) on plain values it
     // copied and static strings (the pipe's descriptor and the namespace files stay
     // open in the child until the exec); it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
-            // The pipe's read end survives the exec (it was made close-on-exec).
-            if libc::fcntl(go_fd, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
+            // The pipes' ends survive the exec (they were made close-on-exec).
+            for &fd in &keep {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             for &(fd, kind) in &join {
                 if libc::setns(fd, kind) != 0 {
@@ -419,11 +506,30 @@ pub fn remove_vm(root: &Path, id: &str) {
     }
 }
 
-/// The monitor: returns its exit code (the container process's).
+/// The monitor: returns its exit code (the container process's), which it hands its
+/// container's holder first, if it has one.
 pub fn monitor(g: &Global, log: &Log, a: &MonitorArgs) -> i32 {
-    helper::monitor_process::<Ready>(g, log, &a.id, READY_FILE, |store, dir, reported| {
-        wait_for_go(a.go_fd).and_then(|()| run_monitor(store, dir, &a.id, reported))
-    })
+    // Its holder gone (killed, or never started: `create` ended), so is the container.
+    let link = a.holder_fd.map(|fd| {
+        let link = MonitorLink::adopt(fd)?;
+        link.follow()?;
+        anyhow::Ok(link)
+    });
+    let link = match link.transpose() {
+        Ok(link) => link,
+        Err(e) => {
+            log.error(&format!("monitor {}: {e:#}", a.id));
+            return EXIT_VM_FAILED;
+        }
+    };
+    let code =
+        helper::monitor_process::<Ready>(g, log, &a.id, READY_FILE, |store, dir, reported| {
+            wait_for_go(a.go_fd).and_then(|()| run_monitor(store, dir, &a.id, reported))
+        });
+    if let Some(link) = link {
+        link.exit(code);
+    }
+    code
 }
 
 /// Waits until `create` has run the host hooks: "go" on `fd`, which `create` passed to
@@ -664,9 +770,11 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     let dir_owned = dir.to_owned();
     let filesystems = plan.filesystems_request();
     let cgroup = plan.cgroup_request();
-    // The hooks in the container see it as runc shows them: its pid is this monitor.
+    // The hooks in the container see it as runc shows them: its pid is its holder's or
+    // this monitor's.
     let mut hook_state = state.clone();
-    hook_state.record_pid(ProcessIdentity::current().pid as i32)?;
+    let pid = state.pid.filter(|_| state.monitor_pid.is_some());
+    hook_state.record_pid(pid.unwrap_or(ProcessIdentity::current().pid as i32))?;
     let guest_hooks = |kind: &str, hooks: &[forkvm_agent_proto::GuestHook], status| {
         let mut state = hook_state.clone();
         state.status = status;

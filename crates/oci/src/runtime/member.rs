@@ -160,7 +160,7 @@ fn create_in(
         join.push(ns?);
     }
     let borrowed: Vec<_> = join.iter().map(|(f, k)| (f.as_fd(), *k)).collect();
-    monitor_namespaces(&mut cmd, go_fd, &borrowed, libc::CLONE_NEWNS);
+    monitor_namespaces(&mut cmd, &[go_fd], &borrowed, libc::CLONE_NEWNS);
     let child = monitor.insert(
         cmd.spawn()
             .context("cannot start the monitor of the pod's container")?,

@@ -5,11 +5,11 @@
 //!
 //! | Verb | What it does here |
 //! |---|---|
-//! | `create` | reads the bundle (refusing what a VM cannot honour, before anything exists) and starts the container's **monitor**: a process (this binary, `__monitor`) in the namespaces the bundle lists (mount, UTS, IPC, network: new, or joined by path; a pid namespace by path; the runtime's own where a type is not listed), with the container's root mounted over `/` in a mount namespace of its own, for engines that join it. It runs the bundle's `prestart` and `createRuntime` hooks with the monitor as the state's `pid` (Docker's network hook configures the monitor's namespace), prepares the VM's root (copies of the bound files beside the shared rootfs, or a root disk made from it), and lets the monitor go on: it ties the namespace's interfaces to TAPs, boots the VM, waits for its agent and holds the container's stdio. Its pid goes to `--pid-file`: it lives as long as the container and exits with the container's exit code. A failed create runs the `poststop` hooks. |
+//! | `create` | reads the bundle (refusing what a VM cannot honour, before anything exists) and starts the container's **monitor**: a process (this binary, `__monitor`) in the namespaces the bundle lists (mount, UTS, IPC, network: new, or joined by path; a pid namespace by path; the runtime's own where a type is not listed), with the container's root mounted over `/` in a mount namespace of its own, for engines that join it. It runs the bundle's `prestart` and `createRuntime` hooks with the state's `pid` (below), whose network namespace is the monitor's (Docker's network hook configures it), prepares the VM's root (copies of the bound files beside the shared rootfs, or a root disk made from it), and lets the monitor go on: it ties the namespace's interfaces to TAPs, boots the VM, waits for its agent and holds the container's stdio. It lives as long as the container and exits with the container's exit code. Where the spec lists pid, cgroup or user namespaces without a path, `create` also starts the container's **holder** ([`holder`], `__hold`): a process in the monitor's namespaces and those, the init of its pid namespace, that exits with the exit code the monitor hands it; it, else the monitor, is the state's `pid` and `--pid-file`'s. A failed create runs the `poststop` hooks. |
 //! | `create` of a Kubernetes pod's sandbox or container | the sandbox's VM also shares the pod's directory ([`crate::pod`]); a pod's container boots no VM: its root is bound into that directory and its **member monitor** (`__member`) has the sandbox VM's agent make it there (`member.rs`) |
 //! | `start` | tells the monitor to start the process (over `start.sock` in the container's directory), then runs the `poststart` hooks |
 //! | `state`, `list`, `ps` | from the state directory (`--root`), with liveness checked by pid and start time |
-//! | `kill` | signals the monitor, which forwards the signal to the process in the guest (SIGKILL ends the VM at once); a pod's container's process is signalled through the pod VM's agent |
+//! | `kill` | signals the monitor, which forwards the signal to the process in the guest (SIGKILL ends the holder and the VM at once; a holder killed from outside takes its monitor and VM with it); a pod's container's process is signalled through the pod VM's agent |
 //! | `delete` | removes a stopped container (`--force`: kills a running one first) and everything it left, and runs the `poststop` hooks |
 //! | `exec` | runs another process in the container through the guest agent; `--detach` leaves a host process standing for it, as `create` does |
 //! | `pause`, `resume` | pause and resume the whole VM |
@@ -25,6 +25,7 @@ mod create;
 mod exec;
 pub mod fork;
 mod helper;
+pub mod holder;
 mod log;
 mod member;
 pub(crate) mod ops;
@@ -154,6 +155,10 @@ pub struct MonitorArgs {
     /// run (EOF without it: `create` gave up).
     #[arg(long)]
     pub go_fd: i32,
+    /// The monitor's end of the socket pair to its container's holder, on which it hands
+    /// the holder the exit code (a container with a holder: [`holder`]).
+    #[arg(long)]
+    pub holder_fd: Option<i32>,
 }
 
 /// `fork`.
@@ -350,6 +355,13 @@ fn pod_template(a: &PodTemplateArgs) -> anyhow::Result<i32> {
 
 /// Runs the command line; returns the process's exit code.
 pub fn main() -> i32 {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|verb| verb == holder::HOLD_VERB)
+    {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        holder::hold(&args);
+    }
     let cli = Cli::parse();
     let log = Log::new(&cli.global);
     if let Err(e) = forkvm_config::load() {

@@ -134,8 +134,29 @@ pub fn signal_container(state: &ContainerState, sig: i32) -> Result<()> {
         };
     }
     if sig == libc::SIGKILL || state.parent.is_none() {
-        return signal_host(pid, sig)
-            .with_context(|| format!("cannot signal the container's process {pid}"));
+        let Some(monitor) = state.monitor_pid else {
+            return signal_host(pid, sig)
+                .with_context(|| format!("cannot signal the container's process {pid}"));
+        };
+        // A holder: SIGKILL ends it as it ends runc's container process (its exit is
+        // the engine's to see as a kill), then the monitor, which would end with it;
+        // other signals are the monitor's to forward.
+        let gone = |r: std::io::Result<()>| match r {
+            Err(e) if sig == libc::SIGKILL && e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            r => r,
+        };
+        if sig == libc::SIGKILL {
+            gone(signal_host(pid, sig))
+                .with_context(|| format!("cannot kill the container's process {pid}"))?;
+        }
+        if !state.monitor_alive() {
+            return match sig {
+                libc::SIGKILL => Ok(()),
+                _ => bail!("container {}'s monitor {monitor} is gone", state.id),
+            };
+        }
+        return gone(signal_host(monitor, sig))
+            .with_context(|| format!("cannot signal the container's monitor {monitor}"));
     }
     let (Some(uds), Some(guest_pid)) = (&state.vsock, state.guest_pid) else {
         bail!("container {} has no agent to signal", state.id);
@@ -184,10 +205,23 @@ pub fn delete(g: &Global, log: &Log, a: &DeleteArgs) -> Result<()> {
             ),
             _ => {
                 signal_container(&state, libc::SIGKILL)?;
-                if !forkvm_registry::liveness::wait_gone(KILL_WAIT, || state.process_alive()) {
+                // The holder, then the monitor (its VM process follows it).
+                let running = || state.process_alive() || state.monitor_alive();
+                if !forkvm_registry::liveness::wait_gone(KILL_WAIT, running) {
                     bail!("container {} did not stop within {KILL_WAIT:?}", a.id);
                 }
             }
+        }
+    }
+    // A holder killed from outside: its monitor follows it (and its VM the monitor);
+    // nothing of theirs is removed before it is gone.
+    if let Some(monitor) = state.monitor_pid.filter(|_| state.monitor_alive()) {
+        let _ = signal_host(monitor, libc::SIGKILL);
+        if !forkvm_registry::liveness::wait_gone(KILL_WAIT, || state.monitor_alive()) {
+            bail!(
+                "container {}'s monitor {monitor} did not stop within {KILL_WAIT:?}",
+                a.id
+            );
         }
     }
     match (state.pod_sandbox(), state.vm_location()) {

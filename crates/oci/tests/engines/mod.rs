@@ -1052,19 +1052,30 @@ pub fn detached_cases(e: &Engine) {
                 (200 * 1024..=300 * 1024).contains(&total_kib),
                 "guest memory for --memory 300m: MemTotal {total_kib} kB"
             );
+            // The container's pid is its holder (in its pid namespace, as runc's
+            // container process is), run by the installed runtime; its monitor, which
+            // runs the VM, is the installed runtime too.
+            let id = e.inspect(NAME, "{{.Id}}");
             assert!(
-                cmdline.contains("__monitor"),
-                "pid {pid} is not a forkvm monitor: {cmdline}"
+                cmdline.contains(" __hold ") && cmdline.ends_with(&format!(" {id}")),
+                "pid {pid} is not the container's forkvm holder: {cmdline}"
             );
-            assert!(
-                cmdline.starts_with(&e.runtime.display().to_string()),
-                "pid {pid} is not the installed runtime {}: {cmdline}",
-                e.runtime.display()
-            );
+            let monitors = forkvm_test_support::processes_matching(&format!("__monitor {id}"));
+            let [monitor] = monitors.as_slice() else {
+                panic!("not one monitor of {id}: {monitors:?}");
+            };
+            let (monitor_pid, monitor_cmdline) = monitor.split_once(": ").unwrap();
+            for (what, cmdline) in [("holder", &cmdline), ("monitor", &monitor_cmdline.to_owned())] {
+                assert!(
+                    cmdline.starts_with(&e.runtime.display().to_string()),
+                    "the container's {what} is not the installed runtime {}: {cmdline}",
+                    e.runtime.display()
+                );
+            }
             // The installed copy is configured by its forkvm.toml alone: none of the
             // variables that override it is in the runtime's environment (the test
             // host's own marker, FORKVM_IN_TESTHOST, is in every process there).
-            let env = environ_of(pid);
+            let env = environ_of(monitor_pid.parse().unwrap());
             let overrides: Vec<&String> = env
                 .iter()
                 .filter(|v| {

@@ -30,8 +30,8 @@ pub mod protocol;
 
 pub use protocol::{
     check_container_id, Capabilities, CgroupLimits, ContainerRoot, DeviceNode, FsMount, GuestHook,
-    IdMapping, NetInterface, NetRoute, ProcessSpec, Request, ResourceUse, Response, Rlimit,
-    ShareMount, User, UserNamespace, AGENT_PORT, FS_TYPES, MAX_CONTAINERS, MAX_FILESYSTEMS,
+    IdMapping, NetInterface, NetRoute, PidNamespace, ProcessSpec, Request, ResourceUse, Response,
+    Rlimit, ShareMount, User, UserNamespace, AGENT_PORT, FS_TYPES, MAX_CONTAINERS, MAX_FILESYSTEMS,
     MAX_HOOKS, MAX_ID_MAPPINGS, MAX_SECCOMP_FILTERS, MAX_SHARES, PROTOCOL_VERSION,
 };
 

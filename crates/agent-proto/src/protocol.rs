@@ -18,8 +18,9 @@ pub const AGENT_PORT: u32 = 1024;
 /// [`Request::Container`]'s `user_namespace`, [`Request::Identity`]'s `time_ns`; 11:
 /// the containers of a pod, [`Request::CreateContainer`], [`Request::InContainer`],
 /// [`Request::DestroyContainer`]; 12: a `virtiofs` [`FsMount`] of a directory in a
-/// share, `TAG/PATH`; 13: [`Request::Stats`]; 14: [`Request::Forward`]).
-pub const PROTOCOL_VERSION: u32 = 14;
+/// share, `TAG/PATH`; 13: [`Request::Stats`]; 14: [`Request::Forward`]; 15:
+/// [`ProcessSpec`]'s `pid_namespace`).
+pub const PROTOCOL_VERSION: u32 = 15;
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
 /// `PATH` used for the executable search when [`ProcessSpec::env`] has none.
@@ -483,6 +484,30 @@ pub struct ProcessSpec {
     /// The process's file mode creation mask; absent: the agent's (0022).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub umask: Option<u32>,
+    /// For a main process (`init`), the PID namespace it starts in, which the
+    /// container's later processes join; absent: the guest's. Ignored without `init`:
+    /// every other process starts in its container's. Since version 15 (an older agent
+    /// starts every process in the guest's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_namespace: Option<PidNamespace>,
+}
+
+/// The PID namespace of a container's main process ([`ProcessSpec::pid_namespace`]).
+/// Either way the container's `/proc` (when it has one mounted) shows that namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PidNamespace {
+    /// A new one, whose init (PID 1) the process is: the OCI `pid` namespace without a
+    /// path.
+    New,
+    /// The boot container's main process's (a booted pod's sandbox): a pod's container
+    /// that names its sandbox's `pid` namespace by path (`shareProcessNamespace`). The
+    /// guest's when that process has none.
+    Sandbox,
+    /// The main process's of the app container with this id (the sandbox of a pod
+    /// forked from a template is one of its VM's app containers), as `sandbox` is the
+    /// boot container's.
+    Container(String),
 }
 
 /// A process's capability sets, each a bit mask by capability number
@@ -534,6 +559,7 @@ impl ProcessSpec {
             no_new_privileges: false,
             oom_score_adj: None,
             umask: None,
+            pid_namespace: None,
         }
     }
 }
@@ -680,10 +706,19 @@ mod tests {
             hard: 4096,
         });
         spec.tty = true;
+        spec.pid_namespace = Some(PidNamespace::Sandbox);
         let r = Request::Exec { process: spec };
         let line = to_line(&r);
         assert!(line.contains("\"type\":\"RLIMIT_NOFILE\""), "{line}");
+        assert!(line.contains("\"pid_namespace\":\"sandbox\""), "{line}");
         assert_eq!(parse_request(&line).unwrap(), r);
+        let mut spec = ProcessSpec::new(["true"]);
+        spec.pid_namespace = Some(PidNamespace::Container("pod-1".into()));
+        let line = to_line(&Request::Exec { process: spec });
+        assert!(
+            line.contains("\"pid_namespace\":{\"container\":\"pod-1\"}"),
+            "{line}"
+        );
 
         let minimal = parse_request(r#"{"op":"exec","process":{"args":["true"]}}"#).unwrap();
         assert_eq!(

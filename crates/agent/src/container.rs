@@ -129,6 +129,7 @@ pub fn apply(
             .and_then(|mut f| std::io::Write::write_all(&mut f, value.as_bytes()))
             .map_err(|e| format!("linux.sysctl {key}={value}: {e}"))?;
     }
+    container.keep_proc_paths(readonly, masked);
     // runc's order: read-only paths, then masked ones.
     for path in readonly {
         make_readonly(&root_fd, path).map_err(|e| format!("linux.readonlyPaths {path}: {e}"))?;
@@ -138,6 +139,66 @@ pub fn apply(
     }
     if s.readonly_root {
         remount(root, true).map_err(|e| format!("root.readonly: {e}"))?;
+    }
+    Ok(())
+}
+
+/// `statfs(2)`'s type of a proc file system.
+const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+
+/// The mount attributes (`MOUNT_ATTR_*`) of the proc file system mounted
+/// at `/proc` in `root`, for a proc mount of another PID namespace to stack on it
+/// ([`stack_proc`]); `None` when `root` has no proc file system there.
+pub(crate) fn proc_attrs(root: &Path) -> Option<rustix::mount::MountAttrFlags> {
+    use rustix::fs::StatVfsMountFlags as F;
+    use rustix::mount::MountAttrFlags as A;
+    let root_fd = crate::shares::open_root(root).ok()?;
+    let proc = resolve(&root_fd, "/proc").ok()??;
+    let fs = rustix::fs::fstatfs(&proc).ok()?;
+    if fs.f_type as i64 != PROC_SUPER_MAGIC {
+        return None;
+    }
+    let flags = rustix::fs::fstatvfs(&proc).ok()?.f_flag;
+    Some(
+        [
+            (F::RDONLY, A::MOUNT_ATTR_RDONLY),
+            (F::NOSUID, A::MOUNT_ATTR_NOSUID),
+            (F::NODEV, A::MOUNT_ATTR_NODEV),
+            (F::NOEXEC, A::MOUNT_ATTR_NOEXEC),
+        ]
+        .into_iter()
+        .filter(|(st, _)| flags.contains(*st))
+        .fold(A::empty(), |acc, (_, attr)| acc | attr),
+    )
+}
+
+/// Stacks `proc`, a detached proc mount made in the container's PID namespace, on the
+/// one at `/proc` in `root` (which shows the guest's), then applies the container's
+/// read-only and masked paths under `/proc` (`readonly`, `masked`) to it again.
+pub(crate) fn stack_proc(
+    root: &Path,
+    proc: &OwnedFd,
+    readonly: &[String],
+    masked: &[String],
+) -> Result<(), String> {
+    let root_fd = crate::shares::open_root(root)?;
+    let target = resolve(&root_fd, "/proc")
+        .and_then(|t| t.ok_or_else(|| "it is gone".to_owned()))
+        .map_err(|e| format!("/proc: {e}"))?;
+    rustix::mount::move_mount(
+        proc,
+        "",
+        &target,
+        "",
+        rustix::mount::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH
+            | rustix::mount::MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(|e| format!("/proc: move_mount: {e}"))?;
+    for path in readonly {
+        make_readonly(&root_fd, path).map_err(|e| format!("linux.readonlyPaths {path}: {e}"))?;
+    }
+    for path in masked {
+        mask(&root_fd, path).map_err(|e| format!("linux.maskedPaths {path}: {e}"))?;
     }
     Ok(())
 }

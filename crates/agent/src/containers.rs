@@ -12,12 +12,13 @@
 //! a virtio-fs share the agent mounts once under `/run/forkvm/containers/.shares/TAG`,
 //! resolved inside the share so that `..` and symlinks cannot leave it, or a directory
 //! of the guest). Its mounts go on that bind, so [`Container::destroy`] takes them all
-//! away. The containers share the guest's kernel, network, hostname, mount namespace
-//! and PID numbering (a pod's); each process is confined to its container's root by
-//! `chroot` and to its cgroup. That keeps a pod's containers apart from each other's
-//! files, not from a root process of another container that sets out to leave its
-//! `chroot` (a mount and PID namespace per container would): the VM, not the
-//! container, is the boundary forkvm guarantees.
+//! away. The containers share the guest's kernel, network, hostname and mount
+//! namespace (a pod's); each process is confined to its container's root by `chroot`
+//! and to its cgroup, and, once its main process started in one, to its PID namespace
+//! (its own, or its pod's: [`forkvm_agent_proto::PidNamespace`]). That keeps a pod's
+//! containers apart from each other's files and processes, not from a root process of
+//! another container that sets out to leave its `chroot` (a mount namespace per
+//! container would): the VM, not the container, is the boundary forkvm guarantees.
 //!
 //! Ending an app container ([`Container::kill_all`]) kills every process whose root is
 //! in the container's root, and its cgroup's processes (`cgroup.kill`) when it has one,
@@ -65,6 +66,12 @@ pub struct Container {
     cgroup: OnceLock<crate::cgroup::Group>,
     seccomp: OnceLock<Vec<Vec<libc::sock_filter>>>,
     userns: OnceLock<OwnedFd>,
+    /// The PID namespace of its main process, when it was started in one of its own or
+    /// its sandbox's: where its later processes start.
+    pidns: OnceLock<OwnedFd>,
+    /// Its read-only and masked paths under `/proc`, to apply again over a `/proc` of
+    /// its PID namespace ([`crate::container::stack_proc`]).
+    proc_paths: std::sync::Mutex<(Vec<String>, Vec<String>)>,
     init_started: AtomicBool,
     /// True once destroyed; held for reading while a request acts on the container.
     destroyed: RwLock<bool>,
@@ -80,6 +87,8 @@ impl Container {
             cgroup: OnceLock::new(),
             seccomp: OnceLock::new(),
             userns: OnceLock::new(),
+            pidns: OnceLock::new(),
+            proc_paths: Default::default(),
             init_started: AtomicBool::new(false),
             destroyed: RwLock::new(false),
         }
@@ -222,14 +231,46 @@ impl Container {
         self.userns.get().map(AsRawFd::as_raw_fd)
     }
 
-    /// What a process started in it takes of it: its root, cgroup, user namespace and,
-    /// with `seccomp` (not for its hooks), its filters.
+    /// The PID namespace its processes start in, once its main process started in one
+    /// other than the guest's.
+    pub fn pidns(&self) -> Option<std::os::fd::RawFd> {
+        self.pidns.get().map(AsRawFd::as_raw_fd)
+    }
+
+    /// Keeps the PID namespace its main process started in (once).
+    pub(crate) fn set_pidns(&self, ns: OwnedFd) -> Result<(), String> {
+        self.pidns
+            .set(ns)
+            .map_err(|_| "the container's PID namespace is set already".to_owned())
+    }
+
+    /// Keeps those of `readonly` and `masked` that are under `/proc`.
+    pub(crate) fn keep_proc_paths(&self, readonly: &[String], masked: &[String]) {
+        let under_proc = |p: &&String| *p == "/proc" || p.starts_with("/proc/");
+        let mut kept = self.proc_paths.lock().unwrap_or_else(|e| e.into_inner());
+        kept.0.extend(readonly.iter().filter(under_proc).cloned());
+        kept.1.extend(masked.iter().filter(under_proc).cloned());
+    }
+
+    /// Its read-only and masked paths under `/proc`.
+    pub(crate) fn proc_paths(&self) -> (Vec<String>, Vec<String>) {
+        self.proc_paths
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// What a process started in it takes of it: its root, cgroup, user namespace, PID
+    /// namespace and, with `seccomp` (not for its hooks), its filters.
     pub(crate) fn confines(&self, seccomp: bool) -> crate::spawn::Confines<'_> {
         crate::spawn::Confines {
             root: &self.root,
             seccomp: if seccomp { self.seccomp() } else { &[] },
             userns: self.userns(),
             cgroup_procs: self.cgroup_procs(),
+            pid: self
+                .pidns()
+                .map_or(crate::spawn::PidStart::Agent, crate::spawn::PidStart::Join),
         }
     }
 

@@ -11,7 +11,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use forkvm_agent_proto::{check_container_id, forward, ContainerRoot, MAX_CONTAINERS};
+use forkvm_agent_proto::{
+    check_container_id, forward, ContainerRoot, PidNamespace, MAX_CONTAINERS,
+};
 
 use crate::containers::Container;
 use crate::identity;
@@ -626,7 +628,13 @@ impl Agent {
         };
         // Held across the spawn so a Signal request never sees a started pid missing.
         let mut live = self.live();
-        match spawn::spawn(container, process, self.reaper) {
+        // The container whose PID namespace a main process is to share.
+        let shared = match &process.pid_namespace {
+            Some(PidNamespace::Sandbox) => Some(self.boot.clone()),
+            Some(PidNamespace::Container(id)) => self.containers().live.get(id).cloned(),
+            _ => None,
+        };
+        match spawn::spawn(container, process, self.reaper, shared.as_deref()) {
             Ok(spawned) => {
                 live.insert(spawned.child.pid(), container.clone());
                 Ok(spawned)

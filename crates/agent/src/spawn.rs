@@ -3,6 +3,9 @@
 //! [`Reaper::fork`] makes only async-signal-safe calls, in this order:
 //!
 //! 1. signal mask emptied, every disposition back to default (the agent ignores SIGPIPE);
+//!    a container's main process started in a PID namespace ([`PidStart`]) then reports
+//!    to the agent, with a proc mount made there for the container's `/proc`
+//!    ([`crate::container::stack_proc`]), and waits for the agent's go;
 //! 2. `setsid`; stdio dup'ed onto 0, 1, 2; for a tty `TIOCSCTTY` on the slave;
 //! 3. `oom_score_adj` written, `umask` set; the container's cgroup joined and a cgroup
 //!    namespace of its own taken, once the container has one ([`crate::cgroup`]);
@@ -27,7 +30,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
-use crate::protocol::{Capabilities, ProcessSpec, DEFAULT_PATH};
+use crate::protocol::{Capabilities, PidNamespace, ProcessSpec, DEFAULT_PATH};
 use crate::reaper::{ChildHandle, Reaper};
 use crate::user::{self, UserError};
 
@@ -77,6 +80,9 @@ pub enum SpawnError {
         /// What is wrong with it.
         problem: String,
     },
+    /// Its PID namespace could not be taken into use.
+    #[error("PID namespace: {0}")]
+    PidNamespace(String),
     /// Another step of starting the process failed.
     #[error("{step}: {source}")]
     Os {
@@ -97,6 +103,10 @@ impl SpawnError {
             _ => None,
         }
     }
+}
+
+fn os_err_of(step: &'static str, source: io::Error) -> SpawnError {
+    SpawnError::Os { step, source }
 }
 
 fn os_err(step: &'static str) -> SpawnError {
@@ -154,6 +164,8 @@ const STEP_NNP: u32 = 16;
 const STEP_CGROUP: u32 = 17;
 const STEP_SECCOMP: u32 = 18;
 const STEP_USERNS: u32 = 19;
+const STEP_PIDNS: u32 = 20;
+const STEP_PROC: u32 = 21;
 
 fn step_name(step: u32) -> &'static str {
     match step {
@@ -176,6 +188,8 @@ fn step_name(step: u32) -> &'static str {
         STEP_CAPSET => "set the capabilities (capset)",
         STEP_AMBIENT => "raise the ambient capabilities",
         STEP_NNP => "set no_new_privs",
+        STEP_PIDNS => "report from its PID namespace",
+        STEP_PROC => "mount proc in its PID namespace",
         _ => "start process",
     }
 }
@@ -206,7 +220,21 @@ struct ChildPlan<'a> {
     argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
     err_fd: RawFd,
+    /// A main process started in a PID namespace: its end of the socket it reports on
+    /// ([`report_in_pid_ns`]).
+    ns_sock: Option<RawFd>,
+    /// With `ns_sock`: the attributes of the proc mount to make for the container's
+    /// `/proc`; none when the container has no proc mounted there.
+    proc_attrs: Option<rustix::mount::MountAttrFlags>,
 }
+
+// SAFETY: a plan is only read once built (by the forking thread, which may be another
+// than the one that built it: [`forked_in`]); its raw pointers point into strings and
+// filters that outlive every reader.
+unsafe impl Sync for ChildPlan<'_> {}
+
+/// How long the agent waits for a process started in a PID namespace to report.
+const NS_REPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The capability sets to apply, masked to the capabilities this kernel knows.
 struct CapPlan {
@@ -378,14 +406,46 @@ pub fn open_pty() -> io::Result<(File, OwnedFd)> {
 }
 
 /// Starts `spec` in `container`: in its root (no chroot when it is `/`), its cgroup,
-/// its user namespace, under its seccomp filters.
+/// its user namespace, under its seccomp filters, in its PID namespace. A main process
+/// (`init`) starts in the PID namespace `spec.pid_namespace` names (a new one, or that
+/// of `shared`, the container it names), which becomes the container's; its `/proc`
+/// (not the guest's own, when the container's root is `/`) then shows that namespace.
 pub fn spawn(
     container: &crate::containers::Container,
     spec: &ProcessSpec,
     reaper: &Reaper,
+    shared: Option<&crate::containers::Container>,
 ) -> Result<Spawned, SpawnError> {
     let program = spec.args.first().ok_or(SpawnError::NoArgs)?.clone();
-    spawn_inner(spec, &program, &container.confines(true), reaper)
+    let mut confines = container.confines(true);
+    if !spec.init {
+        return spawn_inner(spec, &program, &confines, reaper, None);
+    }
+    confines.pid = match (&spec.pid_namespace, shared.and_then(|c| c.pidns())) {
+        (None, _) => return spawn_inner(spec, &program, &confines, reaper, None),
+        (Some(PidNamespace::New), _) => PidStart::New,
+        (Some(_), Some(ns)) => PidStart::Join(ns),
+        (Some(_), None) => return spawn_inner(spec, &program, &confines, reaper, None),
+    };
+    if container.pidns().is_some() {
+        return Err(SpawnError::PidNamespace(
+            "the container's main process was started once already".into(),
+        ));
+    }
+    let proc = (container.root() != Path::new("/"))
+        .then(|| crate::container::proc_attrs(container.root()))
+        .flatten();
+    let take = |pid: libc::pid_t, mount: Option<OwnedFd>| -> Result<(), String> {
+        // Opened while the process waits for us: the namespace is still there.
+        let ns = File::open(format!("/proc/{pid}/ns/pid"))
+            .map_err(|e| format!("cannot open /proc/{pid}/ns/pid: {e}"))?;
+        if let Some(mount) = mount {
+            let (readonly, masked) = container.proc_paths();
+            crate::container::stack_proc(container.root(), &mount, &readonly, &masked)?;
+        }
+        container.set_pidns(ns.into())
+    };
+    spawn_inner(spec, &program, &confines, reaper, Some((proc, &take)))
 }
 
 /// [`spawn`] of `program` (searched as `args[0]` would be) with `spec.args` as its
@@ -397,7 +457,7 @@ pub fn spawn_program(
     program: &str,
     reaper: &Reaper,
 ) -> Result<Spawned, SpawnError> {
-    spawn_inner(spec, program, &container.confines(false), reaper)
+    spawn_inner(spec, program, &container.confines(false), reaper, None)
 }
 
 /// What a process takes of its container.
@@ -410,13 +470,34 @@ pub(crate) struct Confines<'a> {
     pub userns: Option<RawFd>,
     /// `cgroup.procs` of a group to join (with a cgroup namespace of its own).
     pub cgroup_procs: Option<&'a std::ffi::CStr>,
+    /// The PID namespace it starts in.
+    pub pid: PidStart,
 }
 
+/// The PID namespace a process starts in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PidStart {
+    /// The agent's (the guest's).
+    Agent,
+    /// A new one, whose init it is.
+    New,
+    /// The one this descriptor names.
+    Join(RawFd),
+}
+
+/// What the agent does once a main process started in a PID namespace reported (see
+/// [`spawn`]): given its pid and, when asked for, the proc mount it made there.
+type TakeNamespace<'a> = &'a dyn Fn(libc::pid_t, Option<OwnedFd>) -> Result<(), String>;
+
+/// Starts the process. With `ns_report` (a main process in a PID namespace), the child
+/// reports from there with a proc mount of the given attributes (`None`: no mount),
+/// and goes on once the callback took the namespace; a failing callback kills it.
 pub(crate) fn spawn_inner(
     spec: &ProcessSpec,
     program: &str,
     container: &Confines,
     reaper: &Reaper,
+    ns_report: Option<(Option<rustix::mount::MountAttrFlags>, TakeNamespace<'_>)>,
 ) -> Result<Spawned, SpawnError> {
     let root = container.root;
     if spec.args.is_empty() {
@@ -536,6 +617,31 @@ pub(crate) fn spawn_inner(
         other => other.map(|m| m as libc::mode_t),
     };
     let (err_r, err_w) = pipe()?;
+    let ns_socks = match ns_report {
+        Some(_) => {
+            let (ours, its) = rustix::net::socketpair(
+                rustix::net::AddressFamily::UNIX,
+                rustix::net::SocketType::STREAM,
+                rustix::net::SocketFlags::CLOEXEC,
+                None,
+            )
+            .map_err(|e| SpawnError::Os {
+                step: "socketpair",
+                source: e.into(),
+            })?;
+            rustix::net::sockopt::set_socket_timeout(
+                &ours,
+                rustix::net::sockopt::Timeout::Recv,
+                Some(NS_REPORT_WAIT),
+            )
+            .map_err(|e| SpawnError::Os {
+                step: "set a receive timeout",
+                source: e.into(),
+            })?;
+            Some((ours, its))
+        }
+        None => None,
+    };
     let null_terminated = |v: &[CString]| {
         v.iter()
             .map(|c| c.as_ptr())
@@ -564,17 +670,50 @@ pub(crate) fn spawn_inner(
         argv: null_terminated(&argv_owned),
         envp: null_terminated(&env_owned),
         err_fd: err_w.as_raw_fd(),
+        ns_sock: ns_socks.as_ref().map(|(_, its)| its.as_raw_fd()),
+        proc_attrs: ns_report.and_then(|(attrs, _)| attrs),
     };
 
+    let plan = &plan;
     // SAFETY: `child_main` only makes async-signal-safe calls on `plan`, which was fully
     // allocated above and outlives the fork.
-    let child = unsafe { reaper.fork(|| child_main(&plan)) }.map_err(|source| SpawnError::Os {
+    let fork = || unsafe { reaper.fork(|| child_main(plan)) };
+    let child = forked_in(container.pid, fork).map_err(|source| SpawnError::Os {
         step: "fork",
         source,
     })?;
     drop(child_fds);
     drop(err_w);
-    drop(plan);
+    if let (Some((ours, its)), Some((_, take))) = (ns_socks, ns_report) {
+        drop(its);
+        let fail = |e: SpawnError| {
+            // SAFETY: kill(2) of our own child, which waits for us and is not reaped.
+            unsafe { libc::kill(child.pid(), libc::SIGKILL) };
+            child.wait();
+            Err(e)
+        };
+        match receive_report(&ours) {
+            // It failed before it reported: the error pipe says why.
+            Ok(None) => {}
+            Ok(Some(mount)) => {
+                if let Err(e) = take(child.pid(), mount) {
+                    return fail(SpawnError::PidNamespace(e));
+                }
+                let step = "let the process go on";
+                match rustix::io::write(&ours, &[0]) {
+                    Ok(1) => {}
+                    Ok(_) => return fail(os_err_of(step, io::ErrorKind::WriteZero.into())),
+                    Err(e) => return fail(os_err_of(step, e.into())),
+                }
+            }
+            Err(source) => {
+                return fail(SpawnError::Os {
+                    step: "hear from the process in its PID namespace",
+                    source,
+                })
+            }
+        }
+    }
 
     let mut report = [0u8; 8];
     let mut got = 0;
@@ -640,6 +779,103 @@ fn fail(err_fd: RawFd, step: u32) -> ! {
     fail_with(err_fd, step, errno())
 }
 
+/// Runs `fork` so that its child starts in `pid`: for a PID namespace other than the
+/// agent's, on a thread of its own that enters it for its children first (`unshare` or
+/// `setns`: a thread's namespace for its children is its own, and cannot be undone).
+/// The child is a `fork(2)` child all the same, so libc knows it has one thread (its
+/// `setuid` would otherwise wait for the agent's other threads).
+fn forked_in<T: Send>(pid: PidStart, fork: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    let enter = || match pid {
+        PidStart::Agent => 0,
+        // SAFETY: unshare(2) of a PID namespace changes only this thread's namespace
+        // for its children.
+        PidStart::New => unsafe { libc::unshare(libc::CLONE_NEWPID) },
+        // SAFETY: setns(2) on a descriptor the caller keeps open; as above.
+        PidStart::Join(ns) => unsafe { libc::setns(ns, libc::CLONE_NEWPID) },
+    };
+    if pid == PidStart::Agent {
+        return fork();
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if enter() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                fork()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the forking thread panicked")))
+    })
+}
+
+/// The report of a process started in a PID namespace ([`report_in_pid_ns`]): `None`
+/// when it ended first (end of file), else the proc mount it sent, if any.
+fn receive_report(sock: &OwnedFd) -> io::Result<Option<Option<OwnedFd>>> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    let got = rustix::net::recvmsg(
+        sock,
+        &mut [io::IoSliceMut::new(&mut byte)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    if got.bytes == 0 {
+        return Ok(None);
+    }
+    let mut mount = None;
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = message {
+            for fd in fds {
+                mount.get_or_insert(fd);
+            }
+        }
+    }
+    Ok(Some(mount))
+}
+
+/// The child's side of [`receive_report`]: one byte on `sock`, with a detached proc
+/// mount made here (so that it shows this PID namespace) when `proc` gives its
+/// attributes; then it waits for the agent's byte to go on, and exits when the agent
+/// closes instead. Async-signal-safe: system calls on stack memory.
+fn report_in_pid_ns(sock: RawFd, proc: Option<rustix::mount::MountAttrFlags>, err_fd: RawFd) {
+    use rustix::mount::{fsconfig_create, fsmount, fsopen, FsMountFlags, FsOpenFlags};
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    // SAFETY: the plan's descriptor, open in this process while it runs.
+    let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock) };
+    let mount = proc.map(|attrs| {
+        fsopen(c"proc", FsOpenFlags::FSOPEN_CLOEXEC)
+            .and_then(|fs| {
+                fsconfig_create(&fs)?;
+                fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)
+            })
+            .unwrap_or_else(|e| fail_with(err_fd, STEP_PROC, e.raw_os_error()))
+    });
+    let fds = mount.as_ref().map(|m| [std::os::fd::AsFd::as_fd(m)]);
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if let Some(fds) = &fds {
+        control.push(SendAncillaryMessage::ScmRights(fds));
+    }
+    match rustix::net::sendmsg(
+        sock,
+        &[io::IoSlice::new(&[0])],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    ) {
+        Ok(1) => {}
+        Ok(_) => fail_with(err_fd, STEP_PIDNS, libc::EPIPE),
+        Err(e) => fail_with(err_fd, STEP_PIDNS, e.raw_os_error()),
+    }
+    let mut go = [0u8; 1];
+    if rustix::io::read(sock, &mut go) != Ok(1) {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(127) };
+    }
+}
+
 /// The child side of [`spawn`]: async-signal-safe calls only, on pre-allocated data.
 fn child_main(p: &ChildPlan<'_>) -> ! {
     // SAFETY: every call below is async-signal-safe and only reads memory in `p`, which
@@ -650,6 +886,9 @@ fn child_main(p: &ChildPlan<'_>) -> ! {
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         for sig in 1..65 {
             libc::signal(sig, libc::SIG_DFL);
+        }
+        if let Some(sock) = p.ns_sock {
+            report_in_pid_ns(sock, p.proc_attrs, p.err_fd);
         }
         if libc::setsid() < 0 {
             fail(p.err_fd, STEP_SETSID);

@@ -279,8 +279,9 @@ mod tests {
             seccomp: &[],
             userns: Some(fd.as_raw_fd()),
             cgroup_procs: None,
+            pid: crate::spawn::PidStart::Agent,
         };
-        let spawned = spawn_inner(&spec, "sh", &container, Reaper::global()).unwrap();
+        let spawned = spawn_inner(&spec, "sh", &container, Reaper::global(), None).unwrap();
         let ProcessIo::Pipes {
             mut stdout,
             mut stderr,

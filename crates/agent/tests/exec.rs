@@ -106,7 +106,7 @@ fn ping_answers_the_protocol_version() {
         Response::Pong { version, .. } => assert_eq!(version, PROTOCOL_VERSION),
         other => panic!("{other:?}"),
     }
-    assert_eq!(PROTOCOL_VERSION, 14);
+    assert_eq!(PROTOCOL_VERSION, 15);
     // The same connection keeps serving JSON requests; garbage is answered, not fatal.
     conn.write_all(b"{\"op\":\"format_disk\"}\n").unwrap();
     // The whole answer line (it lists every request the agent knows).

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use forkvm_agent::server::{Agent, AgentConfig, Mode, PowerOffReason};
 use forkvm_agent::{ProcessSpec, Request, Response};
-use forkvm_agent_proto::{client, ContainerRoot, FsMount};
+use forkvm_agent_proto::{client, ContainerRoot, FsMount, PidNamespace};
 use forkvm_test_support::in_own_mounts;
 
 struct Pod {
@@ -25,10 +25,16 @@ struct Pod {
 impl Pod {
     /// A PID-1 agent whose boot container is `/`, its app containers under `dir`.
     fn new(dir: &Path, mode: Mode) -> Pod {
+        Pod::with_boot_root(dir, Path::new("/"), mode)
+    }
+
+    /// A PID-1 agent whose boot container is `boot_root`, its app containers under
+    /// `dir`.
+    fn with_boot_root(dir: &Path, boot_root: &Path, mode: Mode) -> Pod {
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
         let containers = dir.join("containers");
-        let mut config = AgentConfig::new("/", mode);
+        let mut config = AgentConfig::new(boot_root, mode);
         config.containers = containers.clone();
         let agent = Agent::with_power_off(
             config,
@@ -89,7 +95,12 @@ fn sh(script: &str) -> ProcessSpec {
 /// (and `/bin`, `/lib`... as the host has them) and `/dev/null` bound in read-only,
 /// nothing else.
 fn image(dir: &Path) -> String {
-    let image = dir.join("image");
+    image_at(&dir.join("image"))
+}
+
+/// [`image`] at `image`.
+fn image_at(image: &Path) -> String {
+    let image = image.to_owned();
     std::fs::create_dir_all(&image).unwrap();
     let bind = |from: &Path, to: &Path| {
         if from.is_dir() {
@@ -437,5 +448,130 @@ fn an_app_containers_end_takes_what_its_processes_started_too() {
         );
         assert!(wait_ended(other_daemon), "the daemon outlived the destroy");
         assert!(mounts_under(&pod.containers.join("other")).is_empty());
+    });
+}
+
+/// `field` of `/proc/PID/status`, split at white space.
+fn status_field(pid: i32, field: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} for {pid}"))
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn pid_ns(pid: i32) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap()
+}
+
+#[test]
+fn a_main_process_is_pid_1_of_its_containers_namespace_or_joins_its_sandboxs() {
+    in_own_mounts(|dir| {
+        let boot_root = image_at(&dir.join("boot"));
+        let pod = Pod::with_boot_root(dir, Path::new(&boot_root), Mode::Init);
+        // Each root with its proc, `/proc/timer_list` masked and `/proc/sys` read-only.
+        let proc = Request::Filesystems {
+            mounts: vec![FsMount {
+                destination: "/proc".into(),
+                fs_type: "proc".into(),
+                source: "proc".into(),
+                options: vec!["nosuid".into(), "noexec".into(), "nodev".into()],
+            }],
+        };
+        let settings = Request::Container {
+            devices: vec![],
+            sysctls: Default::default(),
+            masked_paths: vec!["/proc/timer_list".into()],
+            readonly_paths: vec!["/proc/sys".into()],
+            readonly_root: false,
+            domainname: None,
+            seccomp: vec![],
+            user_namespace: None,
+        };
+        let main = |script: &str, ns: PidNamespace| {
+            let mut spec = sh(script);
+            spec.init = true;
+            spec.pid_namespace = Some(ns);
+            spec
+        };
+        assert_eq!(pod.call(proc.clone()), Response::Ok);
+        assert_eq!(pod.call(settings.clone()), Response::Ok);
+        let boot = client::exec(pod.connect(), &main("exec sleep 61", PidNamespace::New)).unwrap();
+        for id in ["app", "shares", "peer"] {
+            let root = image_at(&dir.join(id));
+            assert_eq!(pod.create(id, &root), Response::Ok);
+            assert_eq!(pod.in_container(id, proc.clone()), Response::Ok);
+            assert_eq!(pod.in_container(id, settings.clone()), Response::Ok);
+        }
+        let app = client::exec_in_container(
+            pod.connect(),
+            "app",
+            &main("exec sleep 62", PidNamespace::New),
+        )
+        .unwrap();
+        let shares = client::exec_in_container(
+            pod.connect(),
+            "shares",
+            &main("exec sleep 63", PidNamespace::Sandbox),
+        )
+        .unwrap();
+
+        // One naming an app container shares that one's.
+        let peer = client::exec_in_container(
+            pod.connect(),
+            "peer",
+            &main("exec sleep 64", PidNamespace::Container("app".into())),
+        )
+        .unwrap();
+        assert_eq!(pid_ns(peer.pid()), pid_ns(app.pid()));
+
+        // Seen from here: the boot and app main processes are each PID 1 of a namespace
+        // of their own; the sharing one is in the boot container's.
+        for session in [&boot, &app] {
+            let pid = session.pid();
+            assert_eq!(status_field(pid, "NSpid:"), [pid.to_string(), "1".into()]);
+        }
+        assert_ne!(pid_ns(boot.pid()), pid_ns(app.pid()));
+        assert_ne!(pid_ns(app.pid()), pid_ns(std::process::id() as i32));
+        assert_eq!(pid_ns(shares.pid()), pid_ns(boot.pid()));
+        assert_ne!(status_field(shares.pid(), "NSpid:")[1], "1");
+
+        // Seen from inside: a later process joins its container's namespace, whose /proc
+        // shows that namespace's processes only, with the masks and read-only paths
+        // applied again.
+        let look = sh("echo $$; tr '\\0' ' ' < /proc/1/cmdline; echo; \
+             for s in 1 2 3; do cat /proc/[0-9]*/cmdline | tr '\\0' ' ' | \
+             grep -q \"sleep 6[$s]\" && echo 6$s; done; \
+             { wc -c < /proc/timer_list; } 2>&1; \
+             [ -w /proc/sys/kernel/ns_last_pid ] && echo sys=rw || echo sys=ro");
+        let inside = |id: &str| {
+            let session = client::exec_in_container(pod.connect(), id, &look).unwrap();
+            let (code, out) = pumped(session).join().unwrap();
+            assert_eq!(code, 0, "{out}");
+            let lines: Vec<String> = out.lines().map(str::to_owned).collect();
+            assert_ne!(lines[0], "1", "{out}");
+            lines[1..].to_vec()
+        };
+        // (The pattern `sleep 6[1]` does not match the grep's own command line.)
+        assert_eq!(
+            inside("app"),
+            ["sleep 62 ", "62", "0", "sys=ro"].map(String::from),
+        );
+        assert_eq!(
+            inside("shares"),
+            ["sleep 61 ", "61", "63", "0", "sys=ro"].map(String::from),
+        );
+
+        for session in [&boot, &app, &shares, &peer] {
+            let pid = session.pid();
+            // SAFETY: kill(2) of the agent's child, not yet collected.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        for session in [boot, app, shares, peer] {
+            assert_eq!(pumped(session).join().unwrap().0, 128 + libc::SIGKILL);
+        }
     });
 }

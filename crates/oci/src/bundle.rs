@@ -29,7 +29,7 @@
 //! | `mounts`: bind of anything else (a socket, a device node), or of a source that is missing or relative | **error** | only directories are shared and regular files copied |
 //! | `mounts`: any other filesystem type | **error** | the guest cannot mount it |
 //! | `linux.namespaces`: `mount`, `uts`, `ipc` | [`ContainerPlan::namespaces`] | the container's monitor (the host process `state` names, or its holder in those namespaces when the container has one, see `pid`: hooks and engines enter them) is in them as runc's container process would be: a new one without `path`, the one at `path` joined, the runtime's own when the type is not listed. Inside the VM the container has every namespace of its own. The monitor stacks the container's root over `/` and binds its volumes only in a mount namespace it made: volumes and a pod's sandbox need one (**error** otherwise). A `mount` namespace by path must show the runtime's processes in its `/proc`, where the monitor finds itself (one made from the runtime's by `unshare --mount` does; another container's does not: **error**) |
-//! | `linux.namespaces`: `pid` | [`MonitorNamespaces::pid`], [`HolderNamespaces::pid`] | with `path`: joined by the monitor (and the VM process it starts; not with a `mount` namespace by path too: **error**, the monitor learns its host pid from `/proc`), and a container whose monitor joined a pid namespace does not fork. Without `path` (but for a pod's container, whose sandbox's VM holds it: warning): the container's **holder** (`runtime/holder.rs`), a process that only stands for the container on the host, is the init of a new pid namespace as runc's container process is, and is the state's `pid` and `--pid-file`'s: it joins the monitor's mount, UTS, IPC and network namespaces, exits with the container's exit code, and a SIGKILL of it ends the container. The guest's kernel makes the container's own. The monitor and VM process stay in the runtime's pid namespace, where the VM's fork children's pids name them |
+//! | `linux.namespaces`: `pid` | [`MonitorNamespaces::pid`], [`HolderNamespaces::pid`] | with `path`: joined by the monitor (and the VM process it starts; not with a `mount` namespace by path too: **error**, the monitor learns its host pid from `/proc`), and a container whose monitor joined a pid namespace does not fork. Without `path` (but for a pod's container, whose sandbox's VM holds it: warning): the container's **holder** (`runtime/holder.rs`), a process that only stands for the container on the host, is the init of a new pid namespace as runc's container process is, and is the state's `pid` and `--pid-file`'s: it joins the monitor's mount, UTS, IPC and network namespaces, exits with the container's exit code, and a SIGKILL of it ends the container. In the guest, the container's process is PID 1 of a new pid namespace too (`ProcessSpec::pid_namespace`), its `/proc` that namespace's (its masked and read-only paths under `/proc` applied again), and its exec'd processes and hooks started after it join it; a pod's container that names a pid namespace by path (`shareProcessNamespace`: its sandbox's) joins its sandbox's in the pod's VM. The monitor and VM process stay in the runtime's pid namespace, where the VM's fork children's pids name them |
 //! | `linux.namespaces`: `cgroup` | [`HolderNamespaces::cgroup`]; with `path`: **error** | the holder (above) makes one on the host, rooted at the cgroup `create` ran in (the engine's), and the guest's kernel the container's (a pod's container has no holder: warning); the VM process has none: it moves into the container's `cgroupsPath` and out of it when it ends, which a cgroup namespace of its own would forbid |
 //! | `linux.namespaces`: `time` | warning; with `path`: **error** | made inside the VM only (the guest kernel's) |
 //! | `linux.namespaces`: `network` with `path` (podman/netavark, CNI, containerd's CRI) | [`ContainerPlan::network`] = [`NetworkPlan::Join`] | the VM joins that network: each interface gets a TAP tied to it, and the guest takes its MAC, MTU, addresses and routes (`forkvm-net`) |
@@ -492,7 +492,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         ));
     }
     let (rootfs, rootfs_readonly) = planner.rootfs(spec, bundle)?;
-    let process = planner.process(spec.process().as_ref())?;
+    let mut process = planner.process(spec.process().as_ref())?;
     if let Some(mounts) = spec.mounts() {
         for mount in mounts {
             planner.mount(mount)?;
@@ -506,6 +506,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         Some(linux) => planner.linux(linux)?,
         None => (1, DEFAULT_MEM_MIB, None),
     };
+    process.pid_namespace = planner.guest_pid.take();
     let network = match planner.network.take() {
         Some(network) => network,
         None => {
@@ -653,6 +654,8 @@ struct Planner<'a> {
     /// A pod's container: the namespaces it names by path are its sandbox's, which
     /// are its VM's.
     pod_member: bool,
+    /// The PID namespace of the container's main process in the guest.
+    guest_pid: Option<forkvm_agent_proto::PidNamespace>,
 }
 
 impl<'a> Planner<'a> {
@@ -671,6 +674,7 @@ impl<'a> Planner<'a> {
             devices: Vec::new(),
             root_mode: RootMode::default(),
             pod_member: false,
+            guest_pid: None,
         }
     }
 
@@ -800,6 +804,8 @@ impl<'a> Planner<'a> {
             no_new_privileges: process.no_new_privileges().unwrap_or(false),
             oom_score_adj: process.oom_score_adj(),
             umask: oci_user.umask(),
+            // From linux.namespaces, once read.
+            pid_namespace: None,
         })
     }
 
@@ -1165,6 +1171,16 @@ impl<'a> Planner<'a> {
                     None => NetworkPlan::New,
                 });
                 continue;
+            }
+            if ns.typ() == LinuxNamespaceType::Pid {
+                // Inside the VM: a new one, or a pod's shared one (its sandbox's, which
+                // containerd names by path). Another container's by path is in another
+                // VM: the guest's then.
+                self.guest_pid = match (ns.path(), self.pod_member) {
+                    (None, _) => Some(forkvm_agent_proto::PidNamespace::New),
+                    (Some(_), true) => Some(forkvm_agent_proto::PidNamespace::Sandbox),
+                    (Some(_), false) => None,
+                };
             }
             if ns.path().is_some() && self.pod_member {
                 continue;

@@ -264,6 +264,7 @@ fn body() {
              [ -c /dev/full ] && [ -c /dev/tty ] && [ -L /dev/ptmx ] && [ -L /dev/stdout ] \
              && [ -d /dev/mqueue ] && [ ! -e /dev/vda ] && [ ! -e /dev/vsock ] && echo dev=runc; \
              echo kcore=$(wc -c < /proc/kcore); echo fwd=$(cat /proc/sys/net/ipv4/ip_forward); \
+             echo ns=$$ $(cat /proc/1/comm); \
              (echo 0 > /proc/sys/net/ipv4/ip_forward) 2>/dev/null && echo sys=rw || echo sys=ro; \
              [ -c /dev/extra/null2 ] && echo x > /dev/extra/null2 && echo devnode=ok; \
              (echo x > /rootfile) 2>/dev/null && echo root=rw || echo root=ro; \
@@ -406,6 +407,8 @@ fn body() {
     assert_eq!(field("dev="), "runc", "{out}");
     // The spec's kernel parameter set, /proc/kcore masked, /proc/sys read-only.
     assert_eq!(field("kcore="), "0", "{out}");
+    // PID 1 of its own PID namespace in the guest, whose /proc the container's is.
+    assert_eq!(field("ns="), "1 sh", "{out}");
     assert_eq!(field("fwd="), "1", "{out}");
     assert_eq!(field("sys="), "ro", "{out}");
     // linux.devices: a node of a device the guest has, in a directory made for it.
@@ -494,11 +497,18 @@ fn body() {
 
     let out = env.rt(
         "c2-exec",
-        &["exec", "c2", "sh", "-c", "echo in $(hostname); exit 4"],
+        &[
+            "exec",
+            "c2",
+            "sh",
+            "-c",
+            "echo in $(hostname) init=$(cat /proc/1/comm) $([ $$ != 1 ] && echo joined); exit 4",
+        ],
         None,
     );
     assert_eq!(out.code, Some(4), "{out}\n{}", env.diagnostics());
-    assert_eq!(out.stdout, "in rt-e2e\n");
+    // It joined the container's PID namespace, whose init is the container's process.
+    assert_eq!(out.stdout, "in rt-e2e init=sh joined\n");
     let process = t.join("process.json");
     std::fs::write(
         &process,

@@ -41,11 +41,11 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     AttachRequest, ContainerConfig, ContainerMetadata, ContainerStatsRequest, CpuUsage,
     CreateContainerRequest, ExecRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest,
-    ListPodSandboxRequest, MemoryUsage, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, PodSandboxStatsRequest, PodSandboxStatusRequest, PortForwardRequest,
-    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopContainerRequest, StopPodSandboxRequest,
+    LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, ListContainersRequest, ListPodSandboxRequest, MemoryUsage,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatsRequest,
+    PodSandboxStatusRequest, PortForwardRequest, RemoveContainerRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -502,6 +502,14 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
         (3, &b"out\n"[..], &b"err\n"[..]),
         "{handler}: {out:?}"
     );
+    // These containers' namespace options are the CRI's default, `POD` for PID (as
+    // `shareProcessNamespace: true`): they are in the sandbox's PID namespace, whose
+    // PID 1 is the sandbox's process, and see each other's processes.
+    assert_eq!(
+        pid_view(cri, &client),
+        "sleep 2147483647 \n1\n",
+        "{handler}: the client's PID namespace"
+    );
     // The server's output, in the CRI log format (`TIME STREAM TAG TEXT`).
     let log = logs.join("server.log");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -615,11 +623,30 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
         &config,
         ContainerConfig {
             stdin: true,
+            linux: Some(LinuxContainerConfig {
+                security_context: Some(LinuxContainerSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        network: NamespaceMode::Pod as i32,
+                        pid: NamespaceMode::Container as i32,
+                        ipc: NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             ..container_config(
                 "reader",
                 &["sh", "-c", "while read l; do echo attached $l; done"],
             )
         },
+    );
+    // With PID namespace `CONTAINER` (Kubernetes' default), PID 1 of its own, which
+    // sees no other container's processes.
+    assert_eq!(
+        pid_view(cri, &reader),
+        "sh -c while read l; do echo attached $l; done \n0\n",
+        "{handler}: the reader's PID namespace"
     );
     let out = attach(cri, &reader, b"one\n", "attached one");
     assert!(
@@ -649,6 +676,23 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
     }
     remove_pod(ctd, cri, &pod);
     assert_nothing_left(ctd, cri, handler);
+}
+
+/// What container `id` sees of PID namespaces: PID 1's command line (its arguments
+/// joined by spaces, each followed by one), then how many of its processes are the
+/// pod's server's (`nc -l -p 8080`).
+fn pid_view(cri: &mut Cri, id: &str) -> String {
+    let out = cri.exec_sync(
+        id,
+        &[
+            "sh",
+            "-c",
+            "tr '\\0' ' ' < /proc/1/cmdline; echo; \
+             cat /proc/[0-9]*/cmdline | tr '\\0' ' ' | grep -c 'nc -l -p 808[0]' || true",
+        ],
+    );
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// (CPU time in ns, memory working set in bytes) of CRI stats; 0 for what is missing.

@@ -212,6 +212,8 @@ pub fn process_spec(image: &ImageConfig, args: &RunArgs, hostname: &str) -> Resu
         no_new_privileges: false,
         oom_score_adj: None,
         umask: None,
+        // As an engine's container: its process is PID 1 of a namespace of its own.
+        pid_namespace: Some(forkvm_agent_proto::PidNamespace::New),
     })
 }
 

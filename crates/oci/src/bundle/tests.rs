@@ -1,4 +1,5 @@
 use super::*;
+use forkvm_agent_proto::PidNamespace;
 use serde_json::{json, Value};
 
 /// A config as `runc spec` writes it, trimmed to what the tests touch.
@@ -147,6 +148,8 @@ fn monitor_namespaces_follow_the_spec() {
     );
     assert!(!plan.namespaces.holder.any());
     assert_eq!(plan.network, NetworkPlan::Join("/proc/9/ns/net".into()));
+    // Another container's pid namespace is in another VM: the guest's inside this one.
+    assert_eq!(plan.process.pid_namespace, None);
     let plan = load_with(|c| {
         c["linux"]["namespaces"] = json!([
             {"type": "network"},
@@ -161,6 +164,8 @@ fn monitor_namespaces_follow_the_spec() {
     );
     assert_eq!(plan.namespaces.pid, None);
     assert!(plan.namespaces.holder.pid && !plan.namespaces.holder.cgroup);
+    // A new one in the guest too, whose PID 1 the container's process is.
+    assert_eq!(plan.process.pid_namespace, Some(PidNamespace::New));
     // A user namespace: the holder's has the spec's maps; time is the VM's only.
     let plan = load_with(|c| {
         c["linux"]["namespaces"] = json!([{"type": "user"}, {"type": "time"}]);
@@ -206,6 +211,7 @@ fn monitor_namespaces_follow_the_spec() {
     .unwrap();
     assert_eq!(plan.namespaces, MonitorNamespaces::default());
     assert_eq!(plan.network, NetworkPlan::Host);
+    assert_eq!(plan.process.pid_namespace, None);
     assert!(
         plan.warnings
             .iter()
@@ -590,6 +596,18 @@ fn mounts() {
             sandbox: "abc".into()
         })
     );
+    // Its own pid namespace in the pod's VM (Kubernetes' default); its sandbox's when
+    // it names that one by path (`shareProcessNamespace`).
+    assert_eq!(member.process.pid_namespace, Some(PidNamespace::New));
+    let sharing = load_with(|c| {
+        c["annotations"] = json!({CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "abc"});
+        c["linux"]["namespaces"] = json!([
+            {"type": "network", "path": "/proc/7/ns/net"},
+            {"type": "pid", "path": "/proc/7/ns/pid"}
+        ]);
+    })
+    .unwrap();
+    assert_eq!(sharing.process.pid_namespace, Some(PidNamespace::Sandbox));
     let e = err_with(|c| c["annotations"] = json!({CRI_CONTAINER_TYPE: "container"}));
     assert!(
         e.contains("annotations.io.kubernetes.cri.sandbox-id")

@@ -231,6 +231,7 @@ mod tests {
             no_new_privileges: true,
             oom_score_adj: Some(-17),
             umask: Some(0o027),
+            pid_namespace: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("p.json");

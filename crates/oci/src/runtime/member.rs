@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use forkvm_agent_proto::client::{self, ExecError};
-use forkvm_agent_proto::{ContainerRoot, Request, Response};
+use forkvm_agent_proto::{ContainerRoot, PidNamespace, Request, Response};
 use serde::{Deserialize, Serialize};
 
 use super::create::{
@@ -278,6 +278,11 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     filesystems_in_pod(&mut plan, id)?;
     let sb = running_sandbox(store, &sandbox, id)?;
     let uds = sb.vsock.clone().context("the pod sandbox has no VM")?;
+    // The sandbox of a pod forked from a template is one of its VM's app containers,
+    // not the VM's boot container.
+    if plan.process.pid_namespace == Some(PidNamespace::Sandbox) && sb.pod_template.is_some() {
+        plan.process.pid_namespace = Some(PidNamespace::Container(sandbox.clone()));
+    }
     let tty = plan.process.tty;
     helper::own_session(tty)?;
     let relay = signals.spawn(tty)?;

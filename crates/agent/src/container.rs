@@ -194,13 +194,32 @@ pub(crate) fn stack_proc(
             | rustix::mount::MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
     )
     .map_err(|e| format!("/proc: move_mount: {e}"))?;
-    for path in readonly {
-        make_readonly(&root_fd, path).map_err(|e| format!("linux.readonlyPaths {path}: {e}"))?;
+    let masks = (|| {
+        for path in readonly {
+            make_readonly(&root_fd, path)
+                .map_err(|e| format!("linux.readonlyPaths {path}: {e}"))?;
+        }
+        for path in masked {
+            mask(&root_fd, path).map_err(|e| format!("linux.maskedPaths {path}: {e}"))?;
+        }
+        Ok(())
+    })();
+    // Never a /proc without its masks.
+    if masks.is_err() {
+        let _ = unstack_proc(root);
     }
-    for path in masked {
-        mask(&root_fd, path).map_err(|e| format!("linux.maskedPaths {path}: {e}"))?;
+    masks
+}
+
+/// Takes what [`stack_proc`] stacked (with the masks on it) away again.
+pub(crate) fn unstack_proc(root: &Path) -> Result<(), String> {
+    let root_fd = crate::shares::open_root(root)?;
+    let top = resolve(&root_fd, "/proc")?.ok_or("/proc is gone")?;
+    // SAFETY: a NUL-terminated path that lives across the call.
+    match unsafe { libc::umount2(fd_path(&top).as_ptr(), libc::MNT_DETACH) } {
+        0 => Ok(()),
+        _ => Err(format!("umount /proc: {}", std::io::Error::last_os_error())),
     }
-    Ok(())
 }
 
 /// Longest NIS domain name the kernel takes (`__NEW_UTS_LEN`).

@@ -16,7 +16,8 @@
 //! namespace (a pod's); each process is confined to its container's root by `chroot`
 //! and to its cgroup, and, once its main process started in one, to its PID namespace
 //! (its own, or its pod's: [`forkvm_agent_proto::PidNamespace`]). That keeps a pod's
-//! containers apart from each other's files and processes, not from a root process of
+//! containers apart from each other's files and (unless they share a PID namespace)
+//! processes, not from a root process of
 //! another container that sets out to leave its `chroot` (a mount namespace per
 //! container would): the VM, not the container, is the boundary forkvm guarantees.
 //!

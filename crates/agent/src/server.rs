@@ -626,14 +626,23 @@ impl Agent {
             }
             return Err(error(destroyed_message(container)));
         };
-        // Held across the spawn so a Signal request never sees a started pid missing.
-        let mut live = self.live();
         // The container whose PID namespace a main process is to share.
-        let shared = match &process.pid_namespace {
-            Some(PidNamespace::Sandbox) => Some(self.boot.clone()),
-            Some(PidNamespace::Container(id)) => self.containers().live.get(id).cloned(),
+        let shared = match (&process.pid_namespace, process.init) {
+            (Some(PidNamespace::Sandbox), true) => Some(self.boot.clone()),
+            (Some(PidNamespace::Container(id)), true) => {
+                let found = self.containers().live.get(id).cloned();
+                if found.is_none() {
+                    container.init_failed();
+                    return Err(error(format!(
+                        "pid_namespace: no container {id:?} in this VM"
+                    )));
+                }
+                found
+            }
             _ => None,
         };
+        // Held across the spawn so a Signal request never sees a started pid missing.
+        let mut live = self.live();
         match spawn::spawn(container, process, self.reaper, shared.as_deref()) {
             Ok(spawned) => {
                 live.insert(spawned.child.pid(), container.clone());

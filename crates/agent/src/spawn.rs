@@ -226,6 +226,9 @@ struct ChildPlan<'a> {
     /// With `ns_sock`: the attributes of the proc mount to make for the container's
     /// `/proc`; none when the container has no proc mounted there.
     proc_attrs: Option<rustix::mount::MountAttrFlags>,
+    /// With `ns_sock`: the agent's end of that socket, which the child closes first (so
+    /// that the agent's closing it is an end of file there).
+    ns_peer: Option<RawFd>,
 }
 
 // SAFETY: a plan is only read once built (by the forking thread, which may be another
@@ -435,17 +438,39 @@ pub fn spawn(
     let proc = (container.root() != Path::new("/"))
         .then(|| crate::container::proc_attrs(container.root()))
         .flatten();
+    // Kept for the container once the process runs its program: a start that fails
+    // leaves neither the namespace (its init is gone) nor its /proc behind.
+    let taken: std::sync::Mutex<(Option<OwnedFd>, bool)> = Default::default();
     let take = |pid: libc::pid_t, mount: Option<OwnedFd>| -> Result<(), String> {
         // Opened while the process waits for us: the namespace is still there.
         let ns = File::open(format!("/proc/{pid}/ns/pid"))
             .map_err(|e| format!("cannot open /proc/{pid}/ns/pid: {e}"))?;
+        let mut taken = taken.lock().unwrap_or_else(|e| e.into_inner());
+        taken.0 = Some(ns.into());
         if let Some(mount) = mount {
             let (readonly, masked) = container.proc_paths();
             crate::container::stack_proc(container.root(), &mount, &readonly, &masked)?;
+            taken.1 = true;
         }
-        container.set_pidns(ns.into())
+        Ok(())
     };
-    spawn_inner(spec, &program, &confines, reaper, Some((proc, &take)))
+    let spawned = spawn_inner(spec, &program, &confines, reaper, Some((proc, &take)));
+    let (ns, stacked) = taken.into_inner().unwrap_or_else(|e| e.into_inner());
+    // (Warnings on the agent's standard error, the guest's console.)
+    match (&spawned, ns) {
+        (Ok(_), Some(ns)) => {
+            if let Err(e) = container.set_pidns(ns) {
+                eprintln!("forkvm-agent: {e}");
+            }
+        }
+        (Err(_), _) if stacked => {
+            if let Err(e) = crate::container::unstack_proc(container.root()) {
+                eprintln!("forkvm-agent: cannot take the ended namespace's /proc away: {e}");
+            }
+        }
+        _ => {}
+    }
+    spawned
 }
 
 /// [`spawn`] of `program` (searched as `args[0]` would be) with `spec.args` as its
@@ -672,16 +697,14 @@ pub(crate) fn spawn_inner(
         err_fd: err_w.as_raw_fd(),
         ns_sock: ns_socks.as_ref().map(|(_, its)| its.as_raw_fd()),
         proc_attrs: ns_report.and_then(|(attrs, _)| attrs),
+        ns_peer: ns_socks.as_ref().map(|(ours, _)| ours.as_raw_fd()),
     };
 
     let plan = &plan;
     // SAFETY: `child_main` only makes async-signal-safe calls on `plan`, which was fully
     // allocated above and outlives the fork.
     let fork = || unsafe { reaper.fork(|| child_main(plan)) };
-    let child = forked_in(container.pid, fork).map_err(|source| SpawnError::Os {
-        step: "fork",
-        source,
-    })?;
+    let child = forked_in(container.pid, fork)?;
     drop(child_fds);
     drop(err_w);
     if let (Some((ours, its)), Some((_, take))) = (ns_socks, ns_report) {
@@ -784,7 +807,19 @@ fn fail(err_fd: RawFd, step: u32) -> ! {
 /// `setns`: a thread's namespace for its children is its own, and cannot be undone).
 /// The child is a `fork(2)` child all the same, so libc knows it has one thread (its
 /// `setuid` would otherwise wait for the agent's other threads).
-fn forked_in<T: Send>(pid: PidStart, fork: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+fn forked_in<T: Send>(
+    pid: PidStart,
+    fork: impl FnOnce() -> io::Result<T> + Send,
+) -> Result<T, SpawnError> {
+    let forked = |r: io::Result<T>| match r {
+        // A namespace whose init ended takes no new process.
+        Err(e) if matches!(pid, PidStart::Join(_)) && e.raw_os_error() == Some(libc::ENOMEM) => {
+            Err(SpawnError::PidNamespace(
+                "the process whose PID namespace this container has ended".into(),
+            ))
+        }
+        other => other.map_err(|source| os_err_of("fork", source)),
+    };
     let enter = || match pid {
         PidStart::Agent => 0,
         // SAFETY: unshare(2) of a PID namespace changes only this thread's namespace
@@ -794,18 +829,23 @@ fn forked_in<T: Send>(pid: PidStart, fork: impl FnOnce() -> io::Result<T> + Send
         PidStart::Join(ns) => unsafe { libc::setns(ns, libc::CLONE_NEWPID) },
     };
     if pid == PidStart::Agent {
-        return fork();
+        return forked(fork());
     }
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
                 if enter() < 0 {
-                    return Err(io::Error::last_os_error());
+                    return Err(os_err("enter the PID namespace"));
                 }
-                fork()
+                forked(fork())
             })
             .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the forking thread panicked")))
+            .unwrap_or_else(|_| {
+                Err(os_err_of(
+                    "fork",
+                    io::Error::other("the forking thread panicked"),
+                ))
+            })
     })
 }
 
@@ -888,6 +928,9 @@ fn child_main(p: &ChildPlan<'_>) -> ! {
             libc::signal(sig, libc::SIG_DFL);
         }
         if let Some(sock) = p.ns_sock {
+            if let Some(peer) = p.ns_peer {
+                libc::close(peer);
+            }
             report_in_pid_ns(sock, p.proc_attrs, p.err_fd);
         }
         if libc::setsid() < 0 {

@@ -506,6 +506,30 @@ fn a_main_process_is_pid_1_of_its_containers_namespace_or_joins_its_sandboxs() {
             assert_eq!(pod.in_container(id, proc.clone()), Response::Ok);
             assert_eq!(pod.in_container(id, settings.clone()), Response::Ok);
         }
+        // A main process that cannot start leaves neither its namespace nor its /proc:
+        // the next one starts as the first would have.
+        let proc_mounts = || mounts_under(&pod.containers.join("app/rootfs/proc")).len();
+        let before = proc_mounts();
+        match client::exec_in_container(pod.connect(), "app", &{
+            let mut spec = main("", PidNamespace::New);
+            spec.args = vec!["no-such-program".into()];
+            spec
+        }) {
+            Err(client::ExecError::ExecFailed { exit_code, .. }) => assert_eq!(exit_code, 127),
+            other => panic!("{:?}", other.map(|s| s.pid())),
+        }
+        assert_eq!(proc_mounts(), before);
+        // One naming a container the VM does not have is refused by name.
+        match client::exec_in_container(
+            pod.connect(),
+            "app",
+            &main("true", PidNamespace::Container("ghost".into())),
+        ) {
+            Err(client::ExecError::Rejected { message }) => {
+                assert_eq!(message, "pid_namespace: no container \"ghost\" in this VM")
+            }
+            other => panic!("{:?}", other.map(|s| s.pid())),
+        }
         let app = client::exec_in_container(
             pod.connect(),
             "app",

@@ -29,7 +29,7 @@
 //! | `mounts`: bind of anything else (a socket, a device node), or of a source that is missing or relative | **error** | only directories are shared and regular files copied |
 //! | `mounts`: any other filesystem type | **error** | the guest cannot mount it |
 //! | `linux.namespaces`: `mount`, `uts`, `ipc` | [`ContainerPlan::namespaces`] | the container's monitor (the host process `state` names, or its holder in those namespaces when the container has one, see `pid`: hooks and engines enter them) is in them as runc's container process would be: a new one without `path`, the one at `path` joined, the runtime's own when the type is not listed. Inside the VM the container has every namespace of its own. The monitor stacks the container's root over `/` and binds its volumes only in a mount namespace it made: volumes and a pod's sandbox need one (**error** otherwise). A `mount` namespace by path must show the runtime's processes in its `/proc`, where the monitor finds itself (one made from the runtime's by `unshare --mount` does; another container's does not: **error**) |
-//! | `linux.namespaces`: `pid` | [`MonitorNamespaces::pid`], [`HolderNamespaces::pid`] | with `path`: joined by the monitor (and the VM process it starts; not with a `mount` namespace by path too: **error**, the monitor learns its host pid from `/proc`), and a container whose monitor joined a pid namespace does not fork. Without `path` (but for a pod's container, whose sandbox's VM holds it: warning): the container's **holder** (`runtime/holder.rs`), a process that only stands for the container on the host, is the init of a new pid namespace as runc's container process is, and is the state's `pid` and `--pid-file`'s: it joins the monitor's mount, UTS, IPC and network namespaces, exits with the container's exit code, and a SIGKILL of it ends the container. In the guest, the container's process is PID 1 of a new pid namespace too (`ProcessSpec::pid_namespace`), its `/proc` that namespace's (its masked and read-only paths under `/proc` applied again), and its exec'd processes and hooks started after it join it; a pod's container that names a pid namespace by path (`shareProcessNamespace`: its sandbox's) joins its sandbox's in the pod's VM. The monitor and VM process stay in the runtime's pid namespace, where the VM's fork children's pids name them |
+//! | `linux.namespaces`: `pid` | [`MonitorNamespaces::pid`], [`HolderNamespaces::pid`] | with `path`: joined by the monitor (and the VM process it starts; not with a `mount` namespace by path too: **error**, the monitor learns its host pid from `/proc`), and a container whose monitor joined a pid namespace does not fork. Without `path` (but for a pod's container, whose sandbox's VM holds it: warning): the container's **holder** (`runtime/holder.rs`), a process that only stands for the container on the host, is the init of a new pid namespace as runc's container process is, and is the state's `pid` and `--pid-file`'s: it joins the monitor's mount, UTS, IPC and network namespaces, exits with the container's exit code, and a SIGKILL of it ends the container. In the guest, the container's process is PID 1 of a new pid namespace too (`ProcessSpec::pid_namespace`), its `/proc` that namespace's (its masked and read-only paths under `/proc` applied again), and its exec'd processes join it (its `createContainer` and `startContainer` hooks run before it, in the guest's; with a user namespace the pid namespace is owned by the guest's, not the container's, so root in the container cannot mount a proc of its own); a pod's container that names a pid namespace by path (`shareProcessNamespace`: its sandbox's) joins its sandbox's in the pod's VM. The monitor and VM process stay in the runtime's pid namespace, where the VM's fork children's pids name them |
 //! | `linux.namespaces`: `cgroup` | [`HolderNamespaces::cgroup`]; with `path`: **error** | the holder (above) makes one on the host, rooted at the cgroup `create` ran in (the engine's), and the guest's kernel the container's (a pod's container has no holder: warning); the VM process has none: it moves into the container's `cgroupsPath` and out of it when it ends, which a cgroup namespace of its own would forbid |
 //! | `linux.namespaces`: `time` | warning; with `path`: **error** | made inside the VM only (the guest kernel's) |
 //! | `linux.namespaces`: `network` with `path` (podman/netavark, CNI, containerd's CRI) | [`ContainerPlan::network`] = [`NetworkPlan::Join`] | the VM joins that network: each interface gets a TAP tied to it, and the guest takes its MAC, MTU, addresses and routes (`forkvm-net`) |
@@ -170,6 +170,10 @@ pub struct ContainerPlan {
     pub masked_paths: Vec<String>,
     /// `linux.readonlyPaths`, made read-only by the guest agent.
     pub readonly_paths: Vec<String>,
+    /// A pod's container's `pid` namespace path (`/proc/PID/ns/pid`: its sandbox's, or
+    /// with Kubernetes' `TARGET` mode another of the pod's containers'), for its
+    /// monitor to find the container in the pod's VM whose namespace it shares.
+    pub pod_pid_path: Option<PathBuf>,
     /// Parts of the spec that were ignored, one human-readable line each.
     pub warnings: Vec<String>,
 }
@@ -557,6 +561,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         }),
         masked_paths: linux_field(spec, |l| l.masked_paths().clone()),
         readonly_paths: linux_field(spec, |l| l.readonly_paths().clone()),
+        pod_pid_path: planner.pod_pid_path.take(),
         warnings: planner.warnings,
     })
 }
@@ -656,6 +661,8 @@ struct Planner<'a> {
     pod_member: bool,
     /// The PID namespace of the container's main process in the guest.
     guest_pid: Option<forkvm_agent_proto::PidNamespace>,
+    /// A pod's container's `pid` namespace path.
+    pod_pid_path: Option<PathBuf>,
 }
 
 impl<'a> Planner<'a> {
@@ -675,6 +682,7 @@ impl<'a> Planner<'a> {
             root_mode: RootMode::default(),
             pod_member: false,
             guest_pid: None,
+            pod_pid_path: None,
         }
     }
 
@@ -1178,9 +1186,13 @@ impl<'a> Planner<'a> {
                 // VM: the guest's then.
                 self.guest_pid = match (ns.path(), self.pod_member) {
                     (None, _) => Some(forkvm_agent_proto::PidNamespace::New),
+                    // The sandbox's, or another of the pod's containers' (`pod_pid_path`).
                     (Some(_), true) => Some(forkvm_agent_proto::PidNamespace::Sandbox),
                     (Some(_), false) => None,
                 };
+                if self.pod_member {
+                    self.pod_pid_path = ns.path().clone();
+                }
             }
             if ns.path().is_some() && self.pod_member {
                 continue;

@@ -228,6 +228,7 @@ mod tests {
             sysctls: Default::default(),
             masked_paths: vec![],
             readonly_paths: vec![],
+            pod_pid_path: None,
             warnings: vec![],
         }
     }

@@ -608,6 +608,9 @@ fn mounts() {
     })
     .unwrap();
     assert_eq!(sharing.process.pid_namespace, Some(PidNamespace::Sandbox));
+    // Its monitor learns whose it is from the path (the sandbox's, or a target's).
+    assert_eq!(sharing.pod_pid_path, Some("/proc/7/ns/pid".into()));
+    assert_eq!(member.pod_pid_path, None);
     let e = err_with(|c| c["annotations"] = json!({CRI_CONTAINER_TYPE: "container"}));
     assert!(
         e.contains("annotations.io.kubernetes.cri.sandbox-id")

@@ -260,6 +260,53 @@ pub fn monitor(g: &Global, log: &Log, a: &MonitorArgs) -> i32 {
 }
 
 /// `request`, for container `id` in the pod's VM.
+/// The PID namespace in the pod's VM of the pod's container `id` that names one by
+/// `path` (`/proc/PID/ns/pid`): its sandbox's (containerd's `POD` mode, for
+/// `shareProcessNamespace`), or that of the pod's container whose pid it is (`TARGET`
+/// mode, `kubectl debug --target`). The sandbox of a pod forked from a template is one
+/// of its VM's app containers, not its boot container. A pid of no container of the
+/// pod: the guest's, with a warning.
+fn shared_pid_namespace(
+    store: &StateStore,
+    sb: &ContainerState,
+    sandbox: &str,
+    path: Option<&Path>,
+    id: &str,
+) -> Option<PidNamespace> {
+    let sandboxs = || match sb.pod_template {
+        Some(_) => PidNamespace::Container(sandbox.to_owned()),
+        None => PidNamespace::Sandbox,
+    };
+    let pid = path.and_then(|p| {
+        let rest = p.strip_prefix("/proc").ok()?;
+        let mut parts = rest.iter();
+        let pid = parts.next()?.to_str()?.parse::<i32>().ok()?;
+        (parts.next()? == "ns").then_some(pid)
+    });
+    let Some(pid) = pid.filter(|&p| Some(p) != sb.pid) else {
+        return Some(sandboxs());
+    };
+    let target = store.list().ok().and_then(|all| {
+        all.into_iter().find(|c| {
+            c.id != id
+                && c.pid == Some(pid)
+                && c.pod_sandbox() == Some(sandbox)
+                && c.process_alive()
+        })
+    });
+    match target {
+        Some(c) => Some(PidNamespace::Container(c.id)),
+        None => {
+            tracing::warn!(
+                "container {id}'s pid namespace {} is no container's of its pod: it has the \
+                 pod VM's",
+                path.map_or(String::new(), |p| p.display().to_string())
+            );
+            None
+        }
+    }
+}
+
 pub(super) fn in_container(id: &str, request: Request) -> Request {
     Request::InContainer {
         id: id.to_owned(),
@@ -278,10 +325,9 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     filesystems_in_pod(&mut plan, id)?;
     let sb = running_sandbox(store, &sandbox, id)?;
     let uds = sb.vsock.clone().context("the pod sandbox has no VM")?;
-    // The sandbox of a pod forked from a template is one of its VM's app containers,
-    // not the VM's boot container.
-    if plan.process.pid_namespace == Some(PidNamespace::Sandbox) && sb.pod_template.is_some() {
-        plan.process.pid_namespace = Some(PidNamespace::Container(sandbox.clone()));
+    if plan.process.pid_namespace == Some(PidNamespace::Sandbox) {
+        plan.process.pid_namespace =
+            shared_pid_namespace(store, &sb, &sandbox, plan.pod_pid_path.as_deref(), id);
     }
     let tty = plan.process.tty;
     helper::own_session(tty)?;
@@ -430,4 +476,59 @@ pub fn remove(store: &StateStore, log: &Log, state: &ContainerState, sandbox: &s
         destroy_in_guest(uds, &state.id, log);
     }
     pod::unbind_member_root(&pod::pod_dir(store.root(), sandbox), &state.id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pod's state: its sandbox `sb` (pid 7) and a running container `target` of it
+    /// (this process's pid), and one of another pod (same pid, to be ignored).
+    fn pod(forked: bool) -> (tempfile::TempDir, StateStore, ContainerState) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut sb = ContainerState::new("sb", "/b");
+        sb.pid = Some(7);
+        if forked {
+            sb.pod_template = Some("/tpl".into());
+        }
+        let me = std::process::id() as i32;
+        for (id, sandbox) in [("other-pod", "elsewhere"), ("target", "sb")] {
+            let mut c = ContainerState::new(id, "/b");
+            c.annotations = [
+                (
+                    crate::bundle::CRI_CONTAINER_TYPE.to_owned(),
+                    "container".to_owned(),
+                ),
+                (crate::bundle::CRI_SANDBOX_ID.to_owned(), sandbox.to_owned()),
+            ]
+            .into();
+            c.record_pid(me).unwrap();
+            store.create(&c).unwrap();
+        }
+        (dir, store, sb)
+    }
+
+    #[test]
+    fn a_pid_namespace_by_path_is_the_sandboxs_or_the_targets_in_the_pod() {
+        let (_dir, store, sb) = pod(false);
+        let shared =
+            |path: &str| shared_pid_namespace(&store, &sb, "sb", Some(Path::new(path)), "c");
+        assert_eq!(shared("/proc/7/ns/pid"), Some(PidNamespace::Sandbox));
+        let me = std::process::id();
+        assert_eq!(
+            shared(&format!("/proc/{me}/ns/pid")),
+            Some(PidNamespace::Container("target".into()))
+        );
+        // No container of the pod has that pid: the pod VM's own.
+        assert_eq!(shared("/proc/999999999/ns/pid"), None);
+        // A path it cannot read a pid from is taken for the sandbox's.
+        assert_eq!(shared("/run/netns/x"), Some(PidNamespace::Sandbox));
+        // A forked pod's sandbox is one of its VM's containers.
+        let (_dir, store, sb) = pod(true);
+        assert_eq!(
+            shared_pid_namespace(&store, &sb, "sb", Some(Path::new("/proc/7/ns/pid")), "c"),
+            Some(PidNamespace::Container("sb".into()))
+        );
+    }
 }

@@ -382,9 +382,13 @@ fn volumes_share_host_directories() {
         // (node IDs and handles the child's guest took over), and by new lookups of
         // files the host made after the fork. (Both commands under one state root.)
         let root = tmp.path().join("vms");
+        // (The virtual host's `/var/lib`, where root's template key is by default, is
+        // read-only.)
+        let key = tmp.path().join("template.key");
         let env = [
             ("FORKVM_STORE", store.as_os_str()),
             ("FORKVM_ROOT", root.as_os_str()),
+            ("FORKVM_TEMPLATE_KEY", key.as_os_str()),
         ];
         let mut run = Forkvm::spawn_with(
             &[

@@ -212,8 +212,10 @@ pub fn process_spec(image: &ImageConfig, args: &RunArgs, hostname: &str) -> Resu
         no_new_privileges: false,
         oom_score_adj: None,
         umask: None,
-        // As an engine's container: its process is PID 1 of a namespace of its own.
-        pid_namespace: Some(forkvm_agent_proto::PidNamespace::New),
+        // The guest's PID namespace: `forkvm run` passes SIGTERM and Ctrl-C on, and a
+        // process without handlers must end on them, which a PID namespace's init does
+        // not (engines' containers, whose `stop` escalates to SIGKILL, get one).
+        pid_namespace: None,
     })
 }
 

@@ -247,16 +247,22 @@ fn pod_config(handler: &str, logs: &Path) -> PodSandboxConfig {
             // PodSandboxStats reports.
             cgroup_parent: format!("/{}/pod-{handler}", pods_cgroup()),
             security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Pod as i32,
-                    pid: NamespaceMode::Container as i32,
-                    ipc: NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
+                namespace_options: Some(kubelets_namespaces()),
                 ..Default::default()
             }),
             ..Default::default()
         }),
+        ..Default::default()
+    }
+}
+
+/// The namespace options kubelet gives a pod and its containers by default: the pod's
+/// network and IPC, a PID namespace of each container's own.
+fn kubelets_namespaces() -> NamespaceOption {
+    NamespaceOption {
+        network: NamespaceMode::Pod as i32,
+        pid: NamespaceMode::Container as i32,
+        ipc: NamespaceMode::Pod as i32,
         ..Default::default()
     }
 }
@@ -625,12 +631,7 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
             stdin: true,
             linux: Some(LinuxContainerConfig {
                 security_context: Some(LinuxContainerSecurityContext {
-                    namespace_options: Some(NamespaceOption {
-                        network: NamespaceMode::Pod as i32,
-                        pid: NamespaceMode::Container as i32,
-                        ipc: NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
+                    namespace_options: Some(kubelets_namespaces()),
                     ..Default::default()
                 }),
                 ..Default::default()

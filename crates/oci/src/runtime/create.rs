@@ -535,15 +535,7 @@ pub fn monitor(g: &Global, log: &Log, a: &MonitorArgs) -> i32 {
 /// Waits until `create` has run the host hooks: "go" on `fd`, which `create` passed to
 /// this process alone. EOF first means `create` ended (it failed or was killed).
 pub(super) fn wait_for_go(fd: i32) -> Result<()> {
-    // Only a pipe past stdio is taken over: a wrong number must not close another file.
-    // SAFETY: fstat(2) on a descriptor number only reads its metadata into `st`, plain
-    // data for which all-zero is valid.
-    let is_pipe = fd > 2
-        && unsafe {
-            let mut st: libc::stat = std::mem::zeroed();
-            libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO
-        };
-    if !is_pipe {
+    if !helper::passed_fd_is(fd, libc::S_IFIFO) {
         bail!("--go-fd {fd} is not the pipe create passes");
     }
     // SAFETY: `fd` is the pipe's read end that `create` left open across our exec for

@@ -22,6 +22,19 @@ use serde::{Deserialize, Serialize};
 use super::Global;
 use crate::term::Pty;
 
+/// Whether descriptor `fd` is past stdio and of file type `kind` (`S_IFIFO`,
+/// `S_IFSOCK`): a helper takes over only the kind of descriptor its caller passes, so
+/// that a wrong number cannot make it close another file.
+pub fn passed_fd_is(fd: i32, kind: libc::mode_t) -> bool {
+    // SAFETY: fstat(2) on a descriptor number only reads its metadata into `st`, plain
+    // data for which all-zero is valid.
+    fd > 2
+        && unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == kind
+        }
+}
+
 /// What a helper reports: it is ready (with what the caller needs), or why it failed.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

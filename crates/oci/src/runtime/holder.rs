@@ -396,14 +396,7 @@ impl MonitorLink {
     /// (checked to be a socket), close-on-exec again so that nothing this process starts
     /// holds it.
     pub fn adopt(fd: RawFd) -> Result<Self> {
-        // SAFETY: fstat(2) only reads the descriptor's metadata into `st`, plain data
-        // for which all-zero is valid.
-        let is_socket = fd > 2
-            && unsafe {
-                let mut st: libc::stat = std::mem::zeroed();
-                libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
-            };
-        if !is_socket {
+        if !super::helper::passed_fd_is(fd, libc::S_IFSOCK) {
             bail!("--holder-fd {fd} is not the socket create passes");
         }
         // SAFETY: `fd` is the socket `create` left open across our exec for this link

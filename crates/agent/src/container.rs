@@ -130,13 +130,7 @@ pub fn apply(
             .map_err(|e| format!("linux.sysctl {key}={value}: {e}"))?;
     }
     container.keep_proc_paths(readonly, masked);
-    // runc's order: read-only paths, then masked ones.
-    for path in readonly {
-        make_readonly(&root_fd, path).map_err(|e| format!("linux.readonlyPaths {path}: {e}"))?;
-    }
-    for path in masked {
-        mask(&root_fd, path).map_err(|e| format!("linux.maskedPaths {path}: {e}"))?;
-    }
+    protect_paths(&root_fd, readonly, masked)?;
     if s.readonly_root {
         remount(root, true).map_err(|e| format!("root.readonly: {e}"))?;
     }
@@ -194,21 +188,24 @@ pub(crate) fn stack_proc(
             | rustix::mount::MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
     )
     .map_err(|e| format!("/proc: move_mount: {e}"))?;
-    let masks = (|| {
-        for path in readonly {
-            make_readonly(&root_fd, path)
-                .map_err(|e| format!("linux.readonlyPaths {path}: {e}"))?;
-        }
-        for path in masked {
-            mask(&root_fd, path).map_err(|e| format!("linux.maskedPaths {path}: {e}"))?;
-        }
-        Ok(())
-    })();
+    let masks = protect_paths(&root_fd, readonly, masked);
     // Never a /proc without its masks.
     if masks.is_err() {
         let _ = unstack_proc(root);
     }
     masks
+}
+
+/// Makes `readonly` read-only, then masks `masked`, in runc's order, inside the root
+/// `root_fd`; the first failure names its field and path.
+fn protect_paths(root_fd: &OwnedFd, readonly: &[String], masked: &[String]) -> Result<(), String> {
+    for path in readonly {
+        make_readonly(root_fd, path).map_err(|e| format!("linux.readonlyPaths {path}: {e}"))?;
+    }
+    for path in masked {
+        mask(root_fd, path).map_err(|e| format!("linux.maskedPaths {path}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Takes what [`stack_proc`] stacked (with the masks on it) away again.

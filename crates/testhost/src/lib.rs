@@ -17,7 +17,8 @@
 //! requested variables. Output goes to files in the scratch directory, which
 //! the host reads (and tails live with [`TestHostOptions::stream`]); the kernel
 //! console goes to a per-run log under `<cache>/testhost/logs/`.
-//! Only one virtual host runs at a time (an flock on `<cache>/testhost/lock`).
+//! At most one virtual host per CPU of this machine runs at a time, up to two (flocks
+//! on `<cache>/testhost/lock.<n>`; `FORKVM_TESTHOST_SLOTS` sets another number).
 //!
 //! `FORKVM_TESTHOST=force` forces the virtual host even with hardware KVM;
 //! `FORKVM_TESTHOST=never` always runs directly.

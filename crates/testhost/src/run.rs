@@ -165,7 +165,11 @@ pub(crate) fn new_log_path(kind: &str) -> PathBuf {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
-    let name = format!("{kind}-{stamp}-{}.log", std::process::id());
+    // Two runs of one process may start in the same millisecond (a test binary's tests
+    // run on several threads): a count tells them apart.
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("{kind}-{stamp}-{}-{n}.log", std::process::id());
     for dir in dirs.into_iter().flatten() {
         if fs::create_dir_all(&dir).is_ok() && probe_writable(&dir) {
             prune_logs(&dir, 50);

@@ -1,8 +1,8 @@
 //! Owns the virtual host: a QEMU/TCG machine (AMD EPYC with SVM) booting
 //! Debian's generic kernel from a cached busybox initramfs, with the host root
 //! exported read-only over 9p and a per-run scratch directory exported
-//! read-write at the same absolute path. Runs are serialized across processes
-//! with an flock in the cache directory.
+//! read-write at the same absolute path. Runs take one of a few slots (flocks in the
+//! cache directory) across processes.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -163,6 +163,66 @@ while :; do
 done
 "#;
 
+/// Appends what the command wrote so far (its stdout and stderr in the scratch
+/// directory) to the run log: a run that stalled or timed out keeps its progress.
+fn keep_output(log_path: &Path, scratch: &Path) {
+    let Ok(mut l) = open_log(log_path) else {
+        return;
+    };
+    for name in ["stdout", "stderr"] {
+        let _ = writeln!(l, "\n--- command {name} ---");
+        let _ = l.write_all(&fs::read(scratch.join(name)).unwrap_or_default());
+    }
+}
+
+/// One line per thread of process `pid`: its name, state and the CPU time it used
+/// over two seconds (a TCG vCPU thread at 100% with a silent guest spins; at 0% it
+/// waits).
+fn qemu_threads(pid: u32) -> String {
+    // (thread id, "name: state wchan", CPU ticks)
+    let sample = || -> Vec<(String, String, u64)> {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = tasks
+            .filter_map(|t| {
+                let dir = t.ok()?.path();
+                let stat = fs::read_to_string(dir.join("stat")).ok()?;
+                // `pid (comm) state ...`: the fields after the last ')' have no spaces.
+                let (head, rest) = stat.rsplit_once(')')?;
+                let comm = head.split_once('(')?.1.to_owned();
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                // state is field 3, utime and stime 14 and 15 (1-based, whole line).
+                let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+                let wchan = fs::read_to_string(dir.join("wchan")).unwrap_or_default();
+                let tid = dir.file_name()?.to_string_lossy().into_owned();
+                Some((tid, format!("{comm}: {} wchan={wchan}", f.first()?), ticks))
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let before = sample();
+    thread::sleep(Duration::from_secs(2));
+    let after = sample();
+    // SAFETY: sysconf has no memory effects.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .unwrap_or(100)
+        .max(1);
+    after
+        .iter()
+        .map(|(tid, what, ticks)| {
+            let was = before
+                .iter()
+                .find(|(t, _, _)| t == tid)
+                .map_or(*ticks, |b| b.2);
+            // Percent of one CPU over the two seconds.
+            let pct = ticks.saturating_sub(was) * 100 / (2 * hz);
+            format!("  {tid} {what} cpu {pct}%\n")
+        })
+        .collect()
+}
+
 /// How long ago the heartbeat file at `path` was last written; `None` before the first
 /// beat.
 fn since_heartbeat(path: &Path) -> Option<Duration> {
@@ -217,36 +277,55 @@ pub fn prepare_initramfs(cache: &Path, kernel: &KernelTree) -> Result<PathBuf, E
     Ok(path)
 }
 
-/// An exclusive flock held until dropped.
+/// One of the machine's virtual-host slots (an exclusive flock on `<dir>/lock.<n>`),
+/// held until dropped.
 struct HostLock {
     _file: File,
 }
 
+/// How many virtual hosts may run at once: one per CPU of this machine up to two
+/// (each QEMU runs one TCG thread that keeps a CPU busy), or `FORKVM_TESTHOST_SLOTS`.
+fn host_slots() -> usize {
+    std::env::var("FORKVM_TESTHOST_SLOTS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(|| thread::available_parallelism().map_or(1, |n| n.get().min(2)))
+        .max(1)
+}
+
 impl HostLock {
-    fn acquire(path: &Path) -> Result<Self, Error> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(|e| io(format!("opening lock {}", path.display()), e))?;
-        let fd = file.as_raw_fd();
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        let busy = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0;
-        if busy {
-            tracing::info!(lock = %path.display(), "waiting for another virtual host run");
-            loop {
-                // SAFETY: as above; blocking variant.
-                if unsafe { libc::flock(fd, libc::LOCK_EX) } == 0 {
-                    break;
+    /// Takes the first free of `slots` slots in `dir`, waiting for one.
+    fn acquire(dir: &Path, slots: usize) -> Result<Self, Error> {
+        let files = (0..slots)
+            .map(|n| {
+                let path = dir.join(format!("lock.{n}"));
+                OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| io(format!("opening lock {}", path.display()), e))
+            })
+            .collect::<Result<Vec<File>, Error>>()?;
+        let mut waiting = false;
+        loop {
+            for file in &files {
+                // SAFETY: flock on a descriptor we own; no memory is involved.
+                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                    let file = file.try_clone().map_err(|e| io("keeping the lock", e))?;
+                    return Ok(Self { _file: file });
                 }
                 let err = io::Error::last_os_error();
-                if err.kind() != io::ErrorKind::Interrupted {
-                    return Err(io(format!("locking {}", path.display()), err));
+                if !matches!(err.raw_os_error(), Some(libc::EWOULDBLOCK | libc::EINTR)) {
+                    return Err(io(format!("locking a slot in {}", dir.display()), err));
                 }
             }
+            if !waiting {
+                waiting = true;
+                tracing::info!(slots, "waiting for a virtual host slot");
+            }
+            thread::sleep(Duration::from_millis(250));
         }
-        Ok(Self { _file: file })
     }
 }
 
@@ -378,7 +457,7 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
         ),
     })?;
 
-    let _lock = HostLock::acquire(&cache.join("testhost/lock"))?;
+    let _lock = HostLock::acquire(&cache.join("testhost"), host_slots())?;
     let start = Instant::now();
     let log_path = new_log_path("testhost");
     let log = open_log(&log_path)?;
@@ -437,6 +516,8 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
             "-no-reboot",
         ])
         .args(["-serial", "stdio", "-monitor", "none"])
+        // Named threads (`CPU 0/TCG`, `worker`...): a stall's report says which one spins.
+        .args(["-name", "forkvm-testhost,debug-threads=on"])
         .arg("-kernel")
         .arg(kernel.vmlinuz())
         .arg("-initrd")
@@ -496,12 +577,17 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
         if let Some(silent) =
             since_heartbeat(&scratch.join("heartbeat")).filter(|silent| *silent > opts.stall_after)
         {
+            // What QEMU's threads do while it is silent tells a frozen emulator (its
+            // vCPU thread spinning or blocked) from a guest that is merely slow.
+            let threads = qemu_threads(guard.pid());
             guard.kill();
             let mut l = open_log(&log_path)?;
             let _ = writeln!(
                 l,
-                "\nforkvm-testhost: no heartbeat for {silent:?}: the virtual host stalled, qemu killed"
+                "\nforkvm-testhost: no heartbeat for {silent:?}: the virtual host stalled, qemu \
+                 killed\nforkvm-testhost: qemu's threads when it was found silent:\n{threads}"
             );
+            keep_output(&log_path, &scratch);
             return Err(Error::Stalled { silent, log_path });
         }
         if Instant::now() >= deadline {
@@ -512,6 +598,7 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
                 "\nforkvm-testhost: timed out after {:?}, qemu killed",
                 opts.timeout
             );
+            keep_output(&log_path, &scratch);
             return Err(Error::TimedOut {
                 timeout: opts.timeout,
                 log_path,
@@ -528,12 +615,9 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
     let code = String::from_utf8_lossy(&read("exit_code"))
         .trim()
         .parse::<i32>();
+    keep_output(&log_path, &scratch);
     {
         let mut l = open_log(&log_path)?;
-        let _ = l.write_all(b"\n--- command stdout ---\n");
-        let _ = l.write_all(&stdout);
-        let _ = l.write_all(b"\n--- command stderr ---\n");
-        let _ = l.write_all(&stderr);
         let _ = writeln!(
             l,
             "\n--- qemu {status}, exit code {code:?}, wall {wall:?} ---"
@@ -578,6 +662,27 @@ mod masked_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_are_taken_one_each_and_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = HostLock::acquire(dir.path(), 2).unwrap();
+        let b = HostLock::acquire(dir.path(), 2).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = dir.path().to_owned();
+        let third = thread::spawn(move || {
+            let c = HostLock::acquire(&path, 2).unwrap();
+            tx.send(()).unwrap();
+            c
+        });
+        // Both slots are held: the third waits...
+        assert!(rx.recv_timeout(Duration::from_millis(800)).is_err());
+        drop(a);
+        // ...until one is given back.
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("a freed slot was not taken");
+        drop((b, third.join().unwrap()));
+    }
 
     #[test]
     fn quoting_and_script() {

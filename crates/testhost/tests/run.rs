@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 
 use forkvm_testhost::{run_in_kvm_host, Error, HostChoice, Mode, TestHostOptions};
 
+/// Held by each test that counts this process's QEMU children: the virtual host runs
+/// two at once where it has the CPUs, and another test's QEMU is not a leftover.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Child processes of this process whose command name contains `qemu`.
 fn qemu_children() -> Vec<u32> {
     let me = std::process::id();
@@ -36,6 +40,7 @@ fn qemu_children() -> Vec<u32> {
 
 #[test]
 fn virtual_host_reports_exit_code_and_output() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if forkvm_testhost::in_test_host() {
         return; // nested virtual hosts are not a thing
     }
@@ -74,6 +79,7 @@ fn virtual_host_reports_exit_code_and_output() {
 
 #[test]
 fn virtual_host_timeout_kills_qemu() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if forkvm_testhost::in_test_host() {
         return;
     }
@@ -97,6 +103,7 @@ fn virtual_host_timeout_kills_qemu() {
 /// the timeout.
 #[test]
 fn virtual_host_without_a_heartbeat_is_stalled() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if forkvm_testhost::in_test_host() {
         return;
     }
@@ -107,7 +114,11 @@ fn virtual_host_without_a_heartbeat_is_stalled() {
         ..TestHostOptions::default()
     };
     // Stops the heartbeat's shell, as a frozen virtual host would.
-    let cmd = ["sh", "-c", "pkill -STOP -f /bin/[h]eartbeat; sleep 1000"];
+    let cmd = [
+        "sh",
+        "-c",
+        "echo before the stall; pkill -STOP -f /bin/[h]eartbeat; sleep 1000",
+    ];
     let start = Instant::now();
     let err = run_in_kvm_host(&cmd, &opts).expect_err("must stall");
     match &err {
@@ -115,6 +126,9 @@ fn virtual_host_without_a_heartbeat_is_stalled() {
             assert!(*silent > Duration::from_secs(20), "{err}");
             let log = fs::read_to_string(log_path).unwrap();
             assert!(log.contains("no heartbeat"), "{log}");
+            // What the command printed, and what QEMU's vCPU thread was doing.
+            assert!(log.contains("before the stall"), "{log}");
+            assert!(log.contains("CPU 0/TCG"), "{log}");
         }
         other => panic!("expected Stalled, got {other:?}"),
     }

@@ -20,6 +20,12 @@
 //! At most one virtual host per CPU of this machine runs at a time, up to two (flocks
 //! on `<cache>/testhost/lock.<n>`; `FORKVM_TESTHOST_SLOTS` sets another number).
 //!
+//! The virtual host writes a heartbeat every 10 s. One silent for two minutes has
+//! frozen (seen under nested emulation, every 15 to 30 minutes of nested-VM work on
+//! some days): its log gets what QEMU's threads and vCPU were doing, it gets an NMI
+//! (which the run survives if that wakes it), else it is killed and [`on_kvm_host`]
+//! runs the test again.
+//!
 //! `FORKVM_TESTHOST=force` forces the virtual host even with hardware KVM;
 //! `FORKVM_TESTHOST=never` always runs directly.
 //!
@@ -51,6 +57,7 @@
 mod caps;
 mod error;
 mod run;
+mod stall;
 mod virt;
 
 use std::time::Duration;

@@ -23,6 +23,7 @@ use crate::error::Error;
 use crate::run::{
     harden, new_log_path, open_log, ChildGuard, Mode, Outcome, TestHostOptions, HEARTBEAT_EVERY,
 };
+use crate::stall;
 
 /// The QEMU binary.
 pub(crate) const QEMU: &str = "qemu-system-x86_64";
@@ -175,52 +176,19 @@ fn keep_output(log_path: &Path, scratch: &Path) {
     }
 }
 
-/// One line per thread of process `pid`: its name, state and the CPU time it used
-/// over two seconds (a TCG vCPU thread at 100% with a silent guest spins; at 0% it
-/// waits).
-fn qemu_threads(pid: u32) -> String {
-    // (thread id, "name: state wchan", CPU ticks)
-    let sample = || -> Vec<(String, String, u64)> {
-        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-            return Vec::new();
-        };
-        let mut out: Vec<_> = tasks
-            .filter_map(|t| {
-                let dir = t.ok()?.path();
-                let stat = fs::read_to_string(dir.join("stat")).ok()?;
-                // `pid (comm) state ...`: the fields after the last ')' have no spaces.
-                let (head, rest) = stat.rsplit_once(')')?;
-                let comm = head.split_once('(')?.1.to_owned();
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                // state is field 3, utime and stime 14 and 15 (1-based, whole line).
-                let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-                let wchan = fs::read_to_string(dir.join("wchan")).unwrap_or_default();
-                let tid = dir.file_name()?.to_string_lossy().into_owned();
-                Some((tid, format!("{comm}: {} wchan={wchan}", f.first()?), ticks))
-            })
-            .collect();
-        out.sort();
-        out
-    };
-    let before = sample();
-    thread::sleep(Duration::from_secs(2));
-    let after = sample();
-    // SAFETY: sysconf has no memory effects.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
-        .unwrap_or(100)
-        .max(1);
-    after
-        .iter()
-        .map(|(tid, what, ticks)| {
-            let was = before
-                .iter()
-                .find(|(t, _, _)| t == tid)
-                .map_or(*ticks, |b| b.2);
-            // Percent of one CPU over the two seconds.
-            let pct = ticks.saturating_sub(was) * 100 / (2 * hz);
-            format!("  {tid} {what} cpu {pct}%\n")
-        })
-        .collect()
+/// How many times one run's stalled host gets an NMI ([`crate::stall`]).
+const MAX_NMIS: u32 = 3;
+
+/// Whether the heartbeat at `path` is written again within 30 s (three beats).
+fn heartbeat_resumes(path: &Path) -> bool {
+    let until = Instant::now() + HEARTBEAT_EVERY * 3;
+    while Instant::now() < until {
+        if since_heartbeat(path).is_some_and(|s| s < HEARTBEAT_EVERY) {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    false
 }
 
 /// How long ago the heartbeat file at `path` was last written; `None` before the first
@@ -467,6 +435,13 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
         .tempdir()
         .map_err(|e| io("creating the scratch directory", e))?;
     let scratch = scratch_dir.path().to_owned();
+    // QEMU's monitor, asked only when the host stalls; not in the scratch directory,
+    // which the virtual host sees.
+    let qmp_dir = tempfile::Builder::new()
+        .prefix("forkvm-qmp-")
+        .tempdir()
+        .map_err(|e| io("creating the monitor's directory", e))?;
+    let qmp_path = qmp_dir.path().join("qmp");
     let script = run_script(cmd, opts, &scratch);
     fs::write(scratch.join("run.sh"), &script).map_err(|e| io("writing run.sh", e))?;
     // (path, writable)
@@ -516,6 +491,8 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
             "-no-reboot",
         ])
         .args(["-serial", "stdio", "-monitor", "none"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
         // Named threads (`CPU 0/TCG`, `worker`...): a stall's report says which one spins.
         .args(["-name", "forkvm-testhost,debug-threads=on"])
         .arg("-kernel")
@@ -565,6 +542,7 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
         },
     ];
     let deadline = start + opts.timeout;
+    let mut nmis = 0;
     let status = loop {
         match guard.try_wait() {
             Ok(Some(status)) => break status,
@@ -577,16 +555,32 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
         if let Some(silent) =
             since_heartbeat(&scratch.join("heartbeat")).filter(|silent| *silent > opts.stall_after)
         {
-            // What QEMU's threads do while it is silent tells a frozen emulator (its
-            // vCPU thread spinning or blocked) from a guest that is merely slow.
-            let threads = qemu_threads(guard.pid());
-            guard.kill();
+            // What QEMU's threads and its vCPU do while it is silent tells a frozen
+            // emulator (its vCPU thread spinning or blocked) from a guest that is slow.
+            let threads = stall::qemu_threads(guard.pid());
+            let mut qmp = stall::Qmp::connect(&qmp_path).ok();
+            let cpu = stall::cpu_report(qmp.as_mut());
             let mut l = open_log(&log_path)?;
             let _ = writeln!(
                 l,
-                "\nforkvm-testhost: no heartbeat for {silent:?}: the virtual host stalled, qemu \
-                 killed\nforkvm-testhost: qemu's threads when it was found silent:\n{threads}"
+                "\nforkvm-testhost: no heartbeat for {silent:?}\nforkvm-testhost: qemu's \
+                 threads:\n{threads}forkvm-testhost: its vCPU:\n{cpu}"
             );
+            if nmis < MAX_NMIS
+                && qmp
+                    .as_mut()
+                    .is_some_and(|q| q.execute("inject-nmi", None).is_ok())
+            {
+                nmis += 1;
+                if heartbeat_resumes(&scratch.join("heartbeat")) {
+                    let _ = writeln!(l, "forkvm-testhost: an NMI woke it: the run goes on");
+                    tracing::warn!(log = %log_path.display(), "the virtual host stalled; an NMI woke it");
+                    continue;
+                }
+                let _ = writeln!(l, "forkvm-testhost: an NMI did not wake it");
+            }
+            guard.kill();
+            let _ = writeln!(l, "forkvm-testhost: the virtual host stalled, qemu killed");
             keep_output(&log_path, &scratch);
             return Err(Error::Stalled { silent, log_path });
         }

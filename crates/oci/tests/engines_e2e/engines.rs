@@ -1,4 +1,4 @@
-//! Shared by the container-engine end-to-end tests (`docker_e2e`, `podman_e2e`): real
+//! Shared by the container-engine end-to-end tests ([`crate::docker`], [`crate::podman`]): real
 //! Docker and real podman, started on the scratch space of a (virtual) KVM host, drive
 //! `forkvm-runtime` exactly as they drive runc.
 //!
@@ -18,10 +18,7 @@
 //!   VMs' console logs, the processes still running) and the session goes on, so one
 //!   session shows every failure; [`Engine::finish`] fails the test.
 //! - [`core_cases`] and [`nothing_left_case`] are the cases both engines must pass; the
-//!   test files add what is particular to their engine (how the runtime is registered).
-
-// Each test file uses a different subset of these helpers.
-#![allow(dead_code)]
+//!   engines' modules add what is particular to each (how the runtime is registered).
 
 use std::cell::RefCell;
 use std::ffi::{OsStr, OsString};

@@ -13,12 +13,10 @@
 //! `FORKVM_TEST_RUNTIME=/usr/sbin/runc` runs the same cases with runc, to tell engine
 //! set-up problems from runtime bugs.
 
-mod engines;
-
 use std::ffi::OsString;
 use std::time::Duration;
 
-use engines::{require, runtime, tmpfs_on, Daemon, Engine, Kind};
+use crate::engines::{self, require, runtime, tmpfs_on, Daemon, Engine, Kind};
 use forkvm_image::fixtures;
 
 /// The fixture image, as `docker load` names it.

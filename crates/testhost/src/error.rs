@@ -40,8 +40,7 @@ pub enum Error {
         log_path: PathBuf,
     },
     /// The virtual host stopped writing its heartbeat: it froze (seen under nested
-    /// emulation), an NMI did not wake it, and it was killed (its log says what QEMU
-    /// was doing).
+    /// emulation), and was killed (its log says what QEMU was doing).
     #[error("the virtual host stalled: no heartbeat for {silent:?}; log: {}", log_path.display())]
     Stalled {
         /// How long it had been silent.

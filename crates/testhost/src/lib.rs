@@ -22,9 +22,8 @@
 //!
 //! The virtual host writes a heartbeat every 10 s. One silent for two minutes has
 //! frozen (seen under nested emulation, every 15 to 30 minutes of nested-VM work on
-//! some days): its log gets what QEMU's threads and vCPU were doing, it gets an NMI
-//! (which the run survives if that wakes it), else it is killed and [`on_kvm_host`]
-//! runs the test again.
+//! some days): its log gets what QEMU's threads and vCPU were doing, it is killed, and
+//! [`on_kvm_host`] runs the test again.
 //!
 //! `FORKVM_TESTHOST=force` forces the virtual host even with hardware KVM;
 //! `FORKVM_TESTHOST=never` always runs directly.

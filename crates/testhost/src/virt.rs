@@ -176,21 +176,6 @@ fn keep_output(log_path: &Path, scratch: &Path) {
     }
 }
 
-/// How many times one run's stalled host gets an NMI ([`crate::stall`]).
-const MAX_NMIS: u32 = 3;
-
-/// Whether the heartbeat at `path` is written again within 30 s (three beats).
-fn heartbeat_resumes(path: &Path) -> bool {
-    let until = Instant::now() + HEARTBEAT_EVERY * 3;
-    while Instant::now() < until {
-        if since_heartbeat(path).is_some_and(|s| s < HEARTBEAT_EVERY) {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(500));
-    }
-    false
-}
-
 /// How long ago the heartbeat file at `path` was last written; `None` before the first
 /// beat.
 fn since_heartbeat(path: &Path) -> Option<Duration> {
@@ -542,7 +527,6 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
         },
     ];
     let deadline = start + opts.timeout;
-    let mut nmis = 0;
     let status = loop {
         match guard.try_wait() {
             Ok(Some(status)) => break status,
@@ -558,27 +542,14 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
             // What QEMU's threads and its vCPU do while it is silent tells a frozen
             // emulator (its vCPU thread spinning or blocked) from a guest that is slow.
             let threads = stall::qemu_threads(guard.pid());
-            let mut qmp = stall::Qmp::connect(&qmp_path).ok();
-            let cpu = stall::cpu_report(qmp.as_mut());
+            let qmp = stall::Qmp::connect(&qmp_path).ok();
+            let cpu = stall::cpu_report(qmp);
             let mut l = open_log(&log_path)?;
             let _ = writeln!(
                 l,
                 "\nforkvm-testhost: no heartbeat for {silent:?}\nforkvm-testhost: qemu's \
                  threads:\n{threads}forkvm-testhost: its vCPU:\n{cpu}"
             );
-            if nmis < MAX_NMIS
-                && qmp
-                    .as_mut()
-                    .is_some_and(|q| q.execute("inject-nmi", None).is_ok())
-            {
-                nmis += 1;
-                if heartbeat_resumes(&scratch.join("heartbeat")) {
-                    let _ = writeln!(l, "forkvm-testhost: an NMI woke it: the run goes on");
-                    tracing::warn!(log = %log_path.display(), "the virtual host stalled; an NMI woke it");
-                    continue;
-                }
-                let _ = writeln!(l, "forkvm-testhost: an NMI did not wake it");
-            }
             guard.kill();
             let _ = writeln!(l, "forkvm-testhost: the virtual host stalled, qemu killed");
             keep_output(&log_path, &scratch);

@@ -126,12 +126,11 @@ fn virtual_host_without_a_heartbeat_is_stalled() {
             assert!(*silent > Duration::from_secs(20), "{err}");
             let log = fs::read_to_string(log_path).unwrap();
             assert!(log.contains("no heartbeat"), "{log}");
-            // What the command printed, what QEMU's vCPU thread was doing, its registers
-            // (from QEMU's monitor), and the NMI that was tried.
+            // What the command printed, what QEMU's vCPU thread was doing and its
+            // registers (from QEMU's monitor).
             assert!(log.contains("before the stall"), "{log}");
             assert!(log.contains("CPU 0/TCG"), "{log}");
             assert!(log.contains("RIP="), "{log}");
-            assert!(log.contains("an NMI did not wake it"), "{log}");
         }
         other => panic!("expected Stalled, got {other:?}"),
     }

@@ -257,7 +257,11 @@ impl InitramfsBuilder {
     /// Builds the image and writes it to `path` (atomically, via a rename).
     pub fn write_to(&self, path: &Path) -> Result<(), Error> {
         let bytes = self.build()?;
-        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        // Threads of one process may write the same image at once (tests preparing the
+        // same guest): each writes its own file, and the last rename wins whole.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
         fs::write(&tmp, bytes).map_err(|source| Error::Io {
             path: tmp.clone(),
             source,

@@ -206,6 +206,8 @@ fn diagnosis(out: &Path, label: &str, name: &str) -> String {
 
 /// Runs shard `shard` (of [`SHARDS`]) in the virtual host.
 fn validate(shard: usize, test_path: &str) {
+    // runc's and forkvm's containers of two shards would meet on one host.
+    let _alone = forkvm_testhost::alone_on_this_host();
     let suite = suite_dir();
     if !forkvm_testhost::in_test_host() {
         forkvm_oci::vm::container_guest().expect("cannot prepare the container guest");

@@ -70,6 +70,20 @@ pub use virt::{prepare_initramfs, TESTHOST_MODULES};
 
 /// Names the enclosing test function the way libtest does (`module::test`,
 /// without the crate name), for [`on_kvm_host`].
+/// For a test whose body must not run beside another such body on one host (engines
+/// that publish the same host ports, checks that count processes host-wide): a guard
+/// that makes them take turns where the bodies run directly on this machine (hardware
+/// KVM, or inside the virtual host), and `None` where each runs in a virtual host of
+/// its own (they may then run two at once). Take it before [`on_kvm_host_with`].
+pub fn alone_on_this_host() -> Option<std::sync::MutexGuard<'static, ()>> {
+    static DIRECT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    (decide_mode(HostChoice::Auto) == Mode::Direct).then(|| {
+        DIRECT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    })
+}
+
 #[macro_export]
 macro_rules! test_path {
     () => {{

@@ -422,9 +422,10 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
     let scratch = scratch_dir.path().to_owned();
     // QEMU's monitor, asked only when the host stalls; not in the scratch directory,
     // which the virtual host sees.
+    // In /tmp whatever TMPDIR says: a socket's path must fit in 108 bytes.
     let qmp_dir = tempfile::Builder::new()
         .prefix("forkvm-qmp-")
-        .tempdir()
+        .tempdir_in("/tmp")
         .map_err(|e| io("creating the monitor's directory", e))?;
     let qmp_path = qmp_dir.path().join("qmp");
     let script = run_script(cmd, opts, &scratch);

@@ -181,6 +181,7 @@ fn test_path_names_the_test() {
 
 #[test]
 fn on_kvm_host_rejects_a_filter_matching_nothing() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if forkvm_testhost::decide_mode(HostChoice::Auto) == Mode::Direct {
         return; // the body would simply run here; the re-run check needs the virtual host
     }

@@ -102,6 +102,8 @@ pub fn prepare_outside() {
 /// (virtual) KVM host with the engines' memory and time limit, its cgroups set up.
 /// `test_path` is the test's `forkvm_testhost::test_path!()`.
 pub fn session(test_path: &str, body: impl FnOnce()) {
+    // Both engines publish the same host port and look for leftovers host-wide.
+    let _alone = forkvm_testhost::alone_on_this_host();
     prepare_outside();
     forkvm_testhost::on_kvm_host_with(test_path, SESSION_TIMEOUT, Some(TESTHOST_MEM_MIB), || {
         prepare_host();

@@ -42,6 +42,7 @@
 //! | `linux.resources.memory.limit` | [`ContainerPlan::mem_mib`] | rounded up to MiB, at least 128; absent or not positive (`-1`: unlimited) → 512 |
 //! | `linux.resources.cpu.quota`/`period` | [`ContainerPlan::vcpus`] | `ceil(quota / period)` (period defaults to 100 000 µs) |
 //! | `linux.resources.cpu.cpus` | [`ContainerPlan::vcpus`] | when there is no quota: the number of CPUs in the cpuset; else 1 |
+//! | `annotations`: `io.kubernetes.cri.sandbox-memory`, `io.kubernetes.cri.sandbox-cpu-quota`/`period` (a pod's sandbox) | [`ContainerPlan::pod_size`] | the whole pod's limits (containerd 1.6.7 on passes kubelet's sum of the containers' limits) size the pod's VM, over the sandbox's own `linux.resources`: memory the pod's limit + 128 MiB for the guest itself, vCPUs `ceil(quota / period)`; `0` or absent: as the sandbox's spec says; not a number: an error |
 //! | `linux.cgroupsPath`, `linux.resources.pids.limit` | [`ContainerPlan::cgroup`] | the VM process's cgroup (a path, or systemd's `slice:prefix:name`): `memory.max` = the guest memory it may hold (its RAM and its forks' overlays) + the VMM's, `pids.max` the limit (else 4096) |
 //! | `linux.resources.memory.limit`, `pids.limit`, `cpu.quota`/`period`, `cpu.shares` | [`ContainerPlan::guest_cgroup`] | also the limits of the container's cgroup inside the guest (`memory.max`, `pids.max`, `cpu.max`, `cpu.weight` by runc's conversion), which its processes join in a cgroup namespace of their own, so its `/sys/fs/cgroup` shows them |
 //! | other `linux.resources`, `rootfsPropagation`, `mountLabel` | ignored | host cgroup/kernel details with no meaning inside the VM |
@@ -152,6 +153,10 @@ pub struct ContainerPlan {
     pub namespaces: MonitorNamespaces,
     /// What the container is to a Kubernetes pod, if anything.
     pub pod: Option<PodRole>,
+    /// A pod sandbox's VM size from the whole pod's limits ([`CRI_SANDBOX_MEMORY`],
+    /// [`CRI_SANDBOX_CPU_QUOTA`]), where containerd gave them: [`ContainerPlan::vcpus`]
+    /// and [`ContainerPlan::mem_mib`] are these where set.
+    pub pod_size: PodSize,
     /// The hooks the runtime runs on the host.
     pub hooks: HostHooks,
     /// The hooks the guest agent runs in the container: `createContainer`, then
@@ -188,6 +193,23 @@ pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 
 /// containerd's CRI annotation naming the pod sandbox a container belongs to.
 pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// containerd's CRI annotation (1.6.7 on) on a pod's sandbox: the memory limit of the
+/// whole pod in bytes, the sum kubelet makes of its containers' limits (the CRI's
+/// `LinuxPodSandboxConfig.resources`); `0` or absent: none.
+pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+
+/// containerd's CRI annotations (1.6.7 on) on a pod's sandbox: the whole pod's CFS
+/// quota and period in µs (kubelet's sum of its containers' CPU limits); a quota of
+/// `0` or less, or none: no limit.
+pub const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+/// See [`CRI_SANDBOX_CPU_QUOTA`].
+pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// What a pod's VM holds beside its containers' memory limits (the guest kernel, the
+/// agent, the pause process, page cache): a pod whose containers may use `N` MiB gets a
+/// VM of `N + POD_GUEST_MIB` MiB.
+pub const POD_GUEST_MIB: u64 = 128;
 
 /// How a container's VM gets its root filesystem.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -241,6 +263,35 @@ pub enum PodRole {
         /// The sandbox's container ID.
         sandbox: String,
     },
+}
+
+/// The size a pod's limits ask of its VM: each part `None` where the pod sets no such
+/// limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodSize {
+    /// `ceil(quota / period)` of the pod's CPU limits.
+    pub vcpus: Option<u8>,
+    /// The pod's memory limit in MiB (rounded up) plus [`POD_GUEST_MIB`].
+    pub mem_mib: Option<u64>,
+}
+
+impl PodSize {
+    /// What a VM of `vcpus` and `mem_mib` lacks for this size, in words; `None` if it
+    /// has enough.
+    pub fn short_of(&self, vcpus: u8, mem_mib: u64) -> Option<String> {
+        let mut short = Vec::new();
+        if let Some(want) = self.vcpus.filter(|&w| w > vcpus) {
+            short.push(format!(
+                "its limits ask for {want} vCPUs ({CRI_SANDBOX_CPU_QUOTA}/period), the template has {vcpus}"
+            ));
+        }
+        if let Some(want) = self.mem_mib.filter(|&w| w > mem_mib) {
+            short.push(format!(
+                "its memory limits need a VM of {want} MiB ({CRI_SANDBOX_MEMORY} + {POD_GUEST_MIB} MiB for the guest), the template has {mem_mib} MiB"
+            ));
+        }
+        (!short.is_empty()).then(|| short.join("; "))
+    }
 }
 
 /// Where a container's network namespace comes from.
@@ -489,6 +540,9 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         _ => None,
     };
     planner.pod_member = matches!(pod, Some(PodRole::Member { .. }));
+    if pod == Some(PodRole::Sandbox) {
+        planner.pod_size = planner.pod_size(&annotations)?;
+    }
     if planner.pod_member && planner.root_mode == RootMode::Disk {
         return Err(planner.unsupported(
             format!("annotations.{ROOTFS_ANNOTATION} (disk, of a pod's container)"),
@@ -508,7 +562,11 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
     };
     let (vcpus, mem_mib, cgroup) = match spec.linux() {
         Some(linux) => planner.linux(linux)?,
-        None => (1, DEFAULT_MEM_MIB, None),
+        None => (
+            planner.pod_size.vcpus.unwrap_or(1),
+            planner.pod_size.mem_mib.unwrap_or(DEFAULT_MEM_MIB),
+            None,
+        ),
     };
     process.pid_namespace = planner.guest_pid.take();
     let network = match planner.network.take() {
@@ -551,6 +609,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
         network,
         namespaces,
         pod,
+        pod_size: planner.pod_size,
         hooks,
         guest_hooks,
         domainname: spec.domainname().clone().filter(|d| !d.is_empty()),
@@ -663,6 +722,8 @@ struct Planner<'a> {
     guest_pid: Option<forkvm_agent_proto::PidNamespace>,
     /// A pod's container's `pid` namespace path.
     pod_pid_path: Option<PathBuf>,
+    /// A pod sandbox's size from the pod's limits.
+    pod_size: PodSize,
 }
 
 impl<'a> Planner<'a> {
@@ -683,6 +744,7 @@ impl<'a> Planner<'a> {
             pod_member: false,
             guest_pid: None,
             pod_pid_path: None,
+            pod_size: PodSize::default(),
         }
     }
 
@@ -1348,14 +1410,21 @@ impl<'a> Planner<'a> {
         self.user_namespace = self.user_namespace(linux, user_namespace)?;
         self.namespaces.holder.user = self.user_namespace.clone();
         let resources = linux.resources().as_ref();
-        let mem_mib = self.mem_mib(
-            resources
-                .and_then(|r| r.memory().as_ref())
-                .and_then(|m| m.limit()),
-        );
-        let vcpus = match resources.and_then(|r| r.cpu().as_ref()) {
-            Some(cpu) => self.vcpus(cpu.quota(), cpu.period(), cpu.cpus().as_deref())?,
-            None => 1,
+        let mem_mib = match self.pod_size.mem_mib {
+            Some(mib) => mib,
+            None => self.mem_mib(
+                resources
+                    .and_then(|r| r.memory().as_ref())
+                    .and_then(|m| m.limit()),
+            ),
+        };
+        let vcpus = match (
+            self.pod_size.vcpus,
+            resources.and_then(|r| r.cpu().as_ref()),
+        ) {
+            (Some(n), _) => n,
+            (None, Some(cpu)) => self.vcpus(cpu.quota(), cpu.period(), cpu.cpus().as_deref())?,
+            (None, None) => 1,
         };
         self.guest_cgroup = self.guest_cgroup(resources)?;
         let cgroup = match linux.cgroups_path() {
@@ -1378,6 +1447,42 @@ impl<'a> Planner<'a> {
             None => None,
         };
         Ok((vcpus, mem_mib, cgroup))
+    }
+
+    /// The size a pod sandbox's VM gets from the whole pod's limits, where containerd
+    /// passed them ([`CRI_SANDBOX_MEMORY`], [`CRI_SANDBOX_CPU_QUOTA`] and
+    /// [`CRI_SANDBOX_CPU_PERIOD`]): a value that is not a number is an error naming it.
+    fn pod_size(
+        &mut self,
+        annotations: &std::collections::BTreeMap<String, String>,
+    ) -> Result<PodSize, BundleError> {
+        let number = |key: &str| -> Result<Option<i64>, BundleError> {
+            match annotations.get(key) {
+                None => Ok(None),
+                Some(v) => v.trim().parse::<i64>().map(Some).map_err(|_| {
+                    self.invalid(
+                        format!("annotations.{key}"),
+                        format!("{v:?} is not a whole number"),
+                    )
+                }),
+            }
+        };
+        let memory = number(CRI_SANDBOX_MEMORY)?;
+        let quota = number(CRI_SANDBOX_CPU_QUOTA)?;
+        let period = number(CRI_SANDBOX_CPU_PERIOD)?;
+        let mem_mib = memory
+            .and_then(|b| u64::try_from(b).ok())
+            .filter(|&b| b > 0)
+            .map(|b| b.div_ceil(1 << 20).saturating_add(POD_GUEST_MIB));
+        let vcpus = match quota.filter(|&q| q > 0) {
+            Some(quota) => Some(self.vcpus(
+                Some(quota),
+                period.and_then(|p| u64::try_from(p).ok()),
+                None,
+            )?),
+            None => None,
+        };
+        Ok(PodSize { vcpus, mem_mib })
     }
 
     fn mem_mib(&mut self, limit: Option<i64>) -> u64 {

@@ -220,6 +220,7 @@ mod tests {
             network: crate::bundle::NetworkPlan::New,
             namespaces: Default::default(),
             pod: None,
+            pod_size: Default::default(),
             hooks: Default::default(),
             guest_hooks: Default::default(),
             domainname: None,

@@ -41,11 +41,12 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     AttachRequest, ContainerConfig, ContainerMetadata, ContainerStatsRequest, CpuUsage,
     CreateContainerRequest, ExecRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec,
-    LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, ListContainersRequest, ListPodSandboxRequest, MemoryUsage,
-    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatsRequest,
-    PodSandboxStatusRequest, PortForwardRequest, RemoveContainerRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest,
+    ListPodSandboxRequest, MemoryUsage, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, PodSandboxStatsRequest, PodSandboxStatusRequest, PortForwardRequest,
+    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -250,11 +251,23 @@ fn pod_config(handler: &str, logs: &Path) -> PodSandboxConfig {
                 namespace_options: Some(kubelets_namespaces()),
                 ..Default::default()
             }),
+            // As kubelet gives them: the sum of the pod's containers' limits, which
+            // containerd passes on as annotations and which size a booted pod's VM.
+            resources: Some(LinuxContainerResources {
+                memory_limit_in_bytes: POD_MEMORY_MIB << 20,
+                cpu_quota: 100_000,
+                cpu_period: 100_000,
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()
     }
 }
+
+/// The pods' memory limit (all their containers'): a booted pod's VM has this and
+/// forkvm's 128 MiB for the guest itself; a forked pod's has its template's 512 MiB.
+const POD_MEMORY_MIB: i64 = 256;
 
 /// The namespace options kubelet gives a pod and its containers by default: the pod's
 /// network and IPC, a PID namespace of each container's own.
@@ -466,6 +479,23 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
             1,
             "the containers are in the pod's VM: {:?}",
             ctd.vms()
+        );
+        // The VM's size: the pod's limits and the guest's own 128 MiB where it booted
+        // (not the 512 MiB a sandbox's spec alone gives), its template's where forked.
+        let out = cri.exec_sync(&client, &["grep", "MemTotal", "/proc/meminfo"]);
+        let kib: u64 = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{handler}: no MemTotal: {out:?}"));
+        let vm_mib = if handler == "forkvm" {
+            POD_MEMORY_MIB as u64 + 128
+        } else {
+            512
+        };
+        assert!(
+            kib <= vm_mib << 10 && kib > (vm_mib - 96) << 10,
+            "{handler}: the guest has {kib} KiB, not about a VM of {vm_mib} MiB"
         );
     }
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1051,6 +1081,28 @@ fn bad_input(ctd: &Containerd, cri: &mut Cri) {
         "{e}"
     );
     assert_nothing_left(ctd, cri, "a pod template that is not one");
+
+    // A pod whose limits ask for more than its template's VM has: refused, naming both.
+    let mut config = pod_config("forkvm-fork", &logs);
+    if let Some(r) = config.linux.as_mut().and_then(|l| l.resources.as_mut()) {
+        r.cpu_quota = 300_000;
+    }
+    let req = RunPodSandboxRequest {
+        config: Some(config),
+        runtime_handler: "forkvm-fork".into(),
+    };
+    let e = cri
+        .call("RunPodSandbox", |mut c| async move {
+            c.run_pod_sandbox(req).await
+        })
+        .expect_err("a pod larger than its template");
+    assert!(
+        e.message().contains("too small for the pod")
+            && e.message().contains("ask for 3 vCPUs")
+            && e.message().contains("the template has 1"),
+        "{e}"
+    );
+    assert_nothing_left(ctd, cri, "a pod larger than its template");
 
     let config = pod_config("forkvm", &logs);
     let req = RunPodSandboxRequest {

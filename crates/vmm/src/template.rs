@@ -727,6 +727,12 @@ pub struct Unverified {
 }
 
 impl Unverified {
+    /// vCPUs and memory (MiB) of the machine this template forks into, from its
+    /// authenticated state.
+    pub fn machine(&self) -> (u8, u64) {
+        self.state.machine()
+    }
+
     /// The MAC of the memory the authenticated state names: what a checked copy of
     /// that memory was checked against ([`Unverified::with_checked_copy`]).
     pub fn memory_mac(&self) -> [u8; 32] {

@@ -389,6 +389,88 @@ fn memory_limit() {
 }
 
 #[test]
+fn a_pod_sandbox_is_sized_by_the_whole_pods_limits() {
+    // containerd's sandbox spec: cpu shares only, and the pod's sums as annotations.
+    let sandbox = |annotations: Value| {
+        load_with(|c| {
+            c["annotations"] = annotations;
+            c["annotations"][CRI_CONTAINER_TYPE] = json!("sandbox");
+            c["annotations"][CRI_SANDBOX_ID] = json!("abc");
+            c["linux"]["resources"]["cpu"] = json!({"shares": 2});
+            c["linux"]["cgroupsPath"] = json!("/kubepods/pod-abc/abc");
+        })
+    };
+    let plan = sandbox(json!({
+        CRI_SANDBOX_MEMORY: (300u64 << 20).to_string(),
+        CRI_SANDBOX_CPU_QUOTA: "250000",
+        CRI_SANDBOX_CPU_PERIOD: "100000",
+    }))
+    .unwrap();
+    assert_eq!((plan.vcpus, plan.mem_mib), (3, 300 + POD_GUEST_MIB));
+    assert_eq!(
+        plan.pod_size,
+        PodSize {
+            vcpus: Some(3),
+            mem_mib: Some(300 + POD_GUEST_MIB)
+        }
+    );
+    // The VM process's host cgroup holds the pod's VM.
+    assert_eq!(
+        plan.cgroup.unwrap().memory_max,
+        Some(
+            forkvm_vmm::memory::guest_memory_budget((300 + POD_GUEST_MIB) << 20)
+                + forkvm_jail::cgroup::VMM_OVERHEAD
+        )
+    );
+    // A pod without limits (kubelet's zeros, or containerd before 1.6.7): the
+    // sandbox's own spec, as before.
+    for none in [
+        json!({CRI_SANDBOX_MEMORY: "0", CRI_SANDBOX_CPU_QUOTA: "0", CRI_SANDBOX_CPU_PERIOD: "100000"}),
+        json!({CRI_SANDBOX_CPU_QUOTA: "-1"}),
+        json!({}),
+    ] {
+        let plan = sandbox(none.clone()).unwrap();
+        assert_eq!((plan.vcpus, plan.mem_mib), (1, DEFAULT_MEM_MIB), "{none}");
+        assert_eq!(plan.pod_size, PodSize::default(), "{none}");
+    }
+    // Not a number: an error naming the annotation.
+    let e = sandbox(json!({CRI_SANDBOX_MEMORY: "lots"}))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.ends_with(
+            r#"annotations.io.kubernetes.cri.sandbox-memory: "lots" is not a whole number"#
+        ),
+        "{e}"
+    );
+    // Only a sandbox is sized so: a pod's container is made in its sandbox's VM, and a
+    // container outside a pod keeps its own limits.
+    let plan = load_with(|c| {
+        c["annotations"] = json!({CRI_SANDBOX_MEMORY: (1u64 << 30).to_string()});
+    })
+    .unwrap();
+    assert_eq!(
+        (plan.mem_mib, plan.pod_size),
+        (DEFAULT_MEM_MIB, PodSize::default())
+    );
+    // What a template of a given size lacks for such a pod, in words.
+    let size = PodSize {
+        vcpus: Some(3),
+        mem_mib: Some(428),
+    };
+    assert_eq!(size.short_of(4, 512), None);
+    let short = size.short_of(1, 256).unwrap();
+    assert!(
+        short.contains("ask for 3 vCPUs")
+            && short.contains("the template has 1")
+            && short.contains("a VM of 428 MiB")
+            && short.contains("the template has 256 MiB"),
+        "{short}"
+    );
+    assert_eq!(PodSize::default().short_of(1, 128), None);
+}
+
+#[test]
 fn cgroups_path_and_limits_name_the_vm_process_group() {
     let plan = load_with(|c| {
         c["linux"]["cgroupsPath"] = json!("system.slice:docker:abc");

@@ -680,6 +680,15 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
                 let t = std::time::Instant::now();
                 use forkvm_vmm::template::Template;
                 let opened = Template::open(dir, &key).with_context(unusable)?;
+                let (vcpus, mem_mib) = opened.machine();
+                if let Some(short) = plan.pod_size.short_of(vcpus, mem_mib) {
+                    anyhow::bail!(
+                        "the pod template in {} is too small for the pod: {short}; make one \
+                         at least that large (`forkvm-runtime pod-template --vcpus N \
+                         --memory-mib M`) for pods this size",
+                        dir.display()
+                    );
+                }
                 // The memory another pod of the template checked, shared; else checked
                 // here.
                 let mac = opened.memory_mac();
@@ -715,7 +724,6 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
                     &pod,
                 )
                 .with_context(unusable)?;
-                let (vcpus, mem_mib) = template.machine();
                 home.record_machine(vcpus, mem_mib)?;
                 Origin::Fork(template.child_start(&spec).with_context(unusable)?)
             }

@@ -12,19 +12,19 @@
 //! a virtio-fs share the agent mounts once under `/run/forkvm/containers/.shares/TAG`,
 //! resolved inside the share so that `..` and symlinks cannot leave it, or a directory
 //! of the guest). Its mounts go on that bind, so [`Container::destroy`] takes them all
-//! away. The containers share the guest's kernel, network, hostname and mount
-//! namespace (a pod's); each process is confined to its container's root by `chroot`
-//! and to its cgroup, and, once its main process started in one, to its PID namespace
-//! (its own, or its pod's: [`forkvm_agent_proto::PidNamespace`]). That keeps a pod's
-//! containers apart from each other's files and (unless they share a PID namespace)
-//! processes, not from a root process of
-//! another container that sets out to leave its `chroot` (a mount namespace per
-//! container would): the VM, not the container, is the boundary forkvm guarantees.
+//! away. The containers share the guest's kernel, network and hostname (a pod's); each
+//! app container's processes run in a mount namespace of its own ([`crate::mntns`]: a
+//! slave copy of the agent's, where its root is at [`crate::mntns::ROOT`] and the other
+//! containers' roots and shares are not), confined to that root by `chroot`, in its
+//! cgroup and, once its main process started in one, in its PID namespace (its own, or
+//! its pod's: [`forkvm_agent_proto::PidNamespace`]). That keeps a pod's containers
+//! apart from each other's files, mounts and (unless they share a PID namespace)
+//! processes; the VM, not the container, is the boundary forkvm guarantees.
 //!
-//! Ending an app container ([`Container::kill_all`]) kills every process whose root is
-//! in the container's root, and its cgroup's processes (`cgroup.kill`) when it has one,
-//! so that what its processes started goes too. A destroyed container refuses what
-//! comes after ([`Container::lifecycle`]): a request that found it before it was
+//! Ending an app container ([`Container::kill_all`]) kills every process in its mount
+//! namespace or whose root is in the container's root, and its cgroup's processes
+//! (`cgroup.kill`) when it has one, so that what its processes started goes too. A
+//! destroyed container refuses what comes after ([`Container::lifecycle`]): a request that found it before it was
 //! destroyed finds it gone when it runs.
 
 use std::ffi::{CStr, CString};
@@ -70,6 +70,8 @@ pub struct Container {
     /// The PID namespace of its main process, when it was started in one of its own or
     /// its sandbox's: where its later processes start.
     pidns: OnceLock<OwnedFd>,
+    /// An app container's mount namespace ([`crate::mntns`]), where its processes run.
+    mntns: Option<crate::mntns::MountNs>,
     /// Its read-only and masked paths under `/proc`, to apply again over a `/proc` of
     /// its PID namespace ([`crate::container::stack_proc`]).
     proc_paths: std::sync::Mutex<(Vec<String>, Vec<String>)>,
@@ -89,6 +91,7 @@ impl Container {
             seccomp: OnceLock::new(),
             userns: OnceLock::new(),
             pidns: OnceLock::new(),
+            mntns: None,
             proc_paths: Default::default(),
             init_started: AtomicBool::new(false),
             destroyed: RwLock::new(false),
@@ -118,20 +121,28 @@ impl Container {
             None,
         )
         .and_then(|()| {
-            // What the container mounts stays its own, and what is mounted where its
-            // root came from does not appear in it.
-            crate::mounts::mount(None, &target, None, libc::MS_REC | libc::MS_PRIVATE, None)
-        });
-        if let Err(e) = bound {
-            let _ = detach(&target);
-            let _ = std::fs::remove_dir(&rootfs);
-            let _ = std::fs::remove_dir(&home);
-            return Err(format!("cannot bind the container's root: {e}"));
-        }
+            // What is mounted where its root came from does not appear in it; what the
+            // agent mounts in it from now on reaches the container's mount namespace,
+            // which holds a slave copy of this (shared) mount.
+            crate::mounts::mount(None, &target, None, libc::MS_REC | libc::MS_PRIVATE, None)?;
+            crate::mounts::mount(None, &target, None, libc::MS_REC | libc::MS_SHARED, None)
+        })
+        .map_err(|e| format!("cannot bind the container's root: {e}"))
+        .and_then(|()| crate::mntns::create(&rootfs, containers));
+        let mntns = match bound {
+            Ok(ns) => ns,
+            Err(e) => {
+                let _ = detach(&target);
+                let _ = std::fs::remove_dir(&rootfs);
+                let _ = std::fs::remove_dir(&home);
+                return Err(e);
+            }
+        };
         Ok(Container {
             id: Some(id.to_owned()),
             root: rootfs,
             home: Some(home),
+            mntns: Some(mntns),
             ..Container::boot(Path::new("/"))
         })
     }
@@ -266,12 +277,23 @@ impl Container {
     pub(crate) fn confines(&self, seccomp: bool) -> crate::spawn::Confines<'_> {
         crate::spawn::Confines {
             root: &self.root,
+            mntns: self.mntns.as_ref().map(|ns| (ns.fd(), ns.root())),
             seccomp: if seccomp { self.seccomp() } else { &[] },
             userns: self.userns(),
             cgroup_procs: self.cgroup_procs(),
             pid: self
                 .pidns()
                 .map_or(crate::spawn::PidStart::Agent, crate::spawn::PidStart::Join),
+        }
+    }
+
+    /// After the agent mounted in its root: gives the mounts of its mount namespace
+    /// the flags the agent's have ([`crate::mntns::sync_flags`]); nothing for a
+    /// container without one.
+    pub(crate) fn sync_mounts(&self) -> Result<(), String> {
+        match &self.mntns {
+            Some(ns) => crate::mntns::sync_flags(ns, &self.root),
+            None => Ok(()),
         }
     }
 
@@ -282,7 +304,10 @@ impl Container {
             return Err("the boot container's processes end with the VM".into());
         }
         let group = self.cgroup.get().map_or(Ok(()), crate::cgroup::Group::kill);
-        kill_rooted_in(&self.root);
+        kill_rooted_in(
+            &self.root,
+            self.mntns.as_ref().map(crate::mntns::MountNs::ino),
+        );
         group
     }
 
@@ -369,9 +394,10 @@ fn open_root_source(containers: &Path, root: &ContainerRoot) -> Result<OwnedFd, 
     }
 }
 
-/// SIGKILL for every process whose root directory is `root` or below it, looked for up
-/// to [`KILL_ROUNDS`] times until none is found.
-fn kill_rooted_in(root: &Path) {
+/// SIGKILL for every process in the mount namespace whose inode is `mntns` or whose
+/// root directory is `root` or below it, looked for up to [`KILL_ROUNDS`] times until
+/// none is found.
+fn kill_rooted_in(root: &Path, mntns: Option<u64>) {
     for round in 0..KILL_ROUNDS {
         let Ok(procs) = std::fs::read_dir("/proc") else {
             return;
@@ -385,7 +411,15 @@ fn kill_rooted_in(root: &Path) {
             else {
                 continue;
             };
-            if std::fs::read_link(entry.path().join("root")).is_ok_and(|r| r.starts_with(root)) {
+            let in_ns = || {
+                use std::os::unix::fs::MetadataExt;
+                mntns.is_some_and(|ino| {
+                    std::fs::metadata(entry.path().join("ns/mnt")).is_ok_and(|m| m.ino() == ino)
+                })
+            };
+            if in_ns()
+                || std::fs::read_link(entry.path().join("root")).is_ok_and(|r| r.starts_with(root))
+            {
                 // SAFETY: kill has no memory preconditions. The pid was read a moment
                 // ago with its root in the container; one that ended since and whose
                 // number was taken again by then is the risk of any kill by number.

@@ -35,6 +35,7 @@ pub mod hooks;
 pub mod identity;
 pub mod init;
 pub mod layout;
+pub mod mntns;
 pub mod mounts;
 pub mod network;
 pub mod power;

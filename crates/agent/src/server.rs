@@ -453,7 +453,8 @@ impl Agent {
                 .map_err(|e| e.to_string()),
             Request::DnsRelay { addresses } => crate::dns::start(&addresses),
             Request::Mount { .. } if !init => pid1("mount"),
-            Request::Mount { shares } => crate::shares::mount_all(container.root(), &shares),
+            Request::Mount { shares } => crate::shares::mount_all(container.root(), &shares)
+                .and_then(|()| container.sync_mounts()),
             Request::Hooks { .. } if !init => pid1("hooks"),
             Request::Hooks { kind, hooks, state } => {
                 crate::hooks::run_all(container, &kind, &hooks, &state, self.reaper)
@@ -466,7 +467,8 @@ impl Agent {
                 &mounts,
                 Path::new("/dev/pts"),
                 container.cgroup_procs(),
-            ),
+            )
+            .and_then(|()| container.sync_mounts()),
             Request::Container { .. } if !init => pid1("container"),
             Request::Container {
                 devices,
@@ -491,7 +493,8 @@ impl Agent {
                     user_namespace: user_namespace.as_ref(),
                 },
                 self.reaper,
-            ),
+            )
+            .and_then(|()| container.sync_mounts()),
             Request::Unplug => {
                 return match crate::network::unplug() {
                     Ok(nics) => Response::Unplugged { nics },

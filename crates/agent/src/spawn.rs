@@ -9,7 +9,8 @@
 //! 2. `setsid`; stdio dup'ed onto 0, 1, 2; for a tty `TIOCSCTTY` on the slave;
 //! 3. `oom_score_adj` written, `umask` set; the container's cgroup joined and a cgroup
 //!    namespace of its own taken, once the container has one ([`crate::cgroup`]);
-//! 4. `chroot(root)` (skipped when the root is `/`), `chdir(cwd)`;
+//! 4. an app container's mount namespace joined ([`crate::mntns`]), then `chroot(root)`
+//!    (skipped when the root is `/`), `chdir(cwd)`;
 //! 5. `setrlimit` for each limit; the container's user namespace joined, once it has one
 //!    ([`crate::userns`]: every capability inside it from here on); with capabilities, the bounding set dropped to the
 //!    spec's and capabilities kept across the user switch (`PR_SET_KEEPCAPS`); without
@@ -166,6 +167,7 @@ const STEP_SECCOMP: u32 = 18;
 const STEP_USERNS: u32 = 19;
 const STEP_PIDNS: u32 = 20;
 const STEP_PROC: u32 = 21;
+const STEP_MNTNS: u32 = 22;
 
 fn step_name(step: u32) -> &'static str {
     match step {
@@ -183,6 +185,7 @@ fn step_name(step: u32) -> &'static str {
         STEP_CGROUP => "join the container's cgroup",
         STEP_SECCOMP => "install the container's seccomp filters",
         STEP_USERNS => "join the container's user namespace",
+        STEP_MNTNS => "join the container's mount namespace",
         STEP_CAPBSET => "drop from the capability bounding set",
         STEP_KEEPCAPS => "keep capabilities across the user switch",
         STEP_CAPSET => "set the capabilities (capset)",
@@ -200,6 +203,8 @@ struct ChildPlan<'a> {
     ctty: bool,
     root: Option<CString>,
     cwd: CString,
+    /// The container's mount namespace, joined before the `chroot`.
+    mntns: Option<RawFd>,
     rlimits: Vec<(libc::c_int, libc::rlimit)>,
     set_groups: bool,
     groups: Vec<libc::gid_t>,
@@ -451,6 +456,7 @@ pub fn spawn(
             let (readonly, masked) = container.proc_paths();
             crate::container::stack_proc(container.root(), &mount, &readonly, &masked)?;
             taken.1 = true;
+            container.sync_mounts()?;
         }
         Ok(())
     };
@@ -487,8 +493,11 @@ pub fn spawn_program(
 
 /// What a process takes of its container.
 pub(crate) struct Confines<'a> {
-    /// Its root directory.
+    /// Its root directory, as the agent sees it.
     pub root: &'a Path,
+    /// Its mount namespace ([`crate::mntns`]), to join before the `chroot`, and where
+    /// its root is in it; `None`: the agent's.
+    pub mntns: Option<(RawFd, &'a Path)>,
     /// Seccomp filters, installed in order.
     pub seccomp: &'a [Vec<libc::sock_filter>],
     /// A user namespace to join.
@@ -565,7 +574,10 @@ pub(crate) fn spawn_inner(
         format!("/{}", spec.cwd)
     };
     let cwd = cstring(&cwd_str, "process.cwd")?;
-    let root_c = if root == Path::new("/") {
+    let root_c = if let Some((_, in_ns)) = container.mntns {
+        let s = in_ns.to_str().ok_or(SpawnError::Nul("root"))?;
+        Some(cstring(s, "root")?)
+    } else if root == Path::new("/") {
         None
     } else {
         let s = root.to_str().ok_or(SpawnError::Nul("root"))?;
@@ -678,6 +690,7 @@ pub(crate) fn spawn_inner(
         ctty: spec.tty,
         root: root_c,
         cwd,
+        mntns: container.mntns.map(|(fd, _)| fd),
         rlimits,
         // SAFETY: geteuid has no preconditions.
         set_groups: unsafe { libc::geteuid() } == 0,
@@ -969,6 +982,11 @@ fn child_main(p: &ChildPlan<'_>) -> ! {
         if let Some(procs) = p.cgroup_procs {
             if let Err(e) = crate::cgroup::join_and_unshare(procs) {
                 fail_with(p.err_fd, STEP_CGROUP, e);
+            }
+        }
+        if let Some(ns) = p.mntns {
+            if libc::setns(ns, libc::CLONE_NEWNS) < 0 {
+                fail(p.err_fd, STEP_MNTNS);
             }
         }
         if let Some(root) = &p.root {

@@ -276,6 +276,7 @@ mod tests {
         });
         let container = Confines {
             root: std::path::Path::new("/"),
+            mntns: None,
             seccomp: &[],
             userns: Some(fd.as_raw_fd()),
             cgroup_procs: None,

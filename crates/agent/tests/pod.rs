@@ -158,6 +158,27 @@ fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Every mount point of the mount namespace process `pid` is in (not only those under
+/// its root, as its own `mountinfo` lists), read from a thread that joins it.
+fn ns_mounts(pid: i32) -> Vec<String> {
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).unwrap();
+    std::thread::spawn(move || {
+        // SAFETY: unshare and setns read no memory and change this thread only.
+        unsafe {
+            assert_eq!(libc::unshare(libc::CLONE_FS), 0);
+            assert_eq!(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS), 0);
+        }
+        std::fs::read_to_string("/proc/thread-self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
 /// Collects a session's output and exit code on a thread of its own.
 fn pumped(session: client::ExecSession) -> std::thread::JoinHandle<(i32, String)> {
     std::thread::spawn(move || {
@@ -184,12 +205,17 @@ fn an_app_container_runs_in_its_own_root_and_ends_with_its_main_process_not_the_
             ]
         );
 
-        // A process of the container runs chrooted in its root.
+        // A process of the container runs chrooted in its root, in the container's
+        // own mount namespace (where the root is at `.root`).
         let other = client::exec_in_container(pod.connect(), "app", &sh("sleep 60")).unwrap();
         let pid = other.pid();
         assert_eq!(
             std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
-            rootfs
+            pod.containers.join(".root")
+        );
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
+            std::fs::read_link("/proc/thread-self/ns/mnt").unwrap()
         );
         let other = pumped(other);
 
@@ -284,6 +310,31 @@ fn destroying_a_container_kills_its_processes_and_takes_its_mounts_away() {
 
         let session =
             client::exec_in_container(pod.connect(), "web", &sh("echo up; sleep 60")).unwrap();
+        // Each container's mount namespace has its own root (with what the agent
+        // mounted there), not the other's, nor the share or directory they come from.
+        let own = pod.containers.join(".root");
+        let web_table = ns_mounts(session.pid());
+        assert!(
+            web_table.contains(&own.join("mnt").display().to_string()),
+            "{web_table:?}"
+        );
+        assert!(
+            !web_table
+                .iter()
+                .any(|m| Path::new(m).starts_with(pod.containers.join("db"))
+                    || Path::new(m).starts_with(pod.containers.join("web"))),
+            "{web_table:?}"
+        );
+        // What a container mounts stays in its namespace.
+        let made = pod.containers.join("db/rootfs/mnt");
+        let mounted = client::exec_in_container(
+            pod.connect(),
+            "db",
+            &sh("mount -t tmpfs tmpfs /mnt 2>&1 && echo mounted"),
+        )
+        .unwrap();
+        assert_eq!(pumped(mounted).join().unwrap(), (0, "mounted\n".into()));
+        assert!(!mounts_under(dir).contains(&made.display().to_string()));
         let session = pumped(session);
         let db = client::exec_in_container(pod.connect(), "db", &sh("sleep 1; echo db")).unwrap();
 

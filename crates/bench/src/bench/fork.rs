@@ -448,6 +448,7 @@ impl Bench<'_> {
                         .map_err(|e| tracing::warn!("child {}: {e:#}", c.pid))
                         .ok(),
                     page_types: None,
+                    steps: Self::child_steps(&self.root, c.pid),
                 }
             })
             .collect();
@@ -479,6 +480,23 @@ impl Bench<'_> {
             parent_mem,
             children,
         })
+    }
+
+    /// The start steps the fork child `pid` logged in its home's console log under `root`
+    /// ([`summary::parse_steps`]).
+    fn child_steps(root: &Path, pid: u32) -> Vec<(String, u64)> {
+        forkvm_registry::list(root)
+            .unwrap_or_default()
+            .iter()
+            .find(|e| {
+                e.state
+                    .as_ref()
+                    .is_ok_and(|s| s.process.as_ref().is_some_and(|p| p.pid == pid))
+            })
+            .and_then(|e| forkvm_registry::VmHome::open(root, &e.id).ok())
+            .and_then(|home| std::fs::read_to_string(home.console_path()).ok())
+            .map(|log| summary::parse_steps(&log))
+            .unwrap_or_default()
     }
 
     /// The cold-boot command's arguments.

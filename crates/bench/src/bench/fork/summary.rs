@@ -21,6 +21,82 @@ pub struct ChildSample {
     /// of a fork only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub page_types: Option<PageTypes>,
+    /// What it logged of its start before it reported running (each step and its µs,
+    /// in order: [`parse_steps`]); empty unless its log has the line (`RUST_LOG` with
+    /// `forkvm_vm_process=info`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<(String, u64)>,
+}
+
+/// The steps of a fork child's start as its VM process logs them (`fork child running
+/// after register 812 us, console 40 us, ...`), in order; empty when `log` has no such
+/// line.
+pub fn parse_steps(log: &str) -> Vec<(String, u64)> {
+    const MARK: &str = "fork child running after ";
+    let Some(line) = log.lines().rev().find(|l| l.contains(MARK)) else {
+        return Vec::new();
+    };
+    let after = &line[line.find(MARK).expect("found") + MARK.len()..];
+    after
+        .split(", ")
+        .filter_map(|part| {
+            // The last step is followed by the line's fields (` warm=true`).
+            let part = part.find(" us").map_or(part, |end| &part[..end]);
+            let (name, us) = part.trim().rsplit_once(' ')?;
+            Some((name.to_owned(), us.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Where the children's starts went, per series: each step's p50 and max over the
+/// children that logged it, ms; `None` when none did.
+pub fn steps_table(rounds: &[ForkRound]) -> Option<String> {
+    let mut series: Vec<(bool, u32, u32)> = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    for r in rounds {
+        for c in &r.children {
+            for (name, _) in &c.steps {
+                if !names.contains(name) {
+                    names.push(name.clone());
+                }
+                if !series.contains(&(r.jailed, r.pool, r.count)) {
+                    series.push((r.jailed, r.pool, r.count));
+                }
+            }
+        }
+    }
+    if names.is_empty() {
+        return None;
+    }
+    let mut header = vec!["series".to_owned(), "children".to_owned()];
+    header.extend(names.iter().map(|n| format!("{n} p50 / max ms")));
+    let mut rows = vec![header];
+    for (jailed, pool, count) in series {
+        let kids: Vec<&ChildSample> = rounds
+            .iter()
+            .filter(|r| (r.jailed, r.pool, r.count) == (jailed, pool, count))
+            .flat_map(|r| &r.children)
+            .filter(|c| !c.steps.is_empty())
+            .collect();
+        let mut row = vec![
+            format!("fork x{count}, pool {pool}, {}", jail_label(jailed)),
+            kids.len().to_string(),
+        ];
+        for name in &names {
+            let d = dist_by(&kids, |c| {
+                c.steps
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, us)| *us as f64 / 1000.0)
+            });
+            row.push(format!("{} / {}", cell(d, |d| d.p50), cell(d, |d| d.max)));
+        }
+        rows.push(row);
+    }
+    Some(format!(
+        "\nEach child's start, as its VM process logged it (from the launch's arrival to its report):\n{}",
+        aligned(&rows)
+    ))
 }
 
 /// One fork.
@@ -479,6 +555,9 @@ pub fn render(r: &ForkReport) -> String {
          what a\nchild shares copy-on-write with its pool's zygote is not its own); Pss: smaps_rollup.\nCold boot: \
          `forkvm boot` spawn -> ready marker on the console (T1 column), -> agent answer (T2).\n",
     );
+    if let Some(t) = steps_table(&r.rounds) {
+        out.push_str(&t);
+    }
     if let Some(t) = pages::table(&r.rounds) {
         out.push_str(&t);
     }

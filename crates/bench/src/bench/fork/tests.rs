@@ -108,6 +108,7 @@ fn child(t1: u64, t2: Option<u64>, guest: u64) -> ChildSample {
             },
         }),
         page_types: None,
+        steps: Vec::new(),
     }
 }
 
@@ -237,6 +238,42 @@ fn jailed_and_unjailed_forks_are_separate_series() {
     let t = table(&s, None, &[]);
     assert!(t.contains("fork x1, pool 2, jailed (2 forks)"), "{t}");
     assert!(t.contains("fork x1, pool 2, no jail (1 forks)"), "{t}");
+}
+
+#[test]
+fn a_childs_start_steps_are_read_from_its_log_and_tabled_per_series() {
+    let log = "2026-12-06T07:00:00Z  INFO forkvm_vmm: something else\n\
+               2026-12-06T07:00:01Z  INFO forkvm_vm_process: fork child running after \
+               register 812 us, console 40 us, jail 3 us, build and resume 21500 us, \
+               report 900 us warm=true\n";
+    let steps = parse_steps(log);
+    assert_eq!(
+        steps,
+        [
+            ("register", 812),
+            ("console", 40),
+            ("jail", 3),
+            ("build and resume", 21500),
+            ("report", 900)
+        ]
+        .map(|(n, us)| (n.to_owned(), us))
+    );
+    assert!(parse_steps("no such line\n").is_empty());
+    assert_eq!(steps_table(&rounds()), None, "no child logged its steps");
+    let mut rounds = rounds();
+    for (i, c) in rounds[0].children.iter_mut().enumerate() {
+        c.steps = vec![
+            ("register".into(), 1000 * (i as u64 + 1)),
+            ("build and resume".into(), 20_000),
+        ];
+    }
+    let table = steps_table(&rounds).unwrap();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&format!("fork x{}", rounds[0].count)))
+        .unwrap();
+    assert!(table.contains("register p50 / max ms"), "{table}");
+    assert!(row.contains("20.0 / 20.0"), "{table}");
 }
 
 #[test]

@@ -14,12 +14,12 @@
 //! of the guest). Its mounts go on that bind, so [`Container::destroy`] takes them all
 //! away. The containers share the guest's kernel, network and hostname (a pod's); each
 //! app container's processes run in a mount namespace of its own ([`crate::mntns`]: a
-//! slave copy of the agent's, where its root is at [`crate::mntns::ROOT`] and the other
-//! containers' roots and shares are not), confined to that root by `chroot`, in its
-//! cgroup and, once its main process started in one, in its PID namespace (its own, or
-//! its pod's: [`forkvm_agent_proto::PidNamespace`]). That keeps a pod's containers
-//! apart from each other's files, mounts and (unless they share a PID namespace)
-//! processes; the VM, not the container, is the boundary forkvm guarantees.
+//! slave copy of the agent's whose root is the container's, with no other mount of the
+//! guest's), in its cgroup and, once its main process started in one, in its PID
+//! namespace (its own, or its pod's: [`forkvm_agent_proto::PidNamespace`]). That keeps
+//! a pod's containers apart from each other's files, mounts and (unless they share a
+//! PID namespace) processes, even a root process that leaves its root; the VM, not the
+//! container, is the boundary forkvm guarantees.
 //!
 //! Ending an app container ([`Container::kill_all`]) kills every process in its mount
 //! namespace or whose root is in the container's root, and its cgroup's processes
@@ -128,7 +128,7 @@ impl Container {
             crate::mounts::mount(None, &target, None, libc::MS_REC | libc::MS_SHARED, None)
         })
         .map_err(|e| format!("cannot bind the container's root: {e}"))
-        .and_then(|()| crate::mntns::create(&rootfs, containers));
+        .and_then(|()| crate::mntns::create(&rootfs));
         let mntns = match bound {
             Ok(ns) => ns,
             Err(e) => {
@@ -277,7 +277,7 @@ impl Container {
     pub(crate) fn confines(&self, seccomp: bool) -> crate::spawn::Confines<'_> {
         crate::spawn::Confines {
             root: &self.root,
-            mntns: self.mntns.as_ref().map(|ns| (ns.fd(), ns.root())),
+            mntns: self.mntns.as_ref().map(crate::mntns::MountNs::fd),
             seccomp: if seccomp { self.seccomp() } else { &[] },
             userns: self.userns(),
             cgroup_procs: self.cgroup_procs(),

@@ -9,38 +9,42 @@
 //! - every mount is a slave: what the agent mounts in the container's root later reaches
 //!   the copy (the root's bind is made a shared mount of its own first), what the
 //!   container's processes mount stays in their namespace. A remount does not
-//!   propagate, so after each request that mounts in the container the agent gives
-//!   the copies the flags of its own mounts ([`sync_flags`]: read-only, `nosuid`,
-//!   `nodev`, `noexec`, access times): a read-only root or path is read-only in the
-//!   container's namespace too;
-//! - the container's root is moved to [`ROOT`] in the containers' directory, where its
-//!   processes `chroot`;
-//! - every other app container's root, the shares they come from (a pod's directory
-//!   holds all of its containers' roots) and the boot container's root (`/rootfs`) are
-//!   detached.
+//!   propagate, so after each request that mounts in the container the agent gives the
+//!   copies the flags of its own mounts ([`sync_flags`]: read-only, `nosuid`, `nodev`,
+//!   `noexec`, `nosymfollow`): a read-only root or path is read-only in the container's
+//!   namespace too;
+//! - the container's root is moved onto `/` (as `switch_root` does), and every other
+//!   mount is detached: the guest's `/proc`, `/sys`, `/dev`, `/run` (the other
+//!   containers' roots, the shares they come from, the copies of their bound files),
+//!   the boot container's root. A process joining the namespace starts in the
+//!   container's root (`setns` goes down the mounts on the namespace's root).
 //!
-//! So a process that leaves its `chroot` (root with `CAP_SYS_CHROOT`, which containers
-//! get by default) finds the guest's own files, not another container's, and mounts a
-//! container makes are seen by none of the others. (`pivot_root` would also take the
-//! guest's files out of its reach, but the guest's root is its initramfs, which cannot
-//! be pivoted away from.) Each namespace lives while the container does: the agent
-//! holds it open ([`crate::containers::Container`]), and kills a container's processes
-//! by it.
+//! So a root process of the container cannot leave its root the way one leaves a
+//! `chroot` (`CAP_SYS_CHROOT`, which containers get by default, is enough for that):
+//! `..` from the container's root, mounted over the namespace's, goes down its mounts
+//! again; and the namespace holds no other mount of the guest's to reach, neither
+//! another container's files nor the guest's processes. Mounts a container makes are
+//! seen by none of the others. Each namespace lives while the container does: the agent
+//! holds it open ([`crate::containers::Container`]) and kills a container's processes by
+//! it.
 
-use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::ffi::{CString, OsString};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
-/// Where, in the containers' directory, a container's root is in its own mount
-/// namespace (an empty directory in the agent's; no container id starts with `.`).
-pub const ROOT: &str = ".root";
+use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+
+/// Rounds of detaching the namespace's other mounts (stacked ones go one per round).
+const DETACH_ROUNDS: usize = 16;
 
 /// An app container's mount namespace, open.
 #[derive(Debug)]
 pub struct MountNs {
     fd: OwnedFd,
     ino: u64,
-    root: PathBuf,
 }
 
 impl MountNs {
@@ -53,195 +57,271 @@ impl MountNs {
     pub fn ino(&self) -> u64 {
         self.ino
     }
-
-    /// Where the container's root is in it.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
 }
 
-/// Where the boot container's root is (`forkvm-init`'s `/rootfs`).
-const BOOT_ROOT: &str = "/rootfs";
-
-/// Makes the mount namespace of the app container whose root is bound at `rootfs`
-/// (a shared mount, in the agent's namespace) under the containers' directory
-/// `containers`, without the other containers' mounts (see the module documentation).
-pub fn create(rootfs: &Path, containers: &Path) -> Result<MountNs, String> {
-    let root = containers.join(ROOT);
-    match std::fs::create_dir(&root) {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-            return Err(format!("cannot make {}: {e}", root.display()))
-        }
-        _ => {}
-    }
-    let (rootfs, containers, at) = (rootfs.to_owned(), containers.to_owned(), root.clone());
+/// Makes the mount namespace of the app container whose root is bound at `rootfs` (a
+/// shared mount, in the agent's namespace): see the module documentation.
+pub fn create(rootfs: &Path) -> Result<MountNs, String> {
+    let rootfs = rootfs.to_owned();
     // A thread of its own takes the namespace (unsharing its file-system context from
     // the agent's other threads) and ends with it made: the agent stays in its own.
-    let fd = std::thread::Builder::new()
-        .name("mount-ns".into())
-        .spawn(move || in_new_namespace(&rootfs, &containers, &at))
-        .map_err(|e| format!("cannot start a thread: {e}"))?
-        .join()
-        .map_err(|_| "the thread making the mount namespace panicked".to_owned())??;
-    let file = std::fs::File::from(fd);
-    let ino = inode(&file).map_err(|e| format!("cannot read the mount namespace: {e}"))?;
+    let fd = on_a_thread(move || in_new_namespace(&rootfs))?;
+    let file = File::from(fd);
+    let ino = std::os::unix::fs::MetadataExt::ino(
+        &file
+            .metadata()
+            .map_err(|e| format!("cannot read the mount namespace: {e}"))?,
+    );
     Ok(MountNs {
         fd: file.into(),
         ino,
-        root,
     })
+}
+
+/// Runs `f` on a thread of its own (which may change its namespaces and ends after).
+fn on_a_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    std::thread::Builder::new()
+        .name("mount-ns".into())
+        .spawn(f)
+        .map_err(|e| format!("cannot start a thread: {e}"))?
+        .join()
+        .map_err(|_| "the thread acting in a mount namespace panicked".to_owned())?
+}
+
+fn os_error(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
 }
 
 /// On a thread of its own: unshares its mount namespace, makes it the container's and
 /// returns it, open.
-fn in_new_namespace(rootfs: &Path, containers: &Path, root: &Path) -> Result<OwnedFd, String> {
+fn in_new_namespace(rootfs: &Path) -> Result<OwnedFd, String> {
     // SAFETY: unshare reads no memory; it changes this thread's namespaces only (its
     // file-system context unshared with them), and the thread ends after.
     if unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_FS) } != 0 {
-        return Err(format!(
-            "unshare(CLONE_NEWNS): {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(os_error("unshare(CLONE_NEWNS)"));
     }
+    // Opened while the guest's /proc is there: the namespace, and this thread's proc
+    // directory (its mount table, read after /proc is detached).
+    let ns = File::open("/proc/thread-self/ns/mnt")
+        .map_err(|e| format!("cannot open the mount namespace: {e}"))?;
+    let proc_self = File::open("/proc/thread-self")
+        .map_err(|e| format!("cannot open /proc/thread-self: {e}"))?;
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("no NUL");
     let mount = |source: Option<&CString>, target: &CString, flags: libc::c_ulong| {
         crate::mounts::mount(source.map(CString::as_c_str), target, None, flags, None)
     };
-    let c = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).expect("no NUL");
-    mount(None, &c(Path::new("/")), libc::MS_REC | libc::MS_SLAVE)
+    let slash = c(Path::new("/"));
+    mount(None, &slash, libc::MS_REC | libc::MS_SLAVE)
         .map_err(|e| format!("cannot make the mounts slaves: {e}"))?;
-    mount(Some(&c(rootfs)), &c(root), libc::MS_MOVE).map_err(|e| {
-        format!(
-            "cannot move the container's root to {}: {e}",
-            root.display()
-        )
-    })?;
-    let mountinfo = std::fs::read_to_string("/proc/thread-self/mountinfo")
-        .map_err(|e| format!("cannot read the mount table: {e}"))?;
-    for point in to_detach(&mountinfo, &[containers, Path::new(BOOT_ROOT)], root) {
-        // SAFETY: a NUL-terminated path that lives across the call.
-        if unsafe { libc::umount2(c(&point).as_ptr(), libc::MNT_DETACH) } != 0 {
-            return Err(format!(
-                "cannot detach {}: {}",
-                point.display(),
-                std::io::Error::last_os_error()
-            ));
+    // The namespace's own root, under what is moved onto it: what this thread walks
+    // from to detach the rest.
+    let bottom = File::open("/").map_err(|e| format!("cannot open /: {e}"))?;
+    mount(Some(&c(rootfs)), &slash, libc::MS_MOVE)
+        .map_err(|e| format!("cannot move the container's root onto /: {e}"))?;
+    // SAFETY: fchdir reads no memory; this thread's working directory (unshared) only.
+    if unsafe { libc::fchdir(bottom.as_raw_fd()) } != 0 {
+        return Err(os_error("fchdir"));
+    }
+    for _ in 0..DETACH_ROUNDS {
+        let table = entries(&read_mountinfo(&proc_self)?);
+        let Some(top) = namespace_root(&table) else {
+            return Err("the mount table has no root".into());
+        };
+        // The container's root: the one mount on the namespace's root at `/`.
+        let others: Vec<&Entry> = table
+            .iter()
+            .filter(|e| e.parent == top.id && e.id != top.id)
+            .filter(|e| e.point != Path::new("/"))
+            .collect();
+        if others.is_empty() {
+            return Ok(ns.into());
+        }
+        for e in others {
+            // Relative to the namespace's root (this thread's working directory), not
+            // through the container's root moved onto it.
+            let relative = c(e.point.strip_prefix("/").unwrap_or(&e.point));
+            // SAFETY: a NUL-terminated path that lives across the call.
+            if unsafe { libc::umount2(relative.as_ptr(), libc::MNT_DETACH) } != 0 {
+                return Err(os_error(&format!("cannot detach {}", e.point.display())));
+            }
         }
     }
-    std::fs::File::open("/proc/thread-self/ns/mnt")
-        .map(OwnedFd::from)
-        .map_err(|e| format!("cannot open the mount namespace: {e}"))
+    Err(format!(
+        "mounts were left in the container's mount namespace after {DETACH_ROUNDS} rounds"
+    ))
 }
 
-/// Gives each mount in the namespace `ns` under its root the flags the agent's mount at
-/// the same place under `rootfs` has (the uppermost of each place on both sides), where
-/// they differ: a remount in the agent's namespace reaches no copy.
+/// A mount table (`/proc/PID/mountinfo`) read through a task's proc directory.
+fn read_mountinfo(proc_task: &File) -> Result<Vec<u8>, String> {
+    let fd = rustix::fs::openat(
+        proc_task,
+        "mountinfo",
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("cannot open the mount table: {e}"))?;
+    let mut bytes = Vec::new();
+    File::from(fd)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read the mount table: {e}"))?;
+    Ok(bytes)
+}
+
+/// Gives each mount of the namespace `ns` the flags the agent's mount at the same place
+/// under `rootfs` has (the uppermost of each place on both sides), where they differ: a
+/// remount in the agent's namespace reaches no copy. A place the namespace lacks (under
+/// a mount whose propagation its spec changed) is left.
 pub fn sync_flags(ns: &MountNs, rootfs: &Path) -> Result<(), String> {
-    let ours = std::fs::read_to_string("/proc/thread-self/mountinfo")
+    let ours = std::fs::read("/proc/thread-self/mountinfo")
         .map_err(|e| format!("cannot read the mount table: {e}"))?;
     let want = uppermost_flags(&ours, rootfs);
-    let (fd, root) = (ns.fd(), ns.root().to_owned());
-    std::thread::Builder::new()
-        .name("mount-ns".into())
-        .spawn(move || -> Result<(), String> {
-            // SAFETY: unshare and setns read no memory; they change this thread's
-            // file-system context and mount namespace only, and the thread ends after.
-            let joined = unsafe {
-                libc::unshare(libc::CLONE_FS) == 0 && libc::setns(fd, libc::CLONE_NEWNS) == 0
-            };
-            if !joined {
-                return Err(format!(
-                    "cannot join the container's mount namespace: {}",
-                    std::io::Error::last_os_error()
-                ));
+    let fd = ns.fd();
+    on_a_thread(move || {
+        let proc_self = File::open("/proc/thread-self")
+            .map_err(|e| format!("cannot open /proc/thread-self: {e}"))?;
+        // SAFETY: unshare and setns read no memory; they change this thread's
+        // file-system context and mount namespace only, and the thread ends after.
+        let joined = unsafe {
+            libc::unshare(libc::CLONE_FS) == 0 && libc::setns(fd, libc::CLONE_NEWNS) == 0
+        };
+        if !joined {
+            return Err(os_error("cannot join the container's mount namespace"));
+        }
+        // Its root now: the container's.
+        let root = File::open("/").map_err(|e| format!("cannot open the root: {e}"))?;
+        let have = uppermost_flags(&read_mountinfo(&proc_self)?, Path::new("/"));
+        for (place, flags) in want {
+            if !have.contains_key(&place) || have.get(&place) == Some(&flags) {
+                continue;
             }
-            let theirs = std::fs::read_to_string("/proc/thread-self/mountinfo")
-                .map_err(|e| format!("cannot read the container's mount table: {e}"))?;
-            let have = uppermost_flags(&theirs, &root);
-            for (place, flags) in want {
-                if have.get(&place) == Some(&flags) {
-                    continue;
-                }
-                let at =
-                    CString::new(root.join(&place).as_os_str().as_encoded_bytes()).expect("no NUL");
-                crate::mounts::mount(
-                    None,
-                    &at,
-                    None,
-                    libc::MS_REMOUNT | libc::MS_BIND | flags,
-                    None,
-                )
-                .map_err(|e| format!("cannot remount {} in the container: {e}", place.display()))?;
-            }
-            Ok(())
-        })
-        .map_err(|e| format!("cannot start a thread: {e}"))?
-        .join()
-        .map_err(|_| "the thread remounting in the mount namespace panicked".to_owned())?
+            set_flags(&root, &place, flags)
+                .map_err(|e| format!("cannot set the flags of {}: {e}", place.display()))?;
+        }
+        Ok(())
+    })
 }
 
-/// For each place at or under `under` where `mountinfo` has a mount, relative to
-/// `under`: the per-mount flags of the uppermost one (the last listed).
-fn uppermost_flags(
-    mountinfo: &str,
-    under: &Path,
-) -> std::collections::BTreeMap<PathBuf, libc::c_ulong> {
+/// The flags [`sync_flags`] keeps equal (`MOUNT_ATTR_*`).
+const SYNCED: u64 = libc::MOUNT_ATTR_RDONLY
+    | libc::MOUNT_ATTR_NOSUID
+    | libc::MOUNT_ATTR_NODEV
+    | libc::MOUNT_ATTR_NOEXEC
+    | libc::MOUNT_ATTR_NOSYMFOLLOW;
+
+/// Sets `flags` (of [`SYNCED`]) and clears the others on the mount at `place` under the
+/// directory `root`, reached without following a link (the container may have made
+/// one on the way) and without leaving `root`.
+fn set_flags(root: &File, place: &Path, flags: u64) -> std::io::Result<()> {
+    let path = match place.as_os_str().is_empty() {
+        true => Path::new("."),
+        false => place,
+    };
+    let fd = openat2(
+        root,
+        path,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH,
+    )?;
+    let attr = libc::mount_attr {
+        attr_set: flags & SYNCED,
+        attr_clr: !flags & SYNCED,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr reads `size` bytes of `attr`, which lives on this stack
+    // frame for the call; the path is a static empty C string (AT_EMPTY_PATH: the mount
+    // the handle is on), and no memory is written.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_fd().as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// One line of a mount table.
+#[derive(Debug, PartialEq)]
+struct Entry {
+    id: u64,
+    parent: u64,
+    point: PathBuf,
+    /// Its per-mount flags, as `MOUNT_ATTR_*` ([`SYNCED`] only).
+    flags: u64,
+}
+
+/// The lines of a mount table (`/proc/PID/mountinfo`) that parse.
+fn entries(mountinfo: &[u8]) -> Vec<Entry> {
     mountinfo
-        .lines()
+        .split(|&b| b == b'\n')
         .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let point = PathBuf::from(unescape(fields.nth(4)?));
-            let options = fields.next()?;
-            let place = point.strip_prefix(under).ok()?.to_owned();
-            Some((place, flags_of(options)))
+            let mut fields = line.split(|&b| b == b' ');
+            let number = |f: Option<&[u8]>| std::str::from_utf8(f?).ok()?.parse().ok();
+            let id = number(fields.next())?;
+            let parent = number(fields.next())?;
+            let point = PathBuf::from(unescape(fields.nth(2)?));
+            let flags = flags_of(fields.next()?);
+            Some(Entry {
+                id,
+                parent,
+                point,
+                flags,
+            })
         })
         .collect()
 }
 
-/// The `MS_*` flags a mount's options (`rw,nosuid,relatime`) name, of those a bind
-/// remount sets.
-fn flags_of(options: &str) -> libc::c_ulong {
+/// The root mount of a mount table: its own parent (the initramfs' in the guest), or one
+/// whose parent is not in the table (a copy of another namespace's root).
+fn namespace_root(table: &[Entry]) -> Option<&Entry> {
+    table
+        .iter()
+        .find(|e| e.parent == e.id || !table.iter().any(|p| p.id == e.parent))
+}
+
+/// For each place at or under `under` where `mountinfo` has a mount, relative to
+/// `under`: the flags of the uppermost one (the last listed).
+fn uppermost_flags(mountinfo: &[u8], under: &Path) -> std::collections::BTreeMap<PathBuf, u64> {
+    entries(mountinfo)
+        .into_iter()
+        .filter_map(|e| Some((e.point.strip_prefix(under).ok()?.to_owned(), e.flags)))
+        .collect()
+}
+
+/// The [`SYNCED`] flags a mount's options (`rw,nosuid,relatime`) name.
+fn flags_of(options: &[u8]) -> u64 {
     options
-        .split(',')
+        .split(|&b| b == b',')
         .map(|o| match o {
-            "ro" => libc::MS_RDONLY,
-            "nosuid" => libc::MS_NOSUID,
-            "nodev" => libc::MS_NODEV,
-            "noexec" => libc::MS_NOEXEC,
-            "noatime" => libc::MS_NOATIME,
-            "nodiratime" => libc::MS_NODIRATIME,
-            "relatime" => libc::MS_RELATIME,
-            "strictatime" => libc::MS_STRICTATIME,
+            b"ro" => libc::MOUNT_ATTR_RDONLY,
+            b"nosuid" => libc::MOUNT_ATTR_NOSUID,
+            b"nodev" => libc::MOUNT_ATTR_NODEV,
+            b"noexec" => libc::MOUNT_ATTR_NOEXEC,
+            b"nosymfollow" => libc::MOUNT_ATTR_NOSYMFOLLOW,
             _ => 0,
         })
         .fold(0, |a, b| a | b)
 }
 
-/// The mount points in `mountinfo` (`/proc/PID/mountinfo`) at or under one of `under`
-/// but not at or under `keep`, outermost only (detaching one takes what is mounted
-/// under it), in the table's order.
-fn to_detach(mountinfo: &str, under: &[&Path], keep: &Path) -> Vec<PathBuf> {
-    let mut points: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape(p)))
-        .filter(|p| under.iter().any(|u| p.starts_with(u)) && !p.starts_with(keep))
-        .collect();
-    let all = points.clone();
-    points.retain(|p| !all.iter().any(|q| q != p && p.starts_with(q)));
-    points.dedup();
-    points
-}
-
 /// A mount point as `mountinfo` writes it: space, tab, newline and backslash as octal
-/// escapes (`\040`).
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+/// escapes (`\040`); any other byte (not UTF-8 either) as it is.
+fn unescape(field: &[u8]) -> OsString {
+    let mut out = Vec::with_capacity(field.len());
     let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
+    while i < field.len() {
+        let octal = field
             .get(i + 1..i + 4)
-            .filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)));
+            .filter(|d| field[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)));
         match octal {
             Some(d) => {
                 out.push(
@@ -251,84 +331,77 @@ fn unescape(field: &str) -> String {
                 i += 4;
             }
             None => {
-                out.push(bytes[i]);
+                out.push(field[i]);
                 i += 1;
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The inode number of the mount namespace `/proc/PID/ns/mnt` names: what tells
-/// processes of one namespace apart from the rest.
-fn inode(ns: &std::fs::File) -> std::io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    ns.metadata().map(|m| m.ino())
+    OsString::from_vec(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsStr;
 
-    #[test]
-    fn only_the_outermost_mounts_under_the_given_places_are_detached() {
-        let table = "\
-1 0 0:2 / / rw - rootfs rootfs rw
-20 1 0:20 / /proc rw - proc proc rw
-30 1 0:30 / /rootfs rw - virtiofs forkvm-root rw
-31 30 0:31 / /rootfs/proc rw - proc proc rw
-40 1 0:40 / /run/forkvm/containers/.shares/forkvm-pod rw - virtiofs forkvm-pod rw
-41 1 0:40 /a/rootfs /run/forkvm/containers/a/rootfs rw - virtiofs forkvm-pod rw
-42 41 0:42 / /run/forkvm/containers/a/rootfs/proc rw - proc proc rw
-43 1 0:40 /b\\040c/rootfs /run/forkvm/containers/b\\040c/rootfs rw - virtiofs forkvm-pod rw
-44 1 0:40 /c/rootfs /run/forkvm/containers/.root rw - virtiofs forkvm-pod rw
-45 44 0:45 / /run/forkvm/containers/.root/proc rw - proc proc rw
-50 1 0:50 / /run/forkvm/containersX rw - tmpfs tmpfs rw
-";
-        let got = to_detach(
-            table,
-            &[Path::new("/run/forkvm/containers"), Path::new("/rootfs")],
-            Path::new("/run/forkvm/containers/.root"),
-        );
-        assert_eq!(
-            got,
-            [
-                "/rootfs",
-                "/run/forkvm/containers/.shares/forkvm-pod",
-                "/run/forkvm/containers/a/rootfs",
-                "/run/forkvm/containers/b c/rootfs",
-            ]
-            .map(PathBuf::from)
-        );
-    }
-
-    #[test]
-    fn the_uppermost_mount_of_each_place_gives_its_flags() {
-        let table = "\
+    const TABLE: &[u8] = b"\
 1 0 0:2 / / rw - rootfs rootfs rw
 41 1 0:40 /a/rootfs /c/a/rootfs ro,nosuid - virtiofs forkvm-pod rw
 42 41 0:42 / /c/a/rootfs/proc rw,nosuid,nodev,noexec,relatime - proc proc rw
 43 42 0:43 / /c/a/rootfs/proc rw,nosuid,nodev,noexec,relatime - proc proc rw
 44 43 0:44 /sys /c/a/rootfs/proc/sys ro,nosuid,nodev,noexec,relatime - proc proc rw
-45 1 0:45 / /c/ab rw - tmpfs tmpfs rw
+45 1 0:45 / /c/ab rw,nosymfollow - tmpfs tmpfs rw
+46 1 0:46 / /c/a\\040b/\xff rw - tmpfs tmpfs rw
 ";
-        let got = uppermost_flags(table, Path::new("/c/a/rootfs"));
-        let all = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RELATIME;
+
+    #[test]
+    fn a_mount_table_is_read_as_bytes() {
+        let table = entries(TABLE);
+        assert_eq!(table.len(), 7);
+        assert_eq!(
+            table[6],
+            Entry {
+                id: 46,
+                parent: 1,
+                point: PathBuf::from(OsStr::from_bytes(b"/c/a b/\xff")),
+                flags: 0,
+            }
+        );
+        assert_eq!(table[5].flags, libc::MOUNT_ATTR_NOSYMFOLLOW);
+    }
+
+    #[test]
+    fn the_root_mount_is_its_own_parent_or_has_none_in_the_table() {
+        assert_eq!(namespace_root(&entries(TABLE)).map(|e| e.id), Some(1));
+        // The guest's initramfs: the root is its own parent.
+        let guest = b"1 1 0:2 / / rw - rootfs rootfs rw\n7 1 0:7 / /run rw - tmpfs tmpfs rw\n";
+        assert_eq!(namespace_root(&entries(guest)).map(|e| e.id), Some(1));
+        assert!(namespace_root(&[]).is_none());
+    }
+
+    #[test]
+    fn the_uppermost_mount_of_each_place_gives_its_flags() {
+        let got = uppermost_flags(TABLE, Path::new("/c/a/rootfs"));
+        let all = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOEXEC;
         assert_eq!(
             got.into_iter().collect::<Vec<_>>(),
             [
-                (PathBuf::from(""), libc::MS_RDONLY | libc::MS_NOSUID),
+                (
+                    PathBuf::from(""),
+                    libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID
+                ),
                 (PathBuf::from("proc"), all),
-                (PathBuf::from("proc/sys"), libc::MS_RDONLY | all),
+                (PathBuf::from("proc/sys"), libc::MOUNT_ATTR_RDONLY | all),
             ]
         );
     }
 
     #[test]
     fn mountinfo_escapes_are_read_back() {
-        assert_eq!(unescape(r"/a\040b\011c"), "/a b\tc");
-        assert_eq!(unescape(r"/a\134b"), r"/a\b");
+        assert_eq!(unescape(br"/a\040b\011c"), OsStr::new("/a b\tc"));
+        assert_eq!(unescape(br"/a\134b"), OsStr::new(r"/a\b"));
         // Not an escape: kept as it is.
-        assert_eq!(unescape(r"/a\9b\04"), r"/a\9b\04");
+        assert_eq!(unescape(br"/a\9b\04"), OsStr::new(r"/a\9b\04"));
+        assert_eq!(unescape(br"\777"), OsStr::from_bytes(&[0o777u16 as u8]));
     }
 }

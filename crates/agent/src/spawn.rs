@@ -9,8 +9,8 @@
 //! 2. `setsid`; stdio dup'ed onto 0, 1, 2; for a tty `TIOCSCTTY` on the slave;
 //! 3. `oom_score_adj` written, `umask` set; the container's cgroup joined and a cgroup
 //!    namespace of its own taken, once the container has one ([`crate::cgroup`]);
-//! 4. an app container's mount namespace joined ([`crate::mntns`]), then `chroot(root)`
-//!    (skipped when the root is `/`), `chdir(cwd)`;
+//! 4. an app container's mount namespace joined ([`crate::mntns`]: its root is the
+//!    container's), else `chroot(root)` (skipped when the root is `/`); `chdir(cwd)`;
 //! 5. `setrlimit` for each limit; the container's user namespace joined, once it has one
 //!    ([`crate::userns`]: every capability inside it from here on); with capabilities, the bounding set dropped to the
 //!    spec's and capabilities kept across the user switch (`PR_SET_KEEPCAPS`); without
@@ -203,7 +203,8 @@ struct ChildPlan<'a> {
     ctty: bool,
     root: Option<CString>,
     cwd: CString,
-    /// The container's mount namespace, joined before the `chroot`.
+    /// The container's mount namespace, joined (root and working directory then its
+    /// root) instead of the `chroot`.
     mntns: Option<RawFd>,
     rlimits: Vec<(libc::c_int, libc::rlimit)>,
     set_groups: bool,
@@ -495,9 +496,9 @@ pub fn spawn_program(
 pub(crate) struct Confines<'a> {
     /// Its root directory, as the agent sees it.
     pub root: &'a Path,
-    /// Its mount namespace ([`crate::mntns`]), to join before the `chroot`, and where
-    /// its root is in it; `None`: the agent's.
-    pub mntns: Option<(RawFd, &'a Path)>,
+    /// Its mount namespace ([`crate::mntns`]), whose root is the container's, joined
+    /// instead of the `chroot`; `None`: the agent's.
+    pub mntns: Option<RawFd>,
     /// Seccomp filters, installed in order.
     pub seccomp: &'a [Vec<libc::sock_filter>],
     /// A user namespace to join.
@@ -574,10 +575,8 @@ pub(crate) fn spawn_inner(
         format!("/{}", spec.cwd)
     };
     let cwd = cstring(&cwd_str, "process.cwd")?;
-    let root_c = if let Some((_, in_ns)) = container.mntns {
-        let s = in_ns.to_str().ok_or(SpawnError::Nul("root"))?;
-        Some(cstring(s, "root")?)
-    } else if root == Path::new("/") {
+    // In its own mount namespace, the container's root is the namespace's.
+    let root_c = if container.mntns.is_some() || root == Path::new("/") {
         None
     } else {
         let s = root.to_str().ok_or(SpawnError::Nul("root"))?;
@@ -690,7 +689,7 @@ pub(crate) fn spawn_inner(
         ctty: spec.tty,
         root: root_c,
         cwd,
-        mntns: container.mntns.map(|(fd, _)| fd),
+        mntns: container.mntns,
         rlimits,
         // SAFETY: geteuid has no preconditions.
         set_groups: unsafe { libc::geteuid() } == 0,

@@ -158,22 +158,70 @@ fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Every mount point of the mount namespace process `pid` is in (not only those under
-/// its root, as its own `mountinfo` lists), read from a thread that joins it.
-fn ns_mounts(pid: i32) -> Vec<String> {
+/// What a thread that joins the mount namespace of process `pid` sees.
+#[derive(Debug)]
+struct NsView {
+    /// The mount points from where it starts (the namespace's root, down its mounts).
+    mounts: Vec<String>,
+    /// After the classic way out of a `chroot` (a `chroot` of a directory in it, `..`
+    /// from outside the new root, `chroot(".")`): whether the test's containers'
+    /// directory (under `dir`) is there.
+    escaped_sees_containers: bool,
+    /// The same: whether a `/proc` with processes is there.
+    escaped_sees_proc: bool,
+    /// Whether it got out at all (its root another directory than where it started).
+    escaped: bool,
+}
+
+fn ns_view(pid: i32, dir: &Path) -> NsView {
     use std::os::fd::AsRawFd;
     let ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).unwrap();
+    let containers = dir.join("containers");
     std::thread::spawn(move || {
-        // SAFETY: unshare and setns read no memory and change this thread only.
+        // Opened before: the namespace's /proc is the container's (if any).
+        let proc_self = std::fs::File::open("/proc/thread-self").unwrap();
+        // SAFETY: unshare, setns, chroot and chdir read only the NUL-terminated paths
+        // given, and change this thread (its own file-system context) only.
         unsafe {
             assert_eq!(libc::unshare(libc::CLONE_FS), 0);
             assert_eq!(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS), 0);
         }
-        std::fs::read_to_string("/proc/thread-self/mountinfo")
-            .unwrap()
+        let table = {
+            use std::io::Read;
+            let fd = rustix::fs::openat(
+                &proc_self,
+                "mountinfo",
+                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .unwrap();
+            let mut s = String::new();
+            std::fs::File::from(fd).read_to_string(&mut s).unwrap();
+            s
+        };
+        let mounts = table
             .lines()
             .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-            .collect()
+            .collect();
+        let id = |m: std::fs::Metadata| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        };
+        let started = id(std::fs::metadata("/").unwrap());
+        // SAFETY: as above.
+        unsafe {
+            assert_eq!(libc::chroot(c"usr".as_ptr()), 0);
+            for _ in 0..64 {
+                assert_eq!(libc::chdir(c"..".as_ptr()), 0);
+            }
+            assert_eq!(libc::chroot(c".".as_ptr()), 0);
+        }
+        NsView {
+            mounts,
+            escaped: id(std::fs::metadata("/").unwrap()) != started,
+            escaped_sees_containers: containers.exists(),
+            escaped_sees_proc: Path::new("/proc/1/status").exists(),
+        }
     })
     .join()
     .unwrap()
@@ -205,18 +253,16 @@ fn an_app_container_runs_in_its_own_root_and_ends_with_its_main_process_not_the_
             ]
         );
 
-        // A process of the container runs chrooted in its root, in the container's
-        // own mount namespace (where the root is at `.root`).
+        // A process of the container runs in its root, in the container's own mount
+        // namespace, whose root is the container's.
         let other = client::exec_in_container(pod.connect(), "app", &sh("sleep 60")).unwrap();
         let pid = other.pid();
-        assert_eq!(
-            std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
-            pod.containers.join(".root")
-        );
         assert_ne!(
             std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
             std::fs::read_link("/proc/thread-self/ns/mnt").unwrap()
         );
+        let view = ns_view(pid, dir);
+        assert_eq!(view.mounts[..2], ["/", "/usr"], "{view:?}");
         let other = pumped(other);
 
         // Its main process: its exit ends the container's other processes, not the VM.
@@ -312,18 +358,14 @@ fn destroying_a_container_kills_its_processes_and_takes_its_mounts_away() {
             client::exec_in_container(pod.connect(), "web", &sh("echo up; sleep 60")).unwrap();
         // Each container's mount namespace has its own root (with what the agent
         // mounted there), not the other's, nor the share or directory they come from.
-        let own = pod.containers.join(".root");
-        let web_table = ns_mounts(session.pid());
+        let view = ns_view(session.pid(), dir);
+        assert!(view.mounts.contains(&"/mnt".to_owned()), "{view:?}");
+        // The way out of a chroot (CAP_SYS_CHROOT, a container's default) leads back
+        // into the container's root, mounted over the namespace's: `..` there goes
+        // down its mounts again. Nothing of the guest's is reached.
         assert!(
-            web_table.contains(&own.join("mnt").display().to_string()),
-            "{web_table:?}"
-        );
-        assert!(
-            !web_table
-                .iter()
-                .any(|m| Path::new(m).starts_with(pod.containers.join("db"))
-                    || Path::new(m).starts_with(pod.containers.join("web"))),
-            "{web_table:?}"
+            !view.escaped && !view.escaped_sees_containers && !view.escaped_sees_proc,
+            "{view:?}"
         );
         // What a container mounts stays in its namespace.
         let made = pod.containers.join("db/rootfs/mnt");

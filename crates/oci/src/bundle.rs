@@ -42,7 +42,7 @@
 //! | `linux.resources.memory.limit` | [`ContainerPlan::mem_mib`] | rounded up to MiB, at least 128; absent or not positive (`-1`: unlimited) → 512 |
 //! | `linux.resources.cpu.quota`/`period` | [`ContainerPlan::vcpus`] | `ceil(quota / period)` (period defaults to 100 000 µs) |
 //! | `linux.resources.cpu.cpus` | [`ContainerPlan::vcpus`] | when there is no quota: the number of CPUs in the cpuset; else 1 |
-//! | `annotations`: `io.kubernetes.cri.sandbox-memory`, `io.kubernetes.cri.sandbox-cpu-quota`/`period` (a pod's sandbox) | [`ContainerPlan::pod_size`] | the whole pod's limits (containerd 1.6.7 on passes kubelet's sum of the containers' limits) size the pod's VM, over the sandbox's own `linux.resources`: memory the pod's limit + 128 MiB for the guest itself, vCPUs `ceil(quota / period)`; `0` or absent: as the sandbox's spec says; not a number: an error |
+//! | `annotations`: `io.kubernetes.cri.sandbox-memory`, `io.kubernetes.cri.sandbox-cpu-quota`/`period` (a pod's sandbox) | [`ContainerPlan::pod_size`] | the whole pod's limits (containerd 1.6.7 on passes kubelet's sum of the containers' limits) size the pod's VM where they ask more than the sandbox's own `linux.resources` (or the 512 MiB default): memory the pod's limit + 128 MiB for the guest itself, vCPUs `ceil(quota / period)`; `0` or absent: as the sandbox's spec says; not a number, or a VM over 1 TiB: an error |
 //! | `linux.cgroupsPath`, `linux.resources.pids.limit` | [`ContainerPlan::cgroup`] | the VM process's cgroup (a path, or systemd's `slice:prefix:name`): `memory.max` = the guest memory it may hold (its RAM and its forks' overlays) + the VMM's, `pids.max` the limit (else 4096) |
 //! | `linux.resources.memory.limit`, `pids.limit`, `cpu.quota`/`period`, `cpu.shares` | [`ContainerPlan::guest_cgroup`] | also the limits of the container's cgroup inside the guest (`memory.max`, `pids.max`, `cpu.max`, `cpu.weight` by runc's conversion), which its processes join in a cgroup namespace of their own, so its `/sys/fs/cgroup` shows them |
 //! | other `linux.resources`, `rootfsPropagation`, `mountLabel` | ignored | host cgroup/kernel details with no meaning inside the VM |
@@ -208,7 +208,8 @@ pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 
 /// What a pod's VM holds beside its containers' memory limits (the guest kernel, the
 /// agent, the pause process, page cache): a pod whose containers may use `N` MiB gets a
-/// VM of `N + POD_GUEST_MIB` MiB.
+/// VM of `N + POD_GUEST_MIB` MiB, or what its sandbox's spec gives where that is more
+/// (kubelet counts a container without a limit as 0: the sum alone could starve it).
 pub const POD_GUEST_MIB: u64 = 128;
 
 /// How a container's VM gets its root filesystem.
@@ -563,8 +564,12 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &Path) -> Result<ContainerPlan, 
     let (vcpus, mem_mib, cgroup) = match spec.linux() {
         Some(linux) => planner.linux(linux)?,
         None => (
-            planner.pod_size.vcpus.unwrap_or(1),
-            planner.pod_size.mem_mib.unwrap_or(DEFAULT_MEM_MIB),
+            planner.pod_size.vcpus.unwrap_or(1).max(1),
+            planner
+                .pod_size
+                .mem_mib
+                .unwrap_or(DEFAULT_MEM_MIB)
+                .max(DEFAULT_MEM_MIB),
             None,
         ),
     };
@@ -1410,22 +1415,18 @@ impl<'a> Planner<'a> {
         self.user_namespace = self.user_namespace(linux, user_namespace)?;
         self.namespaces.holder.user = self.user_namespace.clone();
         let resources = linux.resources().as_ref();
-        let mem_mib = match self.pod_size.mem_mib {
-            Some(mib) => mib,
-            None => self.mem_mib(
-                resources
-                    .and_then(|r| r.memory().as_ref())
-                    .and_then(|m| m.limit()),
-            ),
+        // A pod's sandbox: the larger of what the pod's limits and its own spec ask.
+        let mem_mib = self.mem_mib(
+            resources
+                .and_then(|r| r.memory().as_ref())
+                .and_then(|m| m.limit()),
+        );
+        let mem_mib = self.pod_size.mem_mib.map_or(mem_mib, |p| p.max(mem_mib));
+        let vcpus = match resources.and_then(|r| r.cpu().as_ref()) {
+            Some(cpu) => self.vcpus(cpu.quota(), cpu.period(), cpu.cpus().as_deref())?,
+            None => 1,
         };
-        let vcpus = match (
-            self.pod_size.vcpus,
-            resources.and_then(|r| r.cpu().as_ref()),
-        ) {
-            (Some(n), _) => n,
-            (None, Some(cpu)) => self.vcpus(cpu.quota(), cpu.period(), cpu.cpus().as_deref())?,
-            (None, None) => 1,
-        };
+        let vcpus = self.pod_size.vcpus.map_or(vcpus, |p| p.max(vcpus));
         self.guest_cgroup = self.guest_cgroup(resources)?;
         let cgroup = match linux.cgroups_path() {
             Some(path) => {
@@ -1473,7 +1474,16 @@ impl<'a> Planner<'a> {
         let mem_mib = memory
             .and_then(|b| u64::try_from(b).ok())
             .filter(|&b| b > 0)
-            .map(|b| b.div_ceil(1 << 20).saturating_add(POD_GUEST_MIB));
+            .map(|b| b.div_ceil(1 << 20) + POD_GUEST_MIB);
+        if let Some(mib) = mem_mib.filter(|&m| m > forkvm_vmm::memory::MAX_MEM_MIB) {
+            return Err(self.invalid(
+                format!("annotations.{CRI_SANDBOX_MEMORY}"),
+                format!(
+                    "the pod's limits need a VM of {mib} MiB, more than forkvm's most ({} MiB)",
+                    forkvm_vmm::memory::MAX_MEM_MIB
+                ),
+            ));
+        }
         let vcpus = match quota.filter(|&q| q > 0) {
             Some(quota) => Some(self.vcpus(
                 Some(quota),

@@ -254,7 +254,7 @@ fn pod_config(handler: &str, logs: &Path) -> PodSandboxConfig {
             // As kubelet gives them: the sum of the pod's containers' limits, which
             // containerd passes on as annotations and which size a booted pod's VM.
             resources: Some(LinuxContainerResources {
-                memory_limit_in_bytes: POD_MEMORY_MIB << 20,
+                memory_limit_in_bytes: pod_memory_mib(handler) << 20,
                 cpu_quota: 100_000,
                 cpu_period: 100_000,
                 ..Default::default()
@@ -265,9 +265,15 @@ fn pod_config(handler: &str, logs: &Path) -> PodSandboxConfig {
     }
 }
 
-/// The pods' memory limit (all their containers'): a booted pod's VM has this and
-/// forkvm's 128 MiB for the guest itself; a forked pod's has its template's 512 MiB.
-const POD_MEMORY_MIB: i64 = 256;
+/// A pod's memory limit (all its containers'): a booted pod's VM has this and forkvm's
+/// 128 MiB for the guest itself (more than the 512 MiB a sandbox gets without); a
+/// forked pod's, within its template's 512 MiB, has the template's size.
+fn pod_memory_mib(handler: &str) -> i64 {
+    match handler {
+        "forkvm" => 768,
+        _ => 256,
+    }
+}
 
 /// The namespace options kubelet gives a pod and its containers by default: the pod's
 /// network and IPC, a PID namespace of each container's own.
@@ -489,7 +495,7 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("{handler}: no MemTotal: {out:?}"));
         let vm_mib = if handler == "forkvm" {
-            POD_MEMORY_MIB as u64 + 128
+            pod_memory_mib(handler) as u64 + 128
         } else {
             512
         };

@@ -401,26 +401,39 @@ fn a_pod_sandbox_is_sized_by_the_whole_pods_limits() {
         })
     };
     let plan = sandbox(json!({
-        CRI_SANDBOX_MEMORY: (300u64 << 20).to_string(),
+        CRI_SANDBOX_MEMORY: (1000u64 << 20).to_string(),
         CRI_SANDBOX_CPU_QUOTA: "250000",
         CRI_SANDBOX_CPU_PERIOD: "100000",
     }))
     .unwrap();
-    assert_eq!((plan.vcpus, plan.mem_mib), (3, 300 + POD_GUEST_MIB));
+    assert_eq!((plan.vcpus, plan.mem_mib), (3, 1000 + POD_GUEST_MIB));
     assert_eq!(
         plan.pod_size,
         PodSize {
             vcpus: Some(3),
-            mem_mib: Some(300 + POD_GUEST_MIB)
+            mem_mib: Some(1000 + POD_GUEST_MIB)
         }
     );
     // The VM process's host cgroup holds the pod's VM.
     assert_eq!(
         plan.cgroup.unwrap().memory_max,
         Some(
-            forkvm_vmm::memory::guest_memory_budget((300 + POD_GUEST_MIB) << 20)
+            forkvm_vmm::memory::guest_memory_budget((1000 + POD_GUEST_MIB) << 20)
                 + forkvm_jail::cgroup::VMM_OVERHEAD
         )
+    );
+    // Limits that ask less than the sandbox's default (kubelet counts a container
+    // without a limit as 0): the default, never less.
+    let plan = sandbox(json!({CRI_SANDBOX_MEMORY: (64u64 << 20).to_string()})).unwrap();
+    assert_eq!((plan.vcpus, plan.mem_mib), (1, DEFAULT_MEM_MIB));
+    assert_eq!(plan.pod_size.mem_mib, Some(64 + POD_GUEST_MIB));
+    // More than a VM can have: refused by name.
+    let e = sandbox(json!({CRI_SANDBOX_MEMORY: i64::MAX.to_string()}))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("annotations.io.kubernetes.cri.sandbox-memory: the pod's limits need a VM of"),
+        "{e}"
     );
     // A pod without limits (kubelet's zeros, or containerd before 1.6.7): the
     // sandbox's own spec, as before.

@@ -23,7 +23,7 @@ pub struct ChildSample {
     pub page_types: Option<PageTypes>,
     /// What it logged of its start before it reported running (each step and its µs,
     /// in order: [`parse_steps`]); empty unless its log has the line (`RUST_LOG` with
-    /// `forkvm_vm_process=info`).
+    /// `forkvm_vmm=info`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<(String, u64)>,
 }

@@ -395,9 +395,12 @@ fn open_root_source(containers: &Path, root: &ContainerRoot) -> Result<OwnedFd, 
 }
 
 /// SIGKILL for every process in the mount namespace whose inode is `mntns` or whose
-/// root directory is `root` or below it, looked for up to [`KILL_ROUNDS`] times until
-/// none is found.
+/// root lies at or below `root` as the agent sees it, looked for up to [`KILL_ROUNDS`]
+/// times until none is found. (A process that made a mount namespace of its own inside
+/// the container is neither: its container's cgroup, which [`Container::kill_all`]
+/// kills too, has it.)
 fn kill_rooted_in(root: &Path, mntns: Option<u64>) {
+    use std::os::unix::fs::MetadataExt;
     for round in 0..KILL_ROUNDS {
         let Ok(procs) = std::fs::read_dir("/proc") else {
             return;
@@ -412,7 +415,6 @@ fn kill_rooted_in(root: &Path, mntns: Option<u64>) {
                 continue;
             };
             let in_ns = || {
-                use std::os::unix::fs::MetadataExt;
                 mntns.is_some_and(|ino| {
                     std::fs::metadata(entry.path().join("ns/mnt")).is_ok_and(|m| m.ino() == ino)
                 })

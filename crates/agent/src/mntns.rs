@@ -27,6 +27,14 @@
 //! seen by none of the others. Each namespace lives while the container does: the agent
 //! holds it open ([`crate::containers::Container`]) and kills a container's processes by
 //! it.
+//!
+//! Limits: a root given as a directory of the guest (no share) is bound with what is
+//! mounted under it; a mount whose spec changes its propagation (`rslave`, `rprivate`)
+//! leaves the agent's peer group, so what the agent mounts under it later does not
+//! reach the container; and a main process started in a PID namespace waits for the
+//! agent (while it stacks the namespace's `/proc`) in the guest's root before it joins
+//! the container's namespace, so for those milliseconds a container sharing that PID
+//! namespace with `CAP_SYS_PTRACE` could reach the guest's root through `/proc/PID/root`.
 
 use std::ffi::{CString, OsString};
 use std::fs::File;
@@ -124,6 +132,7 @@ fn in_new_namespace(rootfs: &Path) -> Result<OwnedFd, String> {
     if unsafe { libc::fchdir(bottom.as_raw_fd()) } != 0 {
         return Err(os_error("fchdir"));
     }
+    let mut last_failure = None;
     for _ in 0..DETACH_ROUNDS {
         let table = entries(&read_mountinfo(&proc_self)?);
         let Some(top) = namespace_root(&table) else {
@@ -138,18 +147,25 @@ fn in_new_namespace(rootfs: &Path) -> Result<OwnedFd, String> {
         if others.is_empty() {
             return Ok(ns.into());
         }
-        for e in others {
-            // Relative to the namespace's root (this thread's working directory), not
-            // through the container's root moved onto it.
+        // The latest first (one mounted over another's ancestor hides it), each by its
+        // path relative to the namespace's root (this thread's working directory), not
+        // through the container's root moved onto it; one that fails (hidden) is tried
+        // again in the next round.
+        let mut failed = None;
+        for e in others.iter().rev() {
             let relative = c(e.point.strip_prefix("/").unwrap_or(&e.point));
             // SAFETY: a NUL-terminated path that lives across the call.
-            if unsafe { libc::umount2(relative.as_ptr(), libc::MNT_DETACH) } != 0 {
-                return Err(os_error(&format!("cannot detach {}", e.point.display())));
+            if unsafe { libc::umount2(relative.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) }
+                != 0
+            {
+                failed = Some(os_error(&format!("cannot detach {}", e.point.display())));
             }
         }
+        last_failure = failed;
     }
     Err(format!(
-        "mounts were left in the container's mount namespace after {DETACH_ROUNDS} rounds"
+        "mounts were left in the container's mount namespace after {DETACH_ROUNDS} rounds{}",
+        last_failure.map_or(String::new(), |e| format!(" ({e})"))
     ))
 }
 
@@ -176,7 +192,7 @@ fn read_mountinfo(proc_task: &File) -> Result<Vec<u8>, String> {
 pub fn sync_flags(ns: &MountNs, rootfs: &Path) -> Result<(), String> {
     let ours = std::fs::read("/proc/thread-self/mountinfo")
         .map_err(|e| format!("cannot read the mount table: {e}"))?;
-    let want = uppermost_flags(&ours, rootfs);
+    let want = uppermost(&ours, rootfs);
     let fd = ns.fd();
     on_a_thread(move || {
         let proc_self = File::open("/proc/thread-self")
@@ -191,13 +207,15 @@ pub fn sync_flags(ns: &MountNs, rootfs: &Path) -> Result<(), String> {
         }
         // Its root now: the container's.
         let root = File::open("/").map_err(|e| format!("cannot open the root: {e}"))?;
-        let have = uppermost_flags(&read_mountinfo(&proc_self)?, Path::new("/"));
-        for (place, flags) in want {
-            if !have.contains_key(&place) || have.get(&place) == Some(&flags) {
+        let have = uppermost(&read_mountinfo(&proc_self)?, Path::new("/"));
+        for (place, (_, flags)) in want {
+            let Some(&(id, now)) = have.get(&place) else {
                 continue;
+            };
+            if now != flags {
+                set_flags(&root, &place, id, flags)
+                    .map_err(|e| format!("cannot set the flags of {}: {e}", place.display()))?;
             }
-            set_flags(&root, &place, flags)
-                .map_err(|e| format!("cannot set the flags of {}: {e}", place.display()))?;
         }
         Ok(())
     })
@@ -212,19 +230,43 @@ const SYNCED: u64 = libc::MOUNT_ATTR_RDONLY
 
 /// Sets `flags` (of [`SYNCED`]) and clears the others on the mount at `place` under the
 /// directory `root`, reached without following a link (the container may have made
-/// one on the way) and without leaving `root`.
-fn set_flags(root: &File, place: &Path, flags: u64) -> std::io::Result<()> {
+/// one on the way) and without leaving `root`, if it is the mount `id` (a mount the
+/// container made over it, or over one of the directories on the way, is not).
+fn set_flags(root: &File, place: &Path, id: u64, flags: u64) -> std::io::Result<()> {
     let path = match place.as_os_str().is_empty() {
         true => Path::new("."),
         false => place,
     };
-    let fd = openat2(
+    let fd = match openat2(
         root,
         path,
         OFlags::PATH | OFlags::CLOEXEC,
         Mode::empty(),
         ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH,
+    ) {
+        Ok(fd) => fd,
+        // Moved or replaced by the container since the table was read: not the mount.
+        Err(e)
+            if [
+                rustix::io::Errno::NOENT,
+                rustix::io::Errno::LOOP,
+                rustix::io::Errno::XDEV,
+            ]
+            .contains(&e) =>
+        {
+            return Ok(())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let reached = rustix::fs::statx(
+        &fd,
+        "",
+        rustix::fs::AtFlags::EMPTY_PATH,
+        rustix::fs::StatxFlags::MNT_ID,
     )?;
+    if reached.stx_mnt_id != id {
+        return Ok(());
+    }
     let attr = libc::mount_attr {
         attr_set: flags & SYNCED,
         attr_clr: !flags & SYNCED,
@@ -290,11 +332,17 @@ fn namespace_root(table: &[Entry]) -> Option<&Entry> {
 }
 
 /// For each place at or under `under` where `mountinfo` has a mount, relative to
-/// `under`: the flags of the uppermost one (the last listed).
-fn uppermost_flags(mountinfo: &[u8], under: &Path) -> std::collections::BTreeMap<PathBuf, u64> {
+/// `under`: the id and flags of the uppermost one (the last listed; [`set_flags`] checks
+/// that it is the one a path reaches).
+fn uppermost(mountinfo: &[u8], under: &Path) -> std::collections::BTreeMap<PathBuf, (u64, u64)> {
     entries(mountinfo)
         .into_iter()
-        .filter_map(|e| Some((e.point.strip_prefix(under).ok()?.to_owned(), e.flags)))
+        .filter_map(|e| {
+            Some((
+                e.point.strip_prefix(under).ok()?.to_owned(),
+                (e.id, e.flags),
+            ))
+        })
         .collect()
 }
 
@@ -381,17 +429,20 @@ mod tests {
 
     #[test]
     fn the_uppermost_mount_of_each_place_gives_its_flags() {
-        let got = uppermost_flags(TABLE, Path::new("/c/a/rootfs"));
+        let got = uppermost(TABLE, Path::new("/c/a/rootfs"));
         let all = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOEXEC;
         assert_eq!(
             got.into_iter().collect::<Vec<_>>(),
             [
                 (
                     PathBuf::from(""),
-                    libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID
+                    (41, libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID)
                 ),
-                (PathBuf::from("proc"), all),
-                (PathBuf::from("proc/sys"), libc::MOUNT_ATTR_RDONLY | all),
+                (PathBuf::from("proc"), (43, all)),
+                (
+                    PathBuf::from("proc/sys"),
+                    (44, libc::MOUNT_ATTR_RDONLY | all)
+                ),
             ]
         );
     }

@@ -24,8 +24,8 @@
 //! Ending an app container ([`Container::kill_all`]) kills every process in its mount
 //! namespace or whose root is in the container's root, and its cgroup's processes
 //! (`cgroup.kill`) when it has one, so that what its processes started goes too. A
-//! destroyed container refuses what comes after ([`Container::lifecycle`]): a request that found it before it was
-//! destroyed finds it gone when it runs.
+//! destroyed container refuses what comes after ([`Container::lifecycle`]): a request
+//! that found it before it was destroyed finds it gone when it runs.
 
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -297,8 +297,9 @@ impl Container {
         }
     }
 
-    /// Kills every process of an app container: those whose root is in its root, and
-    /// its cgroup's. The first failure is the error; every step is tried.
+    /// Kills every process of an app container: those in its mount namespace or whose
+    /// root is in its root, and its cgroup's. The first failure is the error; every step
+    /// is tried.
     pub fn kill_all(&self) -> Result<(), String> {
         if self.id.is_none() {
             return Err("the boot container's processes end with the VM".into());

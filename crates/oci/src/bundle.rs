@@ -155,7 +155,8 @@ pub struct ContainerPlan {
     pub pod: Option<PodRole>,
     /// A pod sandbox's VM size from the whole pod's limits ([`CRI_SANDBOX_MEMORY`],
     /// [`CRI_SANDBOX_CPU_QUOTA`]), where containerd gave them: [`ContainerPlan::vcpus`]
-    /// and [`ContainerPlan::mem_mib`] are these where set.
+    /// and [`ContainerPlan::mem_mib`] are at least these; a template forked for the pod
+    /// must have them ([`PodSize::short_of`]).
     pub pod_size: PodSize,
     /// The hooks the runtime runs on the host.
     pub hooks: HostHooks,

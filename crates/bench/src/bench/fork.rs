@@ -431,6 +431,7 @@ impl Bench<'_> {
             .collect();
         let t2 = pollers.join(&pids);
         std::thread::sleep(Duration::from_millis(self.args.idle_ms));
+        let homes = Self::homes_by_pid(&self.root);
         let mut children: Vec<ChildSample> = out
             .children
             .iter()
@@ -448,7 +449,7 @@ impl Bench<'_> {
                         .map_err(|e| tracing::warn!("child {}: {e:#}", c.pid))
                         .ok(),
                     page_types: None,
-                    steps: Self::child_steps(&self.root, c.pid),
+                    steps: homes.get(&c.pid).map(Self::child_steps).unwrap_or_default(),
                 }
             })
             .collect();
@@ -482,19 +483,25 @@ impl Bench<'_> {
         })
     }
 
-    /// The start steps the fork child `pid` logged in its home's console log under `root`
-    /// ([`summary::parse_steps`]).
-    fn child_steps(root: &Path, pid: u32) -> Vec<(String, u64)> {
+    /// The homes under `root` by the pid of their VM process, the newest where a pid
+    /// was used again (a killed child's home stays until the bench ends), read once for
+    /// a fork's children.
+    fn homes_by_pid(root: &Path) -> std::collections::HashMap<u32, forkvm_registry::VmHome> {
+        // Oldest first: a newer home with the same pid replaces an older one.
         forkvm_registry::list(root)
             .unwrap_or_default()
             .iter()
-            .find(|e| {
-                e.state
-                    .as_ref()
-                    .is_ok_and(|s| s.process.as_ref().is_some_and(|p| p.pid == pid))
+            .filter_map(|e| {
+                let pid = e.state.as_ref().ok()?.process.as_ref()?.pid;
+                Some((pid, forkvm_registry::VmHome::open(root, &e.id).ok()?))
             })
-            .and_then(|e| forkvm_registry::VmHome::open(root, &e.id).ok())
-            .and_then(|home| std::fs::read_to_string(home.console_path()).ok())
+            .collect()
+    }
+
+    /// The start steps a fork child logged in its home's console log
+    /// ([`summary::parse_steps`]).
+    fn child_steps(home: &forkvm_registry::VmHome) -> Vec<(String, u64)> {
+        std::fs::read_to_string(home.console_path())
             .map(|log| summary::parse_steps(&log))
             .unwrap_or_default()
     }

@@ -12,7 +12,6 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use forkvm_jail::caps::Needs;
@@ -20,6 +19,7 @@ use forkvm_jail::Jail;
 use forkvm_registry::{ConsoleLog, Ending, ExitRecord, VmHome};
 use forkvm_vmm::fork::ChildPayload;
 use forkvm_vmm::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, LaunchError, Launched, Start};
+use forkvm_vmm::steps::Steps;
 use forkvm_vmm::warm::Prepared;
 use forkvm_vmm::{ExitReason, Vmm, VmmError};
 
@@ -138,10 +138,11 @@ fn start(
     prepared: Option<Prepared>,
     console: Box<dyn Write + Send>,
     homes: ChildHomes,
+    steps: &mut Steps,
 ) -> Result<Vmm> {
     match (fork, &launch.start) {
         (Some(payload), _) => payload
-            .restore(files, console, homes, prepared)
+            .restore(files, console, homes, prepared, steps)
             .context("cannot restore the forked VM"),
         (None, Start::Boot(cfg)) => {
             let mut vmm = Vmm::boot(cfg, console).context("cannot boot the VM")?;
@@ -186,42 +187,12 @@ fn exit_record(exit: &Result<ExitReason, VmmError>, stop_requested: bool) -> Exi
     }
 }
 
-/// How long each step of a VM process's start took, from the launch's arrival: what a
-/// fork child spends before it reports running (logged once it does).
-struct Steps {
-    last: Instant,
-    done: Vec<(&'static str, u128)>,
-}
-
-impl Steps {
-    fn new(from: Instant) -> Self {
-        Self {
-            last: from,
-            done: Vec::new(),
-        }
-    }
-
-    fn mark(&mut self, step: &'static str) {
-        let now = Instant::now();
-        self.done.push((step, (now - self.last).as_micros()));
-        self.last = now;
-    }
-}
-
-impl std::fmt::Display for Steps {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, (step, us)) in self.done.iter().enumerate() {
-            write!(f, "{}{step} {us} us", if i == 0 { "" } else { ", " })?;
-        }
-        Ok(())
-    }
-}
-
 fn run(mut launched: Launched) -> Result<i32> {
     let mut files = std::mem::take(&mut launched.files);
     let prepared = launched.prepared.take();
     let warm = prepared.is_some();
     let mut steps = Steps::new(launched.received);
+    steps.add("queued", u128::from(launched.queued_us));
     let mut home = None;
     let mut jail = None;
     let started = (|| {
@@ -246,8 +217,8 @@ fn run(mut launched: Launched) -> Result<i32> {
             prepared,
             console,
             homes,
+            &mut steps,
         )?;
-        steps.mark("build and resume");
         if let Some(jail) = &jail {
             jail.set_up(needs(vmm.config()))
                 .context("cannot drop the VM process's capabilities")?;

@@ -46,6 +46,7 @@ fn warmup() -> Warmup {
         stage: None,
         jail: None,
         places: Default::default(),
+        memory: None,
     }
 }
 

@@ -27,6 +27,7 @@ use crate::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, ProcessOptions, S
 use crate::memory::{GuestRam, MemoryLayout};
 use crate::pool::ChildPool;
 use crate::snapshot::{ChildIdentity, VmSnapshot};
+use crate::steps::Steps;
 use crate::vmm::{Vmm, VmmError};
 use crate::warm::Prepared;
 
@@ -843,8 +844,10 @@ impl Vmm {
                 return Err(e);
             }
         };
-        // A child's first fork starts its pool, held until the children run.
+        // A child's first fork starts its pool, held until the children run; warm
+        // processes started from now on map the memory as this fork's children do.
         self.start_fork_pool(false);
+        self.give_pool_memory();
         Ok(PendingFork {
             launching,
             refill: self.pool.as_ref().map(ChildPool::refiller),
@@ -910,19 +913,20 @@ impl ChildPayload {
     /// Restores the VM over the memory `files` with its console on `console`, and
     /// resumes it; its children register under `homes`. Then
     /// [`ChildPayload::apply_identity_in_background`] has the guest take the identity.
-    /// `prepared` is the VM a warm process made while it waited, if any.
+    /// `prepared` is the VM a warm process made while it waited, if any. Each step's
+    /// time goes to `steps`.
     pub fn restore(
         &self,
         mut files: Vec<File>,
         console: Box<dyn Write + Send>,
         homes: ChildHomes,
-        prepared: Option<Prepared>,
+        mut prepared: Option<Prepared>,
+        steps: &mut Steps,
     ) -> Result<Vmm, ForkChildError> {
         if files.is_empty() {
             return Err(ForkChildError::NoMemory);
         }
         self.check_identity()?;
-        let t = Instant::now();
         // After the base and the overlays: the host files the devices hold.
         let host_files = files.split_off((1 + self.layout.overlays.len()).min(files.len()));
         self.snapshot
@@ -936,25 +940,40 @@ impl ChildPayload {
             }
         }
         let base = files.remove(0);
-        let ram = GuestRam::from_layers(base, files, &self.layout)?;
-        let map_us = t.elapsed().as_micros() as u64;
+        // The memory a warm process mapped ahead (in its VM's slots) takes this fork's
+        // files over it; else it is mapped now.
+        let vcpus = self.snapshot.config.vcpus;
+        let ahead = prepared
+            .as_mut()
+            .filter(|p| p.fits(vcpus))
+            .and_then(|p| p.memory.take());
+        let (ram, extents) = match ahead {
+            Some(mut ram) => {
+                let mapped = ram.relayer(base, files, &self.layout)?;
+                (ram, mapped)
+            }
+            None => (
+                GuestRam::from_layers(base, files, &self.layout)?,
+                self.layout.overlays.iter().map(Vec::len).sum(),
+            ),
+        };
+        steps.mark("map memory");
+        steps.count("extents mapped", extents);
         let mut vmm = Vmm::build(
             &self.snapshot.config,
             ram,
             console,
             Some(&self.snapshot),
             prepared,
+            steps,
         )?;
         vmm.set_child_homes(homes);
-        let built_us = t.elapsed().as_micros() as u64;
         vmm.resume()
             .map_err(|e| ForkChildError::Start(e.to_string()))?;
-        tracing::info!(
+        steps.mark("resume");
+        tracing::debug!(
             overlays = self.layout.overlays.len(),
             extents = self.layout.overlays.iter().map(Vec::len).sum::<usize>(),
-            map_us,
-            built_us,
-            resumed_us = t.elapsed().as_micros() as u64,
             "restored"
         );
         Ok(vmm)

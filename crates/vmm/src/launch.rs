@@ -108,8 +108,9 @@ pub struct Launch {
 pub(crate) enum Message<'a> {
     /// Prepare a VM of this shape, then wait for the launch.
     Warmup(&'a Warmup),
-    /// Start the VM.
-    Launch(&'a Launch),
+    /// Start the VM; sent at this `CLOCK_MONOTONIC` time, ns (the host's clock: the VM
+    /// process reads how long its launch waited unread, see [`Launched::queued_us`]).
+    Launch(&'a Launch, u64),
     /// Be a fork pool's zygote: fork VM processes on request ([`crate::zygote`]).
     Zygote,
 }
@@ -118,7 +119,7 @@ pub(crate) enum Message<'a> {
 #[derive(Deserialize)]
 enum Received {
     Warmup(Box<Warmup>),
-    Launch(Box<Launch>),
+    Launch(Box<Launch>, u64),
     Zygote,
 }
 
@@ -229,6 +230,9 @@ impl Handle {
 pub(crate) const REPORT_RUNNING: u64 = 1;
 /// A VM process's report on its socket: it failed; a length-prefixed message follows.
 const REPORT_FAILED: u64 = 2;
+/// A warm process's report on its socket: its VM is prepared (or could not be: it is
+/// made at the launch then); it waits for the launch.
+pub(crate) const REPORT_PREPARED: u64 = 3;
 
 impl VmProcess {
     /// Starts [`vmm_executable`] as `opts` say and sends it `launch` and `files`.
@@ -252,17 +256,42 @@ impl VmProcess {
 
     /// Starts `exe` as a warm fork child: a daemon that prepares a VM as `warmup` says
     /// and waits for [`VmProcess::send`].
-    pub(crate) fn spawn_warm(exe: &Path, warmup: &Warmup) -> std::io::Result<Self> {
+    pub(crate) fn spawn_warm(exe: &Path, warmup: &Warmup, files: &[File]) -> std::io::Result<Self> {
         let mut p = Self::start(exe, ProcessOptions::daemon())?;
-        p.warm_up(warmup)?;
+        p.warm_up(warmup, files)?;
         Ok(p)
     }
 
-    /// Sends the process its warm-up.
-    pub(crate) fn warm_up(&mut self, warmup: &Warmup) -> std::io::Result<()> {
+    /// Sends the process its warm-up, with the memory `files` its layout names.
+    pub(crate) fn warm_up(&mut self, warmup: &Warmup, files: &[File]) -> std::io::Result<()> {
         let blob =
             forkvm_snapshot::encode(&Message::Warmup(warmup)).map_err(std::io::Error::other)?;
-        self.send(&blob, &[])
+        self.send(&blob, files)
+    }
+
+    /// Waits up to `timeout` for a warm process to say it has prepared its VM
+    /// ([`REPORT_PREPARED`]): `Ok(false)` if it has not yet.
+    pub(crate) fn wait_prepared(&self, timeout: Duration) -> std::io::Result<bool> {
+        self.sock.set_read_timeout(Some(timeout))?;
+        let mut b = [0u8; 8];
+        match (&self.sock).read_exact(&mut b) {
+            Ok(()) if u64::from_le_bytes(b) == REPORT_PREPARED => Ok(true),
+            Ok(()) => Err(std::io::Error::other(format!(
+                "it sent report {} instead of saying it is prepared",
+                u64::from_le_bytes(b)
+            ))),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(std::io::Error::other(format!(
+                "it exited before it was prepared ({e})"
+            ))),
+        }
     }
 
     /// Sends an encoded launch ([`encode`]) and `files`; a process that cannot take it
@@ -429,8 +458,23 @@ pub(crate) fn encode_zygote() -> std::io::Result<Vec<u8>> {
 }
 
 /// Encodes `launch` as the launch message a VM process reads.
+/// Encode it right before it is sent: it carries the time it was encoded.
 pub fn encode(launch: &Launch) -> std::io::Result<Vec<u8>> {
-    forkvm_snapshot::encode(&Message::Launch(launch)).map_err(std::io::Error::other)
+    forkvm_snapshot::encode(&Message::Launch(launch, monotonic_ns())).map_err(std::io::Error::other)
+}
+
+/// The host's `CLOCK_MONOTONIC`, ns: one clock for every process on the host (a VM
+/// process's namespaces do not change it).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec that lives across the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// Errors receiving a launch.
@@ -532,8 +576,11 @@ pub struct Launched {
     warm_jail: Option<WarmJail>,
     /// When a staged home was published (its creation time to record).
     published_at_ms: Option<u64>,
-    /// When the launch arrived (for a warm process: after its wait).
+    /// When the launch was read (for a warm process: after its wait).
     pub received: std::time::Instant,
+    /// How long the launch waited between its launcher's sending it and this process's
+    /// reading it, us: a new process's start, or a warm one's still preparing.
+    pub queued_us: u64,
 }
 
 /// What a VM process records in its home's state: that it runs the VM, and the VM's
@@ -721,12 +768,21 @@ impl Launched {
                     forkvm_jail::seccomp::prepare();
                     // A VM that cannot be prepared is made at restore instead, where
                     // its error reaches the fork.
-                    prepared = prepare_in_background(&w)
-                        .inspect_err(|e| tracing::warn!("cannot prepare a warm VM: {e}"))
+                    prepared = prepare_in_background(&w, files)
+                        .inspect_err(|e| {
+                            tracing::warn!(
+                                "cannot prepare a warm VM: {}",
+                                crate::control::error_chain(e)
+                            )
+                        })
                         .ok();
+                    // Counted ready by its pool from now on; a pool that went away
+                    // closed the socket, which the next receive finds.
+                    let _ = (&sock).write_all(&REPORT_PREPARED.to_le_bytes());
                 }
-                Received::Launch(launch) => {
+                Received::Launch(launch, sent_ns) => {
                     let received = std::time::Instant::now();
+                    let queued_us = monotonic_ns().saturating_sub(sent_ns) / 1000;
                     let mut files = files;
                     let fork = match &launch.start {
                         Start::Boot(_) => None,
@@ -757,6 +813,7 @@ impl Launched {
                         warm_jail,
                         published_at_ms: None,
                         received,
+                        queued_us,
                     });
                 }
             }
@@ -819,10 +876,15 @@ mod tests {
             start: Start::Boot(cfg),
             jail: JailSpec::default(),
         };
+        let before = monotonic_ns();
         let blob = encode(&launch).unwrap();
-        let Received::Launch(back) = forkvm_snapshot::decode(&blob).unwrap() else {
+        let Received::Launch(back, sent_ns) = forkvm_snapshot::decode(&blob).unwrap() else {
             panic!("not a launch")
         };
+        assert!(
+            (before..=monotonic_ns()).contains(&sent_ns),
+            "the launch carries when it was encoded"
+        );
         let Start::Boot(back) = back.start else {
             panic!("not a boot")
         };

@@ -20,6 +20,7 @@ pub mod memory;
 pub mod pool;
 pub mod reap;
 pub mod snapshot;
+pub mod steps;
 pub mod template;
 pub mod vcpu;
 pub mod vm;

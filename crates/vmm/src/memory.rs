@@ -333,55 +333,118 @@ impl GuestRam {
         overlays: Vec<File>,
         layout: &MemoryLayout,
     ) -> Result<Self, MemoryError> {
-        if overlays.len() != layout.overlays.len() {
-            return Err(MemoryError::BadLayout(format!(
-                "{} overlay files for {} overlays",
-                overlays.len(),
-                layout.overlays.len()
-            )));
-        }
-        // What a forking VM sends stays within these (it merges its overlays); more
-        // would only cost this process mappings, one per extent.
-        let extents: usize = layout.overlays.iter().map(Vec::len).sum();
-        if layout.overlays.len() > MAX_OVERLAYS || extents > MAX_EXTENTS {
-            return Err(MemoryError::BadLayout(format!(
-                "{} overlays with {extents} extents; at most {MAX_OVERLAYS} with {MAX_EXTENTS}",
-                layout.overlays.len()
-            )));
-        }
-        let total: u64 = layout.ranges.iter().map(|r| r.len).sum();
-        let size = base.metadata().map_err(os("inspect"))?.len();
-        if layout.ranges.is_empty() || total > size || layout.ranges != ram_ranges(total) {
-            return Err(MemoryError::BadLayout(format!(
-                "ranges {:?} do not fit a {size}-byte memory file",
-                layout.ranges
-            )));
-        }
+        check_layout(&base, overlays.len(), layout)?;
         let memory = map_ranges(
             &base,
             &layout.ranges,
             libc::MAP_PRIVATE | libc::MAP_NORESERVE,
         )?;
-        let mut layered = Vec::with_capacity(overlays.len());
-        for (file, extents) in overlays.into_iter().zip(&layout.overlays) {
+        let mut ram = Self {
+            memfd: base,
+            overlays: Vec::new(),
+            frozen: true,
+            ranges: layout.ranges.clone(),
+            memory,
+        };
+        // SAFETY: `memory` was just mapped and nothing has read it yet.
+        unsafe { ram.map_overlays(overlays, &layout.overlays, 0) }?;
+        Ok(ram)
+    }
+
+    /// Lays a forked VM's memory files (base, then overlays in `layout` order) over
+    /// this memory, mapped ahead from the files of an earlier fork of the same VM (a
+    /// warm process's, see [`crate::warm`]), at the same addresses: whatever KVM
+    /// memory slots point there stay valid. Overlays already mapped in the same order
+    /// (the same files, with the same extents) stay; above the first that differs,
+    /// everything is mapped again. Returns the extents it mapped.
+    ///
+    /// Until now nothing may have read the memory (no vCPU ran, no device touched it):
+    /// a page read before holds what the files held then.
+    pub fn relayer(
+        &mut self,
+        base: File,
+        overlays: Vec<File>,
+        layout: &MemoryLayout,
+    ) -> Result<usize, MemoryError> {
+        check_layout(&base, overlays.len(), layout)?;
+        if layout.ranges != self.ranges {
+            return Err(MemoryError::BadLayout(format!(
+                "ranges {:?}, but the memory was mapped ahead for {:?}",
+                layout.ranges, self.ranges
+            )));
+        }
+        let same_base = same_file(&base, &self.memfd)?;
+        let mut kept = 0;
+        if same_base {
+            for (i, mapped) in self.overlays.iter().enumerate() {
+                match (overlays.get(i), layout.overlays.get(i)) {
+                    (Some(f), Some(extents))
+                        if *extents == mapped.extents && same_file(f, &mapped.file)? =>
+                    {
+                        kept += 1
+                    }
+                    _ => break,
+                }
+            }
+        }
+        if !same_base || kept < self.overlays.len() {
+            // Overlays mapped ahead that this fork does not have: the base again
+            // everywhere, then every overlay.
+            for (region, r) in self.memory.iter().zip(&self.ranges) {
+                // SAFETY: the region is this memory's own mapping of exactly this range,
+                // and nothing has read it (the caller's promise).
+                unsafe { map_fixed_private(region.as_ptr(), r.len, &base, r.file_offset) }?;
+            }
+            kept = 0;
+        }
+        self.memfd = base;
+        self.overlays.truncate(kept);
+        let new = overlays.into_iter().skip(kept).collect();
+        // SAFETY: nothing has read the memory (the caller's promise).
+        unsafe { self.map_overlays(new, &layout.overlays[kept..], kept) }?;
+        Ok(layout.overlays[kept..].iter().map(Vec::len).sum())
+    }
+
+    /// Maps each of `files` over its `extents`, stacked above this memory's first
+    /// `below` overlays, and keeps them.
+    ///
+    /// # Safety
+    /// Nothing may rely on the memory's contents under the extents: they are replaced.
+    unsafe fn map_overlays(
+        &mut self,
+        files: Vec<File>,
+        extents: &[Vec<Extent>],
+        below: usize,
+    ) -> Result<(), MemoryError> {
+        debug_assert_eq!(self.overlays.len(), below);
+        for (file, extents) in files.into_iter().zip(extents) {
             for e in extents {
-                let (addr, len) = host_range(&memory, &layout.ranges, *e)?;
-                // SAFETY: `addr..addr+len` lies inside a mapping `memory` just created and
-                // nothing has read it yet; the overlay's pages replace the base's there.
+                let (addr, len) = host_range(&self.memory, &self.ranges, *e)?;
+                // SAFETY: `addr..addr+len` lies inside this memory's mapping
+                // (host_range checked), whose contents there the caller gives up;
+                // the overlay's pages replace the ones below.
                 unsafe { map_fixed_private(addr, len, &file, e.offset) }?;
             }
-            layered.push(Overlay {
+            self.overlays.push(Overlay {
                 file,
                 extents: extents.clone(),
             });
         }
-        Ok(Self {
-            memfd: base,
-            overlays: layered,
-            frozen: true,
-            ranges: layout.ranges.clone(),
-            memory,
-        })
+        Ok(())
+    }
+
+    /// The files this memory is mapped from (base first) and its layout: what a warm
+    /// fork process maps ahead ([`crate::pool`]). Before the first fork the base is the
+    /// memory file the guest writes (a warm process's private mapping of it reads what
+    /// the file holds when it first touches a page, after the fork froze it).
+    pub fn layers(&self) -> (Vec<&File>, MemoryLayout) {
+        let mut files = vec![&self.memfd];
+        files.extend(self.overlays.iter().map(|o| &o.file));
+        let layout = MemoryLayout {
+            ranges: self.ranges.clone(),
+            overlays: self.overlays.iter().map(|o| o.extents.clone()).collect(),
+        };
+        (files, layout)
     }
 
     /// Prepares the memory for a fork and returns what children map: the files (base
@@ -402,13 +465,7 @@ impl GuestRam {
         } else {
             self.add_overlay()?;
         }
-        let mut files = vec![&self.memfd];
-        files.extend(self.overlays.iter().map(|o| &o.file));
-        let layout = MemoryLayout {
-            ranges: self.ranges.clone(),
-            overlays: self.overlays.iter().map(|o| o.extents.clone()).collect(),
-        };
-        Ok((files, layout))
+        Ok(self.layers())
     }
 
     /// Captures the pages written since the last freeze into a new overlay; or, when
@@ -497,6 +554,44 @@ impl GuestRam {
     pub fn size(&self) -> u64 {
         self.ranges.iter().map(|r| r.len).sum()
     }
+}
+
+/// Checks that `layout` fits the memory file `base` and `overlays` overlay files.
+fn check_layout(base: &File, overlays: usize, layout: &MemoryLayout) -> Result<(), MemoryError> {
+    if overlays != layout.overlays.len() {
+        return Err(MemoryError::BadLayout(format!(
+            "{overlays} overlay files for {} overlays",
+            layout.overlays.len()
+        )));
+    }
+    // What a forking VM sends stays within these (it merges its overlays); more
+    // would only cost this process mappings, one per extent.
+    let extents: usize = layout.overlays.iter().map(Vec::len).sum();
+    if layout.overlays.len() > MAX_OVERLAYS || extents > MAX_EXTENTS {
+        return Err(MemoryError::BadLayout(format!(
+            "{} overlays with {extents} extents; at most {MAX_OVERLAYS} with {MAX_EXTENTS}",
+            layout.overlays.len()
+        )));
+    }
+    let total: u64 = layout.ranges.iter().map(|r| r.len).sum();
+    let size = base.metadata().map_err(os("inspect"))?.len();
+    if layout.ranges.is_empty() || total > size || layout.ranges != ram_ranges(total) {
+        return Err(MemoryError::BadLayout(format!(
+            "ranges {:?} do not fit a {size}-byte memory file",
+            layout.ranges
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `a` and `b` are the same file (device and inode).
+fn same_file(a: &File, b: &File) -> Result<bool, MemoryError> {
+    use std::os::unix::fs::MetadataExt;
+    let (a, b) = (
+        a.metadata().map_err(os("inspect"))?,
+        b.metadata().map_err(os("inspect"))?,
+    );
+    Ok((a.dev(), a.ino()) == (b.dev(), b.ino()))
 }
 
 /// The host address and length of extent `e` (offsets in the memory files).
@@ -786,6 +881,103 @@ mod tests {
             overlays: vec![vec![]; MAX_OVERLAYS + 1],
         };
         let e = GuestRam::from_layers(parent.memfd().try_clone().unwrap(), vec![], &too_many)
+            .unwrap_err();
+        assert!(matches!(e, MemoryError::BadLayout(_)), "{e}");
+    }
+
+    /// A warm process's copy of `ram`'s memory as it is now (see `crate::warm`).
+    fn mapped_ahead(ram: &GuestRam) -> GuestRam {
+        let (files, layout) = ram.layers();
+        let mut files = files.into_iter().map(|f| f.try_clone().unwrap());
+        let base = files.next().unwrap();
+        GuestRam::from_layers(base, files.collect(), &layout).unwrap()
+    }
+
+    #[test]
+    fn memory_mapped_ahead_takes_each_forks_files_and_maps_only_what_is_new() {
+        let mut parent = GuestRam::new(64).unwrap();
+        let mem = parent.memory().clone();
+        mem.write_obj(7u64, GuestAddress(0)).unwrap();
+        // Mapped before the first fork, from the memory file the guest still writes.
+        let mut before_first = mapped_ahead(&parent);
+        mem.write_obj(8u64, GuestAddress(PAGE)).unwrap();
+        let (files, layout) = parent.freeze_for_fork().unwrap();
+        let files: Vec<File> = files.iter().map(|f| f.try_clone().unwrap()).collect();
+        let mut files = files.into_iter();
+        let mapped = before_first
+            .relayer(files.next().unwrap(), files.collect(), &layout)
+            .unwrap();
+        assert_eq!(mapped, 0, "nothing new to map");
+        let read =
+            |ram: &GuestRam, addr: u64| ram.memory().read_obj::<u64>(GuestAddress(addr)).unwrap();
+        assert_eq!((read(&before_first, 0), read(&before_first, PAGE)), (7, 8));
+
+        // A VM that forks again and again: a warm copy made after each fork, used at
+        // the next (its overlays a prefix of that fork's), and one made after the
+        // second fork, used after the overlays were merged (its overlays stale).
+        let mut stale = None;
+        let mut kept_some = false;
+        let rounds = MAX_OVERLAYS as u64 + 3;
+        for round in 0..rounds {
+            let mut ahead = mapped_ahead(&parent);
+            if round == 2 {
+                assert!(!ahead.overlays.is_empty());
+                stale = Some(mapped_ahead(&parent));
+            }
+            for i in 0..300u64 {
+                let addr = (8 + round * 600 + 2 * i) * PAGE;
+                mem.write_obj(round * 1000 + i, GuestAddress(addr)).unwrap();
+            }
+            let (files, layout) = parent.freeze_for_fork().unwrap();
+            let files: Vec<File> = files.iter().map(|f| f.try_clone().unwrap()).collect();
+            let total: usize = layout.overlays.iter().map(Vec::len).sum();
+            let newest = layout.overlays.last().map_or(0, Vec::len);
+            let last = round + 1 == rounds;
+            let mut copies = vec![("made at the fork before", &mut ahead)];
+            if last {
+                copies.push(("made before a merge", stale.as_mut().unwrap()));
+            }
+            for (what, ahead) in copies {
+                let mut f = files.iter().map(|f| f.try_clone().unwrap());
+                let mapped = ahead
+                    .relayer(f.next().unwrap(), f.collect(), &layout)
+                    .unwrap();
+                assert!(
+                    mapped == newest || mapped == total,
+                    "round {round}, {what}: mapped {mapped} of {total} extents"
+                );
+                kept_some |= mapped < total;
+                if what == "made before a merge" {
+                    assert_eq!(mapped, total, "its stale overlays were kept");
+                }
+                // It reads what a child mapping the fork's files from scratch reads.
+                assert_eq!(read(ahead, 0), 7);
+                for r in 0..=round {
+                    for i in [0u64, 1, 299] {
+                        let addr = (8 + r * 600 + 2 * i) * PAGE;
+                        assert_eq!(read(ahead, addr), r * 1000 + i, "round {round}, {what}");
+                        assert_eq!(read(ahead, addr + PAGE), 0);
+                    }
+                }
+            }
+        }
+        assert!(kept_some, "no warm copy kept the overlays it had mapped");
+
+        // The memory of another VM (another base) replaces all of it.
+        let other = GuestRam::new(64).unwrap();
+        other.memory().write_obj(9u64, GuestAddress(0)).unwrap();
+        let mut ahead = mapped_ahead(&parent);
+        let (_, layout) = other.layers();
+        ahead
+            .relayer(other.memfd().try_clone().unwrap(), vec![], &layout)
+            .unwrap();
+        assert_eq!(read(&ahead, 0), 9);
+        assert_eq!(read(&ahead, (8 + 2) * PAGE), 0);
+        // Other ranges cannot be laid over it.
+        let small = GuestRam::new(16).unwrap();
+        let (_, layout) = small.layers();
+        let e = ahead
+            .relayer(small.memfd().try_clone().unwrap(), vec![], &layout)
             .unwrap_err();
         assert!(matches!(e, MemoryError::BadLayout(_)), "{e}");
     }

@@ -7,10 +7,15 @@
 //! first part before anyone asks: it keeps `size` VM processes started with a
 //! [`Warmup`], each of which has made a [`Prepared`](crate::warm::Prepared) VM (KVM VM, irqchip, PIT, the
 //! vCPU fds with CPUID and MSRs set; see [`crate::warm`]), has registered itself in a
-//! home staged under the state root's `.staged/` (not listed by `ps`), and waits on its
-//! launch socket. A fork hands a warm process the memory files and the encoded state; it
-//! publishes its home (one rename), maps memory, writes the state into what it prepared
-//! and runs. The pool is refilled after each fork, in the background.
+//! home staged under the state root's `.staged/` (not listed by `ps`), has mapped the
+//! forking VM's memory as of its last fork (or its start) and given it to the VM's
+//! memory slots ([`ChildPool::set_memory`]), says so on its socket, and waits for its
+//! launch. Only then is it ready: a launch sent to a process still preparing (at the
+//! lowest CPU priority) would wait unread. A fork hands a warm process the memory files
+//! and the encoded state; it publishes its home (one rename), lays the fork's memory
+//! files over what it mapped (mapping only the overlays it lacks: the pages the VM
+//! wrote since the fork before, see `GuestRam::relayer`), writes the state into what
+//! it prepared and runs. The pool is refilled after each fork, in the background.
 //!
 //! A warm process lives only as long as its socket to the pool: when the forking VM
 //! ends (or is killed), the socket closes and the waiting process exits. One that dies
@@ -25,8 +30,11 @@
 //! Cost: each waiting process is one idle `forkvm-vmm` (measured: 224-360 KiB private
 //! forked by the zygote, 1.1-1.3 MiB exec'd, debug build; the rest of its resident
 //! memory shared) plus the kernel's memory for one empty KVM VM and its vCPUs, and a
-//! staged home (a directory and a state file of a few hundred bytes); no guest memory.
-//! Per pool, one zygote.
+//! staged home (a directory and a state file of a few hundred bytes). Its mapping of
+//! the guest memory costs page tables only once the child runs; but it holds the memory
+//! files it mapped, so an overlay the forking VM merged away lives on until the warm
+//! processes that mapped it are used or end (the pool itself holds the files of the
+//! VM's last fork). Per pool, one zygote.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -34,8 +42,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use std::fs::File;
+
 use crate::launch::ChildHomes;
 use crate::launch::VmProcess;
+use crate::memory::MemoryLayout;
 use crate::warm::{Staging, Warmup};
 use crate::zygote::Zygote;
 
@@ -106,9 +117,15 @@ pub enum Maker {
     Exec(PathBuf),
 }
 
+/// The memory files (base first) warm processes map ahead, and their layout.
+type MemoryAhead = (Vec<File>, MemoryLayout);
+
 struct Shared {
     size: usize,
     warmup: Warmup,
+    /// The forking VM's memory as warm processes map it ahead: the files (base first)
+    /// and their layout, as of the VM's last fork (or its start).
+    memory: Mutex<Option<Arc<MemoryAhead>>>,
     maker: Maker,
     state: Mutex<PoolState>,
     wake: Condvar,
@@ -140,6 +157,7 @@ impl ChildPool {
         let shared = Arc::new(Shared {
             size: size.min(MAX_FORK_POOL) as usize,
             warmup,
+            memory: Mutex::new(None),
             maker,
             state: Mutex::new(PoolState {
                 ready: VecDeque::new(),
@@ -184,6 +202,7 @@ impl ChildPool {
             // Jailed as this process jails the VMs it starts, while they wait.
             jail: Some(forkvm_jail::JailSpec::inherited()),
             places,
+            memory: None,
         };
         Self::start_filling(size, warmup, Maker::Zygote(exe), fill_now)
     }
@@ -214,6 +233,20 @@ impl ChildPool {
             .wait_timeout_while(state, timeout, |s| !s.closed && s.ready.len() < n)
             .unwrap_or_else(|p| p.into_inner());
         state.ready.len()
+    }
+
+    /// Has the warm processes started from now on map `files` (base first) as `layout`
+    /// says while they wait: the forking VM's memory as of its last fork (or its start).
+    /// Those already waiting keep what they mapped (a fork lays its own files over it).
+    /// The pool keeps its own descriptors of the files until the next call.
+    pub fn set_memory(&self, files: &[&File], layout: MemoryLayout) -> std::io::Result<()> {
+        let files = files
+            .iter()
+            .map(|f| f.try_clone())
+            .collect::<std::io::Result<Vec<File>>>()?;
+        *self.shared.memory.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Arc::new((files, layout)));
+        Ok(())
     }
 
     /// Starts replacing what was taken (and what died), in the background.
@@ -270,9 +303,19 @@ fn fill(shared: &Shared) {
                 return;
             }
         }
-        let warmup = shared.warmup.renewed();
-        match make(&shared.maker, &mut zygote, &warmup) {
-            Ok(process) => {
+        let mut warmup = shared.warmup.renewed();
+        let memory = shared
+            .memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        warmup.memory = memory.as_ref().map(|m| m.1.clone());
+        let files = memory.as_ref().map_or(&[][..], |m| &m.0[..]);
+        let made = make(&shared.maker, &mut zygote, &warmup, files)
+            .and_then(|p| until_prepared(shared, p));
+        match made {
+            Ok(None) => return,
+            Ok(Some(process)) => {
                 let w = Warm {
                     process,
                     staged: warmup.stage.as_ref().map(Staging::dir),
@@ -300,9 +343,38 @@ fn fill(shared: &Shared) {
 
 /// Starts one warm process as `maker` says: forked by `zygote` (started if there is
 /// none; dropped when it fails, so that the next process starts a new one), or exec'd.
-fn make(maker: &Maker, zygote: &mut Option<Zygote>, warmup: &Warmup) -> std::io::Result<VmProcess> {
+/// How often a filler waiting for a warm process to prepare looks whether its pool
+/// closed.
+const PREPARED_POLL: Duration = Duration::from_millis(100);
+
+/// Waits until `process` says it has prepared its VM: only then is it ready (a launch
+/// sent earlier would wait, unread, behind the preparation, which runs at the lowest
+/// CPU priority). `None` when the pool closed meanwhile (the process is killed).
+fn until_prepared(shared: &Shared, mut process: VmProcess) -> std::io::Result<Option<VmProcess>> {
+    loop {
+        match process.wait_prepared(PREPARED_POLL) {
+            Ok(true) => return Ok(Some(process)),
+            Ok(false) if !shared.lock().closed => {}
+            Ok(false) => {
+                process.kill_and_reap();
+                return Ok(None);
+            }
+            Err(e) => {
+                process.kill_and_reap();
+                return Err(e);
+            }
+        }
+    }
+}
+
+fn make(
+    maker: &Maker,
+    zygote: &mut Option<Zygote>,
+    warmup: &Warmup,
+    files: &[File],
+) -> std::io::Result<VmProcess> {
     let exe = match maker {
-        Maker::Exec(exe) => return VmProcess::spawn_warm(exe, warmup),
+        Maker::Exec(exe) => return VmProcess::spawn_warm(exe, warmup, files),
         Maker::Zygote(exe) => exe,
     };
     if zygote.is_none() {
@@ -311,7 +383,10 @@ fn make(maker: &Maker, zygote: &mut Option<Zygote>, warmup: &Warmup) -> std::io:
             .ok();
     }
     if let Some(z) = zygote {
-        match z.fork().and_then(|mut p| p.warm_up(warmup).map(|()| p)) {
+        match z
+            .fork()
+            .and_then(|mut p| p.warm_up(warmup, files).map(|()| p))
+        {
             Ok(p) => return Ok(p),
             Err(e) => {
                 tracing::warn!(pid = z.pid(), "the fork pool's zygote failed: {e}");
@@ -319,7 +394,7 @@ fn make(maker: &Maker, zygote: &mut Option<Zygote>, warmup: &Warmup) -> std::io:
             }
         }
     }
-    VmProcess::spawn_warm(exe, warmup)
+    VmProcess::spawn_warm(exe, warmup, files)
 }
 
 impl Drop for ChildPool {
@@ -351,7 +426,12 @@ mod tests {
     /// A stand-in for the VM-process executable that just waits.
     fn waiter(dir: &std::path::Path) -> PathBuf {
         let exe = dir.join("forkvm-vmm");
-        std::fs::write(&exe, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        // Says it is prepared (REPORT_PREPARED, 3, as 8 bytes little-endian), then waits.
+        std::fs::write(
+            &exe,
+            "#!/bin/sh\nprintf '\\003\\000\\000\\000\\000\\000\\000\\000' >&3\nexec sleep 600\n",
+        )
+        .unwrap();
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
         exe
     }
@@ -371,6 +451,7 @@ mod tests {
             stage: None,
             jail: None,
             places: Default::default(),
+            memory: None,
         }
     }
 
@@ -448,6 +529,39 @@ mod tests {
     }
 
     #[test]
+    fn a_process_still_preparing_is_not_ready_and_goes_with_its_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("forkvm-vmm");
+        let pidfile = dir.path().join("pid");
+        std::fs::write(
+            &exe,
+            format!(
+                "#!/bin/sh\necho $$ > {}\nexec sleep 600\n",
+                pidfile.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let pool = ChildPool::start(1, unstaged(), Maker::Exec(exe)).unwrap();
+        wait_until("the process to start", || {
+            std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+        });
+        let pid: u32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(pool.wait_ready(1, Duration::from_millis(500)), 0);
+        assert!(
+            pool.take().is_none(),
+            "a process still preparing was handed out"
+        );
+        assert!(running(pid));
+        drop(pool);
+        wait_until("the preparing process to be killed", || !running(pid));
+    }
+
+    #[test]
     fn a_dropped_pool_leaves_no_process() {
         let dir = tempfile::tempdir().unwrap();
         let pool = ChildPool::start(3, unstaged(), Maker::Exec(waiter(dir.path()))).unwrap();
@@ -488,6 +602,7 @@ mod tests {
             }),
             jail: None,
             places: Default::default(),
+            memory: None,
         };
         let pool = ChildPool::start(2, warmup, Maker::Exec(waiter(dir.path()))).unwrap();
         wait_until("the pool to fill", || pool.pids().len() == 2);

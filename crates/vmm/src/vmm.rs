@@ -28,6 +28,7 @@ use crate::layout::{ACPI_POWER_PORT, I8042_PORT, SERIAL_IRQ, SERIAL_PORT};
 use crate::memory::{GuestRam, MemoryError};
 use crate::pool::ChildPool;
 use crate::snapshot::VmSnapshot;
+use crate::steps::Steps;
 use crate::vcpu::{
     install_kick_handler, HostCpu, StopSink, VcpuArgs, VcpuError, VcpuHandle, VcpuStop,
 };
@@ -197,20 +198,25 @@ impl Vmm {
         if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
             return Err(VmmError::BadVcpuCount(cfg.vcpus));
         }
+        let mut steps = Steps::new(Instant::now());
         let ram = GuestRam::new(cfg.mem_mib)?;
-        Self::build(cfg, ram, console, None, None)
+        steps.mark("memory");
+        let vmm = Self::build(cfg, ram, console, None, None, &mut steps)?;
+        tracing::info!("VM built after {steps}");
+        Ok(vmm)
     }
 
     /// Creates the VM around `ram` and starts its vCPU threads: a boot of `cfg`, or a
     /// restore of `saved` (with `cfg`, the child's own configuration), whose vCPUs start
     /// paused. A restore uses the KVM VM and vCPUs of `prepared` when it has as many
-    /// vCPUs (a warm fork child, see [`crate::pool`]).
+    /// vCPUs (a warm fork child, see [`crate::pool`]). Each step's time goes to `steps`.
     pub(crate) fn build(
         cfg: &VmConfig,
         ram: GuestRam,
         console: Box<dyn Write + Send>,
         saved: Option<&VmSnapshot>,
         prepared: Option<Prepared>,
+        steps: &mut Steps,
     ) -> Result<Self, VmmError> {
         let started = Instant::now();
         if let Some(snapshot) = saved {
@@ -223,9 +229,11 @@ impl Vmm {
             }
         }
         let advance_ns = saved.map_or(0, VmSnapshot::elapsed_ns);
-        let prepared =
-            prepared.filter(|p| saved.is_some() && p.vcpu_count() == usize::from(cfg.vcpus));
+        let prepared = prepared.filter(|p| saved.is_some() && p.fits(cfg.vcpus));
         let warm = prepared.is_some();
+        // A warm process's memory is in its VM's slots already, and it is `ram` when
+        // the restore took it (see `ChildPayload::restore`).
+        let slots_made = prepared.as_ref().is_some_and(|p| p.slots_made());
         let (made, host, made_vcpus) = match prepared {
             Some(p) => (Some(p.vm), Some(p.host), p.vcpus),
             None => (None, None, Vec::new()),
@@ -238,8 +246,11 @@ impl Vmm {
             Some(h) => h,
             None => HostCpu::query(&vm)?,
         };
-        let vm_us = started.elapsed().as_micros() as u64;
-        vm.register_memory(ram.memory())?;
+        steps.mark("KVM VM");
+        if !slots_made {
+            vm.register_memory(ram.memory())?;
+            steps.mark("memory slots");
+        }
         let mem = ram.memory();
 
         let mut events: EventManager<Subscriber> =
@@ -296,7 +307,7 @@ impl Vmm {
             sink: stop.clone(),
         })));
 
-        let legacy_us = started.elapsed().as_micros() as u64;
+        steps.mark("legacy devices");
         // Virtio devices on the MMIO bus.
         let mut setup = DeviceSetup::new(
             &vm,
@@ -311,6 +322,7 @@ impl Vmm {
             attached,
             ..
         } = setup;
+        steps.mark("virtio devices");
 
         // Guest memory contents: a fresh boot writes the kernel and boot structures; a
         // restored VM already has them in its memory.
@@ -328,12 +340,12 @@ impl Vmm {
                     index: 0,
                     source: source.into(),
                 })?;
+                steps.mark("kernel");
                 Start::Boot(kernel.entry)
             }
             Some(snapshot) => Start::Restore(snapshot),
         };
 
-        let devices_us = started.elapsed().as_micros() as u64;
         install_kick_handler().map_err(|e| VmmError::Thread(e.into()))?;
         let pio = Arc::new(pio);
         let mmio = Arc::new(mmio);
@@ -360,6 +372,7 @@ impl Vmm {
             };
             vcpus.push(vcpu.map_err(|source| VmmError::Vcpu { index, source })?);
         }
+        steps.mark("vCPUs");
         // A restored device's interrupt the saved interrupt controllers may not hold
         // (KVM injects irqfd interrupts asynchronously) is raised again, now that the
         // controllers and vCPUs are restored: the guest would otherwise wait for it.
@@ -376,15 +389,10 @@ impl Vmm {
                 })?;
             }
         }
-        // Where the time went, cumulative from the start (a fork child's T1 is in it).
-        tracing::info!(
-            vm_us,
-            legacy_us,
-            devices_us,
-            elapsed_us = started.elapsed().as_micros() as u64,
-            warm,
-            "VM built"
-        );
+        if saved.is_some() {
+            steps.mark("interrupts");
+        }
+        tracing::debug!(warm, "VM built");
         Ok(Self {
             cfg: cfg.clone(),
             ram,
@@ -540,17 +548,35 @@ impl Vmm {
             .as_ref()
             .map(|h| crate::launch::places(&h.root, Some(&self.cfg)))
             .unwrap_or_default();
+        // Held until it has the memory to map ahead.
         let started = ChildPool::for_children(
             self.cfg.fork_pool,
             self.cfg.vcpus,
             self.cfg.mem_mib,
             self.child_homes.clone(),
             places,
-            fill_now,
+            false,
         );
         match started {
-            Ok(pool) => self.pool = Some(pool),
+            Ok(pool) => {
+                self.pool = Some(pool);
+                self.give_pool_memory();
+                if fill_now {
+                    self.fill_fork_pool();
+                }
+            }
             Err(e) => tracing::warn!("cannot start the fork pool: {e}"),
+        }
+    }
+
+    /// Has the warm processes the pool starts from now on map this VM's memory as it
+    /// is now (after a fork: as its children map it) while they wait.
+    pub(crate) fn give_pool_memory(&self) {
+        if let Some(pool) = &self.pool {
+            let (files, layout) = self.ram.layers();
+            if let Err(e) = pool.set_memory(&files, layout) {
+                tracing::warn!("cannot give the fork pool the memory to map ahead: {e}");
+            }
         }
     }
 

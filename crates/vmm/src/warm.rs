@@ -1,7 +1,9 @@
 //! What a warm VM process makes while it waits to become a fork child: a [`Prepared`]
-//! VM of the shape its [`Warmup`] gives, and its home, staged (the parent's side, the
-//! pool that keeps such processes, is [`crate::pool`]).
+//! VM of the shape its [`Warmup`] gives, with the forking VM's memory mapped as it was
+//! when the warm-up was sent, and its home, staged (the parent's side, the pool that
+//! keeps such processes, is [`crate::pool`]).
 
+use std::fs::File;
 use std::path::PathBuf;
 
 use forkvm_registry::VmHome;
@@ -9,6 +11,7 @@ use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
 use crate::launch::ChildHomes;
+use crate::memory::{GuestRam, MemoryError, MemoryLayout};
 use crate::vcpu::{create_vcpu, HostCpu, VcpuError};
 use crate::vm::{Vm, VmError};
 
@@ -31,6 +34,13 @@ pub struct Warmup {
     /// is inherited lives in its parent's root and is bound by its parent's rules instead.
     #[serde(default)]
     pub places: forkvm_jail::Places,
+    /// The forking VM's memory as it is when the warm-up is sent: the files (base,
+    /// then overlays) come with the warm-up, to be mapped and given to the VM's memory
+    /// slots ahead. A fork's own files are laid over it at the launch
+    /// ([`GuestRam::relayer`]): as a VM forks again and again its base stays the same
+    /// file and its overlays mostly do, so the launch maps only what is new.
+    #[serde(default)]
+    pub memory: Option<MemoryLayout>,
 }
 
 /// A warm process's home, made while it waits ([`VmHome::stage`]): VM `id`, a child of
@@ -75,11 +85,16 @@ impl Staging {
 }
 
 /// A VM made ahead of its use: the KVM VM with irqchip and PIT, and its vCPUs created
-/// with CPUID and MSRs set. Nothing in it belongs to any guest yet.
+/// with CPUID and MSRs set; and the forking VM's memory, if the warm-up sent it, mapped
+/// and in the VM's memory slots, untouched. No guest has run in it yet.
 pub struct Prepared {
     pub(crate) vm: Vm,
     pub(crate) host: HostCpu,
     pub(crate) vcpus: Vec<VcpuFd>,
+    /// The memory, in `vm`'s slots (dropped after `vm`); taken by the restore.
+    pub(crate) memory: Option<GuestRam>,
+    /// Whether `vm`'s memory slots were made (for `memory`).
+    slots: bool,
 }
 
 /// Why a VM could not be prepared.
@@ -88,6 +103,9 @@ pub enum PrepareError {
     /// The KVM VM.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// The forking VM's memory.
+    #[error("cannot map the forking VM's memory")]
+    Memory(#[from] MemoryError),
     /// A vCPU.
     #[error("vCPU {index}")]
     Vcpu {
@@ -103,13 +121,15 @@ impl std::fmt::Debug for Prepared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Prepared")
             .field("vcpus", &self.vcpus.len())
+            .field("memory", &self.memory.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl Prepared {
-    /// Makes a VM shaped as `warmup` says.
-    pub fn new(warmup: &Warmup) -> Result<Self, PrepareError> {
+    /// Makes a VM shaped as `warmup` says, over the memory `files` (base first) when
+    /// it sends the memory's layout.
+    pub fn new(warmup: &Warmup, mut files: Vec<File>) -> Result<Self, PrepareError> {
         let vm = Vm::new()?;
         let host = HostCpu::query(&vm)?;
         let vcpus = (0..warmup.vcpus)
@@ -118,12 +138,38 @@ impl Prepared {
                     .map_err(|source| PrepareError::Vcpu { index, source })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { vm, host, vcpus })
+        let memory = match &warmup.memory {
+            Some(layout) if !files.is_empty() => {
+                let base = files.remove(0);
+                let ram = GuestRam::from_layers(base, files, layout)?;
+                vm.register_memory(ram.memory())?;
+                Some(ram)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            vm,
+            host,
+            vcpus,
+            slots: memory.is_some(),
+            memory,
+        })
     }
 
     /// Number of vCPUs it has.
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.len()
+    }
+
+    /// Whether its VM's memory slots are made, for the memory it mapped ahead: the
+    /// VM restored in it must use that memory ([`GuestRam::relayer`]).
+    pub(crate) fn slots_made(&self) -> bool {
+        self.slots
+    }
+
+    /// Whether a VM of `vcpus` vCPUs restored from a fork can be built in it.
+    pub(crate) fn fits(&self, vcpus: u8) -> bool {
+        self.vcpus.len() == usize::from(vcpus)
     }
 }
 
@@ -131,7 +177,10 @@ impl Prepared {
 /// (`SCHED_IDLE`): a pool refills right after a fork, while the new children are still
 /// starting their guests, and on a busy host that work must not take CPU from them.
 /// The priority is the thread's alone; the vCPUs run on threads of their own later.
-pub(crate) fn prepare_in_background(warmup: &Warmup) -> Result<Prepared, PrepareError> {
+pub(crate) fn prepare_in_background(
+    warmup: &Warmup,
+    files: Vec<File>,
+) -> Result<Prepared, PrepareError> {
     std::thread::scope(|s| {
         s.spawn(|| {
             let param = libc::sched_param { sched_priority: 0 };
@@ -143,7 +192,7 @@ pub(crate) fn prepare_in_background(warmup: &Warmup) -> Result<Prepared, Prepare
                     std::io::Error::last_os_error()
                 );
             }
-            Prepared::new(warmup)
+            Prepared::new(warmup, files)
         })
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p))

@@ -30,7 +30,8 @@ pub struct ChildSample {
 
 /// The steps of a fork child's start as its VM process logs them (`fork child running
 /// after register 812 us, console 40 us, ...`), in order; empty when `log` has no such
-/// line.
+/// line. A count among them (`extents mapped 250`, no unit) is named with
+/// [`COUNT`] appended.
 pub fn parse_steps(log: &str) -> Vec<(String, u64)> {
     const MARK: &str = "fork child running after ";
     let Some(line) = log.lines().rev().find(|l| l.contains(MARK)) else {
@@ -41,12 +42,23 @@ pub fn parse_steps(log: &str) -> Vec<(String, u64)> {
         .split(", ")
         .filter_map(|part| {
             // The last step is followed by the line's fields (` warm=true`).
-            let part = part.find(" us").map_or(part, |end| &part[..end]);
-            let (name, us) = part.trim().rsplit_once(' ')?;
-            Some((name.to_owned(), us.parse().ok()?))
+            let (part, count) = match part.find(" us") {
+                Some(end) => (&part[..end], false),
+                None => (part.split(" warm=").next().unwrap_or(part), true),
+            };
+            let (name, n) = part.trim().rsplit_once(' ')?;
+            let name = if count {
+                format!("{name}{COUNT}")
+            } else {
+                name.to_owned()
+            };
+            Some((name, n.parse().ok()?))
         })
         .collect()
 }
+
+/// What marks a count among a start's steps ([`parse_steps`]).
+pub const COUNT: &str = " (count)";
 
 /// Where the children's starts went, per series: each step's p50 and max over the
 /// children that logged it, ms; `None` when none did.
@@ -69,7 +81,10 @@ pub fn steps_table(rounds: &[ForkRound]) -> Option<String> {
         return None;
     }
     let mut header = vec!["series".to_owned(), "children".to_owned()];
-    header.extend(names.iter().map(|n| format!("{n} p50 / max ms")));
+    header.extend(names.iter().map(|n| match n.strip_suffix(COUNT) {
+        Some(n) => format!("{n} p50 / max"),
+        None => format!("{n} p50 / max ms"),
+    }));
     let mut rows = vec![header];
     for (jailed, pool, count) in series {
         let kids: Vec<&ChildSample> = rounds
@@ -83,11 +98,12 @@ pub fn steps_table(rounds: &[ForkRound]) -> Option<String> {
             kids.len().to_string(),
         ];
         for name in &names {
+            let per = if name.ends_with(COUNT) { 1.0 } else { 1000.0 };
             let d = dist_by(&kids, |c| {
                 c.steps
                     .iter()
                     .find(|(n, _)| n == name)
-                    .map(|(_, us)| *us as f64 / 1000.0)
+                    .map(|(_, v)| *v as f64 / per)
             });
             row.push(format!("{} / {}", cell(d, |d| d.p50), cell(d, |d| d.max)));
         }

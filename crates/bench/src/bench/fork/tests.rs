@@ -244,8 +244,8 @@ fn jailed_and_unjailed_forks_are_separate_series() {
 fn a_childs_start_steps_are_read_from_its_log_and_tabled_per_series() {
     let log = "2026-12-06T07:00:00Z  INFO forkvm_vmm: something else\n\
                2026-12-06T07:00:01Z  INFO forkvm_vm_process: fork child running after \
-               register 812 us, console 40 us, jail 3 us, build and resume 21500 us, \
-               report 900 us warm=true\n";
+               register 812 us, console 40 us, jail 3 us, map memory 21500 us, \
+               extents mapped 250, report 900 us warm=true\n";
     let steps = parse_steps(log);
     assert_eq!(
         steps,
@@ -253,7 +253,8 @@ fn a_childs_start_steps_are_read_from_its_log_and_tabled_per_series() {
             ("register", 812),
             ("console", 40),
             ("jail", 3),
-            ("build and resume", 21500),
+            ("map memory", 21500),
+            ("extents mapped (count)", 250),
             ("report", 900)
         ]
         .map(|(n, us)| (n.to_owned(), us))
@@ -264,7 +265,8 @@ fn a_childs_start_steps_are_read_from_its_log_and_tabled_per_series() {
     for (i, c) in rounds[0].children.iter_mut().enumerate() {
         c.steps = vec![
             ("register".into(), 1000 * (i as u64 + 1)),
-            ("build and resume".into(), 20_000),
+            ("map memory".into(), 20_000),
+            (format!("extents mapped{COUNT}"), 250),
         ];
     }
     let table = steps_table(&rounds).unwrap();
@@ -273,7 +275,13 @@ fn a_childs_start_steps_are_read_from_its_log_and_tabled_per_series() {
         .find(|l| l.starts_with(&format!("fork x{}", rounds[0].count)))
         .unwrap();
     assert!(table.contains("register p50 / max ms"), "{table}");
+    assert!(
+        table.contains("extents mapped p50 / max")
+            && !table.contains("extents mapped p50 / max ms"),
+        "{table}"
+    );
     assert!(row.contains("20.0 / 20.0"), "{table}");
+    assert!(row.contains("250 / 250"), "{table}");
 }
 
 #[test]

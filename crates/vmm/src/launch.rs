@@ -646,6 +646,11 @@ impl Launched {
         match warm {
             Some((_, entered)) => entered.map_err(LaunchError::Jail),
             None => {
+                // Threads confined for the warm-up's jail go: the process enters a
+                // jail with one thread.
+                if let Some(p) = &mut self.prepared {
+                    p.end_threads();
+                }
                 let ram = self.config().mem_mib << 20;
                 // A socket left by a VM process that is gone: its directory will let the
                 // VM make a socket, not remove one.
@@ -776,6 +781,11 @@ impl Launched {
                             )
                         })
                         .ok();
+                    // Its vCPU threads, confined in the jail it is in (one it enters at
+                    // the launch ends them first).
+                    if let (Some(p), Some((_, Ok(_)))) = (&mut prepared, &warm_jail) {
+                        p.park_threads();
+                    }
                     // Counted ready by its pool from now on; a pool that went away
                     // closed the socket, which the next receive finds.
                     let _ = (&sock).write_all(&REPORT_PREPARED.to_le_bytes());

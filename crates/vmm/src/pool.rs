@@ -311,15 +311,18 @@ fn fill(shared: &Shared) {
             .clone();
         warmup.memory = memory.as_ref().map(|m| m.1.clone());
         let files = memory.as_ref().map_or(&[][..], |m| &m.0[..]);
-        let made = make(&shared.maker, &mut zygote, &warmup, files)
-            .and_then(|p| until_prepared(shared, p));
-        match made {
-            Ok(None) => return,
-            Ok(Some(process)) => {
-                let w = Warm {
+        let made = make(&shared.maker, &mut zygote, &warmup, files).and_then(|process| {
+            until_prepared(
+                shared,
+                Warm {
                     process,
                     staged: warmup.stage.as_ref().map(Staging::dir),
-                };
+                },
+            )
+        });
+        match made {
+            Ok(None) => return,
+            Ok(Some(w)) => {
                 let mut state = shared.lock();
                 if state.closed {
                     drop(state);
@@ -349,18 +352,19 @@ const PREPARED_POLL: Duration = Duration::from_millis(100);
 
 /// Waits until `process` says it has prepared its VM: only then is it ready (a launch
 /// sent earlier would wait, unread, behind the preparation, which runs at the lowest
-/// CPU priority). `None` when the pool closed meanwhile (the process is killed).
-fn until_prepared(shared: &Shared, mut process: VmProcess) -> std::io::Result<Option<VmProcess>> {
+/// CPU priority). `None` when the pool closed meanwhile; a process that does not
+/// get ready is killed and its home removed.
+fn until_prepared(shared: &Shared, w: Warm) -> std::io::Result<Option<Warm>> {
     loop {
-        match process.wait_prepared(PREPARED_POLL) {
-            Ok(true) => return Ok(Some(process)),
+        match w.process.wait_prepared(PREPARED_POLL) {
+            Ok(true) => return Ok(Some(w)),
             Ok(false) if !shared.lock().closed => {}
             Ok(false) => {
-                process.kill_and_reap();
+                w.kill();
                 return Ok(None);
             }
             Err(e) => {
-                process.kill_and_reap();
+                w.kill();
                 return Err(e);
             }
         }

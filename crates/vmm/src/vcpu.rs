@@ -404,14 +404,21 @@ impl VcpuRunner {
         }
     }
 
-    fn run_loop(mut self, commands: Receiver<Command>, answers: Sender<Answer>) {
+    /// Runs the vCPU on this thread. `confined`: how confining this thread went when it
+    /// was started ahead (a [`ParkedThread`]); `None`: it is confined now.
+    fn run_loop(
+        mut self,
+        commands: Receiver<Command>,
+        answers: Sender<Answer>,
+        confined: Option<Result<(), String>>,
+    ) {
         // Before anything the guest can reach runs on this thread.
-        if let Err(e) = forkvm_jail::confine_thread(forkvm_jail::ThreadKind::Vcpu) {
-            let why = format!(
-                "cannot confine vCPU {}: {}",
-                self.index,
-                crate::control::error_chain(&e)
-            );
+        let confined = confined.unwrap_or_else(|| {
+            forkvm_jail::confine_thread(forkvm_jail::ThreadKind::Vcpu)
+                .map_err(|e| crate::control::error_chain(&e))
+        });
+        if let Err(e) = confined {
+            let why = format!("cannot confine vCPU {}: {e}", self.index);
             tracing::error!("{why}");
             self.stop.report(VcpuStop::Failed(why));
             self.paused_loop(&commands, &answers);
@@ -458,20 +465,74 @@ impl VcpuRunner {
         self.paused_loop(&commands, &answers);
     }
 
-    /// Runs the vCPU on a new thread named `vcpu<N>`.
-    pub fn spawn(self) -> std::io::Result<VcpuHandle> {
+    /// Runs the vCPU on a new thread named `vcpu<N>`, or on `parked`, started ahead.
+    pub fn spawn(self, parked: Option<ParkedThread>) -> std::io::Result<VcpuHandle> {
         let (cmd_tx, cmd_rx) = channel();
         let (ans_tx, ans_rx) = channel();
         let index = self.index;
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || self.run_loop(cmd_rx, ans_tx))?;
+        let thread = match parked {
+            Some(p) => p.run(self, cmd_rx, ans_tx)?,
+            None => std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || self.run_loop(cmd_rx, ans_tx, None))?,
+        };
         Ok(VcpuHandle {
             index,
             thread: Some(thread),
             commands: cmd_tx,
             answers: ans_rx,
         })
+    }
+}
+
+/// What a parked vCPU thread is given to run.
+type Work = (VcpuRunner, Receiver<Command>, Sender<Answer>);
+
+/// A vCPU thread started ahead of its vCPU (a warm fork process's, see `crate::warm`):
+/// it confined itself as the process's jail says when it started, and waits for a vCPU
+/// to run. Dropped unused, it ends.
+#[derive(Debug)]
+pub struct ParkedThread {
+    work: Sender<Work>,
+    thread: JoinHandle<()>,
+}
+
+impl ParkedThread {
+    /// Starts thread `vcpu<index>` and has it confine itself, if the process is jailed.
+    pub fn start(index: u8) -> std::io::Result<Self> {
+        let (work, waiting) = channel::<Work>();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                // A process jailed after this (its launch's jail is not the warm-up's)
+                // ends its parked threads first (`ParkedThread::end`): confined now or
+                // never, as `confine_thread` says.
+                let confined = forkvm_jail::confine_thread(forkvm_jail::ThreadKind::Vcpu)
+                    .map_err(|e| crate::control::error_chain(&e));
+                if let Ok((runner, commands, answers)) = waiting.recv() {
+                    runner.run_loop(commands, answers, Some(confined));
+                }
+            })?;
+        Ok(Self { work, thread })
+    }
+
+    /// Hands the thread its vCPU.
+    fn run(
+        self,
+        runner: VcpuRunner,
+        commands: Receiver<Command>,
+        answers: Sender<Answer>,
+    ) -> std::io::Result<JoinHandle<()>> {
+        self.work
+            .send((runner, commands, answers))
+            .map_err(|_| std::io::Error::other("the parked vCPU thread ended"))?;
+        Ok(self.thread)
+    }
+
+    /// Ends the thread and waits until it has.
+    pub fn end(self) {
+        drop(self.work);
+        let _ = self.thread.join();
     }
 }
 
@@ -596,6 +657,9 @@ pub struct VcpuArgs<'a> {
     /// The vCPU, when it was made ahead by [`create_vcpu`] (a warm fork child); `None`
     /// makes it now.
     pub made: Option<VcpuFd>,
+    /// The thread to run it on, when it was started ahead (a warm fork child); `None`
+    /// starts one.
+    pub parked: Option<ParkedThread>,
     /// Port-I/O bus.
     pub pio: Arc<Bus>,
     /// MMIO bus.
@@ -656,7 +720,7 @@ impl VcpuArgs<'_> {
             msr_candidates: self.host.msr_candidates.clone(),
             start_paused,
         }
-        .spawn()
+        .spawn(self.parked)
         .map_err(VcpuError::Thread)
     }
 }
@@ -707,5 +771,31 @@ impl Drop for VcpuHandle {
                 let _ = t.join();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names of this process's threads.
+    fn thread_names() -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_parked_thread_waits_for_its_vcpu_and_ends_unused() {
+        let named = |n: &str| thread_names().iter().filter(|t| *t == n).count();
+        let before = named("vcpu7");
+        let parked = ParkedThread::start(7).unwrap();
+        // It waits: still there a while later.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(named("vcpu7"), before + 1, "{:?}", thread_names());
+        parked.end();
+        assert_eq!(named("vcpu7"), before, "an unused parked thread stayed");
     }
 }

@@ -234,9 +234,9 @@ impl Vmm {
         // A warm process's memory is in its VM's slots already, and it is `ram` when
         // the restore took it (see `ChildPayload::restore`).
         let slots_made = prepared.as_ref().is_some_and(|p| p.slots_made());
-        let (made, host, made_vcpus) = match prepared {
-            Some(p) => (Some(p.vm), Some(p.host), p.vcpus),
-            None => (None, None, Vec::new()),
+        let (made, host, made_vcpus, parked) = match prepared {
+            Some(p) => (Some(p.vm), Some(p.host), p.vcpus, p.threads),
+            None => (None, None, Vec::new(), Vec::new()),
         };
         let vm = match saved {
             None => Vm::new()?,
@@ -352,6 +352,7 @@ impl Vmm {
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
         // Made ahead in index order; handed out in the same order.
         let mut made_vcpus = made_vcpus.into_iter();
+        let mut parked = parked.into_iter();
         for index in 0..cfg.vcpus {
             let args = VcpuArgs {
                 vm: &vm,
@@ -359,6 +360,7 @@ impl Vmm {
                 count: cfg.vcpus,
                 host: &host,
                 made: made_vcpus.next(),
+                parked: parked.next(),
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 stop: stop.clone(),

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::launch::ChildHomes;
 use crate::memory::{GuestRam, MemoryError, MemoryLayout};
-use crate::vcpu::{create_vcpu, HostCpu, VcpuError};
+use crate::vcpu::{create_vcpu, HostCpu, ParkedThread, VcpuError};
 use crate::vm::{Vm, VmError};
 
 /// What a warm VM process prepares while it waits: a VM of this shape, and the home it
@@ -95,6 +95,8 @@ pub struct Prepared {
     pub(crate) memory: Option<GuestRam>,
     /// Whether `vm`'s memory slots were made (for `memory`).
     slots: bool,
+    /// The vCPUs' threads, started and confined ahead ([`Prepared::park_threads`]).
+    pub(crate) threads: Vec<ParkedThread>,
 }
 
 /// Why a VM could not be prepared.
@@ -122,6 +124,7 @@ impl std::fmt::Debug for Prepared {
         f.debug_struct("Prepared")
             .field("vcpus", &self.vcpus.len())
             .field("memory", &self.memory.is_some())
+            .field("threads", &self.threads.len())
             .finish_non_exhaustive()
     }
 }
@@ -153,12 +156,38 @@ impl Prepared {
             vcpus,
             slots: memory.is_some(),
             memory,
+            threads: Vec::new(),
         })
     }
 
     /// Number of vCPUs it has.
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.len()
+    }
+
+    /// Starts a thread per vCPU, each confined as the process's jail (entered already)
+    /// says, waiting for its vCPU. Not on the thread that prepared the VM: threads
+    /// inherit its lowest CPU priority. A thread that cannot start is started at the
+    /// restore instead.
+    pub(crate) fn park_threads(&mut self) {
+        let n = self.vcpus.len() as u8;
+        for index in 0..n {
+            match ParkedThread::start(index) {
+                Ok(t) => self.threads.push(t),
+                Err(e) => {
+                    tracing::warn!("cannot start a vCPU thread ahead: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Ends the threads started ahead (before the process enters a jail other than
+    /// the one they were confined in: it must have one thread then).
+    pub(crate) fn end_threads(&mut self) {
+        for t in self.threads.drain(..) {
+            t.end();
+        }
     }
 
     /// Whether its VM's memory slots are made, for the memory it mapped ahead: the

@@ -210,7 +210,7 @@ fn run(mut launched: Launched) -> Result<i32> {
             root: h.root().to_owned(),
             parent: Some(h.id().to_owned()),
         };
-        let vmm = start(
+        let mut vmm = start(
             launch,
             launched.fork.as_ref(),
             files,
@@ -222,6 +222,13 @@ fn run(mut launched: Launched) -> Result<i32> {
         if let Some(jail) = &jail {
             jail.set_up(needs(vmm.config()))
                 .context("cannot drop the VM process's capabilities")?;
+            steps.mark("capabilities");
+        }
+        // A restored VM was built paused: now it runs.
+        if launched.fork.is_some() {
+            vmm.release_vcpus()
+                .context("cannot start the restored VM")?;
+            steps.mark("resume");
         }
         Ok(vmm)
     })();
@@ -252,6 +259,8 @@ fn run(mut launched: Launched) -> Result<i32> {
                 .report_running()
                 .context("cannot report to the parent")?;
             steps.mark("report");
+            vmm.confirm_resumed()
+                .context("a vCPU of the restored VM did not start")?;
             tracing::info!(warm, "fork child running after {steps}");
             payload
                 .apply_identity_in_background(&home)

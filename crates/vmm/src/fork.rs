@@ -124,9 +124,6 @@ pub enum ForkChildError {
     /// The payload's configuration is not the child's own.
     #[error("the fork payload gives the child no identity of its own: {0}")]
     Identity(String),
-    /// Resuming failed.
-    #[error("cannot start the restored VM: {0}")]
-    Start(String),
 }
 
 fn random_bytes(n: usize) -> Vec<u8> {
@@ -910,8 +907,9 @@ impl ChildPayload {
         &self.snapshot.config
     }
 
-    /// Restores the VM over the memory `files` with its console on `console`, and
-    /// resumes it; its children register under `homes`. Then
+    /// Restores the VM over the memory `files` with its console on `console`, paused
+    /// (the caller lets it run: [`Vmm::release_vcpus`]); its children register under
+    /// `homes`. Then
     /// [`ChildPayload::apply_identity_in_background`] has the guest take the identity.
     /// `prepared` is the VM a warm process made while it waited, if any. Each step's
     /// time goes to `steps`.
@@ -968,9 +966,6 @@ impl ChildPayload {
             steps,
         )?;
         vmm.set_child_homes(homes);
-        vmm.resume()
-            .map_err(|e| ForkChildError::Start(e.to_string()))?;
-        steps.mark("resume");
         tracing::debug!(
             overlays = self.layout.overlays.len(),
             extents = self.layout.overlays.iter().map(Vec::len).sum::<usize>(),

@@ -596,9 +596,25 @@ impl VcpuHandle {
 
     /// Lets every paused vCPU run again (told all at once, like [`Self::pause_all`]).
     pub fn resume_all(vcpus: &[VcpuHandle]) -> Result<(), VcpuStateError> {
-        Self::all(vcpus, Command::Resume, false, |a| {
-            matches!(a, Answer::Resumed)
-        })
+        Self::release_all(vcpus)?;
+        Self::confirm_resumed(vcpus)
+    }
+
+    /// Tells every paused vCPU to run, without waiting for their answers
+    /// ([`Self::confirm_resumed`] does): each thread is alive and will run its vCPU
+    /// once it reads the command.
+    pub fn release_all(vcpus: &[VcpuHandle]) -> Result<(), VcpuStateError> {
+        vcpus.iter().try_for_each(|v| v.send(Command::Resume))
+    }
+
+    /// Waits for every vCPU's answer to [`Self::release_all`].
+    pub fn confirm_resumed(vcpus: &[VcpuHandle]) -> Result<(), VcpuStateError> {
+        for v in vcpus {
+            if !matches!(v.answer(false)?, Answer::Resumed) {
+                return Err(VcpuStateError::ThreadGone(v.index));
+            }
+        }
+        Ok(())
     }
 
     fn all(

@@ -594,6 +594,22 @@ impl Vmm {
         Ok(())
     }
 
+    /// Tells every vCPU of a VM restored paused to run, without waiting for their
+    /// answers: a fork child reports running now, and [`Vmm::confirm_resumed`] after.
+    /// (On a host with one CPU, the first vCPU woken takes the CPU for its time slice
+    /// either way: measured, the report came no sooner.)
+    pub fn release_vcpus(&mut self) -> Result<(), ControlError> {
+        VcpuHandle::release_all(&self.vcpus).map_err(|e| ControlError::Failed(error_chain(&e)))
+    }
+
+    /// Waits until every vCPU [`Vmm::release_vcpus`] told to run has answered.
+    pub fn confirm_resumed(&mut self) -> Result<(), ControlError> {
+        VcpuHandle::confirm_resumed(&self.vcpus)
+            .map_err(|e| ControlError::Failed(error_chain(&e)))?;
+        self.paused = false;
+        Ok(())
+    }
+
     /// Resumes every vCPU (idempotent).
     pub fn resume(&mut self) -> Result<(), ControlError> {
         VcpuHandle::resume_all(&self.vcpus).map_err(|e| ControlError::Failed(error_chain(&e)))?;

@@ -130,7 +130,8 @@ fn console(
     })
 }
 
-/// Builds the VM: boots it or restores it, resumed; its children register under `homes`.
+/// Builds the VM: boots it (running) or restores it (paused); its children register
+/// under `homes`.
 fn start(
     launch: &Launch,
     fork: Option<&ChildPayload>,
@@ -189,8 +190,7 @@ fn exit_record(exit: &Result<ExitReason, VmmError>, stop_requested: bool) -> Exi
 
 fn run(mut launched: Launched) -> Result<i32> {
     let mut files = std::mem::take(&mut launched.files);
-    let prepared = launched.prepared.take();
-    let warm = prepared.is_some();
+    let warm = launched.prepared.is_some();
     let mut steps = Steps::new(launched.received);
     steps.add("queued", u128::from(launched.queued_us));
     let mut home = None;
@@ -205,6 +205,9 @@ fn run(mut launched: Launched) -> Result<i32> {
         // Before the VM is built: everything the guest can reach runs jailed.
         jail = launched.enter_jail(h)?;
         steps.mark("jail");
+        // Taken once the jail is entered: entering one other than the warm-up's ends
+        // the vCPU threads it started.
+        let prepared = launched.prepared.take();
         let launch = &launched.launch;
         let homes = ChildHomes {
             root: h.root().to_owned(),
@@ -259,8 +262,12 @@ fn run(mut launched: Launched) -> Result<i32> {
                 .report_running()
                 .context("cannot report to the parent")?;
             steps.mark("report");
-            vmm.confirm_resumed()
-                .context("a vCPU of the restored VM did not start")?;
+            if let Err(e) = vmm.confirm_resumed() {
+                // Reported running already: its home says how it ended.
+                let why = format!("a vCPU of the restored VM did not start: {e}");
+                let _ = home.record_exit(ExitRecord::new(1, Ending::Failed(why.clone())));
+                bail!(why);
+            }
             tracing::info!(warm, "fork child running after {steps}");
             payload
                 .apply_identity_in_background(&home)

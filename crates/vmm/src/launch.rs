@@ -457,8 +457,8 @@ pub(crate) fn encode_zygote() -> std::io::Result<Vec<u8>> {
     forkvm_snapshot::encode(&Message::Zygote).map_err(std::io::Error::other)
 }
 
-/// Encodes `launch` as the launch message a VM process reads.
-/// Encode it right before it is sent: it carries the time it was encoded.
+/// Encodes `launch` as the launch message a VM process reads, with the time it was
+/// encoded (so encode it right before it is sent).
 pub fn encode(launch: &Launch) -> std::io::Result<Vec<u8>> {
     forkvm_snapshot::encode(&Message::Launch(launch, monotonic_ns())).map_err(std::io::Error::other)
 }

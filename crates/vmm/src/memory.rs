@@ -356,10 +356,12 @@ impl GuestRam {
     /// warm process's, see [`crate::warm`]), at the same addresses: whatever KVM
     /// memory slots point there stay valid. Overlays already mapped in the same order
     /// (the same files, with the same extents) stay; above the first that differs,
-    /// everything is mapped again. Returns the extents it mapped.
+    /// everything is mapped again. Returns the overlay extents it mapped (not counting
+    /// the base mapped again).
     ///
     /// Until now nothing may have read the memory (no vCPU ran, no device touched it):
-    /// a page read before holds what the files held then.
+    /// a page read before holds what the files held then. After an error the memory is
+    /// partly laid: not to be used.
     pub fn relayer(
         &mut self,
         base: File,

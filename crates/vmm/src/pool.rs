@@ -37,10 +37,11 @@
 //! VM's last fork). Per pool, one zygote.
 
 use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::fs::File;
 
@@ -207,8 +208,7 @@ impl ChildPool {
         Self::start_filling(size, warmup, Maker::Zygote(exe), fill_now)
     }
 
-    /// The oldest warm process that is still alive (the most surely done preparing), if
-    /// one is ready; dead ones are dropped on the way. The pool is not refilled until
+    /// The oldest warm process that is still alive, if one is ready (prepared); dead ones are dropped on the way. The pool is not refilled until
     /// [`ChildPool::refill`] (after the fork, so that starting new processes does not
     /// compete with the children's start).
     pub fn take(&self) -> Option<VmProcess> {
@@ -284,61 +284,147 @@ impl Refill {
 }
 
 /// The filler thread: keeps `shared.size` live processes ready until the pool closes.
+/// It starts as many as are missing, which prepare side by side, and counts each ready
+/// once it says it is prepared (a launch sent earlier would wait, unread, behind the
+/// preparation, which runs at the lowest CPU priority).
 fn fill(shared: &Shared) {
-    // Homes left by warm processes killed together with an earlier pool.
     if let Some(stage) = &shared.warmup.stage {
         forkvm_registry::prune_staged(&stage.homes.root);
     }
-    // Started on first use, dropped (killed) with this thread.
     let mut zygote = None;
+    // Started and still preparing, each with when it started.
+    let mut preparing: Vec<(Warm, Instant)> = Vec::new();
+    // After a process failed to start: not before then.
+    let mut retry_at: Option<Instant> = None;
     loop {
-        {
+        let start = {
             let mut state = shared.lock();
             state.ready.retain_mut(Warm::is_alive);
-            while !state.closed && (state.held || state.ready.len() >= shared.size) {
-                state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+            loop {
+                let room = !state.closed
+                    && !state.held
+                    && state.ready.len() + preparing.len() < shared.size;
+                let retry_in = retry_at.and_then(|t| t.checked_duration_since(Instant::now()));
+                if state.closed || !preparing.is_empty() || (room && retry_in.is_none()) {
+                    break;
+                }
+                state = match retry_in {
+                    Some(d) if room => {
+                        shared
+                            .wake
+                            .wait_timeout(state, d)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0
+                    }
+                    _ => shared.wake.wait(state).unwrap_or_else(|p| p.into_inner()),
+                };
                 state.ready.retain_mut(Warm::is_alive);
             }
             if state.closed {
+                drop(state);
+                for (w, _) in preparing {
+                    w.kill();
+                }
                 return;
             }
+            !state.held
+                && state.ready.len() + preparing.len() < shared.size
+                && retry_at.is_none_or(|t| Instant::now() >= t)
+        };
+        if start {
+            match start_warm(shared, &mut zygote) {
+                Ok(w) => {
+                    preparing.push((w, Instant::now()));
+                    retry_at = None;
+                }
+                Err(e) => {
+                    tracing::warn!("cannot start a warm fork process: {e}");
+                    retry_at = Some(Instant::now() + RETRY_AFTER);
+                }
+            }
         }
-        let mut warmup = shared.warmup.renewed();
-        let memory = shared
-            .memory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        warmup.memory = memory.as_ref().map(|m| m.1.clone());
-        let files = memory.as_ref().map_or(&[][..], |m| &m.0[..]);
-        let made = make(&shared.maker, &mut zygote, &warmup, files).and_then(|process| {
-            until_prepared(
-                shared,
-                Warm {
-                    process,
-                    staged: warmup.stage.as_ref().map(Staging::dir),
-                },
-            )
-        });
-        match made {
-            Ok(None) => return,
-            Ok(Some(w)) => {
+        // While more are to start, only look; else wait a little for one.
+        let wait = if start { Duration::ZERO } else { PREPARED_POLL };
+        collect_prepared(shared, &mut preparing, wait);
+    }
+}
+
+/// Starts a warm process with the pool's warm-up and its memory as of now.
+fn start_warm(shared: &Shared, zygote: &mut Option<Zygote>) -> std::io::Result<Warm> {
+    let mut warmup = shared.warmup.renewed();
+    let memory = shared
+        .memory
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    warmup.memory = memory.as_ref().map(|m| m.1.clone());
+    let files = memory.as_ref().map_or(&[][..], |m| &m.0[..]);
+    let process = make(&shared.maker, zygote, &warmup, files)?;
+    Ok(Warm {
+        process,
+        staged: warmup.stage.as_ref().map(Staging::dir),
+    })
+}
+
+/// How long a filler waits at most for a warm process to say it is prepared, when it
+/// has nothing else to do (it looks whether its pool closed in between).
+const PREPARED_POLL: Duration = Duration::from_millis(100);
+/// How long a warm process may take to prepare before it is killed and replaced (it
+/// prepares at the lowest CPU priority: on a busy host, slowly).
+const PREPARE_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Moves the processes of `preparing` that said they are prepared to the ready list,
+/// waiting up to `wait` for one; kills those that failed or ran out of time.
+fn collect_prepared(shared: &Shared, preparing: &mut Vec<(Warm, Instant)>, wait: Duration) {
+    if preparing.is_empty() {
+        return;
+    }
+    let mut fds: Vec<libc::pollfd> = preparing
+        .iter()
+        .map(|(w, _)| libc::pollfd {
+            fd: w.process.socket().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `fds` is an array of `fds.len()` pollfds that lives across the call; the
+    // sockets stay open (their processes are in `preparing`).
+    unsafe {
+        libc::poll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            wait.as_millis() as i32,
+        )
+    };
+    for ((w, started), p) in std::mem::take(preparing).into_iter().zip(&fds) {
+        if p.revents == 0 {
+            if started.elapsed() < PREPARE_DEADLINE {
+                preparing.push((w, started));
+            } else {
+                tracing::warn!(
+                    pid = w.process.pid(),
+                    "a warm fork process did not prepare in {PREPARE_DEADLINE:?}: killed"
+                );
+                w.kill();
+            }
+            continue;
+        }
+        // Readable: its report is there (8 bytes in one write), or it ended.
+        match w.process.wait_prepared(PREPARED_POLL) {
+            Ok(true) => {
                 let mut state = shared.lock();
                 if state.closed {
                     drop(state);
                     w.kill();
-                    return;
+                } else {
+                    state.ready.push_back(w);
+                    shared.wake.notify_all();
                 }
-                state.ready.push_back(w);
-                // For anyone in wait_ready.
-                shared.wake.notify_all();
             }
+            Ok(false) => preparing.push((w, started)),
             Err(e) => {
-                tracing::warn!("cannot start a warm fork process: {e}");
-                let state = shared.lock();
-                let _ = shared
-                    .wake
-                    .wait_timeout_while(state, RETRY_AFTER, |s| !s.closed);
+                tracing::warn!(pid = w.process.pid(), "a warm fork process failed: {e}");
+                w.kill();
             }
         }
     }
@@ -346,31 +432,6 @@ fn fill(shared: &Shared) {
 
 /// Starts one warm process as `maker` says: forked by `zygote` (started if there is
 /// none; dropped when it fails, so that the next process starts a new one), or exec'd.
-/// How often a filler waiting for a warm process to prepare looks whether its pool
-/// closed.
-const PREPARED_POLL: Duration = Duration::from_millis(100);
-
-/// Waits until `process` says it has prepared its VM: only then is it ready (a launch
-/// sent earlier would wait, unread, behind the preparation, which runs at the lowest
-/// CPU priority). `None` when the pool closed meanwhile; a process that does not
-/// get ready is killed and its home removed.
-fn until_prepared(shared: &Shared, w: Warm) -> std::io::Result<Option<Warm>> {
-    loop {
-        match w.process.wait_prepared(PREPARED_POLL) {
-            Ok(true) => return Ok(Some(w)),
-            Ok(false) if !shared.lock().closed => {}
-            Ok(false) => {
-                w.kill();
-                return Ok(None);
-            }
-            Err(e) => {
-                w.kill();
-                return Err(e);
-            }
-        }
-    }
-}
-
 fn make(
     maker: &Maker,
     zygote: &mut Option<Zygote>,
@@ -421,7 +482,6 @@ impl Drop for ChildPool {
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
-    use std::time::Instant;
 
     use forkvm_test_support::{is_running as running, sigkill as kill};
 

@@ -11,7 +11,7 @@ use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
 use crate::launch::ChildHomes;
-use crate::memory::{GuestRam, MemoryError, MemoryLayout};
+use crate::memory::{GuestRam, MemoryLayout};
 use crate::vcpu::{create_vcpu, HostCpu, ParkedThread, VcpuError};
 use crate::vm::{Vm, VmError};
 
@@ -105,9 +105,6 @@ pub enum PrepareError {
     /// The KVM VM.
     #[error(transparent)]
     Vm(#[from] VmError),
-    /// The forking VM's memory.
-    #[error("cannot map the forking VM's memory")]
-    Memory(#[from] MemoryError),
     /// A vCPU.
     #[error("vCPU {index}")]
     Vcpu {
@@ -141,12 +138,24 @@ impl Prepared {
                     .map_err(|source| PrepareError::Vcpu { index, source })
             })
             .collect::<Result<_, _>>()?;
+        // Memory that cannot be mapped is mapped at the restore; slots that cannot be
+        // made leave a VM that cannot be used (an error).
         let memory = match &warmup.memory {
             Some(layout) if !files.is_empty() => {
                 let base = files.remove(0);
-                let ram = GuestRam::from_layers(base, files, layout)?;
-                vm.register_memory(ram.memory())?;
-                Some(ram)
+                match GuestRam::from_layers(base, files, layout) {
+                    Ok(ram) => {
+                        vm.register_memory(ram.memory())?;
+                        Some(ram)
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "cannot map the forking VM's memory ahead: {}",
+                            crate::control::error_chain(&e)
+                        );
+                        None
+                    }
+                }
             }
             _ => None,
         };
@@ -190,10 +199,11 @@ impl Prepared {
         }
     }
 
-    /// Whether its VM's memory slots are made, for the memory it mapped ahead: the
-    /// VM restored in it must use that memory ([`GuestRam::relayer`]).
+    /// Whether its VM's memory slots are made for the memory it mapped ahead and the
+    /// restore took that memory ([`GuestRam::relayer`]): the VM restored in it uses it.
+    /// (Slots made for memory not taken: `false`, and making them again fails.)
     pub(crate) fn slots_made(&self) -> bool {
-        self.slots
+        self.slots && self.memory.is_none()
     }
 
     /// Whether a VM of `vcpus` vCPUs restored from a fork can be built in it.

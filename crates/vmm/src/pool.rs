@@ -208,9 +208,10 @@ impl ChildPool {
         Self::start_filling(size, warmup, Maker::Zygote(exe), fill_now)
     }
 
-    /// The oldest warm process that is still alive, if one is ready (prepared); dead ones are dropped on the way. The pool is not refilled until
+    /// The oldest warm process that is still alive, if one is ready (prepared); dead
+    /// ones are dropped on the way. A pool that was full is not refilled until
     /// [`ChildPool::refill`] (after the fork, so that starting new processes does not
-    /// compete with the children's start).
+    /// compete with the children's start); one still filling goes on filling.
     pub fn take(&self) -> Option<VmProcess> {
         let mut state = self.shared.lock();
         while let Some(mut w) = state.ready.pop_front() {
@@ -345,7 +346,11 @@ fn fill(shared: &Shared) {
         }
         // While more are to start, only look; else wait a little for one.
         let wait = if start { Duration::ZERO } else { PREPARED_POLL };
-        collect_prepared(shared, &mut preparing, wait);
+        if collect_prepared(shared, &mut preparing, wait) {
+            // One died or hung while preparing: its replacement waits, as after a
+            // start that failed (a process that always dies is not restarted in a loop).
+            retry_at = Some(Instant::now() + RETRY_AFTER);
+        }
     }
 }
 
@@ -374,10 +379,12 @@ const PREPARED_POLL: Duration = Duration::from_millis(100);
 const PREPARE_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Moves the processes of `preparing` that said they are prepared to the ready list,
-/// waiting up to `wait` for one; kills those that failed or ran out of time.
-fn collect_prepared(shared: &Shared, preparing: &mut Vec<(Warm, Instant)>, wait: Duration) {
+/// waiting up to `wait` for one; kills those that failed or ran out of time (and then
+/// returns `true`).
+fn collect_prepared(shared: &Shared, preparing: &mut Vec<(Warm, Instant)>, wait: Duration) -> bool {
+    let mut failed = false;
     if preparing.is_empty() {
-        return;
+        return failed;
     }
     let mut fds: Vec<libc::pollfd> = preparing
         .iter()
@@ -406,6 +413,7 @@ fn collect_prepared(shared: &Shared, preparing: &mut Vec<(Warm, Instant)>, wait:
                     "a warm fork process did not prepare in {PREPARE_DEADLINE:?}: killed"
                 );
                 w.kill();
+                failed = true;
             }
             continue;
         }
@@ -425,9 +433,11 @@ fn collect_prepared(shared: &Shared, preparing: &mut Vec<(Warm, Instant)>, wait:
             Err(e) => {
                 tracing::warn!(pid = w.process.pid(), "a warm fork process failed: {e}");
                 w.kill();
+                failed = true;
             }
         }
     }
+    failed
 }
 
 /// Starts one warm process as `maker` says: forked by `zygote` (started if there is
@@ -623,6 +633,27 @@ mod tests {
         assert!(running(pid));
         drop(pool);
         wait_until("the preparing process to be killed", || !running(pid));
+    }
+
+    #[test]
+    fn a_process_that_dies_while_preparing_is_replaced_after_a_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("forkvm-vmm");
+        let starts = dir.path().join("starts");
+        std::fs::write(
+            &exe,
+            format!(
+                "#!/bin/sh\necho started >> {}\nsleep 0.2\nexit 1\n",
+                starts.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let pool = ChildPool::start(1, unstaged(), Maker::Exec(exe)).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(pool.wait_ready(1, Duration::ZERO), 0);
+        let n = std::fs::read_to_string(&starts).map_or(0, |s| s.lines().count());
+        assert_eq!(n, 1, "restarted {n} times in 1.5 s");
     }
 
     #[test]

@@ -497,17 +497,21 @@ mod tests {
 
     use super::*;
 
-    /// A stand-in for the VM-process executable that just waits.
-    fn waiter(dir: &std::path::Path) -> PathBuf {
+    /// A stand-in for the VM-process executable in `dir`: a shell script.
+    fn stand_in(dir: &std::path::Path, script: &str) -> PathBuf {
         let exe = dir.join("forkvm-vmm");
-        // Says it is prepared (REPORT_PREPARED, 3, as 8 bytes little-endian), then waits.
-        std::fs::write(
-            &exe,
-            "#!/bin/sh\nprintf '\\003\\000\\000\\000\\000\\000\\000\\000' >&3\nexec sleep 600\n",
-        )
-        .unwrap();
+        std::fs::write(&exe, format!("#!/bin/sh\n{script}")).unwrap();
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
         exe
+    }
+
+    /// A stand-in that says it is prepared (REPORT_PREPARED, 3, as 8 bytes
+    /// little-endian), then waits.
+    fn waiter(dir: &std::path::Path) -> PathBuf {
+        stand_in(
+            dir,
+            "printf '\\003\\000\\000\\000\\000\\000\\000\\000' >&3\nexec sleep 600\n",
+        )
     }
 
     fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
@@ -605,17 +609,11 @@ mod tests {
     #[test]
     fn a_process_still_preparing_is_not_ready_and_goes_with_its_pool() {
         let dir = tempfile::tempdir().unwrap();
-        let exe = dir.path().join("forkvm-vmm");
         let pidfile = dir.path().join("pid");
-        std::fs::write(
-            &exe,
-            format!(
-                "#!/bin/sh\necho $$ > {}\nexec sleep 600\n",
-                pidfile.display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let exe = stand_in(
+            dir.path(),
+            &format!("echo $$ > {}\nexec sleep 600\n", pidfile.display()),
+        );
         let pool = ChildPool::start(1, unstaged(), Maker::Exec(exe)).unwrap();
         wait_until("the process to start", || {
             std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
@@ -638,17 +636,11 @@ mod tests {
     #[test]
     fn a_process_that_dies_while_preparing_is_replaced_after_a_pause() {
         let dir = tempfile::tempdir().unwrap();
-        let exe = dir.path().join("forkvm-vmm");
         let starts = dir.path().join("starts");
-        std::fs::write(
-            &exe,
-            format!(
-                "#!/bin/sh\necho started >> {}\nsleep 0.2\nexit 1\n",
-                starts.display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let exe = stand_in(
+            dir.path(),
+            &format!("echo started >> {}\nsleep 0.2\nexit 1\n", starts.display()),
+        );
         let pool = ChildPool::start(1, unstaged(), Maker::Exec(exe)).unwrap();
         std::thread::sleep(Duration::from_millis(1500));
         assert_eq!(pool.wait_ready(1, Duration::ZERO), 0);

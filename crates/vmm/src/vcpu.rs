@@ -604,17 +604,12 @@ impl VcpuHandle {
     /// ([`Self::confirm_resumed`] does): each thread is alive and will run its vCPU
     /// once it reads the command.
     pub fn release_all(vcpus: &[VcpuHandle]) -> Result<(), VcpuStateError> {
-        vcpus.iter().try_for_each(|v| v.send(Command::Resume))
+        Self::tell_all(vcpus, Command::Resume, false)
     }
 
     /// Waits for every vCPU's answer to [`Self::release_all`].
     pub fn confirm_resumed(vcpus: &[VcpuHandle]) -> Result<(), VcpuStateError> {
-        for v in vcpus {
-            if !matches!(v.answer(false)?, Answer::Resumed) {
-                return Err(VcpuStateError::ThreadGone(v.index));
-            }
-        }
-        Ok(())
+        Self::answered_all(vcpus, false, |a| matches!(a, Answer::Resumed))
     }
 
     fn all(
@@ -623,12 +618,28 @@ impl VcpuHandle {
         kick: bool,
         expected: impl Fn(&Answer) -> bool,
     ) -> Result<(), VcpuStateError> {
+        Self::tell_all(vcpus, cmd, kick)?;
+        Self::answered_all(vcpus, kick, expected)
+    }
+
+    /// Sends `cmd` to every vCPU (kicking each out of `KVM_RUN` if `kick`).
+    fn tell_all(vcpus: &[VcpuHandle], cmd: Command, kick: bool) -> Result<(), VcpuStateError> {
         for v in vcpus {
             v.send(cmd)?;
             if kick {
                 v.kick();
             }
         }
+        Ok(())
+    }
+
+    /// Waits for every vCPU's answer to what [`Self::tell_all`] sent; one not
+    /// `expected` counts as its thread gone.
+    fn answered_all(
+        vcpus: &[VcpuHandle],
+        kick: bool,
+        expected: impl Fn(&Answer) -> bool,
+    ) -> Result<(), VcpuStateError> {
         for v in vcpus {
             if !expected(&v.answer(kick)?) {
                 return Err(VcpuStateError::ThreadGone(v.index));

@@ -169,11 +169,6 @@ impl Prepared {
         })
     }
 
-    /// Number of vCPUs it has.
-    pub fn vcpu_count(&self) -> usize {
-        self.vcpus.len()
-    }
-
     /// Starts a thread per vCPU, each confined as the process's jail (entered already)
     /// says, waiting for its vCPU. Not on the thread that prepared the VM: threads
     /// inherit its lowest CPU priority. A thread that cannot start is started at the

@@ -1,7 +1,8 @@
-//! `cargo xtask`: project automation entry points (`testhost`, `caps`, `prepare-guest`,
-//! `prepare-conformance`, `install`).
+//! `cargo xtask`: project automation entry points (`test`, `testhost`, `caps`,
+//! `prepare-guest`, `prepare-conformance`, `install`).
 
 mod conformance;
+mod suite;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +21,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the whole test suite: the host tests as `cargo test` runs them, then the
+    /// end-to-end tests (`*_e2e` targets), one process per test, as many at once as
+    /// there are virtual-host slots. Ends with a table of the end-to-end tests.
+    Test {
+        /// Only these test targets (e.g. `fork_e2e vsock_e2e`); without, all of them,
+        /// unit and doc tests included.
+        targets: Vec<String>,
+    },
     /// Run a command where hardware KVM exists: directly, or in the virtual KVM host
     /// (QEMU/TCG with nested SVM). Exits with the command's exit code.
     #[command(alias = "vhost")]
@@ -158,6 +167,13 @@ fn main() -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
+        Cmd::Test { targets } => Ok(
+            if suite::run(&workspace_root()?, &target_dir()?, &targets)? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            },
+        ),
         Cmd::Caps => {
             println!("{}", Capabilities::detect());
             Ok(ExitCode::SUCCESS)

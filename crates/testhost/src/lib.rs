@@ -66,7 +66,7 @@ pub use error::Error;
 pub use run::{
     decide_mode, run_in_kvm_host, HostChoice, Mode, Outcome, TestHostOptions, DEFAULT_SMP,
 };
-pub use virt::{prepare_initramfs, TESTHOST_MODULES};
+pub use virt::{prepare_initramfs, virtual_host_slots, TESTHOST_MODULES};
 
 /// Names the enclosing test function the way libtest does (`module::test`,
 /// without the crate name), for [`on_kvm_host`].

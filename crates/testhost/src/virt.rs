@@ -238,7 +238,7 @@ struct HostLock {
 
 /// How many virtual hosts may run at once: one per CPU of this machine up to two
 /// (each QEMU runs one TCG thread that keeps a CPU busy), or `FORKVM_TESTHOST_SLOTS`.
-fn host_slots() -> usize {
+pub fn virtual_host_slots() -> usize {
     std::env::var("FORKVM_TESTHOST_SLOTS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
@@ -410,7 +410,7 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
         ),
     })?;
 
-    let _lock = HostLock::acquire(&cache.join("testhost"), host_slots())?;
+    let _lock = HostLock::acquire(&cache.join("testhost"), virtual_host_slots())?;
     let start = Instant::now();
     let log_path = new_log_path("testhost");
     let log = open_log(&log_path)?;

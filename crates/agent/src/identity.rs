@@ -282,8 +282,10 @@ fn superseded(latest: Option<&(String, u64)>, hostname: &str, sent: u64) -> bool
 }
 
 fn set_wall_clock_ns(ns: u64) -> Result<(), IdentityError> {
+    // `as _`: the field's own type (64-bit on glibc and on musl >= 1.2; naming
+    // `libc::time_t` is deprecated on musl targets).
     let ts = libc::timespec {
-        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_sec: (ns / 1_000_000_000) as _,
         tv_nsec: (ns % 1_000_000_000) as libc::c_long,
     };
     // SAFETY: a valid timespec the kernel only reads.

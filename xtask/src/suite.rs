@@ -51,6 +51,15 @@ impl Target {
     fn is_end_to_end(&self) -> bool {
         self.name.ends_with("_e2e")
     }
+
+    /// `cargo test` of this target alone; test arguments follow.
+    fn cargo_test(&self, root: &Path) -> Command {
+        let mut cmd = cargo();
+        cmd.current_dir(root)
+            .args(["test", "--locked", "--package", &self.package])
+            .args(["--test", &self.name]);
+        cmd
+    }
 }
 
 /// One end-to-end test to run in a process of its own.
@@ -215,16 +224,7 @@ pub fn run(root: &Path, target_dir: &Path, only: &[String]) -> anyhow::Result<bo
     if decide_mode(HostChoice::Auto) == Mode::Direct {
         for t in &e2e {
             ok &= run_streamed(
-                cargo().current_dir(root).args([
-                    "test",
-                    "--locked",
-                    "--package",
-                    &t.package,
-                    "--test",
-                    &t.name,
-                    "--",
-                    "--nocapture",
-                ]),
+                t.cargo_test(root).args(["--", "--nocapture"]),
                 &format!("cargo test: {} ({})", t.name, t.package),
             )?;
         }
@@ -276,16 +276,8 @@ struct Running {
 fn run_in_lanes(root: &Path, target_dir: &Path, e2e: &[Target]) -> anyhow::Result<bool> {
     let mut jobs = Vec::new();
     for t in e2e {
-        let out = cargo()
-            .current_dir(root)
-            .args([
-                "test",
-                "--locked",
-                "--package",
-                &t.package,
-                "--test",
-                &t.name,
-            ])
+        let out = t
+            .cargo_test(root)
             .args(["--", "--list", "--format", "terse"])
             .output()
             .with_context(|| format!("listing the tests of {}", t.name))?;
@@ -375,10 +367,10 @@ fn start_job(root: &Path, logs: &Path, job: Job) -> anyhow::Result<Running> {
     let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone().context("sharing a log file")?;
     println!("== started {} ({})", job.test, job.target.name);
-    let child = cargo()
-        .current_dir(root)
-        .args(["test", "--locked", "--package", &job.target.package])
-        .args(["--test", &job.target.name, "--", "--exact", &job.test])
+    let child = job
+        .target
+        .cargo_test(root)
+        .args(["--", "--exact", &job.test])
         .arg("--nocapture")
         .stdin(Stdio::null())
         .stdout(out)

@@ -227,8 +227,15 @@ fn run(mut launched: Launched) -> Result<i32> {
                 .context("cannot drop the VM process's capabilities")?;
             steps.mark("capabilities");
         }
-        // A restored VM was built paused: now it runs.
-        if launched.fork.is_some() {
+        // A restored VM was built paused: now it runs (with the fork's other children,
+        // when they start together).
+        if let Some(payload) = &launched.fork {
+            if payload.starts_together() {
+                launched
+                    .wait_for_siblings()
+                    .context("cannot start with the fork's other children")?;
+                steps.mark("siblings");
+            }
             vmm.release_vcpus()
                 .context("cannot start the restored VM")?;
             steps.mark("resume");

@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 use crate::control::{error_chain, ChildInfo, ChildSpec, ControlError, ForkOutcome, ForkRequest};
-use crate::launch::{ChildHomes, ConsoleSpec, HomeSpec, Launch, ProcessOptions, Start, VmProcess};
+use crate::launch::{
+    ChildHomes, ConsoleSpec, HomeSpec, Launch, ProcessOptions, Report, Start, VmProcess,
+};
 use crate::memory::{GuestRam, MemoryLayout};
 use crate::pool::ChildPool;
 use crate::snapshot::{ChildIdentity, VmSnapshot};
@@ -51,6 +53,7 @@ pub struct ChildPayload {
     snapshot: VmSnapshot,
     layout: MemoryLayout,
     identity: ChildIdentity,
+    together: bool,
 }
 
 /// What every child of one fork starts from: the parent's state and memory layout.
@@ -60,6 +63,9 @@ pub struct ChildPayload {
 pub struct ForkState {
     pub(crate) snapshot: VmSnapshot,
     pub(crate) layout: MemoryLayout,
+    /// The fork's children start together: each, once restored, waits until all are
+    /// (see [`Reports`]).
+    pub(crate) together: bool,
 }
 
 /// Largest fork state a child reads (a VM's state is kilobytes; this bounds the file).
@@ -100,6 +106,7 @@ impl ForkState {
             snapshot: state.snapshot,
             layout: state.layout,
             identity,
+            together: state.together,
         };
         payload.adopt_identity();
         Ok(payload)
@@ -430,6 +437,7 @@ impl Launching {
         let state = ForkState {
             snapshot,
             layout: layout.clone(),
+            together: identities.len() > 1,
         }
         .into_file()?;
         let mut this = Self {
@@ -507,22 +515,11 @@ impl Launching {
     pub(crate) fn finish(mut self) -> Result<Vec<ChildInfo>, ControlError> {
         let t0 = self.t0;
         let mut reports = Reports::new(std::mem::take(&mut self.started), t0);
-        if !self.rest.is_empty() {
-            let exe = crate::launch::vmm_executable()
-                .map_err(|e| ControlError::Failed(format!("cannot start fork children: {e}")))?;
-            for (i, identity) in std::mem::take(&mut self.rest) {
-                let (blob, console) = self.encode(i, &identity)?;
-                // A daemon: not killed with the thread that starts it (this one ends
-                // with the fork).
-                let child = with_console(&mut self.files, console, |f| {
-                    VmProcess::spawn_encoded(&exe, &blob, f, ProcessOptions::daemon())
-                })
-                .map_err(|e| ControlError::Failed(format!("cannot start fork child {i}: {e}")))?;
-                reports.add(child, identity, false);
-                // The reports that came meanwhile, so that a child's time is its own,
-                // not the rest's spawning.
-                reports.read_ready(Duration::ZERO, Instant::now() + start_deadline(1));
-            }
+        if let Err(e) = self.start_rest(&mut reports) {
+            // The children started so far end without running (those waiting for the
+            // others when they lose their socket) or are left to themselves.
+            reports.abandon();
+            return Err(e);
         }
         tracing::info!(
             children = reports.waiting.len(),
@@ -533,10 +530,46 @@ impl Launching {
     }
 }
 
+impl Launching {
+    /// Starts a new process for each child no warm process took.
+    fn start_rest(&mut self, reports: &mut Reports) -> Result<(), ControlError> {
+        if self.rest.is_empty() {
+            return Ok(());
+        }
+        let exe = crate::launch::vmm_executable()
+            .map_err(|e| ControlError::Failed(format!("cannot start fork children: {e}")))?;
+        for (i, identity) in std::mem::take(&mut self.rest) {
+            let (blob, console) = self.encode(i, &identity)?;
+            // A daemon: not killed with the thread that starts it (this one ends with
+            // the fork).
+            let child = with_console(&mut self.files, console, |f| {
+                VmProcess::spawn_encoded(&exe, &blob, f, ProcessOptions::daemon())
+            })
+            .map_err(|e| ControlError::Failed(format!("cannot start fork child {i}: {e}")))?;
+            reports.add(child, identity, false);
+            // The reports that came meanwhile, so that a child's time is its own, not
+            // the rest's spawning.
+            reports.read_ready(Duration::ZERO, Instant::now() + start_deadline(1));
+        }
+        Ok(())
+    }
+}
+
 /// A fork's children waiting to report that they run, read as their reports come; the
 /// children are listed in the order they were started, each with its time from `t0`.
+///
+/// The children of a fork of more than one start together ([`ForkState::together`]):
+/// each, once restored, reports so and waits; when every child has (or failed), all are
+/// told to run at once. Where children share CPUs, the first ones to run would
+/// otherwise take them from the restores of the rest (a fork's last child ran 1.3 s
+/// after the request of a fork of ten on one CPU, its guest-less restore was a fraction
+/// of that); where each has a CPU, it costs the first ones the wait for the slowest.
 struct Reports {
     waiting: Vec<Option<(VmProcess, ChildIdentity, bool)>>,
+    /// Which children reported their VM restored and wait to be told to run.
+    restored: Vec<bool>,
+    /// Whether the restored children were told to run.
+    released: bool,
     children: Vec<Option<ChildInfo>>,
     failure: Option<ControlError>,
     t0: Instant,
@@ -546,6 +579,8 @@ impl Reports {
     fn new(started: Vec<(VmProcess, ChildIdentity, bool)>, t0: Instant) -> Self {
         let mut this = Self {
             waiting: Vec::with_capacity(started.len()),
+            restored: Vec::with_capacity(started.len()),
+            released: false,
             children: Vec::with_capacity(started.len()),
             failure: None,
             t0,
@@ -559,7 +594,48 @@ impl Reports {
     /// One more child, started now.
     fn add(&mut self, child: VmProcess, identity: ChildIdentity, warm: bool) {
         self.waiting.push(Some((child, identity, warm)));
+        self.restored.push(false);
         self.children.push(None);
+    }
+
+    /// Once every child still waiting has reported its VM restored, tells them all to
+    /// run (only when all were added: [`Reports::wait`]); or, if a child failed, none:
+    /// the fork fails, and children that never ran are not left behind for a caller
+    /// that learns none of them (each ends when its socket closes).
+    fn start_together_once_restored(&mut self) {
+        let open = self.open();
+        if self.released || open.is_empty() || open.iter().any(|&i| !self.restored[i]) {
+            return;
+        }
+        self.released = true;
+        if self.failure.is_some() {
+            self.abandon();
+            return;
+        }
+        for i in open {
+            let sent = match &self.waiting[i] {
+                Some((child, _, _)) => child.start_together().map_err(|e| (child.pid(), e)),
+                None => continue,
+            };
+            if let Err((pid, e)) = sent {
+                self.failure.get_or_insert_with(|| {
+                    ControlError::Failed(format!("fork child {pid} could not be started: {e}"))
+                });
+                if let Some((child, _, _)) = self.waiting[i].take() {
+                    let _ = child.detach();
+                }
+            }
+        }
+    }
+
+    /// Leaves every child still waiting to itself: one restored and waiting for the
+    /// others ends when it loses its socket.
+    fn abandon(&mut self) {
+        for w in &mut self.waiting {
+            if let Some((child, _, _)) = w.take() {
+                let _ = child.detach();
+            }
+        }
     }
 
     /// The children still silent.
@@ -583,10 +659,19 @@ impl Reports {
             }
             Ok(_) => false,
             Err(e) => {
-                // Each waited for in turn, within the deadline.
+                // Each waited for in turn, within the deadline; not one that waits to be
+                // told to run (it has nothing more to say until then).
                 tracing::warn!("cannot poll the fork's children: {e}");
                 let left = deadline.saturating_duration_since(Instant::now());
-                self.read(open, left, deadline);
+                let talking: Vec<usize> = open
+                    .into_iter()
+                    .filter(|&i| self.released || !self.restored[i])
+                    .collect();
+                if talking.is_empty() {
+                    std::thread::sleep(left.min(Duration::from_millis(10)));
+                    return false;
+                }
+                self.read(talking, left, deadline);
                 true
             }
         }
@@ -601,8 +686,21 @@ impl Reports {
             };
             let pid = child.pid();
             let left = deadline.saturating_duration_since(Instant::now());
-            match child.wait_running(each.min(left).max(Duration::from_millis(1))) {
-                Ok(()) => {
+            match child.wait_report(each.min(left).max(Duration::from_millis(1))) {
+                Ok(Report::Restored) if !self.restored[i] && !self.released => {
+                    // It waits to be told to run.
+                    self.restored[i] = true;
+                    self.waiting[i] = Some((child, identity, warm));
+                    continue;
+                }
+                Ok(Report::Restored) => {
+                    self.failure.get_or_insert_with(|| {
+                        ControlError::Failed(format!(
+                            "fork child {pid} reported its VM restored out of turn"
+                        ))
+                    });
+                }
+                Ok(Report::Running) => {
                     self.children[i] = Some(ChildInfo {
                         pid,
                         cid: identity.cid,
@@ -627,12 +725,17 @@ impl Reports {
     fn wait(mut self) -> Result<Vec<ChildInfo>, ControlError> {
         let deadline = Instant::now() + start_deadline(self.waiting.len() as u32);
         loop {
+            self.start_together_once_restored();
             let open = self.open();
             if open.is_empty() {
                 break;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if !self.read_ready(left, deadline) && Instant::now() >= deadline {
+                // Every child still silent failed; the fork's error names one that
+                // never restored its VM rather than one that waited for it.
+                let mut open = open;
+                open.sort_by_key(|&i| self.restored[i]);
                 self.read(open, Duration::from_millis(1), deadline);
             }
         }
@@ -854,6 +957,12 @@ impl Vmm {
 }
 
 impl ChildPayload {
+    /// Whether this child, once restored, waits until every child of its fork is
+    /// ([`crate::launch::Launched::wait_for_siblings`]) before its vCPUs run.
+    pub fn starts_together(&self) -> bool {
+        self.together
+    }
+
     /// Makes the snapshot's configuration the child's own: its CID, vsock socket, TAPs,
     /// MACs and the directories of shares it was given (done as the child receives it).
     pub(crate) fn adopt_identity(&mut self) {
@@ -1127,6 +1236,7 @@ mod tests {
                 overlays: Vec::new(),
             },
             identity,
+            together: false,
         }
     }
 
@@ -1139,6 +1249,25 @@ mod tests {
             hostname: "fork-1".into(),
             seed: vec![1; 64],
             shares: Vec::new(),
+        }
+    }
+
+    /// `n` processes that stand in for VM processes (until [`end_all`]).
+    fn sleepers(n: usize) -> Vec<std::process::Child> {
+        (0..n)
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg("30")
+                    .spawn()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    fn end_all(processes: &mut [std::process::Child]) {
+        for p in processes {
+            let _ = p.kill();
+            let _ = p.wait();
         }
     }
 
@@ -1163,6 +1292,22 @@ mod tests {
         )
     }
 
+    /// [`stand_in`] for each of `processes`, with CIDs from `first_cid` on.
+    #[allow(clippy::type_complexity)]
+    fn stand_ins_from(
+        processes: &[std::process::Child],
+        first_cid: u64,
+    ) -> (
+        Vec<(VmProcess, ChildIdentity, bool)>,
+        Vec<std::os::unix::net::UnixStream>,
+    ) {
+        processes
+            .iter()
+            .zip(first_cid..)
+            .map(|(p, cid)| stand_in(p, cid))
+            .unzip()
+    }
+
     /// Reports "running" on each of `ends`, last first, 200 ms apart, on a thread.
     fn report_last_first(
         ends: Vec<std::os::unix::net::UnixStream>,
@@ -1181,20 +1326,9 @@ mod tests {
 
     #[test]
     fn reports_are_read_as_they_come_and_children_listed_in_start_order() {
-        let mut stand_ins: Vec<std::process::Child> = (0..4)
-            .map(|_| {
-                std::process::Command::new("sleep")
-                    .arg("30")
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
+        let mut stand_ins = sleepers(4);
         // Each report comes 200 ms after the one of the child started after it.
-        let (started, ends): (Vec<_>, Vec<_>) = stand_ins[..3]
-            .iter()
-            .zip(10..)
-            .map(|(p, cid)| stand_in(p, cid))
-            .unzip();
+        let (started, ends) = stand_ins_from(&stand_ins[..3], 10);
         let t0 = Instant::now();
         let reporter = report_last_first(ends);
         let children = wait_for_reports(started, t0).unwrap();
@@ -1210,11 +1344,7 @@ mod tests {
         );
 
         // One that ends its socket without a word fails the fork, by its pid.
-        let (mut started, ends): (Vec<_>, Vec<_>) = stand_ins[..3]
-            .iter()
-            .zip(20..)
-            .map(|(p, cid)| stand_in(p, cid))
-            .unzip();
+        let (mut started, ends) = stand_ins_from(&stand_ins[..3], 20);
         let (silent, silent_end) = stand_in(&stand_ins[3], 30);
         started.push(silent);
         let reporter = report_last_first(ends);
@@ -1226,10 +1356,85 @@ mod tests {
             matches!(&e, ControlError::Failed(m) if m.contains(&format!("fork child {pid} did not start"))),
             "{e:?}"
         );
-        for p in &mut stand_ins {
-            let _ = p.kill();
-            let _ = p.wait();
-        }
+        end_all(&mut stand_ins);
+    }
+
+    /// Plays the children of a fork that start together on `ends`: each reports its VM
+    /// restored, last first, 200 ms apart, checking that none is told to run before the
+    /// last has reported; then each waits to be told and reports running. Returns
+    /// whether each was told.
+    fn restore_last_first(
+        ends: Vec<std::os::unix::net::UnixStream>,
+    ) -> std::thread::JoinHandle<Vec<bool>> {
+        use std::io::{Read as _, Write as _};
+        std::thread::spawn(move || {
+            let told = |end: &std::os::unix::net::UnixStream, wait: Duration| {
+                end.set_read_timeout(Some(wait)).unwrap();
+                let mut b = [0u8; 8];
+                (&*end).read_exact(&mut b).is_ok()
+                    && u64::from_le_bytes(b) == crate::launch::START_TOGETHER
+            };
+            for (n, end) in ends.iter().rev().enumerate() {
+                (&*end)
+                    .write_all(&crate::launch::REPORT_RESTORED.to_le_bytes())
+                    .unwrap();
+                if n + 1 < ends.len() {
+                    std::thread::sleep(Duration::from_millis(200));
+                    for waiting in ends.iter().rev().take(n + 1) {
+                        assert!(
+                            !told(waiting, Duration::from_millis(1)),
+                            "a child was told to run before every child was restored"
+                        );
+                    }
+                }
+            }
+            ends.iter()
+                .map(|end| {
+                    let ran = told(end, Duration::from_secs(10));
+                    if ran {
+                        (&*end)
+                            .write_all(&crate::launch::REPORT_RUNNING.to_le_bytes())
+                            .unwrap();
+                    }
+                    ran
+                })
+                .collect()
+        })
+    }
+
+    #[test]
+    fn children_that_start_together_run_once_the_last_is_restored() {
+        let mut stand_ins = sleepers(4);
+        let (started, ends) = stand_ins_from(&stand_ins[..3], 10);
+        let t0 = Instant::now();
+        let children = restore_last_first(ends);
+        let reported = wait_for_reports(started, t0).unwrap();
+        assert_eq!(children.join().unwrap(), [true, true, true]);
+        assert_eq!(
+            reported.iter().map(|c| c.cid).collect::<Vec<_>>(),
+            [Some(10), Some(11), Some(12)]
+        );
+        let t: Vec<u64> = reported.iter().map(|c| c.running_after_us).collect();
+        assert!(
+            t.iter().all(|&t| t >= 400_000),
+            "each ran after the last was restored: {t:?}"
+        );
+
+        // One that ends its socket before it is restored fails the fork, by its pid;
+        // the others, once restored, are never told to run: their sockets close.
+        let (mut started, ends) = stand_ins_from(&stand_ins[..3], 20);
+        let (silent, silent_end) = stand_in(&stand_ins[3], 30);
+        started.push(silent);
+        drop(silent_end);
+        let children = restore_last_first(ends);
+        let e = wait_for_reports(started, Instant::now()).unwrap_err();
+        assert_eq!(children.join().unwrap(), [false, false, false]);
+        let pid = stand_ins[3].id();
+        assert!(
+            matches!(&e, ControlError::Failed(m) if m.contains(&format!("fork child {pid} did not start"))),
+            "{e:?}"
+        );
+        end_all(&mut stand_ins);
     }
 
     #[test]
@@ -1429,6 +1634,7 @@ mod tests {
         let state = ForkState {
             snapshot: parent.snapshot,
             layout: parent.layout,
+            together: true,
         }
         .into_file()
         .unwrap();
@@ -1444,6 +1650,7 @@ mod tests {
             child.check_identity().expect("adopted on reading");
             assert_eq!(child.config().vsock.as_ref().unwrap().cid, cid);
             assert_eq!(child.identity.hostname, name);
+            assert!(child.starts_together());
         }
     }
 
@@ -1454,6 +1661,7 @@ mod tests {
         let blob = forkvm_snapshot::encode(&ForkState {
             snapshot: parent.snapshot,
             layout: parent.layout,
+            together: false,
         })
         .unwrap();
         let mut damaged = blob.clone();

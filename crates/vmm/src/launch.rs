@@ -233,6 +233,28 @@ const REPORT_FAILED: u64 = 2;
 /// A warm process's report on its socket: its VM is prepared (or could not be: it is
 /// made at the launch then); it waits for the launch.
 pub(crate) const REPORT_PREPARED: u64 = 3;
+/// A fork child's report on its socket when its fork's children start together: its VM
+/// is restored, paused, and waits for [`START_TOGETHER`].
+pub(crate) const REPORT_RESTORED: u64 = 4;
+/// The launcher's word to a child that reported [`REPORT_RESTORED`]: every child of its
+/// fork is restored; run.
+pub(crate) const START_TOGETHER: u64 = 5;
+/// How long a restored fork child waits for [`START_TOGETHER`]: twice the longest a
+/// launcher waits for the largest fork's reports ([`crate::fork::start_deadline`], counted
+/// once its last child started). A launcher that gives up closes the socket, which ends
+/// the wait sooner; this bounds it should the launcher hang.
+fn siblings_deadline() -> Duration {
+    crate::fork::start_deadline(crate::fork::MAX_CHILDREN) * 2
+}
+
+/// What a VM process reported on its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Report {
+    /// Its VM runs.
+    Running,
+    /// Its VM is restored and waits for its fork's other children ([`REPORT_RESTORED`]).
+    Restored,
+}
 
 impl VmProcess {
     /// Starts [`vmm_executable`] as `opts` say and sends it `launch` and `files`.
@@ -408,13 +430,30 @@ impl VmProcess {
     /// Waits up to `timeout` for its report: `Ok` once its VM runs, else why it did not
     /// start (it exited, hung, or said why).
     pub fn wait_running(&self, timeout: Duration) -> std::io::Result<()> {
+        match self.wait_report(timeout)? {
+            Report::Running => Ok(()),
+            Report::Restored => Err(std::io::Error::other(
+                "it waits for the other children of a fork",
+            )),
+        }
+    }
+
+    /// Tells a fork child that reported [`Report::Restored`] to run.
+    pub(crate) fn start_together(&self) -> std::io::Result<()> {
+        (&self.sock).write_all(&START_TOGETHER.to_le_bytes())
+    }
+
+    /// Waits up to `timeout` for its next report, else says why none came (it exited,
+    /// hung, or said why it failed).
+    pub(crate) fn wait_report(&self, timeout: Duration) -> std::io::Result<Report> {
         self.sock.set_read_timeout(Some(timeout))?;
         let mut b = [0u8; 8];
         (&self.sock).read_exact(&mut b).map_err(|e| {
             std::io::Error::other(format!("it exited or hung before reporting ({e})"))
         })?;
         match u64::from_le_bytes(b) {
-            REPORT_RUNNING => Ok(()),
+            REPORT_RUNNING => Ok(Report::Running),
+            REPORT_RESTORED => Ok(Report::Restored),
             REPORT_FAILED => {
                 let mut len = [0u8; 4];
                 (&self.sock).read_exact(&mut len)?;
@@ -833,6 +872,27 @@ impl Launched {
     /// Tells the launcher the VM runs.
     pub fn report_running(&self) -> std::io::Result<()> {
         (&self.sock).write_all(&REPORT_RUNNING.to_le_bytes())
+    }
+
+    /// For a fork child whose fork's children start together
+    /// ([`ChildPayload::starts_together`]): tells the launcher its VM is restored and
+    /// waits (at most about 35 minutes) until the launcher says every child is.
+    pub fn wait_for_siblings(&self) -> std::io::Result<()> {
+        (&self.sock).write_all(&REPORT_RESTORED.to_le_bytes())?;
+        self.sock.set_read_timeout(Some(siblings_deadline()))?;
+        let mut b = [0u8; 8];
+        (&self.sock).read_exact(&mut b).map_err(|e| {
+            std::io::Error::other(format!(
+                "the launcher did not start the fork's children ({e})"
+            ))
+        })?;
+        self.sock.set_read_timeout(None)?;
+        match u64::from_le_bytes(b) {
+            START_TOGETHER => Ok(()),
+            other => Err(std::io::Error::other(format!(
+                "the launcher sent {other} instead of starting the fork's children"
+            ))),
+        }
     }
 
     /// Tells the launcher the VM could not start, and why.

@@ -962,6 +962,7 @@ impl Template {
                 ranges: self.state.ranges,
                 overlays: Vec::new(),
             },
+            together: false,
         }
         .into_file()?;
         Ok((Start::Restore(Box::new(identity)), vec![state, self.memory]))

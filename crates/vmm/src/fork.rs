@@ -528,9 +528,7 @@ impl Launching {
         );
         reports.wait()
     }
-}
 
-impl Launching {
     /// Starts a new process for each child no warm process took.
     fn start_rest(&mut self, reports: &mut Reports) -> Result<(), ControlError> {
         if self.rest.is_empty() {

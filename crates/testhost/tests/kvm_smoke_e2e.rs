@@ -71,7 +71,7 @@ fn real_mode_guest_writes_fk_and_halts() {
         }
         assert_eq!(serial, b"FK");
         println!(
-            "kvm_smoke: guest wrote {:?} and halted",
+            "kvm_smoke_e2e: guest wrote {:?} and halted",
             String::from_utf8_lossy(&serial)
         );
 

@@ -44,7 +44,7 @@ mod unpack;
 pub use error::Error;
 pub use image::{Image, ImageConfig, Layer, Removed, Rootfs};
 pub use progress::{NoProgress, Progress, TermProgress};
-pub use pull::PullOptions;
+pub use pull::{client as registry_client, PullOptions};
 pub use reference::normalize_name;
 pub use rootfs::{make_ext4, system_tool};
 pub use store::Store;

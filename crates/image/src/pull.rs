@@ -39,6 +39,14 @@ pub struct PullOptions {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// A registry client for `config`, with rustls's crypto provider (ring) installed for
+/// this process first: the HTTP client panics without one.
+pub fn client(config: ClientConfig) -> Client {
+    // An error only says that a provider is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Client::new(config)
+}
+
 impl Store {
     /// Pulls `reference` (`busybox`, `127.0.0.1:5000/img:tag`, `name@sha256:…`; no host
     /// means Docker Hub) and stores it under its normalized name (for a pull by digest
@@ -67,7 +75,7 @@ impl Store {
         } else {
             ClientProtocol::Https
         };
-        let client = Client::new(ClientConfig {
+        let client = client(ClientConfig {
             protocol,
             connect_timeout: Some(CONNECT_TIMEOUT),
             read_timeout: Some(READ_TIMEOUT),

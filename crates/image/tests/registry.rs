@@ -122,7 +122,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn client() -> Client {
-    Client::new(ClientConfig {
+    forkvm_image::registry_client(ClientConfig {
         protocol: ClientProtocol::Http,
         ..ClientConfig::default()
     })
@@ -283,4 +283,33 @@ fn pulling_a_missing_tag_or_registry_is_an_error_naming_the_reference() {
     assert!(store.list().unwrap().is_empty());
     assert!(common::files(&store, "blobs/sha256").is_empty());
     assert!(common::files(&store, "tmp").is_empty());
+}
+
+/// A registry that is not on a loopback address is reached over TLS (rustls with its
+/// crypto provider installed): the server sees a TLS handshake, and a server that is
+/// not TLS is an error naming the reference, not a panic.
+#[test]
+fn a_registry_off_loopback_is_reached_over_tls() {
+    // 0.0.0.0 is not a loopback address to the reference parser, and connects here.
+    let listener = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut first = [0u8; 1];
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        conn.read_exact(&mut first).unwrap();
+        // Not TLS: an HTTP answer, and the connection closed.
+        let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n");
+        first[0]
+    });
+    let (_dir, store) = store();
+    let reference = format!("0.0.0.0:{port}/fixture:1");
+    let err = store
+        .pull(&reference, &PullOptions::default(), &NoProgress)
+        .unwrap_err();
+    assert!(err.to_string().contains(&reference), "{err}");
+    // 0x16: a TLS handshake record (the ClientHello).
+    assert_eq!(server.join().unwrap(), 0x16, "the client did not start TLS");
+    assert!(store.list().unwrap().is_empty());
 }

@@ -47,6 +47,7 @@ fn warmup() -> Warmup {
         jail: None,
         places: Default::default(),
         memory: None,
+        devices: None,
     }
 }
 

@@ -266,6 +266,116 @@ impl AttachedVirtio {
     }
 }
 
+/// The most virtio devices a VM has: one per interrupt line from [`VIRTIO_IRQ_BASE`].
+pub const MAX_VIRTIO_DEVICES: usize = (IRQ_MAX - VIRTIO_IRQ_BASE + 1) as usize;
+
+/// The most queues a device's kicks are made ahead for (virtio-net with one queue pair
+/// has 2, vsock 3, virtio-fs 2).
+pub const MAX_QUEUES_AHEAD: u16 = 16;
+
+/// Device `index`'s MMIO window base and interrupt line.
+fn window(index: usize) -> (u64, u32) {
+    (
+        VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE,
+        VIRTIO_IRQ_BASE + index as u32,
+    )
+}
+
+/// The eventfds of one virtio device, made and registered with KVM ahead of the
+/// device (by a warm VM process, off a fork's way: each KVM_IOEVENTFD waits for the
+/// VM's SRCU readers): its interrupt as an irqfd on its line, and a kick per queue as
+/// an ioeventfd on its `QueueNotify` register with the queue's index as datamatch.
+#[derive(Debug)]
+pub struct VirtioFds {
+    irq_evt: EventFd,
+    kicks: Vec<EventFd>,
+}
+
+impl VirtioFds {
+    /// Makes and registers the eventfds of device `index` (in MMIO order) with `queues`
+    /// queues; on an error, nothing stays registered.
+    pub fn make(vm: &Vm, index: usize, queues: u16) -> Result<Self, VmmError> {
+        if index >= MAX_VIRTIO_DEVICES || queues > MAX_QUEUES_AHEAD {
+            return Err(VmmError::NoIrq(format!(
+                "device {index} with {queues} queues made ahead"
+            )));
+        }
+        let (base, irq) = window(index);
+        let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        vm.register_irqfd(&irq_evt, irq)?;
+        let mut fds = Self {
+            irq_evt,
+            kicks: Vec::with_capacity(usize::from(queues)),
+        };
+        for q in 0..queues {
+            let made = EventFd::new(EFD_NONBLOCK)
+                .map_err(VmmError::EventFd)
+                .and_then(|kick| {
+                    vm.register_mmio_ioevent(&kick, base + VIRTIO_MMIO_QUEUE_NOTIFY, u32::from(q))?;
+                    Ok(kick)
+                });
+            match made {
+                Ok(kick) => fds.kicks.push(kick),
+                Err(e) => {
+                    fds.release(vm, index);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(fds)
+    }
+
+    /// Unregisters them from `vm` (device `index`'s), for a device that does not use them.
+    pub fn release(self, vm: &Vm, index: usize) {
+        let (base, irq) = window(index);
+        for (q, kick) in self.kicks.iter().enumerate() {
+            if let Err(e) =
+                vm.unregister_mmio_ioevent(kick, base + VIRTIO_MMIO_QUEUE_NOTIFY, q as u32)
+            {
+                tracing::warn!("cannot unregister a kick made ahead: {e}");
+            }
+        }
+        if let Err(e) = vm.unregister_irqfd(&self.irq_evt, irq) {
+            tracing::warn!("cannot unregister an interrupt made ahead: {e}");
+        }
+    }
+}
+
+/// Makes the eventfds of devices with `shape`'s queue counts (in MMIO order); a device
+/// whose fds cannot be made gets none (its attach makes them).
+pub(crate) fn make_ahead(vm: &Vm, shape: &[u16]) -> Vec<Option<VirtioFds>> {
+    shape
+        .iter()
+        .take(MAX_VIRTIO_DEVICES)
+        .enumerate()
+        .map(|(index, &queues)| {
+            VirtioFds::make(vm, index, queues)
+                .inspect_err(|e| tracing::debug!("device {index}'s eventfds not made ahead: {e}"))
+                .ok()
+        })
+        .collect()
+}
+
+/// The queue counts of `devices` (in MMIO order): what a warm process makes their
+/// eventfds ahead by ([`crate::warm::Warmup::devices`]).
+pub(crate) fn shape_of(devices: &[AttachedVirtio]) -> Vec<u16> {
+    devices
+        .iter()
+        .map(|d| {
+            let t = d.transport.lock().unwrap_or_else(|p| p.into_inner());
+            u16::try_from(t.queue_evts().len()).unwrap_or(u16::MAX)
+        })
+        .collect()
+}
+
+/// The queue counts of the saved devices `devices` (a template's).
+pub(crate) fn saved_shape(devices: &[VirtioSnapshot]) -> Vec<u16> {
+    devices
+        .iter()
+        .map(|d| u16::try_from(d.transport.queues.len()).unwrap_or(u16::MAX))
+        .collect()
+}
+
 /// The virtio devices of a VM being built, and what the rest of the build needs of
 /// them: the MMIO bus and the ACPI device list.
 pub(crate) struct DeviceSetup<'a> {
@@ -277,6 +387,8 @@ pub(crate) struct DeviceSetup<'a> {
     pub attached: Vec<AttachedVirtio>,
     /// The saved devices still to restore; `None` for a boot.
     saved: Option<std::slice::Iter<'a, VirtioSnapshot>>,
+    /// Each device's eventfds made ahead, by index ([`make_ahead`]).
+    ahead: Vec<Option<VirtioFds>>,
 }
 
 impl<'a> DeviceSetup<'a> {
@@ -286,6 +398,7 @@ impl<'a> DeviceSetup<'a> {
         ram: &'a GuestRam,
         events: &'a mut EventManager<Subscriber>,
         saved: Option<&'a [VirtioSnapshot]>,
+        ahead: Vec<Option<VirtioFds>>,
     ) -> Self {
         Self {
             vm,
@@ -295,6 +408,7 @@ impl<'a> DeviceSetup<'a> {
             acpi_devices: Vec::new(),
             attached: Vec::new(),
             saved: saved.map(|s| s.iter()),
+            ahead,
         }
     }
 
@@ -322,6 +436,13 @@ impl<'a> DeviceSetup<'a> {
                 "the snapshot has a {} device the configuration does not",
                 extra.device.kind()
             )));
+        }
+        // Made ahead for devices this VM does not have: their windows stay empty.
+        let vm = self.vm;
+        for (index, fds) in self.ahead.drain(..).enumerate() {
+            if let Some(fds) = fds {
+                fds.release(vm, index);
+            }
         }
         Ok(())
     }
@@ -355,23 +476,41 @@ impl<'a> DeviceSetup<'a> {
             }
         };
         let detail = device.detail();
-        let irq = VIRTIO_IRQ_BASE + index as u32;
+        let (base, irq) = window(index);
         if irq > IRQ_MAX {
             return Err(VmmError::NoIrq(detail));
         }
-        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
+        // The eventfds made ahead for this device, if they fit its queues (else they are
+        // unregistered and made here).
+        let queues = device.queue_max_sizes().len();
+        let ahead = match self.ahead.get_mut(index).and_then(Option::take) {
+            Some(fds) if fds.kicks.len() == queues => Some(fds),
+            Some(fds) => {
+                fds.release(self.vm, index);
+                None
+            }
+            None => None,
+        };
         let typed = Arc::new(Mutex::new(device));
         self.events.add_subscriber(typed.clone());
-        let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        self.vm.register_irqfd(&irq_evt, irq)?;
+        let made_ahead = ahead.is_some();
+        let (irq_evt, kicks) = match ahead {
+            Some(fds) => (fds.irq_evt, Some(fds.kicks)),
+            None => {
+                let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+                self.vm.register_irqfd(&irq_evt, irq)?;
+                (irq_evt, None)
+            }
+        };
         let mem = self.ram.memory().clone();
         let transport = match transport_state {
-            None => MmioTransport::new(mem, typed.clone(), irq_evt),
+            None => MmioTransport::with_kicks(mem, typed.clone(), irq_evt, kicks),
             Some(state) => MmioTransport::restore(
                 TransportArgs {
                     mem,
                     device: typed.clone(),
                     irq_evt,
+                    kicks,
                 },
                 state,
             ),
@@ -380,9 +519,11 @@ impl<'a> DeviceSetup<'a> {
             what: format!("{} transport {index} ({detail})", D::KIND),
             source: Box::new(e),
         })?;
-        for (q, evt) in transport.queue_evts().iter().enumerate() {
-            self.vm
-                .register_mmio_ioevent(evt, base + VIRTIO_MMIO_QUEUE_NOTIFY, q as u32)?;
+        if !made_ahead {
+            for (q, evt) in transport.queue_evts().iter().enumerate() {
+                self.vm
+                    .register_mmio_ioevent(evt, base + VIRTIO_MMIO_QUEUE_NOTIFY, q as u32)?;
+            }
         }
         let transport = Arc::new(Mutex::new(transport));
         self.mmio

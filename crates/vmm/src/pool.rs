@@ -183,11 +183,13 @@ impl ChildPool {
     /// and `mem_mib` MiB of memory, each staging a home under `homes` when given (under
     /// an ID of its own, renewed per process), forked by a zygote of the installed
     /// VM-process executable; filled now, or once [`ChildPool::refill`]ed when not
-    /// `fill_now`.
+    /// `fill_now`. `devices`: the VM's virtio devices by their number of queues (in
+    /// MMIO order), whose eventfds each process makes ahead.
     pub fn for_children(
         size: u32,
         vcpus: u8,
         mem_mib: u64,
+        devices: Vec<u16>,
         homes: Option<ChildHomes>,
         places: forkvm_jail::Places,
         fill_now: bool,
@@ -204,6 +206,7 @@ impl ChildPool {
             jail: Some(forkvm_jail::JailSpec::inherited()),
             places,
             memory: None,
+            devices: Some(devices),
         };
         Self::start_filling(size, warmup, Maker::Zygote(exe), fill_now)
     }
@@ -530,6 +533,7 @@ mod tests {
             jail: None,
             places: Default::default(),
             memory: None,
+            devices: None,
         }
     }
 
@@ -690,6 +694,7 @@ mod tests {
             jail: None,
             places: Default::default(),
             memory: None,
+            devices: None,
         };
         let pool = ChildPool::start(2, warmup, Maker::Exec(waiter(dir.path()))).unwrap();
         wait_until("the pool to fill", || pool.pids().len() == 2);

@@ -789,9 +789,18 @@ impl Unverified {
         for d in &self.state.snapshot.config.disks {
             places.read(&d.path);
         }
-        ChildPool::for_children(count, vcpus, mem_mib, Some(homes.clone()), places, true)
-            .inspect_err(|e| tracing::warn!("cannot start warm processes for the template: {e}"))
-            .ok()
+        let devices = crate::devices::saved_shape(&self.state.snapshot.virtio);
+        ChildPool::for_children(
+            count,
+            vcpus,
+            mem_mib,
+            devices,
+            Some(homes.clone()),
+            places,
+            true,
+        )
+        .inspect_err(|e| tracing::warn!("cannot start warm processes for the template: {e}"))
+        .ok()
     }
 
     /// Copies the memory file into a sealed memory file while checking it against the

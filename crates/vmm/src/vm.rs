@@ -156,6 +156,25 @@ impl Vm {
             .map_err(kvm_err("KVM_IRQFD"))
     }
 
+    /// Undoes [`Vm::register_irqfd`].
+    pub fn unregister_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .unregister_irqfd(evt, gsi)
+            .map_err(kvm_err("KVM_IRQFD (deassign)"))
+    }
+
+    /// Undoes [`Vm::register_mmio_ioevent`] (closing `evt` would leave it registered).
+    pub fn unregister_mmio_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .unregister_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
+            .map_err(kvm_err("KVM_IOEVENTFD (deassign)"))
+    }
+
     /// Signals `evt` (without a vCPU exit) when the guest writes `datamatch` at `addr`.
     pub fn register_mmio_ioevent(
         &self,

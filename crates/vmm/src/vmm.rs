@@ -234,9 +234,16 @@ impl Vmm {
         // A warm process's memory is in its VM's slots already, and it is `ram` when
         // the restore took it (see `ChildPayload::restore`).
         let slots_made = prepared.as_ref().is_some_and(|p| p.slots_made());
-        let (made, host, made_vcpus, parked) = match prepared {
-            Some(p) => (Some(p.vm), Some(p.host), p.vcpus, p.threads),
-            None => (None, None, Vec::new(), Vec::new()),
+        let (made, host, made_vcpus, parked, serial_ahead, devices_ahead) = match prepared {
+            Some(p) => (
+                Some(p.vm),
+                Some(p.host),
+                p.vcpus,
+                p.threads,
+                p.serial_irq,
+                p.devices,
+            ),
+            None => (None, None, Vec::new(), Vec::new(), None, Vec::new()),
         };
         let vm = match saved {
             None => Vm::new()?,
@@ -262,8 +269,14 @@ impl Vmm {
 
         // Legacy devices on the port bus.
         let mut pio = Bus::new();
-        let serial_irq = evt()?;
-        vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+        let serial_irq = match serial_ahead {
+            Some(made) => made,
+            None => {
+                let e = evt()?;
+                vm.register_irqfd(&e, SERIAL_IRQ)?;
+                e
+            }
+        };
         let serial_args = SerialArgs {
             irq: EventFdTrigger::new(serial_irq),
             out: console,
@@ -314,6 +327,7 @@ impl Vmm {
             &ram,
             &mut events,
             saved.map(|snapshot| snapshot.virtio.as_slice()),
+            devices_ahead,
         );
         setup.attach_all(cfg)?;
         let DeviceSetup {
@@ -555,6 +569,7 @@ impl Vmm {
             self.cfg.fork_pool,
             self.cfg.vcpus,
             self.cfg.mem_mib,
+            crate::devices::shape_of(&self.virtio),
             self.child_homes.clone(),
             places,
             false,

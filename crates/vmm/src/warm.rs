@@ -9,8 +9,11 @@ use std::path::PathBuf;
 use forkvm_registry::VmHome;
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::{make_ahead, VirtioFds};
 use crate::launch::ChildHomes;
+use crate::layout::SERIAL_IRQ;
 use crate::memory::{GuestRam, MemoryLayout};
 use crate::vcpu::{create_vcpu, HostCpu, ParkedThread, VcpuError};
 use crate::vm::{Vm, VmError};
@@ -41,6 +44,11 @@ pub struct Warmup {
     /// file and its overlays mostly do, so the launch maps only what is new.
     #[serde(default)]
     pub memory: Option<MemoryLayout>,
+    /// The forking VM's virtio devices, in MMIO order, by their number of queues: each
+    /// one's interrupt and kick eventfds are made and registered with KVM ahead (and
+    /// the serial port's interrupt with them). `None`: made at the restore.
+    #[serde(default)]
+    pub devices: Option<Vec<u16>>,
 }
 
 /// A warm process's home, made while it waits ([`VmHome::stage`]): VM `id`, a child of
@@ -97,6 +105,10 @@ pub struct Prepared {
     slots: bool,
     /// The vCPUs' threads, started and confined ahead ([`Prepared::park_threads`]).
     pub(crate) threads: Vec<ParkedThread>,
+    /// The serial port's interrupt, registered as an irqfd on its line.
+    pub(crate) serial_irq: Option<EventFd>,
+    /// Each virtio device's eventfds, registered (see [`Warmup::devices`]).
+    pub(crate) devices: Vec<Option<VirtioFds>>,
 }
 
 /// Why a VM could not be prepared.
@@ -122,6 +134,7 @@ impl std::fmt::Debug for Prepared {
             .field("vcpus", &self.vcpus.len())
             .field("memory", &self.memory.is_some())
             .field("threads", &self.threads.len())
+            .field("devices", &self.devices.len())
             .finish_non_exhaustive()
     }
 }
@@ -159,6 +172,17 @@ impl Prepared {
             }
             _ => None,
         };
+        // The devices' eventfds: each KVM_IOEVENTFD waits out the VM's SRCU readers,
+        // milliseconds when many processes share the CPUs.
+        let (serial_irq, devices) = match &warmup.devices {
+            Some(shape) => {
+                let serial = EventFd::new(libc::EFD_NONBLOCK)
+                    .ok()
+                    .filter(|e| vm.register_irqfd(e, SERIAL_IRQ).is_ok());
+                (serial, make_ahead(&vm, shape))
+            }
+            None => (None, Vec::new()),
+        };
         Ok(Self {
             vm,
             host,
@@ -166,6 +190,8 @@ impl Prepared {
             slots: memory.is_some(),
             memory,
             threads: Vec::new(),
+            serial_irq,
+            devices,
         })
     }
 

@@ -4,12 +4,15 @@
 //! KVM (here or in the virtual test host).
 
 use forkvm_devices::Persist;
+use forkvm_vmm::devices::{VirtioFds, MAX_QUEUES_AHEAD};
+use forkvm_vmm::layout::VIRTIO_MMIO_START;
 use forkvm_vmm::vcpu::VcpuState;
 use forkvm_vmm::vm::{Vm, VmArchState, VmArgs};
 use forkvm_vmm::x86::cpu::{patch_cpuid, setup_boot_vcpu, setup_cpuid_and_msrs, setup_lapic};
 use kvm_bindings::{kvm_msr_entry, Msrs, KVM_IRQCHIP_IOAPIC};
 use kvm_ioctls::VcpuFd;
 use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// MSRs a guest kernel sets at boot, with values a fresh vCPU does not have.
 const GUEST_MSRS: &[(u32, u64)] = &[
@@ -152,5 +155,39 @@ fn vm_state_round_trips_and_the_clock_moves_on() {
         );
         let pit_modes = |s: &VmArchState| s.pit.channels.map(|c| (c.mode, c.count));
         assert_eq!(pit_modes(&again), pit_modes(&saved), "PIT channels");
+    });
+}
+
+/// A warm VM process makes a device's eventfds ahead: its kicks are registered as
+/// ioeventfds on the device's `QueueNotify` register (one per queue, by datamatch) until
+/// they are released; a device with more queues than are ever made ahead gets none.
+#[test]
+fn device_eventfds_made_ahead_are_registered_until_released() {
+    forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
+        let (vm, _vcpu) = vm_with_vcpu();
+        // Device 1's window (the second device in MMIO order).
+        let notify = VIRTIO_MMIO_START + 0x1000 + 0x50;
+        let fds = VirtioFds::make(&vm, 1, 2).expect("eventfds made ahead");
+        let other = EventFd::new(EFD_NONBLOCK).unwrap();
+        // A kick registered for queues 0 and 1 (the same address and datamatch cannot
+        // be registered twice), none for queue 2.
+        for q in 0..2 {
+            assert!(
+                vm.register_mmio_ioevent(&other, notify, q).is_err(),
+                "no kick registered for queue {q}"
+            );
+        }
+        vm.register_mmio_ioevent(&other, notify, 2)
+            .expect("queue 2 is free");
+        vm.unregister_mmio_ioevent(&other, notify, 2).unwrap();
+        fds.release(&vm, 1);
+        for q in 0..2 {
+            vm.register_mmio_ioevent(&other, notify, q)
+                .expect("released kicks are unregistered");
+        }
+        assert!(VirtioFds::make(&vm, 2, MAX_QUEUES_AHEAD + 1).is_err());
+        let free = VIRTIO_MMIO_START + 2 * 0x1000 + 0x50;
+        vm.register_mmio_ioevent(&other, free, 0)
+            .expect("nothing registered for a refused device");
     });
 }

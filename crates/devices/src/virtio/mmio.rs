@@ -89,6 +89,14 @@ pub enum MmioError {
         #[source]
         source: std::io::Error,
     },
+    /// Kick eventfds made ahead for another number of queues than the device has.
+    #[error("{given} kick eventfds for a device of {queues} queues")]
+    Kicks {
+        /// Eventfds given.
+        given: usize,
+        /// The device's queues.
+        queues: usize,
+    },
     /// The device offers a queue size virtio-queue rejects, or a saved queue is invalid.
     #[error("queue {index} is invalid")]
     Queue {
@@ -238,6 +246,18 @@ impl MmioTransport {
         device: Arc<Mutex<dyn VirtioDevice>>,
         irq_evt: EventFd,
     ) -> Result<Self, MmioError> {
+        Self::with_kicks(mem, device, irq_evt, None)
+    }
+
+    /// Like [`MmioTransport::new`], with the queues' kick eventfds made (and registered
+    /// with KVM) ahead when `kicks` has them: exactly one per queue of the device, in
+    /// queue order.
+    pub fn with_kicks(
+        mem: GuestMemory,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        irq_evt: EventFd,
+        kicks: Option<Vec<EventFd>>,
+    ) -> Result<Self, MmioError> {
         let max_sizes = lock(&device).queue_max_sizes().to_vec();
         let queues = max_sizes
             .iter()
@@ -246,12 +266,21 @@ impl MmioTransport {
                 Queue::new(max).map_err(|source| MmioError::Queue { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let queue_evts = (0..queues.len())
-            .map(|index| {
-                EventFd::new(EFD_NONBLOCK)
-                    .map_err(|source| MmioError::KickEventFd { index, source })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let queue_evts = match kicks {
+            Some(kicks) if kicks.len() != queues.len() => {
+                return Err(MmioError::Kicks {
+                    given: kicks.len(),
+                    queues: queues.len(),
+                })
+            }
+            Some(kicks) => kicks,
+            None => (0..queues.len())
+                .map(|index| {
+                    EventFd::new(EFD_NONBLOCK)
+                        .map_err(|source| MmioError::KickEventFd { index, source })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         Ok(Self {
             mem,
             device,
@@ -555,6 +584,8 @@ pub struct TransportArgs {
     pub device: Arc<Mutex<dyn VirtioDevice>>,
     /// The interrupt eventfd (the VMM registers it as an irqfd).
     pub irq_evt: EventFd,
+    /// The queues' kick eventfds, when made ahead (see [`MmioTransport::with_kicks`]).
+    pub kicks: Option<Vec<EventFd>>,
 }
 
 impl Persist<'_> for MmioTransport {
@@ -570,8 +601,9 @@ impl Persist<'_> for MmioTransport {
             mem,
             device,
             irq_evt,
+            kicks,
         } = args;
-        let mut transport = Self::new(mem, device, irq_evt)?;
+        let mut transport = Self::with_kicks(mem, device, irq_evt, kicks)?;
         let invalid = |msg: String| Err(MmioError::InvalidState(msg));
 
         if state.queues.len() != transport.queues.len() {

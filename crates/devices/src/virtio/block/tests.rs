@@ -462,6 +462,7 @@ fn snapshot_and_restore_a_running_disk() {
                 mem: mem.clone(),
                 device: blk.clone(),
                 irq_evt: EventFd::new(EFD_NONBLOCK).unwrap(),
+                kicks: None,
             },
             &serde_json::from_str(&transport_json).unwrap(),
         )

@@ -370,6 +370,49 @@ fn queue_notify_kicks_the_eventfd() {
     write_reg(&mut t, 0x50, 7); // no such queue
 }
 
+/// Kick eventfds made ahead (registered with KVM by a warm VM process) are the ones a
+/// notify signals, in a new transport and in a restored one; another number than the
+/// device's queues is refused.
+#[test]
+fn kicks_made_ahead_are_the_queues_eventfds() {
+    let mem = guest_memory();
+    let ahead = |n: usize| -> (Vec<EventFd>, Vec<EventFd>) {
+        let kicks: Vec<EventFd> = (0..n)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
+        let kept = kicks.iter().map(|k| k.try_clone().unwrap()).collect();
+        (kicks, kept)
+    };
+    let dev = Arc::new(Mutex::new(TestDevice::new(2)));
+    let (kicks, kept) = ahead(2);
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut t = MmioTransport::with_kicks(mem.clone(), dev, irq, Some(kicks)).unwrap();
+    write_reg(&mut t, 0x50, 1);
+    assert_eq!(kept[1].read().unwrap(), 1);
+    assert!(kept[0].read().is_err(), "queue 0 not kicked");
+
+    let saved = t.save().unwrap();
+    let (kicks, kept) = ahead(2);
+    let args = |kicks| TransportArgs {
+        mem: mem.clone(),
+        device: Arc::new(Mutex::new(TestDevice::new(2))),
+        irq_evt: EventFd::new(EFD_NONBLOCK).unwrap(),
+        kicks: Some(kicks),
+    };
+    let mut restored = MmioTransport::restore(args(kicks), &saved).unwrap();
+    write_reg(&mut restored, 0x50, 0);
+    assert_eq!(kept[0].read().unwrap(), 1);
+
+    let (kicks, _) = ahead(3);
+    assert!(matches!(
+        MmioTransport::restore(args(kicks), &saved),
+        Err(MmioError::Kicks {
+            given: 3,
+            queues: 2
+        })
+    ));
+}
+
 #[test]
 fn interrupt_status_and_ack() {
     let (_mem, _dev, mut t) = setup(1);
@@ -472,6 +515,7 @@ fn state_round_trips_through_serde() {
             mem: mem.clone(),
             device: dev2.clone(),
             irq_evt: EventFd::new(EFD_NONBLOCK).unwrap(),
+            kicks: None,
         },
         &loaded,
     )
@@ -503,6 +547,7 @@ fn state_round_trips_through_serde() {
             mem,
             device: dev4.clone(),
             irq_evt: EventFd::new(0).unwrap(),
+            kicks: None,
         },
         &mid,
     )
@@ -526,6 +571,7 @@ fn restore_rejects_invalid_states() {
                 mem: mem.clone(),
                 device: dev,
                 irq_evt: EventFd::new(0).unwrap(),
+                kicks: None,
             },
             state,
         )

@@ -202,6 +202,7 @@ fn snapshot_and_restore_a_running_device() {
             mem: s.mem.clone(),
             device: rng.clone(),
             irq_evt: EventFd::new(EFD_NONBLOCK).unwrap(),
+            kicks: None,
         },
         &transport_state,
     )

@@ -423,6 +423,7 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
         });
         let kids = children_of(&root, &parent);
         // The booted VM and its fork children are jailed, each in its own cgroup.
+        forkvm_test_support::assert_probe_tells_dumpable_processes();
         let mut groups = vec![assert_jailed(&root, "origin")];
         for k in &kids {
             groups.push(assert_jailed(&root, k));
@@ -552,6 +553,20 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
             .flat_map(|&p| zygotes_of(p))
             .collect();
         assert_eq!(zygotes.len(), 2, "one zygote per pool: {zygotes:?}");
+        // Warm processes (which hold the VM's memory as they wait) and the zygotes that
+        // fork them are not dumpable either.
+        for pid in child_pool
+            .iter()
+            .chain(&pool_pids(&root, "origin"))
+            .chain(&zygotes)
+        {
+            assert_eq!(
+                forkvm_test_support::reachable_without_ptrace(*pid),
+                Some(false),
+                "process {pid} (a warm process or zygote) is open to a root process \
+                 without CAP_SYS_PTRACE"
+            );
+        }
         sigkill(child_pid);
         let origin_pool = pool_pids(&root, "origin");
         forkvm_ok(&root, &["rm", "-f", "origin"]);
@@ -623,6 +638,13 @@ fn assert_jailed(root: &Path, vm: &str) -> PathBuf {
         "{vm}: {rules}"
     );
     let pid = info["pid"].as_u64().unwrap() as u32;
+    // Not dumpable: another VM process (root, without capabilities) cannot read its
+    // /proc entries.
+    assert_eq!(
+        forkvm_test_support::reachable_without_ptrace(pid),
+        Some(false),
+        "{vm}: its /proc/<pid> is open to a root process without CAP_SYS_PTRACE"
+    );
     assert_eq!(jail["root"], "tmpfs forkvm-root", "{vm}: {jail}");
     forkvm_test_support::assert_own_root(pid, &jail.to_string(), root);
     let threads = forkvm_test_support::thread_confinement(pid, "");

@@ -318,10 +318,12 @@ impl Jail {
             }
             set_no_new_privs()?;
             let restricted = restrict_writes(places.writable)?;
-            not_dumpable()?;
             seccomp::apply(ThreadKind::Process)?;
             Some(restricted)
         };
+        // Every jailed VM process, its own root or its parent's: an exec (a fork child
+        // or a zygote started from the VM-process executable) made it dumpable again.
+        not_dumpable()?;
         PROCESS_FILTERED.store(true, Ordering::Relaxed);
         Ok(Some(Self { cgroup, landlock }))
     }
@@ -382,13 +384,12 @@ fn with_system_places(mut places: Places, cgroup: Option<&Cgroup>) -> Places {
 
 /// Makes this process, when it runs as root, not dumpable: another VM process (uid 0
 /// too, but without capabilities) can no longer reach its memory, descriptors or root
-/// through `/proc/<pid>` (`mem`, `fd`, `root`, `environ`), nor trace it. Only a process
-/// that makes its own jail: a fork child made not dumpable stopped its guest's console
-/// within a second of its start in the virtual host (not understood yet), so fork
-/// children and pool processes, which live in their parent's root, stay dumpable. A
+/// through `/proc/<pid>` (`mem`, `fd`, `root`, `environ`), nor trace it, and a crash
+/// writes no core file of its guest's memory. Every jailed VM process (booted, fork
+/// child, warm process) and a fork pool's zygote, whose warm processes inherit it. A
 /// process of another user keeps it: its own `/proc/self/pagemap` (which forks scan)
 /// would become root's.
-fn not_dumpable() -> Result<(), JailError> {
+pub fn not_dumpable() -> Result<(), JailError> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(());

@@ -23,6 +23,79 @@ pub fn is_running(pid: u32) -> bool {
     stat_fields(pid).is_some_and(|f| f.first().is_some_and(|state| state != "Z"))
 }
 
+/// `CAP_SYS_PTRACE`, which reaches any process's `/proc/<pid>` entries.
+const CAP_SYS_PTRACE: u32 = 19;
+
+/// Whether process `pid` is open to another process of its uid that holds no
+/// `CAP_SYS_PTRACE` (as another VM process): whether that process can read its
+/// `/proc/<pid>/environ`. For a process of the same uid that is dumpable it can, for one
+/// that is not it cannot. Probed from a forked child that keeps this process's
+/// capabilities but `CAP_SYS_PTRACE`. `None` when `pid` itself may hold
+/// `CAP_SYS_PTRACE` (the kernel then refuses any reader without it, dumpable or not).
+pub fn reachable_without_ptrace(pid: u32) -> Option<bool> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let permitted = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapPrm:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())?;
+    if permitted & (1 << CAP_SYS_PTRACE) != 0 {
+        return None;
+    }
+    let path = std::ffi::CString::new(format!("/proc/{pid}/environ")).expect("no NUL");
+    let header = CapHeader {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut caps = [CapData::default(); 2];
+    // SAFETY: capget fills the two data words of a version-3 header.
+    let got = unsafe { libc::syscall(libc::SYS_capget, &header, caps.as_mut_ptr()) };
+    assert_eq!(got, 0, "capget: {}", std::io::Error::last_os_error());
+    for c in &mut caps[..1] {
+        c.effective &= !(1 << CAP_SYS_PTRACE);
+        c.permitted &= !(1 << CAP_SYS_PTRACE);
+        c.inheritable &= !(1 << CAP_SYS_PTRACE);
+    }
+    // SAFETY: the child only makes system calls (capset, open, _exit) on memory made
+    // before the fork; the parent waits for it.
+    match unsafe { libc::fork() } {
+        -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+        // SAFETY: system calls on memory made before the fork, then _exit.
+        0 => unsafe {
+            if libc::syscall(libc::SYS_capset, &header, caps.as_ptr()) != 0 {
+                libc::_exit(2);
+            }
+            let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            libc::_exit(if fd >= 0 { 0 } else { 1 })
+        },
+        child => {
+            let mut status = 0;
+            // SAFETY: waits for our own child; `status` outlives the call.
+            assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+            match libc::WEXITSTATUS(status) {
+                0 => Some(true),
+                1 => Some(false),
+                _ => panic!("the probe could not drop CAP_SYS_PTRACE"),
+            }
+        }
+    }
+}
+
+/// `struct __user_cap_data_struct`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `struct __user_cap_header_struct`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
 /// Each thread of process `pid` whose name starts with `prefix`: its name and the
 /// `Seccomp` and `NoNewPrivs` fields of its status (`"2"` and `"1"` when confined).
 pub fn thread_confinement(pid: u32, prefix: &str) -> Vec<(String, String, String)> {
@@ -283,4 +356,60 @@ impl Captured {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.bytes()).into_owned()
     }
+}
+
+/// Checks that [`reachable_without_ptrace`] tells, on this kernel, a dumpable process
+/// of this uid from one that is not: two children that give up `CAP_SYS_PTRACE` (every
+/// set, for good) and wait, the second made not dumpable. (A sandbox kernel may not
+/// enforce dumpability; the virtual test host's Linux does.)
+pub fn assert_probe_tells_dumpable_processes() {
+    let waiter = |dumpable: bool| -> i32 {
+        let header = CapHeader {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let mut caps = [CapData::default(); 2];
+        // SAFETY: capget fills two data words.
+        unsafe { libc::syscall(libc::SYS_capget, &header, caps.as_mut_ptr()) };
+        caps[0].effective &= !(1 << CAP_SYS_PTRACE);
+        caps[0].permitted &= !(1 << CAP_SYS_PTRACE);
+        caps[0].inheritable &= !(1 << CAP_SYS_PTRACE);
+        // SAFETY: the child only makes system calls (capset, prctl, pause, _exit).
+        match unsafe { libc::fork() } {
+            -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+            // SAFETY: system calls on memory made before the fork, then _exit.
+            0 => unsafe {
+                libc::syscall(libc::SYS_capset, &header, caps.as_ptr());
+                if !dumpable {
+                    libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+                }
+                libc::pause();
+                libc::_exit(0)
+            },
+            pid => pid,
+        }
+    };
+    let (open, closed) = (waiter(true), waiter(false));
+    // Once each has done what it does before it waits.
+    let settled = |pid: i32, want: bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let r = reachable_without_ptrace(pid as u32);
+            if r == Some(want) || std::time::Instant::now() > deadline {
+                return r;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    let reached = (settled(open, true), settled(closed, false));
+    for pid in [open, closed] {
+        sigkill(pid as u32);
+        // SAFETY: reaps our own child.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    }
+    assert_eq!(
+        reached,
+        (Some(true), Some(false)),
+        "the dumpability probe does not work on this kernel"
+    );
 }

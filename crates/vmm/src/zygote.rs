@@ -106,6 +106,11 @@ fn answer_failure(sock: &UnixStream) {
 /// Must run while the process has a single thread.
 pub(crate) fn serve(sock: UnixStream) -> Result<UnixStream, LaunchError> {
     set_name(c"forkvm-zygote");
+    // The warm processes it forks hold guest memory from their launch on: they start
+    // not dumpable (and their jail says so again).
+    if let Err(e) = forkvm_jail::not_dumpable() {
+        tracing::warn!("the zygote stays dumpable: {e}");
+    }
     // Every warm process it forks starts with the seccomp filters built.
     forkvm_jail::seccomp::prepare();
     loop {

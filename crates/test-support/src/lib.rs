@@ -42,19 +42,7 @@ pub fn reachable_without_ptrace(pid: u32) -> Option<bool> {
         return None;
     }
     let path = std::ffi::CString::new(format!("/proc/{pid}/environ")).expect("no NUL");
-    let header = CapHeader {
-        version: 0x2008_0522,
-        pid: 0,
-    };
-    let mut caps = [CapData::default(); 2];
-    // SAFETY: capget fills the two data words of a version-3 header.
-    let got = unsafe { libc::syscall(libc::SYS_capget, &header, caps.as_mut_ptr()) };
-    assert_eq!(got, 0, "capget: {}", std::io::Error::last_os_error());
-    for c in &mut caps[..1] {
-        c.effective &= !(1 << CAP_SYS_PTRACE);
-        c.permitted &= !(1 << CAP_SYS_PTRACE);
-        c.inheritable &= !(1 << CAP_SYS_PTRACE);
-    }
+    let (header, caps) = caps_but_ptrace();
     // SAFETY: the child only makes system calls (capset, open, _exit) on memory made
     // before the fork; the parent waits for it.
     match unsafe { libc::fork() } {
@@ -78,6 +66,23 @@ pub fn reachable_without_ptrace(pid: u32) -> Option<bool> {
             }
         }
     }
+}
+
+/// This thread's capabilities without `CAP_SYS_PTRACE`, for `capset` in a child.
+fn caps_but_ptrace() -> (CapHeader, [CapData; 2]) {
+    let header = CapHeader {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut caps = [CapData::default(); 2];
+    // SAFETY: capget fills the two data words of a version-3 header.
+    let got = unsafe { libc::syscall(libc::SYS_capget, &header, caps.as_mut_ptr()) };
+    assert_eq!(got, 0, "capget: {}", std::io::Error::last_os_error());
+    let c = &mut caps[0];
+    c.effective &= !(1 << CAP_SYS_PTRACE);
+    c.permitted &= !(1 << CAP_SYS_PTRACE);
+    c.inheritable &= !(1 << CAP_SYS_PTRACE);
+    (header, caps)
 }
 
 /// `struct __user_cap_data_struct`.
@@ -364,16 +369,7 @@ impl Captured {
 /// enforce dumpability; the virtual test host's Linux does.)
 pub fn assert_probe_tells_dumpable_processes() {
     let waiter = |dumpable: bool| -> i32 {
-        let header = CapHeader {
-            version: 0x2008_0522,
-            pid: 0,
-        };
-        let mut caps = [CapData::default(); 2];
-        // SAFETY: capget fills two data words.
-        unsafe { libc::syscall(libc::SYS_capget, &header, caps.as_mut_ptr()) };
-        caps[0].effective &= !(1 << CAP_SYS_PTRACE);
-        caps[0].permitted &= !(1 << CAP_SYS_PTRACE);
-        caps[0].inheritable &= !(1 << CAP_SYS_PTRACE);
+        let (header, caps) = caps_but_ptrace();
         // SAFETY: the child only makes system calls (capset, prctl, pause, _exit).
         match unsafe { libc::fork() } {
             -1 => panic!("fork: {}", std::io::Error::last_os_error()),

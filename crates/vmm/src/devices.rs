@@ -494,6 +494,7 @@ impl<'a> DeviceSetup<'a> {
         let typed = Arc::new(Mutex::new(device));
         self.events.add_subscriber(typed.clone());
         let made_ahead = ahead.is_some();
+        tracing::debug!(index, made_ahead, "virtio device attached");
         let (irq_evt, kicks) = match ahead {
             Some(fds) => (fds.irq_evt, Some(fds.kicks)),
             None => {

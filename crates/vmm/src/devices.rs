@@ -296,9 +296,7 @@ impl VirtioFds {
     /// queues; on an error, nothing stays registered.
     pub fn make(vm: &Vm, index: usize, queues: u16) -> Result<Self, VmmError> {
         if index >= MAX_VIRTIO_DEVICES || queues > MAX_QUEUES_AHEAD {
-            return Err(VmmError::NoIrq(format!(
-                "device {index} with {queues} queues made ahead"
-            )));
+            return Err(VmmError::Ahead { index, queues });
         }
         let (base, irq) = window(index);
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;

@@ -83,6 +83,14 @@ pub enum VmmError {
     /// Too many devices for the interrupt lines.
     #[error("too many devices: no interrupt line left for the {0} device")]
     NoIrq(String),
+    /// Eventfds asked ahead for a device beyond what any VM has.
+    #[error("cannot make eventfds ahead for device {index} with {queues} queues (at most {} devices of {} queues)", crate::devices::MAX_VIRTIO_DEVICES, crate::devices::MAX_QUEUES_AHEAD)]
+    Ahead {
+        /// The device's index in MMIO order.
+        index: usize,
+        /// Its queues.
+        queues: u16,
+    },
     /// A bus registration failed.
     #[error(transparent)]
     Bus(#[from] BusError),

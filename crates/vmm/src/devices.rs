@@ -298,18 +298,24 @@ impl VirtioFds {
         if index >= MAX_VIRTIO_DEVICES || queues > MAX_QUEUES_AHEAD {
             return Err(VmmError::Ahead { index, queues });
         }
+        Self::register(vm, index, usize::from(queues))
+    }
+
+    /// Makes and registers them for an attached device (of `queues` queues, at `index`,
+    /// whose line the attach checked): what [`VirtioFds::make`] does ahead.
+    fn register(vm: &Vm, index: usize, queues: usize) -> Result<Self, VmmError> {
         let (base, irq) = window(index);
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         vm.register_irqfd(&irq_evt, irq)?;
         let mut fds = Self {
             irq_evt,
-            kicks: Vec::with_capacity(usize::from(queues)),
+            kicks: Vec::with_capacity(queues),
         };
         for q in 0..queues {
             let made = EventFd::new(EFD_NONBLOCK)
                 .map_err(VmmError::EventFd)
                 .and_then(|kick| {
-                    vm.register_mmio_ioevent(&kick, base + VIRTIO_MMIO_QUEUE_NOTIFY, u32::from(q))?;
+                    vm.register_mmio_ioevent(&kick, base + VIRTIO_MMIO_QUEUE_NOTIFY, q as u32)?;
                     Ok(kick)
                 });
             match made {
@@ -479,7 +485,7 @@ impl<'a> DeviceSetup<'a> {
             return Err(VmmError::NoIrq(detail));
         }
         // The eventfds made ahead for this device, if they fit its queues (else they are
-        // unregistered and made here).
+        // unregistered and made here, the same way).
         let queues = device.queue_max_sizes().len();
         let ahead = match self.ahead.get_mut(index).and_then(Option::take) {
             Some(fds) if fds.kicks.len() == queues => Some(fds),
@@ -493,23 +499,19 @@ impl<'a> DeviceSetup<'a> {
         self.events.add_subscriber(typed.clone());
         let made_ahead = ahead.is_some();
         tracing::debug!(index, made_ahead, "virtio device attached");
-        let (irq_evt, kicks) = match ahead {
-            Some(fds) => (fds.irq_evt, Some(fds.kicks)),
-            None => {
-                let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-                self.vm.register_irqfd(&irq_evt, irq)?;
-                (irq_evt, None)
-            }
+        let fds = match ahead {
+            Some(fds) => fds,
+            None => VirtioFds::register(self.vm, index, queues)?,
         };
         let mem = self.ram.memory().clone();
         let transport = match transport_state {
-            None => MmioTransport::with_kicks(mem, typed.clone(), irq_evt, kicks),
+            None => MmioTransport::with_kicks(mem, typed.clone(), fds.irq_evt, Some(fds.kicks)),
             Some(state) => MmioTransport::restore(
                 TransportArgs {
                     mem,
                     device: typed.clone(),
-                    irq_evt,
-                    kicks,
+                    irq_evt: fds.irq_evt,
+                    kicks: Some(fds.kicks),
                 },
                 state,
             ),
@@ -518,12 +520,6 @@ impl<'a> DeviceSetup<'a> {
             what: format!("{} transport {index} ({detail})", D::KIND),
             source: Box::new(e),
         })?;
-        if !made_ahead {
-            for (q, evt) in transport.queue_evts().iter().enumerate() {
-                self.vm
-                    .register_mmio_ioevent(evt, base + VIRTIO_MMIO_QUEUE_NOTIFY, q as u32)?;
-            }
-        }
         let transport = Arc::new(Mutex::new(transport));
         self.mmio
             .insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;

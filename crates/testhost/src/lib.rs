@@ -17,8 +17,9 @@
 //! requested variables. Output goes to files in the scratch directory, which
 //! the host reads (and tails live with [`TestHostOptions::stream`]); the kernel
 //! console goes to a per-run log under `<cache>/testhost/logs/`.
-//! At most one virtual host per CPU of this machine runs at a time, up to two (flocks
-//! on `<cache>/testhost/lock.<n>`; `FORKVM_TESTHOST_SLOTS` sets another number).
+//! At most one virtual host per CPU of this machine runs at a time, as far as its memory
+//! holds 7 GiB per host (flocks on `<cache>/testhost/lock.<n>`;
+//! `FORKVM_TESTHOST_SLOTS` sets another number).
 //!
 //! The virtual host writes a heartbeat every 10 s. One silent for two minutes has
 //! frozen (seen under nested emulation, every 15 to 30 minutes of nested-VM work on

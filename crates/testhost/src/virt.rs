@@ -236,14 +236,41 @@ struct HostLock {
     _file: File,
 }
 
-/// How many virtual hosts may run at once: one per CPU of this machine up to two
-/// (each QEMU runs one TCG thread that keeps a CPU busy), or `FORKVM_TESTHOST_SLOTS`.
+/// Memory one virtual-host slot counts on: the largest host a test asks for (a
+/// container engine's, 6 GiB) with room for QEMU itself.
+const SLOT_MEM_MIB: u64 = 7 * 1024;
+
+/// How many virtual hosts may run at once: `FORKVM_TESTHOST_SLOTS`, else one per CPU of
+/// this machine (each QEMU runs one TCG thread that keeps a CPU busy) as far as its
+/// memory holds [`SLOT_MEM_MIB`] per host (QEMU takes a guest's memory as the guest
+/// touches it, so this is what the largest host may come to, not what each takes).
 pub fn virtual_host_slots() -> usize {
-    std::env::var("FORKVM_TESTHOST_SLOTS")
+    let configured = std::env::var("FORKVM_TESTHOST_SLOTS")
         .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or_else(|| thread::available_parallelism().map_or(1, |n| n.get().min(2)))
+        .and_then(|v| v.parse::<usize>().ok());
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    let mem_mib = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| mem_total_mib(&m));
+    configured
+        .unwrap_or_else(|| slots_for(cpus, mem_mib))
         .max(1)
+}
+
+/// The virtual-host slots of a machine with `cpus` CPUs and `mem_mib` MiB of memory
+/// (unknown: as many as CPUs).
+fn slots_for(cpus: usize, mem_mib: Option<u64>) -> usize {
+    let by_mem = mem_mib.map_or(usize::MAX, |m| {
+        usize::try_from(m / SLOT_MEM_MIB).unwrap_or(usize::MAX)
+    });
+    cpus.min(by_mem).max(1)
+}
+
+/// `MemTotal` of a `/proc/meminfo` text, in MiB.
+fn mem_total_mib(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
 }
 
 impl HostLock {
@@ -648,6 +675,19 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(10))
             .expect("a freed slot was not taken");
         drop((b, third.join().unwrap()));
+    }
+
+    #[test]
+    fn slots_follow_cpus_as_far_as_memory_holds_a_host_each() {
+        let gib = |g: u64| Some(g * 1024);
+        assert_eq!(slots_for(2, gib(24)), 2);
+        assert_eq!(slots_for(8, gib(24)), 3, "24 GiB hold three 7 GiB hosts");
+        assert_eq!(slots_for(8, gib(64)), 8);
+        assert_eq!(slots_for(4, gib(4)), 1, "always one");
+        assert_eq!(slots_for(4, None), 4);
+        let meminfo = "MemTotal:       24589852 kB\nMemFree:         1000 kB\n";
+        assert_eq!(mem_total_mib(meminfo), Some(24013));
+        assert_eq!(mem_total_mib("MemFree: 1 kB\n"), None);
     }
 
     #[test]

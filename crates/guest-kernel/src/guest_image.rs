@@ -4,8 +4,6 @@
 //! the command given after ` -- ` on the kernel command line (or a shell), and powers
 //! the VM off.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use crate::{cache_dir, ensure_kernel, resolve_modules, Error, Flavour, InitramfsBuilder};
@@ -155,29 +153,15 @@ pub fn module_list(paths: &[PathBuf]) -> String {
     paths.iter().map(|p| format!("{}\n", p.display())).collect()
 }
 
-/// Writes `b` into the cache under a name derived from its contents (so an unchanged
+/// Keeps `b` in the cache under a name derived from its contents (so an unchanged
 /// image is never rebuilt) and returns the kernel + initramfs pair.
 fn cached_initramfs(
     tree: &crate::KernelTree,
     kind: &str,
     b: &InitramfsBuilder,
 ) -> Result<GuestImage, Error> {
-    let bytes = b.build()?;
-    let mut h = DefaultHasher::new();
-    bytes.hash(&mut h);
     let dir = cache_dir()?.join("guest");
-    let initrd = dir.join(format!(
-        "{kind}-{}-{:016x}.cpio",
-        tree.version(),
-        h.finish()
-    ));
-    if !initrd.is_file() {
-        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
-            path: dir.clone(),
-            source,
-        })?;
-        b.write_to(&initrd)?;
-    }
+    let initrd = b.store_in(&dir, &format!("{kind}-{}", tree.version()))?;
     Ok(GuestImage {
         kernel: crate::vmlinux::cached_vmlinux(tree)?,
         bzimage: tree.vmlinuz(),

@@ -6,7 +6,6 @@
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
-use std::hash::{Hash, Hasher};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -207,26 +206,11 @@ pub fn prepare_initramfs(cache: &Path, kernel: &KernelTree) -> Result<PathBuf, E
     b.init_script(&init);
     let heartbeat = HEARTBEAT.replace("@EVERY@", &HEARTBEAT_EVERY.as_secs().to_string());
     b.file("bin/heartbeat", heartbeat.into_bytes(), 0o755);
-    let bytes = b.build()?;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    let dir = cache.join("testhost");
-    fs::create_dir_all(&dir).map_err(|e| io(format!("creating {}", dir.display()), e))?;
-    let path = dir.join(format!(
-        "initramfs-{}-{:016x}.cpio",
-        kernel.version,
-        h.finish()
-    ));
-    if !path.is_file() {
-        // A temporary file of its own: tests of one binary build it at the same time.
-        let mut tmp = tempfile::NamedTempFile::new_in(&dir)
-            .map_err(|e| io(format!("writing in {}", dir.display()), e))?;
-        std::io::Write::write_all(&mut tmp, &bytes)
-            .map_err(|e| io(format!("writing {}", tmp.path().display()), e))?;
-        tmp.persist(&path)
-            .map_err(|e| io(format!("renaming to {}", path.display()), e.error))?;
-        tracing::info!(path = %path.display(), "built virtual host initramfs");
-    }
+    let path = b.store_in(
+        &cache.join("testhost"),
+        &format!("initramfs-{}", kernel.version),
+    )?;
+    tracing::debug!(path = %path.display(), "virtual host initramfs");
     Ok(path)
 }
 

@@ -97,6 +97,10 @@ pub fn write_report<T: Serialize>(path: &Path, report: &Report<T>) -> std::io::R
 /// Waits for `child`'s report at `path`: its value when ready, its message when it
 /// failed. `what` names the helper and `until` what it was waiting for, in errors;
 /// `detail` adds to the error when the helper died first (its log, say).
+///
+/// It sleeps until the report is renamed into place or the helper exits
+/// ([`ReportWaker`]), not on a timer: `create` waits here through the guest's whole
+/// boot, and a 5 ms poll took a tenth of the virtual test host's one CPU from it.
 pub fn wait_report<T: DeserializeOwned>(
     path: &Path,
     child: &mut Child,
@@ -105,6 +109,8 @@ pub fn wait_report<T: DeserializeOwned>(
     detail: impl FnOnce() -> String,
 ) -> Result<T> {
     let deadline = Instant::now() + limit;
+    // Before the first look: a report renamed in after it wakes the wait below.
+    let waker = ReportWaker::new(path, child.id());
     loop {
         if let Ok(bytes) = std::fs::read(path) {
             return match serde_json::from_slice(&bytes)
@@ -117,10 +123,74 @@ pub fn wait_report<T: DeserializeOwned>(
         if let Some(status) = child.try_wait()? {
             bail!("{what} exited ({status}) before {until}\n{}", detail());
         }
-        if Instant::now() > deadline {
+        let now = Instant::now();
+        if now > deadline {
             bail!("{what} did not report that {until} within {limit:?}");
         }
-        std::thread::sleep(Duration::from_millis(5));
+        waker.wait(deadline - now);
+    }
+}
+
+/// What wakes [`wait_report`]: an inotify watch on the report's directory (the report
+/// is renamed into it) and the helper's pidfd (readable once it exits). Where either
+/// cannot be had (a directory on a filesystem without inotify), it wakes every
+/// [`ReportWaker::POLL`] as a plain poll would; with both, a wait still ends after
+/// [`ReportWaker::BACKSTOP`] to look again.
+struct ReportWaker {
+    inotify: Option<std::os::fd::OwnedFd>,
+    pidfd: Option<std::os::fd::OwnedFd>,
+}
+
+impl ReportWaker {
+    const POLL: Duration = Duration::from_millis(5);
+    const BACKSTOP: Duration = Duration::from_secs(1);
+
+    fn new(path: &Path, pid: u32) -> Self {
+        use rustix::fs::inotify;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let inotify = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
+            .ok()
+            .filter(|fd| {
+                inotify::add_watch(
+                    fd,
+                    dir,
+                    inotify::WatchFlags::MOVED_TO | inotify::WatchFlags::CLOSE_WRITE,
+                )
+                .is_ok()
+            });
+        let pidfd = forkvm_vmm::reap::pidfd_open(pid).ok();
+        Self { inotify, pidfd }
+    }
+
+    /// Sleeps until something may have changed, for at most `left`.
+    fn wait(&self, left: Duration) {
+        use std::os::fd::AsRawFd;
+        let tick = match (&self.inotify, &self.pidfd) {
+            (Some(_), Some(_)) => Self::BACKSTOP,
+            _ => Self::POLL,
+        };
+        let mut fds: Vec<libc::pollfd> = [&self.inotify, &self.pidfd]
+            .into_iter()
+            .flatten()
+            .map(|fd| libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let ms = left.min(tick).as_millis().max(1);
+        let ms = libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX);
+        // SAFETY: poll(2) on a valid array of `fds.len()` pollfd structs this function
+        // owns; it writes only their `revents`.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        // Drain the watch's events: only that one came matters, not what it says.
+        if let Some(fd) = &self.inotify {
+            let mut buf = [0u8; 4096];
+            while rustix::io::read(fd, &mut buf).is_ok_and(|n| n > 0) {}
+        }
     }
 }
 
@@ -167,6 +237,44 @@ pub fn monitor_process<T: Serialize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_wait_wakes_for_the_report_or_the_helpers_exit_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ready.json");
+        let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+        let waker = ReportWaker::new(&path, sleeper.id());
+        assert!(waker.inotify.is_some() && waker.pidfd.is_some());
+        // Nothing happens: it sleeps out what it was given.
+        let t = Instant::now();
+        waker.wait(Duration::from_millis(60));
+        assert!(
+            t.elapsed() >= Duration::from_millis(60),
+            "{:?}",
+            t.elapsed()
+        );
+        // The report renamed in wakes it long before its backstop.
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                write_report(&path, &Report::Ok(1)).unwrap();
+            })
+        };
+        let t = Instant::now();
+        waker.wait(Duration::from_secs(30));
+        assert!(t.elapsed() < ReportWaker::BACKSTOP, "{:?}", t.elapsed());
+        writer.join().unwrap();
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
+        // So does the helper's exit.
+        let mut short = Command::new("sleep").arg("0.1").spawn().unwrap();
+        let waker = ReportWaker::new(&dir.path().join("other.json"), short.id());
+        let t = Instant::now();
+        waker.wait(Duration::from_secs(30));
+        assert!(t.elapsed() < ReportWaker::BACKSTOP, "{:?}", t.elapsed());
+        short.wait().unwrap();
+    }
 
     #[test]
     fn reports_are_read_whole_and_failures_carry_their_message() {

@@ -1042,6 +1042,10 @@ pub(super) enum Started {
     Killed(i32),
 }
 
+/// How often a created container's monitor looks whether its VM stopped or a kill came
+/// while it waits for `start` (which wakes it at once).
+const START_LOOK: Duration = Duration::from_millis(100);
+
 /// Waits for `start` on `listener` (or a kill, or `vm_stopped`) and reads its request.
 pub(super) fn wait_for_start(
     listener: &UnixListener,
@@ -1057,8 +1061,11 @@ pub(super) fn wait_for_start(
         }
         match listener.accept() {
             Ok((conn, _)) => break conn,
+            // Asleep until `start` connects, looking at the VM and for a kill every
+            // START_LOOK: a created container may wait long, and a 10 ms poll took
+            // ~5% of the virtual test host's CPU from the guests.
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10));
+                helper::wait_readable(&[listener.as_fd()], START_LOOK);
             }
             Err(e) => return Err(e).context("cannot accept on the start socket"),
         }

@@ -167,31 +167,41 @@ impl ReportWaker {
 
     /// Sleeps until something may have changed, for at most `left`.
     fn wait(&self, left: Duration) {
-        use std::os::fd::AsRawFd;
+        use std::os::fd::AsFd;
         let tick = match (&self.inotify, &self.pidfd) {
             (Some(_), Some(_)) => Self::BACKSTOP,
             _ => Self::POLL,
         };
-        let mut fds: Vec<libc::pollfd> = [&self.inotify, &self.pidfd]
+        let fds: Vec<_> = [&self.inotify, &self.pidfd]
             .into_iter()
             .flatten()
-            .map(|fd| libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
+            .map(|fd| fd.as_fd())
             .collect();
-        let ms = left.min(tick).as_millis().max(1);
-        let ms = libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX);
-        // SAFETY: poll(2) on a valid array of `fds.len()` pollfd structs this function
-        // owns; it writes only their `revents`.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        wait_readable(&fds, left.min(tick));
         // Drain the watch's events: only that one came matters, not what it says.
         if let Some(fd) = &self.inotify {
             let mut buf = [0u8; 4096];
             while rustix::io::read(fd, &mut buf).is_ok_and(|n| n > 0) {}
         }
     }
+}
+
+/// Sleeps until one of `fds` is readable (or hung up), for at most `timeout` (at least
+/// a millisecond); with no descriptor, for `timeout`.
+pub(super) fn wait_readable(fds: &[std::os::fd::BorrowedFd<'_>], timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: poll(2) on a valid array of `polled.len()` pollfd structs this function
+    // owns, for descriptors borrowed for the call; it writes only their `revents`.
+    unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, ms) };
 }
 
 /// Runs a monitor process of container `id` (`create`'s `__monitor`, a pod container's

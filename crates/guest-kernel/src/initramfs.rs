@@ -273,21 +273,11 @@ impl InitramfsBuilder {
         if path.is_file() {
             return Ok(path);
         }
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| Error::Io { path, source }
-        };
-        fs::create_dir_all(dir).map_err(io(dir))?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io(dir))?;
-        std::io::Write::write_all(&mut tmp, &bytes).map_err(io(tmp.path()))?;
-        // Readable by all, as the cache's other files (the virtual host reads it).
-        tmp.as_file()
-            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
-            .map_err(io(tmp.path()))?;
-        tmp.persist(&path).map_err(|e| Error::Io {
-            path: path.clone(),
-            source: e.error,
+        fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_owned(),
+            source,
         })?;
+        crate::kernel::write_cache_file(&path, &bytes)?;
         Ok(path)
     }
 

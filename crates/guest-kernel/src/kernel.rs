@@ -114,6 +114,20 @@ pub fn cache_dir() -> Result<PathBuf, Error> {
     Err(Error::NoCacheDir)
 }
 
+/// Writes `bytes` as the cache file `path` (in an existing directory), readable by all
+/// as the packages' own files are (the virtual test host reads the cache): whole or
+/// not at all, so processes and threads may write the same file at once.
+pub(crate) fn write_cache_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|s| io_err(dir, s))?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(|s| io_err(tmp.path(), s))?;
+    tmp.as_file()
+        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .map_err(|s| io_err(tmp.path(), s))?;
+    tmp.persist(path).map_err(|e| io_err(path, e.error))?;
+    Ok(())
+}
+
 /// Ensures the current kernel of `flavour` is unpacked in [`cache_dir`] and returns it.
 pub fn ensure_kernel(flavour: Flavour) -> Result<KernelTree, Error> {
     ensure_kernel_in(&cache_dir()?, flavour)

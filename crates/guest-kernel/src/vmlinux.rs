@@ -157,26 +157,15 @@ pub fn cached_vmlinux(tree: &KernelTree) -> Result<PathBuf, Error> {
         return Ok(path);
     }
     let src = tree.vmlinuz();
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| Error::Io { path, source }
-    };
-    let image = std::fs::read(&src).map_err(io(&src))?;
+    let image = std::fs::read(&src).map_err(|source| Error::Io {
+        path: src.clone(),
+        source,
+    })?;
     let elf = extract(&image).map_err(|e| Error::Vmlinux {
         path: src.clone(),
         source: e,
     })?;
-    let dir = path.parent().expect("boot/ has a parent");
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io(dir))?;
-    std::io::Write::write_all(&mut tmp, &elf).map_err(io(tmp.path()))?;
-    // Readable like the package's own files (the virtual host reads the cache).
-    tmp.as_file()
-        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
-        .map_err(io(tmp.path()))?;
-    tmp.persist(&path).map_err(|e| Error::Io {
-        path: path.clone(),
-        source: e.error,
-    })?;
+    crate::kernel::write_cache_file(&path, &elf)?;
     tracing::info!(path = %path.display(), bytes = elf.len(), "extracted the uncompressed kernel");
     Ok(path)
 }

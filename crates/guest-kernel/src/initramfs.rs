@@ -260,8 +260,9 @@ impl InitramfsBuilder {
     /// in several processes and threads may store the same image at once.
     ///
     /// The hash is BLAKE3 (built optimised in debug builds too): every VM start asks
-    /// for its guest's image, and std's SipHash over its 4-5 MiB took 15 ms of a debug
-    /// build's 25 ms here, half a second in the virtual test host.
+    /// for its guest's image, and std's SipHash over its 4-5 MiB was 15 of the 25 ms a
+    /// debug build took to find it (natively; the whole lookup was half a second in the
+    /// virtual test host, where the end-to-end tests run debug builds).
     pub fn store_in(&self, dir: &Path, stem: &str) -> Result<PathBuf, Error> {
         let bytes = self.build()?;
         let hash = blake3::hash(&bytes);

@@ -178,7 +178,7 @@ impl ReportWaker {
             .map(|fd| fd.as_fd())
             .collect();
         wait_readable(&fds, left.min(tick));
-        // Drain the watch's events: only that one came matters, not what it says.
+        // Drain the watch: that an event came matters, not what it says.
         if let Some(fd) = &self.inotify {
             let mut buf = [0u8; 4096];
             while rustix::io::read(fd, &mut buf).is_ok_and(|n| n > 0) {}

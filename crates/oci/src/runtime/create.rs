@@ -659,7 +659,6 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     };
     let tty = plan.process.tty;
     helper::own_session(tty)?;
-    let guest = vm::container_guest()?;
     let vm_root = std::path::absolute(forkvm_registry::default_root())?;
     let home =
         VmHome::create(&vm_root, None, None).context("cannot register the container's VM")?;
@@ -729,7 +728,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
             }
             None => {
                 let mut cfg = vm::config(
-                    &guest,
+                    &vm::container_guest()?,
                     &crate::rootfs::root(&plan, dir),
                     plan.vcpus,
                     plan.mem_mib,

@@ -75,7 +75,7 @@ pub use virt::{prepare_initramfs, virtual_host_slots, TESTHOST_MODULES};
 /// that publish the same host ports, checks that count processes host-wide): a guard
 /// that makes them take turns where the bodies run directly on this machine (hardware
 /// KVM, or inside the virtual host), and `None` where each runs in a virtual host of
-/// its own (they may then run two at once). Take it before [`on_kvm_host_with`].
+/// its own (they may then run side by side). Take it before [`on_kvm_host_with`].
 pub fn alone_on_this_host() -> Option<std::sync::MutexGuard<'static, ()>> {
     static DIRECT: std::sync::Mutex<()> = std::sync::Mutex::new(());
     (decide_mode(HostChoice::Auto) == Mode::Direct).then(|| {

@@ -233,12 +233,57 @@ pub fn virtual_host_slots() -> usize {
         .ok()
         .and_then(|v| v.parse::<usize>().ok());
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
-    let mem_mib = fs::read_to_string("/proc/meminfo")
+    configured
+        .unwrap_or_else(|| slots_for(cpus, usable_mem_mib()))
+        .max(1)
+}
+
+/// The memory this process may use, in MiB: the machine's (`MemTotal`), or less where
+/// its cgroup says so (a CI job in a container: `MemTotal` is the whole machine's).
+fn usable_mem_mib() -> Option<u64> {
+    let total = fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| mem_total_mib(&m));
-    configured
-        .unwrap_or_else(|| slots_for(cpus, mem_mib))
-        .max(1)
+    let limit = fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|c| cgroup_limit_mib(&c, Path::new("/sys/fs/cgroup")));
+    match (total, limit) {
+        (Some(t), Some(l)) => Some(t.min(l)),
+        (t, l) => t.or(l),
+    }
+}
+
+/// The lowest memory limit on the cgroups that `/proc/self/cgroup` text `proc_cgroup`
+/// names, under the cgroup file system at `root`, in MiB: v2's `memory.max` of the group
+/// and each of its parents, v1's `memory/.../memory.limit_in_bytes`. `None` without one.
+fn cgroup_limit_mib(proc_cgroup: &str, root: &Path) -> Option<u64> {
+    let read = |path: PathBuf| -> Option<u64> {
+        // "max" (v2's no limit) does not parse: no limit there.
+        fs::read_to_string(path).ok()?.trim().parse().ok()
+    };
+    let mut limits = Vec::new();
+    for line in proc_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            let mut dir = root.join(rel);
+            while dir.starts_with(root) {
+                limits.extend(read(dir.join("memory.max")));
+                if !dir.pop() {
+                    break;
+                }
+            }
+        } else if controllers.split(',').any(|c| c == "memory") {
+            limits.extend(read(
+                root.join("memory").join(rel).join("memory.limit_in_bytes"),
+            ));
+        }
+    }
+    limits.into_iter().min().map(|bytes| bytes >> 20)
 }
 
 /// The virtual-host slots of a machine with `cpus` CPUs and `mem_mib` MiB of memory
@@ -670,6 +715,25 @@ mod tests {
         assert_eq!(slots_for(4, gib(4)), 1, "always one");
         assert_eq!(slots_for(4, None), 4);
         let meminfo = "MemTotal:       24589852 kB\nMemFree:         1000 kB\n";
+        // A cgroup's limit counts where it is lower than the machine's memory.
+        let root = tempfile::tempdir().unwrap();
+        let job = root.path().join("ci/job");
+        fs::create_dir_all(&job).unwrap();
+        fs::write(job.join("memory.max"), "max\n").unwrap();
+        fs::write(root.path().join("ci/memory.max"), "8589934592\n").unwrap();
+        assert_eq!(
+            cgroup_limit_mib("0::/ci/job\n", root.path()),
+            Some(8192),
+            "a parent's limit bounds its groups"
+        );
+        assert_eq!(cgroup_limit_mib("0::/\n", root.path()), None);
+        let v1 = root.path().join("memory/job");
+        fs::create_dir_all(&v1).unwrap();
+        fs::write(v1.join("memory.limit_in_bytes"), "15032385536\n").unwrap();
+        assert_eq!(
+            cgroup_limit_mib("4:memory:/job\n1:cpu:/\n", root.path()),
+            Some(14336)
+        );
         assert_eq!(mem_total_mib(meminfo), Some(24013));
         assert_eq!(mem_total_mib("MemFree: 1 kB\n"), None);
     }

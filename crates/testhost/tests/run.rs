@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use forkvm_testhost::{run_in_kvm_host, Error, HostChoice, Mode, TestHostOptions};
 
-/// Held by each test that counts this process's QEMU children: the virtual host runs
-/// two at once where it has the CPUs, and another test's QEMU is not a leftover.
+/// Held by each test that counts this process's QEMU children: virtual hosts run
+/// several at once where the machine has the CPUs, and another test's QEMU is not a
+/// leftover.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Child processes of this process whose command name contains `qemu`.

@@ -1138,9 +1138,10 @@ pub fn apply_identity(uds: &std::path::Path, id: &ChildIdentity) -> Result<Durat
     // The guest answers at once unless it is slow (a loaded host): each attempt that
     // ran out of time gives the next twice as long, so that children starved of CPU
     // are not flooded with connections they must turn away. A connection the guest
-    // accepted is waited on longer; one the guest forgot as it handled its transport
-    // reset ends at once (the device drops it), and the next attempt follows at once;
-    // attempts that keep failing at once (no agent listening yet) come less often.
+    // accepted is waited on longer. The device holds a request until the guest has
+    // handled its transport reset, so the first attempt's limit covers that too; one
+    // that ends at once (no agent listening yet) is followed by the next at once, and
+    // attempts that keep failing at once come less often.
     let mut handshake = FRESH_CHILD_HANDSHAKE;
     let mut pause = Duration::from_millis(2);
     while start.elapsed() < AGENT_TIMEOUT {
@@ -1171,11 +1172,10 @@ pub fn apply_identity(uds: &std::path::Path, id: &ChildIdentity) -> Result<Durat
 
 /// How long the first connection to a fork child's guest agent waits for the guest to
 /// accept it (later ones, after a wait that ran out, twice as long each time). The
-/// guest answers from its parent's CID until it has handled the transport reset; the
-/// device hears it under either CID until then (it dropped such answers, and every
-/// child lost its first attempt's whole limit: 250 ms, then 50 ms with quick retries,
-/// which a fork of ten on one CPU turned into a flood of connections, 11 s to its
-/// children's identities).
+/// device holds the request until the guest has handled its transport reset (tens of
+/// ms under nested emulation; a request sent before would make a socket the reset
+/// kills). 50 ms with quick retries once turned a fork of ten on one CPU into a flood
+/// of connections, 11 s to its children's identities.
 pub const FRESH_CHILD_HANDSHAKE: Duration = Duration::from_millis(250);
 
 /// How long the identity request waits at least for the agent's answer once the guest

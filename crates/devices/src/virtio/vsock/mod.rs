@@ -38,14 +38,18 @@
 //! child that needs a new CID passes it in the [`VsockConfig`] given to
 //! [`Vsock::restore`], or calls [`Vsock::reset_transport`] on a running device.
 //!
-//! Until the guest driver handles the reset it answers from the CID it had: the device
-//! hears it from that CID too ([`VsockState::guest_cid`] carries it into a fork of a
-//! child that had not handled its reset yet), so a host connection made as the child
-//! starts is answered instead of waiting for nothing. The driver handles the event by
-//! re-reading the CID from the configuration space, then resets its connected sockets
-//! without a packet: on that read the device drops the connections the guest knew of
-//! (their host clients see end of file and can connect again) and hears the new CID
-//! alone.
+//! The driver handles the event by re-reading the CID from the configuration space,
+//! then resets its connected sockets without a packet: on that read the device drops
+//! the connections the guest knew of (their host clients see end of file and can
+//! connect again) and hears the new CID alone. Until then a host client's connection
+//! request is held, not sent: the guest would make a socket for it that the reset then
+//! kills, and in a fork child that costs pages of its own (the agent accepts the dead
+//! socket and starts a thread for it; the client connects again: an idle child's
+//! identity took three or four connections, and holding them cut its copied guest
+//! memory by a tenth, `docs/benchmarks.md`). A held request waits for the guest as
+//! long as its client does (a client that leaves takes it away unsent). Guest packets from the CID the guest had are still heard as its own until
+//! the re-read ([`VsockState::guest_cid`] carries that CID into a fork of a child that
+//! had not handled its reset yet): a connection the guest makes meanwhile goes on.
 
 mod connection;
 mod muxer;
@@ -243,6 +247,8 @@ impl Vsock {
                 conns: HashMap::new(),
                 ports: HashMap::new(),
                 control: VecDeque::new(),
+                held: VecDeque::new(),
+                hold_requests: false,
                 rx_ready: VecDeque::new(),
                 closing: Vec::new(),
                 next_local_port: FIRST_LOCAL_PORT,
@@ -290,6 +296,7 @@ impl Vsock {
         self.muxer.cid = new_cid;
         self.muxer.drop_all_connections();
         self.pending_reset = true;
+        self.muxer.hold_requests = true;
         if self.activation.is_active() {
             if self.process_event_queue() {
                 self.notify(EVENT_QUEUE);
@@ -329,6 +336,7 @@ impl Vsock {
                 );
             }
             self.muxer.drop_connections(&stale);
+            self.muxer.release_requests();
         }
         if self.process_rx_queue() {
             self.notify(RX_QUEUE);
@@ -595,6 +603,7 @@ impl Persist<'_> for Vsock {
             .restore_acked_features(state.acked_features, avail)?;
         dev.muxer.next_local_port = state.next_local_port;
         dev.pending_reset = true;
+        dev.muxer.hold_requests = true;
         Ok(dev)
     }
 }
@@ -642,6 +651,7 @@ impl VirtioDevice for Vsock {
         self.cid_reread.take();
         self.muxer.previous_cid = None;
         self.muxer.drop_all_connections();
+        self.muxer.release_requests();
         self.muxer.rx_ready.clear();
     }
 }

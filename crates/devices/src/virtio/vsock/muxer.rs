@@ -30,9 +30,9 @@ pub(super) type ConnKey = (RawFd, u32, u32);
 pub(super) struct Muxer {
     pub(super) cid: u64,
     /// The CID the guest still sends from until it handles a transport reset that
-    /// changed it (a fork child's guest answers from its parent's CID at first): its
-    /// packets count as the guest's own, so a connection the host makes meanwhile is
-    /// answered rather than lost.
+    /// changed it (a fork child's guest sends from its parent's CID at first): its
+    /// packets count as the guest's own, so a connection the guest makes meanwhile goes
+    /// on (the host's requests wait for the reset to be handled: [`Muxer::held`]).
     pub(super) previous_cid: Option<u64>,
     pub(super) uds_path: PathBuf,
     pub(super) listener: UnixListener,
@@ -42,6 +42,14 @@ pub(super) struct Muxer {
     pub(super) ports: HashMap<(u32, u32), RawFd>,
     /// Control packets for the guest, sent before any payload.
     pub(super) control: VecDeque<Control>,
+    /// Host clients' connection requests held back while the guest has not handled a
+    /// transport reset ([`Muxer::hold_requests`]): sent once it has.
+    pub(super) held: VecDeque<Control>,
+    /// The guest has been (or is to be) sent a transport reset it has not handled yet:
+    /// a request sent now would make a socket the reset then kills (a fork child's
+    /// agent would accept it, start a thread for it and find it dead, and the host
+    /// client would connect again), each costing the child pages of its own.
+    pub(super) hold_requests: bool,
     /// Streams with bytes (or end of file) to read, in round-robin order.
     pub(super) rx_ready: VecDeque<RawFd>,
     /// Closed streams still registered with the event manager; dropped once deregistered.
@@ -101,14 +109,17 @@ impl Muxer {
     }
 
     /// Removes a connection and closes its host stream, telling the guest with `OP_RST`
-    /// when `rst` (the guest knows the connection).
+    /// when `rst` (the guest knows the connection; not one whose request is held).
     pub(super) fn close(&mut self, fd: RawFd, rst: bool) {
         let Some(conn) = self.conns.remove(&fd) else {
             return;
         };
         if !matches!(conn.state, ConnState::HostHandshake { .. }) {
             self.ports.remove(&(conn.local_port, conn.peer_port));
-            if rst {
+            let before = self.held.len();
+            self.held
+                .retain(|p| (p.local_port, p.peer_port) != (conn.local_port, conn.peer_port));
+            if rst && self.held.len() == before {
                 self.queue_control(conn.local_port, conn.peer_port, OP_RST, 0);
             }
         }
@@ -130,14 +141,28 @@ impl Muxer {
             self.close(fd, false);
         }
         self.control.clear();
+        self.held.clear();
+    }
+
+    /// Sends the held connection requests (the guest handled its transport reset, or
+    /// its driver started over) and holds no more.
+    pub(super) fn release_requests(&mut self) {
+        self.hold_requests = false;
+        if !self.held.is_empty() {
+            tracing::debug!(
+                requests = self.held.len(),
+                "vsock: sending the connection requests held during the transport reset"
+            );
+        }
+        self.control.extend(self.held.drain(..));
     }
 
     /// The connections the guest has heard of, by host stream and ports: those it
     /// forgets when it handles a transport reset. Not a host client still sending its
-    /// `CONNECT` line, nor one whose request to the guest is still queued.
+    /// `CONNECT` line, nor one whose request to the guest is still queued or held.
     pub(super) fn known_to_guest(&self) -> Vec<ConnKey> {
         let queued_request = |c: &Connection| {
-            self.control.iter().any(|p| {
+            self.control.iter().chain(&self.held).any(|p| {
                 p.op == OP_REQUEST && p.local_port == c.local_port && p.peer_port == c.peer_port
             })
         };
@@ -238,8 +263,22 @@ impl Muxer {
         conn.local_port = local_port;
         conn.peer_port = peer_port;
         self.ports.insert((local_port, peer_port), fd);
-        tracing::debug!(local_port, peer_port, "vsock: host connects to the guest");
-        self.queue_control(local_port, peer_port, OP_REQUEST, 0);
+        tracing::debug!(
+            local_port,
+            peer_port,
+            held = self.hold_requests,
+            "vsock: host connects to the guest"
+        );
+        if self.hold_requests {
+            self.held.push_back(Control {
+                local_port,
+                peer_port,
+                op: OP_REQUEST,
+                flags: 0,
+            });
+        } else {
+            self.queue_control(local_port, peer_port, OP_REQUEST, 0);
+        }
     }
 
     pub(super) fn alloc_local_port(&mut self) -> u32 {

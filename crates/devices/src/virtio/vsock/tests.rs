@@ -589,6 +589,7 @@ fn a_restored_device_never_reuses_the_snapshots_host_ports() {
     let mut child = restore_in(&dir, "v.sock", 8, &state).unwrap();
     let mut cg = Guest::activate(&mut child);
     cg.post_rx_buffers(8);
+    handle_reset(&mut child, &mut cg);
     let (_c, req) = host_request(&mut child, &mut cg, &dir, 1234);
     assert_eq!((req.op, req.src_port), (OP_REQUEST, second + 1));
 
@@ -796,13 +797,45 @@ fn activated_child(dir: &tempfile::TempDir) -> (Vsock, Guest) {
     (child, g)
 }
 
-/// A fork child's guest answers from its parent's CID until it handles the transport
-/// reset: a host connection made meanwhile is answered (it was dropped, and the host
-/// waited for nothing). Once the guest re-reads its CID it has reset its connected
-/// sockets without a word, so the device drops its connections: the host client sees
-/// end of file at once, and only the new CID counts from then on.
+/// The guest of `child` is sent its transport reset and handles it (re-reads its CID).
+fn handle_reset(child: &mut Vsock, g: &mut Guest) {
+    g.post_event_buffer();
+    child.process_queues();
+    assert_eq!(
+        g.ev.pop_used(&g.drv.mem).expect("the reset event"),
+        EVENT_TRANSPORT_RESET.to_le_bytes()
+    );
+    child.read_config(0, &mut [0u8; 8]);
+    child.process_queues();
+}
+
+/// A guest connection from port 5000 to the host's port 52 (listening on `v.sock_52` in
+/// `dir`), sent from `cid` and accepted; returns the host side.
+fn guest_connect_from(
+    dev: &mut Vsock,
+    g: &mut Guest,
+    dir: &tempfile::TempDir,
+    cid: u64,
+) -> UnixStream {
+    let listener = UnixListener::bind(dir.path().join("v.sock_52")).unwrap();
+    let mut req = from_guest(OP_REQUEST, 5000, 52);
+    req.src_cid = cid;
+    g.send(dev, req, &[]);
+    let (resp, _) = g.recv().expect("OP_RESPONSE");
+    assert_eq!((resp.op, resp.dst_port), (OP_RESPONSE, 5000));
+    let (host, _) = listener.accept().unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    host
+}
+
+/// Until a fork child's guest handles its transport reset (re-reads its CID), a host
+/// client's connection request is held, not sent: the guest would make a socket the
+/// reset then kills. A client that leaves meanwhile takes its request away unsent. The
+/// guest is heard from its parent's CID meanwhile, so a connection it makes goes on until
+/// the re-read, when the guest has forgotten it and the device drops it too; then the
+/// held requests go out to the new CID, and only the new CID counts.
 #[test]
-fn a_child_guest_is_heard_from_its_parents_cid_until_it_rereads_its_own() {
+fn a_child_holds_host_connections_until_its_guest_handles_the_reset() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, mut g) = activated_child(&dir);
     g.post_rx_buffers(8);
@@ -810,38 +843,67 @@ fn a_child_guest_is_heard_from_its_parents_cid_until_it_rereads_its_own() {
     child.process_queues();
     assert!(g.ev.pop_used(&g.drv.mem).is_some(), "the reset event");
 
-    // The guest has not handled it: it answers from its parent's CID (GUEST_CID).
-    let (mut c, port) = host_connect(&mut child, &mut g, &dir);
-    g.send(&mut child, from_guest(OP_RW, 1234, port), b"answer");
-    assert_eq!(read_exactly(&mut c, 6), b"answer");
+    // Two host clients connect: neither request reaches the guest yet.
+    let mut c = client(&dir);
+    c.write_all(b"CONNECT 1234\n").unwrap();
+    let mut gone = client(&dir);
+    gone.write_all(b"CONNECT 1235\n").unwrap();
+    child.muxer.accept_clients();
+    child.poll_streams();
+    assert_eq!(child.muxer.conns.len(), 2);
+    assert!(
+        g.recv().is_none(),
+        "no request before the guest handled the reset"
+    );
+    // One leaves: nothing about it ever reaches the guest, not even an RST.
+    drop(gone);
+    let (&gone_fd, _) = (child.muxer.conns.iter())
+        .find(|(_, c)| c.peer_port == 1235)
+        .expect("the second client");
+    child.muxer.on_stream_event(gone_fd, EventSet::HANG_UP);
+    child.process_queues();
+    assert!(g.recv().is_none(), "nothing sent for a client that left");
+    assert_eq!(child.muxer.held.len(), 1);
 
-    // The guest handles the reset: it re-reads its CID (and forgets its connections).
+    // The guest, not yet reset, connects from its parent's CID (GUEST_CID): heard.
+    let mut host = guest_connect_from(&mut child, &mut g, &dir, GUEST_CID);
+    g.send(&mut child, from_guest(OP_RW, 5000, 52), b"early");
+    assert_eq!(read_exactly(&mut host, 5), b"early");
+
+    // The guest handles the reset: its connection is gone, the held request goes out.
     let mut cid = [0u8; 8];
     child.read_config(0, &mut cid);
     assert_eq!(u64::from_le_bytes(cid), 8);
     child.process_queues();
-    assert_ended(&mut c, "end of file");
-    assert!(child.muxer.conns.is_empty());
+    assert_ended(
+        &mut host,
+        "the guest's connection from before the reset ends",
+    );
+    let (req, _) = g.recv().expect("the held OP_REQUEST");
+    assert_eq!((req.op, req.dst_cid, req.dst_port), (OP_REQUEST, 8, 1234));
+    assert!(
+        g.recv().is_none(),
+        "one request, for the client that stayed"
+    );
 
-    // From now on the parent's CID is a stranger's: a connection it answers stays
-    // unanswered.
-    let (mut c2, req) = host_request(&mut child, &mut g, &dir, 1234);
-    assert_eq!(req.dst_cid, 8);
+    // From now on the parent's CID is a stranger's: an answer from it is not heard.
     g.send(&mut child, from_guest(OP_RESPONSE, 1234, req.src_port), &[]);
-    c2.set_read_timeout(Some(Duration::from_millis(100)))
+    c.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let mut b = [0u8; 1];
-    assert!(c2.read(&mut b).is_err(), "no OK for the parent's CID");
+    assert!(c.read(&mut b).is_err(), "no OK for the parent's CID");
     let mut resp = from_guest(OP_RESPONSE, 1234, req.src_port);
     resp.src_cid = 8;
     g.send(&mut child, resp, &[]);
-    c2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    assert_eq!(read_line(&mut c2), format!("OK {}\n", req.src_port));
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(read_line(&mut c), format!("OK {}\n", req.src_port));
 
-    // A later read of the config is just a read.
+    // A later read of the config is just a read; new clients are not held.
     child.read_config(0, &mut cid);
     child.process_queues();
     assert_eq!(child.muxer.conns.len(), 1);
+    let (_c2, req) = host_request(&mut child, &mut g, &dir, 1234);
+    assert_eq!(req.dst_cid, 8);
 }
 
 /// What the CID re-read drops is what the guest knew of: not a host client still
@@ -852,13 +914,15 @@ fn a_child_guest_is_heard_from_its_parents_cid_until_it_rereads_its_own() {
 fn the_cid_reread_drops_only_what_the_guest_knew_and_a_nested_fork_keeps_its_cid() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, mut g) = activated_child(&dir);
-    // A read before the event is delivered (no event buffer yet) is the probe's.
+    // A read before the event is delivered (no event buffer yet) is the probe's: it
+    // drops nothing, and host requests stay held.
     let mut cid = [0u8; 8];
-    child.read_config(0, &mut cid);
     g.post_rx_buffers(1);
-    let (mut known, _) = host_connect(&mut child, &mut g, &dir);
+    let mut known = guest_connect_from(&mut child, &mut g, &dir, GUEST_CID);
+    child.read_config(0, &mut cid);
     child.process_queues();
     assert_eq!(child.muxer.conns.len(), 1, "the probe's read drops nothing");
+    assert!(child.muxer.hold_requests);
 
     // A nested fork now: the guest still sends from its parent's CID.
     let nested = child.save().unwrap();
@@ -878,7 +942,7 @@ fn the_cid_reread_drops_only_what_the_guest_knew_and_a_nested_fork_keeps_its_cid
     drop(grandchild);
 
     // The event is delivered; then a client still in its handshake, and one whose
-    // request waits for an rx buffer, as the guest re-reads its CID.
+    // request is held, as the guest re-reads its CID.
     g.post_event_buffer();
     child.process_queues();
     assert!(g.ev.pop_used(&g.drv.mem).is_some());

@@ -21,7 +21,7 @@
 //! holds 7 GiB per host (flocks on `<cache>/testhost/lock.<n>`;
 //! `FORKVM_TESTHOST_SLOTS` sets another number).
 //!
-//! The virtual host writes a heartbeat every 10 s. One silent for two minutes has
+//! The virtual host writes a heartbeat every 10 s. One silent for 45 s has
 //! frozen (seen under nested emulation, every 15 to 30 minutes of nested-VM work on
 //! some days): its log gets what QEMU's threads and vCPU were doing, it is killed, and
 //! [`on_kvm_host`] runs the test again.

@@ -65,9 +65,12 @@ pub struct TestHostOptions {
 
 /// How often the virtual host writes its heartbeat.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
-/// [`TestHostOptions::stall_after`] unless set: twelve missed heartbeats (a loaded
-/// virtual host still writes it every few seconds).
-pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(120);
+/// [`TestHostOptions::stall_after`] unless set: four and a half missed heartbeats. A
+/// loaded virtual host still writes it on time (its console lines, one per six beats,
+/// came 60.5-60.9 s apart in every log of a day's CI and benchmark runs), and a frozen
+/// one never writes again: each of its minutes of silence is a minute of CI lost (two
+/// freezes in a row cost one test 240 s at 120 s).
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(45);
 
 impl Default for TestHostOptions {
     fn default() -> Self {

@@ -252,7 +252,7 @@ impl Vsock {
                 rx_ready: VecDeque::new(),
                 closing: Vec::new(),
                 next_local_port: FIRST_LOCAL_PORT,
-                scratch: vec![0; MAX_PKT_PAYLOAD],
+                scratch: Vec::new(),
                 max_conns: muxer::MAX_CONNECTIONS,
             },
             activation,

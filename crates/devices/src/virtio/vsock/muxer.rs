@@ -55,6 +55,10 @@ pub(super) struct Muxer {
     /// Closed streams still registered with the event manager; dropped once deregistered.
     pub(super) closing: Vec<UnixStream>,
     pub(super) next_local_port: u32,
+    /// Payload read from a host stream on its way into an rx buffer. It grows to the
+    /// largest read so far (at most [`MAX_PKT_PAYLOAD`]; the guest's rx buffers are
+    /// 4 KiB in Linux), not made whole ahead: 64 KiB zeroed at every restore were 16
+    /// pages of each fork child's own.
     pub(super) scratch: Vec<u8>,
     /// [`MAX_CONNECTIONS`] (lower in tests).
     pub(super) max_conns: usize,
@@ -477,7 +481,10 @@ impl Muxer {
                 }
                 continue;
             }
-            let want = room.min(free).min(self.scratch.len());
+            let want = room.min(free).min(MAX_PKT_PAYLOAD);
+            if self.scratch.len() < want {
+                self.scratch.resize(want, 0);
+            }
             match conn.stream.read(&mut self.scratch[..want]) {
                 Ok(0) => {
                     conn.host_eof = true;

@@ -760,34 +760,23 @@ fn reports_ready(
     open: &[usize],
     timeout: Duration,
 ) -> std::io::Result<Vec<usize>> {
-    use std::os::fd::AsRawFd;
-    let mut fds: Vec<libc::pollfd> = open
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds: Vec<PollFd<'_>> = open
         .iter()
         .filter_map(|&i| waiting[i].as_ref())
-        .map(|(child, _, _)| libc::pollfd {
-            fd: child.socket().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
+        .map(|(child, _, _)| PollFd::new(child.socket(), PollFlags::IN))
         .collect();
-    // Rounded up: a wait of less than a millisecond is not a poll that returns at once.
-    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-    // SAFETY: `fds` is a live, writable array of `fds.len()` pollfd entries for the
-    // duration of the call.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        return match e.kind() {
-            std::io::ErrorKind::Interrupted => Ok(Vec::new()),
-            _ => Err(e),
-        };
+    // A limit past what a timespec holds is no limit.
+    match poll(&mut fds, Timespec::try_from(timeout).ok().as_ref()) {
+        Ok(_) => Ok(fds
+            .iter()
+            .zip(open)
+            .filter(|(p, _)| !p.revents().is_empty())
+            .map(|(_, &i)| i)
+            .collect()),
+        Err(rustix::io::Errno::INTR) => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
     }
-    Ok(fds
-        .iter()
-        .zip(open)
-        .filter(|(p, _)| p.revents != 0)
-        .map(|(_, &i)| i)
-        .collect())
 }
 
 /// Runs `send` with the fork's `files` and, last, a child's `console` file (what its

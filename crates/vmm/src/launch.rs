@@ -214,15 +214,16 @@ impl Handle {
         matches!(state, Some("Z" | "X"))
     }
 
-    /// Whether the pidfd says the process ended, waiting at most `timeout_ms`.
-    fn pidfd_ended(pidfd: &OwnedFd, timeout_ms: i32) -> bool {
-        let mut p = libc::pollfd {
-            fd: pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one pollfd that lives across the call.
-        unsafe { libc::poll(&mut p, 1, timeout_ms) != 0 }
+    /// Whether the pidfd says the process ended, waiting at most `timeout`.
+    fn pidfd_ended(pidfd: &OwnedFd, timeout: Duration) -> bool {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut p = [PollFd::new(pidfd, PollFlags::IN)];
+        // A poll that fails counts as ended: a process that cannot be watched is not
+        // handed out as warm, and a kill does not wait on it.
+        !matches!(
+            poll(&mut p, Timespec::try_from(timeout).ok().as_ref()),
+            Ok(0)
+        )
     }
 }
 
@@ -386,7 +387,7 @@ impl VmProcess {
             // its last thread has gone; its main thread shows it dying (a zombie) before
             // that, and such a process must not be handed out as a warm one.
             Handle::Forked { pid, pidfd } => {
-                !Handle::pidfd_ended(pidfd, 0) && !Handle::leader_exited(*pid)
+                !Handle::pidfd_ended(pidfd, Duration::ZERO) && !Handle::leader_exited(*pid)
             }
         }
     }
@@ -414,7 +415,7 @@ impl VmProcess {
                         0,
                     )
                 };
-                Handle::pidfd_ended(pidfd, KILL_DEADLINE.as_millis() as i32);
+                Handle::pidfd_ended(pidfd, KILL_DEADLINE);
             }
         }
     }

@@ -37,7 +37,6 @@
 //! VM's last fork). Per pool, one zygote.
 
 use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -389,25 +388,18 @@ fn collect_prepared(shared: &Shared, preparing: &mut Vec<(Warm, Instant)>, wait:
     if preparing.is_empty() {
         return failed;
     }
-    let mut fds: Vec<libc::pollfd> = preparing
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds: Vec<PollFd<'_>> = preparing
         .iter()
-        .map(|(w, _)| libc::pollfd {
-            fd: w.process.socket().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
+        .map(|(w, _)| PollFd::new(w.process.socket(), PollFlags::IN))
         .collect();
-    // SAFETY: `fds` is an array of `fds.len()` pollfds that lives across the call; the
-    // sockets stay open (their processes are in `preparing`).
-    unsafe {
-        libc::poll(
-            fds.as_mut_ptr(),
-            fds.len() as libc::nfds_t,
-            wait.as_millis() as i32,
-        )
-    };
-    for ((w, started), p) in std::mem::take(preparing).into_iter().zip(&fds) {
-        if p.revents == 0 {
+    // An interrupted or failed wait only looks again sooner; what each process said is
+    // read below.
+    let _ = poll(&mut fds, Timespec::try_from(wait).ok().as_ref());
+    let said: Vec<bool> = fds.iter().map(|p| !p.revents().is_empty()).collect();
+    drop(fds);
+    for ((w, started), said) in std::mem::take(preparing).into_iter().zip(said) {
+        if !said {
             if started.elapsed() < PREPARE_DEADLINE {
                 preparing.push((w, started));
             } else {

@@ -9,14 +9,19 @@
 //! so the other waits of this process (a pool's processes) keep theirs. A child whose
 //! pidfd cannot be opened (no descriptor left) is looked at once a second instead.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::process::Child;
 use std::sync::Mutex;
 
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
 use vmm_sys_util::eventfd::EventFd;
 
-/// How often children without a pidfd are looked at, milliseconds.
-const RETRY_MS: i32 = 1000;
+/// How often children without a pidfd are looked at.
+const RETRY: Timespec = Timespec {
+    tv_sec: 1,
+    tv_nsec: 0,
+};
 
 struct Reaper {
     added: Mutex<Vec<Child>>,
@@ -69,32 +74,32 @@ fn run(reaper: &'static Reaper) -> ! {
         }
         // Those without a pidfd are looked at on every turn.
         unwatched.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
-        let mut fds: Vec<libc::pollfd> = std::iter::once(wake.as_raw_fd())
-            .chain(watched.iter().map(|(_, fd)| fd.as_raw_fd()))
-            .map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
+        // SAFETY: the eventfd lives in the reaper, which is never dropped.
+        let wake_fd = unsafe { BorrowedFd::borrow_raw(wake.as_raw_fd()) };
+        let mut fds: Vec<PollFd<'_>> = std::iter::once(wake_fd)
+            .chain(watched.iter().map(|(_, fd)| fd.as_fd()))
+            .map(|fd| PollFd::from_borrowed_fd(fd, PollFlags::IN))
             .collect();
-        let timeout = if unwatched.is_empty() { -1 } else { RETRY_MS };
-        // SAFETY: `fds` is a vector of `fds.len()` pollfds that lives across the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-        if n < 0 {
-            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+        let timeout = (!unwatched.is_empty()).then_some(RETRY);
+        match poll(&mut fds, timeout.as_ref()) {
+            Ok(_) => {}
+            Err(Errno::INTR) => continue,
+            Err(_) => {
                 // Not a busy loop while the kernel refuses (ENOMEM).
                 std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
             }
-            continue;
         }
-        if fds[0].revents != 0 {
+        let ended: Vec<bool> = fds.iter().map(|p| !p.revents().is_empty()).collect();
+        drop(fds);
+        if ended[0] {
             let _ = wake.read();
         }
         // A readable pidfd: that child ended; its status is collected, the rest stay.
         let mut i = 0;
         watched.retain_mut(|(child, _)| {
             i += 1;
-            fds[i].revents == 0 || matches!(child.try_wait(), Ok(None))
+            !ended[i] || matches!(child.try_wait(), Ok(None))
         });
     }
 }

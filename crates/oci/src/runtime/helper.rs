@@ -189,22 +189,16 @@ impl ReportWaker {
 /// Sleeps until one of `fds` is readable (or hung up), for at most `timeout` (at least
 /// a millisecond); with no descriptor, for `timeout`.
 pub(super) fn wait_readable(fds: &[std::os::fd::BorrowedFd<'_>], timeout: Duration) {
-    use std::os::fd::AsRawFd;
-    let mut polled: Vec<libc::pollfd> = fds
+    use rustix::event::{poll, PollFd, PollFlags};
+    let mut polled: Vec<PollFd<'_>> = fds
         .iter()
-        .map(|fd| libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
+        .map(|&fd| PollFd::from_borrowed_fd(fd, PollFlags::IN))
         .collect();
-    let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-    // SAFETY: poll(2) on a valid array of `polled.len()` pollfd structs this function
-    // owns, for descriptors borrowed for the call; it writes only their `revents`.
-    let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, ms) };
+    // A limit past what a timespec holds is no limit.
+    let limit = rustix::event::Timespec::try_from(timeout.max(Duration::from_millis(1))).ok();
     // A poll that fails at once (not a signal) must not turn its callers' loops into
     // spins: sleep instead.
-    if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+    if poll(&mut polled, limit.as_ref()).is_err_and(|e| e != rustix::io::Errno::INTR) {
         std::thread::sleep(timeout);
     }
 }

@@ -104,7 +104,7 @@ macro_rules! test_path {
 /// How many times [`on_kvm_host`] starts the virtual host for one test when a run times
 /// out or the host dies.
 const TESTHOST_ATTEMPTS: u32 = 2;
-/// How many times when the virtual host stalls (detected within minutes by its
+/// How many times when the virtual host stalls (detected within a minute by its
 /// heartbeat, so a third try costs little).
 const TESTHOST_STALL_ATTEMPTS: u32 = 3;
 

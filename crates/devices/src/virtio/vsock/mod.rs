@@ -41,13 +41,15 @@
 //! The driver handles the event by re-reading the CID from the configuration space,
 //! then resets its connected sockets without a packet: on that read the device drops
 //! the connections the guest knew of (their host clients see end of file and can
-//! connect again) and hears the new CID alone. Until then a host client's connection
-//! request is held, not sent: the guest would make a socket for it that the reset then
-//! kills, and in a fork child that costs pages of its own (the agent accepts the dead
+//! connect again) and hears the new CID alone. Until the guest has handled the reset
+//! (re-read its CID, reset its sockets and, last, posted its event buffer again) a host
+//! client's connection request is held, not sent: the guest would make a socket for it
+//! that the reset then kills, and in a fork child that costs pages of its own (the agent accepts the dead
 //! socket and starts a thread for it; the client connects again: an idle child's
 //! identity took three or four connections, and holding them cut its copied guest
 //! memory by a tenth, `docs/benchmarks.md`). A held request waits for the guest as
-//! long as its client does (a client that leaves takes it away unsent). Guest packets from the CID the guest had are still heard as its own until
+//! long as its client does (a client that closes takes it away unsent): a guest that
+//! never handles its reset is not reached from the host. Guest packets from the CID the guest had are still heard as its own until
 //! the re-read ([`VsockState::guest_cid`] carries that CID into a fork of a child that
 //! had not handled its reset yet): a connection the guest makes meanwhile goes on.
 
@@ -195,6 +197,13 @@ pub struct Vsock {
     /// sockets (silently), so the device drops the connections it had then (by host
     /// stream fd) too. Taken by the config read (a vCPU's), acted on by the event loop.
     cid_reread: std::cell::RefCell<Option<Vec<muxer::ConnKey>>>,
+    /// The guest re-read its CID after the last reset; the held connection requests
+    /// wait for it to post event buffers again (Linux re-reads the CID first, then
+    /// resets its sockets, then refills and kicks the event queue: a request sent at
+    /// the re-read could still meet the reset).
+    awaiting_refill: bool,
+    /// The guest kicked the event queue since the last reset was delivered.
+    event_refilled: bool,
 }
 
 fn check_cid(cid: u64) -> Result<(), VsockError> {
@@ -260,6 +269,8 @@ impl Vsock {
             pending_reset: false,
             reset_delivered: false,
             cid_reread: std::cell::RefCell::new(None),
+            awaiting_refill: false,
+            event_refilled: false,
         })
     }
 
@@ -286,7 +297,8 @@ impl Vsock {
     /// the guest driver re-reads the CID. This is how a fork child learns its new CID. The
     /// event is delivered now if the device is active, else once it is activated. Until
     /// the guest re-reads its CID it is heard from its old one too, and the connections
-    /// it answered meanwhile are dropped when it does (it forgets them).
+    /// it made meanwhile are dropped when it does (it forgets them); host clients'
+    /// requests wait until it has handled the reset.
     pub fn reset_transport(&mut self, new_cid: u64) -> Result<(), VsockError> {
         check_cid(new_cid)?;
         tracing::info!(old = self.muxer.cid, new = new_cid, "vsock transport reset");
@@ -336,6 +348,10 @@ impl Vsock {
                 );
             }
             self.muxer.drop_connections(&stale);
+            self.awaiting_refill = true;
+        }
+        if self.awaiting_refill && self.event_refilled && !self.pending_reset {
+            self.awaiting_refill = false;
             self.muxer.release_requests();
         }
         if self.process_rx_queue() {
@@ -343,6 +359,14 @@ impl Vsock {
         }
         if self.process_event_queue() {
             self.notify(EVENT_QUEUE);
+        }
+    }
+
+    /// The guest kicked queue `index` (its kick is drained; the queues run after).
+    fn kicked(&mut self, index: usize) {
+        self.activation.drain_kick(index);
+        if index == EVENT_QUEUE {
+            self.event_refilled = true;
         }
     }
 
@@ -484,6 +508,7 @@ impl Vsock {
                 Ok(()) => {
                     self.pending_reset = false;
                     self.reset_delivered = true;
+                    self.event_refilled = false;
                     EVENT_SIZE as u32
                 }
                 Err(e) => {
@@ -649,6 +674,8 @@ impl VirtioDevice for Vsock {
         self.pending_reset = false;
         self.reset_delivered = false;
         self.cid_reread.take();
+        self.awaiting_refill = false;
+        self.event_refilled = false;
         self.muxer.previous_cid = None;
         self.muxer.drop_all_connections();
         self.muxer.release_requests();
@@ -665,7 +692,7 @@ impl MutEventSubscriber for Vsock {
         match events.data() {
             TOKEN_ACTIVATE => self.activation.drain_evt(),
             token @ (TOKEN_RX_KICK | TOKEN_TX_KICK | TOKEN_EVENT_KICK) => {
-                self.activation.drain_kick((token - TOKEN_RX_KICK) as usize);
+                self.kicked((token - TOKEN_RX_KICK) as usize);
             }
             TOKEN_LISTENER => self.muxer.accept_clients(),
             TOKEN_STREAM => self.muxer.on_stream_event(events.fd(), events.event_set()),

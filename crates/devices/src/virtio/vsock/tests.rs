@@ -505,7 +505,9 @@ fn reset_transport_changes_the_cid_and_tells_the_guest() {
     // Connections are gone: the host client sees end of file.
     assert_ended(&mut c, "end of file");
     assert!(dev.muxer.conns.is_empty());
-    // The listener survives: new connections use the new CID.
+    // The listener survives: once the guest has handled the reset (its CID read above,
+    // its event buffer posted again), new connections use the new CID.
+    refill_events(&mut dev, &mut g);
     let (_c2, req) = host_request(&mut dev, &mut g, &dir, 1);
     assert_eq!((req.op, req.dst_cid), (OP_REQUEST, 42));
 }
@@ -807,6 +809,15 @@ fn handle_reset(child: &mut Vsock, g: &mut Guest) {
     );
     child.read_config(0, &mut [0u8; 8]);
     child.process_queues();
+    refill_events(child, g);
+}
+
+/// The guest of `child` posts its event buffer again and kicks the event queue, as
+/// Linux does once it has handled a reset.
+fn refill_events(child: &mut Vsock, g: &mut Guest) {
+    g.post_event_buffer();
+    child.kicked(EVENT_QUEUE);
+    child.process_queues();
 }
 
 /// A guest connection from port 5000 to the host's port 52 (listening on `v.sock_52` in
@@ -870,7 +881,9 @@ fn a_child_holds_host_connections_until_its_guest_handles_the_reset() {
     g.send(&mut child, from_guest(OP_RW, 5000, 52), b"early");
     assert_eq!(read_exactly(&mut host, 5), b"early");
 
-    // The guest handles the reset: its connection is gone, the held request goes out.
+    // The guest handles the reset: it re-reads its CID (its connection is gone), resets
+    // its sockets and then posts its event buffer again: only then does the held
+    // request go out.
     let mut cid = [0u8; 8];
     child.read_config(0, &mut cid);
     assert_eq!(u64::from_le_bytes(cid), 8);
@@ -879,6 +892,11 @@ fn a_child_holds_host_connections_until_its_guest_handles_the_reset() {
         &mut host,
         "the guest's connection from before the reset ends",
     );
+    assert!(
+        g.recv().is_none(),
+        "nothing while the guest still resets its sockets"
+    );
+    refill_events(&mut child, &mut g);
     let (req, _) = g.recv().expect("the held OP_REQUEST");
     assert_eq!((req.op, req.dst_cid, req.dst_port), (OP_REQUEST, 8, 1234));
     assert!(
@@ -962,6 +980,7 @@ fn the_cid_reread_drops_only_what_the_guest_knew_and_a_nested_fork_keeps_its_cid
     child.process_queues();
     assert_ended(&mut known, "the known connection ends");
     assert_eq!(child.muxer.conns.len(), 2, "the other two stay");
+    refill_events(&mut child, &mut g);
     half.write_all(
         b"ECT 1234
 ",
@@ -987,4 +1006,41 @@ fn the_cid_reread_drops_only_what_the_guest_knew_and_a_nested_fork_keeps_its_cid
     );
     child.reset_device();
     assert_eq!(child.muxer.previous_cid, None);
+}
+
+/// A second reset asked for while the first's event waits for a buffer: the guest's
+/// re-read after the first does not release the held requests, its refill neither;
+/// they go out once the second reset is delivered and handled.
+#[test]
+fn requests_stay_held_while_another_reset_is_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, mut g) = activated_child(&dir);
+    g.post_rx_buffers(4);
+    g.post_event_buffer();
+    child.process_queues();
+    assert!(g.ev.pop_used(&g.drv.mem).is_some(), "the first reset");
+    // No event buffer now: the second reset waits.
+    child.reset_transport(9).unwrap();
+    let mut c = client(&dir);
+    c.write_all(b"CONNECT 1234\n").unwrap();
+    child.muxer.accept_clients();
+    child.poll_streams();
+    // The guest handles the first reset and refills: the second is delivered at once.
+    child.read_config(0, &mut [0u8; 8]);
+    child.process_queues();
+    refill_events(&mut child, &mut g);
+    assert!(
+        g.recv().is_none(),
+        "held while the second reset is unhandled"
+    );
+    assert_eq!(
+        g.ev.pop_used(&g.drv.mem).expect("the second reset"),
+        EVENT_TRANSPORT_RESET.to_le_bytes()
+    );
+    child.read_config(0, &mut [0u8; 8]);
+    child.process_queues();
+    assert!(g.recv().is_none(), "held until the guest refills");
+    refill_events(&mut child, &mut g);
+    let (req, _) = g.recv().expect("the held OP_REQUEST");
+    assert_eq!((req.op, req.dst_cid), (OP_REQUEST, 9));
 }

@@ -44,14 +44,15 @@
 //! connect again) and hears the new CID alone. Until the guest has handled the reset
 //! (re-read its CID, reset its sockets and, last, posted its event buffer again) a host
 //! client's connection request is held, not sent: the guest would make a socket for it
-//! that the reset then kills, and in a fork child that costs pages of its own (the agent accepts the dead
-//! socket and starts a thread for it; the client connects again: an idle child's
-//! identity took three or four connections, and holding them cut its copied guest
-//! memory by a tenth, `docs/benchmarks.md`). A held request waits for the guest as
-//! long as its client does (a client that closes takes it away unsent): a guest that
-//! never handles its reset is not reached from the host. Guest packets from the CID the guest had are still heard as its own until
-//! the re-read ([`VsockState::guest_cid`] carries that CID into a fork of a child that
-//! had not handled its reset yet): a connection the guest makes meanwhile goes on.
+//! that the reset then kills, and in a fork child that costs pages of its own (the
+//! agent accepts the dead socket and starts a thread for it; the client connects
+//! again: an idle child's identity took three or four connections, and holding them cut
+//! its copied guest memory by a tenth, `docs/benchmarks.md`). A held request waits for
+//! the guest as long as its client does (a client that closes takes it away unsent):
+//! a guest that never handles its reset is not reached from the host. Guest packets
+//! from the CID the guest had are still heard as its own until the re-read
+//! ([`VsockState::guest_cid`] carries that CID into a fork of a child that had not
+//! handled its reset yet): a connection the guest makes meanwhile goes on.
 
 mod connection;
 mod muxer;

@@ -839,20 +839,28 @@ fn guest_connect_from(
     host
 }
 
+/// A fork child (see [`activated_child`]) with `rx` rx buffers posted, whose transport
+/// reset event has been delivered and not yet handled by its guest.
+fn child_sent_its_reset(dir: &tempfile::TempDir, rx: usize) -> (Vsock, Guest) {
+    let (mut child, mut g) = activated_child(dir);
+    g.post_rx_buffers(rx);
+    g.post_event_buffer();
+    child.process_queues();
+    assert!(g.ev.pop_used(&g.drv.mem).is_some(), "the reset event");
+    (child, g)
+}
+
 /// Until a fork child's guest handles its transport reset (re-reads its CID), a host
 /// client's connection request is held, not sent: the guest would make a socket the
 /// reset then kills. A client that leaves meanwhile takes its request away unsent. The
 /// guest is heard from its parent's CID meanwhile, so a connection it makes goes on until
-/// the re-read, when the guest has forgotten it and the device drops it too; then the
-/// held requests go out to the new CID, and only the new CID counts.
+/// the re-read, when the guest has forgotten it and the device drops it too; once the
+/// guest has posted its event buffer again the held requests go out to the new CID,
+/// and only the new CID counts.
 #[test]
 fn a_child_holds_host_connections_until_its_guest_handles_the_reset() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, mut g) = activated_child(&dir);
-    g.post_rx_buffers(8);
-    g.post_event_buffer();
-    child.process_queues();
-    assert!(g.ev.pop_used(&g.drv.mem).is_some(), "the reset event");
+    let (mut child, mut g) = child_sent_its_reset(&dir, 8);
 
     // Two host clients connect: neither request reaches the guest yet.
     let mut c = client(&dir);
@@ -1014,11 +1022,7 @@ fn the_cid_reread_drops_only_what_the_guest_knew_and_a_nested_fork_keeps_its_cid
 #[test]
 fn requests_stay_held_while_another_reset_is_pending() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, mut g) = activated_child(&dir);
-    g.post_rx_buffers(4);
-    g.post_event_buffer();
-    child.process_queues();
-    assert!(g.ev.pop_used(&g.drv.mem).is_some(), "the first reset");
+    let (mut child, mut g) = child_sent_its_reset(&dir, 4);
     // No event buffer now: the second reset waits.
     child.reset_transport(9).unwrap();
     let mut c = client(&dir);

@@ -4,7 +4,7 @@
 //! (kernel command line, module list, hosts file) are unit-tested.
 //!
 //! Reads: `/proc/cmdline` (`forkvm.hostname=`, `forkvm.rootfs=`, `forkvm.rootfstype=`)
-//! and `/etc/forkvm/modules` (one absolute module path per line, loaded in order).
+//! and `/etc/forkvm/modules` (one module per line, loaded in order: see [`parse_modules`]).
 
 use std::convert::Infallible;
 use std::ffi::CString;
@@ -19,7 +19,7 @@ use crate::power::halt;
 use crate::protocol::AGENT_PORT;
 use crate::server::{self, Agent, AgentConfig, Mode};
 
-/// Modules to load at boot, one absolute path per line.
+/// Modules to load at boot ([`parse_modules`]).
 pub const MODULES_FILE: &str = "/etc/forkvm/modules";
 /// Prefix of the line printed once the agent can be reached (the boot benchmark greps it).
 pub const READY_PREFIX: &str = "forkvm-init: ready uptime=";
@@ -84,13 +84,43 @@ impl BootConfig {
     }
 }
 
-/// Module paths of a modules file: one per line, blank lines and `#` comments skipped.
-pub fn parse_modules(text: &str) -> Vec<PathBuf> {
+/// A module of the modules file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleLine {
+    /// Its absolute path in the initramfs.
+    pub path: PathBuf,
+    /// The virtio device types it is for (`virtio=1,19`): loaded only when the VM has one
+    /// of them; `None`: always loaded.
+    pub virtio: Option<Vec<u32>>,
+}
+
+/// The modules of a modules file: one per line, its absolute path, then optionally
+/// `virtio=` and the virtio device types (decimal, comma-separated) that need it; blank
+/// lines and `#` comments skipped. A condition this agent cannot read loads the module.
+pub fn parse_modules(text: &str) -> Vec<ModuleLine> {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(PathBuf::from)
+        .map(|l| {
+            let mut words = l.split_whitespace();
+            let path = PathBuf::from(words.next().unwrap_or_default());
+            let virtio = words
+                .find_map(|w| w.strip_prefix("virtio="))
+                .and_then(|list| list.split(',').map(|t| t.parse().ok()).collect());
+            ModuleLine { path, virtio }
+        })
         .collect()
+}
+
+/// The types of the virtio devices the guest's transports found
+/// (`/sys/bus/virtio/devices/*/device`, `0x0001`); `None` when sysfs cannot say.
+fn virtio_devices_present() -> Option<Vec<u32>> {
+    let mut types = Vec::new();
+    for entry in std::fs::read_dir("/sys/bus/virtio/devices").ok()? {
+        let id = std::fs::read_to_string(entry.ok()?.path().join("device")).ok()?;
+        types.push(u32::from_str_radix(id.trim().trim_start_matches("0x"), 16).ok()?);
+    }
+    Some(types)
 }
 
 /// Prints a line on the console; a console error is not worth dying for.
@@ -176,15 +206,26 @@ fn open_console() {
     }
 }
 
-/// Loads each module of [`MODULES_FILE`] in order; failures (other than "already
-/// loaded") are printed and boot continues.
+/// Loads each module of [`MODULES_FILE`] in order, but a driver whose devices the VM
+/// does not have; failures (other than "already loaded") are printed and boot continues.
 fn load_modules() {
     let Ok(text) = std::fs::read_to_string(MODULES_FILE) else {
         return;
     };
-    for path in parse_modules(&text) {
-        if let Err(e) = load_module(&path) {
-            console(&format!("forkvm-agent: module {}: {e}", path.display()));
+    for module in parse_modules(&text) {
+        // A driver for devices this VM lacks is skipped (tens of milliseconds each).
+        // Asked again for each: a transport loaded since may have found more.
+        if let Some(wanted) = &module.virtio {
+            if virtio_devices_present().is_some_and(|have| !wanted.iter().any(|t| have.contains(t)))
+            {
+                continue;
+            }
+        }
+        if let Err(e) = load_module(&module.path) {
+            console(&format!(
+                "forkvm-agent: module {}: {e}",
+                module.path.display()
+            ));
         }
     }
 }
@@ -497,12 +538,22 @@ mod tests {
 
     #[test]
     fn module_list_keeps_order_and_skips_comments() {
-        let m = parse_modules("# net\n/lib/modules/a.ko\n\n  /lib/modules/b.ko.xz  \n#x\n");
+        let m = parse_modules(
+            "# net\n/lib/modules/a.ko\n\n  /lib/modules/b.ko.xz  virtio=1,19\n#x\n\
+             /lib/modules/c.ko virtio=1,x\n/lib/modules/d.ko later=1\n",
+        );
+        let line = |p: &str, virtio: Option<Vec<u32>>| ModuleLine {
+            path: PathBuf::from(p),
+            virtio,
+        };
         assert_eq!(
             m,
             [
-                PathBuf::from("/lib/modules/a.ko"),
-                PathBuf::from("/lib/modules/b.ko.xz")
+                line("/lib/modules/a.ko", None),
+                line("/lib/modules/b.ko.xz", Some(vec![1, 19])),
+                // A condition it cannot read: loaded.
+                line("/lib/modules/c.ko", None),
+                line("/lib/modules/d.ko", None),
             ]
         );
     }

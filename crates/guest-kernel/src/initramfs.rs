@@ -174,15 +174,25 @@ impl InitramfsBuilder {
         Ok(self)
     }
 
-    /// [`busybox`](Self::busybox) from the host's `/bin/busybox` (Debian's `busybox-static`).
+    /// [`busybox`](Self::busybox) from [`host_busybox`](Self::host_busybox).
     pub fn busybox_from_host(&mut self) -> Result<&mut Self, Error> {
+        self.busybox(Self::host_busybox())
+    }
+
+    /// The host's busybox (Debian's `busybox-static`): `/bin/busybox`, else
+    /// `/usr/bin/busybox`.
+    pub fn host_busybox() -> &'static Path {
         let candidates = [Path::new("/bin/busybox"), Path::new("/usr/bin/busybox")];
-        let src = candidates
+        candidates
             .iter()
             .find(|p| p.is_file())
             .copied()
-            .unwrap_or(candidates[0]);
-        self.busybox(src)
+            .unwrap_or(candidates[0])
+    }
+
+    /// Where [`module`](Self::module) puts `ko` in the image: `/lib/modules/<file name>`.
+    pub fn image_path(ko: &Path) -> PathBuf {
+        Path::new("/lib/modules").join(ko.file_name().unwrap_or_default())
     }
 
     /// Adds one module as `/lib/modules/<file name>`, remembering the load order.
@@ -195,7 +205,7 @@ impl InitramfsBuilder {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
             })?;
         let data = read(ko)?;
-        let dest = format!("lib/modules/{name}");
+        let dest = clean(&Self::image_path(Path::new(&name)).to_string_lossy());
         if !self.modules.contains(&dest) {
             self.modules.push(dest.clone());
         }

@@ -33,7 +33,8 @@ pub use guest_image::{
 pub use initramfs::InitramfsBuilder;
 pub use kernel::{cache_dir, ensure_kernel, ensure_kernel_in, Flavour, KernelTree};
 pub use modules::{
-    generate_modules_dep, normalize_module_name, read_modinfo, resolve_modules, ModuleDeps,
+    generate_modules_dep, normalize_module_name, plan_modules, read_modinfo, resolve_modules,
+    ModuleDeps, PlannedModule,
 };
 
 /// Errors from fetching kernels, resolving modules and building initramfs images.

@@ -3,7 +3,7 @@
 //! `.modinfo` sections of `.ko` files (Debian's packages ship without one; it is
 //! normally created by `depmod` at install time).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -146,6 +146,84 @@ pub fn resolve_modules<S: AsRef<str>>(
         .into_iter()
         .map(|rel| tree.modules_dir().join(rel))
         .collect())
+}
+
+/// A module of an image, in load order, and when the guest needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedModule {
+    /// The `.ko` file on this machine.
+    pub path: PathBuf,
+    /// The virtio device types (IDs as the virtio spec numbers them) whose presence
+    /// calls for it; `None`: always loaded.
+    pub virtio: Option<BTreeSet<u32>>,
+}
+
+/// Resolves `names` like [`resolve_modules`] and says of each module which virtio
+/// devices need it: a requested module whose `.modinfo` names virtio device aliases
+/// (`virtio:d00000001v*`: a driver) is needed by those devices; a dependency, by what
+/// needs the modules that depend on it; whatever an unconditional module needs (the
+/// virtio-mmio transport, overlayfs) is loaded always. A guest skips the drivers of
+/// devices its VM does not have: each costs tens of milliseconds of its boot under
+/// emulation (module signature check, relocation, init).
+pub fn plan_modules<S: AsRef<str>>(
+    tree: &KernelTree,
+    names: &[S],
+) -> Result<Vec<PlannedModule>, Error> {
+    let dep_path = tree.modules_dir().join("modules.dep");
+    let text = fs::read_to_string(&dep_path).map_err(|source| Error::Io {
+        path: dep_path.clone(),
+        source,
+    })?;
+    let deps = ModuleDeps::parse(&text)?;
+    let order = deps.resolve(names)?;
+    // Each module's condition: unset until a requested module that needs it is seen.
+    let mut needs: HashMap<PathBuf, Option<BTreeSet<u32>>> = HashMap::new();
+    for name in names {
+        let closure = deps.resolve(&[name.as_ref()])?;
+        let top = tree
+            .modules_dir()
+            .join(closure.last().expect("resolves to itself"));
+        let bytes = fs::read(&top).map_err(|source| Error::Io {
+            path: top.clone(),
+            source,
+        })?;
+        let info = read_modinfo(&bytes).map_err(|source| Error::Io {
+            path: top.clone(),
+            source,
+        })?;
+        let devices = virtio_devices(&info);
+        for rel in closure {
+            let entry = needs.entry(rel).or_insert_with(|| Some(BTreeSet::new()));
+            match (entry.as_mut(), &devices) {
+                (Some(set), Some(d)) => set.extend(d),
+                _ => *entry = None,
+            }
+        }
+    }
+    Ok(order
+        .into_iter()
+        .map(|rel| PlannedModule {
+            virtio: needs.get(&rel).cloned().flatten(),
+            path: tree.modules_dir().join(rel),
+        })
+        .collect())
+}
+
+/// The virtio device types a module's `.modinfo` fields name in `alias=virtio:dNv*`
+/// lines (`N` hexadecimal); `None` when it names none (not a virtio driver).
+fn virtio_devices(modinfo: &[(String, String)]) -> Option<BTreeSet<u32>> {
+    let set: BTreeSet<u32> = modinfo
+        .iter()
+        .filter(|(k, _)| k == "alias")
+        .filter_map(|(_, v)| {
+            let id = v.strip_prefix("virtio:d")?;
+            let end = id
+                .find(|c: char| !c.is_ascii_hexdigit())
+                .unwrap_or(id.len());
+            u32::from_str_radix(&id[..end], 16).ok()
+        })
+        .collect();
+    (!set.is_empty()).then_some(set)
 }
 
 /// Reads the NUL-separated `key=value` strings of an ELF64 `.ko` file's `.modinfo` section.
@@ -390,6 +468,87 @@ kernel/drivers/crypto/ccp/ccp.ko:
         f[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
         f[0x3e..0x40].copy_from_slice(&2u16.to_le_bytes());
         f
+    }
+
+    #[test]
+    fn drivers_and_what_only_they_need_wait_for_their_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = KernelTree {
+            package: "linux-image-6.1.0-1-cloud-amd64".into(),
+            version: "6.1.0-1-cloud-amd64".into(),
+            root: dir.path().to_owned(),
+        };
+        let m = dir.path().join("lib/modules/6.1.0-1-cloud-amd64");
+        fs::create_dir_all(&m).unwrap();
+        let kos: &[(&str, &[u8], &str)] = &[
+            ("virtio_ring", b"name=virtio_ring\0", ""),
+            ("virtio", b"name=virtio\0", ""),
+            (
+                "virtio_mmio",
+                b"alias=acpi*:LNRO0005:*\0name=virtio_mmio\0",
+                "virtio.ko virtio_ring.ko",
+            ),
+            ("failover", b"name=failover\0", ""),
+            (
+                "virtio_net",
+                b"alias=virtio:d00000001v*\0name=virtio_net\0",
+                "failover.ko virtio.ko virtio_ring.ko",
+            ),
+            (
+                "vsock_t",
+                b"alias=virtio:d00000013v*\0name=vsock_t\0",
+                "failover.ko virtio.ko",
+            ),
+            (
+                "virtiofs",
+                b"alias=virtio:d0000001Av*\0alias=fs-virtiofs\0name=virtiofs\0",
+                "virtio.ko",
+            ),
+            ("overlay", b"alias=fs-overlay\0name=overlay\0", ""),
+        ];
+        let mut dep = String::new();
+        for (name, info, deps) in kos {
+            fs::write(m.join(format!("{name}.ko")), fake_ko(info)).unwrap();
+            dep += &format!("{name}.ko: {deps}\n");
+        }
+        fs::write(m.join("modules.dep"), dep).unwrap();
+
+        let plan = plan_modules(
+            &tree,
+            &[
+                "virtio_mmio",
+                "virtio_net",
+                "vsock_t",
+                "virtiofs",
+                "overlay",
+            ],
+        )
+        .unwrap();
+        let got: Vec<(String, Option<Vec<u32>>)> = plan
+            .iter()
+            .map(|p| {
+                (
+                    p.path.file_name().unwrap().to_string_lossy().into_owned(),
+                    p.virtio.as_ref().map(|s| s.iter().copied().collect()),
+                )
+            })
+            .collect();
+        let want: Vec<(String, Option<Vec<u32>>)> = [
+            ("virtio.ko", None),
+            ("virtio_ring.ko", None),
+            ("virtio_mmio.ko", None),
+            // Needed by the net and the vsock drivers only.
+            ("failover.ko", Some(vec![1, 0x13])),
+            ("virtio_net.ko", Some(vec![1])),
+            ("vsock_t.ko", Some(vec![0x13])),
+            ("virtiofs.ko", Some(vec![0x1a])),
+            ("overlay.ko", None),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_owned(), v))
+        .collect();
+        assert_eq!(got, want);
+        assert_eq!(plan[0].path, m.join("virtio.ko"));
     }
 
     #[test]

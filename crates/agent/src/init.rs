@@ -4,8 +4,10 @@
 //! (kernel command line, module list, hosts file) are unit-tested.
 //!
 //! Reads: `/proc/cmdline` (`forkvm.hostname=`, `forkvm.rootfs=`, `forkvm.rootfstype=`)
-//! and `/etc/forkvm/modules` (one module per line, loaded in order: see [`parse_modules`]).
+//! `/etc/forkvm/modules` (one absolute module path per line, loaded in order) and
+//! `/etc/forkvm/module-devices` (the drivers among them to skip without their devices).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::ffi::CString;
 use std::io::{self, Write};
@@ -19,8 +21,11 @@ use crate::power::halt;
 use crate::protocol::AGENT_PORT;
 use crate::server::{self, Agent, AgentConfig, Mode};
 
-/// Modules to load at boot ([`parse_modules`]).
+/// Modules to load at boot, one absolute path per line ([`parse_modules`]).
 pub const MODULES_FILE: &str = "/etc/forkvm/modules";
+/// Which of them only certain virtio devices need ([`parse_module_devices`]); without
+/// it, every module loads.
+pub const MODULE_DEVICES_FILE: &str = "/etc/forkvm/module-devices";
 /// Prefix of the line printed once the agent can be reached (the boot benchmark greps it).
 pub const READY_PREFIX: &str = "forkvm-init: ready uptime=";
 /// How long boot waits for the rootfs block device (or share) to appear.
@@ -84,30 +89,24 @@ impl BootConfig {
     }
 }
 
-/// A module of the modules file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModuleLine {
-    /// Its absolute path in the initramfs.
-    pub path: PathBuf,
-    /// The virtio device types it is for (`virtio=1,19`): loaded only when the VM has one
-    /// of them; `None`: always loaded.
-    pub virtio: Option<Vec<u32>>,
-}
-
-/// The modules of a modules file: one per line, its absolute path, then optionally
-/// `virtio=` and the virtio device types (decimal, comma-separated) that need it; blank
-/// lines and `#` comments skipped. A condition this agent cannot read loads the module.
-pub fn parse_modules(text: &str) -> Vec<ModuleLine> {
+/// Module paths of a modules file: one per line, blank lines and `#` comments skipped.
+pub fn parse_modules(text: &str) -> Vec<PathBuf> {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let mut words = l.split_whitespace();
-            let path = PathBuf::from(words.next().unwrap_or_default());
-            let virtio = words
-                .find_map(|w| w.strip_prefix("virtio="))
-                .and_then(|list| list.split(',').map(|t| t.parse().ok()).collect());
-            ModuleLine { path, virtio }
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// The module-devices file: for each module needed only with certain virtio devices,
+/// its path and their types (`/lib/modules/failover.ko 1,19`). A line this agent cannot
+/// read names no condition (the module loads).
+pub fn parse_module_devices(text: &str) -> HashMap<PathBuf, Vec<u32>> {
+    text.lines()
+        .filter_map(|l| {
+            let (path, types) = l.trim().split_once(char::is_whitespace)?;
+            let types: Option<Vec<u32>> = types.trim().split(',').map(|t| t.parse().ok()).collect();
+            Some((PathBuf::from(path), types?))
         })
         .collect()
 }
@@ -212,20 +211,20 @@ fn load_modules() {
     let Ok(text) = std::fs::read_to_string(MODULES_FILE) else {
         return;
     };
-    for module in parse_modules(&text) {
+    let devices = std::fs::read_to_string(MODULE_DEVICES_FILE)
+        .map(|t| parse_module_devices(&t))
+        .unwrap_or_default();
+    for path in parse_modules(&text) {
         // A driver for devices this VM lacks is skipped (tens of milliseconds each).
         // Asked again for each: a transport loaded since may have found more.
-        if let Some(wanted) = &module.virtio {
+        if let Some(wanted) = devices.get(&path) {
             if virtio_devices_present().is_some_and(|have| !wanted.iter().any(|t| have.contains(t)))
             {
                 continue;
             }
         }
-        if let Err(e) = load_module(&module.path) {
-            console(&format!(
-                "forkvm-agent: module {}: {e}",
-                module.path.display()
-            ));
+        if let Err(e) = load_module(&path) {
+            console(&format!("forkvm-agent: module {}: {e}", path.display()));
         }
     }
 }
@@ -538,24 +537,28 @@ mod tests {
 
     #[test]
     fn module_list_keeps_order_and_skips_comments() {
-        let m = parse_modules(
-            "# net\n/lib/modules/a.ko\n\n  /lib/modules/b.ko.xz  virtio=1,19\n#x\n\
-             /lib/modules/c.ko virtio=1,x\n/lib/modules/d.ko later=1\n",
-        );
-        let line = |p: &str, virtio: Option<Vec<u32>>| ModuleLine {
-            path: PathBuf::from(p),
-            virtio,
-        };
+        let m = parse_modules("# net\n/lib/modules/a.ko\n\n  /lib/modules/b.ko.xz  \n#x\n");
         assert_eq!(
             m,
             [
-                line("/lib/modules/a.ko", None),
-                line("/lib/modules/b.ko.xz", Some(vec![1, 19])),
-                // A condition it cannot read: loaded.
-                line("/lib/modules/c.ko", None),
-                line("/lib/modules/d.ko", None),
+                PathBuf::from("/lib/modules/a.ko"),
+                PathBuf::from("/lib/modules/b.ko.xz")
             ]
         );
+    }
+
+    #[test]
+    fn module_devices_name_each_drivers_virtio_types() {
+        let d = parse_module_devices(
+            "/lib/modules/b.ko 1,19\n\n/lib/modules/c.ko 1,x\n/lib/modules/d.ko\n \
+             /lib/modules/e.ko  26 \n",
+        );
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert_eq!(d[Path::new("/lib/modules/b.ko")], [1, 19]);
+        // Types it cannot read, or none: no condition, the module loads.
+        assert!(!d.contains_key(Path::new("/lib/modules/c.ko")));
+        assert!(!d.contains_key(Path::new("/lib/modules/d.ko")));
+        assert_eq!(d[Path::new("/lib/modules/e.ko")], [26]);
     }
 
     #[test]

@@ -23,12 +23,20 @@ pub const GUEST_MODULES: &[&str] = &[
 
 /// Modules the container guest loads besides [`GUEST_MODULES`]: overlayfs assembles the
 /// image's read-only root with a private writable layer (ext4 is built into the kernel);
-/// virtiofs mounts the host directories shared with the container (volumes).
-pub const CONTAINER_MODULES: &[&str] = &["overlay", "virtiofs"];
+/// virtiofs mounts the host directories shared with the container (volumes). `fuse` is
+/// asked for by name so that it loads whatever the devices (a container given
+/// `/dev/fuse` needs it without a share), not only as virtiofs's dependency.
+pub const CONTAINER_MODULES: &[&str] = &["overlay", "fuse", "virtiofs"];
 
 /// Where the container guest's agent (PID 1) finds the modules to load, one absolute
 /// path per line in load order.
 pub const MODULE_LIST: &str = "etc/forkvm/modules";
+
+/// Which of [`MODULE_LIST`]'s modules the guest needs only with certain virtio devices:
+/// one per line, its path there, then the virtio device types (decimal, comma-separated,
+/// e.g. `/lib/modules/failover.ko 1`). A file of its own, so that an agent older than it
+/// (or an image without it) loads every module, as agents always did.
+pub const MODULE_DEVICES: &str = "etc/forkvm/module-devices";
 
 /// What `/init` prints once the drivers are loaded, followed by the guest uptime.
 pub const READY_MARKER: &str = "forkvm-init: ready uptime=";
@@ -176,25 +184,31 @@ pub fn container_guest(agent: &Path) -> Result<GuestImage, Error> {
     }
     b.file_from_host("init", agent, 0o755)?;
     b.file(MODULE_LIST, module_list(&modules), 0o644);
+    b.file(MODULE_DEVICES, module_devices(&modules), 0o644);
     b.dir("rootfs", 0o755);
     cached_initramfs(&tree, "container", &b, memo)
 }
 
-/// The contents of [`MODULE_LIST`]: one module per line, in load order: its path in
-/// the image, then, for a driver the guest needs only with certain virtio devices,
-/// `virtio=` and their types (decimal, comma-separated).
+/// The contents of [`MODULE_LIST`]: one image path per line, in load order.
 pub fn module_list(modules: &[PlannedModule]) -> String {
     modules
         .iter()
-        .map(|m| {
-            let path = InitramfsBuilder::image_path(&m.path);
-            match &m.virtio {
-                None => format!("{}\n", path.display()),
-                Some(types) => {
-                    let types: Vec<String> = types.iter().map(u32::to_string).collect();
-                    format!("{} virtio={}\n", path.display(), types.join(","))
-                }
-            }
+        .map(|m| format!("{}\n", InitramfsBuilder::image_path(&m.path).display()))
+        .collect()
+}
+
+/// The contents of [`MODULE_DEVICES`]: for each module the guest needs only with certain
+/// virtio devices, its image path and their types.
+pub fn module_devices(modules: &[PlannedModule]) -> String {
+    modules
+        .iter()
+        .filter_map(|m| {
+            let types: Vec<String> = m.virtio.as_ref()?.iter().map(u32::to_string).collect();
+            Some(format!(
+                "{} {}\n",
+                InitramfsBuilder::image_path(&m.path).display(),
+                types.join(",")
+            ))
         })
         .collect()
 }
@@ -361,9 +375,15 @@ mod tests {
             std::fs::write(dir.path().join(dev).join("device"), format!("{id}\n")).unwrap();
         }
         let def = def.replace("/sys/bus/virtio/devices", &dir.path().to_string_lossy());
+        // The guest's shell where this machine has it (the initramfs carries the host's).
+        let busybox = InitramfsBuilder::host_busybox();
         let has = |args: &str| {
-            std::process::Command::new("sh")
-                .arg("-c")
+            let mut sh = std::process::Command::new("sh");
+            if busybox.is_file() {
+                sh = std::process::Command::new(busybox);
+                sh.arg("sh");
+            }
+            sh.arg("-c")
                 .arg(format!("{def}\nhas_virtio {args}"))
                 .status()
                 .unwrap()
@@ -400,9 +420,9 @@ mod tests {
         m.record(&image);
         assert_eq!(memo(&["a"]).unwrap().image(), Some(image.clone()));
         assert_eq!(memo(&["a", "b"]).unwrap().image(), None);
-        // Rewritten: another size and modification time.
+        // Rewritten, the same size: another modification time.
         std::thread::sleep(std::time::Duration::from_millis(10));
-        std::fs::write(&agent, "two!").unwrap();
+        std::fs::write(&agent, "owt").unwrap();
         assert_eq!(memo(&["a"]).unwrap().image(), None);
         let m = memo(&["a"]).unwrap();
         m.record(&image);
@@ -415,16 +435,21 @@ mod tests {
     }
 
     #[test]
-    fn module_list_is_one_image_path_per_line_in_order_with_its_devices() {
-        let l = module_list(&[
+    fn module_list_is_one_image_path_per_line_in_order_and_devices_name_the_drivers() {
+        let modules = [
             planned("/k/kernel/drivers/virtio/virtio_mmio.ko", &[]),
             planned("/k/kernel/net/failover.ko", &[1, 19]),
             planned("/k/kernel/fs/overlayfs/overlay.ko", &[]),
-        ]);
+            planned("/k/kernel/drivers/block/virtio_blk.ko", &[2]),
+        ];
         assert_eq!(
-            l,
-            "/lib/modules/virtio_mmio.ko\n/lib/modules/failover.ko virtio=1,19\n\
-             /lib/modules/overlay.ko\n"
+            module_list(&modules),
+            "/lib/modules/virtio_mmio.ko\n/lib/modules/failover.ko\n\
+             /lib/modules/overlay.ko\n/lib/modules/virtio_blk.ko\n"
+        );
+        assert_eq!(
+            module_devices(&modules),
+            "/lib/modules/failover.ko 1,19\n/lib/modules/virtio_blk.ko 2\n"
         );
     }
 }

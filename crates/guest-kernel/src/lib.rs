@@ -27,8 +27,9 @@ use std::io;
 use std::path::PathBuf;
 
 pub use guest_image::{
-    container_guest, default_guest, default_guest_with, find_agent, init_script, module_list,
-    GuestImage, CONTAINER_MODULES, GUEST_MODULES, MODULE_LIST, READY_MARKER,
+    container_guest, default_guest, default_guest_with, find_agent, init_script, module_devices,
+    module_list, GuestImage, CONTAINER_MODULES, GUEST_MODULES, MODULE_DEVICES, MODULE_LIST,
+    READY_MARKER,
 };
 pub use initramfs::InitramfsBuilder;
 pub use kernel::{cache_dir, ensure_kernel, ensure_kernel_in, Flavour, KernelTree};

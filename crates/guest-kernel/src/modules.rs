@@ -162,9 +162,9 @@ pub struct PlannedModule {
 /// devices need it: a requested module whose `.modinfo` names virtio device aliases
 /// (`virtio:d00000001v*`: a driver) is needed by those devices; a dependency, by what
 /// needs the modules that depend on it; whatever an unconditional module needs (the
-/// virtio-mmio transport, overlayfs) is loaded always. A guest skips the drivers of
-/// devices its VM does not have: each costs tens of milliseconds of its boot under
-/// emulation (module signature check, relocation, init).
+/// virtio-mmio transport, overlayfs) is loaded always, and comes first. A guest skips
+/// the drivers of devices its VM does not have: each costs tens of milliseconds of its
+/// boot under emulation (module signature check, relocation, init).
 pub fn plan_modules<S: AsRef<str>>(
     tree: &KernelTree,
     names: &[S],
@@ -187,11 +187,11 @@ pub fn plan_modules<S: AsRef<str>>(
             path: top.clone(),
             source,
         })?;
-        let info = read_modinfo(&bytes).map_err(|source| Error::Io {
-            path: top.clone(),
-            source,
-        })?;
-        let devices = virtio_devices(&info);
+        // A module whose `.modinfo` cannot be read here (a compressed `.ko.xz`) is
+        // loaded always.
+        let devices = read_modinfo(&bytes)
+            .ok()
+            .and_then(|info| virtio_devices(&info));
         for rel in closure {
             let entry = needs.entry(rel).or_insert_with(|| Some(BTreeSet::new()));
             match (entry.as_mut(), &devices) {
@@ -200,13 +200,19 @@ pub fn plan_modules<S: AsRef<str>>(
             }
         }
     }
-    Ok(order
+    let mut plan: Vec<PlannedModule> = order
         .into_iter()
         .map(|rel| PlannedModule {
             virtio: needs.get(&rel).cloned().flatten(),
             path: tree.modules_dir().join(rel),
         })
-        .collect())
+        .collect();
+    // What is loaded always first, each group in its order (still an order that loads
+    // dependencies first: what an unconditional module needs is unconditional): the
+    // transports that find the devices come before any driver that asks for them,
+    // whatever order the names came in.
+    plan.sort_by_key(|m| m.virtio.is_some());
+    Ok(plan)
 }
 
 /// The virtio device types a module's `.modinfo` fields name in `alias=virtio:dNv*`
@@ -513,11 +519,12 @@ kernel/drivers/crypto/ccp/ccp.ko:
         }
         fs::write(m.join("modules.dep"), dep).unwrap();
 
+        // A driver asked for before the transport still loads after it.
         let plan = plan_modules(
             &tree,
             &[
-                "virtio_mmio",
                 "virtio_net",
+                "virtio_mmio",
                 "vsock_t",
                 "virtiofs",
                 "overlay",
@@ -537,12 +544,12 @@ kernel/drivers/crypto/ccp/ccp.ko:
             ("virtio.ko", None),
             ("virtio_ring.ko", None),
             ("virtio_mmio.ko", None),
+            ("overlay.ko", None),
             // Needed by the net and the vsock drivers only.
             ("failover.ko", Some(vec![1, 0x13])),
             ("virtio_net.ko", Some(vec![1])),
             ("vsock_t.ko", Some(vec![0x13])),
             ("virtiofs.ko", Some(vec![0x1a])),
-            ("overlay.ko", None),
         ]
         .into_iter()
         .map(|(n, v)| (n.to_owned(), v))

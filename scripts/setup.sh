@@ -38,7 +38,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # Go 1.23 builds the OCI runtime-tools validation suite (third_party/runtime-tools) that
-# the conformance test runs against forkvm-runtime and runc. Debian 12's golang-go (1.19)
+# the conformance test runs against forkvm-runtime (and, on demand, runc). Debian 12's golang-go (1.19)
 # is too old for the suite's modules; bookworm-backports has golang-1.23-go.
 GO_PACKAGE=golang-1.23-go
 if ! dpkg-query -W -f='${Status}' "$GO_PACKAGE" 2>/dev/null | grep -q "install ok installed"; then

@@ -1,6 +1,7 @@
 //! End to end, in a KVM host: the OCI runtime-tools validation suite (vendored in
 //! `third_party/runtime-tools`, built by `cargo xtask prepare-conformance`) run against
-//! `forkvm-runtime`, held to what runc does with the same programs on the same host.
+//! `forkvm-runtime`, held to what runc did with the same programs in the virtual test
+//! host.
 //!
 //! runc's results are a baseline kept beside this file ([`BASELINE`],
 //! `runc-baseline.txt`): the same in every run of the suite here, so the CI does not
@@ -47,6 +48,23 @@ const KNOWN_GAPS: &[(&str, &str)] = &[];
 /// runc's results on every validation program in the virtual test host: one line per
 /// program, `name ok skip not-ok exit` (`exit` a number or `killed`); `#` comments.
 const BASELINE: &str = include_str!("runc-baseline.txt");
+
+/// The first line of `runc --version` of the runc that gave [`BASELINE`]: another runc
+/// may give other results, so the test refuses to compare with it.
+const BASELINE_RUNC: &str = "runc version 1.1.5+ds1";
+
+/// The first line of this host's `runc --version`.
+fn runc_version() -> String {
+    let out = Command::new("runc")
+        .arg("--version")
+        .output()
+        .expect("cannot run runc --version");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
 
 /// What one validation program reported: its checks and exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -343,6 +361,10 @@ fn runc_still_gives_its_baseline() {
             let all = programs(&suite);
             let mut now = String::new();
             let mut differs = Vec::new();
+            let version = runc_version();
+            if version != BASELINE_RUNC {
+                differs.push(format!("runc: baseline {BASELINE_RUNC:?}, now {version:?}"));
+            }
             for name in &all {
                 let o = run(&suite, name, Path::new("runc"), "runc", tmp.path());
                 println!("{name:<32} runc: {o}");
@@ -405,6 +427,12 @@ fn body(suite: &Path, shard: usize) {
          results again (`runc_still_gives_its_baseline`)",
         suite.display()
     );
+    assert_eq!(
+        runc_version(),
+        BASELINE_RUNC,
+        "this host's runc is not the one runc-baseline.txt was taken with: take its results \
+         again (`runc_still_gives_its_baseline`) and update BASELINE_RUNC"
+    );
     let clean = runc_clean(&baseline);
     let names = shard_of(&clean, shard);
     let mut results: BTreeMap<&str, (Counts, Outcome)> = BTreeMap::new();
@@ -445,7 +473,8 @@ fn body(suite: &Path, shard: usize) {
         match (clean, gap) {
             (true, None) | (false, Some(_)) => {}
             (false, None) => problems.push(format!(
-                "{name}: runc is clean, forkvm is not\n{}",
+                "{name}: runc is clean (its baseline), forkvm is not (a host that breaks \
+                 runc too shows here as well: `runc_still_gives_its_baseline` tells)\n{}",
                 diagnosis(out, "forkvm", name)
             )),
             (true, Some(_)) => problems.push(format!(

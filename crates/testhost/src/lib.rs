@@ -47,7 +47,7 @@
 //!
 //! On a machine with hardware KVM (or inside the virtual host) the body runs
 //! right away. Otherwise the test executable re-runs itself in the virtual
-//! host with `<test path> --exact --nocapture --test-threads=1`; the outer
+//! host with `<test path> --exact --include-ignored --nocapture --test-threads=1`; the outer
 //! test prints the inner output and fails if the inner test failed or did not
 //! run at all. The inner run sees `/` read-only except `/tmp`, `/run`, `/dev/shm`
 //! (guest tmpfs); use `tempfile` for scratch files. [`test_path!`] names the

@@ -22,10 +22,12 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use forkvm_devices::legacy::{AcpiPowerPort, GuestStop};
 use forkvm_devices::Persist;
 use vm_memory::GuestAddress;
 
 use crate::bus::Bus;
+use crate::layout::ACPI_POWER_PORT;
 use crate::vm::{Vm, VmError};
 use crate::x86::cpu::{
     patch_cpuid, setup_boot_vcpu, setup_cpuid_and_msrs, setup_lapic, CpuSetupError,
@@ -339,6 +341,17 @@ impl VcpuRunner {
             VcpuExit::IoOut(port, data) => {
                 count_exit(1);
                 pio.write(u64::from(port), data);
+                // A guest that wrote S5 (or the reset value) to the power port does not
+                // run on: stop its vCPU now. Linux goes on to poll the sleep status
+                // register (a port read exit each time) until it sees a wake it never
+                // gets, which kept a vCPU spinning through the VM's whole teardown.
+                if port == ACPI_POWER_PORT {
+                    match data.first().copied().and_then(AcpiPowerPort::decode) {
+                        Some(GuestStop::PowerOff) => return Some(VcpuStop::PowerOff),
+                        Some(GuestStop::Reset) => return Some(VcpuStop::Reset),
+                        None => {}
+                    }
+                }
             }
             VcpuExit::MmioRead(addr, data) => {
                 count_exit(2);
@@ -812,6 +825,31 @@ mod tests {
             .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
             .map(|n| n.trim().to_owned())
             .collect()
+    }
+
+    /// S5 or the reset value written to the power port stops the vCPU that wrote it
+    /// (besides the device's own signal); other values and other ports do not.
+    #[test]
+    fn a_power_port_stop_ends_the_writing_vcpu() {
+        let (pio, mmio) = (Bus::new(), Bus::new());
+        let out =
+            |port: u16, value: u8| VcpuRunner::handle(VcpuExit::IoOut(port, &[value]), &pio, &mmio);
+        use forkvm_devices::legacy::{POWER_PORT_RESET_VALUE, POWER_PORT_S5_VALUE};
+        assert_eq!(
+            out(ACPI_POWER_PORT, POWER_PORT_S5_VALUE),
+            Some(VcpuStop::PowerOff)
+        );
+        assert_eq!(
+            out(ACPI_POWER_PORT, POWER_PORT_RESET_VALUE),
+            Some(VcpuStop::Reset)
+        );
+        assert_eq!(out(ACPI_POWER_PORT, 0x14), None);
+        assert_eq!(out(ACPI_POWER_PORT + 1, POWER_PORT_S5_VALUE), None);
+        let mut status = [0xffu8];
+        assert_eq!(
+            VcpuRunner::handle(VcpuExit::IoIn(ACPI_POWER_PORT, &mut status), &pio, &mmio),
+            None
+        );
     }
 
     #[test]

@@ -307,6 +307,10 @@ pub fn vanished(netns: &Path, network: &Network) -> Result<Vec<String>, NetError
 /// Removes what [`plumb`] made in `netns`: the TAPs (their filters go with them) and the
 /// interfaces' ingress qdiscs. What is already gone is not an error.
 pub fn unplumb(netns: &Path, network: &Network) -> Result<(), NetError> {
+    // Nothing was made: no thread, runtime and netlink socket to learn that.
+    if network.interfaces.is_empty() {
+        return Ok(());
+    }
     let network = network.clone();
     in_netns(netns, |handle| async move {
         for iface in &network.interfaces {

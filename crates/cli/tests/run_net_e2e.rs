@@ -81,10 +81,18 @@ fn address_within(env: &[(&str, &std::ffi::OsStr)], vm: &str, limit: Duration) -
         if let Some(a) = info["addresses"][0].as_str() {
             return a.split('/').next().unwrap().to_owned();
         }
-        assert!(
-            Instant::now() < deadline,
-            "{vm} has no address after {limit:?}: {info:#}"
-        );
+        if Instant::now() >= deadline {
+            let console = info["console_log"]
+                .as_str()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .unwrap_or_default();
+            let tail: Vec<&str> = console.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "{vm} has no address after {limit:?}: {info:#}\nits console:\n{}",
+                tail.join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
 }

@@ -129,19 +129,23 @@ impl ModuleDeps {
     }
 }
 
+/// The tree's `modules.dep`, parsed.
+fn tree_deps(tree: &KernelTree) -> Result<ModuleDeps, Error> {
+    let dep_path = tree.modules_dir().join("modules.dep");
+    let text = fs::read_to_string(&dep_path).map_err(|source| Error::Io {
+        path: dep_path.clone(),
+        source,
+    })?;
+    ModuleDeps::parse(&text)
+}
+
 /// Resolves `names` against the tree's `modules.dep`: absolute `.ko` paths,
 /// dependencies first, no duplicates. Unknown modules are an error naming them.
 pub fn resolve_modules<S: AsRef<str>>(
     tree: &KernelTree,
     names: &[S],
 ) -> Result<Vec<PathBuf>, Error> {
-    let dep_path = tree.modules_dir().join("modules.dep");
-    let text = fs::read_to_string(&dep_path).map_err(|source| Error::Io {
-        path: dep_path.clone(),
-        source,
-    })?;
-    let deps = ModuleDeps::parse(&text)?;
-    Ok(deps
+    Ok(tree_deps(tree)?
         .resolve(names)?
         .into_iter()
         .map(|rel| tree.modules_dir().join(rel))
@@ -169,12 +173,7 @@ pub fn plan_modules<S: AsRef<str>>(
     tree: &KernelTree,
     names: &[S],
 ) -> Result<Vec<PlannedModule>, Error> {
-    let dep_path = tree.modules_dir().join("modules.dep");
-    let text = fs::read_to_string(&dep_path).map_err(|source| Error::Io {
-        path: dep_path.clone(),
-        source,
-    })?;
-    let deps = ModuleDeps::parse(&text)?;
+    let deps = tree_deps(tree)?;
     let order = deps.resolve(names)?;
     // Each module's condition: unset until a requested module that needs it is seen.
     let mut needs: HashMap<PathBuf, Option<BTreeSet<u32>>> = HashMap::new();

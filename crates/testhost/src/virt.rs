@@ -145,6 +145,10 @@ umount "$R$SCRATCH"
 off
 "#;
 
+/// How long a virtual host silent past its stall limit gets to beat again after an NMI
+/// (two heartbeats) before it counts as stalled and is killed.
+const NMI_WAIT: Duration = Duration::from_secs(20);
+
 /// `/bin/heartbeat FILE`: writes the time into FILE every @EVERY@ seconds, and the
 /// uptime, load and free memory on the console every sixth time (so a stalled run's
 /// log shows whether the kernel still ran when the file stopped changing, and whether
@@ -584,6 +588,8 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
         },
     ];
     let deadline = start + opts.timeout;
+    // When a stalled host was sent an NMI ([`NMI_WAIT`]).
+    let mut nmi_sent: Option<Instant> = None;
     let status = loop {
         match guard.try_wait() {
             Ok(Some(status)) => break status,
@@ -593,24 +599,61 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
         if opts.stream {
             tails.iter_mut().for_each(Tail::pump);
         }
-        if let Some(silent) =
-            since_heartbeat(&scratch.join("heartbeat")).filter(|silent| *silent > opts.stall_after)
-        {
-            // What QEMU's threads and its vCPU do while it is silent tells a frozen
-            // emulator (its vCPU thread spinning or blocked) from a guest that is slow.
-            let threads = stall::qemu_threads(guard.pid());
-            let qmp = stall::Qmp::connect(&qmp_path).ok();
-            let cpu = stall::cpu_report(qmp);
-            let mut l = open_log(&log_path)?;
-            let _ = writeln!(
-                l,
-                "\nforkvm-testhost: no heartbeat for {silent:?}\nforkvm-testhost: qemu's \
-                 threads:\n{threads}forkvm-testhost: its vCPU:\n{cpu}"
-            );
-            guard.kill();
-            let _ = writeln!(l, "forkvm-testhost: the virtual host stalled, qemu killed");
-            keep_output(&log_path, &scratch);
-            return Err(Error::Stalled { silent, log_path });
+        match since_heartbeat(&scratch.join("heartbeat")) {
+            Some(silent) if silent > opts.stall_after => match nmi_sent {
+                None => {
+                    // What QEMU's threads and its vCPU do while it is silent tells a
+                    // frozen emulator (its vCPU thread spinning or blocked) from a guest
+                    // that is slow.
+                    let threads = stall::qemu_threads(guard.pid());
+                    let qmp = stall::Qmp::connect(&qmp_path).ok();
+                    let cpu = stall::cpu_report(qmp);
+                    // The freezes seen so far were a vCPU halted in the idle loop whose
+                    // timer interrupt never came: an NMI wakes it, and its idle loop
+                    // programs the timer again.
+                    let sent = stall::Qmp::connect(&qmp_path)
+                        .and_then(|mut q| q.execute("inject-nmi", None));
+                    let mut l = open_log(&log_path)?;
+                    let _ = writeln!(
+                        l,
+                        "\nforkvm-testhost: no heartbeat for {silent:?}\nforkvm-testhost: \
+                         qemu's threads:\n{threads}forkvm-testhost: its vCPU:\n{cpu}\
+                         forkvm-testhost: NMI sent ({}); waiting {NMI_WAIT:?} for a heartbeat",
+                        sent.map_or_else(|e| format!("failed: {e}"), |_| "ok".into())
+                    );
+                    nmi_sent = Some(Instant::now());
+                }
+                Some(at) if at.elapsed() >= NMI_WAIT => {
+                    guard.kill();
+                    let mut l = open_log(&log_path)?;
+                    let _ = writeln!(
+                        l,
+                        "forkvm-testhost: no heartbeat {NMI_WAIT:?} after the NMI either: \
+                         the virtual host stalled, qemu killed"
+                    );
+                    keep_output(&log_path, &scratch);
+                    return Err(Error::Stalled { silent, log_path });
+                }
+                Some(_) => {}
+            },
+            _ => {
+                if let Some(at) = nmi_sent.take() {
+                    let mut l = open_log(&log_path)?;
+                    let _ = writeln!(
+                        l,
+                        "forkvm-testhost: the virtual host beat again {:?} after the NMI",
+                        at.elapsed()
+                    );
+                    // Said on the run's output too: whether the NMI revives a frozen
+                    // host is what these lines tell over many runs.
+                    eprintln!(
+                        "forkvm-testhost: the virtual host froze and beat again {:?} after an \
+                         NMI; log: {}",
+                        at.elapsed(),
+                        log_path.display()
+                    );
+                }
+            }
         }
         if Instant::now() >= deadline {
             guard.kill();

@@ -132,6 +132,10 @@ fn virtual_host_without_a_heartbeat_is_stalled() {
             assert!(log.contains("before the stall"), "{log}");
             assert!(log.contains("CPU 0/TCG"), "{log}");
             assert!(log.contains("RIP="), "{log}");
+            // Woken by an NMI first (this host is not frozen, its heartbeat stopped:
+            // the NMI changes nothing and it is killed after the wait).
+            assert!(log.contains("NMI sent (ok)"), "{log}");
+            assert!(log.contains("after the NMI either"), "{log}");
         }
         other => panic!("expected Stalled, got {other:?}"),
     }

@@ -258,6 +258,11 @@ pub fn with_writable_root<T>(
     if root == Path::new("/") || !is_read_only(root) {
         return f(root);
     }
+    // One view at a time: it is one mount point, and a second caller's bind mount on it
+    // would be the one the first caller's detach takes away (a fork child's identity
+    // retried while the first try still runs).
+    static VIEW: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = VIEW.lock().unwrap_or_else(|e| e.into_inner());
     let view = &root.with_extension("rw-view");
     std::fs::create_dir_all(view)?;
     let cstr =
@@ -300,7 +305,10 @@ pub fn read_in_root(root: &Path, path: &str) -> std::io::Result<Option<Vec<u8>>>
 
 /// Replaces the file `path` (absolute, as the container sees it) in `root` with
 /// `contents` (mode 0644): its directory resolved inside the root and created where
-/// missing, whatever was there (a symlink included) removed, never followed.
+/// missing, whatever was there (a symlink included) replaced, never followed. The new
+/// file is written beside it under a name of its own and renamed over it, so two
+/// writers at once both succeed (the last one's contents stay) and a reader sees the
+/// old file or the new one, never a part.
 pub fn replace_in_root(root: &Path, path: &str, contents: &[u8]) -> std::io::Result<()> {
     let (dir, name) = split_path(path).map_err(std::io::Error::other)?;
     let root_fd = crate::shares::open_root(root).map_err(std::io::Error::other)?;
@@ -312,17 +320,21 @@ pub fn replace_in_root(root: &Path, path: &str, contents: &[u8]) -> std::io::Res
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    match rustix::fs::unlinkat(&dir, name, rustix::fs::AtFlags::empty()) {
-        Ok(()) | Err(Errno::NOENT) => {}
-        Err(e) => return Err(e.into()),
-    }
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = format!(".{name}.forkvm-{}-{n}", std::process::id());
     let fd = rustix::fs::openat(
         &dir,
-        name,
+        &tmp,
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::from_raw_mode(0o644),
     )?;
-    std::io::Write::write_all(&mut std::fs::File::from(fd), contents)
+    let written = std::io::Write::write_all(&mut std::fs::File::from(fd), contents)
+        .and_then(|()| rustix::fs::renameat(&dir, &tmp, &dir, name).map_err(Into::into));
+    if written.is_err() {
+        let _ = rustix::fs::unlinkat(&dir, &tmp, rustix::fs::AtFlags::empty());
+    }
+    written
 }
 
 /// `path`'s directory and last component (absolute paths to a file only).
@@ -485,6 +497,45 @@ fn make_readonly(root: &OwnedFd, path: &str) -> Result<(), String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// Writers of one file at once all succeed (a fork child's identity retried while
+    /// its first try still writes `/etc/hostname`), the file holds one of their
+    /// contents whole, nothing of theirs is left beside it, and a symlink in its place
+    /// is replaced, not followed.
+    #[test]
+    fn files_replaced_at_once_by_several_writers_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "keep").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("etc/hostname")).unwrap();
+        let writers: Vec<_> = (0..8)
+            .map(|i| {
+                let root = root.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..25 {
+                        replace_in_root(&root, "/etc/hostname", format!("writer-{i}\n").as_bytes())
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let now = std::fs::read_to_string(root.join("etc/hostname")).unwrap();
+        assert!(
+            now.starts_with("writer-") && now.ends_with('\n') && now.len() <= 10,
+            "{now:?}"
+        );
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "keep");
+        let left: Vec<_> = std::fs::read_dir(root.join("etc"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["hostname"], "{left:?}");
+    }
 
     /// A kernel whose parameters live in `dir/sys` and whose devices are `dir/dev`'s
     /// entries (`char/1:3`, ...).

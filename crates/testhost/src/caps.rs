@@ -49,6 +49,8 @@ pub struct Capabilities {
     pub in_test_host: bool,
     /// The QEMU binary used for the virtual host, if found on `PATH`.
     pub qemu: Option<PathBuf>,
+    /// Its version (`10.0.2`), as `--version` gives it.
+    pub qemu_version: Option<String>,
 }
 
 impl Capabilities {
@@ -64,12 +66,21 @@ impl Capabilities {
             .filter(|m| Path::new("/sys/module").join(m).exists())
             .map(|m| (*m).to_owned())
             .collect();
+        let qemu = find_in_path(crate::virt::QEMU);
+        let qemu_version = qemu.as_deref().and_then(|q| {
+            let out = std::process::Command::new(q)
+                .arg("--version")
+                .output()
+                .ok()?;
+            parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
+        });
         Self {
             cpu,
             kvm,
             kvm_modules,
             in_test_host: in_test_host(),
-            qemu: find_in_path(crate::virt::QEMU),
+            qemu,
+            qemu_version,
         }
     }
 
@@ -85,6 +96,18 @@ impl Capabilities {
     pub fn hardware_kvm(&self) -> bool {
         (self.cpu.vmx || self.cpu.svm) && self.kvm_opens()
     }
+}
+
+/// The version in `qemu-system-x86_64 --version`'s first line (`QEMU emulator version
+/// 10.0.2 (Debian ...)` gives `10.0.2`).
+pub fn parse_qemu_version(text: &str) -> Option<String> {
+    let rest = text
+        .lines()
+        .next()?
+        .strip_prefix("QEMU emulator version ")?;
+    let v = rest.split_whitespace().next()?;
+    v.starts_with(|c: char| c.is_ascii_digit())
+        .then(|| v.to_owned())
 }
 
 impl fmt::Display for Capabilities {
@@ -117,7 +140,12 @@ impl fmt::Display for Capabilities {
             if self.in_test_host { "yes" } else { "no" }
         )?;
         match &self.qemu {
-            Some(q) => writeln!(f, "QEMU:                {}", q.display())?,
+            Some(q) => writeln!(
+                f,
+                "QEMU:                {} (version {})",
+                q.display(),
+                self.qemu_version.as_deref().unwrap_or("unknown")
+            )?,
             None => writeln!(
                 f,
                 "QEMU:                {} not found on PATH",
@@ -165,7 +193,25 @@ mod tests {
             kvm_modules: vec![],
             in_test_host: false,
             qemu: None,
+            qemu_version: None,
         }
+    }
+
+    #[test]
+    fn qemu_version_is_read_from_its_first_line() {
+        assert_eq!(
+            parse_qemu_version(
+                "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright"
+            )
+            .as_deref(),
+            Some("10.0.2")
+        );
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 7.2.22\n").as_deref(),
+            Some("7.2.22")
+        );
+        assert_eq!(parse_qemu_version("qemu-img version 10.0.2"), None);
+        assert_eq!(parse_qemu_version(""), None);
     }
 
     #[test]

@@ -182,10 +182,14 @@ fn launches(args: &BenchBootArgs, guest: &Guest) -> Result<Vec<(Launch, String)>
         "ttyS0 (16550 UART), i8042 (reset only), ACPI power-off port, in-kernel PIC/IOAPIC/PIT"
             .to_owned();
     // QEMU microvm: ACPI (GED) for power-off, the ISA UART, in-kernel irqchip and PIT,
-    // no RTC (forkvm has none), no option ROMs, and its default qboot firmware.
+    // no RTC (forkvm has none), no option ROMs, and the qboot firmware, named: it loads
+    // the kernel itself, where the SeaBIOS build that QEMU 10 defaults to needs the
+    // option ROMs to (and finds no bootable device without them).
     let mut qemu: Vec<OsString> = [
         "-M",
         "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=on",
+        "-bios",
+        "qboot.rom",
         "-enable-kvm",
         "-cpu",
         "host",

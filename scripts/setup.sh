@@ -3,8 +3,8 @@
 # a second run installs nothing. Called by scripts/demo.sh and scripts/test.sh.
 set -euo pipefail
 
-# qemu-system-x86: the virtual KVM test host (and the QEMU side of the benchmarks).
-# busybox-static: guest and test-host initramfs images. e2fsprogs: disk images.
+# qemu-system-x86: the virtual KVM test host (and the QEMU side of the benchmarks); on
+# Debian 12 it comes from bookworm-backports instead (below). busybox-static: guest and test-host initramfs images. e2fsprogs: disk images.
 # iproute2: TAP devices for virtio-net. gcc, libc6-dev, linux-libc-dev: static guest
 # test helpers (vsock). curl: the API tests talk to a VM's Unix socket with it.
 # apt/dpkg (base system) fetch Debian's guest kernels into the cache.
@@ -14,9 +14,12 @@ set -euo pipefail
 # containernetworking-plugins: their networks (Docker's bridge and NAT, podman's CNI).
 # iperf3: `forkvm bench net` (throughput of a VM and of a runc container).
 # protobuf-compiler: the CRI test client's protos (the k8s-cri crate runs protoc).
-PACKAGES=(qemu-system-x86 busybox-static e2fsprogs iproute2 gcc libc6-dev linux-libc-dev curl docker-registry
+PACKAGES=(busybox-static e2fsprogs iproute2 gcc libc6-dev linux-libc-dev curl docker-registry
   docker.io podman containerd runc conmon iptables containernetworking-plugins iperf3
   protobuf-compiler)
+BOOKWORM=0
+if grep -qs '^VERSION_CODENAME=bookworm' /etc/os-release; then BOOKWORM=1; fi
+if [ "$BOOKWORM" -eq 0 ]; then PACKAGES+=(qemu-system-x86); fi
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
@@ -60,13 +63,14 @@ if ! dpkg-query -W -f='${Status}' "$GO_PACKAGE" 2>/dev/null | grep -q "install o
   from_backports "$GO_PACKAGE"
 fi
 
-# QEMU 10 for the virtual KVM test host. Debian 12's QEMU 7.2 runs the nested guests
-# 20-30% slower under TCG, and its halted vCPU sometimes never takes its pending timer
-# interrupt (nor an NMI): the virtual host freezes and its test must run again
-# (README, "the virtual KVM test host").
+# QEMU 10 for the virtual KVM test host. Under Debian 12's QEMU 7.2 the nested guests
+# ran about half as fast, and its halted vCPU sometimes never took its pending timer
+# interrupt (nor an NMI): the virtual host froze and its test had to run again
+# (README, "the virtual KVM test host"; docs/benchmarks.md).
 qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p'; }
-if [ "$(qemu_major)" -lt 10 ] 2>/dev/null; then
-  if grep -qs '^VERSION_CODENAME=bookworm' /etc/os-release; then
+major="$(qemu_major)"
+if [ "${major:-0}" -lt 10 ]; then
+  if [ "$BOOKWORM" -eq 1 ]; then
     from_backports qemu-system-x86
   else
     echo "setup: warning: $(qemu-system-x86_64 --version | head -1); the virtual test host is tested with QEMU 10" >&2

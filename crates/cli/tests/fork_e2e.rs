@@ -763,6 +763,32 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
             "{err}"
         );
         assert!(!elsewhere.path().join("child.log").exists());
+        // `template save` checked the state against the launch `boot` recorded beside
+        // the state root, out of the VM process's reach. A VM process whose saved state
+        // names another kernel than the one launched (here: the record names another)
+        // gets no template, and nothing is made.
+        let id = base["id"].as_str().unwrap();
+        let record = dir.path().join("root.launched").join(format!("{id}.json"));
+        let mut launched: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&record).expect("no launch record")).unwrap();
+        assert!(
+            launched["kernel"]
+                .as_str()
+                .is_some_and(|k| k.contains("vmlinu")),
+            "{launched}"
+        );
+        launched["kernel"] = "/boot/another-kernel".into();
+        std::fs::write(&record, serde_json::to_vec(&launched).unwrap()).unwrap();
+        let other = dir.path().join("tpl-other");
+        let err = forkvm_err(
+            &root,
+            &["template", "save", "base", other.to_str().unwrap()],
+        );
+        assert!(
+            err.contains("does not match the configuration the VM was launched with (kernel"),
+            "{err}"
+        );
+        assert!(!other.join("state.forkvm").exists(), "a template was made");
         // The original VM goes away; only the files remain.
         forkvm_ok(&root, &["stop", "-t", "2", "base"]);
         forkvm_ok(&root, &["rm", "base"]);

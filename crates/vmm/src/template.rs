@@ -26,6 +26,7 @@
 //! `docs/security.md`.
 
 pub mod key;
+pub mod launched;
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -485,7 +486,7 @@ fn seal_in(
         ];
         if let Some((what, _)) = differs.iter().find(|(_, d)| *d) {
             return Err(bad_state(format!(
-                "its {what} are not the VM's as it was launched"
+                "it does not match the configuration the VM was launched with ({what} differ)"
             )));
         }
     }

@@ -153,6 +153,15 @@ pub fn run(args: BootArgs, root: &Path) -> Result<i32> {
     let cfg = config(&args)?;
     let home =
         VmHome::create(&root, args.name.as_deref(), None).context("cannot register the VM")?;
+    // What `template save` checks a template of this VM against, out of its VM
+    // process's reach.
+    if let Err(e) = forkvm_vmm::template::launched::record(&root, home.id(), &cfg) {
+        eprintln!(
+            "forkvm: warning: the launch of VM {} is not recorded ({e}): a template saved \
+             from it is checked against what its VM process reports",
+            home.id()
+        );
+    }
     let started = (|| {
         // The VM process records itself once it starts; until then, this process owns it.
         home.record_process(ProcessIdentity::current())

@@ -22,7 +22,17 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
             let home = find(root, &vm)?;
             // Refused at once when the VM does not run.
             live(&home)?;
-            let info = forkvm_vmm::template::save_running(&home, &dir, None)
+            // The state the VM process saves must be of the VM its owner launched.
+            let launched = forkvm_vmm::template::launched::launched(root, home.id())
+                .with_context(|| format!("cannot read the launch record of VM {}", home.id()))?;
+            if launched.is_none() {
+                eprintln!(
+                    "forkvm: warning: VM {} has no launch record (a fork child, or started \
+                     by another program): its configuration is taken from its VM process",
+                    home.id()
+                );
+            }
+            let info = forkvm_vmm::template::save_running(&home, &dir, launched.as_ref())
                 .with_context(|| format!("cannot save VM {} as a template", home.id()))?;
             println!(
                 "saved {} to {}: {} MiB of memory ({} MiB stored), paused {:.1} ms",

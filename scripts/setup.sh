@@ -4,7 +4,8 @@
 set -euo pipefail
 
 # qemu-system-x86: the virtual KVM test host (and the QEMU side of the benchmarks); on
-# Debian 12 it comes from bookworm-backports instead (below). busybox-static: guest and test-host initramfs images. e2fsprogs: disk images.
+# Debian 12 it comes from bookworm-backports instead (below). busybox-static: guest and
+# test-host initramfs images. e2fsprogs: disk images.
 # iproute2: TAP devices for virtio-net. gcc, libc6-dev, linux-libc-dev: static guest
 # test helpers (vsock). curl: the API tests talk to a VM's Unix socket with it.
 # apt/dpkg (base system) fetch Debian's guest kernels into the cache.
@@ -40,41 +41,50 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# Packages Debian 12 has too old; bookworm-backports has them. Adds that suite on a
-# bookworm machine that lacks it, then installs the packages from it.
-from_backports() {
-  if grep -qs '^VERSION_CODENAME=bookworm' /etc/os-release \
-    && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    echo "setup: adding bookworm-backports (for $*)" >&2
-    echo "deb http://deb.debian.org/debian bookworm-backports main" \
-      | $SUDO tee /etc/apt/sources.list.d/forkvm-backports.list >/dev/null
-  fi
-  echo "setup: apt-get update; installing $* from bookworm-backports" >&2
-  $SUDO apt-get update -q >/dev/null
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    -t bookworm-backports "$@" >/dev/null
-}
-
 # Go 1.23 builds the OCI runtime-tools validation suite (third_party/runtime-tools) that
-# the conformance test runs against forkvm-runtime (and, on demand, runc). Debian 12's golang-go (1.19)
-# is too old for the suite's modules; bookworm-backports has golang-1.23-go.
+# the conformance test runs against forkvm-runtime (and, on demand, runc). Debian 12's
+# golang-go (1.19) is too old for the suite's modules; bookworm-backports has
+# golang-1.23-go.
+LATER=()
 GO_PACKAGE=golang-1.23-go
 if ! dpkg-query -W -f='${Status}' "$GO_PACKAGE" 2>/dev/null | grep -q "install ok installed"; then
-  from_backports "$GO_PACKAGE"
+  LATER+=("$GO_PACKAGE")
 fi
 
 # QEMU 10 for the virtual KVM test host. Under Debian 12's QEMU 7.2 the nested guests
 # ran about half as fast, and its halted vCPU sometimes never took its pending timer
 # interrupt (nor an NMI): the virtual host froze and its test had to run again
 # (README, "the virtual KVM test host"; docs/benchmarks.md).
-qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p'; }
+qemu_major() {
+  command -v qemu-system-x86_64 >/dev/null || return 0
+  qemu-system-x86_64 --version 2>/dev/null \
+    | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p' || true
+}
 major="$(qemu_major)"
 if [ "${major:-0}" -lt 10 ]; then
   if [ "$BOOKWORM" -eq 1 ]; then
-    from_backports qemu-system-x86
+    LATER+=(qemu-system-x86)
   else
-    echo "setup: warning: $(qemu-system-x86_64 --version | head -1); the virtual test host is tested with QEMU 10" >&2
+    echo "setup: warning: QEMU ${major:-(none)} found; the virtual test host is tested with QEMU 10" >&2
   fi
+fi
+
+# Those packages in one go: on Debian 12 from bookworm-backports (the suite added if
+# the machine lacks it), elsewhere from the system's own archive.
+if [ ${#LATER[@]} -gt 0 ]; then
+  from=()
+  if [ "$BOOKWORM" -eq 1 ]; then
+    from=(-t bookworm-backports)
+    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      echo "setup: adding bookworm-backports (for ${LATER[*]})" >&2
+      echo "deb http://deb.debian.org/debian bookworm-backports main" \
+        | $SUDO tee /etc/apt/sources.list.d/forkvm-backports.list >/dev/null
+    fi
+  fi
+  echo "setup: apt-get update; installing ${LATER[*]} ${from[*]}" >&2
+  $SUDO apt-get update -q >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    "${from[@]}" "${LATER[@]}" >/dev/null
 fi
 
 # CNI keeps its address leases in /var/lib/cni: the podman tests mount a tmpfs there in

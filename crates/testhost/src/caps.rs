@@ -49,8 +49,6 @@ pub struct Capabilities {
     pub in_test_host: bool,
     /// The QEMU binary used for the virtual host, if found on `PATH`.
     pub qemu: Option<PathBuf>,
-    /// Its version (`10.0.2`), as `--version` gives it.
-    pub qemu_version: Option<String>,
 }
 
 impl Capabilities {
@@ -66,21 +64,12 @@ impl Capabilities {
             .filter(|m| Path::new("/sys/module").join(m).exists())
             .map(|m| (*m).to_owned())
             .collect();
-        let qemu = find_in_path(crate::virt::QEMU);
-        let qemu_version = qemu.as_deref().and_then(|q| {
-            let out = std::process::Command::new(q)
-                .arg("--version")
-                .output()
-                .ok()?;
-            parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
-        });
         Self {
             cpu,
             kvm,
             kvm_modules,
             in_test_host: in_test_host(),
-            qemu,
-            qemu_version,
+            qemu: find_in_path(crate::virt::QEMU),
         }
     }
 
@@ -96,6 +85,15 @@ impl Capabilities {
     pub fn hardware_kvm(&self) -> bool {
         (self.cpu.vmx || self.cpu.svm) && self.kvm_opens()
     }
+}
+
+/// The version of the QEMU binary `qemu` (asked only when shown: it starts QEMU).
+fn qemu_version(qemu: &Path) -> Option<String> {
+    let out = std::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .ok()?;
+    parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// The version in `qemu-system-x86_64 --version`'s first line (`QEMU emulator version
@@ -144,7 +142,7 @@ impl fmt::Display for Capabilities {
                 f,
                 "QEMU:                {} (version {})",
                 q.display(),
-                self.qemu_version.as_deref().unwrap_or("unknown")
+                qemu_version(q).as_deref().unwrap_or("unknown")
             )?,
             None => writeln!(
                 f,
@@ -193,7 +191,6 @@ mod tests {
             kvm_modules: vec![],
             in_test_host: false,
             qemu: None,
-            qemu_version: None,
         }
     }
 

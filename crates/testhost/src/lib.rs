@@ -22,9 +22,10 @@
 //! `FORKVM_TESTHOST_SLOTS` sets another number).
 //!
 //! The virtual host writes a heartbeat every 10 s. One silent for 45 s has
-//! frozen (seen under nested emulation, every 15 to 30 minutes of nested-VM work on
-//! some days): its log gets what QEMU's threads and vCPU were doing, it is killed, and
-//! [`on_kvm_host`] runs the test again.
+//! frozen (under QEMU 7.2, every 15 to 30 minutes of nested-VM work on some days; none
+//! seen yet under QEMU 10, which `scripts/setup.sh` installs): its log gets what QEMU's
+//! threads and vCPU were doing, it is sent an NMI, then killed, and [`on_kvm_host`]
+//! runs the test again.
 //!
 //! `FORKVM_TESTHOST=force` forces the virtual host even with hardware KVM;
 //! `FORKVM_TESTHOST=never` always runs directly.

@@ -608,9 +608,10 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
                     let threads = stall::qemu_threads(guard.pid());
                     let qmp = stall::Qmp::connect(&qmp_path).ok();
                     let cpu = stall::cpu_report(qmp);
-                    // The freezes seen so far were a vCPU halted in the idle loop whose
-                    // timer interrupt never came: an NMI wakes it, and its idle loop
-                    // programs the timer again.
+                    // The freezes seen so far (QEMU 7.2) were a vCPU halted in the idle
+                    // loop whose timer interrupt never came. An NMI would wake a halted
+                    // CPU whose QEMU still delivers interrupts; theirs did not take it
+                    // either (`stall`), so it is tried before the kill, not relied on.
                     let sent = stall::Qmp::connect(&qmp_path)
                         .and_then(|mut q| q.execute("inject-nmi", None));
                     let mut l = open_log(&log_path)?;

@@ -21,6 +21,13 @@
 //!   threads; `clone3`, whose flags a filter cannot see, answers `ENOSYS` and glibc
 //!   falls back to `clone`).
 //!
+//! vCPU and API threads signal only threads of their own process (`tgkill` with the
+//! process's ID; the process filter lets its event loop signal any single process as
+//! root may): a device bug on a vCPU thread cannot be made to kill another VM or a host
+//! process by a signal of its own. The filters are built once per process, possibly
+//! before a zygote forks the process that installs them, so their rule names a
+//! stand-in ([`OWN_PROCESS`]) that each installation replaces with its process's ID.
+//!
 //! A call outside a thread's filter traps: the process writes one line naming the kind
 //! of thread and the call's number to its log and ends with exit code 159 (128 + SIGSYS).
 //! Stacked filters all apply: the kernel takes the strictest answer.
@@ -539,7 +546,40 @@ fn process_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>, String> {
     ])
 }
 
-/// The argument rules of the API filter: `clone` only with `CLONE_THREAD`.
+/// Stands for the ID of the process that installs a vCPU or API filter in its `tgkill`
+/// rule ([`own_process_signals`]); [`for_this_process`] replaces it. A value no process
+/// ID takes (above `PID_MAX_LIMIT`, 2^22) and no other constant of the filters is.
+const OWN_PROCESS: u32 = 0x5ec0_0f1d;
+
+/// `tgkill` only to threads of the calling process.
+fn own_process_signals() -> Result<(i64, Vec<SeccompRule>), String> {
+    let own = arg(0, SeccompCmpOp::Eq, u64::from(OWN_PROCESS))?;
+    Ok((libc::SYS_tgkill, vec![all(vec![own])?]))
+}
+
+/// `filter` with [`OWN_PROCESS`] replaced by the calling process's ID (in the
+/// comparisons that name it); how many it replaced.
+fn for_this_process(filter: &BpfProgram) -> (BpfProgram, usize) {
+    // SAFETY: getpid takes no arguments and cannot fail.
+    let pid = unsafe { libc::getpid() } as u32;
+    let jeq = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    let mut replaced = 0;
+    let program = filter
+        .iter()
+        .map(|i| {
+            let mut i = i.clone();
+            if i.code == jeq && i.k == OWN_PROCESS {
+                i.k = pid;
+                replaced += 1;
+            }
+            i
+        })
+        .collect();
+    (program, replaced)
+}
+
+/// The argument rules of the API filter: `clone` only with `CLONE_THREAD`; `tgkill`
+/// only in its own process.
 fn api_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>, String> {
     let thread = libc::CLONE_THREAD as u64;
     let rule = SeccompCondition::new(
@@ -550,7 +590,7 @@ fn api_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>, String> {
     )
     .and_then(|c| SeccompRule::new(vec![c]))
     .map_err(|e| e.to_string())?;
-    Ok(vec![(libc::SYS_clone, vec![rule])])
+    Ok(vec![(libc::SYS_clone, vec![rule]), own_process_signals()?])
 }
 
 /// The filters of `kind`, built once, in the order they are installed.
@@ -573,7 +613,7 @@ fn filters(kind: ThreadKind) -> Result<&'static [BpfProgram], SeccompError> {
             let ioctls = one_of(libc::SYS_ioctl, 1, &vcpu_ioctls())?;
             Ok(vec![
                 refusals(VCPU_REFUSED, libc::EACCES)?,
-                allow_list(VCPU_SYSCALLS, vec![ioctls])?,
+                allow_list(VCPU_SYSCALLS, vec![ioctls, own_process_signals()?])?,
             ])
         }),
         ThreadKind::Api => (&API, || {
@@ -602,13 +642,25 @@ pub fn prepare() {
 /// calling thread only, stacked on what it has.
 pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
     install_sigsys_handler()?;
-    for filter in filters(kind)? {
-        let applied = if kind == ThreadKind::Process {
-            seccompiler::apply_filter_all_threads(filter)
-        } else {
-            seccompiler::apply_filter(filter)
-        };
-        applied.map_err(SeccompError::Install)?;
+    let filters = filters(kind)?;
+    if kind == ThreadKind::Process {
+        for filter in filters {
+            seccompiler::apply_filter_all_threads(filter).map_err(SeccompError::Install)?;
+        }
+    } else {
+        // Each filter with this process's ID in its `tgkill` rule; one that names the
+        // stand-in nowhere would let no signal through at all, or (built otherwise)
+        // any: refused before anything is installed.
+        let own: Vec<(BpfProgram, usize)> = filters.iter().map(for_this_process).collect();
+        if own.iter().map(|(_, n)| n).sum::<usize>() != 1 {
+            return Err(SeccompError::Build(format!(
+                "the {} filters name their process's ID other than once",
+                kind.name()
+            )));
+        }
+        for (filter, _) in &own {
+            seccompiler::apply_filter(filter).map_err(SeccompError::Install)?;
+        }
     }
     mark(kind);
     Ok(())
@@ -784,6 +836,70 @@ mod tests {
                 unsafe { libc::ioctl(0, libc::TIOCSTI, c"x".as_ptr()) };
             },
         );
+    }
+
+    #[test]
+    fn a_vcpu_thread_signals_only_its_own_process() {
+        trap_test(
+            "a_vcpu_thread_signals_only_its_own_process",
+            ThreadKind::Vcpu,
+            libc::SYS_tgkill,
+            true,
+            || {
+                apply(ThreadKind::Vcpu).unwrap();
+                // Its own thread (the kick of a vCPU; abort's raise): allowed.
+                // SAFETY: signal 0 sends nothing; getpid and gettid name this thread.
+                let own = unsafe {
+                    libc::syscall(
+                        libc::SYS_tgkill,
+                        libc::getpid(),
+                        libc::syscall(libc::SYS_gettid),
+                        0,
+                    )
+                };
+                assert_eq!(own, 0);
+                // Another process (init): trapped before the kernel sees it.
+                // SAFETY: signal 0 sends nothing; the filter stops the call first.
+                unsafe { libc::syscall(libc::SYS_tgkill, 1, 1, 0) };
+            },
+        );
+    }
+
+    #[test]
+    fn an_api_thread_signals_only_its_own_process() {
+        trap_test(
+            "an_api_thread_signals_only_its_own_process",
+            ThreadKind::Api,
+            libc::SYS_tgkill,
+            true,
+            || {
+                apply(ThreadKind::Api).unwrap();
+                // SAFETY: signal 0 sends nothing; the filter stops the call first.
+                unsafe { libc::syscall(libc::SYS_tgkill, 1, 1, 0) };
+            },
+        );
+    }
+
+    #[test]
+    fn the_stand_in_for_the_process_id_is_in_the_vcpu_and_api_filters_once() {
+        for kind in [ThreadKind::Vcpu, ThreadKind::Api] {
+            let named: usize = filters(kind)
+                .unwrap()
+                .iter()
+                .map(|f| for_this_process(f).1)
+                .sum();
+            assert_eq!(named, 1, "{}", kind.name());
+            // Replaced, it is gone.
+            for f in filters(kind).unwrap() {
+                assert_eq!(for_this_process(&for_this_process(f).0).1, 0);
+            }
+        }
+        let process: usize = filters(ThreadKind::Process)
+            .unwrap()
+            .iter()
+            .map(|f| for_this_process(f).1)
+            .sum();
+        assert_eq!(process, 0);
     }
 
     #[test]

@@ -354,7 +354,7 @@ fn children_of(root: &Path, parent: &str) -> Vec<String> {
 
 #[test]
 fn forked_children_are_vms_of_their_own_and_fork_again() {
-    forkvm_guest_kernel::default_guest().expect("default guest");
+    let guest = forkvm_guest_kernel::default_guest().expect("default guest");
     forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
@@ -422,6 +422,21 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
             children_of(&root, &parent).len() == 2
         });
         let kids = children_of(&root, &parent);
+        // `boot` recorded the parent's launch beside the state root, `fork` its
+        // children's: the same (a child's kernel, disks, size... are its parent's).
+        let record = |id: &str| -> serde_json::Value {
+            let path = dir.path().join("root.launched").join(format!("{id}.json"));
+            serde_json::from_slice(&std::fs::read(&path).expect("no launch record")).unwrap()
+        };
+        assert_eq!(
+            record(&parent)["kernel"].as_str(),
+            guest.kernel.to_str(),
+            "{}",
+            record(&parent)
+        );
+        for k in &kids {
+            assert_eq!(record(k), record(&parent), "child {k}");
+        }
         // The booted VM and its fork children are jailed, each in its own cgroup.
         forkvm_test_support::assert_probe_tells_dumpable_processes();
         let mut groups = vec![assert_jailed(&root, "origin")];
@@ -452,6 +467,7 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
             || children_of(&root, child).len() == 1,
         );
         let grandchild = children_of(&root, child).remove(0);
+        assert_eq!(record(&grandchild), record(&parent), "grandchild");
         wait_for("the grandchild to count", Duration::from_secs(60), || {
             counts(&root, &grandchild).len() >= 2
         });
@@ -777,6 +793,7 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
                 .is_some_and(|k| k.contains("vmlinu")),
             "{launched}"
         );
+        let kernel = launched["kernel"].clone();
         launched["kernel"] = "/boot/another-kernel".into();
         std::fs::write(&record, serde_json::to_vec(&launched).unwrap()).unwrap();
         let other = dir.path().join("tpl-other");
@@ -818,6 +835,13 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
         });
         for vm in vms(&root) {
             let id = vm["id"].as_str().unwrap().to_owned();
+            // `template fork` recorded each child's launch: the template's configuration.
+            let child_record = dir.path().join("root.launched").join(format!("{id}.json"));
+            let record: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(&child_record).expect("no launch record for a template child"),
+            )
+            .unwrap();
+            assert_eq!(record["kernel"], kernel, "{record}");
             wait_for("a child to count", Duration::from_secs(60), || {
                 counts(&root, &id).len() >= 3
             });

@@ -1358,7 +1358,10 @@ mod tests {
                 .err()
                 .unwrap(),
         );
-        assert!(e.contains("its disks are not the VM's"), "{e}");
+        assert!(
+            e.contains("does not match the configuration the VM was launched with (disks"),
+            "{e}"
+        );
         assert!(seal_in(&staged, dir.path(), &key, Some(&snapshot().config)).is_ok());
     }
 

@@ -41,8 +41,29 @@ pub fn run(args: ForkArgs, root: &Path) -> Result<i32> {
     let out = client
         .fork(&req)
         .with_context(|| format!("cannot fork VM {}", home.id()))?;
+    // The children's launch is their parent's, as recorded (`template save` checks it).
+    match forkvm_vmm::template::launched::launched(root, home.id()) {
+        Ok(Some(cfg)) => record_children(root, Some(home.id()), &out, &cfg),
+        Ok(None) => {}
+        Err(e) => eprintln!("forkvm: warning: the children's launch is not recorded: {e}"),
+    }
     print_outcome(home.id(), &out, args.json)?;
     Ok(0)
+}
+
+/// Records `cfg` as the launch of the children of `out` (under `root`, with `parent`),
+/// warning about those it cannot record.
+pub fn record_children(
+    root: &Path,
+    parent: Option<&str>,
+    out: &ForkOutcome,
+    cfg: &forkvm_vmm::VmConfig,
+) {
+    let pids: Vec<u32> = out.children.iter().map(|c| c.pid).collect();
+    let (_, failed) = forkvm_vmm::template::launched::record_children(root, parent, &pids, cfg);
+    for (id, e) in failed {
+        eprintln!("forkvm: warning: the launch of VM {id} is not recorded: {e}");
+    }
 }
 
 /// Prints a fork's children (and the parent's pause), as a table or JSON.

@@ -9,7 +9,7 @@ use forkvm_vmm::control::ForkRequest;
 use forkvm_vmm::launch::ChildHomes;
 use forkvm_vmm::template::{Template, TemplateKey};
 
-use super::fork::print_outcome;
+use super::fork::{print_outcome, record_children};
 use super::vm::{find, live};
 use crate::cli::TemplateCommand;
 
@@ -62,6 +62,7 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
             // ones not used go with the pool when this command ends.
             let pool = opened.warm_pool(&homes, count);
             let template = opened.verify(&key).with_context(unusable)?;
+            let launch = template.config().clone();
             let req = ForkRequest {
                 count,
                 ..ForkRequest::default()
@@ -69,6 +70,8 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
             let out = template
                 .fork(&req, &homes, pool.as_ref())
                 .with_context(|| format!("cannot fork the template in {}", dir.display()))?;
+            // Their launch is the template's authenticated configuration.
+            record_children(root, None, &out, &launch);
             print_outcome(&dir.display().to_string(), &out, json)?;
             Ok(0)
         }

@@ -16,11 +16,19 @@
 //! records are out of its reach. Records of VMs whose home is gone are removed whenever
 //! a record is written.
 //!
-//! Not recorded: fork children (their configuration is their parent's as the parent
-//! VM process reports it, and a parent taken over could name any) and containers (the
-//! runtime checks its pod templates against the configuration it built itself). A
-//! template saved from a VM without a record is checked against what its VM process
-//! reports, as before, and `forkvm template save` says so.
+//! Fork children asked for by `forkvm fork` (without per-child settings) are recorded
+//! with their parent's record, and those of `forkvm template fork` with the template's
+//! authenticated configuration ([`record_children`]): a fork child's kernel, initrd,
+//! disks, shares, vCPUs and memory are its parent's. The children are found by their
+//! parent and process ID in their homes, which VM processes write; so a record is only
+//! ever added, never replaced: a parent taken over that names another VM as its child
+//! can at worst give a VM that had no record its own parent's launch, which the other
+//! VM's saved state then fails to match (no template, rather than a forged one).
+//!
+//! Not recorded: VMs of `forkvm run` and containers (the runtime checks its pod
+//! templates against the configuration it built itself), children of forks asked for
+//! through the API. A template saved from a VM without a record is checked against what
+//! its VM process reports, as before, and `forkvm template save` says so.
 
 use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
@@ -162,6 +170,40 @@ pub fn launched(root: &Path, id: &str) -> Result<Option<VmConfig>, RecordError> 
         })
 }
 
+/// Records `cfg` for each VM under `root` whose home names `parent` as its parent (none:
+/// no parent) and one of `pids` as its process, unless it has a record already; returns
+/// the IDs recorded and the failures.
+pub fn record_children(
+    root: &Path,
+    parent: Option<&str>,
+    pids: &[u32],
+    cfg: &VmConfig,
+) -> (Vec<String>, Vec<(String, RecordError)>) {
+    let (mut recorded, mut failed) = (Vec::new(), Vec::new());
+    let Ok(entries) = forkvm_registry::list(root) else {
+        return (recorded, failed);
+    };
+    for entry in entries {
+        let Ok(state) = &entry.state else {
+            continue;
+        };
+        let child = state.parent.as_deref() == parent
+            && state.process.is_some_and(|p| pids.contains(&p.pid));
+        if !child {
+            continue;
+        }
+        match launched(root, &entry.id) {
+            Ok(None) => match record(root, &entry.id, cfg) {
+                Ok(_) => recorded.push(entry.id),
+                Err(e) => failed.push((entry.id, e)),
+            },
+            Ok(Some(_)) => {}
+            Err(e) => failed.push((entry.id, e)),
+        }
+    }
+    (recorded, failed)
+}
+
 /// Removes the records in `dir` of VMs that have no home (published or staged) under
 /// `root` any more. Best effort: a record another process removes first is gone anyway.
 fn prune(root: &Path, dir: &Path) {
@@ -265,6 +307,46 @@ mod tests {
         assert!(launched(&root, &gone).unwrap().is_none());
         assert!(launched(&root, &staged).unwrap().is_some());
         assert!(launched(&root, &live).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_forks_children_get_the_record_and_no_record_is_replaced() {
+        use forkvm_registry::{ProcessIdentity, VmHome};
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("vms");
+        let home = |parent: Option<&str>, pid: u32| {
+            let h = VmHome::create(&root, None, parent).unwrap();
+            h.record_process(ProcessIdentity {
+                pid,
+                start_ticks: 1,
+            })
+            .unwrap();
+            h.id().to_owned()
+        };
+        let parent = home(None, 10);
+        record(&root, &parent, &cfg("/parent-kernel")).unwrap();
+        let (a, b) = (home(Some(&parent), 11), home(Some(&parent), 12));
+        // Another VM's child, and a VM without a parent, with pids the fork names.
+        let other = home(Some(&forkvm_registry::new_id()), 13);
+        let booted = home(None, 14);
+        // A child that has a record keeps it.
+        record(&root, &b, &cfg("/own-kernel")).unwrap();
+        let (recorded, failed) = record_children(
+            &root,
+            Some(&parent),
+            &[11, 12, 13, 14],
+            &cfg("/parent-kernel"),
+        );
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(recorded, vec![a.clone()]);
+        let kernel = |id: &str| launched(&root, id).unwrap().map(|c| c.kernel);
+        assert_eq!(kernel(&a), Some(PathBuf::from("/parent-kernel")));
+        assert_eq!(kernel(&b), Some(PathBuf::from("/own-kernel")));
+        assert_eq!(kernel(&other), None);
+        assert_eq!(kernel(&booted), None);
+        // A template's children have no parent: found by their processes alone.
+        let (recorded, _) = record_children(&root, None, &[14], &cfg("/template-kernel"));
+        assert_eq!(recorded, vec![booted.clone()]);
     }
 
     #[test]

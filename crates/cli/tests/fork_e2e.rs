@@ -802,7 +802,9 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
             &["template", "save", "base", other.to_str().unwrap()],
         );
         assert!(
-            err.contains("does not match the configuration the VM was launched with (kernel"),
+            err.contains(
+                "does not match the configuration the VM was launched with (in its kernel)"
+            ),
             "{err}"
         );
         assert!(!other.join("state.forkvm").exists(), "a template was made");

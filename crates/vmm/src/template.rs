@@ -486,7 +486,7 @@ fn seal_in(
         ];
         if let Some((what, _)) = differs.iter().find(|(_, d)| *d) {
             return Err(bad_state(format!(
-                "it does not match the configuration the VM was launched with ({what} differ)"
+                "it does not match the configuration the VM was launched with (in its {what})"
             )));
         }
     }
@@ -1359,7 +1359,7 @@ mod tests {
                 .unwrap(),
         );
         assert!(
-            e.contains("does not match the configuration the VM was launched with (disks"),
+            e.contains("does not match the configuration the VM was launched with (in its disks)"),
             "{e}"
         );
         assert!(seal_in(&staged, dir.path(), &key, Some(&snapshot().config)).is_ok());

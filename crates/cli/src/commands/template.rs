@@ -27,8 +27,9 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
                 .with_context(|| format!("cannot read the launch record of VM {}", home.id()))?;
             if launched.is_none() {
                 eprintln!(
-                    "forkvm: warning: VM {} has no launch record (a fork child, or started \
-                     by another program): its configuration is taken from its VM process",
+                    "forkvm: warning: VM {} has no launch record (a child of a fork asked for \
+                     through the API, or a VM of `forkvm run` or another program): its \
+                     configuration is taken from its VM process",
                     home.id()
                 );
             }

@@ -43,7 +43,8 @@ pub fn new_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn is_id(s: &str) -> bool {
+/// Whether `s` is a VM ID ([`new_id`]'s form: 32 lowercase hex digits).
+pub fn is_id(s: &str) -> bool {
     s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 

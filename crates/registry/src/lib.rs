@@ -23,8 +23,8 @@ pub mod time;
 pub use console::{position_after_cut, tail, ConsoleLog};
 pub use error::Error;
 pub use home::{
-    default_root, list, new_id, prune_staged, resolve, staged_dir, validate_name, Entry, VmHome,
-    ENV_ROOT,
+    default_root, is_id, list, new_id, prune_staged, resolve, staged_dir, validate_name, Entry,
+    VmHome, ENV_ROOT,
 };
 pub use leases::{Lease, LeaseError, Leases, Subnet};
 pub use liveness::ProcessIdentity;

@@ -76,10 +76,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecordError + '_ {
     }
 }
 
-fn is_id(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
 /// The directory of the launch records of the VMs under state root `root`.
 pub fn records_dir(root: &Path) -> Result<PathBuf, RecordError> {
     let root = std::path::absolute(root).map_err(io(root))?;
@@ -91,11 +87,14 @@ pub fn records_dir(root: &Path) -> Result<PathBuf, RecordError> {
     Ok(root.with_file_name(dir))
 }
 
-fn record_path(root: &Path, id: &str) -> Result<PathBuf, RecordError> {
-    if !is_id(id) {
+/// The records directory under `root` and VM `id`'s record in it.
+fn record_path(root: &Path, id: &str) -> Result<(PathBuf, PathBuf), RecordError> {
+    if !forkvm_registry::is_id(id) {
         return Err(RecordError::BadId(id.to_owned()));
     }
-    Ok(records_dir(root)?.join(format!("{id}.json")))
+    let dir = records_dir(root)?;
+    let path = dir.join(format!("{id}.json"));
+    Ok((dir, path))
 }
 
 /// Checks that `dir` is a directory of this user's that no one else may enter (not a
@@ -116,8 +115,7 @@ fn check_private(dir: &Path) -> Result<(), RecordError> {
 /// Records that VM `id` under state root `root` was launched with `cfg`; removes the
 /// records of VMs whose home is gone.
 pub fn record(root: &Path, id: &str, cfg: &VmConfig) -> Result<PathBuf, RecordError> {
-    let path = record_path(root, id)?;
-    let dir = records_dir(root)?;
+    let (dir, path) = record_path(root, id)?;
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -136,8 +134,7 @@ pub fn record(root: &Path, id: &str, cfg: &VmConfig) -> Result<PathBuf, RecordEr
 /// The configuration VM `id` under state root `root` was launched with, if it was
 /// recorded.
 pub fn launched(root: &Path, id: &str) -> Result<Option<VmConfig>, RecordError> {
-    let path = record_path(root, id)?;
-    let dir = records_dir(root)?;
+    let (dir, path) = record_path(root, id)?;
     if !dir.exists() {
         return Ok(None);
     }
@@ -215,7 +212,10 @@ fn prune(root: &Path, dir: &Path) {
         let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
             continue;
         };
-        if is_id(id) && !root.join(id).exists() && !forkvm_registry::staged_dir(root, id).exists() {
+        if forkvm_registry::is_id(id)
+            && !root.join(id).exists()
+            && !forkvm_registry::staged_dir(root, id).exists()
+        {
             let _ = std::fs::remove_file(entry.path());
         }
     }

@@ -144,8 +144,8 @@ impl Qmp {
 
 /// What QEMU's monitor says of the frozen vCPU (or why it could not be asked: a
 /// monitor that does not answer means QEMU's main loop is stuck, not the guest).
-pub(crate) fn cpu_report(qmp: Option<Qmp>) -> String {
-    let Some(mut qmp) = qmp else {
+pub(crate) fn cpu_report(qmp: Option<&mut Qmp>) -> String {
+    let Some(qmp) = qmp else {
         return "  (no QMP connection)\n".into();
     };
     let mut out = String::new();

@@ -606,14 +606,13 @@ pub(crate) fn run_virtual(cmd: &[OsString], opts: &TestHostOptions) -> Result<Ou
                     // frozen emulator (its vCPU thread spinning or blocked) from a guest
                     // that is slow.
                     let threads = stall::qemu_threads(guard.pid());
-                    let qmp = stall::Qmp::connect(&qmp_path).ok();
-                    let cpu = stall::cpu_report(qmp);
+                    let mut qmp = stall::Qmp::connect(&qmp_path);
+                    let cpu = stall::cpu_report(qmp.as_mut().ok());
                     // The freezes seen so far (QEMU 7.2) were a vCPU halted in the idle
                     // loop whose timer interrupt never came. An NMI would wake a halted
                     // CPU whose QEMU still delivers interrupts; theirs did not take it
                     // either (`stall`), so it is tried before the kill, not relied on.
-                    let sent = stall::Qmp::connect(&qmp_path)
-                        .and_then(|mut q| q.execute("inject-nmi", None));
+                    let sent = qmp.and_then(|mut q| q.execute("inject-nmi", None));
                     let mut l = open_log(&log_path)?;
                     let _ = writeln!(
                         l,

@@ -21,6 +21,12 @@ pub const AGENT_PORT: u32 = 1024;
 /// share, `TAG/PATH`; 13: [`Request::Stats`]; 14: [`Request::Forward`]; 15:
 /// [`ProcessSpec`]'s `pid_namespace`).
 pub const PROTOCOL_VERSION: u32 = 15;
+/// The guest device of the identity port: a second UART (COM2) over which a fork
+/// child's VMM sends [`Request::Identity`] (and [`Request::Ping`]) lines and reads the
+/// answers, without a vsock connection (`forkvm_vmm::identity_port`).
+pub const IDENTITY_PORT_DEVICE: &str = "/dev/ttyS1";
+/// The line the agent writes on the identity port when it reads it.
+pub const IDENTITY_PORT_ANNOUNCE: &str = "forkvm-agent identity-port 1";
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
 /// `PATH` used for the executable search when [`ProcessSpec::env`] has none.

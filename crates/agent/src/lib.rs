@@ -9,7 +9,7 @@
 //! [`server`] (requests, in any mode), [`containers`] (the VM's containers: the one it
 //! booted with, a pod's app containers), [`spawn`] and [`session`] (running processes),
 //! [`reaper`] (every child's exit status), [`user`] (`/etc/passwd` names), [`identity`]
-//! (fork identity), [`init`] (PID-1 boot and power-off), [`network`] (the container
+//! (fork identity), [`identity_port`] (the UART it arrives on), [`init`] (PID-1 boot and power-off), [`network`] (the container
 //! namespace's addresses and routes), [`dns`] (the relay for resolvers only that
 //! namespace serves).
 //!
@@ -33,6 +33,7 @@ pub mod containers;
 pub mod dns;
 pub mod hooks;
 pub mod identity;
+pub mod identity_port;
 pub mod init;
 pub mod layout;
 pub mod mntns;

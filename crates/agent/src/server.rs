@@ -202,7 +202,9 @@ impl Agent {
     }
 
     /// Accepts connections on `listener` forever, serving each in its own thread.
+    /// The identity port is served too, on a thread of its own.
     pub fn serve_listener(self: &Arc<Self>, listener: OwnedFd) -> ! {
+        crate::identity_port::start(self.clone());
         loop {
             // SAFETY: accept on our listening socket; null address pointers are allowed.
             let c = unsafe {
@@ -398,6 +400,17 @@ impl Agent {
             .cloned()
             .ok_or_else(|| format!("no container {id:?} in this VM"))?;
         Ok((container, *request))
+    }
+
+    /// Answers a request that came over the identity port ([`crate::identity_port`]):
+    /// a fork child's identity, or a ping; any other is refused there.
+    pub(crate) fn answer_on_port(&self, req: Request) -> Response {
+        match req {
+            Request::Identity { .. } | Request::Ping => self.handle(&self.boot, req),
+            _ => Response::Error {
+                message: "the identity port serves identity and ping requests only".into(),
+            },
+        }
     }
 
     /// Answers a request for `container` that does not take over the connection.

@@ -219,6 +219,27 @@ fn running_vm_forks_into_private_children_with_their_own_identity() {
                 },
             );
         }
+        // Each child took its identity over the identity port (no connection), and
+        // recorded so in its home.
+        let child_root = dir.path().join("root");
+        for c in &out.children {
+            let mut via = None;
+            wait_for(
+                "a child to record its identity",
+                Duration::from_secs(60),
+                || {
+                    via = forkvm_registry::list(&child_root)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter_map(|e| e.state.ok())
+                        .find(|s| s.process.as_ref().is_some_and(|p| p.pid == c.pid))
+                        .and_then(|s| s.identity)
+                        .map(|i| i.via);
+                    via.is_some()
+                },
+            );
+            assert_eq!(via.as_deref(), Some("identity-port"), "child {}", c.pid);
+        }
         let all_counting = || consoles.iter().all(|c| ticks(c).len() >= 6);
         wait_for(
             "the children to count",

@@ -28,4 +28,6 @@ pub use home::{
 };
 pub use leases::{Lease, LeaseError, Leases, Subnet};
 pub use liveness::ProcessIdentity;
-pub use state::{write_atomic, Ending, ExitRecord, Observed, Status, VmState, SCHEMA_VERSION};
+pub use state::{
+    write_atomic, Ending, ExitRecord, IdentityTaken, Observed, Status, VmState, SCHEMA_VERSION,
+};

@@ -130,6 +130,19 @@ pub struct VmState {
     /// when the process could not remove it (it was killed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+    /// A fork child's own identity (entropy, clock, hostname, MACs), once its guest
+    /// took it: without it the child still has its parent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityTaken>,
+}
+
+/// When and how a fork child's guest took its own identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityTaken {
+    /// When its guest agent confirmed it, Unix microseconds.
+    pub at_us: u64,
+    /// How it was sent: `identity-port` (the second UART) or `vsock`.
+    pub via: String,
 }
 
 /// What a VM is, as `ps` shows it: the recorded status checked against the process.
@@ -176,6 +189,7 @@ impl VmState {
             exit: None,
             addresses: Vec::new(),
             cgroup: None,
+            identity: None,
         }
     }
 

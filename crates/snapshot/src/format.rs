@@ -15,8 +15,8 @@ pub const MAGIC: [u8; 8] = *b"FORKVMST";
 /// The format version this build writes and reads (3: a NIC's bridge and guest address
 /// in the configuration; 4: templates under a keyed MAC instead of a checksum; 5: a
 /// share's `FUSE_AUTO_INVAL_DATA` agreement; 6: a vsock device's next host port; 7: the
-/// CID a vsock device's guest still sends from).
-pub const FORMAT_VERSION: u32 = 7;
+/// CID a vsock device's guest still sends from; 8: the identity port).
+pub const FORMAT_VERSION: u32 = 8;
 /// Largest payload accepted (a VM's state is kilobytes; this bounds a hostile file).
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8;

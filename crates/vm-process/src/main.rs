@@ -277,7 +277,7 @@ fn run(mut launched: Launched) -> Result<i32> {
             }
             tracing::info!(warm, "fork child running after {steps}");
             payload
-                .apply_identity_in_background(&home)
+                .apply_identity_in_background(&home, vmm.identity_port())
                 .context("cannot start the identity thread")?;
             if let Err(e) = launched.date_published_home(&home) {
                 tracing::warn!("cannot record when the VM was created: {e}");

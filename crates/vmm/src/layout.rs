@@ -46,6 +46,8 @@ pub const KVM_TSS_START: u64 = 0xfeff_d000;
 
 /// Legacy IRQ of the console UART.
 pub const SERIAL_IRQ: u32 = 4;
+/// Legacy IRQ of the identity port (COM2), see [`crate::identity_port`].
+pub const IDENTITY_IRQ: u32 = 3;
 /// First IRQ handed to virtio-mmio devices.
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Last IRQ the IOAPIC (24 pins) can deliver.
@@ -53,6 +55,8 @@ pub const IRQ_MAX: u32 = 23;
 
 /// COM1 ports.
 pub const SERIAL_PORT: u16 = 0x3f8;
+/// COM2 ports: the identity port.
+pub const IDENTITY_PORT: u16 = 0x2f8;
 /// i8042 ports 0x60..=0x64.
 pub const I8042_PORT: u16 = 0x60;
 /// ACPI sleep-control / reset register (one byte).

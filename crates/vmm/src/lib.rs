@@ -14,6 +14,7 @@ pub mod console;
 pub mod control;
 pub mod devices;
 pub mod fork;
+pub mod identity_port;
 pub mod launch;
 pub mod layout;
 pub mod memory;

@@ -1,5 +1,5 @@
 //! What a VM's complete state is, and capturing it from a paused VM: every vCPU, the
-//! VM-wide KVM state (PICs, IOAPIC, PIT, kvmclock), the UART, and every virtio device
+//! VM-wide KVM state (PICs, IOAPIC, PIT, kvmclock), the UARTs, and every virtio device
 //! with its transport. Plain data (serde), so one path serves fork and templates.
 
 use std::fs::File;
@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 use crate::devices::{DeviceState, VirtioSnapshot};
+use crate::identity_port::IdentityPortState;
 use crate::vcpu::VcpuState;
 use crate::vm::VmArchState;
 
@@ -25,6 +26,8 @@ pub struct VmSnapshot {
     pub arch: VmArchState,
     /// The console UART.
     pub serial: SerialState,
+    /// The identity port (COM2) and whether the guest's agent reads it.
+    pub identity_port: IdentityPortState,
     /// Virtio devices in MMIO order.
     pub virtio: Vec<VirtioSnapshot>,
     /// Host wall-clock time of the capture, nanoseconds since the epoch.
@@ -47,6 +50,7 @@ impl VmSnapshot {
                 clock: Default::default(),
             },
             serial: Default::default(),
+            identity_port: Default::default(),
             virtio: Vec::new(),
             captured_realtime_ns: 1,
         }

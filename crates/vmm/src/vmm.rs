@@ -24,7 +24,10 @@ use crate::control::{
 use crate::devices::{AttachedVirtio, DeviceSetup};
 use crate::fork::PendingFork;
 use crate::launch::ChildHomes;
-use crate::layout::{ACPI_POWER_PORT, I8042_PORT, SERIAL_IRQ, SERIAL_PORT};
+use crate::identity_port::IdentityPort;
+use crate::layout::{
+    ACPI_POWER_PORT, I8042_PORT, IDENTITY_IRQ, IDENTITY_PORT, SERIAL_IRQ, SERIAL_PORT,
+};
 use crate::memory::{GuestRam, MemoryError};
 use crate::pool::ChildPool;
 use crate::snapshot::VmSnapshot;
@@ -178,6 +181,7 @@ pub struct Vmm {
     stop: Arc<StopSink>,
     pub(crate) vcpus: Vec<VcpuHandle>,
     pub(crate) serial: Arc<Mutex<Serial>>,
+    pub(crate) identity_port: IdentityPort,
     pub(crate) virtio: Vec<AttachedVirtio>,
     control: ControlInbox,
     control_handle: ControlHandle,
@@ -248,10 +252,14 @@ impl Vmm {
                 Some(p.host),
                 p.vcpus,
                 p.threads,
-                p.serial_irq,
+                p.serial_irqs,
                 p.devices,
             ),
             None => (None, None, Vec::new(), Vec::new(), None, Vec::new()),
+        };
+        let (serial_ahead, identity_irq_ahead) = match serial_ahead {
+            Some((com1, com2)) => (Some(com1), Some(com2)),
+            None => (None, None),
         };
         let vm = match saved {
             None => Vm::new()?,
@@ -297,6 +305,20 @@ impl Vmm {
         let serial = Arc::new(Mutex::new(serial));
         let serial_bus: Arc<Mutex<dyn BusDevice>> = serial.clone();
         pio.insert(serial_bus, u64::from(SERIAL_PORT), 8)?;
+        let identity_irq = match identity_irq_ahead {
+            Some(made) => made,
+            None => {
+                let e = evt()?;
+                vm.register_irqfd(&e, IDENTITY_IRQ)?;
+                e
+            }
+        };
+        let identity_port = IdentityPort::new(
+            EventFdTrigger::new(identity_irq),
+            saved.map(|snapshot| &snapshot.identity_port),
+        )
+        .map_err(|e| VmmError::BadSnapshot(format!("identity port: {e}")))?;
+        pio.insert(identity_port.serial(), u64::from(IDENTITY_PORT), 8)?;
         let reset_evt = evt()?;
         let poweroff_evt = evt()?;
         pio.insert(
@@ -425,6 +447,7 @@ impl Vmm {
             stop,
             vcpus,
             serial,
+            identity_port,
             virtio: attached,
             control,
             control_handle,
@@ -531,6 +554,11 @@ impl Vmm {
     /// The virtio devices, in MMIO order.
     pub fn virtio_devices(&self) -> &[AttachedVirtio] {
         &self.virtio
+    }
+
+    /// The identity port (COM2): how a fork child's identity reaches its guest agent.
+    pub fn identity_port(&self) -> IdentityPort {
+        self.identity_port.clone()
     }
 
     /// A handle other threads use to control this VMM while [`Vmm::run`] runs.
@@ -721,6 +749,10 @@ impl Vmm {
             .unwrap_or_else(|p| p.into_inner())
             .save()
             .map_err(|e| fail("serial", &e))?;
+        let identity_port = self
+            .identity_port
+            .save()
+            .map_err(|e| fail("identity port", &e))?;
         let mut virtio = Vec::with_capacity(self.virtio.len());
         for d in &self.virtio {
             virtio.push(
@@ -733,6 +765,7 @@ impl Vmm {
             vcpus,
             arch,
             serial,
+            identity_port,
             virtio,
             captured_realtime_ns: crate::snapshot::realtime_ns(),
         })

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::{make_ahead, VirtioFds};
 use crate::launch::ChildHomes;
-use crate::layout::SERIAL_IRQ;
+use crate::layout::{IDENTITY_IRQ, SERIAL_IRQ};
 use crate::memory::{GuestRam, MemoryLayout};
 use crate::vcpu::{create_vcpu, HostCpu, ParkedThread, VcpuError};
 use crate::vm::{Vm, VmError};
@@ -105,8 +105,9 @@ pub struct Prepared {
     slots: bool,
     /// The vCPUs' threads, started and confined ahead ([`Prepared::park_threads`]).
     pub(crate) threads: Vec<ParkedThread>,
-    /// The serial port's interrupt, registered as an irqfd on its line.
-    pub(crate) serial_irq: Option<EventFd>,
+    /// The UARTs' interrupts (the console's and the identity port's), each registered
+    /// as an irqfd on its line.
+    pub(crate) serial_irqs: Option<(EventFd, EventFd)>,
     /// Each virtio device's eventfds, registered (see [`Warmup::devices`]).
     pub(crate) devices: Vec<Option<VirtioFds>>,
 }
@@ -174,11 +175,14 @@ impl Prepared {
         };
         // The devices' eventfds: each KVM_IOEVENTFD waits out the VM's SRCU readers,
         // milliseconds when many processes share the CPUs.
-        let (serial_irq, devices) = match &warmup.devices {
+        let (serial_irqs, devices) = match &warmup.devices {
             Some(shape) => {
-                let serial = EventFd::new(libc::EFD_NONBLOCK)
-                    .ok()
-                    .filter(|e| vm.register_irqfd(e, SERIAL_IRQ).is_ok());
+                let irq = |line| {
+                    EventFd::new(libc::EFD_NONBLOCK)
+                        .ok()
+                        .filter(|e| vm.register_irqfd(e, line).is_ok())
+                };
+                let serial = irq(SERIAL_IRQ).zip(irq(IDENTITY_IRQ));
                 (serial, make_ahead(&vm, shape))
             }
             None => (None, Vec::new()),
@@ -190,7 +194,7 @@ impl Prepared {
             slots: memory.is_some(),
             memory,
             threads: Vec::new(),
-            serial_irq,
+            serial_irqs,
             devices,
         })
     }

@@ -15,7 +15,8 @@ use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{
-    ACPI_POWER_PORT, ACPI_START, APIC_START, EBDA_START, IOAPIC_START, SERIAL_IRQ, SERIAL_PORT,
+    ACPI_POWER_PORT, ACPI_START, APIC_START, EBDA_START, IDENTITY_IRQ, IDENTITY_PORT,
+    IOAPIC_START, SERIAL_IRQ, SERIAL_PORT,
 };
 use crate::memory::GuestMemory;
 
@@ -95,16 +96,17 @@ fn virtio_mmio_device(index: usize, dev: &MmioDeviceInfo, sink: &mut dyn acpi_ta
     aml::Device::new(name.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
 }
 
-/// Appends COM1 (`PNP0501`, ports 0x3f8..0x3ff, IRQ 4). A hardware-reduced platform has
-/// no legacy PIC, so Linux maps no ISA interrupts by itself: without this entry the UART
-/// driver cannot request IRQ 4 and user space never gets a console.
-fn com1(sink: &mut dyn acpi_tables::AmlSink) {
+/// Appends a 16550 UART (`PNP0501`) at `port` (8 ports) on `irq`: COM1, the console,
+/// and COM2, the identity port ([`crate::identity_port`]). A hardware-reduced platform
+/// has no legacy PIC, so Linux maps no ISA interrupts by itself: without these entries
+/// the UART driver cannot request the IRQs and user space never gets a console.
+fn uart(name: &str, uid: u8, port: u16, irq: u32, sink: &mut dyn acpi_tables::AmlSink) {
     let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
-    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
-    let io = aml::IO::new(SERIAL_PORT, SERIAL_PORT, 1, 8);
-    let irq = aml::Interrupt::new(true, true, false, false, SERIAL_IRQ);
+    let uid = aml::Name::new("_UID".into(), &uid);
+    let io = aml::IO::new(port, port, 1, 8);
+    let irq = aml::Interrupt::new(true, true, false, false, irq);
     let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io, &irq]));
-    aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
+    aml::Device::new(name.into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
 }
 
 fn dsdt(devices: &[MmioDeviceInfo]) -> Sdt {
@@ -112,7 +114,8 @@ fn dsdt(devices: &[MmioDeviceInfo]) -> Sdt {
     // S5 (soft off) with SLP_TYP 5, matching the power port's decoding.
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&5u8]));
     s5.to_aml_bytes(&mut dsdt);
-    com1(&mut dsdt);
+    uart("_SB_.COM1", 0, SERIAL_PORT, SERIAL_IRQ, &mut dsdt);
+    uart("_SB_.COM2", 1, IDENTITY_PORT, IDENTITY_IRQ, &mut dsdt);
     for (i, dev) in devices.iter().enumerate() {
         virtio_mmio_device(i, dev, &mut dsdt);
     }
@@ -241,6 +244,10 @@ mod tests {
         assert!(
             dsdt.windows(4).any(|w| w == b"COM1"),
             "COM1 declared for IRQ 4"
+        );
+        assert!(
+            dsdt.windows(4).any(|w| w == b"COM2"),
+            "COM2 (the identity port) declared for IRQ 3"
         );
         let madt = table(&mem, ptrs[1]);
         assert_eq!(&madt[0..4], b"APIC");

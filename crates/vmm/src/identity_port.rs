@@ -1,0 +1,373 @@
+//! The identity port: a second 16550 UART (COM2, ports 0x2f8-0x2ff, IRQ 3) over which a
+//! fork child's VMM hands its guest agent the child's identity (entropy, clock,
+//! hostname, MACs) without a vsock connection.
+//!
+//! A fork child's guest pays for its first vsock connection with ~700 KiB of copied
+//! pages (the slab caches, `struct page`s and thread a socket, an accepted connection
+//! and its server thread first touch after the fork: `docs/benchmarks.md`). The agent
+//! opens `/dev/ttyS1` when it starts, in the parent, and keeps a thread blocked reading
+//! it, so a child's identity costs the guest one UART interrupt path and the agent's
+//! work, not a connection.
+//!
+//! The protocol is the agent's own, one JSON line each way: the agent writes
+//! [`ANNOUNCE`] when it starts listening (the VMM records that, and a snapshot carries
+//! it, so a child knows its guest listens); the host writes a request line
+//! (`Identity` or `Ping`) and the agent answers with a response line. Everything the
+//! guest writes is hostile: lines are bounded ([`MAX_LINE`]), answers are kept only
+//! while a request waits for one, and every wait has a deadline.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use forkvm_devices::legacy::{Serial, SerialState};
+use serde::{Deserialize, Serialize};
+
+/// The line the guest agent writes when it reads the port.
+pub const ANNOUNCE: &[u8] = forkvm_agent_proto::IDENTITY_PORT_ANNOUNCE.as_bytes();
+
+/// The longest line read from the guest; a longer one is dropped whole.
+pub const MAX_LINE: usize = 4096;
+
+/// How many answer lines are kept for a waiting request (a guest that writes more
+/// answers than it was asked for loses the oldest).
+const MAX_ANSWERS: usize = 4;
+
+/// What of the identity port a snapshot carries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityPortState {
+    /// The UART's registers and pending input.
+    pub serial: SerialState,
+    /// Whether the guest's agent announced that it reads the port.
+    pub announced: bool,
+}
+
+/// Why a request over the identity port got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    /// The guest never said its agent reads the port.
+    #[error("the guest's agent does not read the identity port")]
+    NotAnnounced,
+    /// The guest did not take the request, or did not answer it, in time.
+    #[error("the guest did not {0} within {1:?}")]
+    Timeout(&'static str, Duration),
+    /// The request is longer than a line may be.
+    #[error("request of {0} bytes is longer than a line ({MAX_LINE})")]
+    TooLong(usize),
+}
+
+#[derive(Default)]
+struct Lines {
+    announced: bool,
+    /// The line being written, and whether it already ran over [`MAX_LINE`].
+    partial: Vec<u8>,
+    overlong: bool,
+    /// Whether a request waits for its answer; answers outside one are dropped.
+    waiting: bool,
+    answers: VecDeque<Vec<u8>>,
+}
+
+/// What the guest wrote, line by line.
+#[derive(Default)]
+struct Shared {
+    lines: Mutex<Lines>,
+    answered: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Lines> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Guest output of the port (written on a vCPU thread, one byte per port write): cut
+/// into bounded lines, each an announcement or an answer.
+struct GuestLines(Arc<Shared>);
+
+impl Write for GuestLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut l = self.0.lock();
+        for &b in buf {
+            if b != b'\n' {
+                if l.partial.len() < MAX_LINE {
+                    l.partial.push(b);
+                } else {
+                    l.overlong = true;
+                }
+                continue;
+            }
+            let line = std::mem::take(&mut l.partial);
+            if std::mem::take(&mut l.overlong) {
+                continue;
+            }
+            let line = line.strip_suffix(b"\r").map(<[u8]>::to_vec).unwrap_or(line);
+            if line == ANNOUNCE {
+                l.announced = true;
+            } else if l.waiting {
+                if l.answers.len() == MAX_ANSWERS {
+                    l.answers.pop_front();
+                }
+                l.answers.push_back(line);
+                self.0.answered.notify_all();
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The host side of the identity port: its UART (on the port bus) and what the guest
+/// wrote to it.
+#[derive(Clone)]
+pub struct IdentityPort {
+    serial: Arc<Mutex<Serial>>,
+    shared: Arc<Shared>,
+}
+
+impl IdentityPort {
+    /// The port in its power-on state, or as `saved` left it; its interrupt is `irq`.
+    pub fn new(
+        irq: forkvm_devices::legacy::EventFdTrigger,
+        saved: Option<&IdentityPortState>,
+    ) -> Result<Self, forkvm_devices::legacy::SerialError> {
+        use forkvm_devices::Persist;
+        let shared = Arc::new(Shared::default());
+        let out: Box<dyn Write + Send> = Box::new(GuestLines(shared.clone()));
+        let serial = match saved {
+            None => Serial::new(irq, out),
+            Some(state) => {
+                shared.lock().announced = state.announced;
+                Serial::restore(forkvm_devices::legacy::SerialArgs { irq, out }, &state.serial)?
+            }
+        };
+        Ok(Self {
+            serial: Arc::new(Mutex::new(serial)),
+            shared,
+        })
+    }
+
+    /// The UART, for the port bus.
+    pub fn serial(&self) -> Arc<Mutex<Serial>> {
+        self.serial.clone()
+    }
+
+    /// The port's state for a snapshot.
+    pub fn save(&self) -> Result<IdentityPortState, forkvm_devices::legacy::SerialError> {
+        use forkvm_devices::Persist;
+        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save()?;
+        Ok(IdentityPortState {
+            serial,
+            announced: self.announced(),
+        })
+    }
+
+    /// Whether the guest's agent said it reads the port.
+    pub fn announced(&self) -> bool {
+        self.shared.lock().announced
+    }
+
+    /// Sends `request` (one line, without its newline) and returns the guest's answer
+    /// line, waiting until `deadline`. One request at a time: answers to an earlier
+    /// request that gave up are dropped before this one is sent. The request follows a
+    /// newline, so that whatever a snapshot left in the port's input ends as a line of
+    /// its own (the agent answers no line that is not a request).
+    pub fn call(&self, request: &[u8], deadline: Instant) -> Result<Vec<u8>, PortError> {
+        if !self.announced() {
+            return Err(PortError::NotAnnounced);
+        }
+        if request.len() >= MAX_LINE || request.contains(&b'\n') {
+            return Err(PortError::TooLong(request.len()));
+        }
+        {
+            let mut l = self.shared.lock();
+            l.answers.clear();
+            l.waiting = true;
+        }
+        let answer = self
+            .send(request, deadline)
+            .and_then(|()| self.answer(deadline));
+        self.shared.lock().waiting = false;
+        answer
+    }
+
+    /// Puts `request` between newlines into the UART's receive FIFO as the guest drains
+    /// it.
+    fn send(&self, request: &[u8], deadline: Instant) -> Result<(), PortError> {
+        let start = Instant::now();
+        let mut rest = [b'\n']
+            .into_iter()
+            .chain(request.iter().copied())
+            .chain([b'\n'])
+            .collect::<Vec<u8>>();
+        while !rest.is_empty() {
+            let n = {
+                let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+                let room = serial.input_capacity().min(rest.len());
+                if room > 0 {
+                    serial.enqueue_input(&rest[..room])
+                } else {
+                    0
+                }
+            };
+            rest.drain(..n);
+            if rest.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(PortError::Timeout("read the request", start.elapsed()));
+            }
+            // The FIFO holds 64 bytes; the guest empties it on its interrupt.
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    fn answer(&self, deadline: Instant) -> Result<Vec<u8>, PortError> {
+        let start = Instant::now();
+        let mut l = self.shared.lock();
+        loop {
+            if let Some(line) = l.answers.pop_front() {
+                return Ok(line);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(PortError::Timeout("answer", start.elapsed()));
+            }
+            l = self
+                .shared
+                .answered
+                .wait_timeout(l, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use forkvm_devices::legacy::EventFdTrigger;
+    use forkvm_devices::BusDevice;
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+
+    fn port(saved: Option<&IdentityPortState>) -> IdentityPort {
+        let irq = EventFdTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        IdentityPort::new(irq, saved).unwrap()
+    }
+
+    /// The guest writes `bytes` to the transmit register, one port write each.
+    fn guest_writes(p: &IdentityPort, bytes: &[u8]) {
+        let mut s = p.serial.lock().unwrap();
+        for b in bytes {
+            s.write(0, &[*b]);
+        }
+    }
+
+    /// The guest reads whatever the receive FIFO holds.
+    fn guest_reads(p: &IdentityPort) -> Vec<u8> {
+        let mut s = p.serial.lock().unwrap();
+        let mut out = Vec::new();
+        loop {
+            let mut lsr = [0u8];
+            s.read(5, &mut lsr);
+            if lsr[0] & 1 == 0 {
+                return out;
+            }
+            let mut b = [0u8];
+            s.read(0, &mut b);
+            out.push(b[0]);
+        }
+    }
+
+    #[test]
+    fn a_request_waits_for_the_announcement() {
+        let p = port(None);
+        let soon = Instant::now() + Duration::from_millis(10);
+        assert!(matches!(p.call(b"{}", soon), Err(PortError::NotAnnounced)));
+        guest_writes(&p, b"forkvm-agent identity-port 1\r\n");
+        assert!(p.announced());
+        assert!(p.save().unwrap().announced);
+        assert!(port(Some(&p.save().unwrap())).announced());
+    }
+
+    #[test]
+    fn a_request_longer_than_the_fifo_reaches_the_guest_and_its_answer_comes_back() {
+        let p = port(None);
+        guest_writes(&p, ANNOUNCE);
+        guest_writes(&p, b"\n");
+        let guest = {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                while !got.ends_with(b"\n") {
+                    got.extend(guest_reads(&p));
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                guest_writes(&p, b"{\"op\":\"ok\"}\n");
+                got
+            })
+        };
+        let request = vec![b'x'; 300];
+        let answer = p
+            .call(&request, Instant::now() + Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(answer, b"{\"op\":\"ok\"}");
+        let got = guest.join().unwrap();
+        assert_eq!(got[0], b'\n');
+        assert_eq!(&got[1..301], &request[..]);
+        assert_eq!(got.len(), 302);
+    }
+
+    #[test]
+    fn a_silent_guest_times_out_and_unasked_or_overlong_lines_are_dropped() {
+        let p = port(None);
+        guest_writes(&p, ANNOUNCE);
+        guest_writes(&p, b"\n");
+        // Nobody asked: not kept.
+        guest_writes(&p, b"stale answer\n");
+        let start = Instant::now();
+        let r = p.call(b"ping", start + Duration::from_millis(50));
+        assert!(matches!(r, Err(PortError::Timeout("answer", _))), "{r:?}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // A line over the limit is dropped whole, and does not grow the buffer.
+        {
+            let mut l = p.shared.lock();
+            l.waiting = true;
+        }
+        guest_writes(&p, &vec![b'a'; MAX_LINE * 4]);
+        assert!(p.shared.lock().partial.len() <= MAX_LINE);
+        guest_writes(&p, b"\nshort\n");
+        let l = p.shared.lock();
+        assert_eq!(l.answers.iter().collect::<Vec<_>>(), vec![&b"short".to_vec()]);
+    }
+
+    #[test]
+    fn a_flooding_guest_keeps_only_a_few_answers() {
+        let p = port(None);
+        guest_writes(&p, ANNOUNCE);
+        guest_writes(&p, b"\n");
+        p.shared.lock().waiting = true;
+        for _ in 0..1000 {
+            guest_writes(&p, b"answer\n");
+        }
+        assert_eq!(p.shared.lock().answers.len(), MAX_ANSWERS);
+    }
+
+    #[test]
+    fn requests_with_a_newline_or_over_a_line_are_refused() {
+        let p = port(None);
+        guest_writes(&p, ANNOUNCE);
+        guest_writes(&p, b"\n");
+        let later = Instant::now() + Duration::from_secs(1);
+        assert!(matches!(p.call(b"a\nb", later), Err(PortError::TooLong(_))));
+        assert!(matches!(
+            p.call(&vec![b'a'; MAX_LINE], later),
+            Err(PortError::TooLong(_))
+        ));
+    }
+}

@@ -157,6 +157,17 @@ pub enum JailMode {
     Off,
 }
 
+/// What `bench fork` takes as a child's T2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum T2Mode {
+    /// Its guest agent confirmed its own identity (the time the child records in its
+    /// home): nothing else connects to the child, so its memory is an idle child's.
+    Identity,
+    /// Its guest agent first answers a ping over vsock with the child's hostname (a
+    /// connection, which costs the child's guest memory of its own).
+    Ping,
+}
+
 /// `forkvm bench fork`.
 #[derive(Debug, Args)]
 pub struct BenchForkArgs {
@@ -195,6 +206,9 @@ pub struct BenchForkArgs {
     /// How long the children idle, after all answered, before their memory is read (ms).
     #[arg(long, default_value_t = 2000)]
     pub idle_ms: u64,
+    /// What a child's T2 is: its identity confirmed, or its agent answering a ping.
+    #[arg(long, value_enum, default_value_t = T2Mode::Identity)]
+    pub t2: T2Mode,
     /// Pause between one child's agent pings while waiting for its answer (us).
     #[arg(long, default_value_t = 1000)]
     pub poll_us: u64,

@@ -7,9 +7,12 @@
 //!
 //! - **T1**: fork request until the child reported its vCPUs running
 //!   (`ChildInfo::running_after_us`, measured by the parent VMM);
-//! - **T2**: fork request until the child's guest agent first answers a ping over the
-//!   child's own vsock socket with the child's identity (hostname `fork-...`), polled
-//!   by one thread per child, started before the fork;
+//! - **T2**: fork request until the child's guest agent confirmed the child's own
+//!   identity (`--t2 identity`, the default: the wall-clock time the child records in its
+//!   home, read after the fork; nothing connects to the child), or until its guest
+//!   agent first answers a ping over the child's own vsock socket with the child's
+//!   identity (`--t2 ping`: hostname `fork-...`, polled by one thread per child,
+//!   started before the fork; the connection costs the child's guest memory);
 //! - the **parent pause** of the fork (`ForkOutcome::parent_pause_us`);
 //! - after the children idled `--idle-ms`: the guest pages the child copied
 //!   (`Anonymous` of the `/memfd:forkvm-guest-ram*` mappings in `/proc/PID/smaps`: the
@@ -42,7 +45,7 @@ use serde::Serialize;
 
 use super::report::{self, Environment, Guest};
 use super::stats::percentile;
-use crate::cli::{BenchForkArgs, JailMode};
+use crate::cli::{BenchForkArgs, JailMode, T2Mode};
 
 /// Name prefix of the memfd(s) holding guest RAM (base and fork overlays).
 pub const GUEST_RAM_MEMFD: &str = "/memfd:forkvm-guest-ram";
@@ -52,7 +55,8 @@ const GUEST_COMMAND: &str = "sleep 1000000";
 
 /// The devices the benchmarked guest has.
 const DEVICES: &str = "ttyS0 (16550 UART), i8042 (reset only), ACPI power-off port, \
-in-kernel PIC/IOAPIC/PIT, virtio-mmio vsock, virtio-mmio rng; guest agent on vsock port 1024";
+in-kernel PIC/IOAPIC/PIT, virtio-mmio vsock, virtio-mmio rng, ttyS1 (16550 UART: the identity port); \
+guest agent on vsock port 1024 and ttyS1";
 
 /// How long a booted VM's agent may take to accept a ping's connection before it is
 /// made again.
@@ -152,6 +156,50 @@ fn wait_agent(
         }
         std::thread::sleep(poll);
     }
+}
+
+/// Each child's T2 as its home records it: from `t0_us` (Unix microseconds, the fork
+/// request) until its guest confirmed its identity; `None` for a child that had not
+/// when its process ended or `deadline` passed.
+fn wait_identities(
+    root: &Path,
+    pids: &[Option<u32>],
+    t0_us: u64,
+    deadline: Instant,
+) -> Vec<Option<u64>> {
+    let mut t2 = vec![None; pids.len()];
+    let mut done = vec![false; pids.len()];
+    loop {
+        let homes = Bench::homes_by_pid(root);
+        for (i, pid) in pids.iter().enumerate() {
+            let Some(pid) = pid.filter(|_| !done[i]) else {
+                done[i] = true;
+                continue;
+            };
+            let taken = homes
+                .get(&pid)
+                .and_then(|h| h.state().ok())
+                .and_then(|s| s.identity);
+            if let Some(taken) = taken {
+                t2[i] = Some(taken.at_us.saturating_sub(t0_us));
+                done[i] = true;
+            } else if !Path::new(&format!("/proc/{pid}")).exists() {
+                done[i] = true;
+            }
+        }
+        if done.iter().all(|d| *d) || Instant::now() >= deadline {
+            return t2;
+        }
+        // The time is the child's own record: how often it is read does not change it.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Unix microseconds, now.
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// One thread per child socket, each waiting for its start time, then pinging until
@@ -386,8 +434,13 @@ impl Bench<'_> {
         let socks: Vec<PathBuf> = (0..count)
             .map(|i| self.dir.join(format!("f{}-{i}.vsock", self.seq)))
             .collect();
+        let pinged = if self.args.t2 == T2Mode::Ping {
+            &socks[..]
+        } else {
+            &[]
+        };
         let mut pollers = Pollers::new(
-            &socks,
+            pinged,
             Duration::from_micros(self.args.poll_us),
             Duration::from_secs(self.args.timeout),
         )?;
@@ -408,6 +461,7 @@ impl Bench<'_> {
                 })
                 .collect(),
         };
+        let t0_us = unix_us();
         let t0 = Instant::now();
         pollers.go(t0);
         let answer = handle.call(Request::Fork(req));
@@ -429,7 +483,14 @@ impl Bench<'_> {
                     .map(|c| c.pid)
             })
             .collect();
-        let t2 = pollers.join(&pids);
+        let t2 = match self.args.t2 {
+            T2Mode::Ping => pollers.join(&pids),
+            T2Mode::Identity => {
+                pollers.abandon();
+                let deadline = t0 + Duration::from_secs(self.args.timeout);
+                wait_identities(&self.root, &pids, t0_us, deadline)
+            }
+        };
         std::thread::sleep(Duration::from_millis(self.args.idle_ms));
         let homes = Self::homes_by_pid(&self.root);
         let mut children: Vec<ChildSample> = out
@@ -740,6 +801,14 @@ pub fn run(args: BenchForkArgs) -> Result<i32> {
         environment: super::host_environment(),
         guest,
         devices: DEVICES.to_owned(),
+        t2: match args.t2 {
+            T2Mode::Identity => "the child records that its guest agent confirmed its identity \
+                                 (sent over the identity port)"
+                .to_owned(),
+            T2Mode::Ping => "the child's agent answers a ping with the child's hostname \
+                             (over a vsock connection)"
+                .to_owned(),
+        },
         parent_ready_ms,
         pools: args.pool.clone(),
         idle_ms: args.idle_ms,

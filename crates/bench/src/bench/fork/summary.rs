@@ -12,7 +12,7 @@ pub struct ChildSample {
     pub t1_us: u64,
     /// Whether it started in a warm process of the parent's fork pool.
     pub warm: bool,
-    /// Fork request until its agent answered with its identity (T2), us; `None` when
+    /// Fork request until its guest took its identity (T2: see `--t2`), us; `None` when
     /// it did not within the time limit.
     pub t2_us: Option<u64>,
     /// Its memory after idling; `None` when it could not be read.
@@ -348,6 +348,8 @@ pub struct ForkReport {
     pub guest: Guest,
     /// Its devices.
     pub devices: String,
+    /// What T2 is the time until.
+    pub t2: String,
     /// Each parent (one per pool size): boot until its agent answered, ms.
     pub parent_ready_ms: Vec<f64>,
     /// The fork pool sizes measured, one parent each.
@@ -558,11 +560,11 @@ pub fn render(r: &ForkReport) -> String {
     ));
     out.push_str(&format!("cold:    {}\n\n", r.cold_command));
     out.push_str(&table(&r.summaries, r.cold_summary.as_ref(), &r.versus));
+    out.push_str(&format!("\nT2: fork request -> {}.", r.t2));
     out.push_str(
         "\nwarm: children started in a warm process of the parent's fork pool (pool: its size; \
          the pool refills between forks).\nT1: fork request -> child reports its vCPUs running; last T1: \
-         the fork's last child to run; T2: fork request -> the child's \
-         agent answers a ping\nwith the child's hostname; pause: parent vCPUs paused per fork; \
+         the fork's last child to run; pause: parent vCPUs paused per fork; \
          guest-RAM own: a child's Anonymous\n/memfd:forkvm-guest-ram* memory \
          (/proc/PID/smaps: the guest pages it copied since the fork; Private_* would also \
          count\npages of the shared memory file that only it maps), a cold boot's Private_* \

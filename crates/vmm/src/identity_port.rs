@@ -49,9 +49,10 @@ pub enum PortError {
     /// The guest never said its agent reads the port.
     #[error("the guest's agent does not read the identity port")]
     NotAnnounced,
-    /// The guest did not take the request, or did not answer it, in time.
-    #[error("the guest did not {0} within {1:?}")]
-    Timeout(&'static str, Duration),
+    /// The guest did not take the request, or did not answer it, in time (with what
+    /// its UART's registers then said).
+    #[error("the guest did not {0} within {1:?} ({2})")]
+    Timeout(&'static str, Duration, String),
     /// The request is longer than a line may be.
     #[error("request of {0} bytes is longer than a line ({MAX_LINE})")]
     TooLong(usize),
@@ -203,6 +204,7 @@ impl IdentityPort {
             .chain(request.iter().copied())
             .chain([b'\n'])
             .collect::<Vec<u8>>();
+        let mut watch = Unread::default();
         while !rest.is_empty() {
             let n = {
                 let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
@@ -210,6 +212,7 @@ impl IdentityPort {
                 if room > 0 {
                     serial.enqueue_input(&rest[..room])
                 } else {
+                    watch.check(&mut serial);
                     0
                 }
             };
@@ -218,7 +221,11 @@ impl IdentityPort {
                 break;
             }
             if Instant::now() >= deadline {
-                return Err(PortError::Timeout("read the request", start.elapsed()));
+                return Err(PortError::Timeout(
+                    "read the request",
+                    start.elapsed(),
+                    self.registers(),
+                ));
             }
             // The FIFO holds 64 bytes; the guest empties it on its interrupt.
             std::thread::sleep(Duration::from_micros(200));
@@ -226,8 +233,26 @@ impl IdentityPort {
         Ok(())
     }
 
+    /// The UART's registers, for a report.
+    fn registers(&self) -> String {
+        use forkvm_devices::Persist;
+        match self.serial.lock().unwrap_or_else(|p| p.into_inner()).save() {
+            Ok(s) => format!(
+                "IER {:#04x}, IIR {:#04x}, LCR {:#04x}, LSR {:#04x}, MCR {:#04x}, {} bytes unread",
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.in_buffer.len()
+            ),
+            Err(e) => e.to_string(),
+        }
+    }
+
     fn answer(&self, deadline: Instant) -> Result<Vec<u8>, PortError> {
         let start = Instant::now();
+        let mut watch = Unread::default();
         let mut l = self.shared.lock();
         loop {
             if let Some(line) = l.answers.pop_front() {
@@ -235,14 +260,57 @@ impl IdentityPort {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(PortError::Timeout("answer", start.elapsed()));
+                drop(l);
+                return Err(PortError::Timeout(
+                    "answer",
+                    start.elapsed(),
+                    self.registers(),
+                ));
             }
-            l = self
+            let (back, waited) = self
                 .shared
                 .answered
-                .wait_timeout(l, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+                .wait_timeout(l, left.min(KICK_AFTER))
+                .unwrap_or_else(|p| p.into_inner());
+            l = back;
+            if waited.timed_out() {
+                // The request's last bytes may still wait unread.
+                drop(l);
+                watch.check(&mut self.serial.lock().unwrap_or_else(|p| p.into_inner()));
+                l = self.shared.lock();
+            }
+        }
+    }
+}
+
+/// How long input may wait unread, the guest reading none of it, before its interrupt
+/// is raised again ([`Serial::kick_input`]).
+const KICK_AFTER: Duration = Duration::from_millis(100);
+
+/// Watches the receive FIFO for input the guest stopped reading.
+#[derive(Default)]
+struct Unread {
+    /// The unread count last seen, and since when it has not changed.
+    since: Option<(usize, Instant)>,
+}
+
+impl Unread {
+    /// Raises the guest's receive interrupt again when the same input has waited
+    /// unread for [`KICK_AFTER`].
+    fn check(&mut self, serial: &mut Serial) {
+        let unread = serial.unread();
+        let now = Instant::now();
+        match self.since {
+            _ if unread == 0 => self.since = None,
+            Some((n, at)) if n == unread => {
+                if now.duration_since(at) >= KICK_AFTER {
+                    if serial.kick_input() {
+                        tracing::debug!(unread, "identity port: raised the guest's interrupt again");
+                    }
+                    self.since = Some((unread, now));
+                }
+            }
+            _ => self.since = Some((unread, now)),
         }
     }
 }
@@ -332,7 +400,7 @@ mod tests {
         guest_writes(&p, b"stale answer\n");
         let start = Instant::now();
         let r = p.call(b"ping", start + Duration::from_millis(50));
-        assert!(matches!(r, Err(PortError::Timeout("answer", _))), "{r:?}");
+        assert!(matches!(r, Err(PortError::Timeout("answer", _, _))), "{r:?}");
         assert!(start.elapsed() < Duration::from_secs(5));
         // A line over the limit is dropped whole, and does not grow the buffer.
         {
@@ -356,6 +424,43 @@ mod tests {
             guest_writes(&p, b"answer\n");
         }
         assert_eq!(p.shared.lock().answers.len(), MAX_ANSWERS);
+    }
+
+    #[test]
+    fn input_the_guest_stopped_reading_is_signalled_again() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let p = IdentityPort::new(EventFdTrigger::new(evt.try_clone().unwrap()), None).unwrap();
+        guest_writes(&p, ANNOUNCE);
+        guest_writes(&p, b"\n");
+        p.serial.lock().unwrap().write(1, &[0x01]); // IER: received data
+        // The guest takes the interrupt and reads IIR, but never the data (it lost
+        // the edge that would have made it read).
+        let guest = {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let mut iir = [0u8];
+                let mut raised = 0;
+                let until = Instant::now() + Duration::from_millis(400);
+                while Instant::now() < until {
+                    if evt.read().is_ok() {
+                        raised += 1;
+                        if raised == 2 {
+                            // Raised again: now it reads, and answers.
+                            let got = guest_reads(&p);
+                            assert!(got.ends_with(b"\n"), "{got:?}");
+                            guest_writes(&p, b"{}\n");
+                            return raised;
+                        }
+                        p.serial.lock().unwrap().read(2, &mut iir);
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                raised
+            })
+        };
+        let answer = p.call(b"ping", Instant::now() + Duration::from_secs(5));
+        assert_eq!(guest.join().unwrap(), 2);
+        assert_eq!(answer.unwrap(), b"{}");
     }
 
     #[test]

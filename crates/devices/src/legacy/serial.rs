@@ -1,4 +1,5 @@
-//! The 16550 UART at 0x3f8 (the guest console), built on `vm_superio::Serial`.
+//! The 16550 UART, built on `vm_superio::Serial`: the guest console at 0x3f8, and the
+//! identity port at 0x2f8.
 
 use std::io::Write;
 
@@ -6,6 +7,15 @@ use serde::{Deserialize, Serialize};
 
 use super::EventFdTrigger;
 use crate::{BusDevice, Persist};
+
+/// Receive FIFO size of the 16550 model.
+const FIFO_SIZE: usize = 64;
+/// Interrupt enable register's offset.
+const IER: u8 = 1;
+/// IER: received data available interrupt.
+const IER_RDA: u8 = 0x01;
+/// LCR: divisor latch access.
+const LCR_DLAB: u8 = 0x80;
 
 /// The console UART: guest output goes to `out`, host input is queued with
 /// [`Serial::enqueue_input`], and the interrupt is raised through an irqfd on IRQ 4.
@@ -58,6 +68,36 @@ impl Serial {
     /// Free space in the receive FIFO.
     pub fn input_capacity(&self) -> usize {
         self.inner.fifo_capacity()
+    }
+
+    /// Bytes in the receive FIFO the guest has not read.
+    pub fn unread(&self) -> usize {
+        FIFO_SIZE - self.inner.fifo_capacity()
+    }
+
+    /// Raises the receive interrupt again while input waits unread and the guest
+    /// enabled it. A real 16550 keeps its interrupt output asserted while it holds
+    /// data; this model signals an edge per enqueue, and an edge the guest did not take
+    /// (its IOAPIC pin masked for a moment, as Linux does when the interrupt arrives on
+    /// one CPU while another handles it) would leave the input unread for good: seen
+    /// as a FIFO of unread bytes with the interrupt identification saying none pending.
+    /// Returns whether it raised it.
+    pub fn kick_input(&mut self) -> bool {
+        let s = self.inner.state();
+        // IER is only addressable with the divisor latch off.
+        if s.in_buffer.is_empty() || s.line_control & LCR_DLAB != 0 {
+            return false;
+        }
+        if s.interrupt_enable & IER_RDA == 0 {
+            return false;
+        }
+        // Writing IER with the data waiting raises the receive interrupt (when the
+        // identification does not already say so) and, when enabled, the transmit one.
+        if let Err(e) = self.inner.write(IER, s.interrupt_enable) {
+            tracing::debug!("serial kick failed: {e:?}");
+            return false;
+        }
+        true
     }
 }
 
@@ -204,6 +244,38 @@ mod tests {
             out: Box::new(std::io::sink()),
         };
         assert!(Serial::restore(args, &state).is_err());
+    }
+
+    #[test]
+    fn input_the_guest_missed_is_signalled_again() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = Serial::new(
+            EventFdTrigger::new(evt.try_clone().unwrap()),
+            Box::new(std::io::sink()),
+        );
+        // Nothing enabled: no kick.
+        assert_eq!(s.enqueue_input(b"abc"), 3);
+        assert!(!s.kick_input());
+        s.write(1, &[IER_RDA]);
+        while evt.read().is_ok() {}
+        // The guest read IIR (which clears it) but not the data: the state the
+        // identity port was found in.
+        let mut iir = [0u8];
+        s.read(2, &mut iir);
+        s.read(2, &mut iir);
+        assert_eq!(iir[0] & 1, 1, "no interrupt pending");
+        assert_eq!(s.unread(), 3);
+        assert!(s.kick_input());
+        assert!(evt.read().is_ok(), "the interrupt was raised again");
+        s.read(2, &mut iir);
+        assert_eq!(iir[0] & 0x0f, 0x04, "received data available");
+        // Read out: nothing to kick for.
+        let mut b = [0u8];
+        for _ in 0..3 {
+            s.read(0, &mut b);
+        }
+        assert_eq!(s.unread(), 0);
+        assert!(!s.kick_input());
     }
 
     #[test]

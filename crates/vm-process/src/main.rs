@@ -57,6 +57,11 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if launched.fork.is_some() {
+        if let Err(e) = forkvm_jail::limits::no_huge_pages() {
+            tracing::warn!("this fork child may take huge pages: {e}");
+        }
+    }
     // In the foreground the launcher tells the user why the VM did not start or how
     // it ended (from the report and the exit record); elsewhere stderr is the log.
     let foreground = launched.launch.console == ConsoleSpec::LogAndStdout;

@@ -113,6 +113,10 @@ pub(crate) fn serve(sock: UnixStream) -> Result<UnixStream, LaunchError> {
     }
     // Every warm process it forks starts with the seccomp filters built.
     forkvm_jail::seccomp::prepare();
+    // And without transparent huge pages: each is a fork child.
+    if let Err(e) = forkvm_jail::limits::no_huge_pages() {
+        tracing::warn!("the zygote's warm processes may take huge pages: {e}");
+    }
     loop {
         let (_, mut files) = match forkvm_snapshot::recv_blob(&sock, 0) {
             Err(forkvm_snapshot::TransferError::Closed) => return Err(LaunchError::Abandoned),

@@ -42,7 +42,10 @@ pub enum Request {
     Identity {
         /// New hostname.
         hostname: String,
-        /// Fresh randomness (at least 32 bytes) for the kernel's entropy pool.
+        /// Fresh randomness (at least 32 bytes) for the kernel's entropy pool: a JSON
+        /// array of bytes, or (read since the identity port, where each byte the host
+        /// sends is two port accesses of the guest) a string of hex digits.
+        #[serde(deserialize_with = "seed_bytes")]
         seed: Vec<u8>,
         /// New MAC per NIC (eth0, eth1, ...), as `aa:bb:cc:dd:ee:ff`.
         macs: Vec<String>,
@@ -643,6 +646,46 @@ pub enum Response {
     },
 }
 
+/// `seed` as a JSON array of bytes or a string of hex digits ([`hex`]).
+fn seed_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Seed {
+        Bytes(Vec<u8>),
+        Hex(String),
+    }
+    match Seed::deserialize(d)? {
+        Seed::Bytes(b) => Ok(b),
+        Seed::Hex(s) => from_hex(&s)
+            .ok_or_else(|| serde::de::Error::custom("seed: not an even number of hex digits")),
+    }
+}
+
+/// `bytes` as lowercase hex digits, two per byte.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
+}
+
+/// The bytes of a string of hex digits (either case); `None` for anything else.
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    s.as_bytes()
+        .chunks(2)
+        .map(|pair| {
+            let digit = |c: u8| char::from(c).to_digit(16);
+            Some((digit(pair[0])? * 16 + digit(pair[1])?) as u8)
+        })
+        .collect()
+}
+
 /// Parses one request line; malformed input is an error message, never a panic.
 pub fn parse_request(line: &str) -> Result<Request, String> {
     if line.len() > MAX_LINE {
@@ -664,6 +707,34 @@ pub fn to_line<T: Serialize>(value: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_identity_seed_reads_as_bytes_or_hex_digits() {
+        let seed: Vec<u8> = (0..64).map(|i| i * 4 + 3).collect();
+        let array = to_line(&Request::Identity {
+            hostname: "fork-1".into(),
+            seed: seed.clone(),
+            macs: vec![],
+            time_ns: None,
+        });
+        let mut v: serde_json::Value = serde_json::from_str(&array).unwrap();
+        assert!(v["seed"].is_array(), "hosts still send an array: {array}");
+        v["seed"] = serde_json::Value::String(hex(&seed));
+        let hex_line = v.to_string();
+        assert!(hex_line.len() < array.len() * 2 / 3, "{hex_line}");
+        for line in [array.as_str(), hex_line.as_str()] {
+            match parse_request(line).unwrap() {
+                Request::Identity { seed: got, .. } => assert_eq!(got, seed),
+                other => panic!("{other:?}"),
+            }
+        }
+        let upper = hex_line.replace(&hex(&seed), &hex(&seed).to_uppercase());
+        assert!(parse_request(&upper).is_ok());
+        for bad in ["abc", "zz", "0g"] {
+            v["seed"] = serde_json::Value::String(bad.into());
+            assert!(parse_request(&v.to_string()).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn requests_round_trip_as_tagged_json_lines() {

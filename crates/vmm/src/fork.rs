@@ -1179,7 +1179,11 @@ pub fn identity_over_port(
     id: &ChildIdentity,
     deadline: Instant,
 ) -> Result<(), String> {
-    let line = serde_json::to_string(&identity_request(id)).map_err(|e| e.to_string())?;
+    // The seed as hex digits: half the bytes of a JSON array, and every byte is two
+    // port accesses of the guest.
+    let mut request = serde_json::to_value(identity_request(id)).map_err(|e| e.to_string())?;
+    request["seed"] = serde_json::Value::String(forkvm_agent_proto::protocol::hex(&id.seed));
+    let line = request.to_string();
     let answer = port
         .call(line.as_bytes(), deadline)
         .map_err(|e| e.to_string())?;

@@ -183,6 +183,23 @@ fn wait_identities(
             if let Some(taken) = taken {
                 t2[i] = Some(taken.at_us.saturating_sub(t0_us));
                 done[i] = true;
+                // Why the port was not used, or needed a second interrupt: the child's
+                // log says.
+                let log = homes
+                    .get(&pid)
+                    .and_then(|h| std::fs::read_to_string(h.console_path()).ok())
+                    .unwrap_or_default();
+                let why: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("identity port"))
+                    .collect();
+                if taken.via != "identity-port" || !why.is_empty() {
+                    eprintln!(
+                        "child {pid} took its identity over {}: {}",
+                        taken.via,
+                        why.join(" | ")
+                    );
+                }
             } else if !Path::new(&format!("/proc/{pid}")).exists() {
                 done[i] = true;
             }

@@ -31,8 +31,9 @@ pub mod protocol;
 pub use protocol::{
     check_container_id, Capabilities, CgroupLimits, ContainerRoot, DeviceNode, FsMount, GuestHook,
     IdMapping, NetInterface, NetRoute, PidNamespace, ProcessSpec, Request, ResourceUse, Response,
-    Rlimit, ShareMount, User, UserNamespace, AGENT_PORT, FS_TYPES, IDENTITY_PORT_ANNOUNCE, IDENTITY_PORT_DEVICE, MAX_CONTAINERS, MAX_FILESYSTEMS,
-    MAX_HOOKS, MAX_ID_MAPPINGS, MAX_SECCOMP_FILTERS, MAX_SHARES, PROTOCOL_VERSION,
+    Rlimit, ShareMount, User, UserNamespace, AGENT_PORT, FS_TYPES, IDENTITY_PORT_ANNOUNCE,
+    IDENTITY_PORT_DEVICE, MAX_CONTAINERS, MAX_FILESYSTEMS, MAX_HOOKS, MAX_ID_MAPPINGS,
+    MAX_SECCOMP_FILTERS, MAX_SHARES, PROTOCOL_VERSION,
 };
 
 /// Exit code of a raw wait status: the exit status, or 128 + signal for a killed one.

@@ -26,7 +26,7 @@ pub const PROTOCOL_VERSION: u32 = 15;
 /// answers, without a vsock connection (`forkvm_vmm::identity_port`).
 pub const IDENTITY_PORT_DEVICE: &str = "/dev/ttyS1";
 /// The line the agent writes on the identity port when it reads it.
-pub const IDENTITY_PORT_ANNOUNCE: &str = "forkvm-agent identity-port 1";
+pub const IDENTITY_PORT_ANNOUNCE: &str = "forkvm-agent identity-port 2";
 /// Longest request or response line either side reads.
 pub const MAX_LINE: usize = 64 * 1024;
 /// `PATH` used for the executable search when [`ProcessSpec::env`] has none.

@@ -28,21 +28,23 @@ const TIOCGSERIAL: libc::c_ulong = 0x541e;
 /// `PORT_UNKNOWN`: a legacy port the kernel registered but found no UART at.
 const PORT_UNKNOWN: libc::c_int = 0;
 
-/// Opens the identity port when the machine has one, and serves it on a thread of its
-/// own. A machine without it (another VMM, an older forkvm) is left alone.
+/// Serves the identity port on a thread of its own when the machine has one (opened
+/// there: nothing about the port holds up the caller). A machine without it (another
+/// VMM, an older forkvm) is left alone; on one whose second UART is a line of its own
+/// (another VMM's ttyS1), the agent takes it over.
 pub fn start(agent: Arc<Agent>) {
-    let port = match open() {
-        Ok(Some(port)) => port,
-        Ok(None) => return,
-        Err(e) => {
-            eprintln!("forkvm-agent: identity port {IDENTITY_PORT_DEVICE}: {e}");
-            return;
-        }
-    };
     let spawned = std::thread::Builder::new()
         .name("identity-port".into())
         .stack_size(256 << 10)
         .spawn(move || {
+            let port = match open() {
+                Ok(Some(port)) => port,
+                Ok(None) => return,
+                Err(e) => {
+                    eprintln!("forkvm-agent: identity port {IDENTITY_PORT_DEVICE}: {e}");
+                    return;
+                }
+            };
             if let Err(e) = serve(&agent, port) {
                 eprintln!("forkvm-agent: identity port: {e}");
             }
@@ -61,7 +63,12 @@ fn open() -> io::Result<Option<File>> {
         .open(IDENTITY_PORT_DEVICE)
     {
         Ok(f) => f,
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENXIO | libc::ENODEV | libc::EIO)) => {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::ENXIO | libc::ENODEV | libc::EIO)
+            ) =>
+        {
             return Ok(None)
         }
         Err(e) => return Err(e),
@@ -106,7 +113,9 @@ fn raw(port: &File) -> io::Result<()> {
 fn serve(agent: &Agent, port: File) -> io::Result<()> {
     let mut out = port.try_clone()?;
     out.write_all(format!("{IDENTITY_PORT_ANNOUNCE}\n").as_bytes())?;
-    serve_lines(BufReader::new(port), &mut out, |req| Some(agent.answer_on_port(req)))
+    serve_lines(BufReader::new(port), &mut out, |req| {
+        Some(agent.answer_on_port(req))
+    })
 }
 
 /// Reads `input` line by line (each bounded: a longer one is dropped whole) and writes
@@ -163,6 +172,7 @@ mod tests {
 
     fn served(input: &[u8]) -> String {
         let mut out = Vec::new();
+        // Any answer will do: what is tested is which lines get one.
         serve_lines(input, &mut out, |req| match req {
             Request::Ping => Some(Response::Ok),
             _ => Some(Response::Error {

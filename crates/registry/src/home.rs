@@ -80,9 +80,13 @@ pub struct VmHome {
     id: String,
     dir: PathBuf,
     root: PathBuf,
-    // Serializes this process's read-modify-write cycles of the state file.
-    lock: Mutex<()>,
 }
+
+/// Serializes this process's read-modify-write cycles of state files: one lock for
+/// every [`VmHome`] of the process, so that two handles on one home (a VM process's
+/// own, and the one its fork identity thread opens to record the identity) cannot
+/// each write back a state missing the other's change.
+static UPDATES: Mutex<()> = Mutex::new(());
 
 /// One VM under a root, as [`list`] finds it.
 #[derive(Debug)]
@@ -152,7 +156,6 @@ impl VmHome {
             id: id.clone(),
             dir,
             root: root.to_owned(),
-            lock: Mutex::new(()),
         };
         let mut state = VmState::new(id, name.map(str::to_owned), parent.map(str::to_owned));
         init(&mut state);
@@ -214,7 +217,6 @@ impl VmHome {
             id: id.to_owned(),
             dir,
             root: root.to_owned(),
-            lock: Mutex::new(()),
         })
     }
 
@@ -250,7 +252,7 @@ impl VmHome {
 
     /// Read-modify-writes its state atomically; returns the new state.
     pub fn update(&self, f: impl FnOnce(&mut VmState)) -> Result<VmState, Error> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = UPDATES.lock().unwrap_or_else(|p| p.into_inner());
         let mut s = self.state()?;
         f(&mut s);
         s.write(&self.state_path())?;

@@ -22,8 +22,8 @@ use forkvm_registry::VmHome;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
-use crate::identity_port::IdentityPort;
 use crate::control::{error_chain, ChildInfo, ChildSpec, ControlError, ForkOutcome, ForkRequest};
+use crate::identity_port::IdentityPort;
 use crate::launch::{
     ChildHomes, ConsoleSpec, HomeSpec, Launch, ProcessOptions, Report, Start, VmProcess,
 };
@@ -1131,19 +1131,37 @@ impl ChildPayload {
 }
 
 /// Has the guest agent apply `id`: over the identity `port` when the agent reads it,
-/// else (or when the port did not answer) over the vsock device's socket `uds`.
-/// Returns how long it took and the way (`identity-port` or `vsock`).
+/// else (or when the port did not answer in half of [`AGENT_TIMEOUT`]) over the vsock
+/// device's socket `uds`, all within [`AGENT_TIMEOUT`]. Returns how long it took and
+/// the way (`identity-port` or `vsock`).
 fn take_identity(
     port: &IdentityPort,
     uds: Option<&std::path::Path>,
     id: &ChildIdentity,
 ) -> Result<(Duration, &'static str), String> {
     let start = Instant::now();
+    let deadline = start + AGENT_TIMEOUT;
     let over_port = match port.announced() {
-        true => match identity_over_port(port, id, start + AGENT_TIMEOUT) {
-            Ok(()) => return Ok((start.elapsed(), "identity-port")),
-            Err(e) => Some(e),
-        },
+        true => {
+            let port_deadline = match uds {
+                Some(_) => start + AGENT_TIMEOUT / 2,
+                None => deadline,
+            };
+            match identity_over_port(port, id, port_deadline) {
+                Ok(()) => {
+                    // The guest set its clock from a time stamped as the request was
+                    // sent: one read long after (a starved guest) may have set it back
+                    // by as long. The same identity again, freshly stamped, sets it right.
+                    if start.elapsed() > CLOCK_STAMP_STALE {
+                        if let Err(e) = identity_over_port(port, id, deadline) {
+                            tracing::warn!("identity port: the clock's second stamp: {e}");
+                        }
+                    }
+                    return Ok((start.elapsed(), "identity-port"));
+                }
+                Err(e) => Some(e),
+            }
+        }
         false => None,
     };
     match (uds, over_port) {
@@ -1151,12 +1169,17 @@ fn take_identity(
             if let Some(e) = port_error {
                 tracing::warn!("identity port: {e}; trying vsock");
             }
-            apply_identity(uds, id).map(|_| (start.elapsed(), "vsock"))
+            apply_identity_until(uds, id, deadline).map(|_| (start.elapsed(), "vsock"))
         }
         (None, Some(e)) => Err(format!("identity port: {e}")),
         (None, None) => Err("the VM has neither vsock nor an identity port".to_owned()),
     }
 }
+
+/// How long after its time was stamped an identity may be taken before it is sent
+/// again with a fresh stamp: half the agent's slack for a clock ahead of the host's
+/// (`CLOCK_AHEAD_SLACK_NS`, 10 s), beyond which the agent sets the clock back.
+const CLOCK_STAMP_STALE: Duration = Duration::from_secs(5);
 
 /// The identity request for `id`, with the host's time as of now.
 fn identity_request(id: &ChildIdentity) -> forkvm_agent_proto::Request {
@@ -1184,8 +1207,11 @@ pub fn identity_over_port(
     let mut request = serde_json::to_value(identity_request(id)).map_err(|e| e.to_string())?;
     request["seed"] = serde_json::Value::String(forkvm_agent_proto::protocol::hex(&id.seed));
     let line = request.to_string();
+    // The answer is the first line that is a response: anything else the guest wrote
+    // is not.
+    let is_response = |l: &[u8]| serde_json::from_slice::<forkvm_agent_proto::Response>(l).is_ok();
     let answer = port
-        .call(line.as_bytes(), deadline)
+        .call(line.as_bytes(), is_response, deadline)
         .map_err(|e| e.to_string())?;
     match serde_json::from_slice::<forkvm_agent_proto::Response>(&answer) {
         Ok(forkvm_agent_proto::Response::Ok) => Ok(()),
@@ -1204,6 +1230,15 @@ pub const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Connects to the guest agent through the vsock device's host socket (the
 /// `CONNECT <port>` convention) and sends the child's identity: entropy, hostname, MACs.
 pub fn apply_identity(uds: &std::path::Path, id: &ChildIdentity) -> Result<Duration, String> {
+    apply_identity_until(uds, id, Instant::now() + AGENT_TIMEOUT)
+}
+
+/// [`apply_identity`], trying until `deadline`.
+fn apply_identity_until(
+    uds: &std::path::Path,
+    id: &ChildIdentity,
+    deadline: Instant,
+) -> Result<Duration, String> {
     let start = Instant::now();
     let mut last_err = String::from("no attempt");
     // The guest answers at once unless it is slow (a loaded host): each attempt that
@@ -1215,7 +1250,7 @@ pub fn apply_identity(uds: &std::path::Path, id: &ChildIdentity) -> Result<Durat
     // attempts that keep failing at once come less often.
     let mut handshake = FRESH_CHILD_HANDSHAKE;
     let mut pause = Duration::from_millis(2);
-    while start.elapsed() < AGENT_TIMEOUT {
+    while Instant::now() < deadline {
         let answer = handshake.max(IDENTITY_ANSWER);
         // The host's time as of this attempt.
         let req = identity_request(id);

@@ -30,6 +30,13 @@ pub const ANNOUNCE: &[u8] = forkvm_agent_proto::IDENTITY_PORT_ANNOUNCE.as_bytes(
 /// The longest line read from the guest; a longer one is dropped whole.
 pub const MAX_LINE: usize = 4096;
 
+/// LSR: data ready.
+const LSR_DATA_READY: u8 = 0x01;
+/// IIR: no interrupt pending.
+const IIR_NONE: u8 = 0x01;
+/// IIR: received data available.
+const IIR_RECEIVED_DATA: u8 = 0x04;
+
 /// How many answer lines are kept for a waiting request (a guest that writes more
 /// answers than it was asked for loses the oldest).
 const MAX_ANSWERS: usize = 4;
@@ -142,7 +149,17 @@ impl IdentityPort {
             None => Serial::new(irq, out),
             Some(state) => {
                 shared.lock().announced = state.announced;
-                Serial::restore(forkvm_devices::legacy::SerialArgs { irq, out }, &state.serial)?
+                // Input the saved VM had not read was a request to it, not to this
+                // one: dropped, with the data-ready bit and interrupt it raised.
+                let mut serial = state.serial.clone();
+                if !serial.in_buffer.is_empty() {
+                    serial.in_buffer.clear();
+                    serial.line_status &= !LSR_DATA_READY;
+                    if serial.interrupt_identification & 0x0f == IIR_RECEIVED_DATA {
+                        serial.interrupt_identification = IIR_NONE;
+                    }
+                }
+                Serial::restore(forkvm_devices::legacy::SerialArgs { irq, out }, &serial)?
             }
         };
         Ok(Self {
@@ -159,7 +176,11 @@ impl IdentityPort {
     /// The port's state for a snapshot.
     pub fn save(&self) -> Result<IdentityPortState, forkvm_devices::legacy::SerialError> {
         use forkvm_devices::Persist;
-        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save()?;
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .save()?;
         Ok(IdentityPortState {
             serial,
             announced: self.announced(),
@@ -171,12 +192,18 @@ impl IdentityPort {
         self.shared.lock().announced
     }
 
-    /// Sends `request` (one line, without its newline) and returns the guest's answer
-    /// line, waiting until `deadline`. One request at a time: answers to an earlier
-    /// request that gave up are dropped before this one is sent. The request follows a
-    /// newline, so that whatever a snapshot left in the port's input ends as a line of
-    /// its own (the agent answers no line that is not a request).
-    pub fn call(&self, request: &[u8], deadline: Instant) -> Result<Vec<u8>, PortError> {
+    /// Sends `request` (one line, without its newline) and returns the first line the
+    /// guest writes back that `accept`s, waiting until `deadline`. One request at a
+    /// time (the caller's to keep): lines written before it, or half written, are
+    /// dropped before it is sent. The request follows a newline, so that whatever the
+    /// guest's side still held of an earlier line ends as a line of its own (the agent
+    /// answers no line that is not a request).
+    pub fn call(
+        &self,
+        request: &[u8],
+        accept: impl Fn(&[u8]) -> bool,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, PortError> {
         if !self.announced() {
             return Err(PortError::NotAnnounced);
         }
@@ -186,11 +213,13 @@ impl IdentityPort {
         {
             let mut l = self.shared.lock();
             l.answers.clear();
+            l.partial.clear();
+            l.overlong = false;
             l.waiting = true;
         }
         let answer = self
             .send(request, deadline)
-            .and_then(|()| self.answer(deadline));
+            .and_then(|()| self.answer(&accept, deadline));
         self.shared.lock().waiting = false;
         answer
     }
@@ -205,6 +234,7 @@ impl IdentityPort {
             .chain([b'\n'])
             .collect::<Vec<u8>>();
         let mut watch = Unread::default();
+        let mut pause = Duration::from_micros(200);
         while !rest.is_empty() {
             let n = {
                 let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
@@ -227,8 +257,13 @@ impl IdentityPort {
                     self.registers(),
                 ));
             }
-            // The FIFO holds 64 bytes; the guest empties it on its interrupt.
-            std::thread::sleep(Duration::from_micros(200));
+            // The FIFO holds 64 bytes; the guest empties it on its interrupt. A guest
+            // that takes long (starved of CPU) is looked at less often.
+            pause = match n {
+                0 => (pause * 2).min(Duration::from_millis(20)),
+                _ => Duration::from_micros(200),
+            };
+            std::thread::sleep(pause);
         }
         Ok(())
     }
@@ -250,13 +285,19 @@ impl IdentityPort {
         }
     }
 
-    fn answer(&self, deadline: Instant) -> Result<Vec<u8>, PortError> {
+    fn answer(
+        &self,
+        accept: &dyn Fn(&[u8]) -> bool,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, PortError> {
         let start = Instant::now();
         let mut watch = Unread::default();
         let mut l = self.shared.lock();
         loop {
-            if let Some(line) = l.answers.pop_front() {
-                return Ok(line);
+            while let Some(line) = l.answers.pop_front() {
+                if accept(&line) {
+                    return Ok(line);
+                }
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -305,7 +346,7 @@ impl Unread {
             Some((n, at)) if n == unread => {
                 if now.duration_since(at) >= KICK_AFTER {
                     if serial.kick_input() {
-                        tracing::debug!(unread, "identity port: raised the guest's interrupt again");
+                        tracing::debug!(unread, "identity port: signalled the unread input again");
                     }
                     self.since = Some((unread, now));
                 }
@@ -356,8 +397,11 @@ mod tests {
     fn a_request_waits_for_the_announcement() {
         let p = port(None);
         let soon = Instant::now() + Duration::from_millis(10);
-        assert!(matches!(p.call(b"{}", soon), Err(PortError::NotAnnounced)));
-        guest_writes(&p, b"forkvm-agent identity-port 1\r\n");
+        assert!(matches!(
+            p.call(b"{}", |_| true, soon),
+            Err(PortError::NotAnnounced)
+        ));
+        guest_writes(&p, b"forkvm-agent identity-port 2\r\n");
         assert!(p.announced());
         assert!(p.save().unwrap().announced);
         assert!(port(Some(&p.save().unwrap())).announced());
@@ -382,7 +426,7 @@ mod tests {
         };
         let request = vec![b'x'; 300];
         let answer = p
-            .call(&request, Instant::now() + Duration::from_secs(10))
+            .call(&request, |_| true, Instant::now() + Duration::from_secs(10))
             .unwrap();
         assert_eq!(answer, b"{\"op\":\"ok\"}");
         let got = guest.join().unwrap();
@@ -399,8 +443,11 @@ mod tests {
         // Nobody asked: not kept.
         guest_writes(&p, b"stale answer\n");
         let start = Instant::now();
-        let r = p.call(b"ping", start + Duration::from_millis(50));
-        assert!(matches!(r, Err(PortError::Timeout("answer", _, _))), "{r:?}");
+        let r = p.call(b"ping", |_| true, start + Duration::from_millis(50));
+        assert!(
+            matches!(r, Err(PortError::Timeout("answer", _, _))),
+            "{r:?}"
+        );
         assert!(start.elapsed() < Duration::from_secs(5));
         // A line over the limit is dropped whole, and does not grow the buffer.
         {
@@ -411,7 +458,10 @@ mod tests {
         assert!(p.shared.lock().partial.len() <= MAX_LINE);
         guest_writes(&p, b"\nshort\n");
         let l = p.shared.lock();
-        assert_eq!(l.answers.iter().collect::<Vec<_>>(), vec![&b"short".to_vec()]);
+        assert_eq!(
+            l.answers.iter().collect::<Vec<_>>(),
+            vec![&b"short".to_vec()]
+        );
     }
 
     #[test]
@@ -433,8 +483,8 @@ mod tests {
         guest_writes(&p, ANNOUNCE);
         guest_writes(&p, b"\n");
         p.serial.lock().unwrap().write(1, &[0x01]); // IER: received data
-        // The guest takes the interrupt and reads IIR, but never the data (it lost
-        // the edge that would have made it read).
+                                                    // The guest takes the interrupt and reads IIR, but never the data (it lost
+                                                    // the edge that would have made it read).
         let guest = {
             let p = p.clone();
             std::thread::spawn(move || {
@@ -458,9 +508,58 @@ mod tests {
                 raised
             })
         };
-        let answer = p.call(b"ping", Instant::now() + Duration::from_secs(5));
+        let answer = p.call(b"ping", |_| true, Instant::now() + Duration::from_secs(5));
         assert_eq!(guest.join().unwrap(), 2);
         assert_eq!(answer.unwrap(), b"{}");
+    }
+
+    #[test]
+    fn lines_not_accepted_and_half_lines_before_the_request_are_not_its_answer() {
+        let p = port(None);
+        guest_writes(&p, ANNOUNCE);
+        guest_writes(&p, b"\n");
+        // Half a line the guest wrote before the request.
+        guest_writes(&p, b"{\"status\":\"o");
+        let guest = {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                while !guest_reads(&p).ends_with(b"\n") {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                guest_writes(&p, b"k\"}\nnoise\n{\"status\":\"ok\"}\n");
+            })
+        };
+        let answer = p.call(
+            b"ping",
+            |l| l.starts_with(b"{"),
+            Instant::now() + Duration::from_secs(10),
+        );
+        guest.join().unwrap();
+        assert_eq!(answer.unwrap(), b"{\"status\":\"ok\"}");
+    }
+
+    #[test]
+    fn a_restored_port_drops_the_input_its_vm_had_not_read() {
+        let p = port(None);
+        guest_writes(&p, ANNOUNCE);
+        guest_writes(&p, b"\n");
+        p.serial.lock().unwrap().write(1, &[0x01]);
+        assert_eq!(
+            p.serial
+                .lock()
+                .unwrap()
+                .enqueue_input(b"{\"op\":\"identity\""),
+            16
+        );
+        let saved = p.save().unwrap();
+        assert_eq!(saved.serial.in_buffer.len(), 16);
+        let child = port(Some(&saved));
+        assert!(child.announced());
+        let s = child.save().unwrap().serial;
+        assert!(s.in_buffer.is_empty());
+        assert_eq!(s.line_status & LSR_DATA_READY, 0);
+        assert_eq!(s.interrupt_identification & 0x0f, IIR_NONE);
+        assert!(guest_reads(&child).is_empty());
     }
 
     #[test]
@@ -469,9 +568,12 @@ mod tests {
         guest_writes(&p, ANNOUNCE);
         guest_writes(&p, b"\n");
         let later = Instant::now() + Duration::from_secs(1);
-        assert!(matches!(p.call(b"a\nb", later), Err(PortError::TooLong(_))));
         assert!(matches!(
-            p.call(&vec![b'a'; MAX_LINE], later),
+            p.call(b"a\nb", |_| true, later),
+            Err(PortError::TooLong(_))
+        ));
+        assert!(matches!(
+            p.call(&vec![b'a'; MAX_LINE], |_| true, later),
             Err(PortError::TooLong(_))
         ));
     }

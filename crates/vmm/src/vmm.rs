@@ -23,8 +23,8 @@ use crate::control::{
 };
 use crate::devices::{AttachedVirtio, DeviceSetup};
 use crate::fork::PendingFork;
-use crate::launch::ChildHomes;
 use crate::identity_port::IdentityPort;
+use crate::launch::ChildHomes;
 use crate::layout::{
     ACPI_POWER_PORT, I8042_PORT, IDENTITY_IRQ, IDENTITY_PORT, SERIAL_IRQ, SERIAL_PORT,
 };

@@ -25,6 +25,7 @@ pub fn run(args: VmArg, root: &Path) -> Result<i32> {
         "created": forkvm_registry::time::rfc3339(state.created_ms),
         "exit": state.exit,
         "addresses": state.addresses,
+        "identity": state.identity,
         "dir": home.dir(),
         "socket": home.socket_path(),
         "console_log": home.console_path(),

@@ -8,8 +8,6 @@ use serde::{Deserialize, Serialize};
 use super::EventFdTrigger;
 use crate::{BusDevice, Persist};
 
-/// Receive FIFO size of the 16550 model.
-const FIFO_SIZE: usize = 64;
 /// Interrupt enable register's offset.
 const IER: u8 = 1;
 /// IER: received data available interrupt.
@@ -72,7 +70,7 @@ impl Serial {
 
     /// Bytes in the receive FIFO the guest has not read.
     pub fn unread(&self) -> usize {
-        FIFO_SIZE - self.inner.fifo_capacity()
+        self.inner.state().in_buffer.len()
     }
 
     /// Raises the receive interrupt again while input waits unread and the guest
@@ -81,7 +79,8 @@ impl Serial {
     /// (its IOAPIC pin masked for a moment, as Linux does when the interrupt arrives on
     /// one CPU while another handles it) would leave the input unread for good: seen
     /// as a FIFO of unread bytes with the interrupt identification saying none pending.
-    /// Returns whether it raised it.
+    /// Returns whether it wrote IER to that end (it raises nothing when the
+    /// identification says the receive interrupt is pending already).
     pub fn kick_input(&mut self) -> bool {
         let s = self.inner.state();
         // IER is only addressable with the divisor latch off.

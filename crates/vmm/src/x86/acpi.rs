@@ -15,8 +15,8 @@ use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{
-    ACPI_POWER_PORT, ACPI_START, APIC_START, EBDA_START, IDENTITY_IRQ, IDENTITY_PORT,
-    IOAPIC_START, SERIAL_IRQ, SERIAL_PORT,
+    ACPI_POWER_PORT, ACPI_START, APIC_START, EBDA_START, IDENTITY_IRQ, IDENTITY_PORT, IOAPIC_START,
+    SERIAL_IRQ, SERIAL_PORT,
 };
 use crate::memory::GuestMemory;
 

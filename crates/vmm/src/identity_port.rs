@@ -224,8 +224,8 @@ impl IdentityPort {
         answer
     }
 
-    /// Puts `request` between newlines into the UART's receive FIFO as the guest drains
-    /// it.
+    /// Queues `request` between newlines for the guest ([`Serial::queue_input`]: the
+    /// guest's driver reads it all on one interrupt).
     fn send(&self, request: &[u8], deadline: Instant) -> Result<(), PortError> {
         let start = Instant::now();
         let mut rest = [b'\n']
@@ -235,20 +235,18 @@ impl IdentityPort {
             .collect::<Vec<u8>>();
         let mut watch = Unread::default();
         let mut pause = Duration::from_micros(200);
-        while !rest.is_empty() {
+        loop {
             let n = {
                 let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-                let room = serial.input_capacity().min(rest.len());
-                if room > 0 {
-                    serial.enqueue_input(&rest[..room])
-                } else {
+                let n = serial.queue_input(&rest);
+                if n == 0 {
                     watch.check(&mut serial);
-                    0
                 }
+                n
             };
             rest.drain(..n);
             if rest.is_empty() {
-                break;
+                return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(PortError::Timeout(
@@ -257,23 +255,25 @@ impl IdentityPort {
                     self.registers(),
                 ));
             }
-            // The FIFO holds 64 bytes; the guest empties it on its interrupt. A guest
-            // that takes long (starved of CPU) is looked at less often.
+            // Only a request longer than the backlog gets here: the guest reads it
+            // on its interrupts, and one that takes long (starved of CPU) is looked at
+            // less often.
             pause = match n {
                 0 => (pause * 2).min(Duration::from_millis(20)),
                 _ => Duration::from_micros(200),
             };
             std::thread::sleep(pause);
         }
-        Ok(())
     }
 
     /// The UART's registers, for a report.
     fn registers(&self) -> String {
         use forkvm_devices::Persist;
-        match self.serial.lock().unwrap_or_else(|p| p.into_inner()).save() {
+        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let backlog = serial.backlog();
+        match serial.save() {
             Ok(s) => format!(
-                "IER {:#04x}, IIR {:#04x}, LCR {:#04x}, LSR {:#04x}, MCR {:#04x}, {} bytes unread",
+                "IER {:#04x}, IIR {:#04x}, LCR {:#04x}, LSR {:#04x}, MCR {:#04x}, {} bytes unread, {backlog} queued",
                 s.interrupt_enable,
                 s.interrupt_identification,
                 s.line_control,

@@ -19,7 +19,15 @@ const LCR_DLAB: u8 = 0x80;
 /// [`Serial::enqueue_input`], and the interrupt is raised through an irqfd on IRQ 4.
 pub struct Serial {
     inner: vm_superio::Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    /// Input queued beyond the FIFO ([`Serial::queue_input`]), at most [`MAX_BACKLOG`]
+    /// bytes. Not saved: it is the host's until it reaches the FIFO.
+    backlog: std::collections::VecDeque<u8>,
 }
+
+/// Receive FIFO size of the 16550 model (vm-superio's).
+const FIFO_SIZE: usize = 64;
+/// Most bytes [`Serial::queue_input`] holds beyond the FIFO.
+pub const MAX_BACKLOG: usize = 4096;
 
 /// What of the UART survives a snapshot or fork: its registers and pending input.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +57,7 @@ impl Serial {
     pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
         Self {
             inner: vm_superio::Serial::new(irq, out),
+            backlog: Default::default(),
         }
     }
 
@@ -60,6 +69,37 @@ impl Serial {
                 tracing::debug!("serial input dropped: {e:?}");
                 0
             }
+        }
+    }
+
+    /// Queues `bytes` for the guest: what fits goes into the FIFO now, the rest each
+    /// time the guest has read the FIFO empty, so a guest that reads while data is
+    /// ready (Linux's 8250 driver, up to 256 bytes an interrupt) reads it all on one
+    /// interrupt instead of one per 64 bytes. Returns how many bytes it took: all,
+    /// unless the backlog would pass [`MAX_BACKLOG`].
+    pub fn queue_input(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(MAX_BACKLOG - self.backlog.len());
+        self.backlog.extend(&bytes[..n]);
+        self.refill();
+        n
+    }
+
+    /// Bytes queued beyond the FIFO.
+    pub fn backlog(&self) -> usize {
+        self.backlog.len()
+    }
+
+    /// Moves what fits of the backlog into the FIFO.
+    fn refill(&mut self) {
+        let room = self.inner.fifo_capacity().min(self.backlog.len());
+        if room == 0 {
+            return;
+        }
+        let chunk: Vec<u8> = self.backlog.drain(..room).collect();
+        let taken = self.enqueue_input(&chunk);
+        // In loopback mode the UART takes no input: it waits for later.
+        for b in chunk[taken..].iter().rev() {
+            self.backlog.push_front(*b);
         }
     }
 
@@ -102,7 +142,14 @@ impl Serial {
 
 impl BusDevice for Serial {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let before = self.inner.fifo_capacity();
         super::byte_read(offset, data, |reg| self.inner.read(reg));
+        // The guest read the FIFO empty: the backlog's next bytes are ready for its
+        // next look at the line status.
+        let after = self.inner.fifo_capacity();
+        if after > before && after == FIFO_SIZE && !self.backlog.is_empty() {
+            self.refill();
+        }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -153,7 +200,10 @@ impl Persist<'_> for Serial {
         let inner =
             vm_superio::Serial::from_state(&s, args.irq, vm_superio::serial::NoEvents, args.out)
                 .map_err(|e| SerialError::BadState(format!("{e:?}")))?;
-        Ok(Self { inner })
+        Ok(Self {
+            inner,
+            backlog: Default::default(),
+        })
     }
 
     /// The UART's registers and pending input.
@@ -275,6 +325,36 @@ mod tests {
         }
         assert_eq!(s.unread(), 0);
         assert!(!s.kick_input());
+    }
+
+    #[test]
+    fn queued_input_is_read_in_one_go_while_data_is_ready() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = Serial::new(
+            EventFdTrigger::new(evt.try_clone().unwrap()),
+            Box::new(std::io::sink()),
+        );
+        s.write(1, &[IER_RDA]);
+        let input: Vec<u8> = (0..200u8).collect();
+        assert_eq!(s.queue_input(&input), 200);
+        assert_eq!(s.unread(), 64);
+        assert_eq!(s.backlog(), 136);
+        // The 8250 driver's receive loop: read while the line status says data ready.
+        let mut got = Vec::new();
+        loop {
+            let mut lsr = [0u8];
+            s.read(5, &mut lsr);
+            if lsr[0] & 1 == 0 {
+                break;
+            }
+            let mut b = [0u8];
+            s.read(0, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got, input);
+        assert_eq!(s.backlog(), 0);
+        // The backlog is bounded.
+        assert_eq!(s.queue_input(&vec![0; MAX_BACKLOG * 2]), MAX_BACKLOG);
     }
 
     #[test]

@@ -674,7 +674,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// The bytes of a string of hex digits (either case); `None` for anything else.
 fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     s.as_bytes()

@@ -48,9 +48,31 @@ pub fn raise_open_files() -> io::Result<libc::rlim_t> {
     Err(last)
 }
 
+/// Turns transparent huge pages off for this process and the processes it forks
+/// (`PR_SET_THP_DISABLE`). A fork child must cost kilobytes: on a host whose THP
+/// setting is `always` (Debian's), the first touch of its heap's next 2 MiB, or of a
+/// malloc arena that grew that far, takes a whole huge page, and measured children
+/// were 2 MiB larger now and then for it. Guest RAM is shared memory, which this does
+/// not make smaller (a fork child's copies of guest pages are 4 KiB each anyway).
+pub fn no_huge_pages() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_huge_pages_sets_the_process_flag() {
+        // SAFETY: prctl with integer arguments only.
+        let get = || unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+        no_huge_pages().unwrap();
+        assert_eq!(get(), 1);
+    }
 
     #[test]
     fn the_soft_limit_reaches_at_least_the_hard_one() {
@@ -66,18 +88,4 @@ mod tests {
         // A second call changes nothing.
         assert_eq!(raise_open_files().unwrap(), now);
     }
-}
-
-/// Turns transparent huge pages off for this process and the processes it forks
-/// (`PR_SET_THP_DISABLE`). A fork child must cost kilobytes: on a host whose THP
-/// setting is `always` (Debian's), the first touch of its heap's next 2 MiB, or of a
-/// malloc arena that grew that far, takes a whole huge page, and measured children
-/// were 2 MiB larger now and then for it. Guest RAM is shared memory, which this does
-/// not make smaller (a fork child's copies of guest pages are 4 KiB each anyway).
-pub fn no_huge_pages() -> io::Result<()> {
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }

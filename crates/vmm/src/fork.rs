@@ -1209,17 +1209,16 @@ pub fn identity_over_port(
     let line = request.to_string();
     // The answer is the first line that is a response: anything else the guest wrote
     // is not.
-    let is_response = |l: &[u8]| serde_json::from_slice::<forkvm_agent_proto::Response>(l).is_ok();
     let answer = port
-        .call(line.as_bytes(), is_response, deadline)
+        .call(
+            line.as_bytes(),
+            |l| serde_json::from_slice::<forkvm_agent_proto::Response>(l).ok(),
+            deadline,
+        )
         .map_err(|e| e.to_string())?;
-    match serde_json::from_slice::<forkvm_agent_proto::Response>(&answer) {
-        Ok(forkvm_agent_proto::Response::Ok) => Ok(()),
-        Ok(other) => Err(format!("agent answered {other:?}")),
-        Err(e) => Err(format!(
-            "unreadable answer {:?}: {e}",
-            String::from_utf8_lossy(&answer[..answer.len().min(200)])
-        )),
+    match answer {
+        forkvm_agent_proto::Response::Ok => Ok(()),
+        other => Err(format!("agent answered {other:?}")),
     }
 }
 

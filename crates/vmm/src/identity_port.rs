@@ -30,6 +30,9 @@ pub const ANNOUNCE: &[u8] = forkvm_agent_proto::IDENTITY_PORT_ANNOUNCE.as_bytes(
 /// The longest line read from the guest; a longer one is dropped whole.
 pub const MAX_LINE: usize = 4096;
 
+/// The longest request: it and its two newlines fit the UART's backlog at once.
+pub const MAX_REQUEST: usize = forkvm_devices::legacy::MAX_BACKLOG - 2;
+
 /// LSR: data ready.
 const LSR_DATA_READY: u8 = 0x01;
 /// IIR: no interrupt pending.
@@ -60,8 +63,8 @@ pub enum PortError {
     /// its UART's registers then said).
     #[error("the guest did not {0} within {1:?} ({2})")]
     Timeout(&'static str, Duration, String),
-    /// The request is longer than a line may be.
-    #[error("request of {0} bytes is longer than a line ({MAX_LINE})")]
+    /// The request is longer than the port queues for the guest, or not one line.
+    #[error("request of {0} bytes is not one line of at most {MAX_REQUEST} bytes")]
     TooLong(usize),
 }
 
@@ -192,22 +195,23 @@ impl IdentityPort {
         self.shared.lock().announced
     }
 
-    /// Sends `request` (one line, without its newline) and returns the first line the
-    /// guest writes back that `accept`s, waiting until `deadline`. One request at a
-    /// time (the caller's to keep): lines written before it, or half written, are
-    /// dropped before it is sent. The request follows a newline, so that whatever the
-    /// guest's side still held of an earlier line ends as a line of its own (the agent
-    /// answers no line that is not a request).
-    pub fn call(
+    /// Sends `request` (one line, without its newline) and returns what `parse` makes of
+    /// the first line the guest writes back that it parses, waiting until `deadline`.
+    /// One request at a time (the caller's to keep): lines written before it, or half
+    /// written, and input of an earlier request the guest has not read are dropped
+    /// before it is sent. The request follows a newline, so that whatever the guest's
+    /// side still held of an earlier line ends as a line of its own (the agent answers
+    /// no line that is not a request).
+    pub fn call<T>(
         &self,
         request: &[u8],
-        accept: impl Fn(&[u8]) -> bool,
+        parse: impl Fn(&[u8]) -> Option<T>,
         deadline: Instant,
-    ) -> Result<Vec<u8>, PortError> {
+    ) -> Result<T, PortError> {
         if !self.announced() {
             return Err(PortError::NotAnnounced);
         }
-        if request.len() >= MAX_LINE || request.contains(&b'\n') {
+        if request.len() > MAX_REQUEST || request.contains(&b'\n') {
             return Err(PortError::TooLong(request.len()));
         }
         {
@@ -217,53 +221,25 @@ impl IdentityPort {
             l.overlong = false;
             l.waiting = true;
         }
-        let answer = self
-            .send(request, deadline)
-            .and_then(|()| self.answer(&accept, deadline));
+        self.send(request);
+        let answer = self.answer(&parse, deadline);
         self.shared.lock().waiting = false;
         answer
     }
 
     /// Queues `request` between newlines for the guest ([`Serial::queue_input`]: the
-    /// guest's driver reads it all on one interrupt).
-    fn send(&self, request: &[u8], deadline: Instant) -> Result<(), PortError> {
-        let start = Instant::now();
-        let mut rest = [b'\n']
+    /// guest's driver reads it all on one interrupt), in place of whatever an earlier
+    /// request left queued.
+    fn send(&self, request: &[u8]) {
+        let line = [b'\n']
             .into_iter()
             .chain(request.iter().copied())
             .chain([b'\n'])
             .collect::<Vec<u8>>();
-        let mut watch = Unread::default();
-        let mut pause = Duration::from_micros(200);
-        loop {
-            let n = {
-                let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-                let n = serial.queue_input(&rest);
-                if n == 0 {
-                    watch.check(&mut serial);
-                }
-                n
-            };
-            rest.drain(..n);
-            if rest.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(PortError::Timeout(
-                    "read the request",
-                    start.elapsed(),
-                    self.registers(),
-                ));
-            }
-            // Only a request longer than the backlog gets here: the guest reads it
-            // on its interrupts, and one that takes long (starved of CPU) is looked at
-            // less often.
-            pause = match n {
-                0 => (pause * 2).min(Duration::from_millis(20)),
-                _ => Duration::from_micros(200),
-            };
-            std::thread::sleep(pause);
-        }
+        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        serial.drop_backlog();
+        let queued = serial.queue_input(&line);
+        debug_assert_eq!(queued, line.len(), "a request fits the backlog");
     }
 
     /// The UART's registers, for a report.
@@ -285,18 +261,18 @@ impl IdentityPort {
         }
     }
 
-    fn answer(
+    fn answer<T>(
         &self,
-        accept: &dyn Fn(&[u8]) -> bool,
+        parse: &dyn Fn(&[u8]) -> Option<T>,
         deadline: Instant,
-    ) -> Result<Vec<u8>, PortError> {
+    ) -> Result<T, PortError> {
         let start = Instant::now();
         let mut watch = Unread::default();
         let mut l = self.shared.lock();
         loop {
             while let Some(line) = l.answers.pop_front() {
-                if accept(&line) {
-                    return Ok(line);
+                if let Some(answer) = parse(&line) {
+                    return Ok(answer);
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -398,7 +374,7 @@ mod tests {
         let p = port(None);
         let soon = Instant::now() + Duration::from_millis(10);
         assert!(matches!(
-            p.call(b"{}", |_| true, soon),
+            p.call(b"{}", |l| Some(l.to_vec()), soon),
             Err(PortError::NotAnnounced)
         ));
         guest_writes(&p, b"forkvm-agent identity-port 2\r\n");
@@ -426,7 +402,11 @@ mod tests {
         };
         let request = vec![b'x'; 300];
         let answer = p
-            .call(&request, |_| true, Instant::now() + Duration::from_secs(10))
+            .call(
+                &request,
+                |l| Some(l.to_vec()),
+                Instant::now() + Duration::from_secs(10),
+            )
             .unwrap();
         assert_eq!(answer, b"{\"op\":\"ok\"}");
         let got = guest.join().unwrap();
@@ -443,7 +423,11 @@ mod tests {
         // Nobody asked: not kept.
         guest_writes(&p, b"stale answer\n");
         let start = Instant::now();
-        let r = p.call(b"ping", |_| true, start + Duration::from_millis(50));
+        let r = p.call(
+            b"ping",
+            |l| Some(l.to_vec()),
+            start + Duration::from_millis(50),
+        );
         assert!(
             matches!(r, Err(PortError::Timeout("answer", _, _))),
             "{r:?}"
@@ -508,7 +492,11 @@ mod tests {
                 raised
             })
         };
-        let answer = p.call(b"ping", |_| true, Instant::now() + Duration::from_secs(5));
+        let answer = p.call(
+            b"ping",
+            |l| Some(l.to_vec()),
+            Instant::now() + Duration::from_secs(5),
+        );
         assert_eq!(guest.join().unwrap(), 2);
         assert_eq!(answer.unwrap(), b"{}");
     }
@@ -531,7 +519,7 @@ mod tests {
         };
         let answer = p.call(
             b"ping",
-            |l| l.starts_with(b"{"),
+            |l| l.starts_with(b"{").then(|| l.to_vec()),
             Instant::now() + Duration::from_secs(10),
         );
         guest.join().unwrap();
@@ -569,11 +557,11 @@ mod tests {
         guest_writes(&p, b"\n");
         let later = Instant::now() + Duration::from_secs(1);
         assert!(matches!(
-            p.call(b"a\nb", |_| true, later),
+            p.call(b"a\nb", |l| Some(l.to_vec()), later),
             Err(PortError::TooLong(_))
         ));
         assert!(matches!(
-            p.call(&vec![b'a'; MAX_LINE], |_| true, later),
+            p.call(&vec![b'a'; MAX_LINE], |l| Some(l.to_vec()), later),
             Err(PortError::TooLong(_))
         ));
     }

@@ -212,13 +212,6 @@ fn wait_identities(
     }
 }
 
-/// Unix microseconds, now.
-fn unix_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
 /// One thread per child socket, each waiting for its start time, then pinging until
 /// the child answers, the time limit passes or its stop flag is raised.
 struct Pollers {
@@ -478,7 +471,7 @@ impl Bench<'_> {
                 })
                 .collect(),
         };
-        let t0_us = unix_us();
+        let t0_us = forkvm_vmm::snapshot::realtime_ns() / 1000;
         let t0 = Instant::now();
         pollers.go(t0);
         let answer = handle.call(Request::Fork(req));

@@ -7,7 +7,7 @@ mod serial;
 
 pub use i8042::I8042;
 pub use power::{AcpiPowerPort, POWER_PORT_RESET_VALUE, POWER_PORT_S5_VALUE};
-pub use serial::{Serial, SerialArgs, SerialError, SerialState};
+pub use serial::{Serial, SerialArgs, SerialError, SerialState, MAX_BACKLOG};
 
 use vmm_sys_util::eventfd::EventFd;
 

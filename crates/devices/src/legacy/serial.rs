@@ -84,6 +84,11 @@ impl Serial {
         n
     }
 
+    /// Drops the input queued beyond the FIFO.
+    pub fn drop_backlog(&mut self) {
+        self.backlog.clear();
+    }
+
     /// Bytes queued beyond the FIFO.
     pub fn backlog(&self) -> usize {
         self.backlog.len()

@@ -532,12 +532,21 @@ fn pod_lifecycle(ctd: &Containerd, cri: &mut Cri, handler: &str) {
         std::thread::sleep(Duration::from_millis(500));
     }
     // `kubectl port-forward`: containerd dials the port on the loopback of the pod's
-    // network namespace on the host, which for forkvm is the guest's.
-    let (data, error) = port_forward(cri, &pod, 8080);
-    assert!(
-        data.contains("pong"),
-        "{handler}: port-forward to 8080 got {data:?} (error channel: {error:?})"
-    );
+    // network namespace on the host, which for forkvm is the guest's. The server
+    // answers one connection per `nc -l`: one that comes while its loop starts the
+    // next (the check above just took one) is refused, so it is tried again, as above.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (data, error) = port_forward(cri, &pod, 8080);
+        if data.contains("pong") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{handler}: port-forward to 8080 got {data:?} (error channel: {error:?})"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let out = cri.exec_sync(&client, &["sh", "-c", "echo out; echo err >&2; exit 3"]);
     assert_eq!(
         (out.exit_code, out.stdout.as_slice(), out.stderr.as_slice()),

@@ -39,6 +39,11 @@ fn main() {
             }
         }
     }
+    // Before any thread: one malloc arena (a fork child's threads held 64 KiB in arenas
+    // of their own). Forked warm processes and their children inherit it.
+    if let Err(e) = forkvm_jail::limits::one_malloc_arena() {
+        eprintln!("forkvm-vmm: each thread keeps its own malloc arena: {e}");
+    }
     forkvm_config::logging::init_stderr(None);
     // Its host pid, read while `/proc` is still the host's (the jail mounts one of the
     // VM process's own pid namespace): what its home records and its API reports.
@@ -303,6 +308,13 @@ fn run(mut launched: Launched) -> Result<i32> {
         }
     };
     drop(launched);
+    // What the start took and freed goes back: the stack its decoding and restore went
+    // down to, then the heap's free chunks (the launch, a fork child's decoded state, the
+    // stack's map).
+    if let Err(e) = forkvm_jail::limits::release_main_stack_below_here() {
+        tracing::debug!("the start's stack stays written: {e}");
+    }
+    forkvm_jail::limits::release_free_heap();
     let exit = vmm.run();
     let record = exit_record(&exit, server.stop_requested());
     server.finish(record);

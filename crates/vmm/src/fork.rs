@@ -1115,16 +1115,20 @@ impl ChildPayload {
                         via: via.to_owned(),
                     })
                 });
-                let Some(uds) = uds.filter(|_| nets.iter().any(|n| n.bridge.is_some())) else {
-                    return;
-                };
-                match crate::bridged::take_own_addresses(&nets, &identity.macs, &uds) {
-                    Ok(addresses) => {
-                        tracing::info!(?addresses, "on forkvm's network with addresses of its own");
-                        record(&|s| s.addresses = addresses.clone());
+                if let Some(uds) = uds.filter(|_| nets.iter().any(|n| n.bridge.is_some())) {
+                    match crate::bridged::take_own_addresses(&nets, &identity.macs, &uds) {
+                        Ok(addresses) => {
+                            tracing::info!(
+                                ?addresses,
+                                "on forkvm's network with addresses of its own"
+                            );
+                            record(&|s| s.addresses = addresses.clone());
+                        }
+                        Err(e) => tracing::warn!("the child stays off its network: {e}"),
                     }
-                    Err(e) => tracing::warn!("the child stays off its network: {e}"),
                 }
+                // The request, the answer and the records are freed: their pages go back.
+                forkvm_jail::limits::release_free_heap();
             })
             .map(drop)
     }

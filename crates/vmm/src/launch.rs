@@ -829,9 +829,13 @@ impl Launched {
                     // Counted ready by its pool from now on; a pool that went away
                     // closed the socket, which the next receive finds.
                     let _ = (&sock).write_all(&REPORT_PREPARED.to_le_bytes());
+                    crate::warm::wait_for_launch_as_batch();
                 }
                 Received::Launch(launch, sent_ns) => {
                     let received = std::time::Instant::now();
+                    if warm {
+                        crate::warm::launched_at_normal_policy();
+                    }
                     let queued_us = monotonic_ns().saturating_sub(sent_ns) / 1000;
                     let mut files = files;
                     let fork = match &launch.start {

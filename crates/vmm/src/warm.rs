@@ -237,6 +237,39 @@ impl Prepared {
     }
 }
 
+/// Sets the calling thread's scheduling policy (`SCHED_OTHER`, `SCHED_BATCH` or
+/// `SCHED_IDLE`, none of which needs a privilege: they share the static priority 0).
+fn set_own_policy(policy: libc::c_int) -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on the calling thread (0) with a valid param.
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A prepared warm process waits for its launch as a batch thread (`SCHED_BATCH`): the
+/// scheduler never lets a woken batch thread preempt the thread that woke it. A parent
+/// that forks ten children sends ten launches while its vCPUs are paused; a warm process
+/// woken at the normal policy took the parent's CPU for its restore before the parent
+/// sent the next launch, so on a host with fewer CPUs than children the parent's pause
+/// grew with every child. Now the sending goes on, and the children restore once the
+/// parent waits. The vCPU threads started ahead keep the normal policy (a thread's
+/// policy is its own).
+pub(crate) fn wait_for_launch_as_batch() {
+    if let Err(e) = set_own_policy(libc::SCHED_BATCH) {
+        tracing::debug!("a warm process waits at the normal policy: {e}");
+    }
+}
+
+/// Back to the normal policy once the launch is read ([`wait_for_launch_as_batch`]):
+/// the restore and the VM's event loop compete for the CPU as any VM does.
+pub(crate) fn launched_at_normal_policy() {
+    if let Err(e) = set_own_policy(libc::SCHED_OTHER) {
+        tracing::warn!("the VM's event loop stays a batch thread: {e}");
+    }
+}
+
 /// Prepares a VM as `warmup` says on a thread of the lowest CPU priority
 /// (`SCHED_IDLE`): a pool refills right after a fork, while the new children are still
 /// starting their guests, and on a busy host that work must not take CPU from them.
@@ -247,18 +280,38 @@ pub(crate) fn prepare_in_background(
 ) -> Result<Prepared, PrepareError> {
     std::thread::scope(|s| {
         s.spawn(|| {
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: sched_setscheduler on the calling thread (0) with a valid param;
-            // any thread may lower itself to SCHED_IDLE.
-            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-                tracing::debug!(
-                    "cannot lower the warm-up's priority: {}",
-                    std::io::Error::last_os_error()
-                );
+            if let Err(e) = set_own_policy(libc::SCHED_IDLE) {
+                tracing::debug!("cannot lower the warm-up's priority: {e}");
             }
             Prepared::new(warmup, files)
         })
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn own_policy() -> libc::c_int {
+        // SAFETY: sched_getscheduler of the calling thread.
+        unsafe { libc::sched_getscheduler(0) }
+    }
+
+    #[test]
+    fn a_warm_process_waits_as_a_batch_thread_and_runs_its_vm_at_the_normal_policy() {
+        std::thread::spawn(|| {
+            assert_eq!(own_policy(), libc::SCHED_OTHER);
+            wait_for_launch_as_batch();
+            assert_eq!(own_policy(), libc::SCHED_BATCH);
+            // A thread started now would inherit it: the vCPU threads are started before.
+            let started = std::thread::spawn(own_policy).join().unwrap();
+            assert_eq!(started, libc::SCHED_BATCH);
+            launched_at_normal_policy();
+            assert_eq!(own_policy(), libc::SCHED_OTHER);
+        })
+        .join()
+        .unwrap();
+    }
 }

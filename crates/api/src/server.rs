@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -738,6 +739,8 @@ where
 pub struct ApiServer {
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Wakes the server thread while it still waits for its first caller.
+    wake: Arc<OwnedFd>,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -769,6 +772,8 @@ pub fn serve(home: VmHome, control: impl Control) -> Result<ApiServer, Error> {
     })?;
     let shared = Shared::new(home, Arc::new(control));
     let inner = shared.clone();
+    let wake = Arc::new(eventfd().map_err(Error::io("cannot make the API thread's eventfd"))?);
+    let woken = wake.clone();
     let (confined_tx, confined) = std::sync::mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
         .name("forkvm-api".into())
@@ -780,6 +785,11 @@ pub fn serve(home: VmHome, control: impl Control) -> Result<ApiServer, Error> {
             let _ = confined_tx.send(confined);
             if failed {
                 return;
+            }
+            match first_caller(&listener, &woken) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => tracing::warn!(error = %e, "cannot wait for the API's first caller"),
             }
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -810,7 +820,61 @@ pub fn serve(home: VmHome, control: impl Control) -> Result<ApiServer, Error> {
     Ok(ApiServer {
         shared,
         thread: Some(thread),
+        wake,
     })
+}
+
+/// A new eventfd (non-blocking, closed on exec).
+fn eventfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: eventfd takes integer arguments only; a valid result is a new descriptor
+    // that nothing else owns.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits until a caller connects to `listener` (`true`) or `wake` is written (`false`:
+/// the server stops before anyone called). The runtime is built only then: an idle fork
+/// child, which nobody may ever call, does not hold its poller, timer wheel and buffers
+/// (its own memory: a fork child must cost kilobytes). A caller that connects meanwhile
+/// waits in the socket's backlog for this wait's end, microseconds.
+fn first_caller(
+    listener: &std::os::unix::net::UnixListener,
+    wake: &OwnedFd,
+) -> std::io::Result<bool> {
+    // SAFETY: epoll_create1 with a flag only; a valid result is a new descriptor.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `ep` was just opened and is owned by nobody else.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    for (fd, token) in [(listener.as_raw_fd(), 0u64), (wake.as_raw_fd(), 1)] {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: both descriptors are open for the call; `ev` is a valid event.
+        if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 2];
+    loop {
+        // SAFETY: `ready` has room for the 2 events asked for; -1 waits until one.
+        let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), ready.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(!ready[..n as usize].iter().any(|e| e.u64 == 1));
+    }
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: std::os::unix::net::UnixListener) {
@@ -875,6 +939,8 @@ impl ApiServer {
 
     fn stop_serving(&mut self) {
         self.shared.shutdown.send_replace(true);
+        // SAFETY: writes 8 bytes from a valid u64 to the open eventfd.
+        let _ = unsafe { libc::write(self.wake.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

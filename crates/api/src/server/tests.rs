@@ -567,6 +567,32 @@ fn serves_on_its_socket_and_finishes() {
 }
 
 #[test]
+fn the_runtime_waits_for_the_first_caller_and_a_server_never_called_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    // Called late: the first caller, waiting in the backlog, is answered.
+    let home = VmHome::create(dir.path(), None, None).unwrap();
+    let sock = home.socket_path();
+    let server = serve(home, FakeRef(Arc::new(Fake::default()))).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let c = crate::Client::new(&sock);
+    assert_eq!(c.info().unwrap().vcpus, 2);
+    assert_eq!(c.info().unwrap().vcpus, 2);
+    server.finish(ExitRecord::new(0, forkvm_registry::Ending::Stopped));
+    assert!(!sock.exists());
+    // Never called: it finishes at once, its thread waiting for a caller woken.
+    let home = VmHome::create(dir.path(), None, None).unwrap();
+    let (sock, state) = (home.socket_path(), home.state_path());
+    let server = serve(home, FakeRef(Arc::new(Fake::default()))).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = std::time::Instant::now();
+    server.finish(ExitRecord::new(0, forkvm_registry::Ending::Stopped));
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert!(!sock.exists());
+    let st = forkvm_registry::VmState::read(&state).unwrap();
+    assert_eq!(st.status, Status::Exited);
+}
+
+#[test]
 fn another_users_request_paths_must_lie_in_the_vms_home() {
     let s = setup();
     let home = s.shared.home.dir().to_owned();

@@ -886,6 +886,11 @@ async fn accept_loop(shared: Arc<Shared>, listener: std::os::unix::net::UnixList
         }
     };
     let mut shutdown = shared.shutdown.subscribe();
+    // A stop sent before this subscribed (while the runtime was built for a first
+    // caller) counts as seen already: `changed` would never see it.
+    if *shutdown.borrow_and_update() {
+        return;
+    }
     let active = Arc::new(AtomicUsize::new(0));
     loop {
         tokio::select! {

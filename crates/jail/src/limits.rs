@@ -96,12 +96,13 @@ pub fn release_free_heap() {
     }
 }
 
-/// Pages left alone below the caller's frame: what the calls that give the rest back
-/// (and a signal handler run on this stack meanwhile) use.
+/// Bytes left alone below the frame that gives the stack back: the frames of the calls
+/// that do it live there while they run.
 const STACK_SLACK: usize = 4 << 12;
 
-/// Gives back the pages of the main thread's stack more than a few pages below the
-/// caller's frame (`MADV_DONTNEED`: read again, they are new zeroed pages). A fork child
+/// Gives back the pages of the main thread's stack more than four pages below this
+/// function's own frame (`MADV_DONTNEED`: read again, they are new zeroed pages); every
+/// frame of its callers lies above. A fork child
 /// decodes its VM's state on the main thread, in frames of kilobytes each (a vCPU's
 /// saved state is ~6 KiB and the decoder moves it through several of them): 48 KiB of
 /// stack it wrote once and never reaches again while it runs the VM, each page its own
@@ -116,21 +117,28 @@ pub fn release_main_stack_below_here() -> io::Result<usize> {
         return Ok(0);
     }
     let maps = std::fs::read_to_string("/proc/self/maps")?;
-    let Some(low) = maps
+    let Some(stack) = maps
         .lines()
         .find(|l| l.ends_with("[stack]"))
-        .and_then(|l| l.split('-').next())
-        .and_then(|a| usize::from_str_radix(a, 16).ok())
+        .and_then(|l| l.split_whitespace().next()?.split_once('-'))
+        .and_then(|(a, b)| {
+            Some(usize::from_str_radix(a, 16).ok()?..usize::from_str_radix(b, 16).ok()?)
+        })
     else {
         return Err(io::Error::other("no [stack] mapping in /proc/self/maps"));
     };
     let here = 0u8;
-    give_back_below(low, std::hint::black_box(&here) as *const u8 as usize)
+    give_back_below(stack, std::hint::black_box(&here) as *const u8 as usize)
 }
 
-/// Gives back the whole pages of the stack mapping starting at `low` that lie more than
-/// [`STACK_SLACK`] below `here`, an address in the caller's frame on that stack.
-fn give_back_below(low: usize, here: usize) -> io::Result<usize> {
+/// Gives back the whole pages of the stack mapping `stack` that lie more than
+/// [`STACK_SLACK`] below `here`, an address in the caller's frame on that stack; nothing
+/// if `here` is not in it (a thread on another stack).
+fn give_back_below(stack: std::ops::Range<usize>, here: usize) -> io::Result<usize> {
+    if !stack.contains(&here) {
+        return Ok(0);
+    }
+    let low = stack.start;
     let end = here.saturating_sub(STACK_SLACK) & !0xfff;
     if end <= low {
         return Ok(0);
@@ -157,26 +165,47 @@ mod tests {
         assert_eq!(get(), 1);
     }
 
-    /// `Private_Dirty` of the mapping of this process that holds `addr`, KiB.
-    fn private_dirty_around(addr: usize) -> u64 {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut inside = false;
+    /// `Rss` of the mapping of this process that holds `addr`, KiB.
+    fn resident_around(addr: usize) -> u64 {
+        resident_of(&[addr])
+    }
+
+    /// `Rss` of the mappings of this process that hold any of `addrs`, each counted once,
+    /// KiB. (Resident, not `Private_Dirty`: other tests fork, and while a forked process
+    /// lives every page is shared with it.)
+    fn resident_of(addrs: &[usize]) -> u64 {
+        use std::io::Read;
+        // Read into a buffer of its own mapping (far above the mmap threshold), never
+        // into the heap whose pages are being counted.
+        let mut smaps = String::with_capacity(16 << 20);
+        std::fs::File::open("/proc/self/smaps")
+            .unwrap()
+            .read_to_string(&mut smaps)
+            .unwrap();
+        let (mut inside, mut found, mut kib) = (false, 0, 0);
         for line in smaps.lines() {
             let range = line.split_whitespace().next().unwrap_or("");
             if let Some((a, b)) = range.split_once('-') {
                 if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
                 {
-                    inside = (a..b).contains(&addr);
+                    inside = addrs.iter().any(|x| (a..b).contains(x));
+                    found += usize::from(inside);
                     continue;
                 }
             }
             if inside {
-                if let Some(kib) = line.strip_prefix("Private_Dirty:") {
-                    return kib.trim().trim_end_matches(" kB").trim().parse().unwrap();
+                if let Some(k) = line.strip_prefix("Rss:") {
+                    kib += k
+                        .trim()
+                        .trim_end_matches(" kB")
+                        .trim()
+                        .parse::<u64>()
+                        .unwrap();
                 }
             }
         }
-        panic!("no mapping holds {addr:#x}");
+        assert!(found > 0, "no mapping holds {addrs:x?}");
+        kib
     }
 
     #[cfg(target_env = "gnu")]
@@ -185,13 +214,14 @@ mod tests {
         // 2 MiB in chunks below the mmap threshold, all written, then all but the last
         // freed: the last keeps the heap's top from shrinking by itself.
         let chunks: Vec<Vec<u8>> = (0..64).map(|_| vec![1u8; 32 << 10]).collect();
-        let at = chunks[32].as_ptr() as usize;
-        let before = private_dirty_around(at);
+        // An arena's chunks may lie in more than one mapping (a heap of its that filled).
+        let at: Vec<usize> = chunks[..63].iter().map(|c| c.as_ptr() as usize).collect();
+        let before = resident_of(&at);
         let mut chunks = chunks;
         let last = chunks.pop();
         drop(chunks);
         release_free_heap();
-        let after = private_dirty_around(at);
+        let after = resident_of(&at);
         assert!(before >= 2000, "the chunks were written: {before} KiB");
         assert!(
             after + 1024 <= before,
@@ -220,21 +250,22 @@ mod tests {
                 let here = 0u8;
                 let here = std::hint::black_box(&here) as *const u8 as usize;
                 let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-                let low = maps
+                let stack = maps
                     .lines()
                     .filter_map(|l| l.split_whitespace().next()?.split_once('-'))
                     .map(|(a, b)| {
-                        (
-                            usize::from_str_radix(a, 16).unwrap(),
-                            usize::from_str_radix(b, 16).unwrap(),
-                        )
+                        usize::from_str_radix(a, 16).unwrap()..usize::from_str_radix(b, 16).unwrap()
                     })
-                    .find(|(a, b)| (*a..*b).contains(&here))
-                    .unwrap()
-                    .0;
-                let before = private_dirty_around(here);
-                let given = give_back_below(low, here).unwrap();
-                let after = private_dirty_around(here);
+                    .find(|r| r.contains(&here))
+                    .unwrap();
+                // Not on that stack: nothing.
+                assert_eq!(
+                    give_back_below(stack.end..stack.end + 4096, here).unwrap(),
+                    0
+                );
+                let before = resident_around(here);
+                let given = give_back_below(stack, here).unwrap();
+                let after = resident_around(here);
                 assert!(given >= 480 << 10, "{given} bytes given back");
                 assert!(before >= 512, "the frames were written: {before} KiB");
                 assert!(
@@ -255,9 +286,73 @@ mod tests {
         assert_eq!(release_main_stack_below_here().unwrap(), 0);
     }
 
+    /// Set in the copy of the test binary that
+    /// [`one_malloc_arena_keeps_new_threads_in_the_main_heap`] runs.
+    const ARENA_CHILD: &str = "FORKVM_TEST_ONE_ARENA_CHILD";
+
+    /// Whether `addr` lies in this process's `[heap]` (glibc's main arena).
+    fn in_main_heap(addr: usize) -> bool {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        maps.lines().filter(|l| l.ends_with("[heap]")).any(|l| {
+            let (a, b) = l
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .split_once('-')
+                .unwrap();
+            (usize::from_str_radix(a, 16).unwrap()..usize::from_str_radix(b, 16).unwrap())
+                .contains(&addr)
+        })
+    }
+
+    /// What a new thread's first allocation lands in: the main heap or not.
+    fn new_thread_allocates_in_main_heap() -> bool {
+        std::thread::spawn(|| {
+            let b = std::hint::black_box(vec![7u8; 1000]);
+            in_main_heap(b.as_ptr() as usize)
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[cfg(target_env = "gnu")]
     #[test]
-    fn one_malloc_arena_is_accepted() {
-        one_malloc_arena().unwrap();
+    fn one_malloc_arena_keeps_new_threads_in_the_main_heap() {
+        if std::env::var_os(ARENA_CHILD).is_some() {
+            // The copy: one test, on the harness's main thread, before any other thread.
+            let arg = std::env::var(ARENA_CHILD).unwrap();
+            if arg == "one" {
+                one_malloc_arena().unwrap();
+            }
+            let main_heap = new_thread_allocates_in_main_heap();
+            assert_eq!(
+                main_heap,
+                arg == "one",
+                "a new thread allocated in the main heap: {main_heap}"
+            );
+            return;
+        }
+        // glibc fixes the arena limit when a process makes its second arena: the limit
+        // is tested in a fresh copy of this binary, with and without it.
+        for arg in ["one", "default"] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "limits::tests::one_malloc_arena_keeps_new_threads_in_the_main_heap",
+                    "--test-threads=1",
+                    "--nocapture",
+                ])
+                .env(ARENA_CHILD, arg)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{arg}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
+        }
     }
 
     #[test]

@@ -1095,39 +1095,40 @@ impl ChildPayload {
                 tracing::warn!("cannot record the child's identity: {e}");
             }
         };
+        // Everything it holds (the request, the answer, the records) is dropped when it
+        // returns, then what the heap has free goes back.
+        let take = move || {
+            let via = match take_identity(&port, uds.as_deref(), &identity) {
+                Ok((took, via)) => {
+                    tracing::info!(?took, via, "guest agent applied the child identity");
+                    via
+                }
+                Err(e) => {
+                    tracing::warn!("guest agent did not apply the child identity: {e}");
+                    return;
+                }
+            };
+            let at_us = crate::snapshot::realtime_ns() / 1000;
+            record(&|s| {
+                s.identity = Some(forkvm_registry::IdentityTaken {
+                    at_us,
+                    via: via.to_owned(),
+                })
+            });
+            if let Some(uds) = uds.filter(|_| nets.iter().any(|n| n.bridge.is_some())) {
+                match crate::bridged::take_own_addresses(&nets, &identity.macs, &uds) {
+                    Ok(addresses) => {
+                        tracing::info!(?addresses, "on forkvm's network with addresses of its own");
+                        record(&|s| s.addresses = addresses.clone());
+                    }
+                    Err(e) => tracing::warn!("the child stays off its network: {e}"),
+                }
+            }
+        };
         std::thread::Builder::new()
             .name("identity".into())
             .spawn(move || {
-                let via = match take_identity(&port, uds.as_deref(), &identity) {
-                    Ok((took, via)) => {
-                        tracing::info!(?took, via, "guest agent applied the child identity");
-                        via
-                    }
-                    Err(e) => {
-                        tracing::warn!("guest agent did not apply the child identity: {e}");
-                        return;
-                    }
-                };
-                let at_us = crate::snapshot::realtime_ns() / 1000;
-                record(&|s| {
-                    s.identity = Some(forkvm_registry::IdentityTaken {
-                        at_us,
-                        via: via.to_owned(),
-                    })
-                });
-                if let Some(uds) = uds.filter(|_| nets.iter().any(|n| n.bridge.is_some())) {
-                    match crate::bridged::take_own_addresses(&nets, &identity.macs, &uds) {
-                        Ok(addresses) => {
-                            tracing::info!(
-                                ?addresses,
-                                "on forkvm's network with addresses of its own"
-                            );
-                            record(&|s| s.addresses = addresses.clone());
-                        }
-                        Err(e) => tracing::warn!("the child stays off its network: {e}"),
-                    }
-                }
-                // The request, the answer and the records are freed: their pages go back.
+                take();
                 forkvm_jail::limits::release_free_heap();
             })
             .map(drop)

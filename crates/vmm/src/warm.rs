@@ -302,6 +302,8 @@ mod tests {
     #[test]
     fn a_warm_process_waits_as_a_batch_thread_and_runs_its_vm_at_the_normal_policy() {
         std::thread::spawn(|| {
+            // Whatever policy the tests run at, the VM runs at the normal one.
+            launched_at_normal_policy();
             assert_eq!(own_policy(), libc::SCHED_OTHER);
             wait_for_launch_as_batch();
             assert_eq!(own_policy(), libc::SCHED_BATCH);

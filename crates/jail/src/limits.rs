@@ -102,11 +102,10 @@ const STACK_SLACK: usize = 4 << 12;
 
 /// Gives back the pages of the main thread's stack more than four pages below this
 /// function's own frame (`MADV_DONTNEED`: read again, they are new zeroed pages); every
-/// frame of its callers lies above. A fork child
-/// decodes its VM's state on the main thread, in frames of kilobytes each (a vCPU's
-/// saved state is ~6 KiB and the decoder moves it through several of them): 48 KiB of
-/// stack it wrote once and never reaches again while it runs the VM, each page its own
-/// copy. What lies below a thread's stack pointer is dead by the ABI (x86-64's 128-byte
+/// frame of its callers lies above. A fork child decodes its VM's state on the main
+/// thread, in frames of kilobytes each (a vCPU's saved state is ~6 KiB and the decoder
+/// moves it through several of them): 48 KiB of stack it wrote once and never reaches
+/// again while it runs the VM, each page its own copy. What lies below a thread's stack pointer is dead by the ABI (x86-64's 128-byte
 /// red zone belongs to leaf functions, which this is not): glibc does the same with an
 /// exited thread's stack. Returns the bytes given back; 0 on a thread other than the
 /// main one (its stack is not `[stack]`).

@@ -204,6 +204,7 @@ impl Agent {
     /// Accepts connections on `listener` forever, serving each in its own thread.
     /// The identity port is served too, on a thread of its own.
     pub fn serve_listener(self: &Arc<Self>, listener: OwnedFd) -> ! {
+        identity::open_random_device();
         crate::identity_port::start(self.clone());
         loop {
             // SAFETY: accept on our listening socket; null address pointers are allowed.

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, watch};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::metrics::Histogram;
 use crate::wire::{ChildSpec, ControlError, DeviceInfo, ForkRequest, Request, Response, RunState};
@@ -740,7 +742,7 @@ pub struct ApiServer {
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Wakes the server thread while it still waits for its first caller.
-    wake: Arc<OwnedFd>,
+    wake: Arc<EventFd>,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -772,7 +774,10 @@ pub fn serve(home: VmHome, control: impl Control) -> Result<ApiServer, Error> {
     })?;
     let shared = Shared::new(home, Arc::new(control));
     let inner = shared.clone();
-    let wake = Arc::new(eventfd().map_err(Error::io("cannot make the API thread's eventfd"))?);
+    let wake = Arc::new(
+        EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK)
+            .map_err(Error::io("cannot make the API thread's eventfd"))?,
+    );
     let woken = wake.clone();
     let (confined_tx, confined) = std::sync::mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
@@ -824,18 +829,6 @@ pub fn serve(home: VmHome, control: impl Control) -> Result<ApiServer, Error> {
     })
 }
 
-/// A new eventfd (non-blocking, closed on exec).
-fn eventfd() -> std::io::Result<OwnedFd> {
-    // SAFETY: eventfd takes integer arguments only; a valid result is a new descriptor
-    // that nothing else owns.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just opened and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// Waits until a caller connects to `listener` (`true`) or `wake` is written (`false`:
 /// the server stops before anyone called). The runtime is built only then: an idle fork
 /// child, which nobody may ever call, does not hold its poller, timer wheel and buffers
@@ -843,37 +836,25 @@ fn eventfd() -> std::io::Result<OwnedFd> {
 /// waits in the socket's backlog for this wait's end, microseconds.
 fn first_caller(
     listener: &std::os::unix::net::UnixListener,
-    wake: &OwnedFd,
+    wake: &EventFd,
 ) -> std::io::Result<bool> {
-    // SAFETY: epoll_create1 with a flag only; a valid result is a new descriptor.
-    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if ep < 0 {
-        return Err(std::io::Error::last_os_error());
+    const CALLER: u64 = 0;
+    const WAKE: u64 = 1;
+    let epoll = Epoll::new()?;
+    for (fd, token) in [(listener.as_raw_fd(), CALLER), (wake.as_raw_fd(), WAKE)] {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )?;
     }
-    // SAFETY: `ep` was just opened and is owned by nobody else.
-    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-    for (fd, token) in [(listener.as_raw_fd(), 0u64), (wake.as_raw_fd(), 1)] {
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: token,
-        };
-        // SAFETY: both descriptors are open for the call; `ev` is a valid event.
-        if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 2];
+    let mut ready = [EpollEvent::default(); 2];
     loop {
-        // SAFETY: `ready` has room for the 2 events asked for; -1 waits until one.
-        let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), ready.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        match epoll.wait(-1, &mut ready) {
+            Ok(n) => return Ok(!ready[..n].iter().any(|e| e.data() == WAKE)),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
-        return Ok(!ready[..n as usize].iter().any(|e| e.u64 == 1));
     }
 }
 
@@ -944,8 +925,7 @@ impl ApiServer {
 
     fn stop_serving(&mut self) {
         self.shared.shutdown.send_replace(true);
-        // SAFETY: writes 8 bytes from a valid u64 to the open eventfd.
-        let _ = unsafe { libc::write(self.wake.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
+        let _ = self.wake.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -105,10 +105,10 @@ const STACK_SLACK: usize = 4 << 12;
 /// frame of its callers lies above. A fork child decodes its VM's state on the main
 /// thread, in frames of kilobytes each (a vCPU's saved state is ~6 KiB and the decoder
 /// moves it through several of them): 48 KiB of stack it wrote once and never reaches
-/// again while it runs the VM, each page its own copy. What lies below a thread's stack pointer is dead by the ABI (x86-64's 128-byte
-/// red zone belongs to leaf functions, which this is not): glibc does the same with an
-/// exited thread's stack. Returns the bytes given back; 0 on a thread other than the
-/// main one (its stack is not `[stack]`).
+/// again while it runs the VM, each page its own copy. What lies below a thread's stack
+/// pointer is dead by the ABI (x86-64's 128-byte red zone belongs to leaf functions,
+/// which this is not): glibc does the same with an exited thread's stack. Returns the
+/// bytes given back; 0 on a thread other than the main one (its stack is not `[stack]`).
 #[inline(never)]
 pub fn release_main_stack_below_here() -> io::Result<usize> {
     // SAFETY: getpid and gettid take no arguments.
@@ -119,15 +119,19 @@ pub fn release_main_stack_below_here() -> io::Result<usize> {
     let Some(stack) = maps
         .lines()
         .find(|l| l.ends_with("[stack]"))
-        .and_then(|l| l.split_whitespace().next()?.split_once('-'))
-        .and_then(|(a, b)| {
-            Some(usize::from_str_radix(a, 16).ok()?..usize::from_str_radix(b, 16).ok()?)
-        })
+        .and_then(mapping_range)
     else {
         return Err(io::Error::other("no [stack] mapping in /proc/self/maps"));
     };
     let here = 0u8;
     give_back_below(stack, std::hint::black_box(&here) as *const u8 as usize)
+}
+
+/// The addresses a line of `/proc/PID/maps` (or a mapping's first line in `smaps`)
+/// covers; `None` for any other line.
+fn mapping_range(line: &str) -> Option<std::ops::Range<usize>> {
+    let (a, b) = line.split_whitespace().next()?.split_once('-')?;
+    Some(usize::from_str_radix(a, 16).ok()?..usize::from_str_radix(b, 16).ok()?)
 }
 
 /// Gives back the whole pages of the stack mapping `stack` that lie more than
@@ -183,14 +187,10 @@ mod tests {
             .unwrap();
         let (mut inside, mut found, mut kib) = (false, 0, 0);
         for line in smaps.lines() {
-            let range = line.split_whitespace().next().unwrap_or("");
-            if let Some((a, b)) = range.split_once('-') {
-                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-                {
-                    inside = addrs.iter().any(|x| (a..b).contains(x));
-                    found += usize::from(inside);
-                    continue;
-                }
+            if let Some(range) = mapping_range(line) {
+                inside = addrs.iter().any(|x| range.contains(x));
+                found += usize::from(inside);
+                continue;
             }
             if inside {
                 if let Some(k) = line.strip_prefix("Rss:") {
@@ -251,10 +251,7 @@ mod tests {
                 let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
                 let stack = maps
                     .lines()
-                    .filter_map(|l| l.split_whitespace().next()?.split_once('-'))
-                    .map(|(a, b)| {
-                        usize::from_str_radix(a, 16).unwrap()..usize::from_str_radix(b, 16).unwrap()
-                    })
+                    .filter_map(mapping_range)
                     .find(|r| r.contains(&here))
                     .unwrap();
                 // Not on that stack: nothing.
@@ -292,16 +289,9 @@ mod tests {
     /// Whether `addr` lies in this process's `[heap]` (glibc's main arena).
     fn in_main_heap(addr: usize) -> bool {
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        maps.lines().filter(|l| l.ends_with("[heap]")).any(|l| {
-            let (a, b) = l
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .split_once('-')
-                .unwrap();
-            (usize::from_str_radix(a, 16).unwrap()..usize::from_str_radix(b, 16).unwrap())
-                .contains(&addr)
-        })
+        maps.lines()
+            .filter(|l| l.ends_with("[heap]"))
+            .any(|l| mapping_range(l).unwrap().contains(&addr))
     }
 
     /// What a new thread's first allocation lands in: the main heap or not.

@@ -34,20 +34,23 @@ fn os(what: impl Into<String>) -> IdentityError {
     }
 }
 
-/// `/dev/urandom`, opened once ([`open_random_device`]) before the VM is forked.
+/// `/dev/urandom`, opened once ([`random_device`]) before the VM is forked.
 static URANDOM: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
 
-/// Opens `/dev/urandom` for the reseed of a fork child to come, while the agent starts:
-/// a fork child that opens it (a path walk, a `struct file`) and closes it again (its
-/// release deferred through RCU) writes kernel pages it shares with its parent, each
-/// copied for it alone. Best effort: [`reseed`] opens it itself if this did not.
-pub fn open_random_device() {
-    if URANDOM.get().is_some() {
-        return;
+/// `/dev/urandom` for writing, opened on the first call and held from then on. The
+/// agent calls it when it starts, for the reseed of a fork child to come: a fork child
+/// that opens it (a path walk, a `struct file`) and closes it again (its release
+/// deferred through RCU) writes kernel pages it shares with its parent, each copied for
+/// it alone. If that first call failed, [`reseed`] tries again.
+pub fn random_device() -> io::Result<&'static std::fs::File> {
+    if let Some(f) = URANDOM.get() {
+        return Ok(f);
     }
-    if let Ok(f) = std::fs::OpenOptions::new().write(true).open("/dev/urandom") {
-        let _ = URANDOM.set(f);
-    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // Two threads may open it at once: one file is kept, the other closed.
+    Ok(URANDOM.get_or_init(|| f))
 }
 
 /// Adds `seed` to the kernel's input pool, credited as entropy, and reseeds the CRNG.
@@ -55,20 +58,10 @@ pub fn reseed(seed: &[u8]) -> Result<(), IdentityError> {
     if seed.len() < 32 {
         return Err(IdentityError::ShortSeed(seed.len()));
     }
-    let opened;
-    let f = match URANDOM.get() {
-        Some(f) => f,
-        None => {
-            opened = std::fs::OpenOptions::new()
-                .write(true)
-                .open("/dev/urandom")
-                .map_err(|source| IdentityError::Os {
-                    what: "/dev/urandom".into(),
-                    source,
-                })?;
-            &opened
-        }
-    };
+    let f = random_device().map_err(|source| IdentityError::Os {
+        what: "/dev/urandom".into(),
+        source,
+    })?;
     // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
     let mut info = Vec::with_capacity(8 + seed.len());
     info.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());
@@ -445,15 +438,13 @@ mod tests {
 
     #[test]
     fn the_random_device_is_opened_ahead_for_writing() {
-        open_random_device();
-        let f = URANDOM.get().expect("/dev/urandom held");
+        let f = random_device().unwrap();
         // SAFETY: F_GETFL on an open descriptor.
         let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
         assert_eq!(flags & libc::O_ACCMODE, libc::O_WRONLY);
         // Opened once: a second call keeps the first file.
         let fd = f.as_raw_fd();
-        open_random_device();
-        assert_eq!(URANDOM.get().unwrap().as_raw_fd(), fd);
+        assert_eq!(random_device().unwrap().as_raw_fd(), fd);
     }
 
     #[test]

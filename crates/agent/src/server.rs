@@ -204,7 +204,8 @@ impl Agent {
     /// Accepts connections on `listener` forever, serving each in its own thread.
     /// The identity port is served too, on a thread of its own.
     pub fn serve_listener(self: &Arc<Self>, listener: OwnedFd) -> ! {
-        identity::open_random_device();
+        // Best effort: a reseed opens it itself if this could not.
+        let _ = identity::random_device();
         crate::identity_port::start(self.clone());
         loop {
             // SAFETY: accept on our listening socket; null address pointers are allowed.

@@ -266,6 +266,12 @@ pub enum TemplateCommand {
         vm: String,
         /// Template directory (created if needed).
         dir: PathBuf,
+        /// Save a VM forkvm has no launch record of (a child of a fork asked for
+        /// through the API, a VM another program started) with the configuration its
+        /// VM process reports. That process may have been taken over by its guest:
+        /// the template's children would open the disks and shares it names.
+        #[arg(long)]
+        trust_vm_config: bool,
     },
     /// Start children from a template directory, in new VMM processes.
     Fork {

@@ -800,6 +800,55 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
             "{err}"
         );
         assert!(!elsewhere.path().join("child.log").exists());
+        // A child forked through the API has no launch record (only `forkvm fork` and
+        // `template fork` record theirs): `template save` will not take its
+        // configuration from its VM process unless told to, and makes nothing.
+        let base_id = base["id"].as_str().unwrap().to_owned();
+        let api_fork = forkvm_api::client::Client::new(&api)
+            .fork(&forkvm_api::wire::ForkRequest {
+                count: 1,
+                ..Default::default()
+            })
+            .expect("fork through the API");
+        let _api_child = Children(api_fork.children.iter().map(|c| c.pid).collect());
+        wait_for(
+            "the API's child to register",
+            Duration::from_secs(60),
+            || children_of(&root, &base_id).len() == 1,
+        );
+        let api_child = children_of(&root, &base_id).remove(0);
+        let unrecorded = dir.path().join("tpl-unrecorded");
+        let err = forkvm_err(
+            &root,
+            &["template", "save", &api_child, unrecorded.to_str().unwrap()],
+        );
+        assert!(
+            err.contains(&format!("VM {api_child} has no launch record"))
+                && err.contains("--trust-vm-config"),
+            "{err}"
+        );
+        assert!(
+            !unrecorded.exists(),
+            "a refused save made {}",
+            unrecorded.display()
+        );
+        let saved = run_forkvm(
+            &root,
+            &[
+                "template",
+                "save",
+                "--trust-vm-config",
+                &api_child,
+                unrecorded.to_str().unwrap(),
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&saved.stderr);
+        assert!(
+            saved.status.success() && stderr.contains("saved with it (--trust-vm-config)"),
+            "{saved:?}"
+        );
+        assert!(unrecorded.join("state.forkvm").exists());
+        forkvm_ok(&root, &["rm", "-f", &api_child]);
         // `template save` checked the state against the launch `boot` recorded beside
         // the state root, out of the VM process's reach. A VM process whose saved state
         // names another kernel than the one launched (here: the record names another)

@@ -415,6 +415,22 @@ fn volumes_share_host_directories() {
             .filter_map(|c| c.as_str().map(str::to_owned))
             .collect();
         assert_eq!(children.len(), 1, "{info:#}");
+        // `run` recorded the VM's launch beside the state root, out of its VM process's
+        // reach (`template save` checks a template against it), and `fork` its child's:
+        // the same.
+        let record = |id: &str| -> serde_json::Value {
+            let path = tmp.path().join("vms.launched").join(format!("{id}.json"));
+            let json = std::fs::read(&path)
+                .unwrap_or_else(|e| panic!("no launch record {}: {e}", path.display()));
+            serde_json::from_slice(&json).unwrap()
+        };
+        let parent = record(info["id"].as_str().expect("inspect's id"));
+        assert_eq!(
+            parent["shares"].as_array().map(Vec::len),
+            Some(1),
+            "{parent}"
+        );
+        assert_eq!(record(&children[0]), parent);
         std::fs::write(vol.join("from-host"), "written after the fork\n").unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         let (mut child_copy, mut parent_copy, mut child_line) = (None, None, false);

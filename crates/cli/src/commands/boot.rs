@@ -140,6 +140,18 @@ pub fn config(args: &BootArgs) -> Result<VmConfig> {
     Ok(cfg)
 }
 
+/// Records `cfg` as the launch of VM `id` beside state root `root`, where no VM process
+/// reaches, for `template save` to check the VM's saved state against; warns if it
+/// cannot (`template save` then refuses the VM without `--trust-vm-config`).
+pub fn record_launch(root: &Path, id: &str, cfg: &forkvm_vmm::VmConfig) {
+    if let Err(e) = forkvm_vmm::template::launched::record(root, id, cfg) {
+        eprintln!(
+            "forkvm: warning: the launch of VM {id} is not recorded ({e}): `template save` \
+             refuses it unless given --trust-vm-config"
+        );
+    }
+}
+
 /// Runs `forkvm boot`; returns the process exit code.
 ///
 /// The VM is registered under `root` (ID, name, state directory) and runs in a VM
@@ -155,13 +167,7 @@ pub fn run(args: BootArgs, root: &Path) -> Result<i32> {
         VmHome::create(&root, args.name.as_deref(), None).context("cannot register the VM")?;
     // What `template save` checks a template of this VM against, out of its VM
     // process's reach.
-    if let Err(e) = forkvm_vmm::template::launched::record(&root, home.id(), &cfg) {
-        eprintln!(
-            "forkvm: warning: the launch of VM {} is not recorded ({e}): a template saved \
-             from it is checked against what its VM process reports",
-            home.id()
-        );
-    }
+    record_launch(&root, home.id(), &cfg);
     let started = (|| {
         // The VM process records itself once it starts; until then, this process owns it.
         home.record_process(ProcessIdentity::current())

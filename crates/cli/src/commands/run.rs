@@ -257,6 +257,7 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
         .clone()
         .unwrap_or_else(|| home.id().chars().take(12).collect());
     let dir = home.dir().to_owned();
+    let state_root = root;
     let result = (|| {
         let spec = process_spec(&image.config, &args, &hostname)?;
         let uds = dir.join(vm::VSOCK_SOCKET);
@@ -277,6 +278,9 @@ pub fn run(args: RunArgs, root: &Path) -> Result<i32> {
             home.update(|s| s.addresses = vec![net.address().to_owned()])?;
         }
         home.record_machine(cfg.vcpus, cfg.mem_mib)?;
+        // What `template save` checks a template of this VM against, out of its VM
+        // process's reach (as `forkvm boot` records it).
+        crate::commands::boot::record_launch(state_root, home.id(), &cfg);
         let relay = signals
             .spawn(args.tty)
             .context("cannot start the signal thread")?;

@@ -13,10 +13,30 @@ use super::fork::{print_outcome, record_children};
 use super::vm::{find, live};
 use crate::cli::TemplateCommand;
 
+/// What `template save` does with a VM it has no launch record of: without
+/// `--trust-vm-config`, refuses (naming why and the flag); with it, warns.
+fn unrecorded(id: &str, trust_vm_config: bool) -> Result<()> {
+    let what = format!(
+        "VM {id} has no launch record (a child of a fork asked for through the API, or a VM \
+         another program started): only its VM process says what it was launched with, and \
+         a VM process its guest took over could name any host file as a disk or share of \
+         the template's children"
+    );
+    if !trust_vm_config {
+        anyhow::bail!("{what}; save it with --trust-vm-config to take that configuration");
+    }
+    eprintln!("forkvm: warning: {what}; saved with it (--trust-vm-config)");
+    Ok(())
+}
+
 /// Runs `forkvm template ...`.
 pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
     match cmd {
-        TemplateCommand::Save { vm, dir } => {
+        TemplateCommand::Save {
+            vm,
+            dir,
+            trust_vm_config,
+        } => {
             let dir = std::path::absolute(&dir)
                 .with_context(|| format!("bad template directory {}", dir.display()))?;
             let home = find(root, &vm)?;
@@ -26,12 +46,7 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
             let launched = forkvm_vmm::template::launched::launched(root, home.id())
                 .with_context(|| format!("cannot read the launch record of VM {}", home.id()))?;
             if launched.is_none() {
-                eprintln!(
-                    "forkvm: warning: VM {} has no launch record (a child of a fork asked for \
-                     through the API, or a VM of `forkvm run` or another program): its \
-                     configuration is taken from its VM process",
-                    home.id()
-                );
+                unrecorded(home.id(), trust_vm_config)?;
             }
             let info = forkvm_vmm::template::save_running(&home, &dir, launched.as_ref())
                 .with_context(|| format!("cannot save VM {} as a template", home.id()))?;

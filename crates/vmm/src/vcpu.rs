@@ -304,6 +304,11 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
         .map_err(vmm_sys_util::errno::Error::new)
 }
 
+/// Most exits a paused vCPU handles while completing its last instruction
+/// ([`VcpuRunner::complete_pending_exit`]): a string port instruction is done a page at
+/// a time, so a few suffice; a guest cannot keep the pause waiting longer.
+const DRAIN_EXITS: usize = 64;
+
 /// What a vCPU thread needs to run.
 pub struct VcpuRunner {
     /// vCPU index.
@@ -367,13 +372,8 @@ impl VcpuRunner {
             }
             VcpuExit::Hlt => count_exit(4),
             VcpuExit::Intr | VcpuExit::IrqWindowOpen => count_exit(5),
-            VcpuExit::Shutdown => {
-                // A triple fault: a crash, or a kernel's last-resort way to reboot.
-                tracing::warn!(
-                    "the guest triple-faulted (KVM shutdown exit): ending it as a reset"
-                );
-                return Some(VcpuStop::Reset);
-            }
+            // (Taken in the run loop, which logs where the vCPU was.)
+            VcpuExit::Shutdown => return Some(VcpuStop::Reset),
             VcpuExit::SystemEvent(kind, _) => {
                 count_exit(6);
                 return Some(match kind {
@@ -395,6 +395,62 @@ impl VcpuRunner {
             }
         }
         None
+    }
+
+    /// Completes the port or MMIO access the vCPU's last exit left open, without
+    /// running the guest on, so that what is saved of a paused vCPU is its state after
+    /// the instruction: KVM finishes such an instruction (stores what an `in` or an MMIO
+    /// read returned, steps past it) only on the next `KVM_RUN`, and keeps that pending
+    /// work where `KVM_GET_REGS` and the rest do not show it. Saved before, a fork child
+    /// or a template would run the instruction again (a device would see a write
+    /// twice) or lose what it read. A `KVM_RUN` with `immediate_exit` set does the
+    /// pending work and returns `EINTR` before entering the guest; a string instruction
+    /// may need more exits first, each handled like any other, at most
+    /// [`DRAIN_EXITS`] of them. `Some` when one of them ends the guest.
+    fn complete_pending_exit(&mut self) -> Option<VcpuStop> {
+        self.fd.set_kvm_immediate_exit(1);
+        let mut stop = None;
+        for _ in 0..DRAIN_EXITS {
+            match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => break,
+                Err(e) => {
+                    stop = Some(VcpuStop::Failed(format!("KVM_RUN failed: {e}")));
+                    break;
+                }
+                Ok(exit) => {
+                    if let Some(s) = Self::handle(exit, &self.pio, &self.mmio) {
+                        stop = Some(s);
+                        break;
+                    }
+                }
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        stop
+    }
+
+    /// Where the vCPU stopped, for the log of a crash: its instruction and stack
+    /// pointers, control registers and descriptor tables.
+    fn where_it_stopped(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "at rip {:#x} rsp {:#x} rflags {:#x}, cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} \
+                 efer {:#x}, idt {:#x}+{:#x} gdt {:#x}+{:#x}",
+                r.rip,
+                r.rsp,
+                r.rflags,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.idt.base,
+                s.idt.limit,
+                s.gdt.base,
+                s.gdt.limit
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("(its registers cannot be read: {e})"),
+        }
     }
 
     /// Serves commands while paused; returns false when told to exit.
@@ -445,6 +501,9 @@ impl VcpuRunner {
             while let Ok(cmd) = commands.try_recv() {
                 match cmd {
                     Command::Pause => {
+                        if let Some(stop) = self.complete_pending_exit() {
+                            break 'run stop;
+                        }
                         let _ = answers.send(Answer::Paused);
                         if !self.paused_loop(&commands, &answers) {
                             return;
@@ -463,6 +522,15 @@ impl VcpuRunner {
                 }
             }
             match self.fd.run() {
+                Ok(VcpuExit::Shutdown) => {
+                    // A triple fault: a crash, or a kernel's last-resort way to reboot.
+                    tracing::warn!(
+                        vcpu = self.index,
+                        "the guest triple-faulted (KVM shutdown exit) {}: ending it as a reset",
+                        self.where_it_stopped()
+                    );
+                    break 'run VcpuStop::Reset;
+                }
                 Ok(exit) => {
                     if let Some(stop) = Self::handle(exit, &self.pio, &self.mmio) {
                         break 'run stop;

@@ -191,3 +191,125 @@ fn device_eventfds_made_ahead_are_registered_until_released() {
             .expect("nothing registered for a refused device");
     });
 }
+
+/// A port device that records the bytes written to it and holds the writing vCPU in
+/// its first write until the test lets it go.
+struct Gate {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    entered: std::sync::mpsc::Sender<()>,
+    go: std::sync::mpsc::Receiver<()>,
+}
+
+impl forkvm_devices::bus::BusDevice for Gate {
+    fn read(&mut self, _: u64, _: &mut [u8]) {}
+
+    fn write(&mut self, _: u64, data: &[u8]) {
+        let first = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.extend_from_slice(data);
+            seen.len() == 1
+        };
+        if first {
+            let _ = self.entered.send(());
+            let _ = self.go.recv_timeout(std::time::Duration::from_secs(30));
+        }
+    }
+}
+
+/// A vCPU paused right after a port write exit is saved past that instruction: KVM
+/// completes a port or MMIO instruction only on the next `KVM_RUN`, and a state read
+/// before still points at it, so a fork child or a template restored from it would
+/// run the write again. The pause completes it first, without running the guest on.
+#[test]
+fn a_vcpu_paused_after_a_port_exit_is_saved_past_the_instruction() {
+    use forkvm_vmm::bus::Bus;
+    use forkvm_vmm::vcpu::{StopSink, VcpuHandle, VcpuRunner};
+    use std::sync::{Arc, Mutex};
+    forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
+        let vm = Vm::new().expect("a KVM VM");
+        const MEM: usize = 0x10000;
+        // SAFETY: a new private anonymous mapping, owned by this test until it ends
+        // (the VM, which uses it, is dropped first).
+        let mem = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MEM,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(mem, libc::MAP_FAILED);
+        // Real mode at 0x1000: mov al, 1; out 0x80, al; mov al, 2; out 0x80, al; jmp $.
+        let code = [0xb0, 0x01, 0xe6, 0x80, 0xb0, 0x02, 0xe6, 0x80, 0xeb, 0xfe];
+        // SAFETY: the code fits in the mapping just made.
+        unsafe {
+            std::ptr::copy_nonoverlapping(code.as_ptr(), (mem as *mut u8).add(0x1000), code.len())
+        };
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: MEM as u64,
+            userspace_addr: mem as u64,
+        };
+        // SAFETY: the region is the mapping above, which outlives the VM.
+        unsafe { vm.fd().set_user_memory_region(region) }.expect("memory slot");
+        let vcpu = vm.fd().create_vcpu(0).expect("a vCPU");
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rip = 0x1000;
+        regs.rflags = 2;
+        vcpu.set_regs(&regs).unwrap();
+
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (entered, entered_rx) = std::sync::mpsc::channel();
+        let (go_tx, go) = std::sync::mpsc::channel();
+        let gate = Gate {
+            seen: seen.clone(),
+            entered,
+            go,
+        };
+        let mut pio = Bus::new();
+        pio.insert(Arc::new(Mutex::new(gate)), 0x80, 1).unwrap();
+        forkvm_vmm::vcpu::install_kick_handler().unwrap();
+        let handle = VcpuRunner {
+            index: 0,
+            fd: vcpu,
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            stop: Arc::new(StopSink::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            msr_candidates: Arc::new(Vec::new()),
+            start_paused: false,
+        }
+        .spawn(None)
+        .expect("the vCPU thread");
+        // The vCPU is in the device's first write, out of KVM_RUN with the `out`
+        // pending; the pause is asked for before the write returns.
+        entered_rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the guest's first write");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let _ = go_tx.send(());
+        });
+        VcpuHandle::pause_all(std::slice::from_ref(&handle)).expect("paused");
+        release.join().unwrap();
+        let state = handle.save().expect("the paused vCPU's state");
+        assert_eq!(
+            state.regs.rip, 0x1004,
+            "saved at {:#x}: the `out` at 0x1002 was not completed",
+            state.regs.rip
+        );
+        // Completed, not run again, and nothing after it ran.
+        assert_eq!(*seen.lock().unwrap(), [1]);
+        drop(handle);
+        drop(vm);
+        // SAFETY: the mapping made above; the VM that used it is gone.
+        unsafe { libc::munmap(mem, MEM) };
+    });
+}

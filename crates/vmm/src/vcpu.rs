@@ -430,7 +430,9 @@ impl VcpuRunner {
     }
 
     /// Where the vCPU stopped, for the log of a crash: its instruction and stack
-    /// pointers, control registers and descriptor tables.
+    /// pointers, control registers and descriptor tables. (After a triple fault KVM on
+    /// AMD has already reset the vCPU, so there they are its reset values: rip 0xfff0,
+    /// cr0 0x10; on Intel they are where it faulted.)
     fn where_it_stopped(&self) -> String {
         match (self.fd.get_regs(), self.fd.get_sregs()) {
             (Ok(r), Ok(s)) => format!(

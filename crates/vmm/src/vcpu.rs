@@ -305,9 +305,10 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 }
 
 /// Most exits a paused vCPU handles while completing its last instruction
-/// ([`VcpuRunner::complete_pending_exit`]): a string port instruction is done a page at
-/// a time, so a few suffice; a guest cannot keep the pause waiting longer.
-const DRAIN_EXITS: usize = 64;
+/// ([`VcpuRunner::complete_pending_exit`]): a `rep` string port instruction makes one
+/// per element until KVM's emulator returns to the guest, every 1024 elements; a guest
+/// cannot keep the pause waiting longer.
+const DRAIN_EXITS: usize = 1024 + 64;
 
 /// What a vCPU thread needs to run.
 pub struct VcpuRunner {
@@ -405,16 +406,23 @@ impl VcpuRunner {
     /// or a template would run the instruction again (a device would see a write
     /// twice) or lose what it read. A `KVM_RUN` with `immediate_exit` set does the
     /// pending work and returns `EINTR` before entering the guest; a string instruction
-    /// may need more exits first, each handled like any other, at most
+    /// may need more exits first (KVM's emulator does a `rep outs` one element per exit
+    /// and goes back to the guest every 1024), each handled like any other, at most
     /// [`DRAIN_EXITS`] of them. `Some` when one of them ends the guest.
     fn complete_pending_exit(&mut self) -> Option<VcpuStop> {
         self.fd.set_kvm_immediate_exit(1);
         let mut stop = None;
+        let mut completed = false;
         for _ in 0..DRAIN_EXITS {
             match self.fd.run() {
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => break,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    completed = true;
+                    break;
+                }
                 Err(e) => {
-                    stop = Some(VcpuStop::Failed(format!("KVM_RUN failed: {e}")));
+                    stop = Some(VcpuStop::Failed(format!(
+                        "KVM_RUN failed while completing the last exit before a pause: {e}"
+                    )));
                     break;
                 }
                 Ok(exit) => {
@@ -426,6 +434,13 @@ impl VcpuRunner {
             }
         }
         self.fd.set_kvm_immediate_exit(0);
+        if !completed && stop.is_none() {
+            tracing::warn!(
+                vcpu = self.index,
+                "the vCPU's last instruction made {DRAIN_EXITS} exits and is still not \
+                 complete: paused in it, its saved state points at it"
+            );
+        }
         stop
     }
 
@@ -504,6 +519,9 @@ impl VcpuRunner {
                 match cmd {
                     Command::Pause => {
                         if let Some(stop) = self.complete_pending_exit() {
+                            // Stopped is paused: the pause taken off the channel is
+                            // answered here, the rest by the loop it stops in.
+                            let _ = answers.send(Answer::Paused);
                             break 'run stop;
                         }
                         let _ = answers.send(Answer::Paused);

@@ -79,6 +79,8 @@ impl Vm {
             Cap::Irqfd,
             Cap::UserMemory,
             Cap::SetTssAddr,
+            // A pause completes a vCPU's pending port or MMIO exit with it (vcpu.rs).
+            Cap::ImmediateExit,
         ] {
             if !kvm.check_extension(cap) {
                 return Err(VmError::MissingCap(cap));

@@ -283,7 +283,10 @@ fn a_vcpu_paused_after_a_port_exit_is_saved_past_the_instruction() {
             pio: Arc::new(pio),
             mmio: Arc::new(Bus::new()),
             stop: Arc::new(StopSink::new(EventFd::new(EFD_NONBLOCK).unwrap())),
-            msr_candidates: Arc::new(Vec::new()),
+            // (The MSRs a save reads are worked out once per process: the real list.)
+            msr_candidates: forkvm_vmm::vcpu::HostCpu::query(&vm)
+                .expect("the host's CPU")
+                .msr_candidates,
             start_paused: false,
         }
         .spawn(None)
@@ -293,10 +296,14 @@ fn a_vcpu_paused_after_a_port_exit_is_saved_past_the_instruction() {
         entered_rx
             .recv_timeout(std::time::Duration::from_secs(30))
             .expect("the guest's first write");
+        // The device lets the vCPU go once the pause is about to be sent, and then some.
+        let (asking, asking_rx) = std::sync::mpsc::channel::<()>();
         let release = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(300));
+            let _ = asking_rx.recv();
+            std::thread::sleep(std::time::Duration::from_millis(500));
             let _ = go_tx.send(());
         });
+        asking.send(()).unwrap();
         VcpuHandle::pause_all(std::slice::from_ref(&handle)).expect("paused");
         release.join().unwrap();
         let state = handle.save().expect("the paused vCPU's state");

@@ -44,7 +44,11 @@ pub fn run(args: ForkArgs, root: &Path) -> Result<i32> {
     // The children's launch is their parent's, as recorded (`template save` checks it).
     match forkvm_vmm::template::launched::launched(root, home.id()) {
         Ok(Some(cfg)) => record_children(root, Some(home.id()), &out, &cfg),
-        Ok(None) => {}
+        Ok(None) => eprintln!(
+            "forkvm: warning: VM {} has no launch record, so its children get none: \
+             `template save` refuses them unless given --trust-vm-config",
+            home.id()
+        ),
         Err(e) => eprintln!("forkvm: warning: the children's launch is not recorded: {e}"),
     }
     print_outcome(home.id(), &out, args.json)?;

@@ -15,12 +15,15 @@ use crate::cli::TemplateCommand;
 
 /// What `template save` does with a VM it has no launch record of: without
 /// `--trust-vm-config`, refuses (naming why and the flag); with it, warns.
-fn unrecorded(id: &str, trust_vm_config: bool) -> Result<()> {
+fn unrecorded(root: &Path, id: &str, trust_vm_config: bool) -> Result<()> {
+    let record = forkvm_vmm::template::launched::records_dir(root)
+        .map(|d| d.join(format!("{id}.json")).display().to_string())
+        .unwrap_or_else(|_| "beside the state root".into());
     let what = format!(
-        "VM {id} has no launch record (a child of a fork asked for through the API, or a VM \
-         another program started): only its VM process says what it was launched with, and \
-         a VM process its guest took over could name any host file as a disk or share of \
-         the template's children"
+        "VM {id} has no launch record ({record}; e.g. a child of a fork asked for through \
+         the API, a VM another program or an older forkvm started): only its VM process says \
+         what it was launched with, and a VM process its guest took over could name any host \
+         file as a disk or share of the template's children"
     );
     if !trust_vm_config {
         anyhow::bail!("{what}; save it with --trust-vm-config to take that configuration");
@@ -46,7 +49,7 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
             let launched = forkvm_vmm::template::launched::launched(root, home.id())
                 .with_context(|| format!("cannot read the launch record of VM {}", home.id()))?;
             if launched.is_none() {
-                unrecorded(home.id(), trust_vm_config)?;
+                unrecorded(root, home.id(), trust_vm_config)?;
             }
             let info = forkvm_vmm::template::save_running(&home, &dir, launched.as_ref())
                 .with_context(|| format!("cannot save VM {} as a template", home.id()))?;

@@ -1,4 +1,4 @@
-//! Launch records: the configuration `forkvm boot` started a VM with, kept where no VM
+//! Launch records: the configuration `forkvm boot` or `forkvm run` started a VM with, kept where no VM
 //! process can write or even see it, so that `forkvm template save` checks the state a
 //! VM process hands over against what its owner launched ([`super::save_running`]'s
 //! `expected`), not against what that process says of itself.
@@ -25,10 +25,10 @@
 //! can at worst give a VM that had no record its own parent's launch, which the other
 //! VM's saved state then fails to match (no template, rather than a forged one).
 //!
-//! Not recorded: VMs of `forkvm run` and containers (the runtime checks its pod
-//! templates against the configuration it built itself), children of forks asked for
-//! through the API. A template saved from a VM without a record is checked against what
-//! its VM process reports, as before, and `forkvm template save` says so.
+//! Not recorded: containers' VMs (the runtime checks its pod templates against the
+//! configuration it built itself) and children of forks asked for through the API.
+//! `forkvm template save` refuses a VM without a record unless its owner passes
+//! `--trust-vm-config`, which takes what its VM process reports.
 
 use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};

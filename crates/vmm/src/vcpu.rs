@@ -518,13 +518,13 @@ impl VcpuRunner {
             while let Ok(cmd) = commands.try_recv() {
                 match cmd {
                     Command::Pause => {
-                        if let Some(stop) = self.complete_pending_exit() {
-                            // Stopped is paused: the pause taken off the channel is
-                            // answered here, the rest by the loop it stops in.
-                            let _ = answers.send(Answer::Paused);
+                        // A stop met while completing the last exit counts as paused
+                        // too: the loop it stops in answers what comes after.
+                        let stop = self.complete_pending_exit();
+                        let _ = answers.send(Answer::Paused);
+                        if let Some(stop) = stop {
                             break 'run stop;
                         }
-                        let _ = answers.send(Answer::Paused);
                         if !self.paused_loop(&commands, &answers) {
                             return;
                         }

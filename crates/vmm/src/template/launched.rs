@@ -1,7 +1,8 @@
-//! Launch records: the configuration `forkvm boot` or `forkvm run` started a VM with, kept where no VM
-//! process can write or even see it, so that `forkvm template save` checks the state a
-//! VM process hands over against what its owner launched ([`super::save_running`]'s
-//! `expected`), not against what that process says of itself.
+//! Launch records: the configuration `forkvm boot` or `forkvm run` started a VM with,
+//! kept where no VM process can write or even see it, so that `forkvm template save`
+//! checks the state a VM process hands over against what its owner launched
+//! ([`super::save_running`]'s `expected`), not against what that process says of
+//! itself.
 //!
 //! Why: the state a VM process saves for a template is untrusted input, sealed by the
 //! caller with the host's key. Without the launch configuration, a VMM taken over by

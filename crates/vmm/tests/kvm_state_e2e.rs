@@ -227,35 +227,12 @@ fn a_vcpu_paused_after_a_port_exit_is_saved_past_the_instruction() {
     use std::sync::{Arc, Mutex};
     forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
         let vm = Vm::new().expect("a KVM VM");
-        const MEM: usize = 0x10000;
-        // SAFETY: a new private anonymous mapping, owned by this test until it ends
-        // (the VM, which uses it, is dropped first).
-        let mem = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(mem, libc::MAP_FAILED);
+        let ram = forkvm_vmm::memory::GuestRam::new(16).expect("guest memory");
         // Real mode at 0x1000: mov al, 1; out 0x80, al; mov al, 2; out 0x80, al; jmp $.
         let code = [0xb0, 0x01, 0xe6, 0x80, 0xb0, 0x02, 0xe6, 0x80, 0xeb, 0xfe];
-        // SAFETY: the code fits in the mapping just made.
-        unsafe {
-            std::ptr::copy_nonoverlapping(code.as_ptr(), (mem as *mut u8).add(0x1000), code.len())
-        };
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: MEM as u64,
-            userspace_addr: mem as u64,
-        };
-        // SAFETY: the region is the mapping above, which outlives the VM.
-        unsafe { vm.fd().set_user_memory_region(region) }.expect("memory slot");
+        vm_memory::Bytes::write_slice(ram.memory(), &code, GuestAddress(0x1000))
+            .expect("the code in guest memory");
+        vm.register_memory(ram.memory()).expect("memory slots");
         let vcpu = vm.fd().create_vcpu(0).expect("a vCPU");
         let mut sregs = vcpu.get_sregs().unwrap();
         sregs.cs.base = 0;
@@ -314,9 +291,9 @@ fn a_vcpu_paused_after_a_port_exit_is_saved_past_the_instruction() {
         );
         // Completed, not run again, and nothing after it ran.
         assert_eq!(*seen.lock().unwrap(), [1]);
+        // The vCPU's thread ends before the VM and its memory go.
         drop(handle);
         drop(vm);
-        // SAFETY: the mapping made above; the VM that used it is gone.
-        unsafe { libc::munmap(mem, MEM) };
+        drop(ram);
     });
 }

@@ -464,6 +464,11 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
         for k in &kids {
             groups.push(assert_jailed(&root, k));
         }
+        // One family: the children in the pid namespace their parent's launcher made.
+        let family = inspect(&root, "origin")["jail"]["pid_ns"].clone();
+        for k in &kids {
+            assert_eq!(inspect(&root, k)["jail"]["pid_ns"], family, "child {k}");
+        }
         for k in &kids {
             wait_for("a child to count", Duration::from_secs(60), || {
                 counts(&root, k).len() >= 2
@@ -633,6 +638,14 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
     });
 }
 
+/// The pid namespace of process `pid` (`pid:[N]`).
+fn pid_ns(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+        .unwrap_or_else(|e| panic!("process {pid}'s pid namespace: {e}"))
+        .display()
+        .to_string()
+}
+
 /// `forkvm inspect VM`.
 fn inspect(root: &Path, vm: &str) -> serde_json::Value {
     serde_json::from_str(&forkvm_ok(root, &["inspect", vm])).unwrap()
@@ -683,6 +696,13 @@ fn assert_jailed(root: &Path, vm: &str) -> PathBuf {
         "{vm}: its /proc/<pid> is open to a root process without CAP_SYS_PTRACE"
     );
     assert_eq!(jail["root"], "tmpfs forkvm-root", "{vm}: {jail}");
+    // In its family's pid namespace, not the host's: it can signal no process of the
+    // host's (root as they are).
+    let own_pid_ns = pid_ns(std::process::id());
+    assert!(
+        jail["pid_ns"].as_str().is_some_and(|ns| ns != own_pid_ns),
+        "{vm}: {jail}"
+    );
     forkvm_test_support::assert_own_root(pid, &jail.to_string(), root);
     let threads = forkvm_test_support::thread_confinement(pid, "");
     assert!(threads.len() > 2, "{vm}: {threads:?}");
@@ -902,6 +922,11 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
         assert_eq!(out.children.len(), 2);
         // Started in warm processes made while the template's memory was checked.
         assert!(out.children.iter().all(|c| c.warm), "{out:?}");
+        // One family: both in a pid namespace of their own (the pids the fork reports
+        // are the host's), whose init outlived the `forkvm` that made it.
+        let families: Vec<String> = out.children.iter().map(|c| pid_ns(c.pid)).collect();
+        assert_eq!(families[0], families[1], "{out:?}");
+        assert_ne!(families[0], pid_ns(std::process::id()), "{out:?}");
         wait_for("both children to register", Duration::from_secs(60), || {
             vms(&root).len() == 2
         });

@@ -20,6 +20,10 @@
 //! themselves when they start ([`confine_thread`]): a stricter filter stacked on the
 //! process's, and no capabilities at all.
 //!
+//! The first VM process of a family starts in a pid namespace of its own, made by its
+//! launcher ([`family`]): it, its fork children and its warm pool can signal no process
+//! outside it.
+//!
 //! [`limits`] raises the process's open-file limit, before any of this (a VM that forks
 //! many children, or serves a shared directory, needs more than the usual 1024).
 //!
@@ -29,6 +33,7 @@
 pub mod binds;
 pub mod caps;
 pub mod cgroup;
+pub mod family;
 pub mod landlock;
 pub mod limits;
 pub mod root;
@@ -307,6 +312,12 @@ impl Jail {
             // calls).
             // The others would keep the host's root, and be left unbound by the rules.
             landlock::one_thread()?;
+            if !family::in_a_family() {
+                tracing::info!(
+                    "the VM process is in its launcher's pid namespace (the launcher could \
+                     not make one: no CAP_SYS_ADMIN, or did not)"
+                );
+            }
             let mount_on = home.join(root::MOUNT_DIR);
             let t = std::time::Instant::now();
             match root::enter(&mount_on, &places.root)? {
@@ -458,6 +469,10 @@ pub struct JailStatus {
     /// Its mount namespace, as `/proc/<pid>/ns/mnt` names it (`mnt:[4026531841]`).
     #[serde(default)]
     pub mount_ns: Option<String>,
+    /// Its pid namespace, as `/proc/<pid>/ns/pid` names it (`pid:[4026531836]`): its
+    /// family's ([`family`]).
+    #[serde(default)]
+    pub pid_ns: Option<String>,
     /// Its root: the type and source of the mount it sees at `/` (`tmpfs forkvm-root`:
     /// its minimal root, see [`root`]).
     #[serde(default)]
@@ -484,9 +499,13 @@ impl JailStatus {
             s.memory_max = read("memory.max");
             s.pids_max = read("pids.max");
         }
-        s.mount_ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
-            .ok()
-            .map(|l| l.to_string_lossy().into_owned());
+        let ns = |kind: &str| {
+            std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+                .ok()
+                .map(|l| l.to_string_lossy().into_owned())
+        };
+        s.mount_ns = ns("mnt");
+        s.pid_ns = ns("pid");
         s.root = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
             .ok()
             .and_then(|m| Self::root_of(&m));

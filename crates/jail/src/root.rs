@@ -12,7 +12,7 @@
 //!    are made as links (so `/var/run/x` leads where it does on the host), directories
 //!    as directories, and the place itself is bound from the host with what lies beneath
 //!    it, read-only unless it is written, `nosuid` and `nodev` unless it is a device;
-//! 4. adds what every VM process needs: a procfs of its own, the devices it opens, the
+//! 4. adds what every VM process needs: its launcher's procfs (read-only), the devices it opens, the
 //!    cgroup hierarchy, and, read-only, its executable and the system's libraries (it
 //!    starts its fork children as the same executable);
 //! 5. pivots into it, detaches the old root and makes the new root itself read-only.
@@ -379,21 +379,26 @@ impl NewRoot {
         }
     }
 
-    /// A procfs of its own, read-only (`/proc/sys` and the like not written through it).
+    /// The procfs the process had at `/proc` (its launcher's, with what is mounted on
+    /// it), bound read-only (`/proc/sys` and the like not written through it): a VM
+    /// process in a family's pid namespace ([`crate::family`]), and the processes it
+    /// starts, read their host pids there (a procfs mounted now would be the family
+    /// namespace's, where the host's pids are not seen).
     fn mount_proc(&self) -> Result<(), RootError> {
         let step = failed("a procfs");
         let at = self.dir_for(Path::new("/proc"))?;
         let made = (|| -> io::Result<()> {
             let target = crate::binds::target_dir(&at)?;
-            let mnt = new_mount(
-                "proc",
-                &[],
-                MountAttrFlags::MOUNT_ATTR_RDONLY
-                    | MountAttrFlags::MOUNT_ATTR_NOSUID
-                    | MountAttrFlags::MOUNT_ATTR_NODEV
-                    | MountAttrFlags::MOUNT_ATTR_NOEXEC,
-            )?;
-            crate::binds::move_onto(&mnt, &target)
+            let source = crate::binds::target_dir(Path::new("/proc"))?;
+            crate::binds::bind_handle(
+                &source,
+                &target,
+                true,
+                libc::MOUNT_ATTR_RDONLY
+                    | libc::MOUNT_ATTR_NOSUID
+                    | libc::MOUNT_ATTR_NODEV
+                    | libc::MOUNT_ATTR_NOEXEC,
+            )
         })();
         made.map_err(step)
     }

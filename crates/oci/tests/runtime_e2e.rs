@@ -640,6 +640,9 @@ fn body() {
     assert!(jail.no_new_privs, "{jail:?}");
     assert_eq!(jail.cap_eff, "0000000000000000", "{jail:?}");
     assert_eq!(jail.root.as_deref(), Some("tmpfs forkvm-root"), "{jail:?}");
+    // In its VM family's pid namespace, one below the runtime's.
+    assert_eq!(nspid_levels(vmm_pid), 2, "{jail:?}");
+    assert_ne!(jail.pid_ns, Some(ns_of("self", "pid")), "{jail:?}");
     forkvm_test_support::assert_own_root(vmm_pid, &format!("{jail:?}"), &env.vm_homes()[0]);
     assert_eq!(jail.cgroup.as_deref(), Some("/forkvm-e2e/c2"), "{jail:?}");
     let memory_max =
@@ -1136,6 +1139,16 @@ fn monitor_of(env: &Env, id: &str) -> i32 {
 }
 
 /// The namespace `kind` of process `pid` (`/proc/PID/ns/KIND`'s link).
+/// In how many pid namespaces process `pid` has a pid, from this process's down
+/// (`NSpid:` of its status).
+fn nspid_levels(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .map_or(0, |p| p.split_whitespace().count())
+}
+
 fn ns_of(pid: impl std::fmt::Display, kind: &str) -> String {
     let link = format!("/proc/{pid}/ns/{kind}");
     std::fs::read_link(&link)
@@ -1226,8 +1239,8 @@ fn namespaces_by_path(env: &Env, t: &Path) {
     for kind in ["pid", "uts", "ipc", "mnt"] {
         assert_eq!(ns_of(pid, kind), ns_of(monitor, kind), "{kind}");
     }
-    // Its VM process, in that pid namespace too, records itself by its host pid; its
-    // network namespace is an empty one of its own.
+    // Its VM process, in a pid namespace below that one, records itself by its host
+    // pid; its network namespace is an empty one of its own.
     let homes = env.vm_homes();
     assert_eq!(homes.len(), 1, "{homes:?}");
     let vm_state: Value =
@@ -1240,7 +1253,9 @@ fn namespaces_by_path(env: &Env, t: &Path) {
         String::from_utf8_lossy(&cmdline).contains("forkvm-vmm"),
         "{vm_state}"
     );
-    assert_eq!(ns_of(vm_pid, "pid"), ns_of(h, "pid_for_children"));
+    // Its family's pid namespace is below the container's (which is below the host's).
+    assert_ne!(ns_of(vm_pid, "pid"), ns_of(h, "pid_for_children"));
+    assert_eq!(nspid_levels(vm_pid as u32), 3, "host, container, family");
     assert_ne!(
         ns_of(vm_pid, "net"),
         ns_of("self", "net"),

@@ -2,6 +2,8 @@
 //! `/proc/<pid>/stat`, clock ticks since boot), so a pid the kernel reused for another
 //! process does not count; zombies count as dead.
 
+use std::os::fd::{AsRawFd, FromRawFd};
+
 use serde::{Deserialize, Serialize};
 
 /// A process, identified across pid reuse.
@@ -69,6 +71,47 @@ impl ProcessIdentity {
             .and_then(|p| p.to_str()?.parse().ok())
     }
 
+    /// The pid by which the procfs at `/proc` names process `pid` of this process's pid
+    /// namespace: `pid` itself where `/proc` names this process by its own pid, else
+    /// (this process's namespace is below the one of that procfs: a VM family's, whose
+    /// jail holds the launcher's procfs) as [`ProcessIdentity::proc_pid_of_pidfd`] finds
+    /// it. `None` if the process is gone or cannot be named so.
+    pub fn proc_pid_of(pid: u32) -> Option<u32> {
+        if Self::current().pid == std::process::id() {
+            return Some(pid);
+        }
+        let pid = i32::try_from(pid).ok()?;
+        // SAFETY: pidfd_open takes plain integers; the descriptor it returns is owned at
+        // once.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+        // SAFETY: a descriptor pidfd_open just returned, owned by nothing else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        Self::proc_pid_of_pidfd(&fd)
+    }
+
+    /// The pid by which the procfs at `/proc` names the process `pidfd` refers to,
+    /// whatever pid namespace it or this process is in: the `Pid:` of the pidfd's
+    /// fdinfo there, which the kernel gives in that procfs's namespace. `None` if the
+    /// process is gone (or that procfs does not see it).
+    pub fn proc_pid_of_pidfd(pidfd: &impl AsRawFd) -> Option<u32> {
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("Pid:"))
+            .and_then(|p| p.trim().parse().ok())
+            .filter(|p: &u32| *p > 0)
+    }
+
+    /// Whether the processes this one starts learn their host pids
+    /// ([`ProcessIdentity::current`]): whether the procfs at `/proc` names this process
+    /// by the pid it learnt at its start. So it does in the host's pid namespace, and in
+    /// a VM family's, whose jail holds the launcher's procfs; not in a container's pid
+    /// namespace joined by path whose procfs the jail mounted.
+    pub fn children_learn_host_pids() -> bool {
+        Self::proc_self_pid() == Some(Self::current().pid)
+    }
+
     /// Whether this process is in a pid namespace below the host's (the one of the
     /// procfs it read itself from, see [`ProcessIdentity::current`]): the processes it
     /// starts cannot learn their host pids then.
@@ -133,6 +176,26 @@ mod tests {
             let me = ProcessIdentity::current();
             assert!(me.start_ticks > 0);
             println!("host pid {}", me.pid);
+            // Its children learn theirs from the same procfs, and it finds them there by
+            // their pidfds.
+            assert!(ProcessIdentity::children_learn_host_pids());
+            let mut child = std::process::Command::new("sh")
+                .args(["-c", "cd -P /proc/self && pwd -P && read x"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+                &mut line,
+            )
+            .unwrap();
+            let host: u32 = line.trim().trim_start_matches("/proc/").parse().unwrap();
+            assert_ne!(host, child.id(), "the child's pid here is its namespace's");
+            assert_eq!(ProcessIdentity::proc_pid_of(child.id()), Some(host));
+            drop(child.stdin.take());
+            child.wait().unwrap();
             return;
         }
         assert!(!ProcessIdentity::in_child_pid_namespace());

@@ -45,8 +45,9 @@ fn main() {
         eprintln!("forkvm-vmm: each thread keeps its own malloc arena: {e}");
     }
     forkvm_config::logging::init_stderr(None);
-    // Its host pid, read while `/proc` is still the host's (the jail mounts one of the
-    // VM process's own pid namespace): what its home records and its API reports.
+    // Its host pid, as its launcher's procfs names it (a VM family's processes have
+    // other pids in their own namespace, `forkvm_jail::family`): what its home records
+    // and its API reports.
     let _ = forkvm_registry::ProcessIdentity::current();
     // Before the jail: a fork of many children holds a socket per child until each
     // reports, and a shared directory a descriptor per file the guest looked up.

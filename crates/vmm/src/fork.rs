@@ -318,11 +318,12 @@ pub(crate) fn check_request(cfg: &VmConfig, req: &ForkRequest) -> Result<(), Con
         )));
     }
     // Children are named on the host by their pids (their homes, `forkvm ps`, an OCI
-    // container's state), which a VM process in a pid namespace of its own (its
-    // container's, joined by path) cannot learn.
-    if forkvm_registry::ProcessIdentity::in_child_pid_namespace() {
+    // container's state), which they read from the procfs their parent's root holds:
+    // the launcher's (a VM family's, see `forkvm_jail::family`), not one of a pid
+    // namespace below the host's.
+    if !forkvm_registry::ProcessIdentity::children_learn_host_pids() {
         return Err(ControlError::Invalid(
-            "this VM's process runs in a pid namespace below the host's (its container's): \
+            "this VM's process sees a procfs of a pid namespace below the host's: \
              its fork children could not be named by their host pids, so it does not fork"
                 .to_owned(),
         ));
@@ -1690,21 +1691,42 @@ mod tests {
     const IN_PIDNS: &str = "FORKVM_VMM_TEST_IN_PIDNS";
 
     #[test]
-    fn a_vm_process_in_a_child_pid_namespace_does_not_fork() {
+    fn a_vm_process_that_sees_a_procfs_of_its_pid_namespace_does_not_fork() {
         let cfg = VmConfig::new("/nonexistent/kernel");
         let req = ForkRequest {
             count: 1,
             ..ForkRequest::default()
         };
         if std::env::var_os(IN_PIDNS).is_some() {
-            let e = check_request(&cfg, &req).unwrap_err().to_string();
-            assert!(e.contains("pid namespace below the host's"), "{e}");
+            // Its host pid, read first, as a VM process does.
+            let _ = forkvm_registry::ProcessIdentity::current();
+            // A VM family's process, whose root holds the launcher's procfs: its
+            // children read their host pids there.
+            check_request(&cfg, &req).expect("a family's VM process forks");
+            // One whose procfs is its own pid namespace's (a container's joined by path
+            // and mounted so) could not name them.
+            forkvm_test_support::in_own_mounts(move |_| {
+                // SAFETY: NUL-terminated strings that outlive the call; no data. The
+                // mount is this thread's namespace's (every mount private).
+                let rc = unsafe {
+                    libc::mount(
+                        c"proc".as_ptr(),
+                        c"/proc".as_ptr(),
+                        c"proc".as_ptr(),
+                        0,
+                        std::ptr::null(),
+                    )
+                };
+                assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+                let e = check_request(&cfg, &req).unwrap_err().to_string();
+                assert!(e.contains("pid namespace below the host's"), "{e}");
+            });
             println!("refused");
             return;
         }
         check_request(&cfg, &req).expect("the host's pid namespace forks");
         let (_, out) = forkvm_test_support::rerun_in_new_pid_namespace(
-            "fork::tests::a_vm_process_in_a_child_pid_namespace_does_not_fork",
+            "fork::tests::a_vm_process_that_sees_a_procfs_of_its_pid_namespace_does_not_fork",
             IN_PIDNS,
         );
         let stdout = String::from_utf8_lossy(&out.stdout);

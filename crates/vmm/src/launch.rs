@@ -184,6 +184,9 @@ pub fn vmm_executable() -> std::io::Result<PathBuf> {
 pub struct VmProcess {
     process: Handle,
     sock: UnixStream,
+    /// Its pid as `/proc` names it (this process's pid namespace may be a VM family's,
+    /// below that procfs's: [`ProcessIdentity::proc_pid_of`]).
+    proc_pid: Option<u32>,
 }
 
 /// How the launcher holds a VM process.
@@ -200,10 +203,14 @@ enum Handle {
 const KILL_DEADLINE: Duration = Duration::from_secs(5);
 
 impl Handle {
-    /// Whether the main thread of process `pid` has exited (`Z` or `X` in its
-    /// `/proc/PID/stat`). Only for a pid whose pidfd has not ended (or a child not
-    /// reaped): until then the pid is still the process's. What cannot be read says nothing (the pidfd decides).
-    fn leader_exited(pid: u32) -> bool {
+    /// Whether the main thread of the process `/proc` names `pid` has exited (`Z` or
+    /// `X` in its `/proc/PID/stat`). Only for a pid whose pidfd has not ended (or a
+    /// child not reaped): until then the pid is still the process's. What cannot be
+    /// read (or a process `/proc` does not name) says nothing (the pidfd decides).
+    fn leader_exited(pid: Option<u32>) -> bool {
+        let Some(pid) = pid else {
+            return false;
+        };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             return false;
         };
@@ -258,11 +265,15 @@ pub(crate) enum Report {
 }
 
 impl VmProcess {
-    /// Starts [`vmm_executable`] as `opts` say and sends it `launch` and `files`.
+    /// Starts [`vmm_executable`] as `opts` say and sends it `launch` and `files`: the
+    /// first VM of a family (a booted VM, a container's), in a pid namespace of its own
+    /// if it is jailed ([`forkvm_jail::family`]).
     pub fn spawn(launch: &Launch, files: &[File], opts: ProcessOptions) -> std::io::Result<Self> {
         let exe = vmm_executable()?;
         let blob = encode(launch)?;
-        Self::spawn_encoded(&exe, &blob, files, opts)
+        let mut p = Self::start(&exe, opts, launch.jail.enabled)?;
+        p.send(&blob, files)?;
+        Ok(p)
     }
 
     /// [`VmProcess::spawn`] with the launch already encoded ([`encode`]).
@@ -272,7 +283,7 @@ impl VmProcess {
         files: &[File],
         opts: ProcessOptions,
     ) -> std::io::Result<Self> {
-        let mut p = Self::start(exe, opts)?;
+        let mut p = Self::start(exe, opts, false)?;
         p.send(blob, files)?;
         Ok(p)
     }
@@ -280,7 +291,7 @@ impl VmProcess {
     /// Starts `exe` as a warm fork child: a daemon that prepares a VM as `warmup` says
     /// and waits for [`VmProcess::send`].
     pub(crate) fn spawn_warm(exe: &Path, warmup: &Warmup, files: &[File]) -> std::io::Result<Self> {
-        let mut p = Self::start(exe, ProcessOptions::daemon())?;
+        let mut p = Self::start(exe, ProcessOptions::daemon(), false)?;
         p.warm_up(warmup, files)?;
         Ok(p)
     }
@@ -327,8 +338,10 @@ impl VmProcess {
         })
     }
 
-    /// Starts `exe` with its launch socket on [`LAUNCH_FD`], as `opts` say.
-    fn start(exe: &Path, opts: ProcessOptions) -> std::io::Result<Self> {
+    /// Starts `exe` with its launch socket on [`LAUNCH_FD`], as `opts` say; `family`:
+    /// as the first VM process of a family, in a pid namespace of its own (the child
+    /// this process holds is then its stand-in, see [`forkvm_jail::family`]).
+    fn start(exe: &Path, opts: ProcessOptions, family: bool) -> std::io::Result<Self> {
         let (ours, theirs) = UnixStream::pair()?;
         let fd = theirs.as_raw_fd();
         let mut cmd = Command::new(exe);
@@ -338,7 +351,8 @@ impl VmProcess {
             .stderr(stderr.unwrap_or_else(Stdio::null));
         let (own_session, die) = (opts.own_session, opts.die_with_launcher);
         // SAFETY: only async-signal-safe calls between fork and exec (setsid, prctl,
-        // dup2), on values copied into the closure; nothing allocates or locks.
+        // dup2, and `family::split`'s forks and system calls), on values copied into the
+        // closure; nothing allocates or locks.
         unsafe {
             cmd.pre_exec(move || {
                 if own_session && libc::setsid() < 0 {
@@ -350,23 +364,28 @@ impl VmProcess {
                 if libc::dup2(fd, LAUNCH_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                if family {
+                    forkvm_jail::family::split()?;
+                }
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
+        let child = forkvm_jail::family::spawning(|| cmd.spawn())
             .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", exe.display())))?;
         drop(theirs);
         Ok(Self {
+            proc_pid: ProcessIdentity::proc_pid_of(child.id()),
             process: Handle::Spawned(child),
             sock: ours,
         })
     }
 
     /// A process a zygote forked, held by its `pidfd`, whose launch socket's other end
-    /// is `sock`.
+    /// is `sock`; `pid` is its pid in the zygote's namespace (this process's may be
+    /// another: the pidfd names it here).
     pub(crate) fn forked(pid: u32, pidfd: OwnedFd, sock: UnixStream) -> Self {
         Self {
+            proc_pid: ProcessIdentity::proc_pid_of_pidfd(&pidfd),
             process: Handle::Forked { pid, pidfd },
             sock,
         }
@@ -381,13 +400,13 @@ impl VmProcess {
     pub fn is_alive(&mut self) -> bool {
         match &mut self.process {
             Handle::Spawned(child) => {
-                matches!(child.try_wait(), Ok(None)) && !Handle::leader_exited(child.id())
+                matches!(child.try_wait(), Ok(None)) && !Handle::leader_exited(self.proc_pid)
             }
             // A killed process's pidfd turns readable (and `waitpid` answers) only once
             // its last thread has gone; its main thread shows it dying (a zombie) before
             // that, and such a process must not be handed out as a warm one.
-            Handle::Forked { pid, pidfd } => {
-                !Handle::pidfd_ended(pidfd, Duration::ZERO) && !Handle::leader_exited(*pid)
+            Handle::Forked { pidfd, .. } => {
+                !Handle::pidfd_ended(pidfd, Duration::ZERO) && !Handle::leader_exited(self.proc_pid)
             }
         }
     }
@@ -420,12 +439,14 @@ impl VmProcess {
         }
     }
 
-    /// Its process ID.
+    /// Its process ID as `/proc` names it: the host's, by which the registry, `forkvm
+    /// ps` and the API name VM processes (a VM family's processes have other pids in
+    /// their own namespace).
     pub fn pid(&self) -> u32 {
-        match &self.process {
+        self.proc_pid.unwrap_or(match &self.process {
             Handle::Spawned(child) => child.id(),
             Handle::Forked { pid, .. } => *pid,
-        }
+        })
     }
 
     /// Waits up to `timeout` for its report: `Ok` once its VM runs, else why it did not
@@ -483,7 +504,7 @@ impl VmProcess {
     /// Leaves the process to run on its own: this process's one reaper thread reaps it
     /// when it ends ([`crate::reap`]; init reaps one a zygote forked).
     pub fn detach(self) -> std::io::Result<()> {
-        let Self { process, sock } = self;
+        let Self { process, sock, .. } = self;
         drop(sock);
         let Handle::Spawned(child) = process else {
             return Ok(());

@@ -69,6 +69,17 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
             if let Err(e) = forkvm_jail::limits::raise_open_files() {
                 tracing::warn!("cannot raise the open file limit: {e}");
             }
+            // The children of this fork are one VM family, in a pid namespace of their
+            // own whose init outlives this process (before the pool's threads start).
+            if forkvm_jail::enabled() {
+                match forkvm_jail::family::start_here() {
+                    Ok(true) => {}
+                    Ok(false) => tracing::info!(
+                        "the children stay in this pid namespace: making one needs CAP_SYS_ADMIN"
+                    ),
+                    Err(e) => return Err(e).context("cannot make the children's pid namespace"),
+                }
+            }
             let unusable = || format!("cannot use the template in {}", dir.display());
             let key = TemplateKey::host().with_context(unusable)?;
             let opened = Template::open(&dir, &key).with_context(unusable)?;

@@ -1,0 +1,349 @@
+//! A VM family's pid namespace: the first VM process of a family (a booted VM, a
+//! container's VM) starts in a pid namespace of its own, and the VMs it forks, its warm
+//! pool and their forks start in it too. A VM process taken over by its guest can then
+//! name no process but its family's: it cannot signal (or open a pidfd of) the host's
+//! processes or another family's, although it runs as root.
+//!
+//! A pid namespace dies with its init, and fork children must outlive their parent; so
+//! the VM process is not the init. [`split`], called between the launcher's `fork` and
+//! the VM process's `exec` (in `pre_exec`), turns that one process into three:
+//!
+//! - **the VM process** (pid 2 of the new namespace), which goes on to `exec`;
+//! - **the family's init** (pid 1, named [`INIT_NAME`]): it reaps the family's orphans
+//!   (a fork child whose parent VM ended is reparented to it) and exits once the VM
+//!   process and every orphan have ended, which ends the namespace;
+//! - **the VM process's stand-in** (named [`STAND_IN_NAME`]), in the launcher's
+//!   namespace, the process the launcher started: it waits for the VM process and ends
+//!   as it ended (its exit code, or the same signal), and the VM process dies with it
+//!   (`PR_SET_PDEATHSIG`). So the launcher waits for, kills and reads the exit status of
+//!   its child as before, and a VM that dies with its launcher still does, while its
+//!   fork children live on under the init.
+//!
+//! The init and the stand-in never `exec`: they close every descriptor and run only
+//! system calls (no allocation, no lock) on the stack they were forked with.
+//!
+//! The VM process learns its host pid from the launcher's `/proc` before its jail,
+//! and its root holds that procfs, read-only (see [`crate::root`]), so that the
+//! processes it starts learn theirs too: the registry names VMs by host pids.
+//!
+//! Without the right to make a pid namespace (no `CAP_SYS_ADMIN`: forkvm run by a user)
+//! the VM process stays in its launcher's, as before; [`in_a_family`] says which.
+//!
+//! A launcher that starts VM processes itself (`forkvm template fork`) makes their
+//! family with [`start_here`] and starts each in it ([`spawning`]): its init waits for
+//! the launcher, then for them.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// The name (`comm`) of a family's init.
+pub const INIT_NAME: &core::ffi::CStr = c"forkvm-family";
+/// The name (`comm`) of a VM process's stand-in.
+pub const STAND_IN_NAME: &core::ffi::CStr = c"forkvm-vm-wait";
+
+/// The pid of a family's first VM process in the family's namespace (its init is 1).
+const FIRST_VM_PID: libc::pid_t = 2;
+
+/// Moves the processes the calling process starts into a new pid namespace, and makes
+/// it the VM process of a new family (see the module doc): returns `Ok` in the VM
+/// process, which is to `exec` next, with the launch socket and stdio the caller set
+/// up. Without the right to make a pid namespace it returns `Ok` in the calling process
+/// itself, which stays in its namespace.
+///
+/// # Safety
+/// Only between `fork` and `exec` of a child of a possibly multi-threaded process
+/// (`CommandExt::pre_exec`): it forks twice and runs only async-signal-safe calls.
+pub unsafe fn split() -> io::Result<()> {
+    // SAFETY: raw system calls on values of this stack frame, for the whole function;
+    // nothing allocates, locks or touches memory another thread of the launcher could
+    // hold (there is none in this process after fork).
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWPID) != 0 {
+            return Ok(());
+        }
+        // The launcher's word to the init that the VM process exists, and the init's
+        // that it holds it (a pidfd), after which the VM process may be reaped.
+        let mut go = [-1; 2];
+        let mut held = [-1; 2];
+        if libc::pipe2(go.as_mut_ptr(), libc::O_CLOEXEC) != 0
+            || libc::pipe2(held.as_mut_ptr(), libc::O_CLOEXEC) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        let init = raw_fork();
+        if init < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if init == 0 {
+            keep_only(go[0], held[1]);
+            let mut byte = 0u8;
+            while libc::read(0, (&raw mut byte).cast(), 1) < 0 && errno() == libc::EINTR {}
+            // The VM process: a zombie until the stand-in hears it is held, so it is not
+            // gone yet; none if the launcher failed (then the stand-in closed its end).
+            let vm = libc::syscall(libc::SYS_pidfd_open, FIRST_VM_PID, 0) as i32;
+            libc::write(1, (&raw const byte).cast(), 1);
+            libc::close(0);
+            libc::close(1);
+            init_main(vm)
+        }
+        let vm = raw_fork();
+        if vm < 0 {
+            let e = io::Error::last_os_error();
+            libc::kill(init, libc::SIGKILL);
+            return Err(e);
+        }
+        if vm == 0 {
+            for fd in go.into_iter().chain(held) {
+                libc::close(fd);
+            }
+            // It dies with its stand-in: a launcher that kills its child, or dies with
+            // the child set to follow it, ends the VM.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            return Ok(());
+        }
+        keep_only(go[1], held[0]);
+        stand_in_main(vm)
+    }
+}
+
+/// The pid namespace of the family this process starts VM processes in
+/// ([`start_here`]).
+static FAMILY: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+
+/// Makes the VM processes this process starts from now on ([`spawning`]) a new family:
+/// a pid namespace whose init, forked here, waits until this process has ended, then
+/// for every process of the family (reparented to it), then ends. For a launcher that
+/// starts VM processes itself (`forkvm template fork`: the children of one request are
+/// one family). `Ok(false)`: a pid namespace may not be made here (no
+/// `CAP_SYS_ADMIN`); they start in this process's.
+pub fn start_here() -> io::Result<bool> {
+    if FAMILY.get().is_some() {
+        return Ok(true);
+    }
+    // SAFETY: pidfd_open takes plain integers; its descriptor is owned at once.
+    let me = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) } as i32;
+    if me < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor pidfd_open just returned, owned by nothing else.
+    let me = unsafe { OwnedFd::from_raw_fd(me) };
+    // On a thread of its own: a thread whose children start in another pid namespace
+    // than its own may start no thread (`EINVAL`).
+    let made = std::thread::scope(|s| {
+        s.spawn(|| -> io::Result<Option<OwnedFd>> {
+            // SAFETY: unshare takes plain integers; it changes where this thread's
+            // children start. The forked init runs only system calls on its own copy of
+            // this stack (see `split`); the other threads of this process do not exist
+            // there.
+            unsafe {
+                if libc::unshare(libc::CLONE_NEWPID) != 0 {
+                    let e = io::Error::last_os_error();
+                    return match e.raw_os_error() {
+                        Some(libc::EPERM) => Ok(None),
+                        _ => Err(e),
+                    };
+                }
+                let init = raw_fork();
+                if init == 0 {
+                    let fd = me.as_raw_fd();
+                    keep_only(fd, fd);
+                    libc::close(1);
+                    init_main(0)
+                }
+                if init < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            std::fs::File::open("/proc/thread-self/ns/pid_for_children").map(|f| Some(f.into()))
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the thread making the namespace panicked")))
+    })?;
+    Ok(match made {
+        Some(ns) => {
+            let _ = FAMILY.set(ns);
+            true
+        }
+        None => false,
+    })
+}
+
+/// Runs `spawn` (which starts a process, and no thread) with the processes the calling
+/// thread starts in this process's family ([`start_here`]), if it made one.
+pub fn spawning<T>(spawn: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    let Some(family) = FAMILY.get() else {
+        return spawn();
+    };
+    let own = std::fs::File::open("/proc/thread-self/ns/pid")?;
+    // SAFETY: setns takes a descriptor this process holds and a flag; it changes where
+    // this thread's children start.
+    if unsafe { libc::setns(family.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let spawned = spawn();
+    // SAFETY: as above; back to its own namespace, so that it may start threads again.
+    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+        let e = io::Error::last_os_error();
+        tracing::error!(
+            "a thread stays set to start processes in a VM family's pid namespace: {e}"
+        );
+    }
+    spawned
+}
+
+/// Whether this process is in a pid namespace below the one of the procfs at `/proc`
+/// (its launcher's): a family's.
+pub fn in_a_family() -> bool {
+    let named = std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str()?.parse::<u32>().ok());
+    named.is_some_and(|pid| pid != std::process::id())
+}
+
+/// `fork` without glibc's handlers: a raw `clone` with `SIGCHLD`, as `fork` makes it.
+///
+/// # Safety
+/// As [`split`].
+unsafe fn raw_fork() -> libc::pid_t {
+    // SAFETY: clone without CLONE_VM copies the address space; the child resumes here
+    // with its own copy of this stack, as after fork(2).
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        ) as libc::pid_t
+    }
+}
+
+/// Keeps only descriptors `a` and `b`, as 0 and 1, closes every other one (the
+/// launcher's, this process never `exec`s), resets every signal's handler (the
+/// launcher's are of no use here).
+///
+/// # Safety
+/// As [`split`].
+unsafe fn keep_only(a: i32, b: i32) {
+    // SAFETY: dup2, close_range, close and signal take plain integers.
+    unsafe {
+        // Copies above the stdio first: either may be 0 or 1 (a launcher without stdin).
+        let (a, b) = (
+            libc::fcntl(a, libc::F_DUPFD, 3),
+            libc::fcntl(b, libc::F_DUPFD, 3),
+        );
+        libc::dup2(a, 0);
+        libc::dup2(b, 1);
+        if libc::syscall(libc::SYS_close_range, 2u32, u32::MAX, 0u32) != 0 {
+            // Before Linux 5.9.
+            for fd in 2..65536 {
+                libc::close(fd);
+            }
+        }
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+    }
+}
+
+/// The family's init: reaps whatever is reparented to it until the process `first`
+/// (a pidfd: the VM process, or the launcher whose children the family's processes
+/// are) has ended and no child of its own is left: the family is gone.
+///
+/// # Safety
+/// As [`split`].
+unsafe fn init_main(first: i32) -> ! {
+    // SAFETY: system calls on values of this frame (see `split`).
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, INIT_NAME.as_ptr());
+        // SIGCHLD blocked but while waiting, with a handler that does nothing, so that
+        // a child's end interrupts the wait and none is missed between two waits.
+        let mut chld: libc::sigset_t = core::mem::zeroed();
+        libc::sigemptyset(&mut chld);
+        libc::sigaddset(&mut chld, libc::SIGCHLD);
+        libc::sigprocmask(libc::SIG_BLOCK, &chld, core::ptr::null_mut());
+        let mut act: libc::sigaction = core::mem::zeroed();
+        act.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
+        libc::sigaction(libc::SIGCHLD, &act, core::ptr::null_mut());
+        let mut waiting: libc::sigset_t = core::mem::zeroed();
+        libc::sigemptyset(&mut waiting);
+        let mut first_ended = first < 0;
+        loop {
+            // Reap every child that ended.
+            let more = loop {
+                let r = libc::waitpid(-1, core::ptr::null_mut(), libc::WNOHANG);
+                if r > 0 {
+                    continue;
+                }
+                break r == 0;
+            };
+            if first_ended && !more {
+                libc::_exit(0);
+            }
+            let mut fds = [libc::pollfd {
+                fd: first,
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            let n = if first_ended { 0 } else { 1 };
+            let r = libc::ppoll(fds.as_mut_ptr(), n, core::ptr::null(), &waiting);
+            if r > 0 && fds[0].revents != 0 {
+                first_ended = true;
+            }
+        }
+    }
+}
+
+/// A signal handler that does nothing: its signal interrupts a wait.
+extern "C" fn nothing(_: libc::c_int) {}
+
+/// The VM process's stand-in: tells the init the VM process exists, waits for it and
+/// ends as it ended.
+///
+/// # Safety
+/// As [`split`]; descriptor 0 is the "go" to the init, 1 its "held" answer.
+unsafe fn stand_in_main(vm: libc::pid_t) -> ! {
+    // SAFETY: system calls on values of this frame (see `split`).
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, STAND_IN_NAME.as_ptr());
+        // A terminal's signals reach the VM process too (one process group): it, not
+        // its stand-in, decides how they end it.
+        for sig in [libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGTSTP] {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+        let byte = 1u8;
+        libc::write(0, (&raw const byte).cast(), 1);
+        let mut answer = 0u8;
+        // An init that died answers nothing (end of file); the VM process died with it.
+        while libc::read(1, (&raw mut answer).cast(), 1) < 0 && errno() == libc::EINTR {}
+        libc::close(0);
+        libc::close(1);
+        let mut status = 0;
+        loop {
+            let r = libc::waitpid(vm, &mut status, 0);
+            if r == vm {
+                break;
+            }
+            if r < 0 && errno() != libc::EINTR {
+                libc::_exit(127);
+            }
+        }
+        if libc::WIFSIGNALED(status) {
+            // End by the same signal (its handler is the default: `keep_only`).
+            let sig = libc::WTERMSIG(status);
+            libc::kill(libc::getpid(), sig);
+            libc::_exit(128 + sig);
+        }
+        libc::_exit(libc::WEXITSTATUS(status))
+    }
+}
+
+/// This thread's `errno`.
+fn errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}

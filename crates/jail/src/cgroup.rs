@@ -243,6 +243,27 @@ impl Cgroup {
     }
 }
 
+/// The shared leaf (`forkvm/families`) that VM families' inits and VM processes'
+/// stand-ins ([`crate::family`]) move to: out of their launcher's group, so that
+/// stopping the service or session that ran `forkvm boot -d` does not end the family
+/// with it (its VM processes have groups of their own). Its `cgroup.procs`, open for
+/// writing; `None` where there is no cgroup v2 hierarchy or the leaf cannot be made.
+pub fn families_procs() -> Option<std::fs::File> {
+    let root = Path::new(ROOT);
+    if !is_cgroup2(root) {
+        return None;
+    }
+    let dir = root.join(FORKVM_GROUP).join("families");
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.procs"))
+        })
+        .inspect_err(|e| tracing::debug!("no group for VM families: {}: {e}", dir.display()))
+        .ok()
+}
+
 /// forkvm's own group of VM `id` (see [`CgroupSpec::for_vm`]).
 pub fn vm_group(id: &str) -> PathBuf {
     Path::new(ROOT).join(FORKVM_GROUP).join(id)

@@ -31,7 +31,7 @@
 //!
 //! A launcher that starts VM processes itself (`forkvm template fork`) makes their
 //! family with [`start_here`] and starts each in it ([`spawning`]): its init waits for
-//! the launcher, then for them.
+//! the launcher, then until none of them is left.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -47,19 +47,41 @@ const FIRST_VM_PID: libc::pid_t = 2;
 /// Moves the processes the calling process starts into a new pid namespace, and makes
 /// it the VM process of a new family (see the module doc): returns `Ok` in the VM
 /// process, which is to `exec` next, with the launch socket and stdio the caller set
-/// up. Without the right to make a pid namespace it returns `Ok` in the calling process
-/// itself, which stays in its namespace.
+/// up. Without the right to make a pid namespace (`EPERM`) it returns `Ok` in the
+/// calling process itself, which stays in its namespace.
+///
+/// The VM process's pid in the calling process's namespace (its host pid), 4 bytes in
+/// native order, is written to `report` first, before the VM process can write there
+/// (the launch socket: the launcher reads it before anything else). `families`, if
+/// given, is `cgroup.procs` of the group the stand-in and the init move to, out of the
+/// launcher's ([`crate::cgroup::families_procs`]).
 ///
 /// # Safety
 /// Only between `fork` and `exec` of a child of a possibly multi-threaded process
 /// (`CommandExt::pre_exec`): it forks twice and runs only async-signal-safe calls.
-pub unsafe fn split() -> io::Result<()> {
+pub unsafe fn split(report: i32, families: Option<i32>) -> io::Result<()> {
     // SAFETY: raw system calls on values of this stack frame, for the whole function;
     // nothing allocates, locks or touches memory another thread of the launcher could
     // hold (there is none in this process after fork).
     unsafe {
+        let tell = |pid: libc::pid_t| -> io::Result<()> {
+            let bytes = (pid as u32).to_ne_bytes();
+            match libc::write(report, bytes.as_ptr().cast(), bytes.len()) {
+                4 => Ok(()),
+                _ => Err(io::Error::last_os_error()),
+            }
+        };
+        if let Some(procs) = families {
+            // Best effort: where it fails, they stay in the launcher's group.
+            libc::write(procs, c"0".as_ptr().cast(), 1);
+        }
         if libc::unshare(libc::CLONE_NEWPID) != 0 {
-            return Ok(());
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EPERM) {
+                return Err(e);
+            }
+            // Not allowed here: the VM process is this one.
+            return tell(libc::getpid());
         }
         // The launcher's word to the init that the VM process exists, and the init's
         // that it holds it (a pidfd), after which the VM process may be reaped.
@@ -80,11 +102,12 @@ pub unsafe fn split() -> io::Result<()> {
             while libc::read(0, (&raw mut byte).cast(), 1) < 0 && errno() == libc::EINTR {}
             // The VM process: a zombie until the stand-in hears it is held, so it is not
             // gone yet; none if the launcher failed (then the stand-in closed its end).
+            // Without a pidfd, the init looks for the family's processes instead.
             let vm = libc::syscall(libc::SYS_pidfd_open, FIRST_VM_PID, 0) as i32;
             libc::write(1, (&raw const byte).cast(), 1);
             libc::close(0);
             libc::close(1);
-            init_main(vm)
+            init_main(vm, false)
         }
         let vm = raw_fork();
         if vm < 0 {
@@ -103,6 +126,10 @@ pub unsafe fn split() -> io::Result<()> {
             }
             return Ok(());
         }
+        if let Err(e) = tell(vm) {
+            libc::kill(vm, libc::SIGKILL);
+            return Err(e);
+        }
         keep_only(go[1], held[0]);
         stand_in_main(vm)
     }
@@ -114,7 +141,9 @@ static FAMILY: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
 
 /// Makes the VM processes this process starts from now on ([`spawning`]) a new family:
 /// a pid namespace whose init, forked here, waits until this process has ended, then
-/// for every process of the family (reparented to it), then ends. For a launcher that
+/// until no other process is left in the namespace, then ends. (The processes this one
+/// started are reparented outside the namespace when it ends, their parent having been
+/// outside: the init looks for them once a second, as it gets no word of their end.) For a launcher that
 /// starts VM processes itself (`forkvm template fork`: the children of one request are
 /// one family). `Ok(false)`: a pid namespace may not be made here (no
 /// `CAP_SYS_ADMIN`); they start in this process's.
@@ -150,7 +179,7 @@ pub fn start_here() -> io::Result<bool> {
                     let fd = me.as_raw_fd();
                     keep_only(fd, fd);
                     libc::close(1);
-                    init_main(0)
+                    init_main(0, true)
                 }
                 if init < 0 {
                     return Err(io::Error::last_os_error());
@@ -176,20 +205,31 @@ pub fn spawning<T>(spawn: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     let Some(family) = FAMILY.get() else {
         return spawn();
     };
-    let own = std::fs::File::open("/proc/thread-self/ns/pid")?;
+    /// Sets the thread back to start processes (and threads) in its own namespace,
+    /// however `spawn` ends.
+    struct Back(std::fs::File);
+    impl Drop for Back {
+        fn drop(&mut self) {
+            // SAFETY: setns takes a descriptor this process holds and a flag.
+            if unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+                // A thread that may start no thread: nothing sane goes on from here.
+                eprintln!(
+                    "forkvm: a thread stays set to start processes in a VM family's pid \
+                     namespace: {}",
+                    io::Error::last_os_error()
+                );
+                std::process::abort();
+            }
+        }
+    }
+    let back = Back(std::fs::File::open("/proc/thread-self/ns/pid")?);
     // SAFETY: setns takes a descriptor this process holds and a flag; it changes where
     // this thread's children start.
     if unsafe { libc::setns(family.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
         return Err(io::Error::last_os_error());
     }
     let spawned = spawn();
-    // SAFETY: as above; back to its own namespace, so that it may start threads again.
-    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
-        let e = io::Error::last_os_error();
-        tracing::error!(
-            "a thread stays set to start processes in a VM family's pid namespace: {e}"
-        );
-    }
+    drop(back);
     spawned
 }
 
@@ -223,7 +263,8 @@ unsafe fn raw_fork() -> libc::pid_t {
 
 /// Keeps only descriptors `a` and `b`, as 0 and 1, closes every other one (the
 /// launcher's, this process never `exec`s), resets every signal's handler (the
-/// launcher's are of no use here).
+/// launcher's are of no use here) and makes the process not dumpable (it holds a copy
+/// of the launcher's memory).
 ///
 /// # Safety
 /// As [`split`].
@@ -235,8 +276,12 @@ unsafe fn keep_only(a: i32, b: i32) {
             libc::fcntl(a, libc::F_DUPFD, 3),
             libc::fcntl(b, libc::F_DUPFD, 3),
         );
-        libc::dup2(a, 0);
-        libc::dup2(b, 1);
+        // No descriptor left: end before the handshake (the other side sees it closed).
+        if a < 0 || b < 0 || libc::dup2(a, 0) < 0 || libc::dup2(b, 1) < 0 {
+            libc::_exit(1);
+        }
+        // A copy of the launcher's memory: no core file of it, nobody's `ptrace`.
+        libc::prctl(libc::PR_SET_DUMPABLE, 0);
         if libc::syscall(libc::SYS_close_range, 2u32, u32::MAX, 0u32) != 0 {
             // Before Linux 5.9.
             for fd in 2..65536 {
@@ -251,13 +296,27 @@ unsafe fn keep_only(a: i32, b: i32) {
     }
 }
 
+/// How often the init looks for the family's processes that are not its children
+/// once `first` has ended: a launcher's own children ([`start_here`]) that outlived it
+/// are its namespace's but were reparented outside it (their parent was outside), so
+/// their end sends the init nothing.
+static MEMBERS_POLL: libc::timespec = libc::timespec {
+    tv_sec: 1,
+    tv_nsec: 0,
+};
+
 /// The family's init: reaps whatever is reparented to it until the process `first`
 /// (a pidfd: the VM process, or the launcher whose children the family's processes
-/// are) has ended and no child of its own is left: the family is gone.
+/// are; -1: none could be had) has ended and no child of its own is left, nor, where
+/// `others` (a launcher's family, or no pidfd), any other process in its namespace
+/// (`kill(-1, 0)`, which from a namespace's init reaches every other process of it,
+/// zombies too: whoever they were reparented to reaps them): the family is gone, and
+/// the namespace with it. (A VM process's family needs no look: once it ended, every
+/// other process of the family descends from the init.)
 ///
 /// # Safety
 /// As [`split`].
-unsafe fn init_main(first: i32) -> ! {
+unsafe fn init_main(first: i32, others: bool) -> ! {
     // SAFETY: system calls on values of this frame (see `split`).
     unsafe {
         libc::prctl(libc::PR_SET_NAME, INIT_NAME.as_ptr());
@@ -275,14 +334,16 @@ unsafe fn init_main(first: i32) -> ! {
         let mut first_ended = first < 0;
         loop {
             // Reap every child that ended.
-            let more = loop {
+            let children_left = loop {
                 let r = libc::waitpid(-1, core::ptr::null_mut(), libc::WNOHANG);
                 if r > 0 {
                     continue;
                 }
                 break r == 0;
             };
-            if first_ended && !more {
+            let others = others || first < 0;
+            let alone = || !others || (libc::kill(-1, 0) != 0 && errno() == libc::ESRCH);
+            if first_ended && !children_left && alone() {
                 libc::_exit(0);
             }
             let mut fds = [libc::pollfd {
@@ -290,9 +351,15 @@ unsafe fn init_main(first: i32) -> ! {
                 events: libc::POLLIN,
                 revents: 0,
             }];
-            let n = if first_ended { 0 } else { 1 };
-            let r = libc::ppoll(fds.as_mut_ptr(), n, core::ptr::null(), &waiting);
-            if r > 0 && fds[0].revents != 0 {
+            let (n, timeout) = match (first_ended, children_left) {
+                (false, _) => (1, core::ptr::null()),
+                // Its children's ends wake it.
+                (true, true) => (0, core::ptr::null()),
+                // Others, not its children, live on.
+                (true, false) => (0, &raw const MEMBERS_POLL),
+            };
+            let r = libc::ppoll(fds.as_mut_ptr(), n, timeout, &waiting);
+            if n == 1 && r > 0 && fds[0].revents != 0 {
                 first_ended = true;
             }
         }
@@ -334,8 +401,9 @@ unsafe fn stand_in_main(vm: libc::pid_t) -> ! {
             }
         }
         if libc::WIFSIGNALED(status) {
-            // End by the same signal (its handler is the default: `keep_only`).
+            // End by the same signal, with its default action (not dumpable: no core).
             let sig = libc::WTERMSIG(status);
+            libc::signal(sig, libc::SIG_DFL);
             libc::kill(libc::getpid(), sig);
             libc::_exit(128 + sig);
         }

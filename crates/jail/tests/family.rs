@@ -1,7 +1,9 @@
 //! A VM family's pid namespace ([`forkvm_jail::family`]), with `sh` standing for the
 //! VM process: run as root (making a pid namespace needs `CAP_SYS_ADMIN`).
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -9,13 +11,20 @@ use std::time::Duration;
 use forkvm_jail::family;
 use forkvm_test_support::running_children;
 
-/// Starts `sh -c script` as the first VM process of a family; stdout piped.
-fn start(script: &str) -> Child {
+/// Starts `sh -c script` as the first VM process of a family; stdout piped. Returns
+/// the child (its stand-in) and the VM process's pid, as the stand-in reports it.
+fn start(script: &str) -> (Child, u32) {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let report = theirs.as_raw_fd();
     let mut cmd = Command::new("sh");
     cmd.args(["-c", script]).stdout(Stdio::piped());
     // SAFETY: `split` is made for `pre_exec` (it forks and makes system calls only).
-    unsafe { cmd.pre_exec(|| family::split()) };
-    cmd.spawn().unwrap()
+    unsafe { cmd.pre_exec(move || family::split(report, None)) };
+    let child = cmd.spawn().unwrap();
+    drop(theirs);
+    let mut pid = [0u8; 4];
+    (&ours).read_exact(&mut pid).unwrap();
+    (child, u32::from_ne_bytes(pid))
 }
 
 fn comm(pid: u32) -> String {
@@ -46,7 +55,8 @@ fn gone(pid: u32) -> bool {
 
 #[test]
 fn the_vm_process_is_pid_2_of_a_new_namespace_and_its_stand_in_ends_as_it_ends() {
-    let mut child = start("echo $$ $(readlink /proc/self/ns/pid); exit 7");
+    let (mut child, vm) = start("echo $$ $(readlink /proc/self/ns/pid); exit 7");
+    assert_ne!(vm, child.id(), "the stand-in reported itself");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -65,7 +75,7 @@ fn the_vm_process_is_pid_2_of_a_new_namespace_and_its_stand_in_ends_as_it_ends()
 #[test]
 fn fork_children_outlive_their_parent_and_the_family_ends_with_its_last() {
     // The "VM process" starts a "fork child" (a sleep), says its pid, and waits.
-    let mut child = start("sleep 300 & echo $!; exec sleep 301");
+    let (mut child, vm) = start("sleep 300 & echo $!; exec sleep 301");
     let stand_in = child.id();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
@@ -76,11 +86,14 @@ fn fork_children_outlive_their_parent_and_the_family_ends_with_its_last() {
     // The stand-in's children: the family's init and the VM process.
     let kids = running_children(stand_in);
     assert_eq!(kids.len(), 2, "{kids:?}");
-    let init = *kids
-        .iter()
-        .find(|&&p| comm(p) == family::INIT_NAME.to_str().unwrap())
-        .expect("the family's init");
-    let vm = *kids.iter().find(|&&p| p != init).unwrap();
+    assert!(kids.contains(&vm), "{kids:?} has no {vm}");
+    let init = *kids.iter().find(|&&p| p != vm).unwrap();
+    // It names itself (once it runs its loop).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while comm(init) != family::INIT_NAME.to_str().unwrap() {
+        assert!(std::time::Instant::now() < deadline, "{}", comm(init));
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(ns(vm), ns(init));
     assert_ne!(ns(vm), ns("self"));
     let fork_child = {
@@ -111,7 +124,7 @@ fn fork_children_outlive_their_parent_and_the_family_ends_with_its_last() {
 #[test]
 fn the_vm_process_cannot_signal_a_process_outside_its_family() {
     let me = std::process::id();
-    let mut child = start(&format!(
+    let (mut child, _) = start(&format!(
         "kill -0 {me} 2>/dev/null && echo reached || echo unreachable"
     ));
     let mut line = String::new();
@@ -169,4 +182,79 @@ fn a_launcher_starts_its_vm_processes_in_one_family_and_still_starts_threads() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ns("self"));
+}
+
+#[test]
+fn the_stand_in_ends_by_the_signal_that_ended_the_vm_process() {
+    // SIGINT: one a terminal sends, which the stand-in itself ignores.
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let (mut child, _) = start(&format!("kill -{sig} $$"));
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(sig), "{status}");
+        assert!(!status.core_dumped(), "{status}");
+    }
+}
+
+/// Set for the launcher the test below runs as a process of its own.
+const LAUNCHER: &str = "FORKVM_JAIL_TEST_FAMILY_LAUNCHER";
+
+#[test]
+fn a_launchers_children_outlive_it_and_its_family_ends_with_them() {
+    if std::env::var_os(LAUNCHER).is_some() {
+        // The launcher: starts a "VM process" in its family, says its pid and ends.
+        assert!(family::start_here().unwrap());
+        #[allow(
+            clippy::zombie_processes,
+            reason = "the launcher ends first, on purpose"
+        )]
+        let child = family::spawning(|| {
+            Command::new("sleep")
+                .arg("300")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+        })
+        .unwrap();
+        println!("child {}", child.id());
+        return;
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "--nocapture",
+            "a_launchers_children_outlive_it_and_its_family_ends_with_them",
+        ])
+        .env(LAUNCHER, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let child: u32 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("child "))
+        .expect("the launcher's child")
+        .parse()
+        .unwrap();
+    let family_ns = ns(child);
+    assert_ne!(family_ns, ns("self"));
+    // The family's init, now nobody's child but init's: the one in that namespace.
+    let init = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|&p| comm(p) == family::INIT_NAME.to_str().unwrap() && ns(p) == family_ns)
+        .expect("the family's init");
+    // The launcher is gone, its child lives on (reparented outside the namespace), and
+    // the init with it: longer than the init's look for its family's processes.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        forkvm_test_support::is_running(child),
+        "the child died with its launcher"
+    );
+    assert!(
+        forkvm_test_support::is_running(init),
+        "the init left its family"
+    );
+    forkvm_test_support::sigkill(child);
+    assert!(gone(init), "the init outlived its family");
 }

@@ -162,12 +162,17 @@ fn child_identity(
     seq: u32,
     spec: &ChildSpec,
 ) -> Result<ChildIdentity, ControlError> {
+    // Names on the host (sockets, TAPs) carry this process's host pid: its pid in a VM
+    // family's namespace is another family's too (each family's first VM process is 2).
+    let me = forkvm_registry::ProcessIdentity::current().pid;
     let (cid, vsock_uds) = match &cfg.vsock {
         Some(v) => (
             Some(spec.cid.unwrap_or_else(random_cid)),
-            Some(spec.vsock_uds.clone().unwrap_or_else(|| {
-                PathBuf::from(format!("{}.{}-{seq}", v.uds.display(), std::process::id()))
-            })),
+            Some(
+                spec.vsock_uds
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(format!("{}.{me}-{seq}", v.uds.display()))),
+            ),
         ),
         None => (None, None),
     };
@@ -187,7 +192,7 @@ fn child_identity(
     }
     let taps = if spec.taps.is_empty() {
         (0..nics)
-            .map(|i| format!("fk{}c{seq}n{i}", std::process::id() % 100_000))
+            .map(|i| format!("fk{}c{seq}n{i}", me % 100_000))
             .collect()
     } else {
         spec.taps.clone()

@@ -187,6 +187,9 @@ pub struct VmProcess {
     /// Its pid as `/proc` names it (this process's pid namespace may be a VM family's,
     /// below that procfs's: [`ProcessIdentity::proc_pid_of`]).
     proc_pid: Option<u32>,
+    /// The VM process's pidfd where the child this process holds is its stand-in (the
+    /// first VM process of a family, [`forkvm_jail::family`]).
+    vm_pidfd: Option<OwnedFd>,
 }
 
 /// How the launcher holds a VM process.
@@ -350,6 +353,9 @@ impl VmProcess {
             .stdout(stdout.unwrap_or_else(Stdio::null))
             .stderr(stderr.unwrap_or_else(Stdio::null));
         let (own_session, die) = (opts.own_session, opts.die_with_launcher);
+        // Out of this process's cgroup: the family's init and the VM's stand-in.
+        let families = family.then(forkvm_jail::cgroup::families_procs).flatten();
+        let families_fd = families.as_ref().map(|f| f.as_raw_fd());
         // SAFETY: only async-signal-safe calls between fork and exec (setsid, prctl,
         // dup2, and `family::split`'s forks and system calls), on values copied into the
         // closure; nothing allocates or locks.
@@ -365,19 +371,53 @@ impl VmProcess {
                     return Err(std::io::Error::last_os_error());
                 }
                 if family {
-                    forkvm_jail::family::split()?;
+                    forkvm_jail::family::split(LAUNCH_FD, families_fd)?;
                 }
                 Ok(())
             });
         }
-        let child = forkvm_jail::family::spawning(|| cmd.spawn())
+        let mut child = forkvm_jail::family::spawning(|| cmd.spawn())
             .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", exe.display())))?;
         drop(theirs);
+        drop(families);
+        if !family {
+            return Ok(Self {
+                proc_pid: ProcessIdentity::proc_pid_of(child.id()),
+                process: Handle::Spawned(child),
+                sock: ours,
+                vm_pidfd: None,
+            });
+        }
+        // The child is the VM process's stand-in, which says the VM process's pid first.
+        let vm = match Self::read_vm_pid(&ours) {
+            Ok(pid) => pid,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
         Ok(Self {
-            proc_pid: ProcessIdentity::proc_pid_of(child.id()),
+            proc_pid: Some(vm),
             process: Handle::Spawned(child),
             sock: ours,
+            // None if it is gone already: its socket says why.
+            vm_pidfd: crate::reap::pidfd_open(vm).ok(),
         })
+    }
+
+    /// Reads the pid of a family's first VM process, which its stand-in sends on the
+    /// launch socket before anything else ([`forkvm_jail::family::split`]).
+    fn read_vm_pid(sock: &UnixStream) -> std::io::Result<u32> {
+        sock.set_read_timeout(Some(KILL_DEADLINE))?;
+        let mut pid = [0u8; 4];
+        (&*sock).read_exact(&mut pid).map_err(|e| {
+            std::io::Error::other(format!(
+                "its stand-in did not say the VM process's pid ({e})"
+            ))
+        })?;
+        sock.set_read_timeout(None)?;
+        Ok(u32::from_ne_bytes(pid))
     }
 
     /// A process a zygote forked, held by its `pidfd`, whose launch socket's other end
@@ -388,6 +428,7 @@ impl VmProcess {
             proc_pid: ProcessIdentity::proc_pid_of_pidfd(&pidfd),
             process: Handle::Forked { pid, pidfd },
             sock,
+            vm_pidfd: None,
         }
     }
 
@@ -400,7 +441,12 @@ impl VmProcess {
     pub fn is_alive(&mut self) -> bool {
         match &mut self.process {
             Handle::Spawned(child) => {
-                matches!(child.try_wait(), Ok(None)) && !Handle::leader_exited(self.proc_pid)
+                matches!(child.try_wait(), Ok(None))
+                    && !Handle::leader_exited(self.proc_pid)
+                    && !self
+                        .vm_pidfd
+                        .as_ref()
+                        .is_some_and(|fd| Handle::pidfd_ended(fd, Duration::ZERO))
             }
             // A killed process's pidfd turns readable (and `waitpid` answers) only once
             // its last thread has gone; its main thread shows it dying (a zombie) before
@@ -422,6 +468,10 @@ impl VmProcess {
             Handle::Spawned(child) => {
                 let _ = child.kill();
                 let _ = child.wait();
+                // A stand-in's VM process dies with it: gone once its pidfd says so.
+                if let Some(vm) = &self.vm_pidfd {
+                    Handle::pidfd_ended(vm, KILL_DEADLINE);
+                }
             }
             Handle::Forked { pidfd, .. } => {
                 // SAFETY: pidfd_send_signal with a pidfd we own, no siginfo, no flags.

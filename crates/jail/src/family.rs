@@ -26,8 +26,9 @@
 //! and its root holds that procfs, read-only (see [`crate::root`]), so that the
 //! processes it starts learn theirs too: the registry names VMs by host pids.
 //!
-//! Without the right to make a pid namespace (no `CAP_SYS_ADMIN`: forkvm run by a user)
-//! the VM process stays in its launcher's, as before; [`in_a_family`] says which.
+//! Without the right to make a pid namespace (no `CAP_SYS_ADMIN`: forkvm run by a user;
+//! `user.max_pid_namespaces` of 0) the VM process stays in its launcher's, as before;
+//! [`in_a_family`] says which.
 //!
 //! A launcher that starts VM processes itself (`forkvm template fork`) makes their
 //! family with [`start_here`] and starts each in it ([`spawning`]): its init waits for
@@ -47,13 +48,13 @@ const FIRST_VM_PID: libc::pid_t = 2;
 /// Moves the processes the calling process starts into a new pid namespace, and makes
 /// it the VM process of a new family (see the module doc): returns `Ok` in the VM
 /// process, which is to `exec` next, with the launch socket and stdio the caller set
-/// up. Without the right to make a pid namespace (`EPERM`) it returns `Ok` in the
+/// up. Where a pid namespace may not be made (`not_allowed`) it returns `Ok` in the
 /// calling process itself, which stays in its namespace.
 ///
-/// The VM process's pid in the calling process's namespace (its host pid), 4 bytes in
-/// native order, is written to `report` first, before the VM process can write there
-/// (the launch socket: the launcher reads it before anything else). `families`, if
-/// given, is `cgroup.procs` of the group the stand-in and the init move to, out of the
+/// The VM process's pid in the launcher's namespace, 4 bytes in native order, is
+/// written to `report` first, before the VM process can write there (the launch
+/// socket: the launcher reads it before anything else). `families`, if given, is
+/// `cgroup.procs` of the group the stand-in and the init move to, out of the
 /// launcher's ([`crate::cgroup::families_procs`]).
 ///
 /// # Safety
@@ -71,13 +72,16 @@ pub unsafe fn split(report: i32, families: Option<i32>) -> io::Result<()> {
                 _ => Err(io::Error::last_os_error()),
             }
         };
-        if let Some(procs) = families {
-            // Best effort: where it fails, they stay in the launcher's group.
-            libc::write(procs, c"0".as_ptr().cast(), 1);
-        }
+        // Best effort: where it fails, the init or stand-in stays in the launcher's
+        // group. (Each moves itself; the VM process joins its own group.)
+        let leave_launchers_group = || {
+            if let Some(procs) = families {
+                libc::write(procs, c"0".as_ptr().cast(), 1);
+            }
+        };
         if libc::unshare(libc::CLONE_NEWPID) != 0 {
             let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EPERM) {
+            if !not_allowed(&e) {
                 return Err(e);
             }
             // Not allowed here: the VM process is this one.
@@ -97,6 +101,7 @@ pub unsafe fn split(report: i32, families: Option<i32>) -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
         if init == 0 {
+            leave_launchers_group();
             keep_only(go[0], held[1]);
             let mut byte = 0u8;
             while libc::read(0, (&raw mut byte).cast(), 1) < 0 && errno() == libc::EINTR {}
@@ -130,6 +135,7 @@ pub unsafe fn split(report: i32, families: Option<i32>) -> io::Result<()> {
             libc::kill(vm, libc::SIGKILL);
             return Err(e);
         }
+        leave_launchers_group();
         keep_only(go[1], held[0]);
         stand_in_main(vm)
     }
@@ -145,8 +151,8 @@ static FAMILY: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
 /// started are reparented outside the namespace when it ends, their parent having been
 /// outside: the init looks for them once a second, as it gets no word of their end.) For a launcher that
 /// starts VM processes itself (`forkvm template fork`: the children of one request are
-/// one family). `Ok(false)`: a pid namespace may not be made here (no
-/// `CAP_SYS_ADMIN`); they start in this process's.
+/// one family). `Ok(false)`: a pid namespace may not be made here (`not_allowed`);
+/// they start in this process's.
 pub fn start_here() -> io::Result<bool> {
     if FAMILY.get().is_some() {
         return Ok(true);
@@ -158,6 +164,8 @@ pub fn start_here() -> io::Result<bool> {
     }
     // SAFETY: a descriptor pidfd_open just returned, owned by nothing else.
     let me = unsafe { OwnedFd::from_raw_fd(me) };
+    // The init leaves this process's cgroup (see `split`).
+    let families = crate::cgroup::families_procs();
     // On a thread of its own: a thread whose children start in another pid namespace
     // than its own may start no thread (`EINVAL`).
     let made = std::thread::scope(|s| {
@@ -169,13 +177,16 @@ pub fn start_here() -> io::Result<bool> {
             unsafe {
                 if libc::unshare(libc::CLONE_NEWPID) != 0 {
                     let e = io::Error::last_os_error();
-                    return match e.raw_os_error() {
-                        Some(libc::EPERM) => Ok(None),
-                        _ => Err(e),
+                    return match not_allowed(&e) {
+                        true => Ok(None),
+                        false => Err(e),
                     };
                 }
                 let init = raw_fork();
                 if init == 0 {
+                    if let Some(procs) = &families {
+                        libc::write(procs.as_raw_fd(), c"0".as_ptr().cast(), 1);
+                    }
                     let fd = me.as_raw_fd();
                     keep_only(fd, fd);
                     libc::close(1);
@@ -231,6 +242,14 @@ pub fn spawning<T>(spawn: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     let spawned = spawn();
     drop(back);
     spawned
+}
+
+/// Whether `unshare(CLONE_NEWPID)` failed because the host does not let this process
+/// make a pid namespace, so VM processes stay in their launcher's (and say so at start):
+/// no `CAP_SYS_ADMIN` (`EPERM`), or no namespace left to make (`ENOSPC`:
+/// `user.max_pid_namespaces` set to 0, or the nesting limit reached).
+fn not_allowed(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSPC))
 }
 
 /// Whether this process is in a pid namespace below the one of the procfs at `/proc`
@@ -296,6 +315,65 @@ unsafe fn keep_only(a: i32, b: i32) {
     }
 }
 
+/// Names the process `name` in `ps`: its `comm`, and its command line, a copy of the
+/// launcher's (in this process's own copy of the launcher's stack), overwritten with
+/// the name, so that nothing takes it for its launcher (a container's monitor is found
+/// by its command line).
+///
+/// # Safety
+/// As [`split`]: only system calls, and writes to this process's own argument area.
+unsafe fn rename(name: &core::ffi::CStr) {
+    /// A decimal number, 0 for anything else.
+    fn number(digits: &[u8]) -> usize {
+        digits
+            .iter()
+            .try_fold(0usize, |n, &d| {
+                d.is_ascii_digit()
+                    .then(|| n.checked_mul(10)?.checked_add(usize::from(d - b'0')))
+                    .flatten()
+            })
+            .unwrap_or(0)
+    }
+    // SAFETY: prctl, open, read and close on values of this frame; the argument area
+    // is where the kernel says it is (`arg_start`, `arg_end` of `/proc/self/stat`) and
+    // is this process's, mapped for writing (the initial stack).
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+        let fd = libc::open(
+            c"/proc/self/stat".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return;
+        }
+        let mut buf = [0u8; 1024];
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        let Ok(n) = usize::try_from(n) else { return };
+        let text = &buf[..n];
+        // Field 3 on follows the command name's closing parenthesis; the argument area
+        // is fields 48 and 49.
+        let Some(close) = text.iter().rposition(|&b| b == b')') else {
+            return;
+        };
+        let mut fields = text[close + 1..]
+            .split(|&b| b == b' ' || b == b'\n')
+            .filter(|f| !f.is_empty())
+            .skip(48 - 3);
+        let (start, end) = match (fields.next(), fields.next()) {
+            (Some(s), Some(e)) => (number(s), number(e)),
+            _ => return,
+        };
+        let name = name.to_bytes_with_nul();
+        if start == 0 || end < start + name.len() {
+            return;
+        }
+        let area = core::slice::from_raw_parts_mut(start as *mut u8, end - start);
+        area.fill(0);
+        area[..name.len()].copy_from_slice(name);
+    }
+}
+
 /// How often the init looks for the family's processes that are not its children
 /// once `first` has ended: a launcher's own children ([`start_here`]) that outlived it
 /// are its namespace's but were reparented outside it (their parent was outside), so
@@ -319,7 +397,10 @@ static MEMBERS_POLL: libc::timespec = libc::timespec {
 unsafe fn init_main(first: i32, others: bool) -> ! {
     // SAFETY: system calls on values of this frame (see `split`).
     unsafe {
-        libc::prctl(libc::PR_SET_NAME, INIT_NAME.as_ptr());
+        rename(INIT_NAME);
+        // Out of its launcher's session and process group: not a terminal's job, and
+        // not among the launcher's processes (which some wait for to be gone).
+        libc::setsid();
         // SIGCHLD blocked but while waiting, with a handler that does nothing, so that
         // a child's end interrupts the wait and none is missed between two waits.
         let mut chld: libc::sigset_t = core::mem::zeroed();
@@ -377,7 +458,7 @@ extern "C" fn nothing(_: libc::c_int) {}
 unsafe fn stand_in_main(vm: libc::pid_t) -> ! {
     // SAFETY: system calls on values of this frame (see `split`).
     unsafe {
-        libc::prctl(libc::PR_SET_NAME, STAND_IN_NAME.as_ptr());
+        rename(STAND_IN_NAME);
         // A terminal's signals reach the VM process too (one process group): it, not
         // its stand-in, decides how they end it.
         for sig in [libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGTSTP] {

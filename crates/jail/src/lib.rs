@@ -315,7 +315,8 @@ impl Jail {
             if !family::in_a_family() {
                 tracing::info!(
                     "the VM process is in its launcher's pid namespace (the launcher could \
-                     not make one: no CAP_SYS_ADMIN, or did not)"
+                     not make one: no CAP_SYS_ADMIN, or user.max_pid_namespaces reached; or \
+                     did not)"
                 );
             }
             let mount_on = home.join(root::MOUNT_DIR);

@@ -96,6 +96,19 @@ fn fork_children_outlive_their_parent_and_the_family_ends_with_its_last() {
     }
     assert_eq!(ns(vm), ns(init));
     assert_ne!(ns(vm), ns("self"));
+    // Named in `ps`, command line too (not taken for the launcher), the init in a
+    // session of its own (not among the launcher's processes).
+    for (pid, name) in [(init, family::INIT_NAME), (stand_in, family::STAND_IN_NAME)] {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(
+            cmdline.starts_with(name.to_bytes())
+                && cmdline[name.to_bytes().len()..].iter().all(|&b| b == 0),
+            "{pid}: {}",
+            String::from_utf8_lossy(&cmdline)
+        );
+    }
+    // SAFETY: getsid takes a pid.
+    assert_eq!(unsafe { libc::getsid(init as i32) }, init as i32);
     let fork_child = {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {

@@ -224,6 +224,20 @@ impl Handle {
         matches!(state, Some("Z" | "X"))
     }
 
+    /// Sends SIGKILL to the process `pidfd` refers to.
+    fn pidfd_kill(pidfd: &OwnedFd) {
+        // SAFETY: pidfd_send_signal with a pidfd we own, no siginfo, no flags.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    }
+
     /// Whether the pidfd says the process ended, waiting at most `timeout`.
     fn pidfd_ended(pidfd: &OwnedFd, timeout: Duration) -> bool {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
@@ -397,12 +411,18 @@ impl VmProcess {
                 return Err(e);
             }
         };
+        // None if it is gone already: its socket says why.
+        let vm_pidfd = crate::reap::pidfd_open(vm).ok();
         Ok(Self {
-            proc_pid: Some(vm),
+            // `vm` is its pid in this process's namespace, which may be below the one
+            // `/proc` is of (a monitor in a container's pid namespace).
+            proc_pid: vm_pidfd
+                .as_ref()
+                .and_then(ProcessIdentity::proc_pid_of_pidfd)
+                .or_else(|| ProcessIdentity::proc_pid_of(vm)),
             process: Handle::Spawned(child),
             sock: ours,
-            // None if it is gone already: its socket says why.
-            vm_pidfd: crate::reap::pidfd_open(vm).ok(),
+            vm_pidfd,
         })
     }
 
@@ -466,24 +486,21 @@ impl VmProcess {
     pub fn kill_and_reap(&mut self) {
         match &mut self.process {
             Handle::Spawned(child) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                // A stand-in's VM process dies with it: gone once its pidfd says so.
-                if let Some(vm) = &self.vm_pidfd {
-                    Handle::pidfd_ended(vm, KILL_DEADLINE);
+                match &self.vm_pidfd {
+                    // A stand-in: its VM process first, which the stand-in reaps, then
+                    // ends as it ended (killed, the VM process would be left to init).
+                    Some(vm) => {
+                        Handle::pidfd_kill(vm);
+                        Handle::pidfd_ended(vm, KILL_DEADLINE);
+                    }
+                    None => {
+                        let _ = child.kill();
+                    }
                 }
+                let _ = child.wait();
             }
             Handle::Forked { pidfd, .. } => {
-                // SAFETY: pidfd_send_signal with a pidfd we own, no siginfo, no flags.
-                unsafe {
-                    libc::syscall(
-                        libc::SYS_pidfd_send_signal,
-                        pidfd.as_raw_fd(),
-                        libc::SIGKILL,
-                        std::ptr::null::<libc::siginfo_t>(),
-                        0,
-                    )
-                };
+                Handle::pidfd_kill(pidfd);
                 Handle::pidfd_ended(pidfd, KILL_DEADLINE);
             }
         }

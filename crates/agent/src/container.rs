@@ -431,18 +431,28 @@ pub(crate) fn resolve(root: &OwnedFd, path: &str) -> Result<Option<OwnedFd>, Str
         return Err("not an absolute path".into());
     }
     let relative = format!(".{path}");
-    match openat2(
-        root,
-        relative.as_str(),
-        OFlags::PATH | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-    ) {
-        Ok(fd) => Ok(Some(fd)),
-        Err(Errno::NOENT) => Ok(None),
-        Err(e) => Err(format!("cannot open it: {e}")),
+    // A lookup confined to the root fails with EAGAIN when a mount or rename happened
+    // anywhere meanwhile (the kernel cannot vouch for the walk): it is tried again, a
+    // bounded number of times (other containers of a pod start beside this one).
+    let mut tries = 0;
+    loop {
+        match openat2(
+            root,
+            relative.as_str(),
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            Ok(fd) => return Ok(Some(fd)),
+            Err(Errno::NOENT) => return Ok(None),
+            Err(Errno::AGAIN) if tries < RESOLVE_TRIES => tries += 1,
+            Err(e) => return Err(format!("cannot open it: {e}")),
+        }
     }
 }
+
+/// How often [`resolve`] tries a lookup that a concurrent mount or rename disturbed.
+const RESOLVE_TRIES: u32 = 64;
 
 use crate::mounts::fd_path;
 

@@ -2,7 +2,7 @@
 //! `/proc/<pid>/stat`, clock ticks since boot), so a pid the kernel reused for another
 //! process does not count; zombies count as dead.
 
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
@@ -80,14 +80,7 @@ impl ProcessIdentity {
         if Self::current().pid == std::process::id() {
             return Some(pid);
         }
-        let pid = i32::try_from(pid).ok()?;
-        // SAFETY: pidfd_open takes plain integers; the descriptor it returns is owned at
-        // once.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
-        // SAFETY: a descriptor pidfd_open just returned, owned by nothing else.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        Self::proc_pid_of_pidfd(&fd)
+        Self::proc_pid_of_pidfd(&pidfd_open(pid).ok()?)
     }
 
     /// The pid by which the procfs at `/proc` names the process `pidfd` refers to,
@@ -136,6 +129,17 @@ impl ProcessIdentity {
         // checked to be this process (same start time) just above.
         unsafe { libc::kill(pid, signal) == 0 }
     }
+}
+
+/// A pidfd of process `pid` (of this process's pid namespace).
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a process ID and flags; it returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor pidfd_open just returned, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Polls `alive` until it is false or `limit` passes; returns whether it became false

@@ -9,7 +9,7 @@
 //! so the other waits of this process (a pool's processes) keep theirs. A child whose
 //! pidfd cannot be opened (no descriptor left) is looked at once a second instead.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::process::Child;
 use std::sync::Mutex;
 
@@ -104,16 +104,8 @@ fn run(reaper: &'static Reaper) -> ! {
     }
 }
 
-/// A pidfd of process `pid`.
-pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a process ID and flags; it returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor pidfd_open just returned, owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
+/// A pidfd of process `pid` (the registry's, where liveness is judged).
+pub use forkvm_registry::liveness::pidfd_open;
 
 #[cfg(test)]
 mod tests {

@@ -51,9 +51,9 @@ const FIRST_VM_PID: libc::pid_t = 2;
 /// up. Where a pid namespace may not be made (`not_allowed`) it returns `Ok` in the
 /// calling process itself, which stays in its namespace.
 ///
-/// The VM process's pid in the launcher's namespace, 4 bytes in native order, is
-/// written to `report` first, before the VM process can write there (the launch
-/// socket: the launcher reads it before anything else). `families`, if given, is
+/// The VM process's pid in the launcher's namespace, 4 bytes in native order, with a
+/// pidfd of it, is sent on `report` first, before the VM process can write there (the
+/// launch socket: the launcher reads it with [`read_report`] before anything else). `families`, if given, is
 /// `cgroup.procs` of the group the stand-in and the init move to, out of the
 /// launcher's ([`crate::cgroup::families_procs`]).
 ///
@@ -65,13 +65,7 @@ pub unsafe fn split(report: i32, families: Option<i32>) -> io::Result<()> {
     // nothing allocates, locks or touches memory another thread of the launcher could
     // hold (there is none in this process after fork).
     unsafe {
-        let tell = |pid: libc::pid_t| -> io::Result<()> {
-            let bytes = (pid as u32).to_ne_bytes();
-            match libc::write(report, bytes.as_ptr().cast(), bytes.len()) {
-                4 => Ok(()),
-                _ => Err(io::Error::last_os_error()),
-            }
-        };
+        let tell = |pid: libc::pid_t| -> io::Result<()> { tell_vm_process(report, pid) };
         // Best effort: where it fails, the init or stand-in stays in the launcher's
         // group. (Each moves itself; the VM process joins its own group.)
         let leave_launchers_group = || {
@@ -445,6 +439,99 @@ unsafe fn init_main(first: i32, others: bool) -> ! {
             }
         }
     }
+}
+
+/// Sends the VM process's pid `pid` (4 bytes, native order) on the socket `report`,
+/// with a pidfd of it (`SCM_RIGHTS`) where the kernel makes one: opened while the VM
+/// process cannot have been reaped (by its parent, which is the caller, or by itself),
+/// it names that process even if its pid is reused once it ended, where the launcher's
+/// own `pidfd_open` of the number could name another.
+///
+/// # Safety
+/// As [`split`]: async-signal-safe system calls only.
+unsafe fn tell_vm_process(report: i32, pid: libc::pid_t) -> io::Result<()> {
+    // SAFETY: system calls on values of this frame; the control buffer is aligned for a
+    // `cmsghdr` (u64s) and as long as the space one descriptor takes.
+    unsafe {
+        let bytes = (pid as u32).to_ne_bytes();
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr().cast_mut().cast(),
+            iov_len: bytes.len(),
+        };
+        let mut control = [0u64; 4];
+        let mut msg: libc::msghdr = core::mem::zeroed();
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        if pidfd >= 0 {
+            let fd_len = core::mem::size_of::<i32>() as u32;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(fd_len) as usize;
+            let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_len) as usize;
+            core::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), pidfd);
+        }
+        let sent = libc::sendmsg(report, &raw const msg, libc::MSG_NOSIGNAL);
+        let e = io::Error::last_os_error();
+        if pidfd >= 0 {
+            libc::close(pidfd);
+        }
+        match sent {
+            4 => Ok(()),
+            _ => Err(e),
+        }
+    }
+}
+
+/// Reads what [`split`] sends on the launch socket `sock` before anything else: the
+/// first VM process's pid in the launcher's namespace, and a pidfd of it (`None` where
+/// the kernel made none). Waits up to `deadline`.
+pub fn read_report(
+    sock: &std::os::unix::net::UnixStream,
+    deadline: std::time::Duration,
+) -> io::Result<(u32, Option<OwnedFd>)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    use std::io::Read;
+
+    let said = |e: io::Error| {
+        io::Error::new(
+            e.kind(),
+            format!("its stand-in did not say the VM process's pid ({e})"),
+        )
+    };
+    sock.set_read_timeout(Some(deadline))?;
+    let mut pid = [0u8; 4];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = loop {
+        match rustix::net::recvmsg(
+            sock,
+            &mut [io::IoSliceMut::new(&mut pid)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Ok(r) => break r.bytes,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(said(e.into())),
+        }
+    };
+    let mut pidfd = None;
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = m {
+            // One is sent; any other is closed as it drops.
+            for fd in fds {
+                pidfd.get_or_insert(fd);
+            }
+        }
+    }
+    // A stream may deliver the four bytes in parts (never seen); none: it ended.
+    if got < pid.len() {
+        (&*sock).read_exact(&mut pid[got..]).map_err(said)?;
+    }
+    sock.set_read_timeout(None)?;
+    Ok((u32::from_ne_bytes(pid), pidfd))
 }
 
 /// A signal handler that does nothing: its signal interrupts a wait.

@@ -1,8 +1,8 @@
 //! A VM family's pid namespace ([`forkvm_jail::family`]), with `sh` standing for the
 //! VM process: run as root (making a pid namespace needs `CAP_SYS_ADMIN`).
 
-use std::io::{BufRead, BufReader, Read};
-use std::os::fd::AsRawFd;
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, Stdio};
@@ -14,17 +14,28 @@ use forkvm_test_support::running_children;
 /// Starts `sh -c script` as the first VM process of a family; stdout piped. Returns
 /// the child (its stand-in) and the VM process's pid, as the stand-in reports it.
 fn start(script: &str) -> (Child, u32) {
+    let (child, pid, _) = start_with_pidfd(script);
+    (child, pid)
+}
+
+/// [`start`], with the pidfd of the VM process its stand-in sent.
+fn start_with_pidfd(script: &str) -> (Child, u32, OwnedFd) {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let report = theirs.as_raw_fd();
     let mut cmd = Command::new("sh");
-    cmd.args(["-c", script]).stdout(Stdio::piped());
+    cmd.args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
     // SAFETY: `split` is made for `pre_exec` (it forks and makes system calls only).
     unsafe { cmd.pre_exec(move || family::split(report, None)) };
     let child = cmd.spawn().unwrap();
     drop(theirs);
-    let mut pid = [0u8; 4];
-    (&ours).read_exact(&mut pid).unwrap();
-    (child, u32::from_ne_bytes(pid))
+    let (pid, pidfd) = family::read_report(&ours, Duration::from_secs(10)).unwrap();
+    (
+        child,
+        pid,
+        pidfd.expect("no pidfd of the VM process came with its pid"),
+    )
 }
 
 fn comm(pid: u32) -> String {
@@ -270,4 +281,34 @@ fn a_launchers_children_outlive_it_and_its_family_ends_with_them() {
     );
     forkvm_test_support::sigkill(child);
     assert!(gone(init), "the init outlived its family");
+}
+
+#[test]
+fn the_launcher_gets_a_pidfd_of_the_vm_process_that_stays_its_own_once_it_ended() {
+    let (mut child, vm, pidfd) = start_with_pidfd("read _; exit 3");
+    let fdinfo = |fd: &OwnedFd| {
+        std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap()
+    };
+    assert!(
+        fdinfo(&pidfd).lines().any(|l| l == format!("Pid:\t{vm}")),
+        "the pidfd names another process than {vm}: {}",
+        fdinfo(&pidfd)
+    );
+    assert_eq!(comm(vm), "sh");
+    // Closing its stdin ends it (`read` gets end of file).
+    drop(child.stdin.take());
+    assert_eq!(child.wait().unwrap().code(), Some(3));
+    // Ended and reaped by its stand-in: the pidfd says so, whatever now has its number.
+    let mut p = [libc::pollfd {
+        fd: pidfd.as_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: one pollfd, of a descriptor this test holds.
+    assert_eq!(unsafe { libc::poll(p.as_mut_ptr(), 1, 0) }, 1);
+    assert!(
+        fdinfo(&pidfd).lines().any(|l| l == "Pid:\t-1"),
+        "{}",
+        fdinfo(&pidfd)
+    );
 }

@@ -402,17 +402,19 @@ impl VmProcess {
                 vm_pidfd: None,
             });
         }
-        // The child is the VM process's stand-in, which says the VM process's pid first.
-        let vm = match Self::read_vm_pid(&ours) {
-            Ok(pid) => pid,
+        // The child is the VM process's stand-in, which says the VM process's pid first,
+        // with a pidfd of it.
+        let (vm, pidfd) = match forkvm_jail::family::read_report(&ours, KILL_DEADLINE) {
+            Ok(said) => said,
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(e);
             }
         };
-        // None if it is gone already: its socket says why.
-        let vm_pidfd = crate::reap::pidfd_open(vm).ok();
+        // Without one (a kernel without pidfds) by its number (the VM process waits for
+        // its launch, not sent yet); none if it is gone already (its socket says why).
+        let vm_pidfd = pidfd.or_else(|| crate::reap::pidfd_open(vm).ok());
         Ok(Self {
             // `vm` is its pid in this process's namespace, which may be below the one
             // `/proc` is of (a monitor in a container's pid namespace).
@@ -424,20 +426,6 @@ impl VmProcess {
             sock: ours,
             vm_pidfd,
         })
-    }
-
-    /// Reads the pid of a family's first VM process, which its stand-in sends on the
-    /// launch socket before anything else ([`forkvm_jail::family::split`]).
-    fn read_vm_pid(sock: &UnixStream) -> std::io::Result<u32> {
-        sock.set_read_timeout(Some(KILL_DEADLINE))?;
-        let mut pid = [0u8; 4];
-        (&*sock).read_exact(&mut pid).map_err(|e| {
-            std::io::Error::other(format!(
-                "its stand-in did not say the VM process's pid ({e})"
-            ))
-        })?;
-        sock.set_read_timeout(None)?;
-        Ok(u32::from_ne_bytes(pid))
     }
 
     /// A process a zygote forked, held by its `pidfd`, whose launch socket's other end

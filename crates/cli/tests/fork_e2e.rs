@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -378,6 +379,10 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
     let guest = forkvm_guest_kernel::default_guest().expect("default guest");
     forkvm_testhost::on_kvm_host(forkvm_testhost::test_path!(), || {
         let dir = tempfile::tempdir().unwrap();
+        // A directory every user may make files in, as `/tmp`: the family's uid reaches
+        // its state root and makes its children's vsock sockets beside the parent's
+        // (where it could not, the family would stay uid 0).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
         let root = dir.path().join("root");
         let uds = dir.path().join("p.vsock");
         let script = "i=0; while true; do echo count=$i; i=$((i+1)); sleep 0.5; done";
@@ -464,11 +469,66 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
         for k in &kids {
             groups.push(assert_jailed(&root, k));
         }
-        // One family: the children in the pid namespace their parent's launcher made.
+        // One family: the children in the pid namespace their parent's launcher made,
+        // of its uid, in its cgroup.
         let family = inspect(&root, "origin")["jail"]["pid_ns"].clone();
         for k in &kids {
             assert_eq!(inspect(&root, k)["jail"]["pid_ns"], family, "child {k}");
         }
+        let uid = assert_own_uid(&root, "origin", &groups[0]);
+        for (k, group) in kids.iter().zip(&groups[1..]) {
+            assert_eq!(assert_own_uid(&root, k, group), uid, "child {k}");
+        }
+        // Another family: another uid, whose homes this one cannot enter.
+        let other = forkvm_ok(
+            &root,
+            &[
+                "boot",
+                "-d",
+                "--name",
+                "other",
+                "--cmdline",
+                &common::guest_cmdline("sleep 600"),
+            ],
+        )
+        .trim()
+        .to_owned();
+        wait_for(
+            "the other VM to take its uid",
+            Duration::from_secs(60),
+            || {
+                inspect(&root, "other")["jail"]["uid"]
+                    .as_u64()
+                    .is_some_and(|u| u != 0)
+            },
+        );
+        let other_uid = inspect(&root, "other")["jail"]["uid"].as_u64().unwrap() as u32;
+        assert_ne!(other_uid, uid, "two families share a uid");
+        let as_family = |path: &Path| {
+            forkvm_test_support::runs_as(
+                uid,
+                forkvm_jail::uid::FAMILIES_GID,
+                &format!("ls {}", path.display()),
+            )
+        };
+        assert!(
+            as_family(&root.join(&parent)),
+            "the family cannot enter its own home"
+        );
+        assert!(
+            !as_family(&root.join(&other)),
+            "uid {uid} entered another family's home (its API socket is there)"
+        );
+        let other_group = PathBuf::from(forkvm_jail::cgroup::ROOT)
+            .join("forkvm")
+            .join(format!("family-{other_uid}"));
+        forkvm_ok(&root, &["rm", "-f", "other"]);
+        // Its family's init removes the family's group once the family is gone.
+        wait_for(
+            "the other family's group to go",
+            Duration::from_secs(30),
+            || !other_group.exists(),
+        );
         for k in &kids {
             wait_for("a child to count", Duration::from_secs(60), || {
                 counts(&root, k).len() >= 2
@@ -520,6 +580,8 @@ fn forked_children_are_vms_of_their_own_and_fork_again() {
         let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: a NUL-terminated path that outlives the call.
         assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+        // The family's to open (its VM process runs as the family's uid, not as root).
+        std::os::unix::fs::lchown(&fifo, Some(uid), None).unwrap();
         let api = root.join(parent.as_str()).join("api.sock");
         let req = forkvm_api::wire::ForkRequest {
             count: 3,
@@ -662,7 +724,13 @@ fn assert_jailed(root: &Path, vm: &str) -> PathBuf {
     assert_eq!(jail["seccomp"], 2, "{vm}: {jail}");
     assert_eq!(jail["no_new_privs"], true, "{vm}: {jail}");
     assert_eq!(jail["cap_eff"], "0000000000000000", "{vm}: {jail}");
-    assert_eq!(jail["cgroup"], format!("/forkvm/{id}"), "{vm}: {jail}");
+    // In its family's group, `/forkvm/family-<n>/<id>`.
+    let group = jail["cgroup"].as_str().unwrap_or_default().to_owned();
+    let family_group = group
+        .strip_prefix("/forkvm/family-")
+        .and_then(|g| g.strip_suffix(&format!("/{id}")))
+        .filter(|n| n.parse::<u32>().is_ok());
+    assert!(family_group.is_some(), "{vm}: {jail}");
     let mem = info["mem_mib"].as_u64().unwrap() << 20;
     let budget = forkvm_vmm::memory::guest_memory_budget(mem);
     let overhead = forkvm_jail::cgroup::VMM_OVERHEAD;
@@ -682,9 +750,9 @@ fn assert_jailed(root: &Path, vm: &str) -> PathBuf {
         false => assert_eq!(enforced, "inherited", "{vm}: {rules}"),
     }
     assert!(
-        rules["dirs"]
-            .as_array()
-            .is_some_and(|d| d.iter().any(|d| d == "/sys/fs/cgroup/forkvm")),
+        rules["dirs"].as_array().is_some_and(|d| d.iter().any(|d| d
+            .as_str()
+            .is_some_and(|d| d.starts_with("/sys/fs/cgroup/forkvm/family-")))),
         "{vm}: {rules}"
     );
     let pid = info["pid"].as_u64().unwrap() as u32;
@@ -713,9 +781,64 @@ fn assert_jailed(root: &Path, vm: &str) -> PathBuf {
             "{vm}: thread {name}"
         );
     }
-    PathBuf::from(forkvm_jail::cgroup::ROOT)
-        .join("forkvm")
-        .join(id)
+    PathBuf::from(format!("{}{group}", forkvm_jail::cgroup::ROOT))
+}
+
+/// Checks that VM `vm` (of cgroup `group`) runs as its family's own uid: its processes'
+/// effective uid is one of the families', its home that uid's (mode 0700), its family's
+/// cgroup named by it and delegated to it, the state root open to families only.
+/// Returns the uid.
+fn assert_own_uid(root: &Path, vm: &str, group: &Path) -> u32 {
+    let info = inspect(root, vm);
+    let uid = info["jail"]["uid"].as_u64().unwrap_or(0) as u32;
+    let first = forkvm_jail::uid::FIRST_UID;
+    assert!(
+        (first..first + forkvm_jail::uid::UIDS).contains(&uid),
+        "{vm} runs as uid {uid}: {}",
+        info["jail"]
+    );
+    let id = info["id"].as_str().unwrap();
+    let home = std::fs::metadata(root.join(id)).unwrap();
+    assert_eq!(
+        (home.uid(), home.mode() & 0o7777),
+        (uid, 0o700),
+        "{vm}'s home"
+    );
+    let family = group.parent().unwrap();
+    assert_eq!(
+        family.file_name().unwrap().to_str().unwrap(),
+        format!("family-{uid}")
+    );
+    assert_eq!(
+        std::fs::metadata(family).unwrap().uid(),
+        uid,
+        "{}",
+        family.display()
+    );
+    let procs = std::fs::metadata(family.join("cgroup.procs")).unwrap();
+    assert_eq!(
+        procs.uid(),
+        uid,
+        "the family's group is not delegated to it"
+    );
+    // A first VM's own group (root made it) keeps its limits root's; its fork
+    // children's groups are the family's.
+    let limits_owner = std::fs::metadata(group.join("memory.max")).unwrap().uid();
+    match info["parent"].is_null() {
+        true => assert_eq!(limits_owner, 0, "{vm}'s limits are its family's to change"),
+        false => assert_eq!(limits_owner, uid, "{vm}"),
+    }
+    let state_root = std::fs::metadata(root).unwrap();
+    assert_eq!(
+        (
+            state_root.uid(),
+            state_root.gid(),
+            state_root.mode() & 0o7777
+        ),
+        (0, forkvm_jail::uid::FAMILIES_GID, 0o1770),
+        "the state root"
+    );
+    uid
 }
 
 /// Runs `forkvm --root ROOT ARGS`, requires failure, returns stderr.
@@ -939,6 +1062,17 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
             )
             .unwrap();
             assert_eq!(record["kernel"], kernel, "{record}");
+            // Its state root lies in a directory only root may enter (a temporary one,
+            // 0700): the family's uid could not reach it, so it stays uid 0, in its
+            // family's group all the same.
+            let jail = inspect(&root, &id)["jail"].clone();
+            assert_eq!(jail["uid"], 0, "{jail}");
+            assert!(
+                jail["cgroup"]
+                    .as_str()
+                    .is_some_and(|g| g.starts_with("/forkvm/family-")),
+                "{jail}"
+            );
             wait_for("a child to count", Duration::from_secs(60), || {
                 counts(&root, &id).len() >= 3
             });

@@ -144,9 +144,22 @@ pub fn drop_all_but(needs: Needs) -> Result<(), CapsError> {
         "clear the ambient capabilities",
         caps::clear(None, CapSet::Ambient),
     )?;
+    // What the processes it executes (its fork children, its pool's zygote) must have:
+    // a process of uid 0 gets its bounding set (which is `permitted` now), one of a
+    // family's own uid ([`crate::uid`]) only its ambient set, which `CAP_NET_ADMIN`
+    // joins (a fork child makes its TAP and puts its own children's on a bridge).
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let passed: CapsHashSet = match unsafe { libc::geteuid() } {
+        0 => CapsHashSet::new(),
+        _ => permitted
+            .iter()
+            .copied()
+            .filter(|c| *c == Capability::CAP_NET_ADMIN)
+            .collect(),
+    };
     change(
-        "clear the inheritable capabilities",
-        caps::clear(None, CapSet::Inheritable),
+        "set the inheritable capabilities",
+        caps::set(None, CapSet::Inheritable, &passed),
     )?;
     // Effective first: it must stay a subset of the permitted set at every step.
     change(
@@ -156,7 +169,14 @@ pub fn drop_all_but(needs: Needs) -> Result<(), CapsError> {
     change(
         "set the permitted capabilities",
         caps::set(None, CapSet::Permitted, &permitted),
-    )
+    )?;
+    for c in passed {
+        change(
+            "pass CAP_NET_ADMIN on",
+            caps::raise(None, CapSet::Ambient, c),
+        )?;
+    }
+    Ok(())
 }
 
 thread_local! {

@@ -8,9 +8,15 @@
 //! to the group of the VM that first touched them: a fork child is charged only for the
 //! pages it copies, its parent (or template) for the ones they share.
 //!
+//! A VM of a family ([`crate::family`]) has its group in the family's,
+//! `forkvm/family-<n>/<VM ID>`, which is delegated to the family's uid ([`crate::uid`]):
+//! its VM processes make their fork children's groups there, and reach no other
+//! family's.
+//!
 //! The group is made with its parents (the `memory` and `pids` controllers enabled down
 //! the path), and removed when the process ends: it moves itself to the shared leaf
-//! `forkvm/exited` first, as a process cannot remove the group it is in.
+//! `exited` of its family's group (or of `forkvm`) first, as a process cannot remove the
+//! group it is in. The family's init removes the family's group when the family ends.
 //!
 //! Written by hand rather than with a crate: five files under one directory, where the
 //! cgroups crates (cgroups-rs, libcgroups) bring v1, systemd and D-Bus along.
@@ -73,10 +79,15 @@ pub struct CgroupSpec {
 
 impl CgroupSpec {
     /// forkvm's own group for VM `id` that may hold `guest_memory` bytes of guest memory:
-    /// that plus [`VMM_OVERHEAD`], [`DEFAULT_PIDS_MAX`] tasks.
-    pub fn for_vm(id: &str, guest_memory: u64) -> Self {
+    /// that plus [`VMM_OVERHEAD`], [`DEFAULT_PIDS_MAX`] tasks; in its family's group
+    /// (`forkvm/family-<n>/<id>`) if it has one.
+    pub fn for_vm(id: &str, guest_memory: u64, family: Option<&str>) -> Self {
+        let mut path = PathBuf::from(FORKVM_GROUP);
+        if let Some(f) = family {
+            path.push(f);
+        }
         Self {
-            path: Path::new(FORKVM_GROUP).join(id),
+            path: path.join(id),
             memory_max: Some(guest_memory.saturating_add(VMM_OVERHEAD)),
             pids_max: Some(DEFAULT_PIDS_MAX),
         }
@@ -173,19 +184,8 @@ impl Cgroup {
             return Err(CgroupError::NoHierarchy);
         }
         check_relative(&spec.path)?;
-        // Each parent hands the controllers down; one that holds processes itself
-        // cannot (the engine's own groups are made ready by the engine).
-        let mut dir = root.to_owned();
-        let mut made = false;
-        for part in spec.path.components() {
-            enable_controllers(&dir);
-            dir.push(part);
-            made = match std::fs::create_dir(&dir) {
-                Ok(()) => true,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
-                Err(e) => return Err(io("make the cgroup", &dir)(e)),
-            };
-        }
+        let dir = root.join(&spec.path);
+        let made = make_group(root, &dir)?;
         // A group this call made goes again if it cannot be joined as asked.
         Self::limit_and_join(&dir, spec).inspect_err(|_| {
             if made {
@@ -227,11 +227,12 @@ impl Cgroup {
         &self.dir
     }
 
-    /// Leaves the group (for the shared `forkvm/exited` leaf) and removes it, once the
-    /// processes this one started have left it: the last thing a VM process does. The
-    /// group stays (and is reported) if something still runs in it after `wait`.
+    /// Leaves the group (for the shared leaf `exited` of its family's group, or of
+    /// forkvm's) and removes it, once the processes this one started have left it: the
+    /// last thing a VM process does. The group stays (and is reported) if something
+    /// still runs in it after `wait`.
     pub fn remove(self, wait: std::time::Duration) {
-        let exited = self.root.join(FORKVM_GROUP).join("exited");
+        let exited = forkvm_groups(&self.root).join("exited");
         let moved = std::fs::create_dir_all(&exited)
             .map_err(io("make the cgroup", &exited))
             .and_then(|()| write_file(&exited.join("cgroup.procs"), "0", "join"));
@@ -264,9 +265,41 @@ pub fn families_procs() -> Option<std::fs::File> {
         .ok()
 }
 
-/// forkvm's own group of VM `id` (see [`CgroupSpec::for_vm`]).
+/// forkvm's own group of VM `id` of this process's family (see [`CgroupSpec::for_vm`]).
 pub fn vm_group(id: &str) -> PathBuf {
-    Path::new(ROOT).join(FORKVM_GROUP).join(id)
+    forkvm_groups(Path::new(ROOT)).join(id)
+}
+
+/// Where this process's VM processes have their groups under the hierarchy at `root`:
+/// its family's group, or forkvm's.
+pub fn forkvm_groups(root: &Path) -> PathBuf {
+    match crate::family_spec() {
+        Some(f) => f.group_dir(root),
+        None => root.join(FORKVM_GROUP),
+    }
+}
+
+/// Makes the group `dir` (under the hierarchy at `root`) with its parents, each parent
+/// handing the `memory` and `pids` controllers down (one that holds processes itself
+/// cannot: the engine's own groups are made ready by the engine). Whether `dir` itself
+/// was made.
+pub(crate) fn make_group(root: &Path, dir: &Path) -> Result<bool, CgroupError> {
+    let rel = dir
+        .strip_prefix(root)
+        .map_err(|_| CgroupError::BadPath(dir.to_owned()))?;
+    check_relative(rel)?;
+    let mut at = root.to_owned();
+    let mut made = false;
+    for part in rel.components() {
+        enable_controllers(&at);
+        at.push(part);
+        made = match std::fs::create_dir(&at) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(io("make the cgroup", &at)(e)),
+        };
+    }
+    Ok(made)
 }
 
 /// Removes the group `dir` once the processes in it are gone, waiting up to `wait` (a
@@ -299,6 +332,17 @@ pub fn remove_when_empty(dir: &Path, wait: std::time::Duration) {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // A family's last group (a killed VM's, removed by `rm` after the family's init
+    // ended): its family's group goes too, if nothing else is in it (the kernel
+    // refuses otherwise; a member that leaves its group later makes `exited` again).
+    if let Some(family) = dir.parent().filter(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("family-"))
+    }) {
+        let _ = std::fs::remove_dir(family.join("exited"));
+        let _ = std::fs::remove_dir(family);
     }
 }
 
@@ -359,16 +403,18 @@ mod tests {
 
     #[test]
     fn a_vms_own_group_covers_ram_and_overhead() {
-        let s = CgroupSpec::for_vm("abc", 256 << 20);
+        let s = CgroupSpec::for_vm("abc", 256 << 20, None);
         assert_eq!(s.path, Path::new("forkvm/abc"));
         assert_eq!(s.memory_max, Some((256 << 20) + VMM_OVERHEAD));
         assert_eq!(s.pids_max, Some(DEFAULT_PIDS_MAX));
+        let s = CgroupSpec::for_vm("abc", 256 << 20, Some("family-7"));
+        assert_eq!(s.path, Path::new("forkvm/family-7/abc"));
     }
 
     #[test]
     fn a_directory_that_is_not_cgroup2_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
-        let e = Cgroup::join_under(dir.path(), &CgroupSpec::for_vm("x", 1)).unwrap_err();
+        let e = Cgroup::join_under(dir.path(), &CgroupSpec::for_vm("x", 1, None)).unwrap_err();
         assert!(matches!(e, CgroupError::NoHierarchy), "{e}");
         assert!(e.to_string().contains("mount -t cgroup2"), "{e}");
         assert!(!dir.path().join("forkvm").exists(), "nothing made");

@@ -42,6 +42,41 @@ pub const INIT_NAME: &core::ffi::CStr = c"forkvm-family";
 /// The name (`comm`) of a VM process's stand-in.
 pub const STAND_IN_NAME: &core::ffi::CStr = c"forkvm-vm-wait";
 
+/// What a family's init holds while the family lives and undoes when it ends: the lock
+/// of the family's uid ([`crate::uid::allot`]), kept open, and the family's cgroup (its
+/// `exited` leaf, then itself), removed.
+#[derive(Debug, Default)]
+pub struct Ending {
+    lock: i32,
+    exited: Option<std::ffi::CString>,
+    group: Option<std::ffi::CString>,
+}
+
+impl Ending {
+    /// Nothing to hold or undo (a VM of no family's own uid and group).
+    pub fn none() -> Self {
+        Self {
+            lock: -1,
+            ..Self::default()
+        }
+    }
+
+    /// The ending of the family `allotted` names; the descriptor of its lock must stay
+    /// open until the family's init is forked.
+    pub fn of(allotted: &crate::uid::Allotted) -> Self {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = allotted
+            .spec
+            .group_dir(std::path::Path::new(crate::cgroup::ROOT));
+        let c = |p: &std::path::Path| std::ffi::CString::new(p.as_os_str().as_bytes()).ok();
+        Self {
+            lock: allotted.lock_fd(),
+            exited: c(&dir.join("exited")),
+            group: c(&dir),
+        }
+    }
+}
+
 /// The pid of a family's first VM process in the family's namespace (its init is 1).
 const FIRST_VM_PID: libc::pid_t = 2;
 
@@ -60,7 +95,7 @@ const FIRST_VM_PID: libc::pid_t = 2;
 /// # Safety
 /// Only between `fork` and `exec` of a child of a possibly multi-threaded process
 /// (`CommandExt::pre_exec`): it forks twice and runs only async-signal-safe calls.
-pub unsafe fn split(report: i32, families: Option<i32>) -> io::Result<()> {
+pub unsafe fn split(report: i32, families: Option<i32>, ending: &Ending) -> io::Result<()> {
     // SAFETY: raw system calls on values of this stack frame, for the whole function;
     // nothing allocates, locks or touches memory another thread of the launcher could
     // hold (there is none in this process after fork).
@@ -96,7 +131,7 @@ pub unsafe fn split(report: i32, families: Option<i32>) -> io::Result<()> {
         }
         if init == 0 {
             leave_launchers_group();
-            keep_only(go[0], held[1]);
+            keep_only(go[0], held[1], ending.lock);
             let mut byte = 0u8;
             while libc::read(0, (&raw mut byte).cast(), 1) < 0 && errno() == libc::EINTR {}
             // The VM process: a zombie until the stand-in hears it is held, so it is not
@@ -106,7 +141,7 @@ pub unsafe fn split(report: i32, families: Option<i32>) -> io::Result<()> {
             libc::write(1, (&raw const byte).cast(), 1);
             libc::close(0);
             libc::close(1);
-            init_main(vm, false)
+            init_main(vm, false, ending)
         }
         let vm = raw_fork();
         if vm < 0 {
@@ -130,7 +165,7 @@ pub unsafe fn split(report: i32, families: Option<i32>) -> io::Result<()> {
             return Err(e);
         }
         leave_launchers_group();
-        keep_only(go[1], held[0]);
+        keep_only(go[1], held[0], -1);
         stand_in_main(vm)
     }
 }
@@ -147,7 +182,9 @@ static FAMILY: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
 /// starts VM processes itself (`forkvm template fork`: the children of one request are
 /// one family). `Ok(false)`: a pid namespace may not be made here (`not_allowed`);
 /// they start in this process's.
-pub fn start_here() -> io::Result<bool> {
+///
+/// `ending`: what the family's init holds and undoes at the family's end.
+pub fn start_here(ending: Ending) -> io::Result<bool> {
     if FAMILY.get().is_some() {
         return Ok(true);
     }
@@ -182,9 +219,9 @@ pub fn start_here() -> io::Result<bool> {
                         libc::write(procs.as_raw_fd(), c"0".as_ptr().cast(), 1);
                     }
                     let fd = me.as_raw_fd();
-                    keep_only(fd, fd);
+                    keep_only(fd, fd, ending.lock);
                     libc::close(1);
-                    init_main(0, true)
+                    init_main(0, true, &ending)
                 }
                 if init < 0 {
                     return Err(io::Error::last_os_error());
@@ -281,23 +318,34 @@ unsafe fn raw_fork() -> libc::pid_t {
 ///
 /// # Safety
 /// As [`split`].
-unsafe fn keep_only(a: i32, b: i32) {
+unsafe fn keep_only(a: i32, b: i32, c: i32) {
     // SAFETY: dup2, close_range, close and signal take plain integers.
     unsafe {
-        // Copies above the stdio first: either may be 0 or 1 (a launcher without stdin).
-        let (a, b) = (
+        // Copies above the stdio first: any may be 0, 1 or 2 (a launcher without stdin).
+        let (a, b, c) = (
             libc::fcntl(a, libc::F_DUPFD, 3),
             libc::fcntl(b, libc::F_DUPFD, 3),
+            if c < 0 {
+                -1
+            } else {
+                libc::fcntl(c, libc::F_DUPFD, 3)
+            },
         );
         // No descriptor left: end before the handshake (the other side sees it closed).
         if a < 0 || b < 0 || libc::dup2(a, 0) < 0 || libc::dup2(b, 1) < 0 {
             libc::_exit(1);
         }
+        // The third (a family's uid lock) on 2, where it is kept.
+        let first_closed: u32 = if c >= 0 && libc::dup2(c, 2) == 2 {
+            3
+        } else {
+            2
+        };
         // A copy of the launcher's memory: no core file of it, nobody's `ptrace`.
         libc::prctl(libc::PR_SET_DUMPABLE, 0);
-        if libc::syscall(libc::SYS_close_range, 2u32, u32::MAX, 0u32) != 0 {
+        if libc::syscall(libc::SYS_close_range, first_closed, u32::MAX, 0u32) != 0 {
             // Before Linux 5.9.
-            for fd in 2..65536 {
+            for fd in first_closed as i32..65536 {
                 libc::close(fd);
             }
         }
@@ -388,7 +436,7 @@ static MEMBERS_POLL: libc::timespec = libc::timespec {
 ///
 /// # Safety
 /// As [`split`].
-unsafe fn init_main(first: i32, others: bool) -> ! {
+unsafe fn init_main(first: i32, others: bool, ending: &Ending) -> ! {
     // SAFETY: system calls on values of this frame (see `split`).
     unsafe {
         rename(INIT_NAME);
@@ -419,6 +467,11 @@ unsafe fn init_main(first: i32, others: bool) -> ! {
             let others = others || first < 0;
             let alone = || !others || (libc::kill(-1, 0) != 0 && errno() == libc::ESRCH);
             if first_ended && !children_left && alone() {
+                // The family's groups, empty now (its last VM process left its own for
+                // `exited`, and was reaped); its uid's lock goes with this process.
+                for dir in [&ending.exited, &ending.group].into_iter().flatten() {
+                    libc::rmdir(dir.as_ptr());
+                }
                 libc::_exit(0);
             }
             let mut fds = [libc::pollfd {

@@ -38,6 +38,7 @@ pub mod landlock;
 pub mod limits;
 pub mod root;
 pub mod seccomp;
+pub mod uid;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +50,7 @@ pub use cgroup::{Cgroup, CgroupError, CgroupSpec};
 pub use landlock::{Restricted, Writable};
 pub use root::{Access, Place, RootError, Rooted};
 pub use seccomp::{SeccompError, ThreadKind};
+pub use uid::FamilySpec;
 
 /// Why a VM process could not be jailed.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,9 @@ pub enum JailError {
     /// Its own network namespace could not be made.
     #[error("cannot give the VM process a network namespace of its own")]
     Netns(#[source] std::io::Error),
+    /// Its family's uid could not be taken.
+    #[error(transparent)]
+    Uid(#[from] uid::UidError),
 }
 
 /// Devices every VM process may open for writing: KVM, TUN (a fork child's TAPs) and
@@ -155,6 +160,10 @@ pub struct JailSpec {
     /// so that a VM process its guest took over reaches nothing there.
     #[serde(default)]
     pub own_netns: bool,
+    /// Its family's uid and cgroup ([`uid`]), given by the launcher that made the
+    /// family; `None`: uid 0, forkvm's groups.
+    #[serde(default)]
+    pub family: Option<FamilySpec>,
 }
 
 impl Default for JailSpec {
@@ -165,6 +174,7 @@ impl Default for JailSpec {
             filter_inherited: false,
             writes_bound: false,
             own_netns: false,
+            family: None,
         }
     }
 }
@@ -188,8 +198,26 @@ impl JailSpec {
             writes_bound: landlock::bound().is_some(),
             // A fork child starts in its parent's network namespace, an own one too.
             own_netns: false,
+            family: family_spec().cloned(),
         }
     }
+}
+
+/// The family this process's VM processes belong to, once its jail is entered.
+static FAMILY: std::sync::OnceLock<FamilySpec> = std::sync::OnceLock::new();
+
+/// This process's family (its uid and cgroup), if it entered a jail as one's member,
+/// or started the family's VM processes itself ([`set_family`]).
+pub fn family_spec() -> Option<&'static FamilySpec> {
+    FAMILY.get()
+}
+
+/// Makes `spec` the family of the VM processes this process starts with
+/// [`JailSpec::inherited`]: a launcher that starts a family's VM processes itself
+/// (`forkvm template fork`, see [`family::start_here`]). Once; later calls change
+/// nothing.
+pub fn set_family(spec: FamilySpec) {
+    let _ = FAMILY.set(spec);
 }
 
 /// Whether this process confines its threads: cleared once by a VM process launched
@@ -244,21 +272,32 @@ impl Jail {
     /// before the VM is built, while the process has one thread; `None` for a VM that is
     /// not jailed. A process whose filter is inherited has its parent's root and
     /// file-system rules too (they are inherited as well): none are added.
+    ///
+    /// A family's first VM process (or one its launcher started, `forkvm template fork`)
+    /// takes the family's uid ([`uid`]) when its fork children can reach `reopened` (the
+    /// places they open by path: disks, the vsock socket's directory) as that uid, and
+    /// its VM shares no directory; it stays uid 0 otherwise, and says why.
     pub fn enter(
         spec: &JailSpec,
         id: &str,
         guest_memory: u64,
         places: Places,
         home: &Path,
+        reopened: &[Place],
     ) -> Result<Option<Self>, JailError> {
         set_enabled(spec.enabled);
         if !spec.enabled {
             return Ok(None);
         }
-        let cgroup_spec = spec
-            .cgroup
-            .clone()
-            .unwrap_or_else(|| CgroupSpec::for_vm(id, guest_memory));
+        // Its family's, if it is in the family's pid namespace (a launcher that could not
+        // make one leaves it in its own, as no family's member).
+        let family = spec.family.clone().filter(|_| family::in_a_family());
+        if let Some(f) = &family {
+            let _ = FAMILY.set(f.clone());
+        }
+        let cgroup_spec = spec.cgroup.clone().unwrap_or_else(|| {
+            CgroupSpec::for_vm(id, guest_memory, family.as_ref().map(|f| f.group.as_str()))
+        });
         let cgroup = match Cgroup::join(&cgroup_spec) {
             Ok(c) => Some(c),
             // The engine's group (a container's cgroupsPath) is the container's: required.
@@ -312,6 +351,10 @@ impl Jail {
             // calls).
             // The others would keep the host's root, and be left unbound by the rules.
             landlock::one_thread()?;
+            let uid = family
+                .as_ref()
+                .and_then(|f| f.uid)
+                .filter(|&uid| family_reaches(uid, home, reopened));
             if !family::in_a_family() {
                 tracing::info!(
                     "the VM process is in its launcher's pid namespace (the launcher could \
@@ -330,6 +373,9 @@ impl Jail {
             }
             set_no_new_privs()?;
             let restricted = restrict_writes(places.writable)?;
+            if let Some(uid) = uid {
+                uid::switch(uid, home)?;
+            }
             seccomp::apply(ThreadKind::Process)?;
             Some(restricted)
         };
@@ -368,15 +414,43 @@ impl Drop for Jail {
     }
 }
 
-/// `places` with what every VM process changes: forkvm's cgroups (where its fork
+/// Whether the family's fork children, as uid `uid`, can reach the places they open by
+/// path (`reopened`), the state root where they register (the parent of `home`) and the
+/// executable they run; said at start where not.
+fn family_reaches(uid: u32, home: &Path, reopened: &[Place]) -> bool {
+    let mut checks: Vec<_> = reopened
+        .iter()
+        .map(|p| (p.path.clone(), uid::access_mode(p)))
+        .collect();
+    if let Some(root) = home.parent() {
+        checks.push((root.to_owned(), libc::W_OK | libc::X_OK));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        checks.push((exe, libc::R_OK | libc::X_OK));
+    }
+    match uid::unreachable(uid, &checks) {
+        None => true,
+        Some(path) => {
+            tracing::info!(
+                "the VM's family runs as uid 0, not uid {uid}: that uid cannot reach {}, \
+                 which its fork children open",
+                path.display()
+            );
+            false
+        }
+    }
+}
+
+/// `places` with what every VM process changes: its family's cgroups (where its fork
 /// children make theirs, where its own group is unless it is a container's, and
-/// `forkvm/exited`, which it joins on the way out), the lease directory and the devices
+/// `exited`, which it joins on the way out; forkvm's for a VM of no family), the lease
+/// directory and the devices
 /// (its root has the whole cgroup hierarchy and the devices already, see [`root`]).
 /// A container's group (the engine's `cgroupsPath`) and its siblings are not among them:
 /// the process joined it and set its limits before; the runtime's `delete` removes it.
 fn with_system_places(mut places: Places, cgroup: Option<&Cgroup>) -> Places {
     if cgroup.is_some() {
-        let forkvm = std::path::Path::new(cgroup::ROOT).join(cgroup::FORKVM_GROUP);
+        let forkvm = cgroup::forkvm_groups(Path::new(cgroup::ROOT));
         // Made now: once bound, the process could not make it on its way out.
         if let Err(e) = std::fs::create_dir_all(forkvm.join("exited")) {
             tracing::debug!("cannot make {}/exited: {e}", forkvm.display());
@@ -478,6 +552,9 @@ pub struct JailStatus {
     /// its minimal root, see [`root`]).
     #[serde(default)]
     pub root: Option<String>,
+    /// Its effective uid (`Uid:`): its family's own ([`uid`]), or 0.
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 impl JailStatus {
@@ -539,6 +616,8 @@ impl JailStatus {
                 "CapEff" => s.cap_eff = value.to_owned(),
                 "CapPrm" => s.cap_prm = value.to_owned(),
                 "CapBnd" => s.cap_bnd = value.to_owned(),
+                // Real, effective, saved, file system: the effective one.
+                "Uid" => s.uid = value.split_whitespace().nth(1).and_then(|u| u.parse().ok()),
                 _ => {}
             }
         }
@@ -554,8 +633,9 @@ mod tests {
     fn status_fields_are_read() {
         let text = "Name:\tforkvm-vmm\nNoNewPrivs:\t1\nSeccomp:\t2\nSeccomp_filters:\t1\n\
                     CapPrm:\t0000000000001000\nCapEff:\t0000000000000000\n\
-                    CapBnd:\t0000000000001000\n";
+                    CapBnd:\t0000000000001000\nUid:\t0\t2147418113\t2147418113\t2147418113\n";
         let s = JailStatus::parse_status(text);
+        assert_eq!(s.uid, Some(2147418113));
         assert_eq!(s.seccomp, 2);
         assert_eq!(s.seccomp_filters, 1);
         assert!(s.no_new_privs);

@@ -27,7 +27,7 @@ fn start_with_pidfd(script: &str) -> (Child, u32, OwnedFd) {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
     // SAFETY: `split` is made for `pre_exec` (it forks and makes system calls only).
-    unsafe { cmd.pre_exec(move || family::split(report, None)) };
+    unsafe { cmd.pre_exec(move || family::split(report, None, &family::Ending::none())) };
     let child = cmd.spawn().unwrap();
     drop(theirs);
     let (pid, pidfd) = family::read_report(&ours, Duration::from_secs(10)).unwrap();
@@ -170,7 +170,10 @@ fn the_vm_process_cannot_signal_a_process_outside_its_family() {
 
 #[test]
 fn a_launcher_starts_its_vm_processes_in_one_family_and_still_starts_threads() {
-    assert!(family::start_here().unwrap(), "no pid namespace made");
+    assert!(
+        family::start_here(family::Ending::none()).unwrap(),
+        "no pid namespace made"
+    );
     let start = || {
         family::spawning(|| {
             Command::new("sh")
@@ -226,7 +229,7 @@ const LAUNCHER: &str = "FORKVM_JAIL_TEST_FAMILY_LAUNCHER";
 fn a_launchers_children_outlive_it_and_its_family_ends_with_them() {
     if std::env::var_os(LAUNCHER).is_some() {
         // The launcher: starts a "VM process" in its family, says its pid and ends.
-        assert!(family::start_here().unwrap());
+        assert!(family::start_here(family::Ending::none()).unwrap());
         #[allow(
             clippy::zombie_processes,
             reason = "the launcher ends first, on purpose"

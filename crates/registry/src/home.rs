@@ -1,7 +1,7 @@
 //! VM homes under a root directory (like runc's `--root`), IDs, names and lookup.
 
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -333,8 +333,14 @@ pub fn prune_staged(root: &Path) {
     let Ok(rd) = std::fs::read_dir(root.join(STAGING_DIR)) else {
         return;
     };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
     for d in rd.filter_map(Result::ok) {
         let dir = d.path();
+        // Another family's (see `forkvm_jail::uid`): neither readable nor removable here.
+        if me != 0 && d.metadata().is_ok_and(|m| m.uid() != me) {
+            continue;
+        }
         let dead = match VmState::read(&dir.join(STATE_FILE)) {
             Ok(s) => !s.is_alive(),
             Err(_) => d

@@ -150,6 +150,13 @@ impl Leases {
             source,
         };
         std::fs::create_dir_all(&self.dir).map_err(io)?;
+        // Fork children of a family with a uid of its own take their leases here.
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            if let Err(e) = forkvm_jail::uid::open_to_families(&self.dir) {
+                tracing::warn!("VM families may not lease addresses here: {e}");
+            }
+        }
         // Host addresses: not the network address, not the broadcast address.
         for n in 1..self.subnet.size() - 1 {
             let addr = self.subnet.nth(n).expect("n is below the size");

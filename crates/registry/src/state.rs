@@ -1,7 +1,7 @@
 //! The state file of one VM: what it is, which process runs it, how it ended.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -258,6 +258,15 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
+        // Root writing in a directory of a VM family's uid (a home, see `forkvm_jail::uid`)
+        // leaves the file that uid's, which its VM processes read and replace.
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            let owner = std::fs::metadata(dir)?;
+            if owner.uid() != 0 {
+                std::os::unix::fs::fchown(&f, Some(owner.uid()), Some(owner.gid()))?;
+            }
+        }
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;

@@ -68,6 +68,32 @@ pub fn reachable_without_ptrace(pid: u32) -> Option<bool> {
     }
 }
 
+/// Whether `sh -c script` succeeds when run as uid `uid` and group `gid` (no other
+/// group, no capability): what a process of that user may do.
+pub fn runs_as(uid: u32, gid: u32, script: &str) -> bool {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: only credential system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(gid, gid, gid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    cmd.status()
+        .unwrap_or_else(|e| panic!("cannot run {script:?} as uid {uid}: {e}"))
+        .success()
+}
+
 /// This thread's capabilities without `CAP_SYS_PTRACE`, for `capset` in a child.
 fn caps_but_ptrace() -> (CapHeader, [CapData; 2]) {
     let header = CapHeader {

@@ -39,6 +39,8 @@ fn main() {
             }
         }
     }
+    // Before anything opens a descriptor: the /dev/kvm its launcher passed, if any.
+    forkvm_vmm::vm::adopt_passed_kvm();
     // Before any thread: one malloc arena (a fork child's threads held 64 KiB in arenas
     // of their own). Forked warm processes and their children inherit it.
     if let Err(e) = forkvm_jail::limits::one_malloc_arena() {

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use forkvm_jail::{Jail, JailSpec, Places};
+use forkvm_jail::{Access, Jail, JailSpec, Place, Places};
 use forkvm_registry::{ProcessIdentity, VmHome, VmState};
 use serde::{Deserialize, Serialize};
 
@@ -79,7 +79,7 @@ pub enum ConsoleSpec {
 }
 
 /// What a launched VM starts from.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Start {
     /// Boot this configuration's kernel.
     Boot(VmConfig),
@@ -90,7 +90,7 @@ pub enum Start {
 }
 
 /// Everything a VM process is told.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Launch {
     /// Where the VM is registered.
     pub home: HomeSpec,
@@ -167,6 +167,34 @@ impl ProcessOptions {
             die_with_launcher: true,
         }
     }
+}
+
+/// A new family's uid and cgroup ([`forkvm_jail::uid`]) for the VMs registered under
+/// `state_root`, made ready: the state root one every family may make homes in, the
+/// family's group delegated to its uid. `None` (said) where that fails: the family
+/// runs as uid 0 in forkvm's groups, as a VM of a launcher that may give no uid.
+pub fn new_family(state_root: &Path) -> Option<forkvm_jail::uid::Allotted> {
+    let made = forkvm_jail::uid::allot(state_root).and_then(|f| {
+        forkvm_jail::uid::prepare_state_root(state_root)?;
+        forkvm_jail::uid::prepare_group(Path::new(forkvm_jail::cgroup::ROOT), &f.spec)?;
+        Ok(f)
+    });
+    made.inspect_err(|e| {
+        tracing::warn!(
+            "the VM's family gets no uid of its own: {}",
+            forkvm_config::logging::error_chain(e)
+        )
+    })
+    .ok()
+}
+
+/// [`new_family`] for the VM `launch` starts.
+fn family_of(launch: &Launch) -> Option<forkvm_jail::uid::Allotted> {
+    let root = match &launch.home {
+        HomeSpec::Registered { root, .. } => root,
+        HomeSpec::New(homes) => &homes.root,
+    };
+    new_family(root)
 }
 
 /// Finds the VM-process executable: this process itself when it is one, else
@@ -285,10 +313,30 @@ impl VmProcess {
     /// Starts [`vmm_executable`] as `opts` say and sends it `launch` and `files`: the
     /// first VM of a family (a booted VM, a container's), in a pid namespace of its own
     /// if it is jailed ([`forkvm_jail::family`]).
+    ///
+    /// A jailed family gets a uid and cgroup of its own ([`forkvm_jail::uid`]) where this
+    /// process may give it them (root, with the capabilities that takes).
     pub fn spawn(launch: &Launch, files: &[File], opts: ProcessOptions) -> std::io::Result<Self> {
         let exe = vmm_executable()?;
-        let blob = encode(launch)?;
-        let mut p = Self::start(&exe, opts, launch.jail.enabled)?;
+        let family = match launch.jail.enabled && forkvm_jail::uid::can_allot() {
+            true => family_of(launch),
+            false => None,
+        };
+        let blob = match &family {
+            Some(f) => {
+                let mut launch = launch.clone();
+                launch.jail.family = Some(f.spec.clone());
+                encode(&launch)?
+            }
+            None => encode(launch)?,
+        };
+        let ending = match &family {
+            Some(f) => forkvm_jail::family::Ending::of(f),
+            None => forkvm_jail::family::Ending::none(),
+        };
+        let mut p = Self::start(&exe, opts, launch.jail.enabled.then_some(ending))?;
+        // Its init holds the family's lock now.
+        drop(family);
         p.send(&blob, files)?;
         Ok(p)
     }
@@ -300,7 +348,7 @@ impl VmProcess {
         files: &[File],
         opts: ProcessOptions,
     ) -> std::io::Result<Self> {
-        let mut p = Self::start(exe, opts, false)?;
+        let mut p = Self::start(exe, opts, None)?;
         p.send(blob, files)?;
         Ok(p)
     }
@@ -308,7 +356,7 @@ impl VmProcess {
     /// Starts `exe` as a warm fork child: a daemon that prepares a VM as `warmup` says
     /// and waits for [`VmProcess::send`].
     pub(crate) fn spawn_warm(exe: &Path, warmup: &Warmup, files: &[File]) -> std::io::Result<Self> {
-        let mut p = Self::start(exe, ProcessOptions::daemon(), false)?;
+        let mut p = Self::start(exe, ProcessOptions::daemon(), None)?;
         p.warm_up(warmup, files)?;
         Ok(p)
     }
@@ -357,8 +405,17 @@ impl VmProcess {
 
     /// Starts `exe` with its launch socket on [`LAUNCH_FD`], as `opts` say; `family`:
     /// as the first VM process of a family, in a pid namespace of its own (the child
-    /// this process holds is then its stand-in, see [`forkvm_jail::family`]).
-    fn start(exe: &Path, opts: ProcessOptions, family: bool) -> std::io::Result<Self> {
+    /// this process holds is then its stand-in, see [`forkvm_jail::family`]), whose init
+    /// holds and undoes what the ending says.
+    fn start(
+        exe: &Path,
+        opts: ProcessOptions,
+        family: Option<forkvm_jail::family::Ending>,
+    ) -> std::io::Result<Self> {
+        let (family, ending) = match family {
+            Some(e) => (true, e),
+            None => (false, forkvm_jail::family::Ending::none()),
+        };
         let (ours, theirs) = UnixStream::pair()?;
         let fd = theirs.as_raw_fd();
         let mut cmd = Command::new(exe);
@@ -367,6 +424,7 @@ impl VmProcess {
             .stdout(stdout.unwrap_or_else(Stdio::null))
             .stderr(stderr.unwrap_or_else(Stdio::null));
         let (own_session, die) = (opts.own_session, opts.die_with_launcher);
+        let kvm = crate::vm::kvm_fd();
         // Out of this process's cgroup: the family's init and the VM's stand-in.
         let families = family.then(forkvm_jail::cgroup::families_procs).flatten();
         let families_fd = families.as_ref().map(|f| f.as_raw_fd());
@@ -381,11 +439,20 @@ impl VmProcess {
                 if die && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // This process's /dev/kvm on the next (see `vm::KVM_FD`), copied out of
+                // the way of the launch socket's number first.
+                let kvm = match kvm {
+                    Some(k) => libc::fcntl(k, libc::F_DUPFD_CLOEXEC, 16),
+                    None => -1,
+                };
                 if libc::dup2(fd, LAUNCH_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                if kvm >= 0 && libc::dup2(kvm, crate::vm::KVM_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if family {
-                    forkvm_jail::family::split(LAUNCH_FD, families_fd)?;
+                    forkvm_jail::family::split(LAUNCH_FD, families_fd, &ending)?;
                 }
                 Ok(())
             });
@@ -662,6 +729,26 @@ pub fn places(root: &Path, cfg: Option<&VmConfig>) -> Places {
     p
 }
 
+/// What the fork children of a VM of `cfg` open by path as they start (where a
+/// family's uid must reach, see [`forkvm_jail::uid`]): its disks, and the directory of
+/// its vsock socket, where they make theirs.
+pub fn reopened_by_children(cfg: &VmConfig) -> Vec<Place> {
+    let mut p: Vec<Place> = cfg
+        .disks
+        .iter()
+        .map(|d| match d.read_only {
+            true => Place::new(&d.path, Access::Read),
+            false => Place::new(&d.path, Access::Write),
+        })
+        .collect();
+    if let Some(dir) = cfg.vsock.as_ref().and_then(|v| v.uds.parent()) {
+        if !dir.as_os_str().is_empty() {
+            p.push(Place::new(dir, Access::Write));
+        }
+    }
+    p
+}
+
 /// What a VM process that makes a root of its own (not one started by a jailed VM
 /// process, which lives in its parent's) reads besides its VM's places: the
 /// configuration file it read. (Not the host's template key: a template the VM saves
@@ -778,16 +865,42 @@ impl Launched {
                         tracing::warn!("{}", forkvm_config::logging::error_chain(&e));
                     }
                 }
-                let mut places = places(home.root(), Some(self.config()));
+                let cfg = self.config();
+                let mut places = places(home.root(), Some(cfg));
                 if !self.launch.jail.filter_inherited {
                     own_root_places(&mut places);
                 }
+                let mut spec = self.launch.jail.clone();
+                let with_uid = spec.family.as_mut().filter(|f| f.uid.is_some());
+                if let Some(f) = with_uid.filter(|_| !cfg.shares.is_empty()) {
+                    // Its file server passes for any user (`CAP_SETUID`, ...): a uid would
+                    // bound nothing.
+                    tracing::info!("the VM's family runs as uid 0: the VM shares directories");
+                    f.uid = None;
+                }
+                if spec.family.as_ref().is_some_and(|f| f.uid.is_some()) {
+                    // Where its fork children (of the family's uid) take their leases.
+                    for bridge in cfg.nets.iter().filter_map(|n| n.bridge.as_ref()) {
+                        let dir = Path::new(forkvm_jail::LEASE_ROOT).join(bridge);
+                        let made = std::fs::create_dir_all(&dir).map_err(|e| e.to_string());
+                        let shared = made.and_then(|()| {
+                            forkvm_jail::uid::open_to_families(&dir).map_err(|e| e.to_string())
+                        });
+                        if let Err(e) = shared {
+                            tracing::warn!(
+                                "{}: its fork children may lease no address: {e}",
+                                dir.display()
+                            );
+                        }
+                    }
+                }
                 Jail::enter(
-                    &self.launch.jail,
+                    &spec,
                     home.id(),
                     guest_memory_budget(ram),
                     places,
                     home.dir(),
+                    &reopened_by_children(cfg),
                 )
                 .map_err(LaunchError::Jail)
             }
@@ -881,7 +994,15 @@ impl Launched {
                         }
                         warm_jail = Some((
                             spec.clone(),
-                            Jail::enter(spec, &s.staging.id, budget, places, s.home.dir()),
+                            // What its children open by path: the template's disks.
+                            Jail::enter(
+                                spec,
+                                &s.staging.id,
+                                budget,
+                                places,
+                                s.home.dir(),
+                                &w.places.root,
+                            ),
                         ));
                     }
                     // Its seccomp filters built now, not on the fork's way (a zygote's

@@ -10,6 +10,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use serde::{Deserialize, Serialize};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -58,6 +59,59 @@ pub struct VmArchState {
     pub clock: kvm_clock_data,
 }
 
+/// This process's `/dev/kvm`: opened once, or the one its launcher passed.
+static KVM: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+
+/// Where a VM process's launcher passes its `/dev/kvm` to the VM processes it starts
+/// (its fork children, its pool's zygote), after the launch socket: a family of a uid
+/// of its own may not open the device itself (`forkvm_jail::uid`).
+pub const KVM_FD: i32 = crate::launch::LAUNCH_FD + 1;
+
+/// Takes the `/dev/kvm` its launcher passed on [`KVM_FD`], if that descriptor is the
+/// KVM device (a character device 10:232), as this process's: call it at the start of
+/// a VM process, before anything else opens a descriptor.
+pub fn adopt_passed_kvm() {
+    // SAFETY: fstat writes into the zeroed struct it is given.
+    let kvm_device = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstat(KVM_FD, &mut st) == 0
+            && st.st_mode & libc::S_IFMT == libc::S_IFCHR
+            && st.st_rdev == libc::makedev(10, 232)
+    };
+    if kvm_device {
+        // SAFETY: F_SETFD on an open descriptor reads no memory; the descriptor was
+        // passed to this process for it alone, and is owned from here on.
+        let fd = unsafe {
+            libc::fcntl(KVM_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+            OwnedFd::from_raw_fd(KVM_FD)
+        };
+        let _ = KVM.set(fd);
+    }
+}
+
+/// This process's `/dev/kvm` descriptor, if it opened or adopted one: what it passes on
+/// [`KVM_FD`] to the VM processes it starts.
+pub fn kvm_fd() -> Option<i32> {
+    KVM.get().map(|fd| fd.as_raw_fd())
+}
+
+/// A handle on this process's `/dev/kvm` (a copy of its descriptor).
+fn kvm() -> Result<Kvm, kvm_ioctls::Error> {
+    let fd = match KVM.get() {
+        Some(fd) => fd,
+        None => {
+            let raw = Kvm::open_with_cloexec(true)?;
+            // SAFETY: a descriptor just opened, owned by nothing else.
+            KVM.get_or_init(|| unsafe { OwnedFd::from_raw_fd(raw) })
+        }
+    };
+    let copy = fd
+        .try_clone()
+        .map_err(|e| kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EBADF)))?;
+    // SAFETY: a copy of an open /dev/kvm descriptor, owned by the handle from here.
+    Ok(unsafe { Kvm::from_raw_fd(copy.into_raw_fd()) })
+}
+
 /// A KVM VM with an in-kernel irqchip and PIT.
 #[derive(Debug)]
 pub struct Vm {
@@ -66,9 +120,10 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Opens /dev/kvm and creates a VM with its irqchip and PIT.
+    /// Opens /dev/kvm (once per process, see [`kvm`]) and creates a VM with its irqchip
+    /// and PIT.
     pub fn new() -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let kvm = kvm().map_err(VmError::OpenKvm)?;
         let version = kvm.get_api_version();
         if version != 12 {
             return Err(VmError::ApiVersion(version));

@@ -71,9 +71,22 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
             }
             // The children of this fork are one VM family, in a pid namespace of their
             // own whose init outlives this process (before the pool's threads start).
+            // Their uid and cgroup are the family's own, where this process may give them.
             if forkvm_jail::enabled() {
-                match forkvm_jail::family::start_here() {
-                    Ok(true) => {}
+                let family = forkvm_jail::uid::can_allot()
+                    .then(|| forkvm_vmm::launch::new_family(root))
+                    .flatten();
+                let ending = match &family {
+                    Some(f) => forkvm_jail::family::Ending::of(f),
+                    None => forkvm_jail::family::Ending::none(),
+                };
+                // The family's init holds its lock once made; this process's copy goes.
+                match forkvm_jail::family::start_here(ending) {
+                    Ok(true) => {
+                        if let Some(f) = family {
+                            forkvm_jail::set_family(f.spec.clone());
+                        }
+                    }
                     Ok(false) => tracing::info!(
                         "the children stay in this pid namespace: making one needs CAP_SYS_ADMIN"
                     ),

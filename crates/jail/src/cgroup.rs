@@ -265,9 +265,25 @@ pub fn families_procs() -> Option<std::fs::File> {
         .ok()
 }
 
-/// forkvm's own group of VM `id` of this process's family (see [`CgroupSpec::for_vm`]).
+/// forkvm's own group of VM `id` (see [`CgroupSpec::for_vm`]): in this process's
+/// family's group, else in whichever family's group it is, else in forkvm's.
 pub fn vm_group(id: &str) -> PathBuf {
-    forkvm_groups(Path::new(ROOT)).join(id)
+    let root = Path::new(ROOT);
+    let own = forkvm_groups(root).join(id);
+    if own.exists() {
+        return own;
+    }
+    let forkvm = root.join(FORKVM_GROUP);
+    let in_a_family = std::fs::read_dir(&forkvm)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find_map(|e| {
+            let name = e.file_name();
+            let group = e.path().join(id);
+            (name.to_str()?.starts_with("family-") && group.exists()).then_some(group)
+        });
+    in_a_family.unwrap_or_else(|| forkvm.join(id))
 }
 
 /// Where this process's VM processes have their groups under the hierarchy at `root`:
@@ -334,13 +350,13 @@ pub fn remove_when_empty(dir: &Path, wait: std::time::Duration) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     // A family's last group (a killed VM's, removed by `rm` after the family's init
-    // ended): its family's group goes too, if nothing else is in it (the kernel
-    // refuses otherwise; a member that leaves its group later makes `exited` again).
-    if let Some(family) = dir.parent().filter(|p| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("family-"))
-    }) {
+    // ended): its family's group goes too, once the family has ended (nobody holds its
+    // uid's lock: only root may look) and nothing is left in it.
+    let family = dir.parent().and_then(|p| {
+        let n = p.file_name()?.to_str()?.strip_prefix("family-")?;
+        Some((p, n.parse::<u32>().ok()?))
+    });
+    if let Some((family, _)) = family.filter(|&(_, uid)| crate::uid::family_ended(uid)) {
         let _ = std::fs::remove_dir(family.join("exited"));
         let _ = std::fs::remove_dir(family);
     }

@@ -47,7 +47,7 @@ pub const STAND_IN_NAME: &core::ffi::CStr = c"forkvm-vm-wait";
 /// `exited` leaf, then itself), removed.
 #[derive(Debug, Default)]
 pub struct Ending {
-    lock: i32,
+    lock: std::sync::atomic::AtomicI32,
     exited: Option<std::ffi::CString>,
     group: Option<std::ffi::CString>,
 }
@@ -56,7 +56,7 @@ impl Ending {
     /// Nothing to hold or undo (a VM of no family's own uid and group).
     pub fn none() -> Self {
         Self {
-            lock: -1,
+            lock: std::sync::atomic::AtomicI32::new(-1),
             ..Self::default()
         }
     }
@@ -70,9 +70,23 @@ impl Ending {
             .group_dir(std::path::Path::new(crate::cgroup::ROOT));
         let c = |p: &std::path::Path| std::ffi::CString::new(p.as_os_str().as_bytes()).ok();
         Self {
-            lock: allotted.lock_fd(),
+            lock: std::sync::atomic::AtomicI32::new(allotted.lock_fd()),
             exited: c(&dir.join("exited")),
             group: c(&dir),
+        }
+    }
+
+    /// Moves the lock's descriptor above `min`, out of the way of the descriptors a
+    /// launcher places between fork and exec (async-signal-safe).
+    pub fn lift_lock(&self, min: i32) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let fd = self.lock.load(Relaxed);
+        if fd >= 0 {
+            // SAFETY: fcntl takes plain integers.
+            self.lock.store(
+                unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) },
+                Relaxed,
+            );
         }
     }
 }
@@ -131,7 +145,11 @@ pub unsafe fn split(report: i32, families: Option<i32>, ending: &Ending) -> io::
         }
         if init == 0 {
             leave_launchers_group();
-            keep_only(go[0], held[1], ending.lock);
+            keep_only(
+                go[0],
+                held[1],
+                ending.lock.load(std::sync::atomic::Ordering::Relaxed),
+            );
             let mut byte = 0u8;
             while libc::read(0, (&raw mut byte).cast(), 1) < 0 && errno() == libc::EINTR {}
             // The VM process: a zombie until the stand-in hears it is held, so it is not
@@ -219,7 +237,11 @@ pub fn start_here(ending: Ending) -> io::Result<bool> {
                         libc::write(procs.as_raw_fd(), c"0".as_ptr().cast(), 1);
                     }
                     let fd = me.as_raw_fd();
-                    keep_only(fd, fd, ending.lock);
+                    keep_only(
+                        fd,
+                        fd,
+                        ending.lock.load(std::sync::atomic::Ordering::Relaxed),
+                    );
                     libc::close(1);
                     init_main(0, true, &ending)
                 }

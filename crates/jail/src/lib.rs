@@ -351,10 +351,10 @@ impl Jail {
             // calls).
             // The others would keep the host's root, and be left unbound by the rules.
             landlock::one_thread()?;
-            let uid = family
-                .as_ref()
-                .and_then(|f| f.uid)
-                .filter(|&uid| family_reaches(uid, home, reopened));
+            let uid = match family.as_ref().and_then(|f| f.uid) {
+                Some(uid) if family_reaches(uid, home, reopened)? => Some(uid),
+                _ => None,
+            };
             if !family::in_a_family() {
                 tracing::info!(
                     "the VM process is in its launcher's pid namespace (the launcher could \
@@ -417,7 +417,7 @@ impl Drop for Jail {
 /// Whether the family's fork children, as uid `uid`, can reach the places they open by
 /// path (`reopened`), the state root where they register (the parent of `home`) and the
 /// executable they run; said at start where not.
-fn family_reaches(uid: u32, home: &Path, reopened: &[Place]) -> bool {
+fn family_reaches(uid: u32, home: &Path, reopened: &[Place]) -> Result<bool, JailError> {
     let mut checks: Vec<_> = reopened
         .iter()
         .map(|p| (p.path.clone(), uid::access_mode(p)))
@@ -428,15 +428,15 @@ fn family_reaches(uid: u32, home: &Path, reopened: &[Place]) -> bool {
     if let Ok(exe) = std::env::current_exe() {
         checks.push((exe, libc::R_OK | libc::X_OK));
     }
-    match uid::unreachable(uid, &checks) {
-        None => true,
+    match uid::unreachable(uid, &checks)? {
+        None => Ok(true),
         Some(path) => {
             tracing::info!(
                 "the VM's family runs as uid 0, not uid {uid}: that uid cannot reach {}, \
                  which its fork children open",
                 path.display()
             );
-            false
+            Ok(false)
         }
     }
 }

@@ -47,6 +47,10 @@ pub const FAMILIES_GID: u32 = 0x7fff_0000;
 pub const FIRST_UID: u32 = FAMILIES_GID + 1;
 /// How many uids families get: `FIRST_UID..FIRST_UID + UIDS`.
 pub const UIDS: u32 = 0xfffe;
+/// Tasks a family's processes may hold in all (`pids.max` of its group): its VMs'
+/// groups have their own limits, which its processes could leave by moving between
+/// them, not this one.
+pub const FAMILY_PIDS_MAX: u64 = 16 * crate::cgroup::DEFAULT_PIDS_MAX;
 /// Where the locks of the allotted uids are.
 pub const LOCK_DIR: &str = "/run/forkvm-families";
 
@@ -155,15 +159,50 @@ pub fn allot(state_root: &Path) -> Result<Allotted, UidError> {
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             continue;
         }
+        // A group an ended family left (a VM killed before its group went, a launch that
+        // failed before its family's init was made) goes now; one that still holds
+        // groups keeps its uid from a new family.
+        let group = format!("family-{uid}");
+        let dir = Path::new(crate::cgroup::ROOT)
+            .join(crate::cgroup::FORKVM_GROUP)
+            .join(&group);
+        let _ = std::fs::remove_dir(dir.join("exited"));
+        let _ = std::fs::remove_dir(&dir);
+        if dir.exists() {
+            continue;
+        }
         return Ok(Allotted {
             spec: FamilySpec {
                 uid: Some(uid),
-                group: format!("family-{uid}"),
+                group,
             },
             lock,
         });
     }
     Err(UidError::Exhausted)
+}
+
+/// Whether the family of uid `uid` has ended: nobody holds its lock. Only root may ask
+/// (the locks are root's); anyone else is told no.
+pub fn family_ended(uid: u32) -> bool {
+    let path = Path::new(LOCK_DIR).join(uid.to_string());
+    let Ok(lock) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)
+    else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor this function holds (closing it unlocks).
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Removes the family's cgroup (its `exited` leaf, then itself) where nothing is left
+/// in it: a launch that failed before the family's init was made.
+pub fn remove_group(spec: &FamilySpec) {
+    let dir = spec.group_dir(Path::new(crate::cgroup::ROOT));
+    let _ = std::fs::remove_dir(dir.join("exited"));
+    let _ = std::fs::remove_dir(&dir);
 }
 
 /// The family uids that own something directly in `state_root` (a home, a staged one).
@@ -232,12 +271,19 @@ pub fn prepare_group(root: &Path, spec: &FamilySpec) -> Result<(), UidError> {
         source: io::Error::other(e),
     })?;
     std::fs::create_dir_all(&exited).map_err(io_err("make the cgroup", &exited))?;
+    // The family's own limit, root's: its processes may move between its groups, out
+    // of any one group's limits, but not out of the family's.
+    let pids = dir.join("pids.max");
+    if pids.exists() {
+        std::fs::write(&pids, FAMILY_PIDS_MAX.to_string()).map_err(io_err("set", &pids))?;
+    }
     let Some(uid) = spec.uid else { return Ok(()) };
+    // Its own `cgroup.subtree_control` stays root's (set when the first VM's group was
+    // made): the family cannot turn its groups' controllers off.
     let delegated = [
         dir.clone(),
         dir.join("cgroup.procs"),
         dir.join("cgroup.threads"),
-        dir.join("cgroup.subtree_control"),
         exited.clone(),
         exited.join("cgroup.procs"),
         exited.join("cgroup.threads"),
@@ -277,36 +323,57 @@ pub fn access_mode(place: &Place) -> libc::c_int {
 /// family's fork children open by path. The first one it cannot reach, else `None`.
 /// Changes this process's real ids for the checks: call it while it has one thread, as
 /// root.
-pub fn unreachable(uid: u32, checks: &[(PathBuf, libc::c_int)]) -> Option<PathBuf> {
+pub fn unreachable(
+    uid: u32,
+    checks: &[(PathBuf, libc::c_int)],
+) -> Result<Option<PathBuf>, UidError> {
     let groups = supplementary();
-    // SAFETY: credential calls with plain values and a live slice; the real ids are set
-    // back below (the effective ids, and so the capabilities, stay root's throughout).
+    // This process's groups, to be given back.
+    // SAFETY: getgroups with a zero size only counts; then fills a buffer of that size.
+    let own: Vec<libc::gid_t> = unsafe {
+        let n = libc::getgroups(0, std::ptr::null_mut());
+        let mut own = vec![0; usize::try_from(n).unwrap_or(0)];
+        let n = libc::getgroups(n.max(0), own.as_mut_ptr());
+        own.truncate(usize::try_from(n).unwrap_or(0));
+        own
+    };
+    let last = |what| UidError::Switch(what, io::Error::last_os_error());
+    let mut taken = Ok(());
+    // SAFETY: credential calls with plain values and live slices: the real ids only
+    // (the effective ones, and so the capabilities, stay root's throughout).
     unsafe {
-        if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-            || libc::setresgid(FAMILIES_GID, u32::MAX, u32::MAX) != 0
-            || libc::setresuid(uid, u32::MAX, u32::MAX) != 0
-        {
-            return Some(PathBuf::from("(the family's ids could not be taken)"));
+        if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+            taken = Err(last("take the family's groups for a check"));
+        } else if libc::setresgid(FAMILIES_GID, u32::MAX, u32::MAX) != 0 {
+            taken = Err(last("take the families' group for a check"));
+        } else if libc::setresuid(uid, u32::MAX, u32::MAX) != 0 {
+            taken = Err(last("take the family's uid for a check"));
         }
     }
     let mut first = None;
-    for (path, mode) in checks {
-        let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-            continue;
-        };
-        // SAFETY: access(2) reads a NUL-terminated path; it checks with the real ids.
-        if unsafe { libc::access(c.as_ptr(), *mode) } != 0 {
-            first = Some(path.clone());
-            break;
+    if taken.is_ok() {
+        for (path, mode) in checks {
+            let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+                continue;
+            };
+            // SAFETY: access(2) reads a NUL-terminated path; it checks with the real ids.
+            if unsafe { libc::access(c.as_ptr(), *mode) } != 0 {
+                first = Some(path.clone());
+                break;
+            }
         }
     }
-    // SAFETY: back to root's real ids (the effective uid is 0: allowed).
+    // Back to root's ids and its own groups, whatever was taken.
+    // SAFETY: as above.
     unsafe {
-        libc::setresuid(0, u32::MAX, u32::MAX);
-        libc::setresgid(0, u32::MAX, u32::MAX);
-        libc::setgroups(0, std::ptr::null());
+        if libc::setresuid(0, u32::MAX, u32::MAX) != 0
+            || libc::setresgid(0, u32::MAX, u32::MAX) != 0
+            || libc::setgroups(own.len(), own.as_ptr()) != 0
+        {
+            return Err(last("give back root's ids after a check"));
+        }
     }
-    first
+    taken.map(|()| first)
 }
 
 /// Switches this process to the family's uid `uid`, group [`FAMILIES_GID`] (and the

@@ -187,11 +187,14 @@ impl Env {
         s
     }
 
+    /// The VM homes under the VMs' state root (not the registry's own entries, such as
+    /// its staging directory, `.staged`).
     fn vm_homes(&self) -> Vec<PathBuf> {
         std::fs::read_dir(self.vm_root())
             .into_iter()
             .flatten()
             .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
             .map(|e| e.path())
             .collect()
     }

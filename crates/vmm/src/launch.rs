@@ -170,12 +170,12 @@ impl ProcessOptions {
 }
 
 /// A new family's uid and cgroup ([`forkvm_jail::uid`]) for the VMs registered under
-/// `state_root`, made ready: the state root one every family may make homes in, the
-/// family's group delegated to its uid. `None` (said) where that fails: the family
-/// runs as uid 0 in forkvm's groups, as a VM of a launcher that may give no uid.
+/// `state_root`, the family's group made and delegated to its uid (the state root is
+/// made one every family may make homes in by the VM process that takes the uid, see
+/// [`Launched::enter_jail`]). `None` (said) where that fails: the family runs as uid 0
+/// in forkvm's groups, as a VM of a launcher that may give no uid.
 pub fn new_family(state_root: &Path) -> Option<forkvm_jail::uid::Allotted> {
     let made = forkvm_jail::uid::allot(state_root).and_then(|f| {
-        forkvm_jail::uid::prepare_state_root(state_root)?;
         forkvm_jail::uid::prepare_group(Path::new(forkvm_jail::cgroup::ROOT), &f.spec)?;
         Ok(f)
     });
@@ -318,7 +318,9 @@ impl VmProcess {
     /// process may give it them (root, with the capabilities that takes).
     pub fn spawn(launch: &Launch, files: &[File], opts: ProcessOptions) -> std::io::Result<Self> {
         let exe = vmm_executable()?;
-        let family = match launch.jail.enabled && forkvm_jail::uid::can_allot() {
+        // Not a container's VM, whose group is its engine's (it stays uid 0).
+        let own_group = launch.jail.cgroup.is_none();
+        let family = match launch.jail.enabled && own_group && forkvm_jail::uid::can_allot() {
             true => family_of(launch),
             false => None,
         };
@@ -334,7 +336,11 @@ impl VmProcess {
             Some(f) => forkvm_jail::family::Ending::of(f),
             None => forkvm_jail::family::Ending::none(),
         };
-        let mut p = Self::start(&exe, opts, launch.jail.enabled.then_some(ending))?;
+        let started = Self::start(&exe, opts, launch.jail.enabled.then_some(ending));
+        if let (Err(_), Some(f)) = (&started, &family) {
+            forkvm_jail::uid::remove_group(&f.spec);
+        }
+        let mut p = started?;
         // Its init holds the family's lock now.
         drop(family);
         p.send(&blob, files)?;
@@ -439,12 +445,15 @@ impl VmProcess {
                 if die && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                // This process's /dev/kvm on the next (see `vm::KVM_FD`), copied out of
-                // the way of the launch socket's number first.
+                // This process's /dev/kvm on the next (see `vm::KVM_FD`); it, the
+                // families' group and the family's lock copied out of the way of those
+                // numbers first.
                 let kvm = match kvm {
                     Some(k) => libc::fcntl(k, libc::F_DUPFD_CLOEXEC, 16),
                     None => -1,
                 };
+                let families_fd = families_fd.map(|f| libc::fcntl(f, libc::F_DUPFD_CLOEXEC, 16));
+                ending.lift_lock(16);
                 if libc::dup2(fd, LAUNCH_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -879,7 +888,11 @@ impl Launched {
                     f.uid = None;
                 }
                 if spec.family.as_ref().is_some_and(|f| f.uid.is_some()) {
-                    // Where its fork children (of the family's uid) take their leases.
+                    // Where its fork children (of the family's uid) register.
+                    if let Err(e) = forkvm_jail::uid::prepare_state_root(home.root()) {
+                        tracing::warn!("{}", forkvm_config::logging::error_chain(&e));
+                    }
+                    // Where they take their leases.
                     for bridge in cfg.nets.iter().filter_map(|n| n.bridge.as_ref()) {
                         let dir = Path::new(forkvm_jail::LEASE_ROOT).join(bridge);
                         let made = std::fs::create_dir_all(&dir).map_err(|e| e.to_string());

@@ -995,6 +995,13 @@ impl Template {
         if let Some(v) = &mut cfg.vsock {
             let dir = homes.root.join(VSOCK_DIR);
             std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            // Where a family of a uid of its own makes them (and its children theirs).
+            if forkvm_jail::family_spec().is_some_and(|f| f.uid.is_some()) {
+                forkvm_jail::uid::open_to_families(&dir).map_err(|e| TemplateError::Io {
+                    path: dir.clone(),
+                    source: std::io::Error::other(e),
+                })?;
+            }
             v.uds = dir.join(v.uds.file_name().unwrap_or("vsock".as_ref()));
         }
         let mut seq = 0;

@@ -69,13 +69,26 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
             if let Err(e) = forkvm_jail::limits::raise_open_files() {
                 tracing::warn!("cannot raise the open file limit: {e}");
             }
+            let unusable = || format!("cannot use the template in {}", dir.display());
+            let key = TemplateKey::host().with_context(unusable)?;
+            let opened = Template::open(&dir, &key).with_context(unusable)?;
             // The children of this fork are one VM family, in a pid namespace of their
             // own whose init outlives this process (before the pool's threads start).
-            // Their uid and cgroup are the family's own, where this process may give them.
+            // Their uid and cgroup are the family's own, where this process may give them
+            // (a uid unless the template shares directories: its file server passes for
+            // any user, and a uid would bound nothing).
             if forkvm_jail::enabled() {
-                let family = forkvm_jail::uid::can_allot()
+                let mut family = forkvm_jail::uid::can_allot()
                     .then(|| forkvm_vmm::launch::new_family(root))
                     .flatten();
+                if let Some(f) = &mut family {
+                    if !opened.config().shares.is_empty() {
+                        f.spec.uid = None;
+                    } else if let Err(e) = forkvm_jail::uid::prepare_state_root(root) {
+                        tracing::warn!("the children run as uid 0: {e}");
+                        f.spec.uid = None;
+                    }
+                }
                 let ending = match &family {
                     Some(f) => forkvm_jail::family::Ending::of(f),
                     None => forkvm_jail::family::Ending::none(),
@@ -87,15 +100,18 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
                             forkvm_jail::set_family(f.spec.clone());
                         }
                     }
-                    Ok(false) => tracing::info!(
-                        "the children stay in this pid namespace: making one needs CAP_SYS_ADMIN"
-                    ),
+                    Ok(false) => {
+                        if let Some(f) = &family {
+                            forkvm_jail::uid::remove_group(&f.spec);
+                        }
+                        tracing::info!(
+                            "the children stay in this pid namespace: making one needs \
+                             CAP_SYS_ADMIN"
+                        )
+                    }
                     Err(e) => return Err(e).context("cannot make the children's pid namespace"),
                 }
             }
-            let unusable = || format!("cannot use the template in {}", dir.display());
-            let key = TemplateKey::host().with_context(unusable)?;
-            let opened = Template::open(&dir, &key).with_context(unusable)?;
             // Children register under this root, with no parent VM.
             let homes = ChildHomes {
                 root: std::path::absolute(root)?,

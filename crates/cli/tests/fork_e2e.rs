@@ -1053,6 +1053,7 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
         wait_for("both children to register", Duration::from_secs(60), || {
             vms(&root).len() == 2
         });
+        let mut template_uids = BTreeSet::new();
         for vm in vms(&root) {
             let id = vm["id"].as_str().unwrap().to_owned();
             // `template fork` recorded each child's launch: the template's configuration.
@@ -1062,15 +1063,16 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
             )
             .unwrap();
             assert_eq!(record["kernel"], kernel, "{record}");
-            // Its state root lies in a directory only root may enter (a temporary one,
-            // 0700): the family's uid could not reach it, so it stays uid 0, in its
-            // family's group all the same.
+            // Of the family `template fork` made: its uid, its group.
             let jail = inspect(&root, &id)["jail"].clone();
-            assert_eq!(jail["uid"], 0, "{jail}");
-            assert!(
+            let uid = jail["uid"].as_u64().unwrap_or(0);
+            assert!(uid >= u64::from(forkvm_jail::uid::FIRST_UID), "{jail}");
+            template_uids.insert(uid);
+            assert_eq!(
                 jail["cgroup"]
                     .as_str()
-                    .is_some_and(|g| g.starts_with("/forkvm/family-")),
+                    .and_then(|g| g.strip_suffix(&format!("/{id}"))),
+                Some(format!("/forkvm/family-{uid}").as_str()),
                 "{jail}"
             );
             wait_for("a child to count", Duration::from_secs(60), || {
@@ -1121,6 +1123,11 @@ fn templates_persist_and_fork_in_a_new_process_with_a_correct_clock() {
                 clock - read_at
             );
         }
+        assert_eq!(
+            template_uids.len(),
+            1,
+            "one family, one uid: {template_uids:?}"
+        );
         for c in &out.children {
             let uds = c.vsock_uds.as_ref().unwrap();
             wait_for(

@@ -465,4 +465,34 @@ mod tests {
         );
         drop((b, c));
     }
+
+    #[test]
+    fn a_place_under_a_directory_only_root_may_enter_is_unreachable() {
+        use std::os::unix::fs::PermissionsExt;
+        let private = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let open = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let wx = libc::W_OK | libc::X_OK;
+        let inside = private.path().join("root");
+        std::fs::create_dir(&inside).unwrap();
+        let got = std::thread::spawn(move || {
+            (
+                unreachable(FIRST_UID, &[(inside.clone(), wx)]).unwrap(),
+                unreachable(FIRST_UID, &[(open.path().to_owned(), wx)]).unwrap(),
+                // SAFETY: getuid and getgid have no preconditions.
+                unsafe { (libc::getuid(), libc::getgid()) },
+                inside,
+            )
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            got.0,
+            Some(got.3),
+            "reached through a 0700 directory of root's"
+        );
+        assert_eq!(got.1, None, "a 1777 directory is every user's");
+        assert_eq!(got.2, (0, 0), "root's ids were not given back");
+    }
 }

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -141,7 +141,17 @@ fn detached_vm_lifecycle_through_the_api() {
         eprintln!("booted {id} in {:?}", t0.elapsed());
         let home = root.join(&id);
         let sock = home.join("api.sock");
-        assert_eq!(mode(root), 0o700);
+        // The state root is root's and the VM families' (each may make homes there,
+        // the sticky bit keeps each from another's); the home is the VM's family's.
+        let root_meta = std::fs::metadata(root).unwrap();
+        assert_eq!(
+            (
+                root_meta.permissions().mode() & 0o7777,
+                root_meta.uid(),
+                root_meta.gid()
+            ),
+            (0o1770, 0, forkvm_jail::uid::FAMILIES_GID)
+        );
         assert_eq!(mode(&home), 0o700);
         assert_eq!(mode(&sock), 0o600);
         assert_eq!(mode(&home.join("state.json")), 0o600);

@@ -356,9 +356,8 @@ pub fn remove_when_empty(dir: &Path, wait: std::time::Duration) {
         let n = p.file_name()?.to_str()?.strip_prefix("family-")?;
         Some((p, n.parse::<u32>().ok()?))
     });
-    if let Some((family, _)) = family.filter(|&(_, uid)| crate::uid::family_ended(uid)) {
-        let _ = std::fs::remove_dir(family.join("exited"));
-        let _ = std::fs::remove_dir(family);
+    if let Some((family, uid)) = family {
+        crate::uid::remove_group_if_ended(family, uid);
     }
 }
 

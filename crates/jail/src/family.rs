@@ -64,29 +64,46 @@ impl Ending {
     /// The ending of the family `allotted` names; the descriptor of its lock must stay
     /// open until the family's init is forked.
     pub fn of(allotted: &crate::uid::Allotted) -> Self {
-        use std::os::unix::ffi::OsStrExt;
         let dir = allotted
             .spec
             .group_dir(std::path::Path::new(crate::cgroup::ROOT));
+        Self::holding(allotted.lock_fd(), &dir)
+    }
+
+    /// The ending of a family whose lock is the open descriptor `lock` and whose group
+    /// is the directory `group` (with its `exited` leaf).
+    pub fn holding(lock: i32, group: &std::path::Path) -> Self {
+        use std::os::unix::ffi::OsStrExt;
         let c = |p: &std::path::Path| std::ffi::CString::new(p.as_os_str().as_bytes()).ok();
         Self {
-            lock: std::sync::atomic::AtomicI32::new(allotted.lock_fd()),
-            exited: c(&dir.join("exited")),
-            group: c(&dir),
+            lock: std::sync::atomic::AtomicI32::new(lock),
+            exited: c(&group.join("exited")),
+            group: c(group),
         }
     }
 
     /// Moves the lock's descriptor above `min`, out of the way of the descriptors a
     /// launcher places between fork and exec (async-signal-safe).
-    pub fn lift_lock(&self, min: i32) {
+    pub fn lift_lock(&self, min: i32) -> io::Result<()> {
         use std::sync::atomic::Ordering::Relaxed;
         let fd = self.lock.load(Relaxed);
         if fd >= 0 {
             // SAFETY: fcntl takes plain integers.
-            self.lock.store(
-                unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) },
-                Relaxed,
-            );
+            let lifted = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) };
+            if lifted < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            self.lock.store(lifted, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Removes the family's cgroup where nothing is left in it: a family whose launcher
+    /// could make no pid namespace, and so no init to do it when it ends.
+    pub fn undo(&self) {
+        for dir in [&self.exited, &self.group].into_iter().flatten() {
+            // SAFETY: rmdir reads a NUL-terminated path.
+            unsafe { libc::rmdir(dir.as_ptr()) };
         }
     }
 }
@@ -347,21 +364,25 @@ unsafe fn keep_only(a: i32, b: i32, c: i32) {
         let (a, b, c) = (
             libc::fcntl(a, libc::F_DUPFD, 3),
             libc::fcntl(b, libc::F_DUPFD, 3),
-            if c < 0 {
-                -1
-            } else {
-                libc::fcntl(c, libc::F_DUPFD, 3)
+            match c {
+                ..0 => -1,
+                // A lock that cannot be kept: end (the family's launch fails).
+                c => match libc::fcntl(c, libc::F_DUPFD, 3) {
+                    ..0 => libc::_exit(1),
+                    d => d,
+                },
             },
         );
         // No descriptor left: end before the handshake (the other side sees it closed).
         if a < 0 || b < 0 || libc::dup2(a, 0) < 0 || libc::dup2(b, 1) < 0 {
             libc::_exit(1);
         }
-        // The third (a family's uid lock) on 2, where it is kept.
-        let first_closed: u32 = if c >= 0 && libc::dup2(c, 2) == 2 {
-            3
-        } else {
-            2
+        // The third (a family's uid lock) on 2, where it is kept: without it the uid
+        // would be free for another family while this one lives.
+        let first_closed: u32 = match c {
+            ..0 => 2,
+            c if libc::dup2(c, 2) == 2 => 3,
+            _ => libc::_exit(1),
         };
         // A copy of the launcher's memory: no core file of it, nobody's `ptrace`.
         libc::prctl(libc::PR_SET_DUMPABLE, 0);

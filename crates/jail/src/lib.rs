@@ -164,6 +164,10 @@ pub struct JailSpec {
     /// family; `None`: uid 0, forkvm's groups.
     #[serde(default)]
     pub family: Option<FamilySpec>,
+    /// A container's VM (the OCI runtime's): its launcher gives its family no uid or
+    /// group of its own (the engine's cgroup and the runtime's files are its).
+    #[serde(default)]
+    pub container: bool,
 }
 
 impl Default for JailSpec {
@@ -175,6 +179,7 @@ impl Default for JailSpec {
             writes_bound: false,
             own_netns: false,
             family: None,
+            container: false,
         }
     }
 }
@@ -199,6 +204,7 @@ impl JailSpec {
             // A fork child starts in its parent's network namespace, an own one too.
             own_netns: false,
             family: family_spec().cloned(),
+            container: false,
         }
     }
 }

@@ -14,10 +14,11 @@
 //!   make a home there, none may rename or remove another's; [`prepare_state_root`]), and
 //!   a home is `0700`, its files the family's;
 //! - **its cgroups**: `forkvm/family-<uid>` is delegated to it (the directory and its
-//!   `cgroup.procs`, `cgroup.threads` and `cgroup.subtree_control`, as systemd delegates
-//!   a subtree): its VM processes make their fork children's groups there and move
-//!   between them, while the limits of the group of a family's first VM, which root made,
-//!   stay root's; another family's groups are not under it.
+//!   `cgroup.procs` and `cgroup.threads`, as systemd delegates a subtree): its VM
+//!   processes make their fork children's groups there and move between them; the
+//!   family group's `cgroup.subtree_control` and its task limit ([`FAMILY_PIDS_MAX`]),
+//!   and the group of a family's first VM with its limits, which root made, stay root's;
+//!   another family's groups are not under it.
 //!
 //! A family's uid is allotted by its launcher ([`allot`]) from [`FIRST_UID`] on: a uid
 //! whose lock (`/run/forkvm-families/<uid>`, `flock`) no living family holds (the
@@ -28,7 +29,8 @@
 //! start: a VM that shares directories (its file server keeps `CAP_SETUID` and the
 //! capabilities to pass for any user, so a uid would bound nothing), a place its fork
 //! children open by path that the uid cannot reach (a disk or vsock directory under a
-//! directory only root may enter), forkvm run by a user.
+//! directory only root may enter), forkvm run by a user. A container's VM, whose group
+//! is its engine's, gets neither a uid nor a family group.
 
 use std::fs::File;
 use std::io;
@@ -182,19 +184,26 @@ pub fn allot(state_root: &Path) -> Result<Allotted, UidError> {
     Err(UidError::Exhausted)
 }
 
-/// Whether the family of uid `uid` has ended: nobody holds its lock. Only root may ask
-/// (the locks are root's); anyone else is told no.
-pub fn family_ended(uid: u32) -> bool {
+/// Removes the cgroup `dir` of the family of uid `uid` (its `exited` leaf, then itself)
+/// if the family has ended (nobody holds its lock, which this holds meanwhile, so that
+/// no launcher allots the uid and makes the group again in between) and nothing is left
+/// in it. Only root may (the locks are root's); for anyone else nothing happens.
+pub fn remove_group_if_ended(dir: &Path, uid: u32) {
     let path = Path::new(LOCK_DIR).join(uid.to_string());
     let Ok(lock) = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(path)
     else {
-        return false;
+        return;
     };
     // SAFETY: flock on a descriptor this function holds (closing it unlocks).
-    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return;
+    }
+    let _ = std::fs::remove_dir(dir.join("exited"));
+    let _ = std::fs::remove_dir(dir);
+    drop(lock);
 }
 
 /// Removes the family's cgroup (its `exited` leaf, then itself) where nothing is left
@@ -337,18 +346,29 @@ pub fn unreachable(
         own.truncate(usize::try_from(n).unwrap_or(0));
         own
     };
+    // Raw system calls: they change this thread's ids only (the C library's wrappers
+    // change every thread's), which is all `access` looks at.
+    let setgroups = |g: &[libc::gid_t]| {
+        // SAFETY: setgroups reads `g.len()` ids from a live slice.
+        unsafe { libc::syscall(libc::SYS_setgroups, g.len(), g.as_ptr()) as i32 }
+    };
+    let setresgid = |r: u32| {
+        // SAFETY: setresgid takes plain integers (-1: unchanged).
+        unsafe { libc::syscall(libc::SYS_setresgid, r, u32::MAX, u32::MAX) as i32 }
+    };
+    let setresuid = |r: u32| {
+        // SAFETY: setresuid takes plain integers (-1: unchanged).
+        unsafe { libc::syscall(libc::SYS_setresuid, r, u32::MAX, u32::MAX) as i32 }
+    };
     let last = |what| UidError::Switch(what, io::Error::last_os_error());
     let mut taken = Ok(());
-    // SAFETY: credential calls with plain values and live slices: the real ids only
-    // (the effective ones, and so the capabilities, stay root's throughout).
-    unsafe {
-        if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
-            taken = Err(last("take the family's groups for a check"));
-        } else if libc::setresgid(FAMILIES_GID, u32::MAX, u32::MAX) != 0 {
-            taken = Err(last("take the families' group for a check"));
-        } else if libc::setresuid(uid, u32::MAX, u32::MAX) != 0 {
-            taken = Err(last("take the family's uid for a check"));
-        }
+    // The real ids only: the effective ones, and so the capabilities, stay root's.
+    if setgroups(&groups) != 0 {
+        taken = Err(last("take the family's groups for a check"));
+    } else if setresgid(FAMILIES_GID) != 0 {
+        taken = Err(last("take the families' group for a check"));
+    } else if setresuid(uid) != 0 {
+        taken = Err(last("take the family's uid for a check"));
     }
     let mut first = None;
     if taken.is_ok() {
@@ -364,14 +384,8 @@ pub fn unreachable(
         }
     }
     // Back to root's ids and its own groups, whatever was taken.
-    // SAFETY: as above.
-    unsafe {
-        if libc::setresuid(0, u32::MAX, u32::MAX) != 0
-            || libc::setresgid(0, u32::MAX, u32::MAX) != 0
-            || libc::setgroups(own.len(), own.as_ptr()) != 0
-        {
-            return Err(last("give back root's ids after a check"));
-        }
+    if setresuid(0) != 0 || setresgid(0) != 0 || setgroups(&own) != 0 {
+        return Err(last("give back root's ids after a check"));
     }
     taken.map(|()| first)
 }
@@ -406,6 +420,19 @@ pub fn switch(uid: u32, home: &Path) -> Result<(), UidError> {
         };
         if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
             return Err(last("forbid core files"));
+        }
+        // The family's tasks count against its uid's process limit, which uid 0's did
+        // not: as many as its group allows (raised while it may).
+        let tasks = libc::rlimit {
+            rlim_cur: FAMILY_PIDS_MAX,
+            rlim_max: FAMILY_PIDS_MAX,
+        };
+        let mut now: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NPROC, &mut now) == 0
+            && now.rlim_cur < FAMILY_PIDS_MAX
+            && libc::setrlimit(libc::RLIMIT_NPROC, &tasks) != 0
+        {
+            return Err(last("raise the family's process limit"));
         }
         // The uid change made it not dumpable, its `/proc/self` root's.
         if libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) != 0 {

@@ -20,6 +20,11 @@ fn start(script: &str) -> (Child, u32) {
 
 /// [`start`], with the pidfd of the VM process its stand-in sent.
 fn start_with_pidfd(script: &str) -> (Child, u32, OwnedFd) {
+    start_ending(script, family::Ending::none())
+}
+
+/// [`start_with_pidfd`] of a family whose init holds and undoes what `ending` says.
+fn start_ending(script: &str, ending: family::Ending) -> (Child, u32, OwnedFd) {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let report = theirs.as_raw_fd();
     let mut cmd = Command::new("sh");
@@ -27,7 +32,7 @@ fn start_with_pidfd(script: &str) -> (Child, u32, OwnedFd) {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
     // SAFETY: `split` is made for `pre_exec` (it forks and makes system calls only).
-    unsafe { cmd.pre_exec(move || family::split(report, None, &family::Ending::none())) };
+    unsafe { cmd.pre_exec(move || family::split(report, None, &ending)) };
     let child = cmd.spawn().unwrap();
     drop(theirs);
     let (pid, pidfd) = family::read_report(&ours, Duration::from_secs(10)).unwrap();
@@ -314,4 +319,35 @@ fn the_launcher_gets_a_pidfd_of_the_vm_process_that_stays_its_own_once_it_ended(
         "{}",
         fdinfo(&pidfd)
     );
+}
+
+#[test]
+fn the_init_holds_the_familys_lock_and_removes_its_group_once_the_family_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = dir.path().join("family-1");
+    std::fs::create_dir_all(group.join("exited")).unwrap();
+    let lock_path = dir.path().join("lock");
+    let lock = std::fs::File::create(&lock_path).unwrap();
+    // SAFETY: flock on a descriptor this test holds.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let ending = family::Ending::holding(lock.as_raw_fd(), &group);
+    let (mut child, _vm, _pidfd) = start_ending("read _; exit 0", ending);
+    // This process's copy goes; the family's init holds the lock's on.
+    drop(lock);
+    let free = || {
+        let l = std::fs::File::open(&lock_path).unwrap();
+        // SAFETY: flock on a descriptor of this closure (closing it unlocks).
+        unsafe { libc::flock(l.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    };
+    assert!(!free(), "the lock was free while the family lived");
+    assert!(group.exists());
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // (The init removes the group, then ends, which lets the lock go.)
+    while (group.exists() || !free()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!group.exists(), "the family's group outlived the family");
+    assert!(free(), "the lock stayed held after the family ended");
 }

@@ -226,7 +226,10 @@ pub fn make(dir: &Path, vcpus: u8, mem_mib: u64) -> Result<TemplateInfo> {
         let mut process = vm::start(
             &home,
             &cfg,
-            JailSpec::default(),
+            JailSpec {
+                container: true,
+                ..JailSpec::default()
+            },
             ConsoleSpec::Log,
             ProcessOptions::owned(),
         )?;

@@ -319,7 +319,7 @@ impl VmProcess {
     pub fn spawn(launch: &Launch, files: &[File], opts: ProcessOptions) -> std::io::Result<Self> {
         let exe = vmm_executable()?;
         // Not a container's VM, whose group is its engine's (it stays uid 0).
-        let own_group = launch.jail.cgroup.is_none();
+        let own_group = !launch.jail.container && launch.jail.cgroup.is_none();
         let family = match launch.jail.enabled && own_group && forkvm_jail::uid::can_allot() {
             true => family_of(launch),
             false => None,
@@ -419,9 +419,13 @@ impl VmProcess {
         family: Option<forkvm_jail::family::Ending>,
     ) -> std::io::Result<Self> {
         let (family, ending) = match family {
-            Some(e) => (true, e),
-            None => (false, forkvm_jail::family::Ending::none()),
+            Some(e) => (true, std::sync::Arc::new(e)),
+            None => (
+                false,
+                std::sync::Arc::new(forkvm_jail::family::Ending::none()),
+            ),
         };
+        let theirs_ending = ending.clone();
         let (ours, theirs) = UnixStream::pair()?;
         let fd = theirs.as_raw_fd();
         let mut cmd = Command::new(exe);
@@ -438,6 +442,7 @@ impl VmProcess {
         // dup2, and `family::split`'s forks and system calls), on values copied into the
         // closure; nothing allocates or locks.
         unsafe {
+            let ending = theirs_ending;
             cmd.pre_exec(move || {
                 if own_session && libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -453,7 +458,7 @@ impl VmProcess {
                     None => -1,
                 };
                 let families_fd = families_fd.map(|f| libc::fcntl(f, libc::F_DUPFD_CLOEXEC, 16));
-                ending.lift_lock(16);
+                ending.lift_lock(16)?;
                 if libc::dup2(fd, LAUNCH_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -491,6 +496,11 @@ impl VmProcess {
         // Without one (a kernel without pidfds) by its number (the VM process waits for
         // its launch, not sent yet); none if it is gone already (its socket says why).
         let vm_pidfd = pidfd.or_else(|| crate::reap::pidfd_open(vm).ok());
+        // The VM process is the child itself: no pid namespace could be made, so no
+        // family's init will remove the family's group (the VM process joins none).
+        if vm == child.id() {
+            ending.undo();
+        }
         Ok(Self {
             // `vm` is its pid in this process's namespace, which may be below the one
             // `/proc` is of (a monitor in a container's pid namespace).

@@ -69,39 +69,27 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
             if let Err(e) = forkvm_jail::limits::raise_open_files() {
                 tracing::warn!("cannot raise the open file limit: {e}");
             }
-            let unusable = || format!("cannot use the template in {}", dir.display());
-            let key = TemplateKey::host().with_context(unusable)?;
-            let opened = Template::open(&dir, &key).with_context(unusable)?;
             // The children of this fork are one VM family, in a pid namespace of their
-            // own whose init outlives this process (before the pool's threads start).
+            // own whose init outlives this process (before the pool's threads start, and
+            // before the host's template key is read: the init keeps a copy of this
+            // process's memory).
             // Their uid and cgroup are the family's own, where this process may give them
             // (a uid unless the template shares directories: its file server passes for
             // any user, and a uid would bound nothing).
+            let mut family = None;
             if forkvm_jail::enabled() {
-                let mut family = forkvm_jail::uid::can_allot()
+                let allotted = forkvm_jail::uid::can_allot()
                     .then(|| forkvm_vmm::launch::new_family(root))
                     .flatten();
-                if let Some(f) = &mut family {
-                    if !opened.config().shares.is_empty() {
-                        f.spec.uid = None;
-                    } else if let Err(e) = forkvm_jail::uid::prepare_state_root(root) {
-                        tracing::warn!("the children run as uid 0: {e}");
-                        f.spec.uid = None;
-                    }
-                }
-                let ending = match &family {
+                let ending = match &allotted {
                     Some(f) => forkvm_jail::family::Ending::of(f),
                     None => forkvm_jail::family::Ending::none(),
                 };
                 // The family's init holds its lock once made; this process's copy goes.
                 match forkvm_jail::family::start_here(ending) {
-                    Ok(true) => {
-                        if let Some(f) = family {
-                            forkvm_jail::set_family(f.spec.clone());
-                        }
-                    }
+                    Ok(true) => family = allotted.map(|f| f.spec.clone()),
                     Ok(false) => {
-                        if let Some(f) = &family {
+                        if let Some(f) = &allotted {
                             forkvm_jail::uid::remove_group(&f.spec);
                         }
                         tracing::info!(
@@ -111,6 +99,18 @@ pub fn run(cmd: TemplateCommand, root: &Path) -> Result<i32> {
                     }
                     Err(e) => return Err(e).context("cannot make the children's pid namespace"),
                 }
+            }
+            let unusable = || format!("cannot use the template in {}", dir.display());
+            let key = TemplateKey::host().with_context(unusable)?;
+            let opened = Template::open(&dir, &key).with_context(unusable)?;
+            if let Some(mut f) = family {
+                if !opened.config().shares.is_empty() {
+                    f.uid = None;
+                } else if let Err(e) = forkvm_jail::uid::prepare_state_root(root) {
+                    tracing::warn!("the children run as uid 0: {e}");
+                    f.uid = None;
+                }
+                forkvm_jail::set_family(f);
             }
             // Children register under this root, with no parent VM.
             let homes = ChildHomes {

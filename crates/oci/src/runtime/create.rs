@@ -905,6 +905,7 @@ fn run_monitor(store: &StateStore, dir: &Path, id: &str, reported: &mut bool) ->
     let jail = forkvm_jail::JailSpec {
         cgroup: plan.cgroup.clone(),
         own_netns: plan.network == NetworkPlan::Host,
+        container: true,
         ..forkvm_jail::JailSpec::default()
     };
     let session = move |s: &vm::Session| {

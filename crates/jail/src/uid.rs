@@ -411,18 +411,9 @@ pub fn switch(uid: u32, home: &Path) -> Result<(), UidError> {
         if libc::setresgid(FAMILIES_GID, FAMILIES_GID, FAMILIES_GID) != 0 {
             return Err(last("take the families' group"));
         }
-        if libc::setresuid(uid, uid, uid) != 0 {
-            return Err(last("take the family's uid"));
-        }
-        let no_core = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
-            return Err(last("forbid core files"));
-        }
         // The family's tasks count against its uid's process limit, which uid 0's did
-        // not: as many as its group allows (raised while it may).
+        // not: as many as its group allows, raised while it is still root (raising the
+        // hard limit takes `CAP_SYS_RESOURCE`, which the uid change lowers).
         let tasks = libc::rlimit {
             rlim_cur: FAMILY_PIDS_MAX,
             rlim_max: FAMILY_PIDS_MAX,
@@ -433,6 +424,16 @@ pub fn switch(uid: u32, home: &Path) -> Result<(), UidError> {
             && libc::setrlimit(libc::RLIMIT_NPROC, &tasks) != 0
         {
             return Err(last("raise the family's process limit"));
+        }
+        if libc::setresuid(uid, uid, uid) != 0 {
+            return Err(last("take the family's uid"));
+        }
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
+            return Err(last("forbid core files"));
         }
         // The uid change made it not dumpable, its `/proc/self` root's.
         if libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) != 0 {

@@ -164,22 +164,15 @@ pub fn allot(state_root: &Path) -> Result<Allotted, UidError> {
         // A group an ended family left (a VM killed before its group went, a launch that
         // failed before its family's init was made) goes now; one that still holds
         // groups keeps its uid from a new family.
-        let group = format!("family-{uid}");
-        let dir = Path::new(crate::cgroup::ROOT)
-            .join(crate::cgroup::FORKVM_GROUP)
-            .join(&group);
-        let _ = std::fs::remove_dir(dir.join("exited"));
-        let _ = std::fs::remove_dir(&dir);
-        if dir.exists() {
+        let spec = FamilySpec {
+            uid: Some(uid),
+            group: format!("family-{uid}"),
+        };
+        remove_group(&spec);
+        if spec.group_dir(Path::new(crate::cgroup::ROOT)).exists() {
             continue;
         }
-        return Ok(Allotted {
-            spec: FamilySpec {
-                uid: Some(uid),
-                group,
-            },
-            lock,
-        });
+        return Ok(Allotted { spec, lock });
     }
     Err(UidError::Exhausted)
 }
